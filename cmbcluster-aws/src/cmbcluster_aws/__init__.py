@@ -1,0 +1,1 @@
+"""CMBCluster on AWS. The plugin entry point is :mod:`cmbcluster_aws.plugin`."""

@@ -1,0 +1,37 @@
+"""How errors become HTTP answers: typed errors keep their status; nothing leaks a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from cmbcluster.errors import CmbclusterError, LimitExceeded
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, message: str, detail: object | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"error": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return body
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CmbclusterError)
+    async def _typed(request: Request, exc: CmbclusterError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("internal_error", "internal error; the server log has the details"), status_code=500
+        )

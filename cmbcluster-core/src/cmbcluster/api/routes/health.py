@@ -1,0 +1,54 @@
+"""Liveness, readiness and Prometheus metrics (outside /api/v1: probes and scrapers use them)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster import __version__
+from cmbcluster.api.deps import Context
+
+router = APIRouter(tags=["operations"])
+
+READY_TIMEOUT_SECONDS = 5.0
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@router.get("/readyz", summary="Readiness: the database and every active provider answer")
+async def readyz(context: Context) -> JSONResponse:
+    def database() -> None:
+        with context.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    checks: dict[str, Any] = {"database": database}
+    checks.update({f"{kind}:{name}": provider.check_ready for kind, name, provider in context.providers()})
+
+    async def run(check: Any) -> str:
+        try:
+            await asyncio.wait_for(run_in_threadpool(check), READY_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return f"timed out after {READY_TIMEOUT_SECONDS:g}s"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; report it
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
+    results = dict(zip(checks, await asyncio.gather(*(run(c) for c in checks.values())), strict=True))
+    ready = all(result == "ok" for result in results.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": results}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(context: Context) -> Response:
+    return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,90 @@
+"""The application factory: ``create_app()`` builds a complete control plane, no globals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster import __version__
+from cmbcluster.api.errors import install_error_handlers
+from cmbcluster.api.routes import health, plugins
+from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.context import AppContext, build_context
+from cmbcluster.db import upgrade
+from cmbcluster.observability import MetricsMiddleware
+from cmbcluster.plugins import PluginManager
+from cmbcluster.settings import CoreSettings
+
+log = logging.getLogger("cmbcluster")
+
+
+def create_app(
+    settings: CoreSettings | None = None,
+    plugin_manager: PluginManager | None = None,
+    *,
+    config: ResolvedConfig | None = None,
+) -> FastAPI:
+    """Validate the configuration, create providers and return the ASGI app.
+
+    Raises :class:`~cmbcluster.errors.ConfigurationError` listing every problem. Migrations
+    run in the app's lifespan, before the first request is served.
+    """
+    if config is None:
+        config = resolve(settings or load_core_settings(), plugin_manager)
+    context = build_context(config)
+    _log_start(context)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade, context.engine)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(context.close)
+
+    app = FastAPI(
+        title="CMBCluster",
+        version=__version__,
+        summary="Personal research environments on Kubernetes, with your bucket mounted as a folder.",
+        lifespan=lifespan,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=context.metrics)
+    app.include_router(health.router)
+    app.include_router(plugins.router)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/api/docs")
+
+    return app
+
+
+def _log_start(context: AppContext) -> None:
+    core = context.config.core
+    summary = context.config.summary()
+    log.info(
+        "CMBCluster %s serving on http://%s:%s", __version__, core.host, core.port,
+        extra={"host": core.host, "port": core.port},
+    )  # fmt: skip
+    log.info(
+        "providers: storage=%s compute=%s auth=%s infra=%s",
+        summary["storage"], summary["compute"], summary["auth"], summary["infra"], extra={"providers": summary},
+    )  # fmt: skip
+    log.info("data directory: %s", core.data_dir, extra={"data_dir": str(core.data_dir)})
+    for warning in context.config.warnings:
+        log.warning(warning)
+
+
+def create_app_from_environment() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (used by ``cmbcluster serve --reload``)."""
+    return create_app()

@@ -1,0 +1,152 @@
+"""The ``cmbcluster`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cmbcluster import __version__
+from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.errors import CmbclusterError
+from cmbcluster.plugins import PluginManager
+
+app = typer.Typer(
+    name="cmbcluster",
+    help="CMBCluster: personal research environments on Kubernetes, with your bucket mounted as a folder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _resolve(**overrides: Any) -> ResolvedConfig:
+    return resolve(load_core_settings(**overrides))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).", min=1, max=65535)] = None,
+    reload: Annotated[bool, typer.Option(help="Restart when the source changes (development).")] = False,
+) -> None:
+    """Run the control plane: the API, and the web UI when it is built."""
+    import os
+
+    import uvicorn
+
+    from cmbcluster.app import create_app
+    from cmbcluster.observability import configure_logging
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    config = _resolve(**overrides)  # refuse an invalid configuration before anything starts
+    core = config.core
+    configure_logging(core.log_level, core.log_format)
+    if reload:
+        # uvicorn's reloader imports the app by name in a child process: pass choices by environment.
+        os.environ["CMBCLUSTER_HOST"], os.environ["CMBCLUSTER_PORT"] = core.host, str(core.port)
+        uvicorn.run(
+            "cmbcluster.app:create_app_from_environment", factory=True, host=core.host, port=core.port,
+            reload=True, log_config=None,
+        )  # fmt: skip
+        return
+    uvicorn.run(create_app(config=config), host=core.host, port=core.port, log_config=None, server_header=False)
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List installed plugins, the hooks each implements, and load errors."""
+    settings = load_core_settings()
+    manager = PluginManager.from_settings(settings).load()
+    infos = manager.plugins()
+    if as_json:
+        out.print_json(json.dumps([info.as_dict() for info in infos]))
+        return
+    table = Table(title="CMBCluster plugins")
+    for column in ("name", "distribution", "version", "hooks", "status"):
+        table.add_column(column)
+    for info in infos:
+        status = "[green]loaded[/green]" if info.loaded else f"[red]{info.error}[/red]"
+        table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-", status)
+    out.print(table)
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the whole configuration and list every problem (exit 1 if any)."""
+    config = _resolve()
+    for warning in config.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
+    out.print(
+        f"[green]configuration OK[/green]: {summary}; database {_safe_url(config.core.effective_database_url)}",
+        soft_wrap=True,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply database migrations (also done automatically by `serve`)."""
+    from cmbcluster.db import create_db_engine, current_revision, upgrade
+
+    settings = load_core_settings()
+    engine = create_db_engine(settings.effective_database_url)
+    upgrade(engine, revision)
+    out.print(f"database at revision {current_revision(engine)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's migration revision and the newest one this version knows."""
+    from cmbcluster.db import create_db_engine, current_revision
+    from cmbcluster.db.engine import head_revision
+
+    settings = load_core_settings()
+    engine = create_db_engine(settings.effective_database_url)
+    current, head = current_revision(engine), head_revision(engine)
+    state = "up to date" if current == head else "needs `cmbcluster db upgrade`"
+    out.print(f"current: {current or '(empty database)'}  head: {head}  ({state})")
+
+
+@app.command()
+def version() -> None:
+    """Print the version of core and of every installed plugin."""
+    out.print(f"cmbcluster-core {__version__}")
+    for info in PluginManager(entry_points_enabled=True).plugins():
+        if not info.builtin:
+            out.print(f"{info.distribution} {info.version} (plugin {info.name})")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    """Entry point: typed errors become one clear message and exit status 1, never a traceback."""
+    try:
+        app()
+    except CmbclusterError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Everything a running control plane holds: configuration, database, providers, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from cmbcluster.config import ResolvedConfig
+from cmbcluster.db import create_db_engine, session_factory
+from cmbcluster.errors import CmbclusterError, ConfigurationError
+from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
+from cmbcluster.observability import Metrics
+from cmbcluster.registrations import Registration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppContext:
+    config: ResolvedConfig
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: StorageBackend
+    compute: ComputeBackend
+    infra: InfraProvider
+    auth: dict[str, AuthProvider]
+    metrics: Metrics
+
+    def providers(self) -> Iterator[tuple[str, str, Any]]:
+        """(concern, name, instance) of every active provider."""
+        yield "storage", self.config.storage.name, self.storage
+        yield "compute", self.config.compute.name, self.compute
+        yield "infra", self.config.infra.name, self.infra
+        for name, provider in self.auth.items():
+            yield "auth", name, provider
+
+    def close(self) -> None:
+        for closer in (self.storage.close, self.compute.close):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while closing a provider")
+        self.engine.dispose()
+
+
+def _build(config: ResolvedConfig, registration: Registration[Any]) -> Any:
+    try:
+        return registration.factory(config.context_for(registration))
+    except CmbclusterError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            [f"{registration.kind} {registration.name!r} could not be created: {type(exc).__name__}: {exc}"]
+        ) from exc
+
+
+def build_context(config: ResolvedConfig) -> AppContext:
+    """Create the database engine and every active provider (no network calls: factories are cheap)."""
+    config.core.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(config.core.effective_database_url)
+    metrics = Metrics()
+    metrics.plugins_failed.set(len(config.plugins.failed()))
+    summary = config.summary()
+    from cmbcluster import __version__
+
+    metrics.info.labels(__version__, summary["storage"], summary["compute"], summary["auth"], summary["infra"]).set(1)
+    return AppContext(
+        config=config,
+        engine=engine,
+        sessions=session_factory(engine),
+        storage=_build(config, config.storage),
+        compute=_build(config, config.compute),
+        infra=_build(config, config.infra),
+        auth={registration.name: _build(config, registration) for registration in config.auth},
+        metrics=metrics,
+    )

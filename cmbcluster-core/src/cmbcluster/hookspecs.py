@@ -1,0 +1,79 @@
+"""Every hook a CMBCluster plugin can implement, in one module.
+
+A plugin is a module (or object) registered under the entry point group ``cmbcluster``::
+
+    [project.entry-points.cmbcluster]
+    azure = "cmbcluster_azure.plugin"
+
+whose functions are marked with :data:`cmbcluster.hookimpl`. The four registration hooks
+return registrations that core selects **by configured name**; ``cmbcluster_decorate_pod`` is
+collected: every implementation runs, in the order documented on it. ``docs/plugin-hooks.md``
+documents each hook with its exact signature, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pluggy
+
+from cmbcluster.interfaces import PodContext, PodDraft
+from cmbcluster.registrations import (
+    AuthProviderRegistration,
+    ComputeBackendRegistration,
+    InfraProviderRegistration,
+    StorageBackendRegistration,
+)
+
+PROJECT_NAME = "cmbcluster"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def cmbcluster_storage_backends() -> Iterable[StorageBackendRegistration]:
+    """Register storage backends.
+
+    Example::
+
+        @hookimpl
+        def cmbcluster_storage_backends():
+            yield StorageBackendRegistration(
+                name="azure", factory=lambda ctx: BlobStorage(ctx.settings(AzureSettings)),
+                settings_model=AzureSettings,
+            )
+    """
+
+
+@hookspec
+def cmbcluster_auth_providers() -> Iterable[AuthProviderRegistration]:
+    """Register identity providers users can sign in with (several may be enabled at once)."""
+
+
+@hookspec
+def cmbcluster_infra_providers() -> Iterable[InfraProviderRegistration]:
+    """Register infra providers: per-user cloud identity, image registry and DNS."""
+
+
+@hookspec
+def cmbcluster_compute_backends() -> Iterable[ComputeBackendRegistration]:
+    """Register compute backends: where environments run."""
+
+
+@hookspec
+def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
+    """Change a user pod before it is created; act only where your plugin applies.
+
+    Order: core first adds the storage volumes and the user's identity; then every
+    implementation runs in plugin-name order (``tryfirst=True`` implementations before the
+    rest, ``trylast=True`` after). Check ``context.storage_backend`` or
+    ``context.infra_provider`` and return without change when the pod is not yours.
+
+    Example::
+
+        @hookimpl
+        def cmbcluster_decorate_pod(draft, context):
+            if context.infra_provider == "azure":
+                draft.labels["azure.workload.identity/use"] = "true"
+    """

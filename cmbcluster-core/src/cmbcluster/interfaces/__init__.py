@@ -1,0 +1,55 @@
+"""The interfaces each concern's implementations provide: storage, auth, infra, compute, pods."""
+
+from cmbcluster.interfaces.auth import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
+from cmbcluster.interfaces.common import CloudIdentity, UserRef
+from cmbcluster.interfaces.compute import (
+    ComputeBackend,
+    EnvironmentPhase,
+    EnvironmentSpec,
+    EnvironmentStatus,
+    MountedVolume,
+    Resources,
+)
+from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
+from cmbcluster.interfaces.pods import PodContext, PodDraft
+from cmbcluster.interfaces.storage import (
+    BucketInfo,
+    BucketOptions,
+    BucketUsage,
+    MountRequest,
+    ObjectInfo,
+    ObjectPage,
+    StorageBackend,
+    StorageClass,
+    VolumeSpec,
+)
+
+__all__ = [
+    "AuthProvider",
+    "AuthorizationRequest",
+    "BucketInfo",
+    "BucketOptions",
+    "BucketUsage",
+    "CloudIdentity",
+    "ComputeBackend",
+    "DnsInfo",
+    "EnvironmentPhase",
+    "EnvironmentSpec",
+    "EnvironmentStatus",
+    "InfraProvider",
+    "MountRequest",
+    "MountedVolume",
+    "ObjectInfo",
+    "ObjectPage",
+    "PodContext",
+    "PodDraft",
+    "RegistryInfo",
+    "RegistryLogin",
+    "Resources",
+    "StorageBackend",
+    "StorageClass",
+    "TokenSet",
+    "UserInfo",
+    "UserRef",
+    "VolumeSpec",
+]

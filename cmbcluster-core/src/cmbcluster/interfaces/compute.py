@@ -1,0 +1,100 @@
+"""The compute interface: how an environment runs (Kubernetes pods, or local processes)."""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cmbcluster.interfaces.common import CloudIdentity, UserRef
+from cmbcluster.interfaces.storage import VolumeSpec
+
+
+class EnvironmentPhase(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    MISSING = "missing"  # the backend holds nothing for this environment
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """Requests for one environment. CPU in cores, memory in MiB."""
+
+    cpu: float = 1.0
+    memory_mib: int = 2048
+    cpu_limit: float | None = None
+    memory_limit_mib: int | None = None
+    gpu: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountedVolume:
+    mount_path: str
+    spec: VolumeSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentSpec:
+    """Everything a backend needs to run one environment."""
+
+    environment_id: str
+    user: UserRef
+    image: str
+    command: tuple[str, ...] = ()
+    port: int = 8080
+    working_dir: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    secret_files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    resources: Resources = field(default_factory=Resources)
+    volumes: tuple[MountedVolume, ...] = ()
+    identity: CloudIdentity | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentStatus:
+    environment_id: str
+    phase: EnvironmentPhase
+    url: str | None = None
+    message: str = ""
+    started_at: dt.datetime | None = None
+    user_id: str | None = None
+
+
+class ComputeBackend(abc.ABC):
+    """Runs environments. Every method is idempotent with respect to the environment id."""
+
+    @abc.abstractmethod
+    def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        """Start (or adopt an already running) environment; return promptly, not when ready."""
+
+    @abc.abstractmethod
+    def stop(self, environment_id: str) -> None:
+        """Stop the environment, keeping nothing running. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def status(self, environment_id: str) -> EnvironmentStatus:
+        """Current state; ``MISSING`` when the backend holds nothing for this id."""
+
+    @abc.abstractmethod
+    def list_managed(self) -> list[EnvironmentStatus]:
+        """Every environment this backend runs for CMBCluster (for the reconcile loop)."""
+
+    @abc.abstractmethod
+    def delete(self, environment_id: str) -> None:
+        """Stop and remove everything the backend keeps for the environment."""
+
+    def logs(self, environment_id: str, *, tail: int = 200) -> str:
+        """The last lines of the environment's output, where the backend can see them."""
+        return ""
+
+    def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Raise ProviderUnavailable if the backend cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Release connections and watches."""

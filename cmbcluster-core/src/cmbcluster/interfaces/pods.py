@@ -1,0 +1,50 @@
+"""The pod draft that pod decorators act on (see the ``cmbcluster_decorate_pod`` hook)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmbcluster.interfaces.common import CloudIdentity, UserRef
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodContext:
+    """What a decorator may read: whose pod, which environment, which providers are active."""
+
+    user: UserRef
+    environment_id: str
+    namespace: str
+    identity: CloudIdentity | None
+    storage_backend: str
+    infra_provider: str | None
+    buckets: tuple[str, ...] = ()
+
+
+@dataclass(kw_only=True)
+class PodDraft:
+    """A user pod before it is sent to Kubernetes; decorators change it in place.
+
+    Sub-objects are plain dicts in the Kubernetes API's JSON shape (``volumes`` entries,
+    ``tolerations``...), so any field the API knows can be expressed. ``extra_objects`` are
+    manifests created before the pod and owned by the environment (ServiceAccount, PV, PVC).
+    """
+
+    name: str
+    namespace: str
+    image: str
+    command: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 8080
+    working_dir: str = ""
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    volume_mounts: list[dict[str, Any]] = field(default_factory=list)
+    service_account_name: str | None = None
+    automount_service_account_token: bool = False
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    termination_grace_period_seconds: int = 30
+    extra_objects: list[dict[str, Any]] = field(default_factory=list)

@@ -1,0 +1,200 @@
+"""The storage interface: buckets, objects as streams, and the volume that mounts a bucket.
+
+Methods are synchronous because every cloud SDK we build on is; the control plane calls them
+from worker threads. Object bodies travel as iterators of ``bytes`` chunks so that uploads and
+downloads of any size run in constant memory. Implementations raise the errors of
+:mod:`cmbcluster.errors`; ``cmbcluster.testing.storage.StorageContract`` checks all of this.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cmbcluster.interfaces.common import CloudIdentity, UserRef
+
+
+class StorageClass(StrEnum):
+    """Portable storage classes; each backend maps them to its own (or refuses with InvalidRequest)."""
+
+    STANDARD = "standard"
+    INFREQUENT = "infrequent"  # S3 STANDARD_IA, GCS NEARLINE
+    COLD = "cold"  # S3 GLACIER_IR, GCS COLDLINE
+    ARCHIVE = "archive"  # GCS ARCHIVE
+    AUTO = "auto"  # S3 INTELLIGENT_TIERING
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketOptions:
+    """What a user chooses when creating a bucket."""
+
+    display_name: str
+    storage_class: StorageClass = StorageClass.STANDARD
+    versioning: bool | None = None  # None: the backend's configured default
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketInfo:
+    """A bucket as the backend reports it. ``name`` is the backend's real, unique name."""
+
+    name: str
+    owner_id: str
+    display_name: str
+    storage_class: StorageClass
+    created_at: dt.datetime
+    location: str = ""
+    versioning: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketUsage:
+    size_bytes: int
+    object_count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: dt.datetime
+    etag: str = ""
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectPage:
+    """One page of a listing. ``prefixes`` are the "folders" directly under the prefix when
+    listing with a delimiter; ``next_token`` is opaque and ``None`` on the last page."""
+
+    objects: list[ObjectInfo]
+    prefixes: list[str] = field(default_factory=list)
+    next_token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountRequest:
+    """Where and as whom a bucket is mounted in an environment."""
+
+    bucket: str
+    mount_path: str
+    user: UserRef
+    environment_id: str
+    uid: int = 1000
+    gid: int = 100
+    read_only: bool = False
+    subpath: str = ""
+
+
+@dataclass(kw_only=True)
+class VolumeSpec:
+    """How to mount a bucket in an environment.
+
+    For Kubernetes: ``volume`` (a pod ``volumes`` entry as the API's JSON), ``mount`` (a
+    container ``volumeMounts`` entry), ``objects`` (manifests that must exist first, such as a
+    PersistentVolume and PersistentVolumeClaim) and ``pod_annotations``. For local processes:
+    ``local_path``, the folder that holds the bucket's objects.
+    """
+
+    volume: dict[str, Any] | None = None
+    mount: dict[str, Any] | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    local_path: Path | None = None
+
+
+class StorageBackend(abc.ABC):
+    """Buckets and objects of one storage service. Names passed in are ``BucketInfo.name``."""
+
+    # -- buckets ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_bucket(self, owner: UserRef, options: BucketOptions) -> BucketInfo:
+        """Create a new bucket for ``owner`` with a unique, valid name the backend chooses
+        (see :func:`cmbcluster.naming.bucket_name`). Private: never publicly readable."""
+
+    @abc.abstractmethod
+    def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
+        """Delete a bucket. Non-empty without ``force``: :class:`~cmbcluster.errors.Conflict`.
+        With ``force``, every object (and every version) is deleted first."""
+
+    @abc.abstractmethod
+    def get_bucket(self, bucket: str) -> BucketInfo:
+        """Metadata of one bucket, or :class:`~cmbcluster.errors.NotFound`."""
+
+    @abc.abstractmethod
+    def list_buckets(self, owner: UserRef) -> list[BucketInfo]:
+        """Every bucket this backend holds for ``owner``, oldest first."""
+
+    @abc.abstractmethod
+    def bucket_usage(self, bucket: str) -> BucketUsage:
+        """Total size and object count of a bucket."""
+
+    @abc.abstractmethod
+    def volume_spec(self, request: MountRequest) -> VolumeSpec:
+        """How an environment mounts ``request.bucket`` at ``request.mount_path``."""
+
+    @abc.abstractmethod
+    def ensure_bucket_access(self, bucket: str, identity: CloudIdentity) -> None:
+        """Grant ``identity`` read/write on ``bucket``'s objects, and nothing broader. Idempotent."""
+
+    # -- objects ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def list_objects(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        delimiter: str | None = "/",
+        page_token: str | None = None,
+        page_size: int = 1000,
+    ) -> ObjectPage:
+        """One page of the objects under ``prefix``, in key order."""
+
+    @abc.abstractmethod
+    def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        """Metadata of one object, or :class:`~cmbcluster.errors.NotFound`."""
+
+    @abc.abstractmethod
+    def upload_object(
+        self,
+        bucket: str,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        """Write an object from a stream of chunks, holding at most a few chunks in memory.
+
+        All or nothing: if ``chunks`` raises, no object (and no previous version's loss) results.
+        """
+
+    @abc.abstractmethod
+    def download_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: tuple[int, int | None] | None = None,
+        chunk_size: int = 1024 * 1024,
+    ) -> Iterator[bytes]:
+        """Stream an object's bytes (``byte_range`` = (first, last inclusive or None)).
+
+        Raises :class:`~cmbcluster.errors.NotFound` *before* the first chunk is produced, so
+        callers can answer 404 instead of a broken stream: implementations check on call.
+        """
+
+    @abc.abstractmethod
+    def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        """Delete objects; keys that do not exist are ignored (deleting is idempotent)."""
+
+    # -- operations --------------------------------------------------------------------------
+    def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Raise :class:`~cmbcluster.errors.ProviderUnavailable` if the service is unreachable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Release connections. Called once when the control plane stops."""

@@ -1,0 +1,1 @@
+"""The built-in ``local`` provider: the embedded default, everything on one machine."""

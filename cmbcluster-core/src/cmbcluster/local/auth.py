@@ -1,0 +1,104 @@
+"""The development sign-in: anyone who can reach the server picks an e-mail address.
+
+It refuses to serve beyond loopback unless CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE is set (checked by
+``cmbcluster config check``). It still follows the code flow with PKCE and nonce, so the
+control plane runs one sign-in path for every provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import OctKey
+
+from cmbcluster.errors import AuthenticationFailed, InvalidRequest
+from cmbcluster.interfaces import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
+
+ISSUER = "cmbcluster-local"
+CODE_TTL = 120
+TOKEN_TTL = 300
+LOGIN_PATH = "/api/v1/auth/local/login"
+
+
+def pkce_challenge(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class DevLoginProvider(AuthProvider):
+    display_name = "Development sign-in"
+
+    def __init__(self, key: bytes, *, audience: str = "cmbcluster") -> None:
+        self._key = OctKey.import_key(hashlib.sha256(b"dev-login:" + key).digest())
+        self.audience = audience
+
+    def authorization_url(self, request: AuthorizationRequest) -> str:
+        query = urlencode(
+            {
+                "redirect_uri": request.redirect_uri,
+                "state": request.state,
+                "nonce": request.nonce,
+                "code_challenge": request.code_challenge,
+                "code_challenge_method": request.code_challenge_method,
+            }
+        )
+        return f"{LOGIN_PATH}?{query}"
+
+    def issue_code(self, *, email: str, name: str, nonce: str, code_challenge: str) -> str:
+        """What the login form returns to the callback after the person typed an address."""
+        if "@" not in email or len(email) > 320:
+            raise InvalidRequest("enter an e-mail address")
+        now = int(time.time())
+        claims = {
+            "typ": "code", "email": email, "name": name, "nonce": nonce, "cc": code_challenge,
+            "iss": ISSUER, "iat": now, "exp": now + CODE_TTL,
+        }  # fmt: skip
+        return jwt.encode({"alg": "HS256"}, claims, self._key)
+
+    def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:
+        claims = self._decode(code, expected_type="code")
+        if pkce_challenge(code_verifier) != claims.get("cc"):
+            raise AuthenticationFailed("PKCE verification failed")
+        now = int(time.time())
+        id_claims = {
+            "typ": "id", "sub": claims["email"], "email": claims["email"], "email_verified": True,
+            "name": claims.get("name", ""), "nonce": claims.get("nonce"), "iss": ISSUER, "aud": self.audience,
+            "iat": now, "exp": now + TOKEN_TTL,
+        }  # fmt: skip
+        return TokenSet(id_token=jwt.encode({"alg": "HS256"}, id_claims, self._key), expires_in=TOKEN_TTL)
+
+    def validate_token(self, token: str, *, nonce: str | None = None) -> dict[str, Any]:
+        claims = self._decode(token, expected_type="id")
+        if claims.get("aud") != self.audience:
+            raise AuthenticationFailed("token audience mismatch")
+        if nonce is not None and claims.get("nonce") != nonce:
+            raise AuthenticationFailed("nonce mismatch")
+        return claims
+
+    def user_info(self, claims: dict[str, Any]) -> UserInfo:
+        return UserInfo(
+            provider="local",
+            subject=str(claims["sub"]),
+            email=str(claims["email"]),
+            email_verified=True,
+            name=str(claims.get("name", "")),
+            claims=claims,
+        )
+
+    def _decode(self, token: str, *, expected_type: str) -> dict[str, Any]:
+        try:
+            decoded = jwt.decode(token, self._key, algorithms=["HS256"])
+        except (JoseError, ValueError) as exc:
+            raise AuthenticationFailed(f"invalid token: {exc}") from None
+        claims = dict(decoded.claims)
+        if claims.get("typ") != expected_type or claims.get("iss") != ISSUER:
+            raise AuthenticationFailed("invalid token type or issuer")
+        if int(claims.get("exp", 0)) < time.time():
+            raise AuthenticationFailed("token expired")
+        return claims

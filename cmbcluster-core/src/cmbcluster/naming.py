@@ -1,0 +1,79 @@
+"""Safe, unique names for cloud and Kubernetes resources, built from opaque ids.
+
+One place for these rules so every provider derives names the same way: lower-case,
+DNS-safe, length-bounded, never containing an e-mail address or other personal data.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from cmbcluster.errors import InvalidRequest
+
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+_BUCKET_PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,29}$")
+
+
+def dns_label(*parts: str, max_length: int = 63) -> str:
+    """Join ``parts`` into one RFC 1123 label (lower-case alphanumerics and '-')."""
+    raw = "-".join(p for p in parts if p)
+    label = _NOT_DNS.sub("-", raw.lower()).strip("-")
+    label = re.sub(r"-{2,}", "-", label)[:max_length].rstrip("-")
+    if not label:
+        raise InvalidRequest(f"cannot build a DNS label from {parts!r}")
+    return label
+
+
+def short_id(user_id: str, length: int = 10) -> str:
+    """A short, DNS-safe form of an opaque id (our ids are hex uuids)."""
+    cleaned = _NOT_DNS.sub("", user_id.lower())
+    if not cleaned:
+        raise InvalidRequest("empty id")
+    return cleaned[:length]
+
+
+def bucket_name(prefix: str, user_id: str, *, max_length: int = 63) -> str:
+    """A new, globally unique bucket name for a user: ``<prefix>-<user>-<random>``.
+
+    Valid for S3 and GCS alike (3-63 characters, lower-case letters, digits and '-', starts
+    and ends alphanumeric). The random suffix keeps names unique across deployments that
+    share a prefix and across a user's buckets.
+    """
+    if not _BUCKET_PREFIX.match(prefix):
+        raise InvalidRequest(
+            f"bucket prefix {prefix!r} must be 1-30 lower-case letters, digits or '-', starting alphanumeric"
+        )
+    name = f"{prefix.rstrip('-')}-{short_id(user_id)}-{secrets.token_hex(4)}"
+    if len(name) > max_length:
+        raise InvalidRequest(f"bucket name {name!r} is longer than {max_length} characters")
+    return name
+
+
+MAX_OBJECT_KEY_BYTES = 1024
+
+
+def validate_object_key(key: str) -> str:
+    """Refuse object keys that are unsafe as paths in a mounted bucket.
+
+    Every backend mounts buckets as folders, so keys must be relative paths without ``.`` or
+    ``..`` segments, empty segments, backslashes or control characters.
+    """
+    if not key:
+        raise InvalidRequest("object key must not be empty")
+    if len(key.encode("utf-8")) > MAX_OBJECT_KEY_BYTES:
+        raise InvalidRequest(f"object key is longer than {MAX_OBJECT_KEY_BYTES} bytes")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key) or "\\" in key:
+        raise InvalidRequest("object key must not contain control characters or backslashes")
+    if key.startswith("/") or key.endswith("/"):
+        raise InvalidRequest("object key must not start or end with '/'")
+    if any(part in {"", ".", ".."} for part in key.split("/")):
+        raise InvalidRequest("object key must not contain empty, '.' or '..' path segments")
+    return key
+
+
+def validate_object_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key prefix (which may end with '/')."""
+    if prefix:
+        validate_object_key(prefix.removesuffix("/"))
+    return prefix

@@ -1,0 +1,297 @@
+"""Loading plugins and choosing implementations: a typed facade over pluggy.
+
+Plugins are found through the ``cmbcluster`` entry point group when the app or CLI is created
+(``PluginManager.load()``), never at import. A plugin that fails to import, or needs a plugin
+API this core does not provide, is recorded and shown (``cmbcluster plugins``) and skipped,
+unless strict mode is on. Implementations are chosen by name; two registrations of one name
+are an error naming both distributions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
+from typing import Any, Literal, TypeVar, cast
+
+import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
+
+from cmbcluster import PLUGIN_API_VERSION, __version__, hookspecs
+from cmbcluster.errors import PluginError
+from cmbcluster.interfaces import PodContext, PodDraft
+from cmbcluster.registrations import (
+    AuthProviderRegistration,
+    ComputeBackendRegistration,
+    InfraProviderRegistration,
+    Registration,
+    StorageBackendRegistration,
+)
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "cmbcluster"
+BUILTIN_PLUGINS = {"local": "cmbcluster.local.plugin"}
+
+R = TypeVar("R", bound=Registration[Any])
+Concern = Literal["storage", "auth", "infra", "compute"]
+
+#: Each concern: its hook and its registration type.
+CONCERNS: dict[Concern, tuple[str, type[Registration[Any]]]] = {
+    "storage": ("cmbcluster_storage_backends", StorageBackendRegistration),
+    "auth": ("cmbcluster_auth_providers", AuthProviderRegistration),
+    "infra": ("cmbcluster_infra_providers", InfraProviderRegistration),
+    "compute": ("cmbcluster_compute_backends", ComputeBackendRegistration),
+}
+
+
+@dataclass
+class PluginInfo:
+    """One plugin as ``cmbcluster plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    module: str
+    hooks: list[str] = field(default_factory=list)
+    error: str | None = None
+    builtin: bool = False
+
+    @property
+    def loaded(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "hooks": self.hooks,
+            "error": self.error,
+            "builtin": self.builtin,
+            "loaded": self.loaded,
+        }
+
+
+class PluginManager:
+    """One per app or CLI invocation. ``load()`` is lazy and idempotent."""
+
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        allow: Iterable[str] | None = None,
+        block: Iterable[str] = (),
+        entry_points_enabled: bool = True,
+    ) -> None:
+        self.strict = strict
+        self.allow = set(allow) if allow is not None else None
+        self.block = set(block)
+        self.entry_points_enabled = entry_points_enabled
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._infos: dict[str, PluginInfo] = {}
+        self._loaded = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PluginManager:
+        return cls(strict=settings.plugins_strict, allow=settings.plugins_allow, block=settings.plugins_block)
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self) -> PluginManager:
+        if self._loaded:
+            return self
+        self._loaded = True
+        for name, module in BUILTIN_PLUGINS.items():
+            self._load_one(
+                name, functools.partial(importlib.import_module, module), "cmbcluster-core", __version__, module, True
+            )
+        if self.entry_points_enabled:
+            for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                dist = ep.dist.name if ep.dist else "unknown"
+                version = ep.dist.version if ep.dist else "unknown"
+                self._load_one(ep.name, _loader(ep), dist, version, ep.value, False)
+        self._pm.check_pending()
+        self.check_conflicts()
+        return self
+
+    def _load_one(
+        self, name: str, load: Callable[[], Any], dist: str, version: str, module: str, builtin: bool
+    ) -> None:
+        info = PluginInfo(name=name, distribution=dist, version=version, module=module, builtin=builtin)
+        previous = self._infos.get(name)
+        if previous is not None:
+            info.error = f"plugin name {name!r} is already used by {previous.distribution} {previous.version}"
+            self._infos[f"{name} ({dist})"] = info
+            if self.strict:
+                raise PluginError(info.error)
+            return
+        self._infos[name] = info
+        if name in self.block:
+            info.error = "blocked by CMBCLUSTER_PLUGINS_BLOCK"
+            return
+        if self.allow is not None and not builtin and name not in self.allow:
+            info.error = "not in CMBCLUSTER_PLUGINS_ALLOW"
+            return
+        try:
+            plugin = load()
+            _check_api_version(plugin)
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # a broken plugin must not take the control plane down
+            info.error = f"{type(exc).__name__}: {exc}"
+            log.warning("plugin %s (%s %s) failed to load: %s", name, dist, version, info.error)
+            if self.strict:
+                raise PluginError(
+                    f"plugin {name!r} from {dist} {version} failed to load ({info.error}); "
+                    "strict mode (CMBCLUSTER_PLUGINS_STRICT=1) makes this fatal"
+                ) from exc
+            return
+        info.hooks = sorted(impl.name for impl in self._pm.get_hookcallers(plugin) or [])
+
+    def register(self, plugin: object, name: str, *, distribution: str = "(in-process)", version: str = "") -> None:
+        """Register an in-process plugin (tests, embedding applications)."""
+        self.load()
+        self._load_one(name, lambda: plugin, distribution, version, repr(plugin), False)
+        self._pm.check_pending()
+        self.check_conflicts()
+
+    def unregister(self, name: str) -> None:
+        self._pm.unregister(name=name)
+        self._infos.pop(name, None)
+
+    # -- inspection ----------------------------------------------------------------------------
+    def plugins(self) -> list[PluginInfo]:
+        self.load()
+        return sorted(self._infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    def failed(self) -> list[PluginInfo]:
+        return [info for info in self.plugins() if info.error is not None]
+
+    def _call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook ourselves, so results are attributed to plugins
+        and the order is ours (tryfirst, then by plugin name, then trylast) not pluggy's LIFO."""
+        caller = getattr(self._pm.hook, hook_name)
+        impls = sorted(
+            caller.get_hookimpls(),
+            key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, i.plugin_name),
+        )
+        results = []
+        for impl in impls:
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            results.append((impl.plugin_name, result))
+        return results
+
+    # -- registrations -------------------------------------------------------------------------
+    def registrations(self, concern: Concern) -> dict[str, Registration[Any]]:
+        """Every registration of a concern by name; conflicting names raise PluginError."""
+        self.load()
+        hook_name, expected = CONCERNS[concern]
+        found: dict[str, tuple[str, Registration[Any]]] = {}
+        for plugin_name, result in self._call_each(hook_name):
+            for reg in _as_iterable(result, plugin_name, hook_name):
+                if not isinstance(reg, expected):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} returned {type(reg).__name__} from {hook_name}; "
+                        f"expected {expected.__name__}"
+                    )
+                if reg.name in found:
+                    other = found[reg.name][0]
+                    raise PluginError(
+                        f"{expected.kind} {reg.name!r} is registered twice: by plugin {other!r} "
+                        f"({self._dist(other)}) and by plugin {plugin_name!r} ({self._dist(plugin_name)}); "
+                        "uninstall one of them or block it with CMBCLUSTER_PLUGINS_BLOCK"
+                    )
+                found[reg.name] = (plugin_name, reg)
+        return {name: reg for name, (_, reg) in found.items()}
+
+    def provider_of(self, concern: Concern, name: str) -> str:
+        """The plugin that registered ``name`` for ``concern``."""
+        hook_name, _ = CONCERNS[concern]
+        for plugin_name, result in self._call_each(hook_name):
+            if any(reg.name == name for reg in _as_iterable(result, plugin_name, hook_name)):
+                return plugin_name
+        raise KeyError(name)
+
+    def check_conflicts(self) -> None:
+        for concern in CONCERNS:
+            self.registrations(concern)
+
+    def select(self, concern: Concern, name: str) -> Registration[Any]:
+        """The registration called ``name``, or an error saying which package to install."""
+        available = self.registrations(concern)
+        if name in available:
+            return available[name]
+        kind = CONCERNS[concern][1].kind
+        installed = ", ".join(sorted(available)) or "none"
+        hint = f"pip install cmbcluster-{name}"
+        same_name = self._infos.get(name)
+        if same_name is not None and same_name.error:
+            raise PluginError(
+                f"no {kind} named {name!r} is available: plugin {name!r} is installed but failed to load "
+                f"({same_name.error})"
+            )
+        if same_name is not None:
+            raise PluginError(
+                f"no {kind} named {name!r}: plugin {name!r} ({self._dist(name)}) is installed but does not "
+                f"provide one (installed {kind}s: {installed})"
+            )
+        raise PluginError(
+            f"no {kind} named {name!r} is installed (installed: {installed}); "
+            f"install the plugin that provides it, for example `{hint}`"
+        )
+
+    # Typed facade: one method per registration hook, so call sites are type-checked.
+    def storage_backend(self, name: str) -> StorageBackendRegistration:
+        return cast(StorageBackendRegistration, self.select("storage", name))
+
+    def auth_provider(self, name: str) -> AuthProviderRegistration:
+        return cast(AuthProviderRegistration, self.select("auth", name))
+
+    def infra_provider(self, name: str) -> InfraProviderRegistration:
+        return cast(InfraProviderRegistration, self.select("infra", name))
+
+    def compute_backend(self, name: str) -> ComputeBackendRegistration:
+        return cast(ComputeBackendRegistration, self.select("compute", name))
+
+    def decorate_pod(self, draft: PodDraft, context: PodContext) -> None:
+        """Run every ``cmbcluster_decorate_pod`` implementation in the documented order."""
+        self.load()
+        self._call_each("cmbcluster_decorate_pod", draft=draft, context=context)
+
+    def _dist(self, plugin_name: str) -> str:
+        info = self._infos.get(plugin_name)
+        return f"{info.distribution} {info.version}".strip() if info else "unknown distribution"
+
+
+def _loader(ep: EntryPoint) -> Callable[[], ModuleType]:
+    return ep.load
+
+
+def _as_iterable(result: Any, plugin_name: str, hook_name: str) -> Iterable[Any]:
+    if result is None:
+        return ()
+    if isinstance(result, Registration):
+        return (result,)
+    if not isinstance(result, Iterable):
+        raise PluginError(f"plugin {plugin_name!r}: {hook_name} must return an iterable of registrations")
+    return list(result)
+
+
+def _check_api_version(plugin: object) -> None:
+    required = getattr(plugin, "CMBCLUSTER_PLUGIN_API", None)
+    if required is None:
+        return
+    try:
+        spec = SpecifierSet(str(required))
+    except InvalidSpecifier as exc:
+        raise PluginError(f"CMBCLUSTER_PLUGIN_API {required!r} is not a version specifier") from exc
+    if Version(PLUGIN_API_VERSION) not in spec:
+        raise PluginError(
+            f"needs plugin API {required}, this cmbcluster-core {__version__} provides {PLUGIN_API_VERSION}"
+        )

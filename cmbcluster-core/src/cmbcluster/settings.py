@@ -1,0 +1,157 @@
+"""Core settings (pydantic-settings). Each provider adds its own model (see registrations).
+
+The environment variable names of the original deployment keep working: every field lists its
+accepted names in ``validation_alias``, the ``CMBCLUSTER_`` name first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _aliases(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cmbcluster"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class CoreSettings(BaseSettings):
+    """Settings of the control plane itself. Read from the environment and ``.env``."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+
+    cloud_provider: str = Field(
+        default="local",
+        validation_alias=_aliases("CMBCLUSTER_CLOUD_PROVIDER", "CLOUD_PROVIDER"),
+        description="The provider used for every concern unless overridden: local, aws, gcp, or a plugin's name.",
+    )
+    storage_backend: str | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_STORAGE_BACKEND"), description="Override: storage backend."
+    )
+    auth_providers: CommaList | None = Field(
+        default=None,
+        validation_alias=_aliases("CMBCLUSTER_AUTH_PROVIDERS"),
+        description="Override: comma-separated identity providers to enable.",
+    )
+    infra_provider: str | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_INFRA_PROVIDER"), description="Override: infra provider."
+    )
+    compute_backend: str | None = Field(
+        default=None,
+        validation_alias=_aliases("CMBCLUSTER_COMPUTE_BACKEND"),
+        description="Override: compute backend (default: local for the local provider, kubernetes otherwise).",
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir, validation_alias=_aliases("CMBCLUSTER_DATA_DIR"))
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=_aliases("CMBCLUSTER_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL; default: SQLite in the data directory.",
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=_aliases("CMBCLUSTER_HOST"))
+    port: int = Field(default=8000, ge=1, le=65535, validation_alias=_aliases("CMBCLUSTER_PORT"))
+    public_url: str | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_PUBLIC_URL", "API_URL"), description="URL users reach."
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_aliases("CMBCLUSTER_SECRET_KEY", "SECRET_KEY"),
+        description="Signs sessions and encrypts secret files; generated into the data directory when unset.",
+    )
+    admin_emails: CommaList = Field(
+        default_factory=list, validation_alias=_aliases("CMBCLUSTER_ADMIN_EMAILS", "ADMIN_EMAILS")
+    )
+    dev_login_allow_remote: bool = Field(
+        default=False,
+        validation_alias=_aliases("CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE"),
+        description="Let the development sign-in serve beyond loopback (never in production).",
+    )
+    plugins_strict: bool = Field(default=False, validation_alias=_aliases("CMBCLUSTER_PLUGINS_STRICT"))
+    plugins_allow: CommaList | None = Field(default=None, validation_alias=_aliases("CMBCLUSTER_PLUGINS_ALLOW"))
+    plugins_block: CommaList = Field(default_factory=list, validation_alias=_aliases("CMBCLUSTER_PLUGINS_BLOCK"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias=_aliases("CMBCLUSTER_LOG_LEVEL", "LOG_LEVEL")
+    )
+    log_format: Literal["json", "text"] = Field(default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"))
+
+    @field_validator("auth_providers", "admin_emails", "plugins_allow", "plugins_block", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value()
+            if len(raw) < 32 or raw.lower() in {"changeme", "secret", "change-me"}:
+                raise ValueError("must be at least 32 random characters (generate one: openssl rand -hex 32)")
+        return value
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cmbcluster.db'}"
+
+    @property
+    def selected_storage(self) -> str:
+        return self.storage_backend or self.cloud_provider
+
+    @property
+    def selected_auth(self) -> list[str]:
+        return self.auth_providers or [self.cloud_provider]
+
+    @property
+    def selected_infra(self) -> str:
+        return self.infra_provider or self.cloud_provider
+
+    @property
+    def selected_compute(self) -> str:
+        if self.compute_backend:
+            return self.compute_backend
+        return "local" if self.cloud_provider == "local" else "kubernetes"
+
+    @property
+    def serves_loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def env_var_name(model: type[BaseSettings], field_name: str) -> str:
+    """The environment variable an operator sets for ``field_name`` of ``model``."""
+    field = model.model_fields.get(field_name)
+    if field is not None:
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            first = alias.choices[0]
+            if isinstance(first, str):
+                return first
+        if isinstance(alias, str):
+            return alias
+        if field.alias:
+            return field.alias
+    prefix = str(model.model_config.get("env_prefix") or "")
+    return f"{prefix}{field_name}".upper()

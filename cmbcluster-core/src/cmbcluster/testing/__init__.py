@@ -1,0 +1,12 @@
+"""Contract test suites and pytest fixtures for CMBCluster implementations, ours and third parties'.
+
+Subclass a suite in your plugin's tests and provide its fixture (as s3fs and gcsfs subclass
+fsspec's abstract tests)::
+
+    from cmbcluster.testing.storage import StorageContract
+
+    class TestAzureStorage(StorageContract):
+        @pytest.fixture
+        def storage_backend(self, azurite):
+            return AzureStorage(...)
+"""

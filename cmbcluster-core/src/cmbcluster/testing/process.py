@@ -1,0 +1,92 @@
+"""Run the real ``cmbcluster`` command and server in subprocesses, as an operator would.
+
+Used by core's tests and available to plugin authors for end-to-end tests of their plugin
+inside a served control plane.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+# Variables a developer's shell may carry that would change what a test sees.
+CONFIG_PREFIXES = ("CMBCLUSTER_", "AWS_", "GOOGLE_", "COGNITO_", "S3_", "GCS_", "ECR_", "EKS_", "THIRDPARTY_")
+CONFIG_NAMES = frozenset(
+    {"CLOUD_PROVIDER", "PROJECT_ID", "REGION", "ZONE", "ADMIN_EMAILS", "DATABASE_URL", "SECRET_KEY",
+     "STORAGE_EMULATOR_HOST", "CLUSTER_NAME"}
+)  # fmt: skip
+
+
+def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any CMBCluster or cloud configuration, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES}
+    env.update(extra or {})
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60, python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmbcluster ARGS`` with ``python`` and return what it printed."""
+    return subprocess.run(
+        [python, "-m", "cmbcluster.cli", *args],
+        env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+class ServeProcess:
+    """``cmbcluster serve`` on a free loopback port; ``stop()`` ends it by its PID."""
+
+    def __init__(self, env: Mapping[str, str], cwd: Path, *, python: str = sys.executable, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / f"serve-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [python, "-m", "cmbcluster.cli", "serve", "--port", str(self.port)],
+                env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, path: str = "/healthz", timeout: float = 30) -> httpx.Response:
+        """The first answer of ``path``; AssertionError with the server's output if it never comes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                return httpx.get(self.url + path, timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError(f"serve did not answer within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,221 @@
+"""The storage contract: what every :class:`~cmbcluster.interfaces.StorageBackend` must do.
+
+Provide a ``storage_backend`` fixture in a subclass; every test creates its own buckets and
+deletes them (``force=True``) at the end, so the suite can run against a shared server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cmbcluster.errors import Conflict, InvalidRequest, NotFound
+from cmbcluster.interfaces import BucketOptions, MountRequest, StorageBackend, StorageClass, UserRef
+
+MiB = 1024 * 1024
+
+
+def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+class StorageContract:
+    """Subclass and provide ``storage_backend``. Override ``supported_storage_classes`` if needed."""
+
+    #: A storage class the backend supports besides STANDARD, or None.
+    other_storage_class: StorageClass | None = None
+
+    @pytest.fixture
+    def storage_backend(self) -> StorageBackend:
+        raise NotImplementedError("provide a storage_backend fixture in your subclass")
+
+    @pytest.fixture
+    def owner(self) -> UserRef:
+        return UserRef(id=uuid.uuid4().hex, email="ada.lovelace@example.org")
+
+    @pytest.fixture
+    def bucket(self, storage_backend: StorageBackend, owner: UserRef) -> Iterator[str]:
+        info = storage_backend.create_bucket(owner, BucketOptions(display_name="Contract bucket"))
+        yield info.name
+        try:
+            storage_backend.delete_bucket(info.name, force=True)
+        except NotFound:
+            pass
+
+    # -- buckets -----------------------------------------------------------------------------
+    def test_create_bucket_reports_owner_and_options(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        info = storage_backend.create_bucket(owner, BucketOptions(display_name="Maps & spectra"))
+        try:
+            assert info.owner_id == owner.id
+            assert info.display_name == "Maps & spectra"
+            assert info.storage_class == StorageClass.STANDARD
+            fetched = storage_backend.get_bucket(info.name)
+            assert (fetched.name, fetched.owner_id, fetched.display_name) == (info.name, owner.id, "Maps & spectra")
+        finally:
+            storage_backend.delete_bucket(info.name, force=True)
+
+    def test_bucket_names_are_valid_unique_and_anonymous(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        a = storage_backend.create_bucket(owner, BucketOptions(display_name="same"))
+        b = storage_backend.create_bucket(owner, BucketOptions(display_name="same"))
+        try:
+            assert a.name != b.name
+            for name in (a.name, b.name):
+                assert re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", name), name
+                assert "lovelace" not in name and "@" not in name
+        finally:
+            storage_backend.delete_bucket(a.name, force=True)
+            storage_backend.delete_bucket(b.name, force=True)
+
+    def test_list_buckets_is_per_owner(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
+        other = UserRef(id=uuid.uuid4().hex)
+        assert bucket in [b.name for b in storage_backend.list_buckets(owner)]
+        assert bucket not in [b.name for b in storage_backend.list_buckets(other)]
+
+    def test_unknown_bucket_is_not_found(self, storage_backend: StorageBackend) -> None:
+        missing = f"cmb-missing-{uuid.uuid4().hex[:12]}"
+        with pytest.raises(NotFound):
+            storage_backend.get_bucket(missing)
+        with pytest.raises(NotFound):
+            storage_backend.list_objects(missing)
+        with pytest.raises(NotFound):
+            storage_backend.delete_bucket(missing)
+
+    def test_other_storage_class(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        if self.other_storage_class is None:
+            with pytest.raises(InvalidRequest):
+                storage_backend.create_bucket(owner, BucketOptions(display_name="x", storage_class=StorageClass.COLD))
+            return
+        info = storage_backend.create_bucket(
+            owner, BucketOptions(display_name="x", storage_class=self.other_storage_class)
+        )
+        try:
+            assert storage_backend.get_bucket(info.name).storage_class == self.other_storage_class
+        finally:
+            storage_backend.delete_bucket(info.name, force=True)
+
+    def test_delete_non_empty_bucket_needs_force(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        info = storage_backend.create_bucket(owner, BucketOptions(display_name="to delete"))
+        storage_backend.upload_object(info.name, "keep/me.txt", [b"data"])
+        with pytest.raises(Conflict):
+            storage_backend.delete_bucket(info.name)
+        assert storage_backend.head_object(info.name, "keep/me.txt").size == 4  # nothing was lost
+        storage_backend.delete_bucket(info.name, force=True)
+        with pytest.raises(NotFound):
+            storage_backend.get_bucket(info.name)
+
+    def test_usage_counts_objects_and_bytes(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "a.bin", [b"x" * 1000])
+        storage_backend.upload_object(bucket, "dir/b.bin", [b"y" * 24])
+        usage = storage_backend.bucket_usage(bucket)
+        assert (usage.size_bytes, usage.object_count) == (1024, 2)
+
+    def test_volume_spec_mounts_the_bucket(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
+        spec = storage_backend.volume_spec(
+            MountRequest(bucket=bucket, mount_path="/home/user/data", user=owner, environment_id=uuid.uuid4().hex)
+        )
+        assert spec.local_path is not None or (spec.volume is not None and spec.mount is not None)
+        if spec.mount is not None:
+            assert spec.mount["mountPath"] == "/home/user/data"
+
+    # -- objects -----------------------------------------------------------------------------
+    def test_streamed_round_trip(self, storage_backend: StorageBackend, bucket: str) -> None:
+        data = os.urandom(3 * MiB + 12345)
+        info = storage_backend.upload_object(bucket, "maps/planck.fits", _chunks(data), content_type="application/fits")
+        assert info.size == len(data)
+        assert storage_backend.head_object(bucket, "maps/planck.fits").size == len(data)
+        received = hashlib.sha256()
+        count = 0
+        for chunk in storage_backend.download_object(bucket, "maps/planck.fits", chunk_size=MiB):
+            assert len(chunk) <= MiB
+            received.update(chunk)
+            count += len(chunk)
+        assert count == len(data)
+        assert received.digest() == hashlib.sha256(data).digest()
+
+    def test_zero_byte_and_unicode_keys(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "empty", [])
+        storage_backend.upload_object(bucket, "spectra/été 2024.txt", [b"ok"])
+        assert storage_backend.head_object(bucket, "empty").size == 0
+        assert b"".join(storage_backend.download_object(bucket, "empty")) == b""
+        assert b"".join(storage_backend.download_object(bucket, "spectra/été 2024.txt")) == b"ok"
+
+    def test_ranged_download(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "r.txt", [b"0123456789"])
+        assert b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=(2, 5))) == b"2345"
+        assert b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=(7, None))) == b"789"
+
+    def test_overwrite_replaces_content(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "notes.txt", [b"first version"])
+        storage_backend.upload_object(bucket, "notes.txt", [b"second"])
+        assert b"".join(storage_backend.download_object(bucket, "notes.txt")) == b"second"
+
+    def test_failed_upload_leaves_previous_object(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "precious.txt", [b"keep me"])
+
+        def broken() -> Iterator[bytes]:
+            yield b"partial " * 1000
+            raise ConnectionResetError("client went away")
+
+        with pytest.raises(ConnectionResetError):
+            storage_backend.upload_object(bucket, "precious.txt", broken())
+        with pytest.raises(ConnectionResetError):
+            storage_backend.upload_object(bucket, "new.txt", broken())
+        assert b"".join(storage_backend.download_object(bucket, "precious.txt")) == b"keep me"
+        with pytest.raises(NotFound):
+            storage_backend.head_object(bucket, "new.txt")
+
+    def test_missing_object_is_not_found_before_streaming(self, storage_backend: StorageBackend, bucket: str) -> None:
+        with pytest.raises(NotFound):
+            storage_backend.download_object(bucket, "nope.txt")
+        with pytest.raises(NotFound):
+            storage_backend.head_object(bucket, "nope.txt")
+
+    def test_list_with_delimiter_shows_folders(self, storage_backend: StorageBackend, bucket: str) -> None:
+        for key in ["a.txt", "maps/1.fits", "maps/2.fits", "maps/deep/3.fits", "z.txt"]:
+            storage_backend.upload_object(bucket, key, [b"1"])
+        top = storage_backend.list_objects(bucket)
+        assert [o.key for o in top.objects] == ["a.txt", "z.txt"]
+        assert top.prefixes == ["maps/"]
+        inner = storage_backend.list_objects(bucket, "maps/")
+        assert [o.key for o in inner.objects] == ["maps/1.fits", "maps/2.fits"]
+        assert inner.prefixes == ["maps/deep/"]
+        flat = storage_backend.list_objects(bucket, "maps/", delimiter=None)
+        assert [o.key for o in flat.objects] == ["maps/1.fits", "maps/2.fits", "maps/deep/3.fits"]
+
+    def test_list_paginates_in_key_order(self, storage_backend: StorageBackend, bucket: str) -> None:
+        keys = sorted(f"run/{i:03d}.dat" for i in range(23))
+        for key in keys:
+            storage_backend.upload_object(bucket, key, [b"."])
+        seen: list[str] = []
+        token = None
+        pages = 0
+        while True:
+            page = storage_backend.list_objects(bucket, "run/", page_token=token, page_size=10)
+            seen.extend(o.key for o in page.objects)
+            pages += 1
+            token = page.next_token
+            if token is None:
+                break
+        assert seen == keys
+        assert pages == 3
+
+    def test_delete_objects_is_idempotent(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "d/1", [b"1"])
+        storage_backend.upload_object(bucket, "d/2", [b"2"])
+        storage_backend.upload_object(bucket, "keep", [b"k"])
+        storage_backend.delete_objects(bucket, ["d/1", "d/2", "never-existed"])
+        storage_backend.delete_objects(bucket, ["d/1"])
+        page = storage_backend.list_objects(bucket)
+        assert [o.key for o in page.objects] == ["keep"]
+        assert page.prefixes == []
+
+    def test_unsafe_keys_are_refused(self, storage_backend: StorageBackend, bucket: str) -> None:
+        for key in ["../escape", "a/../../b", "/abs", "a//b", "", "nul\x00byte"]:
+            with pytest.raises(InvalidRequest):
+                storage_backend.upload_object(bucket, key, [b"x"])

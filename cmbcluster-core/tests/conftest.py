@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from cmbcluster.app import create_app
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.process import clean_environ
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in set(os.environ) - set(clean_environ()):
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env from the developer's checkout
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> CoreSettings:
+    return CoreSettings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def app(settings: CoreSettings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client

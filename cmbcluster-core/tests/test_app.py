@@ -1,0 +1,119 @@
+"""The app factory, health, readiness, metrics and error answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+from fastapi.testclient import TestClient
+
+from cmbcluster import hookimpl
+from cmbcluster.app import create_app
+from cmbcluster.errors import LimitExceeded, NotFound, ProviderUnavailable
+from cmbcluster.local.storage import LocalStorage
+from cmbcluster.plugins import PluginManager
+from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
+from cmbcluster.settings import CoreSettings
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {
+        "database": "ok", "storage:local": "ok", "compute:local": "ok", "infra:local": "ok", "auth:local": "ok",
+    }  # fmt: skip
+
+
+class UnreachableStorage(LocalStorage):
+    def check_ready(self) -> None:
+        raise ProviderUnavailable("object store at 127.0.0.1:9 refused the connection")
+
+
+def _plugin_with(factory: object) -> SimpleNamespace:
+    @hookimpl
+    def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
+        yield StorageBackendRegistration(name="flaky", factory=factory)  # type: ignore[arg-type]
+
+    return SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends)
+
+
+def test_readyz_is_503_naming_the_provider_that_is_down(settings: CoreSettings) -> None:
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(_plugin_with(lambda ctx: UnreachableStorage(ctx.data_dir / "b")), name="flaky")
+    app = create_app(settings.model_copy(update={"storage_backend": "flaky"}), manager)
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["storage:flaky"] == (
+        "ProviderUnavailable: object store at 127.0.0.1:9 refused the connection"
+    )
+    assert ready.json()["checks"]["database"] == "ok"
+
+
+def test_selected_third_party_backend_is_the_one_used(settings: CoreSettings) -> None:
+    manager = PluginManager(entry_points_enabled=False)
+    made: list[ProviderContext] = []
+
+    def factory(ctx: ProviderContext) -> LocalStorage:
+        made.append(ctx)
+        return LocalStorage(ctx.data_dir / "flaky-buckets")
+
+    manager.register(_plugin_with(factory), name="flaky")
+    app = create_app(settings.model_copy(update={"storage_backend": "flaky"}), manager)
+    assert isinstance(app.state.context.storage, LocalStorage)
+    assert app.state.context.storage.root == settings.data_dir / "flaky-buckets"
+    assert len(made) == 1
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+    client.get("/healthz")
+    client.get("/healthz")
+    client.get("/no/such/page")
+    text = client.get("/metrics").text
+    assert 'cmbcluster_http_requests_total{method="GET",route="/healthz",status="200"} 2.0' in text
+    assert 'route="unmatched",status="404"' in text
+    assert "cmbcluster_http_request_duration_seconds_bucket" in text
+    assert 'cmbcluster_info{auth="local",compute="local"' in text
+
+
+def test_two_apps_do_not_share_state(settings: CoreSettings, tmp_path: object) -> None:
+    first = create_app(settings)
+    second = create_app(settings.model_copy(update={"data_dir": settings.data_dir / "other"}))
+    with TestClient(first) as a, TestClient(second) as b:
+        a.get("/healthz")
+        assert 'route="/healthz"' not in b.get("/metrics").text
+
+
+def test_plugins_endpoint(client: TestClient) -> None:
+    body = client.get("/api/v1/plugins").json()
+    assert body["active"] == {"storage": "local", "compute": "local", "infra": "local", "auth": "local"}
+    assert {p["name"] for p in body["plugins"]} >= {"local", "aws", "gcp"}
+
+
+def test_openapi_is_served(client: TestClient) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    assert "/api/v1/plugins" in spec["paths"]
+    assert client.get("/api/docs").status_code == 200
+
+
+def test_typed_errors_become_clear_statuses_and_unexpected_ones_hide_details(settings: CoreSettings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom/{kind}")
+    def boom(kind: str) -> None:
+        if kind == "missing":
+            raise NotFound("environment abc not found")
+        if kind == "busy":
+            raise LimitExceeded("too many environments starting", retry_after=7)
+        raise RuntimeError("secret internals: password=hunter2")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        missing = client.get("/boom/missing")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "not_found", "message": "environment abc not found"}
+        busy = client.get("/boom/busy")
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "7"
+        crash = client.get("/boom/crash")
+        assert crash.status_code == 500
+        assert "hunter2" not in crash.text and "Traceback" not in crash.text

@@ -1,0 +1,73 @@
+"""The command line as an operator uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cmbcluster.testing.process import ServeProcess as Server
+from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import run_cli as cmbcluster
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_plugins_json_lists_local_gcp_and_aws_with_hooks(env: dict[str, str], tmp_path: Path) -> None:
+    result = cmbcluster("plugins", "--json", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert {"local", "aws", "gcp"} <= set(plugins)
+    for name in ("local", "aws", "gcp"):
+        assert plugins[name]["loaded"] and plugins[name]["error"] is None
+        assert "cmbcluster_storage_backends" in plugins[name]["hooks"]
+        assert set(plugins[name]) >= {"name", "distribution", "version", "hooks", "error"}
+
+
+def test_plugins_table_for_humans(env: dict[str, str], tmp_path: Path) -> None:
+    result = cmbcluster("plugins", env={**env, "COLUMNS": "200"}, cwd=tmp_path)
+    assert result.returncode == 0
+    assert "cmbcluster-aws" in result.stdout and "loaded" in result.stdout
+
+
+def test_db_upgrade_and_current(env: dict[str, str], tmp_path: Path) -> None:
+    before = cmbcluster("db", "current", env=env, cwd=tmp_path)
+    assert "(empty database)" in before.stdout and "needs `cmbcluster db upgrade`" in before.stdout
+    upgraded = cmbcluster("db", "upgrade", env=env, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    after = cmbcluster("db", "current", env=env, cwd=tmp_path)
+    assert "up to date" in after.stdout
+
+
+def test_version(env: dict[str, str], tmp_path: Path) -> None:
+    result = cmbcluster("version", env=env, cwd=tmp_path)
+    assert result.stdout.startswith("cmbcluster-core ")
+    assert "cmbcluster-aws" in result.stdout
+
+
+def test_unknown_command_and_bad_option_are_usage_errors(env: dict[str, str], tmp_path: Path) -> None:
+    for args in (["frobnicate"], ["serve", "--port", "notaport"], ["serve", "--port", "70000"]):
+        result = cmbcluster(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_starts_on_the_embedded_default_and_says_where(env: dict[str, str], tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    server = Server({**env, "CMBCLUSTER_DATA_DIR": str(data_dir)}, tmp_path)
+    try:
+        assert server.wait_ready("/healthz").status_code == 200
+        ready = server.wait_ready("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["storage:local"] == "ok"
+    finally:
+        server.stop()
+    assert data_dir.is_dir() and (data_dir / "cmbcluster.db").exists()
+    first_lines = [json.loads(line) for line in server.output().splitlines()[:4] if line.startswith("{")]
+    messages = " ".join(line["message"] for line in first_lines)
+    assert f"serving on http://127.0.0.1:{server.port}" in messages
+    assert "storage=local compute=local auth=local infra=local" in messages

@@ -1,0 +1,90 @@
+"""Every developer task is a nox session. `nox` alone runs lint, typecheck and every test.
+
+The README's two commands wrap this file: `./run serve` and `./run test`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e"]
+
+ROOT = Path(__file__).parent
+PYTHON = os.environ.get("CMBCLUSTER_PYTHON", "3.11")
+PACKAGES = {"core": "cmbcluster-core", "aws": "cmbcluster-aws", "gcp": "cmbcluster-gcp"}
+# Pinned so that lint and typecheck results do not change under us between runs.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+
+
+def install_packages(session: nox.Session, *, extras: str = "test") -> None:
+    """Install the three distributions from this checkout, editable, with their test extras."""
+    args = []
+    for dist in PACKAGES.values():
+        args += ["-e", f"{ROOT / dist}[{extras}]" if extras else str(ROOT / dist)]
+    session.install(*args)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def fmt(session: nox.Session) -> None:
+    """Apply ruff's fixes and formatting."""
+    session.install(RUFF)
+    session.run("ruff", "check", "--fix", ".")
+    session.run("ruff", "format", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the three packages and the tests."""
+    install_packages(session)
+    session.install(MYPY)
+    session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src")
+
+
+def _package_tests(name: str, dist: str) -> None:
+    @nox.session(name=f"tests-{name}", python=PYTHON)
+    def run(session: nox.Session) -> None:
+        install_packages(session)
+        session.run("pytest", f"{dist}/tests", *session.posargs)
+
+    run.__doc__ = f"{dist}'s own tests."
+
+
+for _name, _dist in PACKAGES.items():
+    _package_tests(_name, _dist)
+
+
+@nox.session(name="tests-e2e", python=PYTHON)
+def tests_e2e(session: nox.Session) -> None:
+    """Tests that cross packages (tests/): end to end, installed plugins, imports."""
+    install_packages(session)
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def serve(session: nox.Session) -> None:
+    """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""
+    install_packages(session, extras="")
+    session.run("cmbcluster", "serve", *session.posargs, external=False)
+
+
+@nox.session(python=PYTHON)
+def benchmark(session: nox.Session) -> None:
+    """Run every benchmark under tests/benchmarks and print its figures."""
+    install_packages(session)
+    for script in sorted((ROOT / "tests" / "benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
