@@ -16,7 +16,9 @@ nox.options.error_on_missing_interpreters = True
 nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e"]
 
 ROOT = Path(__file__).parent
-PYTHON = os.environ.get("CMBCLUSTER_PYTHON", "3.11")
+# The interpreter `./run` was started with (3.11 or newer); nox's own when unset.
+PYTHON = os.environ.get("CMBCLUSTER_PYTHON") or None
+REPORTS = ROOT / ".reports"
 PACKAGES = {"core": "cmbcluster-core", "aws": "cmbcluster-aws", "gcp": "cmbcluster-gcp"}
 # Pinned so that lint and typecheck results do not change under us between runs.
 RUFF = "ruff==0.17.6"
@@ -59,7 +61,7 @@ def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
         install_packages(session)
-        session.run("pytest", f"{dist}/tests", *session.posargs)
+        session.run("pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs)
 
     run.__doc__ = f"{dist}'s own tests."
 
@@ -72,14 +74,14 @@ for _name, _dist in PACKAGES.items():
 def tests_e2e(session: nox.Session) -> None:
     """Tests that cross packages (tests/): end to end, installed plugins, imports."""
     install_packages(session)
-    session.run("pytest", "tests", *session.posargs)
+    session.run("pytest", "tests", f"--junitxml={REPORTS / 'tests-e2e.xml'}", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
     """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""
     install_packages(session, extras="")
-    session.run("cmbcluster", "serve", *session.posargs, external=False)
+    session.run("cmbcluster", "serve", *session.posargs)
 
 
 @nox.session(python=PYTHON)

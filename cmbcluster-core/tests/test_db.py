@@ -45,3 +45,10 @@ def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     first = current_revision(engine)
     upgrade(engine)
     assert current_revision(engine) == first
+
+
+def test_schema_head_constant_is_the_newest_migration(tmp_path: Path) -> None:
+    from cmbcluster.db.engine import SCHEMA_HEAD, head_revision
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert head_revision(engine) == SCHEMA_HEAD

@@ -165,5 +165,3 @@ def test_registration_hooks_return_typed_frozen_registrations(manager: PluginMan
         reg = registrations["local"]
         with pytest.raises(AttributeError):
             reg.name = "changed"  # type: ignore[misc]
-    # cmbcluster_storage_backends, cmbcluster_auth_providers, cmbcluster_infra_providers and
-    # cmbcluster_compute_backends are each exercised above.

@@ -1,0 +1,32 @@
+"""Add up the JUnit reports of every test session into one closing line: 'N passed, N failed'."""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def main(folder: str) -> int:
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    reports = sorted(Path(folder).glob("*.xml"))
+    for report in reports:
+        root = ET.parse(report).getroot()
+        for suite in root.iter("testsuite"):
+            for key in totals:
+                totals[key] += int(suite.get(key, 0))
+    if not reports:
+        print("no test reports were written", file=sys.stderr)
+        return 1
+    failed = totals["failures"] + totals["errors"]
+    passed = totals["tests"] - failed - totals["skipped"]
+    print(f"\nall test sessions ({len(reports)} reports):")
+    line = f"{passed} passed, {failed} failed"
+    if totals["skipped"]:
+        line += f", {totals['skipped']} skipped"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ".reports"))
