@@ -22,6 +22,7 @@ from cmbcluster.interfaces.storage import (
     StorageBackend,
     StorageClass,
     VolumeSpec,
+    resolve_byte_range,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "UserInfo",
     "UserRef",
     "VolumeSpec",
+    "resolve_byte_range",
 ]

@@ -89,6 +89,19 @@ class MountRequest:
     gid: int = 100
     read_only: bool = False
     subpath: str = ""
+    namespace: str = ""  # the Kubernetes namespace of the pod (for namespaced volume objects)
+
+    def __post_init__(self) -> None:
+        from cmbcluster.errors import InvalidRequest
+        from cmbcluster.naming import validate_object_key
+
+        if not self.mount_path.startswith("/") or any(p in {".", ".."} for p in self.mount_path.split("/")):
+            raise InvalidRequest(f"mount path {self.mount_path!r} must be absolute, without '.' or '..'")
+        if self.subpath:
+            validate_object_key(self.subpath)
+            # mount options are comma-separated key=value lists: these would inject options
+            if any(ch in self.subpath for ch in ",=\"'"):
+                raise InvalidRequest("a bucket sub-folder to mount must not contain ',', '=' or quotes")
 
 
 @dataclass(kw_only=True)
@@ -106,6 +119,23 @@ class VolumeSpec:
     objects: list[dict[str, Any]] = field(default_factory=list)
     pod_annotations: dict[str, str] = field(default_factory=dict)
     local_path: Path | None = None
+
+
+def resolve_byte_range(byte_range: tuple[int, int | None] | None, size: int) -> tuple[int, int]:
+    """The half-open ``[start, end)`` that ``download_object(byte_range=...)`` must return.
+
+    ``byte_range`` is ``(first, last)`` with ``last`` inclusive or None (to the end), as in an
+    HTTP Range header; an unsatisfiable range raises InvalidRequest. Shared by every backend
+    so they agree on the edge cases.
+    """
+    from cmbcluster.errors import InvalidRequest
+
+    if byte_range is None:
+        return 0, size
+    first, last = byte_range
+    if first < 0 or first >= max(size, 1) or (last is not None and last < first):
+        raise InvalidRequest(f"range {first}-{last if last is not None else ''} is not satisfiable for {size} bytes")
+    return first, size if last is None else min(last + 1, size)
 
 
 class StorageBackend(abc.ABC):

@@ -134,22 +134,23 @@ class LocalProcessCompute(ComputeBackend):
 
     def _terminate(self, state: dict[str, Any]) -> None:
         pid = int(state["pid"])
-        if not _alive(pid, state.get("start_ticks")):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
         child = self._children.pop(str(state["environment_id"]), None)
-        while time.monotonic() < deadline:
-            if child is not None:
-                child.poll()
+        try:
             if not _alive(pid, state.get("start_ticks")):
                 return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        if child is not None:
-            child.wait(timeout=5)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            while time.monotonic() < deadline:
+                if not _alive(pid, state.get("start_ticks")):
+                    return
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        finally:
+            if child is not None:  # our own child: reap it, so no zombie keeps its PID
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=STOP_GRACE_SECONDS)
 
     def _working_dir(self, spec: EnvironmentSpec) -> Path:
         for volume in spec.volumes:

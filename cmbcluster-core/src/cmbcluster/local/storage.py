@@ -29,6 +29,7 @@ from cmbcluster.interfaces import (
     StorageClass,
     UserRef,
     VolumeSpec,
+    resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, validate_object_key, validate_object_prefix
 
@@ -205,7 +206,7 @@ class LocalStorage(StorageBackend):
     ) -> Iterator[bytes]:
         folder = self._bucket_dir(bucket)
         info = self._object_info(folder, validate_object_key(key))
-        start, end = _resolve_range(byte_range, info.size)
+        start, end = resolve_byte_range(byte_range, info.size)
         handle = open(folder / key, "rb")  # noqa: SIM115 - closed by the generator below
         return _read_range(handle, start, end, chunk_size)
 
@@ -222,17 +223,6 @@ class LocalStorage(StorageBackend):
         if not bucket or "/" in bucket or bucket.startswith(".") or not (self.root / bucket).is_dir():
             raise NotFound(f"bucket {bucket} not found")
         return self.root / bucket
-
-
-def _resolve_range(byte_range: tuple[int, int | None] | None, size: int) -> tuple[int, int]:
-    """The half-open [start, end) to read; InvalidRequest when unsatisfiable."""
-    if byte_range is None:
-        return 0, size
-    first, last = byte_range
-    if first < 0 or first >= max(size, 1) or (last is not None and last < first):
-        raise InvalidRequest(f"range {first}-{last if last is not None else ''} is not satisfiable for {size} bytes")
-    end = size if last is None else min(last + 1, size)
-    return first, end
 
 
 def _read_range(handle: object, start: int, end: int, chunk_size: int) -> Iterator[bytes]:

@@ -26,7 +26,7 @@ def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 class StorageContract:
-    """Subclass and provide ``storage_backend``. Override ``supported_storage_classes`` if needed."""
+    """Subclass and provide ``storage_backend``; set ``other_storage_class`` to one class it supports."""
 
     #: A storage class the backend supports besides STANDARD, or None.
     other_storage_class: StorageClass | None = None

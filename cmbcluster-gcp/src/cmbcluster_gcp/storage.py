@@ -1,0 +1,716 @@
+"""Google Cloud Storage buckets as CMBCluster storage, mounted in pods by the gcsfuse CSI driver.
+
+Every bucket is private: uniform bucket-level access, public access prevention enforced, and
+access granted per user through bucket IAM (:meth:`GcsStorage.ensure_bucket_access`).
+Bucket metadata that the control plane needs back (owner, display name, storage class) lives
+in bucket labels; labels allow only lower-case letters, digits, '-' and '_', so the display
+name is stored base32-encoded (split over several labels when long) and round-trips exactly.
+
+This module is imported only when the ``gcp`` storage backend is selected, so google-cloud-*
+stays out of the control plane's import path otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import mimetypes
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import google.auth.exceptions as auth_exceptions
+from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from cmbcluster.errors import (
+    CmbclusterError,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    ProviderUnavailable,
+)
+from cmbcluster.interfaces import (
+    BucketInfo,
+    BucketOptions,
+    BucketUsage,
+    CloudIdentity,
+    MountRequest,
+    ObjectInfo,
+    ObjectPage,
+    StorageBackend,
+    StorageClass,
+    UserRef,
+    VolumeSpec,
+    resolve_byte_range,
+)
+from cmbcluster.naming import bucket_name, dns_label, validate_object_key, validate_object_prefix
+from cmbcluster_gcp.settings import GcpSettings
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: Resumable upload chunk: a multiple of 256 KiB. At most about two of these are held in memory.
+UPLOAD_CHUNK_SIZE = 8 * MiB
+#: Bytes fetched per ranged GET when downloading; handed out in the caller's ``chunk_size`` pieces.
+DOWNLOAD_FETCH_SIZE = 8 * MiB
+#: Objects per batch request (the JSON API's limit is 100 calls per batch).
+BATCH_SIZE = 100
+#: The largest page the JSON API returns.
+MAX_SERVER_PAGE = 1000
+MAX_PAGE_SIZE = 10_000
+CREATE_ATTEMPTS = 5
+
+CSI_DRIVER = "gcsfuse.csi.storage.gke.io"
+GCSFUSE_ANNOTATION = "gke-gcsfuse/volumes"
+#: Read and write objects (list, get, create, delete; no IAM or bucket administration).
+OBJECT_USER_ROLE = "roles/storage.objectUser"
+PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+#: Member forms ensure_bucket_access grants to: one identity, never a set of principals.
+GRANTABLE_MEMBER_PREFIXES = ("principal://", "serviceAccount:")
+
+LABEL_OWNER = "owner"
+LABEL_MANAGED_BY = "managed-by"
+LABEL_STORAGE_CLASS = "storage-class"
+LABEL_DISPLAY_NAME = "display-name"
+MANAGED_BY = "cmbcluster"
+MAX_DISPLAY_NAME_LABELS = 12  # 12 x 63 base32 characters: 472 bytes of UTF-8
+
+_TO_GCS_CLASS = {
+    StorageClass.STANDARD: "STANDARD",
+    StorageClass.INFREQUENT: "NEARLINE",
+    StorageClass.COLD: "COLDLINE",
+    StorageClass.ARCHIVE: "ARCHIVE",
+}
+_FROM_GCS_CLASS = {
+    **{gcs: portable for portable, gcs in _TO_GCS_CLASS.items()},
+    # Legacy classes behave like STANDARD.
+    "MULTI_REGIONAL": StorageClass.STANDARD,
+    "REGIONAL": StorageClass.STANDARD,
+    "DURABLE_REDUCED_AVAILABILITY": StorageClass.STANDARD,
+}
+
+# Bucket names as GCS allows them (dotted names may be up to 222 characters). Anything else
+# cannot exist, and must not reach a request path.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+# -- errors --------------------------------------------------------------------------------------
+def translate_error(exc: BaseException, what: str) -> CmbclusterError | None:
+    """The typed CMBCluster error for an error of the Google client stack, or None if not one.
+
+    The single place where google-api-core, google-auth, resumable-media and transport
+    (requests/urllib3) errors become :mod:`cmbcluster.errors`. ``what`` names the resource.
+    """
+    if isinstance(exc, CmbclusterError):
+        return exc
+    if isinstance(exc, api_exceptions.RetryError):
+        return ProviderUnavailable(
+            f"Google Cloud Storage did not answer for {what} (gave up after retrying)", detail=str(exc.cause)
+        )
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return error_for_status(exc.code or 500, what, detail=exc.message, response=exc.response)
+    if isinstance(exc, InvalidResponse):
+        # Resumable-media errors (uploads) carry the HTTP response: classify them by its status.
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return error_for_status(status, what, detail=str(exc), response=response)
+        return ProviderUnavailable(f"Google Cloud Storage gave an unexpected answer for {what}", detail=str(exc))
+    if isinstance(exc, auth_exceptions.DefaultCredentialsError):
+        return ProviderUnavailable("no Google Cloud credentials are configured", detail=str(exc))
+    if isinstance(exc, auth_exceptions.GoogleAuthError):  # TransportError, RefreshError, ...
+        return ProviderUnavailable("could not authenticate to Google Cloud", detail=str(exc))
+    if isinstance(exc, DataCorruption):
+        return ProviderUnavailable(f"data of {what} was corrupted in transit; try again", detail=str(exc))
+    if isinstance(exc, OSError):
+        # requests' ConnectionError/Timeout (RequestException is an OSError), urllib3 and socket errors.
+        return ProviderUnavailable(f"cannot reach Google Cloud Storage for {what}", detail=str(exc))
+    return None
+
+
+def error_for_status(status: int, what: str, *, detail: object = None, response: object = None) -> CmbclusterError:
+    """The typed error for an HTTP status answered by Google Cloud Storage about ``what``."""
+    if status == 404:
+        return NotFound(f"{what} not found", detail=detail)
+    if status in (409, 412):
+        return Conflict(f"{what} changed or conflicts with its current state", detail=detail)
+    if status == 401:
+        # Our own credentials were refused: an operator problem, not the caller's.
+        return ProviderUnavailable("Google Cloud Storage refused the control plane's credentials", detail=detail)
+    if status == 403:
+        return PermissionDenied(f"not allowed to access {what}", detail=detail)
+    if status == 429:
+        return LimitExceeded(
+            f"Google Cloud Storage is rate-limiting requests for {what}",
+            retry_after=_retry_after(response),
+            detail=detail,
+        )
+    if 400 <= status < 500:  # 400, 411, 416, ...
+        return InvalidRequest(f"Google Cloud Storage refused the request for {what}", detail=detail)
+    return ProviderUnavailable(f"Google Cloud Storage failed on {what} (HTTP {status})", detail=detail)
+
+
+def _retry_after(response: object) -> int | None:
+    headers = getattr(response, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(0, int(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def gcs_errors(what: str) -> Iterator[None]:
+    """Translate Google client errors raised inside the block (see :func:`translate_error`)."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = translate_error(exc, what)
+        if mapped is None or mapped is exc:
+            raise
+        raise mapped from exc
+
+
+# -- labels ---------------------------------------------------------------------------------------
+def encode_display_name(display_name: str) -> dict[str, str]:
+    """Labels holding ``display_name`` exactly: lower-case base32, 63 characters per label."""
+    encoded = base64.b32encode(display_name.encode("utf-8")).decode("ascii").rstrip("=").lower()
+    parts = [encoded[i : i + 63] for i in range(0, len(encoded), 63)] or [""]
+    if len(parts) > MAX_DISPLAY_NAME_LABELS:
+        raise InvalidRequest("the display name is too long")
+    return {(LABEL_DISPLAY_NAME if i == 0 else f"{LABEL_DISPLAY_NAME}-{i}"): part for i, part in enumerate(parts)}
+
+
+def decode_display_name(labels: dict[str, str]) -> str | None:
+    """The display name stored by :func:`encode_display_name`, or None if absent or damaged."""
+    if LABEL_DISPLAY_NAME not in labels:
+        return None
+    parts = [labels[LABEL_DISPLAY_NAME]]
+    while f"{LABEL_DISPLAY_NAME}-{len(parts)}" in labels:
+        parts.append(labels[f"{LABEL_DISPLAY_NAME}-{len(parts)}"])
+    encoded = "".join(parts).upper()
+    try:
+        return base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _is_display_name_label(key: str) -> bool:
+    return key == LABEL_DISPLAY_NAME or re.fullmatch(rf"{LABEL_DISPLAY_NAME}-\d+", key) is not None
+
+
+# -- the backend ----------------------------------------------------------------------------------
+class GcsStorage(StorageBackend):
+    """Buckets of one Google Cloud project.
+
+    ``retry_timeout`` bounds how long a call keeps retrying transient failures (5xx, 429,
+    connection errors) before it raises :class:`~cmbcluster.errors.ProviderUnavailable`.
+    """
+
+    def __init__(self, settings: GcpSettings, *, retry_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self._prefix = settings.user_bucket_prefix.rstrip("-") + "-"
+        self._location = settings.storage_location or settings.region
+        self._retry: Retry = DEFAULT_RETRY.with_timeout(retry_timeout)
+        try:
+            if settings.storage_emulator_host:
+                # A custom endpoint without auth: the client uses anonymous credentials.
+                self._client = storage.Client(
+                    project=settings.project_id,
+                    client_options={"api_endpoint": settings.storage_emulator_host},
+                    use_auth_w_custom_endpoint=False,
+                )
+            else:
+                self._client = storage.Client(project=settings.project_id)
+        except auth_exceptions.DefaultCredentialsError as exc:
+            raise ConfigurationError(
+                [
+                    f"no Google Cloud credentials found for the gcp storage backend ({exc}); "
+                    "run on GKE with Workload Identity or set GOOGLE_APPLICATION_CREDENTIALS"
+                ]
+            ) from exc
+
+    # -- buckets -------------------------------------------------------------------------------
+    def create_bucket(self, owner: UserRef, options: BucketOptions) -> BucketInfo:
+        gcs_class = _TO_GCS_CLASS.get(options.storage_class)
+        if gcs_class is None:
+            raise InvalidRequest(f"Google Cloud Storage has no {options.storage_class} storage class")
+        if not owner.id or not _LABEL_VALUE.match(owner.id):
+            raise InvalidRequest("the owner id must be 1-63 lower-case letters, digits, '-' or '_'")
+        versioning = True if options.versioning is None else options.versioning
+        labels = {
+            LABEL_OWNER: owner.id,
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_STORAGE_CLASS: str(options.storage_class),
+            **encode_display_name(options.display_name),
+        }
+
+        created = None
+        for _attempt in range(CREATE_ATTEMPTS):
+            name = bucket_name(self.settings.user_bucket_prefix, owner.id)
+            bucket = self._client.bucket(name)
+            self._configure(bucket, gcs_class, versioning, labels)
+            try:
+                with gcs_errors(f"new bucket {name}"):
+                    # No retry: a create whose answer was lost would come back as 409 and leave
+                    # a bucket behind under a name we then abandon.
+                    created = self._client.create_bucket(bucket, location=self._location, retry=None)
+                break
+            except Conflict:
+                logger.info("bucket name %s is taken; trying another", name)
+        if created is None:
+            raise Conflict("could not find a free bucket name; try again")
+
+        # Configuration is sent with the create, and again as a PATCH: some GCS emulators
+        # ignore everything but the name on create, and the PATCH is harmless on GCS itself.
+        patch = self._client.bucket(created.name)
+        try:
+            with gcs_errors(f"bucket {created.name}"):
+                self._configure(patch, gcs_class, versioning, labels)
+                patch.patch(retry=self._retry)
+        except BaseException:
+            logger.warning("configuring new bucket %s failed; deleting it", created.name)
+            with contextlib.suppress(Exception):
+                created.delete(retry=self._retry)
+            raise
+        return self._bucket_info(patch)
+
+    def _configure(self, bucket: Any, gcs_class: str, versioning: bool, labels: dict[str, str]) -> None:
+        bucket.storage_class = gcs_class
+        bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+        bucket.iam_configuration.public_access_prevention = "enforced"
+        bucket.versioning_enabled = versioning
+        kept = self.settings.noncurrent_versions_kept
+        if versioning and kept > 0:
+            # numNewerVersions counts the live version too: a noncurrent version goes once
+            # `kept` noncurrent versions and the live one are newer than it.
+            bucket.lifecycle_rules = [
+                {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": kept + 1}}
+            ]
+        else:
+            bucket.lifecycle_rules = []
+        bucket.labels = dict(labels)
+
+    def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
+        ref = self._bucket_ref(bucket)
+        what = f"bucket {bucket}"
+        if not force:
+            try:
+                with gcs_errors(what):
+                    ref.delete(retry=self._retry)
+            except Conflict:
+                raise Conflict(f"bucket {bucket} is not empty; delete its objects first or use force") from None
+            return
+        for _round in range(3):
+            self._delete_every_version(ref)
+            try:
+                with gcs_errors(what):
+                    ref.delete(retry=self._retry)
+                return
+            except Conflict:
+                # Something wrote to the bucket meanwhile (a running environment): go again.
+                continue
+        raise Conflict(f"bucket {bucket} keeps receiving objects; stop what writes to it and try again")
+
+    def _delete_every_version(self, ref: Any) -> None:
+        with gcs_errors(f"bucket {ref.name}"):
+            blobs = self._client.list_blobs(
+                ref, versions=True, fields="items(name,generation),nextPageToken", retry=self._retry
+            )
+            pending: list[tuple[str, int | None]] = []
+            for blob in blobs:
+                pending.append((blob.name, blob.generation))
+                if len(pending) >= BATCH_SIZE:
+                    self._delete_in_batch(ref, pending)
+                    pending = []
+            if pending:
+                self._delete_in_batch(ref, pending)
+
+    def _delete_in_batch(self, ref: Any, items: Sequence[tuple[str, int | None]]) -> None:
+        """Delete up to BATCH_SIZE objects (or object versions) in one request; missing ones are fine."""
+        what = f"objects of bucket {ref.name}"
+        with gcs_errors(what):
+            batch = self._client.batch(raise_exception=False)
+            with batch:
+                for name, generation in items:
+                    ref.delete_blob(name, generation=generation)
+        # google-cloud-storage keeps the per-call answers of a batch only in this attribute.
+        for response in getattr(batch, "_responses", None) or []:
+            status = int(response.status_code)
+            if not (200 <= status < 300 or status == 404):
+                raise error_for_status(status, what, detail=response.text[:500], response=response)
+
+    def get_bucket(self, bucket: str) -> BucketInfo:
+        ref = self._bucket_ref(bucket)
+        with gcs_errors(f"bucket {bucket}"):
+            ref.reload(retry=self._retry)
+        return self._bucket_info(ref)
+
+    def list_buckets(self, owner: UserRef) -> list[BucketInfo]:
+        infos = []
+        with gcs_errors("the project's buckets"):
+            # The prefix is only a hint: some emulators ignore it, so filter here as well.
+            for bucket in self._client.list_buckets(prefix=self._prefix, retry=self._retry):
+                labels = bucket.labels or {}
+                if (
+                    bucket.name.startswith(self._prefix)
+                    and labels.get(LABEL_OWNER) == owner.id
+                    and labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+                ):
+                    infos.append(self._bucket_info(bucket))
+        return sorted(infos, key=lambda i: (i.created_at, i.name))
+
+    def bucket_usage(self, bucket: str) -> BucketUsage:
+        """Live objects only (noncurrent versions are billed but not shown to users)."""
+        ref = self._bucket_ref(bucket)
+        size = count = 0
+        with gcs_errors(f"bucket {bucket}"):
+            for blob in self._client.list_blobs(ref, fields="items(size),nextPageToken", retry=self._retry):
+                size += int(blob.size or 0)
+                count += 1
+        return BucketUsage(size_bytes=size, object_count=count)
+
+    def volume_spec(self, request: MountRequest) -> VolumeSpec:
+        if not _BUCKET_NAME.match(request.bucket):
+            raise InvalidRequest(f"{request.bucket!r} is not a bucket name")
+        if not request.mount_path.startswith("/") or ".." in request.mount_path.split("/"):
+            raise InvalidRequest("the mount path must be absolute, without '..'")
+        for label, value in (("uid", request.uid), ("gid", request.gid)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidRequest(f"{label} must be a non-negative integer")
+        options = [
+            "implicit-dirs",
+            f"uid={request.uid}",
+            f"gid={request.gid}",
+            "file-mode=0664",
+            "dir-mode=0775",
+        ]
+        if request.subpath:
+            subpath = validate_object_key(request.subpath.strip("/"))
+            if "," in subpath or "=" in subpath:
+                # They would end or inject gcsfuse mount options.
+                raise InvalidRequest("the subpath must not contain ',' or '='")
+            options.append(f"only-dir={subpath}")
+        name = _volume_name(request.bucket, request.subpath)
+        return VolumeSpec(
+            volume={
+                "name": name,
+                "csi": {
+                    "driver": CSI_DRIVER,
+                    "readOnly": request.read_only,
+                    "volumeAttributes": {"bucketName": request.bucket, "mountOptions": ",".join(options)},
+                },
+            },
+            mount={"name": name, "mountPath": request.mount_path, "readOnly": request.read_only},
+            pod_annotations={GCSFUSE_ANNOTATION: "true"},
+        )
+
+    def ensure_bucket_access(self, bucket: str, identity: CloudIdentity) -> None:
+        member = identity.principal
+        if member in PUBLIC_MEMBERS or not member.startswith(GRANTABLE_MEMBER_PREFIXES) or len(member) < 16:
+            raise InvalidRequest(
+                f"bucket access is granted to one identity ({' or '.join(GRANTABLE_MEMBER_PREFIXES)}...), "
+                f"not {member!r}"
+            )
+        ref = self._bucket_ref(bucket)
+        what = f"IAM policy of bucket {bucket}"
+        for _attempt in range(3):
+            with gcs_errors(what):
+                policy = ref.get_iam_policy(requested_policy_version=3, retry=self._retry)
+            bindings = [dict(b) for b in policy.bindings]
+            # Bindings on other roles keep their members, except public ones.
+            wanted: list[dict[str, Any]] = []
+            for b in bindings:
+                if b.get("role") == OBJECT_USER_ROLE:
+                    continue
+                members = {m for m in (b.get("members") or ()) if m not in PUBLIC_MEMBERS}
+                if members:
+                    wanted.append({**b, "members": members})
+            wanted.append({"role": OBJECT_USER_ROLE, "members": {member}})
+            if _canonical_bindings(wanted) == _canonical_bindings(bindings):
+                return
+            policy.bindings = wanted
+            if any("condition" in b for b in wanted):
+                policy.version = 3
+            try:
+                with gcs_errors(what):
+                    # The policy carries the etag we read: a concurrent change answers 412.
+                    ref.set_iam_policy(policy, retry=None)
+                return
+            except Conflict:
+                continue
+        raise Conflict(f"the IAM policy of bucket {bucket} keeps changing; try again")
+
+    # -- objects -------------------------------------------------------------------------------
+    def list_objects(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        delimiter: str | None = "/",
+        page_token: str | None = None,
+        page_size: int = 1000,
+    ) -> ObjectPage:
+        ref = self._bucket_ref(bucket)
+        validate_object_prefix(prefix)
+        if delimiter not in (None, "/"):
+            raise InvalidRequest("objects are listed with delimiter '/' or none")
+        if isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        server_token, after = _decode_page_token(page_token)
+
+        with gcs_errors(f"bucket {bucket}"):
+            iterator = self._client.list_blobs(
+                ref,
+                prefix=prefix or None,
+                delimiter=delimiter,
+                max_results=min(page_size, MAX_SERVER_PAGE),
+                page_token=server_token,
+                retry=self._retry,
+            )
+            page = next(iterator.pages, None)
+            blobs = list(page) if page is not None else []
+            prefixes = list(page.prefixes) if page is not None else []
+            server_next = iterator.next_page_token
+
+        entries: list[tuple[str, Any]] = sorted(
+            [(blob.name, blob) for blob in blobs] + [(p, None) for p in prefixes], key=lambda e: e[0]
+        )
+        if after is not None:
+            entries = [e for e in entries if e[0] > after]
+        taken = entries[:page_size]
+        if len(entries) > page_size:
+            # The server sent more than asked for (emulators ignore maxResults): carry on from
+            # the last entry returned, within the same server page.
+            next_token: str | None = _encode_page_token(server_token, taken[-1][0])
+        elif server_next:
+            next_token = _encode_page_token(server_next, None)
+        else:
+            next_token = None
+        return ObjectPage(
+            objects=[_object_info(blob) for _key, blob in taken if blob is not None],
+            prefixes=[key for key, blob in taken if blob is None],
+            next_token=next_token,
+        )
+
+    def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        return _object_info(self._get_blob(bucket, key))
+
+    def upload_object(
+        self,
+        bucket: str,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        ref = self._bucket_ref(bucket)
+        validate_object_key(key)
+        what = f"object {key} in bucket {bucket}"
+        content_type = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+        blob = ref.blob(key)
+
+        # Up to one upload chunk is gathered first: an object that fits is sent in a single
+        # request, which creates it whole or not at all. A failing source raises from here with
+        # nothing sent.
+        source = iter(chunks)
+        head = bytearray()
+        for chunk in source:
+            head += chunk
+            if len(head) >= UPLOAD_CHUNK_SIZE:
+                break
+        else:
+            with gcs_errors(what):
+                blob.upload_from_string(bytes(head), content_type=content_type, retry=self._retry)
+            return _object_info(blob)
+
+        # Larger objects go as a resumable upload in UPLOAD_CHUNK_SIZE pieces: the object exists
+        # only once close() sends the final piece, so on any failure the session is cancelled
+        # instead, and the previous version of the object (if any) stays as it was.
+        writer = blob.open("wb", chunk_size=UPLOAD_CHUNK_SIZE, content_type=content_type, retry=self._retry)
+        try:
+            with gcs_errors(what):
+                writer.write(head)
+            del head
+            for chunk in source:
+                if chunk:
+                    with gcs_errors(what):
+                        writer.write(chunk)
+            with gcs_errors(what):
+                writer.close()
+        except BaseException:
+            _abort_upload(writer, what)
+            raise
+        with gcs_errors(what):
+            blob.reload(retry=self._retry)
+        return _object_info(blob)
+
+    def download_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: tuple[int, int | None] | None = None,
+        chunk_size: int = 1024 * 1024,
+    ) -> Iterator[bytes]:
+        if isinstance(chunk_size, bool) or chunk_size < 1:
+            raise InvalidRequest("chunk_size must be positive")
+        blob = self._get_blob(bucket, key)  # NotFound here, before any byte is produced
+        size = int(blob.size or 0)
+        start, end = resolve_byte_range(byte_range, size)
+        # Pin the generation we looked at, so a concurrent overwrite cannot splice two versions.
+        pinned = blob.bucket.blob(blob.name, generation=blob.generation)
+        return self._stream(pinned, start, end, chunk_size, f"object {key} in bucket {bucket}")
+
+    def _stream(self, blob: Any, start: int, end: int, chunk_size: int, what: str) -> Iterator[bytes]:
+        fetch = max(chunk_size, DOWNLOAD_FETCH_SIZE // chunk_size * chunk_size)
+        position = start
+        while position < end:
+            last = min(position + fetch, end) - 1
+            with gcs_errors(what):
+                data = blob.download_as_bytes(
+                    start=position, end=last, raw_download=True, checksum=None, retry=self._retry
+                )
+            if not data:
+                raise ProviderUnavailable(f"{what} ended early at byte {position} of {end}")
+            view = memoryview(data)
+            for offset in range(0, len(data), chunk_size):
+                yield bytes(view[offset : offset + chunk_size])
+            position += len(data)
+
+    def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        ref = self._bucket_ref(bucket)
+        unique = list(dict.fromkeys(validate_object_key(key) for key in keys))
+        if not unique:
+            return
+        with gcs_errors(f"bucket {bucket}"):
+            ref.reload(retry=self._retry)  # a missing bucket is NotFound, not silently "deleted"
+        for start in range(0, len(unique), BATCH_SIZE):
+            self._delete_in_batch(ref, [(key, None) for key in unique[start : start + BATCH_SIZE]])
+
+    # -- operations ------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        try:
+            pages = self._client.list_buckets(max_results=1, retry=None, timeout=5.0).pages
+            next(pages, None)
+        except Exception as exc:
+            mapped = translate_error(exc, "a bucket listing")
+            if mapped is None:
+                raise
+            raise ProviderUnavailable(f"Google Cloud Storage is not ready: {mapped.message}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _bucket_ref(self, bucket: str) -> Any:
+        if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
+            raise NotFound(f"bucket {bucket} not found")
+        return self._client.bucket(bucket)
+
+    def _get_blob(self, bucket: str, key: str) -> Any:
+        ref = self._bucket_ref(bucket)
+        validate_object_key(key)
+        with gcs_errors(f"object {key} in bucket {bucket}"):
+            blob = ref.get_blob(key, retry=self._retry)
+        if blob is None:  # get_blob answers None for a missing object or bucket
+            raise NotFound(f"object {key} in bucket {bucket} not found")
+        return blob
+
+    def _bucket_info(self, bucket: Any) -> BucketInfo:
+        labels: dict[str, str] = dict(bucket.labels or {})
+        storage_class = _FROM_GCS_CLASS.get(str(bucket.storage_class or "STANDARD").upper())
+        if storage_class is None:
+            recorded = labels.get(LABEL_STORAGE_CLASS, "")
+            storage_class = StorageClass(recorded) if recorded in set(StorageClass) else StorageClass.STANDARD
+        display_name = decode_display_name(labels)
+        return BucketInfo(
+            name=bucket.name,
+            owner_id=labels.get(LABEL_OWNER, ""),
+            display_name=display_name if display_name is not None else bucket.name,
+            storage_class=storage_class,
+            created_at=bucket.time_created or _EPOCH,
+            location=bucket.location or "",
+            versioning=bool(bucket.versioning_enabled),
+            labels={k: v for k, v in labels.items() if not _is_display_name_label(k)},
+        )
+
+
+# -- module helpers ---------------------------------------------------------------------------------
+def _abort_upload(writer: Any, what: str) -> None:
+    """Cancel a resumable upload; never hides the original error.
+
+    What keeps the object from being created is that the final chunk is never sent (close() is
+    not called); cancelling the session only frees it early (GCS reaps unfinished ones after a week).
+    """
+    terminate = getattr(writer, "terminate", None)  # BlobWriter.terminate: google-cloud-storage 3.0+
+    if terminate is None:
+        return
+    try:
+        terminate()
+    except Exception:
+        logger.warning("could not cancel the upload session of %s", what, exc_info=True)
+
+
+def _object_info(blob: Any) -> ObjectInfo:
+    return ObjectInfo(
+        key=blob.name,
+        size=int(blob.size or 0),
+        last_modified=blob.updated or blob.time_created or _EPOCH,
+        etag=blob.etag or "",
+        content_type=blob.content_type or "application/octet-stream",
+    )
+
+
+def _encode_page_token(server_token: str | None, after: str | None) -> str:
+    raw = json.dumps({"s": server_token, "a": after}, separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _decode_page_token(token: str | None) -> tuple[str | None, str | None]:
+    if not token:
+        return None, None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        server, after = data["s"], data["a"]
+        if not (server is None or isinstance(server, str)) or not (after is None or isinstance(after, str)):
+            raise ValueError(token)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidRequest("invalid page token") from None
+    return server, after
+
+
+def _canonical_bindings(bindings: Iterable[dict[str, Any]]) -> list[tuple[str, tuple[str, ...], str]]:
+    return sorted(
+        (
+            str(b.get("role")),
+            tuple(sorted(b.get("members") or ())),
+            json.dumps(b.get("condition"), sort_keys=True) if b.get("condition") else "",
+        )
+        for b in bindings
+    )
+
+
+def _volume_name(bucket: str, subpath: str) -> str:
+    """A pod-unique volume name: one per bucket and subpath, at most 63 characters."""
+    raw = f"gcs-{bucket}"
+    if subpath:
+        raw += "-" + hashlib.sha256(subpath.encode("utf-8")).hexdigest()[:8]
+    if len(raw) > 63:
+        raw = raw[:54] + "-" + hashlib.sha256(f"{bucket}/{subpath}".encode()).hexdigest()[:8]
+    return dns_label(raw)
