@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import clean_environ
 
 
@@ -34,3 +35,19 @@ def app(settings: CoreSettings) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def admin(client: TestClient) -> dict[str, str]:
+    """The first user to sign in, hence an admin: Authorization headers."""
+    return dev_sign_in(client, "ada@example.org", "Ada Lovelace")
+
+
+@pytest.fixture
+def alice(client: TestClient, admin: dict[str, str]) -> dict[str, str]:
+    return dev_sign_in(client, "alice@example.org", "Alice")
+
+
+@pytest.fixture
+def bob(client: TestClient, admin: dict[str, str]) -> dict[str, str]:
+    return dev_sign_in(client, "bob@example.org", "Bob")

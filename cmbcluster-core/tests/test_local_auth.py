@@ -26,7 +26,7 @@ def test_code_flow_with_pkce_and_nonce(provider: DevLoginProvider) -> None:
     url = provider.authorization_url(
         AuthorizationRequest(redirect_uri="http://127.0.0.1/cb", state="st", nonce="n1", code_challenge="cc")
     )
-    assert url.startswith("/api/v1/auth/local/login?") and "state=st" in url and "code_challenge=cc" in url
+    assert url.startswith("/api/v1/auth/local/form?") and "state=st" in url and "code_challenge=cc" in url
     code = provider.issue_code(email="ada@example.org", name="Ada", nonce="n1", code_challenge=pkce_challenge(VERIFIER))
     tokens = provider.exchange_code(code, redirect_uri="http://127.0.0.1/cb", code_verifier=VERIFIER)
     assert tokens.id_token is not None

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
 from cmbcluster.api.errors import install_error_handlers
-from cmbcluster.api.routes import health, plugins
+from cmbcluster.api.routes import admin, applications, auth, environments, health, plugins, storages, user_settings
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
@@ -61,6 +61,8 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     app.include_router(health.router)
     app.include_router(plugins.router)
+    for module in (auth, applications, environments, storages, user_settings, admin):
+        app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from cmbcluster.errors import CmbclusterError, ConfigurationError
 from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
 from cmbcluster.observability import Metrics
 from cmbcluster.registrations import Registration
+from cmbcluster.security import secret_key
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ class AppContext:
     infra: InfraProvider
     auth: dict[str, AuthProvider]
     metrics: Metrics
+    secret_key: bytes
+
+    @property
+    def session_ttl(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.config.core.session_ttl_hours)
+
+    @property
+    def refresh_ttl(self) -> dt.timedelta:
+        return dt.timedelta(days=self.config.core.refresh_ttl_days)
 
     def providers(self) -> Iterator[tuple[str, str, Any]]:
         """(concern, name, instance) of every active provider."""
@@ -78,4 +89,5 @@ def build_context(config: ResolvedConfig) -> AppContext:
         infra=_build(config, config.infra),
         auth={registration.name: _build(config, registration) for registration in config.auth},
         metrics=metrics,
+        secret_key=secret_key(config.core),
     )

@@ -36,7 +36,7 @@ from cmbcluster.registrations import (
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "cmbcluster"
-BUILTIN_PLUGINS = {"local": "cmbcluster.local.plugin"}
+BUILTIN_PLUGINS = {"local": "cmbcluster.local.plugin", "oidc": "cmbcluster.oidc.plugin"}
 
 R = TypeVar("R", bound=Registration[Any])
 Concern = Literal["storage", "auth", "infra", "compute"]

@@ -33,3 +33,49 @@ def secret_key(settings: CoreSettings) -> bytes:
     with os.fdopen(fd, "wb") as out:
         out.write(value)
     return value
+
+
+class Sealer:
+    """Authenticated encryption (AES-256-GCM) with a key derived for one purpose.
+
+    Used for secret files at rest and for the short-lived sign-in state cookie; separate
+    purposes get separate keys (HKDF), so one can never be replayed as the other.
+    """
+
+    def __init__(self, key: bytes, purpose: str) -> None:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"cmbcluster:{purpose}".encode()).derive(
+            key
+        )
+        self._aead = AESGCM(derived)
+        self._purpose = purpose.encode()
+
+    def seal(self, plaintext: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext, self._purpose)
+
+    def unseal(self, sealed: bytes) -> bytes:
+        """The plaintext, or ValueError when the data was tampered with or sealed with another key."""
+        from cryptography.exceptions import InvalidTag
+
+        if len(sealed) < 13:
+            raise ValueError("sealed data is too short")
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], self._purpose)
+        except InvalidTag:
+            raise ValueError("sealed data was tampered with or sealed with another key") from None
+
+
+def token_hash(token: str) -> str:
+    """How tokens are stored: SHA-256 (tokens are 256-bit random, so no salt or slow hash is needed)."""
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    """A random bearer token whose prefix says what it is (``cmbs_`` session, ``cmbt_`` API token...)."""
+    return f"{prefix}_{secrets.token_urlsafe(32)}"

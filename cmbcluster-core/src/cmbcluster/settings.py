@@ -86,6 +86,54 @@ class CoreSettings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field(default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"))
 
+    # -- sign-in -------------------------------------------------------------------------------
+    session_ttl_hours: float = Field(default=12, gt=0, validation_alias=_aliases("CMBCLUSTER_SESSION_TTL_HOURS"))
+    refresh_ttl_days: float = Field(default=30, gt=0, validation_alias=_aliases("CMBCLUSTER_REFRESH_TTL_DAYS"))
+    login_attempts_per_minute: int = Field(
+        default=30, ge=1, validation_alias=_aliases("CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE"),
+        description="Sign-in attempts allowed per client address and minute.",
+    )  # fmt: skip
+
+    # -- environments ----------------------------------------------------------------------------
+    max_environments_per_user: int = Field(
+        default=3, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_ENVIRONMENTS_PER_USER"),
+        description="Running (or starting) environments one user may have.",
+    )  # fmt: skip
+    max_concurrent_starts: int = Field(
+        default=20, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_CONCURRENT_STARTS"),
+        description="Environments starting at once across the whole server; more are answered 429.",
+    )  # fmt: skip
+    start_timeout_seconds: int = Field(
+        default=600, ge=10, validation_alias=_aliases("CMBCLUSTER_START_TIMEOUT_SECONDS")
+    )
+    idle_timeout_minutes: int = Field(
+        default=120, ge=0, validation_alias=_aliases("CMBCLUSTER_IDLE_TIMEOUT_MINUTES"),
+        description="Stop an environment without activity for this long; 0 never.",
+    )  # fmt: skip
+    max_uptime_hours: float = Field(
+        default=24, ge=0, validation_alias=_aliases("CMBCLUSTER_MAX_UPTIME_HOURS"),
+        description="Stop an environment after this long; 0 never. Admins can set it per user.",
+    )  # fmt: skip
+    shutdown_warning_minutes: int = Field(
+        default=15, ge=0, validation_alias=_aliases("CMBCLUSTER_SHUTDOWN_WARNING_MINUTES"),
+        description="How long before an automatic stop the user is warned.",
+    )  # fmt: skip
+    reconcile_interval_seconds: float = Field(
+        default=15, gt=0, validation_alias=_aliases("CMBCLUSTER_RECONCILE_INTERVAL_SECONDS")
+    )
+    max_cpu: float = Field(default=8, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_CPU"))
+    max_memory_mib: int = Field(default=32768, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_MEMORY_MIB"))
+
+    # -- storage and user settings ---------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        default=50 * 1024**3, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_UPLOAD_BYTES"),
+        description="Largest object one upload may write.",
+    )  # fmt: skip
+    max_buckets_per_user: int = Field(default=10, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_BUCKETS_PER_USER"))
+    max_secret_file_bytes: int = Field(
+        default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
+    )
+
     @field_validator("auth_providers", "admin_emails", "plugins_allow", "plugins_block", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from cmbcluster.context import AppContext
+from cmbcluster.db.models import User
+from cmbcluster.errors import AuthenticationFailed, PermissionDenied
+from cmbcluster.services import sessions
+
+SESSION_COOKIE = "cmbcluster_session"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_context(request: Request) -> AppContext:
@@ -25,3 +34,68 @@ def get_db(context: Context) -> Iterator[Session]:
 
 
 DbSession = Annotated[Session, Depends(get_db)]
+
+# Declared as security schemes so the OpenAPI document (and its generated client) knows both ways in.
+_bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")
+_cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The browser's session cookie")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: the user, and the session id when signed in through a session."""
+
+    user: User
+    session_id: str | None
+    via_cookie: bool
+
+
+def get_principal(
+    request: Request,
+    db: DbSession,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    cookie: Annotated[str | None, Depends(_cookie)],
+) -> Principal:
+    if bearer is not None:
+        token, via_cookie = bearer.credentials, False
+    elif cookie:
+        token, via_cookie = cookie, True
+        _check_same_origin(request)
+    else:
+        raise AuthenticationFailed("sign in first: no session cookie or bearer token")
+    user, session_id = sessions.authenticate(db, token)
+    return Principal(user=user, session_id=session_id, via_cookie=via_cookie)
+
+
+def _check_same_origin(request: Request) -> None:
+    """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite)."""
+    if request.method in SAFE_METHODS:
+        return
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return  # not a browser-initiated cross-site request: browsers send Origin on those
+    host = request.headers.get("host", "")
+    if urlsplit(origin).netloc != host:
+        raise PermissionDenied("cross-site request refused")
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def get_user(principal: CurrentPrincipal) -> User:
+    return principal.user
+
+
+CurrentUser = Annotated[User, Depends(get_user)]
+
+
+def get_admin(user: CurrentUser) -> User:
+    if user.role != "admin":
+        raise PermissionDenied("administrators only")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin)]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

@@ -124,6 +124,10 @@ class Storage(Base):
     storage_class: Mapped[str] = mapped_column(String(20), default="standard")
     status: Mapped[str] = mapped_column(String(20), default="active")  # creating | active | deleting
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Usage is costly to compute on a cloud bucket (a full listing): cached, refreshed when stale.
+    usage_bytes: Mapped[int | None] = mapped_column(default=None)
+    usage_objects: Mapped[int | None] = mapped_column(default=None)
+    usage_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Environment(Base):
@@ -144,6 +148,7 @@ class Environment(Base):
     cpu: Mapped[float] = mapped_column(default=1.0)
     memory_mib: Mapped[int] = mapped_column(Integer, default=2048)
     preset: Mapped[str] = mapped_column(String(40), default="standard")
+    env: Mapped[dict[str, Any]] = mapped_column(default=dict)  # this environment's own variables
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(default=None)
@@ -171,6 +176,16 @@ class StartSlot(Base):
     environment_id: Mapped[str] = mapped_column(ForeignKey("environments.id", ondelete="CASCADE"), primary_key=True)
     acquired_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime]
+
+
+class RateLimit(Base):
+    """A fixed-window counter (sign-in attempts per client), shared by every replica."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    window_start: Mapped[dt.datetime]
+    count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class EnvVar(Base):

@@ -23,7 +23,7 @@ from cmbcluster.interfaces import AuthorizationRequest, AuthProvider, TokenSet, 
 ISSUER = "cmbcluster-local"
 CODE_TTL = 120
 TOKEN_TTL = 300
-LOGIN_PATH = "/api/v1/auth/local/login"
+FORM_PATH = "/api/v1/auth/local/form"
 
 
 def pkce_challenge(verifier: str) -> str:
@@ -48,7 +48,7 @@ class DevLoginProvider(AuthProvider):
                 "code_challenge_method": request.code_challenge_method,
             }
         )
-        return f"{LOGIN_PATH}?{query}"
+        return f"{FORM_PATH}?{query}"
 
     def issue_code(self, *, email: str, name: str, nonce: str, code_challenge: str) -> str:
         """What the login form returns to the callback after the person typed an address."""

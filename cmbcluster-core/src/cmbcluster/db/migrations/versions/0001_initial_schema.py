@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 12:40:06.198940
+Create Date: 2026-11-26 12:50:27.426428
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def upgrade() -> None:
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_events_at'), ['at'], unique=False)
 
+    op.create_table('rate_limits',
+    sa.Column('key', sa.String(length=200), nullable=False),
+    sa.Column('window_start', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('count', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('key')
+    )
     op.create_table('users',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('email', sa.String(length=320), nullable=False),
@@ -121,6 +127,7 @@ def upgrade() -> None:
     sa.Column('cpu', sa.Double(), nullable=False),
     sa.Column('memory_mib', sa.Integer(), nullable=False),
     sa.Column('preset', sa.String(length=40), nullable=False),
+    sa.Column('env', sa.JSON(), nullable=False),
     sa.Column('created_at', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('started_at', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('stopped_at', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=True),
@@ -173,6 +180,9 @@ def upgrade() -> None:
     sa.Column('storage_class', sa.String(length=20), nullable=False),
     sa.Column('status', sa.String(length=20), nullable=False),
     sa.Column('created_at', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('usage_bytes', sa.Integer(), nullable=True),
+    sa.Column('usage_objects', sa.Integer(), nullable=True),
+    sa.Column('usage_at', cmbcluster.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('bucket_name')
@@ -227,6 +237,7 @@ def downgrade() -> None:
 
     op.drop_table('activity')
     op.drop_table('users')
+    op.drop_table('rate_limits')
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_audit_events_at'))
 

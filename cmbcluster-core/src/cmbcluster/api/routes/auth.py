@@ -1,0 +1,321 @@
+"""Sign-in: provider list, the OIDC code flow (PKCE, nonce), token exchange, refresh, sign-out."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import secrets
+import time
+from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
+
+from fastapi import APIRouter, Form, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
+from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound
+from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
+from cmbcluster.local.auth import DevLoginProvider, pkce_challenge
+from cmbcluster.security import Sealer
+from cmbcluster.services import ratelimit, sessions, users
+
+router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+
+LOGIN_COOKIE = "cmbcluster_login"
+LOGIN_TTL_SECONDS = 600
+
+
+class ProviderOut(BaseModel):
+    name: str
+    display_name: str
+    login_url: str
+    kind: str = Field(description="'oidc' for a redirect to an identity provider, 'development' for the local form")
+
+
+class ProvidersOut(BaseModel):
+    providers: list[ProviderOut]
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    name: str
+    role: str
+    status: str
+    created_at: dt.datetime
+    last_login_at: dt.datetime | None
+
+
+class SessionOut(BaseModel):
+    token: str = Field(description="Send as 'Authorization: Bearer <token>'")
+    refresh_token: str
+    expires_at: dt.datetime
+    user: UserOut
+
+
+class ExchangeIn(BaseModel):
+    provider: str = Field(min_length=1, max_length=40)
+    token: str = Field(min_length=1, max_length=16384, description="An ID token issued by that provider")
+
+
+class RefreshIn(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=200)
+
+
+def user_out(user: Any) -> UserOut:
+    return UserOut.model_validate(user, from_attributes=True)
+
+
+def _provider(context: Context, name: str) -> AuthProvider:
+    provider = context.auth.get(name)
+    if provider is None:
+        raise NotFound(f"no enabled sign-in provider named {name!r}")
+    return provider
+
+
+def _callback_url(request: Request, context: Context, provider: str) -> str:
+    base = context.config.core.public_url or str(request.base_url)
+    return f"{base.rstrip('/')}/api/v1/auth/{provider}/callback"
+
+
+def _safe_next(next_path: str | None) -> str:
+    """Only same-site relative paths: never an open redirect."""
+    if not next_path or not next_path.startswith("/") or next_path.startswith("//") or "\\" in next_path:
+        return "/"
+    return next_path
+
+
+def _sealer(context: Context) -> Sealer:
+    return Sealer(context.secret_key, "login-state")
+
+
+def _secure(request: Request, context: Context) -> bool:
+    public = context.config.core.public_url
+    return (public or str(request.base_url)).startswith("https://")
+
+
+def _set_session_cookie(response: Response, request: Request, context: Context, issued: sessions.IssuedSession) -> None:
+    max_age = max(1, int((issued.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
+    response.set_cookie(
+        SESSION_COOKIE, issued.token, max_age=max_age, httponly=True, samesite="lax",
+        secure=_secure(request, context), path="/",
+    )  # fmt: skip
+
+
+def _rate_limit(db: DbSession, request: Request, context: Context) -> None:
+    ratelimit.hit(
+        db, f"sign-in:{client_address(request)}", limit=context.config.core.login_attempts_per_minute,
+        what="sign-in attempts",
+    )  # fmt: skip
+
+
+@router.get("/providers", response_model=ProvidersOut, summary="The sign-in providers enabled on this server")
+def list_providers(context: Context) -> ProvidersOut:
+    return ProvidersOut(
+        providers=[
+            ProviderOut(
+                name=name,
+                display_name=provider.display_name or name,
+                login_url=f"/api/v1/auth/{name}/login",
+                kind="development" if isinstance(provider, DevLoginProvider) else "oidc",
+            )
+            for name, provider in context.auth.items()
+        ]
+    )
+
+
+@router.get("/{provider}/login", summary="Start signing in: redirects to the identity provider")
+def login(
+    provider: str, request: Request, context: Context, db: DbSession, next: Annotated[str | None, Query()] = None
+) -> RedirectResponse:
+    auth = _provider(context, provider)
+    _rate_limit(db, request, context)
+    state, nonce, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(24), secrets.token_urlsafe(48)
+    redirect_uri = _callback_url(request, context, provider)
+    url = auth.authorization_url(
+        AuthorizationRequest(
+            redirect_uri=redirect_uri, state=state, nonce=nonce, code_challenge=pkce_challenge(verifier)
+        )
+    )
+    sealed = _sealer(context).seal(
+        json.dumps(
+            {
+                "p": provider,
+                "s": state,
+                "n": nonce,
+                "v": verifier,
+                "next": _safe_next(next),
+                "exp": time.time() + LOGIN_TTL_SECONDS,
+            }
+        ).encode()
+    )
+    response = RedirectResponse(url, status_code=303)
+    response.set_cookie(
+        LOGIN_COOKIE, base64.urlsafe_b64encode(sealed).decode(), max_age=LOGIN_TTL_SECONDS, httponly=True,
+        samesite="lax", secure=_secure(request, context), path="/api/v1/auth",
+    )  # fmt: skip
+    return response
+
+
+@router.get("/{provider}/callback", summary="Where the identity provider sends the browser back")
+async def callback(
+    provider: str,
+    request: Request,
+    context: Context,
+    db: DbSession,
+    code: Annotated[str | None, Query(max_length=4096)] = None,
+    state: Annotated[str | None, Query(max_length=200)] = None,
+    error: Annotated[str | None, Query(max_length=200)] = None,
+) -> RedirectResponse:
+    auth = _provider(context, provider)
+    await run_in_threadpool(_rate_limit, db, request, context)
+    if error:
+        raise AuthenticationFailed(f"the identity provider reported: {error}")
+    if not code or not state:
+        raise InvalidRequest("the callback needs 'code' and 'state'")
+    login_state = _read_login_state(request, context)
+    if login_state.get("p") != provider or not secrets.compare_digest(str(login_state.get("s")), state):
+        raise AuthenticationFailed("sign-in state does not match; start again")
+    redirect_uri = _callback_url(request, context, provider)
+    tokens = await run_in_threadpool(
+        auth.exchange_code, code, redirect_uri=redirect_uri, code_verifier=login_state["v"]
+    )
+    if not tokens.id_token:
+        raise AuthenticationFailed("the identity provider returned no ID token")
+    claims = await run_in_threadpool(auth.validate_token, tokens.id_token, nonce=login_state["n"])
+    info = auth.user_info(claims)
+    user = await run_in_threadpool(users.sign_in, db, info, admin_emails=context.config.core.admin_emails)
+    issued = sessions.create_session(
+        db, user, ttl=context.session_ttl, user_agent=request.headers.get("user-agent", "")
+    )
+    response = RedirectResponse(login_state.get("next") or "/", status_code=303)
+    _set_session_cookie(response, request, context, issued)
+    response.delete_cookie(LOGIN_COOKIE, path="/api/v1/auth")
+    return response
+
+
+def _read_login_state(request: Request, context: Context) -> dict[str, Any]:
+    raw = request.cookies.get(LOGIN_COOKIE)
+    if not raw:
+        raise AuthenticationFailed("no sign-in in progress in this browser; start again")
+    try:
+        data: dict[str, Any] = json.loads(_sealer(context).unseal(base64.urlsafe_b64decode(raw.encode())))
+    except (ValueError, UnicodeError):
+        raise AuthenticationFailed("the sign-in state was tampered with; start again") from None
+    if float(data.get("exp", 0)) < time.time():
+        raise AuthenticationFailed("the sign-in took too long; start again")
+    return data
+
+
+# -- the development sign-in form (the `local` provider) ---------------------------------------
+DEV_FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Development sign-in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}
+label{{display:block;margin:.8rem 0 .2rem}}input{{width:100%;padding:.5rem;font-size:1rem}}
+button{{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}}.note{{color:#555;font-size:.9rem}}</style></head>
+<body><main><h1>Development sign-in</h1>
+<p class="note">This server runs the embedded default: anyone who reaches it may choose who to be.
+Configure a real identity provider before letting others in.</p>
+<form method="post">{hidden}
+<label for="email">E-mail address</label><input id="email" name="email" type="email" required autofocus>
+<label for="name">Name (optional)</label><input id="name" name="name" type="text" maxlength="200">
+<button type="submit">Sign in</button></form></main></body></html>"""
+
+
+def _dev_provider(context: Context) -> DevLoginProvider:
+    provider = context.auth.get("local")
+    if not isinstance(provider, DevLoginProvider):
+        raise NotFound("the development sign-in is not enabled on this server")
+    return provider
+
+
+def _check_redirect(request: Request, context: Context, redirect_uri: str) -> None:
+    if redirect_uri != _callback_url(request, context, "local"):
+        raise InvalidRequest("redirect_uri is not this server's callback")
+    if urlsplit(redirect_uri).scheme not in ("http", "https"):
+        raise InvalidRequest("invalid redirect_uri")
+
+
+@router.get("/local/form", response_class=HTMLResponse, include_in_schema=False)
+def dev_form(
+    request: Request,
+    context: Context,
+    redirect_uri: Annotated[str, Query(max_length=500)],
+    state: Annotated[str, Query(max_length=200)],
+    nonce: Annotated[str, Query(max_length=200)],
+    code_challenge: Annotated[str, Query(max_length=200)],
+) -> HTMLResponse:
+    _dev_provider(context)
+    _check_redirect(request, context, redirect_uri)
+    fields = {"redirect_uri": redirect_uri, "state": state, "nonce": nonce, "code_challenge": code_challenge}
+    hidden = "".join(
+        f'<input type="hidden" name="{k}" value="{html.escape(v, quote=True)}">' for k, v in fields.items()
+    )
+    return HTMLResponse(DEV_FORM.format(hidden=hidden))
+
+
+@router.post("/local/form", include_in_schema=False)
+def dev_form_submit(
+    request: Request,
+    context: Context,
+    db: DbSession,
+    email: Annotated[str, Form(max_length=320)],
+    redirect_uri: Annotated[str, Form(max_length=500)],
+    state: Annotated[str, Form(max_length=200)],
+    nonce: Annotated[str, Form(max_length=200)],
+    code_challenge: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(max_length=200)] = "",
+) -> RedirectResponse:
+    provider = _dev_provider(context)
+    _check_redirect(request, context, redirect_uri)
+    _rate_limit(db, request, context)
+    code = provider.issue_code(email=email.strip(), name=name.strip(), nonce=nonce, code_challenge=code_challenge)
+    return RedirectResponse(f"{redirect_uri}?{urlencode({'code': code, 'state': state})}", status_code=303)
+
+
+# -- API clients -----------------------------------------------------------------------------------
+@router.post("/exchange", response_model=SessionOut, summary="Trade an identity-provider ID token for a session")
+async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbSession) -> SessionOut:
+    auth = _provider(context, body.provider)
+    await run_in_threadpool(_rate_limit, db, request, context)
+    info = await run_in_threadpool(auth.exchange_token, body.token)
+    user = await run_in_threadpool(users.sign_in, db, info, admin_emails=context.config.core.admin_emails)
+    issued = sessions.create_session(
+        db, user, ttl=context.session_ttl, user_agent=request.headers.get("user-agent", "")
+    )
+    return SessionOut(
+        token=issued.token, refresh_token=issued.refresh_token, expires_at=issued.expires_at, user=user_out(user)
+    )
+
+
+@router.post("/refresh", response_model=SessionOut, summary="Rotate a session with its refresh token")
+def refresh(body: RefreshIn, request: Request, response: Response, context: Context, db: DbSession) -> SessionOut:
+    _rate_limit(db, request, context)
+    issued = sessions.refresh_session(db, body.refresh_token, ttl=context.session_ttl, refresh_ttl=context.refresh_ttl)
+    principal_user, _ = sessions.authenticate(db, issued.token)
+    if request.cookies.get(SESSION_COOKIE):
+        _set_session_cookie(response, request, context, issued)
+    return SessionOut(
+        token=issued.token,
+        refresh_token=issued.refresh_token,
+        expires_at=issued.expires_at,
+        user=user_out(principal_user),
+    )
+
+
+@router.post("/logout", status_code=204, summary="Sign out: the session stops working at once")
+def logout(principal: CurrentPrincipal, request: Request, context: Context, db: DbSession) -> Response:
+    if principal.session_id is not None:
+        sessions.revoke_session(db, principal.session_id)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax", secure=_secure(request, context))
+    return response
+
+
+@router.get("/me", response_model=UserOut, summary="The signed-in user")
+def me(user: CurrentUser) -> UserOut:
+    return user_out(user)

@@ -1,0 +1,55 @@
+"""The built-in ``oidc`` auth provider: any OpenID Connect issuer, configured by settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cmbcluster.hookspecs import hookimpl
+from cmbcluster.interfaces import AuthProvider
+from cmbcluster.registrations import AuthProviderRegistration, ProviderContext
+
+
+class OidcSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    oidc_issuer: str = Field(validation_alias=AliasChoices("CMBCLUSTER_OIDC_ISSUER"))
+    oidc_client_id: str = Field(validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_ID"))
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_SECRET")
+    )
+    oidc_scopes: str = Field(default="openid email profile", validation_alias=AliasChoices("CMBCLUSTER_OIDC_SCOPES"))
+    oidc_display_name: str = Field(
+        default="Single sign-on", validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISPLAY_NAME")
+    )
+    oidc_discovery_url: str | None = Field(default=None, validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISCOVERY_URL"))
+    oidc_admin_groups: str = Field(
+        default="admin,admins,cmbcluster-admins", validation_alias=AliasChoices("CMBCLUSTER_OIDC_ADMIN_GROUPS")
+    )
+
+
+def _provider(ctx: ProviderContext) -> AuthProvider:
+    from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+
+    s = ctx.settings(OidcSettings)
+    return OidcProvider(
+        OidcConfig(
+            name="oidc",
+            issuer=s.oidc_issuer,
+            client_id=s.oidc_client_id,
+            client_secret=s.oidc_client_secret.get_secret_value() if s.oidc_client_secret else None,
+            display_name=s.oidc_display_name,
+            scopes=tuple(s.oidc_scopes.split()),
+            discovery_url=s.oidc_discovery_url,
+            admin_groups=tuple(g.strip() for g in s.oidc_admin_groups.split(",") if g.strip()),
+        )
+    )
+
+
+@hookimpl
+def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
+    yield AuthProviderRegistration(
+        name="oidc", factory=_provider, settings_model=OidcSettings, description="Any OpenID Connect issuer"
+    )

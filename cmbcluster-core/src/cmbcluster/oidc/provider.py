@@ -1,0 +1,254 @@
+"""A generic OpenID Connect identity provider: discovery, code flow with PKCE, token validation.
+
+Validation follows the security rules: an algorithm allow-list (never ``none`` or an HMAC
+algorithm with a public key), the issuer, the audience, expiry with a small skew, the nonce,
+and a JWKS that is cached and refreshed when a token names an unknown ``kid``. Subclasses
+(Google, Cognito) add their own claim checks in :meth:`OidcProvider.check_claims`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from cmbcluster.errors import AuthenticationFailed, ProviderUnavailable
+from cmbcluster.interfaces import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
+
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OidcConfig:
+    """Everything a provider needs; plugins fill it from their own settings."""
+
+    name: str
+    issuer: str
+    client_id: str
+    client_secret: str | None = None
+    display_name: str = "Single sign-on"
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    discovery_url: str | None = None  # default: <issuer>/.well-known/openid-configuration
+    jwks_url: str | None = None  # default: from discovery
+    accepted_issuers: tuple[str, ...] = ()  # default: (issuer,)
+    audience: str | None = None  # default: client_id
+    algorithms: tuple[str, ...] = ("RS256",)
+    leeway_seconds: int = 60
+    admin_groups: tuple[str, ...] = ("admin", "admins", "cmbcluster-admins")
+    groups_claim: str = "groups"
+    timeout_seconds: float = 10.0
+    extra_authorize_params: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [alg for alg in self.algorithms if alg not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(f"only asymmetric signature algorithms are accepted, not {', '.join(bad)}")
+
+
+class JwksCache:
+    """The provider's signing keys; refetched when a token names an unknown key (at most every
+    ``min_refresh_seconds``, so forged ``kid`` values cannot make us hammer the provider)."""
+
+    def __init__(self, url_source: Any, http: httpx.Client, *, min_refresh_seconds: float = 30.0) -> None:
+        self._url_source = url_source  # a callable giving the JWKS URL (it may need discovery first)
+        self._http = http
+        self._keys: KeySet | None = None
+        self._fetched_at = 0.0
+        self._min_refresh = min_refresh_seconds
+        self._lock = threading.Lock()
+
+    def key_for(self, kid: str | None) -> Any:
+        keys = self._get(refresh=False)
+        key = _pick(keys, kid)
+        if key is None and time.monotonic() - self._fetched_at >= self._min_refresh:
+            key = _pick(self._get(refresh=True), kid)
+        if key is None:
+            raise AuthenticationFailed(f"token signed with an unknown key {kid!r}")
+        return key
+
+    def _get(self, *, refresh: bool) -> KeySet:
+        with self._lock:
+            if self._keys is None or refresh:
+                data = _get_json(self._http, self._url_source(), "JWKS")
+                try:
+                    self._keys = KeySet.import_key_set(data)  # type: ignore[arg-type]  # validated by joserfc
+                except (JoseError, ValueError, KeyError, TypeError) as exc:
+                    raise ProviderUnavailable(f"the identity provider's JWKS is invalid: {exc}") from None
+                self._fetched_at = time.monotonic()
+            return self._keys
+
+
+def _pick(keys: KeySet, kid: str | None) -> Any:
+    if kid is None:
+        # Some providers sign without a kid; that is unambiguous only with a single signing key.
+        signing = [k for k in keys.keys if k.get("use") in (None, "sig")]
+        return signing[0] if len(signing) == 1 else None
+    return next((k for k in keys.keys if k.kid == kid), None)
+
+
+def _get_json(http: httpx.Client, url: str, what: str) -> dict[str, Any]:
+    try:
+        response = http.get(url)
+        response.raise_for_status()
+        data = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ProviderUnavailable(f"cannot fetch the identity provider's {what} from {url}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProviderUnavailable(f"the identity provider's {what} at {url} is not a JSON object")
+    return data
+
+
+class OidcProvider(AuthProvider):
+    def __init__(self, config: OidcConfig, *, http: httpx.Client | None = None) -> None:
+        self.config = config
+        self.display_name = config.display_name
+        # Retries cover connection failures only: never repeat a token request blindly.
+        self._http = http or httpx.Client(
+            timeout=config.timeout_seconds, transport=httpx.HTTPTransport(retries=2), follow_redirects=False
+        )
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_lock = threading.Lock()
+        self.jwks = JwksCache(self._jwks_url, self._http)
+
+    # -- discovery -------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        with self._metadata_lock:
+            if self._metadata is None:
+                url = self.config.discovery_url or self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                self._metadata = _get_json(self._http, url, "discovery document")
+            return self._metadata
+
+    def _endpoint(self, name: str) -> str:
+        value = self.metadata().get(name)
+        if not isinstance(value, str):
+            raise ProviderUnavailable(f"the identity provider's discovery document has no {name}")
+        return value
+
+    def _jwks_url(self) -> str:
+        return self.config.jwks_url or self._endpoint("jwks_uri")
+
+    def check_ready(self) -> None:
+        self.metadata()
+
+    # -- the code flow -----------------------------------------------------------------------------
+    def authorization_url(self, request: AuthorizationRequest) -> str:
+        params = {
+            "response_type": "code",
+            "client_id": self.config.client_id,
+            "redirect_uri": request.redirect_uri,
+            "scope": " ".join(self.config.scopes),
+            "state": request.state,
+            "nonce": request.nonce,
+            "code_challenge": request.code_challenge,
+            "code_challenge_method": request.code_challenge_method,
+            **self.config.extra_authorize_params,
+        }
+        return f"{self._endpoint('authorization_endpoint')}?{urlencode(params)}"
+
+    def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:
+        return self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": code_verifier,
+            }
+        )
+
+    def refresh(self, refresh_token: str) -> TokenSet:
+        return self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def _token_request(self, form: dict[str, str]) -> TokenSet:
+        kwargs: dict[str, Any] = {}
+        if self.config.client_secret:  # client_secret_basic
+            kwargs["auth"] = httpx.BasicAuth(self.config.client_id, self.config.client_secret)
+        else:  # a public client identifies itself in the form
+            form = {**form, "client_id": self.config.client_id}
+        try:
+            response = self._http.post(self._endpoint("token_endpoint"), data=form, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"the identity provider's token endpoint did not answer: {exc}") from None
+        if response.status_code >= 500:
+            raise ProviderUnavailable(f"the identity provider's token endpoint failed ({response.status_code})")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code != 200:
+            reason = body.get("error_description") or body.get("error") or f"HTTP {response.status_code}"
+            raise AuthenticationFailed(f"the identity provider refused the sign-in: {reason}")
+        return TokenSet(
+            id_token=body.get("id_token"),
+            access_token=body.get("access_token"),
+            refresh_token=body.get("refresh_token"),
+            expires_in=body.get("expires_in"),
+        )
+
+    # -- validation --------------------------------------------------------------------------------
+    def validate_token(self, token: str, *, nonce: str | None = None) -> dict[str, Any]:
+        try:
+            header = jws.extract_compact(token.encode()).protected
+        except (JoseError, ValueError, UnicodeError):
+            raise AuthenticationFailed("malformed token") from None
+        alg = header.get("alg")
+        if alg not in self.config.algorithms:
+            raise AuthenticationFailed(f"token algorithm {alg!r} is not accepted")
+        key = self.jwks.key_for(header.get("kid"))
+        try:
+            claims = dict(jwt.decode(token, key, algorithms=list(self.config.algorithms)).claims)
+        except (JoseError, ValueError) as exc:
+            raise AuthenticationFailed(f"invalid token signature: {exc}") from None
+        self._check_standard_claims(claims, nonce)
+        self.check_claims(claims)
+        return claims
+
+    def _check_standard_claims(self, claims: dict[str, Any], nonce: str | None) -> None:
+        now = time.time()
+        leeway = self.config.leeway_seconds
+        issuers = self.config.accepted_issuers or (self.config.issuer,)
+        if claims.get("iss") not in issuers:
+            raise AuthenticationFailed(f"token issuer {claims.get('iss')!r} is not accepted")
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or exp + leeway < now:
+            raise AuthenticationFailed("token expired")
+        iat = claims.get("iat")
+        if isinstance(iat, (int, float)) and iat - leeway > now:
+            raise AuthenticationFailed("token issued in the future")
+        if nonce is not None and claims.get("nonce") != nonce:
+            raise AuthenticationFailed("token nonce does not match this sign-in")
+        self.check_audience(claims)
+
+    def check_audience(self, claims: dict[str, Any]) -> None:
+        """ID tokens: ``aud`` must contain our client id. Cognito overrides this for access tokens."""
+        audience = self.config.audience or self.config.client_id
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if audience not in audiences:
+            raise AuthenticationFailed("token audience is not this application")
+
+    def check_claims(self, claims: dict[str, Any]) -> None:
+        """Provider-specific checks (email_verified, hosted domain, token_use...). Raise AuthenticationFailed."""
+
+    def user_info(self, claims: dict[str, Any]) -> UserInfo:
+        groups_value = claims.get(self.config.groups_claim) or []
+        groups = tuple(str(g) for g in groups_value) if isinstance(groups_value, list) else ()
+        roles = ("admin",) if set(groups) & set(self.config.admin_groups) else ()
+        verified = claims.get("email_verified")
+        return UserInfo(
+            provider=self.config.name,
+            subject=str(claims["sub"]),
+            email=str(claims.get("email") or ""),
+            email_verified=verified is True or verified == "true",
+            name=str(claims.get("name") or ""),
+            picture=str(claims.get("picture") or ""),
+            groups=groups,
+            roles=roles,
+            claims=claims,
+        )

@@ -1,0 +1,1 @@
+"""The control plane's behaviour, independent of HTTP: each module one resource."""

@@ -1,0 +1,133 @@
+"""Server-side sessions and API tokens: only hashes are stored; revocation is immediate."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cmbcluster.db.models import ApiToken, User, utcnow
+from cmbcluster.db.models import Session as SessionRow
+from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from cmbcluster.security import new_token, token_hash
+
+SESSION_PREFIX, REFRESH_PREFIX, API_TOKEN_PREFIX = "cmbs", "cmbr", "cmbt"
+#: last_seen is written at most this often per session, not on every request
+TOUCH_INTERVAL = dt.timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class IssuedSession:
+    token: str
+    refresh_token: str
+    expires_at: dt.datetime
+    session_id: str
+
+
+def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: str = "") -> IssuedSession:
+    token, refresh = new_token(SESSION_PREFIX), new_token(REFRESH_PREFIX)
+    row = SessionRow(
+        user_id=user.id, token_hash=token_hash(token), refresh_hash=token_hash(refresh),
+        expires_at=utcnow() + ttl, user_agent=user_agent[:400],
+    )  # fmt: skip
+    db.add(row)
+    db.commit()
+    return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id)
+
+
+def authenticate(db: Session, token: str) -> tuple[User, str | None]:
+    """The active user a session or API token belongs to, and the session id (None for API tokens).
+
+    AuthenticationFailed for an unknown, expired or revoked token; PermissionDenied for a
+    deactivated user, at their very next request.
+    """
+    now = utcnow()
+    hashed = token_hash(token)
+    session_id: str | None = None
+    if token.startswith(SESSION_PREFIX + "_"):
+        row = db.execute(select(SessionRow).where(SessionRow.token_hash == hashed)).scalar_one_or_none()
+        if row is None or row.revoked_at is not None or row.expires_at <= now:
+            raise AuthenticationFailed("your session has expired; sign in again")
+        if now - row.last_seen_at > TOUCH_INTERVAL:
+            row.last_seen_at = now
+            db.commit()
+        user_id, session_id = row.user_id, row.id
+    elif token.startswith(API_TOKEN_PREFIX + "_"):
+        api = db.execute(select(ApiToken).where(ApiToken.token_hash == hashed)).scalar_one_or_none()
+        if api is None or api.revoked_at is not None or (api.expires_at is not None and api.expires_at <= now):
+            raise AuthenticationFailed("this API token is unknown, expired or revoked")
+        if api.last_used_at is None or now - api.last_used_at > TOUCH_INTERVAL:
+            api.last_used_at = now
+            db.commit()
+        user_id = api.user_id
+    else:
+        raise AuthenticationFailed("not a CMBCluster session or API token")
+    user = db.get(User, user_id)
+    if user is None:
+        raise AuthenticationFailed("this account no longer exists")
+    if user.status != "active":
+        raise PermissionDenied("this account is deactivated; ask an administrator")
+    return user, session_id
+
+
+def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:
+    """Rotate: the old session and refresh token stop working, a new pair is issued."""
+    row = db.execute(
+        select(SessionRow).where(SessionRow.refresh_hash == token_hash(refresh_token))
+    ).scalar_one_or_none()
+    now = utcnow()
+    if row is None or row.revoked_at is not None or row.created_at + refresh_ttl <= now:
+        raise AuthenticationFailed("this refresh token is unknown, expired or already used")
+    user = db.get(User, row.user_id)
+    if user is None or user.status != "active":
+        raise PermissionDenied("this account is deactivated; ask an administrator")
+    row.revoked_at = now
+    return create_session(db, user, ttl=ttl, user_agent=row.user_agent)
+
+
+def revoke_session(db: Session, session_id: str) -> None:
+    db.execute(update(SessionRow).where(SessionRow.id == session_id).values(revoked_at=utcnow()))
+    db.commit()
+
+
+def revoke_all_sessions(db: Session, user_id: str) -> None:
+    db.execute(
+        update(SessionRow)
+        .where(SessionRow.user_id == user_id, SessionRow.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+
+
+# -- API tokens ----------------------------------------------------------------------------------
+def create_api_token(db: Session, user: User, *, name: str, expires_in_days: int | None) -> tuple[ApiToken, str]:
+    name = name.strip()
+    if not 1 <= len(name) <= 100:
+        raise InvalidRequest("a token name of 1 to 100 characters is required")
+    token = new_token(API_TOKEN_PREFIX)
+    expires = utcnow() + dt.timedelta(days=expires_in_days) if expires_in_days else None
+    row = ApiToken(
+        user_id=user.id, name=name, token_hash=token_hash(token), display_prefix=token[:12], expires_at=expires
+    )
+    db.add(row)
+    db.commit()
+    return row, token
+
+
+def list_api_tokens(db: Session, user: User) -> list[ApiToken]:
+    return list(
+        db.execute(
+            select(ApiToken)
+            .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+            .order_by(ApiToken.created_at)
+        ).scalars()
+    )
+
+
+def revoke_api_token(db: Session, user: User, token_id: str) -> None:
+    row = db.get(ApiToken, token_id)
+    if row is None or row.user_id != user.id or row.revoked_at is not None:
+        raise NotFound(f"API token {token_id} not found")
+    row.revoked_at = utcnow()
+    db.commit()

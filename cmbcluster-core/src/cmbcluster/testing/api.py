@@ -1,0 +1,50 @@
+"""Helpers for tests that drive the HTTP API (with FastAPI's TestClient or httpx against a server)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+
+class _Response(Protocol):
+    status_code: int
+    headers: object
+    text: str
+
+
+class _Client(Protocol):
+    cookies: object
+
+    def get(self, url: str, **kwargs: object) -> _Response: ...
+    def post(self, url: str, **kwargs: object) -> _Response: ...
+
+
+def dev_sign_in(client: _Client, email: str, name: str = "", next_path: str = "/") -> dict[str, str]:
+    """Sign in through the development login exactly as a browser does (login, form, callback).
+
+    Returns ``Authorization`` headers carrying the session token, and clears the client's
+    cookies so several users can share one client.
+    """
+    login = client.get("/api/v1/auth/local/login", params={"next": next_path}, follow_redirects=False)
+    assert login.status_code == 303, login.text
+    form_url = login.headers["location"]  # type: ignore[index]
+    fields = {k: v[0] for k, v in parse_qs(urlsplit(form_url).query).items()}
+    page = client.get(form_url)
+    assert page.status_code == 200, page.text
+    submitted = client.post(
+        "/api/v1/auth/local/form",
+        data={
+            **{k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")},
+            "email": email,
+            "name": name,
+        },
+        follow_redirects=False,
+    )
+    assert submitted.status_code == 303, submitted.text
+    callback = urlsplit(submitted.headers["location"])  # type: ignore[index]
+    done = client.get(f"{callback.path}?{callback.query}", follow_redirects=False)
+    assert done.status_code == 303, done.text
+    token = client.cookies.get("cmbcluster_session")  # type: ignore[attr-defined]
+    assert token, "no session cookie was set"
+    client.cookies.clear()  # type: ignore[attr-defined]
+    return {"Authorization": f"Bearer {token}"}

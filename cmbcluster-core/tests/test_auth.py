@@ -1,0 +1,171 @@
+"""Sign-in and sessions through the API, with the development provider."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.testclient import TestClient
+
+from cmbcluster.app import create_app
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
+
+
+def test_providers_are_listed_from_plugins(client: TestClient) -> None:
+    body = client.get("/api/v1/auth/providers").json()
+    assert body == {
+        "providers": [
+            {"name": "local", "display_name": "Development sign-in", "login_url": "/api/v1/auth/local/login",
+             "kind": "development"}
+        ]
+    }  # fmt: skip
+
+
+def test_first_user_is_admin_and_later_ones_are_not(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str]
+) -> None:
+    assert client.get("/api/v1/auth/me", headers=admin).json()["role"] == "admin"
+    me = client.get("/api/v1/auth/me", headers=alice).json()
+    assert (me["email"], me["name"], me["role"], me["status"]) == ("alice@example.org", "Alice", "user", "active")
+
+
+def test_admin_emails_are_admins(settings: CoreSettings) -> None:
+    app = create_app(settings.model_copy(update={"admin_emails": ["boss@example.org"]}))
+    with TestClient(app) as client:
+        dev_sign_in(client, "first@example.org")
+        boss = dev_sign_in(client, "Boss@Example.org")
+        assert client.get("/api/v1/auth/me", headers=boss).json()["role"] == "admin"
+
+
+def test_session_cookie_is_httponly_samesite_and_works(client: TestClient) -> None:
+    login = client.get("/api/v1/auth/local/login", follow_redirects=False)
+    form_url = login.headers["location"]
+    from urllib.parse import parse_qs, urlsplit
+
+    fields = {k: v[0] for k, v in parse_qs(urlsplit(form_url).query).items()}
+    submitted = client.post(
+        "/api/v1/auth/local/form",
+        data={k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")} | {"email": "c@example.org"},
+        follow_redirects=False,
+    )
+    done = client.get(submitted.headers["location"].replace("http://testserver", ""), follow_redirects=False)
+    cookie_header = done.headers["set-cookie"]
+    assert "cmbcluster_session=" in cookie_header
+    assert "HttpOnly" in cookie_header and "SameSite=lax" in cookie_header
+    assert "Secure" not in cookie_header  # plain http on loopback
+    assert done.headers["location"] == "/"
+    assert client.get("/api/v1/auth/me").json()["email"] == "c@example.org"  # the cookie signs in
+
+
+def test_next_path_is_kept_but_never_an_open_redirect(client: TestClient) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    for requested, expected in (("/environments?x=1", "/environments?x=1"), ("https://evil.example", "/"),
+                                ("//evil.example", "/")):  # fmt: skip
+        login = client.get("/api/v1/auth/local/login", params={"next": requested}, follow_redirects=False)
+        fields = {k: v[0] for k, v in parse_qs(urlsplit(login.headers["location"]).query).items()}
+        submitted = client.post(
+            "/api/v1/auth/local/form",
+            data={k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")} | {"email": "n@x.org"},
+            follow_redirects=False,
+        )
+        done = client.get(submitted.headers["location"].replace("http://testserver", ""), follow_redirects=False)
+        assert done.headers["location"] == expected
+
+
+def test_callback_without_matching_state_is_refused(client: TestClient) -> None:
+    client.get("/api/v1/auth/local/login", follow_redirects=False)  # sets the login cookie
+    response = client.get("/api/v1/auth/local/callback", params={"code": "x", "state": "forged"})
+    assert response.status_code == 401
+    assert "state does not match" in response.json()["message"]
+    client.cookies.clear()
+    response = client.get("/api/v1/auth/local/callback", params={"code": "x", "state": "forged"})
+    assert response.status_code == 401 and "no sign-in in progress" in response.json()["message"]
+    assert client.get("/api/v1/auth/local/callback").status_code == 400
+
+
+def test_dev_form_refuses_foreign_redirects(client: TestClient) -> None:
+    response = client.post(
+        "/api/v1/auth/local/form",
+        data={
+            "redirect_uri": "https://evil.example/cb",
+            "state": "s",
+            "nonce": "n",
+            "code_challenge": "c",
+            "email": "a@b.c",
+        },
+    )
+    assert response.status_code == 400
+
+
+def test_unknown_provider_is_404(client: TestClient) -> None:
+    assert client.get("/api/v1/auth/google/login", follow_redirects=False).status_code == 404
+
+
+def test_requests_without_or_with_bad_credentials_are_401(client: TestClient) -> None:
+    assert client.get("/api/v1/auth/me").status_code == 401
+    for token in ("garbage", "cmbs_" + "x" * 43, "cmbt_" + "y" * 43):
+        response = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, token
+        assert response.json()["error"] == "authentication_failed"
+
+
+def test_logout_revokes_the_session_at_once(client: TestClient, alice: dict[str, str]) -> None:
+    assert client.post("/api/v1/auth/logout", headers=alice).status_code == 204
+    assert client.get("/api/v1/auth/me", headers=alice).status_code == 401
+
+
+def test_refresh_rotates_the_session(client: TestClient) -> None:
+    provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
+    from cmbcluster.local.auth import pkce_challenge
+
+    code = provider.issue_code(email="api@example.org", name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
+    id_token = provider.exchange_code(code, redirect_uri="x", code_verifier="v" * 50).id_token
+    session = client.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
+    assert session["user"]["email"] == "api@example.org"
+    old = {"Authorization": f"Bearer {session['token']}"}
+    assert client.get("/api/v1/auth/me", headers=old).status_code == 200
+    rotated = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    assert rotated.status_code == 200
+    new = {"Authorization": f"Bearer {rotated.json()['token']}"}
+    assert client.get("/api/v1/auth/me", headers=new).status_code == 200
+    assert client.get("/api/v1/auth/me", headers=old).status_code == 401  # rotated away
+    again = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    assert again.status_code == 401  # a refresh token works once
+
+
+def test_exchange_rejects_bad_tokens_and_input(client: TestClient) -> None:
+    assert client.post("/api/v1/auth/exchange", json={"provider": "local", "token": "not.a.jwt"}).status_code == 401
+    assert client.post("/api/v1/auth/exchange", json={"provider": "nope", "token": "x"}).status_code == 404
+    assert client.post("/api/v1/auth/exchange", json={"provider": "local"}).status_code == 422
+    assert (
+        client.post("/api/v1/auth/exchange", content=b"{", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
+
+
+def test_sign_in_attempts_are_rate_limited(settings: CoreSettings) -> None:
+    app = create_app(settings.model_copy(update={"login_attempts_per_minute": 3}))
+    with TestClient(app) as client:
+        statuses = [client.get("/api/v1/auth/local/login", follow_redirects=False).status_code for _ in range(5)]
+        assert statuses == [303, 303, 303, 429, 429]
+        limited = client.get("/api/v1/auth/local/login", follow_redirects=False)
+        assert 1 <= int(limited.headers["retry-after"]) <= 61
+
+
+def test_cookie_session_refuses_cross_site_changes(client: TestClient, alice: dict[str, str]) -> None:
+    token = alice["Authorization"].removeprefix("Bearer ")
+    client.cookies.set("cmbcluster_session", token)
+    response = client.post("/api/v1/auth/logout", headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403
+    assert client.get("/api/v1/auth/me").status_code == 200  # still signed in
+    assert client.post("/api/v1/auth/logout", headers={"Origin": "http://testserver"}).status_code == 204
+
+
+def test_session_expiry(settings: CoreSettings) -> None:
+    app = create_app(settings.model_copy(update={"session_ttl_hours": 1.5 / 3600}))  # a second and a half
+    with TestClient(app) as client:
+        headers = dev_sign_in(client, "short@example.org")
+        assert client.get("/api/v1/auth/me", headers=headers).status_code == 200
+        time.sleep(1.7)
+        assert client.get("/api/v1/auth/me", headers=headers).status_code == 401
