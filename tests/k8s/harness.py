@@ -1,0 +1,191 @@
+"""pytest plugin: a real Kubernetes 1.20 API server for CMBCluster's tests (see tests/k8s/README.md).
+
+Load it from the root conftest.py with ``pytest_plugins = ["tests.k8s.harness"]`` or import the fixture
+(``from tests.k8s.harness import k8s_cluster``). The session fixture ``k8s_cluster`` runs
+``tests/k8s/cluster.sh install`` (a no-op once built) and ``up`` on free 127.0.0.1 ports, yields a
+:class:`K8sCluster`, and runs ``down`` at teardown, also when the session fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+CLUSTER_SH = Path(__file__).resolve().parent / "cluster.sh"
+CP_USER = "cmbcluster-controlplane"
+INSTALL_TIMEOUT = float(os.environ.get("CMBCLUSTER_K8S_INSTALL_TIMEOUT", "2400"))
+_OWN_ENV = (
+    "K8S_RUN",
+    "K8S_PORT",
+    "ETCD_PORT",
+    "ETCD_PEER_PORT",
+    "K8S_TOKEN",
+    "K8S_CP_TOKEN",
+    "K8S_OWNER_PID",
+    "PYTHON",
+    "KUBECONFIG",
+)
+
+
+@dataclass(frozen=True)
+class K8sCluster:
+    server: str  # https://127.0.0.1:PORT
+    ca_path: Path  # CA bundle for the apiserver's self-signed certificate
+    kubeconfig: Path  # admin user (system:masters)
+    cp_kubeconfig: Path  # the cmbcluster-controlplane user
+    admin_token: str
+    cp_token: str  # user cmbcluster-controlplane: only system:authenticated, no rights until a test binds a Role
+    bin_dir: Path  # holds helm 3.18.0
+    run_dir: Path  # pid files and component logs
+    env: dict[str, str] = field(default_factory=dict)  # KUBECONFIG, PATH with helm, CMBCLUSTER_K8S_CP_TOKEN
+    cp_user: str = CP_USER
+
+    def api_client(self, token: str | None = None) -> ApiClient:
+        """A kubernetes ApiClient for this cluster, as admin unless another bearer token is given."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.server
+        cfg.ssl_ca_cert = str(self.ca_path)
+        cfg.api_key = {"authorization": f"Bearer {token or self.admin_token}"}
+        return client.ApiClient(cfg)
+
+    def wait_for_default_token(self, namespace: str, timeout: float = 30) -> None:
+        """Wait until NAMESPACE's default-token secret exists: pods created before it are rejected."""
+        from kubernetes import client
+
+        v1 = client.CoreV1Api(self.api_client())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            secrets_ = v1.list_namespaced_secret(namespace, field_selector="type=kubernetes.io/service-account-token")
+            if any(s.metadata.name.startswith("default-token-") for s in secrets_.items):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"no default-token secret in namespace {namespace} after {timeout}s")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cluster_sh(
+    cmd: str, env: dict[str, str], timeout: float, capture: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(CLUSTER_SH), cmd],
+        env=env,
+        timeout=timeout,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=capture,
+    )
+
+
+def _installed_stamp(env: dict[str, str]) -> Path:
+    home = env.get("K8S_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cmbcluster-k8s"
+    )
+    return Path(home) / "bin" / ".installed"
+
+
+def _install(request: pytest.FixtureRequest, env: dict[str, str]) -> None:
+    if _installed_stamp(env).exists():
+        r = _cluster_sh("install", env, 60)
+        if r.returncode:
+            pytest.fail(f"tests/k8s/cluster.sh install failed:\n{r.stderr}", pytrace=False)
+        return
+    # first build (minutes): show its progress live instead of capturing it
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        print("\nbuilding the Kubernetes test cluster once (about 4 minutes on 2 cores)", file=sys.stderr, flush=True)
+        r = _cluster_sh("install", env, INSTALL_TIMEOUT, capture=False)
+    if r.returncode:
+        pytest.fail("tests/k8s/cluster.sh install failed: see its output above", pytrace=False)
+
+
+def _logs(run_dir: Path) -> str:
+    out = []
+    for log in sorted(run_dir.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-15:]
+        out.append(f"--- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
+    """A running Kubernetes 1.20 control plane with one fake node, shared by the whole test session."""
+    # Not under pytest's basetemp: other pytest sessions of the same user prune it, PID files included.
+    run_dir = Path(tempfile.mkdtemp(prefix="cmbcluster-k8s-"))
+    api_port, etcd_port, peer_port = _free_ports(3)
+    admin_token, cp_token = secrets.token_hex(16), secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k not in _OWN_ENV}
+    env.update(
+        PYTHON=sys.executable,
+        K8S_RUN=str(run_dir),
+        K8S_PORT=str(api_port),
+        ETCD_PORT=str(etcd_port),
+        ETCD_PEER_PORT=str(peer_port),
+        K8S_TOKEN=admin_token,
+        K8S_CP_TOKEN=cp_token,
+        K8S_OWNER_PID=str(os.getpid()),  # its watchdog stops the cluster if this process dies before teardown
+    )
+    _install(request, env)
+    try:
+        r = _cluster_sh("up", env, 300)
+        if r.returncode:
+            pytest.fail(f"tests/k8s/cluster.sh up failed:\n{r.stderr}\n{_logs(run_dir)}", pytrace=False)
+        exports = dict(
+            line[len("export ") :].split("=", 1) for line in r.stdout.splitlines() if line.startswith("export ")
+        )
+        assert exports.get("CMBCLUSTER_K8S_CP_TOKEN") == cp_token, r.stdout
+        bin_dir = _installed_stamp(env).parent
+        kubeconfig = run_dir / "kubeconfig"
+        yield K8sCluster(
+            server=f"https://127.0.0.1:{api_port}",
+            ca_path=run_dir / "pki" / "apiserver.crt",
+            kubeconfig=kubeconfig,
+            cp_kubeconfig=run_dir / "kubeconfig-controlplane",
+            admin_token=admin_token,
+            cp_token=cp_token,
+            bin_dir=bin_dir,
+            run_dir=run_dir,
+            env={
+                "KUBECONFIG": str(kubeconfig),
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                "CMBCLUSTER_K8S_CP_TOKEN": cp_token,
+            },
+        )
+    finally:
+        r = _cluster_sh("down", env, 120)
+        if r.returncode:
+            pytest.fail(
+                f"tests/k8s/cluster.sh down failed (processes may be left; PIDs in {run_dir}):\n{r.stderr}",
+                pytrace=False,
+            )
+        if not (sys.exc_info()[0] or request.session.testsfailed):
+            shutil.rmtree(run_dir, ignore_errors=True)  # kept, with its logs, when something failed
