@@ -18,7 +18,7 @@ from cmbcluster.settings import CoreSettings
 app = create_app(CoreSettings(data_dir=sys.argv[1]))
 with TestClient(app) as client:
     assert client.get("/readyz").status_code == 200
-    assert client.get("/api/v1/plugins").status_code == 200
+    assert client.get("/api/v1/auth/providers").status_code == 200
 cloud = sorted(m for m in sys.modules if m.split(".")[0] in {"boto3", "botocore", "google", "s3transfer", "kubernetes"})
 print(json.dumps({"cloud": cloud, "plugins": sorted(m for m in sys.modules if m.startswith("cmbcluster_"))}))
 """

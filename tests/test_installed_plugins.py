@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -53,7 +55,10 @@ def test_broken_plugin_is_listed_with_its_error(env: dict[str, str], tmp_path: P
 def test_serve_starts_despite_a_broken_plugin_and_shows_it(env: dict[str, str], tmp_path: Path) -> None:
     with ServeProcess(env, tmp_path) as server:
         assert server.wait_ready("/readyz").status_code == 200
-        plugins = {p["name"]: p for p in server.wait_ready("/api/v1/plugins").json()["plugins"]}
+        with httpx.Client(base_url=server.url) as client:
+            admin = dev_sign_in(client, "ops@example.org")
+            listed = client.get("/api/v1/plugins", headers=admin).json()["plugins"]
+        plugins = {p["name"]: p for p in listed}
         assert "No module named" in plugins["broken"]["error"]
         assert "cmbcluster_plugins_failed 1.0" in server.wait_ready("/metrics").text
     assert "plugin broken (cmbcluster-broken 0.0.1) failed to load" in server.output()
@@ -92,6 +97,8 @@ def test_third_party_storage_backend_is_used_when_selected(env: dict[str, str], 
         ready = server.wait_ready("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["storage:thirdparty"] == "ok"
-        assert server.wait_ready("/api/v1/plugins").json()["active"]["storage"] == "thirdparty"
+        with httpx.Client(base_url=server.url) as client:
+            admin = dev_sign_in(client, "ops@example.org")
+            assert client.get("/api/v1/plugins", headers=admin).json()["active"]["storage"] == "thirdparty"
     assert (root / "used-by-control-plane").exists()
     assert "storage=thirdparty" in server.output()

@@ -85,8 +85,10 @@ def test_two_apps_do_not_share_state(settings: CoreSettings, tmp_path: object) -
         assert 'route="/healthz"' not in b.get("/metrics").text
 
 
-def test_plugins_endpoint(client: TestClient) -> None:
-    body = client.get("/api/v1/plugins").json()
+def test_plugins_endpoint_is_for_admins(client: TestClient, admin: dict[str, str], alice: dict[str, str]) -> None:
+    assert client.get("/api/v1/plugins").status_code == 401
+    assert client.get("/api/v1/plugins", headers=alice).status_code == 403
+    body = client.get("/api/v1/plugins", headers=admin).json()
     assert body["active"] == {"storage": "local", "compute": "local", "infra": "local", "auth": "local"}
     assert {p["name"] for p in body["plugins"]} >= {"local", "aws", "gcp"}
 

@@ -160,3 +160,25 @@ def test_bad_commands_are_clear_errors(compute: LocalProcessCompute) -> None:
         compute.start(EnvironmentSpec(environment_id=uuid.uuid4().hex, user=UserRef(id="u"), image="x"))
     with pytest.raises(InvalidRequest):
         compute.status("../../etc/passwd")
+
+
+def test_process_without_a_state_file_is_found_and_removed(compute: LocalProcessCompute, tmp_path: Path) -> None:
+    """A crash between starting the process and recording it must not leave an invisible orphan."""
+    spec = spec_for(tmp_path)
+    compute.start(spec)
+    wait_for(compute, spec.environment_id, EnvironmentPhase.RUNNING)
+    state_file = tmp_path / "compute" / f"{spec.environment_id}.json"
+    pid = json.loads(state_file.read_text())["pid"]
+    state_file.unlink()  # as if the control plane died before writing it
+    fresh = LocalProcessCompute(tmp_path / "compute")
+    found = {s.environment_id: s for s in fresh.list_managed()}
+    assert found[spec.environment_id].phase == EnvironmentPhase.FAILED  # it runs, but its port is unknown
+    fresh.stop(spec.environment_id)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the unrecorded process survived delete()")
+    assert spec.environment_id not in {s.environment_id for s in fresh.list_managed()}

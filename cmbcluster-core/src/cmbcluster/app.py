@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
@@ -18,9 +20,13 @@ from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
+from cmbcluster.services.catalog import seed_catalog
+from cmbcluster.services.reconcile import Reconciler, run_background
 from cmbcluster.settings import CoreSettings
 
 log = logging.getLogger("cmbcluster")
+
+WORKER_THREADS = 8
 
 
 def create_app(
@@ -41,10 +47,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(upgrade, context.engine)
+        # Fewer worker threads than anyio's 40: blocking calls are short, and forty threads
+        # contending for the GIL serve fewer requests than a handful.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+        await run_in_threadpool(prepare, context)
+        stop = asyncio.Event()
+        background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         try:
             yield
         finally:
+            stop.set()
+            await background
             await run_in_threadpool(context.close)
 
     app = FastAPI(
@@ -69,6 +82,19 @@ def create_app(
         return RedirectResponse("/api/docs")
 
     return app
+
+
+def prepare(context: AppContext) -> None:
+    """Before the first request: migrate, seed the catalog, and reconcile after any crash."""
+    upgrade(context.engine)
+    with context.sessions() as db:
+        seed_catalog(db, context.config.compute.name)
+    report = Reconciler(context).reconcile(startup=True)
+    if report.orphans_removed or report.marked_stopped:
+        log.warning(
+            "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped",
+            len(report.orphans_removed), len(report.marked_stopped), extra={"report": report.__dict__},
+        )  # fmt: skip
 
 
 def _log_start(context: AppContext) -> None:

@@ -35,6 +35,10 @@ class AppContext:
     secret_key: bytes
 
     @property
+    def namespace(self) -> str:
+        return self.config.core.namespace
+
+    @property
     def session_ttl(self) -> dt.timedelta:
         return dt.timedelta(hours=self.config.core.session_ttl_hours)
 

@@ -66,6 +66,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.plugins_failed = Gauge("cmbcluster_plugins_failed", "Plugins that failed to load", registry=self.registry)
+        self.environments = Gauge(
+            "cmbcluster_environments", "Environments by status", ["status"], registry=self.registry
+        )
+        self.culled = Counter(
+            "cmbcluster_environments_culled", "Environments stopped for idleness or uptime", registry=self.registry
+        )
         self.info = Gauge(
             "cmbcluster_info", "Version and active providers", ["version", "storage", "compute", "auth", "infra"],
             registry=self.registry,

@@ -86,6 +86,13 @@ class CoreSettings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field(default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"))
 
+    namespace: str = Field(
+        default="cmbcluster",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        validation_alias=_aliases("CMBCLUSTER_NAMESPACE"),
+        description="The Kubernetes namespace of user environments.",
+    )
+
     # -- sign-in -------------------------------------------------------------------------------
     session_ttl_hours: float = Field(default=12, gt=0, validation_alias=_aliases("CMBCLUSTER_SESSION_TTL_HOURS"))
     refresh_ttl_days: float = Field(default=30, gt=0, validation_alias=_aliases("CMBCLUSTER_REFRESH_TTL_DAYS"))

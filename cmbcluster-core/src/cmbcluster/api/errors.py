@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from cmbcluster.errors import CmbclusterError, LimitExceeded
@@ -20,6 +22,16 @@ def error_body(code: str, message: str, detail: object | None = None) -> dict[st
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The same body shape as every other error, with FastAPI's per-field detail kept.
+        problems = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'request'}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
+        ]
+        detail = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
+        return JSONResponse(error_body("invalid_request", "; ".join(problems), detail), status_code=422)
+
     @app.exception_handler(CmbclusterError)
     async def _typed(request: Request, exc: CmbclusterError) -> JSONResponse:
         headers = {}

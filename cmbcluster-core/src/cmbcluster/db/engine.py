@@ -26,7 +26,9 @@ def create_db_engine(url: str) -> Engine:
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        # One connection per worker thread (anyio's default is 40): SQLite connections are cheap,
+        # and a smaller pool makes request threads queue for a connection under load.
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40, "max_overflow": 10}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

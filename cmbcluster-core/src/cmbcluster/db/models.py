@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -155,6 +155,11 @@ class Environment(Base):
     last_activity_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     shutdown_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     warned_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+    application_row: Mapped[Application] = relationship()
+    mounts: Mapped[list[EnvironmentStorage]] = relationship(
+        cascade="all, delete-orphan", order_by="EnvironmentStorage.mount_path"
+    )
 
 
 class EnvironmentStorage(Base):

@@ -1,9 +1,11 @@
 """Local compute: each environment is a process group on this machine, on a loopback port.
 
-State lives in ``<data dir>/compute/<environment id>.json`` (written before the process is
-considered started), so a restarted control plane adopts processes that still run and cleans
-up after those that do not. A process is recognised by its PID *and* its start time, so a
-recycled PID is never mistaken for ours.
+State lives in ``<data dir>/compute/<environment id>.json``, so a restarted control plane adopts
+processes that still run and cleans up after those that do not. A process is recognised by its
+PID *and* its start time, so a recycled PID is never mistaken for ours. Every process also
+carries its environment id and this backend's state folder in its environment variables: a
+process started just before a crash, whose state file was never written, is still found
+(``list_managed``) and can be removed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
 
 STOP_GRACE_SECONDS = 5.0
+#: The variable that marks a process as started by the backend owning this state folder.
+STATE_MARKER = "CMBCLUSTER_COMPUTE_DIR"
 #: Variables of the control plane's own environment that an environment inherits.
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 
@@ -67,6 +71,7 @@ class LocalProcessCompute(ComputeBackend):
     def stop(self, environment_id: str) -> None:
         state = self._read_state(environment_id)
         if state is None:
+            self._terminate_unrecorded(environment_id)
             return
         self._terminate(state)
         state["stopped"] = True
@@ -76,6 +81,8 @@ class LocalProcessCompute(ComputeBackend):
         state = self._read_state(environment_id)
         if state is not None:
             self._terminate(state)
+        else:
+            self._terminate_unrecorded(environment_id)
         for suffix in (".json", ".log"):
             self._path(environment_id, suffix).unlink(missing_ok=True)
         secrets_dir = self.state_dir / f"{environment_id}.secrets"
@@ -92,11 +99,44 @@ class LocalProcessCompute(ComputeBackend):
 
     def list_managed(self) -> list[EnvironmentStatus]:
         statuses = []
+        recorded = set()
         for path in sorted(self.state_dir.glob("*.json")):
             state = self._read_state(path.stem)
             if state is not None:
+                recorded.add(path.stem)
                 statuses.append(self._status_from(state))
+        for env_id in sorted(set(self._unrecorded_groups()) - recorded):
+            # started just before a crash: it runs, but nobody knows its port; reconcile stops it
+            statuses.append(
+                EnvironmentStatus(
+                    environment_id=env_id, phase=EnvironmentPhase.FAILED,
+                    message="interrupted while starting; start it again",
+                )
+            )  # fmt: skip
         return statuses
+
+    def _terminate_unrecorded(self, environment_id: str) -> None:
+        pgid = self._unrecorded_groups().get(environment_id)
+        if pgid is not None:
+            self._terminate({"environment_id": environment_id, "pid": pgid, "start_ticks": _start_ticks(pgid)})
+
+    def _unrecorded_groups(self) -> dict[str, int]:
+        """Process groups started by this backend, by environment id, found through /proc."""
+        marker = f"{STATE_MARKER}={self.state_dir}".encode()
+        found: dict[str, int] = {}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                variables = (proc / "environ").read_bytes().split(b"\0")
+                pgid = os.getpgid(int(proc.name))
+            except (OSError, ProcessLookupError):
+                continue  # gone, or another user's
+            if marker in variables and pgid == int(proc.name):
+                for item in variables:
+                    if item.startswith(b"CMBCLUSTER_ENVIRONMENT_ID="):
+                        found[item.split(b"=", 1)[1].decode()] = pgid
+        return found
 
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         path = self._path(environment_id, ".log")
@@ -164,6 +204,7 @@ class LocalProcessCompute(ComputeBackend):
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
         env.update(spec.env)
         env.update({"PORT": str(port), "HOST": self.host, "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id})
+        env[STATE_MARKER] = str(self.state_dir)
         if spec.secret_files:
             secrets_dir = self.state_dir / f"{spec.environment_id}.secrets"
             secrets_dir.mkdir(mode=0o700, exist_ok=True)

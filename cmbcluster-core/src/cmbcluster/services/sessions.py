@@ -14,7 +14,7 @@ from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound, Pe
 from cmbcluster.security import new_token, token_hash
 
 SESSION_PREFIX, REFRESH_PREFIX, API_TOKEN_PREFIX = "cmbs", "cmbr", "cmbt"
-#: last_seen is written at most this often per session, not on every request
+#: an API token's last use is written at most this often, not on every request
 TOUCH_INTERVAL = dt.timedelta(minutes=1)
 
 
@@ -45,31 +45,35 @@ def authenticate(db: Session, token: str) -> tuple[User, str | None]:
     """
     now = utcnow()
     hashed = token_hash(token)
-    session_id: str | None = None
     if token.startswith(SESSION_PREFIX + "_"):
-        row = db.execute(select(SessionRow).where(SessionRow.token_hash == hashed)).scalar_one_or_none()
-        if row is None or row.revoked_at is not None or row.expires_at <= now:
+        # one query for the session and its user: this runs on every request
+        found = db.execute(
+            select(SessionRow.id, SessionRow.revoked_at, SessionRow.expires_at, User)
+            .join(User, User.id == SessionRow.user_id)
+            .where(SessionRow.token_hash == hashed)
+        ).one_or_none()
+        if found is None:
             raise AuthenticationFailed("your session has expired; sign in again")
-        if now - row.last_seen_at > TOUCH_INTERVAL:
-            row.last_seen_at = now
-            db.commit()
-        user_id, session_id = row.user_id, row.id
-    elif token.startswith(API_TOKEN_PREFIX + "_"):
+        session_id, revoked_at, expires_at, user = found
+        if user.status != "active":  # say why, even though deactivation also revoked the session
+            raise PermissionDenied("this account is deactivated; ask an administrator")
+        if revoked_at is not None or expires_at <= now:
+            raise AuthenticationFailed("your session has expired; sign in again")
+        return user, session_id
+    if token.startswith(API_TOKEN_PREFIX + "_"):
         api = db.execute(select(ApiToken).where(ApiToken.token_hash == hashed)).scalar_one_or_none()
         if api is None or api.revoked_at is not None or (api.expires_at is not None and api.expires_at <= now):
             raise AuthenticationFailed("this API token is unknown, expired or revoked")
         if api.last_used_at is None or now - api.last_used_at > TOUCH_INTERVAL:
             api.last_used_at = now
             db.commit()
-        user_id = api.user_id
-    else:
-        raise AuthenticationFailed("not a CMBCluster session or API token")
-    user = db.get(User, user_id)
-    if user is None:
-        raise AuthenticationFailed("this account no longer exists")
-    if user.status != "active":
-        raise PermissionDenied("this account is deactivated; ask an administrator")
-    return user, session_id
+        user_or_none = db.get(User, api.user_id)
+        if user_or_none is None:
+            raise AuthenticationFailed("this account no longer exists")
+        if user_or_none.status != "active":
+            raise PermissionDenied("this account is deactivated; ask an administrator")
+        return user_or_none, None
+    raise AuthenticationFailed("not a CMBCluster session or API token")
 
 
 def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:

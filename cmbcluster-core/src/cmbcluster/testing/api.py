@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
-class _Response(Protocol):
-    status_code: int
-    headers: object
-    text: str
-
-
-class _Client(Protocol):
-    cookies: object
-
-    def get(self, url: str, **kwargs: object) -> _Response: ...
-    def post(self, url: str, **kwargs: object) -> _Response: ...
-
-
-def dev_sign_in(client: _Client, email: str, name: str = "", next_path: str = "/") -> dict[str, str]:
+def dev_sign_in(client: Any, email: str, name: str = "", next_path: str = "/") -> dict[str, str]:
     """Sign in through the development login exactly as a browser does (login, form, callback).
+
+    ``client`` is FastAPI's TestClient or an ``httpx.Client`` with the server as base URL.
 
     Returns ``Authorization`` headers carrying the session token, and clears the client's
     cookies so several users can share one client.
     """
     login = client.get("/api/v1/auth/local/login", params={"next": next_path}, follow_redirects=False)
     assert login.status_code == 303, login.text
-    form_url = login.headers["location"]  # type: ignore[index]
+    form_url = login.headers["location"]
     fields = {k: v[0] for k, v in parse_qs(urlsplit(form_url).query).items()}
     page = client.get(form_url)
     assert page.status_code == 200, page.text
@@ -41,10 +30,10 @@ def dev_sign_in(client: _Client, email: str, name: str = "", next_path: str = "/
         follow_redirects=False,
     )
     assert submitted.status_code == 303, submitted.text
-    callback = urlsplit(submitted.headers["location"])  # type: ignore[index]
+    callback = urlsplit(submitted.headers["location"])
     done = client.get(f"{callback.path}?{callback.query}", follow_redirects=False)
     assert done.status_code == 303, done.text
-    token = client.cookies.get("cmbcluster_session")  # type: ignore[attr-defined]
+    token = client.cookies.get("cmbcluster_session")
     assert token, "no session cookie was set"
-    client.cookies.clear()  # type: ignore[attr-defined]
+    client.cookies.clear()
     return {"Authorization": f"Bearer {token}"}

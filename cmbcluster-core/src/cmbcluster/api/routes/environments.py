@@ -1,7 +1,261 @@
-"""Router stub: filled in by its resource's work."""
+"""Environments: create from the catalog, list, get, start, stop, restart, delete, progress, activity."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, TypeAdapter
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster.api.deps import Context, CurrentUser, DbSession
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import Environment, User, utcnow
+from cmbcluster.errors import Conflict, LimitExceeded, NotFound
+from cmbcluster.services import environments as envs
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
+
+PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100}
+TERMINAL = ("running", "stopped", "failed")
+EVENT_POLL_SECONDS = 0.25
+EVENT_KEEPALIVE_SECONDS = 15.0
+
+
+class MountIn(BaseModel):
+    storage_id: str = Field(min_length=1, max_length=32)
+    mount_path: str = Field(default="/home/user/data", min_length=2, max_length=400)
+    read_only: bool = False
+
+
+class EnvironmentIn(BaseModel):
+    application: str = Field(min_length=1, max_length=63, description="Application id or slug from the catalog")
+    name: str | None = Field(default=None, max_length=100)
+    preset: str | None = Field(default=None, max_length=40, description="light, standard, heavy; or give cpu/memory")
+    cpu: float | None = Field(default=None, gt=0, le=1024)
+    memory_mib: int | None = Field(default=None, gt=0, le=4 * 1024 * 1024)
+    mounts: list[MountIn] = Field(default_factory=list, max_length=envs.MAX_MOUNTS)
+    env: dict[str, str] = Field(default_factory=dict, description="This environment's own variables")
+    start: bool = Field(default=True, description="Start right away")
+
+
+class ApplicationRef(BaseModel):
+    id: str
+    slug: str
+    name: str
+
+
+class MountOut(BaseModel):
+    storage_id: str
+    display_name: str
+    mount_path: str
+    read_only: bool
+
+
+class EnvironmentOut(BaseModel):
+    id: str
+    name: str
+    application: ApplicationRef
+    status: str = Field(description="pending, starting, running, stopped or failed")
+    status_message: str
+    desired_state: str
+    url: str | None
+    preset: str
+    cpu: float
+    memory_mib: int
+    mounts: list[MountOut]
+    env: dict[str, str]
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    stopped_at: dt.datetime | None
+    last_activity_at: dt.datetime | None
+    shutdown_at: dt.datetime | None = Field(description="When it stops automatically (uptime or idleness)")
+    shutdown_warning: bool = Field(description="True once the shutdown is near; activity postpones an idle stop")
+
+
+class EnvironmentList(BaseModel):
+    items: list[EnvironmentOut]
+
+
+class LogsOut(BaseModel):
+    lines: str
+
+
+_JSON = TypeAdapter(Any)
+
+
+async def _start(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
+    await run_in_threadpool(envs.reserve_start, db, context, user, env)
+    await run_in_threadpool(envs.launch, db, context, env)
+
+
+def _json(payload: Any, status_code: int = 200) -> Response:
+    """Views are built by the service in the documented shape: serialise them once, directly."""
+    return Response(_JSON.dump_json(payload), status_code=status_code, media_type="application/json")
+
+
+def _answer(db: DbSession, context: AppContext, user: User, env: Environment, status_code: int = 200) -> Response:
+    return _json(envs.view(db, context, user.id, env.id), status_code)
+
+
+@router.post("", response_model=EnvironmentOut, status_code=201, summary="Create (and by default start) an environment")
+async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    request = envs.EnvironmentRequest(
+        application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
+        mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
+    )  # fmt: skip
+    env = await run_in_threadpool(envs.create, db, context, user, request)
+    if body.start:
+        try:
+            await run_in_threadpool(envs.reserve_start, db, context, user, env)
+        except (Conflict, LimitExceeded):
+            # refused by a limit: leave nothing behind, so retrying the same request is all it takes
+            await run_in_threadpool(_delete_unstarted, db, env.id)
+            raise
+        await run_in_threadpool(envs.launch, db, context, env)
+    return _answer(db, context, user, env, 201)
+
+
+def _delete_unstarted(db: DbSession, environment_id: str) -> None:
+    fresh = db.get(Environment, environment_id)
+    if fresh is not None and fresh.started_at is None:
+        db.delete(fresh)
+        db.commit()
+
+
+@router.get("", response_model=EnvironmentList, summary="My environments")
+async def list_environments(user: CurrentUser, db: DbSession, context: Context) -> Response:
+    # The busiest read of the API: one indexed query on the event loop (see api/deps.py for why).
+    return _json({"items": envs.views(db, context, user.id)})
+
+
+@router.get("/authorize", status_code=204, summary="For an ingress auth-url: may the caller reach this environment?")
+def authorize(
+    environment_id: Annotated[str, Query(min_length=1, max_length=32)], user: CurrentUser, db: DbSession
+) -> Response:
+    """204 for the owner of a running environment (and counts as activity); 404 otherwise."""
+    env = envs.get_owned(db, user, environment_id)
+    if env.status != "running":
+        raise NotFound(f"environment {environment_id} is not running")
+    envs.touch(db, env, kind="traffic")
+    return Response(status_code=204)
+
+
+@router.get("/{environment_id}", response_model=EnvironmentOut, summary="One environment, its status refreshed")
+async def get_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    if env.status in envs.ACTIVE_STATUSES:
+        status = await run_in_threadpool(context.compute.status, env.id)
+        if envs.apply_status(db, env, status):
+            db.commit()
+    return _answer(db, context, user, env)
+
+
+@router.post("/{environment_id}/start", response_model=EnvironmentOut, summary="Start a stopped environment")
+async def start_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    await _start(db, context, user, env)
+    return _answer(db, context, user, env)
+
+
+@router.post("/{environment_id}/stop", response_model=EnvironmentOut, summary="Stop; every choice is kept")
+async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    await run_in_threadpool(envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
+    return _answer(db, context, user, env)
+
+
+@router.post("/{environment_id}/restart", response_model=EnvironmentOut, summary="Stop and start with the same choices")
+async def restart_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    if env.status in envs.ACTIVE_STATUSES:
+        await run_in_threadpool(envs.stop, db, context, env, actor_id=user.id, reason="restarting")
+    await _start(db, context, user, env)
+    return _answer(db, context, user, env)
+
+
+@router.delete("/{environment_id}", status_code=204, summary="Delete the environment (its buckets stay)")
+async def delete_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    await run_in_threadpool(envs.remove, db, context, env, actor_id=user.id)
+    return Response(status_code=204)
+
+
+@router.post("/{environment_id}/activity", status_code=204, summary="Heartbeat: the user is working in it")
+def heartbeat(environment_id: str, user: CurrentUser, db: DbSession) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    if env.status not in envs.ACTIVE_STATUSES:
+        raise Conflict(f"environment {environment_id} is {env.status}")
+    envs.touch(db, env)
+    return Response(status_code=204)
+
+
+@router.get("/{environment_id}/logs", response_model=LogsOut, summary="The last lines of the environment's output")
+async def environment_logs(
+    environment_id: str,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    tail: Annotated[int, Query(ge=1, le=5000)] = 200,
+) -> LogsOut:
+    env = envs.get_owned(db, user, environment_id)
+    return LogsOut(lines=await run_in_threadpool(context.compute.logs, env.id, tail=tail))
+
+
+@router.get(
+    "/{environment_id}/events",
+    summary="Progress while starting (Server-Sent Events); ends once running, stopped or failed",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def environment_events(
+    environment_id: str, request: Request, user: CurrentUser, db: DbSession, context: Context
+) -> StreamingResponse:
+    envs.get_owned(db, user, environment_id)  # 404 before the stream starts
+    user_id = user.id
+    return StreamingResponse(
+        _progress(request, context, user_id, environment_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _progress(request: Request, context: AppContext, user_id: str, environment_id: str) -> AsyncIterator[str]:
+    """Status events read from the database (so any replica can serve them), refreshed from the
+    backend while transitional; a comment line keeps idle proxies from closing the stream."""
+    last: tuple[object, ...] | None = None
+    quiet_since = asyncio.get_running_loop().time()
+
+    def read() -> dict[str, object] | None:
+        with context.sessions() as db:
+            env = db.get(Environment, environment_id)
+            if env is None or env.user_id != user_id:
+                return None
+            if env.status in ("pending", "starting") and envs.apply_status(db, env, context.compute.status(env.id)):
+                db.commit()
+            return {
+                "status": env.status, "message": env.status_message, "url": env.url,
+                "progress": PROGRESS.get(env.status, 0), "at": utcnow().isoformat(),
+            }  # fmt: skip
+
+    while not await request.is_disconnected():
+        event = await run_in_threadpool(read)
+        if event is None:
+            yield 'event: deleted\ndata: {"status": "deleted"}\n\n'
+            return
+        key = (event["status"], event["message"], event["url"])
+        if key != last:
+            last = key
+            quiet_since = asyncio.get_running_loop().time()
+            yield f"event: status\ndata: {json.dumps(event)}\n\n"
+            if event["status"] in TERMINAL:
+                return
+        elif asyncio.get_running_loop().time() - quiet_since > EVENT_KEEPALIVE_SECONDS:
+            quiet_since = asyncio.get_running_loop().time()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(EVENT_POLL_SECONDS)

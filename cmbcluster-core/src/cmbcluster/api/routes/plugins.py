@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from cmbcluster.api.deps import Context
+from cmbcluster.api.deps import AdminUser, Context
 
 router = APIRouter(prefix="/api/v1/plugins", tags=["plugins"])
 
@@ -26,8 +26,8 @@ class PluginsOut(BaseModel):
     active: dict[str, str]
 
 
-@router.get("", response_model=PluginsOut, summary="Installed plugins and the active providers")
-def list_plugins(context: Context) -> PluginsOut:
+@router.get("", response_model=PluginsOut, summary="Installed plugins and the active providers (admins)")
+def list_plugins(context: Context, admin: AdminUser) -> PluginsOut:
     return PluginsOut(
         plugins=[PluginOut(**info.as_dict()) for info in context.config.plugins.plugins()],
         active=context.config.summary(),

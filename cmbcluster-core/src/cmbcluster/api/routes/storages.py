@@ -1,7 +1,515 @@
-"""Router stub: filled in by its resource's work."""
+"""Storage: your buckets (create, list with usage, get, delete) and their objects (list by
+prefix, upload and download streamed in constant memory, delete).
+
+Every backend call blocks (cloud SDKs do), so none runs on the event loop: the plain ``def``
+routes run whole in FastAPI's thread pool, and the streaming ones (``async def``) hand each
+backend call to a worker thread. Bucket and object bytes never sit whole in memory: uploads
+go through :func:`cmbcluster.streaming.consume_in_thread` (a queue of a few 1 MiB chunks),
+downloads through :func:`cmbcluster.streaming.iterate_in_thread`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import datetime as dt
+import email.utils
+import logging
+import re
+from functools import partial
+from typing import Annotated, Any
+from urllib.parse import quote
 
-router = APIRouter(prefix="/api/v1/storages", tags=["storage"])
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from cmbcluster.api.deps import Context, CurrentUser, DbSession
+from cmbcluster.api.errors import error_body
+from cmbcluster.db.models import Storage, User
+from cmbcluster.errors import InvalidRequest, PayloadTooLarge
+from cmbcluster.interfaces import ObjectInfo, StorageClass
+from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key, validate_object_prefix
+from cmbcluster.services import storages as service
+from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
+
+log = logging.getLogger(__name__)
+
+#: How long a listing waits for stale buckets to be measured before answering with the cached
+#: figures; a single bucket's page waits longer. See :func:`service.current_usage`.
+LIST_USAGE_WAIT_SECONDS = 2.0
+GET_USAGE_WAIT_SECONDS = 10.0
+MAX_CONTENT_TYPE_LENGTH = 255
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="A stable, machine-readable code such as 'not_found'")
+    message: str = Field(description="What went wrong, for a person")
+    detail: Any | None = None
+
+
+class StorageCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    display_name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] = Field(
+        description="A name for people; the bucket's real name is chosen by the server", examples=["Simulations"]
+    )
+    storage_class: StorageClass = Field(
+        default=StorageClass.STANDARD,
+        description="Portable storage class; a backend that does not offer it answers 400",
+    )
+
+    @field_validator("display_name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class StorageOut(BaseModel):
+    id: str
+    display_name: str
+    storage_class: str
+    status: str = Field(description="'active', or 'deleting' while the bucket is being deleted")
+    backend: str = Field(description="The storage backend holding the bucket (local, aws, gcp, ...)")
+    bucket_name: str = Field(description="The bucket's real name in that backend")
+    created_at: dt.datetime
+    size_bytes: int | None = Field(description="Total size of the objects; null until first measured")
+    object_count: int | None = Field(description="Number of objects; null until first measured")
+    usage_measured_at: dt.datetime | None = Field(
+        description="When size and count were measured (they are cached for a minute)"
+    )
+
+
+class StorageListOut(BaseModel):
+    storages: list[StorageOut]
+
+
+class ObjectOut(BaseModel):
+    key: str = Field(description="The object's path in the bucket, '/'-separated")
+    size: int = Field(description="Size in bytes")
+    last_modified: dt.datetime
+    content_type: str
+    etag: str = Field(description="Changes whenever the object's content changes")
+
+
+class ObjectPageOut(BaseModel):
+    objects: list[ObjectOut]
+    prefixes: list[str] = Field(description="The 'folders' directly under the prefix (with delimiter=true)")
+    next_page_token: str | None = Field(description="Pass as page_token for the next page; null on the last one")
+
+
+ObjectKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_OBJECT_KEY_BYTES)]
+
+
+class DeleteObjectsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[ObjectKey] = Field(min_length=1, max_length=1000, description="1 to 1000 object keys")
+
+
+class DeleteObjectsOut(BaseModel):
+    deleted: int = Field(description="Keys processed; keys that did not exist count too (deleting is idempotent)")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+def storage_out(storage: Storage, usage: service.Usage) -> StorageOut:
+    return StorageOut(
+        id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
+        status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
+        created_at=storage.created_at, size_bytes=usage.size_bytes, object_count=usage.object_count,
+        usage_measured_at=usage.measured_at,
+    )  # fmt: skip
+
+
+def object_out(info: ObjectInfo) -> ObjectOut:
+    return ObjectOut(
+        key=info.key, size=info.size, last_modified=info.last_modified, content_type=info.content_type,
+        etag=info.etag,
+    )  # fmt: skip
+
+
+# -- per-server state --------------------------------------------------------------------------
+
+
+async def get_runtime(request: Request, context: Context) -> service.StorageRuntime:
+    """The app's storage runtime, made on first use (an async dependency: no race between threads)."""
+    runtime: service.StorageRuntime | None = getattr(request.app.state, "storage_runtime", None)
+    if runtime is None:
+        runtime = service.StorageRuntime(context.storage, context.sessions)
+        request.app.state.storage_runtime = runtime
+    return runtime
+
+
+Runtime = Annotated[service.StorageRuntime, Depends(get_runtime)]
+
+router = APIRouter(prefix="/api/v1/storages", tags=["storage"], responses=_errors(401, 404))
+
+
+# -- buckets -----------------------------------------------------------------------------------
+
+
+@router.post(
+    "", status_code=201, response_model=StorageOut, summary="Create a bucket", responses=_errors(400, 409, 503)
+)
+def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
+    storage = service.create_storage(
+        db, context.storage, backend_name=context.config.storage.name, user=user,
+        display_name=body.display_name, storage_class=body.storage_class,
+        max_buckets=context.config.core.max_buckets_per_user,
+    )  # fmt: skip
+    return storage_out(storage, service.cached_usage(storage))
+
+
+@router.get("", response_model=StorageListOut, summary="List your buckets with their size and object count")
+def list_storages(user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageListOut:
+    # Sizes come from the cache; stale ones (older than a minute) are measured again, at most
+    # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
+    # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
+    rows = service.list_owned(db, user)
+    db.commit()  # hold no transaction while waiting for measurements
+    usage = service.current_usage(
+        rows, runtime.refresher, backend_name=context.config.storage.name, wait_seconds=LIST_USAGE_WAIT_SECONDS
+    )
+    return StorageListOut(storages=[storage_out(row, usage[row.id]) for row in rows])
+
+
+@router.get("/{storage_id}", response_model=StorageOut, summary="One of your buckets, with its size and object count")
+def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageOut:
+    storage = service.get_owned(db, user, storage_id)
+    db.commit()
+    usage = service.current_usage(
+        [storage], runtime.refresher, backend_name=context.config.storage.name, wait_seconds=GET_USAGE_WAIT_SECONDS
+    )
+    return storage_out(storage, usage[storage.id])
+
+
+@router.delete(
+    "/{storage_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a bucket (force=true also deletes every object in it)",
+    responses=_errors(409, 503),
+)
+def delete_storage(
+    storage_id: str,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    runtime: Runtime,
+    force: Annotated[bool, Query(description="Delete the objects too; without it a non-empty bucket is 409")] = False,
+) -> Response:
+    storage = service.get_owned(db, user, storage_id)
+    service.delete_storage(
+        db, context.storage, backend_name=context.config.storage.name, user=user, storage=storage, force=force
+    )
+    runtime.refresher.invalidate(storage_id)
+    return Response(status_code=204)
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+
+def _usable_bucket(db: DbSession, user: User, storage_id: str, backend_name: str) -> str:
+    """The bucket name of the caller's active storage; the transaction ends before any transfer."""
+    storage = service.get_owned(db, user, storage_id)
+    service.require_usable(storage, backend_name)
+    db.commit()
+    return storage.bucket_name
+
+
+def _changed(db: DbSession, runtime: service.StorageRuntime, storage_id: str) -> None:
+    service.invalidate_usage(db, storage_id)
+    db.commit()
+    runtime.refresher.invalidate(storage_id)
+
+
+@router.get(
+    "/{storage_id}/objects",
+    response_model=ObjectPageOut,
+    summary="List objects by prefix, a page at a time",
+    responses=_errors(400, 409),
+)
+def list_objects(
+    storage_id: str,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    prefix: Annotated[str, Query(max_length=MAX_OBJECT_KEY_BYTES, description="Only keys starting with this")] = "",
+    page_token: Annotated[
+        str | None, Query(max_length=4096, description="next_page_token of the previous page")
+    ] = None,
+    page_size: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    delimiter: Annotated[
+        bool, Query(description="true: one folder level ('/'-delimited) with sub-folders in prefixes; false: all")
+    ] = True,
+) -> ObjectPageOut:
+    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
+    validate_object_prefix(prefix)
+    page = context.storage.list_objects(
+        bucket, prefix, delimiter="/" if delimiter else None, page_token=page_token or None, page_size=page_size
+    )
+    return ObjectPageOut(
+        objects=[object_out(info) for info in page.objects], prefixes=page.prefixes, next_page_token=page.next_token
+    )
+
+
+@router.post(
+    "/{storage_id}/objects/delete",
+    response_model=DeleteObjectsOut,
+    summary="Delete up to 1000 objects",
+    responses=_errors(400, 409),
+)
+def delete_objects(
+    storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
+) -> DeleteObjectsOut:
+    storage = service.get_owned(db, user, storage_id)
+    service.require_usable(storage, context.config.storage.name)
+    deleted = service.delete_objects(db, context.storage, user=user, storage=storage, keys=body.keys)
+    runtime.refresher.invalidate(storage_id)
+    return DeleteObjectsOut(deleted=deleted)
+
+
+@router.put(
+    "/{storage_id}/objects/{key:path}",
+    status_code=201,
+    response_model=ObjectOut,
+    summary="Upload an object: the request body, streamed (replaces an object of the same key)",
+    responses=_errors(400, 409, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "The object's bytes; the request's Content-Type is stored with it",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_object(
+    storage_id: str,
+    key: str,
+    request: Request,
+    response: Response,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    runtime: Runtime,
+) -> ObjectOut:
+    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
+    validate_object_key(key)
+    max_bytes = context.config.core.max_upload_bytes
+    declared = _content_length(request)
+    if declared is not None and declared > max_bytes:
+        raise _too_large(max_bytes)
+    content_type = request.headers.get("content-type") or None
+    if content_type is not None and (len(content_type) > MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()):
+        raise InvalidRequest(f"Content-Type must be at most {MAX_CONTENT_TYPE_LENGTH} printable characters")
+    # Constant memory: the body goes from the socket to the backend's blocking upload through a
+    # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
+    # aborts the write and no object is stored (the same when the client goes away).
+    source = rechunk(limit_bytes(request.stream(), max_bytes, _too_large), CHUNK_SIZE)
+    upload = partial(context.storage.upload_object, bucket, key, content_type=content_type)
+    try:
+        info = await consume_in_thread(source, upload, limiter=runtime.upload_limiter)
+    except ClientDisconnect:
+        log.info("upload of an object to storage %s interrupted by the client; nothing stored", storage_id)
+        raise InvalidRequest("the upload was interrupted before its end; nothing was stored") from None
+    await run_in_threadpool(_changed, db, runtime, storage_id)
+    response.headers["Location"] = f"{router.prefix}/{storage_id}/objects/{quote(info.key)}"
+    return object_out(info)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidRequest("Content-Length must be a non-negative integer")
+    return int(raw)
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"an upload may be at most {max_bytes} bytes on this server; nothing was stored")
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/{storage_id}/objects/{key:path}",
+    response_class=StreamingResponse,
+    summary="Download an object, streamed (supports a single 'Range: bytes=first-last')",
+    responses={
+        200: {"content": {"application/octet-stream": _BINARY}, "description": "The whole object"},
+        206: {"content": {"application/octet-stream": _BINARY}, "description": "The requested range"},
+        416: {"model": ErrorOut, "description": "The range starts past the end of the object"},
+        **_errors(400, 409),
+    },
+)
+async def download_object(
+    storage_id: str,
+    key: str,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    range_header: Annotated[
+        str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-suffix")
+    ] = None,
+    if_range: Annotated[
+        str | None, Header(alias="If-Range", description="Honour Range only if still this ETag")
+    ] = None,
+) -> Response:
+    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
+    validate_object_key(key)
+    info = await run_in_threadpool(context.storage.head_object, bucket, key)
+    headers = object_headers(info)
+    wanted = range_header if range_header and _if_range_matches(if_range, info) else None
+    try:
+        span = parse_range(wanted, info.size) if wanted else None
+    except RangeNotSatisfiable as exc:
+        return JSONResponse(
+            error_body("range_not_satisfiable", str(exc)),
+            status_code=416,
+            headers={"Content-Range": f"bytes */{info.size}", "Accept-Ranges": "bytes"},
+        )
+    first, last = span if span is not None else (0, info.size - 1)
+    headers["Content-Length"] = str(last - first + 1)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
+    # Ask for exactly the bytes the headers announce (never more if the object grew meanwhile).
+    # The backends raise NotFound on call, before the first chunk, so a missing object is a 404
+    # here and never a broken 200.
+    byte_range = (first, last) if info.size else None
+    chunks = await run_in_threadpool(
+        partial(context.storage.download_object, bucket, key, byte_range=byte_range, chunk_size=CHUNK_SIZE)
+    )
+    return StreamingResponse(
+        iterate_in_thread(chunks), status_code=206 if span is not None else 200, headers=headers,
+        media_type=headers["Content-Type"],
+    )  # fmt: skip
+
+
+@router.head(
+    "/{storage_id}/objects/{key:path}",
+    response_class=Response,
+    summary="An object's download headers (size, type, ETag) without its bytes",
+    responses=_errors(400, 409),
+)
+def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
+    validate_object_key(key)
+    info = context.storage.head_object(bucket, key)
+    headers = object_headers(info)
+    headers["Content-Length"] = str(info.size)
+    return Response(status_code=200, headers=headers)
+
+
+@router.delete(
+    "/{storage_id}/objects/{key:path}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an object (deleting one that does not exist also succeeds)",
+    responses=_errors(400, 409),
+)
+def delete_object(
+    storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
+) -> Response:
+    storage = service.get_owned(db, user, storage_id)
+    service.require_usable(storage, context.config.storage.name)
+    service.delete_objects(db, context.storage, user=user, storage=storage, keys=[key])
+    runtime.refresher.invalidate(storage_id)
+    return Response(status_code=204)
+
+
+# -- HTTP details ------------------------------------------------------------------------------
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+_BYTE_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The ``(first, last)`` bytes (inclusive) a ``Range`` header asks for, or None to answer
+    the whole object: RFC 9110 lets a server ignore a range it does not support (several
+    ranges, another unit) or an invalid one. RangeNotSatisfiable when it starts past the end."""
+    match = _BYTE_RANGE.match(header)
+    if match is None:
+        return None
+    first_text, last_text = match.groups()
+    if not first_text:
+        if not last_text:
+            return None
+        suffix = int(last_text)  # bytes=-N: the last N bytes
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(f"range {header.strip()!r} is not satisfiable for {size} bytes")
+        return max(0, size - suffix), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if last_text and last < first:
+        return None
+    if first >= size:
+        raise RangeNotSatisfiable(f"range {header.strip()!r} starts past the end of the object ({size} bytes)")
+    return first, min(last, size - 1)
+
+
+def _quoted_etag(info: ObjectInfo) -> str:
+    return f'"{info.etag.strip(chr(34))}"' if info.etag else ""
+
+
+def _if_range_matches(if_range: str | None, info: ObjectInfo) -> bool:
+    """Whether a Range may be honoured: no If-Range, or If-Range names the current version
+    (a strong ETag, or the Last-Modified date); otherwise the whole object is sent."""
+    if not if_range:
+        return True
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return bool(info.etag) and value == _quoted_etag(info)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return False
+    return when.tzinfo is not None and when == info.last_modified.replace(microsecond=0)
+
+
+def object_headers(info: ObjectInfo) -> dict[str, str]:
+    """Headers of a download: type, version, and how a browser must treat it. User content is
+    always an attachment, never sniffed, and sandboxed if opened: it must not run as our pages."""
+    headers = {
+        "Content-Type": _header_safe(info.content_type) or "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": content_disposition(info.key.rsplit("/", 1)[-1]),
+        "Last-Modified": email.utils.format_datetime(info.last_modified.astimezone(dt.UTC), usegmt=True),
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+    }
+    if info.etag:
+        headers["ETag"] = _quoted_etag(info)
+    return headers
+
+
+def _header_safe(value: str) -> str:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return ""
+    return value if value.isprintable() else ""
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file's name: an ASCII fallback, plus RFC 6266 ``filename*``
+    (UTF-8, percent-encoded) when the name is not plain ASCII."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in filename) or "download"
+    value = f'attachment; filename="{fallback}"'
+    if fallback != filename:
+        value += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return value

@@ -1,0 +1,275 @@
+"""Administration: finding users, changing their role and status, the audit trail, activity, stats."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal, TypeVarTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.orm import Session
+
+from cmbcluster.db.models import Activity, Application, AuditEvent, Environment, Storage, User, utcnow
+from cmbcluster.db.models import Session as SessionRow
+from cmbcluster.errors import Conflict, InvalidRequest, NotFound
+from cmbcluster.services.audit import audit
+from cmbcluster.services.sessions import revoke_all_sessions
+
+Role = Literal["admin", "user"]
+Status = Literal["active", "deactivated"]
+#: A year: longer than that is "never" (0).
+MAX_UPTIME_MINUTES_LIMIT = 366 * 24 * 60
+
+
+class UserUpdate(BaseModel):
+    """What an admin may change on a user; only the fields sent change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role | None = None
+    status: Status | None = None
+    max_uptime_minutes: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_UPTIME_MINUTES_LIMIT,
+        description="Stop this user's environments after this many minutes (0: never); null: the server default",
+    )
+
+    @model_validator(mode="after")
+    def _no_null_role_or_status(self) -> UserUpdate:
+        nulls = sorted(
+            name for name in ("role", "status") if name in self.model_fields_set and getattr(self, name) is None
+        )
+        if nulls:
+            raise ValueError(f"cannot be null: {', '.join(nulls)} (leave a field out to keep it)")
+        return self
+
+
+Row = TypeVarTuple("Row")
+
+
+def _page(query: Select[*Row], page: int, page_size: int) -> Select[*Row]:
+    if page < 1 or not 1 <= page_size <= 200:
+        raise InvalidRequest("page must be at least 1 and page_size between 1 and 200")
+    return query.limit(page_size).offset((page - 1) * page_size)
+
+
+def _count(db: Session, query: Select[*Row]) -> int:
+    total: int = db.execute(select(func.count()).select_from(query.order_by(None).subquery())).scalar_one()
+    return total
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# -- users -----------------------------------------------------------------------------------------
+def list_users(
+    db: Session,
+    *,
+    query: str | None = None,
+    role: str | None = None,
+    status: str | None = None,
+    page: int = 1,
+    page_size: int = 50,
+) -> tuple[list[User], int]:
+    """Users whose e-mail or name contains ``query`` (case-insensitive), by e-mail; and the total."""
+    stmt = select(User)
+    if query and query.strip():
+        pattern = _like(query.strip().lower())
+        stmt = stmt.where(or_(User.email.ilike(pattern, escape="\\"), User.name.ilike(pattern, escape="\\")))
+    if role:
+        stmt = stmt.where(User.role == role)
+    if status:
+        stmt = stmt.where(User.status == status)
+    total = _count(db, stmt)
+    users = db.execute(_page(stmt.order_by(User.email, User.id), page, page_size)).scalars()
+    return list(users), total
+
+
+def get_user(db: Session, user_id: str) -> User:
+    user = db.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id!r}")
+    return user
+
+
+def user_counts(db: Session, user_id: str) -> dict[str, int]:
+    """How many environments (and running ones), buckets and live sessions a user has."""
+    now = utcnow()
+
+    def count(stmt: Select[Any]) -> int:
+        value: int = db.execute(stmt).scalar_one()
+        return value
+
+    base = select(func.count()).select_from(Environment).where(Environment.user_id == user_id)
+    return {
+        "environments": count(base),
+        "running_environments": count(base.where(Environment.status.in_(("starting", "running")))),
+        "storages": count(select(func.count()).select_from(Storage).where(Storage.user_id == user_id)),
+        "active_sessions": count(
+            select(func.count())
+            .select_from(SessionRow)
+            .where(SessionRow.user_id == user_id, SessionRow.revoked_at.is_(None), SessionRow.expires_at > now)
+        ),
+    }
+
+
+def _other_active_admins(db: Session, user_id: str) -> int:
+    # FOR UPDATE (where the database has it) serializes two admins demoting each other at once.
+    rows = db.execute(
+        select(User.id).where(User.role == "admin", User.status == "active", User.id != user_id).with_for_update()
+    ).all()
+    return len(rows)
+
+
+def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str | None) -> User:
+    """Change a user's role, status or maximum uptime, with an audit event per change.
+
+    Admins cannot demote or deactivate themselves (InvalidRequest) and the last active admin
+    stays one (Conflict). Deactivation revokes every session of the user at once.
+    """
+    user = get_user(db, user_id)
+    fields = changes.model_fields_set
+    new_role = changes.role if "role" in fields and changes.role is not None else user.role
+    new_status = changes.status if "status" in fields and changes.status is not None else user.status
+    if actor_id is not None and actor_id == user.id:
+        if new_role != "admin" and user.role == "admin":
+            raise InvalidRequest("you cannot remove your own administrator role; ask another administrator")
+        if new_status != "active" and user.status == "active":
+            raise InvalidRequest("you cannot deactivate your own account; ask another administrator")
+    loses_admin = user.role == "admin" and user.status == "active" and (new_role != "admin" or new_status != "active")
+    if loses_admin and _other_active_admins(db, user.id) == 0:
+        raise Conflict(f"{user.email} is the last active administrator; make another user an administrator first")
+
+    target = {"target_type": "user", "target_id": user.id}
+    if new_role != user.role:
+        audit(db, actor_id=actor_id, action="user.role_changed", email=user.email,
+              before={"role": user.role}, after={"role": new_role}, **target)  # fmt: skip
+        user.role = new_role
+    if new_status != user.status:
+        revoked = 0
+        if new_status == "deactivated":
+            revoked = user_counts(db, user.id)["active_sessions"]
+            revoke_all_sessions(db, user.id)
+        audit(
+            db,
+            actor_id=actor_id,
+            action="user.deactivated" if new_status == "deactivated" else "user.reactivated",
+            email=user.email,
+            before={"status": user.status},
+            after={"status": new_status},
+            sessions_revoked=revoked,
+            **target,
+        )
+        user.status = new_status
+    if "max_uptime_minutes" in fields and changes.max_uptime_minutes != user.max_uptime_minutes:
+        audit(db, actor_id=actor_id, action="user.max_uptime_changed", email=user.email,
+              before={"max_uptime_minutes": user.max_uptime_minutes},
+              after={"max_uptime_minutes": changes.max_uptime_minutes}, **target)  # fmt: skip
+        user.max_uptime_minutes = changes.max_uptime_minutes
+    db.commit()
+    return user
+
+
+# -- audit trail and activity ----------------------------------------------------------------------
+def list_audit(
+    db: Session,
+    *,
+    action: str | None = None,
+    actor_id: str | None = None,
+    target_id: str | None = None,
+    target_type: str | None = None,
+    page: int = 1,
+    page_size: int = 50,
+) -> tuple[list[tuple[AuditEvent, str | None]], int]:
+    """Audit events, newest first, each with its actor's e-mail (None for the system); and the total."""
+    stmt = select(AuditEvent, User.email).outerjoin(User, User.id == AuditEvent.actor_id)
+    if action:
+        stmt = stmt.where(AuditEvent.action == action)
+    if actor_id:
+        stmt = stmt.where(AuditEvent.actor_id == actor_id)
+    if target_id:
+        stmt = stmt.where(AuditEvent.target_id == target_id)
+    if target_type:
+        stmt = stmt.where(AuditEvent.target_type == target_type)
+    total = _count(db, stmt)
+    rows = db.execute(_page(stmt.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()), page, page_size)).all()
+    return [(event, email) for event, email in rows], total
+
+
+def list_activity(db: Session, user_id: str, *, page: int = 1, page_size: int = 50) -> tuple[list[Activity], int]:
+    """A user's activity, newest first; NotFound for an unknown user."""
+    get_user(db, user_id)
+    stmt = select(Activity).where(Activity.user_id == user_id)
+    total = _count(db, stmt)
+    rows = db.execute(_page(stmt.order_by(Activity.at.desc(), Activity.id.desc()), page, page_size)).scalars()
+    return list(rows), total
+
+
+# -- dashboard -------------------------------------------------------------------------------------
+class UserStats(BaseModel):
+    total: int
+    active: int
+    deactivated: int
+    admins: int = Field(description="Active administrators")
+    signed_in_last_24h: int
+
+
+class EnvironmentStats(BaseModel):
+    total: int
+    by_status: dict[str, int]
+
+
+class StorageStats(BaseModel):
+    count: int
+    usage_bytes: int = Field(description="Sum of the cached usage of every bucket")
+    usage_unknown: int = Field(description="Buckets whose usage was never measured")
+
+
+class ApplicationStats(BaseModel):
+    active: int
+    total: int
+
+
+class Stats(BaseModel):
+    users: UserStats
+    environments: EnvironmentStats
+    storages: StorageStats
+    applications: ApplicationStats
+    at: dt.datetime
+
+
+def stats(db: Session, *, now: dt.datetime | None = None) -> Stats:
+    now = now or utcnow()
+
+    def scalar(stmt: Select[Any]) -> int:
+        return int(db.execute(stmt).scalar_one() or 0)
+
+    users = select(func.count()).select_from(User)
+    by_status = {
+        str(status): int(count)
+        for status, count in db.execute(
+            select(Environment.status, func.count()).group_by(Environment.status).order_by(Environment.status)
+        ).all()
+    }
+    apps = select(func.count()).select_from(Application)
+    storages = select(func.count()).select_from(Storage)
+    return Stats(
+        users=UserStats(
+            total=scalar(users),
+            active=scalar(users.where(User.status == "active")),
+            deactivated=scalar(users.where(User.status != "active")),
+            admins=scalar(users.where(User.role == "admin", User.status == "active")),
+            signed_in_last_24h=scalar(users.where(User.last_login_at >= now - dt.timedelta(hours=24))),
+        ),
+        environments=EnvironmentStats(total=sum(by_status.values()), by_status=by_status),
+        storages=StorageStats(
+            count=scalar(storages),
+            usage_bytes=scalar(select(func.coalesce(func.sum(Storage.usage_bytes), 0))),
+            usage_unknown=scalar(storages.where(Storage.usage_bytes.is_(None))),
+        ),
+        applications=ApplicationStats(active=scalar(apps.where(Application.active.is_(True))), total=scalar(apps)),
+        at=now,
+    )

@@ -1,0 +1,420 @@
+"""Environments: create from the catalog, start, stop, restart, delete, and their limits.
+
+The database holds what each user asked for (``desired_state``) and the last status seen;
+the compute backend holds what runs. Every choice (application, resources, buckets and mount
+points, variables) is stored, so a restart or a start after a stop reproduces the environment.
+Limits and the server-wide start slots live in the database, so they hold across replicas.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session, selectinload
+
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
+from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
+from cmbcluster.interfaces import (
+    EnvironmentPhase,
+    EnvironmentSpec,
+    EnvironmentStatus,
+    MountedVolume,
+    MountRequest,
+    Resources,
+    UserRef,
+)
+from cmbcluster.services import user_settings
+from cmbcluster.services.audit import activity, audit
+from cmbcluster.services.catalog import resolve_resources
+
+log = logging.getLogger(__name__)
+
+#: Statuses of an environment that holds (or is about to hold) resources.
+ACTIVE_STATUSES = ("pending", "starting", "running")
+#: Statuses from which ``start`` may run again.
+STARTABLE_STATUSES = ("stopped", "failed")
+MAX_MOUNTS = 10
+MAX_ENV_VARS = 100
+#: a busy environment writes its activity at most this often
+ACTIVITY_WRITE_INTERVAL = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class MountChoice:
+    storage_id: str
+    mount_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class EnvironmentRequest:
+    """What a user chooses when creating an environment."""
+
+    application: str
+    name: str | None = None
+    preset: str | None = None
+    cpu: float | None = None
+    memory_mib: int | None = None
+    mounts: Sequence[MountChoice] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def get_owned(db: Session, user: User, environment_id: str) -> Environment:
+    """The user's environment, or NotFound: another user's id looks exactly like an unknown one."""
+    env = db.execute(
+        select(Environment)
+        .where(Environment.id == environment_id, Environment.user_id == user.id)
+        .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
+    ).scalar_one_or_none()
+    if env is None:
+        raise NotFound(f"environment {environment_id} not found")
+    return env
+
+
+def list_owned(db: Session, user: User) -> list[Environment]:
+    return list(
+        db.execute(
+            select(Environment)
+            .where(Environment.user_id == user.id)
+            .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
+            .order_by(Environment.created_at)
+        ).scalars()
+    )
+
+
+def create(db: Session, context: AppContext, user: User, request: EnvironmentRequest) -> Environment:
+    """Validate every choice and store the environment (status ``pending``); ``start`` runs it."""
+    core = context.config.core
+    application = db.execute(
+        select(Application).where((Application.id == request.application) | (Application.slug == request.application))
+    ).scalar_one_or_none()
+    if application is None or not application.active:
+        raise NotFound(f"application {request.application} not found")
+    preset, cpu, memory = resolve_resources(
+        request.preset or (None if request.cpu or request.memory_mib else application.default_preset),
+        request.cpu,
+        request.memory_mib,
+        max_cpu=core.max_cpu,
+        max_memory_mib=core.max_memory_mib,
+    )
+    env_vars = _validate_env(request.env)
+    mounts = _validate_mounts(db, user, request.mounts)
+    name = (request.name or application.name).strip()
+    if not 1 <= len(name) <= 100:
+        raise InvalidRequest("an environment name of 1 to 100 characters is required")
+    env = Environment(
+        user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
+        desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
+    )  # fmt: skip
+    db.add(env)
+    db.flush()
+    for storage, choice in mounts:
+        db.add(
+            EnvironmentStorage(
+                environment_id=env.id, storage_id=storage.id, mount_path=choice.mount_path, read_only=choice.read_only
+            )
+        )
+    audit(db, actor_id=user.id, action="environment.created", target_type="environment", target_id=env.id,
+          application=application.slug, preset=preset)  # fmt: skip
+    db.commit()
+    return get_owned(db, user, env.id)
+
+
+def _validate_env(env: dict[str, str]) -> dict[str, str]:
+    """The same rules as the user's own variables (names, reserved names, value size)."""
+    if len(env) > MAX_ENV_VARS:
+        raise InvalidRequest(f"at most {MAX_ENV_VARS} environment variables")
+    return {user_settings.validate_env_var_name(k): user_settings.validate_env_var_value(v) for k, v in env.items()}
+
+
+def _validate_mounts(db: Session, user: User, choices: Sequence[MountChoice]) -> list[tuple[Storage, MountChoice]]:
+    if len(choices) > MAX_MOUNTS:
+        raise InvalidRequest(f"at most {MAX_MOUNTS} buckets can be mounted")
+    seen_paths: set[str] = set()
+    seen_storages: set[str] = set()
+    result = []
+    for choice in choices:
+        storage = db.get(Storage, choice.storage_id)
+        if storage is None or storage.user_id != user.id:
+            raise NotFound(f"storage {choice.storage_id} not found")
+        path = choice.mount_path.rstrip("/") or "/"
+        if path == "/" or not path.startswith("/") or any(p in {"", ".", ".."} for p in path.split("/")[1:]):
+            raise InvalidRequest(f"mount path {choice.mount_path!r} must be an absolute folder other than /")
+        if len(path) > 400:
+            raise InvalidRequest("mount paths are at most 400 characters")
+        if path in seen_paths or choice.storage_id in seen_storages:
+            raise InvalidRequest("each bucket and each mount path may be used once")
+        seen_paths.add(path)
+        seen_storages.add(choice.storage_id)
+        result.append((storage, MountChoice(choice.storage_id, path, choice.read_only)))
+    return result
+
+
+# -- starting ----------------------------------------------------------------------------------
+def reserve_start(db: Session, context: AppContext, user: User, env: Environment) -> None:
+    """Check the user's limit, take a server-wide start slot and mark the environment pending.
+
+    The slot row is written before it is counted: on SQLite the insert takes the database's
+    write lock, so concurrent starts are serialised; on PostgreSQL an advisory lock does it.
+    """
+    core = context.config.core
+    if env.status not in STARTABLE_STATUSES:
+        raise Conflict(f"environment {env.id} is already {env.status}")
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+    now = utcnow()
+    db.execute(delete(StartSlot).where(StartSlot.expires_at <= now))
+    db.add(StartSlot(environment_id=env.id, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
+    db.flush()
+    active = db.execute(
+        select(func.count())
+        .select_from(Environment)
+        .where(Environment.user_id == user.id, Environment.status.in_(ACTIVE_STATUSES), Environment.id != env.id)
+    ).scalar_one()
+    if active >= core.max_environments_per_user:
+        db.rollback()
+        raise Conflict(
+            f"you already have {active} running or starting environments (the limit is "
+            f"{core.max_environments_per_user}); stop one first"
+        )
+    slots = db.execute(select(func.count()).select_from(StartSlot)).scalar_one()
+    if slots > core.max_concurrent_starts:
+        oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
+        db.rollback()
+        wait = 5 if oldest is None else max(1, min(60, int(30 - (now - oldest).total_seconds())))
+        raise LimitExceeded(
+            f"{core.max_concurrent_starts} environments are starting on this server; try again shortly",
+            retry_after=wait,
+        )
+    env.desired_state = "running"
+    env.status = "pending"
+    env.status_message = "waiting to start"
+    env.started_at = now
+    env.stopped_at = None
+    env.warned_at = None
+    env.url = None
+    env.last_activity_at = now
+    env.shutdown_at = _shutdown_at(context, user, now)
+    db.commit()
+
+
+def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:
+    minutes = user.max_uptime_minutes
+    if minutes is None:
+        minutes = int(context.config.core.max_uptime_hours * 60)
+    return started + dt.timedelta(minutes=minutes) if minutes else None
+
+
+def build_spec(db: Session, context: AppContext, env: Environment) -> EnvironmentSpec:
+    """Everything the compute backend needs (blocking: buckets and identities are cloud calls)."""
+    user = db.get(User, env.user_id)
+    assert user is not None
+    owner = UserRef(id=user.id, email=user.email)
+    identity = context.infra.ensure_user_identity(owner, namespace=context.namespace)
+    volumes = []
+    for mount in env.mounts:
+        storage = db.get(Storage, mount.storage_id)
+        if storage is None:
+            raise NotFound(f"storage {mount.storage_id} mounted by this environment no longer exists")
+        if storage.status != "active":
+            raise Conflict(f"bucket {storage.display_name!r} is {storage.status} and cannot be mounted")
+        if identity is not None:
+            context.storage.ensure_bucket_access(storage.bucket_name, identity)
+        spec = context.storage.volume_spec(
+            MountRequest(
+                bucket=storage.bucket_name, mount_path=mount.mount_path, user=owner, environment_id=env.id,
+                read_only=mount.read_only, namespace=context.namespace,
+            )
+        )  # fmt: skip
+        volumes.append(MountedVolume(mount_path=mount.mount_path, spec=spec))
+    application = env.application_row
+    variables = user_settings.environment_variables(db, user.id)
+    variables.update(env.env)  # the environment's own variables win over the user's defaults
+    return EnvironmentSpec(
+        environment_id=env.id,
+        user=owner,
+        image=application.image,
+        command=tuple(application.command),
+        port=application.port,
+        working_dir=application.working_dir,
+        env=variables,
+        secret_files=user_settings.secret_files(db, user.id, user_settings.secret_file_sealer(context.secret_key)),
+        resources=Resources(cpu=env.cpu, memory_mib=env.memory_mib),
+        volumes=tuple(volumes),
+        identity=identity,
+        labels={"cmbcluster.io/application": application.slug},
+    )
+
+
+def launch(db: Session, context: AppContext, env: Environment) -> None:
+    """Hand a reserved environment to the compute backend (blocking). Failures become status
+    ``failed`` with the reason, and free the start slot."""
+    try:
+        status = context.compute.start(build_spec(db, context, env))
+    except CmbclusterError as exc:
+        mark_failed(db, env, exc.message)
+        return
+    except Exception as exc:  # a provider bug must not leave the environment pending forever
+        log.exception("starting environment %s failed", env.id)
+        mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
+        return
+    apply_status(db, env, status)
+    db.commit()
+
+
+def mark_failed(db: Session, env: Environment, message: str) -> None:
+    env.status = "failed"
+    env.status_message = message
+    env.stopped_at = utcnow()
+    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    activity(db, user_id=env.user_id, kind="environment_failed", environment_id=env.id, message=message)
+    db.commit()
+
+
+_PHASE_TO_STATUS = {
+    EnvironmentPhase.PENDING: "pending",
+    EnvironmentPhase.STARTING: "starting",
+    EnvironmentPhase.RUNNING: "running",
+    EnvironmentPhase.STOPPING: "stopping",
+    EnvironmentPhase.STOPPED: "stopped",
+    EnvironmentPhase.FAILED: "failed",
+}
+
+
+def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
+    """Record what the backend reports; True when something changed. Releases the start slot
+    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's."""
+    if status.phase == EnvironmentPhase.MISSING:
+        return False
+    new_status = _PHASE_TO_STATUS[status.phase]
+    changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
+    if new_status == "running" and env.status != "running":
+        activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
+    env.status, env.status_message = new_status, status.message
+    env.url = status.url if new_status in ("starting", "running") else None
+    if new_status in ("running", "stopped", "failed"):
+        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    if new_status in ("stopped", "failed") and env.stopped_at is None:
+        env.stopped_at = utcnow()
+    return changed
+
+
+# -- stopping and deleting -----------------------------------------------------------------------
+def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | None, reason: str) -> None:
+    """Stop (blocking). The choices stay; ``start`` runs the same environment again."""
+    context.compute.stop(env.id)
+    env.desired_state = "stopped"
+    env.status = "stopped"
+    env.status_message = reason
+    env.url = None
+    env.stopped_at = utcnow()
+    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
+          reason=reason)  # fmt: skip
+    activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
+    db.commit()
+
+
+def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
+    """Delete everything the backend keeps for the environment, then the record (blocking)."""
+    context.compute.delete(env.id)
+    audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id)
+    db.delete(env)
+    db.commit()
+
+
+def touch(db: Session, env: Environment, *, kind: str = "heartbeat") -> None:
+    """Record activity (heartbeats, traffic) so idle culling spares the environment."""
+    now = utcnow()
+    if env.last_activity_at is None or now - env.last_activity_at >= ACTIVITY_WRITE_INTERVAL:
+        env.last_activity_at = now
+        env.warned_at = (
+            None if env.shutdown_at is None or env.shutdown_at - now > dt.timedelta(hours=1) else env.warned_at
+        )
+        activity(db, user_id=env.user_id, kind=kind, environment_id=env.id)
+        db.commit()
+
+
+class _Timing(Protocol):
+    status: str
+    shutdown_at: dt.datetime | None
+    last_activity_at: dt.datetime | None
+    started_at: dt.datetime | None
+
+
+def idle_shutdown_at(context: AppContext, env: _Timing) -> dt.datetime | None:
+    minutes = context.config.core.idle_timeout_minutes
+    if not minutes or env.status not in ACTIVE_STATUSES:
+        return None
+    since = env.last_activity_at or env.started_at
+    return since + dt.timedelta(minutes=minutes) if since else None
+
+
+def next_shutdown(context: AppContext, env: _Timing) -> dt.datetime | None:
+    """The earlier of the maximum-uptime and the idle deadlines, for running environments."""
+    if env.status not in ACTIVE_STATUSES:
+        return None
+    deadlines = [d for d in (env.shutdown_at, idle_shutdown_at(context, env)) if d is not None]
+    return min(deadlines) if deadlines else None
+
+
+# -- the read model ------------------------------------------------------------------------------
+_VIEW_COLUMNS = (
+    Environment.id, Environment.name, Environment.status, Environment.status_message, Environment.desired_state,
+    Environment.url, Environment.preset, Environment.cpu, Environment.memory_mib, Environment.env,
+    Environment.created_at, Environment.started_at, Environment.stopped_at, Environment.last_activity_at,
+    Environment.shutdown_at, Environment.warned_at,
+    Application.id.label("app_id"), Application.slug.label("app_slug"), Application.name.label("app_name"),
+)  # fmt: skip
+
+
+def views(db: Session, context: AppContext, user_id: str, environment_id: str | None = None) -> list[dict[str, Any]]:
+    """A user's environments as the API shows them, from one plain query (no ORM objects).
+
+    The list is the most requested page of the control plane, so it is built from rows
+    directly; every route that answers with an environment uses this same function.
+    """
+    query = (
+        select(*_VIEW_COLUMNS, EnvironmentStorage.storage_id, EnvironmentStorage.mount_path,
+               EnvironmentStorage.read_only, Storage.display_name.label("storage_name"))
+        .join(Application, Application.id == Environment.application_id)
+        .outerjoin(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
+        .outerjoin(Storage, Storage.id == EnvironmentStorage.storage_id)
+        .where(Environment.user_id == user_id)
+        .order_by(Environment.created_at, Environment.id, EnvironmentStorage.mount_path)
+    )  # fmt: skip
+    if environment_id is not None:
+        query = query.where(Environment.id == environment_id)
+    result: list[dict[str, Any]] = []
+    for row in db.connection().execute(query):  # Core rows: no identity map, no ORM instances
+        if not result or result[-1]["id"] != row.id:
+            active = row.status in ACTIVE_STATUSES
+            result.append({
+                "id": row.id, "name": row.name, "status": row.status, "status_message": row.status_message,
+                "desired_state": row.desired_state, "url": row.url, "preset": row.preset, "cpu": row.cpu,
+                "memory_mib": row.memory_mib, "env": row.env,
+                "application": {"id": row.app_id, "slug": row.app_slug, "name": row.app_name},
+                "mounts": [],
+                "created_at": row.created_at, "started_at": row.started_at, "stopped_at": row.stopped_at,
+                "last_activity_at": row.last_activity_at, "shutdown_at": next_shutdown(context, row),
+                "shutdown_warning": active and row.warned_at is not None,
+            })  # fmt: skip
+        if row.storage_id is not None:
+            result[-1]["mounts"].append(
+                {"storage_id": row.storage_id, "display_name": row.storage_name, "mount_path": row.mount_path,
+                 "read_only": row.read_only}
+            )  # fmt: skip
+    return result
+
+
+def view(db: Session, context: AppContext, user_id: str, environment_id: str) -> dict[str, Any]:
+    found = views(db, context, user_id, environment_id)
+    if not found:
+        raise NotFound(f"environment {environment_id} not found")
+    return found[0]

@@ -1,0 +1,167 @@
+"""Making the database and the compute backend agree, and stopping what should stop.
+
+Runs at start-up (before the first request) and then in the background:
+- every second, environments that are pending or starting get their status from the backend;
+- every ``CMBCLUSTER_RECONCILE_INTERVAL_SECONDS``, a full pass: anything the backend runs that
+  has no record is removed (no orphans); a record whose process or pod vanished is marked
+  stopped (no ghosts); an environment past its idle or uptime limit is stopped, with a warning
+  recorded beforehand.
+All state is in the database, so a restarted control plane forgets nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, selectinload
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import Environment, StartSlot, utcnow
+from cmbcluster.interfaces import EnvironmentPhase
+from cmbcluster.services import environments
+from cmbcluster.services.audit import activity
+
+log = logging.getLogger(__name__)
+
+TRANSITIONAL = ("pending", "starting")
+FAST_INTERVAL_SECONDS = 1.0
+#: a start in progress on another thread may not be visible to the backend yet
+START_GRACE = dt.timedelta(seconds=60)
+
+
+@dataclass
+class ReconcileReport:
+    orphans_removed: list[str] = field(default_factory=list)
+    marked_stopped: list[str] = field(default_factory=list)  # recorded as running, found stopped or failed
+    stopped_leftovers: list[str] = field(default_factory=list)
+    culled: list[str] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, context: AppContext) -> None:
+        self.context = context
+
+    def _environments(self, db: Session, *statuses: str) -> list[Environment]:
+        query = (
+            select(Environment)
+            .where(Environment.backend == self.context.config.compute.name)
+            .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
+        )
+        if statuses:
+            query = query.where(Environment.status.in_(statuses))
+        return list(db.execute(query).scalars())
+
+    def refresh_transitional(self) -> int:
+        """Update pending and starting environments from the backend; fail those past the start timeout."""
+        changed = 0
+        timeout = dt.timedelta(seconds=self.context.config.core.start_timeout_seconds)
+        with self.context.sessions() as db:
+            for env in self._environments(db, *TRANSITIONAL):
+                if env.started_at is not None and utcnow() - env.started_at > timeout:
+                    self.context.compute.stop(env.id)
+                    environments.mark_failed(db, env, f"did not start within {timeout.total_seconds():.0f} s")
+                    changed += 1
+                    continue
+                if environments.apply_status(db, env, self.context.compute.status(env.id)):
+                    changed += 1
+            db.commit()
+        return changed
+
+    def reconcile(self, *, startup: bool = False) -> ReconcileReport:
+        """One full pass. ``startup``: no start can be in flight, so nothing gets a grace period."""
+        report = ReconcileReport()
+        compute = self.context.compute
+        managed = {status.environment_id: status for status in compute.list_managed()}
+        with self.context.sessions() as db:
+            rows = {env.id: env for env in self._environments(db)}
+            for env_id in sorted(set(managed) - set(rows)):
+                log.warning("removing environment %s: the backend runs it but no record exists", env_id)
+                compute.delete(env_id)
+                report.orphans_removed.append(env_id)
+            now = utcnow()
+            for env in rows.values():
+                status = managed.get(env.id)
+                vanished = status is None or status.phase == EnvironmentPhase.MISSING
+                if env.desired_state == "running" and env.status in environments.ACTIVE_STATUSES:
+                    in_flight = env.status in TRANSITIONAL and env.started_at and now - env.started_at < START_GRACE
+                    if vanished and (startup or not in_flight):
+                        env.status, env.url, env.stopped_at = "stopped", None, now
+                        env.desired_state = "stopped"
+                        env.status_message = "the environment's process or pod is gone; start it again"
+                        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+                        activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
+                        report.marked_stopped.append(env.id)
+                    elif status is not None and not vanished:
+                        environments.apply_status(db, env, status)
+                        if env.status not in environments.ACTIVE_STATUSES:  # it exited or failed meanwhile
+                            compute.stop(env.id)  # and make sure nothing of it keeps running
+                            report.marked_stopped.append(env.id)
+                elif (
+                    status is not None
+                    and status.phase in (EnvironmentPhase.RUNNING, EnvironmentPhase.STARTING, EnvironmentPhase.PENDING)
+                    and env.status not in environments.ACTIVE_STATUSES
+                ):
+                    compute.stop(env.id)  # a stop that a crash interrupted
+                    report.stopped_leftovers.append(env.id)
+            db.execute(delete(StartSlot).where(StartSlot.expires_at <= now))
+            db.commit()
+            self._cull(db, report)
+            self._update_gauges(db)
+        return report
+
+    def _cull(self, db: Session, report: ReconcileReport) -> None:
+        core = self.context.config.core
+        warning = dt.timedelta(minutes=core.shutdown_warning_minutes)
+        now = utcnow()
+        for env in self._environments(db, "running"):
+            idle_deadline = environments.idle_shutdown_at(self.context, env)
+            if idle_deadline is not None and now >= idle_deadline:
+                reason = f"stopped after {core.idle_timeout_minutes} minutes without activity"
+            elif env.shutdown_at is not None and now >= env.shutdown_at:
+                reason = "stopped: it reached its maximum uptime"
+            else:
+                deadline = environments.next_shutdown(self.context, env)
+                if deadline is not None and now >= deadline - warning and env.warned_at is None:
+                    env.warned_at = now
+                    activity(db, user_id=env.user_id, kind="shutdown_warning", environment_id=env.id,
+                             shutdown_at=deadline.isoformat())  # fmt: skip
+                    db.commit()
+                    report.warned.append(env.id)
+                continue
+            environments.stop(db, self.context, env, actor_id=None, reason=reason)
+            self.context.metrics.culled.inc()
+            report.culled.append(env.id)
+
+    def _update_gauges(self, db: Session) -> None:
+        counts = Counter(db.execute(select(Environment.status)).scalars())
+        for status in ("pending", "starting", "running", "stopped", "failed"):
+            self.context.metrics.environments.labels(status).set(counts.get(status, 0))
+
+
+async def run_background(context: AppContext, stop: asyncio.Event) -> None:
+    """The background loops of one control plane; ends when ``stop`` is set."""
+    reconciler = Reconciler(context)
+    interval = context.config.core.reconcile_interval_seconds
+    last_full = asyncio.get_running_loop().time()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=FAST_INTERVAL_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await run_in_threadpool(reconciler.refresh_transitional)
+            if asyncio.get_running_loop().time() - last_full >= interval:
+                last_full = asyncio.get_running_loop().time()
+                report = await run_in_threadpool(reconciler.reconcile)
+                if report.orphans_removed or report.marked_stopped or report.culled:
+                    log.info("reconciled", extra={"report": report.__dict__})
+        except Exception:  # keep the loop alive whatever one pass hits; the next pass retries
+            log.exception("background reconcile pass failed")

@@ -1,0 +1,328 @@
+"""Users' buckets: the ``storages`` rows and the storage backend, kept consistent.
+
+Every function here is blocking (database and backend calls): the API calls them from worker
+threads. Ownership is checked in one place, :func:`get_owned`, which answers NotFound for an
+unknown id and for another user's id alike, so nobody learns that someone else's bucket exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import anyio
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
+from cmbcluster.errors import Conflict, NotFound
+from cmbcluster.interfaces import BucketOptions, StorageBackend, StorageClass, UserRef
+from cmbcluster.naming import validate_object_key
+from cmbcluster.services.audit import audit
+
+log = logging.getLogger(__name__)
+
+#: Cached usage older than this is measured again (a full listing on a cloud bucket).
+USAGE_MAX_AGE = dt.timedelta(seconds=60)
+#: Buckets measured at once per server: a listing of many buckets never starts more than this.
+USAGE_WORKERS = 4
+#: Environments in these states do not hold their buckets (the rest may be mounting them).
+INACTIVE_ENVIRONMENT_STATUSES = ("stopped", "failed")
+#: Uploads running at once per server; each holds a worker thread for its whole duration, so
+#: they get their own pool instead of starving the one every other request's thread uses.
+MAX_CONCURRENT_UPLOADS = 16
+
+
+# -- rows --------------------------------------------------------------------------------------
+
+
+def get_owned(db: Session, user: User, storage_id: str) -> Storage:
+    """The caller's storage, or NotFound: another user's id is answered exactly like an unknown one."""
+    storage = db.execute(
+        select(Storage).where(Storage.id == storage_id, Storage.user_id == user.id)
+    ).scalar_one_or_none()
+    if storage is None:
+        raise NotFound(f"storage {storage_id} not found")
+    return storage
+
+
+def list_owned(db: Session, user: User) -> list[Storage]:
+    return list(
+        db.execute(select(Storage).where(Storage.user_id == user.id).order_by(Storage.created_at, Storage.id)).scalars()
+    )
+
+
+def require_usable(storage: Storage, backend_name: str) -> None:
+    """Objects can be reached only in an active storage that lives on the active backend."""
+    if storage.status != "active":
+        raise Conflict(f"storage {storage.id} is {storage.status}; its objects cannot be used now")
+    require_backend(storage, backend_name)
+
+
+def require_backend(storage: Storage, backend_name: str) -> None:
+    if storage.backend != backend_name:
+        raise Conflict(
+            f"storage {storage.id} lives on the storage backend {storage.backend!r}, "
+            f"but this server uses {backend_name!r}"
+        )
+
+
+def count_owned(db: Session, user: User) -> int:
+    return db.execute(select(func.count()).select_from(Storage).where(Storage.user_id == user.id)).scalar_one()
+
+
+# -- buckets -----------------------------------------------------------------------------------
+
+
+def create_storage(
+    db: Session,
+    backend: StorageBackend,
+    *,
+    backend_name: str,
+    user: User,
+    display_name: str,
+    storage_class: StorageClass,
+    max_buckets: int,
+) -> Storage:
+    """Create the bucket, then its row; never one without the other.
+
+    The limit is answered with Conflict (409), not LimitExceeded (429): it is the user's current
+    state (N buckets) that clashes with the request, and deleting a bucket resolves it, whereas
+    429 means "retry later" and would make clients wait for nothing. The count is checked before
+    creating the bucket (so an over-limit request costs no cloud call) and again in the inserting
+    transaction (SQLite serialises writers, so concurrent creations cannot both pass it there).
+    """
+    _check_limit(db, user, max_buckets, adding=0)
+    db.commit()  # end the read transaction: the backend call may take seconds
+    info = backend.create_bucket(
+        UserRef(id=user.id, email=user.email),
+        BucketOptions(display_name=display_name, storage_class=storage_class),
+    )
+    try:
+        now = utcnow()
+        storage = Storage(
+            user_id=user.id, backend=backend_name, bucket_name=info.name, display_name=display_name,
+            storage_class=str(info.storage_class), status="active", created_at=now,
+            usage_bytes=0, usage_objects=0, usage_at=now,
+        )  # fmt: skip
+        db.add(storage)
+        db.flush()
+        _check_limit(db, user, max_buckets, adding=1)
+        audit(db, actor_id=user.id, action="storage.created", target_type="storage", target_id=storage.id,
+              bucket=info.name, backend=backend_name, storage_class=str(info.storage_class))  # fmt: skip
+        db.commit()
+    except BaseException:
+        db.rollback()
+        _delete_orphan_bucket(backend, info.name)
+        raise
+    log.info("storage %s created (bucket %s)", storage.id, info.name, extra={"storage_id": storage.id})
+    return storage
+
+
+def _check_limit(db: Session, user: User, max_buckets: int, *, adding: int) -> None:
+    count = count_owned(db, user)
+    if count - adding >= max_buckets:
+        raise Conflict(
+            f"you already have {count - adding} buckets, the most allowed per user is {max_buckets}; "
+            "delete one before creating another"
+        )
+
+
+def _delete_orphan_bucket(backend: StorageBackend, bucket: str) -> None:
+    try:
+        backend.delete_bucket(bucket, force=True)
+    except Exception:
+        log.exception("bucket %s was created but its row could not be stored, and deleting it failed", bucket)
+
+
+def delete_storage(db: Session, backend: StorageBackend, *, backend_name: str, user: User, storage: Storage,
+                   force: bool) -> None:  # fmt: skip
+    """Delete the bucket, then its row. A bucket mounted by an environment that may be running
+    is refused (Conflict); links from stopped environments are removed with the row.
+
+    The row is marked ``deleting`` while the backend works, so uploads stop meanwhile; if the
+    backend refuses (non-empty without ``force``) or fails, the row becomes ``active`` again. A
+    bucket already gone from the backend (an earlier attempt that crashed) counts as deleted.
+    """
+    require_backend(storage, backend_name)
+    holders = db.execute(
+        select(Environment.name, Environment.status)
+        .join(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
+        .where(EnvironmentStorage.storage_id == storage.id, Environment.status.not_in(INACTIVE_ENVIRONMENT_STATUSES))
+        .order_by(Environment.name)
+    ).all()
+    if holders:
+        names = ", ".join(f"{name!r} ({status})" for name, status in holders)
+        raise Conflict(f"storage {storage.id} is mounted by the environment(s) {names}; stop them first")
+    storage.status = "deleting"
+    db.commit()
+    try:
+        backend.delete_bucket(storage.bucket_name, force=force)
+    except NotFound:
+        log.warning("bucket %s of storage %s was already gone from the backend", storage.bucket_name, storage.id)
+    except BaseException:
+        db.rollback()
+        storage.status = "active"
+        db.commit()
+        raise
+    detached = list(
+        db.execute(
+            select(EnvironmentStorage.environment_id).where(EnvironmentStorage.storage_id == storage.id)
+        ).scalars()
+    )
+    db.execute(delete(EnvironmentStorage).where(EnvironmentStorage.storage_id == storage.id))
+    db.delete(storage)
+    audit(db, actor_id=user.id, action="storage.deleted", target_type="storage", target_id=storage.id,
+          bucket=storage.bucket_name, force=force, detached_environments=detached)  # fmt: skip
+    db.commit()
+    log.info("storage %s deleted (bucket %s)", storage.id, storage.bucket_name, extra={"storage_id": storage.id})
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+#: Keys recorded in one audit event; a batch of up to 1000 keys of up to 1 KiB each would make
+#: a megabyte-sized row, so larger batches are recorded by count with the first keys as a sample.
+AUDIT_KEYS = 50
+
+
+def delete_objects(db: Session, backend: StorageBackend, *, user: User, storage: Storage, keys: Sequence[str]) -> int:
+    """Delete ``keys`` (validated first: all or none of a batch is attempted). Returns how many."""
+    unique = list(dict.fromkeys(validate_object_key(key) for key in keys))
+    bucket, storage_id = storage.bucket_name, storage.id
+    db.commit()  # no transaction held open across the backend call
+    backend.delete_objects(bucket, unique)
+    audit(db, actor_id=user.id, action="storage.objects_deleted", target_type="storage", target_id=storage_id,
+          count=len(unique), keys=unique[:AUDIT_KEYS], truncated=len(unique) > AUDIT_KEYS)  # fmt: skip
+    invalidate_usage(db, storage_id)
+    db.commit()
+    return len(unique)
+
+
+def invalidate_usage(db: Session, storage_id: str) -> None:
+    """Mark the cached usage stale after a change made through the API (committed by the caller)."""
+    db.execute(update(Storage).where(Storage.id == storage_id).values(usage_at=None))
+
+
+# -- usage cache -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    size_bytes: int | None
+    object_count: int | None
+    measured_at: dt.datetime | None
+
+
+def cached_usage(storage: Storage) -> Usage:
+    return Usage(storage.usage_bytes, storage.usage_objects, storage.usage_at)
+
+
+def is_stale(storage: Storage, now: dt.datetime | None = None) -> bool:
+    return storage.usage_at is None or (now or utcnow()) - storage.usage_at > USAGE_MAX_AGE
+
+
+class UsageRefresher:
+    """Measures buckets' usage in a small pool of its own, and stores each result.
+
+    - Bounded: at most ``workers`` listings at once, however many buckets a listing shows.
+    - One measurement at a time per storage: callers asking meanwhile share it.
+    - A caller waits only as long as it chooses (see :func:`wait_usage`); a measurement it gave
+      up on still finishes and is stored by the thread that made it, for the next request.
+    - A change made through the API during a measurement (:meth:`invalidate`) makes that
+      measurement's result not stored, so the cache never goes back to the figures from before.
+    """
+
+    def __init__(self, backend: StorageBackend, sessions: sessionmaker[Session], workers: int = USAGE_WORKERS):
+        self._backend = backend
+        self._sessions = sessions
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage-usage")
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[Usage]] = {}
+        self._generation: dict[str, int] = {}
+
+    def refresh(self, storage_id: str, bucket: str) -> Future[Usage]:
+        with self._lock:
+            future = self._running.get(storage_id)
+            if future is None:
+                generation = self._generation.get(storage_id, 0)
+                future = self._executor.submit(self._measure, storage_id, bucket, generation)
+                self._running[storage_id] = future
+                future.add_done_callback(lambda done: self._forget(storage_id, done))
+            return future
+
+    def invalidate(self, storage_id: str) -> None:
+        with self._lock:
+            self._generation[storage_id] = self._generation.get(storage_id, 0) + 1
+            self._running.pop(storage_id, None)
+
+    def _forget(self, storage_id: str, future: Future[Usage]) -> None:
+        with self._lock:
+            if self._running.get(storage_id) is future:
+                del self._running[storage_id]
+
+    def _measure(self, storage_id: str, bucket: str, generation: int) -> Usage:
+        started = utcnow()
+        usage = self._backend.bucket_usage(bucket)
+        result = Usage(usage.size_bytes, usage.object_count, started)
+        with self._lock:
+            current = self._generation.get(storage_id, 0) == generation
+        if current:
+            with self._sessions() as db:
+                db.execute(
+                    update(Storage)
+                    .where(Storage.id == storage_id)
+                    .values(usage_bytes=result.size_bytes, usage_objects=result.object_count, usage_at=started)
+                )
+                db.commit()
+        return result
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class StorageRuntime:
+    """Per-server state of the storage API: the usage refresher and the upload threads' limit."""
+
+    def __init__(self, backend: StorageBackend, sessions: sessionmaker[Session]) -> None:
+        self.refresher = UsageRefresher(backend, sessions)
+        self._upload_limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def upload_limiter(self) -> anyio.CapacityLimiter:
+        if self._upload_limiter is None:  # created on first use, in async code on the server's loop
+            self._upload_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_UPLOADS)
+        return self._upload_limiter
+
+
+def current_usage(
+    storages: Iterable[Storage], refresher: UsageRefresher, *, backend_name: str, wait_seconds: float
+) -> dict[str, Usage]:
+    """Usage of each storage: the cached figures, re-measured first for those older than
+    :data:`USAGE_MAX_AGE`, waiting at most ``wait_seconds`` in all for the measurements.
+
+    Storages whose measurement is not done in time (a cloud bucket with millions of objects)
+    are answered with their cached figures (``measured_at`` says how old); the measurement goes
+    on and is stored for the next request. Storages on another backend or not active are never
+    measured.
+    """
+    now = utcnow()
+    result: dict[str, Usage] = {}
+    pending: dict[str, Future[Usage]] = {}
+    for storage in storages:
+        result[storage.id] = cached_usage(storage)
+        if storage.status == "active" and storage.backend == backend_name and is_stale(storage, now):
+            pending[storage.id] = refresher.refresh(storage.id, storage.bucket_name)
+    if pending:
+        done, _ = wait(pending.values(), timeout=wait_seconds)
+        for storage_id, future in pending.items():
+            if future in done:
+                error = future.exception()
+                if error is None:
+                    result[storage_id] = future.result()
+                else:
+                    log.warning("measuring the usage of storage %s failed: %s", storage_id, error)
+    return result

@@ -1,0 +1,142 @@
+"""Real OpenID Connect servers on loopback for tests of auth providers.
+
+- :class:`OidcMockServer` runs ``oidc-provider-mock`` (a full provider: discovery, authorize
+  form, token, JWKS) in a subprocess, for end-to-end sign-in flows.
+- :class:`KeyServer` is a tiny HTTP server whose signing keys the test controls, to send
+  providers hand-made (and tampered) tokens: wrong algorithm, audience, issuer, expiry, key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from cmbcluster.testing.process import free_port
+
+
+class OidcMockServer:
+    """``oidc-provider-mock`` on a free loopback port; any client id and secret are accepted."""
+
+    def __init__(self, *, python: str = sys.executable) -> None:
+        self.port = free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        script = Path(python).with_name("oidc-provider-mock")
+        command = [str(script)] if script.exists() else [python, "-m", "oidc_provider_mock"]
+        self.process = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(self.port), "--require-nonce", "true"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"oidc-provider-mock exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
+                )
+            try:
+                if httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("oidc-provider-mock did not start within 20 s")
+
+    def put_user(self, sub: str, claims: dict[str, Any]) -> None:
+        """Set the claims the provider puts in ``sub``'s tokens (email, email_verified, name, groups...)."""
+        httpx.put(f"{self.issuer}/users/{sub}", json=claims, timeout=5).raise_for_status()
+
+    def authorize(self, authorization_url: str, sub: str) -> str:
+        """Submit the provider's sign-in form as ``sub``; returns the callback URL it redirects to."""
+        response = httpx.post(authorization_url, data={"sub": sub}, follow_redirects=False, timeout=5)
+        if response.status_code not in (302, 303):
+            raise AssertionError(f"the provider did not redirect: {response.status_code} {response.text[:300]}")
+        return response.headers["location"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> OidcMockServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class KeyServer:
+    """Serves a discovery document and a JWKS for keys the test holds, and signs tokens with them."""
+
+    def __init__(self, *, issuer: str | None = None, kids: tuple[str, ...] = ("key-1",)) -> None:
+        self.keys = {
+            kid: RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"}) for kid in kids
+        }
+        self.published = set(kids)
+        self.jwks_requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path
+                body: dict[str, object]
+                if path.endswith("/.well-known/openid-configuration"):
+                    body = {
+                        "issuer": server.issuer, "jwks_uri": f"{server.url}/jwks",
+                        "authorization_endpoint": f"{server.url}/authorize", "token_endpoint": f"{server.url}/token",
+                    }  # fmt: skip
+                elif path == "/jwks":
+                    server.jwks_requests += 1
+                    body = {
+                        "keys": [k.as_dict(private=False) for kid, k in server.keys.items() if kid in server.published]
+                    }
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.issuer = issuer or self.url
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def sign(self, claims: dict[str, Any], *, kid: str | None = "key-1", header: dict[str, Any] | None = None) -> str:
+        """An RS256 token over ``claims`` (``iat``/``exp`` filled in unless given)."""
+        now = int(time.time())
+        full = {"iss": self.issuer, "iat": now, "exp": now + 300, **claims}
+        key = self.keys[kid or next(iter(self.keys))]
+        hdr: dict[str, Any] = {"alg": "RS256", **({"kid": kid} if kid else {}), **(header or {})}
+        return jwt.encode(hdr, full, key)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> KeyServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

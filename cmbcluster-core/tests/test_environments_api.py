@@ -1,0 +1,339 @@
+"""Environments through the API on the embedded default: real processes, real buckets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from cmbcluster.app import create_app
+from cmbcluster.db.models import Environment, utcnow
+from cmbcluster.interfaces import EnvironmentSpec, UserRef
+from cmbcluster.services.reconcile import Reconciler
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
+
+# An application that writes what it sees into its working directory (the mounted bucket),
+# then serves that directory.
+PROBE_APP = r"""
+import http.server, json, os, pathlib, sys
+secrets = os.environ.get("CMBCLUSTER_SECRETS_DIR")
+seen = {
+    "cwd": os.getcwd(),
+    "PROJECT": os.environ.get("PROJECT"), "RUN_LABEL": os.environ.get("RUN_LABEL"),
+    "secret": pathlib.Path(secrets, "token.txt").read_text() if secrets else None,
+}
+pathlib.Path("seen.json").write_text(json.dumps(seen))
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+SLOW_APP = r"""
+import http.server, sys, time
+time.sleep(float(sys.argv[2]))
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def make_app(client: TestClient, admin: dict[str, str], slug: str, script: str, *args: str) -> str:
+    response = client.post(
+        "/api/v1/applications",
+        headers=admin,
+        json={
+            "slug": slug, "name": slug.title(), "image": "python:3.11-slim",
+            "command": [sys.executable, "-c", script, "{port}", *args], "port": 8080, "default_preset": "light",
+        },
+    )  # fmt: skip
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def make_bucket(client: TestClient, headers: dict[str, str], files: dict[str, bytes] | None = None) -> str:
+    response = client.post("/api/v1/storages", headers=headers, json={"display_name": "data"})
+    assert response.status_code == 201, response.text
+    storage_id = str(response.json()["id"])
+    for key, content in (files or {}).items():
+        assert client.put(
+            f"/api/v1/storages/{storage_id}/objects/{key}", headers=headers, content=content
+        ).status_code in (
+            200,
+            201,
+        )
+    return storage_id
+
+
+def wait_status(client: TestClient, headers: dict[str, str], env_id: str, status: str, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    body: Any = None
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/v1/environments/{env_id}", headers=headers).json()
+        if body["status"] == status:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{env_id} is {body and body['status']}, not {status}: {body}")
+
+
+def create_env(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
+    response = client.post("/api/v1/environments", headers=headers, json={"application": "files", **body})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@pytest.fixture
+def cleanup(client: TestClient) -> Iterator[None]:
+    yield
+    context = client.app.state.context  # type: ignore[attr-defined]
+    for status in context.compute.list_managed():
+        context.compute.delete(status.environment_id)
+
+
+def test_files_app_serves_the_mounted_bucket(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
+    storage_id = make_bucket(client, alice, {"maps/planck.txt": b"CMB temperature map"})
+    env = create_env(client, alice, mounts=[{"storage_id": storage_id, "mount_path": "/home/user/data"}])
+    assert env["status"] in ("pending", "starting", "running")
+    assert env["application"]["slug"] == "files" and env["preset"] == "light"
+    assert env["mounts"][0]["display_name"] == "data"
+    running = wait_status(client, alice, env["id"], "running")
+    assert httpx.get(running["url"] + "maps/planck.txt").text == "CMB temperature map"
+    assert running["shutdown_at"] is not None and running["shutdown_warning"] is False
+
+
+def test_progress_stream_reaches_running(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
+    env = create_env(client, alice)
+    events = []
+    with client.stream("GET", f"/api/v1/environments/{env['id']}/events", headers=alice) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert events[-1]["status"] == "running" and events[-1]["progress"] == 100 and events[-1]["url"]
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress)
+
+
+def test_stop_start_restart_keep_every_choice(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
+) -> None:
+    probe = make_app(client, admin, "probe", PROBE_APP)
+    storage_id = make_bucket(client, alice)
+    assert client.put("/api/v1/settings/env-vars/PROJECT", headers=alice, json={"value": "litebird"}).status_code in (
+        200,
+        201,
+    )
+    assert client.put(
+        "/api/v1/settings/secret-files/token.txt", headers=alice, content=b"s3cr3t",
+        params={},
+    ).status_code in (200, 201)  # fmt: skip
+    env = create_env(
+        client, alice, application=probe, preset="standard", env={"RUN_LABEL": "first"},
+        mounts=[{"storage_id": storage_id, "mount_path": "/data"}],
+    )  # fmt: skip
+    running = wait_status(client, alice, env["id"], "running")
+    seen = httpx.get(running["url"] + "seen.json").json()
+    assert seen["PROJECT"] == "litebird" and seen["RUN_LABEL"] == "first" and seen["secret"] == "s3cr3t"
+    # the bucket really is the working directory: the file is an object of the bucket
+    objects = client.get(f"/api/v1/storages/{storage_id}/objects", headers=alice).json()["objects"]
+    assert [o["key"] for o in objects] == ["seen.json"]
+
+    stopped = client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).json()
+    assert stopped["status"] == "stopped" and stopped["url"] is None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(running["url"], timeout=2)
+
+    started = client.post(f"/api/v1/environments/{env['id']}/start", headers=alice)
+    assert started.status_code == 200, started.text
+    again = wait_status(client, alice, env["id"], "running")
+    restarted = client.post(f"/api/v1/environments/{env['id']}/restart", headers=alice).json()
+    assert restarted["id"] == env["id"]
+    after = wait_status(client, alice, env["id"], "running")
+    for choice in ("preset", "cpu", "memory_mib", "mounts", "env", "application"):
+        assert after[choice] == again[choice] == running[choice], choice
+    assert httpx.get(after["url"] + "seen.json").json()["RUN_LABEL"] == "first"
+
+
+def test_delete_removes_the_process_but_keeps_the_bucket(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    storage_id = make_bucket(client, alice, {"keep.txt": b"data"})
+    env = create_env(client, alice, mounts=[{"storage_id": storage_id, "mount_path": "/data"}])
+    url = wait_status(client, alice, env["id"], "running")["url"]
+    assert client.delete(f"/api/v1/environments/{env['id']}", headers=alice).status_code == 204
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).status_code == 404
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url, timeout=2)
+    assert client.get(f"/api/v1/storages/{storage_id}/objects/keep.txt", headers=alice).content == b"data"
+
+
+def test_environments_are_private(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], cleanup: None
+) -> None:
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    assert client.get("/api/v1/environments", headers=bob).json()["items"] == []
+    for method, suffix in (("GET", ""), ("POST", "/stop"), ("POST", "/start"), ("POST", "/restart"),
+                           ("DELETE", ""), ("POST", "/activity"), ("GET", "/logs"), ("GET", "/events")):  # fmt: skip
+        response = client.request(method, f"/api/v1/environments/{env['id']}{suffix}", headers=bob)
+        assert response.status_code == 404, (method, suffix, response.text)
+    assert client.get(f"/api/v1/environments/authorize?environment_id={env['id']}", headers=bob).status_code == 404
+    assert client.get(f"/api/v1/environments/authorize?environment_id={env['id']}", headers=alice).status_code == 204
+    assert client.get(f"/api/v1/environments/authorize?environment_id={env['id']}").status_code == 401
+    # and alice's environment still runs
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "running"
+
+
+def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> None:
+    storage_id = make_bucket(client, alice)
+    response = client.post(
+        "/api/v1/environments", headers=bob,
+        json={"application": "files", "mounts": [{"storage_id": storage_id, "mount_path": "/data"}]},
+    )  # fmt: skip
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"application": "no-such-app"}, 404, "application"),
+        ({"application": "files", "preset": "gigantic"}, 400, "preset"),
+        ({"application": "files", "cpu": 512, "memory_mib": 1024}, 400, ""),
+        ({"application": "files", "env": {"1BAD": "x"}}, 400, ""),
+        ({"application": "files", "env": {"PATH": "/evil"}}, 400, "reserved"),
+        ({"application": "files", "mounts": [{"storage_id": "nope", "mount_path": "/data"}]}, 404, "storage"),
+        ({"application": "files", "cpu": "lots"}, 422, ""),
+        ({"application": "files", "name": "x" * 101}, 422, ""),
+        ({}, 422, ""),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    client: TestClient, alice: dict[str, str], body: dict[str, Any], status: int, message: str
+) -> None:
+    response = client.post("/api/v1/environments", headers=alice, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert client.get("/api/v1/environments", headers=alice).json()["items"] == []  # nothing half-created
+
+
+def test_bad_mount_paths(client: TestClient, alice: dict[str, str]) -> None:
+    storage_id = make_bucket(client, alice)
+    other = make_bucket(client, alice)
+    for mounts in (
+        [{"storage_id": storage_id, "mount_path": "/"}],
+        [{"storage_id": storage_id, "mount_path": "/data/../etc"}],
+        [{"storage_id": storage_id, "mount_path": "relative"}],
+        [{"storage_id": storage_id, "mount_path": "/a"}, {"storage_id": other, "mount_path": "/a"}],
+    ):
+        response = client.post("/api/v1/environments", headers=alice, json={"application": "files", "mounts": mounts})
+        assert response.status_code in (400, 422), (mounts, response.text)
+
+
+def test_per_user_limit(settings: CoreSettings) -> None:
+    app = create_app(settings.model_copy(update={"max_environments_per_user": 1}))
+    with TestClient(app) as client:
+        user = dev_sign_in(client, "ada@example.org")
+        first = create_env(client, user)
+        response = client.post("/api/v1/environments", headers=user, json={"application": "files"})
+        assert response.status_code == 409 and "limit is 1" in response.json()["message"]
+        assert len(client.get("/api/v1/environments", headers=user).json()["items"]) == 1  # nothing left behind
+        idle = client.post("/api/v1/environments", headers=user, json={"application": "files", "start": False})
+        assert idle.status_code == 201 and idle.json()["status"] == "stopped"
+        assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 409
+        client.post(f"/api/v1/environments/{first['id']}/stop", headers=user)
+        assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 200
+        for status in app.state.context.compute.list_managed():
+            app.state.context.compute.delete(status.environment_id)
+
+
+def test_server_wide_start_limit_is_429_with_retry_after(settings: CoreSettings) -> None:
+    app = create_app(settings.model_copy(update={"max_concurrent_starts": 1}))
+    with TestClient(app) as client:
+        admin = dev_sign_in(client, "ada@example.org")
+        slow = make_app(client, admin, "slow", SLOW_APP, "3")
+        alice = dev_sign_in(client, "alice@example.org")
+        first = create_env(client, alice, application=slow)
+        assert first["status"] in ("pending", "starting")
+        busy = client.post("/api/v1/environments", headers=admin, json={"application": "files"})
+        assert busy.status_code == 429, busy.text
+        assert int(busy.headers["retry-after"]) >= 1
+        wait_status(client, alice, first["id"], "running")
+        assert client.post("/api/v1/environments", headers=admin, json={"application": "files"}).status_code == 201
+        for status in app.state.context.compute.list_managed():
+            app.state.context.compute.delete(status.environment_id)
+
+
+def _set(client: TestClient, env_id: str, **values: Any) -> None:
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        env = db.get(Environment, env_id)
+        for key, value in values.items():
+            setattr(env, key, value)
+        db.commit()
+
+
+def test_idle_environments_are_warned_then_stopped(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    idle_minutes = context.config.core.idle_timeout_minutes
+    # activity a little less than the idle timeout ago: within the warning window
+    _set(client, env["id"], last_activity_at=utcnow() - dt.timedelta(minutes=idle_minutes - 5))
+    report = Reconciler(context).reconcile()
+    assert report.warned == [env["id"]]
+    warned = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
+    assert warned["shutdown_warning"] is True
+    # a heartbeat postpones the stop and clears the warning
+    assert client.post(f"/api/v1/environments/{env['id']}/activity", headers=alice).status_code == 204
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["shutdown_warning"] is False
+    _set(client, env["id"], last_activity_at=utcnow() - dt.timedelta(minutes=idle_minutes + 1))
+    report = Reconciler(context).reconcile()
+    assert report.culled == [env["id"]]
+    stopped = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
+    assert stopped["status"] == "stopped" and "without activity" in stopped["status_message"]
+
+
+def test_maximum_uptime_stops_the_environment(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    _set(client, env["id"], shutdown_at=utcnow() - dt.timedelta(seconds=1))
+    Reconciler(context).reconcile()
+    stopped = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
+    assert stopped["status"] == "stopped" and "maximum uptime" in stopped["status_message"]
+
+
+def test_reconcile_marks_vanished_processes_and_removes_orphans(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    state = json.loads((context.config.core.data_dir / "compute" / f"{env['id']}.json").read_text())
+    os.killpg(state["pid"], signal.SIGKILL)  # the process dies behind our back
+    orphan = uuid.uuid4().hex
+    context.compute.start(
+        EnvironmentSpec(environment_id=orphan, user=UserRef(id="nobody"), image="x",
+                        command=(sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"))
+    )  # fmt: skip
+    time.sleep(0.2)
+    report = Reconciler(context).reconcile()
+    assert report.orphans_removed == [orphan]
+    assert env["id"] in report.marked_stopped
+    ghost = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
+    assert ghost["status"] == "failed" and "-9" in ghost["status_message"]  # killed: the exit status says so
+    assert {s.environment_id for s in context.compute.list_managed()} <= {env["id"]}
+
+
+def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
+    env = create_env(client, alice)
+    running = wait_status(client, alice, env["id"], "running")
+    httpx.get(running["url"])
+    logs = client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 5}).json()["lines"]
+    assert '"GET / HTTP/1.1" 200' in logs
+    assert client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 0}).status_code == 422

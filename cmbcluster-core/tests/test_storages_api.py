@@ -1,0 +1,576 @@
+"""The storage API: buckets and their objects, over the embedded local backend."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from cmbcluster.app import create_app
+from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage
+from cmbcluster.errors import ProviderUnavailable
+from cmbcluster.services import storages as storage_service
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.process import ServeProcess, clean_environ
+
+API = "/api/v1/storages"
+MIB = 1024 * 1024
+Headers = dict[str, str]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def create(client: TestClient, headers: Headers, name: str = "data", **extra: Any) -> dict[str, Any]:
+    answer = client.post(API, json={"display_name": name, **extra}, headers=headers)
+    assert answer.status_code == 201, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def object_url(storage_id: str, key: str) -> str:
+    return f"{API}/{storage_id}/objects/{quote(key)}"
+
+
+def put(
+    client: TestClient, headers: Headers, storage_id: str, key: str, body: Any, content_type: str | None = None
+) -> httpx.Response:
+    extra = {"Content-Type": content_type} if content_type else {}
+    return client.put(object_url(storage_id, key), content=body, headers={**headers, **extra})
+
+
+def chunked(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    """A generator body: sent with Transfer-Encoding: chunked, no Content-Length."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def keys(page: dict[str, Any]) -> list[str]:
+    return [item["key"] for item in page["objects"]]
+
+
+def audit_actions(client: TestClient) -> list[tuple[str, str, dict[str, Any]]]:
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        events = db.execute(select(AuditEvent).where(AuditEvent.target_type == "storage").order_by(AuditEvent.id))
+        return [(e.action, e.target_id, e.detail) for e in events.scalars()]
+
+
+@contextmanager
+def client_with(settings: CoreSettings, **overrides: Any) -> Iterator[tuple[TestClient, Headers]]:
+    app = create_app(settings.model_copy(update=overrides))
+    with TestClient(app) as client:
+        yield client, dev_sign_in(client, "ada@example.org", "Ada")
+
+
+def bucket_dir(client: TestClient, storage: dict[str, Any]) -> Path:
+    root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
+    return root / storage["bucket_name"]
+
+
+# -- buckets -----------------------------------------------------------------------------------
+
+
+def test_create_list_get_delete_with_usage(client: TestClient, alice: Headers) -> None:
+    assert client.get(API, headers=alice).json() == {"storages": []}
+    made = create(client, alice, "  Simulations  ")
+    assert made["display_name"] == "Simulations"  # trimmed
+    assert made["storage_class"] == "standard" and made["status"] == "active" and made["backend"] == "local"
+    assert made["size_bytes"] == 0 and made["object_count"] == 0 and made["usage_measured_at"]
+    assert re.fullmatch(r"[a-z0-9-]{3,63}", made["bucket_name"])
+    assert bucket_dir(client, made).is_dir()
+
+    assert put(client, alice, made["id"], "run/one.bin", b"x" * 1000).status_code == 201
+    assert put(client, alice, made["id"], "two.txt", b"hello").status_code == 201
+    got = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert (got["size_bytes"], got["object_count"]) == (1005, 2)  # re-measured: uploads invalidate the cache
+    listed = client.get(API, headers=alice).json()["storages"]
+    assert [(s["id"], s["size_bytes"], s["object_count"]) for s in listed] == [(made["id"], 1005, 2)]
+
+    second = create(client, alice, "Second")
+    assert [s["id"] for s in client.get(API, headers=alice).json()["storages"]] == [made["id"], second["id"]]
+
+    refused = client.delete(f"{API}/{made['id']}", headers=alice)
+    assert refused.status_code == 409 and "not empty" in refused.json()["message"]
+    assert client.get(f"{API}/{made['id']}", headers=alice).json()["status"] == "active"  # unchanged
+    assert client.delete(f"{API}/{made['id']}", params={"force": "true"}, headers=alice).status_code == 204
+    assert client.get(f"{API}/{made['id']}", headers=alice).status_code == 404
+    assert not bucket_dir(client, made).exists()
+    assert client.delete(f"{API}/{second['id']}", headers=alice).status_code == 204  # empty: no force needed
+    assert client.get(API, headers=alice).json() == {"storages": []}
+
+    actions = [(action, target) for action, target, _ in audit_actions(client)]
+    assert ("storage.created", made["id"]) in actions and ("storage.deleted", made["id"]) in actions
+    assert ("storage.deleted", second["id"]) in actions
+
+
+def test_usage_is_cached_and_measured_again_when_stale(client: TestClient, alice: Headers) -> None:
+    made = create(client, alice)
+    (bucket_dir(client, made) / "outside.bin").write_bytes(b"z" * 300)  # written behind the API's back
+    assert client.get(f"{API}/{made['id']}", headers=alice).json()["size_bytes"] == 0  # cached, fresh
+    stale = dt.datetime.now(dt.UTC) - storage_service.USAGE_MAX_AGE - dt.timedelta(seconds=1)
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        db.execute(update(Storage).where(Storage.id == made["id"]).values(usage_at=stale))
+        db.commit()
+    listed = client.get(API, headers=alice).json()["storages"][0]
+    assert (listed["size_bytes"], listed["object_count"]) == (300, 1)
+    assert dt.datetime.fromisoformat(listed["usage_measured_at"]) > stale
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        row = db.get(Storage, made["id"])
+        assert row is not None and (row.usage_bytes, row.usage_objects) == (300, 1)  # stored for next time
+
+
+def test_create_validates_its_input(client: TestClient, alice: Headers) -> None:
+    for body in (
+        {"display_name": ""},
+        {"display_name": "   "},
+        {"display_name": "x" * 101},
+        {"display_name": "tab\there"},
+        {"display_name": "ok", "storage_class": "fast"},
+        {"display_name": "ok", "unknown": 1},
+        {},
+    ):
+        assert client.post(API, json=body, headers=alice).status_code == 422, body
+    # A portable class this backend does not offer: the backend refuses, nothing is left behind.
+    refused = client.post(API, json={"display_name": "cold", "storage_class": "cold"}, headers=alice)
+    assert refused.status_code == 400 and "standard" in refused.json()["message"]
+    assert client.get(API, headers=alice).json() == {"storages": []}
+    root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
+    assert client.post(API, json={"display_name": "x"}).status_code == 401
+
+
+def test_bucket_limit_per_user(settings: CoreSettings) -> None:
+    with client_with(settings, max_buckets_per_user=2) as (client, ada):
+        create(client, ada, "one")
+        create(client, ada, "two")
+        refused = client.post(API, json={"display_name": "three"}, headers=ada)
+        assert refused.status_code == 409
+        assert refused.json()["error"] == "conflict"
+        assert refused.json()["message"] == (
+            "you already have 2 buckets, the most allowed per user is 2; delete one before creating another"
+        )
+        root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
+        assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 2  # no bucket was made
+        other = dev_sign_in(client, "eve@example.org")
+        create(client, other, "mine")  # the limit is per user
+
+
+def test_backend_failure_leaves_no_row(client: TestClient, alice: Headers, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise ProviderUnavailable("the object store did not answer")
+
+    monkeypatch.setattr(client.app.state.context.storage, "create_bucket", unavailable)  # type: ignore[attr-defined]
+    answer = client.post(API, json={"display_name": "x"}, headers=alice)
+    assert answer.status_code == 503 and answer.json()["message"] == "the object store did not answer"
+    assert client.get(API, headers=alice).json() == {"storages": []}
+
+
+def test_row_failure_deletes_the_new_bucket(settings: CoreSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_audit(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database went away")
+
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        ada = dev_sign_in(client, "ada@example.org")
+        monkeypatch.setattr(storage_service, "audit", broken_audit)
+        assert client.post(API, json={"display_name": "x"}, headers=ada).status_code == 500
+        monkeypatch.undo()
+        root: Path = app.state.context.storage.root
+        assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []  # the bucket went again
+        assert client.get(API, headers=ada).json() == {"storages": []}
+
+
+def _environment(client: TestClient, user_email: str, storage_id: str, status: str) -> str:
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        row = db.get(Storage, storage_id)
+        assert row is not None
+        app = Application(slug=f"app-{status}", name="App", image="example/app:1")
+        db.add(app)
+        db.flush()
+        env = Environment(
+            user_id=row.user_id, application_id=app.id, name=f"analysis-{status}", backend="local", status=status
+        )
+        db.add(env)
+        db.flush()
+        db.add(EnvironmentStorage(environment_id=env.id, storage_id=storage_id, mount_path="/data"))
+        db.commit()
+        return env.id
+
+
+def test_a_bucket_mounted_by_a_live_environment_cannot_be_deleted(client: TestClient, alice: Headers) -> None:
+    made = create(client, alice)
+    env_id = _environment(client, "alice@example.org", made["id"], "running")
+    refused = client.delete(f"{API}/{made['id']}", params={"force": True}, headers=alice)
+    assert refused.status_code == 409 and "analysis-running" in refused.json()["message"]
+    assert client.get(f"{API}/{made['id']}", headers=alice).status_code == 200
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        db.execute(update(Environment).where(Environment.id == env_id).values(status="stopped"))
+        db.commit()
+    assert client.delete(f"{API}/{made['id']}", headers=alice).status_code == 204  # stopped: the link goes too
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        assert db.execute(select(EnvironmentStorage)).first() is None
+        assert db.get(Environment, env_id) is not None
+    detail = next(d for action, _, d in audit_actions(client) if action == "storage.deleted")
+    assert detail["detached_environments"] == [env_id]
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+
+def test_upload_then_download_is_byte_identical(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    data = os.urandom(3 * MIB + 12345)
+    uploaded = put(client, alice, sid, "runs/2024/cmb map.fits", chunked(data))
+    assert uploaded.status_code == 201, uploaded.text
+    info = uploaded.json()
+    assert info["key"] == "runs/2024/cmb map.fits" and info["size"] == len(data) and info["etag"]
+    assert uploaded.headers["location"] == f"{API}/{sid}/objects/runs/2024/cmb%20map.fits"
+
+    with client.stream("GET", object_url(sid, info["key"]), headers=alice) as answer:
+        assert answer.status_code == 200
+        digest = hashlib.sha256()
+        for block in answer.iter_bytes():
+            digest.update(block)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert answer.headers["content-length"] == str(len(data))
+    assert answer.headers["etag"] == f'"{info["etag"]}"'
+    assert answer.headers["accept-ranges"] == "bytes"
+    assert answer.headers["content-disposition"] == 'attachment; filename="cmb map.fits"'
+    assert answer.headers["x-content-type-options"] == "nosniff"
+
+    # With a Content-Length this time, replacing the object.
+    replaced = put(client, alice, sid, info["key"], data[:1000], content_type="image/fits")
+    assert replaced.status_code == 201 and replaced.json()["size"] == 1000
+    assert client.get(object_url(sid, info["key"]), headers=alice).content == data[:1000]
+
+
+def test_empty_object_and_non_ascii_names(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    assert put(client, alice, sid, "données/résumé €.txt", b"bonjour").status_code == 201
+    answer = client.get(object_url(sid, "données/résumé €.txt"), headers=alice)
+    assert answer.content == b"bonjour"
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert answer.headers["content-disposition"] == (
+        "attachment; filename=\"r_sum_ _.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%E2%82%AC.txt"
+    )
+    assert put(client, alice, sid, "empty", b"").status_code == 201
+    empty = client.get(object_url(sid, "empty"), headers=alice)
+    assert empty.status_code == 200 and empty.content == b"" and empty.headers["content-length"] == "0"
+
+
+def test_range_requests(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    data = bytes(range(256)) * 40  # 10240 bytes
+    etag = put(client, alice, sid, "r.bin", data).json()["etag"]
+    url = object_url(sid, "r.bin")
+
+    def get(range_value: str, **extra: str) -> httpx.Response:
+        return client.get(url, headers={**alice, "Range": range_value, **extra})
+
+    for header, first, last in (
+        ("bytes=0-9", 0, 9),
+        ("bytes=100-", 100, 10239),
+        ("bytes=-5", 10235, 10239),
+        ("bytes=10000-99999", 10000, 10239),  # clamped to the end
+        ("bytes=-999999", 0, 10239),
+        ("bytes=10239-10239", 10239, 10239),
+    ):
+        answer = get(header)
+        assert answer.status_code == 206, header
+        assert answer.content == data[first : last + 1], header
+        assert answer.headers["content-range"] == f"bytes {first}-{last}/10240", header
+        assert answer.headers["content-length"] == str(last - first + 1), header
+    for ignored in ("bytes=5-2", "bytes=0-1,5-6", "items=0-1", "bytes=-", "bytes=a-b"):
+        answer = get(ignored)  # not a single valid byte range: the whole object (RFC 9110 allows ignoring)
+        assert answer.status_code == 200 and answer.content == data, ignored
+    for unsatisfiable in ("bytes=10240-", "bytes=20000-30000", "bytes=-0"):
+        answer = get(unsatisfiable)
+        assert answer.status_code == 416, unsatisfiable
+        assert answer.headers["content-range"] == "bytes */10240"
+        assert answer.json()["error"] == "range_not_satisfiable"
+    assert get("bytes=0-3", **{"If-Range": f'"{etag}"'}).status_code == 206
+    stale = get("bytes=0-3", **{"If-Range": '"an-older-version"'})
+    assert stale.status_code == 200 and stale.content == data
+    put(client, alice, sid, "empty", b"")
+    assert client.get(object_url(sid, "empty"), headers={**alice, "Range": "bytes=0-"}).status_code == 416
+
+
+def test_head_gives_the_download_headers_without_the_body(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    put(client, alice, sid, "notes/a.json", b'{"a": 1}')
+    head = client.head(object_url(sid, "notes/a.json"), headers=alice)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == "8"
+    assert head.headers["content-type"] == "application/json"
+    assert head.headers["etag"] and head.headers["last-modified"].endswith("GMT")
+    assert client.head(object_url(sid, "notes/missing.json"), headers=alice).status_code == 404
+    missing = client.get(object_url(sid, "notes/missing.json"), headers=alice)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_listing_with_prefixes_and_pages(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    for key in ("a/1.txt", "a/2.txt", "b/x/1.txt", "c.txt", "ca.txt"):
+        assert put(client, alice, sid, key, key.encode()).status_code == 201
+    url = f"{API}/{sid}/objects"
+    top = client.get(url, headers=alice).json()
+    assert keys(top) == ["c.txt", "ca.txt"] and top["prefixes"] == ["a/", "b/"] and top["next_page_token"] is None
+    assert set(top["objects"][0]) == {"key", "size", "last_modified", "content_type", "etag"}
+    assert top["objects"][0]["size"] == 5 and top["objects"][0]["content_type"] == "text/plain"
+    assert keys(client.get(url, params={"prefix": "a/"}, headers=alice).json()) == ["a/1.txt", "a/2.txt"]
+    assert client.get(url, params={"prefix": "b/"}, headers=alice).json()["prefixes"] == ["b/x/"]
+    assert keys(client.get(url, params={"prefix": "c"}, headers=alice).json()) == ["c.txt", "ca.txt"]
+    flat = client.get(url, params={"delimiter": "false"}, headers=alice).json()
+    assert keys(flat) == ["a/1.txt", "a/2.txt", "b/x/1.txt", "c.txt", "ca.txt"] and flat["prefixes"] == []
+
+    seen: list[str] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"delimiter": "false", "page_size": 2}
+        if token:
+            params["page_token"] = token
+        page = client.get(url, params=params, headers=alice).json()
+        seen += keys(page)
+        pages += 1
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert seen == keys(flat) and pages == 3
+    for bad in ({"page_size": 0}, {"page_size": 1001}, {"delimiter": "maybe"}):
+        assert client.get(url, params=bad, headers=alice).status_code == 422, bad
+    assert client.get(url, params={"prefix": "../"}, headers=alice).status_code == 400
+    assert client.get(url, params={"prefix": "a/../"}, headers=alice).status_code == 400
+
+
+def test_delete_one_and_many(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    for key in ("a/1", "a/2", "b", "c"):
+        put(client, alice, sid, key, b"1234")
+    assert client.delete(object_url(sid, "b"), headers=alice).status_code == 204
+    assert client.delete(object_url(sid, "b"), headers=alice).status_code == 204  # idempotent
+    assert client.get(object_url(sid, "b"), headers=alice).status_code == 404
+
+    url = f"{API}/{sid}/objects/delete"
+    refused = client.post(url, json={"keys": ["a/1", "../c"]}, headers=alice)
+    assert refused.status_code == 400
+    assert client.get(object_url(sid, "a/1"), headers=alice).status_code == 200  # nothing of the batch deleted
+    answer = client.post(url, json={"keys": ["a/1", "a/2", "a/1", "never-was"]}, headers=alice)
+    assert answer.status_code == 200 and answer.json() == {"deleted": 3}
+    assert keys(client.get(f"{API}/{sid}/objects", params={"delimiter": False}, headers=alice).json()) == ["c"]
+    for bad in ({"keys": []}, {"keys": [f"k{i}" for i in range(1001)]}, {"keys": [""]}, {}):
+        assert client.post(url, json=bad, headers=alice).status_code == 422
+    assert client.get(f"{API}/{sid}", headers=alice).json()["object_count"] == 1
+
+    deletions = [(a, d) for a, t, d in audit_actions(client) if a == "storage.objects_deleted" and t == sid]
+    assert [d["keys"] for _, d in deletions] == [["b"], ["b"], ["a/1", "a/2", "never-was"]]
+
+
+def test_an_object_cannot_be_a_folder_too(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    put(client, alice, sid, "a/b", b"1")
+    assert put(client, alice, sid, "a", b"2").status_code == 409
+    assert put(client, alice, sid, "a/b/c", b"3").status_code == 409
+
+
+@pytest.mark.parametrize(
+    "raw_key",
+    ["a/%2E%2E/b", "%2E%2E/escape", "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd", "a/%2E/b", "a%5Cb", "x%00y", "dir/", "a//b", ""],
+)
+def test_unsafe_object_keys_are_400(client: TestClient, alice: Headers, raw_key: str) -> None:
+    made = create(client, alice)
+    url = f"{API}/{made['id']}/objects/{raw_key}"
+    for method in ("PUT", "GET", "DELETE"):
+        answer = client.request(method, url, content=b"payload" if method == "PUT" else None, headers=alice)
+        assert answer.status_code == 400, (method, raw_key, answer.text)
+        assert answer.json()["error"] == "invalid_request"
+    assert client.head(url, headers=alice).status_code == 400
+    data_dir: Path = client.app.state.context.config.core.data_dir  # type: ignore[attr-defined]
+    stored = [p for p in data_dir.rglob("*") if p.is_file() and p.read_bytes() == b"payload"]
+    assert stored == []
+
+
+def test_another_users_storage_is_not_found_on_every_route(client: TestClient, alice: Headers, bob: Headers) -> None:
+    sid = create(client, alice)["id"]
+    put(client, alice, sid, "secret.txt", b"alice's")
+    unknown = "0" * 32
+    routes: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", f"{API}/{{id}}", {}),
+        ("DELETE", f"{API}/{{id}}", {"params": {"force": True}}),
+        ("GET", f"{API}/{{id}}/objects", {}),
+        ("PUT", f"{API}/{{id}}/objects/secret.txt", {"content": b"bob's"}),
+        ("PUT", f"{API}/{{id}}/objects/%2E%2E/x", {"content": b"bob's"}),
+        ("GET", f"{API}/{{id}}/objects/secret.txt", {}),
+        ("GET", f"{API}/{{id}}/objects/secret.txt", {"headers": {"Range": "bytes=0-1"}}),
+        ("HEAD", f"{API}/{{id}}/objects/secret.txt", {}),
+        ("DELETE", f"{API}/{{id}}/objects/secret.txt", {}),
+        ("POST", f"{API}/{{id}}/objects/delete", {"json": {"keys": ["secret.txt"]}}),
+    ]
+    for method, template, kwargs in routes:
+        extra_headers = kwargs.pop("headers", {})
+        theirs = client.request(method, template.format(id=sid), headers={**bob, **extra_headers}, **kwargs)
+        nothing = client.request(method, template.format(id=unknown), headers={**bob, **extra_headers}, **kwargs)
+        assert theirs.status_code == nothing.status_code == 404, (method, template)
+        if method != "HEAD":
+            assert theirs.json()["message"].replace(sid, "ID") == nothing.json()["message"].replace(unknown, "ID")
+    assert [s["id"] for s in client.get(API, headers=bob).json()["storages"]] == []
+    assert client.get(object_url(sid, "secret.txt"), headers=alice).content == b"alice's"  # untouched
+    assert client.get(f"{API}/{sid}", headers=alice).status_code == 200
+
+
+def test_oversized_uploads_are_413_and_leave_nothing(settings: CoreSettings) -> None:
+    with client_with(settings, max_upload_bytes=1000) as (client, ada):
+        made = create(client, ada)
+        sid = made["id"]
+        declared = put(client, ada, sid, "big.bin", b"x" * 1001)
+        assert declared.status_code == 413 and declared.json()["error"] == "payload_too_large"
+        assert "1000" in declared.json()["message"]
+        streamed = put(client, ada, sid, "big.bin", chunked(b"x" * 5000, 300))  # no Content-Length
+        assert streamed.status_code == 413
+        assert client.get(object_url(sid, "big.bin"), headers=ada).status_code == 404
+        # An oversized replacement keeps the previous version.
+        assert put(client, ada, sid, "big.bin", chunked(b"y" * 1000, 300)).status_code == 201  # exactly the limit
+        assert put(client, ada, sid, "big.bin", chunked(b"z" * 1500, 300)).status_code == 413
+        assert client.get(object_url(sid, "big.bin"), headers=ada).content == b"y" * 1000
+        root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
+        assert list((root / ".tmp").iterdir()) == []  # no partial upload left behind
+        assert [p.name for p in bucket_dir(client, made).iterdir()] == ["big.bin"]
+
+
+def test_objects_of_a_storage_being_deleted_are_refused(client: TestClient, alice: Headers) -> None:
+    sid = create(client, alice)["id"]
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        db.execute(update(Storage).where(Storage.id == sid).values(status="deleting"))
+        db.commit()
+    assert put(client, alice, sid, "a", b"1").status_code == 409
+    assert client.get(f"{API}/{sid}/objects", headers=alice).status_code == 409
+    # Deleting again finishes the job (an earlier attempt may have crashed half-way).
+    assert client.delete(f"{API}/{sid}", headers=alice).status_code == 204
+
+
+def test_openapi_documents_every_storage_route(client: TestClient) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    operations = [
+        (path, method, operation)
+        for path, item in spec["paths"].items()
+        if path.startswith(API)
+        for method, operation in item.items()
+    ]
+    assert len(operations) == 10
+    for path, method, operation in operations:
+        assert operation.get("summary"), (path, method)
+        assert operation["tags"] == ["storage"]
+    upload = spec["paths"][f"{API}/{{storage_id}}/objects/{{key}}"]["put"]
+    assert "application/octet-stream" in upload["requestBody"]["content"]
+    assert set(spec["components"]["schemas"]["StorageCreate"]["required"]) == {"display_name"}
+
+
+# -- through a real server ---------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServeProcess]:
+    env = clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data")})
+    with ServeProcess(env, tmp_path) as process:
+        process.wait_ready("/readyz")
+        yield process
+
+
+def test_served_upload_runs_in_constant_memory_and_survives_disconnects(server: ServeProcess, tmp_path: Path) -> None:
+    size = 64 * MIB
+    block = os.urandom(MIB)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        headers = dev_sign_in(client, "ada@example.org")
+        made = client.post(API, json={"display_name": "big"}, headers=headers).json()
+        url = object_url(made["id"], "big.bin")
+        assert client.put(url, content=b"warm-up", headers=headers).status_code == 201
+
+        before = rss_bytes(server.process.pid)
+        peak = before
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.02):
+                peak = max(peak, rss_bytes(server.process.pid))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        def body() -> Iterator[bytes]:
+            for index in range(size // MIB):
+                yield index.to_bytes(8, "big") + block[8:]
+
+        expected = hashlib.sha256(b"".join(body())).hexdigest()
+        digest = hashlib.sha256()
+        try:
+            answer = client.put(url, content=body(), headers=headers)
+            assert answer.status_code == 201, answer.text
+            assert answer.json()["size"] == size
+            upload_peak = peak
+            with client.stream("GET", url, headers=headers) as download:
+                assert download.status_code == 200
+                for part in download.iter_bytes():
+                    digest.update(part)
+        finally:
+            done.set()
+            sampler.join()
+        assert digest.hexdigest() == expected
+        for what, top in (("upload", upload_peak), ("upload and download", peak)):
+            growth = top - before
+            assert growth < 64 * MIB, f"the server's RSS grew by {growth / MIB:.1f} MiB during a 64 MiB {what}"
+
+        # A client that goes away half-way: no object, no server error.
+        broken = object_url(made["id"], "broken.bin")
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(
+                f"PUT {broken} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {headers['Authorization']}\r\n"
+                f"Content-Length: {10 * MIB}\r\n\r\n".encode()
+            )
+            raw.sendall(block * 2)
+        deadline = time.monotonic() + 10
+        while "interrupted" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get(broken, headers=headers).status_code == 404
+        listing = client.get(f"{API}/{made['id']}/objects", headers=headers).json()
+        assert keys(listing) == ["big.bin"]
+
+        # A download abandoned half-way is no server error either.
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(
+                f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {headers['Authorization']}\r\n\r\n".encode()
+            )
+            received = 0
+            while received < 2 * MIB:
+                received += len(raw.recv(256 * 1024))
+        assert client.get(f"{API}/{made['id']}", headers=headers).status_code == 200  # still serving
+    log = server.output()
+    assert "interrupted" in log
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert [r for r in records if r["level"] in ("error", "critical")] == [], log
+    assert "Traceback" not in log and " 500" not in log
+    temp = tmp_path / "data" / "buckets" / ".tmp"
+    assert not temp.exists() or list(temp.iterdir()) == []

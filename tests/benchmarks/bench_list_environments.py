@@ -1,0 +1,209 @@
+"""`GET /api/v1/environments` under load: 1,000 users, 10,000 environments, 50 concurrent clients.
+
+One `cmbcluster serve` (one uvicorn worker, SQLite on local disk) against a bare FastAPI
+endpoint under uvicorn, driven by the same load generator in the same run. Each client is a
+different signed-in user listing their 10 environments.
+Targets (issue 3): throughput >= 0.4 x the bare endpoint; p99 latency <= 50 ms.
+Prints the figures; exits 1 when a target is missed.
+
+    python tests/benchmarks/bench_list_environments.py [--seconds 10]      (needs wrk: apt-get install wrk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from sqlalchemy import insert
+
+from cmbcluster.db import create_db_engine, upgrade
+from cmbcluster.db.models import Application, Environment, User, new_id, utcnow
+from cmbcluster.db.models import Session as SessionRow
+from cmbcluster.security import new_token, token_hash
+from cmbcluster.testing.process import ServeProcess, clean_environ, free_port
+
+USERS, ENVS_PER_USER, CLIENTS = 1000, 10, 50
+TARGET_RATIO, TARGET_P99_MS = 0.4, 50.0
+BARE_APP = """
+from fastapi import FastAPI
+app = FastAPI()
+ITEMS = [{"id": str(i), "name": "environment", "status": "stopped"} for i in range(10)]
+
+@app.get("/api/v1/environments")
+def environments():
+    return {"items": ITEMS}
+"""
+
+
+def populate(data_dir: Path) -> list[str]:
+    """1,000 users with 10 environments each, straight into the database; a session per user."""
+    engine = create_db_engine(f"sqlite:///{data_dir / 'cmbcluster.db'}")
+    upgrade(engine)
+    now = utcnow()
+    app_id = new_id()
+    tokens: list[str] = []
+    users, sessions, envs = [], [], []
+    for i in range(USERS):
+        user_id = new_id()
+        users.append({"id": user_id, "email": f"user{i}@example.org", "name": f"User {i}", "role": "user",
+                      "status": "active", "auth_provider": "local", "subject": f"user{i}@example.org",
+                      "created_at": now})  # fmt: skip
+        token = new_token("cmbs")
+        tokens.append(token)
+        expires = now + dt.timedelta(hours=12)
+        sessions.append(
+            {
+                "id": new_id(),
+                "user_id": user_id,
+                "token_hash": token_hash(token),
+                "created_at": now,
+                "expires_at": expires,
+                "last_seen_at": now,
+                "user_agent": "",
+            }
+        )
+        for j in range(ENVS_PER_USER):
+            envs.append(
+                {
+                    "id": new_id(),
+                    "user_id": user_id,
+                    "application_id": app_id,
+                    "name": f"analysis {j}",
+                    "backend": "local",
+                    "desired_state": "stopped",
+                    "status": "stopped",
+                    "status_message": "",
+                    "cpu": 1.0,
+                    "memory_mib": 2048,
+                    "preset": "standard",
+                    "env": {},
+                    "created_at": now,
+                }
+            )
+    with engine.begin() as connection:
+        connection.execute(insert(Application), [{
+            "id": app_id, "slug": "files", "name": "Files", "summary": "", "image": "python:3.11-slim",
+            "command": ["python", "-m", "http.server", "{port}"], "port": 8080, "working_dir": "", "icon": "",
+            "category": "", "tags": [], "default_preset": "light", "active": True, "created_at": now, "updated_at": now,
+        }])  # fmt: skip
+        connection.execute(insert(User), users)
+        connection.execute(insert(SessionRow), sessions)
+        connection.execute(insert(Environment), envs)
+    engine.dispose()
+    return tokens
+
+
+WRK_SCRIPT = """
+tokens = {}
+for line in io.lines(os.getenv("CMB_TOKENS")) do tokens[#tokens + 1] = line end
+counter = math.random(1, #tokens)
+request = function()
+  counter = counter + 1
+  local token = tokens[(counter % #tokens) + 1]
+  return wrk.format("GET", "/api/v1/environments", {["Authorization"] = "Bearer " .. token})
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def load(url: str, tokens: list[str], seconds: float, root: Path) -> LoadResult:
+    """wrk: CLIENTS connections, each a closed loop, rotating through the users' tokens."""
+    tokens_file = root / "tokens.txt"
+    tokens_file.write_text("\n".join(tokens) + "\n")
+    script = root / "list.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{CLIENTS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        env={**os.environ, "CMB_TOKENS": str(tokens_file)}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    return LoadResult(rps=rps, p50_ms=_latency(out, "50%"), p99_ms=_latency(out, "99%"), errors=errors)
+
+
+def _latency(out: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("this benchmark drives the server with wrk: install it (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "data"
+        data.mkdir()
+        started = time.perf_counter()
+        tokens = populate(data)
+        print(f"populated {USERS} users, {USERS * ENVS_PER_USER} environments in {time.perf_counter() - started:.1f} s")
+
+        (root / "bare_app.py").write_text(BARE_APP)
+        port = free_port()
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--log-level", "warning"],
+            cwd=root,
+            env=clean_environ(),
+        )
+        try:
+            _wait(f"http://127.0.0.1:{port}/api/v1/environments")
+            load(f"http://127.0.0.1:{port}", ["bare"], 1.0, root)  # warm-up
+            bare_result = load(f"http://127.0.0.1:{port}", ["bare"], args.seconds, root)
+        finally:
+            bare.terminate()
+            bare.wait()
+
+        env = clean_environ({"CMBCLUSTER_DATA_DIR": str(data), "CMBCLUSTER_LOG_LEVEL": "WARNING"})
+        with ServeProcess(env, root) as server:
+            server.wait_ready("/readyz")
+            check = httpx.get(f"{server.url}/api/v1/environments", headers={"Authorization": f"Bearer {tokens[0]}"})
+            assert len(check.json()["items"]) == ENVS_PER_USER, check.text
+            load(server.url, tokens, 1.0, root)  # warm-up
+            ours = load(server.url, tokens, args.seconds, root)
+
+    ratio = ours.rps / bare_result.rps
+    print(f"bare FastAPI endpoint   : {bare_result.rps:7.0f} req/s, p50 {bare_result.p50_ms:.1f} ms, "
+          f"p99 {bare_result.p99_ms:.1f} ms")  # fmt: skip
+    print(f"GET /api/v1/environments: {ours.rps:7.0f} req/s, p50 {ours.p50_ms:.1f} ms, p99 {ours.p99_ms:.1f} ms, "
+          f"non-2xx {ours.errors}")  # fmt: skip
+    ok_ratio, ok_p99 = ratio >= TARGET_RATIO, ours.p99_ms <= TARGET_P99_MS
+    print(f"throughput ratio {ratio:.2f} ({'meets' if ok_ratio else 'MISSES'} >= {TARGET_RATIO}); "
+          f"p99 {ours.p99_ms:.1f} ms ({'meets' if ok_p99 else 'MISSES'} <= {TARGET_P99_MS:.0f} ms)")  # fmt: skip
+    return 0 if ok_ratio and ok_p99 and ours.errors == 0 else 1
+
+
+def _wait(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
