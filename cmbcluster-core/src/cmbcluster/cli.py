@@ -58,10 +58,13 @@ def serve(
         os.environ["CMBCLUSTER_HOST"], os.environ["CMBCLUSTER_PORT"] = core.host, str(core.port)
         uvicorn.run(
             "cmbcluster.app:create_app_from_environment", factory=True, host=core.host, port=core.port,
-            reload=True, log_config=None,
+            reload=True, log_config=None, loop="asyncio",
         )  # fmt: skip
         return
-    uvicorn.run(create_app(config=config), host=core.host, port=core.port, log_config=None, server_header=False)
+    uvicorn.run(
+        create_app(config=config), host=core.host, port=core.port, log_config=None, server_header=False,
+        loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
+    )  # fmt: skip
 
 
 @app.command()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import bindparam, delete, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from cmbcluster.context import AppContext
@@ -374,25 +374,29 @@ _VIEW_COLUMNS = (
 )  # fmt: skip
 
 
+# Built once: constructing the statement costs as much as running it on SQLite.
+_VIEW_QUERY = (
+    select(*_VIEW_COLUMNS, EnvironmentStorage.storage_id, EnvironmentStorage.mount_path,
+           EnvironmentStorage.read_only, Storage.display_name.label("storage_name"))
+    .join(Application, Application.id == Environment.application_id)
+    .outerjoin(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
+    .outerjoin(Storage, Storage.id == EnvironmentStorage.storage_id)
+    .where(Environment.user_id == bindparam("user_id"))
+    .order_by(Environment.created_at, Environment.id, EnvironmentStorage.mount_path)
+)  # fmt: skip
+_VIEW_ONE_QUERY = _VIEW_QUERY.where(Environment.id == bindparam("environment_id"))
+
+
 def views(db: Session, context: AppContext, user_id: str, environment_id: str | None = None) -> list[dict[str, Any]]:
     """A user's environments as the API shows them, from one plain query (no ORM objects).
 
     The list is the most requested page of the control plane, so it is built from rows
     directly; every route that answers with an environment uses this same function.
     """
-    query = (
-        select(*_VIEW_COLUMNS, EnvironmentStorage.storage_id, EnvironmentStorage.mount_path,
-               EnvironmentStorage.read_only, Storage.display_name.label("storage_name"))
-        .join(Application, Application.id == Environment.application_id)
-        .outerjoin(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
-        .outerjoin(Storage, Storage.id == EnvironmentStorage.storage_id)
-        .where(Environment.user_id == user_id)
-        .order_by(Environment.created_at, Environment.id, EnvironmentStorage.mount_path)
-    )  # fmt: skip
-    if environment_id is not None:
-        query = query.where(Environment.id == environment_id)
+    query = _VIEW_QUERY if environment_id is None else _VIEW_ONE_QUERY
+    params = {"user_id": user_id, "environment_id": environment_id}
     result: list[dict[str, Any]] = []
-    for row in db.connection().execute(query):  # Core rows: no identity map, no ORM instances
+    for row in db.connection().execute(query, params):  # Core rows: no identity map, no ORM instances
         if not result or result[-1]["id"] != row.id:
             active = row.status in ACTIVE_STATUSES
             result.append({

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
@@ -58,6 +57,11 @@ class Reconciler:
             query = query.where(Environment.status.in_(statuses))
         return list(db.execute(query).scalars())
 
+    def _by_id(self, db: Session, ids: set[str]) -> list[Environment]:
+        if not ids:
+            return []
+        return list(db.execute(select(Environment).where(Environment.id.in_(ids))).scalars())
+
     def refresh_transitional(self) -> int:
         """Update pending and starting environments from the backend; fail those past the start timeout."""
         changed = 0
@@ -80,8 +84,18 @@ class Reconciler:
         compute = self.context.compute
         managed = {status.environment_id: status for status in compute.list_managed()}
         with self.context.sessions() as db:
-            rows = {env.id: env for env in self._environments(db)}
-            for env_id in sorted(set(managed) - set(rows)):
+            # Every id is needed to spot orphans, but only environments that run (or should, or
+            # whose backend says they do) need loading: most records are stopped and stay so.
+            known = set(
+                db.execute(
+                    select(Environment.id).where(Environment.backend == self.context.config.compute.name)
+                ).scalars()
+            )
+            rows = {
+                env.id: env
+                for env in self._environments(db, *environments.ACTIVE_STATUSES) + self._by_id(db, set(managed) & known)
+            }
+            for env_id in sorted(set(managed) - known):
                 log.warning("removing environment %s: the backend runs it but no record exists", env_id)
                 compute.delete(env_id)
                 report.orphans_removed.append(env_id)
@@ -140,7 +154,7 @@ class Reconciler:
             report.culled.append(env.id)
 
     def _update_gauges(self, db: Session) -> None:
-        counts = Counter(db.execute(select(Environment.status)).scalars())
+        counts = dict(db.execute(select(Environment.status, func.count()).group_by(Environment.status)).all())
         for status in ("pending", "starting", "running", "stopped", "failed"):
             self.context.metrics.environments.labels(status).set(counts.get(status, 0))
 

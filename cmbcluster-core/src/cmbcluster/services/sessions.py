@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import ApiToken, User, utcnow
@@ -16,6 +16,14 @@ from cmbcluster.security import new_token, token_hash
 SESSION_PREFIX, REFRESH_PREFIX, API_TOKEN_PREFIX = "cmbs", "cmbr", "cmbt"
 #: an API token's last use is written at most this often, not on every request
 TOUCH_INTERVAL = dt.timedelta(minutes=1)
+
+
+# Built once: this runs on every request.
+_SESSION_QUERY = (
+    select(SessionRow.id, SessionRow.revoked_at, SessionRow.expires_at, User)
+    .join(User, User.id == SessionRow.user_id)
+    .where(SessionRow.token_hash == bindparam("token_hash"))
+)
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,7 @@ def authenticate(db: Session, token: str) -> tuple[User, str | None]:
     hashed = token_hash(token)
     if token.startswith(SESSION_PREFIX + "_"):
         # one query for the session and its user: this runs on every request
-        found = db.execute(
-            select(SessionRow.id, SessionRow.revoked_at, SessionRow.expires_at, User)
-            .join(User, User.id == SessionRow.user_id)
-            .where(SessionRow.token_hash == hashed)
-        ).one_or_none()
+        found = db.execute(_SESSION_QUERY, {"token_hash": hashed}).one_or_none()
         if found is None:
             raise AuthenticationFailed("your session has expired; sign in again")
         session_id, revoked_at, expires_at, user = found
