@@ -52,3 +52,32 @@ def test_schema_head_constant_is_the_newest_migration(tmp_path: Path) -> None:
 
     engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert head_revision(engine) == SCHEMA_HEAD
+
+
+def test_empty_database_gets_the_same_schema_as_the_migrations(tmp_path: Path) -> None:
+    """The fast path for a new database (create_all and stamp) and the migrations agree."""
+    from alembic import command
+
+    from cmbcluster.db.engine import _alembic_config
+
+    fast = create_db_engine(f"sqlite:///{tmp_path / 'fast.sqlite'}")
+    upgrade(fast)  # empty: created from the models and stamped
+    migrated = create_db_engine(f"sqlite:///{tmp_path / 'migrated.sqlite'}")
+    cfg = _alembic_config(migrated)
+    with migrated.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")  # the migrations, step by step
+    assert current_revision(fast) == current_revision(migrated)
+
+    def schema(engine: object) -> dict[str, object]:
+        inspector = inspect(engine)
+        return {
+            table: (
+                sorted((c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)),
+                sorted(tuple(i["column_names"]) for i in inspector.get_indexes(table)),
+                sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+            )
+            for table in inspector.get_table_names()
+        }
+
+    assert schema(fast) == schema(migrated)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ProviderUnavailable
-from cmbcluster.oidc import OidcConfig, OidcProvider
+from cmbcluster.oidc.provider import OidcConfig, OidcProvider
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.oidc import KeyServer, OidcMockServer
 

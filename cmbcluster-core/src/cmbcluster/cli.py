@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from cmbcluster import __version__
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
@@ -27,8 +26,20 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
+
+@functools.cache
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console  # imported when something is printed, not for every start
+
+    return Console(stderr=stderr)
+
+
+def out(*args: Any, **kwargs: Any) -> None:
+    _console().print(*args, **kwargs)
+
+
+def err(*args: Any, **kwargs: Any) -> None:
+    _console(stderr=True).print(*args, **kwargs)
 
 
 def _resolve(**overrides: Any) -> ResolvedConfig:
@@ -76,15 +87,17 @@ def plugins(
     manager = PluginManager.from_settings(settings).load()
     infos = manager.plugins()
     if as_json:
-        out.print_json(json.dumps([info.as_dict() for info in infos]))
+        _console().print_json(json.dumps([info.as_dict() for info in infos]))
         return
+    from rich.table import Table
+
     table = Table(title="CMBCluster plugins")
     for column in ("name", "distribution", "version", "hooks", "status"):
         table.add_column(column)
     for info in infos:
         status = "[green]loaded[/green]" if info.loaded else f"[red]{info.error}[/red]"
         table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-", status)
-    out.print(table)
+    out(table)
 
 
 @config_app.command("check")
@@ -92,9 +105,9 @@ def config_check() -> None:
     """Validate the whole configuration and list every problem (exit 1 if any)."""
     config = _resolve()
     for warning in config.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}")
+        err(f"[yellow]warning:[/yellow] {warning}")
     summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
-    out.print(
+    out(
         f"[green]configuration OK[/green]: {summary}; database {_safe_url(config.core.effective_database_url)}",
         soft_wrap=True,
     )
@@ -108,7 +121,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     settings = load_core_settings()
     engine = create_db_engine(settings.effective_database_url)
     upgrade(engine, revision)
-    out.print(f"database at revision {current_revision(engine)}")
+    out(f"database at revision {current_revision(engine)}")
 
 
 @db_app.command("current")
@@ -121,16 +134,16 @@ def db_current() -> None:
     engine = create_db_engine(settings.effective_database_url)
     current, head = current_revision(engine), head_revision(engine)
     state = "up to date" if current == head else "needs `cmbcluster db upgrade`"
-    out.print(f"current: {current or '(empty database)'}  head: {head}  ({state})")
+    out(f"current: {current or '(empty database)'}  head: {head}  ({state})")
 
 
 @app.command()
 def version() -> None:
     """Print the version of core and of every installed plugin."""
-    out.print(f"cmbcluster-core {__version__}")
+    out(f"cmbcluster-core {__version__}")
     for info in PluginManager(entry_points_enabled=True).plugins():
         if not info.builtin:
-            out.print(f"{info.distribution} {info.version} (plugin {info.name})")
+            out(f"{info.distribution} {info.version} (plugin {info.name})")
 
 
 def _safe_url(url: str) -> str:
@@ -144,10 +157,10 @@ def main() -> None:
     try:
         app()
     except CmbclusterError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -58,15 +58,33 @@ def _alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (nothing to do, and no Alembic import, when current)."""
-    if revision == "head" and current_revision(engine) == SCHEMA_HEAD:
-        return
+    """Apply migrations up to ``revision`` (nothing to do, and no Alembic import, when current).
+
+    An empty database gets the current schema in one step and is stamped with its revision,
+    as Alembic's cookbook recommends; a test keeps the models and the migrations identical.
+    """
+    if revision == "head":
+        current = current_revision(engine)
+        if current == SCHEMA_HEAD:
+            return
+        if current is None and not inspect(engine).get_table_names():
+            _create_current_schema(engine)
+            return
     from alembic import command
 
     cfg = _alembic_config(engine)
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
+
+
+def _create_current_schema(engine: Engine) -> None:
+    from cmbcluster.db.models import Base
+
+    with engine.begin() as connection:
+        Base.metadata.create_all(connection)
+        connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": SCHEMA_HEAD})
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -8,14 +8,11 @@ control plane runs one sign-in path for every provider.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import time
 from typing import Any
 from urllib.parse import urlencode
-
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import OctKey
 
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
@@ -35,8 +32,14 @@ class DevLoginProvider(AuthProvider):
     display_name = "Development sign-in"
 
     def __init__(self, key: bytes, *, audience: str = "cmbcluster") -> None:
-        self._key = OctKey.import_key(hashlib.sha256(b"dev-login:" + key).digest())
+        self._secret = hashlib.sha256(b"dev-login:" + key).digest()
         self.audience = audience
+
+    @functools.cached_property
+    def _key(self) -> Any:
+        from joserfc.jwk import OctKey  # imported on first sign-in, not at start-up
+
+        return OctKey.import_key(self._secret)
 
     def authorization_url(self, request: AuthorizationRequest) -> str:
         query = urlencode(
@@ -59,6 +62,8 @@ class DevLoginProvider(AuthProvider):
             "typ": "code", "email": email, "name": name, "nonce": nonce, "cc": code_challenge,
             "iss": ISSUER, "iat": now, "exp": now + CODE_TTL,
         }  # fmt: skip
+        from joserfc import jwt
+
         return jwt.encode({"alg": "HS256"}, claims, self._key)
 
     def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:
@@ -71,6 +76,8 @@ class DevLoginProvider(AuthProvider):
             "name": claims.get("name", ""), "nonce": claims.get("nonce"), "iss": ISSUER, "aud": self.audience,
             "iat": now, "exp": now + TOKEN_TTL,
         }  # fmt: skip
+        from joserfc import jwt
+
         return TokenSet(id_token=jwt.encode({"alg": "HS256"}, id_claims, self._key), expires_in=TOKEN_TTL)
 
     def validate_token(self, token: str, *, nonce: str | None = None) -> dict[str, Any]:
@@ -92,6 +99,9 @@ class DevLoginProvider(AuthProvider):
         )
 
     def _decode(self, token: str, *, expected_type: str) -> dict[str, Any]:
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
         try:
             decoded = jwt.decode(token, self._key, algorithms=["HS256"])
         except (JoseError, ValueError) as exc:

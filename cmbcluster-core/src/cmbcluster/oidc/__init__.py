@@ -1,5 +1,5 @@
-"""OpenID Connect in core: a generic provider that Google- and Cognito-style plugins build on."""
+"""OpenID Connect in core: a generic provider that Google- and Cognito-style plugins build on.
 
-from cmbcluster.oidc.provider import JwksCache, OidcConfig, OidcProvider
-
-__all__ = ["JwksCache", "OidcConfig", "OidcProvider"]
+Import from :mod:`cmbcluster.oidc.provider` (this package stays empty so that loading the
+built-in ``oidc`` plugin at start-up does not import httpx and joserfc).
+"""
