@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -69,7 +70,7 @@ def serve(
         os.environ["CMBCLUSTER_HOST"], os.environ["CMBCLUSTER_PORT"] = core.host, str(core.port)
         uvicorn.run(
             "cmbcluster.app:create_app_from_environment", factory=True, host=core.host, port=core.port,
-            reload=True, log_config=None, loop="asyncio",
+            reload=True, reload_dirs=[str(Path(__file__).parent)], log_config=None, loop="asyncio",
         )  # fmt: skip
         return
     uvicorn.run(

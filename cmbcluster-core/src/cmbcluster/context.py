@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +19,9 @@ from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, S
 from cmbcluster.observability import Metrics
 from cmbcluster.registrations import Registration
 from cmbcluster.security import secret_key
+
+if TYPE_CHECKING:
+    from cmbcluster.services.storages import StorageRuntime
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,13 @@ class AppContext:
     auth: dict[str, AuthProvider]
     metrics: Metrics
     secret_key: bytes
+
+    @functools.cached_property
+    def storage_runtime(self) -> StorageRuntime:
+        """The storage API's per-server state (usage refresher, upload limiter), made on first use."""
+        from cmbcluster.services.storages import StorageRuntime
+
+        return StorageRuntime(self.storage, self.sessions)
 
     @property
     def namespace(self) -> str:
@@ -55,7 +66,10 @@ class AppContext:
             yield "auth", name, provider
 
     def close(self) -> None:
-        for closer in (self.storage.close, self.compute.close):
+        closers = [self.storage.close, self.compute.close]
+        if "storage_runtime" in self.__dict__:
+            closers.insert(0, self.storage_runtime.close)
+        for closer in closers:
             try:
                 closer()
             except Exception:

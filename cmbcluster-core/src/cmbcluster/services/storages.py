@@ -297,6 +297,9 @@ class StorageRuntime:
             self._upload_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_UPLOADS)
         return self._upload_limiter
 
+    def close(self) -> None:
+        self.refresher.close()
+
 
 def current_usage(
     storages: Iterable[Storage], refresher: UsageRefresher, *, backend_name: str, wait_seconds: float

@@ -139,13 +139,9 @@ def object_out(info: ObjectInfo) -> ObjectOut:
 # -- per-server state --------------------------------------------------------------------------
 
 
-async def get_runtime(request: Request, context: Context) -> service.StorageRuntime:
-    """The app's storage runtime, made on first use (an async dependency: no race between threads)."""
-    runtime: service.StorageRuntime | None = getattr(request.app.state, "storage_runtime", None)
-    if runtime is None:
-        runtime = service.StorageRuntime(context.storage, context.sessions)
-        request.app.state.storage_runtime = runtime
-    return runtime
+async def get_runtime(context: Context) -> service.StorageRuntime:
+    """The server's storage runtime (an async dependency: first made on the loop, no thread race)."""
+    return context.storage_runtime
 
 
 Runtime = Annotated[service.StorageRuntime, Depends(get_runtime)]
