@@ -56,9 +56,10 @@ from cmbcluster.interfaces import (
     StorageClass,
     UserRef,
     VolumeSpec,
+    check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key, validate_object_prefix
+from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
 from cmbcluster_aws.settings import AwsSettings
 
 __all__ = ["S3Storage", "map_aws_error"]
@@ -657,9 +658,7 @@ class S3Storage(StorageBackend):
         page_size: int = 1000,
     ) -> ObjectPage:
         self._check_bucket_name(bucket)
-        validate_object_prefix(prefix)
-        if page_size < 1:
-            raise InvalidRequest("page_size must be at least 1")
+        check_listing(prefix, delimiter, page_size)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": min(page_size, MAX_LIST_KEYS)}
         if delimiter:
             kwargs["Delimiter"] = delimiter

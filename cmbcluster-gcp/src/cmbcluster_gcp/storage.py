@@ -53,9 +53,10 @@ from cmbcluster.interfaces import (
     StorageClass,
     UserRef,
     VolumeSpec,
+    check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, validate_object_key, validate_object_prefix
+from cmbcluster.naming import bucket_name, dns_label, validate_object_key
 from cmbcluster_gcp.settings import GcpSettings
 
 logger = logging.getLogger(__name__)
@@ -466,11 +467,7 @@ class GcsStorage(StorageBackend):
         page_size: int = 1000,
     ) -> ObjectPage:
         ref = self._bucket_ref(bucket)
-        validate_object_prefix(prefix)
-        if delimiter not in (None, "/"):
-            raise InvalidRequest("objects are listed with delimiter '/' or none")
-        if isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        check_listing(prefix, delimiter, page_size)
         server_token, after = _decode_page_token(page_token)
 
         with gcs_errors(f"bucket {bucket}"):

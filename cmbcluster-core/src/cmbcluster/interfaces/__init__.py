@@ -22,6 +22,7 @@ from cmbcluster.interfaces.storage import (
     StorageBackend,
     StorageClass,
     VolumeSpec,
+    check_listing,
     resolve_byte_range,
 )
 
@@ -53,5 +54,6 @@ __all__ = [
     "UserInfo",
     "UserRef",
     "VolumeSpec",
+    "check_listing",
     "resolve_byte_range",
 ]

@@ -138,6 +138,22 @@ def resolve_byte_range(byte_range: tuple[int, int | None] | None, size: int) -> 
     return first, size if last is None else min(last + 1, size)
 
 
+MAX_PAGE_SIZE = 10_000
+
+
+def check_listing(prefix: str, delimiter: str | None, page_size: int) -> None:
+    """The arguments of ``list_objects`` every backend accepts: a safe prefix, the delimiter
+    ``/`` or none, and 1 to :data:`MAX_PAGE_SIZE` entries (a backend may return fewer)."""
+    from cmbcluster.errors import InvalidRequest
+    from cmbcluster.naming import validate_object_prefix
+
+    validate_object_prefix(prefix)
+    if delimiter not in (None, "/"):
+        raise InvalidRequest("objects are listed with the delimiter '/' or none")
+    if isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+
+
 class StorageBackend(abc.ABC):
     """Buckets and objects of one storage service. Names passed in are ``BucketInfo.name``."""
 

@@ -29,9 +29,10 @@ from cmbcluster.interfaces import (
     StorageClass,
     UserRef,
     VolumeSpec,
+    check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, validate_object_key, validate_object_prefix
+from cmbcluster.naming import bucket_name, validate_object_key
 
 BUCKET_PREFIX = "cmb"
 
@@ -117,11 +118,7 @@ class LocalStorage(StorageBackend):
         page_size: int = 1000,
     ) -> ObjectPage:
         folder = self._bucket_dir(bucket)
-        validate_object_prefix(prefix)
-        if delimiter not in (None, "/"):
-            raise InvalidRequest("the local provider lists with delimiter '/' or none")
-        if not 1 <= page_size <= 10_000:
-            raise InvalidRequest("page_size must be between 1 and 10000")
+        check_listing(prefix, delimiter, page_size)
         entries = sorted(self._entries(folder, prefix, delimiter is not None))
         if page_token:
             entries = [e for e in entries if e[0] > page_token]

@@ -22,10 +22,10 @@ import httpx
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from cmbcluster.testing.process import free_port
+from cmbcluster.testing.process import BackgroundProcess, free_port
 
 
-class OidcMockServer:
+class OidcMockServer(BackgroundProcess):
     """``oidc-provider-mock`` on a free loopback port; any client id and secret are accepted."""
 
     def __init__(self, *, python: str = sys.executable) -> None:
@@ -61,21 +61,6 @@ class OidcMockServer:
         if response.status_code not in (302, 303):
             raise AssertionError(f"the provider did not redirect: {response.status_code} {response.text[:300]}")
         return response.headers["location"]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> OidcMockServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class KeyServer:

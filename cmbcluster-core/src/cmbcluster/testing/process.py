@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -48,8 +49,29 @@ def run_cli(
     )  # fmt: skip
 
 
-class ServeProcess:
-    """``cmbcluster serve`` on a free loopback port; ``stop()`` ends it by its PID."""
+class BackgroundProcess:
+    """A server started by a test; ``stop()`` (or leaving the ``with`` block) ends it by its PID."""
+
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServeProcess(BackgroundProcess):
+    """``cmbcluster serve`` on a free loopback port."""
 
     def __init__(self, env: Mapping[str, str], cwd: Path, *, python: str = sys.executable, port: int | None = None):
         self.port = port or free_port()
@@ -75,18 +97,3 @@ class ServeProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
