@@ -7,15 +7,16 @@ instead of one traceback at a time.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from cmbcluster.errors import ConfigurationError, PluginError
-from cmbcluster.plugins import Concern, PluginManager
+from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
@@ -25,6 +26,8 @@ from cmbcluster.registrations import (
     StorageBackendRegistration,
 )
 from cmbcluster.settings import CoreSettings, env_var_name
+
+R = TypeVar("R", bound=Registration[Any])
 
 
 @dataclass
@@ -85,9 +88,9 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
     for info in pm.failed():
         warnings.append(f"plugin {info.name} ({info.distribution} {info.version}) not loaded: {info.error}")
 
-    def pick(concern: Concern, name: str) -> Registration[Any] | None:
+    def pick(select: Callable[[str], R], name: str) -> R | None:
         try:
-            return pm.select(concern, name)
+            return select(name)
         except PluginError as exc:
             problems.append(str(exc))
             return None
@@ -97,14 +100,14 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
     except PluginError as exc:
         raise ConfigurationError([str(exc)]) from None
 
-    storage = pick("storage", core.selected_storage)
-    compute = pick("compute", core.selected_compute)
-    infra = pick("infra", core.selected_infra)
-    auth = [pick("auth", name) for name in core.selected_auth]
+    storage = pick(pm.storage_backend, core.selected_storage)
+    compute = pick(pm.compute_backend, core.selected_compute)
+    infra = pick(pm.infra_provider, core.selected_infra)
+    auth = [pick(pm.auth_provider, name) for name in core.selected_auth]
     if not core.selected_auth:
         problems.append("CMBCLUSTER_AUTH_PROVIDERS enables no identity provider: nobody could sign in")
 
-    chosen = [r for r in [storage, compute, infra, *auth] if r is not None]
+    chosen: list[Registration[Any]] = [r for r in [storage, compute, infra, *auth] if r is not None]
     provider_settings: dict[type[BaseSettings], BaseSettings] = {}
     for registration in chosen:
         model = registration.settings_model
@@ -128,10 +131,10 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
     return ResolvedConfig(
         core=core,
         plugins=pm,
-        storage=storage,  # type: ignore[arg-type]
-        compute=compute,  # type: ignore[arg-type]
-        infra=infra,  # type: ignore[arg-type]
-        auth=[a for a in auth if a is not None],  # type: ignore[misc]
+        storage=storage,
+        compute=compute,
+        infra=infra,
+        auth=[a for a in auth if a is not None],
         provider_settings=provider_settings,
         warnings=warnings,
     )

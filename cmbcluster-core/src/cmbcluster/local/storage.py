@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import (
@@ -222,8 +223,8 @@ class LocalStorage(StorageBackend):
         return self.root / bucket
 
 
-def _read_range(handle: object, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
-    with handle as f:  # type: ignore[attr-defined]
+def _read_range(handle: BinaryIO, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
+    with handle as f:
         f.seek(start)
         remaining = end - start
         while remaining > 0:
@@ -261,7 +262,7 @@ def _info_to_json(info: BucketInfo) -> dict[str, object]:
     }
 
 
-def _info_from_json(data: dict[str, object]) -> BucketInfo:
+def _info_from_json(data: dict[str, Any]) -> BucketInfo:
     return BucketInfo(
         name=str(data["name"]),
         owner_id=str(data["owner_id"]),
@@ -269,5 +270,5 @@ def _info_from_json(data: dict[str, object]) -> BucketInfo:
         storage_class=StorageClass(str(data["storage_class"])),
         created_at=dt.datetime.fromisoformat(str(data["created_at"])),
         location=str(data.get("location", "")),
-        labels=dict(data.get("labels") or {}),  # type: ignore[call-overload]
+        labels={str(k): str(v) for k, v in dict(data.get("labels") or {}).items()},
     )
