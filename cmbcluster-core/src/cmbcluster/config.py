@@ -45,7 +45,11 @@ class ResolvedConfig:
 
     def context_for(self, registration: Registration[Any]) -> ProviderContext:
         model = registration.settings_model
-        return ProviderContext(core=self.core, provider_settings=self.provider_settings.get(model) if model else None)
+        return ProviderContext(
+            core=self.core,
+            provider_settings=self.provider_settings.get(model) if model else None,
+            decorate_pod=self.plugins.decorate_pod,
+        )
 
     def summary(self) -> dict[str, str]:
         return {

@@ -36,7 +36,11 @@ from cmbcluster.registrations import (
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "cmbcluster"
-BUILTIN_PLUGINS = {"local": "cmbcluster.local.plugin", "oidc": "cmbcluster.oidc.plugin"}
+BUILTIN_PLUGINS = {
+    "local": "cmbcluster.local.plugin",
+    "oidc": "cmbcluster.oidc.plugin",
+    "kubernetes": "cmbcluster.kubernetes.plugin",
+}
 
 R = TypeVar("R", bound=Registration[Any])
 Concern = Literal["storage", "auth", "infra", "compute"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
+from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, PodContext, PodDraft, StorageBackend
 
 if TYPE_CHECKING:
     from cmbcluster.settings import CoreSettings
@@ -37,6 +37,8 @@ class ProviderContext:
 
     core: CoreSettings
     provider_settings: BaseSettings | None = None
+    #: Runs every ``cmbcluster_decorate_pod`` implementation on a pod draft (for compute backends).
+    decorate_pod: Callable[[PodDraft, PodContext], None] | None = None
 
     @property
     def data_dir(self) -> Path:

@@ -12,8 +12,9 @@ tests, which run the backend with a token bound to exactly these rules and nothi
 Verbs, and why: ``create`` (start), ``get`` (status, and adopting an object that already
 exists on a 409), ``list`` (``list_managed``, and finding every object of an environment by
 label on stop/delete), ``delete`` (stop/delete, replacing a foreign object of our name),
-``watch`` on pods and events (status kept current by a watch). Nothing is ever updated in
-place, so there is no ``update`` or ``patch``.
+``watch`` on pods and events (status kept current by a watch), ``patch`` on secrets and
+claims only (they are created before the pod, so the pod cannot start without them, then the
+pod is added as their owner). Nothing else is changed in place: no ``update`` anywhere.
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {
         "apiGroups": [""],
-        "resources": ["services", "secrets", "persistentvolumeclaims"],
+        "resources": ["services"],
         "verbs": ["get", "list", "create", "delete"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["secrets", "persistentvolumeclaims"],
+        "verbs": ["get", "list", "create", "delete", "patch"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
 ]

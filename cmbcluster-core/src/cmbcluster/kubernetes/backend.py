@@ -1,0 +1,696 @@
+"""Environments as Kubernetes objects: a Pod, a Service (ClusterIP, port 80) and a Secret.
+
+Per environment ``<id>`` the backend creates, in its namespace:
+
+- a **Pod** ``env-<id>`` built from a :class:`~cmbcluster.interfaces.PodDraft` that the
+  pod-decoration hook changes before it is sent; secure by default (non-root, no privilege
+  escalation, capabilities dropped, seccomp ``RuntimeDefault``, no service-account token
+  unless the user's cloud identity needs a ServiceAccount);
+- a **Secret** ``env-<id>`` holding the user's variables and secret files (mounted read-only
+  at :data:`SECRETS_DIR`), a **Service** ``env-<id>`` and the storage volumes' objects (PVCs),
+  all owned by the Pod so that deleting the Pod garbage-collects them;
+- cluster-scoped **PersistentVolumes** when the storage backend asks for them: no owner
+  reference is possible, so stop/delete remove them explicitly, found by label.
+
+Every object carries :data:`MANAGED_BY`, the user id and the environment id as labels.
+Creation is idempotent: a 409 adopts the existing object when it is ours (same labels, owned
+by the current Pod, not being deleted) and replaces it otherwise. Server errors, timeouts and
+connection errors are retried with backoff, then raised as ProviderUnavailable.
+
+Only this module imports the ``kubernetes`` client. Calls return the API's JSON as dicts
+(``_preload_content=False``): faster than the client's models, and the same across versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from cmbcluster.errors import (
+    CmbclusterError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ProviderUnavailable,
+)
+from cmbcluster.interfaces import (
+    ComputeBackend,
+    EnvironmentPhase,
+    EnvironmentSpec,
+    EnvironmentStatus,
+    PodContext,
+    PodDraft,
+    Resources,
+)
+from cmbcluster.naming import dns_label
+
+log = logging.getLogger(__name__)
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "cmbcluster"
+USER_LABEL = "cmbcluster.io/user-id"
+ENVIRONMENT_LABEL = "cmbcluster.io/environment-id"
+#: the raw ids (labels hold their DNS-safe form)
+USER_ANNOTATION = "cmbcluster.io/user-id"
+ENVIRONMENT_ANNOTATION = "cmbcluster.io/environment-id"
+MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
+
+CONTAINER_NAME = "environment"
+SECRETS_DIR = "/var/run/cmbcluster/secrets"
+SECRETS_VOLUME = "cmbcluster-secrets"
+SECRET_FILE_MODE = 0o400
+RUN_AS_USER = 1000
+RUN_AS_GROUP = 100
+FS_GROUP = 100
+SERVICE_PORT = 80
+
+Decorator = Callable[[PodDraft, PodContext], None]
+
+_RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
+_KEY_SAFE = re.compile(r"[-._a-zA-Z0-9]+")
+_FAILED_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
+
+#: kind -> (suffix of the CoreV1Api methods, namespaced)
+_KINDS: dict[str, tuple[str, bool]] = {
+    "Pod": ("pod", True),
+    "Service": ("service", True),
+    "Secret": ("secret", True),
+    "PersistentVolumeClaim": ("persistent_volume_claim", True),
+    "PersistentVolume": ("persistent_volume", False),
+}
+#: what stop/delete look for by label, pods first (deleting it garbage-collects the rest)
+_CLEANUP_ORDER = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def object_name(environment_id: str) -> str:
+    """The name of every namespaced object of an environment: ``env-<id>``, DNS-safe."""
+    return dns_label("env", environment_id)
+
+
+def cpu_quantity(cores: float) -> str:
+    """Cores as a Kubernetes quantity: ``0.5`` -> ``"500m"``, ``2`` -> ``"2"``."""
+    millis = round(cores * 1000)
+    if millis < 1:
+        raise InvalidRequest(f"CPU {cores!r} is below the smallest amount Kubernetes accepts (0.001)")
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def memory_quantity(mib: int) -> str:
+    """MiB as a Kubernetes quantity: ``2048`` -> ``"2048Mi"``."""
+    if mib < 1:
+        raise InvalidRequest(f"memory {mib!r} MiB must be at least 1 MiB")
+    return f"{int(mib)}Mi"
+
+
+def resource_requirements(resources: Resources) -> dict[str, dict[str, str]]:
+    """Requests and limits (limits default to the requests, so pods are Guaranteed)."""
+    cpu_limit = resources.cpu_limit if resources.cpu_limit is not None else resources.cpu
+    memory_limit = resources.memory_limit_mib if resources.memory_limit_mib is not None else resources.memory_mib
+    if cpu_limit < resources.cpu or memory_limit < resources.memory_mib:
+        raise InvalidRequest("resource limits must not be below the requests")
+    requests = {"cpu": cpu_quantity(resources.cpu), "memory": memory_quantity(resources.memory_mib)}
+    limits = {"cpu": cpu_quantity(cpu_limit), "memory": memory_quantity(memory_limit)}
+    if resources.gpu:
+        if resources.gpu < 0:
+            raise InvalidRequest("gpu must not be negative")
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(resources.gpu)
+    return {"requests": requests, "limits": limits}
+
+
+def identity_labels(spec_user_id: str, environment_id: str) -> dict[str, str]:
+    return {
+        MANAGED_BY: MANAGED_BY_VALUE,
+        USER_LABEL: dns_label(spec_user_id),
+        ENVIRONMENT_LABEL: dns_label(environment_id),
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# -- the backend ----------------------------------------------------------------------------------
+class KubernetesCompute(ComputeBackend):
+    """Runs each environment as a Pod with its Service and Secret in one namespace.
+
+    ``api_client`` is a configured ``kubernetes.client.ApiClient`` (see
+    :func:`api_client_from_settings`); ``decorate`` runs the pod-decoration hook
+    (``plugin_manager.decorate_pod``) on every draft before it is sent.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        namespace: str,
+        decorate: Decorator | None = None,
+        storage_backend: str = "",
+        infra_provider: str | None = None,
+        image_pull_policy: str = "IfNotPresent",
+        attempts: int = 4,
+        backoff_seconds: float = 0.2,
+        request_timeout: tuple[float, float] = (5.0, 30.0),
+        delete_wait_seconds: float = 60.0,
+    ) -> None:
+        self.api_client = api_client
+        self.core = k8s.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.decorate = decorate
+        self.storage_backend = storage_backend
+        self.infra_provider = infra_provider
+        self.image_pull_policy = image_pull_policy
+        self.attempts = max(1, attempts)
+        self.backoff_seconds = backoff_seconds
+        self.request_timeout = request_timeout
+        self.delete_wait_seconds = delete_wait_seconds
+        self._closed = threading.Event()
+
+    # -- API calls ---------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any, what: str, **kwargs: Any) -> dict[str, Any]:
+        """One CoreV1Api call, as JSON. Every call this backend makes is safe to repeat (reads,
+        deletes that ignore 404, creates whose 409 adopts), so 5xx, 429, timeouts and connection
+        errors are retried with exponential backoff, then raised as ProviderUnavailable."""
+        fn = getattr(self.core, method)
+        delay = self.backoff_seconds
+        last: Exception | None = None
+        for attempt in range(self.attempts):
+            try:
+                response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+                data = response.data
+                return json.loads(data) if data else {}
+            except ApiException as exc:
+                if exc.status not in _RETRYABLE_STATUS:
+                    raise _translate(exc, what) from exc
+                last = exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                last = exc
+            if attempt + 1 < self.attempts and not self._closed.is_set():
+                log.warning("kubernetes call %s failed (%s); retrying in %.1fs", method, _describe(last), delay)
+                time.sleep(delay)
+                delay *= 2
+        raise ProviderUnavailable(
+            f"the Kubernetes API did not answer {what} after {self.attempts} attempts: {_describe(last)}"
+        ) from last
+
+    def _op(self, verb: str, kind: str) -> tuple[str, bool]:
+        suffix, namespaced = _KINDS[kind]
+        return (f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}"), namespaced
+
+    def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        method, namespaced = self._op("create", obj["kind"])
+        args = (self.namespace,) if namespaced else ()
+        return self._call(method, *args, body=obj, what=f"creating {obj['kind']} {_meta(obj).get('name')}")
+
+    def _read(self, kind: str, name: str) -> dict[str, Any] | None:
+        method, namespaced = self._op("read", kind)
+        args = (name, self.namespace) if namespaced else (name,)
+        try:
+            return self._call(method, *args, what=f"reading {kind} {name}")
+        except NotFound:
+            return None
+
+    def _delete(self, kind: str, name: str, *, grace_period_seconds: int | None = None) -> None:
+        method, namespaced = self._op("delete", kind)
+        args = (name, self.namespace) if namespaced else (name,)
+        kwargs: dict[str, Any] = {"propagation_policy": "Background"}
+        if grace_period_seconds is not None:
+            kwargs["grace_period_seconds"] = grace_period_seconds
+        try:
+            self._call(method, *args, what=f"deleting {kind} {name}", **kwargs)
+        except NotFound:
+            pass
+
+    def _list(self, kind: str, label_selector: str) -> list[dict[str, Any]]:
+        method, namespaced = self._op("list", kind)
+        args = (self.namespace,) if namespaced else ()
+        items = self._call(method, *args, label_selector=label_selector, what=f"listing {kind}s").get("items")
+        return [item for item in items or [] if isinstance(item, dict)]
+
+    # -- building the objects ------------------------------------------------------------------
+    def build_draft(self, spec: EnvironmentSpec) -> PodDraft:
+        """The pod draft before decoration: storage volumes, identity, secrets, resources."""
+        name = object_name(spec.environment_id)
+        labels = {**spec.labels, **identity_labels(spec.user.id, spec.environment_id)}
+        draft = PodDraft(
+            name=name,
+            namespace=self.namespace,
+            image=spec.image,
+            command=list(spec.command),
+            labels=labels,
+            annotations={ENVIRONMENT_ANNOTATION: spec.environment_id, USER_ANNOTATION: spec.user.id},
+            env={"PORT": str(spec.port), "HOST": "0.0.0.0", "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id},
+            port=spec.port,
+            working_dir=spec.working_dir,
+            resources=resource_requirements(spec.resources),
+        )
+        if spec.secret_files:
+            draft.env["CMBCLUSTER_SECRETS_DIR"] = SECRETS_DIR
+            draft.volumes.append(
+                {
+                    "name": SECRETS_VOLUME,
+                    "secret": {
+                        "secretName": name,
+                        "defaultMode": SECRET_FILE_MODE,
+                        "items": [{"key": f"file.{f}", "path": f} for f in sorted(spec.secret_files)],
+                    },
+                }
+            )
+            draft.volume_mounts.append({"name": SECRETS_VOLUME, "mountPath": SECRETS_DIR, "readOnly": True})
+        for mounted in spec.volumes:
+            volume = mounted.spec
+            if volume.volume is not None:
+                draft.volumes.append(dict(volume.volume))
+            if volume.mount is not None:
+                draft.volume_mounts.append(dict(volume.mount))
+            draft.extra_objects.extend(json.loads(json.dumps(obj)) for obj in volume.objects)
+            draft.annotations.update(volume.pod_annotations)
+        if spec.identity is not None and spec.identity.service_account:
+            draft.service_account_name = spec.identity.service_account
+            draft.automount_service_account_token = True
+        return draft
+
+    def pod_context(self, spec: EnvironmentSpec) -> PodContext:
+        return PodContext(
+            user=spec.user,
+            environment_id=spec.environment_id,
+            namespace=self.namespace,
+            identity=spec.identity,
+            storage_backend=self.storage_backend,
+            infra_provider=self.infra_provider,
+            # EnvironmentSpec carries volume specs, not bucket names: nothing to report here yet
+            buckets=(),
+        )
+
+    def _validate(self, draft: PodDraft, spec: EnvironmentSpec) -> None:
+        """What the decorators produced, checked before anything is sent."""
+        ours = identity_labels(spec.user.id, spec.environment_id)
+        draft.labels.update(ours)  # decorators may add labels, never change ours
+        if draft.name != object_name(spec.environment_id) or draft.namespace != self.namespace:
+            raise InvalidRequest("pod decorators must not change the pod's name or namespace")
+        if not draft.image:
+            raise InvalidRequest("the environment has no image")
+        if not 1 <= draft.port <= 65535:
+            raise InvalidRequest(f"port {draft.port} is not a valid container port")
+        volume_names = [str(v.get("name", "")) for v in draft.volumes]
+        if len(set(volume_names)) != len(volume_names) or "" in volume_names:
+            raise InvalidRequest(f"pod volumes must have unique, non-empty names: {volume_names}")
+        for mount in draft.volume_mounts:
+            if mount.get("name") not in volume_names:
+                raise InvalidRequest(f"volume mount {mount.get('name')!r} refers to no volume of the pod")
+            if not str(mount.get("mountPath", "")).startswith("/"):
+                raise InvalidRequest(f"volume mount {mount.get('name')!r} needs an absolute mountPath")
+        for name in draft.env:
+            if not _KEY_SAFE.fullmatch(name):
+                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        for obj in draft.extra_objects:
+            if obj.get("kind") not in ("PersistentVolume", "PersistentVolumeClaim", "Secret"):
+                raise InvalidRequest(
+                    f"the kubernetes compute backend cannot create a {obj.get('kind')!r} for an environment "
+                    "(it creates PersistentVolumes, PersistentVolumeClaims and Secrets)"
+                )
+            if not _meta(obj).get("name"):
+                raise InvalidRequest(f"a {obj.get('kind')} of the environment has no name")
+
+    def build_secret(self, spec: EnvironmentSpec, labels: dict[str, str]) -> dict[str, Any]:
+        data: dict[str, str] = {}
+        for key, value in spec.env.items():
+            if not _KEY_SAFE.fullmatch(key):
+                raise InvalidRequest(f"invalid environment variable name {key!r}")
+            data[f"env.{key}"] = _b64(value.encode())
+        for filename, content in spec.secret_files.items():
+            if not _KEY_SAFE.fullmatch(filename) or filename in {".", ".."} or filename.startswith(".."):
+                raise InvalidRequest(f"invalid secret file name {filename!r}")
+            data[f"file.{filename}"] = _b64(content)
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": object_name(spec.environment_id), "labels": dict(labels)},
+            "type": "Opaque",
+            "data": data,
+        }
+
+    def build_pod(self, draft: PodDraft, spec: EnvironmentSpec) -> dict[str, Any]:
+        env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(draft.env.items())]
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": draft.name, "key": f"env.{key}"}}}
+            for key in sorted(spec.env)
+            if key not in draft.env
+        ]
+        container: dict[str, Any] = {
+            "name": CONTAINER_NAME,
+            "image": draft.image,
+            "imagePullPolicy": self.image_pull_policy,
+            "ports": [{"name": "http", "containerPort": draft.port, "protocol": "TCP"}],
+            "env": env,
+            "resources": draft.resources,
+            "volumeMounts": draft.volume_mounts,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS_USER,
+                "runAsGroup": RUN_AS_GROUP,
+                "allowPrivilegeEscalation": False,
+                "privileged": False,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }
+        if draft.command:
+            container["command"] = draft.command
+        if draft.working_dir:
+            container["workingDir"] = draft.working_dir
+        pod_spec: dict[str, Any] = {
+            "containers": [container],
+            "volumes": draft.volumes,
+            "restartPolicy": "OnFailure",
+            "automountServiceAccountToken": bool(draft.automount_service_account_token),
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": draft.termination_grace_period_seconds,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS_USER,
+                "runAsGroup": RUN_AS_GROUP,
+                "fsGroup": FS_GROUP,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }
+        if draft.service_account_name:
+            pod_spec["serviceAccountName"] = draft.service_account_name
+        if draft.node_selector:
+            pod_spec["nodeSelector"] = draft.node_selector
+        if draft.tolerations:
+            pod_spec["tolerations"] = draft.tolerations
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": draft.name, "labels": draft.labels, "annotations": draft.annotations},
+            "spec": pod_spec,
+        }
+
+    def build_service(self, name: str, labels: dict[str, str], port: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "labels": dict(labels)},
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {MANAGED_BY: MANAGED_BY_VALUE, ENVIRONMENT_LABEL: labels[ENVIRONMENT_LABEL]},
+                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": port, "protocol": "TCP"}],
+            },
+        }
+
+    def _prepare_extra(self, obj: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta["labels"] = {**(meta.get("labels") or {}), **labels}
+        if obj["kind"] == "PersistentVolume":
+            meta.pop("namespace", None)
+            claim_ref = obj.get("spec", {}).get("claimRef")
+            if isinstance(claim_ref, dict):
+                claim_ref["namespace"] = self.namespace
+        else:
+            meta["namespace"] = self.namespace
+        return obj
+
+    # -- idempotent create -----------------------------------------------------------------------
+    def _ensure(self, obj: dict[str, Any], labels: dict[str, str], owner_uid: str | None = None) -> dict[str, Any]:
+        """Create ``obj``; on 409 adopt the existing object if it is ours, else replace it."""
+        kind, name = obj["kind"], _meta(obj)["name"]
+        for _ in range(3):
+            try:
+                return self._create(obj)
+            except _AlreadyThere:
+                pass
+            existing = self._read(kind, name)
+            if existing is None:
+                continue  # deleted in between: create again
+            if self._is_ours(existing, labels, owner_uid):
+                return existing
+            log.info("replacing %s %s that is not this environment's", kind, name)
+            self._delete(kind, name, grace_period_seconds=0 if kind == "Pod" else None)
+            self._wait_gone(kind, name)
+        raise Conflict(f"{kind} {name} keeps being re-created by someone else; cannot start the environment")
+
+    @staticmethod
+    def _is_ours(existing: dict[str, Any], labels: dict[str, str], owner_uid: str | None) -> bool:
+        meta = _meta(existing)
+        if meta.get("deletionTimestamp"):
+            return False
+        found = meta.get("labels") or {}
+        if any(found.get(k) != v for k, v in labels.items() if k in (MANAGED_BY, USER_LABEL, ENVIRONMENT_LABEL)):
+            return False
+        return owner_uid is None or _owned_by(existing, owner_uid)
+
+    def _wait_gone(self, kind: str, name: str) -> None:
+        deadline = time.monotonic() + self.delete_wait_seconds
+        delay = 0.05
+        while time.monotonic() < deadline:
+            if self._read(kind, name) is None:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise ProviderUnavailable(f"{kind} {name} was not deleted within {self.delete_wait_seconds:.0f}s")
+
+    # -- ComputeBackend ----------------------------------------------------------------------------
+    def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        draft = self.build_draft(spec)
+        if self.decorate is not None:
+            self.decorate(draft, self.pod_context(spec))
+        self._validate(draft, spec)
+        labels = identity_labels(spec.user.id, spec.environment_id)
+        secret = self.build_secret(spec, labels)
+        pod_manifest = self.build_pod(draft, spec)
+        extras = [self._prepare_extra(json.loads(json.dumps(o)), labels) for o in draft.extra_objects]
+
+        # What the pod needs (its Secret, volumes and claims) exists before the pod, so the
+        # scheduler and the kubelet never wait on a missing object; the namespaced ones then get
+        # the pod as owner (one patch each), the Service is created owned. PersistentVolumes are
+        # cluster-scoped and cannot be owned by a pod: stop/delete remove them by label.
+        before_pod = [obj for obj in extras if obj["kind"] == "PersistentVolume"]
+        before_pod += [secret] + [obj for obj in extras if obj["kind"] != "PersistentVolume"]
+        created = [(obj, self._ensure(obj, labels)) for obj in before_pod]
+        pod = self._ensure(pod_manifest, labels)
+        pod_meta = _meta(pod)
+        owner = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod_meta.get("name", draft.name),
+            "uid": pod_meta.get("uid", ""),
+            "blockOwnerDeletion": False,
+        }
+        for obj, current in created:
+            if obj["kind"] != "PersistentVolume" and not _owned_by(current, owner["uid"]):
+                self._patch_owner(obj["kind"], _meta(obj)["name"], owner)
+        service = self.build_service(draft.name, labels, draft.port)
+        service["metadata"]["ownerReferences"] = [owner]
+        self._ensure(service, labels, owner_uid=owner["uid"])
+        return self._status_from_pod(spec.environment_id, pod)
+
+    def _patch_owner(self, kind: str, name: str, owner: dict[str, Any]) -> None:
+        """Make the pod an owner of ``kind/name`` (a strategic merge: other owners are kept)."""
+        method, _ = self._op("patch", kind)
+        body = {"metadata": {"ownerReferences": [owner]}}
+        self._call(method, name, self.namespace, body, what=f"setting the owner of {kind} {name}")
+
+    def stop(self, environment_id: str) -> None:
+        self._remove(environment_id)
+
+    def delete(self, environment_id: str) -> None:
+        self._remove(environment_id)
+
+    def _remove(self, environment_id: str) -> None:
+        """Delete the pod (background propagation garbage-collects what it owns) and, so nothing
+        is left when an owner reference is missing, every object with the environment's label,
+        PersistentVolumes included. 404s are ignored: removing twice is fine."""
+        name = object_name(environment_id)
+        selector = f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}={dns_label(environment_id)}"
+        self._delete("Pod", name)
+        for kind in _CLEANUP_ORDER:
+            for obj in self._list(kind, selector):
+                meta = _meta(obj)
+                if meta.get("name") and not meta.get("deletionTimestamp"):
+                    self._delete(kind, str(meta["name"]))
+
+    def status(self, environment_id: str) -> EnvironmentStatus:
+        pod = self._read("Pod", object_name(environment_id))
+        if pod is None:
+            return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.MISSING)
+        return self._status_from_pod(environment_id, pod)
+
+    def list_managed(self) -> list[EnvironmentStatus]:
+        statuses = []
+        for pod in self._list("Pod", MANAGED_SELECTOR):
+            meta = _meta(pod)
+            environment_id = (meta.get("annotations") or {}).get(ENVIRONMENT_ANNOTATION) or (
+                meta.get("labels") or {}
+            ).get(ENVIRONMENT_LABEL)
+            if environment_id:
+                statuses.append(self._status_from_pod(str(environment_id), pod))
+        return statuses
+
+    def logs(self, environment_id: str, *, tail: int = 200) -> str:
+        try:
+            read_log: Any = self.core.read_namespaced_pod_log
+            response = read_log(
+                object_name(environment_id),
+                self.namespace,
+                container=CONTAINER_NAME,
+                tail_lines=tail,
+                _preload_content=False,
+                _request_timeout=self.request_timeout,
+            )
+            return bytes(response.data).decode("utf-8", errors="replace")
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.info("no logs for environment %s: %s", environment_id, _describe(exc))
+            return ""
+
+    def check_ready(self) -> None:
+        self._call("list_namespaced_pod", self.namespace, limit=1, label_selector=MANAGED_SELECTOR, what="listing pods")
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self.api_client.close()
+        except Exception:  # closing must never raise
+            log.debug("closing the kubernetes client failed", exc_info=True)
+
+    # -- status ------------------------------------------------------------------------------------
+    def service_url(self, environment_id: str) -> str:
+        return f"http://{object_name(environment_id)}.{self.namespace}.svc:{SERVICE_PORT}/"
+
+    def _status_from_pod(self, environment_id: str, pod: dict[str, Any]) -> EnvironmentStatus:
+        meta = _meta(pod)
+        status = pod.get("status") or {}
+        phase = status.get("phase") or "Pending"
+        user_id = (meta.get("annotations") or {}).get(USER_ANNOTATION) or (meta.get("labels") or {}).get(USER_LABEL)
+        started_at = _parse_time(status.get("startTime")) or _parse_time(meta.get("creationTimestamp"))
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+
+        def result(p: EnvironmentPhase, message: str = "", url: str | None = None) -> EnvironmentStatus:
+            return EnvironmentStatus(
+                environment_id=environment_id, phase=p, url=url, message=message,
+                started_at=started_at, user_id=str(user_id) if user_id else None,
+            )  # fmt: skip
+
+        if meta.get("deletionTimestamp"):
+            return result(EnvironmentPhase.STOPPING, "stopping")
+        waiting, terminated = _container_states(status)
+        if phase == "Pending":
+            scheduled = conditions.get("PodScheduled")
+            if scheduled is None or scheduled.get("status") != "True":
+                message = (scheduled or {}).get("message") or "waiting for a node"
+                return result(EnvironmentPhase.PENDING, str(message))
+            if waiting:
+                return result(EnvironmentPhase.STARTING, waiting)
+            return result(EnvironmentPhase.STARTING, "starting the container")
+        if phase == "Running":
+            ready = conditions.get("Ready")
+            if ready is not None and ready.get("status") == "True":
+                return result(EnvironmentPhase.RUNNING, "", self.service_url(environment_id))
+            return result(EnvironmentPhase.STARTING, waiting or "waiting for the application to be ready")
+        if phase == "Succeeded":
+            return result(EnvironmentPhase.STOPPED, terminated or "the application exited")
+        if phase == "Failed":
+            message = status.get("message") or status.get("reason") or terminated or "the pod failed"
+            return result(EnvironmentPhase.FAILED, str(message))
+        return result(EnvironmentPhase.STARTING, f"pod phase {phase}")
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    owners = _meta(obj).get("ownerReferences") or []
+    return any(isinstance(ref, dict) and ref.get("uid") == uid for ref in owners)
+
+
+class _AlreadyThere(Conflict):
+    """A create answered 409 AlreadyExists (handled by ``_ensure``)."""
+
+
+def _container_states(status: dict[str, Any]) -> tuple[str, str]:
+    """(waiting reason: message, terminated reason) of the environment's container."""
+    waiting = terminated = ""
+    for container in status.get("containerStatuses") or []:
+        if not isinstance(container, dict) or container.get("name") != CONTAINER_NAME:
+            continue
+        state = container.get("state") or {}
+        if state.get("waiting"):
+            reason = state["waiting"].get("reason") or "waiting"
+            message = state["waiting"].get("message")
+            waiting = f"{reason}: {message}" if message else str(reason)
+            if reason in _FAILED_WAITING:
+                waiting = f"{waiting} (the environment cannot start until this is fixed)"
+        if state.get("terminated"):
+            term = state["terminated"]
+            terminated = str(term.get("message") or term.get("reason") or f"exit code {term.get('exitCode')}")
+    return waiting, terminated
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "no answer"
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or "")
+
+
+def _translate(exc: ApiException, what: str) -> CmbclusterError:
+    message = f"{what}: {_api_message(exc)}"
+    if exc.status == 404:
+        return NotFound(message)
+    if exc.status == 409:
+        return _AlreadyThere(message) if what.startswith("creating") else Conflict(message)
+    if exc.status == 403:
+        return PermissionDenied(f"the control plane's Kubernetes role does not allow {message}")
+    if exc.status == 401:
+        return ProviderUnavailable(f"the Kubernetes API refused the control plane's credentials ({message})")
+    if exc.status in (400, 422):
+        return InvalidRequest(f"Kubernetes rejected {message}")
+    return ProviderUnavailable(f"the Kubernetes API failed {message} (HTTP {exc.status})")
+
+
+def api_client_from_config(
+    *, kubeconfig: str | None = None, context: str | None = None, in_cluster: bool | None = None
+) -> Any:
+    """A ``kubernetes.client.ApiClient``: in-cluster when asked (or, when ``in_cluster`` is None,
+    when running in a pod and no kubeconfig is given), else from the kubeconfig file."""
+    import os
+
+    from kubernetes import config as kube_config
+
+    config: Any = kube_config  # typed differently by each client version
+    if in_cluster or (in_cluster is None and not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST")):
+        configuration = k8s.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return k8s.ApiClient(configuration)
+    return config.new_client_from_config(config_file=kubeconfig, context=context)

@@ -1,0 +1,518 @@
+"""The ``kubernetes`` compute backend against a real API server (tests/k8s/README.md).
+
+The backend runs with the control-plane user's token bound to exactly the Role and ClusterRole
+of :mod:`cmbcluster.kubernetes.rbac`, never as cluster-admin; the admin client only sets up
+the namespace and RBAC and inspects what the backend created.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("kubernetes")
+
+from kubernetes import client as k8s
+
+from cmbcluster.errors import InvalidRequest, NotFound, PermissionDenied, ProviderUnavailable
+from cmbcluster.interfaces import (
+    CloudIdentity,
+    EnvironmentPhase,
+    EnvironmentSpec,
+    MountedVolume,
+    PodContext,
+    PodDraft,
+    Resources,
+    UserRef,
+    VolumeSpec,
+)
+from cmbcluster.kubernetes import rbac
+from cmbcluster.kubernetes.backend import (
+    ENVIRONMENT_LABEL,
+    MANAGED_BY,
+    SECRETS_DIR,
+    KubernetesCompute,
+    cpu_quantity,
+    memory_quantity,
+    object_name,
+    resource_requirements,
+)
+from cmbcluster.kubernetes.plugin import KubernetesSettings, build_backend, cmbcluster_compute_backends
+from cmbcluster.registrations import ProviderContext
+from cmbcluster.settings import CoreSettings
+from tests.k8s.harness import K8sCluster
+
+REPO = Path(__file__).resolve().parents[2]
+USER = UserRef(id="0123456789abcdef0123456789abcdef", email="ada@example.org")
+LABELLED = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def admin(k8s_cluster: K8sCluster) -> Iterator[k8s.CoreV1Api]:
+    api = k8s_cluster.api_client()
+    yield k8s.CoreV1Api(api)
+    api.close()
+
+
+@pytest.fixture(scope="module")
+def namespace(k8s_cluster: K8sCluster, admin: k8s.CoreV1Api) -> str:
+    """A fresh namespace whose Role(Binding) and the ClusterRole(Binding) come from rbac.py."""
+    ns = f"cmbcluster-{secrets.token_hex(3)}"
+    admin.create_namespace({"metadata": {"name": ns}})
+    k8s_cluster.wait_for_default_token(ns)
+    api = k8s_cluster.api_client()
+    authz = k8s.RbacAuthorizationV1Api(api)
+    subject = [{"kind": "User", "name": k8s_cluster.cp_user, "apiGroup": "rbac.authorization.k8s.io"}]
+    authz.create_namespaced_role(ns, rbac.role_manifest(ns))
+    authz.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": rbac.ROLE_NAME},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac.ROLE_NAME},
+            "subjects": subject,
+        },
+    )
+    cluster_role = rbac.cluster_role_manifest(f"{rbac.CLUSTER_ROLE_NAME}-{ns}")
+    authz.create_cluster_role(cluster_role)
+    authz.create_cluster_role_binding(
+        {
+            "metadata": {"name": cluster_role["metadata"]["name"]},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": cluster_role["metadata"]["name"],
+            },
+            "subjects": subject,
+        }
+    )
+    admin.create_namespaced_service_account(ns, {"metadata": {"name": "user-sa"}})
+    api.close()
+    return ns
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.contexts: list[PodContext] = []
+
+    def __call__(self, draft: PodDraft, context: PodContext) -> None:
+        self.contexts.append(context)
+        if context.storage_backend == "aws":
+            draft.annotations["example.com/decorated"] = "yes"
+            draft.labels["example.com/team"] = "cmb"
+            draft.labels[MANAGED_BY] = "someone-else"  # must not win
+
+
+@pytest.fixture(scope="module")
+def decorator() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def backend(k8s_cluster: K8sCluster, namespace: str, decorator: Recorder) -> Iterator[KubernetesCompute]:
+    b = KubernetesCompute(
+        k8s_cluster.api_client(token=k8s_cluster.cp_token),
+        namespace=namespace,
+        decorate=decorator,
+        storage_backend="aws",
+        infra_provider="aws",
+        backoff_seconds=0.05,
+    )
+    yield b
+    b.close()
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def s3_volume(environment_id: str, mount_path: str = "/home/jovyan/work") -> MountedVolume:
+    """The shape cmbcluster-aws's volume_spec returns: a static PV + PVC for s3.csi.aws.com."""
+    name = f"cmbcluster-s3-{environment_id[:12]}"
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"example.com/from": "storage"}},
+        "spec": {
+            "capacity": {"storage": "1200Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "mountOptions": ["allow-delete", "uid=1000", "gid=100"],
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": name},
+            "csi": {
+                "driver": "s3.csi.aws.com",
+                "volumeHandle": f"bucket-{name}",
+                "volumeAttributes": {"bucketName": "bucket"},
+            },
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": name,
+            "resources": {"requests": {"storage": "1200Gi"}},
+        },
+    }
+    return MountedVolume(
+        mount_path=mount_path,
+        spec=VolumeSpec(
+            volume={"name": name, "persistentVolumeClaim": {"claimName": name}},
+            mount={"name": name, "mountPath": mount_path},
+            objects=[pv, pvc],
+            pod_annotations={"example.com/volume": "s3"},
+        ),
+    )
+
+
+def make_spec(environment_id: str, **overrides: Any) -> EnvironmentSpec:
+    fields: dict[str, Any] = {
+        "environment_id": environment_id,
+        "user": USER,
+        "image": "quay.io/jupyter/base-notebook:latest",
+        "command": ("start-notebook.py", "--ServerApp.base_url=/"),
+        "port": 8888,
+        "working_dir": "/home/jovyan",
+        "env": {"GREETING": "hello", "EMPTY": ""},
+        "secret_files": {"token.txt": b"s3cr3t\n"},
+        "resources": Resources(cpu=0.5, memory_mib=2048),
+        "volumes": (s3_volume(environment_id),),
+        "labels": {"cmbcluster.io/application": "jupyter"},
+    }
+    fields.update(overrides)
+    return EnvironmentSpec(**fields)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def labelled_objects(admin: k8s.CoreV1Api, namespace: str, environment_id: str) -> list[str]:
+    selector = f"{MANAGED_BY}=cmbcluster,{ENVIRONMENT_LABEL}={environment_id}"
+    found = []
+    for item in admin.list_namespaced_pod(namespace, label_selector=selector).items:
+        found.append(f"Pod/{item.metadata.name}")
+    for item in admin.list_namespaced_service(namespace, label_selector=selector).items:
+        found.append(f"Service/{item.metadata.name}")
+    for item in admin.list_namespaced_secret(namespace, label_selector=selector).items:
+        found.append(f"Secret/{item.metadata.name}")
+    for item in admin.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items:
+        found.append(f"PersistentVolumeClaim/{item.metadata.name}")
+    for item in admin.list_persistent_volume(label_selector=selector).items:
+        found.append(f"PersistentVolume/{item.metadata.name}")
+    return found
+
+
+def running(backend: KubernetesCompute, environment_id: str, timeout: float = 40) -> Any:
+    def check() -> Any:
+        status = backend.status(environment_id)
+        return status if status.phase == EnvironmentPhase.RUNNING else None
+
+    return wait_for(check, timeout, f"environment {environment_id} to run")
+
+
+# -- the lifecycle on a real API server --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def started(backend: KubernetesCompute) -> tuple[str, Any]:
+    environment_id = new_id()
+    first = backend.start(make_spec(environment_id))
+    assert first.environment_id == environment_id
+    assert first.phase in (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING)
+    return environment_id, running(backend, environment_id)
+
+
+def test_environment_runs_with_url(started: tuple[str, Any], namespace: str) -> None:
+    environment_id, status = started
+    assert status.phase == EnvironmentPhase.RUNNING
+    assert status.url == f"http://env-{environment_id}.{namespace}.svc:80/"
+    assert status.user_id == USER.id
+    assert status.started_at is not None
+
+
+def test_pod_is_secure_labelled_decorated_and_resourced(
+    started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str, decorator: Recorder
+) -> None:
+    environment_id, _ = started
+    name = object_name(environment_id)
+    assert name == f"env-{environment_id}" and "@" not in name
+    pod = admin.read_namespaced_pod(name, namespace)
+    labels = pod.metadata.labels
+    assert labels[MANAGED_BY] == "cmbcluster"
+    assert labels["cmbcluster.io/user-id"] == USER.id
+    assert labels[ENVIRONMENT_LABEL] == environment_id
+    assert labels["cmbcluster.io/application"] == "jupyter"
+    assert labels["example.com/team"] == "cmb"  # the decorator's label
+    assert pod.metadata.annotations["example.com/decorated"] == "yes"
+    assert pod.metadata.annotations["example.com/volume"] == "s3"
+    ctx = next(c for c in decorator.contexts if c.environment_id == environment_id)
+    assert ctx.namespace == namespace and ctx.user == USER and ctx.infra_provider == "aws"
+    assert "ada@example.org" not in json.dumps(pod.metadata.to_dict(), default=str)
+
+    spec = pod.spec
+    assert spec.automount_service_account_token is False
+    assert spec.security_context.run_as_non_root is True
+    assert spec.security_context.run_as_user == 1000
+    assert spec.security_context.fs_group == 100
+    assert spec.security_context.seccomp_profile.type == "RuntimeDefault"
+    (container,) = spec.containers
+    sc = container.security_context
+    assert sc.allow_privilege_escalation is False
+    assert sc.capabilities.drop == ["ALL"]
+    assert sc.run_as_non_root is True
+    assert sc.seccomp_profile.type == "RuntimeDefault"
+    assert container.ports[0].container_port == 8888
+    assert container.command == ["start-notebook.py", "--ServerApp.base_url=/"]
+    assert container.working_dir == "/home/jovyan"
+    # sent as 500m / 2048Mi; the API server canonicalises 2048Mi to 2Gi
+    assert container.resources.requests == {"cpu": "500m", "memory": "2Gi"}
+    assert container.resources.limits == {"cpu": "500m", "memory": "2Gi"}
+    env = {e.name: e for e in container.env}
+    assert env["PORT"].value == "8888"
+    assert env["CMBCLUSTER_SECRETS_DIR"].value == SECRETS_DIR
+    assert env["GREETING"].value_from.secret_key_ref.name == name
+    assert env["GREETING"].value is None  # the value lives in the Secret, not in the pod spec
+
+    volumes = {v.name: v for v in spec.volumes}
+    secret_volume = next(v for v in spec.volumes if v.secret is not None)
+    assert secret_volume.secret.secret_name == name
+    assert secret_volume.secret.default_mode == 0o400
+    assert [(i.key, i.path) for i in secret_volume.secret.items] == [("file.token.txt", "token.txt")]
+    mounts = {m.mount_path: m for m in container.volume_mounts}
+    assert mounts[SECRETS_DIR].read_only is True
+    assert volumes[mounts["/home/jovyan/work"].name].persistent_volume_claim.claim_name.startswith("cmbcluster-s3-")
+    assert pod.status.phase == "Running"
+
+
+def test_owned_objects_are_labelled_and_garbage_collectable(
+    started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str
+) -> None:
+    environment_id, _ = started
+    name = object_name(environment_id)
+    pod = admin.read_namespaced_pod(name, namespace)
+    service = admin.read_namespaced_service(name, namespace)
+    secret = admin.read_namespaced_secret(name, namespace)
+    (pvc,) = admin.list_namespaced_persistent_volume_claim(
+        namespace, label_selector=f"{ENVIRONMENT_LABEL}={environment_id}"
+    ).items
+    (pv,) = admin.list_persistent_volume(label_selector=f"{ENVIRONMENT_LABEL}={environment_id}").items
+    for obj in (service, secret, pvc):
+        assert obj.metadata.labels[MANAGED_BY] == "cmbcluster"
+        assert obj.metadata.labels["cmbcluster.io/user-id"] == USER.id
+        assert [(o.kind, o.name, o.uid) for o in obj.metadata.owner_references] == [("Pod", name, pod.metadata.uid)]
+    assert service.spec.type == "ClusterIP"
+    assert [(p.port, p.target_port) for p in service.spec.ports] == [(80, 8888)]
+    assert service.spec.selector == {MANAGED_BY: "cmbcluster", ENVIRONMENT_LABEL: environment_id}
+    assert secret.type == "Opaque"
+    assert base64.b64decode(secret.data["env.GREETING"]) == b"hello"
+    assert base64.b64decode(secret.data["file.token.txt"]) == b"s3cr3t\n"
+    assert pvc.metadata.namespace == namespace
+    assert pv.metadata.owner_references is None  # cluster-scoped: removed explicitly
+    assert pv.metadata.labels["example.com/from"] == "storage"  # the storage backend's labels are kept
+    assert pv.spec.claim_ref.namespace == namespace
+    assert pv.spec.csi.driver == "s3.csi.aws.com"
+    wait_for(
+        lambda: admin.read_namespaced_persistent_volume_claim(pvc.metadata.name, namespace).status.phase == "Bound",
+        what="the claim to bind",
+    )
+
+
+def test_list_managed_finds_it(started: tuple[str, Any], backend: KubernetesCompute) -> None:
+    environment_id, _ = started
+    found = {s.environment_id: s for s in backend.list_managed()}
+    assert found[environment_id].phase == EnvironmentPhase.RUNNING
+    assert found[environment_id].user_id == USER.id
+
+
+def test_second_start_adopts(started: tuple[str, Any], backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    environment_id, _ = started
+    name = object_name(environment_id)
+    before = {
+        kind: read(name, backend.namespace).metadata.uid
+        for kind, read in (
+            ("pod", admin.read_namespaced_pod),
+            ("service", admin.read_namespaced_service),
+            ("secret", admin.read_namespaced_secret),
+        )
+    }
+    status = backend.start(make_spec(environment_id))
+    assert status.phase == EnvironmentPhase.RUNNING
+    assert admin.read_namespaced_pod(name, backend.namespace).metadata.uid == before["pod"]
+    assert admin.read_namespaced_service(name, backend.namespace).metadata.uid == before["service"]
+    assert admin.read_namespaced_secret(name, backend.namespace).metadata.uid == before["secret"]
+
+
+def test_foreign_object_of_our_name_is_replaced(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    environment_id = new_id()
+    name = object_name(environment_id)
+    admin.create_namespaced_secret(
+        backend.namespace, {"metadata": {"name": name, "labels": {"app": "other"}}, "data": {"x": "eQ=="}}
+    )
+    backend.start(make_spec(environment_id, volumes=(), secret_files={}))
+    secret = admin.read_namespaced_secret(name, backend.namespace)
+    assert secret.metadata.labels[ENVIRONMENT_LABEL] == environment_id
+    assert "x" not in (secret.data or {})
+    running(backend, environment_id)
+    backend.delete(environment_id)
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), what="cleanup")
+
+
+def test_stop_and_delete_leave_nothing(
+    started: tuple[str, Any], backend: KubernetesCompute, admin: k8s.CoreV1Api
+) -> None:
+    environment_id, _ = started
+    assert len(labelled_objects(admin, backend.namespace, environment_id)) == 5
+    backend.stop(environment_id)
+    assert backend.status(environment_id).phase in (EnvironmentPhase.STOPPING, EnvironmentPhase.MISSING)
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
+    assert backend.status(environment_id).phase == EnvironmentPhase.MISSING
+    assert environment_id not in {s.environment_id for s in backend.list_managed()}
+    backend.stop(environment_id)  # idempotent
+    backend.delete(environment_id)
+
+
+def test_restart_after_stop(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    environment_id = new_id()
+    backend.start(make_spec(environment_id))
+    running(backend, environment_id)
+    backend.stop(environment_id)
+    backend.start(make_spec(environment_id))  # while the old pod may still be terminating
+    running(backend, environment_id)
+    assert len(labelled_objects(admin, backend.namespace, environment_id)) == 5
+    backend.delete(environment_id)
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
+
+
+def test_service_account_identity(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    environment_id = new_id()
+    identity = CloudIdentity(user=USER, principal="arn:aws:iam::1:role/u", service_account="user-sa")
+    backend.start(make_spec(environment_id, identity=identity, volumes=()))
+    pod = admin.read_namespaced_pod(object_name(environment_id), backend.namespace)
+    assert pod.spec.service_account_name == "user-sa"
+    assert pod.spec.automount_service_account_token is True
+    backend.delete(environment_id)
+
+
+def test_unknown_environment_is_missing(backend: KubernetesCompute) -> None:
+    assert backend.status(new_id()).phase == EnvironmentPhase.MISSING
+    backend.stop(new_id())
+    backend.delete(new_id())
+    assert backend.logs(new_id()) == ""
+
+
+def test_check_ready_with_the_role(backend: KubernetesCompute) -> None:
+    backend.check_ready()
+
+
+def test_invalid_decoration_is_refused_before_sending(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    def bad(draft: PodDraft, context: PodContext) -> None:
+        draft.volume_mounts.append({"name": "nope", "mountPath": "/x"})
+
+    other = KubernetesCompute(backend.api_client, namespace=backend.namespace, decorate=bad)
+    environment_id = new_id()
+    with pytest.raises(InvalidRequest, match="nope"):
+        other.start(make_spec(environment_id, volumes=()))
+    assert labelled_objects(admin, backend.namespace, environment_id) == []
+
+
+def test_token_without_role_is_denied(k8s_cluster: K8sCluster) -> None:
+    # the control-plane user has no RoleBinding in "default"
+    b = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), namespace="default")
+    try:
+        with pytest.raises(PermissionDenied):
+            b.check_ready()
+        with pytest.raises(PermissionDenied):
+            b.status(new_id())
+        with pytest.raises(PermissionDenied):
+            b.start(make_spec(new_id(), volumes=()))
+    finally:
+        b.close()
+
+
+def test_unreachable_api_server_is_provider_unavailable(k8s_cluster: K8sCluster) -> None:
+    api = k8s_cluster.api_client()
+    api.configuration.host = "https://127.0.0.1:9"  # nothing listens there
+    b = KubernetesCompute(api, namespace="default", attempts=3, backoff_seconds=0.01, request_timeout=(1, 1))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match="3 attempts"):
+            b.status(new_id())
+        assert time.monotonic() - started < 10
+    finally:
+        b.close()
+
+
+# -- plugin and pure helpers -----------------------------------------------------------------------
+def test_plugin_registration_builds_a_working_backend(k8s_cluster: K8sCluster, namespace: str) -> None:
+    (registration,) = list(cmbcluster_compute_backends())
+    assert registration.name == "kubernetes" and registration.settings_model is KubernetesSettings
+    settings = KubernetesSettings(kubeconfig=k8s_cluster.cp_kubeconfig)
+    core = CoreSettings(namespace=namespace, cloud_provider="aws")
+    seen: list[str] = []
+    b = build_backend(
+        ProviderContext(core=core, provider_settings=settings), decorate=lambda d, c: seen.append(c.storage_backend)
+    )
+    try:
+        assert isinstance(b, KubernetesCompute)
+        assert b.namespace == namespace and b.storage_backend == "aws" and b.infra_provider == "aws"
+        b.check_ready()
+        with pytest.raises(NotFound):
+            b._call("read_namespaced_pod", "absent", namespace, what="reading")
+    finally:
+        b.close()
+
+
+def test_plugin_module_does_not_import_the_client() -> None:
+    probe = (
+        "import sys, cmbcluster.kubernetes.plugin, cmbcluster.kubernetes.rbac; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"
+
+
+def test_quantities() -> None:
+    assert cpu_quantity(0.5) == "500m"
+    assert cpu_quantity(2) == "2"
+    assert cpu_quantity(1.25) == "1250m"
+    assert cpu_quantity(0.1) == "100m"
+    assert memory_quantity(2048) == "2048Mi"
+    with pytest.raises(InvalidRequest):
+        cpu_quantity(0.0001)
+    limits = resource_requirements(Resources(cpu=1, memory_mib=512, cpu_limit=2.5, memory_limit_mib=1024, gpu=1))
+    assert limits == {
+        "requests": {"cpu": "1", "memory": "512Mi", "nvidia.com/gpu": "1"},
+        "limits": {"cpu": "2500m", "memory": "1024Mi", "nvidia.com/gpu": "1"},
+    }
+    with pytest.raises(InvalidRequest):
+        resource_requirements(Resources(cpu=2, cpu_limit=1))
+
+
+def test_rbac_is_minimal() -> None:
+    for rule in rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        assert not {"update", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+        if "patch" in rule["verbs"]:  # only to add the pod as owner of what it needs before it exists
+            assert rule["resources"] == ["secrets", "persistentvolumeclaims"]
+    assert rbac.CLUSTER_RULES == [
+        {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "list", "create", "delete"]}
+    ]
