@@ -34,7 +34,12 @@ def app(settings: CoreSettings) -> FastAPI:
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
-        yield test_client
+        try:
+            yield test_client
+        finally:  # environments are real processes: none may outlive its test, pass or fail
+            compute = app.state.context.compute
+            for status in compute.list_managed():
+                compute.delete(status.environment_id)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -86,6 +87,17 @@ def create_env(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
     response = client.post("/api/v1/environments", headers=headers, json={"application": "files", **body})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[TestClient]:
+    """A client for an app made in the test; its environments are removed however the test ends."""
+    with TestClient(app) as client:
+        try:
+            yield client
+        finally:
+            for status in app.state.context.compute.list_managed():
+                app.state.context.compute.delete(status.environment_id)
 
 
 @pytest.fixture
@@ -237,7 +249,7 @@ def test_bad_mount_paths(client: TestClient, alice: dict[str, str]) -> None:
 
 def test_per_user_limit(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"max_environments_per_user": 1}))
-    with TestClient(app) as client:
+    with serving(app) as client:
         user = dev_sign_in(client, "ada@example.org")
         first = create_env(client, user)
         response = client.post("/api/v1/environments", headers=user, json={"application": "files"})
@@ -248,13 +260,11 @@ def test_per_user_limit(settings: CoreSettings) -> None:
         assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 409
         client.post(f"/api/v1/environments/{first['id']}/stop", headers=user)
         assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 200
-        for status in app.state.context.compute.list_managed():
-            app.state.context.compute.delete(status.environment_id)
 
 
 def test_server_wide_start_limit_is_429_with_retry_after(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"max_concurrent_starts": 1}))
-    with TestClient(app) as client:
+    with serving(app) as client:
         admin = dev_sign_in(client, "ada@example.org")
         slow = make_app(client, admin, "slow", SLOW_APP, "3")
         alice = dev_sign_in(client, "alice@example.org")
@@ -265,8 +275,6 @@ def test_server_wide_start_limit_is_429_with_retry_after(settings: CoreSettings)
         assert int(busy.headers["retry-after"]) >= 1
         wait_status(client, alice, first["id"], "running")
         assert client.post("/api/v1/environments", headers=admin, json={"application": "files"}).status_code == 201
-        for status in app.state.context.compute.list_managed():
-            app.state.context.compute.delete(status.environment_id)
 
 
 def _set(client: TestClient, env_id: str, **values: Any) -> None:
