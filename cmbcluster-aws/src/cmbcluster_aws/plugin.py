@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cmbcluster import ProviderContext, StorageBackendRegistration, hookimpl
-from cmbcluster.interfaces import StorageBackend
+from cmbcluster import AuthProviderRegistration, ProviderContext, StorageBackendRegistration, hookimpl
+from cmbcluster.errors import ConfigurationError
+from cmbcluster.interfaces import AuthProvider, StorageBackend
 from cmbcluster_aws.settings import AwsSettings
 
 CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
@@ -21,4 +22,28 @@ def _s3_storage(ctx: ProviderContext) -> StorageBackend:
 def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
     yield StorageBackendRegistration(
         name="aws", factory=_s3_storage, settings_model=AwsSettings, description="Amazon S3 buckets"
+    )
+
+
+def _cognito_auth(ctx: ProviderContext) -> AuthProvider:
+    settings = ctx.settings(AwsSettings)
+    missing = [
+        f"{variable} is required for Cognito sign-in but not set (AwsSettings)"
+        for variable, value in (
+            ("COGNITO_USER_POOL_ID", settings.cognito_user_pool_id),
+            ("COGNITO_CLIENT_ID", settings.cognito_client_id),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigurationError(missing)
+    from cmbcluster_aws.auth import CognitoProvider
+
+    return CognitoProvider.from_settings(settings)
+
+
+@hookimpl
+def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
+    yield AuthProviderRegistration(
+        name="aws", factory=_cognito_auth, settings_model=AwsSettings, description="Amazon Cognito user pools"
     )

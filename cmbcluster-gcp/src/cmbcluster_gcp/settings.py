@@ -40,8 +40,28 @@ class GcpSettings(BaseSettings):
     noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
     google_client_id: str | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_ID"))
     google_client_secret: SecretStr | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_SECRET"))
+    google_issuer: str = Field(
+        default="https://accounts.google.com",
+        validation_alias=AliasChoices("GOOGLE_ISSUER"),
+        description="The ID-token issuer; only tests point it elsewhere (an OIDC mock)",
+    )
+    google_discovery_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_DISCOVERY_URL"),
+        description="Default: <GOOGLE_ISSUER>/.well-known/openid-configuration",
+    )
+    google_allowed_domains: str = Field(
+        default="",
+        validation_alias=AliasChoices("GOOGLE_ALLOWED_DOMAINS"),
+        description="Comma-separated Google Workspace domains (the hd claim) allowed to sign in; empty: any",
+    )
     storage_emulator_host: str | None = Field(
         default=None,
         validation_alias=AliasChoices("STORAGE_EMULATOR_HOST"),
         description="Talk to a GCS emulator instead of Google (tests)",
     )
+
+    @property
+    def google_allowed_domain_list(self) -> tuple[str, ...]:
+        """GOOGLE_ALLOWED_DOMAINS parsed: lower-case, blanks dropped."""
+        return tuple(d.strip().lower() for d in self.google_allowed_domains.split(",") if d.strip())

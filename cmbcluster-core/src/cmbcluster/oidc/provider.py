@@ -73,6 +73,10 @@ class JwksCache:
             raise AuthenticationFailed(f"token signed with an unknown key {kid!r}")
         return key
 
+    def refresh(self) -> None:
+        """Fetch the keys now (readiness checks); ProviderUnavailable when they cannot be had."""
+        self._get(refresh=True)
+
     def _get(self, *, refresh: bool) -> KeySet:
         with self._lock:
             if self._keys is None or refresh:

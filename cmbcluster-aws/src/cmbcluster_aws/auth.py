@@ -1,0 +1,152 @@
+"""Amazon Cognito user pools as an identity provider.
+
+Cognito is an OpenID Connect issuer with its own rules, added here on top of core's generic
+:class:`~cmbcluster.oidc.provider.OidcProvider` (which already enforces the algorithm
+allow-list, issuer, expiry with a small skew, nonce, and the JWKS cache refreshed on an unknown
+``kid``):
+
+- the issuer is ``https://cognito-idp.<region>.amazonaws.com/<pool id>`` and the keys are at
+  ``<issuer>/.well-known/jwks.json`` (both overridable: ``COGNITO_ISSUER``, ``COGNITO_JWKS_URL``);
+- only RS256 is accepted (Cognito signs with nothing else);
+- ``token_use`` is ``id`` (then ``aud`` is our app client) or ``access`` (then the ``client_id``
+  claim is our app client); refresh tokens and anything else are refused;
+- groups come from ``cognito:groups`` and map to roles (``admins`` -> ``admin``);
+- the browser flow uses the hosted UI domain (``COGNITO_DOMAIN``):
+  ``https://<domain>/oauth2/authorize`` and ``/oauth2/token``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import httpx
+
+from cmbcluster.errors import AuthenticationFailed
+from cmbcluster.interfaces import UserInfo
+from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+from cmbcluster_aws.settings import AwsSettings
+
+GROUPS_CLAIM = "cognito:groups"
+TOKEN_USES = ("id", "access")
+DEFAULT_ADMIN_GROUPS = ("admin", "admins", "cmbcluster-admins")
+
+
+def cognito_issuer(region: str, user_pool_id: str) -> str:
+    return f"https://cognito-idp.{region}.amazonaws.com/{user_pool_id}"
+
+
+def hosted_ui_base(domain: str) -> str:
+    """``https://<domain>`` for a bare domain (``myapp.auth.eu-west-1.amazoncognito.com`` or a
+    custom one); a value that already has a scheme is kept as given."""
+    domain = domain.strip().rstrip("/")
+    if domain.startswith(("https://", "http://")):
+        return domain
+    return f"https://{domain}"
+
+
+class CognitoProvider(OidcProvider):
+    """Sign-in with a Cognito user pool's app client."""
+
+    def __init__(
+        self,
+        config: OidcConfig,
+        *,
+        domain: str | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        if tuple(config.algorithms) != ("RS256",):
+            raise ValueError("Cognito signs its tokens with RS256 only")
+        super().__init__(config, http=http)
+        self.domain = hosted_ui_base(domain) if domain else None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: AwsSettings,
+        *,
+        name: str = "aws",
+        display_name: str = "Cognito",
+        http: httpx.Client | None = None,
+    ) -> CognitoProvider:
+        if not settings.cognito_user_pool_id or not settings.cognito_client_id:
+            raise ValueError("COGNITO_USER_POOL_ID and COGNITO_CLIENT_ID are required")
+        issuer = (settings.cognito_issuer or cognito_issuer(settings.aws_region, settings.cognito_user_pool_id)).rstrip(
+            "/"
+        )
+        secret = settings.cognito_client_secret.get_secret_value() if settings.cognito_client_secret else None
+        config = OidcConfig(
+            name=name,
+            issuer=issuer,
+            client_id=settings.cognito_client_id,
+            client_secret=secret or None,
+            display_name=display_name,
+            scopes=("openid", "email", "profile"),
+            jwks_url=settings.cognito_jwks_url or f"{issuer}/.well-known/jwks.json",
+            algorithms=("RS256",),
+            groups_claim=GROUPS_CLAIM,
+            admin_groups=DEFAULT_ADMIN_GROUPS,
+        )
+        return cls(config, domain=settings.cognito_domain, http=http)
+
+    # -- endpoints -------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """With a hosted UI domain the endpoints are known, so nothing is fetched (moto has no
+        hosted UI); without one, Cognito's discovery document at the issuer is used."""
+        if self.domain is None:
+            return super().metadata()
+        return {
+            "issuer": self.config.issuer,
+            "authorization_endpoint": f"{self.domain}/oauth2/authorize",
+            "token_endpoint": f"{self.domain}/oauth2/token",
+            "userinfo_endpoint": f"{self.domain}/oauth2/userInfo",
+            "jwks_uri": self._jwks_url(),
+        }
+
+    def _jwks_url(self) -> str:
+        if self.config.jwks_url:
+            return self.config.jwks_url
+        return self.config.issuer.rstrip("/") + "/.well-known/jwks.json"
+
+    def check_ready(self) -> None:
+        """The pool's keys are what validation needs: fetch them (ProviderUnavailable otherwise)."""
+        self.jwks.refresh()
+        if self.domain is None:
+            super().check_ready()
+
+    # -- validation --------------------------------------------------------------------------------
+    def check_audience(self, claims: dict[str, Any]) -> None:
+        """ID tokens carry the app client in ``aud``; access tokens in ``client_id`` (and no ``aud``)."""
+        use = claims.get("token_use")
+        if use not in TOKEN_USES:
+            raise AuthenticationFailed(f"token_use {use!r} is not accepted (only id or access tokens)")
+        expected = self.config.audience or self.config.client_id
+        if use == "id":
+            super().check_audience(claims)
+        elif claims.get("client_id") != expected:
+            raise AuthenticationFailed("token audience is not this application (client_id)")
+
+    def check_claims(self, claims: dict[str, Any]) -> None:
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise AuthenticationFailed("token has no subject")
+        groups = claims.get(GROUPS_CLAIM)
+        if groups is not None and not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)):
+            raise AuthenticationFailed(f"token claim {GROUPS_CLAIM} is not a list of group names")
+
+    def user_info(self, claims: dict[str, Any]) -> UserInfo:
+        info = super().user_info(claims)
+        if info.name:
+            return info
+        # Cognito ID tokens name the user by ``cognito:username`` (access tokens by ``username``);
+        # pools that sign in by e-mail put the subject or the address there: no name then.
+        username = str(claims.get("cognito:username") or claims.get("username") or "")
+        if not username or username in (info.subject, info.email):
+            return info
+        return replace(info, name=username)
+
+    def exchange_token(self, token: str) -> UserInfo:
+        """API clients send the Cognito **ID token**: access tokens carry no e-mail address."""
+        claims = self.validate_token(token)
+        if claims.get("token_use") != "id":
+            raise AuthenticationFailed("send the Cognito ID token, not the access token, to sign in")
+        return self.user_info(claims)
