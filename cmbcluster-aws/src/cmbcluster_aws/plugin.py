@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cmbcluster import AuthProviderRegistration, ProviderContext, StorageBackendRegistration, hookimpl
+from cmbcluster import (
+    AuthProviderRegistration,
+    InfraProviderRegistration,
+    ProviderContext,
+    StorageBackendRegistration,
+    hookimpl,
+)
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, StorageBackend
+from cmbcluster.interfaces import AuthProvider, InfraProvider, StorageBackend
 from cmbcluster_aws.settings import AwsSettings
 
 CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
@@ -46,4 +52,21 @@ def _cognito_auth(ctx: ProviderContext) -> AuthProvider:
 def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
     yield AuthProviderRegistration(
         name="aws", factory=_cognito_auth, settings_model=AwsSettings, description="Amazon Cognito user pools"
+    )
+
+
+def _aws_infra(ctx: ProviderContext) -> InfraProvider:
+    from urllib.parse import urlsplit
+
+    from cmbcluster_aws.identity import AwsInfra
+
+    # AwsSettings has no domain or Route53 setting: the deployment's public host stands in.
+    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
+    return AwsInfra(ctx.settings(AwsSettings), domain=domain)
+
+
+@hookimpl
+def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
+    yield InfraProviderRegistration(
+        name="aws", factory=_aws_infra, settings_model=AwsSettings, description="EKS (IRSA roles), ECR"
     )

@@ -1,0 +1,398 @@
+"""AWS infra: per-user IAM roles for service accounts (IRSA), the ECR registry and DNS names.
+
+Every user gets a Kubernetes ServiceAccount and an IAM role of the same name,
+``cmbcluster-user-<short id>``, built from CMBCluster's opaque user id (never an e-mail address).
+The role's trust policy admits only ``sts:AssumeRoleWithWebIdentity`` through the EKS cluster's
+IAM OIDC provider, and only for ``system:serviceaccount:<namespace>:<that service account>``.
+Its one inline policy, ``cmbcluster-buckets``, grants that user's buckets and nothing else; it
+is rewritten by :meth:`AwsInfra.update_bucket_policy` whenever the user's buckets change.
+
+boto3 is imported here only (the plugin imports this module lazily). botocore failures go
+through :func:`cmbcluster_aws.storage.map_aws_error`; the few IAM/EKS codes it does not know
+(``NoSuchEntity``, ``EntityAlreadyExists``, ``ResourceNotFoundException``, ...) are handled
+first by :func:`_map_error`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cmbcluster.errors import (
+    AlreadyExists,
+    CmbclusterError,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    ProviderUnavailable,
+)
+from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
+from cmbcluster.naming import dns_label, short_id
+from cmbcluster_aws.settings import AwsSettings
+from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER, map_aws_error
+
+__all__ = [
+    "BUCKET_POLICY_NAME",
+    "ROLE_ANNOTATION",
+    "ROLE_PATH",
+    "AwsInfra",
+    "bucket_access_policy",
+    "trust_policy",
+]
+
+log = logging.getLogger(__name__)
+
+ROLE_PATH = "/cmbcluster/"
+ROLE_PREFIX = "cmbcluster-user"
+BUCKET_POLICY_NAME = "cmbcluster-buckets"
+ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
+STS_AUDIENCE = "sts.amazonaws.com"
+OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+MAX_INLINE_POLICY_CHARS = 10_240  # IAM's limit for all inline policies of a role (whitespace excluded)
+DEFAULT_REPOSITORY_PREFIX = "cmbcluster"
+
+_S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+# Codes of IAM, EKS and ECR that the S3-oriented map_aws_error does not classify as wanted.
+_NOT_FOUND_CODES = frozenset({"NoSuchEntity", "ResourceNotFoundException", "RepositoryNotFoundException"})
+_EXISTS_CODES = frozenset({"EntityAlreadyExists"})
+_CONFLICT_CODES = frozenset({"DeleteConflict", "ConcurrentModification", "ResourceInUseException"})
+_LIMIT_CODES = frozenset({"LimitExceeded"})
+_INVALID_CODES = frozenset({"MalformedPolicyDocument", "ValidationError", "InvalidInput"})
+
+
+def _map_error(exc: BaseException, what: str) -> CmbclusterError:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message") or code or "error")
+        detail = {"code": code, "status": exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")}
+        if code in _NOT_FOUND_CODES:
+            return NotFound(f"{what} not found", detail=detail)
+        if code in _EXISTS_CODES:
+            return AlreadyExists(f"{what}: {message} ({code})", detail=detail)
+        if code in _CONFLICT_CODES:
+            return Conflict(f"{what}: {message} ({code})", detail=detail)
+        if code in _LIMIT_CODES:
+            return LimitExceeded(f"{what}: {message} ({code})", detail=detail)
+        if code in _INVALID_CODES:
+            return InvalidRequest(f"{what}: {message} ({code})", detail=detail)
+    return map_aws_error(exc, what)
+
+
+@contextlib.contextmanager
+def _aws(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise _map_error(exc, what) from exc
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _partition(region: str) -> str:
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def _document(value: Any) -> dict[str, Any]:
+    """A policy document as IAM returns it: already parsed by botocore, or URL-encoded JSON."""
+    if isinstance(value, dict):
+        return value
+    parsed = json.loads(urllib.parse.unquote(str(value)))
+    if not isinstance(parsed, dict):
+        raise ValueError("policy document is not a JSON object")
+    return parsed
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    return json.dumps(document, separators=(",", ":"))
+
+
+def trust_policy(provider_arn: str, issuer_id: str, namespace: str, service_account: str) -> dict[str, Any]:
+    """Only ``system:serviceaccount:<namespace>:<service_account>``, through the cluster's OIDC provider.
+
+    ``issuer_id`` is the issuer without its scheme (``oidc.eks.<region>.amazonaws.com/id/<id>``),
+    the prefix IAM uses for the provider's condition keys.
+    """
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Federated": provider_arn},
+                "Action": "sts:AssumeRoleWithWebIdentity",
+                "Condition": {
+                    "StringEquals": {
+                        f"{issuer_id}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+                        f"{issuer_id}:aud": STS_AUDIENCE,
+                    }
+                },
+            }
+        ],
+    }
+
+
+def bucket_access_policy(buckets: Sequence[str], *, partition: str = "aws") -> dict[str, Any]:
+    """Listing of each bucket and read/write/delete of its objects; no other resource, no ``*`` resource."""
+    arns = [f"arn:{partition}:s3:::{bucket}" for bucket in buckets]
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "CmbclusterUserList", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": arns},
+            {
+                "Sid": "CmbclusterUserObjects",
+                "Effect": "Allow",
+                "Action": list(OBJECT_ACTIONS),
+                "Resource": [f"{arn}/*" for arn in arns],
+            },
+        ],
+    }
+
+
+class AwsInfra(InfraProvider):
+    """:class:`~cmbcluster.interfaces.InfraProvider` on EKS (IRSA), ECR and the deployment's domain.
+
+    ``clients`` replaces the boto3 clients by service name (``iam``, ``eks``, ``ecr``, ``sts``;
+    tests); ``domain`` is the deployment's host name (AwsSettings has no DNS setting, so the
+    plugin passes core's public host).
+    """
+
+    def __init__(
+        self,
+        settings: AwsSettings,
+        *,
+        domain: str = "localhost",
+        clients: dict[str, Any] | None = None,
+        max_attempts: int = 3,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 20.0,
+    ) -> None:
+        self.settings = settings
+        self.domain = domain
+        self.partition = _partition(settings.aws_region)
+        self._issuer: str | None = None
+        given = dict(clients or {})
+        config = Config(
+            region_name=settings.aws_region,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            user_agent_extra="cmbcluster",
+        )
+        session = boto3.session.Session()
+
+        def client(service: str) -> Any:
+            if service in given:
+                return given[service]
+            return session.client(
+                service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
+            )
+
+        self._iam: Any = client("iam")
+        self._eks: Any = client("eks")
+        self._ecr: Any = client("ecr")
+        self._sts: Any = client("sts")
+
+    # -- names -------------------------------------------------------------------------------
+    @staticmethod
+    def service_account_name(user: UserRef) -> str:
+        """The user's ServiceAccount and IAM role name: ``cmbcluster-user-<short id>``."""
+        return dns_label(ROLE_PREFIX, short_id(user.id))
+
+    role_name = service_account_name
+
+    # -- OIDC --------------------------------------------------------------------------------
+    def oidc_issuer(self) -> str:
+        """The EKS cluster's OIDC issuer URL (cached: it never changes for a cluster)."""
+        if self._issuer is None:
+            name = self.settings.eks_cluster_name
+            with _aws(f"EKS cluster {name}"):
+                cluster = self._eks.describe_cluster(name=name)["cluster"]
+            issuer = str(cluster.get("identity", {}).get("oidc", {}).get("issuer") or "")
+            if not issuer.startswith("https://"):
+                raise ConfigurationError([f"EKS cluster {name} has no OIDC issuer; enable IRSA on the cluster"])
+            self._issuer = issuer.rstrip("/")
+        return self._issuer
+
+    def oidc_provider_arn(self) -> str:
+        issuer_id = self.oidc_issuer().removeprefix("https://")
+        return f"arn:{self.partition}:iam::{self.settings.aws_account_id}:oidc-provider/{issuer_id}"
+
+    def _check_oidc_provider(self, arn: str) -> None:
+        try:
+            self._iam.get_open_id_connect_provider(OpenIDConnectProviderArn=arn)
+        except ClientError as exc:
+            if _code(exc) == "NoSuchEntity":
+                raise ConfigurationError(
+                    [f"the IAM OIDC provider {arn} of EKS cluster {self.settings.eks_cluster_name} does not exist"]
+                ) from exc
+            raise _map_error(exc, f"IAM OIDC provider {arn}") from exc
+        except BotoCoreError as exc:
+            raise _map_error(exc, f"IAM OIDC provider {arn}") from exc
+
+    # -- identity ----------------------------------------------------------------------------
+    def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity:
+        if not _NAMESPACE.match(namespace):
+            raise InvalidRequest(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
+        name = self.service_account_name(user)
+        provider_arn = self.oidc_provider_arn()
+        self._check_oidc_provider(provider_arn)
+        document = _dumps(trust_policy(provider_arn, self.oidc_issuer().removeprefix("https://"), namespace, name))
+        tags = [{"Key": TAG_OWNER, "Value": user.id}, {"Key": TAG_MANAGED_BY, "Value": MANAGED_BY}]
+        what = f"IAM role {name}"
+        try:
+            role = self._iam.create_role(
+                RoleName=name,
+                Path=ROLE_PATH,
+                AssumeRolePolicyDocument=document,
+                Description="CMBCluster user pods (IRSA)",
+                Tags=tags,
+            )["Role"]
+        except ClientError as exc:
+            if _code(exc) != "EntityAlreadyExists":
+                raise _map_error(exc, what) from exc
+            role = self._own_role(user, name)
+            if role is None:  # deleted between the two calls
+                raise Conflict(f"{what} changed while it was being created; try again") from exc
+            with _aws(what):
+                self._iam.update_assume_role_policy(RoleName=name, PolicyDocument=document)
+                self._iam.tag_role(RoleName=name, Tags=tags)
+        except BotoCoreError as exc:
+            raise _map_error(exc, what) from exc
+        arn = str(role["Arn"])
+        return CloudIdentity(
+            user=user,
+            principal=arn,
+            service_account=name,
+            namespace=namespace,
+            annotations={ROLE_ANNOTATION: arn},
+        )
+
+    def _own_role(self, user: UserRef, name: str) -> dict[str, Any] | None:
+        """The role ``name`` if it exists (``None`` if not); Conflict if it is not this user's."""
+        try:
+            role: dict[str, Any] = self._iam.get_role(RoleName=name)["Role"]
+        except ClientError as exc:
+            if _code(exc) == "NoSuchEntity":
+                return None
+            raise _map_error(exc, f"IAM role {name}") from exc
+        except BotoCoreError as exc:
+            raise _map_error(exc, f"IAM role {name}") from exc
+        tags = {str(t["Key"]): str(t["Value"]) for t in role.get("Tags", [])}
+        if role.get("Path") != ROLE_PATH or tags.get(TAG_MANAGED_BY) != MANAGED_BY or tags.get(TAG_OWNER) != user.id:
+            raise Conflict(f"IAM role {name} exists but does not belong to this user; not touching it")
+        return role
+
+    def update_bucket_policy(self, user: UserRef, buckets: Sequence[str]) -> None:
+        """Grant the user's role exactly ``buckets`` (the inline policy is removed when empty)."""
+        if isinstance(buckets, str):
+            raise InvalidRequest("buckets must be a list of bucket names")
+        unique = sorted(dict.fromkeys(buckets))
+        for bucket in unique:
+            if not _S3_BUCKET_NAME.match(bucket):
+                raise InvalidRequest(f"{bucket!r} is not an S3 bucket name")
+        name = self.role_name(user)
+        what = f"IAM role {name}"
+        if self._own_role(user, name) is None:
+            if not unique:
+                return
+            raise NotFound(f"{what} not found; ensure the user's identity first")
+        if not unique:
+            self._delete_inline_policy(name)
+            return
+        document = _dumps(bucket_access_policy(unique, partition=self.partition))
+        if len(document) > MAX_INLINE_POLICY_CHARS:
+            raise LimitExceeded(f"a policy for {len(unique)} buckets exceeds IAM's inline policy size")
+        with _aws(what):
+            self._iam.put_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME, PolicyDocument=document)
+
+    def _delete_inline_policy(self, name: str) -> None:
+        try:
+            self._iam.delete_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise _map_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
+        except BotoCoreError as exc:
+            raise _map_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
+
+    def delete_user_identity(self, user: UserRef, *, namespace: str) -> None:
+        name = self.role_name(user)
+        if self._own_role(user, name) is None:
+            return
+        self._delete_inline_policy(name)
+        try:
+            self._iam.delete_role(RoleName=name)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise _map_error(exc, f"IAM role {name}") from exc
+        except BotoCoreError as exc:
+            raise _map_error(exc, f"IAM role {name}") from exc
+
+    # -- registry and DNS --------------------------------------------------------------------
+    def registry(self) -> RegistryInfo:
+        url = self.settings.ecr_registry_url
+        if not url:
+            host = f"{self.settings.aws_account_id}.dkr.ecr.{self.settings.aws_region}.amazonaws.com"
+            if self.partition == "aws-cn":
+                host += ".cn"
+            return RegistryInfo(host=host, repository_prefix=DEFAULT_REPOSITORY_PREFIX)
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
+        host = parsed.netloc
+        if not host:
+            raise ConfigurationError([f"ECR_REGISTRY_URL {url!r} names no registry host"])
+        prefix = parsed.path.strip("/") or DEFAULT_REPOSITORY_PREFIX
+        return RegistryInfo(host=host, repository_prefix=prefix)
+
+    def registry_login(self) -> RegistryLogin:
+        with _aws("ECR authorization token"):
+            data = self._ecr.get_authorization_token()["authorizationData"]
+        if not data:
+            raise ProviderUnavailable("ECR returned no authorization token")
+        try:
+            decoded = base64.b64decode(str(data[0]["authorizationToken"]), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, KeyError) as exc:
+            raise ProviderUnavailable("ECR returned an unreadable authorization token") from exc
+        username, sep, password = decoded.partition(":")
+        if not sep or not username:
+            raise ProviderUnavailable("ECR returned an authorization token without user:password")
+        return RegistryLogin(username=username, password=password)
+
+    def dns(self) -> DnsInfo:
+        return DnsInfo(domain=self.domain, environments_domain=self.domain)
+
+    # -- operations --------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        try:
+            account = str(self._sts.get_caller_identity().get("Account", ""))
+        except (ClientError, BotoCoreError) as exc:
+            error = _map_error(exc, "STS")
+            raise ProviderUnavailable(f"AWS is not reachable: {error.message}", detail=error.detail) from exc
+        if account != self.settings.aws_account_id:
+            raise ProviderUnavailable(
+                f"the AWS credentials belong to account {account}, not AWS_ACCOUNT_ID {self.settings.aws_account_id}"
+            )
+
+    def close(self) -> None:
+        for client in (self._iam, self._eks, self._ecr, self._sts):
+            with contextlib.suppress(Exception):
+                client.close()
