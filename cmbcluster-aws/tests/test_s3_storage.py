@@ -28,8 +28,9 @@ from cmbcluster.errors import (
 )
 from cmbcluster.interfaces import BucketOptions, CloudIdentity, MountRequest, StorageBackend, StorageClass, UserRef
 from cmbcluster.testing.storage import StorageContract
+from cmbcluster_aws.errors import map_aws_error
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import S3Storage, decode_tag_value, encode_tag_value, map_aws_error
+from cmbcluster_aws.storage import S3Storage, decode_tag_value, encode_tag_value
 
 MiB = 1024 * 1024
 REGION = "eu-west-1"  # as in conftest.py

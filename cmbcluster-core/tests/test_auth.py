@@ -117,7 +117,7 @@ def test_logout_revokes_the_session_at_once(client: TestClient, alice: dict[str,
 
 def test_refresh_rotates_the_session(client: TestClient) -> None:
     provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
-    from cmbcluster.local.auth import pkce_challenge
+    from cmbcluster.security import pkce_challenge
 
     code = provider.issue_code(email="api@example.org", name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
     id_token = provider.exchange_code(code, redirect_uri="x", code_verifier="v" * 50).id_token

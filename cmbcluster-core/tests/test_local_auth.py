@@ -12,7 +12,8 @@ from joserfc.jwk import OctKey
 
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest
 from cmbcluster.interfaces import AuthorizationRequest
-from cmbcluster.local.auth import DevLoginProvider, pkce_challenge
+from cmbcluster.local.auth import DevLoginProvider
+from cmbcluster.security import pkce_challenge
 
 VERIFIER = "v" * 64
 

@@ -8,9 +8,7 @@ Its one inline policy, ``cmbcluster-buckets``, grants that user's buckets and no
 is rewritten by :meth:`AwsInfra.update_bucket_policy` whenever the user's buckets change.
 
 boto3 is imported here only (the plugin imports this module lazily). botocore failures go
-through :func:`cmbcluster_aws.storage.map_aws_error`; the few IAM/EKS codes it does not know
-(``NoSuchEntity``, ``EntityAlreadyExists``, ``ResourceNotFoundException``, ...) are handled
-first by :func:`_map_error`.
+through :func:`cmbcluster_aws.errors.map_aws_error`, the plugin's one error mapping.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import boto3
@@ -30,8 +28,6 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cmbcluster.errors import (
-    AlreadyExists,
-    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
@@ -41,8 +37,9 @@ from cmbcluster.errors import (
 )
 from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
 from cmbcluster.naming import dns_label, short_id
+from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER, map_aws_error
+from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
 
 __all__ = [
     "BUCKET_POLICY_NAME",
@@ -66,44 +63,6 @@ DEFAULT_REPOSITORY_PREFIX = "cmbcluster"
 
 _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-# Codes of IAM, EKS and ECR that the S3-oriented map_aws_error does not classify as wanted.
-_NOT_FOUND_CODES = frozenset({"NoSuchEntity", "ResourceNotFoundException", "RepositoryNotFoundException"})
-_EXISTS_CODES = frozenset({"EntityAlreadyExists"})
-_CONFLICT_CODES = frozenset({"DeleteConflict", "ConcurrentModification", "ResourceInUseException"})
-_LIMIT_CODES = frozenset({"LimitExceeded"})
-_INVALID_CODES = frozenset({"MalformedPolicyDocument", "ValidationError", "InvalidInput"})
-
-
-def _map_error(exc: BaseException, what: str) -> CmbclusterError:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        message = str(error.get("Message") or code or "error")
-        detail = {"code": code, "status": exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")}
-        if code in _NOT_FOUND_CODES:
-            return NotFound(f"{what} not found", detail=detail)
-        if code in _EXISTS_CODES:
-            return AlreadyExists(f"{what}: {message} ({code})", detail=detail)
-        if code in _CONFLICT_CODES:
-            return Conflict(f"{what}: {message} ({code})", detail=detail)
-        if code in _LIMIT_CODES:
-            return LimitExceeded(f"{what}: {message} ({code})", detail=detail)
-        if code in _INVALID_CODES:
-            return InvalidRequest(f"{what}: {message} ({code})", detail=detail)
-    return map_aws_error(exc, what)
-
-
-@contextlib.contextmanager
-def _aws(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (ClientError, BotoCoreError) as exc:
-        raise _map_error(exc, what) from exc
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _partition(region: str) -> str:
@@ -226,7 +185,7 @@ class AwsInfra(InfraProvider):
         """The EKS cluster's OIDC issuer URL (cached: it never changes for a cluster)."""
         if self._issuer is None:
             name = self.settings.eks_cluster_name
-            with _aws(f"EKS cluster {name}"):
+            with aws_errors(f"EKS cluster {name}"):
                 cluster = self._eks.describe_cluster(name=name)["cluster"]
             issuer = str(cluster.get("identity", {}).get("oidc", {}).get("issuer") or "")
             if not issuer.startswith("https://"):
@@ -242,13 +201,13 @@ class AwsInfra(InfraProvider):
         try:
             self._iam.get_open_id_connect_provider(OpenIDConnectProviderArn=arn)
         except ClientError as exc:
-            if _code(exc) == "NoSuchEntity":
+            if error_code(exc) == "NoSuchEntity":
                 raise ConfigurationError(
                     [f"the IAM OIDC provider {arn} of EKS cluster {self.settings.eks_cluster_name} does not exist"]
                 ) from exc
-            raise _map_error(exc, f"IAM OIDC provider {arn}") from exc
+            raise map_aws_error(exc, f"IAM OIDC provider {arn}") from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, f"IAM OIDC provider {arn}") from exc
+            raise map_aws_error(exc, f"IAM OIDC provider {arn}") from exc
 
     # -- identity ----------------------------------------------------------------------------
     def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity:
@@ -269,16 +228,16 @@ class AwsInfra(InfraProvider):
                 Tags=tags,
             )["Role"]
         except ClientError as exc:
-            if _code(exc) != "EntityAlreadyExists":
-                raise _map_error(exc, what) from exc
+            if error_code(exc) != "EntityAlreadyExists":
+                raise map_aws_error(exc, what) from exc
             role = self._own_role(user, name)
             if role is None:  # deleted between the two calls
                 raise Conflict(f"{what} changed while it was being created; try again") from exc
-            with _aws(what):
+            with aws_errors(what):
                 self._iam.update_assume_role_policy(RoleName=name, PolicyDocument=document)
                 self._iam.tag_role(RoleName=name, Tags=tags)
         except BotoCoreError as exc:
-            raise _map_error(exc, what) from exc
+            raise map_aws_error(exc, what) from exc
         arn = str(role["Arn"])
         return CloudIdentity(
             user=user,
@@ -293,11 +252,11 @@ class AwsInfra(InfraProvider):
         try:
             role: dict[str, Any] = self._iam.get_role(RoleName=name)["Role"]
         except ClientError as exc:
-            if _code(exc) == "NoSuchEntity":
+            if error_code(exc) == "NoSuchEntity":
                 return None
-            raise _map_error(exc, f"IAM role {name}") from exc
+            raise map_aws_error(exc, f"IAM role {name}") from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, f"IAM role {name}") from exc
+            raise map_aws_error(exc, f"IAM role {name}") from exc
         tags = {str(t["Key"]): str(t["Value"]) for t in role.get("Tags", [])}
         if role.get("Path") != ROLE_PATH or tags.get(TAG_MANAGED_BY) != MANAGED_BY or tags.get(TAG_OWNER) != user.id:
             raise Conflict(f"IAM role {name} exists but does not belong to this user; not touching it")
@@ -323,17 +282,17 @@ class AwsInfra(InfraProvider):
         document = _dumps(bucket_access_policy(unique, partition=self.partition))
         if len(document) > MAX_INLINE_POLICY_CHARS:
             raise LimitExceeded(f"a policy for {len(unique)} buckets exceeds IAM's inline policy size")
-        with _aws(what):
+        with aws_errors(what):
             self._iam.put_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME, PolicyDocument=document)
 
     def _delete_inline_policy(self, name: str) -> None:
         try:
             self._iam.delete_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME)
         except ClientError as exc:
-            if _code(exc) != "NoSuchEntity":
-                raise _map_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
+            if error_code(exc) != "NoSuchEntity":
+                raise map_aws_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
+            raise map_aws_error(exc, f"policy {BUCKET_POLICY_NAME} of IAM role {name}") from exc
 
     def delete_user_identity(self, user: UserRef, *, namespace: str) -> None:
         name = self.role_name(user)
@@ -343,10 +302,10 @@ class AwsInfra(InfraProvider):
         try:
             self._iam.delete_role(RoleName=name)
         except ClientError as exc:
-            if _code(exc) != "NoSuchEntity":
-                raise _map_error(exc, f"IAM role {name}") from exc
+            if error_code(exc) != "NoSuchEntity":
+                raise map_aws_error(exc, f"IAM role {name}") from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, f"IAM role {name}") from exc
+            raise map_aws_error(exc, f"IAM role {name}") from exc
 
     # -- registry and DNS --------------------------------------------------------------------
     def registry(self) -> RegistryInfo:
@@ -364,7 +323,7 @@ class AwsInfra(InfraProvider):
         return RegistryInfo(host=host, repository_prefix=prefix)
 
     def registry_login(self) -> RegistryLogin:
-        with _aws("ECR authorization token"):
+        with aws_errors("ECR authorization token"):
             data = self._ecr.get_authorization_token()["authorizationData"]
         if not data:
             raise ProviderUnavailable("ECR returned no authorization token")
@@ -385,7 +344,7 @@ class AwsInfra(InfraProvider):
         try:
             account = str(self._sts.get_caller_identity().get("Account", ""))
         except (ClientError, BotoCoreError) as exc:
-            error = _map_error(exc, "STS")
+            error = map_aws_error(exc, "STS")
             raise ProviderUnavailable(f"AWS is not reachable: {error.message}", detail=error.detail) from exc
         if account != self.settings.aws_account_id:
             raise ProviderUnavailable(

@@ -10,7 +10,6 @@ S3 has no bucket-level storage class: the class a user chooses is recorded in th
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -26,17 +25,9 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    NoCredentialsError,
-    ParamValidationError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
 )
 
 from cmbcluster.errors import (
-    AlreadyExists,
-    CmbclusterError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -60,6 +51,7 @@ from cmbcluster.interfaces import (
     resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
+from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
 
 __all__ = ["S3Storage", "map_aws_error"]
@@ -100,113 +92,6 @@ _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IAM_ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
 _TAG_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-._:/@")
 _ESCAPE = re.compile(r"=([0-9A-F]{2})")
-
-_NOT_FOUND_CODES = frozenset(
-    {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "NoSuchVersion", "NotFound", "404", "NoSuchBucketPolicy"}
-)
-_CONFLICT_CODES = frozenset({"BucketNotEmpty", "PreconditionFailed", "412", "OperationAborted", "InvalidObjectState"})
-_EXISTS_CODES = frozenset({"BucketAlreadyExists", "BucketAlreadyOwnedByYou"})
-_DENIED_CODES = frozenset(
-    {
-        "AccessDenied",
-        "403",
-        "Forbidden",
-        "AllAccessDisabled",
-        "AccountProblem",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "KMS.AccessDeniedException",
-    }
-)
-_INVALID_CODES = frozenset(
-    {
-        "InvalidRange",
-        "416",
-        "InvalidArgument",
-        "InvalidBucketName",
-        "KeyTooLongError",
-        "MalformedXML",
-        "MalformedPolicy",
-        "InvalidTag",
-        "InvalidStorageClass",
-        "InvalidRequest",
-        "InvalidPart",
-        "InvalidPartOrder",
-        "EntityTooSmall",
-        "400",
-    }
-)
-_TOO_LARGE_CODES = frozenset({"EntityTooLarge", "MaxMessageLengthExceeded"})
-_UNAVAILABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "RequestThrottled",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "503",
-        "500",
-    }
-)
-
-
-# -- error mapping -----------------------------------------------------------------------------
-def map_aws_error(exc: BaseException, what: str) -> CmbclusterError:
-    """The typed CMBCluster error for a botocore failure; ``what`` names the thing acted on."""
-    if isinstance(exc, CmbclusterError):
-        return exc
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        message = str(error.get("Message") or code or "error")
-        detail = {"code": code, "status": status}
-        text = f"{what}: {message} ({code})" if code else f"{what}: {message}"
-        if code in _NOT_FOUND_CODES or (not code and status == 404):
-            return NotFound(f"{what} not found", detail=detail)
-        if code in _EXISTS_CODES:
-            return AlreadyExists(text, detail=detail)
-        if code in _CONFLICT_CODES or status in (409, 412):
-            return Conflict(text, detail=detail)
-        if code in _DENIED_CODES or status == 403:
-            return PermissionDenied(text, detail=detail)
-        if code in _TOO_LARGE_CODES:
-            return PayloadTooLarge(text, detail=detail)
-        if code in _UNAVAILABLE_CODES or status == 429 or status >= 500:
-            return ProviderUnavailable(f"S3 did not complete the request on {what}: {message}", detail=detail)
-        if code in _INVALID_CODES or 400 <= status < 500:
-            return InvalidRequest(text, detail=detail)
-        return ProviderUnavailable(text, detail=detail)
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return ProviderUnavailable(f"no usable AWS credentials for S3 ({what})")
-    if isinstance(exc, ParamValidationError):
-        return InvalidRequest(f"{what}: {exc}")
-    if isinstance(exc, BotoConnectionError):
-        return ProviderUnavailable(f"S3 is unreachable ({what}): {exc}")
-    if isinstance(exc, BotoCoreError):
-        return ProviderUnavailable(f"S3 request failed ({what}): {exc}")
-    return ProviderUnavailable(f"S3 request failed ({what}): {exc!r}")
-
-
-@contextlib.contextmanager
-def _aws(what: str) -> Iterator[None]:
-    """Translate botocore errors raised inside the block; everything else passes untouched."""
-    try:
-        yield
-    except (ClientError, BotoCoreError) as exc:
-        raise map_aws_error(exc, what) from exc
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 # -- tag values ----------------------------------------------------------------------------------
@@ -348,7 +233,10 @@ class S3Storage(StorageBackend):
             try:
                 self._client.create_bucket(Bucket=name, **kwargs)
             except ClientError as exc:
-                if _error_code(exc) in _EXISTS_CODES:  # a random-suffix collision: pick another
+                if error_code(exc) in (
+                    "BucketAlreadyExists",
+                    "BucketAlreadyOwnedByYou",
+                ):  # a name collision: pick another
                     continue
                 raise map_aws_error(exc, f"creating bucket {name}") from exc
             except BotoCoreError as exc:
@@ -424,7 +312,7 @@ class S3Storage(StorageBackend):
         tags = self._read_tags(bucket)
         if tags.get(TAG_MANAGED_BY) != MANAGED_BY:
             raise PermissionDenied(f"bucket {bucket} is not managed by CMBCluster; it is left untouched")
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             if not force:
                 listing = self._client.list_objects_v2(Bucket=bucket, MaxKeys=1)
                 if listing.get("KeyCount", 0) or listing.get("Contents"):
@@ -437,7 +325,7 @@ class S3Storage(StorageBackend):
             try:
                 self._client.delete_bucket(Bucket=bucket)
             except ClientError as exc:
-                if _error_code(exc) != "BucketNotEmpty":
+                if error_code(exc) != "BucketNotEmpty":
                     raise
                 raise Conflict(f"bucket {bucket} is not empty (objects were written while it was deleted)") from exc
         self._forget_class(bucket)
@@ -477,7 +365,7 @@ class S3Storage(StorageBackend):
                 try:
                     self._client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 except ClientError as exc:
-                    if _error_code(exc) != "NoSuchUpload":
+                    if error_code(exc) != "NoSuchUpload":
                         raise
 
     def get_bucket(self, bucket: str) -> BucketInfo:
@@ -495,7 +383,7 @@ class S3Storage(StorageBackend):
         return self._bucket_info(bucket, tags, listed)
 
     def _bucket_info(self, bucket: str, tags: dict[str, str], listed: dict[str, Any]) -> BucketInfo:
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             status = self._client.get_bucket_versioning(Bucket=bucket).get("Status")
         s3_class = tags.get(TAG_STORAGE_CLASS, "STANDARD")
         self._remember_class(bucket, s3_class)
@@ -544,7 +432,7 @@ class S3Storage(StorageBackend):
             kwargs: dict[str, Any] = {"Prefix": prefix, "MaxBuckets": 1000}
             if token:
                 kwargs["ContinuationToken"] = token
-            with _aws("listing buckets"):
+            with aws_errors("listing buckets"):
                 page = self._client.list_buckets(**kwargs)
             for entry in page.get("Buckets", []):
                 if str(entry.get("Name", "")).startswith(prefix):
@@ -557,7 +445,7 @@ class S3Storage(StorageBackend):
         try:
             response = self._client.get_bucket_tagging(Bucket=bucket)
         except ClientError as exc:
-            if _error_code(exc) == "NoSuchTagSet":
+            if error_code(exc) == "NoSuchTagSet":
                 return {}
             raise map_aws_error(exc, f"bucket {bucket}") from exc
         except BotoCoreError as exc:
@@ -567,7 +455,7 @@ class S3Storage(StorageBackend):
     def bucket_usage(self, bucket: str) -> BucketUsage:
         self._check_bucket_name(bucket)
         size = count = 0
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
                 for obj in page.get("Contents", []):
                     size += int(obj.get("Size", 0))
@@ -644,7 +532,7 @@ class S3Storage(StorageBackend):
         if not _IAM_ROLE_ARN.match(identity.principal):
             raise InvalidRequest(f"{identity.principal!r} is not an IAM role ARN")
         policy = json.dumps(bucket_policy(bucket, identity.principal))
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             self._client.put_bucket_policy(Bucket=bucket, Policy=policy)
 
     # -- objects -----------------------------------------------------------------------------
@@ -664,7 +552,7 @@ class S3Storage(StorageBackend):
             kwargs["Delimiter"] = delimiter
         if page_token:
             kwargs["ContinuationToken"] = page_token
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             page = self._client.list_objects_v2(**kwargs)
         objects = [
             ObjectInfo(
@@ -686,7 +574,7 @@ class S3Storage(StorageBackend):
     def _head(self, bucket: str, key: str) -> tuple[ObjectInfo, dict[str, Any]]:
         self._check_bucket_name(bucket)
         validate_object_key(key)
-        with _aws(f"object {key}"):
+        with aws_errors(f"object {key}"):
             head = self._client.head_object(Bucket=bucket, Key=key)
         info = ObjectInfo(
             key=key,
@@ -784,7 +672,7 @@ class S3Storage(StorageBackend):
             kwargs["IfMatch"] = head["ETag"]  # the object we measured, not one written since
         if (start, end) != (0, info.size):
             kwargs["Range"] = f"bytes={start}-{end - 1}"
-        with _aws(f"object {key}"):
+        with aws_errors(f"object {key}"):
             body = self._client.get_object(**kwargs)["Body"]
         return _stream(body, chunk_size, f"object {key}")
 
@@ -793,7 +681,7 @@ class S3Storage(StorageBackend):
         unique = list(dict.fromkeys(validate_object_key(k) for k in keys))
         if not unique:
             return
-        with _aws(f"bucket {bucket}"):
+        with aws_errors(f"bucket {bucket}"):
             self._delete_batch(bucket, [{"Key": k} for k in unique])
 
     def _delete_batch(self, bucket: str, identifiers: list[dict[str, str]]) -> None:
@@ -886,7 +774,7 @@ def bucket_policy(bucket: str, principal: str) -> dict[str, Any]:
 
 def _stream(body: Any, chunk_size: int, what: str) -> Iterator[bytes]:
     try:
-        with _aws(what):
+        with aws_errors(what):
             for chunk in body.iter_chunks(chunk_size):
                 if chunk:
                     yield chunk

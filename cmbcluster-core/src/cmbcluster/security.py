@@ -79,3 +79,12 @@ def token_hash(token: str) -> str:
 def new_token(prefix: str) -> str:
     """A random bearer token whose prefix says what it is (``cmbs_`` session, ``cmbt_`` API token...)."""
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def pkce_challenge(verifier: str) -> str:
+    """The PKCE S256 code challenge for ``verifier`` (RFC 7636)."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

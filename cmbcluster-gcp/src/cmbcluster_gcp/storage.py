@@ -70,7 +70,6 @@ DOWNLOAD_FETCH_SIZE = 8 * MiB
 BATCH_SIZE = 100
 #: The largest page the JSON API returns.
 MAX_SERVER_PAGE = 1000
-MAX_PAGE_SIZE = 10_000
 CREATE_ATTEMPTS = 5
 
 CSI_DRIVER = "gcsfuse.csi.storage.gke.io"

@@ -7,7 +7,6 @@ control plane runs one sign-in path for every provider.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import time
@@ -16,16 +15,12 @@ from urllib.parse import urlencode
 
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
+from cmbcluster.security import pkce_challenge
 
 ISSUER = "cmbcluster-local"
 CODE_TTL = 120
 TOKEN_TTL = 300
 FORM_PATH = "/api/v1/auth/local/form"
-
-
-def pkce_challenge(verifier: str) -> str:
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 class DevLoginProvider(AuthProvider):

@@ -19,8 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
-from cmbcluster.local.auth import DevLoginProvider, pkce_challenge
-from cmbcluster.security import Sealer
+from cmbcluster.local.auth import DevLoginProvider
+from cmbcluster.security import Sealer, pkce_challenge
 from cmbcluster.services import ratelimit, sessions, users
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
