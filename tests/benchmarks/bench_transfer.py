@@ -13,8 +13,8 @@ upload is judged against a *durable* local copy (copyfile, then fsync), the same
 The download is judged against the plain copy: neither side syncs. Each transfer is measured
 ``--rounds`` times and the best counts (the first round on a cold machine is always slow).
 
-Transfers use the standard library's http.client, in 1 MiB blocks, so that the client is not
-what is measured; sign-in and set-up use httpx.
+Transfers use the standard library's http.client, in 1 MiB blocks (helpers in transfer_common.py,
+shared with the cloud benchmarks), so that the client is not what is measured; sign-in and set-up use httpx.
 
     python tests/benchmarks/bench_transfer.py [--size-mib N] [--rounds N] [--plain-copy-baseline]
 """
@@ -22,132 +22,31 @@ what is measured; sign-in and set-up use httpx.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
-import json
 import os
-import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from transfer_common import (
+    MIB,
+    TARGET_RSS_GROWTH_MIB,
+    RssSampler,
+    download,
+    make_file,
+    read_chunks,
+    rss_bytes,
+    sha256_of,
+    timed,
+    upload,
+)
 
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
 
-MIB = 1024 * 1024
-TARGET_RSS_GROWTH_MIB = 64
 TARGET_RATIO = 0.5
-CHUNK = MIB
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (VmRSS is in KiB)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-class RssSampler:
-    """The peak RSS of a process while the ``with`` block runs, sampled every ``interval`` s."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval = pid, interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes(self.pid))
-
-
-def make_file(path: Path, size: int) -> str:
-    """Write ``size`` pseudo-random bytes (incompressible, cheap to make); return their sha256."""
-    digest = hashlib.sha256()
-    rng = random.Random(20240611)
-    with open(path, "wb") as out:
-        for _ in range(size // CHUNK):
-            block = rng.randbytes(CHUNK)
-            digest.update(block)
-            out.write(block)
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            yield block
-
-
-def timed(action: Callable[[], object]) -> float:
-    os.sync()  # start every measurement without a backlog of dirty pages from the previous one
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
-
-
-def upload(port: int, path: str, headers: dict[str, str], source: Path, size: int) -> None:
-    """PUT the file, streamed from disk in 1 MiB blocks, with its Content-Length."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120, blocksize=CHUNK)
-    try:
-        with open(source, "rb") as body:
-            connection.request(
-                "PUT", path, body=body,
-                headers={**headers, "Content-Length": str(size), "Content-Type": "application/octet-stream"},
-            )  # fmt: skip
-        answer = connection.getresponse()
-        text = answer.read()
-        assert answer.status == 201, text
-        assert json.loads(text)["size"] == size, text
-    finally:
-        connection.close()
-
-
-def download(port: int, path: str, headers: dict[str, str], target: Path | None, size: int) -> None:
-    """GET the object, streamed to disk (or, with no target, discarded) through one reused 1 MiB buffer."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        connection.request("GET", path, headers=headers)
-        answer = connection.getresponse()
-        assert answer.status == 200, answer.read()
-        assert int(answer.headers["Content-Length"]) == size
-        buffer = memoryview(bytearray(CHUNK))
-        if target is None:  # what the server and the network sustain, without this VM's disk writes
-            while answer.readinto(buffer):
-                pass
-            return
-        with open(target, "wb") as out:
-            while count := answer.readinto(buffer):
-                out.write(buffer[:count])
-    finally:
-        connection.close()
 
 
 def durable_copy(source: Path, target: Path) -> None:

@@ -1,0 +1,283 @@
+"""Helpers shared by the transfer benchmarks (bench_transfer*.py): test files, timing, the
+server's memory, and 1 GiB transfers through the storage API of `cmbcluster serve`.
+
+Transfers use the standard library's http.client, in 1 MiB blocks, so that the client is not
+what is measured. ``compare_with_sdk`` is the whole benchmark of a cloud backend: the same file
+through the control plane's API and through the cloud's own SDK, against the same server, in
+the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.process import BackgroundProcess, ServeProcess, clean_environ, free_port
+
+MIB = 1024 * 1024
+CHUNK = MIB
+TARGET_RSS_GROWTH_MIB = 64
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (VmRSS is in KiB)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class RssSampler:
+    """The peak RSS of a process while the ``with`` block runs, sampled every ``interval`` s."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+
+def make_file(path: Path, size: int) -> str:
+    """Write ``size`` pseudo-random bytes (incompressible, cheap to make); return their sha256."""
+    digest = hashlib.sha256()
+    rng = random.Random(20240611)
+    with open(path, "wb") as out:
+        for _ in range(size // CHUNK):
+            block = rng.randbytes(CHUNK)
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            yield block
+
+
+def timed(action: Callable[[], object]) -> float:
+    os.sync()  # start every measurement without a backlog of dirty pages from the previous one
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def upload(port: int, path: str, headers: dict[str, str], source: Path, size: int) -> None:
+    """PUT the file, streamed from disk in 1 MiB blocks, with its Content-Length."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300, blocksize=CHUNK)
+    try:
+        with open(source, "rb") as body:
+            connection.request(
+                "PUT", path, body=body,
+                headers={**headers, "Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            )  # fmt: skip
+        answer = connection.getresponse()
+        text = answer.read()
+        assert answer.status == 201, text
+        assert json.loads(text)["size"] == size, text
+    finally:
+        connection.close()
+
+
+def download(port: int, path: str, headers: dict[str, str], target: Path | None, size: int) -> None:
+    """GET the object, streamed to disk (or, with no target, discarded) through one reused 1 MiB buffer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        connection.request("GET", path, headers=headers)
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        assert int(answer.headers["Content-Length"]) == size
+        buffer = memoryview(bytearray(CHUNK))
+        if target is None:  # what the server and the network sustain, without this VM's disk writes
+            while answer.readinto(buffer):
+                pass
+            return
+        with open(target, "wb") as out:
+            while count := answer.readinto(buffer):
+                out.write(buffer[:count])
+    finally:
+        connection.close()
+
+
+class ToolServer(BackgroundProcess):
+    """A stand-in for a cloud (moto, gcp-storage-emulator) run from this interpreter's environment:
+    ``command`` is the executable beside ``sys.executable`` and its arguments, where ``{port}``
+    becomes a free port. Ready once ``url`` + ``probe`` answers."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str], log: Path, probe: str = "/") -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        executable = Path(sys.executable).with_name(command[0])
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(executable), *(arg.format(port=port) for arg in command[1:])],
+                env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(self.url + probe, timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{command[0]} did not answer within 30 s: {log.read_text()[-2000:]}")
+
+
+@dataclass
+class ApiBucket:
+    """A bucket created through the API of a running server, and how to reach its objects."""
+
+    server: ServeProcess
+    client: httpx.Client
+    headers: dict[str, str]
+    storage_id: str
+    bucket_name: str
+
+    @property
+    def objects(self) -> str:
+        return f"/api/v1/storages/{self.storage_id}/objects"
+
+    def delete(self, key: str) -> None:
+        deleted = self.client.post(f"{self.objects}/delete", json={"keys": [key]}, headers=self.headers)
+        assert deleted.status_code == 200, deleted.text
+
+
+def create_api_bucket(server: ServeProcess, client: httpx.Client, display_name: str = "bench") -> ApiBucket:
+    """Wait for the server, sign in with the development login and create a bucket."""
+    ready = server.wait_ready("/readyz", timeout=60)
+    assert ready.status_code == 200, ready.text
+    headers = dev_sign_in(client, "bench@example.org", "Bench")
+    created = client.post("/api/v1/storages", json={"display_name": display_name}, headers=headers)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return ApiBucket(server, client, headers, body["id"], body["bucket_name"])
+
+
+@dataclass
+class SdkClient:
+    """The cloud's own SDK on the same bucket: copies a local file to ``key`` and back."""
+
+    name: str
+    upload: Callable[[Path, str], None]
+    download: Callable[[str, Path], None]
+    delete: Callable[[str], None]
+
+
+def compare_with_sdk(
+    *,
+    title: str,
+    serve_env: Mapping[str, str],
+    sdk: Callable[[str], AbstractContextManager[SdkClient]],
+    size_mib: int,
+    rounds: int,
+    target_ratio: float,
+) -> int:
+    """Move a ``size_mib`` file up and down through the API of `cmbcluster serve` (started here
+    with ``serve_env``) and through ``sdk(bucket_name)``, ``rounds`` times each, alternating;
+    print the best throughputs, their ratios and the server's RSS growth; 1 if a target is missed.
+    """
+    size = size_mib * MIB
+    times: dict[str, list[float]] = {"API upload": [], "API download": [], "SDK upload": [], "SDK download": []}
+    peaks: list[int] = []
+    identical = {"API": False, "SDK": False}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        root = Path(tmp)
+        source, back = root / "source.bin", root / "back.bin"
+        started = time.perf_counter()
+        expected = make_file(source, size)
+        print(f"{size_mib} MiB test file written in {time.perf_counter() - started:.1f} s", flush=True)
+        env = clean_environ({"CMBCLUSTER_DATA_DIR": str(root / "data"), "CMBCLUSTER_LOG_LEVEL": "WARNING", **serve_env})
+        with ServeProcess(env, root) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+            bucket = create_api_bucket(server, client)
+            path = f"{bucket.objects}/bench/api.bin"
+            pid, port, headers = server.process.pid, server.port, bucket.headers
+            rss_before = rss_bytes(pid)
+            with sdk(bucket.bucket_name) as direct:
+                for number in range(1, rounds + 1):
+                    times["SDK upload"].append(timed(lambda: direct.upload(source, "bench/sdk.bin")))
+                    times["SDK download"].append(timed(lambda: direct.download("bench/sdk.bin", back)))
+                    identical["SDK"] = sha256_of(back) == expected
+                    back.unlink()
+                    direct.delete("bench/sdk.bin")
+                    with RssSampler(pid) as sampler:
+                        times["API upload"].append(timed(lambda: upload(port, path, headers, source, size)))
+                        times["API download"].append(timed(lambda: download(port, path, headers, back, size)))
+                    peaks.append(sampler.peak)
+                    identical["API"] = sha256_of(back) == expected
+                    back.unlink()
+                    bucket.delete("bench/api.bin")
+                    line = ", ".join(f"{name} {size / MIB / values[-1]:.0f}" for name, values in times.items())
+                    print(f"  round {number}: {line} MiB/s", flush=True)
+                    if not all(identical.values()):
+                        break
+            server_log = server.output()
+
+    best = {name: size / MIB / min(values) for name, values in times.items()}  # MiB/s
+    ratios = {d: best[f"API {d}"] / best[f"SDK {d}"] for d in ("upload", "download")}
+    growth = max(peaks) - rss_before
+    print(f"{title}: {len(times['API upload'])} rounds of {size_mib} MiB, best of the rounds:")
+    for direction, ratio in ratios.items():
+        print(
+            f"  {direction:8}  API {best[f'API {direction}']:6.0f} MiB/s   "
+            f"{direct.name} {best[f'SDK {direction}']:6.0f} MiB/s   ratio {ratio:.2f} (target >= {target_ratio})"
+        )
+    print(
+        f"  server RSS before the transfers {rss_before / MIB:.1f} MiB, peak during them {max(peaks) / MIB:.1f} MiB: "
+        f"growth {growth / MIB:.1f} MiB (target <= {TARGET_RSS_GROWTH_MIB} MiB)"
+    )
+    print(f"  downloaded files byte-identical (sha256): API {identical['API']}, {direct.name} {identical['SDK']}")
+    failures = [f"the file downloaded through the {via} differs" for via, ok in identical.items() if not ok]
+    if growth > TARGET_RSS_GROWTH_MIB * MIB:
+        failures.append(f"server RSS grew by {growth / MIB:.1f} MiB (target <= {TARGET_RSS_GROWTH_MIB} MiB)")
+    for direction, ratio in ratios.items():
+        if ratio < target_ratio:
+            failures.append(f"API {direction} at {ratio:.2f} x {direct.name} (target >= {target_ratio})")
+    if " 500 " in server_log or "Traceback" in server_log:
+        failures.append("the server logged an error:\n" + server_log[-2000:])
+    for failure in failures:
+        print(f"MISSES: {failure}")
+    if not failures:
+        print("meets every target")
+    return 1 if failures else 0
