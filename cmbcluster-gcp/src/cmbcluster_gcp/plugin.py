@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from cmbcluster import AuthProviderRegistration, ProviderContext, StorageBackendRegistration, hookimpl
+from pydantic_settings import BaseSettings
+
+from cmbcluster import (
+    AuthProviderRegistration,
+    InfraProviderRegistration,
+    ProviderContext,
+    StorageBackendRegistration,
+    hookimpl,
+)
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, StorageBackend
+from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, StorageBackend
 from cmbcluster_gcp.settings import GcpSettings
+
+if TYPE_CHECKING:
+    from cmbcluster_gcp.identity import IamClient
 
 CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
 
@@ -42,3 +54,37 @@ def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
     yield AuthProviderRegistration(
         name="gcp", factory=_google_auth, settings_model=GcpSettings, description="Sign in with Google"
     )
+
+
+def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvider:
+    """``iam`` replaces the IAM client (tests pass an InMemoryIamClient)."""
+    from urllib.parse import urlsplit
+
+    from cmbcluster_gcp.identity import GcpInfra
+
+    # Without DOMAIN, the deployment's public host stands in.
+    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
+    return GcpInfra(ctx.settings(GcpSettings), iam=iam, domain=domain)
+
+
+@hookimpl
+def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
+    yield InfraProviderRegistration(
+        name="gcp",
+        factory=_gcp_infra,
+        settings_model=GcpSettings,
+        description="GKE (per-user Workload Identity), Artifact Registry, Cloud DNS",
+    )
+
+
+@hookimpl
+def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
+    """gcsfuse and Workload Identity on GKE pods (cmbcluster_gcp.pods); nothing for other clouds."""
+    if context.storage_backend != "gcp" and context.infra_provider != "gcp":
+        return
+    from cmbcluster_gcp.pods import decorate_gke_pod
+
+    model: type[BaseSettings] = GcpSettings  # read like every provider's settings: environment and .env
+    settings = model()
+    assert isinstance(settings, GcpSettings)
+    decorate_gke_pod(draft, context, settings)

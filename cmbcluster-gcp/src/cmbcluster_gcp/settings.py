@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: A Kubernetes resource quantity ("250m", "1", "256Mi", "5Gi"); "0" means no limit for gcsfuse.
+Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
 
 
 class GcpSettings(BaseSettings):
@@ -60,6 +65,65 @@ class GcpSettings(BaseSettings):
         validation_alias=AliasChoices("STORAGE_EMULATOR_HOST"),
         description="Talk to a GCS emulator instead of Google (tests)",
     )
+
+    # -- per-user identity (cmbcluster_gcp.identity) and pod decoration (cmbcluster_gcp.pods) ------
+    identity_mode: Literal["workload-identity", "service-account"] = Field(
+        default="workload-identity",
+        validation_alias=AliasChoices("GCP_IDENTITY_MODE"),
+        description="workload-identity: buckets are granted to the user's Kubernetes ServiceAccount itself; "
+        "service-account: one Google service account per user, impersonated by that ServiceAccount",
+    )
+    workload_identity_pool: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WORKLOAD_IDENTITY_POOL"),
+        pattern=r"^[a-z0-9.-]+$",
+        description="Default: <PROJECT_ID>.svc.id.goog, the pool of the project's GKE clusters",
+    )
+    iam_endpoint: str = Field(
+        default="https://iam.googleapis.com",
+        validation_alias=AliasChoices("GCP_IAM_ENDPOINT"),
+        description="The IAM API (service accounts); only tests point it elsewhere",
+    )
+    resource_manager_endpoint: str = Field(
+        default="https://cloudresourcemanager.googleapis.com",
+        validation_alias=AliasChoices("GCP_RESOURCE_MANAGER_ENDPOINT"),
+        description="Looks up PROJECT_NUMBER when it is not set; only tests point it elsewhere",
+    )
+    domain: str | None = Field(
+        default=None, validation_alias=AliasChoices("DOMAIN"), description="The deployment's domain (Cloud DNS)"
+    )
+    dns_zone: str | None = Field(
+        default=None, validation_alias=AliasChoices("CLOUD_DNS_ZONE"), description="The Cloud DNS managed zone"
+    )
+    workload_identity_node_selector: bool = Field(
+        default=True,
+        validation_alias=AliasChoices("GKE_WORKLOAD_IDENTITY_NODE_SELECTOR"),
+        description="Schedule user pods on nodes running the GKE metadata server (Standard clusters)",
+    )
+    gcsfuse_termination_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices("GCSFUSE_TERMINATION_GRACE_SECONDS"),
+        description="Time a stopping pod gets to flush files written to gcsfuse-mounted buckets",
+    )
+    gcsfuse_cpu_request: Quantity | None = Field(default="250m", validation_alias=AliasChoices("GCSFUSE_CPU_REQUEST"))
+    gcsfuse_memory_request: Quantity | None = Field(
+        default="256Mi", validation_alias=AliasChoices("GCSFUSE_MEMORY_REQUEST")
+    )
+    gcsfuse_ephemeral_storage_request: Quantity | None = Field(
+        default="5Gi", validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_REQUEST")
+    )
+    gcsfuse_cpu_limit: Quantity | None = Field(default=None, validation_alias=AliasChoices("GCSFUSE_CPU_LIMIT"))
+    gcsfuse_memory_limit: Quantity | None = Field(default=None, validation_alias=AliasChoices("GCSFUSE_MEMORY_LIMIT"))
+    gcsfuse_ephemeral_storage_limit: Quantity | None = Field(
+        default=None, validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_LIMIT")
+    )
+
+    @property
+    def effective_workload_identity_pool(self) -> str:
+        """The Workload Identity pool of the project's GKE clusters."""
+        return self.workload_identity_pool or f"{self.project_id}.svc.id.goog"
 
     @property
     def google_allowed_domain_list(self) -> tuple[str, ...]:
