@@ -1,0 +1,120 @@
+{{/* Names, labels and the choices several templates share. */}}
+
+{{- define "cmbcluster.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "cmbcluster.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Cluster-scoped objects: unique per namespace and release. */}}
+{{- define "cmbcluster.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "cmbcluster.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Standard labels. Never app.kubernetes.io/managed-by=cmbcluster: that marks user environments. */}}
+{{- define "cmbcluster.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "cmbcluster.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+cmbcluster.io/cloud-provider: {{ .Values.global.cloudProvider | quote }}
+{{- end -}}
+
+{{- define "cmbcluster.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cmbcluster.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controlplane
+{{- end -}}
+
+{{- define "cmbcluster.serviceAccountName" -}}
+{{- default (include "cmbcluster.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "cmbcluster.environmentsNamespace" -}}
+{{- default .Release.Namespace .Values.environments.namespace -}}
+{{- end -}}
+
+{{- define "cmbcluster.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.registry -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" .Values.image.registry) .Values.image.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The volume driver: storage.driver, else the first-party cloud's. */}}
+{{- define "cmbcluster.storageDriver" -}}
+{{- $defaults := dict "gcp" "gcsfuse" "aws" "mountpoint-s3" -}}
+{{- default (get $defaults .Values.global.cloudProvider) .Values.storage.driver -}}
+{{- end -}}
+
+{{/* The ClusterRole for PersistentVolumes: rbac.clusterRole.create if set, else unless the driver mounts inline. */}}
+{{- define "cmbcluster.createClusterRole" -}}
+{{- if .Values.rbac.create -}}
+{{- $explicit := .Values.rbac.clusterRole.create -}}
+{{- if kindIs "bool" $explicit -}}
+{{- if $explicit -}}true{{- end -}}
+{{- else if not (has (include "cmbcluster.storageDriver" .) (list "gcsfuse" "none")) -}}true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The external database, if any: SQLite on a claim otherwise. */}}
+{{- define "cmbcluster.externalDatabase" -}}
+{{- if or .Values.database.url .Values.database.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* RBAC rules: values when given, else the file generated from cmbcluster/kubernetes/rbac.py. */}}
+{{- define "cmbcluster.rbacFile" -}}
+{{- $file := .Files.Get "files/rbac.json" -}}
+{{- if not $file -}}
+{{- fail "files/rbac.json is missing from the chart: regenerate it with `nox -s helm-rbac`" -}}
+{{- end -}}
+{{- $file -}}
+{{- end -}}
+
+{{- define "cmbcluster.namespacedRules" -}}
+{{- $file := include "cmbcluster.rbacFile" . | fromJson -}}
+{{- toYaml (default $file.namespacedRules .Values.rbac.namespacedRules) -}}
+{{- end -}}
+
+{{- define "cmbcluster.clusterRules" -}}
+{{- $file := include "cmbcluster.rbacFile" . | fromJson -}}
+{{- toYaml (default $file.clusterRules .Values.rbac.clusterRules) -}}
+{{- end -}}
+
+{{/* Checks across values that the schema cannot word clearly. */}}
+{{- define "cmbcluster.validate" -}}
+{{- $cloud := .Values.global.cloudProvider -}}
+{{- if and (eq $cloud "gcp") (not .Values.global.gcp.projectId) -}}
+{{- fail "global.gcp.projectId is required when global.cloudProvider is gcp (the Google Cloud project id)" -}}
+{{- end -}}
+{{- if and (eq $cloud "aws") (not .Values.global.aws.region) -}}
+{{- fail "global.aws.region is required when global.cloudProvider is aws (for example eu-west-1)" -}}
+{{- end -}}
+{{- if and (eq $cloud "aws") (not .Values.global.aws.accountId) -}}
+{{- fail "global.aws.accountId is required when global.cloudProvider is aws (12 digits)" -}}
+{{- end -}}
+{{- if and (gt (int .Values.controlPlane.replicas) 1) (not (include "cmbcluster.externalDatabase" .)) -}}
+{{- fail (printf "controlPlane.replicas is %d but SQLite allows one replica: set database.url (PostgreSQL) or database.existingSecret to run several" (int .Values.controlPlane.replicas)) -}}
+{{- end -}}
+{{- if and .Values.database.url .Values.database.existingSecret -}}
+{{- fail "set database.url or database.existingSecret, not both" -}}
+{{- end -}}
+{{- if eq .Values.image.tag "latest" -}}
+{{- fail "image.tag must be an exact version, not latest: upgrades and rollbacks must know what they run" -}}
+{{- end -}}
+{{- if and .Values.secretKey.value (lt (len .Values.secretKey.value) 32) -}}
+{{- fail "secretKey.value must be at least 32 random characters (openssl rand -hex 32), or empty to generate one" -}}
+{{- end -}}
+{{- if and .Values.secretKey.value .Values.secretKey.existingSecret -}}
+{{- fail "set secretKey.value or secretKey.existingSecret, not both" -}}
+{{- end -}}
+{{- end -}}
