@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from pydantic_settings import BaseSettings
+
 from cmbcluster import (
     AuthProviderRegistration,
     InfraProviderRegistration,
@@ -12,7 +14,7 @@ from cmbcluster import (
     hookimpl,
 )
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider, StorageBackend
+from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, StorageBackend
 from cmbcluster_aws.settings import AwsSettings
 
 CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
@@ -70,3 +72,16 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
     yield InfraProviderRegistration(
         name="aws", factory=_aws_infra, settings_model=AwsSettings, description="EKS (IRSA roles), ECR"
     )
+
+
+@hookimpl
+def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
+    """IRSA and Mountpoint on EKS pods (cmbcluster_aws.pods); nothing for other clouds."""
+    if context.storage_backend != "aws" and context.infra_provider != "aws":
+        return
+    from cmbcluster_aws.pods import decorate_eks_pod
+
+    model: type[BaseSettings] = AwsSettings  # read like every provider's settings: environment and .env
+    settings = model()
+    assert isinstance(settings, AwsSettings)
+    decorate_eks_pod(draft, context, settings)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+import re
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,3 +39,50 @@ class AwsSettings(BaseSettings):
         validation_alias=AliasChoices("AWS_ENDPOINT_URL"),
         description="Talk to an S3/IAM-compatible endpoint instead of AWS (moto in tests)",
     )
+
+    # -- pod decoration (cmbcluster_aws.pods) ------------------------------------------------------
+    s3_mount_credentials: Literal["pod", "driver"] = Field(
+        default="pod",
+        validation_alias=AliasChoices("S3_MOUNT_CREDENTIALS"),
+        description="pod: Mountpoint mounts a bucket with the user's own IRSA role; driver: with the CSI driver's",
+    )
+    eks_node_selector: str = Field(
+        default="",
+        validation_alias=AliasChoices("EKS_NODE_SELECTOR"),
+        description="Comma-separated key=value node labels user pods must run on (e.g. a user node group)",
+    )
+    eks_termination_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices("EKS_TERMINATION_GRACE_SECONDS"),
+        description="Time a stopping pod gets to close files, which Mountpoint uploads on close",
+    )
+
+    @field_validator("eks_node_selector")
+    @classmethod
+    def _node_selector(cls, value: str) -> str:
+        parse_node_selector(value)
+        return value
+
+    @property
+    def node_selector(self) -> dict[str, str]:
+        """EKS_NODE_SELECTOR parsed."""
+        return parse_node_selector(self.eks_node_selector)
+
+
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def parse_node_selector(text: str) -> dict[str, str]:
+    """``"a=b, c/d=e"`` -> ``{"a": "b", "c/d": "e"}``; ValueError naming a malformed pair."""
+    selector: dict[str, str] = {}
+    for pair in (p.strip() for p in text.split(",")):
+        if not pair:
+            continue
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise ValueError(f"{pair!r} is not a Kubernetes node label key=value")
+        selector[key] = value
+    return selector
