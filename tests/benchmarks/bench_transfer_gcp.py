@@ -52,8 +52,14 @@ def main() -> int:
                 try:
                     yield SdkClient(
                         name="google-cloud-storage",
-                        upload=lambda source, key: target.blob(key).upload_from_filename(str(source)),
-                        download=lambda key, path: target.blob(key).download_to_filename(str(path)),
+                        uploads={
+                            "upload_from_filename": lambda source, key: target.blob(key).upload_from_filename(
+                                str(source)
+                            )
+                        },
+                        downloads={
+                            "download_to_filename": lambda key, path: target.blob(key).download_to_filename(str(path))
+                        },
                         delete=lambda key: target.blob(key).delete(),
                     )
                 finally:
