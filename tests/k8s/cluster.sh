@@ -9,6 +9,7 @@
 #   up       start everything and wait until usable; prints export lines:  eval "$(tests/k8s/cluster.sh up)"
 #   down     stop exactly the processes `up` started (PIDs in $K8S_RUN/*.pid), clients before the apiserver
 #   status   show each component; exit status 1 if any is down
+#   restart-apiserver  kill kube-apiserver (SIGKILL) and start it again on the same port and data (fault tests)
 # env: K8S_HOME  cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/cmbcluster-k8s)   K8S_RUN  state, logs (default $K8S_HOME/run)
 #      K8S_PORT (16443)  ETCD_PORT (23790)  ETCD_PEER_PORT (ETCD_PORT+10)  K8S_WAIT seconds per readiness wait (90)
 #      PYTHON  interpreter with the `kubernetes` package (python3)   K8S_NODE  fake node name (fake-node-1)
@@ -180,6 +181,28 @@ current-context: cmbcluster-test
 EOF
 }
 
+start_apiserver() {
+  start kube-apiserver "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$PORT" --insecure-port=0 \
+    --cert-dir="$RUN/pki" --token-auth-file="$RUN/pki/tokens.csv" --authorization-mode=Node,RBAC \
+    --service-account-key-file="$RUN/pki/sa.pub" --service-account-signing-key-file="$RUN/pki/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc --service-cluster-ip-range=10.96.0.0/16 \
+    --allow-privileged=true --enable-priority-and-fairness=false --profiling=false
+  wait_for kube-apiserver "kube-apiserver on https://127.0.0.1:$PORT" api /readyz
+}
+
+restart_apiserver() {  # a crash and a restart of the API server alone (fault tests): SIGKILL, then start it again
+  local pid
+  pid=$(pid_of kube-apiserver) || die "kube-apiserver is not running for $RUN"
+  TOKEN=$(sed -n 's/,admin,admin,.*//p' "$RUN/pki/tokens.csv")
+  kill -KILL "$pid"
+  for _ in $(seq 1 50); do alive kube-apiserver || break; sleep 0.1; done
+  alive kube-apiserver && die "kube-apiserver ($pid) survived SIGKILL"
+  cd "$RUN"
+  start_apiserver
+  log "restarted kube-apiserver (was $pid, now $(pid_of kube-apiserver))"
+}
+
 up_failed() {
   local rc=$?
   trap - EXIT
@@ -220,13 +243,7 @@ up() {
     --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT"
   wait_for etcd "etcd on 127.0.0.1:$ETCD_PORT" curl -sf --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
-  start kube-apiserver "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$PORT" --insecure-port=0 \
-    --cert-dir="$RUN/pki" --token-auth-file="$RUN/pki/tokens.csv" --authorization-mode=Node,RBAC \
-    --service-account-key-file="$RUN/pki/sa.pub" --service-account-signing-key-file="$RUN/pki/sa.key" \
-    --service-account-issuer=https://kubernetes.default.svc --service-cluster-ip-range=10.96.0.0/16 \
-    --allow-privileged=true --enable-priority-and-fairness=false --profiling=false
-  wait_for kube-apiserver "kube-apiserver on https://127.0.0.1:$PORT" api /readyz
+  start_apiserver
 
   local KC=$RUN/kubeconfig
   write_kubeconfig "$KC" admin "$TOKEN"
@@ -290,6 +307,7 @@ status() {
 
 case "${1:-}" in
   install | up | down | status) "$1" ;;
+  restart-apiserver) restart_apiserver ;;
   _watch) watch_owner ;;
-  *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|status|restart-apiserver" >&2; exit 2 ;;
 esac

@@ -55,6 +55,13 @@ class K8sCluster:
     run_dir: Path  # pid files and component logs
     env: dict[str, str] = field(default_factory=dict)  # KUBECONFIG, PATH with helm, CMBCLUSTER_K8S_CP_TOKEN
     cp_user: str = CP_USER
+    script_env: dict[str, str] = field(default_factory=dict, repr=False)  # what cluster.sh was started with
+
+    def restart_apiserver(self) -> None:
+        """Kill kube-apiserver (SIGKILL) and start it again on the same port and data: a fault for tests."""
+        r = _cluster_sh("restart-apiserver", self.script_env, 120)
+        if r.returncode:
+            raise RuntimeError(f"cluster.sh restart-apiserver failed:\n{r.stderr}\n{_logs(self.run_dir)}")
 
     def api_client(self, token: str | None = None) -> ApiClient:
         """A kubernetes ApiClient for this cluster, as admin unless another bearer token is given."""
@@ -179,6 +186,7 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                 "CMBCLUSTER_K8S_CP_TOKEN": cp_token,
             },
+            script_env=env,
         )
     finally:
         r = _cluster_sh("down", env, 120)

@@ -23,7 +23,7 @@ pytest.importorskip("kubernetes")
 
 from kubernetes import client as k8s
 
-from cmbcluster.errors import InvalidRequest, NotFound, PermissionDenied, ProviderUnavailable
+from cmbcluster.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, ProviderUnavailable
 from cmbcluster.interfaces import (
     CloudIdentity,
     EnvironmentPhase,
@@ -47,13 +47,20 @@ from cmbcluster.kubernetes.backend import (
     resource_requirements,
 )
 from cmbcluster.kubernetes.plugin import KubernetesSettings, build_backend, cmbcluster_compute_backends
+from cmbcluster.kubernetes.routing import CONTROL_PLANE_SELECTOR, NETWORK_POLICY_NAME, Exposure
 from cmbcluster.registrations import ProviderContext
 from cmbcluster.settings import CoreSettings
 from tests.k8s.harness import K8sCluster
 
 REPO = Path(__file__).resolve().parents[2]
 USER = UserRef(id="0123456789abcdef0123456789abcdef", email="ada@example.org")
-LABELLED = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+LABELLED = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume", "Ingress")
+EXPOSURE = Exposure(
+    environments_domain="envs.example.org",
+    public_url="https://cmb.example.org",
+    auth_url="http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize",
+    ingress_namespace="ingress-nginx",
+)
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -95,7 +102,6 @@ def namespace(k8s_cluster: K8sCluster, admin: k8s.CoreV1Api) -> str:
             "subjects": subject,
         }
     )
-    admin.create_namespaced_service_account(ns, {"metadata": {"name": "user-sa"}})
     api.close()
     return ns
 
@@ -125,6 +131,7 @@ def backend(k8s_cluster: K8sCluster, namespace: str, decorator: Recorder) -> Ite
         decorate=decorator,
         storage_backend="aws",
         infra_provider="aws",
+        exposure=EXPOSURE,
         backoff_seconds=0.05,
     )
     yield b
@@ -220,6 +227,8 @@ def labelled_objects(admin: k8s.CoreV1Api, namespace: str, environment_id: str) 
         found.append(f"PersistentVolumeClaim/{item.metadata.name}")
     for item in admin.list_persistent_volume(label_selector=selector).items:
         found.append(f"PersistentVolume/{item.metadata.name}")
+    for item in k8s.NetworkingV1Api(admin.api_client).list_namespaced_ingress(namespace, label_selector=selector).items:
+        found.append(f"Ingress/{item.metadata.name}")
     return found
 
 
@@ -244,7 +253,7 @@ def started(backend: KubernetesCompute) -> tuple[str, Any]:
 def test_environment_runs_with_url(started: tuple[str, Any], namespace: str) -> None:
     environment_id, status = started
     assert status.phase == EnvironmentPhase.RUNNING
-    assert status.url == f"http://env-{environment_id}.{namespace}.svc:80/"
+    assert status.url == f"https://env-{environment_id}.envs.example.org/"
     assert status.user_id == USER.id
     assert status.started_at is not None
 
@@ -343,6 +352,63 @@ def test_list_managed_finds_it(started: tuple[str, Any], backend: KubernetesComp
     assert found[environment_id].user_id == USER.id
 
 
+def test_ingress_routes_the_owner_only(started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str) -> None:
+    environment_id, _ = started
+    name = object_name(environment_id)
+    ingress = k8s.NetworkingV1Api(admin.api_client).read_namespaced_ingress(name, namespace)
+    pod = admin.read_namespaced_pod(name, namespace)
+    assert [(o.kind, o.uid) for o in ingress.metadata.owner_references] == [("Pod", pod.metadata.uid)]
+    assert ingress.spec.ingress_class_name == "nginx"
+    (rule,) = ingress.spec.rules
+    assert rule.host == f"{name}.envs.example.org"
+    (path,) = rule.http.paths
+    assert (path.path, path.path_type) == ("/", "Prefix")
+    assert (path.backend.service.name, path.backend.service.port.number) == (name, 80)
+    # one wildcard certificate for every environment, never one per environment
+    assert [(t.hosts, t.secret_name) for t in ingress.spec.tls] == [
+        (["*.envs.example.org"], "cmbcluster-environments-tls")
+    ]
+    annotations = ingress.metadata.annotations
+    assert annotations["nginx.ingress.kubernetes.io/auth-url"] == (
+        f"http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize?environment_id={environment_id}"
+    )
+    assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/login?next=")
+
+
+def test_network_policy_isolates_user_pods(started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str) -> None:
+    environment_id, _ = started
+    policy = k8s.NetworkingV1Api(admin.api_client).read_namespaced_network_policy(NETWORK_POLICY_NAME, namespace)
+    pod_labels = admin.read_namespaced_pod(object_name(environment_id), namespace).metadata.labels
+    selector = policy.spec.pod_selector.match_labels
+    assert selector.items() <= pod_labels.items()  # it selects the user's pod...
+    assert not selector.items() <= CONTROL_PLANE_SELECTOR.items()  # ...and not the control plane
+    assert sorted(policy.spec.policy_types) == ["Egress", "Ingress"]
+    (ingress_rule,) = policy.spec.ingress
+    sources = [(p.namespace_selector, p.pod_selector) for p in ingress_rule._from]
+    assert len(sources) == 2  # the ingress controller's namespace and the control plane; no other user pod
+    assert sources[0][0].match_labels == {"kubernetes.io/metadata.name": "ingress-nginx"}
+    assert sources[1][1].match_labels == CONTROL_PLANE_SELECTOR
+    (egress_rule,) = policy.spec.egress
+    blocks = {b.ip_block.cidr: b.ip_block._except for b in egress_rule.to}
+    assert blocks == {"0.0.0.0/0": ["169.254.169.254/32"], "::/0": ["fd00:ec2::254/128"]}
+
+
+def test_status_comes_from_the_watch_not_from_reads(
+    started: tuple[str, Any], backend: KubernetesCompute, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environment_id, _ = started
+    assert backend.pods.synced
+
+    def no_reads(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("status() read the pod from the API server")
+
+    monkeypatch.setattr(backend.core, "read_namespaced_pod", no_reads)
+    monkeypatch.setattr(backend.core, "list_namespaced_pod", no_reads)  # the watch thread holds its own reference
+    for _ in range(50):
+        assert backend.status(environment_id).phase == EnvironmentPhase.RUNNING
+    assert environment_id in {s.environment_id for s in backend.list_managed()}
+
+
 def test_second_start_adopts(started: tuple[str, Any], backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
     environment_id, _ = started
     name = object_name(environment_id)
@@ -380,7 +446,7 @@ def test_stop_and_delete_leave_nothing(
     started: tuple[str, Any], backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:
     environment_id, _ = started
-    assert len(labelled_objects(admin, backend.namespace, environment_id)) == 5
+    assert len(labelled_objects(admin, backend.namespace, environment_id)) == len(LABELLED)
     backend.stop(environment_id)
     assert backend.status(environment_id).phase in (EnvironmentPhase.STOPPING, EnvironmentPhase.MISSING)
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
@@ -397,19 +463,81 @@ def test_restart_after_stop(backend: KubernetesCompute, admin: k8s.CoreV1Api) ->
     backend.stop(environment_id)
     backend.start(make_spec(environment_id))  # while the old pod may still be terminating
     running(backend, environment_id)
-    assert len(labelled_objects(admin, backend.namespace, environment_id)) == 5
+    assert len(labelled_objects(admin, backend.namespace, environment_id)) == len(LABELLED)
     backend.delete(environment_id)
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
 def test_service_account_identity(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
-    environment_id = new_id()
-    identity = CloudIdentity(user=USER, principal="arn:aws:iam::1:role/u", service_account="user-sa")
-    backend.start(make_spec(environment_id, identity=identity, volumes=()))
-    pod = admin.read_namespaced_pod(object_name(environment_id), backend.namespace)
-    assert pod.spec.service_account_name == "user-sa"
+    """The user's own ServiceAccount is created with the identity's annotations, kept across
+    environments, updated when the identity changes; the pod runs as it, with its token."""
+    first, second = new_id(), new_id()
+    sa_name = f"cmbcluster-user-{USER.id[:12]}"
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/cmbcluster-user-a"}
+    identity = CloudIdentity(user=USER, principal=role["eks.amazonaws.com/role-arn"], service_account=sa_name,
+                             annotations=role)  # fmt: skip
+    backend.start(make_spec(first, identity=identity, volumes=()))
+    pod = admin.read_namespaced_pod(object_name(first), backend.namespace)
+    assert pod.spec.service_account_name == sa_name
     assert pod.spec.automount_service_account_token is True
-    backend.delete(environment_id)
+    sa = admin.read_namespaced_service_account(sa_name, backend.namespace)
+    assert sa.metadata.annotations == role
+    assert sa.metadata.labels == {MANAGED_BY: "cmbcluster", "cmbcluster.io/user-id": USER.id}
+    assert not sa.metadata.owner_references  # outlives the environment
+    uid = sa.metadata.uid
+
+    moved = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/cmbcluster-user-b"}
+    backend.start(make_spec(second, identity=CloudIdentity(user=USER, principal="b", service_account=sa_name,
+                                                           annotations=moved), volumes=()))  # fmt: skip
+    sa = admin.read_namespaced_service_account(sa_name, backend.namespace)
+    assert sa.metadata.uid == uid and sa.metadata.annotations == moved
+    for environment_id in (first, second):
+        backend.delete(environment_id)
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, first), 60, "cleanup")
+    assert admin.read_namespaced_service_account(sa_name, backend.namespace).metadata.uid == uid
+
+
+def test_someone_elses_service_account_is_not_taken(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    admin.create_namespaced_service_account(backend.namespace, {"metadata": {"name": "shared-sa"}})
+    identity = CloudIdentity(user=USER, principal="p", service_account="shared-sa")
+    environment_id = new_id()
+    with pytest.raises(Conflict, match="not this user's"):
+        backend.start(make_spec(environment_id, identity=identity, volumes=()))
+    assert backend.status(environment_id).phase == EnvironmentPhase.MISSING
+    assert not admin.read_namespaced_service_account("shared-sa", backend.namespace).metadata.labels
+
+
+def test_path_routing_under_the_public_url() -> None:
+    exposure = Exposure(public_url="https://cmb.example.org:8443", tls_secret="cmb-tls")
+    assert exposure.url("env-x", "x") == "https://cmb.example.org:8443/environments/x/"
+    ingress = exposure.ingress("env-x", "x", {})
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "cmb.example.org"
+    assert rule["http"]["paths"][0]["path"] == "/environments/x/"
+    assert ingress["spec"]["tls"] == [{"hosts": ["cmb.example.org"], "secretName": "cmb-tls"}]
+
+
+def test_unschedulable_pod_reports_the_scheduler_event(
+    k8s_cluster: K8sCluster, namespace: str, admin: k8s.CoreV1Api
+) -> None:
+    """Kubernetes events feed the status message (and so the progress stream)."""
+
+    def nowhere(draft: PodDraft, context: PodContext) -> None:
+        draft.node_selector["example.com/no-such-node"] = "true"
+
+    b = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), namespace=namespace, decorate=nowhere)
+    environment_id = new_id()
+    try:
+        b.start(make_spec(environment_id, volumes=()))
+        status = wait_for(
+            lambda: (s := b.status(environment_id)).message.startswith("FailedScheduling") and s,
+            30, "the scheduler's event",
+        )  # fmt: skip
+        assert status.phase == EnvironmentPhase.PENDING
+        assert "node" in status.message
+    finally:
+        b.delete(environment_id)
+        b.close()
 
 
 def test_unknown_environment_is_missing(backend: KubernetesCompute) -> None:
@@ -423,14 +551,20 @@ def test_check_ready_with_the_role(backend: KubernetesCompute) -> None:
     backend.check_ready()
 
 
-def test_invalid_decoration_is_refused_before_sending(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+def test_invalid_decoration_is_refused_before_sending(
+    k8s_cluster: K8sCluster, backend: KubernetesCompute, admin: k8s.CoreV1Api
+) -> None:
     def bad(draft: PodDraft, context: PodContext) -> None:
         draft.volume_mounts.append({"name": "nope", "mountPath": "/x"})
 
-    other = KubernetesCompute(backend.api_client, namespace=backend.namespace, decorate=bad)
+    api = k8s_cluster.api_client(token=k8s_cluster.cp_token)
+    other = KubernetesCompute(api, namespace=backend.namespace, decorate=bad)
     environment_id = new_id()
-    with pytest.raises(InvalidRequest, match="nope"):
-        other.start(make_spec(environment_id, volumes=()))
+    try:
+        with pytest.raises(InvalidRequest, match="nope"):
+            other.start(make_spec(environment_id, volumes=()))
+    finally:
+        other.close()
     assert labelled_objects(admin, backend.namespace, environment_id) == []
 
 
@@ -509,10 +643,13 @@ def test_quantities() -> None:
 
 def test_rbac_is_minimal() -> None:
     for rule in rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
-        assert not {"update", "escalate", "bind", "impersonate"} & set(rule["verbs"])
-        if "patch" in rule["verbs"]:  # only to add the pod as owner of what it needs before it exists
-            assert rule["resources"] == ["secrets", "persistentvolumeclaims"]
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+        if "update" in rule["verbs"]:  # only the compare-and-swap of the leader Lease
+            assert rule["resources"] == ["leases"]
+        if "patch" in rule["verbs"]:  # owners of what the pod needs first; a user's identity annotations
+            assert set(rule["resources"]) <= {"secrets", "persistentvolumeclaims", "serviceaccounts"}
+        assert "roles" not in rule["resources"] and "rolebindings" not in rule["resources"]
     assert rbac.CLUSTER_RULES == [
         {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "list", "create", "delete"]}
     ]

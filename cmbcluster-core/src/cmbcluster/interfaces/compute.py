@@ -96,5 +96,17 @@ class ComputeBackend(abc.ABC):
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Raise ProviderUnavailable if the backend cannot be reached."""
 
+    @property
+    def elects_leader(self) -> bool:
+        """True when the control plane's replicas elect one of them, through this backend, to
+        run the reconcile and culling loops (several replicas sharing a PostgreSQL database).
+        Then no replica may assume at start that no other one is starting environments."""
+        return False
+
+    def leads_background_work(self) -> bool:
+        """Whether this replica runs the reconcile and culling loops now; always, unless
+        :attr:`elects_leader`."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Release connections and watches."""

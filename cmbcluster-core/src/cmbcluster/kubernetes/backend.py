@@ -1,23 +1,33 @@
-"""Environments as Kubernetes objects: a Pod, a Service (ClusterIP, port 80) and a Secret.
+"""Environments as Kubernetes objects, kept current by watches.
 
 Per environment ``<id>`` the backend creates, in its namespace:
 
 - a **Pod** ``env-<id>`` built from a :class:`~cmbcluster.interfaces.PodDraft` that the
   pod-decoration hook changes before it is sent; secure by default (non-root, no privilege
   escalation, capabilities dropped, seccomp ``RuntimeDefault``, no service-account token
-  unless the user's cloud identity needs a ServiceAccount);
+  unless the user's cloud identity needs a ServiceAccount); ready once its port accepts
+  connections;
 - a **Secret** ``env-<id>`` holding the user's variables and secret files (mounted read-only
-  at :data:`SECRETS_DIR`), a **Service** ``env-<id>`` and the storage volumes' objects (PVCs),
-  all owned by the Pod so that deleting the Pod garbage-collects them;
+  at :data:`SECRETS_DIR`), a **Service** and an **Ingress** ``env-<id>`` (see
+  :mod:`cmbcluster.kubernetes.routing`) and the storage volumes' objects (PVCs), all owned by
+  the Pod so that deleting the Pod garbage-collects them;
 - cluster-scoped **PersistentVolumes** when the storage backend asks for them: no owner
-  reference is possible, so stop/delete remove them explicitly, found by label.
+  reference is possible, so stop/delete remove them explicitly, found by label;
+- the user's **ServiceAccount**, when the infra provider gives users a cloud identity of their
+  own: one per user, shared by their environments and kept while the user exists;
+- once per namespace, the **NetworkPolicy** that isolates user pods.
 
-Every object carries :data:`MANAGED_BY`, the user id and the environment id as labels.
-Creation is idempotent: a 409 adopts the existing object when it is ours (same labels, owned
-by the current Pod, not being deleted) and replaces it otherwise. Server errors, timeouts and
+Every object carries the labels of :mod:`cmbcluster.kubernetes.labels`. Creation is
+idempotent: a 409 adopts the existing object when it is ours (same labels, owned by the
+current Pod, not being deleted) and replaces it otherwise. Server errors, timeouts and
 connection errors are retried with backoff, then raised as ProviderUnavailable.
 
-Only this module imports the ``kubernetes`` client. Calls return the API's JSON as dicts
+Status comes from a watch of the namespace's managed pods and of their events
+(:mod:`cmbcluster.kubernetes.watch`), not from polling each pod; while a watch is down, reads
+go to the API server directly. With leader election on, a Lease
+(:mod:`cmbcluster.kubernetes.lease`) decides which replica runs the background loops.
+
+Only this package imports the ``kubernetes`` client. Calls return the API's JSON as dicts
 (``_preload_content=False``): faster than the client's models, and the same across versions.
 """
 
@@ -54,18 +64,35 @@ from cmbcluster.interfaces import (
     PodDraft,
     Resources,
 )
+from cmbcluster.kubernetes.labels import (
+    COMPONENT_LABEL,
+    ENVIRONMENT_ANNOTATION,
+    ENVIRONMENT_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    MANAGED_SELECTOR,
+    USER_ANNOTATION,
+    USER_ENVIRONMENT,
+    USER_LABEL,
+    environment_selector,
+    identity_labels,
+    user_labels,
+)
+from cmbcluster.kubernetes.lease import LeaseElector
+from cmbcluster.kubernetes.routing import SERVICE_PORT, Exposure
+from cmbcluster.kubernetes.watch import WatchCache, describe_error
 from cmbcluster.naming import dns_label
 
 log = logging.getLogger(__name__)
 
-MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY_VALUE = "cmbcluster"
-USER_LABEL = "cmbcluster.io/user-id"
-ENVIRONMENT_LABEL = "cmbcluster.io/environment-id"
-#: the raw ids (labels hold their DNS-safe form)
-USER_ANNOTATION = "cmbcluster.io/user-id"
-ENVIRONMENT_ANNOTATION = "cmbcluster.io/environment-id"
-MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
+__all__ = [
+    "ENVIRONMENT_LABEL",
+    "MANAGED_BY",
+    "MANAGED_BY_VALUE",
+    "USER_LABEL",
+    "KubernetesCompute",
+    "api_client_from_config",
+]
 
 CONTAINER_NAME = "environment"
 SECRETS_DIR = "/var/run/cmbcluster/secrets"
@@ -74,7 +101,6 @@ SECRET_FILE_MODE = 0o400
 RUN_AS_USER = 1000
 RUN_AS_GROUP = 100
 FS_GROUP = 100
-SERVICE_PORT = 80
 
 Decorator = Callable[[PodDraft, PodContext], None]
 
@@ -82,16 +108,21 @@ _RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
 _KEY_SAFE = re.compile(r"[-._a-zA-Z0-9]+")
 _FAILED_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
-#: kind -> (suffix of the CoreV1Api methods, namespaced)
-_KINDS: dict[str, tuple[str, bool]] = {
-    "Pod": ("pod", True),
-    "Service": ("service", True),
-    "Secret": ("secret", True),
-    "PersistentVolumeClaim": ("persistent_volume_claim", True),
-    "PersistentVolume": ("persistent_volume", False),
+#: kind -> (API group client, suffix of its methods, namespaced)
+_KINDS: dict[str, tuple[str, str, bool]] = {
+    "Pod": ("core", "pod", True),
+    "Service": ("core", "service", True),
+    "Secret": ("core", "secret", True),
+    "ServiceAccount": ("core", "service_account", True),
+    "PersistentVolumeClaim": ("core", "persistent_volume_claim", True),
+    "PersistentVolume": ("core", "persistent_volume", False),
+    "Ingress": ("networking", "ingress", True),
+    "NetworkPolicy": ("networking", "network_policy", True),
 }
 #: what stop/delete look for by label, pods first (deleting it garbage-collects the rest)
-_CLEANUP_ORDER = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+_CLEANUP_ORDER = ("Pod", "Ingress", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+#: how long a start waits for the pod watch to be in step before reading pods directly
+_SYNC_WAIT_SECONDS = 2.0
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -130,14 +161,6 @@ def resource_requirements(resources: Resources) -> dict[str, dict[str, str]]:
     return {"requests": requests, "limits": limits}
 
 
-def identity_labels(spec_user_id: str, environment_id: str) -> dict[str, str]:
-    return {
-        MANAGED_BY: MANAGED_BY_VALUE,
-        USER_LABEL: dns_label(spec_user_id),
-        ENVIRONMENT_LABEL: dns_label(environment_id),
-    }
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -158,11 +181,12 @@ def _parse_time(value: Any) -> dt.datetime | None:
 
 # -- the backend ----------------------------------------------------------------------------------
 class KubernetesCompute(ComputeBackend):
-    """Runs each environment as a Pod with its Service and Secret in one namespace.
+    """Runs each environment as a Pod with its Service, Ingress and Secret in one namespace.
 
     ``api_client`` is a configured ``kubernetes.client.ApiClient`` (see
-    :func:`api_client_from_settings`); ``decorate`` runs the pod-decoration hook
-    (``plugin_manager.decorate_pod``) on every draft before it is sent.
+    :func:`api_client_from_config`); ``decorate`` runs the pod-decoration hook
+    (``plugin_manager.decorate_pod``) on every draft before it is sent; ``exposure`` says how
+    environments are reached; ``leader_identity`` turns leader election on (several replicas).
     """
 
     def __init__(
@@ -173,31 +197,65 @@ class KubernetesCompute(ComputeBackend):
         decorate: Decorator | None = None,
         storage_backend: str = "",
         infra_provider: str | None = None,
+        exposure: Exposure | None = None,
         image_pull_policy: str = "IfNotPresent",
         attempts: int = 4,
         backoff_seconds: float = 0.2,
         request_timeout: tuple[float, float] = (5.0, 30.0),
         delete_wait_seconds: float = 60.0,
+        leader_identity: str | None = None,
+        lease_name: str = "cmbcluster-leader",
+        lease_seconds: float = 15.0,
     ) -> None:
         self.api_client = api_client
-        self.core = k8s.CoreV1Api(api_client)
+        self.apis: dict[str, Any] = {"core": k8s.CoreV1Api(api_client), "networking": k8s.NetworkingV1Api(api_client)}
+        self.core = self.apis["core"]
         self.namespace = namespace
         self.decorate = decorate
         self.storage_backend = storage_backend
         self.infra_provider = infra_provider
+        self.exposure = exposure or Exposure()
         self.image_pull_policy = image_pull_policy
         self.attempts = max(1, attempts)
         self.backoff_seconds = backoff_seconds
         self.request_timeout = request_timeout
         self.delete_wait_seconds = delete_wait_seconds
         self._closed = threading.Event()
+        self._network_policy_ready = False
+        self.pods = WatchCache(
+            self.core.list_namespaced_pod, namespace=namespace, what="pods", label_selector=MANAGED_SELECTOR,
+            connect_timeout=request_timeout[0],
+        )  # fmt: skip
+        # The newest event of each pod: what the scheduler and the kubelet are doing about it.
+        self.events = WatchCache(
+            self.core.list_namespaced_event, namespace=namespace, what="events",
+            field_selector="involvedObject.kind=Pod", key=_event_pod, order=_event_time,
+            connect_timeout=request_timeout[0],
+        )  # fmt: skip
+        self.elector: LeaseElector | None = None
+        if leader_identity:
+            self.elector = LeaseElector(
+                api_client, namespace=namespace, name=lease_name, identity=leader_identity,
+                lease_seconds=lease_seconds, renew_deadline=lease_seconds * 2 / 3, renew_seconds=lease_seconds / 7,
+                request_timeout=request_timeout[0],
+            )  # fmt: skip
+
+    @property
+    def elects_leader(self) -> bool:
+        return self.elector is not None
+
+    def leads_background_work(self) -> bool:
+        if self.elector is None:
+            return True
+        self.elector.start()
+        return self.elector.is_leader
 
     # -- API calls ---------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any, what: str, **kwargs: Any) -> dict[str, Any]:
-        """One CoreV1Api call, as JSON. Every call this backend makes is safe to repeat (reads,
+    def _call(self, method: str, *args: Any, what: str, api: str = "core", **kwargs: Any) -> dict[str, Any]:
+        """One API call, as JSON. Every call this backend makes is safe to repeat (reads,
         deletes that ignore 404, creates whose 409 adopts), so 5xx, 429, timeouts and connection
         errors are retried with exponential backoff, then raised as ProviderUnavailable."""
-        fn = getattr(self.core, method)
+        fn = getattr(self.apis[api], method)
         delay = self.backoff_seconds
         last: Exception | None = None
         for attempt in range(self.attempts):
@@ -212,52 +270,61 @@ class KubernetesCompute(ComputeBackend):
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last = exc
             if attempt + 1 < self.attempts and not self._closed.is_set():
-                log.warning("kubernetes call %s failed (%s); retrying in %.1fs", method, _describe(last), delay)
+                log.warning("kubernetes call %s failed (%s); retrying in %.1fs", method, describe_error(last), delay)
                 time.sleep(delay)
                 delay *= 2
         raise ProviderUnavailable(
-            f"the Kubernetes API did not answer {what} after {self.attempts} attempts: {_describe(last)}"
+            f"the Kubernetes API did not answer {what} after {self.attempts} attempts: {describe_error(last)}"
         ) from last
 
-    def _op(self, verb: str, kind: str) -> tuple[str, bool]:
-        suffix, namespaced = _KINDS[kind]
-        return (f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}"), namespaced
+    def _op(self, verb: str, kind: str) -> tuple[str, bool, str]:
+        """(method name, namespaced, API client) of ``verb`` on ``kind``."""
+        api, suffix, namespaced = _KINDS[kind]
+        return (f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}"), namespaced, api
 
     def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        method, namespaced = self._op("create", obj["kind"])
+        method, namespaced, api = self._op("create", obj["kind"])
         args = (self.namespace,) if namespaced else ()
-        return self._call(method, *args, body=obj, what=f"creating {obj['kind']} {_meta(obj).get('name')}")
+        return self._call(method, *args, body=obj, api=api, what=f"creating {obj['kind']} {_meta(obj).get('name')}")
 
     def _read(self, kind: str, name: str) -> dict[str, Any] | None:
-        method, namespaced = self._op("read", kind)
+        method, namespaced, api = self._op("read", kind)
         args = (name, self.namespace) if namespaced else (name,)
         try:
-            return self._call(method, *args, what=f"reading {kind} {name}")
+            return self._call(method, *args, api=api, what=f"reading {kind} {name}")
         except NotFound:
             return None
 
     def _delete(self, kind: str, name: str, *, grace_period_seconds: int | None = None) -> None:
-        method, namespaced = self._op("delete", kind)
+        method, namespaced, api = self._op("delete", kind)
         args = (name, self.namespace) if namespaced else (name,)
         kwargs: dict[str, Any] = {"propagation_policy": "Background"}
         if grace_period_seconds is not None:
             kwargs["grace_period_seconds"] = grace_period_seconds
         try:
-            self._call(method, *args, what=f"deleting {kind} {name}", **kwargs)
+            self._call(method, *args, api=api, what=f"deleting {kind} {name}", **kwargs)
         except NotFound:
             pass
 
     def _list(self, kind: str, label_selector: str) -> list[dict[str, Any]]:
-        method, namespaced = self._op("list", kind)
+        method, namespaced, api = self._op("list", kind)
         args = (self.namespace,) if namespaced else ()
-        items = self._call(method, *args, label_selector=label_selector, what=f"listing {kind}s").get("items")
+        items = self._call(method, *args, api=api, label_selector=label_selector, what=f"listing {kind}s").get("items")
         return [item for item in items or [] if isinstance(item, dict)]
+
+    def _patch(self, kind: str, name: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+        method, _, api = self._op("patch", kind)
+        return self._call(method, name, self.namespace, body, api=api, what=what)
 
     # -- building the objects ------------------------------------------------------------------
     def build_draft(self, spec: EnvironmentSpec) -> PodDraft:
         """The pod draft before decoration: storage volumes, identity, secrets, resources."""
         name = object_name(spec.environment_id)
         labels = {**spec.labels, **identity_labels(spec.user.id, spec.environment_id)}
+        labels[COMPONENT_LABEL] = USER_ENVIRONMENT
+        env = {"PORT": str(spec.port), "HOST": "0.0.0.0", "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id}
+        # path routing serves the environment under /environments/<id>/: the application needs to know
+        env["CMBCLUSTER_BASE_PATH"] = self.exposure.path(spec.environment_id)
         draft = PodDraft(
             name=name,
             namespace=self.namespace,
@@ -265,7 +332,7 @@ class KubernetesCompute(ComputeBackend):
             command=list(spec.command),
             labels=labels,
             annotations={ENVIRONMENT_ANNOTATION: spec.environment_id, USER_ANNOTATION: spec.user.id},
-            env={"PORT": str(spec.port), "HOST": "0.0.0.0", "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id},
+            env=env,
             port=spec.port,
             working_dir=spec.working_dir,
             resources=resource_requirements(spec.resources),
@@ -312,6 +379,7 @@ class KubernetesCompute(ComputeBackend):
         """What the decorators produced, checked before anything is sent."""
         ours = identity_labels(spec.user.id, spec.environment_id)
         draft.labels.update(ours)  # decorators may add labels, never change ours
+        draft.labels[COMPONENT_LABEL] = USER_ENVIRONMENT  # the NetworkPolicy selects user pods by it
         if draft.name != object_name(spec.environment_id) or draft.namespace != self.namespace:
             raise InvalidRequest("pod decorators must not change the pod's name or namespace")
         if not draft.image:
@@ -381,6 +449,11 @@ class KubernetesCompute(ComputeBackend):
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
         }
+        # Ready once the application accepts connections: a TCP check suits any application
+        # (an HTTP one would need to know its paths and redirects).
+        container["readinessProbe"] = {
+            "tcpSocket": {"port": draft.port}, "periodSeconds": 2, "failureThreshold": 3, "timeoutSeconds": 2,
+        }  # fmt: skip
         if draft.command:
             container["command"] = draft.command
         if draft.working_dir:
@@ -478,6 +551,7 @@ class KubernetesCompute(ComputeBackend):
 
     # -- ComputeBackend ----------------------------------------------------------------------------
     def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        self._watch()
         draft = self.build_draft(spec)
         if self.decorate is not None:
             self.decorate(draft, self.pod_context(spec))
@@ -487,14 +561,19 @@ class KubernetesCompute(ComputeBackend):
         pod_manifest = self.build_pod(draft, spec)
         extras = [self._prepare_extra(json.loads(json.dumps(o)), labels) for o in draft.extra_objects]
 
+        self._ensure_network_policy()
+        if spec.identity is not None and spec.identity.service_account:
+            self._ensure_service_account(spec)
         # What the pod needs (its Secret, volumes and claims) exists before the pod, so the
         # scheduler and the kubelet never wait on a missing object; the namespaced ones then get
-        # the pod as owner (one patch each), the Service is created owned. PersistentVolumes are
-        # cluster-scoped and cannot be owned by a pod: stop/delete remove them by label.
+        # the pod as owner (one patch each); the Service and Ingress are created owned.
+        # PersistentVolumes are cluster-scoped and cannot be owned by a pod: stop/delete remove
+        # them by label.
         before_pod = [obj for obj in extras if obj["kind"] == "PersistentVolume"]
         before_pod += [secret] + [obj for obj in extras if obj["kind"] != "PersistentVolume"]
         created = [(obj, self._ensure(obj, labels)) for obj in before_pod]
         pod = self._ensure(pod_manifest, labels)
+        self.pods.put(pod)  # readers see it before its watch event arrives
         pod_meta = _meta(pod)
         owner = {
             "apiVersion": "v1",
@@ -505,17 +584,56 @@ class KubernetesCompute(ComputeBackend):
         }
         for obj, current in created:
             if obj["kind"] != "PersistentVolume" and not _owned_by(current, owner["uid"]):
-                self._patch_owner(obj["kind"], _meta(obj)["name"], owner)
-        service = self.build_service(draft.name, labels, draft.port)
-        service["metadata"]["ownerReferences"] = [owner]
-        self._ensure(service, labels, owner_uid=owner["uid"])
+                name = _meta(obj)["name"]
+                body = {"metadata": {"ownerReferences": [owner]}}  # a strategic merge: other owners are kept
+                self._patch(obj["kind"], name, body, what=f"setting the owner of {obj['kind']} {name}")
+        for routed in (
+            self.build_service(draft.name, labels, draft.port),
+            self.exposure.ingress(draft.name, spec.environment_id, labels),
+        ):
+            routed["metadata"]["ownerReferences"] = [owner]
+            self._ensure(routed, labels, owner_uid=owner["uid"])
         return self._status_from_pod(spec.environment_id, pod)
 
-    def _patch_owner(self, kind: str, name: str, owner: dict[str, Any]) -> None:
-        """Make the pod an owner of ``kind/name`` (a strategic merge: other owners are kept)."""
-        method, _ = self._op("patch", kind)
-        body = {"metadata": {"ownerReferences": [owner]}}
-        self._call(method, name, self.namespace, body, what=f"setting the owner of {kind} {name}")
+    def _ensure_network_policy(self) -> None:
+        """The namespace's one NetworkPolicy over user pods; an existing one (the Helm chart's) is kept."""
+        if self._network_policy_ready:
+            return
+        try:
+            self._create(self.exposure.network_policy())
+        except _AlreadyThere:
+            pass
+        self._network_policy_ready = True
+
+    def _ensure_service_account(self, spec: EnvironmentSpec) -> None:
+        """The user's ServiceAccount with their identity's annotations (a role ARN, a Google
+        service account); created once, its annotations patched when the identity changes."""
+        identity = spec.identity
+        assert identity is not None and identity.service_account
+        name = identity.service_account
+        labels = user_labels(spec.user.id)
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "labels": labels, "annotations": dict(identity.annotations)},
+            "automountServiceAccountToken": False,  # pods that need the token ask for it themselves
+        }
+        try:
+            self._create(manifest)
+            return
+        except _AlreadyThere:
+            pass
+        existing = self._read("ServiceAccount", name) or {}
+        meta = _meta(existing)
+        if (meta.get("labels") or {}).get(USER_LABEL) != labels[USER_LABEL]:
+            raise Conflict(
+                f"ServiceAccount {name} in namespace {self.namespace} exists but is not this user's; "
+                "the infra provider must give each user a service account name of their own"
+            )
+        current = meta.get("annotations") or {}
+        if any(current.get(k) != v for k, v in identity.annotations.items()):
+            body = {"metadata": {"annotations": dict(identity.annotations)}}
+            self._patch("ServiceAccount", name, body, what=f"updating ServiceAccount {name}")
 
     def stop(self, environment_id: str) -> None:
         self._remove(environment_id)
@@ -528,7 +646,7 @@ class KubernetesCompute(ComputeBackend):
         is left when an owner reference is missing, every object with the environment's label,
         PersistentVolumes included. 404s are ignored: removing twice is fine."""
         name = object_name(environment_id)
-        selector = f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}={dns_label(environment_id)}"
+        selector = environment_selector(environment_id)
         self._delete("Pod", name)
         for kind in _CLEANUP_ORDER:
             for obj in self._list(kind, selector):
@@ -536,15 +654,29 @@ class KubernetesCompute(ComputeBackend):
                 if meta.get("name") and not meta.get("deletionTimestamp"):
                     self._delete(kind, str(meta["name"]))
 
+    def _watch(self) -> None:
+        """Start the pod and event watches (first use); wait briefly for the first list."""
+        self.events.start()
+        self.pods.wait_synced(_SYNC_WAIT_SECONDS)
+
+    def _pod(self, environment_id: str) -> dict[str, Any] | None:
+        self._watch()
+        name = object_name(environment_id)
+        if self.pods.synced:
+            return self.pods.get(name)
+        return self._read("Pod", name)
+
     def status(self, environment_id: str) -> EnvironmentStatus:
-        pod = self._read("Pod", object_name(environment_id))
+        pod = self._pod(environment_id)
         if pod is None:
             return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.MISSING)
         return self._status_from_pod(environment_id, pod)
 
     def list_managed(self) -> list[EnvironmentStatus]:
+        self._watch()
+        pods = self.pods.items() if self.pods.synced else self._list("Pod", MANAGED_SELECTOR)
         statuses = []
-        for pod in self._list("Pod", MANAGED_SELECTOR):
+        for pod in pods:
             meta = _meta(pod)
             environment_id = (meta.get("annotations") or {}).get(ENVIRONMENT_ANNOTATION) or (
                 meta.get("labels") or {}
@@ -566,7 +698,7 @@ class KubernetesCompute(ComputeBackend):
             )
             return bytes(response.data).decode("utf-8", errors="replace")
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.info("no logs for environment %s: %s", environment_id, _describe(exc))
+            log.info("no logs for environment %s: %s", environment_id, describe_error(exc))
             return ""
 
     def check_ready(self) -> None:
@@ -574,6 +706,10 @@ class KubernetesCompute(ComputeBackend):
 
     def close(self) -> None:
         self._closed.set()
+        if self.elector is not None:
+            self.elector.close()
+        self.pods.close()
+        self.events.close()
         try:
             self.api_client.close()
         except Exception:  # closing must never raise
@@ -581,7 +717,12 @@ class KubernetesCompute(ComputeBackend):
 
     # -- status ------------------------------------------------------------------------------------
     def service_url(self, environment_id: str) -> str:
+        """The environment inside the cluster (what the ingress forwards to)."""
         return f"http://{object_name(environment_id)}.{self.namespace}.svc:{SERVICE_PORT}/"
+
+    def environment_url(self, environment_id: str) -> str:
+        """What the user opens: through the ingress, behind the owner-only auth check."""
+        return self.exposure.url(object_name(environment_id), environment_id)
 
     def _status_from_pod(self, environment_id: str, pod: dict[str, Any]) -> EnvironmentStatus:
         meta = _meta(pod)
@@ -601,24 +742,43 @@ class KubernetesCompute(ComputeBackend):
             return result(EnvironmentPhase.STOPPING, "stopping")
         waiting, terminated = _container_states(status)
         if phase == "Pending":
+            event = self._latest_event(meta)
             scheduled = conditions.get("PodScheduled")
             if scheduled is None or scheduled.get("status") != "True":
-                message = (scheduled or {}).get("message") or "waiting for a node"
+                message = event or (scheduled or {}).get("message") or "waiting for a node"
                 return result(EnvironmentPhase.PENDING, str(message))
-            if waiting:
-                return result(EnvironmentPhase.STARTING, waiting)
-            return result(EnvironmentPhase.STARTING, "starting the container")
+            return result(EnvironmentPhase.STARTING, waiting or event or "starting the container")
         if phase == "Running":
             ready = conditions.get("Ready")
             if ready is not None and ready.get("status") == "True":
-                return result(EnvironmentPhase.RUNNING, "", self.service_url(environment_id))
-            return result(EnvironmentPhase.STARTING, waiting or "waiting for the application to be ready")
+                return result(EnvironmentPhase.RUNNING, "", self.environment_url(environment_id))
+            return result(
+                EnvironmentPhase.STARTING,
+                waiting or self._latest_event(meta) or "waiting for the application to be ready",
+            )
         if phase == "Succeeded":
             return result(EnvironmentPhase.STOPPED, terminated or "the application exited")
         if phase == "Failed":
             message = status.get("message") or status.get("reason") or terminated or "the pod failed"
             return result(EnvironmentPhase.FAILED, str(message))
         return result(EnvironmentPhase.STARTING, f"pod phase {phase}")
+
+    def _latest_event(self, pod_meta: dict[str, Any]) -> str:
+        """The newest Kubernetes event about this very pod (same uid), as ``Reason: message``."""
+        event = self.events.get(str(pod_meta.get("name"))) if self.events.synced else None
+        if event is None or (event.get("involvedObject") or {}).get("uid") != pod_meta.get("uid"):
+            return ""
+        reason, message = event.get("reason") or "", event.get("message") or ""
+        return f"{reason}: {message}" if reason and message else str(reason or message)
+
+
+def _event_pod(event: dict[str, Any]) -> str | None:
+    name = (event.get("involvedObject") or {}).get("name")
+    return str(name) if name else None
+
+
+def _event_time(event: dict[str, Any]) -> str:
+    return str(event.get("lastTimestamp") or event.get("eventTime") or _meta(event).get("creationTimestamp") or "")
 
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -647,12 +807,6 @@ def _container_states(status: dict[str, Any]) -> tuple[str, str]:
             term = state["terminated"]
             terminated = str(term.get("message") or term.get("reason") or f"exit code {term.get('exitCode')}")
     return waiting, terminated
-
-
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, ApiException):
-        return f"HTTP {exc.status} {exc.reason}"
-    return f"{type(exc).__name__}: {exc}" if exc is not None else "no answer"
 
 
 def _api_message(exc: ApiException) -> str:

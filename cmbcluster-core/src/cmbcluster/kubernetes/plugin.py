@@ -44,6 +44,37 @@ class KubernetesSettings(BaseSettings):
         validation_alias=AliasChoices("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "BASE_DOMAIN"),
         description="Domain under which environments are served (host routing); default: path routing.",
     )
+    tls_secret: str = Field(
+        default="cmbcluster-environments-tls",
+        validation_alias=AliasChoices("CMBCLUSTER_TLS_SECRET"),
+        description="The one wildcard TLS Secret of environment ingresses (cert-manager fills it); empty: no TLS.",
+    )
+    control_plane_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CMBCLUSTER_CONTROL_PLANE_URL"),
+        description="The control plane as the ingress controller reaches it, for the auth-url check; "
+        "default: http://cmbcluster.<namespace>.svc.cluster.local.",
+    )
+    ingress_namespace: str = Field(
+        default="ingress-nginx",
+        validation_alias=AliasChoices("CMBCLUSTER_INGRESS_NAMESPACE"),
+        description="Namespace of the ingress controller: the only one whose traffic reaches user pods.",
+    )
+    ingress_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("CMBCLUSTER_INGRESS_ANNOTATIONS"),
+        description="Extra annotations on every environment Ingress (JSON object).",
+    )
+    leader_election: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        validation_alias=AliasChoices("CMBCLUSTER_LEADER_ELECTION"),
+        description="Elect one replica for the background loops through a Lease; auto: on with an external "
+        "database (several replicas possible), off with SQLite (one replica).",
+    )
+    lease_seconds: float = Field(
+        default=15, ge=3, le=300, validation_alias=AliasChoices("CMBCLUSTER_LEASE_SECONDS"),
+        description="How long a dead leader's Lease holds before another replica takes over.",
+    )  # fmt: skip
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", validation_alias=AliasChoices("CMBCLUSTER_IMAGE_PULL_POLICY")
     )
@@ -59,6 +90,7 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
     """The backend for ``ctx``. ``decorate`` runs the pod-decoration hook on every pod draft:
     by default ``ctx.decorate_pod``, every plugin's ``cmbcluster_decorate_pod``."""
     from cmbcluster.kubernetes.backend import KubernetesCompute, api_client_from_config
+    from cmbcluster.kubernetes.routing import Exposure
 
     settings = ctx.settings(KubernetesSettings)
     if decorate is None:
@@ -68,15 +100,45 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
         context=settings.kube_context,
         in_cluster=settings.in_cluster,
     )
+    namespace = ctx.core.namespace  # CMBCLUSTER_NAMESPACE: one setting for every part that needs it
+    control_plane = settings.control_plane_url or f"http://cmbcluster.{namespace}.svc.cluster.local"
+    exposure = Exposure(
+        ingress_class=settings.ingress_class,
+        environments_domain=settings.environments_domain or None,
+        public_url=ctx.core.public_url,
+        tls_secret=settings.tls_secret or None,
+        auth_url=f"{control_plane.rstrip('/')}/api/v1/environments/authorize",
+        ingress_namespace=settings.ingress_namespace,
+        extra_annotations=settings.ingress_annotations,
+    )
     return KubernetesCompute(
         api_client,
-        namespace=ctx.core.namespace,  # CMBCLUSTER_NAMESPACE: one setting for every part that needs it
+        namespace=namespace,
         decorate=decorate,
         storage_backend=ctx.core.selected_storage,
         infra_provider=ctx.core.selected_infra,
+        exposure=exposure,
         image_pull_policy=settings.image_pull_policy,
         request_timeout=(min(5.0, settings.request_timeout_seconds), settings.request_timeout_seconds),
+        leader_identity=_replica_identity() if _elects_leader(settings, ctx) else None,
+        lease_seconds=settings.lease_seconds,
     )
+
+
+def _elects_leader(settings: KubernetesSettings, ctx: ProviderContext) -> bool:
+    if settings.leader_election != "auto":
+        return settings.leader_election == "on"
+    url = ctx.core.database_url or ""
+    return bool(url) and not url.startswith("sqlite")
+
+
+def _replica_identity() -> str:
+    """Unique per process: the pod's name (HOSTNAME in a pod), the pid and a random part."""
+    import os
+    import secrets
+    import socket
+
+    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _compute(ctx: ProviderContext) -> ComputeBackend:

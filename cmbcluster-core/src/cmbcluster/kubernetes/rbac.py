@@ -10,11 +10,15 @@ tests, which run the backend with a token bound to exactly these rules and nothi
   leave the ClusterRole out.
 
 Verbs, and why: ``create`` (start), ``get`` (status, and adopting an object that already
-exists on a 409), ``list`` (``list_managed``, and finding every object of an environment by
-label on stop/delete), ``delete`` (stop/delete, replacing a foreign object of our name),
-``watch`` on pods and events (status kept current by a watch), ``patch`` on secrets and
-claims only (they are created before the pod, so the pod cannot start without them, then the
-pod is added as their owner). Nothing else is changed in place: no ``update`` anywhere.
+exists on a 409), ``list`` and ``watch`` (the pod and event caches that keep status current,
+``list_managed``, and finding every object of an environment by label on stop/delete),
+``delete`` (stop/delete, replacing a foreign object of our name), ``patch`` on secrets and
+claims (created before the pod, then given the pod as owner) and on service accounts (a user's
+identity annotations change when their cloud role does). Service accounts are per user and
+outlive environments, so there is no ``delete`` on them; the namespace's one NetworkPolicy is
+only ever created (an existing one, e.g. the Helm chart's, is kept). Leases: ``get``, ``create`` and
+``update`` of the one leader-election Lease (``update`` because taking over an expired lease
+must be a compare-and-swap on its resourceVersion). Nothing else is changed in place.
 """
 
 from __future__ import annotations
@@ -27,17 +31,17 @@ CLUSTER_ROLE_NAME = "cmbcluster-compute-volumes"
 NAMESPACED_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {
-        "apiGroups": [""],
-        "resources": ["services"],
-        "verbs": ["get", "list", "create", "delete"],
-    },
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "create", "delete"]},
     {
         "apiGroups": [""],
         "resources": ["secrets", "persistentvolumeclaims"],
         "verbs": ["get", "list", "create", "delete", "patch"],
     },
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "create", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
 ]
 
 CLUSTER_RULES: list[dict[str, list[str]]] = [

@@ -160,10 +160,16 @@ class Reconciler:
 
 
 async def run_background(context: AppContext, stop: asyncio.Event) -> None:
-    """The background loops of one control plane; ends when ``stop`` is set."""
+    """The background loops of one control plane; ends when ``stop`` is set.
+
+    With leader election (several replicas), only the elected replica runs them, and it starts
+    with a full pass as soon as it takes over: the previous leader may have died mid-pass.
+    """
     reconciler = Reconciler(context)
     interval = context.config.core.reconcile_interval_seconds
-    last_full = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    last_full = loop.time()
+    leading = not context.compute.elects_leader  # a single replica reconciled at start-up already
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=FAST_INTERVAL_SECONDS)
@@ -171,9 +177,14 @@ async def run_background(context: AppContext, stop: asyncio.Event) -> None:
         except TimeoutError:
             pass
         try:
+            if not await run_in_threadpool(context.compute.leads_background_work):
+                leading = False
+                continue
+            if not leading:
+                leading, last_full = True, float("-inf")
             await run_in_threadpool(reconciler.refresh_transitional)
-            if asyncio.get_running_loop().time() - last_full >= interval:
-                last_full = asyncio.get_running_loop().time()
+            if loop.time() - last_full >= interval:
+                last_full = loop.time()
                 report = await run_in_threadpool(reconciler.reconcile)
                 if report.orphans_removed or report.marked_stopped or report.culled:
                     log.info("reconciled", extra={"report": report.__dict__})

@@ -1,0 +1,137 @@
+"""How users reach their environments, and how environments are kept apart.
+
+- Each environment gets an **Ingress** (owned by its pod): host routing
+  (``https://env-<id>.<environments domain>/``, one wildcard TLS secret for all of them, never a
+  certificate per environment) or path routing under the control plane's own host
+  (``<public url>/environments/<id>/``). Every request passes the ingress controller's
+  ``auth-url`` check against the control plane's ``/api/v1/environments/authorize``: only the
+  signed-in owner of a running environment gets through (the annotations are ingress-nginx's;
+  other controllers take extra annotations from the settings).
+- The namespace has one **NetworkPolicy** over every user pod: traffic in only from the
+  ingress controller's namespace and the control plane; traffic out anywhere except the cloud
+  metadata address (169.254.169.254, and fd00:ec2::254 on AWS IPv6), so a user cannot borrow the
+  node's cloud identity, and user pods cannot reach each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
+
+NETWORK_POLICY_NAME = "cmbcluster-user-environments"
+METADATA_ADDRESSES = ("169.254.169.254/32", "fd00:ec2::254/128")
+SERVICE_PORT = 80
+#: the control plane's pods, as the Helm chart labels them
+CONTROL_PLANE_SELECTOR = {"app.kubernetes.io/name": "cmbcluster", "app.kubernetes.io/component": "control-plane"}
+#: the namespace label Kubernetes sets on every namespace (1.21+; label it by hand on older clusters)
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exposure:
+    """Where environments are served and who checks access.
+
+    ``environments_domain`` set: host routing. Otherwise path routing under ``public_url``'s
+    host (no host rule at all when that is unset too, for a cluster with one ingress).
+    ``auth_url`` is the authorize endpoint as the ingress controller reaches it (in-cluster).
+    """
+
+    ingress_class: str = "nginx"
+    environments_domain: str | None = None
+    public_url: str | None = None
+    tls_secret: str | None = "cmbcluster-environments-tls"  # noqa: S105 - the name of a Secret, not a password
+    auth_url: str = "http://cmbcluster.cmbcluster.svc.cluster.local/api/v1/environments/authorize"
+    ingress_namespace: str = "ingress-nginx"
+    extra_annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host_routing(self) -> bool:
+        return bool(self.environments_domain)
+
+    def host(self, name: str) -> str | None:
+        if self.environments_domain:
+            return f"{name}.{self.environments_domain.strip('.')}"
+        return urlsplit(self.public_url).hostname if self.public_url else None
+
+    def path(self, environment_id: str) -> str:
+        return "/" if self.host_routing else f"/environments/{environment_id}/"
+
+    def url(self, name: str, environment_id: str) -> str:
+        """What the user opens."""
+        host = self.host(name)
+        scheme = "https" if (self.host_routing and self.tls_secret) else _scheme(self.public_url)
+        if host is None:
+            return self.path(environment_id)
+        port = urlsplit(self.public_url).port if (self.public_url and not self.host_routing) else None
+        return f"{scheme}://{host}{f':{port}' if port else ''}{self.path(environment_id)}"
+
+    def ingress(self, name: str, environment_id: str, labels: dict[str, str]) -> dict[str, Any]:
+        host = self.host(name)
+        annotations = {
+            "nginx.ingress.kubernetes.io/auth-url": f"{self.auth_url}?environment_id={environment_id}",
+            # notebooks keep websockets open for hours and upload large files
+            "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+            "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+            "nginx.ingress.kubernetes.io/proxy-body-size": "0",
+        }
+        if self.public_url:
+            signin = f"{self.public_url.rstrip('/')}/login"
+            annotations["nginx.ingress.kubernetes.io/auth-signin"] = f"{signin}?next=$scheme://$host$request_uri"
+        annotations.update(self.extra_annotations)
+        rule: dict[str, Any] = {
+            "http": {
+                "paths": [
+                    {
+                        "path": self.path(environment_id),
+                        "pathType": "Prefix",
+                        "backend": {"service": {"name": name, "port": {"number": SERVICE_PORT}}},
+                    }
+                ]
+            }
+        }
+        if host:
+            rule["host"] = host
+        spec: dict[str, Any] = {"ingressClassName": self.ingress_class, "rules": [rule]}
+        if self.tls_secret and host:
+            tls_host = f"*.{self.environments_domain.strip('.')}" if self.environments_domain else host
+            spec["tls"] = [{"hosts": [tls_host], "secretName": self.tls_secret}]
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": name, "labels": dict(labels), "annotations": annotations},
+            "spec": spec,
+        }
+
+    def network_policy(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": NETWORK_POLICY_NAME, "labels": {MANAGED_BY: MANAGED_BY_VALUE}},
+            "spec": {
+                "podSelector": {"matchLabels": {MANAGED_BY: MANAGED_BY_VALUE, COMPONENT_LABEL: USER_ENVIRONMENT}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.ingress_namespace}}},
+                            {"podSelector": {"matchLabels": dict(CONTROL_PLANE_SELECTOR)}},
+                        ]
+                    }
+                ],
+                "egress": [
+                    {
+                        "to": [
+                            {"ipBlock": {"cidr": "0.0.0.0/0", "except": [METADATA_ADDRESSES[0]]}},
+                            {"ipBlock": {"cidr": "::/0", "except": [METADATA_ADDRESSES[1]]}},
+                        ]
+                    }
+                ],
+            },
+        }
+
+
+def _scheme(url: str | None) -> str:
+    return urlsplit(url).scheme or "https" if url else "https"
