@@ -1,0 +1,142 @@
+"""The EKS pod decoration (``cmbcluster_decorate_pod``), run through the plugin manager as core runs it,
+on the PersistentVolume and claim that S3Storage.volume_spec really builds."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from cmbcluster.interfaces import CloudIdentity, MountRequest, PodContext, PodDraft, UserRef
+from cmbcluster.plugins import PluginManager
+from cmbcluster_aws.identity import ROLE_ANNOTATION
+from cmbcluster_aws.settings import AwsSettings, parse_node_selector
+from cmbcluster_aws.storage import S3Storage
+
+REGION = "eu-west-1"
+ACCOUNT_ID = "123456789012"
+USER = UserRef(id="0f3a9c1e7b2d4e6f8a0b1c2d3e4f5a6b", email="alice@example.org")
+NAMESPACE = "cmbcluster-users"
+ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster/cmbcluster-user-0f3a9c1e7b"
+IRSA = CloudIdentity(
+    user=USER,
+    principal=ROLE_ARN,
+    service_account="cmbcluster-user-0f3a9c1e7b",
+    namespace=NAMESPACE,
+    annotations={ROLE_ANNOTATION: ROLE_ARN},
+)
+
+
+@pytest.fixture
+def manager(monkeypatch: pytest.MonkeyPatch) -> PluginManager:
+    """Every installed plugin, as the control plane loads them; the AWS settings from the environment."""
+    for name in ("EKS_NODE_SELECTOR", "EKS_TERMINATION_GRACE_SECONDS", "S3_MOUNT_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCOUNT_ID", ACCOUNT_ID)
+    return PluginManager().load()
+
+
+@pytest.fixture
+def draft(aws_settings: AwsSettings) -> PodDraft:
+    """A pod draft mounting one bucket read-write and one read-only, as core builds it."""
+    storage = S3Storage(aws_settings)
+    draft = PodDraft(
+        name="env-e1",
+        namespace=NAMESPACE,
+        image="quay.io/jupyter/base-notebook",
+        service_account_name=IRSA.service_account,
+        automount_service_account_token=True,
+    )
+    for bucket, path, read_only in (("cmbtest-0f3a9c1e7b-aa", "/data/a", False), ("cmbtest-0f3a9c1e7b-bb", "/b", True)):
+        spec = storage.volume_spec(
+            MountRequest(bucket=bucket, mount_path=path, user=USER, environment_id="e1", read_only=read_only)
+        )
+        assert spec.volume is not None and spec.mount is not None
+        draft.volumes.append(spec.volume)
+        draft.volume_mounts.append(spec.mount)
+        draft.extra_objects.extend(json.loads(json.dumps(spec.objects)))
+    storage.close()
+    return draft
+
+
+def context(storage: str = "aws", infra: str | None = "aws", identity: CloudIdentity | None = IRSA) -> PodContext:
+    return PodContext(
+        user=USER, environment_id="e1", namespace=NAMESPACE, identity=identity, storage_backend=storage,
+        infra_provider=infra,
+    )  # fmt: skip
+
+
+def persistent_volumes(draft: PodDraft) -> list[dict[str, Any]]:
+    return [o for o in draft.extra_objects if o["kind"] == "PersistentVolume"]
+
+
+def test_buckets_are_mounted_with_the_users_own_role(manager: PluginManager, draft: PodDraft) -> None:
+    before = copy.deepcopy(draft)
+    manager.decorate_pod(draft, context())
+    volumes = persistent_volumes(draft)
+    assert len(volumes) == 2
+    for pv in volumes:
+        attributes = pv["spec"]["csi"]["volumeAttributes"]
+        assert attributes["authenticationSource"] == "pod"  # the pod's ServiceAccount: the user's IRSA role
+        assert attributes["stsRegion"] == REGION
+        assert attributes["bucketName"].startswith("cmbtest-0f3a9c1e7b-")
+    assert draft.termination_grace_period_seconds == 60  # Mountpoint uploads on close
+    assert draft.node_selector == {"kubernetes.io/os": "linux"}
+    # what makes the pod non-root and its files the user's is untouched
+    for old, new in zip(persistent_volumes(before), volumes, strict=True):
+        assert new["spec"]["mountOptions"] == old["spec"]["mountOptions"]
+        assert {"uid=1000", "gid=100", "allow-other"} <= set(new["spec"]["mountOptions"])
+    assert [o for o in draft.extra_objects if o["kind"] != "PersistentVolume"] == [
+        o for o in before.extra_objects if o["kind"] != "PersistentVolume"
+    ]
+    assert (draft.volumes, draft.volume_mounts, draft.service_account_name, draft.automount_service_account_token) == (
+        before.volumes, before.volume_mounts, before.service_account_name, before.automount_service_account_token,
+    )  # fmt: skip
+    assert draft.annotations == {}
+
+
+def test_driver_credentials_when_asked(
+    manager: PluginManager, draft: PodDraft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MOUNT_CREDENTIALS", "driver")
+    manager.decorate_pod(draft, context())
+    assert all("authenticationSource" not in pv["spec"]["csi"]["volumeAttributes"] for pv in persistent_volumes(draft))
+
+
+def test_without_an_irsa_identity_the_driver_mounts(manager: PluginManager, draft: PodDraft) -> None:
+    manager.decorate_pod(draft, context(infra="local", identity=None))
+    assert all("authenticationSource" not in pv["spec"]["csi"]["volumeAttributes"] for pv in persistent_volumes(draft))
+    assert draft.termination_grace_period_seconds == 60
+
+
+def test_node_selection_and_grace_come_from_the_settings(
+    manager: PluginManager, draft: PodDraft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EKS_NODE_SELECTOR", "eks.amazonaws.com/nodegroup=users, cmbcluster.io/pool=cpu")
+    monkeypatch.setenv("EKS_TERMINATION_GRACE_SECONDS", "180")
+    manager.decorate_pod(draft, context())
+    assert draft.node_selector == {
+        "kubernetes.io/os": "linux",
+        "eks.amazonaws.com/nodegroup": "users",
+        "cmbcluster.io/pool": "cpu",
+    }
+    assert draft.termination_grace_period_seconds == 180
+
+
+@pytest.mark.parametrize("bad", ["users", "=x", "a b=c", "k=v=w", "-k=v", "k=" + "v" * 64])
+def test_a_malformed_node_selector_is_a_configuration_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="EKS_NODE_SELECTOR"):
+        AwsSettings(_env_file=None, aws_region=REGION, aws_account_id=ACCOUNT_ID, EKS_NODE_SELECTOR=bad)  # type: ignore[call-arg]
+    assert parse_node_selector(" a=b ,, c/d.e=") == {"a": "b", "c/d.e": ""}
+
+
+@pytest.mark.parametrize(("storage", "infra"), [("local", "local"), ("azure", "azure"), ("azure", None)])
+def test_pods_of_other_clouds_are_left_alone(
+    manager: PluginManager, draft: PodDraft, storage: str, infra: str | None
+) -> None:
+    before = copy.deepcopy(draft)
+    manager.decorate_pod(draft, context(storage=storage, infra=infra, identity=None))
+    assert draft == before
