@@ -18,6 +18,7 @@ from cmbcluster.api.routes import admin, applications, auth, environments, healt
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
+from cmbcluster.db.backup import restore_at_start, run_periodic_backups
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
 from cmbcluster.services.catalog import seed_catalog
@@ -53,11 +54,13 @@ def create_app(
         await run_in_threadpool(prepare, context)
         stop = asyncio.Event()
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
+        backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
         try:
             yield
         finally:
             stop.set()
             await background
+            await backups
             await run_in_threadpool(context.close)
 
     app = FastAPI(
@@ -85,7 +88,9 @@ def create_app(
 
 
 def prepare(context: AppContext) -> None:
-    """Before the first request: migrate, seed the catalog, and reconcile after any crash."""
+    """Before the first request: restore a missing database from its newest backup, migrate, seed
+    the catalog, and reconcile after any crash."""
+    restore_at_start(context)
     upgrade(context.engine)
     with context.sessions() as db:
         seed_catalog(db, context.config.compute.name)

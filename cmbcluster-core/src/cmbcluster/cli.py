@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
-db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations, backups and restore.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 
@@ -136,6 +136,51 @@ def db_current() -> None:
     current, head = current_revision(engine), head_revision(engine)
     state = "up to date" if current == head else "needs `cmbcluster db upgrade`"
     out(f"current: {current or '(empty database)'}  head: {head}  ({state})")
+
+
+@db_app.command("backup")
+def db_backup(
+    list_backups: Annotated[bool, typer.Option("--list", help="List the backups instead of making one.")] = False,
+) -> None:
+    """Back up the SQLite database to the database bucket now (the server also does it periodically)."""
+    from cmbcluster.db.backup import open_backups
+
+    with open_backups(_resolve()) as backups:
+        if not list_backups:
+            backup = backups.backup()
+            out(f"database backed up to {backups.bucket}/{backup.key} ({backup.size} bytes)", soft_wrap=True)
+            return
+        found = backups.list()
+    if not found:
+        out(f"no database backup in {backups.bucket}/{backups.prefix}", soft_wrap=True)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"database backups in {backups.bucket}/{backups.prefix}, oldest first")
+    for column in ("version", "created (UTC)", "bytes", "object"):
+        table.add_column(column)
+    for backup in found:
+        table.add_row(backup.version, f"{backup.created_at:%Y-%m-%d %H:%M:%S}", str(backup.size), backup.key)
+    out(table)
+
+
+@db_app.command("restore")
+def db_restore(
+    backup_version: Annotated[
+        str | None, typer.Option("--version", help="The backup to restore (its version or name); default: newest.")
+    ] = None,
+) -> None:
+    """Replace the SQLite database with a backup, checked first; the current one is kept aside.
+
+    Stop the server first. A server that starts without its database restores the newest backup itself.
+    """
+    from cmbcluster.db.backup import open_backups
+
+    with open_backups(_resolve()) as backups:
+        result = backups.restore(backup_version)
+    out(f"restored {result.database} from {backups.bucket}/{result.backup.key}", soft_wrap=True)
+    if result.kept_aside:
+        out(f"the previous database is kept as {result.kept_aside}", soft_wrap=True)
 
 
 @app.command()

@@ -60,6 +60,26 @@ class CoreSettings(BaseSettings):
         validation_alias=_aliases("CMBCLUSTER_DATABASE_URL", "DATABASE_URL"),
         description="SQLAlchemy URL; default: SQLite in the data directory.",
     )
+    # One setting for every cloud: the original deployments' names are aliases (see db/backup.py).
+    database_bucket: str | None = Field(
+        default=None,
+        validation_alias=_aliases(
+            "CMBCLUSTER_DATABASE_BUCKET", "S3_DATABASE_BUCKET", "GCS_DATABASE_BUCKET", "DATABASE_BUCKET"
+        ),
+        description="Bucket of the active storage backend that receives SQLite backups; unset: no backups.",
+    )
+    database_backup_prefix: str = Field(
+        default="cmbcluster-db/", validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUP_PREFIX"),
+        description="Where in the database bucket the backups go.",
+    )  # fmt: skip
+    database_backup_interval_minutes: float = Field(
+        default=60, ge=0, validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUP_INTERVAL_MINUTES"),
+        description="How often the server backs up a changed database; 0: only on demand.",
+    )  # fmt: skip
+    database_backups_kept: int = Field(
+        default=48, ge=0, validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUPS_KEPT"),
+        description="Newest backups kept; older ones are deleted after each backup. 0: keep all.",
+    )  # fmt: skip
     host: str = Field(default="127.0.0.1", validation_alias=_aliases("CMBCLUSTER_HOST"))
     port: int = Field(default=8000, ge=1, le=65535, validation_alias=_aliases("CMBCLUSTER_PORT"))
     public_url: str | None = Field(

@@ -1,0 +1,393 @@
+"""Online backup of the SQLite database to the active storage backend, and restore.
+
+One implementation for every cloud: backups go through :class:`~cmbcluster.interfaces.StorageBackend`
+(the storage hook), to the bucket named by ``CMBCLUSTER_DATABASE_BUCKET`` (aliases
+``S3_DATABASE_BUCKET``, ``GCS_DATABASE_BUCKET``, ``DATABASE_BUCKET``), under
+``CMBCLUSTER_DATABASE_BACKUP_PREFIX``.
+
+- **Backup**: sqlite3's backup API copies the live database, in one step, to a temporary file
+  beside it (a local disk, by configuration). In WAL mode, which the engine always sets, that
+  step is a read transaction: writers carry on while it runs. The copy is checked, then gzipped
+  and streamed to ``<prefix>cmbcluster-<UTC timestamp>.sqlite3.gz``; timestamps sort, so the
+  newest backup is the last name. Older backups beyond ``CMBCLUSTER_DATABASE_BACKUPS_KEPT`` are
+  deleted (a versioned bucket still holds them as non-current versions).
+- **Restore**: the backup is downloaded to a temporary file beside the database and checked
+  (``PRAGMA integrity_check``, and it must hold a migrated CMBCluster schema) before anything is
+  touched; the current database (with its ``-wal`` and ``-shm``) is then renamed aside, never
+  deleted, and the backup renamed into place. The server must not be running meanwhile.
+- **At start** (:func:`restore_at_start`): a missing local database is restored from the newest
+  backup, so a server on a fresh disk picks up where it left off.
+- **Periodically** (:func:`run_periodic_backups`): in the server's background, when the database
+  changed since the last backup.
+
+PostgreSQL is not backed up here: its own tools do that better.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import make_url
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster.errors import CmbclusterError, ConfigurationError, InvalidRequest, NotFound
+from cmbcluster.interfaces import StorageBackend
+from cmbcluster.naming import validate_object_prefix
+
+if TYPE_CHECKING:
+    from cmbcluster.config import ResolvedConfig
+    from cmbcluster.context import AppContext
+    from cmbcluster.settings import CoreSettings
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+CONTENT_TYPE = "application/gzip"
+_STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
+_NAME = re.compile(r"^cmbcluster-(?P<version>\d{8}T\d{12}Z)\.sqlite3\.gz$")
+_TEMP_PREFIX = ".cmbcluster-backup-"
+
+
+class BackupUnavailable(CmbclusterError):
+    """Backups cannot run with this configuration (PostgreSQL, no database bucket, ...)."""
+
+    code = "backup_unavailable"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupInfo:
+    """One backup in the database bucket. ``version`` is its UTC timestamp, as in its name."""
+
+    key: str
+    version: str
+    size: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreResult:
+    backup: BackupInfo
+    database: Path
+    #: Where the database that was replaced now lies (None when there was none).
+    kept_aside: Path | None
+
+
+def sqlite_path(database_url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database).expanduser()
+
+
+def _wal_files(database: Path) -> list[Path]:
+    return [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm")]
+
+
+def _configured(core: CoreSettings) -> tuple[Path, str, str]:
+    """The database file, bucket and prefix of the backups; BackupUnavailable saying why not."""
+    database = sqlite_path(core.effective_database_url)
+    if database is None:
+        raise BackupUnavailable(
+            "the database is not a SQLite file (CMBCLUSTER_DATABASE_URL): back up PostgreSQL with its own "
+            "tools (pg_dump, your provider's snapshots); CMBCluster backs up SQLite only"
+        )
+    if not core.database_bucket:
+        raise BackupUnavailable(
+            "no database bucket is configured: set CMBCLUSTER_DATABASE_BUCKET (or S3_DATABASE_BUCKET, "
+            "GCS_DATABASE_BUCKET) to a bucket of the storage backend"
+        )
+    try:
+        prefix = validate_object_prefix(core.database_backup_prefix)
+    except InvalidRequest as exc:
+        raise ConfigurationError([f"CMBCLUSTER_DATABASE_BACKUP_PREFIX is not a valid prefix: {exc}"]) from None
+    return database, core.database_bucket, prefix
+
+
+class DatabaseBackups:
+    """Backups of the SQLite file ``database`` in ``bucket`` of ``storage``, under ``prefix``."""
+
+    def __init__(self, storage: StorageBackend, bucket: str, database: Path, *, prefix: str = "", kept: int = 0):
+        self.storage = storage
+        self.bucket = bucket
+        self.database = database
+        self.prefix = validate_object_prefix(prefix)
+        self.kept = kept
+
+    @classmethod
+    def from_settings(cls, core: CoreSettings, storage: StorageBackend) -> DatabaseBackups:
+        """Backups as configured; :class:`BackupUnavailable` saying why when they cannot run."""
+        database, bucket, prefix = _configured(core)
+        return cls(storage, bucket, database, prefix=prefix, kept=core.database_backups_kept)
+
+    # -- backup ------------------------------------------------------------------------------
+    def backup(self) -> BackupInfo:
+        """Copy the live database and upload the copy; return the new backup."""
+        if not self.database.is_file():
+            raise NotFound(f"there is no database at {self.database} to back up")
+        created = dt.datetime.now(dt.UTC)
+        version = created.strftime(_STAMP_FORMAT)
+        key = f"{self.prefix}cmbcluster-{version}.sqlite3.gz"
+        with self._temporary_file() as copy:
+            _online_copy(self.database, copy)
+            _check_database(copy, f"the copy of {self.database}")
+            info = self.storage.upload_object(self.bucket, key, _gzip_chunks(copy), content_type=CONTENT_TYPE)
+        backup = BackupInfo(key=key, version=version, size=info.size, created_at=created)
+        log.info("database backed up to %s/%s (%d bytes)", self.bucket, key, info.size, extra={"backup": key})
+        self.prune()
+        return backup
+
+    def prune(self) -> list[BackupInfo]:
+        """Delete the backups older than the ``kept`` newest; return them."""
+        if self.kept <= 0:
+            return []
+        old = self.list()[: -self.kept]
+        if old:
+            self.storage.delete_objects(self.bucket, [b.key for b in old])
+        return old
+
+    # -- listing -----------------------------------------------------------------------------
+    def list(self) -> list[BackupInfo]:
+        """Every backup under the prefix, oldest first."""
+        backups: list[BackupInfo] = []
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects(self.bucket, self.prefix, delimiter="/", page_token=token)
+            for obj in page.objects:
+                match = _NAME.match(obj.key[len(self.prefix) :])
+                if match:
+                    version = match["version"]
+                    created = dt.datetime.strptime(version, _STAMP_FORMAT).replace(tzinfo=dt.UTC)
+                    backups.append(BackupInfo(key=obj.key, version=version, size=obj.size, created_at=created))
+            token = page.next_token
+            if token is None:
+                return sorted(backups, key=lambda b: b.version)
+
+    def find(self, version: str | None = None) -> BackupInfo:
+        """The newest backup, or the one whose version, name or key is ``version``."""
+        backups = self.list()
+        if not backups:
+            raise NotFound(f"there is no database backup in {self.bucket}/{self.prefix}")
+        if version is None:
+            return backups[-1]
+        for backup in backups:
+            if version in (backup.version, backup.key, backup.key[len(self.prefix) :]):
+                return backup
+        raise NotFound(
+            f"no database backup {version!r} in {self.bucket}/{self.prefix}; "
+            f"the newest is {backups[-1].version} (list them with `cmbcluster db backup --list`)"
+        )
+
+    # -- restore -----------------------------------------------------------------------------
+    def restore(self, version: str | None = None) -> RestoreResult:
+        """Replace the database with a backup (the newest by default), checked first.
+
+        The current database is renamed aside, with its ``-wal`` and ``-shm``, never deleted.
+        Nothing changes when the download or the check fails. Run it with the server stopped.
+        """
+        backup = self.find(version)
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        with self._temporary_file() as downloaded:
+            with open(downloaded, "wb") as out:
+                for chunk in _gunzip(self.storage.download_object(self.bucket, backup.key), backup.key):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            _check_database(downloaded, f"backup {backup.key}")
+            kept_aside = self._set_aside(backup.version)
+            os.replace(downloaded, self.database)
+        log.warning(
+            "database restored from %s/%s%s", self.bucket, backup.key,
+            f"; the previous one is kept as {kept_aside}" if kept_aside else "",
+            extra={"backup": backup.key, "kept_aside": str(kept_aside) if kept_aside else None},
+        )  # fmt: skip
+        return RestoreResult(backup=backup, database=self.database, kept_aside=kept_aside)
+
+    def _set_aside(self, version: str) -> Path | None:
+        """Rename the database and its WAL files to ``<name>.before-restore-<stamp>``; a stray WAL
+        without its database goes too, as SQLite would apply it to the restored file."""
+        present = [p for p in [self.database, *_wal_files(self.database)] if p.exists()]
+        if not present:
+            return None
+        stamp = dt.datetime.now(dt.UTC).strftime(_STAMP_FORMAT)
+        aside = self.database.with_name(f"{self.database.name}.before-restore-{stamp}")
+        for path in present:
+            # SQLite finds a database's WAL by name: keep the trio together under the new name.
+            os.replace(path, aside.with_name(aside.name + path.name[len(self.database.name) :]))
+        if self.database not in present:
+            log.warning("moved the WAL files of a missing database aside: %s-wal, -shm", aside)
+            return None
+        return aside
+
+    @contextlib.contextmanager
+    def _temporary_file(self) -> Iterator[Path]:
+        """A file beside the database: the same local disk, so the final rename is atomic."""
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.database.parent, prefix=_TEMP_PREFIX, suffix=".sqlite3")
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            for leftover in (path, *_wal_files(path), path.with_name(path.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+
+
+def _online_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` with the backup API, in a single step: in WAL mode that is one read
+    transaction, which never blocks writers (stepping would restart on every write)."""
+    # mode=rw: never create a database where there was none.
+    with contextlib.closing(sqlite3.connect(f"file:{source}?mode=rw", uri=True, timeout=30)) as src:
+        with contextlib.closing(sqlite3.connect(target)) as dst:
+            src.backup(dst)
+            # A self-contained single file (the live database is in WAL mode, and the copy says so).
+            dst.execute("PRAGMA journal_mode=DELETE")
+
+
+def _check_database(path: Path, what: str) -> None:
+    """``PRAGMA integrity_check`` passes and the file holds a migrated CMBCluster schema."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            result = [row[0] for row in db.execute("PRAGMA integrity_check")]
+            has_schema = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise InvalidRequest(f"{what} is not a usable SQLite database: {exc}") from None
+    if result != ["ok"]:
+        raise InvalidRequest(f"{what} fails SQLite's integrity check: {'; '.join(result[:5])}")
+    if not has_schema:
+        raise InvalidRequest(f"{what} is not a CMBCluster database (it has no migration table)")
+
+
+def _gzip_chunks(path: Path) -> Iterator[bytes]:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_SIZE):
+            if out := compressor.compress(block):
+                yield out
+    yield compressor.flush()
+
+
+def _gunzip(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    decompressor = zlib.decompressobj(31)
+    try:
+        for chunk in chunks:
+            if out := decompressor.decompress(chunk):
+                yield out
+        if tail := decompressor.flush():
+            yield tail
+    except zlib.error as exc:
+        raise InvalidRequest(f"backup {what} is not valid gzip data: {exc}") from None
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if not decompressor.eof:
+        raise InvalidRequest(f"backup {what} is truncated")
+
+
+# -- the server's side ------------------------------------------------------------------------
+def restore_at_start(context: AppContext) -> RestoreResult | None:
+    """Before migrations: restore the newest backup when the SQLite file is missing.
+
+    A storage failure stops the start (with its message) rather than starting on an empty
+    database, whose next backup would become the newest one.
+    """
+    core = context.config.core
+    database = sqlite_path(core.effective_database_url)
+    if database is None or not core.database_bucket or database.exists():
+        return None
+    backups = DatabaseBackups.from_settings(core, context.storage)
+    try:
+        newest = backups.list()
+    except CmbclusterError as exc:
+        raise ConfigurationError(
+            [f"the database {database} is missing and its backups in {core.database_bucket} cannot be listed: {exc}"]
+        ) from exc
+    if not newest:
+        log.info("no database at %s and no backup in %s: starting with a new database", database, backups.bucket)
+        return None
+    try:
+        result = backups.restore(newest[-1].version)
+    except CmbclusterError as exc:
+        raise ConfigurationError(
+            [f"the database {database} is missing and the newest backup {newest[-1].key} could not be restored: "
+             f"{exc}; restore another one with `cmbcluster db restore --version VERSION`, or unset "
+             "CMBCLUSTER_DATABASE_BUCKET to start with an empty database"]
+        ) from exc  # fmt: skip
+    context.engine.dispose()  # no connection may outlive the file it opened
+    return result
+
+
+def _fingerprint(database: Path) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a transaction commits (to the WAL) or a checkpoint writes the file."""
+    stats = []
+    for path in (database, *_wal_files(database)[:1]):
+        try:
+            stat = path.stat()
+            stats.append((stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            stats.append((0, 0))
+    return tuple(stats)
+
+
+async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None:
+    """Back up the database every ``CMBCLUSTER_DATABASE_BACKUP_INTERVAL_MINUTES`` when it changed.
+
+    Returns at once when backups are off (interval 0, no bucket, not SQLite). A failed backup is
+    logged and retried at the next interval; the server carries on.
+    """
+    core = context.config.core
+    if core.database_backup_interval_minutes <= 0 or not core.database_bucket:
+        return
+    try:
+        backups = DatabaseBackups.from_settings(core, context.storage)
+    except BackupUnavailable as exc:
+        log.info("periodic database backups are off: %s", exc)
+        return
+    interval = core.database_backup_interval_minutes * 60
+    last: tuple[tuple[int, int], ...] | None = None
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+            return
+        current = _fingerprint(backups.database)
+        if current == last:
+            continue
+        try:
+            await run_in_threadpool(backups.backup)
+            last = current
+        except Exception:  # keep the loop alive; the next interval retries
+            log.exception("periodic database backup failed")
+
+
+@contextlib.contextmanager
+def open_backups(config: ResolvedConfig) -> Iterator[DatabaseBackups]:
+    """The configured backups with the active storage backend, closed afterwards (for the CLI)."""
+    core = config.core
+    _configured(core)  # refuse PostgreSQL or no bucket before making any client
+    try:
+        storage = config.storage.factory(config.context_for(config.storage))
+    except CmbclusterError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            [f"storage backend {config.storage.name!r} could not be created: {type(exc).__name__}: {exc}"]
+        ) from exc
+    try:
+        yield DatabaseBackups.from_settings(core, storage)
+    finally:
+        storage.close()

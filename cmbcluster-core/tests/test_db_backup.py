@@ -1,0 +1,280 @@
+"""SQLite backups to the storage backend and restore, on the embedded default's local storage."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cmbcluster.app import create_app
+from cmbcluster.db import create_db_engine, upgrade
+from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups
+from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound
+from cmbcluster.local.storage import LocalStorage
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import run_cli as cmbcluster
+
+BUCKET = "cmbcluster-database"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> CoreSettings:
+    data_dir = tmp_path / "data"
+    (data_dir / "buckets" / BUCKET).mkdir(parents=True)  # the operator's database bucket
+    return CoreSettings(data_dir=data_dir, database_bucket=BUCKET, database_backups_kept=3)
+
+
+@pytest.fixture
+def database(settings: CoreSettings) -> Path:
+    """A migrated CMBCluster database with a probe table the tests write to."""
+    engine = create_db_engine(settings.effective_database_url)
+    upgrade(engine)
+    engine.dispose()
+    path = settings.data_dir / "cmbcluster.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE probe (value TEXT)")
+    return path
+
+
+@pytest.fixture
+def storage(settings: CoreSettings) -> LocalStorage:
+    return LocalStorage(settings.data_dir / "buckets")
+
+
+@pytest.fixture
+def backups(settings: CoreSettings, storage: LocalStorage, database: Path) -> DatabaseBackups:
+    return DatabaseBackups.from_settings(settings, storage)
+
+
+def write(path: Path, *values: str) -> None:
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db, db:
+        db.executemany("INSERT INTO probe VALUES (?)", [(v,) for v in values])
+
+
+def read(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return [row[0] for row in db.execute("SELECT value FROM probe ORDER BY rowid")]
+
+
+def test_backup_is_a_gzipped_copy_named_by_time_and_listed(
+    backups: DatabaseBackups, database: Path, storage: LocalStorage, tmp_path: Path
+) -> None:
+    write(database, "first")
+    backup = backups.backup()
+    assert backup.key == f"cmbcluster-db/cmbcluster-{backup.version}.sqlite3.gz"
+    assert backups.list() == [backup]
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(gzip.decompress(b"".join(storage.download_object(BUCKET, backup.key))))
+    assert read(copy) == ["first"]
+    # No temporary file is left beside the database.
+    assert sorted(p.name for p in database.parent.iterdir() if p.name.startswith(".cmbcluster-backup")) == []
+
+
+def test_restore_newest_keeps_the_current_database_aside(backups: DatabaseBackups, database: Path) -> None:
+    write(database, "first")
+    backups.backup()
+    write(database, "second")
+    newest = backups.backup()
+    write(database, "third")  # not backed up
+
+    result = backups.restore()
+    assert result.backup == newest
+    assert read(database) == ["first", "second"]
+    assert result.kept_aside is not None and result.kept_aside.name.startswith("cmbcluster.db.before-restore-")
+    assert read(result.kept_aside) == ["first", "second", "third"]  # nothing lost
+
+
+def test_restore_a_named_version_and_refuse_an_unknown_one(backups: DatabaseBackups, database: Path) -> None:
+    write(database, "first")
+    oldest = backups.backup()
+    write(database, "second")
+    backups.backup()
+    assert backups.restore(oldest.version).backup == oldest
+    assert read(database) == ["first"]
+    with pytest.raises(NotFound, match=r"no database backup .20990101T000000000000Z.*the newest is"):
+        backups.restore("20990101T000000000000Z")
+
+
+def test_restore_with_no_backup_says_so(backups: DatabaseBackups) -> None:
+    with pytest.raises(NotFound, match="there is no database backup in cmbcluster-database/cmbcluster-db/"):
+        backups.restore()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not gzip at all", "not valid gzip data"),
+        (gzip.compress(b"SQLite format 3\x00" + b"\x00" * 4000)[:-12], "truncated"),
+        (gzip.compress(b"a plain text file, gzipped"), "not a usable SQLite database"),
+    ],
+)
+def test_a_damaged_backup_is_refused_and_the_database_left_untouched(
+    backups: DatabaseBackups, database: Path, storage: LocalStorage, content: bytes, message: str
+) -> None:
+    write(database, "precious")
+    before = database.read_bytes()
+    storage.upload_object(BUCKET, "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz", [content])
+    with pytest.raises(InvalidRequest, match=message):
+        backups.restore()
+    assert database.read_bytes() == before and read(database) == ["precious"]
+    assert not list(database.parent.glob("*.before-restore-*"))
+
+
+def test_a_database_that_is_not_cmbclusters_is_refused(
+    backups: DatabaseBackups, database: Path, storage: LocalStorage, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db, db:
+        db.execute("CREATE TABLE t (x)")
+    key = "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz"
+    storage.upload_object(BUCKET, key, [gzip.compress(other.read_bytes())])
+    with pytest.raises(InvalidRequest, match="not a CMBCluster database"):
+        backups.restore()
+
+
+def test_only_the_newest_backups_are_kept(backups: DatabaseBackups, database: Path) -> None:
+    made = [backups.backup() for _ in range(5)]
+    assert backups.list() == made[-3:]  # CMBCLUSTER_DATABASE_BACKUPS_KEPT=3
+
+
+def test_writers_are_not_blocked_while_a_backup_runs(backups: DatabaseBackups, database: Path) -> None:
+    with contextlib.closing(sqlite3.connect(database)) as db, db:  # ~40 MB, so the copy takes a while
+        db.executemany("INSERT INTO probe VALUES (?)", (("x" * 4000,) for _ in range(10_000)))
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as db:
+            while not stop.is_set():
+                started = time.perf_counter()
+                with db:
+                    db.execute("INSERT INTO probe VALUES ('during')")
+                latencies.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        started = time.perf_counter()
+        backups.backup()
+        duration = time.perf_counter() - started
+        writes_before = len(latencies)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert writes_before > 10, "the writer made no progress during the backup"
+    assert max(latencies) < min(0.5, duration), (max(latencies), duration)
+    backups.restore()
+    assert read(database).count("x" * 4000) == 10_000  # a consistent snapshot, taken mid-write
+
+
+def test_no_backups_for_postgresql_or_without_a_bucket(tmp_path: Path, storage: LocalStorage) -> None:
+    postgres = CoreSettings(data_dir=tmp_path, database_bucket=BUCKET, database_url="postgresql://db/cmbcluster")
+    with pytest.raises(BackupUnavailable, match=r"not a SQLite file.*pg_dump"):
+        DatabaseBackups.from_settings(postgres, storage)
+    with pytest.raises(BackupUnavailable, match="set CMBCLUSTER_DATABASE_BUCKET"):
+        DatabaseBackups.from_settings(CoreSettings(data_dir=tmp_path), storage)
+
+
+def test_the_original_variable_names_select_the_database_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("S3_DATABASE_BUCKET", "GCS_DATABASE_BUCKET", "DATABASE_BUCKET", "CMBCLUSTER_DATABASE_BUCKET"):
+        monkeypatch.setenv(name, f"from-{name.lower()}")
+        assert CoreSettings().database_bucket == f"from-{name.lower()}"
+        monkeypatch.delenv(name)
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(settings: CoreSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_a_server_without_its_database_restores_the_newest_backup(settings: CoreSettings) -> None:
+    with serving(settings) as client:
+        dev_sign_in(client, "ada@example.org", "Ada")
+    backups = DatabaseBackups.from_settings(settings, LocalStorage(settings.data_dir / "buckets"))
+    backups.backup()
+    for path in settings.data_dir.glob("cmbcluster.db*"):
+        path.unlink()  # a fresh disk
+    with serving(settings) as client:
+        headers = dev_sign_in(client, "bob@example.org", "Bob")
+        users = client.get("/api/v1/admin/users", headers=headers)
+        # Ada, restored, is still the first user, hence the admin; Bob is not.
+        assert users.status_code == 403, users.text
+
+
+def test_a_server_whose_backups_cannot_be_read_does_not_start_empty(settings: CoreSettings) -> None:
+    missing = settings.model_copy(update={"database_bucket": "no-such-bucket"})
+    with pytest.raises(ConfigurationError, match="is missing and its backups in no-such-bucket cannot be listed"):
+        with serving(missing):
+            pass
+    assert not (settings.data_dir / "cmbcluster.db").exists()
+
+
+def test_a_server_with_no_backup_yet_starts_with_a_new_database(settings: CoreSettings) -> None:
+    with serving(settings) as client:
+        assert client.get("/readyz").status_code == 200
+    assert (settings.data_dir / "cmbcluster.db").exists()
+
+
+def test_the_server_backs_up_periodically_when_the_database_changed(settings: CoreSettings) -> None:
+    periodic = settings.model_copy(update={"database_backup_interval_minutes": 0.005})  # 0.3 s
+    backups = DatabaseBackups.from_settings(periodic, LocalStorage(settings.data_dir / "buckets"))
+    with serving(periodic) as client:
+        dev_sign_in(client, "ada@example.org", "Ada")
+        deadline = time.monotonic() + 10
+        while not backups.list() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backups.list(), "no periodic backup within 10 s"
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_backup_list_and_restore(settings: CoreSettings, database: Path, tmp_path: Path) -> None:
+    env = {
+        **clean_environ(),
+        "CMBCLUSTER_DATA_DIR": str(settings.data_dir),
+        "S3_DATABASE_BUCKET": BUCKET,  # the original deployment's name works as well
+        "COLUMNS": "200",
+    }
+    write(database, "first")
+    made = cmbcluster("db", "backup", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert f"database backed up to {BUCKET}/cmbcluster-db/cmbcluster-" in made.stdout
+    version = made.stdout.split("cmbcluster-db/cmbcluster-")[1].split(".sqlite3.gz")[0]
+    listed = cmbcluster("db", "backup", "--list", env=env, cwd=tmp_path)
+    assert listed.returncode == 0 and version in listed.stdout
+    write(database, "second")
+    restored = cmbcluster("db", "restore", "--version", version, env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert "the previous database is kept as" in restored.stdout
+    assert read(database) == ["first"]
+
+
+def test_cli_errors_are_clear(settings: CoreSettings, tmp_path: Path) -> None:
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir)}
+    for args, extra, message in [
+        (["db", "backup"], {}, "no database bucket is configured"),
+        (["db", "backup"], {"CMBCLUSTER_DATABASE_URL": "postgresql://db/x"}, "not a SQLite file"),
+        (["db", "restore"], {"CMBCLUSTER_DATABASE_BUCKET": BUCKET}, "there is no database backup in"),
+        (["db", "restore", "--version", "nope"], {"CMBCLUSTER_DATABASE_BUCKET": "absent"}, "bucket absent not found"),
+        (["db", "backup"], {"CMBCLUSTER_DATABASE_BUCKET": BUCKET}, "there is no database at"),
+    ]:
+        result = cmbcluster(*args, env={**env, **extra}, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+        assert "Traceback" not in result.stderr
