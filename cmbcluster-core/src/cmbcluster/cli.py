@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cmbcluster import __version__
+from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
@@ -26,6 +27,7 @@ config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations, backups and restore.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(deploy_command.app, name="deploy")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ documents each hook with its exact signature, and a test keeps the two in step.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -24,6 +25,9 @@ from cmbcluster.registrations import (
     InfraProviderRegistration,
     StorageBackendRegistration,
 )
+
+if TYPE_CHECKING:  # config imports plugins, which imports this module
+    from cmbcluster.config import ResolvedConfig
 
 PROJECT_NAME = "cmbcluster"
 
@@ -76,4 +80,29 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
         def cmbcluster_decorate_pod(draft, context):
             if context.infra_provider == "azure":
                 draft.labels["azure.workload.identity/use"] = "true"
+    """
+
+
+@hookspec
+def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    """Contribute Helm values for ``cmbcluster deploy`` (the chart in ``helm/cmbcluster``).
+
+    Called on every plugin with the validated configuration; return a (nested) dict of values,
+    or ``None`` when the deployment is not yours (check ``config.core.cloud_provider`` or the
+    selected providers). Results are deep-merged over core's values in plugin-name order
+    (``tryfirst``/``trylast`` as for pod decoration); the operator's ``--values`` files win
+    over all of them. Never put secrets here: they belong under ``secretConfig``.
+
+    Example::
+
+        @hookimpl
+        def cmbcluster_deploy_values(config):
+            if config.core.cloud_provider != "azure":
+                return None
+            settings = config.provider_settings[AzureSettings]
+            return {
+                "global": {"cloudProvider": "azure"},
+                "serviceAccount": {"annotations": {"azure.workload.identity/client-id": settings.client_id}},
+                "storage": {"driver": "blob-csi"},
+            }
     """

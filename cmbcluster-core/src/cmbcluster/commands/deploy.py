@@ -1,0 +1,362 @@
+"""``cmbcluster deploy``: install or upgrade the control plane on Kubernetes with the Helm chart.
+
+The chart's values are rendered from the validated configuration (:func:`cmbcluster.config.resolve`):
+
+1. core's own: the providers chosen, the settings the operator set (as environment variables
+   under ``config``; secret ones under ``secretConfig``), and the RBAC rules of the installed
+   :mod:`cmbcluster.kubernetes.rbac`, so the Role always matches the code that needs it;
+2. what each plugin contributes through ``cmbcluster_deploy_values`` (its ``global.<cloud>.*``
+   values, the ServiceAccount's cloud-identity annotation, the storage driver...), deep-merged
+   in plugin-name order;
+3. the operator's own ``--values`` files, which Helm applies last.
+
+The rendered values reach Helm on standard input (``-f -``): secrets never touch the disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings
+
+from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.errors import CmbclusterError, ConfigurationError, PluginError
+from cmbcluster.kubernetes import rbac
+from cmbcluster.settings import env_var_name
+
+HOOK = "cmbcluster_deploy_values"
+HIDDEN = "<hidden>"
+DEFAULT_RELEASE = "cmbcluster"
+# The chart in a checkout of the repository (cmbcluster-core/src/cmbcluster/commands/ -> helm/).
+REPO_CHART = Path(__file__).resolve().parents[4] / "helm" / "cmbcluster"
+CHART_ENV = "CMBCLUSTER_HELM_CHART"
+HELM_ENV = "CMBCLUSTER_HELM"
+
+# Settings the chart decides itself (where the process listens and keeps its data, how it reaches
+# the API server) or that are rendered into dedicated values below, never passed through as-is.
+_CHART_OWNED = {
+    "cloud_provider", "storage_backend", "auth_providers", "host", "port", "data_dir", "database_url",
+    "public_url", "secret_key", "log_level", "log_format", "namespace",
+    # KubernetesSettings
+    "kubeconfig", "kube_context", "in_cluster", "ingress_class", "environments_domain",
+}  # fmt: skip
+# Values paths that hold secrets: masked when printed.
+_SECRET_PATHS = (("database", "url"), ("secretKey", "value"))
+
+app = typer.Typer(help="Install or upgrade the control plane on Kubernetes (Helm).")
+
+
+class DeployError(CmbclusterError):
+    """Helm is missing or failed, or the configuration cannot be deployed."""
+
+    code = "deploy_error"
+
+
+# -- values ----------------------------------------------------------------------------------------
+def rbac_values() -> dict[str, Any]:
+    """The control plane's RBAC rules as chart values; also the content of the chart's files/rbac.json."""
+    return {
+        "namespacedRules": [dict(rule) for rule in rbac.NAMESPACED_RULES],
+        "clusterRules": [dict(rule) for rule in rbac.CLUSTER_RULES],
+    }
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, set)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_env(models: Sequence[BaseSettings]) -> tuple[dict[str, str], dict[str, str]]:
+    """The settings the operator set explicitly, as environment variables: (plain, secret)."""
+    plain: dict[str, str] = {}
+    secret: dict[str, str] = {}
+    for settings in models:
+        for field in sorted(settings.model_fields_set - _CHART_OWNED):
+            value = getattr(settings, field)
+            if value is None:
+                continue
+            target = secret if isinstance(value, SecretStr) else plain
+            target[env_var_name(type(settings), field)] = _env_value(value)
+    return plain, secret
+
+
+def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
+    """Values from core's settings: providers, public URL, database, the settings themselves, RBAC."""
+    core = config.core
+    models: list[BaseSettings] = [core, *config.provider_settings.values()]
+    plain, secret = settings_env(models)
+    values: dict[str, Any] = {
+        "global": {"cloudProvider": core.cloud_provider},
+        "auth": {"provider": ",".join(core.selected_auth)},
+        "controlPlane": {"logLevel": core.log_level},
+        "config": plain,
+        "secretConfig": secret,
+        "rbac": rbac_values(),
+    }
+    if core.storage_backend:
+        values["storage"] = {"backend": core.storage_backend}
+    if core.namespace != namespace and "namespace" in core.model_fields_set:
+        values["environments"] = {"namespace": core.namespace}
+    if core.public_url:
+        host = urlsplit(core.public_url).hostname
+        if host:
+            values["ingress"] = {"host": host, "tls": {"enabled": core.public_url.startswith("https://")}}
+    if core.database_url:
+        values["database"] = {"url": core.database_url}
+    if core.secret_key is not None:
+        values["secretKey"] = {"value": core.secret_key.get_secret_value()}
+    for settings in config.provider_settings.values():
+        # The Kubernetes backend's routing settings, without importing its module's client.
+        ingress_class = getattr(settings, "ingress_class", None)
+        if isinstance(ingress_class, str) and "ingress_class" in settings.model_fields_set:
+            values.setdefault("ingress", {})["className"] = ingress_class
+        domain = getattr(settings, "environments_domain", None)
+        if isinstance(domain, str) and domain:
+            values.setdefault("environments", {})["domain"] = domain
+    return values
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def plugin_values(config: ResolvedConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Each plugin's contribution (``cmbcluster_deploy_values``), in the documented order."""
+    contributions = []
+    config.plugins.load()
+    for plugin_name, result in config.plugins._call_each(HOOK, config=config):
+        if result is None:
+            continue
+        if not isinstance(result, Mapping):
+            raise PluginError(f"plugin {plugin_name!r}: {HOOK} must return a dict of Helm values or None")
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise PluginError(f"plugin {plugin_name!r}: {HOOK} returned values that are not JSON: {exc}") from None
+        contributions.append((plugin_name, dict(result)))
+    return contributions
+
+
+def check_deployable(config: ResolvedConfig) -> None:
+    """What a valid local configuration may still get wrong for a cluster: every problem at once."""
+    core = config.core
+    problems = []
+    if core.selected_compute != "kubernetes":
+        problems.append(
+            f"the compute backend is {core.selected_compute!r}: the chart runs environments on Kubernetes; "
+            "set CLOUD_PROVIDER to aws, gcp or a cloud plugin (or CMBCLUSTER_COMPUTE_BACKEND=kubernetes)"
+        )
+    if "local" in core.selected_auth and not core.dev_login_allow_remote:
+        problems.append(
+            "the development sign-in (auth provider 'local') would serve beyond loopback in the cluster: "
+            "enable a real identity provider (CMBCLUSTER_AUTH_PROVIDERS)"
+        )
+    if core.database_url and not core.database_url.startswith("postgresql"):
+        problems.append(
+            "CMBCLUSTER_DATABASE_URL must be a PostgreSQL URL in a cluster (unset it to keep SQLite on the "
+            "chart's volume claim)"
+        )
+    if problems:
+        raise ConfigurationError(problems)
+
+
+def render_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
+    """Core's values with every plugin's contribution merged over them."""
+    check_deployable(config)
+    values = core_values(config, namespace=namespace)
+    for _plugin, contribution in plugin_values(config):
+        values = deep_merge(values, contribution)
+    return values
+
+
+def masked(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy safe to print: secret values hidden, a database URL's password too."""
+    shown: dict[str, Any] = json.loads(json.dumps(values))
+    if shown.get("secretConfig"):
+        shown["secretConfig"] = dict.fromkeys(shown["secretConfig"], HIDDEN)
+    for section, key in _SECRET_PATHS:
+        value = shown.get(section, {}).get(key)
+        if not value:
+            continue
+        if key == "url":
+            from sqlalchemy.engine import make_url
+
+            shown[section][key] = make_url(value).render_as_string(hide_password=True)
+        else:
+            shown[section][key] = HIDDEN
+    return shown
+
+
+def dump_values(values: Mapping[str, Any]) -> str:
+    """YAML when PyYAML is there (it comes with the kubernetes client), else JSON, which is YAML too."""
+    try:
+        yaml: Any = importlib.import_module("yaml")  # untyped (no stubs installed): used as Any
+    except ImportError:
+        return json.dumps(values, indent=2, sort_keys=True)
+    return str(yaml.safe_dump(dict(values), sort_keys=True, default_flow_style=False))
+
+
+# -- helm ------------------------------------------------------------------------------------------
+def find_helm(explicit: str | None) -> str:
+    candidate = explicit or os.environ.get(HELM_ENV) or "helm"
+    found = shutil.which(candidate)
+    if found is None:
+        raise DeployError(
+            f"helm was not found ({candidate!r} is not an executable on PATH): install Helm 3.8 or newer "
+            "(https://helm.sh/docs/intro/install/) or pass --helm /path/to/helm"
+        )
+    return found
+
+
+def find_chart(explicit: str | None) -> str:
+    chart = explicit or os.environ.get(CHART_ENV)
+    if chart:
+        if "://" not in chart and not Path(chart).exists():
+            raise DeployError(f"the chart {chart!r} does not exist (a chart folder, .tgz or oci:// reference)")
+        return chart
+    if (REPO_CHART / "Chart.yaml").exists():
+        return str(REPO_CHART)
+    raise DeployError(
+        "no Helm chart given: pass --chart (the helm/cmbcluster folder of a CMBCluster checkout, a packaged "
+        f".tgz or an oci:// reference) or set {CHART_ENV}"
+    )
+
+
+def helm_command(
+    helm: str,
+    *,
+    release: str,
+    chart: str,
+    namespace: str,
+    operator_values: Sequence[Path] = (),
+    wait: bool = True,
+    timeout: str = "10m",
+    kube_context: str | None = None,
+) -> list[str]:
+    """``helm upgrade --install``; the rendered values come on standard input, the operator's files after."""
+    command = [helm, "upgrade", "--install", release, chart, "--namespace", namespace, "--create-namespace"]
+    if kube_context:
+        command += ["--kube-context", kube_context]
+    if wait:
+        command += ["--wait", "--timeout", timeout]
+    command += ["--values", "-"]
+    for path in operator_values:
+        command += ["--values", str(path)]
+    return command
+
+
+def run_helm(command: Sequence[str], values: Mapping[str, Any], *, timeout: float | None = None) -> str:
+    """Run helm with ``values`` on standard input; DeployError with helm's own message if it fails."""
+    try:
+        result = subprocess.run(
+            list(command), input=json.dumps(values), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"helm did not finish within {timeout:.0f}s: {shlex.join(command[:4])}") from None
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+        raise DeployError(f"helm failed (exit status {result.returncode}): {message}")
+    return result.stdout
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _existing_files(paths: Sequence[Path]) -> list[Path]:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DeployError(f"values file not found: {', '.join(missing)}")
+    return list(paths)
+
+
+@app.callback(invoke_without_command=True)
+def deploy(
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace of the release (default: CMBCLUSTER_NAMESPACE).")
+    ] = None,
+    values: Annotated[
+        list[Path] | None,
+        typer.Option("--values", "-f", help="Your own values file, applied after the rendered values (repeatable)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the helm command and the values; change nothing.")
+    ] = False,
+    print_values: Annotated[
+        bool, typer.Option("--print-values", help="Print the rendered values (secrets hidden) and stop.")
+    ] = False,
+    release: Annotated[str, typer.Option(help="Helm release name.")] = DEFAULT_RELEASE,
+    chart: Annotated[
+        str | None,
+        typer.Option(help=f"Chart folder, .tgz or oci:// reference (default: ${CHART_ENV}, or the checkout's)"),
+    ] = None,
+    helm: Annotated[
+        str | None, typer.Option(help=f"The helm executable (default: ${HELM_ENV}, or helm on PATH).")
+    ] = None,
+    kube_context: Annotated[str | None, typer.Option(help="Kubeconfig context helm uses.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the control plane is ready.")] = True,
+    timeout: Annotated[str, typer.Option(help="How long helm waits (a Go duration).")] = "10m",
+) -> None:
+    """Render the chart's values from the configuration and run `helm upgrade --install`."""
+    config = resolve(load_core_settings())
+    release_namespace = namespace or config.core.namespace
+    rendered = render_values(config, namespace=release_namespace)
+    if print_values:
+        typer.echo(dump_values(masked(rendered)).rstrip())
+        return
+    operator_values = _existing_files(values or [])
+    chart_ref = find_chart(chart)
+    # A dry run needs no helm here: it shows the command to run where helm is.
+    helm_path = (helm or os.environ.get(HELM_ENV) or "helm") if dry_run else find_helm(helm)
+    command = helm_command(
+        helm_path,
+        release=release,
+        chart=chart_ref,
+        namespace=release_namespace,
+        operator_values=operator_values,
+        wait=wait,
+        timeout=timeout,
+        kube_context=kube_context,
+    )
+    if dry_run:
+        typer.echo("# helm command (the values below on its standard input):")
+        typer.echo(shlex.join(command))
+        typer.echo("# values (secrets hidden):")
+        typer.echo(dump_values(masked(rendered)).rstrip())
+        return
+    typer.echo(f"deploying release {release} into namespace {release_namespace} with {shlex.join(command[:2])} ...")
+    output = run_helm(command, rendered)
+    typer.echo(output.rstrip())
+
+
+__all__ = [
+    "DeployError",
+    "app",
+    "core_values",
+    "deep_merge",
+    "helm_command",
+    "masked",
+    "rbac_values",
+    "render_values",
+    "settings_env",
+]

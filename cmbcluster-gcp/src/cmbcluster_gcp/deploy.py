@@ -1,0 +1,50 @@
+"""What the GCP plugin adds to the Helm values of ``cmbcluster deploy`` (the chart's ``global.gcp.*``).
+
+The control plane's ServiceAccount is annotated for Workload Identity with the Google service
+account it acts as, by convention ``cmbcluster-controlplane@<PROJECT_ID>.iam.gserviceaccount.com``
+(:func:`control_plane_service_account`; docs/DEPLOYMENT_GCP.md lists its roles); buckets are
+mounted with the GKE Cloud Storage FUSE CSI driver (inline volumes: no ClusterRole needed).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cmbcluster import hookimpl
+from cmbcluster_gcp.settings import GcpSettings
+
+if TYPE_CHECKING:
+    from cmbcluster.config import ResolvedConfig
+
+STORAGE_DRIVER = "gcsfuse"
+CONTROL_PLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
+
+
+def control_plane_service_account(settings: GcpSettings) -> str:
+    """The Google service account of the control plane."""
+    return f"{CONTROL_PLANE_SERVICE_ACCOUNT}@{settings.project_id}.iam.gserviceaccount.com"
+
+
+@hookimpl
+def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    core = config.core
+    if "gcp" not in {core.cloud_provider, core.selected_storage, core.selected_infra, *core.selected_auth}:
+        return None
+    settings = config.provider_settings.get(GcpSettings)
+    if not isinstance(settings, GcpSettings):
+        return None
+    gcp: dict[str, Any] = {
+        "projectId": settings.project_id,
+        "region": settings.region,
+        "clusterName": settings.cluster_name,
+        "serviceAccountEmail": control_plane_service_account(settings),
+    }
+    if settings.project_number:
+        gcp["projectNumber"] = settings.project_number
+    values: dict[str, Any] = {"global": {"gcp": gcp}}
+    if settings.artifact_registry:
+        gcp["artifactRegistry"] = settings.artifact_registry
+        values["image"] = {"registry": settings.artifact_registry.rstrip("/")}
+    if core.selected_storage == "gcp":
+        values["storage"] = {"driver": STORAGE_DRIVER}
+    return values
