@@ -225,7 +225,7 @@ def compare_with_sdk(
     """
     size = size_mib * MIB
     times: dict[str, list[float]] = {"API upload": [], "API download": []}
-    peaks: list[int] = []
+    peaks: dict[str, list[int]] = {"upload": [], "download": []}
     identical: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         root = Path(tmp)
@@ -250,8 +250,10 @@ def compare_with_sdk(
                     direct.delete(SDK_KEY)
                     with RssSampler(pid) as sampler:
                         times["API upload"].append(timed(lambda: upload(port, path, headers, source, size)))
+                    peaks["upload"].append(sampler.peak)
+                    with RssSampler(pid) as sampler:
                         times["API download"].append(timed(lambda: download(port, path, headers, back, size)))
-                    peaks.append(sampler.peak)
+                    peaks["download"].append(sampler.peak)
                     identical["API"] = sha256_of(back) == expected
                     back.unlink()
                     bucket.delete("bench/api.bin")
@@ -267,20 +269,23 @@ def compare_with_sdk(
         "download": max((f"{direct.name} {way}" for way in direct.downloads), key=best.__getitem__),
     }
     ratios = {d: best[f"API {d}"] / best[fastest[d]] for d in fastest}
-    growth = max(peaks) - rss_before
+    growth = {direction: max(values) - rss_before for direction, values in peaks.items()}
+    limit = TARGET_RSS_GROWTH_MIB
     print(f"{title}: {len(times['API upload'])} rounds of {size_mib} MiB, best of the rounds (MiB/s):")
     for name in times:
         print(f"  {name:48} {best[name]:7.0f}")
     for direction, ratio in ratios.items():
         print(f"  API {direction} / {fastest[direction]}: ratio {ratio:.2f} (target >= {target_ratio})")
-    print(
-        f"  server RSS before the transfers {rss_before / MIB:.1f} MiB, peak during them {max(peaks) / MIB:.1f} MiB: "
-        f"growth {growth / MIB:.1f} MiB (target <= {TARGET_RSS_GROWTH_MIB} MiB)"
-    )
+    for direction, values in peaks.items():
+        print(
+            f"  server RSS before the transfers {rss_before / MIB:.1f} MiB, peak during the {direction}s "
+            f"{max(values) / MIB:.1f} MiB: growth {growth[direction] / MIB:.1f} MiB (target <= {limit} MiB)"
+        )
     print(f"  downloaded files byte-identical (sha256): {identical}")
     failures = [f"the file downloaded through {via} differs" for via, ok in identical.items() if not ok]
-    if growth > TARGET_RSS_GROWTH_MIB * MIB:
-        failures.append(f"server RSS grew by {growth / MIB:.1f} MiB (target <= {TARGET_RSS_GROWTH_MIB} MiB)")
+    for direction, grown in growth.items():
+        if grown > TARGET_RSS_GROWTH_MIB * MIB:
+            failures.append(f"server RSS grew by {grown / MIB:.1f} MiB during the {direction}s (target <= {limit} MiB)")
     for direction, ratio in ratios.items():
         if ratio < target_ratio:
             failures.append(f"API {direction} at {ratio:.2f} x {fastest[direction]} (target >= {target_ratio})")
