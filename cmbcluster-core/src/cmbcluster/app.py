@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
@@ -24,6 +23,7 @@ from cmbcluster.plugins import PluginManager
 from cmbcluster.services.catalog import seed_catalog
 from cmbcluster.services.reconcile import Reconciler, run_background
 from cmbcluster.settings import CoreSettings
+from cmbcluster.webui import mount_ui
 
 log = logging.getLogger("cmbcluster")
 
@@ -80,10 +80,7 @@ def create_app(
     for module in (auth, applications, environments, storages, user_settings, admin):
         app.include_router(module.router)
 
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/api/docs")
-
+    mount_ui(app)  # last: the UI answers only what no API route does
     return app
 
 

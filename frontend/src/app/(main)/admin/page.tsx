@@ -1,0 +1,62 @@
+"use client";
+
+import { AdminNav } from "@/components/AdminNav";
+import { ErrorMessage, Loading, useLoad } from "@/components/ui";
+import { api, unwrap } from "@/lib/api";
+import { formatBytes, formatTime } from "@/lib/format";
+
+export default function MonitoringPage() {
+  const stats = useLoad(() => unwrap(api.GET("/api/v1/admin/stats")));
+  const s = stats.data;
+  return (
+    <>
+      <h1>Administration</h1>
+      <AdminNav />
+      <ErrorMessage error={stats.error} />
+      {stats.loading ? <Loading what="Counting" /> : null}
+      {s ? (
+        <>
+          <div className="cards">
+            <section className="card" aria-labelledby="st-users">
+              <h2 id="st-users">Users</h2>
+              <p className="big">{s.users.active}</p>
+              <p>
+                active of {s.users.total}; {s.users.admins} administrators, {s.users.deactivated} deactivated,{" "}
+                {s.users.signed_in_last_24h} signed in during the last day.
+              </p>
+            </section>
+            <section className="card" aria-labelledby="st-envs">
+              <h2 id="st-envs">Environments</h2>
+              <p className="big">{s.environments.total}</p>
+              <ul className="plain">
+                {Object.entries(s.environments.by_status).map(([status, count]) => (
+                  <li key={status}>
+                    {status}: {count}
+                  </li>
+                ))}
+              </ul>
+            </section>
+            <section className="card" aria-labelledby="st-storage">
+              <h2 id="st-storage">Storage</h2>
+              <p className="big">{formatBytes(s.storages.usage_bytes)}</p>
+              <p>
+                in {s.storages.count} buckets{s.storages.usage_unknown ? ` (${s.storages.usage_unknown} not measured yet)` : ""}.
+              </p>
+            </section>
+            <section className="card" aria-labelledby="st-apps">
+              <h2 id="st-apps">Applications</h2>
+              <p className="big">{s.applications.active}</p>
+              <p>active of {s.applications.total} in the catalog.</p>
+            </section>
+          </div>
+          <p className="muted small">
+            Counted {formatTime(s.at)}. Prometheus metrics for dashboards and alerts: <a href="/metrics">/metrics</a>.
+          </p>
+          <button type="button" onClick={() => void stats.reload()}>
+            Refresh
+          </button>
+        </>
+      ) : null}
+    </>
+  );
+}

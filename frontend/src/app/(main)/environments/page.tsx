@@ -1,0 +1,179 @@
+"use client";
+
+import Link from "next/link";
+import { useEffect, useState } from "react";
+import { Confirm, Empty, ErrorMessage, Loading, StatusBadge, useAction, useLoad, useNow } from "@/components/ui";
+import { api, type Environment, unwrap } from "@/lib/api";
+import { formatDuration, parseTime } from "@/lib/format";
+
+const ACTIVE = new Set(["pending", "starting", "running"]);
+const TRANSITIONAL = new Set(["pending", "starting"]);
+
+type Verb = "start" | "stop" | "restart";
+
+function perform(env: Environment, verb: Verb | "delete"): Promise<unknown> {
+  const params = { params: { path: { environment_id: env.id } } };
+  if (verb === "delete") return unwrap(api.DELETE("/api/v1/environments/{environment_id}", params));
+  if (verb === "start") return unwrap(api.POST("/api/v1/environments/{environment_id}/start", params));
+  if (verb === "stop") return unwrap(api.POST("/api/v1/environments/{environment_id}/stop", params));
+  return unwrap(api.POST("/api/v1/environments/{environment_id}/restart", params));
+}
+
+export default function EnvironmentsPage() {
+  const list = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
+  const action = useAction();
+  const now = useNow(1000);
+  const [selected, setSelected] = useState<Set<string>>(new Set());
+  const [deleting, setDeleting] = useState<Environment[] | null>(null);
+  const { reload } = list;
+  const environments = list.data ?? [];
+
+  // Poll while any environment is changing state, slower otherwise (shutdown times move too).
+  const changing = environments.some((env) => TRANSITIONAL.has(env.status));
+  useEffect(() => {
+    const timer = setInterval(() => void reload(), changing ? 1500 : 15000);
+    return () => clearInterval(timer);
+  }, [changing, reload]);
+
+  async function act(targets: Environment[], verb: Verb | "delete") {
+    const ok = await action.run(async () => {
+      for (const env of targets) await perform(env, verb);
+    });
+    if (ok) {
+      setSelected(new Set());
+      setDeleting(null);
+    }
+    await reload();
+  }
+
+  const chosen = environments.filter((env) => selected.has(env.id));
+  const allSelected = environments.length > 0 && chosen.length === environments.length;
+  const warnings = environments.filter((env) => env.shutdown_warning && env.shutdown_at && ACTIVE.has(env.status));
+
+  return (
+    <>
+      <h1>Environments</h1>
+      {warnings.map((env) => (
+        <p key={env.id} className="warning" role="alert">
+          {env.name} stops automatically in {formatDuration(parseTime(env.shutdown_at as string) - now)}
+          {env.last_activity_at ? " unless you keep working in it" : ""}.
+        </p>
+      ))}
+      <ErrorMessage error={list.error} />
+      <ErrorMessage error={action.error} />
+      {list.loading ? <Loading what="Loading your environments" /> : null}
+      {list.data && environments.length === 0 ? (
+        <Empty>
+          You have no environment. <Link href="/applications/">Launch an application</Link>.
+        </Empty>
+      ) : null}
+      {environments.length > 0 ? (
+        <>
+          <div className="toolbar" role="group" aria-label="Actions on the selected environments">
+            <span className="muted">{chosen.length} selected</span>
+            <button type="button" disabled={!chosen.length || action.busy} onClick={() => act(chosen, "start")}>
+              Start selected
+            </button>
+            <button type="button" disabled={!chosen.length || action.busy} onClick={() => act(chosen, "stop")}>
+              Stop selected
+            </button>
+            <button type="button" className="danger" disabled={!chosen.length || action.busy} onClick={() => setDeleting(chosen)}>
+              Delete selected
+            </button>
+          </div>
+          <div className="table-wrap">
+            <table>
+              <caption className="visually-hidden">Your environments</caption>
+              <thead>
+                <tr>
+                  <th scope="col">
+                    <input
+                      type="checkbox"
+                      aria-label="Select all environments"
+                      checked={allSelected}
+                      onChange={(e) => setSelected(new Set(e.target.checked ? environments.map((env) => env.id) : []))}
+                    />
+                  </th>
+                  <th scope="col">Name</th>
+                  <th scope="col">Status</th>
+                  <th scope="col">Uptime</th>
+                  <th scope="col">Stops in</th>
+                  <th scope="col">Actions</th>
+                </tr>
+              </thead>
+              <tbody>
+                {environments.map((env) => (
+                  <tr key={env.id} data-environment={env.name}>
+                    <td>
+                      <input
+                        type="checkbox"
+                        aria-label={`Select ${env.name}`}
+                        checked={selected.has(env.id)}
+                        onChange={(e) => {
+                          const next = new Set(selected);
+                          if (e.target.checked) next.add(env.id);
+                          else next.delete(env.id);
+                          setSelected(next);
+                        }}
+                      />
+                    </td>
+                    <th scope="row">
+                      {env.name}
+                      <div className="muted small">
+                        {env.application.name} · {env.preset} · {env.cpu} CPU
+                      </div>
+                    </th>
+                    <td>
+                      <StatusBadge status={env.status} />
+                      {env.status_message ? <div className="muted small">{env.status_message}</div> : null}
+                    </td>
+                    <td>{env.status === "running" && env.started_at ? formatDuration(now - parseTime(env.started_at)) : "—"}</td>
+                    <td className={env.shutdown_warning ? "warn-text" : undefined}>
+                      {env.shutdown_at && ACTIVE.has(env.status) ? formatDuration(parseTime(env.shutdown_at) - now) : "—"}
+                    </td>
+                    <td className="row-actions">
+                      {env.status === "running" && env.url ? (
+                        <a className="button primary" href={env.url} target="_blank" rel="noopener noreferrer" aria-label={`Open ${env.name}`}>
+                          Open
+                        </a>
+                      ) : null}
+                      {ACTIVE.has(env.status) ? (
+                        <button type="button" disabled={action.busy} onClick={() => act([env], "stop")} aria-label={`Stop ${env.name}`}>
+                          Stop
+                        </button>
+                      ) : (
+                        <button type="button" disabled={action.busy} onClick={() => act([env], "start")} aria-label={`Start ${env.name}`}>
+                          Start
+                        </button>
+                      )}
+                      <button type="button" disabled={action.busy} onClick={() => act([env], "restart")} aria-label={`Restart ${env.name}`}>
+                        Restart
+                      </button>
+                      <button type="button" className="danger" disabled={action.busy} onClick={() => setDeleting([env])} aria-label={`Delete ${env.name}`}>
+                        Delete
+                      </button>
+                    </td>
+                  </tr>
+                ))}
+              </tbody>
+            </table>
+          </div>
+        </>
+      ) : null}
+      <Confirm
+        open={deleting !== null}
+        title="Delete environments"
+        confirmLabel="Delete"
+        busy={action.busy}
+        error={action.error}
+        onClose={() => setDeleting(null)}
+        onConfirm={() => deleting && act(deleting, "delete")}
+      >
+        <p>
+          Delete {deleting?.map((env) => env.name).join(", ")}? Your buckets and their files stay; the environment&apos;s
+          settings are lost.
+        </p>
+      </Confirm>
+    </>
+  );
+}

@@ -1,0 +1,47 @@
+"use client";
+
+import { useEffect, useState } from "react";
+import { ErrorMessage, Loading } from "@/components/ui";
+import { api, type Provider, unwrap } from "@/lib/api";
+
+/** Only same-site paths: the API refuses others too, this keeps the link honest. */
+function safeNext(raw: string | null): string {
+  return raw && raw.startsWith("/") && !raw.startsWith("//") ? raw : "/";
+}
+
+export default function SignInPage() {
+  const [providers, setProviders] = useState<Provider[] | null>(null);
+  const [error, setError] = useState<unknown>(null);
+  const [next, setNext] = useState("/");
+
+  useEffect(() => {
+    setNext(safeNext(new URLSearchParams(window.location.search).get("next")));
+    unwrap(api.GET("/api/v1/auth/providers")).then((answer) => setProviders(answer.providers), setError);
+  }, []);
+
+  return (
+    <main id="main" className="signin">
+      <h1>Sign in to CMBCluster</h1>
+      <p className="muted">Your research environments, with your own bucket mounted as a folder.</p>
+      <ErrorMessage error={error} />
+      {providers === null && !error ? <Loading what="Finding the sign-in providers" /> : null}
+      {providers && providers.length === 0 ? (
+        <p role="alert" className="error">
+          No sign-in provider is enabled on this server; ask its operator to configure one.
+        </p>
+      ) : null}
+      <ul className="providers">
+        {providers?.map((provider) => (
+          <li key={provider.name}>
+            <a className="button primary" href={`${provider.login_url}?next=${encodeURIComponent(next)}`}>
+              Sign in with {provider.display_name}
+            </a>
+            {provider.kind === "development" ? (
+              <p className="muted small">Development sign-in: only for trying CMBCluster on this machine.</p>
+            ) : null}
+          </li>
+        ))}
+      </ul>
+    </main>
+  );
+}

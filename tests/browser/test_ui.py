@@ -1,0 +1,272 @@
+"""A research group's day in the web UI, in a real browser against a real server and identity provider.
+
+The tests run in file order and share the server: Alice (the first user, so an administrator)
+signs in, launches, stores, restarts and deletes; then she promotes Bob and locks Carol out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect
+
+from cmbcluster.testing.oidc import OidcMockServer
+from cmbcluster.testing.process import ServeProcess
+
+from .conftest import PROVIDER_DISPLAY_NAME, REPORTS, Session, screenshot
+from .measure import JS_BUDGET_BYTES, TTI_BUDGET_SECONDS, measure_first_load
+
+OpenSession = Callable[[], Session]
+UNAUTHORIZED = "status of 401"
+PEOPLE = {
+    "alice": {"email": "alice@example.org", "email_verified": True, "name": "Alice Admin"},
+    "bob": {"email": "bob@example.org", "email_verified": True, "name": "Bob Bolometer"},
+    "carol": {"email": "carol@example.org", "email_verified": True, "name": "Carol Cosmology"},
+}
+sessions: dict[str, Session] = {}
+
+
+@contextmanager
+def expecting(session: Session, *texts: str) -> Iterator[None]:
+    """Console errors the test causes on purpose (a signed-out visit is a 401 for the UI too)."""
+    session.console.expected.extend(texts)
+    try:
+        yield
+    finally:
+        del session.console.expected[-len(texts) :]
+
+
+def sign_in(session: Session, oidc: OidcMockServer, sub: str) -> None:
+    """Sign in the way a person does: the UI's provider button, then the identity provider's form."""
+    page = session.page
+    with expecting(session, UNAUTHORIZED):
+        page.goto("/")
+        expect(page).to_have_url(re.compile(r"/signin/\?next=%2F$"))
+        page.get_by_role("link", name=f"Sign in with {PROVIDER_DISPLAY_NAME}").click()
+        page.locator("input[name=sub]").fill(sub)
+        page.get_by_role("button", name="Authorize").click()
+        expect(page.get_by_role("heading", name=f"Welcome, {PEOPLE[sub]['name']}")).to_be_visible()
+
+
+def api_get(page: Page, path: str) -> dict[str, object]:
+    """Read the API with the page's own session cookie (to check what the UI shows)."""
+    response = page.request.get(path)
+    assert response.ok, response.text()
+    answer: dict[str, object] = response.json()
+    return answer
+
+
+def assert_no_console_errors(session: Session) -> None:
+    assert session.console.errors == [], "\n".join(session.console.errors)
+
+
+@pytest.fixture
+def alice(open_session: OpenSession, oidc: OidcMockServer) -> Session:
+    """Alice's signed-in browser (the first test signs her in; alone, a test does it here)."""
+    if "alice" not in sessions:
+        for sub, claims in PEOPLE.items():
+            oidc.put_user(sub, claims)
+        sessions["alice"] = open_session()
+        sign_in(sessions["alice"], oidc, "alice")
+    return sessions["alice"]
+
+
+def test_sign_in_lists_the_servers_providers_and_signs_in_through_oidc(
+    open_session: OpenSession, oidc: OidcMockServer, server: ServeProcess
+) -> None:
+    for sub, claims in PEOPLE.items():
+        oidc.put_user(sub, claims)
+    session = sessions.setdefault("alice", open_session())
+    page = session.page
+    with expecting(session, UNAUTHORIZED):
+        page.goto("/environments/")
+        expect(page).to_have_url(re.compile(r"/signin/\?next=%2Fenvironments%2F$"))
+        # Exactly the providers the server lists: here only the OIDC one, by its configured name.
+        expect(page.get_by_role("link", name=re.compile("^Sign in with"))).to_have_count(1)
+        screenshot(page, "sign-in")
+    sign_in(session, oidc, "alice")
+    expect(page.get_by_role("link", name="Admin")).to_be_visible()  # the first user administers
+    expect(page.get_by_text("No environment yet")).to_be_visible()
+    screenshot(page, "dashboard")
+    assert_no_console_errors(session)
+
+
+def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
+    page = alice.page
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
+    expect(page.get_by_role("heading", name="Files")).to_be_visible()
+    screenshot(page, "applications")
+    page.get_by_role("button", name="Launch Files").click()
+    dialog = page.get_by_role("dialog", name="Launch Files")
+    dialog.get_by_label("Name (optional)").fill("analysis")
+    dialog.get_by_label("Environment variables (one NAME=value per line)").fill("BAND=150GHz")
+    dialog.get_by_role("button", name="Launch").click()
+    status = dialog.get_by_test_id("launch-status")
+    expect(status).to_have_text("running", timeout=30_000)
+    expect(dialog.locator("progress")).to_have_attribute("value", "100")
+    screenshot(page, "launch-progress")
+    with page.expect_popup() as popup_info:
+        dialog.get_by_role("link", name="Open analysis").click()
+    app_page = popup_info.value
+    # The Files application is Python's web server in the environment's folder.
+    expect(app_page.get_by_role("heading", name=re.compile("Directory listing"))).to_be_visible()
+    app_page.close()
+    dialog.get_by_role("button", name="Close").click()
+    environment = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
+    assert environment["env"] == {"BAND": "150GHz"} and environment["status"] == "running"
+    assert_no_console_errors(alice)
+
+
+def test_upload_a_file_and_download_it_back_byte_identical(alice: Session, tmp_path: os.PathLike[str]) -> None:
+    page = alice.page
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
+    expect(page.get_by_text("No bucket yet")).to_be_visible()
+    page.get_by_label("Name", exact=True).fill("Planck maps")
+    with expecting(alice, "status of 400"):  # the embedded default stores one class only, and says so
+        page.get_by_label("Storage class").select_option("infrequent")
+        page.get_by_role("button", name="Create bucket").click()
+        expect(page.get_by_role("alert").filter(has_text="offers only the standard storage class")).to_be_visible()
+    page.get_by_label("Storage class").select_option("standard")
+    page.get_by_role("button", name="Create bucket").click()
+    expect(page.get_by_role("link", name="Planck maps")).to_be_visible()
+    screenshot(page, "storage")
+    page.get_by_role("link", name="Planck maps").click()
+    expect(page.get_by_text("This folder is empty")).to_be_visible()
+    page.get_by_label("Open or make a folder").fill("maps")
+    page.get_by_role("button", name="Go").click()
+    expect(page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name="maps")).to_be_visible()
+    content = os.urandom(3 * 1024 * 1024 + 17)  # several chunks, not a round size
+    source = os.path.join(tmp_path, "sky map.fits")
+    with open(source, "wb") as handle:
+        handle.write(content)
+    page.locator("#upload").set_input_files(source)
+    expect(page.get_by_text("sky map.fits uploaded")).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("rowheader", name="sky map.fits")).to_be_visible()
+    screenshot(page, "files")
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download sky map.fits").click()
+    download = download_info.value
+    assert download.suggested_filename == "sky map.fits"
+    with open(download.path(), "rb") as handle:
+        assert handle.read() == content
+    # The bucket's root now shows the folder the file went into.
+    page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name="Planck maps").click()
+    expect(page.get_by_role("link", name="📁 maps/")).to_be_visible()
+    assert_no_console_errors(alice)
+
+
+def test_restart_and_delete_the_environment(alice: Session) -> None:
+    page = alice.page
+    before = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Environments").click()
+    row = page.locator("tr[data-environment=analysis]")
+    expect(row.locator(".badge")).to_have_text("running")
+    expect(row.get_by_role("link", name="Open analysis")).to_be_visible()
+    screenshot(page, "environments")
+    restart = row.get_by_role("button", name="Restart analysis")
+    restart.click()
+    expect(restart).to_be_disabled()  # while the request runs
+    expect(restart).to_be_enabled(timeout=30_000)
+    expect(row.locator(".badge")).to_have_text("running", timeout=30_000)
+    after = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
+    assert after["started_at"] != before["started_at"], "restart must start the environment again"
+    assert after["env"] == before["env"], "restart keeps the environment's choices"
+    row.get_by_role("button", name="Delete analysis").click()
+    dialog = page.get_by_role("dialog", name="Delete environments")
+    dialog.get_by_role("button", name="Delete").click()
+    expect(page.get_by_text("You have no environment")).to_be_visible()
+    assert api_get(page, "/api/v1/environments")["items"] == []
+    assert_no_console_errors(alice)
+
+
+def test_settings_show_a_new_api_token_once(alice: Session, server: ServeProcess) -> None:
+    page = alice.page
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+    page.get_by_label("Token name").fill("laptop")
+    page.get_by_role("button", name="Create token").click()
+    token = page.get_by_label("New token").input_value()
+    assert token.startswith("cmbt_")
+    answer = httpx.get(f"{server.url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert answer.json()["email"] == "alice@example.org"
+    screenshot(page, "settings")
+    page.get_by_role("button", name="Done").click()
+    page.get_by_role("button", name="Revoke token laptop").click()
+    expect(page.get_by_text("No token yet")).to_be_visible()
+    assert httpx.get(f"{server.url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    # A refused request shows the API's own message.
+    with expecting(alice, "status of 400"):
+        page.get_by_label("Name", exact=True).fill("HOME")
+        page.get_by_role("button", name="Save variable").click()
+        expect(
+            page.get_by_role("alert").filter(has_text="HOME is a reserved environment variable name")
+        ).to_be_visible()
+    assert_no_console_errors(alice)
+
+
+def test_an_admin_promotes_one_user_and_locks_another_out(
+    alice: Session, open_session: OpenSession, oidc: OidcMockServer
+) -> None:
+    bob, carol = open_session(), open_session()
+    sign_in(bob, oidc, "bob")
+    sign_in(carol, oidc, "carol")
+    expect(bob.page.get_by_role("link", name="Admin")).to_have_count(0)
+
+    page = alice.page
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Admin").click()
+    expect(page.get_by_role("heading", name="Users", exact=True)).to_be_visible()
+    screenshot(page, "admin-monitoring")
+    page.get_by_role("navigation", name="Administration").get_by_role("link", name="Users").click()
+    page.get_by_label("Search by e-mail or name").fill("example.org")
+    page.get_by_role("button", name="Search").click()
+    page.get_by_label("Role of bob@example.org").select_option("admin")
+    expect(page.locator("tr[data-user='bob@example.org']").get_by_label("Role of bob@example.org")).to_have_value(
+        "admin"
+    )
+    page.get_by_role("button", name="Deactivate carol@example.org").click()
+    expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
+    screenshot(page, "admin-users")
+    page.get_by_role("navigation", name="Administration").get_by_role("link", name="Audit trail").click()
+    expect(page.get_by_role("rowheader", name="user.deactivated")).to_be_visible()
+    expect(page.get_by_role("rowheader", name="user.role_changed")).to_be_visible()
+    screenshot(page, "admin-audit")
+
+    bob.page.reload()
+    bob.page.get_by_role("link", name="Admin").click()
+    expect(bob.page.get_by_role("heading", name="Administration")).to_be_visible()
+
+    # Carol's session ended at once; signing in again is refused with the reason.
+    with expecting(carol, "status of 403"):
+        carol.page.reload()
+        expect(carol.page.get_by_role("alert").filter(has_text="this account is deactivated")).to_be_visible()
+        expect(carol.page.get_by_role("heading", name=re.compile("Welcome"))).to_have_count(0)
+        screenshot(carol.page, "deactivated")
+        carol.page.get_by_role("link", name="Sign in again").click()
+        carol.page.get_by_role("link", name=f"Sign in with {PROVIDER_DISPLAY_NAME}").click()
+        carol.page.locator("input[name=sub]").fill("carol")
+        carol.page.get_by_role("button", name="Authorize").click()
+        expect(carol.page.get_by_text("this account is deactivated")).to_be_visible()
+    assert carol.page.request.get("/api/v1/auth/me").status == 403
+    for session in (alice, bob, carol):
+        assert_no_console_errors(session)
+
+
+def test_first_load_of_the_dashboard_is_small_and_fast(alice: Session, server: ServeProcess) -> None:
+    state = alice.context.storage_state()
+    browser = alice.context.browser
+    assert browser is not None
+    figures = measure_first_load(browser, server.url, state)
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / "ui-first-load.json").write_text(json.dumps(figures, indent=2))
+    print(
+        f"\nfirst load of the dashboard: {figures['js_bytes_compressed'] / 1000:.1f} kB of JavaScript transferred "
+        f"(compressed; {figures['js_bytes_uncompressed'] / 1000:.1f} kB uncompressed, {figures['js_files']} files), "
+        f"interactive after {figures['time_to_interactive_s'] * 1000:.0f} ms (median of {figures['runs']})"
+    )
+    assert figures["js_bytes_compressed"] <= JS_BUDGET_BYTES
+    assert figures["time_to_interactive_s"] <= TTI_BUDGET_SECONDS
