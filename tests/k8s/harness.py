@@ -73,6 +73,43 @@ class K8sCluster:
         cfg.api_key = {"authorization": f"Bearer {token or self.admin_token}"}
         return client.ApiClient(cfg)
 
+    def control_plane_namespace(self, prefix: str = "cmbcluster") -> str:
+        """A fresh namespace where the control-plane user holds exactly the Role of
+        :mod:`cmbcluster.kubernetes.rbac` (and its ClusterRole for PersistentVolumes), nothing more."""
+        from kubernetes import client
+
+        from cmbcluster.kubernetes import rbac
+
+        ns = f"{prefix}-{secrets.token_hex(3)}"
+        api = self.api_client()
+        try:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+            self.wait_for_default_token(ns)
+            authz = client.RbacAuthorizationV1Api(api)
+            subjects = [{"kind": "User", "name": self.cp_user, "apiGroup": "rbac.authorization.k8s.io"}]
+            authz.create_namespaced_role(ns, rbac.role_manifest(ns))
+            authz.create_namespaced_role_binding(
+                ns,
+                {
+                    "metadata": {"name": rbac.ROLE_NAME},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac.ROLE_NAME},
+                    "subjects": subjects,
+                },
+            )
+            cluster_role = rbac.cluster_role_manifest(f"{rbac.CLUSTER_ROLE_NAME}-{ns}")
+            name = cluster_role["metadata"]["name"]
+            authz.create_cluster_role(cluster_role)
+            authz.create_cluster_role_binding(
+                {
+                    "metadata": {"name": name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                    "subjects": subjects,
+                }
+            )
+        finally:
+            api.close()
+        return ns
+
     def wait_for_default_token(self, namespace: str, timeout: float = 30) -> None:
         """Wait until NAMESPACE's default-token secret exists: pods created before it are rejected."""
         from kubernetes import client

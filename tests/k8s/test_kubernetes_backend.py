@@ -72,38 +72,9 @@ def admin(k8s_cluster: K8sCluster) -> Iterator[k8s.CoreV1Api]:
 
 
 @pytest.fixture(scope="module")
-def namespace(k8s_cluster: K8sCluster, admin: k8s.CoreV1Api) -> str:
+def namespace(k8s_cluster: K8sCluster) -> str:
     """A fresh namespace whose Role(Binding) and the ClusterRole(Binding) come from rbac.py."""
-    ns = f"cmbcluster-{secrets.token_hex(3)}"
-    admin.create_namespace({"metadata": {"name": ns}})
-    k8s_cluster.wait_for_default_token(ns)
-    api = k8s_cluster.api_client()
-    authz = k8s.RbacAuthorizationV1Api(api)
-    subject = [{"kind": "User", "name": k8s_cluster.cp_user, "apiGroup": "rbac.authorization.k8s.io"}]
-    authz.create_namespaced_role(ns, rbac.role_manifest(ns))
-    authz.create_namespaced_role_binding(
-        ns,
-        {
-            "metadata": {"name": rbac.ROLE_NAME},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac.ROLE_NAME},
-            "subjects": subject,
-        },
-    )
-    cluster_role = rbac.cluster_role_manifest(f"{rbac.CLUSTER_ROLE_NAME}-{ns}")
-    authz.create_cluster_role(cluster_role)
-    authz.create_cluster_role_binding(
-        {
-            "metadata": {"name": cluster_role["metadata"]["name"]},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": cluster_role["metadata"]["name"],
-            },
-            "subjects": subject,
-        }
-    )
-    api.close()
-    return ns
+    return k8s_cluster.control_plane_namespace()
 
 
 class Recorder:

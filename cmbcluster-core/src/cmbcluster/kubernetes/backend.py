@@ -105,6 +105,9 @@ FS_GROUP = 100
 Decorator = Callable[[PodDraft, PodContext], None]
 
 _RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
+#: An API server that has just started answers 403 until its RBAC caches are filled: retried
+#: like a 5xx, and reported as the permission error it is once the attempts are used up.
+_RETRYABLE_THEN_REPORTED = {403}
 _KEY_SAFE = re.compile(r"[-._a-zA-Z0-9]+")
 _FAILED_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
@@ -199,7 +202,7 @@ class KubernetesCompute(ComputeBackend):
         infra_provider: str | None = None,
         exposure: Exposure | None = None,
         image_pull_policy: str = "IfNotPresent",
-        attempts: int = 4,
+        attempts: int = 5,
         backoff_seconds: float = 0.2,
         request_timeout: tuple[float, float] = (5.0, 30.0),
         delete_wait_seconds: float = 60.0,
@@ -253,8 +256,9 @@ class KubernetesCompute(ComputeBackend):
     # -- API calls ---------------------------------------------------------------------------
     def _call(self, method: str, *args: Any, what: str, api: str = "core", **kwargs: Any) -> dict[str, Any]:
         """One API call, as JSON. Every call this backend makes is safe to repeat (reads,
-        deletes that ignore 404, creates whose 409 adopts), so 5xx, 429, timeouts and connection
-        errors are retried with exponential backoff, then raised as ProviderUnavailable."""
+        deletes that ignore 404, creates whose 409 adopts), so 5xx, 429, 403, timeouts and
+        connection errors are retried with exponential backoff, then raised as
+        ProviderUnavailable (PermissionDenied for a 403)."""
         fn = getattr(self.apis[api], method)
         delay = self.backoff_seconds
         last: Exception | None = None
@@ -264,7 +268,7 @@ class KubernetesCompute(ComputeBackend):
                 data = response.data
                 return json.loads(data) if data else {}
             except ApiException as exc:
-                if exc.status not in _RETRYABLE_STATUS:
+                if exc.status not in _RETRYABLE_STATUS | _RETRYABLE_THEN_REPORTED:
                     raise _translate(exc, what) from exc
                 last = exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -273,6 +277,8 @@ class KubernetesCompute(ComputeBackend):
                 log.warning("kubernetes call %s failed (%s); retrying in %.1fs", method, describe_error(last), delay)
                 time.sleep(delay)
                 delay *= 2
+        if isinstance(last, ApiException) and last.status in _RETRYABLE_THEN_REPORTED:
+            raise _translate(last, what) from last
         raise ProviderUnavailable(
             f"the Kubernetes API did not answer {what} after {self.attempts} attempts: {describe_error(last)}"
         ) from last

@@ -1,0 +1,354 @@
+"""The whole control plane (`cmbcluster serve`) on the kubernetes compute backend, against the real
+API server, with the control-plane user's token bound to exactly the Role of rbac.py.
+
+What an operator relies on: environments created through the API become pods, services and
+ingresses; stop/start/restart/delete work and leave nothing behind; the Role is enough; a
+control plane killed and restarted adopts what runs and removes what it does not know; an API
+server restarting mid-create loses nothing; with several replicas, one leads and a dead
+leader hands over.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("kubernetes")
+
+from kubernetes import client as k8s
+
+from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_SELECTOR
+from cmbcluster.kubernetes.lease import LeaseElector
+from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.process import ServeProcess, clean_environ
+from tests.k8s.harness import K8sCluster
+
+TERMINAL = ("running", "failed", "stopped")
+
+
+@pytest.fixture(scope="module")
+def admin_api(k8s_cluster: K8sCluster) -> Iterator[k8s.ApiClient]:
+    api = k8s_cluster.api_client()
+    yield api
+    api.close()
+
+
+def serve_env(k8s_cluster: K8sCluster, namespace: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    return clean_environ(
+        {
+            "CMBCLUSTER_DATA_DIR": str(data_dir),
+            "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes",
+            "CMBCLUSTER_KUBECONFIG": str(k8s_cluster.cp_kubeconfig),  # the control-plane user: the Role only
+            "CMBCLUSTER_NAMESPACE": namespace,
+            "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org",
+            "CMBCLUSTER_RECONCILE_INTERVAL_SECONDS": "2",
+            "CMBCLUSTER_MAX_CONCURRENT_STARTS": "50",
+            "CMBCLUSTER_MAX_ENVIRONMENTS_PER_USER": "50",
+            "CMBCLUSTER_LOG_FORMAT": "text",
+            **extra,
+        }
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Api:
+    """A signed-in user of one control plane."""
+
+    def __init__(self, base_url: str, email: str) -> None:
+        self.client = httpx.Client(base_url=base_url, timeout=60)
+        self.client.headers.update(dev_sign_in(self.client, email))
+
+    def create(self, **body: Any) -> httpx.Response:
+        return self.client.post("/api/v1/environments", json={"application": "jupyterlab", **body})
+
+    def get(self, environment_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/api/v1/environments/{environment_id}")
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def settled(self, environment_id: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (env := self.get(environment_id))["status"] in TERMINAL and env,
+            timeout,
+            f"{environment_id} to settle",
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def objects_of(api: k8s.ApiClient, namespace: str, environment_id: str) -> list[str]:
+    selector = f"{MANAGED_BY}=cmbcluster,{ENVIRONMENT_LABEL}={environment_id}"
+    core, net = k8s.CoreV1Api(api), k8s.NetworkingV1Api(api)
+    found = [f"Pod/{p.metadata.name}" for p in core.list_namespaced_pod(namespace, label_selector=selector).items]
+    found += [
+        f"Service/{s.metadata.name}" for s in core.list_namespaced_service(namespace, label_selector=selector).items
+    ]
+    found += [
+        f"Secret/{s.metadata.name}" for s in core.list_namespaced_secret(namespace, label_selector=selector).items
+    ]
+    found += [
+        f"Ingress/{i.metadata.name}" for i in net.list_namespaced_ingress(namespace, label_selector=selector).items
+    ]
+    return found
+
+
+def managed_pods(api: k8s.ApiClient, namespace: str) -> dict[str, str]:
+    """environment id -> pod uid of every live managed pod."""
+    pods = k8s.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=MANAGED_SELECTOR).items
+    return {p.metadata.labels[ENVIRONMENT_LABEL]: p.metadata.uid for p in pods if not p.metadata.deletion_timestamp}
+
+
+def assert_no_permission_errors(server: ServeProcess, *, watches_too: bool = True) -> None:
+    """Nothing the control plane did was refused. ``watches_too=False`` tolerates watches refused
+    (and retried) in the moment after an API server restart, before its RBAC caches are filled."""
+    output = server.output()
+    for needle in ("does not allow", "forbidden", "Forbidden")[: 3 if watches_too else 1]:
+        assert needle not in output, f"the control plane hit a permission error:\n{output[-4000:]}"
+
+
+# -- the lifecycle through the API, with the Role and nothing more ---------------------------------------
+def test_lifecycle_through_the_api_with_exactly_the_role(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    namespace = k8s_cluster.control_plane_namespace()
+    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data"), tmp_path) as server:
+        server.wait_ready()
+        assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
+        user = Api(server.url, "ada@example.org")
+        try:
+            created = user.create(name="analysis", env={"GREETING": "hello"})
+            assert created.status_code == 201, created.text
+            environment_id = created.json()["id"]
+            env = user.settled(environment_id)
+            assert env["status"] == "running", env
+            assert env["url"] == f"https://env-{environment_id}.envs.example.org/"
+            assert sorted(objects_of(admin_api, namespace, environment_id)) == sorted(
+                f"{kind}/env-{environment_id}" for kind in ("Pod", "Service", "Secret", "Ingress")
+            )
+            net = k8s.NetworkingV1Api(admin_api)
+            assert net.read_namespaced_network_policy("cmbcluster-user-environments", namespace).spec.policy_types
+            first_uid = managed_pods(admin_api, namespace)[environment_id]
+
+            stopped = user.client.post(f"/api/v1/environments/{environment_id}/stop")
+            assert stopped.status_code == 200, stopped.text
+            wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the stop to remove everything")
+            assert user.get(environment_id)["status"] == "stopped"
+
+            started = user.client.post(f"/api/v1/environments/{environment_id}/start")
+            assert started.status_code == 200, started.text
+            assert user.settled(environment_id)["status"] == "running"
+            restarted = user.client.post(f"/api/v1/environments/{environment_id}/restart")
+            assert restarted.status_code == 200, restarted.text
+            env = user.settled(environment_id)
+            assert env["status"] == "running"
+            new_uid = managed_pods(admin_api, namespace)[environment_id]
+            assert new_uid != first_uid  # a new pod, with the same choices
+            secret = k8s.CoreV1Api(admin_api).read_namespaced_secret(f"env-{environment_id}", namespace)
+            assert "env.GREETING" in secret.data
+            assert user.client.get(f"/api/v1/environments/{environment_id}/logs").status_code == 200
+
+            deleted = user.client.delete(f"/api/v1/environments/{environment_id}")
+            assert deleted.status_code == 204, deleted.text
+            wait_for(
+                lambda: not objects_of(admin_api, namespace, environment_id), 60, "the delete to remove everything"
+            )
+            assert user.client.get(f"/api/v1/environments/{environment_id}").status_code == 404
+        finally:
+            user.close()
+        assert_no_permission_errors(server)
+
+
+# -- faults --------------------------------------------------------------------------------------------
+def test_control_plane_killed_and_restarted_adopts_and_cleans_up(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    namespace = k8s_cluster.control_plane_namespace()
+    env = serve_env(k8s_cluster, namespace, tmp_path / "data")
+    core = k8s.CoreV1Api(admin_api)
+    server = ServeProcess(env, tmp_path)
+    try:
+        server.wait_ready()
+        user = Api(server.url, "ada@example.org")
+        ids = [user.create(name=f"e{i}").json()["id"] for i in range(3)]
+        for environment_id in ids:
+            assert user.settled(environment_id)["status"] == "running"
+        user.close()
+        before = managed_pods(admin_api, namespace)
+        assert set(ids) <= set(before)
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    finally:
+        server.stop()
+
+    # while it is down: one environment's pod vanishes (a ghost), and a pod it never made appears (an orphan)
+    ghost, kept = ids[0], ids[1:]
+    core.delete_namespaced_pod(f"env-{ghost}", namespace, grace_period_seconds=0)
+    orphan = "0" * 32
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {
+                "name": f"env-{orphan}",
+                "labels": {MANAGED_BY: "cmbcluster", ENVIRONMENT_LABEL: orphan},
+                "annotations": {"cmbcluster.io/environment-id": orphan},
+            },
+            "spec": {"containers": [{"name": "environment", "image": "python:3.11-slim"}]},
+        },
+    )
+    wait_for(lambda: ghost not in managed_pods(admin_api, namespace), 30, "the ghost's pod to go")
+
+    with ServeProcess(env, tmp_path) as again:
+        again.wait_ready("/readyz", timeout=60)
+        user = Api(again.url, "ada@example.org")
+        try:
+            # adopted, not recreated: the same pods keep running
+            after = managed_pods(admin_api, namespace)
+            for environment_id in kept:
+                assert user.get(environment_id)["status"] == "running"
+                assert after[environment_id] == before[environment_id]
+            assert user.get(ghost)["status"] == "stopped"
+            assert "gone" in user.get(ghost)["status_message"]
+            wait_for(lambda: orphan not in managed_pods(admin_api, namespace), 30, "the orphan to be removed")
+            listed = {e["id"]: e["status"] for e in user.client.get("/api/v1/environments").json()["items"]}
+            assert listed == {ghost: "stopped", **dict.fromkeys(kept, "running")}  # none lost
+        finally:
+            user.close()
+        assert_no_permission_errors(again)
+
+
+def test_api_server_restarted_during_creates_loses_nothing(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    namespace = k8s_cluster.control_plane_namespace()
+    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data"), tmp_path) as server:
+        server.wait_ready()
+        user = Api(server.url, "ada@example.org")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                creates = [pool.submit(user.create, name=f"during-{i}") for i in range(8)]
+                time.sleep(0.3)
+                k8s_cluster.restart_apiserver()
+                answers = [f.result() for f in creates]
+            # every create got an answer: the environment, or a clear refusal; never a 500
+            assert all(a.status_code in (201, 429, 503) for a in answers), [(a.status_code, a.text) for a in answers]
+            ids = [a.json()["id"] for a in answers if a.status_code == 201]
+            assert ids
+            settled = {environment_id: user.settled(environment_id, timeout=90) for environment_id in ids}
+            for environment_id, env in settled.items():
+                if env["status"] == "failed":  # reported, with the reason, and can be started again
+                    assert "Kubernetes" in env["status_message"], env
+                    again = user.client.post(f"/api/v1/environments/{environment_id}/start")
+                    assert again.status_code == 200, again.text
+                    settled[environment_id] = user.settled(environment_id, timeout=60)
+            assert {env["status"] for env in settled.values()} == {"running"}
+            # the cluster agrees with the database: no orphans, no ghosts
+            wait_for(lambda: set(managed_pods(admin_api, namespace)) == set(ids), 30, "the cluster to match")
+            # and the watch resumed: a new environment is seen running through it
+            late = user.create(name="after").json()["id"]
+            assert user.settled(late)["status"] == "running"
+        finally:
+            user.close()
+        assert_no_permission_errors(server, watches_too=False)
+
+
+# -- several replicas ------------------------------------------------------------------------------------
+def test_lease_goes_to_one_replica_and_a_dead_leader_hands_over(k8s_cluster: K8sCluster) -> None:
+    namespace = k8s_cluster.control_plane_namespace()
+    apis = [k8s_cluster.api_client(token=k8s_cluster.cp_token) for _ in range(3)]
+    a, b, c = (
+        LeaseElector(
+            api, namespace=namespace, name="leader", identity=name, lease_seconds=3, renew_deadline=2, renew_seconds=0.5
+        )
+        for api, name in zip(apis, "abc", strict=True)
+    )
+    try:
+        assert a.try_acquire_or_renew() is True
+        assert b.try_acquire_or_renew() is False
+        assert a.try_acquire_or_renew() is True  # renewing
+        # a dies without releasing: b takes over only once the lease has gone unrenewed for its duration
+        time.sleep(1.5)
+        assert b.try_acquire_or_renew() is False
+        wait_for(b.try_acquire_or_renew, 10, "b to take over")
+        assert a.try_acquire_or_renew() is False  # a's lease is b's now
+        lease = k8s.CoordinationV1Api(apis[0]).read_namespaced_lease("leader", namespace)
+        assert lease.spec.holder_identity == "b" and lease.spec.lease_transitions == 1
+        # b shuts down cleanly: it releases, and c takes over at once
+        b.start()
+        wait_for(lambda: b.is_leader, 5, "b's renewal thread to lead")
+        b.close()
+        assert not b.is_leader
+        assert c.try_acquire_or_renew() is True
+    finally:
+        for elector in (a, b, c):
+            elector.close()
+        for api in apis:
+            api.close()
+
+
+def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    """Two `cmbcluster serve` replicas sharing one database: one removes orphans; kill it, the other does."""
+    namespace = k8s_cluster.control_plane_namespace()
+    env = serve_env(
+        k8s_cluster, namespace, tmp_path / "data", CMBCLUSTER_LEADER_ELECTION="on", CMBCLUSTER_LEASE_SECONDS="3"
+    )
+    core = k8s.CoreV1Api(admin_api)
+
+    def orphan(n: int) -> str:
+        environment_id = f"{n:032d}"
+        core.create_namespaced_pod(
+            namespace,
+            {
+                "metadata": {
+                    "name": f"env-{environment_id}",
+                    "labels": {MANAGED_BY: "cmbcluster", ENVIRONMENT_LABEL: environment_id},
+                },
+                "spec": {"containers": [{"name": "environment", "image": "python:3.11-slim"}]},
+            },
+        )
+        return environment_id
+
+    first = ServeProcess(env, tmp_path)
+    second = ServeProcess(env, tmp_path)
+    try:
+        for server in (first, second):
+            server.wait_ready("/readyz", timeout=60)
+        leaders = wait_for(
+            lambda: [s for s in (first, second) if "now leads the background work" in s.output()], 20, "a leader"
+        )
+        assert len(leaders) == 1
+        leader = leaders[0]
+        follower = second if leader is first else first
+        gone = orphan(1)
+        wait_for(lambda: gone not in managed_pods(admin_api, namespace), 30, "the leader to remove the orphan")
+
+        os.kill(leader.process.pid, signal.SIGKILL)
+        leader.process.wait()
+        wait_for(lambda: "now leads the background work" in follower.output(), 30, "the follower to take over")
+        assert "taking over from" in follower.output()
+        gone = orphan(2)
+        wait_for(lambda: gone not in managed_pods(admin_api, namespace), 30, "the new leader to remove the orphan")
+    finally:
+        first.stop()
+        second.stop()
