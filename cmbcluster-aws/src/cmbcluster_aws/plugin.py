@@ -14,7 +14,7 @@ from cmbcluster import (
     hookimpl,
 )
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, StorageBackend
+from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_aws.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_aws.settings import AwsSettings
 
@@ -68,10 +68,20 @@ def _aws_infra(ctx: ProviderContext) -> InfraProvider:
     return AwsInfra(ctx.settings(AwsSettings), domain=domain)
 
 
+def _aws_provisioner(ctx: ProviderContext) -> Provisioner:
+    from cmbcluster_aws.provisioning import AwsProvisioner
+
+    return AwsProvisioner(ctx.settings(AwsSettings), namespace=ctx.core.namespace)
+
+
 @hookimpl
 def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
     yield InfraProviderRegistration(
-        name="aws", factory=_aws_infra, settings_model=AwsSettings, description="EKS (IRSA roles), ECR"
+        name="aws",
+        factory=_aws_infra,
+        settings_model=AwsSettings,
+        description="EKS (IRSA roles), ECR",
+        provisioner=_aws_provisioner,
     )
 
 

@@ -34,6 +34,19 @@ class AwsSettings(BaseSettings):
     cognito_domain: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_DOMAIN"))
     cognito_issuer: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_ISSUER"))
     cognito_jwks_url: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_JWKS_URL"))
+    # -- `cmbcluster infra` (provisioning) ---------------------------------------------------------
+    eks_kubernetes_version: str = Field(
+        default="1.33", validation_alias=AliasChoices("EKS_KUBERNETES_VERSION"), pattern=r"^\d+\.\d+$"
+    )
+    eks_node_instance_type: str = Field(default="m5.large", validation_alias=AliasChoices("EKS_NODE_INSTANCE_TYPE"))
+    eks_node_count: int = Field(default=2, ge=1, le=100, validation_alias=AliasChoices("EKS_NODE_COUNT"))
+    eks_node_max: int = Field(default=5, ge=1, le=450, validation_alias=AliasChoices("EKS_NODE_MAX"))
+    vpc_cidr: str = Field(default="10.0.0.0/16", validation_alias=AliasChoices("VPC_CIDR"))
+    route53_hosted_zone_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ROUTE53_HOSTED_ZONE_ID", "HOSTED_ZONE_ID"),
+        description="Route53 zone for `cmbcluster infra dns`; found from the domain when unset",
+    )
     endpoint_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("AWS_ENDPOINT_URL"),

@@ -12,6 +12,8 @@ import typer
 
 from cmbcluster import __version__
 from cmbcluster.commands import deploy as deploy_command
+from cmbcluster.commands import images as images_command
+from cmbcluster.commands import infra as infra_command
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
@@ -28,6 +30,8 @@ db_app = typer.Typer(help="Database migrations, backups and restore.", no_args_i
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(deploy_command.app, name="deploy")
+app.add_typer(infra_command.app, name="infra")
+app.add_typer(images_command.app, name="images")
 
 
 @functools.cache

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, PodContext, PodDraft, StorageBackend
+from cmbcluster.interfaces import (
+    AuthProvider,
+    ComputeBackend,
+    InfraProvider,
+    PodContext,
+    PodDraft,
+    Provisioner,
+    StorageBackend,
+)
 
 if TYPE_CHECKING:
     from cmbcluster.settings import CoreSettings
@@ -85,9 +93,15 @@ class AuthProviderRegistration(Registration[AuthProvider]):
 
 @dataclass(frozen=True, kw_only=True)
 class InfraProviderRegistration(Registration[InfraProvider]):
-    """The cloud around the cluster: per-user identity, registry, DNS."""
+    """The cloud around the cluster: per-user identity, registry, DNS.
+
+    ``provisioner`` (optional) builds the :class:`~cmbcluster.interfaces.Provisioner` that
+    ``cmbcluster infra plan | up | down | status | dns`` drive for this provider.
+    """
 
     kind: ClassVar[str] = "infra provider"
+
+    provisioner: Callable[[ProviderContext], Provisioner] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
