@@ -87,6 +87,13 @@ def tests_k8s(session: nox.Session) -> None:
     session.run("pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
 
 
+@nox.session(name="helm-rbac", python=PYTHON)
+def helm_rbac(session: nox.Session) -> None:
+    """Regenerate the Helm chart's copy of the control plane's RBAC rules from cmbcluster/kubernetes/rbac.py."""
+    install_packages(session, extras="")
+    session.run("python", str(ROOT / "helm" / "generate_rbac.py"))
+
+
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
     """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""

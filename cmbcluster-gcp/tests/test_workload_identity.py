@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import google.oauth2.credentials
@@ -31,6 +32,7 @@ from cmbcluster.interfaces import BucketOptions, InfraProvider, UserRef
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_gcp.identity import (
     GSA_ANNOTATION,
     WORKLOAD_IDENTITY_USER_ROLE,
@@ -447,3 +449,14 @@ def test_the_gcp_plugin_registers_the_infra_provider(iam: InMemoryIamClient) -> 
     assert infra.ensure_user_identity(USER_A, namespace=NAMESPACE).principal == principal_of(
         "cmbcluster-user-0f3a9c1e7b"
     )
+
+
+def test_config_check_names_a_bad_identity_setting(tmp_path: Path) -> None:
+    env = clean_environ(
+        {"CLOUD_PROVIDER": "gcp", "PROJECT_ID": PROJECT, "GCP_IDENTITY_MODE": "shared", "PROJECT_NUMBER": "12ab"}
+    )
+    result = run_cli("config", "check", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "GCP_IDENTITY_MODE" in output and "PROJECT_NUMBER" in output
+    assert "Traceback" not in output
