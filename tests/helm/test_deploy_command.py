@@ -1,0 +1,258 @@
+"""``cmbcluster deploy`` without a cluster: the values it renders from the configuration and the
+plugins' hook, its dry run and --print-values (run as the real command), and its clear errors
+when the configuration cannot be deployed, helm is missing, or helm fails."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helm_chart import CHART, helm, helm_binary  # tests/helm is on sys.path (rootdir-less test folders)
+
+from cmbcluster import hookimpl
+from cmbcluster.commands.deploy import HIDDEN, deep_merge, rbac_values, render_values
+from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.errors import ConfigurationError, PluginError
+from cmbcluster.plugins import PluginManager
+from cmbcluster.testing.process import clean_environ, run_cli
+
+GCP_ENV = {
+    "CLOUD_PROVIDER": "gcp",
+    "PROJECT_ID": "cmb-research",
+    "PROJECT_NUMBER": "123456789",
+    "REGION": "europe-west1",
+    "ARTIFACT_REGISTRY": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster",
+    "GOOGLE_CLIENT_ID": "1234.apps.googleusercontent.com",
+    "GOOGLE_CLIENT_SECRET": "google-client-secret-value",
+    "CMBCLUSTER_ADMIN_EMAILS": "pi@example.org",
+    "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org",
+    "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org",
+}
+AWS_ENV = {
+    "CLOUD_PROVIDER": "aws",
+    "AWS_REGION": "eu-west-1",
+    "AWS_ACCOUNT_ID": "123456789012",
+    "EKS_CLUSTER_NAME": "cmb-eks",
+    "ECR_REGISTRY_URL": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+    "COGNITO_USER_POOL_ID": "eu-west-1_AbCdEf",
+    "COGNITO_CLIENT_ID": "cognito-client",
+    "COGNITO_CLIENT_SECRET": "cognito-client-secret-value",
+    "CMBCLUSTER_DATABASE_URL": "postgresql://cmb:db-password-value@db.example.org/cmb",
+    "CMBCLUSTER_SECRET_KEY": "k" * 40,
+}
+SECRETS = ("google-client-secret-value", "cognito-client-secret-value", "db-password-value", "k" * 40)
+
+
+def deploy(*args: str, env: dict[str, str], cwd: Path) -> Any:
+    return run_cli("deploy", *args, env=clean_environ(env), cwd=cwd)
+
+
+def dry_run_output(stdout: str) -> tuple[list[str], dict[str, Any]]:
+    """(the helm command, the values) from ``deploy --dry-run``'s output."""
+    lines = stdout.splitlines()
+    assert lines[0] == "# helm command (the values below on its standard input):", stdout
+    assert lines[2] == "# values (secrets hidden):", stdout
+    return shlex.split(lines[1]), yaml.safe_load("\n".join(lines[3:]))
+
+
+# -- as the operator runs it --------------------------------------------------------------------------
+def test_dry_run_for_gcp_prints_the_helm_command_and_the_values(tmp_path: Path) -> None:
+    result = deploy("--dry-run", "--namespace", "research", env=GCP_ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    command, values = dry_run_output(result.stdout)
+    assert command[:5] == ["helm", "upgrade", "--install", "cmbcluster", str(CHART)]
+    assert command[5:] == [
+        "--namespace",
+        "research",
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "10m",
+        "--values",
+        "-",
+    ]
+    assert values["global"]["cloudProvider"] == "gcp"
+    assert values["global"]["gcp"] == {
+        "projectId": "cmb-research",
+        "projectNumber": "123456789",
+        "region": "europe-west1",
+        "clusterName": "cmbcluster",
+        "artifactRegistry": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster",
+        "serviceAccountEmail": "cmbcluster-controlplane@cmb-research.iam.gserviceaccount.com",
+    }
+    assert values["storage"] == {"driver": "gcsfuse"}
+    assert values["auth"] == {"provider": "gcp"}
+    assert values["image"]["registry"] == "europe-west1-docker.pkg.dev/cmb-research/cmbcluster"
+    assert values["ingress"] == {"host": "cmb.example.org", "tls": {"enabled": True}}
+    assert values["environments"] == {"domain": "envs.example.org"}
+    assert values["config"]["CMBCLUSTER_ADMIN_EMAILS"] == "pi@example.org"
+    assert values["config"]["GOOGLE_CLIENT_ID"] == "1234.apps.googleusercontent.com"
+    assert values["secretConfig"] == {"GOOGLE_CLIENT_SECRET": HIDDEN}
+    assert values["rbac"] == rbac_values()
+    assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
+
+
+def test_dry_run_for_aws_prints_the_helm_command_and_the_values(tmp_path: Path) -> None:
+    own = tmp_path / "ours.yaml"
+    own.write_text("controlPlane:\n  replicas: 3\n")
+    result = deploy("--dry-run", "--values", str(own), "--release", "cmb", "--no-wait", env=AWS_ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    command, values = dry_run_output(result.stdout)
+    # namespace: CMBCLUSTER_NAMESPACE's default; the operator's file comes after the rendered values
+    assert command[1:] == ["upgrade", "--install", "cmb", str(CHART), "--namespace", "cmbcluster",
+                           "--create-namespace", "--values", "-", "--values", str(own)]  # fmt: skip
+    assert values["global"] == {
+        "cloudProvider": "aws",
+        "aws": {
+            "region": "eu-west-1",
+            "accountId": "123456789012",
+            "eksClusterName": "cmb-eks",
+            "ecrRegistryUrl": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster/cmb-eks-controlplane",
+        },
+    }
+    assert values["storage"] == {"driver": "mountpoint-s3"}
+    assert values["image"] == {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com"}
+    assert values["database"] == {"url": "postgresql://cmb:***@db.example.org/cmb"}
+    assert values["secretKey"] == {"value": HIDDEN}
+    assert values["secretConfig"] == {"COGNITO_CLIENT_SECRET": HIDDEN}
+    assert {"COGNITO_USER_POOL_ID", "COGNITO_CLIENT_ID", "AWS_REGION"} <= set(values["config"])
+    assert "CMBCLUSTER_DATABASE_URL" not in values["config"]  # the chart keeps it in its Secret
+    assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
+
+
+@pytest.mark.parametrize("env", [GCP_ENV, AWS_ENV], ids=["gcp", "aws"])
+def test_the_chart_accepts_what_deploy_renders(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    values = render_values(resolve(load_core_settings()), namespace="cmbcluster")  # exactly what helm gets
+    rendered = helm(
+        "template", "cmbcluster", str(CHART), "--namespace", "cmbcluster", "--values", "-", input_values=values
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"]  # the cloud identity reached the chart
+
+
+def test_print_values_hides_secrets(tmp_path: Path) -> None:
+    result = deploy("--print-values", env=AWS_ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not any(secret in result.stdout for secret in SECRETS)
+    assert yaml.safe_load(result.stdout)["secretConfig"] == {"COGNITO_CLIENT_SECRET": HIDDEN}
+
+
+# -- what cannot be deployed, and helm's failures: one clear line, exit 1 ------------------------------
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "the compute backend is 'local': the chart runs environments on Kubernetes"),
+        ({**GCP_ENV, "CMBCLUSTER_AUTH_PROVIDERS": "gcp,local"}, "the development sign-in (auth provider 'local')"),
+        ({**GCP_ENV, "CMBCLUSTER_DATABASE_URL": "sqlite:////tmp/x.db"}, "CMBCLUSTER_DATABASE_URL must be a PostgreSQL"),
+        (
+            {"CLOUD_PROVIDER": "azure"},
+            "install the plugin that provides it, for example `pip install cmbcluster-azure`",
+        ),
+        ({"CLOUD_PROVIDER": "aws"}, "AWS_REGION is required but not set"),
+    ],
+    ids=["local", "dev-login", "sqlite-url", "unknown-plugin", "missing-setting"],
+)
+def test_configurations_that_cannot_be_deployed_are_refused(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    result = deploy("--dry-run", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_missing_helm_is_a_clear_error(tmp_path: Path) -> None:
+    result = deploy("--helm", str(tmp_path / "no-helm"), env=GCP_ENV, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "helm was not found" in result.stderr and "install Helm" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_values_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = deploy("--dry-run", "--values", str(tmp_path / "nope.yaml"), env=GCP_ENV, cwd=tmp_path)
+    assert result.returncode == 1 and "values file not found" in result.stderr
+
+
+def test_helm_failing_is_reported_with_its_own_message(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on: the cluster is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "gone",
+        "clusters": [{"name": "gone", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
+        "users": [{"name": "gone", "user": {"token": "x"}}],
+        "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "gone"}}],
+    }))  # fmt: skip
+    env = {**GCP_ENV, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+    result = deploy("--helm", helm_binary(), "--no-wait", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "helm failed (exit status 1)" in result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr  # helm's own words about the unreachable cluster
+    assert "Traceback" not in result.stderr
+    assert "google-client-secret-value" not in result.stderr
+
+
+# -- the hook: contributions merged in order, bad ones refused ------------------------------------------
+class AzurePlugin:
+    """A third party's cloud, registered in-process."""
+
+    @hookimpl
+    def cmbcluster_deploy_values(self, config: ResolvedConfig) -> dict[str, Any] | None:
+        if config.core.cloud_provider != "gcp":
+            return None
+        return {"serviceAccount": {"annotations": {"example.org/team": "cmb"}}, "global": {"gcp": {"region": "x"}}}
+
+
+class BrokenPlugin:
+    @hookimpl
+    def cmbcluster_deploy_values(self, config: ResolvedConfig) -> Any:
+        return ["not", "a", "dict"]
+
+
+def _config(monkeypatch: pytest.MonkeyPatch, plugin: object, name: str) -> ResolvedConfig:
+    for key, value in GCP_ENV.items():
+        monkeypatch.setenv(key, value)
+    manager = PluginManager()
+    manager.register(plugin, name=name)
+    return resolve(load_core_settings(), plugins=manager)
+
+
+def test_plugin_contributions_are_deep_merged_after_the_cloud_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = render_values(_config(monkeypatch, AzurePlugin(), "zz-team"), namespace="cmbcluster")
+    assert values["serviceAccount"] == {"annotations": {"example.org/team": "cmb"}}
+    # plugin-name order: 'gcp' before 'zz-team', so the later one wins where both set a value...
+    assert values["global"]["gcp"]["region"] == "x"
+    # ...and keys only the earlier one set survive the merge
+    assert values["global"]["gcp"]["projectId"] == "cmb-research"
+
+
+def test_a_plugin_returning_something_else_than_a_dict_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PluginError, match="plugin 'broken': cmbcluster_deploy_values must return a dict"):
+        render_values(_config(monkeypatch, BrokenPlugin(), "broken"), namespace="cmbcluster")
+
+
+def test_deploy_checks_everything_before_helm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CMBCLUSTER_COMPUTE_BACKEND", "local")
+    monkeypatch.setenv("CMBCLUSTER_AUTH_PROVIDERS", "local")
+    with pytest.raises(ConfigurationError) as caught:
+        render_values(_config(monkeypatch, AzurePlugin(), "zz-team"), namespace="cmbcluster")
+    assert len(caught.value.problems) == 2  # both problems at once
+
+
+def test_deep_merge() -> None:
+    base = {"a": {"b": 1, "c": [1]}, "d": 1}
+    assert deep_merge(base, {"a": {"c": [2]}, "e": {"f": 1}}) == {"a": {"b": 1, "c": [2]}, "d": 1, "e": {"f": 1}}
+    assert base == {"a": {"b": 1, "c": [1]}, "d": 1}  # not changed in place
+
+
+def test_values_are_json_for_helm() -> None:
+    json.dumps(rbac_values())  # helm reads the rendered values as JSON on standard input
