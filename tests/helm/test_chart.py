@@ -27,6 +27,8 @@ from helm_chart import (  # tests/helm is on sys.path (rootdir-less test folders
 
 from cmbcluster.commands.deploy import rbac_values
 from cmbcluster.kubernetes import rbac
+from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
+from cmbcluster.kubernetes.routing import CONTROL_PLANE_SELECTOR, METADATA_ADDRESSES, NETWORK_POLICY_NAME
 
 
 def merged(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -226,28 +228,43 @@ def test_ingress_serves_the_ui_and_the_wildcard_environment_host_with_cert_manag
 def test_network_policies_isolate_users_and_block_the_metadata_address() -> None:
     objects = manifests(GCP_VALUES)
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}
-    users = policies["cmbcluster-environments"]
-    assert users["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "cmbcluster"}}
+    # the control plane's own policy of the namespace (routing.py): it keeps the chart's
+    users = policies[NETWORK_POLICY_NAME]
+    assert users["podSelector"] == {"matchLabels": {MANAGED_BY: MANAGED_BY_VALUE, COMPONENT_LABEL: USER_ENVIRONMENT}}
     assert users["policyTypes"] == ["Ingress", "Egress"]
     sources = users["ingress"][0]["from"]
     # only the ingress controller and the control plane reach a user pod: never another user's pod
     assert sources[0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
     control_plane_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert sources[1] == {"podSelector": {"matchLabels": control_plane_labels}}
-    assert control_plane_labels.get("app.kubernetes.io/managed-by") != "cmbcluster"
+    assert CONTROL_PLANE_SELECTOR.items() <= control_plane_labels.items()  # what the backend's policy admits
+    assert control_plane_labels.get(MANAGED_BY) != MANAGED_BY_VALUE
     blocks = [to["ipBlock"] for to in users["egress"][0]["to"]]
-    assert {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]} in blocks
-    assert {"cidr": "::/0", "except": ["fd00:ec2::254/128"]} in blocks
+    assert blocks == [
+        {"cidr": "0.0.0.0/0", "except": [METADATA_ADDRESSES[0]]},
+        {"cidr": "::/0", "except": [METADATA_ADDRESSES[1]]},
+    ]
     control_plane = policies["cmb-cmbcluster"]
     assert control_plane["podSelector"]["matchLabels"] == control_plane_labels
     assert control_plane["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+def test_the_control_plane_knows_the_charts_names() -> None:
+    env = _env(manifests(merged(GCP_VALUES, **{"ingress.controllerNamespace": "ingress"})))
+    assert env["CMBCLUSTER_CONTROL_PLANE_URL"] == "http://cmb-cmbcluster.research.svc.cluster.local:80"
+    assert env["CMBCLUSTER_TLS_SECRET"] == "cmb-cmbcluster-environments-tls"  # the Ingress's wildcard secret
+    assert env["CMBCLUSTER_INGRESS_NAMESPACE"] == "ingress"
+    path_routing = _env(manifests(merged(GCP_VALUES, **{"environments.domain": ""})))
+    assert path_routing["CMBCLUSTER_TLS_SECRET"] == "cmb-cmbcluster-tls"
+    no_tls = _env(manifests(merged(GCP_VALUES, **{"ingress.tls.enabled": False})))
+    assert no_tls["CMBCLUSTER_TLS_SECRET"] == ""
 
 
 def test_environments_in_another_namespace_get_the_role_and_policy_there() -> None:
     objects = manifests(merged(GCP_VALUES, **{"environments.namespace": "users"}))
     assert one(objects, "Role")["metadata"]["namespace"] == "users"
     assert one(objects, "RoleBinding")["subjects"][0]["namespace"] == "research"
-    policy = next(p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == "cmbcluster-environments")
+    policy = next(p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == NETWORK_POLICY_NAME)
     assert policy["metadata"]["namespace"] == "users"
     control_plane_source = policy["spec"]["ingress"][0]["from"][1]
     assert control_plane_source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "research"}}

@@ -29,7 +29,8 @@ cmbcluster.io/cloud-provider: {{ .Values.global.cloudProvider | quote }}
 {{- define "cmbcluster.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "cmbcluster.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: controlplane
+{{- /* cmbcluster.kubernetes.routing.CONTROL_PLANE_SELECTOR: user pods admit traffic from these labels */}}
+app.kubernetes.io/component: control-plane
 {{- end -}}
 
 {{- define "cmbcluster.serviceAccountName" -}}

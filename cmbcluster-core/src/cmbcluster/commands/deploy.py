@@ -49,7 +49,8 @@ _CHART_OWNED = {
     "cloud_provider", "storage_backend", "auth_providers", "host", "port", "data_dir", "database_url",
     "public_url", "secret_key", "log_level", "log_format", "namespace",
     # KubernetesSettings
-    "kubeconfig", "kube_context", "in_cluster", "ingress_class", "environments_domain",
+    "kubeconfig", "kube_context", "in_cluster", "ingress_class", "environments_domain", "ingress_namespace",
+    "tls_secret", "control_plane_url",
 }  # fmt: skip
 # Values paths that hold secrets: masked when printed.
 _SECRET_PATHS = (("database", "url"), ("secretKey", "value"))
@@ -79,6 +80,8 @@ def _env_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple, set)):
         return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)  # how such settings are read from the environment
     return str(value)
 
 
@@ -126,6 +129,9 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
         ingress_class = getattr(settings, "ingress_class", None)
         if isinstance(ingress_class, str) and "ingress_class" in settings.model_fields_set:
             values.setdefault("ingress", {})["className"] = ingress_class
+        ingress_namespace = getattr(settings, "ingress_namespace", None)
+        if isinstance(ingress_namespace, str) and "ingress_namespace" in settings.model_fields_set:
+            values.setdefault("ingress", {})["controllerNamespace"] = ingress_namespace
         domain = getattr(settings, "environments_domain", None)
         if isinstance(domain, str) and domain:
             values.setdefault("environments", {})["domain"] = domain
