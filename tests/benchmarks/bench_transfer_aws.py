@@ -99,6 +99,7 @@ def main() -> int:
                 title="S3 on moto: cmbcluster serve (CLOUD_PROVIDER=aws) vs boto3",
                 serve_env=serve_env,
                 sdk=sdk,
+                stand_in_pid=moto.process.pid,
                 size_mib=args.size_mib,
                 rounds=args.rounds,
                 target_ratio=0.8,

@@ -96,6 +96,13 @@ def read_chunks(path: Path) -> Iterator[bytes]:
             yield block
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(action: Callable[[], object]) -> float:
     os.sync()  # start every measurement without a backlog of dirty pages from the previous one
     start = time.perf_counter()
@@ -214,6 +221,7 @@ def compare_with_sdk(
     title: str,
     serve_env: Mapping[str, str],
     sdk: Callable[[str], AbstractContextManager[SdkClient]],
+    stand_in_pid: int,
     size_mib: int,
     rounds: int,
     target_ratio: float,
@@ -221,10 +229,13 @@ def compare_with_sdk(
     """Move a ``size_mib`` file up and down through the API of `cmbcluster serve` (started here
     with ``serve_env``) and through each way of ``sdk(bucket_name)``, ``rounds`` times each,
     alternating; print the best throughputs, the ratios of the API to the fastest SDK way and the
-    server's RSS growth; return 1 if a target is missed.
+    server's RSS growth; return 1 if a target is missed. The CPU time each transfer cost the
+    server, the cloud's stand-in (process ``stand_in_pid``) and this client is printed too: on a
+    small machine they compete for the same cores.
     """
     size = size_mib * MIB
     times: dict[str, list[float]] = {"API upload": [], "API download": []}
+    cpu: dict[str, list[tuple[float, float, float]]] = {}  # server, stand-in, client; per round
     peaks: dict[str, list[int]] = {"upload": [], "download": []}
     identical: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
@@ -238,21 +249,28 @@ def compare_with_sdk(
             bucket = create_api_bucket(server, client)
             path = f"{bucket.objects}/bench/api.bin"
             pid, port, headers = server.process.pid, server.port, bucket.headers
+
+            def measure(name: str, action: Callable[[], object]) -> None:
+                before = (cpu_seconds(pid), cpu_seconds(stand_in_pid), time.process_time())
+                times.setdefault(name, []).append(timed(action))
+                after = (cpu_seconds(pid), cpu_seconds(stand_in_pid), time.process_time())
+                cpu.setdefault(name, []).append((after[0] - before[0], after[1] - before[1], after[2] - before[2]))
+
             rss_before = rss_bytes(pid)
             with sdk(bucket.bucket_name) as direct:
                 for number in range(1, rounds + 1):
                     for way, send in direct.uploads.items():
-                        times.setdefault(f"{direct.name} {way}", []).append(timed(partial(send, source, SDK_KEY)))
+                        measure(f"{direct.name} {way}", partial(send, source, SDK_KEY))
                     for way, fetch in direct.downloads.items():
-                        times.setdefault(f"{direct.name} {way}", []).append(timed(partial(fetch, SDK_KEY, back)))
+                        measure(f"{direct.name} {way}", partial(fetch, SDK_KEY, back))
                         identical[f"{direct.name} {way}"] = sha256_of(back) == expected
                         back.unlink()
                     direct.delete(SDK_KEY)
                     with RssSampler(pid) as sampler:
-                        times["API upload"].append(timed(lambda: upload(port, path, headers, source, size)))
+                        measure("API upload", partial(upload, port, path, headers, source, size))
                     peaks["upload"].append(sampler.peak)
                     with RssSampler(pid) as sampler:
-                        times["API download"].append(timed(lambda: download(port, path, headers, back, size)))
+                        measure("API download", partial(download, port, path, headers, back, size))
                     peaks["download"].append(sampler.peak)
                     identical["API"] = sha256_of(back) == expected
                     back.unlink()
@@ -272,8 +290,10 @@ def compare_with_sdk(
     growth = {direction: max(values) - rss_before for direction, values in peaks.items()}
     limit = TARGET_RSS_GROWTH_MIB
     print(f"{title}: {len(times['API upload'])} rounds of {size_mib} MiB, best of the rounds (MiB/s):")
-    for name in times:
-        print(f"  {name:48} {best[name]:7.0f}")
+    print(f"  {'':36} {'MiB/s':>7}   CPU s (best round): server, stand-in, client")
+    for name, values in times.items():
+        server_cpu, stand_in_cpu, client_cpu = cpu[name][values.index(min(values))]
+        print(f"  {name:36} {best[name]:7.0f}   {server_cpu:5.1f} {stand_in_cpu:5.1f} {client_cpu:5.1f}")
     for direction, ratio in ratios.items():
         print(f"  API {direction} / {fastest[direction]}: ratio {ratio:.2f} (target >= {target_ratio})")
     for direction, values in peaks.items():
