@@ -13,7 +13,7 @@ import nox
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e"]
+nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e", "tests-browser"]
 
 ROOT = Path(__file__).parent
 # The interpreter `./run` was started with (3.11 or newer); nox's own when unset.
@@ -74,7 +74,10 @@ for _name, _dist in PACKAGES.items():
 def tests_e2e(session: nox.Session) -> None:
     """Tests that cross packages (tests/): end to end, installed plugins, imports."""
     install_packages(session)
-    session.run("pytest", "tests", "--ignore=tests/k8s", f"--junitxml={REPORTS / 'tests-e2e.xml'}", *session.posargs)
+    session.run(
+        "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser", f"--junitxml={REPORTS / 'tests-e2e.xml'}",
+        *session.posargs,
+    )  # fmt: skip
 
 
 @nox.session(name="tests-k8s", python=PYTHON)
@@ -85,6 +88,46 @@ def tests_k8s(session: nox.Session) -> None:
     """
     install_packages(session)
     session.run("pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
+
+
+# -- the web UI (frontend/: Next.js, built into cmbcluster-core's package data) ---------------------
+# Pinned: Playwright's API and bundled driver change with each release; this one is verified with
+# Debian's Chromium (150 on bookworm), which it drives since `playwright install` cannot download here.
+PLAYWRIGHT = "playwright==1.65.2"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def build_ui(session: nox.Session) -> None:
+    """npm ci + next build into cmbcluster/webui_static, skipped when frontend/ did not change."""
+    session.run("python", str(ROOT / "frontend" / "build_ui.py"), "--if-stale")
+
+
+@nox.session(python=PYTHON)
+def frontend(session: nox.Session) -> None:
+    """Build the web UI (always) into cmbcluster-core's package data, where `cmbcluster serve` finds it."""
+    session.run("python", str(ROOT / "frontend" / "build_ui.py"))
+
+
+@nox.session(name="openapi-client", python=PYTHON)
+def openapi_client(session: nox.Session) -> None:
+    """Regenerate the UI's typed API client from the app's OpenAPI document (`-- --check`: fail if stale)."""
+    install_packages(session, extras="")
+    session.run("python", str(ROOT / "frontend" / "openapi_client.py"), *session.posargs)
+
+
+@nox.session(name="tests-browser", python=PYTHON)
+def tests_browser(session: nox.Session) -> None:
+    """The web UI in Debian's Chromium against `cmbcluster serve` and a real OIDC provider (tests/browser)."""
+    if not CHROMIUM.exists():
+        if os.geteuid() != 0:
+            session.error(f"the browser tests need Debian's Chromium at {CHROMIUM}: `sudo apt-get install -y chromium`")
+        apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-q", external=True, env=apt_env)
+        session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt_env)
+    install_packages(session)
+    session.install(PLAYWRIGHT)
+    build_ui(session)
+    session.run("pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs)
 
 
 @nox.session(name="helm-rbac", python=PYTHON)
@@ -98,6 +141,7 @@ def helm_rbac(session: nox.Session) -> None:
 def serve(session: nox.Session) -> None:
     """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""
     install_packages(session, extras="")
+    build_ui(session)
     session.run("cmbcluster", "serve", *session.posargs)
 
 
@@ -105,5 +149,6 @@ def serve(session: nox.Session) -> None:
 def benchmark(session: nox.Session) -> None:
     """Run every benchmark under tests/benchmarks and print its figures."""
     install_packages(session)
+    session.install(PLAYWRIGHT)  # bench_ui drives Debian's Chromium (it says so and skips without one)
     for script in sorted((ROOT / "tests" / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)

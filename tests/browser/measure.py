@@ -31,7 +31,11 @@ def measure_first_load(browser: Browser, base_url: str, storage_state: Any, runs
         context = browser.new_context(base_url=base_url, storage_state=storage_state)
         page = context.new_page()
         responses: list[Response] = []
-        page.on("response", responses.append)
+
+        def record(response: Response, into: list[Response] = responses) -> None:
+            into.append(response)
+
+        page.on("response", record)
         page.goto("/", wait_until="load")
         page.wait_for_function("window.__cmbclusterReady !== undefined", timeout=10_000)
         ready_ms = page.evaluate("window.__cmbclusterReady")

@@ -19,7 +19,7 @@ from playwright.sync_api import Page, expect
 from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import ServeProcess
 
-from .conftest import PROVIDER_DISPLAY_NAME, REPORTS, Session, screenshot
+from .conftest import PROVIDER_DISPLAY_NAME, REPORTS, ConsoleErrors, Session, screenshot
 from .measure import JS_BUDGET_BYTES, TTI_BUDGET_SECONDS, measure_first_load
 
 OpenSession = Callable[[], Session]
@@ -254,6 +254,49 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     assert carol.page.request.get("/api/v1/auth/me").status == 403
     for session in (alice, bob, carol):
         assert_no_console_errors(session)
+
+
+def test_the_ui_works_on_a_phone_and_with_the_keyboard_alone(alice: Session, server: ServeProcess) -> None:
+    browser = alice.context.browser
+    assert browser is not None
+    phone = browser.new_context(
+        base_url=server.url, storage_state=alice.context.storage_state(), viewport={"width": 390, "height": 844},
+        is_mobile=True,
+    )  # fmt: skip
+    console = ConsoleErrors(origin=server.url)
+    phone.on("page", console.watch)
+    page = phone.new_page()
+    try:
+        page.goto("/")
+        expect(page.get_by_role("heading", name="Welcome, Alice Admin")).to_be_visible()
+        main_nav = page.get_by_role("navigation", name="Main")
+        expect(main_nav).to_be_hidden()
+        menu = page.get_by_role("button", name="Menu")
+        menu.click()
+        expect(menu).to_have_attribute("aria-expanded", "true")
+        expect(main_nav).to_be_visible()
+        screenshot(page, "phone-menu")
+        main_nav.get_by_role("link", name="Applications").click()
+        expect(main_nav).to_be_hidden()  # the menu folds after choosing
+        expect(page.get_by_role("heading", name="Applications")).to_be_visible()
+        # Keyboard: on a fresh page the first Tab reaches the skip link, which moves focus to the content;
+        # the launch dialog opens, takes focus and closes without a mouse.
+        page.reload()
+        expect(page.get_by_role("button", name="Launch Files")).to_be_visible()
+        page.keyboard.press("Tab")
+        expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator("main#main")).to_be_focused()
+        page.get_by_role("button", name="Launch Files").focus()
+        page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog", name="Launch Files")
+        expect(dialog).to_be_visible()
+        expect(dialog.get_by_label("Name (optional)")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+    finally:
+        phone.close()
+    assert console.errors == [], "\n".join(console.errors)
 
 
 def test_first_load_of_the_dashboard_is_small_and_fast(alice: Session, server: ServeProcess) -> None:

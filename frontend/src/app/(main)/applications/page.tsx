@@ -77,7 +77,7 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
   return (
     <form onSubmit={submit}>
       <label htmlFor="env-name">Name (optional)</label>
-      <input id="env-name" value={name} maxLength={100} onChange={(e) => setName(e.target.value)} placeholder={application.name} />
+      <input id="env-name" data-autofocus value={name} maxLength={100} onChange={(e) => setName(e.target.value)} placeholder={application.name} />
       <fieldset>
         <legend>Resources</legend>
         {presets.loading ? <Loading /> : null}
