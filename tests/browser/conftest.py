@@ -65,6 +65,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, oidc: OidcMockServer) -> It
             "CMBCLUSTER_OIDC_CLIENT_ID": "cmbcluster",
             "CMBCLUSTER_OIDC_CLIENT_SECRET": "a-client-secret",
             "CMBCLUSTER_OIDC_DISPLAY_NAME": PROVIDER_DISPLAY_NAME,
+            # Shutdown warnings are decided by the background pass: run it every second, not every 15.
+            "CMBCLUSTER_RECONCILE_INTERVAL_SECONDS": "1",
         }
     )
     with ServeProcess(env, workdir) as process:

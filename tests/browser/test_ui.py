@@ -228,6 +228,10 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     expect(page.locator("tr[data-user='bob@example.org']").get_by_label("Role of bob@example.org")).to_have_value(
         "admin"
     )
+    # Bob's environments may run ten minutes: within the warning period from their start.
+    page.get_by_label("Maximum uptime of bob@example.org in minutes").fill("10")
+    page.get_by_role("button", name="Set the maximum uptime of bob@example.org").click()
+    expect(page.get_by_label("Maximum uptime of bob@example.org in minutes")).to_have_value("10")
     page.get_by_role("button", name="Deactivate carol@example.org").click()
     expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
     screenshot(page, "admin-users")
@@ -239,6 +243,17 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     bob.page.reload()
     bob.page.get_by_role("link", name="Admin").click()
     expect(bob.page.get_by_role("heading", name="Administration")).to_be_visible()
+    bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
+    bob.page.get_by_role("button", name="Launch Files").click()
+    dialog = bob.page.get_by_role("dialog", name="Launch Files")
+    dialog.get_by_label("Name (optional)").fill("quick look")
+    dialog.get_by_role("button", name="Launch").click()
+    expect(dialog.get_by_test_id("launch-status")).to_have_text("running", timeout=30_000)
+    dialog.get_by_role("link", name="Go to my environments").click()
+    warning = bob.page.get_by_role("alert").filter(has_text=re.compile(r"quick look stops automatically in \d+ min"))
+    expect(warning).to_be_visible(timeout=20_000)
+    expect(bob.page.locator("tr[data-environment='quick look'] .warn-text")).to_have_text(re.compile(r"^\d+ min$"))
+    screenshot(bob.page, "shutdown-warning")
 
     # Carol's session ended at once; signing in again is refused with the reason.
     with expecting(carol, "status of 403"):

@@ -55,8 +55,8 @@ export default function EnvironmentsPage() {
       <h1>Environments</h1>
       {warnings.map((env) => (
         <p key={env.id} className="warning" role="alert">
-          {env.name} stops automatically in {formatDuration(parseTime(env.shutdown_at as string) - now)}
-          {env.last_activity_at ? " unless you keep working in it" : ""}.
+          {env.name} stops automatically in {formatDuration(parseTime(env.shutdown_at as string) - now)}: save your work
+          (your files in mounted buckets stay).
         </p>
       ))}
       <ErrorMessage error={list.error} />

@@ -9,6 +9,29 @@ import { formatTime } from "@/lib/format";
 
 const PAGE_SIZE = 50;
 
+/** Minutes before this user's environments stop (0: never; empty: the server's default). */
+function UptimeLimit({ user, busy, onSet }: { user: AdminUser; busy: boolean; onSet: (minutes: number | null) => void }) {
+  const [value, setValue] = useState(user.max_uptime_minutes === null ? "" : String(user.max_uptime_minutes));
+  const id = `uptime-${user.id}`;
+  return (
+    <form
+      className="inline-form compact"
+      onSubmit={(event) => {
+        event.preventDefault();
+        onSet(value.trim() === "" ? null : Number(value));
+      }}
+    >
+      <label htmlFor={id} className="visually-hidden">
+        Maximum uptime of {user.email} in minutes
+      </label>
+      <input id={id} type="number" min={0} placeholder="default" value={value} onChange={(e) => setValue(e.target.value)} />
+      <button type="submit" disabled={busy} aria-label={`Set the maximum uptime of ${user.email}`}>
+        Set
+      </button>
+    </form>
+  );
+}
+
 export default function UsersPage() {
   const me = useUser();
   const [query, setQuery] = useState("");
@@ -27,7 +50,10 @@ export default function UsersPage() {
     setSearch(query.trim());
   }
 
-  async function update(user: AdminUser, body: { role?: "admin" | "user"; status?: "active" | "deactivated" }) {
+  async function update(
+    user: AdminUser,
+    body: { role?: "admin" | "user"; status?: "active" | "deactivated"; max_uptime_minutes?: number | null },
+  ) {
     await action.run(() =>
       unwrap(api.PATCH("/api/v1/admin/users/{user_id}", { params: { path: { user_id: user.id } }, body })),
     );
@@ -57,6 +83,7 @@ export default function UsersPage() {
                 <th scope="col">User</th>
                 <th scope="col">Role</th>
                 <th scope="col">Status</th>
+                <th scope="col">Maximum uptime</th>
                 <th scope="col">Last sign-in</th>
                 <th scope="col">Actions</th>
               </tr>
@@ -86,6 +113,9 @@ export default function UsersPage() {
                   </td>
                   <td>
                     <span className={`badge badge-${user.status}`}>{user.status}</span>
+                  </td>
+                  <td>
+                    <UptimeLimit user={user} busy={action.busy} onSet={(minutes) => update(user, { max_uptime_minutes: minutes })} />
                   </td>
                   <td>{formatTime(user.last_login_at)}</td>
                   <td className="row-actions">
