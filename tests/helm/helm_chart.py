@@ -54,6 +54,32 @@ PLUGIN_VALUES: dict[str, Any] = {
 }
 CLOUDS = {"gcp": GCP_VALUES, "aws": AWS_VALUES, "azure": PLUGIN_VALUES}
 
+# An operator's configuration for `cmbcluster deploy`, per cloud (secrets included, to check they stay hidden).
+GCP_ENV = {
+    "CLOUD_PROVIDER": "gcp",
+    "PROJECT_ID": "cmb-research",
+    "PROJECT_NUMBER": "123456789",
+    "REGION": "europe-west1",
+    "ARTIFACT_REGISTRY": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster",
+    "GOOGLE_CLIENT_ID": "1234.apps.googleusercontent.com",
+    "GOOGLE_CLIENT_SECRET": "google-client-secret-value",
+    "CMBCLUSTER_ADMIN_EMAILS": "pi@example.org",
+    "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org",
+    "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org",
+}
+AWS_ENV = {
+    "CLOUD_PROVIDER": "aws",
+    "AWS_REGION": "eu-west-1",
+    "AWS_ACCOUNT_ID": "123456789012",
+    "EKS_CLUSTER_NAME": "cmb-eks",
+    "ECR_REGISTRY_URL": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+    "COGNITO_USER_POOL_ID": "eu-west-1_AbCdEf",
+    "COGNITO_CLIENT_ID": "cognito-client",
+    "COGNITO_CLIENT_SECRET": "cognito-client-secret-value",
+    "CMBCLUSTER_DATABASE_URL": "postgresql://cmb:db-password-value@db.example.org/cmb",
+    "CMBCLUSTER_SECRET_KEY": "k" * 40,
+}
+
 
 def _harness_helm() -> Path:
     home = os.environ.get("K8S_HOME") or os.path.join(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helm_chart import CHART, helm, helm_binary  # tests/helm is on sys.path (rootdir-less test folders)
+from helm_chart import AWS_ENV, CHART, GCP_ENV, helm, helm_binary  # tests/helm is on sys.path
 
 from cmbcluster import hookimpl
 from cmbcluster.commands.deploy import HIDDEN, deep_merge, rbac_values, render_values
@@ -21,30 +21,6 @@ from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.plugins import PluginManager
 from cmbcluster.testing.process import clean_environ, run_cli
 
-GCP_ENV = {
-    "CLOUD_PROVIDER": "gcp",
-    "PROJECT_ID": "cmb-research",
-    "PROJECT_NUMBER": "123456789",
-    "REGION": "europe-west1",
-    "ARTIFACT_REGISTRY": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster",
-    "GOOGLE_CLIENT_ID": "1234.apps.googleusercontent.com",
-    "GOOGLE_CLIENT_SECRET": "google-client-secret-value",
-    "CMBCLUSTER_ADMIN_EMAILS": "pi@example.org",
-    "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org",
-    "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org",
-}
-AWS_ENV = {
-    "CLOUD_PROVIDER": "aws",
-    "AWS_REGION": "eu-west-1",
-    "AWS_ACCOUNT_ID": "123456789012",
-    "EKS_CLUSTER_NAME": "cmb-eks",
-    "ECR_REGISTRY_URL": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
-    "COGNITO_USER_POOL_ID": "eu-west-1_AbCdEf",
-    "COGNITO_CLIENT_ID": "cognito-client",
-    "COGNITO_CLIENT_SECRET": "cognito-client-secret-value",
-    "CMBCLUSTER_DATABASE_URL": "postgresql://cmb:db-password-value@db.example.org/cmb",
-    "CMBCLUSTER_SECRET_KEY": "k" * 40,
-}
 SECRETS = ("google-client-secret-value", "cognito-client-secret-value", "db-password-value", "k" * 40)
 
 

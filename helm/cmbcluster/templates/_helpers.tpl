@@ -56,15 +56,11 @@ app.kubernetes.io/component: control-plane
 {{- default (get $defaults .Values.global.cloudProvider) .Values.storage.driver -}}
 {{- end -}}
 
-{{/* The ClusterRole for PersistentVolumes: rbac.clusterRole.create if set, else unless the driver mounts inline. */}}
+{{/* The ClusterRole for PersistentVolumes (CLUSTER_RULES). Needed with every storage driver today:
+the control plane creates static PVs for mountpoint-s3, and looks for an environment's PVs by label
+when it stops or deletes one, whatever the driver. */}}
 {{- define "cmbcluster.createClusterRole" -}}
-{{- if .Values.rbac.create -}}
-{{- $explicit := .Values.rbac.clusterRole.create -}}
-{{- if kindIs "bool" $explicit -}}
-{{- if $explicit -}}true{{- end -}}
-{{- else if not (has (include "cmbcluster.storageDriver" .) (list "gcsfuse" "none")) -}}true
-{{- end -}}
-{{- end -}}
+{{- if and .Values.rbac.create .Values.rbac.clusterRole.create -}}true{{- end -}}
 {{- end -}}
 
 {{/* The external database, if any: SQLite on a claim otherwise. */}}
@@ -108,6 +104,9 @@ app.kubernetes.io/component: control-plane
 {{- end -}}
 {{- if and .Values.database.url .Values.database.existingSecret -}}
 {{- fail "set database.url or database.existingSecret, not both" -}}
+{{- end -}}
+{{- if and (eq (include "cmbcluster.storageDriver" .) "mountpoint-s3") (not (include "cmbcluster.createClusterRole" .)) -}}
+{{- fail "storage.driver mountpoint-s3 mounts buckets through PersistentVolumes the control plane creates: rbac.create and rbac.clusterRole.create must stay true" -}}
 {{- end -}}
 {{- if eq .Values.image.tag "latest" -}}
 {{- fail "image.tag must be an exact version, not latest: upgrades and rollbacks must know what they run" -}}
