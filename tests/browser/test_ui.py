@@ -93,7 +93,7 @@ def test_sign_in_lists_the_servers_providers_and_signs_in_through_oidc(
     sign_in(session, oidc, "alice")
     expect(page.get_by_role("link", name="Admin")).to_be_visible()  # the first user administers
     expect(page.get_by_text("No environment yet")).to_be_visible()
-    screenshot(page, "dashboard")
+    expect(page.get_by_role("list", name="Recent activity").get_by_text("Signed in with oidc")).to_be_visible()
     assert_no_console_errors(session)
 
 
@@ -120,6 +120,10 @@ def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
     dialog.get_by_role("button", name="Close").click()
     environment = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
     assert environment["env"] == {"BAND": "150GHz"} and environment["status"] == "running"
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Dashboard").click()
+    expect(page.get_by_role("list", name="Recent activity").get_by_text("analysis started")).to_be_visible()
+    expect(page.get_by_text("1 running of 1.")).to_be_visible()
+    screenshot(page, "dashboard")
     assert_no_console_errors(alice)
 
 

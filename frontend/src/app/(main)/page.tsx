@@ -4,8 +4,8 @@ import Link from "next/link";
 import { useEffect } from "react";
 import { useUser } from "@/components/Shell";
 import { Empty, ErrorMessage, Loading, StatusBadge, useLoad, useNow } from "@/components/ui";
-import { api, type Environment, unwrap } from "@/lib/api";
-import { formatBytes, parseTime, since } from "@/lib/format";
+import { api, type Schemas, unwrap } from "@/lib/api";
+import { formatBytes, since } from "@/lib/format";
 
 declare global {
   interface Window {
@@ -14,20 +14,34 @@ declare global {
   }
 }
 
-interface ActivityItem {
-  at: string;
-  text: string;
+type Activity = Schemas["ActivityOut"];
+// Heartbeats and traffic only keep an environment alive: not news for the person.
+const QUIET = new Set(["heartbeat", "traffic"]);
+
+function detail(item: Activity, key: string): string {
+  const value = item.detail[key];
+  return typeof value === "string" ? value : "";
 }
 
-/** Recent activity, told by the environments' own timestamps. */
-function activity(environments: Environment[]): ActivityItem[] {
-  const items: ActivityItem[] = [];
-  for (const env of environments) {
-    items.push({ at: env.created_at, text: `Created ${env.name} (${env.application.name})` });
-    if (env.started_at) items.push({ at: env.started_at, text: `Started ${env.name}` });
-    if (env.stopped_at) items.push({ at: env.stopped_at, text: `Stopped ${env.name}` });
+/** One line of recent activity, naming environments by their names. */
+function describe(item: Activity, names: Map<string, string>): string {
+  const env = item.environment_id ? (names.get(item.environment_id) ?? "An environment (since deleted)") : "";
+  switch (item.kind) {
+    case "sign_in":
+      return `Signed in${detail(item, "provider") ? ` with ${detail(item, "provider")}` : ""}`;
+    case "environment_running":
+      return `${env} started`;
+    case "environment_stopped":
+      return `${env} stopped${detail(item, "reason") ? `: ${detail(item, "reason")}` : ""}`;
+    case "environment_failed":
+      return `${env} failed to start${detail(item, "message") ? `: ${detail(item, "message")}` : ""}`;
+    case "environment_vanished":
+      return `${env} disappeared and was marked stopped`;
+    case "shutdown_warning":
+      return `${env} was about to stop automatically`;
+    default:
+      return `${item.kind.replace(/_/g, " ")}${env ? `: ${env}` : ""}`;
   }
-  return items.sort((a, b) => parseTime(b.at) - parseTime(a.at)).slice(0, 8);
 }
 
 export default function DashboardPage() {
@@ -35,7 +49,13 @@ export default function DashboardPage() {
   const now = useNow(30_000);
   const environments = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
   const storages = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
-  const ready = !environments.loading && !storages.loading;
+  const activity = useLoad(() =>
+    unwrap(api.GET("/api/v1/auth/me/activity", { params: { query: { page_size: 30 } } })).then((a) =>
+      a.items.filter((item) => !QUIET.has(item.kind)).slice(0, 8),
+    ),
+  );
+  const ready = !environments.loading && !storages.loading && !activity.loading;
+  const names = new Map((environments.data ?? []).map((env) => [env.id, env.name]));
 
   useEffect(() => {
     if (ready && window.__cmbclusterReady === undefined) window.__cmbclusterReady = performance.now();
@@ -98,11 +118,13 @@ export default function DashboardPage() {
         </section>
         <section className="card" aria-labelledby="recent">
           <h2 id="recent">Recent activity</h2>
-          {environments.data && environments.data.length === 0 ? <Empty>Nothing yet.</Empty> : null}
-          <ul className="plain">
-            {activity(environments.data ?? []).map((item, index) => (
-              <li key={index}>
-                {item.text} <span className="muted">{since(item.at, now)}</span>
+          <ErrorMessage error={activity.error} />
+          {activity.loading ? <Loading /> : null}
+          {activity.data?.length === 0 ? <Empty>Nothing yet.</Empty> : null}
+          <ul className="plain" aria-label="Recent activity">
+            {activity.data?.map((item) => (
+              <li key={item.id}>
+                {describe(item, names)} <span className="muted small">{since(item.at, now)}</span>
               </li>
             ))}
           </ul>

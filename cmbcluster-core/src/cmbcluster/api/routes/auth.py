@@ -17,10 +17,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
+from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
 from cmbcluster.local.auth import DevLoginProvider
 from cmbcluster.security import Sealer, pkce_challenge
+from cmbcluster.services import admin as admin_service
 from cmbcluster.services import ratelimit, sessions, users
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
@@ -319,3 +321,11 @@ def logout(principal: CurrentPrincipal, request: Request, context: Context, db: 
 @router.get("/me", response_model=UserOut, summary="The signed-in user")
 def me(user: CurrentUser) -> UserOut:
     return user_out(user)
+
+
+@router.get("/me/activity", response_model=ActivityPage, summary="The signed-in user's activity, newest first")
+def my_activity(user: CurrentUser, db: DbSession, page: PageNumber = 1, page_size: PageSize = 20) -> ActivityPage:
+    """What the web UI's dashboard shows: sign-ins, environments running, stopping, failing, warnings."""
+    rows, total = admin_service.list_activity(db, user.id, page=page, page_size=page_size)
+    items = [ActivityOut.model_validate(row, from_attributes=True) for row in rows]
+    return ActivityPage(items=items, total=total, page=page, page_size=page_size)
