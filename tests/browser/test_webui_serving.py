@@ -55,6 +55,9 @@ def test_every_page_is_a_file_and_unknown_paths_are_real_404s(server: ServeProce
     assert missing.status_code == 404 and "Page not found" in missing.text
     api = httpx.get(f"{server.url}/api/v1/no-such-thing")
     assert api.status_code == 404 and api.json()["error"] == "not_found"
+    assert httpx.post(f"{server.url}/api/v1/no-such-thing").status_code == 404
+    assert httpx.post(f"{server.url}/environments/").status_code == 405
+    assert httpx.put(f"{server.url}/api/v1/environments").status_code == 405  # the API's own answer
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
     escape = httpx.get(f"{server.url}/..%2F..%2F..%2Fetc%2Fpasswd")
     assert escape.status_code == 404 and "root:" not in escape.text

@@ -13,8 +13,10 @@ import mimetypes
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.types import Receive, Scope, Send
 
+from cmbcluster.api.errors import error_body
 from cmbcluster.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def ui_available(directory: Path = UI_DIR) -> bool:
 
 
 def mount_ui(app: FastAPI, directory: Path = UI_DIR) -> None:
-    """Serve the UI at ``/`` after every API route; without a built UI, ``/`` shows the API docs."""
+    """Serve the UI at ``/`` for every path no API route answers; without a built UI, ``/`` shows the API docs."""
     if not ui_available(directory):
         log.warning(
             "the web UI is not built: / redirects to the API documentation "
@@ -50,18 +52,36 @@ def mount_ui(app: FastAPI, directory: Path = UI_DIR) -> None:
         return
 
     root = directory.resolve()
+    api_not_found = app.router.default
 
-    async def serve_ui(path: str, request: Request) -> Response:
-        if path.startswith(RESERVED_PREFIXES):
-            raise NotFound(f"no such API path: /{path}")
-        gzip_ok = accepts_gzip(request.headers.get("accept-encoding", ""))
-        found = resolve_file(root, path)
-        if found is None:
-            return file_response(root / "404.html", gzip_ok=gzip_ok, status_code=404, cache="no-cache")
-        cache = "public, max-age=31536000, immutable" if path.startswith(IMMUTABLE_PREFIX) else "no-cache"
-        return file_response(found, gzip_ok=gzip_ok, cache=cache)
+    async def serve_ui(scope: Scope, receive: Receive, send: Send) -> None:
+        # The router's fallback, not a route: API routes (and their 405s) always win, and metrics
+        # keep labelling unknown paths "unmatched" instead of growing a label per page.
+        if scope["type"] != "http":
+            await api_not_found(scope, receive, send)
+            return
+        response = ui_response(root, Request(scope, receive))
+        await response(scope, receive, send)
 
-    app.add_api_route("/{path:path}", serve_ui, methods=["GET", "HEAD"], include_in_schema=False)
+    app.router.default = serve_ui
+
+
+def ui_response(root: Path, request: Request) -> Response:
+    """The UI's answer for a path no API route took: a file, the 404 page, or a JSON error."""
+    path = request.url.path.lstrip("/")
+    if path.startswith(RESERVED_PREFIXES):
+        raise NotFound(f"no such API path: /{path}")
+    if request.method not in ("GET", "HEAD"):
+        return JSONResponse(
+            error_body("method_not_allowed", f"{request.method} is not allowed on /{path}"),
+            status_code=405, headers={"Allow": "GET, HEAD"},
+        )  # fmt: skip
+    gzip_ok = accepts_gzip(request.headers.get("accept-encoding", ""))
+    found = resolve_file(root, path)
+    if found is None:
+        return file_response(root / "404.html", gzip_ok=gzip_ok, status_code=404, cache="no-cache")
+    cache = "public, max-age=31536000, immutable" if path.startswith(IMMUTABLE_PREFIX) else "no-cache"
+    return file_response(found, gzip_ok=gzip_ok, cache=cache)
 
 
 def resolve_file(root: Path, path: str) -> Path | None:
