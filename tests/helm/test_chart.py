@@ -310,3 +310,9 @@ def test_aws_needs_its_region_and_account() -> None:
     assert "global.aws.region is required when global.cloudProvider is aws" in template(values).stderr
     values = merged(AWS_VALUES, **{"global.aws.accountId": ""})
     assert "global.aws.accountId is required when global.cloudProvider is aws" in template(values).stderr
+
+
+def test_kubernetes_1_20_is_the_oldest_accepted() -> None:
+    assert template(GCP_VALUES, kube_version="1.20.2", api_versions=()).returncode == 0  # the test cluster's
+    too_old = template(GCP_VALUES, kube_version="1.19.16", api_versions=())
+    assert too_old.returncode != 0 and "chart requires kubeVersion: >=1.20.0-0" in too_old.stderr
