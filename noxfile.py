@@ -87,7 +87,8 @@ def tests_k8s(session: nox.Session) -> None:
     Not yet part of `./run test`: it joins once the Kubernetes issue is done.
     """
     install_packages(session)
-    session.run("pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
+    # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
+    session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
 
 
 # -- the web UI (frontend/: Next.js, built into cmbcluster-core's package data) ---------------------
