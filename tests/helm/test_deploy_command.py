@@ -157,6 +157,17 @@ def test_missing_values_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1 and "values file not found" in result.stderr
 
 
+def test_the_chart_and_context_can_be_chosen(tmp_path: Path) -> None:
+    missing = deploy("--dry-run", "--chart", str(tmp_path / "no-chart"), env=GCP_ENV, cwd=tmp_path)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    chart = "oci://registry.example.org/charts/cmbcluster"
+    chosen = deploy("--dry-run", "--chart", chart, "--kube-context", "gke-prod", env=GCP_ENV, cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    command, _ = dry_run_output(chosen.stdout)
+    assert command[4] == chart
+    assert command[command.index("--kube-context") + 1] == "gke-prod"
+
+
 def test_helm_failing_is_reported_with_its_own_message(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nothing listens on: the cluster is unreachable
         s.bind(("127.0.0.1", 0))
