@@ -241,6 +241,16 @@ def test_the_server_backs_up_periodically_when_the_database_changed(settings: Co
         assert backups.list(), "no periodic backup within 10 s"
 
 
+def test_a_stopping_server_backs_up_what_changed_and_only_that(settings: CoreSettings) -> None:
+    backups = DatabaseBackups.from_settings(settings, LocalStorage(settings.data_dir / "buckets"))
+    with serving(settings) as client:
+        dev_sign_in(client, "ada@example.org", "Ada")
+    assert len(backups.list()) == 1  # made at stop, long before the 60 minutes
+    with serving(settings) as client:
+        assert client.get("/readyz").status_code == 200
+    assert len(backups.list()) == 1  # nothing changed: nothing uploaded
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 

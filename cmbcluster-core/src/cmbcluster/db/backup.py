@@ -146,7 +146,10 @@ class DatabaseBackups:
             info = self.storage.upload_object(self.bucket, key, _gzip_chunks(copy), content_type=CONTENT_TYPE)
         backup = BackupInfo(key=key, version=version, size=info.size, created_at=created)
         log.info("database backed up to %s/%s (%d bytes)", self.bucket, key, info.size, extra={"backup": key})
-        self.prune()
+        try:
+            self.prune()
+        except CmbclusterError as exc:  # the backup itself is safe; the next one retries the clean-up
+            log.warning("could not delete old database backups from %s: %s", self.bucket, exc)
         return backup
 
     def prune(self) -> list[BackupInfo]:
@@ -249,17 +252,22 @@ def _online_copy(source: Path, target: Path) -> None:
     """Copy ``source`` with the backup API, in a single step: in WAL mode that is one read
     transaction, which never blocks writers (stepping would restart on every write)."""
     # mode=rw: never create a database where there was none.
-    with contextlib.closing(sqlite3.connect(f"file:{source}?mode=rw", uri=True, timeout=30)) as src:
+    with contextlib.closing(sqlite3.connect(_uri(source, "rw"), uri=True, timeout=30)) as src:
         with contextlib.closing(sqlite3.connect(target)) as dst:
             src.backup(dst)
             # A self-contained single file (the live database is in WAL mode, and the copy says so).
             dst.execute("PRAGMA journal_mode=DELETE")
 
 
+def _uri(path: Path, mode: str) -> str:
+    """A SQLite URI for ``path`` (any characters in it escaped) opened in ``mode``: never created."""
+    return f"{path.resolve().as_uri()}?mode={mode}"
+
+
 def _check_database(path: Path, what: str) -> None:
     """``PRAGMA integrity_check`` passes and the file holds a migrated CMBCluster schema."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(_uri(path, "ro"), uri=True)) as db:
             result = [row[0] for row in db.execute("PRAGMA integrity_check")]
             has_schema = db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
@@ -345,7 +353,8 @@ def _fingerprint(database: Path) -> tuple[tuple[int, int], ...]:
 
 
 async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None:
-    """Back up the database every ``CMBCLUSTER_DATABASE_BACKUP_INTERVAL_MINUTES`` when it changed.
+    """Back up the database every ``CMBCLUSTER_DATABASE_BACKUP_INTERVAL_MINUTES`` when it changed,
+    and once more when the server stops, so that a restart on a fresh disk loses nothing.
 
     Returns at once when backups are off (interval 0, no bucket, not SQLite). A failed backup is
     logged and retried at the next interval; the server carries on.
@@ -359,19 +368,23 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
         log.info("periodic database backups are off: %s", exc)
         return
     interval = core.database_backup_interval_minutes * 60
-    last: tuple[tuple[int, int], ...] | None = None
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-            return
-        current = _fingerprint(backups.database)
-        if current == last:
-            continue
+    last = _fingerprint(backups.database)  # as restored or migrated at start: nothing new yet
+    while True:
+        stopping = False
         try:
-            await run_in_threadpool(backups.backup)
-            last = current
-        except Exception:  # keep the loop alive; the next interval retries
-            log.exception("periodic database backup failed")
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+            stopping = True
+        except TimeoutError:
+            pass
+        current = _fingerprint(backups.database)
+        if current != last:
+            try:
+                await run_in_threadpool(backups.backup)
+                last = current
+            except Exception:  # keep the loop alive; the next interval retries
+                log.exception("database backup failed")
+        if stopping:
+            return
 
 
 @contextlib.contextmanager
