@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -173,6 +174,11 @@ def test_restart_and_delete_the_environment(alice: Session) -> None:
     expect(row.locator(".badge")).to_have_text("running")
     expect(row.get_by_role("link", name="Open analysis")).to_be_visible()
     screenshot(page, "environments")
+    row.get_by_role("button", name="Logs of analysis").click()
+    logs = page.get_by_role("dialog", name="Output")
+    expect(logs.get_by_label("Output of analysis")).to_contain_text("GET / HTTP/1.1")  # the visit when opened
+    page.keyboard.press("Escape")
+    expect(logs).to_be_hidden()
     restart = row.get_by_role("button", name="Restart analysis")
     restart.click()
     expect(restart).to_be_disabled()  # while the request runs
@@ -214,7 +220,7 @@ def test_settings_show_a_new_api_token_once(alice: Session, server: ServeProcess
 
 
 def test_an_admin_promotes_one_user_and_locks_another_out(
-    alice: Session, open_session: OpenSession, oidc: OidcMockServer
+    alice: Session, open_session: OpenSession, oidc: OidcMockServer, tmp_path: Path
 ) -> None:
     bob, carol = open_session(), open_session()
     sign_in(bob, oidc, "bob")
@@ -243,6 +249,25 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     expect(page.get_by_role("rowheader", name="user.deactivated")).to_be_visible()
     expect(page.get_by_role("rowheader", name="user.role_changed")).to_be_visible()
     screenshot(page, "admin-audit")
+
+    # The catalog: an admin adds an application with an uploaded icon; everyone sees it.
+    icon = tmp_path / "sky.svg"
+    icon.write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8"><circle cx="4" cy="4" r="4"/></svg>')
+    page.get_by_role("navigation", name="Administration").get_by_role("link", name="Applications").click()
+    page.get_by_role("button", name="Add an application").click()
+    form = page.get_by_role("dialog", name="Add an application")
+    form.get_by_label("Name", exact=True).fill("Sky viewer")
+    form.get_by_label("Slug (lower-case, dashes)").fill("sky-viewer")
+    form.get_by_label("Container image").fill("python:3.11-slim")
+    form.get_by_label("Command (one argument per line").fill("python\n-m\nhttp.server\n{port}")
+    form.get_by_label("Icon (image, at most 64 KB)").set_input_files(str(icon))
+    expect(form.get_by_role("img", name="Icon preview")).to_be_visible()
+    form.get_by_role("button", name="Add application").click()
+    expect(form).to_be_hidden()
+    expect(page.get_by_role("rowheader", name=re.compile("Sky viewer"))).to_be_visible()
+    bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
+    card = bob.page.get_by_role("listitem").filter(has=bob.page.get_by_role("heading", name="Sky viewer"))
+    expect(card.locator("img")).to_have_attribute("src", re.compile(r"^data:image/svg\+xml;base64,"))
 
     bob.page.reload()
     bob.page.get_by_role("link", name="Admin").click()

@@ -2,7 +2,7 @@
 
 import Link from "next/link";
 import { useEffect, useState } from "react";
-import { Confirm, Empty, ErrorMessage, Loading, StatusBadge, useAction, useLoad, useNow } from "@/components/ui";
+import { Confirm, Dialog, Empty, ErrorMessage, Loading, StatusBadge, useAction, useLoad, useNow } from "@/components/ui";
 import { api, type Environment, unwrap } from "@/lib/api";
 import { formatDuration, parseTime } from "@/lib/format";
 
@@ -19,12 +19,43 @@ function perform(env: Environment, verb: Verb | "delete"): Promise<unknown> {
   return unwrap(api.POST("/api/v1/environments/{environment_id}/restart", params));
 }
 
+function Logs({ environment }: { environment: Environment }) {
+  const logs = useLoad(() =>
+    unwrap(
+      api.GET("/api/v1/environments/{environment_id}/logs", {
+        params: { path: { environment_id: environment.id }, query: { tail: 200 } },
+      }),
+    ),
+  );
+  return (
+    <>
+      <ErrorMessage error={logs.error} />
+      {logs.loading ? <Loading what="Reading the output" /> : null}
+      {logs.data ? (
+        logs.data.lines ? (
+          <pre className="logs" tabIndex={0} aria-label={`Output of ${environment.name}`}>
+            {logs.data.lines}
+          </pre>
+        ) : (
+          <Empty>No output yet.</Empty>
+        )
+      ) : null}
+      <div className="actions">
+        <button type="button" onClick={() => void logs.reload()}>
+          Refresh
+        </button>
+      </div>
+    </>
+  );
+}
+
 export default function EnvironmentsPage() {
   const list = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
   const action = useAction();
   const now = useNow(1000);
   const [selected, setSelected] = useState<Set<string>>(new Set());
   const [deleting, setDeleting] = useState<Environment[] | null>(null);
+  const [showingLogs, setShowingLogs] = useState<Environment | null>(null);
   const { reload } = list;
   const environments = list.data ?? [];
 
@@ -149,6 +180,9 @@ export default function EnvironmentsPage() {
                       <button type="button" disabled={action.busy} onClick={() => act([env], "restart")} aria-label={`Restart ${env.name}`}>
                         Restart
                       </button>
+                      <button type="button" onClick={() => setShowingLogs(env)} aria-label={`Logs of ${env.name}`}>
+                        Logs
+                      </button>
                       <button type="button" className="danger" disabled={action.busy} onClick={() => setDeleting([env])} aria-label={`Delete ${env.name}`}>
                         Delete
                       </button>
@@ -160,6 +194,9 @@ export default function EnvironmentsPage() {
           </div>
         </>
       ) : null}
+      <Dialog open={showingLogs !== null} title="Output" onClose={() => setShowingLogs(null)}>
+        {showingLogs ? <Logs environment={showingLogs} /> : null}
+      </Dialog>
       <Confirm
         open={deleting !== null}
         title="Delete environments"

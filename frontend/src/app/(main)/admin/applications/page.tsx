@@ -93,7 +93,7 @@ function ApplicationForm({ editing, onSaved }: { editing: Application | null; on
   return (
     <form onSubmit={submit} className="grid-form">
       {field("name", "Name", { required: true, maxLength: 100, "data-autofocus": true })}
-      {field("slug", "Slug (lower-case, dashes)", { required: true, pattern: "[a-z0-9][a-z0-9-]*" })}
+      {field("slug", "Slug (lower-case, dashes)", { required: true, pattern: "[a-z0-9][a-z0-9\\-]*" })}
       {field("image", "Container image", { required: true })}
       {field("port", "Port", { type: "number", min: 1, max: 65535, required: true })}
       <div className="wide">
