@@ -20,7 +20,7 @@ from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import dev_sign_in
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
 
 BUCKET = "cmbcluster-database"
@@ -283,6 +283,8 @@ def test_cli_errors_are_clear(settings: CoreSettings, tmp_path: Path) -> None:
         (["db", "restore"], {"CMBCLUSTER_DATABASE_BUCKET": BUCKET}, "there is no database backup in"),
         (["db", "restore", "--version", "nope"], {"CMBCLUSTER_DATABASE_BUCKET": "absent"}, "bucket absent not found"),
         (["db", "backup"], {"CMBCLUSTER_DATABASE_BUCKET": BUCKET}, "there is no database at"),
+        # A server with no database whose backups cannot be read refuses to start empty, in one line.
+        (["serve", "--port", str(free_port())], {"CMBCLUSTER_DATABASE_BUCKET": "absent"}, "backups in absent cannot"),
     ]:
         result = cmbcluster(*args, env={**env, **extra}, cwd=tmp_path)
         assert result.returncode == 1, (args, result.stdout, result.stderr)

@@ -79,8 +79,14 @@ def serve(
             reload=True, reload_dirs=[str(Path(__file__).parent)], log_config=None, loop="asyncio",
         )  # fmt: skip
         return
+    application = create_app(config=config)
+    # Here too, not only in the app's start-up, so that a backup that cannot be read is one clear
+    # error line instead of a failed start-up's traceback (the app's own call then has nothing to do).
+    from cmbcluster.db.backup import restore_at_start
+
+    restore_at_start(application.state.context)
     uvicorn.run(
-        create_app(config=config), host=core.host, port=core.port, log_config=None, server_header=False,
+        application, host=core.host, port=core.port, log_config=None, server_header=False,
         loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
     )  # fmt: skip
 
