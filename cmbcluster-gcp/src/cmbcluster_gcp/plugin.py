@@ -15,7 +15,7 @@ from cmbcluster import (
     hookimpl,
 )
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, StorageBackend
+from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_gcp.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_gcp.settings import GcpSettings
 
@@ -68,6 +68,12 @@ def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvi
     return GcpInfra(ctx.settings(GcpSettings), iam=iam, domain=domain)
 
 
+def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
+    from cmbcluster_gcp.provisioning import GcpProvisioner
+
+    return GcpProvisioner(ctx.settings(GcpSettings))
+
+
 @hookimpl
 def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
     yield InfraProviderRegistration(
@@ -75,6 +81,7 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
         factory=_gcp_infra,
         settings_model=GcpSettings,
         description="GKE (per-user Workload Identity), Artifact Registry, Cloud DNS",
+        provisioner=_gcp_provisioner,
     )
 
 

@@ -95,6 +95,26 @@ class GcpSettings(BaseSettings):
     dns_zone: str | None = Field(
         default=None, validation_alias=AliasChoices("CLOUD_DNS_ZONE"), description="The Cloud DNS managed zone"
     )
+
+    # -- `cmbcluster infra` (cmbcluster_gcp.provisioning) --------------------------------------------
+    gke_machine_type: str = Field(default="e2-standard-4", validation_alias=AliasChoices("GKE_MACHINE_TYPE"))
+    gke_nodes_per_zone: int = Field(default=1, ge=1, le=100, validation_alias=AliasChoices("GKE_NODES_PER_ZONE"))
+    gke_max_nodes_per_zone: int = Field(
+        default=3, ge=1, le=1000, validation_alias=AliasChoices("GKE_MAX_NODES_PER_ZONE")
+    )
+    gke_release_channel: Literal["RAPID", "REGULAR", "STABLE", "EXTENDED"] = Field(
+        default="REGULAR", validation_alias=AliasChoices("GKE_RELEASE_CHANNEL")
+    )
+    google_api_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_API_ENDPOINT"),
+        description="Replaces https://<service>.googleapis.com for the infra APIs; only tests point it elsewhere",
+    )
+    google_oauth_access_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_OAUTH_ACCESS_TOKEN"),
+        description="An access token for `cmbcluster infra` (gcloud auth print-access-token); default: ADC",
+    )
     workload_identity_node_selector: bool = Field(
         default=True,
         validation_alias=AliasChoices("GKE_WORKLOAD_IDENTITY_NODE_SELECTOR"),

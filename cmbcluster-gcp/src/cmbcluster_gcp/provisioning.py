@@ -1,0 +1,612 @@
+"""``cmbcluster infra`` on Google Cloud: the network, GKE, Artifact Registry and bucket of a deployment.
+
+What ``up`` builds, in order (``cmbcluster infra plan`` lists it with names):
+
+1. A VPC network (custom subnets) and a subnetwork with secondary ranges for pods and services.
+2. A Cloud Router with Cloud NAT, so private nodes reach the internet.
+3. The Artifact Registry Docker repository the images are pushed to.
+4. The database bucket (uniform access, public access prevention, versioning).
+5. The GKE cluster: private nodes, Workload Identity (``<project>.svc.id.goog``), the Cloud
+   Storage FUSE CSI driver add-on (``GcsFuseCsiDriver``) that mounts users' buckets, one
+   autoscaled node pool running the GKE metadata server.
+6. cert-manager, installed with helm (``--addons print`` prints the command instead).
+
+Everything goes through Google's REST APIs (compute v1, container v1, artifactregistry v1,
+storage v1, dns v1) with google-auth's ``AuthorizedSession``. Every resource has a
+deterministic name, so a rerun of ``up`` finds (GET) what an interrupted run made instead of
+creating it twice; a create answered 409 is adopted the same way. Long-running operations are
+polled until done. ``GOOGLE_API_ENDPOINT`` replaces ``https://<service>.googleapis.com`` (tests
+point it at a local fake of these APIs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import google.auth
+import google.auth.credentials
+import google.auth.exceptions
+import google.auth.transport.requests
+import google.oauth2.credentials
+import requests
+
+from cmbcluster.errors import (
+    CmbclusterError,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    ProviderUnavailable,
+)
+from cmbcluster.interfaces import DnsRecord, HelmRelease, PlannedStep, Provisioner, ResourceRecord, StepContext
+from cmbcluster.interfaces.provisioning import write_kubeconfig
+from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GcpInfra
+from cmbcluster_gcp.settings import GcpSettings
+
+__all__ = ["CERT_MANAGER", "GcpProvisioner", "GoogleApi"]
+
+log = logging.getLogger(__name__)
+
+SUBNET_CIDR = "10.0.0.0/20"
+PODS_RANGE, PODS_CIDR = "pods", "10.4.0.0/14"
+SERVICES_RANGE, SERVICES_CIDR = "services", "10.8.0.0/20"
+MASTER_CIDR = "172.16.0.0/28"
+LABEL_DEPLOYMENT = "cmbcluster-deployment"
+LABEL_MANAGED_BY = "managed-by"
+# Pinned so that two `up` runs months apart install the same add-on; raise it deliberately.
+CERT_MANAGER = HelmRelease(
+    name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
+    namespace="cert-manager", values={"crds.enabled": "true"},
+)  # fmt: skip
+_RETRYABLE = {429, 500, 502, 503, 504}
+
+
+def _google_message(response: requests.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return response.text[:300]
+    if isinstance(error, dict):
+        return str(error.get("message", ""))
+    return str(error)
+
+
+class GoogleApi:
+    """A small JSON client for Google's REST APIs: retries, long-running operations, typed errors.
+
+    ``endpoint`` replaces ``https://<service>.googleapis.com`` for every service (tests);
+    429, 5xx and connection failures are retried with backoff (every call here is safe to
+    repeat: a repeated create answers 409, which callers treat as "exists").
+    """
+
+    def __init__(
+        self,
+        credentials: google.auth.credentials.Credentials,
+        *,
+        endpoint: str | None = None,
+        attempts: int = 4,
+        backoff_seconds: float = 1.0,
+        timeout: float = 60.0,
+        poll_interval: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        session_type: Any = google.auth.transport.requests.AuthorizedSession  # google-auth is untyped
+        self.session: Any = session_type(credentials)
+
+    def url(self, service: str, path: str) -> str:
+        base = self.endpoint or f"https://{service}.googleapis.com"
+        return f"{base}/{path.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        service: str,
+        path: str,
+        what: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        url = self.url(service, path)
+        delay = self.backoff_seconds
+        failure: CmbclusterError | None = None
+        for attempt in range(self.attempts):
+            try:
+                response = self.session.request(method, url, json=body, params=params, timeout=self.timeout)
+            except google.auth.exceptions.RefreshError as exc:
+                raise ProviderUnavailable(f"could not authenticate to Google Cloud: {exc}") from None
+            except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
+                failure = ProviderUnavailable(f"Google Cloud is unreachable ({what}): {exc}")
+            else:
+                if response.status_code < 300:
+                    data = response.json() if response.content else {}
+                    return data if isinstance(data, dict) else {}
+                failure = self._error(response, what)
+                if response.status_code not in _RETRYABLE:
+                    raise failure
+            if attempt + 1 < self.attempts:
+                log.warning("Google API call for %s failed (%s); retrying in %.1fs", what, failure.message, delay)
+                time.sleep(delay)
+                delay *= 2
+        assert failure is not None
+        raise failure
+
+    @staticmethod
+    def _error(response: requests.Response, what: str) -> CmbclusterError:
+        status, message = response.status_code, _google_message(response)
+        text = f"{what}: {message} (HTTP {status})" if message else f"{what}: HTTP {status}"
+        if status == 404:
+            return NotFound(f"{what} not found", detail=message)
+        if status == 409:
+            return Conflict(text, detail=message)
+        if status in (401, 403):
+            return PermissionDenied(text, detail=message)
+        if status == 429:
+            return LimitExceeded(text, detail=message)
+        if 400 <= status < 500:
+            return InvalidRequest(text, detail=message)
+        return ProviderUnavailable(text, detail=message)
+
+    def get(self, service: str, path: str, what: str) -> dict[str, Any] | None:
+        """The resource, or None when it does not exist."""
+        try:
+            return self.request("GET", service, path, what)
+        except NotFound:
+            return None
+
+    def wait(self, service: str, operation: dict[str, Any], what: str, *, timeout: float = 2400) -> None:
+        """Poll a long-running operation until done; its failure becomes ProviderUnavailable.
+
+        Compute and container operations report ``status: DONE`` and are read at their
+        ``selfLink`` path; Artifact Registry's are ``{name, done}`` read at ``v1/<name>``.
+        """
+        deadline = time.monotonic() + timeout
+        delay = min(0.5, self.poll_interval)  # many operations end within seconds: poll soon, then back off
+        while True:
+            error = operation.get("error")
+            if operation.get("status") == "DONE" or operation.get("done") is True:
+                if error:
+                    errors = error.get("errors") if isinstance(error, dict) else None
+                    detail = (
+                        errors[0].get("message")
+                        if errors
+                        else (error.get("message") if isinstance(error, dict) else error)
+                    )
+                    raise ProviderUnavailable(f"{what} failed: {detail}")
+                return
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(f"{what} did not finish within {timeout:.0f} s; rerun `up` to resume")
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_interval)
+            operation = self.request("GET", service, self._operation_path(service, operation), what)
+
+    @staticmethod
+    def _operation_path(service: str, operation: dict[str, Any]) -> str:
+        self_link = str(operation.get("selfLink") or "")
+        if self_link:
+            path = urllib.parse.urlsplit(self_link).path
+            if service == "container":  # container's selfLink is .../v1/projects/<p>/locations/<l>/operations/<id>
+                return path[path.index("/v1/") :] if "/v1/" in path else path
+            return path
+        return f"v1/{operation['name']}"
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def credentials_for(settings: GcpSettings) -> google.auth.credentials.Credentials:
+    """GOOGLE_OAUTH_ACCESS_TOKEN when set (a token from `gcloud auth print-access-token`), else the
+    application default credentials."""
+    if settings.google_oauth_access_token is not None:
+        token = settings.google_oauth_access_token.get_secret_value()
+        return google.oauth2.credentials.Credentials(token)  # type: ignore[no-untyped-call]
+    try:
+        credentials, _project = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise ConfigurationError(
+            [f"no Google Cloud credentials: run `gcloud auth application-default login` or set "
+             f"GOOGLE_OAUTH_ACCESS_TOKEN ({exc})"]
+        ) from None  # fmt: skip
+    return credentials
+
+
+class GcpProvisioner(Provisioner):
+    """:class:`~cmbcluster.interfaces.Provisioner` for Google Cloud (REST APIs via :class:`GoogleApi`)."""
+
+    provider = "gcp"
+
+    def __init__(
+        self,
+        settings: GcpSettings,
+        *,
+        api: GoogleApi | None = None,
+        poll_interval: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self._api = api
+        self.poll_interval = poll_interval
+        self._infra = GcpInfra(settings)
+
+    @property
+    def api(self) -> GoogleApi:
+        if self._api is None:  # made on first use: `plan` needs no credentials
+            self._api = GoogleApi(
+                credentials_for(self.settings), endpoint=self.settings.google_api_endpoint,
+                poll_interval=self.poll_interval,
+            )  # fmt: skip
+        return self._api
+
+    # -- names -------------------------------------------------------------------------------
+    @property
+    def deployment(self) -> str:
+        return self.settings.cluster_name
+
+    @property
+    def project(self) -> str:
+        return self.settings.project_id
+
+    @property
+    def region(self) -> str:
+        return self.settings.region
+
+    @property
+    def location(self) -> str:
+        """The cluster's location: ZONE (a zonal cluster) or REGION (regional, nodes in every zone)."""
+        return self.settings.zone or self.settings.region
+
+    def _name(self, suffix: str) -> str:
+        return f"{self.deployment}-{suffix}"
+
+    @property
+    def network(self) -> str:
+        return self._name("net")
+
+    @property
+    def subnetwork(self) -> str:
+        return self._name("subnet")
+
+    @property
+    def router(self) -> str:
+        return self._name("router")
+
+    @property
+    def repository(self) -> str:
+        """The Artifact Registry repository id: the last part of the registry's repository prefix."""
+        return self._infra.registry().repository_prefix.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def database_bucket(self) -> str:
+        return (self.settings.database_bucket or f"{self.deployment}-database-{self.project}").lower()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL_DEPLOYMENT: self.deployment, LABEL_MANAGED_BY: "cmbcluster"}
+
+    # REST paths (relative to each service's base URL)
+    def _network_path(self) -> str:
+        return f"compute/v1/projects/{self.project}/global/networks/{self.network}"
+
+    def _subnetwork_path(self) -> str:
+        return f"compute/v1/projects/{self.project}/regions/{self.region}/subnetworks/{self.subnetwork}"
+
+    def _router_path(self) -> str:
+        return f"compute/v1/projects/{self.project}/regions/{self.region}/routers/{self.router}"
+
+    def _repository_path(self) -> str:
+        return f"v1/projects/{self.project}/locations/{self.region}/repositories/{self.repository}"
+
+    def _bucket_path(self) -> str:
+        return f"storage/v1/b/{urllib.parse.quote(self.database_bucket, safe='')}"
+
+    def _cluster_path(self) -> str:
+        return f"v1/projects/{self.project}/locations/{self.location}/clusters/{self.deployment}"
+
+    # -- plan --------------------------------------------------------------------------------
+    def plan(self) -> list[PlannedStep]:
+        s = self.settings
+        return [
+            PlannedStep(name="network", description="VPC network with custom subnets",
+                        creates=(f"compute/network {self.network}",)),
+            PlannedStep(name="subnetwork",
+                        description=f"Subnetwork {SUBNET_CIDR} in {self.region}, pods {PODS_CIDR}, "
+                        f"services {SERVICES_CIDR}",
+                        creates=(f"compute/subnetwork {self.subnetwork}",)),
+            PlannedStep(name="cloud-nat", description="Cloud Router with Cloud NAT for the private nodes",
+                        creates=(f"compute/router {self.router} (NAT {self._name('nat')})",)),
+            PlannedStep(name="artifact-registry", description=f"Artifact Registry Docker repository in {self.region}",
+                        creates=(f"artifactregistry/repository {self.repository}",)),
+            PlannedStep(name="database-bucket", description="Cloud Storage bucket for database backups",
+                        creates=(f"storage/bucket {self.database_bucket}",)),
+            PlannedStep(name="gke-cluster",
+                        description=f"GKE cluster in {self.location}: Workload Identity, GcsFuseCsiDriver add-on, "
+                        f"{s.gke_nodes_per_zone}-{s.gke_max_nodes_per_zone} x {s.gke_machine_type} per zone",
+                        creates=(f"container/cluster {self.deployment}",
+                                 f"container/nodepool {self._name('nodes')}")),
+            PlannedStep(name="addon-cert-manager",
+                        description=f"helm: {CERT_MANAGER.chart} {CERT_MANAGER.version} in {CERT_MANAGER.namespace}",
+                        creates=(f"helm/release {CERT_MANAGER.namespace}/{CERT_MANAGER.name}",), external=True),
+        ]  # fmt: skip
+
+    # -- up ----------------------------------------------------------------------------------
+    def apply_step(self, step: PlannedStep, ctx: StepContext) -> None:
+        handlers: dict[str, Callable[[StepContext], None]] = {
+            "network": self._ensure_network,
+            "subnetwork": self._ensure_subnetwork,
+            "cloud-nat": self._ensure_router,
+            "artifact-registry": self._ensure_repository,
+            "database-bucket": self._ensure_bucket,
+            "gke-cluster": self._ensure_cluster,
+            "addon-cert-manager": self._addon,
+        }
+        handlers[step.name](ctx)
+
+    def _ensure(
+        self,
+        ctx: StepContext,
+        *,
+        service: str,
+        path: str,
+        create_path: str,
+        body: dict[str, Any],
+        record: ResourceRecord,
+        what: str,
+        params: dict[str, str] | None = None,
+        wait_for: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """GET the resource; create it if absent (a 409 means a racing or earlier create: adopt it)."""
+        existing = self.api.get(service, path, what)
+        if existing is None:
+            try:
+                operation = self.api.request("POST", service, create_path, what, body=body, params=params)
+            except Conflict:
+                ctx.adopted(record)
+            else:
+                ctx.created(record)
+                if operation.get("kind") != "storage#bucket":
+                    self.api.wait(service, operation, f"creating {what}")
+            existing = self.api.get(service, path, what) or {}
+        else:
+            ctx.adopted(record)
+        return existing
+
+    def _ensure_network(self, ctx: StepContext) -> None:
+        self._ensure(
+            ctx, service="compute", path=self._network_path(),
+            create_path=f"compute/v1/projects/{self.project}/global/networks",
+            body={"name": self.network, "autoCreateSubnetworks": False, "routingConfig": {"routingMode": "REGIONAL"},
+                  "description": f"CMBCluster deployment {self.deployment}"},
+            record=ResourceRecord(step=ctx.step, kind="compute/network", id=self._network_path(), name=self.network),
+            what=f"network {self.network}",
+        )  # fmt: skip
+
+    def _ensure_subnetwork(self, ctx: StepContext) -> None:
+        self._ensure(
+            ctx, service="compute", path=self._subnetwork_path(),
+            create_path=f"compute/v1/projects/{self.project}/regions/{self.region}/subnetworks",
+            body={"name": self.subnetwork, "network": self._network_path().removeprefix("compute/v1/"),
+                  "ipCidrRange": SUBNET_CIDR, "region": self.region, "privateIpGoogleAccess": True,
+                  "secondaryIpRanges": [{"rangeName": PODS_RANGE, "ipCidrRange": PODS_CIDR},
+                                        {"rangeName": SERVICES_RANGE, "ipCidrRange": SERVICES_CIDR}]},
+            record=ResourceRecord(step=ctx.step, kind="compute/subnetwork", id=self._subnetwork_path(),
+                                  name=self.subnetwork),
+            what=f"subnetwork {self.subnetwork}",
+        )  # fmt: skip
+
+    def _ensure_router(self, ctx: StepContext) -> None:
+        nat = {"name": self._name("nat"), "natIpAllocateOption": "AUTO_ONLY",
+               "sourceSubnetworkIpRangesToNat": "ALL_SUBNETWORKS_ALL_IP_RANGES",
+               "logConfig": {"enable": True, "filter": "ERRORS_ONLY"}}  # fmt: skip
+        router = self._ensure(
+            ctx, service="compute", path=self._router_path(),
+            create_path=f"compute/v1/projects/{self.project}/regions/{self.region}/routers",
+            body={"name": self.router, "network": self._network_path().removeprefix("compute/v1/"),
+                  "region": self.region, "nats": [nat]},
+            record=ResourceRecord(step=ctx.step, kind="compute/router", id=self._router_path(), name=self.router),
+            what=f"Cloud Router {self.router}",
+        )  # fmt: skip
+        if not any(n.get("name") == nat["name"] for n in router.get("nats", [])):
+            # A router made by hand or by an older run without NAT: add it (PATCH merges the field).
+            operation = self.api.request("PATCH", "compute", self._router_path(), f"Cloud NAT {nat['name']}",
+                                         body={"nats": [*router.get("nats", []), nat]})  # fmt: skip
+            self.api.wait("compute", operation, f"adding Cloud NAT {nat['name']}")
+            ctx.note(f"Cloud NAT {nat['name']} added to {self.router}")
+
+    def _ensure_repository(self, ctx: StepContext) -> None:
+        self._ensure(
+            ctx, service="artifactregistry", path=self._repository_path(),
+            create_path=f"v1/projects/{self.project}/locations/{self.region}/repositories",
+            params={"repositoryId": self.repository},
+            body={"format": "DOCKER", "description": f"CMBCluster images ({self.deployment})", "labels": self.labels},
+            record=ResourceRecord(step=ctx.step, kind="artifactregistry/repository", id=self._repository_path(),
+                                  name=self.repository),
+            what=f"Artifact Registry repository {self.repository}",
+        )  # fmt: skip
+
+    def _ensure_bucket(self, ctx: StepContext) -> None:
+        self._ensure(
+            ctx, service="storage", path=self._bucket_path(), create_path="storage/v1/b",
+            params={"project": self.project},
+            body={"name": self.database_bucket, "location": self.settings.storage_location or self.region,
+                  "storageClass": "STANDARD", "labels": self.labels, "versioning": {"enabled": True},
+                  "iamConfiguration": {"uniformBucketLevelAccess": {"enabled": True},
+                                       "publicAccessPrevention": "enforced"}},
+            record=ResourceRecord(step=ctx.step, kind="storage/bucket", id=self.database_bucket,
+                                  name=self.database_bucket),
+            what=f"bucket {self.database_bucket}",
+        )  # fmt: skip
+
+    def cluster_body(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "cluster": {
+                "name": self.deployment,
+                "description": f"CMBCluster deployment {self.deployment}",
+                "resourceLabels": self.labels,
+                "network": self._network_path().removeprefix("compute/v1/"),
+                "subnetwork": self._subnetwork_path().removeprefix("compute/v1/"),
+                "ipAllocationPolicy": {"useIpAliases": True, "clusterSecondaryRangeName": PODS_RANGE,
+                                       "servicesSecondaryRangeName": SERVICES_RANGE},
+                "privateClusterConfig": {"enablePrivateNodes": True, "masterIpv4CidrBlock": MASTER_CIDR},
+                "workloadIdentityConfig": {"workloadPool": s.effective_workload_identity_pool},
+                "addonsConfig": {"gcsFuseCsiDriverConfig": {"enabled": True},
+                                 "httpLoadBalancing": {"disabled": False}},
+                "releaseChannel": {"channel": s.gke_release_channel},
+                "nodePools": [{
+                    "name": self._name("nodes"),
+                    "initialNodeCount": s.gke_nodes_per_zone,
+                    "autoscaling": {"enabled": True, "minNodeCount": 1,
+                                    "maxNodeCount": max(s.gke_max_nodes_per_zone, s.gke_nodes_per_zone)},
+                    "management": {"autoUpgrade": True, "autoRepair": True},
+                    "config": {"machineType": s.gke_machine_type, "diskSizeGb": 100,
+                               "oauthScopes": [CLOUD_PLATFORM_SCOPE],
+                               "workloadMetadataConfig": {"mode": "GKE_METADATA"},
+                               "shieldedInstanceConfig": {"enableSecureBoot": True}},
+                }],
+            }
+        }  # fmt: skip
+
+    def _ensure_cluster(self, ctx: StepContext) -> None:
+        what = f"GKE cluster {self.deployment}"
+        path = self._cluster_path()
+        record = ResourceRecord(step=ctx.step, kind="container/cluster", id=path, name=self.deployment)
+        cluster = self.api.get("container", path, what)
+        if cluster is None:
+            try:
+                operation = self.api.request(
+                    "POST", "container", path.rsplit("/", 1)[0], what, body=self.cluster_body()
+                )
+            except Conflict:
+                ctx.adopted(record)
+            else:
+                ctx.created(record)
+                ctx.note(f"waiting for {what} (about 6-10 minutes on Google Cloud)")
+                self.api.wait("container", operation, f"creating {what}")
+        else:
+            if cluster.get("resourceLabels", {}).get(LABEL_DEPLOYMENT) != self.deployment:
+                raise Conflict(f"{what} exists but was not made by `cmbcluster infra up`")
+            ctx.adopted(record)
+        cluster = self._wait_running(what)
+        self._write_kubeconfig(ctx, cluster)
+
+    def _wait_running(self, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 2400
+        delay = min(0.5, self.poll_interval)
+        while True:
+            cluster = self.api.request("GET", "container", self._cluster_path(), what)
+            status = cluster.get("status")
+            if status == "RUNNING":
+                return cluster
+            if status in ("ERROR", "DEGRADED", "STOPPING"):
+                raise ProviderUnavailable(f"{what} is {status}: {cluster.get('statusMessage', '')}")
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(f"{what} is still {status}; rerun `up` to resume")
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_interval)
+
+    @staticmethod
+    def kubeconfig_path(ctx: StepContext) -> Path:
+        return ctx.record.path.with_suffix(".kubeconfig")
+
+    def _write_kubeconfig(self, ctx: StepContext, cluster: dict[str, Any]) -> None:
+        write_kubeconfig(
+            self.kubeconfig_path(ctx),
+            name=f"gke_{self.project}_{self.location}_{self.deployment}",
+            server=f"https://{cluster.get('endpoint', '')}",
+            certificate_authority_data=str(cluster.get("masterAuth", {}).get("clusterCaCertificate", "")),
+            command="gke-gcloud-auth-plugin",  # what `gcloud container clusters get-credentials` configures
+            args=[],
+        )
+
+    def _addon(self, ctx: StepContext) -> None:
+        if not self.kubeconfig_path(ctx).exists():
+            cluster = self.api.request("GET", "container", self._cluster_path(), f"GKE cluster {self.deployment}")
+            self._write_kubeconfig(ctx, cluster)
+        if ctx.run(CERT_MANAGER.install_argv(self.kubeconfig_path(ctx))):
+            ctx.created(ResourceRecord(step=ctx.step, kind="helm/release",
+                                       id=f"{CERT_MANAGER.namespace}/{CERT_MANAGER.name}", name=CERT_MANAGER.name,
+                                       attributes={"namespace": CERT_MANAGER.namespace}))  # fmt: skip
+
+    # -- down --------------------------------------------------------------------------------
+    def delete_resource(self, resource: ResourceRecord, ctx: StepContext) -> None:
+        services = {
+            "compute/network": "compute", "compute/subnetwork": "compute", "compute/router": "compute",
+            "artifactregistry/repository": "artifactregistry", "container/cluster": "container",
+        }  # fmt: skip
+        what = resource.label
+        try:
+            if resource.kind == "helm/release":
+                if self.kubeconfig_path(ctx).exists():
+                    release = HelmRelease(name=resource.name, chart="", repo="", version="",
+                                          namespace=resource.attributes.get("namespace", "default"))  # fmt: skip
+                    ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
+                return
+            if resource.kind == "storage/bucket":
+                self._delete_bucket(resource.id, ctx)
+                return
+            service = services.get(resource.kind)
+            if service is None:
+                raise InvalidRequest(f"the record lists {what}, a kind this version cannot delete")
+            operation = self.api.request("DELETE", service, resource.id, what)
+            if resource.kind == "container/cluster":
+                ctx.note(f"waiting for {what} to be deleted (about 5 minutes on Google Cloud)")
+            self.api.wait(service, operation, f"deleting {what}")
+            if resource.kind == "container/cluster":
+                self.kubeconfig_path(ctx).unlink(missing_ok=True)
+        except NotFound:
+            ctx.emit("gone", f"{what} was already gone")
+
+    def _delete_bucket(self, bucket: str, ctx: StepContext) -> None:
+        path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}"
+        listing = self.api.request("GET", "storage", f"{path}/o", f"objects of bucket {bucket}",
+                                   params={"versions": "true", "maxResults": "1000"})  # fmt: skip
+        objects = listing.get("items", [])
+        if objects and not ctx.options.delete_data:
+            raise Conflict(
+                f"bucket {bucket} still holds objects (database backups): rerun `down` with --delete-data "
+                "to delete them too"
+            )
+        while objects:
+            for item in objects:
+                name = urllib.parse.quote(str(item["name"]), safe="")
+                self.api.request("DELETE", "storage", f"{path}/o/{name}", f"object {item['name']}",
+                                 params={"generation": str(item.get("generation", ""))})  # fmt: skip
+            objects = self.api.request("GET", "storage", f"{path}/o", f"objects of bucket {bucket}",
+                                       params={"versions": "true", "maxResults": "1000"}).get("items", [])  # fmt: skip
+        self.api.request("DELETE", "storage", path, f"bucket {bucket}")
+
+    # -- status ------------------------------------------------------------------------------
+    def resource_exists(self, resource: ResourceRecord) -> bool:
+        paths = {
+            "compute/network": ("compute", resource.id), "compute/subnetwork": ("compute", resource.id),
+            "compute/router": ("compute", resource.id),
+            "artifactregistry/repository": ("artifactregistry", resource.id),
+            "container/cluster": ("container", resource.id),
+            "storage/bucket": ("storage", f"storage/v1/b/{urllib.parse.quote(resource.id, safe='')}"),
+            "helm/release": ("container", self._cluster_path()),
+        }  # fmt: skip
+        if resource.kind not in paths:
+            return False
+        service, path = paths[resource.kind]
+        return self.api.get(service, path, resource.label) is not None
+
+    # -- DNS ---------------------------------------------------------------------------------
+    def upsert_dns(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
+        from cmbcluster_gcp.dns import CloudDns
+
+        return CloudDns(self.api, project=self.project, zone=self.settings.dns_zone).upsert(records, dry_run=dry_run)
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()
+        self._infra.close()

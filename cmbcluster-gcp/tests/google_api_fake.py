@@ -1,0 +1,464 @@
+"""A local HTTP fake of the Google Cloud REST APIs `cmbcluster infra` calls (no emulator exists for them).
+
+A real HTTP server on 127.0.0.1 that serves, under one base URL, the paths of:
+
+- compute v1: networks, subnetworks, routers (global and regional operations)
+- container v1: clusters (and their operations)
+- artifactregistry v1: repositories (long-running operations)
+- storage v1: buckets and object listing/deletion
+- dns v1: managed zones, resource record sets, changes
+
+It checks what the documented APIs check and what our code relies on: the bearer token, JSON
+bodies with the documented field names and types, names that match the path, references to
+resources that exist, 409 on creating what exists, 404 on what does not, 400 when deleting
+what something else still uses (a network with subnetworks, a subnetwork under a cluster).
+Operations are RUNNING on their first read and DONE on the next, so callers must poll. Every
+request is recorded for assertions; ``fail_next`` injects an HTTP error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TOKEN = "fake-access-token"
+NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS"}.get(status, "")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+
+
+@dataclass
+class GoogleApiFake:
+    project: str
+    requests: list[Request] = field(default_factory=list)
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subnetworks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repositories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    buckets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    objects: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    zones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rrsets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[tuple[str, re.Pattern[str], int]] = field(default_factory=list)
+    url: str = ""
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- helpers for tests ---------------------------------------------------------------------
+    def fail_next(self, method: str, path_pattern: str, status: int) -> None:
+        self.failures.append((method, re.compile(path_pattern), status))
+
+    def calls(self, method: str, pattern: str) -> list[Request]:
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    def add_zone(self, name: str, dns_name: str) -> None:
+        self.zones[name] = {"kind": "dns#managedZone", "name": name, "dnsName": dns_name, "visibility": "public"}
+        self.rrsets[name] = [{"kind": "dns#resourceRecordSet", "name": dns_name, "type": "SOA", "ttl": 21600,
+                              "rrdatas": ["ns1. admin. 1 21600 3600 259200 300"]}]  # fmt: skip
+
+    def resource_count(self) -> int:
+        return sum(len(c) for c in (self.networks, self.subnetworks, self.routers, self.clusters, self.repositories,
+                                    self.buckets))  # fmt: skip
+
+    # -- operations ----------------------------------------------------------------------------
+    def _compute_operation(self, scope: str, target: str, kind: str) -> dict[str, Any]:
+        name = f"operation-{next(self._ids)}"
+        self_link = f"https://www.googleapis.com/compute/v1/projects/{self.project}/{scope}/operations/{name}"
+        op = {"kind": "compute#operation", "name": name, "operationType": kind, "status": "RUNNING",
+              "targetLink": target, "selfLink": self_link}  # fmt: skip
+        self.operations[urllib.parse.urlsplit(self_link).path] = op
+        return dict(op)
+
+    def _container_operation(self, location: str, kind: str) -> dict[str, Any]:
+        name = f"operation-{next(self._ids)}"
+        path = f"/v1/projects/{self.project}/locations/{location}/operations/{name}"
+        op = {"name": name, "operationType": kind, "status": "RUNNING",
+              "selfLink": f"https://container.googleapis.com{path}"}  # fmt: skip
+        self.operations[path] = op
+        return dict(op)
+
+    def _lro(self, location: str) -> dict[str, Any]:
+        name = f"projects/{self.project}/locations/{location}/operations/{next(self._ids)}"
+        op = {"name": name, "done": False}
+        self.operations[f"/v1/{name}"] = op
+        return dict(op)
+
+    def _poll(self, path: str) -> dict[str, Any]:
+        op = self.operations.get(path)
+        if op is None:
+            raise ApiError(404, f"operation {path} not found")
+        if op.get("status") == "RUNNING":
+            op["status"] = "DONE"
+            return {**op, "status": "RUNNING"}
+        if op.get("done") is False:
+            op["done"] = True
+            return {**op, "done": False}
+        return dict(op)
+
+    # -- request handling ----------------------------------------------------------------------
+    def handle(self, method: str, path: str, query: dict[str, str], body: Any, auth: str) -> tuple[int, Any]:
+        with self._lock:
+            self.requests.append(Request(method, path, query, body))
+            for index, (m, pattern, status) in enumerate(self.failures):
+                if m == method and pattern.search(path):
+                    del self.failures[index]
+                    return status, {"error": {"code": status, "message": "injected failure"}}
+            if auth != f"Bearer {TOKEN}":
+                return 401, {"error": {"code": 401, "message": "Request had invalid authentication credentials.",
+                                       "status": "UNAUTHENTICATED"}}  # fmt: skip
+            try:
+                return 200, self._route(method, path, query, body)
+            except ApiError as exc:
+                return exc.status, {"error": {"code": exc.status, "message": exc.message, "status": exc.reason}}
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
+        p = re.escape(self.project)
+        routes: list[tuple[str, str, Callable[..., Any]]] = [
+            ("GET", r"/compute/v1/projects/[^/]+/(?:global|regions/[^/]+)/operations/[^/]+", lambda: self._poll(path)),
+            ("GET", r"/v1/projects/[^/]+/locations/[^/]+/operations/[^/]+", lambda: self._poll(path)),
+            ("POST", rf"/compute/v1/projects/{p}/global/networks", lambda: self._create_network(body)),
+            ("GET", rf"/compute/v1/projects/{p}/global/networks/([^/]+)", lambda n: self._get(self.networks, n)),
+            ("DELETE", rf"/compute/v1/projects/{p}/global/networks/([^/]+)", self._delete_network),
+            ("POST", rf"/compute/v1/projects/{p}/regions/([^/]+)/subnetworks", lambda r: self._create_subnet(r, body)),
+            ("GET", rf"/compute/v1/projects/{p}/regions/[^/]+/subnetworks/([^/]+)",
+             lambda n: self._get(self.subnetworks, n)),
+            ("DELETE", rf"/compute/v1/projects/{p}/regions/([^/]+)/subnetworks/([^/]+)", self._delete_subnet),
+            ("POST", rf"/compute/v1/projects/{p}/regions/([^/]+)/routers", lambda r: self._create_router(r, body)),
+            ("GET", rf"/compute/v1/projects/{p}/regions/[^/]+/routers/([^/]+)", lambda n: self._get(self.routers, n)),
+            ("PATCH", rf"/compute/v1/projects/{p}/regions/([^/]+)/routers/([^/]+)",
+             lambda r, n: self._patch_router(r, n, body)),
+            ("DELETE", rf"/compute/v1/projects/{p}/regions/([^/]+)/routers/([^/]+)", self._delete_router),
+            ("POST", rf"/v1/projects/{p}/locations/([^/]+)/repositories",
+             lambda loc: self._create_repository(loc, query, body)),
+            ("GET", rf"/v1/projects/{p}/locations/[^/]+/repositories/([^/]+)",
+             lambda n: self._get(self.repositories, n)),
+            ("DELETE", rf"/v1/projects/{p}/locations/([^/]+)/repositories/([^/]+)", self._delete_repository),
+            ("POST", rf"/v1/projects/{p}/locations/([^/]+)/clusters", lambda loc: self._create_cluster(loc, body)),
+            ("GET", rf"/v1/projects/{p}/locations/[^/]+/clusters/([^/]+)", lambda n: self._get(self.clusters, n)),
+            ("DELETE", rf"/v1/projects/{p}/locations/([^/]+)/clusters/([^/]+)", self._delete_cluster),
+            ("POST", r"/storage/v1/b", lambda: self._create_bucket(query, body)),
+            ("GET", r"/storage/v1/b/([^/]+)", lambda n: self._get(self.buckets, n)),
+            ("GET", r"/storage/v1/b/([^/]+)/o", self._list_objects),
+            ("DELETE", r"/storage/v1/b/([^/]+)/o/([^/]+)", lambda b, o: self._delete_object(b, o, query)),
+            ("DELETE", r"/storage/v1/b/([^/]+)", self._delete_bucket),
+            ("GET", rf"/dns/v1/projects/{p}/managedZones", lambda: {"managedZones": list(self.zones.values())}),
+            ("GET", rf"/dns/v1/projects/{p}/managedZones/([^/]+)", lambda n: self._get(self.zones, n)),
+            ("GET", rf"/dns/v1/projects/{p}/managedZones/([^/]+)/rrsets", lambda z: self._rrsets(z, query)),
+            ("POST", rf"/dns/v1/projects/{p}/managedZones/([^/]+)/changes", lambda z: self._change(z, body)),
+        ]  # fmt: skip
+        for route_method, pattern, handler in routes:
+            match = re.fullmatch(pattern, path)
+            if match and route_method == method:
+                return handler(*(urllib.parse.unquote(g) for g in match.groups()))
+        raise ApiError(404, f"no such API: {method} {path}")
+
+    # -- validation helpers --------------------------------------------------------------------
+    @staticmethod
+    def _require(body: Any, fields: dict[str, type | tuple[type, ...]], allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        for name, kind in fields.items():
+            if name not in body:
+                raise ApiError(400, f"Invalid value for field '{name}': required")
+            if not isinstance(body[name], kind):
+                raise ApiError(400, f"Invalid value for field '{name}': {body[name]!r}")
+        unknown = set(body) - set(fields) - allowed
+        if unknown:
+            raise ApiError(400, f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r}")
+        return body
+
+    @staticmethod
+    def _name(name: Any) -> str:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ApiError(400, f"Invalid value for field 'resource.name': {name!r}. Must be a match of regex "
+                                "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")  # fmt: skip
+        return name
+
+    @staticmethod
+    def _get(store: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+        if name not in store:
+            raise ApiError(404, f"The resource '{name}' was not found")
+        return store[name]
+
+    def _ref(self, store: dict[str, dict[str, Any]], reference: Any, collection: str) -> str:
+        """A reference such as projects/<p>/global/networks/<n> (partial or full URL) to something that exists."""
+        match = re.search(rf"projects/{re.escape(self.project)}/(?:global|regions/[^/]+)/{collection}/([^/]+)$",
+                          str(reference))  # fmt: skip
+        if not match or match.group(1) not in store:
+            raise ApiError(400, f"Invalid value for field: {reference!r}: the {collection} resource was not found")
+        return match.group(1)
+
+    # -- compute -------------------------------------------------------------------------------
+    def _create_network(self, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"name": str, "autoCreateSubnetworks": bool},
+                             {"description", "routingConfig", "mtu"})  # fmt: skip
+        name = self._name(body["name"])
+        if body["autoCreateSubnetworks"]:
+            raise ApiError(400, "this fake expects custom-mode networks")
+        if name in self.networks:
+            raise ApiError(409, f"The resource 'projects/{self.project}/global/networks/{name}' already exists")
+        link = f"https://www.googleapis.com/compute/v1/projects/{self.project}/global/networks/{name}"
+        self.networks[name] = {"kind": "compute#network", **body, "selfLink": link}
+        return self._compute_operation("global", link, "insert")
+
+    def _delete_network(self, name: str) -> dict[str, Any]:
+        self._get(self.networks, name)
+        users = [s for s, sub in self.subnetworks.items() if sub["network"].endswith(f"/networks/{name}")]
+        users += [r for r, router in self.routers.items() if router["network"].endswith(f"/networks/{name}")]
+        if users:
+            raise ApiError(400, f"The network resource '{name}' is already being used by '{users[0]}'",
+                           "resourceInUseByAnotherResource")  # fmt: skip
+        link = self.networks.pop(name)["selfLink"]
+        return self._compute_operation("global", link, "delete")
+
+    def _create_subnet(self, region: str, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"name": str, "network": str, "ipCidrRange": str},
+                             {"region", "privateIpGoogleAccess", "secondaryIpRanges", "description"})  # fmt: skip
+        name = self._name(body["name"])
+        self._ref(self.networks, body["network"], "networks")
+        for extra in body.get("secondaryIpRanges", []):
+            self._require(extra, {"rangeName": str, "ipCidrRange": str}, set())
+        if name in self.subnetworks:
+            raise ApiError(409, f"The resource 'projects/{self.project}/regions/{region}/subnetworks/{name}' "
+                                "already exists")  # fmt: skip
+        link = f"https://www.googleapis.com/compute/v1/projects/{self.project}/regions/{region}/subnetworks/{name}"
+        self.subnetworks[name] = {"kind": "compute#subnetwork", **body, "region": region, "selfLink": link}
+        return self._compute_operation(f"regions/{region}", link, "insert")
+
+    def _delete_subnet(self, region: str, name: str) -> dict[str, Any]:
+        self._get(self.subnetworks, name)
+        users = [c for c, cluster in self.clusters.items() if cluster["subnetwork"].endswith(f"/subnetworks/{name}")]
+        if users:
+            raise ApiError(400, f"The subnetwork resource '{name}' is already being used by cluster '{users[0]}'",
+                           "resourceInUseByAnotherResource")  # fmt: skip
+        link = self.subnetworks.pop(name)["selfLink"]
+        return self._compute_operation(f"regions/{region}", link, "delete")
+
+    def _check_nats(self, nats: Any) -> None:
+        if not isinstance(nats, list):
+            raise ApiError(400, "Invalid value for field 'nats'")
+        for nat in nats:
+            self._require(nat, {"name": str, "natIpAllocateOption": str, "sourceSubnetworkIpRangesToNat": str},
+                          {"logConfig", "natIps", "subnetworks"})  # fmt: skip
+            if nat["natIpAllocateOption"] not in ("AUTO_ONLY", "MANUAL_ONLY"):
+                raise ApiError(400, f"Invalid value for field 'natIpAllocateOption': {nat['natIpAllocateOption']!r}")
+
+    def _create_router(self, region: str, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"name": str, "network": str}, {"region", "nats", "bgp", "description"})
+        name = self._name(body["name"])
+        self._ref(self.networks, body["network"], "networks")
+        self._check_nats(body.get("nats", []))
+        if name in self.routers:
+            raise ApiError(
+                409, f"The resource 'projects/{self.project}/regions/{region}/routers/{name}' already exists"
+            )
+        link = f"https://www.googleapis.com/compute/v1/projects/{self.project}/regions/{region}/routers/{name}"
+        self.routers[name] = {"kind": "compute#router", **body, "region": region, "selfLink": link}
+        return self._compute_operation(f"regions/{region}", link, "insert")
+
+    def _patch_router(self, region: str, name: str, body: Any) -> dict[str, Any]:
+        router = self._get(self.routers, name)
+        self._check_nats(body.get("nats", []))
+        router.update(body)
+        return self._compute_operation(f"regions/{region}", router["selfLink"], "patch")
+
+    def _delete_router(self, region: str, name: str) -> dict[str, Any]:
+        link = self._get(self.routers, name)["selfLink"]
+        del self.routers[name]
+        return self._compute_operation(f"regions/{region}", link, "delete")
+
+    # -- artifact registry ---------------------------------------------------------------------
+    def _create_repository(self, location: str, query: dict[str, str], body: Any) -> dict[str, Any]:
+        repository_id = query.get("repositoryId", "")
+        if not NAME.match(repository_id):
+            raise ApiError(400, "repositoryId is required and must be a valid repository id")
+        body = self._require(body, {"format": str}, {"description", "labels", "mode", "kmsKeyName"})
+        if body["format"] not in ("DOCKER", "MAVEN", "NPM", "PYTHON", "APT", "YUM", "GO"):
+            raise ApiError(400, f"invalid format {body['format']!r}")
+        if repository_id in self.repositories:
+            raise ApiError(409, "the repository already exists")
+        name = f"projects/{self.project}/locations/{location}/repositories/{repository_id}"
+        self.repositories[repository_id] = {**body, "name": name}
+        return self._lro(location)
+
+    def _delete_repository(self, location: str, name: str) -> dict[str, Any]:
+        self._get(self.repositories, name)
+        del self.repositories[name]
+        return self._lro(location)
+
+    # -- container -----------------------------------------------------------------------------
+    def _create_cluster(self, location: str, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"cluster": dict}, {"parent"})
+        cluster = self._require(
+            body["cluster"], {"name": str, "network": str, "subnetwork": str, "nodePools": list},
+            {"description", "resourceLabels", "ipAllocationPolicy", "privateClusterConfig", "workloadIdentityConfig",
+             "addonsConfig", "releaseChannel", "initialClusterVersion"},
+        )  # fmt: skip
+        name = self._name(cluster["name"])
+        self._ref(self.networks, cluster["network"], "networks")
+        subnet = self.subnetworks[self._ref(self.subnetworks, cluster["subnetwork"], "subnetworks")]
+        ranges = {r["rangeName"] for r in subnet.get("secondaryIpRanges", [])}
+        policy = cluster.get("ipAllocationPolicy", {})
+        for key in ("clusterSecondaryRangeName", "servicesSecondaryRangeName"):
+            if policy.get(key) and policy[key] not in ranges:
+                raise ApiError(400, f"secondary range {policy[key]!r} not found in subnetwork {subnet['name']}")
+        pool = cluster.get("workloadIdentityConfig", {}).get("workloadPool")
+        if pool is not None and pool != f"{self.project}.svc.id.goog":
+            raise ApiError(400, f"workload pool must be {self.project}.svc.id.goog")
+        for node_pool in cluster["nodePools"]:
+            self._require(node_pool, {"name": str, "initialNodeCount": int, "config": dict},
+                          {"autoscaling", "management", "locations"})  # fmt: skip
+        if name in self.clusters:
+            raise ApiError(409, f"Already exists: projects/{self.project}/locations/{location}/clusters/{name}")
+        self.clusters[name] = {
+            **cluster, "location": location, "status": "RUNNING", "endpoint": "203.0.113.10",
+            "masterAuth": {"clusterCaCertificate": "LS0tLS1CRUdJTi1GQUtF"},
+        }  # fmt: skip
+        return self._container_operation(location, "CREATE_CLUSTER")
+
+    def _delete_cluster(self, location: str, name: str) -> dict[str, Any]:
+        self._get(self.clusters, name)
+        del self.clusters[name]
+        return self._container_operation(location, "DELETE_CLUSTER")
+
+    # -- storage -------------------------------------------------------------------------------
+    def _create_bucket(self, query: dict[str, str], body: Any) -> dict[str, Any]:
+        if query.get("project") != self.project:
+            raise ApiError(400, "Required parameter: project")
+        body = self._require(body, {"name": str}, {"location", "storageClass", "labels", "versioning",
+                                                   "iamConfiguration"})  # fmt: skip
+        if body["name"] in self.buckets:
+            raise ApiError(409, "Your previous request to create the named bucket succeeded and you already own it.")
+        self.buckets[body["name"]] = {"kind": "storage#bucket", "id": body["name"], **body}
+        self.objects[body["name"]] = []
+        return self.buckets[body["name"]]
+
+    def _list_objects(self, bucket: str) -> dict[str, Any]:
+        self._get(self.buckets, bucket)
+        return {"kind": "storage#objects", "items": list(self.objects[bucket])}
+
+    def _delete_object(self, bucket: str, name: str, query: dict[str, str]) -> dict[str, Any]:
+        before = len(self.objects.get(bucket, []))
+        generation = query.get("generation")
+        kept = [o for o in self.objects.get(bucket, []) if (o["name"], str(o["generation"])) != (name, generation)]
+        self.objects[bucket] = kept
+        if len(self.objects[bucket]) == before:
+            raise ApiError(404, "No such object")
+        return {}
+
+    def _delete_bucket(self, bucket: str) -> dict[str, Any]:
+        self._get(self.buckets, bucket)
+        if self.objects[bucket]:
+            raise ApiError(409, "The bucket you tried to delete is not empty.", "conflict")
+        del self.buckets[bucket], self.objects[bucket]
+        return {}
+
+    # -- dns -----------------------------------------------------------------------------------
+    def _rrsets(self, zone: str, query: dict[str, str]) -> dict[str, Any]:
+        self._get(self.zones, zone)
+        found = [r for r in self.rrsets[zone] if r["name"] == query.get("name", r["name"])
+                 and r["type"] == query.get("type", r["type"])]  # fmt: skip
+        return {"rrsets": found}
+
+    def _change(self, zone: str, body: Any) -> dict[str, Any]:
+        self._get(self.zones, zone)
+        body = self._require(body, {}, {"kind", "additions", "deletions"})
+        current = self.rrsets[zone]
+        for deletion in body.get("deletions", []):
+            if deletion not in current:
+                raise ApiError(412, "deletion does not match the current record set", "conditionNotMet")
+        remaining = [r for r in current if r not in body.get("deletions", [])]
+        for addition in body.get("additions", []):
+            self._require(addition, {"name": str, "type": str, "ttl": int, "rrdatas": list}, {"kind"})
+            if not addition["name"].endswith(self.zones[zone]["dnsName"]):
+                raise ApiError(400, f"{addition['name']} is not in the zone")
+            if addition["type"] == "CNAME" and not all(v.endswith(".") for v in addition["rrdatas"]):
+                raise ApiError(400, "CNAME data must be a fully qualified name")
+            if any(r["name"] == addition["name"] and r["type"] == addition["type"] for r in remaining):
+                raise ApiError(409, f"The resource record set '{addition['name']}' already exists")
+            remaining.append(addition)
+        self.rrsets[zone] = remaining
+        return {"kind": "dns#change", "status": "done", **body}
+
+
+def _handler(fake: GoogleApiFake) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            parts = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(parts.query))
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if parts.path == "/token":  # OAuth 2.0 token endpoint for application default credentials
+                form = dict(urllib.parse.parse_qsl(raw.decode()))
+                fake.requests.append(Request(self.command, parts.path, {}, {"grant_type": form.get("grant_type")}))
+                self._reply(200, {"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"})
+                return
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                status, payload = 400, {"error": {"code": 400, "message": "Invalid JSON payload received."}}
+            else:
+                if raw and self.headers.get("Content-Type", "").split(";")[0] != "application/json":
+                    status, payload = 400, {"error": {"code": 400, "message": "Content-Type must be JSON"}}
+                else:
+                    status, payload = fake.handle(self.command, parts.path, query, body,
+                                                  self.headers.get("Authorization", ""))  # fmt: skip
+            self._reply(status, payload)
+
+        def _reply(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = do_PATCH = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+class FakeServer:
+    """Serves a :class:`GoogleApiFake` on 127.0.0.1 (a free port) until ``stop()``."""
+
+    def __init__(self, fake: GoogleApiFake) -> None:
+        self.fake = fake
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+        host, port = self.httpd.server_address[:2]
+        self.url = fake.url = f"http://{host!s}:{port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
