@@ -86,7 +86,7 @@ export default function DashboardPage() {
                   <li key={env.id}>
                     <StatusBadge status={env.status} /> {env.name}{" "}
                     {env.status === "running" && env.url ? (
-                      <a href={env.url} target="_blank" rel="noopener noreferrer">
+                      <a href={env.url} target="_blank" rel="noopener noreferrer" aria-label={`Open ${env.name}`}>
                         Open
                       </a>
                     ) : null}
