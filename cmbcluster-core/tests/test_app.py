@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import pytest
+import sqlalchemy.exc
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cmbcluster import hookimpl
+from cmbcluster.api.errors import install_error_handlers
 from cmbcluster.app import create_app
 from cmbcluster.errors import LimitExceeded, NotFound, ProviderUnavailable
 from cmbcluster.local.storage import LocalStorage
@@ -119,3 +124,28 @@ def test_typed_errors_become_clear_statuses_and_unexpected_ones_hide_details(set
         crash = client.get("/boom/crash")
         assert crash.status_code == 500
         assert "hunter2" not in crash.text and "Traceback" not in crash.text
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (sqlalchemy.exc.TimeoutError("QueuePool limit of size 40 overflow 10 reached"), 503),
+        (sqlalchemy.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked")), 503),
+        (sqlalchemy.exc.OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: x")), 500),
+    ],
+)
+def test_an_overloaded_database_answers_503_with_retry_after(error: Exception, status: int) -> None:
+    """Every connection busy or SQLite's lock wait used up is overload: 503, retry later, never a traceback."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise error
+
+    response = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert response.status_code == status
+    assert "Traceback" not in response.text
+    if status == 503:
+        assert response.headers["Retry-After"] == "2"
+        assert response.json()["error"] == "busy"

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,19 +157,22 @@ def _installed_stamp(env: dict[str, str]) -> Path:
     return Path(home) / "bin" / ".installed"
 
 
-def _install(request: pytest.FixtureRequest, env: dict[str, str]) -> None:
+class ClusterError(RuntimeError):
+    """The test cluster could not be installed, started or stopped (the message says why)."""
+
+
+def _install(env: dict[str, str], live_output: Callable[[], contextlib.AbstractContextManager[object]]) -> None:
     if _installed_stamp(env).exists():
         r = _cluster_sh("install", env, 60)
         if r.returncode:
-            pytest.fail(f"tests/k8s/cluster.sh install failed:\n{r.stderr}", pytrace=False)
+            raise ClusterError(f"tests/k8s/cluster.sh install failed:\n{r.stderr}")
         return
     # first build (minutes): show its progress live instead of capturing it
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+    with live_output():
         print("\nbuilding the Kubernetes test cluster once (about 4 minutes on 2 cores)", file=sys.stderr, flush=True)
         r = _cluster_sh("install", env, INSTALL_TIMEOUT, capture=False)
     if r.returncode:
-        pytest.fail("tests/k8s/cluster.sh install failed: see its output above", pytrace=False)
+        raise ClusterError("tests/k8s/cluster.sh install failed: see its output above")
 
 
 def _logs(run_dir: Path) -> str:
@@ -180,9 +183,15 @@ def _logs(run_dir: Path) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture(scope="session")
-def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
-    """A running Kubernetes 1.20 control plane with one fake node, shared by the whole test session."""
+@contextlib.contextmanager
+def running_cluster(
+    live_output: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+) -> Iterator[K8sCluster]:
+    """Install (once), start a cluster on free 127.0.0.1 ports, and stop it on leaving, also on errors.
+
+    For pytest use the ``k8s_cluster`` fixture; benchmarks and scripts use this directly. Its state
+    directory is removed afterwards unless something failed (its logs are kept for reading).
+    """
     # Not under pytest's basetemp: other pytest sessions of the same user prune it, PID files included.
     run_dir = Path(tempfile.mkdtemp(prefix="cmbcluster-k8s-"))
     api_port, etcd_port, peer_port = _free_ports(3)
@@ -198,15 +207,17 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
         K8S_CP_TOKEN=cp_token,
         K8S_OWNER_PID=str(os.getpid()),  # its watchdog stops the cluster if this process dies before teardown
     )
-    _install(request, env)
+    _install(env, live_output)
+    failed = True
     try:
         r = _cluster_sh("up", env, 300)
         if r.returncode:
-            pytest.fail(f"tests/k8s/cluster.sh up failed:\n{r.stderr}\n{_logs(run_dir)}", pytrace=False)
+            raise ClusterError(f"tests/k8s/cluster.sh up failed:\n{r.stderr}\n{_logs(run_dir)}")
         exports = dict(
             line[len("export ") :].split("=", 1) for line in r.stdout.splitlines() if line.startswith("export ")
         )
-        assert exports.get("CMBCLUSTER_K8S_CP_TOKEN") == cp_token, r.stdout
+        if exports.get("CMBCLUSTER_K8S_CP_TOKEN") != cp_token:
+            raise ClusterError(f"cluster.sh up printed an unexpected control-plane token:\n{r.stdout}")
         bin_dir = _installed_stamp(env).parent
         kubeconfig = run_dir / "kubeconfig"
         yield K8sCluster(
@@ -225,12 +236,35 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
             },
             script_env=env,
         )
+        failed = False
     finally:
         r = _cluster_sh("down", env, 120)
         if r.returncode:
-            pytest.fail(
-                f"tests/k8s/cluster.sh down failed (processes may be left; PIDs in {run_dir}):\n{r.stderr}",
-                pytrace=False,
+            raise ClusterError(
+                f"tests/k8s/cluster.sh down failed (processes may be left; PIDs in {run_dir}):\n{r.stderr}"
             )
-        if not (sys.exc_info()[0] or request.session.testsfailed):
-            shutil.rmtree(run_dir, ignore_errors=True)  # kept, with its logs, when something failed
+        if not failed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
+    """A running Kubernetes 1.20 control plane with one fake node, shared by the whole test session."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+
+    def live_output() -> contextlib.AbstractContextManager[object]:
+        return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+
+    try:
+        with running_cluster(live_output) as cluster:
+            yield cluster
+            if request.session.testsfailed:
+                raise _KeepLogs  # a failed test's cluster logs stay in its run directory
+    except _KeepLogs:
+        pass
+    except ClusterError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+class _KeepLogs(Exception):
+    pass

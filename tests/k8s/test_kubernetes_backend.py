@@ -295,11 +295,15 @@ def test_owned_objects_are_labelled_and_garbage_collectable(
         namespace, label_selector=f"{ENVIRONMENT_LABEL}={environment_id}"
     ).items
     (pv,) = admin.list_persistent_volume(label_selector=f"{ENVIRONMENT_LABEL}={environment_id}").items
-    for obj in (service, secret, pvc):
+    # the Secret is the root: it owns everything else of the environment, so deleting it collects the rest
+    assert not secret.metadata.owner_references
+    for obj in (pod, service, secret, pvc):
         assert obj.metadata.labels[MANAGED_BY] == "cmbcluster"
         assert obj.metadata.labels["cmbcluster.io/user-id"] == USER.id
-        assert [(o.kind, o.name, o.uid) for o in obj.metadata.owner_references] == [("Pod", name, pod.metadata.uid)]
-    assert service.spec.type == "ClusterIP"
+    for obj in (pod, service, pvc):
+        owners = [(o.kind, o.name, o.uid) for o in obj.metadata.owner_references]
+        assert owners == [("Secret", name, secret.metadata.uid)]
+    assert service.spec.type == "ClusterIP" and service.spec.cluster_ip == "None"  # headless: no virtual IP
     assert [(p.port, p.target_port) for p in service.spec.ports] == [(80, 8888)]
     assert service.spec.selector == {MANAGED_BY: "cmbcluster", ENVIRONMENT_LABEL: environment_id}
     assert secret.type == "Opaque"
@@ -327,8 +331,8 @@ def test_ingress_routes_the_owner_only(started: tuple[str, Any], admin: k8s.Core
     environment_id, _ = started
     name = object_name(environment_id)
     ingress = k8s.NetworkingV1Api(admin.api_client).read_namespaced_ingress(name, namespace)
-    pod = admin.read_namespaced_pod(name, namespace)
-    assert [(o.kind, o.uid) for o in ingress.metadata.owner_references] == [("Pod", pod.metadata.uid)]
+    secret = admin.read_namespaced_secret(name, namespace)
+    assert [(o.kind, o.uid) for o in ingress.metadata.owner_references] == [("Secret", secret.metadata.uid)]
     assert ingress.spec.ingress_class_name == "nginx"
     (rule,) = ingress.spec.rules
     assert rule.host == f"{name}.envs.example.org"
@@ -411,6 +415,21 @@ def test_foreign_object_of_our_name_is_replaced(backend: KubernetesCompute, admi
     running(backend, environment_id)
     backend.delete(environment_id)
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), what="cleanup")
+
+
+def test_deleting_the_root_secret_collects_the_rest(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    """If everything but the ownership were lost, Kubernetes' garbage collector still cleans up."""
+    environment_id = new_id()
+    backend.start(make_spec(environment_id))
+    running(backend, environment_id)
+    admin.delete_namespaced_secret(object_name(environment_id), backend.namespace, propagation_policy="Background")
+
+    def left() -> list[str]:
+        return [o for o in labelled_objects(admin, backend.namespace, environment_id) if "PersistentVolume/" not in o]
+
+    wait_for(lambda: not left(), 60, "the garbage collector to remove the owned objects")
+    backend.delete(environment_id)  # the cluster-scoped volume, by label
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
 def test_stop_and_delete_leave_nothing(
@@ -618,8 +637,8 @@ def test_rbac_is_minimal() -> None:
         assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
         if "update" in rule["verbs"]:  # only the compare-and-swap of the leader Lease
             assert rule["resources"] == ["leases"]
-        if "patch" in rule["verbs"]:  # owners of what the pod needs first; a user's identity annotations
-            assert set(rule["resources"]) <= {"secrets", "persistentvolumeclaims", "serviceaccounts"}
+        if "patch" in rule["verbs"]:  # a user's identity annotations, nothing else
+            assert rule["resources"] == ["serviceaccounts"]
         assert "roles" not in rule["resources"] and "rolebindings" not in rule["resources"]
     assert rbac.CLUSTER_RULES == [
         {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "list", "create", "delete"]}

@@ -72,6 +72,10 @@ async def get_principal(
     else:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
     user, session_id = sessions.authenticate(db, token)
+    # End the read transaction: its connection goes back to the pool instead of staying with a
+    # request that may wait long for a worker thread or a cluster call (200 concurrent creates
+    # would otherwise hold 200 connections). Loaded objects stay usable (expire_on_commit=False).
+    db.commit()
     return Principal(user=user, session_id=session_id, via_cookie=via_cookie)
 
 

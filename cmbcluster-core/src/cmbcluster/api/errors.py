@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from cmbcluster.errors import CmbclusterError, LimitExceeded
 
@@ -40,6 +42,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.http_status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(OperationalError)
+    async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+        # Every connection busy, or SQLite's lock wait used up: overload, not a bug. Nothing
+        # was written (the transaction rolled back), so the client may simply retry.
+        if isinstance(exc, OperationalError) and "locked" not in str(exc.orig):
+            return await _unexpected(request, exc)
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            error_body("busy", "the server is busy; nothing was changed, try again shortly"),
+            status_code=503, headers={"Retry-After": "2"},
+        )  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -122,8 +122,8 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "Ingress": ("networking", "ingress", True),
     "NetworkPolicy": ("networking", "network_policy", True),
 }
-#: what stop/delete look for by label, pods first (deleting it garbage-collects the rest)
-_CLEANUP_ORDER = ("Pod", "Ingress", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume")
+#: what stop/delete remove by name, the pod first: it is what the user pays for
+_BY_NAME = ("Pod", "Ingress", "Service", "Secret")
 #: how long a start waits for the pod watch to be in step before reading pods directly
 _SYNC_WAIT_SECONDS = 2.0
 
@@ -498,7 +498,11 @@ class KubernetesCompute(ComputeBackend):
             "kind": "Service",
             "metadata": {"name": name, "labels": dict(labels)},
             "spec": {
+                # Headless: the ingress controller routes to the pod's endpoint directly, so a
+                # virtual IP would only cost an allocation (serialised in the API server: it was
+                # the slowest call of a start) and a set of kube-proxy rules per environment.
                 "type": "ClusterIP",
+                "clusterIP": "None",
                 "selector": {MANAGED_BY: MANAGED_BY_VALUE, ENVIRONMENT_LABEL: labels[ENVIRONMENT_LABEL]},
                 "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": port, "protocol": "TCP"}],
             },
@@ -570,35 +574,35 @@ class KubernetesCompute(ComputeBackend):
         self._ensure_network_policy()
         if spec.identity is not None and spec.identity.service_account:
             self._ensure_service_account(spec)
-        # What the pod needs (its Secret, volumes and claims) exists before the pod, so the
-        # scheduler and the kubelet never wait on a missing object; the namespaced ones then get
-        # the pod as owner (one patch each); the Service and Ingress are created owned.
-        # PersistentVolumes are cluster-scoped and cannot be owned by a pod: stop/delete remove
-        # them by label.
-        before_pod = [obj for obj in extras if obj["kind"] == "PersistentVolume"]
-        before_pod += [secret] + [obj for obj in extras if obj["kind"] != "PersistentVolume"]
-        created = [(obj, self._ensure(obj, labels)) for obj in before_pod]
-        pod = self._ensure(pod_manifest, labels)
-        self.pods.put(pod)  # readers see it before its watch event arrives
-        pod_meta = _meta(pod)
+        # The Secret is the environment's root object: created first, it owns everything else
+        # (created owned, so no second call to set owners), and deleting it garbage-collects the
+        # rest. What the pod needs (Secret, volumes, claims) exists before the pod, so neither
+        # the scheduler nor the kubelet waits on a missing object; Service and Ingress follow the
+        # pod, which is what the user waits for. PersistentVolumes are cluster-scoped and cannot
+        # be owned by a namespaced object: stop/delete remove them by label.
+        for volume in (obj for obj in extras if obj["kind"] == "PersistentVolume"):
+            self._ensure(volume, labels)
+        root = self._ensure(secret, labels)
+        root_meta = _meta(root)
         owner = {
             "apiVersion": "v1",
-            "kind": "Pod",
-            "name": pod_meta.get("name", draft.name),
-            "uid": pod_meta.get("uid", ""),
+            "kind": "Secret",
+            "name": root_meta.get("name", draft.name),
+            "uid": root_meta.get("uid", ""),
             "blockOwnerDeletion": False,
         }
-        for obj, current in created:
-            if obj["kind"] != "PersistentVolume" and not _owned_by(current, owner["uid"]):
-                name = _meta(obj)["name"]
-                body = {"metadata": {"ownerReferences": [owner]}}  # a strategic merge: other owners are kept
-                self._patch(obj["kind"], name, body, what=f"setting the owner of {obj['kind']} {name}")
-        for routed in (
+        owned = [obj for obj in extras if obj["kind"] != "PersistentVolume"] + [pod_manifest]
+        owned += [
             self.build_service(draft.name, labels, draft.port),
             self.exposure.ingress(draft.name, spec.environment_id, labels),
-        ):
-            routed["metadata"]["ownerReferences"] = [owner]
-            self._ensure(routed, labels, owner_uid=owner["uid"])
+        ]
+        pod: dict[str, Any] = {}
+        for obj in owned:
+            obj["metadata"]["ownerReferences"] = [owner]
+            current = self._ensure(obj, labels, owner_uid=owner["uid"])
+            if obj["kind"] == "Pod":
+                pod = current
+                self.pods.put(pod)  # readers see it before its watch event arrives
         return self._status_from_pod(spec.environment_id, pod)
 
     def _ensure_network_policy(self) -> None:
@@ -648,17 +652,22 @@ class KubernetesCompute(ComputeBackend):
         self._remove(environment_id)
 
     def _remove(self, environment_id: str) -> None:
-        """Delete the pod (background propagation garbage-collects what it owns) and, so nothing
-        is left when an owner reference is missing, every object with the environment's label,
-        PersistentVolumes included. 404s are ignored: removing twice is fine."""
+        """Delete the environment's objects by name, the pod first (no waiting on the garbage
+        collector), and its claims and volumes by label; deleting the root Secret also
+        garbage-collects anything left. 404s are ignored: removing twice is fine."""
         name = object_name(environment_id)
-        selector = environment_selector(environment_id)
-        self._delete("Pod", name)
-        for kind in _CLEANUP_ORDER:
-            for obj in self._list(kind, selector):
-                meta = _meta(obj)
-                if meta.get("name") and not meta.get("deletionTimestamp"):
-                    self._delete(kind, str(meta["name"]))
+        pod = self._pod(environment_id)
+        for kind in _BY_NAME:
+            self._delete(kind, name)
+        claims = None if pod is None else [v for v in (pod.get("spec") or {}).get("volumes") or []
+                                           if isinstance(v, dict) and v.get("persistentVolumeClaim")]  # fmt: skip
+        if claims is None or claims:  # the pod is gone or unknown, or it had claims: find them by label
+            selector = environment_selector(environment_id)
+            for kind in ("PersistentVolumeClaim", "PersistentVolume"):
+                for obj in self._list(kind, selector):
+                    meta = _meta(obj)
+                    if meta.get("name") and not meta.get("deletionTimestamp"):
+                        self._delete(kind, str(meta["name"]))
 
     def _watch(self) -> None:
         """Start the pod and event watches (first use); wait briefly for the first list."""
@@ -722,10 +731,6 @@ class KubernetesCompute(ComputeBackend):
             log.debug("closing the kubernetes client failed", exc_info=True)
 
     # -- status ------------------------------------------------------------------------------------
-    def service_url(self, environment_id: str) -> str:
-        """The environment inside the cluster (what the ingress forwards to)."""
-        return f"http://{object_name(environment_id)}.{self.namespace}.svc:{SERVICE_PORT}/"
-
     def environment_url(self, environment_id: str) -> str:
         """What the user opens: through the ingress, behind the owner-only auth check."""
         return self.exposure.url(object_name(environment_id), environment_id)

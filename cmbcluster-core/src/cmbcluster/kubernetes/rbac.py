@@ -12,9 +12,9 @@ tests, which run the backend with a token bound to exactly these rules and nothi
 Verbs, and why: ``create`` (start), ``get`` (status, and adopting an object that already
 exists on a 409), ``list`` and ``watch`` (the pod and event caches that keep status current,
 ``list_managed``, and finding every object of an environment by label on stop/delete),
-``delete`` (stop/delete, replacing a foreign object of our name), ``patch`` on secrets and
-claims (created before the pod, then given the pod as owner) and on service accounts (a user's
-identity annotations change when their cloud role does). Service accounts are per user and
+``delete`` (stop/delete, replacing a foreign object of our name), ``patch`` on service
+accounts only (a user's identity annotations change when their cloud role does; everything of
+an environment is created owned by its Secret, so nothing else is patched). Service accounts are per user and
 outlive environments, so there is no ``delete`` on them; the namespace's one NetworkPolicy is
 only ever created (an existing one, e.g. the Helm chart's, is kept). Leases: ``get``, ``create`` and
 ``update`` of the one leader-election Lease (``update`` because taking over an expired lease
@@ -35,7 +35,7 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
     {
         "apiGroups": [""],
         "resources": ["secrets", "persistentvolumeclaims"],
-        "verbs": ["get", "list", "create", "delete", "patch"],
+        "verbs": ["get", "list", "create", "delete"],
     },
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},

@@ -256,7 +256,9 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
     """Hand a reserved environment to the compute backend (blocking). Failures become status
     ``failed`` with the reason, and free the start slot."""
     try:
-        status = context.compute.start(build_spec(db, context, env))
+        spec = build_spec(db, context, env)
+        db.commit()  # no connection held during the cluster calls, which may take seconds
+        status = context.compute.start(spec)
     except CmbclusterError as exc:
         mark_failed(db, env, exc.message)
         return

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -87,11 +87,41 @@ class LogsOut(BaseModel):
 
 
 _JSON = TypeAdapter(Any)
+T = TypeVar("T")
 
 
-async def _start(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
-    await run_in_threadpool(envs.reserve_start, db, context, user, env)
-    await run_in_threadpool(envs.launch, db, context, env)
+async def _in_worker(db: DbSession, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking service code (cluster and cloud calls) in a worker thread, ending this
+    request's read transaction first: under load a request may wait long for a thread, and must
+    not hold a pool connection meanwhile (200 concurrent creates would need 200 connections)."""
+    db.commit()
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def _start_now(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
+    envs.reserve_start(db, context, user, env)
+    envs.launch(db, context, env)
+
+
+def _restart(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
+    if env.status in envs.ACTIVE_STATUSES:
+        envs.stop(db, context, env, actor_id=user.id, reason="restarting")
+    _start_now(db, context, user, env)
+
+
+def _create(
+    db: DbSession, context: AppContext, user: User, request: envs.EnvironmentRequest, start: bool
+) -> Environment:
+    env = envs.create(db, context, user, request)
+    if start:
+        try:
+            envs.reserve_start(db, context, user, env)
+        except (Conflict, LimitExceeded):
+            # refused by a limit: leave nothing behind, so retrying the same request is all it takes
+            _delete_unstarted(db, env.id)
+            raise
+        envs.launch(db, context, env)
+    return env
 
 
 def _json(payload: Any, status_code: int = 200) -> Response:
@@ -109,15 +139,7 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
         application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
-    env = await run_in_threadpool(envs.create, db, context, user, request)
-    if body.start:
-        try:
-            await run_in_threadpool(envs.reserve_start, db, context, user, env)
-        except (Conflict, LimitExceeded):
-            # refused by a limit: leave nothing behind, so retrying the same request is all it takes
-            await run_in_threadpool(_delete_unstarted, db, env.id)
-            raise
-        await run_in_threadpool(envs.launch, db, context, env)
+    env = await _in_worker(db, _create, db, context, user, request, body.start)
     return _answer(db, context, user, env, 201)
 
 
@@ -150,7 +172,7 @@ def authorize(
 async def get_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     if env.status in envs.ACTIVE_STATUSES:
-        status = await run_in_threadpool(context.compute.status, env.id)
+        status = await _in_worker(db, context.compute.status, env.id)
         if envs.apply_status(db, env, status):
             db.commit()
     return _answer(db, context, user, env)
@@ -159,30 +181,28 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
 @router.post("/{environment_id}/start", response_model=EnvironmentOut, summary="Start a stopped environment")
 async def start_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _start(db, context, user, env)
+    await _in_worker(db, _start_now, db, context, user, env)
     return _answer(db, context, user, env)
 
 
 @router.post("/{environment_id}/stop", response_model=EnvironmentOut, summary="Stop; every choice is kept")
 async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await run_in_threadpool(envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
+    await _in_worker(db, envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
     return _answer(db, context, user, env)
 
 
 @router.post("/{environment_id}/restart", response_model=EnvironmentOut, summary="Stop and start with the same choices")
 async def restart_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    if env.status in envs.ACTIVE_STATUSES:
-        await run_in_threadpool(envs.stop, db, context, env, actor_id=user.id, reason="restarting")
-    await _start(db, context, user, env)
+    await _in_worker(db, _restart, db, context, user, env)
     return _answer(db, context, user, env)
 
 
 @router.delete("/{environment_id}", status_code=204, summary="Delete the environment (its buckets stay)")
 async def delete_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await run_in_threadpool(envs.remove, db, context, env, actor_id=user.id)
+    await _in_worker(db, envs.remove, db, context, env, actor_id=user.id)
     return Response(status_code=204)
 
 
@@ -204,7 +224,7 @@ async def environment_logs(
     tail: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> LogsOut:
     env = envs.get_owned(db, user, environment_id)
-    return LogsOut(lines=await run_in_threadpool(context.compute.logs, env.id, tail=tail))
+    return LogsOut(lines=await _in_worker(db, context.compute.logs, env.id, tail=tail))
 
 
 @router.get(
