@@ -91,6 +91,8 @@ def prepare(context: AppContext) -> None:
     upgrade(context.engine)
     with context.sessions() as db:
         seed_catalog(db, context.config.compute.name)
+    if context.compute.elects_leader:
+        return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
     if report.orphans_removed or report.marked_stopped:
         log.warning(
