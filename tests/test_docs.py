@@ -42,3 +42,24 @@ def test_every_hook_has_a_test(name: str) -> None:
 def test_every_core_setting_is_documented(field: str) -> None:
     text = (ROOT / "docs" / "operators" / "configuration.md").read_text()
     assert f"`{env_var_name(CoreSettings, field)}`" in text
+
+
+def test_the_documented_kubernetes_permissions_are_rbac_py() -> None:
+    """docs/operators/kubernetes.md lists exactly the rules of cmbcluster/kubernetes/rbac.py."""
+    from cmbcluster.kubernetes import rbac
+
+    text = (ROOT / "docs" / "operators" / "kubernetes.md").read_text()
+    section = text.split("## The permissions it needs", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("Role", "ClusterRole"):
+            group = "" if cells[1] == "core" else cells[1]
+            resources = tuple(r.strip() for r in cells[2].split(","))
+            verbs = tuple(v.strip() for v in cells[3].split(","))
+            documented.add((cells[0], group, resources, verbs))
+    expected = {("Role", r["apiGroups"][0], tuple(r["resources"]), tuple(r["verbs"])) for r in rbac.NAMESPACED_RULES}
+    expected |= {
+        ("ClusterRole", r["apiGroups"][0], tuple(r["resources"]), tuple(r["verbs"])) for r in rbac.CLUSTER_RULES
+    }
+    assert documented == expected
