@@ -57,6 +57,16 @@ def test_session_cookie_is_httponly_samesite_and_works(client: TestClient) -> No
     assert client.get("/api/v1/auth/me").json()["email"] == "c@example.org"  # the cookie signs in
 
 
+def test_session_cookie_domain_reaches_environment_subdomains(settings: CoreSettings) -> None:
+    """With host routing, environments on sub-domains check access with the same session cookie."""
+    app = create_app(settings.model_copy(update={"cookie_domain": "example.org"}))
+    with TestClient(app, base_url="http://cmb.example.org") as client:
+        token = dev_sign_in(client, "d@example.org")["Authorization"].removeprefix("Bearer ")
+        client.cookies.set("cmbcluster_session", token)
+        logout = client.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {token}"})
+        assert "Domain=example.org" in logout.headers["set-cookie"]
+
+
 def test_next_path_is_kept_but_never_an_open_redirect(client: TestClient) -> None:
     from urllib.parse import parse_qs, urlsplit
 

@@ -85,6 +85,12 @@ class CoreSettings(BaseSettings):
     public_url: str | None = Field(
         default=None, validation_alias=_aliases("CMBCLUSTER_PUBLIC_URL", "API_URL"), description="URL users reach."
     )
+    cookie_domain: str | None = Field(
+        default=None,
+        validation_alias=_aliases("CMBCLUSTER_COOKIE_DOMAIN"),
+        description="Domain of the session cookie, so that environments served on sub-domains (host routing) "
+        "receive it for their access check; default: the control plane's host only.",
+    )
     secret_key: SecretStr | None = Field(
         default=None,
         validation_alias=_aliases("CMBCLUSTER_SECRET_KEY", "SECRET_KEY"),

@@ -6,8 +6,8 @@ tests, which run the backend with a token bound to exactly these rules and nothi
 - :data:`NAMESPACED_RULES` go into a ``Role`` in the environments' namespace.
 - :data:`CLUSTER_RULES` go into a ``ClusterRole``: PersistentVolumes are cluster-scoped (the
   ``s3.csi.aws.com`` storage backend mounts buckets through a static PV + PVC), so a namespaced
-  Role cannot grant them. Deployments whose storage backend uses inline CSI volumes (GCS) may
-  leave the ClusterRole out.
+  Role cannot grant them. Every deployment needs it: stop and delete look for an environment's
+  volumes by label whenever its pod is already gone, whatever the storage backend.
 
 Verbs, and why: ``create`` (start), ``get`` (status, and adopting an object that already
 exists on a 409), ``list`` and ``watch`` (the pod and event caches that keep status current,

@@ -104,7 +104,7 @@ def _set_session_cookie(response: Response, request: Request, context: Context, 
     max_age = max(1, int((issued.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
     response.set_cookie(
         SESSION_COOKIE, issued.token, max_age=max_age, httponly=True, samesite="lax",
-        secure=_secure(request, context), path="/",
+        secure=_secure(request, context), path="/", domain=context.config.core.cookie_domain,
     )  # fmt: skip
 
 
@@ -314,7 +314,10 @@ def logout(principal: CurrentPrincipal, request: Request, context: Context, db: 
     if principal.session_id is not None:
         sessions.revoke_session(db, principal.session_id)
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax", secure=_secure(request, context))
+    response.delete_cookie(
+        SESSION_COOKIE, path="/", domain=context.config.core.cookie_domain, httponly=True, samesite="lax",
+        secure=_secure(request, context),
+    )  # fmt: skip
     return response
 
 
