@@ -60,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, oidc: OidcMockServer) -> It
     env = clean_environ(
         {
             "CMBCLUSTER_DATA_DIR": str(workdir / "data"),
-            "CMBCLUSTER_AUTH_PROVIDERS": "oidc",
+            "CMBCLUSTER_AUTH_PROVIDERS": "oidc,local",
             "CMBCLUSTER_OIDC_ISSUER": oidc.issuer,
             "CMBCLUSTER_OIDC_CLIENT_ID": "cmbcluster",
             "CMBCLUSTER_OIDC_CLIENT_SECRET": "a-client-secret",

@@ -88,44 +88,15 @@ def test_sign_in_lists_the_servers_providers_and_signs_in_through_oidc(
     with expecting(session, UNAUTHORIZED):
         page.goto("/environments/")
         expect(page).to_have_url(re.compile(r"/signin/\?next=%2Fenvironments%2F$"))
-        # Exactly the providers the server lists: here only the OIDC one, by its configured name.
-        expect(page.get_by_role("link", name=re.compile("^Sign in with"))).to_have_count(1)
+        # Exactly the providers the server lists, by their configured names: here OIDC and the development one.
+        providers = page.get_by_role("link", name=re.compile("^Sign in with"))
+        expect(providers).to_have_text([f"Sign in with {PROVIDER_DISPLAY_NAME}", "Sign in with Development sign-in"])
         screenshot(page, "sign-in")
     sign_in(session, oidc, "alice")
     expect(page.get_by_role("link", name="Admin")).to_be_visible()  # the first user administers
     expect(page.get_by_text("No environment yet")).to_be_visible()
     expect(page.get_by_role("list", name="Recent activity").get_by_text("Signed in with oidc")).to_be_visible()
     assert_no_console_errors(session)
-
-
-def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
-    page = alice.page
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
-    expect(page.get_by_role("heading", name="Files")).to_be_visible()
-    screenshot(page, "applications")
-    page.get_by_role("button", name="Launch Files").click()
-    dialog = page.get_by_role("dialog", name="Launch Files")
-    dialog.get_by_label("Name (optional)").fill("analysis")
-    dialog.get_by_label("Environment variables (one NAME=value per line)").fill("BAND=150GHz")
-    dialog.get_by_role("button", name="Launch").click()
-    status = dialog.get_by_test_id("launch-status")
-    expect(status).to_have_text("running", timeout=30_000)
-    expect(dialog.locator("progress")).to_have_attribute("value", "100")
-    screenshot(page, "launch-progress")
-    with page.expect_popup() as popup_info:
-        dialog.get_by_role("link", name="Open analysis").click()
-    app_page = popup_info.value
-    # The Files application is Python's web server in the environment's folder.
-    expect(app_page.get_by_role("heading", name=re.compile("Directory listing"))).to_be_visible()
-    app_page.close()
-    dialog.get_by_role("button", name="Close").click()
-    environment = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
-    assert environment["env"] == {"BAND": "150GHz"} and environment["status"] == "running"
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Dashboard").click()
-    expect(page.get_by_role("list", name="Recent activity").get_by_text("analysis started")).to_be_visible()
-    expect(page.get_by_text("1 running of 1.")).to_be_visible()
-    screenshot(page, "dashboard")
-    assert_no_console_errors(alice)
 
 
 def test_upload_a_file_and_download_it_back_byte_identical(alice: Session, tmp_path: os.PathLike[str]) -> None:
@@ -163,6 +134,40 @@ def test_upload_a_file_and_download_it_back_byte_identical(alice: Session, tmp_p
     # The bucket's root now shows the folder the file went into.
     page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name="Planck maps").click()
     expect(page.get_by_role("link", name="📁 maps/")).to_be_visible()
+    assert_no_console_errors(alice)
+
+
+def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
+    page = alice.page
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
+    expect(page.get_by_role("heading", name="Files")).to_be_visible()
+    screenshot(page, "applications")
+    page.get_by_role("button", name="Launch Files").click()
+    dialog = page.get_by_role("dialog", name="Launch Files")
+    dialog.get_by_label("Name (optional)").fill("analysis")
+    dialog.get_by_label("Environment variables (one NAME=value per line)").fill("BAND=150GHz")
+    dialog.get_by_label("Planck maps").check()  # the bucket filled by the previous test
+    expect(dialog.get_by_label("Mount path for Planck maps")).to_have_value("/home/user/data")
+    dialog.get_by_role("button", name="Launch").click()
+    status = dialog.get_by_test_id("launch-status")
+    expect(status).to_have_text("running", timeout=30_000)
+    expect(dialog.locator("progress")).to_have_attribute("value", "100")
+    screenshot(page, "launch-progress")
+    with page.expect_popup() as popup_info:
+        dialog.get_by_role("link", name="Open analysis").click()
+    app_page = popup_info.value
+    # The Files application is Python's web server in the environment's folder: the mounted bucket.
+    expect(app_page.get_by_role("heading", name=re.compile("Directory listing"))).to_be_visible()
+    expect(app_page.get_by_role("link", name="maps/")).to_be_visible()
+    app_page.close()
+    dialog.get_by_role("button", name="Close").click()
+    environment = api_get(page, "/api/v1/environments")["items"][0]  # type: ignore[index]
+    assert environment["env"] == {"BAND": "150GHz"} and environment["status"] == "running"
+    assert [m["display_name"] for m in environment["mounts"]] == ["Planck maps"]
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Dashboard").click()
+    expect(page.get_by_role("list", name="Recent activity").get_by_text("analysis started")).to_be_visible()
+    expect(page.get_by_text("1 running of 1.")).to_be_visible()
+    screenshot(page, "dashboard")
     assert_no_console_errors(alice)
 
 
