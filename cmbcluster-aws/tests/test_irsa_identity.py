@@ -121,7 +121,7 @@ def test_role_trust_policy_admits_only_the_users_service_account(infra: AwsInfra
 
 def test_bucket_policy_grants_exactly_the_users_buckets(infra: AwsInfra, iam: Any) -> None:
     identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
-    infra.update_bucket_policy(USER_A, ["cmbtest-0f3a9c1e7b-bbbb0002", "cmbtest-0f3a9c1e7b-aaaa0001"])
+    infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-bbbb0002", "cmbtest-0f3a9c1e7b-aaaa0001"])
 
     name = identity.service_account
     assert iam.list_role_policies(RoleName=name)["PolicyNames"] == [BUCKET_POLICY_NAME]
@@ -151,15 +151,15 @@ def test_bucket_policy_grants_exactly_the_users_buckets(infra: AwsInfra, iam: An
     assert all(s["Action"] != "*" and "s3:*" not in s["Action"] for s in document["Statement"])
 
     # The buckets change: the policy follows; no buckets left: the policy goes.
-    infra.update_bucket_policy(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
+    infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
     document = _document(iam.get_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"])
     assert _resources(document) == [
         "arn:aws:s3:::cmbtest-0f3a9c1e7b-aaaa0001",
         "arn:aws:s3:::cmbtest-0f3a9c1e7b-aaaa0001/*",
     ]
-    infra.update_bucket_policy(USER_A, [])
+    infra.update_user_buckets(USER_A, [])
     assert iam.list_role_policies(RoleName=name)["PolicyNames"] == []
-    infra.update_bucket_policy(USER_A, [])  # idempotent
+    infra.update_user_buckets(USER_A, [])  # idempotent
 
 
 def test_user_a_role_does_not_reach_user_b_bucket(infra: AwsInfra, iam: Any) -> None:
@@ -167,8 +167,8 @@ def test_user_a_role_does_not_reach_user_b_bucket(infra: AwsInfra, iam: Any) -> 
     b = infra.ensure_user_identity(USER_B, namespace=NAMESPACE)
     assert a.principal != b.principal and a.service_account != b.service_account
     bucket_a, bucket_b = "cmbtest-0f3a9c1e7b-aaaa0001", "cmbtest-9e8d7c6b5a-bbbb0001"
-    infra.update_bucket_policy(USER_A, [bucket_a])
-    infra.update_bucket_policy(USER_B, [bucket_b])
+    infra.update_user_buckets(USER_A, [bucket_a])
+    infra.update_user_buckets(USER_B, [bucket_b])
 
     policy_a = iam.get_role_policy(RoleName=a.service_account, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
     policy_b = iam.get_role_policy(RoleName=b.service_account, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
@@ -184,7 +184,7 @@ def test_user_a_role_does_not_reach_user_b_bucket(infra: AwsInfra, iam: Any) -> 
 
 def test_ensure_is_idempotent_and_updates_the_trust_policy(infra: AwsInfra, iam: Any) -> None:
     first = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
-    infra.update_bucket_policy(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
+    infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
     again = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
     assert again == first
     moved = infra.ensure_user_identity(USER_A, namespace="other-ns")
@@ -201,7 +201,7 @@ def test_ensure_is_idempotent_and_updates_the_trust_policy(infra: AwsInfra, iam:
 
 def test_delete_removes_policy_and_role_idempotently(infra: AwsInfra, iam: Any) -> None:
     identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
-    infra.update_bucket_policy(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
+    infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
     infra.delete_user_identity(USER_A, namespace=NAMESPACE)
 
     with pytest.raises(iam.exceptions.NoSuchEntityException):
@@ -209,8 +209,10 @@ def test_delete_removes_policy_and_role_idempotently(infra: AwsInfra, iam: Any) 
     with pytest.raises(iam.exceptions.NoSuchEntityException):
         iam.get_role_policy(RoleName=identity.service_account, PolicyName=BUCKET_POLICY_NAME)
     infra.delete_user_identity(USER_A, namespace=NAMESPACE)  # idempotent
-    with pytest.raises(NotFound):
-        infra.update_bucket_policy(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
+    # without a role there is nothing to grant: no role is created behind ensure_user_identity's back
+    infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
+    with pytest.raises(iam.exceptions.NoSuchEntityException):
+        iam.get_role(RoleName=identity.service_account)
 
 
 def test_a_role_of_another_owner_is_not_taken_over(infra: AwsInfra, iam: Any) -> None:
@@ -228,9 +230,9 @@ def test_bad_input_is_refused(infra: AwsInfra) -> None:
         infra.ensure_user_identity(USER_A, namespace="Bad_Namespace")
     infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
     with pytest.raises(InvalidRequest):
-        infra.update_bucket_policy(USER_A, ["*"])
+        infra.update_user_buckets(USER_A, ["*"])
     with pytest.raises(InvalidRequest):
-        infra.update_bucket_policy(USER_A, ["Not_A_Bucket"])
+        infra.update_user_buckets(USER_A, ["Not_A_Bucket"])
 
 
 def test_missing_oidc_provider_is_a_configuration_error(

@@ -5,7 +5,7 @@ Every user gets a Kubernetes ServiceAccount and an IAM role of the same name,
 The role's trust policy admits only ``sts:AssumeRoleWithWebIdentity`` through the EKS cluster's
 IAM OIDC provider, and only for ``system:serviceaccount:<namespace>:<that service account>``.
 Its one inline policy, ``cmbcluster-buckets``, grants that user's buckets and nothing else; it
-is rewritten by :meth:`AwsInfra.update_bucket_policy` whenever the user's buckets change.
+is rewritten by :meth:`AwsInfra.update_user_buckets` whenever the user's buckets change.
 
 boto3 is imported here only (the plugin imports this module lazily). botocore failures go
 through :func:`cmbcluster_aws.errors.map_aws_error`, the plugin's one error mapping.
@@ -32,7 +32,6 @@ from cmbcluster.errors import (
     Conflict,
     InvalidRequest,
     LimitExceeded,
-    NotFound,
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
@@ -262,8 +261,12 @@ class AwsInfra(InfraProvider):
             raise Conflict(f"IAM role {name} exists but does not belong to this user; not touching it")
         return role
 
-    def update_bucket_policy(self, user: UserRef, buckets: Sequence[str]) -> None:
-        """Grant the user's role exactly ``buckets`` (the inline policy is removed when empty)."""
+    def update_user_buckets(self, user: UserRef, buckets: Sequence[str]) -> None:
+        """Grant the user's role exactly ``buckets`` (the inline policy is removed when empty).
+
+        Core calls it whenever the user's buckets change and before every start, right after
+        :meth:`ensure_user_identity`; a user without a role yet (no environment started) has
+        nothing to grant, and gets the grant with the role."""
         if isinstance(buckets, str):
             raise InvalidRequest("buckets must be a list of bucket names")
         unique = sorted(dict.fromkeys(buckets))
@@ -273,9 +276,7 @@ class AwsInfra(InfraProvider):
         name = self.role_name(user)
         what = f"IAM role {name}"
         if self._own_role(user, name) is None:
-            if not unique:
-                return
-            raise NotFound(f"{what} not found; ensure the user's identity first")
+            return
         if not unique:
             self._delete_inline_policy(name)
             return

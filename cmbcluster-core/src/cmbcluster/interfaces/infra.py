@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cmbcluster.interfaces.common import CloudIdentity, UserRef
@@ -42,6 +43,12 @@ class InfraProvider(abc.ABC):
     @abc.abstractmethod
     def delete_user_identity(self, user: UserRef, *, namespace: str) -> None:
         """Remove what :meth:`ensure_user_identity` created. Idempotent."""
+
+    def update_user_buckets(self, user: UserRef, buckets: Sequence[str]) -> None:  # noqa: B027 - optional
+        """``user``'s buckets are now exactly ``buckets``: give their cloud identity access to
+        these and no others. Core calls it after a bucket is created or deleted and before every
+        start. Default: nothing (clouds that grant per bucket do it in
+        ``StorageBackend.ensure_bucket_access``). Idempotent."""
 
     @abc.abstractmethod
     def registry(self) -> RegistryInfo:

@@ -29,7 +29,7 @@ from cmbcluster.interfaces import (
     Resources,
     UserRef,
 )
-from cmbcluster.services import user_settings
+from cmbcluster.services import storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 
@@ -217,6 +217,8 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     assert user is not None
     owner = UserRef(id=user.id, email=user.email)
     identity = context.infra.ensure_user_identity(owner, namespace=context.namespace)
+    if identity is not None:
+        storages.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
     volumes = []
     for mount in env.mounts:
         storage = db.get(Storage, mount.storage_id)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
 from cmbcluster.errors import Conflict, NotFound
-from cmbcluster.interfaces import BucketOptions, StorageBackend, StorageClass, UserRef
+from cmbcluster.interfaces import BucketOptions, InfraProvider, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key
 from cmbcluster.services.audit import audit
 
@@ -54,6 +54,14 @@ def list_owned(db: Session, user: User) -> list[Storage]:
     return list(
         db.execute(select(Storage).where(Storage.user_id == user.id).order_by(Storage.created_at, Storage.id)).scalars()
     )
+
+
+def sync_identity_access(db: Session, infra: InfraProvider, *, backend_name: str, user: User) -> None:
+    """Tell the infra provider which buckets ``user``'s cloud identity may reach now: every active
+    bucket of theirs on the active backend (see ``InfraProvider.update_user_buckets``)."""
+    rows = list_owned(db, user)
+    buckets = [row.bucket_name for row in rows if row.status == "active" and row.backend == backend_name]
+    infra.update_user_buckets(UserRef(id=user.id, email=user.email), buckets)
 
 
 def require_usable(storage: Storage, backend_name: str) -> None:

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_body
 from cmbcluster.db.models import Storage, User
-from cmbcluster.errors import InvalidRequest, PayloadTooLarge
+from cmbcluster.errors import CmbclusterError, InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key, validate_object_prefix
 from cmbcluster.services import storages as service
@@ -161,7 +161,18 @@ def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, contex
         display_name=body.display_name, storage_class=body.storage_class,
         max_buckets=context.config.core.max_buckets_per_user,
     )  # fmt: skip
+    _sync_identity_access(db, context, user)
     return storage_out(storage, service.cached_usage(storage))
+
+
+def _sync_identity_access(db: DbSession, context: Context, user: User) -> None:
+    """After a bucket change, the user's cloud identity reaches exactly their buckets. The change
+    itself has happened and is kept; a failure here is logged, and the next start applies it again
+    (a start fails, with the reason, until it succeeds)."""
+    try:
+        service.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
+    except CmbclusterError as exc:
+        log.warning("updating the cloud identity of user %s for their buckets failed: %s", user.id, exc.message)
 
 
 @router.get("", response_model=StorageListOut, summary="List your buckets with their size and object count")
@@ -207,6 +218,7 @@ def delete_storage(
         db, context.storage, backend_name=context.config.storage.name, user=user, storage=storage, force=force
     )
     runtime.refresher.invalidate(storage_id)
+    _sync_identity_access(db, context, user)
     return Response(status_code=204)
 
 
