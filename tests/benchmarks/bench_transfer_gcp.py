@@ -6,8 +6,9 @@ Starts its own emulator (in memory) and `cmbcluster serve` with the GCS storage 
 compute and infra stay `local`: only storage is measured). google-cloud-storage uses its own
 defaults (``upload_from_filename``: a resumable upload in 100 MiB pieces; ``download_to_filename``:
 one streamed GET), as a script would; the API is judged against that. For comparison it also
-uploads in the server's 8 MiB resumable chunks: the emulator appends every chunk by copying the
-whole upload so far, so its cost grows with the number of chunks, whoever sends them.
+uploads in 8 MiB resumable chunks: the emulator appends every chunk by copying the whole upload
+so far, so its cost grows with the number of chunks, whoever sends them (which is why the server
+sends large pieces, spooled to disk to keep its memory flat).
 The server's resident memory is sampled every 50 ms during the API transfers. Targets (GCP
 issue): API throughput >= 0.8 x google-cloud-storage for the upload and the download each,
 server RSS growth <= 64 MiB. Prints the figures; exits 1 when a target is missed. Helpers:
@@ -28,10 +29,9 @@ from typing import Any
 
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
-from transfer_common import SdkClient, ToolServer, compare_with_sdk
+from transfer_common import MIB, SdkClient, ToolServer, compare_with_sdk
 
 from cmbcluster.testing.process import clean_environ
-from cmbcluster_gcp.storage import UPLOAD_CHUNK_SIZE
 
 PROJECT = "cmbcluster-bench"
 
@@ -68,9 +68,9 @@ def main() -> int:
                         name="google-cloud-storage",
                         uploads={
                             "upload_from_filename": lambda source, key: upload(target, key, source),
-                            # The server's resumable chunk size, to show what the emulator makes of it.
+                            # What the emulator makes of small resumable chunks.
                             "upload_from_filename 8 MiB chunks": lambda source, key: upload(
-                                target, key, source, UPLOAD_CHUNK_SIZE
+                                target, key, source, 8 * MIB
                             ),
                         },
                         downloads={"download_to_filename": lambda key, path: download(target, key, path)},

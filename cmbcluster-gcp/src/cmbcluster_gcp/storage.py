@@ -22,11 +22,14 @@ import logging
 import mimetypes
 import queue
 import re
+import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import google.auth.exceptions as auth_exceptions
+import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.cloud import storage
@@ -64,8 +67,17 @@ from cmbcluster_gcp.settings import GcpSettings
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: Resumable upload chunk: a multiple of 256 KiB. At most about two of these are held in memory.
+#: Objects up to this size go up in a single request, gathered in memory first.
 UPLOAD_CHUNK_SIZE = 8 * MiB
+#: Larger ones go as a resumable upload in pieces of this size (a multiple of 256 KiB, as GCS
+#: requires of every piece but the last), each spooled to a temporary file and streamed from it,
+#: so memory holds one source chunk whatever the size. Few, large requests are what makes a
+#: resumable upload fast (GCS answers each piece only once it is stored; the emulator even copies
+#: the whole upload so far at every piece).
+UPLOAD_PIECE_SIZE = 128 * MiB
+UPLOAD_PIECE_ATTEMPTS = 5
+UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: Chunks a download reads ahead of its consumer (each the caller's ``chunk_size``).
 DOWNLOAD_READ_AHEAD = 4
 #: How long a stopped download waits for its reading thread (which ends at its next write).
@@ -538,26 +550,102 @@ class GcsStorage(StorageBackend):
                 blob.upload_from_string(bytes(head), content_type=content_type, retry=self._retry)
             return _object_info(blob)
 
-        # Larger objects go as a resumable upload in UPLOAD_CHUNK_SIZE pieces: the object exists
-        # only once close() sends the final piece, so on any failure the session is cancelled
-        # instead, and the previous version of the object (if any) stays as it was.
-        writer = blob.open("wb", chunk_size=UPLOAD_CHUNK_SIZE, content_type=content_type, retry=self._retry)
+        # Larger objects go as a resumable upload in UPLOAD_PIECE_SIZE pieces, each spooled to a
+        # temporary file and streamed from it: memory holds one source chunk whatever the piece
+        # size. The object exists only once the final piece lands, so on any failure the session
+        # is cancelled instead, and the previous version of the object (if any) stays as it was.
+        with gcs_errors(what):
+            session = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
         try:
-            with gcs_errors(what):
-                writer.write(head)
-            del head
-            for chunk in source:
-                if chunk:
-                    with gcs_errors(what):
-                        writer.write(chunk)
-            with gcs_errors(what):
-                writer.close()
+            with tempfile.TemporaryFile(prefix="cmbcluster-gcs-upload-") as spool:
+                self._upload_pieces(session, spool, bytes(head), source, what)
         except BaseException:
-            _abort_upload(writer, what)
+            self._cancel_session(session, what)
             raise
         with gcs_errors(what):
             blob.reload(retry=self._retry)
         return _object_info(blob)
+
+    def _upload_pieces(self, session: str, spool: BinaryIO, head: bytes, source: Iterator[bytes], what: str) -> None:
+        """Send ``head`` then ``source`` to the resumable ``session``, one spooled piece at a time.
+
+        One source chunk is read ahead, so that the last piece is known as such when it is sent.
+        """
+        offset = 0
+        pending: bytes | None = head or _next_bytes(source)
+        while True:
+            spool.seek(0)
+            spool.truncate()
+            size = 0
+            while pending is not None and size < UPLOAD_PIECE_SIZE:
+                taken = pending[: UPLOAD_PIECE_SIZE - size]
+                spool.write(taken)
+                size += len(taken)
+                pending = pending[len(taken) :] or _next_bytes(source)
+            spool.flush()
+            last = pending is None
+            self._put_piece(session, spool, offset, size, offset + size if last else None, what)
+            if last:
+                return
+            offset += size
+
+    def _put_piece(self, session: str, spool: BinaryIO, offset: int, size: int, total: int | None, what: str) -> None:
+        """PUT ``size`` spooled bytes at ``offset`` (the final piece when ``total`` is given).
+
+        A failed or partly stored request is resumed from where GCS says the upload stands.
+        """
+        transport = self._client._http  # the client's authorized session: the same credentials
+        url = session
+        start = offset
+        end = offset + size
+        attempts = 0
+        while True:
+            length = end - start
+            if length:
+                content_range = f"bytes {start}-{end - 1}/{'*' if total is None else total}"
+            else:  # everything is stored: only the total is left to say
+                content_range = f"bytes */{total}"
+            try:
+                response = transport.put(
+                    url, data=_SpoolBody(spool, start - offset, length),
+                    headers={"Content-Range": content_range}, timeout=UPLOAD_PIECE_TIMEOUT,
+                )  # fmt: skip
+                status = response.status_code
+                if status in (200, 201):
+                    return
+                if status == 308:
+                    stored = _resumed_offset(response)
+                    if stored >= end and total is None:
+                        return
+                    if stored > start:  # partly stored: send the rest
+                        start = stored
+                        continue
+                if status not in _RETRYABLE_STATUSES and status != 308:
+                    raise error_for_status(status, what, detail=response.text[:500], response=response)
+                failure: BaseException = ProviderUnavailable(f"Google Cloud Storage answered {status} for {what}")
+            except requests.RequestException as exc:
+                failure = exc
+            attempts += 1
+            if attempts >= UPLOAD_PIECE_ATTEMPTS:
+                mapped = translate_error(failure, what) or failure
+                raise mapped from failure
+            time.sleep(min(2**attempts * 0.5, 10))
+            start = max(start, self._stored_bytes(session, offset))
+
+    def _stored_bytes(self, session: str, fallback: int) -> int:
+        """How many bytes of the upload GCS holds (a status query), or ``fallback`` if it cannot say."""
+        try:
+            response = self._client._http.put(session, data=b"", headers={"Content-Range": "bytes */*"}, timeout=30)
+        except requests.RequestException:
+            return fallback
+        return _resumed_offset(response) if response.status_code == 308 else fallback
+
+    def _cancel_session(self, session: str, what: str) -> None:
+        """Free an unfinished upload session at once (GCS would reap it after a week)."""
+        try:
+            self._client._http.delete(session, timeout=30)
+        except requests.RequestException:
+            logger.warning("could not cancel the upload session of %s", what, exc_info=True)
 
     def download_object(
         self,
@@ -668,6 +756,41 @@ class GcsStorage(StorageBackend):
 
 
 # -- module helpers ---------------------------------------------------------------------------------
+class _SpoolBody:
+    """``length`` bytes of a spool file from ``start``, as a request body that requests streams
+    (it has a length, so it is sent with Content-Length, in 1 MiB reads)."""
+
+    def __init__(self, spool: BinaryIO, start: int, length: int) -> None:
+        self._spool, self._start, self._length = spool, start, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._spool.seek(self._start)
+        remaining = self._length
+        while remaining > 0:
+            block = self._spool.read(min(MiB, remaining))
+            if not block:
+                raise OSError("the upload's spool file ended early")
+            remaining -= len(block)
+            yield block
+
+
+def _resumed_offset(response: Any) -> int:
+    """The bytes a resumable upload holds, from a 308 answer's ``Range: bytes=0-LAST``."""
+    match = re.fullmatch(r"bytes=0-(\d+)", response.headers.get("Range", "").strip())
+    return int(match.group(1)) + 1 if match else 0
+
+
+def _next_bytes(source: Iterator[bytes]) -> bytes | None:
+    """The next non-empty chunk of ``source``, or None once it is exhausted."""
+    for chunk in source:
+        if chunk:
+            return chunk
+    return None
+
+
 class _PipeCancelled(Exception):
     """Raised in the reading thread of a download whose consumer stopped."""
 
@@ -721,21 +844,6 @@ class _ChunkPipe:
                 raise item
             assert isinstance(item, bytes)
             yield item
-
-
-def _abort_upload(writer: Any, what: str) -> None:
-    """Cancel a resumable upload; never hides the original error.
-
-    What keeps the object from being created is that the final chunk is never sent (close() is
-    not called); cancelling the session only frees it early (GCS reaps unfinished ones after a week).
-    """
-    terminate = getattr(writer, "terminate", None)  # BlobWriter.terminate: google-cloud-storage 3.0+
-    if terminate is None:
-        return
-    try:
-        terminate()
-    except Exception:
-        logger.warning("could not cancel the upload session of %s", what, exc_info=True)
 
 
 def _object_info(blob: Any) -> ObjectInfo:
