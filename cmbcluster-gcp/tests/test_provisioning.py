@@ -204,9 +204,9 @@ def test_a_database_bucket_holding_backups_is_kept_unless_delete_data(
     bucket = f"{CLUSTER}-database-{PROJECT}"
     fake.objects[bucket] = [{"name": "backups/a.sqlite", "generation": "1"}, {"name": "backups/a.sqlite",
                                                                               "generation": "2"}]  # fmt: skip
-    with pytest.raises(Conflict, match="--delete-data"):
+    with pytest.raises(Conflict, match=r"nothing was deleted.*--delete-data"):
         provisioner.down(record)
-    assert bucket in fake.buckets
+    assert fake.resource_count() == 6 and not fake.calls("DELETE", ".")
     provisioner.down(record, ProvisioningOptions(delete_data=True))
     assert fake.resource_count() == 0
 

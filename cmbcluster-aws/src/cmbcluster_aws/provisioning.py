@@ -5,11 +5,12 @@ What ``up`` builds, in order (``cmbcluster infra plan`` lists it with names):
 1. IAM roles of the EKS cluster and of its nodes (AWS managed policies attached).
 2. A VPC over three availability zones: a public and a private subnet in each, an internet
    gateway, one NAT gateway with its Elastic IP, a public and a private route table.
-3. The EKS cluster (private and public subnets), its IAM OIDC provider (for IRSA), and a
+3. ECR repositories for the images and the S3 database bucket (private, encrypted,
+   versioned), before the cluster so that images can be pushed while EKS is being created.
+4. The EKS cluster (private and public subnets), its IAM OIDC provider (for IRSA), and a
    managed node group in the private subnets.
-4. IRSA roles: the control plane's, and those of the add-ons (load balancer controller, EBS CSI,
+5. IRSA roles: the control plane's, and those of the add-ons (load balancer controller, EBS CSI,
    Mountpoint for S3 CSI), each trusted by one ServiceAccount only.
-5. ECR repositories for the images, the S3 database bucket (private, encrypted, versioned).
 6. The add-ons, installed with helm: AWS Load Balancer Controller, cert-manager, EBS CSI
    driver, Mountpoint for S3 CSI driver (``--addons print`` prints the commands instead).
 
@@ -36,8 +37,17 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
-from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, ProviderUnavailable
-from cmbcluster.interfaces import DnsRecord, HelmRelease, PlannedStep, Provisioner, ResourceRecord, StepContext
+from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
+from cmbcluster.interfaces import (
+    DnsRecord,
+    HelmRelease,
+    PlannedStep,
+    Provisioner,
+    ProvisioningOptions,
+    ProvisioningRecord,
+    ResourceRecord,
+    StepContext,
+)
 from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, trust_policy
@@ -229,6 +239,11 @@ class AwsProvisioner(Provisioner):
             PlannedStep(name="route-tables", description="Public routes via the internet gateway, private via NAT",
                         creates=(f"ec2/route-table {self._name('public-rt')}",
                                  f"ec2/route-table {self._name('private-rt')}")),
+            # Before EKS, so that `cmbcluster images push` can run while the cluster is being created.
+            PlannedStep(name="ecr-repositories", description="ECR repositories for the images",
+                        creates=tuple(f"ecr/repository {r}" for r in self.repositories)),
+            PlannedStep(name="database-bucket", description="S3 bucket for database backups",
+                        creates=(f"s3/bucket {self.database_bucket}",)),
             PlannedStep(name="eks-cluster",
                         description=f"EKS cluster {self.deployment}, Kubernetes {self.settings.eks_kubernetes_version}",
                         creates=(f"eks/cluster {self.deployment}",)),
@@ -240,10 +255,6 @@ class AwsProvisioner(Provisioner):
                         creates=(f"eks/nodegroup {self.nodegroup_name}",)),
             PlannedStep(name="irsa-roles", description="IRSA roles: control plane and add-ons, one ServiceAccount each",
                         creates=tuple(f"iam/role {self.role_name(s)}" for s in IRSA_ROLES)),
-            PlannedStep(name="ecr-repositories", description="ECR repositories for the images",
-                        creates=tuple(f"ecr/repository {r}" for r in self.repositories)),
-            PlannedStep(name="database-bucket", description="S3 bucket for database backups",
-                        creates=(f"s3/bucket {self.database_bucket}",)),
         ]  # fmt: skip
         for key, release in ADDONS.items():
             steps.append(
@@ -745,6 +756,21 @@ class AwsProvisioner(Provisioner):
                 ctx.emit("gone", f"{resource.label} was already gone")
                 return
             raise
+
+    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
+        if options.delete_data:
+            return
+        for bucket in record.find("s3/bucket"):
+            try:
+                with aws_errors(f"S3 bucket {bucket.id}"):
+                    listing = self.s3.list_object_versions(Bucket=bucket.id, MaxKeys=1)
+            except NotFound:
+                continue
+            if listing.get("Versions") or listing.get("DeleteMarkers"):
+                raise Conflict(
+                    f"S3 bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
+                    "Copy what you need, then rerun `down` with --delete-data"
+                )
 
     def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
         """Reverse creation, except that the node roles and the cluster role go after the cluster."""

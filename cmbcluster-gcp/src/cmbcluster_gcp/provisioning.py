@@ -45,7 +45,16 @@ from cmbcluster.errors import (
     PermissionDenied,
     ProviderUnavailable,
 )
-from cmbcluster.interfaces import DnsRecord, HelmRelease, PlannedStep, Provisioner, ResourceRecord, StepContext
+from cmbcluster.interfaces import (
+    DnsRecord,
+    HelmRelease,
+    PlannedStep,
+    Provisioner,
+    ProvisioningOptions,
+    ProvisioningRecord,
+    ResourceRecord,
+    StepContext,
+)
 from cmbcluster.interfaces.provisioning import write_kubeconfig
 from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GcpInfra
 from cmbcluster_gcp.settings import GcpSettings
@@ -566,23 +575,38 @@ class GcpProvisioner(Provisioner):
         except NotFound:
             ctx.emit("gone", f"{what} was already gone")
 
+    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
+        if options.delete_data:
+            return
+        for bucket in record.find("storage/bucket"):
+            try:
+                self._objects(bucket.id)
+            except NotFound:
+                continue
+            if self._objects(bucket.id):
+                raise Conflict(
+                    f"bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
+                    "Copy what you need, then rerun `down` with --delete-data"
+                )
+
+    def _objects(self, bucket: str) -> list[dict[str, Any]]:
+        path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
+        listing = self.api.request("GET", "storage", path, f"objects of bucket {bucket}",
+                                   params={"versions": "true", "maxResults": "1000"})  # fmt: skip
+        items: list[dict[str, Any]] = listing.get("items", [])
+        return items
+
     def _delete_bucket(self, bucket: str, ctx: StepContext) -> None:
         path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}"
-        listing = self.api.request("GET", "storage", f"{path}/o", f"objects of bucket {bucket}",
-                                   params={"versions": "true", "maxResults": "1000"})  # fmt: skip
-        objects = listing.get("items", [])
-        if objects and not ctx.options.delete_data:
-            raise Conflict(
-                f"bucket {bucket} still holds objects (database backups): rerun `down` with --delete-data "
-                "to delete them too"
-            )
+        objects = self._objects(bucket)
+        if objects and not ctx.options.delete_data:  # check_down refused already; objects written since then
+            raise Conflict(f"bucket {bucket} holds objects written during `down`; rerun with --delete-data")
         while objects:
             for item in objects:
                 name = urllib.parse.quote(str(item["name"]), safe="")
                 self.api.request("DELETE", "storage", f"{path}/o/{name}", f"object {item['name']}",
                                  params={"generation": str(item.get("generation", ""))})  # fmt: skip
-            objects = self.api.request("GET", "storage", f"{path}/o", f"objects of bucket {bucket}",
-                                       params={"versions": "true", "maxResults": "1000"}).get("items", [])  # fmt: skip
+            objects = self._objects(bucket)
         self.api.request("DELETE", "storage", path, f"bucket {bucket}")
 
     # -- status ------------------------------------------------------------------------------

@@ -420,6 +420,10 @@ class Provisioner(abc.ABC):
     def preflight(self) -> None:  # noqa: B027 - optional check with a sensible default
         """Check before ``up`` or ``down`` changes anything (for example: the credentials' account)."""
 
+    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:  # noqa: B027
+        """Refuse ``down`` before anything is deleted (for example: a data bucket that still holds
+        backups without ``--delete-data``), so a refusal never leaves a half-deleted deployment."""
+
     def upsert_dns(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
         """Create or replace DNS records in the deployment's zone; returns what was (or would be) done."""
         raise InvalidRequest(f"the {self.provider or 'configured'} infra provider does not manage DNS records")
@@ -468,6 +472,7 @@ class Provisioner(abc.ABC):
         report = progress if progress is not None else _ignore
         with record.locked():
             self.preflight()
+            self.check_down(record, options)
             ordered = self.deletion_order(record.resources)
             for index, resource in enumerate(ordered, start=1):
                 ctx = StepContext(resource.step, record, options, report, index=index, total=len(ordered))
