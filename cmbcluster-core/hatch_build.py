@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hatchling.builders.config import BuilderConfig
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 HERE = Path(__file__).resolve().parent
@@ -19,7 +20,7 @@ UI_DIR = HERE / "src" / "cmbcluster" / "webui_static"
 BUILD_SCRIPT = HERE.parent / "frontend" / "build_ui.py"
 
 
-class WebUIBuildHook(BuildHookInterface):
+class WebUIBuildHook(BuildHookInterface[BuilderConfig]):
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
