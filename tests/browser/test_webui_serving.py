@@ -12,6 +12,7 @@ import pytest
 
 from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import ServeProcess
+from cmbcluster.webui import accepts_gzip
 
 GZIP = {"Accept-Encoding": "gzip"}
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -78,3 +79,12 @@ def test_downloads_and_progress_streams_are_never_recompressed(signed_in: httpx.
         assert "content-encoding" not in events.headers
         assert b"event: status" in b"".join(events.iter_raw())
     signed_in.delete(f"/api/v1/environments/{env['id']}")
+
+
+@pytest.mark.parametrize(
+    ("header", "gzip_ok"),
+    [("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.5", True), ("*", True), ("gzip;q=0", False),
+     ("identity", False), ("", False), ("gzip;q=nonsense", False)],
+)  # fmt: skip
+def test_gzip_is_sent_only_when_the_browser_accepts_it(header: str, gzip_ok: bool) -> None:
+    assert accepts_gzip(header) is gzip_ok
