@@ -311,6 +311,33 @@ def test_a_role_of_the_same_name_from_elsewhere_is_not_taken_over(
     assert record.resources == []
 
 
+def test_down_removes_what_the_load_balancer_controller_made_and_nothing_else(
+    provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
+) -> None:
+    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    ec2, elbv2 = aws("ec2"), aws("elbv2")
+    vpc_id = ours(ec2, "describe_vpcs", "Vpcs")[0]["VpcId"]
+    public = [r.id for r in record.find("ec2/subnet") if r.attributes["tier"] == "public"]
+    tags = [{"Key": "elbv2.k8s.aws/cluster", "Value": CLUSTER}]
+    # What the controller makes for an Ingress: a security group, a load balancer, a target group.
+    group = ec2.create_security_group(GroupName="k8s-cmb-ingress", Description="alb", VpcId=vpc_id,
+                                      TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}])  # fmt: skip
+    elbv2.create_load_balancer(Name="k8s-cmb-ingress", Subnets=public[:2], SecurityGroups=[group["GroupId"]], Tags=tags)
+    elbv2.create_target_group(Name="k8s-cmb-tg", Protocol="HTTP", Port=80, VpcId=vpc_id, Tags=tags)
+    # Someone else's load balancer in the default VPC is not ours to delete.
+    default_vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    default_subnets = [s["SubnetId"] for s in ec2.describe_subnets(
+        Filters=[{"Name": "vpc-id", "Values": [default_vpc]}])["Subnets"]][:2]  # fmt: skip
+    elbv2.create_load_balancer(Name="not-ours", Subnets=default_subnets)
+
+    provisioner.down(record)
+    assert inventory(aws) == EMPTY
+    assert [lb["LoadBalancerName"] for lb in elbv2.describe_load_balancers()["LoadBalancers"]] == ["not-ours"]
+    assert elbv2.describe_target_groups()["TargetGroups"] == []
+    groups = ec2.describe_security_groups(Filters=[{"Name": "tag:elbv2.k8s.aws/cluster", "Values": [CLUSTER]}])
+    assert groups["SecurityGroups"] == []
+
+
 @pytest.fixture
 def fake_helm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A `helm` on PATH that records its arguments (no EKS API server exists here to install into)."""
@@ -418,6 +445,19 @@ def test_cli_plan_up_status_down(cli_env: dict[str, str], tmp_path: Path, aws: C
     down = run_cli("infra", "down", "--yes", env=cli_env, cwd=tmp_path)
     assert down.returncode == 0, down.stderr
     assert inventory(aws) == EMPTY and "down: done" in down.stdout
+
+
+def test_cli_dns_upserts_route53_records(cli_env: dict[str, str], tmp_path: Path, aws: Callable[[str], Any]) -> None:
+    zone = aws("route53").create_hosted_zone(Name="example.org", CallerReference="cli")["HostedZone"]["Id"]
+    env = {**cli_env, "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org"}
+    dry = run_cli("infra", "dns", "--target", "203.0.113.5", "--dry-run", env=env, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("would UPSERT A cmb.example.org. -> 203.0.113.5")
+    assert len(aws("route53").list_resource_record_sets(HostedZoneId=zone)["ResourceRecordSets"]) == 2
+    done = run_cli("infra", "dns", "--target", "203.0.113.5", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    names = {r["Name"] for r in aws("route53").list_resource_record_sets(HostedZoneId=zone)["ResourceRecordSets"]}
+    assert "cmb.example.org." in names and len(names) == 3  # apex (SOA, NS), the domain, *.domain
 
 
 def test_cli_images_use_the_ecr_registry(cli_env: dict[str, str], tmp_path: Path) -> None:

@@ -17,14 +17,15 @@ What ``up`` builds, in order (``cmbcluster infra plan`` lists it with names):
 Every EC2 resource carries the tags ``cmbcluster:deployment`` and ``cmbcluster:resource``
 from the moment it is created (TagSpecifications), and every other resource has a
 deterministic name, so a rerun of ``up`` finds what an interrupted run made instead of
-creating it twice. ``down`` deletes what the record lists, in reverse order: add-ons (and
-the load balancers the controller made), node group, cluster, NAT gateway, Elastic IP,
+creating it twice. ``down`` deletes what the record lists, in reverse order: add-ons, node
+group, cluster (with the load balancers the controller made), NAT gateway, Elastic IP,
 subnets, VPC, S3 bucket, ECR repositories, IAM roles and policies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -785,20 +786,44 @@ class AwsProvisioner(Provisioner):
             namespace = resource.attributes.get("namespace", "default")
             release = HelmRelease(name=resource.name, chart="", repo="", version="", namespace=namespace)
             ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
-        if resource.name == ADDONS["aws-load-balancer-controller"].name:
-            self._delete_load_balancers(ctx)
 
-    def _delete_load_balancers(self, ctx: StepContext) -> None:
-        """Load balancers the controller made for Ingresses live outside the cluster and would keep the VPC
-        from being deleted: delete those tagged with this cluster."""
-        arns = [lb["LoadBalancerArn"] for page in self.elbv2.get_paginator("describe_load_balancers").paginate()
-                for lb in page.get("LoadBalancers", [])]  # fmt: skip
-        for start in range(0, len(arns), 20):  # DescribeTags takes 20 ARNs at most
-            for description in self.elbv2.describe_tags(ResourceArns=arns[start : start + 20])["TagDescriptions"]:
-                tags = {t["Key"]: t["Value"] for t in description.get("Tags", [])}
-                if tags.get("elbv2.k8s.aws/cluster") == self.deployment:
-                    ctx.note(f"deleting load balancer {description['ResourceArn']} made by the controller")
-                    self.elbv2.delete_load_balancer(LoadBalancerArn=description["ResourceArn"])
+    def _delete_controller_leftovers(self, ctx: StepContext) -> None:
+        """What the load balancer controller made for Ingresses and Services lives outside the cluster:
+        load balancers, target groups and security groups tagged ``elbv2.k8s.aws/cluster=<cluster>``.
+        They would outlive the cluster and keep the VPC from being deleted, so they go with it (once the
+        node group is gone, no controller can make them again)."""
+        tag = "elbv2.k8s.aws/cluster"
+        for kind, paginator, key, arn_key in (
+            ("load balancer", "describe_load_balancers", "LoadBalancers", "LoadBalancerArn"),
+            ("target group", "describe_target_groups", "TargetGroups", "TargetGroupArn"),
+        ):
+            arns = [item[arn_key] for page in self.elbv2.get_paginator(paginator).paginate()
+                    for item in page.get(key, [])]  # fmt: skip
+            for start in range(0, len(arns), 20):  # DescribeTags takes 20 ARNs at most
+                for description in self.elbv2.describe_tags(ResourceArns=arns[start : start + 20])["TagDescriptions"]:
+                    tags = {t["Key"]: t["Value"] for t in description.get("Tags", [])}
+                    if tags.get(tag) != self.deployment:
+                        continue
+                    ctx.note(f"deleting {kind} {description['ResourceArn']} made by the load balancer controller")
+                    if kind == "load balancer":
+                        self.elbv2.delete_load_balancer(LoadBalancerArn=description["ResourceArn"])
+                    else:
+                        self.elbv2.delete_target_group(TargetGroupArn=description["ResourceArn"])
+        groups = self.ec2.describe_security_groups(Filters=[{"Name": f"tag:{tag}", "Values": [self.deployment]}])
+        for group in groups["SecurityGroups"]:
+            ctx.note(f"deleting security group {group['GroupId']} made by the load balancer controller")
+            self._retry_dependency(functools.partial(self.ec2.delete_security_group, GroupId=group["GroupId"]))
+
+    def _retry_dependency(self, call: Callable[[], object], attempts: int = 30) -> None:
+        """A just-deleted load balancer keeps its network interfaces for a minute: retry DependencyViolation."""
+        for attempt in range(attempts):
+            try:
+                call()
+                return
+            except ClientError as exc:
+                if error_code(exc) != "DependencyViolation" or attempt == attempts - 1:
+                    raise
+                time.sleep(self.poll_interval)
 
     def _cluster_exists(self) -> bool:
         try:
@@ -817,6 +842,7 @@ class AwsProvisioner(Provisioner):
                    nodegroupName=resource.id)  # fmt: skip
 
     def _delete_cluster(self, resource: ResourceRecord, ctx: StepContext) -> None:
+        self._delete_controller_leftovers(ctx)
         self.eks.delete_cluster(name=resource.id)
         ctx.note(f"waiting for EKS cluster {resource.id} to be deleted")
         self._wait("eks", "cluster_deleted", f"EKS cluster {resource.id}", name=resource.id)
