@@ -13,7 +13,9 @@ import nox
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e", "tests-browser"]
+nox.options.sessions = [
+    "lint", "typecheck", "tests-core", "tests-aws", "tests-gcp", "tests-e2e", "tests-k8s", "tests-browser",
+]  # fmt: skip
 
 ROOT = Path(__file__).parent
 # The interpreter `./run` was started with (3.11 or newer); nox's own when unset.
@@ -82,10 +84,9 @@ def tests_e2e(session: nox.Session) -> None:
 
 @nox.session(name="tests-k8s", python=PYTHON)
 def tests_k8s(session: nox.Session) -> None:
-    """The Kubernetes compute backend against a real API server (tests/k8s builds and caches one).
-
-    Not yet part of `./run test`: it joins once the Kubernetes issue is done.
-    """
+    """Everything that needs a real Kubernetes API server (tests/k8s/cluster.sh builds one once,
+    about 4 minutes, and caches it in ~/.cache/cmbcluster-k8s): the compute backend, the control
+    plane on it, the cloud flows and the Helm chart."""
     install_packages(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
     session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)

@@ -25,10 +25,9 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import BackgroundProcess, ServeProcess, clean_environ, free_port, run_cli
 from cmbcluster_gcp import plugin as gcp_plugin
 from cmbcluster_gcp.identity import InMemoryIamClient
-from tests.k8s.harness import K8sCluster
+from tests.k8s.harness import K8sCluster, wait_for
 
 REGION = "eu-west-1"
 ACCOUNT_ID = "123456789012"  # moto's account
@@ -108,15 +107,6 @@ SERVICES_CIDR=10.5.0.0/20
 
 
 # -- shared helpers ------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import concurrent.futures
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_
 from cmbcluster.kubernetes.lease import LeaseElector
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
-from tests.k8s.harness import K8sCluster
+from tests.k8s.harness import K8sCluster, wait_for
 
 TERMINAL = ("running", "failed", "stopped")
 
@@ -56,17 +56,6 @@ def serve_env(k8s_cluster: K8sCluster, namespace: str, data_dir: Path, **extra: 
             **extra,
         }
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 class Api:

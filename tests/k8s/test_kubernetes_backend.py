@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from cmbcluster.kubernetes.plugin import KubernetesSettings, build_backend, cmbc
 from cmbcluster.kubernetes.routing import CONTROL_PLANE_SELECTOR, NETWORK_POLICY_NAME, Exposure
 from cmbcluster.registrations import ProviderContext
 from cmbcluster.settings import CoreSettings
-from tests.k8s.harness import K8sCluster
+from tests.k8s.harness import K8sCluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 USER = UserRef(id="0123456789abcdef0123456789abcdef", email="ada@example.org")
@@ -172,17 +172,6 @@ def make_spec(environment_id: str, **overrides: Any) -> EnvironmentSpec:
     }
     fields.update(overrides)
     return EnvironmentSpec(**fields)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def labelled_objects(admin: k8s.CoreV1Api, namespace: str, environment_id: str) -> list[str]:
