@@ -810,6 +810,9 @@ class _ChunkPipe:
 
     def write(self, data: bytes) -> int:
         self._buffer += data
+        if len(self._buffer) == self._chunk_size:  # the usual case (8 KiB writes): one copy, no slice
+            self._put(bytes(self._buffer))
+            self._buffer.clear()
         while len(self._buffer) >= self._chunk_size:
             self._put(bytes(self._buffer[: self._chunk_size]))
             del self._buffer[: self._chunk_size]
