@@ -222,8 +222,9 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
     assert inventory(aws) == EMPTY
     assert record.resources == [] and json.loads(record.path.read_text())["resources"] == []
     deleted = down_events.actions("deleted")
-    # The seed's order: node group, cluster, NAT gateway, Elastic IP, subnets, VPC ... IAM roles last.
-    kinds = ("eks/nodegroup", "eks/cluster", "ec2/nat-gateway", "ec2/elastic-ip", "ec2/subnet", "ec2/vpc")
+    # The seed's order: node group, cluster, NAT gateway, Elastic IP, subnets, VPC, S3, ECR, IAM last.
+    kinds = ("eks/nodegroup", "eks/cluster", "ec2/nat-gateway", "ec2/elastic-ip", "ec2/subnet", "ec2/vpc",
+             "s3/bucket", "ecr/repository", "iam/oidc-provider")  # fmt: skip
     order = [next(i for i, m in enumerate(deleted) if m.startswith(kind)) for kind in kinds]
     assert order == sorted(order)
     assert deleted[-1].startswith("iam/role") and not record.path.with_suffix(".kubeconfig").exists()

@@ -774,10 +774,13 @@ class AwsProvisioner(Provisioner):
                 )
 
     def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
-        """Reverse creation, except that the node roles and the cluster role go after the cluster."""
+        """The order of the original cleanup script: add-ons, node group, cluster, NAT gateway, Elastic IP,
+        subnets, VPC, then S3 buckets, ECR repositories, and IAM (roles, OIDC provider) last, so that
+        nothing still running loses its permissions first. Within each group, reverse creation."""
+        last = ("s3/bucket", "ecr/repository", "iam/oidc-provider", "iam/role")
         ordered = list(reversed(resources))
-        late = [r for r in ordered if r.kind == "iam/role" and r.step in ("cluster-role", "node-role")]
-        return [r for r in ordered if r not in late] + late
+        rest = [r for r in ordered if r.kind not in last]
+        return rest + [r for kind in last for r in ordered if r.kind == kind]
 
     def _delete_release(self, resource: ResourceRecord, ctx: StepContext) -> None:
         if self.kubeconfig_path(ctx).exists() or self._cluster_exists():
