@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import mimetypes
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import boto3
 from botocore.config import Config
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
+SPOOL_IN_MEMORY = MiB  # a part being filled moves from memory to a temporary file past this
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000
@@ -601,24 +604,28 @@ class S3Storage(StorageBackend):
             "ContentType": content_type or _guess_type(key),
             "StorageClass": self._upload_class(bucket),
         }
-        buffer = bytearray()
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
+        # The part being filled waits in a temporary file, not in memory: the server's memory stays
+        # flat (one source chunk) whatever the part size, and botocore streams the part from it.
+        spool = _PartSpool()
         try:
             for chunk in chunks:
-                buffer += chunk
-                # Strictly more than a part: the last part is never empty, and an object of
-                # exactly one part goes up in a single PutObject.
-                while len(buffer) > (size := self._part_size(len(parts) + 1)):
-                    if upload_id is None:
-                        upload_id = self._client.create_multipart_upload(**params)["UploadId"]
-                    parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, bytes(buffer[:size])))
-                    del buffer[:size]
+                view = memoryview(chunk)
+                while view:
+                    size = self._part_size(len(parts) + 1)
+                    if spool.size == size:
+                        # Strictly more than a part: the last part is never empty, and an object
+                        # of exactly one part goes up in a single PutObject.
+                        if upload_id is None:
+                            upload_id = self._client.create_multipart_upload(**params)["UploadId"]
+                        parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, spool.body()))
+                        spool.clear()
+                    view = view[spool.write(view[: size - spool.size]) :]
             if upload_id is None:
-                self._client.put_object(Body=bytes(buffer), **params)
+                self._client.put_object(Body=spool.body(), **params)
             else:
-                parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, bytes(buffer)))
-                buffer.clear()
+                parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, spool.body()))
                 self._client.complete_multipart_upload(
                     Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )
@@ -628,6 +635,8 @@ class S3Storage(StorageBackend):
             if isinstance(exc, (ClientError, BotoCoreError)):
                 raise map_aws_error(exc, f"object {key}") from exc
             raise  # the caller's own error (a broken stream): re-raised as it is
+        finally:
+            spool.close()
         return self.head_object(bucket, key)
 
     def _part_size(self, part_number: int) -> int:
@@ -637,7 +646,7 @@ class S3Storage(StorageBackend):
             raise PayloadTooLarge(f"object exceeds the {MAX_PARTS} parts S3 allows")
         return min(self.part_size * (1 + (part_number - 1) // PART_GROWTH_EVERY), MAX_PART_SIZE)
 
-    def _upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    def _upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: IO[bytes]) -> dict[str, Any]:
         response = self._client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data)
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         for checksum in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"):
@@ -736,6 +745,40 @@ class S3Storage(StorageBackend):
     def _forget_class(self, bucket: str) -> None:
         with self._cache_lock:
             self._class_cache.pop(bucket, None)
+
+
+class _PartSpool:
+    """The part being filled: in memory while small (most objects), in an anonymous temporary
+    file past :data:`SPOOL_IN_MEMORY`."""
+
+    def __init__(self) -> None:
+        self._file: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self.size = 0
+
+    def write(self, data: memoryview) -> int:
+        if self._file is None:  # closed by close()
+            self._file = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, prefix="cmbcluster-s3-part-")  # noqa: SIM115
+        written = self._file.write(data)
+        self.size += written
+        return written
+
+    def body(self) -> IO[bytes]:
+        """The part, from its start (botocore reads it to the end and seeks back to retry)."""
+        if self._file is None:
+            return io.BytesIO(b"")
+        self._file.flush()
+        self._file.seek(0)
+        return self._file
+
+    def clear(self) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+        self.size = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def bucket_policy(bucket: str, principal: str) -> dict[str, Any]:
