@@ -146,7 +146,7 @@ def down(
     ] = False,
     addons: Annotated[Addons, typer.Option(help="install: run `helm uninstall`; print: print it only.")] = "install",
 ) -> None:
-    """Delete exactly what `up` recorded, in reverse order. Safe to rerun after a failure."""
+    """Delete exactly what `up` recorded, dependents first. Safe to rerun after a failure."""
     from cmbcluster.cli import out
 
     with _provisioner(state_dir) as (provisioner, record):
