@@ -31,18 +31,19 @@ def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
                 "region": "eu-west-1",
                 "accountId": "123456789012",
                 "eksClusterName": "cmbcluster-eks",
-                "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster/cmbcluster-eks-controlplane",
+                "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks-controlplane",
                 "ecrRegistryUrl": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/",
             }
         },
         "image": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com"},
         "storage": {"driver": "mountpoint-s3"},
+        "serviceAccount": {"name": "cmbcluster-controlplane"},  # the name the role trusts
     }
 
 
 def test_role_arn_follows_the_partition() -> None:
     china = AwsSettings(AWS_REGION="cn-north-1", AWS_ACCOUNT_ID="123456789012", EKS_CLUSTER_NAME="cmb")
-    assert control_plane_role_arn(china) == "arn:aws-cn:iam::123456789012:role/cmbcluster/cmb-controlplane"
+    assert control_plane_role_arn(china) == "arn:aws-cn:iam::123456789012:role/cmbcluster-infra/cmb-controlplane"
 
 
 def test_only_the_aws_concerns_in_use(monkeypatch: pytest.MonkeyPatch) -> None:

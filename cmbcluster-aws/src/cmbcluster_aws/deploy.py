@@ -1,8 +1,8 @@
 """What the AWS plugin adds to the Helm values of ``cmbcluster deploy`` (the chart's ``global.aws.*``).
 
-The control plane's ServiceAccount is annotated with the IAM role it assumes through IRSA, by
-convention ``<EKS_CLUSTER_NAME>-controlplane`` under the ``/cmbcluster/`` path
-(:func:`control_plane_role_arn`; docs/DEPLOYMENT_AWS.md lists its permissions); buckets are mounted
+The control plane's ServiceAccount (``cmbcluster-controlplane``) is annotated with the IAM role it
+assumes through IRSA, the one ``cmbcluster infra up`` creates (:func:`control_plane_role_arn`;
+docs/DEPLOYMENT_AWS.md lists its permissions); buckets are mounted
 with Mountpoint for S3 (static PersistentVolumes, hence the chart's ClusterRole).
 """
 
@@ -17,17 +17,15 @@ if TYPE_CHECKING:
     from cmbcluster.config import ResolvedConfig
 
 STORAGE_DRIVER = "mountpoint-s3"
-CONTROL_PLANE_ROLE_SUFFIX = "-controlplane"
+#: the chart's ServiceAccount name on AWS: the IRSA role ``infra up`` makes trusts exactly this one
+CONTROLPLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
 
 
 def control_plane_role_arn(settings: AwsSettings) -> str:
-    """The IAM role of the control plane: ``arn:<partition>:iam::<account>:role/cmbcluster/<cluster>-controlplane``."""
-    from cmbcluster_aws.identity import ROLE_PATH, _partition  # boto3 comes with it: only when deploying
+    """The control plane's IRSA role, as ``cmbcluster infra up`` names it (one definition, there)."""
+    from cmbcluster_aws.provisioning import control_plane_role_arn as arn  # boto3: only when deploying
 
-    return (
-        f"arn:{_partition(settings.aws_region)}:iam::{settings.aws_account_id}:role"
-        f"{ROLE_PATH}{settings.eks_cluster_name}{CONTROL_PLANE_ROLE_SUFFIX}"
-    )
+    return arn(settings)
 
 
 @hookimpl
@@ -44,7 +42,8 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
         "eksClusterName": settings.eks_cluster_name,
         "controlPlaneRoleArn": control_plane_role_arn(settings),
     }
-    values: dict[str, Any] = {"global": {"aws": aws}}
+    # the role trusts exactly this ServiceAccount name (``infra up`` made it so)
+    values: dict[str, Any] = {"global": {"aws": aws}, "serviceAccount": {"name": CONTROLPLANE_SERVICE_ACCOUNT}}
     if settings.ecr_registry_url:
         aws["ecrRegistryUrl"] = settings.ecr_registry_url
         values["image"] = {"registry": settings.ecr_registry_url.removeprefix("https://").rstrip("/")}

@@ -50,8 +50,9 @@ from cmbcluster.interfaces import (
     StepContext,
 )
 from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
+from cmbcluster_aws.deploy import CONTROLPLANE_SERVICE_ACCOUNT
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
-from cmbcluster_aws.identity import AwsInfra, trust_policy
+from cmbcluster_aws.identity import AwsInfra, _partition, trust_policy
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, S3Storage
 
@@ -68,7 +69,6 @@ EKS_OIDC_THUMBPRINT = "9e99a48a9960b14926bb7f3b02e22da2b0ab7280"  # IAM ignores 
 MANAGED = "arn:{partition}:iam::aws:policy/"
 CLUSTER_POLICIES = ("AmazonEKSClusterPolicy",)
 NODE_POLICIES = ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
-CONTROLPLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
 ROLE_ANNOTATION_KEY = r"eks\.amazonaws\.com/role-arn"  # helm --set needs the dots escaped
 
 # Chart versions pinned so that two `up` runs months apart install the same add-ons; raise them deliberately.
@@ -110,6 +110,15 @@ def _statement(actions: Sequence[str], resources: Sequence[str] | str, **extra: 
     return {"Effect": "Allow", "Action": list(actions), "Resource": resources, **extra}
 
 
+def control_plane_role_arn(settings: AwsSettings) -> str:
+    """The IRSA role ``infra up`` makes for the control plane's ServiceAccount
+    (:data:`CONTROLPLANE_SERVICE_ACCOUNT`); ``cmbcluster deploy`` annotates the chart's with it."""
+    return (
+        f"arn:{_partition(settings.aws_region)}:iam::{settings.aws_account_id}:role"
+        f"{INFRA_ROLE_PATH}{settings.eks_cluster_name}-controlplane"
+    )
+
+
 class AwsProvisioner(Provisioner):
     """:class:`~cmbcluster.interfaces.Provisioner` for AWS.
 
@@ -134,9 +143,7 @@ class AwsProvisioner(Provisioner):
         self.namespace = namespace
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
-        self.partition = "aws-cn" if settings.aws_region.startswith("cn-") else (
-            "aws-us-gov" if settings.aws_region.startswith("us-gov-") else "aws"
-        )  # fmt: skip
+        self.partition = _partition(settings.aws_region)
         given = dict(clients or {})
         config = Config(
             region_name=settings.aws_region,
