@@ -215,7 +215,8 @@ def _config(monkeypatch: pytest.MonkeyPatch, plugin: object, name: str) -> Resol
 
 def test_plugin_contributions_are_deep_merged_after_the_cloud_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     values = render_values(_config(monkeypatch, AzurePlugin(), "zz-team"), namespace="cmbcluster")
-    assert values["serviceAccount"] == {"annotations": {"example.org/team": "cmb"}}
+    # the GCP plugin's name and the later plugin's annotations, merged
+    assert values["serviceAccount"] == {"name": "cmbcluster-controlplane", "annotations": {"example.org/team": "cmb"}}
     # plugin-name order: 'gcp' before 'zz-team', so the later one wins where both set a value...
     assert values["global"]["gcp"]["region"] == "x"
     # ...and keys only the earlier one set survive the merge

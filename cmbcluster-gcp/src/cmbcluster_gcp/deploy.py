@@ -41,7 +41,8 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     }
     if settings.project_number:
         gcp["projectNumber"] = settings.project_number
-    values: dict[str, Any] = {"global": {"gcp": gcp}}
+    # Workload Identity lets exactly this Kubernetes ServiceAccount act as the Google one
+    values: dict[str, Any] = {"global": {"gcp": gcp}, "serviceAccount": {"name": CONTROL_PLANE_SERVICE_ACCOUNT}}
     if settings.artifact_registry:
         gcp["artifactRegistry"] = settings.artifact_registry
         values["image"] = {"registry": settings.artifact_registry.rstrip("/")}
