@@ -37,7 +37,7 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from cmbcluster.interfaces import EnvironmentSpec, Resources, UserRef
-from cmbcluster.kubernetes.backend import KubernetesCompute
+from cmbcluster.kubernetes.backend import CONNECTION_POOL_SIZE, KubernetesCompute
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
 from tests.k8s.harness import K8sCluster, running_cluster
@@ -115,6 +115,8 @@ def pod_manifests(count: int, namespace: str) -> list[dict[str, Any]]:
 def direct(cluster: K8sCluster, count: int) -> float:
     namespace = cluster.control_plane_namespace("direct")
     api = cluster.api_client(token=cluster.cp_token)
+    api.configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE  # as the backend's: a connection per thread
+    api.rest_client = type(api.rest_client)(api.configuration)
     clock = PodClock(cluster.api_client(), namespace)
     core = k8s.CoreV1Api(api)
     manifests = pod_manifests(count, namespace)

@@ -34,6 +34,7 @@ Only this package imports the ``kubernetes`` client. Calls return the API's JSON
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime as dt
 import json
 import logging
@@ -122,8 +123,11 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "Ingress": ("networking", "ingress", True),
     "NetworkPolicy": ("networking", "network_policy", True),
 }
-#: what stop/delete remove by name, the pod first: it is what the user pays for
+#: what stop/delete remove by name (at once)
 _BY_NAME = ("Pod", "Ingress", "Service", "Secret")
+#: threads for the independent calls of concurrent starts (Pod, Service and Ingress of each)
+PARALLEL_CALLS = 16
+CONNECTION_POOL_SIZE = 32
 #: how long a start waits for the pod watch to be in step before reading pods directly
 _SYNC_WAIT_SECONDS = 2.0
 
@@ -225,6 +229,9 @@ class KubernetesCompute(ComputeBackend):
         self.delete_wait_seconds = delete_wait_seconds
         self._closed = threading.Event()
         self._network_policy_ready = False
+        # for the calls of one start that do not depend on each other; the client's connection
+        # pool (urllib3) is sized to match in api_client_from_config
+        self._parallel = concurrent.futures.ThreadPoolExecutor(PARALLEL_CALLS, thread_name_prefix="cmbcluster-k8s")
         self.pods = WatchCache(
             self.core.list_namespaced_pod, namespace=namespace, what="pods", label_selector=MANAGED_SELECTOR,
             connect_timeout=request_timeout[0],
@@ -591,18 +598,22 @@ class KubernetesCompute(ComputeBackend):
             "uid": root_meta.get("uid", ""),
             "blockOwnerDeletion": False,
         }
-        owned = [obj for obj in extras if obj["kind"] != "PersistentVolume"] + [pod_manifest]
-        owned += [
+        for obj in (o for o in extras if o["kind"] != "PersistentVolume"):  # claims: before the pod
+            obj["metadata"]["ownerReferences"] = [owner]
+            self._ensure(obj, labels, owner_uid=owner["uid"])
+        # The pod, its Service and its Ingress do not depend on each other: sent at once.
+        together = [
+            pod_manifest,
             self.build_service(draft.name, labels, draft.port),
             self.exposure.ingress(draft.name, spec.environment_id, labels),
         ]
-        pod: dict[str, Any] = {}
-        for obj in owned:
+        for obj in together:
             obj["metadata"]["ownerReferences"] = [owner]
-            current = self._ensure(obj, labels, owner_uid=owner["uid"])
-            if obj["kind"] == "Pod":
-                pod = current
-                self.pods.put(pod)  # readers see it before its watch event arrives
+        futures = [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in together]
+        pod = futures[0].result()
+        self.pods.put(pod)  # readers see it before its watch event arrives
+        for future in futures[1:]:
+            future.result()
         return self._status_from_pod(spec.environment_id, pod)
 
     def _ensure_network_policy(self) -> None:
@@ -657,8 +668,8 @@ class KubernetesCompute(ComputeBackend):
         garbage-collects anything left. 404s are ignored: removing twice is fine."""
         name = object_name(environment_id)
         pod = self._pod(environment_id)
-        for kind in _BY_NAME:
-            self._delete(kind, name)
+        for future in [self._parallel.submit(self._delete, kind, name) for kind in _BY_NAME]:
+            future.result()
         claims = None if pod is None else [v for v in (pod.get("spec") or {}).get("volumes") or []
                                            if isinstance(v, dict) and v.get("persistentVolumeClaim")]  # fmt: skip
         if claims is None or claims:  # the pod is gone or unknown, or it had claims: find them by label
@@ -721,6 +732,7 @@ class KubernetesCompute(ComputeBackend):
 
     def close(self) -> None:
         self._closed.set()
+        self._parallel.shutdown(wait=False, cancel_futures=True)
         if self.elector is not None:
             self.elector.close()
         self.pods.close()
@@ -854,8 +866,12 @@ def api_client_from_config(
     from kubernetes import config as kube_config
 
     config: Any = kube_config  # typed differently by each client version
+    configuration = k8s.Configuration()
     if in_cluster or (in_cluster is None and not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST")):
-        configuration = k8s.Configuration()
         config.load_incluster_config(client_configuration=configuration)
-        return k8s.ApiClient(configuration)
-    return config.new_client_from_config(config_file=kubeconfig, context=context)
+    else:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    # One connection per thread that may call at once (worker threads, parallel calls, watches):
+    # the default (5 x CPUs) makes urllib3 open and drop a TLS connection per call under load.
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    return k8s.ApiClient(configuration)
