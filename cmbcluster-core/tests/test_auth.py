@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
@@ -179,3 +180,17 @@ def test_session_expiry(settings: CoreSettings) -> None:
         assert client.get("/api/v1/auth/me", headers=headers).status_code == 200
         time.sleep(1.7)
         assert client.get("/api/v1/auth/me", headers=headers).status_code == 401
+
+
+def test_a_refused_browser_sign_in_lands_on_the_sign_in_page_with_the_reason(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Browsers come back from the identity provider: they get the UI's sign-in page with the reason;
+    API clients keep getting the JSON error."""
+    monkeypatch.setattr("cmbcluster.api.routes.auth.ui_available", lambda: True)
+    url = "/api/v1/auth/local/callback?code=x&state=y"
+    page = client.get(url, headers={"Accept": "text/html,application/xhtml+xml"}, follow_redirects=False)
+    assert page.status_code == 303
+    assert page.headers["location"] == "/signin/?error=no+sign-in+in+progress+in+this+browser%3B+start+again"
+    api = client.get(url, headers={"Accept": "application/json"}, follow_redirects=False)
+    assert api.status_code == 401 and api.json()["error"] == "authentication_failed"

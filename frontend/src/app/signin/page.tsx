@@ -13,9 +13,12 @@ export default function SignInPage() {
   const [providers, setProviders] = useState<Provider[] | null>(null);
   const [error, setError] = useState<unknown>(null);
   const [next, setNext] = useState("/");
+  const [refused, setRefused] = useState<string | null>(null);
 
   useEffect(() => {
-    setNext(safeNext(new URLSearchParams(window.location.search).get("next")));
+    const query = new URLSearchParams(window.location.search);
+    setNext(safeNext(query.get("next")));
+    setRefused(query.get("error")); // why the last sign-in was refused, from the server's callback
     unwrap(api.GET("/api/v1/auth/providers")).then((answer) => setProviders(answer.providers), setError);
   }, []);
 
@@ -23,6 +26,11 @@ export default function SignInPage() {
     <main id="main" className="signin">
       <h1>Sign in to CMBCluster</h1>
       <p className="muted">Your research environments, with your own bucket mounted as a folder.</p>
+      {refused ? (
+        <p role="alert" className="error">
+          Sign-in refused: {refused}
+        </p>
+      ) : null}
       <ErrorMessage error={error} />
       {providers === null && !error ? <Loading what="Finding the sign-in providers" /> : null}
       {providers && providers.length === 0 ? (

@@ -18,12 +18,13 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
-from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound
+from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
 from cmbcluster.local.auth import DevLoginProvider
 from cmbcluster.security import Sealer, pkce_challenge
 from cmbcluster.services import admin as admin_service
 from cmbcluster.services import ratelimit, sessions, users
+from cmbcluster.webui import ui_available
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
@@ -173,6 +174,20 @@ async def callback(
     state: Annotated[str | None, Query(max_length=200)] = None,
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> RedirectResponse:
+    try:
+        return await _complete_sign_in(provider, request, context, db, code, state, error)
+    except CmbclusterError as exc:
+        # A browser lands here from the identity provider: show it the reason on the sign-in
+        # page rather than a JSON document. API clients (and servers without the UI) get the JSON.
+        if exc.http_status >= 500 or "text/html" not in request.headers.get("accept", "") or not ui_available():
+            raise
+        return RedirectResponse(f"/signin/?{urlencode({'error': exc.message})}", status_code=303)
+
+
+async def _complete_sign_in(
+    provider: str, request: Request, context: Context, db: DbSession,
+    code: str | None, state: str | None, error: str | None,
+) -> RedirectResponse:  # fmt: skip
     auth = _provider(context, provider)
     await run_in_threadpool(_rate_limit, db, request, context)
     if error:
