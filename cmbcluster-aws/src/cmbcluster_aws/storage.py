@@ -10,6 +10,7 @@ S3 has no bucket-level storage class: the class a user chooses is recorded in th
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import hashlib
 import io
@@ -66,6 +67,7 @@ SPOOL_IN_MEMORY = MiB  # a part being filled moves from memory to a temporary fi
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000
+UPLOAD_PARTS_IN_FLIGHT = 4  # parts of one upload sent at once (boto3's transfer manager sends 10)
 PART_GROWTH_EVERY = 1_000  # parts; see S3Storage._part_size
 DELETE_BATCH = 1_000  # DeleteObjects takes at most 1000 keys
 MAX_LIST_KEYS = 1_000  # ListObjectsV2 returns at most 1000 keys per page
@@ -605,38 +607,65 @@ class S3Storage(StorageBackend):
             "StorageClass": self._upload_class(bucket),
         }
         upload_id: str | None = None
+        # Each full part waits in its own temporary file while it goes up, so the server's memory
+        # stays flat (one source chunk) whatever the part size. Up to UPLOAD_PARTS_IN_FLIGHT parts
+        # go up at once, as boto3's transfer manager does (one at a time, S3 and moto alike give
+        # half the bandwidth); the source waits while that many are in flight, so disk use stays
+        # bounded too.
+        in_flight: list[tuple[_PartSpool, concurrent.futures.Future[dict[str, Any]]]] = []
         parts: list[dict[str, Any]] = []
-        # The part being filled waits in a temporary file, not in memory: the server's memory stays
-        # flat (one source chunk) whatever the part size, and botocore streams the part from it.
+        number = 0
         spool = _PartSpool()
+        pool = concurrent.futures.ThreadPoolExecutor(UPLOAD_PARTS_IN_FLIGHT, thread_name_prefix="cmbcluster-s3-part")
+
+        def settle(limit: int) -> None:
+            while len(in_flight) > limit:
+                done_spool, future = in_flight.pop(0)
+                try:
+                    parts.append(future.result())
+                finally:
+                    done_spool.close()
+
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
                 while view:
-                    size = self._part_size(len(parts) + 1)
+                    size = self._part_size(number + 1)
                     if spool.size == size:
                         # Strictly more than a part: the last part is never empty, and an object
                         # of exactly one part goes up in a single PutObject.
                         if upload_id is None:
                             upload_id = self._client.create_multipart_upload(**params)["UploadId"]
-                        parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, spool.body()))
-                        spool.clear()
+                        number += 1
+                        settle(UPLOAD_PARTS_IN_FLIGHT - 1)
+                        future = pool.submit(self._upload_part, bucket, key, upload_id, number, spool.body())
+                        in_flight.append((spool, future))
+                        spool = _PartSpool()
                     view = view[spool.write(view[: size - spool.size]) :]
             if upload_id is None:
                 self._client.put_object(Body=spool.body(), **params)
             else:
-                parts.append(self._upload_part(bucket, key, upload_id, len(parts) + 1, spool.body()))
+                number += 1
+                parts_done = self._upload_part(bucket, key, upload_id, number, spool.body())
+                settle(0)
+                parts.append(parts_done)
                 self._client.complete_multipart_upload(
                     Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )
         except BaseException as exc:
+            for _, future in in_flight:
+                future.cancel()
+            pool.shutdown(wait=True)  # nothing may still be sending when the upload is aborted
             if upload_id is not None:
                 self._abort_upload(bucket, key, upload_id)
             if isinstance(exc, (ClientError, BotoCoreError)):
                 raise map_aws_error(exc, f"object {key}") from exc
             raise  # the caller's own error (a broken stream): re-raised as it is
         finally:
+            pool.shutdown(wait=True)
             spool.close()
+            for leftover, _ in in_flight:
+                leftover.close()
         return self.head_object(bucket, key)
 
     def _part_size(self, part_number: int) -> int:
