@@ -15,7 +15,8 @@ from cmbcluster.commands.infra import dns_records
 from cmbcluster.errors import CmbclusterError, Conflict, PermissionDenied
 from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions, ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
-from cmbcluster_gcp.provisioning import GcpProvisioner, GoogleApi
+from cmbcluster_gcp.provisioning import GcpProvisioner
+from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -305,7 +306,7 @@ def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path, 
     bad_token = {**cli_env, "GOOGLE_OAUTH_ACCESS_TOKEN": "wrong"}
     cases = [
         (bad_token, ["infra", "up"], "could not authenticate to Google Cloud"),
-        ({**cli_env, "GOOGLE_API_ENDPOINT": "http://127.0.0.1:9"}, ["infra", "status"], "Google Cloud is unreachable"),
+        ({**cli_env, "GOOGLE_API_ENDPOINT": "http://127.0.0.1:9"}, ["infra", "status"], "cannot reach Google Cloud"),
         ({**cli_env, "GKE_RELEASE_CHANNEL": "NIGHTLY"}, ["infra", "plan"], "GKE_RELEASE_CHANNEL"),
         ({**cli_env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json")}, ["infra", "up"],
          "no Google Cloud credentials"),

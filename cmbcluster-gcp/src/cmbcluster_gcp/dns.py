@@ -9,7 +9,7 @@ from cmbcluster.errors import InvalidRequest, NotFound
 from cmbcluster.interfaces import DnsRecord
 
 if TYPE_CHECKING:
-    from cmbcluster_gcp.provisioning import GoogleApi
+    from cmbcluster_gcp.rest import GoogleApi
 
 __all__ = ["CloudDns"]
 

@@ -36,20 +36,18 @@ import google.auth
 import google.auth.credentials
 import google.auth.exceptions
 import google.auth.transport.requests
-import requests
 
 from cmbcluster.errors import (
-    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
-    LimitExceeded,
     NotFound,
     PermissionDenied,
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
 from cmbcluster.naming import dns_label, short_id
+from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
 
 __all__ = [
@@ -79,7 +77,6 @@ REGISTRY_USERNAME = "oauth2accesstoken"
 
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PROJECT_NUMBER = re.compile(r"^[0-9]{1,20}$")
-_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
 def workload_identity_principal(project_number: str, pool: str, namespace: str, service_account: str) -> str:
@@ -166,35 +163,15 @@ class HttpIamClient(IamClient):
                 ) from exc
         self.iam_endpoint = iam_endpoint.rstrip("/")
         self.resource_manager_endpoint = resource_manager_endpoint.rstrip("/")
-        self.attempts = max(1, attempts)
-        self.backoff_seconds = backoff_seconds
-        self.timeout = timeout
-        session_type: Any = google.auth.transport.requests.AuthorizedSession  # google-auth is untyped
-        self._session: Any = session_type(credentials)
+        self._api = GoogleApi(
+            credentials, attempts=max(1, attempts), backoff_seconds=backoff_seconds, timeout=timeout,
+            service_name="Google Cloud IAM",
+            forbidden_hint="the control plane's Google service account may not manage {what} (it needs "
+            "roles/iam.serviceAccountAdmin, and resourcemanager.projects.get without PROJECT_NUMBER)",
+        )  # fmt: skip
 
     def _request(self, method: str, url: str, what: str, *, json_body: Any = None) -> dict[str, Any]:
-        delay = self.backoff_seconds
-        failure: CmbclusterError | None = None
-        for attempt in range(self.attempts):
-            try:
-                response = self._session.request(method, url, json=json_body, timeout=self.timeout)
-            except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
-                failure = ProviderUnavailable(f"cannot reach Google Cloud IAM for {what}", detail=str(exc))
-            except google.auth.exceptions.RefreshError as exc:
-                raise ProviderUnavailable("could not authenticate to Google Cloud", detail=str(exc)) from exc
-            else:
-                if response.status_code < 300:
-                    body = response.json() if response.content else {}
-                    return body if isinstance(body, dict) else {}
-                failure = iam_error(response.status_code, what, _message(response), response.headers.get("Retry-After"))
-                if response.status_code not in _RETRYABLE_STATUS:
-                    raise failure
-            if attempt + 1 < self.attempts:
-                log.warning("IAM call for %s failed (%s); retrying in %.1fs", what, failure.message, delay)
-                time.sleep(delay)
-                delay *= 2
-        assert failure is not None
-        raise failure
+        return self._api.request_url(method, url, what, body=json_body)
 
     def _account_url(self, email: str, suffix: str = "") -> str:
         return f"{self.iam_endpoint}/v1/projects/-/serviceAccounts/{urllib.parse.quote(email, safe='@')}{suffix}"
@@ -234,38 +211,7 @@ class HttpIamClient(IamClient):
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._session.close()
-
-
-def iam_error(status: int, what: str, message: str = "", retry_after: str | None = None) -> CmbclusterError:
-    """The typed error for an HTTP status answered by IAM or Resource Manager about ``what``."""
-    detail = message or None
-    if status == 404:
-        return NotFound(f"{what} not found", detail=detail)
-    if status == 409:
-        return Conflict(f"{what} already exists or changed meanwhile", detail=detail)
-    if status == 401:
-        return ProviderUnavailable("Google Cloud IAM refused the control plane's credentials", detail=detail)
-    if status == 403:
-        return PermissionDenied(
-            f"the control plane's Google service account may not manage {what} "
-            "(it needs roles/iam.serviceAccountAdmin, and resourcemanager.projects.get without PROJECT_NUMBER)",
-            detail=detail,
-        )
-    if status == 429:
-        seconds = int(retry_after) if retry_after and retry_after.isdigit() else None
-        return LimitExceeded(f"Google Cloud IAM is rate-limiting requests for {what}", retry_after=seconds)
-    if 400 <= status < 500:
-        return InvalidRequest(f"Google Cloud IAM refused the request for {what}", detail=detail)
-    return ProviderUnavailable(f"Google Cloud IAM failed on {what} (HTTP {status})", detail=detail)
-
-
-def _message(response: requests.Response) -> str:
-    try:
-        error = response.json().get("error", {})
-        return str(error.get("message", "")) if isinstance(error, dict) else ""
-    except ValueError:
-        return response.text[:300]
+            self._api.close()
 
 
 def _account(body: dict[str, Any]) -> ServiceAccountInfo:

@@ -33,16 +33,12 @@ import google.auth.credentials
 import google.auth.exceptions
 import google.auth.transport.requests
 import google.oauth2.credentials
-import requests
 
 from cmbcluster.errors import (
-    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
-    LimitExceeded,
     NotFound,
-    PermissionDenied,
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import (
@@ -57,6 +53,7 @@ from cmbcluster.interfaces import (
 )
 from cmbcluster.interfaces.provisioning import write_kubeconfig
 from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GcpInfra
+from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
 
 __all__ = ["CERT_MANAGER", "GcpProvisioner", "GoogleApi"]
@@ -74,144 +71,6 @@ CERT_MANAGER = HelmRelease(
     name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
     namespace="cert-manager", values={"crds.enabled": "true"},
 )  # fmt: skip
-_RETRYABLE = {429, 500, 502, 503, 504}
-
-
-def _google_message(response: requests.Response) -> str:
-    try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return response.text[:300]
-    if isinstance(error, dict):
-        return str(error.get("message", ""))
-    return str(error)
-
-
-class GoogleApi:
-    """A small JSON client for Google's REST APIs: retries, long-running operations, typed errors.
-
-    ``endpoint`` replaces ``https://<service>.googleapis.com`` for every service (tests);
-    429, 5xx and connection failures are retried with backoff (every call here is safe to
-    repeat: a repeated create answers 409, which callers treat as "exists").
-    """
-
-    def __init__(
-        self,
-        credentials: google.auth.credentials.Credentials,
-        *,
-        endpoint: str | None = None,
-        attempts: int = 4,
-        backoff_seconds: float = 1.0,
-        timeout: float = 60.0,
-        poll_interval: float = 10.0,
-    ) -> None:
-        self.endpoint = endpoint.rstrip("/") if endpoint else None
-        self.attempts = attempts
-        self.backoff_seconds = backoff_seconds
-        self.timeout = timeout
-        self.poll_interval = poll_interval
-        session_type: Any = google.auth.transport.requests.AuthorizedSession  # google-auth is untyped
-        self.session: Any = session_type(credentials)
-
-    def url(self, service: str, path: str) -> str:
-        base = self.endpoint or f"https://{service}.googleapis.com"
-        return f"{base}/{path.lstrip('/')}"
-
-    def request(
-        self,
-        method: str,
-        service: str,
-        path: str,
-        what: str,
-        *,
-        body: Any = None,
-        params: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        url = self.url(service, path)
-        delay = self.backoff_seconds
-        failure: CmbclusterError | None = None
-        for attempt in range(self.attempts):
-            try:
-                response = self.session.request(method, url, json=body, params=params, timeout=self.timeout)
-            except google.auth.exceptions.RefreshError as exc:
-                raise ProviderUnavailable(f"could not authenticate to Google Cloud: {exc}") from None
-            except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
-                failure = ProviderUnavailable(f"Google Cloud is unreachable ({what}): {exc}")
-            else:
-                if response.status_code < 300:
-                    data = response.json() if response.content else {}
-                    return data if isinstance(data, dict) else {}
-                failure = self._error(response, what)
-                if response.status_code not in _RETRYABLE:
-                    raise failure
-            if attempt + 1 < self.attempts:
-                log.warning("Google API call for %s failed (%s); retrying in %.1fs", what, failure.message, delay)
-                time.sleep(delay)
-                delay *= 2
-        assert failure is not None
-        raise failure
-
-    @staticmethod
-    def _error(response: requests.Response, what: str) -> CmbclusterError:
-        status, message = response.status_code, _google_message(response)
-        text = f"{what}: {message} (HTTP {status})" if message else f"{what}: HTTP {status}"
-        if status == 404:
-            return NotFound(f"{what} not found", detail=message)
-        if status == 409:
-            return Conflict(text, detail=message)
-        if status in (401, 403):
-            return PermissionDenied(text, detail=message)
-        if status == 429:
-            return LimitExceeded(text, detail=message)
-        if 400 <= status < 500:
-            return InvalidRequest(text, detail=message)
-        return ProviderUnavailable(text, detail=message)
-
-    def get(self, service: str, path: str, what: str) -> dict[str, Any] | None:
-        """The resource, or None when it does not exist."""
-        try:
-            return self.request("GET", service, path, what)
-        except NotFound:
-            return None
-
-    def wait(self, service: str, operation: dict[str, Any], what: str, *, timeout: float = 2400) -> None:
-        """Poll a long-running operation until done; its failure becomes ProviderUnavailable.
-
-        Compute and container operations report ``status: DONE`` and are read at their
-        ``selfLink`` path; Artifact Registry's are ``{name, done}`` read at ``v1/<name>``.
-        """
-        deadline = time.monotonic() + timeout
-        delay = min(0.5, self.poll_interval)  # many operations end within seconds: poll soon, then back off
-        while True:
-            error = operation.get("error")
-            if operation.get("status") == "DONE" or operation.get("done") is True:
-                if error:
-                    errors = error.get("errors") if isinstance(error, dict) else None
-                    detail = (
-                        errors[0].get("message")
-                        if errors
-                        else (error.get("message") if isinstance(error, dict) else error)
-                    )
-                    raise ProviderUnavailable(f"{what} failed: {detail}")
-                return
-            if time.monotonic() > deadline:
-                raise ProviderUnavailable(f"{what} did not finish within {timeout:.0f} s; rerun `up` to resume")
-            time.sleep(delay)
-            delay = min(delay * 2, self.poll_interval)
-            operation = self.request("GET", service, self._operation_path(service, operation), what)
-
-    @staticmethod
-    def _operation_path(service: str, operation: dict[str, Any]) -> str:
-        self_link = str(operation.get("selfLink") or "")
-        if self_link:
-            path = urllib.parse.urlsplit(self_link).path
-            if service == "container":  # container's selfLink is .../v1/projects/<p>/locations/<l>/operations/<id>
-                return path[path.index("/v1/") :] if "/v1/" in path else path
-            return path
-        return f"v1/{operation['name']}"
-
-    def close(self) -> None:
-        self.session.close()
 
 
 def credentials_for(settings: GcpSettings) -> google.auth.credentials.Credentials:

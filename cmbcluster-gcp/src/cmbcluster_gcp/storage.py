@@ -41,9 +41,7 @@ from cmbcluster.errors import (
     ConfigurationError,
     Conflict,
     InvalidRequest,
-    LimitExceeded,
     NotFound,
-    PermissionDenied,
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import (
@@ -62,6 +60,7 @@ from cmbcluster.interfaces import (
     resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, dns_label, validate_object_key
+from cmbcluster_gcp import rest
 from cmbcluster_gcp.settings import GcpSettings
 
 logger = logging.getLogger(__name__)
@@ -160,33 +159,9 @@ def translate_error(exc: BaseException, what: str) -> CmbclusterError | None:
 
 def error_for_status(status: int, what: str, *, detail: object = None, response: object = None) -> CmbclusterError:
     """The typed error for an HTTP status answered by Google Cloud Storage about ``what``."""
-    if status == 404:
-        return NotFound(f"{what} not found", detail=detail)
-    if status in (409, 412):
-        return Conflict(f"{what} changed or conflicts with its current state", detail=detail)
-    if status == 401:
-        # Our own credentials were refused: an operator problem, not the caller's.
-        return ProviderUnavailable("Google Cloud Storage refused the control plane's credentials", detail=detail)
-    if status == 403:
-        return PermissionDenied(f"not allowed to access {what}", detail=detail)
-    if status == 429:
-        return LimitExceeded(
-            f"Google Cloud Storage is rate-limiting requests for {what}",
-            retry_after=_retry_after(response),
-            detail=detail,
-        )
-    if 400 <= status < 500:  # 400, 411, 416, ...
-        return InvalidRequest(f"Google Cloud Storage refused the request for {what}", detail=detail)
-    return ProviderUnavailable(f"Google Cloud Storage failed on {what} (HTTP {status})", detail=detail)
-
-
-def _retry_after(response: object) -> int | None:
     headers = getattr(response, "headers", None)
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0, int(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+    retry_after = headers.get("Retry-After") if headers is not None else None
+    return rest.error_for_status(status, what, service="Google Cloud Storage", detail=detail, retry_after=retry_after)
 
 
 @contextlib.contextmanager

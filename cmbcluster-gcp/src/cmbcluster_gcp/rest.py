@@ -1,0 +1,205 @@
+"""The plugin's one client for Google's JSON REST APIs, and one mapping of their HTTP errors.
+
+Used by the infrastructure provisioner (Compute, Container, Artifact Registry, Cloud DNS), the
+Workload Identity provider (IAM, Resource Manager) and, for the error mapping, the GCS storage
+backend: every Google answer becomes the same typed core error, whichever module asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from typing import Any
+
+import google.auth.credentials
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+
+from cmbcluster.errors import (
+    CmbclusterError,
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    ProviderUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+#: answers worth another try: every call made through :class:`GoogleApi` is safe to repeat
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def google_message(response: requests.Response) -> str:
+    """The ``error.message`` of a Google JSON error body (or the start of a non-JSON one)."""
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return response.text[:300]
+    if isinstance(error, dict):
+        return str(error.get("message", ""))
+    return str(error)
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    try:
+        return max(0, int(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def error_for_status(
+    status: int,
+    what: str,
+    *,
+    service: str = "Google Cloud",
+    detail: object = None,
+    retry_after: str | None = None,
+    forbidden: str | None = None,
+) -> CmbclusterError:
+    """The typed error for an HTTP ``status`` that ``service`` answered about ``what``."""
+    if status == 404:
+        return NotFound(f"{what} not found", detail=detail)
+    if status in (409, 412):
+        return Conflict(f"{what} already exists or changed meanwhile", detail=detail)
+    if status == 401:
+        # Our own credentials were refused: an operator problem, not the caller's.
+        return ProviderUnavailable(f"{service} refused the control plane's credentials", detail=detail)
+    if status == 403:  # ``forbidden``: what to grant, with ``{what}`` standing for the resource
+        return PermissionDenied((forbidden or "not allowed to access {what}").format(what=what), detail=detail)
+    if status == 429:
+        return LimitExceeded(
+            f"{service} is rate-limiting requests for {what}", retry_after=retry_after_seconds(retry_after),
+            detail=detail,
+        )  # fmt: skip
+    if 400 <= status < 500:  # 400, 411, 416, ...
+        return InvalidRequest(f"{service} refused the request for {what}", detail=detail)
+    return ProviderUnavailable(f"{service} failed on {what} (HTTP {status})", detail=detail)
+
+
+class GoogleApi:
+    """A small JSON client for Google's REST APIs: retries, long-running operations, typed errors.
+
+    ``endpoint`` replaces ``https://<service>.googleapis.com`` for every service (tests);
+    429, 5xx and connection failures are retried with backoff (every call here is safe to
+    repeat: a repeated create answers 409, which callers treat as "exists").
+    """
+
+    def __init__(
+        self,
+        credentials: google.auth.credentials.Credentials,
+        *,
+        endpoint: str | None = None,
+        attempts: int = 4,
+        backoff_seconds: float = 1.0,
+        timeout: float | tuple[float, float] = 60.0,
+        poll_interval: float = 10.0,
+        service_name: str = "Google Cloud",
+        forbidden_hint: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.service_name = service_name  # in error messages: "Google Cloud IAM refused ..."
+        self.forbidden_hint = forbidden_hint  # what a 403 tells the operator to grant
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        session_type: Any = google.auth.transport.requests.AuthorizedSession  # google-auth is untyped
+        self.session: Any = session_type(credentials)
+
+    def url(self, service: str, path: str) -> str:
+        base = self.endpoint or f"https://{service}.googleapis.com"
+        return f"{base}/{path.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        service: str,
+        path: str,
+        what: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return self.request_url(method, self.url(service, path), what, body=body, params=params)
+
+    def request_url(
+        self, method: str, url: str, what: str, *, body: Any = None, params: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """One call to ``url``, as JSON; retried on 429, 5xx and connection failures."""
+        delay = self.backoff_seconds
+        failure: CmbclusterError | None = None
+        for attempt in range(self.attempts):
+            try:
+                response = self.session.request(method, url, json=body, params=params, timeout=self.timeout)
+            except google.auth.exceptions.RefreshError as exc:
+                raise ProviderUnavailable(f"could not authenticate to Google Cloud: {exc}") from None
+            except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
+                failure = ProviderUnavailable(f"cannot reach {self.service_name} for {what}", detail=str(exc))
+            else:
+                if response.status_code < 300:
+                    data = response.json() if response.content else {}
+                    return data if isinstance(data, dict) else {}
+                failure = error_for_status(
+                    response.status_code, what, service=self.service_name, detail=google_message(response) or None,
+                    retry_after=response.headers.get("Retry-After"), forbidden=self.forbidden_hint,
+                )  # fmt: skip
+                if response.status_code not in RETRYABLE_STATUS:
+                    raise failure
+            if attempt + 1 < self.attempts:
+                log.warning(
+                    "%s call for %s failed (%s); retrying in %.1fs", self.service_name, what, failure.message, delay
+                )
+                time.sleep(delay)
+                delay *= 2
+        assert failure is not None
+        raise failure
+
+    def get(self, service: str, path: str, what: str) -> dict[str, Any] | None:
+        """The resource, or None when it does not exist."""
+        try:
+            return self.request("GET", service, path, what)
+        except NotFound:
+            return None
+
+    def wait(self, service: str, operation: dict[str, Any], what: str, *, timeout: float = 2400) -> None:
+        """Poll a long-running operation until done; its failure becomes ProviderUnavailable.
+
+        Compute and container operations report ``status: DONE`` and are read at their
+        ``selfLink`` path; Artifact Registry's are ``{name, done}`` read at ``v1/<name>``.
+        """
+        deadline = time.monotonic() + timeout
+        delay = min(0.5, self.poll_interval)  # many operations end within seconds: poll soon, then back off
+        while True:
+            error = operation.get("error")
+            if operation.get("status") == "DONE" or operation.get("done") is True:
+                if error:
+                    errors = error.get("errors") if isinstance(error, dict) else None
+                    detail = (
+                        errors[0].get("message")
+                        if errors
+                        else (error.get("message") if isinstance(error, dict) else error)
+                    )
+                    raise ProviderUnavailable(f"{what} failed: {detail}")
+                return
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(f"{what} did not finish within {timeout:.0f} s; rerun `up` to resume")
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_interval)
+            operation = self.request("GET", service, self._operation_path(service, operation), what)
+
+    @staticmethod
+    def _operation_path(service: str, operation: dict[str, Any]) -> str:
+        self_link = str(operation.get("selfLink") or "")
+        if self_link:
+            path = urllib.parse.urlsplit(self_link).path
+            if service == "container":  # container's selfLink is .../v1/projects/<p>/locations/<l>/operations/<id>
+                return path[path.index("/v1/") :] if "/v1/" in path else path
+            return path
+        return f"v1/{operation['name']}"
+
+    def close(self) -> None:
+        self.session.close()
