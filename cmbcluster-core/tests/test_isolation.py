@@ -29,6 +29,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/api/v1/auth/refresh"): (PUBLIC, None),
     ("POST", "/api/v1/auth/logout"): (SELF, None),
     ("GET", "/api/v1/auth/me"): (SELF, None),
+    ("GET", "/api/v1/auth/me/activity"): (SELF, None),  # Bob's own: none of Alice's environment ids
     ("GET", "/api/v1/plugins"): (ADMIN, None),
     ("GET", "/api/v1/applications"): (CATALOG_READ, None),
     ("GET", "/api/v1/applications/presets"): (CATALOG_READ, None),
