@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
-from cmbcluster.db import create_db_engine, upgrade
 from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups
 from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.backup import probe_database, read_probe, write_probe
 from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
 
@@ -36,13 +36,7 @@ def settings(tmp_path: Path) -> CoreSettings:
 @pytest.fixture
 def database(settings: CoreSettings) -> Path:
     """A migrated CMBCluster database with a probe table the tests write to."""
-    engine = create_db_engine(settings.effective_database_url)
-    upgrade(engine)
-    engine.dispose()
-    path = settings.data_dir / "cmbcluster.db"
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("CREATE TABLE probe (value TEXT)")
-    return path
+    return probe_database(settings.data_dir / "cmbcluster.db")
 
 
 @pytest.fixture
@@ -55,51 +49,41 @@ def backups(settings: CoreSettings, storage: LocalStorage, database: Path) -> Da
     return DatabaseBackups.from_settings(settings, storage)
 
 
-def write(path: Path, *values: str) -> None:
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db, db:
-        db.executemany("INSERT INTO probe VALUES (?)", [(v,) for v in values])
-
-
-def read(path: Path) -> list[str]:
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return [row[0] for row in db.execute("SELECT value FROM probe ORDER BY rowid")]
-
-
 def test_backup_is_a_gzipped_copy_named_by_time_and_listed(
     backups: DatabaseBackups, database: Path, storage: LocalStorage, tmp_path: Path
 ) -> None:
-    write(database, "first")
+    write_probe(database, "first")
     backup = backups.backup()
     assert backup.key == f"cmbcluster-db/cmbcluster-{backup.version}.sqlite3.gz"
     assert backups.list() == [backup]
     copy = tmp_path / "copy.db"
     copy.write_bytes(gzip.decompress(b"".join(storage.download_object(BUCKET, backup.key))))
-    assert read(copy) == ["first"]
+    assert read_probe(copy) == ["first"]
     # No temporary file is left beside the database.
     assert sorted(p.name for p in database.parent.iterdir() if p.name.startswith(".cmbcluster-backup")) == []
 
 
 def test_restore_newest_keeps_the_current_database_aside(backups: DatabaseBackups, database: Path) -> None:
-    write(database, "first")
+    write_probe(database, "first")
     backups.backup()
-    write(database, "second")
+    write_probe(database, "second")
     newest = backups.backup()
-    write(database, "third")  # not backed up
+    write_probe(database, "third")  # not backed up
 
     result = backups.restore()
     assert result.backup == newest
-    assert read(database) == ["first", "second"]
+    assert read_probe(database) == ["first", "second"]
     assert result.kept_aside is not None and result.kept_aside.name.startswith("cmbcluster.db.before-restore-")
-    assert read(result.kept_aside) == ["first", "second", "third"]  # nothing lost
+    assert read_probe(result.kept_aside) == ["first", "second", "third"]  # nothing lost
 
 
 def test_restore_a_named_version_and_refuse_an_unknown_one(backups: DatabaseBackups, database: Path) -> None:
-    write(database, "first")
+    write_probe(database, "first")
     oldest = backups.backup()
-    write(database, "second")
+    write_probe(database, "second")
     backups.backup()
     assert backups.restore(oldest.version).backup == oldest
-    assert read(database) == ["first"]
+    assert read_probe(database) == ["first"]
     with pytest.raises(NotFound, match=r"no database backup .20990101T000000000000Z.*the newest is"):
         backups.restore("20990101T000000000000Z")
 
@@ -120,12 +104,12 @@ def test_restore_with_no_backup_says_so(backups: DatabaseBackups) -> None:
 def test_a_damaged_backup_is_refused_and_the_database_left_untouched(
     backups: DatabaseBackups, database: Path, storage: LocalStorage, content: bytes, message: str
 ) -> None:
-    write(database, "precious")
+    write_probe(database, "precious")
     before = database.read_bytes()
     storage.upload_object(BUCKET, "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz", [content])
     with pytest.raises(InvalidRequest, match=message):
         backups.restore()
-    assert database.read_bytes() == before and read(database) == ["precious"]
+    assert database.read_bytes() == before and read_probe(database) == ["precious"]
     assert not list(database.parent.glob("*.before-restore-*"))
 
 
@@ -175,7 +159,7 @@ def test_writers_are_not_blocked_while_a_backup_runs(backups: DatabaseBackups, d
     assert writes_before > 10, "the writer made no progress during the backup"
     assert max(latencies) < min(0.5, duration), (max(latencies), duration)
     backups.restore()
-    assert read(database).count("x" * 4000) == 10_000  # a consistent snapshot, taken mid-write
+    assert read_probe(database).count("x" * 4000) == 10_000  # a consistent snapshot, taken mid-write
 
 
 def test_no_backups_for_postgresql_or_without_a_bucket(tmp_path: Path, storage: LocalStorage) -> None:
@@ -261,18 +245,18 @@ def test_cli_backup_list_and_restore(settings: CoreSettings, database: Path, tmp
         "S3_DATABASE_BUCKET": BUCKET,  # the original deployment's name works as well
         "COLUMNS": "200",
     }
-    write(database, "first")
+    write_probe(database, "first")
     made = cmbcluster("db", "backup", env=env, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert f"database backed up to {BUCKET}/cmbcluster-db/cmbcluster-" in made.stdout
     version = made.stdout.split("cmbcluster-db/cmbcluster-")[1].split(".sqlite3.gz")[0]
     listed = cmbcluster("db", "backup", "--list", env=env, cwd=tmp_path)
     assert listed.returncode == 0 and version in listed.stdout
-    write(database, "second")
+    write_probe(database, "second")
     restored = cmbcluster("db", "restore", "--version", version, env=env, cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
     assert "the previous database is kept as" in restored.stdout
-    assert read(database) == ["first"]
+    assert read_probe(database) == ["first"]
 
 
 def test_cli_errors_are_clear(settings: CoreSettings, tmp_path: Path) -> None:

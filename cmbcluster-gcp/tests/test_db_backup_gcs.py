@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
-import sqlite3
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from cmbcluster.app import create_app
-from cmbcluster.config import load_core_settings
-from cmbcluster.db import create_db_engine, upgrade
 from cmbcluster.db.backup import DatabaseBackups
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.backup import check_a_lost_database_comes_back, probe_database, read_probe, write_probe
 from cmbcluster.testing.process import clean_environ
 from cmbcluster.testing.process import run_cli as cmbcluster
 from cmbcluster_gcp.settings import GcpSettings
@@ -42,30 +35,14 @@ def database_bucket(emulator_api: EmulatorApi, gcp_settings: GcpSettings) -> str
 
 @pytest.fixture
 def database(tmp_path: Path) -> Path:
-    path = tmp_path / "data" / "cmbcluster.db"
-    engine = create_db_engine(f"sqlite:///{path}")
-    upgrade(engine)
-    engine.dispose()
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("CREATE TABLE probe (value TEXT)")
-    return path
-
-
-def write(path: Path, value: str) -> None:
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("INSERT INTO probe VALUES (?)", (value,))
-
-
-def read(path: Path) -> list[str]:
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return [row[0] for row in db.execute("SELECT value FROM probe ORDER BY rowid")]
+    return probe_database(tmp_path / "data" / "cmbcluster.db")
 
 
 def test_backup_and_restore_through_gcs(
     gcs: GcsStorage, database_bucket: str, database: Path, gcs_emulator: str, emulator_api: EmulatorApi, tmp_path: Path
 ) -> None:
     backups = DatabaseBackups(gcs, database_bucket, database, prefix="cmbcluster-db/", kept=2)
-    write(database, "first")
+    write_probe(database, "first")
     first = backups.backup()
     # What the bucket holds is the gzipped database, as an operator could fetch it by hand.
     listed = emulator_api(f"/storage/v1/b/{database_bucket}/o")
@@ -75,18 +52,18 @@ def test_backup_and_restore_through_gcs(
     )
     with urllib.request.urlopen(media, timeout=10) as response:
         (tmp_path / "fetched.db").write_bytes(gzip.decompress(response.read()))
-    assert read(tmp_path / "fetched.db") == ["first"]
+    assert read_probe(tmp_path / "fetched.db") == ["first"]
 
-    write(database, "second")
+    write_probe(database, "second")
     backups.backup()
-    write(database, "third")
+    write_probe(database, "third")
     newest = backups.backup()
     assert [b.key for b in backups.list()][-1] == newest.key and len(backups.list()) == 2  # kept=2
 
-    write(database, "fourth")
+    write_probe(database, "fourth")
     result = backups.restore()
-    assert result.backup == newest and read(database) == ["first", "second", "third"]
-    assert result.kept_aside is not None and read(result.kept_aside)[-1] == "fourth"
+    assert result.backup == newest and read_probe(database) == ["first", "second", "third"]
+    assert result.kept_aside is not None and read_probe(result.kept_aside)[-1] == "fourth"
 
 
 @pytest.fixture
@@ -102,33 +79,10 @@ def gcp_env(gcp_settings: GcpSettings, database_bucket: str, tmp_path: Path) -> 
     }
 
 
-@contextlib.contextmanager
-def serving(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    with monkeypatch.context() as patch:
-        for name in set(os.environ) - set(env):
-            patch.delenv(name)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        app = create_app(load_core_settings())
-    with TestClient(app) as client:
-        yield client
-
-
 def test_cli_backup_then_a_server_on_a_fresh_disk_restores_it(
     gcp_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serving(gcp_env, monkeypatch) as client:
-        dev_sign_in(client, "ada@example.org", "Ada")  # the first user: the admin
-    made = cmbcluster("db", "backup", env=gcp_env, cwd=tmp_path)
-    assert made.returncode == 0, made.stderr
-    assert f"database backed up to {BUCKET}/cmbcluster-db/" in made.stdout
-
-    for path in (tmp_path / "server").glob("cmbcluster.db*"):
-        path.unlink()  # a new pod on an empty disk
-    with serving(gcp_env, monkeypatch) as client:
-        bob = dev_sign_in(client, "bob@example.org", "Bob")
-        assert client.get("/api/v1/admin/users", headers=bob).status_code == 403  # Ada is still the admin
-
+    check_a_lost_database_comes_back(gcp_env, tmp_path / "server", tmp_path, monkeypatch, BUCKET)
     restored = cmbcluster("db", "restore", env=gcp_env, cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
     assert "the previous database is kept as" in restored.stdout
