@@ -244,3 +244,19 @@ def test_deep_merge() -> None:
 
 def test_values_are_json_for_helm() -> None:
     json.dumps(rbac_values())  # helm reads the rendered values as JSON on standard input
+
+
+def test_a_pip_installed_core_finds_the_chart_in_its_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a checkout (no helm/ beside the package), deploy uses the chart packaged in the wheel."""
+    from cmbcluster.commands import deploy
+
+    packaged = tmp_path / "chart"
+    packaged.mkdir()
+    (packaged / "Chart.yaml").write_text("apiVersion: v2\nname: cmbcluster\nversion: 0.1.0\n")
+    monkeypatch.setattr(deploy, "REPO_CHART", tmp_path / "no-checkout")
+    monkeypatch.setattr(deploy, "PACKAGED_CHART", packaged)
+    monkeypatch.delenv(deploy.CHART_ENV, raising=False)
+    assert deploy.find_chart(None) == str(packaged)
+    monkeypatch.setattr(deploy, "PACKAGED_CHART", tmp_path / "not-packaged")
+    with pytest.raises(deploy.DeployError, match="no Helm chart given"):
+        deploy.find_chart(None)

@@ -40,6 +40,8 @@ HIDDEN = "<hidden>"
 DEFAULT_RELEASE = "cmbcluster"
 # The chart in a checkout of the repository (cmbcluster-core/src/cmbcluster/commands/ -> helm/).
 REPO_CHART = Path(__file__).resolve().parents[4] / "helm" / "cmbcluster"
+#: the chart a wheel carries (copied from helm/cmbcluster when the wheel is built)
+PACKAGED_CHART = Path(__file__).resolve().parents[1] / "chart"
 CHART_ENV = "CMBCLUSTER_HELM_CHART"
 HELM_ENV = "CMBCLUSTER_HELM"
 
@@ -243,8 +245,9 @@ def find_chart(explicit: str | None) -> str:
         if "://" not in chart and not Path(chart).exists():
             raise DeployError(f"the chart {chart!r} does not exist (a chart folder, .tgz or oci:// reference)")
         return chart
-    if (REPO_CHART / "Chart.yaml").exists():
-        return str(REPO_CHART)
+    for candidate in (REPO_CHART, PACKAGED_CHART):  # a checkout's own first: it is what is being changed
+        if (candidate / "Chart.yaml").exists():
+            return str(candidate)
     raise DeployError(
         "no Helm chart given: pass --chart (the helm/cmbcluster folder of a CMBCluster checkout, a packaged "
         f".tgz or an oci:// reference) or set {CHART_ENV}"
