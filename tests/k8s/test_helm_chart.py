@@ -307,7 +307,7 @@ def test_cmbcluster_deploy_dry_run_then_install_and_upgrade(
             # What helm holds is what the dry run printed, with the secrets themselves instead of <hidden>.
             got = helm("get", "values", RELEASE, "--namespace", namespace, "-o", "json", env=env)
             stored = json.loads(got.stdout)
-            for key in ("global", "storage", "auth", "rbac", "config", "ingress"):
+            for key in ("global", "storage", "auth", "rbac", "config", "ingress", "serviceAccount"):
                 assert stored.get(key) == printed.get(key), key
             assert set(stored["secretConfig"]) == set(printed["secretConfig"])
             assert HIDDEN not in json.dumps(stored)
@@ -316,7 +316,9 @@ def test_cmbcluster_deploy_dry_run_then_install_and_upgrade(
             assert base64.b64decode(secret.data[client_secret]).decode() == cloud_env[client_secret]
             if cloud == "gcp":  # generated at install, kept by the upgrade: sessions survive upgrades
                 assert secret.data["CMBCLUSTER_SECRET_KEY"] == first_key
-            account = k8s.CoreV1Api(admin_api).read_namespaced_service_account(f"{RELEASE}-cmbcluster", namespace)
+            # named as the cloud identity's trust requires (infra up's IRSA role; the Workload Identity binding)
+            assert printed["serviceAccount"]["name"] == "cmbcluster-controlplane"
+            account = k8s.CoreV1Api(admin_api).read_namespaced_service_account("cmbcluster-controlplane", namespace)
             annotations = account.metadata.annotations
             if cloud == "gcp":
                 expected = {"iam.gke.io/gcp-service-account": printed["global"]["gcp"]["serviceAccountEmail"]}
