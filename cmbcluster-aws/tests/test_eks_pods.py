@@ -63,9 +63,11 @@ def draft(aws_settings: AwsSettings) -> PodDraft:
 
 
 def context(storage: str = "aws", infra: str | None = "aws", identity: CloudIdentity | None = IRSA) -> PodContext:
+    """What the control plane hands decorators, with its settings as validated from this environment."""
+    settings = AwsSettings(_env_file=None)  # type: ignore[call-arg]
     return PodContext(
         user=USER, environment_id="e1", namespace=NAMESPACE, identity=identity, storage_backend=storage,
-        infra_provider=infra,
+        infra_provider=infra, active_settings={AwsSettings: settings},
     )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ def draft_with(*volumes: dict[str, Any]) -> PodDraft:
 
 
 def context(storage: str = "gcp", infra: str | None = "gcp", identity: CloudIdentity | None = IDENTITY) -> PodContext:
+    """What the control plane hands decorators, with its settings as validated from this environment."""
     return PodContext(
         user=USER,
         environment_id="e1",
@@ -65,6 +66,7 @@ def context(storage: str = "gcp", infra: str | None = "gcp", identity: CloudIden
         identity=identity,
         storage_backend=storage,
         infra_provider=infra,
+        active_settings={GcpSettings: GcpSettings(_env_file=None)},  # type: ignore[call-arg]
     )
 
 

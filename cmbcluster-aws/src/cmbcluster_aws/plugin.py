@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pydantic_settings import BaseSettings
-
 from cmbcluster import (
     AuthProviderRegistration,
     InfraProviderRegistration,
@@ -92,7 +90,6 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
         return
     from cmbcluster_aws.pods import decorate_eks_pod
 
-    model: type[BaseSettings] = AwsSettings  # read like every provider's settings: environment and .env
-    settings = model()
-    assert isinstance(settings, AwsSettings)
-    decorate_eks_pod(draft, context, settings)
+    settings = context.settings(AwsSettings)
+    if settings is not None:  # the control plane's validated aws settings
+        decorate_eks_pod(draft, context, settings)

@@ -49,6 +49,7 @@ class ResolvedConfig:
             core=self.core,
             provider_settings=self.provider_settings.get(model) if model else None,
             decorate_pod=self.plugins.decorate_pod,
+            active_settings=dict(self.provider_settings),
         )
 
     def summary(self) -> dict[str, str]:

@@ -9,8 +9,8 @@ overrides), never by install order.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
@@ -47,6 +47,9 @@ class ProviderContext:
     provider_settings: BaseSettings | None = None
     #: Runs every ``cmbcluster_decorate_pod`` implementation on a pod draft (for compute backends).
     decorate_pod: Callable[[PodDraft, PodContext], None] | None = None
+    #: The validated settings of every active provider, by model (compute backends hand them to
+    #: pod decorators through :attr:`PodContext.active_settings`).
+    active_settings: Mapping[type[BaseSettings], BaseSettings] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pydantic_settings import BaseSettings
-
 from cmbcluster import (
     AuthProviderRegistration,
     InfraProviderRegistration,
@@ -92,7 +90,6 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
         return
     from cmbcluster_gcp.pods import decorate_gke_pod
 
-    model: type[BaseSettings] = GcpSettings  # read like every provider's settings: environment and .env
-    settings = model()
-    assert isinstance(settings, GcpSettings)
-    decorate_gke_pod(draft, context, settings)
+    settings = context.settings(GcpSettings)
+    if settings is not None:  # the control plane's validated gcp settings
+        decorate_gke_pod(draft, context, settings)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cmbcluster.interfaces.common import CloudIdentity, UserRef
+
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +22,14 @@ class PodContext:
     storage_backend: str
     infra_provider: str | None
     buckets: tuple[str, ...] = ()
+    #: the validated settings of every active provider, by model: see :meth:`settings`
+    active_settings: Mapping[type[Any], Any] = field(default_factory=dict)
+
+    def settings(self, model: type[S]) -> S | None:
+        """The control plane's validated settings of ``model`` (``context.settings(AwsSettings)``),
+        or None when no active provider uses that model: the decorator then has nothing to do."""
+        found = self.active_settings.get(model)
+        return found if isinstance(found, model) else None
 
 
 @dataclass(kw_only=True)

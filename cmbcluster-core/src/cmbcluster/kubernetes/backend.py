@@ -41,7 +41,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import urllib3
@@ -213,6 +213,7 @@ class KubernetesCompute(ComputeBackend):
         leader_identity: str | None = None,
         lease_name: str = "cmbcluster-leader",
         lease_seconds: float = 15.0,
+        active_settings: Mapping[type[Any], Any] | None = None,
     ) -> None:
         self.api_client = api_client
         self.apis: dict[str, Any] = {"core": k8s.CoreV1Api(api_client), "networking": k8s.NetworkingV1Api(api_client)}
@@ -222,6 +223,7 @@ class KubernetesCompute(ComputeBackend):
         self.storage_backend = storage_backend
         self.infra_provider = infra_provider
         self.exposure = exposure or Exposure()
+        self.active_settings = dict(active_settings or {})  # what pod decorators read (PodContext.settings)
         self.image_pull_policy = image_pull_policy
         self.attempts = max(1, attempts)
         self.backoff_seconds = backoff_seconds
@@ -386,6 +388,7 @@ class KubernetesCompute(ComputeBackend):
             infra_provider=self.infra_provider,
             # EnvironmentSpec carries volume specs, not bucket names: nothing to report here yet
             buckets=(),
+            active_settings=self.active_settings,
         )
 
     def _validate(self, draft: PodDraft, spec: EnvironmentSpec) -> None:

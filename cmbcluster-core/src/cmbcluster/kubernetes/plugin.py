@@ -122,6 +122,7 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
         request_timeout=(min(5.0, settings.request_timeout_seconds), settings.request_timeout_seconds),
         leader_identity=_replica_identity() if _elects_leader(settings, ctx) else None,
         lease_seconds=settings.lease_seconds,
+        active_settings=ctx.active_settings,
     )
 
 
