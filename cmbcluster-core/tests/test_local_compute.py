@@ -182,3 +182,15 @@ def test_process_without_a_state_file_is_found_and_removed(compute: LocalProcess
     else:
         raise AssertionError("the unrecorded process survived delete()")
     assert spec.environment_id not in {s.environment_id for s in fresh.list_managed()}
+
+
+def test_environment_ports_avoid_the_kernels_ephemeral_range(tmp_path: Path) -> None:
+    """Outgoing connections take ephemeral ports at any moment; an environment's port is chosen
+    outside that range so none can take it between the check and the application's bind."""
+    from cmbcluster.local.compute import ENVIRONMENT_PORTS, _free_port
+
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {_free_port("127.0.0.1") for _ in range(50)}
+    assert all(port in ENVIRONMENT_PORTS for port in ports)
+    assert not any(low <= port <= high for port in ports)
+    assert len(ports) > 40  # spread out, so concurrent starts rarely even try the same one

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -235,11 +236,24 @@ class LocalProcessCompute(ComputeBackend):
         os.replace(tmp, path)
 
 
+#: Environments listen below Linux's ephemeral range (32768-60999): a port the kernel hands out
+#: for outgoing connections can be taken by one between our check and the application's bind.
+ENVIRONMENT_PORTS = range(20000, 32000)
+
+
 def _free_port(host: str) -> int:
+    """A port free on ``host`` now, outside the ephemeral range (the kernel's choice as a last resort)."""
+    for port in random.sample(ENVIRONMENT_PORTS, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def _port_open(host: str, port: int) -> bool:
