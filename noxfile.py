@@ -74,11 +74,13 @@ for _name, _dist in PACKAGES.items():
 
 @nox.session(name="tests-e2e", python=PYTHON)
 def tests_e2e(session: nox.Session) -> None:
-    """Tests that cross packages (tests/): end to end, installed plugins, imports."""
+    """Tests that cross packages (tests/): end to end, installed plugins, imports, several replicas on
+    PostgreSQL (a real server from Debian's package), the Helm chart's static checks."""
     install_packages(session)
+    # `python -m` puts the repository root on sys.path: tests import tests.postgres, tests.k8s.harness...
     session.run(
-        "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser", f"--junitxml={REPORTS / 'tests-e2e.xml'}",
-        *session.posargs,
+        "python", "-m", "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser",
+        f"--junitxml={REPORTS / 'tests-e2e.xml'}", *session.posargs,
     )  # fmt: skip
 
 

@@ -32,7 +32,9 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, **kwargs)
+    if parsed.drivername == "postgresql":  # the driver the `postgresql` extra installs (psycopg 3)
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, **kwargs)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

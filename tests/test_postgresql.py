@@ -1,0 +1,133 @@
+"""Several control-plane replicas on one PostgreSQL database (a real server, tests/postgres.py).
+
+What an operator running more than one replica relies on: the migrations build the same schema
+as the models; a user signed in through one replica is known to every other; a deactivation on
+one locks the user out on all at their next request; and the server-wide start limit holds
+across replicas (PostgreSQL's advisory lock serialises the reservations).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from cmbcluster import hookimpl
+from cmbcluster.app import create_app
+from cmbcluster.db import create_db_engine, current_revision, upgrade
+from cmbcluster.db.engine import SCHEMA_HEAD
+from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
+from cmbcluster.plugins import PluginManager
+from cmbcluster.registrations import ComputeBackendRegistration
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
+from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[str]:  # noqa: F811 - the fixture imported above
+    """The server's database, emptied for each test."""
+    engine = create_db_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    yield postgres_url
+
+
+def test_migrations_build_the_models_schema_on_postgresql(database: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from cmbcluster.db.models import Base
+
+    engine = create_db_engine(database)
+    with engine.begin() as connection:  # the migration path, not the empty-database shortcut
+        connection.execute(text("CREATE TABLE placeholder (id INTEGER)"))
+    upgrade(engine)
+    assert current_revision(engine) == SCHEMA_HEAD
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE placeholder"))
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()
+
+
+class NeverReady(ComputeBackend):
+    """Environments that stay 'starting' hold their start slot: what the limit test needs."""
+
+    def __init__(self) -> None:
+        self.started: set[str] = set()
+
+    def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        self.started.add(spec.environment_id)
+        return self.status(spec.environment_id)
+
+    def stop(self, environment_id: str) -> None:
+        self.started.discard(environment_id)
+
+    def delete(self, environment_id: str) -> None:
+        self.started.discard(environment_id)
+
+    def status(self, environment_id: str) -> EnvironmentStatus:
+        phase = EnvironmentPhase.STARTING if environment_id in self.started else EnvironmentPhase.MISSING
+        return EnvironmentStatus(environment_id=environment_id, phase=phase, message="pulling the image")
+
+    def list_managed(self) -> list[EnvironmentStatus]:
+        return [self.status(i) for i in sorted(self.started)]
+
+
+def replicas(database: str, tmp_path: Path, count: int = 2, **settings: object) -> list[TestClient]:
+    """``count`` control planes on one database; each its own process-like app and data folder."""
+    clients = []
+    for i in range(count):
+        backend = NeverReady()
+
+        @hookimpl
+        def cmbcluster_compute_backends(backend: NeverReady = backend) -> Iterator[ComputeBackendRegistration]:
+            yield ComputeBackendRegistration(name="never-ready", factory=lambda ctx: backend)
+
+        manager = PluginManager(entry_points_enabled=False)
+        manager.register(SimpleNamespace(cmbcluster_compute_backends=cmbcluster_compute_backends), name="never-ready")
+        core = CoreSettings(
+            data_dir=tmp_path / f"replica-{i}", database_url=database, compute_backend="never-ready", **settings
+        )  # type: ignore[arg-type]
+        clients.append(TestClient(create_app(core, manager)))
+    return clients
+
+
+def test_a_user_is_the_same_on_every_replica_and_deactivation_reaches_all(database: str, tmp_path: Path) -> None:
+    one, two = replicas(database, tmp_path)
+    with one, two:
+        admin = dev_sign_in(one, "pi@example.org")  # the first user: the admin
+        ada = dev_sign_in(one, "ada@example.org")
+        assert two.get("/api/v1/auth/me", headers=ada).json()["email"] == "ada@example.org"
+        created = two.post("/api/v1/environments", json={"application": "files", "start": False}, headers=ada)
+        assert created.status_code == 201, created.text
+        assert [e["id"] for e in one.get("/api/v1/environments", headers=ada).json()["items"]] == [created.json()["id"]]
+        ada_id = one.get("/api/v1/auth/me", headers=ada).json()["id"]
+        off = two.patch(f"/api/v1/admin/users/{ada_id}", json={"status": "deactivated"}, headers=admin)
+        assert off.status_code == 200, off.text
+        for replica in (one, two):  # at the very next request, whichever replica answers it
+            refused = replica.get("/api/v1/environments", headers=ada)
+            assert refused.status_code == 403 and "deactivated" in refused.json()["message"]
+
+
+def test_the_start_limit_holds_across_replicas(database: str, tmp_path: Path) -> None:
+    """Three start slots for the whole service, eight starts at once through two replicas: three
+    start, five are told to retry later; never more than three, whatever the interleaving."""
+    one, two = replicas(database, tmp_path, max_concurrent_starts=3, max_environments_per_user=20)
+    with one, two:
+        users = [dev_sign_in(one, f"user{i}@example.org") for i in range(8)]
+
+        def create(i: int) -> int:
+            client = (one, two)[i % 2]
+            return client.post("/api/v1/environments", json={"application": "files"}, headers=users[i]).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = sorted(pool.map(create, range(8)))
+    assert answers == [201, 201, 201, 429, 429, 429, 429, 429]
