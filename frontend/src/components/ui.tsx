@@ -1,6 +1,6 @@
 "use client";
 
-import { type ReactNode, useCallback, useEffect, useRef, useState } from "react";
+import { type FormEvent, type InputHTMLAttributes, type ReactNode, useCallback, useEffect, useRef, useState } from "react";
 import { message } from "@/lib/api";
 
 /** A failed request's message, announced to screen readers. */
@@ -23,6 +23,165 @@ export function Loading({ what = "Loading" }: { what?: string }) {
 
 export function Empty({ children }: { children: ReactNode }) {
   return <div className="empty">{children}</div>;
+}
+
+/**
+ * A read's state above its content, in this order: its error, an action's error (if given), the
+ * spinner while loading, and `children` as the empty state when `empty`.
+ */
+export function LoadState({
+  load,
+  actionError,
+  what,
+  empty,
+  children,
+}: {
+  load: { error: unknown; loading: boolean };
+  actionError?: unknown;
+  what?: string;
+  empty: boolean | undefined;
+  children: ReactNode;
+}) {
+  return (
+    <>
+      <ErrorMessage error={load.error} />
+      <ErrorMessage error={actionError} />
+      {load.loading ? <Loading what={what} /> : null}
+      {empty ? <Empty>{children}</Empty> : null}
+    </>
+  );
+}
+
+/** An input with its visible label above it. */
+export function Field({ id, label, ...input }: { id: string; label: ReactNode } & InputHTMLAttributes<HTMLInputElement>) {
+  return (
+    <div>
+      <label htmlFor={id}>{label}</label>
+      <input id={id} {...input} />
+    </div>
+  );
+}
+
+/**
+ * A one-line form: its fields, a submit button (disabled while `busy` or `disabled`), and below the
+ * form the error of its last submission. The default action of the submit event is prevented.
+ */
+export function InlineForm({
+  onSubmit,
+  submitLabel,
+  busy,
+  disabled,
+  primary,
+  error,
+  children,
+}: {
+  onSubmit: () => void;
+  submitLabel: string;
+  busy: boolean;
+  disabled?: boolean;
+  primary?: boolean;
+  error: unknown;
+  children: ReactNode;
+}) {
+  return (
+    <>
+      <form
+        className="inline-form"
+        onSubmit={(event: FormEvent) => {
+          event.preventDefault();
+          onSubmit();
+        }}
+      >
+        {children}
+        <button type="submit" className={primary ? "primary" : undefined} disabled={busy || disabled}>
+          {submitLabel}
+        </button>
+      </form>
+      <ErrorMessage error={error} />
+    </>
+  );
+}
+
+/** A titled card: a section named by its heading. */
+export function Card({ id, title, children }: { id: string; title: string; children: ReactNode }) {
+  return (
+    <section className="card" aria-labelledby={id}>
+      <h2 id={id}>{title}</h2>
+      {children}
+    </section>
+  );
+}
+
+/** A table with a caption for screen readers and one header cell per column; `children` are its rows. */
+export function DataTable({ caption, columns, children }: { caption: ReactNode; columns: ReactNode[]; children: ReactNode }) {
+  return (
+    <div className="table-wrap">
+      <table>
+        <caption className="visually-hidden">{caption}</caption>
+        <thead>
+          <tr>
+            {columns.map((column, index) => (
+              <th key={index} scope="col">
+                {column}
+              </th>
+            ))}
+          </tr>
+        </thead>
+        <tbody>{children}</tbody>
+      </table>
+    </div>
+  );
+}
+
+/** A destructive button whose accessible name (`label`) says what it acts on; it reads "Delete" unless told. */
+export function DangerButton({
+  label,
+  onClick,
+  disabled,
+  children = "Delete",
+}: {
+  label: string;
+  onClick: () => void;
+  disabled?: boolean;
+  children?: ReactNode;
+}) {
+  return (
+    <button type="button" className="danger" disabled={disabled} aria-label={label} onClick={onClick}>
+      {children}
+    </button>
+  );
+}
+
+/** Previous and next page buttons around "Page x of y"; nothing when everything fits on one page. */
+export function Pager({
+  page,
+  total,
+  pageSize,
+  onPage,
+  previous = "Previous",
+  next = "Next",
+}: {
+  page: number;
+  total: number;
+  pageSize: number;
+  onPage: (page: number) => void;
+  previous?: string;
+  next?: string;
+}) {
+  if (total <= pageSize) return null;
+  return (
+    <div className="toolbar">
+      <button type="button" disabled={page <= 1} onClick={() => onPage(page - 1)}>
+        {previous}
+      </button>
+      <span>
+        Page {page} of {Math.ceil(total / pageSize)}
+      </span>
+      <button type="button" disabled={page * pageSize >= total} onClick={() => onPage(page + 1)}>
+        {next}
+      </button>
+    </div>
+  );
 }
 
 /** State of one asynchronous read: data, error and a reload function. */
@@ -69,6 +228,47 @@ export function useAction() {
     }
   }, []);
   return { busy, error, run, setError };
+}
+
+/**
+ * useAction for changes to what `reload` reads: `change` runs the action, then `onSuccess` if it
+ * succeeded, then reads again whatever happened.
+ */
+export function useChange(reload: () => Promise<void>) {
+  const action = useAction();
+  const { run } = action;
+  const change = useCallback(
+    async (perform: () => Promise<unknown>, onSuccess?: () => void): Promise<boolean> => {
+      const ok = await run(perform);
+      if (ok) onSuccess?.();
+      await reload();
+      return ok;
+    },
+    [run, reload],
+  );
+  return { ...action, change };
+}
+
+/**
+ * What a confirmation dialog asks about: `ask(target)` opens it, `dialog` holds <Confirm>'s state and
+ * handlers; confirming calls `confirmed(target, close)`, which closes the dialog when it succeeds.
+ */
+export function useConfirm<T>(
+  action: { busy: boolean; error: unknown },
+  confirmed: (target: T, close: () => void) => Promise<unknown>,
+) {
+  const [target, setTarget] = useState<T | null>(null);
+  const close = () => setTarget(null);
+  const dialog = {
+    open: target !== null,
+    busy: action.busy,
+    error: action.error,
+    onClose: close,
+    onConfirm: () => {
+      if (target !== null) void confirmed(target, close);
+    },
+  };
+  return { target, ask: setTarget, dialog };
 }
 
 /** A modal dialog (the native <dialog>: it traps focus and closes on Escape). */

@@ -3,7 +3,7 @@
 import Link from "next/link";
 import { useEffect } from "react";
 import { useUser } from "@/components/Shell";
-import { Empty, ErrorMessage, Loading, StatusBadge, useLoad, useNow } from "@/components/ui";
+import { Card, LoadState, StatusBadge, useLoad, useNow } from "@/components/ui";
 import { api, type Schemas, unwrap } from "@/lib/api";
 import { formatBytes, since } from "@/lib/format";
 
@@ -67,15 +67,10 @@ export default function DashboardPage() {
     <div data-ready={ready ? "true" : undefined}>
       <h1>Welcome, {user.name || user.email}</h1>
       <div className="cards">
-        <section className="card" aria-labelledby="my-envs">
-          <h2 id="my-envs">My environments</h2>
-          <ErrorMessage error={environments.error} />
-          {environments.loading ? <Loading /> : null}
-          {environments.data && environments.data.length === 0 ? (
-            <Empty>
-              No environment yet. <Link href="/applications/">Launch an application</Link>.
-            </Empty>
-          ) : null}
+        <Card id="my-envs" title="My environments">
+          <LoadState load={environments} empty={environments.data?.length === 0}>
+            No environment yet. <Link href="/applications/">Launch an application</Link>.
+          </LoadState>
           {environments.data && environments.data.length > 0 ? (
             <>
               <p>
@@ -96,16 +91,11 @@ export default function DashboardPage() {
               <Link href="/environments/">All environments</Link>
             </>
           ) : null}
-        </section>
-        <section className="card" aria-labelledby="my-storage">
-          <h2 id="my-storage">Storage usage</h2>
-          <ErrorMessage error={storages.error} />
-          {storages.loading ? <Loading /> : null}
-          {storages.data && storages.data.length === 0 ? (
-            <Empty>
-              No bucket yet. <Link href="/storage/">Create one</Link>.
-            </Empty>
-          ) : null}
+        </Card>
+        <Card id="my-storage" title="Storage usage">
+          <LoadState load={storages} empty={storages.data?.length === 0}>
+            No bucket yet. <Link href="/storage/">Create one</Link>.
+          </LoadState>
           {storages.data && storages.data.length > 0 ? (
             <>
               <p className="big">{formatBytes(used)}</p>
@@ -115,12 +105,11 @@ export default function DashboardPage() {
               <Link href="/storage/">Manage storage</Link>
             </>
           ) : null}
-        </section>
-        <section className="card" aria-labelledby="recent">
-          <h2 id="recent">Recent activity</h2>
-          <ErrorMessage error={activity.error} />
-          {activity.loading ? <Loading /> : null}
-          {activity.data?.length === 0 ? <Empty>Nothing yet.</Empty> : null}
+        </Card>
+        <Card id="recent" title="Recent activity">
+          <LoadState load={activity} empty={activity.data?.length === 0}>
+            Nothing yet.
+          </LoadState>
           <ul className="plain" aria-label="Recent activity">
             {activity.data?.map((item) => (
               <li key={item.id}>
@@ -128,7 +117,7 @@ export default function DashboardPage() {
               </li>
             ))}
           </ul>
-        </section>
+        </Card>
       </div>
     </div>
   );

@@ -2,7 +2,7 @@
 
 import Link from "next/link";
 import { type FormEvent, useState } from "react";
-import { Dialog, Empty, ErrorMessage, Loading, useAction, useLoad } from "@/components/ui";
+import { Dialog, ErrorMessage, Loading, LoadState, useAction, useLoad } from "@/components/ui";
 import { type Application, api, type Environment, unwrap } from "@/lib/api";
 import { formatBytes } from "@/lib/format";
 import { useProgress } from "@/lib/progress";
@@ -161,9 +161,9 @@ export default function ApplicationsPage() {
   return (
     <>
       <h1>Applications</h1>
-      <ErrorMessage error={catalog.error} />
-      {catalog.loading ? <Loading what="Loading the catalog" /> : null}
-      {catalog.data?.length === 0 ? <Empty>The catalog is empty; an administrator adds applications.</Empty> : null}
+      <LoadState load={catalog} what="Loading the catalog" empty={catalog.data?.length === 0}>
+        The catalog is empty; an administrator adds applications.
+      </LoadState>
       <ul className="catalog">
         {catalog.data?.map((app) => (
           <li key={app.id} className="card">

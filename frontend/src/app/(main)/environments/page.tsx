@@ -2,7 +2,21 @@
 
 import Link from "next/link";
 import { useEffect, useState } from "react";
-import { Confirm, Dialog, Empty, ErrorMessage, Loading, StatusBadge, useAction, useLoad, useNow } from "@/components/ui";
+import {
+  Confirm,
+  DangerButton,
+  DataTable,
+  Dialog,
+  Empty,
+  ErrorMessage,
+  Loading,
+  LoadState,
+  StatusBadge,
+  useChange,
+  useConfirm,
+  useLoad,
+  useNow,
+} from "@/components/ui";
 import { api, type Environment, unwrap } from "@/lib/api";
 import { formatDuration, parseTime } from "@/lib/format";
 
@@ -51,12 +65,12 @@ function Logs({ environment }: { environment: Environment }) {
 
 export default function EnvironmentsPage() {
   const list = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
-  const action = useAction();
+  const { reload } = list;
+  const action = useChange(reload);
   const now = useNow(1000);
   const [selected, setSelected] = useState<Set<string>>(new Set());
-  const [deleting, setDeleting] = useState<Environment[] | null>(null);
+  const deleting = useConfirm<Environment[]>(action, (targets, close) => act(targets, "delete", close));
   const [showingLogs, setShowingLogs] = useState<Environment | null>(null);
-  const { reload } = list;
   const environments = list.data ?? [];
 
   // Poll while any environment is changing state, slower otherwise (shutdown times move too).
@@ -66,15 +80,17 @@ export default function EnvironmentsPage() {
     return () => clearInterval(timer);
   }, [changing, reload]);
 
-  async function act(targets: Environment[], verb: Verb | "delete") {
-    const ok = await action.run(async () => {
-      for (const env of targets) await perform(env, verb);
-    });
-    if (ok) {
-      setSelected(new Set());
-      setDeleting(null);
-    }
-    await reload();
+  /** Runs `verb` on every target; on success clears the selection and calls `onDone`. */
+  async function act(targets: Environment[], verb: Verb | "delete", onDone?: () => void) {
+    await action.change(
+      async () => {
+        for (const env of targets) await perform(env, verb);
+      },
+      () => {
+        setSelected(new Set());
+        onDone?.();
+      },
+    );
   }
 
   const chosen = environments.filter((env) => selected.has(env.id));
@@ -90,14 +106,9 @@ export default function EnvironmentsPage() {
           (your files in mounted buckets stay).
         </p>
       ))}
-      <ErrorMessage error={list.error} />
-      <ErrorMessage error={action.error} />
-      {list.loading ? <Loading what="Loading your environments" /> : null}
-      {list.data && environments.length === 0 ? (
-        <Empty>
-          You have no environment. <Link href="/applications/">Launch an application</Link>.
-        </Empty>
-      ) : null}
+      <LoadState load={list} actionError={action.error} what="Loading your environments" empty={list.data && environments.length === 0}>
+        You have no environment. <Link href="/applications/">Launch an application</Link>.
+      </LoadState>
       {environments.length > 0 ? (
         <>
           <div className="toolbar" role="group" aria-label="Actions on the selected environments">
@@ -108,106 +119,89 @@ export default function EnvironmentsPage() {
             <button type="button" disabled={!chosen.length || action.busy} onClick={() => act(chosen, "stop")}>
               Stop selected
             </button>
-            <button type="button" className="danger" disabled={!chosen.length || action.busy} onClick={() => setDeleting(chosen)}>
+            <button type="button" className="danger" disabled={!chosen.length || action.busy} onClick={() => deleting.ask(chosen)}>
               Delete selected
             </button>
           </div>
-          <div className="table-wrap">
-            <table>
-              <caption className="visually-hidden">Your environments</caption>
-              <thead>
-                <tr>
-                  <th scope="col">
-                    <input
-                      type="checkbox"
-                      aria-label="Select all environments"
-                      checked={allSelected}
-                      onChange={(e) => setSelected(new Set(e.target.checked ? environments.map((env) => env.id) : []))}
-                    />
-                  </th>
-                  <th scope="col">Name</th>
-                  <th scope="col">Status</th>
-                  <th scope="col">Uptime</th>
-                  <th scope="col">Stops in</th>
-                  <th scope="col">Actions</th>
-                </tr>
-              </thead>
-              <tbody>
-                {environments.map((env) => (
-                  <tr key={env.id} data-environment={env.name}>
-                    <td>
-                      <input
-                        type="checkbox"
-                        aria-label={`Select ${env.name}`}
-                        checked={selected.has(env.id)}
-                        onChange={(e) => {
-                          const next = new Set(selected);
-                          if (e.target.checked) next.add(env.id);
-                          else next.delete(env.id);
-                          setSelected(next);
-                        }}
-                      />
-                    </td>
-                    <th scope="row">
-                      {env.name}
-                      <div className="muted small">
-                        {env.application.name} · {env.preset} · {env.cpu} CPU
-                      </div>
-                    </th>
-                    <td>
-                      <StatusBadge status={env.status} />
-                      {env.status_message ? <div className="muted small">{env.status_message}</div> : null}
-                    </td>
-                    <td>{env.status === "running" && env.started_at ? formatDuration(now - parseTime(env.started_at)) : "—"}</td>
-                    <td className={env.shutdown_warning ? "warn-text" : undefined}>
-                      {env.shutdown_at && ACTIVE.has(env.status) ? formatDuration(parseTime(env.shutdown_at) - now) : "—"}
-                    </td>
-                    <td className="row-actions">
-                      {env.status === "running" && env.url ? (
-                        <a className="button primary" href={env.url} target="_blank" rel="noopener noreferrer" aria-label={`Open ${env.name}`}>
-                          Open
-                        </a>
-                      ) : null}
-                      {ACTIVE.has(env.status) ? (
-                        <button type="button" disabled={action.busy} onClick={() => act([env], "stop")} aria-label={`Stop ${env.name}`}>
-                          Stop
-                        </button>
-                      ) : (
-                        <button type="button" disabled={action.busy} onClick={() => act([env], "start")} aria-label={`Start ${env.name}`}>
-                          Start
-                        </button>
-                      )}
-                      <button type="button" disabled={action.busy} onClick={() => act([env], "restart")} aria-label={`Restart ${env.name}`}>
-                        Restart
-                      </button>
-                      <button type="button" onClick={() => setShowingLogs(env)} aria-label={`Logs of ${env.name}`}>
-                        Logs
-                      </button>
-                      <button type="button" className="danger" disabled={action.busy} onClick={() => setDeleting([env])} aria-label={`Delete ${env.name}`}>
-                        Delete
-                      </button>
-                    </td>
-                  </tr>
-                ))}
-              </tbody>
-            </table>
-          </div>
+          <DataTable
+            caption="Your environments"
+            columns={[
+              <input
+                type="checkbox"
+                aria-label="Select all environments"
+                checked={allSelected}
+                onChange={(e) => setSelected(new Set(e.target.checked ? environments.map((env) => env.id) : []))}
+              />,
+              "Name",
+              "Status",
+              "Uptime",
+              "Stops in",
+              "Actions",
+            ]}
+          >
+            {environments.map((env) => (
+              <tr key={env.id} data-environment={env.name}>
+                <td>
+                  <input
+                    type="checkbox"
+                    aria-label={`Select ${env.name}`}
+                    checked={selected.has(env.id)}
+                    onChange={(e) => {
+                      const next = new Set(selected);
+                      if (e.target.checked) next.add(env.id);
+                      else next.delete(env.id);
+                      setSelected(next);
+                    }}
+                  />
+                </td>
+                <th scope="row">
+                  {env.name}
+                  <div className="muted small">
+                    {env.application.name} · {env.preset} · {env.cpu} CPU
+                  </div>
+                </th>
+                <td>
+                  <StatusBadge status={env.status} />
+                  {env.status_message ? <div className="muted small">{env.status_message}</div> : null}
+                </td>
+                <td>{env.status === "running" && env.started_at ? formatDuration(now - parseTime(env.started_at)) : "—"}</td>
+                <td className={env.shutdown_warning ? "warn-text" : undefined}>
+                  {env.shutdown_at && ACTIVE.has(env.status) ? formatDuration(parseTime(env.shutdown_at) - now) : "—"}
+                </td>
+                <td className="row-actions">
+                  {env.status === "running" && env.url ? (
+                    <a className="button primary" href={env.url} target="_blank" rel="noopener noreferrer" aria-label={`Open ${env.name}`}>
+                      Open
+                    </a>
+                  ) : null}
+                  {ACTIVE.has(env.status) ? (
+                    <button type="button" disabled={action.busy} onClick={() => act([env], "stop")} aria-label={`Stop ${env.name}`}>
+                      Stop
+                    </button>
+                  ) : (
+                    <button type="button" disabled={action.busy} onClick={() => act([env], "start")} aria-label={`Start ${env.name}`}>
+                      Start
+                    </button>
+                  )}
+                  <button type="button" disabled={action.busy} onClick={() => act([env], "restart")} aria-label={`Restart ${env.name}`}>
+                    Restart
+                  </button>
+                  <button type="button" onClick={() => setShowingLogs(env)} aria-label={`Logs of ${env.name}`}>
+                    Logs
+                  </button>
+                  <DangerButton label={`Delete ${env.name}`} disabled={action.busy} onClick={() => deleting.ask([env])} />
+                </td>
+              </tr>
+            ))}
+          </DataTable>
         </>
       ) : null}
       <Dialog open={showingLogs !== null} title="Output" onClose={() => setShowingLogs(null)}>
         {showingLogs ? <Logs environment={showingLogs} /> : null}
       </Dialog>
-      <Confirm
-        open={deleting !== null}
-        title="Delete environments"
-        confirmLabel="Delete"
-        busy={action.busy}
-        error={action.error}
-        onClose={() => setDeleting(null)}
-        onConfirm={() => deleting && act(deleting, "delete")}
-      >
+      <Confirm {...deleting.dialog} title="Delete environments" confirmLabel="Delete">
         <p>
-          Delete {deleting?.map((env) => env.name).join(", ")}? Your buckets and their files stay; the environment&apos;s
+          Delete {deleting.target?.map((env) => env.name).join(", ")}? Your buckets and their files stay; the environment&apos;s
           settings are lost.
         </p>
       </Confirm>

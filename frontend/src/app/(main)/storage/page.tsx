@@ -1,8 +1,8 @@
 "use client";
 
 import Link from "next/link";
-import { type FormEvent, useState } from "react";
-import { Confirm, Empty, ErrorMessage, Loading, useAction, useLoad } from "@/components/ui";
+import { useState } from "react";
+import { Card, Confirm, DangerButton, DataTable, Field, InlineForm, LoadState, useAction, useConfirm, useLoad } from "@/components/ui";
 import { api, type Schemas, type Storage, unwrap } from "@/lib/api";
 import { formatBytes, formatTime } from "@/lib/format";
 
@@ -21,11 +21,22 @@ export default function StoragePage() {
   const remove = useAction();
   const [name, setName] = useState("");
   const [storageClass, setStorageClass] = useState<StorageClass>("standard");
-  const [deleting, setDeleting] = useState<Storage | null>(null);
   const [force, setForce] = useState(false);
+  const deleting = useConfirm<Storage>(remove, async (storage, close) => {
+    const ok = await remove.run(() =>
+      unwrap(
+        api.DELETE("/api/v1/storages/{storage_id}", {
+          params: { path: { storage_id: storage.id }, query: { force } },
+        }),
+      ),
+    );
+    if (ok) {
+      close();
+      await list.reload();
+    }
+  });
 
-  async function submit(event: FormEvent) {
-    event.preventDefault();
+  async function submit() {
     const ok = await create.run(() =>
       unwrap(api.POST("/api/v1/storages", { body: { display_name: name, storage_class: storageClass } })),
     );
@@ -35,31 +46,12 @@ export default function StoragePage() {
     }
   }
 
-  async function confirmDelete() {
-    if (!deleting) return;
-    const ok = await remove.run(() =>
-      unwrap(
-        api.DELETE("/api/v1/storages/{storage_id}", {
-          params: { path: { storage_id: deleting.id }, query: { force } },
-        }),
-      ),
-    );
-    if (ok) {
-      setDeleting(null);
-      await list.reload();
-    }
-  }
-
   return (
     <>
       <h1>Storage</h1>
-      <section aria-labelledby="new-bucket" className="card">
-        <h2 id="new-bucket">New bucket</h2>
-        <form className="inline-form" onSubmit={submit}>
-          <div>
-            <label htmlFor="bucket-name">Name</label>
-            <input id="bucket-name" required maxLength={100} value={name} onChange={(e) => setName(e.target.value)} />
-          </div>
+      <Card id="new-bucket" title="New bucket">
+        <InlineForm onSubmit={submit} submitLabel="Create bucket" primary busy={create.busy} error={create.error}>
+          <Field id="bucket-name" label="Name" required maxLength={100} value={name} onChange={(e) => setName(e.target.value)} />
           <div>
             <label htmlFor="bucket-class">Storage class</label>
             <select id="bucket-class" value={storageClass} onChange={(e) => setStorageClass(e.target.value as StorageClass)}>
@@ -70,77 +62,47 @@ export default function StoragePage() {
               ))}
             </select>
           </div>
-          <button type="submit" className="primary" disabled={create.busy}>
-            Create bucket
-          </button>
-        </form>
-        <ErrorMessage error={create.error} />
-      </section>
-      <ErrorMessage error={list.error} />
-      {list.loading ? <Loading what="Loading your buckets" /> : null}
-      {list.data?.length === 0 ? <Empty>No bucket yet: create one above.</Empty> : null}
+        </InlineForm>
+      </Card>
+      <LoadState load={list} what="Loading your buckets" empty={list.data?.length === 0}>
+        No bucket yet: create one above.
+      </LoadState>
       {list.data && list.data.length > 0 ? (
-        <div className="table-wrap">
-          <table>
-            <caption className="visually-hidden">Your buckets</caption>
-            <thead>
-              <tr>
-                <th scope="col">Name</th>
-                <th scope="col">Class</th>
-                <th scope="col">Usage</th>
-                <th scope="col">Created</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
-            <tbody>
-              {list.data.map((s) => (
-                <tr key={s.id}>
-                  <th scope="row">
-                    <Link href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>{s.display_name}</Link>
-                    <div className="muted small">
-                      {s.backend}: {s.bucket_name}
-                      {s.status !== "active" ? ` (${s.status})` : ""}
-                    </div>
-                  </th>
-                  <td>{s.storage_class}</td>
-                  <td>
-                    {formatBytes(s.size_bytes)}
-                    {s.object_count !== null ? <span className="muted"> · {s.object_count} files</span> : null}
-                  </td>
-                  <td>{formatTime(s.created_at)}</td>
-                  <td className="row-actions">
-                    <Link className="button" href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>
-                      Browse
-                    </Link>
-                    <button
-                      type="button"
-                      className="danger"
-                      aria-label={`Delete ${s.display_name}`}
-                      onClick={() => {
-                        setForce(false);
-                        remove.setError(null);
-                        setDeleting(s);
-                      }}
-                    >
-                      Delete
-                    </button>
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <DataTable caption="Your buckets" columns={["Name", "Class", "Usage", "Created", "Actions"]}>
+          {list.data.map((s) => (
+            <tr key={s.id}>
+              <th scope="row">
+                <Link href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>{s.display_name}</Link>
+                <div className="muted small">
+                  {s.backend}: {s.bucket_name}
+                  {s.status !== "active" ? ` (${s.status})` : ""}
+                </div>
+              </th>
+              <td>{s.storage_class}</td>
+              <td>
+                {formatBytes(s.size_bytes)}
+                {s.object_count !== null ? <span className="muted"> · {s.object_count} files</span> : null}
+              </td>
+              <td>{formatTime(s.created_at)}</td>
+              <td className="row-actions">
+                <Link className="button" href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>
+                  Browse
+                </Link>
+                <DangerButton
+                  label={`Delete ${s.display_name}`}
+                  onClick={() => {
+                    setForce(false);
+                    remove.setError(null);
+                    deleting.ask(s);
+                  }}
+                />
+              </td>
+            </tr>
+          ))}
+        </DataTable>
       ) : null}
-      <Confirm
-        open={deleting !== null}
-        title="Delete bucket"
-        confirmLabel="Delete bucket"
-        busy={remove.busy}
-        error={remove.error}
-        onClose={() => setDeleting(null)}
-        onConfirm={confirmDelete}
-      >
-        <p>Delete the bucket {deleting?.display_name}? This cannot be undone.</p>
+      <Confirm {...deleting.dialog} title="Delete bucket" confirmLabel="Delete bucket">
+        <p>Delete the bucket {deleting.target?.display_name}? This cannot be undone.</p>
         <label className="choice">
           <input type="checkbox" checked={force} onChange={(e) => setForce(e.target.checked)} /> Also delete every file in it
         </label>

@@ -2,7 +2,7 @@
 
 import { type ChangeEvent, type FormEvent, useState } from "react";
 import { AdminNav } from "@/components/AdminNav";
-import { Confirm, Dialog, Empty, ErrorMessage, Loading, useAction, useLoad } from "@/components/ui";
+import { Confirm, DangerButton, DataTable, Dialog, ErrorMessage, LoadState, useAction, useChange, useConfirm, useLoad } from "@/components/ui";
 import { type Application, api, unwrap } from "@/lib/api";
 
 const MAX_ICON_BYTES = 64 * 1024;
@@ -141,17 +141,10 @@ export default function AdminApplicationsPage() {
     unwrap(api.GET("/api/v1/applications", { params: { query: { include_inactive: true } } })).then((a) => a.items),
   );
   const [editing, setEditing] = useState<Application | "new" | null>(null);
-  const [deleting, setDeleting] = useState<Application | null>(null);
-  const remove = useAction();
-
-  async function confirmDelete() {
-    if (!deleting) return;
-    const ok = await remove.run(() =>
-      unwrap(api.DELETE("/api/v1/applications/{id_or_slug}", { params: { path: { id_or_slug: deleting.id } } })),
-    );
-    if (ok) setDeleting(null);
-    await list.reload();
-  }
+  const remove = useChange(list.reload);
+  const deleting = useConfirm<Application>(remove, (app, close) =>
+    remove.change(() => unwrap(api.DELETE("/api/v1/applications/{id_or_slug}", { params: { path: { id_or_slug: app.id } } })), close),
+  );
 
   return (
     <>
@@ -160,47 +153,32 @@ export default function AdminApplicationsPage() {
       <button type="button" className="primary" onClick={() => setEditing("new")}>
         Add an application
       </button>
-      <ErrorMessage error={list.error} />
-      {list.loading ? <Loading /> : null}
-      {list.data?.length === 0 ? <Empty>The catalog is empty.</Empty> : null}
+      <LoadState load={list} empty={list.data?.length === 0}>
+        The catalog is empty.
+      </LoadState>
       {list.data && list.data.length > 0 ? (
-        <div className="table-wrap">
-          <table>
-            <caption className="visually-hidden">Applications</caption>
-            <thead>
-              <tr>
-                <th scope="col">Application</th>
-                <th scope="col">Image</th>
-                <th scope="col">State</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
-            <tbody>
-              {list.data.map((app) => (
-                <tr key={app.id}>
-                  <th scope="row">
-                    <span className="app-head">
-                      {app.icon ? <img src={app.icon} alt="" width={24} height={24} /> : null} {app.name}
-                    </span>
-                    <div className="muted small">{app.slug}</div>
-                  </th>
-                  <td>
-                    <code className="small">{app.image}</code>
-                  </td>
-                  <td>{app.active ? "active" : "inactive"}</td>
-                  <td className="row-actions">
-                    <button type="button" onClick={() => setEditing(app)} aria-label={`Edit ${app.name}`}>
-                      Edit
-                    </button>
-                    <button type="button" className="danger" onClick={() => setDeleting(app)} aria-label={`Delete ${app.name}`}>
-                      Delete
-                    </button>
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <DataTable caption="Applications" columns={["Application", "Image", "State", "Actions"]}>
+          {list.data.map((app) => (
+            <tr key={app.id}>
+              <th scope="row">
+                <span className="app-head">
+                  {app.icon ? <img src={app.icon} alt="" width={24} height={24} /> : null} {app.name}
+                </span>
+                <div className="muted small">{app.slug}</div>
+              </th>
+              <td>
+                <code className="small">{app.image}</code>
+              </td>
+              <td>{app.active ? "active" : "inactive"}</td>
+              <td className="row-actions">
+                <button type="button" onClick={() => setEditing(app)} aria-label={`Edit ${app.name}`}>
+                  Edit
+                </button>
+                <DangerButton label={`Delete ${app.name}`} onClick={() => deleting.ask(app)} />
+              </td>
+            </tr>
+          ))}
+        </DataTable>
       ) : null}
       <Dialog
         open={editing !== null}
@@ -216,16 +194,8 @@ export default function AdminApplicationsPage() {
           }}
         />
       </Dialog>
-      <Confirm
-        open={deleting !== null}
-        title="Delete application"
-        confirmLabel="Delete"
-        busy={remove.busy}
-        error={remove.error}
-        onClose={() => setDeleting(null)}
-        onConfirm={confirmDelete}
-      >
-        <p>Delete {deleting?.name} from the catalog? If environments use it, deactivate it instead.</p>
+      <Confirm {...deleting.dialog} title="Delete application" confirmLabel="Delete">
+        <p>Delete {deleting.target?.name} from the catalog? If environments use it, deactivate it instead.</p>
       </Confirm>
     </>
   );

@@ -3,7 +3,7 @@
 import { type FormEvent, useState } from "react";
 import { AdminNav } from "@/components/AdminNav";
 import { useUser } from "@/components/Shell";
-import { Empty, ErrorMessage, Loading, useAction, useLoad } from "@/components/ui";
+import { DangerButton, DataTable, LoadState, Pager, StatusBadge, useChange, useLoad } from "@/components/ui";
 import { type AdminUser, api, unwrap } from "@/lib/api";
 import { formatTime } from "@/lib/format";
 
@@ -42,7 +42,7 @@ export default function UsersPage() {
       unwrap(api.GET("/api/v1/admin/users", { params: { query: { query: search || null, page, page_size: PAGE_SIZE } } })),
     [search, page],
   );
-  const action = useAction();
+  const action = useChange(list.reload);
 
   function submit(event: FormEvent) {
     event.preventDefault();
@@ -54,13 +54,11 @@ export default function UsersPage() {
     user: AdminUser,
     body: { role?: "admin" | "user"; status?: "active" | "deactivated"; max_uptime_minutes?: number | null },
   ) {
-    await action.run(() =>
+    await action.change(() =>
       unwrap(api.PATCH("/api/v1/admin/users/{user_id}", { params: { path: { user_id: user.id } }, body })),
     );
-    await list.reload();
   }
 
-  const total = list.data?.total ?? 0;
   return (
     <>
       <h1>Users</h1>
@@ -70,97 +68,67 @@ export default function UsersPage() {
         <input id="user-search" type="search" value={query} onChange={(e) => setQuery(e.target.value)} />
         <button type="submit">Search</button>
       </form>
-      <ErrorMessage error={list.error} />
-      <ErrorMessage error={action.error} />
-      {list.loading ? <Loading what="Finding users" /> : null}
-      {list.data?.items.length === 0 ? <Empty>No user matches.</Empty> : null}
+      <LoadState load={list} actionError={action.error} what="Finding users" empty={list.data?.items.length === 0}>
+        No user matches.
+      </LoadState>
       {list.data && list.data.items.length > 0 ? (
-        <div className="table-wrap">
-          <table>
-            <caption className="visually-hidden">Users</caption>
-            <thead>
-              <tr>
-                <th scope="col">User</th>
-                <th scope="col">Role</th>
-                <th scope="col">Status</th>
-                <th scope="col">Maximum uptime</th>
-                <th scope="col">Last sign-in</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
-            <tbody>
-              {list.data.items.map((user) => (
-                <tr key={user.id} data-user={user.email}>
-                  <th scope="row">
-                    {user.name || user.email}
-                    <div className="muted small">
-                      {user.email} · {user.auth_provider}
-                    </div>
-                  </th>
-                  <td>
-                    <label htmlFor={`role-${user.id}`} className="visually-hidden">
-                      Role of {user.email}
-                    </label>
-                    <select
-                      id={`role-${user.id}`}
-                      value={user.role}
-                      disabled={action.busy || user.id === me.id}
-                      onChange={(e) => update(user, { role: e.target.value as "admin" | "user" })}
-                    >
-                      <option value="user">user</option>
-                      <option value="admin">admin</option>
-                    </select>
-                  </td>
-                  <td>
-                    <span className={`badge badge-${user.status}`}>{user.status}</span>
-                  </td>
-                  <td>
-                    <UptimeLimit user={user} busy={action.busy} onSet={(minutes) => update(user, { max_uptime_minutes: minutes })} />
-                  </td>
-                  <td>{formatTime(user.last_login_at)}</td>
-                  <td className="row-actions">
-                    {user.id === me.id ? (
-                      <span className="muted small">you</span>
-                    ) : user.status === "active" ? (
-                      <button
-                        type="button"
-                        className="danger"
-                        disabled={action.busy}
-                        aria-label={`Deactivate ${user.email}`}
-                        onClick={() => update(user, { status: "deactivated" })}
-                      >
-                        Deactivate
-                      </button>
-                    ) : (
-                      <button
-                        type="button"
-                        disabled={action.busy}
-                        aria-label={`Activate ${user.email}`}
-                        onClick={() => update(user, { status: "active" })}
-                      >
-                        Activate
-                      </button>
-                    )}
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <DataTable caption="Users" columns={["User", "Role", "Status", "Maximum uptime", "Last sign-in", "Actions"]}>
+          {list.data.items.map((user) => (
+            <tr key={user.id} data-user={user.email}>
+              <th scope="row">
+                {user.name || user.email}
+                <div className="muted small">
+                  {user.email} · {user.auth_provider}
+                </div>
+              </th>
+              <td>
+                <label htmlFor={`role-${user.id}`} className="visually-hidden">
+                  Role of {user.email}
+                </label>
+                <select
+                  id={`role-${user.id}`}
+                  value={user.role}
+                  disabled={action.busy || user.id === me.id}
+                  onChange={(e) => update(user, { role: e.target.value as "admin" | "user" })}
+                >
+                  <option value="user">user</option>
+                  <option value="admin">admin</option>
+                </select>
+              </td>
+              <td>
+                <StatusBadge status={user.status} />
+              </td>
+              <td>
+                <UptimeLimit user={user} busy={action.busy} onSet={(minutes) => update(user, { max_uptime_minutes: minutes })} />
+              </td>
+              <td>{formatTime(user.last_login_at)}</td>
+              <td className="row-actions">
+                {user.id === me.id ? (
+                  <span className="muted small">you</span>
+                ) : user.status === "active" ? (
+                  <DangerButton
+                    label={`Deactivate ${user.email}`}
+                    disabled={action.busy}
+                    onClick={() => update(user, { status: "deactivated" })}
+                  >
+                    Deactivate
+                  </DangerButton>
+                ) : (
+                  <button
+                    type="button"
+                    disabled={action.busy}
+                    aria-label={`Activate ${user.email}`}
+                    onClick={() => update(user, { status: "active" })}
+                  >
+                    Activate
+                  </button>
+                )}
+              </td>
+            </tr>
+          ))}
+        </DataTable>
       ) : null}
-      {total > PAGE_SIZE ? (
-        <div className="toolbar">
-          <button type="button" disabled={page <= 1} onClick={() => setPage(page - 1)}>
-            Previous
-          </button>
-          <span>
-            Page {page} of {Math.ceil(total / PAGE_SIZE)}
-          </span>
-          <button type="button" disabled={page * PAGE_SIZE >= total} onClick={() => setPage(page + 1)}>
-            Next
-          </button>
-        </div>
-      ) : null}
+      <Pager page={page} total={list.data?.total ?? 0} pageSize={PAGE_SIZE} onPage={setPage} />
     </>
   );
 }

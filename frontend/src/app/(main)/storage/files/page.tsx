@@ -3,7 +3,7 @@
 import Link from "next/link";
 import { useRouter, useSearchParams } from "next/navigation";
 import { type ChangeEvent, Suspense, useCallback, useEffect, useState } from "react";
-import { Confirm, Empty, ErrorMessage, Loading, useAction } from "@/components/ui";
+import { Confirm, DangerButton, DataTable, ErrorMessage, Loading, LoadState, useChange, useConfirm } from "@/components/ui";
 import { api, objectUrl, type Storage, type StorageObject, unwrap, uploadFile } from "@/lib/api";
 import { formatBytes, formatTime } from "@/lib/format";
 
@@ -42,9 +42,7 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
   const [loading, setLoading] = useState(true);
   const [error, setError] = useState<unknown>(null);
   const [uploads, setUploads] = useState<Upload[]>([]);
-  const [deleting, setDeleting] = useState<StorageObject | null>(null);
   const [folder, setFolder] = useState("");
-  const action = useAction();
   const router = useRouter();
 
   const load = useCallback(
@@ -67,6 +65,18 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
     },
     [storageId, prefix],
   );
+  const action = useChange(() => load(null));
+  const deleting = useConfirm<StorageObject>(action, (object, close) =>
+    action.change(
+      () =>
+        unwrap(
+          api.DELETE("/api/v1/storages/{storage_id}/objects/{key}", {
+            params: { path: { storage_id: storageId, key: object.key } },
+          }),
+        ),
+      close,
+    ),
+  );
 
   useEffect(() => {
     unwrap(api.GET("/api/v1/storages/{storage_id}", { params: { path: { storage_id: storageId } } })).then(setStorage, setError);
@@ -76,7 +86,7 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
   async function onFiles(event: ChangeEvent<HTMLInputElement>) {
     const files = Array.from(event.target.files ?? []);
     event.target.value = "";
-    await action.run(async () => {
+    await action.change(async () => {
       for (const file of files) {
         setUploads((old) => [...old.filter((u) => u.name !== file.name), { name: file.name, fraction: 0, done: false }]);
         const update = (fraction: number, done = false) =>
@@ -85,20 +95,6 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
         update(1, true);
       }
     });
-    await load(null);
-  }
-
-  async function confirmDelete() {
-    if (!deleting) return;
-    const ok = await action.run(() =>
-      unwrap(
-        api.DELETE("/api/v1/storages/{storage_id}/objects/{key}", {
-          params: { path: { storage_id: storageId, key: deleting.key } },
-        }),
-      ),
-    );
-    if (ok) setDeleting(null);
-    await load(null);
   }
 
   const crumbs = prefix.split("/").filter(Boolean);
@@ -151,66 +147,45 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
           ))}
         </ul>
       ) : null}
-      <ErrorMessage error={error} />
-      <ErrorMessage error={action.error} />
-      {loading ? <Loading what="Listing files" /> : null}
-      {!loading && !error && objects.length === 0 && prefixes.length === 0 ? (
-        <Empty>This folder is empty: upload files into it.</Empty>
-      ) : null}
+      <LoadState
+        load={{ error, loading }}
+        actionError={action.error}
+        what="Listing files"
+        empty={!loading && !error && objects.length === 0 && prefixes.length === 0}
+      >
+        This folder is empty: upload files into it.
+      </LoadState>
       {objects.length || prefixes.length ? (
-        <div className="table-wrap">
-          <table>
-            <caption className="visually-hidden">Files in {prefix || "the bucket"}</caption>
-            <thead>
-              <tr>
-                <th scope="col">Name</th>
-                <th scope="col">Size</th>
-                <th scope="col">Modified</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
-            <tbody>
-              {prefixes.map((p) => (
-                <tr key={p}>
-                  <th scope="row" colSpan={4}>
-                    <Link href={folderHref(storageId, p)}>📁 {base(p)}</Link>
-                  </th>
-                </tr>
-              ))}
-              {objects.map((o) => (
-                <tr key={o.key}>
-                  <th scope="row">{base(o.key)}</th>
-                  <td>{formatBytes(o.size)}</td>
-                  <td>{formatTime(o.last_modified)}</td>
-                  <td className="row-actions">
-                    <a className="button" href={objectUrl(storageId, o.key)} download={base(o.key)} aria-label={`Download ${base(o.key)}`}>
-                      Download
-                    </a>
-                    <button type="button" className="danger" onClick={() => setDeleting(o)} aria-label={`Delete ${base(o.key)}`}>
-                      Delete
-                    </button>
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <DataTable caption={`Files in ${prefix || "the bucket"}`} columns={["Name", "Size", "Modified", "Actions"]}>
+          {prefixes.map((p) => (
+            <tr key={p}>
+              <th scope="row" colSpan={4}>
+                <Link href={folderHref(storageId, p)}>📁 {base(p)}</Link>
+              </th>
+            </tr>
+          ))}
+          {objects.map((o) => (
+            <tr key={o.key}>
+              <th scope="row">{base(o.key)}</th>
+              <td>{formatBytes(o.size)}</td>
+              <td>{formatTime(o.last_modified)}</td>
+              <td className="row-actions">
+                <a className="button" href={objectUrl(storageId, o.key)} download={base(o.key)} aria-label={`Download ${base(o.key)}`}>
+                  Download
+                </a>
+                <DangerButton label={`Delete ${base(o.key)}`} onClick={() => deleting.ask(o)} />
+              </td>
+            </tr>
+          ))}
+        </DataTable>
       ) : null}
       {nextToken ? (
         <button type="button" onClick={() => load(nextToken)}>
           Show more
         </button>
       ) : null}
-      <Confirm
-        open={deleting !== null}
-        title="Delete file"
-        confirmLabel="Delete file"
-        busy={action.busy}
-        error={action.error}
-        onClose={() => setDeleting(null)}
-        onConfirm={confirmDelete}
-      >
-        <p>Delete {deleting ? base(deleting.key) : ""}? This cannot be undone.</p>
+      <Confirm {...deleting.dialog} title="Delete file" confirmLabel="Delete file">
+        <p>Delete {deleting.target ? base(deleting.target.key) : ""}? This cannot be undone.</p>
       </Confirm>
     </>
   );
