@@ -26,10 +26,16 @@ class RecordingInfra(LocalInfra):
     def __init__(self) -> None:
         super().__init__("localhost")
         self.grants: list[tuple[str, list[str]]] = []
+        self.deleted: list[str] = []
         self.fail = False
 
     def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity | None:
         return CloudIdentity(user=user, principal=f"role/{user.id}")
+
+    def delete_user_identity(self, user: UserRef, *, namespace: str) -> None:
+        if self.fail:
+            raise ProviderUnavailable("IAM is down")
+        self.deleted.append(user.id)
 
     def update_user_buckets(self, user: UserRef, buckets: Sequence[str]) -> None:
         if self.fail:
@@ -85,3 +91,37 @@ def test_a_failed_grant_keeps_the_bucket_and_fails_the_start_with_the_reason(set
         started = client.post(f"/api/v1/environments/{env['id']}/start", headers=ada)
         assert started.status_code == 200 and started.json()["status"] in ("starting", "running")
         client.delete(f"/api/v1/environments/{env['id']}", headers=ada)
+
+
+def test_deleting_a_user_removes_their_environments_and_cloud_identity_never_their_data(
+    settings: CoreSettings,
+) -> None:
+    infra = RecordingInfra()
+    with make_client(settings, infra) as client:
+        admin = dev_sign_in(client, "pi@example.org")
+        ada = dev_sign_in(client, "ada@example.org")
+        ada_id = client.get("/api/v1/auth/me", headers=ada).json()["id"]
+        bucket = client.post("/api/v1/storages", json={"display_name": "maps"}, headers=ada).json()
+        env = client.post("/api/v1/environments", json={"application": "files"}, headers=ada).json()
+
+        refused = client.delete(f"/api/v1/admin/users/{ada_id}", headers=admin)
+        assert refused.status_code == 409 and "1 bucket" in refused.json()["message"]  # her data stays
+        assert client.get("/api/v1/auth/me", headers=ada).status_code == 200
+        assert client.delete(f"/api/v1/storages/{bucket['id']}", headers=ada).status_code == 204
+
+        infra.fail = True  # the cloud fails: nothing is deleted, the admin may try again
+        assert client.delete(f"/api/v1/admin/users/{ada_id}", headers=admin).status_code == 503
+        assert client.get("/api/v1/auth/me", headers=ada).status_code == 200
+        infra.fail = False
+        assert client.delete(f"/api/v1/admin/users/{ada_id}", headers=admin).status_code == 204
+        assert infra.deleted[-1] == ada_id
+        assert client.get("/api/v1/auth/me", headers=ada).status_code == 401  # signed out for good
+        compute = client.app.state.context.compute  # type: ignore[attr-defined]
+        assert env["id"] not in {s.environment_id for s in compute.list_managed()}
+        assert client.get(f"/api/v1/admin/users/{ada_id}", headers=admin).status_code == 404
+        audit = client.get("/api/v1/admin/audit", params={"action": "user.deleted"}, headers=admin).json()
+        assert [e["target_id"] for e in audit["items"]] == [ada_id]
+
+        me = client.get("/api/v1/auth/me", headers=admin).json()["id"]
+        itself = client.delete(f"/api/v1/admin/users/{me}", headers=admin)
+        assert itself.status_code == 400 and "your own account" in itself.json()["message"]

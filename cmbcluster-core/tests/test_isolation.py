@@ -70,6 +70,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/admin/users"): (ADMIN, None),
     ("GET", "/api/v1/admin/users/{user_id}"): (ADMIN, None),
     ("PATCH", "/api/v1/admin/users/{user_id}"): (ADMIN, {"role": "admin"}),
+    ("DELETE", "/api/v1/admin/users/{user_id}"): (ADMIN, None),
     ("GET", "/api/v1/admin/users/{user_id}/activity"): (ADMIN, None),
     ("GET", "/api/v1/admin/audit"): (ADMIN, None),
     ("GET", "/api/v1/admin/stats"): (ADMIN, None),

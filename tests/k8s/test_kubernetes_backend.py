@@ -474,6 +474,10 @@ def test_service_account_identity(backend: KubernetesCompute, admin: k8s.CoreV1A
         backend.delete(environment_id)
     wait_for(lambda: not labelled_objects(admin, backend.namespace, first), 60, "cleanup")
     assert admin.read_namespaced_service_account(sa_name, backend.namespace).metadata.uid == uid
+    backend.forget_user(USER.id)  # the user is deleted: their ServiceAccount goes, with the Role's rights alone
+    wait_for(lambda: not admin.list_namespaced_service_account(backend.namespace,
+             label_selector=f"cmbcluster.io/user-id={USER.id}").items, 30, "the ServiceAccount to go")  # fmt: skip
+    backend.forget_user(USER.id)  # idempotent
 
 
 def test_someone_elses_service_account_is_not_taken(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:

@@ -66,7 +66,8 @@ export interface paths {
         get: operations["get_user_api_v1_admin_users__user_id__get"];
         put?: never;
         post?: never;
-        delete?: never;
+        /** Delete a user who owns no buckets: their environments and cloud identity go too */
+        delete: operations["delete_user_api_v1_admin_users__user_id__delete"];
         options?: never;
         head?: never;
         /** Change a user's role, status or maximum uptime; deactivation signs them out at once */
@@ -1691,6 +1692,35 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["AdminUserDetailOut"];
                 };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    delete_user_api_v1_admin_users__user_id__delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                user_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description Validation Error */
             422: {

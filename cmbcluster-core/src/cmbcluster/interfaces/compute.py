@@ -89,6 +89,10 @@ class ComputeBackend(abc.ABC):
     def delete(self, environment_id: str) -> None:
         """Stop and remove everything the backend keeps for the environment."""
 
+    def forget_user(self, user_id: str) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Remove what the backend keeps for a deleted user beyond their environments (the
+        Kubernetes backend: their ServiceAccount). Idempotent; by default there is nothing."""
+
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         """The last lines of the environment's output, where the backend can see them."""
         return ""

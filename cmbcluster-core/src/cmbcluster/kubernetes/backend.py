@@ -683,6 +683,14 @@ class KubernetesCompute(ComputeBackend):
                     if meta.get("name") and not meta.get("deletionTimestamp"):
                         self._delete(kind, str(meta["name"]))
 
+    def forget_user(self, user_id: str) -> None:
+        """Delete the user's ServiceAccount(s), found by their user label."""
+        selector = ",".join(f"{k}={v}" for k, v in user_labels(user_id).items())
+        for account in self._list("ServiceAccount", selector):
+            name = _meta(account).get("name")
+            if name:
+                self._delete("ServiceAccount", str(name))
+
     def _watch(self) -> None:
         """Start the pod and event watches (first use); wait briefly for the first list."""
         self.events.start()

@@ -15,7 +15,7 @@ exists on a 409), ``list`` and ``watch`` (the pod and event caches that keep sta
 ``delete`` (stop/delete, replacing a foreign object of our name), ``patch`` on service
 accounts only (a user's identity annotations change when their cloud role does; everything of
 an environment is created owned by its Secret, so nothing else is patched). Service accounts are per user and
-outlive environments, so there is no ``delete`` on them; the namespace's one NetworkPolicy is
+outlive environments: ``list`` and ``delete`` only when the user is deleted; the namespace's one NetworkPolicy is
 only ever created (an existing one, e.g. the Helm chart's, is kept). Leases: ``get``, ``create`` and
 ``update`` of the one leader-election Lease (``update`` because taking over an expired lease
 must be a compare-and-swap on its resourceVersion). Nothing else is changed in place.
@@ -37,7 +37,7 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
         "resources": ["secrets", "persistentvolumeclaims"],
         "verbs": ["get", "list", "create", "delete"],
     },
-    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "delete", "patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "create", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -171,6 +172,29 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
         user.max_uptime_minutes = changes.max_uptime_minutes
     db.commit()
     return user
+
+
+def delete_user(db: Session, user_id: str, *, actor_id: str | None, release: Callable[[User], None]) -> None:
+    """Delete a user: their sessions, tokens, settings and activity go with them (the audit trail
+    stays). Never their data: a user who still owns buckets is refused (Conflict), so that
+    nothing is deleted by accident. ``release`` removes what runs or exists for them outside the
+    database (environments, cloud identity) first; if it fails, the user stays and the call can
+    be repeated."""
+    user = get_user(db, user_id)
+    if actor_id is not None and actor_id == user.id:
+        raise InvalidRequest("you cannot delete your own account; ask another administrator")
+    if user.role == "admin" and user.status == "active" and _other_active_admins(db, user.id) == 0:
+        raise Conflict(f"{user.email} is the last active administrator; make another user an administrator first")
+    buckets = user_counts(db, user.id)["storages"]
+    if buckets:
+        raise Conflict(
+            f"{user.email} still owns {buckets} bucket(s): delete them (or keep the user, deactivated) first; "
+            "deleting a user never deletes data"
+        )
+    release(user)
+    audit(db, actor_id=actor_id, action="user.deleted", target_type="user", target_id=user.id, email=user.email)
+    db.delete(user)
+    db.commit()
 
 
 # -- audit trail and activity ----------------------------------------------------------------------

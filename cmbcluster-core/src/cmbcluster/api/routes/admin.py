@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import AdminUser, Context, DbSession
 from cmbcluster.db.models import User
+from cmbcluster.interfaces import UserRef
 from cmbcluster.services import admin as service
 from cmbcluster.services import environments as envs
 from cmbcluster.services.admin import Role, Stats, Status, UserUpdate
@@ -126,6 +127,23 @@ def update_user(
             if env.status in envs.ACTIVE_STATUSES:
                 envs.stop(db, context, env, actor_id=admin.id, reason="stopped: the account was deactivated")
     return _user_detail(db, user)
+
+
+@router.delete(
+    "/users/{user_id}",
+    status_code=204,
+    summary="Delete a user who owns no buckets: their environments and cloud identity go too",
+)
+def delete_user(user_id: str, admin: AdminUser, db: DbSession, context: Context) -> Response:
+    def release(user: User) -> None:
+        for env in envs.list_owned(db, user):  # environments are choices, not data: they go
+            envs.remove(db, context, env, actor_id=admin.id)
+        ref = UserRef(id=user.id, email=user.email)
+        context.infra.delete_user_identity(ref, namespace=context.namespace)
+        context.compute.forget_user(user.id)
+
+    service.delete_user(db, user_id, actor_id=admin.id, release=release)
+    return Response(status_code=204)
 
 
 @router.get("/users/{user_id}/activity", response_model=ActivityPage, summary="A user's activity, newest first")
