@@ -30,12 +30,10 @@ def control_plane_role_arn(settings: AwsSettings) -> str:
 
 @hookimpl
 def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    settings = config.settings(AwsSettings)
+    if settings is None:  # aws is not active in this deployment
+        return None
     core = config.core
-    if "aws" not in {core.cloud_provider, core.selected_storage, core.selected_infra, *core.selected_auth}:
-        return None
-    settings = config.provider_settings.get(AwsSettings)
-    if not isinstance(settings, AwsSettings):
-        return None
     aws: dict[str, Any] = {
         "region": settings.aws_region,
         "accountId": settings.aws_account_id,

@@ -28,6 +28,7 @@ from cmbcluster.registrations import (
 from cmbcluster.settings import CoreSettings, env_var_name
 
 R = TypeVar("R", bound=Registration[Any])
+S = TypeVar("S", bound=BaseSettings)
 
 
 @dataclass
@@ -51,6 +52,12 @@ class ResolvedConfig:
             decorate_pod=self.plugins.decorate_pod,
             active_settings=dict(self.provider_settings),
         )
+
+    def settings(self, model: type[S]) -> S | None:
+        """The validated settings of ``model`` when an active provider uses it (else None):
+        ``config.settings(AwsSettings)`` in a hook that acts only where its cloud is active."""
+        found = self.provider_settings.get(model)
+        return found if isinstance(found, model) else None
 
     def summary(self) -> dict[str, str]:
         return {

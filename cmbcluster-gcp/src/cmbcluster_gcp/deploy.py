@@ -27,12 +27,10 @@ def control_plane_service_account(settings: GcpSettings) -> str:
 
 @hookimpl
 def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    settings = config.settings(GcpSettings)
+    if settings is None:  # gcp is not active in this deployment
+        return None
     core = config.core
-    if "gcp" not in {core.cloud_provider, core.selected_storage, core.selected_infra, *core.selected_auth}:
-        return None
-    settings = config.provider_settings.get(GcpSettings)
-    if not isinstance(settings, GcpSettings):
-        return None
     gcp: dict[str, Any] = {
         "projectId": settings.project_id,
         "region": settings.region,
