@@ -37,7 +37,6 @@ def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
         },
         "image": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com"},
         "storage": {"driver": "mountpoint-s3"},
-        "serviceAccount": {"name": "cmbcluster-controlplane"},  # the name the role trusts
     }
 
 

@@ -35,7 +35,6 @@ def test_gcp_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
         },
         "image": {"registry": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster"},
         "storage": {"driver": "gcsfuse"},
-        "serviceAccount": {"name": "cmbcluster-controlplane"},  # the one Workload Identity admits
     }
 
 

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from cmbcluster.config import ResolvedConfig
 
 STORAGE_DRIVER = "mountpoint-s3"
-#: the chart's ServiceAccount name on AWS: the IRSA role ``infra up`` makes trusts exactly this one
-CONTROLPLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
 
 
 def control_plane_role_arn(settings: AwsSettings) -> str:
@@ -40,8 +38,7 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
         "eksClusterName": settings.eks_cluster_name,
         "controlPlaneRoleArn": control_plane_role_arn(settings),
     }
-    # the role trusts exactly this ServiceAccount name (``infra up`` made it so)
-    values: dict[str, Any] = {"global": {"aws": aws}, "serviceAccount": {"name": CONTROLPLANE_SERVICE_ACCOUNT}}
+    values: dict[str, Any] = {"global": {"aws": aws}}
     if settings.ecr_registry_url:
         aws["ecrRegistryUrl"] = settings.ecr_registry_url
         values["image"] = {"registry": settings.ecr_registry_url.removeprefix("https://").rstrip("/")}

@@ -50,7 +50,7 @@ from cmbcluster.interfaces import (
     StepContext,
 )
 from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
-from cmbcluster_aws.deploy import CONTROLPLANE_SERVICE_ACCOUNT
+from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, _partition, trust_policy
 from cmbcluster_aws.settings import AwsSettings
@@ -92,7 +92,7 @@ ADDONS: dict[str, HelmRelease] = {
 }  # fmt: skip
 #: IRSA role suffix -> (namespace or None for core's namespace, ServiceAccount, managed policies, helm value key)
 IRSA_ROLES: dict[str, tuple[str | None, str, tuple[str, ...], str]] = {
-    "controlplane": (None, CONTROLPLANE_SERVICE_ACCOUNT, (), ""),
+    "controlplane": (None, CONTROL_PLANE_SERVICE_ACCOUNT, (), ""),
     "aws-load-balancer-controller": (
         "kube-system", "aws-load-balancer-controller", (), f"serviceAccount.annotations.{ROLE_ANNOTATION_KEY}",
     ),
@@ -112,7 +112,7 @@ def _statement(actions: Sequence[str], resources: Sequence[str] | str, **extra: 
 
 def control_plane_role_arn(settings: AwsSettings) -> str:
     """The IRSA role ``infra up`` makes for the control plane's ServiceAccount
-    (:data:`CONTROLPLANE_SERVICE_ACCOUNT`); ``cmbcluster deploy`` annotates the chart's with it."""
+    (:data:`CONTROL_PLANE_SERVICE_ACCOUNT`); ``cmbcluster deploy`` annotates the chart's with it."""
     return (
         f"arn:{_partition(settings.aws_region)}:iam::{settings.aws_account_id}:role"
         f"{INFRA_ROLE_PATH}{settings.eks_cluster_name}-controlplane"

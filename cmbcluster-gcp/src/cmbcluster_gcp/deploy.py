@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cmbcluster import hookimpl
+from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
 from cmbcluster_gcp.settings import GcpSettings
 
 if TYPE_CHECKING:
     from cmbcluster.config import ResolvedConfig
 
 STORAGE_DRIVER = "gcsfuse"
-CONTROL_PLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
 
 
 def control_plane_service_account(settings: GcpSettings) -> str:
@@ -39,8 +39,7 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     }
     if settings.project_number:
         gcp["projectNumber"] = settings.project_number
-    # Workload Identity lets exactly this Kubernetes ServiceAccount act as the Google one
-    values: dict[str, Any] = {"global": {"gcp": gcp}, "serviceAccount": {"name": CONTROL_PLANE_SERVICE_ACCOUNT}}
+    values: dict[str, Any] = {"global": {"gcp": gcp}}
     if settings.artifact_registry:
         gcp["artifactRegistry"] = settings.artifact_registry
         values["image"] = {"registry": settings.artifact_registry.rstrip("/")}

@@ -113,6 +113,9 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
         "config": plain,
         "secretConfig": secret,
         "rbac": rbac_values(),
+        # one name on every cloud: the cloud identity's trust (an IRSA role, a Workload Identity
+        # binding) names this ServiceAccount
+        "serviceAccount": {"name": rbac.CONTROL_PLANE_SERVICE_ACCOUNT},
     }
     if core.storage_backend:
         values["storage"] = {"backend": core.storage_backend}

@@ -26,6 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 ROLE_NAME = "cmbcluster-compute"
+#: the control plane's own ServiceAccount (bound to the Role), as the Helm chart names it on every
+#: cloud: the control plane's cloud identity (an IRSA role, a Workload Identity binding) trusts it
+CONTROL_PLANE_SERVICE_ACCOUNT = "cmbcluster-controlplane"
 CLUSTER_ROLE_NAME = "cmbcluster-compute-volumes"
 
 NAMESPACED_RULES: list[dict[str, list[str]]] = [
