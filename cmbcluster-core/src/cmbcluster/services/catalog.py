@@ -304,24 +304,26 @@ def create_application(db: Session, data: ApplicationCreate, *, actor_id: str | 
         raise AlreadyExists(f"an application with slug {data.slug!r} exists already")
     app = Application(**data.model_dump())
     db.add(app)
+    _flush_unique_slug(db, data.slug)
+    _audit_created(db, app, actor_id=actor_id)
+    db.commit()
+    return app
+
+
+def _flush_unique_slug(db: Session, slug: str | None) -> None:
+    """Flush; a slug taken meanwhile (a concurrent request) is AlreadyExists, not a 500."""
     try:
         db.flush()
     except IntegrityError:
         db.rollback()
-        raise AlreadyExists(f"an application with slug {data.slug!r} exists already") from None
+        raise AlreadyExists(f"an application with slug {slug!r} exists already") from None
+
+
+def _audit_created(db: Session, app: Application, *, actor_id: str | None, **detail: Any) -> None:
     audit(
-        db,
-        actor_id=actor_id,
-        action="application.created",
-        target_type="application",
-        target_id=app.id,
-        slug=app.slug,
-        name=app.name,
-        image=app.image,
-        active=app.active,
-    )
-    db.commit()
-    return app
+        db, actor_id=actor_id, action="application.created", target_type="application", target_id=app.id,
+        slug=app.slug, name=app.name, image=app.image, active=app.active, **detail,
+    )  # fmt: skip
 
 
 def update_application(db: Session, app: Application, data: ApplicationUpdate, *, actor_id: str | None) -> Application:
@@ -333,11 +335,7 @@ def update_application(db: Session, app: Application, data: ApplicationUpdate, *
     before = {name: _audit_value(name, getattr(app, name)) for name in changes}
     for name, value in changes.items():
         setattr(app, name, value)
-    try:
-        db.flush()
-    except IntegrityError:
-        db.rollback()
-        raise AlreadyExists(f"an application with slug {changes.get('slug')!r} exists already") from None
+    _flush_unique_slug(db, changes.get("slug"))
     audit(
         db,
         actor_id=actor_id,
@@ -465,18 +463,7 @@ def seed_catalog(db: Session, compute_backend: str) -> None:
     try:
         db.flush()
         for app in added:
-            audit(
-                db,
-                actor_id=None,
-                action="application.created",
-                target_type="application",
-                target_id=app.id,
-                slug=app.slug,
-                name=app.name,
-                image=app.image,
-                active=app.active,
-                reason="default catalog",
-            )
+            _audit_created(db, app, actor_id=None, reason="default catalog")
         db.commit()
     except IntegrityError:
         db.rollback()  # another replica seeded meanwhile

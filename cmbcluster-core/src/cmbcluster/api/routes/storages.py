@@ -278,11 +278,17 @@ def list_objects(
 def delete_objects(
     storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
 ) -> DeleteObjectsOut:
+    return DeleteObjectsOut(deleted=_delete_keys(db, context, runtime, user, storage_id, body.keys))
+
+
+def _delete_keys(
+    db: DbSession, context: Context, runtime: service.StorageRuntime, user: User, storage_id: str, keys: list[str]
+) -> int:
     storage = service.get_owned(db, user, storage_id)
     service.require_usable(storage, context.config.storage.name)
-    deleted = service.delete_objects(db, context.storage, user=user, storage=storage, keys=body.keys)
+    deleted = service.delete_objects(db, context.storage, user=user, storage=storage, keys=keys)
     runtime.refresher.invalidate(storage_id)
-    return DeleteObjectsOut(deleted=deleted)
+    return deleted
 
 
 @router.put(
@@ -428,10 +434,7 @@ def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, con
 def delete_object(
     storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
 ) -> Response:
-    storage = service.get_owned(db, user, storage_id)
-    service.require_usable(storage, context.config.storage.name)
-    service.delete_objects(db, context.storage, user=user, storage=storage, keys=[key])
-    runtime.refresher.invalidate(storage_id)
+    _delete_keys(db, context, runtime, user, storage_id, [key])
     return Response(status_code=204)
 
 
