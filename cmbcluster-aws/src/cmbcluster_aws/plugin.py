@@ -69,7 +69,10 @@ def _aws_infra(ctx: ProviderContext) -> InfraProvider:
 def _aws_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster_aws.provisioning import AwsProvisioner
 
-    return AwsProvisioner(ctx.settings(AwsSettings), namespace=ctx.core.namespace)
+    # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias S3_DATABASE_BUCKET)
+    return AwsProvisioner(
+        ctx.settings(AwsSettings), namespace=ctx.core.namespace, database_bucket=ctx.core.database_bucket
+    )
 
 
 @hookimpl

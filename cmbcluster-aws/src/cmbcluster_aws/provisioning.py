@@ -135,12 +135,14 @@ class AwsProvisioner(Provisioner):
         *,
         namespace: str = "cmbcluster",
         clients: dict[str, Any] | None = None,
+        database_bucket: str | None = None,
         poll_interval: float = 20.0,
         propagation_delay: float = 10.0,
         max_attempts: int = 5,
     ) -> None:
         self.settings = settings
         self.namespace = namespace
+        self.configured_database_bucket = database_bucket
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
         self.partition = _partition(settings.aws_region)
@@ -185,7 +187,7 @@ class AwsProvisioner(Provisioner):
 
     @property
     def database_bucket(self) -> str:
-        name = self.settings.s3_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
+        name = self.configured_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
         return name.lower()
 
     @property

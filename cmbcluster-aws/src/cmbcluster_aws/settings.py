@@ -16,7 +16,6 @@ class AwsSettings(BaseSettings):
     aws_account_id: str = Field(validation_alias=AliasChoices("AWS_ACCOUNT_ID"), pattern=r"^\d{12}$")
     eks_cluster_name: str = Field(default="cmbcluster-eks", validation_alias=AliasChoices("EKS_CLUSTER_NAME"))
     ecr_registry_url: str | None = Field(default=None, validation_alias=AliasChoices("ECR_REGISTRY_URL"))
-    s3_database_bucket: str | None = Field(default=None, validation_alias=AliasChoices("S3_DATABASE_BUCKET"))
     s3_user_bucket_prefix: str = Field(
         default="cmbcluster-user",
         validation_alias=AliasChoices("S3_USER_BUCKET_PREFIX"),

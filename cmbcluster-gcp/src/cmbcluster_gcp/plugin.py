@@ -69,7 +69,8 @@ def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvi
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster_gcp.provisioning import GcpProvisioner
 
-    return GcpProvisioner(ctx.settings(GcpSettings))
+    # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias GCS_DATABASE_BUCKET)
+    return GcpProvisioner(ctx.settings(GcpSettings), database_bucket=ctx.core.database_bucket)
 
 
 @hookimpl

@@ -100,8 +100,10 @@ class GcpProvisioner(Provisioner):
         *,
         api: GoogleApi | None = None,
         poll_interval: float = 10.0,
+        database_bucket: str | None = None,
     ) -> None:
         self.settings = settings
+        self.configured_database_bucket = database_bucket
         self._api = api
         self.poll_interval = poll_interval
         self._infra = GcpInfra(settings)
@@ -155,7 +157,7 @@ class GcpProvisioner(Provisioner):
 
     @property
     def database_bucket(self) -> str:
-        return (self.settings.database_bucket or f"{self.deployment}-database-{self.project}").lower()
+        return (self.configured_database_bucket or f"{self.deployment}-database-{self.project}").lower()
 
     @property
     def labels(self) -> dict[str, str]:

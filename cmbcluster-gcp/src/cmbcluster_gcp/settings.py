@@ -34,9 +34,6 @@ class GcpSettings(BaseSettings):
         validation_alias=AliasChoices("STORAGE_LOCATION"),
         description="Bucket location; REGION when unset",
     )
-    database_bucket: str | None = Field(
-        default=None, validation_alias=AliasChoices("GCS_DATABASE_BUCKET", "DATABASE_BUCKET")
-    )
     user_bucket_prefix: str = Field(
         default="cmbcluster-user",
         validation_alias=AliasChoices("GCS_USER_BUCKET_PREFIX", "USER_BUCKET_PREFIX"),
