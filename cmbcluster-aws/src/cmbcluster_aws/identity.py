@@ -64,7 +64,7 @@ _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def _partition(region: str) -> str:
+def partition_of(region: str) -> str:
     if region.startswith("cn-"):
         return "aws-cn"
     if region.startswith("us-gov-"):
@@ -147,7 +147,7 @@ class AwsInfra(InfraProvider):
     ) -> None:
         self.settings = settings
         self.domain = domain
-        self.partition = _partition(settings.aws_region)
+        self.partition = partition_of(settings.aws_region)
         self._issuer: str | None = None
         given = dict(clients or {})
         config = Config(

@@ -52,7 +52,7 @@ from cmbcluster.interfaces import (
 from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
 from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
-from cmbcluster_aws.identity import AwsInfra, _partition, trust_policy
+from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, S3Storage
 
@@ -114,7 +114,7 @@ def control_plane_role_arn(settings: AwsSettings) -> str:
     """The IRSA role ``infra up`` makes for the control plane's ServiceAccount
     (:data:`CONTROL_PLANE_SERVICE_ACCOUNT`); ``cmbcluster deploy`` annotates the chart's with it."""
     return (
-        f"arn:{_partition(settings.aws_region)}:iam::{settings.aws_account_id}:role"
+        f"arn:{partition_of(settings.aws_region)}:iam::{settings.aws_account_id}:role"
         f"{INFRA_ROLE_PATH}{settings.eks_cluster_name}-controlplane"
     )
 
@@ -145,7 +145,7 @@ class AwsProvisioner(Provisioner):
         self.configured_database_bucket = database_bucket
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
-        self.partition = _partition(settings.aws_region)
+        self.partition = partition_of(settings.aws_region)
         given = dict(clients or {})
         config = Config(
             region_name=settings.aws_region,

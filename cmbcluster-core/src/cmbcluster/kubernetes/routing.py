@@ -134,4 +134,4 @@ class Exposure:
 
 
 def _scheme(url: str | None) -> str:
-    return urlsplit(url).scheme or "https" if url else "https"
+    return (urlsplit(url).scheme if url else "") or "https"
