@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_body
+from cmbcluster.api.guard import streams_body
 from cmbcluster.db.models import Storage, User
 from cmbcluster.errors import CmbclusterError, InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
@@ -305,6 +306,7 @@ def _delete_keys(
         }
     },
 )
+@streams_body
 async def upload_object(
     storage_id: str,
     key: str,
