@@ -263,13 +263,16 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         status = context.compute.start(spec)
     except CmbclusterError as exc:
         mark_failed(db, env, exc.message)
+        context.progress.notify(env.id)
         return
     except Exception as exc:  # a provider bug must not leave the environment pending forever
         log.exception("starting environment %s failed", env.id)
         mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
+        context.progress.notify(env.id)
         return
     apply_status(db, env, status)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def mark_failed(db: Session, env: Environment, message: str) -> None:
@@ -293,8 +296,9 @@ _PHASE_TO_STATUS = {
 
 def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
     """Record what the backend reports; True when something changed. Releases the start slot
-    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's."""
-    if status.phase == EnvironmentPhase.MISSING:
+    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's;
+    so is an environment being stopped (its process vanishing then is no failure)."""
+    if status.phase == EnvironmentPhase.MISSING or env.desired_state != "running":
         return False
     new_status = _PHASE_TO_STATUS[status.phase]
     changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
@@ -311,9 +315,13 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
 
 # -- stopping and deleting -----------------------------------------------------------------------
 def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | None, reason: str) -> None:
-    """Stop (blocking). The choices stay; ``start`` runs the same environment again."""
-    context.compute.stop(env.id)
+    """Stop (blocking). The choices stay; ``start`` runs the same environment again.
+
+    The intent is recorded first: while the backend stops it, nothing reads its going away as a
+    failure, and a stop that a crash interrupts is finished by the reconcile loop."""
     env.desired_state = "stopped"
+    db.commit()
+    context.compute.stop(env.id)
     env.status = "stopped"
     env.status_message = reason
     env.url = None
@@ -323,6 +331,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
           reason=reason)  # fmt: skip
     activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
@@ -331,6 +340,7 @@ def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str 
     audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id)
     db.delete(env)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def touch(db: Session, env: Environment, *, kind: str = "heartbeat") -> None:
