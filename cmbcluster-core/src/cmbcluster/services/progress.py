@@ -5,7 +5,9 @@ An open stream holds nothing while it waits: no database connection, no worker t
 
 - it wakes up when the compute backend reports a change (the Kubernetes backend's watch calls the
   listener registered with ``ComputeBackend.on_status_change``), when this process changed an
-  environment itself (:meth:`ProgressHub.notify`), and at the latest every ``poll_seconds``;
+  environment itself (:meth:`ProgressHub.notify`), and at the latest every ``poll_seconds``,
+  a pause that grows to ``max_poll_seconds`` while nothing changes (an autoscaler adding nodes
+  keeps dialogs open for minutes) and shrinks back at the next change;
 - then, in one worker-thread hop and one short database session, it reads every environment
   that streams follow, records what the backend now reports for those still starting (as the
   reconcile loop does), and hands each stream its new state.
@@ -51,18 +53,21 @@ class Subscription:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _key: tuple[object, ...] | None = None
 
-    def offer(self, event: dict[str, Any] | None) -> None:
+    def offer(self, event: dict[str, Any] | None) -> bool:
+        """Take a state; True when it differs from the last one (the stream then sends it)."""
         key = None if event is None else (event["status"], event["message"], event["url"])
         if self.seen and key == self._key:
-            return
+            return False
         self.seen, self._key, self.latest = True, key, event
         self.changed.set()
+        return True
 
 
 class ProgressHub:
-    def __init__(self, context: AppContext, *, poll_seconds: float = 0.5) -> None:
+    def __init__(self, context: AppContext, *, poll_seconds: float = 0.5, max_poll_seconds: float = 2.0) -> None:
         self.context = context
         self.poll_seconds = poll_seconds
+        self.max_poll_seconds = max_poll_seconds
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,12 +118,13 @@ class ProgressHub:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         assert self._wake is not None
+        pause = self.poll_seconds
         while not stop.is_set():
-            timeout = self.poll_seconds if self._subscriptions else None
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                await asyncio.wait_for(self._wake.wait(), timeout=pause if self._subscriptions else None)
+                pause = self.poll_seconds  # woken by a change: look closely again
             except TimeoutError:
-                pass
+                pause = min(self.max_poll_seconds, pause * 1.5)
             self._wake.clear()
             if stop.is_set() or not self._subscriptions:
                 continue
@@ -134,7 +140,8 @@ class ProgressHub:
                 state = states.get(environment_id)
                 for subscription in list(self._subscriptions.get(environment_id, ())):
                     owned = state is not None and state["user_id"] == subscription.user_id
-                    subscription.offer(state["event"] if owned and state is not None else None)
+                    if subscription.offer(state["event"] if owned and state is not None else None):
+                        pause = self.poll_seconds
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -142,26 +149,39 @@ class ProgressHub:
             self._wake.set()
 
     def _read(self, environment_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """The followed environments' states (blocking: one short session for all of them)."""
+        """The followed environments' states (blocking: one short session for all of them).
+
+        Plain rows; the ORM object only for an environment still starting, whose backend status
+        is recorded as the reconcile loop would (idempotent, so every replica may do it)."""
         states: dict[str, dict[str, Any]] = {}
         with self.context.sessions() as db:
             for batch in _batches(environment_ids, BATCH):
                 changed = False
-                for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
-                    if env.status in ("pending", "starting"):
-                        changed |= envs.apply_status(db, env, self.context.compute.status(env.id))
-                    states[env.id] = {"user_id": env.user_id, "event": progress_event(env)}
+                for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
+                    event = progress_event(row.status, row.status_message, row.url)
+                    if row.status in ("pending", "starting") and row.desired_state == "running":
+                        env = db.get(Environment, row.id)
+                        if env is not None and envs.apply_status(db, env, self.context.compute.status(env.id)):
+                            changed = True
+                            event = progress_event(env.status, env.status_message, env.url)
+                    states[row.id] = {"user_id": row.user_id, "event": event}
                 if changed:
                     db.commit()
             db.rollback()  # nothing else to write: end the read transaction, return the connection
         return states
 
 
-def progress_event(env: Environment) -> dict[str, Any]:
+_STATE_QUERY = select(
+    Environment.id, Environment.user_id, Environment.status, Environment.status_message, Environment.url,
+    Environment.desired_state,
+)
+
+
+def progress_event(status: str, message: str, url: str | None) -> dict[str, Any]:
     """What a progress stream sends about an environment."""
     return {
-        "status": env.status, "message": env.status_message, "url": env.url,
-        "progress": PROGRESS.get(env.status, 0), "at": utcnow().isoformat(),
+        "status": status, "message": message, "url": url, "progress": PROGRESS.get(status, 0),
+        "at": utcnow().isoformat(),
     }  # fmt: skip
 
 
