@@ -27,7 +27,7 @@ from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentS
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ComputeBackendRegistration
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 
@@ -102,7 +102,7 @@ def replicas(database: str, tmp_path: Path, count: int = 2, **settings: object) 
         core = CoreSettings(
             data_dir=tmp_path / f"replica-{i}", database_url=database, compute_backend="never-ready", **settings
         )  # type: ignore[arg-type]
-        clients.append(TestClient(create_app(core, manager)))
+        clients.append(TestClient(create_app(core, manager), base_url=LOCAL))
     return clients
 
 

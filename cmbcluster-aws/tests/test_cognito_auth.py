@@ -27,6 +27,7 @@ from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ConfigurationError, ProviderUnavailable
 from cmbcluster.interfaces import AuthorizationRequest
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import LOCAL
 from cmbcluster.testing.auth import AuthProviderContract, standard_claims
 from cmbcluster.testing.oidc import KeyServer
 from cmbcluster_aws.auth import CognitoProvider
@@ -398,7 +399,7 @@ def api(pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     settings = CoreSettings(
         cloud_provider="local", auth_providers=["aws"], storage_backend="local", data_dir=tmp_path / "data"
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         yield client
 
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import clean_environ
 
 
@@ -33,7 +33,7 @@ def app(settings: CoreSettings) -> FastAPI:
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url=LOCAL) as test_client:
         try:
             yield test_client
         finally:  # environments are real processes: none may outlive its test, pass or fail

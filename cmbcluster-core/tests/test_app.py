@@ -19,6 +19,7 @@ from cmbcluster.local.storage import LocalStorage
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import LOCAL
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
@@ -47,12 +48,11 @@ def test_readyz_is_503_naming_the_provider_that_is_down(settings: CoreSettings) 
     manager = PluginManager(entry_points_enabled=False)
     manager.register(_plugin_with(lambda ctx: UnreachableStorage(ctx.data_dir / "b")), name="flaky")
     app = create_app(settings.model_copy(update={"storage_backend": "flaky"}), manager)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json()["checks"]["storage:flaky"] == (
-        "ProviderUnavailable: object store at 127.0.0.1:9 refused the connection"
-    )
+    # which check failed and how, for anyone; the reason (an address here) for the operator's log only
+    assert ready.json()["checks"]["storage:flaky"] == "ProviderUnavailable (the server log has the details)"
     assert ready.json()["checks"]["database"] == "ok"
 
 
@@ -85,7 +85,7 @@ def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
 def test_two_apps_do_not_share_state(settings: CoreSettings, tmp_path: object) -> None:
     first = create_app(settings)
     second = create_app(settings.model_copy(update={"data_dir": settings.data_dir / "other"}))
-    with TestClient(first) as a, TestClient(second) as b:
+    with TestClient(first, base_url=LOCAL) as a, TestClient(second, base_url=LOCAL) as b:
         a.get("/healthz")
         assert 'route="/healthz"' not in b.get("/metrics").text
 
@@ -115,7 +115,7 @@ def test_typed_errors_become_clear_statuses_and_unexpected_ones_hide_details(set
             raise LimitExceeded("too many environments starting", retry_after=7)
         raise RuntimeError("secret internals: password=hunter2")
 
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, base_url=LOCAL) as client:
         missing = client.get("/boom/missing")
         assert missing.status_code == 404
         assert missing.json() == {"error": "not_found", "message": "environment abc not found"}
@@ -143,7 +143,7 @@ def test_an_overloaded_database_answers_503_with_retry_after(error: Exception, s
     def boom() -> None:
         raise error
 
-    response = TestClient(app, raise_server_exceptions=False).get("/boom")
+    response = TestClient(app, raise_server_exceptions=False, base_url=LOCAL).get("/boom")
     assert response.status_code == status
     assert "Traceback" not in response.text
     if status == 503:

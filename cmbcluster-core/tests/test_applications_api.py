@@ -69,10 +69,10 @@ def test_presets_and_custom_limits(client: TestClient, alice: dict[str, str]) ->
 
 def test_presets_follow_the_server_limits(settings: Any) -> None:
     from cmbcluster.app import create_app
-    from cmbcluster.testing.api import dev_sign_in
+    from cmbcluster.testing.api import LOCAL, dev_sign_in
 
     app = create_app(settings.model_copy(update={"max_cpu": 1.5, "max_memory_mib": 4096}))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         headers = dev_sign_in(client, "ada@example.org")
         body = client.get(f"{API}/presets", headers=headers).json()
     assert {p["name"]: p["available"] for p in body["presets"]} == {"light": True, "standard": True, "heavy": False}

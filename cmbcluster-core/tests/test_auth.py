@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 
 
 def test_providers_are_listed_from_plugins(client: TestClient) -> None:
@@ -32,7 +32,7 @@ def test_first_user_is_admin_and_later_ones_are_not(
 
 def test_admin_emails_are_admins(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"admin_emails": ["boss@example.org"]}))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         dev_sign_in(client, "first@example.org")
         boss = dev_sign_in(client, "Boss@Example.org")
         assert client.get("/api/v1/auth/me", headers=boss).json()["role"] == "admin"
@@ -49,7 +49,7 @@ def test_session_cookie_is_httponly_samesite_and_works(client: TestClient) -> No
         data={k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")} | {"email": "c@example.org"},
         follow_redirects=False,
     )
-    done = client.get(submitted.headers["location"].replace("http://testserver", ""), follow_redirects=False)
+    done = client.get(submitted.headers["location"].replace(LOCAL, ""), follow_redirects=False)
     cookie_header = done.headers["set-cookie"]
     assert "cmbcluster_session=" in cookie_header
     assert "HttpOnly" in cookie_header and "SameSite=lax" in cookie_header
@@ -60,8 +60,8 @@ def test_session_cookie_is_httponly_samesite_and_works(client: TestClient) -> No
 
 def test_session_cookie_domain_reaches_environment_subdomains(settings: CoreSettings) -> None:
     """With host routing, environments on sub-domains check access with the same session cookie."""
-    app = create_app(settings.model_copy(update={"cookie_domain": "example.org"}))
-    with TestClient(app, base_url="http://cmb.example.org") as client:
+    core = settings.model_copy(update={"cookie_domain": "example.org", "public_url": "http://cmb.example.org"})
+    with TestClient(create_app(core), base_url="http://cmb.example.org") as client:
         token = dev_sign_in(client, "d@example.org")["Authorization"].removeprefix("Bearer ")
         client.cookies.set("cmbcluster_session", token)
         logout = client.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {token}"})
@@ -80,7 +80,7 @@ def test_next_path_is_kept_but_never_an_open_redirect(client: TestClient) -> Non
             data={k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")} | {"email": "n@x.org"},
             follow_redirects=False,
         )
-        done = client.get(submitted.headers["location"].replace("http://testserver", ""), follow_redirects=False)
+        done = client.get(submitted.headers["location"].replace(LOCAL, ""), follow_redirects=False)
         assert done.headers["location"] == expected
 
 
@@ -157,7 +157,7 @@ def test_exchange_rejects_bad_tokens_and_input(client: TestClient) -> None:
 
 def test_sign_in_attempts_are_rate_limited(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"login_attempts_per_minute": 3}))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         statuses = [client.get("/api/v1/auth/local/login", follow_redirects=False).status_code for _ in range(5)]
         assert statuses == [303, 303, 303, 429, 429]
         limited = client.get("/api/v1/auth/local/login", follow_redirects=False)
@@ -170,12 +170,12 @@ def test_cookie_session_refuses_cross_site_changes(client: TestClient, alice: di
     response = client.post("/api/v1/auth/logout", headers={"Origin": "https://evil.example"})
     assert response.status_code == 403
     assert client.get("/api/v1/auth/me").status_code == 200  # still signed in
-    assert client.post("/api/v1/auth/logout", headers={"Origin": "http://testserver"}).status_code == 204
+    assert client.post("/api/v1/auth/logout", headers={"Origin": LOCAL}).status_code == 204
 
 
 def test_session_expiry(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"session_ttl_hours": 1.5 / 3600}))  # a second and a half
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         headers = dev_sign_in(client, "short@example.org")
         assert client.get("/api/v1/auth/me", headers=headers).status_code == 200
         time.sleep(1.7)

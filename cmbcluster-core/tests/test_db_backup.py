@@ -18,7 +18,7 @@ from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups
 from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.backup import probe_database, read_probe, write_probe
 from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
@@ -182,7 +182,7 @@ def test_the_original_variable_names_select_the_database_bucket(monkeypatch: pyt
 
 @contextlib.contextmanager
 def serving(settings: CoreSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         yield client
 
 

@@ -22,7 +22,7 @@ from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.interfaces import EnvironmentSpec, UserRef
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 
 # An application that writes what it sees into its working directory (the mounted bucket),
 # then serves that directory.
@@ -92,7 +92,7 @@ def create_env(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
 @contextlib.contextmanager
 def serving(app: Any) -> Iterator[TestClient]:
     """A client for an app made in the test; its environments are removed however the test ends."""
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         try:
             yield client
         finally:

@@ -19,7 +19,7 @@ from cmbcluster.local.infra import LocalInfra
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import InfraProviderRegistration
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 
 
 class RecordingInfra(LocalInfra):
@@ -50,7 +50,7 @@ def make_client(settings: CoreSettings, infra: RecordingInfra) -> TestClient:
 
     manager = PluginManager(entry_points_enabled=False)
     manager.register(SimpleNamespace(cmbcluster_infra_providers=cmbcluster_infra_providers), name="recording")
-    return TestClient(create_app(settings.model_copy(update={"infra_provider": "recording"}), manager))
+    return TestClient(create_app(settings.model_copy(update={"infra_provider": "recording"}), manager), base_url=LOCAL)
 
 
 def test_bucket_changes_and_starts_grant_exactly_the_users_buckets(settings: CoreSettings) -> None:

@@ -178,3 +178,25 @@ def test_abandoned_upload_temporaries_are_swept_but_not_running_ones(tmp_path: P
     upload.join(10)
     assert b"".join(storage.download_object(bucket, "slow.bin")) == b"firstsecond"
     assert not list((tmp_path / "buckets" / ".tmp").iterdir())
+
+
+def test_a_fifo_at_a_key_never_holds_a_thread(tmp_path: Path) -> None:
+    """An environment can swap a FIFO in at a key between the API's checks and its open: the open
+    returns at once (404) instead of waiting forever for a writer."""
+    import concurrent.futures
+    import os
+
+    from cmbcluster.errors import NotFound
+    from cmbcluster.interfaces import BucketOptions, UserRef
+
+    storage = LocalStorage(tmp_path / "buckets")
+    bucket = storage.create_bucket(UserRef(id="abc"), BucketOptions(display_name="d")).name
+    os.mkfifo(tmp_path / "buckets" / bucket / "pipe")
+    os.mkdir(tmp_path / "buckets" / bucket / "dir")
+    os.mkfifo(tmp_path / "buckets" / bucket / "dir" / "pipe")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for key in ("pipe", "dir/pipe", "pipe/below"):
+            future = pool.submit(lambda k=key: b"".join(storage.download_object(bucket, k)))
+            with pytest.raises(NotFound):
+                future.result(timeout=5)
+    assert [o.key for o in storage.list_objects(bucket, delimiter=None).objects] == []

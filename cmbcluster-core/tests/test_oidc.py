@@ -18,6 +18,7 @@ from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ProviderUnavailable
 from cmbcluster.oidc.provider import OidcConfig, OidcProvider
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import LOCAL
 from cmbcluster.testing.auth import AuthProviderContract
 from cmbcluster.testing.oidc import KeyServer, OidcMockServer
 
@@ -157,7 +158,7 @@ def oidc_client(
     monkeypatch.setenv("CMBCLUSTER_OIDC_CLIENT_SECRET", "client-secret")
     monkeypatch.setenv("CMBCLUSTER_OIDC_DISPLAY_NAME", "University login")
     app = create_app(settings.model_copy(update={"auth_providers": ["oidc", "local"]}))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 

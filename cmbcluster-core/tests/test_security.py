@@ -23,7 +23,7 @@ from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import AuditEvent, EnvVar, User
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.oidc import KeyServer
 from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
 
@@ -54,7 +54,7 @@ def exchange(client: TestClient, keys: KeyServer, sub: str, email: str, verified
 def test_an_unverified_admin_address_is_refused_by_default(
     settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with TestClient(oidc_app(settings, keys, monkeypatch)) as client:
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
         dev_sign_in(client, "first@example.org")  # the first user is the admin; the next is not
         refused = exchange(client, keys, "attacker", ADMIN, verified=False)
         assert refused.status_code == 401 and "not verified" in refused.json()["message"]
@@ -65,7 +65,7 @@ def test_with_the_opt_out_an_unverified_address_signs_in_but_grants_nothing(
     settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = oidc_app(settings, keys, monkeypatch, CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL="false")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         dev_sign_in(client, "first@example.org")
         new = exchange(client, keys, "attacker", ADMIN, verified=False)
         assert new.status_code == 200 and new.json()["user"]["role"] == "user"
@@ -81,7 +81,7 @@ def test_with_the_opt_out_an_unverified_address_signs_in_but_grants_nothing(
 def test_a_changed_address_changes_no_role_and_is_audited(
     settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with TestClient(oidc_app(settings, keys, monkeypatch)) as client:
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
         dev_sign_in(client, "first@example.org")
         assert exchange(client, keys, "lin", "lin@example.org", verified=True).json()["user"]["role"] == "user"
         changed = exchange(client, keys, "lin", ADMIN, verified=True)  # the same account, another address
@@ -113,7 +113,7 @@ def test_a_sign_in_state_completes_one_sign_in_only(client: TestClient) -> None:
 
 
 def test_an_id_token_buys_one_session(settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    with TestClient(oidc_app(settings, keys, monkeypatch)) as client:
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
         for claims in ({"jti": "token-1"}, {}):  # with a token id, and without (then its hash)
             claims = {"sub": "s", "aud": CLIENT_ID, "email": "s@example.org", "email_verified": True, **claims}
             token = keys.sign(claims)
@@ -125,10 +125,10 @@ def test_an_id_token_buys_one_session(settings: CoreSettings, keys: KeyServer, m
 
 def test_the_same_origin_check_compares_the_scheme(client: TestClient, alice: dict[str, str]) -> None:
     client.cookies.set("cmbcluster_session", alice["Authorization"].removeprefix("Bearer "))
-    for origin in ("https://testserver", "http://testserver:8443", "null", "http://evil.example"):
+    for origin in ("https://127.0.0.1", "http://127.0.0.1:8443", "null", "http://evil.example"):
         refused = client.post("/api/v1/storages", json={"display_name": "x"}, headers={"Origin": origin})
         assert refused.status_code == 403, origin
-    same_site = client.post("/api/v1/storages", json={"display_name": "x"}, headers={"Origin": "http://testserver"})
+    same_site = client.post("/api/v1/storages", json={"display_name": "x"}, headers={"Origin": LOCAL})
     assert same_site.status_code == 201
 
 
@@ -366,7 +366,7 @@ def test_rotating_the_secret_key_keeps_every_secret(tmp_path: Path) -> None:
     old, new = "o" * 40, "n" * 40
     env = clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_SECRET_KEY": old})
     app = create_app(CoreSettings(data_dir=tmp_path / "data", secret_key=old))  # type: ignore[arg-type]
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         alice = dev_sign_in(client, "alice@example.org")
         client.put("/api/v1/settings/env-vars/TOKEN", json={"value": "v1"}, headers=alice)
         client.put("/api/v1/settings/secret-files/id_rsa", content=b"private", headers=alice)
@@ -375,7 +375,7 @@ def test_rotating_the_secret_key_keeps_every_secret(tmp_path: Path) -> None:
     assert rotated.returncode == 0, rotated.stderr
     assert "re-encrypted 2" in rotated.stdout
     app = create_app(CoreSettings(data_dir=tmp_path / "data", secret_key=new))  # type: ignore[arg-type]
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         alice = dev_sign_in(client, "alice@example.org")
         assert client.get("/api/v1/settings/env-vars", headers=alice).json()[0]["value"] == "v1"
         context: AppContext = app.state.context
@@ -388,3 +388,135 @@ def test_rotating_the_secret_key_keeps_every_secret(tmp_path: Path) -> None:
     # a value sealed with a key nobody configures any more is reported, not lost silently
     again = run_cli("secrets", "reencrypt", env={**env, "CMBCLUSTER_SECRET_KEY": "z" * 40}, cwd=tmp_path)
     assert again.returncode == 1 and "match no configured key" in again.stderr
+
+
+# -- found by an outsider's attack run ------------------------------------------------------------------
+def test_the_development_sign_in_refuses_a_rebound_host_name(settings: CoreSettings) -> None:
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 drives the server from its own
+    origin. The development sign-in answers only requests addressed to this machine."""
+    with TestClient(create_app(settings), base_url="http://attacker.example:18700") as rebound:
+        refused = rebound.get("/api/v1/auth/local/login", follow_redirects=False)
+        assert refused.status_code == 403 and "127.0.0.1" in refused.json()["message"]
+        assert rebound.post("/api/v1/auth/local/form", data={"email": "a@b.org"}).status_code in (403, 422)
+        local = rebound.get("/api/v1/auth/local/login", headers={"Host": "localhost:8000"}, follow_redirects=False)
+        assert local.status_code == 303
+
+
+def test_the_development_sign_in_beside_a_real_provider_takes_no_account_over(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
+        dev_sign_in(client, "first@example.org")
+        assert exchange(client, keys, "kim", "kim@example.org", verified=True).status_code == 200
+        with pytest.raises(AssertionError, match="account with this e-mail address exists"):  # typed: no link
+            dev_sign_in(client, "kim@example.org")
+        boss = dev_sign_in(client, ADMIN)  # nor does a typed address make an admin
+        assert client.get("/api/v1/auth/me", headers=boss).json()["role"] == "user"
+
+
+def test_addresses_change_only_in_ascii_case(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unicode case rules would turn a verified KELVIN SIGN address into another person's."""
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
+        dev_sign_in(client, "first@example.org")
+        kim = exchange(client, keys, "kim", "Kim@Example.org", verified=True).json()["user"]
+        assert kim["email"] == "kim@example.org"
+        kelvin = exchange(client, keys, "attacker", "\u212aim@example.org", verified=True).json()["user"]
+        assert kelvin["id"] != kim["id"] and kelvin["email"] == "\u212aim@example.org"
+        boss_lookalike = exchange(client, keys, "attacker-2", "\u212a" + ADMIN[1:], verified=True)
+        assert boss_lookalike.json()["user"]["role"] == "user"
+        spaced = exchange(client, keys, "attacker-3", " " + ADMIN, verified=True)
+        assert spaced.status_code == 401 and "invalid e-mail" in spaced.json()["message"]
+
+
+def test_non_finite_or_deeply_nested_claims_are_refused(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from joserfc import jws
+
+    def raw(payload: str) -> str:
+        return jws.serialize_compact({"alg": "RS256", "kid": "key-1"}, payload.encode(), keys.keys["key-1"])
+
+    base = {"iss": keys.issuer, "aud": CLIENT_ID, "sub": "n", "email": "n@example.org", "email_verified": True}
+    now = int(time.time())
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
+        for extra in (
+            '"exp": NaN',
+            '"exp": Infinity',
+            f'"exp": {now + 300}, "nbf": NaN',
+            f'"exp": {now + 300}, "iat": NaN',
+        ):
+            token = raw(json.dumps(base)[:-1] + ", " + extra + "}")
+            answer = client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token})
+            assert answer.status_code == 401, (extra, answer.text)
+        nested = raw('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+        answer = client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": nested})
+        assert answer.status_code in (401, 422)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "/api/v1/settings/env-vars/FOO", '{"value": "\\ud800"}'),
+        ("POST", "/api/v1/settings/tokens", '{"name": "\\ud800"}'),
+        ("POST", "/api/v1/environments", '{"application": "files", "env": {"A": "\\ud800"}, "start": false}'),
+        ("POST", "/api/v1/storages", '{"display_name": "\\udfff"}'),
+    ],
+)
+def test_a_lone_surrogate_is_a_clear_400(
+    client: TestClient, alice: dict[str, str], method: str, path: str, body: str
+) -> None:
+    answer = client.request(method, path, content=body, headers={**alice, "Content-Type": "application/json"})
+    assert answer.status_code in (400, 422), answer.text
+    assert answer.json()["error"] == "invalid_request"
+
+
+def test_keys_that_were_not_utf8_are_refused(client: TestClient, alice: dict[str, str]) -> None:
+    storage = client.post("/api/v1/storages", json={"display_name": "mine"}, headers=alice).json()
+    for key in ("%ED%A0%80", "%C0%AE", "a%FFb"):
+        answer = client.put(f"/api/v1/storages/{storage['id']}/objects/{key}", content=b"x", headers=alice)
+        assert answer.status_code == 400 and "UTF-8" in answer.json()["message"], key
+
+
+def test_headers_are_refused_while_they_arrive(served: tuple[ServeProcess, dict[str, str]]) -> None:
+    """uvicorn's parser would keep a whole header block: the server stops reading at 32 KiB."""
+    server, _ = served
+    before = _rss_kib(server.process.pid)
+    for header_line in (b"X-A: " + b"a" * 8000 + b"\r\n", b"a:\r\n"):  # big ones, and many empty ones
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            sent = 0
+            try:
+                while sent < 32 * 1024 * 1024:
+                    sock.sendall(header_line * 50)
+                    sent += len(header_line) * 50
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+        assert sent < 32 * 1024 * 1024, sent  # refused before the client gave up (kernel buffers hold MBs)
+    assert _rss_kib(server.process.pid) - before < 10 * 1024
+
+
+def test_sign_in_limits_count_each_client_behind_a_trusted_proxy(tmp_path: Path) -> None:
+    env = clean_environ({
+        "CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE": "3",
+        "CMBCLUSTER_FORWARDED_ALLOW_IPS": "127.0.0.2",
+    })  # fmt: skip
+    with ServeProcess(env, tmp_path) as server:
+        server.wait_ready()
+        proxy = httpx.Client(base_url=server.url, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        for _ in range(3):
+            ok = proxy.get("/api/v1/auth/local/login", headers={"X-Forwarded-For": "203.0.113.66"})
+            assert ok.status_code == 303
+        assert proxy.get("/api/v1/auth/local/login", headers={"X-Forwarded-For": "203.0.113.66"}).status_code == 429
+        other = proxy.get("/api/v1/auth/local/login", headers={"X-Forwarded-For": "198.51.100.7"})
+        assert other.status_code == 303  # another person behind the same ingress is not blocked
+        proxy.close()
+
+
+def test_the_data_directory_is_private(client: TestClient, settings: CoreSettings) -> None:
+    assert settings.data_dir.stat().st_mode & 0o777 == 0o700

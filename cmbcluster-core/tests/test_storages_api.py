@@ -26,7 +26,7 @@ from cmbcluster.db.models import Application, AuditEvent, Environment, Environme
 from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import storages as storage_service
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
 
 API = "/api/v1/storages"
@@ -74,7 +74,7 @@ def audit_actions(client: TestClient) -> list[tuple[str, str, dict[str, Any]]]:
 @contextmanager
 def client_with(settings: CoreSettings, **overrides: Any) -> Iterator[tuple[TestClient, Headers]]:
     app = create_app(settings.model_copy(update=overrides))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client, dev_sign_in(client, "ada@example.org", "Ada")
 
 
@@ -186,7 +186,7 @@ def test_row_failure_deletes_the_new_bucket(settings: CoreSettings, monkeypatch:
         raise RuntimeError("database went away")
 
     app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, base_url=LOCAL) as client:
         ada = dev_sign_in(client, "ada@example.org")
         monkeypatch.setattr(storage_service, "audit", broken_audit)
         assert client.post(API, json={"display_name": "x"}, headers=ada).status_code == 500

@@ -20,6 +20,7 @@ from cmbcluster import ProviderContext
 from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ConfigurationError
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import LOCAL
 from cmbcluster.testing.auth import AuthProviderContract
 from cmbcluster.testing.oidc import KeyServer, OidcMockServer
 from cmbcluster_gcp.auth import GoogleProvider, google_provider
@@ -188,7 +189,7 @@ def google_client(tmp_path: Path, oidc_server: OidcMockServer, monkeypatch: pyte
     monkeypatch.setenv("GOOGLE_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("GOOGLE_CLIENT_SECRET", "client-secret")
     monkeypatch.setenv("GOOGLE_ISSUER", oidc_server.issuer)
-    with TestClient(create_app(_core(tmp_path / "data"))) as client:
+    with TestClient(create_app(_core(tmp_path / "data")), base_url=LOCAL) as client:
         yield client
 
 

@@ -87,10 +87,9 @@ def serve(
     from cmbcluster.db.backup import restore_at_start
 
     restore_at_start(application.state.context)
-    uvicorn.run(
-        application, host=core.host, port=core.port, log_config=None, server_header=False,
-        loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
-    )  # fmt: skip
+    from cmbcluster.api.server import run
+
+    run(application, core)
 
 
 @app.command()

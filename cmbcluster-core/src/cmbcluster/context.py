@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
@@ -103,9 +105,17 @@ def _build(config: ResolvedConfig, registration: Registration[Any]) -> Any:
         ) from exc
 
 
+def _private_folder(path: Path) -> None:
+    """The data directory holds the database, users' buckets and the secret key: this user's only."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        log.warning("data directory %s was readable by other users: now 0700", path)
+        path.chmod(0o700)
+
+
 def build_context(config: ResolvedConfig) -> AppContext:
     """Create the database engine and every active provider (no network calls: factories are cheap)."""
-    config.core.data_dir.mkdir(parents=True, exist_ok=True)
+    _private_folder(config.core.data_dir)
     engine = create_db_engine(config.core.effective_database_url)
     metrics = Metrics()
     metrics.plugins_failed.set(len(config.plugins.failed()))

@@ -68,6 +68,9 @@ def validate_object_key(key: str) -> str:
         raise InvalidRequest(f"object key is longer than {MAX_OBJECT_KEY_BYTES} bytes")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in key) or "\\" in key:
         raise InvalidRequest("object key must not contain control characters or backslashes")
+    if "\ufffd" in key or any(0xD800 <= ord(ch) <= 0xDFFF for ch in key):
+        # what undecodable bytes in a URL become: two different keys would land on one name
+        raise InvalidRequest("object key must be valid UTF-8 text")
     if key.startswith("/") or key.endswith("/"):
         raise InvalidRequest("object key must not start or end with '/'")
     parts = key.split("/")

@@ -85,6 +85,12 @@ class CoreSettings(BaseSettings):
     public_url: str | None = Field(
         default=None, validation_alias=_aliases("CMBCLUSTER_PUBLIC_URL", "API_URL"), description="URL users reach."
     )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        validation_alias=_aliases("CMBCLUSTER_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"),
+        description="Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated addresses or "
+        "networks, or *): behind an ingress, its addresses, so that sign-in limits count each client apart.",
+    )
     cookie_domain: str | None = Field(
         default=None,
         validation_alias=_aliases("CMBCLUSTER_COOKIE_DOMAIN"),

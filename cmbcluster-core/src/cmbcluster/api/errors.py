@@ -153,6 +153,15 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return error_response(exc)
 
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_unicode(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        # JSON lets a request spell a lone surrogate ("\ud800"), which no text can hold: the
+        # first attempt to encode it fails, before anything is written.
+        return JSONResponse(
+            error_body("invalid_request", "the request holds text that is not valid Unicode (a lone surrogate)"),
+            status_code=400,
+        )
+
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(OperationalError)
     async def _database_busy(request: Request, exc: Exception) -> JSONResponse:

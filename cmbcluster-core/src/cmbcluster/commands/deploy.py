@@ -49,7 +49,7 @@ HELM_ENV = "CMBCLUSTER_HELM"
 # the API server) or that are rendered into dedicated values below, never passed through as-is.
 _CHART_OWNED = {
     "cloud_provider", "storage_backend", "auth_providers", "host", "port", "data_dir", "database_url",
-    "public_url", "secret_key", "log_level", "log_format", "namespace",
+    "public_url", "secret_key", "log_level", "log_format", "namespace", "forwarded_allow_ips",
     # KubernetesSettings
     "kubeconfig", "kube_context", "in_cluster", "ingress_class", "environments_domain", "ingress_namespace",
     "tls_secret", "control_plane_url",

@@ -31,7 +31,8 @@ def _auth(ctx: ProviderContext) -> AuthProvider:
     from cmbcluster.local.auth import DevLoginProvider
     from cmbcluster.security import secret_key
 
-    return DevLoginProvider(secret_key(ctx.core))
+    # the only sign-in (the embedded default): its addresses count; beside real providers they do not
+    return DevLoginProvider(secret_key(ctx.core), vouches_for_addresses=ctx.core.selected_auth == ["local"])
 
 
 def _infra(ctx: ProviderContext) -> InfraProvider:

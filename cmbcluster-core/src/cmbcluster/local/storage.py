@@ -187,18 +187,21 @@ class LocalStorage(StorageBackend):
         validate_object_key(key)
         with self._bucket_fd(bucket) as root, _os_errors(key), _parent_fd(root, key, create=False) as parent:
             try:
-                fd = os.open(_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                # O_NONBLOCK: opening a FIFO planted (or swapped in) at the key returns at once
+                # instead of holding a worker thread until someone writes to it
+                fd = os.open(_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 raise NotFound(f"object {key} not found") from None
             except OSError as exc:
                 if exc.errno == errno.ELOOP:  # a link, not an object
                     raise NotFound(f"object {key} not found") from None
                 raise
-        handle = os.fdopen(fd, "rb")
         size = os.fstat(fd)
         if not stat.S_ISREG(size.st_mode):
-            handle.close()
+            os.close(fd)
             raise NotFound(f"object {key} not found")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
         start, end = resolve_byte_range(byte_range, size.st_size)
         return _read_range(handle, start, end, chunk_size)
 
@@ -250,7 +253,7 @@ class LocalStorage(StorageBackend):
         return removed
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 UPLOAD_PREFIX = "upload-"
 ABANDONED_AFTER_SECONDS = 60
 

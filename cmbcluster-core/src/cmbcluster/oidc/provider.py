@@ -8,6 +8,7 @@ and a JWKS that is cached and refreshed when a token names an unknown ``kid``. S
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,8 @@ def _pick(keys: KeySet, kid: str | None) -> Any:
 
 
 def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (Python's JSON reader also takes NaN and Infinity: never a time)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def email_verified(claims: dict[str, Any]) -> bool:
@@ -218,7 +220,7 @@ class OidcProvider(AuthProvider):
     def validate_token(self, token: str, *, nonce: str | None = None) -> dict[str, Any]:
         try:
             header = jws.extract_compact(token.encode()).protected
-        except (JoseError, ValueError, UnicodeError):
+        except (JoseError, ValueError, UnicodeError, RecursionError):
             raise AuthenticationFailed("malformed token") from None
         alg = header.get("alg")
         if alg not in self.config.algorithms:
@@ -230,6 +232,8 @@ class OidcProvider(AuthProvider):
         key = self.jwks.key_for(header.get("kid"))
         try:
             claims = dict(jwt.decode(token, key, algorithms=list(self.config.algorithms)).claims)
+        except RecursionError:
+            raise AuthenticationFailed("malformed token: nested too deeply") from None
         except (JoseError, ValueError) as exc:
             raise AuthenticationFailed(f"invalid token signature: {exc}") from None
         self._check_standard_claims(claims, nonce)

@@ -107,9 +107,9 @@ class ProgressHub:
     async def run(self, stop: asyncio.Event) -> None:
         """The hub's one task; ends when ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake = wake = asyncio.Event()
         self.context.compute.on_status_change(self.notify)
-        stopper = asyncio.create_task(self._wake_on(stop))
+        stopper = asyncio.create_task(self._wake_on(stop, wake))
         try:
             await self._serve(stop)
         finally:
@@ -143,10 +143,10 @@ class ProgressHub:
                     if subscription.offer(state["event"] if owned and state is not None else None):
                         pause = self.poll_seconds
 
-    async def _wake_on(self, stop: asyncio.Event) -> None:
+    @staticmethod
+    async def _wake_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
         await stop.wait()
-        if self._wake is not None:
-            self._wake.set()
+        wake.set()
 
     def _read(self, environment_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The followed environments' states (blocking: one short session for all of them).
@@ -172,7 +172,11 @@ class ProgressHub:
 
 
 _STATE_QUERY = select(
-    Environment.id, Environment.user_id, Environment.status, Environment.status_message, Environment.url,
+    Environment.id,
+    Environment.user_id,
+    Environment.status,
+    Environment.status_message,
+    Environment.url,
     Environment.desired_state,
 )
 

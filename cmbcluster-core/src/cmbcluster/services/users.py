@@ -15,9 +15,15 @@ from cmbcluster.errors import AuthenticationFailed, Conflict, PermissionDenied
 from cmbcluster.interfaces import UserInfo
 from cmbcluster.services.audit import activity, audit
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 
 def normalise_email(email: str) -> str:
-    return email.strip().lower()
+    """The address as the provider verified it, ASCII letters lower-cased: nothing else changes
+    (Unicode case rules would turn a verified ``\u212aim@`` into another person's ``kim@``)."""
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in email) or email.count("@") != 1:
+        raise AuthenticationFailed("the identity provider sent an invalid e-mail address")
+    return email.translate(_ASCII_LOWER)
 
 
 def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
@@ -67,7 +73,7 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
 
 def _link_by_email(db: Session, email: str, info: UserInfo) -> User | None:
     """The existing account with this address, when both sides' addresses are verified."""
-    user = db.execute(select(User).where(func.lower(User.email) == email)).scalar_one_or_none()
+    user = db.execute(select(User).where(User.email == email)).scalar_one_or_none()
     if user is None:
         return None
     if not info.email_verified:
@@ -92,7 +98,7 @@ def _record_email_change(db: Session, user: User, email: str, info: UserInfo) ->
 def _apply_admin_rules(
     db: Session, user: User, info: UserInfo, *, email_trusted: bool, admin_emails: list[str]
 ) -> None:
-    listed = email_trusted and user.email in {normalise_email(a) for a in admin_emails}
+    listed = email_trusted and user.email in {a.strip().translate(_ASCII_LOWER) for a in admin_emails}
     from_groups = "admin" in info.roles
     if (listed or from_groups) and user.role != "admin":
         user.role = "admin"

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+#: A base URL for FastAPI's TestClient (``TestClient(app, base_url=LOCAL)``): the development
+#: sign-in answers only requests addressed to this machine, and TestClient's own default
+#: (``http://testserver``) is not.
+LOCAL = "http://127.0.0.1"
+
 
 def dev_sign_in(client: Any, email: str, name: str = "", next_path: str = "/") -> dict[str, str]:
     """Sign in through the development login exactly as a browser does (login, form, callback).

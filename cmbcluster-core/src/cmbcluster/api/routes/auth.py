@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import html
 import json
+import math
 import secrets
 import time
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, Curre
 from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
 from cmbcluster.context import AppContext
-from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
 from cmbcluster.local.auth import DevLoginProvider
 from cmbcluster.security import Sealer, pkce_challenge
@@ -75,11 +76,33 @@ def user_out(user: Any) -> UserOut:
     return UserOut.model_validate(user, from_attributes=True)
 
 
-def _provider(context: Context, name: str) -> AuthProvider:
+def _provider(context: Context, name: str, request: Request) -> AuthProvider:
     provider = context.auth.get(name)
     if provider is None:
         raise NotFound(f"no enabled sign-in provider named {name!r}")
+    if isinstance(provider, DevLoginProvider):
+        _check_local_host(request, context)
     return provider
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _check_local_host(request: Request, context: AppContext) -> None:
+    """The development sign-in lets anyone be anyone: it answers only requests addressed to this
+    machine (a loopback name, or the configured public URL's host), so a web page whose name an
+    attacker re-points at 127.0.0.1 (DNS rebinding) cannot use it. CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE
+    lifts this with the loopback rule."""
+    core = context.config.core
+    if core.dev_login_allow_remote:
+        return
+    host = (urlsplit(f"//{request.headers.get('host', '')}").hostname or "").lower()
+    public = (urlsplit(core.public_url).hostname or "").lower() if core.public_url else None
+    if host in LOOPBACK_NAMES or host.startswith("127.") or host == public:
+        return
+    raise PermissionDenied(
+        f"the development sign-in answers only at http://127.0.0.1 or http://localhost, not at {host or 'no host'}"
+    )
 
 
 def _callback_url(request: Request, context: Context, provider: str) -> str:
@@ -152,7 +175,7 @@ def list_providers(context: Context) -> ProvidersOut:
 def login(
     provider: str, request: Request, context: Context, db: DbSession, next: Annotated[str | None, Query()] = None
 ) -> RedirectResponse:
-    auth = _provider(context, provider)
+    auth = _provider(context, provider, request)
     _rate_limit(db, request, context)
     state, nonce, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(24), secrets.token_urlsafe(48)
     redirect_uri = _callback_url(request, context, provider)
@@ -211,7 +234,7 @@ async def _complete_sign_in(
     provider: str, request: Request, context: Context, db: DbSession,
     code: str | None, state: str | None, error: str | None,
 ) -> RedirectResponse:  # fmt: skip
-    auth = _provider(context, provider)
+    auth = _provider(context, provider, request)
     await run_in_threadpool(_rate_limit, db, request, context)
     if error:
         raise AuthenticationFailed(f"the identity provider reported: {error}")
@@ -247,7 +270,9 @@ async def _complete_sign_in(
 def _expiry(timestamp: object) -> dt.datetime:
     """When a used token can be forgotten: after its expiry (plus clock skew), a day at most."""
     now = time.time()
-    seconds = float(timestamp) if isinstance(timestamp, (int, float)) else now + LOGIN_TTL_SECONDS
+    seconds = now + LOGIN_TTL_SECONDS
+    if isinstance(timestamp, (int, float)) and math.isfinite(timestamp):
+        seconds = float(timestamp)
     return dt.datetime.fromtimestamp(min(seconds, now + 86400) + 300, dt.UTC)
 
 
@@ -279,10 +304,11 @@ Configure a real identity provider before letting others in.</p>
 <button type="submit">Sign in</button></form></main></body></html>"""
 
 
-def _dev_provider(context: Context) -> DevLoginProvider:
+def _dev_provider(context: Context, request: Request) -> DevLoginProvider:
     provider = context.auth.get("local")
     if not isinstance(provider, DevLoginProvider):
         raise NotFound("the development sign-in is not enabled on this server")
+    _check_local_host(request, context)
     return provider
 
 
@@ -302,7 +328,7 @@ def dev_form(
     nonce: Annotated[str, Query(max_length=200)],
     code_challenge: Annotated[str, Query(max_length=200)],
 ) -> HTMLResponse:
-    _dev_provider(context)
+    _dev_provider(context, request)
     _check_redirect(request, context, redirect_uri)
     fields = {"redirect_uri": redirect_uri, "state": state, "nonce": nonce, "code_challenge": code_challenge}
     hidden = "".join(
@@ -323,7 +349,7 @@ def dev_form_submit(
     code_challenge: Annotated[str, Form(max_length=200)],
     name: Annotated[str, Form(max_length=200)] = "",
 ) -> RedirectResponse:
-    provider = _dev_provider(context)
+    provider = _dev_provider(context, request)
     _check_redirect(request, context, redirect_uri)
     _rate_limit(db, request, context)
     code = provider.issue_code(email=email.strip(), name=name.strip(), nonce=nonce, code_challenge=code_challenge)
@@ -338,7 +364,7 @@ def dev_form_submit(
     responses=error_responses(401, 403, 409, 429),
 )
 async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbSession) -> SessionOut:
-    auth = _provider(context, body.provider)
+    auth = _provider(context, body.provider, request)
     await run_in_threadpool(_rate_limit, db, request, context)
     info = await run_in_threadpool(auth.exchange_token, body.token)
     # An ID token buys one session: a token copied from a log or a proxy cannot buy another.

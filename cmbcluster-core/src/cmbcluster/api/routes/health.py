@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -13,6 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
 from cmbcluster.api.deps import Context
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 
@@ -33,16 +36,19 @@ async def readyz(context: Context) -> JSONResponse:
     checks: dict[str, Any] = {"database": database}
     checks.update({f"{kind}:{name}": provider.check_ready for kind, name, provider in context.providers()})
 
-    async def run(check: Any) -> str:
+    async def run(name: str, check: Any) -> str:
         try:
             await asyncio.wait_for(run_in_threadpool(check), READY_TIMEOUT_SECONDS)
         except TimeoutError:
             return f"timed out after {READY_TIMEOUT_SECONDS:g}s"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; report it
-            return f"{type(exc).__name__}: {exc}"
+            # The reason (addresses, errors of the network) goes to the operator's log; anyone
+            # may read this endpoint, so it says only which check failed and how.
+            log.warning("readiness check %s failed: %s: %s", name, type(exc).__name__, exc)
+            return f"{type(exc).__name__} (the server log has the details)"
         return "ok"
 
-    results = dict(zip(checks, await asyncio.gather(*(run(c) for c in checks.values())), strict=True))
+    results = dict(zip(checks, await asyncio.gather(*(run(n, c) for n, c in checks.items())), strict=True))
     ready = all(result == "ok" for result in results.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": results}, status_code=200 if ready else 503

@@ -1,0 +1,79 @@
+"""The HTTP server `cmbcluster serve` runs: uvicorn, with limits uvicorn's fast parser lacks.
+
+uvicorn's httptools protocol collects a request's whole header block before the application sees
+any of it: a stranger could send megabytes of headers, or tens of thousands of empty ones, per
+connection. :class:`LimitedHttpToolsProtocol` counts them while they arrive and answers 431 as
+soon as a request passes :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADERS`, then closes the
+connection (the request guard's own check covers any other server).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from cmbcluster.api.guard import MAX_HEADER_BYTES
+from cmbcluster.settings import CoreSettings
+
+#: Header lines per request (browsers send about 20).
+MAX_HEADERS = 100
+_REFUSAL = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+_BODY = b'{"error": "request_header_fields_too_large", "message": "the request\'s headers are too large"}'
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    _header_bytes = 0
+    _header_count = 0
+    _refused = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF: empty headers count too
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
+            if not self._refused:
+                self._refused = True
+                self.transport.write(_REFUSAL % (len(_BODY), _BODY))
+                self.transport.close()
+            raise _HeadersTooLarge  # stops the parser: nothing more of this request is kept
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the rest of a refused request, arriving before the close
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # the parser reports our stop as an invalid request: 431 was sent
+            super().send_400_response(msg)
+
+
+def run(application: Any, core: CoreSettings) -> None:
+    """Serve ``application`` on the configured address until stopped."""
+    import uvicorn
+
+    uvicorn.run(
+        application, host=core.host, port=core.port, log_config=None, server_header=False,
+        loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
+        http=LimitedHttpToolsProtocol,
+        # whose X-Forwarded-For/-Proto to believe: sign-in limits count per client address
+        forwarded_allow_ips=core.forwarded_allow_ips, proxy_headers=True,
+    )  # fmt: skip
