@@ -142,15 +142,11 @@ def _replica_identity() -> str:
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _compute(ctx: ProviderContext) -> ComputeBackend:
-    return build_backend(ctx)
-
-
 @hookimpl
 def cmbcluster_compute_backends() -> Iterator[ComputeBackendRegistration]:
     yield ComputeBackendRegistration(
         name="kubernetes",
-        factory=_compute,
+        factory=build_backend,
         settings_model=KubernetesSettings,
         description="Pods, Services and Secrets in one Kubernetes namespace",
     )
