@@ -58,11 +58,12 @@ def test_entry_point_plugins_are_discovered() -> None:
 
 
 def test_selection_is_by_name_not_registration_order(manager: PluginManager) -> None:
-    manager.register(_storage_plugin("alpha"), name="alpha-plugin")
+    alpha = _storage_plugin("alpha")
+    manager.register(alpha, name="alpha-plugin")
     manager.register(_storage_plugin("beta"), name="beta-plugin")
     assert manager.storage_backend("alpha").name == "alpha"
     assert manager.storage_backend("beta").name == "beta"
-    assert manager.provider_of("storage", "alpha") == "alpha-plugin"
+    assert manager.storage_backend("alpha") == next(iter(alpha.cmbcluster_storage_backends()))  # alpha-plugin's own
 
 
 def test_same_name_from_two_plugins_is_an_error_naming_both(manager: PluginManager) -> None:

@@ -14,8 +14,7 @@ import importlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from types import ModuleType
+from importlib.metadata import entry_points
 from typing import Any, Literal, TypeVar, cast
 
 import pluggy
@@ -120,7 +119,7 @@ class PluginManager:
             for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
                 dist = ep.dist.name if ep.dist else "unknown"
                 version = ep.dist.version if ep.dist else "unknown"
-                self._load_one(ep.name, _loader(ep), dist, version, ep.value, False)
+                self._load_one(ep.name, ep.load, dist, version, ep.value, False)
         self._pm.check_pending()
         self.check_conflicts()
         return self
@@ -214,14 +213,6 @@ class PluginManager:
                 found[reg.name] = (plugin_name, reg)
         return {name: reg for name, (_, reg) in found.items()}
 
-    def provider_of(self, concern: Concern, name: str) -> str:
-        """The plugin that registered ``name`` for ``concern``."""
-        hook_name, _ = CONCERNS[concern]
-        for plugin_name, result in self._call_each(hook_name):
-            if any(reg.name == name for reg in _as_iterable(result, plugin_name, hook_name)):
-                return plugin_name
-        raise KeyError(name)
-
     def check_conflicts(self) -> None:
         for concern in CONCERNS:
             self.registrations(concern)
@@ -271,10 +262,6 @@ class PluginManager:
     def _dist(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)
         return f"{info.distribution} {info.version}".strip() if info else "unknown distribution"
-
-
-def _loader(ep: EntryPoint) -> Callable[[], ModuleType]:
-    return ep.load
 
 
 def _as_iterable(result: Any, plugin_name: str, hook_name: str) -> Iterable[Any]:
