@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import (
@@ -135,7 +135,7 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
             f"the development sign-in (auth provider 'local') refuses to serve on {core.host}, beyond loopback; "
             "configure a real identity provider, or set CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE=1 if you really mean it"
         )
-    problems.extend(_database_problems(core))
+    problems.extend(sqlite_location_problems(core.effective_database_url))
 
     if problems:
         raise ConfigurationError(problems)
@@ -155,42 +155,3 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
 def _env_file(core: CoreSettings) -> str | None:
     env_file = core.model_config.get("env_file")
     return str(env_file) if isinstance(env_file, (str, os.PathLike)) else None
-
-
-def _database_problems(core: CoreSettings) -> list[str]:
-    url = core.effective_database_url
-    if not url.startswith("sqlite"):
-        return []
-    path = Path(url.split("///", 1)[-1]) if "///" in url else None
-    if path is None or str(path) in {"", ":memory:"}:
-        return []
-    fstype = filesystem_type(path.parent if not path.exists() else path)
-    if fstype and (fstype.startswith("fuse") or fstype in {"nfs", "nfs4", "cifs", "smb3"}):
-        return [
-            f"the SQLite database {path} is on a {fstype} file system; SQLite needs a local disk "
-            "(file locks and WAL do not work on FUSE or network mounts): move CMBCLUSTER_DATA_DIR "
-            "or use CMBCLUSTER_DATABASE_URL=postgresql://..."
-        ]
-    return []
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The file system type holding ``path`` (Linux /proc/mounts), or None when unknown."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    target = path.resolve()
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    best, best_type = "", None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        if (str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")) and len(
-            mount_point
-        ) > len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type
