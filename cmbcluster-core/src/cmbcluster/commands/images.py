@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from cmbcluster import __version__
+from cmbcluster.commands.common import err, out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest, ProviderUnavailable
 from cmbcluster.interfaces import InfraProvider, RegistryInfo
 from cmbcluster.interfaces.provisioning import IMAGE_NAMES
@@ -77,15 +78,11 @@ def _check_tag(tag: str) -> str:
 
 
 def _infra() -> tuple[str, InfraProvider]:
-    from cmbcluster.cli import _resolve
-
-    config = _resolve()
+    config = resolve_config()
     return config.infra.name, config.infra.factory(config.context_for(config.infra))
 
 
 def _run(argv: list[str], *, dry_run: bool, input_text: str | None = None, shown: str | None = None) -> None:
-    from cmbcluster.cli import out
-
     out(("would run: " if dry_run else "+ ") + (shown or shlex.join(argv)), highlight=False, soft_wrap=True,
         markup=False)  # fmt: skip
     if dry_run:
@@ -117,8 +114,6 @@ def build(
     platform: Annotated[str, typer.Option(help="Target platform of the images.")] = "linux/amd64",
 ) -> None:
     """docker build each image, tagged for the active infra provider's registry."""
-    from cmbcluster.cli import err
-
     specs = _selected(image)
     _check_tag(tag)
     _provider, infra = _infra()
