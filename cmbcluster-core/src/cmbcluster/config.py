@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -17,55 +16,12 @@ from pydantic_settings import BaseSettings
 from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.plugins import PluginManager
-from cmbcluster.registrations import (
-    AuthProviderRegistration,
-    ComputeBackendRegistration,
-    InfraProviderRegistration,
-    ProviderContext,
-    Registration,
-    StorageBackendRegistration,
-)
+from cmbcluster.registrations import Registration, ResolvedConfig
 from cmbcluster.settings import CoreSettings, env_var_name
 
 R = TypeVar("R", bound=Registration[Any])
-S = TypeVar("S", bound=BaseSettings)
 
-
-@dataclass
-class ResolvedConfig:
-    """A validated configuration: core settings, the chosen registrations and their settings."""
-
-    core: CoreSettings
-    plugins: PluginManager
-    storage: StorageBackendRegistration
-    compute: ComputeBackendRegistration
-    infra: InfraProviderRegistration
-    auth: list[AuthProviderRegistration]
-    provider_settings: dict[type[BaseSettings], BaseSettings] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def context_for(self, registration: Registration[Any]) -> ProviderContext:
-        model = registration.settings_model
-        return ProviderContext(
-            core=self.core,
-            provider_settings=self.provider_settings.get(model) if model else None,
-            decorate_pod=self.plugins.decorate_pod,
-            active_settings=dict(self.provider_settings),
-        )
-
-    def settings(self, model: type[S]) -> S | None:
-        """The validated settings of ``model`` when an active provider uses it (else None):
-        ``config.settings(AwsSettings)`` in a hook that acts only where its cloud is active."""
-        found = self.provider_settings.get(model)
-        return found if isinstance(found, model) else None
-
-    def summary(self) -> dict[str, str]:
-        return {
-            "storage": self.storage.name,
-            "compute": self.compute.name,
-            "infra": self.infra.name,
-            "auth": ",".join(a.name for a in self.auth),
-        }
+__all__ = ["ResolvedConfig", "format_validation_error", "load_core_settings", "resolve"]
 
 
 def format_validation_error(model: type[BaseSettings], exc: ValidationError) -> list[str]:

@@ -13,7 +13,6 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal, TypeVar, cast
 
@@ -28,7 +27,9 @@ from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
     InfraProviderRegistration,
+    PluginInfo,
     Registration,
+    ResolvedConfig,
     StorageBackendRegistration,
 )
 
@@ -51,35 +52,6 @@ CONCERNS: dict[Concern, tuple[str, type[Registration[Any]]]] = {
     "infra": ("cmbcluster_infra_providers", InfraProviderRegistration),
     "compute": ("cmbcluster_compute_backends", ComputeBackendRegistration),
 }
-
-
-@dataclass
-class PluginInfo:
-    """One plugin as ``cmbcluster plugins`` shows it."""
-
-    name: str
-    distribution: str
-    version: str
-    module: str
-    hooks: list[str] = field(default_factory=list)
-    error: str | None = None
-    builtin: bool = False
-
-    @property
-    def loaded(self) -> bool:
-        return self.error is None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "module": self.module,
-            "hooks": self.hooks,
-            "error": self.error,
-            "builtin": self.builtin,
-            "loaded": self.loaded,
-        }
 
 
 class PluginManager:
@@ -258,6 +230,11 @@ class PluginManager:
         """Run every ``cmbcluster_decorate_pod`` implementation in the documented order."""
         self.load()
         self._call_each("cmbcluster_decorate_pod", draft=draft, context=context)
+
+    def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]:
+        """Every plugin's ``cmbcluster_deploy_values`` answer, by plugin name, in the documented order."""
+        self.load()
+        return self._call_each("cmbcluster_deploy_values", config=config)
 
     def _dist(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)

@@ -26,7 +26,7 @@ CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
 def _gcs_storage(ctx: ProviderContext) -> StorageBackend:
     from cmbcluster_gcp.storage import GcsStorage
 
-    return GcsStorage(ctx.settings(GcpSettings))
+    return GcsStorage(ctx.require_settings(GcpSettings))
 
 
 @hookimpl
@@ -37,7 +37,7 @@ def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
 
 
 def _google_auth(ctx: ProviderContext) -> AuthProvider:
-    settings = ctx.settings(GcpSettings)
+    settings = ctx.require_settings(GcpSettings)
     if not settings.google_client_id:
         raise ConfigurationError(
             ["GOOGLE_CLIENT_ID is required for the 'gcp' auth provider (Sign in with Google): set it to the "
@@ -63,14 +63,14 @@ def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvi
 
     # Without DOMAIN, the deployment's public host stands in.
     domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
-    return GcpInfra(ctx.settings(GcpSettings), iam=iam, domain=domain)
+    return GcpInfra(ctx.require_settings(GcpSettings), iam=iam, domain=domain)
 
 
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster_gcp.provisioning import GcpProvisioner
 
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias GCS_DATABASE_BUCKET)
-    return GcpProvisioner(ctx.settings(GcpSettings), database_bucket=ctx.core.database_bucket)
+    return GcpProvisioner(ctx.require_settings(GcpSettings), database_bucket=ctx.core.database_bucket)
 
 
 @hookimpl

@@ -1,7 +1,7 @@
 """The interfaces each concern's implementations provide: storage, auth, infra, compute, pods."""
 
 from cmbcluster.interfaces.auth import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
-from cmbcluster.interfaces.common import CloudIdentity, UserRef
+from cmbcluster.interfaces.common import ActiveSettings, CloudIdentity, UserRef
 from cmbcluster.interfaces.compute import (
     ComputeBackend,
     EnvironmentPhase,
@@ -38,6 +38,7 @@ from cmbcluster.interfaces.storage import (
 )
 
 __all__ = [
+    "ActiveSettings",
     "AuthProvider",
     "AuthorizationRequest",
     "BucketInfo",

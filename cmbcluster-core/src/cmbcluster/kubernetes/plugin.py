@@ -92,7 +92,7 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
     from cmbcluster.kubernetes.backend import KubernetesCompute, api_client_from_config
     from cmbcluster.kubernetes.routing import Exposure
 
-    settings = ctx.settings(KubernetesSettings)
+    settings = ctx.require_settings(KubernetesSettings)
     if decorate is None:
         decorate = ctx.decorate_pod
     api_client = api_client_from_config(
