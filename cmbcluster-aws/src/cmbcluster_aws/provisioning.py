@@ -31,26 +31,35 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
+from cmbcluster.commands.images import IMAGE_NAMES
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import (
+    DeploymentRecord,
     DnsRecord,
     HelmRelease,
     PlannedStep,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
 )
-from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
 from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
+from cmbcluster.provisioning import (
+    CERT_MANAGER,
+    data_written_during_down,
+    install_release,
+    kubeconfig_path,
+    refuse_to_delete_data,
+    release_step,
+    uninstall_release,
+    write_kubeconfig,
+)
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
 from cmbcluster_aws.settings import AwsSettings
@@ -77,10 +86,7 @@ ADDONS: dict[str, HelmRelease] = {
         name="aws-load-balancer-controller", chart="aws-load-balancer-controller",
         repo="https://aws.github.io/eks-charts", version="1.14.0", namespace="kube-system",
     ),
-    "cert-manager": HelmRelease(
-        name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
-        namespace="cert-manager", values={"crds.enabled": "true"},
-    ),
+    "cert-manager": CERT_MANAGER,
     "ebs-csi-driver": HelmRelease(
         name="aws-ebs-csi-driver", chart="aws-ebs-csi-driver",
         repo="https://kubernetes-sigs.github.io/aws-ebs-csi-driver", version="2.48.0", namespace="kube-system",
@@ -199,11 +205,6 @@ class AwsProvisioner(Provisioner):
     def nodegroup_name(self) -> str:
         return self._name("nodes")
 
-    @staticmethod
-    def kubeconfig_path(ctx: StepContext) -> Path:
-        """Beside the record: written once the cluster exists, used by the helm steps."""
-        return ctx.record.path.with_suffix(".kubeconfig")
-
     def _subnet_cidrs(self) -> tuple[list[str], list[str]]:
         try:
             network = ipaddress.ip_network(self.settings.vpc_cidr)
@@ -266,14 +267,7 @@ class AwsProvisioner(Provisioner):
             PlannedStep(name="irsa-roles", description="IRSA roles: control plane and add-ons, one ServiceAccount each",
                         creates=tuple(f"iam/role {self.role_name(s)}" for s in IRSA_ROLES)),
         ]  # fmt: skip
-        for key, release in ADDONS.items():
-            steps.append(
-                PlannedStep(
-                    name=f"addon-{key}", description=f"helm: {release.chart} {release.version} in {release.namespace}",
-                    creates=(f"helm/release {release.namespace}/{release.name}",), external=True,
-                )
-            )  # fmt: skip
-        return steps
+        return steps + [release_step(key, release) for key, release in ADDONS.items()]
 
     # -- up ----------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -553,7 +547,7 @@ class AwsProvisioner(Provisioner):
         with aws_errors(f"EKS cluster {self.deployment}"):
             cluster = self.eks.describe_cluster(name=self.deployment)["cluster"]
         write_kubeconfig(
-            self.kubeconfig_path(ctx),
+            kubeconfig_path(ctx.record),
             name=self.deployment,
             server=str(cluster.get("endpoint") or ""),
             certificate_authority_data=str(cluster.get("certificateAuthority", {}).get("data") or ""),
@@ -716,12 +710,9 @@ class AwsProvisioner(Provisioner):
         if key == "aws-load-balancer-controller":
             values.update({"clusterName": self.deployment, "region": self.settings.aws_region,
                            "vpcId": self._recorded_id(ctx, "ec2/vpc", self._name("vpc"))})  # fmt: skip
-        release = dataclasses.replace(release, values=values)
-        if not self.kubeconfig_path(ctx).exists():
+        if not kubeconfig_path(ctx.record).exists():
             self._write_kubeconfig(ctx)
-        if ctx.run(release.install_argv(self.kubeconfig_path(ctx))):
-            ctx.created(ResourceRecord(step=ctx.step, kind="helm/release", id=f"{release.namespace}/{release.name}",
-                                       name=release.name, attributes={"namespace": release.namespace}))  # fmt: skip
+        install_release(ctx, dataclasses.replace(release, values=values), kubeconfig_path(ctx.record))
 
     def _wait(self, service: str, waiter: str, what: str, **kwargs: Any) -> None:
         attempts = max(1, int(1800 / max(self.poll_interval, 0.001)))  # at most 30 minutes
@@ -757,9 +748,7 @@ class AwsProvisioner(Provisioner):
                 deleter(resource, ctx)
         except Conflict as exc:
             if resource.kind == "s3/bucket" and not ctx.options.delete_data:
-                raise Conflict(
-                    f"{exc.message}; it holds database backups: rerun `down` with --delete-data to delete them too"
-                ) from exc
+                raise data_written_during_down(f"S3 bucket {resource.id}") from exc
             raise
         except Exception as exc:
             if _gone(exc):
@@ -767,20 +756,17 @@ class AwsProvisioner(Provisioner):
                 return
             raise
 
-    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
-        if options.delete_data:
-            return
-        for bucket in record.find("s3/bucket"):
-            try:
-                with aws_errors(f"S3 bucket {bucket.id}"):
-                    listing = self.s3.list_object_versions(Bucket=bucket.id, MaxKeys=1)
-            except NotFound:
-                continue
-            if listing.get("Versions") or listing.get("DeleteMarkers"):
-                raise Conflict(
-                    f"S3 bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
-                    "Copy what you need, then rerun `down` with --delete-data"
-                )
+    def check_down(self, record: DeploymentRecord, options: ProvisioningOptions) -> None:
+        refuse_to_delete_data(record, options, kind="s3/bucket", holds_objects=self._holds_objects, what="S3 bucket")
+
+    def _holds_objects(self, bucket: ResourceRecord) -> bool:
+        """Whether the bucket holds any object version or delete marker (False when it is gone)."""
+        try:
+            with aws_errors(f"S3 bucket {bucket.id}"):
+                listing = self.s3.list_object_versions(Bucket=bucket.id, MaxKeys=1)
+        except NotFound:
+            return False
+        return bool(listing.get("Versions") or listing.get("DeleteMarkers"))
 
     def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
         """The order of the original cleanup script: add-ons, node group, cluster, NAT gateway, Elastic IP,
@@ -792,12 +778,11 @@ class AwsProvisioner(Provisioner):
         return rest + [r for kind in last for r in ordered if r.kind == kind]
 
     def _delete_release(self, resource: ResourceRecord, ctx: StepContext) -> None:
-        if self.kubeconfig_path(ctx).exists() or self._cluster_exists():
-            if not self.kubeconfig_path(ctx).exists():
+        kubeconfig = kubeconfig_path(ctx.record)
+        if kubeconfig.exists() or self._cluster_exists():
+            if not kubeconfig.exists():
                 self._write_kubeconfig(ctx)
-            namespace = resource.attributes.get("namespace", "default")
-            release = HelmRelease(name=resource.name, chart="", repo="", version="", namespace=namespace)
-            ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
+            uninstall_release(ctx, resource, kubeconfig)
 
     def _delete_controller_leftovers(self, ctx: StepContext) -> None:
         """What the load balancer controller made for Ingresses and Services lives outside the cluster:
@@ -858,7 +843,7 @@ class AwsProvisioner(Provisioner):
         self.eks.delete_cluster(name=resource.id)
         ctx.note(f"waiting for EKS cluster {resource.id} to be deleted")
         self._wait("eks", "cluster_deleted", f"EKS cluster {resource.id}", name=resource.id)
-        self.kubeconfig_path(ctx).unlink(missing_ok=True)
+        kubeconfig_path(ctx.record).unlink(missing_ok=True)
 
     def _delete_role(self, name: str) -> None:
         for page in self.iam.get_paginator("list_attached_role_policies").paginate(RoleName=name):

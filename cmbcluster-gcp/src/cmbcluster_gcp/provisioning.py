@@ -25,7 +25,6 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import google.auth
@@ -42,21 +41,29 @@ from cmbcluster.errors import (
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import (
+    DeploymentRecord,
     DnsRecord,
-    HelmRelease,
     PlannedStep,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
 )
-from cmbcluster.interfaces.provisioning import write_kubeconfig
+from cmbcluster.provisioning import (
+    CERT_MANAGER,
+    data_written_during_down,
+    install_release,
+    kubeconfig_path,
+    refuse_to_delete_data,
+    release_step,
+    uninstall_release,
+    write_kubeconfig,
+)
 from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GcpInfra
 from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
 
-__all__ = ["CERT_MANAGER", "GcpProvisioner", "GoogleApi"]
+__all__ = ["GcpProvisioner", "GoogleApi"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +73,6 @@ SERVICES_RANGE, SERVICES_CIDR = "services", "10.8.0.0/20"
 MASTER_CIDR = "172.16.0.0/28"
 LABEL_DEPLOYMENT = "cmbcluster-deployment"
 LABEL_MANAGED_BY = "managed-by"
-# Pinned so that two `up` runs months apart install the same add-on; raise it deliberately.
-CERT_MANAGER = HelmRelease(
-    name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
-    namespace="cert-manager", values={"crds.enabled": "true"},
-)  # fmt: skip
 
 
 def credentials_for(settings: GcpSettings) -> google.auth.credentials.Credentials:
@@ -203,9 +205,7 @@ class GcpProvisioner(Provisioner):
                         f"{s.gke_nodes_per_zone}-{s.gke_max_nodes_per_zone} x {s.gke_machine_type} per zone",
                         creates=(f"container/cluster {self.deployment}",
                                  f"container/nodepool {self._name('nodes')}")),
-            PlannedStep(name="addon-cert-manager",
-                        description=f"helm: {CERT_MANAGER.chart} {CERT_MANAGER.version} in {CERT_MANAGER.namespace}",
-                        creates=(f"helm/release {CERT_MANAGER.namespace}/{CERT_MANAGER.name}",), external=True),
+            release_step("cert-manager", CERT_MANAGER),
         ]  # fmt: skip
 
     # -- up ----------------------------------------------------------------------------------
@@ -384,13 +384,9 @@ class GcpProvisioner(Provisioner):
             time.sleep(delay)
             delay = min(delay * 2, self.poll_interval)
 
-    @staticmethod
-    def kubeconfig_path(ctx: StepContext) -> Path:
-        return ctx.record.path.with_suffix(".kubeconfig")
-
     def _write_kubeconfig(self, ctx: StepContext, cluster: dict[str, Any]) -> None:
         write_kubeconfig(
-            self.kubeconfig_path(ctx),
+            kubeconfig_path(ctx.record),
             name=f"gke_{self.project}_{self.location}_{self.deployment}",
             server=f"https://{cluster.get('endpoint', '')}",
             certificate_authority_data=str(cluster.get("masterAuth", {}).get("clusterCaCertificate", "")),
@@ -399,13 +395,10 @@ class GcpProvisioner(Provisioner):
         )
 
     def _addon(self, ctx: StepContext) -> None:
-        if not self.kubeconfig_path(ctx).exists():
+        if not kubeconfig_path(ctx.record).exists():
             cluster = self.api.request("GET", "container", self._cluster_path(), f"GKE cluster {self.deployment}")
             self._write_kubeconfig(ctx, cluster)
-        if ctx.run(CERT_MANAGER.install_argv(self.kubeconfig_path(ctx))):
-            ctx.created(ResourceRecord(step=ctx.step, kind="helm/release",
-                                       id=f"{CERT_MANAGER.namespace}/{CERT_MANAGER.name}", name=CERT_MANAGER.name,
-                                       attributes={"namespace": CERT_MANAGER.namespace}))  # fmt: skip
+        install_release(ctx, CERT_MANAGER, kubeconfig_path(ctx.record))
 
     # -- down --------------------------------------------------------------------------------
     def delete_resource(self, resource: ResourceRecord, ctx: StepContext) -> None:
@@ -416,10 +409,8 @@ class GcpProvisioner(Provisioner):
         what = resource.label
         try:
             if resource.kind == "helm/release":
-                if self.kubeconfig_path(ctx).exists():
-                    release = HelmRelease(name=resource.name, chart="", repo="", version="",
-                                          namespace=resource.attributes.get("namespace", "default"))  # fmt: skip
-                    ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
+                if kubeconfig_path(ctx.record).exists():
+                    uninstall_release(ctx, resource, kubeconfig_path(ctx.record))
                 return
             if resource.kind == "storage/bucket":
                 self._delete_bucket(resource.id, ctx)
@@ -432,23 +423,19 @@ class GcpProvisioner(Provisioner):
                 ctx.note(f"waiting for {what} to be deleted (about 5 minutes on Google Cloud)")
             self.api.wait(service, operation, f"deleting {what}")
             if resource.kind == "container/cluster":
-                self.kubeconfig_path(ctx).unlink(missing_ok=True)
+                kubeconfig_path(ctx.record).unlink(missing_ok=True)
         except NotFound:
             ctx.emit("gone", f"{what} was already gone")
 
-    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
-        if options.delete_data:
-            return
-        for bucket in record.find("storage/bucket"):
-            try:
-                self._objects(bucket.id)
-            except NotFound:
-                continue
-            if self._objects(bucket.id):
-                raise Conflict(
-                    f"bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
-                    "Copy what you need, then rerun `down` with --delete-data"
-                )
+    def check_down(self, record: DeploymentRecord, options: ProvisioningOptions) -> None:
+        refuse_to_delete_data(record, options, kind="storage/bucket", holds_objects=self._holds_objects)
+
+    def _holds_objects(self, bucket: ResourceRecord) -> bool:
+        """Whether the bucket holds any object or object version (False when it is gone)."""
+        try:
+            return bool(self._objects(bucket.id))
+        except NotFound:
+            return False
 
     def _objects(self, bucket: str) -> list[dict[str, Any]]:
         path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
@@ -461,7 +448,7 @@ class GcpProvisioner(Provisioner):
         path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}"
         objects = self._objects(bucket)
         if objects and not ctx.options.delete_data:  # check_down refused already; objects written since then
-            raise Conflict(f"bucket {bucket} holds objects written during `down`; rerun with --delete-data")
+            raise data_written_during_down(f"bucket {bucket}")
         while objects:
             for item in objects:
                 name = urllib.parse.quote(str(item["name"]), safe="")

@@ -21,7 +21,6 @@ from cmbcluster import __version__
 from cmbcluster.commands.common import err, out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest, ProviderUnavailable
 from cmbcluster.interfaces import InfraProvider, RegistryInfo
-from cmbcluster.interfaces.provisioning import IMAGE_NAMES
 
 app = typer.Typer(help="Build and push the control plane and environment images.", no_args_is_help=True)
 
@@ -41,7 +40,8 @@ IMAGES = {
         name="environment", dockerfile="helm/images/environment/Dockerfile", context="helm/images/environment"
     ),
 }
-assert tuple(IMAGES) == IMAGE_NAMES  # the provisioners create one repository per image
+#: The images every deployment builds and pushes; the provisioners create one registry repository for each.
+IMAGE_NAMES = tuple(IMAGES)
 
 Tag = Annotated[str, typer.Option(help="Image tag (default: this version of cmbcluster-core).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the docker commands instead of running them.")]

@@ -20,15 +20,11 @@ from urllib.parse import urlsplit
 
 import typer
 
+from cmbcluster import provisioning
 from cmbcluster.commands.common import out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest
-from cmbcluster.interfaces.provisioning import (
-    DnsRecord,
-    ProgressEvent,
-    Provisioner,
-    ProvisioningOptions,
-    ProvisioningRecord,
-)
+from cmbcluster.interfaces.provisioning import DnsRecord, ProgressEvent, Provisioner, ProvisioningOptions
+from cmbcluster.provisioning import ProvisioningRecord
 
 app = typer.Typer(
     help="Provision the cloud infrastructure of a deployment: plan, up, status, down, dns.", no_args_is_help=True
@@ -126,7 +122,7 @@ def up(
         out(f"Provisioning {record.provider} deployment [bold]{record.deployment}[/bold]; record: {record.path}",
             highlight=False, soft_wrap=True)  # fmt: skip
         started = time.perf_counter()
-        provisioner.up(record, ProvisioningOptions(addons=addons), progress=_show)
+        provisioning.up(provisioner, record, ProvisioningOptions(addons=addons), progress=_show)
         out(f"[green]up: done[/green] in {time.perf_counter() - started:.1f} s; "
             f"{len(record.resources)} resources recorded", highlight=False)  # fmt: skip
 
@@ -150,7 +146,9 @@ def down(
         ):
             raise typer.Exit(1)
         started = time.perf_counter()
-        provisioner.down(record, ProvisioningOptions(addons=addons, delete_data=delete_data), progress=_show)
+        provisioning.down(
+            provisioner, record, ProvisioningOptions(addons=addons, delete_data=delete_data), progress=_show
+        )
         out(f"[green]down: done[/green] in {time.perf_counter() - started:.1f} s; the record is empty",
             highlight=False)  # fmt: skip
 
@@ -162,7 +160,7 @@ def status(
 ) -> None:
     """Each planned step and whether its recorded resources still exist."""
     with _provisioner(state_dir) as (provisioner, record):
-        steps = provisioner.status(record)
+        steps = provisioning.status(provisioner, record)
         if as_json:
             data = [
                 {"step": s.step, "state": s.state,
