@@ -204,11 +204,11 @@ class Provisioner(abc.ABC):
         """Every step ``up`` takes, in order, with the names of what it creates. No cloud call changes anything."""
 
     @abc.abstractmethod
-    def apply_step(self, step: PlannedStep, ctx: StepContext) -> None:
-        """Make ``step``'s resources exist (idempotently), reporting each through ``ctx``."""
+    def apply_step(self, step: PlannedStep, job: StepContext) -> None:
+        """Make ``step``'s resources exist (idempotently), reporting each through ``job``."""
 
     @abc.abstractmethod
-    def delete_resource(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def delete_resource(self, resource: ResourceRecord, job: StepContext) -> None:
         """Delete one recorded resource and wait until it is gone; already gone is success."""
 
     @abc.abstractmethod

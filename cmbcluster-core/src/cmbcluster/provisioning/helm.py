@@ -53,17 +53,17 @@ def release_step(key: str, release: HelmRelease) -> PlannedStep:
     )  # fmt: skip
 
 
-def install_release(ctx: StepContext, release: HelmRelease, kubeconfig: Path) -> None:
+def install_release(job: StepContext, release: HelmRelease, kubeconfig: Path) -> None:
     """Install ``release`` as ``--addons`` says, and record it once it is installed."""
-    if ctx.run(install_argv(release, kubeconfig)):
-        ctx.created(
+    if job.run(install_argv(release, kubeconfig)):
+        job.created(
             ResourceRecord(
-                step=ctx.step, kind=RELEASE_KIND, id=f"{release.namespace}/{release.name}", name=release.name,
+                step=job.step, kind=RELEASE_KIND, id=f"{release.namespace}/{release.name}", name=release.name,
                 attributes={"namespace": release.namespace},
             )
         )  # fmt: skip
 
 
-def uninstall_release(ctx: StepContext, resource: ResourceRecord, kubeconfig: Path) -> None:
+def uninstall_release(job: StepContext, resource: ResourceRecord, kubeconfig: Path) -> None:
     """Uninstall the recorded release ``resource`` (as ``--addons`` says)."""
-    ctx.run(uninstall_argv(resource.name, resource.attributes.get("namespace", "default"), kubeconfig))
+    job.run(uninstall_argv(resource.name, resource.attributes.get("namespace", "default"), kubeconfig))
