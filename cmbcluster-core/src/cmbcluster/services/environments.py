@@ -218,7 +218,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     owner = UserRef(id=user.id, email=user.email)
     identity = context.infra.ensure_user_identity(owner, namespace=context.namespace)
     if identity is not None:
-        storages.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
+        storages.sync_identity_access(db, context, user)
     volumes = []
     for mount in env.mounts:
         storage = db.get(Storage, mount.storage_id)

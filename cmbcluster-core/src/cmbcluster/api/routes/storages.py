@@ -31,10 +31,10 @@ from cmbcluster.api.transfer import (
     object_headers,
     parse_range,
 )
-from cmbcluster.db.models import Storage, User
-from cmbcluster.errors import CmbclusterError, InvalidRequest, PayloadTooLarge
+from cmbcluster.db.models import Storage
+from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
-from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key, validate_object_prefix
+from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
 from cmbcluster.services import storages as service
 from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
 
@@ -144,14 +144,18 @@ def object_out(info: ObjectInfo) -> ObjectOut:
 # -- per-server state --------------------------------------------------------------------------
 
 
-async def get_runtime(context: Context) -> service.StorageRuntime:
-    """The server's storage runtime (an async dependency: first made on the loop, no thread race)."""
-    return context.storage_runtime
+async def make_storage_runtime(context: Context) -> None:
+    """The server's storage runtime (usage refresher, upload limiter) is made on the event loop, before
+    any route's worker thread could race to make it (an async dependency of every storage route)."""
+    _ = context.storage_runtime
 
 
-Runtime = Annotated[service.StorageRuntime, Depends(get_runtime)]
-
-router = APIRouter(prefix="/api/v1/storages", tags=["storage"], responses=_errors(401, 404))
+router = APIRouter(
+    prefix="/api/v1/storages",
+    tags=["storage"],
+    responses=_errors(401, 404),
+    dependencies=[Depends(make_storage_runtime)],
+)
 
 
 # -- buckets -----------------------------------------------------------------------------------
@@ -162,45 +166,23 @@ router = APIRouter(prefix="/api/v1/storages", tags=["storage"], responses=_error
 )
 def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
     storage = service.create_storage(
-        db, context.storage, backend_name=context.config.storage.name, user=user,
-        display_name=body.display_name, storage_class=body.storage_class,
-        max_buckets=context.config.core.max_buckets_per_user,
-    )  # fmt: skip
-    _sync_identity_access(db, context, user)
+        db, context, user, display_name=body.display_name, storage_class=body.storage_class
+    )
     return storage_out(storage, service.cached_usage(storage))
 
 
-def _sync_identity_access(db: DbSession, context: Context, user: User) -> None:
-    """After a bucket change, the user's cloud identity reaches exactly their buckets. The change
-    itself has happened and is kept; a failure here is logged, and the next start applies it again
-    (a start fails, with the reason, until it succeeds)."""
-    try:
-        service.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
-    except CmbclusterError as exc:
-        log.warning("updating the cloud identity of user %s for their buckets failed: %s", user.id, exc.message)
-
-
 @router.get("", response_model=StorageListOut, summary="List your buckets with their size and object count")
-def list_storages(user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageListOut:
+def list_storages(user: CurrentUser, db: DbSession, context: Context) -> StorageListOut:
     # Sizes come from the cache; stale ones (older than a minute) are measured again, at most
     # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
     # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
-    rows = service.list_owned(db, user)
-    db.commit()  # hold no transaction while waiting for measurements
-    usage = service.current_usage(
-        rows, runtime.refresher, backend_name=context.config.storage.name, wait_seconds=LIST_USAGE_WAIT_SECONDS
-    )
-    return StorageListOut(storages=[storage_out(row, usage[row.id]) for row in rows])
+    rows = service.storages_with_usage(db, context, user, wait_seconds=LIST_USAGE_WAIT_SECONDS)
+    return StorageListOut(storages=[storage_out(row, usage) for row, usage in rows])
 
 
 @router.get("/{storage_id}", response_model=StorageOut, summary="One of your buckets, with its size and object count")
-def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageOut:
-    storage = service.get_owned(db, user, storage_id)
-    db.commit()
-    usage = service.current_usage(
-        [storage], runtime.refresher, backend_name=context.config.storage.name, wait_seconds=GET_USAGE_WAIT_SECONDS
-    )
-    return storage_out(storage, usage[storage.id])
+def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
+    return storage_out(*service.storage_with_usage(db, context, user, storage_id, wait_seconds=GET_USAGE_WAIT_SECONDS))
 
 
 @router.delete(
@@ -215,33 +197,13 @@ def delete_storage(
     user: CurrentUser,
     db: DbSession,
     context: Context,
-    runtime: Runtime,
     force: Annotated[bool, Query(description="Delete the objects too; without it a non-empty bucket is 409")] = False,
 ) -> Response:
-    storage = service.get_owned(db, user, storage_id)
-    service.delete_storage(
-        db, context.storage, backend_name=context.config.storage.name, user=user, storage=storage, force=force
-    )
-    runtime.refresher.invalidate(storage_id)
-    _sync_identity_access(db, context, user)
+    service.delete_storage(db, context, user, storage_id, force=force)
     return Response(status_code=204)
 
 
 # -- objects -----------------------------------------------------------------------------------
-
-
-def _usable_bucket(db: DbSession, user: User, storage_id: str, backend_name: str) -> str:
-    """The bucket name of the caller's active storage; the transaction ends before any transfer."""
-    storage = service.get_owned(db, user, storage_id)
-    service.require_usable(storage, backend_name)
-    db.commit()
-    return storage.bucket_name
-
-
-def _changed(db: DbSession, runtime: service.StorageRuntime, storage_id: str) -> None:
-    service.invalidate_usage(db, storage_id)
-    db.commit()
-    runtime.refresher.invalidate(storage_id)
 
 
 @router.get(
@@ -264,11 +226,10 @@ def list_objects(
         bool, Query(description="true: one folder level ('/'-delimited) with sub-folders in prefixes; false: all")
     ] = True,
 ) -> ObjectPageOut:
-    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
-    validate_object_prefix(prefix)
-    page = context.storage.list_objects(
-        bucket, prefix, delimiter="/" if delimiter else None, page_token=page_token or None, page_size=page_size
-    )
+    page = service.list_objects(
+        db, context, user, storage_id, prefix, delimiter="/" if delimiter else None, page_token=page_token or None,
+        page_size=page_size,
+    )  # fmt: skip
     return ObjectPageOut(
         objects=[object_out(info) for info in page.objects], prefixes=page.prefixes, next_page_token=page.next_token
     )
@@ -281,19 +242,9 @@ def list_objects(
     responses=_errors(400, 409),
 )
 def delete_objects(
-    storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
+    storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context
 ) -> DeleteObjectsOut:
-    return DeleteObjectsOut(deleted=_delete_keys(db, context, runtime, user, storage_id, body.keys))
-
-
-def _delete_keys(
-    db: DbSession, context: Context, runtime: service.StorageRuntime, user: User, storage_id: str, keys: list[str]
-) -> int:
-    storage = service.get_owned(db, user, storage_id)
-    service.require_usable(storage, context.config.storage.name)
-    deleted = service.delete_objects(db, context.storage, user=user, storage=storage, keys=keys)
-    runtime.refresher.invalidate(storage_id)
-    return deleted
+    return DeleteObjectsOut(deleted=service.delete_objects(db, context, user, storage_id, body.keys))
 
 
 @router.put(
@@ -318,9 +269,8 @@ async def upload_object(
     user: CurrentUser,
     db: DbSession,
     context: Context,
-    runtime: Runtime,
 ) -> ObjectOut:
-    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
+    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
     validate_object_key(key)
     max_bytes = context.config.core.max_upload_bytes
     declared = content_length(request.headers)
@@ -333,13 +283,12 @@ async def upload_object(
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
     # aborts the write and no object is stored (the same when the client goes away).
     source = rechunk(limit_bytes(request.stream(), max_bytes, _too_large), CHUNK_SIZE)
-    upload = partial(context.storage.upload_object, bucket, key, content_type=content_type)
+    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type)
     try:
-        info = await consume_in_thread(source, upload, limiter=runtime.upload_limiter)
+        info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)
     except ClientDisconnect:
         log.info("upload of an object to storage %s interrupted by the client; nothing stored", storage_id)
         raise InvalidRequest("the upload was interrupted before its end; nothing was stored") from None
-    await run_in_threadpool(_changed, db, runtime, storage_id)
     response.headers["Location"] = f"{router.prefix}/{storage_id}/objects/{quote(info.key)}"
     return object_out(info)
 
@@ -375,9 +324,8 @@ async def download_object(
         str | None, Header(alias="If-Range", description="Honour Range only if still this ETag")
     ] = None,
 ) -> Response:
-    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
-    validate_object_key(key)
-    info = await run_in_threadpool(context.storage.head_object, bucket, key)
+    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
+    info = await run_in_threadpool(service.head_object, context, bucket, key)
     headers = object_headers(info)
     wanted = range_header if range_header and if_range_matches(if_range, info) else None
     try:
@@ -397,7 +345,7 @@ async def download_object(
     # here and never a broken 200.
     byte_range = (first, last) if info.size else None
     chunks = await run_in_threadpool(
-        partial(context.storage.download_object, bucket, key, byte_range=byte_range, chunk_size=CHUNK_SIZE)
+        partial(service.read_object, context, bucket, key, byte_range=byte_range, chunk_size=CHUNK_SIZE)
     )
     return StreamingResponse(
         iterate_in_thread(chunks), status_code=206 if span is not None else 200, headers=headers,
@@ -412,9 +360,7 @@ async def download_object(
     responses=_errors(400, 409),
 )
 def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
-    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
-    validate_object_key(key)
-    info = context.storage.head_object(bucket, key)
+    info = service.head_object(context, service.usable_bucket(db, context, user, storage_id), key)
     headers = object_headers(info)
     headers["Content-Length"] = str(info.size)
     return Response(status_code=200, headers=headers)
@@ -427,8 +373,6 @@ def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, con
     summary="Delete an object (deleting one that does not exist also succeeds)",
     responses=_errors(400, 409),
 )
-def delete_object(
-    storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
-) -> Response:
-    _delete_keys(db, context, runtime, user, storage_id, [key])
+def delete_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    service.delete_objects(db, context, user, storage_id, [key])
     return Response(status_code=204)
