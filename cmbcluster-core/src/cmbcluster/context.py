@@ -21,7 +21,7 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import secret_key
 
 if TYPE_CHECKING:
-    from cmbcluster.services.storages import StorageRuntime
+    from cmbcluster.services.usage import StorageRuntime
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class AppContext:
     @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:
         """The storage API's per-server state (usage refresher, upload limiter), made on first use."""
-        from cmbcluster.services.storages import StorageRuntime
+        from cmbcluster.services.usage import StorageRuntime
 
         return StorageRuntime(self.storage, self.sessions)
 

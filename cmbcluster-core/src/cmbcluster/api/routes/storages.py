@@ -36,6 +36,7 @@ from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
 from cmbcluster.services import storages as service
+from cmbcluster.services.usage import Usage, cached_usage
 from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in codes}
 
 
-def storage_out(storage: Storage, usage: service.Usage) -> StorageOut:
+def storage_out(storage: Storage, usage: Usage) -> StorageOut:
     return StorageOut(
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
         status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
@@ -168,7 +169,7 @@ def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, contex
     storage = service.create_storage(
         db, context, user, display_name=body.display_name, storage_class=body.storage_class
     )
-    return storage_out(storage, service.cached_usage(storage))
+    return storage_out(storage, cached_usage(storage))
 
 
 @router.get("", response_model=StorageListOut, summary="List your buckets with their size and object count")
