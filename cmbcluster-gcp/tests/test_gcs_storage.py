@@ -33,13 +33,12 @@ from cmbcluster.interfaces import (
     UserRef,
 )
 from cmbcluster.testing.storage import StorageContract
+from cmbcluster_gcp.errors import error_for_status, translate_error
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.storage import (
     GcsStorage,
     decode_display_name,
     encode_display_name,
-    error_for_status,
-    translate_error,
 )
 
 MiB = 1024 * 1024

@@ -30,14 +30,11 @@ from typing import Any, BinaryIO
 
 import google.auth.exceptions as auth_exceptions
 import requests
-from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.cloud import storage
-from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from cmbcluster.errors import (
-    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
@@ -60,7 +57,7 @@ from cmbcluster.interfaces import (
     resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, dns_label, validate_object_key
-from cmbcluster_gcp import rest
+from cmbcluster_gcp.errors import GCS, error_for_status, gcs_errors, translate_error
 from cmbcluster_gcp.settings import GcpSettings
 
 logger = logging.getLogger(__name__)
@@ -121,59 +118,6 @@ _FROM_GCS_CLASS = {
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-# -- errors --------------------------------------------------------------------------------------
-def translate_error(exc: BaseException, what: str) -> CmbclusterError | None:
-    """The typed CMBCluster error for an error of the Google client stack, or None if not one.
-
-    The single place where google-api-core, google-auth, resumable-media and transport
-    (requests/urllib3) errors become :mod:`cmbcluster.errors`. ``what`` names the resource.
-    """
-    if isinstance(exc, CmbclusterError):
-        return exc
-    if isinstance(exc, api_exceptions.RetryError):
-        return ProviderUnavailable(
-            f"Google Cloud Storage did not answer for {what} (gave up after retrying)", detail=str(exc.cause)
-        )
-    if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return error_for_status(exc.code or 500, what, detail=exc.message, response=exc.response)
-    if isinstance(exc, InvalidResponse):
-        # Resumable-media errors (uploads) carry the HTTP response: classify them by its status.
-        response = getattr(exc, "response", None)
-        status = getattr(response, "status_code", None)
-        if isinstance(status, int):
-            return error_for_status(status, what, detail=str(exc), response=response)
-        return ProviderUnavailable(f"Google Cloud Storage gave an unexpected answer for {what}", detail=str(exc))
-    if isinstance(exc, auth_exceptions.DefaultCredentialsError):
-        return ProviderUnavailable("no Google Cloud credentials are configured", detail=str(exc))
-    if isinstance(exc, auth_exceptions.GoogleAuthError):  # TransportError, RefreshError, ...
-        return ProviderUnavailable("could not authenticate to Google Cloud", detail=str(exc))
-    if isinstance(exc, DataCorruption):
-        return ProviderUnavailable(f"data of {what} was corrupted in transit; try again", detail=str(exc))
-    if isinstance(exc, OSError):
-        # requests' ConnectionError/Timeout (RequestException is an OSError), urllib3 and socket errors.
-        return ProviderUnavailable(f"cannot reach Google Cloud Storage for {what}", detail=str(exc))
-    return None
-
-
-def error_for_status(status: int, what: str, *, detail: object = None, response: object = None) -> CmbclusterError:
-    """The typed error for an HTTP status answered by Google Cloud Storage about ``what``."""
-    headers = getattr(response, "headers", None)
-    retry_after = headers.get("Retry-After") if headers is not None else None
-    return rest.error_for_status(status, what, service="Google Cloud Storage", detail=detail, retry_after=retry_after)
-
-
-@contextlib.contextmanager
-def gcs_errors(what: str) -> Iterator[None]:
-    """Translate Google client errors raised inside the block (see :func:`translate_error`)."""
-    try:
-        yield
-    except Exception as exc:
-        mapped = translate_error(exc, what)
-        if mapped is None or mapped is exc:
-            raise
-        raise mapped from exc
 
 
 # -- labels ---------------------------------------------------------------------------------------
@@ -343,7 +287,7 @@ class GcsStorage(StorageBackend):
         for response in getattr(batch, "_responses", None) or []:
             status = int(response.status_code)
             if not (200 <= status < 300 or status == 404):
-                raise error_for_status(status, what, detail=response.text[:500], response=response)
+                raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
 
     def get_bucket(self, bucket: str) -> BucketInfo:
         ref = self._bucket_ref(bucket)
@@ -596,7 +540,7 @@ class GcsStorage(StorageBackend):
                         start = stored
                         continue
                 if status not in _RETRYABLE_STATUSES and status != 308:
-                    raise error_for_status(status, what, detail=response.text[:500], response=response)
+                    raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
                 failure: BaseException = ProviderUnavailable(f"Google Cloud Storage answered {status} for {what}")
             except requests.RequestException as exc:
                 failure = exc

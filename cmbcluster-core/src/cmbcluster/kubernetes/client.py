@@ -25,10 +25,10 @@ from kubernetes.client.exceptions import ApiException
 from cmbcluster.errors import (
     CmbclusterError,
     Conflict,
-    InvalidRequest,
     NotFound,
-    PermissionDenied,
     ProviderUnavailable,
+    error_for_status,
+    retry_after_seconds,
 )
 from cmbcluster.kubernetes.labels import metadata
 from cmbcluster.kubernetes.watch import describe_error
@@ -38,10 +38,11 @@ __all__ = ["CONNECTION_POOL_SIZE", "AlreadyThere", "KubeClient", "Retries", "api
 log = logging.getLogger(__name__)
 
 CONNECTION_POOL_SIZE = 32
-_RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
-#: An API server that has just started answers 403 until its RBAC caches are filled: retried
-#: like a 5xx, and reported as the permission error it is once the attempts are used up.
-_RETRYABLE_THEN_REPORTED = {403}
+_RETRYABLE_STATUS = {0, 500, 502, 503, 504}
+#: Retried like a 5xx, and reported as what they are once the attempts are used up: an API server
+#: that has just started answers 403 until its RBAC caches are filled (PermissionDenied); 429 is
+#: the API server's rate limit (LimitExceeded, as every provider's 429: cmbcluster.errors).
+_RETRYABLE_THEN_REPORTED = {403, 429}
 
 #: kind -> (API group client, suffix of its methods, namespaced)
 _KINDS: dict[str, tuple[str, str, bool]] = {
@@ -193,19 +194,17 @@ def _api_message(exc: ApiException) -> str:
 
 
 def translate(exc: ApiException, what: str) -> CmbclusterError:
-    """The typed error of a refused call on ``what`` ("creating Pod env-1", "reading Secret x")."""
-    message = f"{what}: {_api_message(exc)}"
-    if exc.status == 404:
-        return NotFound(message)
-    if exc.status == 409:
-        return AlreadyThere(message) if what.startswith("creating") else Conflict(message)
-    if exc.status == 403:
-        return PermissionDenied(f"the control plane's Kubernetes role does not allow {message}")
-    if exc.status == 401:
-        return ProviderUnavailable(f"the Kubernetes API refused the control plane's credentials ({message})")
-    if exc.status in (400, 422):
-        return InvalidRequest(f"Kubernetes rejected {message}")
-    return ProviderUnavailable(f"the Kubernetes API failed {message} (HTTP {exc.status})")
+    """The typed error of a refused call on ``what`` ("creating Pod env-1", "reading Secret x"), by
+    core's one policy (:func:`cmbcluster.errors.error_for_status`); a create answered 409 is
+    AlreadyThere, which the backend adopts or replaces."""
+    reason = _api_message(exc)
+    if exc.status == 409 and what.startswith("creating"):
+        return AlreadyThere(f"{what}: {reason}")
+    return error_for_status(
+        exc.status or 0, what, service="the Kubernetes API", reason=reason,
+        retry_after=retry_after_seconds((exc.headers or {}).get("Retry-After")),
+        forbidden="the control plane's Kubernetes role does not allow {what}",
+    )  # fmt: skip
 
 
 def api_client_from_config(
