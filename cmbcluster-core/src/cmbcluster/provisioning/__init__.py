@@ -1,10 +1,11 @@
 """Core's side of ``cmbcluster infra``: the engine that drives any
 :class:`~cmbcluster.interfaces.Provisioner`, the record of a deployment, and the helpers every
 cloud's provisioner shares (helm add-ons, the kubeconfig of a new cluster, the data buckets
-``down`` keeps unless told). The contract itself is :mod:`cmbcluster.interfaces.provisioning`.
+``down`` keeps unless told, the zone of DNS records). The contract itself is :mod:`cmbcluster.interfaces.provisioning`.
 """
 
 from cmbcluster.provisioning.data import data_written_during_down, refuse_to_delete_data
+from cmbcluster.provisioning.dns import Zone, best_zone, check_record, fqdn
 from cmbcluster.provisioning.engine import StepRun, down, status, up
 from cmbcluster.provisioning.helm import (
     CERT_MANAGER,
@@ -24,8 +25,12 @@ __all__ = [
     "RELEASE_KIND",
     "ProvisioningRecord",
     "StepRun",
+    "Zone",
+    "best_zone",
+    "check_record",
     "data_written_during_down",
     "down",
+    "fqdn",
     "install_argv",
     "install_release",
     "kubeconfig_document",
