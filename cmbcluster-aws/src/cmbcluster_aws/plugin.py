@@ -57,13 +57,10 @@ def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
 
 
 def _aws_infra(ctx: ProviderContext) -> InfraProvider:
-    from urllib.parse import urlsplit
-
     from cmbcluster_aws.identity import AwsInfra
 
-    # AwsSettings has no domain or Route53 setting: the deployment's public host stands in.
-    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
-    return AwsInfra(ctx.require_settings(AwsSettings), domain=domain)
+    # AwsSettings has no domain setting: the deployment's public host stands in.
+    return AwsInfra(ctx.require_settings(AwsSettings), domain=ctx.public_host)
 
 
 def _aws_provisioner(ctx: ProviderContext) -> Provisioner:

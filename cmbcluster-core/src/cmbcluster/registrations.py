@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic_settings import BaseSettings
 
@@ -64,6 +65,13 @@ class ProviderContext(ActiveSettings):
     @property
     def data_dir(self) -> Path:
         return self.core.data_dir
+
+    @property
+    def public_host(self) -> str:
+        """The deployment's host name: that of CMBCLUSTER_PUBLIC_URL, else the address it serves on
+        (what an infra provider without a domain setting of its own names the deployment by)."""
+        url = self.core.public_url
+        return (urlsplit(url).hostname if url else None) or self.core.host
 
     def _active_settings(self) -> Mapping[type[Any], Any]:
         if self.provider_settings is None:

@@ -57,13 +57,10 @@ def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
 
 def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvider:
     """``iam`` replaces the IAM client (tests pass an InMemoryIamClient)."""
-    from urllib.parse import urlsplit
-
     from cmbcluster_gcp.identity import GcpInfra
 
     # Without DOMAIN, the deployment's public host stands in.
-    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
-    return GcpInfra(ctx.require_settings(GcpSettings), iam=iam, domain=domain)
+    return GcpInfra(ctx.require_settings(GcpSettings), iam=iam, domain=ctx.public_host)
 
 
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
