@@ -38,7 +38,7 @@ from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, Registr
 from cmbcluster.naming import dns_label, short_id
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
+from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
 
 __all__ = [
     "BUCKET_POLICY_NAME",

@@ -63,7 +63,8 @@ from cmbcluster.provisioning import (
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, S3Storage
+from cmbcluster_aws.storage import S3Storage
+from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY
 
 __all__ = ["ADDONS", "AwsProvisioner"]
 
