@@ -698,7 +698,7 @@ class AwsProvisioner(Provisioner):
                 raise
             job.adopted(record)
         # The same settings as every user bucket: all public access blocked, encrypted, versioned, tagged.
-        self._storage()._configure_bucket(name, versioning=True, tags=self._tag_map("database-bucket", name))
+        self._storage().configure_bucket(name, versioning=True, tags=self._tag_map("database-bucket", name))
 
     def _addon(self, key: str, job: StepContext) -> None:
         release = ADDONS[key]

@@ -154,7 +154,7 @@ class S3Storage(StorageBackend):
         tags = self._bucket_tags(owner, options, s3_class)
         name = self._create_unique_bucket(owner)
         try:
-            self._configure_bucket(name, versioning=versioning, tags=tags)
+            self.configure_bucket(name, versioning=versioning, tags=tags)
         except BaseException as exc:
             self._discard_bucket(name)
             if isinstance(exc, (ClientError, BotoCoreError)):
@@ -192,7 +192,10 @@ class S3Storage(StorageBackend):
             return name
         raise Conflict(f"could not find a free bucket name after {CREATE_ATTEMPTS} attempts")
 
-    def _configure_bucket(self, name: str, *, versioning: bool, tags: dict[str, str]) -> None:
+    def configure_bucket(self, name: str, *, versioning: bool, tags: dict[str, str]) -> None:
+        """What every CMBCluster bucket gets, users' and the deployment's database bucket alike (the
+        provisioner calls it too): all public access blocked, encryption (S3_KMS_KEY_ID's key, else
+        AES256), versioning when asked, and ``tags``."""
         client = self._client
         client.put_public_access_block(
             Bucket=name,
