@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,9 +66,17 @@ class AppContext:
             yield "auth", name, provider
 
     def close(self) -> None:
-        closers = [self.storage.close, self.compute.close]
+        """At shutdown: the storage API's runtime, then every active provider (each instance once,
+        should one serve several concerns), then the database engine. One failing closer does not
+        keep the others from running."""
+        closers: list[Callable[[], None]] = []
         if "storage_runtime" in self.__dict__:
-            closers.insert(0, self.storage_runtime.close)
+            closers.append(self.storage_runtime.close)
+        closed: set[int] = set()
+        for _concern, _name, provider in self.providers():
+            if id(provider) not in closed:
+                closed.add(id(provider))
+                closers.append(provider.close)
         for closer in closers:
             try:
                 closer()

@@ -8,9 +8,11 @@ The registry host and repository prefix come from the infra provider's ``registr
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -77,9 +79,15 @@ def _check_tag(tag: str) -> str:
     return tag
 
 
-def _infra() -> tuple[str, InfraProvider]:
+@contextlib.contextmanager
+def _infra() -> Iterator[tuple[str, InfraProvider]]:
+    """The active infra provider's name and instance, closed when the command is done."""
     config = resolve_config()
-    return config.infra.name, config.infra.factory(config.context_for(config.infra))
+    infra = config.infra.factory(config.context_for(config.infra))
+    try:
+        yield config.infra.name, infra
+    finally:
+        infra.close()
 
 
 def _run(argv: list[str], *, dry_run: bool, input_text: str | None = None, shown: str | None = None) -> None:
@@ -116,8 +124,8 @@ def build(
     """docker build each image, tagged for the active infra provider's registry."""
     specs = _selected(image)
     _check_tag(tag)
-    _provider, infra = _infra()
-    registry = infra.registry()
+    with _infra() as (_provider, infra):
+        registry = infra.registry()
     for spec in specs:
         dockerfile = source / spec.dockerfile
         if not dockerfile.is_file():
@@ -132,9 +140,9 @@ def push(tag: Tag = __version__, dry_run: DryRun = False, image: Only = None) ->
     """Log in to the registry with the infra provider's short-lived token, then docker push each image."""
     specs = _selected(image)
     _check_tag(tag)
-    provider, infra = _infra()
-    registry = infra.registry()
-    login = infra.registry_login()  # read-only; also proves the credentials work before any push
+    with _infra() as (provider, infra):
+        registry = infra.registry()
+        login = infra.registry_login()  # read-only; also proves the credentials work before any push
     if login.username:
         argv = ["docker", "login", "--username", login.username, "--password-stdin", registry.host]
         # The token goes on standard input; the printed form only says where it comes from.

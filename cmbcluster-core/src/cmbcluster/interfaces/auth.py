@@ -89,3 +89,6 @@ class AuthProvider(abc.ABC):
 
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Raise ProviderUnavailable if the identity provider is unreachable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Release connections (an HTTP client it made). Called once when the control plane stops."""
