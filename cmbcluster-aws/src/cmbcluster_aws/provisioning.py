@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
 from cmbcluster.commands.images import IMAGE_NAMES
@@ -60,6 +58,7 @@ from cmbcluster.provisioning import (
     uninstall_release,
     write_kubeconfig,
 )
+from cmbcluster_aws.clients import close_clients, make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
 from cmbcluster_aws.settings import AwsSettings
@@ -153,20 +152,10 @@ class AwsProvisioner(Provisioner):
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
         self.partition = partition_of(settings.aws_region)
-        given = dict(clients or {})
-        config = Config(
-            region_name=settings.aws_region,
-            retries={"mode": "standard", "max_attempts": max_attempts},  # throttling and 5xx are retried
-            connect_timeout=5,
-            read_timeout=60,
-            user_agent_extra="cmbcluster-infra",
-        )
-        session = boto3.session.Session()
-        self._clients: dict[str, Any] = {}
-        for service in ("ec2", "eks", "iam", "ecr", "s3", "sts", "elbv2", "route53"):
-            self._clients[service] = given.get(service) or session.client(
-                service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
-            )
+        self._clients: dict[str, Any] = make_clients(
+            settings, ("ec2", "eks", "iam", "ecr", "s3", "sts", "elbv2", "route53"), given=clients,
+            max_attempts=max_attempts, user_agent="cmbcluster-infra",
+        )  # fmt: skip
         self.ec2: Any = self._clients["ec2"]
         self.eks: Any = self._clients["eks"]
         self.iam: Any = self._clients["iam"]
@@ -916,11 +905,7 @@ class AwsProvisioner(Provisioner):
         )
 
     def close(self) -> None:
-        for client in self._clients.values():
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001, S110 - closing is best effort
-                pass
+        close_clients(self._clients.values())
 
 
 _GONE_CODES = frozenset(

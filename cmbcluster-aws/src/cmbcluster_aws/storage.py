@@ -1,8 +1,8 @@
 """Amazon S3 storage: one private, encrypted, tagged bucket per user bucket, mounted with Mountpoint.
 
 Every botocore failure passes through :func:`map_aws_error`, the one place that turns AWS error
-codes into CMBCluster's typed errors. boto3 is imported here only (the plugin imports this module
-lazily), so installing the plugin costs nothing until S3 is the configured storage backend.
+codes into CMBCluster's typed errors. boto3 comes in through this module's imports only (the plugin
+imports it lazily), so installing the plugin costs nothing until S3 is the configured storage backend.
 
 S3 has no bucket-level storage class: the class a user chooses is recorded in the bucket's
 ``cmbcluster-storage-class`` tag and applied to every object uploaded through CMBCluster.
@@ -20,8 +20,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -51,6 +49,7 @@ from cmbcluster.interfaces import (
 )
 from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
 from cmbcluster_aws import uploads
+from cmbcluster_aws.clients import make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import (
@@ -132,19 +131,12 @@ class S3Storage(StorageBackend):
         self._class_cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         if client is None:
-            config = Config(
-                region_name=settings.aws_region,
-                retries={"mode": "standard", "max_attempts": max_attempts},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                max_pool_connections=max_pool_connections,
+            client = make_clients(
+                settings, ["s3"], max_attempts=max_attempts, connect_timeout=connect_timeout,
+                read_timeout=read_timeout, max_pool_connections=max_pool_connections,
                 # S3-compatible endpoints (moto, MinIO) rarely resolve <bucket>.<host>.
                 s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
-                user_agent_extra="cmbcluster",
-            )
-            client = boto3.session.Session().client(
-                "s3", region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
-            )
+            )["s3"]  # fmt: skip
         self._client: Any = client
 
     # -- buckets -----------------------------------------------------------------------------
