@@ -32,6 +32,7 @@ from cmbcluster.interfaces import (
 from cmbcluster.services import storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
+from cmbcluster.services.ownership import owned
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,10 @@ class EnvironmentRequest:
 
 def get_owned(db: Session, user: User, environment_id: str) -> Environment:
     """The user's environment, or NotFound: another user's id looks exactly like an unknown one."""
-    env = db.execute(
-        select(Environment)
-        .where(Environment.id == environment_id, Environment.user_id == user.id)
-        .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
-    ).scalar_one_or_none()
-    if env is None:
-        raise NotFound(f"environment {environment_id} not found")
-    return env
+    return owned(
+        db, Environment, user, environment_id, what="environment",
+        options=(selectinload(Environment.application_row), selectinload(Environment.mounts)),
+    )  # fmt: skip
 
 
 def list_owned(db: Session, user: User) -> list[Environment]:

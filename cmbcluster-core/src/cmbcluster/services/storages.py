@@ -23,6 +23,7 @@ from cmbcluster.errors import CmbclusterError, Conflict, NotFound
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
 from cmbcluster.services.audit import audit
+from cmbcluster.services.ownership import owned
 from cmbcluster.services.usage import Usage, cached_usage, is_stale
 
 if TYPE_CHECKING:
@@ -39,12 +40,7 @@ INACTIVE_ENVIRONMENT_STATUSES = ("stopped", "failed")
 
 def get_owned(db: Session, user: User, storage_id: str) -> Storage:
     """The caller's storage, or NotFound: another user's id is answered exactly like an unknown one."""
-    storage = db.execute(
-        select(Storage).where(Storage.id == storage_id, Storage.user_id == user.id)
-    ).scalar_one_or_none()
-    if storage is None:
-        raise NotFound(f"storage {storage_id} not found")
-    return storage
+    return owned(db, Storage, user, storage_id, what="storage")
 
 
 def list_owned(db: Session, user: User) -> list[Storage]:
