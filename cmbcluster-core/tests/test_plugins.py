@@ -166,3 +166,15 @@ def test_registration_hooks_return_typed_frozen_registrations(manager: PluginMan
         reg = registrations["local"]
         with pytest.raises(AttributeError):
             reg.name = "changed"  # type: ignore[misc]
+
+
+def test_a_pod_context_says_which_providers_serve_the_pod() -> None:
+    context = PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="aws", infra_provider="gcp",
+    )  # fmt: skip
+    assert context.serves("aws") and context.serves("gcp") and not context.serves("azure")
+    assert not PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="local", infra_provider=None,
+    ).serves("aws")  # fmt: skip

@@ -86,10 +86,8 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
 @hookimpl
 def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
     """IRSA and Mountpoint on EKS pods (cmbcluster_aws.pods); nothing for other clouds."""
-    if context.storage_backend != "aws" and context.infra_provider != "aws":
-        return
-    from cmbcluster_aws.pods import decorate_eks_pod
+    settings = context.settings(AwsSettings)  # the control plane's validated aws settings
+    if settings is not None and context.serves("aws"):
+        from cmbcluster_aws.pods import decorate_eks_pod
 
-    settings = context.settings(AwsSettings)
-    if settings is not None:  # the control plane's validated aws settings
         decorate_eks_pod(draft, context, settings)

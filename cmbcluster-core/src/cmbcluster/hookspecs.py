@@ -69,14 +69,14 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
 
     Order: core first adds the storage volumes and the user's identity; then every
     implementation runs in plugin-name order (``tryfirst=True`` implementations before the
-    rest, ``trylast=True`` after). Check ``context.storage_backend`` or
-    ``context.infra_provider`` and return without change when the pod is not yours.
+    rest, ``trylast=True`` after). Return without change when the pod is not yours
+    (``context.serves(name)``: your provider is its storage backend or infra provider).
 
     Example::
 
         @hookimpl
         def cmbcluster_decorate_pod(draft, context):
-            if context.infra_provider == "azure":
+            if context.serves("azure"):
                 draft.labels["azure.workload.identity/use"] = "true"
     """
 

@@ -84,10 +84,8 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
 @hookimpl
 def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
     """gcsfuse and Workload Identity on GKE pods (cmbcluster_gcp.pods); nothing for other clouds."""
-    if context.storage_backend != "gcp" and context.infra_provider != "gcp":
-        return
-    from cmbcluster_gcp.pods import decorate_gke_pod
+    settings = context.settings(GcpSettings)  # the control plane's validated gcp settings
+    if settings is not None and context.serves("gcp"):
+        from cmbcluster_gcp.pods import decorate_gke_pod
 
-    settings = context.settings(GcpSettings)
-    if settings is not None:  # the control plane's validated gcp settings
         decorate_gke_pod(draft, context, settings)

@@ -27,6 +27,11 @@ class PodContext(ActiveSettings):
     def _active_settings(self) -> Mapping[type[Any], Any]:
         return self.active_settings
 
+    def serves(self, provider: str) -> bool:
+        """Whether ``provider`` (a registered name: ``aws``, ``gcp``) is this pod's storage backend or
+        infra provider: a decorator acts only on the pods its cloud serves."""
+        return provider in (self.storage_backend, self.infra_provider)
+
 
 @dataclass(kw_only=True)
 class PodDraft:
