@@ -355,18 +355,38 @@ class AwsProvisioner(Provisioner):
             raise ConfigurationError([f"{kind} {name} is not in the record: run `cmbcluster infra up` from the start"])
         return found[0].id
 
+    def _tagged(
+        self,
+        job: StepContext,
+        *,
+        kind: str,
+        name: str,
+        tag: str,
+        describe: tuple[str, str],
+        id_key: str,
+        create: Callable[[], dict[str, Any]],
+        extra: Sequence[dict[str, Any]] = (),
+        attributes: dict[str, str] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """The EC2 resource this deployment tagged ``tag`` (adopted), or the one ``create`` makes (recorded
+        as created as soon as EC2 returns it); and whether it was adopted. ``describe`` is the
+        describe call and the key of its list, ``id_key`` the resource's id field."""
+        found = self._find_tagged(*describe, tag, extra)
+        resource = found[0] if found else create()
+        record = ResourceRecord(step=job.step, kind=kind, id=str(resource[id_key]), name=name,
+                                attributes=attributes or {})  # fmt: skip
+        (job.adopted if found else job.created)(record)
+        return resource, bool(found)
+
     def _vpc(self, job: StepContext) -> None:
         name = self._name("vpc")
-        found = self._find_tagged("describe_vpcs", "Vpcs", "vpc")
-        if found:
-            vpc_id = str(found[0]["VpcId"])
-            job.adopted(ResourceRecord(step=job.step, kind="ec2/vpc", id=vpc_id, name=name))
-        else:
-            vpc = self.ec2.create_vpc(
+        vpc, _ = self._tagged(
+            job, kind="ec2/vpc", name=name, tag="vpc", describe=("describe_vpcs", "Vpcs"), id_key="VpcId",
+            create=lambda: self.ec2.create_vpc(
                 CidrBlock=self.settings.vpc_cidr, TagSpecifications=self._spec("vpc", "vpc", name)
-            )
-            vpc_id = str(vpc["Vpc"]["VpcId"])
-            job.created(ResourceRecord(step=job.step, kind="ec2/vpc", id=vpc_id, name=name))
+            )["Vpc"],
+        )  # fmt: skip
+        vpc_id = str(vpc["VpcId"])
         # EKS nodes need both to register with the cluster's private endpoint.
         self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsSupport={"Value": True})
         self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
@@ -374,22 +394,16 @@ class AwsProvisioner(Provisioner):
     def _internet_gateway(self, job: StepContext) -> None:
         name = self._name("igw")
         vpc_id = self._recorded_id(job, "ec2/vpc", self._name("vpc"))
-        found = self._find_tagged("describe_internet_gateways", "InternetGateways", "igw")
-        if found:
-            igw = found[0]
-            record = ResourceRecord(step=job.step, kind="ec2/internet-gateway", id=str(igw["InternetGatewayId"]),
-                                    name=name, attributes={"vpc_id": vpc_id})  # fmt: skip
-            job.adopted(record)
-            attached = any(a.get("VpcId") == vpc_id for a in igw.get("Attachments", []))
-        else:
-            igw = self.ec2.create_internet_gateway(TagSpecifications=self._spec("internet-gateway", "igw", name))
-            record = ResourceRecord(step=job.step, kind="ec2/internet-gateway",
-                                    id=str(igw["InternetGateway"]["InternetGatewayId"]), name=name,
-                                    attributes={"vpc_id": vpc_id})  # fmt: skip
-            job.created(record)
-            attached = False
-        if not attached:
-            self.ec2.attach_internet_gateway(InternetGatewayId=record.id, VpcId=vpc_id)
+        igw, adopted = self._tagged(
+            job, kind="ec2/internet-gateway", name=name, tag="igw",
+            describe=("describe_internet_gateways", "InternetGateways"), id_key="InternetGatewayId",
+            create=lambda: self.ec2.create_internet_gateway(
+                TagSpecifications=self._spec("internet-gateway", "igw", name)
+            )["InternetGateway"],
+            attributes={"vpc_id": vpc_id},
+        )  # fmt: skip
+        if not (adopted and any(a.get("VpcId") == vpc_id for a in igw.get("Attachments", []))):
+            self.ec2.attach_internet_gateway(InternetGatewayId=str(igw["InternetGatewayId"]), VpcId=vpc_id)
 
     def availability_zones(self) -> list[str]:
         if self._zones is None:
@@ -417,50 +431,51 @@ class AwsProvisioner(Provisioner):
             for index, (cidr, zone) in enumerate(zip(cidrs, self.availability_zones(), strict=True)):
                 resource, name = f"subnet/{tier}/{index}", self._name(f"{tier}-{index}")
                 attributes = {"tier": tier, "zone": zone, "cidr": cidr}
-                found = self._find_tagged("describe_subnets", "Subnets", resource)
-                if found:
-                    subnet_id = str(found[0]["SubnetId"])
-                    job.adopted(ResourceRecord(step=job.step, kind="ec2/subnet", id=subnet_id, name=name,
-                                               attributes=attributes))  # fmt: skip
-                else:
-                    tags = [*self._tags(resource, name), cluster_tag, role_tag]
-                    subnet = self.ec2.create_subnet(
-                        VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone,
-                        TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
-                    )["Subnet"]  # fmt: skip
-                    subnet_id = str(subnet["SubnetId"])
-                    job.created(ResourceRecord(step=job.step, kind="ec2/subnet", id=subnet_id, name=name,
-                                               attributes=attributes))  # fmt: skip
+                tags = [*self._tags(resource, name), cluster_tag, role_tag]
+                subnet, _ = self._tagged(
+                    job, kind="ec2/subnet", name=name, tag=resource, describe=("describe_subnets", "Subnets"),
+                    id_key="SubnetId", attributes=attributes,
+                    create=functools.partial(self._create_subnet, vpc_id, cidr, zone, tags),
+                )  # fmt: skip
                 if tier == "public":
-                    self.ec2.modify_subnet_attribute(SubnetId=subnet_id, MapPublicIpOnLaunch={"Value": True})
+                    self.ec2.modify_subnet_attribute(SubnetId=str(subnet["SubnetId"]),
+                                                     MapPublicIpOnLaunch={"Value": True})  # fmt: skip
+
+    def _create_subnet(self, vpc_id: str, cidr: str, zone: str, tags: list[dict[str, str]]) -> dict[str, Any]:
+        subnet: dict[str, Any] = self.ec2.create_subnet(
+            VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone,
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
+        )["Subnet"]  # fmt: skip
+        return subnet
+
+    def _create_route_table(self, vpc_id: str, resource: str, name: str) -> dict[str, Any]:
+        table: dict[str, Any] = self.ec2.create_route_table(
+            VpcId=vpc_id, TagSpecifications=self._spec("route-table", resource, name)
+        )["RouteTable"]
+        return table
 
     def _subnet_ids(self, job: StepContext, tier: str) -> list[str]:
         return [r.id for r in job.record.find("ec2/subnet") if r.attributes.get("tier") == tier]
 
     def _nat_gateway(self, job: StepContext) -> None:
         eip_name, nat_name = self._name("nat-eip"), self._name("nat")
-        found = self._find_tagged("describe_addresses", "Addresses", "eip")
-        if found:
-            allocation = str(found[0]["AllocationId"])
-            job.adopted(ResourceRecord(step=job.step, kind="ec2/elastic-ip", id=allocation, name=eip_name))
-        else:
-            address = self.ec2.allocate_address(
+        address, _ = self._tagged(
+            job, kind="ec2/elastic-ip", name=eip_name, tag="eip", describe=("describe_addresses", "Addresses"),
+            id_key="AllocationId",
+            create=lambda: self.ec2.allocate_address(
                 Domain="vpc", TagSpecifications=self._spec("elastic-ip", "eip", eip_name)
-            )
-            allocation = str(address["AllocationId"])
-            job.created(ResourceRecord(step=job.step, kind="ec2/elastic-ip", id=allocation, name=eip_name))
-        live = [{"Name": "state", "Values": ["pending", "available"]}]
-        nats = self._find_tagged("describe_nat_gateways", "NatGateways", "nat", live)
-        if nats:
-            nat_id = str(nats[0]["NatGatewayId"])
-            job.adopted(ResourceRecord(step=job.step, kind="ec2/nat-gateway", id=nat_id, name=nat_name))
-        else:
-            subnet = self._subnet_ids(job, "public")[0]
-            nat = self.ec2.create_nat_gateway(
-                SubnetId=subnet, AllocationId=allocation, TagSpecifications=self._spec("natgateway", "nat", nat_name)
-            )["NatGateway"]
-            nat_id = str(nat["NatGatewayId"])
-            job.created(ResourceRecord(step=job.step, kind="ec2/nat-gateway", id=nat_id, name=nat_name))
+            ),
+        )  # fmt: skip
+        allocation = str(address["AllocationId"])
+        nat, _ = self._tagged(
+            job, kind="ec2/nat-gateway", name=nat_name, tag="nat", describe=("describe_nat_gateways", "NatGateways"),
+            id_key="NatGatewayId", extra=[{"Name": "state", "Values": ["pending", "available"]}],
+            create=lambda: self.ec2.create_nat_gateway(
+                SubnetId=self._subnet_ids(job, "public")[0], AllocationId=allocation,
+                TagSpecifications=self._spec("natgateway", "nat", nat_name),
+            )["NatGateway"],
+        )  # fmt: skip
+        nat_id = str(nat["NatGatewayId"])
         job.note(f"waiting for NAT gateway {nat_id} (1-2 minutes on AWS)")
         self._wait("ec2", "nat_gateway_available", f"NAT gateway {nat_id}", NatGatewayIds=[nat_id])
 
@@ -470,17 +485,11 @@ class AwsProvisioner(Provisioner):
         nat = self._recorded_id(job, "ec2/nat-gateway", self._name("nat"))
         for tier, target in (("public", {"GatewayId": igw}), ("private", {"NatGatewayId": nat})):
             resource, name = f"rtb/{tier}", self._name(f"{tier}-rt")
-            found = self._find_tagged("describe_route_tables", "RouteTables", resource)
-            if found:
-                table = found[0]
-                job.adopted(ResourceRecord(step=job.step, kind="ec2/route-table", id=str(table["RouteTableId"]),
-                                           name=name))  # fmt: skip
-            else:
-                table = self.ec2.create_route_table(
-                    VpcId=vpc_id, TagSpecifications=self._spec("route-table", resource, name)
-                )["RouteTable"]
-                job.created(ResourceRecord(step=job.step, kind="ec2/route-table", id=str(table["RouteTableId"]),
-                                           name=name))  # fmt: skip
+            table, _ = self._tagged(
+                job, kind="ec2/route-table", name=name, tag=resource,
+                describe=("describe_route_tables", "RouteTables"), id_key="RouteTableId",
+                create=functools.partial(self._create_route_table, vpc_id, resource, name),
+            )  # fmt: skip
             table_id = str(table["RouteTableId"])
             if not any(r.get("DestinationCidrBlock") == "0.0.0.0/0" for r in table.get("Routes", [])):
                 self.ec2.create_route(RouteTableId=table_id, DestinationCidrBlock="0.0.0.0/0", **target)
