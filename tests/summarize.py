@@ -9,12 +9,17 @@ from pathlib import Path
 
 def main(folder: str) -> int:
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    figures: list[str] = []
     reports = sorted(Path(folder).glob("*.xml"))
     for report in reports:
         root = ET.parse(report).getroot()
         for suite in root.iter("testsuite"):
             for key in totals:
                 totals[key] += int(suite.get(key, 0))
+        # figures a test measured (pytest's record_property, named "figure: ...")
+        for prop in root.iter("property"):
+            if prop.get("name", "").startswith("figure:"):
+                figures.append(f"  {prop.get('name', '')[7:].strip()}: {prop.get('value')}")
     if not reports:
         print("no test reports were written", file=sys.stderr)
         return 1
@@ -25,6 +30,9 @@ def main(folder: str) -> int:
     if totals["skipped"]:
         line += f", {totals['skipped']} skipped"
     print(line)
+    if figures:
+        print("figures measured by the tests:")
+        print("\n".join(figures))
     return 0
 
 

@@ -97,3 +97,13 @@ def test_sqlite_on_a_fuse_mount_is_refused(tmp_path: Path, monkeypatch: pytest.M
 def test_filesystem_type_reads_the_mount_table(tmp_path: Path) -> None:
     fstype = filesystem_type(tmp_path)
     assert fstype is not None and fstype != ""
+
+
+def test_a_kubernetes_deployment_without_a_secret_key_is_warned(tmp_path: Path) -> None:
+    """The generated key would sit on the database's own volume: fine on a workstation only."""
+    cluster = CoreSettings(data_dir=tmp_path / "data", compute_backend="kubernetes")
+    assert any("CMBCLUSTER_SECRET_KEY is not set" in w for w in resolve(cluster).warnings)
+    keyed = cluster.model_copy(update={"secret_key": "k" * 40})
+    assert not any("CMBCLUSTER_SECRET_KEY" in w for w in resolve(keyed).warnings)
+    workstation = CoreSettings(data_dir=tmp_path / "data")
+    assert not any("CMBCLUSTER_SECRET_KEY" in w for w in resolve(workstation).warnings)

@@ -194,3 +194,34 @@ def test_environment_ports_avoid_the_kernels_ephemeral_range(tmp_path: Path) -> 
     assert all(port in ENVIRONMENT_PORTS for port in ports)
     assert not any(low <= port <= high for port in ports)
     assert len(ports) > 40  # spread out, so concurrent starts rarely even try the same one
+
+
+def test_plaintext_secret_copies_live_only_while_the_environment_runs(
+    compute: LocalProcessCompute, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "compute"
+    running = spec_for(tmp_path, secret_files={"token.txt": b"s3cr3t"})
+    compute.start(running)
+    wait_for(compute, running.environment_id, EnvironmentPhase.RUNNING)
+    assert (secrets / f"{running.environment_id}.secrets" / "token.txt").read_bytes() == b"s3cr3t"
+    compute.stop(running.environment_id)
+    assert not (secrets / f"{running.environment_id}.secrets").exists()
+
+    failing = EnvironmentSpec(
+        environment_id=uuid.uuid4().hex, user=UserRef(id="u1"), image="local",
+        command=(sys.executable, "-c", "raise SystemExit(3)"), secret_files={"token.txt": b"s3cr3t"},
+    )  # fmt: skip
+    compute.start(failing)
+    wait_for(compute, failing.environment_id, EnvironmentPhase.FAILED)
+    assert not (secrets / f"{failing.environment_id}.secrets").exists()
+
+    # what a control plane killed before it noticed leaves behind is swept when the next one starts
+    leftover = secrets / f"{uuid.uuid4().hex}.secrets"
+    leftover.mkdir()
+    (leftover / "token.txt").write_bytes(b"s3cr3t")
+    still_running = spec_for(tmp_path, secret_files={"token.txt": b"kept"})
+    compute.start(still_running)
+    wait_for(compute, still_running.environment_id, EnvironmentPhase.RUNNING)
+    LocalProcessCompute(secrets)
+    assert not leftover.exists()
+    assert (secrets / f"{still_running.environment_id}.secrets" / "token.txt").read_bytes() == b"kept"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,141 @@ def test_object_next_to_file_prefix_is_a_conflict(tmp_path: Path) -> None:
     with pytest.raises(Conflict):
         storage.upload_object(bucket, "a/b", [b"under a file"])
     assert b"".join(storage.download_object(bucket, "a")) == b"file"
+
+
+# -- links planted in a bucket (an environment can write anything into its mounted folder) --------
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[LocalStorage, str, Path]:
+    """A bucket holding a link to a file outside it and a link to a folder outside it."""
+    from cmbcluster.interfaces import BucketOptions, UserRef
+
+    storage = LocalStorage(tmp_path / "buckets")
+    bucket = storage.create_bucket(UserRef(id="abc"), BucketOptions(display_name="d")).name
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"server secret")
+    folder = tmp_path / "buckets" / bucket
+    (folder / "leak.txt").symlink_to(outside / "secret.txt")
+    (folder / "outdir").symlink_to(outside, target_is_directory=True)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to(outside, target_is_directory=True)
+    storage.upload_object(bucket, "real.txt", [b"mine"])
+    return storage, bucket, outside
+
+
+def test_links_are_not_read(planted: tuple[LocalStorage, str, Path]) -> None:
+    from cmbcluster.errors import NotFound
+
+    storage, bucket, _ = planted
+    for key in ("leak.txt", "outdir/secret.txt", "sub/up/secret.txt"):
+        with pytest.raises(NotFound):
+            storage.head_object(bucket, key)
+        with pytest.raises(NotFound):
+            b"".join(storage.download_object(bucket, key))
+    assert b"".join(storage.download_object(bucket, "real.txt")) == b"mine"
+
+
+def test_links_are_not_listed_or_counted(planted: tuple[LocalStorage, str, Path]) -> None:
+    storage, bucket, _ = planted
+    top = storage.list_objects(bucket)
+    assert [o.key for o in top.objects] == ["real.txt"] and top.prefixes == ["sub/"]
+    everything = storage.list_objects(bucket, delimiter=None)
+    assert [o.key for o in everything.objects] == ["real.txt"]
+    for prefix in ("outdir/", "outdir/s", "sub/up/", "leak"):
+        page = storage.list_objects(bucket, prefix)
+        assert page.objects == [] and page.prefixes == [], prefix
+        assert storage.list_objects(bucket, prefix, delimiter=None).objects == []
+    assert storage.bucket_usage(bucket).size_bytes == len(b"mine")
+
+
+def test_links_are_not_written_through(planted: tuple[LocalStorage, str, Path]) -> None:
+    from cmbcluster.errors import Conflict
+
+    storage, bucket, outside = planted
+    for key in ("outdir/new.txt", "sub/up/new.txt", "outdir/secret.txt"):
+        with pytest.raises(Conflict):
+            storage.upload_object(bucket, key, [b"evil"])
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    # writing the link's own key replaces the link, never the file it pointed to
+    storage.upload_object(bucket, "leak.txt", [b"replaced"])
+    assert (outside / "secret.txt").read_bytes() == b"server secret"
+    assert b"".join(storage.download_object(bucket, "leak.txt")) == b"replaced"
+
+
+def test_links_are_not_deleted_through(planted: tuple[LocalStorage, str, Path]) -> None:
+    storage, bucket, outside = planted
+    storage.delete_objects(bucket, ["outdir/secret.txt", "sub/up/secret.txt", "leak.txt"])
+    assert (outside / "secret.txt").read_bytes() == b"server secret"
+    storage.delete_objects(bucket, ["real.txt"])
+    assert storage.list_objects(bucket, delimiter=None).objects == []
+
+
+def test_a_bucket_folder_replaced_by_a_link_is_not_a_bucket(tmp_path: Path) -> None:
+    from cmbcluster.errors import NotFound
+    from cmbcluster.interfaces import BucketOptions, UserRef
+
+    storage = LocalStorage(tmp_path / "buckets")
+    bucket = storage.create_bucket(UserRef(id="abc"), BucketOptions(display_name="d")).name
+    (tmp_path / "buckets" / bucket).rmdir()
+    (tmp_path / "buckets" / bucket).symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(NotFound):
+        storage.list_objects(bucket)
+    with pytest.raises(NotFound):
+        storage.upload_object(bucket, "x", [b"x"])
+
+
+def test_os_errors_become_typed_errors(tmp_path: Path) -> None:
+    from cmbcluster.errors import InvalidRequest, NotFound
+    from cmbcluster.interfaces import BucketOptions, UserRef
+
+    storage = LocalStorage(tmp_path / "buckets")
+    bucket = storage.create_bucket(UserRef(id="abc"), BucketOptions(display_name="d")).name
+    long_segment = "n" * 256
+    for call in (
+        lambda: storage.upload_object(bucket, long_segment, [b"x"]),
+        lambda: storage.head_object(bucket, f"a/{long_segment}"),
+        lambda: storage.list_objects(bucket, f"{long_segment}/"),
+        lambda: storage.delete_objects(bucket, [long_segment]),
+    ):
+        with pytest.raises(InvalidRequest, match="255 bytes"):
+            call()
+    storage.upload_object(bucket, "n" * 255, [b"longest name"])
+    with pytest.raises(NotFound):
+        storage.head_object(bucket, "n" * 255 + "/x")
+
+
+def test_abandoned_upload_temporaries_are_swept_but_not_running_ones(tmp_path: Path) -> None:
+    import threading
+
+    from cmbcluster.interfaces import BucketOptions, UserRef
+
+    storage = LocalStorage(tmp_path / "buckets")
+    bucket = storage.create_bucket(UserRef(id="abc"), BucketOptions(display_name="d")).name
+    # what a killed server leaves: a temporary nobody holds
+    import os
+    import time
+
+    killed = tmp_path / "buckets" / ".tmp" / "upload-killed"
+    killed.write_bytes(b"partial")
+    os.utime(killed, (time.time() - 120, time.time() - 120))
+    release, writing = threading.Event(), threading.Event()
+
+    def slow_chunks() -> Iterator[bytes]:
+        yield b"first"
+        writing.set()
+        release.wait(10)
+        yield b"second"
+
+    upload = threading.Thread(target=lambda: storage.upload_object(bucket, "slow.bin", slow_chunks()))
+    upload.start()
+    assert writing.wait(10)
+    LocalStorage(tmp_path / "buckets")  # a server starting (or a second process) sweeps
+    assert not killed.exists()
+    left = list((tmp_path / "buckets" / ".tmp").iterdir())
+    assert [p.name.startswith("upload-") for p in left] == [True]  # the running upload's own
+    os.utime(left[0], (time.time() - 120, time.time() - 120))  # even when it seems old, it is locked
+    assert storage.sweep_abandoned_uploads() == 0
+    release.set()
+    upload.join(10)
+    assert b"".join(storage.download_object(bucket, "slow.bin")) == b"firstsecond"
+    assert not list((tmp_path / "buckets" / ".tmp").iterdir())

@@ -18,6 +18,7 @@ from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ProviderUnavailable
 from cmbcluster.oidc.provider import OidcConfig, OidcProvider
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.auth import AuthProviderContract
 from cmbcluster.testing.oidc import KeyServer, OidcMockServer
 
 CLIENT_ID = "cmbcluster-test"
@@ -202,3 +203,19 @@ def test_replayed_callback_is_refused(oidc_client: TestClient, oidc_server: Oidc
     assert oidc_client.get(f"{callback.path}?{callback.query}", follow_redirects=False).status_code == 303
     replay = oidc_client.get(f"{callback.path}?{callback.query}", follow_redirects=False)
     assert replay.status_code == 401  # the sign-in state was consumed with the first use
+
+
+# -- the token-verification contract (cmbcluster.testing.auth) ------------------------------------
+class TestGenericOidcTokenContract(AuthProviderContract):
+    @pytest.fixture
+    def auth_provider(self, key_server: KeyServer, client_id: str) -> OidcProvider:
+        return OidcProvider(OidcConfig(name="oidc", issuer=key_server.issuer, client_id=client_id))
+
+
+class TestGenericOidcWithoutVerifiedEmailsTokenContract(AuthProviderContract):
+    """The opt-out for issuers that never send email_verified: sign-in works, the address grants nothing."""
+
+    @pytest.fixture
+    def auth_provider(self, key_server: KeyServer, client_id: str) -> OidcProvider:
+        config = OidcConfig(name="oidc", issuer=key_server.issuer, client_id=client_id, require_verified_email=False)
+        return OidcProvider(config)

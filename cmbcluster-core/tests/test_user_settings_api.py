@@ -39,11 +39,15 @@ def user_id(client: TestClient, headers: dict[str, str]) -> str:
 
 
 def sealer(context: AppContext) -> Sealer:
-    return user_settings.secret_file_sealer(context.secret_key)
+    return context.sealer(user_settings.SECRET_FILE_PURPOSE)
+
+
+def env_sealer(context: AppContext) -> Sealer:
+    return context.sealer(user_settings.ENV_VAR_PURPOSE)
 
 
 # -- environment variables -----------------------------------------------------------------------
-def test_env_var_crud(client: TestClient, alice: dict[str, str], db: Session) -> None:
+def test_env_var_crud(client: TestClient, alice: dict[str, str], db: Session, context: AppContext) -> None:
     assert client.get(f"{SETTINGS}/env-vars", headers=alice).json() == []
 
     created = client.put(f"{SETTINGS}/env-vars/MY_VAR", json={"value": "one"}, headers=alice)
@@ -58,8 +62,11 @@ def test_env_var_crud(client: TestClient, alice: dict[str, str], db: Session) ->
 
     listed = client.get(f"{SETTINGS}/env-vars", headers=alice).json()
     assert [(v["name"], v["value"]) for v in listed] == [("MY_VAR", "two"), ("_other1", "")]
-    assert set(listed[0]) == {"name", "value", "updated_at"}
-    assert user_settings.environment_variables(db, user_id(client, alice)) == {"MY_VAR": "two", "_other1": ""}
+    assert set(listed[0]) == {"name", "value", "unreadable", "updated_at"}
+    assert user_settings.environment_variables(db, user_id(client, alice), env_sealer(context)) == {
+        "MY_VAR": "two",
+        "_other1": "",
+    }
 
     assert client.delete(f"{SETTINGS}/env-vars/MY_VAR", headers=alice).status_code == 204
     again = client.delete(f"{SETTINGS}/env-vars/MY_VAR", headers=alice)
@@ -132,22 +139,22 @@ def test_env_var_value_limits(client: TestClient, alice: dict[str, str]) -> None
     assert client.get(f"{SETTINGS}/env-vars", headers=alice).json()[0]["value"] == "é" * (limit // 2)
 
 
-def test_env_var_count_limit(client: TestClient, alice: dict[str, str], db: Session) -> None:
+def test_env_var_count_limit(client: TestClient, alice: dict[str, str], db: Session, context: AppContext) -> None:
     uid = user_id(client, alice)
     for i in range(user_settings.MAX_ENV_VARS_PER_USER):
-        user_settings.set_env_var(db, uid, f"V{i}", "x")
+        user_settings.set_env_var(db, uid, f"V{i}", "x", sealer=env_sealer(context))
     answer = client.put(f"{SETTINGS}/env-vars/ONE_MORE", json={"value": "x"}, headers=alice)
     assert answer.status_code == 409 and "100" in answer.json()["message"]
     assert client.put(f"{SETTINGS}/env-vars/V0", json={"value": "replaced"}, headers=alice).status_code == 200
 
 
 def test_a_name_that_became_reserved_can_still_be_deleted_and_is_not_applied(
-    client: TestClient, alice: dict[str, str], db: Session
+    client: TestClient, alice: dict[str, str], db: Session, context: AppContext
 ) -> None:
     uid = user_id(client, alice)
-    db.add(EnvVar(user_id=uid, name="LD_PRELOAD", value="/tmp/evil.so"))
+    db.add(EnvVar(user_id=uid, name="LD_PRELOAD", ciphertext=env_sealer(context).seal(b"/tmp/evil.so")))
     db.commit()
-    assert user_settings.environment_variables(db, uid) == {}
+    assert user_settings.environment_variables(db, uid, env_sealer(context)) == {}
     assert client.delete(f"{SETTINGS}/env-vars/LD_PRELOAD", headers=alice).status_code == 204
 
 
@@ -190,8 +197,12 @@ def test_secret_file_round_trip_is_encrypted_and_never_returned(
 
 
 def test_secret_file_without_content_type_and_empty(client: TestClient, alice: dict[str, str]) -> None:
-    answer = client.put(f"{SETTINGS}/secret-files/empty.txt", content=b"", headers=alice)
-    assert answer.status_code == 201 and answer.json()["size"] == 0
+    answer = client.put(f"{SETTINGS}/secret-files/plain.txt", content=b"x", headers=alice)
+    assert answer.status_code == 201 and answer.json()["size"] == 1
+    # the schema requires a body: an empty one is a mistake (a file picker that sent nothing)
+    empty = client.put(f"{SETTINGS}/secret-files/empty.txt", content=b"", headers=alice)
+    assert empty.status_code == 400 and "empty" in empty.json()["message"]
+    assert [f["name"] for f in client.get(f"{SETTINGS}/secret-files", headers=alice).json()] == ["plain.txt"]
 
 
 def test_tampered_secret_file_fails_to_decrypt_with_a_clear_error(
@@ -335,8 +346,8 @@ def test_users_cannot_see_or_touch_each_others_settings(
     assert client.put(f"{SETTINGS}/secret-files/id_rsa", content=b"bob's", headers=bob | OCTETS).status_code == 201
 
     alice_id, bob_id = user_id(client, alice), user_id(client, bob)
-    assert user_settings.environment_variables(db, alice_id) == {"SHARED_NAME": "alice's"}
-    assert user_settings.environment_variables(db, bob_id) == {"SHARED_NAME": "bob's"}
+    assert user_settings.environment_variables(db, alice_id, env_sealer(context)) == {"SHARED_NAME": "alice's"}
+    assert user_settings.environment_variables(db, bob_id, env_sealer(context)) == {"SHARED_NAME": "bob's"}
     assert user_settings.secret_files(db, alice_id, sealer(context)) == {"id_rsa": b"alice's key"}
     assert user_settings.secret_files(db, bob_id, sealer(context)) == {"id_rsa": b"bob's"}
     assert client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token['token']}"}).status_code == 200

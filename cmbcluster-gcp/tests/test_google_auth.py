@@ -20,6 +20,7 @@ from cmbcluster import ProviderContext
 from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ConfigurationError
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.auth import AuthProviderContract
 from cmbcluster.testing.oidc import KeyServer, OidcMockServer
 from cmbcluster_gcp.auth import GoogleProvider, google_provider
 from cmbcluster_gcp.plugin import _google_auth
@@ -223,3 +224,20 @@ def test_unverified_google_email_cannot_sign_in(google_client: TestClient, oidc_
     oidc_server.put_user("g-2", {"email": "mallory@example.org", "email_verified": False})
     assert _sign_in(google_client, oidc_server, "g-2") == 401
     assert google_client.get("/api/v1/auth/me").status_code == 401
+
+
+# -- the token-verification contract (cmbcluster.testing.auth) ------------------------------------
+class TestGoogleTokenContract(AuthProviderContract):
+    @pytest.fixture
+    def key_server(self) -> Iterator[KeyServer]:
+        with KeyServer(issuer=GOOGLE, kids=("key-1", "key-2"), ec_kids=("ec-1",)) as server:
+            server.published = {"key-1", "ec-1"}
+            yield server
+
+    @pytest.fixture
+    def client_id(self) -> str:
+        return CLIENT_ID
+
+    @pytest.fixture
+    def auth_provider(self, key_server: KeyServer) -> GoogleProvider:
+        return google_provider(_settings(key_server))

@@ -338,7 +338,7 @@ def test_ingress_routes_the_owner_only(started: tuple[str, Any], admin: k8s.Core
     assert annotations["nginx.ingress.kubernetes.io/auth-url"] == (
         f"http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize?environment_id={environment_id}"
     )
-    assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/login?next=")
+    assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/signin/?next=")
 
 
 def test_network_policy_isolates_user_pods(started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str) -> None:

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
-from cmbcluster.api.errors import install_error_handlers
+from cmbcluster.api.errors import document_errors, install_error_handlers
+from cmbcluster.api.guard import RequestGuard
 from cmbcluster.api.routes import admin, applications, auth, environments, health, plugins, storages, user_settings
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
@@ -74,11 +75,11 @@ def create_app(
     )
     app.state.context = context
     install_error_handlers(app)
+    app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
-    app.include_router(health.router)
-    app.include_router(plugins.router)
-    for module in (auth, applications, environments, storages, user_settings, admin):
+    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin):
         app.include_router(module.router)
+    document_errors(app)
 
     mount_ui(app)  # last: the UI answers only what no API route does
     return app
@@ -88,7 +89,7 @@ def prepare(context: AppContext) -> None:
     """Before the first request: restore a missing database from its newest backup, migrate, seed
     the catalog, and reconcile after any crash."""
     restore_at_start(context)
-    upgrade(context.engine)
+    upgrade(context.engine, secret_key=context.secret_key)
     with context.sessions() as db:
         seed_catalog(db, context.config.compute.name)
     if context.compute.elects_leader:

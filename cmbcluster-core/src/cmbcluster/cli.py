@@ -27,8 +27,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations, backups and restore.", no_args_is_help=True)
+secrets_app = typer.Typer(help="The control plane's secret key: rotation.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(deploy_command.app, name="deploy")
 app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
@@ -111,10 +113,11 @@ def config_check() -> None:
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply database migrations (also done automatically by `serve`)."""
     from cmbcluster.db import create_db_engine, current_revision, upgrade
+    from cmbcluster.security import secret_key
 
     settings = load_core_settings()
     engine = create_db_engine(settings.effective_database_url)
-    upgrade(engine, revision)
+    upgrade(engine, revision, secret_key=secret_key(settings))
     out(f"database at revision {current_revision(engine)}")
 
 
@@ -174,6 +177,39 @@ def db_restore(
     out(f"restored {result.database} from {backups.bucket}/{result.backup.key}", soft_wrap=True)
     if result.kept_aside:
         out(f"the previous database is kept as {result.kept_aside}", soft_wrap=True)
+
+
+@secrets_app.command("reencrypt")
+def secrets_reencrypt() -> None:
+    """Re-encrypt stored secret files and environment variables with CMBCLUSTER_SECRET_KEY.
+
+    Rotation: set the new key as CMBCLUSTER_SECRET_KEY and the old one as
+    CMBCLUSTER_SECRET_KEY_PREVIOUS (servers keep working with both), run this once, then remove
+    CMBCLUSTER_SECRET_KEY_PREVIOUS.
+    """
+    from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.security import Sealer, previous_secret_keys, secret_key
+    from cmbcluster.services import user_settings
+
+    settings = load_core_settings()
+    key, previous = secret_key(settings), previous_secret_keys(settings)
+    engine = create_db_engine(settings.effective_database_url)
+    upgrade(engine, secret_key=key)
+    with session_factory(engine)() as db:
+        report = user_settings.reencrypt_all(
+            db,
+            env_var_sealer=Sealer(key, user_settings.ENV_VAR_PURPOSE, previous=previous),
+            secret_file_sealer=Sealer(key, user_settings.SECRET_FILE_PURPOSE, previous=previous),
+        )
+    engine.dispose()
+    out(f"re-encrypted {report.resealed} stored secrets; {report.current} already used the current key")
+    if report.unreadable:
+        raise CmbclusterError(
+            f"{len(report.unreadable)} stored secrets match no configured key (left as they are; their owners must "
+            f"set them again): {', '.join(report.unreadable[:20])}"
+        )
+    if previous:
+        out("every readable secret now uses CMBCLUSTER_SECRET_KEY: remove CMBCLUSTER_SECRET_KEY_PREVIOUS")
 
 
 @app.command()

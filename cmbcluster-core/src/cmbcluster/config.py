@@ -92,6 +92,11 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
             "configure a real identity provider, or set CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE=1 if you really mean it"
         )
     problems.extend(sqlite_location_problems(core.effective_database_url))
+    if core.selected_compute != "local" and core.secret_key is None:
+        warnings.append(
+            "CMBCLUSTER_SECRET_KEY is not set: a key is generated into the data directory, on the same volume as the "
+            "database it protects; set it from a Kubernetes Secret or your secret manager (docs/operators/security.md)"
+        )
 
     if problems:
         raise ConfigurationError(problems)

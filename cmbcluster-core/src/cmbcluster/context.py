@@ -18,7 +18,7 @@ from cmbcluster.errors import CmbclusterError, ConfigurationError
 from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
 from cmbcluster.observability import Metrics
 from cmbcluster.registrations import Registration
-from cmbcluster.security import secret_key
+from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
     from cmbcluster.services.usage import StorageRuntime
@@ -37,6 +37,11 @@ class AppContext:
     auth: dict[str, AuthProvider]
     metrics: Metrics
     secret_key: bytes
+    previous_secret_keys: tuple[bytes, ...] = ()
+
+    def sealer(self, purpose: str) -> Sealer:
+        """Encryption at rest for one purpose (``secret-files``, ``env-vars``, ``login-state``)."""
+        return Sealer(self.secret_key, purpose, previous=self.previous_secret_keys)
 
     @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:
@@ -116,4 +121,5 @@ def build_context(config: ResolvedConfig) -> AppContext:
         auth={registration.name: _build(config, registration) for registration in config.auth},
         metrics=metrics,
         secret_key=secret_key(config.core),
+        previous_secret_keys=previous_secret_keys(config.core),
     )

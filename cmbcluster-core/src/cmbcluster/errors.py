@@ -71,6 +71,13 @@ class PayloadTooLarge(CmbclusterError):
     code = "payload_too_large"
 
 
+class HeadersTooLarge(CmbclusterError):
+    """The request's headers are larger than the server accepts."""
+
+    http_status = 431
+    code = "request_header_fields_too_large"
+
+
 class LimitExceeded(CmbclusterError):
     """A quota or rate limit was hit; ``retry_after`` (seconds) is sent as ``Retry-After``."""
 

@@ -51,13 +51,16 @@ def bucket_name(prefix: str, user_id: str, *, max_length: int = 63) -> str:
 
 
 MAX_OBJECT_KEY_BYTES = 1024
+#: One path segment of a key: a file or folder name in the mounted bucket (Linux's NAME_MAX).
+MAX_KEY_SEGMENT_BYTES = 255
 
 
 def validate_object_key(key: str) -> str:
     """Refuse object keys that are unsafe as paths in a mounted bucket.
 
     Every backend mounts buckets as folders, so keys must be relative paths without ``.`` or
-    ``..`` segments, empty segments, backslashes or control characters.
+    ``..`` segments, empty segments, backslashes or control characters, each segment a valid
+    file name (at most 255 bytes).
     """
     if not key:
         raise InvalidRequest("object key must not be empty")
@@ -67,8 +70,14 @@ def validate_object_key(key: str) -> str:
         raise InvalidRequest("object key must not contain control characters or backslashes")
     if key.startswith("/") or key.endswith("/"):
         raise InvalidRequest("object key must not start or end with '/'")
-    if any(part in {"", ".", ".."} for part in key.split("/")):
+    parts = key.split("/")
+    if any(part in {"", ".", ".."} for part in parts):
         raise InvalidRequest("object key must not contain empty, '.' or '..' path segments")
+    if any(len(part.encode("utf-8")) > MAX_KEY_SEGMENT_BYTES for part in parts):
+        raise InvalidRequest(
+            f"each file or folder name in an object key may be at most {MAX_KEY_SEGMENT_BYTES} bytes "
+            "(it becomes a file name in the mounted bucket)"
+        )
     return key
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmbcluster.settings import CoreSettings
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 SECRET_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
+
+
+def previous_secret_keys(settings: CoreSettings) -> tuple[bytes, ...]:
+    """Keys replaced by a rotation (CMBCLUSTER_SECRET_KEY_PREVIOUS): they still decrypt, never encrypt."""
+    return tuple(item.get_secret_value().encode() for item in settings.secret_key_previous)
 
 
 def secret_key(settings: CoreSettings) -> bytes:
@@ -38,35 +48,48 @@ def secret_key(settings: CoreSettings) -> bytes:
 class Sealer:
     """Authenticated encryption (AES-256-GCM) with a key derived for one purpose.
 
-    Used for secret files at rest and for the short-lived sign-in state cookie; separate
-    purposes get separate keys (HKDF), so one can never be replayed as the other.
+    Used for secret files and environment variables at rest and for the short-lived sign-in
+    state cookie; separate purposes get separate keys (HKDF), so one can never be replayed as
+    the other. ``previous`` keys (CMBCLUSTER_SECRET_KEY_PREVIOUS, during a key rotation) still
+    unseal; :meth:`seal` always uses ``key``, and :meth:`needs_reseal` tells what to re-encrypt.
     """
 
-    def __init__(self, key: bytes, purpose: str) -> None:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"cmbcluster:{purpose}".encode()).derive(
-            key
-        )
-        self._aead = AESGCM(derived)
+    def __init__(self, key: bytes, purpose: str, *, previous: Sequence[bytes] = ()) -> None:
         self._purpose = purpose.encode()
+        self._aeads: list[AESGCM] = [_aead(k, purpose) for k in (key, *previous)]
 
     def seal(self, plaintext: bytes) -> bytes:
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, plaintext, self._purpose)
+        return nonce + self._aeads[0].encrypt(nonce, plaintext, self._purpose)
 
     def unseal(self, sealed: bytes) -> bytes:
         """The plaintext, or ValueError when the data was tampered with or sealed with another key."""
+        return self._unseal(sealed)[0]
+
+    def needs_reseal(self, sealed: bytes) -> bool:
+        """Whether ``sealed`` was sealed with a previous key (ValueError when with none of ours)."""
+        return self._unseal(sealed)[1] > 0
+
+    def _unseal(self, sealed: bytes) -> tuple[bytes, int]:
         from cryptography.exceptions import InvalidTag
 
         if len(sealed) < 13:
             raise ValueError("sealed data is too short")
-        try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], self._purpose)
-        except InvalidTag:
-            raise ValueError("sealed data was tampered with or sealed with another key") from None
+        for index, aead in enumerate(self._aeads):
+            try:
+                return aead.decrypt(sealed[:12], sealed[12:], self._purpose), index
+            except InvalidTag:
+                continue
+        raise ValueError("sealed data was tampered with or sealed with another key")
+
+
+def _aead(key: bytes, purpose: str) -> AESGCM:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"cmbcluster:{purpose}".encode()).derive(key)
+    return AESGCM(derived)
 
 
 def token_hash(token: str) -> str:

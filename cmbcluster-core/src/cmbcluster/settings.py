@@ -96,6 +96,12 @@ class CoreSettings(BaseSettings):
         validation_alias=_aliases("CMBCLUSTER_SECRET_KEY", "SECRET_KEY"),
         description="Signs sessions and encrypts secret files; generated into the data directory when unset.",
     )
+    secret_key_previous: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_aliases("CMBCLUSTER_SECRET_KEY_PREVIOUS"),
+        description="During a key rotation: the former key(s), comma-separated. They still decrypt stored "
+        "secrets until `cmbcluster secrets reencrypt` has re-sealed everything with CMBCLUSTER_SECRET_KEY.",
+    )
     admin_emails: CommaList = Field(
         default_factory=list, validation_alias=_aliases("CMBCLUSTER_ADMIN_EMAILS", "ADMIN_EMAILS")
     )
@@ -157,6 +163,11 @@ class CoreSettings(BaseSettings):
     max_cpu: float = Field(default=8, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_CPU"))
     max_memory_mib: int = Field(default=32768, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_MEMORY_MIB"))
 
+    max_request_body_bytes: int = Field(
+        default=1024 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_REQUEST_BODY_BYTES"),
+        description="Largest JSON request body; refused with 413 before it is read. Uploads have their own limit.",
+    )  # fmt: skip
+
     # -- storage and user settings ---------------------------------------------------------------
     max_upload_bytes: int = Field(
         default=50 * 1024**3, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_UPLOAD_BYTES"),
@@ -167,7 +178,9 @@ class CoreSettings(BaseSettings):
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
     )
 
-    @field_validator("auth_providers", "admin_emails", "plugins_allow", "plugins_block", mode="before")
+    @field_validator(
+        "auth_providers", "admin_emails", "plugins_allow", "plugins_block", "secret_key_previous", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

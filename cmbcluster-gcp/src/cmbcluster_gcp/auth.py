@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from cmbcluster.errors import AuthenticationFailed
-from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+from cmbcluster.oidc.provider import OidcConfig, OidcProvider, email_verified
 from cmbcluster_gcp.settings import GcpSettings
 
 GOOGLE_ISSUER = "https://accounts.google.com"
@@ -43,8 +43,7 @@ class GoogleProvider(OidcProvider):
         self.allowed_domains = tuple(d.strip().lower() for d in allowed_domains if d.strip())
 
     def check_claims(self, claims: dict[str, Any]) -> None:
-        verified = claims.get("email_verified")
-        if not claims.get("email") or not (verified is True or verified == "true"):
+        if not claims.get("email") or not email_verified(claims):
             raise AuthenticationFailed("the Google account's e-mail address is not verified")
         if self.allowed_domains:
             domain = claims.get("hd")

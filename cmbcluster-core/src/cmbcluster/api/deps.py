@@ -64,31 +64,52 @@ async def get_principal(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     cookie: Annotated[str | None, Depends(_cookie)],
 ) -> Principal:
+    principal = authenticate_request(request, db, bearer.credentials if bearer is not None else None, cookie)
+    # End the read transaction: its connection goes back to the pool instead of staying with a
+    # request that may wait long for a worker thread or a cluster call (200 concurrent creates
+    # would otherwise hold 200 connections). Loaded objects stay usable (expire_on_commit=False).
+    db.commit()
+    return principal
+
+
+def authenticate_request(request: Request, db: Session, bearer: str | None, cookie: str | None) -> Principal:
+    """The caller of ``request``, from its bearer token or session cookie (the request guard calls
+    this too, before a body is read). AuthenticationFailed or PermissionDenied otherwise."""
     if bearer is not None:
-        token, via_cookie = bearer.credentials, False
+        token, via_cookie = bearer, False
     elif cookie:
         token, via_cookie = cookie, True
         _check_same_origin(request)
     else:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
     user, session_id = sessions.authenticate(db, token)
-    # End the read transaction: its connection goes back to the pool instead of staying with a
-    # request that may wait long for a worker thread or a cluster call (200 concurrent creates
-    # would otherwise hold 200 connections). Loaded objects stay usable (expire_on_commit=False).
-    db.commit()
     return Principal(user=user, session_id=session_id, via_cookie=via_cookie)
 
 
 def _check_same_origin(request: Request) -> None:
-    """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite)."""
+    """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite):
+    the Origin (or Referer) must be this server's scheme, host and port."""
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("origin") or request.headers.get("referer")
     if origin is None:
         return  # not a browser-initiated cross-site request: browsers send Origin on those
-    host = request.headers.get("host", "")
-    if urlsplit(origin).netloc != host:
+    sent = urlsplit(origin)
+    if (sent.scheme.lower(), sent.netloc.lower()) not in own_origins(request):
         raise PermissionDenied("cross-site request refused")
+
+
+def own_origins(request: Request) -> set[tuple[str, str]]:
+    """(scheme, host[:port]) pairs this server answers as: its public URL and the Host it was
+    reached at, with the scheme the cookies use (the public URL's, else the request's own, which
+    uvicorn takes from X-Forwarded-Proto when the proxy is trusted)."""
+    public_url = request.app.state.context.config.core.public_url
+    public = urlsplit(public_url) if public_url else None
+    scheme = (public.scheme if public else request.url.scheme).lower()
+    origins = {(scheme, request.headers.get("host", "").lower())}
+    if public is not None:
+        origins.add((public.scheme.lower(), public.netloc.lower()))
+    return origins
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -1,19 +1,99 @@
-"""How errors become HTTP answers: typed errors keep their status; nothing leaks a traceback."""
+"""How errors become HTTP answers: one body shape for every 4xx and 5xx, typed errors keep their
+status, nothing leaks a traceback; and the OpenAPI description of those answers."""
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmbcluster.errors import CmbclusterError, LimitExceeded
 
 log = logging.getLogger(__name__)
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer."""
+
+    error: str = Field(description="A stable machine-readable code: not_found, invalid_request, limit_exceeded...")
+    message: str = Field(description="What went wrong and what to do, for people")
+    detail: Any | None = Field(default=None, description="Per-field problems of a refused request body, when any")
+
+
+#: What any route may answer besides its own statuses: documented on every operation.
+COMMON_ERRORS = {
+    401: "Not signed in, or the session or token expired",
+    403: "Signed in, but not allowed (another user's object, an admin-only route, a cross-site request)",
+    413: "The request body is larger than the route accepts",
+    422: "The request's parameters or body do not match the schema",
+    431: "The request's headers are too large",
+    429: "Too many requests or a quota reached: retry after Retry-After seconds",
+    503: "A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route's own error statuses, each with the common error body."""
+    return {code: {"model": ErrorOut, "description": _describe(code)} for code in codes}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Add the errors every API operation may answer to the OpenAPI document (a route's own
+    description of a status wins), read from the operation itself: 431 and 503 everywhere; 400
+    and 422 where it takes parameters or a body; 404 where its path names an object or it
+    changes something; 409 where it changes something; 429 on POST; 401 and 403 where it needs a
+    signed-in caller (it has ``security``); 413 where a body is sent. Routes add their own
+    statuses with :func:`error_responses`."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("schemas", {})["ErrorOut"] = ErrorOut.model_json_schema()
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                for code in _common_codes(path, method, operation):
+                    responses.setdefault(str(code), {"description": _describe(code), "content": error})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
+
+
+def _common_codes(path: str, method: str, operation: dict[str, Any]) -> list[int]:
+    sends_body = "requestBody" in operation or method in ("post", "put", "patch")
+    takes_input = sends_body or any(p.get("in") in ("path", "query") for p in operation.get("parameters", []))
+    codes = [431, 503]
+    if takes_input:
+        codes += [400, 422]
+    changes = method in ("post", "put", "patch", "delete")
+    if "{" in path or changes:  # a changing request may name other objects (an application, a bucket)
+        codes.append(404)
+    if changes:  # a change may clash with the current state (a non-empty bucket, a limit reached)
+        codes.append(409)
+    if method == "post":  # creations and starts are limited (per user, concurrent starts, sign-ins)
+        codes.append(429)
+    if operation.get("security"):
+        codes += [401, 403]
+    if sends_body:
+        codes.append(413)
+    return codes
+
+
+def _describe(code: int) -> str:
+    return COMMON_ERRORS.get(code) or HTTPStatus(code).phrase
 
 
 def error_body(code: str, message: str, detail: object | None = None) -> dict[str, object]:
@@ -21,6 +101,24 @@ def error_body(code: str, message: str, detail: object | None = None) -> dict[st
     if detail is not None:
         body["detail"] = detail
     return body
+
+
+def error_response(exc: CmbclusterError) -> JSONResponse:
+    """The answer for a typed error (also used by middleware, outside the exception handlers)."""
+    headers = {}
+    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.http_status, headers=headers)
+
+
+#: Error codes of the HTTP errors the framework raises itself (unknown routes, wrong methods...).
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -34,14 +132,26 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
         return JSONResponse(error_body("invalid_request", "; ".join(problems), detail), status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        typed = getattr(exc, "error", None)  # the request guard's refusals carry a typed error
+        if isinstance(typed, CmbclusterError):
+            return error_response(typed)
+        code = _HTTP_CODES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be read: send JSON matching the route's schema"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(CmbclusterError)
     async def _typed(request: Request, exc: CmbclusterError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
-            headers["Retry-After"] = str(exc.retry_after)
         if exc.http_status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.http_status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(OperationalError)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 MIGRATIONS = "cmbcluster.db:migrations"
 #: The newest migration in ``migrations/versions`` (a test keeps the two equal). Knowing it lets
 #: an up-to-date database start without importing Alembic, which costs a third of start-up.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 
 def create_db_engine(url: str) -> Engine:
@@ -59,11 +59,12 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, secret_key: bytes | None = None) -> None:
     """Apply migrations up to ``revision`` (nothing to do, and no Alembic import, when current).
 
     An empty database gets the current schema in one step and is stamped with its revision,
     as Alembic's cookbook recommends; a test keeps the models and the migrations identical.
+    ``secret_key`` is the control plane's key: migrations that encrypt stored values need it.
     """
     if revision == "head":
         current = current_revision(engine)
@@ -75,9 +76,25 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     cfg = _alembic_config(engine)
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+    cfg.attributes["secret_key"] = secret_key
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:
+            # SQLite's batch migrations copy a table and drop the old one: with foreign keys on,
+            # dropping `users` would cascade and delete every row that refers to it. Off for the
+            # migration (it must be set outside a transaction), checked, then on again.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # ends SQLAlchemy's autobegun transaction (the PRAGMA began none)
+        try:
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, revision)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows that refer to missing rows; nothing was changed")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 def _create_current_schema(engine: Engine) -> None:

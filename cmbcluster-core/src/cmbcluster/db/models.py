@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -50,6 +51,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     role: Mapped[str] = mapped_column(String(20), default="user")  # admin | user
     status: Mapped[str] = mapped_column(String(20), default="active")  # active | deactivated
+    #: whether the identity provider vouched for ``email`` (only a verified address is linked to)
+    email_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     auth_provider: Mapped[str] = mapped_column(String(40))
     subject: Mapped[str] = mapped_column(String(255))
     max_uptime_minutes: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -193,14 +196,25 @@ class RateLimit(Base):
     count: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class UsedToken(Base):
+    """Sign-in states and exchanged ID tokens, by hash, kept until they expire: each works once."""
+
+    __tablename__ = "used_tokens"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
 class EnvVar(Base):
+    """A user's environment variable; its value is encrypted at rest like secret files."""
+
     __tablename__ = "env_vars"
     __table_args__ = (UniqueConstraint("user_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(128))
-    value: Mapped[str] = mapped_column(Text)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

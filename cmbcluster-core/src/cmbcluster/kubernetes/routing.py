@@ -78,7 +78,7 @@ class Exposure:
             "nginx.ingress.kubernetes.io/proxy-body-size": "0",
         }
         if self.public_url:
-            signin = f"{self.public_url.rstrip('/')}/login"
+            signin = f"{self.public_url.rstrip('/')}/signin/"  # the web UI's sign-in page
             annotations["nginx.ingress.kubernetes.io/auth-signin"] = f"{signin}?next=$scheme://$host$request_uri"
         annotations.update(self.extra_annotations)
         rule: dict[str, Any] = {

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ class LocalProcessCompute(ComputeBackend):
         self.host = host
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._sweep_secrets()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
@@ -77,6 +79,7 @@ class LocalProcessCompute(ComputeBackend):
         self._terminate(state)
         state["stopped"] = True
         self._write_state(environment_id, state)
+        self._remove_secrets(environment_id)
 
     def delete(self, environment_id: str) -> None:
         state = self._read_state(environment_id)
@@ -86,11 +89,17 @@ class LocalProcessCompute(ComputeBackend):
             self._terminate_unrecorded(environment_id)
         for suffix in (".json", ".log"):
             self._path(environment_id, suffix).unlink(missing_ok=True)
-        secrets_dir = self.state_dir / f"{environment_id}.secrets"
-        if secrets_dir.exists():
-            for item in secrets_dir.iterdir():
-                item.unlink()
-            secrets_dir.rmdir()
+        self._remove_secrets(environment_id)
+
+    # Plaintext copies of secret files exist only while their environment runs.
+    def _remove_secrets(self, environment_id: str) -> None:
+        shutil.rmtree(self.state_dir / f"{environment_id}.secrets", ignore_errors=True)
+
+    def _sweep_secrets(self) -> None:
+        for folder in self.state_dir.glob("*.secrets"):
+            state = self._read_state(folder.stem)
+            if state is None or state.get("stopped") or not _alive(int(state["pid"]), state.get("start_ticks")):
+                self._remove_secrets(folder.stem)
 
     def status(self, environment_id: str) -> EnvironmentStatus:
         state = self._read_state(environment_id)
@@ -163,10 +172,12 @@ class LocalProcessCompute(ComputeBackend):
             return EnvironmentStatus(phase=EnvironmentPhase.STOPPED, **base)
         child = self._children.get(env_id)
         if child is not None and child.poll() is not None:
+            self._remove_secrets(env_id)
             return EnvironmentStatus(
                 phase=EnvironmentPhase.FAILED, message=f"the process exited with code {child.returncode}", **base
             )
         if not _alive(int(state["pid"]), state.get("start_ticks")):
+            self._remove_secrets(env_id)
             return EnvironmentStatus(phase=EnvironmentPhase.FAILED, message="the process is gone", **base)
         url = f"http://{self.host}:{state['port']}/"
         if _port_open(self.host, int(state["port"])):

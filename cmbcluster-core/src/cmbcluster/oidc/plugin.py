@@ -28,6 +28,12 @@ class OidcSettings(BaseSettings):
     oidc_admin_groups: str = Field(
         default="admin,admins,cmbcluster-admins", validation_alias=AliasChoices("CMBCLUSTER_OIDC_ADMIN_GROUPS")
     )
+    oidc_require_verified_email: bool = Field(
+        default=True,
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL"),
+        description="Refuse sign-in unless the token says email_verified=true. Set false only for an issuer "
+        "that never sends the claim: its addresses then grant nothing (no admin, no account linking).",
+    )
 
 
 def _provider(ctx: ProviderContext) -> AuthProvider:
@@ -44,6 +50,7 @@ def _provider(ctx: ProviderContext) -> AuthProvider:
             scopes=tuple(s.oidc_scopes.split()),
             discovery_url=s.oidc_discovery_url,
             admin_groups=tuple(g.strip() for g in s.oidc_admin_groups.split(",") if g.strip()),
+            require_verified_email=s.oidc_require_verified_email,
         )
     )
 

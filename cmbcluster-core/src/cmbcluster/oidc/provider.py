@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlencode
 
 import httpx
@@ -45,6 +45,10 @@ class OidcConfig:
     groups_claim: str = "groups"
     timeout_seconds: float = 10.0
     extra_authorize_params: dict[str, str] = field(default_factory=dict)
+    #: Refuse sign-in with an address the provider does not vouch for (``email_verified`` not
+    #: true). Off only for issuers that never send the claim: their addresses then grant nothing
+    #: (no admin from CMBCLUSTER_ADMIN_EMAILS, no linking to an existing account).
+    require_verified_email: bool = True
 
     def __post_init__(self) -> None:
         bad = [alg for alg in self.algorithms if alg not in ASYMMETRIC_ALGORITHMS]
@@ -95,6 +99,21 @@ def _pick(keys: KeySet, kid: str | None) -> Any:
         signing = [k for k in keys.keys if k.get("use") in (None, "sig")]
         return signing[0] if len(signing) == 1 else None
     return next((k for k in keys.keys if k.kid == kid), None)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def email_verified(claims: dict[str, Any]) -> bool:
+    """Whether the provider vouches for the token's address (some send the claim as a string)."""
+    verified = claims.get("email_verified")
+    return verified is True or verified == "true"
+
+
+def _is_access_token_type(typ: object) -> bool:
+    """``at+jwt`` (RFC 9068), with or without the ``application/`` prefix, in any case."""
+    return isinstance(typ, str) and typ.lower().removeprefix("application/") == "at+jwt"
 
 
 def _get_json(http: httpx.Client, url: str, what: str) -> dict[str, Any]:
@@ -210,6 +229,10 @@ class OidcProvider(AuthProvider):
         alg = header.get("alg")
         if alg not in self.config.algorithms:
             raise AuthenticationFailed(f"token algorithm {alg!r} is not accepted")
+        if "crit" in header:  # ID tokens need no critical extensions; an unknown one must be refused
+            raise AuthenticationFailed("tokens with critical header extensions are not accepted")
+        if _is_access_token_type(header.get("typ")):
+            raise AuthenticationFailed("an access token is not an ID token: send the ID token")
         key = self.jwks.key_for(header.get("kid"))
         try:
             claims = dict(jwt.decode(token, key, algorithms=list(self.config.algorithms)).claims)
@@ -225,23 +248,41 @@ class OidcProvider(AuthProvider):
         issuers = self.config.accepted_issuers or (self.config.issuer,)
         if claims.get("iss") not in issuers:
             raise AuthenticationFailed(f"token issuer {claims.get('iss')!r} is not accepted")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub.strip() or len(sub) > 255:
+            raise AuthenticationFailed("token has no valid subject ('sub' must be a non-empty string)")
         exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or exp + leeway < now:
-            raise AuthenticationFailed("token expired")
-        iat = claims.get("iat")
-        if isinstance(iat, (int, float)) and iat - leeway > now:
-            raise AuthenticationFailed("token issued in the future")
+        if not _is_number(exp) or exp + leeway < now:
+            raise AuthenticationFailed("token expired" if _is_number(exp) else "token has no valid expiry ('exp')")
+        for name in ("iat", "nbf"):
+            value = claims.get(name)
+            if value is None:
+                continue
+            if not _is_number(value):
+                raise AuthenticationFailed(f"token claim {name!r} is not a time")
+            if value - leeway > now:
+                raise AuthenticationFailed(
+                    "token issued in the future" if name == "iat" else "token is not valid yet ('nbf' in the future)"
+                )
         if nonce is not None and claims.get("nonce") != nonce:
             raise AuthenticationFailed("token nonce does not match this sign-in")
         self.check_audience(claims)
+        if self.config.require_verified_email and claims.get("email") and not email_verified(claims):
+            raise AuthenticationFailed(
+                "the identity provider has not verified this e-mail address; verify it there, then sign in again"
+            )
 
     def check_audience(self, claims: dict[str, Any]) -> None:
-        """ID tokens: ``aud`` must contain our client id. Cognito overrides this for access tokens."""
+        """``aud`` must contain our client id; with several audiences, ``azp`` must be our client id
+        (OpenID Connect Core 3.1.3.7), and an ``azp`` naming another client is refused."""
         audience = self.config.audience or self.config.client_id
         aud = claims.get("aud")
         audiences = aud if isinstance(aud, list) else [aud]
         if audience not in audiences:
             raise AuthenticationFailed("token audience is not this application")
+        azp = claims.get("azp")
+        if (len(audiences) > 1 and azp != self.config.client_id) or (azp is not None and azp != self.config.client_id):
+            raise AuthenticationFailed("token was issued to another client ('azp' is not this application)")
 
     def check_claims(self, claims: dict[str, Any]) -> None:
         """Provider-specific checks (email_verified, hosted domain, token_use...). Raise AuthenticationFailed."""
@@ -250,12 +291,11 @@ class OidcProvider(AuthProvider):
         groups_value = claims.get(self.config.groups_claim) or []
         groups = tuple(str(g) for g in groups_value) if isinstance(groups_value, list) else ()
         roles = ("admin",) if set(groups) & set(self.config.admin_groups) else ()
-        verified = claims.get("email_verified")
         return UserInfo(
             provider=self.config.name,
             subject=str(claims["sub"]),
             email=str(claims.get("email") or ""),
-            email_verified=verified is True or verified == "true",
+            email_verified=email_verified(claims),
             name=str(claims.get("name") or ""),
             picture=str(claims.get("picture") or ""),
             groups=groups,

@@ -233,7 +233,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
         )  # fmt: skip
         volumes.append(MountedVolume(mount_path=mount.mount_path, spec=spec))
     application = env.application_row
-    variables = user_settings.environment_variables(db, user.id)
+    variables = user_settings.environment_variables(db, user.id, context.sealer(user_settings.ENV_VAR_PURPOSE))
     variables.update(env.env)  # the environment's own variables win over the user's defaults
     return EnvironmentSpec(
         environment_id=env.id,
@@ -243,7 +243,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
         port=application.port,
         working_dir=application.working_dir,
         env=variables,
-        secret_files=user_settings.secret_files(db, user.id, user_settings.secret_file_sealer(context.secret_key)),
+        secret_files=user_settings.secret_files(db, user.id, context.sealer(user_settings.SECRET_FILE_PURPOSE)),
         resources=Resources(cpu=env.cpu, memory_mib=env.memory_mib),
         volumes=tuple(volumes),
         identity=identity,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cmbcluster.db.models import ApiToken, User, utcnow
+from cmbcluster.db.models import ApiToken, UsedToken, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.security import new_token, token_hash
@@ -139,3 +140,18 @@ def revoke_api_token(db: Session, user: User, token_id: str) -> None:
         raise NotFound(f"API token {token_id} not found")
     row.revoked_at = utcnow()
     db.commit()
+
+
+# -- single use ------------------------------------------------------------------------------------
+def use_once(db: Session, kind: str, value: str, *, until: dt.datetime, refusal: str) -> None:
+    """Record ``value`` (a sign-in state, an exchanged ID token) as used until ``until``;
+    AuthenticationFailed(``refusal``) if it was used before. Shared by every replica (the database
+    decides), and forgotten once it could not be accepted anyway (expired)."""
+    now = utcnow()
+    db.execute(delete(UsedToken).where(UsedToken.expires_at < now))
+    db.add(UsedToken(key=token_hash(f"{kind}:{value}"), expires_at=max(until, now)))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        raise AuthenticationFailed(refusal) from None

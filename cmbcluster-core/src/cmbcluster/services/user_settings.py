@@ -1,8 +1,8 @@
-"""User settings: environment variables and encrypted secret files, applied to environments at start.
+"""User settings: environment variables and secret files, applied to environments at start.
 
-Environment variables are plain settings (the API shows their values); anything secret belongs in a
-secret file, which is sealed (AES-256-GCM, key derived from the control plane's secret key) before
-it reaches the database and is only ever decrypted to be handed to a starting environment.
+Both are sealed (AES-256-GCM, keys derived from the control plane's secret key, one per purpose)
+before they reach the database: people put API keys in variables too. Variables are shown back to
+their owner; secret files are only ever decrypted to be handed to a starting environment.
 
 The environments code calls :func:`environment_variables` and :func:`secret_files` at start, and
 :func:`validate_env_var_name` / :func:`validate_env_var_value` for per-environment variables.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -32,8 +33,9 @@ MAX_ENV_VARS_PER_USER = 100
 MAX_SECRET_FILE_NAME_LENGTH = 128
 MAX_SECRET_FILES_PER_USER = 20
 
-#: the Sealer purpose of secret files: ``Sealer(context.secret_key, SECRET_FILE_PURPOSE)``
+#: the Sealer purposes: ``context.sealer(SECRET_FILE_PURPOSE)``
 SECRET_FILE_PURPOSE = "secret-files"  # noqa: S105 - a key-derivation label, not a secret
+ENV_VAR_PURPOSE = "env-vars"
 
 ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -72,6 +74,12 @@ class SecretFileUnreadable(Conflict):
     """A stored secret file cannot be decrypted: tampered with, or sealed with another secret key."""
 
     code = "secret_file_unreadable"
+
+
+class EnvVarUnreadable(Conflict):
+    """A stored environment variable cannot be decrypted (tampered with, or another secret key)."""
+
+    code = "env_var_unreadable"
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -145,10 +153,11 @@ def _env_var(db: Session, user_id: str, name: str) -> EnvVar | None:
     return db.execute(select(EnvVar).where(EnvVar.user_id == user_id, EnvVar.name == name)).scalar_one_or_none()
 
 
-def set_env_var(db: Session, user_id: str, name: str, value: str) -> tuple[EnvVar, bool]:
-    """Create or replace one variable; returns it and whether it was created."""
+def set_env_var(db: Session, user_id: str, name: str, value: str, *, sealer: Sealer) -> tuple[EnvVar, bool]:
+    """Create or replace one variable (sealed); returns it and whether it was created."""
     validate_env_var_name(name)
     validate_env_var_value(value)
+    ciphertext = sealer.seal(value.encode())
     row = _env_var(db, user_id, name)
     created = row is None
     if row is None:
@@ -157,10 +166,10 @@ def set_env_var(db: Session, user_id: str, name: str, value: str) -> tuple[EnvVa
             raise Conflict(
                 f"you already have {MAX_ENV_VARS_PER_USER} environment variables, the most allowed; delete one first"
             )
-        row = EnvVar(user_id=user_id, name=name, value=value)
+        row = EnvVar(user_id=user_id, name=name, ciphertext=ciphertext)
         db.add(row)
     else:
-        row.value = value
+        row.ciphertext = ciphertext
         row.updated_at = utcnow()
     try:
         db.commit()
@@ -169,9 +178,17 @@ def set_env_var(db: Session, user_id: str, name: str, value: str) -> tuple[EnvVa
         row = _env_var(db, user_id, name)
         if row is None:
             raise
-        row.value, row.updated_at, created = value, utcnow(), False
+        row.ciphertext, row.updated_at, created = ciphertext, utcnow(), False
         db.commit()
     return row, created
+
+
+def env_var_value(row: EnvVar, sealer: Sealer) -> str | None:
+    """The variable's value, or None when it cannot be decrypted."""
+    try:
+        return sealer.unseal(row.ciphertext).decode()
+    except (ValueError, UnicodeError):
+        return None
 
 
 def delete_env_var(db: Session, user_id: str, name: str) -> None:
@@ -183,26 +200,28 @@ def delete_env_var(db: Session, user_id: str, name: str) -> None:
     db.commit()
 
 
-def environment_variables(db: Session, user_id: str) -> dict[str, str]:
+def environment_variables(db: Session, user_id: str, sealer: Sealer) -> dict[str, str]:
     """The user's variables, as an environment gets them at start (names sorted).
 
-    A variable whose name has become reserved since it was saved is left out, and logged.
+    A variable whose name has become reserved since it was saved is left out, and logged;
+    EnvVarUnreadable (409) names one that cannot be decrypted.
     """
     result: dict[str, str] = {}
     for row in list_env_vars(db, user_id):
-        if _is_valid(validate_env_var_name, row.name):
-            result[row.name] = row.value
-        else:
+        if not _is_valid(validate_env_var_name, row.name):
             log.warning("user %s: environment variable %r is no longer allowed; not applied", user_id, row.name)
+            continue
+        value = env_var_value(row, sealer)
+        if value is None:
+            raise EnvVarUnreadable(
+                f"environment variable {row.name} cannot be decrypted: the server's secret key "
+                "(CMBCLUSTER_SECRET_KEY) changed since it was saved; set it again or delete it"
+            )
+        result[row.name] = value
     return result
 
 
 # -- secret files --------------------------------------------------------------------------------
-def secret_file_sealer(key: bytes) -> Sealer:
-    """The Sealer of secret files, from the control plane's key (``context.secret_key``)."""
-    return Sealer(key, SECRET_FILE_PURPOSE)
-
-
 def list_secret_files(db: Session, user_id: str) -> list[SecretFile]:
     return list(db.execute(select(SecretFile).where(SecretFile.user_id == user_id).order_by(SecretFile.name)).scalars())
 
@@ -287,3 +306,32 @@ def secret_files(db: Session, user_id: str, sealer: Sealer) -> dict[str, bytes]:
                 "key (CMBCLUSTER_SECRET_KEY) changed since it was uploaded; upload it again or delete it"
             ) from None
     return result
+
+
+# -- key rotation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReencryptReport:
+    resealed: int  #: sealed with a previous key, now with the current one
+    current: int  #: already sealed with the current key
+    unreadable: list[str]  #: ``user id/name`` of values no configured key decrypts (left untouched)
+
+
+def reencrypt_all(db: Session, *, env_var_sealer: Sealer, secret_file_sealer: Sealer) -> ReencryptReport:
+    """Re-seal every stored variable and secret file sealed with a previous key (one transaction)."""
+    resealed = current = 0
+    unreadable: list[str] = []
+    rows: list[tuple[EnvVar | SecretFile, Sealer]] = [
+        *((row, env_var_sealer) for row in db.execute(select(EnvVar)).scalars()),
+        *((row, secret_file_sealer) for row in db.execute(select(SecretFile)).scalars()),
+    ]
+    for row, sealer in rows:
+        try:
+            if not sealer.needs_reseal(row.ciphertext):
+                current += 1
+                continue
+            row.ciphertext = sealer.seal(sealer.unseal(row.ciphertext))
+            resealed += 1
+        except ValueError:
+            unreadable.append(f"{row.user_id}/{row.name}")
+    db.commit()
+    return ReencryptReport(resealed=resealed, current=current, unreadable=unreadable)

@@ -1,4 +1,9 @@
-"""Users: sign-in (creating or linking the account), roles and status."""
+"""Users: sign-in (creating or linking the account), roles and status.
+
+An e-mail address is trusted only when the identity provider vouches for it
+(``UserInfo.email_verified``): only then does it grant admin through CMBCLUSTER_ADMIN_EMAILS,
+link a sign-in to an existing account, or become an account's address.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +15,86 @@ from cmbcluster.errors import AuthenticationFailed, Conflict, PermissionDenied
 from cmbcluster.interfaces import UserInfo
 from cmbcluster.services.audit import activity, audit
 
-ROLES = ("admin", "user")
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
 
 
 def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
-    """The user for a verified identity: found by provider and subject, else linked by verified
-    e-mail, else created. The first user ever, and every ADMIN_EMAILS address, is an admin."""
+    """The user for a verified identity: found by provider and subject, else linked by a verified
+    e-mail address to an account whose address was verified too, else created.
+
+    The first user ever is an admin; so is a user whose provider groups map to ``admin``, and one
+    whose *verified*, unchanged address is in ADMIN_EMAILS. A sign-in whose token carries another
+    address than the account's is audited (``user.email_changed``) and changes no role; the new
+    address is adopted only when verified.
+    """
     if not info.email:
         raise AuthenticationFailed("the identity provider sent no e-mail address")
-    email = info.email.strip().lower()
+    email = normalise_email(info.email)
     user = db.execute(
         select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
     ).scalar_one_or_none()
+    email_changed = False
     if user is None:
-        user = db.execute(select(User).where(func.lower(User.email) == email)).scalar_one_or_none()
-        if user is not None and not info.email_verified:
-            raise Conflict("an account with this e-mail address exists; sign in with a verified address")
+        user = _link_by_email(db, email, info)
+    elif user.email != email:
+        email_changed = True
+        _record_email_change(db, user, email, info)
     if user is None:
         first = db.execute(select(func.count()).select_from(User)).scalar_one() == 0
         user = User(
             email=email, name=info.name or email.split("@")[0], auth_provider=info.provider, subject=info.subject,
-            role="admin" if first else "user",
+            role="admin" if first else "user", email_verified=info.email_verified,
         )  # fmt: skip
         db.add(user)
         db.flush()
         audit(db, actor_id=user.id, action="user.created", target_type="user", target_id=user.id,
-              provider=info.provider, first_user=first)  # fmt: skip
+              provider=info.provider, first_user=first, email_verified=info.email_verified)  # fmt: skip
+    elif not email_changed and info.email_verified and not user.email_verified:
+        user.email_verified = True
     if user.status != "active":
         raise PermissionDenied("this account is deactivated; ask an administrator")
-    wanted_admin = email in {a.strip().lower() for a in admin_emails} or "admin" in info.roles
-    if wanted_admin and user.role != "admin":
-        user.role = "admin"
-        audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id,
-              role="admin", reason="ADMIN_EMAILS or provider group")  # fmt: skip
+    _apply_admin_rules(db, user, info, email_trusted=info.email_verified and not email_changed,
+                       admin_emails=admin_emails)  # fmt: skip
     if info.name and not user.name:
         user.name = info.name
     user.last_login_at = utcnow()
     activity(db, user_id=user.id, kind="sign_in", provider=info.provider)
     db.commit()
     return user
+
+
+def _link_by_email(db: Session, email: str, info: UserInfo) -> User | None:
+    """The existing account with this address, when both sides' addresses are verified."""
+    user = db.execute(select(User).where(func.lower(User.email) == email)).scalar_one_or_none()
+    if user is None:
+        return None
+    if not info.email_verified:
+        raise Conflict("an account with this e-mail address exists; sign in with a verified address")
+    if not user.email_verified:
+        raise Conflict(
+            "an account with this e-mail address exists, but its address was never verified; "
+            "ask an administrator to remove it, then sign in again"
+        )
+    return user
+
+
+def _record_email_change(db: Session, user: User, email: str, info: UserInfo) -> None:
+    taken = db.execute(select(User.id).where(func.lower(User.email) == email, User.id != user.id)).scalar_one_or_none()
+    adopted = info.email_verified and taken is None
+    audit(db, actor_id=user.id, action="user.email_changed", target_type="user", target_id=user.id,
+          previous=user.email, reported=email, verified=info.email_verified, adopted=adopted)  # fmt: skip
+    if adopted:
+        user.email, user.email_verified = email, True
+
+
+def _apply_admin_rules(
+    db: Session, user: User, info: UserInfo, *, email_trusted: bool, admin_emails: list[str]
+) -> None:
+    listed = email_trusted and user.email in {normalise_email(a) for a in admin_emails}
+    from_groups = "admin" in info.roles
+    if (listed or from_groups) and user.role != "admin":
+        user.role = "admin"
+        audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id, role="admin",
+              reason="provider group" if from_groups else "CMBCLUSTER_ADMIN_EMAILS (verified address)")  # fmt: skip

@@ -19,8 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from joserfc import jwt
-from joserfc.jwk import RSAKey
+from joserfc import jws
+from joserfc.jwk import ECKey, RSAKey
+from joserfc.jws import JWSRegistry
+from joserfc.registry import HeaderParameter
 
 from cmbcluster.testing.process import BackgroundProcess, free_port
 
@@ -64,13 +66,22 @@ class OidcMockServer(BackgroundProcess):
 
 
 class KeyServer:
-    """Serves a discovery document and a JWKS for keys the test holds, and signs tokens with them."""
+    """Serves a discovery document and a JWKS for keys the test holds, and signs tokens with them.
 
-    def __init__(self, *, issuer: str | None = None, kids: tuple[str, ...] = ("key-1",)) -> None:
-        self.keys = {
-            kid: RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"}) for kid in kids
+    ``kids`` are RSA keys (RS256); ``ec_kids`` are P-256 keys (ES256), published the same way,
+    for tests that send a key of the wrong type. ``published`` says which the JWKS lists.
+    """
+
+    def __init__(
+        self, *, issuer: str | None = None, kids: tuple[str, ...] = ("key-1",), ec_kids: tuple[str, ...] = ()
+    ) -> None:
+        self.keys: dict[str, RSAKey | ECKey] = {
+            # no "alg" on the keys themselves, so a test can sign with any algorithm of their type
+            kid: RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig"})
+            for kid in kids
         }
-        self.published = set(kids)
+        self.keys.update({kid: ECKey.generate_key("P-256", parameters={"kid": kid, "use": "sig"}) for kid in ec_kids})
+        self.published = set(kids) | set(ec_kids)
         self.jwks_requests = 0
         server = self
 
@@ -108,13 +119,35 @@ class KeyServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
-    def sign(self, claims: dict[str, Any], *, kid: str | None = "key-1", header: dict[str, Any] | None = None) -> str:
-        """An RS256 token over ``claims`` (``iat``/``exp`` filled in unless given)."""
+    def sign(
+        self,
+        claims: dict[str, Any],
+        *,
+        kid: str | None = "key-1",
+        header: dict[str, Any] | None = None,
+        alg: str = "RS256",
+        key_id: str | None = None,
+        omit: tuple[str, ...] = (),
+    ) -> str:
+        """A token over ``claims``: ``iss``/``iat``/``exp`` filled in unless given, ``omit`` removed.
+
+        Signed with ``alg`` by the key ``key_id`` (default: ``kid``'s), so a test can sign with one
+        key and name another in the header; ``header`` entries are added as given (``typ``,
+        ``crit``...), whether or not a JOSE library would write them.
+        """
         now = int(time.time())
         full = {"iss": self.issuer, "iat": now, "exp": now + 300, **claims}
-        key = self.keys[kid or next(iter(self.keys))]
-        hdr: dict[str, Any] = {"alg": "RS256", **({"kid": kid} if kid else {}), **(header or {})}
-        return jwt.encode(hdr, full, key)
+        for name in omit:
+            full.pop(name, None)
+        key = self.keys[key_id or kid or next(iter(self.keys))]
+        hdr: dict[str, Any] = {"alg": alg, **({"kid": kid} if kid else {}), **(header or {})}
+        # Any extra header a test adds is declared, so that even `crit` naming it is written.
+        registry = JWSRegistry(
+            header_registry={name: HeaderParameter(name, _anything) for name in hdr},
+            algorithms=[alg],
+            strict_check_header=False,
+        )
+        return jws.serialize_compact(hdr, json.dumps(full).encode(), key, algorithms=[alg], registry=registry)
 
     def stop(self) -> None:
         self._httpd.shutdown()
@@ -125,3 +158,7 @@ class KeyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _anything(value: object) -> None:
+    """A header validator that accepts any value: tests write headers a library would refuse."""

@@ -5,8 +5,12 @@ import { ErrorMessage, Loading } from "@/components/ui";
 import { api, type Provider, unwrap } from "@/lib/api";
 
 /** Only same-site paths: the API refuses others too, this keeps the link honest. */
+// A relative path on this site, or an environment's own URL (the ingress sends the browser here
+// with next=<its URL>); the server accepts an absolute URL only on its own host or cookie domain.
 function safeNext(raw: string | null): string {
-  return raw && raw.startsWith("/") && !raw.startsWith("//") ? raw : "/";
+  if (!raw) return "/";
+  if (raw.startsWith("/") && !raw.startsWith("//")) return raw;
+  return /^https?:\/\//.test(raw) ? raw : "/";
 }
 
 export default function SignInPage() {

@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
+from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
+from cmbcluster.context import AppContext
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
 from cmbcluster.local.auth import DevLoginProvider
@@ -85,15 +87,25 @@ def _callback_url(request: Request, context: Context, provider: str) -> str:
     return f"{base.rstrip('/')}/api/v1/auth/{provider}/callback"
 
 
-def _safe_next(next_path: str | None) -> str:
-    """Only same-site relative paths: never an open redirect."""
-    if not next_path or not next_path.startswith("/") or next_path.startswith("//") or "\\" in next_path:
+def _safe_next(next_path: str | None, context: AppContext) -> str:
+    """Where to go after signing in, never an open redirect: a relative path on this site, or an
+    absolute http(s) URL on the public host or under the session cookie's domain (an environment
+    served on its own host, which the ingress sends here with ``next=<its URL>``)."""
+    if not next_path or "\\" in next_path or any(ord(ch) < 32 for ch in next_path):
         return "/"
-    return next_path
+    if next_path.startswith("/") and not next_path.startswith("//"):
+        return next_path
+    url = urlsplit(next_path)
+    host = (url.hostname or "").lower()
+    core = context.config.core
+    public_host = (urlsplit(core.public_url).hostname or "").lower() if core.public_url else ""
+    domain = (core.cookie_domain or "").lower().strip(".")
+    allowed = bool(host) and (host == public_host or (bool(domain) and (host == domain or host.endswith("." + domain))))
+    return next_path if url.scheme in ("http", "https") and allowed else "/"
 
 
 def _sealer(context: Context) -> Sealer:
-    return Sealer(context.secret_key, "login-state")
+    return context.sealer("login-state")
 
 
 def _secure(request: Request, context: Context) -> bool:
@@ -131,7 +143,12 @@ def list_providers(context: Context) -> ProvidersOut:
     )
 
 
-@router.get("/{provider}/login", summary="Start signing in: redirects to the identity provider")
+@router.get(
+    "/{provider}/login",
+    summary="Start signing in: redirects to the identity provider",
+    status_code=303,
+    responses={303: {"description": "To the identity provider's sign-in page"}, **error_responses(429)},
+)
 def login(
     provider: str, request: Request, context: Context, db: DbSession, next: Annotated[str | None, Query()] = None
 ) -> RedirectResponse:
@@ -151,7 +168,7 @@ def login(
                 "s": state,
                 "n": nonce,
                 "v": verifier,
-                "next": _safe_next(next),
+                "next": _safe_next(next, context),
                 "exp": time.time() + LOGIN_TTL_SECONDS,
             }
         ).encode()
@@ -164,7 +181,13 @@ def login(
     return response
 
 
-@router.get("/{provider}/callback", summary="Where the identity provider sends the browser back")
+@router.get(
+    "/{provider}/callback",
+    summary="Where the identity provider sends the browser back",
+    status_code=303,
+    responses={303: {"description": "Signed in: to the page asked for (or to the sign-in page with the reason)"},
+               **error_responses(401, 403, 409, 429)},
+)  # fmt: skip
 async def callback(
     provider: str,
     request: Request,
@@ -197,6 +220,12 @@ async def _complete_sign_in(
     login_state = _read_login_state(request, context)
     if login_state.get("p") != provider or not secrets.compare_digest(str(login_state.get("s")), state):
         raise AuthenticationFailed("sign-in state does not match; start again")
+    # Each state (and the nonce sealed with it) completes one sign-in, even if the identity
+    # provider would accept its code twice.
+    await run_in_threadpool(
+        sessions.use_once, db, "login-state", state, until=_expiry(float(login_state["exp"])),
+        refusal="this sign-in was already completed; start again",
+    )  # fmt: skip
     redirect_uri = _callback_url(request, context, provider)
     tokens = await run_in_threadpool(
         auth.exchange_code, code, redirect_uri=redirect_uri, code_verifier=login_state["v"]
@@ -213,6 +242,13 @@ async def _complete_sign_in(
     _set_session_cookie(response, request, context, issued)
     response.delete_cookie(LOGIN_COOKIE, path="/api/v1/auth")
     return response
+
+
+def _expiry(timestamp: object) -> dt.datetime:
+    """When a used token can be forgotten: after its expiry (plus clock skew), a day at most."""
+    now = time.time()
+    seconds = float(timestamp) if isinstance(timestamp, (int, float)) else now + LOGIN_TTL_SECONDS
+    return dt.datetime.fromtimestamp(min(seconds, now + 86400) + 300, dt.UTC)
 
 
 def _read_login_state(request: Request, context: Context) -> dict[str, Any]:
@@ -295,11 +331,22 @@ def dev_form_submit(
 
 
 # -- API clients -----------------------------------------------------------------------------------
-@router.post("/exchange", response_model=SessionOut, summary="Trade an identity-provider ID token for a session")
+@router.post(
+    "/exchange",
+    response_model=SessionOut,
+    summary="Trade an identity-provider ID token for a session",
+    responses=error_responses(401, 403, 409, 429),
+)
 async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbSession) -> SessionOut:
     auth = _provider(context, body.provider)
     await run_in_threadpool(_rate_limit, db, request, context)
     info = await run_in_threadpool(auth.exchange_token, body.token)
+    # An ID token buys one session: a token copied from a log or a proxy cannot buy another.
+    jti = info.claims.get("jti")
+    await run_in_threadpool(
+        sessions.use_once, db, "id-token", f"{body.provider}:{jti}" if isinstance(jti, str) and jti else body.token,
+        until=_expiry(info.claims.get("exp")), refusal="this ID token was already exchanged; get a new one",
+    )  # fmt: skip
     user = await run_in_threadpool(users.sign_in, db, info, admin_emails=context.config.core.admin_emails)
     issued = sessions.create_session(
         db, user, ttl=context.session_ttl, user_agent=request.headers.get("user-agent", "")
@@ -309,7 +356,12 @@ async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbS
     )
 
 
-@router.post("/refresh", response_model=SessionOut, summary="Rotate a session with its refresh token")
+@router.post(
+    "/refresh",
+    response_model=SessionOut,
+    summary="Rotate a session with its refresh token",
+    responses=error_responses(401, 403, 429),
+)
 def refresh(body: RefreshIn, request: Request, response: Response, context: Context, db: DbSession) -> SessionOut:
     _rate_limit(db, request, context)
     issued = sessions.refresh_session(db, body.refresh_token, ttl=context.session_ttl, refresh_ttl=context.refresh_ttl)

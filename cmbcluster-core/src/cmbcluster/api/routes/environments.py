@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
+from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User, utcnow
 from cmbcluster.errors import Conflict, LimitExceeded, NotFound
@@ -156,7 +157,12 @@ async def list_environments(user: CurrentUser, db: DbSession, context: Context) 
     return _json({"items": envs.views(db, context, user.id)})
 
 
-@router.get("/authorize", status_code=204, summary="For an ingress auth-url: may the caller reach this environment?")
+@router.get(
+    "/authorize",
+    status_code=204,
+    summary="For an ingress auth-url: may the caller reach this environment?",
+    responses=error_responses(404),
+)
 def authorize(
     environment_id: Annotated[str, Query(min_length=1, max_length=32)], user: CurrentUser, db: DbSession
 ) -> Response:

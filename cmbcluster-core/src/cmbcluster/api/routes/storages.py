@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_body
+from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
     RangeNotSatisfiable,
     content_length,
@@ -262,6 +263,7 @@ def delete_objects(
         }
     },
 )
+@streams_body
 async def upload_object(
     storage_id: str,
     key: str,

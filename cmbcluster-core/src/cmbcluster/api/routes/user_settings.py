@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession
-from cmbcluster.errors import PermissionDenied
+from cmbcluster.api.guard import streams_body
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import EnvVar
+from cmbcluster.errors import InvalidRequest, PermissionDenied
 from cmbcluster.services import sessions
 from cmbcluster.services import user_settings as service
 from cmbcluster.services.audit import audit
@@ -21,7 +24,10 @@ router = APIRouter(prefix="/api/v1/settings", tags=["settings"])
 # -- models --------------------------------------------------------------------------------------
 class EnvVarOut(BaseModel):
     name: str
-    value: str
+    value: str = Field(description="Empty when `unreadable`")
+    unreadable: bool = Field(
+        default=False, description="The stored value cannot be decrypted (the server's key changed): set it again"
+    )
     updated_at: dt.datetime
 
 
@@ -67,9 +73,14 @@ SecretFileName = Annotated[str, Path(description="1 to 128 of A-Z a-z 0-9 . _ -,
 
 
 # -- environment variables -----------------------------------------------------------------------
+def env_var_out(row: EnvVar, context: AppContext) -> EnvVarOut:
+    value = service.env_var_value(row, context.sealer(service.ENV_VAR_PURPOSE))
+    return EnvVarOut(name=row.name, value=value or "", unreadable=value is None, updated_at=row.updated_at)
+
+
 @router.get("/env-vars", response_model=list[EnvVarOut], summary="Your environment variables")
-def list_env_vars(user: CurrentUser, db: DbSession) -> list[EnvVarOut]:
-    return [EnvVarOut.model_validate(row, from_attributes=True) for row in service.list_env_vars(db, user.id)]
+def list_env_vars(user: CurrentUser, db: DbSession, context: Context) -> list[EnvVarOut]:
+    return [env_var_out(row, context) for row in service.list_env_vars(db, user.id)]
 
 
 @router.put(
@@ -79,9 +90,9 @@ def list_env_vars(user: CurrentUser, db: DbSession) -> list[EnvVarOut]:
     responses={400: {"description": "Invalid or reserved name, value too long or containing NUL"},
                409: {"description": "Too many environment variables"}},
 )  # fmt: skip
-def put_env_var(name: EnvVarName, body: EnvVarIn, user: CurrentUser, db: DbSession) -> EnvVarOut:
-    row, _ = service.set_env_var(db, user.id, name, body.value)
-    return EnvVarOut.model_validate(row, from_attributes=True)
+def put_env_var(name: EnvVarName, body: EnvVarIn, user: CurrentUser, db: DbSession, context: Context) -> EnvVarOut:
+    row, _ = service.set_env_var(db, user.id, name, body.value, sealer=context.sealer(service.ENV_VAR_PURPOSE))
+    return env_var_out(row, context)
 
 
 @router.delete("/env-vars/{name}", status_code=204, summary="Delete an environment variable")
@@ -104,7 +115,7 @@ def list_secret_files(user: CurrentUser, db: DbSession) -> list[SecretFileOut]:
     summary="Upload a secret file (the raw request body); encrypted at rest, mounted with mode 0600",
     responses={
         201: {"description": "Created", "model": SecretFileOut},
-        400: {"description": "Invalid file name"},
+        400: {"description": "Invalid file name, or an empty body"},
         409: {"description": "Too many secret files"},
         413: {"description": "Larger than CMBCLUSTER_MAX_SECRET_FILE_BYTES"},
     },
@@ -115,15 +126,18 @@ def list_secret_files(user: CurrentUser, db: DbSession) -> list[SecretFileOut]:
         }
     },
 )
+@streams_body
 async def put_secret_file(
     name: SecretFileName, request: Request, response: Response, user: CurrentUser, db: DbSession, context: Context
 ) -> SecretFileOut:
     service.validate_secret_file_name(name)
     limit = context.config.core.max_secret_file_bytes
     content = await _read_body(request, limit)
+    if not content:
+        raise InvalidRequest("the secret file is empty: send its content as the request body")
     row, created = await run_in_threadpool(
         service.put_secret_file, db, user.id, name, content,
-        sealer=service.secret_file_sealer(context.secret_key), max_bytes=limit,
+        sealer=context.sealer(service.SECRET_FILE_PURPOSE), max_bytes=limit,
     )  # fmt: skip
     response.status_code = 201 if created else 200
     return SecretFileOut.model_validate(row, from_attributes=True)

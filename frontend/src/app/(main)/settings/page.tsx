@@ -56,6 +56,11 @@ function EnvVars() {
             <code>
               {v.name}={v.value}
             </code>
+            {v.unreadable && (
+              <span className="muted">
+                cannot be decrypted (the server&apos;s key changed): set it again
+              </span>
+            )}
             <DangerButton label={`Delete variable ${v.name}`} onClick={() => remove(v.name)} />
           </li>
         ))}

@@ -1,0 +1,168 @@
+"""The request guard: what every HTTP request passes before the application reads it.
+
+- Headers over :data:`MAX_HEADER_BYTES` in total are answered 431.
+- A request body is limited before anything parses it: routes accept
+  ``CMBCLUSTER_MAX_REQUEST_BODY_BYTES`` (1 MiB by default), except those marked with
+  :func:`streams_body`, which read their body as a stream and enforce their own limit (uploads).
+  A declared ``Content-Length`` over the limit is answered 413 at once; a body without one is
+  counted while the route reads it.
+- A route that needs a signed-in caller and is sent a body authenticates first: without valid
+  credentials the answer is 401 (or 403) before a byte of the body is read. (FastAPI parses a
+  JSON body before it resolves dependencies, so the route's own check would come too late.)
+
+The body checks run at the route's first read of the body: by then routing has chosen the
+route, and nothing of the body has been read.
+
+Why not FastAPI's own ``max_body_size``: it answers in another error shape than every other
+error here, its limits are fixed when routes are declared (ours come from settings), and it
+cannot authenticate first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi.routing import APIRoute
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cmbcluster.api.errors import error_response
+from cmbcluster.errors import CmbclusterError, HeadersTooLarge, PayloadTooLarge
+
+#: Total size of a request's header names and values. Browsers and scripts send a few KiB
+#: (cookies included); nginx's default allows 32 KiB across its large header buffers.
+MAX_HEADER_BYTES = 32 * 1024
+
+F = TypeVar("F", bound=Callable[..., Any])
+_STREAMS_ATTRIBUTE = "__cmbcluster_streams_body__"
+
+
+def streams_body(endpoint: F) -> F:
+    """Mark a route that reads its body as a stream and enforces its own size limit (object
+    uploads: CMBCLUSTER_MAX_UPLOAD_BYTES). Put it below the route decorator::
+
+        @router.put("/{storage_id}/objects/{key:path}")
+        @streams_body
+        async def upload_object(...): ...
+    """
+    setattr(endpoint, _STREAMS_ATTRIBUTE, True)
+    return endpoint
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than this route accepts ({limit} bytes)"
+
+
+@dataclass(frozen=True)
+class _RouteRules:
+    body_limit: int | None  #: None: the route limits its own body
+    needs_caller: bool
+
+
+class Refused(HTTPException):
+    """A request the guard refuses while the app reads its body. An HTTPException because
+    FastAPI passes those on from body parsing; the app's handler answers ``error`` as usual."""
+
+    def __init__(self, error: CmbclusterError) -> None:
+        super().__init__(error.http_status, error.message)
+        self.error = error
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._rules: dict[int, _RouteRules] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > MAX_HEADER_BYTES:
+            refusal = HeadersTooLarge(f"the request's headers are larger than {MAX_HEADER_BYTES} bytes")
+            await error_response(refusal)(scope, receive, send)
+            return
+        if scope["type"] == "http" and _has_body(scope):
+            receive = self._guarded(scope, receive)
+        await self.app(scope, receive, send)
+
+    def _guarded(self, scope: Scope, receive: Receive) -> Receive:
+        """``receive`` checked at its first call, when routing has chosen the route (its
+        ``scope["route"]``) and before a byte of the body is read; then counted."""
+        limit: int | None = None
+        received = 0
+        checked = False
+
+        async def guarded() -> Message:
+            nonlocal limit, received, checked
+            if not checked:
+                checked = True
+                rules = self._rules_for(scope)
+                if rules.needs_caller:  # first: a stranger learns nothing, not even the limit
+                    try:
+                        _authenticate(scope)
+                    except CmbclusterError as exc:
+                        raise Refused(exc) from None
+                limit = rules.body_limit
+                declared = _content_length(scope)
+                if limit is not None and declared is not None and declared > limit:
+                    raise Refused(PayloadTooLarge(_too_large(limit)))
+            message = await receive()
+            if message["type"] == "http.request" and limit is not None:
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise Refused(PayloadTooLarge(_too_large(limit)))
+            return message
+
+        return guarded
+
+    def _rules_for(self, scope: Scope) -> _RouteRules:
+        route = scope.get("route")
+        core = scope["app"].state.context.config.core
+        if not isinstance(route, APIRoute):
+            return _RouteRules(body_limit=core.max_request_body_bytes, needs_caller=False)
+        rules = self._rules.get(id(route))
+        if rules is None:
+            from cmbcluster.api.deps import get_principal
+
+            # A streaming route reads its body in the endpoint, after its dependencies signed the
+            # caller in, and limits it itself.
+            streams = getattr(route.endpoint, _STREAMS_ATTRIBUTE, False)
+            rules = self._rules[id(route)] = _RouteRules(
+                body_limit=None if streams else core.max_request_body_bytes,
+                needs_caller=not streams and _depends_on(route.dependant, get_principal),
+            )
+        return rules
+
+
+def _authenticate(scope: Scope) -> None:
+    from cmbcluster.api.deps import SESSION_COOKIE, authenticate_request
+
+    request = Request(scope)
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    bearer = credentials if scheme.lower() == "bearer" and credentials else None
+    with request.app.state.context.sessions() as db:
+        authenticate_request(request, db, bearer, request.cookies.get(SESSION_COOKIE))
+
+
+def _depends_on(dependant: Any, call: Callable[..., Any]) -> bool:
+    """Whether a route's dependency tree calls ``call``."""
+    return any(dep.call is call or _depends_on(dep, call) for dep in dependant.dependencies)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.strip().isdigit() else None
+    return None
