@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
-from cmbcluster.api.errors import error_body
+from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
     RangeNotSatisfiable,
@@ -50,12 +50,6 @@ MAX_CONTENT_TYPE_LENGTH = 255
 
 
 # -- models ------------------------------------------------------------------------------------
-
-
-class ErrorOut(BaseModel):
-    error: str = Field(description="A stable, machine-readable code such as 'not_found'")
-    message: str = Field(description="What went wrong, for a person")
-    detail: Any | None = None
 
 
 class StorageCreate(BaseModel):
@@ -123,10 +117,6 @@ class DeleteObjectsOut(BaseModel):
     deleted: int = Field(description="Keys processed; keys that did not exist count too (deleting is idempotent)")
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
-
-
 def storage_out(storage: Storage, usage: Usage) -> StorageOut:
     return StorageOut(
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
@@ -155,7 +145,7 @@ async def make_storage_runtime(context: Context) -> None:
 router = APIRouter(
     prefix="/api/v1/storages",
     tags=["storage"],
-    responses=_errors(401, 404),
+    responses=error_responses(401, 404),
     dependencies=[Depends(make_storage_runtime)],
 )
 
@@ -164,7 +154,7 @@ router = APIRouter(
 
 
 @router.post(
-    "", status_code=201, response_model=StorageOut, summary="Create a bucket", responses=_errors(400, 409, 503)
+    "", status_code=201, response_model=StorageOut, summary="Create a bucket", responses=error_responses(400, 409, 503)
 )
 def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
     storage = service.create_storage(
@@ -192,7 +182,7 @@ def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Cont
     status_code=204,
     response_class=Response,
     summary="Delete a bucket (force=true also deletes every object in it)",
-    responses=_errors(409, 503),
+    responses=error_responses(409, 503),
 )
 def delete_storage(
     storage_id: str,
@@ -212,7 +202,7 @@ def delete_storage(
     "/{storage_id}/objects",
     response_model=ObjectPageOut,
     summary="List objects by prefix, a page at a time",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def list_objects(
     storage_id: str,
@@ -241,7 +231,7 @@ def list_objects(
     "/{storage_id}/objects/delete",
     response_model=DeleteObjectsOut,
     summary="Delete up to 1000 objects",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def delete_objects(
     storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context
@@ -254,7 +244,7 @@ def delete_objects(
     status_code=201,
     response_model=ObjectOut,
     summary="Upload an object: the request body, streamed (replaces an object of the same key)",
-    responses=_errors(400, 409, 413),
+    responses=error_responses(400, 409, 413),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -311,7 +301,7 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
         200: {"content": {"application/octet-stream": _BINARY}, "description": "The whole object"},
         206: {"content": {"application/octet-stream": _BINARY}, "description": "The requested range"},
         416: {"model": ErrorOut, "description": "The range starts past the end of the object"},
-        **_errors(400, 409),
+        **error_responses(400, 409),
     },
 )
 async def download_object(
@@ -360,7 +350,7 @@ async def download_object(
     "/{storage_id}/objects/{key:path}",
     response_class=Response,
     summary="An object's download headers (size, type, ETag) without its bytes",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     info = service.head_object(context, service.usable_bucket(db, context, user, storage_id), key)
@@ -374,7 +364,7 @@ def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, con
     status_code=204,
     response_class=Response,
     summary="Delete an object (deleting one that does not exist also succeeds)",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def delete_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     service.delete_objects(db, context, user, storage_id, [key])
