@@ -15,8 +15,10 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from cmbcluster import provisioning
 from cmbcluster.errors import CmbclusterError, Conflict, ProviderUnavailable
-from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions, ProvisioningRecord
+from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions
+from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_aws.provisioning import ADDONS, TAG_DEPLOYMENT, AwsProvisioner
 from cmbcluster_aws.settings import AwsSettings
@@ -153,7 +155,7 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
     provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
 ) -> None:
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="print"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="print"), progress=events)
     assert inventory(aws) == FULL
     ec2 = aws("ec2")
 
@@ -210,7 +212,7 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
     kubeconfig = json.loads(record.path.with_suffix(".kubeconfig").read_text())
     assert kubeconfig["users"][0]["user"]["exec"]["args"][:4] == ["eks", "get-token", "--cluster-name", CLUSTER]
 
-    states = {s.step: s.state for s in provisioner.status(record)}
+    states = {s.step: s.state for s in provisioning.status(provisioner, record)}
     assert all(states[step] == "done" for step in API_STEPS)
     assert all(states[step] == "pending" for step in ADDON_STEPS)  # printed, not installed
 
@@ -218,7 +220,7 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
     assert len(stored["resources"]) == sum(FULL.values()) and stored["completed_steps"] == API_STEPS
 
     down_events = Events()
-    provisioner.down(record, progress=down_events)
+    provisioning.down(provisioner, record, progress=down_events)
     assert inventory(aws) == EMPTY
     assert record.resources == [] and json.loads(record.path.read_text())["resources"] == []
     deleted = down_events.actions("deleted")
@@ -233,9 +235,9 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
 def test_rerunning_up_creates_nothing_twice(
     provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
 ) -> None:
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="skip"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
     assert events.actions("created") == []
     assert len(events.actions("adopted")) == sum(FULL.values())
     assert inventory(aws) == FULL
@@ -246,12 +248,12 @@ def test_up_interrupted_midway_resumes_without_duplicates(
 ) -> None:
     inject(monkeypatch, provisioner.eks, "create_nodegroup")
     with pytest.raises(ProviderUnavailable, match="injected"):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert record.completed_steps == API_STEPS[: API_STEPS.index("node-group")]
     assert inventory(aws)["node_groups"] == 0 and inventory(aws)["eks_clusters"] == 1
 
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="skip"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
     assert inventory(aws) == FULL
     created = events.actions("created")
     assert created[0] == f"eks/nodegroup {CLUSTER}-nodes" and not any(c.startswith("ec2/") for c in created)
@@ -263,12 +265,12 @@ def test_crash_between_create_and_record_is_adopted_on_rerun(
     # The NAT gateway is made, then the process dies before the record is written: tags find it again.
     inject(monkeypatch, provisioner.ec2, "create_nat_gateway", after=True)
     with pytest.raises(SimulatedCrash):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert not record.find("ec2/nat-gateway") and len(live_nat_gateways(aws("ec2"))) == 1
 
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert inventory(aws) == FULL
-    provisioner.down(record)
+    provisioning.down(provisioner, record)
     assert inventory(aws) == EMPTY
 
 
@@ -277,7 +279,7 @@ def test_down_after_a_partial_up_removes_what_exists(
 ) -> None:
     inject(monkeypatch, provisioner.eks, "create_cluster")
     with pytest.raises(ProviderUnavailable):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     partial = inventory(aws)
     assert partial["vpcs"] == 1 and partial["subnets"] == 6 and partial["eks_clusters"] == 0
 
@@ -285,7 +287,7 @@ def test_down_after_a_partial_up_removes_what_exists(
     subnet = record.find("ec2/subnet")[0]
     aws("ec2").delete_subnet(SubnetId=subnet.id)
     events = Events()
-    provisioner.down(record, progress=events)
+    provisioning.down(provisioner, record, progress=events)
     assert inventory(aws) == EMPTY and record.resources == []
     assert any(subnet.id in message for message in events.actions("gone"))
 
@@ -293,13 +295,13 @@ def test_down_after_a_partial_up_removes_what_exists(
 def test_a_database_bucket_holding_backups_is_kept_unless_delete_data(
     provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
 ) -> None:
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     bucket = f"{CLUSTER}-database-{ACCOUNT_ID}"
     aws("s3").put_object(Bucket=bucket, Key="backups/db.sqlite", Body=b"data")
     with pytest.raises(Conflict, match=r"nothing was deleted.*--delete-data"):
-        provisioner.down(record)
+        provisioning.down(provisioner, record)
     assert inventory(aws) == FULL and len(record.resources) == sum(FULL.values())
-    provisioner.down(record, ProvisioningOptions(delete_data=True))
+    provisioning.down(provisioner, record, ProvisioningOptions(delete_data=True))
     assert inventory(aws) == EMPTY
 
 
@@ -308,14 +310,14 @@ def test_a_role_of_the_same_name_from_elsewhere_is_not_taken_over(
 ) -> None:
     aws("iam").create_role(RoleName=f"{CLUSTER}-cluster-role", AssumeRolePolicyDocument="{}")
     with pytest.raises(Conflict, match="does not belong to deployment"):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert record.resources == []
 
 
 def test_down_removes_what_the_load_balancer_controller_made_and_nothing_else(
     provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
 ) -> None:
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     ec2, elbv2 = aws("ec2"), aws("elbv2")
     vpc_id = ours(ec2, "describe_vpcs", "Vpcs")[0]["VpcId"]
     public = [r.id for r in record.find("ec2/subnet") if r.attributes["tier"] == "public"]
@@ -331,7 +333,7 @@ def test_down_removes_what_the_load_balancer_controller_made_and_nothing_else(
         Filters=[{"Name": "vpc-id", "Values": [default_vpc]}])["Subnets"]][:2]  # fmt: skip
     elbv2.create_load_balancer(Name="not-ours", Subnets=default_subnets)
 
-    provisioner.down(record)
+    provisioning.down(provisioner, record)
     assert inventory(aws) == EMPTY
     assert [lb["LoadBalancerName"] for lb in elbv2.describe_load_balancers()["LoadBalancers"]] == ["not-ours"]
     assert elbv2.describe_target_groups()["TargetGroups"] == []
@@ -354,14 +356,14 @@ def fake_helm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_addons_are_installed_with_helm_and_uninstalled_by_down(
     provisioner: AwsProvisioner, record: ProvisioningRecord, fake_helm: Path, aws: Callable[[str], Any]
 ) -> None:
-    provisioner.up(record)
+    provisioning.up(provisioner, record)
     lines = fake_helm.read_text().splitlines()
     assert [line.split()[2] for line in lines] == [r.name for r in ADDONS.values()]
     assert all(line.startswith("upgrade --install") and "--wait" in line for line in lines)
     assert len(record.find("helm/release")) == 4
-    assert all(s.state == "done" for s in provisioner.status(record))
+    assert all(s.state == "done" for s in provisioning.status(provisioner, record))
 
-    provisioner.down(record)
+    provisioning.down(provisioner, record)
     uninstalls = fake_helm.read_text().splitlines()[4:]
     assert [line.split()[1] for line in uninstalls] == [r.name for r in reversed(ADDONS.values())]
     assert inventory(aws) == EMPTY
@@ -372,7 +374,7 @@ def test_missing_helm_is_a_clear_error_and_up_resumes_after_it(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ProviderUnavailable, match="`helm` is not installed"):
-        provisioner.up(record)
+        provisioning.up(provisioner, record)
     assert record.completed_steps == API_STEPS
 
 

@@ -30,7 +30,9 @@ from cmbcluster.interfaces import BucketOptions, CloudIdentity, MountRequest, St
 from cmbcluster.testing.storage import StorageContract
 from cmbcluster_aws.errors import map_aws_error
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import S3Storage, decode_tag_value, encode_tag_value
+from cmbcluster_aws.storage import S3Storage
+from cmbcluster_aws.tags import decode_tag_value, encode_tag_value
+from cmbcluster_aws.uploads import part_size
 
 MiB = 1024 * 1024
 REGION = "eu-west-1"  # as in conftest.py
@@ -684,7 +686,8 @@ def test_the_plugin_factory_builds_s3_storage(aws_settings: AwsSettings) -> None
 
 def test_parts_grow_so_large_objects_fit_in_10000_parts(aws_settings: AwsSettings) -> None:
     backend = S3Storage(aws_settings)
-    assert [backend._part_size(n) for n in (1, 1000, 1001, 10_000)] == [8 * MiB, 8 * MiB, 16 * MiB, 80 * MiB]
-    assert sum(backend._part_size(n) for n in range(1, 10_001)) > 400 * 1024 * MiB
+    sizes = [part_size(backend.part_size, n) for n in (1, 1000, 1001, 10_000)]
+    assert sizes == [8 * MiB, 8 * MiB, 16 * MiB, 80 * MiB]
+    assert sum(part_size(backend.part_size, n) for n in range(1, 10_001)) > 400 * 1024 * MiB
     with pytest.raises(PayloadTooLarge):
-        backend._part_size(10_001)
+        part_size(backend.part_size, 10_001)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cmbcluster.config import filesystem_type, load_core_settings, resolve
+from cmbcluster.config import load_core_settings, resolve
+from cmbcluster.db.engine import filesystem_type
 from cmbcluster.errors import ConfigurationError
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.process import clean_environ
@@ -86,7 +87,7 @@ def test_weak_secret_keys_are_refused(env: dict[str, str], tmp_path: Path) -> No
 
 
 def test_sqlite_on_a_fuse_mount_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cmbcluster.config.filesystem_type", lambda path: "fuse.gcsfuse")
+    monkeypatch.setattr("cmbcluster.db.engine.filesystem_type", lambda path: "fuse.gcsfuse")
     with pytest.raises(ConfigurationError, match=r"fuse\.gcsfuse file system"):
         resolve(CoreSettings(data_dir=tmp_path))
     # PostgreSQL by URL is fine wherever the data directory is

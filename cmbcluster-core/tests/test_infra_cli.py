@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cmbcluster import provisioning
 from cmbcluster.commands.infra import dns_records
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, ProviderUnavailable
 from cmbcluster.interfaces import (
@@ -16,10 +17,10 @@ from cmbcluster.interfaces import (
     ProgressEvent,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
 )
+from cmbcluster.provisioning import ProvisioningRecord, StepRun
 from cmbcluster.testing.process import clean_environ, run_cli
 
 # A third party's cloud, as an installed distribution would ship it: an entry point in the
@@ -224,19 +225,19 @@ def test_the_record_resumes_a_failed_up_and_down_empties_it(memory: MemoryProvis
     memory.fail_at = "cluster"
     events: list[ProgressEvent] = []
     with pytest.raises(ProviderUnavailable):
-        memory.up(record, ProvisioningOptions(addons="print"), progress=events.append)
+        provisioning.up(memory, record, ProvisioningOptions(addons="print"), progress=events.append)
     assert [e.action for e in events][-1] == "failed"
     reloaded = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
     assert [r.id for r in reloaded.resources] == ["n1"] and reloaded.completed_steps == ["network"]
 
-    memory.up(reloaded, ProvisioningOptions(addons="print"))
+    provisioning.up(memory, reloaded, ProvisioningOptions(addons="print"))
     assert memory.cloud == {"n1": "network", "c1": "cluster"}
-    states = {s.step: s.state for s in memory.status(reloaded)}
+    states = {s.step: s.state for s in provisioning.status(memory, reloaded)}
     assert states == {"network": "done", "cluster": "done", "addon": "pending"}  # printed, not run
     del memory.cloud["c1"]  # deleted behind our back
-    assert {s.step: s.state for s in memory.status(reloaded)}["cluster"] == "missing"
+    assert {s.step: s.state for s in provisioning.status(memory, reloaded)}["cluster"] == "missing"
 
-    memory.down(reloaded)
+    provisioning.down(memory, reloaded)
     assert reloaded.resources == [] and reloaded.completed_steps == []
     assert json.loads(reloaded.path.read_text())["resources"] == []
 
@@ -244,16 +245,16 @@ def test_the_record_resumes_a_failed_up_and_down_empties_it(memory: MemoryProvis
 def test_addon_steps_run_or_are_skipped_as_told(memory: MemoryProvisioner, tmp_path: Path) -> None:
     record = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
     events: list[ProgressEvent] = []
-    memory.up(record, ProvisioningOptions(addons="skip"), progress=events.append)
+    provisioning.up(memory, record, ProvisioningOptions(addons="skip"), progress=events.append)
     assert "skipped (--addons skip)" in [e.message for e in events] and not record.find("helm/release")
-    memory.up(record, ProvisioningOptions(addons="install"))
-    assert record.find("helm/release") and all(s.state == "done" for s in memory.status(record))
+    provisioning.up(memory, record, ProvisioningOptions(addons="install"))
+    assert record.find("helm/release") and all(s.state == "done" for s in provisioning.status(memory, record))
 
 
 def test_two_runs_on_one_deployment_cannot_interleave(memory: MemoryProvisioner, tmp_path: Path) -> None:
     record = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
     with record.locked(), pytest.raises(Conflict, match="another `cmbcluster infra` run"):
-        memory.up(record)
+        provisioning.up(memory, record)
 
 
 def test_an_unreadable_or_foreign_record_is_refused(tmp_path: Path) -> None:
@@ -279,6 +280,6 @@ def test_dns_records_for_a_domain_and_its_environments() -> None:
 
 def test_a_failing_external_command_is_reported_with_its_output(tmp_path: Path) -> None:
     record = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
-    ctx = StepContext("addon", record, ProvisioningOptions(), lambda event: None)
+    ctx = StepRun("addon", record, ProvisioningOptions(), lambda event: None)
     with pytest.raises(ProviderUnavailable, match=r"exit 3\): boom"):
         ctx.run(["sh", "-c", "echo boom >&2; exit 3"])

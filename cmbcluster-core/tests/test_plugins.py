@@ -58,11 +58,12 @@ def test_entry_point_plugins_are_discovered() -> None:
 
 
 def test_selection_is_by_name_not_registration_order(manager: PluginManager) -> None:
-    manager.register(_storage_plugin("alpha"), name="alpha-plugin")
+    alpha = _storage_plugin("alpha")
+    manager.register(alpha, name="alpha-plugin")
     manager.register(_storage_plugin("beta"), name="beta-plugin")
     assert manager.storage_backend("alpha").name == "alpha"
     assert manager.storage_backend("beta").name == "beta"
-    assert manager.provider_of("storage", "alpha") == "alpha-plugin"
+    assert manager.storage_backend("alpha") == next(iter(alpha.cmbcluster_storage_backends()))  # alpha-plugin's own
 
 
 def test_same_name_from_two_plugins_is_an_error_naming_both(manager: PluginManager) -> None:
@@ -165,3 +166,15 @@ def test_registration_hooks_return_typed_frozen_registrations(manager: PluginMan
         reg = registrations["local"]
         with pytest.raises(AttributeError):
             reg.name = "changed"  # type: ignore[misc]
+
+
+def test_a_pod_context_says_which_providers_serve_the_pod() -> None:
+    context = PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="aws", infra_provider="gcp",
+    )  # fmt: skip
+    assert context.serves("aws") and context.serves("gcp") and not context.serves("azure")
+    assert not PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="local", infra_provider=None,
+    ).serves("aws")  # fmt: skip

@@ -25,6 +25,7 @@ from cmbcluster.app import create_app
 from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage
 from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import storages as storage_service
+from cmbcluster.services.usage import USAGE_MAX_AGE
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
@@ -123,7 +124,7 @@ def test_usage_is_cached_and_measured_again_when_stale(client: TestClient, alice
     made = create(client, alice)
     (bucket_dir(client, made) / "outside.bin").write_bytes(b"z" * 300)  # written behind the API's back
     assert client.get(f"{API}/{made['id']}", headers=alice).json()["size_bytes"] == 0  # cached, fresh
-    stale = dt.datetime.now(dt.UTC) - storage_service.USAGE_MAX_AGE - dt.timedelta(seconds=1)
+    stale = dt.datetime.now(dt.UTC) - USAGE_MAX_AGE - dt.timedelta(seconds=1)
     with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
         db.execute(update(Storage).where(Storage.id == made["id"]).values(usage_at=stale))
         db.commit()

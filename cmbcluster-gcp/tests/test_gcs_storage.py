@@ -33,14 +33,10 @@ from cmbcluster.interfaces import (
     UserRef,
 )
 from cmbcluster.testing.storage import StorageContract
+from cmbcluster_gcp.errors import error_for_status, translate_error
+from cmbcluster_gcp.labels import decode_display_name, encode_display_name
 from cmbcluster_gcp.settings import GcpSettings
-from cmbcluster_gcp.storage import (
-    GcsStorage,
-    decode_display_name,
-    encode_display_name,
-    error_for_status,
-    translate_error,
-)
+from cmbcluster_gcp.storage import GcsStorage
 
 MiB = 1024 * 1024
 EmulatorApi = Callable[..., Any]

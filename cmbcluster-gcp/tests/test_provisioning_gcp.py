@@ -11,9 +11,11 @@ from typing import Any
 import google.oauth2.credentials
 import pytest
 
+from cmbcluster import provisioning
 from cmbcluster.commands.infra import dns_records
 from cmbcluster.errors import CmbclusterError, Conflict, PermissionDenied
-from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions, ProvisioningRecord
+from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions
+from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_gcp.provisioning import GcpProvisioner
 from cmbcluster_gcp.rest import GoogleApi
@@ -86,7 +88,7 @@ def test_up_sends_the_documented_requests_then_down_removes_everything(
     provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake
 ) -> None:
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="print"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="print"), progress=events)
 
     network = body_of(fake, "POST", rf"^{P}/global/networks$")
     assert network["name"] == f"{CLUSTER}-net" and network["autoCreateSubnetworks"] is False
@@ -125,10 +127,10 @@ def test_up_sends_the_documented_requests_then_down_removes_everything(
     kubeconfig = json.loads(record.path.with_suffix(".kubeconfig").read_text())
     assert kubeconfig["clusters"][0]["cluster"]["server"] == "https://203.0.113.10"
     assert kubeconfig["users"][0]["user"]["exec"]["command"] == "gke-gcloud-auth-plugin"
-    states = {s.step: s.state for s in provisioner.status(record)}
+    states = {s.step: s.state for s in provisioning.status(provisioner, record)}
     assert [states[s] for s in STEPS] == ["done"] * 6 + ["pending"]
 
-    provisioner.down(record)
+    provisioning.down(provisioner, record)
     assert fake.resource_count() == 0 and record.resources == []
     deletes = [r.path for r in fake.requests if r.method == "DELETE"]
     # The cluster before its subnetwork, the router and subnetwork before the network (the fake enforces it).
@@ -137,10 +139,10 @@ def test_up_sends_the_documented_requests_then_down_removes_everything(
 
 
 def test_rerunning_up_only_reads(provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake) -> None:
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     fake.requests.clear()
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="skip"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
     assert {r.method for r in fake.requests} == {"GET"}
     assert events.actions("created") == [] and len(events.actions("adopted")) == 6
 
@@ -150,11 +152,11 @@ def test_up_interrupted_midway_resumes_without_duplicates(
 ) -> None:
     fake.fail_next("POST", r"/clusters$", 403)  # e.g. a quota or a missing permission, fixed by the operator
     with pytest.raises(PermissionDenied, match="GKE cluster"):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert record.completed_steps == STEPS[:5] and not fake.clusters
 
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="skip"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
     assert events.actions("created") == [f"container/cluster {CLUSTER} (v1/projects/{PROJECT}/locations/{REGION}"
                                          f"/clusters/{CLUSTER})"]  # fmt: skip
     assert len(fake.calls("POST", rf"^{P}/global/networks$")) == 1
@@ -169,7 +171,7 @@ def test_a_create_answered_409_is_adopted(
     fake.networks[f"{CLUSTER}-net"] = {"name": f"{CLUSTER}-net", "autoCreateSubnetworks": False,
                                        "selfLink": f"https://x{P}/global/networks/{CLUSTER}-net"}  # fmt: skip
     events = Events()
-    provisioner.up(record, ProvisioningOptions(addons="skip"), progress=events)
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
     assert events.actions("adopted")[0].startswith(f"compute/network {CLUSTER}-net")
     assert fake.resource_count() == 6
 
@@ -179,7 +181,7 @@ def test_server_errors_are_retried(
 ) -> None:
     fake.fail_next("GET", r"/subnetworks/", 503)
     fake.fail_next("POST", r"/repositories$", 429)
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert fake.resource_count() == 6
     assert len(fake.calls("POST", r"/repositories$")) == 2
 
@@ -189,11 +191,11 @@ def test_down_after_a_partial_up_removes_what_exists(
 ) -> None:
     fake.fail_next("POST", r"/storage/v1/b$", 400)
     with pytest.raises(CmbclusterError):
-        provisioner.up(record, ProvisioningOptions(addons="skip"))
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert fake.resource_count() == 4
     del fake.repositories["cmbcluster"]  # deleted by hand meanwhile
     events = Events()
-    provisioner.down(record, progress=events)
+    provisioning.down(provisioner, record, progress=events)
     assert fake.resource_count() == 0 and record.resources == []
     assert any("cmbcluster" in message for message in events.actions("gone"))
 
@@ -201,14 +203,14 @@ def test_down_after_a_partial_up_removes_what_exists(
 def test_a_database_bucket_holding_backups_is_kept_unless_delete_data(
     provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake
 ) -> None:
-    provisioner.up(record, ProvisioningOptions(addons="skip"))
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     bucket = f"{CLUSTER}-database-{PROJECT}"
     fake.objects[bucket] = [{"name": "backups/a.sqlite", "generation": "1"}, {"name": "backups/a.sqlite",
                                                                               "generation": "2"}]  # fmt: skip
     with pytest.raises(Conflict, match=r"nothing was deleted.*--delete-data"):
-        provisioner.down(record)
+        provisioning.down(provisioner, record)
     assert fake.resource_count() == 6 and not fake.calls("DELETE", ".")
-    provisioner.down(record, ProvisioningOptions(delete_data=True))
+    provisioning.down(provisioner, record, ProvisioningOptions(delete_data=True))
     assert fake.resource_count() == 0
 
 

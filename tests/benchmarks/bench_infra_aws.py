@@ -20,7 +20,9 @@ from pathlib import Path
 
 from moto.server import ThreadedMotoServer
 
-from cmbcluster.interfaces import ProvisioningOptions, ProvisioningRecord
+from cmbcluster import provisioning
+from cmbcluster.interfaces import ProvisioningOptions
+from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_aws.provisioning import AwsProvisioner
 from cmbcluster_aws.settings import AwsSettings
@@ -55,13 +57,13 @@ def main() -> None:
                 steps = provisioner.plan()
                 plans.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                provisioner.up(record, ProvisioningOptions(addons="print"))
+                provisioning.up(provisioner, record, ProvisioningOptions(addons="print"))
                 ups.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                provisioner.up(record, ProvisioningOptions(addons="print"))
+                provisioning.up(provisioner, record, ProvisioningOptions(addons="print"))
                 reruns.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                provisioner.down(record)
+                provisioning.down(provisioner, record)
                 downs.append(time.perf_counter() - start)
                 provisioner.close()
             # The operator's view: whole CLI processes (interpreter start, plugin loading, configuration).

@@ -37,7 +37,9 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from cmbcluster.interfaces import EnvironmentSpec, Resources, UserRef
-from cmbcluster.kubernetes.backend import CONNECTION_POOL_SIZE, KubernetesCompute
+from cmbcluster.kubernetes.client import CONNECTION_POOL_SIZE
+from cmbcluster.kubernetes.manifests import build_draft, build_pod
+from cmbcluster.kubernetes.routing import Exposure
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
 from tests.k8s.harness import K8sCluster, running_cluster
@@ -100,15 +102,13 @@ class PodClock:
 
 def pod_manifests(count: int, namespace: str) -> list[dict[str, Any]]:
     """The pods the kubernetes backend would create for ``count`` environments (no API call)."""
-    builder = KubernetesCompute(k8s.ApiClient(), namespace=namespace)
     manifests = []
     for i in range(count):
         spec = EnvironmentSpec(
             environment_id=f"direct{i:026d}", user=UserRef(id="0" * 32), image="quay.io/jupyter/scipy-notebook",
             port=8888, env={"GREETING": "hello"}, resources=Resources(cpu=0.1, memory_mib=128),
         )  # fmt: skip
-        manifests.append(builder.build_pod(builder.build_draft(spec), spec))
-    builder.close()
+        manifests.append(build_pod(build_draft(spec, namespace=namespace, exposure=Exposure()), spec))
     return manifests
 
 

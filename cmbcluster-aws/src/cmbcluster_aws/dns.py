@@ -5,20 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cmbcluster.errors import InvalidRequest, NotFound
+from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import DnsRecord
+from cmbcluster.provisioning.dns import Zone, best_zone, check_record
 from cmbcluster_aws.errors import aws_errors
 
 __all__ = ["Route53Dns"]
 
 
-def _fqdn(name: str) -> str:
-    return name.rstrip(".").lower() + "."
-
-
 class Route53Dns:
     """UPSERT changes in one hosted zone: ``hosted_zone_id``, or the public zone whose name is the
-    longest suffix of the records' names."""
+    longest suffix of the records' names (:func:`cmbcluster.provisioning.dns.best_zone`)."""
 
     def __init__(self, client: Any, *, hosted_zone_id: str | None = None) -> None:
         self.client = client
@@ -30,18 +27,14 @@ class Route53Dns:
             if self.hosted_zone_id:
                 zone = self.client.get_hosted_zone(Id=self.hosted_zone_id)["HostedZone"]
                 return self.hosted_zone_id, str(zone["Name"])
-            zones = [z for page in self.client.get_paginator("list_hosted_zones").paginate()
-                     for z in page.get("HostedZones", [])]  # fmt: skip
-        fqdn = _fqdn(name.removeprefix("*."))
-        matching = [
-            z
-            for z in zones
-            if not z.get("Config", {}).get("PrivateZone") and (fqdn == z["Name"] or fqdn.endswith("." + z["Name"]))
-        ]
-        if not matching:
-            raise NotFound(f"no public Route53 hosted zone holds {name}; create one or set ROUTE53_HOSTED_ZONE_ID")
-        best = max(matching, key=lambda z: len(str(z["Name"])))
-        return str(best["Id"]).removeprefix("/hostedzone/"), str(best["Name"])
+            zones = [
+                Zone(id=str(z["Id"]).removeprefix("/hostedzone/"), name=str(z["Name"]),
+                     public=not z.get("Config", {}).get("PrivateZone"))
+                for page in self.client.get_paginator("list_hosted_zones").paginate()
+                for z in page.get("HostedZones", [])
+            ]  # fmt: skip
+        best = best_zone(name, zones, kind="Route53 hosted zone", setting="ROUTE53_HOSTED_ZONE_ID")
+        return best.id, best.name
 
     def upsert(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
         if not records:
@@ -49,14 +42,7 @@ class Route53Dns:
         zone_id, zone_name = self.zone_for(records[0].name)
         changes, done = [], []
         for record in records:
-            fqdn = _fqdn(record.name)
-            if fqdn != zone_name and not fqdn.endswith("." + zone_name):
-                raise InvalidRequest(f"{record.name} is not in the hosted zone {zone_name}")
-            if record.type == "CNAME" and fqdn == zone_name:
-                raise InvalidRequest(
-                    f"{record.name} is the zone apex, which cannot be a CNAME: give an IP address as --target, "
-                    "or use a subdomain"
-                )
+            fqdn = check_record(record, zone_name, f"hosted zone {zone_name}")
             changes.append(
                 {
                     "Action": "UPSERT",

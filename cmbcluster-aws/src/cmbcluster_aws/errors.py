@@ -1,5 +1,6 @@
 """One mapping from botocore failures to CMBCluster's typed errors, for every AWS service the
-plugin calls (S3, IAM, EKS, ECR, STS)."""
+plugin calls (S3, IAM, EKS, ECR, STS): AWS's error codes first, then what only the HTTP status
+says by core's one policy (:func:`cmbcluster.errors.error_for_status`; a 429 is LimitExceeded)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from cmbcluster.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ProviderUnavailable,
+    error_for_status,
+    retry_after_seconds,
 )
 
 _NOT_FOUND_CODES = frozenset(
@@ -117,7 +120,8 @@ def map_aws_error(exc: BaseException, what: str) -> CmbclusterError:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        metadata = exc.response.get("ResponseMetadata", {})
+        status = int(metadata.get("HTTPStatusCode") or 0)
         message = str(error.get("Message") or code or "error")
         detail = {"code": code, "status": status}
         text = f"{what}: {message} ({code})" if code else f"{what}: {message}"
@@ -125,19 +129,21 @@ def map_aws_error(exc: BaseException, what: str) -> CmbclusterError:
             return NotFound(f"{what} not found", detail=detail)
         if code in _EXISTS_CODES:
             return AlreadyExists(text, detail=detail)
-        if code in _CONFLICT_CODES or status in (409, 412):
+        if code in _CONFLICT_CODES:
             return Conflict(text, detail=detail)
-        if code in _DENIED_CODES or status == 403:
+        if code in _DENIED_CODES:
             return PermissionDenied(text, detail=detail)
         if code in _LIMIT_CODES:
             return LimitExceeded(text, detail=detail)
         if code in _TOO_LARGE_CODES:
             return PayloadTooLarge(text, detail=detail)
-        if code in _UNAVAILABLE_CODES or status == 429 or status >= 500:
+        if status != 429 and code in _UNAVAILABLE_CODES:  # throttling answered 503 or 400 (SlowDown, Throttling)
             return ProviderUnavailable(f"AWS did not complete the request on {what}: {message}", detail=detail)
-        if code in _INVALID_CODES or 400 <= status < 500:
+        if status != 429 and code in _INVALID_CODES:
             return InvalidRequest(text, detail=detail)
-        return ProviderUnavailable(text, detail=detail)
+        retry_after = retry_after_seconds((metadata.get("HTTPHeaders") or {}).get("retry-after"))
+        reason = f"{message} ({code})" if code else message
+        return error_for_status(status, what, service="AWS", reason=reason, detail=detail, retry_after=retry_after)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return ProviderUnavailable(f"no usable AWS credentials ({what})")
     if isinstance(exc, ParamValidationError):

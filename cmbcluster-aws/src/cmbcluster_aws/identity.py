@@ -7,15 +7,14 @@ IAM OIDC provider, and only for ``system:serviceaccount:<namespace>:<that servic
 Its one inline policy, ``cmbcluster-buckets``, grants that user's buckets and nothing else; it
 is rewritten by :meth:`AwsInfra.update_user_buckets` whenever the user's buckets change.
 
-boto3 is imported here only (the plugin imports this module lazily). botocore failures go
-through :func:`cmbcluster_aws.errors.map_aws_error`, the plugin's one error mapping.
+boto3 comes in through this module's imports only (the plugin imports it lazily). botocore
+failures go through :func:`cmbcluster_aws.errors.map_aws_error`, the plugin's one error mapping.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import re
@@ -23,8 +22,6 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cmbcluster.errors import (
@@ -36,9 +33,10 @@ from cmbcluster.errors import (
 )
 from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
 from cmbcluster.naming import dns_label, short_id
+from cmbcluster_aws.clients import close_clients, make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
+from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
 
 __all__ = [
     "BUCKET_POLICY_NAME",
@@ -149,27 +147,14 @@ class AwsInfra(InfraProvider):
         self.domain = domain
         self.partition = partition_of(settings.aws_region)
         self._issuer: str | None = None
-        given = dict(clients or {})
-        config = Config(
-            region_name=settings.aws_region,
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            user_agent_extra="cmbcluster",
-        )
-        session = boto3.session.Session()
-
-        def client(service: str) -> Any:
-            if service in given:
-                return given[service]
-            return session.client(
-                service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
-            )
-
-        self._iam: Any = client("iam")
-        self._eks: Any = client("eks")
-        self._ecr: Any = client("ecr")
-        self._sts: Any = client("sts")
+        made = make_clients(
+            settings, ("iam", "eks", "ecr", "sts"), given=clients, max_attempts=max_attempts,
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+        )  # fmt: skip
+        self._iam: Any = made["iam"]
+        self._eks: Any = made["eks"]
+        self._ecr: Any = made["ecr"]
+        self._sts: Any = made["sts"]
 
     # -- names -------------------------------------------------------------------------------
     @staticmethod
@@ -353,6 +338,4 @@ class AwsInfra(InfraProvider):
             )
 
     def close(self) -> None:
-        for client in (self._iam, self._eks, self._ecr, self._sts):
-            with contextlib.suppress(Exception):
-                client.close()
+        close_clients((self._iam, self._eks, self._ecr, self._sts))

@@ -22,7 +22,7 @@ CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
 def _s3_storage(ctx: ProviderContext) -> StorageBackend:
     from cmbcluster_aws.storage import S3Storage
 
-    return S3Storage(ctx.settings(AwsSettings))
+    return S3Storage(ctx.require_settings(AwsSettings))
 
 
 @hookimpl
@@ -33,7 +33,7 @@ def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
 
 
 def _cognito_auth(ctx: ProviderContext) -> AuthProvider:
-    settings = ctx.settings(AwsSettings)
+    settings = ctx.require_settings(AwsSettings)
     missing = [
         f"{variable} is required for Cognito sign-in but not set (AwsSettings)"
         for variable, value in (
@@ -57,13 +57,10 @@ def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
 
 
 def _aws_infra(ctx: ProviderContext) -> InfraProvider:
-    from urllib.parse import urlsplit
-
     from cmbcluster_aws.identity import AwsInfra
 
-    # AwsSettings has no domain or Route53 setting: the deployment's public host stands in.
-    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
-    return AwsInfra(ctx.settings(AwsSettings), domain=domain)
+    # AwsSettings has no domain setting: the deployment's public host stands in.
+    return AwsInfra(ctx.require_settings(AwsSettings), domain=ctx.public_host)
 
 
 def _aws_provisioner(ctx: ProviderContext) -> Provisioner:
@@ -71,7 +68,7 @@ def _aws_provisioner(ctx: ProviderContext) -> Provisioner:
 
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias S3_DATABASE_BUCKET)
     return AwsProvisioner(
-        ctx.settings(AwsSettings), namespace=ctx.core.namespace, database_bucket=ctx.core.database_bucket
+        ctx.require_settings(AwsSettings), namespace=ctx.core.namespace, database_bucket=ctx.core.database_bucket
     )
 
 
@@ -89,10 +86,8 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
 @hookimpl
 def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
     """IRSA and Mountpoint on EKS pods (cmbcluster_aws.pods); nothing for other clouds."""
-    if context.storage_backend != "aws" and context.infra_provider != "aws":
-        return
-    from cmbcluster_aws.pods import decorate_eks_pod
+    settings = context.settings(AwsSettings)  # the control plane's validated aws settings
+    if settings is not None and context.serves("aws"):
+        from cmbcluster_aws.pods import decorate_eks_pod
 
-    settings = context.settings(AwsSettings)
-    if settings is not None:  # the control plane's validated aws settings
         decorate_eks_pod(draft, context, settings)

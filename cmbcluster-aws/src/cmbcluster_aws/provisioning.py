@@ -31,30 +31,39 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
+from cmbcluster.commands.images import IMAGE_NAMES
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import (
+    DeploymentRecord,
     DnsRecord,
     HelmRelease,
     PlannedStep,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
 )
-from cmbcluster.interfaces.provisioning import IMAGE_NAMES, write_kubeconfig
 from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
+from cmbcluster.provisioning import (
+    CERT_MANAGER,
+    data_written_during_down,
+    install_release,
+    kubeconfig_path,
+    refuse_to_delete_data,
+    release_step,
+    uninstall_release,
+    write_kubeconfig,
+)
+from cmbcluster_aws.clients import close_clients, make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import MANAGED_BY, TAG_MANAGED_BY, S3Storage
+from cmbcluster_aws.storage import S3Storage
+from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY
 
 __all__ = ["ADDONS", "AwsProvisioner"]
 
@@ -77,10 +86,7 @@ ADDONS: dict[str, HelmRelease] = {
         name="aws-load-balancer-controller", chart="aws-load-balancer-controller",
         repo="https://aws.github.io/eks-charts", version="1.14.0", namespace="kube-system",
     ),
-    "cert-manager": HelmRelease(
-        name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
-        namespace="cert-manager", values={"crds.enabled": "true"},
-    ),
+    "cert-manager": CERT_MANAGER,
     "ebs-csi-driver": HelmRelease(
         name="aws-ebs-csi-driver", chart="aws-ebs-csi-driver",
         repo="https://kubernetes-sigs.github.io/aws-ebs-csi-driver", version="2.48.0", namespace="kube-system",
@@ -146,20 +152,10 @@ class AwsProvisioner(Provisioner):
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
         self.partition = partition_of(settings.aws_region)
-        given = dict(clients or {})
-        config = Config(
-            region_name=settings.aws_region,
-            retries={"mode": "standard", "max_attempts": max_attempts},  # throttling and 5xx are retried
-            connect_timeout=5,
-            read_timeout=60,
-            user_agent_extra="cmbcluster-infra",
-        )
-        session = boto3.session.Session()
-        self._clients: dict[str, Any] = {}
-        for service in ("ec2", "eks", "iam", "ecr", "s3", "sts", "elbv2", "route53"):
-            self._clients[service] = given.get(service) or session.client(
-                service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
-            )
+        self._clients: dict[str, Any] = make_clients(
+            settings, ("ec2", "eks", "iam", "ecr", "s3", "sts", "elbv2", "route53"), given=clients,
+            max_attempts=max_attempts, user_agent="cmbcluster-infra",
+        )  # fmt: skip
         self.ec2: Any = self._clients["ec2"]
         self.eks: Any = self._clients["eks"]
         self.iam: Any = self._clients["iam"]
@@ -198,11 +194,6 @@ class AwsProvisioner(Provisioner):
     @property
     def nodegroup_name(self) -> str:
         return self._name("nodes")
-
-    @staticmethod
-    def kubeconfig_path(ctx: StepContext) -> Path:
-        """Beside the record: written once the cluster exists, used by the helm steps."""
-        return ctx.record.path.with_suffix(".kubeconfig")
 
     def _subnet_cidrs(self) -> tuple[list[str], list[str]]:
         try:
@@ -266,14 +257,7 @@ class AwsProvisioner(Provisioner):
             PlannedStep(name="irsa-roles", description="IRSA roles: control plane and add-ons, one ServiceAccount each",
                         creates=tuple(f"iam/role {self.role_name(s)}" for s in IRSA_ROLES)),
         ]  # fmt: skip
-        for key, release in ADDONS.items():
-            steps.append(
-                PlannedStep(
-                    name=f"addon-{key}", description=f"helm: {release.chart} {release.version} in {release.namespace}",
-                    creates=(f"helm/release {release.namespace}/{release.name}",), external=True,
-                )
-            )  # fmt: skip
-        return steps
+        return steps + [release_step(key, release) for key, release in ADDONS.items()]
 
     # -- up ----------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -285,9 +269,9 @@ class AwsProvisioner(Provisioner):
                 [f"the AWS credentials belong to account {account}, not AWS_ACCOUNT_ID {self.settings.aws_account_id}"]
             )
 
-    def apply_step(self, step: PlannedStep, ctx: StepContext) -> None:
+    def apply_step(self, step: PlannedStep, job: StepContext) -> None:
         if step.name.startswith("addon-"):
-            self._addon(step.name.removeprefix("addon-"), ctx)
+            self._addon(step.name.removeprefix("addon-"), job)
             return
         handlers: dict[str, Callable[[StepContext], object]] = {
             "cluster-role": lambda c: self._role(c, "cluster-role", self._service_trust("eks"), CLUSTER_POLICIES),
@@ -305,7 +289,7 @@ class AwsProvisioner(Provisioner):
             "database-bucket": self._bucket,
         }
         with aws_errors(step.description):
-            handlers[step.name](ctx)
+            handlers[step.name](job)
 
     def _service_trust(self, service: str) -> dict[str, Any]:
         return {
@@ -317,7 +301,7 @@ class AwsProvisioner(Provisioner):
 
     def _role(
         self,
-        ctx: StepContext,
+        job: StepContext,
         suffix: str,
         trust: dict[str, Any],
         managed: Sequence[str],
@@ -332,7 +316,7 @@ class AwsProvisioner(Provisioner):
             if owned.get(TAG_DEPLOYMENT) != self.deployment:
                 raise Conflict(f"IAM role {name} exists but does not belong to deployment {self.deployment}")
             self.iam.update_assume_role_policy(RoleName=name, PolicyDocument=document)
-            ctx.adopted(self._role_record(ctx.step, name, arn))
+            job.adopted(self._role_record(job.step, name, arn))
         except ClientError as exc:
             if error_code(exc) != "NoSuchEntity":
                 raise
@@ -341,7 +325,7 @@ class AwsProvisioner(Provisioner):
                 Description=f"CMBCluster deployment {self.deployment}: {suffix}",
             )["Role"]  # fmt: skip
             arn = str(role["Arn"])
-            ctx.created(self._role_record(ctx.step, name, arn))
+            job.created(self._role_record(job.step, name, arn))
         for policy in managed:
             with aws_errors(f"managed policy {self._managed(policy)} (for IAM role {name})"):
                 self.iam.attach_role_policy(RoleName=name, PolicyArn=self._managed(policy))  # idempotent in IAM
@@ -365,47 +349,61 @@ class AwsProvisioner(Provisioner):
     def _spec(self, kind: str, resource: str, name: str) -> list[dict[str, Any]]:
         return [{"ResourceType": kind, "Tags": self._tags(resource, name)}]
 
-    def _recorded_id(self, ctx: StepContext, kind: str, name: str) -> str:
-        found = ctx.record.find(kind, name=name)
+    def _recorded_id(self, job: StepContext, kind: str, name: str) -> str:
+        found = job.record.find(kind, name=name)
         if not found:
             raise ConfigurationError([f"{kind} {name} is not in the record: run `cmbcluster infra up` from the start"])
         return found[0].id
 
-    def _vpc(self, ctx: StepContext) -> None:
+    def _tagged(
+        self,
+        job: StepContext,
+        *,
+        kind: str,
+        name: str,
+        tag: str,
+        describe: tuple[str, str],
+        id_key: str,
+        create: Callable[[], dict[str, Any]],
+        extra: Sequence[dict[str, Any]] = (),
+        attributes: dict[str, str] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """The EC2 resource this deployment tagged ``tag`` (adopted), or the one ``create`` makes (recorded
+        as created as soon as EC2 returns it); and whether it was adopted. ``describe`` is the
+        describe call and the key of its list, ``id_key`` the resource's id field."""
+        found = self._find_tagged(*describe, tag, extra)
+        resource = found[0] if found else create()
+        record = ResourceRecord(step=job.step, kind=kind, id=str(resource[id_key]), name=name,
+                                attributes=attributes or {})  # fmt: skip
+        (job.adopted if found else job.created)(record)
+        return resource, bool(found)
+
+    def _vpc(self, job: StepContext) -> None:
         name = self._name("vpc")
-        found = self._find_tagged("describe_vpcs", "Vpcs", "vpc")
-        if found:
-            vpc_id = str(found[0]["VpcId"])
-            ctx.adopted(ResourceRecord(step=ctx.step, kind="ec2/vpc", id=vpc_id, name=name))
-        else:
-            vpc = self.ec2.create_vpc(
+        vpc, _ = self._tagged(
+            job, kind="ec2/vpc", name=name, tag="vpc", describe=("describe_vpcs", "Vpcs"), id_key="VpcId",
+            create=lambda: self.ec2.create_vpc(
                 CidrBlock=self.settings.vpc_cidr, TagSpecifications=self._spec("vpc", "vpc", name)
-            )
-            vpc_id = str(vpc["Vpc"]["VpcId"])
-            ctx.created(ResourceRecord(step=ctx.step, kind="ec2/vpc", id=vpc_id, name=name))
+            )["Vpc"],
+        )  # fmt: skip
+        vpc_id = str(vpc["VpcId"])
         # EKS nodes need both to register with the cluster's private endpoint.
         self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsSupport={"Value": True})
         self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
 
-    def _internet_gateway(self, ctx: StepContext) -> None:
+    def _internet_gateway(self, job: StepContext) -> None:
         name = self._name("igw")
-        vpc_id = self._recorded_id(ctx, "ec2/vpc", self._name("vpc"))
-        found = self._find_tagged("describe_internet_gateways", "InternetGateways", "igw")
-        if found:
-            igw = found[0]
-            record = ResourceRecord(step=ctx.step, kind="ec2/internet-gateway", id=str(igw["InternetGatewayId"]),
-                                    name=name, attributes={"vpc_id": vpc_id})  # fmt: skip
-            ctx.adopted(record)
-            attached = any(a.get("VpcId") == vpc_id for a in igw.get("Attachments", []))
-        else:
-            igw = self.ec2.create_internet_gateway(TagSpecifications=self._spec("internet-gateway", "igw", name))
-            record = ResourceRecord(step=ctx.step, kind="ec2/internet-gateway",
-                                    id=str(igw["InternetGateway"]["InternetGatewayId"]), name=name,
-                                    attributes={"vpc_id": vpc_id})  # fmt: skip
-            ctx.created(record)
-            attached = False
-        if not attached:
-            self.ec2.attach_internet_gateway(InternetGatewayId=record.id, VpcId=vpc_id)
+        vpc_id = self._recorded_id(job, "ec2/vpc", self._name("vpc"))
+        igw, adopted = self._tagged(
+            job, kind="ec2/internet-gateway", name=name, tag="igw",
+            describe=("describe_internet_gateways", "InternetGateways"), id_key="InternetGatewayId",
+            create=lambda: self.ec2.create_internet_gateway(
+                TagSpecifications=self._spec("internet-gateway", "igw", name)
+            )["InternetGateway"],
+            attributes={"vpc_id": vpc_id},
+        )  # fmt: skip
+        if not (adopted and any(a.get("VpcId") == vpc_id for a in igw.get("Attachments", []))):
+            self.ec2.attach_internet_gateway(InternetGatewayId=str(igw["InternetGatewayId"]), VpcId=vpc_id)
 
     def availability_zones(self) -> list[str]:
         if self._zones is None:
@@ -422,8 +420,8 @@ class AwsProvisioner(Provisioner):
             self._zones = names[:ZONES]
         return self._zones
 
-    def _subnets(self, ctx: StepContext) -> None:
-        vpc_id = self._recorded_id(ctx, "ec2/vpc", self._name("vpc"))
+    def _subnets(self, job: StepContext) -> None:
+        vpc_id = self._recorded_id(job, "ec2/vpc", self._name("vpc"))
         public, private = self._subnet_cidrs()
         cluster_tag = {"Key": f"kubernetes.io/cluster/{self.deployment}", "Value": "shared"}
         for tier, cidrs, role_tag in (
@@ -433,75 +431,70 @@ class AwsProvisioner(Provisioner):
             for index, (cidr, zone) in enumerate(zip(cidrs, self.availability_zones(), strict=True)):
                 resource, name = f"subnet/{tier}/{index}", self._name(f"{tier}-{index}")
                 attributes = {"tier": tier, "zone": zone, "cidr": cidr}
-                found = self._find_tagged("describe_subnets", "Subnets", resource)
-                if found:
-                    subnet_id = str(found[0]["SubnetId"])
-                    ctx.adopted(ResourceRecord(step=ctx.step, kind="ec2/subnet", id=subnet_id, name=name,
-                                               attributes=attributes))  # fmt: skip
-                else:
-                    tags = [*self._tags(resource, name), cluster_tag, role_tag]
-                    subnet = self.ec2.create_subnet(
-                        VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone,
-                        TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
-                    )["Subnet"]  # fmt: skip
-                    subnet_id = str(subnet["SubnetId"])
-                    ctx.created(ResourceRecord(step=ctx.step, kind="ec2/subnet", id=subnet_id, name=name,
-                                               attributes=attributes))  # fmt: skip
+                tags = [*self._tags(resource, name), cluster_tag, role_tag]
+                subnet, _ = self._tagged(
+                    job, kind="ec2/subnet", name=name, tag=resource, describe=("describe_subnets", "Subnets"),
+                    id_key="SubnetId", attributes=attributes,
+                    create=functools.partial(self._create_subnet, vpc_id, cidr, zone, tags),
+                )  # fmt: skip
                 if tier == "public":
-                    self.ec2.modify_subnet_attribute(SubnetId=subnet_id, MapPublicIpOnLaunch={"Value": True})
+                    self.ec2.modify_subnet_attribute(SubnetId=str(subnet["SubnetId"]),
+                                                     MapPublicIpOnLaunch={"Value": True})  # fmt: skip
 
-    def _subnet_ids(self, ctx: StepContext, tier: str) -> list[str]:
-        return [r.id for r in ctx.record.find("ec2/subnet") if r.attributes.get("tier") == tier]
+    def _create_subnet(self, vpc_id: str, cidr: str, zone: str, tags: list[dict[str, str]]) -> dict[str, Any]:
+        subnet: dict[str, Any] = self.ec2.create_subnet(
+            VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone,
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
+        )["Subnet"]  # fmt: skip
+        return subnet
 
-    def _nat_gateway(self, ctx: StepContext) -> None:
+    def _create_route_table(self, vpc_id: str, resource: str, name: str) -> dict[str, Any]:
+        table: dict[str, Any] = self.ec2.create_route_table(
+            VpcId=vpc_id, TagSpecifications=self._spec("route-table", resource, name)
+        )["RouteTable"]
+        return table
+
+    def _subnet_ids(self, job: StepContext, tier: str) -> list[str]:
+        return [r.id for r in job.record.find("ec2/subnet") if r.attributes.get("tier") == tier]
+
+    def _nat_gateway(self, job: StepContext) -> None:
         eip_name, nat_name = self._name("nat-eip"), self._name("nat")
-        found = self._find_tagged("describe_addresses", "Addresses", "eip")
-        if found:
-            allocation = str(found[0]["AllocationId"])
-            ctx.adopted(ResourceRecord(step=ctx.step, kind="ec2/elastic-ip", id=allocation, name=eip_name))
-        else:
-            address = self.ec2.allocate_address(
+        address, _ = self._tagged(
+            job, kind="ec2/elastic-ip", name=eip_name, tag="eip", describe=("describe_addresses", "Addresses"),
+            id_key="AllocationId",
+            create=lambda: self.ec2.allocate_address(
                 Domain="vpc", TagSpecifications=self._spec("elastic-ip", "eip", eip_name)
-            )
-            allocation = str(address["AllocationId"])
-            ctx.created(ResourceRecord(step=ctx.step, kind="ec2/elastic-ip", id=allocation, name=eip_name))
-        live = [{"Name": "state", "Values": ["pending", "available"]}]
-        nats = self._find_tagged("describe_nat_gateways", "NatGateways", "nat", live)
-        if nats:
-            nat_id = str(nats[0]["NatGatewayId"])
-            ctx.adopted(ResourceRecord(step=ctx.step, kind="ec2/nat-gateway", id=nat_id, name=nat_name))
-        else:
-            subnet = self._subnet_ids(ctx, "public")[0]
-            nat = self.ec2.create_nat_gateway(
-                SubnetId=subnet, AllocationId=allocation, TagSpecifications=self._spec("natgateway", "nat", nat_name)
-            )["NatGateway"]
-            nat_id = str(nat["NatGatewayId"])
-            ctx.created(ResourceRecord(step=ctx.step, kind="ec2/nat-gateway", id=nat_id, name=nat_name))
-        ctx.note(f"waiting for NAT gateway {nat_id} (1-2 minutes on AWS)")
+            ),
+        )  # fmt: skip
+        allocation = str(address["AllocationId"])
+        nat, _ = self._tagged(
+            job, kind="ec2/nat-gateway", name=nat_name, tag="nat", describe=("describe_nat_gateways", "NatGateways"),
+            id_key="NatGatewayId", extra=[{"Name": "state", "Values": ["pending", "available"]}],
+            create=lambda: self.ec2.create_nat_gateway(
+                SubnetId=self._subnet_ids(job, "public")[0], AllocationId=allocation,
+                TagSpecifications=self._spec("natgateway", "nat", nat_name),
+            )["NatGateway"],
+        )  # fmt: skip
+        nat_id = str(nat["NatGatewayId"])
+        job.note(f"waiting for NAT gateway {nat_id} (1-2 minutes on AWS)")
         self._wait("ec2", "nat_gateway_available", f"NAT gateway {nat_id}", NatGatewayIds=[nat_id])
 
-    def _route_tables(self, ctx: StepContext) -> None:
-        vpc_id = self._recorded_id(ctx, "ec2/vpc", self._name("vpc"))
-        igw = self._recorded_id(ctx, "ec2/internet-gateway", self._name("igw"))
-        nat = self._recorded_id(ctx, "ec2/nat-gateway", self._name("nat"))
+    def _route_tables(self, job: StepContext) -> None:
+        vpc_id = self._recorded_id(job, "ec2/vpc", self._name("vpc"))
+        igw = self._recorded_id(job, "ec2/internet-gateway", self._name("igw"))
+        nat = self._recorded_id(job, "ec2/nat-gateway", self._name("nat"))
         for tier, target in (("public", {"GatewayId": igw}), ("private", {"NatGatewayId": nat})):
             resource, name = f"rtb/{tier}", self._name(f"{tier}-rt")
-            found = self._find_tagged("describe_route_tables", "RouteTables", resource)
-            if found:
-                table = found[0]
-                ctx.adopted(ResourceRecord(step=ctx.step, kind="ec2/route-table", id=str(table["RouteTableId"]),
-                                           name=name))  # fmt: skip
-            else:
-                table = self.ec2.create_route_table(
-                    VpcId=vpc_id, TagSpecifications=self._spec("route-table", resource, name)
-                )["RouteTable"]
-                ctx.created(ResourceRecord(step=ctx.step, kind="ec2/route-table", id=str(table["RouteTableId"]),
-                                           name=name))  # fmt: skip
+            table, _ = self._tagged(
+                job, kind="ec2/route-table", name=name, tag=resource,
+                describe=("describe_route_tables", "RouteTables"), id_key="RouteTableId",
+                create=functools.partial(self._create_route_table, vpc_id, resource, name),
+            )  # fmt: skip
             table_id = str(table["RouteTableId"])
             if not any(r.get("DestinationCidrBlock") == "0.0.0.0/0" for r in table.get("Routes", [])):
                 self.ec2.create_route(RouteTableId=table_id, DestinationCidrBlock="0.0.0.0/0", **target)
             associated = {a.get("SubnetId") for a in table.get("Associations", [])}
-            for subnet in self._subnet_ids(ctx, tier):
+            for subnet in self._subnet_ids(job, tier):
                 if subnet not in associated:
                     self.ec2.associate_route_table(RouteTableId=table_id, SubnetId=subnet)
 
@@ -519,7 +512,7 @@ class AwsProvisioner(Provisioner):
                 time.sleep(self.propagation_delay)
         raise AssertionError("unreachable")
 
-    def _cluster(self, ctx: StepContext) -> None:
+    def _cluster(self, job: StepContext) -> None:
         name = self.deployment
         try:
             cluster = self.eks.describe_cluster(name=name)["cluster"]
@@ -527,12 +520,12 @@ class AwsProvisioner(Provisioner):
                 raise Conflict(f"EKS cluster {name} exists but was not made by `cmbcluster infra up`")
             if cluster.get("status") in ("DELETING", "FAILED"):
                 raise Conflict(f"EKS cluster {name} is {cluster.get('status')}; delete it and rerun")
-            ctx.adopted(ResourceRecord(step=ctx.step, kind="eks/cluster", id=name, name=name))
+            job.adopted(ResourceRecord(step=job.step, kind="eks/cluster", id=name, name=name))
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            role_arn = ctx.record.find("iam/role", name=self.role_name("cluster-role"))[0].attributes["arn"]
-            subnets = self._subnet_ids(ctx, "private") + self._subnet_ids(ctx, "public")
+            role_arn = job.record.find("iam/role", name=self.role_name("cluster-role"))[0].attributes["arn"]
+            subnets = self._subnet_ids(job, "private") + self._subnet_ids(job, "public")
             self._retrying_propagation(
                 lambda: self.eks.create_cluster(
                     name=name, version=self.settings.eks_kubernetes_version, roleArn=role_arn,
@@ -544,16 +537,16 @@ class AwsProvisioner(Provisioner):
                 ),
                 f"EKS cluster {name}",
             )  # fmt: skip
-            ctx.created(ResourceRecord(step=ctx.step, kind="eks/cluster", id=name, name=name))
-        ctx.note(f"waiting for EKS cluster {name} to be ACTIVE (about 10-15 minutes on AWS)")
+            job.created(ResourceRecord(step=job.step, kind="eks/cluster", id=name, name=name))
+        job.note(f"waiting for EKS cluster {name} to be ACTIVE (about 10-15 minutes on AWS)")
         self._wait("eks", "cluster_active", f"EKS cluster {name}", name=name)
-        self._write_kubeconfig(ctx)
+        self._write_kubeconfig(job)
 
-    def _write_kubeconfig(self, ctx: StepContext) -> None:
+    def _write_kubeconfig(self, job: StepContext) -> None:
         with aws_errors(f"EKS cluster {self.deployment}"):
             cluster = self.eks.describe_cluster(name=self.deployment)["cluster"]
         write_kubeconfig(
-            self.kubeconfig_path(ctx),
+            kubeconfig_path(job.record),
             name=self.deployment,
             server=str(cluster.get("endpoint") or ""),
             certificate_authority_data=str(cluster.get("certificateAuthority", {}).get("data") or ""),
@@ -569,14 +562,14 @@ class AwsProvisioner(Provisioner):
             raise ProviderUnavailable(f"EKS cluster {self.deployment} reports no OIDC issuer yet; rerun `up`")
         return issuer
 
-    def _oidc_provider(self, ctx: StepContext) -> None:
+    def _oidc_provider(self, job: StepContext) -> None:
         issuer = self._issuer()
         host_path = issuer.removeprefix("https://")
         arn = f"arn:{self.partition}:iam::{self.settings.aws_account_id}:oidc-provider/{host_path}"
-        record = ResourceRecord(step=ctx.step, kind="iam/oidc-provider", id=arn, name=host_path)
+        record = ResourceRecord(step=job.step, kind="iam/oidc-provider", id=arn, name=host_path)
         try:
             self.iam.get_open_id_connect_provider(OpenIDConnectProviderArn=arn)
-            ctx.adopted(record)
+            job.adopted(record)
         except ClientError as exc:
             if error_code(exc) != "NoSuchEntity":
                 raise
@@ -584,24 +577,24 @@ class AwsProvisioner(Provisioner):
                 Url=issuer, ClientIDList=["sts.amazonaws.com"], ThumbprintList=[EKS_OIDC_THUMBPRINT],
                 Tags=[t for t in self._tags("oidc-provider", host_path) if t["Key"] != "Name"],
             )  # fmt: skip
-            ctx.created(record)
+            job.created(record)
 
-    def _node_group(self, ctx: StepContext) -> None:
+    def _node_group(self, job: StepContext) -> None:
         name = self.nodegroup_name
-        record = ResourceRecord(step=ctx.step, kind="eks/nodegroup", id=name, name=name,
+        record = ResourceRecord(step=job.step, kind="eks/nodegroup", id=name, name=name,
                                 attributes={"cluster": self.deployment})  # fmt: skip
         try:
             self.eks.describe_nodegroup(clusterName=self.deployment, nodegroupName=name)
-            ctx.adopted(record)
+            job.adopted(record)
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            role_arn = ctx.record.find("iam/role", name=self.role_name("node-role"))[0].attributes["arn"]
+            role_arn = job.record.find("iam/role", name=self.role_name("node-role"))[0].attributes["arn"]
             settings = self.settings
             self._retrying_propagation(
                 lambda: self.eks.create_nodegroup(
                     clusterName=self.deployment, nodegroupName=name, nodeRole=role_arn,
-                    subnets=self._subnet_ids(ctx, "private"), instanceTypes=[settings.eks_node_instance_type],
+                    subnets=self._subnet_ids(job, "private"), instanceTypes=[settings.eks_node_instance_type],
                     scalingConfig={"minSize": 1, "desiredSize": settings.eks_node_count,
                                    "maxSize": max(settings.eks_node_max, settings.eks_node_count)},
                     amiType="AL2023_x86_64_STANDARD", capacityType="ON_DEMAND", diskSize=50,
@@ -609,18 +602,18 @@ class AwsProvisioner(Provisioner):
                 ),
                 f"EKS node group {name}",
             )  # fmt: skip
-            ctx.created(record)
-        ctx.note(f"waiting for node group {name} to be ACTIVE (about 3-5 minutes on AWS)")
+            job.created(record)
+        job.note(f"waiting for node group {name} to be ACTIVE (about 3-5 minutes on AWS)")
         self._wait("eks", "nodegroup_active", f"node group {name}", clusterName=self.deployment, nodegroupName=name)
 
-    def _irsa_roles(self, ctx: StepContext) -> None:
-        oidc = ctx.record.find("iam/oidc-provider")
+    def _irsa_roles(self, job: StepContext) -> None:
+        oidc = job.record.find("iam/oidc-provider")
         if not oidc:
             raise ConfigurationError(["the cluster's OIDC provider is not in the record: rerun `cmbcluster infra up`"])
         provider_arn, issuer_id = oidc[0].id, oidc[0].name
         for suffix, (namespace, service_account, managed, _value) in IRSA_ROLES.items():
             trust = trust_policy(provider_arn, issuer_id, namespace or self.namespace, service_account)
-            self._role(ctx, suffix, trust, managed, self._irsa_policy(suffix))
+            self._role(job, suffix, trust, managed, self._irsa_policy(suffix))
 
     def _irsa_policy(self, suffix: str) -> dict[str, Any] | None:
         p, account = self.partition, self.settings.aws_account_id
@@ -667,11 +660,11 @@ class AwsProvisioner(Provisioner):
             return None
         return {"Version": "2012-10-17", "Statement": statements}
 
-    def _repositories(self, ctx: StepContext) -> None:
+    def _repositories(self, job: StepContext) -> None:
         for name in self.repositories:
             try:
                 found = self.ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
-                ctx.adopted(ResourceRecord(step=ctx.step, kind="ecr/repository", id=name, name=name,
+                job.adopted(ResourceRecord(step=job.step, kind="ecr/repository", id=name, name=name,
                                            attributes={"uri": str(found["repositoryUri"])}))  # fmt: skip
             except ClientError as exc:
                 if error_code(exc) != "RepositoryNotFoundException":
@@ -681,47 +674,44 @@ class AwsProvisioner(Provisioner):
                     imageTagMutability="MUTABLE", encryptionConfiguration={"encryptionType": "AES256"},
                     tags=[t for t in self._tags("ecr", name) if t["Key"] != "Name"],
                 )["repository"]  # fmt: skip
-                ctx.created(ResourceRecord(step=ctx.step, kind="ecr/repository", id=name, name=name,
+                job.created(ResourceRecord(step=job.step, kind="ecr/repository", id=name, name=name,
                                            attributes={"uri": str(repo["repositoryUri"])}))  # fmt: skip
 
     def _storage(self) -> S3Storage:
         return S3Storage(self.settings, client=self.s3)
 
-    def _bucket(self, ctx: StepContext) -> None:
+    def _bucket(self, job: StepContext) -> None:
         name = self.database_bucket
-        record = ResourceRecord(step=ctx.step, kind="s3/bucket", id=name, name=name)
+        record = ResourceRecord(step=job.step, kind="s3/bucket", id=name, name=name)
         kwargs: dict[str, Any] = {"ObjectOwnership": "BucketOwnerEnforced"}
         if self.settings.aws_region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.aws_region}
         try:
             self.s3.create_bucket(Bucket=name, **kwargs)
-            ctx.created(record)
+            job.created(record)
         except ClientError as exc:
             if error_code(exc) == "BucketAlreadyExists":
                 raise Conflict(f"S3 bucket name {name} is taken by another account: set S3_DATABASE_BUCKET") from exc
             if error_code(exc) != "BucketAlreadyOwnedByYou":
                 raise
-            ctx.adopted(record)
+            job.adopted(record)
         # The same settings as every user bucket: all public access blocked, encrypted, versioned, tagged.
-        self._storage()._configure_bucket(name, versioning=True, tags=self._tag_map("database-bucket", name))
+        self._storage().configure_bucket(name, versioning=True, tags=self._tag_map("database-bucket", name))
 
-    def _addon(self, key: str, ctx: StepContext) -> None:
+    def _addon(self, key: str, job: StepContext) -> None:
         release = ADDONS[key]
         values = dict(release.values)
         if key in IRSA_ROLES:
-            roles = ctx.record.find("iam/role", name=self.role_name(key))
+            roles = job.record.find("iam/role", name=self.role_name(key))
             if not roles:
                 raise ConfigurationError([f"the IRSA role of {key} is not in the record: rerun `cmbcluster infra up`"])
             values[IRSA_ROLES[key][3]] = roles[0].attributes["arn"]
         if key == "aws-load-balancer-controller":
             values.update({"clusterName": self.deployment, "region": self.settings.aws_region,
-                           "vpcId": self._recorded_id(ctx, "ec2/vpc", self._name("vpc"))})  # fmt: skip
-        release = dataclasses.replace(release, values=values)
-        if not self.kubeconfig_path(ctx).exists():
-            self._write_kubeconfig(ctx)
-        if ctx.run(release.install_argv(self.kubeconfig_path(ctx))):
-            ctx.created(ResourceRecord(step=ctx.step, kind="helm/release", id=f"{release.namespace}/{release.name}",
-                                       name=release.name, attributes={"namespace": release.namespace}))  # fmt: skip
+                           "vpcId": self._recorded_id(job, "ec2/vpc", self._name("vpc"))})  # fmt: skip
+        if not kubeconfig_path(job.record).exists():
+            self._write_kubeconfig(job)
+        install_release(job, dataclasses.replace(release, values=values), kubeconfig_path(job.record))
 
     def _wait(self, service: str, waiter: str, what: str, **kwargs: Any) -> None:
         attempts = max(1, int(1800 / max(self.poll_interval, 0.001)))  # at most 30 minutes
@@ -733,7 +723,7 @@ class AwsProvisioner(Provisioner):
             raise ProviderUnavailable(f"{what} did not reach the expected state: {exc}") from exc
 
     # -- down --------------------------------------------------------------------------------
-    def delete_resource(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def delete_resource(self, resource: ResourceRecord, job: StepContext) -> None:
         deleters: dict[str, Callable[[ResourceRecord, StepContext], None]] = {
             "helm/release": self._delete_release,
             "eks/nodegroup": self._delete_nodegroup,
@@ -754,33 +744,28 @@ class AwsProvisioner(Provisioner):
             raise InvalidRequest(f"the record lists {resource.label}, a kind this version cannot delete")
         try:
             with aws_errors(f"deleting {resource.label}"):
-                deleter(resource, ctx)
+                deleter(resource, job)
         except Conflict as exc:
-            if resource.kind == "s3/bucket" and not ctx.options.delete_data:
-                raise Conflict(
-                    f"{exc.message}; it holds database backups: rerun `down` with --delete-data to delete them too"
-                ) from exc
+            if resource.kind == "s3/bucket" and not job.options.delete_data:
+                raise data_written_during_down(f"S3 bucket {resource.id}") from exc
             raise
         except Exception as exc:
             if _gone(exc):
-                ctx.emit("gone", f"{resource.label} was already gone")
+                job.emit("gone", f"{resource.label} was already gone")
                 return
             raise
 
-    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
-        if options.delete_data:
-            return
-        for bucket in record.find("s3/bucket"):
-            try:
-                with aws_errors(f"S3 bucket {bucket.id}"):
-                    listing = self.s3.list_object_versions(Bucket=bucket.id, MaxKeys=1)
-            except NotFound:
-                continue
-            if listing.get("Versions") or listing.get("DeleteMarkers"):
-                raise Conflict(
-                    f"S3 bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
-                    "Copy what you need, then rerun `down` with --delete-data"
-                )
+    def check_down(self, record: DeploymentRecord, options: ProvisioningOptions) -> None:
+        refuse_to_delete_data(record, options, kind="s3/bucket", holds_objects=self._holds_objects, what="S3 bucket")
+
+    def _holds_objects(self, bucket: ResourceRecord) -> bool:
+        """Whether the bucket holds any object version or delete marker (False when it is gone)."""
+        try:
+            with aws_errors(f"S3 bucket {bucket.id}"):
+                listing = self.s3.list_object_versions(Bucket=bucket.id, MaxKeys=1)
+        except NotFound:
+            return False
+        return bool(listing.get("Versions") or listing.get("DeleteMarkers"))
 
     def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
         """The order of the original cleanup script: add-ons, node group, cluster, NAT gateway, Elastic IP,
@@ -791,15 +776,14 @@ class AwsProvisioner(Provisioner):
         rest = [r for r in ordered if r.kind not in last]
         return rest + [r for kind in last for r in ordered if r.kind == kind]
 
-    def _delete_release(self, resource: ResourceRecord, ctx: StepContext) -> None:
-        if self.kubeconfig_path(ctx).exists() or self._cluster_exists():
-            if not self.kubeconfig_path(ctx).exists():
-                self._write_kubeconfig(ctx)
-            namespace = resource.attributes.get("namespace", "default")
-            release = HelmRelease(name=resource.name, chart="", repo="", version="", namespace=namespace)
-            ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
+    def _delete_release(self, resource: ResourceRecord, job: StepContext) -> None:
+        kubeconfig = kubeconfig_path(job.record)
+        if kubeconfig.exists() or self._cluster_exists():
+            if not kubeconfig.exists():
+                self._write_kubeconfig(job)
+            uninstall_release(job, resource, kubeconfig)
 
-    def _delete_controller_leftovers(self, ctx: StepContext) -> None:
+    def _delete_controller_leftovers(self, job: StepContext) -> None:
         """What the load balancer controller made for Ingresses and Services lives outside the cluster:
         load balancers, target groups and security groups tagged ``elbv2.k8s.aws/cluster=<cluster>``.
         They would outlive the cluster and keep the VPC from being deleted, so they go with it (once the
@@ -816,14 +800,14 @@ class AwsProvisioner(Provisioner):
                     tags = {t["Key"]: t["Value"] for t in description.get("Tags", [])}
                     if tags.get(tag) != self.deployment:
                         continue
-                    ctx.note(f"deleting {kind} {description['ResourceArn']} made by the load balancer controller")
+                    job.note(f"deleting {kind} {description['ResourceArn']} made by the load balancer controller")
                     if kind == "load balancer":
                         self.elbv2.delete_load_balancer(LoadBalancerArn=description["ResourceArn"])
                     else:
                         self.elbv2.delete_target_group(TargetGroupArn=description["ResourceArn"])
         groups = self.ec2.describe_security_groups(Filters=[{"Name": f"tag:{tag}", "Values": [self.deployment]}])
         for group in groups["SecurityGroups"]:
-            ctx.note(f"deleting security group {group['GroupId']} made by the load balancer controller")
+            job.note(f"deleting security group {group['GroupId']} made by the load balancer controller")
             self._retry_dependency(functools.partial(self.ec2.delete_security_group, GroupId=group["GroupId"]))
 
     def _retry_dependency(self, call: Callable[[], object], attempts: int = 30) -> None:
@@ -846,19 +830,19 @@ class AwsProvisioner(Provisioner):
             raise
         return True
 
-    def _delete_nodegroup(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def _delete_nodegroup(self, resource: ResourceRecord, job: StepContext) -> None:
         cluster = resource.attributes.get("cluster", self.deployment)
         self.eks.delete_nodegroup(clusterName=cluster, nodegroupName=resource.id)
-        ctx.note(f"waiting for node group {resource.id} to be deleted")
+        job.note(f"waiting for node group {resource.id} to be deleted")
         self._wait("eks", "nodegroup_deleted", f"node group {resource.id}", clusterName=cluster,
                    nodegroupName=resource.id)  # fmt: skip
 
-    def _delete_cluster(self, resource: ResourceRecord, ctx: StepContext) -> None:
-        self._delete_controller_leftovers(ctx)
+    def _delete_cluster(self, resource: ResourceRecord, job: StepContext) -> None:
+        self._delete_controller_leftovers(job)
         self.eks.delete_cluster(name=resource.id)
-        ctx.note(f"waiting for EKS cluster {resource.id} to be deleted")
+        job.note(f"waiting for EKS cluster {resource.id} to be deleted")
         self._wait("eks", "cluster_deleted", f"EKS cluster {resource.id}", name=resource.id)
-        self.kubeconfig_path(ctx).unlink(missing_ok=True)
+        kubeconfig_path(job.record).unlink(missing_ok=True)
 
     def _delete_role(self, name: str) -> None:
         for page in self.iam.get_paginator("list_attached_role_policies").paginate(RoleName=name):
@@ -872,19 +856,19 @@ class AwsProvisioner(Provisioner):
                                                        RoleName=name)  # fmt: skip
         self.iam.delete_role(RoleName=name)
 
-    def _delete_route_table(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def _delete_route_table(self, resource: ResourceRecord, job: StepContext) -> None:
         tables = self.ec2.describe_route_tables(RouteTableIds=[resource.id])["RouteTables"]
         for association in tables[0].get("Associations", []) if tables else []:
             if not association.get("Main"):
                 self.ec2.disassociate_route_table(AssociationId=association["RouteTableAssociationId"])
         self.ec2.delete_route_table(RouteTableId=resource.id)
 
-    def _delete_nat(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def _delete_nat(self, resource: ResourceRecord, job: StepContext) -> None:
         self.ec2.delete_nat_gateway(NatGatewayId=resource.id)
-        ctx.note(f"waiting for NAT gateway {resource.id} to be deleted (about a minute on AWS)")
+        job.note(f"waiting for NAT gateway {resource.id} to be deleted (about a minute on AWS)")
         self._wait("ec2", "nat_gateway_deleted", f"NAT gateway {resource.id}", NatGatewayIds=[resource.id])
 
-    def _delete_internet_gateway(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def _delete_internet_gateway(self, resource: ResourceRecord, job: StepContext) -> None:
         gateways = self.ec2.describe_internet_gateways(InternetGatewayIds=[resource.id])["InternetGateways"]
         for attachment in gateways[0].get("Attachments", []) if gateways else []:
             self.ec2.detach_internet_gateway(InternetGatewayId=resource.id, VpcId=attachment["VpcId"])
@@ -930,11 +914,7 @@ class AwsProvisioner(Provisioner):
         )
 
     def close(self) -> None:
-        for client in self._clients.values():
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001, S110 - closing is best effort
-                pass
+        close_clients(self._clients.values())
 
 
 _GONE_CODES = frozenset(

@@ -1,8 +1,8 @@
 """Amazon S3 storage: one private, encrypted, tagged bucket per user bucket, mounted with Mountpoint.
 
 Every botocore failure passes through :func:`map_aws_error`, the one place that turns AWS error
-codes into CMBCluster's typed errors. boto3 is imported here only (the plugin imports this module
-lazily), so installing the plugin costs nothing until S3 is the configured storage backend.
+codes into CMBCluster's typed errors. boto3 comes in through this module's imports only (the plugin
+imports it lazily), so installing the plugin costs nothing until S3 is the configured storage backend.
 
 S3 has no bucket-level storage class: the class a user chooses is recorded in the bucket's
 ``cmbcluster-storage-class`` tag and applied to every object uploaded through CMBCluster.
@@ -10,21 +10,16 @@ S3 has no bucket-level storage class: the class a user chooses is recorded in th
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import mimetypes
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -34,7 +29,6 @@ from cmbcluster.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     PermissionDenied,
     ProviderUnavailable,
 )
@@ -54,32 +48,31 @@ from cmbcluster.interfaces import (
     resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
+from cmbcluster_aws import uploads
+from cmbcluster_aws.clients import make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
+from cmbcluster_aws.tags import (
+    MANAGED_BY,
+    TAG_MANAGED_BY,
+    TAG_OWNER,
+    TAG_STORAGE_CLASS,
+    decode_tag_value,
+    display_name_of,
+    display_name_tags,
+    encode_tag_value,
+    is_display_name_tag,
+)
 
 __all__ = ["S3Storage", "map_aws_error"]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-DEFAULT_PART_SIZE = 8 * MiB
-SPOOL_IN_MEMORY = MiB  # a part being filled moves from memory to a temporary file past this
-MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
-MAX_PART_SIZE = 5 * 1024 * MiB
-MAX_PARTS = 10_000
-UPLOAD_PARTS_IN_FLIGHT = 4  # parts of one upload sent at once (boto3's transfer manager sends 10)
-PART_GROWTH_EVERY = 1_000  # parts; see S3Storage._part_size
 DELETE_BATCH = 1_000  # DeleteObjects takes at most 1000 keys
 MAX_LIST_KEYS = 1_000  # ListObjectsV2 returns at most 1000 keys per page
 CREATE_ATTEMPTS = 5
 
-TAG_OWNER = "owner"
-TAG_MANAGED_BY = "managed-by"
-TAG_DISPLAY_NAME = "cmbcluster-display-name"
-TAG_STORAGE_CLASS = "cmbcluster-storage-class"
-MANAGED_BY = "cmbcluster"
-TAG_VALUE_MAX = 256
-DISPLAY_NAME_MAX_TAGS = 8  # continuation tags: cmbcluster-display-name-2 ... -8
 
 #: The portable classes S3 offers and the S3 StorageClass each maps to.
 S3_STORAGE_CLASSES: dict[StorageClass, str] = {
@@ -95,57 +88,6 @@ NOMINAL_CAPACITY = "1200Gi"  # ignored by Mountpoint; Kubernetes requires a valu
 
 _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IAM_ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
-_TAG_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-._:/@")
-_ESCAPE = re.compile(r"=([0-9A-F]{2})")
-
-
-# -- tag values ----------------------------------------------------------------------------------
-def _encode_char(ch: str) -> str:
-    return ch if ch in _TAG_SAFE else "".join(f"={b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
-
-
-def encode_tag_value(text: str) -> str:
-    """``text`` in the S3 tag character set, reversibly: other characters (and '=') become ``=HH``
-    per UTF-8 byte, so "Maps & spectra" is stored as "Maps =26 spectra". Spaces at either end
-    are escaped too, as services trim them."""
-    parts = [_encode_char(ch) for ch in text]
-    if parts and parts[0] == " ":
-        parts[0] = "=20"
-    if parts and parts[-1] == " ":
-        parts[-1] = "=20"
-    return "".join(parts)
-
-
-def decode_tag_value(value: str) -> str:
-    raw = bytearray()
-    pos = 0
-    for match in _ESCAPE.finditer(value):
-        raw += value[pos : match.start()].encode("utf-8")
-        raw.append(int(match.group(1), 16))
-        pos = match.end()
-    raw += value[pos:].encode("utf-8")
-    return raw.decode("utf-8", "surrogatepass")
-
-
-def _split_tag_value(text: str) -> list[str]:
-    """``text`` encoded as tag values of at most 256 characters each (each decodes on its own)."""
-    pieces: list[str] = []
-    current: list[str] = []
-    budget = 0
-    for ch in text:
-        cost = 3 if ch == " " else len(_encode_char(ch))  # a space may end up escaped at an edge
-        if current and budget + cost > TAG_VALUE_MAX:
-            pieces.append(encode_tag_value("".join(current)))
-            current, budget = [], 0
-        current.append(ch)
-        budget += cost
-    if current or not pieces:
-        pieces.append(encode_tag_value("".join(current)))
-    return pieces
-
-
-def _display_name_key(index: int) -> str:
-    return TAG_DISPLAY_NAME if index == 0 else f"{TAG_DISPLAY_NAME}-{index + 1}"
 
 
 def _version_id(entry: dict[str, Any]) -> dict[str, str]:
@@ -175,33 +117,26 @@ class S3Storage(StorageBackend):
         settings: AwsSettings,
         *,
         client: Any | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
+        part_size: int = uploads.DEFAULT_PART_SIZE,
         max_attempts: int = 5,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_pool_connections: int = 32,
     ) -> None:
-        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-            raise ValueError(f"part_size must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes")
+        if not uploads.MIN_PART_SIZE <= part_size <= uploads.MAX_PART_SIZE:
+            raise ValueError(f"part_size must be between {uploads.MIN_PART_SIZE} and {uploads.MAX_PART_SIZE} bytes")
         self.settings = settings
         self.region = settings.aws_region
         self.part_size = part_size
         self._class_cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         if client is None:
-            config = Config(
-                region_name=settings.aws_region,
-                retries={"mode": "standard", "max_attempts": max_attempts},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                max_pool_connections=max_pool_connections,
+            client = make_clients(
+                settings, ["s3"], max_attempts=max_attempts, connect_timeout=connect_timeout,
+                read_timeout=read_timeout, max_pool_connections=max_pool_connections,
                 # S3-compatible endpoints (moto, MinIO) rarely resolve <bucket>.<host>.
                 s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
-                user_agent_extra="cmbcluster",
-            )
-            client = boto3.session.Session().client(
-                "s3", region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=config
-            )
+            )["s3"]  # fmt: skip
         self._client: Any = client
 
     # -- buckets -----------------------------------------------------------------------------
@@ -211,7 +146,7 @@ class S3Storage(StorageBackend):
         tags = self._bucket_tags(owner, options, s3_class)
         name = self._create_unique_bucket(owner)
         try:
-            self._configure_bucket(name, versioning=versioning, tags=tags)
+            self.configure_bucket(name, versioning=versioning, tags=tags)
         except BaseException as exc:
             self._discard_bucket(name)
             if isinstance(exc, (ClientError, BotoCoreError)):
@@ -249,7 +184,10 @@ class S3Storage(StorageBackend):
             return name
         raise Conflict(f"could not find a free bucket name after {CREATE_ATTEMPTS} attempts")
 
-    def _configure_bucket(self, name: str, *, versioning: bool, tags: dict[str, str]) -> None:
+    def configure_bucket(self, name: str, *, versioning: bool, tags: dict[str, str]) -> None:
+        """What every CMBCluster bucket gets, users' and the deployment's database bucket alike (the
+        provisioner calls it too): all public access blocked, encryption (S3_KMS_KEY_ID's key, else
+        AES256), versioning when asked, and ``tags``."""
         client = self._client
         client.put_public_access_block(
             Bucket=name,
@@ -283,21 +221,16 @@ class S3Storage(StorageBackend):
             log.exception("could not delete the half-configured bucket %s; delete it by hand", name)
 
     def _bucket_tags(self, owner: UserRef, options: BucketOptions, s3_class: str) -> dict[str, str]:
-        pieces = _split_tag_value(options.display_name)
-        if len(pieces) > DISPLAY_NAME_MAX_TAGS:
-            raise InvalidRequest("the bucket's display name is too long")
-        tags = {
+        return {
             TAG_OWNER: encode_tag_value(owner.id),
             TAG_MANAGED_BY: MANAGED_BY,
             TAG_STORAGE_CLASS: s3_class,
+            **display_name_tags(options.display_name),
         }
-        for index, piece in enumerate(pieces):
-            tags[_display_name_key(index)] = piece
-        return tags
 
     @staticmethod
     def _labels(tags: dict[str, str]) -> dict[str, str]:
-        labels = {k: v for k, v in tags.items() if not k.startswith(TAG_DISPLAY_NAME)}
+        labels = {k: v for k, v in tags.items() if not is_display_name_tag(k)}
         if TAG_OWNER in labels:
             labels[TAG_OWNER] = decode_tag_value(labels[TAG_OWNER])
         return labels
@@ -392,19 +325,13 @@ class S3Storage(StorageBackend):
             status = self._client.get_bucket_versioning(Bucket=bucket).get("Status")
         s3_class = tags.get(TAG_STORAGE_CLASS, "STANDARD")
         self._remember_class(bucket, s3_class)
-        pieces = []
-        for index in range(DISPLAY_NAME_MAX_TAGS):
-            piece = tags.get(_display_name_key(index))
-            if piece is None:
-                break
-            pieces.append(piece)
         created = listed.get("CreationDate")
         if not isinstance(created, dt.datetime):
             created = dt.datetime.fromtimestamp(0, dt.UTC)
         return BucketInfo(
             name=bucket,
             owner_id=decode_tag_value(tags.get(TAG_OWNER, "")),
-            display_name="".join(decode_tag_value(p) for p in pieces),
+            display_name=display_name_of(tags),
             storage_class=_PORTABLE_CLASSES.get(s3_class, StorageClass.STANDARD),
             created_at=created.astimezone(dt.UTC),
             location=str(listed.get("BucketRegion") or self.region),
@@ -606,90 +533,8 @@ class S3Storage(StorageBackend):
             "ContentType": content_type or _guess_type(key),
             "StorageClass": self._upload_class(bucket),
         }
-        upload_id: str | None = None
-        # Each full part waits in its own temporary file while it goes up, so the server's memory
-        # stays flat (one source chunk) whatever the part size. Up to UPLOAD_PARTS_IN_FLIGHT parts
-        # go up at once, as boto3's transfer manager does (one at a time, S3 and moto alike give
-        # half the bandwidth); the source waits while that many are in flight, so disk use stays
-        # bounded too.
-        in_flight: list[tuple[_PartSpool, concurrent.futures.Future[dict[str, Any]]]] = []
-        parts: list[dict[str, Any]] = []
-        number = 0
-        spool = _PartSpool()
-        pool = concurrent.futures.ThreadPoolExecutor(UPLOAD_PARTS_IN_FLIGHT, thread_name_prefix="cmbcluster-s3-part")
-
-        def settle(limit: int) -> None:
-            while len(in_flight) > limit:
-                done_spool, future = in_flight.pop(0)
-                try:
-                    parts.append(future.result())
-                finally:
-                    done_spool.close()
-
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    size = self._part_size(number + 1)
-                    if spool.size == size:
-                        # Strictly more than a part: the last part is never empty, and an object
-                        # of exactly one part goes up in a single PutObject.
-                        if upload_id is None:
-                            upload_id = self._client.create_multipart_upload(**params)["UploadId"]
-                        number += 1
-                        settle(UPLOAD_PARTS_IN_FLIGHT - 1)
-                        future = pool.submit(self._upload_part, bucket, key, upload_id, number, spool.body())
-                        in_flight.append((spool, future))
-                        spool = _PartSpool()
-                    view = view[spool.write(view[: size - spool.size]) :]
-            if upload_id is None:
-                self._client.put_object(Body=spool.body(), **params)
-            else:
-                number += 1
-                parts_done = self._upload_part(bucket, key, upload_id, number, spool.body())
-                settle(0)
-                parts.append(parts_done)
-                self._client.complete_multipart_upload(
-                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                )
-        except BaseException as exc:
-            for _, future in in_flight:
-                future.cancel()
-            pool.shutdown(wait=True)  # nothing may still be sending when the upload is aborted
-            if upload_id is not None:
-                self._abort_upload(bucket, key, upload_id)
-            if isinstance(exc, (ClientError, BotoCoreError)):
-                raise map_aws_error(exc, f"object {key}") from exc
-            raise  # the caller's own error (a broken stream): re-raised as it is
-        finally:
-            pool.shutdown(wait=True)
-            spool.close()
-            for leftover, _ in in_flight:
-                leftover.close()
+        uploads.upload(self._client, chunks, params=params, base_part_size=self.part_size)
         return self.head_object(bucket, key)
-
-    def _part_size(self, part_number: int) -> int:
-        """Parts grow by one base size every 1000 parts, so 10,000 parts of an 8 MiB base hold
-        430 GiB while the buffer stays bounded (at most 10 base parts)."""
-        if part_number > MAX_PARTS:
-            raise PayloadTooLarge(f"object exceeds the {MAX_PARTS} parts S3 allows")
-        return min(self.part_size * (1 + (part_number - 1) // PART_GROWTH_EVERY), MAX_PART_SIZE)
-
-    def _upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: IO[bytes]) -> dict[str, Any]:
-        response = self._client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data)
-        part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
-        for checksum in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"):
-            if response.get(checksum):
-                part[checksum] = response[checksum]
-        return part
-
-    def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        try:
-            self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-        except (ClientError, BotoCoreError):
-            # The bucket's lifecycle (or a later force delete) cleans it up; the caller gets the
-            # original error, which matters more.
-            log.warning("could not abort multipart upload %s of %s/%s", upload_id, bucket, key, exc_info=True)
 
     def download_object(
         self,
@@ -774,40 +619,6 @@ class S3Storage(StorageBackend):
     def _forget_class(self, bucket: str) -> None:
         with self._cache_lock:
             self._class_cache.pop(bucket, None)
-
-
-class _PartSpool:
-    """The part being filled: in memory while small (most objects), in an anonymous temporary
-    file past :data:`SPOOL_IN_MEMORY`."""
-
-    def __init__(self) -> None:
-        self._file: tempfile.SpooledTemporaryFile[bytes] | None = None
-        self.size = 0
-
-    def write(self, data: memoryview) -> int:
-        if self._file is None:  # closed by close()
-            self._file = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, prefix="cmbcluster-s3-part-")  # noqa: SIM115
-        written = self._file.write(data)
-        self.size += written
-        return written
-
-    def body(self) -> IO[bytes]:
-        """The part, from its start (botocore reads it to the end and seeks back to retry)."""
-        if self._file is None:
-            return io.BytesIO(b"")
-        self._file.flush()
-        self._file.seek(0)
-        return self._file
-
-    def clear(self) -> None:
-        if self._file is not None:
-            self._file.seek(0)
-            self._file.truncate()
-        self.size = 0
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 def bucket_policy(bucket: str, principal: str) -> dict[str, Any]:

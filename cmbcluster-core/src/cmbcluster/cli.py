@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -14,7 +13,8 @@ from cmbcluster import __version__
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
-from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.commands.common import err, out, print_json, resolve_config
+from cmbcluster.config import load_core_settings
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
 
@@ -36,25 +36,6 @@ app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
 
 
-@functools.cache
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console  # imported when something is printed, not for every start
-
-    return Console(stderr=stderr)
-
-
-def out(*args: Any, **kwargs: Any) -> None:
-    _console().print(*args, **kwargs)
-
-
-def err(*args: Any, **kwargs: Any) -> None:
-    _console(stderr=True).print(*args, **kwargs)
-
-
-def _resolve(**overrides: Any) -> ResolvedConfig:
-    return resolve(load_core_settings(**overrides))
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -70,7 +51,7 @@ def serve(
     from cmbcluster.observability import configure_logging
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    config = _resolve(**overrides)  # refuse an invalid configuration before anything starts
+    config = resolve_config(**overrides)  # refuse an invalid configuration before anything starts
     core = config.core
     configure_logging(core.log_level, core.log_format)
     if reload:
@@ -101,7 +82,7 @@ def plugins(
     manager = PluginManager.from_settings(settings).load()
     infos = manager.plugins()
     if as_json:
-        _console().print_json(json.dumps([info.as_dict() for info in infos]))
+        print_json(json.dumps([info.as_dict() for info in infos]))
         return
     from rich.table import Table
 
@@ -117,7 +98,7 @@ def plugins(
 @config_app.command("check")
 def config_check() -> None:
     """Validate the whole configuration and list every problem (exit 1 if any)."""
-    config = _resolve()
+    config = resolve_config()
     for warning in config.warnings:
         err(f"[yellow]warning:[/yellow] {warning}")
     summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
@@ -159,7 +140,7 @@ def db_backup(
     """Back up the SQLite database to the database bucket now (the server also does it periodically)."""
     from cmbcluster.db.backup import open_backups
 
-    with open_backups(_resolve()) as backups:
+    with open_backups(resolve_config()) as backups:
         if not list_backups:
             backup = backups.backup()
             out(f"database backed up to {backups.bucket}/{backup.key} ({backup.size} bytes)", soft_wrap=True)
@@ -190,7 +171,7 @@ def db_restore(
     """
     from cmbcluster.db.backup import open_backups
 
-    with open_backups(_resolve()) as backups:
+    with open_backups(resolve_config()) as backups:
         result = backups.restore(backup_version)
     out(f"restored {result.database} from {backups.bucket}/{result.backup.key}", soft_wrap=True)
     if result.kept_aside:

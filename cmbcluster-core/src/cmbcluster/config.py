@@ -8,64 +8,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.plugins import PluginManager
-from cmbcluster.registrations import (
-    AuthProviderRegistration,
-    ComputeBackendRegistration,
-    InfraProviderRegistration,
-    ProviderContext,
-    Registration,
-    StorageBackendRegistration,
-)
+from cmbcluster.registrations import Registration, ResolvedConfig
 from cmbcluster.settings import CoreSettings, env_var_name
 
 R = TypeVar("R", bound=Registration[Any])
-S = TypeVar("S", bound=BaseSettings)
 
-
-@dataclass
-class ResolvedConfig:
-    """A validated configuration: core settings, the chosen registrations and their settings."""
-
-    core: CoreSettings
-    plugins: PluginManager
-    storage: StorageBackendRegistration
-    compute: ComputeBackendRegistration
-    infra: InfraProviderRegistration
-    auth: list[AuthProviderRegistration]
-    provider_settings: dict[type[BaseSettings], BaseSettings] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def context_for(self, registration: Registration[Any]) -> ProviderContext:
-        model = registration.settings_model
-        return ProviderContext(
-            core=self.core,
-            provider_settings=self.provider_settings.get(model) if model else None,
-            decorate_pod=self.plugins.decorate_pod,
-            active_settings=dict(self.provider_settings),
-        )
-
-    def settings(self, model: type[S]) -> S | None:
-        """The validated settings of ``model`` when an active provider uses it (else None):
-        ``config.settings(AwsSettings)`` in a hook that acts only where its cloud is active."""
-        found = self.provider_settings.get(model)
-        return found if isinstance(found, model) else None
-
-    def summary(self) -> dict[str, str]:
-        return {
-            "storage": self.storage.name,
-            "compute": self.compute.name,
-            "infra": self.infra.name,
-            "auth": ",".join(a.name for a in self.auth),
-        }
+__all__ = ["ResolvedConfig", "format_validation_error", "load_core_settings", "resolve"]
 
 
 def format_validation_error(model: type[BaseSettings], exc: ValidationError) -> list[str]:
@@ -135,7 +91,7 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
             f"the development sign-in (auth provider 'local') refuses to serve on {core.host}, beyond loopback; "
             "configure a real identity provider, or set CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE=1 if you really mean it"
         )
-    problems.extend(_database_problems(core))
+    problems.extend(sqlite_location_problems(core.effective_database_url))
     if core.selected_compute != "local" and core.secret_key is None:
         warnings.append(
             "CMBCLUSTER_SECRET_KEY is not set: a key is generated into the data directory, on the same volume as the "
@@ -160,42 +116,3 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
 def _env_file(core: CoreSettings) -> str | None:
     env_file = core.model_config.get("env_file")
     return str(env_file) if isinstance(env_file, (str, os.PathLike)) else None
-
-
-def _database_problems(core: CoreSettings) -> list[str]:
-    url = core.effective_database_url
-    if not url.startswith("sqlite"):
-        return []
-    path = Path(url.split("///", 1)[-1]) if "///" in url else None
-    if path is None or str(path) in {"", ":memory:"}:
-        return []
-    fstype = filesystem_type(path.parent if not path.exists() else path)
-    if fstype and (fstype.startswith("fuse") or fstype in {"nfs", "nfs4", "cifs", "smb3"}):
-        return [
-            f"the SQLite database {path} is on a {fstype} file system; SQLite needs a local disk "
-            "(file locks and WAL do not work on FUSE or network mounts): move CMBCLUSTER_DATA_DIR "
-            "or use CMBCLUSTER_DATABASE_URL=postgresql://..."
-        ]
-    return []
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The file system type holding ``path`` (Linux /proc/mounts), or None when unknown."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    target = path.resolve()
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    best, best_type = "", None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        if (str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")) and len(
-            mount_point
-        ) > len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type

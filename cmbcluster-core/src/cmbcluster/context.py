@@ -6,7 +6,7 @@ import datetime as dt
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
     from cmbcluster.services.progress import ProgressHub
-    from cmbcluster.services.storages import StorageRuntime
+    from cmbcluster.services.usage import StorageRuntime
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,14 @@ class AppContext:
         """The progress of starting environments, for this process's progress streams."""
         from cmbcluster.services.progress import ProgressHub
 
-        hub = ProgressHub(self)
+        hub = ProgressHub(self.sessions, self.compute)
         self.metrics.progress_streams.set_function(lambda: hub.followed)
         return hub
 
     @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:
         """The storage API's per-server state (usage refresher, upload limiter), made on first use."""
-        from cmbcluster.services.storages import StorageRuntime
+        from cmbcluster.services.usage import StorageRuntime
 
         return StorageRuntime(self.storage, self.sessions)
 
@@ -83,9 +83,17 @@ class AppContext:
             yield "auth", name, provider
 
     def close(self) -> None:
-        closers = [self.storage.close, self.compute.close]
+        """At shutdown: the storage API's runtime, then every active provider (each instance once,
+        should one serve several concerns), then the database engine. One failing closer does not
+        keep the others from running."""
+        closers: list[Callable[[], None]] = []
         if "storage_runtime" in self.__dict__:
-            closers.insert(0, self.storage_runtime.close)
+            closers.append(self.storage_runtime.close)
+        closed: set[int] = set()
+        for _concern, _name, provider in self.providers():
+            if id(provider) not in closed:
+                closed.add(id(provider))
+                closers.append(provider.close)
         for closer in closers:
             try:
                 closer()

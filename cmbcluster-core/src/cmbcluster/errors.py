@@ -3,7 +3,8 @@
 Providers translate their SDK's errors (botocore, google-api-core, kubernetes) into these, so
 the control plane never needs to know which cloud it is talking to. Each error reuses the
 closest builtin as a second base (as fsspec does with ``FileNotFoundError``), so plain
-``except LookupError`` code keeps working.
+``except LookupError`` code keeps working. An HTTP status a provider's API answered becomes one
+of them through :func:`error_for_status`, the one policy every provider shares.
 """
 
 from __future__ import annotations
@@ -112,3 +113,63 @@ class PluginError(CmbclusterError):
     """A plugin is broken, conflicts with another, or is not installed."""
 
     code = "plugin_error"
+
+
+def error_for_status(
+    status: int,
+    what: str,
+    *,
+    service: str,
+    reason: str = "",
+    detail: object | None = None,
+    retry_after: int | None = None,
+    forbidden: str | None = None,
+) -> CmbclusterError:
+    """The typed error for an HTTP ``status`` that ``service`` (a cloud API, the Kubernetes API)
+    answered about ``what``; ``reason`` is the service's own words, when it gave some.
+
+    One policy for every provider:
+
+    ========================  ====================================================================
+    404                       NotFound
+    409, 412                  Conflict (it exists already, or changed meanwhile)
+    401                       ProviderUnavailable: the control plane's own credentials were refused,
+                              an operator's problem, not the caller's
+    403                       PermissionDenied (``forbidden``, with ``{what}``, says what to grant)
+    413                       PayloadTooLarge
+    429                       LimitExceeded with ``retry_after``: the service is rate-limiting the
+                              control plane (after the provider's own retries), so the API answers
+                              429 with Retry-After and clients try again later
+    other 4xx                 InvalidRequest
+    5xx, anything else        ProviderUnavailable
+    ========================  ====================================================================
+
+    A provider may map its own error codes first (S3's ``SlowDown`` comes with a 503 and stays
+    ProviderUnavailable); what only a status says is mapped here.
+    """
+    said = f": {reason}" if reason else ""
+    if status == 404:
+        return NotFound(f"{what} not found{said}", detail=detail)
+    if status in (409, 412):
+        return Conflict(f"{what} already exists or changed meanwhile{said}", detail=detail)
+    if status == 401:
+        return ProviderUnavailable(f"{service} refused the control plane's credentials{said}", detail=detail)
+    if status == 403:
+        denied = forbidden.format(what=what) if forbidden else f"{service} does not allow access to {what}"
+        return PermissionDenied(f"{denied}{said}", detail=detail)
+    if status == 413:
+        return PayloadTooLarge(f"{what} is larger than {service} accepts{said}", detail=detail)
+    if status == 429:
+        return LimitExceeded(f"{service} is rate-limiting requests for {what}{said}", retry_after=retry_after,
+                             detail=detail)  # fmt: skip
+    if 400 <= status < 500:
+        return InvalidRequest(f"{service} refused the request for {what}{said}", detail=detail)
+    return ProviderUnavailable(f"{service} failed on {what} (HTTP {status}){said}", detail=detail)
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """A ``Retry-After`` header in whole seconds (None when absent or not a number of seconds)."""
+    try:
+        return max(0, int(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -14,7 +14,7 @@ documents each hook with its exact signature, and a test keeps the two in step.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
@@ -23,11 +23,9 @@ from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
     InfraProviderRegistration,
+    ResolvedConfig,
     StorageBackendRegistration,
 )
-
-if TYPE_CHECKING:  # config imports plugins, which imports this module
-    from cmbcluster.config import ResolvedConfig
 
 PROJECT_NAME = "cmbcluster"
 
@@ -44,7 +42,7 @@ def cmbcluster_storage_backends() -> Iterable[StorageBackendRegistration]:
         @hookimpl
         def cmbcluster_storage_backends():
             yield StorageBackendRegistration(
-                name="azure", factory=lambda ctx: BlobStorage(ctx.settings(AzureSettings)),
+                name="azure", factory=lambda ctx: BlobStorage(ctx.require_settings(AzureSettings)),
                 settings_model=AzureSettings,
             )
     """
@@ -71,14 +69,14 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
 
     Order: core first adds the storage volumes and the user's identity; then every
     implementation runs in plugin-name order (``tryfirst=True`` implementations before the
-    rest, ``trylast=True`` after). Check ``context.storage_backend`` or
-    ``context.infra_provider`` and return without change when the pod is not yours.
+    rest, ``trylast=True`` after). Return without change when the pod is not yours
+    (``context.serves(name)``: your provider is its storage backend or infra provider).
 
     Example::
 
         @hookimpl
         def cmbcluster_decorate_pod(draft, context):
-            if context.infra_provider == "azure":
+            if context.serves("azure"):
                 draft.labels["azure.workload.identity/use"] = "true"
     """
 
@@ -97,9 +95,9 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
 
         @hookimpl
         def cmbcluster_deploy_values(config):
-            if config.core.cloud_provider != "azure":
+            settings = config.settings(AzureSettings)
+            if settings is None:  # azure is not active in this deployment
                 return None
-            settings = config.provider_settings[AzureSettings]
             return {
                 "global": {"cloudProvider": "azure"},
                 "serviceAccount": {"annotations": {"azure.workload.identity/client-id": settings.client_id}},

@@ -13,9 +13,7 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from types import ModuleType
+from importlib.metadata import entry_points
 from typing import Any, Literal, TypeVar, cast
 
 import pluggy
@@ -29,7 +27,9 @@ from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
     InfraProviderRegistration,
+    PluginInfo,
     Registration,
+    ResolvedConfig,
     StorageBackendRegistration,
 )
 
@@ -52,35 +52,6 @@ CONCERNS: dict[Concern, tuple[str, type[Registration[Any]]]] = {
     "infra": ("cmbcluster_infra_providers", InfraProviderRegistration),
     "compute": ("cmbcluster_compute_backends", ComputeBackendRegistration),
 }
-
-
-@dataclass
-class PluginInfo:
-    """One plugin as ``cmbcluster plugins`` shows it."""
-
-    name: str
-    distribution: str
-    version: str
-    module: str
-    hooks: list[str] = field(default_factory=list)
-    error: str | None = None
-    builtin: bool = False
-
-    @property
-    def loaded(self) -> bool:
-        return self.error is None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "module": self.module,
-            "hooks": self.hooks,
-            "error": self.error,
-            "builtin": self.builtin,
-            "loaded": self.loaded,
-        }
 
 
 class PluginManager:
@@ -120,7 +91,7 @@ class PluginManager:
             for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
                 dist = ep.dist.name if ep.dist else "unknown"
                 version = ep.dist.version if ep.dist else "unknown"
-                self._load_one(ep.name, _loader(ep), dist, version, ep.value, False)
+                self._load_one(ep.name, ep.load, dist, version, ep.value, False)
         self._pm.check_pending()
         self.check_conflicts()
         return self
@@ -214,14 +185,6 @@ class PluginManager:
                 found[reg.name] = (plugin_name, reg)
         return {name: reg for name, (_, reg) in found.items()}
 
-    def provider_of(self, concern: Concern, name: str) -> str:
-        """The plugin that registered ``name`` for ``concern``."""
-        hook_name, _ = CONCERNS[concern]
-        for plugin_name, result in self._call_each(hook_name):
-            if any(reg.name == name for reg in _as_iterable(result, plugin_name, hook_name)):
-                return plugin_name
-        raise KeyError(name)
-
     def check_conflicts(self) -> None:
         for concern in CONCERNS:
             self.registrations(concern)
@@ -268,13 +231,14 @@ class PluginManager:
         self.load()
         self._call_each("cmbcluster_decorate_pod", draft=draft, context=context)
 
+    def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]:
+        """Every plugin's ``cmbcluster_deploy_values`` answer, by plugin name, in the documented order."""
+        self.load()
+        return self._call_each("cmbcluster_deploy_values", config=config)
+
     def _dist(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)
         return f"{info.distribution} {info.version}".strip() if info else "unknown distribution"
-
-
-def _loader(ep: EntryPoint) -> Callable[[], ModuleType]:
-    return ep.load
 
 
 def _as_iterable(result: Any, plugin_name: str, hook_name: str) -> Iterable[Any]:

@@ -1,9 +1,18 @@
-"""Typed, frozen registrations that plugins return from the registration hooks.
+"""The data of the plugin contract: what plugins hand to core, and what core hands back.
 
-A registration names an implementation, says how to build it (``factory``) and which
-pydantic-settings model holds its configuration (``settings_model``). Core chooses the active
-implementation of each concern by configured name (``CLOUD_PROVIDER`` and the per-concern
-overrides), never by install order.
+- The typed, frozen **registrations** plugins return from the registration hooks: each names an
+  implementation, says how to build it (``factory``) and which pydantic-settings model holds
+  its configuration (``settings_model``). Core chooses the active implementation of each
+  concern by configured name (``CLOUD_PROVIDER`` and the per-concern overrides), never by
+  install order.
+- :class:`ProviderContext`, what a registration's factory receives.
+- :class:`ResolvedConfig`, the validated configuration: what ``cmbcluster_deploy_values``
+  receives, and what the control plane and the CLI run on (:func:`cmbcluster.config.resolve`
+  makes it).
+- :class:`PluginInfo`, one installed plugin as ``cmbcluster plugins`` shows it.
+
+This module, :mod:`cmbcluster.hookspecs` and :mod:`cmbcluster.interfaces` are the whole
+contract; none of them imports the plugin manager.
 """
 
 from __future__ import annotations
@@ -12,11 +21,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic_settings import BaseSettings
 
 from cmbcluster.interfaces import (
+    ActiveSettings,
     AuthProvider,
     ComputeBackend,
     InfraProvider,
@@ -30,17 +41,17 @@ if TYPE_CHECKING:
     from cmbcluster.settings import CoreSettings
 
 T = TypeVar("T")
-S = TypeVar("S", bound=BaseSettings)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProviderContext:
+class ProviderContext(ActiveSettings):
     """What a registration's factory receives.
 
-    ``core`` is the validated core configuration; :meth:`settings` returns the validated
-    instance of the registration's own settings model.
+    ``core`` is the validated core configuration; ``ctx.require_settings(AwsSettings)`` gives the
+    validated instance of the registration's own settings model (``ctx.settings(...)`` answers
+    None for a model no active provider uses, as everywhere).
     """
 
     core: CoreSettings
@@ -55,11 +66,17 @@ class ProviderContext:
     def data_dir(self) -> Path:
         return self.core.data_dir
 
-    def settings(self, model: type[S]) -> S:
-        """The provider's settings, typed: ``ctx.settings(AwsSettings)``."""
-        if not isinstance(self.provider_settings, model):
-            raise TypeError(f"expected settings of type {model.__name__}, got {type(self.provider_settings).__name__}")
-        return self.provider_settings
+    @property
+    def public_host(self) -> str:
+        """The deployment's host name: that of CMBCLUSTER_PUBLIC_URL, else the address it serves on
+        (what an infra provider without a domain setting of its own names the deployment by)."""
+        url = self.core.public_url
+        return (urlsplit(url).hostname if url else None) or self.core.host
+
+    def _active_settings(self) -> Mapping[type[Any], Any]:
+        if self.provider_settings is None:
+            return self.active_settings
+        return {**self.active_settings, type(self.provider_settings): self.provider_settings}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,3 +129,80 @@ class ComputeBackendRegistration(Registration[ComputeBackend]):
     """Where environments run: Kubernetes, or local processes for the embedded default."""
 
     kind: ClassVar[str] = "compute backend"
+
+
+# -- installed plugins and the validated configuration ---------------------------------------------
+@dataclass
+class PluginInfo:
+    """One plugin as ``cmbcluster plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    module: str
+    hooks: list[str] = field(default_factory=list)
+    error: str | None = None
+    builtin: bool = False
+
+    @property
+    def loaded(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "hooks": self.hooks,
+            "error": self.error,
+            "builtin": self.builtin,
+            "loaded": self.loaded,
+        }
+
+
+class InstalledPlugins(Protocol):
+    """What a resolved configuration keeps of the plugin manager that resolved it
+    (:class:`cmbcluster.plugins.PluginManager`)."""
+
+    def plugins(self) -> list[PluginInfo]: ...
+
+    def failed(self) -> list[PluginInfo]: ...
+
+    def decorate_pod(self, draft: PodDraft, context: PodContext) -> None: ...
+
+    def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]: ...
+
+
+@dataclass
+class ResolvedConfig(ActiveSettings):
+    """A validated configuration: core settings, the chosen registrations and their settings."""
+
+    core: CoreSettings
+    plugins: InstalledPlugins
+    storage: StorageBackendRegistration
+    compute: ComputeBackendRegistration
+    infra: InfraProviderRegistration
+    auth: list[AuthProviderRegistration]
+    provider_settings: dict[type[BaseSettings], BaseSettings] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def context_for(self, registration: Registration[Any]) -> ProviderContext:
+        model = registration.settings_model
+        return ProviderContext(
+            core=self.core,
+            provider_settings=self.provider_settings.get(model) if model else None,
+            decorate_pod=self.plugins.decorate_pod,
+            active_settings=dict(self.provider_settings),
+        )
+
+    def _active_settings(self) -> Mapping[type[Any], Any]:
+        return self.provider_settings
+
+    def summary(self) -> dict[str, str]:
+        return {
+            "storage": self.storage.name,
+            "compute": self.compute.name,
+            "infra": self.infra.name,
+            "auth": ",".join(a.name for a in self.auth),
+        }

@@ -5,17 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cmbcluster.errors import InvalidRequest, NotFound
+from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import DnsRecord
+from cmbcluster.provisioning.dns import Zone, best_zone, check_record, fqdn
 
 if TYPE_CHECKING:
     from cmbcluster_gcp.rest import GoogleApi
 
 __all__ = ["CloudDns"]
-
-
-def _fqdn(name: str) -> str:
-    return name.rstrip(".").lower() + "."
 
 
 class CloudDns:
@@ -32,7 +29,7 @@ class CloudDns:
 
     def zone_for(self, name: str) -> tuple[str, str]:
         """(managed zone name, its DNS name) for a record name: CLOUD_DNS_ZONE, or the public zone whose
-        DNS name is the longest suffix of ``name``."""
+        DNS name is the longest suffix of ``name`` (:func:`cmbcluster.provisioning.dns.best_zone`)."""
         if self.zone:
             zone = self.api.request("GET", "dns", f"{self._zones_path()}/{self.zone}", f"managed zone {self.zone}")
             return self.zone, str(zone["dnsName"])
@@ -45,15 +42,13 @@ class CloudDns:
             token = str(page.get("nextPageToken") or "")
             if not token:
                 break
-        fqdn = _fqdn(name.removeprefix("*."))
-        matching = [
-            z for z in zones
-            if z.get("visibility", "public") == "public" and (fqdn == z["dnsName"] or fqdn.endswith("." + z["dnsName"]))
-        ]  # fmt: skip
-        if not matching:
-            raise NotFound(f"no public Cloud DNS managed zone holds {name}; create one or set CLOUD_DNS_ZONE")
-        best = max(matching, key=lambda z: len(str(z["dnsName"])))
-        return str(best["name"]), str(best["dnsName"])
+        best = best_zone(
+            name,
+            [Zone(id=str(z["name"]), name=str(z["dnsName"]), public=z.get("visibility", "public") == "public")
+             for z in zones],
+            kind="Cloud DNS managed zone", setting="CLOUD_DNS_ZONE",
+        )  # fmt: skip
+        return best.id, best.name
 
     def upsert(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
         if not records:
@@ -61,28 +56,21 @@ class CloudDns:
         zone, dns_name = self.zone_for(records[0].name)
         additions, deletions, done = [], [], []
         for record in records:
-            fqdn = _fqdn(record.name)
-            if fqdn != dns_name and not fqdn.endswith("." + dns_name):
-                raise InvalidRequest(f"{record.name} is not in the managed zone {zone} ({dns_name})")
-            if record.type == "CNAME" and fqdn == dns_name:
-                raise InvalidRequest(
-                    f"{record.name} is the zone apex, which cannot be a CNAME: give an IP address as --target, "
-                    "or use a subdomain"
-                )
-            values = [_fqdn(v) if record.type == "CNAME" else v for v in record.values]
-            wanted = {"kind": "dns#resourceRecordSet", "name": fqdn, "type": record.type, "ttl": record.ttl,
+            name = check_record(record, dns_name, f"managed zone {zone} ({dns_name})")
+            values = [fqdn(v) if record.type == "CNAME" else v for v in record.values]
+            wanted = {"kind": "dns#resourceRecordSet", "name": name, "type": record.type, "ttl": record.ttl,
                       "rrdatas": values}  # fmt: skip
             existing = self.api.request(
-                "GET", "dns", f"{self._zones_path()}/{zone}/rrsets", f"records {fqdn}",
-                params={"name": fqdn, "type": record.type},
+                "GET", "dns", f"{self._zones_path()}/{zone}/rrsets", f"records {name}",
+                params={"name": name, "type": record.type},
             ).get("rrsets", [])  # fmt: skip
             current = [{k: r[k] for k in ("kind", "name", "type", "ttl", "rrdatas") if k in r} for r in existing]
             if current == [wanted]:
-                done.append(f"unchanged {record.type} {fqdn} -> {', '.join(values)} (zone {zone})")
+                done.append(f"unchanged {record.type} {name} -> {', '.join(values)} (zone {zone})")
                 continue
             deletions += current
             additions.append(wanted)
-            done.append(f"UPSERT {record.type} {fqdn} -> {', '.join(values)} (zone {zone})")
+            done.append(f"UPSERT {record.type} {name} -> {', '.join(values)} (zone {zone})")
         if additions and not dry_run:
             self.api.request(
                 "POST", "dns", f"{self._zones_path()}/{zone}/changes", f"records in managed zone {zone}",

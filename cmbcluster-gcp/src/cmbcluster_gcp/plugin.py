@@ -26,7 +26,7 @@ CMBCLUSTER_PLUGIN_API = ">=1.0,<2"
 def _gcs_storage(ctx: ProviderContext) -> StorageBackend:
     from cmbcluster_gcp.storage import GcsStorage
 
-    return GcsStorage(ctx.settings(GcpSettings))
+    return GcsStorage(ctx.require_settings(GcpSettings))
 
 
 @hookimpl
@@ -37,7 +37,7 @@ def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
 
 
 def _google_auth(ctx: ProviderContext) -> AuthProvider:
-    settings = ctx.settings(GcpSettings)
+    settings = ctx.require_settings(GcpSettings)
     if not settings.google_client_id:
         raise ConfigurationError(
             ["GOOGLE_CLIENT_ID is required for the 'gcp' auth provider (Sign in with Google): set it to the "
@@ -57,20 +57,17 @@ def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
 
 def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvider:
     """``iam`` replaces the IAM client (tests pass an InMemoryIamClient)."""
-    from urllib.parse import urlsplit
-
     from cmbcluster_gcp.identity import GcpInfra
 
     # Without DOMAIN, the deployment's public host stands in.
-    domain = (urlsplit(ctx.core.public_url).hostname if ctx.core.public_url else None) or ctx.core.host
-    return GcpInfra(ctx.settings(GcpSettings), iam=iam, domain=domain)
+    return GcpInfra(ctx.require_settings(GcpSettings), iam=iam, domain=ctx.public_host)
 
 
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster_gcp.provisioning import GcpProvisioner
 
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias GCS_DATABASE_BUCKET)
-    return GcpProvisioner(ctx.settings(GcpSettings), database_bucket=ctx.core.database_bucket)
+    return GcpProvisioner(ctx.require_settings(GcpSettings), database_bucket=ctx.core.database_bucket)
 
 
 @hookimpl
@@ -87,10 +84,8 @@ def cmbcluster_infra_providers() -> Iterator[InfraProviderRegistration]:
 @hookimpl
 def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
     """gcsfuse and Workload Identity on GKE pods (cmbcluster_gcp.pods); nothing for other clouds."""
-    if context.storage_backend != "gcp" and context.infra_provider != "gcp":
-        return
-    from cmbcluster_gcp.pods import decorate_gke_pod
+    settings = context.settings(GcpSettings)  # the control plane's validated gcp settings
+    if settings is not None and context.serves("gcp"):
+        from cmbcluster_gcp.pods import decorate_gke_pod
 
-    settings = context.settings(GcpSettings)
-    if settings is not None:  # the control plane's validated gcp settings
         decorate_gke_pod(draft, context, settings)

@@ -25,7 +25,6 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import google.auth
@@ -42,21 +41,29 @@ from cmbcluster.errors import (
     ProviderUnavailable,
 )
 from cmbcluster.interfaces import (
+    DeploymentRecord,
     DnsRecord,
-    HelmRelease,
     PlannedStep,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
 )
-from cmbcluster.interfaces.provisioning import write_kubeconfig
+from cmbcluster.provisioning import (
+    CERT_MANAGER,
+    data_written_during_down,
+    install_release,
+    kubeconfig_path,
+    refuse_to_delete_data,
+    release_step,
+    uninstall_release,
+    write_kubeconfig,
+)
 from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GcpInfra
 from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
 
-__all__ = ["CERT_MANAGER", "GcpProvisioner", "GoogleApi"]
+__all__ = ["GcpProvisioner", "GoogleApi"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +73,6 @@ SERVICES_RANGE, SERVICES_CIDR = "services", "10.8.0.0/20"
 MASTER_CIDR = "172.16.0.0/28"
 LABEL_DEPLOYMENT = "cmbcluster-deployment"
 LABEL_MANAGED_BY = "managed-by"
-# Pinned so that two `up` runs months apart install the same add-on; raise it deliberately.
-CERT_MANAGER = HelmRelease(
-    name="cert-manager", chart="cert-manager", repo="https://charts.jetstack.io", version="v1.18.2",
-    namespace="cert-manager", values={"crds.enabled": "true"},
-)  # fmt: skip
 
 
 def credentials_for(settings: GcpSettings) -> google.auth.credentials.Credentials:
@@ -203,13 +205,11 @@ class GcpProvisioner(Provisioner):
                         f"{s.gke_nodes_per_zone}-{s.gke_max_nodes_per_zone} x {s.gke_machine_type} per zone",
                         creates=(f"container/cluster {self.deployment}",
                                  f"container/nodepool {self._name('nodes')}")),
-            PlannedStep(name="addon-cert-manager",
-                        description=f"helm: {CERT_MANAGER.chart} {CERT_MANAGER.version} in {CERT_MANAGER.namespace}",
-                        creates=(f"helm/release {CERT_MANAGER.namespace}/{CERT_MANAGER.name}",), external=True),
+            release_step("cert-manager", CERT_MANAGER),
         ]  # fmt: skip
 
     # -- up ----------------------------------------------------------------------------------
-    def apply_step(self, step: PlannedStep, ctx: StepContext) -> None:
+    def apply_step(self, step: PlannedStep, job: StepContext) -> None:
         handlers: dict[str, Callable[[StepContext], None]] = {
             "network": self._ensure_network,
             "subnetwork": self._ensure_subnetwork,
@@ -219,11 +219,11 @@ class GcpProvisioner(Provisioner):
             "gke-cluster": self._ensure_cluster,
             "addon-cert-manager": self._addon,
         }
-        handlers[step.name](ctx)
+        handlers[step.name](job)
 
     def _ensure(
         self,
-        ctx: StepContext,
+        job: StepContext,
         *,
         service: str,
         path: str,
@@ -240,49 +240,49 @@ class GcpProvisioner(Provisioner):
             try:
                 operation = self.api.request("POST", service, create_path, what, body=body, params=params)
             except Conflict:
-                ctx.adopted(record)
+                job.adopted(record)
             else:
-                ctx.created(record)
+                job.created(record)
                 if operation.get("kind") != "storage#bucket":
                     self.api.wait(service, operation, f"creating {what}")
             existing = self.api.get(service, path, what) or {}
         else:
-            ctx.adopted(record)
+            job.adopted(record)
         return existing
 
-    def _ensure_network(self, ctx: StepContext) -> None:
+    def _ensure_network(self, job: StepContext) -> None:
         self._ensure(
-            ctx, service="compute", path=self._network_path(),
+            job, service="compute", path=self._network_path(),
             create_path=f"compute/v1/projects/{self.project}/global/networks",
             body={"name": self.network, "autoCreateSubnetworks": False, "routingConfig": {"routingMode": "REGIONAL"},
                   "description": f"CMBCluster deployment {self.deployment}"},
-            record=ResourceRecord(step=ctx.step, kind="compute/network", id=self._network_path(), name=self.network),
+            record=ResourceRecord(step=job.step, kind="compute/network", id=self._network_path(), name=self.network),
             what=f"network {self.network}",
         )  # fmt: skip
 
-    def _ensure_subnetwork(self, ctx: StepContext) -> None:
+    def _ensure_subnetwork(self, job: StepContext) -> None:
         self._ensure(
-            ctx, service="compute", path=self._subnetwork_path(),
+            job, service="compute", path=self._subnetwork_path(),
             create_path=f"compute/v1/projects/{self.project}/regions/{self.region}/subnetworks",
             body={"name": self.subnetwork, "network": self._network_path().removeprefix("compute/v1/"),
                   "ipCidrRange": SUBNET_CIDR, "region": self.region, "privateIpGoogleAccess": True,
                   "secondaryIpRanges": [{"rangeName": PODS_RANGE, "ipCidrRange": PODS_CIDR},
                                         {"rangeName": SERVICES_RANGE, "ipCidrRange": SERVICES_CIDR}]},
-            record=ResourceRecord(step=ctx.step, kind="compute/subnetwork", id=self._subnetwork_path(),
+            record=ResourceRecord(step=job.step, kind="compute/subnetwork", id=self._subnetwork_path(),
                                   name=self.subnetwork),
             what=f"subnetwork {self.subnetwork}",
         )  # fmt: skip
 
-    def _ensure_router(self, ctx: StepContext) -> None:
+    def _ensure_router(self, job: StepContext) -> None:
         nat = {"name": self._name("nat"), "natIpAllocateOption": "AUTO_ONLY",
                "sourceSubnetworkIpRangesToNat": "ALL_SUBNETWORKS_ALL_IP_RANGES",
                "logConfig": {"enable": True, "filter": "ERRORS_ONLY"}}  # fmt: skip
         router = self._ensure(
-            ctx, service="compute", path=self._router_path(),
+            job, service="compute", path=self._router_path(),
             create_path=f"compute/v1/projects/{self.project}/regions/{self.region}/routers",
             body={"name": self.router, "network": self._network_path().removeprefix("compute/v1/"),
                   "region": self.region, "nats": [nat]},
-            record=ResourceRecord(step=ctx.step, kind="compute/router", id=self._router_path(), name=self.router),
+            record=ResourceRecord(step=job.step, kind="compute/router", id=self._router_path(), name=self.router),
             what=f"Cloud Router {self.router}",
         )  # fmt: skip
         if not any(n.get("name") == nat["name"] for n in router.get("nats", [])):
@@ -290,28 +290,28 @@ class GcpProvisioner(Provisioner):
             operation = self.api.request("PATCH", "compute", self._router_path(), f"Cloud NAT {nat['name']}",
                                          body={"nats": [*router.get("nats", []), nat]})  # fmt: skip
             self.api.wait("compute", operation, f"adding Cloud NAT {nat['name']}")
-            ctx.note(f"Cloud NAT {nat['name']} added to {self.router}")
+            job.note(f"Cloud NAT {nat['name']} added to {self.router}")
 
-    def _ensure_repository(self, ctx: StepContext) -> None:
+    def _ensure_repository(self, job: StepContext) -> None:
         self._ensure(
-            ctx, service="artifactregistry", path=self._repository_path(),
+            job, service="artifactregistry", path=self._repository_path(),
             create_path=f"v1/projects/{self.project}/locations/{self.region}/repositories",
             params={"repositoryId": self.repository},
             body={"format": "DOCKER", "description": f"CMBCluster images ({self.deployment})", "labels": self.labels},
-            record=ResourceRecord(step=ctx.step, kind="artifactregistry/repository", id=self._repository_path(),
+            record=ResourceRecord(step=job.step, kind="artifactregistry/repository", id=self._repository_path(),
                                   name=self.repository),
             what=f"Artifact Registry repository {self.repository}",
         )  # fmt: skip
 
-    def _ensure_bucket(self, ctx: StepContext) -> None:
+    def _ensure_bucket(self, job: StepContext) -> None:
         self._ensure(
-            ctx, service="storage", path=self._bucket_path(), create_path="storage/v1/b",
+            job, service="storage", path=self._bucket_path(), create_path="storage/v1/b",
             params={"project": self.project},
             body={"name": self.database_bucket, "location": self.settings.storage_location or self.region,
                   "storageClass": "STANDARD", "labels": self.labels, "versioning": {"enabled": True},
                   "iamConfiguration": {"uniformBucketLevelAccess": {"enabled": True},
                                        "publicAccessPrevention": "enforced"}},
-            record=ResourceRecord(step=ctx.step, kind="storage/bucket", id=self.database_bucket,
+            record=ResourceRecord(step=job.step, kind="storage/bucket", id=self.database_bucket,
                                   name=self.database_bucket),
             what=f"bucket {self.database_bucket}",
         )  # fmt: skip
@@ -346,10 +346,10 @@ class GcpProvisioner(Provisioner):
             }
         }  # fmt: skip
 
-    def _ensure_cluster(self, ctx: StepContext) -> None:
+    def _ensure_cluster(self, job: StepContext) -> None:
         what = f"GKE cluster {self.deployment}"
         path = self._cluster_path()
-        record = ResourceRecord(step=ctx.step, kind="container/cluster", id=path, name=self.deployment)
+        record = ResourceRecord(step=job.step, kind="container/cluster", id=path, name=self.deployment)
         cluster = self.api.get("container", path, what)
         if cluster is None:
             try:
@@ -357,17 +357,17 @@ class GcpProvisioner(Provisioner):
                     "POST", "container", path.rsplit("/", 1)[0], what, body=self.cluster_body()
                 )
             except Conflict:
-                ctx.adopted(record)
+                job.adopted(record)
             else:
-                ctx.created(record)
-                ctx.note(f"waiting for {what} (about 6-10 minutes on Google Cloud)")
+                job.created(record)
+                job.note(f"waiting for {what} (about 6-10 minutes on Google Cloud)")
                 self.api.wait("container", operation, f"creating {what}")
         else:
             if cluster.get("resourceLabels", {}).get(LABEL_DEPLOYMENT) != self.deployment:
                 raise Conflict(f"{what} exists but was not made by `cmbcluster infra up`")
-            ctx.adopted(record)
+            job.adopted(record)
         cluster = self._wait_running(what)
-        self._write_kubeconfig(ctx, cluster)
+        self._write_kubeconfig(job, cluster)
 
     def _wait_running(self, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + 2400
@@ -384,13 +384,9 @@ class GcpProvisioner(Provisioner):
             time.sleep(delay)
             delay = min(delay * 2, self.poll_interval)
 
-    @staticmethod
-    def kubeconfig_path(ctx: StepContext) -> Path:
-        return ctx.record.path.with_suffix(".kubeconfig")
-
-    def _write_kubeconfig(self, ctx: StepContext, cluster: dict[str, Any]) -> None:
+    def _write_kubeconfig(self, job: StepContext, cluster: dict[str, Any]) -> None:
         write_kubeconfig(
-            self.kubeconfig_path(ctx),
+            kubeconfig_path(job.record),
             name=f"gke_{self.project}_{self.location}_{self.deployment}",
             server=f"https://{cluster.get('endpoint', '')}",
             certificate_authority_data=str(cluster.get("masterAuth", {}).get("clusterCaCertificate", "")),
@@ -398,17 +394,14 @@ class GcpProvisioner(Provisioner):
             args=[],
         )
 
-    def _addon(self, ctx: StepContext) -> None:
-        if not self.kubeconfig_path(ctx).exists():
+    def _addon(self, job: StepContext) -> None:
+        if not kubeconfig_path(job.record).exists():
             cluster = self.api.request("GET", "container", self._cluster_path(), f"GKE cluster {self.deployment}")
-            self._write_kubeconfig(ctx, cluster)
-        if ctx.run(CERT_MANAGER.install_argv(self.kubeconfig_path(ctx))):
-            ctx.created(ResourceRecord(step=ctx.step, kind="helm/release",
-                                       id=f"{CERT_MANAGER.namespace}/{CERT_MANAGER.name}", name=CERT_MANAGER.name,
-                                       attributes={"namespace": CERT_MANAGER.namespace}))  # fmt: skip
+            self._write_kubeconfig(job, cluster)
+        install_release(job, CERT_MANAGER, kubeconfig_path(job.record))
 
     # -- down --------------------------------------------------------------------------------
-    def delete_resource(self, resource: ResourceRecord, ctx: StepContext) -> None:
+    def delete_resource(self, resource: ResourceRecord, job: StepContext) -> None:
         services = {
             "compute/network": "compute", "compute/subnetwork": "compute", "compute/router": "compute",
             "artifactregistry/repository": "artifactregistry", "container/cluster": "container",
@@ -416,39 +409,33 @@ class GcpProvisioner(Provisioner):
         what = resource.label
         try:
             if resource.kind == "helm/release":
-                if self.kubeconfig_path(ctx).exists():
-                    release = HelmRelease(name=resource.name, chart="", repo="", version="",
-                                          namespace=resource.attributes.get("namespace", "default"))  # fmt: skip
-                    ctx.run(release.uninstall_argv(self.kubeconfig_path(ctx)))
+                if kubeconfig_path(job.record).exists():
+                    uninstall_release(job, resource, kubeconfig_path(job.record))
                 return
             if resource.kind == "storage/bucket":
-                self._delete_bucket(resource.id, ctx)
+                self._delete_bucket(resource.id, job)
                 return
             service = services.get(resource.kind)
             if service is None:
                 raise InvalidRequest(f"the record lists {what}, a kind this version cannot delete")
             operation = self.api.request("DELETE", service, resource.id, what)
             if resource.kind == "container/cluster":
-                ctx.note(f"waiting for {what} to be deleted (about 5 minutes on Google Cloud)")
+                job.note(f"waiting for {what} to be deleted (about 5 minutes on Google Cloud)")
             self.api.wait(service, operation, f"deleting {what}")
             if resource.kind == "container/cluster":
-                self.kubeconfig_path(ctx).unlink(missing_ok=True)
+                kubeconfig_path(job.record).unlink(missing_ok=True)
         except NotFound:
-            ctx.emit("gone", f"{what} was already gone")
+            job.emit("gone", f"{what} was already gone")
 
-    def check_down(self, record: ProvisioningRecord, options: ProvisioningOptions) -> None:
-        if options.delete_data:
-            return
-        for bucket in record.find("storage/bucket"):
-            try:
-                self._objects(bucket.id)
-            except NotFound:
-                continue
-            if self._objects(bucket.id):
-                raise Conflict(
-                    f"bucket {bucket.id} still holds objects (database backups); nothing was deleted. "
-                    "Copy what you need, then rerun `down` with --delete-data"
-                )
+    def check_down(self, record: DeploymentRecord, options: ProvisioningOptions) -> None:
+        refuse_to_delete_data(record, options, kind="storage/bucket", holds_objects=self._holds_objects)
+
+    def _holds_objects(self, bucket: ResourceRecord) -> bool:
+        """Whether the bucket holds any object or object version (False when it is gone)."""
+        try:
+            return bool(self._objects(bucket.id))
+        except NotFound:
+            return False
 
     def _objects(self, bucket: str) -> list[dict[str, Any]]:
         path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
@@ -457,11 +444,11 @@ class GcpProvisioner(Provisioner):
         items: list[dict[str, Any]] = listing.get("items", [])
         return items
 
-    def _delete_bucket(self, bucket: str, ctx: StepContext) -> None:
+    def _delete_bucket(self, bucket: str, job: StepContext) -> None:
         path = f"storage/v1/b/{urllib.parse.quote(bucket, safe='')}"
         objects = self._objects(bucket)
-        if objects and not ctx.options.delete_data:  # check_down refused already; objects written since then
-            raise Conflict(f"bucket {bucket} holds objects written during `down`; rerun with --delete-data")
+        if objects and not job.options.delete_data:  # check_down refused already; objects written since then
+            raise data_written_during_down(f"bucket {bucket}")
         while objects:
             for item in objects:
                 name = urllib.parse.quote(str(item["name"]), safe="")

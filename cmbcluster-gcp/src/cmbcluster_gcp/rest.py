@@ -1,8 +1,8 @@
-"""The plugin's one client for Google's JSON REST APIs, and one mapping of their HTTP errors.
+"""The plugin's one client for Google's JSON REST APIs: retries, long-running operations, typed errors.
 
-Used by the infrastructure provisioner (Compute, Container, Artifact Registry, Cloud DNS), the
-Workload Identity provider (IAM, Resource Manager) and, for the error mapping, the GCS storage
-backend: every Google answer becomes the same typed core error, whichever module asked.
+Used by the infrastructure provisioner (Compute, Container, Artifact Registry, Cloud DNS) and the
+Workload Identity provider (IAM, Resource Manager). Every Google answer becomes the same typed core
+error, whichever module asked (:mod:`cmbcluster_gcp.errors`).
 """
 
 from __future__ import annotations
@@ -17,67 +17,13 @@ import google.auth.exceptions
 import google.auth.transport.requests
 import requests
 
-from cmbcluster.errors import (
-    CmbclusterError,
-    Conflict,
-    InvalidRequest,
-    LimitExceeded,
-    NotFound,
-    PermissionDenied,
-    ProviderUnavailable,
-)
+from cmbcluster.errors import CmbclusterError, NotFound, ProviderUnavailable
+from cmbcluster_gcp.errors import error_for_status, google_message
 
 log = logging.getLogger(__name__)
 
 #: answers worth another try: every call made through :class:`GoogleApi` is safe to repeat
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-def google_message(response: requests.Response) -> str:
-    """The ``error.message`` of a Google JSON error body (or the start of a non-JSON one)."""
-    try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return response.text[:300]
-    if isinstance(error, dict):
-        return str(error.get("message", ""))
-    return str(error)
-
-
-def retry_after_seconds(value: str | None) -> int | None:
-    try:
-        return max(0, int(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def error_for_status(
-    status: int,
-    what: str,
-    *,
-    service: str = "Google Cloud",
-    detail: object = None,
-    retry_after: str | None = None,
-    forbidden: str | None = None,
-) -> CmbclusterError:
-    """The typed error for an HTTP ``status`` that ``service`` answered about ``what``."""
-    if status == 404:
-        return NotFound(f"{what} not found", detail=detail)
-    if status in (409, 412):
-        return Conflict(f"{what} already exists or changed meanwhile", detail=detail)
-    if status == 401:
-        # Our own credentials were refused: an operator problem, not the caller's.
-        return ProviderUnavailable(f"{service} refused the control plane's credentials", detail=detail)
-    if status == 403:  # ``forbidden``: what to grant, with ``{what}`` standing for the resource
-        return PermissionDenied((forbidden or "not allowed to access {what}").format(what=what), detail=detail)
-    if status == 429:
-        return LimitExceeded(
-            f"{service} is rate-limiting requests for {what}", retry_after=retry_after_seconds(retry_after),
-            detail=detail,
-        )  # fmt: skip
-    if 400 <= status < 500:  # 400, 411, 416, ...
-        return InvalidRequest(f"{service} refused the request for {what}", detail=detail)
-    return ProviderUnavailable(f"{service} failed on {what} (HTTP {status})", detail=detail)
 
 
 class GoogleApi:
@@ -145,7 +91,7 @@ class GoogleApi:
                     return data if isinstance(data, dict) else {}
                 failure = error_for_status(
                     response.status_code, what, service=self.service_name, detail=google_message(response) or None,
-                    retry_after=response.headers.get("Retry-After"), forbidden=self.forbidden_hint,
+                    response=response, forbidden=self.forbidden_hint,
                 )  # fmt: skip
                 if response.status_code not in RETRYABLE_STATUS:
                     raise failure

@@ -3,8 +3,8 @@
 Every bucket is private: uniform bucket-level access, public access prevention enforced, and
 access granted per user through bucket IAM (:meth:`GcsStorage.ensure_bucket_access`).
 Bucket metadata that the control plane needs back (owner, display name, storage class) lives
-in bucket labels; labels allow only lower-case letters, digits, '-' and '_', so the display
-name is stored base32-encoded (split over several labels when long) and round-trips exactly.
+in bucket labels (:mod:`cmbcluster_gcp.labels`). Objects up to 8 MiB go up in one request;
+larger ones through :mod:`cmbcluster_gcp.uploads`, in spooled pieces of a resumable upload.
 
 This module is imported only when the ``gcp`` storage backend is selected, so google-cloud-*
 stays out of the control plane's import path otherwise.
@@ -22,22 +22,16 @@ import logging
 import mimetypes
 import queue
 import re
-import tempfile
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import google.auth.exceptions as auth_exceptions
-import requests
-from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.cloud import storage
-from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from cmbcluster.errors import (
-    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
@@ -60,23 +54,25 @@ from cmbcluster.interfaces import (
     resolve_byte_range,
 )
 from cmbcluster.naming import bucket_name, dns_label, validate_object_key
-from cmbcluster_gcp import rest
+from cmbcluster_gcp.errors import GCS, error_for_status, gcs_errors, translate_error
+from cmbcluster_gcp.labels import (
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    LABEL_STORAGE_CLASS,
+    MANAGED_BY,
+    decode_display_name,
+    encode_display_name,
+    is_display_name_label,
+)
 from cmbcluster_gcp.settings import GcpSettings
+from cmbcluster_gcp.uploads import upload_in_pieces
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: Objects up to this size go up in a single request, gathered in memory first.
+#: Objects up to this size go up in a single request, gathered in memory first; larger ones as a
+#: resumable upload (cmbcluster_gcp.uploads).
 UPLOAD_CHUNK_SIZE = 8 * MiB
-#: Larger ones go as a resumable upload in pieces of this size (a multiple of 256 KiB, as GCS
-#: requires of every piece but the last), each spooled to a temporary file and streamed from it,
-#: so memory holds one source chunk whatever the size. Few, large requests are what makes a
-#: resumable upload fast (GCS answers each piece only once it is stored; the emulator even copies
-#: the whole upload so far at every piece).
-UPLOAD_PIECE_SIZE = 128 * MiB
-UPLOAD_PIECE_ATTEMPTS = 5
-UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
-_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: Chunks a download reads ahead of its consumer (each the caller's ``chunk_size``).
 DOWNLOAD_READ_AHEAD = 4
 #: How long a stopped download waits for its reading thread (which ends at its next write).
@@ -95,12 +91,6 @@ PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
 #: Member forms ensure_bucket_access grants to: one identity, never a set of principals.
 GRANTABLE_MEMBER_PREFIXES = ("principal://", "serviceAccount:")
 
-LABEL_OWNER = "owner"
-LABEL_MANAGED_BY = "managed-by"
-LABEL_STORAGE_CLASS = "storage-class"
-LABEL_DISPLAY_NAME = "display-name"
-MANAGED_BY = "cmbcluster"
-MAX_DISPLAY_NAME_LABELS = 12  # 12 x 63 base32 characters: 472 bytes of UTF-8
 
 _TO_GCS_CLASS = {
     StorageClass.STANDARD: "STANDARD",
@@ -121,87 +111,6 @@ _FROM_GCS_CLASS = {
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-# -- errors --------------------------------------------------------------------------------------
-def translate_error(exc: BaseException, what: str) -> CmbclusterError | None:
-    """The typed CMBCluster error for an error of the Google client stack, or None if not one.
-
-    The single place where google-api-core, google-auth, resumable-media and transport
-    (requests/urllib3) errors become :mod:`cmbcluster.errors`. ``what`` names the resource.
-    """
-    if isinstance(exc, CmbclusterError):
-        return exc
-    if isinstance(exc, api_exceptions.RetryError):
-        return ProviderUnavailable(
-            f"Google Cloud Storage did not answer for {what} (gave up after retrying)", detail=str(exc.cause)
-        )
-    if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return error_for_status(exc.code or 500, what, detail=exc.message, response=exc.response)
-    if isinstance(exc, InvalidResponse):
-        # Resumable-media errors (uploads) carry the HTTP response: classify them by its status.
-        response = getattr(exc, "response", None)
-        status = getattr(response, "status_code", None)
-        if isinstance(status, int):
-            return error_for_status(status, what, detail=str(exc), response=response)
-        return ProviderUnavailable(f"Google Cloud Storage gave an unexpected answer for {what}", detail=str(exc))
-    if isinstance(exc, auth_exceptions.DefaultCredentialsError):
-        return ProviderUnavailable("no Google Cloud credentials are configured", detail=str(exc))
-    if isinstance(exc, auth_exceptions.GoogleAuthError):  # TransportError, RefreshError, ...
-        return ProviderUnavailable("could not authenticate to Google Cloud", detail=str(exc))
-    if isinstance(exc, DataCorruption):
-        return ProviderUnavailable(f"data of {what} was corrupted in transit; try again", detail=str(exc))
-    if isinstance(exc, OSError):
-        # requests' ConnectionError/Timeout (RequestException is an OSError), urllib3 and socket errors.
-        return ProviderUnavailable(f"cannot reach Google Cloud Storage for {what}", detail=str(exc))
-    return None
-
-
-def error_for_status(status: int, what: str, *, detail: object = None, response: object = None) -> CmbclusterError:
-    """The typed error for an HTTP status answered by Google Cloud Storage about ``what``."""
-    headers = getattr(response, "headers", None)
-    retry_after = headers.get("Retry-After") if headers is not None else None
-    return rest.error_for_status(status, what, service="Google Cloud Storage", detail=detail, retry_after=retry_after)
-
-
-@contextlib.contextmanager
-def gcs_errors(what: str) -> Iterator[None]:
-    """Translate Google client errors raised inside the block (see :func:`translate_error`)."""
-    try:
-        yield
-    except Exception as exc:
-        mapped = translate_error(exc, what)
-        if mapped is None or mapped is exc:
-            raise
-        raise mapped from exc
-
-
-# -- labels ---------------------------------------------------------------------------------------
-def encode_display_name(display_name: str) -> dict[str, str]:
-    """Labels holding ``display_name`` exactly: lower-case base32, 63 characters per label."""
-    encoded = base64.b32encode(display_name.encode("utf-8")).decode("ascii").rstrip("=").lower()
-    parts = [encoded[i : i + 63] for i in range(0, len(encoded), 63)] or [""]
-    if len(parts) > MAX_DISPLAY_NAME_LABELS:
-        raise InvalidRequest("the display name is too long")
-    return {(LABEL_DISPLAY_NAME if i == 0 else f"{LABEL_DISPLAY_NAME}-{i}"): part for i, part in enumerate(parts)}
-
-
-def decode_display_name(labels: dict[str, str]) -> str | None:
-    """The display name stored by :func:`encode_display_name`, or None if absent or damaged."""
-    if LABEL_DISPLAY_NAME not in labels:
-        return None
-    parts = [labels[LABEL_DISPLAY_NAME]]
-    while f"{LABEL_DISPLAY_NAME}-{len(parts)}" in labels:
-        parts.append(labels[f"{LABEL_DISPLAY_NAME}-{len(parts)}"])
-    encoded = "".join(parts).upper()
-    try:
-        return base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-
-
-def _is_display_name_label(key: str) -> bool:
-    return key == LABEL_DISPLAY_NAME or re.fullmatch(rf"{LABEL_DISPLAY_NAME}-\d+", key) is not None
 
 
 # -- the backend ----------------------------------------------------------------------------------
@@ -262,7 +171,7 @@ class GcsStorage(StorageBackend):
                     created = self._client.create_bucket(bucket, location=self._location, retry=None)
                 break
             except Conflict:
-                logger.info("bucket name %s is taken; trying another", name)
+                log.info("bucket name %s is taken; trying another", name)
         if created is None:
             raise Conflict("could not find a free bucket name; try again")
 
@@ -274,7 +183,7 @@ class GcsStorage(StorageBackend):
                 self._configure(patch, gcs_class, versioning, labels)
                 patch.patch(retry=self._retry)
         except BaseException:
-            logger.warning("configuring new bucket %s failed; deleting it", created.name)
+            log.warning("configuring new bucket %s failed; deleting it", created.name)
             with contextlib.suppress(Exception):
                 created.delete(retry=self._retry)
             raise
@@ -343,7 +252,7 @@ class GcsStorage(StorageBackend):
         for response in getattr(batch, "_responses", None) or []:
             status = int(response.status_code)
             if not (200 <= status < 300 or status == 404):
-                raise error_for_status(status, what, detail=response.text[:500], response=response)
+                raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
 
     def get_bucket(self, bucket: str) -> BucketInfo:
         ref = self._bucket_ref(bucket)
@@ -531,96 +440,10 @@ class GcsStorage(StorageBackend):
         # is cancelled instead, and the previous version of the object (if any) stays as it was.
         with gcs_errors(what):
             session = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
-        try:
-            with tempfile.TemporaryFile(prefix="cmbcluster-gcs-upload-") as spool:
-                self._upload_pieces(session, spool, bytes(head), source, what)
-        except BaseException:
-            self._cancel_session(session, what)
-            raise
+        upload_in_pieces(self._client._http, session, bytes(head), source, what)
         with gcs_errors(what):
             blob.reload(retry=self._retry)
         return _object_info(blob)
-
-    def _upload_pieces(self, session: str, spool: BinaryIO, head: bytes, source: Iterator[bytes], what: str) -> None:
-        """Send ``head`` then ``source`` to the resumable ``session``, one spooled piece at a time.
-
-        One source chunk is read ahead, so that the last piece is known as such when it is sent.
-        """
-        offset = 0
-        pending: bytes | None = head or _next_bytes(source)
-        while True:
-            spool.seek(0)
-            spool.truncate()
-            size = 0
-            while pending is not None and size < UPLOAD_PIECE_SIZE:
-                taken = pending[: UPLOAD_PIECE_SIZE - size]
-                spool.write(taken)
-                size += len(taken)
-                pending = pending[len(taken) :] or _next_bytes(source)
-            spool.flush()
-            last = pending is None
-            self._put_piece(session, spool, offset, size, offset + size if last else None, what)
-            if last:
-                return
-            offset += size
-
-    def _put_piece(self, session: str, spool: BinaryIO, offset: int, size: int, total: int | None, what: str) -> None:
-        """PUT ``size`` spooled bytes at ``offset`` (the final piece when ``total`` is given).
-
-        A failed or partly stored request is resumed from where GCS says the upload stands.
-        """
-        transport = self._client._http  # the client's authorized session: the same credentials
-        url = session
-        start = offset
-        end = offset + size
-        attempts = 0
-        while True:
-            length = end - start
-            if length:
-                content_range = f"bytes {start}-{end - 1}/{'*' if total is None else total}"
-            else:  # everything is stored: only the total is left to say
-                content_range = f"bytes */{total}"
-            try:
-                response = transport.put(
-                    url, data=_SpoolBody(spool, start - offset, length),
-                    headers={"Content-Range": content_range}, timeout=UPLOAD_PIECE_TIMEOUT,
-                )  # fmt: skip
-                status = response.status_code
-                if status in (200, 201):
-                    return
-                if status == 308:
-                    stored = _resumed_offset(response)
-                    if stored >= end and total is None:
-                        return
-                    if stored > start:  # partly stored: send the rest
-                        start = stored
-                        continue
-                if status not in _RETRYABLE_STATUSES and status != 308:
-                    raise error_for_status(status, what, detail=response.text[:500], response=response)
-                failure: BaseException = ProviderUnavailable(f"Google Cloud Storage answered {status} for {what}")
-            except requests.RequestException as exc:
-                failure = exc
-            attempts += 1
-            if attempts >= UPLOAD_PIECE_ATTEMPTS:
-                mapped = translate_error(failure, what) or failure
-                raise mapped from failure
-            time.sleep(min(2**attempts * 0.5, 10))
-            start = max(start, self._stored_bytes(session, offset))
-
-    def _stored_bytes(self, session: str, fallback: int) -> int:
-        """How many bytes of the upload GCS holds (a status query), or ``fallback`` if it cannot say."""
-        try:
-            response = self._client._http.put(session, data=b"", headers={"Content-Range": "bytes */*"}, timeout=30)
-        except requests.RequestException:
-            return fallback
-        return _resumed_offset(response) if response.status_code == 308 else fallback
-
-    def _cancel_session(self, session: str, what: str) -> None:
-        """Free an unfinished upload session at once (GCS would reap it after a week)."""
-        try:
-            self._client._http.delete(session, timeout=30)
-        except requests.RequestException:
-            logger.warning("could not cancel the upload session of %s", what, exc_info=True)
 
     def download_object(
         self,
@@ -726,46 +549,11 @@ class GcsStorage(StorageBackend):
             created_at=bucket.time_created or _EPOCH,
             location=bucket.location or "",
             versioning=bool(bucket.versioning_enabled),
-            labels={k: v for k, v in labels.items() if not _is_display_name_label(k)},
+            labels={k: v for k, v in labels.items() if not is_display_name_label(k)},
         )
 
 
 # -- module helpers ---------------------------------------------------------------------------------
-class _SpoolBody:
-    """``length`` bytes of a spool file from ``start``, as a request body that requests streams
-    (it has a length, so it is sent with Content-Length, in 1 MiB reads)."""
-
-    def __init__(self, spool: BinaryIO, start: int, length: int) -> None:
-        self._spool, self._start, self._length = spool, start, length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[bytes]:
-        self._spool.seek(self._start)
-        remaining = self._length
-        while remaining > 0:
-            block = self._spool.read(min(MiB, remaining))
-            if not block:
-                raise OSError("the upload's spool file ended early")
-            remaining -= len(block)
-            yield block
-
-
-def _resumed_offset(response: Any) -> int:
-    """The bytes a resumable upload holds, from a 308 answer's ``Range: bytes=0-LAST``."""
-    match = re.fullmatch(r"bytes=0-(\d+)", response.headers.get("Range", "").strip())
-    return int(match.group(1)) + 1 if match else 0
-
-
-def _next_bytes(source: Iterator[bytes]) -> bytes | None:
-    """The next non-empty chunk of ``source``, or None once it is exhausted."""
-    for chunk in source:
-        if chunk:
-            return chunk
-    return None
-
-
 class _PipeCancelled(Exception):
     """Raised in the reading thread of a download whose consumer stopped."""
 

@@ -157,8 +157,7 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 def plugin_values(config: ResolvedConfig) -> list[tuple[str, dict[str, Any]]]:
     """Each plugin's contribution (``cmbcluster_deploy_values``), in the documented order."""
     contributions = []
-    config.plugins.load()
-    for plugin_name, result in config.plugins._call_each(HOOK, config=config):
+    for plugin_name, result in config.plugins.deploy_values(config):
         if result is None:
             continue
         if not isinstance(result, Mapping):

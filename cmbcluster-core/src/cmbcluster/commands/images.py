@@ -8,9 +8,11 @@ The registry host and repository prefix come from the infra provider's ``registr
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -18,9 +20,9 @@ from typing import Annotated
 import typer
 
 from cmbcluster import __version__
+from cmbcluster.commands.common import err, out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest, ProviderUnavailable
 from cmbcluster.interfaces import InfraProvider, RegistryInfo
-from cmbcluster.interfaces.provisioning import IMAGE_NAMES
 
 app = typer.Typer(help="Build and push the control plane and environment images.", no_args_is_help=True)
 
@@ -40,7 +42,8 @@ IMAGES = {
         name="environment", dockerfile="helm/images/environment/Dockerfile", context="helm/images/environment"
     ),
 }
-assert tuple(IMAGES) == IMAGE_NAMES  # the provisioners create one repository per image
+#: The images every deployment builds and pushes; the provisioners create one registry repository for each.
+IMAGE_NAMES = tuple(IMAGES)
 
 Tag = Annotated[str, typer.Option(help="Image tag (default: this version of cmbcluster-core).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the docker commands instead of running them.")]
@@ -76,16 +79,18 @@ def _check_tag(tag: str) -> str:
     return tag
 
 
-def _infra() -> tuple[str, InfraProvider]:
-    from cmbcluster.cli import _resolve
-
-    config = _resolve()
-    return config.infra.name, config.infra.factory(config.context_for(config.infra))
+@contextlib.contextmanager
+def _infra() -> Iterator[tuple[str, InfraProvider]]:
+    """The active infra provider's name and instance, closed when the command is done."""
+    config = resolve_config()
+    infra = config.infra.factory(config.context_for(config.infra))
+    try:
+        yield config.infra.name, infra
+    finally:
+        infra.close()
 
 
 def _run(argv: list[str], *, dry_run: bool, input_text: str | None = None, shown: str | None = None) -> None:
-    from cmbcluster.cli import out
-
     out(("would run: " if dry_run else "+ ") + (shown or shlex.join(argv)), highlight=False, soft_wrap=True,
         markup=False)  # fmt: skip
     if dry_run:
@@ -117,12 +122,10 @@ def build(
     platform: Annotated[str, typer.Option(help="Target platform of the images.")] = "linux/amd64",
 ) -> None:
     """docker build each image, tagged for the active infra provider's registry."""
-    from cmbcluster.cli import err
-
     specs = _selected(image)
     _check_tag(tag)
-    _provider, infra = _infra()
-    registry = infra.registry()
+    with _infra() as (_provider, infra):
+        registry = infra.registry()
     for spec in specs:
         dockerfile = source / spec.dockerfile
         if not dockerfile.is_file():
@@ -137,9 +140,9 @@ def push(tag: Tag = __version__, dry_run: DryRun = False, image: Only = None) ->
     """Log in to the registry with the infra provider's short-lived token, then docker push each image."""
     specs = _selected(image)
     _check_tag(tag)
-    provider, infra = _infra()
-    registry = infra.registry()
-    login = infra.registry_login()  # read-only; also proves the credentials work before any push
+    with _infra() as (provider, infra):
+        registry = infra.registry()
+        login = infra.registry_login()  # read-only; also proves the credentials work before any push
     if login.username:
         argv = ["docker", "login", "--username", login.username, "--password-stdin", registry.host]
         # The token goes on standard input; the printed form only says where it comes from.

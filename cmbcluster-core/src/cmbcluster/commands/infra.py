@@ -16,17 +16,15 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import typer
 
+from cmbcluster import provisioning
+from cmbcluster.commands.common import out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest
-from cmbcluster.interfaces.provisioning import (
-    DnsRecord,
-    ProgressEvent,
-    Provisioner,
-    ProvisioningOptions,
-    ProvisioningRecord,
-)
+from cmbcluster.interfaces.provisioning import DnsRecord, ProgressEvent, Provisioner, ProvisioningOptions
+from cmbcluster.provisioning import ProvisioningRecord
 
 app = typer.Typer(
     help="Provision the cloud infrastructure of a deployment: plan, up, status, down, dns.", no_args_is_help=True
@@ -56,9 +54,7 @@ _STYLE = {
 
 @contextlib.contextmanager
 def _provisioner(state_dir: Path | None) -> Iterator[tuple[Provisioner, ProvisioningRecord]]:
-    from cmbcluster.cli import _resolve
-
-    config = _resolve()
+    config = resolve_config()
     registration = config.infra
     if registration.provisioner is None:
         raise ConfigurationError(
@@ -79,8 +75,6 @@ def _provisioner(state_dir: Path | None) -> Iterator[tuple[Provisioner, Provisio
 
 
 def _show(event: ProgressEvent) -> None:
-    from cmbcluster.cli import out
-
     position = f"[{event.index}/{event.total}] " if event.total else ""
     if event.action == "start":
         out(f"[bold]{position}{event.step}[/bold]: {event.message}", highlight=False, soft_wrap=True)
@@ -101,8 +95,6 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show what `up` would create, in order, with names. Changes nothing."""
-    from cmbcluster.cli import out
-
     with _provisioner(state_dir) as (provisioner, record):
         steps = provisioner.plan()
         if as_json:
@@ -126,13 +118,11 @@ def up(
     ] = "install",
 ) -> None:
     """Create everything in the plan. Safe to rerun: it resumes after a failure and creates nothing twice."""
-    from cmbcluster.cli import out
-
     with _provisioner(state_dir) as (provisioner, record):
         out(f"Provisioning {record.provider} deployment [bold]{record.deployment}[/bold]; record: {record.path}",
             highlight=False, soft_wrap=True)  # fmt: skip
         started = time.perf_counter()
-        provisioner.up(record, ProvisioningOptions(addons=addons), progress=_show)
+        provisioning.up(provisioner, record, ProvisioningOptions(addons=addons), progress=_show)
         out(f"[green]up: done[/green] in {time.perf_counter() - started:.1f} s; "
             f"{len(record.resources)} resources recorded", highlight=False)  # fmt: skip
 
@@ -147,8 +137,6 @@ def down(
     addons: Annotated[Addons, typer.Option(help="install: run `helm uninstall`; print: print it only.")] = "install",
 ) -> None:
     """Delete exactly what `up` recorded, dependents first. Safe to rerun after a failure."""
-    from cmbcluster.cli import out
-
     with _provisioner(state_dir) as (provisioner, record):
         if not record.resources:
             out(f"nothing to delete: the record {record.path} lists no resources", highlight=False, soft_wrap=True)
@@ -158,7 +146,9 @@ def down(
         ):
             raise typer.Exit(1)
         started = time.perf_counter()
-        provisioner.down(record, ProvisioningOptions(addons=addons, delete_data=delete_data), progress=_show)
+        provisioning.down(
+            provisioner, record, ProvisioningOptions(addons=addons, delete_data=delete_data), progress=_show
+        )
         out(f"[green]down: done[/green] in {time.perf_counter() - started:.1f} s; the record is empty",
             highlight=False)  # fmt: skip
 
@@ -169,10 +159,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Each planned step and whether its recorded resources still exist."""
-    from cmbcluster.cli import out
-
     with _provisioner(state_dir) as (provisioner, record):
-        steps = provisioner.status(record)
+        steps = provisioning.status(provisioner, record)
         if as_json:
             data = [
                 {"step": s.step, "state": s.state,
@@ -202,16 +190,10 @@ def dns(
     state_dir: StateDir = None,
 ) -> None:
     """Create or update the deployment's DNS records (Route53, Cloud DNS)."""
-    from urllib.parse import urlsplit
-
-    from cmbcluster.cli import out
-
     with _provisioner(state_dir) as (provisioner, _record):
         name = domain
         if name is None:
-            from cmbcluster.cli import _resolve
-
-            public_url = _resolve().core.public_url
+            public_url = resolve_config().core.public_url
             name = urlsplit(public_url).hostname if public_url else None
         if not name:
             raise InvalidRequest("no domain: pass --domain or set CMBCLUSTER_PUBLIC_URL")

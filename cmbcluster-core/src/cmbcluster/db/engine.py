@@ -118,3 +118,43 @@ def head_revision(engine: Engine) -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
+
+
+def sqlite_location_problems(url: str) -> list[str]:
+    """What is wrong with a SQLite database at ``url`` on a FUSE or network mount, where file locks and
+    WAL do not work (nothing for another database, or a local disk). Checked before anything starts."""
+    if not url.startswith("sqlite"):
+        return []
+    path = Path(url.split("///", 1)[-1]) if "///" in url else None
+    if path is None or str(path) in {"", ":memory:"}:
+        return []
+    fstype = filesystem_type(path.parent if not path.exists() else path)
+    if fstype and (fstype.startswith("fuse") or fstype in {"nfs", "nfs4", "cifs", "smb3"}):
+        return [
+            f"the SQLite database {path} is on a {fstype} file system; SQLite needs a local disk "
+            "(file locks and WAL do not work on FUSE or network mounts): move CMBCLUSTER_DATA_DIR "
+            "or use CMBCLUSTER_DATABASE_URL=postgresql://..."
+        ]
+    return []
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The file system type holding ``path`` (Linux /proc/mounts), or None when unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = path.resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    best, best_type = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        if (str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")) and len(
+            mount_point
+        ) > len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type

@@ -1,7 +1,7 @@
-"""The interfaces each concern's implementations provide: storage, auth, infra, compute, pods."""
+"""The interfaces each concern's implementations provide: storage, auth, infra, compute, pods, provisioning."""
 
 from cmbcluster.interfaces.auth import AuthorizationRequest, AuthProvider, TokenSet, UserInfo
-from cmbcluster.interfaces.common import CloudIdentity, UserRef
+from cmbcluster.interfaces.common import ActiveSettings, CloudIdentity, UserRef
 from cmbcluster.interfaces.compute import (
     ComputeBackend,
     EnvironmentPhase,
@@ -13,15 +13,16 @@ from cmbcluster.interfaces.compute import (
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
 from cmbcluster.interfaces.provisioning import (
+    DeploymentRecord,
     DnsRecord,
     HelmRelease,
     PlannedStep,
     ProgressEvent,
     Provisioner,
     ProvisioningOptions,
-    ProvisioningRecord,
     ResourceRecord,
     StepContext,
+    StepStatus,
 )
 from cmbcluster.interfaces.storage import (
     BucketInfo,
@@ -38,6 +39,7 @@ from cmbcluster.interfaces.storage import (
 )
 
 __all__ = [
+    "ActiveSettings",
     "AuthProvider",
     "AuthorizationRequest",
     "BucketInfo",
@@ -45,6 +47,7 @@ __all__ = [
     "BucketUsage",
     "CloudIdentity",
     "ComputeBackend",
+    "DeploymentRecord",
     "DnsInfo",
     "DnsRecord",
     "EnvironmentPhase",
@@ -62,12 +65,12 @@ __all__ = [
     "ProgressEvent",
     "Provisioner",
     "ProvisioningOptions",
-    "ProvisioningRecord",
     "RegistryInfo",
     "RegistryLogin",
     "ResourceRecord",
     "Resources",
     "StepContext",
+    "StepStatus",
     "StorageBackend",
     "StorageClass",
     "TokenSet",

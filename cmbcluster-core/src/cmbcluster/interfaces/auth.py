@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmbcluster.errors import AuthenticationFailed
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenSet:
@@ -83,9 +85,10 @@ class AuthProvider(abc.ABC):
 
     def refresh(self, refresh_token: str) -> TokenSet:
         """Refresh tokens; providers without refresh raise AuthenticationFailed."""
-        from cmbcluster.errors import AuthenticationFailed
-
         raise AuthenticationFailed(f"{type(self).__name__} cannot refresh tokens")
 
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Raise ProviderUnavailable if the identity provider is unreachable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Release connections (an HTTP client it made). Called once when the control plane stops."""

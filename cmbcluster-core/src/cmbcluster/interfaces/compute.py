@@ -121,4 +121,4 @@ class ComputeBackend(abc.ABC):
         return True
 
     def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
-        """Release connections and watches."""
+        """Release connections and watches. Called once when the control plane stops."""

@@ -64,3 +64,6 @@ class InfraProvider(abc.ABC):
 
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Raise ProviderUnavailable if the cloud cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Release clients and connections. Called once when the control plane (or a CLI command) stops."""

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from cmbcluster.interfaces.common import CloudIdentity, UserRef
-
-S = TypeVar("S")
+from cmbcluster.interfaces.common import ActiveSettings, CloudIdentity, UserRef
 
 
 @dataclass(frozen=True, kw_only=True)
-class PodContext:
+class PodContext(ActiveSettings):
     """What a decorator may read: whose pod, which environment, which providers are active."""
 
     user: UserRef
@@ -22,14 +20,17 @@ class PodContext:
     storage_backend: str
     infra_provider: str | None
     buckets: tuple[str, ...] = ()
-    #: the validated settings of every active provider, by model: see :meth:`settings`
+    #: the validated settings of every active provider, by model: ``context.settings(AwsSettings)``
+    #: gives the control plane's (None when no active provider uses that model: nothing to do)
     active_settings: Mapping[type[Any], Any] = field(default_factory=dict)
 
-    def settings(self, model: type[S]) -> S | None:
-        """The control plane's validated settings of ``model`` (``context.settings(AwsSettings)``),
-        or None when no active provider uses that model: the decorator then has nothing to do."""
-        found = self.active_settings.get(model)
-        return found if isinstance(found, model) else None
+    def _active_settings(self) -> Mapping[type[Any], Any]:
+        return self.active_settings
+
+    def serves(self, provider: str) -> bool:
+        """Whether ``provider`` (a registered name: ``aws``, ``gcp``) is this pod's storage backend or
+        infra provider: a decorator acts only on the pods its cloud serves."""
+        return provider in (self.storage_backend, self.infra_provider)
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces.common import CloudIdentity, UserRef
+from cmbcluster.naming import validate_object_key, validate_object_prefix
 
 
 class StorageClass(StrEnum):
@@ -92,9 +94,6 @@ class MountRequest:
     namespace: str = ""  # the Kubernetes namespace of the pod (for namespaced volume objects)
 
     def __post_init__(self) -> None:
-        from cmbcluster.errors import InvalidRequest
-        from cmbcluster.naming import validate_object_key
-
         if not self.mount_path.startswith("/") or any(p in {".", ".."} for p in self.mount_path.split("/")):
             raise InvalidRequest(f"mount path {self.mount_path!r} must be absolute, without '.' or '..'")
         if self.subpath:
@@ -128,8 +127,6 @@ def resolve_byte_range(byte_range: tuple[int, int | None] | None, size: int) -> 
     HTTP Range header; an unsatisfiable range raises InvalidRequest. Shared by every backend
     so they agree on the edge cases.
     """
-    from cmbcluster.errors import InvalidRequest
-
     if byte_range is None:
         return 0, size
     first, last = byte_range
@@ -144,9 +141,6 @@ MAX_PAGE_SIZE = 10_000
 def check_listing(prefix: str, delimiter: str | None, page_size: int) -> None:
     """The arguments of ``list_objects`` every backend accepts: a safe prefix, the delimiter
     ``/`` or none, and 1 to :data:`MAX_PAGE_SIZE` entries (a backend may return fewer)."""
-    from cmbcluster.errors import InvalidRequest
-    from cmbcluster.naming import validate_object_prefix
-
     validate_object_prefix(prefix)
     if delimiter not in (None, "/"):
         raise InvalidRequest("objects are listed with the delimiter '/' or none")

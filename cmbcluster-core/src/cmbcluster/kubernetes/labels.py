@@ -7,6 +7,8 @@ find objects by these labels, never by name patterns.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cmbcluster.naming import dns_label
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -33,3 +35,9 @@ def user_labels(user_id: str) -> dict[str, str]:
 
 def environment_selector(environment_id: str) -> str:
     return f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}={dns_label(environment_id)}"
+
+
+def metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object's ``metadata`` as the API's JSON has it (empty when missing or malformed)."""
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}

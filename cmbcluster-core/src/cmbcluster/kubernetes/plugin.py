@@ -89,12 +89,11 @@ Decorator = Callable[[PodDraft, PodContext], None]
 def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> ComputeBackend:
     """The backend for ``ctx``. ``decorate`` runs the pod-decoration hook on every pod draft:
     by default ``ctx.decorate_pod``, every plugin's ``cmbcluster_decorate_pod``."""
-    from cmbcluster.kubernetes.backend import KubernetesCompute, api_client_from_config
+    from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions, LeaderElection
+    from cmbcluster.kubernetes.client import Retries, api_client_from_config
     from cmbcluster.kubernetes.routing import Exposure
 
-    settings = ctx.settings(KubernetesSettings)
-    if decorate is None:
-        decorate = ctx.decorate_pod
+    settings = ctx.require_settings(KubernetesSettings)
     api_client = api_client_from_config(
         kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
         context=settings.kube_context,
@@ -111,19 +110,22 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
         ingress_namespace=settings.ingress_namespace,
         extra_annotations=settings.ingress_annotations,
     )
-    return KubernetesCompute(
-        api_client,
+    timeout = settings.request_timeout_seconds
+    options = KubernetesOptions(
         namespace=namespace,
-        decorate=decorate,
-        storage_backend=ctx.core.selected_storage,
-        infra_provider=ctx.core.selected_infra,
         exposure=exposure,
         image_pull_policy=settings.image_pull_policy,
-        request_timeout=(min(5.0, settings.request_timeout_seconds), settings.request_timeout_seconds),
-        leader_identity=_replica_identity() if _elects_leader(settings, ctx) else None,
-        lease_seconds=settings.lease_seconds,
+        retries=Retries(request_timeout=(min(5.0, timeout), timeout)),
+        leader_election=(
+            LeaderElection(identity=_replica_identity(), lease_seconds=settings.lease_seconds)
+            if _elects_leader(settings, ctx)
+            else None
+        ),
+        storage_backend=ctx.core.selected_storage,
+        infra_provider=ctx.core.selected_infra,
         active_settings=ctx.active_settings,
     )
+    return KubernetesCompute(api_client, options, decorate=ctx.decorate_pod if decorate is None else decorate)
 
 
 def _elects_leader(settings: KubernetesSettings, ctx: ProviderContext) -> bool:
@@ -142,15 +144,11 @@ def _replica_identity() -> str:
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _compute(ctx: ProviderContext) -> ComputeBackend:
-    return build_backend(ctx)
-
-
 @hookimpl
 def cmbcluster_compute_backends() -> Iterator[ComputeBackendRegistration]:
     yield ComputeBackendRegistration(
         name="kubernetes",
-        factory=_compute,
+        factory=build_backend,
         settings_model=KubernetesSettings,
         description="Pods, Services and Secrets in one Kubernetes namespace",
     )

@@ -20,6 +20,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from cmbcluster.kubernetes.labels import metadata
+
 log = logging.getLogger(__name__)
 
 Key = Callable[[dict[str, Any]], str | None]
@@ -33,13 +35,8 @@ class _Expired(Exception):
     """The watch's resourceVersion is too old (HTTP 410 or an ERROR event with code 410)."""
 
 
-def _meta(obj: dict[str, Any]) -> dict[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
-
-
 def by_name(obj: dict[str, Any]) -> str | None:
-    name = _meta(obj).get("name")
+    name = metadata(obj).get("name")
     return str(name) if name else None
 
 
@@ -173,7 +170,7 @@ class WatchCache:
             changed = set(fresh) ^ set(self._items) | {k for k in fresh if self._items.get(k) != fresh[k]}
             self._items = fresh
         self._notify(changed)
-        return str(_meta(body).get("resourceVersion") or "")
+        return str(metadata(body).get("resourceVersion") or "")
 
     def _follow(self, version: str) -> str:
         """One watch request from ``version``; returns the last version seen when the server ends it."""
@@ -211,7 +208,7 @@ class WatchCache:
             if obj.get("code") == 410:
                 raise _Expired(obj.get("message"))
             raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
-        version = _meta(obj).get("resourceVersion")
+        version = metadata(obj).get("resourceVersion")
         key = self._key(obj)
         if kind in ("ADDED", "MODIFIED") and key is not None:
             with self._lock:
@@ -220,7 +217,7 @@ class WatchCache:
         elif kind == "DELETED" and key is not None:
             with self._lock:
                 current = self._items.get(key)
-                if current is not None and _meta(current).get("uid") == _meta(obj).get("uid"):
+                if current is not None and metadata(current).get("uid") == metadata(obj).get("uid"):
                     del self._items[key]
             self._notify({key})
         return str(version) if version else None
@@ -252,7 +249,7 @@ def _newer_or_equal(obj: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether ``obj`` is at least as new as ``current`` (same uid and a resourceVersion not
     below; resourceVersions are opaque in general but etcd's are integers, and an object of
     another uid is a new object)."""
-    new, old = _meta(obj), _meta(current)
+    new, old = metadata(obj), metadata(current)
     if new.get("uid") != old.get("uid"):
         return True
     try:

@@ -39,7 +39,7 @@ class OidcSettings(BaseSettings):
 def _provider(ctx: ProviderContext) -> AuthProvider:
     from cmbcluster.oidc.provider import OidcConfig, OidcProvider
 
-    s = ctx.settings(OidcSettings)
+    s = ctx.require_settings(OidcSettings)
     return OidcProvider(
         OidcConfig(
             name="oidc",

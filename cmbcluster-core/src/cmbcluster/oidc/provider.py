@@ -135,12 +135,18 @@ class OidcProvider(AuthProvider):
         self.config = config
         self.display_name = config.display_name
         # Retries cover connection failures only: never repeat a token request blindly.
+        self._owns_http = http is None  # a client handed in is its owner's to close
         self._http = http or httpx.Client(
             timeout=config.timeout_seconds, transport=httpx.HTTPTransport(retries=2), follow_redirects=False
         )
         self._metadata: dict[str, Any] | None = None
         self._metadata_lock = threading.Lock()
         self.jwks = JwksCache(self._jwks_url, self._http)
+
+    def close(self) -> None:
+        """Close the HTTP client this provider made (never one it was given)."""
+        if self._owns_http:
+            self._http.close()
 
     # -- discovery -------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

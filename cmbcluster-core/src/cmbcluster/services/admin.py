@@ -1,10 +1,14 @@
-"""Administration: finding users, changing their role and status, the audit trail, activity, stats."""
+"""Administration: finding users, changing their role and status, the audit trail, activity, stats.
+
+Changes that reach beyond the database (a deactivated user's environments stop, a deleted user's
+environments and cloud identity go) take the :class:`~cmbcluster.context.AppContext` after the
+database session, as :mod:`cmbcluster.services.environments` does.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-from typing import Any, Literal, TypeVarTuple
+from typing import TYPE_CHECKING, Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Select, func, or_, select
@@ -13,8 +17,13 @@ from sqlalchemy.orm import Session
 from cmbcluster.db.models import Activity, Application, AuditEvent, Environment, Storage, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
+from cmbcluster.interfaces import UserRef
+from cmbcluster.services import environments
 from cmbcluster.services.audit import audit
 from cmbcluster.services.sessions import revoke_all_sessions
+
+if TYPE_CHECKING:
+    from cmbcluster.context import AppContext
 
 Role = Literal["admin", "user"]
 Status = Literal["active", "deactivated"]
@@ -174,12 +183,22 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
     return user
 
 
-def delete_user(db: Session, user_id: str, *, actor_id: str | None, release: Callable[[User], None]) -> None:
+def change_user(db: Session, context: AppContext, user_id: str, changes: UserUpdate, *, actor_id: str | None) -> User:
+    """:func:`update_user`, and what follows outside the database: a deactivated user's environments
+    stop too, so nothing of theirs keeps running or costing."""
+    user = update_user(db, user_id, changes, actor_id=actor_id)
+    if user.status != "active":
+        for env in environments.list_owned(db, user):
+            if env.status in environments.ACTIVE_STATUSES:
+                environments.stop(db, context, env, actor_id=actor_id, reason="stopped: the account was deactivated")
+    return user
+
+
+def delete_user(db: Session, context: AppContext, user_id: str, *, actor_id: str | None) -> None:
     """Delete a user: their sessions, tokens, settings and activity go with them (the audit trail
     stays). Never their data: a user who still owns buckets is refused (Conflict), so that
-    nothing is deleted by accident. ``release`` removes what runs or exists for them outside the
-    database (environments, cloud identity) first; if it fails, the user stays and the call can
-    be repeated."""
+    nothing is deleted by accident. What runs or exists for them outside the database goes first
+    (:func:`_release`); if that fails, the user stays and the call can be repeated."""
     user = get_user(db, user_id)
     if actor_id is not None and actor_id == user.id:
         raise InvalidRequest("you cannot delete your own account; ask another administrator")
@@ -191,10 +210,19 @@ def delete_user(db: Session, user_id: str, *, actor_id: str | None, release: Cal
             f"{user.email} still owns {buckets} bucket(s): delete them (or keep the user, deactivated) first; "
             "deleting a user never deletes data"
         )
-    release(user)
+    _release(db, context, user, actor_id=actor_id)
     audit(db, actor_id=actor_id, action="user.deleted", target_type="user", target_id=user.id, email=user.email)
     db.delete(user)
     db.commit()
+
+
+def _release(db: Session, context: AppContext, user: User, *, actor_id: str | None) -> None:
+    """Remove a user's environments (choices, not data), cloud identity and what the compute
+    backend keeps for them (their ServiceAccount on Kubernetes)."""
+    for env in environments.list_owned(db, user):
+        environments.remove(db, context, env, actor_id=actor_id)
+    context.infra.delete_user_identity(UserRef(id=user.id, email=user.email), namespace=context.namespace)
+    context.compute.forget_user(user.id)
 
 
 # -- audit trail and activity ----------------------------------------------------------------------

@@ -390,16 +390,6 @@ _JUPYTER_ICON = (
 )
 
 
-JUPYTER_COMMAND = (
-    "jupyter-lab",
-    "--no-browser",
-    "--ip={host}",
-    "--port={port}",
-    "--ServerApp.token=",
-    "--ServerApp.base_url=/",
-)
-
-
 def default_applications(compute_backend: str) -> list[ApplicationCreate]:
     """The catalog a fresh server starts with; every entry works with the ``local`` backend as is.
 

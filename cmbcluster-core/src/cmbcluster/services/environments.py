@@ -21,9 +21,7 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
-    EnvironmentPhase,
     EnvironmentSpec,
-    EnvironmentStatus,
     MountedVolume,
     MountRequest,
     Resources,
@@ -32,6 +30,8 @@ from cmbcluster.interfaces import (
 from cmbcluster.services import storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
+from cmbcluster.services.ownership import owned
+from cmbcluster.services.status import apply_status
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,10 @@ class EnvironmentRequest:
 
 def get_owned(db: Session, user: User, environment_id: str) -> Environment:
     """The user's environment, or NotFound: another user's id looks exactly like an unknown one."""
-    env = db.execute(
-        select(Environment)
-        .where(Environment.id == environment_id, Environment.user_id == user.id)
-        .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
-    ).scalar_one_or_none()
-    if env is None:
-        raise NotFound(f"environment {environment_id} not found")
-    return env
+    return owned(
+        db, Environment, user, environment_id, what="environment",
+        options=(selectinload(Environment.application_row), selectinload(Environment.mounts)),
+    )  # fmt: skip
 
 
 def list_owned(db: Session, user: User) -> list[Environment]:
@@ -218,7 +214,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     owner = UserRef(id=user.id, email=user.email)
     identity = context.infra.ensure_user_identity(owner, namespace=context.namespace)
     if identity is not None:
-        storages.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
+        storages.sync_identity_access(db, context, user)
     volumes = []
     for mount in env.mounts:
         storage = db.get(Storage, mount.storage_id)
@@ -282,35 +278,6 @@ def mark_failed(db: Session, env: Environment, message: str) -> None:
     db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
     activity(db, user_id=env.user_id, kind="environment_failed", environment_id=env.id, message=message)
     db.commit()
-
-
-_PHASE_TO_STATUS = {
-    EnvironmentPhase.PENDING: "pending",
-    EnvironmentPhase.STARTING: "starting",
-    EnvironmentPhase.RUNNING: "running",
-    EnvironmentPhase.STOPPING: "stopping",
-    EnvironmentPhase.STOPPED: "stopped",
-    EnvironmentPhase.FAILED: "failed",
-}
-
-
-def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
-    """Record what the backend reports; True when something changed. Releases the start slot
-    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's;
-    so is an environment being stopped (its process vanishing then is no failure)."""
-    if status.phase == EnvironmentPhase.MISSING or env.desired_state != "running":
-        return False
-    new_status = _PHASE_TO_STATUS[status.phase]
-    changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
-    if new_status == "running" and env.status != "running":
-        activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
-    env.status, env.status_message = new_status, status.message
-    env.url = status.url if new_status in ("starting", "running") else None
-    if new_status in ("running", "stopped", "failed"):
-        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
-    if new_status in ("stopped", "failed") and env.stopped_at is None:
-        env.stopped_at = utcnow()
-    return changed
 
 
 # -- stopping and deleting -----------------------------------------------------------------------

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, utcnow
-from cmbcluster.services import environments as envs
+from cmbcluster.interfaces import ComputeBackend
+from cmbcluster.services.status import apply_status
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,16 @@ class Subscription:
 
 
 class ProgressHub:
-    def __init__(self, context: AppContext, *, poll_seconds: float = 0.5, max_poll_seconds: float = 2.0) -> None:
-        self.context = context
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        compute: ComputeBackend,
+        *,
+        poll_seconds: float = 0.5,
+        max_poll_seconds: float = 2.0,
+    ) -> None:
+        self.sessions = sessions
+        self.compute = compute
         self.poll_seconds = poll_seconds
         self.max_poll_seconds = max_poll_seconds
         self._subscriptions: dict[str, set[Subscription]] = {}
@@ -108,7 +117,7 @@ class ProgressHub:
         """The hub's one task; ends when ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
-        self.context.compute.on_status_change(self.notify)
+        self.compute.on_status_change(self.notify)
         stopper = asyncio.create_task(self._wake_on(stop, wake))
         try:
             await self._serve(stop)
@@ -154,14 +163,14 @@ class ProgressHub:
         Plain rows; the ORM object only for an environment still starting, whose backend status
         is recorded as the reconcile loop would (idempotent, so every replica may do it)."""
         states: dict[str, dict[str, Any]] = {}
-        with self.context.sessions() as db:
+        with self.sessions() as db:
             for batch in _batches(environment_ids, BATCH):
                 changed = False
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
                     event = progress_event(row.status, row.status_message, row.url)
                     if row.status in ("pending", "starting") and row.desired_state == "running":
                         env = db.get(Environment, row.id)
-                        if env is not None and envs.apply_status(db, env, self.context.compute.status(env.id)):
+                        if env is not None and apply_status(db, env, self.compute.status(env.id)):
                             changed = True
                             event = progress_event(env.status, env.status_message, env.url)
                     states[row.id] = {"user_id": row.user_id, "event": event}

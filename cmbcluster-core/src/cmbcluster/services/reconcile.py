@@ -25,6 +25,7 @@ from cmbcluster.db.models import Environment, StartSlot, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
 from cmbcluster.services import environments
 from cmbcluster.services.audit import activity
+from cmbcluster.services.status import apply_status
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Reconciler:
                     environments.mark_failed(db, env, f"did not start within {timeout.total_seconds():.0f} s")
                     changed += 1
                     continue
-                if environments.apply_status(db, env, self.context.compute.status(env.id)):
+                if apply_status(db, env, self.context.compute.status(env.id)):
                     changed += 1
             db.commit()
         return changed
@@ -113,7 +114,7 @@ class Reconciler:
                         activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
                         report.marked_stopped.append(env.id)
                     elif status is not None and not vanished:
-                        environments.apply_status(db, env, status)
+                        apply_status(db, env, status)
                         if env.status not in environments.ACTIVE_STATUSES:  # it exited or failed meanwhile
                             compute.stop(env.id)  # and make sure nothing of it keeps running
                             report.marked_stopped.append(env.id)

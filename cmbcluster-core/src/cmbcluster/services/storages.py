@@ -1,40 +1,38 @@
 """Users' buckets: the ``storages`` rows and the storage backend, kept consistent.
 
 Every function here is blocking (database and backend calls): the API calls them from worker
-threads. Ownership is checked in one place, :func:`get_owned`, which answers NotFound for an
-unknown id and for another user's id alike, so nobody learns that someone else's bucket exists.
+threads. Functions that reach a provider take the :class:`~cmbcluster.context.AppContext` after
+the database session, as :mod:`cmbcluster.services.environments` does. Ownership is checked in
+one place, :func:`get_owned`, which answers NotFound for an unknown id and for another user's id
+alike, so nobody learns that someone else's bucket exists. Transactions end before any backend
+call that may take long (a bucket's creation or deletion, a transfer, a usage measurement).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import threading
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING
 
-import anyio
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
-from cmbcluster.errors import Conflict, NotFound
-from cmbcluster.interfaces import BucketOptions, InfraProvider, StorageBackend, StorageClass, UserRef
-from cmbcluster.naming import validate_object_key
+from cmbcluster.errors import CmbclusterError, Conflict, NotFound
+from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
+from cmbcluster.naming import validate_object_key, validate_object_prefix
 from cmbcluster.services.audit import audit
+from cmbcluster.services.ownership import owned
+from cmbcluster.services.usage import Usage, cached_usage, is_stale
+
+if TYPE_CHECKING:
+    from cmbcluster.context import AppContext
 
 log = logging.getLogger(__name__)
 
-#: Cached usage older than this is measured again (a full listing on a cloud bucket).
-USAGE_MAX_AGE = dt.timedelta(seconds=60)
-#: Buckets measured at once per server: a listing of many buckets never starts more than this.
-USAGE_WORKERS = 4
 #: Environments in these states do not hold their buckets (the rest may be mounting them).
 INACTIVE_ENVIRONMENT_STATUSES = ("stopped", "failed")
-#: Uploads running at once per server; each holds a worker thread for its whole duration, so
-#: they get their own pool instead of starving the one every other request's thread uses.
-MAX_CONCURRENT_UPLOADS = 16
 
 
 # -- rows --------------------------------------------------------------------------------------
@@ -42,12 +40,7 @@ MAX_CONCURRENT_UPLOADS = 16
 
 def get_owned(db: Session, user: User, storage_id: str) -> Storage:
     """The caller's storage, or NotFound: another user's id is answered exactly like an unknown one."""
-    storage = db.execute(
-        select(Storage).where(Storage.id == storage_id, Storage.user_id == user.id)
-    ).scalar_one_or_none()
-    if storage is None:
-        raise NotFound(f"storage {storage_id} not found")
-    return storage
+    return owned(db, Storage, user, storage_id, what="storage")
 
 
 def list_owned(db: Session, user: User) -> list[Storage]:
@@ -56,12 +49,24 @@ def list_owned(db: Session, user: User) -> list[Storage]:
     )
 
 
-def sync_identity_access(db: Session, infra: InfraProvider, *, backend_name: str, user: User) -> None:
+def sync_identity_access(db: Session, context: AppContext, user: User) -> None:
     """Tell the infra provider which buckets ``user``'s cloud identity may reach now: every active
-    bucket of theirs on the active backend (see ``InfraProvider.update_user_buckets``)."""
+    bucket of theirs on the active backend (see ``InfraProvider.update_user_buckets``). A failure
+    raises: a start needs it done."""
+    backend_name = context.config.storage.name
     rows = list_owned(db, user)
     buckets = [row.bucket_name for row in rows if row.status == "active" and row.backend == backend_name]
-    infra.update_user_buckets(UserRef(id=user.id, email=user.email), buckets)
+    context.infra.update_user_buckets(UserRef(id=user.id, email=user.email), buckets)
+
+
+def _sync_identity_after_change(db: Session, context: AppContext, user: User) -> None:
+    """After a bucket change, the user's cloud identity reaches exactly their buckets. The change
+    itself has happened and is kept; a failure here is logged, and the next start applies it again
+    (a start fails, with the reason, until it succeeds)."""
+    try:
+        sync_identity_access(db, context, user)
+    except CmbclusterError as exc:
+        log.warning("updating the cloud identity of user %s for their buckets failed: %s", user.id, exc.message)
 
 
 def require_usable(storage: Storage, backend_name: str) -> None:
@@ -87,16 +92,10 @@ def count_owned(db: Session, user: User) -> int:
 
 
 def create_storage(
-    db: Session,
-    backend: StorageBackend,
-    *,
-    backend_name: str,
-    user: User,
-    display_name: str,
-    storage_class: StorageClass,
-    max_buckets: int,
+    db: Session, context: AppContext, user: User, *, display_name: str, storage_class: StorageClass
 ) -> Storage:
-    """Create the bucket, then its row; never one without the other.
+    """Create the bucket, then its row; never one without the other. Then the user's cloud
+    identity is given the new bucket (a failure there is logged, the bucket kept).
 
     The limit is answered with Conflict (409), not LimitExceeded (429): it is the user's current
     state (N buckets) that clashes with the request, and deleting a bucket resolves it, whereas
@@ -104,6 +103,8 @@ def create_storage(
     creating the bucket (so an over-limit request costs no cloud call) and again in the inserting
     transaction (SQLite serialises writers, so concurrent creations cannot both pass it there).
     """
+    backend, backend_name = context.storage, context.config.storage.name
+    max_buckets = context.config.core.max_buckets_per_user
     _check_limit(db, user, max_buckets, adding=0)
     db.commit()  # end the read transaction: the backend call may take seconds
     info = backend.create_bucket(
@@ -128,6 +129,7 @@ def create_storage(
         _delete_orphan_bucket(backend, info.name)
         raise
     log.info("storage %s created (bucket %s)", storage.id, info.name, extra={"storage_id": storage.id})
+    _sync_identity_after_change(db, context, user)
     return storage
 
 
@@ -147,16 +149,17 @@ def _delete_orphan_bucket(backend: StorageBackend, bucket: str) -> None:
         log.exception("bucket %s was created but its row could not be stored, and deleting it failed", bucket)
 
 
-def delete_storage(db: Session, backend: StorageBackend, *, backend_name: str, user: User, storage: Storage,
-                   force: bool) -> None:  # fmt: skip
-    """Delete the bucket, then its row. A bucket mounted by an environment that may be running
-    is refused (Conflict); links from stopped environments are removed with the row.
+def delete_storage(db: Session, context: AppContext, user: User, storage_id: str, *, force: bool) -> None:
+    """Delete the caller's bucket, then its row; then the user's cloud identity loses it. A bucket
+    mounted by an environment that may be running is refused (Conflict); links from stopped
+    environments are removed with the row.
 
     The row is marked ``deleting`` while the backend works, so uploads stop meanwhile; if the
     backend refuses (non-empty without ``force``) or fails, the row becomes ``active`` again. A
     bucket already gone from the backend (an earlier attempt that crashed) counts as deleted.
     """
-    require_backend(storage, backend_name)
+    storage = get_owned(db, user, storage_id)
+    require_backend(storage, context.config.storage.name)
     holders = db.execute(
         select(Environment.name, Environment.status)
         .join(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
@@ -169,7 +172,7 @@ def delete_storage(db: Session, backend: StorageBackend, *, backend_name: str, u
     storage.status = "deleting"
     db.commit()
     try:
-        backend.delete_bucket(storage.bucket_name, force=force)
+        context.storage.delete_bucket(storage.bucket_name, force=force)
     except NotFound:
         log.warning("bucket %s of storage %s was already gone from the backend", storage.bucket_name, storage.id)
     except BaseException:
@@ -188,6 +191,8 @@ def delete_storage(db: Session, backend: StorageBackend, *, backend_name: str, u
           bucket=storage.bucket_name, force=force, detached_environments=detached)  # fmt: skip
     db.commit()
     log.info("storage %s deleted (bucket %s)", storage.id, storage.bucket_name, extra={"storage_id": storage.id})
+    context.storage_runtime.refresher.invalidate(storage_id)
+    _sync_identity_after_change(db, context, user)
 
 
 # -- objects -----------------------------------------------------------------------------------
@@ -197,121 +202,107 @@ def delete_storage(db: Session, backend: StorageBackend, *, backend_name: str, u
 AUDIT_KEYS = 50
 
 
-def delete_objects(db: Session, backend: StorageBackend, *, user: User, storage: Storage, keys: Sequence[str]) -> int:
+def usable_bucket(db: Session, context: AppContext, user: User, storage_id: str) -> str:
+    """The bucket name of the caller's storage, whose objects may be used now (active, on the active
+    backend); the transaction ends here, before any transfer."""
+    storage = get_owned(db, user, storage_id)
+    require_usable(storage, context.config.storage.name)
+    db.commit()
+    return storage.bucket_name
+
+
+def list_objects(
+    db: Session,
+    context: AppContext,
+    user: User,
+    storage_id: str,
+    prefix: str,
+    *,
+    delimiter: str | None,
+    page_token: str | None,
+    page_size: int,
+) -> ObjectPage:
+    """One page of the objects of the caller's storage under ``prefix``."""
+    bucket = usable_bucket(db, context, user, storage_id)
+    validate_object_prefix(prefix)
+    return context.storage.list_objects(bucket, prefix, delimiter=delimiter, page_token=page_token, page_size=page_size)
+
+
+def head_object(context: AppContext, bucket: str, key: str) -> ObjectInfo:
+    """An object's metadata (NotFound when it does not exist)."""
+    return context.storage.head_object(bucket, validate_object_key(key))
+
+
+def read_object(
+    context: AppContext, bucket: str, key: str, *, byte_range: tuple[int, int] | None, chunk_size: int
+) -> Iterator[bytes]:
+    """An object's bytes (``byte_range``: first and last, inclusive); NotFound before the first chunk."""
+    return context.storage.download_object(
+        bucket, validate_object_key(key), byte_range=byte_range, chunk_size=chunk_size
+    )
+
+
+def write_object(
+    db: Session,
+    context: AppContext,
+    storage_id: str,
+    bucket: str,
+    key: str,
+    chunks: Iterable[bytes],
+    *,
+    content_type: str | None,
+) -> ObjectInfo:
+    """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale."""
+    info = context.storage.upload_object(bucket, validate_object_key(key), chunks, content_type=content_type)
+    invalidate_usage(db, context, storage_id)
+    return info
+
+
+def delete_objects(db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str]) -> int:
     """Delete ``keys`` (validated first: all or none of a batch is attempted). Returns how many."""
+    storage = get_owned(db, user, storage_id)
+    require_usable(storage, context.config.storage.name)
     unique = list(dict.fromkeys(validate_object_key(key) for key in keys))
-    bucket, storage_id = storage.bucket_name, storage.id
+    bucket = storage.bucket_name
     db.commit()  # no transaction held open across the backend call
-    backend.delete_objects(bucket, unique)
+    context.storage.delete_objects(bucket, unique)
     audit(db, actor_id=user.id, action="storage.objects_deleted", target_type="storage", target_id=storage_id,
           count=len(unique), keys=unique[:AUDIT_KEYS], truncated=len(unique) > AUDIT_KEYS)  # fmt: skip
-    invalidate_usage(db, storage_id)
-    db.commit()
+    invalidate_usage(db, context, storage_id)
     return len(unique)
 
 
-def invalidate_usage(db: Session, storage_id: str) -> None:
-    """Mark the cached usage stale after a change made through the API (committed by the caller)."""
+def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:
+    """After a change made through the API, the storage's cached usage is stale: marked so (and
+    committed, with whatever the session holds), and a measurement under way is not stored."""
     db.execute(update(Storage).where(Storage.id == storage_id).values(usage_at=None))
+    db.commit()
+    context.storage_runtime.refresher.invalidate(storage_id)
 
 
-# -- usage cache -------------------------------------------------------------------------------
+# -- usage ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Usage:
-    size_bytes: int | None
-    object_count: int | None
-    measured_at: dt.datetime | None
+def storages_with_usage(
+    db: Session, context: AppContext, user: User, *, wait_seconds: float
+) -> list[tuple[Storage, Usage]]:
+    """The caller's storages, oldest first, each with its usage (see :func:`current_usage`)."""
+    rows = list_owned(db, user)
+    db.commit()  # hold no transaction while waiting for measurements
+    usage = current_usage(rows, context, wait_seconds=wait_seconds)
+    return [(row, usage[row.id]) for row in rows]
 
 
-def cached_usage(storage: Storage) -> Usage:
-    return Usage(storage.usage_bytes, storage.usage_objects, storage.usage_at)
+def storage_with_usage(
+    db: Session, context: AppContext, user: User, storage_id: str, *, wait_seconds: float
+) -> tuple[Storage, Usage]:
+    """One of the caller's storages with its usage (see :func:`current_usage`)."""
+    storage = get_owned(db, user, storage_id)
+    db.commit()
+    return storage, current_usage([storage], context, wait_seconds=wait_seconds)[storage.id]
 
 
-def is_stale(storage: Storage, now: dt.datetime | None = None) -> bool:
-    return storage.usage_at is None or (now or utcnow()) - storage.usage_at > USAGE_MAX_AGE
-
-
-class UsageRefresher:
-    """Measures buckets' usage in a small pool of its own, and stores each result.
-
-    - Bounded: at most ``workers`` listings at once, however many buckets a listing shows.
-    - One measurement at a time per storage: callers asking meanwhile share it.
-    - A caller waits only as long as it chooses (see :func:`wait_usage`); a measurement it gave
-      up on still finishes and is stored by the thread that made it, for the next request.
-    - A change made through the API during a measurement (:meth:`invalidate`) makes that
-      measurement's result not stored, so the cache never goes back to the figures from before.
-    """
-
-    def __init__(self, backend: StorageBackend, sessions: sessionmaker[Session], workers: int = USAGE_WORKERS):
-        self._backend = backend
-        self._sessions = sessions
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage-usage")
-        self._lock = threading.Lock()
-        self._running: dict[str, Future[Usage]] = {}
-        self._generation: dict[str, int] = {}
-
-    def refresh(self, storage_id: str, bucket: str) -> Future[Usage]:
-        with self._lock:
-            future = self._running.get(storage_id)
-            if future is None:
-                generation = self._generation.get(storage_id, 0)
-                future = self._executor.submit(self._measure, storage_id, bucket, generation)
-                self._running[storage_id] = future
-                future.add_done_callback(lambda done: self._forget(storage_id, done))
-            return future
-
-    def invalidate(self, storage_id: str) -> None:
-        with self._lock:
-            self._generation[storage_id] = self._generation.get(storage_id, 0) + 1
-            self._running.pop(storage_id, None)
-
-    def _forget(self, storage_id: str, future: Future[Usage]) -> None:
-        with self._lock:
-            if self._running.get(storage_id) is future:
-                del self._running[storage_id]
-
-    def _measure(self, storage_id: str, bucket: str, generation: int) -> Usage:
-        started = utcnow()
-        usage = self._backend.bucket_usage(bucket)
-        result = Usage(usage.size_bytes, usage.object_count, started)
-        with self._lock:
-            current = self._generation.get(storage_id, 0) == generation
-        if current:
-            with self._sessions() as db:
-                db.execute(
-                    update(Storage)
-                    .where(Storage.id == storage_id)
-                    .values(usage_bytes=result.size_bytes, usage_objects=result.object_count, usage_at=started)
-                )
-                db.commit()
-        return result
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class StorageRuntime:
-    """Per-server state of the storage API: the usage refresher and the upload threads' limit."""
-
-    def __init__(self, backend: StorageBackend, sessions: sessionmaker[Session]) -> None:
-        self.refresher = UsageRefresher(backend, sessions)
-        self._upload_limiter: anyio.CapacityLimiter | None = None
-
-    @property
-    def upload_limiter(self) -> anyio.CapacityLimiter:
-        if self._upload_limiter is None:  # created on first use, in async code on the server's loop
-            self._upload_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_UPLOADS)
-        return self._upload_limiter
-
-    def close(self) -> None:
-        self.refresher.close()
-
-
-def current_usage(
-    storages: Iterable[Storage], refresher: UsageRefresher, *, backend_name: str, wait_seconds: float
-) -> dict[str, Usage]:
+def current_usage(storages: Iterable[Storage], context: AppContext, *, wait_seconds: float) -> dict[str, Usage]:
     """Usage of each storage: the cached figures, re-measured first for those older than
     :data:`USAGE_MAX_AGE`, waiting at most ``wait_seconds`` in all for the measurements.
 
@@ -320,6 +311,7 @@ def current_usage(
     on and is stored for the next request. Storages on another backend or not active are never
     measured.
     """
+    backend_name, refresher = context.config.storage.name, context.storage_runtime.refresher
     now = utcnow()
     result: dict[str, Usage] = {}
     pending: dict[str, Future[Usage]] = {}

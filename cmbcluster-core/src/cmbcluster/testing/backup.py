@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from cmbcluster.app import create_app
 from cmbcluster.config import load_core_settings
 from cmbcluster.db import create_db_engine, upgrade
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import run_cli
 
 
@@ -53,7 +53,7 @@ def serving(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator
         for name, value in env.items():
             patch.setenv(name, value)
         app = create_app(load_core_settings())
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 

@@ -10,9 +10,7 @@ from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import AdminUser, Context, DbSession
 from cmbcluster.db.models import User
-from cmbcluster.interfaces import UserRef
 from cmbcluster.services import admin as service
-from cmbcluster.services import environments as envs
 from cmbcluster.services.admin import Role, Stats, Status, UserUpdate
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
@@ -120,13 +118,7 @@ def get_user(user_id: str, admin: AdminUser, db: DbSession) -> AdminUserDetailOu
 def update_user(
     user_id: str, body: UserUpdate, admin: AdminUser, db: DbSession, context: Context
 ) -> AdminUserDetailOut:
-    user = service.update_user(db, user_id, body, actor_id=admin.id)
-    if user.status != "active":
-        # A deactivated user's environments stop too: nothing of theirs keeps running or costing.
-        for env in envs.list_owned(db, user):
-            if env.status in envs.ACTIVE_STATUSES:
-                envs.stop(db, context, env, actor_id=admin.id, reason="stopped: the account was deactivated")
-    return _user_detail(db, user)
+    return _user_detail(db, service.change_user(db, context, user_id, body, actor_id=admin.id))
 
 
 @router.delete(
@@ -135,14 +127,7 @@ def update_user(
     summary="Delete a user who owns no buckets: their environments and cloud identity go too",
 )
 def delete_user(user_id: str, admin: AdminUser, db: DbSession, context: Context) -> Response:
-    def release(user: User) -> None:
-        for env in envs.list_owned(db, user):  # environments are choices, not data: they go
-            envs.remove(db, context, env, actor_id=admin.id)
-        ref = UserRef(id=user.id, email=user.email)
-        context.infra.delete_user_identity(ref, namespace=context.namespace)
-        context.compute.forget_user(user.id)
-
-    service.delete_user(db, user_id, actor_id=admin.id, release=release)
+    service.delete_user(db, context, user_id, actor_id=admin.id)
     return Response(status_code=204)
 
 

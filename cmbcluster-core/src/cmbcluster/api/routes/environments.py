@@ -20,6 +20,7 @@ from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict, LimitExceeded, NotFound
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
+from cmbcluster.services.status import apply_status
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
 
@@ -177,7 +178,7 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
     env = envs.get_owned(db, user, environment_id)
     if env.status in envs.ACTIVE_STATUSES:
         status = await _in_worker(db, context.compute.status, env.id)
-        if envs.apply_status(db, env, status):
+        if apply_status(db, env, status):
             db.commit()
     return _answer(db, context, user, env)
 

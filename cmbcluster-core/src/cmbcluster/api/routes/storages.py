@@ -11,11 +11,9 @@ downloads through :func:`cmbcluster.streaming.iterate_in_thread`.
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import logging
-import re
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -25,13 +23,21 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
-from cmbcluster.api.errors import error_body
+from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
-from cmbcluster.db.models import Storage, User
-from cmbcluster.errors import CmbclusterError, InvalidRequest, PayloadTooLarge
+from cmbcluster.api.transfer import (
+    RangeNotSatisfiable,
+    content_length,
+    if_range_matches,
+    object_headers,
+    parse_range,
+)
+from cmbcluster.db.models import Storage
+from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
-from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key, validate_object_prefix
+from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
 from cmbcluster.services import storages as service
+from cmbcluster.services.usage import Usage, cached_usage
 from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
 
 log = logging.getLogger(__name__)
@@ -44,12 +50,6 @@ MAX_CONTENT_TYPE_LENGTH = 255
 
 
 # -- models ------------------------------------------------------------------------------------
-
-
-class ErrorOut(BaseModel):
-    error: str = Field(description="A stable, machine-readable code such as 'not_found'")
-    message: str = Field(description="What went wrong, for a person")
-    detail: Any | None = None
 
 
 class StorageCreate(BaseModel):
@@ -117,11 +117,7 @@ class DeleteObjectsOut(BaseModel):
     deleted: int = Field(description="Keys processed; keys that did not exist count too (deleting is idempotent)")
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
-
-
-def storage_out(storage: Storage, usage: service.Usage) -> StorageOut:
+def storage_out(storage: Storage, usage: Usage) -> StorageOut:
     return StorageOut(
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
         status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
@@ -140,63 +136,45 @@ def object_out(info: ObjectInfo) -> ObjectOut:
 # -- per-server state --------------------------------------------------------------------------
 
 
-async def get_runtime(context: Context) -> service.StorageRuntime:
-    """The server's storage runtime (an async dependency: first made on the loop, no thread race)."""
-    return context.storage_runtime
+async def make_storage_runtime(context: Context) -> None:
+    """The server's storage runtime (usage refresher, upload limiter) is made on the event loop, before
+    any route's worker thread could race to make it (an async dependency of every storage route)."""
+    _ = context.storage_runtime
 
 
-Runtime = Annotated[service.StorageRuntime, Depends(get_runtime)]
-
-router = APIRouter(prefix="/api/v1/storages", tags=["storage"], responses=_errors(401, 404))
+router = APIRouter(
+    prefix="/api/v1/storages",
+    tags=["storage"],
+    responses=error_responses(401, 404),
+    dependencies=[Depends(make_storage_runtime)],
+)
 
 
 # -- buckets -----------------------------------------------------------------------------------
 
 
 @router.post(
-    "", status_code=201, response_model=StorageOut, summary="Create a bucket", responses=_errors(400, 409, 503)
+    "", status_code=201, response_model=StorageOut, summary="Create a bucket", responses=error_responses(400, 409, 503)
 )
 def create_storage(body: StorageCreate, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
     storage = service.create_storage(
-        db, context.storage, backend_name=context.config.storage.name, user=user,
-        display_name=body.display_name, storage_class=body.storage_class,
-        max_buckets=context.config.core.max_buckets_per_user,
-    )  # fmt: skip
-    _sync_identity_access(db, context, user)
-    return storage_out(storage, service.cached_usage(storage))
-
-
-def _sync_identity_access(db: DbSession, context: Context, user: User) -> None:
-    """After a bucket change, the user's cloud identity reaches exactly their buckets. The change
-    itself has happened and is kept; a failure here is logged, and the next start applies it again
-    (a start fails, with the reason, until it succeeds)."""
-    try:
-        service.sync_identity_access(db, context.infra, backend_name=context.config.storage.name, user=user)
-    except CmbclusterError as exc:
-        log.warning("updating the cloud identity of user %s for their buckets failed: %s", user.id, exc.message)
+        db, context, user, display_name=body.display_name, storage_class=body.storage_class
+    )
+    return storage_out(storage, cached_usage(storage))
 
 
 @router.get("", response_model=StorageListOut, summary="List your buckets with their size and object count")
-def list_storages(user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageListOut:
+def list_storages(user: CurrentUser, db: DbSession, context: Context) -> StorageListOut:
     # Sizes come from the cache; stale ones (older than a minute) are measured again, at most
     # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
     # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
-    rows = service.list_owned(db, user)
-    db.commit()  # hold no transaction while waiting for measurements
-    usage = service.current_usage(
-        rows, runtime.refresher, backend_name=context.config.storage.name, wait_seconds=LIST_USAGE_WAIT_SECONDS
-    )
-    return StorageListOut(storages=[storage_out(row, usage[row.id]) for row in rows])
+    rows = service.storages_with_usage(db, context, user, wait_seconds=LIST_USAGE_WAIT_SECONDS)
+    return StorageListOut(storages=[storage_out(row, usage) for row, usage in rows])
 
 
 @router.get("/{storage_id}", response_model=StorageOut, summary="One of your buckets, with its size and object count")
-def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime) -> StorageOut:
-    storage = service.get_owned(db, user, storage_id)
-    db.commit()
-    usage = service.current_usage(
-        [storage], runtime.refresher, backend_name=context.config.storage.name, wait_seconds=GET_USAGE_WAIT_SECONDS
-    )
-    return storage_out(storage, usage[storage.id])
+def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
+    return storage_out(*service.storage_with_usage(db, context, user, storage_id, wait_seconds=GET_USAGE_WAIT_SECONDS))
 
 
 @router.delete(
@@ -204,47 +182,27 @@ def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Cont
     status_code=204,
     response_class=Response,
     summary="Delete a bucket (force=true also deletes every object in it)",
-    responses=_errors(409, 503),
+    responses=error_responses(409, 503),
 )
 def delete_storage(
     storage_id: str,
     user: CurrentUser,
     db: DbSession,
     context: Context,
-    runtime: Runtime,
     force: Annotated[bool, Query(description="Delete the objects too; without it a non-empty bucket is 409")] = False,
 ) -> Response:
-    storage = service.get_owned(db, user, storage_id)
-    service.delete_storage(
-        db, context.storage, backend_name=context.config.storage.name, user=user, storage=storage, force=force
-    )
-    runtime.refresher.invalidate(storage_id)
-    _sync_identity_access(db, context, user)
+    service.delete_storage(db, context, user, storage_id, force=force)
     return Response(status_code=204)
 
 
 # -- objects -----------------------------------------------------------------------------------
 
 
-def _usable_bucket(db: DbSession, user: User, storage_id: str, backend_name: str) -> str:
-    """The bucket name of the caller's active storage; the transaction ends before any transfer."""
-    storage = service.get_owned(db, user, storage_id)
-    service.require_usable(storage, backend_name)
-    db.commit()
-    return storage.bucket_name
-
-
-def _changed(db: DbSession, runtime: service.StorageRuntime, storage_id: str) -> None:
-    service.invalidate_usage(db, storage_id)
-    db.commit()
-    runtime.refresher.invalidate(storage_id)
-
-
 @router.get(
     "/{storage_id}/objects",
     response_model=ObjectPageOut,
     summary="List objects by prefix, a page at a time",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def list_objects(
     storage_id: str,
@@ -260,11 +218,10 @@ def list_objects(
         bool, Query(description="true: one folder level ('/'-delimited) with sub-folders in prefixes; false: all")
     ] = True,
 ) -> ObjectPageOut:
-    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
-    validate_object_prefix(prefix)
-    page = context.storage.list_objects(
-        bucket, prefix, delimiter="/" if delimiter else None, page_token=page_token or None, page_size=page_size
-    )
+    page = service.list_objects(
+        db, context, user, storage_id, prefix, delimiter="/" if delimiter else None, page_token=page_token or None,
+        page_size=page_size,
+    )  # fmt: skip
     return ObjectPageOut(
         objects=[object_out(info) for info in page.objects], prefixes=page.prefixes, next_page_token=page.next_token
     )
@@ -274,22 +231,12 @@ def list_objects(
     "/{storage_id}/objects/delete",
     response_model=DeleteObjectsOut,
     summary="Delete up to 1000 objects",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def delete_objects(
-    storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
+    storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context
 ) -> DeleteObjectsOut:
-    return DeleteObjectsOut(deleted=_delete_keys(db, context, runtime, user, storage_id, body.keys))
-
-
-def _delete_keys(
-    db: DbSession, context: Context, runtime: service.StorageRuntime, user: User, storage_id: str, keys: list[str]
-) -> int:
-    storage = service.get_owned(db, user, storage_id)
-    service.require_usable(storage, context.config.storage.name)
-    deleted = service.delete_objects(db, context.storage, user=user, storage=storage, keys=keys)
-    runtime.refresher.invalidate(storage_id)
-    return deleted
+    return DeleteObjectsOut(deleted=service.delete_objects(db, context, user, storage_id, body.keys))
 
 
 @router.put(
@@ -297,7 +244,7 @@ def _delete_keys(
     status_code=201,
     response_model=ObjectOut,
     summary="Upload an object: the request body, streamed (replaces an object of the same key)",
-    responses=_errors(400, 409, 413),
+    responses=error_responses(400, 409, 413),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -315,12 +262,11 @@ async def upload_object(
     user: CurrentUser,
     db: DbSession,
     context: Context,
-    runtime: Runtime,
 ) -> ObjectOut:
-    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
+    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
     validate_object_key(key)
     max_bytes = context.config.core.max_upload_bytes
-    declared = _content_length(request)
+    declared = content_length(request.headers)
     if declared is not None and declared > max_bytes:
         raise _too_large(max_bytes)
     content_type = request.headers.get("content-type") or None
@@ -330,24 +276,14 @@ async def upload_object(
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
     # aborts the write and no object is stored (the same when the client goes away).
     source = rechunk(limit_bytes(request.stream(), max_bytes, _too_large), CHUNK_SIZE)
-    upload = partial(context.storage.upload_object, bucket, key, content_type=content_type)
+    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type)
     try:
-        info = await consume_in_thread(source, upload, limiter=runtime.upload_limiter)
+        info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)
     except ClientDisconnect:
         log.info("upload of an object to storage %s interrupted by the client; nothing stored", storage_id)
         raise InvalidRequest("the upload was interrupted before its end; nothing was stored") from None
-    await run_in_threadpool(_changed, db, runtime, storage_id)
     response.headers["Location"] = f"{router.prefix}/{storage_id}/objects/{quote(info.key)}"
     return object_out(info)
-
-
-def _content_length(request: Request) -> int | None:
-    raw = request.headers.get("content-length")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise InvalidRequest("Content-Length must be a non-negative integer")
-    return int(raw)
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:
@@ -365,7 +301,7 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
         200: {"content": {"application/octet-stream": _BINARY}, "description": "The whole object"},
         206: {"content": {"application/octet-stream": _BINARY}, "description": "The requested range"},
         416: {"model": ErrorOut, "description": "The range starts past the end of the object"},
-        **_errors(400, 409),
+        **error_responses(400, 409),
     },
 )
 async def download_object(
@@ -381,11 +317,10 @@ async def download_object(
         str | None, Header(alias="If-Range", description="Honour Range only if still this ETag")
     ] = None,
 ) -> Response:
-    bucket = await run_in_threadpool(_usable_bucket, db, user, storage_id, context.config.storage.name)
-    validate_object_key(key)
-    info = await run_in_threadpool(context.storage.head_object, bucket, key)
+    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
+    info = await run_in_threadpool(service.head_object, context, bucket, key)
     headers = object_headers(info)
-    wanted = range_header if range_header and _if_range_matches(if_range, info) else None
+    wanted = range_header if range_header and if_range_matches(if_range, info) else None
     try:
         span = parse_range(wanted, info.size) if wanted else None
     except RangeNotSatisfiable as exc:
@@ -403,7 +338,7 @@ async def download_object(
     # here and never a broken 200.
     byte_range = (first, last) if info.size else None
     chunks = await run_in_threadpool(
-        partial(context.storage.download_object, bucket, key, byte_range=byte_range, chunk_size=CHUNK_SIZE)
+        partial(service.read_object, context, bucket, key, byte_range=byte_range, chunk_size=CHUNK_SIZE)
     )
     return StreamingResponse(
         iterate_in_thread(chunks), status_code=206 if span is not None else 200, headers=headers,
@@ -415,12 +350,10 @@ async def download_object(
     "/{storage_id}/objects/{key:path}",
     response_class=Response,
     summary="An object's download headers (size, type, ETag) without its bytes",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
 def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
-    bucket = _usable_bucket(db, user, storage_id, context.config.storage.name)
-    validate_object_key(key)
-    info = context.storage.head_object(bucket, key)
+    info = service.head_object(context, service.usable_bucket(db, context, user, storage_id), key)
     headers = object_headers(info)
     headers["Content-Length"] = str(info.size)
     return Response(status_code=200, headers=headers)
@@ -431,98 +364,8 @@ def head_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, con
     status_code=204,
     response_class=Response,
     summary="Delete an object (deleting one that does not exist also succeeds)",
-    responses=_errors(400, 409),
+    responses=error_responses(400, 409),
 )
-def delete_object(
-    storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context, runtime: Runtime
-) -> Response:
-    _delete_keys(db, context, runtime, user, storage_id, [key])
+def delete_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    service.delete_objects(db, context, user, storage_id, [key])
     return Response(status_code=204)
-
-
-# -- HTTP details ------------------------------------------------------------------------------
-
-
-class RangeNotSatisfiable(Exception):
-    pass
-
-
-_BYTE_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The ``(first, last)`` bytes (inclusive) a ``Range`` header asks for, or None to answer
-    the whole object: RFC 9110 lets a server ignore a range it does not support (several
-    ranges, another unit) or an invalid one. RangeNotSatisfiable when it starts past the end."""
-    match = _BYTE_RANGE.match(header)
-    if match is None:
-        return None
-    first_text, last_text = match.groups()
-    if not first_text:
-        if not last_text:
-            return None
-        suffix = int(last_text)  # bytes=-N: the last N bytes
-        if suffix == 0 or size == 0:
-            raise RangeNotSatisfiable(f"range {header.strip()!r} is not satisfiable for {size} bytes")
-        return max(0, size - suffix), size - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last_text and last < first:
-        return None
-    if first >= size:
-        raise RangeNotSatisfiable(f"range {header.strip()!r} starts past the end of the object ({size} bytes)")
-    return first, min(last, size - 1)
-
-
-def _quoted_etag(info: ObjectInfo) -> str:
-    return f'"{info.etag.strip(chr(34))}"' if info.etag else ""
-
-
-def _if_range_matches(if_range: str | None, info: ObjectInfo) -> bool:
-    """Whether a Range may be honoured: no If-Range, or If-Range names the current version
-    (a strong ETag, or the Last-Modified date); otherwise the whole object is sent."""
-    if not if_range:
-        return True
-    value = if_range.strip()
-    if value.startswith(('"', "W/")):
-        return bool(info.etag) and value == _quoted_etag(info)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return False
-    return when.tzinfo is not None and when == info.last_modified.replace(microsecond=0)
-
-
-def object_headers(info: ObjectInfo) -> dict[str, str]:
-    """Headers of a download: type, version, and how a browser must treat it. User content is
-    always an attachment, never sniffed, and sandboxed if opened: it must not run as our pages."""
-    headers = {
-        "Content-Type": _header_safe(info.content_type) or "application/octet-stream",
-        "Accept-Ranges": "bytes",
-        "Content-Disposition": content_disposition(info.key.rsplit("/", 1)[-1]),
-        "Last-Modified": email.utils.format_datetime(info.last_modified.astimezone(dt.UTC), usegmt=True),
-        "Cache-Control": "private, no-cache",
-        "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": "sandbox",
-    }
-    if info.etag:
-        headers["ETag"] = _quoted_etag(info)
-    return headers
-
-
-def _header_safe(value: str) -> str:
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return ""
-    return value if value.isprintable() else ""
-
-
-def content_disposition(filename: str) -> str:
-    """``attachment`` with the file's name: an ASCII fallback, plus RFC 6266 ``filename*``
-    (UTF-8, percent-encoded) when the name is not plain ASCII."""
-    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in filename) or "download"
-    value = f'attachment; filename="{fallback}"'
-    if fallback != filename:
-        value += f"; filename*=UTF-8''{quote(filename, safe='')}"
-    return value

@@ -32,7 +32,7 @@ class ThirdPartyStorage(LocalStorage):
 
 
 def _factory(ctx: ProviderContext) -> ThirdPartyStorage:
-    return ThirdPartyStorage(ctx.settings(ThirdPartySettings).thirdparty_root)
+    return ThirdPartyStorage(ctx.require_settings(ThirdPartySettings).thirdparty_root)
 
 
 @hookimpl

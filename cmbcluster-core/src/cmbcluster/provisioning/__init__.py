@@ -1,0 +1,46 @@
+"""Core's side of ``cmbcluster infra``: the engine that drives any
+:class:`~cmbcluster.interfaces.Provisioner`, the record of a deployment, and the helpers every
+cloud's provisioner shares (helm add-ons, the kubeconfig of a new cluster, the data buckets
+``down`` keeps unless told, the zone of DNS records). The contract itself is :mod:`cmbcluster.interfaces.provisioning`.
+"""
+
+from cmbcluster.provisioning.data import data_written_during_down, refuse_to_delete_data
+from cmbcluster.provisioning.dns import Zone, best_zone, check_record, fqdn
+from cmbcluster.provisioning.engine import StepRun, down, status, up
+from cmbcluster.provisioning.helm import (
+    CERT_MANAGER,
+    RELEASE_KIND,
+    install_argv,
+    install_release,
+    release_step,
+    uninstall_argv,
+    uninstall_release,
+)
+from cmbcluster.provisioning.kubeconfig import kubeconfig_document, kubeconfig_path, write_kubeconfig
+from cmbcluster.provisioning.record import ProvisioningRecord
+from cmbcluster.provisioning.runner import run_tool
+
+__all__ = [
+    "CERT_MANAGER",
+    "RELEASE_KIND",
+    "ProvisioningRecord",
+    "StepRun",
+    "Zone",
+    "best_zone",
+    "check_record",
+    "data_written_during_down",
+    "down",
+    "fqdn",
+    "install_argv",
+    "install_release",
+    "kubeconfig_document",
+    "kubeconfig_path",
+    "refuse_to_delete_data",
+    "release_step",
+    "run_tool",
+    "status",
+    "uninstall_argv",
+    "uninstall_release",
+    "up",
+    "write_kubeconfig",
+]

@@ -1,0 +1,30 @@
+"""Ownership, checked in one place for every service: a user's own row, or NotFound."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import ExecutableOption
+
+from cmbcluster.db.models import Environment, Storage, User
+from cmbcluster.errors import NotFound
+
+__all__ = ["owned"]
+
+Owned = TypeVar("Owned", Environment, Storage)
+
+
+def owned(
+    db: Session, model: type[Owned], user: User, object_id: str, *, what: str, options: Sequence[ExecutableOption] = ()
+) -> Owned:
+    """``user``'s ``model`` row ``object_id``, or NotFound: another user's id is answered exactly like
+    an unknown one, so nobody learns that someone else's object exists."""
+    row = db.execute(
+        select(model).where(model.id == object_id, model.user_id == user.id).options(*options)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"{what} {object_id} not found")
+    return row

@@ -1,0 +1,40 @@
+"""Recording what a compute backend reports about an environment: one rule for the request that
+starts it, the reconcile loop and the progress hub. Imports no application context, so anything
+may use it."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from cmbcluster.db.models import Environment, StartSlot, utcnow
+from cmbcluster.interfaces import EnvironmentPhase, EnvironmentStatus
+from cmbcluster.services.audit import activity
+
+_PHASE_TO_STATUS = {
+    EnvironmentPhase.PENDING: "pending",
+    EnvironmentPhase.STARTING: "starting",
+    EnvironmentPhase.RUNNING: "running",
+    EnvironmentPhase.STOPPING: "stopping",
+    EnvironmentPhase.STOPPED: "stopped",
+    EnvironmentPhase.FAILED: "failed",
+}
+
+
+def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
+    """Record what the backend reports; True when something changed. Releases the start slot
+    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's;
+    so is an environment being stopped (its process vanishing then is no failure)."""
+    if status.phase == EnvironmentPhase.MISSING or env.desired_state != "running":
+        return False
+    new_status = _PHASE_TO_STATUS[status.phase]
+    changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
+    if new_status == "running" and env.status != "running":
+        activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
+    env.status, env.status_message = new_status, status.message
+    env.url = status.url if new_status in ("starting", "running") else None
+    if new_status in ("running", "stopped", "failed"):
+        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    if new_status in ("stopped", "failed") and env.stopped_at is None:
+        env.stopped_at = utcnow()
+    return changed
