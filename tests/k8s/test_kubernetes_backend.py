@@ -36,11 +36,11 @@ from cmbcluster.interfaces import (
     VolumeSpec,
 )
 from cmbcluster.kubernetes import rbac
-from cmbcluster.kubernetes.backend import (
-    ENVIRONMENT_LABEL,
-    MANAGED_BY,
+from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions
+from cmbcluster.kubernetes.client import Retries
+from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY
+from cmbcluster.kubernetes.manifests import (
     SECRETS_DIR,
-    KubernetesCompute,
     cpu_quantity,
     memory_quantity,
     object_name,
@@ -98,12 +98,14 @@ def decorator() -> Recorder:
 def backend(k8s_cluster: K8sCluster, namespace: str, decorator: Recorder) -> Iterator[KubernetesCompute]:
     b = KubernetesCompute(
         k8s_cluster.api_client(token=k8s_cluster.cp_token),
-        namespace=namespace,
+        KubernetesOptions(
+            namespace=namespace,
+            storage_backend="aws",
+            infra_provider="aws",
+            exposure=EXPOSURE,
+            retries=Retries(backoff_seconds=0.05),
+        ),
         decorate=decorator,
-        storage_backend="aws",
-        infra_provider="aws",
-        exposure=EXPOSURE,
-        backoff_seconds=0.05,
     )
     yield b
     b.close()
@@ -366,8 +368,10 @@ def test_status_comes_from_the_watch_not_from_reads(
     def no_reads(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("status() read the pod from the API server")
 
-    monkeypatch.setattr(backend.core, "read_namespaced_pod", no_reads)
-    monkeypatch.setattr(backend.core, "list_namespaced_pod", no_reads)  # the watch thread holds its own reference
+    monkeypatch.setattr(backend.client.core, "read_namespaced_pod", no_reads)
+    monkeypatch.setattr(
+        backend.client.core, "list_namespaced_pod", no_reads
+    )  # the watch thread holds its own reference
     for _ in range(50):
         assert backend.status(environment_id).phase == EnvironmentPhase.RUNNING
     assert environment_id in {s.environment_id for s in backend.list_managed()}
@@ -447,6 +451,34 @@ def test_restart_after_stop(backend: KubernetesCompute, admin: k8s.CoreV1Api) ->
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
+def test_a_start_never_adopts_the_pod_a_stop_is_still_removing(
+    backend: KubernetesCompute, admin: k8s.CoreV1Api
+) -> None:
+    """A restart right after a stop: the old pod is still terminating (held here by a finalizer,
+    as a slow kubelet or a volume would). The start waits for it to go and makes a new one;
+    adopting it would leave the environment with nothing once it is gone."""
+    import threading
+
+    environment_id = new_id()
+    backend.start(make_spec(environment_id))
+    running(backend, environment_id)
+    name = object_name(environment_id)
+    old_uid = admin.read_namespaced_pod(name, backend.namespace).metadata.uid
+    admin.patch_namespaced_pod(name, backend.namespace, {"metadata": {"finalizers": ["cmbcluster.io/test-hold"]}})
+    backend.stop(environment_id)
+    release = threading.Timer(
+        1.5, lambda: admin.patch_namespaced_pod(name, backend.namespace, {"metadata": {"finalizers": None}})
+    )
+    release.start()
+    backend.start(make_spec(environment_id))
+    release.join()
+    status = running(backend, environment_id)
+    assert status.phase == EnvironmentPhase.RUNNING
+    assert admin.read_namespaced_pod(name, backend.namespace).metadata.uid != old_uid
+    backend.delete(environment_id)
+    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
+
+
 def test_service_account_identity(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
     """The user's own ServiceAccount is created with the identity's annotations, kept across
     environments, updated when the identity changes; the pod runs as it, with its token."""
@@ -508,7 +540,9 @@ def test_unschedulable_pod_reports_the_scheduler_event(
     def nowhere(draft: PodDraft, context: PodContext) -> None:
         draft.node_selector["example.com/no-such-node"] = "true"
 
-    b = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), namespace=namespace, decorate=nowhere)
+    b = KubernetesCompute(
+        k8s_cluster.api_client(token=k8s_cluster.cp_token), KubernetesOptions(namespace=namespace), decorate=nowhere
+    )
     environment_id = new_id()
     try:
         b.start(make_spec(environment_id, volumes=()))
@@ -541,7 +575,7 @@ def test_invalid_decoration_is_refused_before_sending(
         draft.volume_mounts.append({"name": "nope", "mountPath": "/x"})
 
     api = k8s_cluster.api_client(token=k8s_cluster.cp_token)
-    other = KubernetesCompute(api, namespace=backend.namespace, decorate=bad)
+    other = KubernetesCompute(api, KubernetesOptions(namespace=backend.namespace), decorate=bad)
     environment_id = new_id()
     try:
         with pytest.raises(InvalidRequest, match="nope"):
@@ -553,7 +587,7 @@ def test_invalid_decoration_is_refused_before_sending(
 
 def test_token_without_role_is_denied(k8s_cluster: K8sCluster) -> None:
     # the control-plane user has no RoleBinding in "default"
-    b = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), namespace="default")
+    b = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), KubernetesOptions(namespace="default"))
     try:
         with pytest.raises(PermissionDenied):
             b.check_ready()
@@ -568,7 +602,8 @@ def test_token_without_role_is_denied(k8s_cluster: K8sCluster) -> None:
 def test_unreachable_api_server_is_provider_unavailable(k8s_cluster: K8sCluster) -> None:
     api = k8s_cluster.api_client()
     api.configuration.host = "https://127.0.0.1:9"  # nothing listens there
-    b = KubernetesCompute(api, namespace="default", attempts=3, backoff_seconds=0.01, request_timeout=(1, 1))
+    retries = Retries(attempts=3, backoff_seconds=0.01, request_timeout=(1, 1))
+    b = KubernetesCompute(api, KubernetesOptions(namespace="default", retries=retries))
     try:
         started = time.monotonic()
         with pytest.raises(ProviderUnavailable, match="3 attempts"):
@@ -590,10 +625,10 @@ def test_plugin_registration_builds_a_working_backend(k8s_cluster: K8sCluster, n
     )
     try:
         assert isinstance(b, KubernetesCompute)
-        assert b.namespace == namespace and b.storage_backend == "aws" and b.infra_provider == "aws"
+        assert b.namespace == namespace and b.options.storage_backend == "aws" and b.options.infra_provider == "aws"
         b.check_ready()
         with pytest.raises(NotFound):
-            b._call("read_namespaced_pod", "absent", namespace, what="reading")
+            b.client.call("read_namespaced_pod", "absent", namespace, what="reading")
     finally:
         b.close()
 
