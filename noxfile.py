@@ -27,11 +27,13 @@ RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
 
-def install_packages(session: nox.Session, *, extras: str = "test") -> None:
-    """Install the three distributions from this checkout, editable, with their test extras."""
+def install_packages(session: nox.Session, *, extras: str = "test", core_extras: str = "") -> None:
+    """Install the three distributions from this checkout, editable, with their test extras (and
+    ``core_extras`` of cmbcluster-core besides: ``jupyter`` where JupyterLab runs)."""
     args = []
-    for dist in PACKAGES.values():
-        args += ["-e", f"{ROOT / dist}[{extras}]" if extras else str(ROOT / dist)]
+    for name, dist in PACKAGES.items():
+        wanted = ",".join(e for e in (extras, core_extras if name == "core" else "") if e)
+        args += ["-e", f"{ROOT / dist}[{wanted}]" if wanted else str(ROOT / dist)]
     session.install(*args)
 
 
@@ -62,7 +64,7 @@ def typecheck(session: nox.Session) -> None:
 def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
-        install_packages(session)
+        install_packages(session, core_extras="jupyter" if name == "core" else "")  # core runs JupyterLab
         session.run("pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs)
 
     run.__doc__ = f"{dist}'s own tests."
@@ -128,7 +130,7 @@ def tests_browser(session: nox.Session) -> None:
         apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "update", "-q", external=True, env=apt_env)
         session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt_env)
-    install_packages(session)
+    install_packages(session, core_extras="jupyter")  # the notebook test runs JupyterLab through the proxy
     session.install(PLAYWRIGHT)
     build_ui(session)
     session.run("pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs)
@@ -143,8 +145,8 @@ def helm_rbac(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
-    """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""
-    install_packages(session, extras="")
+    """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve)."""
+    install_packages(session, extras="", core_extras="jupyter")
     build_ui(session)
     session.run("cmbcluster", "serve", *session.posargs)
 

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cmbcluster.compute.command import LaunchValues, render_command
 from cmbcluster.db import create_db_engine, session_factory, upgrade
 from cmbcluster.db.models import Application, AuditEvent, Environment
 from cmbcluster.errors import InvalidRequest
@@ -410,7 +411,8 @@ def test_files_application_serves_the_working_directory(tmp_path: Path) -> None:
     bucket.mkdir()
     (bucket / "results.txt").write_text("42\n")
     host, port = "127.0.0.1", free_port()
-    command = [part.replace("{port}", str(port)).replace("{host}", host) for part in files.command]
+    values = LaunchValues(environment_id="e1", host=host, port=port, base_url="/environments/e1/")
+    command = render_command(files.command, values)
     process = subprocess.Popen(
         command, cwd=bucket, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -55,6 +55,9 @@ def _resolve(**overrides: Any) -> ResolvedConfig:
     return resolve(load_core_settings(**overrides))
 
 
+SHUTDOWN_GRACE_SECONDS = 5
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -87,10 +90,19 @@ def serve(
     from cmbcluster.db.backup import restore_at_start
 
     restore_at_start(application.state.context)
-    uvicorn.run(
-        application, host=core.host, port=core.port, log_config=None, server_header=False,
-        loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
-    )  # fmt: skip
+    try:
+        uvicorn.run(
+            application, host=core.host, port=core.port, log_config=None, server_header=False,
+            loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
+            # Ctrl-C or SIGTERM: open progress streams, downloads and WebSockets get this long to end
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        )  # fmt: skip
+    finally:
+        # The app's shutdown stops the embedded default's environments; a second Ctrl-C skips it
+        # (uvicorn's forced exit), so make sure here: none may outlive the server (idempotent).
+        from cmbcluster.services.environments import stop_with_control_plane
+
+        stop_with_control_plane(application.state.context)
 
 
 @app.command()
