@@ -96,6 +96,9 @@ def create(db: Session, context: AppContext, user: User, request: EnvironmentReq
     ).scalar_one_or_none()
     if application is None or not application.active:
         raise NotFound(f"application {request.application} not found")
+    missing = context.compute.check_command(application.command)
+    if missing is not None:
+        raise Conflict(f"{application.name} cannot start on this server: {missing}")
     preset, cpu, memory = resolve_resources(
         request.preset or (None if request.cpu or request.memory_mib else application.default_preset),
         request.cpu,
