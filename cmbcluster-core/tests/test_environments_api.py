@@ -131,6 +131,46 @@ def test_progress_stream_reaches_running(client: TestClient, alice: dict[str, st
     assert progress == sorted(progress)
 
 
+CHATTY_APP = r"""
+import http.server, sys, time
+for step in ("loading the maps", "building the index", "almost there"):
+    print(step, flush=True)
+    time.sleep(0.7)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+FAILING_APP = r"""
+import sys
+for i in range(60):
+    print(f"checking configuration item {i}")
+raise SystemExit("config error: no such catalog file /data/planck.fits")
+"""
+
+
+def events_of(client: TestClient, headers: dict[str, str], env_id: str) -> list[dict[str, Any]]:
+    with client.stream("GET", f"/api/v1/environments/{env_id}/events", headers=headers) as stream:
+        return [json.loads(line.removeprefix("data: ")) for line in stream.iter_lines() if line.startswith("data: ")]
+
+
+def test_progress_carries_the_applications_output_while_it_starts_and_its_fatal_line_when_it_fails(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
+) -> None:
+    chatty = make_app(client, admin, "chatty", CHATTY_APP)
+    events = events_of(client, alice, create_env(client, alice, application=chatty)["id"])
+    assert events[-1]["status"] == "running" and events[-1]["log"] == []
+    starting_output = [line for e in events if e["status"] == "starting" for line in e["log"]]
+    assert "loading the maps" in starting_output and "almost there" in starting_output
+
+    failing = make_app(client, admin, "failing", FAILING_APP)
+    env_id = create_env(client, alice, application=failing)["id"]
+    last = events_of(client, alice, env_id)[-1]
+    assert last["status"] == "failed"
+    assert last["message"].endswith("config error: no such catalog file /data/planck.fits")  # the fatal line
+    assert last["log"][-1] == "config error: no such catalog file /data/planck.fits"
+    assert "checking configuration item 59" in last["log"] and len(last["log"]) <= 15
+    assert client.get(f"/api/v1/environments/{env_id}", headers=alice).json()["status_message"] == last["message"]
+
+
 def test_stop_start_restart_keep_every_choice(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
 ) -> None:

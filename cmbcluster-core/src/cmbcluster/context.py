@@ -21,6 +21,7 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
+    from cmbcluster.services.environments import StartupOutput
     from cmbcluster.services.storages import StorageRuntime
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class AppContext:
         from cmbcluster.services.storages import StorageRuntime
 
         return StorageRuntime(self.storage, self.sessions)
+
+    @functools.cached_property
+    def startup_output(self) -> StartupOutput:
+        """The last output lines of starting environments, for their progress events."""
+        from cmbcluster.services.environments import StartupOutput
+
+        return StartupOutput(self.compute)
 
     @property
     def namespace(self) -> str:

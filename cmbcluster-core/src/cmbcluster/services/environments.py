@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
+    ComputeBackend,
     EnvironmentPhase,
     EnvironmentSpec,
     EnvironmentStatus,
@@ -43,6 +45,12 @@ MAX_MOUNTS = 10
 MAX_ENV_VARS = 100
 #: a busy environment writes its activity at most this often
 ACTIVITY_WRITE_INTERVAL = dt.timedelta(seconds=30)
+#: How far along a start is, by status, for progress bars.
+PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100}
+#: The application's last output lines a progress event carries while it starts and when it failed.
+PROGRESS_LOG_LINES = 15
+#: How often the output is read again for progress events (every stream of one environment shares it).
+PROGRESS_LOG_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,50 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
     if new_status in ("stopped", "failed") and env.stopped_at is None:
         env.stopped_at = utcnow()
     return changed
+
+
+# -- progress ------------------------------------------------------------------------------------
+def progress_event(db: Session, context: AppContext, user_id: str, environment_id: str) -> dict[str, Any] | None:
+    """One progress event of the user's environment (None once it is gone): its status, refreshed
+    from the backend while it starts, and the application's last output lines while it starts and
+    when it failed, so that the person waiting sees what it is doing, or why it stopped."""
+    env = db.get(Environment, environment_id)
+    if env is None or env.user_id != user_id:
+        return None
+    if env.status in ("pending", "starting") and apply_status(db, env, context.compute.status(env.id)):
+        db.commit()
+    showing_output = env.status in ("starting", "failed")
+    return {
+        "status": env.status, "message": env.status_message, "url": env.url,
+        "progress": PROGRESS.get(env.status, 0), "at": utcnow().isoformat(),
+        # a failure ends the stream: its event has the output as it ended, not as cached a moment ago
+        "log": context.startup_output.lines(env.id, fresh=env.status == "failed") if showing_output else [],
+    }  # fmt: skip
+
+
+class StartupOutput:
+    """The last output lines of starting environments, read from the backend at most once a second
+    per environment however many people watch (reading may be a cluster call)."""
+
+    def __init__(self, compute: ComputeBackend, *, lines: int = PROGRESS_LOG_LINES) -> None:
+        self.compute = compute
+        self.count = lines
+        self._seen: dict[str, tuple[float, list[str]]] = {}
+
+    def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
+        now = time.monotonic()
+        cached = self._seen.get(environment_id)
+        if cached is not None and not fresh and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS:
+            return cached[1]
+        try:
+            text = self.compute.logs(environment_id, tail=self.count)
+        except CmbclusterError as exc:
+            log.info("no output for environment %s: %s", environment_id, exc.message)
+            text = ""
+        found = [line[:500] for line in text.splitlines()[-self.count :]]
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
+        self._seen[environment_id] = (now, found)
+        return found
 
 
 # -- stopping and deleting -----------------------------------------------------------------------

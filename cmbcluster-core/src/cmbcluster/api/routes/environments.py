@@ -16,13 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, User, utcnow
+from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict, LimitExceeded
 from cmbcluster.services import environments as envs
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
 
-PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100}
 TERMINAL = ("running", "stopped", "failed")
 EVENT_POLL_SECONDS = 0.25
 EVENT_KEEPALIVE_SECONDS = 15.0
@@ -250,28 +249,21 @@ def environment_events(
 
 async def _progress(request: Request, context: AppContext, user_id: str, environment_id: str) -> AsyncIterator[str]:
     """Status events read from the database (so any replica can serve them), refreshed from the
-    backend while transitional; a comment line keeps idle proxies from closing the stream."""
+    backend while transitional, with the application's last output lines while it starts and when
+    it failed; a comment line keeps idle proxies from closing the stream."""
     last: tuple[object, ...] | None = None
     quiet_since = asyncio.get_running_loop().time()
 
-    def read() -> dict[str, object] | None:
+    def read() -> dict[str, Any] | None:
         with context.sessions() as db:
-            env = db.get(Environment, environment_id)
-            if env is None or env.user_id != user_id:
-                return None
-            if env.status in ("pending", "starting") and envs.apply_status(db, env, context.compute.status(env.id)):
-                db.commit()
-            return {
-                "status": env.status, "message": env.status_message, "url": env.url,
-                "progress": PROGRESS.get(env.status, 0), "at": utcnow().isoformat(),
-            }  # fmt: skip
+            return envs.progress_event(db, context, user_id, environment_id)
 
     while not await request.is_disconnected():
         event = await run_in_threadpool(read)
         if event is None:
             yield 'event: deleted\ndata: {"status": "deleted"}\n\n'
             return
-        key = (event["status"], event["message"], event["url"])
+        key = (event["status"], event["message"], event["url"], tuple(event["log"]))
         if key != last:
             last = key
             quiet_since = asyncio.get_running_loop().time()
