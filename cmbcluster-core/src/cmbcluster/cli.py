@@ -14,6 +14,7 @@ from cmbcluster import __version__
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
+from cmbcluster.commands import users as users_command
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
@@ -34,6 +35,7 @@ app.add_typer(secrets_app, name="secrets")
 app.add_typer(deploy_command.app, name="deploy")
 app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
+app.add_typer(users_command.app, name="users")
 
 
 @functools.cache
