@@ -148,7 +148,38 @@ def serve(session: nox.Session) -> None:
     """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve)."""
     install_packages(session, extras="", core_extras="jupyter")
     build_ui(session)
-    session.run("cmbcluster", "serve", *session.posargs)
+    serve_until_stopped(session, *session.posargs)
+
+
+def serve_until_stopped(session: nox.Session, *args: str) -> None:
+    """`cmbcluster serve` as a child that Ctrl-C and a SIGTERM to ./run stop cleanly, environments and all.
+
+    Not session.run: nox dies on SIGTERM and leaves its child serving, and kills it 0.5 s after a
+    Ctrl-C, before it has stopped its environments. Here either signal becomes one SIGTERM for the
+    server (a terminal's Ctrl-C reaches it too: uvicorn takes SIGINT then SIGTERM as one request
+    to stop), and nox waits for it.
+    """
+    import signal
+    import subprocess
+
+    bin_dir = Path(str(session.bin))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "VIRTUAL_ENV": str(bin_dir.parent)}  # fmt: skip
+    server = subprocess.Popen([str(bin_dir / "cmbcluster"), "serve", *args], env=env)
+
+    def stop(signum: int, frame: object) -> None:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in stops}
+    try:
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        session.error(f"cmbcluster serve exited with status {code}")
 
 
 @nox.session(python=PYTHON)
