@@ -77,8 +77,9 @@ for _name, _dist in PACKAGES.items():
 @nox.session(name="tests-e2e", python=PYTHON)
 def tests_e2e(session: nox.Session) -> None:
     """Tests that cross packages (tests/): end to end, installed plugins, imports, several replicas on
-    PostgreSQL (a real server from Debian's package), the Helm chart's static checks."""
-    install_packages(session)
+    PostgreSQL (a real server from Debian's package), the Helm chart's static checks, the README's
+    `./run serve`, the catalog's Streamlit example through the proxy."""
+    install_packages(session, core_extras="streamlit")
     # `python -m` puts the repository root on sys.path: tests import tests.postgres, tests.k8s.harness...
     session.run(
         "python", "-m", "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser",
@@ -133,7 +134,10 @@ def tests_browser(session: nox.Session) -> None:
     install_packages(session, core_extras="jupyter")  # the notebook test runs JupyterLab through the proxy
     session.install(PLAYWRIGHT)
     build_ui(session)
-    session.run("pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs)
+    # `python -m` puts the repository root on sys.path: the notebook test imports tests.run_serve
+    session.run(
+        "python", "-m", "pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs
+    )
 
 
 @nox.session(name="helm-rbac", python=PYTHON)
@@ -145,8 +149,9 @@ def helm_rbac(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
-    """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve)."""
-    install_packages(session, extras="", core_extras="jupyter")
+    """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve;
+    CMBCLUSTER_EXTRAS=jupyter,streamlit adds the Streamlit example's program)."""
+    install_packages(session, extras="", core_extras=os.environ.get("CMBCLUSTER_EXTRAS", "jupyter"))
     build_ui(session)
     serve_until_stopped(session, *session.posargs)
 

@@ -82,7 +82,7 @@ def test_a_missing_program_is_named_with_the_exact_fix(tmp_path: Path) -> None:
     assert message.startswith("jupyter-lab is not installed on this server: ")
     assert 'pip install "cmbcluster-core[jupyter]"' in message and sys.prefix in message
     streamlit = missing_program(["streamlit", "run", "x.py"], search_path=empty)
-    assert streamlit is not None and "pip install streamlit" in streamlit
+    assert streamlit is not None and 'pip install "cmbcluster-core[streamlit]"' in streamlit
     other = missing_program(["/nonexistent/tool"])
     assert other is not None and "install the program that provides it" in other
     assert rule_for(["streamlit", "run"]) is not None and rule_for(["ls"]) is None

@@ -109,7 +109,7 @@ APPLICATION_RULES: tuple[ApplicationRule, ...] = (
         token_variable="JUPYTER_TOKEN",  # noqa: S106 - the variable's name
         install='pip install "cmbcluster-core[jupyter]"',
     ),
-    ApplicationRule(programs=(("streamlit",),), install="pip install streamlit"),
+    ApplicationRule(programs=(("streamlit",),), install='pip install "cmbcluster-core[streamlit]"'),
 )
 
 
