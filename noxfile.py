@@ -61,6 +61,14 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src")
 
 
+def install_test_cluster(session: nox.Session) -> None:
+    """The Kubernetes test cluster's binaries (tests/k8s/cluster.sh install): built from Debian's source
+    package the first time, about 4 minutes on 2 cores, with its steps printed; cached afterwards in
+    ~/.cache/cmbcluster-k8s, and then this takes a second. tests-e2e needs its helm, tests-k8s all of it."""
+    session.log("the Kubernetes test cluster: built once (about 4 minutes), then cached in ~/.cache/cmbcluster-k8s")
+    session.run("bash", str(ROOT / "tests" / "k8s" / "cluster.sh"), "install", external=True)
+
+
 def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
@@ -80,6 +88,7 @@ def tests_e2e(session: nox.Session) -> None:
     PostgreSQL (a real server from Debian's package), the Helm chart's static checks, the README's
     `./run serve`, the catalog's Streamlit example through the proxy."""
     install_packages(session, core_extras="streamlit")
+    install_test_cluster(session)  # the Helm chart's checks use its helm
     # `python -m` puts the repository root on sys.path: tests import tests.postgres, tests.k8s.harness...
     session.run(
         "python", "-m", "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser",
@@ -93,6 +102,7 @@ def tests_k8s(session: nox.Session) -> None:
     about 4 minutes, and caches it in ~/.cache/cmbcluster-k8s): the compute backend, the control
     plane on it, the cloud flows and the Helm chart."""
     install_packages(session)
+    install_test_cluster(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
     session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
 
@@ -127,10 +137,13 @@ def tests_browser(session: nox.Session) -> None:
     """The web UI in Debian's Chromium against `cmbcluster serve` and a real OIDC provider (tests/browser)."""
     if not CHROMIUM.exists():
         if os.geteuid() != 0:
-            session.error(f"the browser tests need Debian's Chromium at {CHROMIUM}: `sudo apt-get install -y chromium`")
+            session.error(
+                f"the browser tests need Debian's Chromium at {CHROMIUM}: "
+                "`sudo apt-get install -y --no-install-recommends chromium`"
+            )
         apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "update", "-q", external=True, env=apt_env)
-        session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt_env)
+        session.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", external=True, env=apt_env)
     install_packages(session, core_extras="jupyter")  # the notebook test runs JupyterLab through the proxy
     session.install(PLAYWRIGHT)
     build_ui(session)

@@ -6,7 +6,8 @@ different signed-in user listing their 10 environments.
 Targets (issue 3): throughput >= 0.4 x the bare endpoint; p99 latency <= 50 ms.
 Prints the figures; exits 1 when a target is missed.
 
-    python tests/benchmarks/bench_list_environments.py [--seconds 10]      (needs wrk: apt-get install wrk)
+    python tests/benchmarks/bench_list_environments.py [--seconds 10]
+    (needs wrk: apt-get install --no-install-recommends wrk)
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
-        print("this benchmark drives the server with wrk: install it (Debian: apt-get install wrk)", file=sys.stderr)
+        print(
+            "this benchmark drives the server with wrk: install it "
+            "(Debian: apt-get install --no-install-recommends wrk)",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
