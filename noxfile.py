@@ -55,10 +55,13 @@ def fmt(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the three packages and the tests."""
+    """mypy --strict over the three packages' code and every test (their tests/ and tests/)."""
     install_packages(session)
-    session.install(MYPY)
-    session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src")
+    session.install(MYPY, PLAYWRIGHT, "types-PyYAML")  # the browser tests' and the Helm tests' imports
+    session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src", "tests")
+    # one run per package's tests: each has its own conftest and test modules, importable by plain name
+    for dist in PACKAGES.values():
+        session.run("mypy", f"{dist}/tests")
 
 
 def install_test_cluster(session: nox.Session) -> None:

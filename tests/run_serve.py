@@ -29,7 +29,13 @@ class RunServe:
         self.log = tmp_path / f"run-serve-{self.port}.log"
         # ./run takes python3 from PATH: the interpreter of this session's environment, not the environment
         path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix))
-        env = clean_environ({"CMBCLUSTER_DATA_DIR": str(data_dir), "PYTHON": sys._base_executable, "PATH": path})
+        env = clean_environ(
+            {
+                "CMBCLUSTER_DATA_DIR": str(data_dir),
+                "PYTHON": getattr(sys, "_base_executable", sys.executable),
+                "PATH": path,
+            }
+        )
         env.pop("VIRTUAL_ENV", None)
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(

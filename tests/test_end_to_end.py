@@ -117,6 +117,7 @@ def test_the_catalogs_streamlit_example_runs_through_the_control_plane(server: S
     """This session installs cmbcluster-core[streamlit]: the example application starts from the catalog
     and answers through the proxy, HTTP and its WebSocket (Streamlit serves under its base path)."""
     from websockets.sync.client import connect
+    from websockets.typing import Origin, Subprotocol
 
     with httpx.Client(base_url=server.url, timeout=30) as client:
         headers = dev_sign_in(client, "stella@example.org")
@@ -138,7 +139,8 @@ def test_the_catalogs_streamlit_example_runs_through_the_control_plane(server: S
         assert page.status_code == 200 and "<title>Streamlit</title>" in page.text
         cookie = headers["Authorization"].removeprefix("Bearer ")
         socket_url = f"{server.url.replace('http://', 'ws://')}{url}_stcore/stream"
-        with connect(socket_url, additional_headers={"Cookie": f"cmbcluster_session={cookie}"}, origin=server.url,
-                     subprotocols=["streamlit"]) as socket:  # fmt: skip
+        cookies = {"Cookie": f"cmbcluster_session={cookie}"}
+        with connect(socket_url, additional_headers=cookies, origin=Origin(server.url),
+                     subprotocols=[Subprotocol("streamlit")]) as socket:  # fmt: skip
             assert socket.subprotocol == "streamlit"
         assert client.delete(f"/api/v1/environments/{created.json()['id']}", headers=headers).status_code == 204

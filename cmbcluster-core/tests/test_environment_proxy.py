@@ -218,7 +218,8 @@ def test_websockets_pass_both_ways_with_the_subprotocol_and_close_code(
     with client.websocket_connect(
         f"{running['url']}socket", headers=alice, subprotocols=["v1.kernel.websocket.jupyter.org"]
     ) as socket:
-        assert socket.accepted_subprotocol == "v1.kernel.websocket.jupyter.org"
+        accepted: object = socket.accepted_subprotocol
+        assert accepted == "v1.kernel.websocket.jupyter.org"
         for i in range(20):
             socket.send_text(f"message {i}")
             assert socket.receive_text() == f"echo:message {i}"

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,7 +46,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 
 
 @pytest.fixture
-def compute(tmp_path: Path) -> LocalProcessCompute:
+def compute(tmp_path: Path) -> Iterator[LocalProcessCompute]:
     backend = LocalProcessCompute(tmp_path / "compute")
     yield backend
     for status in backend.list_managed():

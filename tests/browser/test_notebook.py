@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from tests.run_serve import FIRST_START_SECONDS, RunServe
 
@@ -102,12 +103,12 @@ def test_a_notebook_writes_into_a_mounted_bucket_through_the_control_plane(
     socket_url = environment_url.replace("http://", "ws://") + "api/events/subscribe"
     with pytest.raises(InvalidStatus) as refused:
         connect(socket_url, additional_headers={"Cookie": f"cmbcluster_session={cookie}"},
-                origin=newcomer_server.url)  # fmt: skip
+                origin=Origin(newcomer_server.url))  # fmt: skip
     assert refused.value.response.status_code == 404
     # while its owner's browser opens the same WebSocket
     ada_cookie = next(c["value"] for c in ada_context.cookies() if c["name"] == "cmbcluster_session")
     with connect(socket_url, additional_headers={"Cookie": f"cmbcluster_session={ada_cookie}"},
-                 origin=newcomer_server.url):  # fmt: skip
+                 origin=Origin(newcomer_server.url)):  # fmt: skip
         pass
     bob_context.close()
     ada_context.close()

@@ -16,6 +16,7 @@ import platform
 import signal
 import sys
 import threading
+from typing import Any
 
 from kubernetes import client, config, watch
 
@@ -42,7 +43,7 @@ class FakeKubelet:
         self.ips = itertools.count()
         self.stopping = threading.Event()
 
-    def node_status(self) -> dict:
+    def node_status(self) -> dict[str, Any]:
         t = now()
         return {
             "status": {
@@ -103,7 +104,7 @@ class FakeKubelet:
             except Exception as e:  # apiserver restarting or going away
                 log("heartbeat error:", type(e).__name__, e)
 
-    def pod_status(self, pod: client.V1Pod) -> dict:
+    def pod_status(self, pod: client.V1Pod) -> dict[str, Any]:
         n = next(self.ips)
         t = now()
         cid = f"fake://{pod.metadata.uid}"
@@ -143,7 +144,7 @@ class FakeKubelet:
             ],
         }
 
-    def handle(self, event: dict) -> None:
+    def handle(self, event: dict[str, Any]) -> None:
         pod = event["object"]
         name, ns = pod.metadata.name, pod.metadata.namespace
         if event["type"] == "DELETED":
