@@ -79,9 +79,12 @@ def test_a_notebook_writes_into_a_mounted_bucket_through_the_control_plane(
     environment_url = re.sub(r"lab.*$", "", lab.url)
 
     lab.locator(".jp-LauncherCard[data-category='Notebook']").first.click(timeout=90_000)
+    # the kernel runs behind the proxied WebSocket once the status bar says Idle
+    expect(lab.get_by_role("button", name=re.compile(r"Python 3 \(ipykernel\) \| Idle"))).to_be_visible(timeout=90_000)
     editor = lab.locator(".jp-Notebook .jp-Cell .cm-content").first
-    editor.click(timeout=60_000)
+    editor.click()
     lab.keyboard.insert_text(CELL)
+    expect(editor).to_contain_text("written by a notebook")
     lab.keyboard.press("Shift+Enter")
     # write() returns the number of characters: the kernel ran the cell (over the proxied WebSocket)
     expect(lab.locator(".jp-OutputArea-output").first).to_have_text("21", timeout=90_000)
