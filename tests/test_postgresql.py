@@ -9,6 +9,8 @@ across replicas (PostgreSQL's advisory lock serialises the reservations).
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,6 +65,7 @@ class NeverReady(ComputeBackend):
 
     def __init__(self) -> None:
         self.started: set[str] = set()
+        self.ready: set[str] = set()  #: what a test lets run
 
     def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
         self.started.add(spec.environment_id)
@@ -75,6 +78,8 @@ class NeverReady(ComputeBackend):
         self.started.discard(environment_id)
 
     def status(self, environment_id: str) -> EnvironmentStatus:
+        if environment_id in self.ready & self.started:
+            return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.RUNNING, url="http://env/")
         phase = EnvironmentPhase.STARTING if environment_id in self.started else EnvironmentPhase.MISSING
         return EnvironmentStatus(environment_id=environment_id, phase=phase, message="pulling the image")
 
@@ -83,7 +88,8 @@ class NeverReady(ComputeBackend):
 
 
 def replicas(database: str, tmp_path: Path, count: int = 2, **settings: Any) -> list[TestClient]:
-    """``count`` control planes on one database; each its own process-like app and data folder."""
+    """``count`` control planes on one database; each its own process-like app and data folder
+    (and compute backend, as each replica has its own watch of the cluster)."""
     clients = []
     for i in range(count):
         backend = NeverReady()
@@ -135,3 +141,37 @@ def test_the_start_limit_holds_across_replicas(database: str, tmp_path: Path) ->
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = sorted(pool.map(create, range(8)))
     assert answers == [201, 201, 201, 429, 429, 429, 429, 429]
+
+
+def test_a_progress_stream_on_another_replica_sees_every_change(database: str, tmp_path: Path) -> None:
+    """Starts go through one replica, whose backend sees them run and whose loops write it down;
+    the launch dialog's stream is served by the other, which sees nothing of that cluster: it
+    learns every change through the shared database, and holds no connection while it waits."""
+    one, two = replicas(database, tmp_path, max_environments_per_user=20, max_concurrent_starts=20)
+    backend_one: NeverReady = one.app.state.context.compute  # type: ignore[attr-defined]
+    with one, two:
+        ada = dev_sign_in(one, "ada@example.org")
+        ids = [one.post("/api/v1/environments", json={"application": "files"}, headers=ada).json()["id"]
+               for _ in range(10)]  # fmt: skip
+
+        def follow(environment_id: str) -> list[str]:
+            seen = []
+            with two.stream("GET", f"/api/v1/environments/{environment_id}/events", headers=ada) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data: "):
+                        seen.append(json.loads(line.removeprefix("data: "))["status"])
+                        if len(seen) == 1:
+                            opened.release()
+            return seen
+
+        opened = threading.Semaphore(0)
+        with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+            streams = [pool.submit(follow, environment_id) for environment_id in ids]
+            for _ in ids:
+                assert opened.acquire(timeout=30)  # every stream sent "starting"
+            assert two.app.state.context.engine.pool.checkedout() <= 1  # type: ignore[attr-defined]
+            backend_one.ready.update(ids[:5])  # five come up on the cluster replica one watches
+            for environment_id in ids[5:]:  # five are stopped through replica one
+                assert one.post(f"/api/v1/environments/{environment_id}/stop", headers=ada).status_code == 200
+            seen = [future.result(timeout=30) for future in streams]
+    assert seen == [["starting", "running"]] * 5 + [["starting", "stopped"]] * 5

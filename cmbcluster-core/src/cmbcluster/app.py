@@ -64,17 +64,21 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Fewer worker threads than anyio's 40: blocking calls are short, and forty threads
         # contending for the GIL serve fewer requests than a handful.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = WORKER_THREADS
+        context.metrics.worker_threads.set_function(lambda: limiter.borrowed_tokens)
         await run_in_threadpool(prepare, context)
         stop = asyncio.Event()
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
+        progress = asyncio.create_task(context.progress.run(stop), name="cmbcluster-progress")
         try:
             yield
         finally:
             stop.set()
             await background
             await backups
+            await progress
             await run_in_threadpool(stop_with_control_plane, context)
             proxy = getattr(app.state, "environment_proxy", None)
             if proxy is not None:

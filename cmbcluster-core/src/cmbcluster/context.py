@@ -21,7 +21,7 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
-    from cmbcluster.services.environments import StartupOutput
+    from cmbcluster.services.progress import ProgressHub
     from cmbcluster.services.storages import StorageRuntime
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,20 @@ class AppContext:
         return Sealer(self.secret_key, purpose, previous=self.previous_secret_keys)
 
     @functools.cached_property
+    def progress(self) -> ProgressHub:
+        """The progress of starting environments, for this process's progress streams."""
+        from cmbcluster.services.progress import ProgressHub
+
+        hub = ProgressHub(self)
+        self.metrics.progress_streams.set_function(lambda: hub.followed)
+        return hub
+
+    @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:
         """The storage API's per-server state (usage refresher, upload limiter), made on first use."""
         from cmbcluster.services.storages import StorageRuntime
 
         return StorageRuntime(self.storage, self.sessions)
-
-    @functools.cached_property
-    def startup_output(self) -> StartupOutput:
-        """The last output lines of starting environments, for their progress events."""
-        from cmbcluster.services.environments import StartupOutput
-
-        return StartupOutput(self.compute)
 
     @property
     def namespace(self) -> str:
@@ -107,6 +109,8 @@ def build_context(config: ResolvedConfig) -> AppContext:
     engine = create_db_engine(config.core.effective_database_url)
     metrics = Metrics()
     metrics.plugins_failed.set(len(config.plugins.failed()))
+    pool = engine.pool
+    metrics.db_connections.set_function(lambda: pool.checkedout() if hasattr(pool, "checkedout") else 0)
     summary = config.summary()
     from cmbcluster import __version__
 

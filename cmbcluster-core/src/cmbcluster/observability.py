@@ -76,6 +76,16 @@ class Metrics:
             "cmbcluster_info", "Version and active providers", ["version", "storage", "compute", "auth", "infra"],
             registry=self.registry,
         )  # fmt: skip
+        # What waiting requests could hold, read when /metrics is scraped (set up by build_context and the app).
+        self.db_connections = Gauge(
+            "cmbcluster_db_connections_in_use", "Database connections checked out of the pool", registry=self.registry
+        )
+        self.worker_threads = Gauge(
+            "cmbcluster_worker_threads_busy", "Worker threads running blocking calls", registry=self.registry
+        )
+        self.progress_streams = Gauge(
+            "cmbcluster_progress_streams", "Open progress streams (GET .../events)", registry=self.registry
+        )
 
 
 class MetricsMiddleware:

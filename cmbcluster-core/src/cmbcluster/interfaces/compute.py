@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -109,6 +109,13 @@ class ComputeBackend(abc.ABC):
     def forget_user(self, user_id: str) -> None:  # noqa: B027 - optional hook with a sensible default
         """Remove what the backend keeps for a deleted user beyond their environments (the
         Kubernetes backend: their ServiceAccount). Idempotent; by default there is nothing."""
+
+    def on_status_change(self, listener: Callable[[str], None]) -> None:  # noqa: B027 - optional
+        """Register ``listener(environment_id)``, to be called (from any thread, quickly, never
+        raising) when an environment's status may have changed: a pod event, a process exit.
+
+        Optional: core also polls, so a backend without change notifications works, only with a
+        delay of up to half a second before a progress stream sees a change."""
 
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         """The last lines of the environment's output, where the backend can see them."""

@@ -456,9 +456,10 @@ def _alive(pid: int, start_ticks: int | None) -> bool:
         return False
     except PermissionError:
         return False  # a process of another user reusing the PID is not ours
-    status = Path(f"/proc/{pid}/stat")
-    if status.exists():
-        text = status.read_text()
-        if text.rsplit(")", 1)[1].split()[0] == "Z":
-            return False  # a zombie has exited
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone between the signal and the read
+        return False
+    if text.rsplit(")", 1)[1].split()[0] == "Z":
+        return False  # a zombie has exited
     return start_ticks is None or _start_ticks(pid) == start_ticks

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +21,6 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
-    ComputeBackend,
     EnvironmentPhase,
     EnvironmentSpec,
     EnvironmentStatus,
@@ -45,12 +43,6 @@ MAX_MOUNTS = 10
 MAX_ENV_VARS = 100
 #: a busy environment writes its activity at most this often
 ACTIVITY_WRITE_INTERVAL = dt.timedelta(seconds=30)
-#: How far along a start is, by status, for progress bars.
-PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100}
-#: The application's last output lines a progress event carries while it starts and when it failed.
-PROGRESS_LOG_LINES = 15
-#: How often the output is read again for progress events (every stream of one environment shares it).
-PROGRESS_LOG_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -274,13 +266,16 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         status = context.compute.start(spec)
     except CmbclusterError as exc:
         mark_failed(db, env, exc.message)
+        context.progress.notify(env.id)
         return
     except Exception as exc:  # a provider bug must not leave the environment pending forever
         log.exception("starting environment %s failed", env.id)
         mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
+        context.progress.notify(env.id)
         return
     apply_status(db, env, status)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def mark_failed(db: Session, env: Environment, message: str) -> None:
@@ -304,8 +299,9 @@ _PHASE_TO_STATUS = {
 
 def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
     """Record what the backend reports; True when something changed. Releases the start slot
-    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's."""
-    if status.phase == EnvironmentPhase.MISSING:
+    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's;
+    so is an environment being stopped (its process vanishing then is no failure)."""
+    if status.phase == EnvironmentPhase.MISSING or env.desired_state != "running":
         return False
     new_status = _PHASE_TO_STATUS[status.phase]
     changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
@@ -320,55 +316,15 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
     return changed
 
 
-# -- progress ------------------------------------------------------------------------------------
-def progress_event(db: Session, context: AppContext, user_id: str, environment_id: str) -> dict[str, Any] | None:
-    """One progress event of the user's environment (None once it is gone): its status, refreshed
-    from the backend while it starts, and the application's last output lines while it starts and
-    when it failed, so that the person waiting sees what it is doing, or why it stopped."""
-    env = db.get(Environment, environment_id)
-    if env is None or env.user_id != user_id:
-        return None
-    if env.status in ("pending", "starting") and apply_status(db, env, context.compute.status(env.id)):
-        db.commit()
-    showing_output = env.status in ("starting", "failed")
-    return {
-        "status": env.status, "message": env.status_message, "url": env.url,
-        "progress": PROGRESS.get(env.status, 0), "at": utcnow().isoformat(),
-        # a failure ends the stream: its event has the output as it ended, not as cached a moment ago
-        "log": context.startup_output.lines(env.id, fresh=env.status == "failed") if showing_output else [],
-    }  # fmt: skip
-
-
-class StartupOutput:
-    """The last output lines of starting environments, read from the backend at most once a second
-    per environment however many people watch (reading may be a cluster call)."""
-
-    def __init__(self, compute: ComputeBackend, *, lines: int = PROGRESS_LOG_LINES) -> None:
-        self.compute = compute
-        self.count = lines
-        self._seen: dict[str, tuple[float, list[str]]] = {}
-
-    def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
-        now = time.monotonic()
-        cached = self._seen.get(environment_id)
-        if cached is not None and not fresh and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS:
-            return cached[1]
-        try:
-            text = self.compute.logs(environment_id, tail=self.count)
-        except CmbclusterError as exc:
-            log.info("no output for environment %s: %s", environment_id, exc.message)
-            text = ""
-        found = [line[:500] for line in text.splitlines()[-self.count :]]
-        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
-        self._seen[environment_id] = (now, found)
-        return found
-
-
 # -- stopping and deleting -----------------------------------------------------------------------
 def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | None, reason: str) -> None:
-    """Stop (blocking). The choices stay; ``start`` runs the same environment again."""
-    context.compute.stop(env.id)
+    """Stop (blocking). The choices stay; ``start`` runs the same environment again.
+
+    The intent is recorded first: while the backend stops it, nothing reads its going away as a
+    failure, and a stop that a crash interrupts is finished by the reconcile loop."""
     env.desired_state = "stopped"
+    db.commit()
+    context.compute.stop(env.id)
     env.status = "stopped"
     env.status_message = reason
     env.url = None
@@ -378,6 +334,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
           reason=reason)  # fmt: skip
     activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
@@ -386,6 +343,7 @@ def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str 
     audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id)
     db.delete(env)
     db.commit()
+    context.progress.notify(env.id)
 
 
 def stop_with_control_plane(context: AppContext) -> list[str]:

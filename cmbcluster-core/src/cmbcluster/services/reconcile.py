@@ -117,6 +117,12 @@ class Reconciler:
                         if env.status not in environments.ACTIVE_STATUSES:  # it exited or failed meanwhile
                             compute.stop(env.id)  # and make sure nothing of it keeps running
                             report.marked_stopped.append(env.id)
+                elif env.desired_state == "stopped" and env.status in environments.ACTIVE_STATUSES:
+                    compute.stop(env.id)  # a stop that a crash interrupted: finish it
+                    env.status, env.url, env.stopped_at = "stopped", None, now
+                    env.status_message = "stopped"
+                    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+                    report.stopped_leftovers.append(env.id)
                 elif (
                     status is not None
                     and status.phase in (EnvironmentPhase.RUNNING, EnvironmentPhase.STARTING, EnvironmentPhase.PENDING)

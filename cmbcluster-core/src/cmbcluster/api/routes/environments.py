@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
@@ -19,11 +19,10 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict, LimitExceeded
 from cmbcluster.services import environments as envs
+from cmbcluster.services.progress import TERMINAL
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
 
-TERMINAL = ("running", "stopped", "failed")
-EVENT_POLL_SECONDS = 0.25
 EVENT_KEEPALIVE_SECONDS = 15.0
 
 
@@ -235,42 +234,36 @@ async def environment_logs(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-def environment_events(
-    environment_id: str, request: Request, user: CurrentUser, db: DbSession, context: Context
-) -> StreamingResponse:
+def environment_events(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> StreamingResponse:
     envs.get_owned(db, user, environment_id)  # 404 before the stream starts
-    user_id = user.id
+    db.commit()  # the stream may last minutes: it must not keep this request's connection
     return StreamingResponse(
-        _progress(request, context, user_id, environment_id),
+        _progress(context, user.id, environment_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _progress(request: Request, context: AppContext, user_id: str, environment_id: str) -> AsyncIterator[str]:
-    """Status events read from the database (so any replica can serve them), refreshed from the
-    backend while transitional, with the application's last output lines while it starts and when
-    it failed; a comment line keeps idle proxies from closing the stream."""
-    last: tuple[object, ...] | None = None
-    quiet_since = asyncio.get_running_loop().time()
-
-    def read() -> dict[str, Any] | None:
-        with context.sessions() as db:
-            return envs.progress_event(db, context, user_id, environment_id)
-
-    while not await request.is_disconnected():
-        event = await run_in_threadpool(read)
-        if event is None:
-            yield 'event: deleted\ndata: {"status": "deleted"}\n\n'
-            return
-        key = (event["status"], event["message"], event["url"], tuple(event["log"]))
-        if key != last:
-            last = key
-            quiet_since = asyncio.get_running_loop().time()
+async def _progress(context: AppContext, user_id: str, environment_id: str) -> AsyncIterator[str]:
+    """Status events as the progress hub sees them (it reads for every stream of this process at
+    once); a comment line keeps idle proxies from closing the stream. The stream holds no
+    database connection or thread while it waits; a client that goes away cancels it."""
+    hub = context.progress
+    subscription = hub.subscribe(environment_id, user_id)
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(subscription.changed.wait(), timeout=EVENT_KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            subscription.changed.clear()
+            event = subscription.latest
+            if event is None:
+                yield 'event: deleted\ndata: {"status": "deleted"}\n\n'
+                return
             yield f"event: status\ndata: {json.dumps(event)}\n\n"
             if event["status"] in TERMINAL:
                 return
-        elif asyncio.get_running_loop().time() - quiet_since > EVENT_KEEPALIVE_SECONDS:
-            quiet_since = asyncio.get_running_loop().time()
-            yield ": keep-alive\n\n"
-        await asyncio.sleep(EVENT_POLL_SECONDS)
+    finally:
+        hub.unsubscribe(subscription)

@@ -1,0 +1,232 @@
+"""Progress of starting environments, for the streams that follow it (``GET .../events``).
+
+An open stream holds nothing while it waits: no database connection, no worker thread. One
+:class:`ProgressHub` per control-plane process does the work for every stream of that process:
+
+- it wakes up when the compute backend reports a change (the Kubernetes backend's watch calls the
+  listener registered with ``ComputeBackend.on_status_change``), when this process changed an
+  environment itself (:meth:`ProgressHub.notify`), and at the latest every ``poll_seconds``,
+  a pause that grows to ``max_poll_seconds`` while nothing changes (an autoscaler adding nodes
+  keeps dialogs open for minutes) and shrinks back at the next change;
+- then, in one worker-thread hop and one short database session, it reads every environment
+  that streams follow, records what the backend now reports for those still starting (as the
+  reconcile loop does), and hands each stream its new state.
+
+Changes made by another replica reach this one through the database, which every replica reads
+at that interval: a replica that does not reconcile still sees every change. (PostgreSQL's
+LISTEN/NOTIFY would save that read; one batched read a second per replica is cheap enough.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import Environment, utcnow
+from cmbcluster.errors import CmbclusterError
+from cmbcluster.interfaces import ComputeBackend
+from cmbcluster.services import environments as envs
+
+log = logging.getLogger(__name__)
+
+#: How far along each status is, for the launch dialog's bar.
+PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100, "stopping": 50}
+#: A stream ends once its environment reaches one of these.
+TERMINAL = ("running", "stopped", "failed")
+#: Environments read per query (well under every database's bound-parameter limit).
+BATCH = 500
+#: The application's last output lines an event carries while it starts and when it failed.
+PROGRESS_LOG_LINES = 15
+#: How often that output is read again (a pass may come sooner; reading may be a cluster call).
+PROGRESS_LOG_REFRESH_SECONDS = 1.0
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One stream's view of one environment: the newest state, and a signal when it changes."""
+
+    environment_id: str
+    user_id: str
+    latest: dict[str, Any] | None = None  #: None: deleted, or not this user's
+    seen: bool = False  #: a first state has been read
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _key: tuple[object, ...] | None = None
+
+    def offer(self, event: dict[str, Any] | None) -> bool:
+        """Take a state; True when it differs from the last one (the stream then sends it)."""
+        key = None if event is None else (event["status"], event["message"], event["url"], tuple(event["log"]))
+        if self.seen and key == self._key:
+            return False
+        self.seen, self._key, self.latest = True, key, event
+        self.changed.set()
+        return True
+
+
+class ProgressHub:
+    def __init__(self, context: AppContext, *, poll_seconds: float = 0.5, max_poll_seconds: float = 2.0) -> None:
+        self.context = context
+        self.output = StartupOutput(context.compute)
+        self.poll_seconds = poll_seconds
+        self.max_poll_seconds = max_poll_seconds
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- streams -------------------------------------------------------------------------------
+    def subscribe(self, environment_id: str, user_id: str) -> Subscription:
+        subscription = Subscription(environment_id, user_id)
+        self._subscriptions.setdefault(environment_id, set()).add(subscription)
+        self.notify()  # its first state comes with the next pass, at once
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        followers = self._subscriptions.get(subscription.environment_id)
+        if followers is not None:
+            followers.discard(subscription)
+            if not followers:
+                del self._subscriptions[subscription.environment_id]
+
+    @property
+    def followed(self) -> int:
+        """How many streams are open (a gauge for /metrics and the benchmarks)."""
+        return sum(len(s) for s in self._subscriptions.values())
+
+    # -- changes ---------------------------------------------------------------------------------
+    def notify(self, environment_id: str | None = None) -> None:
+        """Something may have changed: look now. Safe from any thread (the backend's watch)."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        if environment_id is not None and environment_id not in self._subscriptions:
+            return  # nobody follows it: nothing to do
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop is shutting down
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The hub's one task; ends when ``stop`` is set."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.context.compute.on_status_change(self.notify)
+        stopper = asyncio.create_task(self._wake_on(stop))
+        try:
+            await self._serve(stop)
+        finally:
+            stopper.cancel()
+            self._loop = None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        assert self._wake is not None
+        pause = self.poll_seconds
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=pause if self._subscriptions else None)
+                pause = self.poll_seconds  # woken by a change: look closely again
+            except TimeoutError:
+                pause = min(self.max_poll_seconds, pause * 1.5)
+            self._wake.clear()
+            if stop.is_set() or not self._subscriptions:
+                continue
+            followed = list(self._subscriptions)
+            try:
+                states = await run_in_threadpool(self._read, followed)
+            except Exception:  # a database hiccup: the next pass tries again
+                log.exception("reading the progress of starting environments failed")
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            # Only what was read: a stream that subscribed meanwhile gets its state next pass.
+            for environment_id in followed:
+                state = states.get(environment_id)
+                for subscription in list(self._subscriptions.get(environment_id, ())):
+                    owned = state is not None and state["user_id"] == subscription.user_id
+                    if subscription.offer(state["event"] if owned and state is not None else None):
+                        pause = self.poll_seconds
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _read(self, environment_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The followed environments' states (blocking: one short session for all of them).
+
+        Plain rows; the ORM object only for an environment still starting, whose backend status
+        is recorded as the reconcile loop would (idempotent, so every replica may do it)."""
+        states: dict[str, dict[str, Any]] = {}
+        with self.context.sessions() as db:
+            for batch in _batches(environment_ids, BATCH):
+                changed = False
+                for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
+                    event = progress_event(row.status, row.status_message, row.url)
+                    if row.status in ("pending", "starting") and row.desired_state == "running":
+                        env = db.get(Environment, row.id)
+                        if env is not None and envs.apply_status(db, env, self.context.compute.status(env.id)):
+                            changed = True
+                            event = progress_event(env.status, env.status_message, env.url)
+                    if event["status"] in ("starting", "failed"):
+                        # what the application is doing, or why it stopped (a failure ends the stream:
+                        # its event has the output as it ended, not as read a moment ago)
+                        event["log"] = self.output.lines(row.id, fresh=event["status"] == "failed")
+                    states[row.id] = {"user_id": row.user_id, "event": event}
+                if changed:
+                    db.commit()
+            db.rollback()  # nothing else to write: end the read transaction, return the connection
+        return states
+
+
+_STATE_QUERY = select(
+    Environment.id,
+    Environment.user_id,
+    Environment.status,
+    Environment.status_message,
+    Environment.url,
+    Environment.desired_state,
+)
+
+
+def progress_event(status: str, message: str, url: str | None, log: list[str] | None = None) -> dict[str, Any]:
+    """What a progress stream sends about an environment; ``log``: the application's last output
+    lines, while it starts and when it failed."""
+    return {
+        "status": status, "message": message, "url": url, "progress": PROGRESS.get(status, 0),
+        "at": utcnow().isoformat(), "log": log or [],
+    }  # fmt: skip
+
+
+class StartupOutput:
+    """The last output lines of starting environments, read from the backend at most once a second
+    per environment however many people watch (reading may be a cluster call)."""
+
+    def __init__(self, compute: ComputeBackend, *, lines: int = PROGRESS_LOG_LINES) -> None:
+        self.compute = compute
+        self.count = lines
+        self._seen: dict[str, tuple[float, list[str]]] = {}
+
+    def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
+        now = time.monotonic()
+        cached = self._seen.get(environment_id)
+        if cached is not None and not fresh and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS:
+            return cached[1]
+        try:
+            text = self.compute.logs(environment_id, tail=self.count)
+        except CmbclusterError as exc:
+            log.info("no output for environment %s: %s", environment_id, exc.message)
+            text = ""
+        found = [line[:500] for line in text.splitlines()[-self.count :]]
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
+        self._seen[environment_id] = (now, found)
+        return found
+
+
+def _batches(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
