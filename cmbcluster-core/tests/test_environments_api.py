@@ -135,7 +135,8 @@ CHATTY_APP = r"""
 import http.server, sys, time
 for step in ("loading the maps", "building the index", "almost there"):
     print(step, flush=True)
-    time.sleep(0.7)
+    time.sleep(0.2)
+time.sleep(3.5)  # longer than the progress hub's longest pause plus its output refresh
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
 """
 
