@@ -288,12 +288,12 @@ class FakeKubelet:
 
     def process_status(
         self, pod: client.V1Pod, started: str, *, ready: bool = False, exited: tuple[int, str] | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         container = pod.spec.containers[0]
         t = now()
-        state: dict
+        state: dict[str, Any]
         phase = "Running"
-        last_state: dict = {}
+        last_state: dict[str, Any] = {}
         if exited is None:
             state = {"running": {"startedAt": started}}
         else:
@@ -331,7 +331,7 @@ class FakeKubelet:
             ],
         }  # fmt: skip
 
-    def patch(self, pod: client.V1Pod, status: dict) -> None:
+    def patch(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         try:
             self.v1.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
         except client.ApiException as e:
@@ -387,7 +387,8 @@ def probe_succeeds(probe: client.V1Probe) -> bool:
         if probe.http_get is not None:
             url = f"http://127.0.0.1:{int(probe.http_get.port)}{probe.http_get.path or '/'}"
             with urllib.request.urlopen(url, timeout=1) as answer:
-                return 200 <= answer.status < 400
+                status: int = answer.status
+                return 200 <= status < 400
     except (OSError, ValueError):
         return False
     return True  # a probe of a kind this fake does not know (exec): as if it passed
