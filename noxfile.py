@@ -27,11 +27,13 @@ RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
 
-def install_packages(session: nox.Session, *, extras: str = "test") -> None:
-    """Install the three distributions from this checkout, editable, with their test extras."""
+def install_packages(session: nox.Session, *, extras: str = "test", core_extras: str = "") -> None:
+    """Install the three distributions from this checkout, editable, with their test extras (and
+    ``core_extras`` of cmbcluster-core besides: ``jupyter`` where JupyterLab runs)."""
     args = []
-    for dist in PACKAGES.values():
-        args += ["-e", f"{ROOT / dist}[{extras}]" if extras else str(ROOT / dist)]
+    for name, dist in PACKAGES.items():
+        wanted = ",".join(e for e in (extras, core_extras if name == "core" else "") if e)
+        args += ["-e", f"{ROOT / dist}[{wanted}]" if wanted else str(ROOT / dist)]
     session.install(*args)
 
 
@@ -53,16 +55,27 @@ def fmt(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the three packages and the tests."""
+    """mypy --strict over the three packages' code and every test (their tests/ and tests/)."""
     install_packages(session)
-    session.install(MYPY)
-    session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src")
+    session.install(MYPY, PLAYWRIGHT, "types-PyYAML")  # the browser tests' and the Helm tests' imports
+    session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src", "tests")
+    # one run per package's tests: each has its own conftest and test modules, importable by plain name
+    for dist in PACKAGES.values():
+        session.run("mypy", f"{dist}/tests")
+
+
+def install_test_cluster(session: nox.Session) -> None:
+    """The Kubernetes test cluster's binaries (tests/k8s/cluster.sh install): built from Debian's source
+    package the first time, about 4 minutes on 2 cores, with its steps printed; cached afterwards in
+    ~/.cache/cmbcluster-k8s, and then this takes a second. tests-e2e needs its helm, tests-k8s all of it."""
+    session.log("the Kubernetes test cluster: built once (about 4 minutes), then cached in ~/.cache/cmbcluster-k8s")
+    session.run("bash", str(ROOT / "tests" / "k8s" / "cluster.sh"), "install", external=True)
 
 
 def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
-        install_packages(session)
+        install_packages(session, core_extras="jupyter" if name == "core" else "")  # core runs JupyterLab
         session.run("pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs)
 
     run.__doc__ = f"{dist}'s own tests."
@@ -75,8 +88,10 @@ for _name, _dist in PACKAGES.items():
 @nox.session(name="tests-e2e", python=PYTHON)
 def tests_e2e(session: nox.Session) -> None:
     """Tests that cross packages (tests/): end to end, installed plugins, imports, several replicas on
-    PostgreSQL (a real server from Debian's package), the Helm chart's static checks."""
-    install_packages(session)
+    PostgreSQL (a real server from Debian's package), the Helm chart's static checks, the README's
+    `./run serve`, the catalog's Streamlit example through the proxy."""
+    install_packages(session, core_extras="streamlit")
+    install_test_cluster(session)  # the Helm chart's checks use its helm
     # `python -m` puts the repository root on sys.path: tests import tests.postgres, tests.k8s.harness...
     session.run(
         "python", "-m", "pytest", "tests", "--ignore=tests/k8s", "--ignore=tests/browser",
@@ -90,6 +105,7 @@ def tests_k8s(session: nox.Session) -> None:
     about 4 minutes, and caches it in ~/.cache/cmbcluster-k8s): the compute backend, the control
     plane on it, the cloud flows and the Helm chart."""
     install_packages(session)
+    install_test_cluster(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
     session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
 
@@ -124,14 +140,20 @@ def tests_browser(session: nox.Session) -> None:
     """The web UI in Debian's Chromium against `cmbcluster serve` and a real OIDC provider (tests/browser)."""
     if not CHROMIUM.exists():
         if os.geteuid() != 0:
-            session.error(f"the browser tests need Debian's Chromium at {CHROMIUM}: `sudo apt-get install -y chromium`")
+            session.error(
+                f"the browser tests need Debian's Chromium at {CHROMIUM}: "
+                "`sudo apt-get install -y --no-install-recommends chromium`"
+            )
         apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "update", "-q", external=True, env=apt_env)
-        session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt_env)
-    install_packages(session)
+        session.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", external=True, env=apt_env)
+    install_packages(session, core_extras="jupyter")  # the notebook test runs JupyterLab through the proxy
     session.install(PLAYWRIGHT)
     build_ui(session)
-    session.run("pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs)
+    # `python -m` puts the repository root on sys.path: the notebook test imports tests.run_serve
+    session.run(
+        "python", "-m", "pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs
+    )
 
 
 @nox.session(name="helm-rbac", python=PYTHON)
@@ -143,10 +165,42 @@ def helm_rbac(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
-    """Run `cmbcluster serve` on the embedded default (extra arguments go to serve)."""
-    install_packages(session, extras="")
+    """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve;
+    CMBCLUSTER_EXTRAS=jupyter,streamlit adds the Streamlit example's program)."""
+    install_packages(session, extras="", core_extras=os.environ.get("CMBCLUSTER_EXTRAS", "jupyter"))
     build_ui(session)
-    session.run("cmbcluster", "serve", *session.posargs)
+    serve_until_stopped(session, *session.posargs)
+
+
+def serve_until_stopped(session: nox.Session, *args: str) -> None:
+    """`cmbcluster serve` as a child that Ctrl-C and a SIGTERM to ./run stop cleanly, environments and all.
+
+    Not session.run: nox dies on SIGTERM and leaves its child serving, and kills it 0.5 s after a
+    Ctrl-C, before it has stopped its environments. Here either signal becomes one SIGTERM for the
+    server (a terminal's Ctrl-C reaches it too: uvicorn takes SIGINT then SIGTERM as one request
+    to stop), and nox waits for it.
+    """
+    import signal
+    import subprocess
+
+    bin_dir = Path(str(session.bin))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "VIRTUAL_ENV": str(bin_dir.parent)}  # fmt: skip
+    server = subprocess.Popen([str(bin_dir / "cmbcluster"), "serve", *args], env=env)
+
+    def stop(signum: int, frame: object) -> None:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in stops}
+    try:
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        session.error(f"cmbcluster serve exited with status {code}")
 
 
 @nox.session(python=PYTHON)

@@ -32,8 +32,10 @@ def _install() -> Path:
     if found is not None:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.fail("PostgreSQL server binaries are missing: apt-get install postgresql", pytrace=False)
-    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
+        pytest.fail("PostgreSQL server binaries are missing: apt-get install --no-install-recommends postgresql",
+                    pytrace=False)  # fmt: skip
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]
+    for args in (["apt-get", "update", "-qq"], install):
         subprocess.run(args, check=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     found = _bin_dir()
     if found is None:

@@ -18,6 +18,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.result import Ok
 
 from cmbcluster.local.compute import LocalProcessCompute
 from cmbcluster.testing.api import dev_sign_in
@@ -60,7 +61,7 @@ def test_no_request_gets_a_server_error_or_an_undocumented_answer(
     server, headers = served
     schema = schemathesis.openapi.from_url(f"{server.url}/api/v1/openapi.json")
     failures: list[str] = []
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
     assert len(operations) > 40, "the OpenAPI document lost its operations"
     for operation in operations:
         if operation.path in EXCLUDED:

@@ -70,9 +70,9 @@ def test_sigkill_during_starts_leaves_no_orphans_and_no_ghosts(tmp_path: Path) -
                 assert 201 in answered and -1 in answered, answered
                 assert set(managed) <= set(recorded), f"orphan processes: {set(managed) - set(recorded)}"
                 assert active_rows <= running, f"ghost records: {active_rows - running}"
-                for env_id in running:  # whatever runs is really serving
+                for env_id in running:  # whatever runs is really serving, through the restarted control plane
                     assert recorded[env_id]["status"] == "running"
-                    assert httpx.get(str(recorded[env_id]["url"]), timeout=5).status_code == 200
+                    assert client.get(str(recorded[env_id]["url"]), headers=headers, timeout=5).status_code == 200
     finally:
         for status in compute.list_managed():
             compute.delete(status.environment_id)

@@ -91,16 +91,17 @@ def test_a_scientists_day(server: ServeProcess, oidc: OidcMockServer) -> None:
         events = follow_progress(client, vera, env_id)
         assert events[-1]["status"] == "running", events
         url = str(events[-1]["url"])
-        assert httpx.get(url + "maps/smica.txt").text == "T(nside=2048)"  # the application sees the bucket
+        assert url == f"/environments/{env_id}/"  # through the control plane: /home/vera/data is ~/data
+        assert client.get(url + "data/maps/smica.txt", headers=vera).text == "T(nside=2048)"
+        assert client.get(url + "data/maps/smica.txt", headers=admin).status_code == 404  # hers alone
 
         stopped = client.post(f"/api/v1/environments/{env_id}/stop", headers=vera).json()
         assert stopped["status"] == "stopped"
-        with pytest.raises(httpx.TransportError):
-            httpx.get(url, timeout=2)
+        assert client.get(url, headers=vera).status_code == 404
         assert client.post(f"/api/v1/environments/{env_id}/restart", headers=vera).status_code == 200
         events = follow_progress(client, vera, env_id)
         assert events[-1]["status"] == "running"
-        assert httpx.get(str(events[-1]["url"]) + "maps/smica.txt").text == "T(nside=2048)"
+        assert client.get(str(events[-1]["url"]) + "data/maps/smica.txt", headers=vera).text == "T(nside=2048)"
 
         assert client.delete(f"/api/v1/environments/{env_id}", headers=vera).status_code == 204
         assert client.get("/api/v1/environments", headers=vera).json()["items"] == []
@@ -110,3 +111,36 @@ def test_a_scientists_day(server: ServeProcess, oidc: OidcMockServer) -> None:
         # and the admin sees the trail of it all
         actions = {e["action"] for e in client.get("/api/v1/admin/audit", headers=admin).json()["items"]}
         assert {"environment.created", "environment.deleted", "storage.created"} <= actions
+
+
+def test_the_catalogs_streamlit_example_runs_through_the_control_plane(server: ServeProcess) -> None:
+    """This session installs cmbcluster-core[streamlit]: the example application starts from the catalog
+    and answers through the proxy, HTTP and its WebSocket (Streamlit serves under its base path)."""
+    from websockets.sync.client import connect
+    from websockets.typing import Origin, Subprotocol
+
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        headers = dev_sign_in(client, "stella@example.org")
+        catalog = {a["slug"]: a for a in client.get("/api/v1/applications", headers=headers).json()["items"]}
+        assert catalog["streamlit"]["available"] is True, catalog["streamlit"]["unavailable_reason"]
+        bucket = client.post("/api/v1/storages", headers=headers, json={"display_name": "lightcurves"}).json()
+        client.put(f"/api/v1/storages/{bucket['id']}/objects/curve.csv", headers=headers, content=b"t,flux\n0,1\n1,2\n")
+        mounts = [{"storage_id": bucket["id"], "mount_path": "/home/user/data"}]
+        created = client.post(
+            "/api/v1/environments", headers=headers, json={"application": "streamlit", "mounts": mounts}
+        )
+        assert created.status_code == 201, created.text
+        events = follow_progress(client, headers, created.json()["id"])
+        assert events[-1]["status"] == "running", events
+        url = str(events[-1]["url"])
+        health = client.get(f"{url}_stcore/health", headers=headers)
+        assert health.status_code == 200 and health.text == "ok"
+        page = client.get(url, headers=headers)
+        assert page.status_code == 200 and "<title>Streamlit</title>" in page.text
+        cookie = headers["Authorization"].removeprefix("Bearer ")
+        socket_url = f"{server.url.replace('http://', 'ws://')}{url}_stcore/stream"
+        cookies = {"Cookie": f"cmbcluster_session={cookie}"}
+        with connect(socket_url, additional_headers=cookies, origin=Origin(server.url),
+                     subprotocols=[Subprotocol("streamlit")]) as socket:  # fmt: skip
+            assert socket.subprotocol == "streamlit"
+        assert client.delete(f"/api/v1/environments/{created.json()['id']}", headers=headers).status_code == 204

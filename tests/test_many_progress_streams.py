@@ -13,7 +13,8 @@ import json
 import shutil
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -144,19 +145,19 @@ async def _scenario(server: ServeProcess, admin: dict[str, str]) -> dict[str, ob
 
 
 def test_a_thousand_idle_progress_streams_hold_nothing_and_block_nothing(
-    served: tuple[ServeProcess, dict[str, str]], record_property: object
+    served: tuple[ServeProcess, dict[str, str]], record_property: Callable[[str, object], None]
 ) -> None:
     server, admin = served
-    result = asyncio.run(_scenario(server, admin))
-    assert set(result["seen"]) == {"starting"}  # type: ignore[arg-type]
-    held: dict[str, float] = result["held"]  # type: ignore[assignment]
+    result: dict[str, Any] = asyncio.run(_scenario(server, admin))
+    assert set(result["seen"]) == {"starting"}
+    held: dict[str, float] = result["held"]
     assert held["streams"] == ENVIRONMENTS * STREAMS_PER_ENVIRONMENT
     # nothing per stream: at most the hub's own read, and a request of the test itself
     assert held["connections"] <= 2 and held["threads"] <= 2, held
     assert result["ends"] == ["stopped"] * STREAMS_PER_ENVIRONMENT
-    assert result["delivered"] < 5  # type: ignore[operator]
-    before: dict[str, list[float]] = result["before"]  # type: ignore[assignment]
-    during: dict[str, list[float]] = result["during"]  # type: ignore[assignment]
+    assert result["delivered"] < 5
+    before: dict[str, list[float]] = result["before"]
+    during: dict[str, list[float]] = result["during"]
     for what in before:
         usual, now = statistics.median(before[what]), statistics.median(during[what])
         # generous (two shared cores, a hub pass every half second), yet far from "the API stopped"

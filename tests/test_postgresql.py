@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -86,7 +87,7 @@ class NeverReady(ComputeBackend):
         return [self.status(i) for i in sorted(self.started)]
 
 
-def replicas(database: str, tmp_path: Path, count: int = 2, **settings: object) -> list[TestClient]:
+def replicas(database: str, tmp_path: Path, count: int = 2, **settings: Any) -> list[TestClient]:
     """``count`` control planes on one database; each its own process-like app and data folder
     (and compute backend, as each replica has its own watch of the cluster)."""
     clients = []
@@ -101,7 +102,7 @@ def replicas(database: str, tmp_path: Path, count: int = 2, **settings: object) 
         manager.register(SimpleNamespace(cmbcluster_compute_backends=cmbcluster_compute_backends), name="never-ready")
         core = CoreSettings(
             data_dir=tmp_path / f"replica-{i}", database_url=database, compute_backend="never-ready", **settings
-        )  # type: ignore[arg-type]
+        )
         clients.append(TestClient(create_app(core, manager), base_url=LOCAL))
     return clients
 
@@ -132,7 +133,10 @@ def test_the_start_limit_holds_across_replicas(database: str, tmp_path: Path) ->
 
         def create(i: int) -> int:
             client = (one, two)[i % 2]
-            return client.post("/api/v1/environments", json={"application": "files"}, headers=users[i]).status_code
+            status: int = client.post(
+                "/api/v1/environments", json={"application": "files"}, headers=users[i]
+            ).status_code
+            return status
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = sorted(pool.map(create, range(8)))

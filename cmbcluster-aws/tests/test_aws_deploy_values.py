@@ -41,7 +41,9 @@ def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_role_arn_follows_the_partition() -> None:
-    china = AwsSettings(AWS_REGION="cn-north-1", AWS_ACCOUNT_ID="123456789012", EKS_CLUSTER_NAME="cmb")
+    china = AwsSettings.model_validate(
+        {"AWS_REGION": "cn-north-1", "AWS_ACCOUNT_ID": "123456789012", "EKS_CLUSTER_NAME": "cmb"}
+    )
     assert control_plane_role_arn(china) == "arn:aws-cn:iam::123456789012:role/cmbcluster-infra/cmb-controlplane"
 
 

@@ -101,7 +101,29 @@ def test_plugins_endpoint_is_for_admins(client: TestClient, admin: dict[str, str
 def test_openapi_is_served(client: TestClient) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     assert "/api/v1/plugins" in spec["paths"]
-    assert client.get("/api/docs").status_code == 200
+    # the development sign-in's form is documented as what it is: a step of the browser flow
+    form = spec["paths"]["/api/v1/auth/local/form"]
+    assert "text/html" in form["get"]["responses"]["200"]["content"] and "API token" in form["get"]["description"]
+    assert "303" in form["post"]["responses"]
+    assert not any(path.startswith("/environments/") for path in spec["paths"])  # the environments' own traffic
+
+
+def test_the_api_documentation_works_offline(client: TestClient) -> None:
+    """Swagger UI comes from the package: every script and stylesheet of the page is served here."""
+    import re
+
+    page = client.get("/api/docs")
+    assert page.status_code == 200 and "/api/v1/openapi.json" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        assert asset.startswith("/api/docs/assets/"), f"{asset} would need the internet"
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 100, asset
+    bundle = client.get(next(a for a in assets if a.endswith("swagger-ui-bundle.js"))).text
+    version = re.search(r'PACKAGE_VERSION:"(\d+)\.', bundle)
+    assert version is not None and int(version.group(1)) >= 5  # Swagger UI 5 reads OpenAPI 3.1 (FastAPI's)
+    assert client.get("/api/docs/assets/nothing.js").status_code == 404
 
 
 def test_typed_errors_become_clear_statuses_and_unexpected_ones_hide_details(settings: CoreSettings) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cmbcluster.compute.command import LaunchValues, render_command
 from cmbcluster.db import create_db_engine, session_factory, upgrade
 from cmbcluster.db.models import Application, AuditEvent, Environment
 from cmbcluster.errors import InvalidRequest
 from cmbcluster.services import catalog
 from cmbcluster.services.catalog import resolve_resources, seed_catalog
-from cmbcluster.testing.process import free_port
 
 API = "/api/v1/applications"
 
@@ -172,11 +172,11 @@ def test_catalog_crud_and_audit(client: TestClient, admin: dict[str, str], alice
     assert client.patch(f"{API}/streamlit-demo", json={}, headers=admin).json()["name"] == "Streamlit"  # no-op
 
     # renaming the slug: the old one is gone, the id stays
-    renamed = client.patch(f"{API}/streamlit-demo", json={"slug": "streamlit"}, headers=admin).json()
+    renamed = client.patch(f"{API}/streamlit-demo", json={"slug": "streamlit-maps"}, headers=admin).json()
     assert renamed["id"] == app["id"]
     assert client.get(f"{API}/streamlit-demo", headers=alice).status_code == 404
 
-    deleted = client.delete(f"{API}/streamlit", headers=admin)
+    deleted = client.delete(f"{API}/streamlit-maps", headers=admin)
     assert deleted.status_code == 204
     assert client.get(f"{API}/{app['id']}", headers=admin).status_code == 404
     assert client.delete(f"{API}/{app['id']}", headers=admin).status_code == 404
@@ -344,30 +344,70 @@ def fresh_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def test_seed_catalog_is_idempotent(fresh_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_seed_catalog_is_idempotent(fresh_db: sessionmaker[Session]) -> None:
     with fresh_db() as db:
         seed_catalog(db, "local")
         seed_catalog(db, "local")
     with fresh_db() as db:
         seed_catalog(db, "local")
         apps = {app.slug: app for app in db.execute(select(Application)).scalars()}
-        assert set(apps) == {"files", "jupyterlab"}
-        files, jupyter = apps["files"], apps["jupyterlab"]
+        assert set(apps) == {"files", "jupyterlab", "streamlit"}
+        files, jupyter, streamlit = apps["files"], apps["jupyterlab"], apps["streamlit"]
         assert files.active and files.port == 8080 and files.image == "python:3.11-slim"
-        assert files.command[1:] == ["-m", "http.server", "{port}", "--bind", "{host}"]
+        # on a Unix socket only the server's user opens, not a loopback port every user can reach
+        assert files.command[1:] == ["-m", "cmbcluster.examples.files", "{socket}"]
         assert Path(files.command[0]).exists()  # this very interpreter
         assert files.default_preset in catalog.PRESETS
-        assert jupyter.active is False  # no jupyter-lab on this PATH
+        # every entry is active: a missing program is shown with its fix, not hidden
+        assert jupyter.active and streamlit.active
         assert jupyter.image == "quay.io/jupyter/scipy-notebook" and jupyter.port == 8888
         assert jupyter.command == [
-            "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.token=",
-            "--ServerApp.base_url=/",
+            "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.port_retries=0",
+            "--ServerApp.base_url={base_url}", "--ServerApp.allow_remote_access=True",
         ]  # fmt: skip
+        assert not any("token" in part for part in jupyter.command)  # by variable, never on the command line
+        assert streamlit.command[:3] == ["streamlit", "run", str(catalog.STREAMLIT_EXAMPLE)]
+        assert catalog.STREAMLIT_EXAMPLE.is_file() and "--server.baseUrlPath={base_url}" in streamlit.command
         created = db.execute(
             select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "application.created")
         ).scalar_one()
-        assert created == 2
+        assert created == 3
+
+
+def test_an_earlier_default_is_brought_up_to_date_unless_an_admin_changed_it(fresh_db: sessionmaker[Session]) -> None:
+    old = list(catalog.KUBERNETES_JUPYTER_COMMAND)
+    with fresh_db() as db:
+        db.add(Application(slug="jupyterlab", name="JupyterLab", image="x", command=old, active=False))
+        old_files = ["/usr/bin/python3", "-m", "http.server", "{port}", "--bind", "{host}"]
+        db.add(Application(slug="files", name="Files", image="x", command=old_files))
+        db.add(Application(slug="mine", name="Mine", image="x", command=["python", "-m", "http.server"]))
+        db.commit()
+        seed_catalog(db, "local")
+        jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
+        assert jupyter.command == list(catalog.LOCAL_JUPYTER_COMMAND)
+        assert jupyter.active  # seeded inactive because jupyter-lab was missing then
+        files = db.execute(select(Application).where(Application.slug == "files")).scalar_one()
+        assert files.command[1:] == ["-m", "cmbcluster.examples.files", "{socket}"]
+        mine = db.execute(select(Application).where(Application.slug == "mine")).scalar_one()
+        assert mine.command == ["python", "-m", "http.server"]  # not an earlier default: the admin's
+        assert [e.action for e in db.execute(select(AuditEvent)).scalars()] == ["application.updated"] * 2
+        seed_catalog(db, "local")  # once
+        assert db.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 2
+    with fresh_db() as db:  # deactivated by an admin later: the command is updated, the choice kept
+        jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
+        jupyter.command, jupyter.active = old, False
+        jupyter.created_at -= dt.timedelta(days=1)  # seeded long before
+        db.commit()
+        seed_catalog(db, "local")
+        db.refresh(jupyter)
+        assert jupyter.command == list(catalog.LOCAL_JUPYTER_COMMAND) and jupyter.active is False
+    with fresh_db() as db:  # on Kubernetes the old command is today's
+        jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
+        jupyter.command = old
+        db.commit()
+        seed_catalog(db, "kubernetes")
+        db.refresh(jupyter)
+        assert jupyter.command == old
 
 
 def test_seed_catalog_leaves_an_admins_catalog_alone(fresh_db: sessionmaker[Session]) -> None:
@@ -380,22 +420,36 @@ def test_seed_catalog_leaves_an_admins_catalog_alone(fresh_db: sessionmaker[Sess
         # happens only on an empty catalog
 
 
-def test_seed_catalog_activates_jupyter_when_available(
-    fresh_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+def test_the_catalog_says_which_programs_are_missing_and_how_to_install_them(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str]
 ) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: "/opt/bin/jupyter-lab" if name == "jupyter-lab" else None)
-    with fresh_db() as db:
-        seed_catalog(db, "local")
-        assert db.execute(select(Application.active).where(Application.slug == "jupyterlab")).scalar_one() is True
+    apps = {a["slug"]: a for a in client.get(API, headers=alice).json()["items"]}
+    # this session installs cmbcluster-core[jupyter]: JupyterLab is there, in the server's own environment
+    assert apps["jupyterlab"]["available"] is True and apps["jupyterlab"]["unavailable_reason"] is None
+    assert apps["files"]["available"] is True
+    made = client.post(
+        API, headers=admin, json={"slug": "jupyter-elsewhere", "name": "Elsewhere", "image": "x",
+                                  "command": ["/nonexistent/bin/jupyter-lab", "--no-browser"]},
+    )  # fmt: skip
+    assert made.status_code == 201
+    assert made.json()["available"] is False
+    reason = made.json()["unavailable_reason"]
+    assert reason.startswith("/nonexistent/bin/jupyter-lab is not installed on this server: ")
+    assert 'pip install "cmbcluster-core[jupyter]" into' in reason
+    listed = {a["slug"]: a for a in client.get(API, headers=alice).json()["items"]}
+    assert listed["jupyter-elsewhere"]["unavailable_reason"] == reason  # users see it too, not a hidden entry
+    refused = client.post("/api/v1/environments", headers=alice, json={"application": "jupyter-elsewhere"})
+    assert refused.status_code == 409 and reason in refused.json()["message"]
+    assert client.get("/api/v1/environments", headers=alice).json()["items"] == []
 
 
-def test_seed_catalog_for_kubernetes(fresh_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_seed_catalog_for_kubernetes(fresh_db: sessionmaker[Session]) -> None:
     with fresh_db() as db:
         seed_catalog(db, "kubernetes")
         apps = {app.slug: app for app in db.execute(select(Application)).scalars()}
+    assert set(apps) == {"files", "jupyterlab"}  # the Streamlit example's file is in no image
     assert apps["jupyterlab"].active is True  # the image has it
-    assert apps["files"].command[0] == "python"  # the image's interpreter, not this machine's path
+    assert apps["files"].command[:3] == ["python", "-m", "http.server"]  # the image's interpreter, on a port
 
 
 def test_seeded_applications_are_valid_catalog_entries() -> None:
@@ -404,29 +458,33 @@ def test_seeded_applications_are_valid_catalog_entries() -> None:
             catalog.ApplicationCreate.model_validate(app.model_dump())
 
 
-def test_files_application_serves_the_working_directory(tmp_path: Path) -> None:
+def test_files_application_serves_the_working_directory_on_a_private_socket(tmp_path: Path) -> None:
     files = next(app for app in catalog.default_applications("local") if app.slug == "files")
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     (bucket / "results.txt").write_text("42\n")
-    host, port = "127.0.0.1", free_port()
-    command = [part.replace("{port}", str(port)).replace("{host}", host) for part in files.command]
+    socket_path = str(tmp_path / "files.sock")
+    values = LaunchValues(environment_id="e1", host="127.0.0.1", port=None, base_url="/environments/e1/",
+                          socket=socket_path)  # fmt: skip
+    command = render_command(files.command, values)
     process = subprocess.Popen(
         command, cwd=bucket, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, f"the Files application exited with {process.returncode}"
-            try:
-                listing = httpx.get(f"http://{host}:{port}/", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the Files application did not answer"
-                time.sleep(0.05)
-        assert listing.status_code == 200
-        assert "results.txt" in listing.text
-        assert httpx.get(f"http://{host}:{port}/results.txt", timeout=2).text == "42\n"
+        with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://localhost") as client:
+            while True:
+                assert process.poll() is None, f"the Files application exited with {process.returncode}"
+                try:
+                    listing = client.get("/", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the Files application did not answer"
+                    time.sleep(0.05)
+            assert listing.status_code == 200
+            assert "results.txt" in listing.text
+            assert client.get("/results.txt", timeout=2).text == "42\n"
+        assert os.stat(socket_path).st_mode & 0o077 == 0  # only this user opens it
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cmbcluster.testing.api import LOCAL
 from cmbcluster.testing.process import ServeProcess as Server
 from cmbcluster.testing.process import clean_environ
 from cmbcluster.testing.process import run_cli as cmbcluster
@@ -71,3 +72,45 @@ def test_serve_starts_on_the_embedded_default_and_says_where(env: dict[str, str]
     messages = " ".join(line["message"] for line in first_lines)
     assert f"serving on http://127.0.0.1:{server.port}" in messages
     assert "storage=local compute=local auth=local infra=local" in messages
+
+
+def test_users_token_prints_a_working_token_once_and_creates_the_user_on_the_embedded_default(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from cmbcluster.app import create_app
+    from cmbcluster.settings import CoreSettings
+    from cmbcluster.testing.api import dev_sign_in
+
+    made = cmbcluster("users", "token", "Ada@Example.org", "--name", "laptop", "--expires-in-days", "30",
+                      env=env, cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("cmbt_") and made.stdout == token + "\n"  # alone on stdout: TOKEN=$(...)
+    assert "'laptop' for ada@example.org, admin (user created); it expires in 30 days" in made.stderr
+    again = cmbcluster("users", "token", "ada@example.org", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "(user created)" not in again.stderr and "never expires" in again.stderr
+    assert again.stdout.strip() != token
+    with TestClient(create_app(CoreSettings(data_dir=tmp_path / "data")), base_url=LOCAL) as client:
+        me = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 200 and me.json()["email"] == "ada@example.org" and me.json()["role"] == "admin"
+        tokens = client.get("/api/v1/settings/tokens", headers={"Authorization": f"Bearer {token}"}).json()
+        assert sorted(t["name"] for t in tokens) == ["cli", "laptop"]
+        signed_in = dev_sign_in(client, "ada@example.org")  # the development sign-in finds the same person
+        assert client.get("/api/v1/auth/me", headers=signed_in).json()["id"] == me.json()["id"]
+
+
+def test_users_token_refuses_bad_input_and_unknown_users_where_people_sign_in_elsewhere(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    bad = cmbcluster("users", "token", "not-an-address", env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and "is not an e-mail address" in bad.stderr and bad.stdout == ""
+    never = cmbcluster("users", "token", "ada@example.org", "--expires-in-days", "0", env=env, cwd=tmp_path)
+    assert never.returncode == 2 and "expires-in-days" in never.stderr
+    oidc_only = {
+        **env, "CMBCLUSTER_AUTH_PROVIDERS": "oidc", "CMBCLUSTER_OIDC_ISSUER": "https://id.example.org",
+        "CMBCLUSTER_OIDC_CLIENT_ID": "cmbcluster", "CMBCLUSTER_OIDC_CLIENT_SECRET": "s",
+    }  # fmt: skip
+    unknown = cmbcluster("users", "token", "ada@example.org", env=oidc_only, cwd=tmp_path)
+    assert unknown.returncode == 1 and "ask them to sign in once" in unknown.stderr and unknown.stdout == ""

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,8 +23,8 @@ from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 
-# An application that writes what it sees into its working directory (the mounted bucket),
-# then serves that directory.
+# An application that writes what it sees into the bucket mounted at /data (~/data in its home, its
+# working directory), then serves its home.
 PROBE_APP = r"""
 import http.server, json, os, pathlib, sys
 secrets = os.environ.get("CMBCLUSTER_SECRETS_DIR")
@@ -34,7 +33,7 @@ seen = {
     "PROJECT": os.environ.get("PROJECT"), "RUN_LABEL": os.environ.get("RUN_LABEL"),
     "secret": pathlib.Path(secrets, "token.txt").read_text() if secrets else None,
 }
-pathlib.Path("seen.json").write_text(json.dumps(seen))
+pathlib.Path("data", "seen.json").write_text(json.dumps(seen))
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
 """
 
@@ -115,7 +114,7 @@ def test_files_app_serves_the_mounted_bucket(client: TestClient, alice: dict[str
     assert env["application"]["slug"] == "files" and env["preset"] == "light"
     assert env["mounts"][0]["display_name"] == "data"
     running = wait_status(client, alice, env["id"], "running")
-    assert httpx.get(running["url"] + "maps/planck.txt").text == "CMB temperature map"
+    assert client.get(running["url"] + "data/maps/planck.txt", headers=alice).text == "CMB temperature map"
     assert running["shutdown_at"] is not None and running["shutdown_warning"] is False
 
 
@@ -130,6 +129,47 @@ def test_progress_stream_reaches_running(client: TestClient, alice: dict[str, st
     assert events[-1]["status"] == "running" and events[-1]["progress"] == 100 and events[-1]["url"]
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress)
+
+
+CHATTY_APP = r"""
+import http.server, sys, time
+for step in ("loading the maps", "building the index", "almost there"):
+    print(step, flush=True)
+    time.sleep(0.2)
+time.sleep(3.5)  # longer than the progress hub's longest pause plus its output refresh
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+FAILING_APP = r"""
+import sys
+for i in range(60):
+    print(f"checking configuration item {i}")
+raise SystemExit("config error: no such catalog file /data/planck.fits")
+"""
+
+
+def events_of(client: TestClient, headers: dict[str, str], env_id: str) -> list[dict[str, Any]]:
+    with client.stream("GET", f"/api/v1/environments/{env_id}/events", headers=headers) as stream:
+        return [json.loads(line.removeprefix("data: ")) for line in stream.iter_lines() if line.startswith("data: ")]
+
+
+def test_progress_carries_the_applications_output_while_it_starts_and_its_fatal_line_when_it_fails(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
+) -> None:
+    chatty = make_app(client, admin, "chatty", CHATTY_APP)
+    events = events_of(client, alice, create_env(client, alice, application=chatty)["id"])
+    assert events[-1]["status"] == "running" and events[-1]["log"] == []
+    starting_output = [line for e in events if e["status"] == "starting" for line in e["log"]]
+    assert "loading the maps" in starting_output and "almost there" in starting_output
+
+    failing = make_app(client, admin, "failing", FAILING_APP)
+    env_id = create_env(client, alice, application=failing)["id"]
+    last = events_of(client, alice, env_id)[-1]
+    assert last["status"] == "failed"
+    assert last["message"].endswith("config error: no such catalog file /data/planck.fits")  # the fatal line
+    assert last["log"][-1] == "config error: no such catalog file /data/planck.fits"
+    assert "checking configuration item 59" in last["log"] and len(last["log"]) <= 15
+    assert client.get(f"/api/v1/environments/{env_id}", headers=alice).json()["status_message"] == last["message"]
 
 
 def test_stop_start_restart_keep_every_choice(
@@ -150,16 +190,15 @@ def test_stop_start_restart_keep_every_choice(
         mounts=[{"storage_id": storage_id, "mount_path": "/data"}],
     )  # fmt: skip
     running = wait_status(client, alice, env["id"], "running")
-    seen = httpx.get(running["url"] + "seen.json").json()
+    seen = client.get(running["url"] + "data/seen.json", headers=alice).json()
     assert seen["PROJECT"] == "litebird" and seen["RUN_LABEL"] == "first" and seen["secret"] == "s3cr3t"
-    # the bucket really is the working directory: the file is an object of the bucket
+    # the bucket really is at its mount path: the file is an object of the bucket
     objects = client.get(f"/api/v1/storages/{storage_id}/objects", headers=alice).json()["objects"]
     assert [o["key"] for o in objects] == ["seen.json"]
 
     stopped = client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).json()
     assert stopped["status"] == "stopped" and stopped["url"] is None
-    with pytest.raises(httpx.TransportError):
-        httpx.get(running["url"], timeout=2)
+    assert client.get(running["url"], headers=alice).status_code == 404
 
     started = client.post(f"/api/v1/environments/{env['id']}/start", headers=alice)
     assert started.status_code == 200, started.text
@@ -169,7 +208,7 @@ def test_stop_start_restart_keep_every_choice(
     after = wait_status(client, alice, env["id"], "running")
     for choice in ("preset", "cpu", "memory_mib", "mounts", "env", "application"):
         assert after[choice] == again[choice] == running[choice], choice
-    assert httpx.get(after["url"] + "seen.json").json()["RUN_LABEL"] == "first"
+    assert client.get(after["url"] + "data/seen.json", headers=alice).json()["RUN_LABEL"] == "first"
 
 
 def test_delete_removes_the_process_but_keeps_the_bucket(
@@ -180,8 +219,7 @@ def test_delete_removes_the_process_but_keeps_the_bucket(
     url = wait_status(client, alice, env["id"], "running")["url"]
     assert client.delete(f"/api/v1/environments/{env['id']}", headers=alice).status_code == 204
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).status_code == 404
-    with pytest.raises(httpx.TransportError):
-        httpx.get(url, timeout=2)
+    assert client.get(url, headers=alice).status_code == 404
     assert client.get(f"/api/v1/storages/{storage_id}/objects/keep.txt", headers=alice).content == b"data"
 
 
@@ -341,7 +379,7 @@ def test_reconcile_marks_vanished_processes_and_removes_orphans(
 def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:
     env = create_env(client, alice)
     running = wait_status(client, alice, env["id"], "running")
-    httpx.get(running["url"])
+    assert client.get(running["url"], headers=alice).status_code == 200
     logs = client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 5}).json()["lines"]
     assert '"GET / HTTP/1.1" 200' in logs
     assert client.get(f"/api/v1/environments/{env['id']}/logs", headers=alice, params={"tail": 0}).status_code == 422

@@ -25,6 +25,8 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/auth/providers"): (PUBLIC, None),
     ("GET", "/api/v1/auth/{provider}/login"): (PUBLIC, None),
     ("GET", "/api/v1/auth/{provider}/callback"): (PUBLIC, None),
+    ("GET", "/api/v1/auth/local/form"): (PUBLIC, None),  # the development sign-in's page
+    ("POST", "/api/v1/auth/local/form"): (PUBLIC, None),
     ("POST", "/api/v1/auth/exchange"): (PUBLIC, None),
     ("POST", "/api/v1/auth/refresh"): (PUBLIC, None),
     ("POST", "/api/v1/auth/logout"): (SELF, None),
@@ -138,11 +140,8 @@ def _path(template: str, alice: AliceThings, route_kind: str) -> str:
 
 
 def test_every_route_is_classified(client: TestClient) -> None:
-    documented = {
-        (method.upper(), path)
-        for path, ops in client.app.openapi()["paths"].items()
-        for method in ops  # type: ignore[attr-defined]
-    }
+    app: Any = client.app
+    documented = {(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops}
     assert documented == set(ROUTES), (
         f"classify these routes in ROUTES: {sorted(documented - set(ROUTES))}; "
         f"stale entries: {sorted(set(ROUTES) - documented)}"
@@ -187,6 +186,28 @@ def test_bob_cannot_read_change_or_learn_of_alices_things(
     assert client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {things.token}"}).status_code == 200
     assert client.get("/api/v1/applications/files", headers=alice).json()["name"] != "Hijacked"
     assert client.get("/api/v1/auth/me", headers=alice).json()["role"] == "user"
+    context = client.app.state.context  # type: ignore[attr-defined]
+    for status in context.compute.list_managed():
+        context.compute.delete(status.environment_id)
+
+
+def test_bob_cannot_reach_alices_environment_through_the_control_plane(
+    client: TestClient, alice: dict[str, str], things: AliceThings
+) -> None:
+    """/environments/<id>/ is no API route (the environment's own traffic), and just as private."""
+    from starlette.testclient import WebSocketDenialResponse
+
+    bob = dev_sign_in(client, "bob@example.org")
+    assert client.get(f"/environments/{things.environment_id}/", headers=alice).status_code == 200
+    answers = []
+    for environment_id in (things.environment_id, UNKNOWN.environment_id):
+        response = client.get(f"/environments/{environment_id}/", headers=bob)
+        answers.append((response.status_code, response.text.replace(environment_id, "<id>")))
+        with pytest.raises(WebSocketDenialResponse) as denied:
+            with client.websocket_connect(f"/environments/{environment_id}/socket", headers=bob):
+                pass
+        assert denied.value.status_code == 404
+    assert answers[0] == answers[1] and answers[0][0] == 404
     context = client.app.state.context  # type: ignore[attr-defined]
     for status in context.compute.list_managed():
         context.compute.delete(status.environment_id)

@@ -196,7 +196,7 @@ def test_a_fifo_at_a_key_never_holds_a_thread(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "buckets" / bucket / "dir" / "pipe")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         for key in ("pipe", "dir/pipe", "pipe/below"):
-            future = pool.submit(lambda k=key: b"".join(storage.download_object(bucket, k)))
+            future = pool.submit(lambda k: b"".join(storage.download_object(bucket, k)), key)
             with pytest.raises(NotFound):
                 future.result(timeout=5)
     assert [o.key for o in storage.list_objects(bucket, delimiter=None).objects] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -137,12 +138,13 @@ def test_cmbcluster_decorate_pod_runs_every_plugin_in_documented_order(manager: 
     calls: list[str] = []
 
     def decorator(tag: str, **marks: bool) -> SimpleNamespace:
-        @hookimpl(**marks)
+        marker: Any = hookimpl  # its overloads take the marks by name
+
         def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
             calls.append(tag)
             draft.annotations[f"example.org/{tag}"] = context.environment_id
 
-        return SimpleNamespace(cmbcluster_decorate_pod=cmbcluster_decorate_pod)
+        return SimpleNamespace(cmbcluster_decorate_pod=marker(**marks)(cmbcluster_decorate_pod))
 
     # registered in an order that differs from the documented one
     manager.register(decorator("zeta"), name="zeta")
@@ -162,7 +164,7 @@ def test_cmbcluster_decorate_pod_runs_every_plugin_in_documented_order(manager: 
 def test_registration_hooks_return_typed_frozen_registrations(manager: PluginManager) -> None:
     """Each of the four registration hooks, through the builtin plugin."""
     for concern in ("storage", "auth", "infra", "compute"):
-        registrations = manager.registrations(concern)  # type: ignore[arg-type]
+        registrations = manager.registrations(concern)
         reg = registrations["local"]
         with pytest.raises(AttributeError):
             reg.name = "changed"  # type: ignore[misc]

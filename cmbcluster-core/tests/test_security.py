@@ -48,7 +48,8 @@ def oidc_app(settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.Monkey
 
 def exchange(client: TestClient, keys: KeyServer, sub: str, email: str, verified: bool) -> httpx.Response:
     token = keys.sign({"sub": sub, "aud": CLIENT_ID, "email": email, "email_verified": verified})
-    return client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token})
+    response: httpx.Response = client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token})
+    return response
 
 
 def test_an_unverified_admin_address_is_refused_by_default(
@@ -114,8 +115,9 @@ def test_a_sign_in_state_completes_one_sign_in_only(client: TestClient) -> None:
 
 def test_an_id_token_buys_one_session(settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch) -> None:
     with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
-        for claims in ({"jti": "token-1"}, {}):  # with a token id, and without (then its hash)
-            claims = {"sub": "s", "aud": CLIENT_ID, "email": "s@example.org", "email_verified": True, **claims}
+        extras: list[dict[str, object]] = [{"jti": "token-1"}, {}]
+        for extra in extras:  # with a token id, and without (then its hash)
+            claims = {"sub": "s", "aud": CLIENT_ID, "email": "s@example.org", "email_verified": True, **extra}
             token = keys.sign(claims)
             body = {"provider": "oidc", "token": token}
             assert client.post("/api/v1/auth/exchange", json=body).status_code == 200

@@ -53,7 +53,8 @@ def put(
     client: TestClient, headers: Headers, storage_id: str, key: str, body: Any, content_type: str | None = None
 ) -> httpx.Response:
     extra = {"Content-Type": content_type} if content_type else {}
-    return client.put(object_url(storage_id, key), content=body, headers={**headers, **extra})
+    response: httpx.Response = client.put(object_url(storage_id, key), content=body, headers={**headers, **extra})
+    return response
 
 
 def chunked(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
@@ -81,7 +82,7 @@ def client_with(settings: CoreSettings, **overrides: Any) -> Iterator[tuple[Test
 
 def bucket_dir(client: TestClient, storage: dict[str, Any]) -> Path:
     root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
-    return root / storage["bucket_name"]
+    return root / str(storage["bucket_name"])
 
 
 # -- buckets -----------------------------------------------------------------------------------
@@ -282,7 +283,8 @@ def test_range_requests(client: TestClient, alice: Headers) -> None:
     url = object_url(sid, "r.bin")
 
     def get(range_value: str, **extra: str) -> httpx.Response:
-        return client.get(url, headers={**alice, "Range": range_value, **extra})
+        response: httpx.Response = client.get(url, headers={**alice, "Range": range_value, **extra})
+        return response
 
     for header, first, last in (
         ("bytes=0-9", 0, 9),
@@ -375,7 +377,13 @@ def test_delete_one_and_many(client: TestClient, alice: Headers) -> None:
     answer = client.post(url, json={"keys": ["a/1", "a/2", "a/1", "never-was"]}, headers=alice)
     assert answer.status_code == 200 and answer.json() == {"deleted": 3}
     assert keys(client.get(f"{API}/{sid}/objects", params={"delimiter": False}, headers=alice).json()) == ["c"]
-    for bad in ({"keys": []}, {"keys": [f"k{i}" for i in range(1001)]}, {"keys": [""]}, {}):
+    bad_bodies: list[dict[str, list[str]]] = [
+        {"keys": []},
+        {"keys": [f"k{i}" for i in range(1001)]},
+        {"keys": [""]},
+        {},
+    ]
+    for bad in bad_bodies:
         assert client.post(url, json=bad, headers=alice).status_code == 422
     assert client.get(f"{API}/{sid}", headers=alice).json()["object_count"] == 1
 

@@ -311,7 +311,7 @@ def google_api() -> Iterator[RecordingServer]:
 
 
 def http_client(url: str, **kwargs: Any) -> HttpIamClient:
-    credentials = google.oauth2.credentials.Credentials(token="test-access-token")
+    credentials = google.oauth2.credentials.Credentials(token="test-access-token")  # type: ignore[no-untyped-call]
     return HttpIamClient(
         credentials=credentials, iam_endpoint=url, resource_manager_endpoint=url, backoff_seconds=0.01, **kwargs
     )
@@ -420,7 +420,7 @@ def test_registry_login_is_an_oauth_access_token(google_api: RecordingServer) ->
     google_api.answers = [(200, {"access_token": "ya29.fresh", "expires_in": 3600, "token_type": "Bearer"})]
 
     def credentials() -> google.oauth2.credentials.Credentials:
-        return google.oauth2.credentials.Credentials(
+        return google.oauth2.credentials.Credentials(  # type: ignore[no-untyped-call]
             token=None,
             refresh_token="a-refresh-token",
             token_uri=f"{google_api.url}/token",

@@ -9,7 +9,8 @@ dialogs each following its progress stream: 1,000 open streams.
 Targets (issue 16): throughput >= 0.5 x the bare endpoint; p99 latency <= 50 ms.
 Prints the figures; exits 1 when a target is missed.
 
-    python tests/benchmarks/bench_list_environments.py [--seconds 10] [--streams 1000]     (needs wrk)
+    python tests/benchmarks/bench_list_environments.py [--seconds 10] [--streams 1000]
+    (needs wrk: apt-get install --no-install-recommends wrk)
 """
 
 from __future__ import annotations
@@ -226,7 +227,11 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=1000, help="progress streams held open meanwhile")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
-        print("this benchmark drives the server with wrk: install it (Debian: apt-get install wrk)", file=sys.stderr)
+        print(
+            "this benchmark drives the server with wrk: install it "
+            "(Debian: apt-get install --no-install-recommends wrk)",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

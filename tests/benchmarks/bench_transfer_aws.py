@@ -95,7 +95,7 @@ def main() -> int:
                 "AWS_ENDPOINT_URL": moto.url,
                 "S3_VERSIONING": "false",  # moto keeps every version in memory: 1 GiB per round
             }
-            return compare_with_sdk(
+            missed: int = compare_with_sdk(
                 title="S3 on moto: cmbcluster serve (CLOUD_PROVIDER=aws) vs boto3",
                 serve_env=serve_env,
                 sdk=sdk,
@@ -104,6 +104,7 @@ def main() -> int:
                 rounds=args.rounds,
                 target_ratio=0.8,
             )
+            return missed
 
 
 if __name__ == "__main__":

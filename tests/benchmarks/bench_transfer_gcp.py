@@ -88,7 +88,7 @@ def main() -> int:
                 "PROJECT_ID": PROJECT,
                 "STORAGE_EMULATOR_HOST": emulator.url,
             }
-            return compare_with_sdk(
+            missed: int = compare_with_sdk(
                 title="GCS on gcp-storage-emulator: cmbcluster serve (CLOUD_PROVIDER=gcp) vs google-cloud-storage",
                 serve_env=serve_env,
                 sdk=sdk,
@@ -97,6 +97,7 @@ def main() -> int:
                 rounds=args.rounds,
                 target_ratio=0.8,
             )
+            return missed
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def main() -> int:
         print("bench_ui: skipped, Playwright is not installed (`./run nox -s tests-browser` measures it too)")
         return 0
     if not CHROMIUM.exists():
-        print(f"bench_ui: skipped, no Chromium at {CHROMIUM} (`apt-get install -y chromium`)")
+        print(f"bench_ui: skipped, no Chromium at {CHROMIUM} (`apt-get install -y --no-install-recommends chromium`)")
         return 0
     if not UI_BUILT.exists():
         subprocess.run([sys.executable, str(ROOT / "frontend" / "build_ui.py")], check=True)

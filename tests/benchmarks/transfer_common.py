@@ -296,10 +296,10 @@ def compare_with_sdk(
         print(f"  {name:36} {best[name]:7.0f}   {server_cpu:5.1f} {stand_in_cpu:5.1f} {client_cpu:5.1f}")
     for direction, ratio in ratios.items():
         print(f"  API {direction} / {fastest[direction]}: ratio {ratio:.2f} (target >= {target_ratio})")
-    for direction, values in peaks.items():
+    for direction, peak_values in peaks.items():
         print(
             f"  server RSS before the transfers {rss_before / MIB:.1f} MiB, peak during the {direction}s "
-            f"{max(values) / MIB:.1f} MiB: growth {growth[direction] / MIB:.1f} MiB (target <= {limit} MiB)"
+            f"{max(peak_values) / MIB:.1f} MiB: growth {growth[direction] / MIB:.1f} MiB (target <= {limit} MiB)"
         )
     print(f"  downloaded files byte-identical (sha256): {identical}")
     failures = [f"the file downloaded through {via} differs" for via, ok in identical.items() if not ok]

@@ -2,7 +2,7 @@
 
 The server runs the embedded default with a real OpenID Connect provider (oidc-provider-mock)
 as its only sign-in, configured as the generic ``oidc`` provider. Chromium comes from Debian
-(``apt-get install chromium``; the ``tests-browser`` nox session installs it when missing):
+(``apt-get install --no-install-recommends chromium``; the ``tests-browser`` nox session installs it when missing):
 Playwright cannot download its own browsers here.
 """
 
@@ -40,7 +40,10 @@ def playwright() -> Iterator[Playwright]:
 @pytest.fixture(scope="session")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: run `apt-get install -y chromium` (the tests-browser session does)")
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: run `apt-get install -y --no-install-recommends chromium` "
+            "(the tests-browser session does)"
+        )
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
     yield browser
     browser.close()

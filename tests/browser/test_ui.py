@@ -156,8 +156,11 @@ def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
     with page.expect_popup() as popup_info:
         dialog.get_by_role("link", name="Open analysis").click()
     app_page = popup_info.value
-    # The Files application is Python's web server in the environment's folder: the mounted bucket.
+    # The Files application is Python's web server in the environment's home, through the control
+    # plane's own address; the bucket is where it was mounted: /home/user/data is ~/data.
+    expect(app_page).to_have_url(re.compile(r"/environments/[0-9a-f]{32}/$"))
     expect(app_page.get_by_role("heading", name=re.compile("Directory listing"))).to_be_visible()
+    app_page.get_by_role("link", name="data@").click()  # Python's file server marks a link with @
     expect(app_page.get_by_role("link", name="maps/")).to_be_visible()
     app_page.close()
     dialog.get_by_role("button", name="Close").click()

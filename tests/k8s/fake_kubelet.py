@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config, watch
 
@@ -72,7 +73,7 @@ class FakeKubelet:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # pod uid -> its container's process
         self.lock = threading.Lock()
 
-    def node_status(self) -> dict:
+    def node_status(self) -> dict[str, Any]:
         t = now()
         return {
             "status": {
@@ -133,7 +134,7 @@ class FakeKubelet:
             except Exception as e:  # apiserver restarting or going away
                 log("heartbeat error:", type(e).__name__, e)
 
-    def pod_status(self, pod: client.V1Pod) -> dict:
+    def pod_status(self, pod: client.V1Pod) -> dict[str, Any]:
         n = next(self.ips)
         t = now()
         cid = f"fake://{pod.metadata.uid}"
@@ -173,7 +174,7 @@ class FakeKubelet:
             ],
         }
 
-    def handle(self, event: dict) -> None:
+    def handle(self, event: dict[str, Any]) -> None:
         pod = event["object"]
         name, ns = pod.metadata.name, pod.metadata.namespace
         if event["type"] == "DELETED":
@@ -287,12 +288,12 @@ class FakeKubelet:
 
     def process_status(
         self, pod: client.V1Pod, started: str, *, ready: bool = False, exited: tuple[int, str] | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         container = pod.spec.containers[0]
         t = now()
-        state: dict
+        state: dict[str, Any]
         phase = "Running"
-        last_state: dict = {}
+        last_state: dict[str, Any] = {}
         if exited is None:
             state = {"running": {"startedAt": started}}
         else:
@@ -330,7 +331,7 @@ class FakeKubelet:
             ],
         }  # fmt: skip
 
-    def patch(self, pod: client.V1Pod, status: dict) -> None:
+    def patch(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         try:
             self.v1.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
         except client.ApiException as e:
@@ -386,7 +387,8 @@ def probe_succeeds(probe: client.V1Probe) -> bool:
         if probe.http_get is not None:
             url = f"http://127.0.0.1:{int(probe.http_get.port)}{probe.http_get.path or '/'}"
             with urllib.request.urlopen(url, timeout=1) as answer:
-                return 200 <= answer.status < 400
+                status: int = answer.status
+                return 200 <= status < 400
     except (OSError, ValueError):
         return False
     return True  # a probe of a kind this fake does not know (exec): as if it passed

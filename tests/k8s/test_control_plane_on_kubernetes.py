@@ -75,11 +75,12 @@ class Api:
         return result
 
     def settled(self, environment_id: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(
+        settled: dict[str, Any] = wait_for(
             lambda: (env := self.get(environment_id))["status"] in TERMINAL and env,
             timeout,
             f"{environment_id} to settle",
         )
+        return settled
 
     def close(self) -> None:
         self.client.close()

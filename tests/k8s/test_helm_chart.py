@@ -34,13 +34,12 @@ from cmbcluster.kubernetes import rbac
 from cmbcluster.kubernetes.routing import NETWORK_POLICY_NAME
 from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
 from tests.helm.helm_chart import AWS_ENV, AWS_VALUES, CHART, GCP_ENV, GCP_VALUES, helm, helm_binary
-from tests.k8s.harness import K8sCluster
+from tests.k8s.harness import K8sCluster, wait_for
 from tests.k8s.test_control_plane_on_kubernetes import (
     Api,
     assert_no_permission_errors,
     objects_of,
     serve_env,
-    wait_for,
 )
 
 RELEASE = "cmb"

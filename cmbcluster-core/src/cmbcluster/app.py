@@ -12,9 +12,20 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
+from cmbcluster.api.docs import mount_api_docs
 from cmbcluster.api.errors import document_errors, install_error_handlers
 from cmbcluster.api.guard import RequestGuard
-from cmbcluster.api.routes import admin, applications, auth, environments, health, plugins, storages, user_settings
+from cmbcluster.api.routes import (
+    admin,
+    applications,
+    auth,
+    environment_proxy,
+    environments,
+    health,
+    plugins,
+    storages,
+    user_settings,
+)
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
@@ -22,6 +33,7 @@ from cmbcluster.db.backup import restore_at_start, run_periodic_backups
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
 from cmbcluster.services.catalog import seed_catalog
+from cmbcluster.services.environments import stop_with_control_plane
 from cmbcluster.services.reconcile import Reconciler, run_background
 from cmbcluster.settings import CoreSettings
 from cmbcluster.webui import mount_ui
@@ -29,6 +41,7 @@ from cmbcluster.webui import mount_ui
 log = logging.getLogger("cmbcluster")
 
 WORKER_THREADS = 8
+OPENAPI_URL = "/api/v1/openapi.json"
 
 
 def create_app(
@@ -66,6 +79,10 @@ def create_app(
             await background
             await backups
             await progress
+            await run_in_threadpool(stop_with_control_plane, context)
+            proxy = getattr(app.state, "environment_proxy", None)
+            if proxy is not None:
+                await proxy.aclose()
             await run_in_threadpool(context.close)
 
     app = FastAPI(
@@ -73,8 +90,8 @@ def create_app(
         version=__version__,
         summary="Personal research environments on Kubernetes, with your bucket mounted as a folder.",
         lifespan=lifespan,
-        openapi_url="/api/v1/openapi.json",
-        docs_url="/api/docs",
+        openapi_url=OPENAPI_URL,
+        docs_url=None,  # mount_api_docs serves Swagger UI from the package, not from a CDN
         redoc_url=None,
     )
     app.state.context = context
@@ -83,7 +100,9 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     for module in (health, plugins, auth, applications, environments, storages, user_settings, admin):
         app.include_router(module.router)
+    app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
     document_errors(app)
+    mount_api_docs(app, OPENAPI_URL)
 
     mount_ui(app)  # last: the UI answers only what no API route does
     return app

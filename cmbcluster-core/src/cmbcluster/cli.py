@@ -13,6 +13,7 @@ from cmbcluster import __version__
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
+from cmbcluster.commands import users as users_command
 from cmbcluster.commands.common import err, out, print_json, resolve_config
 from cmbcluster.config import load_core_settings
 from cmbcluster.errors import CmbclusterError
@@ -34,6 +35,10 @@ app.add_typer(secrets_app, name="secrets")
 app.add_typer(deploy_command.app, name="deploy")
 app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
+app.add_typer(users_command.app, name="users")
+
+
+SHUTDOWN_GRACE_SECONDS = 5
 
 
 @app.command()
@@ -70,7 +75,14 @@ def serve(
     restore_at_start(application.state.context)
     from cmbcluster.api.server import run
 
-    run(application, core)
+    try:
+        run(application, core, graceful_shutdown_seconds=SHUTDOWN_GRACE_SECONDS)
+    finally:
+        # The app's shutdown stops the embedded default's environments; a second Ctrl-C skips it
+        # (uvicorn's forced exit), so make sure here: none may outlive the server (idempotent).
+        from cmbcluster.services.environments import stop_with_control_plane
+
+        stop_with_control_plane(application.state.context)
 
 
 @app.command()

@@ -96,6 +96,13 @@ class ProviderUnavailable(CmbclusterError):
     code = "provider_unavailable"
 
 
+class BadGateway(CmbclusterError):
+    """An environment the control plane proxies to did not answer (it stopped, or is still starting)."""
+
+    http_status = 502
+    code = "bad_gateway"
+
+
 class ConfigurationError(CmbclusterError):
     """The configuration is invalid; ``problems`` lists every problem found, one line each."""
 

@@ -162,6 +162,30 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/auth/local/form": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Development sign-in: the page where a person types an address (HTML)
+         * @description A step of the development sign-in's browser flow, reached from `GET /api/v1/auth/local/login`, whose redirect carries these parameters; only on servers with the development sign-in (the embedded default). Scripts do not sign in here: they send an API token (`cmbcluster users token EMAIL`, or Settings → API tokens in the web UI).
+         */
+        get: operations["dev_form_api_v1_auth_local_form_get"];
+        put?: never;
+        /**
+         * Development sign-in: the form's submission; redirects to the callback
+         * @description What the form above posts: the browser goes on to `GET /api/v1/auth/local/callback`, which sets the session cookie. Rate-limited like every sign-in.
+         */
+        post: operations["dev_form_submit_api_v1_auth_local_form_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/auth/logout": {
         parameters: {
             query?: never;
@@ -852,7 +876,7 @@ export interface components {
             category: string;
             /**
              * Command
-             * @description Program and arguments; {port} and {host} are substituted
+             * @description Program and arguments. Substituted: {host}, {port}, {base_url} (the path it is served under), {token} (only the control plane's proxy sends it), {socket} (a Unix socket, where the backend offers one), {environment_id}
              */
             command?: string[];
             /**
@@ -904,6 +928,11 @@ export interface components {
         ApplicationOut: {
             /** Active */
             active: boolean;
+            /**
+             * Available
+             * @description False when its program is missing on this server (see unavailable_reason)
+             */
+            available: boolean;
             /** Category */
             category: string;
             /** Command */
@@ -931,6 +960,11 @@ export interface components {
             summary: string;
             /** Tags */
             tags: string[];
+            /**
+             * Unavailable Reason
+             * @description Why it cannot start on this server, with the fix (for example a command to run)
+             */
+            unavailable_reason?: string | null;
             /**
              * Updated At
              * Format: date-time
@@ -1027,6 +1061,24 @@ export interface components {
             page_size: number;
             /** Total */
             total: number;
+        };
+        /** Body_dev_form_submit_api_v1_auth_local_form_post */
+        Body_dev_form_submit_api_v1_auth_local_form_post: {
+            /** Code Challenge */
+            code_challenge: string;
+            /** Email */
+            email: string;
+            /**
+             * Name
+             * @default
+             */
+            name: string;
+            /** Nonce */
+            nonce: string;
+            /** Redirect Uri */
+            redirect_uri: string;
+            /** State */
+            state: string;
         };
         /** CustomLimitsOut */
         CustomLimitsOut: {
@@ -2809,6 +2861,172 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    dev_form_api_v1_auth_local_form_get: {
+        parameters: {
+            query: {
+                redirect_uri: string;
+                state: string;
+                nonce: string;
+                code_challenge: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The sign-in form */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/html": string;
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/html": components["schemas"]["cmbcluster__api__errors__ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    dev_form_submit_api_v1_auth_local_form_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/x-www-form-urlencoded": components["schemas"]["Body_dev_form_submit_api_v1_auth_local_form_post"];
+            };
+        };
+        responses: {
+            /** @description To this server's sign-in callback, with a code */
+            303: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": unknown;
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cmbcluster__api__errors__ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Too many requests or a quota reached: retry after Retry-After seconds */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cmbcluster__api__errors__ErrorOut"];
                 };
             };
             /** @description The request's headers are too large */

@@ -7,6 +7,8 @@ export interface Progress {
   message: string;
   url: string | null;
   progress: number;
+  /** The application's last output lines while it starts, and when it failed. */
+  log: string[];
 }
 
 const TERMINAL = new Set(["running", "stopped", "failed", "deleted"]);
@@ -20,7 +22,7 @@ export function useProgress(environmentId: string | null): Progress | null {
     const source = new EventSource(`/api/v1/environments/${encodeURIComponent(environmentId)}/events`);
     const onEvent = (event: MessageEvent<string>) => {
       const data = JSON.parse(event.data) as Partial<Progress> & { status: string };
-      setProgress({ progress: 100, message: "", url: null, ...data });
+      setProgress({ progress: 100, message: "", url: null, log: [], ...data });
       // The server ends the stream here; closing first stops EventSource from reconnecting.
       if (TERMINAL.has(data.status)) source.close();
     };
@@ -28,7 +30,9 @@ export function useProgress(environmentId: string | null): Progress | null {
     source.addEventListener("deleted", onEvent);
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
-        setProgress((last) => last ?? { status: "unknown", message: "the progress stream closed", url: null, progress: 0 });
+        setProgress(
+          (last) => last ?? { status: "unknown", message: "the progress stream closed", url: null, progress: 0, log: [] },
+        );
       }
     };
     return () => source.close();

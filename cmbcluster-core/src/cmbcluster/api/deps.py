@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.requests import HTTPConnection
 
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User
@@ -99,7 +100,7 @@ def _check_same_origin(request: Request) -> None:
         raise PermissionDenied("cross-site request refused")
 
 
-def own_origins(request: Request) -> set[tuple[str, str]]:
+def own_origins(request: HTTPConnection) -> set[tuple[str, str]]:
     """(scheme, host[:port]) pairs this server answers as: its public URL and the Host it was
     reached at, with the scheme the cookies use (the public URL's, else the request's own, which
     uvicorn takes from X-Forwarded-Proto when the proxy is trusted)."""

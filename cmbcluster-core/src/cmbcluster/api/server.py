@@ -66,8 +66,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
 
-def run(application: Any, core: CoreSettings) -> None:
-    """Serve ``application`` on the configured address until stopped."""
+def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int | None = None) -> None:
+    """Serve ``application`` on the configured address until stopped; on Ctrl-C or SIGTERM, open
+    progress streams, downloads and WebSockets get ``graceful_shutdown_seconds`` to end."""
     import uvicorn
 
     uvicorn.run(
@@ -76,4 +77,5 @@ def run(application: Any, core: CoreSettings) -> None:
         http=LimitedHttpToolsProtocol,
         # whose X-Forwarded-For/-Proto to believe: sign-in limits count per client address
         forwarded_allow_ips=core.forwarded_allow_ips, proxy_headers=True,
+        timeout_graceful_shutdown=graceful_shutdown_seconds,
     )  # fmt: skip

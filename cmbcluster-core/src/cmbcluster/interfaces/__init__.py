@@ -9,6 +9,7 @@ from cmbcluster.interfaces.compute import (
     EnvironmentStatus,
     MountedVolume,
     Resources,
+    Upstream,
 )
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
@@ -74,6 +75,7 @@ __all__ = [
     "StorageBackend",
     "StorageClass",
     "TokenSet",
+    "Upstream",
     "UserInfo",
     "UserRef",
     "VolumeSpec",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -67,6 +67,22 @@ class EnvironmentStatus:
     user_id: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """Where the control plane's proxy reaches a running environment (``/environments/<id>/``),
+    for backends whose environments are served through the control plane."""
+
+    #: scheme, host and port: ``http://127.0.0.1:20345`` (for a Unix socket, ``http://localhost``)
+    url: str
+    #: the Unix socket the application listens on instead of a port
+    unix_socket: str | None = None
+    #: sent with every request and WebSocket handshake (the application's token); never shown to anyone
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: the application serves at ``/`` and knows nothing of its base path: the proxy removes
+    #: ``/environments/<id>`` from request paths and puts it back in redirects
+    strip_prefix: bool = False
+
+
 class ComputeBackend(abc.ABC):
     """Runs environments. Every method is idempotent with respect to the environment id."""
 
@@ -104,6 +120,23 @@ class ComputeBackend(abc.ABC):
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         """The last lines of the environment's output, where the backend can see them."""
         return ""
+
+    def upstream(self, environment_id: str) -> Upstream | None:
+        """Where the control plane's proxy reaches the running environment; None when the
+        environment is not running here, or when the backend serves environments another way (the
+        Kubernetes backend: through an ingress)."""
+        return None
+
+    def check_command(self, command: Sequence[str]) -> str | None:
+        """Why an application's command cannot run on this backend, with the fix (the catalog
+        shows it); None when it can, or when the backend cannot tell (a container image)."""
+        return None
+
+    @property
+    def stops_with_control_plane(self) -> bool:
+        """True when environments run only while the control plane does: it stops them when it
+        shuts down (the embedded default's processes). False: they outlive it (pods)."""
+        return False
 
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Raise ProviderUnavailable if the backend cannot be reached."""

@@ -1,4 +1,12 @@
-"""Local compute: each environment is a process group on this machine, on a loopback port.
+"""Local compute: each environment is a process group on this machine, served through the control plane.
+
+Each environment has its own home folder (``<data dir>/homes/<id>``, its working folder and
+``HOME``), with every mounted bucket linked at its requested mount path: a mount path under
+``/home/<name>/`` lands at the same place under the home (``/home/user/data`` is ``~/data``), any
+other path ``P`` at ``~/P``. The application listens on a loopback port with a random token that
+only the control plane's proxy sends, or on a Unix socket only this user can open when its command
+asks for one (``{socket}``); users reach it at ``/environments/<id>/`` on the control plane (see
+:mod:`cmbcluster.compute.command` for the command's placeholders).
 
 State lives in ``<data dir>/compute/<environment id>.json``, so a restarted control plane adopts
 processes that still run and cleans up after those that do not. A process is recognised by its
@@ -12,33 +20,67 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import random
+import secrets
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cmbcluster.compute.command import (
+    TOKEN_HEADER,
+    TOKEN_SCHEME,
+    LaunchValues,
+    environment_path,
+    missing_program,
+    placeholders_in,
+    program_search_path,
+    render_command,
+    root_arguments,
+    standard_variables,
+    takes_token,
+)
 from cmbcluster.errors import InvalidRequest
-from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
+from cmbcluster.interfaces import (
+    ComputeBackend,
+    EnvironmentPhase,
+    EnvironmentSpec,
+    EnvironmentStatus,
+    MountedVolume,
+    Upstream,
+)
 
 STOP_GRACE_SECONDS = 5.0
 #: The variable that marks a process as started by the backend owning this state folder.
 STATE_MARKER = "CMBCLUSTER_COMPUTE_DIR"
-#: Variables of the control plane's own environment that an environment inherits.
-INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+#: Variables of the control plane's own environment that an environment inherits (HOME is its own).
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+#: What replaces the application's token in the output users see.
+REDACTED = "[token]"
+#: The longest Unix socket path Linux accepts is 107 bytes; past this one, sockets go to a private temporary folder.
+MAX_SOCKET_PATH = 100
 
 
 class LocalProcessCompute(ComputeBackend):
-    def __init__(self, state_dir: Path, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, state_dir: Path, *, homes_dir: Path | None = None, host: str = "127.0.0.1", public_url: str | None = None
+    ) -> None:
         self.state_dir = state_dir
+        self.homes_dir = homes_dir or state_dir.parent / "homes"
         self.host = host
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.public_url = public_url.rstrip("/") if public_url else ""
+        # the state holds each application's token: only this user reads it
+        for folder in (self.state_dir, self.homes_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._sweep_secrets()
 
@@ -49,27 +91,60 @@ class LocalProcessCompute(ComputeBackend):
             return current  # idempotent: adopt what runs
         if not spec.command:
             raise InvalidRequest("the local compute backend needs the application's command")
-        port = _free_port(self.host)
-        workdir = self._working_dir(spec)
-        env = self._environment(spec, port)
-        command = [part.replace("{port}", str(port)).replace("{host}", self.host) for part in spec.command]
-        log_path = self._path(spec.environment_id, ".log")
+        problem = self.check_command(spec.command)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        env_id = spec.environment_id
+        home = self._prepare_home(env_id, spec.volumes)
+        uses_socket = "socket" in placeholders_in(spec.command)
+        socket_path = self._socket_path(env_id) if uses_socket else None
+        if socket_path is not None:
+            Path(socket_path).unlink(missing_ok=True)
+        values = LaunchValues(
+            environment_id=env_id, host=self.host, port=None if uses_socket else _free_port(self.host),
+            base_url=environment_path(env_id), token=secrets.token_urlsafe(32) if takes_token(spec.command) else "",
+            socket=socket_path,
+        )  # fmt: skip
+        command = render_command(spec.command, values)
+        if os.geteuid() == 0:
+            command += root_arguments(spec.command)
+        env = self._environment(spec, values, home)
+        log_path = self._path(env_id, ".log")
         with open(log_path, "ab") as log:
             try:
                 process = subprocess.Popen(
-                    command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
             except OSError as exc:
-                raise InvalidRequest(f"cannot start {shlex.join(command)}: {exc.strerror}") from None
-        self._children[spec.environment_id] = process
+                shown = shlex.join(command).replace(values.token, REDACTED) if values.token else shlex.join(command)
+                raise InvalidRequest(f"cannot start {shown}: {exc.strerror}") from None
+        self._children[env_id] = process
         state = {
-            "environment_id": spec.environment_id, "user_id": spec.user.id, "pid": process.pid,
-            "start_ticks": _start_ticks(process.pid), "port": port, "command": command,
-            "started_at": dt.datetime.now(dt.UTC).isoformat(), "stopped": False,
+            "environment_id": env_id, "user_id": spec.user.id, "pid": process.pid,
+            "start_ticks": _start_ticks(process.pid), "port": values.port, "socket": socket_path,
+            "token": values.token, "strip_prefix": "base_url" not in placeholders_in(spec.command),
+            "home": str(home), "started_at": dt.datetime.now(dt.UTC).isoformat(), "stopped": False,
         }  # fmt: skip
-        self._write_state(spec.environment_id, state)
+        self._write_state(env_id, state)
         return self._status_from(state)
+
+    def check_command(self, command: Sequence[str]) -> str | None:
+        return missing_program(command)
+
+    @property
+    def stops_with_control_plane(self) -> bool:
+        return True
+
+    def upstream(self, environment_id: str) -> Upstream | None:
+        state = self._read_state(environment_id)
+        if state is None or state.get("stopped") or not _alive(int(state["pid"]), state.get("start_ticks")):
+            return None
+        headers = {TOKEN_HEADER: f"{TOKEN_SCHEME} {state['token']}"} if state.get("token") else {}
+        strip = bool(state.get("strip_prefix"))
+        if state.get("socket"):
+            return Upstream(url="http://localhost", unix_socket=state["socket"], headers=headers, strip_prefix=strip)
+        return Upstream(url=f"http://{self.host}:{state['port']}", headers=headers, strip_prefix=strip)
 
     def stop(self, environment_id: str) -> None:
         state = self._read_state(environment_id)
@@ -90,6 +165,10 @@ class LocalProcessCompute(ComputeBackend):
         for suffix in (".json", ".log"):
             self._path(environment_id, suffix).unlink(missing_ok=True)
         self._remove_secrets(environment_id)
+        with contextlib.suppress(OSError):
+            Path(self._socket_path(environment_id)).unlink(missing_ok=True)
+        # the environment's own disk goes with it (links into buckets are removed, never followed)
+        shutil.rmtree(self.homes_dir / environment_id, ignore_errors=True)
 
     # Plaintext copies of secret files exist only while their environment runs.
     def _remove_secrets(self, environment_id: str) -> None:
@@ -155,11 +234,22 @@ class LocalProcessCompute(ComputeBackend):
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        return "\n".join(lines[-tail:])
+            text = f.read().decode("utf-8", "replace")
+        state = self._read_state(environment_id)
+        if state is not None and state.get("token"):
+            text = text.replace(str(state["token"]), REDACTED)  # applications print their URL with it
+        return "\n".join(text.splitlines()[-tail:])
+
+    def _last_line(self, environment_id: str) -> str:
+        """The application's last words: what a failure message quotes (a traceback's last line)."""
+        for line in reversed(self.logs(environment_id, tail=20).splitlines()):
+            if line.strip():
+                return line.strip()[:300]
+        return ""
 
     def close(self) -> None:
-        # Environments outlive the control plane on purpose; only reap finished children.
+        # The control plane stops environments before closing (stops_with_control_plane); after a
+        # crash, the next one adopts what still runs. Here, only reap finished children.
         for process in self._children.values():
             process.poll()
 
@@ -174,15 +264,21 @@ class LocalProcessCompute(ComputeBackend):
         if child is not None and child.poll() is not None:
             self._remove_secrets(env_id)
             return EnvironmentStatus(
-                phase=EnvironmentPhase.FAILED, message=f"the process exited with code {child.returncode}", **base
-            )
+                phase=EnvironmentPhase.FAILED, message=_exited(f"code {child.returncode}", self._last_line(env_id)),
+                **base,
+            )  # fmt: skip
         if not _alive(int(state["pid"]), state.get("start_ticks")):
             self._remove_secrets(env_id)
-            return EnvironmentStatus(phase=EnvironmentPhase.FAILED, message="the process is gone", **base)
-        url = f"http://{self.host}:{state['port']}/"
-        if _port_open(self.host, int(state["port"])):
+            message = _exited("", self._last_line(env_id))
+            return EnvironmentStatus(phase=EnvironmentPhase.FAILED, message=message, **base)
+        url = f"{self.public_url}{environment_path(env_id)}"
+        if state.get("socket"):
+            listening, waiting = _socket_open(str(state["socket"])), "waiting for the application's socket"
+        else:
+            listening, waiting = _port_open(self.host, int(state["port"])), "waiting for the application's port"
+        if listening:
             return EnvironmentStatus(phase=EnvironmentPhase.RUNNING, url=url, **base)
-        return EnvironmentStatus(phase=EnvironmentPhase.STARTING, url=url, message="waiting for the port", **base)
+        return EnvironmentStatus(phase=EnvironmentPhase.STARTING, url=url, message=waiting, **base)
 
     def _terminate(self, state: dict[str, Any]) -> None:
         pid = int(state["pid"])
@@ -204,18 +300,55 @@ class LocalProcessCompute(ComputeBackend):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=STOP_GRACE_SECONDS)
 
-    def _working_dir(self, spec: EnvironmentSpec) -> Path:
-        for volume in spec.volumes:
-            if volume.spec.local_path is not None:
-                return volume.spec.local_path
-        workdir = self.state_dir / f"{spec.environment_id}.home"
-        workdir.mkdir(exist_ok=True)
-        return workdir
+    def _prepare_home(self, environment_id: str, volumes: Sequence[MountedVolume]) -> Path:
+        """The environment's home folder, each mounted bucket linked at its mount path in it."""
+        home = self.homes_dir / self._path(environment_id, "").name
+        home.mkdir(mode=0o700, exist_ok=True)
+        for volume in sorted(volumes, key=lambda v: v.mount_path):
+            if volume.spec.local_path is None:
+                continue
+            relative = home_path(volume.mount_path)
+            link = home / relative
+            for parent in reversed(link.relative_to(home).parents[:-1]):
+                if (home / parent).is_symlink():
+                    raise InvalidRequest(
+                        f"{volume.mount_path} is inside another mounted bucket: the embedded default mounts "
+                        "buckets side by side, not one inside another"
+                    )
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            elif link.is_dir() and not any(link.iterdir()):
+                link.rmdir()
+            elif link.exists():
+                raise InvalidRequest(
+                    f"~/{relative} already exists in the environment's home and is not a bucket: move it away "
+                    f"to mount the bucket at {volume.mount_path}"
+                )
+            link.symlink_to(volume.spec.local_path, target_is_directory=True)
+        return home
 
-    def _environment(self, spec: EnvironmentSpec, port: int) -> dict[str, str]:
+    def _socket_path(self, environment_id: str) -> str:
+        """Where an application that listens on a Unix socket does: beside the state when the path is
+        short enough for the kernel, else in a private temporary folder of this user."""
+        near = self.state_dir / f"{self._path(environment_id, '').name}.sock"
+        if len(os.fsencode(near)) <= MAX_SOCKET_PATH:
+            return str(near)
+        folder = Path(tempfile.gettempdir()) / f"cmbcluster-{os.geteuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not folder.is_dir() or folder.is_symlink() or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise InvalidRequest(f"{folder} is not a private folder of this user: remove it")
+        digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
+        return str(folder / f"{digest}-{environment_id}.sock")
+
+    def _environment(self, spec: EnvironmentSpec, values: LaunchValues, home: Path) -> dict[str, str]:
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+        env["PATH"] = program_search_path()
+        env["PYTHONUNBUFFERED"] = "1"  # Python applications' output reaches the log (and the user) as it is written
         env.update(spec.env)
-        env.update({"PORT": str(port), "HOST": self.host, "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id})
+        env.update(standard_variables(values, spec.command))
+        env["HOME"] = str(home)
         env[STATE_MARKER] = str(self.state_dir)
         if spec.secret_files:
             secrets_dir = self.state_dir / f"{spec.environment_id}.secrets"
@@ -243,8 +376,28 @@ class LocalProcessCompute(ComputeBackend):
     def _write_state(self, environment_id: str, state: dict[str, Any]) -> None:
         path = self._path(environment_id, ".json")
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the application's token
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state))
         os.replace(tmp, path)
+
+
+def home_path(mount_path: str) -> PurePosixPath:
+    """Where a bucket mounted at ``mount_path`` in a container appears in a local environment's home:
+    ``/home/<name>/rest`` at ``rest`` (``/home/user/data`` is ``~/data``), any other path ``P`` at ``P``
+    without its leading slash (``/data`` is ``~/data``, ``/home/user`` is ``~/home/user``)."""
+    parts = PurePosixPath(mount_path).parts[1:]
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        raise InvalidRequest(f"mount path {mount_path!r} must be an absolute folder other than /")
+    if len(parts) > 2 and parts[0] == "home":
+        parts = parts[2:]
+    return PurePosixPath(*parts)
+
+
+def _exited(code: str, last_line: str) -> str:
+    """A failure message that quotes the application's last line (the fatal one, for a traceback)."""
+    what = f"the application exited with {code}" if code else "the application's process is gone"
+    return f"{what}: {last_line}" if last_line else what
 
 
 #: Environments listen below Linux's ephemeral range (32768-60999): a port the kernel hands out
@@ -265,6 +418,16 @@ def _free_port(host: str) -> int:
         s.bind((host, 0))
         chosen: int = s.getsockname()[1]
         return chosen
+
+
+def _socket_open(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 def _port_open(host: str, port: int) -> bool:

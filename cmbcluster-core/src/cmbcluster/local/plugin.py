@@ -24,7 +24,9 @@ def _storage(ctx: ProviderContext) -> StorageBackend:
 def _compute(ctx: ProviderContext) -> ComputeBackend:
     from cmbcluster.local.compute import LocalProcessCompute
 
-    return LocalProcessCompute(ctx.data_dir / "compute")
+    return LocalProcessCompute(
+        ctx.data_dir / "compute", homes_dir=ctx.data_dir / "homes", public_url=ctx.core.public_url
+    )
 
 
 def _auth(ctx: ProviderContext) -> AuthProvider:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Application, Environment
 from cmbcluster.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
+from cmbcluster.interfaces import ComputeBackend
 from cmbcluster.services.audit import audit
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,13 @@ Image = Annotated[
 ]  # fmt: skip
 Argument = Annotated[str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_check_argument)]
 Command = Annotated[
-    list[Argument], Field(max_length=64, description="Program and arguments; {port} and {host} are substituted"),
+    list[Argument],
+    Field(
+        max_length=64,
+        description="Program and arguments. Substituted: {host}, {port}, {base_url} (the path it is served "
+        "under), {token} (only the control plane's proxy sends it), {socket} (a Unix socket, where the backend "
+        "offers one), {environment_id}",
+    ),
 ]  # fmt: skip
 Port = Annotated[int, Field(ge=1, le=65535, description="The port the application listens on")]
 WorkingDir = Annotated[
@@ -390,23 +397,61 @@ _JUPYTER_ICON = (
 )
 
 
+_STREAMLIT_ICON = (
+    "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 24 24'%3E%3Cpath fill='%23ff4b4b' "
+    "d='M12 3 2 20h20z'/%3E%3Cpath fill='%23fff' d='M12 9l-4 8h8z'/%3E%3C/svg%3E"
+)
+#: The example Streamlit application the embedded default's catalog runs.
+STREAMLIT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "streamlit_app.py"
+
+#: JupyterLab behind the control plane's proxy: served under its base path, its token (JUPYTER_TOKEN,
+#: from the command's rules) sent by the proxy only, on the port it was given and no other, and
+#: accepting the control plane's host name (it listens on loopback only).
+LOCAL_JUPYTER_COMMAND = (
+    "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.port_retries=0",
+    "--ServerApp.base_url={base_url}", "--ServerApp.allow_remote_access=True",
+)  # fmt: skip
+#: In an image on Kubernetes (the backend substitutes no token and serves each environment at its root yet).
+KUBERNETES_JUPYTER_COMMAND = (
+    "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.token=", "--ServerApp.base_url=/",
+)  # fmt: skip
+
+
+def _earlier_local_default(slug: str, command: list[str]) -> bool:
+    """Whether ``command`` is what an earlier version seeded for ``slug`` on the local backend (a
+    catalog that still has it gets today's, see :func:`seed_catalog`)."""
+    if slug == "jupyterlab":
+        return tuple(command) == KUBERNETES_JUPYTER_COMMAND
+    if slug == "files":  # on a loopback port, with the server's interpreter of the time
+        return len(command) == 6 and command[1:] == ["-m", "http.server", "{port}", "--bind", "{host}"]
+    return False
+
+
 def default_applications(compute_backend: str) -> list[ApplicationCreate]:
     """The catalog a fresh server starts with; every entry works with the ``local`` backend as is.
 
     With the local backend the Files application runs this very Python interpreter, which is
-    known to exist; in a container image (Kubernetes) it runs the image's ``python``. JupyterLab
-    is active on the local backend only when ``jupyter-lab`` is on the PATH.
+    known to exist, on a Unix socket; in a container image (Kubernetes) it runs the image's
+    ``python`` on a port. Streamlit has no token of its own and no longer listens on Unix
+    sockets (1.50 and later): it listens on loopback. Every entry
+    is active: where its program is missing, the catalog says so with the fix (the compute
+    backend's ``check_command``) instead of hiding it. The Streamlit example runs on the local
+    backend only (it needs the example's file, which no image has).
     """
     local = compute_backend == "local"
-    python = sys.executable if local and sys.executable else "python"
-    jupyter_available = not local or shutil.which("jupyter-lab") is not None
-    return [
+    python = sys.executable or "python"
+    applications = [
         ApplicationCreate(
             slug="files",
             name="Files",
-            summary="Browse and download the files of your bucket in the browser (Python's built-in web server).",
+            summary="Browse and download your home folder and mounted buckets in the browser "
+            "(Python's built-in web server).",
             image="python:3.11-slim",
-            command=[python, "-m", "http.server", "{port}", "--bind", "{host}"],
+            command=(
+                [python, "-m", "cmbcluster.examples.files", "{socket}"]
+                if local
+                else ["python", "-m", "http.server", "{port}", "--bind", "{host}"]
+            ),
             port=8080,
             icon=_FILES_ICON,
             category="Tools",
@@ -420,30 +465,53 @@ def default_applications(compute_backend: str) -> list[ApplicationCreate]:
             summary="Notebooks, a terminal and a file browser, with the scientific Python stack "
             "(NumPy, SciPy, pandas, matplotlib...).",
             image="quay.io/jupyter/scipy-notebook",
-            command=[
-                "jupyter-lab",
-                "--no-browser",
-                "--ip={host}",
-                "--port={port}",
-                "--ServerApp.token=",
-                "--ServerApp.base_url=/",
-            ],
+            command=list(LOCAL_JUPYTER_COMMAND if local else KUBERNETES_JUPYTER_COMMAND),
             port=8888,
             icon=_JUPYTER_ICON,
             category="Notebooks",
             tags=["python", "notebook", "jupyter"],
             default_preset=DEFAULT_PRESET,
-            active=jupyter_available,
+            active=True,
         ),
     ]
+    if local:
+        applications.append(
+            ApplicationCreate(
+                slug="streamlit",
+                name="Streamlit example",
+                summary="A small Streamlit app: browse the files of your mounted buckets and plot a CSV file. "
+                "Copy it to start your own.",
+                image="python:3.11-slim",
+                command=[
+                    "streamlit",
+                    "run",
+                    str(STREAMLIT_EXAMPLE),
+                    "--server.address={host}",
+                    "--server.port={port}",
+                    "--server.baseUrlPath={base_url}",
+                    "--server.headless=true",
+                    "--browser.gatherUsageStats=false",
+                    "--server.fileWatcherType=none",
+                ],
+                port=8501,
+                icon=_STREAMLIT_ICON,
+                category="Apps",
+                tags=["python", "streamlit", "dashboard"],
+                default_preset="light",
+                active=True,
+            )
+        )
+    return applications
 
 
 def seed_catalog(db: Session, compute_backend: str) -> None:
-    """Fill an empty catalog with :func:`default_applications`; do nothing when it has any entry.
+    """Fill an empty catalog with :func:`default_applications`; in a catalog that has entries,
+    only bring an entry still holding an earlier default command, never changed since, up to date.
 
     Idempotent, and safe when several replicas start at once (the loser of the race rolls back).
     """
     if db.execute(select(Application.id).limit(1)).first() is not None:
+        _upgrade_defaults(db, compute_backend)
         return
     added = []
     for data in default_applications(compute_backend):
@@ -458,9 +526,30 @@ def seed_catalog(db: Session, compute_backend: str) -> None:
     except IntegrityError:
         db.rollback()  # another replica seeded meanwhile
         return
-    inactive = [app.slug for app in added if not app.active]
-    log.info(
-        "application catalog seeded: %s%s",
-        ", ".join(app.slug for app in added),
-        f" (inactive: {', '.join(inactive)}; install it and activate it in the admin pages)" if inactive else "",
-    )
+    log.info("application catalog seeded: %s", ", ".join(app.slug for app in added))
+
+
+def _upgrade_defaults(db: Session, compute_backend: str) -> None:
+    if compute_backend != "local":
+        return
+    defaults = {app.slug: app for app in default_applications(compute_backend)}
+    for slug in ("files", "jupyterlab"):
+        app = db.execute(select(Application).where(Application.slug == slug)).scalar_one_or_none()
+        if app is None or not _earlier_local_default(slug, app.command):
+            continue
+        changes: dict[str, Any] = {"command": defaults[slug].command}
+        untouched = abs((app.updated_at - app.created_at).total_seconds()) < 1  # both set when seeded
+        if not app.active and untouched:
+            changes["active"] = True  # seeded inactive because its program was missing then
+        before = {name: getattr(app, name) for name in changes}
+        for name, value in changes.items():
+            setattr(app, name, value)
+        audit(db, actor_id=None, action="application.updated", target_type="application", target_id=app.id,
+              slug=app.slug, before=before, after=changes, reason="default catalog upgrade")  # fmt: skip
+        log.info("application %s: its default command was brought up to date", slug)
+    db.commit()
+
+
+def availability(compute: ComputeBackend, app: Application) -> str | None:
+    """Why the application cannot start on this server, with the fix; None when it can."""
+    return compute.check_command(app.command)

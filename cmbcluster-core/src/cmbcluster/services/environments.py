@@ -21,6 +21,7 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
+    EnvironmentPhase,
     EnvironmentSpec,
     MountedVolume,
     MountRequest,
@@ -92,6 +93,9 @@ def create(db: Session, context: AppContext, user: User, request: EnvironmentReq
     ).scalar_one_or_none()
     if application is None or not application.active:
         raise NotFound(f"application {request.application} not found")
+    missing = context.compute.check_command(application.command)
+    if missing is not None:
+        raise Conflict(f"{application.name} cannot start on this server: {missing}")
     preset, cpu, memory = resolve_resources(
         request.preset or (None if request.cpu or request.memory_mib else application.default_preset),
         request.cpu,
@@ -308,6 +312,47 @@ def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str 
     db.delete(env)
     db.commit()
     context.progress.notify(env.id)
+
+
+def stop_with_control_plane(context: AppContext) -> list[str]:
+    """When the control plane shuts down, stop the environments of a backend whose environments
+    run only while it does (the embedded default's processes); their records say why, and every
+    choice is kept for the next start. Idempotent; returns the ids stopped."""
+    if not context.compute.stops_with_control_plane:
+        return []
+    reason = "stopped with the server; start it again"
+    stopped: list[str] = []
+    with context.sessions() as db:
+        active = db.execute(
+            select(Environment).where(
+                Environment.backend == context.config.compute.name, Environment.status.in_(ACTIVE_STATUSES)
+            )
+        ).scalars()
+        for env in list(active):
+            try:
+                stop(db, context, env, actor_id=None, reason=reason)
+                stopped.append(env.id)
+            except Exception:  # one that cannot be stopped must not keep the others running
+                db.rollback()
+                log.exception("stopping environment %s at shutdown failed", env.id)
+    for status in context.compute.list_managed():  # anything the records do not know of
+        if status.phase in (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING):
+            context.compute.stop(status.environment_id)
+            stopped.append(status.environment_id)
+    if stopped:
+        log.info("stopped %d environments with the server", len(stopped), extra={"environments": stopped})
+    return stopped
+
+
+def open_for_traffic(db: Session, user: User, environment_id: str) -> Environment:
+    """The caller's own running environment, before any traffic reaches it: the ingress's
+    ``authorize`` check on Kubernetes and the control plane's own proxy ask the same question.
+    NotFound for anyone else's environment and for one that is not running; counts as activity."""
+    env = get_owned(db, user, environment_id)
+    if env.status != "running":
+        raise NotFound(f"environment {environment_id} is not running")
+    touch(db, env, kind="traffic")
+    return env
 
 
 def touch(db: Session, env: Environment, *, kind: str = "heartbeat") -> None:

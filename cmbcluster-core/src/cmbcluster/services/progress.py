@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.db.models import Environment, utcnow
+from cmbcluster.errors import CmbclusterError
 from cmbcluster.interfaces import ComputeBackend
 from cmbcluster.services.status import apply_status
 
@@ -41,6 +43,10 @@ PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed
 TERMINAL = ("running", "stopped", "failed")
 #: Environments read per query (well under every database's bound-parameter limit).
 BATCH = 500
+#: The application's last output lines an event carries while it starts and when it failed.
+PROGRESS_LOG_LINES = 15
+#: How often that output is read again (a pass may come sooner; reading may be a cluster call).
+PROGRESS_LOG_REFRESH_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -56,7 +62,7 @@ class Subscription:
 
     def offer(self, event: dict[str, Any] | None) -> bool:
         """Take a state; True when it differs from the last one (the stream then sends it)."""
-        key = None if event is None else (event["status"], event["message"], event["url"])
+        key = None if event is None else (event["status"], event["message"], event["url"], tuple(event["log"]))
         if self.seen and key == self._key:
             return False
         self.seen, self._key, self.latest = True, key, event
@@ -75,6 +81,7 @@ class ProgressHub:
     ) -> None:
         self.sessions = sessions
         self.compute = compute
+        self.output = StartupOutput(compute)
         self.poll_seconds = poll_seconds
         self.max_poll_seconds = max_poll_seconds
         self._subscriptions: dict[str, set[Subscription]] = {}
@@ -173,6 +180,10 @@ class ProgressHub:
                         if env is not None and apply_status(db, env, self.compute.status(env.id)):
                             changed = True
                             event = progress_event(env.status, env.status_message, env.url)
+                    if event["status"] in ("starting", "failed"):
+                        # what the application is doing, or why it stopped (a failure ends the stream:
+                        # its event has the output as it ended, not as read a moment ago)
+                        event["log"] = self.output.lines(row.id, fresh=event["status"] == "failed")
                     states[row.id] = {"user_id": row.user_id, "event": event}
                 if changed:
                     db.commit()
@@ -190,12 +201,38 @@ _STATE_QUERY = select(
 )
 
 
-def progress_event(status: str, message: str, url: str | None) -> dict[str, Any]:
-    """What a progress stream sends about an environment."""
+def progress_event(status: str, message: str, url: str | None, log: list[str] | None = None) -> dict[str, Any]:
+    """What a progress stream sends about an environment; ``log``: the application's last output
+    lines, while it starts and when it failed."""
     return {
         "status": status, "message": message, "url": url, "progress": PROGRESS.get(status, 0),
-        "at": utcnow().isoformat(),
+        "at": utcnow().isoformat(), "log": log or [],
     }  # fmt: skip
+
+
+class StartupOutput:
+    """The last output lines of starting environments, read from the backend at most once a second
+    per environment however many people watch (reading may be a cluster call)."""
+
+    def __init__(self, compute: ComputeBackend, *, lines: int = PROGRESS_LOG_LINES) -> None:
+        self.compute = compute
+        self.count = lines
+        self._seen: dict[str, tuple[float, list[str]]] = {}
+
+    def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
+        now = time.monotonic()
+        cached = self._seen.get(environment_id)
+        if cached is not None and not fresh and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS:
+            return cached[1]
+        try:
+            text = self.compute.logs(environment_id, tail=self.count)
+        except CmbclusterError as exc:
+            log.info("no output for environment %s: %s", environment_id, exc.message)
+            text = ""
+        found = [line[:500] for line in text.splitlines()[-self.count :]]
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
+        self._seen[environment_id] = (now, found)
+        return found
 
 
 def _batches(items: list[str], size: int) -> Iterable[list[str]]:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import User, utcnow
-from cmbcluster.errors import AuthenticationFailed, Conflict, PermissionDenied
+from cmbcluster.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.interfaces import UserInfo
 from cmbcluster.services.audit import activity, audit
 
@@ -104,3 +104,33 @@ def _apply_admin_rules(
         user.role = "admin"
         audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id, role="admin",
               reason="provider group" if from_groups else "CMBCLUSTER_ADMIN_EMAILS (verified address)")  # fmt: skip
+
+
+def operator_token(
+    db: Session, email: str, *, name: str, expires_in_days: int | None, create_local: bool, admin_emails: list[str]
+) -> tuple[User, str, bool]:
+    """An API token for ``email``, made by the operator (``cmbcluster users token``): ``(user,
+    token, created)``. A missing user is created as the development sign-in would create them
+    when ``create_local`` (the embedded default); otherwise they must sign in once first."""
+    from cmbcluster.services import sessions
+
+    address = normalise_email(email)
+    if "@" not in address or len(address) > 320 or any(c.isspace() for c in address):
+        raise InvalidRequest(f"{email!r} is not an e-mail address")
+    user = db.execute(select(User).where(func.lower(User.email) == address)).scalar_one_or_none()
+    created = user is None
+    if user is None:
+        if not create_local:
+            raise NotFound(
+                f"no user {address}: on this server people are created when they first sign in; ask them to "
+                "sign in once, then run this again"
+            )
+        info = UserInfo(provider="local", subject=address, email=address, email_verified=True, name="")
+        user = sign_in(db, info, admin_emails=admin_emails)
+    if user.status != "active":
+        raise PermissionDenied(f"{address}'s account is deactivated: activate it first")
+    row, token = sessions.create_api_token(db, user, name=name, expires_in_days=expires_in_days)
+    audit(db, actor_id=None, action="api_token.created", target_type="api_token", target_id=row.id, name=row.name,
+          user_id=user.id, via="cli", expires_at=row.expires_at.isoformat() if row.expires_at else None)  # fmt: skip
+    db.commit()
+    return user, token, created

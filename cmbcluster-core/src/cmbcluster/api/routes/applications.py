@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession
+from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application
 from cmbcluster.services import catalog
 from cmbcluster.services.catalog import ApplicationCreate, ApplicationUpdate
@@ -30,6 +31,10 @@ class ApplicationOut(BaseModel):
     tags: list[str]
     default_preset: str
     active: bool
+    available: bool = Field(description="False when its program is missing on this server (see unavailable_reason)")
+    unavailable_reason: str | None = Field(
+        default=None, description="Why it cannot start on this server, with the fix (for example a command to run)"
+    )
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -58,18 +63,24 @@ class PresetsOut(BaseModel):
     custom: CustomLimitsOut = Field(description="What the 'custom' preset allows")
 
 
-def application_out(app: Application) -> ApplicationOut:
-    return ApplicationOut.model_validate(app, from_attributes=True)
+_STORED_FIELDS = [name for name in ApplicationOut.model_fields if name not in ("available", "unavailable_reason")]
+
+
+def application_out(app: Application, context: AppContext) -> ApplicationOut:
+    reason = catalog.availability(context.compute, app)
+    stored = {name: getattr(app, name) for name in _STORED_FIELDS}
+    return ApplicationOut(**stored, available=reason is None, unavailable_reason=reason)
 
 
 @router.get("", response_model=ApplicationsOut, summary="The application catalog")
 def list_applications(
     user: CurrentUser,
     db: DbSession,
+    context: Context,
     include_inactive: Annotated[bool, Query(description="Admins only: include inactive applications")] = False,
 ) -> ApplicationsOut:
     apps = catalog.list_applications(db, include_inactive=include_inactive and user.role == "admin")
-    return ApplicationsOut(items=[application_out(app) for app in apps])
+    return ApplicationsOut(items=[application_out(app, context) for app in apps])
 
 
 @router.get("/presets", response_model=PresetsOut, summary="Resource presets and the limits of custom resources")
@@ -96,19 +107,21 @@ def list_presets(user: CurrentUser, context: Context) -> PresetsOut:
 
 
 @router.get("/{id_or_slug}", response_model=ApplicationOut, summary="One application, by id or slug")
-def get_application(id_or_slug: str, user: CurrentUser, db: DbSession) -> ApplicationOut:
-    return application_out(catalog.get_application(db, id_or_slug, include_inactive=user.role == "admin"))
+def get_application(id_or_slug: str, user: CurrentUser, db: DbSession, context: Context) -> ApplicationOut:
+    return application_out(catalog.get_application(db, id_or_slug, include_inactive=user.role == "admin"), context)
 
 
 @router.post("", response_model=ApplicationOut, status_code=201, summary="Add an application (admins)")
-def create_application(body: ApplicationCreate, admin: AdminUser, db: DbSession) -> ApplicationOut:
-    return application_out(catalog.create_application(db, body, actor_id=admin.id))
+def create_application(body: ApplicationCreate, admin: AdminUser, db: DbSession, context: Context) -> ApplicationOut:
+    return application_out(catalog.create_application(db, body, actor_id=admin.id), context)
 
 
 @router.patch("/{id_or_slug}", response_model=ApplicationOut, summary="Change an application (admins)")
-def update_application(id_or_slug: str, body: ApplicationUpdate, admin: AdminUser, db: DbSession) -> ApplicationOut:
+def update_application(
+    id_or_slug: str, body: ApplicationUpdate, admin: AdminUser, db: DbSession, context: Context
+) -> ApplicationOut:
     app = catalog.get_application(db, id_or_slug, include_inactive=True)
-    return application_out(catalog.update_application(db, app, body, actor_id=admin.id))
+    return application_out(catalog.update_application(db, app, body, actor_id=admin.id), context)
 
 
 @router.delete(

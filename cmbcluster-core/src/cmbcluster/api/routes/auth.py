@@ -319,7 +319,16 @@ def _check_redirect(request: Request, context: Context, redirect_uri: str) -> No
         raise InvalidRequest("invalid redirect_uri")
 
 
-@router.get("/local/form", response_class=HTMLResponse, include_in_schema=False)
+@router.get(
+    "/local/form",
+    response_class=HTMLResponse,
+    summary="Development sign-in: the page where a person types an address (HTML)",
+    description="A step of the development sign-in's browser flow, reached from `GET /api/v1/auth/local/login`, "
+    "whose redirect carries these parameters; only on servers with the development sign-in (the embedded "
+    "default). Scripts do not sign in here: they send an API token (`cmbcluster users token EMAIL`, or "
+    "Settings → API tokens in the web UI).",
+    responses={200: {"content": {"text/html": {}}, "description": "The sign-in form"}, **error_responses(404)},
+)
 def dev_form(
     request: Request,
     context: Context,
@@ -337,7 +346,14 @@ def dev_form(
     return HTMLResponse(DEV_FORM.format(hidden=hidden))
 
 
-@router.post("/local/form", include_in_schema=False)
+@router.post(
+    "/local/form",
+    status_code=303,
+    summary="Development sign-in: the form's submission; redirects to the callback",
+    description="What the form above posts: the browser goes on to `GET /api/v1/auth/local/callback`, which "
+    "sets the session cookie. Rate-limited like every sign-in.",
+    responses={303: {"description": "To this server's sign-in callback, with a code"}, **error_responses(404, 429)},
+)
 def dev_form_submit(
     request: Request,
     context: Context,

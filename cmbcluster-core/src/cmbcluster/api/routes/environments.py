@@ -17,7 +17,7 @@ from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
-from cmbcluster.errors import Conflict, LimitExceeded, NotFound
+from cmbcluster.errors import Conflict, LimitExceeded
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.status import apply_status
@@ -166,10 +166,7 @@ def authorize(
     environment_id: Annotated[str, Query(min_length=1, max_length=32)], user: CurrentUser, db: DbSession
 ) -> Response:
     """204 for the owner of a running environment (and counts as activity); 404 otherwise."""
-    env = envs.get_owned(db, user, environment_id)
-    if env.status != "running":
-        raise NotFound(f"environment {environment_id} is not running")
-    envs.touch(db, env, kind="traffic")
+    envs.open_for_traffic(db, user, environment_id)
     return Response(status_code=204)
 
 

@@ -31,6 +31,11 @@ function LaunchProgress({ environment }: { environment: Environment }) {
         {progress?.message ? <span className="muted"> — {progress.message}</span> : null}
       </label>
       <progress id="launch-progress" max={100} value={value} aria-valuetext={`${status}, ${value}%`} />
+      {progress?.log.length ? (
+        <pre className="logs launch-output" aria-label={`Output of ${environment.name} while it starts`} data-testid="launch-output">
+          {progress.log.join("\n")}
+        </pre>
+      ) : null}
       <p aria-live="polite">
         {status === "running" && progress?.url ? (
           <a className="button primary" href={progress.url} target="_blank" rel="noopener noreferrer">
@@ -176,7 +181,18 @@ export default function ApplicationsPage() {
               {app.category}
               {app.tags.length ? ` · ${app.tags.join(", ")}` : ""}
             </p>
-            <button type="button" className="primary" onClick={() => setChosen(app)} aria-label={`Launch ${app.name}`}>
+            {app.available ? null : (
+              <p className="warning small" role="note" aria-label={`${app.name} is not installed`}>
+                {app.unavailable_reason}
+              </p>
+            )}
+            <button
+              type="button"
+              className="primary"
+              onClick={() => setChosen(app)}
+              aria-label={`Launch ${app.name}`}
+              disabled={!app.available}
+            >
               Launch
             </button>
           </li>

@@ -101,7 +101,9 @@ function ApplicationForm({ editing, onSaved }: { editing: Application | null; on
         <textarea id="app-summary" rows={2} value={draft.summary} onChange={set("summary")} />
       </div>
       <div className="wide">
-        <label htmlFor="app-command">Command (one argument per line; {"{host}"} and {"{port}"} are filled in)</label>
+        <label htmlFor="app-command">
+          Command (one argument per line; {"{host}"}, {"{port}"}, {"{base_url}"}, {"{token}"} and {"{socket}"} are filled in)
+        </label>
         <textarea id="app-command" rows={3} value={draft.command} onChange={set("command")} />
       </div>
       {field("working_dir", "Working directory")}
@@ -169,7 +171,14 @@ export default function AdminApplicationsPage() {
               <td>
                 <code className="small">{app.image}</code>
               </td>
-              <td>{app.active ? "active" : "inactive"}</td>
+              <td>
+                {app.active ? "active" : "inactive"}
+                {app.available ? null : (
+                  <p className="warning small" role="note" aria-label={`${app.name} is not installed`}>
+                    {app.unavailable_reason}
+                  </p>
+                )}
+              </td>
               <td className="row-actions">
                 <button type="button" onClick={() => setEditing(app)} aria-label={`Edit ${app.name}`}>
                   Edit

@@ -1,0 +1,170 @@
+"""``/environments/<id>/``: each environment's own traffic, through the control plane's port.
+
+Only the environment's owner gets through, with exactly the check the ingress makes on
+Kubernetes (:func:`cmbcluster.services.environments.open_for_traffic`): anyone else, and anyone
+while it is not running, gets 404 (a WebSocket too, before its handshake completes). A browser
+that is not signed in is sent to the sign-in page, and comes back here afterwards.
+
+Not part of the API (no OpenAPI entry): what answers is the environment's application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, Request, Response, WebSocket
+from fastapi.responses import RedirectResponse
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import HTTPConnection
+
+from cmbcluster.api.deps import SESSION_COOKIE, authenticate_request, own_origins
+from cmbcluster.api.errors import error_response
+from cmbcluster.api.guard import streams_body
+from cmbcluster.api.routes.auth import LOGIN_COOKIE
+from cmbcluster.context import AppContext
+from cmbcluster.db.models import User
+from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
+from cmbcluster.interfaces import Upstream
+from cmbcluster.services import environments as envs
+from cmbcluster.services import sessions
+from cmbcluster.services.environment_proxy import EnvironmentProxy
+from cmbcluster.webui import ui_available
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+#: How often a long WebSocket session counts as activity (idle culling spares it).
+ACTIVITY_SECONDS = 30.0
+
+
+class _EnvironmentId(Convertor[str]):
+    """Environment ids only (32 hexadecimal characters): ``/environments/`` itself and the web UI's
+    own files below it stay the UI's."""
+
+    regex = "[0-9a-f]{32}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("environment_id", _EnvironmentId())
+router = APIRouter(include_in_schema=False)
+
+
+def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
+    proxy: EnvironmentProxy | None = getattr(conn.app.state, "environment_proxy", None)
+    if proxy is None:
+        proxy = conn.app.state.environment_proxy = EnvironmentProxy(
+            own_cookies=frozenset({SESSION_COOKIE, LOGIN_COOKIE})
+        )
+    return proxy
+
+
+def _caller(conn: HTTPConnection, db: Any) -> User:
+    """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
+    scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
+    bearer = credentials if scheme.lower() == "bearer" and credentials.startswith(("cmbs_", "cmbt_")) else None
+    cookie = conn.cookies.get(SESSION_COOKIE)
+    if isinstance(conn, Request):
+        return authenticate_request(conn, db, bearer, cookie).user
+    if bearer is None and cookie:
+        # Browsers send cookies with WebSocket handshakes from any page, and no CORS applies: only
+        # our own pages may open one with the session cookie.
+        origin = conn.headers.get("origin")
+        sent = urlsplit(origin) if origin else None
+        if sent is not None and (sent.scheme.lower(), sent.netloc.lower()) not in _websocket_origins(conn):
+            raise PermissionDenied("cross-site WebSocket refused")
+    token = bearer or cookie
+    if not token:
+        raise AuthenticationFailed("sign in first: no session cookie or bearer token")
+    user, _ = sessions.authenticate(db, token)
+    return user
+
+
+def _websocket_origins(conn: HTTPConnection) -> set[tuple[str, str]]:
+    """Our origins as a page's scheme names them (a ws:// request comes from an http:// page)."""
+    return {({"ws": "http", "wss": "https"}.get(scheme, scheme), host) for scheme, host in own_origins(conn)}
+
+
+def _open(context: AppContext, conn: HTTPConnection, environment_id: str) -> Upstream:
+    """The caller's check, then where the environment listens (blocking: database and backend)."""
+    with context.sessions() as db:
+        user = _caller(conn, db)
+        envs.open_for_traffic(db, user, environment_id)
+    upstream = context.compute.upstream(environment_id)
+    if upstream is None:
+        raise NotFound(f"environment {environment_id} is not served by this control plane")
+    return upstream
+
+
+def _prefix(environment_id: str) -> str:
+    return f"/environments/{environment_id}"
+
+
+@router.api_route("/environments/{environment_id:environment_id}", methods=METHODS)
+async def environment_root(request: Request) -> Response:
+    """The environment's address without its final slash: relative links need it."""
+    query = request.url.query
+    return RedirectResponse(f"{request.url.path}/{'?' + query if query else ''}", status_code=307)
+
+
+@router.api_route("/environments/{environment_id:environment_id}/{path:path}", methods=METHODS)
+@streams_body  # the application limits its own bodies (uploads into a notebook), as the ingress lets it
+async def environment_traffic(request: Request) -> Response:
+    context: AppContext = request.app.state.context
+    environment_id = request.path_params["environment_id"]
+    try:
+        upstream = await run_in_threadpool(_open, context, request, environment_id)
+    except AuthenticationFailed:
+        if request.method == "GET" and "text/html" in request.headers.get("accept", "") and ui_available():
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+        raise
+    return await _proxy(request).forward(request, upstream, _prefix(environment_id))
+
+
+@router.websocket("/environments/{environment_id:environment_id}/{path:path}")
+async def environment_websocket(websocket: WebSocket) -> None:
+    context: AppContext = websocket.app.state.context
+    environment_id = websocket.path_params["environment_id"]
+    try:
+        upstream = await run_in_threadpool(_open, context, websocket, environment_id)
+    except CmbclusterError as exc:
+        await _refuse(websocket, exc)
+        return
+    loop = asyncio.get_running_loop()
+    last_activity = loop.time()
+    recording: set[asyncio.Task[None]] = set()
+
+    async def on_traffic() -> None:
+        nonlocal last_activity
+        if loop.time() - last_activity >= ACTIVITY_SECONDS:
+            last_activity = loop.time()
+            task = loop.create_task(run_in_threadpool(_record_activity, context, websocket, environment_id))
+            recording.add(task)
+            task.add_done_callback(recording.discard)
+
+    try:
+        await _proxy(websocket).forward_websocket(websocket, upstream, _prefix(environment_id), on_traffic=on_traffic)
+    except CmbclusterError as exc:
+        await _refuse(websocket, exc)
+
+
+def _record_activity(context: AppContext, conn: HTTPConnection, environment_id: str) -> None:
+    try:
+        _open(context, conn, environment_id)
+    except CmbclusterError:
+        pass  # stopped or signed out meanwhile: the next message fails anyway
+
+
+async def _refuse(websocket: WebSocket, error: CmbclusterError) -> None:
+    """Refuse the handshake with the error's HTTP status (404, 401...) where the server can, else close."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(error))
+    else:
+        await websocket.close(code=1008, reason=error.message[:120])

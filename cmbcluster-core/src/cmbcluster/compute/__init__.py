@@ -1,0 +1,2 @@
+"""What every compute backend shares beside the interface: the application's command line and
+the variables an environment gets (:mod:`cmbcluster.compute.command`)."""

@@ -1,0 +1,1 @@
+"""Example applications the embedded default's catalog runs (never imported by CMBCluster itself)."""
