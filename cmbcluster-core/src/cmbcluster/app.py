@@ -30,6 +30,7 @@ from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
 from cmbcluster.db.backup import restore_at_start, run_periodic_backups
+from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
 from cmbcluster.services.catalog import seed_catalog
@@ -114,7 +115,7 @@ def prepare(context: AppContext) -> None:
     restore_at_start(context)
     upgrade(context.engine, secret_key=context.secret_key)
     with context.sessions() as db:
-        seed_catalog(db, context.config.compute.name)
+        seed_catalog(db, context.config.compute.name, environment_image(context))
     if context.compute.elects_leader:
         return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
@@ -123,6 +124,13 @@ def prepare(context: AppContext) -> None:
             "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped",
             len(report.orphans_removed), len(report.marked_stopped), extra={"report": report.__dict__},
         )  # fmt: skip
+
+
+def environment_image(context: AppContext) -> str:
+    """The image the default catalog runs in a cluster: the environment image, as `cmbcluster
+    images push` pushed it to this deployment's registry (the project's releases without a cloud)."""
+    registry = DEFAULT_REGISTRY if context.config.infra.name == "local" else context.infra.registry()
+    return image_ref(registry, ENVIRONMENT)
 
 
 def _log_start(context: AppContext) -> None:
