@@ -29,7 +29,7 @@ from cmbcluster.api.routes import (
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
-from cmbcluster.db.backup import restore_at_start, run_periodic_backups
+from cmbcluster.db.backup import restore_at_start, run_periodic_backups, serving_lock
 from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
@@ -68,7 +68,13 @@ def create_app(
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = WORKER_THREADS
         context.metrics.worker_threads.set_function(lambda: limiter.borrowed_tokens)
-        await run_in_threadpool(prepare, context)
+        lock = serving_lock(context)  # one server per SQLite database; `db restore` refused meanwhile
+        try:
+            await run_in_threadpool(prepare, context)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         stop = asyncio.Event()
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
@@ -85,6 +91,8 @@ def create_app(
             if proxy is not None:
                 await proxy.aclose()
             await run_in_threadpool(context.close)
+            if lock is not None:
+                lock.release()
 
     app = FastAPI(
         title="CMBCluster",
