@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,12 +34,15 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from cmbcluster import __version__
+from cmbcluster.commands.rollout import Rollout, preflight
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import CmbclusterError, ConfigurationError, PluginError
 from cmbcluster.images import CONTROL_PLANE, repository
 from cmbcluster.interfaces import RegistryInfo
 from cmbcluster.kubernetes import rbac
 from cmbcluster.settings import deploy_policy, env_var_name
+
+log = logging.getLogger(__name__)
 
 HOOK = "cmbcluster_deploy_values"
 HIDDEN = "<hidden>"
@@ -311,18 +317,95 @@ def helm_command(
     return command
 
 
-def run_helm(command: Sequence[str], values: Mapping[str, Any], *, timeout: float | None = None) -> str:
-    """Run helm with ``values`` on standard input; DeployError with helm's own message if it fails."""
+def run_helm(
+    command: Sequence[str], values: Mapping[str, Any], *, timeout: float | None = None, rollout: Rollout | None = None
+) -> str:
+    """Run helm with ``values`` on standard input; DeployError with helm's own message if it fails,
+    or, while helm waits, with what ``rollout`` finds stuck (then helm is stopped)."""
+    # Output into files, not pipes: nothing is read while helm waits, and a pipe would fill.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errors:
+        try:
+            process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=out, stderr=errors, text=True)
+        except OSError as exc:
+            raise DeployError(f"could not run helm: {exc}") from None
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(values))
+        process.stdin.close()
+        _wait_for_helm(process, command, timeout, rollout)
+        out.seek(0)
+        errors.seek(0)
+        stdout, stderr = out.read(), errors.read()
+    if process.returncode != 0:
+        message = (stderr or stdout).strip() or f"exit status {process.returncode}"
+        raise DeployError(f"helm failed (exit status {process.returncode}): {message}")
+    return stdout
+
+
+def _wait_for_helm(
+    process: subprocess.Popen[str], command: Sequence[str], timeout: float | None, rollout: Rollout | None
+) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while process.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise DeployError(f"helm did not finish within {timeout:.0f}s: {shlex.join(command[:4])}")
+        stuck = rollout.stuck() if rollout is not None else None
+        if stuck:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise DeployError(
+                f"the control plane cannot start: {stuck}. Helm was stopped; fix the cause and deploy again, "
+                "or undo: `helm rollback <release>` after an upgrade, `helm uninstall <release>` after a first install"
+            )
+        time.sleep(2 if rollout is not None else 0.2)
+
+
+def cluster_checks(
+    values: Mapping[str, Any],
+    operator_values: Sequence[Path],
+    *,
+    release: str,
+    namespace: str,
+    kube_context: str | None,
+    patience: float,
+) -> Rollout | None:
+    """Check the cluster before helm runs (DeployError listing what cannot work) and return the
+    watch of the release while helm waits; None when the kubernetes client is not installed."""
     try:
-        result = subprocess.run(
-            list(command), input=json.dumps(values), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"helm did not finish within {timeout:.0f}s: {shlex.join(command[:4])}") from None
-    if result.returncode != 0:
-        message = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
-        raise DeployError(f"helm failed (exit status {result.returncode}): {message}")
-    return result.stdout
+        from kubernetes import config as kube_config
+    except ImportError:  # deploying from a machine without the kubernetes extra: helm alone
+        return None
+    try:
+        api = kube_config.new_client_from_config(context=kube_context)
+    except Exception as exc:  # noqa: BLE001 - no usable kubeconfig: helm will say it in its words
+        log.info("no cluster checks before helm: %s", exc)
+        return None
+    merged: dict[str, Any] = dict(values)
+    for path in operator_values:
+        loaded = json.loads(json.dumps(_load_yaml(path)))
+        if isinstance(loaded, dict):
+            merged = deep_merge(merged, loaded)
+    claim = f"{chart_fullname(release)}-data"
+    problems = preflight(api, merged, namespace=namespace, claim=claim)
+    if problems:
+        raise DeployError("; ".join(problems))
+    return Rollout(api=api, namespace=namespace, release=release, claim=claim, patience=patience)
+
+
+def chart_fullname(release: str) -> str:
+    """The chart's ``cmbcluster.fullname`` for a release (its objects' names)."""
+    name = release if "cmbcluster" in release else f"{release}-cmbcluster"
+    return name[:63].rstrip("-")
+
+
+def _load_yaml(path: Path) -> Any:
+    yaml: Any = importlib.import_module("yaml")
+    return yaml.safe_load(path.read_text())
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -365,6 +448,10 @@ def deploy(
     kube_context: Annotated[str | None, typer.Option(help="Kubeconfig context helm uses.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the control plane is ready.")] = True,
     timeout: Annotated[str, typer.Option(help="How long helm waits (a Go duration).")] = "10m",
+    stuck_after: Annotated[
+        float,
+        typer.Option(help="Stop waiting when the control plane's claim or pod has been stuck this many seconds."),
+    ] = 90,
 ) -> None:
     """Render the chart's values from the configuration and run `helm upgrade --install`."""
     config = resolve(load_core_settings())
@@ -394,9 +481,13 @@ def deploy(
         typer.echo(printable(rendered))
         typer.echo(f"# {sent_settings(rendered)}")
         return
+    rollout = cluster_checks(
+        rendered, operator_values, release=release, namespace=release_namespace, kube_context=kube_context,
+        patience=stuck_after,
+    ) if wait else None  # fmt: skip
     typer.echo(f"deploying release {release} into namespace {release_namespace} with {shlex.join(command[:2])} ...")
     typer.echo(sent_settings(rendered))
-    output = run_helm(command, rendered)
+    output = run_helm(command, rendered, rollout=rollout)
     typer.echo(output.rstrip())
 
 
