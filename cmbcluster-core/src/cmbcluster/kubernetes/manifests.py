@@ -37,6 +37,7 @@ from cmbcluster.naming import dns_label
 
 __all__ = [
     "CONTAINER_NAME",
+    "OBJECT_PREFIX",
     "SECRETS_DIR",
     "build_draft",
     "build_pod",
@@ -66,9 +67,13 @@ EXTRA_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "Secret")
 _KEY_SAFE = re.compile(r"[-._a-zA-Z0-9]+")
 
 
+OBJECT_PREFIX = "env-"
+
+
 def object_name(environment_id: str) -> str:
-    """The name of every namespaced object of an environment: ``env-<id>``, DNS-safe."""
-    return dns_label("env", environment_id)
+    """The name of every namespaced object of an environment: ``env-<id>``, DNS-safe (our ids are
+    lower-case hex, so the id is the name without :data:`OBJECT_PREFIX`)."""
+    return dns_label(OBJECT_PREFIX.rstrip("-"), environment_id)
 
 
 def cpu_quantity(cores: float) -> str:
