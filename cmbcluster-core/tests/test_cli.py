@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,46 @@ def test_plugins_table_for_humans(env: dict[str, str], tmp_path: Path) -> None:
     result = cmbcluster("plugins", env={**env, "COLUMNS": "200"}, cwd=tmp_path)
     assert result.returncode == 0
     assert "cmbcluster-aws" in result.stdout and "loaded" in result.stdout
+
+
+BROKEN_PLUGIN = """
+from cmbcluster import StorageBackendRegistration, hookimpl
+
+
+@hookimpl
+def cmbcluster_storage_backends():
+    yield StorageBackendRegistration(name="Bad Name", factory=lambda ctx: None)
+"""
+
+
+@pytest.fixture
+def broken_plugin(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A third party's plugin, installed as a distribution, whose registration hook fails."""
+    site = tmp_path / "site"
+    info = site / "cmbcluster_broken-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "cmbcluster_broken.py").write_text(BROKEN_PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmbcluster-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cmbcluster]\nbroken = cmbcluster_broken\n")
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_broken_plugin_is_shown_failed_and_the_rest_keeps_working(
+    broken_plugin: dict[str, str], tmp_path: Path
+) -> None:
+    listed = cmbcluster("plugins", "--json", env=broken_plugin, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert not plugins["broken"]["loaded"] and "invalid storage backend name 'Bad Name'" in plugins["broken"]["error"]
+    assert plugins["aws"]["loaded"] and plugins["local"]["loaded"]
+
+    check = cmbcluster("config", "check", env=broken_plugin, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert "plugin broken (cmbcluster-broken 0.1) not loaded: cmbcluster_storage_backends raised" in check.stderr
+    assert "Traceback" not in check.stderr and "configuration OK" in check.stdout
+
+    strict = cmbcluster("config", "check", env={**broken_plugin, "CMBCLUSTER_PLUGINS_STRICT": "1"}, cwd=tmp_path)
+    assert strict.returncode == 1 and "strict mode" in strict.stderr and "Traceback" not in strict.stderr
 
 
 def test_db_upgrade_and_current(env: dict[str, str], tmp_path: Path) -> None:

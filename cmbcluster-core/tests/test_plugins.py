@@ -111,13 +111,20 @@ def test_block_and_allow_lists() -> None:
     assert info["gcp"].loaded and info["local"].loaded  # built-ins are always allowed
 
 
-def test_registration_of_the_wrong_type_is_refused(manager: PluginManager) -> None:
+def _failure(manager: PluginManager, name: str) -> str:
+    info = next(p for p in manager.plugins() if p.name == name)
+    assert not info.loaded
+    return info.error or ""
+
+
+def test_registration_of_the_wrong_type_is_recorded_and_skipped(manager: PluginManager) -> None:
     @hookimpl
     def cmbcluster_storage_backends() -> list[ComputeBackendRegistration]:
         return [ComputeBackendRegistration(name="oops", factory=lambda ctx: None)]  # type: ignore[arg-type,return-value]
 
-    with pytest.raises(PluginError, match="expected StorageBackendRegistration"):
-        manager.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="wrong")
+    manager.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="wrong")
+    assert "expected StorageBackendRegistration" in _failure(manager, "wrong")
+    assert "oops" not in manager.registrations("storage") and "oops" not in manager.registrations("compute")
 
 
 def test_invalid_registration_names_are_refused() -> None:
@@ -125,13 +132,97 @@ def test_invalid_registration_names_are_refused() -> None:
         StorageBackendRegistration(name="Bad Name", factory=lambda ctx: None)  # type: ignore[arg-type,return-value]
 
 
-def test_misspelled_hook_is_caught(manager: PluginManager) -> None:
+def test_a_broken_registration_hook_is_recorded_and_the_plugin_skipped(manager: PluginManager) -> None:
+    """An exception in a hook, or a registration with an invalid name, marks that plugin failed: its other
+    registrations and hooks are not used, every other plugin keeps working, and selection names the cause."""
+    decorated: list[str] = []
+
+    @hookimpl
+    def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
+        yield StorageBackendRegistration(name="bad", factory=lambda ctx: LocalStorage(ctx.data_dir))
+
+    @hookimpl
+    def cmbcluster_compute_backends() -> Iterator[ComputeBackendRegistration]:
+        yield ComputeBackendRegistration(name="Bad Name", factory=lambda ctx: None)  # type: ignore[arg-type,return-value]
+
+    @hookimpl
+    def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
+        decorated.append(draft.name)
+
+    @hookimpl
+    def cmbcluster_auth_providers() -> list[Any]:
+        raise RuntimeError("the SDK is missing")
+
+    manager.register(
+        SimpleNamespace(
+            cmbcluster_storage_backends=cmbcluster_storage_backends,
+            cmbcluster_compute_backends=cmbcluster_compute_backends,
+            cmbcluster_decorate_pod=cmbcluster_decorate_pod,
+        ),
+        name="bad",
+    )
+    assert "invalid compute backend name 'Bad Name'" in _failure(manager, "bad")
+    manager.register(SimpleNamespace(cmbcluster_auth_providers=cmbcluster_auth_providers), name="raises")
+    assert _failure(manager, "raises") == "cmbcluster_auth_providers raised RuntimeError: the SDK is missing"
+
+    assert "bad" not in manager.registrations("storage")  # its valid registration is skipped too
+    assert manager.storage_backend("local").name == "local"  # the others are untouched
+    with pytest.raises(PluginError, match="plugin 'bad' is installed but failed to load .*Bad Name"):
+        manager.storage_backend("bad")
+    manager.decorate_pod(PodDraft(name="env-1", namespace="users", image="jupyter"), _context())
+    assert decorated == []  # none of a failed plugin's hooks runs
+    assert [p.name for p in manager.failed()] == ["bad", "raises"]
+
+
+def test_strict_mode_refuses_a_broken_registration_hook() -> None:
+    @hookimpl
+    def cmbcluster_storage_backends() -> list[Any]:
+        raise RuntimeError("boom")
+
+    strict = PluginManager(entry_points_enabled=False, strict=True).load()
+    with pytest.raises(PluginError, match="plugin 'boom' .* failed to load .*RuntimeError: boom.*strict mode"):
+        strict.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="boom")
+
+
+def test_registration_hooks_are_called_once_per_load(manager: PluginManager) -> None:
+    calls: list[str] = []
+
+    @hookimpl
+    def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
+        calls.append("storage")
+        yield StorageBackendRegistration(name="counted", factory=lambda ctx: LocalStorage(ctx.data_dir))
+
+    manager.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="counted")
+    for _ in range(3):
+        manager.storage_backend("counted")
+        manager.check_conflicts()
+    assert calls == ["storage"]
+
+
+def test_misspelled_hook_is_recorded(manager: PluginManager) -> None:
     @hookimpl
     def cmbcluster_storage_backend() -> None:  # missing the final "s"
         return None
 
-    with pytest.raises(Exception, match="unknown hook"):
-        manager.register(SimpleNamespace(cmbcluster_storage_backend=cmbcluster_storage_backend), name="typo")
+    manager.register(SimpleNamespace(cmbcluster_storage_backend=cmbcluster_storage_backend), name="typo")
+    assert "unknown hook cmbcluster_storage_backend" in _failure(manager, "typo")
+
+
+def test_a_failing_deploy_values_hook_names_its_plugin(manager: PluginManager) -> None:
+    @hookimpl
+    def cmbcluster_deploy_values(config: Any) -> dict[str, Any]:
+        raise KeyError("azure")
+
+    manager.register(SimpleNamespace(cmbcluster_deploy_values=cmbcluster_deploy_values), name="careless")
+    with pytest.raises(PluginError, match="plugin 'careless': cmbcluster_deploy_values raised KeyError: 'azure'"):
+        manager.deploy_values(None)  # type: ignore[arg-type]  # never read: the hook fails first
+
+
+def _context() -> PodContext:
+    return PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="local", infra_provider=None,
+    )  # fmt: skip
 
 
 def test_cmbcluster_decorate_pod_runs_every_plugin_in_documented_order(manager: PluginManager) -> None:

@@ -3,8 +3,12 @@
 Plugins are found through the ``cmbcluster`` entry point group when the app or CLI is created
 (``PluginManager.load()``), never at import. A plugin that fails to import, or needs a plugin
 API this core does not provide, is recorded and shown (``cmbcluster plugins``) and skipped,
-unless strict mode is on. Implementations are chosen by name; two registrations of one name
-are an error naming both distributions.
+unless strict mode is on. Each registration hook is called once per plugin, when it loads, inside
+isolation: a hook that raises, or answers with something that is not a valid registration (a
+wrong type, an invalid name), marks that plugin as failed (its error on its :class:`PluginInfo`)
+and removes it, so none of its hooks runs; the registrations of the others are kept, and
+selection reads them from that record. Implementations are chosen by name; two registrations
+of one name are an error naming both distributions.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from cmbcluster import PLUGIN_API_VERSION, __version__, hookspecs
-from cmbcluster.errors import PluginError
+from cmbcluster.errors import CmbclusterError, PluginError
 from cmbcluster.interfaces import PodContext, PodDraft
 from cmbcluster.registrations import (
     AuthProviderRegistration,
@@ -72,6 +76,8 @@ class PluginManager:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self._infos: dict[str, PluginInfo] = {}
+        #: Each loaded plugin's registrations, by concern: collected once, when it loads.
+        self._registered: dict[str, dict[Concern, list[Registration[Any]]]] = {}
         self._loaded = False
 
     @classmethod
@@ -114,20 +120,49 @@ class PluginManager:
         if self.allow is not None and not builtin and name not in self.allow:
             info.error = "not in CMBCLUSTER_PLUGINS_ALLOW"
             return
+        plugin: object = None
         try:
             plugin = load()
             _check_api_version(plugin)
             self._pm.register(plugin, name=name)
+            callers = self._pm.get_hookcallers(plugin) or []
+            info.hooks = sorted(caller.name for caller in callers)
+            unknown = [caller.name for caller in callers if not caller.has_spec()]
+            if unknown:  # most often a misspelt hook name, which would otherwise never be called
+                raise PluginError(f"implements unknown hook {', '.join(unknown)}: see docs/plugins/hooks.md")
+            self._registered[name] = self._collect(name)
         except Exception as exc:  # a broken plugin must not take the control plane down
-            info.error = f"{type(exc).__name__}: {exc}"
+            if plugin is not None and self._pm.is_registered(plugin):
+                self._pm.unregister(plugin)  # none of its hooks runs: it is not half-used
+            info.error = _describe(exc)
             log.warning("plugin %s (%s %s) failed to load: %s", name, dist, version, info.error)
             if self.strict:
                 raise PluginError(
                     f"plugin {name!r} from {dist} {version} failed to load ({info.error}); "
                     "strict mode (CMBCLUSTER_PLUGINS_STRICT=1) makes this fatal"
                 ) from exc
-            return
-        info.hooks = sorted(impl.name for impl in self._pm.get_hookcallers(plugin) or [])
+
+    def _collect(self, plugin_name: str) -> dict[Concern, list[Registration[Any]]]:
+        """Call the plugin's registration hooks, once each; raise on any answer that is not valid."""
+        found: dict[Concern, list[Registration[Any]]] = {}
+        for concern, (hook_name, expected) in CONCERNS.items():
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name != plugin_name:
+                    continue
+                try:
+                    regs = list(_as_iterable(impl.function(), plugin_name, hook_name))
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"{hook_name} raised {_describe(exc)}") from exc
+                for reg in regs:
+                    if not isinstance(reg, expected):
+                        raise PluginError(
+                            f"plugin {plugin_name!r} returned {type(reg).__name__} from {hook_name}; "
+                            f"expected {expected.__name__}"
+                        )
+                found.setdefault(concern, []).extend(regs)
+        return found
 
     def register(self, plugin: object, name: str, *, distribution: str = "(in-process)", version: str = "") -> None:
         """Register an in-process plugin (tests, embedding applications)."""
@@ -137,8 +172,10 @@ class PluginManager:
         self.check_conflicts()
 
     def unregister(self, name: str) -> None:
-        self._pm.unregister(name=name)
+        if self._pm.has_plugin(name):
+            self._pm.unregister(name=name)
         self._infos.pop(name, None)
+        self._registered.pop(name, None)
 
     # -- inspection ----------------------------------------------------------------------------
     def plugins(self) -> list[PluginInfo]:
@@ -158,23 +195,34 @@ class PluginManager:
         )
         results = []
         for impl in impls:
-            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except CmbclusterError:
+                raise
+            except Exception as exc:  # name the plugin at fault, in one line
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook_name} raised {_describe(exc)}") from exc
             results.append((impl.plugin_name, result))
         return results
 
+    def _order(self, plugin_name: str, hook_name: str) -> tuple[int, str]:
+        """The documented order of a plugin's implementation of a hook: tryfirst, by name, trylast."""
+        impl = next(i for i in getattr(self._pm.hook, hook_name).get_hookimpls() if i.plugin_name == plugin_name)
+        return (0 if impl.tryfirst else 2 if impl.trylast else 1, plugin_name)
+
     # -- registrations -------------------------------------------------------------------------
     def registrations(self, concern: Concern) -> dict[str, Registration[Any]]:
-        """Every registration of a concern by name; conflicting names raise PluginError."""
+        """Every registration of a concern by name (collected when each plugin loaded); conflicting
+        names raise PluginError."""
         self.load()
         hook_name, expected = CONCERNS[concern]
+        contributors = sorted(
+            (self._order(plugin_name, hook_name), plugin_name, regs[concern])
+            for plugin_name, regs in self._registered.items()
+            if concern in regs
+        )
         found: dict[str, tuple[str, Registration[Any]]] = {}
-        for plugin_name, result in self._call_each(hook_name):
-            for reg in _as_iterable(result, plugin_name, hook_name):
-                if not isinstance(reg, expected):
-                    raise PluginError(
-                        f"plugin {plugin_name!r} returned {type(reg).__name__} from {hook_name}; "
-                        f"expected {expected.__name__}"
-                    )
+        for _, plugin_name, regs in contributors:
+            for reg in regs:
                 if reg.name in found:
                     other = found[reg.name][0]
                     raise PluginError(
@@ -249,6 +297,11 @@ def _as_iterable(result: Any, plugin_name: str, hook_name: str) -> Iterable[Any]
     if not isinstance(result, Iterable):
         raise PluginError(f"plugin {plugin_name!r}: {hook_name} must return an iterable of registrations")
     return list(result)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error: a typed error's own message, else the exception's type and message."""
+    return str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
 
 
 def _check_api_version(plugin: object) -> None:
