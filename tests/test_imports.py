@@ -123,3 +123,22 @@ def test_the_cycle_check_sees_every_kind_of_import(tmp_path: Path) -> None:
     assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     # the contract reads only itself and the value modules below it, never the machinery that loads it
     assert import_graph(CORE)["cmbcluster.hookspecs"] <= {"cmbcluster.interfaces", "cmbcluster.registrations"}
+
+
+def test_the_contract_and_the_commands_read_no_machinery_above_them() -> None:
+    """The two circles of issue 17 stay cut: the contract (hook specs, registrations, interfaces) reaches
+    neither the plugin manager nor the configuration, and no command group reaches back to the CLI."""
+    graph = import_graph(CORE)
+
+    def reach(module: str) -> set[str]:
+        seen, todo = set(), [module]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        return seen
+
+    for contract in ("cmbcluster.hookspecs", "cmbcluster.registrations", "cmbcluster.interfaces"):
+        assert not reach(contract) & {"cmbcluster.plugins", "cmbcluster.config", "cmbcluster.cli"}, contract
+    for command in (m for m in graph if m.startswith("cmbcluster.commands")):
+        assert "cmbcluster.cli" not in reach(command), command
