@@ -10,7 +10,7 @@ import pytest
 from cmbcluster.config import resolve
 from cmbcluster.context import build_context
 from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, Provisioner, StorageBackend
-from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+from cmbcluster.oidc import OidcConfig, OidcProvider
 from cmbcluster.settings import CoreSettings
 
 

@@ -9,14 +9,16 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.errors import AuthenticationFailed, ProviderUnavailable
-from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+from cmbcluster.interfaces import AuthorizationRequest
+from cmbcluster.oidc import OidcConfig, OidcProvider
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL
 from cmbcluster.testing.auth import AuthProviderContract
@@ -220,3 +222,75 @@ class TestGenericOidcWithoutVerifiedEmailsTokenContract(AuthProviderContract):
     def auth_provider(self, key_server: KeyServer, client_id: str) -> OidcProvider:
         config = OidcConfig(name="oidc", issuer=key_server.issuer, client_id=client_id, require_verified_email=False)
         return OidcProvider(config)
+
+
+# -- the public base a third-party sign-in builds on (cmbcluster.oidc), against the real provider ---------
+class TenantProvider(OidcProvider):
+    """What an Entra ID plugin writes: configuration for the claims, one extra check of its own."""
+
+    def check_claims(self, claims: dict[str, Any]) -> None:
+        if claims.get("ver") == "1.0":
+            raise AuthenticationFailed("v1.0 tokens are not accepted: use the v2.0 endpoint")
+
+
+def tenant_provider(issuer: str) -> TenantProvider:
+    return TenantProvider(
+        OidcConfig(
+            name="azure", issuer=issuer, client_id=CLIENT_ID, client_secret="client-secret",
+            required_claims={"tid": ("tenant-a",)}, email_claim="preferred_username",
+            admin_roles=("CMBCluster.Admin",), require_verified_email=False,
+        )
+    )  # fmt: skip
+
+
+def sign_in_directly(provider: OidcProvider, server: OidcMockServer, sub: str) -> dict[str, Any]:
+    """The code flow with PKCE and a nonce, as core runs it: what the provider validated."""
+    verifier = "v" * 64
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    redirect_uri = "http://127.0.0.1/api/v1/auth/azure/callback"
+    request = AuthorizationRequest(redirect_uri=redirect_uri, state="s-1", nonce="n-1", code_challenge=challenge)
+    callback = parse_qs(urlsplit(server.authorize(provider.authorization_url(request), sub)).query)
+    tokens = provider.exchange_code(callback["code"][0], redirect_uri=redirect_uri, code_verifier=verifier)
+    assert tokens.id_token
+    return provider.validate_token(tokens.id_token, nonce="n-1")
+
+
+def test_a_plugin_configures_claims_mapping_extra_claims_and_admin_roles(oidc_server: OidcMockServer) -> None:
+    provider = tenant_provider(oidc_server.issuer)
+    oidc_server.put_user(
+        "kim", {"tid": "tenant-a", "preferred_username": "kim@uni.example", "name": "Kim", "roles": ["CMBCluster.Admin"]}
+    )
+    user = provider.user_info(sign_in_directly(provider, oidc_server, "kim"))
+    assert (user.provider, user.email, user.email_verified, user.roles) == ("azure", "kim@uni.example", False, ("admin",))
+    oidc_server.put_user("lee", {"tid": "tenant-a", "preferred_username": "lee@uni.example", "roles": ["Reader"]})
+    assert provider.user_info(sign_in_directly(provider, oidc_server, "lee")).roles == ()
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"tid": "tenant-b"}, "claim 'tid' is not one this deployment accepts"),
+        ({}, "claim 'tid' is not one this deployment accepts"),  # a missing claim is refused, not skipped
+        ({"tid": "tenant-a", "ver": "1.0"}, "v1.0 tokens are not accepted"),  # the subclass's own check runs
+    ],
+)
+def test_a_plugin_extra_claim_checks_refuse_other_tenants(
+    oidc_server: OidcMockServer, claims: dict[str, object], message: str
+) -> None:
+    provider = tenant_provider(oidc_server.issuer)
+    oidc_server.put_user("mallory", {"preferred_username": "mallory@other.example", **claims})
+    with pytest.raises(AuthenticationFailed, match=message):
+        sign_in_directly(provider, oidc_server, "mallory")
+
+
+def test_required_claims_need_a_tuple_of_values() -> None:
+    with pytest.raises(ValueError, match="tuple of accepted values for tid"):
+        OidcConfig(name="x", issuer="https://x", client_id="c", required_claims={"tid": "tenant-a"})  # type: ignore[dict-item]
+
+
+def test_the_public_module_is_the_implementation() -> None:
+    import cmbcluster.oidc as public
+    from cmbcluster.oidc import provider as implementation
+
+    assert set(public.__all__) <= set(dir(implementation))
+    assert all(getattr(public, name) is getattr(implementation, name) for name in public.__all__)

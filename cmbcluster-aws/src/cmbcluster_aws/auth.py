@@ -1,7 +1,7 @@
 """Amazon Cognito user pools as an identity provider.
 
 Cognito is an OpenID Connect issuer with its own rules, added here on top of core's generic
-:class:`~cmbcluster.oidc.provider.OidcProvider` (which already enforces the algorithm
+:class:`~cmbcluster.oidc.OidcProvider` (which already enforces the algorithm
 allow-list, issuer, expiry with a small skew, nonce, and the JWKS cache refreshed on an unknown
 ``kid``):
 
@@ -26,7 +26,7 @@ import httpx
 
 from cmbcluster.errors import AuthenticationFailed
 from cmbcluster.interfaces import UserInfo
-from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+from cmbcluster.oidc import OidcConfig, OidcProvider
 from cmbcluster_aws.settings import AwsSettings
 
 GROUPS_CLAIM = "cognito:groups"

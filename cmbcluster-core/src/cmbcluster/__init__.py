@@ -1,7 +1,8 @@
 """CMBCluster core: the plugin contract, the control plane and the embedded default.
 
 Plugin authors need only what is exported here and in :mod:`cmbcluster.interfaces`,
-:mod:`cmbcluster.errors` and :mod:`cmbcluster.testing`.
+:mod:`cmbcluster.errors`, :mod:`cmbcluster.oidc` (sign-in with OpenID Connect),
+:mod:`cmbcluster.naming`, :mod:`cmbcluster.provisioning` and :mod:`cmbcluster.testing`.
 """
 
 from importlib.metadata import PackageNotFoundError, version

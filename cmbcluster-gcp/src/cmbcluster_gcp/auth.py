@@ -2,7 +2,7 @@
 
 The code flow, PKCE, nonce, the algorithm allow-list, signature, issuer, audience and expiry
 checks, and the cached JWKS (refetched on an unknown ``kid``) all come from
-:class:`cmbcluster.oidc.provider.OidcProvider`. Google adds:
+:class:`cmbcluster.oidc.OidcProvider`. Google adds:
 
 - its ID tokens carry ``iss`` either as ``https://accounts.google.com`` or as
   ``accounts.google.com``: both are accepted;
@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from cmbcluster.errors import AuthenticationFailed
-from cmbcluster.oidc.provider import OidcConfig, OidcProvider, email_verified
+from cmbcluster.oidc import OidcConfig, OidcProvider, email_verified
 from cmbcluster_gcp.settings import GcpSettings
 
 GOOGLE_ISSUER = "https://accounts.google.com"

@@ -37,7 +37,7 @@ class OidcSettings(BaseSettings):
 
 
 def _provider(ctx: ProviderContext) -> AuthProvider:
-    from cmbcluster.oidc.provider import OidcConfig, OidcProvider
+    from cmbcluster.oidc import OidcConfig, OidcProvider
 
     s = ctx.require_settings(OidcSettings)
     return OidcProvider(

@@ -1,9 +1,14 @@
 """A generic OpenID Connect identity provider: discovery, code flow with PKCE, token validation.
 
+Import it from :mod:`cmbcluster.oidc`, the public module (this one is its implementation).
 Validation follows the security rules: an algorithm allow-list (never ``none`` or an HMAC
-algorithm with a public key), the issuer, the audience, expiry with a small skew, the nonce,
-and a JWKS that is cached and refreshed when a token names an unknown ``kid``. Subclasses
-(Google, Cognito) add their own claim checks in :meth:`OidcProvider.check_claims`.
+algorithm with a public key), the issuer, the audience and ``azp``, expiry with a small skew, a
+string ``sub``, the nonce, ID tokens only, and a JWKS that is cached and refreshed when a token
+names an unknown ``kid``. A plugin adds what its issuer needs by configuration
+(:class:`OidcConfig`: ``required_claims`` such as a tenant ``tid``, which claims hold the e-mail,
+name, groups and roles, which groups or roles make an admin) or by overriding
+:meth:`OidcProvider.check_claims` and :meth:`OidcProvider.user_info`; never by re-implementing
+verification.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 from urllib.parse import urlencode
@@ -42,8 +48,18 @@ class OidcConfig:
     audience: str | None = None  # default: client_id
     algorithms: tuple[str, ...] = ("RS256",)
     leeway_seconds: int = 60
-    admin_groups: tuple[str, ...] = ("admin", "admins", "cmbcluster-admins")
+    #: Claims every token must carry with one of the listed values, checked after the standard
+    #: ones: e.g. ``{"tid": ("<tenant id>",)}`` so that a multi-tenant issuer admits one tenant.
+    required_claims: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Which claims hold the person's address, name, groups and roles (issuers differ: Entra ID
+    #: sends app roles in ``roles`` and may send the address only as ``preferred_username``).
+    email_claim: str = "email"
+    name_claim: str = "name"
     groups_claim: str = "groups"
+    roles_claim: str = "roles"
+    #: A member of any of these groups, or holder of any of these roles, is a CMBCluster admin.
+    admin_groups: tuple[str, ...] = ("admin", "admins", "cmbcluster-admins")
+    admin_roles: tuple[str, ...] = ()
     timeout_seconds: float = 10.0
     extra_authorize_params: dict[str, str] = field(default_factory=dict)
     #: Refuse sign-in with an address the provider does not vouch for (``email_verified`` not
@@ -55,6 +71,9 @@ class OidcConfig:
         bad = [alg for alg in self.algorithms if alg not in ASYMMETRIC_ALGORITHMS]
         if bad:
             raise ValueError(f"only asymmetric signature algorithms are accepted, not {', '.join(bad)}")
+        empty = [name for name, values in self.required_claims.items() if isinstance(values, str) or not values]
+        if empty:  # a bare string would be matched letter by letter; no value would admit nobody
+            raise ValueError(f"required_claims needs a tuple of accepted values for {', '.join(empty)}")
 
 
 class JwksCache:
@@ -131,6 +150,14 @@ def _get_json(http: httpx.Client, url: str, what: str) -> dict[str, Any]:
 
 
 class OidcProvider(AuthProvider):
+    """An :class:`~cmbcluster.interfaces.AuthProvider` for any OpenID Connect issuer.
+
+    Stable for subclasses (plugin API 1.x): the constructor, :attr:`config`, :meth:`check_claims`
+    (extra checks, after every standard one passed; raise AuthenticationFailed), :meth:`user_info`
+    (claims to a :class:`~cmbcluster.interfaces.UserInfo`; call ``super()`` and adjust),
+    :meth:`check_audience`, :meth:`metadata` and :meth:`close`. Everything named with ``_`` is not.
+    """
+
     def __init__(self, config: OidcConfig, *, http: httpx.Client | None = None) -> None:
         self.config = config
         self.display_name = config.display_name
@@ -271,7 +298,10 @@ class OidcProvider(AuthProvider):
         if nonce is not None and claims.get("nonce") != nonce:
             raise AuthenticationFailed("token nonce does not match this sign-in")
         self.check_audience(claims)
-        if self.config.require_verified_email and claims.get("email") and not email_verified(claims):
+        for name, accepted in self.config.required_claims.items():
+            if claims.get(name) not in accepted:
+                raise AuthenticationFailed(f"token claim {name!r} is not one this deployment accepts")
+        if self.config.require_verified_email and claims.get(self.config.email_claim) and not email_verified(claims):
             raise AuthenticationFailed(
                 "the identity provider has not verified this e-mail address; verify it there, then sign in again"
             )
@@ -292,17 +322,25 @@ class OidcProvider(AuthProvider):
         """Provider-specific checks (email_verified, hosted domain, token_use...). Raise AuthenticationFailed."""
 
     def user_info(self, claims: dict[str, Any]) -> UserInfo:
-        groups_value = claims.get(self.config.groups_claim) or []
-        groups = tuple(str(g) for g in groups_value) if isinstance(groups_value, list) else ()
-        roles = ("admin",) if set(groups) & set(self.config.admin_groups) else ()
+        """The person the validated ``claims`` describe, with CMBCluster's roles (``admin`` from the
+        configured admin groups or roles)."""
+        groups, roles = _strings(claims.get(self.config.groups_claim)), _strings(claims.get(self.config.roles_claim))
+        is_admin = set(groups) & set(self.config.admin_groups) or set(roles) & set(self.config.admin_roles)
         return UserInfo(
             provider=self.config.name,
             subject=str(claims["sub"]),
-            email=str(claims.get("email") or ""),
+            email=str(claims.get(self.config.email_claim) or ""),
             email_verified=email_verified(claims),
-            name=str(claims.get("name") or ""),
+            name=str(claims.get(self.config.name_claim) or ""),
             picture=str(claims.get("picture") or ""),
             groups=groups,
-            roles=roles,
+            roles=("admin",) if is_admin else (),
             claims=claims,
         )
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    """A list claim as strings (one string is a list of one: some issuers send a lone group so)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
