@@ -10,7 +10,7 @@ from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.db.engine import filesystem_type
 from cmbcluster.errors import ConfigurationError
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
 
 
@@ -111,6 +111,21 @@ def test_a_kubernetes_deployment_without_a_secret_key_is_warned(tmp_path: Path) 
 
 # -- what breaks later, caught before anything starts ---------------------------------------------------
 HOST_ROUTING = {"CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org"}
+#: A cluster nobody serves: the Kubernetes backend is built from it (config check builds every provider,
+#: as serve does) and config check makes no call to it.
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: c, context: {cluster: c, user: u, namespace: cmbcluster}}]
+current-context: c
+"""
+
+
+@pytest.fixture(autouse=True)
+def _kubeconfig(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    env["KUBECONFIG"] = str(tmp_path / "kubeconfig")
 
 
 def test_host_routing_derives_the_cookie_domain_environments_need(env: dict[str, str], tmp_path: Path) -> None:
@@ -150,3 +165,65 @@ def test_misspelt_variables_and_an_unset_cloud_are_reported(env: dict[str, str],
     )
     chosen = cmbcluster("config", "check", env={**env, "CLOUD_PROVIDER": "local"}, cwd=tmp_path)
     assert "CLOUD_PROVIDER is not set" not in chosen.stderr
+
+
+# -- issue 17: each error once, requirements per concern, the factories' checks, --connect --------------
+def test_one_settings_model_for_every_concern_reports_each_error_once(env: dict[str, str], tmp_path: Path) -> None:
+    result = cmbcluster("config", "check", env={**env, "CLOUD_PROVIDER": "aws"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("AWS_REGION is required but not set") == 1
+    assert result.stderr.count("AWS_ACCOUNT_ID is required but not set") == 1
+
+
+AWS = {"CLOUD_PROVIDER": "aws", "AWS_REGION": "eu-west-1", "AWS_ACCOUNT_ID": "123456789012"}
+
+
+def test_a_variable_required_by_one_concern_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Cognito's pool is needed to sign in, not to plan the infrastructure (which runs before it exists)."""
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    core = load_core_settings(data_dir=tmp_path / "data")
+    with pytest.raises(ConfigurationError) as exc_info:
+        resolve(core)
+    assert exc_info.value.problems == [
+        "COGNITO_USER_POOL_ID is required by the auth provider 'aws' but not set (AwsSettings)",
+        "COGNITO_CLIENT_ID is required by the auth provider 'aws' but not set (AwsSettings)",
+    ]
+    assert resolve(core, concerns=("infra",)).infra.name == "aws"
+
+
+def test_a_registration_can_require_only_fields_of_its_settings_model() -> None:
+    from cmbcluster import AuthProviderRegistration
+    from cmbcluster.oidc.plugin import OidcSettings
+
+    with pytest.raises(ValueError, match="requires oidc_tenant, not fields of OidcSettings"):
+        AuthProviderRegistration(name="x", factory=lambda ctx: None, settings_model=OidcSettings, requires=("oidc_tenant",))  # type: ignore[arg-type,return-value]
+
+
+def test_config_check_runs_the_factories_serve_runs(env: dict[str, str], tmp_path: Path) -> None:
+    """The Kubernetes backend refuses without a kubeconfig when it is built: config check says so, as serve would."""
+    aws = {
+        **env, **AWS, "COGNITO_USER_POOL_ID": "eu-west-1_pool", "COGNITO_CLIENT_ID": "client",
+        "KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path),
+    }  # fmt: skip
+    result = cmbcluster("config", "check", env=aws, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "compute backend 'kubernetes' could not be created" in result.stderr
+    assert "configuration OK" not in result.stdout
+
+
+def test_config_check_reaches_services_only_with_connect(env: dict[str, str], tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there
+    oidc = {
+        **env, "CMBCLUSTER_AUTH_PROVIDERS": "oidc,local", "CMBCLUSTER_OIDC_ISSUER": f"http://127.0.0.1:{closed}",
+        "CMBCLUSTER_OIDC_CLIENT_ID": "client",
+    }  # fmt: skip
+    offline = cmbcluster("config", "check", env=oidc, cwd=tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    assert "answer" not in offline.stdout + offline.stderr  # no network call without --connect
+
+    connected = cmbcluster("config", "check", "--connect", env=oidc, cwd=tmp_path)
+    assert connected.returncode == 1 and "Traceback" not in connected.stderr
+    assert "storage local: answered" in connected.stdout and "auth local: answered" in connected.stdout
+    assert f"auth oidc: did not answer: cannot fetch the identity provider's discovery document from http://127.0.0.1:{closed}" in connected.stderr
+    assert "the configuration is valid, but auth oidc did not answer" in connected.stderr

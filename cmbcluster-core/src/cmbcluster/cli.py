@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Check the configuration, or print an example of it.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations, backups and restore.", no_args_is_help=True)
 secrets_app = typer.Typer(help="The control plane's secret key: rotation.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -108,16 +108,54 @@ def plugins(
 
 
 @config_app.command("check")
-def config_check() -> None:
-    """Validate the whole configuration and list every problem (exit 1 if any)."""
+def config_check(
+    connect: Annotated[
+        bool, typer.Option("--connect", help="Also reach each active service and say what answered.")
+    ] = False,
+) -> None:
+    """Validate the whole configuration as `serve` does and list every problem once (exit 1 if any).
+
+    Every active provider is built by its factory, as at start-up; no network call is made unless
+    --connect is given.
+    """
+    from cmbcluster.context import build_providers
+
     config = resolve_config()
     for warning in config.warnings:
         err(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    providers = build_providers(config)  # the same factories, and their checks, that serve runs
+    unreachable = []
+    try:
+        for concern, name, provider in providers.active if connect else ():
+            try:
+                provider.check_ready()
+            except Exception as exc:  # each service's answer is reported, one line each
+                unreachable.append(f"{concern} {name}")
+                err(f"[red]{concern} {name}: did not answer[/red]: {exc}", soft_wrap=True)
+            else:
+                out(f"[green]{concern} {name}: answered[/green]", soft_wrap=True)
+    finally:
+        providers.close()
+    if unreachable:
+        raise CmbclusterError(f"the configuration is valid, but {', '.join(unreachable)} did not answer")
     summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
     out(
         f"[green]configuration OK[/green]: {summary}; database {_safe_url(config.core.effective_database_url)}",
         soft_wrap=True,
     )
+
+
+@config_app.command("example")
+def config_example(
+    cloud: Annotated[
+        str | None, typer.Option("--cloud", help="Only core's and this plugin's or provider's settings.")
+    ] = None,
+) -> None:
+    """Print a commented .env: every setting of core and of the installed plugins."""
+    from cmbcluster.config import example_env
+
+    settings = load_core_settings()
+    sys.stdout.write(example_env(PluginManager.from_settings(settings).load(), cloud))
 
 
 @db_app.command("upgrade")

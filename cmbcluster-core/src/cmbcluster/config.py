@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings
 
 from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
-from cmbcluster.plugins import PluginManager
+from cmbcluster.plugins import CONCERNS, Concern, PluginManager
 from cmbcluster.registrations import Registration, ResolvedConfig
 from cmbcluster.settings import CoreSettings, env_var_name
 
@@ -49,8 +49,15 @@ def load_core_settings(**overrides: Any) -> CoreSettings:
         raise ConfigurationError(format_validation_error(CoreSettings, exc)) from None
 
 
-def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> ResolvedConfig:
-    """Check everything; raise one ConfigurationError listing every problem."""
+def resolve(
+    core: CoreSettings, plugins: PluginManager | None = None, *, concerns: Iterable[Concern] = tuple(CONCERNS)
+) -> ResolvedConfig:
+    """Check everything; raise one ConfigurationError listing every problem, each once.
+
+    ``concerns`` are those the caller will use: the variables a registration ``requires`` are
+    checked for those only (``cmbcluster infra`` needs no sign-in settings).
+    """
+    needed = set(concerns)
     problems: list[str] = []
     warnings: list[str] = []
     try:
@@ -79,16 +86,22 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
     if not core.selected_auth:
         problems.append("CMBCLUSTER_AUTH_PROVIDERS enables no identity provider: nobody could sign in")
 
-    chosen: list[Registration[Any]] = [r for r in [storage, compute, infra, *auth] if r is not None]
+    by_concern: list[tuple[Concern, Registration[Any] | None]] = [
+        ("storage", storage), ("compute", compute), ("infra", infra), *(("auth", a) for a in auth)
+    ]  # fmt: skip
+    chosen: list[tuple[Concern, Registration[Any]]] = [(c, r) for c, r in by_concern if r is not None]
     provider_settings: dict[type[BaseSettings], BaseSettings] = {}
-    for registration in chosen:
+    tried: set[type[BaseSettings]] = set()  # one model may serve every concern: validated (and reported) once
+    for _, registration in chosen:
         model = registration.settings_model
-        if model is None or model in provider_settings:
+        if model is None or model in tried:
             continue
+        tried.add(model)
         try:
             provider_settings[model] = model(_env_file=_env_file(core))
         except ValidationError as exc:
             problems.extend(format_validation_error(model, exc))
+    problems.extend(_unset_requirements([(c, r) for c, r in chosen if c in needed], provider_settings))
 
     if "local" in core.selected_auth and not core.serves_loopback_only and not core.dev_login_allow_remote:
         problems.append(
@@ -114,7 +127,7 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
         )
 
     if problems:
-        raise ConfigurationError(problems)
+        raise ConfigurationError(list(dict.fromkeys(problems)))
     assert storage is not None and compute is not None and infra is not None
     return ResolvedConfig(
         core=core,
@@ -126,6 +139,25 @@ def resolve(core: CoreSettings, plugins: PluginManager | None = None) -> Resolve
         provider_settings=provider_settings,
         warnings=warnings,
     )
+
+
+def _unset_requirements(
+    chosen: Iterable[tuple[Concern, Registration[Any]]], provider_settings: Mapping[type[BaseSettings], BaseSettings]
+) -> list[str]:
+    """Each variable a selected registration ``requires`` but is unset, once, naming who needs it."""
+    needers: dict[tuple[type[BaseSettings], str], list[str]] = {}
+    for _, registration in chosen:
+        model = registration.settings_model
+        settings = provider_settings.get(model) if model is not None else None
+        if model is None or settings is None:  # no model, or it failed validation (reported already)
+            continue
+        for name in registration.requires:
+            if getattr(settings, name, None) in (None, ""):
+                needers.setdefault((model, name), []).append(f"{registration.kind} {registration.name!r}")
+    return [
+        f"{env_var_name(model, name)} is required by the {', '.join(dict.fromkeys(who))} but not set ({model.__name__})"
+        for (model, name), who in needers.items()
+    ]
 
 
 def _cookie_domain(
@@ -251,3 +283,78 @@ def _dotenv_names(core: CoreSettings) -> list[str]:
 def _env_file(core: CoreSettings) -> str | None:
     env_file = core.model_config.get("env_file")
     return str(env_file) if isinstance(env_file, (str, os.PathLike)) else None
+
+
+# -- the commented .env of every installed settings model (cmbcluster config example) ---------------
+EXAMPLE_HEADER = """\
+# CMBCluster configuration: every setting of core and of the installed plugins, with its description,
+# its default and what needs it. Generated by `cmbcluster config example` (the repository's .env.example
+# is its output with cmbcluster-aws and cmbcluster-gcp installed, kept current by a test).
+# Copy it to .env, uncomment what you set, and run `cmbcluster config check`.
+"""
+
+
+def example_env(plugins: PluginManager, cloud: str | None = None) -> str:
+    """A commented ``.env`` from core's settings and every registered settings model (only those of
+    the plugin or provider called ``cloud`` when given)."""
+    registered = plugins.registered()
+    if cloud is not None:
+        registered = [(p, c, r) for p, c, r in registered if cloud in (p, r.name)]
+        if not registered:
+            installed = sorted({p for p, _, _ in plugins.registered()})
+            raise ConfigurationError(
+                [f"no installed plugin or provider is called {cloud!r} (installed plugins: {', '.join(installed)})"]
+            )
+    users: dict[type[BaseSettings], list[Registration[Any]]] = {}
+    for _, _, registration in registered:
+        if registration.settings_model is not None and registration.settings_model is not CoreSettings:
+            users.setdefault(registration.settings_model, []).append(registration)
+    sections = [EXAMPLE_HEADER, _example_section(CoreSettings, "core: every deployment", [])]
+    for model, registrations in users.items():
+        used_by = ", ".join(f"{r.kind} {r.name!r}" for r in registrations)
+        sections.append(_example_section(model, f"used by the {used_by}", registrations))
+    return "\n".join(sections)
+
+
+def _example_section(model: type[BaseSettings], heading: str, registrations: list[Registration[Any]]) -> str:
+    lines = [f"# ===== {model.__name__} ({heading}) ====="]
+    for field_name, field in model.model_fields.items():
+        name = env_var_name(model, field_name)
+        alias = field.validation_alias
+        others = [a for a in alias.choices[1:] if isinstance(a, str)] if isinstance(alias, AliasChoices) else []
+        needed_by = [f"{r.kind} {r.name!r}" for r in registrations if field_name in r.requires]
+        notes = [field.description.rstrip(".") + "." if field.description else ""]
+        if field.is_required():
+            notes.append("Required.")
+        elif needed_by:
+            notes.append(f"Required by the {', '.join(needed_by)}.")
+        if others:
+            notes.append(f"Also read as {', '.join(others)}.")
+        lines.append("")
+        lines.extend(f"# {line}" for line in _wrap(" ".join(n for n in notes if n)))
+        lines.append(f"# {name}={_example_value(field)}")
+    return "\n".join(lines) + "\n"
+
+
+def _example_value(field: Any) -> str:
+    if field.is_required():
+        return ""
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if not isinstance(value, (list, tuple, dict)):
+            return ""  # computed where it runs (the data directory): nothing to copy
+    else:
+        value = field.default
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _wrap(text: str, width: int = 98) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) if text else []

@@ -102,15 +102,61 @@ class AppContext:
         self.engine.dispose()
 
 
-def _build(config: ResolvedConfig, registration: Registration[Any]) -> Any:
+@dataclass(frozen=True)
+class Providers:
+    """Every active provider, built from the validated configuration."""
+
+    storage: StorageBackend
+    compute: ComputeBackend
+    infra: InfraProvider
+    auth: dict[str, AuthProvider]
+    #: (concern, name, instance) of each, in the order built.
+    active: tuple[tuple[str, str, Any], ...] = ()
+
+    def close(self) -> None:
+        """Close each instance once (one may serve several concerns); one failing does not stop the rest."""
+        closed: set[int] = set()
+        for _concern, _name, provider in self.active:
+            if id(provider) not in closed:
+                closed.add(id(provider))
+                _close_quietly(provider)
+
+
+def build_providers(config: ResolvedConfig) -> Providers:
+    """Call every selected registration's factory, as ``serve`` does and ``config check`` repeats: a
+    factory's own checks (no network calls: factories are cheap) refuse a configuration before
+    anything starts. ConfigurationError lists every factory that refused; those built are closed."""
+    built: dict[int, Any] = {}
+    problems: list[str] = []
+    registrations: list[Registration[Any]] = [config.storage, config.compute, config.infra, *config.auth]
+    for index, registration in enumerate(registrations):
+        try:
+            built[index] = registration.factory(config.context_for(registration))
+        except ConfigurationError as exc:
+            problems.extend(exc.problems)
+        except CmbclusterError as exc:
+            problems.append(f"{registration.kind} {registration.name!r} could not be created: {exc}")
+        except Exception as exc:
+            problems.append(
+                f"{registration.kind} {registration.name!r} could not be created: {type(exc).__name__}: {exc}"
+            )
+    if problems:
+        for provider in built.values():
+            _close_quietly(provider)
+        raise ConfigurationError(list(dict.fromkeys(problems)))
+    concerns = ["storage", "compute", "infra", *(["auth"] * len(config.auth))]
+    return Providers(
+        storage=built[0], compute=built[1], infra=built[2],
+        auth={registration.name: built[3 + i] for i, registration in enumerate(config.auth)},
+        active=tuple((c, r.name, built[i]) for i, (c, r) in enumerate(zip(concerns, registrations, strict=True))),
+    )  # fmt: skip
+
+
+def _close_quietly(provider: Any) -> None:
     try:
-        return registration.factory(config.context_for(registration))
-    except CmbclusterError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(
-            [f"{registration.kind} {registration.name!r} could not be created: {type(exc).__name__}: {exc}"]
-        ) from exc
+        provider.close()
+    except Exception:
+        log.exception("error while closing a provider")
 
 
 def _private_folder(path: Path) -> None:
@@ -124,6 +170,7 @@ def _private_folder(path: Path) -> None:
 def build_context(config: ResolvedConfig) -> AppContext:
     """Create the database engine and every active provider (no network calls: factories are cheap)."""
     _private_folder(config.core.data_dir)
+    providers = build_providers(config)
     engine = create_db_engine(config.core.effective_database_url)
     metrics = Metrics()
     metrics.plugins_failed.set(len(config.plugins.failed()))
@@ -137,10 +184,10 @@ def build_context(config: ResolvedConfig) -> AppContext:
         config=config,
         engine=engine,
         sessions=session_factory(engine),
-        storage=_build(config, config.storage),
-        compute=_build(config, config.compute),
-        infra=_build(config, config.infra),
-        auth={registration.name: _build(config, registration) for registration in config.auth},
+        storage=providers.storage,
+        compute=providers.compute,
+        infra=providers.infra,
+        auth=providers.auth,
         metrics=metrics,
         secret_key=secret_key(config.core),
         previous_secret_keys=previous_secret_keys(config.core),

@@ -233,6 +233,16 @@ class PluginManager:
                 found[reg.name] = (plugin_name, reg)
         return {name: reg for name, (_, reg) in found.items()}
 
+    def registered(self) -> list[tuple[str, Concern, Registration[Any]]]:
+        """(plugin name, concern, registration) of every loaded plugin's registrations, by plugin name."""
+        self.load()
+        return [
+            (plugin_name, concern, reg)
+            for plugin_name, by_concern in sorted(self._registered.items())
+            for concern in CONCERNS
+            for reg in by_concern.get(concern, [])
+        ]
+
     def check_conflicts(self) -> None:
         for concern in CONCERNS:
             self.registrations(concern)

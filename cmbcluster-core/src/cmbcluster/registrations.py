@@ -89,12 +89,24 @@ class Registration(Generic[T]):
     factory: Callable[[ProviderContext], T]
     settings_model: type[BaseSettings] | None = None
     description: str = ""
+    #: Fields of ``settings_model`` this concern needs set (not None or empty) when it is selected.
+    #: One model can serve several concerns while a variable is required by one only: make the
+    #: field optional in the model and list it here on the registrations that need it (an OIDC
+    #: issuer for sign-in, not for ``cmbcluster infra plan``, which runs before the cluster exists).
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(
                 f"invalid {self.kind} name {self.name!r}: use lower-case letters, digits, '-' or '_' (max 40)"
             )
+        if isinstance(self.requires, str):
+            raise ValueError(f"{self.kind} {self.name!r}: requires must be a tuple of field names, not a string")
+        fields = self.settings_model.model_fields if self.settings_model is not None else {}
+        unknown = [name for name in self.requires if name not in fields]
+        if unknown:
+            model = self.settings_model.__name__ if self.settings_model is not None else "no settings model"
+            raise ValueError(f"{self.kind} {self.name!r} requires {', '.join(unknown)}, not fields of {model}")
 
 
 @dataclass(frozen=True, kw_only=True)

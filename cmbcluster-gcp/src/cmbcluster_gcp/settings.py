@@ -42,7 +42,12 @@ class GcpSettings(BaseSettings):
         pattern=r"^[a-z0-9][a-z0-9-]{0,29}$",
     )
     noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
-    google_client_id: str | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_ID"))
+    google_client_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_CLIENT_ID"),
+        description="OAuth client id of a Google Cloud web application (Sign in with Google); GOOGLE_CLIENT_SECRET "
+        "is its secret.",
+    )
     google_client_secret: SecretStr | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_SECRET"))
     google_issuer: str = Field(
         default="https://accounts.google.com",

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.plugins import Concern
 
 __all__ = ["err", "out", "resolve_config"]
 
@@ -35,6 +37,8 @@ def print_json(text: str) -> None:
     _console().print_json(text)
 
 
-def resolve_config(**overrides: Any) -> ResolvedConfig:
-    """The whole configuration, validated (core settings from the environment with ``overrides``)."""
-    return resolve(load_core_settings(**overrides))
+def resolve_config(*, concerns: Iterable[Concern] | None = None, **overrides: Any) -> ResolvedConfig:
+    """The whole configuration, validated (core settings from the environment with ``overrides``);
+    ``concerns``: those the command uses, whose registrations' required variables are checked (all by default)."""
+    core = load_core_settings(**overrides)
+    return resolve(core) if concerns is None else resolve(core, concerns=concerns)

@@ -54,7 +54,7 @@ _STYLE = {
 
 @contextlib.contextmanager
 def _provisioner(state_dir: Path | None) -> Iterator[tuple[Provisioner, ProvisioningRecord]]:
-    config = resolve_config()
+    config = resolve_config(concerns=("infra",))  # before the cluster exists: no sign-in settings needed yet
     registration = config.infra
     if registration.provisioner is None:
         raise ConfigurationError(
