@@ -7,7 +7,7 @@ A plugin is a module (or object) registered under the entry point group ``cmbclu
 
 whose functions are marked with :data:`cmbcluster.hookimpl`. The four registration hooks
 return registrations that core selects **by configured name**; ``cmbcluster_decorate_pod`` is
-collected: every implementation runs, in the order documented on it. ``docs/plugin-hooks.md``
+collected: every implementation runs, in the order documented on it. ``docs/plugins/hooks.md``
 documents each hook with its exact signature, and a test keeps the two in step.
 """
 

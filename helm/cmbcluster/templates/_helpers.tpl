@@ -56,6 +56,21 @@ app.kubernetes.io/component: control-plane
 {{- default (get $defaults .Values.global.cloudProvider) .Values.storage.driver -}}
 {{- end -}}
 
+{{/* global.<cloudProvider> of a cloud from a third-party plugin (env, podLabels, podAnnotations,
+serviceAccountAnnotations); an empty dict for gcp and aws, whose values the chart reads by name. */}}
+{{- define "cmbcluster.pluginCloud" -}}
+{{- $cloud := .Values.global.cloudProvider -}}
+{{- if has $cloud (list "gcp" "aws") -}}{}{{- else -}}{{- toJson (get .Values.global $cloud | default dict) -}}{{- end -}}
+{{- end -}}
+
+{{/* Whether the storage driver mounts through PersistentVolumes the control plane creates. */}}
+{{- define "cmbcluster.storagePersistentVolumes" -}}
+{{- $known := dict "mountpoint-s3" true -}}
+{{- $pv := .Values.storage.persistentVolumes -}}
+{{- if kindIs "invalid" $pv -}}{{- $pv = get $known (include "cmbcluster.storageDriver" .) | default false -}}{{- end -}}
+{{- if $pv -}}true{{- end -}}
+{{- end -}}
+
 {{/* The ClusterRole for PersistentVolumes (CLUSTER_RULES). Needed with every storage driver today:
 the control plane creates static PVs for mountpoint-s3, and looks for an environment's PVs by label
 when it stops or deletes one, whatever the driver. */}}
@@ -105,8 +120,8 @@ when it stops or deletes one, whatever the driver. */}}
 {{- if and .Values.database.url .Values.database.existingSecret -}}
 {{- fail "set database.url or database.existingSecret, not both" -}}
 {{- end -}}
-{{- if and (eq (include "cmbcluster.storageDriver" .) "mountpoint-s3") (not (include "cmbcluster.createClusterRole" .)) -}}
-{{- fail "storage.driver mountpoint-s3 mounts buckets through PersistentVolumes the control plane creates: rbac.create and rbac.clusterRole.create must stay true" -}}
+{{- if and (include "cmbcluster.storagePersistentVolumes" .) (not (include "cmbcluster.createClusterRole" .)) -}}
+{{- fail (printf "storage.driver %s mounts buckets through PersistentVolumes the control plane creates: rbac.create and rbac.clusterRole.create must stay true" (include "cmbcluster.storageDriver" .)) -}}
 {{- end -}}
 {{- if eq .Values.image.tag "latest" -}}
 {{- fail "image.tag must be an exact version, not latest: upgrades and rollbacks must know what they run" -}}
