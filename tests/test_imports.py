@@ -131,7 +131,8 @@ def test_the_contract_and_the_commands_read_no_machinery_above_them() -> None:
     graph = import_graph(CORE)
 
     def reach(module: str) -> set[str]:
-        seen, todo = set(), [module]
+        seen: set[str] = set()
+        todo = [module]
         while todo:
             for target in graph[todo.pop()] - seen:
                 seen.add(target)

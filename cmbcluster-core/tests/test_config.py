@@ -197,7 +197,12 @@ def test_a_registration_can_require_only_fields_of_its_settings_model() -> None:
     from cmbcluster.oidc.plugin import OidcSettings
 
     with pytest.raises(ValueError, match="requires oidc_tenant, not fields of OidcSettings"):
-        AuthProviderRegistration(name="x", factory=lambda ctx: None, settings_model=OidcSettings, requires=("oidc_tenant",))  # type: ignore[arg-type,return-value]
+        AuthProviderRegistration(
+            name="x",
+            factory=lambda ctx: None,  # type: ignore[arg-type,return-value]  # never built
+            settings_model=OidcSettings,
+            requires=("oidc_tenant",),
+        )
 
 
 def test_config_check_runs_the_factories_serve_runs(env: dict[str, str], tmp_path: Path) -> None:
@@ -225,5 +230,8 @@ def test_config_check_reaches_services_only_with_connect(env: dict[str, str], tm
     connected = cmbcluster("config", "check", "--connect", env=oidc, cwd=tmp_path)
     assert connected.returncode == 1 and "Traceback" not in connected.stderr
     assert "storage local: answered" in connected.stdout and "auth local: answered" in connected.stdout
-    assert f"auth oidc: did not answer: cannot fetch the identity provider's discovery document from http://127.0.0.1:{closed}" in connected.stderr
+    discovery = f"http://127.0.0.1:{closed}/.well-known/openid-configuration"
+    assert f"auth oidc: did not answer: cannot fetch the identity provider's discovery document from {discovery}" in (
+        connected.stderr
+    )
     assert "the configuration is valid, but auth oidc did not answer" in connected.stderr

@@ -167,7 +167,7 @@ def test_a_broken_registration_hook_is_recorded_and_the_plugin_skipped(manager: 
 
     assert "bad" not in manager.registrations("storage")  # its valid registration is skipped too
     assert manager.storage_backend("local").name == "local"  # the others are untouched
-    with pytest.raises(PluginError, match="plugin 'bad' is installed but failed to load .*Bad Name"):
+    with pytest.raises(PluginError, match=r"plugin 'bad' is installed but failed to load .*Bad Name"):
         manager.storage_backend("bad")
     manager.decorate_pod(PodDraft(name="env-1", namespace="users", image="jupyter"), _context())
     assert decorated == []  # none of a failed plugin's hooks runs
@@ -180,7 +180,7 @@ def test_strict_mode_refuses_a_broken_registration_hook() -> None:
         raise RuntimeError("boom")
 
     strict = PluginManager(entry_points_enabled=False, strict=True).load()
-    with pytest.raises(PluginError, match="plugin 'boom' .* failed to load .*RuntimeError: boom.*strict mode"):
+    with pytest.raises(PluginError, match=r"plugin 'boom' .* failed to load .*RuntimeError: boom.*strict mode"):
         strict.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="boom")
 
 

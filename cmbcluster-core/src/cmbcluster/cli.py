@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,7 +55,7 @@ def serve(
     from cmbcluster.app import create_app
     from cmbcluster.observability import configure_logging
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     config = resolve_config(**overrides)  # refuse an invalid configuration before anything starts
     core = config.core
     configure_logging(core.log_level, core.log_format)
@@ -129,7 +129,7 @@ def config_check(
         for concern, name, provider in providers.active if connect else ():
             try:
                 provider.check_ready()
-            except Exception as exc:  # each service's answer is reported, one line each
+            except Exception as exc:  # noqa: BLE001 - any failure means it did not answer; reported, one line each
                 unreachable.append(f"{concern} {name}")
                 err(f"[red]{concern} {name}: did not answer[/red]: {exc}", soft_wrap=True)
             else:

@@ -100,7 +100,7 @@ class Registration(Generic[T]):
             raise ValueError(
                 f"invalid {self.kind} name {self.name!r}: use lower-case letters, digits, '-' or '_' (max 40)"
             )
-        if isinstance(self.requires, str):
+        if isinstance(self.requires, str):  # type: ignore[unreachable]  # a common slip: requires="field"
             raise ValueError(f"{self.kind} {self.name!r}: requires must be a tuple of field names, not a string")
         fields = self.settings_model.model_fields if self.settings_model is not None else {}
         unknown = [name for name in self.requires if name not in fields]

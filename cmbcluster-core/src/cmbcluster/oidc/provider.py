@@ -71,7 +71,7 @@ class OidcConfig:
         bad = [alg for alg in self.algorithms if alg not in ASYMMETRIC_ALGORITHMS]
         if bad:
             raise ValueError(f"only asymmetric signature algorithms are accepted, not {', '.join(bad)}")
-        empty = [name for name, values in self.required_claims.items() if isinstance(values, str) or not values]
+        empty = [name for name, values in self.required_claims.items() if isinstance(values, str) or not values]  # type: ignore[unreachable]
         if empty:  # a bare string would be matched letter by letter; no value would admit nobody
             raise ValueError(f"required_claims needs a tuple of accepted values for {', '.join(empty)}")
 
