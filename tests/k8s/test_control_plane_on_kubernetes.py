@@ -317,7 +317,10 @@ def test_lease_goes_to_one_replica_and_a_dead_leader_hands_over(k8s_cluster: K8s
 
 
 def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
-    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path, postgres_url: str  # noqa: F811
+    k8s_cluster: K8sCluster,
+    admin_api: k8s.ApiClient,
+    tmp_path: Path,
+    postgres_url: str,  # noqa: F811
 ) -> None:
     """Two `cmbcluster serve` replicas sharing one database (PostgreSQL: a SQLite database is served
     by one process only): one removes orphans; kill it, the other does."""
