@@ -132,7 +132,7 @@ def test_rbac_can_be_left_to_the_operator() -> None:
     ("cloud", "annotation", "value"),
     [
         ("gcp", "iam.gke.io/gcp-service-account", "cmbcluster-controlplane@cmb-research.iam.gserviceaccount.com"),
-        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster/cmbcluster-eks-controlplane"),
+        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane"),
         ("azure", "azure.workload.identity/client-id", "00000000-0000-0000-0000-000000000000"),
     ],
 )

@@ -14,23 +14,18 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: A deployment's name: in IAM paths, role names, bucket prefixes (lower case, at most 17 characters
-#: so that every name built from it fits AWS's and Google's limits).
-DEPLOYMENT_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,15}[a-z0-9])?$")
+from cmbcluster.naming import deployment_name_problem
+
 _REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
 
 
 def check_deployment_name(value: str, variable: str) -> str:
     """``value`` if it can name a deployment; a clear error naming ``variable`` otherwise."""
-    if not DEPLOYMENT_NAME.match(value):
+    problem = deployment_name_problem(value)
+    if problem is not None:
         hint = "" if variable == "CMBCLUSTER_DEPLOYMENT_NAME" else "; or set CMBCLUSTER_DEPLOYMENT_NAME"
-        raise PydanticCustomError(
-            "deployment_name",
-            "{value} cannot name the deployment: 1-17 lower-case letters, digits or '-', starting with a "
-            "letter (it goes into every cloud name, IAM paths and bucket prefixes){hint}",
-            {"value": repr(value), "hint": hint},
-        )
+        raise PydanticCustomError("deployment_name", "{problem}{hint}", {"problem": problem, "hint": hint})
     return value
 
 
