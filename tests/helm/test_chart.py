@@ -136,6 +136,16 @@ def test_rbac_can_be_left_to_the_operator() -> None:
         ("azure", "azure.workload.identity/client-id", "00000000-0000-0000-0000-000000000000"),
     ],
 )
+def test_the_service_account_is_the_one_the_cloud_identity_trusts_without_the_cli() -> None:
+    """GitOps (helm without `cmbcluster deploy`) renders the ServiceAccount that `infra up`'s IRSA role and
+    Workload Identity binding name, not the release's name."""
+    from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
+
+    objects = manifests(GCP_VALUES)
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == CONTROL_PLANE_SERVICE_ACCOUNT
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == CONTROL_PLANE_SERVICE_ACCOUNT
+
+
 def test_service_account_carries_the_cloud_identity(cloud: str, annotation: str, value: str) -> None:
     objects = manifests(CLOUDS[cloud])
     account = one(objects, "ServiceAccount")

@@ -429,6 +429,27 @@ class AwsProvisioner(Provisioner):
             return dataclasses.replace(release, namespace=self.ingress_namespace)
         return release
 
+    def documents(self) -> dict[str, str]:
+        """The IAM documents of the manual path (docs/DEPLOYMENT_AWS.md): the control plane's policy, the
+        per-user boundary, cert-manager's Route53 policy, and the IRSA trust policies once the cluster exists."""
+        files = {
+            "controlplane-policy.json": control_plane_policy(self.settings, database_bucket=self.database_bucket),
+            "user-boundary.json": user_boundary_policy(self.settings),
+        }
+        if self.domains:
+            files["cert-manager-policy.json"] = self._irsa_policy("cert-manager") or {}
+        try:
+            with aws_errors(f"EKS cluster {self.cluster}"):
+                issuer = self._issuer().removeprefix("https://")
+        except (NotFound, ProviderUnavailable):
+            issuer = ""  # no cluster yet: no trust policies
+        if issuer:
+            provider = f"arn:{self.partition}:iam::{self.settings.aws_account_id}:oidc-provider/{issuer}"
+            for suffix in ("controlplane", "cert-manager"):
+                namespace, account, _managed, _value = IRSA_ROLES[suffix]
+                files[f"{suffix}-trust.json"] = trust_policy(provider, issuer, namespace or self.namespace, account)
+        return {name: json.dumps(document, indent=2) + "\n" for name, document in files.items()}
+
     # -- checks before anything is made ------------------------------------------------------
     def preflight(self) -> None:
         """Refuse to touch an account other than AWS_ACCOUNT_ID."""

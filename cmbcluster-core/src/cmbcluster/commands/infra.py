@@ -225,6 +225,23 @@ def status(
 
 
 @app.command()
+def documents(
+    directory: Annotated[Path, typer.Argument(help="Where to write them (created if missing).")],
+    state_dir: StateDir = None,
+) -> None:
+    """Write the documents an operator needs to build by hand what `up` builds (IAM policies, trust policies)."""
+    with _provisioner(state_dir) as (provisioner, _record):
+        files = provisioner.documents()
+        if not files:
+            out(f"the {provisioner.provider} infra provider has no documents to write", highlight=False)
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in sorted(files.items()):
+            (directory / name).write_text(text, encoding="utf-8")
+            out(f"wrote {directory / name}", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
 def kubeconfig(
     state_dir: StateDir = None,
     kubeconfig: Kubeconfig = None,

@@ -282,5 +282,10 @@ class Provisioner(abc.ABC):
         since (then it is left alone)."""
         raise InvalidRequest(f"the {self.provider or 'configured'} infra provider does not manage DNS records")
 
+    def documents(self) -> dict[str, str]:
+        """Files an operator needs to build by hand what ``up`` builds (an existing cluster, another tool):
+        policy documents and the like, by file name (``cmbcluster infra documents`` writes them)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional: release clients
         """Release clients and sessions."""
