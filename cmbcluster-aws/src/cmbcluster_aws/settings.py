@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cmbcluster.naming import deployment_name_problem
+from cmbcluster.settings import LOCAL_ONLY
 
 _REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
@@ -87,6 +88,7 @@ class AwsSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("AWS_ENDPOINT_URL"),
         description="Talk to an S3/IAM-compatible endpoint instead of AWS (moto in tests)",
+        json_schema_extra=LOCAL_ONLY,
     )
 
     # -- pod decoration (cmbcluster_aws.pods) ------------------------------------------------------
