@@ -488,6 +488,13 @@ def test_registry_login_is_an_oauth_access_token(google_api: RecordingServer) ->
         GcpInfra(settings(), iam=InMemoryIamClient(), credentials=credentials).registry_login()
 
 
+def test_registry_login_takes_the_operators_access_token_as_infra_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no application default credentials here: only the token given can log in
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/adc.json")
+    login = GcpInfra(settings(GOOGLE_OAUTH_ACCESS_TOKEN="ya29.operator"), iam=InMemoryIamClient()).registry_login()
+    assert (login.username, login.password) == ("oauth2accesstoken", "ya29.operator")
+
+
 # -- the plugin's registration ------------------------------------------------------------------------
 def test_the_gcp_plugin_registers_the_infra_provider(iam: InMemoryIamClient) -> None:
     registration = PluginManager().load().infra_provider("gcp")

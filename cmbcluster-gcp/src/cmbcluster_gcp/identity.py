@@ -456,7 +456,11 @@ class GcpInfra(InfraProvider):
         return RegistryInfo(host=parsed.netloc, repository_prefix=prefix)
 
     def registry_login(self) -> RegistryLogin:
-        """An OAuth access token, which Artifact Registry takes as the password of ``oauth2accesstoken``."""
+        """An OAuth access token, which Artifact Registry takes as the password of ``oauth2accesstoken``:
+        GOOGLE_OAUTH_ACCESS_TOKEN when set (as for `cmbcluster infra`), else the credentials' own."""
+        given = self.settings.google_oauth_access_token
+        if self._credentials is None and given is not None:
+            return RegistryLogin(username=REGISTRY_USERNAME, password=given.get_secret_value())
         credentials: Any  # google-auth is untyped
         try:
             if self._credentials is not None:
