@@ -162,6 +162,13 @@ class AwsSettings(BaseSettings):
         return self.deployment_name or self.eks_cluster_name
 
     @property
+    def cognito_region(self) -> str:
+        """The user pool's own region, which its id starts with (``eu-west-1_AbC``): the issuer's, even
+        when the pool is not in AWS_REGION."""
+        region, sep, _rest = (self.cognito_user_pool_id or "").partition("_")
+        return region if sep and _REGION.match(region) else self.aws_region
+
+    @property
     def node_selector(self) -> dict[str, str]:
         """EKS_NODE_SELECTOR parsed."""
         return parse_node_selector(self.eks_node_selector)
