@@ -70,8 +70,9 @@ def serve(
     application = create_app(config=config)
     # Here too, not only in the app's start-up, so that a backup that cannot be read is one clear
     # error line instead of a failed start-up's traceback (the app's own call then has nothing to do).
-    from cmbcluster.db.backup import restore_at_start
+    from cmbcluster.db.backup import restore_at_start, serving_lock
 
+    application.state.serving_lock = serving_lock(application.state.context)  # the app's lifespan releases it
     restore_at_start(application.state.context)
     from cmbcluster.api.server import run
 
@@ -110,23 +111,36 @@ def plugins(
 @config_app.command("check")
 def config_check(
     connect: Annotated[
-        bool, typer.Option("--connect", help="Also reach each active service and say what answered.")
+        bool,
+        typer.Option(
+            "--connect", help="Check here as the server: build and reach each active service, say what answered."
+        ),
     ] = False,
 ) -> None:
     """Validate the whole configuration as `serve` does and list every problem once (exit 1 if any).
 
-    Every active provider is built by its factory, as at start-up; no network call is made unless
-    --connect is given.
+    Every active provider is also built by its factory, as at start-up, without network calls. Where
+    a factory fails for want of what only the server's machine has (cloud credentials, a kubeconfig)
+    that is a warning, since this may run on another machine before `cmbcluster deploy`; with
+    --connect it is an error, and each service is reached besides.
     """
     from cmbcluster.context import build_providers
+    from cmbcluster.errors import ConfigurationError
 
     config = resolve_config()
     for warning in config.warnings:
         err(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    providers = build_providers(config)  # the same factories, and their checks, that serve runs
+    try:
+        providers = build_providers(config)  # the same factories, and their checks, that serve runs
+    except ConfigurationError as exc:
+        if connect:
+            raise
+        for problem in exc.problems:
+            err(f"[yellow]warning:[/yellow] serve would refuse on this machine: {problem}", soft_wrap=True)
+        providers = None
     unreachable = []
     try:
-        for concern, name, provider in providers.active if connect else ():
+        for concern, name, provider in providers.active if connect and providers else ():
             try:
                 provider.check_ready()
             except Exception as exc:  # noqa: BLE001 - any failure means it did not answer; reported, one line each
@@ -135,7 +149,8 @@ def config_check(
             else:
                 out(f"[green]{concern} {name}: answered[/green]", soft_wrap=True)
     finally:
-        providers.close()
+        if providers is not None:
+            providers.close()
     if unreachable:
         raise CmbclusterError(f"the configuration is valid, but {', '.join(unreachable)} did not answer")
     summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
