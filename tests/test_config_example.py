@@ -25,7 +25,6 @@ def test_the_example_names_every_model_its_variables_defaults_and_who_needs_them
     assert "# ===== AwsSettings (used by the storage backend 'aws', auth provider 'aws', infra provider 'aws')" in text
     assert "# CMBCLUSTER_PORT=8000\n" in text and "# CMBCLUSTER_CLOUD_PROVIDER=local\n" in text
     assert "# Required.\n# AWS_ACCOUNT_ID=\n" in text
-    assert "Required by the auth provider 'aws'.\n# COGNITO_USER_POOL_ID=\n" in text
     # every line is a comment or blank: copied as it is, it sets nothing
     assert all(not line or line.startswith("#") for line in text.splitlines())
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import Field
+from pydantic_settings import BaseSettings
 
+from cmbcluster import AuthProviderRegistration, InfraProviderRegistration, ProviderContext, hookimpl
 from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.db.engine import filesystem_type
 from cmbcluster.errors import ConfigurationError
+from cmbcluster.interfaces import AuthProvider, InfraProvider
+from cmbcluster.plugins import PluginManager
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
@@ -178,18 +184,49 @@ def test_one_settings_model_for_every_concern_reports_each_error_once(env: dict[
 AWS = {"CLOUD_PROVIDER": "aws", "AWS_REGION": "eu-west-1", "AWS_ACCOUNT_ID": "123456789012"}
 
 
+class TenantSettings(BaseSettings):
+    """One settings model for every concern of a cloud; the sign-in's issuer is needed by sign-in only."""
+
+    tenant_region: str = Field(validation_alias="TENANT_REGION")
+    tenant_issuer: str | None = Field(default=None, validation_alias="TENANT_ISSUER")
+
+
+class TenantCloud:
+    @hookimpl
+    def cmbcluster_auth_providers(self) -> Iterator[AuthProviderRegistration]:
+        yield AuthProviderRegistration(
+            name="tenant", factory=_local_auth, settings_model=TenantSettings, requires=("tenant_issuer",)
+        )
+
+    @hookimpl
+    def cmbcluster_infra_providers(self) -> Iterator[InfraProviderRegistration]:
+        yield InfraProviderRegistration(name="tenant", factory=_local_infra, settings_model=TenantSettings)
+
+
+def _local_auth(ctx: ProviderContext) -> AuthProvider:
+    return PluginManager(entry_points_enabled=False).auth_provider("local").factory(ctx)
+
+
+def _local_infra(ctx: ProviderContext) -> InfraProvider:
+    return PluginManager(entry_points_enabled=False).infra_provider("local").factory(ctx)
+
+
 def test_a_variable_required_by_one_concern_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Cognito's pool is needed to sign in, not to plan the infrastructure (which runs before it exists)."""
-    for name, value in AWS.items():
-        monkeypatch.setenv(name, value)
-    core = load_core_settings(data_dir=tmp_path / "data")
+    """The issuer is needed to sign in, not to plan the infrastructure (which runs before it exists)."""
+    monkeypatch.setenv("TENANT_REGION", "north")
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(TenantCloud(), name="tenant")
+    core = CoreSettings(
+        data_dir=tmp_path / "data", infra_provider="tenant", auth_providers=["tenant", "tenant"]
+    )  # the provider twice: still one problem
     with pytest.raises(ConfigurationError) as exc_info:
-        resolve(core)
+        resolve(core, manager)
     assert exc_info.value.problems == [
-        "COGNITO_USER_POOL_ID is required by the auth provider 'aws' but not set (AwsSettings)",
-        "COGNITO_CLIENT_ID is required by the auth provider 'aws' but not set (AwsSettings)",
+        "TENANT_ISSUER is required by the auth provider 'tenant' but not set (TenantSettings)"
     ]
-    assert resolve(core, concerns=("infra",)).infra.name == "aws"
+    assert resolve(core, manager, concerns=("infra",)).infra.name == "tenant"
+    monkeypatch.setenv("TENANT_ISSUER", "https://login.example.org/north")
+    assert [a.name for a in resolve(core, manager).auth] == ["tenant", "tenant"]
 
 
 def test_a_registration_can_require_only_fields_of_its_settings_model() -> None:

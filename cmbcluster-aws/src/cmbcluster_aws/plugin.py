@@ -13,6 +13,7 @@ from cmbcluster import (
     StorageBackendRegistration,
     hookimpl,
 )
+from cmbcluster.errors import ConfigurationError
 from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_aws.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_aws.settings import AwsSettings
@@ -34,17 +35,27 @@ def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
 
 
 def _cognito_auth(ctx: ProviderContext) -> AuthProvider:
+    settings = ctx.require_settings(AwsSettings)
+    missing = [
+        f"{variable} is required for Cognito sign-in but not set (AwsSettings)"
+        for variable, value in (
+            ("COGNITO_USER_POOL_ID", settings.cognito_user_pool_id),
+            ("COGNITO_CLIENT_ID", settings.cognito_client_id),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigurationError(missing)
     from cmbcluster_aws.auth import CognitoProvider
 
-    return CognitoProvider.from_settings(ctx.require_settings(AwsSettings))
+    return CognitoProvider.from_settings(settings)
 
 
 @hookimpl
 def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
     yield AuthProviderRegistration(
-        name="aws", factory=_cognito_auth, settings_model=AwsSettings, description="Amazon Cognito user pools",
-        requires=("cognito_user_pool_id", "cognito_client_id"),  # for sign-in only, not for storage or infra
-    )  # fmt: skip
+        name="aws", factory=_cognito_auth, settings_model=AwsSettings, description="Amazon Cognito user pools"
+    )
 
 
 def _aws_infra(ctx: ProviderContext) -> InfraProvider:

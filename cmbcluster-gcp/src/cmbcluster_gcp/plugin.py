@@ -14,6 +14,7 @@ from cmbcluster import (
     StorageBackendRegistration,
     hookimpl,
 )
+from cmbcluster.errors import ConfigurationError
 from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_gcp.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_gcp.settings import GcpSettings
@@ -38,17 +39,22 @@ def cmbcluster_storage_backends() -> Iterator[StorageBackendRegistration]:
 
 
 def _google_auth(ctx: ProviderContext) -> AuthProvider:
+    settings = ctx.require_settings(GcpSettings)
+    if not settings.google_client_id:
+        raise ConfigurationError(
+            ["GOOGLE_CLIENT_ID is required for the 'gcp' auth provider (Sign in with Google): set it to the "
+             "OAuth client id of a Google Cloud web application, and GOOGLE_CLIENT_SECRET to its secret"]
+        )  # fmt: skip
     from cmbcluster_gcp.auth import google_provider
 
-    return google_provider(ctx.require_settings(GcpSettings))
+    return google_provider(settings)
 
 
 @hookimpl
 def cmbcluster_auth_providers() -> Iterator[AuthProviderRegistration]:
     yield AuthProviderRegistration(
-        name="gcp", factory=_google_auth, settings_model=GcpSettings, description="Sign in with Google",
-        requires=("google_client_id",),  # for sign-in only, not for storage or infra
-    )  # fmt: skip
+        name="gcp", factory=_google_auth, settings_model=GcpSettings, description="Sign in with Google"
+    )
 
 
 def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvider:
