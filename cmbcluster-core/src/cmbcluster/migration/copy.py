@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -63,25 +62,17 @@ class Failed:
     error: str
 
 
-class Progress:
-    """Bytes moved so far, added to from the copying threads (for a progress display)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.bytes += n
+#: Called with each chunk's size as it passes, from the copying threads (a progress display).
+OnBytes = Callable[[int], None]
 
 
-def _measured(chunks: Iterator[bytes], digest: Any, sizes: list[int], progress: Progress | None) -> Iterator[bytes]:
+def _measured(chunks: Iterator[bytes], digest: Any, sizes: list[int], progress: OnBytes | None) -> Iterator[bytes]:
     try:
         for chunk in chunks:
             digest.update(chunk)
             sizes[0] += len(chunk)
             if progress is not None:
-                progress.add(len(chunk))
+                progress(len(chunk))
             yield chunk
     finally:
         close = getattr(chunks, "close", None)
@@ -105,7 +96,7 @@ def copy_object(
     obj: ObjectInfo,
     *,
     attempts: int = ATTEMPTS,
-    progress: Progress | None = None,
+    progress: OnBytes | None = None,
 ) -> Copied:
     """Copy one object and verify it (see the module's description); CopyFailed after ``attempts``.
 
@@ -151,7 +142,7 @@ def copy_objects(
     objects: Iterable[ObjectInfo],
     *,
     parallel: int = 8,
-    progress: Progress | None = None,
+    progress: OnBytes | None = None,
     copy: Callable[..., Copied] = copy_object,
 ) -> Iterator[Copied | Failed | ObjectInfo]:
     """Copy ``objects`` with at most ``parallel`` at once; yield each result in the caller's thread.
