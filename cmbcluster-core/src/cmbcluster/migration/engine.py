@@ -349,7 +349,7 @@ class Migration:
             for obj in list_all(self.source.storage, row.source_bucket):
                 seen.add(obj.key)
                 if _unchanged(known.get(obj.key), obj):
-                    outcome.skipped += 1
+                    outcome.skipped += announce  # counted once, on the first pass
                 else:
                     yield obj
 
