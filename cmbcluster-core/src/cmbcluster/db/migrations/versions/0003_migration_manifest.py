@@ -1,6 +1,6 @@
 """migration manifest: buckets being moved to another storage backend, and their verified objects
 
-Revision ID: 0004
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-05 05:45:00
 
@@ -16,7 +16,7 @@ from alembic import op
 
 import cmbcluster.db.models
 
-revision = "0004"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
