@@ -9,6 +9,7 @@ from cmbcluster.interfaces.compute import (
     EnvironmentStatus,
     MountedVolume,
     Resources,
+    ResourceUse,
     Upstream,
 )
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
@@ -69,6 +70,7 @@ __all__ = [
     "RegistryInfo",
     "RegistryLogin",
     "ResourceRecord",
+    "ResourceUse",
     "Resources",
     "StepContext",
     "StepStatus",
