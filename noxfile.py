@@ -103,8 +103,9 @@ def tests_e2e(session: nox.Session) -> None:
 def tests_k8s(session: nox.Session) -> None:
     """Everything that needs a real Kubernetes API server (tests/k8s/cluster.sh builds one once,
     about 4 minutes, and caches it in ~/.cache/cmbcluster-k8s): the compute backend, the control
-    plane on it, the cloud flows and the Helm chart."""
-    install_packages(session)
+    plane on it, the cloud flows and the Helm chart. JupyterLab too: the test kubelet runs the
+    catalog's notebook pod with it."""
+    install_packages(session, core_extras="jupyter")
     install_test_cluster(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
     session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)

@@ -35,7 +35,6 @@ def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
                 "ecrRegistryUrl": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/",
             }
         },
-        "image": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com"},
         "storage": {"driver": "mountpoint-s3"},
     }
 
@@ -51,7 +50,7 @@ def test_only_the_aws_concerns_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
     # Cognito sign-in on another storage: the identity values, not the Mountpoint driver
     config = configured(monkeypatch, CMBCLUSTER_STORAGE_BACKEND="local")
     values = cmbcluster_deploy_values(config)
-    assert values is not None and "storage" not in values and "image" not in values
+    assert values is not None and "storage" not in values
     # no AWS concern at all: nothing
     monkeypatch.setenv("CLOUD_PROVIDER", "local")
     monkeypatch.delenv("CMBCLUSTER_STORAGE_BACKEND")

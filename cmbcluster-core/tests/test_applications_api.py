@@ -26,6 +26,8 @@ from cmbcluster.services.catalog import resolve_resources, seed_catalog
 
 API = "/api/v1/applications"
 
+IMAGE = "registry.example.org/cmbcluster/environment:1.0"
+
 
 def new_app(**extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -346,21 +348,21 @@ def fresh_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 def test_seed_catalog_is_idempotent(fresh_db: sessionmaker[Session]) -> None:
     with fresh_db() as db:
-        seed_catalog(db, "local")
-        seed_catalog(db, "local")
+        seed_catalog(db, "local", IMAGE)
+        seed_catalog(db, "local", IMAGE)
     with fresh_db() as db:
-        seed_catalog(db, "local")
+        seed_catalog(db, "local", IMAGE)
         apps = {app.slug: app for app in db.execute(select(Application)).scalars()}
         assert set(apps) == {"files", "jupyterlab", "streamlit"}
         files, jupyter, streamlit = apps["files"], apps["jupyterlab"], apps["streamlit"]
-        assert files.active and files.port == 8080 and files.image == "python:3.11-slim"
+        assert files.active and files.port == 8080 and files.image == IMAGE  # the project's own image
         # on a Unix socket only the server's user opens, not a loopback port every user can reach
         assert files.command[1:] == ["-m", "cmbcluster.examples.files", "{socket}"]
         assert Path(files.command[0]).exists()  # this very interpreter
         assert files.default_preset in catalog.PRESETS
         # every entry is active: a missing program is shown with its fix, not hidden
         assert jupyter.active and streamlit.active
-        assert jupyter.image == "quay.io/jupyter/scipy-notebook" and jupyter.port == 8888
+        assert jupyter.image == IMAGE and jupyter.port == 8888
         assert jupyter.command == [
             "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.port_retries=0",
             "--ServerApp.base_url={base_url}", "--ServerApp.allow_remote_access=True",
@@ -375,46 +377,46 @@ def test_seed_catalog_is_idempotent(fresh_db: sessionmaker[Session]) -> None:
 
 
 def test_an_earlier_default_is_brought_up_to_date_unless_an_admin_changed_it(fresh_db: sessionmaker[Session]) -> None:
-    old = list(catalog.KUBERNETES_JUPYTER_COMMAND)
+    old = list(catalog.EARLIER_JUPYTER_COMMAND)
     with fresh_db() as db:
         db.add(Application(slug="jupyterlab", name="JupyterLab", image="x", command=old, active=False))
         old_files = ["/usr/bin/python3", "-m", "http.server", "{port}", "--bind", "{host}"]
         db.add(Application(slug="files", name="Files", image="x", command=old_files))
         db.add(Application(slug="mine", name="Mine", image="x", command=["python", "-m", "http.server"]))
         db.commit()
-        seed_catalog(db, "local")
+        seed_catalog(db, "local", IMAGE)
         jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
-        assert jupyter.command == list(catalog.LOCAL_JUPYTER_COMMAND)
+        assert jupyter.command == list(catalog.JUPYTER_COMMAND)
         assert jupyter.active  # seeded inactive because jupyter-lab was missing then
         files = db.execute(select(Application).where(Application.slug == "files")).scalar_one()
         assert files.command[1:] == ["-m", "cmbcluster.examples.files", "{socket}"]
         mine = db.execute(select(Application).where(Application.slug == "mine")).scalar_one()
         assert mine.command == ["python", "-m", "http.server"]  # not an earlier default: the admin's
         assert [e.action for e in db.execute(select(AuditEvent)).scalars()] == ["application.updated"] * 2
-        seed_catalog(db, "local")  # once
+        seed_catalog(db, "local", IMAGE)  # once
         assert db.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 2
     with fresh_db() as db:  # deactivated by an admin later: the command is updated, the choice kept
         jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
         jupyter.command, jupyter.active = old, False
         jupyter.created_at -= dt.timedelta(days=1)  # seeded long before
         db.commit()
-        seed_catalog(db, "local")
+        seed_catalog(db, "local", IMAGE)
         db.refresh(jupyter)
-        assert jupyter.command == list(catalog.LOCAL_JUPYTER_COMMAND) and jupyter.active is False
-    with fresh_db() as db:  # on Kubernetes the old command is today's
+        assert jupyter.command == list(catalog.JUPYTER_COMMAND) and jupyter.active is False
+    with fresh_db() as db:  # on Kubernetes too: the old command served every environment at /
         jupyter = db.execute(select(Application).where(Application.slug == "jupyterlab")).scalar_one()
-        jupyter.command = old
+        jupyter.command, jupyter.image = old, catalog.EARLIER_JUPYTER_IMAGE
         db.commit()
-        seed_catalog(db, "kubernetes")
+        seed_catalog(db, "kubernetes", IMAGE)
         db.refresh(jupyter)
-        assert jupyter.command == old
+        assert jupyter.command == list(catalog.JUPYTER_COMMAND) and jupyter.image == IMAGE
 
 
 def test_seed_catalog_leaves_an_admins_catalog_alone(fresh_db: sessionmaker[Session]) -> None:
     with fresh_db() as db:
         db.add(Application(slug="only", name="Only", image="x"))
         db.commit()
-        seed_catalog(db, "local")
+        seed_catalog(db, "local", IMAGE)
         assert [a.slug for a in db.execute(select(Application)).scalars()] == ["only"]
         # deleting everything but an application a user still has? the admin decides: seeding
         # happens only on an empty catalog
@@ -445,7 +447,7 @@ def test_the_catalog_says_which_programs_are_missing_and_how_to_install_them(
 
 def test_seed_catalog_for_kubernetes(fresh_db: sessionmaker[Session]) -> None:
     with fresh_db() as db:
-        seed_catalog(db, "kubernetes")
+        seed_catalog(db, "kubernetes", IMAGE)
         apps = {app.slug: app for app in db.execute(select(Application)).scalars()}
     assert set(apps) == {"files", "jupyterlab"}  # the Streamlit example's file is in no image
     assert apps["jupyterlab"].active is True  # the image has it
@@ -454,12 +456,12 @@ def test_seed_catalog_for_kubernetes(fresh_db: sessionmaker[Session]) -> None:
 
 def test_seeded_applications_are_valid_catalog_entries() -> None:
     for backend in ("local", "kubernetes"):
-        for app in catalog.default_applications(backend):
+        for app in catalog.default_applications(backend, IMAGE):
             catalog.ApplicationCreate.model_validate(app.model_dump())
 
 
 def test_files_application_serves_the_working_directory_on_a_private_socket(tmp_path: Path) -> None:
-    files = next(app for app in catalog.default_applications("local") if app.slug == "files")
+    files = next(app for app in catalog.default_applications("local", IMAGE) if app.slug == "files")
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     (bucket / "results.txt").write_text("42\n")

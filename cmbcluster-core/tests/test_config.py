@@ -107,3 +107,46 @@ def test_a_kubernetes_deployment_without_a_secret_key_is_warned(tmp_path: Path) 
     assert not any("CMBCLUSTER_SECRET_KEY" in w for w in resolve(keyed).warnings)
     workstation = CoreSettings(data_dir=tmp_path / "data")
     assert not any("CMBCLUSTER_SECRET_KEY" in w for w in resolve(workstation).warnings)
+
+
+# -- what breaks later, caught before anything starts ---------------------------------------------------
+HOST_ROUTING = {"CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org"}
+
+
+def test_host_routing_derives_the_cookie_domain_environments_need(env: dict[str, str], tmp_path: Path) -> None:
+    ok = cmbcluster("config", "check", env={**env, **HOST_ROUTING, "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org"},
+                    cwd=tmp_path)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "CMBCLUSTER_COOKIE_DOMAIN is not set: using example.org" in ok.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "needs CMBCLUSTER_PUBLIC_URL"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.other.net"}, "share no parent domain"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://10.0.0.5"}, "not IP addresses"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org", "CMBCLUSTER_COOKIE_DOMAIN": "cmb.example.org"},
+         "must be a parent of both"),
+        ({"CMBCLUSTER_PUBLIC_URL": "cmb.example.org"}, "CMBCLUSTER_PUBLIC_URL must be an absolute http(s) URL"),
+    ],
+)  # fmt: skip
+def test_a_configuration_that_would_loop_at_sign_in_is_refused(
+    env: dict[str, str], tmp_path: Path, extra: dict[str, str], message: str
+) -> None:
+    result = cmbcluster("config", "check", env={**env, **HOST_ROUTING, **extra}, cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_misspelt_variables_and_an_unset_cloud_are_reported(env: dict[str, str], tmp_path: Path) -> None:
+    result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_ENVIRONMENT_DOMAIN": "envs.example.org"},
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "CMBCLUSTER_ENVIRONMENT_DOMAIN is not a setting" in result.stderr
+    assert "did you mean CMBCLUSTER_ENVIRONMENTS_DOMAIN?" in result.stderr
+    assert "CLOUD_PROVIDER is not set: serving the embedded default (local) although cloud plugins are installed" in (
+        result.stderr
+    )
+    chosen = cmbcluster("config", "check", env={**env, "CLOUD_PROVIDER": "local"}, cwd=tmp_path)
+    assert "CLOUD_PROVIDER is not set" not in chosen.stderr

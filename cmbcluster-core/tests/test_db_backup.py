@@ -274,3 +274,33 @@ def test_cli_errors_are_clear(settings: CoreSettings, tmp_path: Path) -> None:
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         assert message in " ".join(result.stderr.split()), (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_restore_is_refused_while_a_server_serves_the_database(
+    settings: CoreSettings, database: Path, tmp_path: Path
+) -> None:
+    """A restore under a running server would leave it writing to the file set aside: refused,
+    nothing changed, and allowed again once the server has stopped (even killed)."""
+    from cmbcluster.testing.process import ServeProcess
+
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir), "CMBCLUSTER_DATABASE_BUCKET": BUCKET}
+    write_probe(database, "first")
+    assert cmbcluster("db", "backup", env=env, cwd=tmp_path).returncode == 0
+    write_probe(database, "second")
+    with ServeProcess(env, tmp_path) as server:
+        server.wait_ready("/readyz")
+        refused = cmbcluster("db", "restore", env=env, cwd=tmp_path)
+        assert refused.returncode == 1
+        assert f"(pid {server.process.pid}) is serving" in refused.stderr and "Traceback" not in refused.stderr
+        assert read_probe(database) == ["first", "second"]  # untouched
+        second = ServeProcess(env, tmp_path)  # nor may a second server open the same SQLite file
+        try:
+            assert second.process.wait(timeout=60) != 0
+            assert "one control plane per SQLite database" in second.output()
+        finally:
+            second.stop()
+        server.process.kill()  # even killed, its lock goes with it
+        server.process.wait()
+    restored = cmbcluster("db", "restore", env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert read_probe(database) == ["first"]

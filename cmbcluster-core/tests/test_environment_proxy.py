@@ -167,7 +167,7 @@ def test_the_owner_reaches_the_application_with_its_token_and_nothing_of_the_con
     assert seen["method"] == "POST" and seen["body"] == "hello"
     assert seen["path"] == f"/environments/{env_id}/echo" and seen["query"] == "x=1&y=a%2Fb"
     assert seen["cookies"] == {"_xsrf": "the-applications-own"}  # never the session cookie
-    assert seen["headers"]["host"] == "testserver" and seen["headers"]["x-forwarded-proto"] == "http"
+    assert seen["headers"]["host"] == "127.0.0.1" and seen["headers"]["x-forwarded-proto"] == "http"
     assert session not in json.dumps(seen)
     # percent-encoding reaches the application as sent (JupyterLab's file paths hold %2F)
     encoded = client.get(f"/environments/{env_id}/files/a%2Fb%20c.ipynb", headers=alice).json()
@@ -257,6 +257,7 @@ def test_nobody_else_gets_anything_but_404(
             with client.websocket_connect(f"{url}socket", headers={"Origin": "http://127.0.0.1:9999"}):
                 pass
         assert cross_site.value.status_code == 403
+        # (TestClient opens every WebSocket at ws://testserver, whatever its base URL)
         with client.websocket_connect(f"{url}socket", headers={"Origin": "http://testserver"}) as socket:
             socket.send_text("same site")
             assert socket.receive_text() == "echo:same site"

@@ -94,6 +94,33 @@ def test_the_pod_runs_unprivileged_without_a_token() -> None:
     assert "ada@example.org" not in json.dumps(pod)  # ids only, never the person's address
 
 
+@pytest.mark.parametrize(
+    ("exposure", "base_url"),
+    [(Exposure(environments_domain="envs.example.org"), "/"), (Exposure(public_url="https://cmb.example.org"), None)],
+    ids=["host routing", "path routing"],
+)
+def test_the_command_is_rendered_as_every_backend_renders_it(exposure: Exposure, base_url: str | None) -> None:
+    """{host}, {port} and {base_url} become what the pod listens on and is served under; a
+    placeholder left in a command would reach the program literally (its --port={port} fails)."""
+    from cmbcluster.services.catalog import JUPYTER_COMMAND
+
+    environment = spec(command=JUPYTER_COMMAND, port=8888)
+    draft = build_draft(environment, namespace=NAMESPACE, exposure=exposure)
+    container = build_pod(draft, environment)["spec"]["containers"][0]
+    expected_base = base_url or f"/environments/{ENV_ID}/"
+    assert container["command"] == [
+        "jupyter-lab", "--no-browser", "--ip=0.0.0.0", "--port=8888", "--ServerApp.port_retries=0",
+        f"--ServerApp.base_url={expected_base}", "--ServerApp.allow_remote_access=True",
+        "--IdentityProvider.token=",  # the ingress checks access: JupyterLab must not invent a token
+    ]  # fmt: skip
+    assert not any("{" in part for part in container["command"])
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["HOST"] == "0.0.0.0" and env["PORT"] == "8888" and env["CMBCLUSTER_BASE_PATH"] == expected_base
+    assert "JUPYTER_TOKEN" not in env
+    with pytest.raises(InvalidRequest, match="socket"):  # no Unix sockets in a pod: a clear refusal
+        build_draft(spec(command=("serve", "{socket}")), namespace=NAMESPACE, exposure=exposure)
+
+
 def test_a_cloud_identity_gets_its_service_account_and_token() -> None:
     identity = CloudIdentity(user=USER, principal="arn:aws:iam::1:role/x", service_account="cmbcluster-user-0123")
     pod_spec = pod_of(spec(identity=identity))["spec"]

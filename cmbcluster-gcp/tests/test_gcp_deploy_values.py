@@ -33,7 +33,6 @@ def test_gcp_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
                 "artifactRegistry": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster/",
             }
         },
-        "image": {"registry": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster"},
         "storage": {"driver": "gcsfuse"},
     }
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helm_chart import AWS_ENV, CHART, GCP_ENV, helm, helm_binary  # tests/helm is on sys.path
+from helm_chart import AWS_ENV, CHART, GCP_ENV, helm, helm_binary, manifests, one  # tests/helm is on sys.path
 
-from cmbcluster import hookimpl
+from cmbcluster import __version__, hookimpl
 from cmbcluster.commands.deploy import HIDDEN, deep_merge, rbac_values, render_values
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import ConfigurationError, PluginError
@@ -63,12 +63,19 @@ def test_dry_run_for_gcp_prints_the_helm_command_and_the_values(tmp_path: Path) 
     }
     assert values["storage"] == {"driver": "gcsfuse"}
     assert values["auth"] == {"provider": "gcp"}
-    assert values["image"]["registry"] == "europe-west1-docker.pkg.dev/cmb-research/cmbcluster"
+    assert values["image"] == {
+        "registry": "europe-west1-docker.pkg.dev/cmb-research/cmbcluster", "repository": "controlplane",
+        "tag": __version__,
+    }  # fmt: skip
     assert values["ingress"] == {"host": "cmb.example.org", "tls": {"enabled": True}}
     assert values["environments"] == {"domain": "envs.example.org"}
     assert values["config"]["CMBCLUSTER_ADMIN_EMAILS"] == "pi@example.org"
     assert values["config"]["GOOGLE_CLIENT_ID"] == "1234.apps.googleusercontent.com"
-    assert values["secretConfig"] == {"GOOGLE_CLIENT_SECRET": HIDDEN}
+    assert "secretConfig" not in values  # secrets are left out and named, never a placeholder
+    assert "# not shown (secrets; `cmbcluster deploy` sends them): secretConfig.GOOGLE_CLIENT_SECRET" in result.stdout
+    sent = result.stdout.splitlines()[-1]
+    assert sent.startswith("# settings sent: ") and "CMBCLUSTER_ADMIN_EMAILS" in sent and "GOOGLE_CLIENT_ID" in sent
+    assert sent.endswith("; secret: GOOGLE_CLIENT_SECRET")
     assert values["rbac"] == rbac_values()
     assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
 
@@ -93,10 +100,12 @@ def test_dry_run_for_aws_prints_the_helm_command_and_the_values(tmp_path: Path) 
         },
     }
     assert values["storage"] == {"driver": "mountpoint-s3"}
-    assert values["image"] == {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com"}
-    assert values["database"] == {"url": "postgresql://cmb:***@db.example.org/cmb"}
-    assert values["secretKey"] == {"value": HIDDEN}
-    assert values["secretConfig"] == {"COGNITO_CLIENT_SECRET": HIDDEN}
+    assert values["image"] == {
+        "registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cmbcluster", "repository": "controlplane",
+        "tag": __version__,
+    }  # fmt: skip
+    assert "database" not in values and "secretKey" not in values and "secretConfig" not in values
+    assert "secretConfig.COGNITO_CLIENT_SECRET, database.url, secretKey.value" in result.stdout
     assert {"COGNITO_USER_POOL_ID", "COGNITO_CLIENT_ID", "AWS_REGION"} <= set(values["config"])
     assert "CMBCLUSTER_DATABASE_URL" not in values["config"]  # the chart keeps it in its Secret
     assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
@@ -116,11 +125,34 @@ def test_the_chart_accepts_what_deploy_renders(env: dict[str, str], monkeypatch:
     assert account["metadata"]["annotations"]  # the cloud identity reached the chart
 
 
-def test_print_values_hides_secrets(tmp_path: Path) -> None:
+def test_print_values_hides_secrets_and_can_be_fed_back(tmp_path: Path) -> None:
     result = deploy("--print-values", env=AWS_ENV, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not any(secret in result.stdout for secret in SECRETS)
-    assert yaml.safe_load(result.stdout)["secretConfig"] == {"COGNITO_CLIENT_SECRET": HIDDEN}
+    assert not any(secret in result.stdout for secret in SECRETS) and HIDDEN not in result.stdout
+    printed = yaml.safe_load(result.stdout)
+    assert "secretConfig" not in printed and "secretKey" not in printed
+    assert manifests(printed)  # as printed, the chart takes it (no placeholder stored as a secret)
+    # an earlier version's output, with placeholders, is refused rather than deployed
+    stale = tmp_path / "stale.yaml"
+    stale.write_text(f"secretConfig:\n  COGNITO_CLIENT_SECRET: '{HIDDEN}'\n")
+    refused = deploy("--dry-run", "--values", str(stale), env=AWS_ENV, cwd=tmp_path)
+    assert refused.returncode == 1 and "holds '<hidden>'" in refused.stderr
+
+
+def test_only_the_control_planes_own_settings_are_sent(tmp_path: Path) -> None:
+    """What the operator's shell holds for their own machine (an emulator's endpoint, a personal
+    access token) never reaches the Deployment; a development switch refuses the deploy."""
+    shell = {**GCP_ENV, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023", "GOOGLE_API_ENDPOINT": "http://127.0.0.1:1",
+             "GOOGLE_OAUTH_ACCESS_TOKEN": "ya29.personal", "GCP_IAM_ENDPOINT": "http://127.0.0.1:2"}  # fmt: skip
+    result = deploy("--dry-run", env=shell, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for leaked in ("STORAGE_EMULATOR_HOST", "GOOGLE_API_ENDPOINT", "GOOGLE_OAUTH_ACCESS_TOKEN", "GCP_IAM_ENDPOINT"):
+        assert leaked not in result.stdout, leaked
+    assert "ya29.personal" not in result.stdout + result.stderr
+    aws = deploy("--dry-run", env={**AWS_ENV, "AWS_ENDPOINT_URL": "http://127.0.0.1:5000"}, cwd=tmp_path)
+    assert aws.returncode == 0 and "AWS_ENDPOINT_URL" not in aws.stdout
+    dev = deploy("--dry-run", env={**GCP_ENV, "CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE": "true"}, cwd=tmp_path)
+    assert dev.returncode == 1 and "CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE is a development switch" in dev.stderr
 
 
 # -- what cannot be deployed, and helm's failures: one clear line, exit 1 ------------------------------
@@ -260,3 +292,18 @@ def test_a_pip_installed_core_finds_the_chart_in_its_wheel(tmp_path: Path, monke
     monkeypatch.setattr(deploy, "PACKAGED_CHART", tmp_path / "not-packaged")
     with pytest.raises(deploy.DeployError, match="no Helm chart given"):
         deploy.find_chart(None)
+
+
+@pytest.mark.parametrize("env", [GCP_ENV, AWS_ENV], ids=["gcp", "aws"])
+def test_the_image_pushed_is_the_image_the_chart_pulls(env: dict[str, str], tmp_path: Path) -> None:
+    """`images build/push` and `deploy` name the control-plane image from one source: the
+    reference the Deployment pulls is the one docker tagged (an earlier version pushed
+    <registry>/cmbcluster/controlplane and pulled <registry>/cmbcluster-controlplane)."""
+    built = run_cli("images", "build", "--dry-run", "--image", "controlplane", env=clean_environ(env), cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    tagged = shlex.split(built.stdout.split("would run: ", 1)[1].splitlines()[0])
+    pushed = tagged[tagged.index("--tag") + 1]
+    _, values = dry_run_output(deploy("--dry-run", env=env, cwd=tmp_path).stdout)
+    rendered = manifests(values)
+    deployment = one(rendered, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == pushed

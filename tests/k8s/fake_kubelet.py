@@ -13,7 +13,11 @@ would. A pod bound to it either
   ``httpGet``); an exit becomes the container's terminated state (exit code, Completed/Error) and
   CrashLoopBackOff or a Failed/Succeeded phase, as its restartPolicy says. Output goes to
   ``<state dir>/<namespace>_<pod>.log``. Deleting the pod stops the process group (SIGTERM, then
-  SIGKILL after the grace period, at most 5 s here).
+  SIGKILL after the grace period, at most 5 s here). The process runs as the kubelet's own user:
+  a container runtime would switch to the pod's ``runAsUser``, which a kubelet running as root
+  cannot do here when the interpreter it runs lives under a private home (``/root``). So that a
+  program that refuses to run as root (JupyterLab) behaves as in its non-root pod, such a pod's
+  process gets a Jupyter configuration allowing root: the only program-specific line in this file.
 - or, for any other image, becomes Running and Ready at once with a podIP, **without running
   anything** (fast, for benchmarks of many pods; the blind spot the mapping above closes).
 
@@ -219,8 +223,16 @@ class FakeKubelet:
         matches = [prefix for prefix in mapping if image.startswith(prefix)]
         return mapping[max(matches, key=len)] if matches else None
 
-    def container_env(self, ns: str, container: client.V1Container, home: Path, bin_dir: str) -> dict[str, str]:
+    def container_env(
+        self, pod: client.V1Pod, container: client.V1Container, home: Path, bin_dir: str
+    ) -> dict[str, str]:
+        ns = pod.metadata.namespace
         env = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(home), "LANG": "C.UTF-8"}
+        if runs_as_root_in_place_of(pod):
+            config = home / ".fake-kubelet-jupyter"
+            config.mkdir(exist_ok=True)
+            (config / "jupyter_server_config.json").write_text(json.dumps({"ServerApp": {"allow_root": True}}))
+            env["JUPYTER_CONFIG_DIR"] = str(config)
         for source in container.env_from or []:
             if source.secret_ref is not None:
                 data = self.v1.read_namespaced_secret(source.secret_ref.name, ns).data or {}
@@ -249,7 +261,7 @@ class FakeKubelet:
         try:
             if not command:
                 raise OSError("the container has no command (the image's entrypoint cannot run here)")
-            env = self.container_env(ns, container, home, bin_dir)
+            env = self.container_env(pod, container, home, bin_dir)
             with open(log_path, "ab") as out:
                 process = subprocess.Popen(
                     command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -376,6 +388,14 @@ class FakeKubelet:
             except Exception as e:
                 log("watch error, retrying:", type(e).__name__, e)
                 self.stopping.wait(1)
+
+
+def runs_as_root_in_place_of(pod: client.V1Pod) -> bool:
+    """Whether this kubelet (root) runs a pod that asked not to run as root."""
+    if os.geteuid() != 0:
+        return False
+    contexts = [pod.spec.security_context, *(c.security_context for c in pod.spec.containers)]
+    return any(c is not None and (c.run_as_non_root or (c.run_as_user or 0) > 0) for c in contexts)
 
 
 def probe_succeeds(probe: client.V1Probe) -> bool:

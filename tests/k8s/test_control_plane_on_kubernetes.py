@@ -342,3 +342,61 @@ def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
     finally:
         first.stop()
         second.stop()
+
+
+# -- the catalog's notebook really starts -----------------------------------------------------------
+@pytest.fixture
+def notebook_runs_here(admin_api: k8s.ApiClient) -> Iterator[None]:
+    """The test kubelet runs pods of the project's environment image with this interpreter's
+    folder first on PATH (JupyterLab is installed in it), as a real node runs the image."""
+    import json
+    import sys
+
+    from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, repository
+
+    core = k8s.CoreV1Api(admin_api)
+    images = json.dumps({f"{repository(DEFAULT_REGISTRY)}/{ENVIRONMENT}": str(Path(sys.executable).parent)})
+    body = {"metadata": {"name": "fake-kubelet-images"}, "data": {"images.json": images}}
+    try:
+        core.create_namespaced_config_map("kube-system", body)
+    except k8s.ApiException as e:
+        if e.status != 409:
+            raise
+        core.replace_namespaced_config_map("fake-kubelet-images", "kube-system", body)
+    yield
+    core.delete_namespaced_config_map("fake-kubelet-images", "kube-system")
+
+
+@pytest.mark.parametrize("routing", ["path", "host"])
+def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path, notebook_runs_here: None, routing: str
+) -> None:
+    """The seeded JupyterLab, its command rendered by the Kubernetes backend ({host}, {port},
+    {base_url}): the kubelet runs it, its readiness probe passes, and it answers under the path the
+    ingress serves it at. A placeholder left literal (`--port={port}`) crashes it instead."""
+    from cmbcluster.testing.process import free_port
+
+    namespace = k8s_cluster.control_plane_namespace()
+    domain = {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": ""} if routing == "path" else {}
+    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data", **domain), tmp_path) as server:
+        server.wait_ready()
+        user = Api(server.url, "ada@example.org")  # the first user: an admin, who may change the port
+        port = free_port()  # the pod shares this machine's network: no fixed 8888
+        moved = user.client.patch("/api/v1/applications/jupyterlab", json={"port": port})
+        assert moved.status_code == 200, moved.text
+        try:
+            created = user.create(name="notebook")
+            assert created.status_code == 201, created.text
+            environment_id = created.json()["id"]
+            env = user.settled(environment_id, timeout=120)
+            assert env["status"] == "running", env
+            pod = k8s.CoreV1Api(admin_api).read_namespaced_pod(f"env-{environment_id}", namespace)
+            assert not any("{" in part for part in pod.spec.containers[0].command)
+            base = f"/environments/{environment_id}/" if routing == "path" else "/"
+            status = httpx.get(f"http://127.0.0.1:{port}{base}api/status", timeout=10)
+            assert status.status_code == 200, status.text  # JupyterLab itself, without a token of its own
+            assert "started" in status.json()
+            user.client.delete(f"/api/v1/environments/{environment_id}")
+            wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the notebook to go")
+        finally:
+            user.close()

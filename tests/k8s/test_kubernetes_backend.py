@@ -671,3 +671,24 @@ def test_rbac_is_minimal() -> None:
     assert rbac.CLUSTER_RULES == [
         {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "list", "create", "delete"]}
     ]
+
+
+def test_listeners_hear_of_every_pod_change_from_the_watch(backend: KubernetesCompute) -> None:
+    """What wakes the progress streams at once (ComputeBackend.on_status_change)."""
+    import threading
+
+    heard: list[str] = []
+    changed = threading.Event()
+
+    def listener(environment_id: str) -> None:
+        heard.append(environment_id)
+        changed.set()
+
+    backend.on_status_change(listener)
+    environment_id = new_id()
+    backend.start(make_spec(environment_id))
+    running(backend, environment_id)
+    assert changed.wait(10) and environment_id in heard and all(h == environment_id for h in heard)
+    count = len(heard)
+    backend.delete(environment_id)
+    wait_for(lambda: len(heard) > count, 30, "the deletion to be heard")

@@ -41,7 +41,6 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     values: dict[str, Any] = {"global": {"aws": aws}}
     if settings.ecr_registry_url:
         aws["ecrRegistryUrl"] = settings.ecr_registry_url
-        values["image"] = {"registry": settings.ecr_registry_url.removeprefix("https://").rstrip("/")}
     if core.selected_storage == "aws":
         values["storage"] = {"driver": STORAGE_DRIVER}
     return values

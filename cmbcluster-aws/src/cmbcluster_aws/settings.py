@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cmbcluster.settings import LOCAL_ONLY
+
 
 class AwsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
@@ -50,6 +52,7 @@ class AwsSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("AWS_ENDPOINT_URL"),
         description="Talk to an S3/IAM-compatible endpoint instead of AWS (moto in tests)",
+        json_schema_extra=LOCAL_ONLY,
     )
 
     # -- pod decoration (cmbcluster_aws.pods) ------------------------------------------------------

@@ -29,7 +29,8 @@ from cmbcluster.api.routes import (
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
-from cmbcluster.db.backup import restore_at_start, run_periodic_backups
+from cmbcluster.db.backup import restore_at_start, run_periodic_backups, serving_lock
+from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
 from cmbcluster.services.catalog import seed_catalog
@@ -67,7 +68,13 @@ def create_app(
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = WORKER_THREADS
         context.metrics.worker_threads.set_function(lambda: limiter.borrowed_tokens)
-        await run_in_threadpool(prepare, context)
+        lock = serving_lock(context)  # one server per SQLite database; `db restore` refused meanwhile
+        try:
+            await run_in_threadpool(prepare, context)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         stop = asyncio.Event()
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
@@ -84,6 +91,8 @@ def create_app(
             if proxy is not None:
                 await proxy.aclose()
             await run_in_threadpool(context.close)
+            if lock is not None:
+                lock.release()
 
     app = FastAPI(
         title="CMBCluster",
@@ -114,7 +123,7 @@ def prepare(context: AppContext) -> None:
     restore_at_start(context)
     upgrade(context.engine, secret_key=context.secret_key)
     with context.sessions() as db:
-        seed_catalog(db, context.config.compute.name)
+        seed_catalog(db, context.config.compute.name, environment_image(context))
     if context.compute.elects_leader:
         return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
@@ -123,6 +132,13 @@ def prepare(context: AppContext) -> None:
             "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped",
             len(report.orphans_removed), len(report.marked_stopped), extra={"report": report.__dict__},
         )  # fmt: skip
+
+
+def environment_image(context: AppContext) -> str:
+    """The image the default catalog runs in a cluster: the environment image, as `cmbcluster
+    images push` pushed it to this deployment's registry (the project's releases without a cloud)."""
+    registry = DEFAULT_REGISTRY if context.config.infra.name == "local" else context.infra.registry()
+    return image_ref(registry, ENVIRONMENT)
 
 
 def _log_start(context: AppContext) -> None:

@@ -112,7 +112,7 @@ def config_check() -> None:
     """Validate the whole configuration and list every problem (exit 1 if any)."""
     config = resolve_config()
     for warning in config.warnings:
-        err(f"[yellow]warning:[/yellow] {warning}")
+        err(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     summary = ", ".join(f"{k}={v}" for k, v in config.summary().items())
     out(
         f"[green]configuration OK[/green]: {summary}; database {_safe_url(config.core.effective_database_url)}",

@@ -14,6 +14,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: Put on a settings field (``Field(..., json_schema_extra=LOCAL_ONLY)``): it belongs to the
+#: operator's own machine (an emulator's endpoint, a personal access token) and `cmbcluster deploy`
+#: never sends it into a deployment.
+LOCAL_ONLY: dict[str, Any] = {"cmbcluster_deploy": "local-only"}
+#: Put on a boolean settings field: a development switch; `cmbcluster deploy` refuses to send it on.
+DEVELOPMENT_ONLY: dict[str, Any] = {"cmbcluster_deploy": "development"}
+
+
+def deploy_policy(model: type[BaseSettings], field_name: str) -> str | None:
+    """``local-only``, ``development`` or None (sent like any setting), from the field's marker."""
+    field = model.model_fields.get(field_name)
+    extra = field.json_schema_extra if field is not None else None
+    value = extra.get("cmbcluster_deploy") if isinstance(extra, dict) else None
+    return value if isinstance(value, str) else None
+
 
 def _aliases(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -115,6 +130,7 @@ class CoreSettings(BaseSettings):
         default=False,
         validation_alias=_aliases("CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE"),
         description="Let the development sign-in serve beyond loopback (never in production).",
+        json_schema_extra=DEVELOPMENT_ONLY,
     )
     plugins_strict: bool = Field(default=False, validation_alias=_aliases("CMBCLUSTER_PLUGINS_STRICT"))
     plugins_allow: CommaList | None = Field(default=None, validation_alias=_aliases("CMBCLUSTER_PLUGINS_ALLOW"))
@@ -196,6 +212,18 @@ class CoreSettings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"must be an absolute http(s) URL such as https://cmb.example.org, not {value!r}")
+            return value.rstrip("/")
         return value
 
     @field_validator("log_level", mode="before")

@@ -42,7 +42,6 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     values: dict[str, Any] = {"global": {"gcp": gcp}}
     if settings.artifact_registry:
         gcp["artifactRegistry"] = settings.artifact_registry
-        values["image"] = {"registry": settings.artifact_registry.rstrip("/")}
     if core.selected_storage == "gcp":
         values["storage"] = {"driver": STORAGE_DRIVER}
     return values

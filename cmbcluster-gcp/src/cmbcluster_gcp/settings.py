@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cmbcluster.settings import LOCAL_ONLY
+
 #: A Kubernetes resource quantity ("250m", "1", "256Mi", "5Gi"); "0" means no limit for gcsfuse.
 Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
 
@@ -61,6 +63,7 @@ class GcpSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("STORAGE_EMULATOR_HOST"),
         description="Talk to a GCS emulator instead of Google (tests)",
+        json_schema_extra=LOCAL_ONLY,
     )
 
     # -- per-user identity (cmbcluster_gcp.identity) and pod decoration (cmbcluster_gcp.pods) ------
@@ -80,11 +83,13 @@ class GcpSettings(BaseSettings):
         default="https://iam.googleapis.com",
         validation_alias=AliasChoices("GCP_IAM_ENDPOINT"),
         description="The IAM API (service accounts); only tests point it elsewhere",
+        json_schema_extra=LOCAL_ONLY,
     )
     resource_manager_endpoint: str = Field(
         default="https://cloudresourcemanager.googleapis.com",
         validation_alias=AliasChoices("GCP_RESOURCE_MANAGER_ENDPOINT"),
         description="Looks up PROJECT_NUMBER when it is not set; only tests point it elsewhere",
+        json_schema_extra=LOCAL_ONLY,
     )
     domain: str | None = Field(
         default=None, validation_alias=AliasChoices("DOMAIN"), description="The deployment's domain (Cloud DNS)"
@@ -106,11 +111,13 @@ class GcpSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("GOOGLE_API_ENDPOINT"),
         description="Replaces https://<service>.googleapis.com for the infra APIs; only tests point it elsewhere",
+        json_schema_extra=LOCAL_ONLY,
     )
     google_oauth_access_token: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("GOOGLE_OAUTH_ACCESS_TOKEN"),
         description="An access token for `cmbcluster infra` (gcloud auth print-access-token); default: ADC",
+        json_schema_extra=LOCAL_ONLY,
     )
     workload_identity_node_selector: bool = Field(
         default=True,

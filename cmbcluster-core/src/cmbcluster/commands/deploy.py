@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,10 +33,16 @@ import typer
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
+from cmbcluster import __version__
+from cmbcluster.commands.rollout import Rollout, preflight
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.errors import CmbclusterError, ConfigurationError, PluginError
+from cmbcluster.images import CONTROL_PLANE, repository
+from cmbcluster.interfaces import RegistryInfo
 from cmbcluster.kubernetes import rbac
-from cmbcluster.settings import env_var_name
+from cmbcluster.settings import deploy_policy, env_var_name
+
+log = logging.getLogger(__name__)
 
 HOOK = "cmbcluster_deploy_values"
 HIDDEN = "<hidden>"
@@ -88,13 +97,15 @@ def _env_value(value: Any) -> str:
 
 
 def settings_env(models: Sequence[BaseSettings]) -> tuple[dict[str, str], dict[str, str]]:
-    """The settings the operator set explicitly, as environment variables: (plain, secret)."""
+    """The control plane's own settings the operator set, as environment variables: (plain,
+    secret). Never what belongs to the operator's machine (fields marked LOCAL_ONLY: an
+    emulator's endpoint, a personal access token)."""
     plain: dict[str, str] = {}
     secret: dict[str, str] = {}
     for settings in models:
         for field in sorted(settings.model_fields_set - _CHART_OWNED):
             value = getattr(settings, field)
-            if value is None:
+            if value is None or deploy_policy(type(settings), field) == "local-only":
                 continue
             target = secret if isinstance(value, SecretStr) else plain
             target[env_var_name(type(settings), field)] = _env_value(value)
@@ -117,6 +128,9 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
         # binding) names this ServiceAccount
         "serviceAccount": {"name": rbac.CONTROL_PLANE_SERVICE_ACCOUNT},
     }
+    # the control-plane image exactly as `cmbcluster images push` names it (cmbcluster.images)
+    values["image"] = {"registry": repository(deployment_registry(config)), "repository": CONTROL_PLANE,
+                       "tag": __version__}  # fmt: skip
     if core.storage_backend:
         values["storage"] = {"backend": core.storage_backend}
     if core.namespace != namespace and "namespace" in core.model_fields_set:
@@ -141,6 +155,15 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
         if isinstance(domain, str) and domain:
             values.setdefault("environments", {})["domain"] = domain
     return values
+
+
+def deployment_registry(config: ResolvedConfig) -> RegistryInfo:
+    """The active infra provider's registry (where `cmbcluster images push` pushes)."""
+    infra = config.infra.factory(config.context_for(config.infra))
+    try:
+        return infra.registry()
+    finally:
+        infra.close()
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,7 +202,11 @@ def check_deployable(config: ResolvedConfig) -> None:
             f"the compute backend is {core.selected_compute!r}: the chart runs environments on Kubernetes; "
             "set CLOUD_PROVIDER to aws, gcp or a cloud plugin (or CMBCLUSTER_COMPUTE_BACKEND=kubernetes)"
         )
-    if "local" in core.selected_auth and not core.dev_login_allow_remote:
+    for settings in [core, *config.provider_settings.values()]:
+        for field in sorted(settings.model_fields_set):
+            if deploy_policy(type(settings), field) == "development" and getattr(settings, field):
+                problems.append(f"{env_var_name(type(settings), field)} is a development switch: unset it to deploy")
+    if "local" in core.selected_auth:
         problems.append(
             "the development sign-in (auth provider 'local') would serve beyond loopback in the cluster: "
             "enable a real identity provider (CMBCLUSTER_AUTH_PROVIDERS)"
@@ -202,22 +229,33 @@ def render_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
     return values
 
 
-def masked(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy safe to print: secret values hidden, a database URL's password too."""
+def masked(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A copy safe to print, and the paths of what was left out of it. Secrets are left out, not
+    replaced by a placeholder: printed values fed back to helm then keep the secrets the release
+    already has (or let the chart generate its key) instead of storing a placeholder."""
     shown: dict[str, Any] = json.loads(json.dumps(values))
-    if shown.get("secretConfig"):
-        shown["secretConfig"] = dict.fromkeys(shown["secretConfig"], HIDDEN)
+    hidden = [f"secretConfig.{name}" for name in sorted(shown.pop("secretConfig", None) or {})]
     for section, key in _SECRET_PATHS:
-        value = shown.get(section, {}).get(key)
-        if not value:
-            continue
-        if key == "url":
-            from sqlalchemy.engine import make_url
+        if shown.get(section, {}).get(key):
+            del shown[section][key]
+            if not shown[section]:
+                del shown[section]
+            hidden.append(f"{section}.{key}")
+    return shown, hidden
 
-            shown[section][key] = make_url(value).render_as_string(hide_password=True)
-        else:
-            shown[section][key] = HIDDEN
-    return shown
+
+def printable(values: Mapping[str, Any]) -> str:
+    """The values as YAML, secrets left out and named in a comment."""
+    shown, hidden = masked(values)
+    note = f"# not shown (secrets; `cmbcluster deploy` sends them): {', '.join(hidden)}\n" if hidden else ""
+    return note + dump_values(shown).rstrip()
+
+
+def sent_settings(values: Mapping[str, Any]) -> str:
+    """One line naming every setting deploy sends into the Deployment (values never shown)."""
+    plain = sorted(values.get("config") or {})
+    secret = sorted(values.get("secretConfig") or {})
+    return f"settings sent: {', '.join(plain) or 'none'}; secret: {', '.join(secret) or 'none'}"
 
 
 def dump_values(values: Mapping[str, Any]) -> str:
@@ -279,18 +317,95 @@ def helm_command(
     return command
 
 
-def run_helm(command: Sequence[str], values: Mapping[str, Any], *, timeout: float | None = None) -> str:
-    """Run helm with ``values`` on standard input; DeployError with helm's own message if it fails."""
+def run_helm(
+    command: Sequence[str], values: Mapping[str, Any], *, timeout: float | None = None, rollout: Rollout | None = None
+) -> str:
+    """Run helm with ``values`` on standard input; DeployError with helm's own message if it fails,
+    or, while helm waits, with what ``rollout`` finds stuck (then helm is stopped)."""
+    # Output into files, not pipes: nothing is read while helm waits, and a pipe would fill.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errors:
+        try:
+            process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=out, stderr=errors, text=True)
+        except OSError as exc:
+            raise DeployError(f"could not run helm: {exc}") from None
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(values))
+        process.stdin.close()
+        _wait_for_helm(process, command, timeout, rollout)
+        out.seek(0)
+        errors.seek(0)
+        stdout, stderr = out.read(), errors.read()
+    if process.returncode != 0:
+        message = (stderr or stdout).strip() or f"exit status {process.returncode}"
+        raise DeployError(f"helm failed (exit status {process.returncode}): {message}")
+    return stdout
+
+
+def _wait_for_helm(
+    process: subprocess.Popen[str], command: Sequence[str], timeout: float | None, rollout: Rollout | None
+) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while process.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise DeployError(f"helm did not finish within {timeout:.0f}s: {shlex.join(command[:4])}")
+        stuck = rollout.stuck() if rollout is not None else None
+        if stuck:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise DeployError(
+                f"the control plane cannot start: {stuck}. Helm was stopped; fix the cause and deploy again, "
+                "or undo: `helm rollback <release>` after an upgrade, `helm uninstall <release>` after a first install"
+            )
+        time.sleep(2 if rollout is not None else 0.2)
+
+
+def cluster_checks(
+    values: Mapping[str, Any],
+    operator_values: Sequence[Path],
+    *,
+    release: str,
+    namespace: str,
+    kube_context: str | None,
+    patience: float,
+) -> Rollout | None:
+    """Check the cluster before helm runs (DeployError listing what cannot work) and return the
+    watch of the release while helm waits; None when the kubernetes client is not installed."""
     try:
-        result = subprocess.run(
-            list(command), input=json.dumps(values), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"helm did not finish within {timeout:.0f}s: {shlex.join(command[:4])}") from None
-    if result.returncode != 0:
-        message = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
-        raise DeployError(f"helm failed (exit status {result.returncode}): {message}")
-    return result.stdout
+        from kubernetes import config as kube_config
+    except ImportError:  # deploying from a machine without the kubernetes extra: helm alone
+        return None
+    try:
+        api = kube_config.new_client_from_config(context=kube_context)
+    except Exception as exc:  # noqa: BLE001 - no usable kubeconfig: helm will say it in its words
+        log.info("no cluster checks before helm: %s", exc)
+        return None
+    merged: dict[str, Any] = dict(values)
+    for path in operator_values:
+        loaded = json.loads(json.dumps(_load_yaml(path)))
+        if isinstance(loaded, dict):
+            merged = deep_merge(merged, loaded)
+    claim = f"{chart_fullname(release)}-data"
+    problems = preflight(api, merged, namespace=namespace, claim=claim)
+    if problems:
+        raise DeployError("; ".join(problems))
+    return Rollout(api=api, namespace=namespace, release=release, claim=claim, patience=patience)
+
+
+def chart_fullname(release: str) -> str:
+    """The chart's ``cmbcluster.fullname`` for a release (its objects' names)."""
+    name = release if "cmbcluster" in release else f"{release}-cmbcluster"
+    return name[:63].rstrip("-")
+
+
+def _load_yaml(path: Path) -> Any:
+    yaml: Any = importlib.import_module("yaml")
+    return yaml.safe_load(path.read_text())
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -298,6 +413,12 @@ def _existing_files(paths: Sequence[Path]) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DeployError(f"values file not found: {', '.join(missing)}")
+    holding = [str(p) for p in paths if HIDDEN in p.read_text(errors="replace")]
+    if holding:  # printed by an earlier version, whose output stood secrets in with a placeholder
+        raise DeployError(
+            f"{', '.join(holding)} holds {HIDDEN!r} where a secret belongs: remove those lines (deploy sends "
+            "the secrets itself) rather than store the placeholder"
+        )
     return list(paths)
 
 
@@ -327,13 +448,17 @@ def deploy(
     kube_context: Annotated[str | None, typer.Option(help="Kubeconfig context helm uses.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the control plane is ready.")] = True,
     timeout: Annotated[str, typer.Option(help="How long helm waits (a Go duration).")] = "10m",
+    stuck_after: Annotated[
+        float,
+        typer.Option(help="Stop waiting when the control plane's claim or pod has been stuck this many seconds."),
+    ] = 90,
 ) -> None:
     """Render the chart's values from the configuration and run `helm upgrade --install`."""
     config = resolve(load_core_settings())
     release_namespace = namespace or config.core.namespace
     rendered = render_values(config, namespace=release_namespace)
     if print_values:
-        typer.echo(dump_values(masked(rendered)).rstrip())
+        typer.echo(printable(rendered))
         return
     operator_values = _existing_files(values or [])
     chart_ref = find_chart(chart)
@@ -353,10 +478,16 @@ def deploy(
         typer.echo("# helm command (the values below on its standard input):")
         typer.echo(shlex.join(command))
         typer.echo("# values (secrets hidden):")
-        typer.echo(dump_values(masked(rendered)).rstrip())
+        typer.echo(printable(rendered))
+        typer.echo(f"# {sent_settings(rendered)}")
         return
+    rollout = cluster_checks(
+        rendered, operator_values, release=release, namespace=release_namespace, kube_context=kube_context,
+        patience=stuck_after,
+    ) if wait else None  # fmt: skip
     typer.echo(f"deploying release {release} into namespace {release_namespace} with {shlex.join(command[:2])} ...")
-    output = run_helm(command, rendered)
+    typer.echo(sent_settings(rendered))
+    output = run_helm(command, rendered, rollout=rollout)
     typer.echo(output.rstrip())
 
 
@@ -367,6 +498,7 @@ __all__ = [
     "deep_merge",
     "helm_command",
     "masked",
+    "printable",
     "rbac_values",
     "render_values",
     "settings_env",

@@ -1,4 +1,5 @@
-"""``cmbcluster images build | push``: the deployment's container images, for the active infra provider's registry.
+"""``cmbcluster images build | push``: the deployment's container images (:mod:`cmbcluster.images`),
+for the active infra provider's registry.
 
 The registry host and repository prefix come from the infra provider's ``registry()``
 (ECR on AWS, Artifact Registry on GCP); ``push`` logs in with its short-lived
@@ -13,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -22,28 +22,11 @@ import typer
 from cmbcluster import __version__
 from cmbcluster.commands.common import err, out, resolve_config
 from cmbcluster.errors import ConfigurationError, InvalidRequest, ProviderUnavailable
-from cmbcluster.interfaces import InfraProvider, RegistryInfo
+from cmbcluster.images import IMAGE_NAMES, IMAGES, ImageSpec, image_ref
+from cmbcluster.interfaces import InfraProvider
 
 app = typer.Typer(help="Build and push the control plane and environment images.", no_args_is_help=True)
 
-
-@dataclass(frozen=True, kw_only=True)
-class ImageSpec:
-    """One image: its Dockerfile and build context, relative to the repository root."""
-
-    name: str
-    dockerfile: str
-    context: str
-
-
-IMAGES = {
-    "controlplane": ImageSpec(name="controlplane", dockerfile="helm/images/controlplane/Dockerfile", context="."),
-    "environment": ImageSpec(
-        name="environment", dockerfile="helm/images/environment/Dockerfile", context="helm/images/environment"
-    ),
-}
-#: The images every deployment builds and pushes; the provisioners create one registry repository for each.
-IMAGE_NAMES = tuple(IMAGES)
 
 Tag = Annotated[str, typer.Option(help="Image tag (default: this version of cmbcluster-core).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the docker commands instead of running them.")]
@@ -53,11 +36,6 @@ Only = Annotated[
 Source = Annotated[
     Path, typer.Option("--source", help="The repository checkout holding helm/images (the controlplane build context).")
 ]
-
-
-def image_ref(registry: RegistryInfo, name: str, tag: str) -> str:
-    prefix = registry.repository_prefix.strip("/")
-    return f"{registry.host}/{prefix}/{name}:{tag}" if prefix else f"{registry.host}/{name}:{tag}"
 
 
 def build_argv(spec: ImageSpec, ref: str, source: Path, platform: str) -> list[str]:
@@ -150,3 +128,6 @@ def push(tag: Tag = __version__, dry_run: DryRun = False, image: Only = None) ->
         _run(argv, dry_run=dry_run, input_text=login.password + "\n", shown=shown)
     for spec in specs:
         _run(["docker", "push", image_ref(registry, spec.name, tag)], dry_run=dry_run)
+
+
+__all__ = ["IMAGE_NAMES", "app"]

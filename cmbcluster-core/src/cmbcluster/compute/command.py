@@ -98,6 +98,9 @@ class ApplicationRule:
     root_arguments: tuple[str, ...] = ()
     #: the variable the program reads its token from (then the token never appears on a command line)
     token_variable: str | None = None
+    #: appended where a backend gives no token (Kubernetes: the ingress checks access), so that the
+    #: program does not invent one of its own (an empty JUPYTER_TOKEN makes JupyterLab pick one)
+    without_token_arguments: tuple[str, ...] = ()
     #: how to install the program where the server runs, for the catalog's "not installed" notice
     install: str = ""
 
@@ -107,6 +110,7 @@ APPLICATION_RULES: tuple[ApplicationRule, ...] = (
         programs=(("jupyter-lab",), ("jupyter", "lab"), ("jupyter-server",), ("jupyter", "server")),
         root_arguments=("--allow-root",),
         token_variable="JUPYTER_TOKEN",  # noqa: S106 - the variable's name
+        without_token_arguments=("--IdentityProvider.token=",),
         install='pip install "cmbcluster-core[jupyter]"',
     ),
     ApplicationRule(programs=(("streamlit",),), install='pip install "cmbcluster-core[streamlit]"'),
@@ -130,6 +134,14 @@ def root_arguments(command: Sequence[str]) -> tuple[str, ...]:
     if rule is None:
         return ()
     return tuple(arg for arg in rule.root_arguments if arg not in command)
+
+
+def without_token_arguments(command: Sequence[str]) -> tuple[str, ...]:
+    """What to append to the command when the backend gives the application no token."""
+    rule = rule_for(command)
+    if rule is None:
+        return ()
+    return tuple(arg for arg in rule.without_token_arguments if arg not in command)
 
 
 def takes_token(command: Sequence[str]) -> bool:

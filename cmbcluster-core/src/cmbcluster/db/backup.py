@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.errors import CmbclusterError, ConfigurationError, InvalidRequest, NotFound
+from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import StorageBackend
 from cmbcluster.naming import validate_object_prefix
 
@@ -194,12 +194,23 @@ class DatabaseBackups:
         )
 
     # -- restore -----------------------------------------------------------------------------
-    def restore(self, version: str | None = None) -> RestoreResult:
+    def restore(self, version: str | None = None, *, server_stopped: bool = True) -> RestoreResult:
         """Replace the database with a backup (the newest by default), checked first.
 
         The current database is renamed aside, with its ``-wal`` and ``-shm``, never deleted.
-        Nothing changes when the download or the check fails. Run it with the server stopped.
+        Nothing changes when the download or the check fails. Refused (Conflict) while a server
+        serves the database (``server_stopped``: check it; the server's own start-up restore
+        passes False, holding the lock itself).
         """
+        if server_stopped:
+            with ServingLock(self.database) as lock:
+                if not lock.acquire():
+                    raise Conflict(
+                        f"a control plane (pid {lock.holder() or 'unknown'}) is serving {self.database}: stop it "
+                        "first (on Kubernetes: scale the Deployment to 0 and run the restore as a Job with the "
+                        "data volume, see docs/operators/backup.md)"
+                    )
+                return self.restore(version, server_stopped=False)
         backup = self.find(version)
         self.database.parent.mkdir(parents=True, exist_ok=True)
         with self._temporary_file() as downloaded:
@@ -308,6 +319,65 @@ def _gunzip(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
 
 
 # -- the server's side ------------------------------------------------------------------------
+class ServingLock:
+    """An exclusive lock on ``<database>.serving`` that a control plane holds while it serves a
+    SQLite database, and a restore while it replaces it: neither happens under the other (a
+    restore under a running server would leave it writing to the file set aside). The kernel
+    releases it when the process ends, however it ends."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + ".serving")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock (never waits); False when another process holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> int | None:
+        """The pid written by whoever holds the lock (for messages)."""
+        try:
+            return int(self.path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> ServingLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def serving_lock(context: AppContext) -> ServingLock | None:
+    """The lock a server takes for its database: SQLite only (PostgreSQL serves many replicas)."""
+    database = sqlite_path(context.config.core.effective_database_url)
+    if database is None:
+        return None
+    lock = ServingLock(database)
+    if not lock.acquire():
+        raise ConfigurationError(
+            [f"another process (pid {lock.holder() or 'unknown'}) is serving or restoring {database}: one control "
+             "plane per SQLite database (use PostgreSQL for several replicas)"]
+        )  # fmt: skip
+    return lock
+
+
 def restore_at_start(context: AppContext) -> RestoreResult | None:
     """Before migrations: restore the newest backup when the SQLite file is missing.
 
@@ -329,7 +399,8 @@ def restore_at_start(context: AppContext) -> RestoreResult | None:
         log.info("no database at %s and no backup in %s: starting with a new database", database, backups.bucket)
         return None
     try:
-        result = backups.restore(newest[-1].version)
+        # the server's own start: it holds the serving lock, or (`serve`, before the app) is starting
+        result = backups.restore(newest[-1].version, server_stopped=False)
     except CmbclusterError as exc:
         raise ConfigurationError(
             [f"the database {database} is missing and the newest backup {newest[-1].key} could not be restored: "

@@ -61,6 +61,7 @@ from cmbcluster.kubernetes.labels import (
 from cmbcluster.kubernetes.lease import LeaseElector
 from cmbcluster.kubernetes.manifests import (
     CONTAINER_NAME,
+    OBJECT_PREFIX,
     build_draft,
     build_pod,
     build_secret,
@@ -138,15 +139,17 @@ class KubernetesCompute(ComputeBackend):
         # pool (urllib3) is sized to match in api_client_from_config
         self._parallel = concurrent.futures.ThreadPoolExecutor(PARALLEL_CALLS, thread_name_prefix="cmbcluster-k8s")
         connect_timeout = options.retries.request_timeout[0]
+        # who hears of a change (ComputeBackend.on_status_change): the progress streams' hub
+        self._listeners: list[Callable[[str], None]] = []
         self.pods = WatchCache(
             self.client.core.list_namespaced_pod, namespace=options.namespace, what="pods",
-            label_selector=MANAGED_SELECTOR, connect_timeout=connect_timeout,
+            label_selector=MANAGED_SELECTOR, connect_timeout=connect_timeout, on_change=self._pod_changed,
         )  # fmt: skip
         # The newest event of each pod: what the scheduler and the kubelet are doing about it.
         self.events = WatchCache(
             self.client.core.list_namespaced_event, namespace=options.namespace, what="events",
             field_selector="involvedObject.kind=Pod", key=event_pod, order=event_time,
-            connect_timeout=connect_timeout,
+            connect_timeout=connect_timeout, on_change=self._pod_changed,
         )  # fmt: skip
         self.elector: LeaseElector | None = None
         election = options.leader_election
@@ -160,6 +163,18 @@ class KubernetesCompute(ComputeBackend):
     @property
     def namespace(self) -> str:
         return self.options.namespace
+
+    def on_status_change(self, listener: Callable[[str], None]) -> None:
+        """``listener(environment_id)`` at every watch event of its pod (phase, readiness, events)."""
+        self._listeners.append(listener)
+
+    def _pod_changed(self, pod_name: str) -> None:
+        """From the watch threads: the pod (or one of its events) changed."""
+        environment_id = pod_name.removeprefix(OBJECT_PREFIX)
+        if environment_id == pod_name:
+            return  # not an environment's pod
+        for listener in self._listeners:
+            listener(environment_id)
 
     @property
     def elects_leader(self) -> bool:

@@ -16,6 +16,7 @@ import json
 import re
 from typing import Any
 
+from cmbcluster.compute.command import LaunchValues, render_command, standard_variables, without_token_arguments
 from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import EnvironmentSpec, PodDraft, Resources
 from cmbcluster.kubernetes.labels import (
@@ -36,6 +37,7 @@ from cmbcluster.naming import dns_label
 
 __all__ = [
     "CONTAINER_NAME",
+    "OBJECT_PREFIX",
     "SECRETS_DIR",
     "build_draft",
     "build_pod",
@@ -65,9 +67,13 @@ EXTRA_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "Secret")
 _KEY_SAFE = re.compile(r"[-._a-zA-Z0-9]+")
 
 
+OBJECT_PREFIX = "env-"
+
+
 def object_name(environment_id: str) -> str:
-    """The name of every namespaced object of an environment: ``env-<id>``, DNS-safe."""
-    return dns_label("env", environment_id)
+    """The name of every namespaced object of an environment: ``env-<id>``, DNS-safe (our ids are
+    lower-case hex, so the id is the name without :data:`OBJECT_PREFIX`)."""
+    return dns_label(OBJECT_PREFIX.rstrip("-"), environment_id)
 
 
 def cpu_quantity(cores: float) -> str:
@@ -110,14 +116,21 @@ def build_draft(spec: EnvironmentSpec, *, namespace: str, exposure: Exposure) ->
     name = object_name(spec.environment_id)
     labels = {**spec.labels, **identity_labels(spec.user.id, spec.environment_id)}
     labels[COMPONENT_LABEL] = USER_ENVIRONMENT
-    env = {"PORT": str(spec.port), "HOST": "0.0.0.0", "CMBCLUSTER_ENVIRONMENT_ID": spec.environment_id}
-    # path routing serves the environment under /environments/<id>/: the application needs to know
-    env["CMBCLUSTER_BASE_PATH"] = exposure.path(spec.environment_id)
+    # The one templating every backend shares (cmbcluster.compute.command): listen on every
+    # address of the pod, on the container port, under the path the ingress serves it at (path
+    # routing: /environments/<id>/, host routing: /). No token: the ingress asks the control plane
+    # before any request reaches the pod, and the NetworkPolicy admits nothing else.
+    launch = LaunchValues(
+        environment_id=spec.environment_id, host="0.0.0.0", port=spec.port,
+        base_url=exposure.path(spec.environment_id), token="",
+    )  # fmt: skip
+    env = standard_variables(launch, spec.command)
+    command = [*render_command(spec.command, launch), *without_token_arguments(spec.command)] if spec.command else []
     draft = PodDraft(
         name=name,
         namespace=namespace,
         image=spec.image,
-        command=list(spec.command),
+        command=command,
         labels=labels,
         annotations={ENVIRONMENT_ANNOTATION: spec.environment_id, USER_ANNOTATION: spec.user.id},
         env=env,

@@ -404,31 +404,37 @@ _STREAMLIT_ICON = (
 #: The example Streamlit application the embedded default's catalog runs.
 STREAMLIT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "streamlit_app.py"
 
-#: JupyterLab behind the control plane's proxy: served under its base path, its token (JUPYTER_TOKEN,
-#: from the command's rules) sent by the proxy only, on the port it was given and no other, and
-#: accepting the control plane's host name (it listens on loopback only).
-LOCAL_JUPYTER_COMMAND = (
+#: JupyterLab on every backend: served under its base path (the control plane's proxy, or path
+#: routing on Kubernetes), its token (JUPYTER_TOKEN, from the command's rules) sent by the proxy
+#: only, on the port it was given and no other, accepting the proxy's or ingress's host name.
+JUPYTER_COMMAND = (
     "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.port_retries=0",
     "--ServerApp.base_url={base_url}", "--ServerApp.allow_remote_access=True",
 )  # fmt: skip
-#: In an image on Kubernetes (the backend substitutes no token and serves each environment at its root yet).
-KUBERNETES_JUPYTER_COMMAND = (
+#: What earlier versions seeded: served at / whatever the routing, which path routing breaks.
+EARLIER_JUPYTER_COMMAND = (
     "jupyter-lab", "--no-browser", "--ip={host}", "--port={port}", "--ServerApp.token=", "--ServerApp.base_url=/",
 )  # fmt: skip
+#: The image earlier versions seeded for JupyterLab (not one the project builds).
+EARLIER_JUPYTER_IMAGE = "quay.io/jupyter/scipy-notebook"
+#: Files in an image: the image's Python, on a port.
+IMAGE_FILES_COMMAND = ("python", "-m", "http.server", "{port}", "--bind", "{host}")
 
 
-def _earlier_local_default(slug: str, command: list[str]) -> bool:
-    """Whether ``command`` is what an earlier version seeded for ``slug`` on the local backend (a
-    catalog that still has it gets today's, see :func:`seed_catalog`)."""
+def _earlier_default(slug: str, command: list[str], compute_backend: str) -> bool:
+    """Whether ``command`` is what an earlier version seeded for ``slug`` (a catalog that still
+    has it gets today's, see :func:`seed_catalog`)."""
     if slug == "jupyterlab":
-        return tuple(command) == KUBERNETES_JUPYTER_COMMAND
-    if slug == "files":  # on a loopback port, with the server's interpreter of the time
-        return len(command) == 6 and command[1:] == ["-m", "http.server", "{port}", "--bind", "{host}"]
+        return tuple(command) == EARLIER_JUPYTER_COMMAND
+    if slug == "files" and compute_backend == "local":  # a loopback port, the server's interpreter of the time
+        return len(command) == 6 and command[1:] == list(IMAGE_FILES_COMMAND[1:])
     return False
 
 
-def default_applications(compute_backend: str) -> list[ApplicationCreate]:
-    """The catalog a fresh server starts with; every entry works with the ``local`` backend as is.
+def default_applications(compute_backend: str, environment_image: str) -> list[ApplicationCreate]:
+    """The catalog a fresh server starts with; every entry works with the ``local`` backend as is,
+    and in a cluster runs ``environment_image``, the image the project builds and `cmbcluster
+    images push` pushes (:mod:`cmbcluster.images`).
 
     With the local backend the Files application runs this very Python interpreter, which is
     known to exist, on a Unix socket; in a container image (Kubernetes) it runs the image's
@@ -446,12 +452,8 @@ def default_applications(compute_backend: str) -> list[ApplicationCreate]:
             name="Files",
             summary="Browse and download your home folder and mounted buckets in the browser "
             "(Python's built-in web server).",
-            image="python:3.11-slim",
-            command=(
-                [python, "-m", "cmbcluster.examples.files", "{socket}"]
-                if local
-                else ["python", "-m", "http.server", "{port}", "--bind", "{host}"]
-            ),
+            image=environment_image,
+            command=[python, "-m", "cmbcluster.examples.files", "{socket}"] if local else list(IMAGE_FILES_COMMAND),
             port=8080,
             icon=_FILES_ICON,
             category="Tools",
@@ -464,8 +466,8 @@ def default_applications(compute_backend: str) -> list[ApplicationCreate]:
             name="JupyterLab",
             summary="Notebooks, a terminal and a file browser, with the scientific Python stack "
             "(NumPy, SciPy, pandas, matplotlib...).",
-            image="quay.io/jupyter/scipy-notebook",
-            command=list(LOCAL_JUPYTER_COMMAND if local else KUBERNETES_JUPYTER_COMMAND),
+            image=environment_image,
+            command=list(JUPYTER_COMMAND),
             port=8888,
             icon=_JUPYTER_ICON,
             category="Notebooks",
@@ -504,17 +506,17 @@ def default_applications(compute_backend: str) -> list[ApplicationCreate]:
     return applications
 
 
-def seed_catalog(db: Session, compute_backend: str) -> None:
+def seed_catalog(db: Session, compute_backend: str, environment_image: str) -> None:
     """Fill an empty catalog with :func:`default_applications`; in a catalog that has entries,
     only bring an entry still holding an earlier default command, never changed since, up to date.
 
     Idempotent, and safe when several replicas start at once (the loser of the race rolls back).
     """
     if db.execute(select(Application.id).limit(1)).first() is not None:
-        _upgrade_defaults(db, compute_backend)
+        _upgrade_defaults(db, compute_backend, environment_image)
         return
     added = []
-    for data in default_applications(compute_backend):
+    for data in default_applications(compute_backend, environment_image):
         app = Application(**data.model_dump())
         db.add(app)
         added.append(app)
@@ -529,15 +531,15 @@ def seed_catalog(db: Session, compute_backend: str) -> None:
     log.info("application catalog seeded: %s", ", ".join(app.slug for app in added))
 
 
-def _upgrade_defaults(db: Session, compute_backend: str) -> None:
-    if compute_backend != "local":
-        return
-    defaults = {app.slug: app for app in default_applications(compute_backend)}
+def _upgrade_defaults(db: Session, compute_backend: str, environment_image: str) -> None:
+    defaults = {app.slug: app for app in default_applications(compute_backend, environment_image)}
     for slug in ("files", "jupyterlab"):
         app = db.execute(select(Application).where(Application.slug == slug)).scalar_one_or_none()
-        if app is None or not _earlier_local_default(slug, app.command):
+        if app is None or not _earlier_default(slug, app.command, compute_backend):
             continue
         changes: dict[str, Any] = {"command": defaults[slug].command}
+        if app.image == EARLIER_JUPYTER_IMAGE:
+            changes["image"] = environment_image
         untouched = abs((app.updated_at - app.created_at).total_seconds()) < 1  # both set when seeded
         if not app.active and untouched:
             changes["active"] = True  # seeded inactive because its program was missing then

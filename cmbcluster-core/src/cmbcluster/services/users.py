@@ -22,7 +22,7 @@ def normalise_email(email: str) -> str:
     """The address as the provider verified it, ASCII letters lower-cased: nothing else changes
     (Unicode case rules would turn a verified ``\u212aim@`` into another person's ``kim@``)."""
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in email) or email.count("@") != 1:
-        raise AuthenticationFailed("the identity provider sent an invalid e-mail address")
+        raise InvalidRequest(f"{email!r} is not an e-mail address")
     return email.translate(_ASCII_LOWER)
 
 
@@ -37,7 +37,10 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     """
     if not info.email:
         raise AuthenticationFailed("the identity provider sent no e-mail address")
-    email = normalise_email(info.email)
+    try:
+        email = normalise_email(info.email)
+    except InvalidRequest:
+        raise AuthenticationFailed("the identity provider sent an invalid e-mail address") from None
     user = db.execute(
         select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
     ).scalar_one_or_none()
@@ -117,7 +120,7 @@ def operator_token(
     address = normalise_email(email)
     if "@" not in address or len(address) > 320 or any(c.isspace() for c in address):
         raise InvalidRequest(f"{email!r} is not an e-mail address")
-    user = db.execute(select(User).where(func.lower(User.email) == address)).scalar_one_or_none()
+    user = db.execute(select(User).where(User.email == address)).scalar_one_or_none()
     created = user is None
     if user is None:
         if not create_local:
