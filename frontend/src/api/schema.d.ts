@@ -79,7 +79,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Counts for the admin dashboard */
+        /** Counts for the admin dashboard (buckets' usage measured again where stale) */
         get: operations["dashboard_stats_api_v1_admin_stats_get"];
         put?: never;
         post?: never;
