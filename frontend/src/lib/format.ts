@@ -31,7 +31,7 @@ export function formatDuration(ms: number): string {
   const days = Math.floor(seconds / 86400);
   const hours = Math.floor((seconds % 86400) / 3600);
   const minutes = Math.floor((seconds % 3600) / 60);
-  if (days) return `${days} d ${hours} h`;
+  if (days) return hours ? `${days} d ${hours} h` : `${days} d`;
   if (hours) return `${hours} h ${minutes} min`;
   if (minutes) return `${minutes} min`;
   return `${seconds} s`;
@@ -40,6 +40,8 @@ export function formatDuration(ms: number): string {
 /** Minutes as a duration ("24 h", "90 min"); 0 is "never". */
 export function formatMinutes(minutes: number): string {
   if (!minutes) return "never";
+  // Limits are set in whole hours more often than not, and read best so: "24 h", not "1 d".
+  if (minutes % 60 === 0) return `${minutes / 60} h`;
   return formatDuration(minutes * 60_000).replace(/ 0 min$/, "");
 }
 
