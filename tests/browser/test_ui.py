@@ -95,7 +95,9 @@ def test_sign_in_lists_the_servers_providers_and_signs_in_through_oidc(
     sign_in(session, oidc, "alice")
     expect(page.get_by_role("link", name="Admin")).to_be_visible()  # the first user administers
     expect(page.get_by_text("No environment yet")).to_be_visible()
-    expect(page.get_by_role("list", name="Recent activity").get_by_text(f"Signed in with {PROVIDER_DISPLAY_NAME}")).to_be_visible()
+    expect(
+        page.get_by_role("list", name="Recent activity").get_by_text(f"Signed in with {PROVIDER_DISPLAY_NAME}")
+    ).to_be_visible()
     assert_no_console_errors(session)
 
 
@@ -146,7 +148,8 @@ def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
     dialog = page.get_by_role("dialog", name="Launch Files")
     dialog.get_by_label("Name (optional)").fill("analysis")
     dialog.get_by_label("Environment variables (one NAME=value per line)").fill("BAND=150GHz")
-    expect(dialog.get_by_role("checkbox", name="Planck maps")).to_be_checked()  # her only bucket: mounted unless she says not
+    # Her only bucket: mounted unless she says not.
+    expect(dialog.get_by_role("checkbox", name="Planck maps")).to_be_checked()
     expect(dialog.get_by_label("Mount path for Planck maps")).to_have_value("/home/user/data")
     dialog.get_by_role("button", name="Launch").click()
     status = dialog.get_by_test_id("launch-status")

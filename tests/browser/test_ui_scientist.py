@@ -470,6 +470,10 @@ def test_every_page_keeps_long_names_within_the_window_at_both_sizes(
                     download = page.get_by_role("link", name=f"Download {LONG_FILE}")
                     download.scroll_into_view_if_needed()
                     expect(download).to_be_in_viewport()
+                    # The bucket's crumb is cut to the window, not to a letter or two.
+                    crumb = page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name=LONG_BUCKET)
+                    crumb_box = crumb.bounding_box()
+                    assert crumb_box is not None and crumb_box["width"] >= viewport["width"] / 2, crumb_box
                 if name == "dashboard":
                     expect(page.get_by_role("button", name="Sign out")).to_be_in_viewport()
                 no_horizontal_scroll(page, f"{name} at {size}")
