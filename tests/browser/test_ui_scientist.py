@@ -34,6 +34,8 @@ PEOPLE = {
     "dana": {"email": "dana@example.org", "email_verified": True, "name": LONG_NAME},
 }
 SIZES: dict[str, ViewportSize] = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+# How many lines an element's text is laid out on (a word cut in two takes two).
+LINES_OF_TEXT = "e => { const r = document.createRange(); r.selectNodeContents(e); return r.getClientRects().length }"
 people: dict[str, Session] = {}
 state: dict[str, Any] = {}
 
@@ -481,7 +483,14 @@ def test_every_page_keeps_long_names_within_the_window_at_both_sizes(
             # The dialogs too.
             page.goto("/applications/")
             page.get_by_role("button", name="Launch Files").click()
+            dialog = page.get_by_role("dialog", name="Launch Files")
+            expect(dialog.get_by_role("checkbox", name=LONG_BUCKET)).to_be_checked()
             no_horizontal_scroll(page, f"launch dialog at {size}")
+            wide = dialog.evaluate("e => [e.scrollWidth, e.clientWidth]")
+            assert wide[0] <= wide[1], f"the launch dialog at {size} scrolls sideways: {wide}"
+            for preset in ("light", "standard", "heavy"):  # a size's name is never cut in two
+                lines = dialog.get_by_text(preset, exact=True).evaluate(LINES_OF_TEXT)
+                assert lines == 1, f"{preset!r} is broken over {lines} lines at {size}"
             page.screenshot(path=str(SCREENSHOTS / "pages" / f"{size}-launch-dialog.png"))
         finally:
             context.close()

@@ -141,8 +141,10 @@ function LaunchForm({
               disabled={!p.available}
               onChange={() => setPreset(p.name)}
             />
-            <strong>{p.name}</strong> — {p.cpu} CPU, {formatMemory(p.memory_mib)} memory
-            {p.available ? "" : " (above this server's limits)"}
+            <span>
+              <strong>{p.name}</strong> — {p.cpu} CPU, {formatMemory(p.memory_mib)} memory
+              {p.available ? "" : " (above this server's limits)"}
+            </span>
           </label>
         ))}
       </fieldset>

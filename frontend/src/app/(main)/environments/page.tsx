@@ -168,13 +168,17 @@ function EditForm({ environment, onSaved }: { environment: Environment; onSaved:
               disabled={!p.available}
               onChange={() => setPreset(p.name)}
             />
-            <strong>{p.name}</strong> — {p.cpu} CPU, {formatMemory(p.memory_mib)} memory
+            <span>
+              <strong>{p.name}</strong> — {p.cpu} CPU, {formatMemory(p.memory_mib)} memory
+            </span>
           </label>
         ))}
         {environment.preset === "custom" ? (
           <label className="choice">
             <input type="radio" name="edit-preset" checked={preset === "custom"} onChange={() => setPreset("custom")} />
-            <strong>custom</strong> — {environment.cpu} CPU, {formatMemory(environment.memory_mib)} memory (as now)
+            <span>
+              <strong>custom</strong> — {environment.cpu} CPU, {formatMemory(environment.memory_mib)} memory (as now)
+            </span>
           </label>
         ) : null}
       </fieldset>
