@@ -87,8 +87,11 @@ def go(page: Page, label: str) -> None:
 
 
 def no_horizontal_scroll(page: Page, what: str) -> None:
+    """Neither the page nor a table in it scrolls sideways (a table's actions would be off screen)."""
     width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1], f"{what}: the page is {width[0]} px wide in a {width[1]} px window"
+    tables = page.locator(".table-wrap").evaluate_all("all => all.map(e => [e.scrollWidth, e.clientWidth])")
+    assert all(inner <= outer for inner, outer in tables), f"{what}: a table scrolls sideways {tables}"
 
 
 def assert_clean(session: Session) -> None:
@@ -469,6 +472,7 @@ def test_every_page_keeps_long_names_within_the_window_at_both_sizes(
                     expect(page.get_by_text(LONG_FILE[:40])).to_be_visible()
                     cell: Locator = page.locator(f'tr[data-file="{LONG_FILE}"] .name').first
                     assert cell.get_attribute("title") == LONG_FILE  # the whole name on hover
+                    assert cell.evaluate("e => e.scrollWidth > e.clientWidth"), "the long name is cut, with …"
                     download = page.get_by_role("link", name=f"Download {LONG_FILE}")
                     download.scroll_into_view_if_needed()
                     expect(download).to_be_in_viewport()

@@ -509,13 +509,13 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
                 <td className="col-check">
                   <input type="checkbox" aria-label={`Select ${base(p)}`} checked={selected.has(p)} onChange={(e) => toggle(p, e.target.checked)} />
                 </td>
-                <th scope="row">
+                <th scope="row" className="col-name">
                   <Link href={folderHref(storageId, p)} className="inline-name">
                     <FolderIcon /> <Name text={base(p)} focusable={false} />
                   </Link>
                 </th>
-                <Td label="Size">folder</Td>
-                <Td label="Modified">—</Td>
+                <Td label="Size" className="nowrap">folder</Td>
+                <Td label="Modified" className="nowrap">—</Td>
                 <td className="row-actions">
                   <button type="button" onClick={() => setMoving({ key: p, folder: true })} aria-label={`Rename or move ${base(p)}`}>
                     Rename
@@ -534,13 +534,13 @@ function FileManager({ storageId, prefix }: { storageId: string; prefix: string 
                     onChange={(e) => toggle(o.key, e.target.checked)}
                   />
                 </td>
-                <th scope="row">
+                <th scope="row" className="col-name">
                   <span className="inline-name">
                     <FileIcon /> <Name text={base(o.key)} />
                   </span>
                 </th>
-                <Td label="Size">{formatBytes(o.size)}</Td>
-                <Td label="Modified">{formatTime(o.last_modified)}</Td>
+                <Td label="Size" className="nowrap">{formatBytes(o.size)}</Td>
+                <Td label="Modified" className="nowrap">{formatTime(o.last_modified)}</Td>
                 <td className="row-actions">
                   <button type="button" onClick={() => setPreviewing(o)} aria-label={`Preview ${base(o.key)}`}>
                     Preview
