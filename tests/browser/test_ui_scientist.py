@@ -12,6 +12,7 @@ import io
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,17 @@ def fits_map(rows: int = 3072) -> bytes:
     )  # fmt: skip
     data = struct.pack(f">{rows}f", *([2.7255] * rows))
     return primary + table + data + b"\0" * (-len(data) % 2880)
+
+
+def png(width: int, height: int) -> bytes:
+    """A grey PNG image (8-bit greyscale), written by hand: the format's signature and three chunks."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + b"\x80" * width for _ in range(height))  # filter 0, then the row's pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 # -- 7. words, units, sign-in and sign-out -----------------------------------------------------------
@@ -229,7 +241,7 @@ def test_uploads_show_speed_and_can_be_cancelled(dana: Session, tmp_path: Path) 
     assert_clean(dana)
 
 
-def test_previews_of_fits_headers_json_csv_and_text(dana: Session) -> None:
+def test_previews_of_fits_headers_json_csv_text_and_images(dana: Session, server: ServeProcess) -> None:
     page = dana.page
     page.get_by_role("link", name="run1/").click()
     page.get_by_role("link", name="maps/").click()
@@ -244,11 +256,20 @@ def test_previews_of_fits_headers_json_csv_and_text(dana: Session) -> None:
     page.get_by_role("button", name="Preview mask.csv").click()
     expect(page.get_by_test_id("csv-preview").get_by_role("columnheader", name="ell")).to_be_visible()
     page.keyboard.press("Escape")
+    beam = f"/api/v1/storages/{state['storage']['id']}/objects/beam.png"
+    assert page.request.put(beam, data=png(3, 2), headers={"Origin": server.url}).ok
     nav = page.get_by_role("navigation", name="Breadcrumb")
     nav.get_by_role("link", name=LONG_BUCKET).click()
     page.get_by_role("button", name="Preview loose.json").click()
     expect(page.get_by_test_id("text-preview")).to_contain_text('"nside": 16')
     page.keyboard.press("Escape")
+    page.get_by_role("button", name="Preview beam.png").click()
+    image = page.get_by_role("dialog", name="Preview").get_by_role("img", name="Preview of beam.png")
+    expect(image).to_be_visible()
+    page.wait_for_function("e => e.complete", arg=image.element_handle())
+    assert image.evaluate("e => [e.naturalWidth, e.naturalHeight]") == [3, 2]  # the picture itself, decoded
+    page.keyboard.press("Escape")
+    api(page, "DELETE", beam)
     assert_clean(dana)
 
 
