@@ -292,6 +292,22 @@ def test_several_files_download_as_a_zip_and_files_move_and_folders_go(dana: Ses
     page.get_by_label("New name").fill("meta/settings.json")
     page.get_by_role("button", name="Rename or move", exact=True).click()
     expect(page.get_by_role("link", name="meta/")).to_be_visible()
+    page.get_by_role("link", name="run1/").click()
+    page.get_by_role("link", name="maps/").click()
+    page.get_by_label("Select sky.fits").check()
+    page.get_by_label(f"Select {LONG_FILE}").check()
+    page.get_by_role("button", name="Delete selected").click()
+    dialog = page.get_by_role("dialog", name="Delete")
+    expect(dialog).to_contain_text("Delete 2 selected items?")
+    dialog.get_by_role("button", name="Delete").click()
+    expect(page.get_by_role("button", name="Preview sky.fits")).to_have_count(0)
+    expect(page.get_by_role("link", name="deep/")).to_be_visible()  # what was not selected stays
+    names = [
+        o["key"]
+        for o in api(page, "GET", f"/api/v1/storages/{state['storage']['id']}/objects?delimiter=false")["objects"]
+    ]
+    assert "run1/maps/sky.fits" not in names and f"run1/maps/{LONG_FILE}" not in names, names
+    page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name=LONG_BUCKET).click()
     page.get_by_role("button", name="Delete run1/").click()
     dialog = page.get_by_role("dialog", name="Delete")
     expect(dialog).to_contain_text("and every file in it")
