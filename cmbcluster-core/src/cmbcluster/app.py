@@ -68,7 +68,9 @@ def create_app(
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = WORKER_THREADS
         context.metrics.worker_threads.set_function(lambda: limiter.borrowed_tokens)
-        lock = serving_lock(context)  # one server per SQLite database; `db restore` refused meanwhile
+        # One server per SQLite database; `db restore` refused meanwhile. `cmbcluster serve` takes it
+        # before uvicorn starts (a clear error line, not a failed start-up's traceback) and hands it over.
+        lock = getattr(app.state, "serving_lock", None) or serving_lock(context)
         try:
             await run_in_threadpool(prepare, context)
         except BaseException:

@@ -70,8 +70,9 @@ def serve(
     application = create_app(config=config)
     # Here too, not only in the app's start-up, so that a backup that cannot be read is one clear
     # error line instead of a failed start-up's traceback (the app's own call then has nothing to do).
-    from cmbcluster.db.backup import restore_at_start
+    from cmbcluster.db.backup import restore_at_start, serving_lock
 
+    application.state.serving_lock = serving_lock(application.state.context)  # the app's lifespan releases it
     restore_at_start(application.state.context)
     from cmbcluster.api.server import run
 

@@ -15,6 +15,7 @@ from cmbcluster.interfaces.compute import (
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
 from cmbcluster.interfaces.provisioning import (
+    DNS_RECORD_KIND,
     DeploymentRecord,
     DnsRecord,
     HelmRelease,
@@ -25,6 +26,7 @@ from cmbcluster.interfaces.provisioning import (
     ResourceRecord,
     StepContext,
     StepStatus,
+    Tool,
 )
 from cmbcluster.interfaces.storage import (
     BucketInfo,
@@ -41,6 +43,7 @@ from cmbcluster.interfaces.storage import (
 )
 
 __all__ = [
+    "DNS_RECORD_KIND",
     "ActiveSettings",
     "AuthProvider",
     "AuthorizationRequest",
@@ -77,6 +80,7 @@ __all__ = [
     "StorageBackend",
     "StorageClass",
     "TokenSet",
+    "Tool",
     "Upstream",
     "UserInfo",
     "UserRef",
