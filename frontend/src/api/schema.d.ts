@@ -72,6 +72,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/admin/migration": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Progress of moving buckets to another cloud */
+        get: operations["migration_progress_api_v1_admin_migration_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/admin/stats": {
         parameters: {
             query?: never;
@@ -1565,6 +1582,68 @@ export interface components {
             /** Lines */
             lines: string;
         };
+        /** MigrationBucketOut */
+        MigrationBucketOut: {
+            /** Bytes Total */
+            bytes_total: number;
+            /** Bytes Verified */
+            bytes_verified: number;
+            /**
+             * Message
+             * @description Why a bucket is not switched yet (waiting for environments, failures)
+             */
+            message: string;
+            /** Objects Total */
+            objects_total: number;
+            /** Objects Verified */
+            objects_verified: number;
+            /**
+             * Owner
+             * @description The owner's e-mail; None when the account no longer exists
+             */
+            owner: string | null;
+            /**
+             * Source
+             * @description backend:bucket the objects come from
+             */
+            source: string;
+            /**
+             * State
+             * @description copying | switched (the storage uses the target) | finished (source deleted)
+             */
+            state: string;
+            /** Storage Id */
+            storage_id: string;
+            /**
+             * Target
+             * @description backend:bucket they go to (bucket empty until it is created)
+             */
+            target: string;
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+        };
+        /** MigrationOut */
+        MigrationOut: {
+            /** Buckets */
+            buckets: components["schemas"]["MigrationBucketOut"][];
+            /** Bytes Total */
+            bytes_total: number;
+            /** Bytes Verified */
+            bytes_verified: number;
+            /** Copying */
+            copying: number;
+            /** Finished */
+            finished: number;
+            /** Objects Total */
+            objects_total: number;
+            /** Objects Verified */
+            objects_verified: number;
+            /** Switched */
+            switched: number;
+        };
         /** MountIn */
         MountIn: {
             /**
@@ -2373,6 +2452,62 @@ export interface operations {
             };
             /** @description Too many requests or a quota reached: retry after Retry-After seconds */
             429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    migration_progress_api_v1_admin_migration_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MigrationOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };
