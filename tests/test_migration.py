@@ -141,7 +141,7 @@ def _all(backend: Any, bucket: str) -> list[Any]:
 
 
 def test_local_to_s3_killed_mid_copy_resumes_without_copying_verified_objects_again(
-    tmp_path: Path, moto: str, puts: Counter[str]
+    tmp_path: Path, moto: str, puts: Counter[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "data"
     storage_id = seed(data_dir)
@@ -184,6 +184,22 @@ def test_local_to_s3_killed_mid_copy_resumes_without_copying_verified_objects_ag
     finally:
         s3.close()
     app.state.context.close()
+    served_by_the_destination(data_dir, storage_id, moto, monkeypatch)
+
+
+def served_by_the_destination(data_dir: Path, storage_id: str, moto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server configured for the destination: the same person signs in to the same account and
+    finds the bucket, its listing and every file's bytes, now read from S3."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
+    with TestClient(create_app(CoreSettings(data_dir=data_dir, storage_backend="aws")), base_url=LOCAL) as client:
+        alice = dev_sign_in(client, "alice@example.org", "Alice")
+        storages = client.get("/api/v1/storages", headers=alice)
+        assert storages.status_code == 200, storages.text
+        assert [(s["id"], s["display_name"]) for s in storages.json()["storages"]] == [(storage_id, "data")]
+        for key in ("readme.txt", "empty", "données/température ☀.csv", "maps/large.fits"):
+            got = client.get(f"/api/v1/storages/{storage_id}/objects/{key}", headers=alice)
+            assert got.status_code == 200, (key, got.text)
+            assert got.content == FILES[key], key
 
 
 def test_s3_to_gcs_to_local(tmp_path: Path, moto: str, gcs: str) -> None:
