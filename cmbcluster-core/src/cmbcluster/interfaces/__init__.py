@@ -9,6 +9,7 @@ from cmbcluster.interfaces.compute import (
     EnvironmentStatus,
     MountedVolume,
     Resources,
+    ResourceUse,
     Upstream,
 )
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
@@ -72,6 +73,7 @@ __all__ = [
     "RegistryInfo",
     "RegistryLogin",
     "ResourceRecord",
+    "ResourceUse",
     "Resources",
     "StepContext",
     "StepStatus",
