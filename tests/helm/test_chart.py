@@ -128,14 +128,6 @@ def test_rbac_can_be_left_to_the_operator() -> None:
     assert not by_kind(none, "Role") and not by_kind(none, "ClusterRole")
 
 
-@pytest.mark.parametrize(
-    ("cloud", "annotation", "value"),
-    [
-        ("gcp", "iam.gke.io/gcp-service-account", "cmbcluster-controlplane@cmb-research.iam.gserviceaccount.com"),
-        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane"),
-        ("azure", "azure.workload.identity/client-id", "00000000-0000-0000-0000-000000000000"),
-    ],
-)
 def test_the_service_account_is_the_one_the_cloud_identity_trusts_without_the_cli() -> None:
     """GitOps (helm without `cmbcluster deploy`) renders the ServiceAccount that `infra up`'s IRSA role and
     Workload Identity binding name, not the release's name."""
@@ -146,6 +138,14 @@ def test_the_service_account_is_the_one_the_cloud_identity_trusts_without_the_cl
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == CONTROL_PLANE_SERVICE_ACCOUNT
 
 
+@pytest.mark.parametrize(
+    ("cloud", "annotation", "value"),
+    [
+        ("gcp", "iam.gke.io/gcp-service-account", "cmbcluster-controlplane@cmb-research.iam.gserviceaccount.com"),
+        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane"),
+        ("azure", "azure.workload.identity/client-id", "00000000-0000-0000-0000-000000000000"),
+    ],
+)
 def test_service_account_carries_the_cloud_identity(cloud: str, annotation: str, value: str) -> None:
     objects = manifests(CLOUDS[cloud])
     account = one(objects, "ServiceAccount")

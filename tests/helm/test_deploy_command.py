@@ -101,7 +101,7 @@ def test_dry_run_for_aws_prints_the_helm_command_and_the_values(tmp_path: Path) 
     }
     assert values["storage"] == {"driver": "mountpoint-s3"}
     assert values["image"] == {
-        "registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cmbcluster", "repository": "controlplane",
+        "registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cmb-eks", "repository": "controlplane",
         "tag": __version__,
     }  # fmt: skip
     assert "database" not in values and "secretKey" not in values and "secretConfig" not in values
