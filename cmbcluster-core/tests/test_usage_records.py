@@ -193,3 +193,22 @@ def test_an_environment_deleted_while_running_closes_its_interval(
     clock.set(at(7, 20))
     with context.sessions() as db:
         assert accounting.usage_by(db, context.prices, NOV, at(8, 0))[user.id].environment_hours == 2
+
+
+def test_local_prices_are_zero_unless_configured(tmp_path: Path) -> None:
+    from cmbcluster.app import create_app
+
+    plain = create_app(CoreSettings(data_dir=tmp_path / "a")).state.context.prices
+    assert not plain.priced and "usage only" in plain.disclaimer
+    priced = create_app(
+        CoreSettings(data_dir=tmp_path / "b", prices='{"vcpu_hour": 0.05, "gib_hour": 0.01}')
+    ).state.context.prices
+    assert priced.compute.hourly(2, 4) == pytest.approx(0.14)
+
+
+def test_a_wrong_price_override_stops_the_start_naming_the_field(tmp_path: Path) -> None:
+    from cmbcluster.app import create_app
+    from cmbcluster.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"CMBCLUSTER_PRICES.*vcpu_hour"):
+        create_app(CoreSettings(data_dir=tmp_path, prices='{"vcpu_hour": -1}'))

@@ -151,7 +151,7 @@ def build_context(config: ResolvedConfig) -> AppContext:
 
     sessions = session_factory(engine)
     accounting.install(sessions)  # environments' usage intervals follow every status change
-    return AppContext(
+    context = AppContext(
         config=config,
         engine=engine,
         sessions=sessions,
@@ -163,3 +163,5 @@ def build_context(config: ResolvedConfig) -> AppContext:
         secret_key=secret_key(config.core),
         previous_secret_keys=previous_secret_keys(config.core),
     )
+    context.prices  # noqa: B018 - a wrong CMBCLUSTER_PRICES stops the start, not the first report
+    return context
