@@ -60,4 +60,4 @@ def test_the_operator_overrides_a_plugins_price(tmp_path: Path) -> None:
     prices = resolve_price_table("aws", config.plugins.price_tables(config), overrides)
     assert prices.storage_for("standard") == 0.01 and prices.cluster_hour == 0
     assert prices.compute.vcpu_hour > 0  # the rest stays the plugin's
-    assert "operator" in prices.disclaimer and "2026-11-01" in prices.disclaimer
+    assert "aws list prices read on 2026-11-01" in prices.disclaimer and "operator" in prices.disclaimer

@@ -24,6 +24,7 @@ from cmbcluster.api.routes import (
     health,
     plugins,
     storages,
+    usage,
     user_settings,
 )
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
@@ -109,7 +110,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
-    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin):
+    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin, usage):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
     document_errors(app)

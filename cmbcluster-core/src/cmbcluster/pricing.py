@@ -77,6 +77,8 @@ class PriceTable:
     def disclaimer(self) -> str:
         if not self.priced:
             return "no prices are configured for this deployment: usage only, no amounts"
+        if not self.sources:  # no plugin's list: the operator's figures alone
+            return "estimates from the operator's prices (CMBCLUSTER_PRICES), not a bill"
         read = f" read on {self.read_on.isoformat()}" if self.read_on else ""
         changed = f", with the operator's own prices for {', '.join(self.overridden)}" if self.overridden else ""
         return f"estimates from {self.provider} list prices{read}{changed}, not a bill"

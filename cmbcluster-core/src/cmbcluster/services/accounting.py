@@ -346,8 +346,8 @@ class Report:
         import io
 
         buffer = io.StringIO()
+        buffer.write(f"# {self.prices.disclaimer}; currency {self.prices.currency}\n")
         writer = csv.writer(buffer)
-        writer.writerow([f"# {self.prices.disclaimer}; currency {self.prices.currency}"])
         columns = list(Usage().as_dict())
         writer.writerow([self.group_by, "label", *columns])
         for key, label, usage in self.rows:
@@ -377,7 +377,7 @@ def report(
             day = following
     elif group_by == "application":
         by_app = usage_by(db, prices, start, end, by="application", user_ids=user_ids, now=moment)
-        names = dict(db.execute(select(Application.slug, Application.name)).tuples().all())
+        names = dict(db.execute(select(Application.slug, Application.name)).all())
         result.rows = [(slug, names.get(slug, slug), usage) for slug, usage in sorted(by_app.items())]
     else:
         by_user = usage_by(db, prices, start, end, user_ids=user_ids, now=moment)
@@ -403,7 +403,7 @@ def report(
 def _emails(db: Session, user_ids: list[str]) -> dict[str, str]:
     if not user_ids:
         return {}
-    return dict(db.execute(select(User.id, User.email).where(User.id.in_(user_ids))).tuples().all())
+    return dict(db.execute(select(User.id, User.email).where(User.id.in_(user_ids))).all())
 
 
 def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
@@ -414,13 +414,13 @@ def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
         db.execute(
             select(UsageInterval.user_id, func.sum((end - UsageInterval.start_s) * UsageInterval.cpu))
             .group_by(UsageInterval.user_id)
-        ).tuples().all()
+        ).all()
     )  # fmt: skip
     stored = dict(
         db.execute(
             select(StorageInterval.user_id, func.sum(StorageInterval.bytes))
             .where(StorageInterval.end_s.is_(None))
             .group_by(StorageInterval.user_id)
-        ).tuples().all()
+        ).all()
     )  # fmt: skip
     return {uid: float(v or 0) / 3600 for uid, v in core.items()}, {uid: int(v or 0) for uid, v in stored.items()}
