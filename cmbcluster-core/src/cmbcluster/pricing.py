@@ -132,8 +132,8 @@ def apply_overrides(table: PriceTable, overrides: PriceOverrides) -> PriceTable:
         )
         changed.append("compute")
     presets = dict(table.presets)
-    for name, price in overrides.presets.items():
-        presets[name] = ComputePrice(vcpu_hour=price.vcpu_hour, gib_hour=price.gib_hour)
+    for name, preset in overrides.presets.items():
+        presets[name] = ComputePrice(vcpu_hour=preset.vcpu_hour, gib_hour=preset.gib_hour)
         changed.append(f"preset {name}")
     storage = dict(table.storage_gb_month)
     for storage_class, price in overrides.storage_gb_month.items():

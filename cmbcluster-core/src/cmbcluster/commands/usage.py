@@ -55,8 +55,8 @@ def report(
     for column in (group_by, "hours", "core-hours", "GiB-hours", "GB-months", f"cost ({currency})"):
         table.add_column(column, justify="left" if column == group_by else "right")
     for _key, label, usage in result.rows:
-        table.add_row(label, f"{usage.environment_hours:.1f}", f"{usage.core_hours:.1f}",
-                      f"{usage.memory_gib_hours:.1f}", f"{usage.storage_gb_months:.3f}", f"{usage.cost:.2f}")  # fmt: skip
+        figures = (usage.environment_hours, usage.core_hours, usage.memory_gib_hours)
+        table.add_row(label, *(f"{f:.1f}" for f in figures), f"{usage.storage_gb_months:.3f}", f"{usage.cost:.2f}")
     if result.cluster_fee:
         table.add_row("cluster fee", "", "", "", "", f"{result.cluster_fee:.2f}")
     Console().print(table)
