@@ -91,7 +91,7 @@ def measure(engine: Engine, name: str, users: int) -> bool:
     results = [
         timed(engine, "year by user", lambda db: accounting.report(db, PRICES, YEAR, end, "user", now=now)),
         timed(engine, "year by group", lambda db: accounting.report(db, PRICES, YEAR, end, "group", now=now)),
-        timed(engine, "year by application", lambda db: accounting.report(db, PRICES, YEAR, end, "application", now=end)),
+        timed(engine, "year by application", lambda db: accounting.report(db, PRICES, YEAR, end, "application", now=now)),  # noqa: E501
         timed(engine, "one user's month by day (/usage/me)", lambda db: accounting.report(
             db, PRICES, YEAR, YEAR.replace(month=2), "day", user_ids=["u00042"], now=now)),
     ]  # fmt: skip
