@@ -37,6 +37,7 @@ from cmbcluster.db.models import (
     StorageInterval,
     UsageInterval,
     User,
+    new_id,
     utcnow,
 )
 from cmbcluster.errors import InvalidRequest
@@ -73,7 +74,9 @@ def _before_flush(db: Session, _context: object, _instances: object) -> None:
     now = epoch(utcnow())
     with db.no_autoflush:
         for env in changed:
-            if env.status in RESERVING:
+            if env.id is None:  # a new record: its id is needed now, not at its insert
+                env.id = new_id()
+            if _field(env, "status") in RESERVING:
                 _open(db, env, now)
             else:
                 _close(db, env.id, epoch(env.stopped_at) if env.stopped_at else now)
@@ -108,10 +111,16 @@ def _open(db: Session, env: Environment, now: int) -> None:
     db.add(
         UsageInterval(
             environment_id=env.id, user_id=env.user_id, application=application.slug if application else "",
-            preset=env.preset, cpu=env.cpu, memory_gib=env.memory_mib / 1024, accelerator="",
-            start_s=start, seen_s=start,
+            preset=_field(env, "preset"), cpu=_field(env, "cpu"), memory_gib=_field(env, "memory_mib") / 1024,
+            accelerator="", start_s=start, seen_s=start,
         )
     )  # fmt: skip
+
+
+def _field(env: Environment, name: str) -> Any:
+    """A field of an environment, or its column default when a new one was made without it."""
+    value = getattr(env, name)
+    return value if value is not None else Environment.__table__.c[name].default.arg  # type: ignore[union-attr]
 
 
 def _close(db: Session, environment_id: str, end: int) -> None:
