@@ -41,7 +41,7 @@ def test_invalid_values_are_reported_with_their_variable_names(env: dict[str, st
     # the core problem does not hide the provider's: all are listed together once core parses
     bad.pop("CMBCLUSTER_PORT")
     result = cmbcluster("config", "check", env=bad, cwd=tmp_path)
-    assert "AWS_ACCOUNT_ID String should match pattern" in result.stderr
+    assert "AWS_ACCOUNT_ID '12ab' is not an AWS account id" in result.stderr
 
 
 def test_original_variable_names_and_dotenv_are_read(tmp_path: Path) -> None:

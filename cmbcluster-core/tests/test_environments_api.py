@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -57,8 +58,11 @@ def make_app(client: TestClient, admin: dict[str, str], slug: str, script: str, 
     return str(response.json()["id"])
 
 
+_BUCKETS = itertools.count(1)
+
+
 def make_bucket(client: TestClient, headers: dict[str, str], files: dict[str, bytes] | None = None) -> str:
-    response = client.post("/api/v1/storages", headers=headers, json={"display_name": "data"})
+    response = client.post("/api/v1/storages", headers=headers, json={"display_name": f"data {next(_BUCKETS)}"})
     assert response.status_code == 201, response.text
     storage_id = str(response.json()["id"])
     for key, content in (files or {}).items():
@@ -112,7 +116,7 @@ def test_files_app_serves_the_mounted_bucket(client: TestClient, alice: dict[str
     env = create_env(client, alice, mounts=[{"storage_id": storage_id, "mount_path": "/home/user/data"}])
     assert env["status"] in ("pending", "starting", "running")
     assert env["application"]["slug"] == "files" and env["preset"] == "light"
-    assert env["mounts"][0]["display_name"] == "data"
+    assert env["mounts"][0]["display_name"].startswith("data ")
     running = wait_status(client, alice, env["id"], "running")
     assert client.get(running["url"] + "data/maps/planck.txt", headers=alice).text == "CMB temperature map"
     assert running["shutdown_at"] is not None and running["shutdown_warning"] is False
@@ -257,7 +261,7 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         ({"application": "files", "cpu": 512, "memory_mib": 1024}, 400, ""),
         ({"application": "files", "env": {"1BAD": "x"}}, 400, ""),
         ({"application": "files", "env": {"PATH": "/evil"}}, 400, "reserved"),
-        ({"application": "files", "mounts": [{"storage_id": "nope", "mount_path": "/data"}]}, 404, "storage"),
+        ({"application": "files", "mounts": [{"storage_id": "nope", "mount_path": "/data"}]}, 404, "bucket"),
         ({"application": "files", "cpu": "lots"}, 422, ""),
         ({"application": "files", "name": "x" * 101}, 422, ""),
         ({}, 422, ""),

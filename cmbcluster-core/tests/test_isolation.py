@@ -50,12 +50,18 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/api/v1/environments/{environment_id}/activity"): (OWNED, None),
     ("GET", "/api/v1/environments/{environment_id}/logs"): (OWNED, None),
     ("GET", "/api/v1/environments/{environment_id}/events"): (OWNED, None),
+    ("PATCH", "/api/v1/environments/{environment_id}"): (OWNED, {"preset": "light"}),
+    ("POST", "/api/v1/environments/{environment_id}/extend"): (OWNED, None),
+    ("GET", "/api/v1/environments/resources"): (SELF, None),
     ("GET", "/api/v1/storages"): (SELF, None),
     ("POST", "/api/v1/storages"): (SELF, {"display_name": "bob's"}),
     ("GET", "/api/v1/storages/{storage_id}"): (OWNED, None),
     ("DELETE", "/api/v1/storages/{storage_id}"): (OWNED, None),
     ("GET", "/api/v1/storages/{storage_id}/objects"): (OWNED, None),
     ("POST", "/api/v1/storages/{storage_id}/objects/delete"): (OWNED, {"keys": ["secret.txt"]}),
+    ("POST", "/api/v1/storages/{storage_id}/objects/move"): (OWNED, {"source": "secret.txt", "destination": "x"}),
+    ("GET", "/api/v1/storages/{storage_id}/preview/{key}"): (OWNED, None),
+    ("POST", "/api/v1/storages/{storage_id}/archive"): (OWNED, None),
     ("PUT", "/api/v1/storages/{storage_id}/objects/{key}"): (OWNED, None),
     ("GET", "/api/v1/storages/{storage_id}/objects/{key}"): (OWNED, None),
     ("HEAD", "/api/v1/storages/{storage_id}/objects/{key}"): (OWNED, None),
@@ -79,6 +85,9 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/usage"): (ADMIN, None),
     ("GET", "/api/v1/usage/me"): (SELF, None),
     ("GET", "/api/v1/usage/prices"): (SELF, None),
+    ("GET", "/api/v1/admin/environments"): (ADMIN, None),
+    ("POST", "/api/v1/admin/environments/{environment_id}/stop"): (ADMIN, None),
+    ("DELETE", "/api/v1/admin/environments/{environment_id}"): (ADMIN, None),
 }
 
 

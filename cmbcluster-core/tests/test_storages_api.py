@@ -481,7 +481,7 @@ def test_openapi_documents_every_storage_route(client: TestClient) -> None:
         if path.startswith(API)
         for method, operation in item.items()
     ]
-    assert len(operations) == 10
+    assert len(operations) == 13  # with move, preview and archive
     for path, method, operation in operations:
         assert operation.get("summary"), (path, method)
         assert operation["tags"] == ["storage"]

@@ -66,7 +66,7 @@ def test_a_notebook_writes_into_a_mounted_bucket_through_the_control_plane(
     expect(launch).to_be_enabled()  # ./run serve installed it: the catalog offers it at once
     launch.click()
     dialog = page.get_by_role("dialog", name="Launch JupyterLab")
-    dialog.get_by_label("results").check()
+    expect(dialog.get_by_role("checkbox", name="results")).to_be_checked()  # her only bucket: mounted by default
     expect(dialog.get_by_label("Mount path for results")).to_have_value("/home/user/data")
     dialog.get_by_role("button", name="Launch").click()
     expect(dialog.get_by_test_id("launch-status")).to_have_text("running", timeout=120_000)

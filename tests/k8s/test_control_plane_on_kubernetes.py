@@ -29,7 +29,7 @@ from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_
 from cmbcluster.kubernetes.lease import LeaseElector
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
-from tests.k8s.harness import K8sCluster, wait_for
+from tests.k8s.harness import K8sCluster, images_run_here, wait_for
 from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 TERMINAL = ("running", "failed", "stopped")
@@ -375,22 +375,10 @@ def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
 def notebook_runs_here(admin_api: k8s.ApiClient) -> Iterator[None]:
     """The test kubelet runs pods of the project's environment image with this interpreter's
     folder first on PATH (JupyterLab is installed in it), as a real node runs the image."""
-    import json
-    import sys
-
     from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, repository
 
-    core = k8s.CoreV1Api(admin_api)
-    images = json.dumps({f"{repository(DEFAULT_REGISTRY)}/{ENVIRONMENT}": str(Path(sys.executable).parent)})
-    body = {"metadata": {"name": "fake-kubelet-images"}, "data": {"images.json": images}}
-    try:
-        core.create_namespaced_config_map("kube-system", body)
-    except k8s.ApiException as e:
-        if e.status != 409:
-            raise
-        core.replace_namespaced_config_map("fake-kubelet-images", "kube-system", body)
-    yield
-    core.delete_namespaced_config_map("fake-kubelet-images", "kube-system")
+    with images_run_here(k8s.CoreV1Api(admin_api), [f"{repository(DEFAULT_REGISTRY)}/{ENVIRONMENT}"]):
+        yield
 
 
 @pytest.mark.parametrize("routing", ["path", "host"])

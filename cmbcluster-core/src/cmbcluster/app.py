@@ -22,6 +22,7 @@ from cmbcluster.api.routes import (
     environment_proxy,
     environments,
     health,
+    migration,
     plugins,
     storages,
     usage,
@@ -110,7 +111,18 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
-    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin, usage):
+    for module in (
+        health,
+        plugins,
+        auth,
+        applications,
+        environments,
+        storages,
+        user_settings,
+        admin,
+        migration,
+        usage,
+    ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
     document_errors(app)

@@ -175,6 +175,11 @@ class CoreSettings(BaseSettings):
         default=24, ge=0, validation_alias=_aliases("CMBCLUSTER_MAX_UPTIME_HOURS"),
         description="Stop an environment after this long; 0 never. Admins can set it per user.",
     )  # fmt: skip
+    max_extension_hours: float = Field(
+        default=8, ge=0, validation_alias=_aliases("CMBCLUSTER_MAX_EXTENSION_HOURS"),
+        description="How much longer than its maximum uptime a user may keep an environment running, an hour "
+        "at a time, with Extend on the automatic-stop warning; 0: not at all.",
+    )  # fmt: skip
     shutdown_warning_minutes: int = Field(
         default=15, ge=0, validation_alias=_aliases("CMBCLUSTER_SHUTDOWN_WARNING_MINUTES"),
         description="How long before an automatic stop the user is warned.",

@@ -21,6 +21,74 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/admin/environments": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Every user's environments, newest first */
+        get: operations["list_environments_api_v1_admin_environments_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/environments/{environment_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** Delete any user's environment (audited; its buckets stay) */
+        delete: operations["delete_environment_api_v1_admin_environments__environment_id__delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/environments/{environment_id}/stop": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Stop any user's environment (audited; its owner sees who stopped it) */
+        post: operations["stop_environment_api_v1_admin_environments__environment_id__stop_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/migration": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Progress of moving buckets to another cloud */
+        get: operations["migration_progress_api_v1_admin_migration_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/admin/stats": {
         parameters: {
             query?: never;
@@ -28,7 +96,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Counts for the admin dashboard */
+        /** Counts for the admin dashboard (buckets' usage measured again where stale) */
         get: operations["dashboard_stats_api_v1_admin_stats_get"];
         put?: never;
         post?: never;
@@ -229,7 +297,8 @@ export interface paths {
         };
         /**
          * The signed-in user's activity, newest first
-         * @description What the web UI's dashboard shows: sign-ins, environments running, stopping, failing, warnings.
+         * @description What the web UI's dashboard shows: sign-ins (``provider_name``: the sign-in's name for people),
+         *     environments running, stopping, failing, warnings.
          */
         get: operations["my_activity_api_v1_auth_me_activity_get"];
         put?: never;
@@ -315,7 +384,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** My environments */
+        /** My environments, and the limits they run under */
         get: operations["list_environments_api_v1_environments_get"];
         put?: never;
         /** Create (and by default start) an environment */
@@ -346,6 +415,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/environments/resources": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** CPU and memory in use by my running environments (when the server can measure them) */
+        get: operations["resource_use_api_v1_environments_resources_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/environments/{environment_id}": {
         parameters: {
             query?: never;
@@ -361,7 +447,8 @@ export interface paths {
         delete: operations["delete_environment_api_v1_environments__environment_id__delete"];
         options?: never;
         head?: never;
-        patch?: never;
+        /** Change a stopped environment's name, size, buckets or variables (used at its next start) */
+        patch: operations["change_environment_api_v1_environments__environment_id__patch"];
         trace?: never;
     };
     "/api/v1/environments/{environment_id}/activity": {
@@ -392,6 +479,23 @@ export interface paths {
         get: operations["environment_events_api_v1_environments__environment_id__events_get"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/environments/{environment_id}/extend": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Postpone the automatic stop: the idle timer restarts, the uptime stop moves an hour later */
+        post: operations["extend_environment_api_v1_environments__environment_id__extend_post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -624,6 +728,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/storages/{storage_id}/archive": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Download several files and folders as one zip, streamed
+         * @description A form (`application/x-www-form-urlencoded`, as a browser's form sends it): `key` for each file, `prefix` for each folder (ending with '/'), `base` the folder whose contents they are (names in the zip are relative to it). The zip is written while it is sent, each file read from the bucket only when its turn comes: constant memory whatever the sizes. Its files are stored, not compressed.
+         */
+        post: operations["download_archive_api_v1_storages__storage_id__archive_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/storages/{storage_id}/objects": {
         parameters: {
             query?: never;
@@ -658,6 +782,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/storages/{storage_id}/objects/move": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Rename or move a file or a folder within the bucket (copied, then the original deleted)
+         * @description Storage services have no rename: every object is copied through the control plane (streamed, in constant memory) and the originals deleted once every copy exists. 409 when something exists at a destination (nothing is done), or for a folder of more than 1000 files.
+         */
+        post: operations["move_objects_api_v1_storages__storage_id__objects_move_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/storages/{storage_id}/objects/{key}": {
         parameters: {
             query?: never;
@@ -675,6 +819,26 @@ export interface paths {
         options?: never;
         /** An object's download headers (size, type, ETag) without its bytes */
         head: operations["head_object_api_v1_storages__storage_id__objects__key__head"];
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/storages/{storage_id}/preview/{key}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What a file holds, without downloading it: a text's beginning, a FITS file's headers
+         * @description Read with ranged reads: at most the first 64 KiB of a text, and a few 2880-byte blocks per header of a FITS file's first HDUs. Images are shown from their download URL.
+         */
+        get: operations["preview_object_api_v1_storages__storage_id__preview__key__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
         patch?: never;
         trace?: never;
     };
@@ -755,6 +919,17 @@ export interface components {
         ActivityPage: {
             /** Items */
             items: components["schemas"]["ActivityOut"][];
+            /** Page */
+            page: number;
+            /** Page Size */
+            page_size: number;
+            /** Total */
+            total: number;
+        };
+        /** AdminEnvironmentsPage */
+        AdminEnvironmentsPage: {
+            /** Items */
+            items: components["schemas"]["EnvironmentOut"][];
             /** Page */
             page: number;
             /** Page Size */
@@ -1036,6 +1211,11 @@ export interface components {
             /** Actor Id */
             actor_id: string | null;
             /**
+             * Actor Name
+             * @description The actor's name, when known
+             */
+            actor_name?: string | null;
+            /**
              * At
              * Format: date-time
              */
@@ -1048,6 +1228,11 @@ export interface components {
             id: number;
             /** Target Id */
             target_id: string;
+            /**
+             * Target Name
+             * @description The target's name for people (an e-mail, an environment's or bucket's name)
+             */
+            target_name?: string | null;
             /** Target Type */
             target_type: string;
         };
@@ -1080,6 +1265,24 @@ export interface components {
             /** State */
             state: string;
         };
+        /** Body_download_archive_api_v1_storages__storage_id__archive_post */
+        Body_download_archive_api_v1_storages__storage_id__archive_post: {
+            /**
+             * Base
+             * @default
+             */
+            base: string;
+            /**
+             * Key
+             * @default []
+             */
+            key: string[];
+            /**
+             * Prefix
+             * @default []
+             */
+            prefix: string[];
+        };
         /** CustomLimitsOut */
         CustomLimitsOut: {
             /** Cpu Step */
@@ -1095,9 +1298,14 @@ export interface components {
         DeleteObjectsIn: {
             /**
              * Keys
-             * @description 1 to 1000 object keys
+             * @description Up to 1000 object keys
              */
-            keys: string[];
+            keys?: string[];
+            /**
+             * Prefixes
+             * @description Folders (each ending with '/'): every object under them is deleted too
+             */
+            prefixes?: string[];
         };
         /** DeleteObjectsOut */
         DeleteObjectsOut: {
@@ -1135,6 +1343,26 @@ export interface components {
              * @description Empty when `unreadable`
              */
             value: string;
+        };
+        /**
+         * EnvironmentChange
+         * @description What may change on a stopped environment; a field left out stays as it is.
+         */
+        EnvironmentChange: {
+            /** Cpu */
+            cpu?: number | null;
+            /** Env */
+            env?: {
+                [key: string]: string;
+            } | null;
+            /** Memory Mib */
+            memory_mib?: number | null;
+            /** Mounts */
+            mounts?: components["schemas"]["MountIn"][] | null;
+            /** Name */
+            name?: string | null;
+            /** Preset */
+            preset?: string | null;
         };
         /** EnvironmentIn */
         EnvironmentIn: {
@@ -1174,6 +1402,7 @@ export interface components {
         EnvironmentList: {
             /** Items */
             items: components["schemas"]["EnvironmentOut"][];
+            limits: components["schemas"]["LimitsOut"];
         };
         /** EnvironmentOut */
         EnvironmentOut: {
@@ -1191,8 +1420,18 @@ export interface components {
             env: {
                 [key: string]: string;
             };
+            /**
+             * Extendable
+             * @description Whether POST .../extend would postpone its automatic stop
+             */
+            extendable: boolean;
             /** Id */
             id: string;
+            /**
+             * Idle Shutdown At
+             * @description When it stops if nobody uses it meanwhile (any activity postpones it); null: no idle stop
+             */
+            idle_shutdown_at: string | null;
             /** Last Activity At */
             last_activity_at: string | null;
             /** Memory Mib */
@@ -1201,6 +1440,7 @@ export interface components {
             mounts: components["schemas"]["MountOut"][];
             /** Name */
             name: string;
+            owner: components["schemas"]["OwnerRef"];
             /** Preset */
             preset: string;
             /**
@@ -1224,6 +1464,11 @@ export interface components {
             status_message: string;
             /** Stopped At */
             stopped_at: string | null;
+            /**
+             * Uptime Shutdown At
+             * @description When it stops having run its maximum uptime (Extend postpones it); null: no such stop
+             */
+            uptime_shutdown_at: string | null;
             /** Url */
             url: string | null;
         };
@@ -1268,15 +1513,136 @@ export interface components {
              */
             token: string;
         };
+        /** FitsCardOut */
+        FitsCardOut: {
+            /** Comment */
+            comment: string;
+            /** Keyword */
+            keyword: string;
+            /** Value */
+            value: string;
+        };
+        /** FitsHduOut */
+        FitsHduOut: {
+            /** Cards */
+            cards: components["schemas"]["FitsCardOut"][];
+            /** Index */
+            index: number;
+            /**
+             * Name
+             * @description EXTNAME, or PRIMARY for the first
+             */
+            name: string;
+            /**
+             * Truncated
+             * @description True when the header is longer than what was read
+             */
+            truncated: boolean;
+        };
         /** HTTPValidationError */
         HTTPValidationError: {
             /** Detail */
             detail?: components["schemas"]["ValidationError"][];
         };
+        /** LimitsOut */
+        LimitsOut: {
+            /**
+             * Active
+             * @description How many of yours are running or starting now
+             */
+            active: number;
+            /**
+             * Idle Timeout Minutes
+             * @description An environment without activity this long stops; 0: never
+             */
+            idle_timeout_minutes: number;
+            /**
+             * Max Active
+             * @description Running or starting environments one user may have
+             */
+            max_active: number;
+            /**
+             * Max Extension Minutes
+             * @description How much longer than that Extend may keep one running
+             */
+            max_extension_minutes: number;
+            /**
+             * Max Uptime Minutes
+             * @description Your environments stop after running this long; 0: never
+             */
+            max_uptime_minutes: number;
+            /**
+             * Shutdown Warning Minutes
+             * @description How long before an automatic stop you are warned
+             */
+            shutdown_warning_minutes: number;
+        };
         /** LogsOut */
         LogsOut: {
             /** Lines */
             lines: string;
+        };
+        /** MigrationBucketOut */
+        MigrationBucketOut: {
+            /** Bytes Total */
+            bytes_total: number;
+            /** Bytes Verified */
+            bytes_verified: number;
+            /**
+             * Message
+             * @description Why a bucket is not switched yet (waiting for environments, failures)
+             */
+            message: string;
+            /** Objects Total */
+            objects_total: number;
+            /** Objects Verified */
+            objects_verified: number;
+            /**
+             * Owner
+             * @description The owner's e-mail; None when the account no longer exists
+             */
+            owner: string | null;
+            /**
+             * Source
+             * @description backend:bucket the objects come from
+             */
+            source: string;
+            /**
+             * State
+             * @description copying | switched (the storage uses the target) | finished (source deleted)
+             */
+            state: string;
+            /** Storage Id */
+            storage_id: string;
+            /**
+             * Target
+             * @description backend:bucket they go to (bucket empty until it is created)
+             */
+            target: string;
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+        };
+        /** MigrationOut */
+        MigrationOut: {
+            /** Buckets */
+            buckets: components["schemas"]["MigrationBucketOut"][];
+            /** Bytes Total */
+            bytes_total: number;
+            /** Bytes Verified */
+            bytes_verified: number;
+            /** Copying */
+            copying: number;
+            /** Finished */
+            finished: number;
+            /** Objects Total */
+            objects_total: number;
+            /** Objects Verified */
+            objects_verified: number;
+            /** Switched */
+            switched: number;
         };
         /** MountIn */
         MountIn: {
@@ -1303,6 +1669,27 @@ export interface components {
             read_only: boolean;
             /** Storage Id */
             storage_id: string;
+        };
+        /** MoveIn */
+        MoveIn: {
+            /**
+             * Destination
+             * @description The new key (a folder: ending with '/')
+             */
+            destination: string;
+            /**
+             * Source
+             * @description A file's key, or a folder ending with '/'
+             */
+            source: string;
+        };
+        /** MoveOut */
+        MoveOut: {
+            /**
+             * Moved
+             * @description How many objects moved (a folder's every object)
+             */
+            moved: number;
         };
         /** ObjectOut */
         ObjectOut: {
@@ -1343,6 +1730,15 @@ export interface components {
              * @description The 'folders' directly under the prefix (with delimiter=true)
              */
             prefixes: string[];
+        };
+        /** OwnerRef */
+        OwnerRef: {
+            /** Email */
+            email: string;
+            /** Id */
+            id: string;
+            /** Name */
+            name: string;
         };
         /** PluginOut */
         PluginOut: {
@@ -1398,6 +1794,42 @@ export interface components {
             /** Presets */
             presets: components["schemas"]["PresetOut"][];
         };
+        /** PreviewOut */
+        PreviewOut: {
+            /** Content Type */
+            content_type: string;
+            /**
+             * Hdus
+             * @description A FITS file's headers, HDU by HDU
+             */
+            hdus?: components["schemas"]["FitsHduOut"][] | null;
+            /** Key */
+            key: string;
+            /**
+             * Kind
+             * @description How to show it: text (json and csv are text too), an image (load its download URL), FITS headers, or none
+             * @enum {string}
+             */
+            kind: "text" | "json" | "csv" | "image" | "fits" | "none";
+            /**
+             * Message
+             * @description Why there is nothing to show
+             */
+            message?: string | null;
+            /** Size */
+            size: number;
+            /**
+             * Text
+             * @description The file's beginning (text, json, csv)
+             */
+            text?: string | null;
+            /**
+             * Truncated
+             * @description True when the text is only the file's beginning
+             * @default false
+             */
+            truncated: boolean;
+        };
         /** ProviderOut */
         ProviderOut: {
             /** Display Name */
@@ -1421,6 +1853,34 @@ export interface components {
         RefreshIn: {
             /** Refresh Token */
             refresh_token: string;
+        };
+        /** ResourceUseList */
+        ResourceUseList: {
+            /**
+             * Items
+             * @description Your running environments that could be measured
+             */
+            items: components["schemas"]["ResourceUseOut"][];
+            /**
+             * Measured
+             * @description False when this server cannot measure (no metrics API): show nothing
+             */
+            measured: boolean;
+        };
+        /** ResourceUseOut */
+        ResourceUseOut: {
+            /**
+             * Cpu
+             * @description CPU cores in use
+             */
+            cpu: number;
+            /** Environment Id */
+            environment_id: string;
+            /**
+             * Memory Bytes
+             * @description Memory in use (resident)
+             */
+            memory_bytes: number;
         };
         /**
          * SecretFileOut
@@ -1616,6 +2076,11 @@ export interface components {
         };
         /** UsersPage */
         UsersPage: {
+            /**
+             * Default Max Uptime Minutes
+             * @description The server's maximum uptime (CMBCLUSTER_MAX_UPTIME_HOURS), for users without their own; 0: never
+             */
+            default_max_uptime_minutes: number;
             /** Items */
             items: components["schemas"]["AdminUserOut"][];
             /** Page */
@@ -1707,6 +2172,347 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    list_environments_api_v1_admin_environments_get: {
+        parameters: {
+            query?: {
+                /** @description Part of the name or the owner's e-mail or name */
+                query?: string | null;
+                status?: ("pending" | "starting" | "running" | "stopping" | "stopped" | "failed") | null;
+                /** @description 1 for the first page */
+                page?: number;
+                page_size?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AdminEnvironmentsPage"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    delete_environment_api_v1_admin_environments__environment_id__delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                environment_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    stop_environment_api_v1_admin_environments__environment_id__stop_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                environment_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Too many requests or a quota reached: retry after Retry-After seconds */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    migration_progress_api_v1_admin_migration_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MigrationOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
                 };
             };
             /** @description The request's headers are too large */
@@ -3881,6 +4687,62 @@ export interface operations {
             };
         };
     };
+    resource_use_api_v1_environments_resources_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ResourceUseList"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
     get_environment_api_v1_environments__environment_id__get: {
         parameters: {
             query?: never;
@@ -4022,6 +4884,113 @@ export interface operations {
             };
             /** @description Conflict */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    change_environment_api_v1_environments__environment_id__patch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                environment_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EnvironmentChange"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4231,6 +5200,118 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    extend_environment_api_v1_environments__environment_id__extend_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                environment_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Too many requests or a quota reached: retry after Retry-After seconds */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
                 };
             };
             /** @description The request's headers are too large */
@@ -5864,6 +6945,122 @@ export interface operations {
             };
         };
     };
+    download_archive_api_v1_storages__storage_id__archive_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                storage_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/x-www-form-urlencoded": components["schemas"]["Body_download_archive_api_v1_storages__storage_id__archive_post"];
+            };
+        };
+        responses: {
+            /** @description The zip */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/zip": string;
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Too many requests or a quota reached: retry after Retry-After seconds */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
     list_objects_api_v1_storages__storage_id__objects_get: {
         parameters: {
             query?: {
@@ -5988,6 +7185,122 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["DeleteObjectsOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Too many requests or a quota reached: retry after Retry-After seconds */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    move_objects_api_v1_storages__storage_id__objects_move_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                storage_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MoveIn"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MoveOut"];
                 };
             };
             /** @description Bad Request */
@@ -6420,6 +7733,101 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    preview_object_api_v1_storages__storage_id__preview__key__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                storage_id: string;
+                key: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PreviewOut"];
+                };
             };
             /** @description Bad Request */
             400: {

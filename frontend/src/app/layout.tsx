@@ -5,7 +5,7 @@ import "./globals.css";
 export const metadata: Metadata = {
   title: "CMBCluster",
   description: "Personal research environments with your bucket mounted as a folder.",
-  icons: { icon: "/favicon.svg" },
+  icons: { icon: "/favicon.svg", shortcut: "/favicon.ico" },
 };
 
 export const viewport: Viewport = { width: "device-width", initialScale: 1 };

@@ -6,6 +6,7 @@ import { usePathname } from "next/navigation";
 const LINKS = [
   { href: "/admin/", label: "Monitoring" },
   { href: "/admin/users/", label: "Users" },
+  { href: "/admin/environments/", label: "Environments" },
   { href: "/admin/applications/", label: "Applications" },
   { href: "/admin/audit/", label: "Audit trail" },
 ];

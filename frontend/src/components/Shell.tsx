@@ -4,7 +4,7 @@ import Link from "next/link";
 import { usePathname } from "next/navigation";
 import { createContext, type ReactNode, useContext, useEffect, useState } from "react";
 import { api, type User, unwrap } from "@/lib/api";
-import { ErrorMessage, Loading } from "./ui";
+import { ErrorMessage, Loading, Name } from "./ui";
 
 const UserContext = createContext<User | null>(null);
 
@@ -41,7 +41,7 @@ export function Shell({ children }: { children: ReactNode }) {
 
   async function signOut() {
     await api.POST("/api/v1/auth/logout");
-    window.location.assign("/signin/");
+    window.location.assign("/signin/?signed_out=1");
   }
 
   const links = user?.role === "admin" ? [...NAV, { href: "/admin/", label: "Admin" }] : NAV;
@@ -76,7 +76,7 @@ export function Shell({ children }: { children: ReactNode }) {
         </nav>
         {user ? (
           <div className="who">
-            <span title={user.email}>{user.name || user.email}</span>
+            <Name text={user.name || user.email} />
             <button type="button" onClick={signOut}>
               Sign out
             </button>

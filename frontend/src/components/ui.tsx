@@ -112,11 +112,36 @@ export function Card({ id, title, children }: { id: string; title: string; child
   );
 }
 
-/** A table with a caption for screen readers and one header cell per column; `children` are its rows. */
+/**
+ * A name that may be long (a file, a bucket, a person): one line cut with "…", the whole name on
+ * hover (its tooltip) and on focus (it unfolds), and always whole for screen readers.
+ * `focusable`: false when it sits in a link or button, which takes the focus itself.
+ */
+export function Name({ text, focusable = true, className }: { text: string; focusable?: boolean; className?: string }) {
+  return (
+    <span className={className ? `name ${className}` : "name"} title={text} tabIndex={focusable ? 0 : undefined}>
+      {text}
+    </span>
+  );
+}
+
+/** A table cell that says its column when the table becomes cards on a narrow screen. */
+export function Td({ label, className, children }: { label: string; className?: string; children: ReactNode }) {
+  return (
+    <td data-label={label} className={className}>
+      {children}
+    </td>
+  );
+}
+
+/**
+ * A table with a caption for screen readers and one header cell per column; `children` are its rows.
+ * On a narrow screen each row becomes a card (cells made with <Td> say their column).
+ */
 export function DataTable({ caption, columns, children }: { caption: ReactNode; columns: ReactNode[]; children: ReactNode }) {
   return (
     <div className="table-wrap">
-      <table>
+      <table className="responsive">
         <caption className="visually-hidden">{caption}</caption>
         <thead>
           <tr>
@@ -333,7 +358,7 @@ export function Confirm({
       {children}
       <ErrorMessage error={error} />
       <div className="actions">
-        <button type="button" onClick={onClose}>
+        <button type="button" onClick={onClose} data-autofocus>
           Cancel
         </button>
         <button type="button" className="danger" disabled={busy} onClick={onConfirm}>

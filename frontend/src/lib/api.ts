@@ -14,6 +14,8 @@ export type StorageObject = Schemas["ObjectOut"];
 export type AdminUser = Schemas["AdminUserOut"];
 export type AuditEvent = Schemas["AuditEventOut"];
 export type Provider = Schemas["ProviderOut"];
+export type Limits = Schemas["LimitsOut"];
+export type Preview = Schemas["PreviewOut"];
 
 export const api = createClient<paths>({ baseUrl: "", credentials: "same-origin" });
 
@@ -35,8 +37,53 @@ interface Answer<T> {
   response: Response;
 }
 
+/** What the UI calls the fields the API may name in a refusal of a form's values. */
+const FIELD_LABELS: Record<string, string> = {
+  display_name: "Name",
+  name: "Name",
+  storage_class: "Storage class",
+  mount_path: "Mount path",
+  storage_id: "Bucket",
+  preset: "Size",
+  cpu: "CPU",
+  memory_mib: "Memory",
+  env: "Variables",
+  value: "Value",
+  expires_in_days: "Expiry",
+  max_uptime_minutes: "Maximum uptime",
+  slug: "Slug",
+  image: "Container image",
+  port: "Port",
+  command: "Command",
+  summary: "Summary",
+  source: "Name",
+  destination: "New name",
+};
+
+interface FieldProblem {
+  loc?: unknown[];
+  msg?: string;
+}
+
+/** A 422's per-field problems in the form's words: "Name: should have at least 1 character". */
+function describeFields(detail: unknown): string | null {
+  if (!Array.isArray(detail) || detail.length === 0) return null;
+  const lines = (detail as FieldProblem[]).map((problem) => {
+    const names = (problem.loc ?? []).filter((part): part is string => typeof part === "string" && part !== "body");
+    const field = names.reverse().find((part) => part in FIELD_LABELS);
+    const what = (problem.msg ?? "is not accepted").replace(/^(String|Value|Input|List) /, "").replace(/^Value error, /, "");
+    const text = what.charAt(0).toLowerCase() + what.slice(1);
+    return field ? `${FIELD_LABELS[field]}: ${text}` : `One of the values: ${text}`;
+  });
+  return `${Array.from(new Set(lines)).join("; ")}.`;
+}
+
 /** The error body's message ({error, message}), or a plain description of the status. */
 export function errorFrom(status: number, body: unknown): ApiError {
+  if (status === 422 && body && typeof body === "object" && "detail" in body) {
+    const described = describeFields(body.detail);
+    if (described) return new ApiError(status, described, "invalid_request");
+  }
   if (body && typeof body === "object" && "message" in body && typeof body.message === "string") {
     const code = "error" in body && typeof body.error === "string" ? body.error : "error";
     return new ApiError(status, body.message, code);
@@ -78,7 +125,7 @@ export function objectUrl(storageId: string, key: string): string {
 export function uploadFile(
   url: string,
   file: Blob,
-  onProgress: (fraction: number) => void,
+  onProgress: (loaded: number, total: number) => void,
   signal?: AbortSignal,
 ): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -86,7 +133,7 @@ export function uploadFile(
     xhr.open("PUT", url);
     xhr.setRequestHeader("Content-Type", file.type || "application/octet-stream");
     xhr.upload.onprogress = (event) => {
-      if (event.lengthComputable) onProgress(event.loaded / event.total);
+      if (event.lengthComputable) onProgress(event.loaded, event.total);
     };
     xhr.onload = () => {
       if (xhr.status >= 200 && xhr.status < 300) return resolve();
@@ -101,6 +148,7 @@ export function uploadFile(
     };
     xhr.onerror = () => reject(new ApiError(0, "The upload was interrupted: the server cannot be reached.", "network"));
     xhr.onabort = () => reject(new ApiError(0, "The upload was cancelled.", "aborted"));
+    if (signal?.aborted) return reject(new ApiError(0, "The upload was cancelled.", "aborted"));
     signal?.addEventListener("abort", () => xhr.abort());
     xhr.send(file);
   });

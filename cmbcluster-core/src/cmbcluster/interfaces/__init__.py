@@ -9,11 +9,13 @@ from cmbcluster.interfaces.compute import (
     EnvironmentStatus,
     MountedVolume,
     Resources,
+    ResourceUse,
     Upstream,
 )
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
 from cmbcluster.interfaces.provisioning import (
+    DNS_RECORD_KIND,
     DeploymentRecord,
     DnsRecord,
     HelmRelease,
@@ -24,6 +26,7 @@ from cmbcluster.interfaces.provisioning import (
     ResourceRecord,
     StepContext,
     StepStatus,
+    Tool,
 )
 from cmbcluster.interfaces.storage import (
     BucketInfo,
@@ -40,6 +43,7 @@ from cmbcluster.interfaces.storage import (
 )
 
 __all__ = [
+    "DNS_RECORD_KIND",
     "ActiveSettings",
     "AuthProvider",
     "AuthorizationRequest",
@@ -69,12 +73,14 @@ __all__ = [
     "RegistryInfo",
     "RegistryLogin",
     "ResourceRecord",
+    "ResourceUse",
     "Resources",
     "StepContext",
     "StepStatus",
     "StorageBackend",
     "StorageClass",
     "TokenSet",
+    "Tool",
     "Upstream",
     "UserInfo",
     "UserRef",

@@ -83,6 +83,15 @@ class Upstream:
     strip_prefix: bool = False
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResourceUse:
+    """What a running environment uses now: CPU in cores (averaged over a few seconds at most),
+    memory in bytes (resident)."""
+
+    cpu: float
+    memory_bytes: int
+
+
 class ComputeBackend(abc.ABC):
     """Runs environments. Every method is idempotent with respect to the environment id."""
 
@@ -120,6 +129,12 @@ class ComputeBackend(abc.ABC):
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         """The last lines of the environment's output, where the backend can see them."""
         return ""
+
+    def resource_use(self, environment_ids: Sequence[str]) -> Mapping[str, ResourceUse] | None:
+        """CPU and memory used by each of these running environments (an id the backend cannot
+        measure now is left out); None when this backend cannot measure at all (a cluster without
+        the metrics API): the web UI then hides the figures. Blocking; by default None."""
+        return None
 
     def upstream(self, environment_id: str) -> Upstream | None:
         """Where the control plane's proxy reaches the running environment; None when the

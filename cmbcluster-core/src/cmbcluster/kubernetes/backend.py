@@ -33,7 +33,7 @@ import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from cmbcluster.interfaces import (
     EnvironmentStatus,
     PodContext,
     PodDraft,
+    ResourceUse,
 )
 from cmbcluster.kubernetes.client import AlreadyThere, KubeClient, Retries
 from cmbcluster.kubernetes.labels import (
@@ -72,6 +73,7 @@ from cmbcluster.kubernetes.manifests import (
     owner_reference,
     prepare_extra,
 )
+from cmbcluster.kubernetes.metrics import PodMetrics
 from cmbcluster.kubernetes.routing import Exposure
 from cmbcluster.kubernetes.status import event_pod, event_time, status_from_pod
 from cmbcluster.kubernetes.watch import WatchCache
@@ -132,6 +134,7 @@ class KubernetesCompute(ComputeBackend):
         self.decorate = decorate
         self.client = KubeClient(api_client, namespace=options.namespace, retries=options.retries)
         self._network_policy_ready = False
+        self.metrics = PodMetrics(self.client)
         # for the calls of one start that do not depend on each other; the client's connection
         # pool (urllib3) is sized to match in api_client_from_config
         self._parallel = concurrent.futures.ThreadPoolExecutor(PARALLEL_CALLS, thread_name_prefix="cmbcluster-k8s")
@@ -374,6 +377,9 @@ class KubernetesCompute(ComputeBackend):
             if environment_id:
                 statuses.append(self._status(str(environment_id), pod))
         return statuses
+
+    def resource_use(self, environment_ids: Sequence[str]) -> Mapping[str, ResourceUse] | None:
+        return self.metrics.resource_use(environment_ids)
 
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         return self.client.pod_log(object_name(environment_id), container=CONTAINER_NAME, tail=tail)

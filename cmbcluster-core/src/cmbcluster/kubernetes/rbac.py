@@ -18,7 +18,9 @@ an environment is created owned by its Secret, so nothing else is patched). Serv
 outlive environments: ``list`` and ``delete`` only when the user is deleted; the namespace's one NetworkPolicy is
 only ever created (an existing one, e.g. the Helm chart's, is kept). Leases: ``get``, ``create`` and
 ``update`` of the one leader-election Lease (``update`` because taking over an expired lease
-must be a compare-and-swap on its resourceVersion). Nothing else is changed in place.
+must be a compare-and-swap on its resourceVersion). ``list`` of ``pods.metrics.k8s.io``: the CPU and
+memory the web UI shows for running environments (read only; a cluster without metrics-server
+simply hides them). Nothing else is changed in place.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "create", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+    {"apiGroups": ["metrics.k8s.io"], "resources": ["pods"], "verbs": ["list"]},
 ]
 
 CLUSTER_RULES: list[dict[str, list[str]]] = [

@@ -31,8 +31,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,6 +57,7 @@ from cmbcluster.interfaces import (
     EnvironmentSpec,
     EnvironmentStatus,
     MountedVolume,
+    ResourceUse,
     Upstream,
 )
 
@@ -82,6 +84,7 @@ class LocalProcessCompute(ComputeBackend):
         for folder in (self.state_dir, self.homes_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._meter = ProcessTreeMeter()
         self._sweep_secrets()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -131,6 +134,17 @@ class LocalProcessCompute(ComputeBackend):
 
     def check_command(self, command: Sequence[str]) -> str | None:
         return missing_program(command)
+
+    def resource_use(self, environment_ids: Sequence[str]) -> Mapping[str, ResourceUse] | None:
+        """From the environment's process tree (psutil): resident memory of every process in it, and
+        CPU as the tree's CPU time over the wall time since the last reading (the first reading of
+        an environment waits a tenth of a second for a second sample)."""
+        roots: dict[str, int] = {}
+        for env_id in environment_ids:
+            state = self._read_state(env_id) if env_id.isalnum() else None
+            if state is not None and not state.get("stopped") and _alive(int(state["pid"]), state.get("start_ticks")):
+                roots[env_id] = int(state["pid"])
+        return self._meter.measure(roots)
 
     @property
     def stops_with_control_plane(self) -> bool:
@@ -380,6 +394,70 @@ class LocalProcessCompute(ComputeBackend):
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(state))
         os.replace(tmp, path)
+
+
+class ProcessTreeMeter:
+    """CPU and memory of process trees, by psutil. CPU is a rate: the tree's CPU time between two
+    readings over the time between them, so each reading is kept for the next one."""
+
+    #: Without a reading this recent, a first pair of samples is taken this far apart.
+    FIRST_SAMPLE_SECONDS = 0.1
+    MAX_AGE_SECONDS = 120.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[int, tuple[float, float]] = {}  # root pid -> (monotonic time, CPU seconds)
+
+    def measure(self, roots: Mapping[str, int]) -> dict[str, ResourceUse]:
+        import psutil  # imported on first use: only the environments page asks
+
+        now = time.monotonic()
+        samples = {key: _tree_sample(psutil, pid) for key, pid in roots.items()}
+        with self._lock:
+            fresh = {pid: seen for pid, seen in self._last.items() if now - seen[0] < self.MAX_AGE_SECONDS}
+        if any(pid not in fresh for pid in roots.values()):
+            time.sleep(self.FIRST_SAMPLE_SECONDS)
+            for key, pid in roots.items():
+                if pid not in fresh and samples[key] is not None:
+                    sample = samples[key]
+                    assert sample is not None
+                    fresh[pid] = (now, sample[0])
+            now = time.monotonic()
+            samples = {key: _tree_sample(psutil, pid) for key, pid in roots.items()}
+        found: dict[str, ResourceUse] = {}
+        for key, pid in roots.items():
+            sample = samples[key]
+            if sample is None:
+                continue
+            cpu_seconds, memory = sample
+            before = fresh.get(pid)
+            rate = 0.0
+            if before is not None and now > before[0]:
+                rate = max(0.0, (cpu_seconds - before[1]) / (now - before[0]))
+            fresh[pid] = (now, cpu_seconds)
+            found[key] = ResourceUse(cpu=round(rate, 3), memory_bytes=memory)
+        with self._lock:
+            self._last = fresh
+        return found
+
+
+def _tree_sample(psutil: Any, pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of a process and its descendants; None when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    cpu, memory = 0.0, 0
+    for process in processes:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()
+                cpu += times.user + times.system
+                memory += process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return cpu, memory
 
 
 def home_path(mount_path: str) -> PurePosixPath:

@@ -8,6 +8,7 @@ database session, as :mod:`cmbcluster.services.environments` does.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,7 +19,7 @@ from cmbcluster.db.models import Activity, Application, AuditEvent, Environment,
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import UserRef
-from cmbcluster.services import environments
+from cmbcluster.services import environments, storages
 from cmbcluster.services.audit import audit
 from cmbcluster.services.sessions import revoke_all_sessions
 
@@ -235,9 +236,9 @@ def list_audit(
     target_type: str | None = None,
     page: int = 1,
     page_size: int = 50,
-) -> tuple[list[tuple[AuditEvent, str | None]], int]:
-    """Audit events, newest first, each with its actor's e-mail (None for the system); and the total."""
-    stmt = select(AuditEvent, User.email).outerjoin(User, User.id == AuditEvent.actor_id)
+) -> tuple[list[tuple[AuditEvent, str | None, str | None]], int]:
+    """Audit events, newest first, each with its actor's e-mail and name (None for the system); and the total."""
+    stmt = select(AuditEvent, User.email, User.name).outerjoin(User, User.id == AuditEvent.actor_id)
     if action:
         stmt = stmt.where(AuditEvent.action == action)
     if actor_id:
@@ -248,7 +249,40 @@ def list_audit(
         stmt = stmt.where(AuditEvent.target_type == target_type)
     total = _count(db, stmt)
     rows = db.execute(_page(stmt.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()), page, page_size)).all()
-    return [(event, email) for event, email in rows], total
+    return [(event, email, name) for event, email, name in rows], total
+
+
+#: Where an audit event of each target type keeps the target's name, when the target is gone.
+_NAME_IN_DETAIL = {"user": "email", "environment": "name", "storage": "display_name", "application": "name",
+                   "secret_file": "name", "api_token": "name"}  # fmt: skip
+
+
+def target_names(db: Session, events: Sequence[AuditEvent]) -> dict[tuple[str, str], str]:
+    """A name for people of each event's target, by (type, id): a user's e-mail, an environment's,
+    bucket's or application's name as it is now, or as the event recorded it if it is gone."""
+    wanted: dict[str, set[str]] = {}
+    for event in events:
+        wanted.setdefault(event.target_type, set()).add(event.target_id)
+    lookups: dict[str, Any] = {
+        "user": (User.id, User.email),
+        "environment": (Environment.id, Environment.name),
+        "storage": (Storage.id, Storage.display_name),
+        "application": (Application.id, Application.name),
+    }
+    names: dict[tuple[str, str], str] = {}
+    for target_type, ids in wanted.items():
+        columns = lookups.get(target_type)
+        if columns is None:
+            continue
+        id_column, name_column = columns
+        for object_id, name in db.execute(select(id_column, name_column).where(id_column.in_(sorted(ids)))).all():
+            names[(target_type, str(object_id))] = str(name)
+    for event in events:
+        key = (event.target_type, event.target_id)
+        recorded = event.detail.get(_NAME_IN_DETAIL.get(event.target_type, "name")) if event.detail else None
+        if key not in names and isinstance(recorded, str) and recorded:
+            names[key] = recorded
+    return names
 
 
 def list_activity(db: Session, user_id: str, *, page: int = 1, page_size: int = 50) -> tuple[list[Activity], int]:
@@ -293,8 +327,12 @@ class Stats(BaseModel):
     at: dt.datetime
 
 
-def stats(db: Session, *, now: dt.datetime | None = None) -> Stats:
+def stats(db: Session, context: AppContext | None = None, *, now: dt.datetime | None = None) -> Stats:
+    """Counts for the admin dashboard. With ``context``, buckets' usage is measured again where stale
+    (as a user's storage page does, waiting :data:`STATS_USAGE_WAIT_SECONDS` at most), so files
+    written from environments count too; without, the cached figures are summed."""
     now = now or utcnow()
+    storage_usage = _storage_usage(db, context)
 
     def scalar(stmt: Select[Any]) -> int:
         return int(db.execute(stmt).scalar_one() or 0)
@@ -317,11 +355,38 @@ def stats(db: Session, *, now: dt.datetime | None = None) -> Stats:
             signed_in_last_24h=scalar(users.where(User.last_login_at >= now - dt.timedelta(hours=24))),
         ),
         environments=EnvironmentStats(total=sum(by_status.values()), by_status=by_status),
-        storages=StorageStats(
-            count=scalar(storages),
-            usage_bytes=scalar(select(func.coalesce(func.sum(Storage.usage_bytes), 0))),
-            usage_unknown=scalar(storages.where(Storage.usage_bytes.is_(None))),
-        ),
+        storages=StorageStats(count=scalar(storages), usage_bytes=storage_usage[0], usage_unknown=storage_usage[1]),
         applications=ApplicationStats(active=scalar(apps.where(Application.active.is_(True))), total=scalar(apps)),
         at=now,
     )
+
+
+#: How long the admin dashboard waits for stale buckets to be measured.
+STATS_USAGE_WAIT_SECONDS = 5.0
+
+
+def _storage_usage(db: Session, context: AppContext | None) -> tuple[int, int]:
+    """(bytes in every bucket, buckets never measured)."""
+    rows = list(db.execute(select(Storage)).scalars())
+    db.commit()  # no transaction held while measuring
+    if context is None:
+        figures = [row.usage_bytes for row in rows]
+    else:
+        measured = storages.current_usage(rows, context, wait_seconds=STATS_USAGE_WAIT_SECONDS)
+        figures = [measured[row.id].size_bytes for row in rows]
+    return sum(f for f in figures if f is not None), sum(1 for f in figures if f is None)
+
+
+# -- every user's environments -------------------------------------------------------------------------
+def stop_environment(db: Session, context: AppContext, environment_id: str, *, admin: User) -> Environment:
+    """Stop any user's environment (audited as the administrator's act; its owner sees why)."""
+    env = environments.get_any(db, environment_id)
+    if env.status not in environments.ACTIVE_STATUSES:
+        raise Conflict(f"{env.name!r} is {env.status}: it is not running")
+    environments.stop(db, context, env, actor_id=admin.id, reason=f"stopped by an administrator ({admin.email})")
+    return env
+
+
+def delete_environment(db: Session, context: AppContext, environment_id: str, *, admin: User) -> None:
+    """Delete any user's environment (its buckets stay); audited as the administrator's act."""
+    environments.remove(db, context, environments.get_any(db, environment_id), actor_id=admin.id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,8 +85,21 @@ def list_owned(db: Session, user: User) -> list[Environment]:
     )
 
 
-def create(db: Session, context: AppContext, user: User, request: EnvironmentRequest) -> Environment:
-    """Validate every choice and store the environment (status ``pending``); ``start`` runs it."""
+def running_ids(db: Session, user: User) -> list[str]:
+    """The ids of the user's environments that hold resources now."""
+    return list(
+        db.execute(
+            select(Environment.id).where(Environment.user_id == user.id, Environment.status.in_(ACTIVE_STATUSES))
+        ).scalars()
+    )
+
+
+def create(
+    db: Session, context: AppContext, user: User, request: EnvironmentRequest, *, start: bool = False
+) -> Environment:
+    """Validate every choice and store the environment (``stopped``); with ``start``, reserve its
+    start in the same transaction and hand it to the backend (blocking). A start refused by a limit
+    leaves nothing behind, not even an audit event: retrying the same request is all it takes."""
     core = context.config.core
     application = db.execute(
         select(Application).where((Application.id == request.application) | (Application.slug == request.application))
@@ -121,9 +134,26 @@ def create(db: Session, context: AppContext, user: User, request: EnvironmentReq
             )
         )
     audit(db, actor_id=user.id, action="environment.created", target_type="environment", target_id=env.id,
-          application=application.slug, preset=preset)  # fmt: skip
-    db.commit()
+          name=name, application=application.slug, preset=preset)  # fmt: skip
+    if start:
+        reserve_start(db, context, user, env)  # commits everything, or rolls everything back and raises
+        launch(db, context, env)
+    else:
+        db.commit()
     return get_owned(db, user, env.id)
+
+
+def start(db: Session, context: AppContext, user: User, env: Environment) -> None:
+    """Start a stopped or failed environment with its stored choices (blocking)."""
+    reserve_start(db, context, user, env)
+    launch(db, context, env)
+
+
+def restart(db: Session, context: AppContext, user: User, env: Environment) -> None:
+    """Stop (when it runs) and start again with the same choices (blocking)."""
+    if env.status in ACTIVE_STATUSES:
+        stop(db, context, env, actor_id=user.id, reason="restarting")
+    start(db, context, user, env)
 
 
 def _validate_env(env: dict[str, str]) -> dict[str, str]:
@@ -142,7 +172,7 @@ def _validate_mounts(db: Session, user: User, choices: Sequence[MountChoice]) ->
     for choice in choices:
         storage = db.get(Storage, choice.storage_id)
         if storage is None or storage.user_id != user.id:
-            raise NotFound(f"storage {choice.storage_id} not found")
+            raise NotFound("a bucket you chose to mount does not exist (any more): reload the page and choose again")
         path = choice.mount_path.rstrip("/") or "/"
         if path == "/" or not path.startswith("/") or any(p in {"", ".", ".."} for p in path.split("/")[1:]):
             raise InvalidRequest(f"mount path {choice.mount_path!r} must be an absolute folder other than /")
@@ -165,7 +195,7 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     """
     core = context.config.core
     if env.status not in STARTABLE_STATUSES:
-        raise Conflict(f"environment {env.id} is already {env.status}")
+        raise Conflict(f"{env.name!r} is already {env.status}")
     if db.get_bind().dialect.name == "postgresql":
         db.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
     now = utcnow()
@@ -223,7 +253,9 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     for mount in env.mounts:
         storage = db.get(Storage, mount.storage_id)
         if storage is None:
-            raise NotFound(f"storage {mount.storage_id} mounted by this environment no longer exists")
+            raise NotFound(
+                "a bucket this environment mounts was deleted: edit the environment's buckets, then start it again"
+            )
         if storage.status != "active":
             raise Conflict(f"bucket {storage.display_name!r} is {storage.status} and cannot be mounted")
         if identity is not None:
@@ -299,7 +331,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     env.stopped_at = utcnow()
     db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
     audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
-          reason=reason)  # fmt: skip
+          name=env.name, owner_id=env.user_id, reason=reason)  # fmt: skip
     activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
     db.commit()
     context.progress.notify(env.id)
@@ -308,7 +340,8 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
 def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
     """Delete everything the backend keeps for the environment, then the record (blocking)."""
     context.compute.delete(env.id)
-    audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id)
+    audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id,
+          name=env.name, owner_id=env.user_id)  # fmt: skip
     db.delete(env)
     db.commit()
     context.progress.notify(env.id)
@@ -342,6 +375,93 @@ def stop_with_control_plane(context: AppContext) -> list[str]:
     if stopped:
         log.info("stopped %d environments with the server", len(stopped), extra={"environments": stopped})
     return stopped
+
+
+#: How much later one "extend" moves an environment's automatic stop.
+EXTENSION_STEP = dt.timedelta(hours=1)
+
+
+def extend(db: Session, context: AppContext, user: User, env: Environment) -> None:
+    """Postpone the automatic stop of a running environment: its idle timer starts again, and its
+    maximum-uptime stop moves an hour later, never past its maximum uptime plus the operator's
+    CMBCLUSTER_MAX_EXTENSION_HOURS. Conflict when it is not running, or when only the uptime
+    stop is near and it is already as late as allowed."""
+    if env.status not in ACTIVE_STATUSES:
+        raise Conflict(f"{env.name!r} is {env.status}: only a running environment can be extended")
+    now = utcnow()
+    limit = extension_limit(context, env.started_at, user.max_uptime_minutes)
+    extended_to = env.shutdown_at
+    if env.shutdown_at is not None and limit is not None:
+        extended_to = min(max(env.shutdown_at, now) + EXTENSION_STEP, limit)
+        idle_at = idle_shutdown_at(context, env)
+        if extended_to <= env.shutdown_at and (idle_at is None or env.shutdown_at <= idle_at):
+            hours = context.config.core.max_extension_hours
+            raise Conflict(
+                f"{env.name!r} already runs as long as this server allows ({_hours(hours)} past its maximum "
+                "uptime): save your work; it stops at the time shown"
+            )
+    env.shutdown_at = extended_to
+    env.last_activity_at = now
+    env.warned_at = None
+    activity(db, user_id=env.user_id, kind="environment_extended", environment_id=env.id,
+             shutdown_at=extended_to.isoformat() if extended_to else None)  # fmt: skip
+    db.commit()
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:g} hour{'' if hours == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class EnvironmentChange:
+    """What may change on a stopped environment; None keeps a field as it is."""
+
+    name: str | None = None
+    preset: str | None = None
+    cpu: float | None = None
+    memory_mib: int | None = None
+    mounts: Sequence[MountChoice] | None = None
+    env: dict[str, str] | None = None
+
+
+def update(db: Session, context: AppContext, user: User, env: Environment, change: EnvironmentChange) -> None:
+    """Change a stopped (or failed) environment's name, size, buckets or variables: its next start
+    uses them. Conflict while it runs (stop it first)."""
+    if env.status not in STARTABLE_STATUSES:
+        raise Conflict(f"{env.name!r} is {env.status}: stop it before changing its size or buckets")
+    core = context.config.core
+    changed: dict[str, Any] = {}
+    if change.name is not None:
+        name = change.name.strip()
+        if not 1 <= len(name) <= 100:
+            raise InvalidRequest("an environment name of 1 to 100 characters is required")
+        changed["name"] = env.name = name
+    if change.preset is not None or change.cpu is not None or change.memory_mib is not None:
+        preset, cpu, memory = resolve_resources(
+            change.preset, change.cpu, change.memory_mib, max_cpu=core.max_cpu, max_memory_mib=core.max_memory_mib
+        )
+        env.preset, env.cpu, env.memory_mib = preset, cpu, memory
+        changed.update(preset=preset, cpu=cpu, memory_mib=memory)
+    if change.env is not None:
+        env.env = _validate_env(change.env)
+        changed["env"] = sorted(env.env)
+    if change.mounts is not None:
+        mounts = _validate_mounts(db, user, change.mounts)
+        env.mounts.clear()
+        db.flush()
+        for storage, choice in mounts:
+            env.mounts.append(
+                EnvironmentStorage(
+                    environment_id=env.id, storage_id=storage.id, mount_path=choice.mount_path,
+                    read_only=choice.read_only,
+                )
+            )  # fmt: skip
+        changed["mounts"] = [storage.display_name for storage, _ in mounts]
+    if changed:
+        detail = {"name": env.name, **changed}
+        audit(db, actor_id=user.id, action="environment.changed", target_type="environment", target_id=env.id,
+              **detail)  # fmt: skip
+    db.commit()
 
 
 def open_for_traffic(db: Session, user: User, environment_id: str) -> Environment:
@@ -397,20 +517,76 @@ _VIEW_COLUMNS = (
     Environment.created_at, Environment.started_at, Environment.stopped_at, Environment.last_activity_at,
     Environment.shutdown_at, Environment.warned_at,
     Application.id.label("app_id"), Application.slug.label("app_slug"), Application.name.label("app_name"),
+    User.id.label("owner_id"), User.email.label("owner_email"), User.name.label("owner_name"),
+    User.max_uptime_minutes.label("owner_max_uptime"),
 )  # fmt: skip
 
 
 # Built once: constructing the statement costs as much as running it on SQLite.
-_VIEW_QUERY = (
+_VIEW_BASE = (
     select(*_VIEW_COLUMNS, EnvironmentStorage.storage_id, EnvironmentStorage.mount_path,
            EnvironmentStorage.read_only, Storage.display_name.label("storage_name"))
     .join(Application, Application.id == Environment.application_id)
+    .join(User, User.id == Environment.user_id)
     .outerjoin(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
     .outerjoin(Storage, Storage.id == EnvironmentStorage.storage_id)
-    .where(Environment.user_id == bindparam("user_id"))
-    .order_by(Environment.created_at, Environment.id, EnvironmentStorage.mount_path)
 )  # fmt: skip
+_VIEW_QUERY = _VIEW_BASE.where(Environment.user_id == bindparam("user_id")).order_by(
+    Environment.created_at, Environment.id, EnvironmentStorage.mount_path
+)
 _VIEW_ONE_QUERY = _VIEW_QUERY.where(Environment.id == bindparam("environment_id"))
+
+
+def uptime_minutes(context: AppContext, user_max_uptime: int | None) -> int:
+    """The maximum uptime of a user's environments in minutes (0: never): theirs, or the server's."""
+    if user_max_uptime is not None:
+        return user_max_uptime
+    return int(context.config.core.max_uptime_hours * 60)
+
+
+def extension_limit(
+    context: AppContext, started_at: dt.datetime | None, user_max_uptime: int | None
+) -> dt.datetime | None:
+    """The latest an environment started at ``started_at`` may run once extended: its maximum
+    uptime plus the operator's CMBCLUSTER_MAX_EXTENSION_HOURS. None without a maximum uptime."""
+    minutes = uptime_minutes(context, user_max_uptime)
+    if not minutes or started_at is None:
+        return None
+    return started_at + dt.timedelta(minutes=minutes) + dt.timedelta(hours=context.config.core.max_extension_hours)
+
+
+def _view(context: AppContext, row: Any) -> dict[str, Any]:
+    active = row.status in ACTIVE_STATUSES
+    idle_at = idle_shutdown_at(context, row)
+    uptime_at = row.shutdown_at if active else None
+    limit = extension_limit(context, row.started_at, row.owner_max_uptime) if active else None
+    return {
+        "id": row.id, "name": row.name, "status": row.status, "status_message": row.status_message,
+        "desired_state": row.desired_state, "url": row.url, "preset": row.preset, "cpu": row.cpu,
+        "memory_mib": row.memory_mib, "env": row.env,
+        "application": {"id": row.app_id, "slug": row.app_slug, "name": row.app_name},
+        "owner": {"id": row.owner_id, "email": row.owner_email, "name": row.owner_name},
+        "mounts": [],
+        "created_at": row.created_at, "started_at": row.started_at, "stopped_at": row.stopped_at,
+        "last_activity_at": row.last_activity_at, "shutdown_at": next_shutdown(context, row),
+        "idle_shutdown_at": idle_at, "uptime_shutdown_at": uptime_at,
+        "extendable": bool(active and (idle_at is not None or (uptime_at is not None and limit is not None
+                                                               and uptime_at < limit))),
+        "shutdown_warning": active and row.warned_at is not None,
+    }  # fmt: skip
+
+
+def _collect(context: AppContext, rows: Iterable[Any]) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = []
+    for row in rows:  # Core rows: no identity map, no ORM instances
+        if not result or result[-1]["id"] != row.id:
+            result.append(_view(context, row))
+        if row.storage_id is not None:
+            result[-1]["mounts"].append(
+                {"storage_id": row.storage_id, "display_name": row.storage_name, "mount_path": row.mount_path,
+                 "read_only": row.read_only}
+            )  # fmt: skip
+    return result
 
 
 def views(db: Session, context: AppContext, user_id: str, environment_id: str | None = None) -> list[dict[str, Any]]:
@@ -421,30 +597,77 @@ def views(db: Session, context: AppContext, user_id: str, environment_id: str | 
     """
     query = _VIEW_QUERY if environment_id is None else _VIEW_ONE_QUERY
     params = {"user_id": user_id, "environment_id": environment_id}
-    result: list[dict[str, Any]] = []
-    for row in db.connection().execute(query, params):  # Core rows: no identity map, no ORM instances
-        if not result or result[-1]["id"] != row.id:
-            active = row.status in ACTIVE_STATUSES
-            result.append({
-                "id": row.id, "name": row.name, "status": row.status, "status_message": row.status_message,
-                "desired_state": row.desired_state, "url": row.url, "preset": row.preset, "cpu": row.cpu,
-                "memory_mib": row.memory_mib, "env": row.env,
-                "application": {"id": row.app_id, "slug": row.app_slug, "name": row.app_name},
-                "mounts": [],
-                "created_at": row.created_at, "started_at": row.started_at, "stopped_at": row.stopped_at,
-                "last_activity_at": row.last_activity_at, "shutdown_at": next_shutdown(context, row),
-                "shutdown_warning": active and row.warned_at is not None,
-            })  # fmt: skip
-        if row.storage_id is not None:
-            result[-1]["mounts"].append(
-                {"storage_id": row.storage_id, "display_name": row.storage_name, "mount_path": row.mount_path,
-                 "read_only": row.read_only}
-            )  # fmt: skip
-    return result
+    return _collect(context, db.connection().execute(query, params))
 
 
 def view(db: Session, context: AppContext, user_id: str, environment_id: str) -> dict[str, Any]:
     found = views(db, context, user_id, environment_id)
+    if not found:
+        raise NotFound(f"environment {environment_id} not found")
+    return found[0]
+
+
+def limits(context: AppContext, user: User, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a user may run, for the page that launches (shown before a launch is refused)."""
+    core = context.config.core
+    return {
+        "max_active": core.max_environments_per_user,
+        "active": sum(1 for item in items if item["status"] in ACTIVE_STATUSES),
+        "idle_timeout_minutes": core.idle_timeout_minutes,
+        "max_uptime_minutes": uptime_minutes(context, user.max_uptime_minutes),
+        "max_extension_minutes": int(core.max_extension_hours * 60),
+        "shutdown_warning_minutes": core.shutdown_warning_minutes,
+    }
+
+
+# -- administrators' view ------------------------------------------------------------------------
+def admin_views(
+    db: Session, context: AppContext, *, status: str | None = None, query: str | None = None,
+    page: int = 1, page_size: int = 50,
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """Every user's environments, newest first (with their owners), a page at a time; and the total."""
+    ids = select(Environment.id).join(User, User.id == Environment.user_id)
+    if status:
+        ids = ids.where(Environment.status == status)
+    if query and query.strip():
+        escaped = query.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        ids = ids.where(
+            Environment.name.ilike(pattern, escape="\\")
+            | User.email.ilike(pattern, escape="\\")
+            | User.name.ilike(pattern, escape="\\")
+        )
+    total = db.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+    chosen = list(
+        db.execute(
+            ids.order_by(Environment.created_at.desc(), Environment.id).limit(page_size).offset((page - 1) * page_size)
+        ).scalars()
+    )
+    if not chosen:
+        return [], total
+    rows = db.connection().execute(
+        _VIEW_BASE.where(Environment.id.in_(chosen)).order_by(
+            Environment.created_at.desc(), Environment.id, EnvironmentStorage.mount_path
+        )
+    )
+    return _collect(context, rows), total
+
+
+def get_any(db: Session, environment_id: str) -> Environment:
+    """Any user's environment (administrators), or NotFound."""
+    env = db.execute(
+        select(Environment)
+        .where(Environment.id == environment_id)
+        .options(selectinload(Environment.application_row), selectinload(Environment.mounts))
+    ).scalar_one_or_none()
+    if env is None:
+        raise NotFound(f"environment {environment_id} not found")
+    return env
+
+
+def admin_view(db: Session, context: AppContext, environment_id: str) -> dict[str, Any]:
+    rows = db.connection().execute(_VIEW_BASE.where(Environment.id == environment_id))
+    found = _collect(context, rows)
     if not found:
         raise NotFound(f"environment {environment_id} not found")
     return found[0]

@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
-from cmbcluster.errors import CmbclusterError, Conflict, NotFound
+from cmbcluster.errors import AlreadyExists, CmbclusterError, Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
 from cmbcluster.services import accounting
@@ -73,15 +73,15 @@ def _sync_identity_after_change(db: Session, context: AppContext, user: User) ->
 def require_usable(storage: Storage, backend_name: str) -> None:
     """Objects can be reached only in an active storage that lives on the active backend."""
     if storage.status != "active":
-        raise Conflict(f"storage {storage.id} is {storage.status}; its objects cannot be used now")
+        raise Conflict(f"the bucket {storage.display_name!r} is {storage.status}; its files cannot be used now")
     require_backend(storage, backend_name)
 
 
 def require_backend(storage: Storage, backend_name: str) -> None:
     if storage.backend != backend_name:
         raise Conflict(
-            f"storage {storage.id} lives on the storage backend {storage.backend!r}, "
-            f"but this server uses {backend_name!r}"
+            f"the bucket {storage.display_name!r} lives on the storage backend {storage.backend!r}, "
+            f"but this server uses {backend_name!r}: ask an administrator"
         )
 
 
@@ -107,6 +107,7 @@ def create_storage(
     backend, backend_name = context.storage, context.config.storage.name
     max_buckets = context.config.core.max_buckets_per_user
     _check_limit(db, user, max_buckets, adding=0)
+    _check_unique_name(db, user, display_name)
     db.commit()  # end the read transaction: the backend call may take seconds
     info = backend.create_bucket(
         UserRef(id=user.id, email=user.email),
@@ -122,8 +123,10 @@ def create_storage(
         db.add(storage)
         db.flush()
         _check_limit(db, user, max_buckets, adding=1)
+        _check_unique_name(db, user, display_name, adding=1)
         audit(db, actor_id=user.id, action="storage.created", target_type="storage", target_id=storage.id,
-              bucket=info.name, backend=backend_name, storage_class=str(info.storage_class))  # fmt: skip
+              display_name=display_name, bucket=info.name, backend=backend_name,
+              storage_class=str(info.storage_class))  # fmt: skip
         db.commit()
     except BaseException:
         db.rollback()
@@ -141,6 +144,19 @@ def _check_limit(db: Session, user: User, max_buckets: int, *, adding: int) -> N
             f"you already have {count - adding} buckets, the most allowed per user is {max_buckets}; "
             "delete one before creating another"
         )
+
+
+def _check_unique_name(db: Session, user: User, display_name: str, *, adding: int = 0) -> None:
+    """A person tells their buckets apart by name: two of one user's buckets never share one (case
+    and surrounding spaces aside). Checked before the bucket is made, and again in the inserting
+    transaction, like the limit."""
+    same = db.execute(
+        select(func.count())
+        .select_from(Storage)
+        .where(Storage.user_id == user.id, func.lower(func.trim(Storage.display_name)) == display_name.strip().lower())
+    ).scalar_one()
+    if same > adding:
+        raise AlreadyExists(f"you already have a bucket named {display_name.strip()!r}: choose another name")
 
 
 def _delete_orphan_bucket(backend: StorageBackend, bucket: str) -> None:
@@ -169,7 +185,11 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
     ).all()
     if holders:
         names = ", ".join(f"{name!r} ({status})" for name, status in holders)
-        raise Conflict(f"storage {storage.id} is mounted by the environment(s) {names}; stop them first")
+        them = "it" if len(holders) == 1 else "them"
+        raise Conflict(
+            f"the bucket {storage.display_name!r} is mounted by the environment{'s' if len(holders) > 1 else ''} "
+            f"{names}: stop {them} first, then delete the bucket"
+        )
     storage.status = "deleting"
     db.commit()
     try:
@@ -190,7 +210,8 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
     accounting.close_storage(db, storage.id, utcnow())
     db.delete(storage)
     audit(db, actor_id=user.id, action="storage.deleted", target_type="storage", target_id=storage.id,
-          bucket=storage.bucket_name, force=force, detached_environments=detached)  # fmt: skip
+          display_name=storage.display_name, bucket=storage.bucket_name, force=force,
+          detached_environments=detached)  # fmt: skip
     db.commit()
     log.info("storage %s deleted (bucket %s)", storage.id, storage.bucket_name, extra={"storage_id": storage.id})
     context.storage_runtime.refresher.invalidate(storage_id)
@@ -260,18 +281,153 @@ def write_object(
     return info
 
 
-def delete_objects(db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str]) -> int:
-    """Delete ``keys`` (validated first: all or none of a batch is attempted). Returns how many."""
+#: The most objects one request deletes, moves or zips by folder; past it, the request is refused
+#: (and nothing done), saying to act on fewer at once.
+MAX_FOLDER_OBJECTS = 10_000
+#: Objects a backend call deletes at once.
+DELETE_BATCH = 1000
+
+
+def delete_objects(
+    db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str], prefixes: Sequence[str] = ()
+) -> int:
+    """Delete ``keys`` and every object under each of ``prefixes`` (folders, ending with ``/``):
+    validated first, all or none of a batch is attempted. Returns how many."""
     storage = get_owned(db, user, storage_id)
     require_usable(storage, context.config.storage.name)
     unique = list(dict.fromkeys(validate_object_key(key) for key in keys))
     bucket = storage.bucket_name
     db.commit()  # no transaction held open across the backend call
-    context.storage.delete_objects(bucket, unique)
+    if prefixes:
+        found = {info.key for info in folder_objects(context, bucket, prefixes)}
+        unique = list(dict.fromkeys([*unique, *sorted(found)]))
+    for start in range(0, len(unique), DELETE_BATCH):
+        context.storage.delete_objects(bucket, unique[start : start + DELETE_BATCH])
     audit(db, actor_id=user.id, action="storage.objects_deleted", target_type="storage", target_id=storage_id,
           count=len(unique), keys=unique[:AUDIT_KEYS], truncated=len(unique) > AUDIT_KEYS)  # fmt: skip
     invalidate_usage(db, context, storage_id)
     return len(unique)
+
+
+def folder_objects(context: AppContext, bucket: str, prefixes: Iterable[str]) -> list[ObjectInfo]:
+    """Every object under each folder (``prefix`` ending with ``/``), in key order; a request that
+    reaches more than :data:`MAX_FOLDER_OBJECTS` is refused before anything is done."""
+    found: dict[str, ObjectInfo] = {}
+    for prefix in dict.fromkeys(prefixes):
+        validate_object_prefix(prefix)
+        if not prefix or not prefix.endswith("/"):
+            raise InvalidRequest(f"a folder is named with a final '/': {prefix!r}")
+        token: str | None = None
+        while True:
+            page = context.storage.list_objects(bucket, prefix, delimiter=None, page_token=token, page_size=1000)
+            for info in page.objects:
+                found[info.key] = info
+            if len(found) > MAX_FOLDER_OBJECTS:
+                raise Conflict(
+                    f"these folders hold more than {MAX_FOLDER_OBJECTS} files: choose fewer at once (nothing was done)"
+                )
+            token = page.next_token
+            if token is None:
+                break
+    return [found[key] for key in sorted(found)]
+
+
+def selected_objects(
+    db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str], prefixes: Sequence[str]
+) -> tuple[Storage, list[ObjectInfo]]:
+    """The caller's bucket and the objects named by ``keys`` and under ``prefixes`` (each checked to
+    exist: NotFound names a missing one), in key order, for a download of several at once."""
+    storage = get_owned(db, user, storage_id)
+    require_usable(storage, context.config.storage.name)
+    db.commit()
+    if not keys and not prefixes:
+        raise InvalidRequest("choose at least one file or folder")
+    found = {info.key: info for info in folder_objects(context, storage.bucket_name, prefixes)}
+    for key in dict.fromkeys(keys):
+        if key not in found:
+            try:
+                found[key] = context.storage.head_object(storage.bucket_name, validate_object_key(key))
+            except NotFound:
+                raise NotFound(
+                    f"{key.rsplit('/', 1)[-1]!r} is not in this bucket (any more): reload the page"
+                ) from None
+    if len(found) > MAX_FOLDER_OBJECTS:
+        raise Conflict(f"more than {MAX_FOLDER_OBJECTS} files are chosen: choose fewer at once")
+    return storage, [found[key] for key in sorted(found)]
+
+
+def zip_archive(
+    context: AppContext, bucket: str, objects: Sequence[ObjectInfo], base: str
+) -> tuple[Iterator[bytes], int]:
+    """A zip of ``objects`` (stored, not compressed: research data rarely compresses, and a stored
+    zip's size is known in advance) as a stream of chunks, and its size. Each object is read from the
+    backend only when the stream reaches it, a chunk at a time (zipstream-ng): constant memory
+    however large the files. Names in the zip are the keys without ``base`` (the folder shown)."""
+    from zipstream import ZIP_STORED, ZipStream
+
+    archive = ZipStream(compress_type=ZIP_STORED, sized=True)
+    for info in objects:
+        name = info.key[len(base) :] if base and info.key.startswith(base) else info.key
+        archive.add(_lazy_object(context, bucket, info), name, size=info.size)
+    return iter(archive), len(archive)
+
+
+def _lazy_object(context: AppContext, bucket: str, info: ObjectInfo) -> Iterator[bytes]:
+    """An object's bytes, asked of the backend at the first ``next()``: exactly ``info.size`` of them."""
+    if info.size == 0:
+        return
+    yield from context.storage.download_object(bucket, info.key, byte_range=(0, info.size - 1))
+
+
+#: The most objects one move copies; a larger folder is moved in parts (or from an environment).
+MAX_MOVE_OBJECTS = 1000
+
+
+def move_objects(db: Session, context: AppContext, user: User, storage_id: str, source: str, destination: str) -> int:
+    """Rename or move a file (``source`` a key) or a folder (``source`` ending with ``/``, every
+    object under it) to ``destination`` in the same bucket. Storage services have no rename: each
+    object is copied (downloaded and uploaded again, streamed through the control plane in constant
+    memory) and then deleted, the sources only once every copy exists. Refused, with nothing done,
+    when something already exists at a destination. Returns how many objects moved."""
+    storage = get_owned(db, user, storage_id)
+    require_usable(storage, context.config.storage.name)
+    bucket = storage.bucket_name
+    db.commit()
+    folder = source.endswith("/")
+    if folder != destination.endswith("/"):
+        raise InvalidRequest("a folder moves to a folder (both end with '/'), a file to a file name")
+    if folder:
+        validate_object_prefix(source)
+        validate_object_prefix(destination)
+        if destination.startswith(source):
+            raise InvalidRequest("a folder cannot be moved into itself")
+        objects = folder_objects(context, bucket, [source])
+        if not objects:
+            raise NotFound(f"the folder {source!r} is empty or does not exist")
+        if len(objects) > MAX_MOVE_OBJECTS:
+            raise Conflict(f"the folder holds more than {MAX_MOVE_OBJECTS} files: move its sub-folders one at a time")
+        pairs = [(info, destination + info.key[len(source) :]) for info in objects]
+    else:
+        info = context.storage.head_object(bucket, validate_object_key(source))
+        pairs = [(info, validate_object_key(destination))]
+    if source == destination:
+        return 0
+    for _, target in pairs:
+        validate_object_key(target)
+        try:
+            context.storage.head_object(bucket, target)
+        except NotFound:
+            continue
+        raise AlreadyExists(f"{target!r} already exists: choose another name, or delete it first")
+    for info, target in pairs:
+        chunks = _lazy_object(context, bucket, info)
+        context.storage.upload_object(bucket, target, chunks, content_type=info.content_type or None)
+    for start in range(0, len(pairs), DELETE_BATCH):
+        context.storage.delete_objects(bucket, [info.key for info, _ in pairs[start : start + DELETE_BATCH]])
+    audit(db, actor_id=user.id, action="storage.objects_moved", target_type="storage", target_id=storage_id,
+          display_name=storage.display_name, source=source, destination=destination, count=len(pairs))  # fmt: skip
+    invalidate_usage(db, context, storage_id)
+    return len(pairs)
 
 
 def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:

@@ -61,7 +61,9 @@ class UsageRefresher:
         self._backend = backend
         self._sessions = sessions
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage-usage")
-        self._lock = threading.Lock()
+        # Re-entrant: a measurement that ends at once (a missing bucket fails fast) runs its done
+        # callback, which takes this lock, in the thread that is still adding it under the lock.
+        self._lock = threading.RLock()
         self._running: dict[str, Future[Usage]] = {}
         self._generation: dict[str, int] = {}
 

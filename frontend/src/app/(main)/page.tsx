@@ -3,9 +3,9 @@
 import Link from "next/link";
 import { useEffect } from "react";
 import { useUser } from "@/components/Shell";
-import { Card, LoadState, StatusBadge, useLoad, useNow } from "@/components/ui";
+import { Card, LoadState, Name, StatusBadge, useLoad, useNow } from "@/components/ui";
 import { api, type Schemas, unwrap } from "@/lib/api";
-import { formatBytes, since } from "@/lib/format";
+import { formatBytes, plural, since, stoppedBecause } from "@/lib/format";
 
 declare global {
   interface Window {
@@ -27,14 +27,18 @@ function detail(item: Activity, key: string): string {
 function describe(item: Activity, names: Map<string, string>): string {
   const env = item.environment_id ? (names.get(item.environment_id) ?? "An environment (since deleted)") : "";
   switch (item.kind) {
-    case "sign_in":
-      return `Signed in${detail(item, "provider") ? ` with ${detail(item, "provider")}` : ""}`;
+    case "sign_in": {
+      const provider = detail(item, "provider_name") || detail(item, "provider");
+      return `Signed in${provider ? ` with ${provider}` : ""}`;
+    }
     case "environment_running":
       return `${env} started`;
     case "environment_stopped":
-      return `${env} stopped${detail(item, "reason") ? `: ${detail(item, "reason")}` : ""}`;
+      return `${env} ${stoppedBecause(detail(item, "reason"))}`;
     case "environment_failed":
       return `${env} failed to start${detail(item, "message") ? `: ${detail(item, "message")}` : ""}`;
+    case "environment_extended":
+      return `${env}: its automatic stop was postponed`;
     case "environment_vanished":
       return `${env} disappeared and was marked stopped`;
     case "shutdown_warning":
@@ -65,7 +69,9 @@ export default function DashboardPage() {
   const used = storages.data?.reduce((sum, s) => sum + (s.size_bytes ?? 0), 0) ?? 0;
   return (
     <div data-ready={ready ? "true" : undefined}>
-      <h1>Welcome, {user.name || user.email}</h1>
+      <h1>
+        <Name text={`Welcome, ${user.name || user.email}`} focusable={false} />
+      </h1>
       <div className="cards">
         <Card id="my-envs" title="My environments">
           <LoadState load={environments} empty={environments.data?.length === 0}>
@@ -78,8 +84,8 @@ export default function DashboardPage() {
               </p>
               <ul className="plain">
                 {environments.data.slice(0, 5).map((env) => (
-                  <li key={env.id}>
-                    <StatusBadge status={env.status} /> {env.name}{" "}
+                  <li key={env.id} className="inline-name">
+                    <StatusBadge status={env.status} /> <Name text={env.name} />
                     {env.status === "running" && env.url ? (
                       <a href={env.url} target="_blank" rel="noopener noreferrer" aria-label={`Open ${env.name}`}>
                         Open
@@ -99,9 +105,7 @@ export default function DashboardPage() {
           {storages.data && storages.data.length > 0 ? (
             <>
               <p className="big">{formatBytes(used)}</p>
-              <p>
-                in {storages.data.length} bucket{storages.data.length === 1 ? "" : "s"}.
-              </p>
+              <p>in {plural(storages.data.length, "bucket")}.</p>
               <Link href="/storage/">Manage storage</Link>
             </>
           ) : null}

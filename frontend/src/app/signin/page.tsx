@@ -18,11 +18,13 @@ export default function SignInPage() {
   const [error, setError] = useState<unknown>(null);
   const [next, setNext] = useState("/");
   const [refused, setRefused] = useState<string | null>(null);
+  const [signedOut, setSignedOut] = useState(false);
 
   useEffect(() => {
     const query = new URLSearchParams(window.location.search);
     setNext(safeNext(query.get("next")));
     setRefused(query.get("error")); // why the last sign-in was refused, from the server's callback
+    setSignedOut(query.has("signed_out"));
     unwrap(api.GET("/api/v1/auth/providers")).then((answer) => setProviders(answer.providers), setError);
   }, []);
 
@@ -30,6 +32,11 @@ export default function SignInPage() {
     <main id="main" className="signin">
       <h1>Sign in to CMBCluster</h1>
       <p className="muted">Your research environments, with your own bucket mounted as a folder.</p>
+      {signedOut ? (
+        <p role="status" className="notice ok">
+          You are signed out. Your environments keep running until they stop by themselves or you stop them.
+        </p>
+      ) : null}
       {refused ? (
         <p role="alert" className="error">
           Sign-in refused: {refused}

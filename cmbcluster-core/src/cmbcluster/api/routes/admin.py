@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import AdminUser, Context, DbSession
+from cmbcluster.api.routes.environments import EnvironmentOut
+from cmbcluster.api.routes.storages import make_storage_runtime
 from cmbcluster.db.models import User
 from cmbcluster.services import admin as service
+from cmbcluster.services import environments as envs
 from cmbcluster.services.admin import Role, Stats, Status, UserUpdate
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
@@ -48,6 +51,9 @@ class UsersPage(BaseModel):
     total: int
     page: int
     page_size: int
+    default_max_uptime_minutes: int = Field(
+        description="The server's maximum uptime (CMBCLUSTER_MAX_UPTIME_HOURS), for users without their own; 0: never"
+    )
 
 
 class AuditEventOut(BaseModel):
@@ -55,9 +61,13 @@ class AuditEventOut(BaseModel):
     at: dt.datetime
     actor_id: str | None
     actor_email: str | None = Field(description="None for the system, or an actor that no longer exists")
+    actor_name: str | None = Field(default=None, description="The actor's name, when known")
     action: str
     target_type: str
     target_id: str
+    target_name: str | None = Field(
+        default=None, description="The target's name for people (an e-mail, an environment's or bucket's name)"
+    )
     detail: dict[str, Any]
 
 
@@ -95,6 +105,7 @@ def _user_detail(db: DbSession, user: User) -> AdminUserDetailOut:
 def list_users(
     admin: AdminUser,
     db: DbSession,
+    context: Context,
     query: Annotated[str | None, Query(max_length=200, description="Part of the e-mail or name")] = None,
     role: Annotated[Role | None, Query()] = None,
     status: Annotated[Status | None, Query()] = None,
@@ -102,7 +113,10 @@ def list_users(
     page_size: PageSize = 50,
 ) -> UsersPage:
     users, total = service.list_users(db, query=query, role=role, status=status, page=page, page_size=page_size)
-    return UsersPage(items=[_user_out(user) for user in users], total=total, page=page, page_size=page_size)
+    return UsersPage(
+        items=[_user_out(user) for user in users], total=total, page=page, page_size=page_size,
+        default_max_uptime_minutes=envs.uptime_minutes(context, None),
+    )  # fmt: skip
 
 
 @router.get("/users/{user_id}", response_model=AdminUserDetailOut, summary="One user, with counts")
@@ -164,22 +178,76 @@ def audit_trail(
         page=page,
         page_size=page_size,
     )
+    names = service.target_names(db, [event for event, _, _ in rows])
     items = [
         AuditEventOut(
             id=event.id,
             at=event.at,
             actor_id=event.actor_id,
             actor_email=email,
+            actor_name=name or None,
             action=event.action,
             target_type=event.target_type,
             target_id=event.target_id,
+            target_name=names.get((event.target_type, event.target_id)),
             detail=event.detail,
         )
-        for event, email in rows
+        for event, email, name in rows
     ]
     return AuditPage(items=items, total=total, page=page, page_size=page_size)
 
 
-@router.get("/stats", response_model=Stats, summary="Counts for the admin dashboard")
-def dashboard_stats(admin: AdminUser, db: DbSession) -> Stats:
-    return service.stats(db)
+@router.get(
+    "/stats",
+    response_model=Stats,
+    summary="Counts for the admin dashboard (buckets' usage measured again where stale)",
+    dependencies=[Depends(make_storage_runtime)],
+)
+def dashboard_stats(admin: AdminUser, db: DbSession, context: Context) -> Stats:
+    return service.stats(db, context)
+
+
+class AdminEnvironmentsPage(BaseModel):
+    items: list[EnvironmentOut]
+    total: int
+    page: int
+    page_size: int
+
+
+EnvironmentStatus = Literal["pending", "starting", "running", "stopping", "stopped", "failed"]
+
+
+@router.get("/environments", response_model=AdminEnvironmentsPage, summary="Every user's environments, newest first")
+def list_environments(
+    admin: AdminUser,
+    db: DbSession,
+    context: Context,
+    query: Annotated[
+        str | None, Query(max_length=200, description="Part of the name or the owner's e-mail or name")
+    ] = None,
+    status: Annotated[EnvironmentStatus | None, Query()] = None,
+    page: PageNumber = 1,
+    page_size: PageSize = 50,
+) -> AdminEnvironmentsPage:
+    items, total = envs.admin_views(db, context, status=status, query=query, page=page, page_size=page_size)
+    return AdminEnvironmentsPage.model_validate({"items": items, "total": total, "page": page, "page_size": page_size})
+
+
+@router.post(
+    "/environments/{environment_id}/stop",
+    response_model=EnvironmentOut,
+    summary="Stop any user's environment (audited; its owner sees who stopped it)",
+)
+def stop_environment(environment_id: str, admin: AdminUser, db: DbSession, context: Context) -> EnvironmentOut:
+    service.stop_environment(db, context, environment_id, admin=admin)
+    return EnvironmentOut.model_validate(envs.admin_view(db, context, environment_id))
+
+
+@router.delete(
+    "/environments/{environment_id}",
+    status_code=204,
+    summary="Delete any user's environment (audited; its buckets stay)",
+)
+def delete_environment(environment_id: str, admin: AdminUser, db: DbSession, context: Context) -> Response:
+    service.delete_environment(db, context, environment_id, admin=admin)
+    return Response(status_code=204)

@@ -290,18 +290,33 @@ def _read_login_state(request: Request, context: Context) -> dict[str, Any]:
 
 
 # -- the development sign-in form (the `local` provider) ---------------------------------------
-DEV_FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Development sign-in</title>
+DEV_FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Development sign-in · CMBCluster</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}
-label{{display:block;margin:.8rem 0 .2rem}}input{{width:100%;padding:.5rem;font-size:1rem}}
-button{{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}}.note{{color:#555;font-size:.9rem}}</style></head>
-<body><main><h1>Development sign-in</h1>
+<link rel="icon" href="/favicon.svg"><link rel="shortcut icon" href="/favicon.ico">
+<style>
+:root{{--bg:#f7f8fa;--fg:#1a1d23;--muted:#5b6472;--line:#d9dde3;--accent:#1d4ed8;--warn-bg:#fff4d6;--warn-fg:#7a4b00;
+font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;line-height:1.5;color-scheme:light}}
+*{{box-sizing:border-box}}body{{margin:0;background:var(--bg);color:var(--fg);overflow-wrap:anywhere}}
+header{{padding:.6rem 1.5rem;background:#0f172a;color:#fff;font-weight:700;font-size:1.1rem}}
+main{{max-width:30rem;margin:3rem auto;padding:0 1rem}}h1{{font-size:1.6rem;margin:0 0 1rem}}
+.card{{background:#fff;border:1px solid var(--line);border-radius:8px;padding:1rem 1.2rem}}
+label{{display:block;margin:.6rem 0 .2rem;font-weight:500}}
+input{{font:inherit;padding:.45rem .55rem;border:1px solid #aab2bd;border-radius:6px;width:100%;background:#fff}}
+:focus-visible{{outline:3px solid #f59e0b;outline-offset:2px}}
+button{{font:inherit;margin-top:1rem;padding:.55rem 1rem;border:1px solid var(--accent);border-radius:6px;
+background:var(--accent);color:#fff;cursor:pointer;width:100%}}
+.note{{background:var(--warn-bg);color:var(--warn-fg);border:1px solid #f3d38a;padding:.6rem .8rem;border-radius:6px;
+font-size:.9rem}}.muted{{color:var(--muted);font-size:.9rem}}
+</style></head>
+<body><header>CMBCluster</header><main><h1>Development sign-in</h1>
 <p class="note">This server runs the embedded default: anyone who reaches it may choose who to be.
 Configure a real identity provider before letting others in.</p>
-<form method="post">{hidden}
-<label for="email">E-mail address</label><input id="email" name="email" type="email" required autofocus>
-<label for="name">Name (optional)</label><input id="name" name="name" type="text" maxlength="200">
-<button type="submit">Sign in</button></form></main></body></html>"""
+<form method="post" class="card">{hidden}
+<label for="email">E-mail address</label><input id="email" name="email" type="email" required autofocus
+autocomplete="email">
+<label for="name">Name (optional)</label><input id="name" name="name" type="text" maxlength="200" autocomplete="name">
+<button type="submit">Sign in</button></form>
+<p class="muted">The first person to sign in on a new server becomes its administrator.</p></main></body></html>"""
 
 
 def _dev_provider(context: Context, request: Request) -> DevLoginProvider:
@@ -436,8 +451,16 @@ def me(user: CurrentUser) -> UserOut:
 
 
 @router.get("/me/activity", response_model=ActivityPage, summary="The signed-in user's activity, newest first")
-def my_activity(user: CurrentUser, db: DbSession, page: PageNumber = 1, page_size: PageSize = 20) -> ActivityPage:
-    """What the web UI's dashboard shows: sign-ins, environments running, stopping, failing, warnings."""
+def my_activity(
+    user: CurrentUser, db: DbSession, context: Context, page: PageNumber = 1, page_size: PageSize = 20
+) -> ActivityPage:
+    """What the web UI's dashboard shows: sign-ins (``provider_name``: the sign-in's name for people),
+    environments running, stopping, failing, warnings."""
     rows, total = admin_service.list_activity(db, user.id, page=page, page_size=page_size)
     items = [ActivityOut.model_validate(row, from_attributes=True) for row in rows]
+    for item in items:
+        provider = item.detail.get("provider") if item.kind == "sign_in" else None
+        if isinstance(provider, str):
+            found = context.auth.get(provider)
+            item.detail = {**item.detail, "provider_name": (found.display_name if found else "") or provider}
     return ActivityPage(items=items, total=total, page=page, page_size=page_size)

@@ -6,18 +6,19 @@ import asyncio
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
-from cmbcluster.errors import Conflict, LimitExceeded
+from cmbcluster.errors import Conflict
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.status import apply_status
@@ -57,10 +58,17 @@ class MountOut(BaseModel):
     read_only: bool
 
 
+class OwnerRef(BaseModel):
+    id: str
+    email: str
+    name: str
+
+
 class EnvironmentOut(BaseModel):
     id: str
     name: str
     application: ApplicationRef
+    owner: OwnerRef
     status: str = Field(description="pending, starting, running, stopped or failed")
     status_message: str
     desired_state: str
@@ -75,11 +83,52 @@ class EnvironmentOut(BaseModel):
     stopped_at: dt.datetime | None
     last_activity_at: dt.datetime | None
     shutdown_at: dt.datetime | None = Field(description="When it stops automatically (uptime or idleness)")
+    idle_shutdown_at: dt.datetime | None = Field(
+        description="When it stops if nobody uses it meanwhile (any activity postpones it); null: no idle stop"
+    )
+    uptime_shutdown_at: dt.datetime | None = Field(
+        description="When it stops having run its maximum uptime (Extend postpones it); null: no such stop"
+    )
+    extendable: bool = Field(description="Whether POST .../extend would postpone its automatic stop")
     shutdown_warning: bool = Field(description="True once the shutdown is near; activity postpones an idle stop")
+
+
+class LimitsOut(BaseModel):
+    max_active: int = Field(description="Running or starting environments one user may have")
+    active: int = Field(description="How many of yours are running or starting now")
+    idle_timeout_minutes: int = Field(description="An environment without activity this long stops; 0: never")
+    max_uptime_minutes: int = Field(description="Your environments stop after running this long; 0: never")
+    max_extension_minutes: int = Field(description="How much longer than that Extend may keep one running")
+    shutdown_warning_minutes: int = Field(description="How long before an automatic stop you are warned")
 
 
 class EnvironmentList(BaseModel):
     items: list[EnvironmentOut]
+    limits: LimitsOut
+
+
+class EnvironmentChange(BaseModel):
+    """What may change on a stopped environment; a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    preset: str | None = Field(default=None, max_length=40)
+    cpu: float | None = Field(default=None, gt=0, le=1024)
+    memory_mib: int | None = Field(default=None, gt=0, le=4 * 1024 * 1024)
+    mounts: list[MountIn] | None = Field(default=None, max_length=envs.MAX_MOUNTS)
+    env: dict[str, str] | None = None
+
+
+class ResourceUseOut(BaseModel):
+    environment_id: str
+    cpu: float = Field(description="CPU cores in use")
+    memory_bytes: int = Field(description="Memory in use (resident)")
+
+
+class ResourceUseList(BaseModel):
+    measured: bool = Field(description="False when this server cannot measure (no metrics API): show nothing")
+    items: list[ResourceUseOut] = Field(description="Your running environments that could be measured")
 
 
 class LogsOut(BaseModel):
@@ -98,32 +147,6 @@ async def _in_worker(db: DbSession, fn: Callable[..., T], *args: Any, **kwargs: 
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-def _start_now(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
-    envs.reserve_start(db, context, user, env)
-    envs.launch(db, context, env)
-
-
-def _restart(db: DbSession, context: AppContext, user: User, env: Environment) -> None:
-    if env.status in envs.ACTIVE_STATUSES:
-        envs.stop(db, context, env, actor_id=user.id, reason="restarting")
-    _start_now(db, context, user, env)
-
-
-def _create(
-    db: DbSession, context: AppContext, user: User, request: envs.EnvironmentRequest, start: bool
-) -> Environment:
-    env = envs.create(db, context, user, request)
-    if start:
-        try:
-            envs.reserve_start(db, context, user, env)
-        except (Conflict, LimitExceeded):
-            # refused by a limit: leave nothing behind, so retrying the same request is all it takes
-            _delete_unstarted(db, env.id)
-            raise
-        envs.launch(db, context, env)
-    return env
-
-
 def _json(payload: Any, status_code: int = 200) -> Response:
     """Views are built by the service in the documented shape: serialise them once, directly."""
     return Response(_JSON.dump_json(payload), status_code=status_code, media_type="application/json")
@@ -139,21 +162,31 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
         application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
-    env = await _in_worker(db, _create, db, context, user, request, body.start)
+    env = await _in_worker(db, partial(envs.create, start=body.start), db, context, user, request)
     return _answer(db, context, user, env, 201)
 
 
-def _delete_unstarted(db: DbSession, environment_id: str) -> None:
-    fresh = db.get(Environment, environment_id)
-    if fresh is not None and fresh.started_at is None:
-        db.delete(fresh)
-        db.commit()
-
-
-@router.get("", response_model=EnvironmentList, summary="My environments")
+@router.get("", response_model=EnvironmentList, summary="My environments, and the limits they run under")
 async def list_environments(user: CurrentUser, db: DbSession, context: Context) -> Response:
     # The busiest read of the API: one indexed query on the event loop (see api/deps.py for why).
-    return _json({"items": envs.views(db, context, user.id)})
+    items = envs.views(db, context, user.id)
+    return _json({"items": items, "limits": envs.limits(context, user, items)})
+
+
+@router.get(
+    "/resources",
+    response_model=ResourceUseList,
+    summary="CPU and memory in use by my running environments (when the server can measure them)",
+)
+async def resource_use(user: CurrentUser, db: DbSession, context: Context) -> ResourceUseList:
+    running = envs.running_ids(db, user)
+    measured = await _in_worker(db, context.compute.resource_use, running) if running else {}
+    if measured is None:
+        return ResourceUseList(measured=False, items=[])
+    return ResourceUseList(
+        measured=True,
+        items=[ResourceUseOut(environment_id=k, cpu=v.cpu, memory_bytes=v.memory_bytes) for k, v in measured.items()],
+    )
 
 
 @router.get(
@@ -183,7 +216,7 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
 @router.post("/{environment_id}/start", response_model=EnvironmentOut, summary="Start a stopped environment")
 async def start_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, _start_now, db, context, user, env)
+    await _in_worker(db, envs.start, db, context, user, env)
     return _answer(db, context, user, env)
 
 
@@ -197,7 +230,39 @@ async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession
 @router.post("/{environment_id}/restart", response_model=EnvironmentOut, summary="Stop and start with the same choices")
 async def restart_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, _restart, db, context, user, env)
+    await _in_worker(db, envs.restart, db, context, user, env)
+    return _answer(db, context, user, env)
+
+
+@router.patch(
+    "/{environment_id}",
+    response_model=EnvironmentOut,
+    summary="Change a stopped environment's name, size, buckets or variables (used at its next start)",
+)
+def change_environment(
+    environment_id: str, body: EnvironmentChange, user: CurrentUser, db: DbSession, context: Context
+) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    mounts = (
+        None
+        if body.mounts is None
+        else [envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts]
+    )
+    change = envs.EnvironmentChange(
+        name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib, mounts=mounts, env=body.env
+    )
+    envs.update(db, context, user, env, change)
+    return _answer(db, context, user, env)
+
+
+@router.post(
+    "/{environment_id}/extend",
+    response_model=EnvironmentOut,
+    summary="Postpone the automatic stop: the idle timer restarts, the uptime stop moves an hour later",
+)
+def extend_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
+    env = envs.get_owned(db, user, environment_id)
+    envs.extend(db, context, user, env)
     return _answer(db, context, user, env)
 
 
@@ -212,7 +277,7 @@ async def delete_environment(environment_id: str, user: CurrentUser, db: DbSessi
 def heartbeat(environment_id: str, user: CurrentUser, db: DbSession) -> Response:
     env = envs.get_owned(db, user, environment_id)
     if env.status not in envs.ACTIVE_STATUSES:
-        raise Conflict(f"environment {environment_id} is {env.status}")
+        raise Conflict(f"{env.name!r} is {env.status}")
     envs.touch(db, env)
     return Response(status_code=204)
 

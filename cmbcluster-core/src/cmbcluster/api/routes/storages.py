@@ -13,12 +13,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -27,6 +27,7 @@ from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
     RangeNotSatisfiable,
+    content_disposition,
     content_length,
     if_range_matches,
     object_headers,
@@ -36,6 +37,7 @@ from cmbcluster.db.models import Storage
 from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
+from cmbcluster.services import previews
 from cmbcluster.services import storages as service
 from cmbcluster.services.usage import Usage, cached_usage
 from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 LIST_USAGE_WAIT_SECONDS = 2.0
 GET_USAGE_WAIT_SECONDS = 10.0
 MAX_CONTENT_TYPE_LENGTH = 255
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -110,11 +113,59 @@ ObjectKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_OBJECT
 class DeleteObjectsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keys: list[ObjectKey] = Field(min_length=1, max_length=1000, description="1 to 1000 object keys")
+    keys: list[ObjectKey] = Field(default_factory=list, max_length=1000, description="Up to 1000 object keys")
+    prefixes: list[ObjectKey] = Field(
+        default_factory=list, max_length=100,
+        description="Folders (each ending with '/'): every object under them is deleted too",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _something(self) -> DeleteObjectsIn:
+        if not self.keys and not self.prefixes:
+            raise ValueError("name at least one key or folder")
+        return self
 
 
 class DeleteObjectsOut(BaseModel):
     deleted: int = Field(description="Keys processed; keys that did not exist count too (deleting is idempotent)")
+
+
+class MoveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: ObjectKey = Field(description="A file's key, or a folder ending with '/'")
+    destination: ObjectKey = Field(description="The new key (a folder: ending with '/')")
+
+
+class MoveOut(BaseModel):
+    moved: int = Field(description="How many objects moved (a folder's every object)")
+
+
+class FitsCardOut(BaseModel):
+    keyword: str
+    value: str
+    comment: str
+
+
+class FitsHduOut(BaseModel):
+    index: int
+    name: str = Field(description="EXTNAME, or PRIMARY for the first")
+    cards: list[FitsCardOut]
+    truncated: bool = Field(description="True when the header is longer than what was read")
+
+
+class PreviewOut(BaseModel):
+    key: str
+    size: int
+    content_type: str
+    kind: Literal["text", "json", "csv", "image", "fits", "none"] = Field(
+        description="How to show it: text (json and csv are text too), an image (load its download URL), "
+        "FITS headers, or none"
+    )
+    text: str | None = Field(default=None, description="The file's beginning (text, json, csv)")
+    truncated: bool = Field(default=False, description="True when the text is only the file's beginning")
+    hdus: list[FitsHduOut] | None = Field(default=None, description="A FITS file's headers, HDU by HDU")
+    message: str | None = Field(default=None, description="Why there is nothing to show")
 
 
 def storage_out(storage: Storage, usage: Usage) -> StorageOut:
@@ -236,7 +287,78 @@ def list_objects(
 def delete_objects(
     storage_id: str, body: DeleteObjectsIn, user: CurrentUser, db: DbSession, context: Context
 ) -> DeleteObjectsOut:
-    return DeleteObjectsOut(deleted=service.delete_objects(db, context, user, storage_id, body.keys))
+    deleted = service.delete_objects(db, context, user, storage_id, body.keys, body.prefixes)
+    return DeleteObjectsOut(deleted=deleted)
+
+
+@router.post(
+    "/{storage_id}/objects/move",
+    response_model=MoveOut,
+    summary="Rename or move a file or a folder within the bucket (copied, then the original deleted)",
+    description="Storage services have no rename: every object is copied through the control plane (streamed, "
+    "in constant memory) and the originals deleted once every copy exists. 409 when something exists at a "
+    f"destination (nothing is done), or for a folder of more than {service.MAX_MOVE_OBJECTS} files.",
+    responses=error_responses(400, 409),
+)
+def move_objects(storage_id: str, body: MoveIn, user: CurrentUser, db: DbSession, context: Context) -> MoveOut:
+    return MoveOut(moved=service.move_objects(db, context, user, storage_id, body.source, body.destination))
+
+
+@router.get(
+    "/{storage_id}/preview/{key:path}",
+    response_model=PreviewOut,
+    summary="What a file holds, without downloading it: a text's beginning, a FITS file's headers",
+    description="Read with ranged reads: at most the first 64 KiB of a text, and a few 2880-byte blocks per "
+    "header of a FITS file's first HDUs. Images are shown from their download URL.",
+    responses=error_responses(400, 409),
+)
+def preview_object(storage_id: str, key: str, user: CurrentUser, db: DbSession, context: Context) -> PreviewOut:
+    bucket = service.usable_bucket(db, context, user, storage_id)
+    info = service.head_object(context, bucket, key)
+    found = previews.preview_object(context, bucket, info)
+    return PreviewOut(
+        key=info.key, size=info.size, content_type=info.content_type, kind=found.kind, text=found.text,
+        truncated=found.truncated, message=found.message,
+        hdus=None if found.hdus is None else [
+            FitsHduOut(index=h.index, name=h.name, truncated=h.truncated,
+                       cards=[FitsCardOut(keyword=c.keyword, value=c.value, comment=c.comment) for c in h.cards])
+            for h in found.hdus
+        ],
+    )  # fmt: skip
+
+
+@router.post(
+    "/{storage_id}/archive",
+    response_class=StreamingResponse,
+    summary="Download several files and folders as one zip, streamed",
+    description="A form (`application/x-www-form-urlencoded`, as a browser's form sends it): `key` for each "
+    "file, `prefix` for each folder (ending with '/'), `base` the folder whose contents they are (names in the "
+    "zip are relative to it). The zip is written while it is sent, each file read from the bucket only when "
+    "its turn comes: constant memory whatever the sizes. Its files are stored, not compressed.",
+    responses={
+        200: {"content": {"application/zip": _BINARY}, "description": "The zip"},
+        **error_responses(400, 409),
+    },
+)
+async def download_archive(
+    storage_id: str,
+    user: CurrentUser,
+    db: DbSession,
+    context: Context,
+    key: Annotated[list[ObjectKey], Form(max_length=service.MAX_FOLDER_OBJECTS)] = [],  # noqa: B006 - FastAPI copies it
+    prefix: Annotated[list[ObjectKey], Form(max_length=100)] = [],  # noqa: B006
+    base: Annotated[str, Form(max_length=MAX_OBJECT_KEY_BYTES)] = "",
+) -> Response:
+    storage, objects = await run_in_threadpool(service.selected_objects, db, context, user, storage_id, key, prefix)
+    chunks, size = service.zip_archive(context, storage.bucket_name, objects, base)
+    name = base.rstrip("/").rsplit("/", 1)[-1] or storage.display_name
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": content_disposition(f"{name}.zip"),
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return StreamingResponse(iterate_in_thread(chunks), media_type="application/zip", headers=headers)
 
 
 @router.put(
@@ -288,9 +410,6 @@ async def upload_object(
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"an upload may be at most {max_bytes} bytes on this server; nothing was stored")
-
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 @router.get(

@@ -1,9 +1,10 @@
 "use client";
 
+import Link from "next/link";
 import { AdminNav } from "@/components/AdminNav";
 import { ErrorMessage, Loading, useLoad } from "@/components/ui";
 import { api, unwrap } from "@/lib/api";
-import { formatBytes, formatTime } from "@/lib/format";
+import { formatBytes, formatTime, plural } from "@/lib/format";
 
 export default function MonitoringPage() {
   const stats = useLoad(() => unwrap(api.GET("/api/v1/admin/stats")));
@@ -21,12 +22,14 @@ export default function MonitoringPage() {
               <h2 id="st-users">Users</h2>
               <p className="big">{s.users.active}</p>
               <p>
-                active of {s.users.total}; {s.users.admins} administrators, {s.users.deactivated} deactivated,{" "}
+                active of {s.users.total}; {plural(s.users.admins, "administrator")}, {s.users.deactivated} deactivated,{" "}
                 {s.users.signed_in_last_24h} signed in during the last day.
               </p>
             </section>
             <section className="card" aria-labelledby="st-envs">
-              <h2 id="st-envs">Environments</h2>
+              <h2 id="st-envs">
+                <Link href="/admin/environments/">Environments</Link>
+              </h2>
               <p className="big">{s.environments.total}</p>
               <ul className="plain">
                 {Object.entries(s.environments.by_status).map(([status, count]) => (
@@ -40,7 +43,8 @@ export default function MonitoringPage() {
               <h2 id="st-storage">Storage</h2>
               <p className="big">{formatBytes(s.storages.usage_bytes)}</p>
               <p>
-                in {s.storages.count} buckets{s.storages.usage_unknown ? ` (${s.storages.usage_unknown} not measured yet)` : ""}.
+                in {plural(s.storages.count, "bucket")}
+                {s.storages.usage_unknown ? ` (${s.storages.usage_unknown} not measured yet)` : ""}.
               </p>
             </section>
             <section className="card" aria-labelledby="st-apps">

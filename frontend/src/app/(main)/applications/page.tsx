@@ -2,9 +2,9 @@
 
 import Link from "next/link";
 import { type FormEvent, useState } from "react";
-import { Dialog, ErrorMessage, Loading, LoadState, useAction, useLoad } from "@/components/ui";
-import { type Application, api, type Environment, unwrap } from "@/lib/api";
-import { formatBytes } from "@/lib/format";
+import { Dialog, ErrorMessage, Loading, LoadState, Name, useAction, useLoad } from "@/components/ui";
+import { type Application, api, type Environment, type Limits, unwrap } from "@/lib/api";
+import { formatMemory } from "@/lib/format";
 import { useProgress } from "@/lib/progress";
 
 /** "KEY=value" lines into variables; an error naming the first bad line. */
@@ -24,10 +24,30 @@ function LaunchProgress({ environment }: { environment: Environment }) {
   const progress = useProgress(environment.id);
   const status = progress?.status ?? environment.status;
   const value = progress?.progress ?? 0;
+  const logsHref = `/environments/?logs=${encodeURIComponent(environment.id)}`;
+  if (status === "failed") {
+    return (
+      <div className="launch-progress">
+        <div className="failed-box" role="alert">
+          <strong>
+            <span data-testid="launch-status">failed</span>: {environment.name} did not start.
+          </strong>
+          <span data-testid="launch-reason">{progress?.message || "It stopped before it was ready."}</span>
+          <span>
+            <Link href={logsHref}>Open its logs</Link> (they end with what went wrong).
+          </span>
+        </div>
+        <p>
+          <Link href="/environments/">Go to my environments</Link>
+        </p>
+      </div>
+    );
+  }
   return (
     <div className="launch-progress">
       <label htmlFor="launch-progress">
-        {environment.name}: <strong data-testid="launch-status">{status}</strong>
+        <Name text={environment.name} focusable={false} className="inline" />{" "}
+        <strong data-testid="launch-status">{status}</strong>
         {progress?.message ? <span className="muted"> — {progress.message}</span> : null}
       </label>
       <progress id="launch-progress" max={100} value={value} aria-valuetext={`${status}, ${value}%`} />
@@ -36,28 +56,51 @@ function LaunchProgress({ environment }: { environment: Environment }) {
           {progress.log.join("\n")}
         </pre>
       ) : null}
-      <p aria-live="polite">
+      <p aria-live="polite" className="toolbar">
         {status === "running" && progress?.url ? (
           <a className="button primary" href={progress.url} target="_blank" rel="noopener noreferrer">
             Open {environment.name}
           </a>
-        ) : status === "failed" ? (
-          <span className="error">It failed to start: {progress?.message || "see its logs"}.</span>
-        ) : null}{" "}
+        ) : null}
+        <Link href={logsHref}>Logs</Link>
         <Link href="/environments/">Go to my environments</Link>
       </p>
     </div>
   );
 }
 
-function LaunchForm({ application, onLaunched }: { application: Application; onLaunched: (env: Environment) => void }) {
+/** Where a bucket mounted at `path` appears, in words: "/home/user/data (the folder data of its home)". */
+function whereItAppears(path: string): string {
+  const inHome = /^\/home\/[^/]+\/(.+)$/.exec(path.replace(/\/+$/, ""));
+  return inHome ? `${path}: the folder ${inHome[1]} of its home` : path;
+}
+
+const DEFAULT_MOUNT = "/home/user/data";
+
+function LaunchForm({
+  application,
+  limits,
+  onLaunched,
+}: {
+  application: Application;
+  limits: Limits | undefined;
+  onLaunched: (env: Environment) => void;
+}) {
   const presets = useLoad(() => unwrap(api.GET("/api/v1/applications/presets")));
-  const storages = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
   const action = useAction();
   const [name, setName] = useState("");
   const [preset, setPreset] = useState(application.default_preset);
   const [mounts, setMounts] = useState<Record<string, string>>({});
   const [envText, setEnvText] = useState("");
+  // A person with exactly one bucket almost always wants it: it is ticked from the start.
+  const storages = useLoad(() =>
+    unwrap(api.GET("/api/v1/storages")).then((a) => {
+      const usable = a.storages.filter((s) => s.status === "active");
+      if (usable.length === 1) setMounts({ [usable[0].id]: DEFAULT_MOUNT });
+      return a.storages;
+    }),
+  );
+  const full = limits !== undefined && limits.active >= limits.max_active;
 
   async function submit(event: FormEvent) {
     event.preventDefault();
@@ -81,6 +124,7 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
 
   return (
     <form onSubmit={submit}>
+      {limits ? <LimitsNote limits={limits} /> : null}
       <label htmlFor="env-name">Name (optional)</label>
       <input id="env-name" data-autofocus value={name} maxLength={100} onChange={(e) => setName(e.target.value)} placeholder={application.name} />
       <fieldset>
@@ -97,8 +141,10 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
               disabled={!p.available}
               onChange={() => setPreset(p.name)}
             />
-            <strong>{p.name}</strong> — {p.cpu} CPU, {formatBytes(p.memory_mib * 1024 * 1024)} memory
-            {p.available ? "" : " (above this server's limits)"}
+            <span>
+              <strong>{p.name}</strong> — {p.cpu} CPU, {formatMemory(p.memory_mib)} memory
+              {p.available ? "" : " (above this server's limits)"}
+            </span>
           </label>
         ))}
       </fieldset>
@@ -119,12 +165,12 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
                 checked={s.id in mounts}
                 onChange={(e) => {
                   const next = { ...mounts };
-                  if (e.target.checked) next[s.id] = "/home/user/data";
+                  if (e.target.checked) next[s.id] = DEFAULT_MOUNT;
                   else delete next[s.id];
                   setMounts(next);
                 }}
               />
-              {s.display_name}
+              <Name text={s.display_name} focusable={false} />
             </label>
             {s.id in mounts ? (
               <>
@@ -134,8 +180,12 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
                 <input
                   id={`mount-${s.id}`}
                   value={mounts[s.id]}
+                  aria-describedby={`where-${s.id}`}
                   onChange={(e) => setMounts({ ...mounts, [s.id]: e.target.value })}
                 />
+                <p className="muted small" id={`where-${s.id}`} data-testid="mount-where">
+                  Its files appear in the environment at {whereItAppears(mounts[s.id])}.
+                </p>
               </>
             ) : null}
           </div>
@@ -145,7 +195,7 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
       <textarea id="env-vars" rows={3} value={envText} onChange={(e) => setEnvText(e.target.value)} />
       <ErrorMessage error={action.error} />
       <div className="actions">
-        <button type="submit" className="primary" disabled={action.busy}>
+        <button type="submit" className="primary" disabled={action.busy || full}>
           {action.busy ? "Launching…" : "Launch"}
         </button>
       </div>
@@ -153,19 +203,33 @@ function LaunchForm({ application, onLaunched }: { application: Application; onL
   );
 }
 
+/** "1 running of 3 allowed", before anyone is refused. */
+function LimitsNote({ limits }: { limits: Limits }) {
+  const full = limits.active >= limits.max_active;
+  return (
+    <p className={full ? "warning limits" : "muted limits"} data-testid="limits">
+      {limits.active} running of {limits.max_active} allowed
+      {full ? ": stop one on the Environments page to launch another." : "."}
+    </p>
+  );
+}
+
 export default function ApplicationsPage() {
   const catalog = useLoad(() => unwrap(api.GET("/api/v1/applications")).then((a) => a.items));
+  const mine = useLoad(() => unwrap(api.GET("/api/v1/environments")));
   const [chosen, setChosen] = useState<Application | null>(null);
   const [launched, setLaunched] = useState<Environment | null>(null);
 
   function close() {
     setChosen(null);
     setLaunched(null);
+    void mine.reload();
   }
 
   return (
     <>
       <h1>Applications</h1>
+      {mine.data ? <LimitsNote limits={mine.data.limits} /> : null}
       <LoadState load={catalog} what="Loading the catalog" empty={catalog.data?.length === 0}>
         The catalog is empty; an administrator adds applications.
       </LoadState>
@@ -174,7 +238,9 @@ export default function ApplicationsPage() {
           <li key={app.id} className="card">
             <div className="app-head">
               {app.icon ? <img src={app.icon} alt="" width={40} height={40} /> : <span className="app-icon" aria-hidden="true" />}
-              <h2>{app.name}</h2>
+              <h2>
+                <Name text={app.name} focusable={false} />
+              </h2>
             </div>
             <p>{app.summary}</p>
             <p className="muted small">
@@ -202,7 +268,7 @@ export default function ApplicationsPage() {
         {launched ? (
           <LaunchProgress environment={launched} />
         ) : chosen ? (
-          <LaunchForm application={chosen} onLaunched={setLaunched} />
+          <LaunchForm application={chosen} limits={mine.data?.limits} onLaunched={setLaunched} />
         ) : null}
       </Dialog>
     </>

@@ -2,7 +2,7 @@
 
 import { useState } from "react";
 import { useUser } from "@/components/Shell";
-import { Card, DangerButton, Field, InlineForm, LoadState, useChange, useLoad } from "@/components/ui";
+import { Card, DangerButton, Field, InlineForm, LoadState, Name, useChange, useLoad } from "@/components/ui";
 import { api, unwrap, uploadFile } from "@/lib/api";
 import { formatBytes, formatTime } from "@/lib/format";
 
@@ -12,9 +12,13 @@ function Profile() {
     <Card id="profile" title="Profile">
       <dl className="facts">
         <dt>Name</dt>
-        <dd>{user.name || "—"}</dd>
+        <dd>
+          <Name text={user.name || "—"} />
+        </dd>
         <dt>E-mail</dt>
-        <dd>{user.email}</dd>
+        <dd>
+          <Name text={user.email} />
+        </dd>
         <dt>Role</dt>
         <dd>{user.role}</dd>
         <dt>Member since</dt>
@@ -46,14 +50,18 @@ function EnvVars() {
 
   return (
     <Card id="env-vars-title" title="Environment variables">
-      <p className="muted">Given to every environment you start (at its next start).</p>
+      <p className="muted">
+        Given to every environment you start, from its next start, as ordinary environment variables (in a notebook:{" "}
+        <code>os.environ[&quot;NAME&quot;]</code>; in a terminal: <code>$NAME</code>). An environment&apos;s own variables,
+        chosen when launching it, win over these.
+      </p>
       <LoadState load={list} empty={list.data?.length === 0}>
         No variable yet.
       </LoadState>
       <ul className="plain">
         {list.data?.map((v) => (
           <li key={v.name} className="row">
-            <code>
+            <code className="name" title={`${v.name}=${v.value}`} tabIndex={0}>
               {v.name}={v.value}
             </code>
             {v.unreadable && (
@@ -86,6 +94,8 @@ function SecretFiles() {
   const action = useChange(list.reload);
   const [name, setName] = useState("");
   const [file, setFile] = useState<File | null>(null);
+  // A new key gives a new, empty file picker once a file is uploaded.
+  const [picker, setPicker] = useState(0);
 
   async function submit() {
     if (!file) return;
@@ -95,6 +105,7 @@ function SecretFiles() {
       () => {
         setName("");
         setFile(null);
+        setPicker((n) => n + 1);
       },
     );
   }
@@ -107,7 +118,12 @@ function SecretFiles() {
 
   return (
     <Card id="secret-files-title" title="Secret files">
-      <p className="muted">Encrypted here, readable only by you inside your environments. Their content is never shown again.</p>
+      <p className="muted">
+        Encrypted here and never shown again. Inside each environment you start, they are files in the folder named by
+        the variable <code>$CMBCLUSTER_SECRETS_DIR</code> (in Python:{" "}
+        <code>os.path.join(os.environ[&quot;CMBCLUSTER_SECRETS_DIR&quot;], &quot;name&quot;)</code>), readable by you only;
+        an environment running already gets them at its next start.
+      </p>
       <LoadState load={list} empty={list.data?.length === 0}>
         No secret file yet.
       </LoadState>
@@ -122,7 +138,14 @@ function SecretFiles() {
         ))}
       </ul>
       <InlineForm onSubmit={submit} submitLabel="Upload secret file" busy={action.busy} disabled={!file} error={action.error}>
-        <Field id="secret-file" label="File" type="file" required onChange={(e) => setFile(e.target.files?.[0] ?? null)} />
+        <Field
+          key={picker}
+          id="secret-file"
+          label="File"
+          type="file"
+          required
+          onChange={(e) => setFile(e.target.files?.[0] ?? null)}
+        />
         <Field id="secret-name" label="Name (optional)" maxLength={128} value={name} onChange={(e) => setName(e.target.value)} />
       </InlineForm>
     </Card>

@@ -2,9 +2,22 @@
 
 import Link from "next/link";
 import { useState } from "react";
-import { Card, Confirm, DangerButton, DataTable, Field, InlineForm, LoadState, useAction, useConfirm, useLoad } from "@/components/ui";
+import {
+  Card,
+  Confirm,
+  DangerButton,
+  DataTable,
+  Field,
+  InlineForm,
+  LoadState,
+  Name,
+  Td,
+  useAction,
+  useConfirm,
+  useLoad,
+} from "@/components/ui";
 import { api, type Schemas, type Storage, unwrap } from "@/lib/api";
-import { formatBytes, formatTime } from "@/lib/format";
+import { formatBytes, formatTime, plural } from "@/lib/format";
 
 type StorageClass = Schemas["StorageClass"];
 const CLASSES: { value: StorageClass; label: string }[] = [
@@ -37,9 +50,11 @@ export default function StoragePage() {
   });
 
   async function submit() {
-    const ok = await create.run(() =>
-      unwrap(api.POST("/api/v1/storages", { body: { display_name: name, storage_class: storageClass } })),
-    );
+    const ok = await create.run(async () => {
+      const wanted = name.trim();
+      if (!wanted) throw new Error("Give the bucket a name.");
+      return unwrap(api.POST("/api/v1/storages", { body: { display_name: wanted, storage_class: storageClass } }));
+    });
     if (ok) {
       setName("");
       await list.reload();
@@ -72,18 +87,19 @@ export default function StoragePage() {
           {list.data.map((s) => (
             <tr key={s.id}>
               <th scope="row">
-                <Link href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>{s.display_name}</Link>
+                <Link href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>
+                  <Name text={s.display_name} focusable={false} />
+                </Link>
                 <div className="muted small">
-                  {s.backend}: {s.bucket_name}
-                  {s.status !== "active" ? ` (${s.status})` : ""}
+                  <Name text={`${s.backend}: ${s.bucket_name}${s.status !== "active" ? ` (${s.status})` : ""}`} />
                 </div>
               </th>
-              <td>{s.storage_class}</td>
-              <td>
+              <Td label="Class">{s.storage_class}</Td>
+              <Td label="Usage">
                 {formatBytes(s.size_bytes)}
-                {s.object_count !== null ? <span className="muted"> · {s.object_count} files</span> : null}
-              </td>
-              <td>{formatTime(s.created_at)}</td>
+                {s.object_count !== null ? <span className="muted"> · {plural(s.object_count, "file")}</span> : null}
+              </Td>
+              <Td label="Created">{formatTime(s.created_at)}</Td>
               <td className="row-actions">
                 <Link className="button" href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>
                   Browse
@@ -103,6 +119,9 @@ export default function StoragePage() {
       ) : null}
       <Confirm {...deleting.dialog} title="Delete bucket" confirmLabel="Delete bucket">
         <p>Delete the bucket {deleting.target?.display_name}? This cannot be undone.</p>
+        {deleting.target?.object_count ? (
+          <p>It holds {plural(deleting.target.object_count, "file")} ({formatBytes(deleting.target.size_bytes)}).</p>
+        ) : null}
         <label className="choice">
           <input type="checkbox" checked={force} onChange={(e) => setForce(e.target.checked)} /> Also delete every file in it
         </label>

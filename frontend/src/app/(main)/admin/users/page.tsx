@@ -3,14 +3,24 @@
 import { type FormEvent, useState } from "react";
 import { AdminNav } from "@/components/AdminNav";
 import { useUser } from "@/components/Shell";
-import { DangerButton, DataTable, LoadState, Pager, StatusBadge, useChange, useLoad } from "@/components/ui";
+import { DangerButton, DataTable, LoadState, Name, Pager, StatusBadge, Td, useChange, useLoad } from "@/components/ui";
 import { type AdminUser, api, unwrap } from "@/lib/api";
-import { formatTime } from "@/lib/format";
+import { formatMinutes, formatTime } from "@/lib/format";
 
 const PAGE_SIZE = 50;
 
 /** Minutes before this user's environments stop (0: never; empty: the server's default). */
-function UptimeLimit({ user, busy, onSet }: { user: AdminUser; busy: boolean; onSet: (minutes: number | null) => void }) {
+function UptimeLimit({
+  user,
+  busy,
+  fallback,
+  onSet,
+}: {
+  user: AdminUser;
+  busy: boolean;
+  fallback: number | undefined;
+  onSet: (minutes: number | null) => void;
+}) {
   const [value, setValue] = useState(user.max_uptime_minutes === null ? "" : String(user.max_uptime_minutes));
   const id = `uptime-${user.id}`;
   return (
@@ -24,7 +34,15 @@ function UptimeLimit({ user, busy, onSet }: { user: AdminUser; busy: boolean; on
       <label htmlFor={id} className="visually-hidden">
         Maximum uptime of {user.email} in minutes
       </label>
-      <input id={id} type="number" min={0} placeholder="default" value={value} onChange={(e) => setValue(e.target.value)} />
+      <input
+        id={id}
+        type="number"
+        min={0}
+        placeholder={fallback === undefined ? "default" : `default: ${fallback}`}
+        title={fallback === undefined ? undefined : `Empty: the server's default, ${formatMinutes(fallback)}`}
+        value={value}
+        onChange={(e) => setValue(e.target.value)}
+      />
       <button type="submit" disabled={busy} aria-label={`Set the maximum uptime of ${user.email}`}>
         Set
       </button>
@@ -68,6 +86,15 @@ export default function UsersPage() {
         <input id="user-search" type="search" value={query} onChange={(e) => setQuery(e.target.value)} />
         <button type="submit">Search</button>
       </form>
+      {list.data ? (
+        <p className="muted" data-testid="uptime-default">
+          Maximum uptime, in minutes: empty means the server&apos;s default,{" "}
+          {list.data.default_max_uptime_minutes
+            ? `${list.data.default_max_uptime_minutes} minutes (${formatMinutes(list.data.default_max_uptime_minutes)})`
+            : "never"}
+          ; 0 means never.
+        </p>
+      ) : null}
       <LoadState load={list} actionError={action.error} what="Finding users" empty={list.data?.items.length === 0}>
         No user matches.
       </LoadState>
@@ -76,12 +103,12 @@ export default function UsersPage() {
           {list.data.items.map((user) => (
             <tr key={user.id} data-user={user.email}>
               <th scope="row">
-                {user.name || user.email}
+                <Name text={user.name || user.email} />
                 <div className="muted small">
-                  {user.email} · {user.auth_provider}
+                  <Name text={`${user.email} · ${user.auth_provider}`} />
                 </div>
               </th>
-              <td>
+              <td data-label="Role">
                 <label htmlFor={`role-${user.id}`} className="visually-hidden">
                   Role of {user.email}
                 </label>
@@ -95,13 +122,18 @@ export default function UsersPage() {
                   <option value="admin">admin</option>
                 </select>
               </td>
-              <td>
+              <Td label="Status">
                 <StatusBadge status={user.status} />
-              </td>
-              <td>
-                <UptimeLimit user={user} busy={action.busy} onSet={(minutes) => update(user, { max_uptime_minutes: minutes })} />
-              </td>
-              <td>{formatTime(user.last_login_at)}</td>
+              </Td>
+              <Td label="Maximum uptime">
+                <UptimeLimit
+                  user={user}
+                  busy={action.busy}
+                  fallback={list.data?.default_max_uptime_minutes}
+                  onSet={(minutes) => update(user, { max_uptime_minutes: minutes })}
+                />
+              </Td>
+              <Td label="Last sign-in">{formatTime(user.last_login_at)}</Td>
               <td className="row-actions">
                 {user.id === me.id ? (
                   <span className="muted small">you</span>

@@ -1,7 +1,7 @@
 """usage and budgets: environments' run intervals, buckets' stored bytes, groups, budgets
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-06 10:00:00
 
 New tables only. Environments already running when this runs get their interval at the next
@@ -15,8 +15,8 @@ from alembic import op
 
 import cmbcluster.db.models
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
