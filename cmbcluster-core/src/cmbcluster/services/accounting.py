@@ -74,7 +74,7 @@ def _before_flush(db: Session, _context: object, _instances: object) -> None:
     now = epoch(utcnow())
     with db.no_autoflush:
         for env in changed:
-            if env.id is None:  # a new record: its id is needed now, not at its insert
+            if not env.id:  # a new record: its id is needed now, not at its insert
                 env.id = new_id()
             if _field(env, "status") in RESERVING:
                 _open(db, env, now)
@@ -120,7 +120,7 @@ def _open(db: Session, env: Environment, now: int) -> None:
 def _field(env: Environment, name: str) -> Any:
     """A field of an environment, or its column default when a new one was made without it."""
     value = getattr(env, name)
-    return value if value is not None else Environment.__table__.c[name].default.arg  # type: ignore[union-attr]
+    return value if value is not None else Environment.__table__.c[name].default.arg
 
 
 def _close(db: Session, environment_id: str, end: int) -> None:
