@@ -18,8 +18,7 @@ from typing import Any
 
 import pluggy
 
-from cmbcluster.interfaces import PodContext, PodDraft
-from cmbcluster.pricing import PriceTable
+from cmbcluster.interfaces import PodContext, PodDraft, PriceTable
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
@@ -111,7 +110,7 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
 def cmbcluster_price_table(config: ResolvedConfig) -> PriceTable | None:
     """Optional: the list prices of your cloud, for usage reports and budgets in money.
 
-    Called on every plugin; return a :class:`~cmbcluster.pricing.PriceTable` whose ``provider``
+    Called on every plugin; return a :class:`~cmbcluster.interfaces.PriceTable` whose ``provider``
     names your infra provider, or ``None``. Core uses the table of the configured infra provider
     (chosen by name), then applies the operator's ``CMBCLUSTER_PRICES``. A plugin without this
     hook gets usage reports in hours and GB-months, without money.

@@ -13,7 +13,7 @@ Recording
   from the last closes the bucket's current interval and opens one with the new figure.
 
 Reports integrate the intervals over [from, to) in SQL (plain integer seconds, the same on SQLite
-and PostgreSQL) and price them with the deployment's :class:`~cmbcluster.pricing.PriceTable`.
+and PostgreSQL) and price them with the deployment's :class:`~cmbcluster.interfaces.PriceTable`.
 A GB-month is a GiB stored for 730 hours, as on the cloud price pages.
 """
 
