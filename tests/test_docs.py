@@ -21,7 +21,7 @@ def signature_line(name: str) -> str:
 
 
 def test_there_are_hooks() -> None:
-    assert len(HOOKS) == 6
+    assert len(HOOKS) == 7
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))

@@ -16,6 +16,7 @@ from cmbcluster import (
 from cmbcluster.errors import ConfigurationError
 from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_aws.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
+from cmbcluster_aws.prices import cmbcluster_price_table  # noqa: F401 - registers the hook
 from cmbcluster_aws.settings import AwsSettings
 
 CMBCLUSTER_PLUGIN_API = ">=1.0,<2"

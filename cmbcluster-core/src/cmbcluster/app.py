@@ -25,6 +25,7 @@ from cmbcluster.api.routes import (
     migration,
     plugins,
     storages,
+    usage,
     user_settings,
 )
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
@@ -110,7 +111,18 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
-    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin, migration):
+    for module in (
+        health,
+        plugins,
+        auth,
+        applications,
+        environments,
+        storages,
+        user_settings,
+        admin,
+        migration,
+        usage,
+    ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
     document_errors(app)

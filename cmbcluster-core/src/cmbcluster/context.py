@@ -23,6 +23,7 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
+    from cmbcluster.pricing import PriceTable
     from cmbcluster.services.progress import ProgressHub
     from cmbcluster.services.usage import StorageRuntime
 
@@ -61,6 +62,19 @@ class AppContext:
         from cmbcluster.services.usage import StorageRuntime
 
         return StorageRuntime(self.storage, self.sessions)
+
+    @functools.cached_property
+    def prices(self) -> PriceTable:
+        """The infra provider's price table with the operator's overrides (zero when none)."""
+        from cmbcluster.pricing import PriceOverrides, resolve_price_table
+
+        overrides = PriceOverrides.parse(self.config.core.prices)
+        try:
+            offered = self.config.plugins.price_tables(self.config)
+        except Exception:  # a plugin's broken hook costs its prices, never the reports
+            log.exception("a plugin's cmbcluster_price_table failed: usage is reported without its prices")
+            offered = []
+        return resolve_price_table(self.config.infra.name, offered, overrides)
 
     @property
     def namespace(self) -> str:
@@ -180,10 +194,14 @@ def build_context(config: ResolvedConfig) -> AppContext:
     from cmbcluster import __version__
 
     metrics.info.labels(__version__, summary["storage"], summary["compute"], summary["auth"], summary["infra"]).set(1)
-    return AppContext(
+    from cmbcluster.services import accounting
+
+    sessions = session_factory(engine)
+    accounting.install(sessions)  # environments' usage intervals follow every status change
+    context = AppContext(
         config=config,
         engine=engine,
-        sessions=session_factory(engine),
+        sessions=sessions,
         storage=providers.storage,
         compute=providers.compute,
         infra=providers.infra,
@@ -192,3 +210,5 @@ def build_context(config: ResolvedConfig) -> AppContext:
         secret_key=secret_key(config.core),
         previous_secret_keys=previous_secret_keys(config.core),
     )
+    context.prices  # noqa: B018 - a wrong CMBCLUSTER_PRICES stops the start, not the first report
+    return context

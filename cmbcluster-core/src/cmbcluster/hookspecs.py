@@ -18,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from cmbcluster.interfaces import PodContext, PodDraft
+from cmbcluster.interfaces import PodContext, PodDraft, PriceTable
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
@@ -103,4 +103,26 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
                 "serviceAccount": {"annotations": {"azure.workload.identity/client-id": settings.client_id}},
                 "storage": {"driver": "blob-csi"},
             }
+    """
+
+
+@hookspec
+def cmbcluster_price_table(config: ResolvedConfig) -> PriceTable | None:
+    """Optional: the list prices of your cloud, for usage reports and budgets in money.
+
+    Called on every plugin; return a :class:`~cmbcluster.interfaces.PriceTable` whose ``provider``
+    names your infra provider, or ``None``. Core uses the table of the configured infra provider
+    (chosen by name), then applies the operator's ``CMBCLUSTER_PRICES``. A plugin without this
+    hook gets usage reports in hours and GB-months, without money.
+
+    Example::
+
+        @hookimpl
+        def cmbcluster_price_table(config):
+            return PriceTable(
+                provider="azure", compute=ComputePrice(vcpu_hour=0.048, gib_hour=0.006),
+                storage_gb_month={"standard": 0.0184}, cluster_hour=0.10,
+                sources=("https://azure.microsoft.com/pricing/details/storage/blobs/",),
+                read_on=datetime.date(2026, 11, 1),
+            )
     """

@@ -294,6 +294,11 @@ class PluginManager:
         self.load()
         return self._call_each("cmbcluster_deploy_values", config=config)
 
+    def price_tables(self, config: ResolvedConfig) -> list[tuple[str, object]]:
+        """Every plugin's ``cmbcluster_price_table`` answer, by plugin name."""
+        self.load()
+        return self._call_each("cmbcluster_price_table", config=config)
+
     def _dist(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)
         return f"{info.distribution} {info.version}".strip() if info else "unknown distribution"

@@ -185,6 +185,8 @@ class InstalledPlugins(Protocol):
 
     def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]: ...
 
+    def price_tables(self, config: ResolvedConfig) -> list[tuple[str, object]]: ...
+
 
 @dataclass
 class ResolvedConfig(ActiveSettings):

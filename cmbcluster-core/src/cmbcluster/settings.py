@@ -205,6 +205,21 @@ class CoreSettings(BaseSettings):
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
     )
 
+    # -- usage and budgets -----------------------------------------------------------------------
+    prices: str | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_PRICES"),
+        description="JSON: prices that replace the cloud plugin's list prices, e.g. "
+        '{"vcpu_hour": 0.03, "gib_hour": 0.004, "storage_gb_month": {"standard": 0.02}, "cluster_hour": 0}.',
+    )  # fmt: skip
+    budget_webhook_url: str | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_BUDGET_WEBHOOK_URL"),
+        description="Receives budget events (80 % reached, used up, starts refused) as JSON POSTs.",
+    )  # fmt: skip
+    usage_sample_minutes: float = Field(
+        default=60, gt=0, validation_alias=_aliases("CMBCLUSTER_USAGE_SAMPLE_MINUTES"),
+        description="How often each bucket's stored bytes are measured for usage reports.",
+    )  # fmt: skip
+
     @field_validator(
         "auth_providers", "admin_emails", "plugins_allow", "plugins_block", "secret_key_previous", mode="before"
     )
@@ -213,6 +228,17 @@ class CoreSettings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("budget_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"must be an absolute http(s) URL, not {value!r}")
+        return value or None
 
     @field_validator("public_url")
     @classmethod

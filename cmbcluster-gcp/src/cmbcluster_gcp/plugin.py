@@ -17,6 +17,7 @@ from cmbcluster import (
 from cmbcluster.errors import ConfigurationError
 from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
 from cmbcluster_gcp.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
+from cmbcluster_gcp.prices import cmbcluster_price_table  # noqa: F401 - registers the hook
 from cmbcluster_gcp.settings import GcpSettings
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import false as sa_false
 from sqlalchemy.engine import Dialect
@@ -29,8 +31,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def utcnow() -> dt.datetime:
+def _system_clock() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+#: What :func:`utcnow` reads; tests replace it (``cmbcluster.testing.clock``) to run a month in a second.
+clock = _system_clock
+
+
+def utcnow() -> dt.datetime:
+    return clock()
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -270,6 +280,117 @@ class AuditEvent(Base):
     target_type: Mapped[str] = mapped_column(String(40))
     target_id: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+# -- usage and budgets (see services/accounting.py) ----------------------------------------------
+# Times are whole seconds since the epoch: interval arithmetic in SQL is then the same plain
+# integer arithmetic on SQLite and PostgreSQL, and sums are exact. No foreign keys to users or
+# environments: the records of what was used outlive what used it.
+
+
+class UsageInterval(Base):
+    """An environment holding resources, from its start to its stop (``end_s`` NULL while it runs)."""
+
+    __tablename__ = "usage_intervals"
+    __table_args__ = (
+        Index("ix_usage_intervals_start", "start_s"),
+        Index("ix_usage_intervals_user_start", "user_id", "start_s"),
+        # at most one open interval per environment: a start can never be counted twice
+        Index(
+            "ux_usage_intervals_open",
+            "environment_id",
+            unique=True,
+            sqlite_where=text("end_s IS NULL"),
+            postgresql_where=text("end_s IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment_id: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(32))
+    application: Mapped[str] = mapped_column(String(63))
+    preset: Mapped[str] = mapped_column(String(40))
+    cpu: Mapped[float] = mapped_column(Float)
+    memory_gib: Mapped[float] = mapped_column(Float)
+    accelerator: Mapped[str] = mapped_column(String(60), default="")
+    start_s: Mapped[int] = mapped_column(BigInteger)
+    end_s: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    #: the last time the backend reported it running: where a crash's interval is closed
+    seen_s: Mapped[int] = mapped_column(BigInteger)
+
+
+class StorageInterval(Base):
+    """A bucket holding ``bytes`` of a storage class from ``start_s`` until the next measurement that
+    differs (``end_s`` NULL for the current one)."""
+
+    __tablename__ = "storage_intervals"
+    __table_args__ = (
+        Index("ix_storage_intervals_start", "start_s"),
+        Index(
+            "ux_storage_intervals_open",
+            "storage_id",
+            unique=True,
+            sqlite_where=text("end_s IS NULL"),
+            postgresql_where=text("end_s IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    storage_id: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(32))
+    storage_class: Mapped[str] = mapped_column(String(20))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    start_s: Mapped[int] = mapped_column(BigInteger)
+    end_s: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class Group(Base):
+    """An admin-managed set of users (a research group), for reports and budgets."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class Budget(Base):
+    """A monthly budget of a user or a group, in the price table's currency or in core-hours."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("scope", "target_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(10))  # user | group
+    target_id: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))  # currency | core_hours
+    #: at 100 %, stop running environments too (otherwise only new starts are refused)
+    hard: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class BudgetEvent(Base):
+    """A budget crossing 80 or 100 % in a month: recorded once, sent to the webhook until delivered."""
+
+    __tablename__ = "budget_events"
+    __table_args__ = (UniqueConstraint("budget_id", "month", "level"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    budget_id: Mapped[str] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"))
+    month: Mapped[str] = mapped_column(String(7))  # YYYY-MM
+    level: Mapped[int] = mapped_column(Integer)  # 80 | 100
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class MigrationBucket(Base):

@@ -14,6 +14,7 @@ from cmbcluster.interfaces.compute import (
 )
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
+from cmbcluster.interfaces.prices import ComputePrice, PriceTable
 from cmbcluster.interfaces.provisioning import (
     DNS_RECORD_KIND,
     DeploymentRecord,
@@ -52,6 +53,7 @@ __all__ = [
     "BucketUsage",
     "CloudIdentity",
     "ComputeBackend",
+    "ComputePrice",
     "DeploymentRecord",
     "DnsInfo",
     "DnsRecord",
@@ -67,6 +69,7 @@ __all__ = [
     "PlannedStep",
     "PodContext",
     "PodDraft",
+    "PriceTable",
     "ProgressEvent",
     "Provisioner",
     "ProvisioningOptions",

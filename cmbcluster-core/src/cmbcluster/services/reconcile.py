@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, StartSlot, utcnow
+from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
-from cmbcluster.services import environments
+from cmbcluster.services import accounting, environments
 from cmbcluster.services.audit import activity
 from cmbcluster.services.status import apply_status
 
@@ -101,12 +101,14 @@ class Reconciler:
                 compute.delete(env_id)
                 report.orphans_removed.append(env_id)
             now = utcnow()
+            seen: list[str] = []
             for env in rows.values():
                 status = managed.get(env.id)
                 vanished = status is None or status.phase == EnvironmentPhase.MISSING
                 if env.desired_state == "running" and env.status in environments.ACTIVE_STATUSES:
                     in_flight = env.status in TRANSITIONAL and env.started_at and now - env.started_at < START_GRACE
                     if vanished and (startup or not in_flight):
+                        accounting.close_at_last_seen(db, env.id)  # it ran until last seen, not until now
                         env.status, env.url, env.stopped_at = "stopped", None, now
                         env.desired_state = "stopped"
                         env.status_message = "the environment's process or pod is gone; start it again"
@@ -114,6 +116,10 @@ class Reconciler:
                         activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
                         report.marked_stopped.append(env.id)
                     elif status is not None and not vanished:
+                        if status.phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.FAILED):
+                            accounting.close_at_last_seen(db, env.id)  # it ended since the last pass
+                        else:
+                            seen.append(env.id)
                         apply_status(db, env, status)
                         if env.status not in environments.ACTIVE_STATUSES:  # it exited or failed meanwhile
                             compute.stop(env.id)  # and make sure nothing of it keeps running
@@ -132,9 +138,12 @@ class Reconciler:
                     compute.stop(env.id)  # a stop that a crash interrupted
                     report.stopped_leftovers.append(env.id)
             db.execute(delete(StartSlot).where(StartSlot.expires_at <= now))
+            accounting.mark_seen(db, seen, now)
+            accounting.sync_open_intervals(db, self.context.config.compute.name)
             db.commit()
             self._cull(db, report)
             self._update_gauges(db)
+            self._sample_storage(db)
         return report
 
     def _cull(self, db: Session, report: ReconcileReport) -> None:
@@ -159,6 +168,20 @@ class Reconciler:
             environments.stop(db, self.context, env, actor_id=None, reason=reason)
             self.context.metrics.culled.inc()
             report.culled.append(env.id)
+
+    def _sample_storage(self, db: Session) -> None:
+        """Measure buckets whose last measurement is older than the sampling interval, in the
+        usage refresher's own pool (this pass does not wait): usage reports integrate the results."""
+        due = utcnow() - dt.timedelta(minutes=self.context.config.core.usage_sample_minutes)
+        stale = db.execute(
+            select(Storage.id, Storage.bucket_name).where(
+                Storage.backend == self.context.config.storage.name,
+                Storage.status == "active",
+                (Storage.usage_at.is_(None)) | (Storage.usage_at < due),
+            )
+        ).all()
+        for storage_id, bucket in stale:
+            self.context.storage_runtime.refresher.refresh(storage_id, bucket)
 
     def _update_gauges(self, db: Session) -> None:
         counts = dict(db.execute(select(Environment.status, func.count()).group_by(Environment.status)).all())

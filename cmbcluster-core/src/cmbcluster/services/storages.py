@@ -22,6 +22,7 @@ from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User,
 from cmbcluster.errors import AlreadyExists, CmbclusterError, Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
+from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
 from cmbcluster.services.ownership import owned
 from cmbcluster.services.usage import Usage, cached_usage, is_stale
@@ -206,6 +207,7 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
         ).scalars()
     )
     db.execute(delete(EnvironmentStorage).where(EnvironmentStorage.storage_id == storage.id))
+    accounting.close_storage(db, storage.id, utcnow())
     db.delete(storage)
     audit(db, actor_id=user.id, action="storage.deleted", target_type="storage", target_id=storage.id,
           display_name=storage.display_name, bucket=storage.bucket_name, force=force,

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import Storage, utcnow
 from cmbcluster.interfaces import StorageBackend
+from cmbcluster.services import accounting
 
 __all__ = ["USAGE_MAX_AGE", "StorageRuntime", "Usage", "UsageRefresher", "cached_usage", "is_stale"]
 
@@ -99,6 +100,9 @@ class UsageRefresher:
                     .where(Storage.id == storage_id)
                     .values(usage_bytes=result.size_bytes, usage_objects=result.object_count, usage_at=started)
                 )
+                storage = db.get(Storage, storage_id)
+                if storage is not None:  # the usage reports' record of bytes stored over time
+                    accounting.record_stored_bytes(db, storage, result.size_bytes, started)
                 db.commit()
         return result
 

@@ -1,0 +1,130 @@
+"""Usage reports: the admin API (JSON and CSV, by user, group, application, day), one's own month,
+the CLI, and bad input answered with a clear 4xx."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from cmbcluster.cli import app as cli
+from cmbcluster.db.models import Group, GroupMember, StorageInterval, UsageInterval, User
+from cmbcluster.settings import CoreSettings
+
+NOV = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> CoreSettings:
+    # operator prices: 0.05 per vCPU-hour, 0.01 per GiB-hour, 0.02 per GB-month
+    return CoreSettings(
+        data_dir=tmp_path / "data",
+        prices='{"vcpu_hour": 0.05, "gib_hour": 0.01, "storage_gb_month": {"standard": 0.02}}',
+    )
+
+
+def s(day: int, hour: int = 0) -> int:
+    return int((NOV + dt.timedelta(days=day - 1, hours=hour)).timestamp())
+
+
+@pytest.fixture
+def recorded(app: FastAPI, client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> dict[str, str]:
+    """Alice: 10 h of 2 cores / 4 GiB on the 2nd (notebook) and 100 GiB all month; Bob: 5 h of 1 core /
+    2 GiB on the 3rd (files). Alice is in physics; Bob in physics and astro."""
+    with app.state.context.sessions() as db:
+        ids = {u.email.split("@")[0]: u.id for u in db.execute(select(User)).scalars()}
+        db.add_all([
+            UsageInterval(environment_id="ea", user_id=ids["alice"], application="jupyterlab", preset="standard",
+                          cpu=2, memory_gib=4, start_s=s(2, 8), end_s=s(2, 18), seen_s=s(2, 18)),
+            UsageInterval(environment_id="eb", user_id=ids["bob"], application="files", preset="light",
+                          cpu=1, memory_gib=2, start_s=s(3, 8), end_s=s(3, 13), seen_s=s(3, 13)),
+            StorageInterval(storage_id="sa", user_id=ids["alice"], storage_class="standard", bytes=100 * 1024**3,
+                            start_s=s(1), end_s=s(1) + 730 * 3600),
+        ])  # fmt: skip
+        physics, astro = Group(name="physics"), Group(name="astro")
+        db.add_all([physics, astro])
+        db.flush()
+        db.add_all([GroupMember(group_id=physics.id, user_id=ids["alice"]),
+                    GroupMember(group_id=physics.id, user_id=ids["bob"]),
+                    GroupMember(group_id=astro.id, user_id=ids["bob"])])  # fmt: skip
+        db.commit()
+    return ids
+
+
+def test_admin_report_by_user_with_estimated_cost(client: TestClient, admin: dict[str, str], recorded: object) -> None:
+    # 730 hours from November 1st: the whole of Alice's storage record
+    period = {"from": "2026-11-01", "to": "2026-12-01T10:00:00Z"}
+    response = client.get("/api/v1/usage", headers=admin, params=period)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["estimate"] == "estimates from the operator's prices (CMBCLUSTER_PRICES), not a bill"
+    rows = {row["label"]: row for row in body["rows"]}
+    alice, bob = rows["alice@example.org"], rows["bob@example.org"]
+    assert alice["core_hours"] == 20 and alice["memory_gib_hours"] == 40 and alice["storage_gb_months"] == 100
+    assert alice["compute_cost"] == 1.4 and alice["storage_cost"] == 2.0 and alice["cost"] == 3.4
+    assert bob["core_hours"] == 5 and bob["cost"] == 0.35
+    assert body["totals"]["cost"] == 3.75
+
+
+def test_by_group_application_and_day(client: TestClient, admin: dict[str, str], recorded: object) -> None:
+    period = {"from": "2026-11-01", "to": "2026-12-01"}
+    groups = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "group"}).json()
+    by_group = {row["key"]: row["core_hours"] for row in groups["rows"]}
+    assert by_group == {"astro": 5, "physics": 25}
+    apps = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "application"}).json()
+    assert {row["key"]: row["core_hours"] for row in apps["rows"]} == {"files": 5, "jupyterlab": 20}
+    days = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "day"}).json()
+    assert len(days["rows"]) == 30
+    assert [row["core_hours"] for row in days["rows"][:4]] == [0, 20, 5, 0]
+
+
+def test_csv_export_says_it_is_an_estimate(client: TestClient, admin: dict[str, str], recorded: object) -> None:
+    response = client.get(
+        "/api/v1/usage", headers=admin, params={"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
+    )
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    lines = response.text.splitlines()
+    assert lines[0].startswith("# estimates from") and "alice@example.org" in response.text
+
+
+def test_each_user_sees_only_their_own_month(
+    client: TestClient, alice: dict[str, str], recorded: dict[str, str]
+) -> None:
+    mine = client.get("/api/v1/usage/me", headers=alice, params={"from": "2026-11-01", "to": "2026-12-01"}).json()
+    assert mine["totals"]["core_hours"] == 20
+    assert client.get("/api/v1/usage", headers=alice).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"group_by": "planet"}, "group_by"),
+        ({"from": "yesterday"}, "ISO date"),
+        ({"from": "2026-11-05", "to": "2026-11-01"}, "after"),
+        ({"from": "2020-01-01", "to": "2026-01-01"}, "366 days"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    client: TestClient, admin: dict[str, str], params: dict[str, str], message: str
+) -> None:
+    response = client.get("/api/v1/usage", headers=admin, params=params)
+    assert response.status_code == 400
+    assert message in response.text
+
+
+def test_cli_usage_report_month_csv(
+    client: TestClient, recorded: object, settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CMBCLUSTER_DATA_DIR", str(settings.data_dir))
+    assert settings.prices is not None
+    monkeypatch.setenv("CMBCLUSTER_PRICES", settings.prices)
+    result = CliRunner().invoke(cli, ["usage", "report", "--month", "2026-11", "--csv"])
+    assert result.exit_code == 0, result.output
+    assert "alice@example.org" in result.output and ",1.4," in result.output  # Alice's compute cost
+    bad = CliRunner().invoke(cli, ["usage", "report", "--month", "November"])
+    assert bad.exit_code == 2 and "YYYY-MM" in bad.output
