@@ -82,6 +82,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/admin/users/{user_id}/activity"): (ADMIN, None),
     ("GET", "/api/v1/admin/audit"): (ADMIN, None),
     ("GET", "/api/v1/admin/stats"): (ADMIN, None),
+    ("GET", "/api/v1/admin/migration"): (ADMIN, None),
     ("GET", "/api/v1/usage"): (ADMIN, None),
     ("GET", "/api/v1/usage/me"): (SELF, None),
     ("GET", "/api/v1/usage/prices"): (SELF, None),
