@@ -42,6 +42,13 @@ class GcpSettings(BaseSettings):
         pattern=r"^[a-z0-9][a-z0-9-]{0,29}$",
     )
     noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
+    noncurrent_version_days: int = Field(
+        default=30,
+        ge=0,
+        le=3650,
+        validation_alias=AliasChoices("GCS_NONCURRENT_VERSION_DAYS", "NONCURRENT_VERSION_DAYS"),
+        description="days an overwritten or deleted object's earlier version is kept; 0: none (no versioning)",
+    )
     google_client_id: str | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_ID"))
     google_client_secret: SecretStr | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_SECRET"))
     google_issuer: str = Field(

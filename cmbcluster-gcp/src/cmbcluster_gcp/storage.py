@@ -113,6 +113,21 @@ _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def lifecycle_rules(noncurrent_days: int, noncurrent_kept: int) -> list[dict[str, Any]]:
+    """The lifecycle of a versioned bucket: a noncurrent version is deleted ``noncurrent_days``
+    after it stopped being live, and sooner once ``noncurrent_kept`` newer noncurrent versions
+    exist (``numNewerVersions`` counts the live version too, hence the + 1; 0: no count bound).
+    The age rule is what bounds a deleted object's versions, which nothing newer ever displaces."""
+    rules: list[dict[str, Any]] = [
+        {"action": {"type": "Delete"}, "condition": {"isLive": False, "daysSinceNoncurrentTime": noncurrent_days}}
+    ]
+    if noncurrent_kept > 0:
+        rules.append(
+            {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": noncurrent_kept + 1}}
+        )
+    return rules
+
+
 # -- the backend ----------------------------------------------------------------------------------
 class GcsStorage(StorageBackend):
     """Buckets of one Google Cloud project.
@@ -151,7 +166,7 @@ class GcsStorage(StorageBackend):
             raise InvalidRequest(f"Google Cloud Storage has no {options.storage_class} storage class")
         if not owner.id or not _LABEL_VALUE.match(owner.id):
             raise InvalidRequest("the owner id must be 1-63 lower-case letters, digits, '-' or '_'")
-        versioning = True if options.versioning is None else options.versioning
+        versioning = self.settings.noncurrent_version_days > 0 if options.versioning is None else options.versioning
         labels = {
             LABEL_OWNER: owner.id,
             LABEL_MANAGED_BY: MANAGED_BY,
@@ -194,15 +209,11 @@ class GcsStorage(StorageBackend):
         bucket.iam_configuration.uniform_bucket_level_access_enabled = True
         bucket.iam_configuration.public_access_prevention = "enforced"
         bucket.versioning_enabled = versioning
-        kept = self.settings.noncurrent_versions_kept
-        if versioning and kept > 0:
-            # numNewerVersions counts the live version too: a noncurrent version goes once
-            # `kept` noncurrent versions and the live one are newer than it.
-            bucket.lifecycle_rules = [
-                {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": kept + 1}}
-            ]
-        else:
-            bucket.lifecycle_rules = []
+        bucket.lifecycle_rules = (
+            lifecycle_rules(self.settings.noncurrent_version_days, self.settings.noncurrent_versions_kept)
+            if versioning
+            else []
+        )
         bucket.labels = dict(labels)
 
     def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
@@ -275,14 +286,21 @@ class GcsStorage(StorageBackend):
         return sorted(infos, key=lambda i: (i.created_at, i.name))
 
     def bucket_usage(self, bucket: str) -> BucketUsage:
-        """Live objects only (noncurrent versions are billed but not shown to users)."""
+        """Live objects and noncurrent versions, from one listing of every generation: a
+        noncurrent one carries the time it stopped being live (``timeDeleted``)."""
         ref = self._bucket_ref(bucket)
-        size = count = 0
+        size = count = old_size = old_count = 0
         with gcs_errors(f"bucket {bucket}"):
-            for blob in self._client.list_blobs(ref, fields="items(size),nextPageToken", retry=self._retry):
-                size += int(blob.size or 0)
-                count += 1
-        return BucketUsage(size_bytes=size, object_count=count)
+            for blob in self._client.list_blobs(
+                ref, versions=True, fields="items(size,timeDeleted),nextPageToken", retry=self._retry
+            ):
+                if blob.time_deleted is None:
+                    size += int(blob.size or 0)
+                    count += 1
+                else:
+                    old_size += int(blob.size or 0)
+                    old_count += 1
+        return BucketUsage(size_bytes=size, object_count=count, noncurrent_bytes=old_size, noncurrent_count=old_count)
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
         if not _BUCKET_NAME.match(request.bucket):

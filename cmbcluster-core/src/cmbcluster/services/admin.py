@@ -276,7 +276,8 @@ class EnvironmentStats(BaseModel):
 
 class StorageStats(BaseModel):
     count: int
-    usage_bytes: int = Field(description="Sum of the cached usage of every bucket")
+    usage_bytes: int = Field(description="Sum of the cached usage (current objects) of every bucket")
+    noncurrent_bytes: int = Field(description="Sum of the earlier versions every bucket keeps (and is billed for)")
     usage_unknown: int = Field(description="Buckets whose usage was never measured")
 
 
@@ -320,6 +321,7 @@ def stats(db: Session, *, now: dt.datetime | None = None) -> Stats:
         storages=StorageStats(
             count=scalar(storages),
             usage_bytes=scalar(select(func.coalesce(func.sum(Storage.usage_bytes), 0))),
+            noncurrent_bytes=scalar(select(func.coalesce(func.sum(Storage.usage_noncurrent_bytes), 0))),
             usage_unknown=scalar(storages.where(Storage.usage_bytes.is_(None))),
         ),
         applications=ApplicationStats(active=scalar(apps.where(Application.active.is_(True))), total=scalar(apps)),

@@ -116,7 +116,7 @@ def create_storage(
         storage = Storage(
             user_id=user.id, backend=backend_name, bucket_name=info.name, display_name=display_name,
             storage_class=str(info.storage_class), status="active", created_at=now,
-            usage_bytes=0, usage_objects=0, usage_at=now,
+            usage_bytes=0, usage_objects=0, usage_noncurrent_bytes=0, usage_noncurrent_objects=0, usage_at=now,
         )  # fmt: skip
         db.add(storage)
         db.flush()

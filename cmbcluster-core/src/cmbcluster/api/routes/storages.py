@@ -81,6 +81,11 @@ class StorageOut(BaseModel):
     created_at: dt.datetime
     size_bytes: int | None = Field(description="Total size of the objects; null until first measured")
     object_count: int | None = Field(description="Number of objects; null until first measured")
+    noncurrent_bytes: int | None = Field(
+        description="Earlier versions of overwritten or deleted objects, kept (and billed) until the bucket's "
+        "lifecycle removes them; null until first measured"
+    )
+    noncurrent_object_count: int | None = Field(description="Number of those earlier versions")
     usage_measured_at: dt.datetime | None = Field(
         description="When size and count were measured (they are cached for a minute)"
     )
@@ -122,6 +127,7 @@ def storage_out(storage: Storage, usage: Usage) -> StorageOut:
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
         status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
         created_at=storage.created_at, size_bytes=usage.size_bytes, object_count=usage.object_count,
+        noncurrent_bytes=usage.noncurrent_bytes, noncurrent_object_count=usage.noncurrent_count,
         usage_measured_at=usage.measured_at,
     )  # fmt: skip
 
