@@ -127,10 +127,12 @@ def prepare(context: AppContext) -> None:
     if context.compute.elects_leader:
         return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
-    if report.orphans_removed or report.marked_stopped:
+    if report.orphans_removed or report.marked_stopped or report.storage_deletes or report.uploads_aborted:
         log.warning(
-            "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped",
-            len(report.orphans_removed), len(report.marked_stopped), extra={"report": report.__dict__},
+            "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped, "
+            "recovered %d interrupted bucket deletes, aborted %d unfinished uploads",
+            len(report.orphans_removed), len(report.marked_stopped), len(report.storage_deletes),
+            report.uploads_aborted, extra={"report": report.__dict__},
         )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
+from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, UploadJournal, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, NotFound
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
@@ -169,7 +169,7 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
     if holders:
         names = ", ".join(f"{name!r} ({status})" for name, status in holders)
         raise Conflict(f"storage {storage.id} is mounted by the environment(s) {names}; stop them first")
-    storage.status = "deleting"
+    storage.status, storage.delete_force = "deleting", force
     db.commit()
     try:
         context.storage.delete_bucket(storage.bucket_name, force=force)
@@ -180,6 +180,13 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
         storage.status = "active"
         db.commit()
         raise
+    _forget_deleted(db, context, storage, actor_id=user.id, force=force)
+    _sync_identity_after_change(db, context, user)
+
+
+def _forget_deleted(db: Session, context: AppContext, storage: Storage, *, actor_id: str | None, force: bool,
+                    resumed: bool = False) -> None:  # fmt: skip
+    """The bucket is gone: its row and its links from stopped environments go too, audited."""
     detached = list(
         db.execute(
             select(EnvironmentStorage.environment_id).where(EnvironmentStorage.storage_id == storage.id)
@@ -187,12 +194,48 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
     )
     db.execute(delete(EnvironmentStorage).where(EnvironmentStorage.storage_id == storage.id))
     db.delete(storage)
-    audit(db, actor_id=user.id, action="storage.deleted", target_type="storage", target_id=storage.id,
-          bucket=storage.bucket_name, force=force, detached_environments=detached)  # fmt: skip
+    extra = {"resumed_after_restart": True} if resumed else {}
+    audit(db, actor_id=actor_id, action="storage.deleted", target_type="storage", target_id=storage.id,
+          bucket=storage.bucket_name, force=force, detached_environments=detached, **extra)  # fmt: skip
     db.commit()
     log.info("storage %s deleted (bucket %s)", storage.id, storage.bucket_name, extra={"storage_id": storage.id})
-    context.storage_runtime.refresher.invalidate(storage_id)
-    _sync_identity_after_change(db, context, user)
+    context.storage_runtime.refresher.invalidate(storage.id)
+
+
+def resume_interrupted_deletes(db: Session, context: AppContext) -> dict[str, str]:
+    """At start, before any request: finish the bucket deletes a crash interrupted (rows left
+    ``deleting``), as they were asked (with or without force). A delete the backend refuses (not
+    empty without force) or cannot do now is rolled back: the storage is ``active`` again, its
+    usage re-measured, so what the user sees is what is stored and billed; they may delete it again.
+    Returns each storage id with what became of it (``deleted`` or ``active``)."""
+    backend_name = context.config.storage.name
+    rows = list(
+        db.execute(select(Storage).where(Storage.status == "deleting", Storage.backend == backend_name)).scalars()
+    )
+    outcome: dict[str, str] = {}
+    for storage in rows:
+        owner = db.get(User, storage.user_id)
+        db.commit()
+        try:
+            context.storage.delete_bucket(storage.bucket_name, force=storage.delete_force)
+        except NotFound:
+            pass  # deleted before the crash; only the row was left
+        except CmbclusterError as exc:
+            log.warning("the interrupted delete of storage %s (bucket %s) could not be finished, so it is active "
+                        "again: %s", storage.id, storage.bucket_name, exc.message)  # fmt: skip
+            storage.status, storage.usage_at = "active", None
+            audit(db, actor_id=None, action="storage.delete_rolled_back", target_type="storage",
+                  target_id=storage.id, bucket=storage.bucket_name, reason=exc.message)  # fmt: skip
+            db.commit()
+            outcome[storage.id] = "active"
+            continue
+        log.warning("finished the delete of storage %s (bucket %s) that a restart interrupted",
+                    storage.id, storage.bucket_name)  # fmt: skip
+        _forget_deleted(db, context, storage, actor_id=None, force=storage.delete_force, resumed=True)
+        outcome[storage.id] = "deleted"
+        if owner is not None:
+            _sync_identity_after_change(db, context, owner)
+    return outcome
 
 
 # -- objects -----------------------------------------------------------------------------------
@@ -252,10 +295,54 @@ def write_object(
     *,
     content_type: str | None,
 ) -> ObjectInfo:
-    """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale."""
-    info = context.storage.upload_object(bucket, validate_object_key(key), chunks, content_type=content_type)
+    """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale.
+
+    The upload is journalled while it runs (:class:`~cmbcluster.db.models.UploadJournal`): if the
+    server dies meanwhile, its next start aborts what the backend kept of it
+    (:func:`abort_journalled_uploads`)."""
+    key = validate_object_key(key)
+    with context.sessions() as journal:
+        entry = UploadJournal(storage_id=storage_id, backend=context.config.storage.name, bucket_name=bucket, key=key)
+        journal.add(entry)
+        journal.commit()
+        entry_id = entry.id
+    try:
+        info = context.storage.upload_object(bucket, key, chunks, content_type=content_type)
+    finally:
+        with context.sessions() as journal:
+            journal.execute(delete(UploadJournal).where(UploadJournal.id == entry_id))
+            journal.commit()
     invalidate_usage(db, context, storage_id)
     return info
+
+
+def abort_journalled_uploads(db: Session, context: AppContext) -> int:
+    """At start, before any request: abort what the backend keeps of the uploads the previous run
+    of this server began and never finished (a SIGKILL, an OOM kill, a redeploy), and forget them.
+    An entry whose bucket cannot be reached now stays for the next start (the bucket's lifecycle
+    rule aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
+    started_before = utcnow()  # nothing of this run is uploading yet
+    rows = list(
+        db.execute(
+            select(UploadJournal).where(UploadJournal.backend == context.config.storage.name)
+        ).scalars()
+    )
+    aborted = 0
+    for row in rows:
+        try:
+            aborted += context.storage.abort_unfinished_uploads(row.bucket_name, key=row.key,
+                                                                started_before=started_before)  # fmt: skip
+        except NotFound:
+            pass  # the bucket is gone, and its uploads with it
+        except CmbclusterError as exc:
+            log.warning("could not abort the unfinished upload of %s to bucket %s: %s; trying again at the next "
+                        "start", row.key, row.bucket_name, exc.message)  # fmt: skip
+            continue
+        db.delete(row)
+        db.commit()
+    if aborted:
+        log.warning("aborted %d unfinished uploads a previous run of the server left behind", aborted)
+    return aborted
 
 
 def delete_objects(db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str]) -> int:
