@@ -43,6 +43,7 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster-user-0123456789"
 
 class TestS3StorageContract(StorageContract):
     other_storage_class = StorageClass.INFREQUENT
+    keeps_versions = True
 
     @pytest.fixture
     def storage_backend(self, aws_settings: AwsSettings) -> Iterator[StorageBackend]:

@@ -22,9 +22,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from cmbcluster.app import create_app
-from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage
+from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage, UploadJournal
 from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import storages as storage_service
+from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.services.usage import USAGE_MAX_AGE
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -583,3 +584,52 @@ def test_served_upload_runs_in_constant_memory_and_survives_disconnects(server: 
     assert "Traceback" not in log and " 500" not in log
     temp = tmp_path / "data" / "buckets" / ".tmp"
     assert not temp.exists() or list(temp.iterdir()) == []
+
+
+# -- what a crash leaves behind ---------------------------------------------------------------
+
+
+def test_local_usage_has_no_noncurrent_versions_and_uploads_leave_no_journal(
+    client: TestClient, alice: Headers
+) -> None:
+    made = create(client, alice)
+    assert (made["noncurrent_bytes"], made["noncurrent_object_count"]) == (0, 0)
+    assert put(client, alice, made["id"], "a.bin", b"a" * 10).status_code == 201
+    assert put(client, alice, made["id"], "a.bin", b"b" * 3).status_code == 201
+    got = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert (got["size_bytes"], got["noncurrent_bytes"]) == (3, 0)  # the local backend keeps no versions
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        assert db.execute(select(UploadJournal)).scalars().all() == []
+
+
+def test_a_delete_that_cannot_be_finished_at_start_is_rolled_back(
+    client: TestClient, alice: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    made = create(client, alice)
+    assert put(client, alice, made["id"], "keep.txt", b"k" * 7).status_code == 201
+    with context.sessions() as db:  # what a server killed mid-delete leaves
+        db.execute(update(Storage).where(Storage.id == made["id"]).values(status="deleting", delete_force=True))
+        db.commit()
+    shown = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert shown["status"] == "deleting"
+    assert client.put(f"{API}/{made['id']}/objects/x", headers=alice, content=b"x").status_code == 409
+
+    def unavailable(bucket: str, *, force: bool = False) -> None:
+        raise ProviderUnavailable("storage is down")
+
+    monkeypatch.setattr(context.storage, "delete_bucket", unavailable)
+    report = Reconciler(context).reconcile(startup=True)
+    assert report.storage_deletes == {made["id"]: "active"}
+    got = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert got["status"] == "active" and (got["size_bytes"], got["object_count"]) == (7, 1)  # measured anew
+    actions = [(action, target) for action, target, _ in audit_actions(client)]
+    assert ("storage.delete_rolled_back", made["id"]) in actions
+
+    monkeypatch.undo()
+    with context.sessions() as db:
+        db.execute(update(Storage).where(Storage.id == made["id"]).values(status="deleting", delete_force=True))
+        db.commit()
+    assert Reconciler(context).reconcile(startup=True).storage_deletes == {made["id"]: "deleted"}
+    assert client.get(f"{API}/{made['id']}", headers=alice).status_code == 404
+    assert not bucket_dir(client, made).exists()

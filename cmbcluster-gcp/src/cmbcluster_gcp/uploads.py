@@ -141,9 +141,7 @@ def _cancel_session(http: Any, session: str, what: str) -> bool:
         answer = f"HTTP {response.status_code} {str(getattr(response, 'text', ''))[:200]}".strip()
         if response.status_code not in _RETRYABLE_STATUSES:
             break
-    log.warning(
-        "could not cancel the upload session of %s (%s); Cloud Storage discards it within a week", what, answer
-    )
+    log.warning("could not cancel the upload session of %s (%s); Cloud Storage discards it within a week", what, answer)
     return False
 
 

@@ -245,9 +245,7 @@ class StorageBackend(abc.ABC):
     def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         """Delete objects; keys that do not exist are ignored (deleting is idempotent)."""
 
-    def abort_unfinished_uploads(
-        self, bucket: str, *, started_before: dt.datetime, key: str | None = None
-    ) -> int:
+    def abort_unfinished_uploads(self, bucket: str, *, started_before: dt.datetime, key: str | None = None) -> int:
         """Abort uploads into ``bucket`` (only those to ``key`` when given) that were started
         before ``started_before`` and never completed, and return how many were aborted.
 

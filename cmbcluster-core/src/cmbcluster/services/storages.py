@@ -322,11 +322,7 @@ def abort_journalled_uploads(db: Session, context: AppContext) -> int:
     An entry whose bucket cannot be reached now stays for the next start (the bucket's lifecycle
     rule aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
     started_before = utcnow()  # nothing of this run is uploading yet
-    rows = list(
-        db.execute(
-            select(UploadJournal).where(UploadJournal.backend == context.config.storage.name)
-        ).scalars()
-    )
+    rows = list(db.execute(select(UploadJournal).where(UploadJournal.backend == context.config.storage.name)).scalars())
     aborted = 0
     for row in rows:
         try:

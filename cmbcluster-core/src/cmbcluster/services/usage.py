@@ -109,10 +109,12 @@ class UsageRefresher:
                     update(Storage)
                     .where(Storage.id == storage_id)
                     .values(
-                        usage_bytes=result.size_bytes, usage_objects=result.object_count, usage_at=started,
+                        usage_bytes=result.size_bytes,
+                        usage_objects=result.object_count,
+                        usage_at=started,
                         usage_noncurrent_bytes=result.noncurrent_bytes,
                         usage_noncurrent_objects=result.noncurrent_count,
-                    )  # fmt: skip
+                    )
                 )
                 db.commit()
         return result
