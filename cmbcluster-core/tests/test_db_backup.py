@@ -413,3 +413,29 @@ def test_cli_restore_says_which_backup_it_skipped(settings: CoreSettings, databa
     assert f"skipped {BUCKET}/{damaged}, which does not verify: backup {damaged} is not valid gzip data" in (
         restored.stdout.replace("\n", " ")
     )
+
+
+def test_a_stop_with_storage_not_answering_bounds_its_final_backup(
+    settings: CoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    bounded = settings.model_copy(update={"database_stop_backup_seconds": 1.0})
+    released = threading.Event()
+    client_cm = serving(bounded)
+    client = client_cm.__enter__()
+    try:
+        dev_sign_in(client, "ada@example.org", "Ada")  # a change the final backup would carry
+
+        def hanging(*args: object, **kwargs: object) -> object:
+            released.wait(30)  # a storage service that does not answer
+            raise ConnectionError("storage down")
+
+        storage = client.app.state.context.storage  # type: ignore[attr-defined]
+        storage.upload_object = hanging
+    finally:
+        started = time.monotonic()
+        client_cm.__exit__(None, None, None)
+        took = time.monotonic() - started
+        released.set()
+    assert took < 5, f"the stop took {took:.1f} s"
+    warned = [r.getMessage() for r in caplog.records if "final database backup did not finish" in r.getMessage()]
+    assert len(warned) == 1 and "within 1 s" in warned[0] and "stops without it" in warned[0]

@@ -34,6 +34,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -516,7 +517,9 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
         except TimeoutError:
             pass
         current = _fingerprint(backups.database)
-        if current != last:
+        if current != last and stopping:
+            await _final_backup(backups, core.database_stop_backup_seconds)
+        elif current != last:
             try:
                 await run_in_threadpool(backups.backup)
                 last = current
@@ -524,6 +527,42 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
                 log.exception("database backup failed")
         if stopping:
             return
+
+
+async def _final_backup(backups: DatabaseBackups, bound: float) -> None:
+    """The backup a stopping server makes, waited for at most ``bound`` seconds: with the storage
+    service down, its client's retries would hold the stop for as long as they last. It runs in a
+    daemon thread, which the process does not wait for once the stop goes on without it (an
+    unfinished upload stores nothing; the database bucket's lifecycle aborts what it left)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[BaseException | None] = loop.create_future()  # the backup's error, if any
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            backups.backup()
+        except BaseException as exc:  # handed to the stopping server, which logs it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="cmbcluster-final-backup", daemon=True).start()
+    try:
+        error = await asyncio.wait_for(asyncio.shield(done), timeout=bound)
+    except TimeoutError:
+        log.warning(
+            "the final database backup did not finish within %g s (CMBCLUSTER_DATABASE_STOP_BACKUP_SECONDS): is "
+            "the storage service down? The server stops without it; the newest backup is the one made before, "
+            "and the changes since are only in %s", bound, backups.database,
+        )  # fmt: skip
+        return
+    if error is not None:
+        log.error("the final database backup failed; the changes since the last backup are only in %s",
+                  backups.database, exc_info=error)  # fmt: skip
 
 
 @contextlib.contextmanager
