@@ -200,6 +200,11 @@ class CoreSettings(BaseSettings):
         description="Largest object one upload may write.",
     )  # fmt: skip
     max_buckets_per_user: int = Field(default=10, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_BUCKETS_PER_USER"))
+    storage_quota_bytes: int = Field(
+        default=0, ge=0, validation_alias=_aliases("CMBCLUSTER_STORAGE_QUOTA_BYTES"),
+        description="Bytes each user's buckets may hold, current objects and earlier versions together; 0: no "
+        "quota. Admins set a user's own.",
+    )  # fmt: skip
     max_secret_file_bytes: int = Field(
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
     )

@@ -545,7 +545,7 @@ async def _final_backup(backups: DatabaseBackups, bound: float) -> None:
         error: BaseException | None = None
         try:
             backups.backup()
-        except BaseException as exc:  # handed to the stopping server, which logs it
+        except Exception as exc:  # noqa: BLE001 - handed to the stopping server, which logs it
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(settle, error)

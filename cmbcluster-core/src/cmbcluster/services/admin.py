@@ -44,6 +44,13 @@ class UserUpdate(BaseModel):
         le=MAX_UPTIME_MINUTES_LIMIT,
         description="Stop this user's environments after this many minutes (0: never); null: the server default",
     )
+    storage_quota_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="Bytes this user's buckets may hold, current objects and earlier versions together "
+        "(0: no quota); null: the server default (CMBCLUSTER_STORAGE_QUOTA_BYTES)",
+    )
 
     @model_validator(mode="after")
     def _no_null_role_or_status(self) -> UserUpdate:
@@ -179,6 +186,11 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
               before={"max_uptime_minutes": user.max_uptime_minutes},
               after={"max_uptime_minutes": changes.max_uptime_minutes}, **target)  # fmt: skip
         user.max_uptime_minutes = changes.max_uptime_minutes
+    if "storage_quota_bytes" in fields and changes.storage_quota_bytes != user.storage_quota_bytes:
+        audit(db, actor_id=actor_id, action="user.storage_quota_changed", email=user.email,
+              before={"storage_quota_bytes": user.storage_quota_bytes},
+              after={"storage_quota_bytes": changes.storage_quota_bytes}, **target)  # fmt: skip
+        user.storage_quota_bytes = changes.storage_quota_bytes
     db.commit()
     return user
 

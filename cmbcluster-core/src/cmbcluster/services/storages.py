@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, UploadJournal, User, utcnow
-from cmbcluster.errors import CmbclusterError, Conflict, NotFound
+from cmbcluster.errors import CmbclusterError, Conflict, InsufficientStorage, NotFound, PayloadTooLarge
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
 from cmbcluster.services.audit import audit
@@ -364,6 +365,88 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:
 
 
 # -- usage ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaState:
+    """A user's storage quota and what counts against it: every bucket's current objects and the
+    earlier versions kept of overwritten or deleted ones (what the cloud bills), as last measured."""
+
+    quota_bytes: int | None  # None: no quota
+    current_bytes: int
+    noncurrent_bytes: int
+
+    @property
+    def used_bytes(self) -> int:
+        return self.current_bytes + self.noncurrent_bytes
+
+    @property
+    def remaining_bytes(self) -> int | None:
+        return None if self.quota_bytes is None else max(self.quota_bytes - self.used_bytes, 0)
+
+
+def quota_of(context: AppContext, user: User) -> int | None:
+    """The user's own quota, else the server's (CMBCLUSTER_STORAGE_QUOTA_BYTES); 0 means none."""
+    quota = user.storage_quota_bytes
+    if quota is None:
+        quota = context.config.core.storage_quota_bytes
+    return quota or None
+
+
+def quota_state(context: AppContext, user: User, usage: Iterable[Usage]) -> QuotaState:
+    figures = list(usage)
+    return QuotaState(
+        quota_bytes=quota_of(context, user),
+        current_bytes=sum(u.size_bytes or 0 for u in figures),
+        noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
+    )
+
+
+def upload_allowance(
+    db: Session, context: AppContext, user: User, *, declared: int | None, wait_seconds: float
+) -> QuotaState:
+    """Before an upload: the caller's quota state, with every bucket's usage measured afresh where
+    stale (waiting at most ``wait_seconds``). A quota used up is refused with InsufficientStorage
+    (507), an upload whose declared length passes what is left with PayloadTooLarge (413): nothing
+    is sent to the backend. The route stops the upload in flight once it passes what is left."""
+    if quota_of(context, user) is None:
+        return QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0)
+    rows = list_owned(db, user)
+    db.commit()
+    usage = current_usage(rows, context, wait_seconds=wait_seconds)
+    state = quota_state(context, user, usage.values())
+    remaining = state.remaining_bytes
+    assert remaining is not None and state.quota_bytes is not None
+    if remaining <= 0:
+        raise InsufficientStorage(
+            f"your storage quota of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in your "
+            f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted ones); "
+            "delete objects, or ask an administrator for more; nothing was stored"
+        )
+    if declared is not None and declared > remaining:
+        raise quota_exceeded(state)
+    return state
+
+
+def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
+    """This upload is larger than what is left of the quota."""
+    assert state.quota_bytes is not None
+    return PayloadTooLarge(
+        f"this upload is larger than the {_size(state.remaining_bytes or 0)} left of your storage quota of "
+        f"{_size(state.quota_bytes)} ({_size(state.used_bytes)} used, earlier versions included); "
+        "nothing was stored"
+    )
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def storages_with_usage(
