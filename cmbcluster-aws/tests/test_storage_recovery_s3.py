@@ -104,8 +104,11 @@ def test_sigkill_mid_upload_leaves_no_multipart_upload_after_the_next_start(
         client.close()
 
 
-def test_usage_through_the_api_counts_noncurrent_versions(serve_env: dict[str, str], tmp_path: Path, s3: Any) -> None:
-    with ServeProcess(serve_env, tmp_path) as server:
+def test_usage_and_quota_through_the_api_count_noncurrent_versions(
+    serve_env: dict[str, str], tmp_path: Path, s3: Any
+) -> None:
+    quota = {**serve_env, "CMBCLUSTER_STORAGE_QUOTA_BYTES": str(5 * MiB)}
+    with ServeProcess(quota, tmp_path) as server:
         client, headers = _signed_in(server)
         storage = client.post(API, headers=headers, json={"display_name": "versions"}).json()
         objects = f"{API}/{storage['id']}/objects"
@@ -117,6 +120,16 @@ def test_usage_through_the_api_counts_noncurrent_versions(serve_env: dict[str, s
         assert (got["noncurrent_bytes"], got["noncurrent_object_count"]) == (4 * MiB, 4)
         versions = s3.list_object_versions(Bucket=storage["bucket_name"])["Versions"]
         assert sum(v["Size"] for v in versions) == got["size_bytes"] + got["noncurrent_bytes"]
+
+        # The quota counts what S3 bills: 4 MiB of earlier versions leave 1 MiB of 5.
+        listed = client.get(API, headers=headers).json()["quota"]
+        assert listed == {"quota_bytes": 5 * MiB, "used_bytes": 4 * MiB, "noncurrent_bytes": 4 * MiB}
+        refused = client.put(f"{objects}/more.fits", headers=headers, content=b"m" * (2 * MiB))
+        assert refused.status_code == 413 and "left of your storage quota" in refused.json()["message"]
+        streamed = client.put(f"{objects}/more.fits", headers=headers, content=iter([b"m" * MiB] * 12))
+        assert streamed.status_code == 413
+        assert "Contents" not in s3.list_objects_v2(Bucket=storage["bucket_name"])  # nothing stored
+        assert "Uploads" not in s3.list_multipart_uploads(Bucket=storage["bucket_name"])
         client.close()
 
 
