@@ -48,7 +48,8 @@ export default function DashboardPage() {
   const user = useUser();
   const now = useNow(30_000);
   const environments = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
-  const storages = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
+  const storageList = useLoad(() => unwrap(api.GET("/api/v1/storages")));
+  const storages = { ...storageList, data: storageList.data?.storages };
   const activity = useLoad(() =>
     unwrap(api.GET("/api/v1/auth/me/activity", { params: { query: { page_size: 30 } } })).then((a) =>
       a.items.filter((item) => !QUIET.has(item.kind)).slice(0, 8),
@@ -62,7 +63,7 @@ export default function DashboardPage() {
   }, [ready]);
 
   const running = environments.data?.filter((env) => env.status === "running") ?? [];
-  const used = storages.data?.reduce((sum, s) => sum + (s.size_bytes ?? 0), 0) ?? 0;
+  const quota = storageList.data?.quota;
   return (
     <div data-ready={ready ? "true" : undefined}>
       <h1>Welcome, {user.name || user.email}</h1>
@@ -98,9 +99,11 @@ export default function DashboardPage() {
           </LoadState>
           {storages.data && storages.data.length > 0 ? (
             <>
-              <p className="big">{formatBytes(used)}</p>
+              <p className="big">{formatBytes(quota?.used_bytes ?? 0)}</p>
               <p>
-                in {storages.data.length} bucket{storages.data.length === 1 ? "" : "s"}.
+                in {storages.data.length} bucket{storages.data.length === 1 ? "" : "s"}
+                {quota && quota.noncurrent_bytes > 0 ? `, ${formatBytes(quota.noncurrent_bytes)} of it in earlier versions` : ""}
+                {quota?.quota_bytes != null ? `, of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
               </p>
               <Link href="/storage/">Manage storage</Link>
             </>

@@ -16,7 +16,9 @@ const CLASSES: { value: StorageClass; label: string }[] = [
 ];
 
 export default function StoragePage() {
-  const list = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
+  const answer = useLoad(() => unwrap(api.GET("/api/v1/storages")));
+  const list = { ...answer, data: answer.data?.storages };
+  const quota = answer.data?.quota;
   const create = useAction();
   const remove = useAction();
   const [name, setName] = useState("");
@@ -32,7 +34,7 @@ export default function StoragePage() {
     );
     if (ok) {
       close();
-      await list.reload();
+      await answer.reload();
     }
   });
 
@@ -42,7 +44,7 @@ export default function StoragePage() {
     );
     if (ok) {
       setName("");
-      await list.reload();
+      await answer.reload();
     }
   }
 
@@ -64,6 +66,13 @@ export default function StoragePage() {
           </div>
         </InlineForm>
       </Card>
+      {quota ? (
+        <p id="storage-quota">
+          {formatBytes(quota.used_bytes)} stored
+          {quota.noncurrent_bytes > 0 ? ` (${formatBytes(quota.noncurrent_bytes)} in earlier versions, billed until they expire)` : ""}
+          {quota.quota_bytes != null ? ` of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
+        </p>
+      ) : null}
       <LoadState load={list} what="Loading your buckets" empty={list.data?.length === 0}>
         No bucket yet: create one above.
       </LoadState>
@@ -75,13 +84,18 @@ export default function StoragePage() {
                 <Link href={`/storage/files/?id=${encodeURIComponent(s.id)}`}>{s.display_name}</Link>
                 <div className="muted small">
                   {s.backend}: {s.bucket_name}
-                  {s.status !== "active" ? ` (${s.status})` : ""}
+                  {s.status === "deleting" ? " (being deleted)" : s.status !== "active" ? ` (${s.status})` : ""}
                 </div>
               </th>
               <td>{s.storage_class}</td>
               <td>
                 {formatBytes(s.size_bytes)}
                 {s.object_count !== null ? <span className="muted"> · {s.object_count} files</span> : null}
+                {s.noncurrent_bytes ? (
+                  <div className="muted small">
+                    + {formatBytes(s.noncurrent_bytes)} in {s.noncurrent_object_count} earlier versions
+                  </div>
+                ) : null}
               </td>
               <td>{formatTime(s.created_at)}</td>
               <td className="row-actions">
