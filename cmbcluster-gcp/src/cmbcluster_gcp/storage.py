@@ -64,6 +64,7 @@ from cmbcluster_gcp.labels import (
     encode_display_name,
     is_display_name_label,
 )
+from cmbcluster_gcp.lifecycle import lifecycle_rules
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.uploads import upload_in_pieces
 
@@ -111,21 +112,6 @@ _FROM_GCS_CLASS = {
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def lifecycle_rules(noncurrent_days: int, noncurrent_kept: int) -> list[dict[str, Any]]:
-    """The lifecycle of a versioned bucket: a noncurrent version is deleted ``noncurrent_days``
-    after it stopped being live, and sooner once ``noncurrent_kept`` newer noncurrent versions
-    exist (``numNewerVersions`` counts the live version too, hence the + 1; 0: no count bound).
-    The age rule is what bounds a deleted object's versions, which nothing newer ever displaces."""
-    rules: list[dict[str, Any]] = [
-        {"action": {"type": "Delete"}, "condition": {"isLive": False, "daysSinceNoncurrentTime": noncurrent_days}}
-    ]
-    if noncurrent_kept > 0:
-        rules.append(
-            {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": noncurrent_kept + 1}}
-        )
-    return rules
 
 
 # -- the backend ----------------------------------------------------------------------------------
