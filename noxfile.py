@@ -108,7 +108,9 @@ def tests_k8s(session: nox.Session) -> None:
     install_packages(session, core_extras="jupyter")
     install_test_cluster(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
-    session.run("python", "-m", "pytest", "tests/k8s", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *session.posargs)
+    # Arguments choose the tests (`./run nox -s tests-k8s -- tests/k8s/test_helm_chart.py -k aws`), else all.
+    targets = session.posargs or ["tests/k8s"]
+    session.run("python", "-m", "pytest", f"--junitxml={REPORTS / 'tests-k8s.xml'}", *targets)
 
 
 # -- the web UI (frontend/: Next.js, built into cmbcluster-core's package data) ---------------------

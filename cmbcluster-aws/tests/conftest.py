@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -12,6 +14,9 @@ from moto.s3.models import FakeDeleteMarker, S3Backend
 from moto.server import ThreadedMotoServer
 
 from cmbcluster_aws.settings import AwsSettings
+
+sys.path.insert(0, str(Path(__file__).parent))
+import moto_stand_ins
 
 REGION = "eu-west-1"
 ACCOUNT_ID = "123456789012"
@@ -49,6 +54,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         _hide_deleted_folders(mp)
+        moto_stand_ins.install(mp)  # EKS add-ons and the IAM policy simulator, which moto lacks
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
@@ -64,6 +70,7 @@ def moto_reset(moto_endpoint: str) -> str:
     request = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+    moto_stand_ins.DENIED.clear()
     return moto_endpoint
 
 

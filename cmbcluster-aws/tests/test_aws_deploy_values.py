@@ -31,7 +31,10 @@ def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
                 "region": "eu-west-1",
                 "accountId": "123456789012",
                 "eksClusterName": "cmbcluster-eks",
-                "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks-controlplane",
+                # the deployment's path (its name is the cluster's by default)
+                "controlPlaneRoleArn": (
+                    "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane"
+                ),
                 "ecrRegistryUrl": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/",
             }
         },
@@ -43,7 +46,7 @@ def test_role_arn_follows_the_partition() -> None:
     china = AwsSettings.model_validate(
         {"AWS_REGION": "cn-north-1", "AWS_ACCOUNT_ID": "123456789012", "EKS_CLUSTER_NAME": "cmb"}
     )
-    assert control_plane_role_arn(china) == "arn:aws-cn:iam::123456789012:role/cmbcluster-infra/cmb-controlplane"
+    assert control_plane_role_arn(china) == "arn:aws-cn:iam::123456789012:role/cmbcluster-infra/cmb/cmb-controlplane"
 
 
 def test_only_the_aws_concerns_in_use(monkeypatch: pytest.MonkeyPatch) -> None:

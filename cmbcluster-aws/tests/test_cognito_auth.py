@@ -191,9 +191,10 @@ def test_tokens_of_another_app_client_are_rejected(provider: CognitoProvider, po
 def test_tokens_of_another_issuer_are_rejected(cognito_settings: Callable[..., AwsSettings], pool: Pool) -> None:
     pool.add_user("eve@example.org")
     tokens = pool.tokens("eve@example.org")
-    other_region = CognitoProvider.from_settings(cognito_settings(aws_region="us-east-1"))
+    # another pool's tokens, even signed by keys this deployment trusts
+    other_pool = CognitoProvider.from_settings(cognito_settings(cognito_user_pool_id=f"{pool.pool_id}x"))
     with pytest.raises(AuthenticationFailed, match="issuer"):
-        other_region.validate_token(tokens["id"])
+        other_pool.validate_token(tokens["id"])
     overridden = CognitoProvider.from_settings(cognito_settings(cognito_issuer="https://issuer.example/pool"))
     with pytest.raises(AuthenticationFailed, match="issuer"):
         overridden.validate_token(tokens["id"])
@@ -354,6 +355,15 @@ def test_without_overrides_the_real_cognito_urls_are_used(make_settings: Callabl
     assert cognito.config.issuer == issuer
     assert cognito.config.jwks_url == f"{issuer}/.well-known/jwks.json"
     assert cognito.config.client_secret is None and cognito.domain is None
+
+
+def test_a_pool_in_another_region_than_the_cluster_is_verified_against_its_own_region(
+    make_settings: Callable[..., AwsSettings],
+) -> None:
+    # the cluster in eu-west-1, the pool in us-east-1: Cognito issues the pool's tokens from us-east-1
+    settings = make_settings(cognito_user_pool_id="us-east-1_AbC", cognito_client_id="client-1")
+    cognito = CognitoProvider.from_settings(settings)
+    assert cognito.config.issuer == "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbC"
 
 
 def test_factory_lists_missing_pool_and_client(make_settings: Callable[..., AwsSettings]) -> None:

@@ -19,6 +19,7 @@ import pytest
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import InfraProvider, UserRef
 from cmbcluster_aws.identity import BUCKET_POLICY_NAME, ROLE_ANNOTATION, AwsInfra
+from cmbcluster_aws.provisioning import user_boundary_policy
 from cmbcluster_aws.settings import AwsSettings
 
 REGION = "eu-west-1"  # as in conftest.make_settings
@@ -27,6 +28,8 @@ CLUSTER = "cmbtest-eks"
 NAMESPACE = "cmbcluster-users"
 USER_A = UserRef(id="0f3a9c1e7b2d4e6f8a0b1c2d3e4f5a6b", email="alice@example.org")
 USER_B = UserRef(id="9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b", email="bob@example.org")
+USER_PATH = f"/cmbcluster-users/{CLUSTER}/"  # the deployment's name is the cluster's by default
+BOUNDARY = f"arn:aws:iam::{ACCOUNT_ID}:policy/cmbcluster-infra/{CLUSTER}/{CLUSTER}-user-boundary"
 OBJECT_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
 
 
@@ -71,7 +74,18 @@ def issuer(moto_reset: str, iam: Any) -> str:
 
 
 @pytest.fixture
-def infra(make_settings: Callable[..., AwsSettings], issuer: str) -> Iterator[AwsInfra]:
+def boundary(make_settings: Callable[..., AwsSettings], iam: Any) -> str:
+    """The permissions boundary of per-user roles, as `cmbcluster infra up` makes it."""
+    arn = iam.create_policy(
+        PolicyName=f"{CLUSTER}-user-boundary", Path=f"/cmbcluster-infra/{CLUSTER}/",
+        PolicyDocument=json.dumps(user_boundary_policy(make_settings(eks_cluster_name=CLUSTER))),
+    )["Policy"]["Arn"]  # fmt: skip
+    assert arn == BOUNDARY
+    return str(arn)
+
+
+@pytest.fixture
+def infra(make_settings: Callable[..., AwsSettings], issuer: str, boundary: str) -> Iterator[AwsInfra]:
     provider = AwsInfra(make_settings(eks_cluster_name=CLUSTER), domain="cmb.example.org")
     yield provider
     provider.close()
@@ -84,10 +98,11 @@ def test_is_an_infra_provider(infra: AwsInfra) -> None:
 def test_role_trust_policy_admits_only_the_users_service_account(infra: AwsInfra, iam: Any, issuer: str) -> None:
     identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
 
-    name = "cmbcluster-user-0f3a9c1e7b"
-    role_arn = f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster/{name}"
+    service_account = "cmbcluster-user-0f3a9c1e7b"
+    name = f"{CLUSTER}-user-0f3a9c1e7b"  # the role carries the deployment's name, the ServiceAccount need not
+    role_arn = f"arn:aws:iam::{ACCOUNT_ID}:role{USER_PATH}{name}"
     assert identity.user == USER_A
-    assert identity.service_account == name
+    assert identity.service_account == service_account
     assert identity.namespace == NAMESPACE
     assert identity.principal == role_arn
     assert identity.annotations == {ROLE_ANNOTATION: role_arn}
@@ -95,8 +110,13 @@ def test_role_trust_policy_admits_only_the_users_service_account(infra: AwsInfra
 
     role = iam.get_role(RoleName=name)["Role"]
     assert role["Arn"] == role_arn
-    assert role["Path"] == "/cmbcluster/"
-    assert {t["Key"]: t["Value"] for t in role["Tags"]} == {"owner": USER_A.id, "managed-by": "cmbcluster"}
+    assert role["Path"] == USER_PATH  # a path holding this deployment's per-user roles only
+    # the boundary the control plane cannot change: users' buckets at most, whatever it writes into the role
+    assert role["PermissionsBoundary"] == {"PermissionsBoundaryType": "PermissionsBoundaryPolicy",
+                                           "PermissionsBoundaryArn": BOUNDARY}  # fmt: skip
+    assert {t["Key"]: t["Value"] for t in role["Tags"]} == {
+        "owner": USER_A.id, "managed-by": "cmbcluster", "cmbcluster:deployment": CLUSTER,
+    }  # fmt: skip
     issuer_id = issuer.removeprefix("https://")
     assert _document(role["AssumeRolePolicyDocument"]) == {
         "Version": "2012-10-17",
@@ -107,7 +127,7 @@ def test_role_trust_policy_admits_only_the_users_service_account(infra: AwsInfra
                 "Action": "sts:AssumeRoleWithWebIdentity",
                 "Condition": {
                     "StringEquals": {
-                        f"{issuer_id}:sub": f"system:serviceaccount:{NAMESPACE}:{name}",
+                        f"{issuer_id}:sub": f"system:serviceaccount:{NAMESPACE}:{service_account}",
                         f"{issuer_id}:aud": "sts.amazonaws.com",
                     }
                 },
@@ -120,10 +140,10 @@ def test_role_trust_policy_admits_only_the_users_service_account(infra: AwsInfra
 
 
 def test_bucket_policy_grants_exactly_the_users_buckets(infra: AwsInfra, iam: Any) -> None:
-    identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
+    infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
     infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-bbbb0002", "cmbtest-0f3a9c1e7b-aaaa0001"])
 
-    name = identity.service_account
+    name = infra.role_name(USER_A)
     assert iam.list_role_policies(RoleName=name)["PolicyNames"] == [BUCKET_POLICY_NAME]
     document = _document(iam.get_role_policy(RoleName=name, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"])
     assert document == {
@@ -170,14 +190,15 @@ def test_user_a_role_does_not_reach_user_b_bucket(infra: AwsInfra, iam: Any) -> 
     infra.update_user_buckets(USER_A, [bucket_a])
     infra.update_user_buckets(USER_B, [bucket_b])
 
-    policy_a = iam.get_role_policy(RoleName=a.service_account, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
-    policy_b = iam.get_role_policy(RoleName=b.service_account, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
+    role_a, role_b = infra.role_name(USER_A), infra.role_name(USER_B)
+    policy_a = iam.get_role_policy(RoleName=role_a, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
+    policy_b = iam.get_role_policy(RoleName=role_b, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
     text_a, text_b = json.dumps(_document(policy_a)), json.dumps(_document(policy_b))
     assert bucket_b not in text_a and bucket_a in text_a
     assert bucket_a not in text_b and bucket_b in text_b
 
     # Each role trusts only its own ServiceAccount.
-    trust_a = json.dumps(_document(iam.get_role(RoleName=a.service_account)["Role"]["AssumeRolePolicyDocument"]))
+    trust_a = json.dumps(_document(iam.get_role(RoleName=role_a)["Role"]["AssumeRolePolicyDocument"]))
     assert f"system:serviceaccount:{NAMESPACE}:{a.service_account}" in trust_a
     assert str(b.service_account) not in trust_a
 
@@ -190,29 +211,31 @@ def test_ensure_is_idempotent_and_updates_the_trust_policy(infra: AwsInfra, iam:
     moved = infra.ensure_user_identity(USER_A, namespace="other-ns")
     assert moved.principal == first.principal
 
-    roles = [r["RoleName"] for r in iam.list_roles(PathPrefix="/cmbcluster/")["Roles"]]
-    assert roles == [first.service_account]
-    trust = _document(iam.get_role(RoleName=first.service_account)["Role"]["AssumeRolePolicyDocument"])
+    role = infra.role_name(USER_A)
+    roles = [r["RoleName"] for r in iam.list_roles(PathPrefix=USER_PATH)["Roles"]]
+    assert roles == [role]
+    trust = _document(iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"])
     subjects = [v for k, v in trust["Statement"][0]["Condition"]["StringEquals"].items() if k.endswith(":sub")]
     assert subjects == [f"system:serviceaccount:other-ns:{first.service_account}"]
     # Re-ensuring leaves the user's bucket grant alone.
-    assert iam.list_role_policies(RoleName=first.service_account)["PolicyNames"] == [BUCKET_POLICY_NAME]
+    assert iam.list_role_policies(RoleName=role)["PolicyNames"] == [BUCKET_POLICY_NAME]
 
 
 def test_delete_removes_policy_and_role_idempotently(infra: AwsInfra, iam: Any) -> None:
-    identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
+    infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
+    role = infra.role_name(USER_A)
     infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
     infra.delete_user_identity(USER_A, namespace=NAMESPACE)
 
     with pytest.raises(iam.exceptions.NoSuchEntityException):
-        iam.get_role(RoleName=identity.service_account)
+        iam.get_role(RoleName=role)
     with pytest.raises(iam.exceptions.NoSuchEntityException):
-        iam.get_role_policy(RoleName=identity.service_account, PolicyName=BUCKET_POLICY_NAME)
+        iam.get_role_policy(RoleName=role, PolicyName=BUCKET_POLICY_NAME)
     infra.delete_user_identity(USER_A, namespace=NAMESPACE)  # idempotent
     # without a role there is nothing to grant: no role is created behind ensure_user_identity's back
     infra.update_user_buckets(USER_A, ["cmbtest-0f3a9c1e7b-aaaa0001"])
     with pytest.raises(iam.exceptions.NoSuchEntityException):
-        iam.get_role(RoleName=identity.service_account)
+        iam.get_role(RoleName=role)
 
 
 def test_a_role_of_another_owner_is_not_taken_over(infra: AwsInfra, iam: Any) -> None:
@@ -222,7 +245,41 @@ def test_a_role_of_another_owner_is_not_taken_over(infra: AwsInfra, iam: Any) ->
         infra.ensure_user_identity(twin, namespace=NAMESPACE)
     with pytest.raises(Conflict):
         infra.delete_user_identity(twin, namespace=NAMESPACE)
-    assert iam.get_role(RoleName="cmbcluster-user-0f3a9c1e7b")["Role"]
+    assert iam.get_role(RoleName=f"{CLUSTER}-user-0f3a9c1e7b")["Role"]
+
+
+def test_a_role_without_the_boundary_is_not_taken_over(infra: AwsInfra, iam: Any) -> None:
+    """A role of the right name, path and tags but no boundary (made by hand) would let the control
+    plane grant more than users' buckets: it is refused, never adopted."""
+    iam.create_role(
+        RoleName=infra.role_name(USER_A), Path=USER_PATH, AssumeRolePolicyDocument="{}",
+        Tags=[{"Key": "owner", "Value": USER_A.id}, {"Key": "managed-by", "Value": "cmbcluster"}],
+    )  # fmt: skip
+    with pytest.raises(Conflict, match="does not belong to this user"):
+        infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
+
+
+def test_two_deployments_of_one_account_keep_their_users_apart(
+    make_settings: Callable[..., AwsSettings], issuer: str, iam: Any, boundary: str
+) -> None:
+    """Every name carries the deployment's: roles, their path, bucket prefixes and repositories."""
+    lab = make_settings(eks_cluster_name=CLUSTER, deployment_name="lab", s3_user_bucket_prefix="")
+    other = make_settings(eks_cluster_name=CLUSTER, deployment_name="other", s3_user_bucket_prefix="")
+    assert (lab.s3_user_bucket_prefix, other.s3_user_bucket_prefix) == ("lab-user", "other-user")
+    iam.create_policy(PolicyName="lab-user-boundary", Path="/cmbcluster-infra/lab/", PolicyDocument=json.dumps(
+        user_boundary_policy(lab)))  # fmt: skip
+    first, second = AwsInfra(lab), AwsInfra(other)
+    try:
+        identity = first.ensure_user_identity(USER_A, namespace=NAMESPACE)
+        assert identity.principal == f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster-users/lab/lab-user-0f3a9c1e7b"
+        assert first.registry().repository_prefix == "lab"
+        # the other deployment neither sees nor may touch it: another name, under another path
+        assert second.role_name(USER_A) == "other-user-0f3a9c1e7b" and second.role_path == "/cmbcluster-users/other/"
+        assert [r["RoleName"] for r in iam.list_roles(PathPrefix=second.role_path)["Roles"]] == []
+        assert second.permissions_boundary != first.permissions_boundary
+    finally:
+        first.close()
+        second.close()
 
 
 def test_bad_input_is_refused(infra: AwsInfra) -> None:
@@ -255,7 +312,7 @@ def test_missing_cluster_is_not_found(make_settings: Callable[..., AwsSettings])
 def test_registry_and_login(infra: AwsInfra, make_settings: Callable[..., AwsSettings]) -> None:
     registry = infra.registry()
     assert registry.host == f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com"
-    assert registry.repository_prefix == "cmbcluster"
+    assert registry.repository_prefix == CLUSTER  # the deployment's own repositories
     login = infra.registry_login()
     assert login.username == "AWS"
     assert login.password == f"{ACCOUNT_ID}-auth-token"  # moto's token: base64("AWS:<account>-auth-token")

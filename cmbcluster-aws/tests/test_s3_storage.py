@@ -103,6 +103,7 @@ def test_new_bucket_is_private_encrypted_versioned_and_tagged(backend: S3Storage
     assert tags == {
         "owner": owner.id,
         "managed-by": "cmbcluster",
+        "cmbcluster:deployment": "cmbcluster-eks",  # the deployment's name (the default cluster's)
         "cmbcluster-display-name": "Maps =26 spectra =3D =C3=A9t=C3=A9",
         "cmbcluster-storage-class": "STANDARD",
     }
@@ -112,7 +113,8 @@ def test_new_bucket_is_private_encrypted_versioned_and_tagged(backend: S3Storage
     assert fetched.display_name == "Maps & spectra = été"
     assert fetched.versioning is True and info.versioning is True
     assert fetched.location == REGION
-    assert fetched.labels == {"owner": owner.id, "managed-by": "cmbcluster", "cmbcluster-storage-class": "STANDARD"}
+    assert fetched.labels == {"owner": owner.id, "managed-by": "cmbcluster", "cmbcluster:deployment": "cmbcluster-eks",
+                              "cmbcluster-storage-class": "STANDARD"}  # fmt: skip
     assert fetched.created_at.tzinfo is not None
 
 
@@ -695,6 +697,54 @@ def test_bucket_policy_grants_the_role_only(backend: S3Storage, owner: UserRef, 
     for bad in ("*", "arn:aws:iam::123456789012:user/alice", "123456789012", ""):
         with pytest.raises(InvalidRequest):
             backend.ensure_bucket_access(info.name, CloudIdentity(user=owner, principal=bad))
+
+
+def _refuse_principal(backend: S3Storage, monkeypatch: pytest.MonkeyPatch, times: int, code: str = "MalformedPolicy",
+                      message: str = "Invalid principal in policy") -> list[float]:  # fmt: skip
+    """S3 refusing a new role as a principal ``times`` times (IAM has not propagated it yet); the
+    pauses the backend takes between tries are returned (the backend's clock is not really slept)."""
+    real, calls = backend._client.put_bucket_policy, {"n": 0}
+    pauses: list[float] = []
+
+    def put_bucket_policy(**kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise ClientError({"Error": {"Code": code, "Message": message}}, "PutBucketPolicy")
+        return real(**kwargs)
+
+    monkeypatch.setattr(backend._client, "put_bucket_policy", put_bucket_policy)
+    monkeypatch.setattr(time, "sleep", pauses.append)  # the one clock cmbcluster_aws.clients sleeps on
+    return pauses
+
+
+def test_a_new_role_refused_as_principal_is_retried_for_the_propagation_window(
+    backend: S3Storage, owner: UserRef, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = backend.create_bucket(owner, BucketOptions(display_name="new user"))
+    identity = CloudIdentity(user=owner, principal=ROLE_ARN, service_account="cmb-user", namespace="cmbcluster")
+    pauses = _refuse_principal(backend, monkeypatch, times=3)
+    backend.ensure_bucket_access(info.name, identity)  # IAM caught up on the fourth try
+    assert pauses == [0.5, 1.0, 2.0]  # backing off
+    assert ROLE_ARN in s3.get_bucket_policy(Bucket=info.name)["Policy"]
+
+
+def test_a_principal_still_refused_after_the_window_is_reported(
+    make_settings: Callable[..., AwsSettings], owner: UserRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = S3Storage(make_settings(), propagation_seconds=10)
+    info = backend.create_bucket(owner, BucketOptions(display_name="never"))
+    identity = CloudIdentity(user=owner, principal=ROLE_ARN, service_account="cmb-user", namespace="cmbcluster")
+    pauses = _refuse_principal(backend, monkeypatch, times=100)
+    with pytest.raises(InvalidRequest, match="Invalid principal"):
+        backend.ensure_bucket_access(info.name, identity)
+    assert sum(pauses) == pytest.approx(10)  # the whole window, not one second more
+    # anything else is not IAM catching up: reported at once, never retried
+    other = _refuse_principal(
+        backend, monkeypatch, times=1, code="MalformedPolicy", message="Policy has invalid action"
+    )
+    with pytest.raises(InvalidRequest, match="invalid action"):
+        backend.ensure_bucket_access(info.name, identity)
+    assert other == []
 
 
 # -- errors --------------------------------------------------------------------------------------

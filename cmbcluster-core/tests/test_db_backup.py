@@ -299,6 +299,7 @@ def test_restore_is_refused_while_a_server_serves_the_database(
         try:
             assert second.process.wait(timeout=60) != 0
             assert "one control plane per SQLite database" in second.output()
+            assert "Traceback" not in second.output()  # one clear line, before uvicorn starts
         finally:
             second.stop()
         server.process.kill()  # even killed, its lock goes with it

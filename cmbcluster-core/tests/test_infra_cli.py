@@ -4,7 +4,7 @@ third party's provisioner registered through the same infra hook as AWS and GCP.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,12 +13,16 @@ from cmbcluster import provisioning
 from cmbcluster.commands.infra import dns_records
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, ProviderUnavailable
 from cmbcluster.interfaces import (
+    DNS_RECORD_KIND,
+    DeploymentRecord,
+    DnsRecord,
     PlannedStep,
     ProgressEvent,
     Provisioner,
     ProvisioningOptions,
     ResourceRecord,
     StepContext,
+    Tool,
 )
 from cmbcluster.provisioning import ProvisioningRecord, StepRun
 from cmbcluster.testing.process import clean_environ, run_cli
@@ -164,7 +168,7 @@ def test_providers_without_a_provisioner_and_bad_options_are_clear_errors(tmp_pa
     bad = run_cli("infra", "up", "--addons", "sometimes", env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     missing = run_cli("infra", "dns", env=env, cwd=tmp_path)
-    assert missing.returncode == 2 and "--target" in missing.stderr
+    assert missing.returncode == 1 and "cannot provision" in missing.stderr
     unknown = run_cli("infra", "plan", env={**env, "CMBCLUSTER_INFRA_PROVIDER": "azure"}, cwd=tmp_path)
     assert unknown.returncode == 1 and "azure" in unknown.stderr and "Traceback" not in unknown.stderr
 
@@ -267,15 +271,17 @@ def test_an_unreadable_or_foreign_record_is_refused(tmp_path: Path) -> None:
         ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
 
 
-def test_dns_records_for_a_domain_and_its_environments() -> None:
-    a, wildcard = dns_records("CMB.Example.org.", "203.0.113.9")
+def test_dns_records_for_the_ui_host_and_the_environments_domain() -> None:
+    a, wildcard = dns_records("CMB.Example.org.", "203.0.113.9", environments_domain="Envs.Example.org")
     assert (a.name, a.type, a.values) == ("cmb.example.org", "A", ("203.0.113.9",))
-    assert wildcard.name == "*.cmb.example.org"
-    [cname] = dns_records("cmb.example.org", "lb-1.elb.amazonaws.com", wildcard=False)
+    assert wildcard.name == "*.envs.example.org"  # where environments are served, not *.<UI host>
+    [cname] = dns_records("cmb.example.org", "lb-1.elb.amazonaws.com")  # path routing: the UI host only
     assert cname.type == "CNAME"
     for domain, target in (("localhost", "1.2.3.4"), ("cmb.example.org", "not a host"), ("bad_.org", "1.2.3.4")):
         with pytest.raises(InvalidRequest):
             dns_records(domain, target)
+    with pytest.raises(InvalidRequest, match="environments domain"):
+        dns_records("cmb.example.org", "1.2.3.4", environments_domain="bad_")
 
 
 def test_a_failing_external_command_is_reported_with_its_output(tmp_path: Path) -> None:
@@ -283,3 +289,101 @@ def test_a_failing_external_command_is_reported_with_its_output(tmp_path: Path) 
     ctx = StepRun("addon", record, ProvisioningOptions(), lambda event: None)
     with pytest.raises(ProviderUnavailable, match=r"exit 3\): boom"):
         ctx.run(["sh", "-c", "echo boom >&2; exit 3"])
+
+
+class GuardedProvisioner(MemoryProvisioner):
+    """The memory cloud with what `up` checks first (tools, problems), what `down` keeps (a user's
+    bucket), and DNS records in a dict."""
+
+    def __init__(self, *, tools: tuple[str, ...] = (), problems: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.tools, self.problems = tools, problems
+        self.kept = {"bucket-of-vera": "a user's bucket, with all its data"}
+        self.records: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def required_tools(self, options: ProvisioningOptions) -> list[Tool]:
+        return [Tool(name=name, why=f"{name} is needed") for name in self.tools]
+
+    def check_up(self, note: Callable[[str], None]) -> list[str]:
+        note("checked what could be checked")
+        return list(self.problems)
+
+    def retained(self, record: DeploymentRecord) -> list[ResourceRecord]:
+        return [ResourceRecord(step="retained", kind="bucket", id=k, name=k, attributes={"why": v})
+                for k, v in self.kept.items()]  # fmt: skip
+
+    def delete_retained(self, resource: ResourceRecord, ctx: StepContext) -> None:
+        assert "c1" not in self.cloud, "what is kept goes after what used it"
+        del self.kept[resource.id]
+
+    def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
+        ordered = list(reversed(resources))
+        return [r for r in ordered if r.kind != "bucket"] + [r for r in ordered if r.kind == "bucket"]
+
+    def upsert_dns(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
+        if not dry_run:
+            for r in records:
+                self.records = {k: v for k, v in self.records.items() if k[0] != r.name.rstrip(".") + "."}
+                self.records[(r.name.rstrip(".") + ".", r.type)] = r.values
+        return [f"UPSERT {r.type} {r.name}" for r in records]
+
+    def delete_dns(self, record: DnsRecord) -> bool:
+        return self.records.pop((record.name, record.type), None) == record.values
+
+
+def test_up_names_every_missing_tool_and_problem_before_creating_anything(tmp_path: Path) -> None:
+    record = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
+    guarded = GuardedProvisioner(tools=("no-such-tool-a", "no-such-tool-b", "sh"))
+    with pytest.raises(ConfigurationError) as missing:
+        provisioning.up(guarded, record)
+    assert "`no-such-tool-a` is not installed" in str(missing.value) and "no-such-tool-b" in str(missing.value)
+    assert "`sh`" not in str(missing.value) and guarded.cloud == {} and record.resources == []
+
+    guarded = GuardedProvisioner(problems=("the credentials may not make clusters", "no DNS zone holds x.org"))
+    events: list[ProgressEvent] = []
+    with pytest.raises(ConfigurationError) as refused:
+        provisioning.up(guarded, record, progress=events.append)
+    assert "may not make clusters" in str(refused.value) and "no DNS zone" in str(refused.value)
+    assert "nothing was created" in str(refused.value) and guarded.cloud == {}
+    assert "checked what could be checked" in [e.message for e in events]
+
+
+def test_down_keeps_what_the_deployment_made_unless_told_and_removes_its_dns_records(tmp_path: Path) -> None:
+    record = ProvisioningRecord.for_deployment(tmp_path, provider="memory", deployment="demo")
+    guarded = GuardedProvisioner()
+    provisioning.up(guarded, record, ProvisioningOptions(addons="print"))
+    records = dns_records("cmb.example.org", "203.0.113.9", environments_domain="envs.example.org")
+    assert provisioning.dns(guarded, record, records, dry_run=True) and record.find(DNS_RECORD_KIND) == []
+    provisioning.dns(guarded, record, records)
+    assert {r.name for r in record.find(DNS_RECORD_KIND)} == {"cmb.example.org.", "*.envs.example.org."}
+    # pointed at a load balancer later: the CNAME replaces the A record, in the cloud and in the record
+    provisioning.dns(guarded, record, dns_records("cmb.example.org", "lb.example.net"))
+    assert [(r.name, r.attributes["type"]) for r in record.find(DNS_RECORD_KIND, name="cmb.example.org.")] == [
+        ("cmb.example.org.", "CNAME")
+    ]
+
+    events: list[ProgressEvent] = []
+    provisioning.down(guarded, record, progress=events.append)
+    deleted = [e.message for e in events if e.action == "deleted"]
+    assert deleted[0].startswith("dns/record")  # the names first: nothing points at a load balancer that goes
+    assert guarded.records == {} and guarded.cloud == {} and record.resources == []
+    assert guarded.kept and any("kept on purpose: bucket bucket-of-vera" in e.message for e in events)
+
+    provisioning.down(guarded, record, ProvisioningOptions(delete_retained=True))
+    assert guarded.kept == {} and provisioning.retained(guarded, record) == []
+
+
+def test_the_cli_lists_what_down_keeps(toycloud: dict[str, str], tmp_path: Path) -> None:
+    up = run_cli("infra", "up", env=toycloud, cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    down = run_cli("infra", "down", "--yes", env=toycloud, cwd=tmp_path)
+    assert down.returncode == 0 and "keeping" not in down.stdout  # the toy cloud keeps nothing
+    missing = run_cli("infra", "kubeconfig", env=toycloud, cwd=tmp_path)
+    assert missing.returncode == 1 and "no kubeconfig" in missing.stderr
+    given = run_cli("infra", "kubeconfig", env={**toycloud, "CMBCLUSTER_INFRA_KUBECONFIG": str(tmp_path / "kc")},
+                    cwd=tmp_path)  # fmt: skip
+    assert given.returncode == 1 and str(tmp_path / "kc") in given.stderr
+    (tmp_path / "kc").write_text("{}")
+    given = run_cli("infra", "kubeconfig", env={**toycloud, "CMBCLUSTER_INFRA_KUBECONFIG": str(tmp_path / "kc")},
+                    cwd=tmp_path)  # fmt: skip
+    assert given.returncode == 0 and given.stdout.strip() == str(tmp_path / "kc")

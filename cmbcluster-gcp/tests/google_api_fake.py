@@ -5,19 +5,27 @@ A real HTTP server on 127.0.0.1 that serves, under one base URL, the paths of:
 - compute v1: networks, subnetworks, routers (global and regional operations)
 - container v1: clusters (and their operations)
 - artifactregistry v1: repositories (long-running operations)
-- storage v1: buckets and object listing/deletion
-- dns v1: managed zones, resource record sets, changes
+- storage v1: buckets (and their listing) and object listing/deletion
+- dns v1: managed zones, resource record sets, changes (a CNAME refused beside other records), zone IAM
+- iam v1: service accounts and their IAM policies
+- cloudresourcemanager v1 (project IAM policy, testIamPermissions) and v3 (the project's number)
+- compute v1: persistent disks (aggregated list by label, delete)
 
 It checks what the documented APIs check and what our code relies on: the bearer token, JSON
 bodies with the documented field names and types, names that match the path, references to
 resources that exist, 409 on creating what exists, 404 on what does not, 400 when deleting
 what something else still uses (a network with subnetworks, a subnetwork under a cluster).
 Operations are RUNNING on their first read and DONE on the next, so callers must poll. Every
-request is recorded for assertions; ``fail_next`` injects an HTTP error.
+request is recorded for assertions; ``fail_next`` injects an HTTP error. IAM policies check their
+members as IAM does: a service account that does not exist, or a Workload Identity pool before a
+cluster with Workload Identity exists, is a 400; ``propagation_refusals`` makes a new service
+account be refused that many times first (IAM's propagation delay); ``denied_permissions`` are
+left out of testIamPermissions' answers.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import re
@@ -62,6 +70,13 @@ class GoogleApiFake:
     zones: dict[str, dict[str, Any]] = field(default_factory=dict)
     rrsets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    service_accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # "project", "sa:<email>", "zone:<name>"
+    disks: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<zone>/<name>"
+    denied_permissions: set[str] = field(default_factory=set)
+    propagation_refusals: int = 0
+    unpropagated: dict[str, int] = field(default_factory=dict)
+    project_number: str = "271828182845"
     failures: list[tuple[str, re.Pattern[str], int]] = field(default_factory=list)
     url: str = ""
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -81,7 +96,18 @@ class GoogleApiFake:
 
     def resource_count(self) -> int:
         return sum(len(c) for c in (self.networks, self.subnetworks, self.routers, self.clusters, self.repositories,
-                                    self.buckets))  # fmt: skip
+                                    self.buckets, self.service_accounts))  # fmt: skip
+
+    def members(self, resource: str, role: str) -> list[str]:
+        """The members of ``role`` in the IAM policy of ``resource`` ("project", "sa:<email>", "zone:<name>")."""
+        bindings = self.policies.get(resource, {}).get("bindings", [])
+        return sorted(m for b in bindings if b["role"] == role for m in b["members"])
+
+    def add_disk(self, zone: str, name: str, labels: dict[str, str], size_gb: int = 10) -> None:
+        self.disks[f"{zone}/{name}"] = {
+            "kind": "compute#disk", "name": name, "sizeGb": str(size_gb), "labels": labels,
+            "zone": f"https://www.googleapis.com/compute/v1/projects/{self.project}/zones/{zone}",
+        }  # fmt: skip
 
     # -- operations ----------------------------------------------------------------------------
     def _compute_operation(self, scope: str, target: str, kind: str) -> dict[str, Any]:
@@ -137,7 +163,8 @@ class GoogleApiFake:
     def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
         p = re.escape(self.project)
         routes: list[tuple[str, str, Callable[..., Any]]] = [
-            ("GET", r"/compute/v1/projects/[^/]+/(?:global|regions/[^/]+)/operations/[^/]+", lambda: self._poll(path)),
+            ("GET", r"/compute/v1/projects/[^/]+/(?:global|regions/[^/]+|zones/[^/]+)/operations/[^/]+",
+             lambda: self._poll(path)),
             ("GET", r"/v1/projects/[^/]+/locations/[^/]+/operations/[^/]+", lambda: self._poll(path)),
             ("POST", rf"/compute/v1/projects/{p}/global/networks", lambda: self._create_network(body)),
             ("GET", rf"/compute/v1/projects/{p}/global/networks/([^/]+)", lambda n: self._get(self.networks, n)),
@@ -160,6 +187,7 @@ class GoogleApiFake:
             ("GET", rf"/v1/projects/{p}/locations/[^/]+/clusters/([^/]+)", lambda n: self._get(self.clusters, n)),
             ("DELETE", rf"/v1/projects/{p}/locations/([^/]+)/clusters/([^/]+)", self._delete_cluster),
             ("POST", r"/storage/v1/b", lambda: self._create_bucket(query, body)),
+            ("GET", r"/storage/v1/b", lambda: self._list_buckets(query)),
             ("GET", r"/storage/v1/b/([^/]+)", lambda n: self._get(self.buckets, n)),
             ("GET", r"/storage/v1/b/([^/]+)/o", self._list_objects),
             ("DELETE", r"/storage/v1/b/([^/]+)/o/([^/]+)", lambda b, o: self._delete_object(b, o, query)),
@@ -168,6 +196,25 @@ class GoogleApiFake:
             ("GET", rf"/dns/v1/projects/{p}/managedZones/([^/]+)", lambda n: self._get(self.zones, n)),
             ("GET", rf"/dns/v1/projects/{p}/managedZones/([^/]+)/rrsets", lambda z: self._rrsets(z, query)),
             ("POST", rf"/dns/v1/projects/{p}/managedZones/([^/]+)/changes", lambda z: self._change(z, body)),
+            ("POST", rf"/dns/v1/projects/{p}/managedZones/([^/:]+):getIamPolicy",
+             lambda z: self._get_policy(f"zone:{self._get(self.zones, z)['name']}")),
+            ("POST", rf"/dns/v1/projects/{p}/managedZones/([^/:]+):setIamPolicy",
+             lambda z: self._set_policy(f"zone:{self._get(self.zones, z)['name']}", body)),
+            ("POST", rf"/v1/projects/{p}/serviceAccounts", lambda: self._create_account(body)),
+            ("GET", rf"/v1/projects/{p}/serviceAccounts", lambda: {"accounts": list(self.service_accounts.values())}),
+            ("GET", rf"/v1/projects/(?:{p}|-)/serviceAccounts/([^/:]+)", lambda e: self._get(self.service_accounts, e)),
+            ("DELETE", rf"/v1/projects/(?:{p}|-)/serviceAccounts/([^/:]+)", self._delete_account),
+            ("POST", rf"/v1/projects/(?:{p}|-)/serviceAccounts/([^/:]+):getIamPolicy",
+             lambda e: self._get_policy(f"sa:{self._get(self.service_accounts, e)['email']}")),
+            ("POST", rf"/v1/projects/(?:{p}|-)/serviceAccounts/([^/:]+):setIamPolicy",
+             lambda e: self._set_policy(f"sa:{self._get(self.service_accounts, e)['email']}", body)),
+            ("POST", rf"/v1/projects/{p}:getIamPolicy", lambda: self._get_policy("project")),
+            ("POST", rf"/v1/projects/{p}:setIamPolicy", lambda: self._set_policy("project", body)),
+            ("POST", rf"/v1/projects/{p}:testIamPermissions", lambda: self._test_permissions(body)),
+            ("GET", rf"/v3/projects/{p}",
+             lambda: {"name": f"projects/{self.project_number}", "projectId": self.project}),
+            ("GET", rf"/compute/v1/projects/{p}/aggregated/disks", lambda: self._list_disks(query)),
+            ("DELETE", rf"/compute/v1/projects/{p}/zones/([^/]+)/disks/([^/]+)", self._delete_disk),
         ]  # fmt: skip
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -315,8 +362,11 @@ class GoogleApiFake:
         cluster = self._require(
             body["cluster"], {"name": str, "network": str, "subnetwork": str, "nodePools": list},
             {"description", "resourceLabels", "ipAllocationPolicy", "privateClusterConfig", "workloadIdentityConfig",
-             "addonsConfig", "releaseChannel", "initialClusterVersion"},
+             "addonsConfig", "releaseChannel", "initialClusterVersion", "networkConfig"},
         )  # fmt: skip
+        datapath = cluster.get("networkConfig", {}).get("datapathProvider", "DATAPATH_PROVIDER_UNSPECIFIED")
+        if datapath not in ("DATAPATH_PROVIDER_UNSPECIFIED", "LEGACY_DATAPATH", "ADVANCED_DATAPATH"):
+            raise ApiError(400, f"Invalid value for field 'cluster.networkConfig.datapathProvider': {datapath!r}")
         name = self._name(cluster["name"])
         self._ref(self.networks, cluster["network"], "networks")
         subnet = self.subnetworks[self._ref(self.subnetworks, cluster["subnetwork"], "subnetworks")]
@@ -355,6 +405,12 @@ class GoogleApiFake:
         self.buckets[body["name"]] = {"kind": "storage#bucket", "id": body["name"], **body}
         self.objects[body["name"]] = []
         return self.buckets[body["name"]]
+
+    def _list_buckets(self, query: dict[str, str]) -> dict[str, Any]:
+        if query.get("project") != self.project:
+            raise ApiError(400, "Required parameter: project")
+        prefix = query.get("prefix", "")
+        return {"kind": "storage#buckets", "items": [b for n, b in self.buckets.items() if n.startswith(prefix)]}
 
     def _list_objects(self, bucket: str) -> dict[str, Any]:
         self._get(self.buckets, bucket)
@@ -400,8 +456,98 @@ class GoogleApiFake:
             if any(r["name"] == addition["name"] and r["type"] == addition["type"] for r in remaining):
                 raise ApiError(409, f"The resource record set '{addition['name']}' already exists")
             remaining.append(addition)
+        for record in remaining:  # RFC 1034: a CNAME is alone at its name, which Cloud DNS enforces
+            others = [r for r in remaining if r["name"] == record["name"] and r["type"] != record["type"]]
+            if record["type"] == "CNAME" and others:
+                raise ApiError(400, f"The resource '{record['name']}' (CNAME) is not compatible because other records "
+                                    f"with that name exist ({others[0]['type']})")  # fmt: skip
         self.rrsets[zone] = remaining
         return {"kind": "dns#change", "status": "done", **body}
+
+    # -- iam -------------------------------------------------------------------------------------
+    def _create_account(self, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"accountId": str}, {"serviceAccount"})
+        account_id = body["accountId"]
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{4,28}[a-z0-9])", account_id):
+            raise ApiError(400, f"accountId {account_id!r} must be 6-30 characters: [a-z]([-a-z0-9]*[a-z0-9])")
+        details = self._require(body.get("serviceAccount", {}), {}, {"displayName", "description"})
+        email = f"{account_id}@{self.project}.iam.gserviceaccount.com"
+        if email in self.service_accounts:
+            raise ApiError(409, f"Service account {account_id} already exists within project projects/{self.project}.")
+        self.service_accounts[email] = {
+            "name": f"projects/{self.project}/serviceAccounts/{email}", "projectId": self.project, "email": email,
+            "uniqueId": str(10**20 + next(self._ids)), **details,
+        }  # fmt: skip
+        self.policies[f"sa:{email}"] = {"version": 1, "etag": "BwE", "bindings": []}
+        if self.propagation_refusals:
+            self.unpropagated[email] = self.propagation_refusals
+        return self.service_accounts[email]
+
+    def _delete_account(self, email: str) -> dict[str, Any]:
+        self._get(self.service_accounts, email)
+        del self.service_accounts[email]
+        self.policies.pop(f"sa:{email}", None)
+        return {}
+
+    def _get_policy(self, resource: str) -> dict[str, Any]:
+        policy: dict[str, Any] = copy.deepcopy(
+            self.policies.setdefault(resource, {"version": 1, "etag": "BwE", "bindings": []})
+        )
+        return policy
+
+    def _check_member(self, member: str) -> None:
+        kind, _, name = member.partition(":")
+        if kind == "serviceAccount" and "[" in name:  # a Kubernetes ServiceAccount of a Workload Identity pool
+            pool = name.split("[", 1)[0]
+            pools = {c.get("workloadIdentityConfig", {}).get("workloadPool") for c in self.clusters.values()}
+            if pool != f"{self.project}.svc.id.goog" or pool not in pools:
+                raise ApiError(
+                    400,
+                    f"Identity Pool does not exist ({pool}). Please check that you specified a "
+                    "valid resource name as returned in the `name` attribute in the configuration API.",
+                )
+        elif kind == "serviceAccount":
+            if name not in self.service_accounts and name.endswith(f"@{self.project}.iam.gserviceaccount.com"):
+                raise ApiError(400, f"Service account {name} does not exist.")
+            if self.unpropagated.get(name):
+                self.unpropagated[name] -= 1
+                raise ApiError(400, f"Service account {name} does not exist.")
+        elif kind not in ("user", "group", "domain", "principal", "principalSet"):
+            raise ApiError(400, f"Invalid member: {member!r}")
+
+    def _set_policy(self, resource: str, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"policy": dict}, {"updateMask"})
+        policy = self._require(body["policy"], {"bindings": list}, {"etag", "version", "auditConfigs"})
+        current = self._get_policy(resource)
+        if policy.get("etag") != current["etag"]:
+            raise ApiError(409, "There were concurrent policy changes. Please retry the whole read-modify-write.",
+                           "ABORTED")  # fmt: skip
+        for binding in policy["bindings"]:
+            self._require(binding, {"role": str, "members": list}, {"condition"})
+            for member in binding["members"]:
+                self._check_member(member)
+        stored = {"version": policy.get("version", 1), "etag": f"BwE{next(self._ids)}", "bindings": policy["bindings"]}
+        self.policies[resource] = stored
+        return copy.deepcopy(stored)
+
+    def _test_permissions(self, body: Any) -> dict[str, Any]:
+        body = self._require(body, {"permissions": list}, set())
+        return {"permissions": [p for p in body["permissions"] if p not in self.denied_permissions]}
+
+    # -- compute disks ---------------------------------------------------------------------------
+    def _list_disks(self, query: dict[str, str]) -> dict[str, Any]:
+        match = re.fullmatch(r'labels\.([a-z0-9_-]+)\s*=\s*"?([^"]*)"?', query.get("filter", ""))
+        items: dict[str, Any] = {}
+        for key, disk in self.disks.items():
+            if match and disk["labels"].get(match.group(1)) != match.group(2):
+                continue
+            items.setdefault(f"zones/{key.split('/')[0]}", {"disks": []})["disks"].append(disk)
+        return {"kind": "compute#diskAggregatedList", "items": items}
+
+    def _delete_disk(self, zone: str, name: str) -> dict[str, Any]:
+        disk = self._get(self.disks, f"{zone}/{name}")
+        del self.disks[f"{zone}/{name}"]
+        return self._compute_operation(f"zones/{zone}", disk["zone"] + f"/disks/{name}", "delete")
 
 
 def _handler(fake: GoogleApiFake) -> type[BaseHTTPRequestHandler]:

@@ -106,7 +106,8 @@ def test_new_bucket_is_private_versioned_and_labelled(
 
     assert info.name.startswith("cmbcluster-user-")
     assert info.versioning is True
-    assert info.labels == {"owner": owner.id, "managed-by": "cmbcluster", "storage-class": "standard"}
+    assert info.labels == {"owner": owner.id, "managed-by": "cmbcluster", "cmbcluster-deployment": "cmbcluster",
+                           "storage-class": "standard"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -264,6 +265,35 @@ def test_bucket_access_binds_only_the_given_principal(gcs: GcsStorage, emulator_
     bindings = _bindings(emulator_api, bucket)
     assert bindings["roles/storage.objectUser"] == [PRINCIPAL_B]
     assert not any(m in {"allUsers", "allAuthenticatedUsers"} for ms in bindings.values() for m in ms)
+
+
+def test_a_service_account_not_yet_known_is_granted_once_iam_has_propagated_it(
+    gcs: GcsStorage, bucket: str, emulator_api: EmulatorApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's Google service account made moments ago (service-account mode) is refused as a member
+    ("Invalid argument") until IAM has propagated it: retried for that window, then reported."""
+    from google.cloud.storage import Bucket
+
+    real, refusals = Bucket.set_iam_policy, {"left": 2}
+    pauses: list[float] = []
+
+    def set_iam_policy(self: Bucket, *args: Any, **kwargs: Any) -> Any:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise api_exceptions.BadRequest("Invalid argument.")  # type: ignore[no-untyped-call]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Bucket, "set_iam_policy", set_iam_policy)
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    member = "serviceAccount:cmbcluster-0123456789abcdefghi@cmbcluster-test.iam.gserviceaccount.com"
+    gcs.ensure_bucket_access(bucket, CloudIdentity(user=UserRef(id="a"), principal=member))
+    assert _bindings(emulator_api, bucket)["roles/storage.objectUser"] == [member]
+    assert pauses == [1.0, 2.0]
+    # a Workload Identity principal needs no propagation: its refusal is reported at once
+    refusals["left"], pauses[:] = 1, []
+    with pytest.raises(InvalidRequest, match="refused the request") as refused:
+        gcs.ensure_bucket_access(bucket, CloudIdentity(user=UserRef(id="a"), principal=PRINCIPAL_A))
+    assert "Invalid argument" in str(refused.value.detail) and pauses == []
 
 
 @pytest.mark.parametrize(

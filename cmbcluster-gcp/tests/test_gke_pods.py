@@ -115,7 +115,7 @@ def test_a_longer_grace_period_already_chosen_is_kept(manager: PluginManager) ->
 @pytest.mark.parametrize("bad", ["lots", "1 Gi", "-1", "2Gb"])
 def test_a_malformed_sidecar_quantity_is_a_configuration_error(bad: str) -> None:
     with pytest.raises(ValueError, match="GCSFUSE_MEMORY_LIMIT"):
-        GcpSettings(_env_file=None, project_id="p", GCSFUSE_MEMORY_LIMIT=bad)  # type: ignore[call-arg]
+        GcpSettings(_env_file=None, project_id="cmb-project", GCSFUSE_MEMORY_LIMIT=bad)  # type: ignore[call-arg]
 
 
 def test_a_pod_without_a_bucket_gets_no_sidecar(manager: PluginManager) -> None:

@@ -157,11 +157,11 @@ def test_authorization_url(google: GoogleProvider, keys: KeyServer) -> None:
 
 # -- configuration ------------------------------------------------------------------------------------
 def test_missing_client_id_is_a_configuration_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx = ProviderContext(core=CoreSettings(data_dir=tmp_path), provider_settings=GcpSettings(project_id="p"))
+    ctx = ProviderContext(core=CoreSettings(data_dir=tmp_path), provider_settings=GcpSettings(project_id="cmb-project"))
     with pytest.raises(ConfigurationError, match="GOOGLE_CLIENT_ID") as caught:
         _google_auth(ctx)
     assert any("GOOGLE_CLIENT_ID" in problem for problem in caught.value.problems)
-    monkeypatch.setenv("PROJECT_ID", "p")
+    monkeypatch.setenv("PROJECT_ID", "cmb-project")
     with pytest.raises(ConfigurationError, match="GOOGLE_CLIENT_ID"):
         create_app(_core(tmp_path))
 

@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,7 +161,9 @@ def test_service_account_mode_creates_a_google_account_only_the_users_pods_may_u
     assert identity.principal == f"serviceAccount:{email}"
     assert identity.annotations == {GSA_ANNOTATION: email}
     account = iam.accounts[email]
-    assert account.description == f"CMBCluster user {USER_A.id}" and "alice" not in account.display_name
+    # one user's, of one deployment (the default deployment's name is the cluster's, cmbcluster)
+    assert account.description == f"CMBCluster deployment cmbcluster: user {USER_A.id}"
+    assert "alice" not in account.display_name
     assert len(email.split("@")[0]) <= 30
     assert iam.policies[email]["bindings"] == [
         {
@@ -199,6 +202,54 @@ def test_service_account_mode_narrows_a_widened_impersonation_policy(iam: InMemo
             "members": [f"serviceAccount:{POOL}[research/cmbcluster-user-0f3a9c1e7b]"],
         },
     ]
+
+
+def test_service_account_mode_keeps_the_accounts_made_before_deployments_had_names(iam: InMemoryIamClient) -> None:
+    infra = GcpInfra(settings(identity_mode="service-account"), iam=iam)
+    email = infra.google_service_account_email(USER_A)
+    iam.create_service_account(
+        PROJECT, email.split("@")[0], display_name="old", description=f"CMBCluster user {USER_A.id}"
+    )
+    assert infra.ensure_user_identity(USER_A, namespace=NAMESPACE).annotations[GSA_ANNOTATION] == email
+
+
+def test_two_deployments_of_one_project_name_their_users_apart(iam: InMemoryIamClient) -> None:
+    lab = GcpInfra(settings(identity_mode="service-account", deployment_name="lab"), iam=iam)
+    other = GcpInfra(settings(identity_mode="service-account", deployment_name="other-deployment"), iam=iam)
+    emails = {lab.google_service_account_email(USER_A), other.google_service_account_email(USER_A)}
+    assert {e.split("@")[0] for e in emails} == {"lab-0f3a9c1e7b2d4e6f8a0b1c2d3e", "other-deployment-0f3a9c1e7b2d4"}
+    assert all(len(e.split("@")[0]) <= 30 for e in emails)
+    assert lab.registry().repository_prefix == f"{PROJECT}/lab"
+    lab.ensure_user_identity(USER_A, namespace=NAMESPACE)
+    other.delete_user_identity(USER_A, namespace=NAMESPACE)  # another deployment: the lab's account is not its
+    assert lab.google_service_account_email(USER_A) in iam.accounts
+
+
+def test_a_new_service_account_not_yet_known_to_iam_is_waited_for(
+    iam: InMemoryIamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IAM answers 'does not exist' for an account made moments ago: retried for the propagation window."""
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    real, refusals = iam.set_service_account_policy, {"left": 2}
+
+    def set_policy(email: str, policy: dict[str, Any]) -> dict[str, Any]:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise NotFound(f"service account {email} does not exist")
+        return real(email, policy)
+
+    monkeypatch.setattr(iam, "set_service_account_policy", set_policy)
+    infra = GcpInfra(settings(identity_mode="service-account"), iam=iam)
+    identity = infra.ensure_user_identity(USER_A, namespace=NAMESPACE)
+    assert pauses[-2:] == [1.0, 2.0] and iam.policies[identity.annotations[GSA_ANNOTATION]]["bindings"]
+    refusals["left"] = 10**6  # never propagates: reported after the window, not retried forever
+    pauses.clear()
+    with pytest.raises(ProviderUnavailable, match="still does not know a principal made moments ago after 5 s"):
+        GcpInfra(settings(identity_mode="service-account"), iam=iam, propagation_seconds=5).ensure_user_identity(
+            USER_A, namespace="elsewhere"
+        )
+    assert sum(pauses) == pytest.approx(5)
 
 
 def test_service_account_mode_never_takes_over_someone_elses_account(iam: InMemoryIamClient) -> None:
@@ -319,7 +370,7 @@ def http_client(url: str, **kwargs: Any) -> HttpIamClient:
 
 def test_the_http_client_sends_exactly_these_requests(google_api: RecordingServer) -> None:
     email = f"cmbcluster-0f3a9c1e7b2d4e6f8a0@{PROJECT}.iam.gserviceaccount.com"
-    account = {"email": email, "uniqueId": "1", "description": f"CMBCluster user {USER_A.id}"}
+    account = {"email": email, "uniqueId": "1", "description": f"CMBCluster deployment cmbcluster: user {USER_A.id}"}
     google_api.answers = [
         (404, {"error": {"code": 404, "message": "Unknown service account"}}),  # not there yet
         (200, account),  # created
@@ -344,8 +395,8 @@ def test_the_http_client_sends_exactly_these_requests(google_api: RecordingServe
             {
                 "accountId": "cmbcluster-0f3a9c1e7b2d4e6f8a0",
                 "serviceAccount": {
-                    "displayName": "CMBCluster user 0f3a9c1e7b",
-                    "description": f"CMBCluster user {USER_A.id}",
+                    "displayName": "CMBCluster cmbcluster user 0f3a9c1e7b",
+                    "description": f"CMBCluster deployment cmbcluster: user {USER_A.id}",
                 },
             },
         ),
@@ -435,6 +486,13 @@ def test_registry_login_is_an_oauth_access_token(google_api: RecordingServer) ->
     google_api.answers = [(400, {"error": "invalid_grant"})]
     with pytest.raises(ProviderUnavailable, match="access token"):
         GcpInfra(settings(), iam=InMemoryIamClient(), credentials=credentials).registry_login()
+
+
+def test_registry_login_takes_the_operators_access_token_as_infra_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no application default credentials here: only the token given can log in
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/adc.json")
+    login = GcpInfra(settings(GOOGLE_OAUTH_ACCESS_TOKEN="ya29.operator"), iam=InMemoryIamClient()).registry_login()
+    assert (login.username, login.password) == ("oauth2accesstoken", "ya29.operator")
 
 
 # -- the plugin's registration ------------------------------------------------------------------------

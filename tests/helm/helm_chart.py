@@ -40,7 +40,7 @@ AWS_VALUES: dict[str, Any] = {
         "aws": {
             "region": "eu-west-1",
             "accountId": "123456789012",
-            "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster/cmbcluster-eks-controlplane",
+            "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane",
         },
     },
     "database": {"url": "postgresql://cmb:a-password@db.example.org/cmb"},

@@ -28,7 +28,7 @@ from helm_chart import (  # tests/helm is on sys.path (rootdir-less test folders
 from cmbcluster.commands.deploy import rbac_values
 from cmbcluster.kubernetes import rbac
 from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
-from cmbcluster.kubernetes.routing import CONTROL_PLANE_SELECTOR, METADATA_ADDRESSES, NETWORK_POLICY_NAME
+from cmbcluster.kubernetes.routing import CONTROL_PLANE_SELECTOR, METADATA_ADDRESSES, NETWORK_POLICY_NAME, Exposure
 
 
 def merged(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -132,10 +132,20 @@ def test_rbac_can_be_left_to_the_operator() -> None:
     ("cloud", "annotation", "value"),
     [
         ("gcp", "iam.gke.io/gcp-service-account", "cmbcluster-controlplane@cmb-research.iam.gserviceaccount.com"),
-        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster/cmbcluster-eks-controlplane"),
+        ("aws", "eks.amazonaws.com/role-arn", "arn:aws:iam::123456789012:role/cmbcluster-infra/cmbcluster-eks/cmbcluster-eks-controlplane"),
         ("azure", "azure.workload.identity/client-id", "00000000-0000-0000-0000-000000000000"),
     ],
 )
+def test_the_service_account_is_the_one_the_cloud_identity_trusts_without_the_cli() -> None:
+    """GitOps (helm without `cmbcluster deploy`) renders the ServiceAccount that `infra up`'s IRSA role and
+    Workload Identity binding name, not the release's name."""
+    from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
+
+    objects = manifests(GCP_VALUES)
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == CONTROL_PLANE_SERVICE_ACCOUNT
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == CONTROL_PLANE_SERVICE_ACCOUNT
+
+
 def test_service_account_carries_the_cloud_identity(cloud: str, annotation: str, value: str) -> None:
     objects = manifests(CLOUDS[cloud])
     account = one(objects, "ServiceAccount")
@@ -238,10 +248,14 @@ def test_network_policies_isolate_users_and_block_the_metadata_address() -> None
     assert CONTROL_PLANE_SELECTOR.items() <= control_plane_labels.items()  # what the backend's policy admits
     assert control_plane_labels.get(MANAGED_BY) != MANAGED_BY_VALUE
     blocks = [to["ipBlock"] for to in users["egress"][0]["to"]]
+    # every cloud's metadata endpoint, GKE Dataplane V2's metadata server (port 988) included; the same
+    # policy as the one the control plane would create (routing.py)
     assert blocks == [
-        {"cidr": "0.0.0.0/0", "except": [METADATA_ADDRESSES[0]]},
-        {"cidr": "::/0", "except": [METADATA_ADDRESSES[1]]},
+        {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "169.254.169.252/32"]},
+        {"cidr": "::/0", "except": ["fd00:ec2::254/128"]},
     ]
+    assert blocks == [to["ipBlock"] for to in Exposure().network_policy()["spec"]["egress"][0]["to"]]
+    assert set(METADATA_ADDRESSES) == {"169.254.169.254/32", "169.254.169.252/32", "fd00:ec2::254/128"}
     control_plane = policies["cmb-cmbcluster"]
     assert control_plane["podSelector"]["matchLabels"] == control_plane_labels
     assert control_plane["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]

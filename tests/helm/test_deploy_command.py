@@ -96,7 +96,7 @@ def test_dry_run_for_aws_prints_the_helm_command_and_the_values(tmp_path: Path) 
             "accountId": "123456789012",
             "eksClusterName": "cmb-eks",
             "ecrRegistryUrl": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
-            "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster-infra/cmb-eks-controlplane",
+            "controlPlaneRoleArn": "arn:aws:iam::123456789012:role/cmbcluster-infra/cmb-eks/cmb-eks-controlplane",
         },
     }
     assert values["storage"] == {"driver": "mountpoint-s3"}

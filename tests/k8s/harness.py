@@ -136,6 +136,31 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "con
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def images_run_here(core: Any, images: list[str]) -> Iterator[None]:
+    """The test kubelet runs pods of ``images`` (prefixes) with this interpreter's folder first on
+    PATH, as a real node runs the image (fake_kubelet.py reads kube-system/fake-kubelet-images)."""
+    import json
+
+    from kubernetes import client as k8s
+
+    from tests.k8s.fake_kubelet import IMAGES_CONFIGMAP
+
+    namespace, name = IMAGES_CONFIGMAP
+    mapping = json.dumps({image: str(Path(sys.executable).parent) for image in images})
+    body = {"metadata": {"name": name}, "data": {"images.json": mapping}}
+    try:
+        core.create_namespaced_config_map(namespace, body)
+    except k8s.ApiException as e:
+        if e.status != 409:
+            raise
+        core.replace_namespaced_config_map(name, namespace, body)
+    try:
+        yield
+    finally:
+        core.delete_namespaced_config_map(name, namespace)
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:

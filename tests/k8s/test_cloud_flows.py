@@ -48,6 +48,8 @@ from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import BackgroundProcess, ServeProcess, clean_environ, free_port, run_cli
+from cmbcluster_aws.provisioning import user_boundary_policy
+from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_gcp import plugin as gcp_plugin
 from cmbcluster_gcp.identity import InMemoryIamClient
 from tests.k8s.harness import K8sCluster, wait_for
@@ -176,6 +178,11 @@ def eks(moto: str) -> str:
     )["cluster"]
     issuer = str(cluster["identity"]["oidc"]["issuer"])
     iam.create_open_id_connect_provider(Url=issuer, ClientIDList=["sts.amazonaws.com"], ThumbprintList=["9" * 40])
+    # the permissions boundary of per-user roles, as `cmbcluster infra up` makes it
+    settings = AwsSettings(_env_file=None, aws_region=REGION, aws_account_id=ACCOUNT_ID,  # type: ignore[call-arg]
+                           eks_cluster_name=EKS_CLUSTER, s3_user_bucket_prefix="cmbflow")  # fmt: skip
+    iam.create_policy(PolicyName=f"{EKS_CLUSTER}-user-boundary", Path=f"/cmbcluster-infra/{EKS_CLUSTER}/",
+                      PolicyDocument=json.dumps(user_boundary_policy(settings)))  # fmt: skip
     eks_api.close()
     iam.close()
     return issuer.removeprefix("https://")
@@ -241,9 +248,12 @@ def test_aws_flow_pod_mounts_the_bucket_through_mountpoint_as_the_users_irsa_rol
             volume.spec.mount_options
         )
 
-        # the identity: the user's ServiceAccount, annotated with the IRSA role moto holds
+        # the identity: the user's ServiceAccount, annotated with the IRSA role moto holds (the role carries the
+        # deployment's name, under its per-user path, with its permissions boundary)
         iam = aws_client("iam", moto)
-        role = iam.get_role(RoleName=service_account)["Role"]
+        role = iam.get_role(RoleName=f"{EKS_CLUSTER}-user-{user_id[:10]}")["Role"]
+        assert role["Path"] == f"/cmbcluster-users/{EKS_CLUSTER}/"
+        assert role["PermissionsBoundary"]["PermissionsBoundaryArn"].endswith(f"/{EKS_CLUSTER}-user-boundary")
         assert pod.spec.service_account_name == service_account
         account = admin.read_namespaced_service_account(service_account, namespace)
         assert account.metadata.annotations["eks.amazonaws.com/role-arn"] == role["Arn"]

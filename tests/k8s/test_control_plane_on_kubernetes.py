@@ -29,7 +29,8 @@ from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_
 from cmbcluster.kubernetes.lease import LeaseElector
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
-from tests.k8s.harness import K8sCluster, wait_for
+from tests.k8s.harness import K8sCluster, images_run_here, wait_for
+from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 TERMINAL = ("running", "failed", "stopped")
 
@@ -49,6 +50,8 @@ def serve_env(k8s_cluster: K8sCluster, namespace: str, data_dir: Path, **extra: 
             "CMBCLUSTER_KUBECONFIG": str(k8s_cluster.cp_kubeconfig),  # the control-plane user: the Role only
             "CMBCLUSTER_NAMESPACE": namespace,
             "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org",
+            # host routing derives its cookie domain (example.org) from it; Api reaches it on loopback
+            "CMBCLUSTER_PUBLIC_URL": f"http://{PUBLIC_HOST}",
             "CMBCLUSTER_RECONCILE_INTERVAL_SECONDS": "2",
             "CMBCLUSTER_MAX_CONCURRENT_STARTS": "50",
             "CMBCLUSTER_MAX_ENVIRONMENTS_PER_USER": "50",
@@ -58,11 +61,29 @@ def serve_env(k8s_cluster: K8sCluster, namespace: str, data_dir: Path, **extra: 
     )
 
 
+PUBLIC_HOST = "cmb.example.org"
+
+
+class LoopbackTransport(httpx.HTTPTransport):
+    """Connects to 127.0.0.1 whatever host a URL names, as a DNS entry for the public URL would:
+    the request keeps its Host header and the client's cookie jar sees the public name, so the
+    session cookie for the derived domain (example.org) is kept as a browser keeps it."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        public = request.url
+        request.url = public.copy_with(host="127.0.0.1")
+        try:
+            return super().handle_request(request)
+        finally:
+            request.url = public  # the client files the response's cookies under this URL
+
+
 class Api:
-    """A signed-in user of one control plane."""
+    """A signed-in user of one control plane, reaching it by its public name (PUBLIC_HOST)."""
 
     def __init__(self, base_url: str, email: str) -> None:
-        self.client = httpx.Client(base_url=base_url, timeout=60)
+        public = httpx.URL(base_url).copy_with(host=PUBLIC_HOST)
+        self.client = httpx.Client(base_url=public, timeout=60, transport=LoopbackTransport())
         self.client.headers.update(dev_sign_in(self.client, email))
 
     def create(self, **body: Any) -> httpx.Response:
@@ -296,13 +317,18 @@ def test_lease_goes_to_one_replica_and_a_dead_leader_hands_over(k8s_cluster: K8s
 
 
 def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
-    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+    k8s_cluster: K8sCluster,
+    admin_api: k8s.ApiClient,
+    tmp_path: Path,
+    postgres_url: str,  # noqa: F811
 ) -> None:
-    """Two `cmbcluster serve` replicas sharing one database: one removes orphans; kill it, the other does."""
+    """Two `cmbcluster serve` replicas sharing one database (PostgreSQL: a SQLite database is served
+    by one process only): one removes orphans; kill it, the other does."""
     namespace = k8s_cluster.control_plane_namespace()
     env = serve_env(
-        k8s_cluster, namespace, tmp_path / "data", CMBCLUSTER_LEADER_ELECTION="on", CMBCLUSTER_LEASE_SECONDS="3"
-    )
+        k8s_cluster, namespace, tmp_path / "data", CMBCLUSTER_LEADER_ELECTION="on", CMBCLUSTER_LEASE_SECONDS="3",
+        CMBCLUSTER_DATABASE_URL=postgres_url,
+    )  # fmt: skip
     core = k8s.CoreV1Api(admin_api)
 
     def orphan(n: int) -> str:
@@ -349,22 +375,10 @@ def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
 def notebook_runs_here(admin_api: k8s.ApiClient) -> Iterator[None]:
     """The test kubelet runs pods of the project's environment image with this interpreter's
     folder first on PATH (JupyterLab is installed in it), as a real node runs the image."""
-    import json
-    import sys
-
     from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, repository
 
-    core = k8s.CoreV1Api(admin_api)
-    images = json.dumps({f"{repository(DEFAULT_REGISTRY)}/{ENVIRONMENT}": str(Path(sys.executable).parent)})
-    body = {"metadata": {"name": "fake-kubelet-images"}, "data": {"images.json": images}}
-    try:
-        core.create_namespaced_config_map("kube-system", body)
-    except k8s.ApiException as e:
-        if e.status != 409:
-            raise
-        core.replace_namespaced_config_map("fake-kubelet-images", "kube-system", body)
-    yield
-    core.delete_namespaced_config_map("fake-kubelet-images", "kube-system")
+    with images_run_here(k8s.CoreV1Api(admin_api), [f"{repository(DEFAULT_REGISTRY)}/{ENVIRONMENT}"]):
+        yield
 
 
 @pytest.mark.parametrize("routing", ["path", "host"])

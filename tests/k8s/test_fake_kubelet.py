@@ -3,17 +3,14 @@ would crash on a real node crashes here too, and a pod is Ready only when its ow
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from kubernetes import client
 
-from tests.k8s.harness import K8sCluster, wait_for
+from tests.k8s.harness import K8sCluster, images_run_here, wait_for
 
 IMAGE = "cmbcluster-test/python"
 PORT = 18765
@@ -23,16 +20,8 @@ PORT = 18765
 def runs_here(k8s_cluster: K8sCluster) -> Iterator[client.CoreV1Api]:
     """Pods of IMAGE run with this interpreter's folder first on PATH."""
     core = client.CoreV1Api(k8s_cluster.api_client())
-    images = json.dumps({IMAGE: str(Path(sys.executable).parent)})
-    mapping = {"metadata": {"name": "fake-kubelet-images"}, "data": {"images.json": images}}
-    try:
-        core.create_namespaced_config_map("kube-system", mapping)
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-        core.replace_namespaced_config_map("fake-kubelet-images", "kube-system", mapping)
-    yield core
-    core.delete_namespaced_config_map("fake-kubelet-images", "kube-system")
+    with images_run_here(core, [IMAGE]):
+        yield core
 
 
 def pod(name: str, command: list[str], *, probe_port: int | None = None, policy: str = "OnFailure") -> dict[str, Any]:

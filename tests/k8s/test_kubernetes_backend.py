@@ -356,7 +356,7 @@ def test_network_policy_isolates_user_pods(started: tuple[str, Any], admin: k8s.
     assert sources[1][1].match_labels == CONTROL_PLANE_SELECTOR
     (egress_rule,) = policy.spec.egress
     blocks = {b.ip_block.cidr: b.ip_block._except for b in egress_rule.to}
-    assert blocks == {"0.0.0.0/0": ["169.254.169.254/32"], "::/0": ["fd00:ec2::254/128"]}
+    assert blocks == {"0.0.0.0/0": ["169.254.169.254/32", "169.254.169.252/32"], "::/0": ["fd00:ec2::254/128"]}
 
 
 def test_status_comes_from_the_watch_not_from_reads(

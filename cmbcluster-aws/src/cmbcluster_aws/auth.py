@@ -5,7 +5,7 @@ Cognito is an OpenID Connect issuer with its own rules, added here on top of cor
 allow-list, issuer, expiry with a small skew, nonce, and the JWKS cache refreshed on an unknown
 ``kid``):
 
-- the issuer is ``https://cognito-idp.<region>.amazonaws.com/<pool id>`` and the keys are at
+- the issuer is ``https://cognito-idp.<the pool's region>.amazonaws.com/<pool id>`` and the keys are at
   ``<issuer>/.well-known/jwks.json`` (both overridable: ``COGNITO_ISSUER``, ``COGNITO_JWKS_URL``);
 - only RS256 is accepted (Cognito signs with nothing else);
 - ``token_use`` must be ``id`` (then ``aud`` is our app client): access tokens carry no verified
@@ -72,9 +72,9 @@ class CognitoProvider(OidcProvider):
     ) -> CognitoProvider:
         if not settings.cognito_user_pool_id or not settings.cognito_client_id:
             raise ValueError("COGNITO_USER_POOL_ID and COGNITO_CLIENT_ID are required")
-        issuer = (settings.cognito_issuer or cognito_issuer(settings.aws_region, settings.cognito_user_pool_id)).rstrip(
-            "/"
-        )
+        issuer = (
+            settings.cognito_issuer or cognito_issuer(settings.cognito_region, settings.cognito_user_pool_id)
+        ).rstrip("/")
         secret = settings.cognito_client_secret.get_secret_value() if settings.cognito_client_secret else None
         config = OidcConfig(
             name=name,

@@ -1,18 +1,35 @@
 """The plugin's boto3 clients, made one way: the region, standard retries (throttling and 5xx are
-retried by botocore), timeouts, the endpoint (moto, an S3-compatible service) and a user agent."""
+retried by botocore), timeouts, the endpoint (moto, an S3-compatible service) and a user agent.
+
+What botocore cannot retry, because AWS answers it as a client error, is IAM's eventual
+consistency: a role made moments ago is not yet known everywhere, and S3 refuses a bucket policy
+naming it ("Invalid principal in policy"), EKS a cluster using it. :func:`retry_while_propagating`
+repeats such a call with backoff for IAM's propagation window, and only such a call.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
-from typing import Any
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from cmbcluster_aws.settings import AwsSettings
 
-__all__ = ["close_clients", "make_clients"]
+__all__ = ["IAM_PROPAGATION_SECONDS", "close_clients", "invalid_principal", "make_clients", "retry_while_propagating"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How long a call naming a new IAM role is retried. AWS documents IAM as eventually consistent
+#: ("changes ... can take time to become visible", usually seconds); in practice new roles are
+#: refused as principals for up to about half a minute, rarely longer.
+IAM_PROPAGATION_SECONDS = 60.0
 
 
 def make_clients(
@@ -51,3 +68,35 @@ def close_clients(clients: Iterable[Any]) -> None:
     for client in clients:
         with contextlib.suppress(Exception):
             client.close()
+
+
+def retry_while_propagating(
+    call: Callable[[], T],
+    *,
+    pending: Callable[[ClientError], bool],
+    what: str,
+    window: float = IAM_PROPAGATION_SECONDS,
+    first_delay: float = 0.5,
+    max_delay: float = 8.0,
+) -> T:
+    """``call()``; while it fails with a ClientError that ``pending`` says is IAM not having caught up
+    yet, again after a growing delay, for ``window`` seconds in all. Any other error, or the same one
+    once the window is over, is raised as it is (callers map it)."""
+    waited, delay = 0.0, first_delay
+    while True:
+        try:
+            return call()
+        except ClientError as exc:
+            if not pending(exc) or waited >= window:
+                raise
+            pause = min(delay, max_delay, window - waited) if window > waited else 0.0
+            log.info("%s: IAM has not propagated a new role yet (%s); retrying in %.1f s", what, exc, pause)
+            time.sleep(pause)
+            waited += max(pause, 1e-3)
+            delay *= 2
+
+
+def invalid_principal(exc: ClientError) -> bool:
+    """S3's answer to a bucket policy naming a role IAM has not propagated yet."""
+    error = exc.response.get("Error", {})
+    return str(error.get("Code", "")) == "MalformedPolicy" and "principal" in str(error.get("Message", "")).lower()

@@ -1,9 +1,11 @@
 """What the AWS plugin adds to the Helm values of ``cmbcluster deploy`` (the chart's ``global.aws.*``).
 
 The control plane's ServiceAccount (``cmbcluster-controlplane``) is annotated with the IAM role it
-assumes through IRSA, the one ``cmbcluster infra up`` creates (:func:`control_plane_role_arn`;
-docs/DEPLOYMENT_AWS.md lists its permissions); buckets are mounted
-with Mountpoint for S3 (static PersistentVolumes, hence the chart's ClusterRole).
+assumes through IRSA, the one ``cmbcluster infra up`` creates (:func:`control_plane_role_arn`,
+``/cmbcluster-infra/<deployment>/<deployment>-controlplane``; docs/DEPLOYMENT_AWS.md lists its
+permissions); buckets are mounted with Mountpoint for S3 (static PersistentVolumes, hence the
+chart's ClusterRole). The control plane's disk takes the cluster's default StorageClass, which
+``infra up`` makes (gp3, EBS CSI).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cmbcluster import hookimpl
+from cmbcluster_aws.names import control_plane_role_arn
 from cmbcluster_aws.settings import AwsSettings
 
 if TYPE_CHECKING:
@@ -19,11 +22,7 @@ if TYPE_CHECKING:
 STORAGE_DRIVER = "mountpoint-s3"
 
 
-def control_plane_role_arn(settings: AwsSettings) -> str:
-    """The control plane's IRSA role, as ``cmbcluster infra up`` names it (one definition, there)."""
-    from cmbcluster_aws.provisioning import control_plane_role_arn as arn  # boto3: only when deploying
-
-    return arn(settings)
+__all__ = ["STORAGE_DRIVER", "cmbcluster_deploy_values", "control_plane_role_arn"]
 
 
 @hookimpl

@@ -1,11 +1,13 @@
 """AWS infra: per-user IAM roles for service accounts (IRSA), the ECR registry and DNS names.
 
-Every user gets a Kubernetes ServiceAccount and an IAM role of the same name,
-``cmbcluster-user-<short id>``, built from CMBCluster's opaque user id (never an e-mail address).
-The role's trust policy admits only ``sts:AssumeRoleWithWebIdentity`` through the EKS cluster's
-IAM OIDC provider, and only for ``system:serviceaccount:<namespace>:<that service account>``.
-Its one inline policy, ``cmbcluster-buckets``, grants that user's buckets and nothing else; it
-is rewritten by :meth:`AwsInfra.update_user_buckets` whenever the user's buckets change.
+Every user gets a Kubernetes ServiceAccount, ``cmbcluster-user-<short id>``, and an IAM role,
+``<deployment>-user-<short id>`` under ``/cmbcluster-users/<deployment>/`` (:mod:`cmbcluster_aws.names`),
+both built from CMBCluster's opaque user id (never an e-mail address). The role carries the
+deployment's permissions boundary (users' buckets at most), which the control plane cannot change.
+Its trust policy admits only ``sts:AssumeRoleWithWebIdentity`` through the EKS cluster's IAM OIDC
+provider, and only for ``system:serviceaccount:<namespace>:<that service account>``. Its one inline
+policy, ``cmbcluster-buckets``, grants that user's buckets and nothing else; it is rewritten by
+:meth:`AwsInfra.update_user_buckets` whenever the user's buckets change.
 
 boto3 comes in through this module's imports only (the plugin imports it lazily). botocore
 failures go through :func:`cmbcluster_aws.errors.map_aws_error`, the plugin's one error mapping.
@@ -35,39 +37,30 @@ from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, Registr
 from cmbcluster.naming import dns_label, short_id
 from cmbcluster_aws.clients import close_clients, make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
+from cmbcluster_aws.names import boundary_arn, partition_of, user_path, user_role_name
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY, TAG_OWNER
+from cmbcluster_aws.tags import MANAGED_BY, TAG_DEPLOYMENT, TAG_MANAGED_BY, TAG_OWNER
 
 __all__ = [
     "BUCKET_POLICY_NAME",
     "ROLE_ANNOTATION",
-    "ROLE_PATH",
     "AwsInfra",
     "bucket_access_policy",
+    "partition_of",
     "trust_policy",
 ]
 
 log = logging.getLogger(__name__)
 
-ROLE_PATH = "/cmbcluster/"
-ROLE_PREFIX = "cmbcluster-user"
+SERVICE_ACCOUNT_PREFIX = "cmbcluster-user"
 BUCKET_POLICY_NAME = "cmbcluster-buckets"
 ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
 STS_AUDIENCE = "sts.amazonaws.com"
 OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
 MAX_INLINE_POLICY_CHARS = 10_240  # IAM's limit for all inline policies of a role (whitespace excluded)
-DEFAULT_REPOSITORY_PREFIX = "cmbcluster"
 
 _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def partition_of(region: str) -> str:
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
 
 
 def _document(value: Any) -> dict[str, Any]:
@@ -159,10 +152,20 @@ class AwsInfra(InfraProvider):
     # -- names -------------------------------------------------------------------------------
     @staticmethod
     def service_account_name(user: UserRef) -> str:
-        """The user's ServiceAccount and IAM role name: ``cmbcluster-user-<short id>``."""
-        return dns_label(ROLE_PREFIX, short_id(user.id))
+        """The user's Kubernetes ServiceAccount: ``cmbcluster-user-<short id>``."""
+        return dns_label(SERVICE_ACCOUNT_PREFIX, short_id(user.id))
 
-    role_name = service_account_name
+    def role_name(self, user: UserRef) -> str:
+        """The user's IAM role: ``<deployment>-user-<short id>``, under the deployment's per-user path."""
+        return user_role_name(self.settings, user.id)
+
+    @property
+    def role_path(self) -> str:
+        return user_path(self.settings)
+
+    @property
+    def permissions_boundary(self) -> str:
+        return boundary_arn(self.settings)
 
     # -- OIDC --------------------------------------------------------------------------------
     def oidc_issuer(self) -> str:
@@ -197,18 +200,26 @@ class AwsInfra(InfraProvider):
     def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity:
         if not _NAMESPACE.match(namespace):
             raise InvalidRequest(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
-        name = self.service_account_name(user)
+        service_account = self.service_account_name(user)
+        name = self.role_name(user)
         provider_arn = self.oidc_provider_arn()
         self._check_oidc_provider(provider_arn)
-        document = _dumps(trust_policy(provider_arn, self.oidc_issuer().removeprefix("https://"), namespace, name))
-        tags = [{"Key": TAG_OWNER, "Value": user.id}, {"Key": TAG_MANAGED_BY, "Value": MANAGED_BY}]
+        document = _dumps(
+            trust_policy(provider_arn, self.oidc_issuer().removeprefix("https://"), namespace, service_account)
+        )
+        tags = [
+            {"Key": TAG_OWNER, "Value": user.id},
+            {"Key": TAG_MANAGED_BY, "Value": MANAGED_BY},
+            {"Key": TAG_DEPLOYMENT, "Value": self.settings.deployment},
+        ]
         what = f"IAM role {name}"
         try:
             role = self._iam.create_role(
                 RoleName=name,
-                Path=ROLE_PATH,
+                Path=self.role_path,
                 AssumeRolePolicyDocument=document,
-                Description="CMBCluster user pods (IRSA)",
+                Description=f"CMBCluster deployment {self.settings.deployment}: a user's pods (IRSA)",
+                PermissionsBoundary=self.permissions_boundary,
                 Tags=tags,
             )["Role"]
         except ClientError as exc:
@@ -226,7 +237,7 @@ class AwsInfra(InfraProvider):
         return CloudIdentity(
             user=user,
             principal=arn,
-            service_account=name,
+            service_account=service_account,
             namespace=namespace,
             annotations={ROLE_ANNOTATION: arn},
         )
@@ -242,7 +253,12 @@ class AwsInfra(InfraProvider):
         except BotoCoreError as exc:
             raise map_aws_error(exc, f"IAM role {name}") from exc
         tags = {str(t["Key"]): str(t["Value"]) for t in role.get("Tags", [])}
-        if role.get("Path") != ROLE_PATH or tags.get(TAG_MANAGED_BY) != MANAGED_BY or tags.get(TAG_OWNER) != user.id:
+        if (
+            role.get("Path") != self.role_path
+            or tags.get(TAG_MANAGED_BY) != MANAGED_BY
+            or tags.get(TAG_OWNER) != user.id
+            or role.get("PermissionsBoundary", {}).get("PermissionsBoundaryArn") != self.permissions_boundary
+        ):
             raise Conflict(f"IAM role {name} exists but does not belong to this user; not touching it")
         return role
 
@@ -295,17 +311,20 @@ class AwsInfra(InfraProvider):
 
     # -- registry and DNS --------------------------------------------------------------------
     def registry(self) -> RegistryInfo:
+        """ECR_REGISTRY_URL, else the account's registry; repositories under ``<deployment>/`` by default, so
+        two deployments of one account never push to (or delete) each other's images."""
         url = self.settings.ecr_registry_url
+        default_prefix = self.settings.deployment
         if not url:
             host = f"{self.settings.aws_account_id}.dkr.ecr.{self.settings.aws_region}.amazonaws.com"
             if self.partition == "aws-cn":
                 host += ".cn"
-            return RegistryInfo(host=host, repository_prefix=DEFAULT_REPOSITORY_PREFIX)
+            return RegistryInfo(host=host, repository_prefix=default_prefix)
         parsed = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
         host = parsed.netloc
         if not host:
             raise ConfigurationError([f"ECR_REGISTRY_URL {url!r} names no registry host"])
-        prefix = parsed.path.strip("/") or DEFAULT_REPOSITORY_PREFIX
+        prefix = parsed.path.strip("/") or default_prefix
         return RegistryInfo(host=host, repository_prefix=prefix)
 
     def registry_login(self) -> RegistryLogin:

@@ -7,19 +7,28 @@ What ``up`` builds, in order (``cmbcluster infra plan`` lists it with names):
    gateway, one NAT gateway with its Elastic IP, a public and a private route table.
 3. ECR repositories for the images and the S3 database bucket (private, encrypted,
    versioned), before the cluster so that images can be pushed while EKS is being created.
-4. The EKS cluster (private and public subnets), its IAM OIDC provider (for IRSA), and a
-   managed node group in the private subnets.
-5. IRSA roles: the control plane's, and those of the add-ons (load balancer controller, EBS CSI,
-   Mountpoint for S3 CSI), each trusted by one ServiceAccount only.
-6. The add-ons, installed with helm: AWS Load Balancer Controller, cert-manager, EBS CSI
-   driver, Mountpoint for S3 CSI driver (``--addons print`` prints the commands instead).
+4. The EKS cluster (private and public subnets) and its IAM OIDC provider (for IRSA).
+5. Isolation: the VPC CNI as an EKS add-on with its network policy agent enabled (without it the
+   chart's NetworkPolicies are not enforced), and a launch template whose instances require IMDSv2
+   with a hop limit of 1 (pods cannot reach the node's role through the metadata service).
+6. A managed node group in the private subnets, from that launch template.
+7. The permissions boundary of per-user roles, and the IRSA roles: the control plane's (per-user
+   roles only under its path and only with that boundary), the add-ons' (load balancer controller,
+   EBS CSI, Mountpoint for S3 CSI, and cert-manager's, limited to the deployment's hosted zones),
+   each trusted by one ServiceAccount only.
+8. The add-ons, installed with helm: AWS Load Balancer Controller, EBS CSI driver, Mountpoint for
+   S3 CSI driver, cert-manager, ingress-nginx (behind an NLB), and CMBCluster's own cluster-config
+   chart: the default StorageClass (gp3, EBS CSI; EKS has none) and the Let's Encrypt ClusterIssuer
+   (DNS-01 through Route53). ``--addons print`` prints the commands instead.
 
 Every EC2 resource carries the tags ``cmbcluster:deployment`` and ``cmbcluster:resource``
 from the moment it is created (TagSpecifications), and every other resource has a
-deterministic name, so a rerun of ``up`` finds what an interrupted run made instead of
-creating it twice. ``down`` deletes what the record lists, in reverse order: add-ons, node
-group, cluster (with the load balancers the controller made), NAT gateway, Elastic IP,
-subnets, VPC, S3 bucket, ECR repositories, IAM roles and policies.
+deterministic name carrying the deployment's name (:mod:`cmbcluster_aws.names`), so a rerun of
+``up`` finds what an interrupted run made instead of creating it twice. ``down`` deletes what the
+record lists, in reverse order: add-ons, node group, cluster (with the load balancers the controller
+made), NAT gateway, Elastic IP, subnets, VPC, S3 bucket, ECR repositories, IAM roles and policies;
+and lists what it keeps on purpose (users' buckets and roles, the disks of the cluster's volumes),
+which ``--delete-retained`` deletes too.
 """
 
 from __future__ import annotations
@@ -30,13 +39,21 @@ import ipaddress
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError, WaiterError
 
 from cmbcluster.commands.images import IMAGE_NAMES
-from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
+from cmbcluster.errors import (
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ProviderUnavailable,
+)
 from cmbcluster.interfaces import (
     DeploymentRecord,
     DnsRecord,
@@ -46,47 +63,68 @@ from cmbcluster.interfaces import (
     ProvisioningOptions,
     ResourceRecord,
     StepContext,
+    Tool,
 )
 from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
 from cmbcluster.provisioning import (
     CERT_MANAGER,
+    INGRESS_NGINX,
+    addon_kubeconfig,
+    cluster_config_release,
     data_written_during_down,
     install_release,
-    kubeconfig_path,
     refuse_to_delete_data,
     release_step,
     uninstall_release,
     write_kubeconfig,
 )
-from cmbcluster_aws.clients import close_clients, make_clients
+from cmbcluster_aws.clients import close_clients, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
-from cmbcluster_aws.identity import AwsInfra, partition_of, trust_policy
+from cmbcluster_aws.identity import AwsInfra, trust_policy
+from cmbcluster_aws.names import (
+    boundary_arn,
+    boundary_name,
+    control_plane_role_arn,
+    infra_path,
+    infra_role_name,
+    partition_of,
+    user_path,
+)
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
-from cmbcluster_aws.tags import MANAGED_BY, TAG_MANAGED_BY
+from cmbcluster_aws.tags import MANAGED_BY, TAG_DEPLOYMENT, TAG_MANAGED_BY
 
-__all__ = ["ADDONS", "AwsProvisioner"]
+__all__ = ["ADDONS", "TAG_DEPLOYMENT", "AwsProvisioner", "control_plane_role_arn"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TAG_DEPLOYMENT = "cmbcluster:deployment"
 TAG_RESOURCE = "cmbcluster:resource"
-INFRA_ROLE_PATH = "/cmbcluster-infra/"
+#: The region a deployment's IAM objects belong to: IAM is global, a deployment is regional, and two
+#: deployments of one name in two regions must not adopt each other's roles.
+TAG_REGION = "cmbcluster:region"
 ZONES = 3
 EKS_OIDC_THUMBPRINT = "9e99a48a9960b14926bb7f3b02e22da2b0ab7280"  # IAM ignores it for EKS issuers; the API wants one
 MANAGED = "arn:{partition}:iam::aws:policy/"
 CLUSTER_POLICIES = ("AmazonEKSClusterPolicy",)
 NODE_POLICIES = ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
 ROLE_ANNOTATION_KEY = r"eks\.amazonaws\.com/role-arn"  # helm --set needs the dots escaped
+NODE_DISK_GIB = 50
+#: The VPC CNI's own setting that starts its network policy agent (EKS add-on configuration values).
+NETWORK_POLICY_CONFIGURATION = {"enableNetworkPolicy": "true"}
+#: The default StorageClass infra up makes: EKS 1.30+ has none, and the chart's claim needs one.
+STORAGE_CLASS = "gp3"
+EBS_CSI = "ebs.csi.aws.com"
+_NLB = r"controller.service.annotations.service\.beta\.kubernetes\.io/aws-load-balancer-"
 
-# Chart versions pinned so that two `up` runs months apart install the same add-ons; raise them deliberately.
+# Chart versions pinned so that two `up` runs months apart install the same add-ons; raise them
+# deliberately. The order is the install order: the load balancer controller first (its webhook
+# serves ingress-nginx's Service), cert-manager before the cluster-config chart (its ClusterIssuer).
 ADDONS: dict[str, HelmRelease] = {
     "aws-load-balancer-controller": HelmRelease(
         name="aws-load-balancer-controller", chart="aws-load-balancer-controller",
         repo="https://aws.github.io/eks-charts", version="1.14.0", namespace="kube-system",
     ),
-    "cert-manager": CERT_MANAGER,
     "ebs-csi-driver": HelmRelease(
         name="aws-ebs-csi-driver", chart="aws-ebs-csi-driver",
         repo="https://kubernetes-sigs.github.io/aws-ebs-csi-driver", version="2.48.0", namespace="kube-system",
@@ -95,6 +133,15 @@ ADDONS: dict[str, HelmRelease] = {
         name="aws-mountpoint-s3-csi-driver", chart="aws-mountpoint-s3-csi-driver",
         repo="https://awslabs.github.io/mountpoint-s3-csi-driver", version="2.1.0", namespace="kube-system",
     ),
+    "cert-manager": dataclasses.replace(
+        CERT_MANAGER, values={**CERT_MANAGER.values, "securityContext.fsGroup": "1001"}
+    ),
+    # behind a Network Load Balancer that the load balancer controller makes (IP targets)
+    "ingress-nginx": dataclasses.replace(INGRESS_NGINX, values={
+        **INGRESS_NGINX.values, f"{_NLB}type": "external", f"{_NLB}nlb-target-type": "ip",
+        f"{_NLB}scheme": "internet-facing",
+    }),
+    "cluster-config": cluster_config_release(deployment=""),  # filled per deployment in _addon
 }  # fmt: skip
 #: IRSA role suffix -> (namespace or None for core's namespace, ServiceAccount, managed policies, helm value key)
 IRSA_ROLES: dict[str, tuple[str | None, str, tuple[str, ...], str]] = {
@@ -109,28 +156,101 @@ IRSA_ROLES: dict[str, tuple[str | None, str, tuple[str, ...], str]] = {
     "mountpoint-s3-csi-driver": (
         "kube-system", "s3-csi-driver-sa", (), f"node.serviceAccount.annotations.{ROLE_ANNOTATION_KEY}",
     ),
+    # only with a domain: DNS-01 challenges in the deployment's hosted zones
+    "cert-manager": ("cert-manager", "cert-manager", (), f"serviceAccount.annotations.{ROLE_ANNOTATION_KEY}"),
 }  # fmt: skip
+#: What a sample of `up`'s calls needs, checked with the IAM policy simulator before anything is made.
+UP_ACTIONS = (
+    "iam:CreateRole", "iam:PutRolePolicy", "iam:AttachRolePolicy", "iam:CreatePolicy", "iam:PassRole",
+    "iam:CreateOpenIDConnectProvider", "iam:TagRole", "ec2:CreateVpc", "ec2:CreateSubnet", "ec2:CreateNatGateway",
+    "ec2:AllocateAddress", "ec2:CreateInternetGateway", "ec2:CreateRouteTable", "ec2:CreateLaunchTemplate",
+    "ec2:CreateTags", "eks:CreateCluster", "eks:CreateNodegroup", "eks:CreateAddon", "eks:DescribeCluster",
+    "ecr:CreateRepository", "s3:CreateBucket", "s3:PutBucketPolicy", "s3:PutEncryptionConfiguration",
+    "route53:ListHostedZones",
+)  # fmt: skip
 
 
 def _statement(actions: Sequence[str], resources: Sequence[str] | str, **extra: Any) -> dict[str, Any]:
     return {"Effect": "Allow", "Action": list(actions), "Resource": resources, **extra}
 
 
-def control_plane_role_arn(settings: AwsSettings) -> str:
-    """The IRSA role ``infra up`` makes for the control plane's ServiceAccount
-    (:data:`CONTROL_PLANE_SERVICE_ACCOUNT`); ``cmbcluster deploy`` annotates the chart's with it."""
-    return (
-        f"arn:{partition_of(settings.aws_region)}:iam::{settings.aws_account_id}:role"
-        f"{INFRA_ROLE_PATH}{settings.eks_cluster_name}-controlplane"
-    )
+def _deny(actions: Sequence[str], resources: Sequence[str] | str, **extra: Any) -> dict[str, Any]:
+    return {"Effect": "Deny", "Action": list(actions), "Resource": resources, **extra}
+
+
+def user_boundary_policy(settings: AwsSettings) -> dict[str, Any]:
+    """The most a per-user role may ever do: list users' buckets, read and write their objects."""
+    buckets = f"arn:{partition_of(settings.aws_region)}:s3:::{settings.s3_user_bucket_prefix}-*"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "UsersBuckets", **_statement(["s3:ListBucket"], [buckets])},
+            {"Sid": "UsersObjects", **_statement(
+                ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"], [f"{buckets}/*"]
+            )},
+        ],
+    }  # fmt: skip
+
+
+def control_plane_policy(settings: AwsSettings, *, database_bucket: str) -> dict[str, Any]:
+    """The control plane's permissions (its IRSA role's inline policy; docs/DEPLOYMENT_AWS.md shows them).
+
+    Users' buckets: created safe, used, deleted with every version. The database bucket: backups
+    written, read and pruned with delete markers only, never a version deleted nor versioning
+    changed, so the backup history survives whatever the control plane does. IAM: roles only under
+    the deployment's per-user path, created and written only with its permissions boundary, which
+    it can neither remove nor change."""
+    p, account, region = partition_of(settings.aws_region), settings.aws_account_id, settings.aws_region
+    user_buckets = f"arn:{p}:s3:::{settings.s3_user_bucket_prefix}-*"
+    database = f"arn:{p}:s3:::{database_bucket}"
+    user_roles = f"arn:{p}:iam::{account}:role{user_path(settings)}*"
+    boundary = {"StringEquals": {"iam:PermissionsBoundary": boundary_arn(settings)}}
+    statements = [
+        {"Sid": "ListBuckets", **_statement(["s3:ListAllMyBuckets"], "*")},
+        {"Sid": "UsersBuckets", **_statement(
+            ["s3:CreateBucket", "s3:DeleteBucket", "s3:ListBucket", "s3:ListBucketVersions", "s3:GetBucket*",
+             "s3:PutBucket*", "s3:DeleteBucketPolicy", "s3:GetEncryptionConfiguration",
+             "s3:PutEncryptionConfiguration", "s3:ListBucketMultipartUploads"], [user_buckets])},
+        {"Sid": "UsersObjects", **_statement(
+            ["s3:GetObject*", "s3:PutObject*", "s3:DeleteObject*", "s3:AbortMultipartUpload",
+             "s3:ListMultipartUploadParts"], [f"{user_buckets}/*"])},
+        {"Sid": "DatabaseBucket", **_statement(
+            ["s3:ListBucket", "s3:GetBucketTagging", "s3:GetBucketLocation"], [database])},
+        {"Sid": "DatabaseBackups", **_statement(
+            ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+             "s3:ListMultipartUploadParts"], [f"{database}/*"])},
+        # even if the database bucket's name matched the users' prefix
+        {"Sid": "DatabaseHistoryStays", **_deny(
+            ["s3:DeleteObjectVersion", "s3:DeleteBucket", "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration",
+             "s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutBucketObjectLockConfiguration",
+             "s3:BypassGovernanceRetention"], [database, f"{database}/*"])},
+        {"Sid": "UserRolesWithTheBoundary", **_statement(
+            ["iam:CreateRole", "iam:PutRolePolicy"], user_roles, Condition=boundary)},
+        {"Sid": "UserRoles", **_statement(
+            ["iam:DeleteRole", "iam:GetRole", "iam:TagRole", "iam:ListRoleTags", "iam:UpdateAssumeRolePolicy",
+             "iam:DeleteRolePolicy", "iam:GetRolePolicy", "iam:ListRolePolicies"], user_roles)},
+        {"Sid": "NoRoleWithoutTheBoundary", **_deny(
+            ["iam:CreateRole", "iam:PutRolePolicy", "iam:AttachRolePolicy"], "*",
+            Condition={"StringNotEquals": {"iam:PermissionsBoundary": boundary_arn(settings)}})},
+        {"Sid": "TheBoundaryStays", **_deny(
+            ["iam:DeleteRolePermissionsBoundary", "iam:PutRolePermissionsBoundary", "iam:CreatePolicyVersion",
+             "iam:DeletePolicy", "iam:DeletePolicyVersion", "iam:SetDefaultPolicyVersion"], "*")},
+        {"Sid": "Irsa", **_statement(["iam:GetOpenIDConnectProvider"], f"arn:{p}:iam::{account}:oidc-provider/*")},
+        {"Sid": "Cluster", **_statement(
+            ["eks:DescribeCluster"], f"arn:{p}:eks:{region}:{account}:cluster/{settings.eks_cluster_name}")},
+    ]  # fmt: skip
+    return {"Version": "2012-10-17", "Statement": statements}
 
 
 class AwsProvisioner(Provisioner):
     """:class:`~cmbcluster.interfaces.Provisioner` for AWS.
 
     ``clients`` replaces boto3 clients by service name (tests); ``poll_interval`` is the delay
-    between checks while waiting on EKS and NAT gateways; ``propagation_delay`` the pause before
-    retrying a call that failed because a new IAM role was not visible yet.
+    between checks while waiting on EKS and NAT gateways; ``propagation_delay`` the longest pause
+    between retries of a call that failed because a new IAM role was not visible yet.
+    ``domains`` are the deployment's names (the web UI's host, the environments' domain): their
+    Route53 zones are where cert-manager answers DNS-01 challenges; ``ingress_namespace`` is where
+    ingress-nginx goes (the one namespace the chart's NetworkPolicies admit).
     """
 
     provider = "aws"
@@ -142,6 +262,8 @@ class AwsProvisioner(Provisioner):
         namespace: str = "cmbcluster",
         clients: dict[str, Any] | None = None,
         database_bucket: str | None = None,
+        domains: Sequence[str] = (),
+        ingress_namespace: str = "ingress-nginx",
         poll_interval: float = 20.0,
         propagation_delay: float = 10.0,
         max_attempts: int = 5,
@@ -149,6 +271,8 @@ class AwsProvisioner(Provisioner):
         self.settings = settings
         self.namespace = namespace
         self.configured_database_bucket = database_bucket
+        self.domains = tuple(dict.fromkeys(d.strip(".").lower() for d in domains if d))
+        self.ingress_namespace = ingress_namespace
         self.poll_interval = poll_interval
         self.propagation_delay = propagation_delay
         self.partition = partition_of(settings.aws_region)
@@ -166,20 +290,31 @@ class AwsProvisioner(Provisioner):
         self.route53: Any = self._clients["route53"]
         self._infra = AwsInfra(settings, clients={k: self._clients[k] for k in ("iam", "eks", "ecr", "sts")})
         self._zones: list[str] | None = None
+        self._hosted_zones: list[tuple[str, str]] | None = None
 
     # -- names -------------------------------------------------------------------------------
     @property
     def deployment(self) -> str:
+        """The deployment's name (CMBCLUSTER_DEPLOYMENT_NAME, else the EKS cluster's): in every name."""
+        return self.settings.deployment
+
+    @property
+    def cluster(self) -> str:
+        """The EKS cluster's name (EKS_CLUSTER_NAME)."""
         return self.settings.eks_cluster_name
 
     def _name(self, suffix: str) -> str:
         return f"{self.deployment}-{suffix}"
 
     def role_name(self, suffix: str) -> str:
-        name = self._name(suffix)
+        name = infra_role_name(self.settings, suffix)
         if len(name) > 64:
-            raise InvalidRequest(f"IAM role name {name} is longer than 64 characters: shorten EKS_CLUSTER_NAME")
+            raise InvalidRequest(f"IAM role name {name} is longer than 64 characters: shorten the deployment's name")
         return name
+
+    @property
+    def role_path(self) -> str:
+        return infra_path(self.settings)
 
     @property
     def database_bucket(self) -> str:
@@ -194,6 +329,15 @@ class AwsProvisioner(Provisioner):
     @property
     def nodegroup_name(self) -> str:
         return self._name("nodes")
+
+    @property
+    def launch_template_name(self) -> str:
+        return self._name("nodes")
+
+    @property
+    def irsa_roles(self) -> list[str]:
+        """The IRSA roles of this deployment: cert-manager's only when it has names to certify."""
+        return [suffix for suffix in IRSA_ROLES if suffix != "cert-manager" or self.domains]
 
     def _subnet_cidrs(self) -> tuple[list[str], list[str]]:
         try:
@@ -213,6 +357,11 @@ class AwsProvisioner(Provisioner):
             {"Key": TAG_MANAGED_BY, "Value": MANAGED_BY},
         ]
 
+    def _iam_tags(self, resource: str) -> list[dict[str, str]]:
+        return [t for t in self._tags(resource, "") if t["Key"] != "Name"] + [
+            {"Key": TAG_REGION, "Value": self.settings.aws_region}
+        ]
+
     def _tag_map(self, resource: str, name: str) -> dict[str, str]:
         return {t["Key"]: t["Value"] for t in self._tags(resource, name)}
 
@@ -222,13 +371,14 @@ class AwsProvisioner(Provisioner):
     # -- plan --------------------------------------------------------------------------------
     def plan(self) -> list[PlannedStep]:
         public, private = self._subnet_cidrs()
-        region = self.settings.aws_region
+        region, s = self.settings.aws_region, self.settings
+        issuer = "the ClusterIssuer letsencrypt (DNS-01, Route53)" if self.domains else "no ClusterIssuer (no domain)"
         steps = [
             PlannedStep(name="cluster-role", description="IAM role the EKS control plane assumes",
-                        creates=(f"iam/role {self.role_name('cluster-role')}",)),
+                        creates=(f"iam/role {self.role_path}{self.role_name('cluster-role')}",)),
             PlannedStep(name="node-role", description="IAM role of the worker nodes",
-                        creates=(f"iam/role {self.role_name('node-role')}",)),
-            PlannedStep(name="vpc", description=f"VPC {self.settings.vpc_cidr} in {region}",
+                        creates=(f"iam/role {self.role_path}{self.role_name('node-role')}",)),
+            PlannedStep(name="vpc", description=f"VPC {s.vpc_cidr} in {region}",
                         creates=(f"ec2/vpc {self._name('vpc')}",)),
             PlannedStep(name="internet-gateway", description="Internet gateway attached to the VPC",
                         creates=(f"ec2/internet-gateway {self._name('igw')}",)),
@@ -246,20 +396,61 @@ class AwsProvisioner(Provisioner):
             PlannedStep(name="database-bucket", description="S3 bucket for database backups",
                         creates=(f"s3/bucket {self.database_bucket}",)),
             PlannedStep(name="eks-cluster",
-                        description=f"EKS cluster {self.deployment}, Kubernetes {self.settings.eks_kubernetes_version}",
-                        creates=(f"eks/cluster {self.deployment}",)),
+                        description=f"EKS cluster {self.cluster}, Kubernetes {s.eks_kubernetes_version}",
+                        creates=(f"eks/cluster {self.cluster}",)),
             PlannedStep(name="oidc-provider", description="IAM OIDC provider of the cluster's issuer (IRSA)",
                         creates=("iam/oidc-provider <cluster issuer>",)),
+            PlannedStep(name="network-policy",
+                        description="VPC CNI as an EKS add-on with its network policy agent (NetworkPolicies enforced)",
+                        creates=("eks/addon vpc-cni (enableNetworkPolicy)",)),
+            PlannedStep(name="launch-template",
+                        description="Launch template of the nodes: IMDSv2 only, hop limit 1 (pods cannot reach "
+                        f"the node's role), {NODE_DISK_GIB} GiB encrypted gp3 disk",
+                        creates=(f"ec2/launch-template {self.launch_template_name}",)),
             PlannedStep(name="node-group",
-                        description=f"Managed node group: {self.settings.eks_node_count} x "
-                        f"{self.settings.eks_node_instance_type} (up to {self.settings.eks_node_max})",
+                        description=f"Managed node group: {s.eks_node_count} x {s.eks_node_instance_type} "
+                        f"(1 to {max(s.eks_node_max, s.eks_node_count)})",
                         creates=(f"eks/nodegroup {self.nodegroup_name}",)),
+            PlannedStep(name="user-boundary",
+                        description="Permissions boundary of per-user roles: users' buckets at most",
+                        creates=(f"iam/policy {self.role_path}{boundary_name(s)}",)),
             PlannedStep(name="irsa-roles", description="IRSA roles: control plane and add-ons, one ServiceAccount each",
-                        creates=tuple(f"iam/role {self.role_name(s)}" for s in IRSA_ROLES)),
+                        creates=tuple(f"iam/role {self.role_path}{self.role_name(r)}" for r in self.irsa_roles)),
         ]  # fmt: skip
-        return steps + [release_step(key, release) for key, release in ADDONS.items()]
+        whats = {
+            "ingress-nginx": f"the ingress controller (class nginx) in {self.ingress_namespace}, behind an NLB",
+            "cluster-config": f"the default StorageClass {STORAGE_CLASS} (EBS CSI) and {issuer}",
+        }
+        return steps + [release_step(key, self._release(key), whats.get(key, "")) for key in ADDONS]
 
-    # -- up ----------------------------------------------------------------------------------
+    def _release(self, key: str) -> HelmRelease:
+        release = ADDONS[key]
+        if key == "ingress-nginx":
+            return dataclasses.replace(release, namespace=self.ingress_namespace)
+        return release
+
+    def documents(self) -> dict[str, str]:
+        """The IAM documents of the manual path (docs/DEPLOYMENT_AWS.md): the control plane's policy, the
+        per-user boundary, cert-manager's Route53 policy, and the IRSA trust policies once the cluster exists."""
+        files = {
+            "controlplane-policy.json": control_plane_policy(self.settings, database_bucket=self.database_bucket),
+            "user-boundary.json": user_boundary_policy(self.settings),
+        }
+        if self.domains:
+            files["cert-manager-policy.json"] = self._irsa_policy("cert-manager") or {}
+        try:
+            with aws_errors(f"EKS cluster {self.cluster}"):
+                issuer = self._issuer().removeprefix("https://")
+        except (NotFound, ProviderUnavailable):
+            issuer = ""  # no cluster yet: no trust policies
+        if issuer:
+            provider = f"arn:{self.partition}:iam::{self.settings.aws_account_id}:oidc-provider/{issuer}"
+            for suffix in ("controlplane", "cert-manager"):
+                namespace, account, _managed, _value = IRSA_ROLES[suffix]
+                files[f"{suffix}-trust.json"] = trust_policy(provider, issuer, namespace or self.namespace, account)
+        return {name: json.dumps(document, indent=2) + "\n" for name, document in files.items()}
+
+    # -- checks before anything is made ------------------------------------------------------
     def preflight(self) -> None:
         """Refuse to touch an account other than AWS_ACCOUNT_ID."""
         with aws_errors("STS caller identity"):
@@ -269,6 +460,60 @@ class AwsProvisioner(Provisioner):
                 [f"the AWS credentials belong to account {account}, not AWS_ACCOUNT_ID {self.settings.aws_account_id}"]
             )
 
+    def required_tools(self, options: ProvisioningOptions) -> list[Tool]:
+        if options.addons != "install":
+            return []
+        tools = [Tool(name="helm", why="it installs the cluster's add-ons (Helm 3.10 or newer)")]
+        if options.kubeconfig is None:
+            tools.append(
+                Tool(name="aws", why="the kubeconfig `up` writes gets EKS credentials from `aws eks get-token`")
+            )
+        return tools
+
+    def check_up(self, note: Callable[[str], None]) -> list[str]:
+        """The permissions ``up`` needs (the IAM policy simulator on the caller's own policies) and the
+        hosted zones of the deployment's names."""
+        problems = [f"the credentials may not {action} (IAM policy simulator)" for action in self._denied(note)]
+        try:
+            self.hosted_zones()
+        except NotFound as exc:
+            problems.append(exc.message)
+        return problems
+
+    def _denied(self, note: Callable[[str], None]) -> list[str]:
+        with aws_errors("STS caller identity"):
+            arn = str(self.sts.get_caller_identity().get("Arn", ""))
+        account, resource = (arn.split(":", 5) + [""] * 6)[4:6]
+        try:
+            if resource == "root":
+                return []  # the account's root user may do everything
+            if resource.startswith("assumed-role/"):
+                with aws_errors("IAM role of the credentials"):
+                    source = str(self.iam.get_role(RoleName=resource.split("/")[1])["Role"]["Arn"])
+            elif resource.startswith("user/"):
+                source = f"arn:{self.partition}:iam::{account}:{resource}"
+            else:
+                note(f"cannot check the permissions of {arn} in advance; `up` stops at the first refusal")
+                return []
+            with aws_errors("IAM policy simulator"):
+                answer = self.iam.simulate_principal_policy(PolicySourceArn=source, ActionNames=list(UP_ACTIONS))
+        except (ProviderUnavailable, PermissionDenied) as exc:
+            note(f"cannot check the permissions in advance ({exc.message}); `up` stops at the first refusal")
+            return []
+        return [
+            str(r["EvalActionName"]) for r in answer.get("EvaluationResults", []) if r.get("EvalDecision") != "allowed"
+        ]
+
+    def hosted_zones(self) -> list[tuple[str, str]]:
+        """(zone id, zone name) of each Route53 zone holding one of the deployment's names."""
+        if self._hosted_zones is None:
+            from cmbcluster_aws.dns import Route53Dns
+
+            dns = Route53Dns(self.route53, hosted_zone_id=self.settings.route53_hosted_zone_id)
+            self._hosted_zones = list(dict.fromkeys(dns.zone_for(domain) for domain in self.domains))
+        return self._hosted_zones
+
+    # -- up ----------------------------------------------------------------------------------
     def apply_step(self, step: PlannedStep, job: StepContext) -> None:
         if step.name.startswith("addon-"):
             self._addon(step.name.removeprefix("addon-"), job)
@@ -283,7 +528,10 @@ class AwsProvisioner(Provisioner):
             "route-tables": self._route_tables,
             "eks-cluster": self._cluster,
             "oidc-provider": self._oidc_provider,
+            "network-policy": self._network_policy,
+            "launch-template": self._launch_template,
             "node-group": self._node_group,
+            "user-boundary": self._user_boundary,
             "irsa-roles": self._irsa_roles,
             "ecr-repositories": self._repositories,
             "database-bucket": self._bucket,
@@ -309,19 +557,17 @@ class AwsProvisioner(Provisioner):
     ) -> str:
         name = self.role_name(suffix)
         document = json.dumps(trust)
-        tags = [t for t in self._tags(suffix, name) if t["Key"] != "Name"]
         try:
             arn = str(self.iam.get_role(RoleName=name)["Role"]["Arn"])
             owned = {t["Key"]: t["Value"] for t in self.iam.list_role_tags(RoleName=name).get("Tags", [])}
-            if owned.get(TAG_DEPLOYMENT) != self.deployment:
-                raise Conflict(f"IAM role {name} exists but does not belong to deployment {self.deployment}")
+            self._check_owned(f"IAM role {name}", owned)
             self.iam.update_assume_role_policy(RoleName=name, PolicyDocument=document)
             job.adopted(self._role_record(job.step, name, arn))
         except ClientError as exc:
             if error_code(exc) != "NoSuchEntity":
                 raise
             role = self.iam.create_role(
-                RoleName=name, Path=INFRA_ROLE_PATH, AssumeRolePolicyDocument=document, Tags=tags,
+                RoleName=name, Path=self.role_path, AssumeRolePolicyDocument=document, Tags=self._iam_tags(suffix),
                 Description=f"CMBCluster deployment {self.deployment}: {suffix}",
             )["Role"]  # fmt: skip
             arn = str(role["Arn"])
@@ -332,6 +578,17 @@ class AwsProvisioner(Provisioner):
         if inline is not None:
             self.iam.put_role_policy(RoleName=name, PolicyName="cmbcluster", PolicyDocument=json.dumps(inline))
         return arn
+
+    def _check_owned(self, what: str, tags: dict[str, str]) -> None:
+        """An IAM object of this name is adopted only when this deployment, in this region, made it."""
+        if tags.get(TAG_DEPLOYMENT) != self.deployment:
+            raise Conflict(f"{what} exists but does not belong to deployment {self.deployment}")
+        region = tags.get(TAG_REGION)
+        if region is not None and region != self.settings.aws_region:
+            raise Conflict(
+                f"{what} belongs to deployment {self.deployment} in {region}: two deployments of one account need "
+                "distinct names (set CMBCLUSTER_DEPLOYMENT_NAME)"
+            )
 
     @staticmethod
     def _role_record(step: str, name: str, arn: str) -> ResourceRecord:
@@ -423,7 +680,7 @@ class AwsProvisioner(Provisioner):
     def _subnets(self, job: StepContext) -> None:
         vpc_id = self._recorded_id(job, "ec2/vpc", self._name("vpc"))
         public, private = self._subnet_cidrs()
-        cluster_tag = {"Key": f"kubernetes.io/cluster/{self.deployment}", "Value": "shared"}
+        cluster_tag = {"Key": f"kubernetes.io/cluster/{self.cluster}", "Value": "shared"}
         for tier, cidrs, role_tag in (
             ("public", public, {"Key": "kubernetes.io/role/elb", "Value": "1"}),
             ("private", private, {"Key": "kubernetes.io/role/internal-elb", "Value": "1"}),
@@ -498,26 +755,31 @@ class AwsProvisioner(Provisioner):
                 if subnet not in associated:
                     self.ec2.associate_route_table(RouteTableId=table_id, SubnetId=subnet)
 
-    def _retrying_propagation(self, call: Callable[[], T], what: str, attempts: int = 8) -> T:
+    def _retrying_propagation(self, call: Callable[[], T], what: str) -> T:
         """IAM is eventually consistent: EKS may not see a role made seconds ago. Retry that case only."""
-        for attempt in range(attempts):
-            try:
-                return call()
-            except ClientError as exc:
-                message = str(exc.response.get("Error", {}).get("Message", ""))
-                if error_code(exc) != "InvalidParameterException" or "role" not in message.lower():
-                    raise
-                if attempt == attempts - 1:
-                    raise map_aws_error(exc, what) from exc
-                time.sleep(self.propagation_delay)
-        raise AssertionError("unreachable")
+
+        def pending(exc: ClientError) -> bool:
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            return error_code(exc) == "InvalidParameterException" and "role" in message.lower()
+
+        try:
+            return retry_while_propagating(
+                call, pending=pending, what=what, window=self.propagation_delay * 8, first_delay=self.propagation_delay,
+                max_delay=self.propagation_delay,
+            )  # fmt: skip
+        except ClientError as exc:
+            if pending(exc):
+                raise map_aws_error(exc, what) from exc
+            raise
 
     def _cluster(self, job: StepContext) -> None:
-        name = self.deployment
+        name = self.cluster
         try:
             cluster = self.eks.describe_cluster(name=name)["cluster"]
             if cluster.get("tags", {}).get(TAG_DEPLOYMENT) != self.deployment:
-                raise Conflict(f"EKS cluster {name} exists but was not made by `cmbcluster infra up`")
+                raise Conflict(
+                    f"EKS cluster {name} exists but was not made by `cmbcluster infra up` for {self.deployment}"
+                )
             if cluster.get("status") in ("DELETING", "FAILED"):
                 raise Conflict(f"EKS cluster {name} is {cluster.get('status')}; delete it and rerun")
             job.adopted(ResourceRecord(step=job.step, kind="eks/cluster", id=name, name=name))
@@ -540,26 +802,27 @@ class AwsProvisioner(Provisioner):
             job.created(ResourceRecord(step=job.step, kind="eks/cluster", id=name, name=name))
         job.note(f"waiting for EKS cluster {name} to be ACTIVE (about 10-15 minutes on AWS)")
         self._wait("eks", "cluster_active", f"EKS cluster {name}", name=name)
-        self._write_kubeconfig(job)
+        if addon_kubeconfig(job)[1]:
+            self._write_kubeconfig(job)
 
     def _write_kubeconfig(self, job: StepContext) -> None:
-        with aws_errors(f"EKS cluster {self.deployment}"):
-            cluster = self.eks.describe_cluster(name=self.deployment)["cluster"]
+        with aws_errors(f"EKS cluster {self.cluster}"):
+            cluster = self.eks.describe_cluster(name=self.cluster)["cluster"]
         write_kubeconfig(
-            kubeconfig_path(job.record),
-            name=self.deployment,
+            addon_kubeconfig(job)[0],
+            name=self.cluster,
             server=str(cluster.get("endpoint") or ""),
             certificate_authority_data=str(cluster.get("certificateAuthority", {}).get("data") or ""),
             command="aws",
-            args=["eks", "get-token", "--cluster-name", self.deployment, "--region", self.settings.aws_region,
+            args=["eks", "get-token", "--cluster-name", self.cluster, "--region", self.settings.aws_region,
                   "--output", "json"],
         )  # fmt: skip
 
     def _issuer(self) -> str:
-        cluster = self.eks.describe_cluster(name=self.deployment)["cluster"]
+        cluster = self.eks.describe_cluster(name=self.cluster)["cluster"]
         issuer = str(cluster.get("identity", {}).get("oidc", {}).get("issuer") or "")
         if not issuer.startswith("https://"):
-            raise ProviderUnavailable(f"EKS cluster {self.deployment} reports no OIDC issuer yet; rerun `up`")
+            raise ProviderUnavailable(f"EKS cluster {self.cluster} reports no OIDC issuer yet; rerun `up`")
         return issuer
 
     def _oidc_provider(self, job: StepContext) -> None:
@@ -579,68 +842,159 @@ class AwsProvisioner(Provisioner):
             )  # fmt: skip
             job.created(record)
 
+    def _network_policy(self, job: StepContext) -> None:
+        """The VPC CNI as a managed add-on with its network policy agent: NetworkPolicies enforced."""
+        wanted = json.dumps(NETWORK_POLICY_CONFIGURATION, sort_keys=True)
+        record = ResourceRecord(step=job.step, kind="eks/addon", id="vpc-cni", name="vpc-cni",
+                                attributes={"cluster": self.cluster})  # fmt: skip
+        try:
+            addon = self.eks.describe_addon(clusterName=self.cluster, addonName="vpc-cni")["addon"]
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise
+            self.eks.create_addon(
+                clusterName=self.cluster, addonName="vpc-cni", configurationValues=wanted,
+                resolveConflicts="OVERWRITE", tags=self._tag_map("network-policy", "vpc-cni"),
+            )  # fmt: skip
+            job.created(record)
+        else:
+            job.adopted(record)
+            current = json.loads(addon.get("configurationValues") or "{}")
+            if current.get("enableNetworkPolicy") != "true":
+                job.note("the VPC CNI add-on ran without its network policy agent: enabling it")
+                self.eks.update_addon(
+                    clusterName=self.cluster, addonName="vpc-cni", resolveConflicts="OVERWRITE",
+                    configurationValues=json.dumps({**current, **NETWORK_POLICY_CONFIGURATION}, sort_keys=True),
+                )  # fmt: skip
+        self._wait("eks", "addon_active", "the VPC CNI add-on", clusterName=self.cluster, addonName="vpc-cni")
+
+    def _launch_template_data(self) -> dict[str, Any]:
+        node_tags = [t for t in self._tags("node", self._name("node")) if t["Key"] != TAG_RESOURCE]
+        return {
+            # IMDSv2 only, and a hop limit of 1: the metadata service answers the node, never a pod
+            # (each pod is one network hop further), so no pod can take the node's IAM role.
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+            "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {
+                "VolumeSize": NODE_DISK_GIB, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}}],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": node_tags},
+                                  {"ResourceType": "volume", "Tags": node_tags}],
+        }  # fmt: skip
+
+    def _launch_template(self, job: StepContext) -> None:
+        name = self.launch_template_name
+        data = self._launch_template_data()
+        template, adopted = self._tagged(
+            job, kind="ec2/launch-template", name=name, tag="launch-template",
+            describe=("describe_launch_templates", "LaunchTemplates"), id_key="LaunchTemplateId",
+            create=lambda: self.ec2.create_launch_template(
+                LaunchTemplateName=name, LaunchTemplateData=data,
+                TagSpecifications=self._spec("launch-template", "launch-template", name),
+            )["LaunchTemplate"],
+        )  # fmt: skip
+        if adopted:
+            template_id = str(template["LaunchTemplateId"])
+            versions = self.ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Default"])
+            current = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"].get("MetadataOptions", {})
+            if {k: current.get(k) for k in data["MetadataOptions"]} != data["MetadataOptions"]:
+                job.note(f"launch template {name} let pods reach the metadata service: a new default version fixes it")
+                version = self.ec2.create_launch_template_version(LaunchTemplateId=template_id, LaunchTemplateData=data)
+                number = str(version["LaunchTemplateVersion"]["VersionNumber"])
+                self.ec2.modify_launch_template(LaunchTemplateId=template_id, DefaultVersion=number)
+
     def _node_group(self, job: StepContext) -> None:
         name = self.nodegroup_name
         record = ResourceRecord(step=job.step, kind="eks/nodegroup", id=name, name=name,
-                                attributes={"cluster": self.deployment})  # fmt: skip
+                                attributes={"cluster": self.cluster})  # fmt: skip
         try:
-            self.eks.describe_nodegroup(clusterName=self.deployment, nodegroupName=name)
+            self.eks.describe_nodegroup(clusterName=self.cluster, nodegroupName=name)
             job.adopted(record)
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
             role_arn = job.record.find("iam/role", name=self.role_name("node-role"))[0].attributes["arn"]
+            template = self._recorded_id(job, "ec2/launch-template", self.launch_template_name)
             settings = self.settings
             self._retrying_propagation(
                 lambda: self.eks.create_nodegroup(
-                    clusterName=self.deployment, nodegroupName=name, nodeRole=role_arn,
+                    clusterName=self.cluster, nodegroupName=name, nodeRole=role_arn,
                     subnets=self._subnet_ids(job, "private"), instanceTypes=[settings.eks_node_instance_type],
                     scalingConfig={"minSize": 1, "desiredSize": settings.eks_node_count,
                                    "maxSize": max(settings.eks_node_max, settings.eks_node_count)},
-                    amiType="AL2023_x86_64_STANDARD", capacityType="ON_DEMAND", diskSize=50,
+                    amiType="AL2023_x86_64_STANDARD", capacityType="ON_DEMAND",
+                    launchTemplate={"id": template},  # its default version: IMDS hop limit 1, the disk
                     tags=self._tag_map("node-group", name),
                 ),
                 f"EKS node group {name}",
             )  # fmt: skip
             job.created(record)
         job.note(f"waiting for node group {name} to be ACTIVE (about 3-5 minutes on AWS)")
-        self._wait("eks", "nodegroup_active", f"node group {name}", clusterName=self.deployment, nodegroupName=name)
+        self._wait("eks", "nodegroup_active", f"node group {name}", clusterName=self.cluster, nodegroupName=name)
+
+    def _user_boundary(self, job: StepContext) -> None:
+        """The managed policy every per-user role carries as its permissions boundary."""
+        arn, name = boundary_arn(self.settings), boundary_name(self.settings)
+        document = json.dumps(user_boundary_policy(self.settings), sort_keys=True)
+        record = ResourceRecord(step=job.step, kind="iam/policy", id=arn, name=name)
+        try:
+            policy = self.iam.get_policy(PolicyArn=arn)["Policy"]
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchEntity":
+                raise
+            self.iam.create_policy(
+                PolicyName=name, Path=self.role_path, PolicyDocument=document, Tags=self._iam_tags("user-boundary"),
+                Description=f"CMBCluster deployment {self.deployment}: the most a user's role may do",
+            )  # fmt: skip
+            job.created(record)
+            return
+        tags = {t["Key"]: t["Value"] for t in self.iam.list_policy_tags(PolicyArn=arn).get("Tags", [])}
+        self._check_owned(f"IAM policy {name}", tags)
+        job.adopted(record)
+        version = self.iam.get_policy_version(PolicyArn=arn, VersionId=policy["DefaultVersionId"])["PolicyVersion"]
+        current = version["Document"]
+        current = current if isinstance(current, dict) else json.loads(urllib.parse.unquote(str(current)))
+        if json.dumps(current, sort_keys=True) != document:
+            versions = self.iam.list_policy_versions(PolicyArn=arn)["Versions"]
+            old = [v for v in versions if not v.get("IsDefaultVersion")]
+            if len(versions) >= 5 and old:  # IAM keeps five versions at most
+                self.iam.delete_policy_version(PolicyArn=arn, VersionId=old[-1]["VersionId"])
+            self.iam.create_policy_version(PolicyArn=arn, PolicyDocument=document, SetAsDefault=True)
+            job.note(f"IAM policy {name} updated to the users' bucket prefix {self.settings.s3_user_bucket_prefix}")
 
     def _irsa_roles(self, job: StepContext) -> None:
         oidc = job.record.find("iam/oidc-provider")
         if not oidc:
             raise ConfigurationError(["the cluster's OIDC provider is not in the record: rerun `cmbcluster infra up`"])
         provider_arn, issuer_id = oidc[0].id, oidc[0].name
-        for suffix, (namespace, service_account, managed, _value) in IRSA_ROLES.items():
+        for suffix in self.irsa_roles:
+            namespace, service_account, managed, _value = IRSA_ROLES[suffix]
             trust = trust_policy(provider_arn, issuer_id, namespace or self.namespace, service_account)
             self._role(job, suffix, trust, managed, self._irsa_policy(suffix))
 
     def _irsa_policy(self, suffix: str) -> dict[str, Any] | None:
-        p, account = self.partition, self.settings.aws_account_id
+        p = self.partition
         user_buckets = f"arn:{p}:s3:::{self.settings.s3_user_bucket_prefix}-*"
-        database = f"arn:{p}:s3:::{self.database_bucket}"
         statements: list[dict[str, Any]]
         if suffix == "controlplane":
-            statements = [
-                _statement(["s3:ListAllMyBuckets"], "*"),
-                _statement(["s3:CreateBucket", "s3:DeleteBucket", "s3:ListBucket", "s3:ListBucketVersions",
-                            "s3:GetBucket*", "s3:PutBucket*", "s3:DeleteBucketPolicy", "s3:GetEncryptionConfiguration",
-                            "s3:PutEncryptionConfiguration", "s3:PutBucketPublicAccessBlock",
-                            "s3:ListBucketMultipartUploads"], [user_buckets, database]),
-                _statement(["s3:GetObject*", "s3:PutObject*", "s3:DeleteObject*", "s3:AbortMultipartUpload",
-                            "s3:ListMultipartUploadParts"], [f"{user_buckets}/*", f"{database}/*"]),
-                _statement(["iam:CreateRole", "iam:DeleteRole", "iam:GetRole", "iam:TagRole", "iam:ListRoleTags",
-                            "iam:UpdateAssumeRolePolicy", "iam:PutRolePolicy", "iam:DeleteRolePolicy",
-                            "iam:GetRolePolicy"], f"arn:{p}:iam::{account}:role/cmbcluster/*"),
-                _statement(["iam:GetOpenIDConnectProvider"], f"arn:{p}:iam::{account}:oidc-provider/*"),
-                _statement(["eks:DescribeCluster"],
-                           f"arn:{p}:eks:{self.settings.aws_region}:{account}:cluster/{self.deployment}"),
-            ]  # fmt: skip
-        elif suffix == "mountpoint-s3-csi-driver":
+            return control_plane_policy(self.settings, database_bucket=self.database_bucket)
+        if suffix == "mountpoint-s3-csi-driver":
             statements = [
                 _statement(["s3:ListBucket"], [user_buckets]),
                 _statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                            [f"{user_buckets}/*"]),
+            ]  # fmt: skip
+        elif suffix == "cert-manager":
+            # cert-manager's documented Route53 policy, limited to the deployment's zones and to the TXT
+            # records of ACME challenges.
+            zones = [f"arn:{p}:route53:::hostedzone/{zone_id}" for zone_id, _name in self.hosted_zones()]
+            statements = [
+                _statement(["route53:GetChange"], f"arn:{p}:route53:::change/*"),
+                _statement(["route53:ListResourceRecordSets"], zones),
+                _statement(["route53:ChangeResourceRecordSets"], zones, Condition={
+                    "ForAllValues:StringEquals": {"route53:ChangeResourceRecordSetsRecordTypes": ["TXT"]},
+                    "ForAllValues:StringLike": {"route53:ChangeResourceRecordSetsNormalizedRecordNames":
+                                                ["_acme-challenge.*"]},
+                }),
+                _statement(["route53:ListHostedZonesByName"], "*"),
             ]  # fmt: skip
         elif suffix == "aws-load-balancer-controller":
             # A condensed form of the controller's published policy: the services it calls, ELB writes limited
@@ -664,8 +1018,6 @@ class AwsProvisioner(Provisioner):
         for name in self.repositories:
             try:
                 found = self.ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
-                job.adopted(ResourceRecord(step=job.step, kind="ecr/repository", id=name, name=name,
-                                           attributes={"uri": str(found["repositoryUri"])}))  # fmt: skip
             except ClientError as exc:
                 if error_code(exc) != "RepositoryNotFoundException":
                     raise
@@ -676,6 +1028,13 @@ class AwsProvisioner(Provisioner):
                 )["repository"]  # fmt: skip
                 job.created(ResourceRecord(step=job.step, kind="ecr/repository", id=name, name=name,
                                            attributes={"uri": str(repo["repositoryUri"])}))  # fmt: skip
+                continue
+            # `down` deletes what it adopted, images and all: never another deployment's repository
+            tags = self.ecr.list_tags_for_resource(resourceArn=found["repositoryArn"]).get("tags", [])
+            if {t["Key"]: t["Value"] for t in tags}.get(TAG_DEPLOYMENT) != self.deployment:
+                raise Conflict(f"ECR repository {name} exists but does not belong to deployment {self.deployment}")
+            job.adopted(ResourceRecord(step=job.step, kind="ecr/repository", id=name, name=name,
+                                       attributes={"uri": str(found["repositoryUri"])}))  # fmt: skip
 
     def _storage(self) -> S3Storage:
         return S3Storage(self.settings, client=self.s3)
@@ -699,19 +1058,47 @@ class AwsProvisioner(Provisioner):
         self._storage().configure_bucket(name, versioning=True, tags=self._tag_map("database-bucket", name))
 
     def _addon(self, key: str, job: StepContext) -> None:
-        release = ADDONS[key]
+        release = self._release(key)
         values = dict(release.values)
         if key in IRSA_ROLES:
             roles = job.record.find("iam/role", name=self.role_name(key))
-            if not roles:
+            if roles:
+                values[IRSA_ROLES[key][3]] = roles[0].attributes["arn"]
+            elif key in self.irsa_roles:
                 raise ConfigurationError([f"the IRSA role of {key} is not in the record: rerun `cmbcluster infra up`"])
-            values[IRSA_ROLES[key][3]] = roles[0].attributes["arn"]
         if key == "aws-load-balancer-controller":
-            values.update({"clusterName": self.deployment, "region": self.settings.aws_region,
+            values.update({"clusterName": self.cluster, "region": self.settings.aws_region,
                            "vpcId": self._recorded_id(job, "ec2/vpc", self._name("vpc"))})  # fmt: skip
-        if not kubeconfig_path(job.record).exists():
+        if key == "ebs-csi-driver":
+            values["controller.k8sTagClusterId"] = self.cluster  # tags the disks it makes with the cluster
+        if key == "cluster-config":
+            release = self._cluster_config()
+            values = dict(release.values)
+        kubeconfig, ours = addon_kubeconfig(job)
+        if ours and not kubeconfig.exists():
             self._write_kubeconfig(job)
-        install_release(job, dataclasses.replace(release, values=values), kubeconfig_path(job.record))
+        install_release(job, dataclasses.replace(release, values=values), kubeconfig)
+
+    def _cluster_config(self) -> HelmRelease:
+        """The default StorageClass (EKS has none: the control plane's claim would stay Pending) and the
+        ClusterIssuer answering DNS-01 in Route53 with cert-manager's IRSA role."""
+        dns01: dict[str, Any] | None = None
+        if self.domains:
+            route53: dict[str, Any] = {"region": self.settings.aws_region}
+            zones = self.hosted_zones()
+            if len(zones) == 1:
+                route53["hostedZoneID"] = zones[0][0]
+            dns01 = {"route53": route53}
+        return cluster_config_release(
+            deployment=self.deployment,
+            storage_class={
+                "name": STORAGE_CLASS, "provisioner": EBS_CSI, "default": True, "reclaimPolicy": "Retain",
+                # every disk tagged with the deployment: `down` finds what the cluster leaves behind
+                "parameters": {"type": "gp3", "encrypted": "true",
+                               "tagSpecification_1": f"{TAG_DEPLOYMENT}={self.deployment}"},
+            },
+            dns01=dns01, email=self.settings.letsencrypt_email, acme_server=self.settings.acme_server,
+        )  # fmt: skip
 
     def _wait(self, service: str, waiter: str, what: str, **kwargs: Any) -> None:
         attempts = max(1, int(1800 / max(self.poll_interval, 0.001)))  # at most 30 minutes
@@ -727,9 +1114,14 @@ class AwsProvisioner(Provisioner):
         deleters: dict[str, Callable[[ResourceRecord, StepContext], None]] = {
             "helm/release": self._delete_release,
             "eks/nodegroup": self._delete_nodegroup,
+            # the add-on goes with the cluster; its DaemonSet keeps running until then
+            "eks/addon": lambda r, c: self.eks.delete_addon(clusterName=r.attributes.get("cluster", self.cluster),
+                                                            addonName=r.id, preserve=True),
             "eks/cluster": self._delete_cluster,
+            "ec2/launch-template": lambda r, c: self.ec2.delete_launch_template(LaunchTemplateId=r.id),
             "iam/oidc-provider": lambda r, c: self.iam.delete_open_id_connect_provider(OpenIDConnectProviderArn=r.id),
             "iam/role": lambda r, c: self._delete_role(r.id),
+            "iam/policy": lambda r, c: self._delete_policy(r.id),
             "ec2/route-table": self._delete_route_table,
             "ec2/nat-gateway": self._delete_nat,
             "ec2/elastic-ip": lambda r, c: self.ec2.release_address(AllocationId=r.id),
@@ -738,7 +1130,7 @@ class AwsProvisioner(Provisioner):
             "ec2/vpc": lambda r, c: self.ec2.delete_vpc(VpcId=r.id),
             "ecr/repository": lambda r, c: self.ecr.delete_repository(repositoryName=r.id, force=True),
             "s3/bucket": lambda r, c: self._storage().delete_bucket(r.id, force=c.options.delete_data),
-        }
+        }  # fmt: skip
         deleter = deleters.get(resource.kind)
         if deleter is None:
             raise InvalidRequest(f"the record lists {resource.label}, a kind this version cannot delete")
@@ -749,6 +1141,62 @@ class AwsProvisioner(Provisioner):
             if resource.kind == "s3/bucket" and not job.options.delete_data:
                 raise data_written_during_down(f"S3 bucket {resource.id}") from exc
             raise
+        except Exception as exc:
+            if _gone(exc):
+                job.emit("gone", f"{resource.label} was already gone")
+                return
+            raise
+
+    # -- what `down` keeps unless told -------------------------------------------------------
+    def retained(self, record: DeploymentRecord) -> list[ResourceRecord]:
+        """Per-user IAM roles (under the deployment's path), users' buckets (the deployment's prefix,
+        managed by CMBCluster) and the EBS volumes of the cluster's claims (tagged with the deployment)."""
+        found: list[ResourceRecord] = []
+        with aws_errors("the deployment's per-user IAM roles"):
+            for page in self.iam.get_paginator("list_roles").paginate(PathPrefix=user_path(self.settings)):
+                for role in page.get("Roles", []):
+                    found.append(ResourceRecord(step="retained", kind="iam/user-role", id=str(role["RoleName"]),
+                                                name=str(role["RoleName"]),
+                                                attributes={"why": "a user's IAM role (no data)"}))  # fmt: skip
+        storage = self._storage()
+        prefix = f"{self.settings.s3_user_bucket_prefix}-"
+        with aws_errors("the deployment's users' buckets"):
+            names = [str(b["Name"]) for b in self.s3.list_buckets().get("Buckets", []) if b["Name"].startswith(prefix)]
+        ours = {self.database_bucket, *(r.id for r in record.find("s3/bucket"))}
+        for name in names:
+            try:
+                if name in ours or storage.owner_of(name) is None:
+                    continue
+            except NotFound:
+                continue
+            found.append(ResourceRecord(step="retained", kind="s3/user-bucket", id=name, name=name,
+                                        attributes={"why": "a user's bucket, with all its data"}))  # fmt: skip
+        with aws_errors("the deployment's EBS volumes"):
+            volumes = self.ec2.describe_volumes(
+                Filters=[{"Name": f"tag:{TAG_DEPLOYMENT}", "Values": [self.deployment]}]
+            )
+        for volume in volumes.get("Volumes", []):
+            tags = {t["Key"]: t["Value"] for t in volume.get("Tags", [])}
+            claim = tags.get("kubernetes.io/created-for/pvc/name", "")
+            found.append(ResourceRecord(
+                step="retained", kind="ec2/volume", id=str(volume["VolumeId"]), name=claim or str(volume["VolumeId"]),
+                attributes={"why": f"a disk of the cluster ({volume.get('Size', '?')} GiB"
+                                   + (f", claim {claim}" if claim else "") + "), kept by its StorageClass"},
+            ))  # fmt: skip
+        return found
+
+    def delete_retained(self, resource: ResourceRecord, job: StepContext) -> None:
+        try:
+            with aws_errors(f"deleting {resource.label}"):
+                if resource.kind == "iam/user-role":
+                    self._delete_role(resource.id)
+                elif resource.kind == "s3/user-bucket":
+                    self._storage().delete_bucket(resource.id, force=True)
+                elif resource.kind == "ec2/volume":
+                    self._retry_dependency(functools.partial(self.ec2.delete_volume, VolumeId=resource.id),
+                                           codes=("VolumeInUse",))  # fmt: skip
+                else:
+                    raise InvalidRequest(f"{resource.label} is not something `down` can delete")
         except Exception as exc:
             if _gone(exc):
                 job.emit("gone", f"{resource.label} was already gone")
@@ -769,17 +1217,19 @@ class AwsProvisioner(Provisioner):
 
     def deletion_order(self, resources: Sequence[ResourceRecord]) -> list[ResourceRecord]:
         """The order of the original cleanup script: add-ons, node group, cluster, NAT gateway, Elastic IP,
-        subnets, VPC, then S3 buckets, ECR repositories, and IAM (roles, OIDC provider) last, so that
-        nothing still running loses its permissions first. Within each group, reverse creation."""
-        last = ("s3/bucket", "ecr/repository", "iam/oidc-provider", "iam/role")
+        subnets, VPC, then disks, S3 buckets, ECR repositories, and IAM (users' roles, the OIDC provider,
+        roles, the boundary policy) last, so that nothing still running loses its permissions first.
+        Within each group, reverse creation."""
+        last = ("ec2/volume", "s3/user-bucket", "s3/bucket", "ecr/repository", "iam/user-role", "iam/oidc-provider",
+                "iam/role", "iam/policy")  # fmt: skip
         ordered = list(reversed(resources))
         rest = [r for r in ordered if r.kind not in last]
         return rest + [r for kind in last for r in ordered if r.kind == kind]
 
     def _delete_release(self, resource: ResourceRecord, job: StepContext) -> None:
-        kubeconfig = kubeconfig_path(job.record)
+        kubeconfig, ours = addon_kubeconfig(job)
         if kubeconfig.exists() or self._cluster_exists():
-            if not kubeconfig.exists():
+            if ours and not kubeconfig.exists():
                 self._write_kubeconfig(job)
             uninstall_release(job, resource, kubeconfig)
 
@@ -798,32 +1248,35 @@ class AwsProvisioner(Provisioner):
             for start in range(0, len(arns), 20):  # DescribeTags takes 20 ARNs at most
                 for description in self.elbv2.describe_tags(ResourceArns=arns[start : start + 20])["TagDescriptions"]:
                     tags = {t["Key"]: t["Value"] for t in description.get("Tags", [])}
-                    if tags.get(tag) != self.deployment:
+                    if tags.get(tag) != self.cluster:
                         continue
                     job.note(f"deleting {kind} {description['ResourceArn']} made by the load balancer controller")
                     if kind == "load balancer":
                         self.elbv2.delete_load_balancer(LoadBalancerArn=description["ResourceArn"])
                     else:
                         self.elbv2.delete_target_group(TargetGroupArn=description["ResourceArn"])
-        groups = self.ec2.describe_security_groups(Filters=[{"Name": f"tag:{tag}", "Values": [self.deployment]}])
+        groups = self.ec2.describe_security_groups(Filters=[{"Name": f"tag:{tag}", "Values": [self.cluster]}])
         for group in groups["SecurityGroups"]:
             job.note(f"deleting security group {group['GroupId']} made by the load balancer controller")
             self._retry_dependency(functools.partial(self.ec2.delete_security_group, GroupId=group["GroupId"]))
 
-    def _retry_dependency(self, call: Callable[[], object], attempts: int = 30) -> None:
-        """A just-deleted load balancer keeps its network interfaces for a minute: retry DependencyViolation."""
+    def _retry_dependency(
+        self, call: Callable[[], object], attempts: int = 30, codes: Sequence[str] = ("DependencyViolation",)
+    ) -> None:
+        """A just-deleted load balancer keeps its network interfaces for a minute, a disk stays attached
+        while its node goes: retry DependencyViolation (or ``codes``)."""
         for attempt in range(attempts):
             try:
                 call()
                 return
             except ClientError as exc:
-                if error_code(exc) != "DependencyViolation" or attempt == attempts - 1:
+                if error_code(exc) not in codes or attempt == attempts - 1:
                     raise
                 time.sleep(self.poll_interval)
 
     def _cluster_exists(self) -> bool:
         try:
-            self.eks.describe_cluster(name=self.deployment)
+            self.eks.describe_cluster(name=self.cluster)
         except ClientError as exc:
             if error_code(exc) == "ResourceNotFoundException":
                 return False
@@ -831,7 +1284,7 @@ class AwsProvisioner(Provisioner):
         return True
 
     def _delete_nodegroup(self, resource: ResourceRecord, job: StepContext) -> None:
-        cluster = resource.attributes.get("cluster", self.deployment)
+        cluster = resource.attributes.get("cluster", self.cluster)
         self.eks.delete_nodegroup(clusterName=cluster, nodegroupName=resource.id)
         job.note(f"waiting for node group {resource.id} to be deleted")
         self._wait("eks", "nodegroup_deleted", f"node group {resource.id}", clusterName=cluster,
@@ -842,7 +1295,15 @@ class AwsProvisioner(Provisioner):
         self.eks.delete_cluster(name=resource.id)
         job.note(f"waiting for EKS cluster {resource.id} to be deleted")
         self._wait("eks", "cluster_deleted", f"EKS cluster {resource.id}", name=resource.id)
-        kubeconfig_path(job.record).unlink(missing_ok=True)
+        kubeconfig, ours = addon_kubeconfig(job)
+        if ours:
+            kubeconfig.unlink(missing_ok=True)
+
+    def _delete_policy(self, arn: str) -> None:
+        for version in self.iam.list_policy_versions(PolicyArn=arn).get("Versions", []):
+            if not version.get("IsDefaultVersion"):
+                self.iam.delete_policy_version(PolicyArn=arn, VersionId=version["VersionId"])
+        self.iam.delete_policy(PolicyArn=arn)
 
     def _delete_role(self, name: str) -> None:
         for page in self.iam.get_paginator("list_attached_role_policies").paginate(RoleName=name):
@@ -879,7 +1340,12 @@ class AwsProvisioner(Provisioner):
         checks: dict[str, Callable[[ResourceRecord], Any]] = {
             "eks/cluster": lambda r: self.eks.describe_cluster(name=r.id),
             "eks/nodegroup": lambda r: self.eks.describe_nodegroup(
-                clusterName=r.attributes.get("cluster", self.deployment), nodegroupName=r.id),
+                clusterName=r.attributes.get("cluster", self.cluster), nodegroupName=r.id),
+            "eks/addon": lambda r: self.eks.describe_addon(
+                clusterName=r.attributes.get("cluster", self.cluster), addonName=r.id),
+            "ec2/launch-template": lambda r: self.ec2.describe_launch_templates(LaunchTemplateIds=[r.id])[
+                "LaunchTemplates"],
+            "iam/policy": lambda r: self.iam.get_policy(PolicyArn=r.id),
             "iam/role": lambda r: self.iam.get_role(RoleName=r.id),
             "iam/oidc-provider": lambda r: self.iam.get_open_id_connect_provider(OpenIDConnectProviderArn=r.id),
             "ec2/vpc": lambda r: self.ec2.describe_vpcs(VpcIds=[r.id])["Vpcs"],
@@ -913,6 +1379,11 @@ class AwsProvisioner(Provisioner):
             records, dry_run=dry_run
         )
 
+    def delete_dns(self, record: DnsRecord) -> bool:
+        from cmbcluster_aws.dns import Route53Dns
+
+        return Route53Dns(self.route53, hosted_zone_id=self.settings.route53_hosted_zone_id).delete(record)
+
     def close(self) -> None:
         close_clients(self._clients.values())
 
@@ -920,6 +1391,7 @@ class AwsProvisioner(Provisioner):
 _GONE_CODES = frozenset(
     {
         "NoSuchEntity", "NoSuchBucket", "ResourceNotFoundException", "RepositoryNotFoundException",
+        "InvalidVolume.NotFound", "InvalidLaunchTemplateId.NotFound", "InvalidLaunchTemplateId.NotFoundException",
         "InvalidVpcID.NotFound", "InvalidSubnetID.NotFound", "InvalidInternetGatewayID.NotFound",
         "InvalidRouteTableID.NotFound", "InvalidAllocationID.NotFound", "NatGatewayNotFound",
         "InvalidNatGatewayID.NotFound", "InvalidAssociationID.NotFound",

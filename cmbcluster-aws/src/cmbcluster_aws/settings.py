@@ -1,27 +1,52 @@
-"""Settings of the AWS plugin; the variable names are those of the original AWS deployment."""
+"""Settings of the AWS plugin; the variable names are those of the original AWS deployment.
+
+Identifiers are checked for their AWS form here, so ``cmbcluster config check`` names a mistyped
+region or account before anything reaches AWS. The deployment's name (``CMBCLUSTER_DEPLOYMENT_NAME``,
+default the EKS cluster's name) is in every cloud name the plugin makes (:mod:`cmbcluster_aws.names`).
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cmbcluster.naming import deployment_name_problem
 from cmbcluster.settings import LOCAL_ONLY
+
+_REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
+_ACCOUNT = re.compile(r"^\d{12}$")
+
+
+def check_deployment_name(value: str, variable: str) -> str:
+    """``value`` if it can name a deployment; a clear error naming ``variable`` otherwise."""
+    problem = deployment_name_problem(value)
+    if problem is not None:
+        hint = "" if variable == "CMBCLUSTER_DEPLOYMENT_NAME" else "; or set CMBCLUSTER_DEPLOYMENT_NAME"
+        raise PydanticCustomError("deployment_name", "{problem}{hint}", {"problem": problem, "hint": hint})
+    return value
 
 
 class AwsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
 
     aws_region: str = Field(validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
-    aws_account_id: str = Field(validation_alias=AliasChoices("AWS_ACCOUNT_ID"), pattern=r"^\d{12}$")
+    aws_account_id: str = Field(validation_alias=AliasChoices("AWS_ACCOUNT_ID"))
+    deployment_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CMBCLUSTER_DEPLOYMENT_NAME"),
+        description="The deployment's name, in every cloud name and IAM path; default: EKS_CLUSTER_NAME",
+    )
     eks_cluster_name: str = Field(default="cmbcluster-eks", validation_alias=AliasChoices("EKS_CLUSTER_NAME"))
     ecr_registry_url: str | None = Field(default=None, validation_alias=AliasChoices("ECR_REGISTRY_URL"))
     s3_user_bucket_prefix: str = Field(
-        default="cmbcluster-user",
+        default="",
         validation_alias=AliasChoices("S3_USER_BUCKET_PREFIX"),
-        pattern=r"^[a-z0-9][a-z0-9-]{0,29}$",
+        pattern=r"^([a-z0-9][a-z0-9-]{0,29})?$",
+        description="Default: <deployment>-user",
     )
     s3_versioning: bool = Field(default=True, validation_alias=AliasChoices("S3_VERSIONING"))
     s3_noncurrent_version_days: int = Field(
@@ -53,7 +78,18 @@ class AwsSettings(BaseSettings):
     route53_hosted_zone_id: str | None = Field(
         default=None,
         validation_alias=AliasChoices("ROUTE53_HOSTED_ZONE_ID", "HOSTED_ZONE_ID"),
-        description="Route53 zone for `cmbcluster infra dns`; found from the domain when unset",
+        description="Route53 zone of the deployment's names (`infra dns`, cert-manager's DNS-01); found from "
+        "the domain when unset",
+    )
+    letsencrypt_email: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LETSENCRYPT_EMAIL"),
+        description="The ACME account's address of the ClusterIssuer `infra up` makes (expiry notices)",
+    )
+    acme_server: str = Field(
+        default="https://acme-v02.api.letsencrypt.org/directory",
+        validation_alias=AliasChoices("ACME_SERVER"),
+        description="The ClusterIssuer's ACME directory (Let's Encrypt; its staging directory for trials)",
     )
     endpoint_url: str | None = Field(
         default=None,
@@ -86,6 +122,58 @@ class AwsSettings(BaseSettings):
     def _node_selector(cls, value: str) -> str:
         parse_node_selector(value)
         return value
+
+    @field_validator("aws_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not _REGION.match(value):
+            raise PydanticCustomError(
+                "aws_region",
+                "{value} is not an AWS region code (for example eu-west-1, us-east-2)",
+                {"value": repr(value)},
+            )
+        return value
+
+    @field_validator("aws_account_id")
+    @classmethod
+    def _account(cls, value: str) -> str:
+        if not _ACCOUNT.match(value):
+            raise PydanticCustomError(
+                "aws_account_id",
+                "{value} is not an AWS account id: 12 digits (`aws sts get-caller-identity` shows it)",
+                {"value": repr(value)},
+            )
+        return value
+
+    @field_validator("deployment_name")
+    @classmethod
+    def _deployment_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_deployment_name(value, "CMBCLUSTER_DEPLOYMENT_NAME")
+
+    @field_validator("eks_cluster_name")
+    @classmethod
+    def _cluster_names_the_deployment(cls, value: str, info: ValidationInfo) -> str:
+        if "deployment_name" in info.data and info.data["deployment_name"] is None:  # it names the deployment
+            check_deployment_name(value, "EKS_CLUSTER_NAME")
+        return value
+
+    @model_validator(mode="after")
+    def _default_prefix(self) -> AwsSettings:
+        if not self.s3_user_bucket_prefix:
+            self.s3_user_bucket_prefix = f"{self.deployment}-user"
+        return self
+
+    @property
+    def deployment(self) -> str:
+        """The deployment's name: CMBCLUSTER_DEPLOYMENT_NAME, else the EKS cluster's."""
+        return self.deployment_name or self.eks_cluster_name
+
+    @property
+    def cognito_region(self) -> str:
+        """The user pool's own region, which its id starts with (``eu-west-1_AbC``): the issuer's, even
+        when the pool is not in AWS_REGION."""
+        region, sep, _rest = (self.cognito_user_pool_id or "").partition("_")
+        return region if sep and _REGION.match(region) else self.aws_region
 
     @property
     def node_selector(self) -> dict[str, str]:

@@ -49,11 +49,12 @@ from cmbcluster.interfaces import (
 )
 from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
 from cmbcluster_aws import uploads
-from cmbcluster_aws.clients import make_clients
+from cmbcluster_aws.clients import IAM_PROPAGATION_SECONDS, invalid_principal, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import (
     MANAGED_BY,
+    TAG_DEPLOYMENT,
     TAG_MANAGED_BY,
     TAG_OWNER,
     TAG_STORAGE_CLASS,
@@ -147,12 +148,14 @@ class S3Storage(StorageBackend):
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_pool_connections: int = 32,
+        propagation_seconds: float = IAM_PROPAGATION_SECONDS,
     ) -> None:
         if not uploads.MIN_PART_SIZE <= part_size <= uploads.MAX_PART_SIZE:
             raise ValueError(f"part_size must be between {uploads.MIN_PART_SIZE} and {uploads.MAX_PART_SIZE} bytes")
         self.settings = settings
         self.region = settings.aws_region
         self.part_size = part_size
+        self.propagation_seconds = propagation_seconds
         self._class_cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         if client is None:
@@ -258,6 +261,7 @@ class S3Storage(StorageBackend):
         return {
             TAG_OWNER: encode_tag_value(owner.id),
             TAG_MANAGED_BY: MANAGED_BY,
+            TAG_DEPLOYMENT: self.settings.deployment,
             TAG_STORAGE_CLASS: s3_class,
             **display_name_tags(options.display_name),
         }
@@ -278,6 +282,14 @@ class S3Storage(StorageBackend):
             raise InvalidRequest(
                 f"S3 does not offer the {storage_class} storage class; choose one of {offered}"
             ) from None
+
+    def owner_of(self, bucket: str) -> str | None:
+        """The user whose bucket CMBCluster made ``bucket`` for (its tags say so), else None; NotFound
+        when it does not exist."""
+        self._check_bucket_name(bucket)
+        tags = self._read_tags(bucket)
+        owner = tags.get(TAG_OWNER)
+        return decode_tag_value(owner) if owner and tags.get(TAG_MANAGED_BY) == MANAGED_BY else None
 
     def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
         self._check_bucket_name(bucket)
@@ -517,8 +529,14 @@ class S3Storage(StorageBackend):
         if not _IAM_ROLE_ARN.match(identity.principal):
             raise InvalidRequest(f"{identity.principal!r} is not an IAM role ARN")
         policy = json.dumps(bucket_policy(bucket, identity.principal))
-        with aws_errors(f"bucket {bucket}"):
-            self._client.put_bucket_policy(Bucket=bucket, Policy=policy)
+        what = f"bucket {bucket}"
+        with aws_errors(what):
+            # A user's role is often made just before (their first start): S3 refuses it as a principal
+            # until IAM has propagated it, so that answer is retried for IAM's propagation window.
+            retry_while_propagating(
+                lambda: self._client.put_bucket_policy(Bucket=bucket, Policy=policy),
+                pending=invalid_principal, what=what, window=self.propagation_seconds,
+            )  # fmt: skip
 
     # -- objects -----------------------------------------------------------------------------
     def list_objects(

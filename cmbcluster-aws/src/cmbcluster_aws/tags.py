@@ -13,6 +13,7 @@ from cmbcluster.errors import InvalidRequest
 
 __all__ = [
     "MANAGED_BY",
+    "TAG_DEPLOYMENT",
     "TAG_MANAGED_BY",
     "TAG_OWNER",
     "TAG_STORAGE_CLASS",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 TAG_OWNER = "owner"
+#: The deployment's name on everything the plugin makes (infra and per-user alike).
+TAG_DEPLOYMENT = "cmbcluster:deployment"
 TAG_MANAGED_BY = "managed-by"
 TAG_DISPLAY_NAME = "cmbcluster-display-name"
 TAG_STORAGE_CLASS = "cmbcluster-storage-class"

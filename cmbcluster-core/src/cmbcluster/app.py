@@ -22,6 +22,7 @@ from cmbcluster.api.routes import (
     environment_proxy,
     environments,
     health,
+    migration,
     plugins,
     storages,
     user_settings,
@@ -74,7 +75,9 @@ def create_app(
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = WORKER_THREADS
         context.metrics.worker_threads.set_function(lambda: limiter.borrowed_tokens)
-        lock = serving_lock(context)  # one server per SQLite database; `db restore` refused meanwhile
+        # One server per SQLite database; `db restore` refused meanwhile. `cmbcluster serve` takes it
+        # before uvicorn starts (a clear error line, not a failed start-up's traceback) and hands it over.
+        lock = getattr(app.state, "serving_lock", None) or serving_lock(context)
         try:
             await run_in_threadpool(prepare, context)
         except BaseException:
@@ -113,7 +116,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
-    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin):
+    for module in (health, plugins, auth, applications, environments, storages, user_settings, admin, migration):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
     document_errors(app)

@@ -13,6 +13,7 @@ from cmbcluster import __version__
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
+from cmbcluster.commands import migrate as migrate_command
 from cmbcluster.commands import users as users_command
 from cmbcluster.commands.common import err, out, print_json, resolve_config
 from cmbcluster.config import load_core_settings
@@ -36,6 +37,7 @@ app.add_typer(deploy_command.app, name="deploy")
 app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
 app.add_typer(users_command.app, name="users")
+app.add_typer(migrate_command.app, name="migrate")
 
 
 SHUTDOWN_GRACE_SECONDS = 5
@@ -70,8 +72,9 @@ def serve(
     application = create_app(config=config)
     # Here too, not only in the app's start-up, so that a backup that cannot be read is one clear
     # error line instead of a failed start-up's traceback (the app's own call then has nothing to do).
-    from cmbcluster.db.backup import restore_at_start
+    from cmbcluster.db.backup import restore_at_start, serving_lock
 
+    application.state.serving_lock = serving_lock(application.state.context)  # the app's lifespan releases it
     restore_at_start(application.state.context)
     from cmbcluster.api.server import run
 

@@ -13,6 +13,20 @@ from cmbcluster.errors import InvalidRequest
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _BUCKET_PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,29}$")
+#: A deployment's name (CMBCLUSTER_DEPLOYMENT_NAME): in every cloud name a plugin builds (IAM paths,
+#: roles, service accounts, bucket prefixes), so at most 17 characters: every such name then fits
+#: AWS's and Google's limits (a Google service account id has 30 characters at most).
+DEPLOYMENT_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,15}[a-z0-9])?$")
+
+
+def deployment_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a deployment, or None when it can."""
+    if DEPLOYMENT_NAME.match(value):
+        return None
+    return (
+        f"{value!r} cannot name the deployment: 1-17 lower-case letters, digits or '-', starting with a letter "
+        "(it goes into every cloud name the deployment makes)"
+    )
 
 
 def dns_label(*parts: str, max_length: int = 63) -> str:

@@ -1,8 +1,9 @@
 """What the GCP plugin adds to the Helm values of ``cmbcluster deploy`` (the chart's ``global.gcp.*``).
 
 The control plane's ServiceAccount is annotated for Workload Identity with the Google service
-account it acts as, by convention ``cmbcluster-controlplane@<PROJECT_ID>.iam.gserviceaccount.com``
-(:func:`control_plane_service_account`; docs/DEPLOYMENT_GCP.md lists its roles); buckets are
+account it acts as, ``<deployment>-controlplane@<PROJECT_ID>.iam.gserviceaccount.com``
+(``cmbcluster-controlplane@...`` with the default deployment name), the one ``cmbcluster infra up``
+makes (:func:`control_plane_service_account`; docs/DEPLOYMENT_GCP.md lists its roles); buckets are
 mounted with the GKE Cloud Storage FUSE CSI driver (inline volumes: no ClusterRole needed).
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cmbcluster import hookimpl
-from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
 from cmbcluster_gcp.settings import GcpSettings
 
 if TYPE_CHECKING:
@@ -21,8 +21,8 @@ STORAGE_DRIVER = "gcsfuse"
 
 
 def control_plane_service_account(settings: GcpSettings) -> str:
-    """The Google service account of the control plane."""
-    return f"{CONTROL_PLANE_SERVICE_ACCOUNT}@{settings.project_id}.iam.gserviceaccount.com"
+    """The Google service account of the control plane (``infra up`` makes it; one name, here)."""
+    return f"{settings.deployment}-controlplane@{settings.project_id}.iam.gserviceaccount.com"
 
 
 @hookimpl

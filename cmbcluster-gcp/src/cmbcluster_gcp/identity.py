@@ -47,7 +47,7 @@ from cmbcluster.errors import (
 )
 from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, RegistryInfo, RegistryLogin, UserRef
 from cmbcluster.naming import dns_label, short_id
-from cmbcluster_gcp.rest import GoogleApi
+from cmbcluster_gcp.rest import IAM_PROPAGATION_SECONDS, GoogleApi, until_propagated
 from cmbcluster_gcp.settings import GcpSettings
 
 __all__ = [
@@ -64,14 +64,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_PREFIX = "cmbcluster-user"
-#: Google service account ids are 6-30 characters: "cmbcluster-" and 19 characters of the user id.
-GSA_PREFIX = "cmbcluster"
-GSA_ID_CHARS = 19
+#: Google service account ids are 6-30 characters: "<deployment>-" and as much of the user id as fits.
+GSA_ID_MAX = 30
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
 WORKLOAD_IDENTITY_USER_ROLE = "roles/iam.workloadIdentityUser"
-#: What marks a Google service account as one user's (service accounts have no labels).
-GSA_DESCRIPTION = "CMBCluster user {user_id}"
-DEFAULT_REPOSITORY = "cmbcluster"
+#: What marks a Google service account as one user's of one deployment (service accounts have no labels).
+GSA_DESCRIPTION = "CMBCluster deployment {deployment}: user {user_id}"
+#: ... and as the one user's of the deployments made before deployments had names.
+LEGACY_GSA_DESCRIPTION = "CMBCluster user {user_id}"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 REGISTRY_USERNAME = "oauth2accesstoken"
 
@@ -312,9 +312,11 @@ class GcpInfra(InfraProvider):
         iam: IamClient | None = None,
         domain: str = "localhost",
         credentials: Callable[[], google.auth.credentials.Credentials] | None = None,
+        propagation_seconds: float = IAM_PROPAGATION_SECONDS,
     ) -> None:
         self.settings = settings
         self.domain = domain
+        self.propagation_seconds = propagation_seconds
         self._iam = iam
         self._credentials = credentials
         self._project_number = settings.project_number
@@ -337,9 +339,17 @@ class GcpInfra(InfraProvider):
         return dns_label(SERVICE_ACCOUNT_PREFIX, short_id(user.id))
 
     def google_service_account_email(self, user: UserRef) -> str:
-        """The user's Google service account (``service-account`` mode)."""
-        account_id = dns_label(GSA_PREFIX, short_id(user.id, GSA_ID_CHARS))
+        """The user's Google service account (``service-account`` mode): ``<deployment>-<user id>``, cut
+        to Google's 30 characters (at least 12 of the user id: the deployment's name has 17 at most)."""
+        deployment = self.settings.deployment
+        account_id = dns_label(deployment, short_id(user.id, GSA_ID_MAX - len(deployment) - 1))
         return f"{account_id}@{self.settings.project_id}.iam.gserviceaccount.com"
+
+    def _descriptions(self, user: UserRef) -> tuple[str, str]:
+        return (
+            GSA_DESCRIPTION.format(deployment=self.settings.deployment, user_id=user.id),
+            LEGACY_GSA_DESCRIPTION.format(user_id=user.id),
+        )
 
     def project_number(self) -> str:
         """PROJECT_NUMBER, or the number Resource Manager gives for PROJECT_ID (looked up once)."""
@@ -371,14 +381,14 @@ class GcpInfra(InfraProvider):
 
     def _ensure_google_service_account(self, user: UserRef) -> str:
         email = self.google_service_account_email(user)
-        description = GSA_DESCRIPTION.format(user_id=user.id)
+        description = self._descriptions(user)[0]
         if self._own_account(user, email) is not None:
             return email
         try:
             self.iam.create_service_account(
                 self.settings.project_id,
                 email.split("@", 1)[0],
-                display_name=f"CMBCluster user {short_id(user.id)}",
+                display_name=f"CMBCluster {self.settings.deployment} user {short_id(user.id)}",
                 description=description,
             )
         except Conflict:
@@ -396,12 +406,18 @@ class GcpInfra(InfraProvider):
     def _own_account(self, user: UserRef, email: str) -> ServiceAccountInfo | None:
         """The account if it exists (None if not); Conflict if it is not this user's."""
         account = self.iam.get_service_account(email)
-        if account is not None and account.description != GSA_DESCRIPTION.format(user_id=user.id):
+        if account is not None and account.description not in self._descriptions(user):
             raise Conflict(f"service account {email} exists but does not belong to this user; not touching it")
         return account
 
     def _allow_impersonation(self, email: str, member: str) -> None:
-        """Bind workloadIdentityUser on ``email`` to exactly ``member``; other roles are kept."""
+        """Bind workloadIdentityUser on ``email`` to exactly ``member``; other roles are kept. A service
+        account made moments ago may not be known to its IAM policy yet: that is waited for (IAM's
+        propagation window), as any other refusal is not."""
+        until_propagated(lambda: self._bind_impersonation(email, member), what=f"service account {email}",
+                         window=self.propagation_seconds)  # fmt: skip
+
+    def _bind_impersonation(self, email: str, member: str) -> None:
         for _attempt in range(3):
             policy = self.iam.get_service_account_policy(email)
             bindings = [dict(b) for b in policy.get("bindings") or []]
@@ -428,20 +444,23 @@ class GcpInfra(InfraProvider):
 
     # -- registry and DNS --------------------------------------------------------------------
     def registry(self) -> RegistryInfo:
+        """ARTIFACT_REGISTRY, else the deployment's own: ``<region>-docker.pkg.dev/<project>/<deployment>``."""
         configured = self.settings.artifact_registry
+        default_prefix = f"{self.settings.project_id}/{self.settings.deployment}"
         if not configured:
-            return RegistryInfo(
-                host=f"{self.settings.region}-docker.pkg.dev",
-                repository_prefix=f"{self.settings.project_id}/{DEFAULT_REPOSITORY}",
-            )
+            return RegistryInfo(host=f"{self.settings.region}-docker.pkg.dev", repository_prefix=default_prefix)
         parsed = urllib.parse.urlsplit(configured if "://" in configured else f"https://{configured}")
         if not parsed.netloc:
             raise ConfigurationError([f"ARTIFACT_REGISTRY {configured!r} names no registry host"])
-        prefix = parsed.path.strip("/") or f"{self.settings.project_id}/{DEFAULT_REPOSITORY}"
+        prefix = parsed.path.strip("/") or default_prefix
         return RegistryInfo(host=parsed.netloc, repository_prefix=prefix)
 
     def registry_login(self) -> RegistryLogin:
-        """An OAuth access token, which Artifact Registry takes as the password of ``oauth2accesstoken``."""
+        """An OAuth access token, which Artifact Registry takes as the password of ``oauth2accesstoken``:
+        GOOGLE_OAUTH_ACCESS_TOKEN when set (as for `cmbcluster infra`), else the credentials' own."""
+        given = self.settings.google_oauth_access_token
+        if self._credentials is None and given is not None:
+            return RegistryLogin(username=REGISTRY_USERNAME, password=given.get_secret_value())
         credentials: Any  # google-auth is untyped
         try:
             if self._credentials is not None:

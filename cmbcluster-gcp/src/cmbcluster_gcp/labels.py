@@ -15,6 +15,7 @@ import re
 from cmbcluster.errors import InvalidRequest
 
 __all__ = [
+    "LABEL_DEPLOYMENT",
     "LABEL_MANAGED_BY",
     "LABEL_OWNER",
     "LABEL_STORAGE_CLASS",
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 LABEL_OWNER = "owner"
+#: The deployment's name, on everything the plugin makes (infra and users' buckets alike).
+LABEL_DEPLOYMENT = "cmbcluster-deployment"
 LABEL_MANAGED_BY = "managed-by"
 LABEL_STORAGE_CLASS = "storage-class"
 LABEL_DISPLAY_NAME = "display-name"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from cmbcluster import (
     AuthProviderRegistration,
@@ -64,10 +66,30 @@ def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvi
 
 
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
+    from cmbcluster.kubernetes.plugin import KubernetesSettings
     from cmbcluster_gcp.provisioning import GcpProvisioner
 
+    settings = ctx.require_settings(GcpSettings)
+    kubernetes = ctx.settings(KubernetesSettings)
+    public_url = ctx.core.public_url
+    domains = [settings.domain or (urlsplit(public_url).hostname if public_url else "") or ""]
+    if kubernetes is not None and kubernetes.environments_domain:
+        domains.append(kubernetes.environments_domain)
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias GCS_DATABASE_BUCKET)
-    return GcpProvisioner(ctx.require_settings(GcpSettings), database_bucket=ctx.core.database_bucket)
+    return GcpProvisioner(
+        settings, database_bucket=ctx.core.database_bucket, namespace=ctx.core.namespace,
+        domains=[d for d in domains if d and not _is_address(d)],
+        ingress_namespace=kubernetes.ingress_namespace if kubernetes is not None else "ingress-nginx",
+    )  # fmt: skip
+
+
+def _is_address(host: str) -> bool:
+    """An IP address is no domain to certify or to find a DNS zone for."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return True
 
 
 @hookimpl

@@ -10,20 +10,67 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import google.auth.credentials
 import google.auth.exceptions
 import google.auth.transport.requests
 import requests
 
-from cmbcluster.errors import CmbclusterError, NotFound, ProviderUnavailable
+from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster_gcp.errors import error_for_status, google_message
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: answers worth another try: every call made through :class:`GoogleApi` is safe to repeat
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: How long a call naming an IAM principal made moments ago is retried. Google documents IAM
+#: changes as "usually within 60 seconds" and sometimes up to 7 minutes; a new service account is
+#: refused as a member (400 "... does not exist") until it has propagated.
+IAM_PROPAGATION_SECONDS = 120.0
+
+
+def not_propagated(error: CmbclusterError) -> bool:
+    """Google's answer to a policy naming a principal (a service account, a Workload Identity pool)
+    that IAM does not know everywhere yet: 400 or 404 saying it "does not exist"."""
+    text = f"{error.message} {error.detail or ''}".lower()
+    return isinstance(error, (InvalidRequest, NotFound)) and "does not exist" in text
+
+
+def until_propagated(
+    call: Callable[[], T],
+    *,
+    what: str,
+    window: float = IAM_PROPAGATION_SECONDS,
+    pending: Callable[[CmbclusterError], bool] = not_propagated,
+    first_delay: float = 1.0,
+    max_delay: float = 10.0,
+) -> T:
+    """``call()``; while it fails because IAM has not propagated a new principal yet (``pending``),
+    again after a growing delay, for ``window`` seconds in all. Any other error is raised as it is;
+    the same one once the window is over becomes ProviderUnavailable saying so (a rerun may pass)."""
+    waited, delay = 0.0, first_delay
+    while True:
+        try:
+            return call()
+        except CmbclusterError as exc:
+            if not pending(exc):
+                raise
+            if waited >= window:
+                reason = f"{exc.message}: {exc.detail}" if exc.detail else exc.message
+                raise ProviderUnavailable(
+                    f"{what}: Google Cloud IAM still does not know a principal made moments ago after {window:.0f} s "
+                    f"({reason}); try again in a few minutes"
+                ) from exc
+            pause = min(delay, max_delay, window - waited)
+            log.info(
+                "%s: IAM has not propagated a new principal yet (%s); retrying in %.1f s", what, exc.message, pause
+            )
+            time.sleep(pause)
+            waited += max(pause, 1e-3)
+            delay *= 2
 
 
 class GoogleApi:
@@ -45,8 +92,11 @@ class GoogleApi:
         poll_interval: float = 10.0,
         service_name: str = "Google Cloud",
         forbidden_hint: str | None = None,
+        storage_endpoint: str | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/") if endpoint else None
+        #: Cloud Storage's own base URL (a GCS emulator: STORAGE_EMULATOR_HOST), where it differs
+        self.storage_endpoint = storage_endpoint.rstrip("/") if storage_endpoint else None
         self.service_name = service_name  # in error messages: "Google Cloud IAM refused ..."
         self.forbidden_hint = forbidden_hint  # what a 403 tells the operator to grant
         self.attempts = attempts
@@ -58,6 +108,8 @@ class GoogleApi:
 
     def url(self, service: str, path: str) -> str:
         base = self.endpoint or f"https://{service}.googleapis.com"
+        if service == "storage" and self.storage_endpoint:
+            base = self.storage_endpoint
         return f"{base}/{path.lstrip('/')}"
 
     def request(

@@ -1,22 +1,44 @@
-"""Settings of the GCP plugin; the variable names are those of the original GKE deployment."""
+"""Settings of the GCP plugin; the variable names are those of the original GKE deployment.
+
+Identifiers are checked for their Google Cloud form here, so ``cmbcluster config check`` names a
+mistyped project or region before anything reaches Google. The deployment's name
+(``CMBCLUSTER_DEPLOYMENT_NAME``, default the cluster's name) is in every cloud name the plugin makes.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, StringConstraints
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cmbcluster.naming import deployment_name_problem
 from cmbcluster.settings import LOCAL_ONLY
 
 #: A Kubernetes resource quantity ("250m", "1", "256Mi", "5Gi"); "0" means no limit for gcsfuse.
 Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
+#: A project id: 6-30 lower-case letters, digits and '-', starting with a letter (older domain-scoped
+#: projects carry their domain before a colon).
+_PROJECT_ID = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]{1,2}$")
+_ZONE = re.compile(r"^([a-z]+-[a-z]+[0-9]{1,2})-[a-z]$")
+
+
+def _invalid(kind: str, message: str, value: str) -> PydanticCustomError:
+    return PydanticCustomError(kind, "{value} " + message, {"value": repr(value)})
 
 
 class GcpSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
 
     project_id: str = Field(validation_alias=AliasChoices("PROJECT_ID", "GOOGLE_CLOUD_PROJECT"))
+    deployment_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CMBCLUSTER_DEPLOYMENT_NAME"),
+        description="The deployment's name, in every cloud name; default: CLUSTER_NAME",
+    )
     project_number: str | None = Field(
         default=None,
         validation_alias=AliasChoices("PROJECT_NUMBER"),
@@ -37,9 +59,10 @@ class GcpSettings(BaseSettings):
         description="Bucket location; REGION when unset",
     )
     user_bucket_prefix: str = Field(
-        default="cmbcluster-user",
+        default="",
         validation_alias=AliasChoices("GCS_USER_BUCKET_PREFIX", "USER_BUCKET_PREFIX"),
-        pattern=r"^[a-z0-9][a-z0-9-]{0,29}$",
+        pattern=r"^([a-z0-9][a-z0-9-]{0,29})?$",
+        description="Default: <deployment>-user",
     )
     noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
     noncurrent_version_days: int = Field(
@@ -104,6 +127,16 @@ class GcpSettings(BaseSettings):
     dns_zone: str | None = Field(
         default=None, validation_alias=AliasChoices("CLOUD_DNS_ZONE"), description="The Cloud DNS managed zone"
     )
+    letsencrypt_email: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LETSENCRYPT_EMAIL"),
+        description="The ACME account's address of the ClusterIssuer `infra up` makes (expiry notices)",
+    )
+    acme_server: str = Field(
+        default="https://acme-v02.api.letsencrypt.org/directory",
+        validation_alias=AliasChoices("ACME_SERVER"),
+        description="The ClusterIssuer's ACME directory (Let's Encrypt; its staging directory for trials)",
+    )
 
     # -- `cmbcluster infra` (cmbcluster_gcp.provisioning) --------------------------------------------
     gke_machine_type: str = Field(default="e2-standard-4", validation_alias=AliasChoices("GKE_MACHINE_TYPE"))
@@ -150,6 +183,67 @@ class GcpSettings(BaseSettings):
     gcsfuse_ephemeral_storage_limit: Quantity | None = Field(
         default=None, validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_LIMIT")
     )
+
+    @field_validator("project_id")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        if not _PROJECT_ID.match(value):
+            raise _invalid(
+                "project_id",
+                "is not a Google Cloud project id: 6-30 lower-case letters, digits or '-', starting with a letter "
+                "(the id, not the project's display name: `gcloud projects list` shows both)",
+                value,
+            )
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not _REGION.match(value):
+            raise _invalid("region", "is not a Google Cloud region (for example europe-west1, us-central1)", value)
+        return value
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        match = _ZONE.match(value)
+        if not match:
+            raise _invalid("zone", "is not a Google Cloud zone (for example europe-west1-b)", value)
+        region = info.data.get("region")
+        if region and match.group(1) != region:
+            raise _invalid("zone", f"is not in REGION {region}", value)
+        return value
+
+    @field_validator("deployment_name")
+    @classmethod
+    def _deployment_name(cls, value: str | None) -> str | None:
+        if value is not None and (problem := deployment_name_problem(value)):
+            raise PydanticCustomError("deployment_name", "{problem}", {"problem": problem})
+        return value
+
+    @field_validator("cluster_name")
+    @classmethod
+    def _cluster_names_the_deployment(cls, value: str, info: ValidationInfo) -> str:
+        if "deployment_name" in info.data and info.data["deployment_name"] is None:  # it names the deployment
+            problem = deployment_name_problem(value)
+            if problem:
+                raise PydanticCustomError(
+                    "deployment_name", "{problem}; or set CMBCLUSTER_DEPLOYMENT_NAME", {"problem": problem}
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _default_prefix(self) -> GcpSettings:
+        if not self.user_bucket_prefix:
+            self.user_bucket_prefix = f"{self.deployment}-user"
+        return self
+
+    @property
+    def deployment(self) -> str:
+        """The deployment's name: CMBCLUSTER_DEPLOYMENT_NAME, else the GKE cluster's."""
+        return self.deployment_name or self.cluster_name
 
     @property
     def effective_workload_identity_pool(self) -> str:

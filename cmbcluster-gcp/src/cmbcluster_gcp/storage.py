@@ -32,6 +32,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from cmbcluster.errors import (
+    CmbclusterError,
     ConfigurationError,
     Conflict,
     InvalidRequest,
@@ -56,6 +57,7 @@ from cmbcluster.interfaces import (
 from cmbcluster.naming import bucket_name, dns_label, validate_object_key
 from cmbcluster_gcp.errors import GCS, error_for_status, gcs_errors, translate_error
 from cmbcluster_gcp.labels import (
+    LABEL_DEPLOYMENT,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
     LABEL_STORAGE_CLASS,
@@ -65,6 +67,7 @@ from cmbcluster_gcp.labels import (
     is_display_name_label,
 )
 from cmbcluster_gcp.lifecycle import lifecycle_rules
+from cmbcluster_gcp.rest import IAM_PROPAGATION_SECONDS, until_propagated
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.uploads import upload_in_pieces
 
@@ -122,7 +125,14 @@ class GcsStorage(StorageBackend):
     connection errors) before it raises :class:`~cmbcluster.errors.ProviderUnavailable`.
     """
 
-    def __init__(self, settings: GcpSettings, *, retry_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: GcpSettings,
+        *,
+        retry_timeout: float = 30.0,
+        propagation_seconds: float = IAM_PROPAGATION_SECONDS,
+    ) -> None:
+        self.propagation_seconds = propagation_seconds
         self.settings = settings
         self._prefix = settings.user_bucket_prefix.rstrip("-") + "-"
         self._location = settings.storage_location or settings.region
@@ -156,6 +166,7 @@ class GcsStorage(StorageBackend):
         labels = {
             LABEL_OWNER: owner.id,
             LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_DEPLOYMENT: self.settings.deployment,
             LABEL_STORAGE_CLASS: str(options.storage_class),
             **encode_display_name(options.display_name),
         }
@@ -330,6 +341,17 @@ class GcsStorage(StorageBackend):
                 f"bucket access is granted to one identity ({' or '.join(GRANTABLE_MEMBER_PREFIXES)}...), "
                 f"not {member!r}"
             )
+        if member.startswith("serviceAccount:"):
+            # a user's Google service account made moments ago (service-account mode): Cloud Storage
+            # refuses it as a member until IAM has propagated it
+            until_propagated(
+                lambda: self._grant(bucket, member), what=f"bucket {bucket}", window=self.propagation_seconds,
+                pending=_member_unknown,
+            )  # fmt: skip
+        else:
+            self._grant(bucket, member)
+
+    def _grant(self, bucket: str, member: str) -> None:
         ref = self._bucket_ref(bucket)
         what = f"IAM policy of bucket {bucket}"
         for _attempt in range(3):
@@ -663,3 +685,9 @@ def _volume_name(bucket: str, subpath: str) -> str:
     if len(raw) > 63:
         raw = raw[:54] + "-" + hashlib.sha256(f"{bucket}/{subpath}".encode()).hexdigest()[:8]
     return dns_label(raw)
+
+
+def _member_unknown(error: CmbclusterError) -> bool:
+    """Cloud Storage's answer to a policy naming a service account IAM has not propagated yet."""
+    text = f"{error.message} {error.detail or ''}".lower()
+    return isinstance(error, InvalidRequest) and ("does not exist" in text or "invalid argument" in text)

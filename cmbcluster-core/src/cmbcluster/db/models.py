@@ -291,3 +291,52 @@ class AuditEvent(Base):
     target_type: Mapped[str] = mapped_column(String(40))
     target_id: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class MigrationBucket(Base):
+    """One bucket being moved to another storage backend by ``cmbcluster migrate``.
+
+    ``state``: ``copying`` (the source is still the user's bucket), ``switched`` (the storage row
+    points at the target; the source is kept), ``finished`` (the source was deleted).
+    """
+
+    __tablename__ = "migration_buckets"
+    __table_args__ = (UniqueConstraint("storage_id", "target_backend"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    storage_id: Mapped[str] = mapped_column(ForeignKey("storages.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(32))
+    source_backend: Mapped[str] = mapped_column(String(40))
+    source_bucket: Mapped[str] = mapped_column(String(63))
+    target_backend: Mapped[str] = mapped_column(String(40))
+    target_bucket: Mapped[str | None] = mapped_column(String(63), default=None)
+    state: Mapped[str] = mapped_column(String(20), default="copying")
+    message: Mapped[str] = mapped_column(Text, default="")
+    objects_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    switched_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class MigrationObject(Base):
+    """An object copied to the target and verified there: the manifest a migration resumes from.
+
+    ``source_etag`` and ``source_modified`` are the source's version as listed before the copy: a
+    later listing that differs means the object changed since, and it is copied again.
+    ``target_etag`` is what the target reported: a later difference means something changed the
+    copy behind the migration's back.
+    """
+
+    __tablename__ = "migration_objects"
+    __table_args__ = (UniqueConstraint("bucket_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bucket_id: Mapped[str] = mapped_column(ForeignKey("migration_buckets.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    md5: Mapped[str] = mapped_column(String(32))
+    source_etag: Mapped[str] = mapped_column(String(200), default="")
+    source_modified: Mapped[dt.datetime]
+    target_etag: Mapped[str] = mapped_column(String(200), default="")
+    verified_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

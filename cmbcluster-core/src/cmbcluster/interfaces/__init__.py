@@ -14,6 +14,7 @@ from cmbcluster.interfaces.compute import (
 from cmbcluster.interfaces.infra import DnsInfo, InfraProvider, RegistryInfo, RegistryLogin
 from cmbcluster.interfaces.pods import PodContext, PodDraft
 from cmbcluster.interfaces.provisioning import (
+    DNS_RECORD_KIND,
     DeploymentRecord,
     DnsRecord,
     HelmRelease,
@@ -24,6 +25,7 @@ from cmbcluster.interfaces.provisioning import (
     ResourceRecord,
     StepContext,
     StepStatus,
+    Tool,
 )
 from cmbcluster.interfaces.storage import (
     BucketInfo,
@@ -40,6 +42,7 @@ from cmbcluster.interfaces.storage import (
 )
 
 __all__ = [
+    "DNS_RECORD_KIND",
     "ActiveSettings",
     "AuthProvider",
     "AuthorizationRequest",
@@ -75,6 +78,7 @@ __all__ = [
     "StorageBackend",
     "StorageClass",
     "TokenSet",
+    "Tool",
     "Upstream",
     "UserInfo",
     "UserRef",

@@ -30,6 +30,7 @@ from typing import Literal
 from cmbcluster.errors import InvalidRequest
 
 __all__ = [
+    "DNS_RECORD_KIND",
     "AddonMode",
     "DeploymentRecord",
     "DnsRecord",
@@ -43,11 +44,14 @@ __all__ = [
     "ResourceRecord",
     "StepContext",
     "StepStatus",
+    "Tool",
 ]
 
 #: What ``up`` does with steps that run an external tool (helm) against the new cluster:
 #: ``install`` runs them, ``print`` prints the exact commands instead, ``skip`` leaves them out.
 AddonMode = Literal["install", "print", "skip"]
+#: The record kind of the DNS records ``cmbcluster infra dns`` wrote; ``down`` deletes them first.
+DNS_RECORD_KIND = "dns/record"
 ProgressAction = Literal[
     "start", "created", "adopted", "deleting", "deleted", "gone", "command", "note", "done", "failed"
 ]
@@ -96,6 +100,20 @@ class ProvisioningOptions:
     addons: AddonMode = "install"
     #: ``down`` deletes data buckets that still hold objects (database backups) only when set.
     delete_data: bool = False
+    #: ``down`` also deletes what the deployment made that ``up`` did not, and that it keeps on
+    #: purpose otherwise (:meth:`Provisioner.retained`: users' buckets, per-user cloud identities, disks).
+    delete_retained: bool = False
+    #: A kubeconfig for the add-on steps instead of the one ``up`` writes for the new cluster
+    #: (a cluster reached through a bastion, another authentication, a test cluster).
+    kubeconfig: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tool:
+    """An executable a run needs on ``PATH`` (checked before anything is created), and why."""
+
+    name: str
+    why: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +136,9 @@ class DnsRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class HelmRelease:
-    """A helm chart installed as a cluster add-on; ``values`` become ``--set key=value``
-    (:mod:`cmbcluster.provisioning.helm` installs and uninstalls it)."""
+    """A helm chart installed as a cluster add-on; ``values`` become ``--set key=value``,
+    ``json_values`` ``--set-json key=<JSON>`` (:mod:`cmbcluster.provisioning.helm` installs and
+    uninstalls it). ``repo`` empty: ``chart`` is a chart folder on this machine (one a package ships)."""
 
     name: str
     chart: str
@@ -127,6 +146,7 @@ class HelmRelease:
     version: str
     namespace: str
     values: dict[str, str] = field(default_factory=dict)
+    json_values: dict[str, str] = field(default_factory=dict)
 
 
 class DeploymentRecord:
@@ -222,14 +242,50 @@ class Provisioner(abc.ABC):
     def preflight(self) -> None:  # noqa: B027 - optional check with a sensible default
         """Check before ``up`` or ``down`` changes anything (for example: the credentials' account)."""
 
+    def required_tools(self, options: ProvisioningOptions) -> list[Tool]:
+        """Executables ``up`` and ``down`` need with these options (helm, the CLI a kubeconfig calls);
+        core checks them all before anything is created or deleted."""
+        return []
+
+    def check_up(self, note: Callable[[str], None]) -> list[str]:
+        """Before ``up`` creates anything, after :meth:`preflight`: every problem that would stop it
+        later (permissions the credentials lack, a DNS zone that does not exist...), one line each;
+        core refuses the run with all of them. What cannot be checked is said with ``note``."""
+        return []
+
+    def retained(self, record: DeploymentRecord) -> list[ResourceRecord]:
+        """What the deployment made that ``up`` did not create and ``down`` keeps on purpose (users'
+        buckets, per-user cloud identities, disks of the cluster's volumes): ``down`` lists them, and
+        deletes them with :meth:`delete_retained` only when told (``--delete-retained``)."""
+        return []
+
+    def delete_retained(self, resource: ResourceRecord, job: StepContext) -> None:
+        """Delete one resource :meth:`retained` listed; already gone is success."""
+        raise InvalidRequest(f"the {self.provider or 'configured'} infra provider cannot delete {resource.label}")
+
     def check_down(self, record: DeploymentRecord, options: ProvisioningOptions) -> None:  # noqa: B027
         """Refuse ``down`` before anything is deleted (for example: a data bucket that still holds
         backups without ``--delete-data``, :func:`cmbcluster.provisioning.refuse_to_delete_data`),
         so a refusal never leaves a half-deleted deployment."""
 
     def upsert_dns(self, records: Sequence[DnsRecord], *, dry_run: bool = False) -> list[str]:
-        """Create or replace DNS records in the deployment's zone; returns what was (or would be) done."""
+        """Create or replace DNS records in the deployment's zone; returns what was (or would be) done.
+
+        A name that holds records of another type the new one cannot live beside (a CNAME beside A
+        records, A records beside a CNAME) has them replaced in the same atomic change. Core records
+        what was written (kind :data:`DNS_RECORD_KIND`), and ``down`` deletes it through
+        :meth:`delete_dns` (after checking it still points where it was pointed)."""
         raise InvalidRequest(f"the {self.provider or 'configured'} infra provider does not manage DNS records")
+
+    def delete_dns(self, record: DnsRecord) -> bool:
+        """Delete ``record`` if it still holds exactly its values; False when it is gone or was changed
+        since (then it is left alone)."""
+        raise InvalidRequest(f"the {self.provider or 'configured'} infra provider does not manage DNS records")
+
+    def documents(self) -> dict[str, str]:
+        """Files an operator needs to build by hand what ``up`` builds (an existing cluster, another tool):
+        policy documents and the like, by file name (``cmbcluster infra documents`` writes them)."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional: release clients
         """Release clients and sessions."""

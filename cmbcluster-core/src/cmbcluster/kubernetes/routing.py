@@ -9,8 +9,9 @@
   other controllers take extra annotations from the settings).
 - The namespace has one **NetworkPolicy** over every user pod: traffic in only from the
   ingress controller's namespace and the control plane; traffic out anywhere except the cloud
-  metadata address (169.254.169.254, and fd00:ec2::254 on AWS IPv6), so a user cannot borrow the
-  node's cloud identity, and user pods cannot reach each other.
+  metadata addresses (169.254.169.254; 169.254.169.252, where GKE Dataplane V2 serves the GKE
+  metadata server on port 988; fd00:ec2::254 on AWS IPv6), so a user cannot borrow the node's
+  cloud identity, and user pods cannot reach each other.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from urllib.parse import urlsplit
 from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
 
 NETWORK_POLICY_NAME = "cmbcluster-user-environments"
-METADATA_ADDRESSES = ("169.254.169.254/32", "fd00:ec2::254/128")
+#: The cloud metadata endpoints user pods must not reach (the same list as the chart's
+#: networkPolicy.blockedCidrs): the instance metadata service of every cloud, GKE Dataplane V2's
+#: metadata server (169.254.169.252, port 988), and EC2's IPv6 endpoint.
+METADATA_ADDRESSES = ("169.254.169.254/32", "169.254.169.252/32", "fd00:ec2::254/128")
 SERVICE_PORT = 80
 #: the control plane's pods, as the Helm chart labels them
 CONTROL_PLANE_SELECTOR = {"app.kubernetes.io/name": "cmbcluster", "app.kubernetes.io/component": "control-plane"}
@@ -124,8 +128,13 @@ class Exposure:
                 "egress": [
                     {
                         "to": [
-                            {"ipBlock": {"cidr": "0.0.0.0/0", "except": [METADATA_ADDRESSES[0]]}},
-                            {"ipBlock": {"cidr": "::/0", "except": [METADATA_ADDRESSES[1]]}},
+                            {
+                                "ipBlock": {
+                                    "cidr": "0.0.0.0/0",
+                                    "except": [a for a in METADATA_ADDRESSES if ":" not in a],
+                                }
+                            },
+                            {"ipBlock": {"cidr": "::/0", "except": [a for a in METADATA_ADDRESSES if ":" in a]}},
                         ]
                     }
                 ],

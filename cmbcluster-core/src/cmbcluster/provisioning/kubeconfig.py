@@ -8,14 +8,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cmbcluster.interfaces.provisioning import DeploymentRecord
+from cmbcluster.interfaces.provisioning import DeploymentRecord, StepContext
 
-__all__ = ["kubeconfig_document", "kubeconfig_path", "write_kubeconfig"]
+__all__ = ["addon_kubeconfig", "kubeconfig_document", "kubeconfig_path", "write_kubeconfig"]
 
 
 def kubeconfig_path(record: DeploymentRecord) -> Path:
     """Where a deployment's kubeconfig lives: beside its record (written once the cluster exists)."""
     return record.path.with_suffix(".kubeconfig")
+
+
+def addon_kubeconfig(job: StepContext) -> tuple[Path, bool]:
+    """The kubeconfig the add-on steps use, and whether it is the one the provisioner writes (False:
+    the operator's own, ``--kubeconfig`` / ``CMBCLUSTER_INFRA_KUBECONFIG``, used as it is)."""
+    if job.options.kubeconfig is not None:
+        return job.options.kubeconfig, False
+    return kubeconfig_path(job.record), True
 
 
 def kubeconfig_document(

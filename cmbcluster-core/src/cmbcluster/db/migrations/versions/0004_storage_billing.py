@@ -1,7 +1,7 @@
 """storage that is never billed unseen: noncurrent usage, resumable deletes, upload journal, quotas
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-05 05:30:00
 
 - ``storages.usage_noncurrent_bytes``/``usage_noncurrent_objects``: earlier versions the backend
@@ -19,8 +19,8 @@ from alembic import op
 
 import cmbcluster.db.models
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

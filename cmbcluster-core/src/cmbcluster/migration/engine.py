@@ -1,0 +1,657 @@
+"""Plan, run and finish a migration of every user's buckets to another storage backend.
+
+The database holds the manifest (:class:`~cmbcluster.db.models.MigrationBucket`, one per bucket,
+and :class:`~cmbcluster.db.models.MigrationObject`, one per object copied and verified), so a
+run killed at any point resumes where it stopped: an object whose source still lists with the
+ETag, size and modification time recorded is not copied again. Per bucket, a run:
+
+1. creates the user's bucket on the target (same owner, display name and storage class, or the
+   standard class where the target has not that one), recorded before anything is copied;
+2. copies every object not in the manifest, or changed on the source since (while the bucket
+   stays in use); objects deleted from the source since their copy are deleted from the target;
+3. freezes the bucket (status ``migrating``: uploads and new starts are refused with that word)
+   unless a running environment mounts it, which it reports and waits for (the next run);
+4. copies what changed meanwhile, then checks the target's listing against the manifest: an
+   object changed or added behind the migration is reported, and the bucket is not switched;
+5. switches the storage row to the target bucket in one transaction.
+
+The database follows with ``db backup`` semantics: once every bucket is switched, a backup is
+written to the target's database bucket, which a server configured for the target restores at
+its first start. ``finish`` deletes source buckets, only those whose listing still matches the
+manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cmbcluster.db.models import (
+    Environment,
+    EnvironmentStorage,
+    MigrationBucket,
+    MigrationObject,
+    Storage,
+    User,
+    utcnow,
+)
+from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.interfaces import (
+    BucketOptions,
+    InfraProvider,
+    ObjectInfo,
+    StorageBackend,
+    StorageClass,
+    UserRef,
+)
+from cmbcluster.migration.copy import Copied, Failed, OnBytes, copy_objects, list_all
+from cmbcluster.services.audit import audit
+
+log = logging.getLogger(__name__)
+
+#: Storage rows in these environment states hold the bucket mounted.
+MOUNTING_STATUSES = ("pending", "starting", "running", "stopping")
+#: The manifest is committed at least this often (seconds) and every this many objects: a run
+#: killed in between copies at most that much again.
+COMMIT_SECONDS = 0.5
+COMMIT_OBJECTS = 200
+
+#: Internet egress, USD per GB, from each cloud's storage: the first tier of the list price.
+#: Sources and date in docs/ARCHITECTURE_POLYCLOUD.md ("Moving between clouds").
+EGRESS_USD_PER_GB: dict[str, float] = {"gcp": 0.12, "aws": 0.09, "local": 0.0}
+EGRESS_SOURCE = "docs/ARCHITECTURE_POLYCLOUD.md, list prices read 2026-12-05"
+
+
+@dataclass(kw_only=True)
+class Side:
+    """One end of a migration: a storage backend by its configured name, and that cloud's infra
+    provider (None: the target gives users no cloud identity of its own)."""
+
+    name: str
+    storage: StorageBackend
+    infra: InfraProvider | None = None
+
+
+# -- plan ------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class BucketPlan:
+    storage_id: str
+    owner: str
+    display_name: str
+    bucket: str
+    objects: int
+    bytes: int
+    already_verified: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    source: str
+    target: str
+    buckets: list[BucketPlan]
+    identities: list[str]
+    usd_per_gb: float | None
+
+    @property
+    def objects(self) -> int:
+        return sum(b.objects for b in self.buckets)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b.bytes for b in self.buckets)
+
+    @property
+    def users(self) -> int:
+        return len({b.owner for b in self.buckets})
+
+    @property
+    def egress_usd(self) -> float | None:
+        """What leaving the source costs: bytes still to copy times the source's price per GB (a billion bytes)."""
+        if self.usd_per_gb is None:
+            return None
+        left = sum(b.bytes - b.already_verified for b in self.buckets)
+        return round(left / 1e9 * self.usd_per_gb, 2)
+
+
+def _to_move(db: Session, source: str, target: str) -> list[tuple[Storage, User]]:
+    rows = db.execute(
+        select(Storage, User)
+        .join(User, User.id == Storage.user_id)
+        .where(Storage.backend == source)
+        .order_by(User.email, Storage.created_at)
+    ).all()
+    return [(s, u) for s, u in rows]
+
+
+def plan(db: Session, source: Side, target: Side) -> Plan:
+    """What a run would move (read-only: listings only)."""
+    _check_sides(source, target)
+    buckets: list[BucketPlan] = []
+    identities: set[str] = set()
+    for storage, user in _to_move(db, source.name, target.name):
+        objects = size = 0
+        for obj in list_all(source.storage, storage.bucket_name):
+            objects += 1
+            size += obj.size
+        row = _manifest_row(db, storage, target.name)
+        verified = 0
+        if row is not None:
+            verified = db.execute(
+                select(func.coalesce(func.sum(MigrationObject.size), 0)).where(MigrationObject.bucket_id == row.id)
+            ).scalar_one()
+        buckets.append(
+            BucketPlan(
+                storage_id=storage.id, owner=user.email, display_name=storage.display_name,
+                bucket=storage.bucket_name, objects=objects, bytes=size, already_verified=int(verified),
+            )
+        )  # fmt: skip
+        if target.infra is not None:
+            identities.add(user.email)
+    db.rollback()
+    return Plan(
+        source=source.name,
+        target=target.name,
+        buckets=buckets,
+        identities=sorted(identities),
+        usd_per_gb=EGRESS_USD_PER_GB.get(source.name),
+    )
+
+
+def _check_sides(source: Side, target: Side) -> None:
+    if source.name == target.name:
+        raise InvalidRequest(f"the server already uses the storage backend {target.name!r}: nothing to migrate")
+
+
+def _manifest_row(db: Session, storage: Storage, target: str) -> MigrationBucket | None:
+    return db.execute(
+        select(MigrationBucket).where(
+            MigrationBucket.storage_id == storage.id, MigrationBucket.target_backend == target
+        )
+    ).scalar_one_or_none()
+
+
+# -- run -------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class BucketOutcome:
+    storage_id: str
+    owner: str
+    display_name: str
+    state: str  # switched | waiting | failed
+    copied: int = 0
+    skipped: int = 0
+    message: str = ""
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    buckets: list[BucketOutcome] = field(default_factory=list)
+    database: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return all(b.state == "switched" for b in self.buckets)
+
+
+class Events:
+    """What a run tells its display; every method may be called from the run's thread only,
+    except ``bytes_copied`` which the copying threads call."""
+
+    def bucket_started(self, label: str, objects: int, size: int, done: int) -> None:
+        """A bucket's copy begins: ``objects``/``size`` in all, ``done`` bytes already verified."""
+
+    def bytes_copied(self, n: int) -> None:
+        """``n`` more bytes went through (copying threads)."""
+
+    def bucket_done(self, outcome: BucketOutcome) -> None:
+        """A bucket is switched, waits, or failed."""
+
+    def note(self, text: str) -> None:
+        """Something the operator should read."""
+
+
+class Migration:
+    """``cmbcluster migrate run``: every bucket on ``source`` to ``target`` (see the module)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        source: Side,
+        target: Side,
+        *,
+        namespace: str = "",
+        parallel: int = 8,
+        events: Events | None = None,
+    ) -> None:
+        _check_sides(source, target)
+        self.sessions = sessions
+        self.source = source
+        self.target = target
+        self.namespace = namespace
+        self.parallel = parallel
+        self.events = events or Events()
+
+    def run(self) -> RunResult:
+        result = RunResult()
+        with self.sessions() as db:
+            todo = [
+                (s.id, UserRef(id=u.id, email=u.email)) for s, u in _to_move(db, self.source.name, self.target.name)
+            ]
+        identities_done: set[str] = set()
+        for storage_id, owner in todo:
+            if owner.id not in identities_done:
+                self._ensure_identity(owner)
+                identities_done.add(owner.id)
+            outcome = self._bucket(storage_id, owner)
+            result.buckets.append(outcome)
+            self.events.bucket_done(outcome)
+        for owner_id in identities_done:
+            self._sync_identity(owner_id)
+        return result
+
+    # -- one bucket ---------------------------------------------------------------------------
+    def _bucket(self, storage_id: str, owner: UserRef) -> BucketOutcome:
+        with self.sessions() as db:
+            storage = db.get(Storage, storage_id)
+            assert storage is not None
+            outcome = BucketOutcome(
+                storage_id=storage.id, owner=owner.email, display_name=storage.display_name, state="failed"
+            )
+            if storage.status not in ("active", "migrating"):
+                outcome.message = f"the bucket is {storage.status}; run again once it is active"
+                return outcome
+            row = self._manifest_row(db, storage)
+            try:
+                if row.target_bucket is None:
+                    row.target_bucket = self._create_target_bucket(storage, owner)
+                    db.commit()  # recorded before any copy: a rerun reuses it
+                self._copy_pass(db, row, outcome, announce=True)
+                if outcome.message:
+                    return outcome
+                waiting = _freeze(db, storage)
+                if waiting:
+                    outcome.state = "waiting"
+                    outcome.message = "mounted by " + ", ".join(waiting) + "; switched once they stop (run again)"
+                    row.message = outcome.message
+                    db.commit()
+                    return outcome
+                try:
+                    self._copy_pass(db, row, outcome, announce=False)
+                    if not outcome.message:
+                        outcome.message = self._check_target(db, row)
+                    if outcome.message:
+                        return outcome
+                    _switch(db, storage, row)
+                    outcome.state = "switched"
+                    outcome.message = f"now {self.target.name}:{row.target_bucket}"
+                    return outcome
+                finally:
+                    _thaw(db, storage_id)
+            except CmbclusterError as exc:
+                db.rollback()
+                outcome.message = exc.message
+                return outcome
+            finally:
+                if outcome.state != "switched":
+                    _record_message(db, row.id, outcome.message)
+
+    def _manifest_row(self, db: Session, storage: Storage) -> MigrationBucket:
+        row = _manifest_row(db, storage, self.target.name)
+        if row is None:
+            row = MigrationBucket(
+                storage_id=storage.id, user_id=storage.user_id, source_backend=self.source.name,
+                source_bucket=storage.bucket_name, target_backend=self.target.name, state="copying", message="",
+                objects_total=0, bytes_total=0,
+            )  # fmt: skip
+            db.add(row)
+            db.commit()
+        return row
+
+    def _create_target_bucket(self, storage: Storage, owner: UserRef) -> str:
+        options = BucketOptions(display_name=storage.display_name, storage_class=StorageClass(storage.storage_class))
+        try:
+            return self.target.storage.create_bucket(owner, options).name
+        except InvalidRequest as exc:  # a storage class the target has not: its standard one
+            self.events.note(f"{storage.display_name}: {exc.message}; created with the standard class")
+            return self.target.storage.create_bucket(owner, BucketOptions(display_name=storage.display_name)).name
+
+    def _copy_pass(self, db: Session, row: MigrationBucket, outcome: BucketOutcome, *, announce: bool) -> None:
+        """Copy what the manifest lacks or what changed; drop from the target what the source lost."""
+        assert row.target_bucket is not None
+        known = {
+            key: (size, etag, modified)
+            for key, size, etag, modified in db.execute(
+                select(
+                    MigrationObject.key, MigrationObject.size, MigrationObject.source_etag,
+                    MigrationObject.source_modified,
+                ).where(MigrationObject.bucket_id == row.id)
+            )
+        }  # fmt: skip
+        objects = size = done = 0
+        for obj in list_all(self.source.storage, row.source_bucket):
+            objects += 1
+            size += obj.size
+            if _unchanged(known.get(obj.key), obj):
+                done += obj.size
+        row.objects_total, row.bytes_total = objects, size
+        db.commit()
+        if announce:
+            self.events.bucket_started(f"{outcome.owner} / {outcome.display_name}", objects, size, done)
+        seen: set[str] = set()
+
+        def changed() -> Iterator[ObjectInfo]:
+            for obj in list_all(self.source.storage, row.source_bucket):
+                seen.add(obj.key)
+                if _unchanged(known.get(obj.key), obj):
+                    outcome.skipped += announce  # counted once, on the first pass
+                else:
+                    yield obj
+
+        failures: list[str] = []
+        last_commit, pending = time.monotonic(), 0
+        on_bytes: OnBytes = self.events.bytes_copied
+        for result in copy_objects(
+            self.source.storage, row.source_bucket, self.target.storage, row.target_bucket, changed(),
+            parallel=self.parallel, progress=on_bytes,
+        ):  # fmt: skip
+            if isinstance(result, Copied):
+                _record(db, row.id, result)
+                outcome.copied += 1
+                pending += 1
+            elif isinstance(result, Failed):
+                failures.append(f"{result.source.key}: {result.error}")
+            else:  # deleted from the source meanwhile: the next listing decides
+                seen.discard(result.key)
+            if pending >= COMMIT_OBJECTS or time.monotonic() - last_commit >= COMMIT_SECONDS:
+                db.commit()
+                last_commit, pending = time.monotonic(), 0
+        db.commit()
+        gone = [key for key in known if key not in seen]
+        if gone:
+            self.target.storage.delete_objects(row.target_bucket, gone)
+            db.execute(
+                delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key.in_(gone))
+            )
+            db.commit()
+        if failures:
+            shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+            outcome.message = f"{len(failures)} object(s) not copied: {shown}"
+
+    def _check_target(self, db: Session, row: MigrationBucket) -> str:
+        """The target's listing must be the manifest: same keys, sizes and ETags as verified."""
+        assert row.target_bucket is not None
+        expected = {
+            key: (size, etag)
+            for key, size, etag in db.execute(
+                select(MigrationObject.key, MigrationObject.size, MigrationObject.target_etag).where(
+                    MigrationObject.bucket_id == row.id
+                )
+            )
+        }
+        problems: list[str] = []
+        for obj in list_all(self.target.storage, row.target_bucket):
+            want = expected.pop(obj.key, None)
+            if want is None:
+                problems.append(f"{obj.key} was added to the target behind the migration")
+            elif want != (obj.size, obj.etag):
+                problems.append(f"{obj.key} changed on the target after it was verified")
+                # Forget it: the next run copies and verifies it again.
+                db.execute(
+                    delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key == obj.key)
+                )
+        problems.extend(f"{key} is missing from the target" for key in expected)
+        if expected:
+            db.execute(
+                delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key.in_(expected))
+            )
+        db.commit()
+        if not problems:
+            return ""
+        return f"not switched: {'; '.join(problems[:5])}" + (
+            f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        )
+
+    # -- identities -----------------------------------------------------------------------------
+    def _ensure_identity(self, owner: UserRef) -> None:
+        if self.target.infra is None:
+            return
+        try:
+            self.target.infra.ensure_user_identity(owner, namespace=self.namespace)
+        except CmbclusterError as exc:
+            self.events.note(
+                f"the cloud identity of {owner.email} on {self.target.name} could not be created: {exc.message}"
+            )
+
+    def _sync_identity(self, owner_id: str) -> None:
+        """The user's identity on the target reaches exactly their buckets there."""
+        if self.target.infra is None:
+            return
+        with self.sessions() as db:
+            user = db.get(User, owner_id)
+            assert user is not None
+            buckets = list(
+                db.execute(
+                    select(Storage.bucket_name).where(
+                        Storage.user_id == owner_id, Storage.backend == self.target.name, Storage.status == "active"
+                    )
+                ).scalars()
+            )
+        owner = UserRef(id=user.id, email=user.email)
+        try:
+            identity = self.target.infra.ensure_user_identity(owner, namespace=self.namespace)
+            self.target.infra.update_user_buckets(owner, buckets)
+            if identity is not None:
+                for bucket in buckets:
+                    self.target.storage.ensure_bucket_access(bucket, identity)
+        except CmbclusterError as exc:
+            self.events.note(
+                f"the cloud identity of {user.email} on {self.target.name} does not reach its buckets yet: "
+                f"{exc.message} (the next start of an environment, or the next run, grants it)"
+            )
+
+
+def _unchanged(known: tuple[int, str, dt.datetime] | None, obj: ObjectInfo) -> bool:
+    if known is None:
+        return False
+    size, etag, modified = known
+    return size == obj.size and etag == obj.etag and modified == _utc(obj.last_modified)
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """The precision the database keeps (microseconds, UTC) so a listing compares equal to its record."""
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+
+
+def _record(db: Session, bucket_id: str, copied: Copied) -> None:
+    db.execute(
+        delete(MigrationObject).where(MigrationObject.bucket_id == bucket_id, MigrationObject.key == copied.source.key)
+    )
+    db.add(
+        MigrationObject(
+            bucket_id=bucket_id, key=copied.source.key, size=copied.size, md5=copied.md5,
+            source_etag=copied.source.etag, source_modified=_utc(copied.source.last_modified),
+            target_etag=copied.target_etag,
+        )
+    )  # fmt: skip
+
+
+def _record_message(db: Session, bucket_id: str, message: str) -> None:
+    db.rollback()
+    db.execute(
+        update(MigrationBucket).where(MigrationBucket.id == bucket_id).values(message=message, updated_at=utcnow())
+    )
+    db.commit()
+
+
+def _freeze(db: Session, storage: Storage) -> list[str]:
+    """Mark the bucket ``migrating`` unless an environment mounts it; the environments it waits for.
+
+    The status is written first, so the check runs inside the write transaction: an environment
+    reserved meanwhile either is seen here, or (reserved after) finds the bucket migrating.
+    """
+    db.execute(update(Storage).where(Storage.id == storage.id).values(status="migrating"))
+    mounted = db.execute(
+        select(Environment.name, Environment.status, User.email)
+        .join(EnvironmentStorage, EnvironmentStorage.environment_id == Environment.id)
+        .join(User, User.id == Environment.user_id)
+        .where(EnvironmentStorage.storage_id == storage.id, Environment.status.in_(MOUNTING_STATUSES))
+    ).all()
+    if mounted:
+        db.rollback()
+        return [f"environment {name!r} of {email} ({status})" for name, status, email in mounted]
+    db.commit()
+    return []
+
+
+def _thaw(db: Session, storage_id: str) -> None:
+    db.rollback()
+    db.execute(update(Storage).where(Storage.id == storage_id, Storage.status == "migrating").values(status="active"))
+    db.commit()
+
+
+def _switch(db: Session, storage: Storage, row: MigrationBucket) -> None:
+    """One transaction: the storage row now names the target bucket; the manifest says so."""
+    assert row.target_bucket is not None
+    db.execute(
+        update(Storage)
+        .where(Storage.id == storage.id)
+        .values(
+            backend=row.target_backend, bucket_name=row.target_bucket, status="active",
+            usage_bytes=row.bytes_total, usage_objects=row.objects_total, usage_at=utcnow(),
+        )
+    )  # fmt: skip
+    row.state, row.switched_at, row.message = "switched", utcnow(), ""
+    audit(
+        db, actor_id=None, action="storage.migrated", target_type="storage", target_id=storage.id,
+        source=f"{row.source_backend}:{row.source_bucket}", target=f"{row.target_backend}:{row.target_bucket}",
+    )  # fmt: skip
+    db.commit()
+
+
+# -- the database ----------------------------------------------------------------------------
+def move_database(database: Path | None, target: StorageBackend, bucket: str | None, *, prefix: str = "") -> str:
+    """A ``db backup`` of the (switched) database into the target's database bucket."""
+    from cmbcluster.db.backup import DatabaseBackups
+
+    if database is None:
+        return "the database is PostgreSQL: it stays where it is (point the new deployment at it)"
+    if not bucket:
+        return (
+            "no database bucket on the target was given (--database-bucket): copy the SQLite file yourself, "
+            "or run `cmbcluster db backup` with the target's settings"
+        )
+    backup = DatabaseBackups(target, bucket, database, prefix=prefix).backup()
+    return f"database backed up to {bucket}/{backup.key}: a server configured for the target restores it at start"
+
+
+# -- finish ----------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class FinishOutcome:
+    storage_id: str
+    source: str
+    deleted: bool
+    message: str = ""
+
+
+def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[FinishOutcome]:
+    """Delete every switched source bucket whose listing still matches the manifest.
+
+    ``sources(name)`` gives the storage backend of that name. A source with an object the
+    manifest lacks, or that changed since its copy, is kept and reported.
+    """
+    outcomes: list[FinishOutcome] = []
+    rows = db.execute(select(MigrationBucket).where(MigrationBucket.state == "switched")).scalars().all()
+    for row in rows:
+        label = f"{row.source_backend}:{row.source_bucket}"
+        storage = db.get(Storage, row.storage_id)
+        if storage is None or storage.backend != row.target_backend or storage.bucket_name != row.target_bucket:
+            kept = "the storage no longer points at the migrated copy: kept"
+            outcomes.append(FinishOutcome(storage_id=row.storage_id, source=label, deleted=False, message=kept))
+            continue
+        backend = sources(row.source_backend)
+        known = {
+            key: (size, etag, modified)
+            for key, size, etag, modified in db.execute(
+                select(
+                    MigrationObject.key, MigrationObject.size, MigrationObject.source_etag,
+                    MigrationObject.source_modified,
+                ).where(MigrationObject.bucket_id == row.id)
+            )
+        }  # fmt: skip
+        try:
+            differing = [
+                obj.key for obj in list_all(backend, row.source_bucket) if not _unchanged(known.get(obj.key), obj)
+            ]
+        except NotFound:
+            differing = []  # already deleted by an earlier finish that stopped before recording it
+        if differing:
+            outcomes.append(FinishOutcome(
+                storage_id=row.storage_id, source=label, deleted=False,
+                message=f"{len(differing)} object(s) on the source are not in the verified copy "
+                        f"(first: {differing[0]}): kept; copy them yourself, or run `migrate run` again",
+            ))  # fmt: skip
+            continue
+        try:
+            backend.delete_bucket(row.source_bucket, force=True)
+        except NotFound:
+            pass
+        row.state = "finished"
+        db.execute(delete(MigrationObject).where(MigrationObject.bucket_id == row.id))
+        audit(db, actor_id=None, action="storage.migration_finished", target_type="storage",
+              target_id=row.storage_id, source=label)  # fmt: skip
+        db.commit()
+        outcomes.append(FinishOutcome(storage_id=row.storage_id, source=label, deleted=True))
+    return outcomes
+
+
+# -- progress, for the API -------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class BucketStatus:
+    storage_id: str
+    owner: str | None
+    source: str
+    target: str
+    state: str
+    message: str
+    objects_total: int
+    bytes_total: int
+    objects_verified: int
+    bytes_verified: int
+    updated_at: dt.datetime
+
+
+def status(db: Session) -> list[BucketStatus]:
+    """Every bucket a migration has touched, with what is verified so far (the manifest's counts)."""
+    verified = {
+        bucket_id: (int(count), int(size))
+        for bucket_id, count, size in db.execute(
+            select(MigrationObject.bucket_id, func.count(), func.coalesce(func.sum(MigrationObject.size), 0)).group_by(
+                MigrationObject.bucket_id
+            )
+        )
+    }
+    rows = db.execute(
+        select(MigrationBucket, User.email)
+        .join(User, User.id == MigrationBucket.user_id, isouter=True)
+        .order_by(MigrationBucket.created_at)
+    ).all()
+    found = []
+    for row, email in rows:
+        count, size = verified.get(row.id, (0, 0))
+        if row.state in ("switched", "finished"):  # the manifest of a finished bucket is dropped
+            count, size = row.objects_total, row.bytes_total
+        found.append(
+            BucketStatus(
+                storage_id=row.storage_id, owner=email, source=f"{row.source_backend}:{row.source_bucket}",
+                target=f"{row.target_backend}:{row.target_bucket or ''}", state=row.state, message=row.message,
+                objects_total=row.objects_total, bytes_total=row.bytes_total, objects_verified=count,
+                bytes_verified=size, updated_at=row.updated_at,
+            )
+        )  # fmt: skip
+    return found
