@@ -1012,6 +1012,11 @@ export interface components {
             role: string;
             /** Status */
             status: string;
+            /**
+             * Storage Quota Bytes
+             * @description This user's own storage quota in bytes (0: none); null: the server default
+             */
+            storage_quota_bytes: number | null;
         };
         /** AdminUserOut */
         AdminUserOut: {
@@ -1036,6 +1041,11 @@ export interface components {
             role: string;
             /** Status */
             status: string;
+            /**
+             * Storage Quota Bytes
+             * @description This user's own storage quota in bytes (0: none); null: the server default
+             */
+            storage_quota_bytes: number | null;
         };
         /** ApiTokenCreated */
         ApiTokenCreated: {
@@ -1900,6 +1910,24 @@ export interface components {
             /** Providers */
             providers: components["schemas"]["ProviderOut"][];
         };
+        /** QuotaOut */
+        QuotaOut: {
+            /**
+             * Noncurrent Bytes
+             * @description The part of used_bytes in earlier versions of overwritten or deleted objects
+             */
+            noncurrent_bytes: number;
+            /**
+             * Quota Bytes
+             * @description Bytes your buckets may hold, earlier versions included; null: no quota
+             */
+            quota_bytes: number | null;
+            /**
+             * Used Bytes
+             * @description Current objects and earlier versions of all your buckets, as last measured
+             */
+            used_bytes: number;
+        };
         /** RefreshIn */
         RefreshIn: {
             /** Refresh Token */
@@ -2001,6 +2029,7 @@ export interface components {
         };
         /** StorageListOut */
         StorageListOut: {
+            quota: components["schemas"]["QuotaOut"];
             /** Storages */
             storages: components["schemas"]["StorageOut"][];
         };
@@ -2025,6 +2054,16 @@ export interface components {
             display_name: string;
             /** Id */
             id: string;
+            /**
+             * Noncurrent Bytes
+             * @description Earlier versions of overwritten or deleted objects, kept (and billed) until the bucket's lifecycle removes them; null until first measured
+             */
+            noncurrent_bytes: number | null;
+            /**
+             * Noncurrent Object Count
+             * @description Number of those earlier versions
+             */
+            noncurrent_object_count: number | null;
             /**
              * Object Count
              * @description Number of objects; null until first measured
@@ -2053,8 +2092,13 @@ export interface components {
             /** Count */
             count: number;
             /**
+             * Noncurrent Bytes
+             * @description Sum of the earlier versions every bucket keeps (and is billed for)
+             */
+            noncurrent_bytes: number;
+            /**
              * Usage Bytes
-             * @description Sum of the cached usage of every bucket
+             * @description Sum of the cached usage (current objects) of every bucket
              */
             usage_bytes: number;
             /**
@@ -2190,6 +2234,11 @@ export interface components {
             role?: ("admin" | "user") | null;
             /** Status */
             status?: ("active" | "deactivated") | null;
+            /**
+             * Storage Quota Bytes
+             * @description Bytes this user's buckets may hold, current objects and earlier versions together (0: no quota); null: the server default (CMBCLUSTER_STORAGE_QUOTA_BYTES)
+             */
+            storage_quota_bytes?: number | null;
         };
         /** UsersPage */
         UsersPage: {
@@ -7730,6 +7779,15 @@ export interface operations {
             };
             /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Insufficient Storage */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };
