@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
-from cmbcluster.services import accounting, environments
+from cmbcluster.services import accounting, budgets, environments
 from cmbcluster.services.audit import activity
 from cmbcluster.services.status import apply_status
 
@@ -42,6 +42,7 @@ class ReconcileReport:
     stopped_leftovers: list[str] = field(default_factory=list)
     culled: list[str] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)
+    over_budget: list[str] = field(default_factory=list)  # stopped: a hard budget is used up
 
 
 class Reconciler:
@@ -142,6 +143,7 @@ class Reconciler:
             accounting.sync_open_intervals(db, self.context.config.compute.name)
             db.commit()
             self._cull(db, report)
+            self._budgets(db, report)
             self._update_gauges(db)
             self._sample_storage(db)
         return report
@@ -168,6 +170,13 @@ class Reconciler:
             environments.stop(db, self.context, env, actor_id=None, reason=reason)
             self.context.metrics.culled.inc()
             report.culled.append(env.id)
+
+    def _budgets(self, db: Session, report: ReconcileReport) -> None:
+        try:
+            report.over_budget.extend(budgets.enforce(db, self.context))
+        except Exception:  # a budget's trouble must not stop the loop's other work
+            db.rollback()
+            log.exception("budget enforcement failed this pass")
 
     def _sample_storage(self, db: Session) -> None:
         """Measure buckets whose last measurement is older than the sampling interval, in the
