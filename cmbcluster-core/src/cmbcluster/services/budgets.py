@@ -73,9 +73,9 @@ class BudgetStatus:
 
     def describe(self) -> str:
         unit = self.currency if self.budget.unit == "currency" else "core-hours"
-        whose = "your" if self.budget.scope == "user" else f"group {self.label!r}'s"
+        whose = "your monthly budget" if self.budget.scope == "user" else f"the monthly budget of group {self.label!r}"
         return (
-            f"{whose} monthly budget of {self.budget.amount:g} {unit} is {self.percent:.0f} % used "
+            f"{whose} of {self.budget.amount:g} {unit} is {self.percent:.0f} % used "
             f"({self.used:.2f} {unit} this month)"
         )
 
