@@ -75,8 +75,7 @@ class BudgetStatus:
         unit = self.currency if self.budget.unit == "currency" else "core-hours"
         whose = "your monthly budget" if self.budget.scope == "user" else f"the monthly budget of group {self.label!r}"
         return (
-            f"{whose} of {self.budget.amount:g} {unit} is {self.percent:.0f} % used "
-            f"({self.used:.2f} {unit} this month)"
+            f"{whose} of {self.budget.amount:g} {unit} is {self.percent:.0f} % used ({self.used:.2f} {unit} this month)"
         )
 
     def as_dict(self) -> dict[str, Any]:
