@@ -19,6 +19,7 @@ from cmbcluster.api.routes import (
     admin,
     applications,
     auth,
+    budgets,
     environment_proxy,
     environments,
     health,
@@ -128,6 +129,7 @@ def create_app(
         admin,
         migration,
         usage,
+        budgets,
     ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic

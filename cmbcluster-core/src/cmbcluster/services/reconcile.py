@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
-from cmbcluster.services import accounting, environments, storages
+from cmbcluster.services import accounting, budgets, environments, storages
 from cmbcluster.services.audit import activity
 from cmbcluster.services.status import apply_status
 
@@ -48,6 +48,7 @@ class ReconcileReport:
     # and unfinished uploads of the previous run aborted
     storage_deletes: dict[str, str] = field(default_factory=dict)
     uploads_aborted: int = 0
+    over_budget: list[str] = field(default_factory=list)  # stopped: a hard budget is used up
 
 
 class Reconciler:
@@ -148,6 +149,7 @@ class Reconciler:
             accounting.sync_open_intervals(db, self.context.config.compute.name)
             db.commit()
             self._cull(db, report)
+            self._budgets(db, report)
             self._update_gauges(db)
             if startup:
                 self._recover_storage(db, report)
@@ -187,6 +189,13 @@ class Reconciler:
             environments.stop(db, self.context, env, actor_id=None, reason=reason)
             self.context.metrics.culled.inc()
             report.culled.append(env.id)
+
+    def _budgets(self, db: Session, report: ReconcileReport) -> None:
+        try:
+            report.over_budget.extend(budgets.enforce(db, self.context))
+        except Exception:  # a budget's trouble must not stop the loop's other work
+            db.rollback()
+            log.exception("budget enforcement failed this pass")
 
     def _sample_storage(self, db: Session) -> None:
         """Measure buckets whose last measurement is older than the sampling interval, in the
