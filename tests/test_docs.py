@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cmbcluster import hookspecs
+from cmbcluster.interfaces import StorageBackend
 from cmbcluster.settings import CoreSettings, env_var_name
 
 ROOT = Path(__file__).parent.parent
@@ -29,6 +30,20 @@ def test_every_hook_is_documented_with_its_exact_signature(name: str) -> None:
     text = (ROOT / "docs" / "plugins" / "hooks.md").read_text()
     assert f"### `{name}`" in text
     assert signature_line(name) in text
+
+
+STORAGE_DEFAULTS = sorted(
+    name
+    for name, fn in inspect.getmembers(StorageBackend, inspect.isfunction)
+    if not name.startswith("_") and not getattr(fn, "__isabstractmethod__", False)
+)
+
+
+@pytest.mark.parametrize("name", STORAGE_DEFAULTS)
+def test_storage_methods_with_defaults_are_documented_with_their_exact_signature(name: str) -> None:
+    text = (ROOT / "docs" / "plugins" / "interfaces.md").read_text()
+    signature = inspect.signature(getattr(StorageBackend, name), eval_str=True)
+    assert f"def {name}{signature}" in text
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))

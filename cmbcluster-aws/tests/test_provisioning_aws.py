@@ -24,7 +24,7 @@ from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_aws.identity import AwsInfra
 from cmbcluster_aws.provisioning import ADDONS, TAG_DEPLOYMENT, AwsProvisioner
 from cmbcluster_aws.settings import AwsSettings
-from cmbcluster_aws.storage import S3Storage
+from cmbcluster_aws.storage import S3Storage, lifecycle_rules
 
 REGION, ACCOUNT_ID = "eu-west-1", "123456789012"  # as in conftest.make_settings
 
@@ -217,6 +217,8 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
     s3 = aws("s3")
     assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
     assert all(s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values())
+    # Unfinished backup uploads are aborted after a day; deleted old backups expire as users' versions do.
+    assert s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"] == lifecycle_rules(30)
 
     commands = events.actions("command")
     assert len(commands) == len(ADDONS) and all(c.startswith("helm upgrade --install ") for c in commands)

@@ -322,7 +322,8 @@ def test_stats(client: TestClient, admin: dict[str, str], alice: dict[str, str],
             db.add(Environment(user_id=user_id, application_id=app.id, name=status, backend="local", status=status))
         db.add_all([
             Storage(user_id=alice_id, backend="local", bucket_name="a-1", display_name="a", usage_bytes=1000),
-            Storage(user_id=alice_id, backend="local", bucket_name="a-2", display_name="b", usage_bytes=24),
+            Storage(user_id=alice_id, backend="local", bucket_name="a-2", display_name="b", usage_bytes=24,
+                    usage_noncurrent_bytes=4096),
             Storage(user_id=bob_id, backend="local", bucket_name="b-1", display_name="c"),
         ])  # fmt: skip
         # someone who has not signed in for a while
@@ -334,7 +335,7 @@ def test_stats(client: TestClient, admin: dict[str, str], alice: dict[str, str],
     stats = client.get(f"{API}/stats", headers=admin).json()
     assert stats["users"] == {"total": 4, "active": 3, "deactivated": 1, "admins": 1, "signed_in_last_24h": 3}
     assert stats["environments"] == {"total": 4, "by_status": {"failed": 1, "running": 1, "stopped": 2}}
-    assert stats["storages"] == {"count": 3, "usage_bytes": 1024, "usage_unknown": 1}
+    assert stats["storages"] == {"count": 3, "usage_bytes": 1024, "noncurrent_bytes": 4096, "usage_unknown": 1}
     assert stats["applications"] == {"active": before["active"] + 1, "total": before["total"] + 2}
     assert dt.datetime.fromisoformat(stats["at"]).tzinfo is not None
 

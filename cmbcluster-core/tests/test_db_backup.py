@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import gzip
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
-from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups
+from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups, sweep_backup_leftovers
 from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.settings import CoreSettings
@@ -305,3 +307,136 @@ def test_restore_is_refused_while_a_server_serves_the_database(
     restored = cmbcluster("db", "restore", env=env, cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
     assert read_probe(database) == ["first"]
+
+
+# -- what a crash leaves, and damaged backups ------------------------------------------------------
+
+_KILLED_BACKUP = """
+import sys, time
+from pathlib import Path
+from cmbcluster.db.backup import DatabaseBackups
+from cmbcluster.local.storage import LocalStorage
+
+class Stalling(LocalStorage):
+    def upload_object(self, bucket, key, chunks, *, content_type=None):
+        print("copied", flush=True)  # the full copy is beside the database now
+        time.sleep(60)
+
+database, buckets, bucket = sys.argv[1:]
+DatabaseBackups(Stalling(Path(buckets)), bucket, Path(database)).backup()
+"""
+
+
+def test_a_killed_backup_leaves_no_copy_after_the_next_start(
+    settings: CoreSettings, database: Path, tmp_path: Path
+) -> None:
+    write_probe(database, "precious")
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BACKUP, str(database), str(settings.data_dir / "buckets"), BUCKET],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"copied\n"
+    finally:
+        process.kill()  # SIGKILL: no clean-up runs
+        process.wait()
+    left = list(database.parent.glob(".cmbcluster-backup-*"))
+    assert left and left[0].stat().st_size > 0, "the killed backup left its copy"
+
+    with serving(settings) as client:
+        assert client.get("/readyz").status_code == 200
+    assert list(database.parent.glob(".cmbcluster-backup-*")) == []
+    assert read_probe(database) == ["precious"]
+
+
+def test_a_copy_in_use_is_not_swept(backups: DatabaseBackups, database: Path) -> None:
+    with backups._temporary_file() as copy:  # as a backup under way holds it
+        copy.write_bytes(b"in use")
+        assert sweep_backup_leftovers(database) == []
+        assert copy.read_bytes() == b"in use"
+    assert list(database.parent.glob(".cmbcluster-backup-*")) == []
+
+
+def test_restore_falls_back_past_damaged_newer_backups_and_names_them(
+    backups: DatabaseBackups, database: Path, storage: LocalStorage
+) -> None:
+    write_probe(database, "good")
+    good = backups.backup()
+    damaged = {
+        "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz": b"not gzip at all",
+        "cmbcluster-db/cmbcluster-20990102T000000000000Z.sqlite3.gz": gzip.compress(b"plain text"),
+    }
+    for key, content in damaged.items():
+        storage.upload_object(BUCKET, key, [content])
+    write_probe(database, "later")
+
+    result = backups.restore()
+    assert result.backup == good
+    assert [(s.backup.key, s.reason.split(": ")[0]) for s in result.skipped] == [
+        ("cmbcluster-db/cmbcluster-20990102T000000000000Z.sqlite3.gz",
+         "backup cmbcluster-db/cmbcluster-20990102T000000000000Z.sqlite3.gz is not a usable SQLite database"),
+        ("cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz",
+         "backup cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz is not valid gzip data"),
+    ]  # fmt: skip
+    assert read_probe(database) == ["good"]
+    # A named version is restored or refused as it is: no fallback.
+    with pytest.raises(InvalidRequest, match="not valid gzip data"):
+        backups.restore("20990101T000000000000Z")
+
+
+def test_a_first_start_restores_the_newest_backup_that_verifies(
+    settings: CoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(settings) as client:
+        dev_sign_in(client, "ada@example.org", "Ada")
+    storage = LocalStorage(settings.data_dir / "buckets")
+    DatabaseBackups.from_settings(settings, storage).backup()
+    damaged = "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz"
+    storage.upload_object(BUCKET, damaged, [gzip.compress(b"SQLite format 3\x00" + b"\x00" * 4000)[:-12]])
+    for path in settings.data_dir.glob("cmbcluster.db*"):
+        path.unlink()  # a fresh disk
+    with serving(settings) as client:
+        headers = dev_sign_in(client, "bob@example.org", "Bob")
+        assert client.get("/api/v1/admin/users", headers=headers).status_code == 403  # Ada's database is back
+    skipped = [r.getMessage() for r in caplog.records if "does not verify and is skipped" in r.getMessage()]
+    assert len(skipped) == 1 and damaged in skipped[0] and "truncated" in skipped[0]
+
+
+def test_cli_restore_says_which_backup_it_skipped(settings: CoreSettings, database: Path, tmp_path: Path) -> None:
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir),
+           "CMBCLUSTER_DATABASE_BUCKET": BUCKET, "COLUMNS": "200"}  # fmt: skip
+    write_probe(database, "first")
+    assert cmbcluster("db", "backup", env=env, cwd=tmp_path).returncode == 0
+    damaged = "cmbcluster-db/cmbcluster-20990101T000000000000Z.sqlite3.gz"
+    LocalStorage(settings.data_dir / "buckets").upload_object(BUCKET, damaged, [b"junk"])
+    restored = cmbcluster("db", "restore", env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert f"skipped {BUCKET}/{damaged}, which does not verify: backup {damaged} is not valid gzip data" in (
+        restored.stdout.replace("\n", " ")
+    )
+
+
+def test_a_stop_with_storage_not_answering_bounds_its_final_backup(
+    settings: CoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    bounded = settings.model_copy(update={"database_stop_backup_seconds": 1.0})
+    released = threading.Event()
+    client_cm = serving(bounded)
+    client = client_cm.__enter__()
+    try:
+        dev_sign_in(client, "ada@example.org", "Ada")  # a change the final backup would carry
+
+        def hanging(*args: object, **kwargs: object) -> object:
+            released.wait(30)  # a storage service that does not answer
+            raise ConnectionError("storage down")
+
+        storage = client.app.state.context.storage  # type: ignore[attr-defined]
+        storage.upload_object = hanging
+    finally:
+        started = time.monotonic()
+        client_cm.__exit__(None, None, None)
+        took = time.monotonic() - started
+        released.set()
+    assert took < 5, f"the stop took {took:.1f} s"
+    warned = [r.getMessage() for r in caplog.records if "final database backup did not finish" in r.getMessage()]
+    assert len(warned) == 1 and "within 1 s" in warned[0] and "stops without it" in warned[0]

@@ -86,6 +86,12 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/usage"): (ADMIN, None),
     ("GET", "/api/v1/usage/me"): (SELF, None),
     ("GET", "/api/v1/usage/prices"): (SELF, None),
+    ("GET", "/api/v1/admin/budgets"): (ADMIN, None),
+    ("PUT", "/api/v1/admin/budgets/{scope}/{target}"): (ADMIN, {"amount": 1, "unit": "core_hours"}),
+    ("DELETE", "/api/v1/admin/budgets/{scope}/{target}"): (ADMIN, None),
+    ("GET", "/api/v1/admin/groups"): (ADMIN, None),
+    ("PUT", "/api/v1/admin/groups/{name}"): (ADMIN, {"members": []}),
+    ("DELETE", "/api/v1/admin/groups/{name}"): (ADMIN, None),
     ("GET", "/api/v1/admin/environments"): (ADMIN, None),
     ("POST", "/api/v1/admin/environments/{environment_id}/stop"): (ADMIN, None),
     ("DELETE", "/api/v1/admin/environments/{environment_id}"): (ADMIN, None),
@@ -143,7 +149,7 @@ def _path(template: str, alice: AliceThings, route_kind: str) -> str:
     values = {
         "environment_id": alice.environment_id, "storage_id": alice.storage_id, "key": "secret.txt",
         "token_id": alice.token_id, "user_id": alice.user_id, "id_or_slug": alice.application_id,
-        "provider": "local",
+        "provider": "local", "scope": "user", "target": alice.user_id,
         "name": "alice.key" if "secret-files" in template else "ALICE_VAR",
     }  # fmt: skip
     path = template.format(**values)

@@ -22,9 +22,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from cmbcluster.app import create_app
-from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage
+from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage, UploadJournal
 from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import storages as storage_service
+from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.services.usage import USAGE_MAX_AGE
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -89,7 +90,7 @@ def bucket_dir(client: TestClient, storage: dict[str, Any]) -> Path:
 
 
 def test_create_list_get_delete_with_usage(client: TestClient, alice: Headers) -> None:
-    assert client.get(API, headers=alice).json() == {"storages": []}
+    assert client.get(API, headers=alice).json()["storages"] == []
     made = create(client, alice, "  Simulations  ")
     assert made["display_name"] == "Simulations"  # trimmed
     assert made["storage_class"] == "standard" and made["status"] == "active" and made["backend"] == "local"
@@ -114,7 +115,7 @@ def test_create_list_get_delete_with_usage(client: TestClient, alice: Headers) -
     assert client.get(f"{API}/{made['id']}", headers=alice).status_code == 404
     assert not bucket_dir(client, made).exists()
     assert client.delete(f"{API}/{second['id']}", headers=alice).status_code == 204  # empty: no force needed
-    assert client.get(API, headers=alice).json() == {"storages": []}
+    assert client.get(API, headers=alice).json()["storages"] == []
 
     actions = [(action, target) for action, target, _ in audit_actions(client)]
     assert ("storage.created", made["id"]) in actions and ("storage.deleted", made["id"]) in actions
@@ -151,7 +152,7 @@ def test_create_validates_its_input(client: TestClient, alice: Headers) -> None:
     # A portable class this backend does not offer: the backend refuses, nothing is left behind.
     refused = client.post(API, json={"display_name": "cold", "storage_class": "cold"}, headers=alice)
     assert refused.status_code == 400 and "standard" in refused.json()["message"]
-    assert client.get(API, headers=alice).json() == {"storages": []}
+    assert client.get(API, headers=alice).json()["storages"] == []
     root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
     assert client.post(API, json={"display_name": "x"}).status_code == 401
@@ -180,7 +181,7 @@ def test_backend_failure_leaves_no_row(client: TestClient, alice: Headers, monke
     monkeypatch.setattr(client.app.state.context.storage, "create_bucket", unavailable)  # type: ignore[attr-defined]
     answer = client.post(API, json={"display_name": "x"}, headers=alice)
     assert answer.status_code == 503 and answer.json()["message"] == "the object store did not answer"
-    assert client.get(API, headers=alice).json() == {"storages": []}
+    assert client.get(API, headers=alice).json()["storages"] == []
 
 
 def test_row_failure_deletes_the_new_bucket(settings: CoreSettings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +196,7 @@ def test_row_failure_deletes_the_new_bucket(settings: CoreSettings, monkeypatch:
         monkeypatch.undo()
         root: Path = app.state.context.storage.root
         assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []  # the bucket went again
-        assert client.get(API, headers=ada).json() == {"storages": []}
+        assert client.get(API, headers=ada).json()["storages"] == []
 
 
 def _environment(client: TestClient, user_email: str, storage_id: str, status: str) -> str:
@@ -583,3 +584,109 @@ def test_served_upload_runs_in_constant_memory_and_survives_disconnects(server: 
     assert "Traceback" not in log and " 500" not in log
     temp = tmp_path / "data" / "buckets" / ".tmp"
     assert not temp.exists() or list(temp.iterdir()) == []
+
+
+# -- what a crash leaves behind ---------------------------------------------------------------
+
+
+def test_local_usage_has_no_noncurrent_versions_and_uploads_leave_no_journal(
+    client: TestClient, alice: Headers
+) -> None:
+    made = create(client, alice)
+    assert (made["noncurrent_bytes"], made["noncurrent_object_count"]) == (0, 0)
+    assert put(client, alice, made["id"], "a.bin", b"a" * 10).status_code == 201
+    assert put(client, alice, made["id"], "a.bin", b"b" * 3).status_code == 201
+    got = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert (got["size_bytes"], got["noncurrent_bytes"]) == (3, 0)  # the local backend keeps no versions
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        assert db.execute(select(UploadJournal)).scalars().all() == []
+
+
+def test_a_delete_that_cannot_be_finished_at_start_is_rolled_back(
+    client: TestClient, alice: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    made = create(client, alice)
+    assert put(client, alice, made["id"], "keep.txt", b"k" * 7).status_code == 201
+    with context.sessions() as db:  # what a server killed mid-delete leaves
+        db.execute(update(Storage).where(Storage.id == made["id"]).values(status="deleting", delete_force=True))
+        db.commit()
+    shown = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert shown["status"] == "deleting"
+    assert client.put(f"{API}/{made['id']}/objects/x", headers=alice, content=b"x").status_code == 409
+
+    def unavailable(bucket: str, *, force: bool = False) -> None:
+        raise ProviderUnavailable("storage is down")
+
+    monkeypatch.setattr(context.storage, "delete_bucket", unavailable)
+    report = Reconciler(context).reconcile(startup=True)
+    assert report.storage_deletes == {made["id"]: "active"}
+    got = client.get(f"{API}/{made['id']}", headers=alice).json()
+    assert got["status"] == "active" and (got["size_bytes"], got["object_count"]) == (7, 1)  # measured anew
+    actions = [(action, target) for action, target, _ in audit_actions(client)]
+    assert ("storage.delete_rolled_back", made["id"]) in actions
+
+    monkeypatch.undo()
+    with context.sessions() as db:
+        db.execute(update(Storage).where(Storage.id == made["id"]).values(status="deleting", delete_force=True))
+        db.commit()
+    assert Reconciler(context).reconcile(startup=True).storage_deletes == {made["id"]: "deleted"}
+    assert client.get(f"{API}/{made['id']}", headers=alice).status_code == 404
+    assert not bucket_dir(client, made).exists()
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+def test_quota_refuses_uploads_before_and_during_and_stores_nothing(settings: CoreSettings) -> None:
+    with client_with(settings, storage_quota_bytes=3000) as (client, ada):
+        first, second = create(client, ada, "one"), create(client, ada, "two")
+        listed = client.get(API, headers=ada).json()
+        assert listed["quota"] == {"quota_bytes": 3000, "used_bytes": 0, "noncurrent_bytes": 0}
+        assert put(client, ada, first["id"], "a.bin", b"a" * 2000).status_code == 201
+
+        # Declared larger than what is left (1000 bytes, across both buckets): 413 before any byte is stored.
+        declared = put(client, ada, second["id"], "b.bin", b"b" * 1001)
+        assert declared.status_code == 413 and declared.json()["error"] == "payload_too_large"
+        assert "left of your storage quota" in declared.json()["message"]
+        assert "nothing was stored" in declared.json()["message"]
+        # No Content-Length: stopped in flight once past what is left.
+        streamed = put(client, ada, second["id"], "b.bin", chunked(b"b" * 5000, 300))
+        assert streamed.status_code == 413 and "storage quota" in streamed.json()["message"]
+        assert client.get(object_url(second["id"], "b.bin"), headers=ada).status_code == 404
+        root: Path = client.app.state.context.storage.root  # type: ignore[attr-defined]
+        assert list((root / ".tmp").iterdir()) == []
+
+        assert put(client, ada, second["id"], "b.bin", b"b" * 1000).status_code == 201  # exactly what is left
+        full = put(client, ada, first["id"], "c.bin", b"c")
+        assert full.status_code == 507 and full.json()["error"] == "insufficient_storage"
+        assert "storage quota of 2.9 KiB is used up" in full.json()["message"]
+        assert client.get(API, headers=ada).json()["quota"]["used_bytes"] == 3000
+
+        # Deleting makes room again.
+        assert (
+            client.post(f"{API}/{first['id']}/objects/delete", headers=ada, json={"keys": ["a.bin"]}).status_code == 200
+        )
+        assert put(client, ada, first["id"], "c.bin", b"c" * 100).status_code == 201
+
+
+def test_admins_set_a_users_quota_and_see_it(client: TestClient, admin: Headers, alice: Headers) -> None:
+    alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]
+    made = create(client, alice)
+    assert client.get(API, headers=alice).json()["quota"]["quota_bytes"] is None  # no quota by default
+    answer = client.patch(f"/api/v1/admin/users/{alice_id}", headers=admin, json={"storage_quota_bytes": 10})
+    assert answer.status_code == 200 and answer.json()["storage_quota_bytes"] == 10
+    assert client.get(API, headers=alice).json()["quota"]["quota_bytes"] == 10
+    assert put(client, alice, made["id"], "big.bin", b"x" * 11).status_code == 413
+    refused = client.patch(f"/api/v1/admin/users/{alice_id}", headers=admin, json={"storage_quota_bytes": -1})
+    assert refused.status_code == 422
+    # Not for users to change.
+    assert (
+        client.patch(f"/api/v1/admin/users/{alice_id}", headers=alice, json={"storage_quota_bytes": 0}).status_code
+        == 403
+    )
+    assert (
+        client.patch(f"/api/v1/admin/users/{alice_id}", headers=admin, json={"storage_quota_bytes": 0}).status_code
+        == 200
+    )
+    assert put(client, alice, made["id"], "big.bin", b"x" * 11).status_code == 201  # 0: no quota

@@ -398,7 +398,7 @@ class GoogleApiFake:
     def _create_bucket(self, query: dict[str, str], body: Any) -> dict[str, Any]:
         if query.get("project") != self.project:
             raise ApiError(400, "Required parameter: project")
-        body = self._require(body, {"name": str}, {"location", "storageClass", "labels", "versioning",
+        body = self._require(body, {"name": str}, {"location", "storageClass", "labels", "versioning", "lifecycle",
                                                    "iamConfiguration"})  # fmt: skip
         if body["name"] in self.buckets:
             raise ApiError(409, "Your previous request to create the named bucket succeeded and you already own it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import time
@@ -16,6 +17,7 @@ import pytest
 import requests
 from google.api_core import exceptions as api_exceptions
 
+import cmbcluster_gcp.uploads as gcs_uploads
 from cmbcluster.errors import (
     Conflict,
     InvalidRequest,
@@ -49,6 +51,7 @@ PRINCIPAL_B = PRINCIPAL_A.removesuffix("user-a") + "user-b"
 
 class TestGcsStorageContract(StorageContract):
     other_storage_class = StorageClass.INFREQUENT
+    keeps_versions = False  # GCS keeps them, but the emulator keeps one version per object
 
     @pytest.fixture
     def storage_backend(self, gcs: GcsStorage) -> StorageBackend:
@@ -86,9 +89,12 @@ def test_new_bucket_is_private_versioned_and_labelled(
     assert raw["iamConfiguration"]["uniformBucketLevelAccess"]["enabled"] is True
     assert raw["iamConfiguration"]["publicAccessPrevention"] == "enforced"
     assert raw["versioning"] == {"enabled": True}
-    kept = gcs.settings.noncurrent_versions_kept
+    assert gcs.settings.noncurrent_versions_kept == 3 and gcs.settings.noncurrent_version_days == 30
     assert raw["lifecycle"] == {
-        "rule": [{"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": kept + 1}}]
+        "rule": [
+            {"action": {"type": "Delete"}, "condition": {"isLive": False, "daysSinceNoncurrentTime": 30}},
+            {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": 4}},
+        ]
     }
     assert raw["storageClass"] == "STANDARD"
     labels = raw["labels"]
@@ -122,8 +128,8 @@ def test_auto_storage_class_is_refused_before_creating_anything(gcs: GcsStorage,
     assert gcs.list_buckets(owner) == []
 
 
-def test_no_lifecycle_rule_without_versioning_or_when_keeping_no_versions(
-    gcp_settings: GcpSettings, emulator_api: EmulatorApi, owner: UserRef
+def test_no_lifecycle_rule_without_versioning_and_zero_days_keeps_no_versions(
+    gcp_settings: GcpSettings, emulator_api: EmulatorApi, owner: UserRef, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unversioned = GcsStorage(gcp_settings).create_bucket(owner, BucketOptions(display_name="u", versioning=False))
     raw = raw_bucket(emulator_api, unversioned.name)
@@ -131,11 +137,20 @@ def test_no_lifecycle_rule_without_versioning_or_when_keeping_no_versions(
     assert raw.get("lifecycle", {}).get("rule", []) == []
     assert unversioned.versioning is False
 
-    keep_none = GcsStorage(gcp_settings.model_copy(update={"noncurrent_versions_kept": 0}))
-    versioned = keep_none.create_bucket(owner, BucketOptions(display_name="v"))
-    raw = raw_bucket(emulator_api, versioned.name)
-    assert raw["versioning"] == {"enabled": True}
+    keep_none = GcsStorage(gcp_settings.model_copy(update={"noncurrent_version_days": 0}))
+    plain = keep_none.create_bucket(owner, BucketOptions(display_name="v"))
+    raw = raw_bucket(emulator_api, plain.name)
+    assert raw["versioning"] == {"enabled": False}  # an overwrite or a delete keeps nothing
     assert raw.get("lifecycle", {}).get("rule", []) == []
+
+    # The age alone, without a count bound; and the one variable for both clouds.
+    monkeypatch.setenv("NONCURRENT_VERSION_DAYS", "7")
+    assert GcpSettings(project_id=gcp_settings.project_id).noncurrent_version_days == 7
+    aged = GcsStorage(gcp_settings.model_copy(update={"noncurrent_version_days": 7, "noncurrent_versions_kept": 0}))
+    raw = raw_bucket(emulator_api, aged.create_bucket(owner, BucketOptions(display_name="w")).name)
+    assert raw["lifecycle"] == {
+        "rule": [{"action": {"type": "Delete"}, "condition": {"isLive": False, "daysSinceNoncurrentTime": 7}}]
+    }
 
 
 @pytest.mark.parametrize(
@@ -557,3 +572,83 @@ def test_quoted_keys_reach_the_right_object(gcs: GcsStorage, bucket: str, emulat
     gcs.upload_object(bucket, key, [b"ok"])
     raw = emulator_api(f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(key, safe='')}")
     assert raw["name"] == key and raw["size"] == "2"
+
+
+# -- noncurrent versions and unfinished uploads ----------------------------------------------------
+def test_usage_counts_current_objects_on_the_emulator(gcs: GcsStorage, bucket: str) -> None:
+    """The emulator keeps one version per object (no noncurrent ones): what is current is all it holds."""
+    gcs.upload_object(bucket, "map.fits", [b"a" * 4000])
+    gcs.upload_object(bucket, "map.fits", [b"b" * 400])
+    gcs.upload_object(bucket, "gone.txt", [b"g" * 10])
+    gcs.delete_objects(bucket, ["gone.txt"])
+    usage = gcs.bucket_usage(bucket)
+    assert (usage.size_bytes, usage.object_count, usage.noncurrent_bytes, usage.noncurrent_count) == (400, 1, 0, 0)
+
+
+class _Generation:
+    def __init__(self, size: int, noncurrent: bool) -> None:
+        self.size = size
+        self.time_deleted = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) if noncurrent else None
+
+
+def test_usage_reports_noncurrent_generations_beside_live_ones(gcs: GcsStorage, bucket: str) -> None:
+    """What GCS lists for a bucket after three overwrites and a delete of a 4 MiB object and two writes
+    of another, as google-cloud-storage returns it (the emulator keeps no old generations): every
+    generation is billed, and the noncurrent ones carry timeDeleted."""
+    asked: dict[str, Any] = {}
+    generations = [_Generation(4 * MiB, noncurrent=True) for _ in range(4)]
+    generations += [_Generation(1000, noncurrent=True), _Generation(100, noncurrent=False)]
+
+    def list_blobs(ref: Any, **kwargs: Any) -> list[_Generation]:
+        asked.update(kwargs, bucket=ref.name)
+        return generations
+
+    gcs._client.list_blobs = list_blobs
+    usage = gcs.bucket_usage(bucket)
+    assert asked["versions"] is True and asked["bucket"] == bucket
+    assert "timeDeleted" in asked["fields"]
+    assert (usage.size_bytes, usage.object_count) == (100, 1)
+    assert (usage.noncurrent_bytes, usage.noncurrent_count) == (16 * MiB + 1000, 5)
+    assert usage.billed_bytes == 16 * MiB + 1100
+
+
+class _SessionHttp:
+    """Answers to DELETE on a resumable session, in order (the emulator cannot cancel sessions)."""
+
+    def __init__(self, *answers: int | Exception) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def delete(self, url: str, timeout: float) -> Any:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        response = requests.Response()
+        response.status_code = answer
+        response._content = b"denied" if answer == 403 else b""
+        return response
+
+
+@pytest.mark.parametrize(
+    ("answers", "cancelled", "calls"),
+    [
+        ((499,), True, 1),  # GCS's answer to a cancelled session
+        ((404,), True, 1),  # already gone
+        ((503, 499), True, 2),  # retried
+        ((403,), False, 1),  # not retried, reported
+        ((requests.ConnectionError("down"),) * 3, False, 3),
+    ],
+)
+def test_session_cancel_answers_are_checked(
+    answers: tuple[int | Exception, ...], cancelled: bool, calls: int, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    http = _SessionHttp(*answers)
+    assert gcs_uploads._cancel_session(http, "https://upload/session", "object a.bin") is cancelled
+    assert http.calls == calls
+    warned = [r.getMessage() for r in caplog.records if "could not cancel" in r.getMessage()]
+    assert bool(warned) is not cancelled
+    if answers == (403,):
+        assert "HTTP 403 denied" in warned[0]

@@ -111,6 +111,12 @@ def test_up_sends_the_documented_requests_then_down_removes_everything(
     assert bucket.body["iamConfiguration"] == {"uniformBucketLevelAccess": {"enabled": True},
                                                "publicAccessPrevention": "enforced"}  # fmt: skip
     assert bucket.body["versioning"] == {"enabled": True} and bucket.body["location"] == REGION
+    assert bucket.body["lifecycle"] == {
+        "rule": [
+            {"action": {"type": "Delete"}, "condition": {"isLive": False, "daysSinceNoncurrentTime": 30}},
+            {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": 4}},
+        ]
+    }
     cluster = body_of(fake, "POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/clusters$")["cluster"]
     assert cluster["addonsConfig"]["gcsFuseCsiDriverConfig"] == {"enabled": True}
     assert cluster["workloadIdentityConfig"] == {"workloadPool": f"{PROJECT}.svc.id.goog"}

@@ -254,6 +254,14 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     page.get_by_label("Maximum uptime of bob@example.org in minutes").fill("10")
     page.get_by_role("button", name="Set the maximum uptime of bob@example.org").click()
     expect(page.get_by_label("Maximum uptime of bob@example.org in minutes")).to_have_value("10")
+    # Bob's buckets may hold 2 GiB, earlier versions included; he sees it beside his usage.
+    page.get_by_label("Storage quota of bob@example.org in GiB").fill("2")
+    with page.expect_response(lambda r: r.request.method == "PATCH" and "/api/v1/admin/users/" in r.url) as patched:
+        page.get_by_role("button", name="Set the storage quota of bob@example.org").click()
+    assert patched.value.status == 200
+    expect(page.get_by_label("Storage quota of bob@example.org in GiB")).to_have_value("2")
+    bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
+    expect(bob.page.locator("#storage-quota")).to_contain_text("of your 2.1 GB quota")
     page.get_by_role("button", name="Deactivate carol@example.org").click()
     expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
     screenshot(page, "admin-users")

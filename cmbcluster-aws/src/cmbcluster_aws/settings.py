@@ -49,6 +49,13 @@ class AwsSettings(BaseSettings):
         description="Default: <deployment>-user",
     )
     s3_versioning: bool = Field(default=True, validation_alias=AliasChoices("S3_VERSIONING"))
+    s3_noncurrent_version_days: int = Field(
+        default=30,
+        ge=0,
+        le=3650,
+        validation_alias=AliasChoices("S3_NONCURRENT_VERSION_DAYS", "NONCURRENT_VERSION_DAYS"),
+        description="days an overwritten or deleted object's earlier version is kept; 0: none (no versioning)",
+    )
     s3_kms_key_id: str | None = Field(
         default=None, validation_alias=AliasChoices("S3_KMS_KEY_ID"), description="SSE-KMS key; SSE-S3 when unset"
     )

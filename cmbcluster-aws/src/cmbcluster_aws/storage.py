@@ -73,6 +73,31 @@ MiB = 1024 * 1024
 DELETE_BATCH = 1_000  # DeleteObjects takes at most 1000 keys
 MAX_LIST_KEYS = 1_000  # ListObjectsV2 returns at most 1000 keys per page
 CREATE_ATTEMPTS = 5
+#: Days after which S3 aborts a multipart upload that was never completed (its parts are billed).
+ABORT_INCOMPLETE_UPLOAD_DAYS = 1
+
+
+def lifecycle_rules(noncurrent_days: int) -> list[dict[str, Any]]:
+    """The lifecycle of every CMBCluster bucket: unfinished multipart uploads aborted after
+    :data:`ABORT_INCOMPLETE_UPLOAD_DAYS`; earlier versions of overwritten or deleted objects expired
+    ``noncurrent_days`` after they stopped being current (S3's smallest period is a day, so 0, which
+    creates buckets without versioning, expires any left from earlier settings after one), and delete
+    markers with no version left behind them removed."""
+    return [
+        {
+            "ID": "cmbcluster-abort-incomplete-uploads",
+            "Status": "Enabled",
+            "Filter": {},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_INCOMPLETE_UPLOAD_DAYS},
+        },
+        {
+            "ID": "cmbcluster-expire-noncurrent-versions",
+            "Status": "Enabled",
+            "Filter": {},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": max(noncurrent_days, 1)},
+            "Expiration": {"ExpiredObjectDeleteMarker": True},
+        },
+    ]
 
 
 #: The portable classes S3 offers and the S3 StorageClass each maps to.
@@ -145,7 +170,7 @@ class S3Storage(StorageBackend):
     # -- buckets -----------------------------------------------------------------------------
     def create_bucket(self, owner: UserRef, options: BucketOptions) -> BucketInfo:
         s3_class = self._s3_class(options.storage_class)
-        versioning = self.settings.s3_versioning if options.versioning is None else options.versioning
+        versioning = self.default_versioning if options.versioning is None else options.versioning
         tags = self._bucket_tags(owner, options, s3_class)
         name = self._create_unique_bucket(owner)
         try:
@@ -187,10 +212,15 @@ class S3Storage(StorageBackend):
             return name
         raise Conflict(f"could not find a free bucket name after {CREATE_ATTEMPTS} attempts")
 
+    @property
+    def default_versioning(self) -> bool:
+        """Versioning of new buckets: S3_VERSIONING, unless no noncurrent version is to be kept."""
+        return self.settings.s3_versioning and self.settings.s3_noncurrent_version_days > 0
+
     def configure_bucket(self, name: str, *, versioning: bool, tags: dict[str, str]) -> None:
         """What every CMBCluster bucket gets, users' and the deployment's database bucket alike (the
         provisioner calls it too): all public access blocked, encryption (S3_KMS_KEY_ID's key, else
-        AES256), versioning when asked, and ``tags``."""
+        AES256), versioning when asked, :func:`lifecycle_rules`, and ``tags``."""
         client = self._client
         client.put_public_access_block(
             Bucket=name,
@@ -214,6 +244,10 @@ class S3Storage(StorageBackend):
         client.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": [rule]})
         if versioning:
             client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        client.put_bucket_lifecycle_configuration(
+            Bucket=name,
+            LifecycleConfiguration={"Rules": lifecycle_rules(self.settings.s3_noncurrent_version_days)},
+        )
         client.put_bucket_tagging(Bucket=name, Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]})
 
     def _discard_bucket(self, name: str) -> None:
@@ -271,7 +305,7 @@ class S3Storage(StorageBackend):
                 self._purge_versions(bucket, current_too=False)
             else:
                 self._purge_versions(bucket, current_too=True)
-                self._abort_multipart_uploads(bucket)
+                self.abort_unfinished_uploads(bucket, started_before=dt.datetime.max.replace(tzinfo=dt.UTC))
             try:
                 self._client.delete_bucket(Bucket=bucket)
             except ClientError as exc:
@@ -308,15 +342,27 @@ class S3Storage(StorageBackend):
         if pending:
             self._delete_batch(bucket, pending)
 
-    def _abort_multipart_uploads(self, bucket: str) -> None:
-        paginator = self._client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=bucket):
-            for upload in page.get("Uploads", []):
-                try:
-                    self._client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                except ClientError as exc:
-                    if error_code(exc) != "NoSuchUpload":
-                        raise
+    def abort_unfinished_uploads(self, bucket: str, *, started_before: dt.datetime, key: str | None = None) -> int:
+        self._check_bucket_name(bucket)
+        kwargs: dict[str, Any] = {"Bucket": bucket}
+        if key is not None:
+            kwargs["Prefix"] = validate_object_key(key)
+        aborted = 0
+        with aws_errors(f"bucket {bucket}"):
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(**kwargs):
+                for upload in page.get("Uploads", []):
+                    if (key is not None and upload["Key"] != key) or upload["Initiated"] >= started_before:
+                        continue
+                    try:
+                        self._client.abort_multipart_upload(
+                            Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    except ClientError as exc:
+                        if error_code(exc) != "NoSuchUpload":  # finished or aborted meanwhile
+                            raise
+                        continue
+                    aborted += 1
+        return aborted
 
     def get_bucket(self, bucket: str) -> BucketInfo:
         self._check_bucket_name(bucket)
@@ -397,14 +443,21 @@ class S3Storage(StorageBackend):
         return {tag["Key"]: tag["Value"] for tag in response.get("TagSet", [])}
 
     def bucket_usage(self, bucket: str) -> BucketUsage:
+        """Current objects and noncurrent versions, from one listing of every version (delete
+        markers store nothing). A bucket that was never versioned lists its objects as current
+        versions, so the figures are right either way."""
         self._check_bucket_name(bucket)
-        size = count = 0
+        size = count = old_size = old_count = 0
         with aws_errors(f"bucket {bucket}"):
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-                for obj in page.get("Contents", []):
-                    size += int(obj.get("Size", 0))
-                    count += 1
-        return BucketUsage(size_bytes=size, object_count=count)
+            for page in self._client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+                for version in page.get("Versions", []):
+                    if version.get("IsLatest"):
+                        size += int(version.get("Size", 0))
+                        count += 1
+                    else:
+                        old_size += int(version.get("Size", 0))
+                        old_count += 1
+        return BucketUsage(size_bytes=size, object_count=count, noncurrent_bytes=old_size, noncurrent_count=old_count)
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
         """A static PersistentVolume and its claim: Mountpoint for S3 has no inline volumes.

@@ -124,8 +124,8 @@ def _abort_upload(client: Any, params: dict[str, Any], upload_id: str) -> None:
     try:
         client.abort_multipart_upload(Bucket=params["Bucket"], Key=params["Key"], UploadId=upload_id)
     except (ClientError, BotoCoreError):
-        # The bucket's lifecycle (or a later force delete) cleans it up; the caller gets the
-        # original error, which matters more.
+        # The control plane's next start aborts it (it journals every upload), and the bucket's
+        # lifecycle rule after a day whatever happens; the caller gets the original error.
         log.warning("could not abort multipart upload %s of %s/%s", upload_id, params["Bucket"], params["Key"],
                     exc_info=True)  # fmt: skip
 

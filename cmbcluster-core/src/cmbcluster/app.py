@@ -19,6 +19,7 @@ from cmbcluster.api.routes import (
     admin,
     applications,
     auth,
+    budgets,
     environment_proxy,
     environments,
     health,
@@ -31,7 +32,13 @@ from cmbcluster.api.routes import (
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.context import AppContext, build_context
 from cmbcluster.db import upgrade
-from cmbcluster.db.backup import restore_at_start, run_periodic_backups, serving_lock
+from cmbcluster.db.backup import (
+    restore_at_start,
+    run_periodic_backups,
+    serving_lock,
+    sqlite_path,
+    sweep_backup_leftovers,
+)
 from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
@@ -122,6 +129,7 @@ def create_app(
         admin,
         migration,
         usage,
+        budgets,
     ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
@@ -133,8 +141,11 @@ def create_app(
 
 
 def prepare(context: AppContext) -> None:
-    """Before the first request: restore a missing database from its newest backup, migrate, seed
-    the catalog, and reconcile after any crash."""
+    """Before the first request: delete what killed backups left, restore a missing database from
+    its newest good backup, migrate, seed the catalog, and reconcile after any crash."""
+    database = sqlite_path(context.config.core.effective_database_url)
+    if database is not None:
+        sweep_backup_leftovers(database)
     restore_at_start(context)
     upgrade(context.engine, secret_key=context.secret_key)
     with context.sessions() as db:
@@ -142,10 +153,12 @@ def prepare(context: AppContext) -> None:
     if context.compute.elects_leader:
         return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
-    if report.orphans_removed or report.marked_stopped:
+    if report.orphans_removed or report.marked_stopped or report.storage_deletes or report.uploads_aborted:
         log.warning(
-            "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped",
-            len(report.orphans_removed), len(report.marked_stopped), extra={"report": report.__dict__},
+            "start-up reconcile: removed %d orphaned environments, marked %d vanished ones stopped, "
+            "recovered %d interrupted bucket deletes, aborted %d unfinished uploads",
+            len(report.orphans_removed), len(report.marked_stopped), len(report.storage_deletes),
+            report.uploads_aborted, extra={"report": report.__dict__},
         )  # fmt: skip
 
 

@@ -236,12 +236,16 @@ def db_restore(
 ) -> None:
     """Replace the SQLite database with a backup, checked first; the current one is kept aside.
 
+    Without --version: the newest backup that verifies (newer, damaged ones are skipped, and named).
+
     Stop the server first. A server that starts without its database restores the newest backup itself.
     """
     from cmbcluster.db.backup import open_backups
 
     with open_backups(resolve_config()) as backups:
         result = backups.restore(backup_version)
+    for skipped in result.skipped:
+        out(f"skipped {backups.bucket}/{skipped.backup.key}, which does not verify: {skipped.reason}", soft_wrap=True)
     out(f"restored {result.database} from {backups.bucket}/{result.backup.key}", soft_wrap=True)
     if result.kept_aside:
         out(f"the previous database is kept as {result.kept_aside}", soft_wrap=True)

@@ -18,7 +18,7 @@ from cmbcluster.config import ResolvedConfig
 from cmbcluster.db import create_db_engine, session_factory
 from cmbcluster.errors import CmbclusterError, ConfigurationError
 from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
-from cmbcluster.observability import Metrics
+from cmbcluster.observability import Metrics, UsageCollector
 from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
@@ -198,6 +198,12 @@ def build_context(config: ResolvedConfig) -> AppContext:
 
     sessions = session_factory(engine)
     accounting.install(sessions)  # environments' usage intervals follow every status change
+
+    def usage_totals() -> accounting.Totals:
+        with sessions() as db:
+            return accounting.totals_by_user_and_group(db)
+
+    metrics.registry.register(UsageCollector(usage_totals))
     context = AppContext(
         config=config,
         engine=engine,

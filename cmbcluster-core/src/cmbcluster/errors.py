@@ -71,6 +71,13 @@ class PayloadTooLarge(CmbclusterError):
     code = "payload_too_large"
 
 
+class InsufficientStorage(CmbclusterError):
+    """A storage quota is used up: nothing more can be stored until something is deleted."""
+
+    http_status = 507
+    code = "insufficient_storage"
+
+
 class HeadersTooLarge(CmbclusterError):
     """The request's headers are larger than the server accepts."""
 

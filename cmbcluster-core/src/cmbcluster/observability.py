@@ -7,10 +7,18 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from cmbcluster.services.accounting import Totals
+
+log = logging.getLogger(__name__)
 
 # record attributes that are not "extra" fields (uvicorn's color_message is a duplicate)
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
@@ -86,6 +94,37 @@ class Metrics:
         self.progress_streams = Gauge(
             "cmbcluster_progress_streams", "Open progress streams (GET .../events)", registry=self.registry
         )
+
+
+class UsageCollector(Collector):
+    """Core-hours and stored bytes by user and by group, read from the usage records at each scrape
+    (the records are the truth; counters kept in memory would restart from zero with each replica)."""
+
+    def __init__(self, read: Callable[[], Totals]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            totals = self.read()
+        except Exception:  # a scrape must still answer the other metrics
+            log.exception("usage totals for /metrics could not be read")
+            return
+        for by, core, stored in (
+            ("user", totals.core_hours_by_user, totals.stored_bytes_by_user),
+            ("group", totals.core_hours_by_group, totals.stored_bytes_by_group),
+        ):
+            hours = CounterMetricFamily(
+                f"cmbcluster_{by}_core_hours", f"Core-hours reserved by environments since records began, by {by}",
+                labels=[by],
+            )  # fmt: skip
+            for key, value in sorted(core.items()):
+                hours.add_metric([key], value)
+            yield hours
+            size = GaugeMetricFamily(f"cmbcluster_{by}_stored_bytes", f"Bytes stored in buckets now, by {by}",
+                                     labels=[by])  # fmt: skip
+            for key, value in sorted(stored.items()):
+                size.add_metric([key], value)
+            yield size
 
 
 class MetricsMiddleware:

@@ -91,6 +91,10 @@ class CoreSettings(BaseSettings):
         default=60, ge=0, validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUP_INTERVAL_MINUTES"),
         description="How often the server backs up a changed database; 0: only on demand.",
     )  # fmt: skip
+    database_stop_backup_seconds: float = Field(
+        default=10, gt=0, le=600, validation_alias=_aliases("CMBCLUSTER_DATABASE_STOP_BACKUP_SECONDS"),
+        description="How long a stopping server waits for its final backup (storage may be down) before it stops.",
+    )  # fmt: skip
     database_backups_kept: int = Field(
         default=48, ge=0, validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUPS_KEPT"),
         description="Newest backups kept; older ones are deleted after each backup. 0: keep all.",
@@ -201,6 +205,11 @@ class CoreSettings(BaseSettings):
         description="Largest object one upload may write.",
     )  # fmt: skip
     max_buckets_per_user: int = Field(default=10, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_BUCKETS_PER_USER"))
+    storage_quota_bytes: int = Field(
+        default=0, ge=0, validation_alias=_aliases("CMBCLUSTER_STORAGE_QUOTA_BYTES"),
+        description="Bytes each user's buckets may hold, current objects and earlier versions together; 0: no "
+        "quota. Admins set a user's own.",
+    )  # fmt: skip
     max_secret_file_bytes: int = Field(
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
     )

@@ -5,7 +5,7 @@ What ``up`` builds, in order (``cmbcluster infra plan`` lists it with names):
 1. A VPC network (custom subnets) and a subnetwork with secondary ranges for pods and services.
 2. A Cloud Router with Cloud NAT, so private nodes reach the internet.
 3. The Artifact Registry Docker repository the images are pushed to.
-4. The database bucket (uniform access, public access prevention, versioning).
+4. The database bucket (uniform access, public access prevention, versioning, the lifecycle of user buckets).
 5. The GKE cluster: private nodes, Workload Identity (``<project>.svc.id.goog``), Dataplane V2
    (NetworkPolicies enforced), the Cloud Storage FUSE CSI driver add-on (``GcsFuseCsiDriver``) that
    mounts users' buckets, the Compute Engine persistent disk CSI driver (the default StorageClass
@@ -77,6 +77,7 @@ from cmbcluster_gcp.deploy import control_plane_service_account
 from cmbcluster_gcp.identity import CLOUD_PLATFORM_SCOPE, GSA_DESCRIPTION, WORKLOAD_IDENTITY_USER_ROLE, GcpInfra
 from cmbcluster_gcp.labels import LABEL_MANAGED_BY as _BUCKET_MANAGED_BY
 from cmbcluster_gcp.labels import LABEL_OWNER, MANAGED_BY
+from cmbcluster_gcp.lifecycle import lifecycle_rules
 from cmbcluster_gcp.rest import GoogleApi, until_propagated
 from cmbcluster_gcp.settings import GcpSettings
 
@@ -389,6 +390,9 @@ class GcpProvisioner(Provisioner):
             params={"project": self.project},
             body={"name": self.database_bucket, "location": self.settings.storage_location or self.region,
                   "storageClass": "STANDARD", "labels": self.labels, "versioning": {"enabled": True},
+                  # deleted old backups are noncurrent versions: kept as long as users' versions, then gone
+                  "lifecycle": {"rule": lifecycle_rules(max(self.settings.noncurrent_version_days, 1),
+                                                        self.settings.noncurrent_versions_kept)},
                   "iamConfiguration": {"uniformBucketLevelAccess": {"enabled": True},
                                        "publicAccessPrevention": "enforced"}},
             record=ResourceRecord(step=job.step, kind="storage/bucket", id=self.database_bucket,

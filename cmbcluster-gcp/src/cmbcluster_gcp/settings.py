@@ -65,6 +65,13 @@ class GcpSettings(BaseSettings):
         description="Default: <deployment>-user",
     )
     noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
+    noncurrent_version_days: int = Field(
+        default=30,
+        ge=0,
+        le=3650,
+        validation_alias=AliasChoices("GCS_NONCURRENT_VERSION_DAYS", "NONCURRENT_VERSION_DAYS"),
+        description="days an overwritten or deleted object's earlier version is kept; 0: none (no versioning)",
+    )
     google_client_id: str | None = Field(
         default=None,
         validation_alias=AliasChoices("GOOGLE_CLIENT_ID"),

@@ -66,6 +66,7 @@ from cmbcluster_gcp.labels import (
     encode_display_name,
     is_display_name_label,
 )
+from cmbcluster_gcp.lifecycle import lifecycle_rules
 from cmbcluster_gcp.rest import IAM_PROPAGATION_SECONDS, until_propagated
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.uploads import upload_in_pieces
@@ -161,7 +162,7 @@ class GcsStorage(StorageBackend):
             raise InvalidRequest(f"Google Cloud Storage has no {options.storage_class} storage class")
         if not owner.id or not _LABEL_VALUE.match(owner.id):
             raise InvalidRequest("the owner id must be 1-63 lower-case letters, digits, '-' or '_'")
-        versioning = True if options.versioning is None else options.versioning
+        versioning = self.settings.noncurrent_version_days > 0 if options.versioning is None else options.versioning
         labels = {
             LABEL_OWNER: owner.id,
             LABEL_MANAGED_BY: MANAGED_BY,
@@ -205,15 +206,11 @@ class GcsStorage(StorageBackend):
         bucket.iam_configuration.uniform_bucket_level_access_enabled = True
         bucket.iam_configuration.public_access_prevention = "enforced"
         bucket.versioning_enabled = versioning
-        kept = self.settings.noncurrent_versions_kept
-        if versioning and kept > 0:
-            # numNewerVersions counts the live version too: a noncurrent version goes once
-            # `kept` noncurrent versions and the live one are newer than it.
-            bucket.lifecycle_rules = [
-                {"action": {"type": "Delete"}, "condition": {"isLive": False, "numNewerVersions": kept + 1}}
-            ]
-        else:
-            bucket.lifecycle_rules = []
+        bucket.lifecycle_rules = (
+            lifecycle_rules(self.settings.noncurrent_version_days, self.settings.noncurrent_versions_kept)
+            if versioning
+            else []
+        )
         bucket.labels = dict(labels)
 
     def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
@@ -286,14 +283,21 @@ class GcsStorage(StorageBackend):
         return sorted(infos, key=lambda i: (i.created_at, i.name))
 
     def bucket_usage(self, bucket: str) -> BucketUsage:
-        """Live objects only (noncurrent versions are billed but not shown to users)."""
+        """Live objects and noncurrent versions, from one listing of every generation: a
+        noncurrent one carries the time it stopped being live (``timeDeleted``)."""
         ref = self._bucket_ref(bucket)
-        size = count = 0
+        size = count = old_size = old_count = 0
         with gcs_errors(f"bucket {bucket}"):
-            for blob in self._client.list_blobs(ref, fields="items(size),nextPageToken", retry=self._retry):
-                size += int(blob.size or 0)
-                count += 1
-        return BucketUsage(size_bytes=size, object_count=count)
+            for blob in self._client.list_blobs(
+                ref, versions=True, fields="items(size,timeDeleted),nextPageToken", retry=self._retry
+            ):
+                if blob.time_deleted is None:
+                    size += int(blob.size or 0)
+                    count += 1
+                else:
+                    old_size += int(blob.size or 0)
+                    old_count += 1
+        return BucketUsage(size_bytes=size, object_count=count, noncurrent_bytes=old_size, noncurrent_count=old_count)
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
         if not _BUCKET_NAME.match(request.bucket):

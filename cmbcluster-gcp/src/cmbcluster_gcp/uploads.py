@@ -118,12 +118,31 @@ def _stored_bytes(http: Any, session: str, fallback: int) -> int:
     return _resumed_offset(response) if response.status_code == 308 else fallback
 
 
-def _cancel_session(http: Any, session: str, what: str) -> None:
-    """Free an unfinished upload session at once (GCS would reap it after a week)."""
-    try:
-        http.delete(session, timeout=30)
-    except requests.RequestException:
-        log.warning("could not cancel the upload session of %s", what, exc_info=True)
+#: Answers to a session cancel that mean it is gone: 499 (cancelled), 404 or 410 (already gone).
+_CANCELLED_STATUSES = frozenset({404, 410, 499})
+CANCEL_ATTEMPTS = 3
+
+
+def _cancel_session(http: Any, session: str, what: str) -> bool:
+    """Free an unfinished upload session at once, checking GCS's answer and retrying what may
+    pass; a session that cannot be cancelled is logged with the answer (GCS reaps it after a
+    week, and stores no object from it). True when the session is gone."""
+    answer = ""
+    for attempt in range(CANCEL_ATTEMPTS):
+        if attempt:
+            time.sleep(0.5 * 2**attempt)
+        try:
+            response = http.delete(session, timeout=30)
+        except requests.RequestException as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+            continue
+        if response.status_code in _CANCELLED_STATUSES:
+            return True
+        answer = f"HTTP {response.status_code} {str(getattr(response, 'text', ''))[:200]}".strip()
+        if response.status_code not in _RETRYABLE_STATUSES:
+            break
+    log.warning("could not cancel the upload session of %s (%s); Cloud Storage discards it within a week", what, answer)
+    return False
 
 
 class _SpoolBody:

@@ -21,6 +21,41 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/admin/budgets": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Every budget, with this month's use */
+        get: operations["list_budgets_api_v1_admin_budgets_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/budgets/{scope}/{target}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /** Set a user's or a group's monthly budget */
+        put: operations["set_budget_api_v1_admin_budgets__scope___target__put"];
+        post?: never;
+        /** Remove a budget */
+        delete: operations["delete_budget_api_v1_admin_budgets__scope___target__delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/admin/environments": {
         parameters: {
             query?: never;
@@ -67,6 +102,41 @@ export interface paths {
         /** Stop any user's environment (audited; its owner sees who stopped it) */
         post: operations["stop_environment_api_v1_admin_environments__environment_id__stop_post"];
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/groups": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Groups of users, for reports and budgets */
+        get: operations["list_groups_api_v1_admin_groups_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/groups/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /** Create a group or replace its members */
+        put: operations["set_group_api_v1_admin_groups__name__put"];
+        post?: never;
+        /** Remove a group (and its budget) */
+        delete: operations["delete_group_api_v1_admin_groups__name__delete"];
         options?: never;
         head?: never;
         patch?: never;
@@ -1012,6 +1082,11 @@ export interface components {
             role: string;
             /** Status */
             status: string;
+            /**
+             * Storage Quota Bytes
+             * @description This user's own storage quota in bytes (0: none); null: the server default
+             */
+            storage_quota_bytes: number | null;
         };
         /** AdminUserOut */
         AdminUserOut: {
@@ -1036,6 +1111,11 @@ export interface components {
             role: string;
             /** Status */
             status: string;
+            /**
+             * Storage Quota Bytes
+             * @description This user's own storage quota in bytes (0: none); null: the server default
+             */
+            storage_quota_bytes: number | null;
         };
         /** ApiTokenCreated */
         ApiTokenCreated: {
@@ -1334,6 +1414,72 @@ export interface components {
              */
             prefix: string[];
         };
+        /** BudgetIn */
+        BudgetIn: {
+            /** Amount */
+            amount: number;
+            /**
+             * Hard
+             * @description At 100 %, stop running environments too
+             * @default false
+             */
+            hard: boolean;
+            /**
+             * Unit
+             * @default currency
+             * @enum {string}
+             */
+            unit: "currency" | "core_hours";
+        };
+        /**
+         * BudgetStatusOut
+         * @description A budget and how much of it this month (UTC) has used.
+         */
+        BudgetStatusOut: {
+            /** Amount */
+            amount: number;
+            /** Currency */
+            currency: string;
+            /**
+             * Hard
+             * @description At 100 %, running environments are stopped too
+             */
+            hard: boolean;
+            /** Id */
+            id: string;
+            /**
+             * Label
+             * @description The user's e-mail or the group's name
+             */
+            label: string;
+            /** Message */
+            message: string;
+            /** Percent */
+            percent: number;
+            /**
+             * Scope
+             * @description user or group
+             */
+            scope: string;
+            /**
+             * State
+             * @description warning from 80 %, exceeded from 100 %
+             * @enum {string}
+             */
+            state: "ok" | "warning" | "exceeded";
+            /** Target Id */
+            target_id: string;
+            /**
+             * Unit
+             * @description currency (the price table's) or core_hours
+             */
+            unit: string;
+            /**
+             * Used
+             * @description This month so far, in the budget's unit (an estimate from list prices)
+             */
+            used: number;
+        };
         /** CustomLimitsOut */
         CustomLimitsOut: {
             /** Cpu Step */
@@ -1590,6 +1736,26 @@ export interface components {
              */
             truncated: boolean;
         };
+        /** GroupIn */
+        GroupIn: {
+            /**
+             * Members
+             * @description Users by id or e-mail; replaces the members
+             */
+            members: string[];
+        };
+        /** GroupOut */
+        GroupOut: {
+            /** Id */
+            id: string;
+            /**
+             * Members
+             * @description The members' e-mails
+             */
+            members: string[];
+            /** Name */
+            name: string;
+        };
         /** HTTPValidationError */
         HTTPValidationError: {
             /** Detail */
@@ -1602,6 +1768,11 @@ export interface components {
              * @description How many of yours are running or starting now
              */
             active: number;
+            /**
+             * Budgets
+             * @description Your and your groups' monthly budgets: a warning from 80 %; at 100 % nothing new starts
+             */
+            budgets?: components["schemas"]["BudgetStatusOut"][];
             /**
              * Idle Timeout Minutes
              * @description An environment without activity this long stops; 0: never
@@ -1900,6 +2071,24 @@ export interface components {
             /** Providers */
             providers: components["schemas"]["ProviderOut"][];
         };
+        /** QuotaOut */
+        QuotaOut: {
+            /**
+             * Noncurrent Bytes
+             * @description The part of used_bytes in earlier versions of overwritten or deleted objects
+             */
+            noncurrent_bytes: number;
+            /**
+             * Quota Bytes
+             * @description Bytes your buckets may hold, earlier versions included; null: no quota
+             */
+            quota_bytes: number | null;
+            /**
+             * Used Bytes
+             * @description Current objects and earlier versions of all your buckets, as last measured
+             */
+            used_bytes: number;
+        };
         /** RefreshIn */
         RefreshIn: {
             /** Refresh Token */
@@ -2001,6 +2190,7 @@ export interface components {
         };
         /** StorageListOut */
         StorageListOut: {
+            quota: components["schemas"]["QuotaOut"];
             /** Storages */
             storages: components["schemas"]["StorageOut"][];
         };
@@ -2025,6 +2215,16 @@ export interface components {
             display_name: string;
             /** Id */
             id: string;
+            /**
+             * Noncurrent Bytes
+             * @description Earlier versions of overwritten or deleted objects, kept (and billed) until the bucket's lifecycle removes them; null until first measured
+             */
+            noncurrent_bytes: number | null;
+            /**
+             * Noncurrent Object Count
+             * @description Number of those earlier versions
+             */
+            noncurrent_object_count: number | null;
             /**
              * Object Count
              * @description Number of objects; null until first measured
@@ -2053,8 +2253,13 @@ export interface components {
             /** Count */
             count: number;
             /**
+             * Noncurrent Bytes
+             * @description Sum of the earlier versions every bucket keeps (and is billed for)
+             */
+            noncurrent_bytes: number;
+            /**
              * Usage Bytes
-             * @description Sum of the cached usage of every bucket
+             * @description Sum of the cached usage (current objects) of every bucket
              */
             usage_bytes: number;
             /**
@@ -2065,6 +2270,11 @@ export interface components {
         };
         /** UsageReport */
         UsageReport: {
+            /**
+             * Budgets
+             * @description This month's budgets (yours, or every one for admins): warning from 80 %
+             */
+            budgets?: components["schemas"]["BudgetStatusOut"][];
             /** Cluster Fee */
             cluster_fee: number;
             /** Currency */
@@ -2093,6 +2303,11 @@ export interface components {
         };
         /** UsageRow */
         UsageRow: {
+            /**
+             * Budget State
+             * @description This month's state of the row's own budget (by user or group); null: none
+             */
+            budget_state?: ("ok" | "warning" | "exceeded") | null;
             /** Compute Cost */
             compute_cost: number;
             /** Core Hours */
@@ -2190,6 +2405,11 @@ export interface components {
             role?: ("admin" | "user") | null;
             /** Status */
             status?: ("active" | "deactivated") | null;
+            /**
+             * Storage Quota Bytes
+             * @description Bytes this user's buckets may hold, current objects and earlier versions together (0: no quota); null: the server default (CMBCLUSTER_STORAGE_QUOTA_BYTES)
+             */
+            storage_quota_bytes?: number | null;
         };
         /** UsersPage */
         UsersPage: {
@@ -2275,6 +2495,267 @@ export interface operations {
             };
             /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    list_budgets_api_v1_admin_budgets_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BudgetStatusOut"][];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    set_budget_api_v1_admin_budgets__scope___target__put: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description user or group */
+                scope: "user" | "group";
+                /** @description A user's id or e-mail, or a group's id or name */
+                target: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BudgetIn"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BudgetStatusOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    delete_budget_api_v1_admin_budgets__scope___target__delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description user or group */
+                scope: "user" | "group";
+                /** @description A user's id or e-mail, or a group's id or name */
+                target: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2574,6 +3055,261 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    list_groups_api_v1_admin_groups_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GroupOut"][];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    set_group_api_v1_admin_groups__name__put: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GroupIn"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GroupOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    delete_group_api_v1_admin_groups__name__delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description The request's headers are too large */
@@ -7730,6 +8466,15 @@ export interface operations {
             };
             /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Insufficient Storage */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };

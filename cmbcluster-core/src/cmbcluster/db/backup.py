@@ -16,7 +16,8 @@ One implementation for every cloud: backups go through :class:`~cmbcluster.inter
   touched; the current database (with its ``-wal`` and ``-shm``) is then renamed aside, never
   deleted, and the backup renamed into place. The server must not be running meanwhile.
 - **At start** (:func:`restore_at_start`): a missing local database is restored from the newest
-  backup, so a server on a fresh disk picks up where it left off.
+  backup that verifies, so a server on a fresh disk picks up where it left off; before that,
+  :func:`sweep_backup_leftovers` deletes the copies killed backups left beside the database.
 - **Periodically** (:func:`run_periodic_backups`): in the server's background, when the database
   changed since the last backup.
 
@@ -33,6 +34,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,11 +79,21 @@ class BackupInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SkippedBackup:
+    """A newer backup a restore passed over because it does not verify, and why."""
+
+    backup: BackupInfo
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RestoreResult:
     backup: BackupInfo
     database: Path
     #: Where the database that was replaced now lies (None when there was none).
     kept_aside: Path | None
+    #: Newer backups that did not verify, newest first (restoring "the newest" falls back past them).
+    skipped: tuple[SkippedBackup, ...] = ()
 
 
 def sqlite_path(database_url: str) -> Path | None:
@@ -211,7 +223,25 @@ class DatabaseBackups:
                         "data volume, see docs/operators/backup.md)"
                     )
                 return self.restore(version, server_stopped=False)
-        backup = self.find(version)
+        if version is not None:
+            return self._restore_one(self.find(version), ())
+        # The newest backup that verifies: a damaged newest one (a bad upload, a truncated object)
+        # must not stop a restore, or a server's first start, while older good ones exist.
+        self.find()  # NotFound when there is none
+        skipped: list[SkippedBackup] = []
+        for backup in reversed(self.list()):
+            try:
+                return self._restore_one(backup, tuple(skipped))
+            except InvalidRequest as exc:
+                log.warning("database backup %s/%s does not verify and is skipped: %s", self.bucket, backup.key,
+                            exc.message)  # fmt: skip
+                skipped.append(SkippedBackup(backup=backup, reason=exc.message))
+        raise InvalidRequest(
+            f"no database backup in {self.bucket}/{self.prefix} verifies: "
+            + "; ".join(f"{s.backup.key}: {s.reason}" for s in skipped)
+        )
+
+    def _restore_one(self, backup: BackupInfo, skipped: tuple[SkippedBackup, ...]) -> RestoreResult:
         self.database.parent.mkdir(parents=True, exist_ok=True)
         with self._temporary_file() as downloaded:
             with open(downloaded, "wb") as out:
@@ -223,11 +253,12 @@ class DatabaseBackups:
             kept_aside = self._set_aside(backup.version)
             os.replace(downloaded, self.database)
         log.warning(
-            "database restored from %s/%s%s", self.bucket, backup.key,
+            "database restored from %s/%s%s%s", self.bucket, backup.key,
             f"; the previous one is kept as {kept_aside}" if kept_aside else "",
+            f"; skipped the newer {', '.join(s.backup.key for s in skipped)}, which did not verify" if skipped else "",
             extra={"backup": backup.key, "kept_aside": str(kept_aside) if kept_aside else None},
         )  # fmt: skip
-        return RestoreResult(backup=backup, database=self.database, kept_aside=kept_aside)
+        return RestoreResult(backup=backup, database=self.database, kept_aside=kept_aside, skipped=skipped)
 
     def _set_aside(self, version: str) -> Path | None:
         """Rename the database and its WAL files to ``<name>.before-restore-<stamp>``; a stray WAL
@@ -247,16 +278,54 @@ class DatabaseBackups:
 
     @contextlib.contextmanager
     def _temporary_file(self) -> Iterator[Path]:
-        """A file beside the database: the same local disk, so the final rename is atomic."""
+        """A file beside the database: the same local disk, so the final rename is atomic. It is
+        locked (flock) while in use, so that :func:`sweep_backup_leftovers` tells one a killed
+        backup or restore left behind from one under way."""
+        import fcntl
+
         self.database.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.database.parent, prefix=_TEMP_PREFIX, suffix=".sqlite3")
-        os.close(fd)
         path = Path(name)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield path
         finally:
-            for leftover in (path, *_wal_files(path), path.with_name(path.name + "-journal")):
+            for leftover in _temporary_files(path):
                 leftover.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _temporary_files(path: Path) -> list[Path]:
+    return [path, *_wal_files(path), path.with_name(path.name + "-journal")]
+
+
+def sweep_backup_leftovers(database: Path) -> list[Path]:
+    """Delete the temporary copies (``.cmbcluster-backup-*``) that backups or restores killed
+    mid-way left beside ``database``: each is a full copy of the database, and repeated kills would
+    fill the disk. A copy in use by a live process is locked and kept. Returns what was deleted."""
+    import fcntl
+
+    removed: list[Path] = []
+    for path in sorted(database.parent.glob(f"{_TEMP_PREFIX}*.sqlite3")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a backup under way (`cmbcluster db backup` beside the server)
+        else:
+            for leftover in _temporary_files(path):
+                if leftover.exists():
+                    leftover.unlink(missing_ok=True)
+                    removed.append(leftover)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("deleted what killed database backups or restores left beside %s: %s", database,
+                    ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
 
 
 def _online_copy(source: Path, target: Path) -> None:
@@ -400,12 +469,12 @@ def restore_at_start(context: AppContext) -> RestoreResult | None:
         return None
     try:
         # the server's own start: it holds the serving lock, or (`serve`, before the app) is starting
-        result = backups.restore(newest[-1].version, server_stopped=False)
+        result = backups.restore(server_stopped=False)
     except CmbclusterError as exc:
         raise ConfigurationError(
-            [f"the database {database} is missing and the newest backup {newest[-1].key} could not be restored: "
-             f"{exc}; restore another one with `cmbcluster db restore --version VERSION`, or unset "
-             "CMBCLUSTER_DATABASE_BUCKET to start with an empty database"]
+            [f"the database {database} is missing and no backup could be restored: {exc}; restore one with "
+             "`cmbcluster db restore --version VERSION`, or unset CMBCLUSTER_DATABASE_BUCKET to start with an "
+             "empty database"]
         ) from exc  # fmt: skip
     context.engine.dispose()  # no connection may outlive the file it opened
     return result
@@ -448,7 +517,9 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
         except TimeoutError:
             pass
         current = _fingerprint(backups.database)
-        if current != last:
+        if current != last and stopping:
+            await _final_backup(backups, core.database_stop_backup_seconds)
+        elif current != last:
             try:
                 await run_in_threadpool(backups.backup)
                 last = current
@@ -456,6 +527,42 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
                 log.exception("database backup failed")
         if stopping:
             return
+
+
+async def _final_backup(backups: DatabaseBackups, bound: float) -> None:
+    """The backup a stopping server makes, waited for at most ``bound`` seconds: with the storage
+    service down, its client's retries would hold the stop for as long as they last. It runs in a
+    daemon thread, which the process does not wait for once the stop goes on without it (an
+    unfinished upload stores nothing; the database bucket's lifecycle aborts what it left)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[BaseException | None] = loop.create_future()  # the backup's error, if any
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            backups.backup()
+        except Exception as exc:  # noqa: BLE001 - handed to the stopping server, which logs it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="cmbcluster-final-backup", daemon=True).start()
+    try:
+        error = await asyncio.wait_for(asyncio.shield(done), timeout=bound)
+    except TimeoutError:
+        log.warning(
+            "the final database backup did not finish within %g s (CMBCLUSTER_DATABASE_STOP_BACKUP_SECONDS): is "
+            "the storage service down? The server stops without it; the newest backup is the one made before, "
+            "and the changes since are only in %s", bound, backups.database,
+        )  # fmt: skip
+        return
+    if error is not None:
+        log.error("the final database backup failed; the changes since the last backup are only in %s",
+                  backups.database, exc_info=error)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -78,6 +78,8 @@ class User(Base):
     auth_provider: Mapped[str] = mapped_column(String(40))
     subject: Mapped[str] = mapped_column(String(255))
     max_uptime_minutes: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: bytes the user's buckets may hold, current and noncurrent versions together (None: no quota)
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
@@ -150,9 +152,28 @@ class Storage(Base):
     status: Mapped[str] = mapped_column(String(20), default="active")  # creating | active | deleting
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # Usage is costly to compute on a cloud bucket (a full listing): cached, refreshed when stale.
-    usage_bytes: Mapped[int | None] = mapped_column(default=None)
+    usage_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)  # PostgreSQL's integer ends at 2 GiB
     usage_objects: Mapped[int | None] = mapped_column(default=None)
+    #: earlier versions the backend keeps (and bills) until the bucket's lifecycle removes them
+    usage_noncurrent_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    usage_noncurrent_objects: Mapped[int | None] = mapped_column(default=None)
     usage_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    #: while ``deleting``: whether the delete was forced (a restart resumes it as it was asked)
+    delete_force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+
+class UploadJournal(Base):
+    """An upload under way, recorded before it starts and removed once it ends either way: what is
+    left after a crash names the uploads whose unfinished parts the next start aborts."""
+
+    __tablename__ = "upload_journal"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    storage_id: Mapped[str] = mapped_column(String(32), index=True)  # no foreign key: outlives a delete
+    backend: Mapped[str] = mapped_column(String(40))
+    bucket_name: Mapped[str] = mapped_column(String(63))
+    key: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Environment(Base):

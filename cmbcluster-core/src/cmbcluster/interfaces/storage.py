@@ -56,8 +56,20 @@ class BucketInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class BucketUsage:
+    """What a bucket holds. ``size_bytes``/``object_count``: the current objects, those a listing
+    shows. ``noncurrent_bytes``/``noncurrent_count``: earlier versions of overwritten or deleted
+    objects that the service still keeps (and bills) until the bucket's lifecycle removes them;
+    0 for a backend that keeps no versions."""
+
     size_bytes: int
     object_count: int
+    noncurrent_bytes: int = 0
+    noncurrent_count: int = 0
+
+    @property
+    def billed_bytes(self) -> int:
+        """What the service stores and bills: current and noncurrent bytes."""
+        return self.size_bytes + self.noncurrent_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,7 +184,8 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def bucket_usage(self, bucket: str) -> BucketUsage:
-        """Total size and object count of a bucket."""
+        """Total size and object count of a bucket's current objects, and of the noncurrent
+        versions it keeps (a backend that keeps versions must report them: they are billed)."""
 
     @abc.abstractmethod
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
@@ -231,6 +244,17 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         """Delete objects; keys that do not exist are ignored (deleting is idempotent)."""
+
+    def abort_unfinished_uploads(self, bucket: str, *, started_before: dt.datetime, key: str | None = None) -> int:
+        """Abort uploads into ``bucket`` (only those to ``key`` when given) that were started
+        before ``started_before`` and never completed, and return how many were aborted.
+
+        The control plane calls it at start for every upload the previous run of the server began
+        and never finished (a SIGKILL, an OOM kill, a redeploy), whose parts the service would
+        otherwise keep and bill. The default does nothing and returns 0: right for a backend
+        whose unfinished uploads leave nothing stored behind.
+        """
+        return 0
 
     # -- operations --------------------------------------------------------------------------
     def check_ready(self) -> None:  # noqa: B027 - optional hook with a sensible default

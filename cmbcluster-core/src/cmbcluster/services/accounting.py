@@ -433,3 +433,28 @@ def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
         ).all()
     )  # fmt: skip
     return {uid: float(v or 0) / 3600 for uid, v in core.items()}, {uid: int(v or 0) for uid, v in stored.items()}
+
+
+@dataclass
+class Totals:
+    """All-time core-hours and bytes stored now, by user e-mail and by group name (for /metrics)."""
+
+    core_hours_by_user: dict[str, float] = field(default_factory=dict)
+    stored_bytes_by_user: dict[str, int] = field(default_factory=dict)
+    core_hours_by_group: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stored_bytes_by_group: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def totals_by_user_and_group(db: Session) -> Totals:
+    core, stored = totals_since_start(db)
+    ids = sorted(set(core) | set(stored))
+    emails, member_of = _emails(db, ids), memberships(db, ids)
+    totals = Totals()
+    for uid in ids:
+        label = emails.get(uid, f"(deleted user {uid})")
+        totals.core_hours_by_user[label] = core.get(uid, 0.0)
+        totals.stored_bytes_by_user[label] = stored.get(uid, 0)
+        for name in member_of.get(uid) or [NO_GROUP]:  # a user in two groups counts in both
+            totals.core_hours_by_group[name] += core.get(uid, 0.0)
+            totals.stored_bytes_by_group[name] += stored.get(uid, 0)
+    return totals

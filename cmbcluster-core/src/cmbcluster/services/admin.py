@@ -45,6 +45,13 @@ class UserUpdate(BaseModel):
         le=MAX_UPTIME_MINUTES_LIMIT,
         description="Stop this user's environments after this many minutes (0: never); null: the server default",
     )
+    storage_quota_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="Bytes this user's buckets may hold, current objects and earlier versions together "
+        "(0: no quota); null: the server default (CMBCLUSTER_STORAGE_QUOTA_BYTES)",
+    )
 
     @model_validator(mode="after")
     def _no_null_role_or_status(self) -> UserUpdate:
@@ -180,6 +187,11 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
               before={"max_uptime_minutes": user.max_uptime_minutes},
               after={"max_uptime_minutes": changes.max_uptime_minutes}, **target)  # fmt: skip
         user.max_uptime_minutes = changes.max_uptime_minutes
+    if "storage_quota_bytes" in fields and changes.storage_quota_bytes != user.storage_quota_bytes:
+        audit(db, actor_id=actor_id, action="user.storage_quota_changed", email=user.email,
+              before={"storage_quota_bytes": user.storage_quota_bytes},
+              after={"storage_quota_bytes": changes.storage_quota_bytes}, **target)  # fmt: skip
+        user.storage_quota_bytes = changes.storage_quota_bytes
     db.commit()
     return user
 
@@ -310,7 +322,8 @@ class EnvironmentStats(BaseModel):
 
 class StorageStats(BaseModel):
     count: int
-    usage_bytes: int = Field(description="Sum of the cached usage of every bucket")
+    usage_bytes: int = Field(description="Sum of the cached usage (current objects) of every bucket")
+    noncurrent_bytes: int = Field(description="Sum of the earlier versions every bucket keeps (and is billed for)")
     usage_unknown: int = Field(description="Buckets whose usage was never measured")
 
 
@@ -355,7 +368,12 @@ def stats(db: Session, context: AppContext | None = None, *, now: dt.datetime | 
             signed_in_last_24h=scalar(users.where(User.last_login_at >= now - dt.timedelta(hours=24))),
         ),
         environments=EnvironmentStats(total=sum(by_status.values()), by_status=by_status),
-        storages=StorageStats(count=scalar(storages), usage_bytes=storage_usage[0], usage_unknown=storage_usage[1]),
+        storages=StorageStats(
+            count=scalar(storages),
+            usage_bytes=storage_usage[0],
+            noncurrent_bytes=storage_usage[1],
+            usage_unknown=storage_usage[2],
+        ),
         applications=ApplicationStats(active=scalar(apps.where(Application.active.is_(True))), total=scalar(apps)),
         at=now,
     )
@@ -365,16 +383,17 @@ def stats(db: Session, context: AppContext | None = None, *, now: dt.datetime | 
 STATS_USAGE_WAIT_SECONDS = 5.0
 
 
-def _storage_usage(db: Session, context: AppContext | None) -> tuple[int, int]:
-    """(bytes in every bucket, buckets never measured)."""
+def _storage_usage(db: Session, context: AppContext | None) -> tuple[int, int, int]:
+    """(current bytes in every bucket, their noncurrent bytes, buckets never measured)."""
     rows = list(db.execute(select(Storage)).scalars())
     db.commit()  # no transaction held while measuring
     if context is None:
-        figures = [row.usage_bytes for row in rows]
+        figures = [(row.usage_bytes, row.usage_noncurrent_bytes) for row in rows]
     else:
         measured = storages.current_usage(rows, context, wait_seconds=STATS_USAGE_WAIT_SECONDS)
-        figures = [measured[row.id].size_bytes for row in rows]
-    return sum(f for f in figures if f is not None), sum(1 for f in figures if f is None)
+        figures = [(measured[row.id].size_bytes, measured[row.id].noncurrent_bytes) for row in rows]
+    known = [(current, noncurrent or 0) for current, noncurrent in figures if current is not None]
+    return sum(c for c, _ in known), sum(n for _, n in known), len(figures) - len(known)
 
 
 # -- every user's environments -------------------------------------------------------------------------

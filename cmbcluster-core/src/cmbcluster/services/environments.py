@@ -28,7 +28,7 @@ from cmbcluster.interfaces import (
     Resources,
     UserRef,
 )
-from cmbcluster.services import storages, user_settings
+from cmbcluster.services import budgets, storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned
@@ -101,6 +101,8 @@ def create(
     start in the same transaction and hand it to the backend (blocking). A start refused by a limit
     leaves nothing behind, not even an audit event: retrying the same request is all it takes."""
     core = context.config.core
+    if start:
+        budgets.check_start(db, context, user)
     application = db.execute(
         select(Application).where((Application.id == request.application) | (Application.slug == request.application))
     ).scalar_one_or_none()
@@ -145,12 +147,14 @@ def create(
 
 def start(db: Session, context: AppContext, user: User, env: Environment) -> None:
     """Start a stopped or failed environment with its stored choices (blocking)."""
+    budgets.check_start(db, context, user)
     reserve_start(db, context, user, env)
     launch(db, context, env)
 
 
 def restart(db: Session, context: AppContext, user: User, env: Environment) -> None:
     """Stop (when it runs) and start again with the same choices (blocking)."""
+    budgets.check_start(db, context, user)  # before the stop: a refused restart keeps it running
     if env.status in ACTIVE_STATUSES:
         stop(db, context, env, actor_id=user.id, reason="restarting")
     start(db, context, user, env)

@@ -2,6 +2,8 @@
 
 Runs at start-up (before the first request) and then in the background:
 - every second, environments that are pending or starting get their status from the backend;
+- at start-up, bucket deletes a crash interrupted are finished (or rolled back) and the uploads it
+  left unfinished aborted;
 - every ``CMBCLUSTER_RECONCILE_INTERVAL_SECONDS``, a full pass: anything the backend runs that
   has no record is removed (no orphans); a record whose process or pod vanished is marked
   stopped (no ghosts); an environment past its idle or uptime limit is stopped, with a warning
@@ -23,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
-from cmbcluster.services import accounting, environments
+from cmbcluster.services import accounting, budgets, environments, storages
 from cmbcluster.services.audit import activity
 from cmbcluster.services.status import apply_status
 
@@ -42,6 +44,11 @@ class ReconcileReport:
     stopped_leftovers: list[str] = field(default_factory=list)
     culled: list[str] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)
+    # at start only: bucket deletes a crash interrupted (storage id: "deleted" or "active" again),
+    # and unfinished uploads of the previous run aborted
+    storage_deletes: dict[str, str] = field(default_factory=dict)
+    uploads_aborted: int = 0
+    over_budget: list[str] = field(default_factory=list)  # stopped: a hard budget is used up
 
 
 class Reconciler:
@@ -142,9 +149,23 @@ class Reconciler:
             accounting.sync_open_intervals(db, self.context.config.compute.name)
             db.commit()
             self._cull(db, report)
+            self._budgets(db, report)
             self._update_gauges(db)
+            if startup:
+                self._recover_storage(db, report)
             self._sample_storage(db)
         return report
+
+    def _recover_storage(self, db: Session, report: ReconcileReport) -> None:
+        """What a crash left half-done in storage: interrupted bucket deletes are finished or rolled
+        back, and the previous run's unfinished uploads aborted. Only at start, when no request can
+        be deleting or uploading; a failure is logged and the server starts anyway."""
+        try:
+            report.storage_deletes = storages.resume_interrupted_deletes(db, self.context)
+            report.uploads_aborted = storages.abort_journalled_uploads(db, self.context)
+        except Exception:
+            db.rollback()
+            log.exception("recovering interrupted storage work at start failed; the next start tries again")
 
     def _cull(self, db: Session, report: ReconcileReport) -> None:
         core = self.context.config.core
@@ -168,6 +189,13 @@ class Reconciler:
             environments.stop(db, self.context, env, actor_id=None, reason=reason)
             self.context.metrics.culled.inc()
             report.culled.append(env.id)
+
+    def _budgets(self, db: Session, report: ReconcileReport) -> None:
+        try:
+            report.over_budget.extend(budgets.enforce(db, self.context))
+        except Exception:  # a budget's trouble must not stop the loop's other work
+            db.rollback()
+            log.exception("budget enforcement failed this pass")
 
     def _sample_storage(self, db: Session) -> None:
         """Measure buckets whose last measurement is older than the sampling interval, in the

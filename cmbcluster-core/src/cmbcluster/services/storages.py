@@ -13,13 +13,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, User, utcnow
-from cmbcluster.errors import AlreadyExists, CmbclusterError, Conflict, InvalidRequest, NotFound
+from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, UploadJournal, User, utcnow
+from cmbcluster.errors import (
+    AlreadyExists,
+    CmbclusterError,
+    Conflict,
+    InsufficientStorage,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
 from cmbcluster.services import accounting
@@ -118,7 +127,7 @@ def create_storage(
         storage = Storage(
             user_id=user.id, backend=backend_name, bucket_name=info.name, display_name=display_name,
             storage_class=str(info.storage_class), status="active", created_at=now,
-            usage_bytes=0, usage_objects=0, usage_at=now,
+            usage_bytes=0, usage_objects=0, usage_noncurrent_bytes=0, usage_noncurrent_objects=0, usage_at=now,
         )  # fmt: skip
         db.add(storage)
         db.flush()
@@ -190,7 +199,7 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
             f"the bucket {storage.display_name!r} is mounted by the environment{'s' if len(holders) > 1 else ''} "
             f"{names}: stop {them} first, then delete the bucket"
         )
-    storage.status = "deleting"
+    storage.status, storage.delete_force = "deleting", force
     db.commit()
     try:
         context.storage.delete_bucket(storage.bucket_name, force=force)
@@ -201,6 +210,13 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
         storage.status = "active"
         db.commit()
         raise
+    _forget_deleted(db, context, storage, actor_id=user.id, force=force)
+    _sync_identity_after_change(db, context, user)
+
+
+def _forget_deleted(db: Session, context: AppContext, storage: Storage, *, actor_id: str | None, force: bool,
+                    resumed: bool = False) -> None:  # fmt: skip
+    """The bucket is gone: its row and its links from stopped environments go too, audited."""
     detached = list(
         db.execute(
             select(EnvironmentStorage.environment_id).where(EnvironmentStorage.storage_id == storage.id)
@@ -209,13 +225,49 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
     db.execute(delete(EnvironmentStorage).where(EnvironmentStorage.storage_id == storage.id))
     accounting.close_storage(db, storage.id, utcnow())
     db.delete(storage)
-    audit(db, actor_id=user.id, action="storage.deleted", target_type="storage", target_id=storage.id,
+    extra = {"resumed_after_restart": True} if resumed else {}
+    audit(db, actor_id=actor_id, action="storage.deleted", target_type="storage", target_id=storage.id,
           display_name=storage.display_name, bucket=storage.bucket_name, force=force,
-          detached_environments=detached)  # fmt: skip
+          detached_environments=detached, **extra)  # fmt: skip
     db.commit()
     log.info("storage %s deleted (bucket %s)", storage.id, storage.bucket_name, extra={"storage_id": storage.id})
-    context.storage_runtime.refresher.invalidate(storage_id)
-    _sync_identity_after_change(db, context, user)
+    context.storage_runtime.refresher.invalidate(storage.id)
+
+
+def resume_interrupted_deletes(db: Session, context: AppContext) -> dict[str, str]:
+    """At start, before any request: finish the bucket deletes a crash interrupted (rows left
+    ``deleting``), as they were asked (with or without force). A delete the backend refuses (not
+    empty without force) or cannot do now is rolled back: the storage is ``active`` again, its
+    usage re-measured, so what the user sees is what is stored and billed; they may delete it again.
+    Returns each storage id with what became of it (``deleted`` or ``active``)."""
+    backend_name = context.config.storage.name
+    rows = list(
+        db.execute(select(Storage).where(Storage.status == "deleting", Storage.backend == backend_name)).scalars()
+    )
+    outcome: dict[str, str] = {}
+    for storage in rows:
+        owner = db.get(User, storage.user_id)
+        db.commit()
+        try:
+            context.storage.delete_bucket(storage.bucket_name, force=storage.delete_force)
+        except NotFound:
+            pass  # deleted before the crash; only the row was left
+        except CmbclusterError as exc:
+            log.warning("the interrupted delete of storage %s (bucket %s) could not be finished, so it is active "
+                        "again: %s", storage.id, storage.bucket_name, exc.message)  # fmt: skip
+            storage.status, storage.usage_at = "active", None
+            audit(db, actor_id=None, action="storage.delete_rolled_back", target_type="storage",
+                  target_id=storage.id, bucket=storage.bucket_name, reason=exc.message)  # fmt: skip
+            db.commit()
+            outcome[storage.id] = "active"
+            continue
+        log.warning("finished the delete of storage %s (bucket %s) that a restart interrupted",
+                    storage.id, storage.bucket_name)  # fmt: skip
+        _forget_deleted(db, context, storage, actor_id=None, force=storage.delete_force, resumed=True)
+        outcome[storage.id] = "deleted"
+        if owner is not None:
+            _sync_identity_after_change(db, context, owner)
+    return outcome
 
 
 # -- objects -----------------------------------------------------------------------------------
@@ -275,10 +327,50 @@ def write_object(
     *,
     content_type: str | None,
 ) -> ObjectInfo:
-    """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale."""
-    info = context.storage.upload_object(bucket, validate_object_key(key), chunks, content_type=content_type)
+    """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale.
+
+    The upload is journalled while it runs (:class:`~cmbcluster.db.models.UploadJournal`): if the
+    server dies meanwhile, its next start aborts what the backend kept of it
+    (:func:`abort_journalled_uploads`)."""
+    key = validate_object_key(key)
+    with context.sessions() as journal:
+        entry = UploadJournal(storage_id=storage_id, backend=context.config.storage.name, bucket_name=bucket, key=key)
+        journal.add(entry)
+        journal.commit()
+        entry_id = entry.id
+    try:
+        info = context.storage.upload_object(bucket, key, chunks, content_type=content_type)
+    finally:
+        with context.sessions() as journal:
+            journal.execute(delete(UploadJournal).where(UploadJournal.id == entry_id))
+            journal.commit()
     invalidate_usage(db, context, storage_id)
     return info
+
+
+def abort_journalled_uploads(db: Session, context: AppContext) -> int:
+    """At start, before any request: abort what the backend keeps of the uploads the previous run
+    of this server began and never finished (a SIGKILL, an OOM kill, a redeploy), and forget them.
+    An entry whose bucket cannot be reached now stays for the next start (the bucket's lifecycle
+    rule aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
+    started_before = utcnow()  # nothing of this run is uploading yet
+    rows = list(db.execute(select(UploadJournal).where(UploadJournal.backend == context.config.storage.name)).scalars())
+    aborted = 0
+    for row in rows:
+        try:
+            aborted += context.storage.abort_unfinished_uploads(row.bucket_name, key=row.key,
+                                                                started_before=started_before)  # fmt: skip
+        except NotFound:
+            pass  # the bucket is gone, and its uploads with it
+        except CmbclusterError as exc:
+            log.warning("could not abort the unfinished upload of %s to bucket %s: %s; trying again at the next "
+                        "start", row.key, row.bucket_name, exc.message)  # fmt: skip
+            continue
+        db.delete(row)
+        db.commit()
+    if aborted:
+        log.warning("aborted %d unfinished uploads a previous run of the server left behind", aborted)
+    return aborted
 
 
 #: The most objects one request deletes, moves or zips by folder; past it, the request is refused
@@ -439,6 +531,88 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:
 
 
 # -- usage ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaState:
+    """A user's storage quota and what counts against it: every bucket's current objects and the
+    earlier versions kept of overwritten or deleted ones (what the cloud bills), as last measured."""
+
+    quota_bytes: int | None  # None: no quota
+    current_bytes: int
+    noncurrent_bytes: int
+
+    @property
+    def used_bytes(self) -> int:
+        return self.current_bytes + self.noncurrent_bytes
+
+    @property
+    def remaining_bytes(self) -> int | None:
+        return None if self.quota_bytes is None else max(self.quota_bytes - self.used_bytes, 0)
+
+
+def quota_of(context: AppContext, user: User) -> int | None:
+    """The user's own quota, else the server's (CMBCLUSTER_STORAGE_QUOTA_BYTES); 0 means none."""
+    quota = user.storage_quota_bytes
+    if quota is None:
+        quota = context.config.core.storage_quota_bytes
+    return quota or None
+
+
+def quota_state(context: AppContext, user: User, usage: Iterable[Usage]) -> QuotaState:
+    figures = list(usage)
+    return QuotaState(
+        quota_bytes=quota_of(context, user),
+        current_bytes=sum(u.size_bytes or 0 for u in figures),
+        noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
+    )
+
+
+def upload_allowance(
+    db: Session, context: AppContext, user: User, *, declared: int | None, wait_seconds: float
+) -> QuotaState:
+    """Before an upload: the caller's quota state, with every bucket's usage measured afresh where
+    stale (waiting at most ``wait_seconds``). A quota used up is refused with InsufficientStorage
+    (507), an upload whose declared length passes what is left with PayloadTooLarge (413): nothing
+    is sent to the backend. The route stops the upload in flight once it passes what is left."""
+    if quota_of(context, user) is None:
+        return QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0)
+    rows = list_owned(db, user)
+    db.commit()
+    usage = current_usage(rows, context, wait_seconds=wait_seconds)
+    state = quota_state(context, user, usage.values())
+    remaining = state.remaining_bytes
+    assert remaining is not None and state.quota_bytes is not None
+    if remaining <= 0:
+        raise InsufficientStorage(
+            f"your storage quota of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in your "
+            f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted ones); "
+            "delete objects, or ask an administrator for more; nothing was stored"
+        )
+    if declared is not None and declared > remaining:
+        raise quota_exceeded(state)
+    return state
+
+
+def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
+    """This upload is larger than what is left of the quota."""
+    assert state.quota_bytes is not None
+    return PayloadTooLarge(
+        f"this upload is larger than the {_size(state.remaining_bytes or 0)} left of your storage quota of "
+        f"{_size(state.quota_bytes)} ({_size(state.used_bytes)} used, earlier versions included); "
+        "nothing was stored"
+    )
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def storages_with_usage(

@@ -33,13 +33,26 @@ MAX_CONCURRENT_UPLOADS = 16
 
 @dataclass(frozen=True)
 class Usage:
+    """A bucket's measured usage: current objects, and the noncurrent versions the backend keeps
+    (and bills) beside them; None until first measured."""
+
     size_bytes: int | None
     object_count: int | None
     measured_at: dt.datetime | None
+    noncurrent_bytes: int | None = None
+    noncurrent_count: int | None = None
+
+    @property
+    def billed_bytes(self) -> int:
+        """Current and noncurrent bytes (what quotas count); 0 while never measured."""
+        return (self.size_bytes or 0) + (self.noncurrent_bytes or 0)
 
 
 def cached_usage(storage: Storage) -> Usage:
-    return Usage(storage.usage_bytes, storage.usage_objects, storage.usage_at)
+    return Usage(
+        storage.usage_bytes, storage.usage_objects, storage.usage_at,
+        storage.usage_noncurrent_bytes, storage.usage_noncurrent_objects,
+    )  # fmt: skip
 
 
 def is_stale(storage: Storage, now: dt.datetime | None = None) -> bool:
@@ -90,7 +103,7 @@ class UsageRefresher:
     def _measure(self, storage_id: str, bucket: str, generation: int) -> Usage:
         started = utcnow()
         usage = self._backend.bucket_usage(bucket)
-        result = Usage(usage.size_bytes, usage.object_count, started)
+        result = Usage(usage.size_bytes, usage.object_count, started, usage.noncurrent_bytes, usage.noncurrent_count)
         with self._lock:
             current = self._generation.get(storage_id, 0) == generation
         if current:
@@ -98,7 +111,13 @@ class UsageRefresher:
                 db.execute(
                     update(Storage)
                     .where(Storage.id == storage_id)
-                    .values(usage_bytes=result.size_bytes, usage_objects=result.object_count, usage_at=started)
+                    .values(
+                        usage_bytes=result.size_bytes,
+                        usage_objects=result.object_count,
+                        usage_at=started,
+                        usage_noncurrent_bytes=result.noncurrent_bytes,
+                        usage_noncurrent_objects=result.noncurrent_count,
+                    )
                 )
                 storage = db.get(Storage, storage_id)
                 if storage is not None:  # the usage reports' record of bytes stored over time

@@ -6,6 +6,7 @@ deletes them (``force=True``) at the end, so the suite can run against a shared 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import re
@@ -30,6 +31,9 @@ class StorageContract:
 
     #: A storage class the backend supports besides STANDARD, or None.
     other_storage_class: StorageClass | None = None
+    #: Whether new buckets keep earlier versions of overwritten and deleted objects (S3 and GCS do,
+    #: by default); their bytes must then be reported as noncurrent usage.
+    keeps_versions: bool = False
 
     @pytest.fixture
     def storage_backend(self) -> StorageBackend:
@@ -114,6 +118,38 @@ class StorageContract:
         storage_backend.upload_object(bucket, "dir/b.bin", [b"y" * 24])
         usage = storage_backend.bucket_usage(bucket)
         assert (usage.size_bytes, usage.object_count) == (1024, 2)
+
+    def test_usage_reports_noncurrent_versions_beside_current_objects(
+        self, storage_backend: StorageBackend, bucket: str
+    ) -> None:
+        storage_backend.upload_object(bucket, "v.bin", [b"1" * 1000])
+        storage_backend.upload_object(bucket, "v.bin", [b"2" * 10])
+        storage_backend.upload_object(bucket, "gone.bin", [b"3" * 5])
+        storage_backend.delete_objects(bucket, ["gone.bin"])
+        usage = storage_backend.bucket_usage(bucket)
+        assert (usage.size_bytes, usage.object_count) == (10, 1)
+        expected = (1005, 2) if self.keeps_versions else (0, 0)
+        assert (usage.noncurrent_bytes, usage.noncurrent_count) == expected
+        assert usage.billed_bytes == 10 + expected[0]
+
+    def test_abort_unfinished_uploads_leaves_finished_objects(
+        self, storage_backend: StorageBackend, bucket: str
+    ) -> None:
+        storage_backend.upload_object(bucket, "done.bin", [b"d" * 100])
+
+        def broken() -> Iterator[bytes]:
+            yield b"p" * (6 * MiB)
+            raise ConnectionResetError("server killed")
+
+        with pytest.raises(ConnectionResetError):
+            storage_backend.upload_object(bucket, "half.bin", broken())
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+        aborted = storage_backend.abort_unfinished_uploads(bucket, key="half.bin", started_before=later)
+        assert isinstance(aborted, int) and aborted >= 0
+        assert storage_backend.abort_unfinished_uploads(bucket, started_before=later) >= 0
+        assert b"".join(storage_backend.download_object(bucket, "done.bin")) == b"d" * 100
+        with pytest.raises(NotFound):
+            storage_backend.head_object(bucket, "half.bin")
 
     def test_volume_spec_mounts_the_bucket(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
         spec = storage_backend.volume_spec(

@@ -52,7 +52,8 @@ export default function DashboardPage() {
   const user = useUser();
   const now = useNow(30_000);
   const environments = useLoad(() => unwrap(api.GET("/api/v1/environments")).then((a) => a.items));
-  const storages = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
+  const storageList = useLoad(() => unwrap(api.GET("/api/v1/storages")));
+  const storages = { ...storageList, data: storageList.data?.storages };
   const activity = useLoad(() =>
     unwrap(api.GET("/api/v1/auth/me/activity", { params: { query: { page_size: 30 } } })).then((a) =>
       a.items.filter((item) => !QUIET.has(item.kind)).slice(0, 8),
@@ -66,6 +67,7 @@ export default function DashboardPage() {
   }, [ready]);
 
   const running = environments.data?.filter((env) => env.status === "running") ?? [];
+  const quota = storageList.data?.quota;
   const used = storages.data?.reduce((sum, s) => sum + (s.size_bytes ?? 0), 0) ?? 0;
   return (
     <div data-ready={ready ? "true" : undefined}>
@@ -104,8 +106,12 @@ export default function DashboardPage() {
           </LoadState>
           {storages.data && storages.data.length > 0 ? (
             <>
-              <p className="big">{formatBytes(used)}</p>
-              <p>in {plural(storages.data.length, "bucket")}.</p>
+              <p className="big">{formatBytes(quota?.used_bytes ?? used)}</p>
+              <p>
+                in {plural(storages.data.length, "bucket")}
+                {quota && quota.noncurrent_bytes > 0 ? `, ${formatBytes(quota.noncurrent_bytes)} of it in earlier versions` : ""}
+                {quota?.quota_bytes != null ? `, of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
+              </p>
               <Link href="/storage/">Manage storage</Link>
             </>
           ) : null}

@@ -31,6 +31,9 @@ class AdminUserOut(BaseModel):
     status: str
     auth_provider: str
     max_uptime_minutes: int | None
+    storage_quota_bytes: int | None = Field(
+        description="This user's own storage quota in bytes (0: none); null: the server default"
+    )
     created_at: dt.datetime
     last_login_at: dt.datetime | None
 

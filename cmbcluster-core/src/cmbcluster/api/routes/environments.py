@@ -16,9 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
+from cmbcluster.api.routes.budgets import BudgetStatusOut
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict
+from cmbcluster.services import budgets
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.status import apply_status
@@ -100,6 +102,10 @@ class LimitsOut(BaseModel):
     max_uptime_minutes: int = Field(description="Your environments stop after running this long; 0: never")
     max_extension_minutes: int = Field(description="How much longer than that Extend may keep one running")
     shutdown_warning_minutes: int = Field(description="How long before an automatic stop you are warned")
+    budgets: list[BudgetStatusOut] = Field(
+        default_factory=list,
+        description="Your and your groups' monthly budgets: a warning from 80 %; at 100 % nothing new starts",
+    )
 
 
 class EnvironmentList(BaseModel):
@@ -170,7 +176,9 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
 async def list_environments(user: CurrentUser, db: DbSession, context: Context) -> Response:
     # The busiest read of the API: one indexed query on the event loop (see api/deps.py for why).
     items = envs.views(db, context, user.id)
-    return _json({"items": items, "limits": envs.limits(context, user, items)})
+    found = budgets.statuses(db, context.prices, user_id=user.id)  # one indexed query when there are none
+    limits = {**envs.limits(context, user, items), "budgets": [status.as_dict() for status in found]}
+    return _json({"items": items, "limits": limits})
 
 
 @router.get(

@@ -84,13 +84,29 @@ class StorageOut(BaseModel):
     created_at: dt.datetime
     size_bytes: int | None = Field(description="Total size of the objects; null until first measured")
     object_count: int | None = Field(description="Number of objects; null until first measured")
+    noncurrent_bytes: int | None = Field(
+        description="Earlier versions of overwritten or deleted objects, kept (and billed) until the bucket's "
+        "lifecycle removes them; null until first measured"
+    )
+    noncurrent_object_count: int | None = Field(description="Number of those earlier versions")
     usage_measured_at: dt.datetime | None = Field(
         description="When size and count were measured (they are cached for a minute)"
     )
 
 
+class QuotaOut(BaseModel):
+    quota_bytes: int | None = Field(
+        description="Bytes your buckets may hold, earlier versions included; null: no quota"
+    )
+    used_bytes: int = Field(description="Current objects and earlier versions of all your buckets, as last measured")
+    noncurrent_bytes: int = Field(
+        description="The part of used_bytes in earlier versions of overwritten or deleted objects"
+    )
+
+
 class StorageListOut(BaseModel):
     storages: list[StorageOut]
+    quota: QuotaOut
 
 
 class ObjectOut(BaseModel):
@@ -173,6 +189,7 @@ def storage_out(storage: Storage, usage: Usage) -> StorageOut:
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
         status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
         created_at=storage.created_at, size_bytes=usage.size_bytes, object_count=usage.object_count,
+        noncurrent_bytes=usage.noncurrent_bytes, noncurrent_object_count=usage.noncurrent_count,
         usage_measured_at=usage.measured_at,
     )  # fmt: skip
 
@@ -220,7 +237,12 @@ def list_storages(user: CurrentUser, db: DbSession, context: Context) -> Storage
     # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
     # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
     rows = service.storages_with_usage(db, context, user, wait_seconds=LIST_USAGE_WAIT_SECONDS)
-    return StorageListOut(storages=[storage_out(row, usage) for row, usage in rows])
+    state = service.quota_state(context, user, (usage for _, usage in rows))
+    return StorageListOut(
+        storages=[storage_out(row, usage) for row, usage in rows],
+        quota=QuotaOut(quota_bytes=state.quota_bytes, used_bytes=state.used_bytes,
+                       noncurrent_bytes=state.noncurrent_bytes),
+    )  # fmt: skip
 
 
 @router.get("/{storage_id}", response_model=StorageOut, summary="One of your buckets, with its size and object count")
@@ -366,7 +388,7 @@ async def download_archive(
     status_code=201,
     response_model=ObjectOut,
     summary="Upload an object: the request body, streamed (replaces an object of the same key)",
-    responses=error_responses(400, 409, 413),
+    responses=error_responses(400, 409, 413, 507),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -394,10 +416,18 @@ async def upload_object(
     content_type = request.headers.get("content-type") or None
     if content_type is not None and (len(content_type) > MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()):
         raise InvalidRequest(f"Content-Type must be at most {MAX_CONTENT_TYPE_LENGTH} printable characters")
+    quota = await run_in_threadpool(
+        partial(service.upload_allowance, db, context, user, declared=declared, wait_seconds=GET_USAGE_WAIT_SECONDS)
+    )
+    remaining = quota.remaining_bytes
+    if remaining is not None and remaining < max_bytes:  # the quota is the nearer limit: stop there
+        max_bytes, too_large = remaining, (lambda _limit: service.quota_exceeded(quota))
+    else:
+        too_large = _too_large
     # Constant memory: the body goes from the socket to the backend's blocking upload through a
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
     # aborts the write and no object is stored (the same when the client goes away).
-    source = rechunk(limit_bytes(request.stream(), max_bytes, _too_large), CHUNK_SIZE)
+    source = rechunk(limit_bytes(request.stream(), max_bytes, too_large), CHUNK_SIZE)
     upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type)
     try:
         info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)

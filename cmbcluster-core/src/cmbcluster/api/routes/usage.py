@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession
-from cmbcluster.services import accounting
+from cmbcluster.api.routes.budgets import BudgetStatusOut, status_out
+from cmbcluster.services import accounting, budgets
 
 router = APIRouter(prefix="/api/v1/usage", tags=["usage"])
 
@@ -29,6 +30,9 @@ class UsageRow(BaseModel):
     compute_cost: float
     storage_cost: float
     cost: float
+    budget_state: Literal["ok", "warning", "exceeded"] | None = Field(
+        default=None, description="This month's state of the row's own budget (by user or group); null: none"
+    )
 
 
 class UsageTotals(BaseModel):
@@ -54,12 +58,19 @@ class UsageReport(BaseModel):
     rows: list[UsageRow]
     totals: UsageTotals | None  # none by group: a user in two groups counts in both
     cluster_fee: float
+    budgets: list[BudgetStatusOut] = Field(
+        default_factory=list, description="This month's budgets (yours, or every one for admins): warning from 80 %"
+    )
 
 
-def _out(report: accounting.Report) -> UsageReport:
+def _out(report: accounting.Report, found: list[budgets.BudgetStatus]) -> UsageReport:
     data: dict[str, Any] = report.as_dict()
     data["from_"] = data.pop("from")
-    return UsageReport(**data)
+    scope = {"user": "user", "group": "group"}.get(report.group_by)
+    states = {(s.budget.target_id if scope == "user" else s.label): s.state for s in found if s.budget.scope == scope}
+    for row in data["rows"]:
+        row["budget_state"] = states.get(row["key"]) if scope else None
+    return UsageReport(**data, budgets=status_out(found))
 
 
 @router.get(
@@ -73,18 +84,20 @@ def usage_report(
 ) -> Any:  # fmt: skip
     lo, hi = accounting.parse_period(start, to)
     report = accounting.report(db, context.prices, lo, hi, group_by)
+    found = budgets.statuses(db, context.prices)
     if format == "csv":
         name = f"usage-{lo.date().isoformat()}-{hi.date().isoformat()}-by-{group_by}.csv"
         return Response(
             report.csv(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )
-    return _out(report)
+    return _out(report, found)
 
 
 @router.get("/me", response_model=UsageReport, summary="Your own usage and estimated cost, by day")
 def my_usage(user: CurrentUser, db: DbSession, context: Context, start: FromQuery = None, to: ToQuery = None) -> Any:
     lo, hi = accounting.parse_period(start, to)
-    return _out(accounting.report(db, context.prices, lo, hi, "day", user_ids=[user.id]))
+    report = accounting.report(db, context.prices, lo, hi, "day", user_ids=[user.id])
+    return _out(report, budgets.statuses(db, context.prices, user_id=user.id))
 
 
 @router.get("/prices", summary="The price table estimates are computed with")

@@ -29,7 +29,9 @@ const CLASSES: { value: StorageClass; label: string }[] = [
 ];
 
 export default function StoragePage() {
-  const list = useLoad(() => unwrap(api.GET("/api/v1/storages")).then((a) => a.storages));
+  const answer = useLoad(() => unwrap(api.GET("/api/v1/storages")));
+  const list = { ...answer, data: answer.data?.storages };
+  const quota = answer.data?.quota;
   const create = useAction();
   const remove = useAction();
   const [name, setName] = useState("");
@@ -45,7 +47,7 @@ export default function StoragePage() {
     );
     if (ok) {
       close();
-      await list.reload();
+      await answer.reload();
     }
   });
 
@@ -57,7 +59,7 @@ export default function StoragePage() {
     });
     if (ok) {
       setName("");
-      await list.reload();
+      await answer.reload();
     }
   }
 
@@ -79,6 +81,13 @@ export default function StoragePage() {
           </div>
         </InlineForm>
       </Card>
+      {quota ? (
+        <p id="storage-quota">
+          {formatBytes(quota.used_bytes)} stored
+          {quota.noncurrent_bytes > 0 ? ` (${formatBytes(quota.noncurrent_bytes)} in earlier versions, billed until they expire)` : ""}
+          {quota.quota_bytes != null ? ` of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
+        </p>
+      ) : null}
       <LoadState load={list} what="Loading your buckets" empty={list.data?.length === 0}>
         No bucket yet: create one above.
       </LoadState>
@@ -91,13 +100,22 @@ export default function StoragePage() {
                   <Name text={s.display_name} focusable={false} />
                 </Link>
                 <div className="muted small">
-                  <Name text={`${s.backend}: ${s.bucket_name}${s.status !== "active" ? ` (${s.status})` : ""}`} />
+                  <Name
+                    text={`${s.backend}: ${s.bucket_name}${
+                      s.status === "deleting" ? " (being deleted)" : s.status !== "active" ? ` (${s.status})` : ""
+                    }`}
+                  />
                 </div>
               </th>
               <Td label="Class">{s.storage_class}</Td>
               <Td label="Usage">
                 {formatBytes(s.size_bytes)}
                 {s.object_count !== null ? <span className="muted"> · {plural(s.object_count, "file")}</span> : null}
+                {s.noncurrent_bytes ? (
+                  <div className="muted small">
+                    + {formatBytes(s.noncurrent_bytes)} in {plural(s.noncurrent_object_count ?? 0, "earlier version")}
+                  </div>
+                ) : null}
               </Td>
               <Td label="Created">{formatTime(s.created_at)}</Td>
               <td className="row-actions">

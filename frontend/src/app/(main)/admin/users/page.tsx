@@ -50,6 +50,32 @@ function UptimeLimit({
   );
 }
 
+const GIB = 1024 ** 3;
+
+/** Storage this user's buckets may hold, in GiB (0: no quota; empty: the server's default). */
+function StorageQuota({ user, busy, onSet }: { user: AdminUser; busy: boolean; onSet: (bytes: number | null) => void }) {
+  const quota = user.storage_quota_bytes;
+  const [value, setValue] = useState(quota === null ? "" : String(quota / GIB));
+  const id = `quota-${user.id}`;
+  return (
+    <form
+      className="inline-form compact"
+      onSubmit={(event) => {
+        event.preventDefault();
+        onSet(value.trim() === "" ? null : Math.round(Number(value) * GIB));
+      }}
+    >
+      <label htmlFor={id} className="visually-hidden">
+        Storage quota of {user.email} in GiB
+      </label>
+      <input id={id} type="number" min={0} step="any" placeholder="default" value={value} onChange={(e) => setValue(e.target.value)} />
+      <button type="submit" disabled={busy} aria-label={`Set the storage quota of ${user.email}`}>
+        Set
+      </button>
+    </form>
+  );
+}
+
 export default function UsersPage() {
   const me = useUser();
   const [query, setQuery] = useState("");
@@ -70,7 +96,12 @@ export default function UsersPage() {
 
   async function update(
     user: AdminUser,
-    body: { role?: "admin" | "user"; status?: "active" | "deactivated"; max_uptime_minutes?: number | null },
+    body: {
+      role?: "admin" | "user";
+      status?: "active" | "deactivated";
+      max_uptime_minutes?: number | null;
+      storage_quota_bytes?: number | null;
+    },
   ) {
     await action.change(() =>
       unwrap(api.PATCH("/api/v1/admin/users/{user_id}", { params: { path: { user_id: user.id } }, body })),
@@ -99,7 +130,7 @@ export default function UsersPage() {
         No user matches.
       </LoadState>
       {list.data && list.data.items.length > 0 ? (
-        <DataTable caption="Users" columns={["User", "Role", "Status", "Maximum uptime", "Last sign-in", "Actions"]}>
+        <DataTable caption="Users" columns={["User", "Role", "Status", "Maximum uptime", "Storage quota (GiB)", "Last sign-in", "Actions"]}>
           {list.data.items.map((user) => (
             <tr key={user.id} data-user={user.email}>
               <th scope="row">
@@ -132,6 +163,9 @@ export default function UsersPage() {
                   fallback={list.data?.default_max_uptime_minutes}
                   onSet={(minutes) => update(user, { max_uptime_minutes: minutes })}
                 />
+              </Td>
+              <Td label="Storage quota">
+                <StorageQuota user={user} busy={action.busy} onSet={(bytes) => update(user, { storage_quota_bytes: bytes })} />
               </Td>
               <Td label="Last sign-in">{formatTime(user.last_login_at)}</Td>
               <td className="row-actions">

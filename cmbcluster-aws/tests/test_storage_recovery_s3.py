@@ -1,0 +1,174 @@
+"""`cmbcluster serve` on S3 (moto) killed mid-work: what the crash left is cleaned up at the next start,
+and usage shows what S3 stores and bills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.process import ServeProcess, clean_environ
+
+MiB = 1024 * 1024
+API = "/api/v1/storages"
+
+
+@pytest.fixture
+def serve_env(moto_reset: str, tmp_path: Path) -> dict[str, str]:
+    empty = tmp_path / "no-aws-config"
+    return clean_environ(
+        {
+            "CMBCLUSTER_DATA_DIR": str(tmp_path / "data"),
+            "CMBCLUSTER_STORAGE_BACKEND": "aws",
+            "AWS_REGION": "eu-west-1",
+            "AWS_ACCOUNT_ID": "123456789012",
+            "AWS_ENDPOINT_URL": moto_reset,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": str(empty),
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "S3_USER_BUCKET_PREFIX": "cmbkill",
+        }
+    )
+
+
+def _signed_in(server: ServeProcess) -> tuple[httpx.Client, dict[str, str]]:
+    assert server.wait_ready("/readyz").status_code == 200, server.output()
+    client = httpx.Client(base_url=server.url, timeout=30)
+    return client, dev_sign_in(client, "ada@example.org")
+
+
+def _kill(server: ServeProcess) -> None:
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+
+
+def test_sigkill_mid_upload_leaves_no_multipart_upload_after_the_next_start(
+    serve_env: dict[str, str], tmp_path: Path, s3: Any
+) -> None:
+    server = ServeProcess(serve_env, tmp_path)
+    try:
+        client, headers = _signed_in(server)
+        storage = client.post(API, headers=headers, json={"display_name": "maps"}).json()
+        bucket = storage["bucket_name"]
+        sent, killed = threading.Event(), threading.Event()
+
+        def body() -> Iterator[bytes]:
+            for i in range(64):
+                if i == 24:  # three 8 MiB parts are on their way: the multipart upload exists
+                    sent.set()
+                    killed.wait(30)  # hold the upload open until the server is killed
+                yield b"m" * MiB
+
+        def upload() -> None:
+            try:
+                httpx.put(f"{server.url}{API}/{storage['id']}/objects/big.fits", headers=headers, content=body(),
+                          timeout=60)  # fmt: skip
+            except httpx.TransportError:
+                pass  # the server was killed under it
+
+        uploader = threading.Thread(target=upload, daemon=True)
+        uploader.start()
+        assert sent.wait(30)
+        deadline = time.monotonic() + 20
+        while not s3.list_multipart_uploads(Bucket=bucket).get("Uploads") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (left,) = s3.list_multipart_uploads(Bucket=bucket)["Uploads"]
+        while not s3.list_parts(Bucket=bucket, Key="big.fits", UploadId=left["UploadId"]).get("Parts"):
+            assert time.monotonic() < deadline, "no part arrived"
+            time.sleep(0.1)
+        _kill(server)
+        killed.set()
+        uploader.join(40)
+        assert s3.list_multipart_uploads(Bucket=bucket)["Uploads"] == [left]  # billed parts, left behind
+        client.close()
+    finally:
+        server.stop()
+
+    with ServeProcess(serve_env, tmp_path) as restarted:
+        client, headers = _signed_in(restarted)
+        assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
+        assert "aborted 1 unfinished uploads" in restarted.output()
+        with pytest.raises(Exception):
+            s3.head_object(Bucket=bucket, Key="big.fits")
+        client.close()
+
+
+def test_usage_and_quota_through_the_api_count_noncurrent_versions(
+    serve_env: dict[str, str], tmp_path: Path, s3: Any
+) -> None:
+    quota = {**serve_env, "CMBCLUSTER_STORAGE_QUOTA_BYTES": str(5 * MiB)}
+    with ServeProcess(quota, tmp_path) as server:
+        client, headers = _signed_in(server)
+        storage = client.post(API, headers=headers, json={"display_name": "versions"}).json()
+        objects = f"{API}/{storage['id']}/objects"
+        for fill in (b"a", b"b", b"c", b"d"):  # a write and three overwrites
+            assert client.put(f"{objects}/map.fits", headers=headers, content=fill * MiB).status_code == 201
+        assert client.post(f"{objects}/delete", headers=headers, json={"keys": ["map.fits"]}).status_code == 200
+        got = client.get(f"{API}/{storage['id']}", headers=headers).json()
+        assert (got["size_bytes"], got["object_count"]) == (0, 0)
+        assert (got["noncurrent_bytes"], got["noncurrent_object_count"]) == (4 * MiB, 4)
+        versions = s3.list_object_versions(Bucket=storage["bucket_name"])["Versions"]
+        assert sum(v["Size"] for v in versions) == got["size_bytes"] + got["noncurrent_bytes"]
+
+        # The quota counts what S3 bills: 4 MiB of earlier versions leave 1 MiB of 5.
+        listed = client.get(API, headers=headers).json()["quota"]
+        assert listed == {"quota_bytes": 5 * MiB, "used_bytes": 4 * MiB, "noncurrent_bytes": 4 * MiB}
+        refused = client.put(f"{objects}/more.fits", headers=headers, content=b"m" * (2 * MiB))
+        assert refused.status_code == 413 and "left of your storage quota" in refused.json()["message"]
+        streamed = client.put(f"{objects}/more.fits", headers=headers, content=iter([b"m" * MiB] * 12))
+        assert streamed.status_code == 413
+        assert "Contents" not in s3.list_objects_v2(Bucket=storage["bucket_name"])  # nothing stored
+        assert "Uploads" not in s3.list_multipart_uploads(Bucket=storage["bucket_name"])
+        client.close()
+
+
+def _mark_deleting(data: Path, storage_id: str, *, force: bool) -> None:
+    """What a server killed in the middle of a bucket delete leaves in its database."""
+    with sqlite3.connect(data / "cmbcluster.db") as db:
+        db.execute("UPDATE storages SET status = 'deleting', delete_force = ? WHERE id = ?", (force, storage_id))
+
+
+def test_an_interrupted_delete_is_finished_or_rolled_back_at_the_next_start(
+    serve_env: dict[str, str], tmp_path: Path, s3: Any
+) -> None:
+    server = ServeProcess(serve_env, tmp_path)
+    try:
+        client, headers = _signed_in(server)
+        forced = client.post(API, headers=headers, json={"display_name": "forced"}).json()
+        plain = client.post(API, headers=headers, json={"display_name": "plain"}).json()
+        for storage in (forced, plain):
+            for key in ("a.txt", "b.txt"):
+                client.put(f"{API}/{storage['id']}/objects/{key}", headers=headers, content=b"x" * 100)
+        s3.delete_object(Bucket=forced["bucket_name"], Key="a.txt")  # the delete had begun
+        _kill(server)
+        client.close()
+    finally:
+        server.stop()
+    data = Path(serve_env["CMBCLUSTER_DATA_DIR"])
+    _mark_deleting(data, forced["id"], force=True)
+    _mark_deleting(data, plain["id"], force=False)
+
+    with ServeProcess(serve_env, tmp_path) as restarted:
+        client, headers = _signed_in(restarted)
+        listed = {s["id"]: s for s in client.get(API, headers=headers).json()["storages"]}
+        # The forced delete was finished: bucket and record are gone.
+        assert forced["id"] not in listed
+        assert s3.list_buckets(Prefix=forced["bucket_name"]).get("Buckets", []) == []
+        # A delete without force of a non-empty bucket cannot finish: the storage is usable again,
+        # its usage measured anew.
+        assert listed[plain["id"]]["status"] == "active"
+        assert (listed[plain["id"]]["size_bytes"], listed[plain["id"]]["object_count"]) == (200, 2)
+        got = client.get(f"{API}/{plain['id']}/objects/a.txt", headers=headers)
+        assert got.status_code == 200 and got.content == b"x" * 100
+        client.close()

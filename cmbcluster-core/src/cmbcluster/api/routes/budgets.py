@@ -1,0 +1,100 @@
+"""Monthly budgets of users and groups, and the groups themselves (admins only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from cmbcluster.api.deps import AdminUser, Context, DbSession
+from cmbcluster.services import budgets as service
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+
+Scope = Annotated[Literal["user", "group"], Path(description="user or group")]
+Target = Annotated[str, Path(max_length=200, description="A user's id or e-mail, or a group's id or name")]
+
+
+class BudgetStatusOut(BaseModel):
+    """A budget and how much of it this month (UTC) has used."""
+
+    id: str
+    scope: str = Field(description="user or group")
+    target_id: str
+    label: str = Field(description="The user's e-mail or the group's name")
+    amount: float
+    unit: str = Field(description="currency (the price table's) or core_hours")
+    currency: str
+    hard: bool = Field(description="At 100 %, running environments are stopped too")
+    used: float = Field(description="This month so far, in the budget's unit (an estimate from list prices)")
+    percent: float
+    state: Literal["ok", "warning", "exceeded"] = Field(description="warning from 80 %, exceeded from 100 %")
+    message: str
+
+
+class BudgetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: float = Field(gt=0, le=1e12)
+    unit: Literal["currency", "core_hours"] = "currency"
+    hard: bool = Field(default=False, description="At 100 %, stop running environments too")
+
+
+class GroupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[str] = Field(max_length=10_000, description="Users by id or e-mail; replaces the members")
+
+
+class GroupOut(BaseModel):
+    id: str
+    name: str
+    members: list[str] = Field(description="The members' e-mails")
+
+
+def status_out(found: list[service.BudgetStatus]) -> list[BudgetStatusOut]:
+    return [BudgetStatusOut(**status.as_dict()) for status in found]
+
+
+@router.get("/budgets", response_model=list[BudgetStatusOut], summary="Every budget, with this month's use")
+def list_budgets(admin: AdminUser, db: DbSession, context: Context) -> Any:
+    return status_out(service.statuses(db, context.prices))
+
+
+@router.put(
+    "/budgets/{scope}/{target}", response_model=BudgetStatusOut, summary="Set a user's or a group's monthly budget"
+)
+def set_budget(scope: Scope, target: Target, body: BudgetIn, admin: AdminUser, db: DbSession, context: Context) -> Any:
+    budget = service.set_budget(
+        db, context.prices, actor_id=admin.id, scope=scope, target=target, amount=body.amount, unit=body.unit,
+        hard=body.hard,
+    )  # fmt: skip
+    return next(
+        BudgetStatusOut(**s.as_dict()) for s in service.statuses(db, context.prices) if s.budget.id == budget.id
+    )
+
+
+@router.delete("/budgets/{scope}/{target}", status_code=204, summary="Remove a budget")
+def delete_budget(scope: Scope, target: Target, admin: AdminUser, db: DbSession) -> Response:
+    service.delete_budget(db, actor_id=admin.id, scope=scope, target=target)
+    return Response(status_code=204)
+
+
+@router.get("/groups", response_model=list[GroupOut], summary="Groups of users, for reports and budgets")
+def list_groups(admin: AdminUser, db: DbSession) -> Any:
+    return service.groups(db)
+
+
+@router.put("/groups/{name}", response_model=GroupOut, summary="Create a group or replace its members")
+def set_group(
+    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupIn, admin: AdminUser, db: DbSession
+) -> Any:
+    group = service.set_group(db, actor_id=admin.id, name=name, members=body.members)
+    return next(g for g in service.groups(db) if g["id"] == group.id)
+
+
+@router.delete("/groups/{name}", status_code=204, summary="Remove a group (and its budget)")
+def delete_group(name: Annotated[str, Path(min_length=1, max_length=100)], admin: AdminUser, db: DbSession) -> Response:
+    service.delete_group(db, actor_id=admin.id, name=name)
+    return Response(status_code=204)

@@ -1,0 +1,347 @@
+"""Monthly budgets of users and groups: warn at 80 %, refuse new starts at 100 %, stop at 100 % if hard.
+
+A budget counts the calendar month (UTC) so far, in the price table's currency (estimated cost)
+or in core-hours, from the same usage records as the reports (:mod:`cmbcluster.services.accounting`).
+A group's budget counts the usage of all its members.
+
+Each crossing (80 or 100 % in a month) is recorded once in ``budget_events`` (a unique key makes
+a second recording a no-op), audited, and sent to ``CMBCLUSTER_BUDGET_WEBHOOK_URL`` by the reconcile
+loop until delivered or :data:`MAX_ATTEMPTS` passes have failed; a failed delivery is logged,
+never raised.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cmbcluster.db.models import Budget, BudgetEvent, Environment, Group, GroupMember, User, utcnow
+from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.pricing import PriceTable
+from cmbcluster.services import accounting
+from cmbcluster.services.audit import audit
+
+if TYPE_CHECKING:
+    from cmbcluster.context import AppContext
+
+log = logging.getLogger(__name__)
+
+UNITS = ("currency", "core_hours")
+SCOPES = ("user", "group")
+LEVELS = (80, 100)
+#: Webhook deliveries per event: a few tries within a pass, then again on later passes up to this.
+MAX_ATTEMPTS = 5
+TRIES_PER_PASS = 3
+WEBHOOK_TIMEOUT = 5.0
+
+
+class BudgetExceeded(CmbclusterError):
+    """A start refused because a budget is used up (403: retrying does not help until the month ends
+    or an admin raises the budget)."""
+
+    http_status = 403
+
+
+@dataclass
+class BudgetStatus:
+    budget: Budget
+    label: str  # the user's e-mail or the group's name
+    used: float
+    currency: str
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.used / self.budget.amount if self.budget.amount > 0 else 100.0
+
+    @property
+    def level(self) -> int:
+        """0, 80 or 100: the highest threshold reached."""
+        return max((lvl for lvl in LEVELS if self.percent >= lvl), default=0)
+
+    @property
+    def state(self) -> str:
+        return {0: "ok", 80: "warning", 100: "exceeded"}[self.level]
+
+    def describe(self) -> str:
+        unit = self.currency if self.budget.unit == "currency" else "core-hours"
+        whose = "your monthly budget" if self.budget.scope == "user" else f"the monthly budget of group {self.label!r}"
+        return (
+            f"{whose} of {self.budget.amount:g} {unit} is {self.percent:.0f} % used ({self.used:.2f} {unit} this month)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.budget.id, "scope": self.budget.scope, "target_id": self.budget.target_id,
+            "label": self.label, "amount": self.budget.amount, "unit": self.budget.unit,
+            "currency": self.currency, "hard": self.budget.hard, "used": round(self.used, 4),
+            "percent": round(self.percent, 1), "state": self.state, "message": self.describe(),
+        }  # fmt: skip
+
+
+def month_of(now: dt.datetime) -> tuple[str, dt.datetime, dt.datetime]:
+    lo, hi = accounting.month_period(now.strftime("%Y-%m"))
+    return now.strftime("%Y-%m"), lo, hi
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def statuses(
+    db: Session, prices: PriceTable, *, user_id: str | None = None, now: dt.datetime | None = None
+) -> list[BudgetStatus]:
+    """Every budget's use this month; with ``user_id``, only the budgets that bind that user."""
+    moment = now or utcnow()
+    query = select(Budget)
+    if user_id is not None:
+        groups = select(GroupMember.group_id).where(GroupMember.user_id == user_id)
+        query = query.where(
+            ((Budget.scope == "user") & (Budget.target_id == user_id))
+            | ((Budget.scope == "group") & Budget.target_id.in_(groups))
+        )
+    budgets = list(db.execute(query.order_by(Budget.scope, Budget.created_at)).scalars())
+    if not budgets:
+        return []
+    members: dict[str, list[str]] = defaultdict(list)
+    group_ids = [b.target_id for b in budgets if b.scope == "group"]
+    for group_id, member in db.execute(
+        select(GroupMember.group_id, GroupMember.user_id).where(GroupMember.group_id.in_(group_ids))
+    ):
+        members[group_id].append(member)
+    users = {b.target_id for b in budgets if b.scope == "user"} | {u for ms in members.values() for u in ms}
+    _month, lo, hi = month_of(moment)
+    usage = accounting.usage_by(db, prices, lo, hi, user_ids=sorted(users), now=moment)
+    labels = dict(db.execute(select(User.id, User.email).where(User.id.in_(users))).all())
+    labels |= dict(db.execute(select(Group.id, Group.name).where(Group.id.in_(group_ids))).all())
+    result = []
+    for budget in budgets:
+        who = [budget.target_id] if budget.scope == "user" else members[budget.target_id]
+        used = sum(_amount(usage[u], budget.unit) for u in who if u in usage)
+        result.append(BudgetStatus(budget, labels.get(budget.target_id, budget.target_id), used, prices.currency))
+    return result
+
+
+def _amount(usage: accounting.Usage, unit: str) -> float:
+    return usage.cost if unit == "currency" else usage.core_hours
+
+
+def check_start(db: Session, context: AppContext, user: User) -> None:
+    """Refuse a new start when a budget binding ``user`` is used up (recording the crossing)."""
+    used_up = [s for s in statuses(db, context.prices, user_id=user.id) if s.level >= 100]
+    if not used_up:
+        return
+    record_crossings(db, used_up)
+    db.commit()
+    raise BudgetExceeded(
+        f"new environments cannot start: {used_up[0].describe()}; "
+        "ask an administrator to raise it, or wait for next month"
+    )
+
+
+def record_crossings(db: Session, found: list[BudgetStatus], now: dt.datetime | None = None) -> list[BudgetEvent]:
+    """Record (once per budget, month and level) and audit each threshold reached. Returns the new ones."""
+    moment = now or utcnow()
+    month = moment.strftime("%Y-%m")
+    recorded = []
+    for status in found:
+        for level in (lvl for lvl in LEVELS if lvl <= status.level):
+            exists = db.execute(
+                select(BudgetEvent.id).where(
+                    BudgetEvent.budget_id == status.budget.id, BudgetEvent.month == month, BudgetEvent.level == level
+                )
+            ).first()
+            if exists:
+                continue
+            payload = {
+                "event": "budget.warning" if level == 80 else "budget.exceeded", "level": level, "month": month,
+                "at": moment.isoformat(), **status.as_dict(),
+            }  # fmt: skip
+            event = BudgetEvent(budget_id=status.budget.id, month=month, level=level, at=moment, payload=payload)
+            try:
+                with db.begin_nested():  # another replica or request recorded it meanwhile: theirs stands
+                    db.add(event)
+            except IntegrityError:
+                continue
+            audit(db, actor_id=None, action=payload["event"], target_type=f"budget.{status.budget.scope}",
+                  target_id=status.budget.target_id, level=level, month=month, message=status.describe())  # fmt: skip
+            recorded.append(event)
+    return recorded
+
+
+def enforce(db: Session, context: AppContext) -> list[str]:
+    """The reconcile loop's pass: record crossings, stop the environments a used-up hard budget
+    binds, send pending events. Returns the ids of the environments stopped."""
+    from cmbcluster.services import environments  # environments imports this module
+
+    found = statuses(db, context.prices)
+    record_crossings(db, found)
+    db.commit()
+    stopped: list[str] = []
+    for status in found:
+        if status.level < 100 or not status.budget.hard:
+            continue
+        users = (
+            [status.budget.target_id]
+            if status.budget.scope == "user"
+            else list(db.execute(select(GroupMember.user_id).where(GroupMember.group_id == status.budget.target_id))
+                      .scalars())
+        )  # fmt: skip
+        running = db.execute(
+            select(Environment).where(
+                Environment.user_id.in_(users), Environment.status.in_(environments.ACTIVE_STATUSES)
+            )
+        ).scalars()
+        for env in list(running):
+            environments.stop(db, context, env, actor_id=None, reason=f"stopped: {status.describe()} (a hard budget)")
+            stopped.append(env.id)
+    deliver_pending(db, context.config.core.budget_webhook_url)
+    return stopped
+
+
+# -- the webhook ---------------------------------------------------------------------------------
+def deliver_pending(db: Session, url: str | None, *, pause: float = 0.5) -> int:
+    """POST each undelivered event to ``url`` (a few tries each); returns how many arrived."""
+    if not url:
+        return 0
+    pending = db.execute(
+        select(BudgetEvent)
+        .where(BudgetEvent.delivered_at.is_(None), BudgetEvent.attempts < MAX_ATTEMPTS)
+        .order_by(BudgetEvent.id)
+    ).scalars()
+    delivered = 0
+    with httpx.Client(timeout=WEBHOOK_TIMEOUT) as client:
+        for event in list(pending):
+            for attempt in range(TRIES_PER_PASS):
+                event.attempts += 1
+                try:
+                    client.post(url, json=event.payload).raise_for_status()
+                except httpx.HTTPError as error:
+                    log.warning("budget webhook: event %s not delivered (attempt %s): %s", event.id, event.attempts,
+                                error)  # fmt: skip
+                    if event.attempts >= MAX_ATTEMPTS:
+                        break
+                    if attempt + 1 < TRIES_PER_PASS:
+                        time.sleep(pause * (attempt + 1))
+                    continue
+                event.delivered_at = utcnow()
+                delivered += 1
+                break
+            db.commit()
+    return delivered
+
+
+# -- administration ------------------------------------------------------------------------------
+def resolve_target(db: Session, scope: str, target: str) -> tuple[str, str]:
+    """(id, label) of a user (id or e-mail) or a group (id or name)."""
+    if scope == "user":
+        user = db.get(User, target) or db.execute(select(User).where(User.email == target)).scalar_one_or_none()
+        if user is None:
+            raise NotFound(f"user {target} not found")
+        return user.id, user.email
+    if scope == "group":
+        group = db.get(Group, target) or db.execute(select(Group).where(Group.name == target)).scalar_one_or_none()
+        if group is None:
+            raise NotFound(f"group {target} not found")
+        return group.id, group.name
+    raise InvalidRequest(f"a budget's scope is one of {', '.join(SCOPES)}, not {scope!r}")
+
+
+def set_budget(
+    db: Session, prices: PriceTable, *, actor_id: str, scope: str, target: str, amount: float, unit: str, hard: bool
+) -> Budget:
+    if unit not in UNITS:
+        raise InvalidRequest(f"a budget's unit is one of {', '.join(UNITS)}, not {unit!r}")
+    if not amount > 0:
+        raise InvalidRequest("a budget's amount must be more than 0")
+    target_id, label = resolve_target(db, scope, target)
+    budget = db.execute(
+        select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)
+    ).scalar_one_or_none() or Budget(scope=scope, target_id=target_id)
+    budget.amount, budget.unit, budget.hard = amount, unit, hard
+    db.add(budget)
+    db.flush()
+    audit(db, actor_id=actor_id, action="budget.set", target_type=f"budget.{scope}", target_id=target_id,
+          label=label, amount=amount, unit=unit, hard=hard)  # fmt: skip
+    db.commit()
+    _reset_crossings(db, prices, budget)
+    return budget
+
+
+def _reset_crossings(db: Session, prices: PriceTable, budget: Budget) -> None:
+    """Forget this month's crossings the budget's new amount puts back below: a raised budget warns
+    again when its use reaches the new 80 %."""
+    current = [s for s in statuses(db, prices) if s.budget.id == budget.id]
+    level = current[0].level if current else 0
+    month = utcnow().strftime("%Y-%m")
+    for event in db.execute(
+        select(BudgetEvent).where(BudgetEvent.budget_id == budget.id, BudgetEvent.month == month)
+    ).scalars():
+        if event.level > level:
+            db.delete(event)
+    db.commit()
+
+
+def delete_budget(db: Session, *, actor_id: str, scope: str, target: str) -> None:
+    target_id, label = resolve_target(db, scope, target)
+    budget = db.execute(select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)).scalar_one_or_none()
+    if budget is None:
+        raise NotFound(f"{scope} {label} has no budget")
+    db.delete(budget)
+    audit(db, actor_id=actor_id, action="budget.deleted", target_type=f"budget.{scope}", target_id=target_id,
+          label=label)  # fmt: skip
+    db.commit()
+
+
+def set_group(db: Session, *, actor_id: str, name: str, members: list[str]) -> Group:
+    """Create or replace a group's members (users given by id or e-mail)."""
+    name = name.strip()
+    if not 1 <= len(name) <= 100:
+        raise InvalidRequest("a group name of 1 to 100 characters is required")
+    ids = []
+    for member in dict.fromkeys(members):
+        ids.append(resolve_target(db, "user", member)[0])
+    group = db.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
+    if group is None:
+        group = Group(name=name)
+        db.add(group)
+        db.flush()
+    for row in db.execute(select(GroupMember).where(GroupMember.group_id == group.id)).scalars():
+        db.delete(row)
+    db.flush()
+    db.add_all(GroupMember(group_id=group.id, user_id=uid) for uid in ids)
+    audit(db, actor_id=actor_id, action="group.set", target_type="group", target_id=group.id, name=name,
+          members=len(ids))  # fmt: skip
+    db.commit()
+    return group
+
+
+def groups(db: Session) -> list[dict[str, Any]]:
+    rows = db.execute(
+        select(Group.id, Group.name, User.email)
+        .select_from(Group)
+        .outerjoin(GroupMember, GroupMember.group_id == Group.id)
+        .outerjoin(User, User.id == GroupMember.user_id)
+        .order_by(Group.name, User.email)
+    ).all()
+    found: dict[str, dict[str, Any]] = {}
+    for group_id, name, email in rows:
+        entry = found.setdefault(group_id, {"id": group_id, "name": name, "members": []})
+        if email:
+            entry["members"].append(email)
+    return list(found.values())
+
+
+def delete_group(db: Session, *, actor_id: str, name: str) -> None:
+    group_id, label = resolve_target(db, "group", name)
+    group = db.get(Group, group_id)
+    db.delete(group)
+    for budget in db.execute(select(Budget).where(Budget.scope == "group", Budget.target_id == group_id)).scalars():
+        db.delete(budget)
+    audit(db, actor_id=actor_id, action="group.deleted", target_type="group", target_id=group_id, name=label)
+    db.commit()
