@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 from cmbcluster import (
     AuthProviderRegistration,
@@ -68,28 +66,17 @@ def _aws_infra(ctx: ProviderContext) -> InfraProvider:
 
 def _aws_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster.kubernetes.plugin import KubernetesSettings
+    from cmbcluster.provisioning import deployment_domains
     from cmbcluster_aws.provisioning import AwsProvisioner
 
     kubernetes = ctx.settings(KubernetesSettings)
-    public_url = ctx.core.public_url
-    domains = [urlsplit(public_url).hostname or "" if public_url else ""]
-    if kubernetes is not None and kubernetes.environments_domain:
-        domains.append(kubernetes.environments_domain)
+    domains = deployment_domains(ctx.core.public_url, kubernetes.environments_domain if kubernetes else None)
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias S3_DATABASE_BUCKET)
     return AwsProvisioner(
         ctx.require_settings(AwsSettings), namespace=ctx.core.namespace, database_bucket=ctx.core.database_bucket,
-        domains=[d for d in domains if d and not _is_address(d)],
+        domains=domains,
         ingress_namespace=kubernetes.ingress_namespace if kubernetes is not None else "ingress-nginx",
     )  # fmt: skip
-
-
-def _is_address(host: str) -> bool:
-    """An IP address is no domain to certify or to find a DNS zone for."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host in ("localhost",)
-    return True
 
 
 @hookimpl

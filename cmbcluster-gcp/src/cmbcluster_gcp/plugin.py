@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from cmbcluster import (
     AuthProviderRegistration,
@@ -68,29 +66,20 @@ def _gcp_infra(ctx: ProviderContext, iam: IamClient | None = None) -> InfraProvi
 
 def _gcp_provisioner(ctx: ProviderContext) -> Provisioner:
     from cmbcluster.kubernetes.plugin import KubernetesSettings
+    from cmbcluster.provisioning import deployment_domains
     from cmbcluster_gcp.provisioning import GcpProvisioner
 
     settings = ctx.require_settings(GcpSettings)
     kubernetes = ctx.settings(KubernetesSettings)
-    public_url = ctx.core.public_url
-    domains = [settings.domain or (urlsplit(public_url).hostname if public_url else "") or ""]
-    if kubernetes is not None and kubernetes.environments_domain:
-        domains.append(kubernetes.environments_domain)
+    domains = deployment_domains(
+        ctx.core.public_url, kubernetes.environments_domain if kubernetes else None, domain=settings.domain
+    )
     # the database bucket is core's one setting (CMBCLUSTER_DATABASE_BUCKET, alias GCS_DATABASE_BUCKET)
     return GcpProvisioner(
         settings, database_bucket=ctx.core.database_bucket, namespace=ctx.core.namespace,
-        domains=[d for d in domains if d and not _is_address(d)],
+        domains=domains,
         ingress_namespace=kubernetes.ingress_namespace if kubernetes is not None else "ingress-nginx",
     )  # fmt: skip
-
-
-def _is_address(host: str) -> bool:
-    """An IP address is no domain to certify or to find a DNS zone for."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host == "localhost"
-    return True
 
 
 @hookimpl

@@ -5,7 +5,7 @@ cloud's provisioner shares (helm add-ons, the kubeconfig of a new cluster, the d
 """
 
 from cmbcluster.provisioning.data import data_written_during_down, refuse_to_delete_data
-from cmbcluster.provisioning.dns import Zone, best_zone, check_record, fqdn
+from cmbcluster.provisioning.dns import Zone, best_zone, check_record, deployment_domains, fqdn
 from cmbcluster.provisioning.engine import StepRun, check_tools, dns, down, retained, status, up
 from cmbcluster.provisioning.helm import (
     CERT_MANAGER,
@@ -39,6 +39,7 @@ __all__ = [
     "check_tools",
     "cluster_config_release",
     "data_written_during_down",
+    "deployment_domains",
     "dns",
     "down",
     "fqdn",

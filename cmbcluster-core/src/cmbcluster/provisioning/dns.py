@@ -7,13 +7,15 @@ the calls that list zones and change records are each cloud's.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cmbcluster.errors import InvalidRequest, NotFound
 from cmbcluster.interfaces.provisioning import DnsRecord
 
-__all__ = ["Zone", "best_zone", "check_record", "fqdn"]
+__all__ = ["Zone", "best_zone", "check_record", "deployment_domains", "fqdn"]
 
 
 def fqdn(name: str) -> str:
@@ -52,3 +54,21 @@ def check_record(record: DnsRecord, zone_name: str, zone_label: str) -> str:
             "or use a subdomain"
         )
     return name
+
+
+def deployment_domains(
+    public_url: str | None, environments_domain: str | None, *, domain: str | None = None
+) -> list[str]:
+    """The names ``infra up`` certifies and points DNS at: ``domain`` (a cloud's own setting), else the
+    public URL's host, and the environments' domain; IP addresses and localhost are no domain to
+    certify or to find a zone for, so they are left out."""
+    names = [domain or (urlsplit(public_url).hostname if public_url else None), environments_domain]
+    return [name for name in names if name and not _is_address(name)]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return True
