@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cmbcluster.db.models import Budget, BudgetEvent, Environment, Group, GroupMember, User, utcnow
+from cmbcluster.db.models import Budget, BudgetEvent, Group, GroupMember, User, utcnow
 from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
@@ -174,15 +174,22 @@ def record_crossings(db: Session, found: list[BudgetStatus], now: dt.datetime | 
     return recorded
 
 
-def enforce(db: Session, context: AppContext) -> list[str]:
-    """The reconcile loop's pass: record crossings, stop the environments a used-up hard budget
-    binds, send pending events. Returns the ids of the environments stopped."""
-    from cmbcluster.services import environments  # environments imports this module
+@dataclass(frozen=True)
+class HardStop:
+    """Users whose running environments a used-up hard budget stops, and the reason they are told."""
 
+    user_ids: list[str]
+    reason: str
+
+
+def enforce(db: Session, context: AppContext) -> list[HardStop]:
+    """The reconcile loop's pass: record crossings, send pending events, and say whose environments
+    a used-up hard budget stops (the loop stops them: this module stays below services.environments,
+    which asks it before every start)."""
     found = statuses(db, context.prices)
     record_crossings(db, found)
     db.commit()
-    stopped: list[str] = []
+    stops: list[HardStop] = []
     for status in found:
         if status.level < 100 or not status.budget.hard:
             continue
@@ -192,16 +199,9 @@ def enforce(db: Session, context: AppContext) -> list[str]:
             else list(db.execute(select(GroupMember.user_id).where(GroupMember.group_id == status.budget.target_id))
                       .scalars())
         )  # fmt: skip
-        running = db.execute(
-            select(Environment).where(
-                Environment.user_id.in_(users), Environment.status.in_(environments.ACTIVE_STATUSES)
-            )
-        ).scalars()
-        for env in list(running):
-            environments.stop(db, context, env, actor_id=None, reason=f"stopped: {status.describe()} (a hard budget)")
-            stopped.append(env.id)
+        stops.append(HardStop(user_ids=users, reason=f"stopped: {status.describe()} (a hard budget)"))
     deliver_pending(db, context.config.core.budget_webhook_url)
-    return stopped
+    return stops
 
 
 # -- the webhook ---------------------------------------------------------------------------------

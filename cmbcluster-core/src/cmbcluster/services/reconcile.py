@@ -192,7 +192,15 @@ class Reconciler:
 
     def _budgets(self, db: Session, report: ReconcileReport) -> None:
         try:
-            report.over_budget.extend(budgets.enforce(db, self.context))
+            for stop in budgets.enforce(db, self.context):
+                running = db.execute(
+                    select(Environment).where(
+                        Environment.user_id.in_(stop.user_ids), Environment.status.in_(environments.ACTIVE_STATUSES)
+                    )
+                ).scalars()
+                for env in list(running):
+                    environments.stop(db, self.context, env, actor_id=None, reason=stop.reason)
+                    report.over_budget.append(env.id)
         except Exception:  # a budget's trouble must not stop the loop's other work
             db.rollback()
             log.exception("budget enforcement failed this pass")
