@@ -169,9 +169,12 @@ def api_rule(rule: k8s.V1PolicyRule) -> dict[str, list[str]]:
 
 # -- the chart's ServiceAccount, used by the control plane outside the cluster ------------------------
 def service_account_token(api: k8s.ApiClient, release: Release) -> str:
-    """The token of the chart's ServiceAccount (1.20 creates a token Secret for every ServiceAccount)."""
+    """The token of the chart's ServiceAccount (1.20 creates a token Secret for every ServiceAccount):
+    the one the cloud identity trusts, whatever the release is called."""
+    from cmbcluster.kubernetes.rbac import CONTROL_PLANE_SERVICE_ACCOUNT
+
     core = k8s.CoreV1Api(api)
-    account = release.resource_name()
+    account = CONTROL_PLANE_SERVICE_ACCOUNT
 
     def token() -> str | None:
         found = core.list_namespaced_secret(
