@@ -40,6 +40,7 @@ pytest.importorskip("cmbcluster_gcp")
 
 import boto3
 from kubernetes import client as k8s
+from moto.core.base_backend import BackendDict
 from moto.server import ThreadedMotoServer
 
 from cmbcluster.testing.process import ServeProcess, clean_environ
@@ -330,6 +331,9 @@ def aws_deployment(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFac
     tmp = tmp_path_factory.mktemp("aws-walk")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")  # moto knows AWS managed policies only with this
+        # moto's backends live in this process: an earlier module's server may have made the account's IAM
+        # backend before managed policies were asked for, so start from empty ones
+        BackendDict.reset()
         moto_stand_ins.install(mp)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
