@@ -261,7 +261,7 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     assert patched.value.status == 200
     expect(page.get_by_label("Storage quota of bob@example.org in GiB")).to_have_value("2")
     bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
-    expect(bob.page.locator("#storage-quota")).to_contain_text("of your 2.1 GB quota")
+    expect(bob.page.locator("#storage-quota")).to_contain_text("of your 2 GiB quota")
     page.get_by_role("button", name="Deactivate carol@example.org").click()
     expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
     screenshot(page, "admin-users")
