@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +31,6 @@ def create_db_engine(url: str) -> Engine:
         kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40, "max_overflow": 10}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
-        _queue_writers(engine)
         return engine
     if parsed.drivername == "postgresql":  # the driver the `postgresql` extra installs (psycopg 3)
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -47,44 +44,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
-
-
-#: How long a writer waits for the others of this process (SQLite's own busy timeout is as long).
-WRITE_WAIT_SECONDS = 30.0
-_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
-
-
-def _queue_writers(engine: Engine) -> None:
-    """Writers of this process take turns on a lock instead of SQLite's busy handler.
-
-    SQLite lets one transaction write at a time; the others' statements sleep in its busy handler
-    (1, 2, 5 ... 100 ms at a time) and retry, so a burst of writes (200 starts at once) spends most
-    of its time asleep. Waiting on a lock from a transaction's first write to its end wakes each
-    writer as soon as the previous one is done. Other processes (a CLI command) still meet SQLite's
-    lock and its busy timeout; reads never wait (WAL).
-    """
-    lock = threading.Lock()
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _before_write(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if conn.info.get("cmbcluster_writing") or not statement.lstrip()[:7].upper().startswith(_WRITES):
-            return
-        if not lock.acquire(timeout=WRITE_WAIT_SECONDS):
-            raise sqlite3.OperationalError("database is locked (other writers of this server took too long)")
-        conn.info["cmbcluster_writing"] = True
-
-    def _done(conn: Any) -> None:
-        if conn.info.pop("cmbcluster_writing", False):
-            lock.release()
-
-    event.listen(engine, "commit", _done)
-    event.listen(engine, "rollback", _done)
-
-    @event.listens_for(engine.pool, "checkin")
-    def _returned(_dbapi_connection: Any, record: Any) -> None:
-        # a connection back in the pool has ended its transaction, however it ended
-        if record is not None and record.info.pop("cmbcluster_writing", False):
-            lock.release()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
