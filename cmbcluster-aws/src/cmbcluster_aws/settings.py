@@ -14,20 +14,11 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cmbcluster.naming import deployment_name_problem
+from cmbcluster.naming import check_deployment_name
 from cmbcluster.settings import LOCAL_ONLY
 
 _REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
-
-
-def check_deployment_name(value: str, variable: str) -> str:
-    """``value`` if it can name a deployment; a clear error naming ``variable`` otherwise."""
-    problem = deployment_name_problem(value)
-    if problem is not None:
-        hint = "" if variable == "CMBCLUSTER_DEPLOYMENT_NAME" else "; or set CMBCLUSTER_DEPLOYMENT_NAME"
-        raise PydanticCustomError("deployment_name", "{problem}{hint}", {"problem": problem, "hint": hint})
-    return value
 
 
 class AwsSettings(BaseSettings):

@@ -29,6 +29,19 @@ def deployment_name_problem(value: str) -> str | None:
     )
 
 
+def check_deployment_name(value: str, variable: str) -> str:
+    """``value`` if it can name a deployment; for a settings validator, a clear error naming
+    ``variable`` otherwise (a cloud's cluster name names the deployment when
+    CMBCLUSTER_DEPLOYMENT_NAME is unset)."""
+    from pydantic_core import PydanticCustomError
+
+    problem = deployment_name_problem(value)
+    if problem is not None:
+        hint = "" if variable == "CMBCLUSTER_DEPLOYMENT_NAME" else "; or set CMBCLUSTER_DEPLOYMENT_NAME"
+        raise PydanticCustomError("deployment_name", "{problem}{hint}", {"problem": problem, "hint": hint})
+    return value
+
+
 def dns_label(*parts: str, max_length: int = 63) -> str:
     """Join ``parts`` into one RFC 1123 label (lower-case alphanumerics and '-')."""
     raw = "-".join(p for p in parts if p)

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, StringConstraints, Validati
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cmbcluster.naming import deployment_name_problem
+from cmbcluster.naming import check_deployment_name
 from cmbcluster.settings import LOCAL_ONLY
 
 #: A Kubernetes resource quantity ("250m", "1", "256Mi", "5Gi"); "0" means no limit for gcsfuse.
@@ -224,19 +224,13 @@ class GcpSettings(BaseSettings):
     @field_validator("deployment_name")
     @classmethod
     def _deployment_name(cls, value: str | None) -> str | None:
-        if value is not None and (problem := deployment_name_problem(value)):
-            raise PydanticCustomError("deployment_name", "{problem}", {"problem": problem})
-        return value
+        return None if value is None else check_deployment_name(value, "CMBCLUSTER_DEPLOYMENT_NAME")
 
     @field_validator("cluster_name")
     @classmethod
     def _cluster_names_the_deployment(cls, value: str, info: ValidationInfo) -> str:
         if "deployment_name" in info.data and info.data["deployment_name"] is None:  # it names the deployment
-            problem = deployment_name_problem(value)
-            if problem:
-                raise PydanticCustomError(
-                    "deployment_name", "{problem}; or set CMBCLUSTER_DEPLOYMENT_NAME", {"problem": problem}
-                )
+            check_deployment_name(value, "CLUSTER_NAME")
         return value
 
     @model_validator(mode="after")
