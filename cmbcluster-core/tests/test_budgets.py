@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from waiting import wait_until_running
 
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import AuditEvent, BudgetEvent, Environment, StorageInterval, User
@@ -87,17 +87,6 @@ def _context(app: FastAPI) -> AppContext:
     return context
 
 
-def _running(context: AppContext, env_id: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        Reconciler(context).refresh_transitional()
-        with context.sessions() as db:
-            if db.get(Environment, env_id).status == "running":  # type: ignore[union-attr]
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"environment {env_id} did not reach running")
-
-
 def _status(context: AppContext, env_id: str) -> str:
     with context.sessions() as db:
         env = db.get(Environment, env_id)
@@ -123,7 +112,7 @@ def test_a_budget_warns_at_80_refuses_at_100_and_a_hard_one_stops(
     )
     assert budget.status_code == 200, budget.text
     assert budget.json()["state"] == "ok" and budget.json()["used"] == 0
-    _running(context, env_id)
+    wait_until_running(context, env_id)
 
     # 7h59: under 80 %, no warning anywhere
     clock.advance(hours=7, minutes=59)

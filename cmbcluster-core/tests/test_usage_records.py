@@ -4,7 +4,6 @@ crash adds up to exactly the expected hours, on the real local compute and stora
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from waiting import wait_until_running
 
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, UsageInterval, User
@@ -55,14 +55,7 @@ def _start(context: AppContext, env_id: str) -> None:
         environments.reserve_start(db, context, user, env)
         environments.launch(db, context, env)
     # Running before the clock moves on: an hour later, one still starting would be past its start timeout.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        Reconciler(context).refresh_transitional()
-        with context.sessions() as db:
-            if db.get(Environment, env_id).status == "running":  # type: ignore[union-attr]
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"environment {env_id} did not reach running")
+    wait_until_running(context, env_id)
 
 
 def _stop(context: AppContext, env_id: str) -> None:
