@@ -16,6 +16,11 @@ class CmbclusterError(Exception):
     http_status: int = 500
     code: str = "internal_error"
 
+    @property
+    def server_fault(self) -> bool:
+        """Whether the server (or a service it needs) failed, which operators must hear of in the log."""
+        return self.http_status >= 500
+
     def __init__(self, message: str, *, detail: object | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -76,6 +81,10 @@ class InsufficientStorage(CmbclusterError):
 
     http_status = 507
     code = "insufficient_storage"
+
+    @property
+    def server_fault(self) -> bool:
+        return False  # the user's own quota, answered 507 as WebDAV does; nothing for operators to mend
 
 
 class HeadersTooLarge(CmbclusterError):

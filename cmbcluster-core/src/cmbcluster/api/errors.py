@@ -149,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CmbclusterError)
     async def _typed(request: Request, exc: CmbclusterError) -> JSONResponse:
-        if exc.http_status >= 500:
+        if exc.server_fault:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return error_response(exc)
 
