@@ -243,6 +243,9 @@ def test_several_files_download_as_one_zip(client: TestClient, alice: Headers, b
     assert whole.headers["content-disposition"] == 'attachment; filename="zips.zip"'
     assert client.post(f"{API}/{storage_id}/archive", data={"key": ["gone.txt"]}, headers=alice).status_code == 404
     assert client.post(f"{API}/{storage_id}/archive", data={}, headers=alice).status_code == 400
+    # a script that sends JSON learns how to ask, instead of being told it chose nothing
+    as_json = client.post(f"{API}/{storage_id}/archive", json={"keys": ["other.txt"]}, headers=alice)
+    assert as_json.status_code == 400 and "form fields `key`" in as_json.json()["message"]
     assert client.post(f"{API}/{storage_id}/archive", data={"key": ["other.txt"]}, headers=bob).status_code == 404
 
 

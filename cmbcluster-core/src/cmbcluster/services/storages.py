@@ -433,7 +433,10 @@ def selected_objects(
     require_usable(storage, context.config.storage.name)
     db.commit()
     if not keys and not prefixes:
-        raise InvalidRequest("choose at least one file or folder")
+        raise InvalidRequest(
+            "choose at least one file or folder: form fields `key` (a file) or `prefix` (a folder ending in '/'), "
+            "sent as application/x-www-form-urlencoded"
+        )
     found = {info.key: info for info in folder_objects(context, storage.bucket_name, prefixes)}
     for key in dict.fromkeys(keys):
         if key not in found:
