@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from cmbcluster.interfaces import CloudIdentity, MountRequest, PodContext, PodDraft, UserRef
+from cmbcluster.interfaces import CloudIdentity, MountRequest, PodContext, PodDraft, StorageBackend, UserRef
 from cmbcluster.plugins import PluginManager
+from cmbcluster.testing.pods import PodDecorationContract
 from cmbcluster_aws.identity import ROLE_ANNOTATION
 from cmbcluster_aws.settings import AwsSettings, parse_node_selector
 from cmbcluster_aws.storage import S3Storage
@@ -27,6 +29,27 @@ IRSA = CloudIdentity(
     namespace=NAMESPACE,
     annotations={ROLE_ANNOTATION: ROLE_ARN},
 )
+
+
+class TestEksPodContract(PodDecorationContract):
+    """The pod contract on buckets of moto's S3, with the user's IRSA role."""
+
+    provider_name = "aws"
+
+    @pytest.fixture
+    def storage_backend(self, aws_settings: AwsSettings) -> Iterator[StorageBackend]:
+        storage = S3Storage(aws_settings)
+        yield storage
+        storage.close()
+
+    @pytest.fixture
+    def identity(self, user: UserRef) -> CloudIdentity:
+        return CloudIdentity(user=user, principal=ROLE_ARN, service_account=IRSA.service_account,
+                             namespace=NAMESPACE, annotations=IRSA.annotations)  # fmt: skip
+
+    @pytest.fixture
+    def active_settings(self, aws_settings: AwsSettings) -> Mapping[type[Any], Any]:
+        return {AwsSettings: aws_settings}
 
 
 @pytest.fixture

@@ -10,17 +10,19 @@ import json
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import boto3
 import pytest
 
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
-from cmbcluster.interfaces import InfraProvider, UserRef
+from cmbcluster.interfaces import CloudIdentity, InfraProvider, StorageBackend, UserRef
+from cmbcluster.testing.infra import InfraProviderContract
 from cmbcluster_aws.identity import BUCKET_POLICY_NAME, ROLE_ANNOTATION, AwsInfra
 from cmbcluster_aws.provisioning import user_boundary_policy
 from cmbcluster_aws.settings import AwsSettings
+from cmbcluster_aws.storage import S3Storage
 
 REGION = "eu-west-1"  # as in conftest.make_settings
 ACCOUNT_ID = "123456789012"
@@ -89,6 +91,30 @@ def infra(make_settings: Callable[..., AwsSettings], issuer: str, boundary: str)
     provider = AwsInfra(make_settings(eks_cluster_name=CLUSTER), domain="cmb.example.org")
     yield provider
     provider.close()
+
+
+class TestAwsInfraContract(InfraProviderContract):
+    """The infra contract on moto: what a user's role reaches, read back from its IAM policy."""
+
+    @pytest.fixture
+    def infra_provider(self, infra: AwsInfra, iam: Any) -> AwsInfra:
+        self.iam, self.provider = iam, infra
+        return infra
+
+    @pytest.fixture
+    def storage_backend(self, make_settings: Callable[..., AwsSettings]) -> Iterator[StorageBackend]:
+        storage = S3Storage(make_settings(eks_cluster_name=CLUSTER))
+        yield storage
+        storage.close()
+
+    def reachable_buckets(self, identity: CloudIdentity, candidates: Sequence[str]) -> set[str]:
+        role = self.provider.role_name(identity.user)
+        try:
+            document = self.iam.get_role_policy(RoleName=role, PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"]
+        except self.iam.exceptions.NoSuchEntityException:
+            return set()  # no policy (no buckets) or no role (deleted)
+        arns = set(_resources(_document(document)))
+        return {b for b in candidates if f"arn:aws:s3:::{b}" in arns and f"arn:aws:s3:::{b}/*" in arns}
 
 
 def test_is_an_infra_provider(infra: AwsInfra) -> None:

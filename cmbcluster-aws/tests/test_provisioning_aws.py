@@ -21,6 +21,7 @@ from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, Pro
 from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions, UserRef
 from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
+from cmbcluster.testing.provisioning import Events, Inventory, ProvisionerContract, SimulatedCrash
 from cmbcluster_aws.identity import AwsInfra
 from cmbcluster_aws.provisioning import ADDONS, TAG_DEPLOYMENT, AwsProvisioner
 from cmbcluster_aws.settings import AwsSettings
@@ -38,10 +39,6 @@ INFRA_PATH = f"/cmbcluster-infra/{CLUSTER}/"  # the deployment's name is the clu
 ADDON_STEPS = [f"addon-{key}" for key in ADDONS]
 
 
-class SimulatedCrash(Exception):
-    """The process dying between a cloud call and the record being written."""
-
-
 @pytest.fixture(autouse=True)
 def _managed_policies(monkeypatch: pytest.MonkeyPatch) -> None:
     # Real IAM has AWS managed policies (AmazonEKSClusterPolicy...); moto loads them on request.
@@ -55,9 +52,13 @@ def settings(make_settings: Callable[..., AwsSettings]) -> AwsSettings:
 
 @pytest.fixture
 def provisioner(settings: AwsSettings) -> Iterator[AwsProvisioner]:
-    p = AwsProvisioner(settings, poll_interval=0.01, propagation_delay=0)
+    p = make_provisioner(settings)
     yield p
     p.close()
+
+
+def make_provisioner(settings: AwsSettings) -> AwsProvisioner:
+    return AwsProvisioner(settings, poll_interval=0.01, propagation_delay=0)
 
 
 @pytest.fixture
@@ -77,14 +78,6 @@ def aws(moto_reset: str) -> Iterator[Callable[[str], Any]]:
     yield client
     for c in clients.values():
         c.close()
-
-
-class Events(list[ProgressEvent]):
-    def __call__(self, event: ProgressEvent) -> None:
-        self.append(event)
-
-    def actions(self, action: str) -> list[str]:
-        return [e.message for e in self if e.action == action]
 
 
 def ours(client: Any, describe: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -144,6 +137,24 @@ def inject(monkeypatch: pytest.MonkeyPatch, client: Any, method: str, *, after: 
         raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, method)
 
     monkeypatch.setattr(client, method, failing)
+
+
+class TestAwsProvisionerContract(ProvisionerContract):
+    """The provisioner contract on moto: what the deployment holds, counted from the AWS APIs."""
+
+    @pytest.fixture
+    def provisioner(self, settings: AwsSettings) -> Iterator[AwsProvisioner]:
+        p = make_provisioner(settings)
+        yield p
+        p.close()
+
+    @pytest.fixture
+    def inventory(self, aws: Callable[[str], Any]) -> Inventory:
+        return lambda: inventory(aws)
+
+    @pytest.fixture
+    def full_inventory(self) -> dict[str, int]:
+        return FULL
 
 
 def test_plan_lists_every_step_in_order_with_names_and_changes_nothing(
@@ -249,48 +260,6 @@ def test_up_creates_every_resource_then_down_removes_exactly_them(
         next(m for m in deleted if m.startswith("eks/nodegroup"))
     )
     assert deleted[-1].startswith("iam/policy") and not record.path.with_suffix(".kubeconfig").exists()
-
-
-def test_rerunning_up_creates_nothing_twice(
-    provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any]
-) -> None:
-    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
-    events = Events()
-    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
-    assert events.actions("created") == []
-    assert len(events.actions("adopted")) == RECORDED
-    assert inventory(aws) == FULL
-
-
-def test_up_interrupted_midway_resumes_without_duplicates(
-    provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    inject(monkeypatch, provisioner.eks, "create_nodegroup")
-    with pytest.raises(ProviderUnavailable, match="injected"):
-        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
-    assert record.completed_steps == API_STEPS[: API_STEPS.index("node-group")]
-    assert inventory(aws)["node_groups"] == 0 and inventory(aws)["eks_clusters"] == 1
-
-    events = Events()
-    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
-    assert inventory(aws) == FULL
-    created = events.actions("created")
-    assert created[0] == f"eks/nodegroup {CLUSTER}-nodes" and not any(c.startswith("ec2/") for c in created)
-
-
-def test_crash_between_create_and_record_is_adopted_on_rerun(
-    provisioner: AwsProvisioner, record: ProvisioningRecord, aws: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The NAT gateway is made, then the process dies before the record is written: tags find it again.
-    inject(monkeypatch, provisioner.ec2, "create_nat_gateway", after=True)
-    with pytest.raises(SimulatedCrash):
-        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
-    assert not record.find("ec2/nat-gateway") and len(live_nat_gateways(aws("ec2"))) == 1
-
-    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
-    assert inventory(aws) == FULL
-    provisioning.down(provisioner, record)
-    assert inventory(aws) == EMPTY
 
 
 def test_down_after_a_partial_up_removes_what_exists(

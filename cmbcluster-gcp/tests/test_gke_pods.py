@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from cmbcluster.interfaces import CloudIdentity, MountRequest, PodContext, PodDraft, UserRef
+from cmbcluster.interfaces import CloudIdentity, MountRequest, PodContext, PodDraft, StorageBackend, UserRef
 from cmbcluster.plugins import PluginManager
+from cmbcluster.testing.pods import PodDecorationContract
 from cmbcluster_gcp.pods import METADATA_SERVER_NODE_LABEL
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.storage import GcsStorage
@@ -34,6 +36,25 @@ def manager(monkeypatch: pytest.MonkeyPatch) -> PluginManager:
     """Every installed plugin, as the control plane loads them; the GCP settings from the environment."""
     monkeypatch.setenv("PROJECT_ID", "cmbcluster-test")
     return PluginManager().load()
+
+
+class TestGkePodContract(PodDecorationContract):
+    """The pod contract on buckets of the GCS emulator, with the user's Workload Identity."""
+
+    provider_name = "gcp"
+
+    @pytest.fixture
+    def storage_backend(self, gcs: GcsStorage) -> StorageBackend:
+        return gcs
+
+    @pytest.fixture
+    def identity(self, user: UserRef) -> CloudIdentity:
+        return CloudIdentity(user=user, principal=IDENTITY.principal, service_account="cmbcluster-user-x",
+                             namespace=NAMESPACE)  # fmt: skip
+
+    @pytest.fixture
+    def active_settings(self) -> Mapping[type[Any], Any]:
+        return {GcpSettings: GcpSettings(_env_file=None, project_id="cmbcluster-test")}  # type: ignore[call-arg]
 
 
 def gcs_volume(bucket: str = "cmbcluster-user-0f3a9c1e7b-1a2b3c4d") -> dict[str, Any]:

@@ -14,9 +14,10 @@ import pytest
 from cmbcluster import provisioning
 from cmbcluster.commands.infra import dns_records
 from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, PermissionDenied, ProviderUnavailable
-from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions
+from cmbcluster.interfaces import ProvisioningOptions
 from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
+from cmbcluster.testing.provisioning import Events, Inventory, ProvisionerContract
 from cmbcluster_gcp.provisioning import GcpProvisioner
 from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
@@ -32,6 +33,8 @@ STEPS = API_STEPS + ADDON_STEPS
 RESOURCES = 7  # network, subnetwork, router, repository, bucket, cluster, the control plane's service account
 CONTROL_PLANE = f"{CLUSTER}-controlplane@{PROJECT}.iam.gserviceaccount.com"
 P = f"/compute/v1/projects/{PROJECT}"
+#: the fake's collections of the deployment's resources (one of each after `up`)
+FAKE_KINDS = ("networks", "subnetworks", "routers", "repositories", "buckets", "clusters", "service_accounts")
 
 
 @pytest.fixture
@@ -51,11 +54,15 @@ def settings(server: FakeServer) -> GcpSettings:
     return GcpSettings(project_id=PROJECT, region=REGION, cluster_name=CLUSTER, google_api_endpoint=server.url)
 
 
-@pytest.fixture
-def provisioner(settings: GcpSettings, server: FakeServer) -> Iterator[GcpProvisioner]:
+def make_provisioner(settings: GcpSettings, server: FakeServer) -> GcpProvisioner:
     credentials: Any = google.oauth2.credentials.Credentials(TOKEN)  # type: ignore[no-untyped-call]
     api = GoogleApi(credentials, endpoint=server.url, backoff_seconds=0.01, poll_interval=0.01)
-    p = GcpProvisioner(settings, api=api, poll_interval=0.01)
+    return GcpProvisioner(settings, api=api, poll_interval=0.01)
+
+
+@pytest.fixture
+def provisioner(settings: GcpSettings, server: FakeServer) -> Iterator[GcpProvisioner]:
+    p = make_provisioner(settings, server)
     yield p
     p.close()
 
@@ -65,18 +72,31 @@ def record(tmp_path: Path) -> ProvisioningRecord:
     return ProvisioningRecord.for_deployment(tmp_path / "infra", provider="gcp", deployment=CLUSTER)
 
 
-class Events(list[ProgressEvent]):
-    def __call__(self, event: ProgressEvent) -> None:
-        self.append(event)
-
-    def actions(self, action: str) -> list[str]:
-        return [e.message for e in self if e.action == action]
-
-
 def body_of(fake: GoogleApiFake, method: str, pattern: str) -> Any:
     calls = fake.calls(method, pattern)
     assert len(calls) == 1, [c.path for c in calls]
     return calls[0].body
+
+
+class TestGcpProvisionerContract(ProvisionerContract):
+    """The provisioner contract against the Google API fake: what the deployment holds, as the fake keeps it."""
+
+    @pytest.fixture
+    def provisioner(self, settings: GcpSettings, server: FakeServer) -> Iterator[GcpProvisioner]:
+        p = make_provisioner(settings, server)
+        yield p
+        p.close()
+
+    @pytest.fixture
+    def inventory(self, fake: GoogleApiFake) -> Inventory:
+        def counts() -> dict[str, int]:
+            return {kind: len(getattr(fake, kind)) for kind in FAKE_KINDS}
+
+        return counts
+
+    @pytest.fixture
+    def full_inventory(self) -> dict[str, int]:
+        return dict.fromkeys(FAKE_KINDS, 1)
 
 
 def test_plan_names_every_step_and_calls_no_api(provisioner: GcpProvisioner, fake: GoogleApiFake) -> None:
@@ -175,18 +195,14 @@ def test_rerunning_up_only_reads(provisioner: GcpProvisioner, record: Provisioni
     assert events.actions("created") == [] and len(events.actions("adopted")) == RESOURCES + 2  # and 2 bindings
 
 
-def test_up_interrupted_midway_resumes_without_duplicates(
+def test_a_refused_create_names_what_was_refused_and_a_rerun_resumes(
     provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake
 ) -> None:
     fake.fail_next("POST", r"/clusters$", 403)  # e.g. a quota or a missing permission, fixed by the operator
     with pytest.raises(PermissionDenied, match="GKE cluster"):
         provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert record.completed_steps == API_STEPS[:5] and not fake.clusters
-
-    events = Events()
-    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"), progress=events)
-    assert events.actions("created")[0] == (f"container/cluster {CLUSTER} (v1/projects/{PROJECT}/locations/{REGION}"
-                                            f"/clusters/{CLUSTER})")  # fmt: skip
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
     assert len(fake.calls("POST", rf"^{P}/global/networks$")) == 1
     assert len(fake.calls("POST", r"/clusters$")) == 2  # the refused one, then the one that worked
 

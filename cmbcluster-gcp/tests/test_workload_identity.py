@@ -12,7 +12,8 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.error
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,10 +30,11 @@ from cmbcluster.errors import (
     PermissionDenied,
     ProviderUnavailable,
 )
-from cmbcluster.interfaces import BucketOptions, InfraProvider, UserRef
+from cmbcluster.interfaces import BucketOptions, CloudIdentity, InfraProvider, StorageBackend, UserRef
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.infra import InfraProviderContract
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_gcp.identity import (
     GSA_ANNOTATION,
@@ -76,6 +78,40 @@ def iam() -> InMemoryIamClient:
 def bucket_bindings(emulator_api: EmulatorApi, bucket: str) -> dict[str, list[str]]:
     policy = emulator_api(f"/storage/v1/b/{bucket}/iam")
     return {b["role"]: sorted(b["members"]) for b in policy.get("bindings", [])}
+
+
+class TestGcpInfraContract(InfraProviderContract):
+    """The infra contract in Workload Identity mode: what a principal reaches, read back from each
+    bucket's IAM policy in the GCS emulator."""
+
+    settings: dict[str, Any] = {}
+
+    @pytest.fixture
+    def infra_provider(self, iam: InMemoryIamClient, emulator_api: EmulatorApi) -> GcpInfra:
+        self.emulator_api = emulator_api
+        return GcpInfra(settings(**self.settings), iam=iam)
+
+    @pytest.fixture
+    def storage_backend(self, gcs: GcsStorage) -> StorageBackend:
+        return gcs
+
+    def reachable_buckets(self, identity: CloudIdentity, candidates: Sequence[str]) -> set[str]:
+        reached = set()
+        for bucket in candidates:
+            try:
+                bindings = bucket_bindings(self.emulator_api, bucket)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404, exc
+                continue  # deleted
+            if identity.principal in bindings.get(OBJECT_USER, []):
+                reached.add(bucket)
+        return reached
+
+
+class TestGcpServiceAccountInfraContract(TestGcpInfraContract):
+    """The same contract with one Google service account per user."""
+
+    settings = {"identity_mode": "service-account"}
 
 
 # -- workload identity (the default mode) -----------------------------------------------------------

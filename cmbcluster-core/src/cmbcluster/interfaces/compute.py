@@ -37,6 +37,8 @@ class Resources:
 class MountedVolume:
     mount_path: str
     spec: VolumeSpec
+    #: the bucket mounted (``BucketInfo.name``); pod decorators see them in ``PodContext.buckets``
+    bucket: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

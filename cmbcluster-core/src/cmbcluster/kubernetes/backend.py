@@ -71,6 +71,7 @@ from cmbcluster.kubernetes.manifests import (
     is_ours,
     object_name,
     owner_reference,
+    pod_context,
     prepare_extra,
 )
 from cmbcluster.kubernetes.metrics import PodMetrics
@@ -192,17 +193,10 @@ class KubernetesCompute(ComputeBackend):
         return build_draft(spec, namespace=self.namespace, exposure=self.options.exposure)
 
     def pod_context(self, spec: EnvironmentSpec) -> PodContext:
-        return PodContext(
-            user=spec.user,
-            environment_id=spec.environment_id,
-            namespace=self.namespace,
-            identity=spec.identity,
-            storage_backend=self.options.storage_backend,
-            infra_provider=self.options.infra_provider,
-            # EnvironmentSpec carries volume specs, not bucket names: nothing to report here yet
-            buckets=(),
-            active_settings=self.options.active_settings,
-        )
+        return pod_context(
+            spec, namespace=self.namespace, storage_backend=self.options.storage_backend,
+            infra_provider=self.options.infra_provider, active_settings=self.options.active_settings,
+        )  # fmt: skip
 
     def build_pod(self, draft: PodDraft, spec: EnvironmentSpec) -> dict[str, Any]:
         return build_pod(draft, spec, image_pull_policy=self.options.image_pull_policy)

@@ -18,7 +18,9 @@ from typing import Any
 
 from cmbcluster.compute.command import LaunchValues, render_command, standard_variables, without_token_arguments
 from cmbcluster.errors import InvalidRequest
-from cmbcluster.interfaces import EnvironmentSpec, PodDraft, Resources
+from collections.abc import Mapping
+
+from cmbcluster.interfaces import EnvironmentSpec, PodContext, PodDraft, Resources
 from cmbcluster.kubernetes.labels import (
     COMPONENT_LABEL,
     ENVIRONMENT_ANNOTATION,
@@ -50,6 +52,7 @@ __all__ = [
     "memory_quantity",
     "object_name",
     "owner_reference",
+    "pod_context",
     "prepare_extra",
     "resource_requirements",
 ]
@@ -165,6 +168,27 @@ def build_draft(spec: EnvironmentSpec, *, namespace: str, exposure: Exposure) ->
     return draft
 
 
+def pod_context(
+    spec: EnvironmentSpec,
+    *,
+    namespace: str,
+    storage_backend: str,
+    infra_provider: str | None,
+    active_settings: Mapping[type[Any], Any],
+) -> PodContext:
+    """What pod decorators are handed beside the draft of ``spec``'s pod."""
+    return PodContext(
+        user=spec.user,
+        environment_id=spec.environment_id,
+        namespace=namespace,
+        identity=spec.identity,
+        storage_backend=storage_backend,
+        infra_provider=infra_provider,
+        buckets=tuple(v.bucket for v in spec.volumes if v.bucket),
+        active_settings=active_settings,
+    )
+
+
 def check_decorated(draft: PodDraft, spec: EnvironmentSpec, *, namespace: str) -> None:
     """What the decorators produced, checked before anything is sent; core's own labels are put
     back (decorators may add labels, never change ours)."""
@@ -177,7 +201,17 @@ def check_decorated(draft: PodDraft, spec: EnvironmentSpec, *, namespace: str) -
         raise InvalidRequest("the environment has no image")
     if not 1 <= draft.port <= 65535:
         raise InvalidRequest(f"port {draft.port} is not a valid container port")
+    expected_account = spec.identity.service_account if spec.identity is not None else None
+    if draft.service_account_name not in (None, expected_account):
+        # any other ServiceAccount (the control plane's, another user's) would lend the pod its rights
+        raise InvalidRequest(
+            f"pod decorators must not run the pod as ServiceAccount {draft.service_account_name!r}: "
+            "a user's pod runs as the user's cloud identity or none"
+        )
     volume_names = [str(v.get("name", "")) for v in draft.volumes]
+    for volume in draft.volumes:
+        if "hostPath" in volume:
+            raise InvalidRequest(f"pod volume {volume.get('name')!r} mounts a folder of the node (hostPath)")
     if len(set(volume_names)) != len(volume_names) or "" in volume_names:
         raise InvalidRequest(f"pod volumes must have unique, non-empty names: {volume_names}")
     for mount in draft.volume_mounts:

@@ -270,7 +270,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
                 read_only=mount.read_only, namespace=context.namespace,
             )
         )  # fmt: skip
-        volumes.append(MountedVolume(mount_path=mount.mount_path, spec=spec))
+        volumes.append(MountedVolume(mount_path=mount.mount_path, spec=spec, bucket=storage.bucket_name))
     application = env.application_row
     variables = user_settings.environment_variables(db, user.id, context.sealer(user_settings.ENV_VAR_PURPOSE))
     variables.update(env.env)  # the environment's own variables win over the user's defaults
