@@ -13,7 +13,7 @@ from cmbcluster import AuthProviderRegistration, InfraProviderRegistration, Prov
 from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.db.engine import filesystem_type
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider
+from cmbcluster.interfaces import AuthProvider, InfraProvider, PriceTable
 from cmbcluster.plugins import PluginManager
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.process import clean_environ, free_port
@@ -227,6 +227,50 @@ def test_a_variable_required_by_one_concern_only(monkeypatch: pytest.MonkeyPatch
     assert resolve(core, manager, concerns=("infra",)).infra.name == "tenant"
     monkeypatch.setenv("TENANT_ISSUER", "https://login.example.org/north")
     assert [a.name for a in resolve(core, manager).auth] == ["tenant", "tenant"]
+
+
+def test_every_missing_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The storage's variable and the sign-in's in one run, not the sign-in's once the storage's is fixed."""
+    monkeypatch.delenv("TENANT_REGION", raising=False)
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(TenantCloud(), name="tenant")
+    core = CoreSettings(data_dir=tmp_path / "data", infra_provider="tenant", auth_providers=["tenant"])
+    with pytest.raises(ConfigurationError) as exc_info:
+        resolve(core, manager)
+    assert exc_info.value.problems == [
+        "TENANT_REGION is required but not set (TenantSettings)",
+        "TENANT_ISSUER is required by the auth provider 'tenant' but not set (TenantSettings)",
+    ]
+    monkeypatch.setenv("TENANT_ISSUER", "https://login.example.org/north")  # set: named no more
+    with pytest.raises(ConfigurationError) as exc_info:
+        resolve(core, manager)
+    assert exc_info.value.problems == ["TENANT_REGION is required but not set (TenantSettings)"]
+
+
+class PricedOnly:
+    """A plugin pricing a provider it registers no infra provider for (a storage-only plugin, say)."""
+
+    @hookimpl
+    def cmbcluster_price_table(self, config: object) -> PriceTable:
+        return PriceTable(provider="tenant", cluster_hour=0.1)
+
+
+def test_a_price_table_no_infra_provider_can_use_is_warned(tmp_path: Path) -> None:
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(PricedOnly(), name="priced")
+    config = resolve(CoreSettings(data_dir=tmp_path / "data"), manager)
+    assert (
+        "plugin 'priced' prices provider 'tenant', but no infra provider is registered under that name: "
+        "its prices are not used (usage is priced by the infra provider's name, now 'local')"
+    ) in config.warnings
+    # with the infra provider it prices, no warning
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(PricedOnly(), name="priced")
+    manager.register(TenantCloud(), name="tenant")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TENANT_REGION", "north")
+        config = resolve(CoreSettings(data_dir=tmp_path / "data"), manager)
+    assert not [w for w in config.warnings if "prices provider" in w]
 
 
 def test_a_registration_can_require_only_fields_of_its_settings_model() -> None:

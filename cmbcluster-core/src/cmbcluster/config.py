@@ -91,17 +91,20 @@ def resolve(
     ]  # fmt: skip
     chosen: list[tuple[Concern, Registration[Any]]] = [(c, r) for c, r in by_concern if r is not None]
     provider_settings: dict[type[BaseSettings], BaseSettings] = {}
-    tried: set[type[BaseSettings]] = set()  # one model may serve every concern: validated (and reported) once
+    #: fields of each model that failed validation (reported already)
+    invalid: dict[type[BaseSettings], set[str]] = {}
     for _, registration in chosen:
         model = registration.settings_model
-        if model is None or model in tried:
-            continue
-        tried.add(model)
+        if model is None or model in provider_settings or model in invalid:
+            continue  # one model may serve every concern: validated (and reported) once
         try:
             provider_settings[model] = model(_env_file=_env_file(core))
         except ValidationError as exc:
             problems.extend(format_validation_error(model, exc))
-    problems.extend(_unset_requirements([(c, r) for c, r in chosen if c in needed], provider_settings))
+            invalid[model] = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
+    problems.extend(
+        _unset_requirements([(c, r) for c, r in chosen if c in needed], provider_settings, invalid, _set_names(core))
+    )
 
     if "local" in core.selected_auth and not core.serves_loopback_only and not core.dev_login_allow_remote:
         problems.append(
@@ -129,7 +132,7 @@ def resolve(
     if problems:
         raise ConfigurationError(list(dict.fromkeys(problems)))
     assert storage is not None and compute is not None and infra is not None
-    return ResolvedConfig(
+    config = ResolvedConfig(
         core=core,
         plugins=pm,
         storage=storage,
@@ -139,20 +142,46 @@ def resolve(
         provider_settings=provider_settings,
         warnings=warnings,
     )
+    warnings.extend(_unused_price_tables(config, set(pm.registrations("infra"))))
+    return config
+
+
+def _unused_price_tables(config: ResolvedConfig, infra_names: set[str]) -> list[str]:
+    """A price table is chosen by the configured infra provider's name: one naming no registered
+    infra provider is never used, which would otherwise go unnoticed."""
+    found = []
+    for plugin_name, table in config.plugins.price_tables(config):
+        provider = getattr(table, "provider", None)
+        if isinstance(provider, str) and provider not in infra_names:
+            found.append(
+                f"plugin {plugin_name!r} prices provider {provider!r}, but no infra provider is registered under that "
+                f"name: its prices are not used (usage is priced by the infra provider's name, now {config.infra.name!r})"
+            )
+    return found
 
 
 def _unset_requirements(
-    chosen: Iterable[tuple[Concern, Registration[Any]]], provider_settings: Mapping[type[BaseSettings], BaseSettings]
+    chosen: Iterable[tuple[Concern, Registration[Any]]],
+    provider_settings: Mapping[type[BaseSettings], BaseSettings],
+    invalid: Mapping[type[BaseSettings], set[str]],
+    set_names: set[str],
 ) -> list[str]:
-    """Each variable a selected registration ``requires`` but is unset, once, naming who needs it."""
+    """Each variable a selected registration ``requires`` but is unset, once, naming who needs it.
+
+    Also for a model that failed validation on other fields: every missing variable is named in
+    one run, not one concern's after another's are fixed."""
     needers: dict[tuple[type[BaseSettings], str], list[str]] = {}
     for _, registration in chosen:
         model = registration.settings_model
-        settings = provider_settings.get(model) if model is not None else None
-        if model is None or settings is None:  # no model, or it failed validation (reported already)
+        if model is None:
             continue
+        settings = provider_settings.get(model)
         for name in registration.requires:
-            if getattr(settings, name, None) in (None, ""):
+            if settings is not None:
+                unset = getattr(settings, name, None) in (None, "")
+            else:  # the model failed validation: its other problems are reported; this one from the variables
+                unset = name not in invalid.get(model, set()) and env_var_name(model, name).upper() not in set_names
+            if unset:
                 needers.setdefault((model, name), []).append(f"{registration.kind} {registration.name!r}")
     return [
         f"{env_var_name(model, name)} is required by the {', '.join(dict.fromkeys(who))} but not set ({model.__name__})"
@@ -266,6 +295,11 @@ def _unknown_variables(core: CoreSettings, pm: PluginManager) -> list[str]:
 
 #: CMBCLUSTER_* variables that are not settings: read by the tools around the server.
 _NOT_SETTINGS = frozenset({"CMBCLUSTER_HELM", "CMBCLUSTER_HELM_CHART", "CMBCLUSTER_EXTRAS", "CMBCLUSTER_PYTHON"})
+
+
+def _set_names(core: CoreSettings) -> set[str]:
+    """The variables set (non-empty) in the environment or in ``.env``, upper-case."""
+    return {name.upper() for name, value in os.environ.items() if value} | set(_dotenv_names(core))
 
 
 def _dotenv_names(core: CoreSettings) -> list[str]:
