@@ -73,11 +73,25 @@ def install_test_cluster(session: nox.Session) -> None:
     session.run("bash", str(ROOT / "tests" / "k8s" / "cluster.sh"), "install", external=True)
 
 
+#: Where tests/k8s/cluster.sh installs helm (among the test cluster's binaries).
+TEST_CLUSTER_BIN = Path.home() / ".cache" / "cmbcluster-k8s" / "bin"
+
+
+def helm_on_path(session: nox.Session) -> dict[str, str]:
+    """The environment of a test run that renders the chart with ``helm template`` (the deploy-values
+    contract suite): the test cluster's helm, at the end of PATH."""
+    install_test_cluster(session)
+    return {"PATH": os.pathsep.join([os.environ.get("PATH", ""), str(TEST_CLUSTER_BIN)])}
+
+
 def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
         install_packages(session, core_extras="jupyter" if name == "core" else "")  # core runs JupyterLab
-        session.run("pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs)
+        session.run(
+            "pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs,
+            env=helm_on_path(session),
+        )  # fmt: skip
 
     run.__doc__ = f"{dist}'s own tests."
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.testing.deploy import DeployValues, DeployValuesContract
 from cmbcluster_aws.deploy import cmbcluster_deploy_values, control_plane_role_arn
 from cmbcluster_aws.settings import AwsSettings
 
@@ -22,6 +23,16 @@ def configured(monkeypatch: pytest.MonkeyPatch, **env: str) -> ResolvedConfig:
         monkeypatch.setenv(key, value)
     return resolve(load_core_settings())
 
+
+
+class TestAwsDeployValuesContract(DeployValuesContract):
+    @pytest.fixture
+    def deploy_values(self) -> DeployValues:
+        return cmbcluster_deploy_values
+
+    @pytest.fixture
+    def active_config(self, monkeypatch: pytest.MonkeyPatch) -> ResolvedConfig:
+        return configured(monkeypatch, ECR_REGISTRY_URL="https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/")
 
 def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
     config = configured(monkeypatch, ECR_REGISTRY_URL="https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/")

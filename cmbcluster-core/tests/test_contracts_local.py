@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from cmbcluster.config import resolve
 from cmbcluster.interfaces import CloudIdentity, InfraProvider, ProvisioningOptions, StorageBackend
 from cmbcluster.local.infra import LocalInfra
 from cmbcluster.local.storage import LocalStorage
+from cmbcluster.plugins import PluginManager
 from cmbcluster.provisioning import ProvisioningRecord
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.deploy import chart_values, schema_problems
 from cmbcluster.testing.infra import InfraProviderContract
 from cmbcluster.testing.pods import PodDecorationContract
 from cmbcluster.testing.provisioning import FolderProvisioner, Inventory, ProvisionerContract
@@ -72,3 +76,10 @@ def test_the_suite_catches_a_provisioner_that_creates_twice(tmp_path: Path, monk
         TestFolderProvisionerContract().test_a_crash_between_create_and_record_is_adopted_on_rerun(
             provisioner, provisioner.inventory, record, ProvisioningOptions(addons="skip"), monkeypatch, None
         )
+
+
+def test_the_deploy_suite_refuses_values_the_chart_does_not_know(tmp_path: Path) -> None:
+    config = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False))
+    assert schema_problems(chart_values(config, {"controlPlane": {"podLabels": {"azure.workload.identity/use": "true"}}})) == []
+    problems = schema_problems(chart_values(config, {"controlPlane": {"podLabelz": {"a": "b"}}}))
+    assert len(problems) == 1 and "podLabelz" in problems[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
+from cmbcluster.testing.deploy import DeployValues, DeployValuesContract
 from cmbcluster_gcp.deploy import cmbcluster_deploy_values
 
 
@@ -16,6 +17,16 @@ def configured(monkeypatch: pytest.MonkeyPatch, **env: str) -> ResolvedConfig:
         monkeypatch.setenv(key, value)
     return resolve(load_core_settings())
 
+
+
+class TestGcpDeployValuesContract(DeployValuesContract):
+    @pytest.fixture
+    def deploy_values(self) -> DeployValues:
+        return cmbcluster_deploy_values
+
+    @pytest.fixture
+    def active_config(self, monkeypatch: pytest.MonkeyPatch) -> ResolvedConfig:
+        return configured(monkeypatch, PROJECT_NUMBER="42", REGION="europe-west1")
 
 def test_gcp_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
     config = configured(
