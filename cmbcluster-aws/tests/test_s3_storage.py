@@ -44,6 +44,11 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster-user-0123456789"
 class TestS3StorageContract(StorageContract):
     other_storage_class = StorageClass.INFREQUENT
     keeps_versions = True
+    creation_time_resolution = 1.05  # S3 reports bucket creation times in whole seconds
+
+    @pytest.fixture
+    def identity(self, owner: UserRef) -> CloudIdentity:
+        return CloudIdentity(user=owner, principal=ROLE_ARN)
 
     @pytest.fixture
     def storage_backend(self, aws_settings: AwsSettings) -> Iterator[StorageBackend]:

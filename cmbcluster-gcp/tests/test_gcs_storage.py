@@ -57,6 +57,10 @@ class TestGcsStorageContract(StorageContract):
     def storage_backend(self, gcs: GcsStorage) -> StorageBackend:
         return gcs
 
+    @pytest.fixture
+    def identity(self, owner: UserRef) -> CloudIdentity:
+        return CloudIdentity(user=owner, principal=PRINCIPAL_A)
+
 
 @pytest.fixture
 def owner() -> UserRef:

@@ -58,6 +58,8 @@ class LocalStorage(StorageBackend):
             raise InvalidRequest(
                 f"the local provider offers only the standard storage class, not {options.storage_class}"
             )
+        if options.versioning:
+            raise InvalidRequest("the local provider keeps no earlier versions of objects: create the bucket without")
         while True:
             name = bucket_name(BUCKET_PREFIX, owner.id)
             try:

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import mimetypes
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
-from cmbcluster.interfaces import BucketOptions, MountRequest, StorageBackend, StorageClass, UserRef
+from cmbcluster.interfaces import (
+    BucketOptions,
+    CloudIdentity,
+    MountRequest,
+    StorageBackend,
+    StorageClass,
+    UserRef,
+)
+from cmbcluster.interfaces.storage import MAX_PAGE_SIZE
 
 MiB = 1024 * 1024
 
@@ -34,6 +44,13 @@ class StorageContract:
     #: Whether new buckets keep earlier versions of overwritten and deleted objects (S3 and GCS do,
     #: by default); their bytes must then be reported as noncurrent usage.
     keeps_versions: bool = False
+    #: Whether ``BucketOptions.versioning`` can turn versioning on (else it must be refused: InvalidRequest).
+    supports_versioning: bool = True
+    #: Whether the ``content_type`` given at upload is kept (else it is guessed from the key).
+    keeps_content_type: bool = True
+    #: Seconds between bucket creations for the "oldest first" check: a service whose creation
+    #: times have whole seconds needs more than one.
+    creation_time_resolution: float = 0.0
 
     @pytest.fixture
     def storage_backend(self) -> StorageBackend:
@@ -42,6 +59,11 @@ class StorageContract:
     @pytest.fixture
     def owner(self) -> UserRef:
         return UserRef(id=uuid.uuid4().hex, email="ada.lovelace@example.org")
+
+    @pytest.fixture
+    def identity(self, owner: UserRef) -> CloudIdentity:
+        """A cloud identity of ``owner`` in the form your backend grants to (an IAM role ARN, a principal)."""
+        return CloudIdentity(user=owner, principal=f"user:{owner.id}")
 
     @pytest.fixture
     def bucket(self, storage_backend: StorageBackend, owner: UserRef) -> Iterator[str]:
@@ -102,6 +124,53 @@ class StorageContract:
             assert storage_backend.get_bucket(info.name).storage_class == self.other_storage_class
         finally:
             storage_backend.delete_bucket(info.name, force=True)
+
+    def test_list_buckets_is_oldest_first(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        made = []
+        try:
+            for i in range(3):
+                if i:
+                    time.sleep(self.creation_time_resolution)
+                made.append(storage_backend.create_bucket(owner, BucketOptions(display_name=f"b{i}")).name)
+            assert [b.name for b in storage_backend.list_buckets(owner)] == made
+        finally:
+            for name in made:
+                storage_backend.delete_bucket(name, force=True)
+
+    def test_versioning_as_asked(self, storage_backend: StorageBackend, owner: UserRef) -> None:
+        plain = storage_backend.create_bucket(owner, BucketOptions(display_name="plain", versioning=False))
+        try:
+            assert storage_backend.get_bucket(plain.name).versioning is False
+            storage_backend.upload_object(plain.name, "v", [b"1"])
+            storage_backend.upload_object(plain.name, "v", [b"22"])
+            assert storage_backend.bucket_usage(plain.name).noncurrent_count == 0
+        finally:
+            storage_backend.delete_bucket(plain.name, force=True)
+        if not self.supports_versioning:
+            with pytest.raises(InvalidRequest):
+                storage_backend.create_bucket(owner, BucketOptions(display_name="kept", versioning=True))
+            return
+        kept = storage_backend.create_bucket(owner, BucketOptions(display_name="kept", versioning=True))
+        try:
+            assert kept.versioning is True and storage_backend.get_bucket(kept.name).versioning is True
+            storage_backend.upload_object(kept.name, "v", [b"1"])
+            storage_backend.upload_object(kept.name, "v", [b"22"])
+            assert storage_backend.bucket_usage(kept.name).noncurrent_count == (1 if self.keeps_versions else 0)
+        finally:
+            storage_backend.delete_bucket(kept.name, force=True)
+
+    def test_ensure_bucket_access_is_idempotent(
+        self, storage_backend: StorageBackend, bucket: str, identity: CloudIdentity
+    ) -> None:
+        storage_backend.ensure_bucket_access(bucket, identity)
+        storage_backend.ensure_bucket_access(bucket, identity)  # a start after a start: no error, no duplicate
+        with pytest.raises(NotFound):
+            storage_backend.ensure_bucket_access(f"cmb-missing-{uuid.uuid4().hex[:12]}", identity)
+
+    def test_check_ready_and_close(self, storage_backend: StorageBackend) -> None:
+        storage_backend.check_ready()
+        storage_backend.close()
+        storage_backend.close()  # closing twice is harmless (the control plane and a CLI command may both)
 
     def test_delete_non_empty_bucket_needs_force(self, storage_backend: StorageBackend, owner: UserRef) -> None:
         info = storage_backend.create_bucket(owner, BucketOptions(display_name="to delete"))
@@ -185,6 +254,32 @@ class StorageContract:
         storage_backend.upload_object(bucket, "r.txt", [b"0123456789"])
         assert b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=(2, 5))) == b"2345"
         assert b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=(7, None))) == b"789"
+
+    def test_unsatisfiable_ranges_are_refused(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "r.txt", [b"0123456789"])
+        for byte_range in ((10, None), (5, 2), (-1, 3)):
+            with pytest.raises(InvalidRequest):
+                b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=byte_range))
+        assert b"".join(storage_backend.download_object(bucket, "r.txt", byte_range=(8, 100))) == b"89"
+
+    def test_content_type_survives_a_round_trip(self, storage_backend: StorageBackend, bucket: str) -> None:
+        storage_backend.upload_object(bucket, "maps/planck.dat", [b"T"], content_type="application/x-planck-map")
+        storage_backend.upload_object(bucket, "notes.txt", [b"n"])
+        kept = storage_backend.head_object(bucket, "maps/planck.dat").content_type
+        assert kept == ("application/x-planck-map" if self.keeps_content_type else
+                        (mimetypes.guess_type("maps/planck.dat")[0] or "application/octet-stream"))  # fmt: skip
+        assert storage_backend.head_object(bucket, "notes.txt").content_type.startswith(("text/plain", "application/"))
+
+    def test_listing_limits_are_enforced(self, storage_backend: StorageBackend, bucket: str) -> None:
+        for page_size in (0, MAX_PAGE_SIZE + 1, -5):
+            with pytest.raises(InvalidRequest):
+                storage_backend.list_objects(bucket, page_size=page_size)
+        for prefix in ("../", "a//b", "/abs"):
+            with pytest.raises(InvalidRequest):
+                storage_backend.list_objects(bucket, prefix)
+        with pytest.raises(InvalidRequest):
+            storage_backend.list_objects(bucket, delimiter="|")
+        assert storage_backend.list_objects(bucket, page_size=MAX_PAGE_SIZE).objects == []
 
     def test_overwrite_replaces_content(self, storage_backend: StorageBackend, bucket: str) -> None:
         storage_backend.upload_object(bucket, "notes.txt", [b"first version"])
