@@ -19,6 +19,7 @@ import pytest
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import CloudIdentity, InfraProvider, StorageBackend, UserRef
 from cmbcluster.testing.infra import InfraProviderContract
+from cmbcluster.testing.lifecycle import LifecycleContract
 from cmbcluster_aws.identity import BUCKET_POLICY_NAME, ROLE_ANNOTATION, AwsInfra
 from cmbcluster_aws.provisioning import user_boundary_policy
 from cmbcluster_aws.settings import AwsSettings
@@ -115,6 +116,14 @@ class TestAwsInfraContract(InfraProviderContract):
             return set()  # no policy (no buckets) or no role (deleted)
         arns = set(_resources(_document(document)))
         return {b for b in candidates if f"arn:aws:s3:::{b}" in arns and f"arn:aws:s3:::{b}/*" in arns}
+
+
+class TestAwsLifecycleContract(LifecycleContract):
+    """Core's calls over a user's life, on the IRSA roles in moto."""
+
+    @pytest.fixture
+    def infra_provider(self, infra: AwsInfra) -> AwsInfra:
+        return infra
 
 
 def test_is_an_infra_provider(infra: AwsInfra) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cmbcluster.config import resolve
-from cmbcluster.interfaces import CloudIdentity, InfraProvider, ProvisioningOptions, StorageBackend
+from cmbcluster.interfaces import CloudIdentity, InfraProvider, ProvisioningOptions, StorageBackend, UserRef
 from cmbcluster.local.infra import LocalInfra
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.plugins import PluginManager
@@ -17,6 +17,7 @@ from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.deploy import chart_values, schema_problems
 from cmbcluster.testing.infra import InfraProviderContract
+from cmbcluster.testing.lifecycle import LifecycleContract
 from cmbcluster.testing.pods import PodDecorationContract
 from cmbcluster.testing.provisioning import FolderProvisioner, Inventory, ProvisionerContract
 
@@ -34,6 +35,27 @@ class TestLocalInfraContract(InfraProviderContract):
 
     def reachable_buckets(self, identity: CloudIdentity, candidates: Sequence[str]) -> set[str]:
         raise AssertionError("local gives no identities: never asked")
+
+
+class TestLocalLifecycleContract(LifecycleContract):
+    gives_identities = False
+
+    @pytest.fixture
+    def infra_provider(self) -> InfraProvider:
+        return LocalInfra("localhost")
+
+
+class IdentityGivingInfra(LocalInfra):
+    """The local infra with a (pretend) identity per user: core's calls for a cloud that gives them."""
+
+    def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity | None:
+        return CloudIdentity(user=user, principal=f"user:{user.id}")
+
+
+class TestIdentityLifecycleContract(LifecycleContract):
+    @pytest.fixture
+    def infra_provider(self) -> InfraProvider:
+        return IdentityGivingInfra("localhost")
 
 
 class TestLocalPodContract(PodDecorationContract):

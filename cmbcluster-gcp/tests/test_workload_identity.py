@@ -35,6 +35,7 @@ from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.infra import InfraProviderContract
+from cmbcluster.testing.lifecycle import LifecycleContract
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_gcp.identity import (
     GSA_ANNOTATION,
@@ -106,6 +107,14 @@ class TestGcpInfraContract(InfraProviderContract):
             if identity.principal in bindings.get(OBJECT_USER, []):
                 reached.add(bucket)
         return reached
+
+
+class TestGcpLifecycleContract(LifecycleContract):
+    """Core's calls over a user's life, with one Google service account per user."""
+
+    @pytest.fixture
+    def infra_provider(self, iam: InMemoryIamClient) -> GcpInfra:
+        return GcpInfra(settings(identity_mode="service-account"), iam=iam)
 
 
 class TestGcpServiceAccountInfraContract(TestGcpInfraContract):
