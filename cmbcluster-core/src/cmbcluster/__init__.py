@@ -2,7 +2,8 @@
 
 Plugin authors need only what is exported here and in :mod:`cmbcluster.interfaces`,
 :mod:`cmbcluster.errors`, :mod:`cmbcluster.oidc` (sign-in with OpenID Connect),
-:mod:`cmbcluster.naming`, :mod:`cmbcluster.provisioning` and :mod:`cmbcluster.testing`.
+:mod:`cmbcluster.naming`, :mod:`cmbcluster.provisioning`, :mod:`cmbcluster.local` (the folder storage
+and the machine's infra, to wrap or start from) and :mod:`cmbcluster.testing` (the contract suites).
 """
 
 from importlib.metadata import PackageNotFoundError, version
