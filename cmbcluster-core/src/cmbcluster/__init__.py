@@ -14,6 +14,7 @@ from cmbcluster.registrations import (
     ComputeBackendRegistration,
     InfraProviderRegistration,
     ProviderContext,
+    ResolvedConfig,
     StorageBackendRegistration,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "ComputeBackendRegistration",
     "InfraProviderRegistration",
     "ProviderContext",
+    "ResolvedConfig",
     "StorageBackendRegistration",
     "__version__",
     "hookimpl",

@@ -14,6 +14,7 @@ from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
 from cmbcluster.commands import migrate as migrate_command
+from cmbcluster.commands import plugin as plugin_command
 from cmbcluster.commands import usage as usage_command
 from cmbcluster.commands import users as users_command
 from cmbcluster.commands.common import err, out, print_json, resolve_config
@@ -40,6 +41,7 @@ app.add_typer(images_command.app, name="images")
 app.add_typer(users_command.app, name="users")
 app.add_typer(usage_command.app, name="usage")
 app.add_typer(migrate_command.app, name="migrate")
+app.add_typer(plugin_command.app, name="plugin")
 
 
 SHUTDOWN_GRACE_SECONDS = 5

@@ -14,10 +14,9 @@ the active settings in them, and nothing when the plugin's cloud is not in use::
             return cmbcluster_azure.plugin.cmbcluster_deploy_values
 
         @pytest.fixture
-        def active_config(self, monkeypatch):
-            monkeypatch.setenv("CLOUD_PROVIDER", "azure")
-            monkeypatch.setenv("AZURE_TENANT_ID", "...")
-            return resolve(load_core_settings())
+        def active_config(self, monkeypatch, tmp_path):
+            return resolved_config(monkeypatch, CLOUD_PROVIDER="azure", AZURE_TENANT_ID="...",
+                                   CMBCLUSTER_DATA_DIR=str(tmp_path))
 
 The ``helm template`` check needs Helm 3.8 or newer (``CMBCLUSTER_HELM`` or ``helm`` on PATH);
 without it that one test is skipped, saying so.
@@ -79,6 +78,21 @@ def helm_template(values: Mapping[str, Any], tmp_path: Path) -> str:
     return result.stdout
 
 
+#: Variables that choose providers: unset before a test sets its own.
+_SELECTION = ("CLOUD_PROVIDER", "CMBCLUSTER_STORAGE_BACKEND", "CMBCLUSTER_INFRA_PROVIDER",
+              "CMBCLUSTER_COMPUTE_BACKEND", "CMBCLUSTER_AUTH_PROVIDERS")  # fmt: skip
+
+
+def resolved_config(monkeypatch: pytest.MonkeyPatch, **env: str) -> ResolvedConfig:
+    """The configuration the CLI resolves with these variables set (and no other provider choice),
+    every installed plugin loaded: ``resolved_config(monkeypatch, CLOUD_PROVIDER="azure", ...)``."""
+    for name in _SELECTION:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return resolve(load_core_settings(), PluginManager())
+
+
 class DeployValuesContract:
     """Subclass it; provide ``deploy_values`` (your hook) and ``active_config`` (your cloud in use)."""
 
@@ -94,12 +108,7 @@ class DeployValuesContract:
     def inactive_config(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ResolvedConfig]:
         """The embedded default (``local``) with every installed plugin loaded: not your deployment."""
         with monkeypatch.context() as patch:
-            for name in ("CLOUD_PROVIDER", "CMBCLUSTER_STORAGE_BACKEND", "CMBCLUSTER_INFRA_PROVIDER",
-                         "CMBCLUSTER_COMPUTE_BACKEND", "CMBCLUSTER_AUTH_PROVIDERS"):  # fmt: skip
-                patch.delenv(name, raising=False)
-            patch.setenv("CMBCLUSTER_DATA_DIR", str(tmp_path / "data"))
-            config = resolve(load_core_settings(), PluginManager())
-        yield config
+            yield resolved_config(patch, CMBCLUSTER_DATA_DIR=str(tmp_path / "data"))
 
     @pytest.fixture
     def values(self, deploy_values: DeployValues, active_config: ResolvedConfig) -> dict[str, Any]:

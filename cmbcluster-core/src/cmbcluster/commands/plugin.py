@@ -1,0 +1,79 @@
+"""``cmbcluster plugin new NAME``: a plugin package to start a cloud from.
+
+The files come from :mod:`cmbcluster`'s ``plugin_template`` folder (``*.tmpl``, with ``__NAME__``,
+``__MODULE__``, ``__DIST__``, ``__CLASS__``, ``__ENV__`` and ``__CORE_VERSION__`` filled in). As
+generated, the package installs, appears in ``cmbcluster plugins`` and passes every contract suite.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmbcluster import __version__
+from cmbcluster.commands.common import err, out
+
+app = typer.Typer(help="Write a plugin package for a new cloud.", no_args_is_help=True)
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "plugin_template"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")  # a registration's name (cmbcluster.registrations)
+
+
+def substitutions(name: str) -> dict[str, str]:
+    """The template's placeholders for plugin ``name`` (``azure``: ``cmbcluster_azure``, ``Azure``, ``AZURE``)."""
+    words = re.split(r"[-_]", name)
+    return {
+        "__MODULE__": "cmbcluster_" + "_".join(words),
+        "__DIST__": "cmbcluster-" + "-".join(words),
+        "__CLASS__": "".join(w.capitalize() for w in words),
+        "__ENV__": "_".join(words).upper(),
+        "__NAME__": name,
+        "__CORE_VERSION__": __version__,
+    }
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def write_plugin(name: str, target: Path) -> list[Path]:
+    """Write the package for ``name`` into ``target`` (which must not exist or be empty); its files."""
+    if not _NAME.match(name):
+        raise typer.BadParameter(
+            f"{name!r} is not a plugin name: lower-case letters, digits, '-' or '_', starting with a letter (max 40)"
+        )
+    if target.exists() and any(target.iterdir()):
+        raise typer.BadParameter(f"{target} exists and is not empty: choose another --dir")
+    values = substitutions(name)
+    written = []
+    for source in sorted(TEMPLATE.rglob("*.tmpl")):
+        relative = fill(str(source.relative_to(TEMPLATE).with_suffix("")), values)
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(fill(source.read_text(), values))
+        written.append(path)
+    return written
+
+
+@app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="The plugin's name: what CLOUD_PROVIDER selects (azure, ovh...).")],
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Where to write it (default: ./cmbcluster-NAME).")
+    ] = None,
+) -> None:
+    """Write a plugin package for a new cloud: every concern working on this machine, every contract suite
+    in its tests, TODOs where your cloud's calls go."""
+    target = directory or Path(substitutions(name)["__DIST__"] if _NAME.match(name) else name)
+    try:
+        written = write_plugin(name, target)
+    except typer.BadParameter as exc:
+        err(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    out(f"wrote {len(written)} files to {target}", markup=False)
+    out(f"next: pip install -e '{target}[test]' && (cd {target} && pytest) && cmbcluster plugins", markup=False)
