@@ -78,3 +78,39 @@ def test_the_documented_kubernetes_permissions_are_rbac_py() -> None:
         ("ClusterRole", r["apiGroups"][0], tuple(r["resources"]), tuple(r["verbs"])) for r in rbac.CLUSTER_RULES
     }
     assert documented == expected
+
+
+def _suites() -> list[str]:
+    import importlib
+    import pkgutil
+
+    import cmbcluster.testing
+
+    found = []
+    for module in pkgutil.iter_modules(cmbcluster.testing.__path__):
+        if module.name == "leftovers":  # a pytest plugin, not a suite
+            continue
+        loaded = importlib.import_module(f"cmbcluster.testing.{module.name}")
+        found += [name for name, _ in inspect.getmembers(loaded, inspect.isclass) if name.endswith("Contract")]
+    return sorted(set(found))
+
+
+def test_testing_md_covers_every_contract_suite() -> None:
+    text = (ROOT / "docs" / "plugins" / "testing.md").read_text()
+    suites = _suites()
+    assert len(suites) == 7, suites
+    assert [s for s in suites if f"`{s}`" not in text] == []
+
+
+def test_hooks_md_documents_the_lifecycle_order_core_follows() -> None:
+    from cmbcluster.testing.lifecycle import LIFECYCLE
+
+    section = (ROOT / "docs" / "plugins" / "hooks.md").read_text().split("## The order of calls", 1)[1]
+    positions = []
+    for _, calls in LIFECYCLE:
+        for call in calls:
+            method = call.lstrip("*")
+            start = positions[-1] if positions else 0
+            found = section.find(f"`{method}(", start)
+            assert found >= 0, f"{method} is not documented in its place"
+            positions.append(found)
