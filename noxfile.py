@@ -5,6 +5,7 @@ The README's two commands wrap this file: `./run serve` and `./run test`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,14 @@ PACKAGES = {"core": "cmbcluster-core", "aws": "cmbcluster-aws", "gcp": "cmbclust
 # Pinned so that lint and typecheck results do not change under us between runs.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
+# Pinned: 7.10 brought `patch = subprocess` (.coveragerc), which measures the CLI and servers tests start.
+COVERAGE = "coverage==7.10.7"
+COVERAGE_DATA = REPORTS / "coverage"
+#: The gates of `nox -s coverage`: branch coverage of everything, and of the plugin contract
+#: (what a third party implements against), by path under cmbcluster-core/src/cmbcluster.
+COVERAGE_OVERALL = 85.0
+COVERAGE_CONTRACT = {"interfaces/": 100.0, "hookspecs.py": 100.0, "registrations.py": 100.0,
+                     "plugins.py": 100.0, "config.py": 100.0}  # fmt: skip
 
 
 def install_packages(session: nox.Session, *, extras: str = "test", core_extras: str = "") -> None:
@@ -84,13 +93,26 @@ def helm_on_path(session: nox.Session) -> dict[str, str]:
     return {"PATH": os.pathsep.join([os.environ.get("PATH", ""), str(TEST_CLUSTER_BIN)])}
 
 
+def pytest_under_coverage(session: nox.Session, env: dict[str, str]) -> list[str]:
+    """``pytest``, or ``coverage run -m pytest`` when CMBCLUSTER_COVERAGE=1 (then ``env`` gets
+    coverage's settings, which the tests' subprocesses inherit; `nox -s coverage` combines the data)."""
+    if os.environ.get("CMBCLUSTER_COVERAGE") != "1":
+        return ["pytest"]
+    session.install(COVERAGE)
+    COVERAGE_DATA.mkdir(parents=True, exist_ok=True)
+    # absolute: tests run servers and the CLI in other working directories
+    env.update(COVERAGE_RCFILE=str(ROOT / ".coveragerc"), COVERAGE_FILE=str(COVERAGE_DATA / "data"))
+    return ["coverage", "run", "-m", "pytest"]
+
+
 def _package_tests(name: str, dist: str) -> None:
     @nox.session(name=f"tests-{name}", python=PYTHON)
     def run(session: nox.Session) -> None:
         install_packages(session, core_extras="jupyter" if name == "core" else "")  # core runs JupyterLab
+        env = helm_on_path(session)
+        command = pytest_under_coverage(session, env)
         session.run(
-            "pytest", f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs,
-            env=helm_on_path(session),
+            *command, f"{dist}/tests", f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs, env=env
         )  # fmt: skip
 
     run.__doc__ = f"{dist}'s own tests."
@@ -98,6 +120,43 @@ def _package_tests(name: str, dist: str) -> None:
 
 for _name, _dist in PACKAGES.items():
     _package_tests(_name, _dist)
+
+
+@nox.session(python=PYTHON)
+def coverage(session: nox.Session) -> None:
+    """Combine the coverage of test runs made with CMBCLUSTER_COVERAGE=1 (`CMBCLUSTER_COVERAGE=1 ./run nox
+    -s tests-core tests-aws tests-gcp coverage`), print it per package, and fail below 85 % overall or
+    below the plugin contract's gates (COVERAGE_CONTRACT)."""
+    session.install(COVERAGE)
+    env = {"COVERAGE_RCFILE": str(ROOT / ".coveragerc"), "COVERAGE_FILE": str(COVERAGE_DATA / "data")}
+    if not list(COVERAGE_DATA.glob("data.*")):
+        session.error("no coverage data: run the test sessions with CMBCLUSTER_COVERAGE=1 first")
+    session.run("coverage", "combine", env=env)
+    report = COVERAGE_DATA / "coverage.json"
+    session.run("coverage", "json", "-o", str(report), env=env)
+    session.run("coverage", "report", env=env, success_codes=[0, 2])  # the gates below decide
+    files = json.loads(report.read_text())["files"]
+    problems = []
+    by_package: dict[str, list[int]] = {}
+    for path, data in files.items():
+        package = next((p for p in ("cmbcluster_aws", "cmbcluster_gcp") if f"/{p}/" in path), "cmbcluster")
+        counts = by_package.setdefault(package, [0, 0])
+        counts[0] += data["summary"]["covered_lines"] + data["summary"]["covered_branches"]
+        counts[1] += data["summary"]["num_statements"] + data["summary"]["num_branches"]
+    for package, (covered, total) in sorted(by_package.items()):
+        session.log(f"{package}: {100 * covered / max(total, 1):.1f} % of statements and branches")
+    for prefix, minimum in COVERAGE_CONTRACT.items():
+        for path, data in files.items():
+            relative = path.split("/src/cmbcluster/", 1)[-1] if "/src/cmbcluster/" in path else ""
+            if relative.startswith(prefix) and data["summary"]["percent_covered"] < minimum:
+                missing = data["missing_lines"] + [f"{a}->{b}" for a, b in data.get("missing_branches", [])]
+                problems.append(f"{relative}: {data['summary']['percent_covered']:.1f} % < {minimum} % (missing {missing})")
+    overall = json.loads(report.read_text())["totals"]["percent_covered"]
+    session.log(f"overall: {overall:.1f} % (gate {COVERAGE_OVERALL} %)")
+    if overall < COVERAGE_OVERALL:
+        problems.append(f"overall coverage {overall:.1f} % < {COVERAGE_OVERALL} %")
+    if problems:
+        session.error("coverage below its gates:\n" + "\n".join(problems))
 
 
 @nox.session(name="tests-e2e", python=PYTHON)
