@@ -306,6 +306,12 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
         context.progress.notify(env.id)
         return
+    if status.phase == EnvironmentPhase.PENDING and env.status == "pending":
+        # Still waiting for the cluster, as recorded: the progress hub shows what the backend says
+        # and records the next change. Skipping this write spares a burst of starts one turn each
+        # at the database's write lock.
+        context.progress.notify(env.id)
+        return
     apply_status(db, env, status)
     db.commit()
     context.progress.notify(env.id)

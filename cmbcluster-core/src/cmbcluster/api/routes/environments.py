@@ -308,7 +308,11 @@ async def environment_logs(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-def environment_events(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> StreamingResponse:
+async def environment_events(
+    environment_id: str, user: CurrentUser, db: DbSession, context: Context
+) -> StreamingResponse:
+    # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
+    # right after the create, when the worker threads are busiest with starts.
     envs.get_owned(db, user, environment_id)  # 404 before the stream starts
     db.commit()  # the stream may last minutes: it must not keep this request's connection
     return StreamingResponse(
