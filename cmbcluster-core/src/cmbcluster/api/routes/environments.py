@@ -313,7 +313,7 @@ async def environment_events(
 ) -> StreamingResponse:
     # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
     # right after the create, when the worker threads are busiest with starts.
-    envs.get_owned(db, user, environment_id)  # 404 before the stream starts
+    envs.check_owned(db, user, environment_id)  # 404 before the stream starts
     db.commit()  # the stream may last minutes: it must not keep this request's connection
     return StreamingResponse(
         _progress(context, user.id, environment_id),
