@@ -150,7 +150,8 @@ def coverage(session: nox.Session) -> None:
             relative = path.split("/src/cmbcluster/", 1)[-1] if "/src/cmbcluster/" in path else ""
             if relative.startswith(prefix) and data["summary"]["percent_covered"] < minimum:
                 missing = data["missing_lines"] + [f"{a}->{b}" for a, b in data.get("missing_branches", [])]
-                problems.append(f"{relative}: {data['summary']['percent_covered']:.1f} % < {minimum} % (missing {missing})")
+                covered = data["summary"]["percent_covered"]
+                problems.append(f"{relative}: {covered:.1f} % < {minimum} % (missing {missing})")
     overall = json.loads(report.read_text())["totals"]["percent_covered"]
     session.log(f"overall: {overall:.1f} % (gate {COVERAGE_OVERALL} %)")
     if overall < COVERAGE_OVERALL:

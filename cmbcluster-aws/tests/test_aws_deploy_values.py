@@ -24,7 +24,6 @@ def configured(monkeypatch: pytest.MonkeyPatch, **env: str) -> ResolvedConfig:
     return resolve(load_core_settings())
 
 
-
 class TestAwsDeployValuesContract(DeployValuesContract):
     @pytest.fixture
     def deploy_values(self) -> DeployValues:
@@ -33,6 +32,7 @@ class TestAwsDeployValuesContract(DeployValuesContract):
     @pytest.fixture
     def active_config(self, monkeypatch: pytest.MonkeyPatch) -> ResolvedConfig:
         return configured(monkeypatch, ECR_REGISTRY_URL="https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/")
+
 
 def test_aws_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
     config = configured(monkeypatch, ECR_REGISTRY_URL="https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/")

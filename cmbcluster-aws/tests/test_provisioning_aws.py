@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 
 from cmbcluster import provisioning
 from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, ProviderUnavailable
-from cmbcluster.interfaces import ProgressEvent, ProvisioningOptions, UserRef
+from cmbcluster.interfaces import ProvisioningOptions, UserRef
 from cmbcluster.provisioning import ProvisioningRecord
 from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster.testing.provisioning import Events, Inventory, ProvisionerContract, SimulatedCrash

@@ -102,6 +102,7 @@ def test_the_suite_catches_a_provisioner_that_creates_twice(tmp_path: Path, monk
 
 def test_the_deploy_suite_refuses_values_the_chart_does_not_know(tmp_path: Path) -> None:
     config = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False))
-    assert schema_problems(chart_values(config, {"controlPlane": {"podLabels": {"azure.workload.identity/use": "true"}}})) == []
+    labels = {"controlPlane": {"podLabels": {"azure.workload.identity/use": "true"}}}
+    assert schema_problems(chart_values(config, labels)) == []
     problems = schema_problems(chart_values(config, {"controlPlane": {"podLabelz": {"a": "b"}}}))
     assert len(problems) == 1 and "podLabelz" in problems[0]

@@ -13,6 +13,7 @@ from cmbcluster.testing.storage import StorageContract
 class TestLocalStorageContract(StorageContract):
     supports_versioning = False
     keeps_content_type = False  # guessed from the key's extension
+
     @pytest.fixture
     def storage_backend(self, tmp_path: Path) -> StorageBackend:
         return LocalStorage(tmp_path / "buckets")

@@ -78,7 +78,8 @@ def test_the_generated_tests_run_every_contract_suite_and_pass(generated: tuple[
     package, site = generated
     report = tmp_path / "report.xml"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(package / "tests")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+         str(package / "tests")],
         env=env_with(site, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]

@@ -18,7 +18,6 @@ def configured(monkeypatch: pytest.MonkeyPatch, **env: str) -> ResolvedConfig:
     return resolve(load_core_settings())
 
 
-
 class TestGcpDeployValuesContract(DeployValuesContract):
     @pytest.fixture
     def deploy_values(self) -> DeployValues:
@@ -27,6 +26,7 @@ class TestGcpDeployValuesContract(DeployValuesContract):
     @pytest.fixture
     def active_config(self, monkeypatch: pytest.MonkeyPatch) -> ResolvedConfig:
         return configured(monkeypatch, PROJECT_NUMBER="42", REGION="europe-west1")
+
 
 def test_gcp_values_for_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
     config = configured(

@@ -154,8 +154,9 @@ def _unused_price_tables(config: ResolvedConfig, infra_names: set[str]) -> list[
         provider = getattr(table, "provider", None)
         if isinstance(provider, str) and provider not in infra_names:
             found.append(
-                f"plugin {plugin_name!r} prices provider {provider!r}, but no infra provider is registered under that "
-                f"name: its prices are not used (usage is priced by the infra provider's name, now {config.infra.name!r})"
+                f"plugin {plugin_name!r} prices provider {provider!r}, but no infra provider is registered under "
+                "that name: its prices are not used (usage is priced by the infra provider's name, now "
+                f"{config.infra.name!r})"
             )
     return found
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from cmbcluster.compute.command import LaunchValues, render_command, standard_variables, without_token_arguments
 from cmbcluster.errors import InvalidRequest
-from collections.abc import Mapping
-
 from cmbcluster.interfaces import EnvironmentSpec, PodContext, PodDraft, Resources
 from cmbcluster.kubernetes.labels import (
     COMPONENT_LABEL,

@@ -65,4 +65,3 @@ class FolderProvisioner(Provisioner):
             kind = path.name.split("--", 1)[0]
             counts[kind] = counts.get(kind, 0) + 1
         return counts
-

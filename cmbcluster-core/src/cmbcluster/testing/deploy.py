@@ -61,7 +61,9 @@ def schema_problems(values: Mapping[str, Any]) -> list[str]:
 
     schema = json.loads((chart_path() / "values.schema.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    return [f"{'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in validator.iter_errors(values)]
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in validator.iter_errors(values)
+    ]
 
 
 def helm_template(values: Mapping[str, Any], tmp_path: Path) -> str:
@@ -70,7 +72,7 @@ def helm_template(values: Mapping[str, Any], tmp_path: Path) -> str:
     helm = find_helm(None)
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(values))
-    result = subprocess.run(  # noqa: S603 - a fixed argv, the operator's helm
+    result = subprocess.run(
         [helm, "template", "cmbcluster", str(chart_path()), "--namespace", NAMESPACE, "-f", str(values_file)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -119,7 +121,9 @@ class DeployValuesContract:
     def test_values_are_json(self, values: dict[str, Any]) -> None:
         assert json.loads(json.dumps(values)) == values
 
-    def test_merged_values_satisfy_the_charts_schema(self, values: dict[str, Any], active_config: ResolvedConfig) -> None:
+    def test_merged_values_satisfy_the_charts_schema(
+        self, values: dict[str, Any], active_config: ResolvedConfig
+    ) -> None:
         assert schema_problems(chart_values(active_config, values)) == []
 
     def test_the_chart_renders_with_them(

@@ -51,11 +51,14 @@ from cmbcluster.registrations import InfraProviderRegistration, StorageBackendRe
 #: (event, the calls core makes, in order); ``*`` marks a call made for each bucket mounted.
 LIFECYCLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bucket created", ("storage.create_bucket", "infra.update_user_buckets")),
-    ("environment started", ("infra.ensure_user_identity", "infra.update_user_buckets",
-                             "*storage.ensure_bucket_access", "*storage.volume_spec")),  # fmt: skip
+    (
+        "environment started",
+        ("infra.ensure_user_identity", "infra.update_user_buckets", "*storage.ensure_bucket_access",
+         "*storage.volume_spec"),
+    ),
     ("bucket deleted", ("storage.delete_bucket", "infra.update_user_buckets")),
     ("user deleted", ("infra.delete_user_identity",)),
-)
+)  # fmt: skip
 #: The calls :class:`LifecycleContract` records (the others are not part of the order).
 RECORDED = frozenset(call.lstrip("*") for _, calls in LIFECYCLE for call in calls)
 

@@ -77,11 +77,15 @@ def environment_spec(
             bucket=bucket,
             spec=storage.volume_spec(
                 MountRequest(
-                    bucket=bucket, mount_path=path, user=user, environment_id=environment_id,
-                    read_only=read_only, namespace=namespace,
+                    bucket=bucket,
+                    mount_path=path,
+                    user=user,
+                    environment_id=environment_id,
+                    read_only=read_only,
+                    namespace=namespace,
                 )
             ),
-        )  # fmt: skip
+        )
         for bucket, path, read_only in mounts
     )
     return EnvironmentSpec(environment_id=environment_id, user=user, image=image, volumes=volumes, identity=identity)
