@@ -106,7 +106,7 @@ def test_hooks_md_documents_the_lifecycle_order_core_follows() -> None:
     from cmbcluster.testing.lifecycle import LIFECYCLE
 
     section = (ROOT / "docs" / "plugins" / "hooks.md").read_text().split("## The order of calls", 1)[1]
-    positions = []
+    positions: list[int] = []
     for _, calls in LIFECYCLE:
         for call in calls:
             method = call.lstrip("*")
