@@ -173,6 +173,15 @@ def test_decorators_may_add_labels_but_never_change_ours() -> None:
         (lambda d: setattr(d, "name", "other"), "must not change the pod's name"),
         (lambda d: setattr(d, "port", 0), "not a valid container port"),
         (lambda d: d.extra_objects.append({"kind": "ClusterRoleBinding", "metadata": {"name": "x"}}), "cannot create"),
+        # the node's folders and another ServiceAccount's rights are never a user pod's
+        (lambda d: d.volumes.append({"name": "node", "hostPath": {"path": "/"}}), "folder of the node"),
+        (
+            lambda d: d.extra_objects.append(
+                {"kind": "PersistentVolume", "metadata": {"name": "pv"}, "spec": {"hostPath": {"path": "/etc"}}}
+            ),
+            "folder of the node",
+        ),
+        (lambda d: setattr(d, "service_account_name", "cmbcluster-controlplane"), "must not run the pod as"),
     ],
 )
 def test_what_decorators_produce_is_checked_before_sending(change: Any, message: str) -> None:
