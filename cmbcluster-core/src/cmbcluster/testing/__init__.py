@@ -9,4 +9,11 @@ fsspec's abstract tests)::
         @pytest.fixture
         def storage_backend(self, azurite):
             return AzureStorage(...)
+
+The suites: :mod:`~cmbcluster.testing.storage` (``StorageContract``), :mod:`~cmbcluster.testing.auth`
+(``AuthProviderContract``), :mod:`~cmbcluster.testing.infra` (``InfraProviderContract``),
+:mod:`~cmbcluster.testing.pods` (``PodDecorationContract``), :mod:`~cmbcluster.testing.provisioning`
+(``ProvisionerContract``), :mod:`~cmbcluster.testing.deploy` (``DeployValuesContract``) and
+:mod:`~cmbcluster.testing.lifecycle` (``LifecycleContract``); ``docs/plugins/testing.md`` covers
+each, and the helpers beside them.
 """
