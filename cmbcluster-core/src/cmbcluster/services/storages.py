@@ -245,9 +245,10 @@ def _forget_deleted(db: Session, context: AppContext, storage: Storage, *, actor
 
 def resume_interrupted_deletes(db: Session, context: AppContext) -> dict[str, str]:
     """Finish the bucket deletes a crash interrupted (rows left ``deleting`` by a server instance
-    that is gone, see :mod:`~cmbcluster.services.instances`), as they were asked (with or without force). A delete the backend refuses (not
-    empty without force) or cannot do now is rolled back: the storage is ``active`` again, its
-    usage re-measured, so what the user sees is what is stored and billed; they may delete it again.
+    that is gone, see :mod:`~cmbcluster.services.instances`), as they were asked (with or without
+    force). A delete the backend refuses (not empty without force) or cannot do now is rolled
+    back: the storage is ``active`` again, its usage re-measured, so what the user sees is what is
+    stored and billed; they may delete it again.
     Returns each storage id with what became of it (``deleted`` or ``active``)."""
     backend_name = context.config.storage.name
     rows = list(
@@ -369,9 +370,8 @@ def abort_journalled_uploads(db: Session, context: AppContext) -> int:
     whose bucket cannot be reached now stays for the next pass (the bucket's lifecycle rule
     aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
     backend = UploadJournal.backend == context.config.storage.name
-    rows = list(
-        db.execute(select(UploadJournal).where(backend, instances.owned_by_gone(context, UploadJournal.owner))).scalars()
-    )
+    gone = instances.owned_by_gone(context, UploadJournal.owner)
+    rows = list(db.execute(select(UploadJournal).where(backend, gone)).scalars())
     aborted = 0
     for row in rows:
         # A live upload's multipart upload begins after its journal entry was written.
@@ -748,12 +748,13 @@ class UploadReservation:
     def hold(self, sent: int, wanted: int, *, exact: bool = False) -> None:
         """Hold ``wanted`` bytes; when that passes a quota, only ``sent`` (unless ``exact``),
         and when even that passes it, refuse (413)."""
-        for amount in (wanted,) if exact or wanted == sent else (wanted, sent):
-            over = self._set(amount)
-            if over is None:
-                self.held = amount
-                return
-        raise quota_exceeded(over)
+        over = self._set(wanted)
+        if over is not None and not exact and wanted != sent:
+            over = self._set(sent)
+            wanted = sent
+        if over is not None:
+            raise quota_exceeded(over)
+        self.held = wanted
 
     def _set(self, amount: int) -> QuotaState | None:
         """Write the hold, then check every quota; the first one passed, or None."""
