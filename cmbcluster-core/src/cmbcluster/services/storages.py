@@ -602,17 +602,28 @@ def quota_of(context: AppContext, user: User) -> int | None:
 
 
 def quota_states(
-    db: Session, context: AppContext, user: User, known: dict[str, Usage] | None = None, *, wait_seconds: float
+    db: Session,
+    context: AppContext,
+    user: User,
+    known: dict[str, Usage] | None = None,
+    *,
+    wait_seconds: float,
+    only_set: bool = False,
 ) -> list[QuotaState]:
     """The user's own quota state, then that of each of their groups with a storage quota (by
     name), over every member's buckets. Usage in ``known`` is taken as it is; the rest is measured
-    afresh where stale (waiting at most ``wait_seconds``, see :func:`current_usage`)."""
+    afresh where stale (waiting at most ``wait_seconds``, see :func:`current_usage`). ``only_set``:
+    only the quotas that are set, and nothing measured when none is."""
     groups = db.execute(
         select(Group.id, Group.name, Group.storage_quota_bytes)
         .join(GroupMember, GroupMember.group_id == Group.id)
         .where(GroupMember.user_id == user.id, Group.storage_quota_bytes.is_not(None))
         .order_by(Group.name)
     ).all()
+    own_quota = quota_of(context, user)
+    if only_set and own_quota is None and not groups:
+        db.commit()
+        return []
     members: dict[str, list[str]] = {group_id: [] for group_id, _, _ in groups}
     for group_id, member in db.execute(
         select(GroupMember.group_id, GroupMember.user_id).where(GroupMember.group_id.in_(members))
@@ -635,9 +646,10 @@ def quota_states(
             noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
         )  # fmt: skip
 
-    return [state(quota_of(context, user), [user.id], None)] + [
+    found = [state(own_quota, [user.id], None)] + [
         state(quota, members[group_id], name) for group_id, name, quota in groups
     ]
+    return [s for s in found if s.quota_bytes is not None] if only_set else found
 
 
 @dataclass(frozen=True)
@@ -678,7 +690,7 @@ def upload_allowance(
     the uploads under way hold. A quota used up is refused with InsufficientStorage (507), an
     upload whose declared length passes what is left with PayloadTooLarge (413): nothing is sent
     to the backend. :class:`UploadReservation` then holds the upload's bytes while it runs."""
-    found = [s for s in quota_states(db, context, user, wait_seconds=wait_seconds) if s.quota_bytes is not None]
+    found = quota_states(db, context, user, wait_seconds=wait_seconds, only_set=True)
     states = []
     for found_state in found:
         state = replace(found_state, reserved_bytes=reserved_bytes(db, context, found_state.member_ids))
