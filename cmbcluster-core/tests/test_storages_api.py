@@ -686,7 +686,7 @@ def test_a_group_quota_counts_every_members_buckets_and_is_set_by_admins(
     # Set by admins only, checked, audited.
     assert client.patch(lab, headers=alice, json={"storage_quota_bytes": 10**9}).status_code == 403
     assert client.patch(lab, headers=admin, json={"storage_quota_bytes": -1}).status_code == 422
-    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": "10"}).status_code == 422  # a string is no size
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": "10"}).status_code == 422
     assert client.patch(lab, headers=admin, json={"storage_quota_bytes": 10, "x": 1}).status_code == 422
     unknown = client.patch("/api/v1/admin/groups/nobody", headers=admin, json={"storage_quota_bytes": 10})
     assert unknown.status_code == 404

@@ -60,8 +60,8 @@ class GroupChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     storage_quota_bytes: int | None = Field(
-        ge=0, le=2**62, strict=True, description="What the members' buckets may hold together, in bytes (earlier versions "
-        "included); 0 or null: no group quota. Each member's own quota holds as well.",
+        ge=0, le=2**62, strict=True, description="What the members' buckets may hold together, in bytes "
+        "(earlier versions included); 0 or null: no group quota. Each member's own quota holds as well.",
     )  # fmt: skip
 
 
