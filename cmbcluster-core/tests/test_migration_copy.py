@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +42,29 @@ class CorruptingStorage(LocalStorage):
         if data:
             data[len(data) // 2] ^= 0xFF
         return super().upload_object(bucket, key, [bytes(data)], content_type=content_type)
+
+
+class ChecksummingStorage(LocalStorage):
+    """A destination that reports the MD5 of what it stored, as GCS does (computed here from the
+    stored file itself), optionally of bytes it then damages; counts reads of its objects."""
+
+    def __init__(self, root: Path, *, damage: bool = False) -> None:
+        super().__init__(root)
+        self.damage = damage
+        self.reads = 0
+
+    def upload_object(
+        self, bucket: str, key: str, chunks: Iterable[bytes], *, content_type: str | None = None
+    ) -> ObjectInfo:
+        stored = super().upload_object(bucket, key, chunks, content_type=content_type)
+        digest = hashlib.md5(b"".join(super().download_object(bucket, key)))
+        if self.damage:
+            digest.update(b"!")
+        return dataclasses.replace(stored, md5=digest.hexdigest())
+
+    def download_object(self, bucket: str, key: str, **kwargs: Any) -> Iterator[bytes]:
+        self.reads += 1
+        return super().download_object(bucket, key, **kwargs)
 
 
 def _filled(tmp_path: Path) -> tuple[LocalStorage, str]:
@@ -88,3 +113,26 @@ def test_a_copy_that_never_verifies_is_reported_not_counted(tmp_path: Path) -> N
         copy_object(source, bucket, target, target_bucket, info)
     results = list(copy_objects(source, bucket, target, target_bucket, [info]))
     assert len(results) == 1 and isinstance(results[0], Failed) and "3 attempts" in results[0].error
+
+
+def test_a_destination_reporting_the_md5_is_verified_without_reading_back(tmp_path: Path) -> None:
+    source, bucket = _filled(tmp_path)
+    target = ChecksummingStorage(tmp_path / "target")
+    target_bucket = target.create_bucket(OWNER, BucketOptions(display_name="data")).name
+
+    results = list(copy_objects(source, bucket, target, target_bucket, list_all(source, bucket), parallel=2))
+
+    assert all(isinstance(r, Copied) and not r.reread for r in results)
+    assert target.reads == 0
+    for key, data in OBJECTS.items():
+        assert b"".join(target.download_object(target_bucket, key)) == data
+
+
+def test_a_reported_md5_that_differs_is_not_counted(tmp_path: Path) -> None:
+    source, bucket = _filled(tmp_path)
+    target = ChecksummingStorage(tmp_path / "target", damage=True)
+    target_bucket = target.create_bucket(OWNER, BucketOptions(display_name="data")).name
+
+    with pytest.raises(CopyFailed, match="reports MD5"):
+        copy_object(source, bucket, target, target_bucket, source.head_object(bucket, "large.bin"))
+    assert target.reads == 0

@@ -52,6 +52,7 @@ PRINCIPAL_B = PRINCIPAL_A.removesuffix("user-a") + "user-b"
 class TestGcsStorageContract(StorageContract):
     other_storage_class = StorageClass.INFREQUENT
     keeps_versions = False  # GCS keeps them, but the emulator keeps one version per object
+    reports_md5 = True
 
     @pytest.fixture
     def storage_backend(self, gcs: GcsStorage) -> StorageBackend:
