@@ -145,10 +145,15 @@ def test_a_bucket_mounted_by_a_running_environment_is_not_switched(
     assert result.buckets[0].state == "waiting"
     assert "environment" in result.buckets[0].message and "alice@example.org" in result.buckets[0].message
     assert row(app, storage_id).backend == "local" and row(app, storage_id).status == "active"
+    # its owner sees it marked as being moved, and can use it meanwhile
+    listed = client.get("/api/v1/storages", headers=alice).json()["storages"]
+    assert [(s["id"], s["moving_to"]) for s in listed] == [(storage_id, "elsewhere")]
+    assert client.get(f"/api/v1/storages/{storage_id}", headers=alice).json()["moving_to"] == "elsewhere"
     # once it stops, the next run switches without copying again
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
     again = migration(app, target).run()
     assert again.buckets[0].state == "switched" and again.buckets[0].copied == 0
+    assert client.get(f"/api/v1/storages/{storage_id}", headers=alice).json()["moving_to"] is None
 
 
 def test_an_object_changed_on_the_target_behind_the_copy_is_caught_and_not_switched(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cmbcluster.interfaces import BucketOptions, ObjectInfo, UserRef
+from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, UserRef
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.copy import Copied, CopyFailed, Failed, copy_object, copy_objects, list_all
 
@@ -136,3 +136,36 @@ def test_a_reported_md5_that_differs_is_not_counted(tmp_path: Path) -> None:
     with pytest.raises(CopyFailed, match="reports MD5"):
         copy_object(source, bucket, target, target_bucket, source.head_object(bucket, "large.bin"))
     assert target.reads == 0
+
+
+class ReportingSource(LocalStorage):
+    """A source whose listing reports each object's MD5, as GCS's and S3's do."""
+
+    def list_objects(self, bucket: str, prefix: str = "", **kwargs: Any) -> ObjectPage:
+        page = super().list_objects(bucket, prefix, **kwargs)
+        objects = [
+            dataclasses.replace(o, md5=hashlib.md5(b"".join(self.download_object(bucket, o.key))).hexdigest())
+            for o in page.objects
+        ]
+        return dataclasses.replace(page, objects=objects)
+
+
+def test_a_source_reporting_the_md5_is_compared_with_the_destinations_end_to_end(tmp_path: Path) -> None:
+    source = ReportingSource(tmp_path / "source")
+    bucket = source.create_bucket(OWNER, BucketOptions(display_name="data")).name
+    for key, data in OBJECTS.items():
+        source.upload_object(bucket, key, [data])
+    target = ChecksummingStorage(tmp_path / "target")
+    target_bucket = target.create_bucket(OWNER, BucketOptions(display_name="data")).name
+
+    results = list(copy_objects(source, bucket, target, target_bucket, list_all(source, bucket), parallel=2))
+
+    assert {r.source.key: r.md5 for r in results if isinstance(r, Copied)} == {
+        key: hashlib.md5(data).hexdigest() for key, data in OBJECTS.items()
+    }
+    assert target.reads == 0
+    damaged = ChecksummingStorage(tmp_path / "damaged", damage=True)
+    damaged_bucket = damaged.create_bucket(OWNER, BucketOptions(display_name="data")).name
+    listed = next(o for o in list_all(source, bucket) if o.key == "top.txt")
+    with pytest.raises(CopyFailed, match="the source's is"):
+        copy_object(source, bucket, damaged, damaged_bucket, listed)

@@ -12,9 +12,10 @@ verifies each object. The set is listed before the clock starts, the same for al
 child samples its own resident memory every 20 ms; its growth is the peak minus its RSS before
 the work. Targets (issue 18): copy throughput >= 0.8 x the slower baseline for the large
 objects, >= 0.5 x for the small ones, RSS growth of the copying process <= 128 MiB. Prints the
-figures; exits 1 when a target is missed. ``--scale 0.1`` shrinks both sets for a quick run.
+figures; exits 1 when a target is missed. ``--scale 0.1`` shrinks both sets for a quick run,
+``--only large`` (or ``small``) measures one set.
 
-    python tests/benchmarks/bench_migrate.py [--scale F] [--parallel N]
+    python tests/benchmarks/bench_migrate.py [--scale F] [--parallel N] [--only SET]
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="shrink both sets (0.1: 8 x 12 MiB, 1,000 x 4 KiB)")
     parser.add_argument("--parallel", type=int, default=PARALLEL, help="objects moved at once, in all three")
+    parser.add_argument("--only", choices=("large", "small"), help="measure one set only")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SET", "MOTO", "GCS"), help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()  # `nox -s benchmark -- ...` passes the same arguments to every script
     if args.child:
@@ -208,7 +210,7 @@ def main() -> int:
         with ToolServer(moto_command, env, Path(tmp) / "moto.log") as moto:
             seed(moto.url, args.scale)
             figures: dict[str, dict[str, dict[str, Any]]] = {}
-            for name in ("large", "small"):
+            for name in (args.only,) if args.only else ("large", "small"):
                 figures[name] = {
                     mode: measure(mode, name, moto, args.parallel, env, Path(tmp))
                     for mode in ("download", "upload", "copy")

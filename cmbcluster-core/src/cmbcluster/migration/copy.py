@@ -2,12 +2,14 @@
 
 Generic over :class:`~cmbcluster.interfaces.StorageBackend`: each object is a streamed
 ``download_object`` fed straight into ``upload_object`` (the destination holds at most a few
-chunks), while its MD5 and size are computed on the way through. Verification then compares
-them with what the destination holds:
+chunks), its size counted on the way through. Its MD5 is the one the source reports of what it
+stores (``ObjectInfo.md5`` in the listing: GCS, S3 for single-part objects), or where it reports
+none, computed on the way. Verification then compares them with what the destination holds:
 
 - its reported size must be the copied size, always;
-- when the destination reports the MD5 it computed of what it stored (``ObjectInfo.md5``: GCS,
-  S3 for single-part objects), that must be the MD5 computed on the way, and is enough;
+- when the destination reports the MD5 it computed of what it stored (``ObjectInfo.md5``), that
+  must be the object's MD5, and is enough (with the source's own MD5, the comparison is end to
+  end: the bytes each service stores);
 - otherwise (the local backend, multipart S3, a backend that reports none) the object is read
   back from the destination and its MD5 computed again.
 
@@ -68,10 +70,13 @@ class Failed:
 OnBytes = Callable[[int], None]
 
 
-def _measured(chunks: Iterator[bytes], digest: Any, sizes: list[int], progress: OnBytes | None) -> Iterator[bytes]:
+def _measured(
+    chunks: Iterator[bytes], digest: Any | None, sizes: list[int], progress: OnBytes | None
+) -> Iterator[bytes]:
     try:
         for chunk in chunks:
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             sizes[0] += len(chunk)
             if progress is not None:
                 progress(len(chunk))
@@ -106,13 +111,14 @@ def copy_object(
     """
     problem = ""
     for attempt in range(1, attempts + 1):
-        digest, sizes = hashlib.md5(usedforsecurity=False), [0]
+        # The source's own MD5 when it reports one (no hashing here), else the MD5 of what passes.
+        digest, sizes = None if obj.md5 else hashlib.md5(usedforsecurity=False), [0]
         try:
             chunks = source.download_object(source_bucket, obj.key, chunk_size=CHUNK_SIZE)
             stored = target.upload_object(
                 target_bucket, obj.key, _measured(chunks, digest, sizes, progress), content_type=obj.content_type
             )
-            md5, size = digest.hexdigest(), sizes[0]
+            md5, size = digest.hexdigest() if digest is not None else str(obj.md5), sizes[0]
             if size != obj.size:
                 # The source changed between its listing and this read: copy the version listed next time.
                 problem = f"the source changed while it was copied ({obj.size} bytes listed, {size} read)"
@@ -123,12 +129,14 @@ def copy_object(
                 continue
             reread = stored.md5 is None
             if not reread and stored.md5 != md5:
-                problem = f"the destination reports MD5 {stored.md5} after bytes of MD5 {md5} were sent"
+                problem = f"the destination reports MD5 {stored.md5}, the source's is {md5}"
+                if digest is None:  # perhaps a version of the same size written since the listing
+                    obj = source.head_object(source_bucket, obj.key)
                 continue
             if reread:
                 again, again_size = md5_of(target, target_bucket, obj.key)
                 if (again, again_size) != (md5, size):
-                    problem = f"the destination holds other bytes ({again_size} bytes, MD5 {again}; sent MD5 {md5})"
+                    problem = f"the destination holds other bytes ({again_size} bytes, MD5 {again}; the source's {md5})"
                     continue
             return Copied(source=obj, size=size, md5=md5, target_etag=stored.etag, reread=reread, attempts=attempt)
         except NotFound:

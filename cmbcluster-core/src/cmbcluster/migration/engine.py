@@ -731,6 +731,18 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
 
 
 # -- progress, for the API -------------------------------------------------------------------
+def moving(db: Session, storage_ids: list[str]) -> dict[str, str]:
+    """Of these storages, those a migration is copying (not switched yet): the target backend of each."""
+    if not storage_ids:
+        return {}
+    rows = db.execute(
+        select(MigrationBucket.storage_id, MigrationBucket.target_backend).where(
+            MigrationBucket.storage_id.in_(storage_ids), MigrationBucket.state == "copying"
+        )
+    )
+    return {storage_id: target for storage_id, target in rows}  # noqa: C416 - rows are Row objects, not pairs
+
+
 @dataclass(frozen=True, kw_only=True)
 class BucketStatus:
     storage_id: str
