@@ -189,14 +189,18 @@ class FakeTransferService(ManagedTransfer):
 
     service = "the fake transfer service"
 
-    def __init__(self, source: TransferEnd, target: TransferEnd, *, damage: str | None = None) -> None:
+    def __init__(
+        self, source: TransferEnd, target: TransferEnd, *, damage: str | None = None, broken: bool = False
+    ) -> None:
         assert isinstance(target.storage, LocalStorage)
-        self.source, self.target, self.damage = source, target, damage
+        self.source, self.target, self.damage, self.broken = source, target, damage, broken
         self.writer = LocalStorage(target.storage.root)
         self.runs = 0
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
         self.runs += 1
+        if self.broken:
+            raise RuntimeError("the job's status call answered garbage")
         for obj in list_all(self.source.storage, self.source.bucket):
             data = b"".join(self.source.storage.download_object(self.source.bucket, obj.key))
             if obj.key == self.damage:
@@ -218,14 +222,14 @@ class CountingStorage(LocalStorage):
         return super().upload_object(bucket, key, chunks, content_type=content_type)
 
 
-def offering(damage: str | None, offers: list[FakeTransferService]) -> PluginManager:
+def offering(damage: str | None, offers: list[FakeTransferService], *, broken: bool = False) -> PluginManager:
     """A plugin manager with one in-process plugin whose hook offers the fake service to "elsewhere"."""
 
     @hookimpl
     def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
         if target.backend != "elsewhere":
             return None
-        offers.append(FakeTransferService(source, target, damage=damage))
+        offers.append(FakeTransferService(source, target, damage=damage, broken=broken))
         return offers[-1]
 
     manager = PluginManager(entry_points_enabled=False)
@@ -276,6 +280,11 @@ def test_an_object_a_managed_transfer_left_wrong_is_caught_and_the_bucket_not_sw
     assert row(app, storage_id).backend == "local" and row(app, storage_id).status == "active"
     with sessions_of(app)() as db:  # the others are verified; the damaged one is not
         assert set(db.execute(select(MigrationObject.key)).scalars()) == set(FILES) - {"a/b/deep.bin"}
+    # a service that fails outright: the bucket is reported, nothing is recorded or switched
+    broken = managed(app, target, offering(None, offers, broken=True)).run()
+    assert broken.buckets[0].state == "failed"
+    assert "the fake transfer service failed: RuntimeError" in broken.buckets[0].message
+    assert row(app, storage_id).backend == "local"
     # streamed the next time: only the damaged object is copied, then the bucket switches
     again = managed(app, target, None).run()
     assert again.buckets[0].state == "switched" and again.buckets[0].copied == 1 and target.uploads == 1

@@ -45,7 +45,7 @@ from cmbcluster.db.models import (
     User,
     utcnow,
 )
-from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound, PluginError
 from cmbcluster.interfaces import (
     BucketOptions,
     InfraProvider,
@@ -432,7 +432,13 @@ class Migration:
             )
             return
         self.events.note(f"{label}: {offer.service} copies the bucket; then both listings are compared")
-        offer.run(self.events.bytes_copied)
+        try:
+            offer.run(self.events.bytes_copied)
+        except CmbclusterError:
+            raise
+        except Exception as exc:  # a plugin's bug or its SDK's error: this bucket fails, the others go on
+            log.exception("%s failed for %s", offer.service, label)
+            raise PluginError(f"{offer.service} failed: {type(exc).__name__}: {exc}") from exc
         problems: list[str] = []  # the first five, and how many in all
         wrong = 0
         last_commit = time.monotonic()
