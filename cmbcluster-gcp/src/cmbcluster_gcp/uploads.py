@@ -1,4 +1,5 @@
-"""Large uploads to Cloud Storage: a resumable upload session fed in pieces of 16 MiB, each
+"""Large uploads to Cloud Storage: a resumable upload session fed in pieces of 16 MiB (the first of
+2 MiB), each
 spooled to a temporary file and streamed from it, so memory holds a source chunk or two whatever
 the size. A reading thread fills the next piece's spool while the current piece is sent, so a
 stream copied from another cloud keeps both connections busy (GCS answers each piece only once it
@@ -32,6 +33,8 @@ MiB = 1024 * 1024
 #: reading and the sending of a large object overlapped; much smaller ones cost a round trip each
 #: (and the emulator copies the whole upload so far at every piece).
 UPLOAD_PIECE_SIZE = 16 * MiB
+#: The first piece is smaller, so that sending starts once a little of a slow source has arrived.
+FIRST_PIECE_SIZE = 2 * MiB
 UPLOAD_PIECE_ATTEMPTS = 5
 UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -66,13 +69,14 @@ class _Pieces:
         self._pending: bytes | None = head or _next_bytes(source)
         self.stop = threading.Event()
 
-    def fill(self, spool: BinaryIO) -> tuple[int, bool]:
-        """Spool the next piece; its size, and whether it is the last."""
+    def fill(self, spool: BinaryIO, limit: int) -> tuple[int, bool]:
+        """Spool the next piece, of ``limit`` bytes unless the source ends first; its size, and
+        whether it is the last."""
         spool.seek(0)
         spool.truncate()
         size = 0
-        while self._pending is not None and size < UPLOAD_PIECE_SIZE and not self.stop.is_set():
-            taken = self._pending[: UPLOAD_PIECE_SIZE - size]
+        while self._pending is not None and size < limit and not self.stop.is_set():
+            taken = self._pending[: limit - size]
             spool.write(taken)
             size += len(taken)
             self._pending = self._pending[len(taken) :] or _next_bytes(self._source)
@@ -93,7 +97,7 @@ def _upload_pieces(
     offset = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcs-upload-read") as reader:
         try:
-            filling = reader.submit(pieces.fill, spools[0])
+            filling = reader.submit(pieces.fill, spools[0], FIRST_PIECE_SIZE)
             index = 0
             while True:
                 size, last = filling.result()
@@ -101,7 +105,7 @@ def _upload_pieces(
                     session.append(start_session())
                 spool = spools[index % 2]
                 if not last:
-                    filling = reader.submit(pieces.fill, spools[(index + 1) % 2])
+                    filling = reader.submit(pieces.fill, spools[(index + 1) % 2], UPLOAD_PIECE_SIZE)
                 _put_piece(http, session[0], spool, offset, size, offset + size if last else None, what)
                 if last:
                     return
