@@ -1,11 +1,10 @@
 """Large uploads to Cloud Storage: a resumable upload session fed in pieces of 16 MiB (the first of
-2 MiB), each
-spooled to a temporary file and streamed from it, so memory holds a source chunk or two whatever
-the size. A reading thread fills the next piece's spool while the current piece is sent, so a
-stream copied from another cloud keeps both connections busy (GCS answers each piece only once it
-is stored: without the overlap, a copy takes the download's time plus the upload's). A failed or
-partly stored piece is resumed from where GCS says the upload stands; on any failure the session
-is cancelled, so no object (and no loss of the previous version) results.
+2 MiB), each spooled to a temporary file and streamed from it, so memory holds a source chunk or
+two whatever the size. A reading thread fills the next piece's spool while the current piece is
+sent, so a stream copied from another cloud keeps both connections busy (GCS answers each piece
+only once it is stored: without the overlap, a copy takes the download's time plus the upload's).
+A failed or partly stored piece is resumed from where GCS says the upload stands; on any failure
+the session is cancelled, so no object (and no loss of the previous version) results.
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ MiB = 1024 * 1024
 #: reading and the sending of a large object overlapped; much smaller ones cost a round trip each
 #: (and the emulator copies the whole upload so far at every piece).
 UPLOAD_PIECE_SIZE = 16 * MiB
-#: The first piece is smaller, so that sending starts once a little of a slow source has arrived.
+#: The first piece is smaller, so that sending starts sooner when the source is slow (another
+#: cloud, measured in tests/benchmarks/bench_migrate.py); a source that fails within it leaves no
+#: upload session behind.
 FIRST_PIECE_SIZE = 2 * MiB
 UPLOAD_PIECE_ATTEMPTS = 5
 UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
