@@ -199,6 +199,55 @@ def test_a_progress_stream_on_another_replica_sees_every_change(database: str, t
     assert seen == [["starting", "running"]] * 5 + [["starting", "stopped"]] * 5
 
 
+def test_a_migration_walks_its_manifest_in_the_listings_order_whatever_the_collation(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is read beside the listings in code-point order; a column under a linguistic
+    collation (ICU's, where "a" < "B" < "é" < "Z") must not change that order, or the walk stops."""
+    from cmbcluster.db.models import Storage
+    from cmbcluster.local.storage import LocalStorage
+    from cmbcluster.migration import engine as migration_engine
+
+    monkeypatch.setattr(migration_engine, "MANIFEST_BATCH", 2)
+    (client,) = replicas(database, tmp_path, count=1)
+    with client:
+        dev_sign_in(client, "pi@example.org")
+        ada = dev_sign_in(client, "ada@example.org")
+        created = client.post("/api/v1/storages", headers=ada, json={"display_name": "data"})
+        assert created.status_code == 201, created.text
+        storage_id = created.json()["id"]
+        keys = ["B.txt", "Z.txt", "_x.txt", "a.txt", "e.txt", "é.txt", "z/1.txt"]
+        for key in keys:
+            assert client.put(
+                f"/api/v1/storages/{storage_id}/objects/{key}", headers=ada, content=key.encode()
+            ).is_success
+        context = client.app.state.context  # type: ignore[attr-defined]
+        with context.sessions() as db:
+            db.execute(text('ALTER TABLE migration_objects ALTER COLUMN key TYPE varchar(1024) COLLATE "und-x-icu"'))
+            db.commit()
+        target = LocalStorage(tmp_path / "elsewhere")
+        run = migration_engine.Migration(
+            context.sessions, migration_engine.Side(name="local", storage=context.storage),
+            migration_engine.Side(name="elsewhere", storage=target),
+        )  # fmt: skip
+        with context.sessions() as db:  # a first pass, as a run killed before its switch leaves it
+            storage = db.get(Storage, storage_id)
+            assert storage is not None
+            manifest = run._manifest_row(db, storage)
+            from cmbcluster.interfaces import UserRef
+
+            manifest.target_bucket = run._create_target_bucket(storage, UserRef(id=storage.user_id))
+            db.commit()
+            target_bucket = manifest.target_bucket
+            assert target_bucket is not None
+            outcome = migration_engine.BucketOutcome(storage_id="", owner="", display_name="", state="")
+            run._copy_pass(db, manifest, outcome, announce=False)
+        result = run.run()
+    assert result.buckets[0].state == "switched", result.buckets[0].message
+    assert result.buckets[0].copied == 0 and result.buckets[0].skipped == len(keys)
+    assert {o.key for o in target.list_objects(target_bucket, delimiter=None).objects} == set(keys)
+
+
 def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: str, tmp_path: Path) -> None:
     """Uploads and bucket deletes are journalled with the server instance running them. The replica
     that takes over leadership finishes the work of instances that are gone (no heartbeat for a

@@ -2258,6 +2258,11 @@ export interface components {
             /** Id */
             id: string;
             /**
+             * Moving To
+             * @description The storage backend `cmbcluster migrate` is copying this bucket to (it stays usable meanwhile); null when it is not being moved
+             */
+            moving_to?: string | null;
+            /**
              * Noncurrent Bytes
              * @description Earlier versions of overwritten or deleted objects, kept (and billed) until the bucket's lifecycle removes them; null until first measured
              */
@@ -2279,7 +2284,7 @@ export interface components {
             size_bytes: number | null;
             /**
              * Status
-             * @description 'active', or 'deleting' while the bucket is being deleted
+             * @description 'active'; 'deleting' while the bucket is being deleted; 'migrating' during the last pass of its move to another cloud (uploads and new mounts wait)
              */
             status: string;
             /** Storage Class */

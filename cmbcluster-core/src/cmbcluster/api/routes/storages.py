@@ -36,6 +36,7 @@ from cmbcluster.api.transfer import (
 from cmbcluster.db.models import Storage
 from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
+from cmbcluster.migration import engine as migration
 from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
 from cmbcluster.services import previews
 from cmbcluster.services import storages as service
@@ -78,7 +79,10 @@ class StorageOut(BaseModel):
     id: str
     display_name: str
     storage_class: str
-    status: str = Field(description="'active', or 'deleting' while the bucket is being deleted")
+    status: str = Field(
+        description="'active'; 'deleting' while the bucket is being deleted; 'migrating' during the last pass of its "
+        "move to another cloud (uploads and new mounts wait)"
+    )
     backend: str = Field(description="The storage backend holding the bucket (local, aws, gcp, ...)")
     bucket_name: str = Field(description="The bucket's real name in that backend")
     created_at: dt.datetime
@@ -91,6 +95,11 @@ class StorageOut(BaseModel):
     noncurrent_object_count: int | None = Field(description="Number of those earlier versions")
     usage_measured_at: dt.datetime | None = Field(
         description="When size and count were measured (they are cached for a minute)"
+    )
+    moving_to: str | None = Field(
+        default=None,
+        description="The storage backend `cmbcluster migrate` is copying this bucket to (it stays usable meanwhile); "
+        "null when it is not being moved",
     )
 
 
@@ -193,13 +202,13 @@ class PreviewOut(BaseModel):
     message: str | None = Field(default=None, description="Why there is nothing to show")
 
 
-def storage_out(storage: Storage, usage: Usage) -> StorageOut:
+def storage_out(storage: Storage, usage: Usage, moving_to: str | None = None) -> StorageOut:
     return StorageOut(
         id=storage.id, display_name=storage.display_name, storage_class=storage.storage_class,
         status=storage.status, backend=storage.backend, bucket_name=storage.bucket_name,
         created_at=storage.created_at, size_bytes=usage.size_bytes, object_count=usage.object_count,
         noncurrent_bytes=usage.noncurrent_bytes, noncurrent_object_count=usage.noncurrent_count,
-        usage_measured_at=usage.measured_at,
+        usage_measured_at=usage.measured_at, moving_to=moving_to,
     )  # fmt: skip
 
 
@@ -249,8 +258,9 @@ def list_storages(user: CurrentUser, db: DbSession, context: Context) -> Storage
     own, *groups = service.quota_states(
         db, context, user, {row.id: usage for row, usage in rows}, wait_seconds=LIST_USAGE_WAIT_SECONDS
     )
+    moving = migration.moving(db, [row.id for row, _ in rows])
     return StorageListOut(
-        storages=[storage_out(row, usage) for row, usage in rows],
+        storages=[storage_out(row, usage, moving.get(row.id)) for row, usage in rows],
         quota=QuotaOut(quota_bytes=own.quota_bytes, used_bytes=own.used_bytes, noncurrent_bytes=own.noncurrent_bytes),
         group_quotas=[
             GroupQuotaOut(group=g.group or "", quota_bytes=g.quota_bytes or 0, used_bytes=g.used_bytes,
@@ -262,7 +272,8 @@ def list_storages(user: CurrentUser, db: DbSession, context: Context) -> Storage
 
 @router.get("/{storage_id}", response_model=StorageOut, summary="One of your buckets, with its size and object count")
 def get_storage(storage_id: str, user: CurrentUser, db: DbSession, context: Context) -> StorageOut:
-    return storage_out(*service.storage_with_usage(db, context, user, storage_id, wait_seconds=GET_USAGE_WAIT_SECONDS))
+    storage, usage = service.storage_with_usage(db, context, user, storage_id, wait_seconds=GET_USAGE_WAIT_SECONDS)
+    return storage_out(storage, usage, migration.moving(db, [storage.id]).get(storage.id))
 
 
 @router.delete(

@@ -113,6 +113,13 @@ export default function StoragePage() {
                     }`}
                   />
                 </div>
+                {s.moving_to ? (
+                  <div className="small">
+                    <span className="badge badge-pending" title="Usable meanwhile: files changed now are copied too">
+                      being moved to {s.moving_to}
+                    </span>
+                  </div>
+                ) : null}
               </th>
               <Td label="Class">{s.storage_class}</Td>
               <Td label="Usage">
