@@ -22,7 +22,7 @@ def signature_line(name: str) -> str:
 
 
 def test_there_are_hooks() -> None:
-    assert len(HOOKS) == 7
+    assert len(HOOKS) == 8
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))

@@ -44,6 +44,7 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/cmbcluster-user-0123456789"
 class TestS3StorageContract(StorageContract):
     other_storage_class = StorageClass.INFREQUENT
     keeps_versions = True
+    reports_md5 = True
     creation_time_resolution = 1.05  # S3 reports bucket creation times in whole seconds
 
     @pytest.fixture
@@ -252,6 +253,9 @@ def test_kms_key_and_versioning_override(make_settings: Callable[..., AwsSetting
     assert rule["BucketKeyEnabled"] is True
     assert "Status" not in s3.get_bucket_versioning(Bucket=info.name)
     assert info.versioning is False and backend.get_bucket(info.name).versioning is False
+    # SSE-KMS ETags are no MD5: none is reported
+    stored = backend.upload_object(info.name, "one.txt", [b"one request"])
+    assert stored.md5 is None and backend.list_objects(info.name).objects[0].md5 is None
 
 
 def test_versioning_follows_settings_unless_overridden(
@@ -477,6 +481,8 @@ def test_multipart_round_trip_leaves_no_uploads(backend: S3Storage, owner: UserR
     assert result.size == len(data)
     assert result.content_type == "application/fits"
     assert result.etag.endswith("-3")  # 8 MiB + 8 MiB + the rest: a multipart upload
+    # a multipart ETag is no MD5: none is reported, so the migration reads such objects back
+    assert result.md5 is None and backend.list_objects(info.name, "maps/", delimiter=None).objects[0].md5 is None
     digest = hashlib.sha256()
     for chunk in backend.download_object(info.name, "maps/big.fits", chunk_size=MiB):
         assert 0 < len(chunk) <= MiB

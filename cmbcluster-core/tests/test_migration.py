@@ -4,7 +4,9 @@ the API's own rows and real environments (the clouds, the CLI and SIGKILL are in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import MigrationObject, Storage
+from cmbcluster.errors import PluginError
+from cmbcluster.hookspecs import hookimpl
+from cmbcluster.interfaces import ManagedTransfer, ObjectInfo, TransferEnd
 from cmbcluster.local.storage import LocalStorage
-from cmbcluster.migration.engine import Migration, Side, finish
+from cmbcluster.migration.copy import list_all
+from cmbcluster.migration.engine import Events, Migration, Side, finish
+from cmbcluster.plugins import PluginManager
 
 FILES = {"notes.txt": b"hello", "empty": b"", "a/b/deep.bin": b"\x00" * 70_000, "été/☀.csv": "é,☀\n".encode()}
 
@@ -138,10 +145,15 @@ def test_a_bucket_mounted_by_a_running_environment_is_not_switched(
     assert result.buckets[0].state == "waiting"
     assert "environment" in result.buckets[0].message and "alice@example.org" in result.buckets[0].message
     assert row(app, storage_id).backend == "local" and row(app, storage_id).status == "active"
+    # its owner sees it marked as being moved, and can use it meanwhile
+    listed = client.get("/api/v1/storages", headers=alice).json()["storages"]
+    assert [(s["id"], s["moving_to"]) for s in listed] == [(storage_id, "elsewhere")]
+    assert client.get(f"/api/v1/storages/{storage_id}", headers=alice).json()["moving_to"] == "elsewhere"
     # once it stops, the next run switches without copying again
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
     again = migration(app, target).run()
     assert again.buckets[0].state == "switched" and again.buckets[0].copied == 0
+    assert client.get(f"/api/v1/storages/{storage_id}", headers=alice).json()["moving_to"] is None
 
 
 def test_an_object_changed_on_the_target_behind_the_copy_is_caught_and_not_switched(
@@ -166,3 +178,206 @@ def test_an_object_changed_on_the_target_behind_the_copy_is_caught_and_not_switc
     result = migration(app, target).run()
     assert result.buckets[0].state == "switched" and result.buckets[0].copied == 1
     assert b"".join(target.download_object(row(app, storage_id).bucket_name, "notes.txt")) == b"hello"
+
+
+# -- a managed transfer offered by a plugin (cmbcluster_managed_transfer) --------------------------
+class FakeTransferService(ManagedTransfer):
+    """Our own stand-in for a cloud's transfer service (none runs here): it reads the source
+    bucket and writes the target bucket through its own LocalStorage on the target's root, as a
+    service writes the bucket directly, not through the migration; ``damage`` names an object it
+    leaves with other bytes of the same size."""
+
+    service = "the fake transfer service"
+
+    def __init__(
+        self, source: TransferEnd, target: TransferEnd, *, damage: str | None = None, broken: bool = False
+    ) -> None:
+        assert isinstance(target.storage, LocalStorage)
+        self.source, self.target, self.damage, self.broken = source, target, damage, broken
+        self.writer = LocalStorage(target.storage.root)
+        self.runs = 0
+
+    def run(self, progress: Callable[[int], None] | None = None) -> None:
+        self.runs += 1
+        if self.broken:
+            raise RuntimeError("the job's status call answered garbage")
+        for obj in list_all(self.source.storage, self.source.bucket):
+            data = b"".join(self.source.storage.download_object(self.source.bucket, obj.key))
+            if obj.key == self.damage:
+                data = bytes(b ^ 0xFF for b in data)
+            self.writer.upload_object(self.target.bucket, obj.key, [data])
+            if progress is not None:
+                progress(len(data))
+
+
+class CountingStorage(LocalStorage):
+    """The migration's target: counts the objects the migration itself uploads."""
+
+    uploads = 0
+
+    def upload_object(
+        self, bucket: str, key: str, chunks: Iterable[bytes], *, content_type: str | None = None
+    ) -> ObjectInfo:
+        self.uploads += 1
+        return super().upload_object(bucket, key, chunks, content_type=content_type)
+
+
+def offering(damage: str | None, offers: list[FakeTransferService], *, broken: bool = False) -> PluginManager:
+    """A plugin manager with one in-process plugin whose hook offers the fake service to "elsewhere"."""
+
+    @hookimpl
+    def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+        if target.backend != "elsewhere":
+            return None
+        offers.append(FakeTransferService(source, target, damage=damage, broken=broken))
+        return offers[-1]
+
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(SimpleNamespace(cmbcluster_managed_transfer=cmbcluster_managed_transfer), name="fake-transfer")
+    return manager
+
+
+def managed(app: FastAPI, target: LocalStorage, plugins: PluginManager | None) -> Migration:
+    source = Side(name="local", storage=app.state.context.storage)
+    return Migration(
+        sessions_of(app), source, Side(name="elsewhere", storage=target), parallel=3,
+        transfers=plugins.managed_transfer if plugins is not None else None,
+    )  # fmt: skip
+
+
+def test_a_managed_transfer_is_verified_from_both_listings_then_switched(
+    app: FastAPI, client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    storage_id = make_bucket(client, alice)
+    target = CountingStorage(tmp_path / "elsewhere")
+    offers: list[FakeTransferService] = []
+
+    result = managed(app, target, offering(None, offers)).run()
+
+    assert [b.state for b in result.buckets] == ["switched"], result
+    assert [o.runs for o in offers] == [1]
+    assert target.uploads == 0  # the service copied everything; the migration streamed nothing
+    switched = row(app, storage_id)
+    assert switched.backend == "elsewhere"
+    for key, content in FILES.items():
+        assert b"".join(target.download_object(switched.bucket_name, key)) == content
+    with sessions_of(app)() as db:
+        assert set(db.execute(select(MigrationObject.key)).scalars()) == set(FILES)
+
+
+def test_an_object_a_managed_transfer_left_wrong_is_caught_and_the_bucket_not_switched(
+    app: FastAPI, client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    storage_id = make_bucket(client, alice)
+    target = CountingStorage(tmp_path / "elsewhere")
+    offers: list[FakeTransferService] = []
+
+    result = managed(app, target, offering("a/b/deep.bin", offers)).run()
+
+    assert result.buckets[0].state == "failed"
+    assert "the fake transfer service left 1 object(s) wrong" in result.buckets[0].message
+    assert "a/b/deep.bin holds other bytes" in result.buckets[0].message
+    assert row(app, storage_id).backend == "local" and row(app, storage_id).status == "active"
+    with sessions_of(app)() as db:  # the others are verified; the damaged one is not
+        assert set(db.execute(select(MigrationObject.key)).scalars()) == set(FILES) - {"a/b/deep.bin"}
+    # a service that fails outright: the bucket is reported, nothing is recorded or switched
+    broken = managed(app, target, offering(None, offers, broken=True)).run()
+    assert broken.buckets[0].state == "failed"
+    assert "the fake transfer service failed: RuntimeError" in broken.buckets[0].message
+    assert row(app, storage_id).backend == "local"
+    # streamed the next time: only the damaged object is copied, then the bucket switches
+    again = managed(app, target, None).run()
+    assert again.buckets[0].state == "switched" and again.buckets[0].copied == 1 and target.uploads == 1
+    assert b"".join(target.download_object(row(app, storage_id).bucket_name, "a/b/deep.bin")) == FILES["a/b/deep.bin"]
+
+
+def test_without_an_offer_the_bucket_is_streamed_and_a_wrong_offer_is_a_plugin_error(
+    app: FastAPI, client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    make_bucket(client, alice)
+    target = CountingStorage(tmp_path / "elsewhere")
+    notes: list[str] = []
+
+    class Notes(Events):
+        def note(self, text: str) -> None:
+            notes.append(text)
+
+    source = Side(name="local", storage=app.state.context.storage)
+    result = Migration(
+        sessions_of(app), source, Side(name="elsewhere", storage=target), events=Notes(),
+        transfers=PluginManager(entry_points_enabled=False).managed_transfer,
+    ).run()  # fmt: skip
+    assert result.buckets[0].state == "switched" and target.uploads == len(FILES)
+    assert any("no plugin offers a managed transfer" in n for n in notes)
+
+    @hookimpl
+    def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> object:
+        return "a job id"
+
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(SimpleNamespace(cmbcluster_managed_transfer=cmbcluster_managed_transfer), name="confused")
+    end = TransferEnd(backend="local", bucket="b", storage=target)
+    with pytest.raises(PluginError, match="'confused' returned str from cmbcluster_managed_transfer"):
+        manager.managed_transfer(end, end)
+
+
+def test_a_bucket_larger_than_a_manifest_batch_is_walked_batch_by_batch(
+    app: FastAPI, client: TestClient, alice: dict[str, str], target: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import event
+
+    from cmbcluster.migration import engine as migration_engine
+
+    monkeypatch.setattr(migration_engine, "MANIFEST_BATCH", 4)
+    storage_id = make_bucket(client, alice)
+    bucket = row(app, storage_id).bucket_name
+    source = app.state.context.storage
+    many = {f"many/{i:02d}.txt": f"object {i}".encode() for i in range(30)}
+    for key, content in many.items():
+        source.upload_object(bucket, key, [content])
+    everything = FILES | many
+    engine = migration(app, target)
+    with sessions_of(app)() as db:  # what a run killed before its switch leaves
+        storage = db.get(Storage, storage_id)
+        assert storage is not None
+        manifest = engine._manifest_row(db, storage)
+        from cmbcluster.interfaces import UserRef
+        from cmbcluster.migration.engine import BucketOutcome
+
+        manifest.target_bucket = engine._create_target_bucket(storage, UserRef(id=storage.user_id))
+        db.commit()
+        engine._copy_pass(db, manifest, BucketOutcome(storage_id="", owner="", display_name="", state=""),
+                          announce=False)  # fmt: skip
+    time.sleep(0.01)
+    # changes and deletions on both sides of batch boundaries, and at both ends of the listing
+    changed = ["a/b/deep.bin", "many/03.txt", "many/04.txt", "many/29.txt"]
+    deleted = ["empty", "many/07.txt", "many/08.txt", "many/28.txt", "été/☀.csv"]
+    for key in changed:
+        source.upload_object(bucket, key, [b"changed " + key.encode()])
+    source.delete_objects(bucket, deleted)
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM migration_objects" in statement:
+            reads.append(statement)
+
+    db_engine = sessions_of(app).kw["bind"]
+    event.listen(db_engine, "before_cursor_execute", count)
+    try:
+        result = engine.run()
+    finally:
+        event.remove(db_engine, "before_cursor_execute", count)
+
+    assert result.buckets[0].state == "switched", result.buckets[0].message
+    assert result.buckets[0].copied == len(changed)
+    assert result.buckets[0].skipped == len(everything) - len(changed) - len(deleted)
+    switched = row(app, storage_id).bucket_name
+    listed = {o.key for o in list_all(target, switched)}
+    assert listed == set(everything) - set(deleted)
+    for key in listed:
+        want = b"changed " + key.encode() if key in changed else everything[key]
+        assert b"".join(target.download_object(switched, key)) == want
+    # the manifest was read in batches of 4 (34 objects: several queries per walk), never whole
+    batched = [s for s in reads if "LIMIT" in s.upper()]
+    assert len(batched) >= 3 * (len(everything) // 4) and all("ORDER BY" in s.upper() for s in batched)
+    assert not [s for s in reads if "LIMIT" not in s.upper() and "count(" not in s and "sum(" not in s]

@@ -12,9 +12,11 @@ verifies each object. The set is listed before the clock starts, the same for al
 child samples its own resident memory every 20 ms; its growth is the peak minus its RSS before
 the work. Targets (issue 18): copy throughput >= 0.8 x the slower baseline for the large
 objects, >= 0.5 x for the small ones, RSS growth of the copying process <= 128 MiB. Prints the
-figures; exits 1 when a target is missed. ``--scale 0.1`` shrinks both sets for a quick run.
+figures; exits 1 when a target is missed. ``--scale 0.1`` shrinks both sets for a quick run,
+``--only large`` (or ``small``) measures one set, ``--repeat 3`` measures each three times
+(interleaved) and keeps the median: on a shared machine one measurement can be off by half.
 
-    python tests/benchmarks/bench_migrate.py [--scale F] [--parallel N]
+    python tests/benchmarks/bench_migrate.py [--scale F] [--parallel N] [--only SET] [--repeat N]
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ TARGET_RSS_GROWTH_MIB = 128
 #: http.server with a listen backlog of 5, and with 8 clients connecting at once its dropped SYNs
 #: ran into 60 s connect timeouts (seen at 10,000 small uploads). 4 keeps it busy all the same.
 PARALLEL = 4
+#: The sets' sizes are multiples of this, and content comes in blocks of it (the figures of earlier
+#: runs were measured on these sets: it stays 4 MiB whatever the copy's own chunk size).
+BLOCK = 4 * MIB
 
 
 def sets(scale: float) -> dict[str, tuple[int, int]]:
     """Each set's object count and object size: 8 x 128 MiB and 10,000 x 4 KiB at scale 1."""
-    large = max(CHUNK_SIZE, int(128 * MIB * scale) // CHUNK_SIZE * CHUNK_SIZE)
+    large = max(BLOCK, int(128 * MIB * scale) // BLOCK * BLOCK)
     return {"large": (8, large), "small": (max(1, int(10_000 * scale)), 4096)}
 
 
@@ -71,8 +76,8 @@ def key_of(name: str, index: int) -> str:
 
 
 def content(key: str, size: int) -> Iterator[bytes]:
-    """An object's bytes in CHUNK_SIZE pieces: one random block per object, repeated (the same
-    bytes whoever asks, none of them held longer than a chunk)."""
+    """An object's bytes in pieces of the copy's chunk size: one random block per object, repeated
+    (the same bytes whoever asks, none of them held longer than a chunk)."""
     block = random.Random(key).randbytes(min(size, CHUNK_SIZE))
     for _ in range(size // len(block)):
         yield block
@@ -187,10 +192,20 @@ def measure(mode: str, name: str, moto: ToolServer, parallel: int, env: dict[str
     return figures
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median duration (its own figures, all of one run), with every duration beside it."""
+    ordered = sorted(runs, key=lambda f: f["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["all_seconds"] = [round(f["seconds"], 2) for f in runs]
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="shrink both sets (0.1: 8 x 12 MiB, 1,000 x 4 KiB)")
     parser.add_argument("--parallel", type=int, default=PARALLEL, help="objects moved at once, in all three")
+    parser.add_argument("--only", choices=("large", "small"), help="measure one set only")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each N times and keep the median (by time)")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SET", "MOTO", "GCS"), help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()  # `nox -s benchmark -- ...` passes the same arguments to every script
     if args.child:
@@ -205,11 +220,12 @@ def main() -> int:
         with ToolServer(moto_command, env, Path(tmp) / "moto.log") as moto:
             seed(moto.url, args.scale)
             figures: dict[str, dict[str, dict[str, Any]]] = {}
-            for name in ("large", "small"):
-                figures[name] = {
-                    mode: measure(mode, name, moto, args.parallel, env, Path(tmp))
-                    for mode in ("download", "upload", "copy")
-                }
+            for name in (args.only,) if args.only else ("large", "small"):
+                runs: dict[str, list[dict[str, Any]]] = {"download": [], "upload": [], "copy": []}
+                for _ in range(args.repeat):  # interleaved, so that a busier minute weighs on all three
+                    for mode, measured in runs.items():
+                        measured.append(measure(mode, name, moto, args.parallel, env, Path(tmp)))
+                figures[name] = {mode: median_run(measured) for mode, measured in runs.items()}
 
     print(f"migrate copy, moto (S3) -> gcp-storage-emulator, {args.parallel} objects at once, scale {args.scale}:")
     print(f"  {'':16} {'objects':>7} {'MiB':>7} {'s':>7} {'MiB/s':>7} {'obj/s':>7}   CPU s: "
@@ -228,6 +244,8 @@ def main() -> int:
         target = TARGETS[name]
         print(f"  {name}: copy / {slower} alone (the slower): ratio {ratio:.2f} (target >= {target}); "
               f"{copy['reread']} of {copy['done']} copies verified by reading back")  # fmt: skip
+        if args.repeat > 1:
+            print(f"  {name}: seconds of each run, " + "; ".join(f"{m} {f['all_seconds']}" for m, f in by_mode.items()))
         if ratio < target:
             failures.append(f"{name} objects copied at {ratio:.2f} x the slower baseline (target >= {target})")
         growth = copy["rss_growth"] / MIB

@@ -140,6 +140,49 @@ def test_upload_a_file_and_download_it_back_byte_identical(alice: Session, tmp_p
     assert_no_console_errors(alice)
 
 
+def test_a_bucket_being_moved_is_marked_for_its_owner_and_its_progress_shown_to_admins(
+    alice: Session, server: ServeProcess, tmp_path: Path
+) -> None:
+    from cmbcluster.db import create_db_engine, session_factory
+    from cmbcluster.db.models import MigrationBucket, Storage
+    from cmbcluster.local.storage import LocalStorage
+    from cmbcluster.migration.engine import Migration, Side
+
+    page = alice.page
+    listed = api_get(page, "/api/v1/storages")["storages"]
+    assert isinstance(listed, list) and listed[0]["moving_to"] is None
+    # What `cmbcluster migrate run --to elsewhere` records (in the server's database) as it starts on the bucket.
+    engine = create_db_engine(f"sqlite:///{server.log.parent / 'data' / 'cmbcluster.db'}")
+    sessions = session_factory(engine)
+    unused = LocalStorage(tmp_path / "unused")
+    run = Migration(sessions, Side(name="local", storage=unused), Side(name="elsewhere", storage=unused))
+    with sessions() as db:
+        storage = db.get(Storage, listed[0]["id"])
+        assert storage is not None
+        manifest = run._manifest_row(db, storage)
+        manifest.objects_total, manifest.bytes_total = 1, 3 * 1024 * 1024 + 17
+        db.commit()
+        manifest_id = manifest.id
+    try:
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
+        expect(page.get_by_text("being moved to elsewhere")).to_be_visible()
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Admin").click()
+        expect(page.get_by_role("heading", name="Moving to another cloud")).to_be_visible()
+        moving = page.get_by_role("table", name="Buckets being moved")
+        expect(moving.get_by_role("rowheader", name="alice@example.org")).to_be_visible()
+        expect(moving).to_contain_text("0 B of 3 MiB")
+        screenshot(page, "admin-migration")
+    finally:
+        with sessions() as db:
+            db.delete(db.get(MigrationBucket, manifest_id))
+            db.commit()
+        engine.dispose()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
+    expect(page.get_by_role("link", name="Planck maps")).to_be_visible()
+    expect(page.get_by_text("being moved to")).to_have_count(0)
+    assert_no_console_errors(alice)
+
+
 def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
     page = alice.page
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Applications").click()
@@ -232,7 +275,7 @@ def test_settings_show_a_new_api_token_once(alice: Session, server: ServeProcess
 
 
 def test_an_admin_promotes_one_user_and_locks_another_out(
-    alice: Session, open_session: OpenSession, oidc: OidcMockServer, tmp_path: Path
+    alice: Session, open_session: OpenSession, oidc: OidcMockServer, tmp_path: Path, server: ServeProcess
 ) -> None:
     bob, carol = open_session(), open_session()
     sign_in(bob, oidc, "bob")
@@ -260,8 +303,15 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
         page.get_by_role("button", name="Set the storage quota of bob@example.org").click()
     assert patched.value.status == 200
     expect(page.get_by_label("Storage quota of bob@example.org in GiB")).to_have_value("2")
+    # Bob's group may hold 3 GiB in all (set through the admin API); he sees it beside his own.
+    origin = {"Origin": server.url}
+    lab = "/api/v1/admin/groups/cmb-lab"
+    assert page.request.put(lab, data={"members": ["bob@example.org"]}, headers=origin).ok
+    assert page.request.patch(lab, data={"storage_quota_bytes": 3 * 1024**3}, headers=origin).ok
     bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
     expect(bob.page.locator("#storage-quota")).to_contain_text("of your 2 GiB quota")
+    expect(bob.page.locator(".group-quota")).to_contain_text("of the group's 3 GiB quota")
+    expect(bob.page.locator(".group-quota")).to_contain_text("Group cmb-lab")
     page.get_by_role("button", name="Deactivate carol@example.org").click()
     expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
     screenshot(page, "admin-users")

@@ -127,6 +127,18 @@ def _strip_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
 
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _etag_md5(etag: str, encryption: str | None) -> str | None:
+    """The object's MD5 when its ETag is one: stored in one part (a multipart ETag ends in
+    ``-N``) and not encrypted with KMS (whose ETags are no MD5). ``encryption`` is the object's
+    ``ServerSideEncryption``, as a HEAD reports it."""
+    if encryption is not None and encryption.startswith("aws:kms"):
+        return None
+    return etag.lower() if _PLAIN_MD5.match(etag.lower()) else None
+
+
 def _guess_type(key: str) -> str:
     return mimetypes.guess_type(key)[0] or "application/octet-stream"
 
@@ -564,6 +576,8 @@ class S3Storage(StorageBackend):
                 last_modified=obj["LastModified"],
                 etag=_strip_etag(obj.get("ETag")),
                 content_type=_guess_type(obj["Key"]),
+                # A listing does not say how an object is encrypted: the buckets' default says.
+                md5=_etag_md5(_strip_etag(obj.get("ETag")), "aws:kms" if self.settings.s3_kms_key_id else None),
             )
             for obj in page.get("Contents", [])
         ]
@@ -585,6 +599,9 @@ class S3Storage(StorageBackend):
             last_modified=head["LastModified"],
             etag=_strip_etag(head.get("ETag")),
             content_type=head.get("ContentType") or "application/octet-stream",
+            md5=None
+            if head.get("SSECustomerAlgorithm")
+            else _etag_md5(_strip_etag(head.get("ETag")), head.get("ServerSideEncryption")),
         )
         return info, head
 

@@ -7,7 +7,8 @@ A plugin is a module (or object) registered under the entry point group ``cmbclu
 
 whose functions are marked with :data:`cmbcluster.hookimpl`. The four registration hooks
 return registrations that core selects **by configured name**; ``cmbcluster_decorate_pod`` is
-collected: every implementation runs, in the order documented on it. ``docs/plugins/hooks.md``
+collected: every implementation runs, in the order documented on it. The rest are optional
+answers core asks every plugin for (deployment values, prices, managed transfers). ``docs/plugins/hooks.md``
 documents each hook with its exact signature, and a test keeps the two in step.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from cmbcluster.interfaces import PodContext, PodDraft, PriceTable
+from cmbcluster.interfaces import ManagedTransfer, PodContext, PodDraft, PriceTable, TransferEnd
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
@@ -125,4 +126,26 @@ def cmbcluster_price_table(config: ResolvedConfig) -> PriceTable | None:
                 sources=("https://azure.microsoft.com/pricing/details/storage/blobs/",),
                 read_on=datetime.date(2026, 11, 1),
             )
+    """
+
+
+@hookspec
+def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+    """Optional: offer your cloud's managed transfer service for one bucket of a migration.
+
+    Called by ``cmbcluster migrate run --managed-transfer`` for each bucket, on every plugin in
+    plugin-name order (``tryfirst``/``trylast`` as for pod decoration); the first offer is used.
+    Return a :class:`~cmbcluster.interfaces.ManagedTransfer` when your service can copy
+    ``source`` into ``target`` (typically when ``target.backend`` is your storage backend and the
+    service reads ``source.backend``), else ``None``: core then streams the bucket itself. Core
+    verifies the result from both listings (sizes and MD5s) and switches only a bucket whose
+    every object matches; what the service reports is not trusted.
+
+    Example::
+
+        @hookimpl
+        def cmbcluster_managed_transfer(source, target):
+            if target.backend != "azure" or source.backend != "aws":
+                return None
+            return AzCopyJob(source, target)  # a ManagedTransfer whose run() waits for the job
     """

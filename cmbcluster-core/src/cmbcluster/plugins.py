@@ -26,7 +26,7 @@ from packaging.version import Version
 
 from cmbcluster import PLUGIN_API_VERSION, __version__, hookspecs
 from cmbcluster.errors import CmbclusterError, PluginError
-from cmbcluster.interfaces import PodContext, PodDraft
+from cmbcluster.interfaces import ManagedTransfer, PodContext, PodDraft, TransferEnd
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
@@ -298,6 +298,20 @@ class PluginManager:
         """Every plugin's ``cmbcluster_price_table`` answer, by plugin name."""
         self.load()
         return self._call_each("cmbcluster_price_table", config=config)
+
+    def managed_transfer(self, source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+        """The first ``cmbcluster_managed_transfer`` offer for this pair, in the documented order."""
+        self.load()
+        for plugin_name, offer in self._call_each("cmbcluster_managed_transfer", source=source, target=target):
+            if offer is None:
+                continue
+            if not isinstance(offer, ManagedTransfer):
+                raise PluginError(
+                    f"plugin {plugin_name!r} returned {type(offer).__name__} from cmbcluster_managed_transfer; "
+                    "expected a ManagedTransfer or None"
+                )
+            return offer
+        return None
 
     def _dist(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)

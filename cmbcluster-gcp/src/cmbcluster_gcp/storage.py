@@ -3,7 +3,7 @@
 Every bucket is private: uniform bucket-level access, public access prevention enforced, and
 access granted per user through bucket IAM (:meth:`GcsStorage.ensure_bucket_access`).
 Bucket metadata that the control plane needs back (owner, display name, storage class) lives
-in bucket labels (:mod:`cmbcluster_gcp.labels`). Objects up to 8 MiB go up in one request;
+in bucket labels (:mod:`cmbcluster_gcp.labels`). Objects up to 1 MiB go up in one request;
 larger ones through :mod:`cmbcluster_gcp.uploads`, in spooled pieces of a resumable upload.
 
 This module is imported only when the ``gcp`` storage backend is selected, so google-cloud-*
@@ -75,8 +75,9 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 #: Objects up to this size go up in a single request, gathered in memory first; larger ones as a
-#: resumable upload (cmbcluster_gcp.uploads).
-UPLOAD_CHUNK_SIZE = 8 * MiB
+#: resumable upload (cmbcluster_gcp.uploads). Small, as every upload in progress holds it (a
+#: migration runs several): a few requests more for objects of a few MiB cost little.
+UPLOAD_CHUNK_SIZE = 1 * MiB
 #: Chunks a download reads ahead of its consumer (each the caller's ``chunk_size``).
 DOWNLOAD_READ_AHEAD = 4
 #: How long a stopped download waits for its reading thread (which ends at its next write).
@@ -461,12 +462,15 @@ class GcsStorage(StorageBackend):
             return _object_info(blob)
 
         # Larger objects go as a resumable upload in UPLOAD_PIECE_SIZE pieces, each spooled to a
-        # temporary file and streamed from it: memory holds one source chunk whatever the piece
-        # size. The object exists only once the final piece lands, so on any failure the session
+        # temporary file and streamed from it: memory holds a source chunk or two whatever the
+        # piece size. The object exists only once the final piece lands, so on any failure the session
         # is cancelled instead, and the previous version of the object (if any) stays as it was.
-        with gcs_errors(what):
-            session = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
-        upload_in_pieces(self._client._http, session, bytes(head), source, what)
+        def start_session() -> str:
+            with gcs_errors(what):
+                url: str = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
+            return url
+
+        upload_in_pieces(self._client._http, start_session, bytes(head), source, what)
         with gcs_errors(what):
             blob.reload(retry=self._retry)
         return _object_info(blob)
@@ -645,7 +649,19 @@ def _object_info(blob: Any) -> ObjectInfo:
         last_modified=blob.updated or blob.time_created or _EPOCH,
         etag=blob.etag or "",
         content_type=blob.content_type or "application/octet-stream",
+        md5=_md5_hex(blob.md5_hash),
     )
+
+
+def _md5_hex(md5_hash: str | None) -> str | None:
+    """GCS's ``md5Hash`` (base64) as hex; None for objects that have none (composed objects)."""
+    if not md5_hash:
+        return None
+    try:
+        digest = base64.b64decode(md5_hash, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return digest.hex() if len(digest) == 16 else None
 
 
 def _encode_page_token(server_token: str | None, after: str | None) -> str:

@@ -1,9 +1,10 @@
-"""Large uploads to Cloud Storage: a resumable upload session fed in pieces of 128 MiB, each
-spooled to a temporary file and streamed from it, so memory holds one source chunk whatever the
-size. Few, large requests are what makes a resumable upload fast (GCS answers each piece only once
-it is stored; the emulator even copies the whole upload so far at every piece). A failed or partly
-stored piece is resumed from where GCS says the upload stands; on any failure the session is
-cancelled, so no object (and no loss of the previous version) results.
+"""Large uploads to Cloud Storage: a resumable upload session fed in pieces of 16 MiB (the first of
+2 MiB), each spooled to a temporary file and streamed from it, so memory holds a source chunk or
+two whatever the size. A reading thread fills the next piece's spool while the current piece is
+sent, so a stream copied from another cloud keeps both connections busy (GCS answers each piece
+only once it is stored: without the overlap, a copy takes the download's time plus the upload's).
+A failed or partly stored piece is resumed from where GCS says the upload stands; on any failure
+the session is cancelled, so no object (and no loss of the previous version) results.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import requests
@@ -25,46 +28,92 @@ __all__ = ["UPLOAD_PIECE_SIZE", "upload_in_pieces"]
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: A multiple of 256 KiB, as GCS requires of every piece but the last.
-UPLOAD_PIECE_SIZE = 128 * MiB
+#: A multiple of 256 KiB, as GCS requires of every piece but the last. Pieces this size keep the
+#: reading and the sending of a large object overlapped; much smaller ones cost a round trip each
+#: (and the emulator copies the whole upload so far at every piece).
+UPLOAD_PIECE_SIZE = 16 * MiB
+#: The first piece is smaller, so that sending starts sooner when the source is slow (another
+#: cloud, measured in tests/benchmarks/bench_migrate.py); a source that fails within it leaves no
+#: upload session behind.
+FIRST_PIECE_SIZE = 2 * MiB
 UPLOAD_PIECE_ATTEMPTS = 5
 UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
-def upload_in_pieces(http: Any, session: str, head: bytes, source: Iterator[bytes], what: str) -> None:
-    """Send ``head`` then the rest of ``source`` to the resumable upload ``session`` (its URL), with
-    ``http``, the storage client's authorized session; the session is cancelled on any failure."""
+def upload_in_pieces(
+    http: Any, start_session: Callable[[], str], head: bytes, source: Iterator[bytes], what: str
+) -> None:
+    """Send ``head`` then the rest of ``source`` to a resumable upload session, with ``http``, the
+    storage client's authorized session. ``start_session`` opens it (returns its URL) once the
+    first piece is spooled: a source that fails before has left nothing behind. The session is
+    cancelled on any later failure."""
+    session: list[str] = []
     try:
-        with tempfile.TemporaryFile(prefix="cmbcluster-gcs-upload-") as spool:
-            _upload_pieces(http, session, spool, head, source, what)
+        with (
+            tempfile.TemporaryFile(prefix="cmbcluster-gcs-upload-") as first,
+            tempfile.TemporaryFile(prefix="cmbcluster-gcs-upload-") as second,
+        ):
+            _upload_pieces(http, start_session, session, (first, second), _Pieces(head, source), what)
     except BaseException:
-        _cancel_session(http, session, what)
+        if session:
+            _cancel_session(http, session[0], what)
         raise
 
 
-def _upload_pieces(http: Any, session: str, spool: BinaryIO, head: bytes, source: Iterator[bytes], what: str) -> None:
-    """Send ``head`` then ``source`` to the resumable ``session``, one spooled piece at a time.
+class _Pieces:
+    """``head`` then ``source``, cut into spooled pieces of UPLOAD_PIECE_SIZE. One source chunk is
+    read ahead, so that the last piece is known as such when it is sent."""
 
-    One source chunk is read ahead, so that the last piece is known as such when it is sent.
-    """
-    offset = 0
-    pending: bytes | None = head or _next_bytes(source)
-    while True:
+    def __init__(self, head: bytes, source: Iterator[bytes]) -> None:
+        self._source = source
+        self._pending: bytes | None = head or _next_bytes(source)
+        self.stop = threading.Event()
+
+    def fill(self, spool: BinaryIO, limit: int) -> tuple[int, bool]:
+        """Spool the next piece, of ``limit`` bytes unless the source ends first; its size, and
+        whether it is the last."""
         spool.seek(0)
         spool.truncate()
         size = 0
-        while pending is not None and size < UPLOAD_PIECE_SIZE:
-            taken = pending[: UPLOAD_PIECE_SIZE - size]
+        while self._pending is not None and size < limit and not self.stop.is_set():
+            taken = self._pending[: limit - size]
             spool.write(taken)
             size += len(taken)
-            pending = pending[len(taken) :] or _next_bytes(source)
+            self._pending = self._pending[len(taken) :] or _next_bytes(self._source)
         spool.flush()
-        last = pending is None
-        _put_piece(http, session, spool, offset, size, offset + size if last else None, what)
-        if last:
-            return
-        offset += size
+        return size, self._pending is None
+
+
+def _upload_pieces(
+    http: Any,
+    start_session: Callable[[], str],
+    session: list[str],
+    spools: tuple[BinaryIO, BinaryIO],
+    pieces: _Pieces,
+    what: str,
+) -> None:
+    """Send the pieces to a resumable session (its URL appended to ``session`` once started); the
+    next piece is spooled (by a reading thread, into the other spool) while one is sent."""
+    offset = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcs-upload-read") as reader:
+        try:
+            filling = reader.submit(pieces.fill, spools[0], FIRST_PIECE_SIZE)
+            index = 0
+            while True:
+                size, last = filling.result()
+                if not session:
+                    session.append(start_session())
+                spool = spools[index % 2]
+                if not last:
+                    filling = reader.submit(pieces.fill, spools[(index + 1) % 2], UPLOAD_PIECE_SIZE)
+                _put_piece(http, session[0], spool, offset, size, offset + size if last else None, what)
+                if last:
+                    return
+                offset += size
+                index += 1
+        finally:
+            pieces.stop.set()  # a failed send: the reading thread stops at its next chunk
 
 
 def _put_piece(http: Any, session: str, spool: BinaryIO, offset: int, size: int, total: int | None, what: str) -> None:

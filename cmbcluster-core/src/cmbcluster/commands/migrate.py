@@ -57,18 +57,22 @@ def _context(config: ResolvedConfig, model: Any) -> ProviderContext:
 def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tuple[Any, Any]]:
     """The source (the configured storage backend) and the target named ``to``, closed afterwards."""
     from cmbcluster.migration.engine import Side
-    from cmbcluster.plugins import PluginManager
 
-    plugins = config.plugins if isinstance(config.plugins, PluginManager) else PluginManager.from_settings(config.core)
+    plugins = _plugins(config)
     try:
         registration = plugins.storage_backend(to)
     except PluginError as exc:
         raise ConfigurationError([f"--to {to}: {exc}"]) from None
     opened: list[Any] = []
     try:
-        source = Side(name=config.storage.name, storage=config.storage.factory(config.context_for(config.storage)))
+        source_context = config.context_for(config.storage)
+        source = Side(
+            name=config.storage.name, storage=config.storage.factory(source_context),
+            settings=source_context.provider_settings,
+        )  # fmt: skip
         opened.append(source.storage)
-        target = Side(name=to, storage=registration.factory(_context(config, registration.settings_model)))
+        target_context = _context(config, registration.settings_model)
+        target = Side(name=to, storage=registration.factory(target_context), settings=target_context.provider_settings)
         opened.append(target.storage)
         if with_infra:
             try:
@@ -83,6 +87,12 @@ def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tup
         for provider in reversed(opened):
             with contextlib.suppress(Exception):
                 provider.close()
+
+
+def _plugins(config: ResolvedConfig) -> Any:
+    from cmbcluster.plugins import PluginManager
+
+    return config.plugins if isinstance(config.plugins, PluginManager) else PluginManager.from_settings(config.core)
 
 
 def _size(n: float) -> str:
@@ -179,6 +189,14 @@ def run_command(
         str | None,
         typer.Option(help="The target's database bucket (default: CMBCLUSTER_DATABASE_BUCKET, the same name)."),
     ] = None,
+    managed_transfer: Annotated[
+        bool,
+        typer.Option(
+            "--managed-transfer",
+            help="Let the cloud's transfer service copy each bucket where a plugin offers one (verified here "
+            "afterwards); streamed otherwise.",
+        ),
+    ] = False,
 ) -> None:
     """Create each bucket on the target, copy, verify, switch; then back the database up to the target.
 
@@ -200,7 +218,13 @@ def run_command(
                 display = _Display(progress)
                 events: Events = display  # type: ignore[assignment]
                 result = Migration(
-                    sessions, source, target, namespace=config.core.namespace, parallel=parallel, events=events
+                    sessions,
+                    source,
+                    target,
+                    namespace=config.core.namespace,
+                    parallel=parallel,
+                    events=events,
+                    transfers=_plugins(config).managed_transfer if managed_transfer else None,
                 ).run()
             if not result.buckets:
                 out(f"no bucket on {source.name} to move")

@@ -42,6 +42,7 @@ from cmbcluster.interfaces.storage import (
     check_listing,
     resolve_byte_range,
 )
+from cmbcluster.interfaces.transfer import ManagedTransfer, TransferEnd, TransferOffers
 
 __all__ = [
     "DNS_RECORD_KIND",
@@ -62,6 +63,7 @@ __all__ = [
     "EnvironmentStatus",
     "HelmRelease",
     "InfraProvider",
+    "ManagedTransfer",
     "MountRequest",
     "MountedVolume",
     "ObjectInfo",
@@ -84,6 +86,8 @@ __all__ = [
     "StorageClass",
     "TokenSet",
     "Tool",
+    "TransferEnd",
+    "TransferOffers",
     "Upstream",
     "UserInfo",
     "UserRef",

@@ -74,11 +74,20 @@ class BucketUsage:
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectInfo:
+    """One object as the backend reports it.
+
+    ``md5``: the hex MD5 of the object's bytes as the *service* computed it on storing them
+    (GCS's ``md5Hash``; an S3 ETag when it is one: a single-part object not encrypted with KMS),
+    or None when the service keeps none. A backend that cannot vouch for it leaves it None:
+    whoever must know the bytes (the migration's verification) then reads the object back.
+    """
+
     key: str
     size: int
     last_modified: dt.datetime
     etag: str = ""
     content_type: str = "application/octet-stream"
+    md5: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

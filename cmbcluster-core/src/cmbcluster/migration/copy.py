@@ -2,14 +2,16 @@
 
 Generic over :class:`~cmbcluster.interfaces.StorageBackend`: each object is a streamed
 ``download_object`` fed straight into ``upload_object`` (the destination holds at most a few
-chunks), while its MD5 and size are computed on the way through. Verification then compares
-them with what the destination holds:
+chunks), its size counted on the way through. Its MD5 is the one the source reports of what it
+stores (``ObjectInfo.md5`` in the listing: GCS, S3 for single-part objects), or where it reports
+none, computed on the way. Verification then compares them with what the destination holds:
 
 - its reported size must be the copied size, always;
-- when the destination reports the same MD5 as its ETag (S3 for single-part objects), that is
-  the destination's own checksum of what it stored, and enough;
-- otherwise (GCS, the local backend, multipart S3) the object is read back from the
-  destination and its MD5 computed again.
+- when the destination reports the MD5 it computed of what it stored (``ObjectInfo.md5``), that
+  must be the object's MD5, and is enough (with the source's own MD5, the comparison is end to
+  end: the bytes each service stores);
+- otherwise (the local backend, multipart S3, a backend that reports none) the object is read
+  back from the destination and its MD5 computed again.
 
 A mismatch, or a source that changed under the copy, is retried; after the last attempt the
 object is reported (:class:`CopyFailed`), never counted as copied. Several objects are copied at
@@ -24,14 +26,16 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cmbcluster.errors import CmbclusterError, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import ObjectInfo, StorageBackend
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 4 * 1024 * 1024
+#: Each copy holds a few of these at once (read, hashed, handed to the upload): 1 MiB keeps the
+#: per-chunk cost small and a migration's memory flat at any parallelism.
+CHUNK_SIZE = 1024 * 1024
 ATTEMPTS = 3
 #: Errors worth another attempt: a service that did not answer, or bytes that did not match.
 _RETRIED: tuple[type[Exception], ...] = (ProviderUnavailable, OSError)
@@ -66,10 +70,13 @@ class Failed:
 OnBytes = Callable[[int], None]
 
 
-def _measured(chunks: Iterator[bytes], digest: Any, sizes: list[int], progress: OnBytes | None) -> Iterator[bytes]:
+def _measured(
+    chunks: Iterator[bytes], digest: Any | None, sizes: list[int], progress: OnBytes | None
+) -> Iterator[bytes]:
     try:
         for chunk in chunks:
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             sizes[0] += len(chunk)
             if progress is not None:
                 progress(len(chunk))
@@ -104,13 +111,14 @@ def copy_object(
     """
     problem = ""
     for attempt in range(1, attempts + 1):
-        digest, sizes = hashlib.md5(usedforsecurity=False), [0]
+        # The source's own MD5 when it reports one (no hashing here), else the MD5 of what passes.
+        digest, sizes = None if obj.md5 else hashlib.md5(usedforsecurity=False), [0]
         try:
             chunks = source.download_object(source_bucket, obj.key, chunk_size=CHUNK_SIZE)
             stored = target.upload_object(
                 target_bucket, obj.key, _measured(chunks, digest, sizes, progress), content_type=obj.content_type
             )
-            md5, size = digest.hexdigest(), sizes[0]
+            md5, size = digest.hexdigest() if digest is not None else str(obj.md5), sizes[0]
             if size != obj.size:
                 # The source changed between its listing and this read: copy the version listed next time.
                 problem = f"the source changed while it was copied ({obj.size} bytes listed, {size} read)"
@@ -119,11 +127,16 @@ def copy_object(
             if stored.size != size:
                 problem = f"the destination reports {stored.size} bytes after {size} were sent"
                 continue
-            reread = stored.etag.strip('"').lower() != md5
+            reread = stored.md5 is None
+            if not reread and stored.md5 != md5:
+                problem = f"the destination reports MD5 {stored.md5}, the source's is {md5}"
+                if digest is None:  # perhaps a version of the same size written since the listing
+                    obj = source.head_object(source_bucket, obj.key)
+                continue
             if reread:
                 again, again_size = md5_of(target, target_bucket, obj.key)
                 if (again, again_size) != (md5, size):
-                    problem = f"the destination holds other bytes ({again_size} bytes, MD5 {again}; sent MD5 {md5})"
+                    problem = f"the destination holds other bytes ({again_size} bytes, MD5 {again}; the source's {md5})"
                     continue
             return Copied(source=obj, size=size, md5=md5, target_etag=stored.etag, reread=reread, attempts=attempt)
         except NotFound:
@@ -189,3 +202,41 @@ def list_all(backend: StorageBackend, bucket: str) -> Iterator[ObjectInfo]:
         token = page.next_token
         if token is None:
             return
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Keyed)
+R = TypeVar("R", bound=_Keyed)
+
+
+def merge_by_key(left: Iterable[L], right: Iterable[R]) -> Iterator[tuple[L | None, R | None]]:
+    """Walk two key-ordered listings side by side: each key once, with its entry on each side (None
+    where it has none). Constant memory, whatever the listings' length.
+
+    A listing out of order would pair wrongly (an object taken for missing, then deleted or copied
+    again), so it stops the walk with an error instead.
+    """
+    lefts, rights = iter(left), iter(right)
+    a, b = next(lefts, None), next(rights, None)
+    last_a = last_b = None
+    while a is not None or b is not None:
+        for entry, last, side in ((a, last_a, "first"), (b, last_b, "second")):
+            if entry is not None and last is not None and entry.key <= last:
+                raise CmbclusterError(
+                    f"the {side} listing is not in key order ({entry.key!r} after {last!r}): stopped there"
+                )
+        if b is None or (a is not None and a.key < b.key):
+            assert a is not None
+            yield a, None
+            last_a, a = a.key, next(lefts, None)
+        elif a is None or b.key < a.key:
+            yield None, b
+            last_b, b = b.key, next(rights, None)
+        else:
+            yield a, b
+            last_a, last_b = a.key, b.key
+            a, b = next(lefts, None), next(rights, None)

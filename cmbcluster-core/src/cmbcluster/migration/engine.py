@@ -7,6 +7,9 @@ ETag, size and modification time recorded is not copied again. Per bucket, a run
 
 1. creates the user's bucket on the target (same owner, display name and storage class, or the
    standard class where the target has not that one), recorded before anything is copied;
+   with ``--managed-transfer`` and a plugin's offer (``cmbcluster_managed_transfer``), the cloud's
+   transfer service copies the bucket first, and the objects whose size and MD5 match on both
+   sides are recorded as verified (any other is reported, and the bucket is not switched);
 2. copies every object not in the manifest, or changed on the source since (while the bucket
    stays in use); objects deleted from the source since their copy are deleted from the target;
 3. freezes the bucket (status ``migrating``: uploads and new starts are refused with that word)
@@ -42,16 +45,18 @@ from cmbcluster.db.models import (
     User,
     utcnow,
 )
-from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound, PluginError
 from cmbcluster.interfaces import (
     BucketOptions,
     InfraProvider,
     ObjectInfo,
     StorageBackend,
     StorageClass,
+    TransferEnd,
+    TransferOffers,
     UserRef,
 )
-from cmbcluster.migration.copy import Copied, Failed, OnBytes, copy_objects, list_all
+from cmbcluster.migration.copy import Copied, Failed, OnBytes, copy_objects, list_all, md5_of, merge_by_key
 from cmbcluster.services.audit import audit
 
 log = logging.getLogger(__name__)
@@ -71,12 +76,14 @@ EGRESS_SOURCE = "docs/ARCHITECTURE_POLYCLOUD.md, list prices read 2026-12-05"
 
 @dataclass(kw_only=True)
 class Side:
-    """One end of a migration: a storage backend by its configured name, and that cloud's infra
-    provider (None: the target gives users no cloud identity of its own)."""
+    """One end of a migration: a storage backend by its configured name, that cloud's infra
+    provider (None: the target gives users no cloud identity of its own), and the storage
+    provider's settings (handed to a managed transfer)."""
 
     name: str
     storage: StorageBackend
     infra: InfraProvider | None = None
+    settings: object | None = None
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -228,7 +235,10 @@ class Migration:
         namespace: str = "",
         parallel: int = 8,
         events: Events | None = None,
+        transfers: TransferOffers | None = None,
     ) -> None:
+        """``transfers``: where to ask for a managed transfer of each bucket (the operator chose
+        ``--managed-transfer``); None streams every bucket."""
         _check_sides(source, target)
         self.sessions = sessions
         self.source = source
@@ -236,6 +246,7 @@ class Migration:
         self.namespace = namespace
         self.parallel = parallel
         self.events = events or Events()
+        self.transfers = transfers
 
     def run(self) -> RunResult:
         result = RunResult()
@@ -271,6 +282,10 @@ class Migration:
                 if row.target_bucket is None:
                     row.target_bucket = self._create_target_bucket(storage, owner)
                     db.commit()  # recorded before any copy: a rerun reuses it
+                if self.transfers is not None:
+                    self._managed_pass(db, row, outcome)
+                    if outcome.message:
+                        return outcome
                 self._copy_pass(db, row, outcome, announce=True)
                 if outcome.message:
                     return outcome
@@ -322,38 +337,42 @@ class Migration:
             return self.target.storage.create_bucket(owner, BucketOptions(display_name=storage.display_name)).name
 
     def _copy_pass(self, db: Session, row: MigrationBucket, outcome: BucketOutcome, *, announce: bool) -> None:
-        """Copy what the manifest lacks or what changed; drop from the target what the source lost."""
+        """Copy what the manifest lacks or what changed; drop from the target what the source lost.
+
+        The source's listing and the manifest are walked side by side in key order, the manifest
+        read a batch at a time (:func:`_manifest`): memory stays flat however many objects the
+        bucket holds.
+        """
         assert row.target_bucket is not None
-        known = {
-            key: (size, etag, modified)
-            for key, size, etag, modified in db.execute(
-                select(
-                    MigrationObject.key, MigrationObject.size, MigrationObject.source_etag,
-                    MigrationObject.source_modified,
-                ).where(MigrationObject.bucket_id == row.id)
-            )
-        }  # fmt: skip
         objects = size = done = 0
-        for obj in list_all(self.source.storage, row.source_bucket):
-            objects += 1
-            size += obj.size
-            if _unchanged(known.get(obj.key), obj):
-                done += obj.size
+        for obj, known in merge_by_key(list_all(self.source.storage, row.source_bucket), _manifest(db, row.id)):
+            if obj is not None:
+                objects += 1
+                size += obj.size
+                if _unchanged(known, obj):
+                    done += obj.size
         row.objects_total, row.bytes_total = objects, size
         db.commit()
         if announce:
             self.events.bucket_started(f"{outcome.owner} / {outcome.display_name}", objects, size, done)
-        seen: set[str] = set()
+        gone: list[str] = []
 
         def changed() -> Iterator[ObjectInfo]:
-            for obj in list_all(self.source.storage, row.source_bucket):
-                seen.add(obj.key)
-                if _unchanged(known.get(obj.key), obj):
+            # Runs in this thread, between the results below. A copy recorded meanwhile is of a key
+            # the walk has passed on both sides, so the manifest's next batch never includes it.
+            for obj, known in merge_by_key(list_all(self.source.storage, row.source_bucket), _manifest(db, row.id)):
+                if obj is None:
+                    assert known is not None
+                    gone.append(known.key)
+                    if len(gone) >= MANIFEST_BATCH:
+                        self._drop(db, row, gone)
+                elif _unchanged(known, obj):
                     outcome.skipped += announce  # counted once, on the first pass
                 else:
                     yield obj
 
-        failures: list[str] = []
+        failures: list[str] = []  # the first five, and how many in all
+        failed = 0
         last_commit, pending = time.monotonic(), 0
         on_bytes: OnBytes = self.events.bytes_copied
         for result in copy_objects(
@@ -365,57 +384,124 @@ class Migration:
                 outcome.copied += 1
                 pending += 1
             elif isinstance(result, Failed):
-                failures.append(f"{result.source.key}: {result.error}")
-            else:  # deleted from the source meanwhile: the next listing decides
-                seen.discard(result.key)
+                failed += 1
+                if len(failures) < 5:
+                    failures.append(f"{result.source.key}: {result.error}")
+            else:  # deleted from the source meanwhile: so from the target and the manifest
+                gone.append(result.key)
             if pending >= COMMIT_OBJECTS or time.monotonic() - last_commit >= COMMIT_SECONDS:
                 db.commit()
                 last_commit, pending = time.monotonic(), 0
         db.commit()
-        gone = [key for key in known if key not in seen]
-        if gone:
-            self.target.storage.delete_objects(row.target_bucket, gone)
-            db.execute(
-                delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key.in_(gone))
+        self._drop(db, row, gone)
+        if failed:
+            shown = "; ".join(failures) + (f"; and {failed - len(failures)} more" if failed > len(failures) else "")
+            outcome.message = f"{failed} object(s) not copied: {shown}"
+
+    def _drop(self, db: Session, row: MigrationBucket, keys: list[str]) -> None:
+        """Objects the source no longer has: deleted from the target and the manifest; ``keys`` emptied."""
+        assert row.target_bucket is not None
+        if not keys:
+            return
+        self.target.storage.delete_objects(row.target_bucket, keys)
+        db.execute(delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key.in_(keys)))
+        db.commit()
+        keys.clear()
+
+    def _managed_pass(self, db: Session, row: MigrationBucket, outcome: BucketOutcome) -> None:
+        """Let a plugin's managed transfer copy the bucket, then verify it from both listings.
+
+        The service's word is not taken: an object is recorded as verified only when the target
+        lists it with the source's size and MD5 (read and computed where a side reports none).
+        Anything else is reported in ``outcome.message`` and the bucket is not switched.
+        """
+        assert row.target_bucket is not None
+        label = f"{outcome.owner} / {outcome.display_name}"
+        ends = (
+            TransferEnd(backend=self.source.name, bucket=row.source_bucket, storage=self.source.storage,
+                        settings=self.source.settings),
+            TransferEnd(backend=self.target.name, bucket=row.target_bucket, storage=self.target.storage,
+                        settings=self.target.settings),
+        )  # fmt: skip
+        assert self.transfers is not None
+        offer = self.transfers(*ends)
+        if offer is None:
+            self.events.note(
+                f"{label}: no plugin offers a managed transfer from {self.source.name} to {self.target.name}; "
+                "streamed instead"
             )
-            db.commit()
-        if failures:
-            shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
-            outcome.message = f"{len(failures)} object(s) not copied: {shown}"
+            return
+        self.events.note(f"{label}: {offer.service} copies the bucket; then both listings are compared")
+        try:
+            offer.run(self.events.bytes_copied)
+        except CmbclusterError:
+            raise
+        except Exception as exc:  # a plugin's bug or its SDK's error: this bucket fails, the others go on
+            log.exception("%s failed for %s", offer.service, label)
+            raise PluginError(f"{offer.service} failed: {type(exc).__name__}: {exc}") from exc
+        problems: list[str] = []  # the first five, and how many in all
+        wrong = 0
+        last_commit = time.monotonic()
+        pairs = merge_by_key(list_all(self.source.storage, row.source_bucket),
+                             list_all(self.target.storage, row.target_bucket))  # fmt: skip
+        for listed, copy in pairs:
+            if listed is None:
+                assert copy is not None
+                problem = f"{copy.key} is on the target but not on the source"
+            elif copy is None:
+                problem = f"{listed.key} is missing from the target"
+            elif copy.size != listed.size:
+                problem = f"{listed.key} has {copy.size} bytes on the target, {listed.size} on the source"
+            else:
+                md5 = listed.md5 or md5_of(self.source.storage, row.source_bucket, listed.key)[0]
+                if (copy.md5 or md5_of(self.target.storage, row.target_bucket, copy.key)[0]) == md5:
+                    _record(db, row.id, Copied(source=listed, size=listed.size, md5=md5, target_etag=copy.etag,
+                                               reread=copy.md5 is None, attempts=1))  # fmt: skip
+                    outcome.copied += 1
+                    if time.monotonic() - last_commit >= COMMIT_SECONDS:
+                        db.commit()
+                        last_commit = time.monotonic()
+                    continue
+                problem = f"{listed.key} holds other bytes on the target (MD5 differs)"
+            wrong += 1
+            if len(problems) < 5:
+                problems.append(problem)
+        db.commit()
+        if wrong:
+            shown = "; ".join(problems) + (f"; and {wrong - len(problems)} more" if wrong > len(problems) else "")
+            outcome.message = (
+                f"not switched: {offer.service} left {wrong} object(s) wrong: {shown}. The verified ones are "
+                "recorded; `cmbcluster migrate run` copies the rest"
+            )
 
     def _check_target(self, db: Session, row: MigrationBucket) -> str:
-        """The target's listing must be the manifest: same keys, sizes and ETags as verified."""
+        """The target's listing must be the manifest: same keys, sizes and ETags as verified.
+        Both are walked side by side in key order, the manifest a batch at a time."""
         assert row.target_bucket is not None
-        expected = {
-            key: (size, etag)
-            for key, size, etag in db.execute(
-                select(MigrationObject.key, MigrationObject.size, MigrationObject.target_etag).where(
-                    MigrationObject.bucket_id == row.id
-                )
-            )
-        }
         problems: list[str] = []
-        for obj in list_all(self.target.storage, row.target_bucket):
-            want = expected.pop(obj.key, None)
+        count = 0
+        forget: list[str] = []  # changed or missing: the next run copies and verifies them again
+        for obj, want in merge_by_key(list_all(self.target.storage, row.target_bucket), _manifest(db, row.id)):
             if want is None:
-                problems.append(f"{obj.key} was added to the target behind the migration")
-            elif want != (obj.size, obj.etag):
-                problems.append(f"{obj.key} changed on the target after it was verified")
-                # Forget it: the next run copies and verifies it again.
-                db.execute(
-                    delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key == obj.key)
-                )
-        problems.extend(f"{key} is missing from the target" for key in expected)
-        if expected:
-            db.execute(
-                delete(MigrationObject).where(MigrationObject.bucket_id == row.id, MigrationObject.key.in_(expected))
-            )
-        db.commit()
+                assert obj is not None
+                problem = f"{obj.key} was added to the target behind the migration"
+            elif obj is None:
+                problem = f"{want.key} is missing from the target"
+                forget.append(want.key)
+            elif (want.size, want.target_etag) != (obj.size, obj.etag):
+                problem = f"{obj.key} changed on the target after it was verified"
+                forget.append(obj.key)
+            else:
+                continue
+            count += 1
+            if len(problems) < 5:
+                problems.append(problem)
+            if len(forget) >= MANIFEST_BATCH:
+                _forget(db, row.id, forget)
+        _forget(db, row.id, forget)
         if not problems:
             return ""
-        return f"not switched: {'; '.join(problems[:5])}" + (
-            f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        )
+        return f"not switched: {'; '.join(problems)}" + (f" (and {count - 5} more)" if count > 5 else "")
 
     # -- identities -----------------------------------------------------------------------------
     def _ensure_identity(self, owner: UserRef) -> None:
@@ -456,11 +542,58 @@ class Migration:
             )
 
 
-def _unchanged(known: tuple[int, str, dt.datetime] | None, obj: ObjectInfo) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One object of the manifest (:class:`~cmbcluster.db.models.MigrationObject`)."""
+
+    key: str
+    size: int
+    source_etag: str
+    source_modified: dt.datetime
+    target_etag: str
+
+
+#: Manifest entries read per query: what a bucket's walk holds of the manifest at once.
+MANIFEST_BATCH = 1000
+
+
+def _manifest(db: Session, bucket_id: str) -> Iterator[_Entry]:
+    """A bucket's manifest in key order, read MANIFEST_BATCH entries at a time (each query starts
+    after the last key read, so rows written meanwhile behind that key are not read again).
+
+    Keys are compared as the listings order them, by code point: SQLite's default collation does;
+    PostgreSQL's may follow a locale, so it is told "C".
+    """
+    key = MigrationObject.key
+    ordered = key.collate("C") if db.get_bind().dialect.name == "postgresql" else key
+    after: str | None = None
+    while True:
+        query = select(
+            key, MigrationObject.size, MigrationObject.source_etag, MigrationObject.source_modified,
+            MigrationObject.target_etag,
+        ).where(MigrationObject.bucket_id == bucket_id)  # fmt: skip
+        if after is not None:
+            query = query.where(ordered > after)
+        rows = db.execute(query.order_by(ordered).limit(MANIFEST_BATCH)).all()
+        for found, size, etag, modified, target_etag in rows:
+            yield _Entry(key=found, size=size, source_etag=etag, source_modified=modified, target_etag=target_etag)
+        if len(rows) < MANIFEST_BATCH:
+            return
+        after = rows[-1][0]
+
+
+def _forget(db: Session, bucket_id: str, keys: list[str]) -> None:
+    """Drop ``keys`` from the manifest (the next run copies them again); ``keys`` emptied."""
+    if keys:
+        db.execute(delete(MigrationObject).where(MigrationObject.bucket_id == bucket_id, MigrationObject.key.in_(keys)))
+        keys.clear()
+    db.commit()
+
+
+def _unchanged(known: _Entry | None, obj: ObjectInfo) -> bool:
     if known is None:
         return False
-    size, etag, modified = known
-    return size == obj.size and etag == obj.etag and modified == _utc(obj.last_modified)
+    return (known.size, known.source_etag, known.source_modified) == (obj.size, obj.etag, _utc(obj.last_modified))
 
 
 def _utc(when: dt.datetime) -> dt.datetime:
@@ -575,26 +708,19 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
             outcomes.append(FinishOutcome(storage_id=row.storage_id, source=label, deleted=False, message=kept))
             continue
         backend = sources(row.source_backend)
-        known = {
-            key: (size, etag, modified)
-            for key, size, etag, modified in db.execute(
-                select(
-                    MigrationObject.key, MigrationObject.size, MigrationObject.source_etag,
-                    MigrationObject.source_modified,
-                ).where(MigrationObject.bucket_id == row.id)
-            )
-        }  # fmt: skip
+        differing, first = 0, ""
         try:
-            differing = [
-                obj.key for obj in list_all(backend, row.source_bucket) if not _unchanged(known.get(obj.key), obj)
-            ]
+            for obj, known in merge_by_key(list_all(backend, row.source_bucket), _manifest(db, row.id)):
+                if obj is not None and not _unchanged(known, obj):
+                    differing += 1
+                    first = first or obj.key
         except NotFound:
-            differing = []  # already deleted by an earlier finish that stopped before recording it
+            differing = 0  # already deleted by an earlier finish that stopped before recording it
         if differing:
             outcomes.append(FinishOutcome(
                 storage_id=row.storage_id, source=label, deleted=False,
-                message=f"{len(differing)} object(s) on the source are not in the verified copy "
-                        f"(first: {differing[0]}): kept; copy them yourself, or run `migrate run` again",
+                message=f"{differing} object(s) on the source are not in the verified copy "
+                        f"(first: {first}): kept; copy them yourself, or run `migrate run` again",
             ))  # fmt: skip
             continue
         try:
@@ -611,6 +737,18 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
 
 
 # -- progress, for the API -------------------------------------------------------------------
+def moving(db: Session, storage_ids: list[str]) -> dict[str, str]:
+    """Of these storages, those a migration is copying (not switched yet): the target backend of each."""
+    if not storage_ids:
+        return {}
+    rows = db.execute(
+        select(MigrationBucket.storage_id, MigrationBucket.target_backend).where(
+            MigrationBucket.storage_id.in_(storage_ids), MigrationBucket.state == "copying"
+        )
+    )
+    return {storage_id: target for storage_id, target in rows}  # noqa: C416 - rows are Row objects, not pairs
+
+
 @dataclass(frozen=True, kw_only=True)
 class BucketStatus:
     storage_id: str

@@ -51,6 +51,11 @@ class StorageContract:
     #: Seconds between bucket creations for the "oldest first" check: a service whose creation
     #: times have whole seconds needs more than one.
     creation_time_resolution: float = 0.0
+    #: Whether the backend reports the MD5 the service computed of an object's bytes
+    #: (``ObjectInfo.md5``) for objects up to a few MiB. Leaving it False is always allowed: a
+    #: backend that reports None makes the migration read objects back to verify them. Any MD5
+    #: reported must be right.
+    reports_md5: bool = False
 
     @pytest.fixture
     def storage_backend(self) -> StorageBackend:
@@ -242,6 +247,20 @@ class StorageContract:
             count += len(chunk)
         assert count == len(data)
         assert received.digest() == hashlib.sha256(data).digest()
+
+    def test_a_reported_md5_is_the_md5_of_the_bytes(self, storage_backend: StorageBackend, bucket: str) -> None:
+        objects = {"empty": b"", "one.txt": b"one request", "a/streamed.bin": os.urandom(3 * MiB + 7)}
+        for key, data in objects.items():
+            uploaded = storage_backend.upload_object(bucket, key, _chunks(data))
+            listed = [o for o in storage_backend.list_objects(bucket, key, delimiter=None).objects if o.key == key]
+            reported = {
+                "upload": uploaded.md5, "head": storage_backend.head_object(bucket, key).md5, "listing": listed[0].md5
+            }  # fmt: skip
+            want = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            for where, md5 in reported.items():
+                assert md5 is None or md5 == want, f"{key}: {where} reports MD5 {md5}, the bytes' is {want}"
+                if self.reports_md5:
+                    assert md5 == want, f"{key}: {where} reports no MD5 (reports_md5 is set)"
 
     def test_zero_byte_and_unicode_keys(self, storage_backend: StorageBackend, bucket: str) -> None:
         storage_backend.upload_object(bucket, "empty", [])
