@@ -229,8 +229,12 @@ def check_decorated(draft: PodDraft, spec: EnvironmentSpec, *, namespace: str) -
             )
         if not metadata(obj).get("name"):
             raise InvalidRequest(f"a {obj.get('kind')} of the environment has no name")
-        spec = obj.get("spec")
-        if obj.get("kind") == "PersistentVolume" and isinstance(spec, dict) and {"hostPath", "local"} & set(spec):
+        volume_spec = obj.get("spec")
+        if (
+            obj.get("kind") == "PersistentVolume"
+            and isinstance(volume_spec, dict)
+            and {"hostPath", "local"} & set(volume_spec)
+        ):
             raise InvalidRequest(f"PersistentVolume {metadata(obj).get('name')!r} mounts a folder of the node")
 
 
