@@ -263,7 +263,9 @@ def test_rollups_give_the_same_numbers_as_the_intervals_across_days_a_restart_an
     )  # fmt: skip
     with context.sessions() as db:
         user = db.execute(select(User).where(User.email == "alice@example.org")).scalar_one()
-        light = environments.create(db, context, user, environments.EnvironmentRequest(application="files", preset="light"))
+        light = environments.create(
+            db, context, user, environments.EnvironmentRequest(application="files", preset="light")
+        )
         other = environments.create(db, context, user, environments.EnvironmentRequest(application="files"))
         bucket = storages.create_storage(db, context, user, display_name="data", storage_class=StorageClass.STANDARD)
         light_id, other_id, storage_id, bucket_name = light.id, other.id, bucket.id, bucket.bucket_name
@@ -320,7 +322,7 @@ def test_rollups_give_the_same_numbers_as_the_intervals_across_days_a_restart_an
             for by in ("user", "application"):
                 expected = _raw_usage(db, context.prices, lo, hi, now, by)
                 assert expected, (lo, hi)
-                assert _rolled(accounting.usage_by(db, context.prices, lo, hi, by=by, now=now)) == {  # type: ignore[arg-type]
+                assert _rolled(accounting.usage_by(db, context.prices, lo, hi, by=by, now=now)) == {
                     k: v.as_dict() for k, v in expected.items()
                 }, (lo, hi, by)
         for lo, hi in ((NOV, dec), (at(1, 6), at(5, 6))):  # UTC days, and days from 06:00
@@ -328,7 +330,10 @@ def test_rollups_give_the_same_numbers_as_the_intervals_across_days_a_restart_an
             for key, _label, usage in days:
                 day = dt.datetime.fromisoformat(key).replace(tzinfo=dt.UTC, hour=lo.hour)
                 expected_day = _raw_usage(db, context.prices, day, day + dt.timedelta(days=1), now, "user")
-                assert usage.as_dict() == (expected_day[user.id].as_dict() if expected_day else accounting.Usage().as_dict()), key
+                assert usage.as_dict() == (
+                    expected_day[user.id].as_dict() if expected_day else accounting.Usage().as_dict()
+                ), key
+
         # the migration's backfill rebuilds exactly what the closes wrote, row for row
         def rows() -> list[tuple[Any, ...]]:
             return sorted(
@@ -368,7 +373,9 @@ def test_the_migration_rolls_up_intervals_recorded_before_it(tmp_path: Path) -> 
             [{"n": 12345, "a": day, "b": day + 86400 * 3 + 17}, {"n": 999, "a": day + 86400 * 3 + 17, "b": None}],
         )
     upgrade(engine)
-    prices = PriceTable(provider="t", compute=ComputePrice(vcpu_hour=0.04, gib_hour=0.005), storage_gb_month={"standard": 0.02})
+    prices = PriceTable(
+        provider="t", compute=ComputePrice(vcpu_hour=0.04, gib_hour=0.005), storage_gb_month={"standard": 0.02}
+    )
     now = at(10, 0)
     with session_factory(engine)() as db:
         assert db.execute(select(func.count()).select_from(UsageRollup)).scalar_one() > 0

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 import typer
 
 from cmbcluster import __version__
+from cmbcluster.commands import budgets as budgets_command
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
 from cmbcluster.commands import migrate as migrate_command
-from cmbcluster.commands import budgets as budgets_command
 from cmbcluster.commands import usage as usage_command
 from cmbcluster.commands import users as users_command
 from cmbcluster.commands.common import err, out, print_json, resolve_config

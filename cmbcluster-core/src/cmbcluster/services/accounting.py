@@ -23,9 +23,9 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, and_, delete, event, func, literal, or_, select, update
+from sqlalchemy import Connection, Table, and_, delete, event, func, literal, or_, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
@@ -258,10 +258,11 @@ def _upsert(connection: Connection, model: type[UsageRollup] | type[StorageRollu
     """Add ``sums`` to the rollup rows, creating the missing ones; concurrent writers are safe."""
     if not sums:
         return
-    table = model.__table__
+    table = cast(Table, model.__table__)
     keys = _USAGE_KEY if model is UsageRollup else _STORAGE_KEY
     values = ("seconds", "cpu_seconds", "memory_gib_seconds") if model is UsageRollup else ("byte_seconds",)
-    rows = [dict(zip((*keys, *values), (*key, *acc), strict=True)) for key, acc in sums.items()]
+    # in key order: two transactions adding to the same rows lock them in the same order (no deadlock)
+    rows = [dict(zip((*keys, *values), (*key, *acc), strict=True)) for key, acc in sorted(sums.items())]
     name = connection.dialect.name
     if name in ("sqlite", "postgresql"):
         module = sqlite if name == "sqlite" else postgresql
@@ -372,7 +373,9 @@ def _sums(
 
     if rolled:
         u_key = {"user": UsageRollup.user_id, "application": UsageRollup.application, "day": UsageRollup.start_s}[by]
-        spans = or_(*(and_(UsageRollup.span == s, UsageRollup.start_s >= a, UsageRollup.start_s < b) for s, a, b in rolled))
+        spans = or_(
+            *(and_(UsageRollup.span == s, UsageRollup.start_s >= a, UsageRollup.start_s < b) for s, a, b in rolled)
+        )
         query = (
             select(u_key, UsageRollup.user_id if by == "day" else literal(""), UsageRollup.preset,
                    func.sum(UsageRollup.seconds), func.sum(UsageRollup.cpu_seconds),
@@ -403,7 +406,9 @@ def _sums(
         """(interval, start, end) of the parts of [lo, hi) no rollup covers."""
         # only ``end_s IS NULL``: a condition on start_s too leads SQLite to its start_s index
         # (every row) instead of the small index of open intervals; later ones are skipped below
-        columns = select(*(model.__table__.c[c] for c in (_USAGE_COLUMNS if model is UsageInterval else _STORAGE_COLUMNS)))
+        columns = select(
+            *(model.__table__.c[c] for c in (_USAGE_COLUMNS if model is UsageInterval else _STORAGE_COLUMNS))
+        )
         open_ = columns.where(model.end_s.is_(None))
         ranges = [(open_, lo, hi)] + [
             (columns.where(model.end_s.is_not(None), model.start_s < b, model.end_s > a), a, b) for a, b in partial
@@ -589,7 +594,11 @@ def report(
     result = Report(start=start, end=end, group_by=group_by, prices=prices)
     if group_by == "day":
         # UTC days: one pass over the daily rollups; days from another hour of the day: one each
-        by_day = usage_by(db, prices, start, end, by="day", user_ids=user_ids, now=moment) if epoch(start) % DAY_S == 0 else None
+        by_day = (
+            usage_by(db, prices, start, end, by="day", user_ids=user_ids, now=moment)
+            if epoch(start) % DAY_S == 0
+            else None
+        )
         day = start
         while day < end:
             following = min(end, day + dt.timedelta(days=1))
