@@ -75,7 +75,10 @@ export default function UsagePage() {
       {shown ? <p className="small muted">{estimateNote(shown)}</p> : null}
       {flagged.map((budget) => (
         <p key={budget.id} className="warning">
-          {budget.message}
+          {/* the message speaks to the budget's user ("your budget"): the admin gets whose it is */}
+          {budget.scope} {budget.label}: {Math.round(budget.percent)} % of its monthly {budget.amount}{" "}
+          {budget.unit === "currency" ? budget.currency : "core-hours"} used
+          {budget.state === "exceeded" ? (budget.hard ? ", new starts refused and running environments stopped" : ", new starts refused") : ""}
         </p>
       ))}
       {days.data ? <DayChart report={days.data} /> : null}
