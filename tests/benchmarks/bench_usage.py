@@ -119,7 +119,8 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).parent.parent))
         from postgres import postgres_url  # type: ignore[import-not-found]
 
-        with contextlib.contextmanager(postgres_url)() as url:
+        # the pytest fixture's own generator function (a fixture may not be called directly)
+        with contextlib.contextmanager(postgres_url.__wrapped__)() as url:
             engine = create_db_engine(url)
             ok &= measure(engine, "PostgreSQL", args.users)
             engine.dispose()

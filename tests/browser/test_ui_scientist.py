@@ -492,7 +492,7 @@ def test_the_dashboard_shows_the_months_estimate_and_an_admin_the_costs_per_user
         page.goto("/")
         card = page.get_by_role("region", name="This month")
         expect(card.locator(".big")).to_have_text(re.compile(r"\$\d"))  # an amount, in the table's currency
-        expect(card).to_contain_text("Estimate: estimates from the operator's prices")
+        expect(card).to_contain_text("Estimates from the operator's prices (CMBCLUSTER_PRICES), not a bill.")
         expect(card.get_by_role("status")).to_contain_text("your monthly budget of 0.01 USD is")
         assert_clean(dana)
 
@@ -504,7 +504,7 @@ def test_the_dashboard_shows_the_months_estimate_and_an_admin_the_costs_per_user
         expect(admin.locator(".warning", has_text="user dana@example.org")).to_contain_text("new starts refused")
         expect(row.get_by_text(re.compile(r"^\$\d"))).to_be_visible()
         expect(admin.get_by_role("img", name=re.compile("^Core-hours per day, highest"))).to_be_visible()
-        expect(admin.get_by_text(re.compile("^Estimate: estimates from"))).to_be_visible()
+        expect(admin.get_by_text(re.compile("^Estimates from the operator's prices"))).to_be_visible()
         with admin.expect_download() as download:
             admin.get_by_role("link", name="Download CSV").click()
         saved = tmp_path / "usage.csv"

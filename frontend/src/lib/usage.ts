@@ -25,10 +25,11 @@ export function money(amount: number, currency: string): string {
 }
 
 export function hours(value: number): string {
+  if (value < 1) return value.toFixed(2);
   return value < 10 ? value.toFixed(1) : Math.round(value).toLocaleString();
 }
 
-/** The line every amount carries: whose list prices, read when. */
+/** The line every amount carries: whose list prices, read when ("Estimates from aws list prices read on …"). */
 export function estimateNote(report: UsageReport): string {
-  return `Estimate: ${report.estimate}.`;
+  return `${report.estimate.charAt(0).toUpperCase()}${report.estimate.slice(1)}.`;
 }
