@@ -240,6 +240,7 @@ def test_max_uptime_and_invalid_changes(client: TestClient, admin: dict[str, str
     ]  # fmt: skip
     for body in ({"role": "root"}, {"status": "banned"}, {"role": None}, {"status": None},
                  {"max_uptime_minutes": -1}, {"max_uptime_minutes": 10**9}, {"max_uptime_minutes": "long"},
+                 {"max_uptime_minutes": "10"}, {"storage_quota_bytes": "10"}, {"storage_quota_bytes": 1.5},
                  {"email": "x@example.org"}):  # fmt: skip
         response = patch_user(client, admin, alice_id, **body)
         assert response.status_code == 422, (body, response.text)

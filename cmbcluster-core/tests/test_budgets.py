@@ -223,6 +223,10 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
     assert answer.status_code == 422
     answer = put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 1, "unit": "EUR"})
     assert answer.status_code == 422
+    for amount in ("NaN", "Infinity"):  # JSON parsers accept these; a budget cannot be one
+        body, sent_as = '{"amount": ' + amount + "}", {**admin, "Content-Type": "application/json"}
+        answer = put("/api/v1/admin/budgets/user/alice@example.org", headers=sent_as, content=body)
+        assert answer.status_code == 422 and "finite number" in answer.json()["message"], answer.text
     answer = client.put("/api/v1/admin/groups/g", headers=admin, json={"members": ["ghost@example.org"]})
     assert answer.status_code == 404 and "ghost@example.org" in answer.json()["message"]
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404

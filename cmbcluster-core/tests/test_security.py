@@ -522,3 +522,13 @@ def test_sign_in_limits_count_each_client_behind_a_trusted_proxy(tmp_path: Path)
 
 def test_the_data_directory_is_private(client: TestClient, settings: CoreSettings) -> None:
     assert settings.data_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_malformed_json_says_so_and_where(client: TestClient, alice: dict[str, str]) -> None:
+    body = '{"display_name": "data",, }'
+    answer = client.post("/api/v1/storages", content=body, headers={**alice, "Content-Type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    found = answer.json()
+    assert found["error"] == "invalid_request"
+    assert found["message"].startswith("the request body is not valid JSON at character 24:"), found["message"]
+    assert body not in found["message"]  # the message explains, it does not echo the body

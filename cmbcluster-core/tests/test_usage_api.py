@@ -128,3 +128,10 @@ def test_cli_usage_report_month_csv(
     assert "alice@example.org" in result.output and ",1.4," in result.output  # Alice's compute cost
     bad = CliRunner().invoke(cli, ["usage", "report", "--month", "November"])
     assert bad.exit_code == 2 and "YYYY-MM" in bad.output
+
+
+def test_a_huge_parameter_is_not_echoed_whole(client: TestClient, admin: dict[str, str]) -> None:
+    response = client.get("/api/v1/usage", headers=admin, params={"from": "x" * 5000})
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith("'from' must be an ISO date") and len(message) <= 500, len(message)

@@ -96,7 +96,13 @@ def _describe(code: int) -> str:
     return COMMON_ERRORS.get(code) or HTTPStatus(code).phrase
 
 
+#: Messages quote what was refused; a 5,000-character parameter is not worth sending back whole.
+MAX_MESSAGE_CHARS = 500
+
+
 def error_body(code: str, message: str, detail: object | None = None) -> dict[str, object]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     body: dict[str, object] = {"error": code, "message": message}
     if detail is not None:
         body["detail"] = detail
@@ -121,14 +127,21 @@ _HTTP_CODES = {
 }
 
 
+def _problem(err: dict[str, Any]) -> str:
+    """One refused field, for people: where, and what is wrong."""
+    loc = err.get("loc", ())
+    if err.get("type") == "json_invalid":  # FastAPI's loc is (body, character offset)
+        reason = (err.get("ctx") or {}).get("error") or "malformed"
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON{at}: {reason}"
+    return f"{'.'.join(str(p) for p in loc if p != 'body') or 'request'}: {err.get('msg', 'invalid')}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # The same body shape as every other error, with FastAPI's per-field detail kept.
-        problems = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'request'}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()
-        ]
+        problems = [_problem(err) for err in exc.errors()]
         detail = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
         return JSONResponse(error_body("invalid_request", "; ".join(problems), detail), status_code=422)
 

@@ -39,14 +39,17 @@ class UserUpdate(BaseModel):
 
     role: Role | None = None
     status: Status | None = None
+    # strict: "10" is a string, not a number of minutes or bytes (a script's bug to hear of)
     max_uptime_minutes: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=MAX_UPTIME_MINUTES_LIMIT,
         description="Stop this user's environments after this many minutes (0: never); null: the server default",
     )
     storage_quota_bytes: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=2**62,
         description="Bytes this user's buckets may hold, current objects and earlier versions together "

@@ -31,7 +31,7 @@ from cmbcluster.interfaces import (
 from cmbcluster.services import budgets, storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
-from cmbcluster.services.ownership import owned
+from cmbcluster.services.ownership import owned, owned_id
 from cmbcluster.services.status import apply_status
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ def get_owned(db: Session, user: User, environment_id: str) -> Environment:
         db, Environment, user, environment_id, what="environment",
         options=(selectinload(Environment.application_row), selectinload(Environment.mounts)),
     )  # fmt: skip
+
+
+def check_owned(db: Session, user: User, environment_id: str) -> None:
+    """NotFound unless the environment is the user's (nothing loaded)."""
+    owned_id(db, Environment, user, environment_id, what="environment")
 
 
 def list_owned(db: Session, user: User) -> list[Environment]:
@@ -142,7 +147,7 @@ def create(
         launch(db, context, env)
     else:
         db.commit()
-    return get_owned(db, user, env.id)
+    return env
 
 
 def start(db: Session, context: AppContext, user: User, env: Environment) -> None:
@@ -304,6 +309,12 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
     except Exception as exc:  # a provider bug must not leave the environment pending forever
         log.exception("starting environment %s failed", env.id)
         mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
+        context.progress.notify(env.id)
+        return
+    if status.phase == EnvironmentPhase.PENDING and env.status == "pending":
+        # Still waiting for the cluster, as recorded: the progress hub shows what the backend says
+        # and records the next change. Skipping this write spares a burst of starts one turn each
+        # at the database's write lock.
         context.progress.notify(env.id)
         return
     apply_status(db, env, status)

@@ -12,7 +12,7 @@ from sqlalchemy.sql.base import ExecutableOption
 from cmbcluster.db.models import Environment, Storage, User
 from cmbcluster.errors import NotFound
 
-__all__ = ["owned"]
+__all__ = ["owned", "owned_id"]
 
 Owned = TypeVar("Owned", Environment, Storage)
 
@@ -28,3 +28,11 @@ def owned(
     if row is None:
         raise NotFound(f"{what} {object_id} not found")
     return row
+
+
+def owned_id(db: Session, model: type[Owned], user: User, object_id: str, *, what: str) -> str:
+    """:func:`owned` for a check alone: one indexed lookup of the id, no row loaded."""
+    found = db.execute(select(model.id).where(model.id == object_id, model.user_id == user.id)).scalar_one_or_none()
+    if found is None:
+        raise NotFound(f"{what} {object_id} not found")
+    return found

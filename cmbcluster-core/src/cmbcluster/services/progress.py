@@ -8,9 +8,12 @@ An open stream holds nothing while it waits: no database connection, no worker t
   environment itself (:meth:`ProgressHub.notify`), and at the latest every ``poll_seconds``,
   a pause that grows to ``max_poll_seconds`` while nothing changes (an autoscaler adding nodes
   keeps dialogs open for minutes) and shrinks back at the next change;
-- then, in one worker-thread hop and one short database session, it reads every environment
-  that streams follow, records what the backend now reports for those still starting (as the
-  reconcile loop does), and hands each stream its new state.
+- then, in one hop to its own thread (never queued behind requests in the shared worker pool)
+  and one short read-only database session, it reads every environment that streams follow,
+  takes what the backend now reports for those still starting, and hands each stream its new
+  state at once; recording that report in the database (as the reconcile loop does) follows in
+  the background, so a stream never waits for the database's write lock, which a burst of
+  starts keeps busy.
 
 Changes made by another replica reach this one through the database, which every replica reads
 at that interval: a replica that does not reconcile still sees every change. (PostgreSQL's
@@ -26,14 +29,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.interfaces import ComputeBackend
-from cmbcluster.services.status import apply_status
+from cmbcluster.services.status import apply_status, reported
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ BATCH = 500
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
 PROGRESS_LOG_REFRESH_SECONDS = 1.0
+#: At most this many outputs read per pass: with 200 starts at once, reading every one each pass
+#: would make each pass (and every stream's next state) wait for 200 cluster calls. The ones read
+#: longest ago come first, since those read within the refresh interval are skipped.
+PROGRESS_LOG_READS_PER_PASS = 16
 
 
 @dataclass(eq=False)
@@ -87,6 +94,11 @@ class ProgressHub:
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recording: asyncio.Task[None] | None = None
+        # The hub's own threads, one to read and one to write: never queued behind requests in
+        # the shared worker pool (made in run(), on the loop they serve)
+        self._reader: anyio.CapacityLimiter | None = None
+        self._writer: anyio.CapacityLimiter | None = None
 
     # -- streams -------------------------------------------------------------------------------
     def subscribe(self, environment_id: str, user_id: str) -> Subscription:
@@ -124,6 +136,7 @@ class ProgressHub:
         """The hub's one task; ends when ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
+        self._reader, self._writer = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
         self.compute.on_status_change(self.notify)
         stopper = asyncio.create_task(self._wake_on(stop, wake))
         try:
@@ -146,7 +159,7 @@ class ProgressHub:
                 continue
             followed = list(self._subscriptions)
             try:
-                states = await run_in_threadpool(self._read, followed)
+                states, behind = await anyio.to_thread.run_sync(self._read, followed, limiter=self._reader)
             except Exception:  # a database hiccup: the next pass tries again
                 log.exception("reading the progress of starting environments failed")
                 await asyncio.sleep(self.poll_seconds)
@@ -158,37 +171,59 @@ class ProgressHub:
                     owned = state is not None and state["user_id"] == subscription.user_id
                     if subscription.offer(state["event"] if owned and state is not None else None):
                         pause = self.poll_seconds
+            if behind and self._recording is None:
+                self._recording = asyncio.create_task(self._record(behind))
+        if self._recording is not None:
+            await self._recording
+
+    async def _record(self, environment_ids: list[str]) -> None:
+        """Write what the backend reported (one write transaction, in a thread of its own); a
+        pass meanwhile does not start another, and the next one finds what is still behind."""
+        try:
+            await anyio.to_thread.run_sync(self._write, environment_ids, limiter=self._writer)
+        except Exception:  # the database busy past its timeout: the next pass or the reconcile loop retries
+            log.warning("recording the progress of %d starting environments failed", len(environment_ids),
+                        exc_info=True)  # fmt: skip
+        finally:
+            self._recording = None
 
     @staticmethod
     async def _wake_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
         await stop.wait()
         wake.set()
 
-    def _read(self, environment_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """The followed environments' states (blocking: one short session for all of them).
-
-        Plain rows; the ORM object only for an environment still starting, whose backend status
-        is recorded as the reconcile loop would (idempotent, so every replica may do it)."""
+    def _read(self, environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The followed environments' states (blocking: one short read-only session for all of
+        them), with what the backend reports for those still starting; and the ids whose report
+        is not yet in the database."""
         states: dict[str, dict[str, Any]] = {}
+        behind: list[str] = []
+        self.output.begin_pass()
         with self.sessions() as db:
             for batch in _batches(environment_ids, BATCH):
-                changed = False
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
-                    event = progress_event(row.status, row.status_message, row.url)
-                    if row.status in ("pending", "starting") and row.desired_state == "running":
-                        env = db.get(Environment, row.id)
-                        if env is not None and apply_status(db, env, self.compute.status(env.id)):
-                            changed = True
-                            event = progress_event(env.status, env.status_message, env.url)
+                    now = (row.status, row.status_message, row.url)
+                    if row.status in ("pending", "starting"):
+                        found = reported(row.desired_state, self.compute.status(row.id))
+                        if found is not None and found != now:
+                            now = found
+                            behind.append(row.id)
+                    event = progress_event(*now)
                     if event["status"] in ("starting", "failed"):
                         # what the application is doing, or why it stopped (a failure ends the stream:
                         # its event has the output as it ended, not as read a moment ago)
                         event["log"] = self.output.lines(row.id, fresh=event["status"] == "failed")
                     states[row.id] = {"user_id": row.user_id, "event": event}
-                if changed:
-                    db.commit()
-            db.rollback()  # nothing else to write: end the read transaction, return the connection
-        return states
+            db.rollback()  # end the read transaction, return the connection
+        return states, behind
+
+    def _write(self, environment_ids: list[str]) -> None:
+        with self.sessions() as db:
+            for batch in _batches(environment_ids, BATCH):
+                for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
+                    if env.status in ("pending", "starting"):
+                        apply_status(db, env, self.compute.status(env.id))
+            db.commit()
 
 
 _STATE_QUERY = select(
@@ -218,12 +253,20 @@ class StartupOutput:
         self.compute = compute
         self.count = lines
         self._seen: dict[str, tuple[float, list[str]]] = {}
+        self._reads_left = PROGRESS_LOG_READS_PER_PASS
+
+    def begin_pass(self, reads: int = PROGRESS_LOG_READS_PER_PASS) -> None:
+        """A new pass of the hub may read this many outputs (failures' are always read)."""
+        self._reads_left = reads
 
     def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
         now = time.monotonic()
         cached = self._seen.get(environment_id)
-        if cached is not None and not fresh and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS:
-            return cached[1]
+        if not fresh and (
+            (cached is not None and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS) or self._reads_left <= 0
+        ):
+            return cached[1] if cached is not None else []
+        self._reads_left -= 1
         try:
             text = self.compute.logs(environment_id, tail=self.count)
         except CmbclusterError as exc:

@@ -21,18 +21,28 @@ _PHASE_TO_STATUS = {
 }
 
 
-def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
-    """Record what the backend reports; True when something changed. Releases the start slot
-    once the environment runs or ends. MISSING is the reconcile loop's business, not this one's;
-    so is an environment being stopped (its process vanishing then is no failure)."""
-    if status.phase == EnvironmentPhase.MISSING or env.desired_state != "running":
-        return False
+def reported(desired_state: str, status: EnvironmentStatus) -> tuple[str, str, str | None] | None:
+    """(status, message, url) an environment meant to be ``desired_state`` takes from what the
+    backend reports; None when the report changes nothing (MISSING is the reconcile loop's
+    business, not this one's; so is an environment being stopped, whose process vanishing then
+    is no failure)."""
+    if status.phase == EnvironmentPhase.MISSING or desired_state != "running":
+        return None
     new_status = _PHASE_TO_STATUS[status.phase]
+    return new_status, status.message, status.url if new_status in ("starting", "running") else None
+
+
+def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
+    """Record what the backend reports (the rule of :func:`reported`); True when something
+    changed. Releases the start slot once the environment runs or ends."""
+    found = reported(env.desired_state, status)
+    if found is None:
+        return False
+    new_status = found[0]
     changed = (env.status, env.status_message, env.url) != (new_status, status.message, status.url)
     if new_status == "running" and env.status != "running":
         activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
-    env.status, env.status_message = new_status, status.message
-    env.url = status.url if new_status in ("starting", "running") else None
+    env.status, env.status_message, env.url = found
     if new_status in ("running", "stopped", "failed"):
         db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
     if new_status in ("stopped", "failed") and env.stopped_at is None:

@@ -36,7 +36,7 @@ class BudgetStatusOut(BaseModel):
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: float = Field(gt=0, le=1e12)
+    amount: float = Field(gt=0, le=1e12, allow_inf_nan=False)
     unit: Literal["currency", "core_hours"] = "currency"
     hard: bool = Field(default=False, description="At 100 %, stop running environments too")
 

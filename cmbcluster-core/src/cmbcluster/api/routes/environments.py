@@ -40,7 +40,7 @@ class EnvironmentIn(BaseModel):
     application: str = Field(min_length=1, max_length=63, description="Application id or slug from the catalog")
     name: str | None = Field(default=None, max_length=100)
     preset: str | None = Field(default=None, max_length=40, description="light, standard, heavy; or give cpu/memory")
-    cpu: float | None = Field(default=None, gt=0, le=1024)
+    cpu: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)
     memory_mib: int | None = Field(default=None, gt=0, le=4 * 1024 * 1024)
     mounts: list[MountIn] = Field(default_factory=list, max_length=envs.MAX_MOUNTS)
     env: dict[str, str] = Field(default_factory=dict, description="This environment's own variables")
@@ -120,7 +120,7 @@ class EnvironmentChange(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=100)
     preset: str | None = Field(default=None, max_length=40)
-    cpu: float | None = Field(default=None, gt=0, le=1024)
+    cpu: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)
     memory_mib: int | None = Field(default=None, gt=0, le=4 * 1024 * 1024)
     mounts: list[MountIn] | None = Field(default=None, max_length=envs.MAX_MOUNTS)
     env: dict[str, str] | None = None
@@ -308,8 +308,12 @@ async def environment_logs(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-def environment_events(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> StreamingResponse:
-    envs.get_owned(db, user, environment_id)  # 404 before the stream starts
+async def environment_events(
+    environment_id: str, user: CurrentUser, db: DbSession, context: Context
+) -> StreamingResponse:
+    # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
+    # right after the create, when the worker threads are busiest with starts.
+    envs.check_owned(db, user, environment_id)  # 404 before the stream starts
     db.commit()  # the stream may last minutes: it must not keep this request's connection
     return StreamingResponse(
         _progress(context, user.id, environment_id),
