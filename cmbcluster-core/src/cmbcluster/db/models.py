@@ -316,6 +316,7 @@ class UsageInterval(Base):
     __table_args__ = (
         Index("ix_usage_intervals_start", "start_s"),
         Index("ix_usage_intervals_user_start", "user_id", "start_s"),
+        Index("ix_usage_intervals_end", "end_s"),  # today's part of a report: what ended since midnight
         # at most one open interval per environment: a start can never be counted twice
         Index(
             "ux_usage_intervals_open",
@@ -347,6 +348,7 @@ class StorageInterval(Base):
     __tablename__ = "storage_intervals"
     __table_args__ = (
         Index("ix_storage_intervals_start", "start_s"),
+        Index("ix_storage_intervals_end", "end_s"),
         Index(
             "ux_storage_intervals_open",
             "storage_id",

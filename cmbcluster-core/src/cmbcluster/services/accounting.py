@@ -410,8 +410,18 @@ def _sums(
             *(model.__table__.c[c] for c in (_USAGE_COLUMNS if model is UsageInterval else _STORAGE_COLUMNS))
         )
         open_ = columns.where(model.end_s.is_(None))
+        # One bound each, on the side the database can narrow with an index: the hours after the
+        # period's last midnight (often today's) are met by the intervals ending after it, those
+        # before its first midnight by the intervals starting before it; the rest skipped below.
         ranges = [(open_, lo, hi)] + [
-            (columns.where(model.end_s.is_not(None), model.start_s < b, model.end_s > a), a, b) for a, b in partial
+            (
+                columns.where(model.end_s > a)
+                if b == hi
+                else columns.where(model.end_s.is_not(None), model.start_s < b),
+                a,
+                b,
+            )
+            for a, b in partial
         ]
         for query, a, b in ranges:
             if user_ids is not None:

@@ -6,7 +6,8 @@ Create Date: 2026-12-05 09:00:00
 
 New tables, filled from every closed interval already recorded
 (:func:`cmbcluster.services.accounting.rebuild_rollups`); from then on the control plane adds to
-them in the transaction that closes an interval.
+them in the transaction that closes an interval. An index on the intervals' end: the part of a report
+after its last midnight (today's, usually) is read from the intervals that ended since.
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ def upgrade() -> None:
         sqlite_with_rowid=False,
     )
     op.create_index("ix_storage_rollups_user", "storage_rollups", ["user_id", "span", "start_s"])
+    op.create_index("ix_usage_intervals_end", "usage_intervals", ["end_s"])
+    op.create_index("ix_storage_intervals_end", "storage_intervals", ["end_s"])
     from cmbcluster.services.accounting import rebuild_rollups
 
     rebuild_rollups(op.get_bind())
 
 
 def downgrade() -> None:
+    op.drop_index("ix_storage_intervals_end", table_name="storage_intervals")
+    op.drop_index("ix_usage_intervals_end", table_name="usage_intervals")
     op.drop_index("ix_storage_rollups_user", table_name="storage_rollups")
     op.drop_table("storage_rollups")
     op.drop_index("ix_usage_rollups_user", table_name="usage_rollups")
