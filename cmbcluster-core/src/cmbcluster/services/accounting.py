@@ -386,9 +386,9 @@ def _sums(
             query = query.where(UsageRollup.user_id.in_(user_ids))
         for key, user, preset, seconds, cpu_s, mem_s in db.execute(query):
             acc = compute.setdefault((key, user, preset), [0, 0.0, 0.0])
-            acc[0] += seconds or 0
-            acc[1] += cpu_s or 0.0
-            acc[2] += mem_s or 0.0
+            acc[0] += int(seconds or 0)  # PostgreSQL sums big integers as numeric (Decimal)
+            acc[1] += float(cpu_s or 0)
+            acc[2] += float(mem_s or 0)
         if storage:
             s_key = StorageRollup.start_s if by == "day" else StorageRollup.user_id
             s_spans = or_(*(and_(StorageRollup.span == s, StorageRollup.start_s >= a, StorageRollup.start_s < b)
@@ -400,7 +400,9 @@ def _sums(
             if user_ids is not None:
                 s_query = s_query.where(StorageRollup.user_id.in_(user_ids))
             for key, user, storage_class, byte_seconds in db.execute(s_query):
-                stored.setdefault((key, user if by == "day" else "", storage_class), [0.0])[0] += byte_seconds or 0.0
+                stored.setdefault((key, user if by == "day" else "", storage_class), [0.0])[0] += float(
+                    byte_seconds or 0
+                )
 
     def pieces(model: type[UsageInterval] | type[StorageInterval]) -> Iterator[tuple[Any, int, int]]:
         """(interval, start, end) of the parts of [lo, hi) no rollup covers."""
