@@ -9,8 +9,11 @@ across replicas (PostgreSQL's advisory lock serialises the reservations).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,12 +21,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import select, text, update
 
 from cmbcluster import hookimpl
 from cmbcluster.app import create_app
 from cmbcluster.db import create_db_engine, current_revision, upgrade
 from cmbcluster.db.engine import SCHEMA_HEAD
+from cmbcluster.db.models import ServerInstance, Storage, UploadJournal, utcnow
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ComputeBackendRegistration
@@ -87,12 +91,30 @@ class NeverReady(ComputeBackend):
         return [self.status(i) for i in sorted(self.started)]
 
 
-def replicas(database: str, tmp_path: Path, count: int = 2, **settings: Any) -> list[TestClient]:
+class Elected(NeverReady):
+    """A backend whose replicas elect a leader, as the Kubernetes one does with a Lease; the test
+    says which replica leads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leading = False
+
+    @property
+    def elects_leader(self) -> bool:
+        return True
+
+    def leads_background_work(self) -> bool:
+        return self.leading
+
+
+def replicas(
+    database: str, tmp_path: Path, count: int = 2, backend_type: type[NeverReady] = NeverReady, **settings: Any
+) -> list[TestClient]:
     """``count`` control planes on one database; each its own process-like app and data folder
     (and compute backend, as each replica has its own watch of the cluster)."""
     clients = []
     for i in range(count):
-        backend = NeverReady()
+        backend = backend_type()
 
         @hookimpl
         def cmbcluster_compute_backends(backend: NeverReady = backend) -> Iterator[ComputeBackendRegistration]:
@@ -216,3 +238,62 @@ def test_usage_rollups_add_up_on_postgresql(database: str) -> None:
         days = accounting.report(db, prices, nov, nov + dt.timedelta(days=4), "day", now=now).rows
         assert [round(usage.core_hours, 6) for _key, _label, usage in days] == [5, 48, 6, 0]
     engine.dispose()
+
+
+def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: str, tmp_path: Path) -> None:
+    """Uploads and bucket deletes are journalled with the server instance running them. The replica
+    that takes over leadership finishes the work of instances that are gone (no heartbeat for a
+    minute, or stopped), and leaves a live replica's in-flight work alone, until that replica goes."""
+    one, two = replicas(database, tmp_path, backend_type=Elected, reconcile_interval_seconds=1)
+    contexts = [client.app.state.context for client in (one, two)]  # type: ignore[attr-defined]
+    aborted: list[tuple[str, str]] = []
+
+    def record_abort(bucket: str, *, started_before: dt.datetime, key: str | None = None) -> int:
+        aborted.append((bucket, key or ""))
+        return 1
+
+    contexts[1].storage.abort_unfinished_uploads = record_abort  # the storage service's view, on the leader
+    with two, contextlib.ExitStack() as replica_one:
+        replica_one.enter_context(one)
+        ada = dev_sign_in(one, "ada@example.org")
+        made = [one.post("/api/v1/storages", json={"display_name": f"b{i}"}, headers=ada).json() for i in range(3)]
+        assert all("id" in m for m in made), made
+        gone = "0" * 32  # a replica killed two minutes ago: its heartbeat stopped then
+        live = contexts[0].instance_id
+        with contexts[0].sessions() as db:
+            db.add(ServerInstance(id=gone, heartbeat_at=utcnow() - dt.timedelta(minutes=2)))
+            for owner, storage in ((gone, made[0]), (live, made[1])):
+                db.add(UploadJournal(storage_id=storage["id"], backend="local", bucket_name=storage["bucket_name"],
+                                     key=f"from-{owner[:4]}", owner=owner, reserved_bytes=5))  # fmt: skip
+            for owner, storage in ((gone, made[0]), (live, made[2])):
+                db.execute(update(Storage).where(Storage.id == storage["id"])
+                           .values(status="deleting", delete_force=True, delete_owner=owner))  # fmt: skip
+            db.commit()
+
+        def journal() -> list[str | None]:
+            with contexts[0].sessions() as db:
+                return sorted(db.execute(select(UploadJournal.owner)).scalars(), key=str)
+
+        def statuses() -> dict[str, str]:
+            with contexts[0].sessions() as db:
+                return dict(db.execute(select(Storage.id, Storage.status)).all())
+
+        time.sleep(2)  # nobody leads yet: nothing is recovered
+        assert journal() == sorted([gone, live]) and aborted == []
+        contexts[1].compute.leading = True  # replica two takes over
+        deadline = time.monotonic() + 20
+        while journal() != [live] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert journal() == [live]  # the gone replica's upload was aborted, the live one's spared
+        assert aborted == [(made[0]["bucket_name"], f"from-{gone[:4]}")]
+        assert statuses() == {made[1]["id"]: "active", made[2]["id"]: "deleting"}  # its delete finished
+        time.sleep(2.5)  # more full passes: still nothing of the live replica touched
+        assert journal() == [live] and statuses()[made[2]["id"]] == "deleting"
+
+        replica_one.close()  # replica one stops: its journalled work is the leader's now
+        deadline = time.monotonic() + 20
+        while (journal() or len(statuses()) > 1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert journal() == []
+        assert aborted[-1] == (made[1]["bucket_name"], f"from-{live[:4]}")
+        assert statuses() == {made[1]["id"]: "active"}

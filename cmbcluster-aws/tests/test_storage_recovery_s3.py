@@ -133,6 +133,56 @@ def test_usage_and_quota_through_the_api_count_noncurrent_versions(
         client.close()
 
 
+def _reserved(data: Path) -> list[int]:
+    with sqlite3.connect(data / "cmbcluster.db") as db:
+        return [row[0] for row in db.execute("SELECT reserved_bytes FROM upload_journal")]
+
+
+def test_two_uploads_at_once_cannot_together_pass_the_quota(serve_env: dict[str, str], tmp_path: Path, s3: Any) -> None:
+    """5 MiB of quota, two 3 MiB uploads at once: the first holds its 3 MiB while it runs, so the
+    second is refused (declared or streamed), and S3 ends with 3 MiB, not 6."""
+    quota = {**serve_env, "CMBCLUSTER_STORAGE_QUOTA_BYTES": str(5 * MiB)}
+    data = Path(serve_env["CMBCLUSTER_DATA_DIR"])
+    with ServeProcess(quota, tmp_path) as server:
+        client, headers = _signed_in(server)
+        storage = client.post(API, headers=headers, json={"display_name": "race"}).json()
+        objects = f"{server.url}{API}/{storage['id']}/objects"
+        release = threading.Event()
+        answers: list[httpx.Response] = []
+
+        def held() -> Iterator[bytes]:
+            yield b"a" * MiB
+            release.wait(30)  # the upload stays under way until the other one was answered
+            yield b"a" * (2 * MiB)
+
+        def first() -> None:
+            answers.append(httpx.put(f"{objects}/one.fits", headers={**headers, "Content-Length": str(3 * MiB)},
+                                     content=held(), timeout=60))  # fmt: skip
+
+        uploader = threading.Thread(target=first)
+        uploader.start()
+        try:
+            deadline = time.monotonic() + 30
+            while _reserved(data) != [3 * MiB] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _reserved(data) == [3 * MiB], server.output()
+            second = client.put(f"{objects}/two.fits", headers=headers, content=b"b" * (3 * MiB))
+            assert second.status_code == 413, second.text
+            assert "held by uploads under way" in second.json()["message"]
+            streamed = client.put(f"{objects}/two.fits", headers=headers, content=iter([b"b" * MiB] * 3))
+            assert streamed.status_code == 413, streamed.text
+        finally:
+            release.set()
+            uploader.join(60)
+        assert answers[0].status_code == 201, answers[0].text
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket=storage["bucket_name"])["Contents"]] == ["one.fits"]
+        assert "Uploads" not in s3.list_multipart_uploads(Bucket=storage["bucket_name"])
+        assert _reserved(data) == []  # an upload's hold ends with it
+        # What is left once it ended (2 MiB) is what the next upload gets.
+        assert client.put(f"{objects}/two.fits", headers=headers, content=b"b" * (2 * MiB)).status_code == 201
+        client.close()
+
+
 def _mark_deleting(data: Path, storage_id: str, *, force: bool) -> None:
     """What a server killed in the middle of a bucket delete leaves in its database."""
     with sqlite3.connect(data / "cmbcluster.db") as db:

@@ -99,8 +99,8 @@ def test_restore_with_no_backup_says_so(backups: DatabaseBackups) -> None:
     ("content", "message"),
     [
         (b"not gzip at all", "not valid gzip data"),
-        (gzip.compress(b"SQLite format 3\x00" + b"\x00" * 4000)[:-12], "truncated"),
-        (gzip.compress(b"a plain text file, gzipped"), "not a usable SQLite database"),
+        (gzip.compress(b"SQLite format 3\x00" + b"\x00" * 4000, mtime=0)[:-12], "truncated"),
+        (gzip.compress(b"a plain text file, gzipped", mtime=0), "not a usable SQLite database"),
     ],
 )
 def test_a_damaged_backup_is_refused_and_the_database_left_untouched(

@@ -91,6 +91,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("DELETE", "/api/v1/admin/budgets/{scope}/{target}"): (ADMIN, None),
     ("GET", "/api/v1/admin/groups"): (ADMIN, None),
     ("PUT", "/api/v1/admin/groups/{name}"): (ADMIN, {"members": []}),
+    ("PATCH", "/api/v1/admin/groups/{name}"): (ADMIN, {"storage_quota_bytes": 0}),
     ("DELETE", "/api/v1/admin/groups/{name}"): (ADMIN, None),
     ("GET", "/api/v1/admin/environments"): (ADMIN, None),
     ("POST", "/api/v1/admin/environments/{environment_id}/stop"): (ADMIN, None),

@@ -674,6 +674,56 @@ def test_quota_refuses_uploads_before_and_during_and_stores_nothing(
         assert put(client, ada, first["id"], "c.bin", b"c" * 100).status_code == 201
 
 
+def test_a_group_quota_counts_every_members_buckets_and_is_set_by_admins(
+    client: TestClient, admin: Headers, alice: Headers, bob: Headers
+) -> None:
+    lab = "/api/v1/admin/groups/cmb-lab"
+    made = client.put(lab, headers=admin, json={"members": ["alice@example.org", "bob@example.org"]})
+    assert made.status_code == 200 and made.json()["storage_quota_bytes"] is None
+    mine, theirs = create(client, alice), create(client, bob)
+    assert client.get(API, headers=alice).json()["group_quotas"] == []  # no group quota by default
+
+    # Set by admins only, checked, audited.
+    assert client.patch(lab, headers=alice, json={"storage_quota_bytes": 10**9}).status_code == 403
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": -1}).status_code == 422
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": "10"}).status_code == 422
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": 10, "x": 1}).status_code == 422
+    unknown = client.patch("/api/v1/admin/groups/nobody", headers=admin, json={"storage_quota_bytes": 10})
+    assert unknown.status_code == 404
+    answer = client.patch(lab, headers=admin, json={"storage_quota_bytes": 3000})
+    assert answer.status_code == 200 and answer.json()["storage_quota_bytes"] == 3000
+    assert [g["storage_quota_bytes"] for g in client.get("/api/v1/admin/groups", headers=admin).json()] == [3000]
+
+    # Bob's bytes count against Alice's room, and the other way round.
+    assert put(client, bob, theirs["id"], "b.bin", b"b" * 2000).status_code == 201
+    listed = client.get(API, headers=alice).json()
+    assert listed["quota"]["quota_bytes"] is None and listed["quota"]["used_bytes"] == 0  # her own: none
+    assert listed["group_quotas"] == [
+        {"group": "cmb-lab", "quota_bytes": 3000, "used_bytes": 2000, "noncurrent_bytes": 0}
+    ]
+    declared = put(client, alice, mine["id"], "a.bin", b"a" * 1001)
+    assert declared.status_code == 413
+    assert "left of the storage quota of your group 'cmb-lab'" in declared.json()["message"]
+    assert "nothing was stored" in declared.json()["message"]
+    streamed = put(client, alice, mine["id"], "a.bin", chunked(b"a" * 5000, 300))
+    assert streamed.status_code == 413 and "group 'cmb-lab'" in streamed.json()["message"]
+    assert client.get(object_url(mine["id"], "a.bin"), headers=alice).status_code == 404
+    assert put(client, alice, mine["id"], "a.bin", b"a" * 1000).status_code == 201  # exactly what is left
+    full = put(client, bob, theirs["id"], "c.bin", b"c")
+    assert full.status_code == 507
+    assert "the storage quota of your group 'cmb-lab' of 2.9 KiB is used up" in full.json()["message"]
+    with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
+        assert db.execute(select(UploadJournal)).scalars().all() == []  # nothing held once uploads end
+        changes = db.execute(select(AuditEvent).where(AuditEvent.action == "group.storage_quota_changed")).scalars()
+        assert [e.detail["after"] for e in changes] == [{"storage_quota_bytes": 3000}]
+
+    # A non-member is not bound by it; 0 (or null) removes it.
+    carol = dev_sign_in(client, "carol@example.org")
+    assert put(client, carol, create(client, carol)["id"], "c.bin", b"c" * 5000).status_code == 201
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": 0}).json()["storage_quota_bytes"] is None
+    assert put(client, bob, theirs["id"], "c.bin", b"c").status_code == 201
+
+
 def test_admins_set_a_users_quota_and_see_it(client: TestClient, admin: Headers, alice: Headers) -> None:
     alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]
     made = create(client, alice)

@@ -349,13 +349,13 @@ def test_rollups_give_the_same_numbers_as_the_intervals_across_days_a_restart_an
 
 
 def test_the_migration_rolls_up_intervals_recorded_before_it(tmp_path: Path) -> None:
-    """A database at 0005 with closed and open intervals: after the upgrade, reports (from the
+    """A database at 0006 (before the rollups) with closed and open intervals: after the upgrade, reports (from the
     rollups) equal the sums over the intervals."""
     from cmbcluster.db import create_db_engine, session_factory, upgrade
     from cmbcluster.pricing import PriceTable
 
     engine = create_db_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    upgrade(engine, "0005")
+    upgrade(engine, "0006")
     day = int(NOV.timestamp())
     with engine.begin() as connection:
         connection.execute(

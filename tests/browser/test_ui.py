@@ -232,7 +232,7 @@ def test_settings_show_a_new_api_token_once(alice: Session, server: ServeProcess
 
 
 def test_an_admin_promotes_one_user_and_locks_another_out(
-    alice: Session, open_session: OpenSession, oidc: OidcMockServer, tmp_path: Path
+    alice: Session, open_session: OpenSession, oidc: OidcMockServer, tmp_path: Path, server: ServeProcess
 ) -> None:
     bob, carol = open_session(), open_session()
     sign_in(bob, oidc, "bob")
@@ -260,8 +260,15 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
         page.get_by_role("button", name="Set the storage quota of bob@example.org").click()
     assert patched.value.status == 200
     expect(page.get_by_label("Storage quota of bob@example.org in GiB")).to_have_value("2")
+    # Bob's group may hold 3 GiB in all (set through the admin API); he sees it beside his own.
+    origin = {"Origin": server.url}
+    lab = "/api/v1/admin/groups/cmb-lab"
+    assert page.request.put(lab, data={"members": ["bob@example.org"]}, headers=origin).ok
+    assert page.request.patch(lab, data={"storage_quota_bytes": 3 * 1024**3}, headers=origin).ok
     bob.page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
     expect(bob.page.locator("#storage-quota")).to_contain_text("of your 2 GiB quota")
+    expect(bob.page.locator(".group-quota")).to_contain_text("of the group's 3 GiB quota")
+    expect(bob.page.locator(".group-quota")).to_contain_text("Group cmb-lab")
     page.get_by_role("button", name="Deactivate carol@example.org").click()
     expect(page.get_by_role("button", name="Activate carol@example.org")).to_be_visible()
     screenshot(page, "admin-users")

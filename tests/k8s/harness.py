@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
+
+from cmbcluster.testing.process import BackgroundProcess, free_port
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -305,3 +308,32 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
 
 class _KeepLogs(Exception):
     pass
+
+
+# -- Cloud Storage: gcp-storage-emulator, for the tests that run GCP's control plane on the cluster ----------
+class GcsEmulator(BackgroundProcess):
+    """gcp-storage-emulator in memory on a free loopback port."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        executable = Path(sys.executable).with_name("gcp-storage-emulator")
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [str(executable), "start", "-H", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        try:
+            wait_for(self._answers, 15, "gcp-storage-emulator to start")
+        except AssertionError:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.url + "/", timeout=0.5).status_code == 200
+        except httpx.TransportError:
+            return self.process.poll() is not None  # exited: stop waiting, the check below fails
+
+    def json(self, path: str) -> Any:
+        return httpx.get(self.url + path, timeout=10).raise_for_status().json()

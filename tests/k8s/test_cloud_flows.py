@@ -23,8 +23,6 @@ import dataclasses
 import functools
 import json
 import secrets
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -47,12 +45,12 @@ from cmbcluster.app import create_app
 from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.oidc import OidcMockServer
-from cmbcluster.testing.process import BackgroundProcess, ServeProcess, clean_environ, free_port, run_cli
+from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
 from cmbcluster_aws.provisioning import user_boundary_policy
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_gcp import plugin as gcp_plugin
 from cmbcluster_gcp.identity import InMemoryIamClient
-from tests.k8s.harness import K8sCluster, wait_for
+from tests.k8s.harness import GcsEmulator, K8sCluster, wait_for
 
 REGION = "eu-west-1"
 ACCOUNT_ID = "123456789012"  # moto's account
@@ -287,34 +285,6 @@ def test_aws_flow_pod_mounts_the_bucket_through_mountpoint_as_the_users_irsa_rol
 
 
 # -- GCP: the original .env, the GCS emulator, the IAM fake and the cluster --------------------------------
-class GcsEmulator(BackgroundProcess):
-    """gcp-storage-emulator in memory on a free loopback port."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        executable = Path(sys.executable).with_name("gcp-storage-emulator")
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [str(executable), "start", "-H", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        try:
-            wait_for(self._answers, 15, "gcp-storage-emulator to start")
-        except AssertionError:
-            self.stop()
-            raise
-
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/", timeout=0.5).status_code == 200
-        except httpx.TransportError:
-            return self.process.poll() is not None  # exited: stop waiting, the check below fails
-
-    def json(self, path: str) -> Any:
-        return httpx.get(self.url + path, timeout=10).raise_for_status().json()
-
-
 @pytest.fixture(scope="module")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
     with GcsEmulator(tmp_path_factory.mktemp("gcs") / "emulator.log") as emulator:

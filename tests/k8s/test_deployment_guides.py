@@ -1,7 +1,7 @@
-"""The deployment guides, walked: docs/DEPLOYMENT_AWS.md against moto on the project's Kubernetes test cluster,
-every marked block in its order (tests/k8s/guide_walk.py), so the guide cannot drift from the product.
-docs/DEPLOYMENT_GCP.md marks the same steps (checked here); its walk against the Google API fake and the GCS
-emulator is still to be written.
+"""The deployment guides, walked: docs/DEPLOYMENT_AWS.md against moto, docs/DEPLOYMENT_GCP.md against the GCP
+plugin's fake of Google's REST APIs (GOOGLE_API_ENDPOINT), the GCS emulator and the OIDC mock standing in for
+Google's sign-in, both on the project's Kubernetes test cluster, every marked block in its order
+(tests/k8s/guide_walk.py), so the guides cannot drift from the product.
 
 The walk goes: settings, `config check`, `infra up`, `images push --dry-run`, `deploy`, `infra dns`, then a
 user signs in, makes a bucket and starts an environment on the deployed control plane, a backup, the in-cluster
@@ -11,7 +11,9 @@ chart repositories (helm: remote charts recorded, CMBCluster's own chart install
 (the test cluster's kubeconfig through CMBCLUSTER_INFRA_KUBECONFIG), no pod runs the control plane's image (the
 control plane runs here as a process with exactly the environment, Secrets and ServiceAccount token the chart
 gave its pod: `kubectl exec deploy/cmbcluster` and the restore Job's command run there), no CSI driver (a claim
-placed on the node gets a volume, and the cloud's disk is recorded as the driver would make it).
+placed on the node gets a volume, and the cloud's disk is recorded as the driver would make it); on GCP besides,
+no `gcloud` (a stand-in on PATH answers the commands the guide runs, from the fake), and what a GKE cluster has
+from the start (its default StorageClass, nodes running the GKE metadata server) is made on the test cluster.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +46,7 @@ from kubernetes import client as k8s
 from moto.core.base_backend import BackendDict
 from moto.server import ThreadedMotoServer
 
+from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import ServeProcess, clean_environ
 from tests.k8s.guide_walk import (
     LB_HOSTNAME,
@@ -58,7 +62,7 @@ from tests.k8s.guide_walk import (
     service_account_kubeconfig,
     walk_blocks,
 )
-from tests.k8s.harness import K8sCluster, wait_for
+from tests.k8s.harness import GcsEmulator, K8sCluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDES = {"aws": ROOT / "docs" / "DEPLOYMENT_AWS.md", "gcp": ROOT / "docs" / "DEPLOYMENT_GCP.md"}
@@ -123,7 +127,7 @@ class Deployment:
         env.update({
             "CMBCLUSTER_HOST": "127.0.0.1", "CMBCLUSTER_DATA_DIR": str(self.tmp / "controlplane-data"),
             "CMBCLUSTER_K8S_IN_CLUSTER": "false", "CMBCLUSTER_KUBECONFIG": str(kubeconfig),
-            "CMBCLUSTER_LOG_FORMAT": "text", "HOME": str(self.tmp / "home"),
+            "CMBCLUSTER_LOG_FORMAT": "text", "HOME": str(self.tmp / "controlplane-home"),  # not the operator's
         })  # fmt: skip
         return env
 
@@ -370,6 +374,7 @@ def aws_deployment(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFac
         env = clean_environ({**stand_in_env, "PATH": f"{bin_dir}{os.pathsep}{base_path()}",
                              "HOME": str(tmp / "home"), "CMBCLUSTER_DATA_DIR": str(tmp / "operator-data")})  # fmt: skip
         admin = k8s_cluster.api_client()
+        set_image_mapping(admin, None)  # no pod runs until step 6 says what: an earlier walk may have said
         walk = GuideWalk(GUIDES["aws"], workdir, env)
         deployment = Deployment(walk, k8s_cluster, admin, tmp, values, stand_in_env)
         walk.stand_ins = common_stand_ins(deployment)
@@ -543,3 +548,271 @@ def test_aws_9_down_deletes_what_up_made_lists_what_it_keeps_and_then_deletes_it
     assert iam.list_roles(PathPrefix="/cmbcluster-users/")["Roles"] == []
     assert not [b for b in s3.list_buckets()["Buckets"] if b["Name"].startswith(f"{AWS_CLUSTER}-user-")]
     assert ec2.describe_volumes(Filters=mine)["Volumes"] == []
+
+
+# -- GCP: docs/DEPLOYMENT_GCP.md against the Google API fake, the GCS emulator and the OIDC mock ------------
+GCP_PROJECT, GCP_REGION, GCP_CLUSTER = "cmbwalk-project", "europe-west1", "cmbwalk-gke"
+GCP_LB = "203.0.113.30"  # the address Google gives ingress-nginx's regional load balancer
+GCP_CONTROL_PLANE = f"{GCP_CLUSTER}-controlplane@{GCP_PROJECT}.iam.gserviceaccount.com"
+GKE_METADATA_SERVER = "iam.gke.io/gke-metadata-server-enabled"  # the label of GKE nodes running it
+
+GCLOUD_STAND_IN = '''#!{python}
+"""gcloud for the GCP walk: the commands docs/DEPLOYMENT_GCP.md runs, answered from the fake of Google's APIs
+(WALK_GOOGLE_API, with the token gcloud's own sign-in would hold); any other command fails the walk."""
+import json, os, sys, urllib.request
+args, api = sys.argv[1:], os.environ["WALK_GOOGLE_API"]
+if args[:2] == ["projects", "describe"] and args[3:] == ["--format=value(projectNumber)"]:
+    request = urllib.request.Request(f"{{api}}/v3/projects/{{args[2]}}",
+                                     headers={{"Authorization": "Bearer " + os.environ["WALK_GCLOUD_TOKEN"]}})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        print(json.load(answer)["name"].removeprefix("projects/"))
+elif args == ["auth", "application-default", "login"]:
+    # where gcloud writes the person's credentials, which the application default credentials read; gcloud
+    # writes a refresh token, which google-auth sends only to Google's own token endpoint, so here a key whose
+    # token endpoint is the fake's (google-auth trades a JWT signed with it for an access token there)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    folder = os.path.join(os.environ["HOME"], ".config", "gcloud")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "application_default_credentials.json")
+    with open(path, "w") as out:
+        json.dump({{"type": "service_account", "project_id": "walk", "private_key_id": "k1",
+                   "private_key": key.decode(), "client_email": "operator@walk.iam.gserviceaccount.com",
+                   "client_id": "1", "token_uri": api + "/token"}}, out)
+    print(f"Credentials saved to file: [{{path}}]")
+else:
+    sys.exit(f"gcloud (walk stand-in): `gcloud {{' '.join(args)}}` is not a command the guide runs")
+'''
+
+
+@dataclasses.dataclass
+class GcpDeployment(Deployment):
+    """A GCP walk's state, with the stand-ins the tests read back (what Google's APIs, Cloud Storage hold)."""
+
+    google: Any = None  # google_api_fake.GoogleApiFake
+    gcs: GcsEmulator | None = None
+    oidc: OidcMockServer | None = None
+
+    def storage(self, path: str) -> Any:
+        """The GCS emulator's JSON API: what is really in Cloud Storage."""
+        assert self.gcs is not None
+        return self.gcs.json(path)
+
+
+@pytest.fixture(scope="module")
+def gcp_deployment(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcpDeployment]:
+    tmp = tmp_path_factory.mktemp("gcp-walk")
+    fake = google_api_fake.GoogleApiFake(project=GCP_PROJECT)
+    fake.add_zone("example-org", "example.org.")  # the operator's public zone
+    api_server = google_api_fake.FakeServer(fake).start()
+    admin = k8s_cluster.api_client()
+    core, storage = k8s.CoreV1Api(admin), k8s.StorageV1Api(admin)
+    node = core.list_node().items[0].metadata.name
+    set_image_mapping(admin, None)  # no pod runs until step 6 says what: the AWS walk before this one said
+    with GcsEmulator(tmp / "gcs-emulator.log") as gcs, OidcMockServer() as oidc:
+        try:
+            values = {
+                "PROJECT_ID": GCP_PROJECT, "REGION": GCP_REGION, "CLUSTER_NAME": GCP_CLUSTER,
+                "NAMESPACE": f"walk-gcp-{secrets.token_hex(3)}",
+                "GOOGLE_CLIENT_ID": "walk-client.apps.googleusercontent.com", "GOOGLE_CLIENT_SECRET": "walk-secret",
+            }  # fmt: skip
+            bin_dir, state = tmp / "bin", tmp / "state"
+            state.mkdir()
+            bin_dir.mkdir()
+            (bin_dir / "gcloud").write_text(GCLOUD_STAND_IN.format(python=sys.executable))
+            (bin_dir / "gcloud").chmod(0o755)
+            stand_in_env = {
+                "GOOGLE_API_ENDPOINT": api_server.url, "STORAGE_EMULATOR_HOST": gcs.url,
+                "GOOGLE_ISSUER": oidc.issuer,  # Google's sign-in: the OIDC mock
+                "CMBCLUSTER_INFRA_KUBECONFIG": str(k8s_cluster.kubeconfig),  # GKE's endpoint: the test cluster
+                "WALK_GOOGLE_API": api_server.url, "WALK_GCLOUD_TOKEN": google_api_fake.TOKEN,
+                **install_helm_stand_in(bin_dir, k8s_cluster.bin_dir / "helm", state), "WALK_LB": GCP_LB,
+            }  # fmt: skip
+            workdir = tmp / "operator"
+            workdir.mkdir()
+            path = f"{bin_dir}{os.pathsep}{base_path()}"
+            env = clean_environ({**stand_in_env, "PATH": path, "HOME": str(tmp / "home"),
+                                 "CMBCLUSTER_DATA_DIR": str(tmp / "operator-data")})  # fmt: skip
+            env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)  # the operator signs in as the guide says
+            walk = GuideWalk(GUIDES["gcp"], workdir, env)
+            deployment = GcpDeployment(walk, k8s_cluster, admin, tmp, values, stand_in_env, google=fake, gcs=gcs,
+                                       oidc=oidc)  # fmt: skip
+            walk.stand_ins = common_stand_ins(deployment)
+            # what a GKE cluster has from the start: the default StorageClass of the persistent disk CSI
+            # driver, and nodes running the GKE metadata server (the node pool's GKE_METADATA mode)
+            storage.create_storage_class({
+                "metadata": {"name": "standard-rwo",
+                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                "provisioner": "pd.csi.storage.gke.io", "volumeBindingMode": "WaitForFirstConsumer",
+                "parameters": {"type": "pd-balanced"},
+            })  # fmt: skip
+            core.patch_node(node, {"metadata": {"labels": {GKE_METADATA_SERVER: "true"}}})
+
+            def persistent_disk(claim: Any, name: str) -> None:  # GKE labels a cluster's disks as the cluster
+                labels = fake.clusters[GCP_CLUSTER].get("resourceLabels", {})
+                fake.add_disk(f"{GCP_REGION}-b", name, dict(labels), size_gb=1)
+
+            with VolumeProvisioner(admin, "standard-rwo", persistent_disk):
+                yield deployment
+        finally:
+            if "deployment" in locals():
+                deployment.stop()
+            core.patch_node(node, {"metadata": {"labels": {GKE_METADATA_SERVER: None}}})
+            cleanup_cluster(admin, values["NAMESPACE"], ("standard-rwo",))
+            admin.close()
+            api_server.stop()
+
+
+def test_gcp_1_configure_and_check(gcp_deployment: GcpDeployment) -> None:
+    walk = gcp_deployment.walk
+    walk.run("settings")
+    assert walk.env["PROJECT_NUMBER"] == gcp_deployment.google.project_number
+    assert (Path(walk.env["HOME"]) / ".config/gcloud/application_default_credentials.json").exists()
+    _written, check = walk.run("configure")
+    written = (walk.workdir / ".env").read_text().splitlines()
+    assert f"PROJECT_NUMBER={gcp_deployment.google.project_number}" in written
+    assert "configuration OK" in check.stdout and "Traceback" not in check.stderr
+    assert "storage=gcp, compute=kubernetes, infra=gcp, auth=gcp" in check.stdout
+
+
+def test_gcp_2_infra_up_builds_what_the_chart_needs(gcp_deployment: GcpDeployment) -> None:
+    walk, fake = gcp_deployment.walk, gcp_deployment.google
+    plan, up, _kubeconfig = walk.run("infra-up", timeout=900)
+    assert f"container/cluster {GCP_CLUSTER}" in plan.stdout and "up: done" in up.stdout
+    assert walk.env["KUBECONFIG"] == str(gcp_deployment.cluster.kubeconfig)  # what `infra kubeconfig` printed
+    assert fake.calls("POST", r"^/token$")  # with the credentials `gcloud auth application-default login` left
+    # the cloud: isolation enforced, the control plane's identity bound to its ServiceAccount only
+    cluster = fake.clusters[GCP_CLUSTER]
+    assert cluster["networkConfig"] == {"datapathProvider": "ADVANCED_DATAPATH"}
+    assert cluster["nodePools"][0]["config"]["workloadMetadataConfig"] == {"mode": "GKE_METADATA"}
+    assert fake.members(f"sa:{GCP_CONTROL_PLANE}", "roles/iam.workloadIdentityUser") == [
+        f"serviceAccount:{GCP_PROJECT}.svc.id.goog[{gcp_deployment.namespace}/cmbcluster-controlplane]"
+    ]
+    cert_manager = f"{GCP_CLUSTER}-cert-manager@{GCP_PROJECT}.iam.gserviceaccount.com"
+    assert fake.members("zone:example-org", "roles/dns.admin") == [f"serviceAccount:{cert_manager}"]
+    # the database bucket, in Cloud Storage itself (the emulator), where the control plane backs up
+    bucket = gcp_deployment.storage(f"/storage/v1/b/{GCP_CLUSTER}-db-{GCP_PROJECT}")
+    assert bucket["name"] == f"{GCP_CLUSTER}-db-{GCP_PROJECT}"
+    # the cluster: CMBCluster's own chart installed for real, its ClusterIssuer answering in Cloud DNS
+    issuer = k8s.CustomObjectsApi(gcp_deployment.admin).get_cluster_custom_object(
+        "cert-manager.io", "v1", "clusterissuers", "letsencrypt")  # fmt: skip
+    assert issuer["spec"]["acme"]["solvers"][0]["dns01"] == {
+        "cloudDNS": {"project": GCP_PROJECT, "hostedZoneName": "example-org"}}  # fmt: skip
+    installed = [c[2] for c in helm_calls(walk.env) if c[:2] == ["upgrade", "--install"]]
+    assert installed == ["cert-manager", "ingress-nginx", "cmbcluster-cluster-config"]
+    cert_manager_call = next(c for c in helm_calls(walk.env) if c[2:3] == ["cert-manager"])
+    assert rf"serviceAccount.annotations.iam\.gke\.io/gcp-service-account={cert_manager}" in cert_manager_call
+
+
+def test_gcp_3_images_are_pushed_to_the_deployments_repository(gcp_deployment: GcpDeployment) -> None:
+    results = gcp_deployment.walk.run("images")
+    pushed = [line.split()[-1] for line in results[0].stdout.splitlines() if "docker push" in line]
+    registry = f"{GCP_REGION}-docker.pkg.dev/{GCP_PROJECT}/{GCP_CLUSTER}"
+    assert pushed and all(p.startswith(f"{registry}/") for p in pushed), pushed
+    assert GCP_CLUSTER in gcp_deployment.google.repositories  # the one `up` made
+    gcp_deployment.pushed = pushed
+
+
+def test_gcp_4_deploy_binds_the_claim_and_names_the_service_account_infra_up_made(
+    gcp_deployment: GcpDeployment,
+) -> None:
+    _dry_run, deploy = gcp_deployment.walk.run("deploy", timeout=900)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    core = k8s.CoreV1Api(gcp_deployment.admin)
+    claim = core.read_namespaced_persistent_volume_claim("cmbcluster-data", gcp_deployment.namespace)
+    assert claim.status.phase == "Bound" and claim.spec.storage_class_name == "standard-rwo"  # GKE's default
+    account = core.read_namespaced_service_account("cmbcluster-controlplane", gcp_deployment.namespace)
+    assert account.metadata.annotations["iam.gke.io/gcp-service-account"] == GCP_CONTROL_PLANE
+    deployment = k8s.AppsV1Api(gcp_deployment.admin).read_namespaced_deployment("cmbcluster", gcp_deployment.namespace)
+    assert deployment.spec.template.spec.containers[0].image in gcp_deployment.pushed
+
+
+def test_gcp_5_dns_points_both_names_at_the_load_balancer(gcp_deployment: GcpDeployment) -> None:
+    gcp_deployment.walk.run("dns")
+    records = {(r["name"], r["type"]): r["rrdatas"] for r in gcp_deployment.google.rrsets["example-org"]}
+    assert records[("cmb.example.org.", "A")] == [GCP_LB]
+    assert records[("*.envs.example.org.", "A")] == [GCP_LB]
+
+
+def google_sign_in(deployment: GcpDeployment) -> Callable[[httpx.Client], str]:
+    """Sign in with Google as a browser does: the control plane's login, Google's form (the OIDC mock), back to
+    the redirect URI registered with Google (on the public URL), and the session cookie for the guide's domain."""
+
+    def sign_in(anonymous: httpx.Client) -> str:
+        from http.cookies import SimpleCookie
+
+        oidc = deployment.oidc
+        assert oidc is not None
+        oidc.put_user("g-pi", {"email": "pi@example.org", "email_verified": True, "name": "The PI"})
+        start = anonymous.get("/api/v1/auth/gcp/login", follow_redirects=False)
+        assert start.status_code == 303, start.text
+        login = SimpleCookie(start.headers["set-cookie"])
+        callback = urllib.parse.urlsplit(oidc.authorize(start.headers["location"], "g-pi"))
+        assert f"{callback.scheme}://{callback.netloc}{callback.path}" == (
+            "https://cmb.example.org/api/v1/auth/gcp/callback")  # the guide's redirect URI  # fmt: skip
+        cookies = "; ".join(f"{k}={m.value}" for k, m in login.items())  # a Secure cookie, sent back over https
+        done = anonymous.get(f"{callback.path}?{callback.query}", headers={"Cookie": cookies}, follow_redirects=False)
+        assert done.status_code == 303, done.text
+        session = [SimpleCookie(h) for h in done.headers.get_list("set-cookie") if h.startswith("cmbcluster_session=")]
+        (morsel,) = [c["cmbcluster_session"] for c in session]
+        assert morsel["domain"].lstrip(".") == "example.org"  # reaches *.envs.example.org: no sign-in loop
+        return str(morsel.value)
+
+    return sign_in
+
+
+def test_gcp_6_a_user_signs_in_makes_a_bucket_and_starts_an_environment(gcp_deployment: GcpDeployment) -> None:
+    use_it(gcp_deployment, google_sign_in(gcp_deployment))
+    assert gcp_deployment.bucket.startswith(f"{GCP_CLUSTER}-user-")  # the deployment's prefix
+    policy = gcp_deployment.storage(f"/storage/v1/b/{gcp_deployment.bucket}/iam")
+    (binding,) = policy["bindings"]
+    number = gcp_deployment.google.project_number
+    assert binding["members"][0].startswith(  # the user's own ServiceAccount, in the project `gcloud` described
+        f"principal://iam.googleapis.com/projects/{number}/locations/global/workloadIdentityPools/"
+        f"{GCP_PROJECT}.svc.id.goog/subject/ns/{gcp_deployment.namespace}/sa/cmbcluster-user-"
+    )
+
+
+def test_gcp_6b_the_environment_runs_and_is_reachable(gcp_deployment: GcpDeployment) -> None:
+    reachable(gcp_deployment)
+
+
+def test_gcp_7_a_backup_lands_in_the_database_bucket(gcp_deployment: GcpDeployment) -> None:
+    backup, listing = gcp_deployment.walk.run("backup")
+    objects = gcp_deployment.storage(f"/storage/v1/b/{GCP_CLUSTER}-db-{GCP_PROJECT}/o").get("items", [])
+    names = sorted(o["name"] for o in objects)
+    assert names and names[-1].endswith(".sqlite3.gz"), (backup.stdout, names)
+    assert names[-1].rsplit("/", 1)[-1].removeprefix("cmbcluster-").split(".")[0] in listing.stdout
+
+
+def test_gcp_8_restore_brings_the_database_back(gcp_deployment: GcpDeployment) -> None:
+    results = gcp_deployment.walk.run("restore")
+    logs = results[3].stdout
+    assert "restored" in logs, logs
+    assert list((gcp_deployment.tmp / "controlplane-data").glob("*.before-restore-*")), logs
+    with gcp_deployment.api() as api:
+        buckets = api.get("/api/v1/storages").json()
+    assert gcp_deployment.bucket in json.dumps(buckets)
+
+
+def test_gcp_9_down_deletes_what_up_made_lists_what_it_keeps_and_then_deletes_it(gcp_deployment: GcpDeployment) -> None:
+    fake = gcp_deployment.google
+    gcp_deployment.stop()  # the control plane goes with the cluster
+    down, retained = gcp_deployment.walk.run("down", timeout=900)
+    for kept in ("keeping storage/user-bucket", "keeping compute/disk"):
+        assert kept in down.stdout, down.stdout
+    assert fake.resource_count() == 0, (fake.clusters, fake.service_accounts)
+    assert fake.members("project", "roles/storage.admin") == []
+    buckets = {b["name"] for b in gcp_deployment.storage(f"/storage/v1/b?project={GCP_PROJECT}").get("items", [])}
+    assert f"{GCP_CLUSTER}-db-{GCP_PROJECT}" not in buckets  # the backups' bucket too, as --delete-data said
+    assert {r["type"] for r in fake.rrsets["example-org"]} == {"SOA"}  # the records infra dns wrote are gone
+    with pytest.raises(k8s.ApiException) as gone:  # helm uninstalled CMBCluster's own chart, its ClusterIssuer too
+        k8s.CustomObjectsApi(gcp_deployment.admin).get_cluster_custom_object(
+            "cert-manager.io", "v1", "clusterissuers", "letsencrypt")  # fmt: skip
+    assert gone.value.status == 404
+    assert "deleting" in retained.stdout
+    buckets = {b["name"] for b in gcp_deployment.storage(f"/storage/v1/b?project={GCP_PROJECT}").get("items", [])}
+    assert not [b for b in buckets if b.startswith(f"{GCP_CLUSTER}-user-")]
+    assert fake.disks == {}

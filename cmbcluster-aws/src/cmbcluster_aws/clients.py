@@ -1,5 +1,7 @@
-"""The plugin's boto3 clients, made one way: the region, standard retries (throttling and 5xx are
-retried by botocore), timeouts, the endpoint (moto, an S3-compatible service) and a user agent.
+"""The plugin's boto3 clients, made one way: one session with the operator's credentials (from the
+environment or ``.env``, which boto3 alone would not read), the region, standard retries (throttling
+and 5xx are retried by botocore), timeouts, the endpoint (moto, an S3-compatible service) and a user
+agent. :func:`credentials_source` says which credentials that session uses (``config check``).
 
 What botocore cannot retry, because AWS answers it as a client error, is IAM's eventual
 consistency: a role made moments ago is not yet known everywhere, and S3 refuses a bucket policy
@@ -11,17 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import boto3
+import botocore.session
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from cmbcluster_aws.settings import AwsSettings
 
-__all__ = ["IAM_PROPAGATION_SECONDS", "close_clients", "invalid_principal", "make_clients", "retry_while_propagating"]
+__all__ = [
+    "IAM_PROPAGATION_SECONDS", "close_clients", "credentials_source", "invalid_principal", "make_clients",
+    "retry_while_propagating",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,13 +61,49 @@ def make_clients(
         user_agent_extra=user_agent,
         **config,
     )
-    session = boto3.session.Session()
+    session = boto3.session.Session(**settings.session_credentials())
     return {
         service: given[service] if service in given else session.client(
             service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=options
         )
         for service in services
     }  # fmt: skip
+
+
+#: botocore's names of its credential providers (``Credentials.method``), as an operator knows them.
+_METHODS = {
+    "shared-credentials-file": "~/.aws/credentials",
+    "config-file": "~/.aws/config",
+    "assume-role": "a role assumed with a profile of ~/.aws/config",
+    "assume-role-with-web-identity": "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE: the pod's IRSA role)",
+    "sso": "AWS IAM Identity Center (SSO; `aws sso login`)",
+    "custom-process": "a profile's credential_process",
+    "env": "the environment",
+}
+
+
+def credentials_source(settings: AwsSettings) -> str:
+    """Which credentials the plugin's AWS calls use, found as boto3 will find them, without asking AWS
+    (nor the instance metadata service: when nothing else is found, that is what boto3 tries last)."""
+    if settings.aws_access_key_id is not None:
+        origin = "the environment" if os.environ.get("AWS_ACCESS_KEY_ID") else ".env"
+        key = settings.aws_access_key_id
+        shown = f"{key[:4]}...{key[-4:]}" if len(key) > 12 else "(short)"
+        token = " with AWS_SESSION_TOKEN" if settings.aws_session_token is not None else ""
+        return f"the access key {shown} (AWS_ACCESS_KEY_ID{token}) from {origin}"
+    profile = f" (profile {settings.aws_profile})" if settings.aws_profile else ""
+    try:
+        session = botocore.session.Session(profile=settings.aws_profile)
+        resolver = session.get_component("credential_provider")
+        for remote in ("container-role", "iam-role"):  # they would ask a metadata endpoint
+            resolver.remove(remote)
+        found = resolver.load_credentials()
+    except BotoCoreError as exc:  # ProfileNotFound, a malformed ~/.aws/config...
+        return f"none usable{profile}: {exc}"
+    if found is None:
+        return ("none in the environment, .env or ~/.aws: boto3 will ask the pod's or instance's role (EKS, EC2) "
+                "last; elsewhere set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")  # fmt: skip
+    return f"{_METHODS.get(found.method, found.method)}{profile}"
 
 
 def close_clients(clients: Iterable[Any]) -> None:

@@ -88,6 +88,31 @@ class AwsSettings(BaseSettings):
         description="Talk to an S3/IAM-compatible endpoint instead of AWS (moto in tests)",
         json_schema_extra=LOCAL_ONLY,
     )
+    # The operator's own credentials, for `cmbcluster infra`, `images` and `db` on their machine. boto3
+    # reads only the process environment and ~/.aws, not `.env`: these are read from both and handed to
+    # the one boto3 session (cmbcluster_aws.clients). Never deployed: the control plane uses its role.
+    aws_access_key_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"),
+        description="An access key of the operator's (with AWS_SECRET_ACCESS_KEY); default: boto3's chain "
+        "(AWS_PROFILE, ~/.aws, the pod's or instance's role)",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"), json_schema_extra=LOCAL_ONLY
+    )
+    aws_session_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_SESSION_TOKEN"),
+        description="With temporary keys (SSO, assumed roles)",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    aws_profile: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_PROFILE"),
+        description="A profile of ~/.aws/config (used when no access key is set)",
+        json_schema_extra=LOCAL_ONLY,
+    )
 
     # -- pod decoration (cmbcluster_aws.pods) ------------------------------------------------------
     s3_mount_credentials: Literal["pod", "driver"] = Field(
@@ -149,6 +174,18 @@ class AwsSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _keys_in_pairs(self) -> AwsSettings:
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            pair = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+            given, missing = pair if self.aws_access_key_id is not None else pair[::-1]
+            raise PydanticCustomError(
+                "aws_keys", "{given} is set without {missing}", {"given": given, "missing": missing}
+            )
+        if self.aws_session_token is not None and self.aws_access_key_id is None:
+            raise PydanticCustomError("aws_keys", "AWS_SESSION_TOKEN is set without AWS_ACCESS_KEY_ID", {})
+        return self
+
+    @model_validator(mode="after")
     def _default_prefix(self) -> AwsSettings:
         if not self.s3_user_bucket_prefix:
             self.s3_user_bucket_prefix = f"{self.deployment}-user"
@@ -158,6 +195,23 @@ class AwsSettings(BaseSettings):
     def deployment(self) -> str:
         """The deployment's name: CMBCLUSTER_DEPLOYMENT_NAME, else the EKS cluster's."""
         return self.deployment_name or self.eks_cluster_name
+
+    def session_credentials(self) -> dict[str, str]:
+        """What the boto3 session is built with: the access key, or the profile; nothing (boto3's own
+        chain) when neither is set."""
+        if self.aws_access_key_id is not None and self.aws_secret_access_key is not None:
+            keys = {"aws_access_key_id": self.aws_access_key_id,
+                    "aws_secret_access_key": self.aws_secret_access_key.get_secret_value()}  # fmt: skip
+            if self.aws_session_token is not None:
+                keys["aws_session_token"] = self.aws_session_token.get_secret_value()
+            return keys
+        return {"profile_name": self.aws_profile} if self.aws_profile else {}
+
+    def config_notes(self) -> list[str]:
+        """What `cmbcluster config check` tells about these settings: which AWS credentials are used."""
+        from cmbcluster_aws.clients import credentials_source  # boto3 is imported only when asked
+
+        return [f"AWS credentials: {credentials_source(self)}"]
 
     @property
     def cognito_region(self) -> str:

@@ -42,6 +42,7 @@ from cmbcluster.db.backup import (
 from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager
+from cmbcluster.services import instances
 from cmbcluster.services.catalog import seed_catalog
 from cmbcluster.services.environments import stop_with_control_plane
 from cmbcluster.services.reconcile import Reconciler, run_background
@@ -90,6 +91,7 @@ def create_app(
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
         progress = asyncio.create_task(context.progress.run(stop), name="cmbcluster-progress")
+        heartbeat = asyncio.create_task(instances.run_heartbeat(context, stop), name="cmbcluster-heartbeat")
         try:
             yield
         finally:
@@ -97,7 +99,9 @@ def create_app(
             await background
             await backups
             await progress
+            await heartbeat
             await run_in_threadpool(stop_with_control_plane, context)
+            await run_in_threadpool(_unregister, context)
             proxy = getattr(app.state, "environment_proxy", None)
             if proxy is not None:
                 await proxy.aclose()
@@ -150,6 +154,7 @@ def prepare(context: AppContext) -> None:
     upgrade(context.engine, secret_key=context.secret_key)
     with context.sessions() as db:
         seed_catalog(db, context.config.compute.name, environment_image(context))
+    instances.register(context)
     if context.compute.elects_leader:
         return  # other replicas may be starting environments: the elected leader reconciles, with care
     report = Reconciler(context).reconcile(startup=True)
@@ -160,6 +165,13 @@ def prepare(context: AppContext) -> None:
             len(report.orphans_removed), len(report.marked_stopped), len(report.storage_deletes),
             report.uploads_aborted, extra={"report": report.__dict__},
         )  # fmt: skip
+
+
+def _unregister(context: AppContext) -> None:
+    try:
+        instances.unregister(context)
+    except Exception as exc:  # noqa: BLE001 - the heartbeat then runs out by itself
+        log.warning("could not record this server's stop in the database: %s", exc)
 
 
 def environment_image(context: AppContext) -> str:

@@ -165,6 +165,8 @@ def config_check(
         f"[green]configuration OK[/green]: {summary}; database {_safe_url(config.core.effective_database_url)}",
         soft_wrap=True,
     )
+    for note in config.notes():
+        out(f"  {note}", soft_wrap=True, markup=False)
 
 
 @config_app.command("example")

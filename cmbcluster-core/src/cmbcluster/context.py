@@ -57,6 +57,13 @@ class AppContext:
         return hub
 
     @functools.cached_property
+    def instance_id(self) -> str:
+        """This process's id among the control plane's replicas (:mod:`cmbcluster.services.instances`)."""
+        from cmbcluster.db.models import new_id
+
+        return new_id()
+
+    @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:
         """The storage API's per-server state (usage refresher, upload limiter), made on first use."""
         from cmbcluster.services.usage import StorageRuntime

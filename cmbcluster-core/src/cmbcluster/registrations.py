@@ -213,6 +213,16 @@ class ResolvedConfig(ActiveSettings):
     def _active_settings(self) -> Mapping[type[Any], Any]:
         return self.provider_settings
 
+    def notes(self) -> list[str]:
+        """What the active settings say about themselves for `config check` (a settings model's optional
+        ``config_notes()``: which credentials a plugin will use, for example)."""
+        found: list[str] = []
+        for settings in self.provider_settings.values():
+            describe = getattr(settings, "config_notes", None)
+            if callable(describe):
+                found.extend(str(note) for note in describe())
+        return found
+
     def summary(self) -> dict[str, str]:
         return {
             "storage": self.storage.name,

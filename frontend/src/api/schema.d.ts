@@ -139,7 +139,8 @@ export interface paths {
         delete: operations["delete_group_api_v1_admin_groups__name__delete"];
         options?: never;
         head?: never;
-        patch?: never;
+        /** Set a group's storage quota */
+        patch: operations["change_group_api_v1_admin_groups__name__patch"];
         trace?: never;
     };
     "/api/v1/admin/migration": {
@@ -1736,6 +1737,14 @@ export interface components {
              */
             truncated: boolean;
         };
+        /** GroupChange */
+        GroupChange: {
+            /**
+             * Storage Quota Bytes
+             * @description What the members' buckets may hold together, in bytes (earlier versions included); 0 or null: no group quota. Each member's own quota holds as well.
+             */
+            storage_quota_bytes: number | null;
+        };
         /** GroupIn */
         GroupIn: {
             /**
@@ -1755,6 +1764,34 @@ export interface components {
             members: string[];
             /** Name */
             name: string;
+            /**
+             * Storage Quota Bytes
+             * @description What the members' buckets may hold together, earlier versions included; null: no group quota
+             */
+            storage_quota_bytes: number | null;
+        };
+        /** GroupQuotaOut */
+        GroupQuotaOut: {
+            /**
+             * Group
+             * @description The group's name: its quota counts every member's buckets
+             */
+            group: string;
+            /**
+             * Noncurrent Bytes
+             * @description The part of used_bytes in earlier versions of overwritten or deleted objects
+             */
+            noncurrent_bytes: number;
+            /**
+             * Quota Bytes
+             * @description Bytes the members' buckets may hold together, earlier versions included
+             */
+            quota_bytes: number;
+            /**
+             * Used Bytes
+             * @description Current objects and earlier versions of every member's buckets
+             */
+            used_bytes: number;
         };
         /** HTTPValidationError */
         HTTPValidationError: {
@@ -2190,6 +2227,11 @@ export interface components {
         };
         /** StorageListOut */
         StorageListOut: {
+            /**
+             * Group Quotas
+             * @description The storage quotas of your groups (those that have one): an upload must fit each
+             */
+            group_quotas: components["schemas"]["GroupQuotaOut"][];
             quota: components["schemas"]["QuotaOut"];
             /** Storages */
             storages: components["schemas"]["StorageOut"][];
@@ -3296,6 +3338,113 @@ export interface operations {
             };
             /** @description Conflict */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    change_group_api_v1_admin_groups__name__patch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GroupChange"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GroupOut"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than the route accepts */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };

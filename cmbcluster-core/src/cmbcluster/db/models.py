@@ -160,6 +160,9 @@ class Storage(Base):
     usage_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     #: while ``deleting``: whether the delete was forced (a restart resumes it as it was asked)
     delete_force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    #: the server instance running the delete while ``deleting``: another replica finishes it only
+    #: once that instance is gone (None: recorded before owners were, treated as gone)
+    delete_owner: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class UploadJournal(Base):
@@ -174,6 +177,22 @@ class UploadJournal(Base):
     bucket_name: Mapped[str] = mapped_column(String(63))
     key: Mapped[str] = mapped_column(Text)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: the server instance running the upload (:class:`ServerInstance`); only an entry whose owner
+    #: is gone is aborted, never a live replica's upload. Null: written before owners were recorded.
+    owner: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: bytes this upload holds against its owner's (and groups') storage quotas while it runs
+    reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class ServerInstance(Base):
+    """A running control-plane process (one per replica), with a heartbeat: the work it journals
+    (uploads, bucket deletes) is another replica's to recover only once its heartbeat stopped."""
+
+    __tablename__ = "server_instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Environment(Base):
@@ -409,6 +428,8 @@ class Group(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: what the members' buckets may hold together, earlier versions included; None: no quota
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class GroupMember(Base):

@@ -329,17 +329,33 @@ def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str
     return group
 
 
+def set_group_storage_quota(db: Session, *, actor_id: str, name: str, quota_bytes: int | None) -> Group:
+    """Set what a group's members' buckets may hold together (earlier versions included); None
+    or 0: no group quota. Audited with the value before and after."""
+    group_id, label = resolve_target(db, "group", name)
+    group = db.get(Group, group_id)
+    assert group is not None
+    quota_bytes = quota_bytes or None
+    if quota_bytes != group.storage_quota_bytes:
+        audit(db, actor_id=actor_id, action="group.storage_quota_changed", target_type="group", target_id=group_id,
+              name=label, before={"storage_quota_bytes": group.storage_quota_bytes},
+              after={"storage_quota_bytes": quota_bytes})  # fmt: skip
+        group.storage_quota_bytes = quota_bytes
+    db.commit()
+    return group
+
+
 def groups(db: Session) -> list[dict[str, Any]]:
     rows = db.execute(
-        select(Group.id, Group.name, User.email)
+        select(Group.id, Group.name, Group.storage_quota_bytes, User.email)
         .select_from(Group)
         .outerjoin(GroupMember, GroupMember.group_id == Group.id)
         .outerjoin(User, User.id == GroupMember.user_id)
         .order_by(Group.name, User.email)
     ).all()
     found: dict[str, dict[str, Any]] = {}
-    for group_id, name, email in rows:
-        entry = found.setdefault(group_id, {"id": group_id, "name": name, "members": []})
+    for group_id, name, quota, email in rows:
+        entry = found.setdefault(group_id, {"id": group_id, "name": name, "members": [], "storage_quota_bytes": quota})
         if email:
             entry["members"].append(email)
     return list(found.values())

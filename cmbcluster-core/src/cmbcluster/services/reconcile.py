@@ -2,8 +2,10 @@
 
 Runs at start-up (before the first request) and then in the background:
 - every second, environments that are pending or starting get their status from the backend;
-- at start-up, bucket deletes a crash interrupted are finished (or rolled back) and the uploads it
-  left unfinished aborted;
+- at start-up, and on every full pass of the replica that reconciles, bucket deletes a crash
+  interrupted are finished (or rolled back) and the uploads it left unfinished aborted: only the
+  work of server instances that are gone (:mod:`cmbcluster.services.instances`), never a live
+  replica's;
 - every ``CMBCLUSTER_RECONCILE_INTERVAL_SECONDS``, a full pass: anything the backend runs that
   has no record is removed (no orphans); a record whose process or pod vanished is marked
   stopped (no ghosts); an environment past its idle or uptime limit is stopped, with a warning
@@ -25,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
-from cmbcluster.services import accounting, budgets, environments, storages
+from cmbcluster.services import accounting, budgets, environments, instances, storages
 from cmbcluster.services.audit import activity
 from cmbcluster.services.status import apply_status
 
@@ -44,8 +46,8 @@ class ReconcileReport:
     stopped_leftovers: list[str] = field(default_factory=list)
     culled: list[str] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)
-    # at start only: bucket deletes a crash interrupted (storage id: "deleted" or "active" again),
-    # and unfinished uploads of the previous run aborted
+    # bucket deletes a crash interrupted (storage id: "deleted" or "active" again), and unfinished
+    # uploads of server instances that are gone, aborted
     storage_deletes: dict[str, str] = field(default_factory=dict)
     uploads_aborted: int = 0
     over_budget: list[str] = field(default_factory=list)  # stopped: a hard budget is used up
@@ -151,21 +153,23 @@ class Reconciler:
             self._cull(db, report)
             self._budgets(db, report)
             self._update_gauges(db)
-            if startup:
-                self._recover_storage(db, report)
+            self._recover_storage(db, report)
             self._sample_storage(db)
         return report
 
     def _recover_storage(self, db: Session, report: ReconcileReport) -> None:
         """What a crash left half-done in storage: interrupted bucket deletes are finished or rolled
-        back, and the previous run's unfinished uploads aborted. Only at start, when no request can
-        be deleting or uploading; a failure is logged and the server starts anyway."""
+        back, and unfinished uploads aborted, of server instances that are gone (a previous run, or
+        a replica whose heartbeat stopped). With several replicas this runs on the leader, from
+        the pass it makes when it takes over. A failure is logged; the next pass tries again."""
         try:
+            instances.forget_gone(db)
+            db.commit()
             report.storage_deletes = storages.resume_interrupted_deletes(db, self.context)
             report.uploads_aborted = storages.abort_journalled_uploads(db, self.context)
         except Exception:
             db.rollback()
-            log.exception("recovering interrupted storage work at start failed; the next start tries again")
+            log.exception("recovering interrupted storage work failed; the next full pass tries again")
 
     def _cull(self, db: Session, report: ReconcileReport) -> None:
         core = self.context.config.core
@@ -252,7 +256,7 @@ async def run_background(context: AppContext, stop: asyncio.Event) -> None:
             if loop.time() - last_full >= interval:
                 last_full = loop.time()
                 report = await run_in_threadpool(reconciler.reconcile)
-                if report.orphans_removed or report.marked_stopped or report.culled:
+                if report.orphans_removed or report.marked_stopped or report.culled or report.storage_deletes:
                     log.info("reconciled", extra={"report": report.__dict__})
         except Exception:  # keep the loop alive whatever one pass hits; the next pass retries
             log.exception("background reconcile pass failed")

@@ -13,13 +13,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from cmbcluster.db.models import Environment, EnvironmentStorage, Storage, UploadJournal, User, utcnow
+from cmbcluster.db.models import (
+    Environment,
+    EnvironmentStorage,
+    Group,
+    GroupMember,
+    Storage,
+    UploadJournal,
+    User,
+    utcnow,
+)
 from cmbcluster.errors import (
     AlreadyExists,
     CmbclusterError,
@@ -31,7 +40,7 @@ from cmbcluster.errors import (
 )
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_object_key, validate_object_prefix
-from cmbcluster.services import accounting
+from cmbcluster.services import accounting, instances
 from cmbcluster.services.audit import audit
 from cmbcluster.services.ownership import owned
 from cmbcluster.services.usage import Usage, cached_usage, is_stale
@@ -199,7 +208,7 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
             f"the bucket {storage.display_name!r} is mounted by the environment{'s' if len(holders) > 1 else ''} "
             f"{names}: stop {them} first, then delete the bucket"
         )
-    storage.status, storage.delete_force = "deleting", force
+    storage.status, storage.delete_force, storage.delete_owner = "deleting", force, context.instance_id
     db.commit()
     try:
         context.storage.delete_bucket(storage.bucket_name, force=force)
@@ -235,15 +244,21 @@ def _forget_deleted(db: Session, context: AppContext, storage: Storage, *, actor
 
 
 def resume_interrupted_deletes(db: Session, context: AppContext) -> dict[str, str]:
-    """At start, before any request: finish the bucket deletes a crash interrupted (rows left
-    ``deleting``), as they were asked (with or without force). A delete the backend refuses (not
-    empty without force) or cannot do now is rolled back: the storage is ``active`` again, its
-    usage re-measured, so what the user sees is what is stored and billed; they may delete it again.
+    """Finish the bucket deletes a crash interrupted (rows left ``deleting`` by a server instance
+    that is gone, see :mod:`~cmbcluster.services.instances`), as they were asked (with or without
+    force). A delete the backend refuses (not empty without force) or cannot do now is rolled
+    back: the storage is ``active`` again, its usage re-measured, so what the user sees is what is
+    stored and billed; they may delete it again.
     Returns each storage id with what became of it (``deleted`` or ``active``)."""
     backend_name = context.config.storage.name
     rows = list(
-        db.execute(select(Storage).where(Storage.status == "deleting", Storage.backend == backend_name)).scalars()
-    )
+        db.execute(
+            select(Storage).where(
+                Storage.status == "deleting", Storage.backend == backend_name,
+                instances.owned_by_gone(context, Storage.delete_owner),
+            )
+        ).scalars()
+    )  # fmt: skip
     outcome: dict[str, str] = {}
     for storage in rows:
         owner = db.get(User, storage.user_id)
@@ -326,37 +341,47 @@ def write_object(
     chunks: Iterable[bytes],
     *,
     content_type: str | None,
+    allowance: Allowance | None = None,
+    declared: int | None = None,
 ) -> ObjectInfo:
     """Store an object from a stream of chunks (all or nothing), then mark the storage's usage stale.
 
-    The upload is journalled while it runs (:class:`~cmbcluster.db.models.UploadJournal`): if the
-    server dies meanwhile, its next start aborts what the backend kept of it
-    (:func:`abort_journalled_uploads`)."""
+    The upload is journalled while it runs (:class:`~cmbcluster.db.models.UploadJournal`), owned by
+    this server instance: if the server dies meanwhile, the replica that recovers aborts what the
+    backend kept of it (:func:`abort_journalled_uploads`). The entry also holds the upload's bytes
+    against the quotas of ``allowance`` (:class:`UploadReservation`): uploads running at once,
+    on any replica, cannot together pass a quota."""
     key = validate_object_key(key)
-    with context.sessions() as journal:
-        entry = UploadJournal(storage_id=storage_id, backend=context.config.storage.name, bucket_name=bucket, key=key)
-        journal.add(entry)
-        journal.commit()
-        entry_id = entry.id
+    reservation = UploadReservation(context, allowance, storage_id=storage_id, bucket=bucket, key=key)
     try:
-        info = context.storage.upload_object(bucket, key, chunks, content_type=content_type)
+        reservation.open(declared)
+        held = reservation.holding(chunks) if reservation.checks else chunks
+        info = context.storage.upload_object(bucket, key, held, content_type=content_type)
     finally:
-        with context.sessions() as journal:
-            journal.execute(delete(UploadJournal).where(UploadJournal.id == entry_id))
-            journal.commit()
+        reservation.close()
     invalidate_usage(db, context, storage_id)
     return info
 
 
 def abort_journalled_uploads(db: Session, context: AppContext) -> int:
-    """At start, before any request: abort what the backend keeps of the uploads the previous run
-    of this server began and never finished (a SIGKILL, an OOM kill, a redeploy), and forget them.
-    An entry whose bucket cannot be reached now stays for the next start (the bucket's lifecycle
-    rule aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
-    started_before = utcnow()  # nothing of this run is uploading yet
-    rows = list(db.execute(select(UploadJournal).where(UploadJournal.backend == context.config.storage.name)).scalars())
+    """Abort what the backend keeps of the uploads that server instances now gone began and never
+    finished (a SIGKILL, an OOM kill, a redeploy, a replica lost), and forget them. A live
+    replica's upload of the same key is spared: only what began before it is aborted. An entry
+    whose bucket cannot be reached now stays for the next pass (the bucket's lifecycle rule
+    aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
+    backend = UploadJournal.backend == context.config.storage.name
+    gone = instances.owned_by_gone(context, UploadJournal.owner)
+    rows = list(db.execute(select(UploadJournal).where(backend, gone)).scalars())
     aborted = 0
     for row in rows:
+        # A live upload's multipart upload begins after its journal entry was written.
+        live_since = db.execute(
+            select(func.min(UploadJournal.started_at)).where(
+                backend, UploadJournal.bucket_name == row.bucket_name, UploadJournal.key == row.key,
+                instances.owned_by_live(context, UploadJournal.owner),
+            )
+        ).scalar_one_or_none()  # fmt: skip
+        started_before = min(utcnow(), live_since) if live_since is not None else utcnow()
         try:
             aborted += context.storage.abort_unfinished_uploads(row.bucket_name, key=row.key,
                                                                 started_before=started_before)  # fmt: skip
@@ -364,12 +389,12 @@ def abort_journalled_uploads(db: Session, context: AppContext) -> int:
             pass  # the bucket is gone, and its uploads with it
         except CmbclusterError as exc:
             log.warning("could not abort the unfinished upload of %s to bucket %s: %s; trying again at the next "
-                        "start", row.key, row.bucket_name, exc.message)  # fmt: skip
+                        "pass", row.key, row.bucket_name, exc.message)  # fmt: skip
             continue
         db.delete(row)
         db.commit()
     if aborted:
-        log.warning("aborted %d unfinished uploads a previous run of the server left behind", aborted)
+        log.warning("aborted %d unfinished uploads a server that is gone left behind", aborted)
     return aborted
 
 
@@ -538,12 +563,16 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class QuotaState:
-    """A user's storage quota and what counts against it: every bucket's current objects and the
-    earlier versions kept of overwritten or deleted ones (what the cloud bills), as last measured."""
+    """A storage quota (the user's own, or one of their groups') and what counts against it: the
+    buckets' current objects and the earlier versions kept of overwritten or deleted ones (what the
+    cloud bills), as last measured, and, before an upload, what the uploads under way hold."""
 
     quota_bytes: int | None  # None: no quota
     current_bytes: int
     noncurrent_bytes: int
+    group: str | None = None  # the group's name; None: the user's own quota
+    member_ids: tuple[str, ...] = ()  # whose buckets count
+    reserved_bytes: int = 0  # held by uploads under way (counted before an upload only)
 
     @property
     def used_bytes(self) -> int:
@@ -551,7 +580,17 @@ class QuotaState:
 
     @property
     def remaining_bytes(self) -> int | None:
-        return None if self.quota_bytes is None else max(self.quota_bytes - self.used_bytes, 0)
+        if self.quota_bytes is None:
+            return None
+        return max(self.quota_bytes - self.used_bytes - self.reserved_bytes, 0)
+
+    @property
+    def whose(self) -> str:
+        return "your storage quota" if self.group is None else f"the storage quota of your group {self.group!r}"
+
+    def held(self) -> str:
+        """What uploads under way hold, for a message; empty when nothing."""
+        return f", and {_size(self.reserved_bytes)} held by uploads under way" if self.reserved_bytes else ""
 
 
 def quota_of(context: AppContext, user: User) -> int | None:
@@ -562,49 +601,201 @@ def quota_of(context: AppContext, user: User) -> int | None:
     return quota or None
 
 
-def quota_state(context: AppContext, user: User, usage: Iterable[Usage]) -> QuotaState:
-    figures = list(usage)
-    return QuotaState(
-        quota_bytes=quota_of(context, user),
-        current_bytes=sum(u.size_bytes or 0 for u in figures),
-        noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
-    )
+def quota_states(
+    db: Session,
+    context: AppContext,
+    user: User,
+    known: dict[str, Usage] | None = None,
+    *,
+    wait_seconds: float,
+    only_set: bool = False,
+) -> list[QuotaState]:
+    """The user's own quota state, then that of each of their groups with a storage quota (by
+    name), over every member's buckets. Usage in ``known`` is taken as it is; the rest is measured
+    afresh where stale (waiting at most ``wait_seconds``, see :func:`current_usage`). ``only_set``:
+    only the quotas that are set, and nothing measured when none is."""
+    groups = db.execute(
+        select(Group.id, Group.name, Group.storage_quota_bytes)
+        .join(GroupMember, GroupMember.group_id == Group.id)
+        .where(GroupMember.user_id == user.id, Group.storage_quota_bytes.is_not(None))
+        .order_by(Group.name)
+    ).all()
+    own_quota = quota_of(context, user)
+    if only_set and own_quota is None and not groups:
+        db.commit()
+        return []
+    members: dict[str, list[str]] = {group_id: [] for group_id, _, _ in groups}
+    for group_id, member in db.execute(
+        select(GroupMember.group_id, GroupMember.user_id).where(GroupMember.group_id.in_(members))
+    ):
+        members[group_id].append(member)
+    everyone = {user.id, *(m for ids in members.values() for m in ids)}
+    rows = list(db.execute(select(Storage).where(Storage.user_id.in_(everyone))).scalars())
+    db.commit()  # hold no transaction while waiting for measurements
+    known = known or {}
+    usage = {**current_usage([r for r in rows if r.id not in known], context, wait_seconds=wait_seconds), **known}
+    by_user: dict[str, list[Usage]] = {}
+    for row in rows:
+        by_user.setdefault(row.user_id, []).append(usage[row.id])
+
+    def state(quota: int | None, ids: list[str], group: str | None) -> QuotaState:
+        figures = [u for member in ids for u in by_user.get(member, [])]
+        return QuotaState(
+            quota_bytes=quota, group=group, member_ids=tuple(sorted(ids)),
+            current_bytes=sum(u.size_bytes or 0 for u in figures),
+            noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
+        )  # fmt: skip
+
+    found = [state(own_quota, [user.id], None)] + [
+        state(quota, members[group_id], name) for group_id, name, quota in groups
+    ]
+    return [s for s in found if s.quota_bytes is not None] if only_set else found
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """The quotas an upload is checked against (those that are set), with what they leave."""
+
+    states: tuple[QuotaState, ...] = ()
+
+    @property
+    def tightest(self) -> QuotaState | None:
+        return min(self.states, key=lambda s: s.remaining_bytes or 0, default=None)
+
+    @property
+    def remaining_bytes(self) -> int | None:
+        tightest = self.tightest
+        return None if tightest is None else tightest.remaining_bytes
+
+    def exceeded(self) -> PayloadTooLarge:
+        assert self.tightest is not None
+        return quota_exceeded(self.tightest)
+
+
+def reserved_bytes(db: Session, context: AppContext, member_ids: Iterable[str]) -> int:
+    """What the uploads under way into these users' buckets hold, on every live replica."""
+    held = db.execute(
+        select(func.coalesce(func.sum(UploadJournal.reserved_bytes), 0))
+        .join(Storage, Storage.id == UploadJournal.storage_id)
+        .where(Storage.user_id.in_(list(member_ids)), instances.owned_by_live(context, UploadJournal.owner))
+    ).scalar_one()
+    return int(held)
 
 
 def upload_allowance(
     db: Session, context: AppContext, user: User, *, declared: int | None, wait_seconds: float
-) -> QuotaState:
-    """Before an upload: the caller's quota state, with every bucket's usage measured afresh where
-    stale (waiting at most ``wait_seconds``). A quota used up is refused with InsufficientStorage
-    (507), an upload whose declared length passes what is left with PayloadTooLarge (413): nothing
-    is sent to the backend. The route stops the upload in flight once it passes what is left."""
-    if quota_of(context, user) is None:
-        return QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0)
-    rows = list_owned(db, user)
-    db.commit()
-    usage = current_usage(rows, context, wait_seconds=wait_seconds)
-    state = quota_state(context, user, usage.values())
-    remaining = state.remaining_bytes
-    assert remaining is not None and state.quota_bytes is not None
-    if remaining <= 0:
-        raise InsufficientStorage(
-            f"your storage quota of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in your "
-            f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted ones); "
-            "delete objects, or ask an administrator for more; nothing was stored"
-        )
-    if declared is not None and declared > remaining:
-        raise quota_exceeded(state)
-    return state
+) -> Allowance:
+    """Before an upload: the quotas it must fit (the user's own and their groups'), with every
+    member's bucket usage measured afresh where stale (waiting at most ``wait_seconds``) and what
+    the uploads under way hold. A quota used up is refused with InsufficientStorage (507), an
+    upload whose declared length passes what is left with PayloadTooLarge (413): nothing is sent
+    to the backend. :class:`UploadReservation` then holds the upload's bytes while it runs."""
+    found = quota_states(db, context, user, wait_seconds=wait_seconds, only_set=True)
+    states = []
+    for found_state in found:
+        state = replace(found_state, reserved_bytes=reserved_bytes(db, context, found_state.member_ids))
+        db.commit()
+        assert state.quota_bytes is not None
+        if state.remaining_bytes == 0:
+            raise InsufficientStorage(
+                f"{state.whose} of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in "
+                f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted "
+                f"ones{state.held()}); delete objects, or ask an administrator for more; nothing was stored"
+            )
+        states.append(state)
+    allowance = Allowance(tuple(states))
+    remaining = allowance.remaining_bytes
+    if declared is not None and remaining is not None and declared > remaining:
+        raise allowance.exceeded()
+    return allowance
 
 
 def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
     """This upload is larger than what is left of the quota."""
     assert state.quota_bytes is not None
     return PayloadTooLarge(
-        f"this upload is larger than the {_size(state.remaining_bytes or 0)} left of your storage quota of "
-        f"{_size(state.quota_bytes)} ({_size(state.used_bytes)} used, earlier versions included); "
+        f"this upload is larger than the {_size(state.remaining_bytes or 0)} left of {state.whose} of "
+        f"{_size(state.quota_bytes)} ({_size(state.used_bytes)} used, earlier versions included{state.held()}); "
         "nothing was stored"
     )
+
+
+#: A streamed upload of unknown length holds its quotas in steps of this many bytes beyond what
+#: it sent: one database write per step, not per chunk.
+RESERVATION_STEP = 16 * 1024 * 1024
+
+
+class UploadReservation:
+    """An upload's journal entry (:class:`~cmbcluster.db.models.UploadJournal`), owned by this
+    server instance, holding the upload's bytes against the quotas of ``allowance`` while it runs.
+
+    Each hold is written first and checked after (the sum of every live upload's holds, with the
+    measured usage, against each quota): of uploads checking at once, the last to write sees the
+    others, so they can never together pass a quota; at worst both are refused, the conservative
+    side. A declared length is held whole at the start; a stream of unknown length is held in
+    steps of :data:`RESERVATION_STEP`, and stopped with 413 once it would pass a quota."""
+
+    def __init__(self, context: AppContext, allowance: Allowance | None, *, storage_id: str, bucket: str,
+                 key: str) -> None:  # fmt: skip
+        self.context = context
+        self.states = allowance.states if allowance is not None else ()
+        self.entry = UploadJournal(
+            storage_id=storage_id, backend=context.config.storage.name, bucket_name=bucket, key=key,
+            owner=context.instance_id, reserved_bytes=0,
+        )  # fmt: skip
+        self.held = 0
+
+    @property
+    def checks(self) -> bool:
+        return bool(self.states)
+
+    def open(self, declared: int | None) -> None:
+        with self.context.sessions() as db:
+            db.add(self.entry)
+            db.commit()
+            self.entry_id = self.entry.id
+        if self.checks:
+            self.hold(0, declared if declared is not None else RESERVATION_STEP, exact=declared is not None)
+
+    def hold(self, sent: int, wanted: int, *, exact: bool = False) -> None:
+        """Hold ``wanted`` bytes; when that passes a quota, only ``sent`` (unless ``exact``),
+        and when even that passes it, refuse (413)."""
+        over = self._set(wanted)
+        if over is not None and not exact and wanted != sent:
+            over = self._set(sent)
+            wanted = sent
+        if over is not None:
+            raise quota_exceeded(over)
+        self.held = wanted
+
+    def _set(self, amount: int) -> QuotaState | None:
+        """Write the hold, then check every quota; the first one passed, or None."""
+        with self.context.sessions() as db:
+            db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(reserved_bytes=amount))
+            db.commit()
+            for state in self.states:
+                assert state.quota_bytes is not None
+                others = reserved_bytes(db, self.context, state.member_ids) - amount
+                if state.used_bytes + others + amount > state.quota_bytes:
+                    return replace(state, reserved_bytes=others)
+        return None
+
+    def holding(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``chunks``, holding more of the quotas whenever they pass what is held."""
+        sent = 0
+        for chunk in chunks:
+            sent += len(chunk)
+            if sent > self.held:
+                self.hold(sent, sent + RESERVATION_STEP)
+            yield chunk
+
+    def close(self) -> None:
+        entry_id = getattr(self, "entry_id", None)
+        if entry_id is None:
+            return
+        with self.context.sessions() as db:
+            db.execute(delete(UploadJournal).where(UploadJournal.id == entry_id))
+            db.commit()
 
 
 def _size(n: int) -> str:

@@ -114,6 +114,11 @@ export default function DashboardPage() {
                 {quota && quota.noncurrent_bytes > 0 ? `, ${formatBytes(quota.noncurrent_bytes)} of it in earlier versions` : ""}
                 {quota?.quota_bytes != null ? `, of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
               </p>
+              {storageList.data?.group_quotas.map((group) => (
+                <p key={group.group} className="group-quota">
+                  Group {group.group}: {formatBytes(group.used_bytes)} of {formatBytes(group.quota_bytes)} used.
+                </p>
+              ))}
               <Link href="/storage/">Manage storage</Link>
             </>
           ) : null}

@@ -51,6 +51,18 @@ class GroupOut(BaseModel):
     id: str
     name: str
     members: list[str] = Field(description="The members' e-mails")
+    storage_quota_bytes: int | None = Field(
+        description="What the members' buckets may hold together, earlier versions included; null: no group quota"
+    )
+
+
+class GroupChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    storage_quota_bytes: int | None = Field(
+        ge=0, le=2**62, strict=True, description="What the members' buckets may hold together, in bytes "
+        "(earlier versions included); 0 or null: no group quota. Each member's own quota holds as well.",
+    )  # fmt: skip
 
 
 def status_out(found: list[service.BudgetStatus]) -> list[BudgetStatusOut]:
@@ -91,6 +103,14 @@ def set_group(
     name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupIn, admin: AdminUser, db: DbSession
 ) -> Any:
     group = service.set_group(db, actor_id=admin.id, name=name, members=body.members)
+    return next(g for g in service.groups(db) if g["id"] == group.id)
+
+
+@router.patch("/groups/{name}", response_model=GroupOut, summary="Set a group's storage quota")
+def change_group(
+    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupChange, admin: AdminUser, db: DbSession
+) -> Any:
+    group = service.set_group_storage_quota(db, actor_id=admin.id, name=name, quota_bytes=body.storage_quota_bytes)
     return next(g for g in service.groups(db) if g["id"] == group.id)
 
 

@@ -104,9 +104,18 @@ class QuotaOut(BaseModel):
     )
 
 
+class GroupQuotaOut(QuotaOut):
+    group: str = Field(description="The group's name: its quota counts every member's buckets")
+    quota_bytes: int = Field(description="Bytes the members' buckets may hold together, earlier versions included")
+    used_bytes: int = Field(description="Current objects and earlier versions of every member's buckets")
+
+
 class StorageListOut(BaseModel):
     storages: list[StorageOut]
     quota: QuotaOut
+    group_quotas: list[GroupQuotaOut] = Field(
+        description="The storage quotas of your groups (those that have one): an upload must fit each"
+    )
 
 
 class ObjectOut(BaseModel):
@@ -237,11 +246,17 @@ def list_storages(user: CurrentUser, db: DbSession, context: Context) -> Storage
     # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
     # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
     rows = service.storages_with_usage(db, context, user, wait_seconds=LIST_USAGE_WAIT_SECONDS)
-    state = service.quota_state(context, user, (usage for _, usage in rows))
+    own, *groups = service.quota_states(
+        db, context, user, {row.id: usage for row, usage in rows}, wait_seconds=LIST_USAGE_WAIT_SECONDS
+    )
     return StorageListOut(
         storages=[storage_out(row, usage) for row, usage in rows],
-        quota=QuotaOut(quota_bytes=state.quota_bytes, used_bytes=state.used_bytes,
-                       noncurrent_bytes=state.noncurrent_bytes),
+        quota=QuotaOut(quota_bytes=own.quota_bytes, used_bytes=own.used_bytes, noncurrent_bytes=own.noncurrent_bytes),
+        group_quotas=[
+            GroupQuotaOut(group=g.group or "", quota_bytes=g.quota_bytes or 0, used_bytes=g.used_bytes,
+                          noncurrent_bytes=g.noncurrent_bytes)
+            for g in groups
+        ],
     )  # fmt: skip
 
 
@@ -416,19 +431,20 @@ async def upload_object(
     content_type = request.headers.get("content-type") or None
     if content_type is not None and (len(content_type) > MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()):
         raise InvalidRequest(f"Content-Type must be at most {MAX_CONTENT_TYPE_LENGTH} printable characters")
-    quota = await run_in_threadpool(
+    allowance = await run_in_threadpool(
         partial(service.upload_allowance, db, context, user, declared=declared, wait_seconds=GET_USAGE_WAIT_SECONDS)
     )
-    remaining = quota.remaining_bytes
-    if remaining is not None and remaining < max_bytes:  # the quota is the nearer limit: stop there
-        max_bytes, too_large = remaining, (lambda _limit: service.quota_exceeded(quota))
+    remaining = allowance.remaining_bytes
+    if remaining is not None and remaining < max_bytes:  # a quota is the nearer limit: stop there
+        max_bytes, too_large = remaining, (lambda _limit: allowance.exceeded())
     else:
         too_large = _too_large
     # Constant memory: the body goes from the socket to the backend's blocking upload through a
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
     # aborts the write and no object is stored (the same when the client goes away).
     source = rechunk(limit_bytes(request.stream(), max_bytes, too_large), CHUNK_SIZE)
-    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type)
+    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type,
+                     allowance=allowance, declared=declared)  # fmt: skip
     try:
         info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)
     except ClientDisconnect:

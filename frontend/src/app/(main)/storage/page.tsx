@@ -88,6 +88,13 @@ export default function StoragePage() {
           {quota.quota_bytes != null ? ` of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
         </p>
       ) : null}
+      {answer.data?.group_quotas.map((group) => (
+        <p key={group.group} className="group-quota">
+          Group <Name text={group.group} focusable={false} />: {formatBytes(group.used_bytes)} stored by its members
+          {group.noncurrent_bytes > 0 ? ` (${formatBytes(group.noncurrent_bytes)} in earlier versions)` : ""} of the
+          group&apos;s {formatBytes(group.quota_bytes)} quota.
+        </p>
+      ))}
       <LoadState load={list} what="Loading your buckets" empty={list.data?.length === 0}>
         No bucket yet: create one above.
       </LoadState>
