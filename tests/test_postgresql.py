@@ -248,6 +248,47 @@ def test_a_migration_walks_its_manifest_in_the_listings_order_whatever_the_colla
     assert {o.key for o in target.list_objects(target_bucket, delimiter=None).objects} == set(keys)
 
 
+def test_usage_rollups_add_up_on_postgresql(database: str) -> None:
+    """The rollups' upserts (ON CONFLICT ... DO UPDATE) and their sums, as PostgreSQL returns them
+    (numeric for big integers): an interval across two midnights, closed later; the bucket's bytes."""
+    import datetime as dt
+
+    from cmbcluster.db import session_factory
+    from cmbcluster.db.models import StorageInterval, UsageInterval
+    from cmbcluster.pricing import ComputePrice, PriceTable
+    from cmbcluster.services import accounting
+
+    engine = create_db_engine(database)
+    upgrade(engine)
+    nov = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    s = int(nov.timestamp())
+    prices = PriceTable(
+        provider="t", compute=ComputePrice(vcpu_hour=0.5, gib_hour=0.0), storage_gb_month={"standard": 1}
+    )
+    with session_factory(engine)() as db:
+        running = UsageInterval(environment_id="e1", user_id="u1", application="files", preset="light", cpu=2,
+                                memory_gib=4, start_s=s + 22 * 3600, seen_s=s + 22 * 3600)  # fmt: skip
+        db.add_all([
+            running,
+            UsageInterval(environment_id="e2", user_id="u1", application="files", preset="light", cpu=1,
+                          memory_gib=1, start_s=s + 3600, end_s=s + 2 * 3600, seen_s=s),
+            StorageInterval(storage_id="b", user_id="u1", storage_class="standard", bytes=1024**3, start_s=s,
+                            end_s=s + 3 * 86400),
+        ])  # fmt: skip
+        db.commit()
+        running.end_s = s + 2 * 86400 + 3 * 3600  # closed: 22:00 on the 1st to 03:00 on the 3rd, 29 hours
+        db.commit()
+        now = nov + dt.timedelta(days=10)
+        month = accounting.usage_by(db, prices, nov, nov + dt.timedelta(days=30), now=now)["u1"]
+        assert (month.environment_hours, month.core_hours, month.compute_cost) == (30, 59, 29.5)
+        assert month.storage_gb_months == pytest.approx(72 / 730)
+        second = accounting.usage_by(db, prices, nov + dt.timedelta(days=1), nov + dt.timedelta(days=2), now=now)["u1"]
+        assert second.core_hours == 48
+        days = accounting.report(db, prices, nov, nov + dt.timedelta(days=4), "day", now=now).rows
+        assert [round(usage.core_hours, 6) for _key, _label, usage in days] == [5, 48, 6, 0]
+    engine.dispose()
+
+
 def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: str, tmp_path: Path) -> None:
     """Uploads and bucket deletes are journalled with the server instance running them. The replica
     that takes over leadership finishes the work of instances that are gone (no heartbeat for a

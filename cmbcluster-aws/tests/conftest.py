@@ -68,7 +68,9 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def moto_reset(moto_endpoint: str) -> str:
     """Start the test from an empty moto."""
     request = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    # A reset reloads AWS's managed IAM policies (MOTO_IAM_LOAD_MANAGED_POLICIES): seconds of CPU,
+    # longer on a busy machine
+    with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
     moto_stand_ins.DENIED.clear()
     return moto_endpoint

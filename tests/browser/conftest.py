@@ -70,6 +70,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, oidc: OidcMockServer) -> It
             "CMBCLUSTER_OIDC_DISPLAY_NAME": PROVIDER_DISPLAY_NAME,
             # Shutdown warnings are decided by the background pass: run it every second, not every 15.
             "CMBCLUSTER_RECONCILE_INTERVAL_SECONDS": "1",
+            # Priced, so that the usage pages show money (the embedded default prices nothing); a
+            # cent per core-second, so that the few seconds environments run in these tests show.
+            "CMBCLUSTER_PRICES": '{"vcpu_hour": 36, "gib_hour": 1, "storage_gb_month": {"standard": 0.02}}',
         }
     )
     with ServeProcess(env, workdir) as process:

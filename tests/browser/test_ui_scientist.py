@@ -473,8 +473,59 @@ PAGES = [
     ("dashboard", "/"), ("applications", "/applications/"), ("environments", "/environments/"),
     ("storage", "/storage/"), ("files", None), ("settings", "/settings/"), ("admin-monitoring", "/admin/"),
     ("admin-users", "/admin/users/"), ("admin-environments", "/admin/environments/"),
-    ("admin-applications", "/admin/applications/"), ("admin-audit", "/admin/audit/"),
+    ("admin-applications", "/admin/applications/"), ("admin-audit", "/admin/audit/"), ("admin-usage", "/admin/usage/"),
 ]  # fmt: skip
+LONG_GROUP = ("Polarization working group " + "z" * 100)[:100]
+
+
+def test_the_dashboard_shows_the_months_estimate_and_an_admin_the_costs_per_user_as_csv(
+    alice: Session, dana: Session, tmp_path: Path
+) -> None:
+    """Dana ran environments in the tests above; a small budget makes her month pass it."""
+    dana_id = api(alice.page, "GET", "/api/v1/admin/users?query=dana")["items"][0]["id"]
+    api(alice.page, "PUT", "/api/v1/admin/budgets/user/dana@example.org", data={"amount": 0.01, "unit": "currency"})
+    api(alice.page, "PUT", f"/api/v1/admin/groups/{LONG_GROUP}", data={"members": ["dana@example.org"]})
+    try:
+        mine = api(dana.page, "GET", "/api/v1/usage/me")
+        assert mine["totals"]["cost"] > 0 and "not a bill" in mine["estimate"]
+        page = dana.page
+        page.goto("/")
+        card = page.get_by_role("region", name="This month")
+        expect(card.locator(".big")).to_have_text(re.compile(r"\$\d"))  # an amount, in the table's currency
+        expect(card).to_contain_text("Estimates from the operator's prices (CMBCLUSTER_PRICES), not a bill.")
+        expect(card.get_by_role("status")).to_contain_text("your monthly budget of 0.01 USD is")
+        assert_clean(dana)
+
+        admin = alice.page
+        admin.goto("/admin/usage/")
+        row = admin.locator(f'tr[data-row="{dana_id}"]')
+        expect(row).to_contain_text("dana@example.org")
+        expect(row).to_contain_text("budget used up")
+        expect(admin.locator(".warning", has_text="user dana@example.org")).to_contain_text("new starts refused")
+        expect(row.get_by_text(re.compile(r"^\$\d"))).to_be_visible()
+        expect(admin.get_by_role("img", name=re.compile("^Core-hours per day, highest"))).to_be_visible()
+        expect(admin.get_by_text(re.compile("^Estimates from the operator's prices"))).to_be_visible()
+        with admin.expect_download() as download:
+            admin.get_by_role("link", name="Download CSV").click()
+        saved = tmp_path / "usage.csv"
+        download.value.save_as(saved)
+        lines = saved.read_text().splitlines()
+        assert lines[0].startswith("# estimates from the operator's prices") and lines[1].startswith("user,label,")
+        assert any(line.startswith(f"{dana_id},dana@example.org,") for line in lines), lines
+        assert download.value.suggested_filename.endswith("-by-user.csv")
+
+        admin.get_by_label("By").select_option("group")
+        expect(admin.locator(f'tr[data-row="{LONG_GROUP}"]')).to_contain_text(LONG_GROUP)
+        for viewport in SIZES.values():
+            admin.set_viewport_size(viewport)
+            no_horizontal_scroll(admin, f"usage by group at {viewport['width']} px")
+        admin.set_viewport_size(SIZES["desktop"])
+        admin.get_by_label("Month").fill("2020-01")
+        expect(admin.get_by_text("Nothing used in 2020-01")).to_be_visible()
+        assert_clean(alice)
+    finally:
+        api(alice.page, "DELETE", "/api/v1/admin/budgets/user/dana@example.org")
+        api(alice.page, "DELETE", f"/api/v1/admin/groups/{LONG_GROUP}")
 
 
 def test_every_page_keeps_long_names_within_the_window_at_both_sizes(

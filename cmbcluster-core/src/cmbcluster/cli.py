@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cmbcluster import __version__
+from cmbcluster.commands import budgets as budgets_command
 from cmbcluster.commands import deploy as deploy_command
 from cmbcluster.commands import images as images_command
 from cmbcluster.commands import infra as infra_command
@@ -40,6 +41,8 @@ app.add_typer(infra_command.app, name="infra")
 app.add_typer(images_command.app, name="images")
 app.add_typer(users_command.app, name="users")
 app.add_typer(usage_command.app, name="usage")
+app.add_typer(budgets_command.budgets_app, name="budgets")
+app.add_typer(budgets_command.groups_app, name="groups")
 app.add_typer(migrate_command.app, name="migrate")
 app.add_typer(plugin_command.app, name="plugin")
 

@@ -8,6 +8,7 @@ const LINKS = [
   { href: "/admin/users/", label: "Users" },
   { href: "/admin/environments/", label: "Environments" },
   { href: "/admin/applications/", label: "Applications" },
+  { href: "/admin/usage/", label: "Usage" },
   { href: "/admin/audit/", label: "Audit trail" },
 ];
 

@@ -6,13 +6,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import typer
 
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
 from cmbcluster.plugins import Concern
 
-__all__ = ["err", "out", "resolve_config"]
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from cmbcluster.pricing import PriceTable
+
+__all__ = ["err", "operator_database", "out", "resolve_config"]
 
 
 @functools.cache
@@ -42,3 +50,30 @@ def resolve_config(*, concerns: Iterable[Concern] | None = None, **overrides: An
     ``concerns``: those the command uses, whose registrations' required variables are checked (all by default)."""
     core = load_core_settings(**overrides)
     return resolve(core) if concerns is None else resolve(core, concerns=concerns)
+
+
+@contextmanager
+def operator_database() -> Iterator[tuple[Session, PriceTable]]:
+    """The server's own database (migrated) and price table, for the operator's commands; a
+    refusal (a :class:`~cmbcluster.errors.CmbclusterError`: bad input, nothing found) is printed
+    as one line and exits with status 2, never a traceback."""
+    from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.errors import CmbclusterError
+    from cmbcluster.pricing import PriceOverrides, resolve_price_table
+    from cmbcluster.security import secret_key
+
+    try:
+        config = resolve(load_core_settings())
+        prices = resolve_price_table(
+            config.infra.name, config.plugins.price_tables(config), PriceOverrides.parse(config.core.prices)
+        )
+        engine = create_db_engine(config.core.effective_database_url)
+        try:
+            upgrade(engine, secret_key=secret_key(config.core))
+            with session_factory(engine)() as db:
+                yield db, prices
+        finally:
+            engine.dispose()
+    except CmbclusterError as exc:
+        err(exc.message)
+        raise typer.Exit(2) from None

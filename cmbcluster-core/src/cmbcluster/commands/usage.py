@@ -23,30 +23,12 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
-    from cmbcluster.commands.common import err
-    from cmbcluster.config import load_core_settings, resolve
-    from cmbcluster.db import create_db_engine, session_factory, upgrade
-    from cmbcluster.errors import CmbclusterError
-    from cmbcluster.pricing import PriceOverrides, resolve_price_table
-    from cmbcluster.security import secret_key
+    from cmbcluster.commands.common import operator_database
     from cmbcluster.services import accounting
 
-    try:
+    with operator_database() as (db, prices):
         start, end = accounting.month_period(month)
-        config = resolve(load_core_settings())
-        prices = resolve_price_table(
-            config.infra.name, config.plugins.price_tables(config), PriceOverrides.parse(config.core.prices)
-        )
-        engine = create_db_engine(config.core.effective_database_url)
-        try:
-            upgrade(engine, secret_key=secret_key(config.core))
-            with session_factory(engine)() as db:
-                result = accounting.report(db, prices, start, end, group_by)
-        finally:
-            engine.dispose()
-    except CmbclusterError as exc:
-        err(exc.message)
-        raise typer.Exit(2) from None
+        result = accounting.report(db, prices, start, end, group_by)
     if csv:
         typer.echo(result.csv(), nl=False)
         return

@@ -335,6 +335,7 @@ class UsageInterval(Base):
     __table_args__ = (
         Index("ix_usage_intervals_start", "start_s"),
         Index("ix_usage_intervals_user_start", "user_id", "start_s"),
+        Index("ix_usage_intervals_end", "end_s"),  # today's part of a report: what ended since midnight
         # at most one open interval per environment: a start can never be counted twice
         Index(
             "ux_usage_intervals_open",
@@ -366,6 +367,7 @@ class StorageInterval(Base):
     __tablename__ = "storage_intervals"
     __table_args__ = (
         Index("ix_storage_intervals_start", "start_s"),
+        Index("ix_storage_intervals_end", "end_s"),
         Index(
             "ux_storage_intervals_open",
             "storage_id",
@@ -382,6 +384,40 @@ class StorageInterval(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     start_s: Mapped[int] = mapped_column(BigInteger)
     end_s: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class UsageRollup(Base):
+    """Closed environment intervals summed per day and per month (``span``), user, application and
+    preset: what reports read instead of every interval. Kept by ``services/accounting.py`` in the
+    transaction that closes an interval; open intervals are added at query time."""
+
+    # Keyed by what reports select on, without a row id on SQLite: a year's months are then read
+    # from consecutive pages (a row id table scattered them: 12,000 rows took 55 ms, now 10).
+    __tablename__ = "usage_rollups"
+    __table_args__ = (Index("ix_usage_rollups_user", "user_id", "span", "start_s"), {"sqlite_with_rowid": False})
+
+    span: Mapped[str] = mapped_column(String(5), primary_key=True)  # day | month
+    start_s: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # its first second (UTC)
+    user_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    application: Mapped[str] = mapped_column(String(63), primary_key=True)
+    preset: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seconds: Mapped[int] = mapped_column(BigInteger)
+    cpu_seconds: Mapped[float] = mapped_column(Float)
+    memory_gib_seconds: Mapped[float] = mapped_column(Float)
+
+
+class StorageRollup(Base):
+    """Closed storage intervals summed per day and per month, user and storage class (byte-seconds:
+    a double, as bucket sizes times a month's seconds outgrow a 64-bit integer)."""
+
+    __tablename__ = "storage_rollups"
+    __table_args__ = (Index("ix_storage_rollups_user", "user_id", "span", "start_s"), {"sqlite_with_rowid": False})
+
+    span: Mapped[str] = mapped_column(String(5), primary_key=True)
+    start_s: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    storage_class: Mapped[str] = mapped_column(String(20), primary_key=True)
+    byte_seconds: Mapped[float] = mapped_column(Float)
 
 
 class Group(Base):

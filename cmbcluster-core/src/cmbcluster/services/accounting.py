@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, case, event, func, or_, select, update
+from sqlalchemy import Connection, Table, and_, delete, event, func, literal, or_, select, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import (
@@ -35,7 +37,9 @@ from cmbcluster.db.models import (
     GroupMember,
     Storage,
     StorageInterval,
+    StorageRollup,
     UsageInterval,
+    UsageRollup,
     User,
     new_id,
     utcnow,
@@ -85,9 +89,7 @@ def _before_flush(db: Session, _context: object, _instances: object) -> None:
 
 
 def _status_changed(env: Environment) -> bool:
-    from sqlalchemy import inspect
-
-    return bool(inspect(env).attrs.status.history.has_changes())
+    return bool(sa_inspect(env).attrs.status.history.has_changes())
 
 
 def _open_interval(db: Session, model: type[UsageInterval] | type[StorageInterval], key: str) -> Any:
@@ -196,10 +198,255 @@ def close_storage(db: Session, storage_id: str, at: dt.datetime) -> None:
         current.end_s = max(current.start_s, epoch(at))
 
 
+# -- rollups --------------------------------------------------------------------------------------
+# Reports over a year of a thousand users' records must answer in a fraction of a second, so closed
+# intervals are also summed per day and per month (``usage_rollups``, ``storage_rollups``) in the
+# transaction that closes them: mapper events on the interval models see every insert, update and
+# delete the ORM flushes, whichever session and code path made it. An interval adds its seconds
+# inside each day (and month) it spans; a change to a closed interval takes its old contribution
+# back first. Bulk statements bypass these events: :func:`rebuild_rollups` recomputes everything
+# (the migration that added the rollups runs it).
+DAY_S = 86400
+_USAGE_COLUMNS = ("user_id", "application", "preset", "cpu", "memory_gib", "start_s", "end_s")
+_STORAGE_COLUMNS = ("user_id", "storage_class", "bytes", "start_s", "end_s")
+_USAGE_KEY = ("span", "start_s", "user_id", "application", "preset")
+_STORAGE_KEY = ("span", "start_s", "user_id", "storage_class")
+Sums = dict[tuple[Any, ...], list[float]]
+
+
+def _month_start(t: int) -> int:
+    return epoch(dt.datetime.fromtimestamp(t, dt.UTC).replace(day=1, hour=0, minute=0, second=0))
+
+
+def _following_month(t: int) -> int:
+    return epoch(_next_month(dt.datetime.fromtimestamp(t, dt.UTC)))
+
+
+def _days(start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(the day's first second, seconds of [start, end) inside that day), UTC days."""
+    t = start
+    while t < end:
+        day = t - t % DAY_S
+        following = min(end, day + DAY_S)
+        yield day, following - t
+        t = following
+
+
+def _add_usage(sums: Sums, row: Any, sign: int) -> None:
+    """Add (sign 1) or take back (-1) a closed interval's seconds per day and per month."""
+    if row.end_s is None or row.end_s <= row.start_s:
+        return
+    for day, seconds in _days(row.start_s, row.end_s):
+        s = sign * seconds
+        for key in (("day", day), ("month", _month_start(day))):
+            acc = sums.setdefault((*key, row.user_id, row.application, row.preset), [0, 0.0, 0.0])
+            acc[0] += s
+            acc[1] += s * row.cpu
+            acc[2] += s * row.memory_gib
+
+
+def _add_storage(sums: Sums, row: Any, sign: int) -> None:
+    if row.end_s is None or row.end_s <= row.start_s:
+        return
+    for day, seconds in _days(row.start_s, row.end_s):
+        for key in (("day", day), ("month", _month_start(day))):
+            acc = sums.setdefault((*key, row.user_id, row.storage_class), [0.0])
+            acc[0] += sign * seconds * row.bytes
+
+
+def _upsert(connection: Connection, model: type[UsageRollup] | type[StorageRollup], sums: Sums) -> None:
+    """Add ``sums`` to the rollup rows, creating the missing ones; concurrent writers are safe."""
+    if not sums:
+        return
+    table = cast(Table, model.__table__)
+    keys = _USAGE_KEY if model is UsageRollup else _STORAGE_KEY
+    values = ("seconds", "cpu_seconds", "memory_gib_seconds") if model is UsageRollup else ("byte_seconds",)
+    # in key order: two transactions adding to the same rows lock them in the same order (no deadlock)
+    rows = [dict(zip((*keys, *values), (*key, *acc), strict=True)) for key, acc in sorted(sums.items())]
+    name = connection.dialect.name
+    if name in ("sqlite", "postgresql"):
+        module = sqlite if name == "sqlite" else postgresql
+        statement = module.insert(table)
+        statement = statement.on_conflict_do_update(
+            index_elements=list(keys), set_={v: table.c[v] + statement.excluded[v] for v in values}
+        )
+        connection.execute(statement, rows)
+        return
+    for row in rows:  # other databases: update, else insert (their own unique key stops a double insert)
+        match = and_(*(table.c[k] == row[k] for k in keys))
+        if not connection.execute(update(table).where(match).values({v: table.c[v] + row[v] for v in values})).rowcount:
+            connection.execute(table.insert().values(row))
+
+
+def _rollup_change(connection: Connection, target: Any, sign_new: bool, take_back: bool) -> None:
+    """Apply a flushed change of one interval: its stored (old) row out, its new state in."""
+    model = type(target)
+    columns = _USAGE_COLUMNS if model is UsageInterval else _STORAGE_COLUMNS
+    add = _add_usage if model is UsageInterval else _add_storage
+    sums: Sums = {}
+    if take_back:  # read from the database: the ORM may not hold the old values (an expired row)
+        old = connection.execute(
+            select(*(model.__table__.c[c] for c in columns)).where(model.__table__.c.id == target.id)
+        ).first()
+        if old is not None:
+            add(sums, old, -1)
+    if sign_new:
+        add(sums, target, 1)
+    _upsert(connection, UsageRollup if model is UsageInterval else StorageRollup, sums)
+
+
+def _changed(target: Any, columns: tuple[str, ...]) -> bool:
+    state = sa_inspect(target)
+    return any(state.attrs[c].history.has_changes() for c in columns)
+
+
+def _after_insert(_mapper: Any, connection: Connection, target: Any) -> None:
+    _rollup_change(connection, target, sign_new=True, take_back=False)
+
+
+def _before_update(_mapper: Any, connection: Connection, target: Any) -> None:
+    if _changed(target, _USAGE_COLUMNS if isinstance(target, UsageInterval) else _STORAGE_COLUMNS):
+        _rollup_change(connection, target, sign_new=True, take_back=True)
+
+
+def _before_delete(_mapper: Any, connection: Connection, target: Any) -> None:
+    _rollup_change(connection, target, sign_new=False, take_back=True)
+
+
+for _model in (UsageInterval, StorageInterval):
+    event.listen(_model, "after_insert", _after_insert)
+    event.listen(_model, "before_update", _before_update)
+    event.listen(_model, "before_delete", _before_delete)
+
+
+def rebuild_rollups(connection: Connection) -> None:
+    """Recompute both rollups from every closed interval (a migration, or after bulk inserts)."""
+    for interval, rollup, add, columns in (
+        (UsageInterval, UsageRollup, _add_usage, _USAGE_COLUMNS),
+        (StorageInterval, StorageRollup, _add_storage, _STORAGE_COLUMNS),
+    ):
+        connection.execute(delete(rollup))
+        sums: Sums = {}
+        table = interval.__table__
+        query = select(*(table.c[c] for c in columns)).where(table.c.end_s.is_not(None))
+        for row in connection.execute(query.execution_options(yield_per=10000)):
+            add(sums, row, 1)
+            if len(sums) >= 50000:  # bounded memory: the upsert adds to rows already written
+                _upsert(connection, rollup, sums)
+                sums = {}
+        _upsert(connection, rollup, sums)
+
+
 # -- aggregation ---------------------------------------------------------------------------------
-def _overlap(start: Any, end: Any, lo: int, hi: int) -> ColumnElement[Any]:
-    """Seconds of [start, end) inside [lo, hi): CASE expressions, the same on every database."""
-    return case((end < hi, end), else_=hi) - case((start > lo, start), else_=lo)
+def _plan(lo: int, hi: int, by_day: bool) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
+    """Cover [lo, hi) with whole months and days read from the rollups ((span, first start, end)),
+    and the ranges left at either end, shorter than a day, summed from the intervals themselves."""
+    first_day = -(-lo // DAY_S) * DAY_S
+    last_day = hi - hi % DAY_S
+    if first_day >= last_day:
+        return [], [(lo, hi)]
+    partial = [r for r in ((lo, first_day), (last_day, hi)) if r[0] < r[1]]
+    month_lo = _month_start(first_day)
+    month_lo = month_lo if month_lo == first_day else _following_month(month_lo)
+    month_hi = _month_start(last_day)
+    if by_day or month_lo >= month_hi:
+        return [("day", first_day, last_day)], partial
+    rolled = [("day", first_day, month_lo), ("month", month_lo, month_hi), ("day", month_hi, last_day)]
+    return [r for r in rolled if r[1] < r[2]], partial
+
+
+def _sums(
+    db: Session, lo: int, hi: int, now_s: int, by: str, user_ids: list[str] | None, storage: bool
+) -> tuple[Sums, Sums]:
+    """Seconds, core-seconds and GiB-seconds per (key, user, preset), and byte-seconds per (key,
+    user, storage class), of [lo, hi): rollups for whole days and months, intervals for the rest
+    (the open ones, and the partial days at either end). ``key``: the user, the application or the
+    day's first second; ``user`` is kept for prices per user when the key is not the user."""
+    rolled, partial = _plan(lo, hi, by == "day")
+    compute: Sums = {}
+    stored: Sums = {}
+
+    def key_of(row: Any, day: int) -> tuple[Any, str]:
+        if by == "day":
+            return day, row.user_id
+        return (row.user_id if by == "user" else row.application), ""
+
+    if rolled:
+        u_key = {"user": UsageRollup.user_id, "application": UsageRollup.application, "day": UsageRollup.start_s}[by]
+        spans = or_(
+            *(and_(UsageRollup.span == s, UsageRollup.start_s >= a, UsageRollup.start_s < b) for s, a, b in rolled)
+        )
+        query = (
+            select(u_key, UsageRollup.user_id if by == "day" else literal(""), UsageRollup.preset,
+                   func.sum(UsageRollup.seconds), func.sum(UsageRollup.cpu_seconds),
+                   func.sum(UsageRollup.memory_gib_seconds))
+            .where(spans).group_by(u_key, *([UsageRollup.user_id] if by == "day" else []), UsageRollup.preset)
+        )  # fmt: skip
+        if user_ids is not None:
+            query = query.where(UsageRollup.user_id.in_(user_ids))
+        for key, user, preset, seconds, cpu_s, mem_s in db.execute(query):
+            acc = compute.setdefault((key, user, preset), [0, 0.0, 0.0])
+            acc[0] += int(seconds or 0)  # PostgreSQL sums big integers as numeric (Decimal)
+            acc[1] += float(cpu_s or 0)
+            acc[2] += float(mem_s or 0)
+        if storage:
+            s_key = StorageRollup.start_s if by == "day" else StorageRollup.user_id
+            s_spans = or_(*(and_(StorageRollup.span == s, StorageRollup.start_s >= a, StorageRollup.start_s < b)
+                            for s, a, b in rolled))  # fmt: skip
+            s_query = (
+                select(s_key, StorageRollup.user_id, StorageRollup.storage_class, func.sum(StorageRollup.byte_seconds))
+                .where(s_spans).group_by(s_key, StorageRollup.user_id, StorageRollup.storage_class)
+            )  # fmt: skip
+            if user_ids is not None:
+                s_query = s_query.where(StorageRollup.user_id.in_(user_ids))
+            for key, user, storage_class, byte_seconds in db.execute(s_query):
+                stored.setdefault((key, user if by == "day" else "", storage_class), [0.0])[0] += float(
+                    byte_seconds or 0
+                )
+
+    def pieces(model: type[UsageInterval] | type[StorageInterval]) -> Iterator[tuple[Any, int, int]]:
+        """(interval, start, end) of the parts of [lo, hi) no rollup covers."""
+        # only ``end_s IS NULL``: a condition on start_s too leads SQLite to its start_s index
+        # (every row) instead of the small index of open intervals; later ones are skipped below
+        columns = select(
+            *(model.__table__.c[c] for c in (_USAGE_COLUMNS if model is UsageInterval else _STORAGE_COLUMNS))
+        )
+        open_ = columns.where(model.end_s.is_(None))
+        # One bound each, on the side the database can narrow with an index: the hours after the
+        # period's last midnight (often today's) are met by the intervals ending after it, those
+        # before its first midnight by the intervals starting before it; the rest skipped below.
+        ranges = [(open_, lo, hi)] + [
+            (
+                columns.where(model.end_s > a)
+                if b == hi
+                else columns.where(model.end_s.is_not(None), model.start_s < b),
+                a,
+                b,
+            )
+            for a, b in partial
+        ]
+        for query, a, b in ranges:
+            if user_ids is not None:
+                query = query.where(model.user_id.in_(user_ids))
+            for row in db.execute(query):  # plain rows: a thousand ORM objects cost more than the query
+                start, end = max(row.start_s, a), min(row.end_s if row.end_s is not None else now_s, b)
+                if end > start:
+                    yield row, start, end
+
+    for row, start, end in pieces(UsageInterval):
+        for day, seconds in _days(start, end) if by == "day" else ((0, end - start),):
+            acc = compute.setdefault((*key_of(row, day), row.preset), [0, 0.0, 0.0])
+            acc[0] += seconds
+            acc[1] += seconds * row.cpu
+            acc[2] += seconds * row.memory_gib
+    if storage:
+        for row, start, end in pieces(StorageInterval):
+            for day, seconds in _days(start, end) if by == "day" else ((0, end - start),):
+                key = day if by == "day" else row.user_id
+                stored.setdefault((key, row.user_id if by == "day" else "", row.storage_class), [0.0])[0] += (
+                    seconds * row.bytes
+                )
+    return compute, stored
 
 
 @dataclass
@@ -233,47 +480,29 @@ class Usage:
 
 def usage_by(
     db: Session, prices: PriceTable, lo: dt.datetime, hi: dt.datetime, *,
-    by: Literal["user", "application"] = "user", user_ids: list[str] | None = None, now: dt.datetime | None = None,
-) -> dict[str, Usage]:  # fmt: skip
-    """Usage and estimated cost per user id (or application slug) over [lo, hi), up to ``now``."""
+    by: Literal["user", "application", "day"] = "user", user_ids: list[str] | None = None,
+    now: dt.datetime | None = None,
+) -> dict[Any, Usage]:  # fmt: skip
+    """Usage and estimated cost per user id (or application slug, or UTC day's first second) over
+    [lo, hi), up to ``now``. Storage counts for users and days, not applications."""
     now_s = epoch(now or utcnow())
     lo_s, hi_s = epoch(lo), min(epoch(hi), now_s)
-    result: dict[str, Usage] = defaultdict(Usage)
+    result: dict[Any, Usage] = defaultdict(Usage)
     if hi_s <= lo_s:
         return result
-    end = func.coalesce(UsageInterval.end_s, now_s)
-    seconds = _overlap(UsageInterval.start_s, end, lo_s, hi_s)
-    key = UsageInterval.user_id if by == "user" else UsageInterval.application
-    query = (
-        select(key, UsageInterval.preset, func.sum(seconds), func.sum(seconds * UsageInterval.cpu),
-               func.sum(seconds * UsageInterval.memory_gib))
-        .where(UsageInterval.start_s < hi_s, or_(UsageInterval.end_s.is_(None), UsageInterval.end_s > lo_s))
-        .group_by(key, UsageInterval.preset)
-    )  # fmt: skip
-    if user_ids is not None:
-        query = query.where(UsageInterval.user_id.in_(user_ids))
-    for name, preset, env_s, cpu_s, mem_s in db.execute(query):
+    compute, stored = _sums(db, lo_s, hi_s, now_s, by, user_ids, storage=by != "application")
+    for (name, _user, preset), (env_s, cpu_s, mem_s) in compute.items():
         row = result[name]
-        core_hours, gib_hours = (cpu_s or 0) / 3600, (mem_s or 0) / 3600
-        row.environment_hours += (env_s or 0) / 3600
+        core_hours, gib_hours = cpu_s / 3600, mem_s / 3600
+        row.environment_hours += env_s / 3600
         row.core_hours += core_hours
         row.memory_gib_hours += gib_hours
         price = prices.compute_for(preset)
         row.compute_cost += core_hours * price.vcpu_hour + gib_hours * price.gib_hour
-    if by == "user":
-        s_end = func.coalesce(StorageInterval.end_s, now_s)
-        s_seconds = _overlap(StorageInterval.start_s, s_end, lo_s, hi_s)
-        storage_query = (
-            select(StorageInterval.user_id, StorageInterval.storage_class, func.sum(s_seconds * StorageInterval.bytes))
-            .where(StorageInterval.start_s < hi_s, or_(StorageInterval.end_s.is_(None), StorageInterval.end_s > lo_s))
-            .group_by(StorageInterval.user_id, StorageInterval.storage_class)
-        )
-        if user_ids is not None:
-            storage_query = storage_query.where(StorageInterval.user_id.in_(user_ids))
-        for user_id, storage_class, byte_seconds in db.execute(storage_query):
-            gb_months = float(byte_seconds or 0) / GIB / (HOURS_PER_MONTH * 3600)
-            result[user_id].storage_gb_months += gb_months
-            result[user_id].storage_cost += gb_months * prices.storage_for(storage_class)
+    for (name, _user, storage_class), (byte_seconds,) in stored.items():
+        gb_months = float(byte_seconds) / GIB / (HOURS_PER_MONTH * 3600)
+        result[name].storage_gb_months += gb_months
+        result[name].storage_cost += gb_months * prices.storage_for(storage_class)
     return result
 
 
@@ -376,12 +605,21 @@ def report(
     moment = now or utcnow()
     result = Report(start=start, end=end, group_by=group_by, prices=prices)
     if group_by == "day":
+        # UTC days: one pass over the daily rollups; days from another hour of the day: one each
+        by_day = (
+            usage_by(db, prices, start, end, by="day", user_ids=user_ids, now=moment)
+            if epoch(start) % DAY_S == 0
+            else None
+        )
         day = start
         while day < end:
             following = min(end, day + dt.timedelta(days=1))
-            total = Usage()
-            for usage in usage_by(db, prices, day, following, user_ids=user_ids, now=moment).values():
-                total.add(usage)
+            if by_day is not None:
+                total = by_day.get(epoch(day), Usage())
+            else:
+                total = Usage()
+                for usage in usage_by(db, prices, day, following, user_ids=user_ids, now=moment).values():
+                    total.add(usage)
             result.rows.append((day.date().isoformat(), day.strftime("%a %d %b"), total))
             day = following
     elif group_by == "application":
@@ -418,13 +656,14 @@ def _emails(db: Session, user_ids: list[str]) -> dict[str, str]:
 def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
     """All-time core-hours per user id, and the bytes each user stores now (for /metrics)."""
     now_s = epoch(utcnow())
-    end = func.coalesce(UsageInterval.end_s, now_s)
-    core = dict(
-        db.execute(
-            select(UsageInterval.user_id, func.sum((end - UsageInterval.start_s) * UsageInterval.cpu))
-            .group_by(UsageInterval.user_id)
-        ).all()
-    )  # fmt: skip
+    core: dict[str, float] = defaultdict(float)
+    closed = select(UsageRollup.user_id, func.sum(UsageRollup.cpu_seconds)).where(UsageRollup.span == "month")
+    running = select(UsageInterval.user_id, func.sum((now_s - UsageInterval.start_s) * UsageInterval.cpu)).where(
+        UsageInterval.end_s.is_(None)
+    )
+    for query in (closed.group_by(UsageRollup.user_id), running.group_by(UsageInterval.user_id)):
+        for uid, cpu_seconds in db.execute(query):
+            core[uid] += float(cpu_seconds or 0) / 3600
     stored = dict(
         db.execute(
             select(StorageInterval.user_id, func.sum(StorageInterval.bytes))
@@ -432,7 +671,7 @@ def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
             .group_by(StorageInterval.user_id)
         ).all()
     )  # fmt: skip
-    return {uid: float(v or 0) / 3600 for uid, v in core.items()}, {uid: int(v or 0) for uid, v in stored.items()}
+    return dict(core), {uid: int(v or 0) for uid, v in stored.items()}
 
 
 @dataclass

@@ -253,7 +253,15 @@ def resolve_target(db: Session, scope: str, target: str) -> tuple[str, str]:
 
 
 def set_budget(
-    db: Session, prices: PriceTable, *, actor_id: str, scope: str, target: str, amount: float, unit: str, hard: bool
+    db: Session,
+    prices: PriceTable,
+    *,
+    actor_id: str | None,
+    scope: str,
+    target: str,
+    amount: float,
+    unit: str,
+    hard: bool,
 ) -> Budget:
     if unit not in UNITS:
         raise InvalidRequest(f"a budget's unit is one of {', '.join(UNITS)}, not {unit!r}")
@@ -287,7 +295,7 @@ def _reset_crossings(db: Session, prices: PriceTable, budget: Budget) -> None:
     db.commit()
 
 
-def delete_budget(db: Session, *, actor_id: str, scope: str, target: str) -> None:
+def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str) -> None:
     target_id, label = resolve_target(db, scope, target)
     budget = db.execute(select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)).scalar_one_or_none()
     if budget is None:
@@ -298,7 +306,7 @@ def delete_budget(db: Session, *, actor_id: str, scope: str, target: str) -> Non
     db.commit()
 
 
-def set_group(db: Session, *, actor_id: str, name: str, members: list[str]) -> Group:
+def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
     """Create or replace a group's members (users given by id or e-mail)."""
     name = name.strip()
     if not 1 <= len(name) <= 100:
@@ -353,7 +361,7 @@ def groups(db: Session) -> list[dict[str, Any]]:
     return list(found.values())
 
 
-def delete_group(db: Session, *, actor_id: str, name: str) -> None:
+def delete_group(db: Session, *, actor_id: str | None, name: str) -> None:
     group_id, label = resolve_target(db, "group", name)
     group = db.get(Group, group_id)
     db.delete(group)

@@ -6,6 +6,7 @@ import { useUser } from "@/components/Shell";
 import { Card, LoadState, Name, StatusBadge, useLoad, useNow } from "@/components/ui";
 import { api, type Schemas, unwrap } from "@/lib/api";
 import { formatBytes, plural, since, stoppedBecause } from "@/lib/format";
+import { estimateNote, hours, money } from "@/lib/usage";
 
 declare global {
   interface Window {
@@ -59,7 +60,8 @@ export default function DashboardPage() {
       a.items.filter((item) => !QUIET.has(item.kind)).slice(0, 8),
     ),
   );
-  const ready = !environments.loading && !storages.loading && !activity.loading;
+  const usage = useLoad(() => unwrap(api.GET("/api/v1/usage/me")));
+  const ready = !environments.loading && !storages.loading && !activity.loading && !usage.loading;
   const names = new Map((environments.data ?? []).map((env) => [env.id, env.name]));
 
   useEffect(() => {
@@ -118,6 +120,29 @@ export default function DashboardPage() {
                 </p>
               ))}
               <Link href="/storage/">Manage storage</Link>
+            </>
+          ) : null}
+        </Card>
+        <Card id="my-usage" title="This month">
+          <LoadState load={usage} what="Adding up your usage" empty={false}>
+            {null}
+          </LoadState>
+          {usage.data?.totals ? (
+            <>
+              <p className="big">{money(usage.data.totals.cost, usage.data.currency)}</p>
+              <p>
+                estimated for {hours(usage.data.totals.environment_hours)} environment hours (
+                {hours(usage.data.totals.core_hours)} core-hours) and {usage.data.totals.storage_gb_months.toFixed(3)} GB-months
+                of storage.
+              </p>
+              {(usage.data.budgets ?? [])
+                .filter((budget) => budget.state !== "ok")
+                .map((budget) => (
+                  <p key={budget.id} className="warning" role="status">
+                    {budget.message}
+                  </p>
+                ))}
+              <p className="small muted estimate">{estimateNote(usage.data)}</p>
             </>
           ) : null}
         </Card>

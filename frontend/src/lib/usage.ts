@@ -1,0 +1,35 @@
+// Usage reports as the UI shows them: amounts are estimates from list prices, never a bill.
+import type { Schemas } from "@/lib/api";
+
+export type UsageReport = Schemas["UsageReport"];
+export type UsageRow = Schemas["UsageRow"];
+
+/** "2026-11" of a date (UTC). */
+export function monthOf(date: Date): string {
+  return date.toISOString().slice(0, 7);
+}
+
+/** [first day, first day of the next month) of "2026-11", as the API's from/to dates. */
+export function monthRange(month: string): { from: string; to: string } {
+  const [year, number] = month.split("-").map(Number);
+  const next = number === 12 ? `${year + 1}-01` : `${year}-${String(number + 1).padStart(2, "0")}`;
+  return { from: `${month}-01`, to: `${next}-01` };
+}
+
+export function money(amount: number, currency: string): string {
+  try {
+    return new Intl.NumberFormat(undefined, { style: "currency", currency }).format(amount);
+  } catch {
+    return `${amount.toFixed(2)} ${currency}`; // a currency code the browser does not know
+  }
+}
+
+export function hours(value: number): string {
+  if (value < 1) return value.toFixed(2);
+  return value < 10 ? value.toFixed(1) : Math.round(value).toLocaleString();
+}
+
+/** The line every amount carries: whose list prices, read when ("Estimates from aws list prices read on …"). */
+export function estimateNote(report: UsageReport): string {
+  return `${report.estimate.charAt(0).toUpperCase()}${report.estimate.slice(1)}.`;
+}
