@@ -566,10 +566,10 @@ class GoogleApiFake:
 
     # -- storagetransfer v1 ----------------------------------------------------------------------
     def _create_transfer_job(self, body: Any) -> dict[str, Any]:
-        job = self._require(body, {"projectId": str, "transferSpec": dict},
-                            {"name", "description", "status", "schedule", "notificationConfig", "loggingConfig"})  # fmt: skip
+        optional = {"name", "description", "status", "schedule", "notificationConfig", "loggingConfig"}
+        job = self._require(body, {"projectId": str, "transferSpec": dict}, optional)
         if job["projectId"] != self.project:
-            raise ApiError(403, f"The caller does not have permission on project {job['projectId']!r}", "PERMISSION_DENIED")
+            raise ApiError(403, f"The caller has no permission on project {job['projectId']!r}", "PERMISSION_DENIED")
         name = job.get("name") or f"transferJobs/{next(self._ids)}"
         if not re.fullmatch(r"transferJobs/[A-Za-z0-9_-]+", name) or name.startswith("transferJobs/OPI"):
             raise ApiError(400, f"Invalid value for field 'name': {name!r}")
@@ -577,7 +577,8 @@ class GoogleApiFake:
             raise ApiError(409, f"Transfer job {name} already exists")
         spec = self._require(job["transferSpec"], {"awsS3DataSource": dict, "gcsDataSink": dict},
                              {"transferOptions", "objectConditions"})  # fmt: skip
-        source = self._require(spec["awsS3DataSource"], {"bucketName": str}, {"awsAccessKey", "roleArn", "path"})
+        source = self._require(spec["awsS3DataSource"], {"bucketName": str},
+                               {"awsAccessKey", "roleArn", "path"})  # fmt: skip
         if ("awsAccessKey" in source) == ("roleArn" in source):
             raise ApiError(400, "Exactly one of awsAccessKey or roleArn must be set in awsS3DataSource")
         if "awsAccessKey" in source:
@@ -604,9 +605,9 @@ class GoogleApiFake:
             final = "SUCCESS"
         except Exception as exc:  # what the service reports: the failure, in errorBreakdowns
             final = "FAILED"
-            metadata["errorBreakdowns"] = [{"errorCode": "PERMISSION_DENIED" if "Denied" in str(exc) else "UNKNOWN",
-                                            "errorCount": "1",
-                                            "errorLogEntries": [{"url": "s3://", "errorDetails": [str(exc)]}]}]  # fmt: skip
+            code = "PERMISSION_DENIED" if "Denied" in str(exc) else "UNKNOWN"
+            entries = [{"url": "s3://", "errorDetails": [str(exc)]}]
+            metadata["errorBreakdowns"] = [{"errorCode": code, "errorCount": "1", "errorLogEntries": entries}]
         self.transfer_operations[operation_name] = {"name": operation_name, "metadata": metadata, "done": False,
                                                     "final": final}  # fmt: skip
         return {"name": operation_name, "metadata": {**metadata, "counters": {}}, "done": False}
@@ -640,21 +641,27 @@ class GoogleApiFake:
             assumed = sts.assume_role_with_web_identity(
                 RoleArn=source["roleArn"], RoleSessionName="storage-transfer", WebIdentityToken="google-id-token"
             )["Credentials"]
-            keys = {"aws_access_key_id": assumed["AccessKeyId"], "aws_secret_access_key": assumed["SecretAccessKey"],
+            keys = {"aws_access_key_id": assumed["AccessKeyId"],
+                    "aws_secret_access_key": assumed["SecretAccessKey"],
                     "aws_session_token": assumed["SessionToken"]}  # fmt: skip
         else:
             keys = {"aws_access_key_id": source["awsAccessKey"]["accessKeyId"],
                     "aws_secret_access_key": source["awsAccessKey"]["secretAccessKey"]}  # fmt: skip
         s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", **keys)
-        sink = storage.Client(project=self.project, credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-                              client_options={"api_endpoint": self.gcs_endpoint}).bucket(spec["gcsDataSink"]["bucketName"])  # fmt: skip
+        anonymous: Any = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        client = storage.Client(project=self.project, credentials=anonymous,
+                                client_options={"api_endpoint": self.gcs_endpoint})  # fmt: skip
+        sink = client.bucket(spec["gcsDataSink"]["bucketName"])
         objects = skipped = copied_bytes = 0
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=source["bucketName"]):
             for item in page.get("Contents", []):
                 key, size, etag = item["Key"], item["Size"], item["ETag"].strip('"')
                 existing = sink.get_blob(key)
-                if existing is not None and existing.size == size and key not in self.transfer_damages and (
-                    existing.md5_hash and base64.b64decode(existing.md5_hash).hex() == etag
+                if (
+                    existing is not None
+                    and existing.size == size
+                    and key not in self.transfer_damages
+                    and (existing.md5_hash and base64.b64decode(existing.md5_hash).hex() == etag)
                 ):
                     skipped += 1
                     continue

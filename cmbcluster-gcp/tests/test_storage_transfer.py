@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from google_api_fake import TOKEN, FakeServer, GoogleApiFake
 from moto.server import ThreadedMotoServer
+from pydantic import SecretStr
 
 from cmbcluster.app import create_app
 from cmbcluster.db.models import Storage
@@ -83,7 +84,7 @@ def seed(data_dir: Path) -> str:
 
 def gcp_settings(sts: GoogleApiFake, gcs_emulator: str, **extra: Any) -> GcpSettings:
     return GcpSettings(project_id=PROJECT, region="europe-west1", storage_emulator_host=gcs_emulator,
-                       google_api_endpoint=sts.url, google_oauth_access_token=TOKEN, **extra)  # fmt: skip
+                       google_api_endpoint=sts.url, google_oauth_access_token=SecretStr(TOKEN), **extra)  # fmt: skip
 
 
 def migration(data_dir: Path, moto: str, target: GcsStorage, settings: GcpSettings) -> tuple[Migration, Any]:
@@ -173,7 +174,8 @@ def test_a_failed_job_and_refused_calls_are_typed_errors(
         return StorageTransferJob(settings, source, "sink-bucket", poll_interval=0.01)
 
     # the source bucket does not exist: the operation ends FAILED, said with the service's reason
-    with pytest.raises(ProviderUnavailable, match="transfer of s3://no-such-bucket to gs://sink-bucket failed") as failed:
+    failed_job = r"transfer of s3://no-such-bucket to gs://sink-bucket failed"
+    with pytest.raises(ProviderUnavailable, match=failed_job) as failed:
         job("no-such-bucket").run()
     assert "NoSuchBucket" in str(failed.value.detail)
     # a 503 is retried, then the job runs
@@ -184,7 +186,7 @@ def test_a_failed_job_and_refused_calls_are_typed_errors(
     # a refusal is not retried: 403 becomes PermissionDenied naming what to grant
     sts.fail_next("POST", r"^/v1/transferJobs$", 403)
     before = len(sts.calls("POST", r"^/v1/transferJobs$"))
-    with pytest.raises(PermissionDenied, match="storagetransfer.user"):
+    with pytest.raises(PermissionDenied, match=r"storagetransfer\.user"):
         job("no-such-bucket").run()
     assert len(sts.calls("POST", r"^/v1/transferJobs$")) == before + 1
     # no credentials for S3: a clear configuration error before any call

@@ -140,9 +140,10 @@ class StorageTransferJob(ManagedTransfer):
         if error or status != "SUCCESS":
             breakdowns = metadata.get("errorBreakdowns") or []
             detail = "; ".join(
-                f"{b.get('errorCode')}: {', '.join(e.get('errorDetails', [''])[0] for e in b.get('errorLogEntries', []))}"
+                f"{b.get('errorCode')}: " + ", ".join(str((e.get("errorDetails") or [""])[0])
+                                                      for e in b.get("errorLogEntries", []))
                 for b in breakdowns
-            ) or (error.get("message") if isinstance(error, dict) else None) or f"status {status}"
+            ) or (error.get("message") if isinstance(error, dict) else None) or f"status {status}"  # fmt: skip
             raise ProviderUnavailable(f"{self.what} failed", detail=detail)
 
     def _delete(self, job: str) -> None:
