@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,35 @@ from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.storage import GcsStorage
 
 REGION, ACCOUNT = "eu-west-1", "123456789012"
-LARGE = os.urandom(20 * 1024 * 1024 + 7)
+#: The large object (100 MiB and a few bytes, so the last part of a multipart copy is short) is
+#: never held whole: it is generated chunk by chunk, the same bytes each time, and checked by MD5.
+LARGE_KEY, LARGE_SIZE = "maps/large.fits", 100 * 1024 * 1024 + 7
+
+
+def large_chunks(chunk: int = 1024 * 1024) -> Iterator[bytes]:
+    rng = random.Random(LARGE_SIZE)  # seeded: every call yields the same bytes
+    for start in range(0, LARGE_SIZE, chunk):
+        yield rng.randbytes(min(chunk, LARGE_SIZE - start))
+
+
+def md5_of_chunks(chunks: Iterable[bytes]) -> str:
+    digest = hashlib.md5()
+    for part in chunks:
+        digest.update(part)
+    return digest.hexdigest()
+
+
 FILES: dict[str, bytes] = {
     "readme.txt": b"hello",
     "empty": b"",
     "runs/2026/12/chain_1.txt": os.urandom(300_000),
     "données/température ☀.csv": "é,☀\n1,2\n".encode(),
-    "maps/large.fits": LARGE,
     **{f"small/{i:03d}.dat": os.urandom(4096) for i in range(300)},
+}
+#: Every object's expected size and MD5, the large one's computed once while streaming it.
+EXPECTED: dict[str, tuple[int, str]] = {
+    **{key: (len(content), hashlib.md5(content).hexdigest()) for key, content in FILES.items()},
+    LARGE_KEY: (LARGE_SIZE, md5_of_chunks(large_chunks())),
 }
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
@@ -113,13 +135,14 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def seed(data_dir: Path) -> str:
-    """A user with a bucket of FILES on the embedded default; the storage's id."""
+    """A user with a bucket of FILES and the large object on the embedded default; the storage's id."""
     app = create_app(CoreSettings(data_dir=data_dir))
     with TestClient(app, base_url=LOCAL) as client:
         dev_sign_in(client, "root@example.org")
         alice = dev_sign_in(client, "alice@example.org", "Alice")
         storage = client.post("/api/v1/storages", headers=alice, json={"display_name": "data"}).json()
-        for key, content in FILES.items():
+        uploads: dict[str, Iterable[bytes]] = {**{k: [v] for k, v in FILES.items()}, LARGE_KEY: large_chunks()}
+        for key, content in uploads.items():
             assert client.put(
                 f"/api/v1/storages/{storage['id']}/objects/{key}", headers=alice, content=content
             ).is_success
@@ -128,10 +151,9 @@ def seed(data_dir: Path) -> str:
 
 def assert_holds_files(backend: Any, bucket: str) -> None:
     listed = {o.key: o.size for o in _all(backend, bucket)}
-    assert listed == {k: len(v) for k, v in FILES.items()}
-    for key, content in FILES.items():
-        got = hashlib.md5(b"".join(backend.download_object(bucket, key))).hexdigest()
-        assert got == hashlib.md5(content).hexdigest(), key
+    assert listed == {key: size for key, (size, _) in EXPECTED.items()}
+    for key, (_, md5) in EXPECTED.items():
+        assert md5_of_chunks(backend.download_object(bucket, key)) == md5, key
 
 
 def _all(backend: Any, bucket: str) -> list[Any]:
@@ -164,7 +186,7 @@ def test_local_to_s3_killed_mid_copy_resumes_without_copying_verified_objects_ag
     process.send_signal(signal.SIGKILL)
     process.wait()
     before_kill = verified()
-    assert 0 < len(before_kill) < len(FILES)
+    assert 0 < len(before_kill) < len(EXPECTED)
     written = Counter(puts)
 
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -172,11 +194,11 @@ def test_local_to_s3_killed_mid_copy_resumes_without_copying_verified_objects_ag
     assert done.returncode == 0, done.stdout + done.stderr
     for key in before_kill:  # verified before the kill: not written again
         assert puts[key] == written[key] == 1, key
-    assert all(puts[key] >= 1 for key in FILES)
+    assert all(puts[key] >= 1 for key in EXPECTED)
     with sessions() as db:
         row = db.get(Storage, storage_id)
         assert row is not None and row.backend == "aws"
-        assert db.execute(select(func.count()).select_from(MigrationObject)).scalar_one() == len(FILES)
+        assert db.execute(select(func.count()).select_from(MigrationObject)).scalar_one() == len(EXPECTED)
         bucket = row.bucket_name
     s3 = S3Storage(AwsSettings(_env_file=None, aws_region=REGION, aws_account_id=ACCOUNT, endpoint_url=moto))  # type: ignore[call-arg]
     try:
@@ -196,10 +218,10 @@ def served_by_the_destination(data_dir: Path, storage_id: str, moto: str, monkey
         storages = client.get("/api/v1/storages", headers=alice)
         assert storages.status_code == 200, storages.text
         assert [(s["id"], s["display_name"]) for s in storages.json()["storages"]] == [(storage_id, "data")]
-        for key in ("readme.txt", "empty", "données/température ☀.csv", "maps/large.fits"):
-            got = client.get(f"/api/v1/storages/{storage_id}/objects/{key}", headers=alice)
-            assert got.status_code == 200, (key, got.text)
-            assert got.content == FILES[key], key
+        for key in ("readme.txt", "empty", "données/température ☀.csv", LARGE_KEY):
+            with client.stream("GET", f"/api/v1/storages/{storage_id}/objects/{key}", headers=alice) as got:
+                assert got.status_code == 200, (key, got.read())
+                assert md5_of_chunks(got.iter_bytes()) == EXPECTED[key][1], key
 
 
 def test_s3_to_gcs_to_local(tmp_path: Path, moto: str, gcs: str) -> None:

@@ -10,6 +10,10 @@ A real HTTP server on 127.0.0.1 that serves, under one base URL, the paths of:
 - iam v1: service accounts and their IAM policies
 - cloudresourcemanager v1 (project IAM policy, testIamPermissions) and v3 (the project's number)
 - compute v1: persistent disks (aggregated list by label, delete)
+- storagetransfer v1: transfer jobs (create, run, patch) and transfer operations; running a job
+  with an ``awsS3DataSource`` really copies the objects from S3 (``s3_endpoint``, a moto server,
+  with the job's access key or the role it names) into the GCS sink (``gcs_endpoint``, the GCS
+  emulator), skipping objects already there with the same size and MD5 (``overwriteWhen: DIFFERENT``)
 
 It checks what the documented APIs check and what our code relies on: the bearer token, JSON
 bodies with the documented field names and types, names that match the path, references to
@@ -25,6 +29,7 @@ left out of testIamPermissions' answers.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
@@ -77,6 +82,12 @@ class GoogleApiFake:
     propagation_refusals: int = 0
     unpropagated: dict[str, int] = field(default_factory=dict)
     project_number: str = "271828182845"
+    transfer_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name, "transferJobs/<id>"
+    transfer_operations: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
+    s3_endpoint: str | None = None  # where a transfer job reads S3 (a moto server)
+    gcs_endpoint: str | None = None  # where a transfer job writes Cloud Storage (the GCS emulator)
+    #: a key here (an object's S3 key) is written to the sink with its bytes reversed: a service gone wrong
+    transfer_damages: set[str] = field(default_factory=set)
     failures: list[tuple[str, re.Pattern[str], int]] = field(default_factory=list)
     url: str = ""
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -215,6 +226,10 @@ class GoogleApiFake:
              lambda: {"name": f"projects/{self.project_number}", "projectId": self.project}),
             ("GET", rf"/compute/v1/projects/{p}/aggregated/disks", lambda: self._list_disks(query)),
             ("DELETE", rf"/compute/v1/projects/{p}/zones/([^/]+)/disks/([^/]+)", self._delete_disk),
+            ("POST", r"/v1/transferJobs", lambda: self._create_transfer_job(body)),
+            ("POST", r"/v1/(transferJobs/[^/:]+):run", lambda j: self._run_transfer_job(j, body)),
+            ("PATCH", r"/v1/(transferJobs/[^/:]+)", lambda j: self._patch_transfer_job(j, body)),
+            ("GET", r"/v1/(transferOperations/[^/]+)", self._poll_transfer),
         ]  # fmt: skip
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -548,6 +563,126 @@ class GoogleApiFake:
         disk = self._get(self.disks, f"{zone}/{name}")
         del self.disks[f"{zone}/{name}"]
         return self._compute_operation(f"zones/{zone}", disk["zone"] + f"/disks/{name}", "delete")
+
+    # -- storagetransfer v1 ----------------------------------------------------------------------
+    def _create_transfer_job(self, body: Any) -> dict[str, Any]:
+        optional = {"name", "description", "status", "schedule", "notificationConfig", "loggingConfig"}
+        job = self._require(body, {"projectId": str, "transferSpec": dict}, optional)
+        if job["projectId"] != self.project:
+            raise ApiError(403, f"The caller has no permission on project {job['projectId']!r}", "PERMISSION_DENIED")
+        name = job.get("name") or f"transferJobs/{next(self._ids)}"
+        if not re.fullmatch(r"transferJobs/[A-Za-z0-9_-]+", name) or name.startswith("transferJobs/OPI"):
+            raise ApiError(400, f"Invalid value for field 'name': {name!r}")
+        if name in self.transfer_jobs:
+            raise ApiError(409, f"Transfer job {name} already exists")
+        spec = self._require(job["transferSpec"], {"awsS3DataSource": dict, "gcsDataSink": dict},
+                             {"transferOptions", "objectConditions"})  # fmt: skip
+        source = self._require(spec["awsS3DataSource"], {"bucketName": str},
+                               {"awsAccessKey", "roleArn", "path"})  # fmt: skip
+        if ("awsAccessKey" in source) == ("roleArn" in source):
+            raise ApiError(400, "Exactly one of awsAccessKey or roleArn must be set in awsS3DataSource")
+        if "awsAccessKey" in source:
+            self._require(source["awsAccessKey"], {"accessKeyId": str, "secretAccessKey": str}, set())
+        elif not re.fullmatch(r"arn:aws[a-z-]*:iam::[0-9]{12}:role/.+", source["roleArn"]):
+            raise ApiError(400, f"Invalid value for field 'roleArn': {source['roleArn']!r}")
+        self._require(spec["gcsDataSink"], {"bucketName": str}, {"path"})
+        stored = {**copy.deepcopy(job), "name": name, "status": job.get("status", "ENABLED")}
+        self.transfer_jobs[name] = stored
+        return {k: v for k, v in stored.items() if k != "transferSpec"} | {"transferSpec": _redacted(stored)}
+
+    def _run_transfer_job(self, name: str, body: Any) -> dict[str, Any]:
+        self._require(body, {"projectId": str}, set())
+        job = self._get(self.transfer_jobs, name)
+        if job["status"] != "ENABLED":
+            raise ApiError(400, f"Transfer job {name} is {job['status']}", "FAILED_PRECONDITION")
+        operation_name = f"transferOperations/{name.replace('/', '-')}-{next(self._ids)}"
+        metadata: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.storagetransfer.v1.TransferOperation", "name": operation_name,
+            "projectId": self.project, "transferJobName": name, "status": "IN_PROGRESS", "counters": {},
+        }  # fmt: skip
+        try:
+            metadata["counters"] = self._copy_s3_to_gcs(job["transferSpec"])
+            final = "SUCCESS"
+        except Exception as exc:  # what the service reports: the failure, in errorBreakdowns
+            final = "FAILED"
+            code = "PERMISSION_DENIED" if "Denied" in str(exc) else "UNKNOWN"
+            entries = [{"url": "s3://", "errorDetails": [str(exc)]}]
+            metadata["errorBreakdowns"] = [{"errorCode": code, "errorCount": "1", "errorLogEntries": entries}]
+        self.transfer_operations[operation_name] = {"name": operation_name, "metadata": metadata, "done": False,
+                                                    "final": final}  # fmt: skip
+        return {"name": operation_name, "metadata": {**metadata, "counters": {}}, "done": False}
+
+    def _poll_transfer(self, name: str) -> dict[str, Any]:
+        """IN_PROGRESS on the first read after the run, then the final state: callers must poll."""
+        operation = self._get(self.transfer_operations, name)
+        if not operation["done"]:
+            operation["done"] = True
+            return {"name": name, "metadata": operation["metadata"], "done": False}
+        return {"name": name, "metadata": {**operation["metadata"], "status": operation["final"]}, "done": True}
+
+    def _patch_transfer_job(self, name: str, body: Any) -> dict[str, Any]:
+        patch = self._require(body, {"projectId": str, "transferJob": dict}, {"updateTransferJobFieldMask"})
+        job = self._get(self.transfer_jobs, name)
+        if "status" in patch["transferJob"]:
+            job["status"] = patch["transferJob"]["status"]
+        return {k: v for k, v in job.items() if k != "transferSpec"}
+
+    def _copy_s3_to_gcs(self, spec: dict[str, Any]) -> dict[str, str]:
+        """What the service does: read every object of the S3 bucket and write it to the GCS bucket."""
+        import boto3
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        assert self.s3_endpoint and self.gcs_endpoint, "set the fake's s3_endpoint and gcs_endpoint"
+        source = spec["awsS3DataSource"]
+        if "roleArn" in source:  # the service assumes the role through web identity federation
+            sts = boto3.client("sts", endpoint_url=self.s3_endpoint, region_name="us-east-1",
+                               aws_access_key_id="google", aws_secret_access_key="google")  # fmt: skip
+            assumed = sts.assume_role_with_web_identity(
+                RoleArn=source["roleArn"], RoleSessionName="storage-transfer", WebIdentityToken="google-id-token"
+            )["Credentials"]
+            keys = {"aws_access_key_id": assumed["AccessKeyId"],
+                    "aws_secret_access_key": assumed["SecretAccessKey"],
+                    "aws_session_token": assumed["SessionToken"]}  # fmt: skip
+        else:
+            keys = {"aws_access_key_id": source["awsAccessKey"]["accessKeyId"],
+                    "aws_secret_access_key": source["awsAccessKey"]["secretAccessKey"]}  # fmt: skip
+        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", **keys)
+        anonymous: Any = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        client = storage.Client(project=self.project, credentials=anonymous,
+                                client_options={"api_endpoint": self.gcs_endpoint})  # fmt: skip
+        sink = client.bucket(spec["gcsDataSink"]["bucketName"])
+        objects = skipped = copied_bytes = 0
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=source["bucketName"]):
+            for item in page.get("Contents", []):
+                key, size, etag = item["Key"], item["Size"], item["ETag"].strip('"')
+                existing = sink.get_blob(key)
+                if (
+                    existing is not None
+                    and existing.size == size
+                    and key not in self.transfer_damages
+                    and (existing.md5_hash and base64.b64decode(existing.md5_hash).hex() == etag)
+                ):
+                    skipped += 1
+                    continue
+                body = s3.get_object(Bucket=source["bucketName"], Key=key)["Body"]
+                data = body.read()
+                if key in self.transfer_damages:
+                    data = data[::-1]
+                sink.blob(key).upload_from_string(data)
+                objects += 1
+                copied_bytes += size
+        return {"objectsCopiedToSink": str(objects), "bytesCopiedToSink": str(copied_bytes),
+                "objectsFromSourceSkippedBySync": str(skipped)}  # fmt: skip
+
+
+def _redacted(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's transferSpec as the API answers it: the access key's secret is never returned."""
+    spec = copy.deepcopy(job["transferSpec"])
+    key = spec["awsS3DataSource"].get("awsAccessKey")
+    if key is not None:
+        key.pop("secretAccessKey", None)
+    return dict(spec)
 
 
 def _handler(fake: GoogleApiFake) -> type[BaseHTTPRequestHandler]:

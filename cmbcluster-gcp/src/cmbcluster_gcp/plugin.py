@@ -13,7 +13,16 @@ from cmbcluster import (
     hookimpl,
 )
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
+from cmbcluster.interfaces import (
+    AuthProvider,
+    InfraProvider,
+    ManagedTransfer,
+    PodContext,
+    PodDraft,
+    Provisioner,
+    StorageBackend,
+    TransferEnd,
+)
 from cmbcluster_gcp.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_gcp.prices import cmbcluster_price_table  # noqa: F401 - registers the hook
 from cmbcluster_gcp.settings import GcpSettings
@@ -101,3 +110,13 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
         from cmbcluster_gcp.pods import decorate_gke_pod
 
         decorate_gke_pod(draft, context, settings)
+
+
+@hookimpl
+def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+    """Storage Transfer Service for buckets moving from S3 to Cloud Storage (it pulls from S3)."""
+    if source.backend != "aws" or target.backend != "gcp" or not isinstance(target.settings, GcpSettings):
+        return None
+    from cmbcluster_gcp.transfer import StorageTransferJob
+
+    return StorageTransferJob(target.settings, source.bucket, target.bucket)

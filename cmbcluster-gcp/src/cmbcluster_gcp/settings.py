@@ -158,6 +158,27 @@ class GcpSettings(BaseSettings):
         description="Replaces https://<service>.googleapis.com for the infra APIs; only tests point it elsewhere",
         json_schema_extra=LOCAL_ONLY,
     )
+    storage_transfer_aws_role_arn: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STORAGE_TRANSFER_AWS_ROLE_ARN"),
+        pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$",
+        description="`migrate run --managed-transfer` from S3: the AWS role Storage Transfer Service assumes "
+        "to read the source buckets (trusting Google's transfer service account); preferred to an access key",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    storage_transfer_aws_access_key_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STORAGE_TRANSFER_AWS_ACCESS_KEY_ID"),
+        description="`migrate run --managed-transfer` from S3 without a role: a long-lived AWS access key "
+        "Storage Transfer Service reads the source buckets with",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    storage_transfer_aws_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STORAGE_TRANSFER_AWS_SECRET_ACCESS_KEY"),
+        description="The secret of STORAGE_TRANSFER_AWS_ACCESS_KEY_ID",
+        json_schema_extra=LOCAL_ONLY,
+    )
     google_oauth_access_token: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("GOOGLE_OAUTH_ACCESS_TOKEN"),
@@ -232,6 +253,14 @@ class GcpSettings(BaseSettings):
         if "deployment_name" in info.data and info.data["deployment_name"] is None:  # it names the deployment
             check_deployment_name(value, "CLUSTER_NAME")
         return value
+
+    @model_validator(mode="after")
+    def _transfer_key_pair(self) -> GcpSettings:
+        if (self.storage_transfer_aws_access_key_id is None) != (self.storage_transfer_aws_secret_access_key is None):
+            raise ValueError(
+                "STORAGE_TRANSFER_AWS_ACCESS_KEY_ID and STORAGE_TRANSFER_AWS_SECRET_ACCESS_KEY are set together"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_prefix(self) -> GcpSettings:
