@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -265,6 +266,8 @@ def set_budget(
 ) -> Budget:
     if unit not in UNITS:
         raise InvalidRequest(f"a budget's unit is one of {', '.join(UNITS)}, not {unit!r}")
+    if not math.isfinite(amount):  # "nan" and "inf" parse as floats
+        raise InvalidRequest(f"a budget's amount must be a finite number, not {amount}")
     if not amount > 0:
         raise InvalidRequest("a budget's amount must be more than 0")
     target_id, label = resolve_target(db, scope, target)
