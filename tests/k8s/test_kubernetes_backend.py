@@ -451,34 +451,6 @@ def test_restart_after_stop(backend: KubernetesCompute, admin: k8s.CoreV1Api) ->
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
-def test_with_nothing_secret_and_no_claim_the_pod_is_the_root(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
-    """No variables, no secret files, no claims: no Secret; the Pod owns its Service and Ingress
-    (one API object fewer per start), and stop, restart and delete work as with a Secret."""
-    environment_id = new_id()
-    plain = {"env": {}, "secret_files": {}, "volumes": ()}
-    backend.start(make_spec(environment_id, **plain))
-    running(backend, environment_id)
-    name = object_name(environment_id)
-    assert sorted(labelled_objects(admin, backend.namespace, environment_id)) == [
-        f"Ingress/{name}", f"Pod/{name}", f"Service/{name}",
-    ]  # fmt: skip
-    pod = admin.read_namespaced_pod(name, backend.namespace)
-    assert not pod.metadata.owner_references
-    service = admin.read_namespaced_service(name, backend.namespace)
-    ingress = k8s.NetworkingV1Api(admin.api_client).read_namespaced_ingress(name, backend.namespace)
-    for obj in (service, ingress):
-        assert [(o.kind, o.name, o.uid) for o in obj.metadata.owner_references] == [("Pod", name, pod.metadata.uid)]
-    backend.stop(environment_id)
-    backend.start(make_spec(environment_id, **plain))  # while the old pod may still be terminating
-    running(backend, environment_id)
-    again = admin.read_namespaced_pod(name, backend.namespace)
-    assert again.metadata.uid != pod.metadata.uid
-    service = admin.read_namespaced_service(name, backend.namespace)
-    assert [o.uid for o in service.metadata.owner_references] == [again.metadata.uid]
-    backend.delete(environment_id)
-    wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
-
-
 def test_a_start_never_adopts_the_pod_a_stop_is_still_removing(
     backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:

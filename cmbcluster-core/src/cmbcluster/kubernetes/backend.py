@@ -8,9 +8,7 @@ Per environment ``<id>`` the backend creates, in its namespace:
 - a **Secret** ``env-<id>`` holding the user's variables and secret files (mounted read-only
   at :data:`~cmbcluster.kubernetes.manifests.SECRETS_DIR`), a **Service** and an **Ingress**
   ``env-<id>`` (see :mod:`cmbcluster.kubernetes.routing`) and the storage volumes' objects
-  (PVCs), all owned by the Secret so that deleting it garbage-collects them; an environment with
-  no variables, no secret files and no claims has no Secret, and its Pod owns the Service and
-  Ingress (one API object fewer per start, which a burst of starts on a busy API server feels);
+  (PVCs), all owned by the Secret so that deleting it garbage-collects them;
 - cluster-scoped **PersistentVolumes** when the storage backend asks for them: no owner
   reference is possible, so stop/delete remove them explicitly, found by label;
 - the user's **ServiceAccount**, when the infra provider gives users a cloud identity of their
@@ -252,8 +250,7 @@ class KubernetesCompute(ComputeBackend):
         self._ensure_network_policy()
         if spec.identity is not None and spec.identity.service_account:
             self._ensure_service_account(spec)
-        # The Secret is the environment's root object (the Pod is, when there is nothing secret and
-        # no claim, saving an API object per start): created first, it owns everything else
+        # The Secret is the environment's root object: created first, it owns everything else
         # (created owned, so no second call to set owners), and deleting it garbage-collects the
         # rest. What the pod needs (Secret, volumes, claims) exists before the pod, so neither
         # the scheduler nor the kubelet waits on a missing object; Service and Ingress follow the
@@ -261,36 +258,24 @@ class KubernetesCompute(ComputeBackend):
         # be owned by a namespaced object: stop/delete remove them by label.
         for volume in (obj for obj in extras if obj["kind"] == "PersistentVolume"):
             self._ensure(volume, labels)
-        claims = [o for o in extras if o["kind"] != "PersistentVolume"]
-        routes = [
+        owner = owner_reference(self._ensure(secret, labels), draft.name)
+        for obj in (o for o in extras if o["kind"] != "PersistentVolume"):  # claims: before the pod
+            obj["metadata"]["ownerReferences"] = [owner]
+            self._ensure(obj, labels, owner_uid=owner["uid"])
+        # The pod, its Service and its Ingress do not depend on each other: sent at once.
+        together = [
+            pod_manifest,
             build_service(draft.name, labels, draft.port),
             self.options.exposure.ingress(draft.name, spec.environment_id, labels),
         ]
-        if not secret["data"] and not claims:
-            # Nothing secret, no claim the pod waits for: the Pod is the root, sent first.
-            pod = self._ensure(pod_manifest, labels)
-            pending = self._send_owned(routes, owner_reference(pod, draft.name), labels)
-        else:
-            owner = owner_reference(self._ensure(secret, labels), draft.name)
-            for obj in claims:  # before the pod
-                obj["metadata"]["ownerReferences"] = [owner]
-                self._ensure(obj, labels, owner_uid=owner["uid"])
-            # The pod, its Service and its Ingress do not depend on each other: sent at once.
-            (sent,) = self._send_owned([pod_manifest], owner, labels)
-            pending = self._send_owned(routes, owner, labels)
-            pod = sent.result()
+        for obj in together:
+            obj["metadata"]["ownerReferences"] = [owner]
+        futures = [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in together]
+        pod = futures[0].result()
         self.pods.put(pod)  # readers see it before its watch event arrives
-        for future in pending:
+        for future in futures[1:]:
             future.result()
         return self._status(spec.environment_id, pod)
-
-    def _send_owned(
-        self, objects: list[dict[str, Any]], owner: dict[str, Any], labels: dict[str, str]
-    ) -> list[concurrent.futures.Future[dict[str, Any]]]:
-        """Start creating ``objects`` owned by ``owner``, each in its own thread."""
-        for obj in objects:
-            obj["metadata"]["ownerReferences"] = [owner]
-        return [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in objects]
 
     def _ensure_network_policy(self) -> None:
         """The namespace's one NetworkPolicy over user pods; an existing one (the Helm chart's) is kept."""

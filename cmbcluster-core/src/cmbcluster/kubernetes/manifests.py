@@ -366,13 +366,12 @@ def prepare_extra(obj: dict[str, Any], labels: dict[str, str], namespace: str) -
 
 
 def owner_reference(root: dict[str, Any], fallback_name: str) -> dict[str, Any]:
-    """The reference to the environment's root object (its Secret, or its Pod when it has nothing
-    secret and no claims) every other namespaced object carries, so that deleting the root
-    garbage-collects them."""
+    """The reference to the environment's root Secret every other namespaced object carries, so that
+    deleting the Secret garbage-collects them."""
     meta = metadata(root)
     return {
         "apiVersion": "v1",
-        "kind": root.get("kind") or "Secret",
+        "kind": "Secret",
         "name": meta.get("name", fallback_name),
         "uid": meta.get("uid", ""),
         "blockOwnerDeletion": False,
