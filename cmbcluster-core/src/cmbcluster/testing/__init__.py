@@ -14,6 +14,7 @@ The suites: :mod:`~cmbcluster.testing.storage` (``StorageContract``), :mod:`~cmb
 (``AuthProviderContract``), :mod:`~cmbcluster.testing.infra` (``InfraProviderContract``),
 :mod:`~cmbcluster.testing.pods` (``PodDecorationContract``), :mod:`~cmbcluster.testing.provisioning`
 (``ProvisionerContract``), :mod:`~cmbcluster.testing.deploy` (``DeployValuesContract``) and
-:mod:`~cmbcluster.testing.lifecycle` (``LifecycleContract``); ``docs/plugins/testing.md`` covers
+:mod:`~cmbcluster.testing.lifecycle` (``LifecycleContract``), :mod:`~cmbcluster.testing.prices`
+(``PriceTableContract``); ``docs/plugins/testing.md`` covers
 each, and the helpers beside them.
 """
