@@ -12,8 +12,9 @@ An open stream holds nothing while it waits: no database connection, no worker t
   and one short read-only database session, it reads every environment that streams follow,
   takes what the backend now reports for those still starting, and hands each stream its new
   state at once; recording that report in the database (as the reconcile loop does) follows in
-  the background, so a stream never waits for the database's write lock, which a burst of
-  starts keeps busy.
+  the background, so progress never waits for the database's write lock, which a burst of starts
+  keeps busy. An end (running, failed) reaches the streams once recorded: a stream that says
+  ``running`` means the environment opens.
 
 Changes made by another replica reach this one through the database, which every replica reads
 at that interval: a replica that does not reconcile still sees every change. (PostgreSQL's
@@ -181,6 +182,8 @@ class ProgressHub:
         pass meanwhile does not start another, and the next one finds what is still behind."""
         try:
             await anyio.to_thread.run_sync(self._write, environment_ids, limiter=self._writer)
+            if self._wake is not None:
+                self._wake.set()  # the next pass reads what was recorded: an end reaches its streams
         except Exception:  # the database busy past its timeout: the next pass or the reconcile loop retries
             log.warning("recording the progress of %d starting environments failed", len(environment_ids),
                         exc_info=True)  # fmt: skip
@@ -206,8 +209,11 @@ class ProgressHub:
                     if row.status in ("pending", "starting"):
                         found = reported(row.desired_state, self.compute.status(row.id))
                         if found is not None and found != now:
-                            now = found
                             behind.append(row.id)
+                            if found[0] not in TERMINAL:
+                                # Progress is shown at once; an end (running: the URL opens) only
+                                # once recorded, since what the stream announces must already hold.
+                                now = found
                     event = progress_event(*now)
                     if event["status"] in ("starting", "failed"):
                         # what the application is doing, or why it stopped (a failure ends the stream:
