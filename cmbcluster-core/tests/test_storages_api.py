@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from cmbcluster.app import create_app
 from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage, UploadJournal
@@ -744,3 +744,103 @@ def test_admins_set_a_users_quota_and_see_it(client: TestClient, admin: Headers,
         == 200
     )
     assert put(client, alice, made["id"], "big.bin", b"x" * 11).status_code == 201  # 0: no quota
+
+
+def test_a_group_quota_measures_only_the_bucket_uploaded_to_and_sums_the_rest_in_the_database(
+    client: TestClient, admin: Headers, alice: Headers, bob: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's members' buckets count as last measured (summed in one query), plus what was
+    uploaded through the API since: an upload measures the bucket it goes to, not every member's
+    bucket (a full listing each on a cloud), and a listing measures the caller's own buckets only.
+    Only an upload those figures would refuse measures the others again (deletes free room)."""
+    context = client.app.state.context  # type: ignore[attr-defined]
+    carol = dev_sign_in(client, "carol@example.org")
+    lab = "/api/v1/admin/groups/cmb-lab"
+    emails = ["alice@example.org", "bob@example.org", "carol@example.org"]
+    assert client.put(lab, headers=admin, json={"members": emails}).status_code == 200
+    assert client.patch(lab, headers=admin, json={"storage_quota_bytes": 5000}).status_code == 200
+    alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]  # her own quota counts too
+    own_quota = client.patch(f"/api/v1/admin/users/{alice_id}", headers=admin, json={"storage_quota_bytes": 10**6})
+    assert own_quota.status_code == 200
+    mine, other = create(client, alice, "mine"), create(client, alice, "other")
+    theirs = [create(client, bob, f"b{i}") for i in range(3)] + [create(client, carol, "c")]
+    assert put(client, bob, theirs[0]["id"], "b.bin", b"b" * 2000).status_code == 201
+    assert put(client, carol, theirs[3]["id"], "c.bin", b"c" * 500).status_code == 201
+
+    measured: list[str] = []  # the buckets listed to measure their usage, in order
+    bucket_usage = context.storage.bucket_usage
+
+    def counting(bucket: str) -> Any:
+        measured.append(bucket)
+        return bucket_usage(bucket)
+
+    monkeypatch.setattr(context.storage, "bucket_usage", counting)
+    statements: list[str] = []  # what the request itself asks of the database (not the measurements)
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not threading.current_thread().name.startswith("storage-usage"):
+            statements.append(statement)
+
+    event.listen(context.engine, "before_cursor_execute", record)
+    try:
+
+        def stale() -> None:
+            with context.sessions() as db:
+                old = dt.datetime.now(dt.UTC) - USAGE_MAX_AGE - dt.timedelta(minutes=1)
+                db.execute(update(Storage).values(usage_at=old))
+                db.commit()
+            measured.clear()
+            statements.clear()
+
+        stale()
+        assert put(client, alice, mine["id"], "a.bin", b"a" * 1000).status_code == 201
+        assert measured == [mine["bucket_name"]]
+        upload_statements = len(statements)
+
+        stale()
+        listed = client.get(API, headers=alice).json()
+        assert sorted(measured) == sorted([mine["bucket_name"], other["bucket_name"]])
+        assert listed["group_quotas"][0]["used_bytes"] == 3500  # Bob's and Carol's as cached, hers measured
+        assert sum("FROM storages" in s for s in statements) == 1  # her storages, read once
+        assert sum("group_members" in s for s in statements) == 2  # her groups, then the members' sums
+
+        # More members and buckets cost no more queries and no more listings.
+        dave = dev_sign_in(client, "dave@example.org")
+        for i in range(3):
+            create(client, dave, f"d{i}")
+        assert client.put(lab, headers=admin, json={"members": [*emails, "dave@example.org"]}).status_code == 200
+        stale()
+        assert put(client, alice, mine["id"], "a.bin", b"a" * 1000).status_code == 201
+        assert measured == [mine["bucket_name"]] and len(statements) == upload_statements
+
+        # Bob deletes his 2000 bytes. The cached figures (her 1000 bytes replaced count twice:
+        # 4500 used) would refuse 3500 more, so the stale buckets are measured again first (1500
+        # used), and the upload fits.
+        assert client.post(f"{API}/{theirs[0]['id']}/objects/delete", headers=bob,
+                           json={"keys": ["b.bin"]}).status_code == 200  # fmt: skip
+        stale()
+        assert put(client, alice, other["id"], "x.bin", b"x" * 3500).status_code == 201
+        assert theirs[0]["bucket_name"] in measured
+        assert put(client, alice, other["id"], "y.bin", b"y").status_code == 507  # 5000 used now
+    finally:
+        event.remove(context.engine, "before_cursor_execute", record)
+
+
+def test_without_quotas_a_listing_reads_each_table_once(client: TestClient, alice: Headers) -> None:
+    context = client.app.state.context  # type: ignore[attr-defined]
+    made = create(client, alice)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(context.engine, "before_cursor_execute", record)
+    try:
+        assert client.get(API, headers=alice).json()["storages"][0]["id"] == made["id"]
+        assert client.put(object_url(made["id"], "a.bin"), headers=alice, content=b"a").status_code == 201
+    finally:
+        event.remove(context.engine, "before_cursor_execute", record)
+    listing = statements[: next(i for i, s in enumerate(statements) if "INSERT INTO upload_journal" in s)]
+    assert sum("FROM storages" in s for s in listing) == 2  # the listing's, then the upload's bucket
+    assert sum("group_members" in s for s in listing) == 2  # the groups with a quota: none, each time
+    assert not any("group_members.group_id IN" in s for s in statements)
