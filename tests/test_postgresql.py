@@ -346,3 +346,50 @@ def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: st
         assert journal() == []
         assert aborted[-1] == (made[1]["bucket_name"], f"from-{live[:4]}")
         assert statuses() == {made[1]["id"]: "active"}
+
+
+def test_two_transactions_closing_one_interval_count_it_once(database: str, tmp_path: Path) -> None:
+    """The progress hub records an environment's failure while the reconcile loop, in its own
+    transaction (READ COMMITTED), finds it ended since its last pass and closes its usage interval
+    at the moment last seen: the interval is closed once, by the first, and the daily and monthly
+    rollups hold its hours once."""
+    from sqlalchemy import func
+
+    from cmbcluster.db.models import Environment, UsageInterval, UsageRollup
+    from cmbcluster.services import accounting
+
+    (one,) = replicas(database, tmp_path, count=1)
+    with one:
+        ada = dev_sign_in(one, "ada@example.org")
+        made = one.post("/api/v1/environments", json={"application": "files"}, headers=ada)
+        assert made.status_code == 201, made.text
+        env_id = made.json()["id"]
+        context = one.app.state.context  # type: ignore[attr-defined]
+        with context.sessions() as db:  # opened an hour ago, last seen running 50 minutes ago
+            start = int(time.time()) - 3600
+            db.execute(update(UsageInterval).where(UsageInterval.environment_id == env_id)
+                       .values(start_s=start, seen_s=start + 600))  # fmt: skip
+            db.commit()
+        with context.sessions() as hub, context.sessions() as loop:
+            mine, theirs = hub.get(Environment, env_id), loop.get(Environment, env_id)
+            assert mine is not None and theirs is not None and theirs.status == "starting"
+            mine.status, mine.stopped_at = "failed", utcnow() - dt.timedelta(minutes=30)
+            hub.flush()  # the hub closes the interval (30 minutes ago) and holds its locks
+
+            def the_loop_closes_it_too() -> None:
+                accounting.close_at_last_seen(loop, env_id)
+                loop.flush()
+                theirs.status, theirs.stopped_at = "failed", utcnow()
+                loop.commit()
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                closing = pool.submit(the_loop_closes_it_too)
+                time.sleep(1)  # the loop is waiting for the hub's lock by now
+                hub.commit()
+                closing.result(timeout=30)
+        with context.sessions() as db:
+            (interval,) = db.execute(select(UsageInterval).where(UsageInterval.environment_id == env_id)).scalars()
+            assert interval.end_s == start + 1800
+            for span in ("day", "month"):
+                rolled = db.execute(select(func.sum(UsageRollup.seconds)).where(UsageRollup.span == span)).scalar_one()
+                assert rolled == 1800, span
