@@ -169,6 +169,7 @@ class S3Storage(StorageBackend):
         self.part_size = part_size
         self.propagation_seconds = propagation_seconds
         self._class_cache: dict[str, str] = {}
+        self._kms_default: dict[str, bool] = {}  # bucket -> encrypted with KMS by default
         self._cache_lock = threading.Lock()
         if client is None:
             client = make_clients(
@@ -569,6 +570,8 @@ class S3Storage(StorageBackend):
             kwargs["ContinuationToken"] = page_token
         with aws_errors(f"bucket {bucket}"):
             page = self._client.list_objects_v2(**kwargs)
+        # A listing does not say how an object is encrypted: the bucket's default says.
+        encryption = "aws:kms" if self._encrypts_with_kms(bucket) else None
         objects = [
             ObjectInfo(
                 key=obj["Key"],
@@ -576,8 +579,7 @@ class S3Storage(StorageBackend):
                 last_modified=obj["LastModified"],
                 etag=_strip_etag(obj.get("ETag")),
                 content_type=_guess_type(obj["Key"]),
-                # A listing does not say how an object is encrypted: the buckets' default says.
-                md5=_etag_md5(_strip_etag(obj.get("ETag")), "aws:kms" if self.settings.s3_kms_key_id else None),
+                md5=_etag_md5(_strip_etag(obj.get("ETag")), encryption),
             )
             for obj in page.get("Contents", [])
         ]
@@ -707,6 +709,40 @@ class S3Storage(StorageBackend):
     def _forget_class(self, bucket: str) -> None:
         with self._cache_lock:
             self._class_cache.pop(bucket, None)
+            self._kms_default.pop(bucket, None)
+
+    def _encrypts_with_kms(self, bucket: str) -> bool:
+        """Whether the bucket encrypts new objects with KMS by default (their ETags are then no
+        MD5s), as GetBucketEncryption says: whoever configured it, S3_KMS_KEY_ID or not (a bucket
+        set up outside CMBCluster, one migrated from). Asked once per bucket. When S3 cannot say,
+        the answer is yes, so that no listed ETag is taken for an MD5 (a migration reads such
+        objects back): for good when reading it is not permitted (the database bucket's policy
+        allows no more than listing), until the next listing when S3 failed."""
+        with self._cache_lock:
+            known = self._kms_default.get(bucket)
+        if known is not None:
+            return known
+        try:
+            rules = self._client.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+            defaults = [rule.get("ApplyServerSideEncryptionByDefault", {}) for rule in rules]
+            kms = any(str(default.get("SSEAlgorithm", "")).startswith("aws:kms") for default in defaults)
+        except (ClientError, BotoCoreError) as exc:
+            code = error_code(exc) if isinstance(exc, ClientError) else ""
+            if code == "ServerSideEncryptionConfigurationNotFoundError":
+                kms = False  # no default encryption
+            elif code in ("AccessDenied", "AllAccessDisabled"):
+                log.info("not permitted to read the default encryption of bucket %s: its listed ETags are not "
+                         "taken for MD5s", bucket)  # fmt: skip
+                kms = True
+            else:
+                log.warning("could not read the default encryption of bucket %s (%s): its listed ETags are not "
+                            "taken for MD5s this time", bucket, exc)  # fmt: skip
+                return True
+        with self._cache_lock:
+            if len(self._kms_default) >= 10_000:
+                self._kms_default.clear()
+            self._kms_default[bucket] = kms
+        return kms
 
 
 def bucket_policy(bucket: str, principal: str) -> dict[str, Any]:
