@@ -22,8 +22,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
 
 from cmbcluster.app import create_app
-from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage, UploadJournal
-from cmbcluster.errors import ProviderUnavailable
+from cmbcluster.db.models import (
+    Application,
+    AuditEvent,
+    Environment,
+    EnvironmentStorage,
+    Storage,
+    UploadJournal,
+    User,
+)
+from cmbcluster.errors import PayloadTooLarge, ProviderUnavailable
 from cmbcluster.services import storages as storage_service
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.services.usage import USAGE_MAX_AGE
@@ -672,6 +680,41 @@ def test_quota_refuses_uploads_before_and_during_and_stores_nothing(
             client.post(f"{API}/{first['id']}/objects/delete", headers=ada, json={"keys": ["a.bin"]}).status_code == 200
         )
         assert put(client, ada, first["id"], "c.bin", b"c" * 100).status_code == 201
+
+
+def test_a_stream_near_its_quota_holds_the_rest_at_once_not_chunk_by_chunk(settings: CoreSettings) -> None:
+    """An upload of unknown length holds its quota in steps; near the quota, what is left is held in
+    one write, not a write and a check for every 1 MiB chunk, and the quota still stops it."""
+    with client_with(settings, storage_quota_bytes=10 * MIB) as (client, ada):
+        context = client.app.state.context  # type: ignore[attr-defined]
+        made = create(client, ada)
+        holds: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("UPDATE upload_journal"):
+                holds.append(statement)
+
+        def upload(key: str, size: int) -> None:  # as the upload route does, 1 MiB chunks at a time
+            with context.sessions() as db:
+                user = db.execute(select(User).where(User.email == "ada@example.org")).scalar_one()
+                storage = storage_service.usable_storage(db, context, user, made["id"])
+                allowance = storage_service.upload_allowance(db, context, user, storage, declared=None,
+                                                             wait_seconds=5)  # fmt: skip
+                storage_service.write_object(db, context, made["id"], storage.bucket_name, key,
+                                             (b"x" * MIB for _ in range(size // MIB)), content_type=None,
+                                             allowance=allowance)  # fmt: skip
+
+        event.listen(context.engine, "before_cursor_execute", record)
+        try:
+            upload("a.bin", 8 * MIB)
+            assert len(holds) == 2  # the first step (16 MiB) passes the quota: the 10 MiB left instead
+            holds.clear()
+            with pytest.raises(PayloadTooLarge, match="left of your storage quota"):
+                upload("b.bin", 3 * MIB)
+            assert len(holds) <= 4
+        finally:
+            event.remove(context.engine, "before_cursor_execute", record)
+        assert client.get(object_url(made["id"], "b.bin"), headers=ada).status_code == 404
 
 
 def test_a_group_quota_counts_every_members_buckets_and_is_set_by_admins(

@@ -822,7 +822,8 @@ class UploadReservation:
     measured usage, against each quota): of uploads checking at once, the last to write sees the
     others, so they can never together pass a quota; at worst both are refused, the conservative
     side. A declared length is held whole at the start; a stream of unknown length is held in
-    steps of :data:`RESERVATION_STEP`, and stopped with 413 once it would pass a quota."""
+    steps of :data:`RESERVATION_STEP` (near a quota, what is left of it at once), and stopped with
+    413 once it would pass a quota."""
 
     def __init__(self, context: AppContext, allowance: Allowance | None, *, storage_id: str, bucket: str,
                  key: str) -> None:  # fmt: skip
@@ -847,27 +848,33 @@ class UploadReservation:
             self.hold(0, declared if declared is not None else RESERVATION_STEP, exact=declared is not None)
 
     def hold(self, sent: int, wanted: int, *, exact: bool = False) -> None:
-        """Hold ``wanted`` bytes; when that passes a quota, only ``sent`` (unless ``exact``),
-        and when even that passes it, refuse (413)."""
-        over = self._set(wanted)
-        if over is not None and not exact and wanted != sent:
-            over = self._set(sent)
-            wanted = sent
-        if over is not None:
-            raise quota_exceeded(over)
+        """Hold ``wanted`` bytes; when that passes a quota, what is left of it (at least ``sent``;
+        unless ``exact``), and when even that passes it, refuse (413). Near a quota the stream then
+        holds the rest at once, instead of a write and a check for every chunk."""
+        room, tightest = self._set(wanted)
+        if room < 0 and not exact:
+            fits = max(sent, wanted + room)
+            room, tightest = self._set(fits)
+            wanted = fits
+        if room < 0:
+            assert tightest is not None
+            raise quota_exceeded(tightest)
         self.held = wanted
 
-    def _set(self, amount: int) -> QuotaState | None:
-        """Write the hold, then check every quota; the first one passed, or None."""
+    def _set(self, amount: int) -> tuple[int, QuotaState | None]:
+        """Write the hold, then check every quota: the bytes the tightest leaves beyond it
+        (negative: passed by so many), and that quota with what the other uploads hold."""
+        room, tightest = 0, None
         with self.context.sessions() as db:
             db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(reserved_bytes=amount))
             db.commit()
             for state in self.states:
                 assert state.quota_bytes is not None
                 others = reserved_bytes(db, self.context, state) - amount
-                if state.used_bytes + others + amount > state.quota_bytes:
-                    return replace(state, reserved_bytes=others)
-        return None
+                left = state.quota_bytes - state.used_bytes - others - amount
+                if tightest is None or left < room:
+                    room, tightest = left, replace(state, reserved_bytes=others)
+        return room, tightest
 
     def holding(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """``chunks``, holding more of the quotas whenever they pass what is held."""
