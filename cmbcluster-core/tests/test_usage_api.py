@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 from typer.testing import CliRunner
 
 from cmbcluster.cli import app as cli
@@ -83,13 +84,25 @@ def test_by_group_application_and_day(client: TestClient, admin: dict[str, str],
     assert [row["core_hours"] for row in days["rows"][:4]] == [0, 20, 5, 0]
 
 
-def test_csv_export_says_it_is_an_estimate(client: TestClient, admin: dict[str, str], recorded: object) -> None:
-    response = client.get(
-        "/api/v1/usage", headers=admin, params={"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
-    )
+def test_csv_export_says_it_is_an_estimate(
+    app: FastAPI, client: TestClient, admin: dict[str, str], recorded: object
+) -> None:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(app.state.context.engine, "before_cursor_execute", record)
+    try:
+        response = client.get(
+            "/api/v1/usage", headers=admin, params={"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
+        )
+    finally:
+        event.remove(app.state.context.engine, "before_cursor_execute", record)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     lines = response.text.splitlines()
     assert lines[0].startswith("# estimates from") and "alice@example.org" in response.text
+    assert not [s for s in statements if "FROM budgets" in s]  # a CSV holds no budgets: none are worked out
 
 
 def test_each_user_sees_only_their_own_month(
