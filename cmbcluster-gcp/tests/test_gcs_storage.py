@@ -410,6 +410,46 @@ def test_uploads_around_the_chunk_boundary(gcs: GcsStorage, bucket: str, size: i
     assert b"".join(gcs.download_object(bucket, "edge.bin", chunk_size=4 * MiB)) == data
 
 
+def test_an_object_of_up_to_8_mib_goes_up_in_one_request_in_little_memory(
+    gcs: GcsStorage, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request stores an object of a few MiB (not a session, pieces and a read back), streamed
+    from a spool that keeps at most 1 MiB in memory; a request GCS fails is sent again whole."""
+    http = gcs._client._http
+    sent: list[str] = []
+    unavailable = [False]  # the next upload request is answered 503 (GCS's own retryable answer)
+    request = http.request
+
+    def counting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(f"{method} {urllib.parse.urlsplit(url).path}")
+        if unavailable[0] and "/upload/" in url:
+            unavailable[0] = False
+            answer = requests.Response()
+            answer.status_code = 503
+            return answer
+        return request(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(http, "request", counting)
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    for size in (5 * MiB + 7, 8 * MiB):
+        data = os.urandom(size)
+        sent.clear()
+        tracemalloc.start()
+        try:
+            info = gcs.upload_object(bucket, "few.bin", chunks_of(data, MiB))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert sent == [f"POST /upload/storage/v1/b/{bucket}/o"]
+        assert info.size == size and info.md5 == hashlib.md5(data, usedforsecurity=False).hexdigest()
+        assert peak < 5 * MiB, peak  # the source's chunks and 1 MiB of spool, never the object
+        assert b"".join(gcs.download_object(bucket, "few.bin")) == data
+    unavailable[0] = True
+    sent.clear()
+    assert gcs.upload_object(bucket, "again.bin", [b"a" * 3 * MiB]).size == 3 * MiB
+    assert len(sent) == 2 and b"".join(gcs.download_object(bucket, "again.bin")) == b"a" * 3 * MiB
+
+
 def test_upload_and_download_run_in_constant_memory(gcs: GcsStorage, bucket: str) -> None:
     size = 96 * MiB
     block = os.urandom(MiB)
