@@ -276,11 +276,11 @@ def main() -> int:
             assert len(check.json()["items"]) == ENVS_PER_USER, check.text
             try:
                 with OpenStreams(server.url, tokens[0], tokens, args.streams):
-                    open_streams = _metric(server.url, "cmbcluster_progress_streams")
+                    open_streams = _metric(server.url, tokens[0], "cmbcluster_progress_streams")
                     idle = _cpu_share(server.process.pid, 5.0)
                     load(server.url, tokens, 1.0, root, server.process.pid)  # warm-up
                     ours = load(server.url, tokens, args.seconds, root, server.process.pid)
-                    held = _metric(server.url, "cmbcluster_db_connections_in_use")
+                    held = _metric(server.url, tokens[0], "cmbcluster_db_connections_in_use")
             finally:
                 compute = LocalProcessCompute(data / "compute")
                 for status in compute.list_managed():
@@ -307,8 +307,8 @@ def _cpu_share(pid: int, seconds: float) -> float:
     return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - began)
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+def _metric(url: str, admin: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise RuntimeError(f"no metric {name}")
