@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy.exc
 from fastapi import FastAPI
-from pydantic import SecretStr
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from cmbcluster import hookimpl
 from cmbcluster.api.errors import install_error_handlers
