@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
 from cmbcluster.db.models import Environment, utcnow
-from cmbcluster.interfaces import EnvironmentSpec, UserRef
+from cmbcluster.interfaces import EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -421,9 +421,12 @@ def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_time
     env_id = create_env(client, alice, application=slow)["id"]
     asked: list[str] = []
     status = context.compute.status
-    monkeypatch.setattr(
-        context.compute, "status", lambda environment_id: asked.append(environment_id) or status(environment_id)
-    )
+
+    def counted(environment_id: str) -> EnvironmentStatus:
+        asked.append(environment_id)
+        return status(environment_id)
+
+    monkeypatch.setattr(context.compute, "status", counted)
 
     Reconciler(context).refresh_transitional(followed={env_id})
     assert asked == []
