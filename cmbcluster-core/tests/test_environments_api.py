@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
+from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.interfaces import EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services.reconcile import Reconciler
@@ -416,7 +417,7 @@ def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_time
 ) -> None:
     """With 200 launch dialogs open, the hub reads and records those starts; the reconcile loop
     reading them again every second only doubled the work. Their start timeout still applies."""
-    context = client.app.state.context  # type: ignore[attr-defined]
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
     slow = make_app(client, admin, "never-ready", "import time\ntime.sleep(3600)\n")
     env_id = create_env(client, alice, application=slow)["id"]
     asked: list[str] = []
