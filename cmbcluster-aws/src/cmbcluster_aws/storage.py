@@ -26,6 +26,7 @@ from botocore.exceptions import (
 )
 
 from cmbcluster.errors import (
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -47,10 +48,11 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
+from cmbcluster.naming import dns_label, short_id, validate_object_key
 from cmbcluster_aws import uploads
 from cmbcluster_aws.clients import IAM_PROPAGATION_SECONDS, invalid_principal, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
+from cmbcluster_aws.names import S3_BUCKET_NAMES
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import (
     MANAGED_BY,
@@ -112,7 +114,6 @@ _PORTABLE_CLASSES = {v: k for k, v in S3_STORAGE_CLASSES.items()}
 CSI_DRIVER = "s3.csi.aws.com"
 NOMINAL_CAPACITY = "1200Gi"  # ignored by Mountpoint; Kubernetes requires a value
 
-_S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IAM_ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
 
 
@@ -150,6 +151,8 @@ class S3Storage(StorageBackend):
     built from ``settings`` and the multipart part size.
     """
 
+    bucket_names = S3_BUCKET_NAMES
+
     def __init__(
         self,
         settings: AwsSettings,
@@ -164,6 +167,9 @@ class S3Storage(StorageBackend):
     ) -> None:
         if not uploads.MIN_PART_SIZE <= part_size <= uploads.MAX_PART_SIZE:
             raise ValueError(f"part_size must be between {uploads.MIN_PART_SIZE} and {uploads.MAX_PART_SIZE} bytes")
+        problem = self.bucket_names.prefix_problem(settings.s3_user_bucket_prefix)
+        if problem is not None:  # refused here, by `config check` too, not at a user's first bucket
+            raise ConfigurationError([f"S3_USER_BUCKET_PREFIX: {problem}"])
         self.settings = settings
         self.region = settings.aws_region
         self.part_size = part_size
@@ -209,7 +215,7 @@ class S3Storage(StorageBackend):
         if self.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         for _ in range(CREATE_ATTEMPTS):
-            name = bucket_name(self.settings.s3_user_bucket_prefix, owner.id)
+            name = self.bucket_names.new_name(self.settings.s3_user_bucket_prefix, owner.id)
             try:
                 self._client.create_bucket(Bucket=name, **kwargs)
             except ClientError as exc:
@@ -685,7 +691,7 @@ class S3Storage(StorageBackend):
     @staticmethod
     def _check_bucket_name(bucket: str) -> None:
         """Names S3 cannot hold do not exist (and must not reach botocore as a path)."""
-        if not _S3_BUCKET_NAME.match(bucket or ""):
+        if not isinstance(bucket, str) or S3_BUCKET_NAMES.problem(bucket) is not None:
             raise NotFound(f"bucket {bucket} not found")
 
     def _upload_class(self, bucket: str) -> str:
