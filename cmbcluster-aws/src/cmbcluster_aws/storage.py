@@ -52,6 +52,7 @@ from cmbcluster.naming import dns_label, short_id, validate_object_key
 from cmbcluster_aws import uploads
 from cmbcluster_aws.clients import IAM_PROPAGATION_SECONDS, invalid_principal, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
+from cmbcluster_aws.identity import ROLE_ANNOTATION
 from cmbcluster_aws.names import S3_BUCKET_NAMES
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import (
@@ -481,7 +482,11 @@ class S3Storage(StorageBackend):
         """A static PersistentVolume and its claim: Mountpoint for S3 has no inline volumes.
 
         The claim carries no namespace: the compute backend creates it in the environment's
-        namespace and sets ``spec.claimRef.namespace`` of the volume to the same.
+        namespace and sets ``spec.claimRef.namespace`` of the volume to the same. With
+        ``S3_MOUNT_CREDENTIALS=pod`` (the default) and the user's IRSA role as
+        ``request.identity``, the volume has ``authenticationSource: pod`` and ``stsRegion``: the
+        driver mounts the bucket with the pod's ServiceAccount, the user's role (which reaches their
+        buckets only), so its own role needs no access to users' buckets.
         """
         self._check_bucket_name(request.bucket)
         subpath = request.subpath.strip("/")
@@ -521,7 +526,7 @@ class S3Storage(StorageBackend):
                 "csi": {
                     "driver": CSI_DRIVER,
                     "volumeHandle": f"{request.bucket}-{env}-{digest}",
-                    "volumeAttributes": {"bucketName": request.bucket},
+                    "volumeAttributes": {"bucketName": request.bucket, **self._mount_credentials(request)},
                 },
             },
         }
@@ -688,6 +693,19 @@ class S3Storage(StorageBackend):
         self._client.close()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _mount_credentials(self, request: MountRequest) -> dict[str, str]:
+        """The volume attributes that make Mountpoint use the pod's credentials (the user's IRSA role)."""
+        if self.settings.s3_mount_credentials != "pod":
+            return {}
+        identity = request.identity
+        if identity is None or not identity.service_account or ROLE_ANNOTATION not in identity.annotations:
+            log.warning(
+                "environment %s mounts S3 bucket %s with the CSI driver's credentials: the user has no IRSA role",
+                request.environment_id, request.bucket,
+            )  # fmt: skip
+            return {}
+        return {"authenticationSource": "pod", "stsRegion": self.region}
+
     @staticmethod
     def _check_bucket_name(bucket: str) -> None:
         """Names S3 cannot hold do not exist (and must not reach botocore as a path)."""

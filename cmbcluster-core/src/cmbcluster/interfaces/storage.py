@@ -102,7 +102,14 @@ class ObjectPage:
 
 @dataclass(frozen=True, kw_only=True)
 class MountRequest:
-    """Where and as whom a bucket is mounted in an environment."""
+    """Where and as whom a bucket is mounted in an environment.
+
+    ``identity`` is the user's cloud identity that the environment runs as (what
+    ``InfraProvider.ensure_user_identity`` returned, already granted this bucket), None when the
+    infra provider gives users none: a volume that mounts with the pod's own credentials names it
+    (Mountpoint for S3's ``authenticationSource: pod`` with the user's IRSA role; Azure Blob CSI's
+    ``clientID``, the user's managed identity, read from the identity's annotations).
+    """
 
     bucket: str
     mount_path: str
@@ -113,6 +120,7 @@ class MountRequest:
     read_only: bool = False
     subpath: str = ""
     namespace: str = ""  # the Kubernetes namespace of the pod (for namespaced volume objects)
+    identity: CloudIdentity | None = None
 
     def __post_init__(self) -> None:
         if not self.mount_path.startswith("/") or any(p in {".", ".."} for p in self.mount_path.split("/")):

@@ -248,13 +248,22 @@ class StorageContract:
         with pytest.raises(NotFound):
             storage_backend.head_object(bucket, "half.bin")
 
-    def test_volume_spec_mounts_the_bucket(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
-        spec = storage_backend.volume_spec(
-            MountRequest(bucket=bucket, mount_path="/home/user/data", user=owner, environment_id=uuid.uuid4().hex)
-        )
-        assert spec.local_path is not None or (spec.volume is not None and spec.mount is not None)
-        if spec.mount is not None:
-            assert spec.mount["mountPath"] == "/home/user/data"
+    def test_volume_spec_mounts_the_bucket(
+        self, storage_backend: StorageBackend, owner: UserRef, bucket: str, identity: CloudIdentity
+    ) -> None:
+        # as the user's cloud identity (what core passes when the infra provider gives one), or none
+        for as_whom in (identity, None):
+            request = MountRequest(
+                bucket=bucket,
+                mount_path="/home/user/data",
+                user=owner,
+                environment_id=uuid.uuid4().hex,
+                identity=as_whom,
+            )
+            spec = storage_backend.volume_spec(request)
+            assert spec.local_path is not None or (spec.volume is not None and spec.mount is not None)
+            if spec.mount is not None:
+                assert spec.mount["mountPath"] == "/home/user/data"
 
     # -- objects -----------------------------------------------------------------------------
     def test_streamed_round_trip(self, storage_backend: StorageBackend, bucket: str) -> None:
