@@ -10,7 +10,7 @@ import pytest
 from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import BucketOptions, StorageBackend, UserRef
 from cmbcluster.local import LocalStorage
-from cmbcluster.naming import DEFAULT_BUCKET_NAMES, BucketNameRules
+from cmbcluster.naming import DEFAULT_BUCKET_NAMES, BucketNameRules, owner_name_prefix
 from cmbcluster.testing.storage import StorageContract
 
 USER = "0f3a9c1e7b2d4e6f8a0b1c2d3e4f5a6b"
@@ -41,6 +41,7 @@ class TestAzureNamedStorageContract(StorageContract):
 def test_new_names_are_prefix_user_and_random() -> None:
     name = DEFAULT_BUCKET_NAMES.new_name("team-", USER)
     assert re.fullmatch(r"team-0f3a9c1e7b-[0-9a-f]{8}", name), name
+    assert name.startswith(owner_name_prefix("team-", USER)) and owner_name_prefix("team", USER) == "team-0f3a9c1e7b-"
     assert DEFAULT_BUCKET_NAMES.new_name("team", USER) != DEFAULT_BUCKET_NAMES.new_name("team", USER)
     assert DEFAULT_BUCKET_NAMES.new_name("t", "Ada.Lovelace@example.org").startswith("t-adalovelac-")  # no '@', no '.'
 

@@ -48,7 +48,7 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import dns_label, short_id, validate_object_key
+from cmbcluster.naming import dns_label, owner_name_prefix, short_id, validate_object_key
 from cmbcluster_aws import uploads
 from cmbcluster_aws.clients import IAM_PROPAGATION_SECONDS, invalid_principal, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
@@ -417,9 +417,9 @@ class S3Storage(StorageBackend):
         )
 
     def list_buckets(self, owner: UserRef) -> list[BucketInfo]:
-        # Names embed the owner (see cmbcluster.naming.bucket_name): filter by name first, then
-        # trust only the owner tag.
-        name_prefix = f"{self.settings.s3_user_bucket_prefix.rstrip('-')}-{short_id(owner.id)}-"
+        # Names embed the owner (BucketNameRules.new_name): filter by name first, then trust only
+        # the owner tag.
+        name_prefix = owner_name_prefix(self.settings.s3_user_bucket_prefix, owner.id)
         owner_tag = encode_tag_value(owner.id)
         infos: list[BucketInfo] = []
         for entry in self._listed_buckets(name_prefix):

@@ -112,7 +112,7 @@ class BucketNameRules:
         problem = self.prefix_problem(prefix)
         if problem is not None:
             raise InvalidRequest(problem)
-        return self.check(_join(prefix, short_id(user_id, _USER_CHARS), secrets.token_hex(_SUFFIX_CHARS // 2)))
+        return self.check(owner_name_prefix(prefix, user_id) + secrets.token_hex(_SUFFIX_CHARS // 2))
 
 
 _USER_CHARS = 10
@@ -121,6 +121,12 @@ _SUFFIX_CHARS = 8
 
 def _join(prefix: str, user: str, suffix: str) -> str:
     return f"{prefix.rstrip('-')}-{user}-{suffix}"
+
+
+def owner_name_prefix(prefix: str, user_id: str) -> str:
+    """How every name :meth:`BucketNameRules.new_name` makes for ``user_id`` with ``prefix`` starts
+    (a backend listing a user's buckets filters by it before it trusts their tags or labels)."""
+    return _join(prefix, short_id(user_id, _USER_CHARS), "")
 
 
 #: What S3 and Cloud Storage both accept: the default of ``StorageBackend.bucket_names``.
