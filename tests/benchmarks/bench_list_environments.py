@@ -276,17 +276,19 @@ def main() -> int:
             assert len(check.json()["items"]) == ENVS_PER_USER, check.text
             try:
                 with OpenStreams(server.url, tokens[0], tokens, args.streams):
-                    open_streams = _metric(server.url, "cmbcluster_progress_streams")
+                    open_streams = _metric(server.url, tokens[0], "cmbcluster_progress_streams")
+                    idle = _cpu_share(server.process.pid, 5.0)
                     load(server.url, tokens, 1.0, root, server.process.pid)  # warm-up
                     ours = load(server.url, tokens, args.seconds, root, server.process.pid)
-                    held = _metric(server.url, "cmbcluster_db_connections_in_use")
+                    held = _metric(server.url, tokens[0], "cmbcluster_db_connections_in_use")
             finally:
                 compute = LocalProcessCompute(data / "compute")
                 for status in compute.list_managed():
                     compute.delete(status.environment_id)
 
     ratio = ours.rps / bare_result.rps
-    print(f"progress streams open during the run: {open_streams:.0f}; database connections in use: {held:.0f}")
+    print(f"progress streams open during the run: {open_streams:.0f}; database connections in use: {held:.0f}; "
+          f"server CPU while they wait, without requests: {idle * 100:.0f} % of a core")  # fmt: skip
     print(f"bare FastAPI endpoint   : {bare_result.rps:7.0f} req/s, p50 {bare_result.p50_ms:.1f} ms, "
           f"p99 {bare_result.p99_ms:.1f} ms, server CPU {bare_result.cpu_us_per_request:.0f} us/request")  # fmt: skip
     print(f"GET /api/v1/environments: {ours.rps:7.0f} req/s, p50 {ours.p50_ms:.1f} ms, p99 {ours.p99_ms:.1f} ms, "
@@ -297,8 +299,16 @@ def main() -> int:
     return 0 if ok_ratio and ok_p99 and ours.errors == 0 else 1
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+def _cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core a process uses over ``seconds`` (the streams' own upkeep when idle)."""
+    process = psutil.Process(pid)
+    before, began = sum(process.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - began)
+
+
+def _metric(url: str, admin: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise RuntimeError(f"no metric {name}")

@@ -224,6 +224,11 @@ class CoreSettings(BaseSettings):
         default=None, validation_alias=_aliases("CMBCLUSTER_BUDGET_WEBHOOK_URL"),
         description="Receives budget events (80 % reached, used up, starts refused) as JSON POSTs.",
     )  # fmt: skip
+    metrics_token: SecretStr | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_METRICS_TOKEN"),
+        description="The bearer token Prometheus sends to scrape /metrics (32 characters or more). /metrics "
+        "names users and groups with their usage, so it answers only this token and administrators.",
+    )  # fmt: skip
     usage_sample_minutes: float = Field(
         default=60, gt=0, validation_alias=_aliases("CMBCLUSTER_USAGE_SAMPLE_MINUTES"),
         description="How often each bucket's stored bytes are measured for usage reports.",
@@ -266,7 +271,7 @@ class CoreSettings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "metrics_token")
     @classmethod
     def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
