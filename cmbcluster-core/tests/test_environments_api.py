@@ -18,8 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
+from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, utcnow
-from cmbcluster.interfaces import EnvironmentSpec, UserRef
+from cmbcluster.interfaces import EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -416,14 +417,17 @@ def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_time
 ) -> None:
     """With 200 launch dialogs open, the hub reads and records those starts; the reconcile loop
     reading them again every second only doubled the work. Their start timeout still applies."""
-    context = client.app.state.context  # type: ignore[attr-defined]
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
     slow = make_app(client, admin, "never-ready", "import time\ntime.sleep(3600)\n")
     env_id = create_env(client, alice, application=slow)["id"]
     asked: list[str] = []
     status = context.compute.status
-    monkeypatch.setattr(
-        context.compute, "status", lambda environment_id: asked.append(environment_id) or status(environment_id)
-    )
+
+    def counted(environment_id: str) -> EnvironmentStatus:
+        asked.append(environment_id)
+        return status(environment_id)
+
+    monkeypatch.setattr(context.compute, "status", counted)
 
     Reconciler(context).refresh_transitional(followed={env_id})
     assert asked == []

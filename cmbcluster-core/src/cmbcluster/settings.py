@@ -328,3 +328,22 @@ def env_var_name(model: type[BaseSettings], field_name: str) -> str:
             return field.alias
     prefix = str(model.model_config.get("env_prefix") or "")
     return f"{prefix}{field_name}".upper()
+
+
+def env_var_names(model: type[BaseSettings]) -> tuple[frozenset[str], str]:
+    """Every environment variable ``model`` reads, upper-case (each field's names and aliases, or its
+    name under the model's ``env_prefix``), and that prefix ("" when none): what a test strips to start
+    from a clean environment, and what ``config check`` knows as settings."""
+    prefix = str(model.model_config.get("env_prefix") or "").upper()
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice.upper() for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        elif field.alias:
+            names.add(field.alias.upper())
+        else:
+            names.add(f"{prefix}{field_name}".upper())
+    return frozenset(names), prefix
