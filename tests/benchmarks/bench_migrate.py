@@ -39,10 +39,10 @@ from typing import Any
 import boto3
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
-from transfer_common import MIB, ToolServer, cpu_seconds, rss_bytes
+from transfer_common import MIB, cpu_seconds, rss_bytes
 
 from cmbcluster.migration.copy import CHUNK_SIZE, Copied, copy_objects, list_all
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import ToolServer, clean_environ
 
 REGION, ACCOUNT, PROJECT = "eu-west-1", "123456789012", "cmbcluster-bench"
 #: Dummy credentials and no shared config: nothing here can reach a real AWS account.

@@ -97,13 +97,13 @@ class PolledTransfer(ManagedTransfer):
     def poll(self) -> TransferStatus:
         """Read the job's status once (one API call, retried by your client where safe)."""
 
-    def cleanup(self, status: TransferStatus | None) -> None:  # noqa: B027 - optional, nothing to do by default
+    def cleanup(self, status: TransferStatus | None) -> None:
         """Remove what :meth:`start` made (the job; credentials stored in it), once, however
         ``run`` ends: ``status`` is the last one read (None: ``start`` did not finish; not
         ``done``: ``run`` gave up waiting, or was interrupted, so stop the job if the service
         lets you). Best effort: a CmbclusterError raised here is logged."""
 
-    def close(self) -> None:  # noqa: B027 - optional, nothing to release by default
+    def close(self) -> None:
         """Release the clients (after ``cleanup``)."""
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
@@ -121,7 +121,8 @@ class PolledTransfer(ManagedTransfer):
         last = self._last
         assert last is not None  # start() returned, or run raised above
         if not last.succeeded:
-            raise ProviderUnavailable(f"{self.what} failed", detail=last.error or f"{self.service} reported {last.state}")
+            reason = last.error or f"{self.service} reported {last.state}"
+            raise ProviderUnavailable(f"{self.what} failed", detail=reason)
 
     def _wait(self, progress: Callable[[int], None] | None) -> None:
         """Poll until the job is done (``self._last``), reporting its bytes as they grow."""
