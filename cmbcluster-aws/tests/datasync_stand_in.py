@@ -183,6 +183,14 @@ def _check_tags(tags: Any) -> None:
             raise _invalid(f"Invalid tag: {tag!r}")
 
 
+def _add_location(self: DataSyncResponse, kind: str, bucket: str, params: dict[str, Any]) -> ActionResult:
+    _check_tags(params.get("Tags"))
+    arn = f"arn:aws:datasync:{self.region}:{self.current_account}:location/loc-{_hex17()}"
+    with _LOCK:
+        _state(self).locations[arn] = Location(arn=arn, kind=kind, bucket=bucket, params=params)
+    return ActionResult({"LocationArn": arn})
+
+
 def _location(state: State, arn: Any, kind: str | None = None) -> Location:
     location = state.locations.get(str(arn))
     if location is None or (kind and location.kind != kind):
@@ -210,11 +218,7 @@ def create_location_object_storage(self: DataSyncResponse) -> ActionResult:
         missing = [a for a in agents if a not in AGENTS]
         if missing:
             raise _invalid(f"Agent {missing[0]} is not found.")
-    _check_tags(p.get("Tags"))
-    arn = f"arn:aws:datasync:{self.region}:{self.current_account}:location/loc-{_hex17()}"
-    with _LOCK:
-        _state(self).locations[arn] = Location(arn=arn, kind="OBJECT_STORAGE", bucket=bucket, params=p)
-    return ActionResult({"LocationArn": arn})
+    return _add_location(self, "OBJECT_STORAGE", bucket, p)
 
 
 def create_location_s3(self: DataSyncResponse) -> ActionResult:
@@ -236,11 +240,7 @@ def create_location_s3(self: DataSyncResponse) -> ActionResult:
         raise _invalid(f"Unable to assume role {role_arn}: its trust policy does not allow datasync.amazonaws.com")
     if p.get("S3StorageClass", "STANDARD") not in _S3_CLASSES:
         raise _invalid(f"Invalid S3StorageClass {p['S3StorageClass']!r}")
-    _check_tags(p.get("Tags"))
-    arn = f"arn:aws:datasync:{self.region}:{self.current_account}:location/loc-{_hex17()}"
-    with _LOCK:
-        _state(self).locations[arn] = Location(arn=arn, kind="S3", bucket=bucket, params=p)
-    return ActionResult({"LocationArn": arn})
+    return _add_location(self, "S3", bucket, p)
 
 
 def _trusts_datasync(document: str) -> bool:

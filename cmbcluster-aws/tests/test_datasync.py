@@ -5,8 +5,6 @@ verifies both listings and switches; what DataSync left wrong is caught."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,8 +27,8 @@ from cmbcluster.migration.copy import list_all
 from cmbcluster.migration.engine import Migration, Side
 from cmbcluster.plugins import PluginManager
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import LOCAL, dev_sign_in
-from cmbcluster.testing.process import ToolServer, clean_environ
+from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
+from cmbcluster.testing.process import ToolServer, clean_environ, run_cli
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
 from cmbcluster_aws.transfer import DataSyncTransfer
@@ -87,14 +85,7 @@ def seed(data_dir: Path, storage_class: str = "standard") -> str:
     with TestClient(create_app(CoreSettings(data_dir=data_dir, storage_backend="gcp")), base_url=LOCAL) as client:
         dev_sign_in(client, "root@example.org")
         alice = dev_sign_in(client, "alice@example.org", "Alice")
-        body = {"display_name": "data", "storage_class": storage_class}
-        created = client.post("/api/v1/storages", headers=alice, json=body)
-        assert created.status_code == 201, created.text
-        storage_id = str(created.json()["id"])
-        for key, content in FILES.items():
-            put = client.put(f"/api/v1/storages/{storage_id}/objects/{key}", headers=alice, content=content)
-            assert put.is_success, put.text
-    return storage_id
+        return make_bucket(client, alice, FILES, storage_class=storage_class)
 
 
 def row(data_dir: Path, storage_id: str) -> Storage:
@@ -106,6 +97,13 @@ def row(data_dir: Path, storage_id: str) -> Storage:
             return found
     finally:
         app.state.context.close()
+
+
+def backend_of(app: Any, storage_id: str) -> str:
+    with app.state.context.sessions() as db:
+        stored: Storage | None = db.get(Storage, storage_id)
+        assert stored is not None
+        return stored.backend
 
 
 def calls(operation: str) -> list[dict[str, Any]]:
@@ -136,10 +134,7 @@ def test_the_cli_moves_gcs_to_s3_with_datasync_then_core_verifies_and_switches(t
         "S3_USER_BUCKET_PREFIX": PREFIX, "DATASYNC_GCS_HMAC_ACCESS_ID": HMAC_ID,
         "DATASYNC_GCS_HMAC_SECRET": HMAC_SECRET, "DATASYNC_S3_ROLE_ARN": ROLE,
     })  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "cmbcluster.cli", "migrate", "run", "--to", "aws", "--managed-transfer"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    done = run_cli("migrate", "run", "--to", "aws", "--managed-transfer", env=env, cwd=tmp_path, timeout=180)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "AWS DataSync copies the bucket" in done.stdout, done.stdout
@@ -193,9 +188,7 @@ def test_an_object_datasync_left_wrong_is_caught_and_the_bucket_stays(tmp_path: 
         wrong = "AWS DataSync left 1 object(s) wrong: runs/2026/12/chain_1.txt holds other bytes"
         assert wrong in result.buckets[0].message
         assert executions()[0].status == "SUCCESS"  # DataSync said it went well; core's check says otherwise
-        with app.state.context.sessions() as db:
-            stored = db.get(Storage, storage_id)
-            assert stored is not None and stored.backend == "gcp"
+        assert backend_of(app, storage_id) == "gcp"  # the bucket stays where it was
     finally:
         target.close()
         app.state.context.close()
@@ -213,9 +206,7 @@ def test_missing_settings_are_said_before_any_call(tmp_path: Path, datasync: str
     try:
         result = run.run()  # the offer is refused for the bucket, which is not switched
         assert result.buckets[0].state == "failed" and "DATASYNC_S3_ROLE_ARN" in result.buckets[0].message
-        with app.state.context.sessions() as db:
-            stored = db.get(Storage, storage_id)
-            assert stored is not None and stored.backend == "gcp"
+        assert backend_of(app, storage_id) == "gcp"  # the bucket stays where it was
     finally:
         target.close()
         app.state.context.close()

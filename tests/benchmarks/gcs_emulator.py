@@ -33,7 +33,7 @@ def main() -> None:
         if not self._use_memory_fs:
             write_config(self)
 
-    Storage._write_config_to_file = persist_on_disk_only  # type: ignore[method-assign]
+    Storage._write_config_to_file = persist_on_disk_only
     server.HTTPServer.request_queue_size = 128
     create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
 
