@@ -133,7 +133,7 @@ def config_check(
     that is a warning, since this may run on another machine before `cmbcluster deploy`; with
     --connect it is an error, and each service is reached besides.
     """
-    from cmbcluster.context import build_providers
+    from cmbcluster.context import bucket_name_problems, build_providers
     from cmbcluster.errors import ConfigurationError
 
     config = resolve_config()
@@ -149,6 +149,9 @@ def config_check(
         providers = None
     unreachable = []
     try:
+        problems = bucket_name_problems(config, providers.storage) if providers else []
+        if problems:  # wrong on every machine: an error, as serve's
+            raise ConfigurationError(problems)
         for concern, name, provider in providers.active if connect and providers else ():
             try:
                 provider.check_ready()
