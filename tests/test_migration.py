@@ -29,7 +29,7 @@ from cmbcluster.db.models import MigrationObject, Storage
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.engine import Migration, Side
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import LOCAL, dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
 from cmbcluster.testing.process import clean_environ, free_port, run_cli
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
@@ -140,13 +140,7 @@ def seed(data_dir: Path) -> str:
     with TestClient(app, base_url=LOCAL) as client:
         dev_sign_in(client, "root@example.org")
         alice = dev_sign_in(client, "alice@example.org", "Alice")
-        storage = client.post("/api/v1/storages", headers=alice, json={"display_name": "data"}).json()
-        uploads: dict[str, Iterable[bytes]] = {**{k: [v] for k, v in FILES.items()}, LARGE_KEY: large_chunks()}
-        for key, content in uploads.items():
-            assert client.put(
-                f"/api/v1/storages/{storage['id']}/objects/{key}", headers=alice, content=content
-            ).is_success
-    return str(storage["id"])
+        return make_bucket(client, alice, {**FILES, LARGE_KEY: large_chunks()})
 
 
 def assert_holds_files(backend: Any, bucket: str) -> None:

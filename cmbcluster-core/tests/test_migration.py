@@ -25,6 +25,7 @@ from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.copy import list_all
 from cmbcluster.migration.engine import Events, Migration, Side, finish
 from cmbcluster.plugins import PluginManager
+from cmbcluster.testing import api as testing_api
 
 FILES = {"notes.txt": b"hello", "empty": b"", "a/b/deep.bin": b"\x00" * 70_000, "été/☀.csv": "é,☀\n".encode()}
 
@@ -34,12 +35,7 @@ def sessions_of(app: FastAPI) -> sessionmaker[Session]:
 
 
 def make_bucket(client: TestClient, headers: dict[str, str]) -> str:
-    response = client.post("/api/v1/storages", headers=headers, json={"display_name": "data"})
-    assert response.status_code == 201, response.text
-    storage_id = str(response.json()["id"])
-    for key, content in FILES.items():
-        assert client.put(f"/api/v1/storages/{storage_id}/objects/{key}", headers=headers, content=content).is_success
-    return storage_id
+    return testing_api.make_bucket(client, headers, FILES)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ from a moto server to a gcp-storage-emulator through ``migration.copy.copy_objec
 verified), against the slower of downloading the same set from moto alone and uploading it to the
 emulator alone, measured in the same run with the same parallelism.
 
-Starts its own moto server, seeded with boto3, and a fresh emulator (in memory) for each measurement. Each measurement
+Starts its own moto server, seeded with boto3, and a fresh emulator (in memory) for each measurement,
+without two costs of the emulator's own that made it the bottleneck (gcs_emulator.py). Each measurement
 runs in a fresh child process (this script with ``--child``) through the project's own backends,
 ``S3Storage`` and ``GcsStorage``, so that the baselines and the copy share every cost but the copy
 itself: the download drains ``S3Storage.download_object``, the upload feeds
@@ -39,10 +40,10 @@ from typing import Any
 import boto3
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
-from transfer_common import MIB, ToolServer, cpu_seconds, rss_bytes
+from transfer_common import MIB, cpu_seconds, rss_bytes
 
 from cmbcluster.migration.copy import CHUNK_SIZE, Copied, copy_objects, list_all
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import ToolServer, clean_environ
 
 REGION, ACCOUNT, PROJECT = "eu-west-1", "123456789012", "cmbcluster-bench"
 #: Dummy credentials and no shared config: nothing here can reach a real AWS account.
@@ -167,7 +168,7 @@ def measure(mode: str, name: str, moto: ToolServer, parallel: int, env: dict[str
     """One measurement in a child process, against a fresh emulator: the emulator slows down as
     it holds more objects (23 uploads/s with 5,000 stored against 116 with none), so no
     measurement inherits the objects of the one before."""
-    gcs_command = ["gcp-storage-emulator", "start", "-H", "127.0.0.1", "--port", "{port}", "--in-memory", "-q"]
+    gcs_command = ["python", str(Path(__file__).with_name("gcs_emulator.py")), "{port}"]
     with ToolServer(gcs_command, env, tmp / f"emulator-{mode}-{name}.log") as gcs:
         google = storage.Client(project=PROJECT, client_options=ClientOptions(api_endpoint=gcs.url),
                                 use_auth_w_custom_endpoint=False)  # fmt: skip

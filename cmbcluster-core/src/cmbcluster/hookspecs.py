@@ -139,7 +139,9 @@ def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> Man
     ``source`` into ``target`` (typically when ``target.backend`` is your storage backend and the
     service reads ``source.backend``), else ``None``: core then streams the bucket itself. Core
     verifies the result from both listings (sizes and MD5s) and switches only a bucket whose
-    every object matches; what the service reports is not trusted.
+    every object matches; what the service reports is not trusted. For a job started once and
+    then polled, subclass :class:`cmbcluster.migration.managed.PolledTransfer` and write only your
+    service's calls (start, poll, cleanup).
 
     Example::
 
@@ -147,5 +149,5 @@ def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> Man
         def cmbcluster_managed_transfer(source, target):
             if target.backend != "azure" or source.backend != "aws":
                 return None
-            return AzCopyJob(source, target)  # a ManagedTransfer whose run() waits for the job
+            return AzureCopyJob(source, target)  # a PolledTransfer (cmbcluster.migration.managed)
     """

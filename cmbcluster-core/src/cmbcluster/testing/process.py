@@ -128,3 +128,31 @@ class ServeProcess(BackgroundProcess):
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class ToolServer(BackgroundProcess):
+    """A stand-in for a cloud (``moto_server``, ``gcp-storage-emulator``) run from this interpreter's
+    environment, on loopback: ``command`` is the executable beside ``sys.executable`` and its
+    arguments, where ``{port}`` becomes a free port; its output goes to ``log``. Ready once ``url`` +
+    ``probe`` answers (RuntimeError with the end of its log if it exits or stays silent for 30 s)."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str], log: Path, probe: str = "/") -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        executable = Path(sys.executable).with_name(command[0])
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(executable), *(arg.format(port=port) for arg in command[1:])],
+                env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(self.url + probe, timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{command[0]} did not answer within 30 s: {log.read_text()[-2000:]}")
