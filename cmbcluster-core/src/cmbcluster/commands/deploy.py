@@ -159,7 +159,7 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
 
 def deployment_registry(config: ResolvedConfig) -> RegistryInfo:
     """The active infra provider's registry (where `cmbcluster images push` pushes)."""
-    infra = config.infra.factory(config.context_for(config.infra))
+    infra = config.create(config.infra)
     try:
         return infra.registry()
     finally:
