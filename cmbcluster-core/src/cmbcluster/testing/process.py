@@ -25,9 +25,17 @@ CONFIG_NAMES = frozenset(
 )  # fmt: skip
 
 
+#: Kept: where a tool is, which changes nothing a test sees (the deploy-values suite's helm).
+KEPT = frozenset({"CMBCLUSTER_HELM"})
+
+
 def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any CMBCluster or cloud configuration, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES}
+    """This process's environment without any CMBCluster or cloud configuration (but ``KEPT``),
+    plus ``extra``."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k in KEPT or not (k.startswith(CONFIG_PREFIXES) or k in CONFIG_NAMES)
+    }  # fmt: skip
     env.update(extra or {})
     return env
 
