@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib.metadata import entry_points
 from typing import Any, TypeVar, cast
 
@@ -209,12 +209,15 @@ class PluginManager:
         name = self._owners.get(id(registration))
         return self._infos.get(name) if name is not None else None
 
-    def _call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation of a hook ourselves, so results are attributed to plugins
-        and the order is ours (tryfirst, then by plugin name, then trylast) not pluggy's LIFO."""
+    def _call_each(
+        self, hook_name: str, *, only: Collection[str] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook (of the plugins named ``only``, when given) ourselves,
+        so results are attributed to plugins and the order is ours (tryfirst, then by plugin name,
+        then trylast) not pluggy's LIFO."""
         caller = getattr(self._pm.hook, hook_name)
         impls = sorted(
-            caller.get_hookimpls(),
+            (i for i in caller.get_hookimpls() if only is None or i.plugin_name in only),
             key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, i.plugin_name),
         )
         results = []
@@ -308,10 +311,11 @@ class PluginManager:
     def compute_backend(self, name: str) -> ComputeBackendRegistration:
         return cast(ComputeBackendRegistration, self.select("compute", name))
 
-    def decorate_pod(self, draft: PodDraft, context: PodContext) -> None:
-        """Run every ``cmbcluster_decorate_pod`` implementation in the documented order."""
+    def decorate_pod(self, draft: PodDraft, context: PodContext, *, plugins: Collection[str] | None = None) -> None:
+        """Run every ``cmbcluster_decorate_pod`` implementation in the documented order (only those
+        of ``plugins``, when given: a contract suite testing one plugin's)."""
         self.load()
-        self._call_each("cmbcluster_decorate_pod", draft=draft, context=context)
+        self._call_each("cmbcluster_decorate_pod", only=plugins, draft=draft, context=context)
 
     def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]:
         """Every plugin's ``cmbcluster_deploy_values`` answer, by plugin name, in the documented order."""
