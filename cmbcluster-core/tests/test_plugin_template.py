@@ -79,6 +79,17 @@ def test_config_check_names_every_variable_the_generated_plugin_needs(
     assert "network" in planned.stdout and "cluster" in planned.stdout
 
 
+def contract_suites() -> set[str]:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import cmbcluster.testing
+
+    modules = [importlib.import_module(f"cmbcluster.testing.{m.name}") for m in pkgutil.iter_modules(cmbcluster.testing.__path__)]
+    return {name for module in modules for name, _ in inspect.getmembers(module, inspect.isclass) if name.endswith("Contract")}
+
+
 def run_generated_tests(
     generated: tuple[Path, Path], tmp_path: Path, *args: str, **env: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
@@ -101,6 +112,7 @@ def test_the_generated_tests_run_every_contract_suite_and_pass(generated: tuple[
     result, outcomes = run_generated_tests(generated, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert sorted(outcomes) == sorted(f"TestAcme{suite}" for suite in SUITES)
+    assert len(SUITES) == len(contract_suites())  # every suite cmbcluster.testing ships
     for suite, results in outcomes.items():
         assert results and set(results) == {"passed"}, (suite, results)  # none failed, none skipped
 
