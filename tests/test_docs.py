@@ -138,7 +138,7 @@ def guide_settings() -> dict[str, Any]:
     """The guide's ``AzureSettings`` (its ``cmbcluster_azure/settings.py``), defined."""
     (block,) = [b for b in python_blocks(GUIDE, "The package") if b.startswith("# cmbcluster_azure/settings.py")]
     namespace: dict[str, Any] = {}
-    exec(compile(block, "settings.py", "exec", dont_inherit=True), namespace)  # noqa: S102 - the documentation's own example
+    exec(compile(block, "settings.py", "exec", dont_inherit=True), namespace)  # the documentation's own example
     return namespace
 
 
@@ -168,7 +168,7 @@ def test_the_documented_deploy_hook_adds_nothing_when_only_its_sign_in_is_in_use
     azure_settings = guide_settings()["AzureSettings"]
     (block,) = [b for b in python_blocks(HOOKS_MD, "`cmbcluster_deploy_values`") if "@hookimpl" in b]
     namespace: dict[str, Any] = {"hookimpl": hookimpl, "AzureSettings": azure_settings}
-    exec(compile(block, "hooks.md", "exec", dont_inherit=True), namespace)  # noqa: S102 - the documentation's own example
+    exec(compile(block, "hooks.md", "exec", dont_inherit=True), namespace)  # the documentation's own example
     deploy_values = namespace["cmbcluster_deploy_values"]
 
     class Azure:  # an Azure plugin with the guide's settings model, on this machine's folders
@@ -181,7 +181,9 @@ def test_the_documented_deploy_hook_adds_nothing_when_only_its_sign_in_is_in_use
         @hookimpl
         def cmbcluster_auth_providers(self) -> Any:
             yield AuthProviderRegistration(
-                name="azure", factory=lambda ctx: None, settings_model=azure_settings  # type: ignore[arg-type,return-value]
+                name="azure",
+                factory=lambda ctx: None,  # type: ignore[arg-type,return-value]  # never built here
+                settings_model=azure_settings,
             )
 
         @hookimpl

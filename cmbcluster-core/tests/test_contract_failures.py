@@ -13,7 +13,7 @@ from installed import install_plugin, with_site
 
 from cmbcluster.testing.process import clean_environ
 
-WRONG_PLUGIN = '''
+WRONG_PLUGIN = """
 import pytest
 
 from cmbcluster.interfaces import PriceTable
@@ -41,7 +41,7 @@ class TestAcmeDeployValues(DeployValuesContract):
     @pytest.fixture
     def active_config(self, monkeypatch, tmp_path):
         return resolved_config(monkeypatch, CMBCLUSTER_DATA_DIR=str(tmp_path))
-'''
+"""
 
 
 def run_plugin_tests(

@@ -119,7 +119,9 @@ def env(site: Path, tmp_path: Path) -> dict[str, str]:
     return with_site(clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data")}), site)
 
 
-def test_a_factory_that_forgets_return_is_refused_by_config_check_and_serve(env: dict[str, str], tmp_path: Path) -> None:
+def test_a_factory_that_forgets_return_is_refused_by_config_check_and_serve(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     chosen = {**env, "CMBCLUSTER_STORAGE_BACKEND": "azforgot"}
     expected = (
         "storage backend 'azforgot' of plugin 'azforgot' (azbreak 0.0.1): its factory returned NoneType, not a "
@@ -148,7 +150,10 @@ def test_a_settings_model_that_reads_no_variables_fails_its_plugin(env: dict[str
 @pytest.mark.parametrize(
     ("backend", "problem"),
     [
-        ("azundeclared", "its factory asks for the settings model OptSettings, which its registration does not declare"),
+        (
+            "azundeclared",
+            "its factory asks for the settings model OptSettings, which its registration does not declare",
+        ),
         ("azmissing", "could not be created: ModuleNotFoundError: No module named 'azure_storage_blob_that_is_not"),
     ],
 )

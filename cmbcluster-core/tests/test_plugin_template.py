@@ -86,8 +86,16 @@ def contract_suites() -> set[str]:
 
     import cmbcluster.testing
 
-    modules = [importlib.import_module(f"cmbcluster.testing.{m.name}") for m in pkgutil.iter_modules(cmbcluster.testing.__path__)]
-    return {name for module in modules for name, _ in inspect.getmembers(module, inspect.isclass) if name.endswith("Contract")}
+    modules = [
+        importlib.import_module(f"cmbcluster.testing.{m.name}")
+        for m in pkgutil.iter_modules(cmbcluster.testing.__path__)
+    ]
+    return {
+        name
+        for module in modules
+        for name, _ in inspect.getmembers(module, inspect.isclass)
+        if name.endswith("Contract")
+    }
 
 
 def run_generated_tests(
@@ -166,7 +174,9 @@ def test_bad_names_and_occupied_folders_are_refused(tmp_path: Path) -> None:
 
 def test_an_installed_plugins_name_is_refused(generated: tuple[Path, Path], tmp_path: Path) -> None:
     _, site = generated
-    again = run_cli("plugin", "new", "acme", "--dir", str(tmp_path / "again"), env=env_with(site, tmp_path), cwd=tmp_path)
+    again = run_cli(
+        "plugin", "new", "acme", "--dir", str(tmp_path / "again"), env=env_with(site, tmp_path), cwd=tmp_path
+    )
     assert again.returncode == 2
     assert "the installed plugin 'acme' (cmbcluster-acme 0.1.0) has it" in again.stderr
     assert not (tmp_path / "again").exists()
@@ -205,9 +215,11 @@ def test_the_generated_noxfile_installs_core_from_where_it_is(
     editable, or any pip requirement), by default from where the generating core was installed."""
     package, _ = generated
     here = Path(cmbcluster.__file__).resolve().parents[2]  # this checkout's cmbcluster-core, installed editable
-    for source, expected in ((None, ("-e", str(here))), (str(tmp_path), ("-e", str(tmp_path))),
-                             ("cmbcluster-core @ git+https://example.org/c.git#subdirectory=cmbcluster-core",
-                              ("cmbcluster-core @ git+https://example.org/c.git#subdirectory=cmbcluster-core",))):  # fmt: skip
+    git = "cmbcluster-core @ git+https://example.org/c.git#subdirectory=cmbcluster-core"
+    cases: list[tuple[str | None, tuple[str, ...]]] = [
+        (None, ("-e", str(here))), (str(tmp_path), ("-e", str(tmp_path))), (git, (git,)),
+    ]  # fmt: skip
+    for source, expected in cases:
         if source is None:
             monkeypatch.delenv("CMBCLUSTER_CORE", raising=False)
         else:

@@ -19,8 +19,8 @@ from pydantic_settings import BaseSettings
 
 from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
-from cmbcluster.plugins import CONCERNS, Concern, PluginManager, PluginsFailed
-from cmbcluster.registrations import Registration, ResolvedConfig
+from cmbcluster.plugins import CONCERNS, PluginManager, PluginsFailed
+from cmbcluster.registrations import Concern, Registration, ResolvedConfig
 from cmbcluster.settings import CoreSettings, env_var_name
 
 R = TypeVar("R", bound=Registration[Any])

@@ -148,7 +148,7 @@ class PluginManager:
                 raise PluginError(f"implements unknown hook {', '.join(unknown)}: see docs/plugins/hooks.md")
             self._registered[name] = self._collect(name)
             self._owners.update((id(reg), name) for regs in self._registered[name].values() for reg in regs)
-        except Exception as exc:  # a broken plugin must not take the control plane down
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the control plane down
             if plugin is not None and self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)  # none of its hooks runs: it is not half-used
             info.error = _describe(exc)

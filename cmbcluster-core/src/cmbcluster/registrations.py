@@ -123,11 +123,11 @@ class Registration(Generic[T]):
             )
         if not callable(self.factory):
             raise ValueError(f"{self.kind} {self.name!r}: factory must be a callable taking a ProviderContext")
-        model = self.settings_model
-        if model is not None and not (isinstance(model, type) and issubclass(model, BaseSettings)):
+        declared = self.settings_model
+        if declared is not None and not (isinstance(declared, type) and issubclass(declared, BaseSettings)):
             # a plain pydantic BaseModel reads no environment variable: every field would keep its default
             raise ValueError(
-                f"{self.kind} {self.name!r}: settings_model {getattr(model, '__name__', repr(model))} is not a "
+                f"{self.kind} {self.name!r}: settings_model {getattr(declared, '__name__', repr(declared))} is not a "
                 "pydantic_settings.BaseSettings subclass (a plain pydantic BaseModel reads no environment variables)"
             )
         if isinstance(self.requires, str):  # type: ignore[unreachable]  # a common slip: requires="field"
@@ -144,10 +144,8 @@ class Registration(Generic[T]):
         return cast(T, _checked(self.factory(ctx), self.interface, "its factory"))
 
 
-I = TypeVar("I")
-
-
-def _checked(result: object, interface: type[I], what: str) -> I:
+def _checked(result: object, interface: type[Any], what: str) -> Any:
+    """``result`` when it is an ``interface`` (an abstract class: a TypeVar cannot say so to mypy)."""
     if isinstance(result, interface):
         return result
     hint = " (does it forget to `return`?)" if result is None else ""
@@ -196,7 +194,7 @@ class InfraProviderRegistration(Registration[InfraProvider]):
         Provisioner, or when the registration has none)."""
         if self.provisioner is None:
             raise PluginError(f"{self.kind} {self.name!r} has no provisioner")
-        return _checked(self.provisioner(ctx), Provisioner, "its provisioner factory")
+        return cast(Provisioner, _checked(self.provisioner(ctx), Provisioner, "its provisioner factory"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -274,9 +274,7 @@ def finish_command(
         with stack:
             for name in names:
                 if name == config.storage.name:
-                    backends[name] = stack.enter_context(
-                        _closing(config.create(config.storage))
-                    )
+                    backends[name] = stack.enter_context(_closing(config.create(config.storage)))
                 else:
                     _, target = stack.enter_context(_sides(config, name, with_infra=False))
                     backends[name] = target.storage

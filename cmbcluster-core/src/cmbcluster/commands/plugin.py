@@ -12,9 +12,9 @@ import importlib.metadata
 import json
 import re
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
-from typing import Annotated
 
 import typer
 

@@ -90,11 +90,11 @@ Decorator = Callable[[PodDraft, PodContext], None]
 def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> ComputeBackend:
     """The backend for ``ctx``. ``decorate`` runs the pod-decoration hook on every pod draft:
     by default ``ctx.decorate_pod``, every plugin's ``cmbcluster_decorate_pod``."""
+    from kubernetes.config import ConfigException
+
     from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions, LeaderElection
     from cmbcluster.kubernetes.client import Retries, api_client_from_config
     from cmbcluster.kubernetes.routing import Exposure
-
-    from kubernetes.config import ConfigException
 
     settings = ctx.require_settings(KubernetesSettings)
     try:

@@ -39,7 +39,7 @@ from pydantic import SecretStr
 from cmbcluster.commands.deploy import DeployError, core_values, deep_merge, find_chart, find_helm
 from cmbcluster.config import load_core_settings, resolve
 from cmbcluster.plugins import PluginManager
-from cmbcluster.registrations import ResolvedConfig
+from cmbcluster.registrations import Registration, ResolvedConfig
 
 DeployValues = Callable[[ResolvedConfig], Mapping[str, Any] | None]
 HELM_MISSING = (
@@ -78,7 +78,8 @@ def sign_in_only(config: ResolvedConfig) -> ResolvedConfig:
     serves every concern of a plugin), yet neither storage nor infra is Azure's."""
     builtin = PluginManager(entry_points_enabled=False).load()
     storage, infra = builtin.storage_backend("local"), builtin.infra_provider("local")
-    models = {r.settings_model for r in (storage, infra, config.compute, *config.auth) if r.settings_model}
+    kept: list[Registration[Any]] = [storage, infra, config.compute, *config.auth]
+    models = {r.settings_model for r in kept if r.settings_model is not None}
     core = config.core.model_copy(
         update={"cloud_provider": "local", "storage_backend": "local", "infra_provider": "local",
                 "compute_backend": config.compute.name, "auth_providers": [a.name for a in config.auth]}
