@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 import cmbcluster_aws.storage as storage_module
 from cmbcluster.errors import (
     AlreadyExists,
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -874,3 +875,22 @@ def test_parts_grow_so_large_objects_fit_in_10000_parts(aws_settings: AwsSetting
     assert sum(part_size(backend.part_size, n) for n in range(1, 10_001)) > 400 * 1024 * MiB
     with pytest.raises(PayloadTooLarge):
         part_size(backend.part_size, 10_001)
+
+
+def test_s3_declares_s3s_own_bucket_name_rules(backend: S3Storage) -> None:
+    """Names S3 takes (a dotted database bucket) are valid; those S3 reserves or refuses are not, and
+    never reach botocore: such a bucket cannot exist."""
+    rules = backend.bucket_names
+    assert rules.problem("backups.example.org") is None and rules.problem("cmbcluster-eks-db-123456789012") is None
+    for refused in ("xn--backups", "sthree-data", "data-s3alias", "data--ol-s3", "192.168.1.10", "a..b", "a_b"):
+        assert rules.problem(refused) is not None, refused
+        with pytest.raises(NotFound):
+            backend.get_bucket(refused)
+
+
+def test_a_bucket_prefix_s3_would_refuse_is_refused_when_the_backend_is_built(
+    make_settings: Callable[..., AwsSettings],
+) -> None:
+    """At start and by `config check`, not at a user's first bucket."""
+    with pytest.raises(ConfigurationError, match="S3_USER_BUCKET_PREFIX: bucket prefix 'xn--lab' makes bucket names"):
+        S3Storage(make_settings(s3_user_bucket_prefix="xn--lab"))

@@ -79,6 +79,22 @@ def test_config_check_names_every_variable_the_generated_plugin_needs(
     assert "network" in planned.stdout and "cluster" in planned.stdout
 
 
+def test_clean_environ_leaves_out_every_variable_of_an_installed_plugin(
+    generated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A third party's tests start from a clean environment without listing its variables: they are
+    read from its settings model, whatever their names (and, as pydantic-settings reads them, case)."""
+    _, site = generated
+    shell = env_with(site, tmp_path, ACME_REGION="mars", ACME_OIDC_ISSUER="https://stale.example.org",
+                     acme_domain="stale.example.org", CLOUD_PROVIDER="acme", EDITOR="vi")  # fmt: skip
+    probe = "import json, cmbcluster.testing.process as p; print(json.dumps(sorted(p.clean_environ())))"
+    result = subprocess.run([sys.executable, "-c", probe], env=shell, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    kept = set(json.loads(result.stdout))
+    assert not {"ACME_REGION", "ACME_OIDC_ISSUER", "acme_domain", "CLOUD_PROVIDER", "CMBCLUSTER_DATA_DIR"} & kept
+    assert {"EDITOR", "PYTHONPATH"} <= kept  # the rest of the environment stays
+
+
 def contract_suites() -> set[str]:
     import importlib
     import inspect
@@ -104,10 +120,12 @@ def run_generated_tests(
     """pytest on the generated tests (``args``: a selection), and each suite's outcomes."""
     package, site = generated
     report = tmp_path / "report.xml"
+    # a developer's shell with settings of the plugin: its tests' conftest starts without them
+    shell = env_with(site, tmp_path, ACME_DATA_DIR=str(tmp_path / "not-for-tests"), ACME_REGION="mars", **env)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
          str(package / "tests"), *args],
-        env=env_with(site, tmp_path, **env), cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env=shell, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     outcomes: dict[str, list[str]] = {}
     for case in ElementTree.parse(report).iter("testcase"):
@@ -123,6 +141,7 @@ def test_the_generated_tests_run_every_contract_suite_and_pass(generated: tuple[
     assert len(SUITES) == len(contract_suites())  # every suite cmbcluster.testing ships
     for suite, results in outcomes.items():
         assert results and set(results) == {"passed"}, (suite, results)  # none failed, none skipped
+    assert not (tmp_path / "not-for-tests").exists()
 
 
 def test_the_deploy_suite_finds_helm_by_cmbcluster_helm_and_fails_without_it(

@@ -19,6 +19,7 @@ from google.api_core import exceptions as api_exceptions
 
 import cmbcluster_gcp.uploads as gcs_uploads
 from cmbcluster.errors import (
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     LimitExceeded,
@@ -664,3 +665,21 @@ def test_session_cancel_answers_are_checked(
     assert bool(warned) is not cancelled
     if answers == (403,):
         assert "HTTP 403 denied" in warned[0]
+
+
+def test_gcs_declares_cloud_storages_own_bucket_name_rules(gcs: GcsStorage) -> None:
+    rules = gcs.bucket_names
+    assert rules.problem("backups.example.org") is None and rules.problem("lab_backups") is None
+    assert rules.problem("a" * 63 + "." + "b" * 63) is None  # dotted names may be longer than 63
+    for refused in ("a" * 64, "google-lab", "goog-lab", "lab-g00gle", "192.168.1.10", "-lab", "Lab"):
+        assert rules.problem(refused) is not None, refused
+        with pytest.raises(NotFound):
+            gcs.get_bucket(refused)
+
+
+def test_a_bucket_prefix_cloud_storage_would_refuse_is_refused_when_the_backend_is_built(
+    gcp_settings: GcpSettings,
+) -> None:
+    """At start and by `config check`, not at a user's first bucket."""
+    with pytest.raises(ConfigurationError, match="GCS_USER_BUCKET_PREFIX: bucket prefix 'google-lab' makes bucket"):
+        GcsStorage(gcp_settings.model_copy(update={"user_bucket_prefix": "google-lab"}))

@@ -151,7 +151,7 @@ def config_check(
     answering with something else than its interface, a settings model it does not declare, a missing
     dependency) is an error wherever this runs, naming the plugin and the registration.
     """
-    from cmbcluster.context import ProviderBuildError, build_providers
+    from cmbcluster.context import ProviderBuildError, bucket_name_problems, build_providers
     from cmbcluster.errors import ConfigurationError
 
     config = resolve_config()
@@ -169,6 +169,9 @@ def config_check(
         providers = None
     unreachable = []
     try:
+        problems = bucket_name_problems(config, providers.storage) if providers else []
+        if problems:  # wrong on every machine: an error, as serve's
+            raise ConfigurationError(problems)
         for concern, name, provider in providers.active if connect and providers else ():
             try:
                 provider.check_ready()

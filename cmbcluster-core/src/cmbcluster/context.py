@@ -187,6 +187,15 @@ def build_providers(config: ResolvedConfig) -> Providers:
     )  # fmt: skip
 
 
+def bucket_name_problems(config: ResolvedConfig, storage: StorageBackend) -> list[str]:
+    """The configured bucket names the active storage's service would refuse (under its
+    ``bucket_names``): the database bucket's. ``serve`` refuses to start on them and ``config
+    check`` lists them, rather than the first backup failing."""
+    bucket = config.core.database_bucket
+    problem = storage.bucket_names.problem(bucket) if bucket else None
+    return [f"CMBCLUSTER_DATABASE_BUCKET: {problem}"] if problem else []
+
+
 def _close_quietly(provider: Any) -> None:
     try:
         provider.close()
@@ -206,6 +215,10 @@ def build_context(config: ResolvedConfig) -> AppContext:
     """Create the database engine and every active provider (no network calls: factories are cheap)."""
     _private_folder(config.core.data_dir)
     providers = build_providers(config)
+    problems = bucket_name_problems(config, providers.storage)
+    if problems:
+        providers.close()
+        raise ConfigurationError(problems)
     engine = create_db_engine(config.core.effective_database_url)
     metrics = Metrics()
     metrics.plugins_failed.set(len(config.plugins.failed()))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
+from pydantic_settings import BaseSettings
 
 from cmbcluster import PLUGIN_API_VERSION, __version__, hookspecs
 from cmbcluster.errors import CmbclusterError, PluginError
@@ -269,6 +270,10 @@ class PluginManager:
             for concern in CONCERNS
             for reg in by_concern.get(concern, [])
         ]
+
+    def settings_models(self) -> list[type[BaseSettings]]:
+        """The settings model of every loaded plugin's registrations, once each, by plugin name."""
+        return list(dict.fromkeys(r.settings_model for _, _, r in self.registered() if r.settings_model is not None))
 
     def check_conflicts(self) -> None:
         for concern in CONCERNS:

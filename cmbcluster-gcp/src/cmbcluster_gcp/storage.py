@@ -54,7 +54,7 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, validate_object_key
+from cmbcluster.naming import BucketNameRules, dns_label, validate_object_key
 from cmbcluster_gcp.errors import GCS, error_for_status, gcs_errors, translate_error
 from cmbcluster_gcp.labels import (
     LABEL_DEPLOYMENT,
@@ -111,9 +111,17 @@ _FROM_GCS_CLASS = {
     "DURABLE_REDUCED_AVAILABILITY": StorageClass.STANDARD,
 }
 
-# Bucket names as GCS allows them (dotted names may be up to 222 characters). Anything else
-# cannot exist, and must not reach a request path.
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+#: Cloud Storage's rules for bucket names (``GcsStorage.bucket_names``). A name outside them cannot
+#: exist, and must not reach a request path.
+GCS_BUCKET_NAMES = BucketNameRules(
+    pattern=r"(?!goog)(?!.*g[o0][o0]gle)(?!\d+\.\d+\.\d+\.\d+$)(?!.*[^.]{64})[a-z0-9][a-z0-9._-]*[a-z0-9]",
+    description=(
+        "3-63 lower-case letters, digits, '-' and '_' (up to 222 with '.' between parts of 63 at most), starting "
+        "and ending with a letter or digit, not an IP address, not starting with 'goog' nor containing 'google' "
+        "(Cloud Storage's rules)"
+    ),
+    max_length=222,
+)
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -126,6 +134,8 @@ class GcsStorage(StorageBackend):
     connection errors) before it raises :class:`~cmbcluster.errors.ProviderUnavailable`.
     """
 
+    bucket_names = GCS_BUCKET_NAMES
+
     def __init__(
         self,
         settings: GcpSettings,
@@ -133,6 +143,9 @@ class GcsStorage(StorageBackend):
         retry_timeout: float = 30.0,
         propagation_seconds: float = IAM_PROPAGATION_SECONDS,
     ) -> None:
+        problem = self.bucket_names.prefix_problem(settings.user_bucket_prefix)
+        if problem is not None:  # refused here, by `config check` too, not at a user's first bucket
+            raise ConfigurationError([f"GCS_USER_BUCKET_PREFIX: {problem}"])
         self.propagation_seconds = propagation_seconds
         self.settings = settings
         self._prefix = settings.user_bucket_prefix.rstrip("-") + "-"
@@ -174,7 +187,7 @@ class GcsStorage(StorageBackend):
 
         created = None
         for _attempt in range(CREATE_ATTEMPTS):
-            name = bucket_name(self.settings.user_bucket_prefix, owner.id)
+            name = self.bucket_names.new_name(self.settings.user_bucket_prefix, owner.id)
             bucket = self._client.bucket(name)
             self._configure(bucket, gcs_class, versioning, labels)
             try:
@@ -301,8 +314,7 @@ class GcsStorage(StorageBackend):
         return BucketUsage(size_bytes=size, object_count=count, noncurrent_bytes=old_size, noncurrent_count=old_count)
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
-        if not _BUCKET_NAME.match(request.bucket):
-            raise InvalidRequest(f"{request.bucket!r} is not a bucket name")
+        GCS_BUCKET_NAMES.check(request.bucket)
         if not request.mount_path.startswith("/") or ".." in request.mount_path.split("/"):
             raise InvalidRequest("the mount path must be absolute, without '..'")
         for label, value in (("uid", request.uid), ("gid", request.gid)):
@@ -551,7 +563,7 @@ class GcsStorage(StorageBackend):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _bucket_ref(self, bucket: str) -> Any:
-        if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
+        if not isinstance(bucket, str) or GCS_BUCKET_NAMES.problem(bucket) is not None:
             raise NotFound(f"bucket {bucket} not found")
         return self._client.bucket(bucket)
 

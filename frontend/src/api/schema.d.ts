@@ -1806,11 +1806,6 @@ export interface components {
              */
             active: number;
             /**
-             * Budgets
-             * @description Your and your groups' monthly budgets: a warning from 80 %; at 100 % nothing new starts
-             */
-            budgets?: components["schemas"]["BudgetStatusOut"][];
-            /**
              * Idle Timeout Minutes
              * @description An environment without activity this long stops; 0: never
              */

@@ -44,6 +44,8 @@ DbSession = Annotated[Session, Depends(get_db)]
 # Declared as security schemes so the OpenAPI document (and its generated client) knows both ways in.
 _bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")
 _cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The browser's session cookie")
+BearerToken = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+SessionCookie = Annotated[str | None, Depends(_cookie)]
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ class Principal:
 async def get_principal(
     request: Request,
     db: DbSession,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    cookie: Annotated[str | None, Depends(_cookie)],
+    bearer: BearerToken,
+    cookie: SessionCookie,
 ) -> Principal:
     principal = authenticate_request(request, db, bearer.credentials if bearer is not None else None, cookie)
     # End the read transaction: its connection goes back to the pool instead of staying with a

@@ -209,9 +209,15 @@ def run_command(
     from cmbcluster.migration.engine import Events, Migration, move_database
 
     config = resolve_config()
+    database = sqlite_path(config.core.effective_database_url)
+    target_bucket = database_bucket or config.core.database_bucket
     db_engine, sessions = _sessions(config)
     try:
         with _sides(config, to, with_infra=True) as (source, target):
+            problem = target.storage.bucket_names.problem(target_bucket) if database and target_bucket else None
+            if problem is not None:  # refused before any copy, not once every bucket has moved
+                setting = "--database-bucket" if database_bucket else "CMBCLUSTER_DATABASE_BUCKET"
+                raise ConfigurationError([f"{setting} on {to}: {problem}"])
             columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                        TimeRemainingColumn())  # fmt: skip
             with Progress(*columns, console=None, transient=False) as progress:
@@ -234,9 +240,10 @@ def run_command(
                     f"{len(pending)} of {len(result.buckets)} buckets not switched yet (listed above); the database "
                     "moves once every bucket is switched: fix what is listed and run `cmbcluster migrate run` again"
                 )
-            database = sqlite_path(config.core.effective_database_url)
-            out(move_database(database, target.storage, database_bucket or config.core.database_bucket,
-                              prefix=config.core.database_backup_prefix), soft_wrap=True)  # fmt: skip
+            out(
+                move_database(database, target.storage, target_bucket, prefix=config.core.database_backup_prefix),
+                soft_wrap=True,
+            )
     finally:
         db_engine.dispose()
     out(

@@ -132,6 +132,9 @@ class DatabaseBackups:
     """Backups of the SQLite file ``database`` in ``bucket`` of ``storage``, under ``prefix``."""
 
     def __init__(self, storage: StorageBackend, bucket: str, database: Path, *, prefix: str = "", kept: int = 0):
+        problem = storage.bucket_names.problem(bucket)
+        if problem is not None:  # as the storage service would, before anything is copied or uploaded
+            raise ConfigurationError([f"the database bucket: {problem}"])
         self.storage = storage
         self.bucket = bucket
         self.database = database

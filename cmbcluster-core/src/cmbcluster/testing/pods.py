@@ -43,17 +43,18 @@ from typing import Any
 
 import pytest
 
+from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.errors import NotFound
 from cmbcluster.interfaces import (
     BucketOptions,
     CloudIdentity,
     EnvironmentSpec,
-    MountedVolume,
     MountRequest,
     PodContext,
     PodDraft,
     StorageBackend,
     UserRef,
+    VolumeSpec,
 )
 from cmbcluster.kubernetes.manifests import build_draft, check_decorated
 from cmbcluster.kubernetes.manifests import pod_context as _pod_context
@@ -76,22 +77,12 @@ def environment_spec(
     made by ``storage.volume_spec`` as a start makes them."""
     environment_id = uuid.uuid4().hex
     volumes = tuple(
-        MountedVolume(
-            mount_path=path,
-            bucket=bucket,
-            spec=storage.volume_spec(
-                MountRequest(
-                    bucket=bucket,
-                    mount_path=path,
-                    user=user,
-                    environment_id=environment_id,
-                    read_only=read_only,
-                    namespace=namespace,
-                )
-            ),
+        mount_bucket(
+            storage, bucket=bucket, mount_path=path, user=user, environment_id=environment_id, identity=identity,
+            namespace=namespace, read_only=read_only,
         )
         for bucket, path, read_only in mounts
-    )
+    )  # fmt: skip
     return EnvironmentSpec(environment_id=environment_id, user=user, image=image, volumes=volumes, identity=identity)
 
 
@@ -211,6 +202,31 @@ class PodDecorationContract:
                 assert mounted_volume.mount_path in paths
         if identity is not None and identity.service_account:
             assert draft.service_account_name == identity.service_account
+
+    def test_volumes_are_made_for_the_users_identity(
+        self,
+        storage_backend: StorageBackend,
+        user: UserRef,
+        identity: CloudIdentity | None,
+        active_settings: Mapping[type[Any], Any],
+        mounted: list[tuple[str, str, bool]],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """``volume_spec`` is asked as core asks at a start: each bucket with the user's identity (a
+        volume that mounts with the pod's credentials names it), and decorators see the same."""
+        asked: list[MountRequest] = []
+        volume_spec = storage_backend.volume_spec
+
+        def recording(request: MountRequest) -> VolumeSpec:
+            asked.append(request)
+            return volume_spec(request)
+
+        monkeypatch.setattr(storage_backend, "volume_spec", recording)
+        spec = environment_spec(storage_backend, user, mounted, identity=identity)
+        assert [(r.bucket, r.mount_path, r.read_only) for r in asked] == mounted
+        assert all(r.identity == identity and r.user == user and r.namespace == NAMESPACE for r in asked)
+        context = self._context(spec, active_settings)
+        assert context.identity == identity and context.buckets == tuple(bucket for bucket, _, _ in mounted)
 
     def test_a_pod_without_buckets_passes_cores_checks_once_decorated(
         self,
