@@ -19,8 +19,8 @@ from pydantic_settings import BaseSettings
 
 from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
-from cmbcluster.plugins import CONCERNS, Concern, PluginManager
-from cmbcluster.registrations import Registration, ResolvedConfig
+from cmbcluster.plugins import CONCERNS, PluginManager, PluginsFailed
+from cmbcluster.registrations import Concern, Registration, ResolvedConfig
 from cmbcluster.settings import CoreSettings, env_var_name, env_var_names
 
 R = TypeVar("R", bound=Registration[Any])
@@ -62,6 +62,8 @@ def resolve(
     warnings: list[str] = []
     try:
         pm = (plugins or PluginManager.from_settings(core)).load()
+    except PluginsFailed as exc:
+        raise ConfigurationError(exc.failures) from None
     except PluginError as exc:
         raise ConfigurationError([str(exc)]) from None
     for info in pm.failed():

@@ -67,12 +67,12 @@ def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tup
     try:
         source_context = config.context_for(config.storage)
         source = Side(
-            name=config.storage.name, storage=config.storage.factory(source_context),
+            name=config.storage.name, storage=config.storage.create(source_context),
             settings=source_context.provider_settings,
         )  # fmt: skip
         opened.append(source.storage)
         target_context = _context(config, registration.settings_model)
-        target = Side(name=to, storage=registration.factory(target_context), settings=target_context.provider_settings)
+        target = Side(name=to, storage=registration.create(target_context), settings=target_context.provider_settings)
         opened.append(target.storage)
         if with_infra:
             try:
@@ -80,7 +80,7 @@ def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tup
             except PluginError:
                 infra = None  # a storage-only plugin: its users get no identity of their own there
             if infra is not None:
-                target.infra = infra.factory(_context(config, infra.settings_model))
+                target.infra = infra.create(_context(config, infra.settings_model))
                 opened.append(target.infra)
         yield source, target
     finally:
@@ -281,9 +281,7 @@ def finish_command(
         with stack:
             for name in names:
                 if name == config.storage.name:
-                    backends[name] = stack.enter_context(
-                        _closing(config.storage.factory(config.context_for(config.storage)))
-                    )
+                    backends[name] = stack.enter_context(_closing(config.create(config.storage)))
                 else:
                     _, target = stack.enter_context(_sides(config, name, with_infra=False))
                     backends[name] = target.storage

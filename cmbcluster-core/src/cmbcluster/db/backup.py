@@ -574,12 +574,12 @@ def open_backups(config: ResolvedConfig) -> Iterator[DatabaseBackups]:
     core = config.core
     _configured(core)  # refuse PostgreSQL or no bucket before making any client
     try:
-        storage = config.storage.factory(config.context_for(config.storage))
+        storage = config.create(config.storage)
     except CmbclusterError:
         raise
     except Exception as exc:
         raise ConfigurationError(
-            [f"storage backend {config.storage.name!r} could not be created: {type(exc).__name__}: {exc}"]
+            [f"{config.describe(config.storage)} could not be created: {type(exc).__name__}: {exc}"]
         ) from exc
     try:
         yield DatabaseBackups.from_settings(core, storage)

@@ -27,12 +27,16 @@ Subclass :class:`PodDecorationContract`, name your provider and provide ``storag
         def active_settings(self):
             return {AzureSettings: AzureSettings(...)}
 
-The decorators run are every installed plugin's, in core's order (``decorate`` fixture).
+The decorator run is your installed plugin's (``plugin_name``, by default ``provider_name``: its
+entry point's name), so another installed plugin's decorator cannot fail your suite; override the
+``decorate`` fixture with ``installed_decorators()`` to run every installed plugin's, in core's
+order, as the control plane does.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -107,11 +111,23 @@ def check_pod(draft: PodDraft, spec: EnvironmentSpec, *, namespace: str = NAMESP
     check_decorated(draft, spec, namespace=namespace)
 
 
-def installed_decorators() -> Decorate:
-    """Every installed plugin's ``cmbcluster_decorate_pod``, in core's order (as the control plane runs them)."""
+def installed_decorators(plugin: str | None = None) -> Decorate:
+    """Every installed plugin's ``cmbcluster_decorate_pod``, in core's order (as the control plane runs
+    them); only the installed plugin called ``plugin`` when given (its entry point's name)."""
     from cmbcluster.plugins import PluginManager
 
-    return PluginManager().load().decorate_pod
+    manager = PluginManager().load()
+    if plugin is None:
+        return manager.decorate_pod
+    info = next((i for i in manager.plugins() if i.name == plugin), None)
+    if info is None:
+        raise LookupError(
+            f"no plugin {plugin!r} is installed (an entry point of the group cmbcluster): install your package "
+            "(pip install -e .), or name it in plugin_name"
+        )
+    if info.error is not None:
+        raise LookupError(f"plugin {plugin!r} ({info.distribution} {info.version}) failed to load: {info.error}")
+    return functools.partial(manager.decorate_pod, plugins=(plugin,))
 
 
 class PodDecorationContract:
@@ -119,6 +135,8 @@ class PodDecorationContract:
 
     #: The registered name your decorator serves (``context.serves(provider_name)``).
     provider_name: str = ""
+    #: Your plugin's name (its entry point's), whose decorator the suite runs; default provider_name.
+    plugin_name: str | None = None
     #: Whether your infra provider is deployed beside your storage (both names in the context).
     serves_infra: bool = True
 
@@ -142,7 +160,8 @@ class PodDecorationContract:
 
     @pytest.fixture
     def decorate(self) -> Decorate:
-        return installed_decorators()
+        """Your installed plugin's decorator alone (another plugin's cannot fail your suite)."""
+        return installed_decorators(self.plugin_name or self.provider_name)
 
     @pytest.fixture
     def mounted(self, storage_backend: StorageBackend, user: UserRef) -> Iterator[list[tuple[str, str, bool]]]:

@@ -25,16 +25,23 @@ CORE_PREFIX = "CMBCLUSTER_"
 SDK_PREFIXES = ("AWS_", "GOOGLE_", "CLOUDSDK_", "AZURE_")
 
 
+#: Kept: where a tool is, which changes nothing a test sees (the deploy-values suite's helm).
+KEPT = frozenset({"CMBCLUSTER_HELM"})
+
+
 def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any CMBCluster or cloud configuration, plus ``extra``.
 
     Removed: every variable that core's settings and the settings model of every installed plugin
     read (their names and aliases, and anything under a model's ``env_prefix``), whatever plugin
     it is: a plugin's tests start clean without listing its variables. Also ``CMBCLUSTER_*`` and
-    the cloud SDKs' own variables (:data:`SDK_PREFIXES`).
+    the cloud SDKs' own variables (:data:`SDK_PREFIXES`). Kept: :data:`KEPT`.
     """
     names, prefixes = configuration_variables()
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.upper().startswith(prefixes)}
+    env = {
+        k: v for k, v in os.environ.items()
+        if k in KEPT or (k.upper() not in names and not k.upper().startswith(prefixes))
+    }  # fmt: skip
     env.update(extra or {})
     return env
 
