@@ -80,7 +80,8 @@ def test_budgets_are_set_listed_and_deleted(run: Invoke, client: TestClient, adm
     [
         (("budgets", "set", "planet", "alice@example.org", "5"), "SCOPE is one of user, group, not 'planet'"),
         (("budgets", "set", "user", "nobody@example.org", "5"), "user nobody@example.org not found"),
-        (("budgets", "set", "user", "alice@example.org", "0"), "amount must be more than 0"),
+        (("budgets", "set", "user", "alice@example.org", "0"), "amount must be at least 0.01"),
+        (("budgets", "set", "user", "alice@example.org", "5e-324"), "amount must be at least 0.01, not 5e-324"),
         (("budgets", "set", "user", "alice@example.org", "nan"), "amount must be a finite number, not nan"),
         (("budgets", "set", "user", "alice@example.org", "inf"), "amount must be a finite number, not inf"),
         (

@@ -1417,7 +1417,10 @@ export interface components {
         };
         /** BudgetIn */
         BudgetIn: {
-            /** Amount */
+            /**
+             * Amount
+             * @description At least 0.01, kept to 2 decimal places
+             */
             amount: number;
             /**
              * Hard
@@ -1455,7 +1458,10 @@ export interface components {
             label: string;
             /** Message */
             message: string;
-            /** Percent */
+            /**
+             * Percent
+             * @description 100 x used / amount, at most 1000 (the message says >999 %)
+             */
             percent: number;
             /**
              * Scope

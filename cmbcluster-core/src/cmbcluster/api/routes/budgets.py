@@ -28,7 +28,9 @@ class BudgetStatusOut(BaseModel):
     currency: str
     hard: bool = Field(description="At 100 %, running environments are stopped too")
     used: float = Field(description="This month so far, in the budget's unit (an estimate from list prices)")
-    percent: float
+    percent: float = Field(
+        description=f"100 x used / amount, at most {service.PERCENT_CAP:g} (the message says >999 %)"
+    )
     state: Literal["ok", "warning", "exceeded"] = Field(description="warning from 80 %, exceeded from 100 %")
     message: str
 
@@ -36,7 +38,10 @@ class BudgetStatusOut(BaseModel):
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: float = Field(gt=0, le=1e12, allow_inf_nan=False)
+    amount: float = Field(
+        ge=service.MIN_AMOUNT, le=1e12, allow_inf_nan=False,
+        description=f"At least {service.MIN_AMOUNT}, kept to {service.AMOUNT_DECIMALS} decimal places",
+    )  # fmt: skip
     unit: Literal["currency", "core_hours"] = "currency"
     hard: bool = Field(default=False, description="At 100 %, stop running environments too")
 
