@@ -284,6 +284,41 @@ def test_a_far_overrun_budget_shows_a_bounded_percentage(
     assert refused.status_code == 403 and ">999 %" in refused.json()["message"]
 
 
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("a%00b", "U+0000"),
+        ("a%E2%80%AEgpj.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("physics%0Aadmins", "U+000A"),
+        ("phys%E2%80%8Bics", "U+200B (ZERO WIDTH SPACE)"),
+        ("a%C2%A0b", "U+00A0 (NO-BREAK SPACE)"),
+    ],
+)
+def test_a_group_name_is_printable_text(client: TestClient, admin: dict[str, str], name: str, shown: str) -> None:
+    """A NUL, a line break or a right-to-left override would disguise a group in the admin's tables,
+    the CSV and `cmbcluster groups list`."""
+    answer = client.put(f"/api/v1/admin/groups/{name}", headers=admin, json={"members": []})
+    assert answer.status_code == 400, answer.text
+    assert "a group name is printable text" in answer.json()["message"] and shown in answer.json()["message"]
+    assert client.get("/api/v1/admin/groups", headers=admin).json() == []
+    too_long = client.put(f"/api/v1/admin/groups/{'x' * 101}", headers=admin, json={"members": []})
+    assert too_long.status_code == 422
+    fine = client.put("/api/v1/admin/groups/Kosmologie, Ü 2026 (CMB-S4)", headers=admin, json={"members": []})
+    assert fine.status_code == 200 and fine.json()["name"] == "Kosmologie, Ü 2026 (CMB-S4)"
+
+
+def test_a_group_named_before_the_rule_can_still_be_deleted(
+    app: FastAPI, client: TestClient, admin: dict[str, str]
+) -> None:
+    from cmbcluster.db.models import Group
+
+    with _context(app).sessions() as db:
+        db.add(Group(name="a\x00b"))
+        db.commit()
+    (group,) = client.get("/api/v1/admin/groups", headers=admin).json()
+    assert client.delete(f"/api/v1/admin/groups/{group['id']}", headers=admin).status_code == 204
+
+
 def test_an_unreachable_webhook_is_logged_never_raised(
     app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

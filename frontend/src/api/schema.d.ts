@@ -3186,6 +3186,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;
@@ -3293,6 +3294,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;
@@ -3385,6 +3387,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;

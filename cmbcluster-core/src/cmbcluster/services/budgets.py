@@ -30,6 +30,7 @@ from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
+from cmbcluster.text import describe_character, first_unprintable
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -47,6 +48,7 @@ AMOUNT_DECIMALS = 2
 #: more, and a budget an earlier version accepted (5e-324) must not make it infinite.
 PERCENT_CAP = 1000.0
 #: Webhook deliveries per event: a few tries within a pass, then again on later passes up to this.
+MAX_GROUP_NAME = 100
 MAX_ATTEMPTS = 5
 TRIES_PER_PASS = 3
 WEBHOOK_TIMEOUT = 5.0
@@ -331,17 +333,32 @@ def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str)
     db.commit()
 
 
-def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
-    """Create or replace a group's members (users given by id or e-mail)."""
+def check_group_name(name: str) -> str:
+    """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
+    characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
+    or a right-to-left override there would disguise them."""
     name = name.strip()
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("a group name of 1 to 100 characters is required")
+    if not 1 <= len(name) <= MAX_GROUP_NAME:
+        raise InvalidRequest(f"a group name of 1 to {MAX_GROUP_NAME} characters is required")
+    bad = first_unprintable(name)
+    if bad is not None:
+        raise InvalidRequest(
+            f"a group name is printable text: it cannot contain {describe_character(bad)} "
+            "(no control, formatting, bidirectional or line-break characters)"
+        )
+    return name
+
+
+def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
+    """Create or replace a group's members (users given by id or e-mail). A new group's name is
+    checked (:func:`check_group_name`); an existing group keeps its name, whatever it is."""
+    name = name.strip()
     ids = []
     for member in dict.fromkeys(members):
         ids.append(resolve_target(db, "user", member)[0])
     group = db.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
     if group is None:
-        group = Group(name=name)
+        group = Group(name=check_group_name(name))
         db.add(group)
         db.flush()
     for row in db.execute(select(GroupMember).where(GroupMember.group_id == group.id)).scalars():

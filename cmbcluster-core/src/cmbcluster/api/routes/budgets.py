@@ -14,6 +14,11 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
 Scope = Annotated[Literal["user", "group"], Path(description="user or group")]
 Target = Annotated[str, Path(max_length=200, description="A user's id or e-mail, or a group's id or name")]
+GroupName = Annotated[
+    str,
+    Path(min_length=1, max_length=service.MAX_GROUP_NAME, description="Printable text: no control, formatting, "
+         "bidirectional or line-break characters"),
+]  # fmt: skip
 
 
 class BudgetStatusOut(BaseModel):
@@ -104,22 +109,18 @@ def list_groups(admin: AdminUser, db: DbSession) -> Any:
 
 
 @router.put("/groups/{name}", response_model=GroupOut, summary="Create a group or replace its members")
-def set_group(
-    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupIn, admin: AdminUser, db: DbSession
-) -> Any:
+def set_group(name: GroupName, body: GroupIn, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group(db, actor_id=admin.id, name=name, members=body.members)
     return next(g for g in service.groups(db) if g["id"] == group.id)
 
 
 @router.patch("/groups/{name}", response_model=GroupOut, summary="Set a group's storage quota")
-def change_group(
-    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupChange, admin: AdminUser, db: DbSession
-) -> Any:
+def change_group(name: GroupName, body: GroupChange, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group_storage_quota(db, actor_id=admin.id, name=name, quota_bytes=body.storage_quota_bytes)
     return next(g for g in service.groups(db) if g["id"] == group.id)
 
 
 @router.delete("/groups/{name}", status_code=204, summary="Remove a group (and its budget)")
-def delete_group(name: Annotated[str, Path(min_length=1, max_length=100)], admin: AdminUser, db: DbSession) -> Response:
+def delete_group(name: GroupName, admin: AdminUser, db: DbSession) -> Response:
     service.delete_group(db, actor_id=admin.id, name=name)
     return Response(status_code=204)
