@@ -23,6 +23,7 @@ from cmbcluster.db.models import AuditEvent, BudgetEvent, Environment, StorageIn
 from cmbcluster.services import budgets
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.clock import ManualClock, manual_clock
 
 NOV = dt.datetime(2026, 11, 2, 9, tzinfo=dt.UTC)
@@ -317,6 +318,24 @@ def test_a_group_named_before_the_rule_can_still_be_deleted(
         db.commit()
     (group,) = client.get("/api/v1/admin/groups", headers=admin).json()
     assert client.delete(f"/api/v1/admin/groups/{group['id']}", headers=admin).status_code == 204
+
+
+def test_users_are_found_by_e_mail_in_ascii_case_only(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str]
+) -> None:
+    """Addresses are stored with ASCII letters lower-cased (docs/operators/security.md): an admin typing
+    ALICE@Example.ORG means alice@example.org; a Unicode look-alike (KELVIN SIGN for K) means no one."""
+    dev_sign_in(client, "kim@example.org")
+    group = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["ALICE@Example.ORG"]})
+    assert group.status_code == 200, group.text
+    assert group.json()["members"] == ["alice@example.org"]
+    budget = client.put("/api/v1/admin/budgets/user/Alice@EXAMPLE.org", headers=admin, json={"amount": 5})
+    assert budget.status_code == 200 and budget.json()["label"] == "alice@example.org", budget.text
+    assert client.delete("/api/v1/admin/budgets/user/ALICE@example.org", headers=admin).status_code == 204
+    look_alike = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["\u212aim@example.org"]})
+    assert look_alike.status_code == 404 and "not found" in look_alike.json()["message"]
+    spaced = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["alice @example.org"]})
+    assert spaced.status_code == 404
 
 
 def test_an_unreachable_webhook_is_logged_never_raised(

@@ -115,6 +115,19 @@ def test_an_existing_group_is_not_created_twice_and_a_non_member_is_not_removed(
     assert "bob@example.org" in invoke("groups", "list")[1]  # unchanged
 
 
+def test_members_and_budgets_are_found_by_e_mail_in_any_ascii_case(run: Invoke) -> None:
+    invoke = run
+    assert invoke("groups", "create", "astro", "BOB@example.org")[0] == 0
+    code, output = invoke("groups", "add-member", "astro", "Alice@Example.Org")
+    assert code == 0 and "2 member(s)" in output, output
+    code, output = invoke("groups", "remove-member", "astro", "BOB@EXAMPLE.ORG")
+    assert code == 0 and "1 member(s)" in output, output
+    assert "alice@example.org" in invoke("groups", "list")[1]
+    code, output = invoke("budgets", "set", "user", "ALICE@example.org", "25")
+    assert code == 0 and "alice@example.org" in output, output
+    assert invoke("budgets", "delete", "user", "alice@EXAMPLE.org")[0] == 0
+
+
 def test_a_non_number_amount_is_a_usage_error(run: Invoke) -> None:
     code, output = run("budgets", "set", "user", "alice@example.org", "lots")
     assert code == 2 and "Invalid value" in output and "Traceback" not in output

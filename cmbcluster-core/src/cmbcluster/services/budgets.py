@@ -30,6 +30,7 @@ from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
+from cmbcluster.services.users import by_email
 from cmbcluster.text import describe_character, first_unprintable
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def deliver_pending(db: Session, url: str | None, *, pause: float = 0.5) -> int:
 def resolve_target(db: Session, scope: str, target: str) -> tuple[str, str]:
     """(id, label) of a user (id or e-mail) or a group (id or name)."""
     if scope == "user":
-        user = db.get(User, target) or db.execute(select(User).where(User.email == target)).scalar_one_or_none()
+        user = db.get(User, target) or by_email(db, target)
         if user is None:
             raise NotFound(f"user {target} not found")
         return user.id, user.email
