@@ -73,7 +73,13 @@ def dana(alice: Session, open_session: OpenSession, oidc: OidcMockServer) -> Ses
 
 
 def api(page: Page, method: str, path: str, **kwargs: Any) -> Any:
-    """The API with the page's own session (to arrange and to check what the UI shows)."""
+    """The API with the page's own session (to arrange and to check what the UI shows). A change
+    carries the page's Origin, as the browser's own requests do: with the session cookie and no
+    Origin, the server refuses it."""
+    if method not in ("GET", "HEAD"):
+        origin = re.match(r"https?://[^/]+", page.url)
+        assert origin is not None, f"the page is not on the server: {page.url}"
+        kwargs["headers"] = {"Origin": origin.group(0), **kwargs.get("headers", {})}
     response = page.request.fetch(path, method=method, **kwargs)
     assert response.ok, f"{method} {path}: {response.status} {response.text()}"
     return response.json() if response.headers.get("content-type", "").startswith("application/json") else None
