@@ -507,7 +507,7 @@ def test_the_dashboard_shows_the_months_estimate_and_an_admin_the_costs_per_user
         row = admin.locator(f'tr[data-row="{dana_id}"]')
         expect(row).to_contain_text("dana@example.org")
         expect(row).to_contain_text("budget used up")
-        expect(admin.locator(".warning", has_text="user dana@example.org")).to_contain_text("new starts refused")
+        expect(admin.locator(".error", has_text="user dana@example.org")).to_contain_text("new starts refused")
         expect(row.get_by_text(re.compile(r"^\$\d"))).to_be_visible()
         expect(admin.get_by_role("img", name=re.compile("^Core-hours per day, highest"))).to_be_visible()
         expect(admin.get_by_text(re.compile("^Estimates from the operator's prices"))).to_be_visible()
