@@ -48,8 +48,9 @@ AMOUNT_DECIMALS = 2
 #: Percentages are reported up to this (shown as ">999 %"): far past 100 % the figure says nothing
 #: more, and a budget an earlier version accepted (5e-324) must not make it infinite.
 PERCENT_CAP = 1000.0
-#: Webhook deliveries per event: a few tries within a pass, then again on later passes up to this.
+#: The longest group name, in characters.
 MAX_GROUP_NAME = 100
+#: Webhook deliveries per event: a few tries within a pass, then again on later passes up to this.
 MAX_ATTEMPTS = 5
 TRIES_PER_PASS = 3
 WEBHOOK_TIMEOUT = 5.0
