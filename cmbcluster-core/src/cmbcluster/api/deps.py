@@ -91,12 +91,18 @@ def authenticate_request(request: Request, db: Session, bearer: str | None, cook
 
 def _check_same_origin(request: Request) -> None:
     """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite):
-    the Origin (or Referer) must be this server's scheme, host and port."""
+    the Origin (or Referer) must be this server's scheme, host and port. Browsers send Origin with
+    every POST, PUT, PATCH and DELETE, same-site ones too; a change with the cookie and neither
+    header comes from no page of ours (an old plug-in, a proxy that strips it, a forged request),
+    and scripts authenticate with a bearer token, which needs no check."""
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("origin") or request.headers.get("referer")
     if origin is None:
-        return  # not a browser-initiated cross-site request: browsers send Origin on those
+        raise PermissionDenied(
+            "a change signed in with the session cookie must come from this site's pages: the request "
+            "carries neither Origin nor Referer (from a script, send a bearer token instead)"
+        )
     sent = urlsplit(origin)
     if (sent.scheme.lower(), sent.netloc.lower()) not in own_origins(request):
         raise PermissionDenied("cross-site request refused")

@@ -565,6 +565,17 @@ def _parse_moment(value: str, name: str) -> dt.datetime:
     return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: user e-mails and group names are chosen by
+    users, and ``=HYPERLINK(...)`` would run when an admin opens the download in Excel. OWASP's advice:
+    a leading single quote on a cell that starts like a formula (numbers are written as numbers)."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
 @dataclass
 class Report:
     start: dt.datetime
@@ -601,7 +612,7 @@ class Report:
         writer.writerow([self.group_by, "label", *columns])
         for key, label, usage in self.rows:
             values = usage.as_dict()
-            writer.writerow([key, label, *(values[c] for c in columns)])
+            writer.writerow([spreadsheet_safe(key), spreadsheet_safe(label), *(values[c] for c in columns)])
         if self.cluster_fee:
             writer.writerow(["cluster", "cluster fee", *([""] * (len(columns) - 1)), round(self.cluster_fee, 2)])
         return buffer.getvalue()

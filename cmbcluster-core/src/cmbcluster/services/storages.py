@@ -39,7 +39,7 @@ from cmbcluster.errors import (
     PayloadTooLarge,
 )
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
-from cmbcluster.naming import validate_object_key, validate_object_prefix
+from cmbcluster.naming import validate_new_object_key, validate_object_key, validate_object_prefix
 from cmbcluster.services import accounting, instances
 from cmbcluster.services.audit import audit
 from cmbcluster.services.ownership import owned
@@ -356,7 +356,7 @@ def write_object(
     backend kept of it (:func:`abort_journalled_uploads`). The entry also holds the upload's bytes
     against the quotas of ``allowance`` (:class:`UploadReservation`): uploads running at once,
     on any replica, cannot together pass a quota."""
-    key = validate_object_key(key)
+    key = validate_new_object_key(key)
     reservation = UploadReservation(context, allowance, storage_id=storage_id, bucket=bucket, key=key)
     try:
         reservation.open(declared)
@@ -538,7 +538,7 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
     if source == destination:
         return 0
     for _, target in pairs:
-        validate_object_key(target)
+        validate_new_object_key(target)
         try:
             context.storage.head_object(bucket, target)
         except NotFound:

@@ -37,7 +37,7 @@ from cmbcluster.db.models import Storage
 from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.migration import engine as migration
-from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
+from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_new_object_key
 from cmbcluster.services import previews
 from cmbcluster.services import storages as service
 from cmbcluster.services.usage import Usage, cached_usage
@@ -433,7 +433,7 @@ async def upload_object(
 ) -> ObjectOut:
     storage = await run_in_threadpool(service.usable_storage, db, context, user, storage_id)
     bucket = storage.bucket_name
-    validate_object_key(key)
+    validate_new_object_key(key)
     max_bytes = context.config.core.max_upload_bytes
     declared = content_length(request.headers)
     if declared is not None and declared > max_bytes:
