@@ -275,8 +275,8 @@ def test_a_far_overrun_budget_shows_a_bounded_percentage(
         db.add(Budget(scope="user", target_id=ids["bob@example.org"], amount=5e-324, unit="core_hours", hard=False))
         db.commit()
     clock.advance(days=1)
-    for who in (alice, bob):
-        (found,) = client.get("/api/v1/usage/me", headers=who).json()["budgets"]
+    for headers in (alice, bob):
+        (found,) = client.get("/api/v1/usage/me", headers=headers).json()["budgets"]
         assert found["state"] == "exceeded" and found["percent"] == 1000, found  # finite and bounded
         assert "is >999 % used" in found["message"] and "inf" not in found["message"], found["message"]
     listed = client.get("/api/v1/admin/budgets", headers=admin).json()

@@ -147,7 +147,7 @@ def test_a_cookie_change_without_origin_or_referer_is_refused(client: TestClient
         ("PATCH", "/api/v1/admin/users/x", {"json": {"role": "admin"}}),  # refused before the route looks
         ("DELETE", bucket, {}),
     ):
-        refused = client.request(method, path, **body)  # type: ignore[arg-type]
+        refused = client.request(method, path, **body)
         assert refused.status_code == 403, (method, refused.text)
         message = refused.json()["message"]
         assert "neither Origin nor Referer" in message and "bearer token" in message, message
