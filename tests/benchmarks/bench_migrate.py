@@ -166,9 +166,8 @@ def seed(moto: str, scale: float) -> None:
 
 
 def measure(mode: str, name: str, moto: ToolServer, parallel: int, env: dict[str, str], tmp: Path) -> dict[str, Any]:
-    """One measurement in a child process, against a fresh emulator: the emulator slows down as
-    it holds more objects (23 uploads/s with 5,000 stored against 116 with none), so no
-    measurement inherits the objects of the one before."""
+    """One measurement in a child process, against a fresh emulator (gcs_emulator.py), so that no
+    measurement inherits the objects, or the memory, of the one before."""
     gcs_command = ["python", str(Path(__file__).with_name("gcs_emulator.py")), "{port}"]
     with ToolServer(gcs_command, env, tmp / f"emulator-{mode}-{name}.log") as gcs:
         google = storage.Client(project=PROJECT, client_options=ClientOptions(api_endpoint=gcs.url),
