@@ -57,9 +57,10 @@ AWS_ENV = {
 SOURCE, UPLOADED, COPIED = "bench-source", "bench-upload", "bench-copy"
 TARGETS = {"large": 0.8, "small": 0.5}
 TARGET_RSS_GROWTH_MIB = 128
-#: Below `cmbcluster migrate run`'s default of 8: gcp-storage-emulator is a single-threaded
-#: http.server with a listen backlog of 5, and with 8 clients connecting at once its dropped SYNs
-#: ran into 60 s connect timeouts (seen at 10,000 small uploads). 4 keeps it busy all the same.
+#: Below `cmbcluster migrate run`'s default of 8, as every figure in docs/development.md was measured:
+#: the emulator serves one request at a time, and 4 keep it busy. (With the stock emulator's listen
+#: backlog of 5, 8 clients had SYNs dropped and ran into 60 s connect timeouts; gcs_emulator.py
+#: raises it.)
 PARALLEL = 4
 #: The sets' sizes are multiples of this, and content comes in blocks of it (the figures of earlier
 #: runs were measured on these sets: it stays 4 MiB whatever the copy's own chunk size).
@@ -165,9 +166,8 @@ def seed(moto: str, scale: float) -> None:
 
 
 def measure(mode: str, name: str, moto: ToolServer, parallel: int, env: dict[str, str], tmp: Path) -> dict[str, Any]:
-    """One measurement in a child process, against a fresh emulator: the emulator slows down as
-    it holds more objects (23 uploads/s with 5,000 stored against 116 with none), so no
-    measurement inherits the objects of the one before."""
+    """One measurement in a child process, against a fresh emulator (gcs_emulator.py), so that no
+    measurement inherits the objects, or the memory, of the one before."""
     gcs_command = ["python", str(Path(__file__).with_name("gcs_emulator.py")), "{port}"]
     with ToolServer(gcs_command, env, tmp / f"emulator-{mode}-{name}.log") as gcs:
         google = storage.Client(project=PROJECT, client_options=ClientOptions(api_endpoint=gcs.url),
