@@ -1,10 +1,13 @@
-"""Add up the JUnit reports of every test session into one closing line: 'N passed, N failed'."""
+"""Add up the JUnit reports of every test session into one closing line: 'N passed, N failed', then
+the figures the tests measured and the coverage the `coverage` session combined (coverage-summary.json)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 
 def main(folder: str) -> int:
@@ -33,7 +36,25 @@ def main(folder: str) -> int:
     if figures:
         print("figures measured by the tests:")
         print("\n".join(figures))
+    coverage = Path(folder) / "coverage-summary.json"
+    if coverage.exists():
+        print("\n".join(coverage_lines(json.loads(coverage.read_text()))))
     return 0
+
+
+def coverage_lines(summary: dict[str, Any]) -> list[str]:
+    """The branch coverage the `coverage` session combined, and the gates it missed."""
+    contract = summary["contract"]
+    full = [path for path, percent in contract.items() if percent >= summary["contract_gate"]]
+    lines = [
+        f"coverage (statements and branches, sessions {', '.join(summary['sessions'])}):",
+        f"  overall: {summary['overall']:.1f} % (gate {summary['overall_gate']:.0f} %)",
+        *(f"  {package}: {percent:.1f} %" for package, percent in summary["packages"].items()),
+        f"  plugin contract: {len(full)} of {len(contract)} files at {summary['contract_gate']:.0f} % (the gate)",
+    ]
+    if summary["problems"]:
+        lines += ["coverage below its gates:", *(f"  {problem}" for problem in summary["problems"])]
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings
 
-from cmbcluster import AuthProviderRegistration, InfraProviderRegistration, ProviderContext, hookimpl
-from cmbcluster.config import load_core_settings, resolve
+from cmbcluster import (
+    AuthProviderRegistration,
+    InfraProviderRegistration,
+    ProviderContext,
+    StorageBackendRegistration,
+    hookimpl,
+)
+from cmbcluster.config import EXAMPLE_HEADER, example_env, load_core_settings, resolve
 from cmbcluster.db.engine import filesystem_type
-from cmbcluster.errors import ConfigurationError
+from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.interfaces import AuthProvider, InfraProvider, PriceTable
 from cmbcluster.plugins import PluginManager
 from cmbcluster.settings import CoreSettings
@@ -322,3 +329,120 @@ def test_config_check_reaches_services_only_with_connect(env: dict[str, str], tm
         connected.stderr
     )
     assert "the configuration is valid, but auth oidc did not answer" in connected.stderr
+
+
+# -- the plugin manager's conflicts, an operator's cookie domain, .env's comments ---------------------------
+def test_two_plugins_registering_one_name_are_a_configuration_error(tmp_path: Path) -> None:
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(TenantCloud(), name="tenant-a", distribution="cmbcluster-tenant-a", version="1.0")
+    with pytest.raises(PluginError):
+        manager.register(TenantCloud(), name="tenant-b", distribution="cmbcluster-tenant-b", version="1.0")
+    with pytest.raises(ConfigurationError) as exc_info:  # config check on the same manager: a problem, no traceback
+        resolve(CoreSettings(data_dir=tmp_path / "data"), manager)
+    assert exc_info.value.problems == [
+        "auth provider 'tenant' is registered twice: by plugin 'tenant-a' (cmbcluster-tenant-a 1.0) and by plugin "
+        "'tenant-b' (cmbcluster-tenant-b 1.0); uninstall one of them or block it with CMBCLUSTER_PLUGINS_BLOCK"
+    ]
+
+
+def test_a_cookie_domain_that_reaches_both_hosts_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "envs.example.org")
+    core = CoreSettings(
+        data_dir=tmp_path / "data", compute_backend="kubernetes", public_url="https://cmb.example.org",
+        cookie_domain=".Example.org", secret_key=SecretStr("k" * 40),
+    )  # fmt: skip
+    config = resolve(core, PluginManager(entry_points_enabled=False))
+    assert config.core.cookie_domain == ".Example.org"  # the operator's, as set
+    assert not [w for w in config.warnings if "COOKIE_DOMAIN" in w]
+
+
+def test_only_the_set_lines_of_dotenv_are_checked_for_misspellings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "# CMBCLUSTER_OLD_SETTING=1\n\nnot a variable\nexport CMBCLUSTER_PORTT=8001\nCMBCLUSTER_LOG_LEVEL=debug\n"
+    )
+    warnings = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False)).warnings
+    unknown = [w for w in warnings if "is not a setting" in w]
+    assert unknown == [
+        "CMBCLUSTER_PORTT is not a setting of CMBCluster or of an installed plugin (did you mean CMBCLUSTER_PORT?)"
+    ]
+
+
+# -- cmbcluster config example: the commented .env of every registered settings model -------------------
+class ExampleSettings(BaseSettings):
+    """Every kind of field a plugin's model has, as `config example` writes it."""
+
+    example_region: str = Field(
+        validation_alias=AliasChoices("EXAMPLE_REGION", "EXAMPLE_LOCATION"), description="Where the buckets live."
+    )
+    example_issuer: str | None = Field(default=None, validation_alias="EXAMPLE_ISSUER", description="Sign-in issuer")
+    example_verbose: bool = Field(default=False, validation_alias="EXAMPLE_VERBOSE")
+    example_zones: list[str] = Field(default_factory=lambda: ["a", "b"], validation_alias="EXAMPLE_ZONES")
+    example_tags: tuple[str, ...] = Field(default=("x", "y"), validation_alias="EXAMPLE_TAGS")
+    example_scratch: Path = Field(default_factory=lambda: Path.cwd() / "scratch", validation_alias="EXAMPLE_SCRATCH")
+    example_retries: int = Field(default=3, validation_alias="EXAMPLE_RETRIES")
+
+
+class ExampleCloud:
+    @hookimpl
+    def cmbcluster_storage_backends(self) -> Iterator[StorageBackendRegistration]:
+        yield StorageBackendRegistration(name="example", factory=_unused, settings_model=ExampleSettings)
+
+    @hookimpl
+    def cmbcluster_auth_providers(self) -> Iterator[AuthProviderRegistration]:
+        yield AuthProviderRegistration(
+            name="example-login", factory=_unused, settings_model=ExampleSettings, requires=("example_issuer",)
+        )
+
+
+def _unused(ctx: ProviderContext) -> Any:
+    raise AssertionError("config example builds no provider")
+
+
+def _example(cloud: str | None = None) -> str:
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(ExampleCloud(), name="examplecloud")
+    return example_env(manager, cloud)
+
+
+def test_config_example_writes_each_variable_with_its_description_default_and_needers() -> None:
+    text = _example()
+    assert text.startswith(EXAMPLE_HEADER)
+    section = text[text.index("# ===== ExampleSettings") :].split("\n# =====")[0]  # up to the next model's
+    assert section == (
+        "# ===== ExampleSettings (used by the storage backend 'example', auth provider 'example-login') =====\n"
+        "\n"
+        "# Where the buckets live. Required. Also read as EXAMPLE_LOCATION.\n"
+        "# EXAMPLE_REGION=\n"
+        "\n"
+        "# Sign-in issuer. Required by the auth provider 'example-login'.\n"
+        "# EXAMPLE_ISSUER=\n"
+        "\n"
+        "# EXAMPLE_VERBOSE=false\n"
+        "\n"
+        "# EXAMPLE_ZONES=a,b\n"
+        "\n"
+        "# EXAMPLE_TAGS=x,y\n"
+        "\n"
+        "# EXAMPLE_SCRATCH=\n"  # computed where it runs: nothing to copy
+        "\n"
+        "# EXAMPLE_RETRIES=3\n"
+    )
+    # core's section and the built-in plugins' models come first; copied as it is, the file sets nothing
+    assert "# ===== CoreSettings (core: every deployment) =====" in text and "# CMBCLUSTER_PORT=8000\n" in text
+    assert all(not line or line.startswith("#") for line in text.splitlines())
+
+
+def test_config_example_for_one_cloud_and_for_one_that_is_not_installed() -> None:
+    by_plugin = _example("examplecloud")  # every provider of the plugin
+    assert "# ===== ExampleSettings (used by the storage backend 'example', auth provider 'example-login')" in by_plugin
+    assert "CoreSettings" in by_plugin and "KubernetesSettings" not in by_plugin and "OidcSettings" not in by_plugin
+    by_provider = _example("example-login")  # that provider only
+    assert "# ===== ExampleSettings (used by the auth provider 'example-login') =====" in by_provider
+    with pytest.raises(ConfigurationError) as exc_info:
+        _example("azure")
+    assert exc_info.value.problems == [
+        "no installed plugin or provider is called 'azure' (installed plugins: examplecloud, kubernetes, local, oidc)"
+    ]

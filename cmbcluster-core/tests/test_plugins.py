@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cmbcluster import PLUGIN_API_VERSION, hookimpl
-from cmbcluster.errors import PluginError
-from cmbcluster.interfaces import PodContext, PodDraft, UserRef
+from cmbcluster.errors import InvalidRequest, PluginError
+from cmbcluster.interfaces import ManagedTransfer, PodContext, PodDraft, TransferEnd, UserRef
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import (
@@ -271,3 +272,106 @@ def test_a_pod_context_says_which_providers_serve_the_pod() -> None:
         user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
         storage_backend="local", infra_provider=None,
     ).serves("aws")  # fmt: skip
+
+
+# -- what a plugin author may return, and what each mistake gives ------------------------------------------
+def test_a_second_plugin_of_a_used_name_is_recorded_and_skipped(manager: PluginManager) -> None:
+    """Two distributions with one entry-point name: the first keeps it, the second is shown as failed (the
+    operator sees both in `cmbcluster plugins`), and none of its registrations is used."""
+    manager.register(_storage_plugin("one"), name="dup", distribution="cmbcluster-first", version="1.0")
+    manager.register(_storage_plugin("two"), name="dup", distribution="cmbcluster-second", version="2.0")
+    shown = [(p.distribution, p.error) for p in manager.plugins() if p.name == "dup"]
+    assert shown == [
+        ("cmbcluster-first", None),
+        ("cmbcluster-second", "plugin name 'dup' is already used by cmbcluster-first 1.0"),
+    ]
+    assert manager.storage_backend("one").name == "one"
+    assert "two" not in manager.registrations("storage")
+    strict = PluginManager(entry_points_enabled=False, strict=True)
+    strict.register(_storage_plugin("one"), name="dup", distribution="cmbcluster-first", version="1.0")
+    with pytest.raises(PluginError, match=r"plugin name 'dup' is already used by cmbcluster-first 1\.0"):
+        strict.register(_storage_plugin("two"), name="dup", distribution="cmbcluster-second", version="2.0")
+
+
+def test_a_registration_hook_may_return_none_or_one_registration(manager: PluginManager) -> None:
+    @hookimpl
+    def cmbcluster_storage_backends() -> None:
+        return None  # nothing to register in this configuration
+
+    @hookimpl
+    def cmbcluster_compute_backends() -> ComputeBackendRegistration:
+        return ComputeBackendRegistration(name="single", factory=lambda ctx: None)  # type: ignore[arg-type,return-value]
+
+    manager.register(
+        SimpleNamespace(
+            cmbcluster_storage_backends=cmbcluster_storage_backends,
+            cmbcluster_compute_backends=cmbcluster_compute_backends,
+        ),
+        name="lenient",
+    )
+    assert not manager.failed()
+    assert manager.compute_backend("single").name == "single"
+    assert [(plugin, concern) for plugin, concern, _ in manager.registered() if plugin == "lenient"] == [
+        ("lenient", "compute")
+    ]
+
+
+def test_a_registration_hook_returning_no_iterable_fails_its_plugin(manager: PluginManager) -> None:
+    @hookimpl
+    def cmbcluster_storage_backends() -> int:
+        return 42
+
+    manager.register(SimpleNamespace(cmbcluster_storage_backends=cmbcluster_storage_backends), name="number")
+    assert _failure(manager, "number") == (
+        "plugin 'number': cmbcluster_storage_backends must return an iterable of registrations"
+    )
+
+
+def test_a_plugin_named_like_a_provider_it_does_not_provide(manager: PluginManager) -> None:
+    """CLOUD_PROVIDER=tenant with a storage-only plugin called tenant: the error says the plugin is there
+    but provides no compute backend, and which ones are installed (not "pip install" what is installed)."""
+    manager.register(_storage_plugin("tenant"), name="tenant", distribution="cmbcluster-tenant", version="0.1")
+    with pytest.raises(PluginError) as exc_info:
+        manager.compute_backend("tenant")
+    assert str(exc_info.value) == (
+        "no compute backend named 'tenant': plugin 'tenant' (cmbcluster-tenant 0.1) is installed but does not "
+        "provide one (installed compute backends: kubernetes, local)"
+    )
+
+
+def test_a_hook_raising_a_typed_error_keeps_it(manager: PluginManager) -> None:
+    """A decorator refusing a pod with core's typed error (a 4xx for the user) is not turned into a plugin
+    failure: the error reaches the caller as raised."""
+
+    @hookimpl
+    def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
+        raise InvalidRequest("this cloud mounts at most 10 buckets")
+
+    manager.register(SimpleNamespace(cmbcluster_decorate_pod=cmbcluster_decorate_pod), name="limits")
+    with pytest.raises(InvalidRequest, match=r"^this cloud mounts at most 10 buckets$"):
+        manager.decorate_pod(PodDraft(name="env-1", namespace="users", image="jupyter"), _context())
+
+
+class _Copy(ManagedTransfer):
+    def __init__(self, by: str) -> None:
+        self.by = by
+
+    def run(self, progress: Callable[[int], None] | None = None) -> None:
+        raise AssertionError("not run here")
+
+
+def test_the_first_managed_transfer_offer_wins_after_those_declining(manager: PluginManager) -> None:
+    def offering(by: str | None) -> SimpleNamespace:
+        @hookimpl
+        def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+            return _Copy(by) if by is not None else None
+
+        return SimpleNamespace(cmbcluster_managed_transfer=cmbcluster_managed_transfer)
+
+    end = TransferEnd(backend="local", bucket="b", storage=LocalStorage(Path("unused")))
+    assert manager.managed_transfer(end, end) is None  # nobody offers: core copies the bucket itself
+    manager.register(offering(None), name="aaa-declines")
+    manager.register(offering("ccc"), name="ccc")
+    manager.register(offering("bbb"), name="bbb")
+    offer = manager.managed_transfer(end, end)
+    assert isinstance(offer, _Copy) and offer.by == "bbb"  # plugin-name order, not registration order

@@ -62,6 +62,7 @@ def resolve(
     warnings: list[str] = []
     try:
         pm = (plugins or PluginManager.from_settings(core)).load()
+        pm.check_conflicts()  # also when the manager was loaded (and its conflict raised) before
     except PluginsFailed as exc:
         raise ConfigurationError(exc.failures) from None
     except PluginError as exc:
@@ -76,17 +77,10 @@ def resolve(
             problems.append(str(exc))
             return None
 
-    try:
-        pm.check_conflicts()
-    except PluginError as exc:
-        raise ConfigurationError([str(exc)]) from None
-
     storage = pick(pm.storage_backend, core.selected_storage)
     compute = pick(pm.compute_backend, core.selected_compute)
     infra = pick(pm.infra_provider, core.selected_infra)
-    auth = [pick(pm.auth_provider, name) for name in core.selected_auth]
-    if not core.selected_auth:
-        problems.append("CMBCLUSTER_AUTH_PROVIDERS enables no identity provider: nobody could sign in")
+    auth = [pick(pm.auth_provider, name) for name in core.selected_auth]  # never empty: CLOUD_PROVIDER's by default
 
     by_concern: list[tuple[Concern, Registration[Any] | None]] = [
         ("storage", storage), ("compute", compute), ("infra", infra), *(("auth", a) for a in auth)

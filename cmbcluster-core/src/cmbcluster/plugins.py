@@ -189,14 +189,6 @@ class PluginManager:
         self._pm.check_pending()
         self.check_conflicts()
 
-    def unregister(self, name: str) -> None:
-        if self._pm.has_plugin(name):
-            self._pm.unregister(name=name)
-        self._infos.pop(name, None)
-        for regs in self._registered.pop(name, {}).values():
-            for reg in regs:
-                self._owners.pop(id(reg), None)
-
     # -- inspection ----------------------------------------------------------------------------
     def plugins(self) -> list[PluginInfo]:
         self.load()
