@@ -80,8 +80,9 @@ def fmt(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the three packages' code and every test (their tests/ and tests/)."""
     install_packages(session)
-    # the browser tests' and the Helm tests' imports; psutil and jsonschema ship no annotations of their own
-    session.install(MYPY, PLAYWRIGHT, "types-PyYAML", "types-psutil", "types-jsonschema")
+    # the browser tests', the Helm tests' and cmbcluster.testing.xdist_coverage's imports; psutil and
+    # jsonschema ship no annotations of their own
+    session.install(MYPY, PLAYWRIGHT, COVERAGE, "types-PyYAML", "types-psutil", "types-jsonschema")
     session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src", "tests")
     # one run per package's tests: each has its own conftest and test modules, importable by plain name
     for dist in PACKAGES.values():
