@@ -345,7 +345,9 @@ def test_two_plugins_registering_one_name_are_a_configuration_error(tmp_path: Pa
     ]
 
 
-def test_a_cookie_domain_that_reaches_both_hosts_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_cookie_domain_host_routing_needs_is_kept_or_derived(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "envs.example.org")
     core = CoreSettings(
         data_dir=tmp_path / "data", compute_backend="kubernetes", public_url="https://cmb.example.org",
@@ -354,6 +356,33 @@ def test_a_cookie_domain_that_reaches_both_hosts_is_kept(monkeypatch: pytest.Mon
     config = resolve(core, PluginManager(entry_points_enabled=False))
     assert config.core.cookie_domain == ".Example.org"  # the operator's, as set
     assert not [w for w in config.warnings if "COOKIE_DOMAIN" in w]
+    derived = resolve(core.model_copy(update={"cookie_domain": None}), PluginManager(entry_points_enabled=False))
+    assert derived.core.cookie_domain == "example.org"  # the parent of both hosts, never a bare TLD
+    assert "CMBCLUSTER_COOKIE_DOMAIN is not set: using example.org, the parent of cmb.example.org and " in (
+        " ".join(derived.warnings)
+    )
+
+
+class NotedSettings(BaseSettings):
+    tenant_region: str = "north"
+
+    def config_notes(self) -> list[str]:
+        return [f"buckets in {self.tenant_region}, with the machine's own credentials"]
+
+
+class NotedCloud:
+    @hookimpl
+    def cmbcluster_infra_providers(self) -> Iterator[InfraProviderRegistration]:
+        yield InfraProviderRegistration(name="noted", factory=_local_infra, settings_model=NotedSettings)
+
+
+def test_config_check_shows_what_the_active_settings_say_of_themselves(tmp_path: Path) -> None:
+    manager = PluginManager(entry_points_enabled=False)
+    manager.register(NotedCloud(), name="noted")
+    core = CoreSettings(data_dir=tmp_path / "data")
+    assert resolve(core, manager).notes() == []  # the embedded default has nothing to say
+    noted = resolve(core.model_copy(update={"infra_provider": "noted"}), manager)
+    assert noted.notes() == ["buckets in north, with the machine's own credentials"]
 
 
 def test_only_the_set_lines_of_dotenv_are_checked_for_misspellings(

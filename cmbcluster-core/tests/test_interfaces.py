@@ -209,6 +209,14 @@ def test_a_factory_reads_its_own_and_the_other_active_providers_settings(tmp_pat
     assert own.require_settings(TenantSettings) is tenant and own.require_settings(OtherSettings) is other
 
 
+def test_a_factory_names_the_deployment_by_its_public_host(tmp_path: Path) -> None:
+    served = CoreSettings(data_dir=tmp_path, host="127.0.0.1")
+    assert ProviderContext(core=served).public_host == "127.0.0.1"  # no public URL: the address it serves on
+    public = served.model_copy(update={"public_url": "https://cmb.example.org:8443/base"})
+    assert ProviderContext(core=public).public_host == "cmb.example.org"
+    assert ProviderContext(core=public).data_dir == tmp_path
+
+
 def _factory(ctx: ProviderContext) -> Any:
     raise AssertionError("never built")
 
