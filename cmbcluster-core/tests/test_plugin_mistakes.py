@@ -131,7 +131,7 @@ def test_a_factory_that_forgets_return_is_refused_by_config_check_and_serve(
     assert check.returncode == 1, check.stdout
     assert expected in check.stderr
     assert "Traceback" not in check.stderr and "configuration OK" not in check.stdout
-    served = run_cli("serve", "--port", str(free_port()), env=chosen, cwd=tmp_path, timeout=30)  # never a 500 later
+    served = run_cli("serve", "--port", str(free_port()), env=chosen, cwd=tmp_path)  # never a 500 later
     assert served.returncode == 1 and expected in served.stderr and "Traceback" not in served.stderr
 
 

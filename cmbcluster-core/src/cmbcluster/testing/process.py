@@ -121,7 +121,7 @@ class ServeProcess(BackgroundProcess):
                 env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def wait_ready(self, path: str = "/healthz", timeout: float = 30) -> httpx.Response:
+    def wait_ready(self, path: str = "/healthz", timeout: float = 60) -> httpx.Response:
         """The first answer of ``path``; AssertionError with the server's output if it never comes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
