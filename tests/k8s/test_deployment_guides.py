@@ -81,6 +81,7 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
+_load(ROOT / "cmbcluster-aws" / "tests" / "datasync_stand_in.py")  # moto_stand_ins imports it by name
 moto_stand_ins = _load(ROOT / "cmbcluster-aws" / "tests" / "moto_stand_ins.py")
 google_api_fake = _load(ROOT / "cmbcluster-gcp" / "tests" / "google_api_fake.py")
 
