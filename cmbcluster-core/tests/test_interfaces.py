@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from pydantic_settings import BaseSettings
 
-from cmbcluster.errors import AuthenticationFailed, InvalidRequest, PluginError
+from cmbcluster.config import resolve
+from cmbcluster.errors import AuthenticationFailed, ConfigurationError, InvalidRequest, PluginError
 from cmbcluster.interfaces import (
     AuthorizationRequest,
     AuthProvider,
@@ -37,7 +38,8 @@ from cmbcluster.interfaces import (
     UserInfo,
     UserRef,
 )
-from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
+from cmbcluster.interfaces.common import ActiveSettings
+from cmbcluster.registrations import InfraProviderRegistration, ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
 
 
@@ -227,3 +229,32 @@ def test_requires_given_as_one_string_is_refused_with_the_fix() -> None:
         StorageBackendRegistration(
             name="tenant", factory=_factory, settings_model=TenantSettings, requires="tenant_region",  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+class _Carrying(ActiveSettings):
+    """Anything that carries the active providers' settings (a PodContext, a ResolvedConfig)."""
+
+    def _active_settings(self) -> dict[type[Any], Any]:
+        return {OtherSettings: OtherSettings()}
+
+
+def test_what_carries_the_active_settings_requires_them_or_says_which_model_is_missing() -> None:
+    carrying = _Carrying()
+    assert isinstance(carrying.require_settings(OtherSettings), OtherSettings)
+    with pytest.raises(ConfigurationError) as exc_info:
+        carrying.require_settings(TenantSettings)
+    assert exc_info.value.problems == ["no active provider uses the settings model TenantSettings"]
+
+
+def test_registrations_refuse_what_core_could_not_call(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="factory must be a callable"):
+        StorageBackendRegistration(name="tenant", factory="not callable")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="provisioner must be a callable"):
+        InfraProviderRegistration(name="tenant", factory=_factory, provisioner="nope")  # type: ignore[arg-type]
+    without = InfraProviderRegistration(name="tenant", factory=_factory)
+    with pytest.raises(PluginError, match="infra provider 'tenant' has no provisioner"):
+        without.create_provisioner(ProviderContext(core=CoreSettings(data_dir=tmp_path)))
+    config = resolve(CoreSettings(data_dir=tmp_path))
+    assert config.serves("local", "storage") and not config.serves("aws")
+    with pytest.raises(ValueError, match="unknown concern 'pods'"):
+        config.serves("local", "pods")  # type: ignore[arg-type]
