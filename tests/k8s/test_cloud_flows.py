@@ -357,7 +357,9 @@ def test_gcp_flow_pod_mounts_the_bucket_with_gcsfuse_as_the_users_own_principal(
     config.infra = dataclasses.replace(config.infra, factory=functools.partial(gcp_plugin._gcp_infra, iam=iam))
 
     oidc.put_user("g-vera", {"email": "vera@example.org", "email_verified": True, "name": "Vera Rubin"})
-    with TestClient(create_app(config=config), base_url="https://api.cmbcluster.example.com") as client:
+    # signed in with the session cookie, as a browser, which sends its Origin with every change
+    origin = {"Origin": "https://api.cmbcluster.example.com"}
+    with TestClient(create_app(config=config), base_url=origin["Origin"], headers=origin) as client:
         google_sign_in(client, oidc, "g-vera")
         user_id = client.get("/api/v1/auth/me").json()["id"]
         bucket, environment_id = create_bucket_and_environment(client, {}, "/home/jovyan/maps")
