@@ -85,10 +85,7 @@ def upload_whole(
         except requests.RequestException as exc:
             failure = exc
         attempts += 1
-        if attempts >= UPLOAD_PIECE_ATTEMPTS:
-            mapped = translate_error(failure, what) or failure
-            raise mapped from failure
-        time.sleep(min(2**attempts * 0.5, 10))
+        _wait_or_give_up(failure, attempts, what)
 
 
 def upload_in_pieces(
@@ -201,11 +198,17 @@ def _put_piece(http: Any, session: str, spool: BinaryIO, offset: int, size: int,
         except requests.RequestException as exc:
             failure = exc
         attempts += 1
-        if attempts >= UPLOAD_PIECE_ATTEMPTS:
-            mapped = translate_error(failure, what) or failure
-            raise mapped from failure
-        time.sleep(min(2**attempts * 0.5, 10))
+        _wait_or_give_up(failure, attempts, what)
         start = max(start, _stored_bytes(http, session, offset))
+
+
+def _wait_or_give_up(failure: BaseException, attempts: int, what: str) -> None:
+    """After a failed attempt of a request or piece: wait before the next one, or raise the
+    failure as a typed error once UPLOAD_PIECE_ATTEMPTS have failed."""
+    if attempts >= UPLOAD_PIECE_ATTEMPTS:
+        mapped = translate_error(failure, what) or failure
+        raise mapped from failure
+    time.sleep(min(2**attempts * 0.5, 10))
 
 
 def _stored_bytes(http: Any, session: str, fallback: int) -> int:
