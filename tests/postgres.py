@@ -8,6 +8,7 @@ starts it on a free port, yields its SQLAlchemy URL, and stops it by its PID fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -57,8 +58,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """``postgresql+psycopg://cmbcluster@127.0.0.1:<port>/cmbcluster`` of a fresh server."""
+    """``postgresql://cmbcluster@127.0.0.1:<port>/cmbcluster`` of a fresh server."""
     pytest.importorskip("psycopg")
+    with postgres_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A fresh server's URL while the block runs (the fixture's, and the benchmarks')."""
     bin_dir = _install()
     root = Path(tempfile.mkdtemp(prefix="cmbcluster-pg-"))
     data = root / "data"

@@ -81,7 +81,7 @@ def test_no_request_gets_a_server_error_or_an_undocumented_answer(
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
     # the run really reached the server, signed in, across most operations
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", headers=headers).text
     served_requests = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()

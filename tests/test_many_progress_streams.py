@@ -50,8 +50,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
         compute.delete(status.environment_id)
 
 
-def _metric(server: ServeProcess, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+def _metric(server: ServeProcess, admin: dict[str, str], name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", headers=admin).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name}")
@@ -125,9 +125,9 @@ async def _scenario(server: ServeProcess, admin: dict[str, str]) -> dict[str, ob
         await asyncio.wait_for(opened.wait(), timeout=120)  # every stream sent its first state
         await asyncio.sleep(2)  # and then waits, idle
         held = {
-            "streams": _metric(server, "cmbcluster_progress_streams"),
-            "connections": _metric(server, "cmbcluster_db_connections_in_use"),
-            "threads": _metric(server, "cmbcluster_worker_threads_busy"),
+            "streams": _metric(server, admin, "cmbcluster_progress_streams"),
+            "connections": _metric(server, admin, "cmbcluster_db_connections_in_use"),
+            "threads": _metric(server, admin, "cmbcluster_worker_threads_busy"),
         }
         during = {
             "list": await _timed(list_once, 20), "create": await _timed(create_once, 5),

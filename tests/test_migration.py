@@ -29,8 +29,8 @@ from cmbcluster.db.models import MigrationObject, Storage
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.engine import Migration, Side
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import LOCAL, dev_sign_in
-from cmbcluster.testing.process import clean_environ, free_port
+from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
+from cmbcluster.testing.process import clean_environ, free_port, run_cli
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
 from cmbcluster_gcp.settings import GcpSettings
@@ -140,13 +140,7 @@ def seed(data_dir: Path) -> str:
     with TestClient(app, base_url=LOCAL) as client:
         dev_sign_in(client, "root@example.org")
         alice = dev_sign_in(client, "alice@example.org", "Alice")
-        storage = client.post("/api/v1/storages", headers=alice, json={"display_name": "data"}).json()
-        uploads: dict[str, Iterable[bytes]] = {**{k: [v] for k, v in FILES.items()}, LARGE_KEY: large_chunks()}
-        for key, content in uploads.items():
-            assert client.put(
-                f"/api/v1/storages/{storage['id']}/objects/{key}", headers=alice, content=content
-            ).is_success
-    return str(storage["id"])
+        return make_bucket(client, alice, {**FILES, LARGE_KEY: large_chunks()})
 
 
 def assert_holds_files(backend: Any, bucket: str) -> None:
@@ -207,6 +201,27 @@ def test_local_to_s3_killed_mid_copy_resumes_without_copying_verified_objects_ag
         s3.close()
     app.state.context.close()
     served_by_the_destination(data_dir, storage_id, moto, monkeypatch)
+
+
+def test_a_database_bucket_the_target_would_refuse_stops_the_run_before_any_copy(tmp_path: Path, moto: str) -> None:
+    """The database moves last, into a bucket of the target named by the operator: a name the target's
+    service refuses (its bucket_names) is said at once, not after every bucket has been copied."""
+    data_dir = tmp_path / "data"
+    storage_id = seed(data_dir)
+    env = clean_environ({**AWS_ENV, "AWS_ENDPOINT_URL": moto, "CMBCLUSTER_DATA_DIR": str(data_dir)})
+    refused = run_cli("migrate", "run", "--to", "aws", "--database-bucket", "cmb..database", env=env, cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--database-bucket on aws: 'cmb..database' is not a valid bucket name: 3-63 lower-case letters" in " ".join(
+        refused.stderr.split()
+    )
+    app = create_app(CoreSettings(data_dir=data_dir))
+    try:
+        with app.state.context.sessions() as db:
+            row = db.get(Storage, storage_id)
+            assert row is not None and row.backend == "local"  # nothing was copied or switched
+            assert db.execute(select(func.count()).select_from(MigrationObject)).scalar_one() == 0
+    finally:
+        app.state.context.close()
 
 
 def served_by_the_destination(data_dir: Path, storage_id: str, moto: str, monkeypatch: pytest.MonkeyPatch) -> None:

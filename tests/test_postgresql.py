@@ -31,6 +31,7 @@ from cmbcluster.db.models import ServerInstance, Storage, UploadJournal, utcnow
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ComputeBackendRegistration
+from cmbcluster.services.storages import QuotaState, reserved_bytes
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
@@ -346,3 +347,94 @@ def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: st
         assert journal() == []
         assert aborted[-1] == (made[1]["bucket_name"], f"from-{live[:4]}")
         assert statuses() == {made[1]["id"]: "active"}
+
+
+def test_two_transactions_closing_one_interval_count_it_once(database: str, tmp_path: Path) -> None:
+    """The progress hub records an environment's failure while the reconcile loop, in its own
+    transaction (READ COMMITTED), finds it ended since its last pass and closes its usage interval
+    at the moment last seen: the interval is closed once, by the first, and the daily and monthly
+    rollups hold its hours once."""
+    from sqlalchemy import func
+
+    from cmbcluster.db.models import Environment, UsageInterval, UsageRollup
+    from cmbcluster.services import accounting
+
+    (one,) = replicas(database, tmp_path, count=1)
+    with one:
+        ada = dev_sign_in(one, "ada@example.org")
+        made = one.post("/api/v1/environments", json={"application": "files"}, headers=ada)
+        assert made.status_code == 201, made.text
+        env_id = made.json()["id"]
+        context = one.app.state.context  # type: ignore[attr-defined]
+        with context.sessions() as db:  # opened an hour ago, last seen running 50 minutes ago
+            start = int(time.time()) - 3600
+            db.execute(update(UsageInterval).where(UsageInterval.environment_id == env_id)
+                       .values(start_s=start, seen_s=start + 600))  # fmt: skip
+            db.commit()
+        with context.sessions() as hub, context.sessions() as loop:
+            mine, theirs = hub.get(Environment, env_id), loop.get(Environment, env_id)
+            assert mine is not None and theirs is not None and theirs.status == "starting"
+            mine.status, mine.stopped_at = "failed", utcnow() - dt.timedelta(minutes=30)
+            hub.flush()  # the hub closes the interval (30 minutes ago) and holds its locks
+
+            def the_loop_closes_it_too() -> None:
+                accounting.close_at_last_seen(loop, env_id)
+                loop.flush()
+                theirs.status, theirs.stopped_at = "failed", utcnow()
+                loop.commit()
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                closing = pool.submit(the_loop_closes_it_too)
+                time.sleep(1)  # the loop is waiting for the hub's lock by now
+                hub.commit()
+                closing.result(timeout=30)
+        with context.sessions() as db:
+            (interval,) = db.execute(select(UsageInterval).where(UsageInterval.environment_id == env_id)).scalars()
+            assert interval.end_s == start + 1800
+            for span in ("day", "month"):
+                rolled = db.execute(select(func.sum(UsageRollup.seconds)).where(UsageRollup.span == span)).scalar_one()
+                assert rolled == 1800, span
+
+
+def test_without_leader_election_a_replica_spares_the_work_of_another_live_one(database: str, tmp_path: Path) -> None:
+    """Leader election off on a shared database (a compute backend without it, or a Deployment's
+    RollingUpdate starting the new pod beside the old): every replica recovers interrupted storage
+    work on its full passes, and an owner counts as gone only once its heartbeat stops. The new
+    replica leaves the old one's upload in flight and bucket delete alone, holds the upload's bytes
+    against the quota, and recovers what a replica gone for two minutes left."""
+    one, two = replicas(database, tmp_path, reconcile_interval_seconds=1)
+    contexts = [client.app.state.context for client in (one, two)]  # type: ignore[attr-defined]
+    assert not contexts[1].compute.elects_leader
+    aborted: list[tuple[str, str]] = []
+
+    def record_abort(bucket: str, *, started_before: dt.datetime, key: str | None = None) -> int:
+        aborted.append((bucket, key or ""))
+        return 1
+
+    for context in contexts:  # either replica may recover the gone one's work
+        context.storage.abort_unfinished_uploads = record_abort
+    with one:
+        ada = dev_sign_in(one, "ada@example.org")
+        made = [one.post("/api/v1/storages", json={"display_name": f"b{i}"}, headers=ada).json() for i in range(3)]
+        assert all("id" in m for m in made), made
+        gone, old = "0" * 32, contexts[0].instance_id  # a replica killed two minutes ago; the old pod
+        with contexts[0].sessions() as db:
+            db.add(ServerInstance(id=gone, heartbeat_at=utcnow() - dt.timedelta(minutes=2)))
+            for owner, storage in ((gone, made[0]), (old, made[1])):
+                db.add(UploadJournal(storage_id=storage["id"], backend="local", bucket_name=storage["bucket_name"],
+                                     key=f"from-{owner[:4]}", owner=owner, reserved_bytes=5))  # fmt: skip
+            for owner, storage in ((gone, made[0]), (old, made[2])):
+                db.execute(update(Storage).where(Storage.id == storage["id"])
+                           .values(status="deleting", delete_force=True, delete_owner=owner))  # fmt: skip
+            db.commit()
+        with two:  # the new pod starts beside the old one: a start-up pass, then one every second
+            time.sleep(2.5)
+            with contexts[0].sessions() as db:
+                assert list(db.execute(select(UploadJournal.owner)).scalars()) == [old]  # the gone one's aborted
+                statuses = dict(db.execute(select(Storage.id, Storage.status)).all())
+            assert aborted == [(made[0]["bucket_name"], f"from-{gone[:4]}")]
+            assert statuses == {made[1]["id"]: "active", made[2]["id"]: "deleting"}  # the old pod's delete runs on
+            ada_id = one.get("/api/v1/auth/me", headers=ada).json()["id"]
+            held = QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0, user_id=ada_id)
+            with contexts[1].sessions() as db:  # its upload's bytes still count on the new pod
+                assert reserved_bytes(db, contexts[1], held) == 5

@@ -16,6 +16,7 @@ from moto.server import ThreadedMotoServer
 from cmbcluster_aws.settings import AwsSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
+import datasync_stand_in
 import moto_stand_ins
 
 REGION = "eu-west-1"
@@ -73,6 +74,7 @@ def moto_reset(moto_endpoint: str) -> str:
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
     moto_stand_ins.DENIED.clear()
+    datasync_stand_in.reset()
     return moto_endpoint
 
 

@@ -1,5 +1,5 @@
-"""Two AWS APIs `cmbcluster infra up` calls that moto 5.2 does not implement, added to moto's server in
-this process (its ThreadedMotoServer runs here, so clients, the CLI in a subprocess included, reach them
+"""AWS APIs that moto 5.2 does not implement (or not as we use them), added to moto's server in this
+process (its ThreadedMotoServer runs here, so clients, the CLI in a subprocess included, reach them
 over HTTP like the rest of moto):
 
 - **EKS add-ons** (``CreateAddon``, ``DescribeAddon``, ``UpdateAddon``, ``DeleteAddon``, ``ListAddons``):
@@ -7,6 +7,8 @@ over HTTP like the rest of moto):
   managed add-on with its network policy agent.
 - **The IAM policy simulator** (``SimulatePrincipalPolicy``): moto enforces no IAM permission at all,
   so every action is ``allowed``, except those a test puts in :data:`DENIED` (``implicitDeny``).
+- **DataSync** as ``migrate run --managed-transfer`` from Cloud Storage calls it, whose executions
+  really copy (:mod:`datasync_stand_in`).
 
 Load it before the server handles its first EKS request: :func:`install` patches moto's URL table
 and response classes (with ``monkeypatch``, so a test session can undo it).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import datasync_stand_in
 import pytest
 from moto.core.responses import ActionResult
 from moto.eks import urls as eks_urls
@@ -112,3 +115,4 @@ def install(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(EKSResponse, function.__name__, function, raising=False)
     monkeypatch.setattr(IamResponse, "simulate_principal_policy", simulate_principal_policy, raising=False)
     DENIED.clear()
+    datasync_stand_in.install(monkeypatch)

@@ -1,5 +1,5 @@
 """The EKS pod decoration (``cmbcluster_decorate_pod``), run through the plugin manager as core runs it,
-on the PersistentVolume and claim that S3Storage.volume_spec really builds."""
+on the PersistentVolume and claim that S3Storage.volume_spec really builds for the user's identity."""
 
 from __future__ import annotations
 
@@ -62,27 +62,32 @@ def manager(monkeypatch: pytest.MonkeyPatch) -> PluginManager:
     return PluginManager().load()
 
 
-@pytest.fixture
-def draft(aws_settings: AwsSettings) -> PodDraft:
-    """A pod draft mounting one bucket read-write and one read-only, as core builds it."""
-    storage = S3Storage(aws_settings)
+def build_draft(settings: AwsSettings, identity: CloudIdentity | None) -> PodDraft:
+    """A pod draft mounting one bucket read-write and one read-only as ``identity``, as core builds it."""
+    storage = S3Storage(settings)
     draft = PodDraft(
         name="env-e1",
         namespace=NAMESPACE,
         image="quay.io/jupyter/base-notebook",
-        service_account_name=IRSA.service_account,
-        automount_service_account_token=True,
+        service_account_name=identity.service_account if identity else None,
+        automount_service_account_token=identity is not None,
     )
     for bucket, path, read_only in (("cmbtest-0f3a9c1e7b-aa", "/data/a", False), ("cmbtest-0f3a9c1e7b-bb", "/b", True)):
-        spec = storage.volume_spec(
-            MountRequest(bucket=bucket, mount_path=path, user=USER, environment_id="e1", read_only=read_only)
+        request = MountRequest(
+            bucket=bucket, mount_path=path, user=USER, environment_id="e1", read_only=read_only, identity=identity
         )
+        spec = storage.volume_spec(request)
         assert spec.volume is not None and spec.mount is not None
         draft.volumes.append(spec.volume)
         draft.volume_mounts.append(spec.mount)
         draft.extra_objects.extend(json.loads(json.dumps(spec.objects)))
     storage.close()
     return draft
+
+
+@pytest.fixture
+def draft(aws_settings: AwsSettings) -> PodDraft:
+    return build_draft(aws_settings, IRSA)
 
 
 def context(storage: str = "aws", infra: str | None = "aws", identity: CloudIdentity | None = IRSA) -> PodContext:
@@ -99,41 +104,42 @@ def persistent_volumes(draft: PodDraft) -> list[dict[str, Any]]:
 
 
 def test_buckets_are_mounted_with_the_users_own_role(manager: PluginManager, draft: PodDraft) -> None:
-    before = copy.deepcopy(draft)
-    manager.decorate_pod(draft, context())
     volumes = persistent_volumes(draft)
     assert len(volumes) == 2
-    for pv in volumes:
+    for pv in volumes:  # the volume as S3Storage made it for the user's IRSA identity
         attributes = pv["spec"]["csi"]["volumeAttributes"]
         assert attributes["authenticationSource"] == "pod"  # the pod's ServiceAccount: the user's IRSA role
         assert attributes["stsRegion"] == REGION
         assert attributes["bucketName"].startswith("cmbtest-0f3a9c1e7b-")
+        assert {"uid=1000", "gid=100", "allow-other"} <= set(pv["spec"]["mountOptions"])
+    before = copy.deepcopy(draft)
+    manager.decorate_pod(draft, context())
     assert draft.termination_grace_period_seconds == 60  # Mountpoint uploads on close
     assert draft.node_selector == {"kubernetes.io/os": "linux"}
-    # what makes the pod non-root and its files the user's is untouched
-    for old, new in zip(persistent_volumes(before), volumes, strict=True):
-        assert new["spec"]["mountOptions"] == old["spec"]["mountOptions"]
-        assert {"uid=1000", "gid=100", "allow-other"} <= set(new["spec"]["mountOptions"])
-    assert [o for o in draft.extra_objects if o["kind"] != "PersistentVolume"] == [
-        o for o in before.extra_objects if o["kind"] != "PersistentVolume"
-    ]
-    assert (draft.volumes, draft.volume_mounts, draft.service_account_name, draft.automount_service_account_token) == (
-        before.volumes, before.volume_mounts, before.service_account_name, before.automount_service_account_token,
+    # the volumes, their objects and what makes the pod non-root and its files the user's are untouched
+    assert (draft.volumes, draft.volume_mounts, draft.extra_objects, draft.service_account_name,
+            draft.automount_service_account_token, draft.annotations) == (
+        before.volumes, before.volume_mounts, before.extra_objects, before.service_account_name,
+        before.automount_service_account_token, before.annotations,
     )  # fmt: skip
-    assert draft.annotations == {}
 
 
-def test_driver_credentials_when_asked(
-    manager: PluginManager, draft: PodDraft, monkeypatch: pytest.MonkeyPatch
+def test_driver_credentials_when_asked(aws_settings: AwsSettings) -> None:
+    draft = build_draft(aws_settings.model_copy(update={"s3_mount_credentials": "driver"}), IRSA)
+    assert all("authenticationSource" not in pv["spec"]["csi"]["volumeAttributes"] for pv in persistent_volumes(draft))
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [None, CloudIdentity(user=USER, principal="user:someone", service_account="elsewhere", namespace=NAMESPACE)],
+    ids=["no identity", "not an IRSA role"],
+)
+def test_without_an_irsa_identity_the_driver_mounts(
+    manager: PluginManager, aws_settings: AwsSettings, identity: CloudIdentity | None
 ) -> None:
-    monkeypatch.setenv("S3_MOUNT_CREDENTIALS", "driver")
-    manager.decorate_pod(draft, context())
+    draft = build_draft(aws_settings, identity)
     assert all("authenticationSource" not in pv["spec"]["csi"]["volumeAttributes"] for pv in persistent_volumes(draft))
-
-
-def test_without_an_irsa_identity_the_driver_mounts(manager: PluginManager, draft: PodDraft) -> None:
-    manager.decorate_pod(draft, context(infra="local", identity=None))
-    assert all("authenticationSource" not in pv["spec"]["csi"]["volumeAttributes"] for pv in persistent_volumes(draft))
+    manager.decorate_pod(draft, context(infra="local", identity=identity))
     assert draft.termination_grace_period_seconds == 60
 
 

@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 import cmbcluster_aws.storage as storage_module
 from cmbcluster.errors import (
     AlreadyExists,
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -275,6 +276,37 @@ def test_us_east_1_has_no_location_constraint(
     info = backend.create_bucket(owner, BucketOptions(display_name="virginia"))
     assert s3.get_bucket_location(Bucket=info.name)["LocationConstraint"] is None
     assert backend.get_bucket(info.name).location == "us-east-1"
+
+
+def test_a_listing_trusts_an_etag_as_md5_only_where_the_buckets_default_encryption_allows(
+    backend: S3Storage, owner: UserRef, s3: Any, aws_settings: AwsSettings
+) -> None:
+    """A listing does not say how each object is encrypted, and a KMS-encrypted object's ETag is no
+    MD5: the bucket's own default encryption decides, whoever set it (a bucket given KMS outside
+    CMBCluster, as a migration's source may be), not this deployment's S3_KMS_KEY_ID. A migration
+    trusting a wrong MD5 would find every copy of such a bucket "holding other bytes"."""
+    data = b"one request"
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    plain = backend.create_bucket(owner, BucketOptions(display_name="aes"))
+    assert backend.upload_object(plain.name, "a.txt", [data]).md5 == md5
+    assert backend.list_objects(plain.name).objects[0].md5 == md5  # SSE-S3: the ETag is the MD5
+
+    outside = backend.create_bucket(owner, BucketOptions(display_name="kms outside"))
+    key_arn = f"arn:aws:kms:{REGION}:{ACCOUNT_ID}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    s3.put_bucket_encryption(Bucket=outside.name, ServerSideEncryptionConfiguration={"Rules": [
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key_arn}}]})  # fmt: skip
+    s3.put_object(Bucket=outside.name, Key="a.txt", Body=data)
+    assert backend.head_object(outside.name, "a.txt").md5 is None
+    assert backend.list_objects(outside.name).objects[0].md5 is None
+
+    # S3 cannot say: no listed ETag is taken for an MD5; asked again after a failure, not a denial.
+    denied = S3Storage(aws_settings, client=_FailingClient(s3, "get_bucket_encryption"))
+    assert denied.list_objects(plain.name).objects[0].md5 is None
+    failing = _FailingClient(s3, "get_bucket_encryption", code="ServiceUnavailable")
+    busy = S3Storage(aws_settings, client=failing)
+    assert busy.list_objects(plain.name).objects[0].md5 is None
+    failing._failing = ""  # S3 answers again
+    assert busy.list_objects(plain.name).objects[0].md5 == md5
 
 
 def test_display_name_survives_any_characters_and_length(backend: S3Storage, owner: UserRef, s3: Any) -> None:
@@ -874,3 +906,22 @@ def test_parts_grow_so_large_objects_fit_in_10000_parts(aws_settings: AwsSetting
     assert sum(part_size(backend.part_size, n) for n in range(1, 10_001)) > 400 * 1024 * MiB
     with pytest.raises(PayloadTooLarge):
         part_size(backend.part_size, 10_001)
+
+
+def test_s3_declares_s3s_own_bucket_name_rules(backend: S3Storage) -> None:
+    """Names S3 takes (a dotted database bucket) are valid; those S3 reserves or refuses are not, and
+    never reach botocore: such a bucket cannot exist."""
+    rules = backend.bucket_names
+    assert rules.problem("backups.example.org") is None and rules.problem("cmbcluster-eks-db-123456789012") is None
+    for refused in ("xn--backups", "sthree-data", "data-s3alias", "data--ol-s3", "192.168.1.10", "a..b", "a_b"):
+        assert rules.problem(refused) is not None, refused
+        with pytest.raises(NotFound):
+            backend.get_bucket(refused)
+
+
+def test_a_bucket_prefix_s3_would_refuse_is_refused_when_the_backend_is_built(
+    make_settings: Callable[..., AwsSettings],
+) -> None:
+    """At start and by `config check`, not at a user's first bucket."""
+    with pytest.raises(ConfigurationError, match="S3_USER_BUCKET_PREFIX: bucket prefix 'xn--lab' makes bucket names"):
+        S3Storage(make_settings(s3_user_bucket_prefix="xn--lab"))

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy.exc
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from cmbcluster import hookimpl
 from cmbcluster.api.errors import install_error_handlers
@@ -19,7 +20,7 @@ from cmbcluster.local.storage import LocalStorage
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import LOCAL
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
@@ -71,15 +72,36 @@ def test_selected_third_party_backend_is_the_one_used(settings: CoreSettings) ->
     assert len(made) == 1
 
 
-def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+def test_metrics_count_requests_by_route_template(client: TestClient, admin: dict[str, str]) -> None:
     client.get("/healthz")
     client.get("/healthz")
     client.get("/no/such/page")
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=admin).text
     assert 'cmbcluster_http_requests_total{method="GET",route="/healthz",status="200"} 2.0' in text
     assert 'route="unmatched",status="404"' in text
     assert "cmbcluster_http_request_duration_seconds_bucket" in text
     assert 'cmbcluster_info{auth="local",compute="local"' in text
+
+
+def test_metrics_name_users_so_only_administrators_and_the_scrape_token_read_them(settings: CoreSettings) -> None:
+    """/metrics carries every user's e-mail with their usage: an ingress routing / to the server
+    must not publish it. Prometheus sends CMBCLUSTER_METRICS_TOKEN; administrators may look."""
+    scrape = "s" * 40
+    app = create_app(settings.model_copy(update={"metrics_token": SecretStr(scrape)}))
+    with TestClient(app, base_url=LOCAL) as client:
+        admin = dev_sign_in(client, "admin@example.org")  # the first to sign in
+        user = dev_sign_in(client, "carol@example.org")
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer " + "x" * 40}).status_code == 401
+        assert client.get("/metrics", headers=user).status_code == 403
+        for headers in (admin, {"Authorization": f"Bearer {scrape}"}):
+            answer = client.get("/metrics", headers=headers)
+            assert answer.status_code == 200 and "cmbcluster_http_requests_total" in answer.text
+
+
+def test_a_weak_metrics_token_is_refused(settings: CoreSettings) -> None:
+    with pytest.raises(ValueError, match="at least 32 random characters"):
+        CoreSettings.model_validate({**settings.model_dump(), "metrics_token": "changeme"})
 
 
 def test_two_apps_do_not_share_state(settings: CoreSettings, tmp_path: object) -> None:
@@ -87,7 +109,7 @@ def test_two_apps_do_not_share_state(settings: CoreSettings, tmp_path: object) -
     second = create_app(settings.model_copy(update={"data_dir": settings.data_dir / "other"}))
     with TestClient(first, base_url=LOCAL) as a, TestClient(second, base_url=LOCAL) as b:
         a.get("/healthz")
-        assert 'route="/healthz"' not in b.get("/metrics").text
+        assert 'route="/healthz"' not in b.get("/metrics", headers=dev_sign_in(b, "admin@example.org")).text
 
 
 def test_plugins_endpoint_is_for_admins(client: TestClient, admin: dict[str, str], alice: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from cmbcluster.db.models import AuditEvent, BudgetEvent, Environment, StorageIn
 from cmbcluster.services import budgets
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.clock import ManualClock, manual_clock
 
 NOV = dt.datetime(2026, 11, 2, 9, tzinfo=dt.UTC)
@@ -119,12 +120,10 @@ def test_a_budget_warns_at_80_refuses_at_100_and_a_hard_one_stops(
     Reconciler(context).reconcile()
     assert _states(client.get("/api/v1/usage/me", headers=alice).json()) == ["ok"]
     assert receiver.received == []
-    # 8h: the warning on her usage, her environment list's limits and the admin's report
+    # 8h: the warning on her usage (the dashboard's source) and the admin's report
     clock.advance(minutes=1)
     me = client.get("/api/v1/usage/me", headers=alice).json()
     assert _states(me) == ["warning"] and "80 % used" in me["budgets"][0]["message"]
-    limits = client.get("/api/v1/environments", headers=alice).json()["limits"]
-    assert [b["state"] for b in limits["budgets"]] == ["warning"]
     assert client.get("/api/v1/usage/me", headers=bob).json()["budgets"] == []
     report = client.get("/api/v1/usage", headers=admin).json()
     flags = {row["label"]: row["budget_state"] for row in report["rows"]}
@@ -230,6 +229,113 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
     answer = client.put("/api/v1/admin/groups/g", headers=admin, json={"members": ["ghost@example.org"]})
     assert answer.status_code == 404 and "ghost@example.org" in answer.json()["message"]
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404
+
+
+@pytest.mark.parametrize("amount", [1e-300, 5e-324, 0.001, 0.0099])
+def test_a_budget_below_a_hundredth_is_refused(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], amount: float
+) -> None:
+    """A cent, or a hundredth of a core-hour, is the smallest budget: anything smaller made messages
+    such as "1.2499e+299 % used" or "inf % used"."""
+    client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["alice@example.org"]})
+    for unit in budgets.UNITS:
+        body = {"amount": amount, "unit": unit, "hard": True}
+        answer = client.put("/api/v1/admin/budgets/group/physics", headers=admin, json=body)
+        assert answer.status_code == 422, answer.text
+        assert "amount" in answer.json()["message"] and "0.01" in answer.json()["message"]
+    assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+
+
+def test_amounts_are_kept_to_a_hundredth(client: TestClient, admin: dict[str, str], alice: dict[str, str]) -> None:
+    answer = client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 12.3456})
+    assert answer.status_code == 200 and answer.json()["amount"] == 12.35
+    answer = client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 0.01})
+    assert answer.status_code == 200 and answer.json()["amount"] == 0.01 and "of 0.01 USD" in answer.json()["message"]
+    answer = client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 1e12})
+    assert "of 1000000000000 USD" in answer.json()["message"]  # not 1e+12
+
+
+def test_a_far_overrun_budget_shows_a_bounded_percentage(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], bob: dict[str, str],
+    clock: ManualClock,
+) -> None:  # fmt: skip
+    from cmbcluster.db.models import Budget, UsageInterval
+
+    context = _context(app)
+    tiny = {"amount": 0.01, "unit": "core_hours"}
+    assert client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json=tiny).status_code == 200
+    with context.sessions() as db:
+        ids = dict(db.execute(select(User.email, User.id)).all())
+        start = int(NOV.timestamp())
+        for who in ("alice@example.org", "bob@example.org"):  # 2 core-hours each
+            hour = {"start_s": start, "end_s": start + 3600, "seen_s": start + 3600}
+            db.add(UsageInterval(environment_id=f"e-{who}", user_id=ids[who], application="files", preset="light",
+                                 cpu=2, memory_gib=1, **hour))  # fmt: skip
+        # a budget an earlier version accepted: the smallest positive float
+        db.add(Budget(scope="user", target_id=ids["bob@example.org"], amount=5e-324, unit="core_hours", hard=False))
+        db.commit()
+    clock.advance(days=1)
+    for headers in (alice, bob):
+        (found,) = client.get("/api/v1/usage/me", headers=headers).json()["budgets"]
+        assert found["state"] == "exceeded" and found["percent"] == 1000, found  # finite and bounded
+        assert "is >999 % used" in found["message"] and "inf" not in found["message"], found["message"]
+    listed = client.get("/api/v1/admin/budgets", headers=admin).json()
+    assert [b["percent"] for b in listed] == [1000, 1000]
+    refused = client.post("/api/v1/environments", headers=bob, json={"application": "files", "preset": "light"})
+    assert refused.status_code == 403 and ">999 %" in refused.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("a%00b", "U+0000"),
+        ("a%E2%80%AEgpj.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("physics%0Aadmins", "U+000A"),
+        ("phys%E2%80%8Bics", "U+200B (ZERO WIDTH SPACE)"),
+        ("a%C2%A0b", "U+00A0 (NO-BREAK SPACE)"),
+    ],
+)
+def test_a_group_name_is_printable_text(client: TestClient, admin: dict[str, str], name: str, shown: str) -> None:
+    """A NUL, a line break or a right-to-left override would disguise a group in the admin's tables,
+    the CSV and `cmbcluster groups list`."""
+    answer = client.put(f"/api/v1/admin/groups/{name}", headers=admin, json={"members": []})
+    assert answer.status_code == 400, answer.text
+    assert "a group name is printable text" in answer.json()["message"] and shown in answer.json()["message"]
+    assert client.get("/api/v1/admin/groups", headers=admin).json() == []
+    too_long = client.put(f"/api/v1/admin/groups/{'x' * 101}", headers=admin, json={"members": []})
+    assert too_long.status_code == 422
+    fine = client.put("/api/v1/admin/groups/Kosmologie, Ü 2026 (CMB-S4)", headers=admin, json={"members": []})
+    assert fine.status_code == 200 and fine.json()["name"] == "Kosmologie, Ü 2026 (CMB-S4)"
+
+
+def test_a_group_named_before_the_rule_can_still_be_deleted(
+    app: FastAPI, client: TestClient, admin: dict[str, str]
+) -> None:
+    from cmbcluster.db.models import Group
+
+    with _context(app).sessions() as db:
+        db.add(Group(name="a\x00b"))
+        db.commit()
+    (group,) = client.get("/api/v1/admin/groups", headers=admin).json()
+    assert client.delete(f"/api/v1/admin/groups/{group['id']}", headers=admin).status_code == 204
+
+
+def test_users_are_found_by_e_mail_in_ascii_case_only(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str]
+) -> None:
+    """Addresses are stored with ASCII letters lower-cased (docs/operators/security.md): an admin typing
+    ALICE@Example.ORG means alice@example.org; a Unicode look-alike (KELVIN SIGN for K) means no one."""
+    dev_sign_in(client, "kim@example.org")
+    group = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["ALICE@Example.ORG"]})
+    assert group.status_code == 200, group.text
+    assert group.json()["members"] == ["alice@example.org"]
+    budget = client.put("/api/v1/admin/budgets/user/Alice@EXAMPLE.org", headers=admin, json={"amount": 5})
+    assert budget.status_code == 200 and budget.json()["label"] == "alice@example.org", budget.text
+    assert client.delete("/api/v1/admin/budgets/user/ALICE@example.org", headers=admin).status_code == 204
+    look_alike = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["\u212aim@example.org"]})
+    assert look_alike.status_code == 404 and "not found" in look_alike.json()["message"]
+    spaced = client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["alice @example.org"]})
+    assert spaced.status_code == 404
 
 
 def test_an_unreachable_webhook_is_logged_never_raised(

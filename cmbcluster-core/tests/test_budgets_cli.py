@@ -80,7 +80,8 @@ def test_budgets_are_set_listed_and_deleted(run: Invoke, client: TestClient, adm
     [
         (("budgets", "set", "planet", "alice@example.org", "5"), "SCOPE is one of user, group, not 'planet'"),
         (("budgets", "set", "user", "nobody@example.org", "5"), "user nobody@example.org not found"),
-        (("budgets", "set", "user", "alice@example.org", "0"), "amount must be more than 0"),
+        (("budgets", "set", "user", "alice@example.org", "0"), "amount must be at least 0.01"),
+        (("budgets", "set", "user", "alice@example.org", "5e-324"), "amount must be at least 0.01, not 5e-324"),
         (("budgets", "set", "user", "alice@example.org", "nan"), "amount must be a finite number, not nan"),
         (("budgets", "set", "user", "alice@example.org", "inf"), "amount must be a finite number, not inf"),
         (
@@ -90,6 +91,9 @@ def test_budgets_are_set_listed_and_deleted(run: Invoke, client: TestClient, adm
         (("budgets", "delete", "user", "alice@example.org"), "has no budget"),
         (("budgets", "set", "group", "astro", "5"), "group astro not found"),
         (("groups", "create", "x" * 101), "1 to 100 characters"),
+        (("groups", "create", "a\x00b"), "cannot contain U+0000"),
+        (("groups", "create", "team\u202egpj"), "cannot contain U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        (("groups", "create", "two\nlines"), "cannot contain U+000A"),
         (("groups", "create", "astro", "nobody@example.org"), "user nobody@example.org not found"),
         (("groups", "add-member", "astro", "bob@example.org"), "group astro not found"),
         (("groups", "delete", "astro"), "group astro not found"),
@@ -109,6 +113,19 @@ def test_an_existing_group_is_not_created_twice_and_a_non_member_is_not_removed(
     code, output = invoke("groups", "remove-member", "astro", "alice@example.org")
     assert code == 2 and "not a member of astro: alice@example.org" in output
     assert "bob@example.org" in invoke("groups", "list")[1]  # unchanged
+
+
+def test_members_and_budgets_are_found_by_e_mail_in_any_ascii_case(run: Invoke) -> None:
+    invoke = run
+    assert invoke("groups", "create", "astro", "BOB@example.org")[0] == 0
+    code, output = invoke("groups", "add-member", "astro", "Alice@Example.Org")
+    assert code == 0 and "2 member(s)" in output, output
+    code, output = invoke("groups", "remove-member", "astro", "BOB@EXAMPLE.ORG")
+    assert code == 0 and "1 member(s)" in output, output
+    assert "alice@example.org" in invoke("groups", "list")[1]
+    code, output = invoke("budgets", "set", "user", "ALICE@example.org", "25")
+    assert code == 0 and "alice@example.org" in output, output
+    assert invoke("budgets", "delete", "user", "alice@EXAMPLE.org")[0] == 0
 
 
 def test_a_non_number_amount_is_a_usage_error(run: Invoke) -> None:

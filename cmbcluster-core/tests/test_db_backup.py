@@ -271,7 +271,14 @@ def test_cli_errors_are_clear(settings: CoreSettings, tmp_path: Path) -> None:
         (["db", "backup"], {"CMBCLUSTER_DATABASE_BUCKET": BUCKET}, "there is no database at"),
         # A server with no database whose backups cannot be read refuses to start empty, in one line.
         (["serve", "--port", str(free_port())], {"CMBCLUSTER_DATABASE_BUCKET": "absent"}, "backups in absent cannot"),
-    ]:
+        # A name the storage service would refuse (the backend's bucket_names), before any backup
+        (["db", "backup"], {"CMBCLUSTER_DATABASE_BUCKET": "Backups_2026"},
+         "the database bucket: 'Backups_2026' is not a valid bucket name: 3-63 lower-case letters"),
+        (["serve", "--port", str(free_port())], {"CMBCLUSTER_DATABASE_BUCKET": "Backups_2026"},
+         "CMBCLUSTER_DATABASE_BUCKET: 'Backups_2026' is not a valid bucket name"),
+        (["config", "check"], {"CMBCLUSTER_DATABASE_BUCKET": "Backups_2026"},
+         "CMBCLUSTER_DATABASE_BUCKET: 'Backups_2026' is not a valid bucket name"),
+    ]:  # fmt: skip
         result = cmbcluster(*args, env={**env, **extra}, cwd=tmp_path)
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         assert message in " ".join(result.stderr.split()), (args, result.stderr)

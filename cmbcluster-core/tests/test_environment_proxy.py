@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketDisconnect
 from test_environments_api import create_env, make_bucket, wait_status
 
 from cmbcluster.services.environments import ACTIVITY_WRITE_INTERVAL
+from cmbcluster.testing.api import LOCAL
 
 APPLICATION = r"""
 import hashlib, sys
@@ -263,6 +264,9 @@ def test_nobody_else_gets_anything_but_404(
             assert socket.receive_text() == "echo:same site"
         changed = client.post(f"{url}echo", headers={"Origin": "http://evil.example"}, content=b"x")
         assert changed.status_code == 403
+        unheaded = client.post(f"{url}echo", content=b"x")  # neither Origin nor Referer: no page of ours
+        assert unheaded.status_code == 403 and "neither Origin nor Referer" in unheaded.json()["message"]
+        assert client.post(f"{url}echo", headers={"Origin": LOCAL}, content=b"x").status_code == 200
     finally:
         client.cookies.clear()
     # stopped: 404 for its owner too, HTTP and WebSocket

@@ -18,8 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cmbcluster.app import create_app
+from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, utcnow
-from cmbcluster.interfaces import EnvironmentSpec, UserRef
+from cmbcluster.interfaces import EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -409,3 +410,31 @@ def test_a_stop_cut_off_by_a_crash_is_finished_and_is_never_a_failure(
     report = Reconciler(context).reconcile()
     assert env["id"] in report.stopped_leftovers
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopped"
+
+
+def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_times_them_out(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 200 launch dialogs open, the hub reads and records those starts; the reconcile loop
+    reading them again every second only doubled the work. Their start timeout still applies."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    slow = make_app(client, admin, "never-ready", "import time\ntime.sleep(3600)\n")
+    env_id = create_env(client, alice, application=slow)["id"]
+    asked: list[str] = []
+    status = context.compute.status
+
+    def counted(environment_id: str) -> EnvironmentStatus:
+        asked.append(environment_id)
+        return status(environment_id)
+
+    monkeypatch.setattr(context.compute, "status", counted)
+
+    Reconciler(context).refresh_transitional(followed={env_id})
+    assert asked == []
+    Reconciler(context).refresh_transitional()
+    assert asked == [env_id]  # nobody follows it: the loop keeps it current
+
+    _set(client, env_id, started_at=utcnow() - dt.timedelta(seconds=context.config.core.start_timeout_seconds + 1))
+    Reconciler(context).refresh_transitional(followed={env_id})
+    failed = client.get(f"/api/v1/environments/{env_id}", headers=alice).json()
+    assert failed["status"] == "failed" and "did not start within" in failed["status_message"]

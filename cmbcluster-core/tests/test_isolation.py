@@ -21,7 +21,7 @@ PUBLIC, SELF, OWNED, ADMIN, CATALOG_READ = "public", "self", "owned", "admin", "
 ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/healthz"): (PUBLIC, None),
     ("GET", "/readyz"): (PUBLIC, None),
-    ("GET", "/metrics"): (PUBLIC, None),  # aggregate counters only; keep it off the public network
+    ("GET", "/metrics"): (ADMIN, None),  # names users with their usage; Prometheus has its own token
     ("GET", "/api/v1/auth/providers"): (PUBLIC, None),
     ("GET", "/api/v1/auth/{provider}/login"): (PUBLIC, None),
     ("GET", "/api/v1/auth/{provider}/callback"): (PUBLIC, None),

@@ -3,8 +3,10 @@ the API's own rows and real environments (the clouds, the CLI and SIGKILL are in
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,11 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from cmbcluster.db.models import MigrationObject, Storage
 from cmbcluster.errors import PluginError
 from cmbcluster.hookspecs import hookimpl
-from cmbcluster.interfaces import ManagedTransfer, ObjectInfo, TransferEnd
+from cmbcluster.interfaces import ManagedTransfer, ObjectInfo, ObjectPage, TransferEnd
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.copy import list_all
 from cmbcluster.migration.engine import Events, Migration, Side, finish
 from cmbcluster.plugins import PluginManager
+from cmbcluster.testing import api as testing_api
 
 FILES = {"notes.txt": b"hello", "empty": b"", "a/b/deep.bin": b"\x00" * 70_000, "été/☀.csv": "é,☀\n".encode()}
 
@@ -32,12 +35,7 @@ def sessions_of(app: FastAPI) -> sessionmaker[Session]:
 
 
 def make_bucket(client: TestClient, headers: dict[str, str]) -> str:
-    response = client.post("/api/v1/storages", headers=headers, json={"display_name": "data"})
-    assert response.status_code == 201, response.text
-    storage_id = str(response.json()["id"])
-    for key, content in FILES.items():
-        assert client.put(f"/api/v1/storages/{storage_id}/objects/{key}", headers=headers, content=content).is_success
-    return storage_id
+    return testing_api.make_bucket(client, headers, FILES)
 
 
 @pytest.fixture
@@ -289,6 +287,34 @@ def test_an_object_a_managed_transfer_left_wrong_is_caught_and_the_bucket_not_sw
     again = managed(app, target, None).run()
     assert again.buckets[0].state == "switched" and again.buckets[0].copied == 1 and target.uploads == 1
     assert b"".join(target.download_object(row(app, storage_id).bucket_name, "a/b/deep.bin")) == FILES["a/b/deep.bin"]
+
+
+class ListsOtherMd5s(LocalStorage):
+    """A source whose listing reports, where an MD5 belongs, a value that is none: what S3 lists for
+    objects encrypted otherwise than their bucket's default says (SSE-KMS or SSE-C asked per
+    object), whose ETags are no MD5s. moto's ETags are always MD5s, so it cannot stand in here."""
+
+    def list_objects(self, bucket: str, prefix: str = "", **kwargs: Any) -> ObjectPage:
+        page = super().list_objects(bucket, prefix, **kwargs)
+        etags = [replace(o, md5=hashlib.md5(o.key.encode(), usedforsecurity=False).hexdigest()) for o in page.objects]
+        return replace(page, objects=etags)
+
+
+@pytest.mark.parametrize("damage", [None, "a/b/deep.bin"])
+def test_a_listed_md5_that_is_none_is_checked_against_the_bytes_before_an_object_is_called_wrong(
+    app: FastAPI, client: TestClient, alice: dict[str, str], tmp_path: Path, damage: str | None
+) -> None:
+    make_bucket(client, alice)
+    source = Side(name="local", storage=ListsOtherMd5s(app.state.context.storage.root))
+    target = CountingStorage(tmp_path / "elsewhere")
+    transfers = offering(damage, []).managed_transfer
+    result = Migration(sessions_of(app), source, Side(name="elsewhere", storage=target), transfers=transfers).run()
+    if damage is None:
+        assert [b.state for b in result.buckets] == ["switched"], result
+        assert result.buckets[0].copied == len(FILES) and target.uploads == 0  # nothing copied twice
+    else:  # an object really left wrong is still caught
+        assert result.buckets[0].state == "failed"
+        assert "left 1 object(s) wrong: a/b/deep.bin holds other bytes" in result.buckets[0].message
 
 
 def test_without_an_offer_the_bucket_is_streamed_and_a_wrong_offer_is_a_plugin_error(

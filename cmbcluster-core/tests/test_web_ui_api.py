@@ -304,7 +304,6 @@ def test_limits_are_listed_before_launching(client: TestClient, alice: Headers, 
         "idle_timeout_minutes": core.idle_timeout_minutes, "max_uptime_minutes": int(core.max_uptime_hours * 60),
         "max_extension_minutes": int(core.max_extension_hours * 60),
         "shutdown_warning_minutes": core.shutdown_warning_minutes,
-        "budgets": [],  # none set: nothing to warn of
     }  # fmt: skip
     environment(client, alice)
     assert client.get("/api/v1/environments", headers=alice).json()["limits"]["active"] == 1

@@ -18,31 +18,19 @@ from typing import Any
 
 import pytest
 
+from cmbcluster.testing.process import clean_environ
 from cmbcluster_gcp.settings import GcpSettings
 from cmbcluster_gcp.storage import GcsStorage
 
-# Variables a developer's shell may carry that would change what these tests see.
-_CONFIG_PREFIXES = ("CMBCLUSTER_", "GOOGLE_", "GCS_", "CLOUDSDK_")
-_CONFIG_NAMES = {
-    "CLOUD_PROVIDER",
-    "PROJECT_ID",
-    "PROJECT_NUMBER",
-    "REGION",
-    "ZONE",
-    "STORAGE_LOCATION",
-    "STORAGE_EMULATOR_HOST",
-    "API_ENDPOINT_OVERRIDE",
-    "USER_BUCKET_PREFIX",
-    "DATABASE_BUCKET",
-}
+#: The storage SDK's own endpoint override, read outside any settings model.
+_SDK_NAMES = {"API_ENDPOINT_OVERRIDE"}
 PROJECT = "cmbcluster-test"
 
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(_CONFIG_PREFIXES) or name in _CONFIG_NAMES:
-            monkeypatch.delenv(name)
+    for name in (set(os.environ) - set(clean_environ())) | (_SDK_NAMES & set(os.environ)):
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no stray .env from the developer's checkout
 
 

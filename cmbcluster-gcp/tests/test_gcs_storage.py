@@ -19,6 +19,7 @@ from google.api_core import exceptions as api_exceptions
 
 import cmbcluster_gcp.uploads as gcs_uploads
 from cmbcluster.errors import (
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     LimitExceeded,
@@ -410,6 +411,46 @@ def test_uploads_around_the_chunk_boundary(gcs: GcsStorage, bucket: str, size: i
     assert b"".join(gcs.download_object(bucket, "edge.bin", chunk_size=4 * MiB)) == data
 
 
+def test_an_object_of_up_to_8_mib_goes_up_in_one_request_in_little_memory(
+    gcs: GcsStorage, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request stores an object of a few MiB (not a session, pieces and a read back), streamed
+    from a spool that keeps at most 1 MiB in memory; a request GCS fails is sent again whole."""
+    http = gcs._client._http
+    sent: list[str] = []
+    unavailable = [False]  # the next upload request is answered 503 (GCS's own retryable answer)
+    request = http.request
+
+    def counting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(f"{method} {urllib.parse.urlsplit(url).path}")
+        if unavailable[0] and "/upload/" in url:
+            unavailable[0] = False
+            answer = requests.Response()
+            answer.status_code = 503
+            return answer
+        return request(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(http, "request", counting)
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    for size in (5 * MiB + 7, 8 * MiB):
+        data = os.urandom(size)
+        sent.clear()
+        tracemalloc.start()
+        try:
+            info = gcs.upload_object(bucket, "few.bin", chunks_of(data, MiB))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert sent == [f"POST /upload/storage/v1/b/{bucket}/o"]
+        assert info.size == size and info.md5 == hashlib.md5(data, usedforsecurity=False).hexdigest()
+        assert peak < 5 * MiB, peak  # the source's chunks and 1 MiB of spool, never the object
+        assert b"".join(gcs.download_object(bucket, "few.bin")) == data
+    unavailable[0] = True
+    sent.clear()
+    assert gcs.upload_object(bucket, "again.bin", [b"a" * 3 * MiB]).size == 3 * MiB
+    assert len(sent) == 2 and b"".join(gcs.download_object(bucket, "again.bin")) == b"a" * 3 * MiB
+
+
 def test_upload_and_download_run_in_constant_memory(gcs: GcsStorage, bucket: str) -> None:
     size = 96 * MiB
     block = os.urandom(MiB)
@@ -664,3 +705,21 @@ def test_session_cancel_answers_are_checked(
     assert bool(warned) is not cancelled
     if answers == (403,):
         assert "HTTP 403 denied" in warned[0]
+
+
+def test_gcs_declares_cloud_storages_own_bucket_name_rules(gcs: GcsStorage) -> None:
+    rules = gcs.bucket_names
+    assert rules.problem("backups.example.org") is None and rules.problem("lab_backups") is None
+    assert rules.problem("a" * 63 + "." + "b" * 63) is None  # dotted names may be longer than 63
+    for refused in ("a" * 64, "google-lab", "goog-lab", "lab-g00gle", "192.168.1.10", "-lab", "Lab"):
+        assert rules.problem(refused) is not None, refused
+        with pytest.raises(NotFound):
+            gcs.get_bucket(refused)
+
+
+def test_a_bucket_prefix_cloud_storage_would_refuse_is_refused_when_the_backend_is_built(
+    gcp_settings: GcpSettings,
+) -> None:
+    """At start and by `config check`, not at a user's first bucket."""
+    with pytest.raises(ConfigurationError, match="GCS_USER_BUCKET_PREFIX: bucket prefix 'google-lab' makes bucket"):
+        GcsStorage(gcp_settings.model_copy(update={"user_bucket_prefix": "google-lab"}))

@@ -5,8 +5,6 @@ listings and switches; what the service left wrong is caught."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,8 @@ from cmbcluster.migration.copy import list_all
 from cmbcluster.migration.engine import Migration, Side
 from cmbcluster.plugins import PluginManager
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import LOCAL, dev_sign_in
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
+from cmbcluster.testing.process import clean_environ, run_cli
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
 from cmbcluster_gcp.settings import GcpSettings
@@ -72,14 +70,7 @@ def seed(data_dir: Path) -> str:
     """A user with a bucket of FILES on S3 (a server configured for aws); the storage's id."""
     with TestClient(create_app(CoreSettings(data_dir=data_dir, storage_backend="aws")), base_url=LOCAL) as client:
         dev_sign_in(client, "root@example.org")
-        alice = dev_sign_in(client, "alice@example.org", "Alice")
-        created = client.post("/api/v1/storages", headers=alice, json={"display_name": "data"})
-        assert created.status_code == 201, created.text
-        storage_id = str(created.json()["id"])
-        for key, content in FILES.items():
-            put = client.put(f"/api/v1/storages/{storage_id}/objects/{key}", headers=alice, content=content)
-            assert put.is_success, put.text
-    return storage_id
+        return make_bucket(client, dev_sign_in(client, "alice@example.org", "Alice"), FILES)
 
 
 def gcp_settings(sts: GoogleApiFake, gcs_emulator: str, **extra: Any) -> GcpSettings:
@@ -112,10 +103,7 @@ def test_the_cli_moves_s3_to_gcs_with_storage_transfer_then_core_verifies_and_sw
         "GCP_IAM_ENDPOINT": sts.url, "GCP_RESOURCE_MANAGER_ENDPOINT": sts.url,
         "STORAGE_TRANSFER_AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "STORAGE_TRANSFER_AWS_SECRET_ACCESS_KEY": "secret",
     })  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "cmbcluster.cli", "migrate", "run", "--to", "gcp", "--managed-transfer"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    done = run_cli("migrate", "run", "--to", "gcp", "--managed-transfer", env=env, cwd=tmp_path, timeout=180)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Google Storage Transfer Service copies the bucket" in done.stdout

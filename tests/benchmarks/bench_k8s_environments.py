@@ -13,11 +13,17 @@ In one run, on one fresh Kubernetes test cluster (tests/k8s/harness.py):
 3. **Users, five streams each** (1,000 streams): the same burst again, each user with five
    dialogs open.
 
-Targets (issue 16), for each burst: every stream sees `running`, no request fails, all running
-within 1.5 x the direct client's time, p95 per user <= 1.2 x the direct p95 + 1 s, control-plane
-CPU <= 3 s for the burst. Prints the figures; exits 1 when a target is missed.
+4. **Two replicas on PostgreSQL** (tests/postgres.py): two `cmbcluster serve` sharing one database
+   and electing a leader through the Lease; ``--replica-count`` users (100) create through the
+   leader and follow their progress on the other replica, as a load balancer may send them.
 
-    python tests/benchmarks/bench_k8s_environments.py [--count 200]
+Targets (issue 16), for each burst of 2 and 3: every stream sees `running`, no request fails, all
+running within 1.5 x the direct client's time, p95 per user <= 1.2 x the direct p95 + 1 s,
+control-plane CPU <= 3 s for the burst. For 4: every stream on the replica that does not lead sees
+`running`, no request fails (its times are printed). Prints the figures; exits 1 when a target is
+missed.
+
+    python tests/benchmarks/bench_k8s_environments.py [--count 200] [--replica-count 100 (0: skip)]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -161,15 +168,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def users_launch(base_url: str, tokens: list[str], streams_each: int) -> dict[str, Any]:
-    """Every user creates an environment and follows its progress stream(s) until `running`."""
+async def users_launch(
+    base_url: str, tokens: list[str], streams_each: int, stream_url: str | None = None
+) -> dict[str, Any]:
+    """Every user creates an environment and follows its progress stream(s) until `running`
+    (through ``stream_url`` when given: another replica)."""
     limits = httpx.Limits(max_connections=len(tokens) * (streams_each + 1), max_keepalive_connections=0)
+    streams_at = stream_url or base_url
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
         errors: list[str] = []
         owned: list[tuple[str, str]] = []  # (token, environment id)
 
         async def follow(headers: dict[str, str], environment_id: str) -> float | None:
-            async with http.stream("GET", f"/api/v1/environments/{environment_id}/events", headers=headers) as stream:
+            url = f"{streams_at}/api/v1/environments/{environment_id}/events"
+            async with http.stream("GET", url, headers=headers) as stream:
                 async for line in stream.aiter_lines():
                     if line.startswith("data: "):
                         status = json.loads(line.removeprefix("data: "))["status"]
@@ -262,14 +274,63 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
     return bursts
 
 
+def leader_pid(cluster: K8sCluster, namespace: str, pids: list[int], timeout: float = 60) -> int:
+    """Which of ``pids`` holds the Lease (a replica's identity is <host>-<pid>-<random>)."""
+    coordination = k8s.CoordinationV1Api(cluster.api_client())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            holder = coordination.read_namespaced_lease("cmbcluster-leader", namespace).spec.holder_identity or ""
+        except k8s.ApiException:
+            holder = ""
+        for pid in pids:
+            if f"-{pid}-" in holder:
+                return pid
+        time.sleep(0.5)
+    raise TimeoutError("no replica took the Lease")
+
+
+def replicas_on_postgresql(cluster: K8sCluster, count: int, workdir: Path) -> dict[str, Any]:
+    """Creates through the leader, every progress stream on the replica that does not lead."""
+    from tests.postgres import postgres_server
+
+    namespace = cluster.control_plane_namespace("replicas")
+    clock = PodClock(cluster.api_client(), namespace)
+    with postgres_server() as database, contextlib.ExitStack() as stack:
+        servers = []
+        for i in range(2):
+            (workdir / f"replica-{i}").mkdir()
+            env = clean_environ({
+                "CMBCLUSTER_DATA_DIR": str(workdir / f"replica-{i}"), "CMBCLUSTER_DATABASE_URL": database,
+                "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", "CMBCLUSTER_KUBECONFIG": str(cluster.cp_kubeconfig),
+                "CMBCLUSTER_NAMESPACE": namespace, "CMBCLUSTER_LEADER_ELECTION": "on",
+                "CMBCLUSTER_MAX_CONCURRENT_STARTS": str(count), "CMBCLUSTER_LOG_LEVEL": "WARNING",
+                "CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE": str(10 * count),
+            })  # fmt: skip
+            servers.append(stack.enter_context(ServeProcess(env, workdir)))
+            servers[-1].wait_ready("/readyz", timeout=90)
+        leading = leader_pid(cluster, namespace, [server.process.pid for server in servers])
+        leader, follower = sorted(servers, key=lambda server: server.process.pid != leading)
+        tokens = sign_in_users(leader.url, count)
+        figures = asyncio.run(users_launch(leader.url, tokens, 1, stream_url=follower.url))
+        if figures["errors"]:
+            print(follower.output()[-4000:], file=sys.stderr)
+        asyncio.run(delete_all(leader.url, figures["owned"]))
+        clock.wait(clock.gone, {f"env-{i}" for _, i in figures["owned"]})
+    clock.stop()
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--profile", help="record the control plane with py-spy into FILE.<streams each>")
+    parser.add_argument("--replica-count", type=int, default=100, help="starts of the two-replica burst (0: skip)")
     args = parser.parse_args()
     with running_cluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         direct_s, direct_p95 = direct(cluster, args.count)
         bursts = through_control_plane(cluster, args.count, Path(tmp), args.profile)
+        replicated = replicas_on_postgresql(cluster, args.replica_count, Path(tmp)) if args.replica_count else None
     print(f"{args.count} environments on the Kubernetes test API server")
     print(f"  direct kubernetes client ({DIRECT_THREADS} threads): all pods Running in {direct_s:.2f} s, "
           f"p95 per pod {direct_p95:.2f} s")  # fmt: skip
@@ -288,6 +349,20 @@ def main() -> int:
         for text, met in checks.items():
             print(f"    {'meets' if met else 'MISSES'}: {text}")
         for error in burst["errors"][:5]:
+            print(f"    error: {error}")
+        ok = ok and all(checks.values())
+    if replicated is not None:
+        n = args.replica_count
+        checks = {
+            f"{replicated['seen']}/{n} streams on the replica that does not lead saw running": replicated["seen"] == n,
+            f"{len(replicated['errors'])} errors": not replicated["errors"],
+        }
+        print(f"  two replicas on PostgreSQL, {n} users creating through the leader, streams on the other "
+              f"(all running in {replicated['all_s']:.2f} s, p50 {replicated['p50_s']:.2f} s, "
+              f"p95 {replicated['p95_s']:.2f} s per user):")  # fmt: skip
+        for text, met in checks.items():
+            print(f"    {'meets' if met else 'MISSES'}: {text}")
+        for error in replicated["errors"][:5]:
             print(f"    error: {error}")
         ok = ok and all(checks.values())
     return 0 if ok else 1

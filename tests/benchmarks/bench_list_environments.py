@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 from sqlalchemy import insert
 
 from cmbcluster.db import create_db_engine, upgrade
@@ -130,10 +131,15 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us_per_request: float
 
 
-def load(url: str, tokens: list[str], seconds: float, root: Path) -> LoadResult:
-    """wrk: CLIENTS connections, each a closed loop, rotating through the users' tokens."""
+def load(url: str, tokens: list[str], seconds: float, root: Path, server_pid: int) -> LoadResult:
+    """wrk: CLIENTS connections, each a closed loop, rotating through the users' tokens. Also the
+    server's CPU time per request, which other work on a shared machine disturbs far less than the
+    throughput (the figure to compare while changing the code)."""
+    server = psutil.Process(server_pid)
+    cpu_before = sum(server.cpu_times()[:2])
     tokens_file = root / "tokens.txt"
     tokens_file.write_text("\n".join(tokens) + "\n")
     script = root / "list.lua"
@@ -146,7 +152,10 @@ def load(url: str, tokens: list[str], seconds: float, root: Path) -> LoadResult:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    return LoadResult(rps=rps, p50_ms=_latency(out, "50%"), p99_ms=_latency(out, "99%"), errors=errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu = (sum(server.cpu_times()[:2]) - cpu_before) / max(requests, 1) * 1e6
+    return LoadResult(rps=rps, p50_ms=_latency(out, "50%"), p99_ms=_latency(out, "99%"), errors=errors,
+                      cpu_us_per_request=cpu)  # fmt: skip
 
 
 def _latency(out: str, label: str) -> float:
@@ -250,8 +259,8 @@ def main() -> int:
         )
         try:
             _wait(f"http://127.0.0.1:{port}/api/v1/environments")
-            load(f"http://127.0.0.1:{port}", ["bare"], 1.0, root)  # warm-up
-            bare_result = load(f"http://127.0.0.1:{port}", ["bare"], args.seconds, root)
+            load(f"http://127.0.0.1:{port}", ["bare"], 1.0, root, bare.pid)  # warm-up
+            bare_result = load(f"http://127.0.0.1:{port}", ["bare"], args.seconds, root, bare.pid)
         finally:
             bare.terminate()
             bare.wait()
@@ -267,29 +276,39 @@ def main() -> int:
             assert len(check.json()["items"]) == ENVS_PER_USER, check.text
             try:
                 with OpenStreams(server.url, tokens[0], tokens, args.streams):
-                    open_streams = _metric(server.url, "cmbcluster_progress_streams")
-                    load(server.url, tokens, 1.0, root)  # warm-up
-                    ours = load(server.url, tokens, args.seconds, root)
-                    held = _metric(server.url, "cmbcluster_db_connections_in_use")
+                    open_streams = _metric(server.url, tokens[0], "cmbcluster_progress_streams")
+                    idle = _cpu_share(server.process.pid, 5.0)
+                    load(server.url, tokens, 1.0, root, server.process.pid)  # warm-up
+                    ours = load(server.url, tokens, args.seconds, root, server.process.pid)
+                    held = _metric(server.url, tokens[0], "cmbcluster_db_connections_in_use")
             finally:
                 compute = LocalProcessCompute(data / "compute")
                 for status in compute.list_managed():
                     compute.delete(status.environment_id)
 
     ratio = ours.rps / bare_result.rps
-    print(f"progress streams open during the run: {open_streams:.0f}; database connections in use: {held:.0f}")
+    print(f"progress streams open during the run: {open_streams:.0f}; database connections in use: {held:.0f}; "
+          f"server CPU while they wait, without requests: {idle * 100:.0f} % of a core")  # fmt: skip
     print(f"bare FastAPI endpoint   : {bare_result.rps:7.0f} req/s, p50 {bare_result.p50_ms:.1f} ms, "
-          f"p99 {bare_result.p99_ms:.1f} ms")  # fmt: skip
+          f"p99 {bare_result.p99_ms:.1f} ms, server CPU {bare_result.cpu_us_per_request:.0f} us/request")  # fmt: skip
     print(f"GET /api/v1/environments: {ours.rps:7.0f} req/s, p50 {ours.p50_ms:.1f} ms, p99 {ours.p99_ms:.1f} ms, "
-          f"non-2xx {ours.errors}")  # fmt: skip
+          f"server CPU {ours.cpu_us_per_request:.0f} us/request, non-2xx {ours.errors}")  # fmt: skip
     ok_ratio, ok_p99 = ratio >= TARGET_RATIO, ours.p99_ms <= TARGET_P99_MS
     print(f"throughput ratio {ratio:.2f} ({'meets' if ok_ratio else 'MISSES'} >= {TARGET_RATIO}); "
           f"p99 {ours.p99_ms:.1f} ms ({'meets' if ok_p99 else 'MISSES'} <= {TARGET_P99_MS:.0f} ms)")  # fmt: skip
     return 0 if ok_ratio and ok_p99 and ours.errors == 0 else 1
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+def _cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core a process uses over ``seconds`` (the streams' own upkeep when idle)."""
+    process = psutil.Process(pid)
+    before, began = sum(process.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - began)
+
+
+def _metric(url: str, admin: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise RuntimeError(f"no metric {name}")

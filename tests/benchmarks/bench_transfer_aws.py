@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from transfer_common import MIB, SdkClient, ToolServer, compare_with_sdk
+from transfer_common import MIB, SdkClient, compare_with_sdk
 
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import ToolServer, clean_environ
 
 REGION = "eu-west-1"
 #: Dummy credentials and no shared config: nothing here can reach a real AWS account.

@@ -29,9 +29,9 @@ from typing import Any
 
 from google.api_core.client_options import ClientOptions
 from google.cloud import storage
-from transfer_common import MIB, SdkClient, ToolServer, compare_with_sdk
+from transfer_common import MIB, SdkClient, compare_with_sdk
 
-from cmbcluster.testing.process import clean_environ
+from cmbcluster.testing.process import ToolServer, clean_environ
 
 PROJECT = "cmbcluster-bench"
 

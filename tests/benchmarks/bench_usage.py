@@ -14,7 +14,6 @@ target. With ``--postgres`` also on PostgreSQL (tests/postgres.py starts a serve
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import statistics
 import sys
@@ -122,10 +121,9 @@ def main() -> int:
         engine.dispose()
     if args.postgres:
         sys.path.insert(0, str(Path(__file__).parent.parent))
-        from postgres import postgres_url  # type: ignore[import-not-found]
+        from postgres import postgres_server  # type: ignore[import-not-found]
 
-        # the pytest fixture's own generator function (a fixture may not be called directly)
-        with contextlib.contextmanager(postgres_url.__wrapped__)() as url:
+        with postgres_server() as url:
             engine = create_db_engine(url)
             ok &= measure(engine, "PostgreSQL", args.users)
             engine.dispose()

@@ -14,8 +14,6 @@ import http.client
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from cmbcluster.testing.api import dev_sign_in
-from cmbcluster.testing.process import BackgroundProcess, ServeProcess, clean_environ, free_port
+from cmbcluster.testing.process import ServeProcess, clean_environ
 
 MIB = 1024 * 1024
 CHUNK = MIB
@@ -145,33 +143,6 @@ def download(port: int, path: str, headers: dict[str, str], target: Path | None,
                 out.write(buffer[:count])
     finally:
         connection.close()
-
-
-class ToolServer(BackgroundProcess):
-    """A stand-in for a cloud (moto, gcp-storage-emulator) run from this interpreter's environment:
-    ``command`` is the executable beside ``sys.executable`` and its arguments, where ``{port}``
-    becomes a free port. Ready once ``url`` + ``probe`` answers."""
-
-    def __init__(self, command: list[str], env: Mapping[str, str], log: Path, probe: str = "/") -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        executable = Path(sys.executable).with_name(command[0])
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                [str(executable), *(arg.format(port=port) for arg in command[1:])],
-                env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with {self.process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                httpx.get(self.url + probe, timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{command[0]} did not answer within 30 s: {log.read_text()[-2000:]}")
 
 
 @dataclass

@@ -26,7 +26,8 @@ def body_as_sent(url: str, headers: dict[str, str]) -> tuple[httpx.Response, byt
 @pytest.fixture(scope="module")
 def signed_in(server: ServeProcess, oidc: OidcMockServer) -> httpx.Client:
     oidc.put_user("dora", {"email": "dora@example.org", "email_verified": True, "name": "Dora"})
-    client = httpx.Client(base_url=server.url, timeout=30)
+    # signed in with the session cookie, as a browser: its changes carry our Origin, as a browser's do
+    client = httpx.Client(base_url=server.url, timeout=30, headers={"Origin": server.url})
     start = client.get("/api/v1/auth/oidc/login", follow_redirects=False)
     callback = urlsplit(oidc.authorize(start.headers["location"], "dora"))
     assert client.get(f"{callback.path}?{callback.query}", follow_redirects=False).status_code == 303

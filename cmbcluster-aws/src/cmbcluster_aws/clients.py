@@ -23,6 +23,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from cmbcluster.errors import ConfigurationError
 from cmbcluster_aws.settings import AwsSettings
 
 __all__ = [
@@ -61,13 +62,16 @@ def make_clients(
         user_agent_extra=user_agent,
         **config,
     )
-    session = boto3.session.Session(**settings.session_credentials())
-    return {
-        service: given[service] if service in given else session.client(
-            service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=options
-        )
-        for service in services
-    }  # fmt: skip
+    try:
+        session = boto3.session.Session(**settings.session_credentials())
+        return {
+            service: given[service] if service in given else session.client(
+                service, region_name=settings.aws_region, endpoint_url=settings.endpoint_url, config=options
+            )
+            for service in services
+        }  # fmt: skip
+    except BotoCoreError as exc:  # an unknown AWS_PROFILE, a malformed ~/.aws/config: this machine's setup
+        raise ConfigurationError([f"AWS credentials: {exc}"]) from exc
 
 
 #: botocore's names of its credential providers (``Credentials.method``), as an operator knows them.

@@ -27,10 +27,11 @@ __all__ = ["STORAGE_DRIVER", "cmbcluster_deploy_values", "control_plane_role_arn
 
 @hookimpl
 def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    # the chart's cloud identity and storage driver are the storage's and the infra's: aws sign-in
+    # alone (its settings are active then too) adds nothing; core renders the settings themselves
     settings = config.settings(AwsSettings)
-    if settings is None:  # aws is not active in this deployment
+    if settings is None or not (config.serves("aws", "storage") or config.serves("aws", "infra")):
         return None
-    core = config.core
     aws: dict[str, Any] = {
         "region": settings.aws_region,
         "accountId": settings.aws_account_id,
@@ -40,6 +41,6 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     values: dict[str, Any] = {"global": {"aws": aws}}
     if settings.ecr_registry_url:
         aws["ecrRegistryUrl"] = settings.ecr_registry_url
-    if core.selected_storage == "aws":
+    if config.serves("aws", "storage"):
         values["storage"] = {"driver": STORAGE_DRIVER}
     return values

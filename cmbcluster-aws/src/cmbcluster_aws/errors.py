@@ -1,5 +1,5 @@
 """One mapping from botocore failures to CMBCluster's typed errors, for every AWS service the
-plugin calls (S3, IAM, EKS, ECR, STS): AWS's error codes first, then what only the HTTP status
+plugin calls (S3, IAM, EKS, ECR, STS, DataSync): AWS's error codes first, then what only the HTTP status
 says by core's one policy (:func:`cmbcluster.errors.error_for_status`; a 429 is LimitExceeded)."""
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ _EXISTS_CODES = frozenset({"BucketAlreadyExists", "BucketAlreadyOwnedByYou", "En
 _DENIED_CODES = frozenset(
     {
         "AccessDenied",
+        "AccessDeniedException",  # the JSON APIs' name for it (DataSync, ECR, EKS), answered with 400
         "403",
         "Forbidden",
         "AllAccessDisabled",

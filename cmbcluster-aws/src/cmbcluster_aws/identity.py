@@ -37,7 +37,7 @@ from cmbcluster.interfaces import CloudIdentity, DnsInfo, InfraProvider, Registr
 from cmbcluster.naming import dns_label, short_id
 from cmbcluster_aws.clients import close_clients, make_clients
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
-from cmbcluster_aws.names import boundary_arn, partition_of, user_path, user_role_name
+from cmbcluster_aws.names import S3_BUCKET_NAMES, boundary_arn, partition_of, user_path, user_role_name
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import MANAGED_BY, TAG_DEPLOYMENT, TAG_MANAGED_BY, TAG_OWNER
 
@@ -59,7 +59,6 @@ STS_AUDIENCE = "sts.amazonaws.com"
 OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
 MAX_INLINE_POLICY_CHARS = 10_240  # IAM's limit for all inline policies of a role (whitespace excluded)
 
-_S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -272,8 +271,7 @@ class AwsInfra(InfraProvider):
             raise InvalidRequest("buckets must be a list of bucket names")
         unique = sorted(dict.fromkeys(buckets))
         for bucket in unique:
-            if not _S3_BUCKET_NAME.match(bucket):
-                raise InvalidRequest(f"{bucket!r} is not an S3 bucket name")
+            S3_BUCKET_NAMES.check(bucket)
         name = self.role_name(user)
         what = f"IAM role {name}"
         if self._own_role(user, name) is None:

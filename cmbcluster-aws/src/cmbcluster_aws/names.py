@@ -14,11 +14,12 @@ so two deployments in one account never share a role, a path, a bucket prefix or
 
 from __future__ import annotations
 
-from cmbcluster.naming import dns_label, short_id
+from cmbcluster.naming import BucketNameRules, dns_label, short_id
 from cmbcluster_aws.settings import AwsSettings
 
 __all__ = [
     "INFRA_PATH_ROOT",
+    "S3_BUCKET_NAMES",
     "USER_PATH_ROOT",
     "boundary_arn",
     "boundary_name",
@@ -32,6 +33,20 @@ __all__ = [
 
 INFRA_PATH_ROOT = "/cmbcluster-infra/"
 USER_PATH_ROOT = "/cmbcluster-users/"
+
+#: S3's rules for general purpose bucket names (``S3Storage.bucket_names``): a database bucket
+#: with dots is valid; a name S3 reserves (``xn--``..., ...``-s3alias``) is not.
+S3_BUCKET_NAMES = BucketNameRules(
+    pattern=(
+        r"(?!xn--|sthree-|amzn-s3-demo-)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)"
+        r"(?!.*(?:-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$)[a-z0-9][a-z0-9.-]*[a-z0-9]"
+    ),
+    description=(
+        "3-63 lower-case letters, digits, '.' and '-', starting and ending with a letter or digit, without '..', "
+        "not an IP address, not starting with 'xn--', 'sthree-' or 'amzn-s3-demo-' nor ending with '-s3alias', "
+        "'--ol-s3', '.mrap', '--x-s3' or '--table-s3' (S3's rules)"
+    ),
+)
 
 
 def partition_of(region: str) -> str:

@@ -12,7 +12,16 @@ from cmbcluster import (
     hookimpl,
 )
 from cmbcluster.errors import ConfigurationError
-from cmbcluster.interfaces import AuthProvider, InfraProvider, PodContext, PodDraft, Provisioner, StorageBackend
+from cmbcluster.interfaces import (
+    AuthProvider,
+    InfraProvider,
+    ManagedTransfer,
+    PodContext,
+    PodDraft,
+    Provisioner,
+    StorageBackend,
+    TransferEnd,
+)
 from cmbcluster_aws.deploy import cmbcluster_deploy_values  # noqa: F401 - registers the hook
 from cmbcluster_aws.prices import cmbcluster_price_table  # noqa: F401 - registers the hook
 from cmbcluster_aws.settings import AwsSettings
@@ -98,3 +107,13 @@ def cmbcluster_decorate_pod(draft: PodDraft, context: PodContext) -> None:
         from cmbcluster_aws.pods import decorate_eks_pod
 
         decorate_eks_pod(draft, context, settings)
+
+
+@hookimpl
+def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> ManagedTransfer | None:
+    """AWS DataSync for buckets moving from Cloud Storage to S3 (it reads GCS's S3-compatible API)."""
+    if source.backend != "gcp" or target.backend != "aws" or not isinstance(target.settings, AwsSettings):
+        return None
+    from cmbcluster_aws.transfer import DataSyncTransfer
+
+    return DataSyncTransfer(target.settings, source.bucket, target.bucket, target_storage=target.storage)

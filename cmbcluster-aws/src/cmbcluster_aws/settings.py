@@ -19,6 +19,7 @@ from cmbcluster.settings import LOCAL_ONLY
 
 _REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
+_AGENT = re.compile(r"^arn:aws[a-z-]*:datasync:[a-z0-9-]+:\d{12}:agent/agent-[0-9a-z]{17}$")
 
 
 class AwsSettings(BaseSettings):
@@ -114,6 +115,36 @@ class AwsSettings(BaseSettings):
         json_schema_extra=LOCAL_ONLY,
     )
 
+    # -- `migrate run --managed-transfer` from Cloud Storage (cmbcluster_aws.transfer) ------------------
+    datasync_gcs_hmac_access_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATASYNC_GCS_HMAC_ACCESS_ID"),
+        description="`migrate run --managed-transfer` from GCS: the access ID of a Cloud Storage HMAC key "
+        "AWS DataSync reads the source buckets with",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    datasync_gcs_hmac_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATASYNC_GCS_HMAC_SECRET"),
+        description="The secret of DATASYNC_GCS_HMAC_ACCESS_ID",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    datasync_s3_role_arn: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATASYNC_S3_ROLE_ARN"),
+        pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$",
+        description="`migrate run --managed-transfer` from GCS: the IAM role DataSync assumes to write the "
+        "new S3 buckets (trusting datasync.amazonaws.com)",
+        json_schema_extra=LOCAL_ONLY,
+    )
+    datasync_agent_arns: str = Field(
+        default="",
+        validation_alias=AliasChoices("DATASYNC_AGENT_ARNS"),
+        description="Comma-separated DataSync agents that read Cloud Storage (Basic mode tasks); empty: "
+        "agentless, Enhanced mode",
+        json_schema_extra=LOCAL_ONLY,
+    )
+
     # -- pod decoration (cmbcluster_aws.pods) ------------------------------------------------------
     s3_mount_credentials: Literal["pod", "driver"] = Field(
         default="pod",
@@ -185,6 +216,29 @@ class AwsSettings(BaseSettings):
             raise PydanticCustomError("aws_keys", "AWS_SESSION_TOKEN is set without AWS_ACCESS_KEY_ID", {})
         return self
 
+    @field_validator("datasync_agent_arns")
+    @classmethod
+    def _agent_arns(cls, value: str) -> str:
+        agents = [a.strip() for a in value.split(",") if a.strip()]
+        wrong = [a for a in agents if not _AGENT.match(a)]
+        if wrong:
+            raise PydanticCustomError(
+                "datasync_agent_arns",
+                "{wrong} is not a DataSync agent ARN (arn:aws:datasync:REGION:ACCOUNT:agent/agent-...)",
+                {"wrong": ", ".join(repr(a) for a in wrong)},
+            )
+        if len(agents) > 8:
+            raise PydanticCustomError("datasync_agent_arns", "DataSync takes at most 8 agents per location", {})
+        return value
+
+    @model_validator(mode="after")
+    def _hmac_key_in_pairs(self) -> AwsSettings:
+        if (self.datasync_gcs_hmac_access_id is None) != (self.datasync_gcs_hmac_secret is None):
+            raise PydanticCustomError(
+                "datasync_hmac", "DATASYNC_GCS_HMAC_ACCESS_ID and DATASYNC_GCS_HMAC_SECRET are set together", {}
+            )
+        return self
+
     @model_validator(mode="after")
     def _default_prefix(self) -> AwsSettings:
         if not self.s3_user_bucket_prefix:
@@ -212,6 +266,11 @@ class AwsSettings(BaseSettings):
         from cmbcluster_aws.clients import credentials_source  # boto3 is imported only when asked
 
         return [f"AWS credentials: {credentials_source(self)}"]
+
+    @property
+    def datasync_agents(self) -> list[str]:
+        """DATASYNC_AGENT_ARNS parsed."""
+        return [a.strip() for a in self.datasync_agent_arns.split(",") if a.strip()]
 
     @property
     def cognito_region(self) -> str:

@@ -26,6 +26,7 @@ from botocore.exceptions import (
 )
 
 from cmbcluster.errors import (
+    ConfigurationError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -47,10 +48,12 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, short_id, validate_object_key
+from cmbcluster.naming import dns_label, owner_name_prefix, short_id, validate_object_key
 from cmbcluster_aws import uploads
 from cmbcluster_aws.clients import IAM_PROPAGATION_SECONDS, invalid_principal, make_clients, retry_while_propagating
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
+from cmbcluster_aws.identity import ROLE_ANNOTATION
+from cmbcluster_aws.names import S3_BUCKET_NAMES
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.tags import (
     MANAGED_BY,
@@ -112,7 +115,6 @@ _PORTABLE_CLASSES = {v: k for k, v in S3_STORAGE_CLASSES.items()}
 CSI_DRIVER = "s3.csi.aws.com"
 NOMINAL_CAPACITY = "1200Gi"  # ignored by Mountpoint; Kubernetes requires a value
 
-_S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IAM_ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
 
 
@@ -150,6 +152,8 @@ class S3Storage(StorageBackend):
     built from ``settings`` and the multipart part size.
     """
 
+    bucket_names = S3_BUCKET_NAMES
+
     def __init__(
         self,
         settings: AwsSettings,
@@ -164,11 +168,15 @@ class S3Storage(StorageBackend):
     ) -> None:
         if not uploads.MIN_PART_SIZE <= part_size <= uploads.MAX_PART_SIZE:
             raise ValueError(f"part_size must be between {uploads.MIN_PART_SIZE} and {uploads.MAX_PART_SIZE} bytes")
+        problem = self.bucket_names.prefix_problem(settings.s3_user_bucket_prefix)
+        if problem is not None:  # refused here, by `config check` too, not at a user's first bucket
+            raise ConfigurationError([f"S3_USER_BUCKET_PREFIX: {problem}"])
         self.settings = settings
         self.region = settings.aws_region
         self.part_size = part_size
         self.propagation_seconds = propagation_seconds
         self._class_cache: dict[str, str] = {}
+        self._kms_default: dict[str, bool] = {}  # bucket -> encrypted with KMS by default
         self._cache_lock = threading.Lock()
         if client is None:
             client = make_clients(
@@ -209,7 +217,7 @@ class S3Storage(StorageBackend):
         if self.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         for _ in range(CREATE_ATTEMPTS):
-            name = bucket_name(self.settings.s3_user_bucket_prefix, owner.id)
+            name = self.bucket_names.new_name(self.settings.s3_user_bucket_prefix, owner.id)
             try:
                 self._client.create_bucket(Bucket=name, **kwargs)
             except ClientError as exc:
@@ -410,9 +418,9 @@ class S3Storage(StorageBackend):
         )
 
     def list_buckets(self, owner: UserRef) -> list[BucketInfo]:
-        # Names embed the owner (see cmbcluster.naming.bucket_name): filter by name first, then
-        # trust only the owner tag.
-        name_prefix = f"{self.settings.s3_user_bucket_prefix.rstrip('-')}-{short_id(owner.id)}-"
+        # Names embed the owner (BucketNameRules.new_name): filter by name first, then trust only
+        # the owner tag.
+        name_prefix = owner_name_prefix(self.settings.s3_user_bucket_prefix, owner.id)
         owner_tag = encode_tag_value(owner.id)
         infos: list[BucketInfo] = []
         for entry in self._listed_buckets(name_prefix):
@@ -475,7 +483,11 @@ class S3Storage(StorageBackend):
         """A static PersistentVolume and its claim: Mountpoint for S3 has no inline volumes.
 
         The claim carries no namespace: the compute backend creates it in the environment's
-        namespace and sets ``spec.claimRef.namespace`` of the volume to the same.
+        namespace and sets ``spec.claimRef.namespace`` of the volume to the same. With
+        ``S3_MOUNT_CREDENTIALS=pod`` (the default) and the user's IRSA role as
+        ``request.identity``, the volume has ``authenticationSource: pod`` and ``stsRegion``: the
+        driver mounts the bucket with the pod's ServiceAccount, the user's role (which reaches their
+        buckets only), so its own role needs no access to users' buckets.
         """
         self._check_bucket_name(request.bucket)
         subpath = request.subpath.strip("/")
@@ -515,7 +527,7 @@ class S3Storage(StorageBackend):
                 "csi": {
                     "driver": CSI_DRIVER,
                     "volumeHandle": f"{request.bucket}-{env}-{digest}",
-                    "volumeAttributes": {"bucketName": request.bucket},
+                    "volumeAttributes": {"bucketName": request.bucket, **self._mount_credentials(request)},
                 },
             },
         }
@@ -569,6 +581,8 @@ class S3Storage(StorageBackend):
             kwargs["ContinuationToken"] = page_token
         with aws_errors(f"bucket {bucket}"):
             page = self._client.list_objects_v2(**kwargs)
+        # A listing does not say how an object is encrypted: the bucket's default says.
+        encryption = "aws:kms" if self._encrypts_with_kms(bucket) else None
         objects = [
             ObjectInfo(
                 key=obj["Key"],
@@ -576,8 +590,7 @@ class S3Storage(StorageBackend):
                 last_modified=obj["LastModified"],
                 etag=_strip_etag(obj.get("ETag")),
                 content_type=_guess_type(obj["Key"]),
-                # A listing does not say how an object is encrypted: the buckets' default says.
-                md5=_etag_md5(_strip_etag(obj.get("ETag")), "aws:kms" if self.settings.s3_kms_key_id else None),
+                md5=_etag_md5(_strip_etag(obj.get("ETag")), encryption),
             )
             for obj in page.get("Contents", [])
         ]
@@ -682,10 +695,23 @@ class S3Storage(StorageBackend):
         self._client.close()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _mount_credentials(self, request: MountRequest) -> dict[str, str]:
+        """The volume attributes that make Mountpoint use the pod's credentials (the user's IRSA role)."""
+        if self.settings.s3_mount_credentials != "pod":
+            return {}
+        identity = request.identity
+        if identity is None or not identity.service_account or ROLE_ANNOTATION not in identity.annotations:
+            log.warning(
+                "environment %s mounts S3 bucket %s with the CSI driver's credentials: the user has no IRSA role",
+                request.environment_id, request.bucket,
+            )  # fmt: skip
+            return {}
+        return {"authenticationSource": "pod", "stsRegion": self.region}
+
     @staticmethod
     def _check_bucket_name(bucket: str) -> None:
         """Names S3 cannot hold do not exist (and must not reach botocore as a path)."""
-        if not _S3_BUCKET_NAME.match(bucket or ""):
+        if not isinstance(bucket, str) or S3_BUCKET_NAMES.problem(bucket) is not None:
             raise NotFound(f"bucket {bucket} not found")
 
     def _upload_class(self, bucket: str) -> str:
@@ -707,6 +733,40 @@ class S3Storage(StorageBackend):
     def _forget_class(self, bucket: str) -> None:
         with self._cache_lock:
             self._class_cache.pop(bucket, None)
+            self._kms_default.pop(bucket, None)
+
+    def _encrypts_with_kms(self, bucket: str) -> bool:
+        """Whether the bucket encrypts new objects with KMS by default (their ETags are then no
+        MD5s), as GetBucketEncryption says: whoever configured it, S3_KMS_KEY_ID or not (a bucket
+        set up outside CMBCluster, one migrated from). Asked once per bucket. When S3 cannot say,
+        the answer is yes, so that no listed ETag is taken for an MD5 (a migration reads such
+        objects back): for good when reading it is not permitted (the database bucket's policy
+        allows no more than listing), until the next listing when S3 failed."""
+        with self._cache_lock:
+            known = self._kms_default.get(bucket)
+        if known is not None:
+            return known
+        try:
+            rules = self._client.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+            defaults = [rule.get("ApplyServerSideEncryptionByDefault", {}) for rule in rules]
+            kms = any(str(default.get("SSEAlgorithm", "")).startswith("aws:kms") for default in defaults)
+        except (ClientError, BotoCoreError) as exc:
+            code = error_code(exc) if isinstance(exc, ClientError) else ""
+            if code == "ServerSideEncryptionConfigurationNotFoundError":
+                kms = False  # no default encryption
+            elif code in ("AccessDenied", "AllAccessDisabled"):
+                log.info("not permitted to read the default encryption of bucket %s: its listed ETags are not "
+                         "taken for MD5s", bucket)  # fmt: skip
+                kms = True
+            else:
+                log.warning("could not read the default encryption of bucket %s (%s): its listed ETags are not "
+                            "taken for MD5s this time", bucket, exc)  # fmt: skip
+                return True
+        with self._cache_lock:
+            if len(self._kms_default) >= 10_000:
+                self._kms_default.clear()
+            self._kms_default[bucket] = kms
+        return kms
 
 
 def bucket_policy(bucket: str, principal: str) -> dict[str, Any]:

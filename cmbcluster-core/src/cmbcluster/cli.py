@@ -100,21 +100,37 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List installed plugins, the hooks each implements, and load errors."""
+    from cmbcluster.errors import PluginError
+    from cmbcluster.plugins import PluginsFailed
+
     settings = load_core_settings()
-    manager = PluginManager.from_settings(settings).load()
+    manager = PluginManager.from_settings(settings)
+    conflict: PluginError | None = None
+    try:
+        manager.load()
+    except PluginsFailed:
+        raise  # strict mode: nothing is listed, as nothing would start
+    except PluginError as exc:  # two plugins registering one name: list them all, then say so
+        conflict = exc
     infos = manager.plugins()
     if as_json:
         print_json(json.dumps([info.as_dict() for info in infos]))
-        return
-    from rich.table import Table
+    else:
+        from rich.table import Table
 
-    table = Table(title="CMBCluster plugins")
-    for column in ("name", "distribution", "version", "hooks", "status"):
-        table.add_column(column)
-    for info in infos:
-        status = "[green]loaded[/green]" if info.loaded else f"[red]{info.error}[/red]"
-        table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-", status)
-    out(table)
+        table = Table(title="CMBCluster plugins")
+        for column in ("name", "distribution", "version"):
+            table.add_column(column, overflow="fold")
+        # hook names are what an author greps for: whole, one a line; the other columns wrap instead
+        longest = max((len(hook) for info in infos for hook in info.hooks), default=0)
+        table.add_column("hooks", no_wrap=True, min_width=longest)
+        table.add_column("status", overflow="fold")
+        for info in infos:
+            status = "[green]loaded[/green]" if info.loaded else f"[red]{info.error}[/red]"
+            table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-", status)
+        out(table)
+    if conflict is not None:
+        raise conflict
 
 
 @config_app.command("check")
@@ -131,9 +147,11 @@ def config_check(
     Every active provider is also built by its factory, as at start-up, without network calls. Where
     a factory fails for want of what only the server's machine has (cloud credentials, a kubeconfig)
     that is a warning, since this may run on another machine before `cmbcluster deploy`; with
-    --connect it is an error, and each service is reached besides.
+    --connect it is an error, and each service is reached besides. A plugin's own mistake (a factory
+    answering with something else than its interface, a settings model it does not declare, a missing
+    dependency) is an error wherever this runs, naming the plugin and the registration.
     """
-    from cmbcluster.context import build_providers
+    from cmbcluster.context import ProviderBuildError, bucket_name_problems, build_providers
     from cmbcluster.errors import ConfigurationError
 
     config = resolve_config()
@@ -141,14 +159,19 @@ def config_check(
         err(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     try:
         providers = build_providers(config)  # the same factories, and their checks, that serve runs
-    except ConfigurationError as exc:
-        if connect:
-            raise
-        for problem in exc.problems:
+    except ProviderBuildError as exc:
+        if connect or exc.faults:
+            for problem in exc.unmet if not connect else ():
+                err(f"[yellow]warning:[/yellow] serve would refuse on this machine: {problem}", soft_wrap=True)
+            raise ConfigurationError(exc.faults if not connect else exc.problems) from None
+        for problem in exc.unmet:
             err(f"[yellow]warning:[/yellow] serve would refuse on this machine: {problem}", soft_wrap=True)
         providers = None
     unreachable = []
     try:
+        problems = bucket_name_problems(config, providers.storage) if providers else []
+        if problems:  # wrong on every machine: an error, as serve's
+            raise ConfigurationError(problems)
         for concern, name, provider in providers.active if connect and providers else ():
             try:
                 provider.check_ready()

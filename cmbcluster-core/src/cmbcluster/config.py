@@ -19,9 +19,9 @@ from pydantic_settings import BaseSettings
 
 from cmbcluster.db.engine import sqlite_location_problems
 from cmbcluster.errors import ConfigurationError, PluginError
-from cmbcluster.plugins import CONCERNS, Concern, PluginManager
-from cmbcluster.registrations import Registration, ResolvedConfig
-from cmbcluster.settings import CoreSettings, env_var_name
+from cmbcluster.plugins import CONCERNS, PluginManager, PluginsFailed
+from cmbcluster.registrations import Concern, Registration, ResolvedConfig
+from cmbcluster.settings import CoreSettings, env_var_name, env_var_names
 
 R = TypeVar("R", bound=Registration[Any])
 
@@ -63,6 +63,8 @@ def resolve(
     try:
         pm = (plugins or PluginManager.from_settings(core)).load()
         pm.check_conflicts()  # also when the manager was loaded (and its conflict raised) before
+    except PluginsFailed as exc:
+        raise ConfigurationError(exc.failures) from None
     except PluginError as exc:
         raise ConfigurationError([str(exc)]) from None
     for info in pm.failed():
@@ -270,14 +272,9 @@ def _common_parent(a: str, b: str) -> str | None:
 def _unknown_variables(core: CoreSettings, pm: PluginManager) -> list[str]:
     """CMBCLUSTER_* variables no installed settings model reads: most often a misspelt name."""
     known: set[str] = set()
-    models: list[type[BaseSettings]] = [CoreSettings]
-    for concern in ("storage", "auth", "infra", "compute"):
-        models += [r.settings_model for r in pm.registrations(concern).values() if r.settings_model is not None]
+    models: list[type[BaseSettings]] = [CoreSettings, *pm.settings_models()]
     for model in models:
-        for field in model.model_fields.values():
-            alias = field.validation_alias
-            names = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
-            known.update(n.upper() for n in names if isinstance(n, str))
+        known |= env_var_names(model)[0]
     set_here = {name.upper() for name in os.environ} | set(_dotenv_names(core))
     unknown = sorted(n for n in set_here if n.startswith("CMBCLUSTER_") and n not in known | _NOT_SETTINGS)
     found = []

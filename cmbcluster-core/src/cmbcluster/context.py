@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.config import ResolvedConfig
 from cmbcluster.db import create_db_engine, session_factory
-from cmbcluster.errors import CmbclusterError, ConfigurationError
+from cmbcluster.errors import CmbclusterError, ConfigurationError, PluginError
 from cmbcluster.interfaces import AuthProvider, ComputeBackend, InfraProvider, StorageBackend
 from cmbcluster.observability import Metrics, UsageCollector
 from cmbcluster.registrations import Registration
@@ -143,34 +143,57 @@ class Providers:
                 _close_quietly(provider)
 
 
+class ProviderBuildError(ConfigurationError):
+    """Factories that refused, in two kinds. ``faults`` are the plugins' own mistakes, wrong on any
+    machine: an answer that is not the concern's interface (a forgotten ``return``), a settings
+    model the registration does not declare, a missing dependency, any exception that is not one of
+    core's errors. ``unmet`` is what this machine lacks, as the factory said with core's errors
+    (ConfigurationError, ProviderUnavailable...): credentials, a kubeconfig."""
+
+    def __init__(self, faults: list[str], unmet: list[str]) -> None:
+        super().__init__([*faults, *unmet])
+        self.faults, self.unmet = faults, unmet
+
+
 def build_providers(config: ResolvedConfig) -> Providers:
     """Call every selected registration's factory, as ``serve`` does and ``config check`` repeats: a
     factory's own checks (no network calls: factories are cheap) refuse a configuration before
-    anything starts. ConfigurationError lists every factory that refused; those built are closed."""
+    anything starts, and each answer is checked against its concern's interface. ProviderBuildError
+    lists every factory that refused, naming its plugin; those built are closed."""
     built: dict[int, Any] = {}
-    problems: list[str] = []
+    faults: list[str] = []
+    unmet: list[str] = []
     registrations: list[Registration[Any]] = [config.storage, config.compute, config.infra, *config.auth]
     for index, registration in enumerate(registrations):
         try:
-            built[index] = registration.factory(config.context_for(registration))
+            built[index] = config.create(registration)
+        except PluginError as exc:  # named already
+            faults.append(str(exc))
         except ConfigurationError as exc:
-            problems.extend(exc.problems)
+            unmet.extend(exc.problems)
         except CmbclusterError as exc:
-            problems.append(f"{registration.kind} {registration.name!r} could not be created: {exc}")
+            unmet.append(f"{config.describe(registration)} could not be created: {exc}")
         except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything: one line each
-            problems.append(
-                f"{registration.kind} {registration.name!r} could not be created: {type(exc).__name__}: {exc}"
-            )
-    if problems:
+            faults.append(f"{config.describe(registration)} could not be created: {type(exc).__name__}: {exc}")
+    if faults or unmet:
         for provider in built.values():
             _close_quietly(provider)
-        raise ConfigurationError(list(dict.fromkeys(problems)))
+        raise ProviderBuildError(list(dict.fromkeys(faults)), list(dict.fromkeys(unmet)))
     concerns = ["storage", "compute", "infra", *(["auth"] * len(config.auth))]
     return Providers(
         storage=built[0], compute=built[1], infra=built[2],
         auth={registration.name: built[3 + i] for i, registration in enumerate(config.auth)},
         active=tuple((c, r.name, built[i]) for i, (c, r) in enumerate(zip(concerns, registrations, strict=True))),
     )  # fmt: skip
+
+
+def bucket_name_problems(config: ResolvedConfig, storage: StorageBackend) -> list[str]:
+    """The configured bucket names the active storage's service would refuse (under its
+    ``bucket_names``): the database bucket's. ``serve`` refuses to start on them and ``config
+    check`` lists them, rather than the first backup failing."""
+    bucket = config.core.database_bucket
+    problem = storage.bucket_names.problem(bucket) if bucket else None
+    return [f"CMBCLUSTER_DATABASE_BUCKET: {problem}"] if problem else []
 
 
 def _close_quietly(provider: Any) -> None:
@@ -192,6 +215,10 @@ def build_context(config: ResolvedConfig) -> AppContext:
     """Create the database engine and every active provider (no network calls: factories are cheap)."""
     _private_folder(config.core.data_dir)
     providers = build_providers(config)
+    problems = bucket_name_problems(config, providers.storage)
+    if problems:
+        providers.close()
+        raise ConfigurationError(problems)
     engine = create_db_engine(config.core.effective_database_url)
     metrics = Metrics()
     metrics.plugins_failed.set(len(config.plugins.failed()))

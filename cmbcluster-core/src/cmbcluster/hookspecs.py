@@ -87,23 +87,27 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     """Contribute Helm values for ``cmbcluster deploy`` (the chart in ``helm/cmbcluster``).
 
     Called on every plugin with the validated configuration; return a (nested) dict of values,
-    or ``None`` when the deployment is not yours (check ``config.core.cloud_provider`` or the
-    selected providers). Results are deep-merged over core's values in plugin-name order
-    (``tryfirst``/``trylast`` as for pod decoration); the operator's ``--values`` files win
-    over all of them. Never put secrets here: they belong under ``secretConfig``.
+    or ``None`` when the deployment is not yours: ask ``config.serves("azure", "storage")`` (or
+    ``"infra"``), not whether ``config.settings(...)`` is None, since one settings model is active as
+    soon as any of a plugin's concerns is, its sign-in alone included. Results are deep-merged over
+    core's values in plugin-name order (``tryfirst``/``trylast`` as for pod decoration); the
+    operator's ``--values`` files win over all of them. Never put secrets here: they belong under
+    ``secretConfig``.
 
     Example::
 
         @hookimpl
         def cmbcluster_deploy_values(config):
-            settings = config.settings(AzureSettings)
-            if settings is None:  # azure is not active in this deployment
+            storage, infra = config.serves("azure", "storage"), config.serves("azure", "infra")
+            if not (storage or infra):  # azure's sign-in alone, or no azure: nothing for the chart
                 return None
-            return {
-                "global": {"cloudProvider": "azure"},
-                "serviceAccount": {"annotations": {"azure.workload.identity/client-id": settings.client_id}},
-                "storage": {"driver": "blob-csi"},
-            }
+            settings = config.require_settings(AzureSettings)
+            values = {}
+            if infra:
+                values["serviceAccount"] = {"annotations": {"azure.workload.identity/client-id": settings.client_id}}
+            if storage:
+                values["storage"] = {"driver": "blob-csi"}
+            return values
     """
 
 
@@ -139,7 +143,9 @@ def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> Man
     ``source`` into ``target`` (typically when ``target.backend`` is your storage backend and the
     service reads ``source.backend``), else ``None``: core then streams the bucket itself. Core
     verifies the result from both listings (sizes and MD5s) and switches only a bucket whose
-    every object matches; what the service reports is not trusted.
+    every object matches; what the service reports is not trusted. For a job started once and
+    then polled, subclass :class:`cmbcluster.migration.managed.PolledTransfer` and write only your
+    service's calls (start, poll, cleanup).
 
     Example::
 
@@ -147,5 +153,5 @@ def cmbcluster_managed_transfer(source: TransferEnd, target: TransferEnd) -> Man
         def cmbcluster_managed_transfer(source, target):
             if target.backend != "azure" or source.backend != "aws":
                 return None
-            return AzCopyJob(source, target)  # a ManagedTransfer whose run() waits for the job
+            return AzureCopyJob(source, target)  # a PolledTransfer (cmbcluster.migration.managed)
     """

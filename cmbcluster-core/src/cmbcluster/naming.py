@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 
 from cmbcluster.errors import InvalidRequest
+from cmbcluster.text import describe_character, first_bidi_control
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
-_BUCKET_PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,29}$")
 #: A deployment's name (CMBCLUSTER_DEPLOYMENT_NAME): in every cloud name a plugin builds (IAM paths,
 #: roles, service accounts, bucket prefixes), so at most 17 characters: every such name then fits
 #: AWS's and Google's limits (a Google service account id has 30 characters at most).
@@ -60,21 +61,80 @@ def short_id(user_id: str, length: int = 10) -> str:
     return cleaned[:length]
 
 
-def bucket_name(prefix: str, user_id: str, *, max_length: int = 63) -> str:
-    """A new, globally unique bucket name for a user: ``<prefix>-<user>-<random>``.
+@dataclass(frozen=True, kw_only=True)
+class BucketNameRules:
+    """The bucket names a storage service accepts, and how CMBCluster makes new ones with them.
 
-    Valid for S3 and GCS alike (3-63 characters, lower-case letters, digits and '-', starts
-    and ends alphanumeric). The random suffix keeps names unique across deployments that
-    share a prefix and across a user's buckets.
+    A storage backend declares its service's rules (``StorageBackend.bucket_names``); every new
+    bucket name is made through them (:meth:`new_name`) and every configured one is checked against
+    them (:meth:`problem`: the database bucket), so a service with stricter rules than S3's (Azure
+    Blob containers refuse ``--``) gets names it accepts and clear errors for those it would refuse.
     """
-    if not _BUCKET_PREFIX.match(prefix):
-        raise InvalidRequest(
-            f"bucket prefix {prefix!r} must be 1-30 lower-case letters, digits or '-', starting alphanumeric"
-        )
-    name = f"{prefix.rstrip('-')}-{short_id(user_id)}-{secrets.token_hex(4)}"
-    if len(name) > max_length:
-        raise InvalidRequest(f"bucket name {name!r} is longer than {max_length} characters")
-    return name
+
+    #: A regular expression every whole name matches (:func:`re.fullmatch`), lengths apart.
+    pattern: str
+    #: The rules in words, for error messages: "3-63 lower-case letters, digits and '-', ...".
+    description: str
+    min_length: int = 3
+    max_length: int = 63
+
+    def problem(self, name: str) -> str | None:
+        """Why the service would refuse ``name``; None when it accepts it."""
+        if self.min_length <= len(name) <= self.max_length and re.fullmatch(self.pattern, name):
+            return None
+        return f"{name!r} is not a valid bucket name: {self.description}"
+
+    def check(self, name: str) -> str:
+        """``name``, or InvalidRequest saying why the service would refuse it."""
+        problem = self.problem(name)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        return name
+
+    def prefix_problem(self, prefix: str) -> str | None:
+        """Why the names :meth:`new_name` makes with ``prefix`` would be refused; None when they are valid.
+
+        A name is ``<prefix>-<user>-<random>`` with 1-10 and 8 lower-case letters or digits in the
+        last two parts: the shortest and the longest such names are checked.
+        """
+        for user, suffix in (("0", "0" * _SUFFIX_CHARS), ("z" * _USER_CHARS, "f" * _SUFFIX_CHARS)):
+            if self.problem(_join(prefix, user, suffix)) is not None:
+                return f"bucket prefix {prefix!r} makes bucket names the storage service refuses: {self.description}"
+        return None
+
+    def new_name(self, prefix: str, user_id: str) -> str:
+        """A new bucket name for a user, ``<prefix>-<user>-<random>``, valid under these rules.
+
+        The random part keeps names unique across deployments that share a prefix and across a
+        user's buckets (a backend tries another on the rare collision); the user part is a short
+        form of the opaque id, never an e-mail address. InvalidRequest when ``prefix`` cannot make
+        valid names (:meth:`prefix_problem`).
+        """
+        problem = self.prefix_problem(prefix)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        return self.check(owner_name_prefix(prefix, user_id) + secrets.token_hex(_SUFFIX_CHARS // 2))
+
+
+_USER_CHARS = 10
+_SUFFIX_CHARS = 8
+
+
+def _join(prefix: str, user: str, suffix: str) -> str:
+    return f"{prefix.rstrip('-')}-{user}-{suffix}"
+
+
+def owner_name_prefix(prefix: str, user_id: str) -> str:
+    """How every name :meth:`BucketNameRules.new_name` makes for ``user_id`` with ``prefix`` starts
+    (a backend listing a user's buckets filters by it before it trusts their tags or labels)."""
+    return _join(prefix, short_id(user_id, _USER_CHARS), "")
+
+
+#: What S3 and Cloud Storage both accept: the default of ``StorageBackend.bucket_names``.
+DEFAULT_BUCKET_NAMES = BucketNameRules(
+    pattern=r"[a-z0-9][a-z0-9-]*[a-z0-9]",
+    description="3-63 lower-case letters, digits and '-', starting and ending with a letter or digit",
+)
 
 
 MAX_OBJECT_KEY_BYTES = 1024
@@ -108,6 +168,40 @@ def validate_object_key(key: str) -> str:
             f"each file or folder name in an object key may be at most {MAX_KEY_SEGMENT_BYTES} bytes "
             "(it becomes a file name in the mounted bucket)"
         )
+    return key
+
+
+#: The start of a file or folder name reserved for the product's own temporary objects (none is
+#: written in a bucket today: the local backend keeps uploads in progress outside its buckets, S3
+#: and GCS assemble theirs server-side), so a user's file can never pass for one, nor be one.
+RESERVED_KEY_PREFIX = ".cmbcluster-tmp-"
+
+
+def validate_new_object_key(key: str) -> str:
+    """A key a new object may be written at through the API (upload, move, rename): the rules of
+    :func:`validate_object_key`, and no name that would be shown as another one in a listing: no
+    bidirectional control (``invoice\u202efdp.exe`` shows as ``invoiceexe.pdf``), no file or folder
+    name ending with whitespace or starting with :data:`RESERVED_KEY_PREFIX`.
+
+    Reading, moving away and deleting use :func:`validate_object_key` alone: a file an environment
+    wrote into its mounted bucket under such a name stays reachable."""
+    validate_object_key(key)
+    bad = first_bidi_control(key)
+    if bad is not None:
+        raise InvalidRequest(
+            f"object key must not contain {describe_character(bad)}: a bidirectional control changes how "
+            "the name is shown, so it could pass for another file"
+        )
+    for part in key.split("/"):
+        if part.startswith(RESERVED_KEY_PREFIX):
+            raise InvalidRequest(
+                f"a file or folder name starting with {RESERVED_KEY_PREFIX!r} is reserved for CMBCluster"
+            )
+        if part != part.rstrip():
+            raise InvalidRequest(
+                f"a file or folder name in an object key must not end with a space ({part!r} ends with a space): "
+                "it would look like the name without it"
+            )
     return key
 
 

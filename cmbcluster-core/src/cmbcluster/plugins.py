@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib.metadata import entry_points
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
+from pydantic_settings import BaseSettings
 
 from cmbcluster import PLUGIN_API_VERSION, __version__, hookspecs
 from cmbcluster.errors import CmbclusterError, PluginError
@@ -30,6 +31,7 @@ from cmbcluster.interfaces import ManagedTransfer, PodContext, PodDraft, Transfe
 from cmbcluster.registrations import (
     AuthProviderRegistration,
     ComputeBackendRegistration,
+    Concern,
     InfraProviderRegistration,
     PluginInfo,
     Registration,
@@ -47,7 +49,6 @@ BUILTIN_PLUGINS = {
 }
 
 R = TypeVar("R", bound=Registration[Any])
-Concern = Literal["storage", "auth", "infra", "compute"]
 
 #: Each concern: its hook and its registration type.
 CONCERNS: dict[Concern, tuple[str, type[Registration[Any]]]] = {
@@ -56,6 +57,17 @@ CONCERNS: dict[Concern, tuple[str, type[Registration[Any]]]] = {
     "infra": ("cmbcluster_infra_providers", InfraProviderRegistration),
     "compute": ("cmbcluster_compute_backends", ComputeBackendRegistration),
 }
+
+
+_STRICT = "; strict mode (CMBCLUSTER_PLUGINS_STRICT=1) makes this fatal"
+
+
+class PluginsFailed(PluginError):
+    """Strict mode: plugins that failed to load, every one of them (``failures``, one line each)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__("\n".join(failures))
+        self.failures = failures
 
 
 class PluginManager:
@@ -78,6 +90,8 @@ class PluginManager:
         self._infos: dict[str, PluginInfo] = {}
         #: Each loaded plugin's registrations, by concern: collected once, when it loads.
         self._registered: dict[str, dict[Concern, list[Registration[Any]]]] = {}
+        #: The plugin each registration came from, by the registration's id (kept alive by _registered).
+        self._owners: dict[int, str] = {}
         self._loaded = False
 
     @classmethod
@@ -89,37 +103,40 @@ class PluginManager:
         if self._loaded:
             return self
         self._loaded = True
+        failures: list[str] = []
         for name, module in BUILTIN_PLUGINS.items():
-            self._load_one(
+            failures += self._load_one(
                 name, functools.partial(importlib.import_module, module), "cmbcluster-core", __version__, module, True
             )
         if self.entry_points_enabled:
             for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
                 dist = ep.dist.name if ep.dist else "unknown"
                 version = ep.dist.version if ep.dist else "unknown"
-                self._load_one(ep.name, ep.load, dist, version, ep.value, False)
+                failures += self._load_one(ep.name, ep.load, dist, version, ep.value, False)
+        if failures:  # strict mode: every plugin's failure at once, not the first one
+            raise PluginsFailed(failures)
         self._pm.check_pending()
         self.check_conflicts()
         return self
 
     def _load_one(
         self, name: str, load: Callable[[], Any], dist: str, version: str, module: str, builtin: bool
-    ) -> None:
+    ) -> list[str]:
+        """Load one plugin, recording any failure on its PluginInfo; in strict mode, the failure's
+        message (for the caller to raise, once every plugin was tried)."""
         info = PluginInfo(name=name, distribution=dist, version=version, module=module, builtin=builtin)
         previous = self._infos.get(name)
         if previous is not None:
             info.error = f"plugin name {name!r} is already used by {previous.distribution} {previous.version}"
             self._infos[f"{name} ({dist})"] = info
-            if self.strict:
-                raise PluginError(info.error)
-            return
+            return [f"plugin {name!r} from {dist} {version}: {info.error}{_STRICT}"] if self.strict else []
         self._infos[name] = info
         if name in self.block:
             info.error = "blocked by CMBCLUSTER_PLUGINS_BLOCK"
-            return
+            return []
         if self.allow is not None and not builtin and name not in self.allow:
             info.error = "not in CMBCLUSTER_PLUGINS_ALLOW"
-            return
+            return []
         plugin: object = None
         try:
             plugin = load()
@@ -131,16 +148,15 @@ class PluginManager:
             if unknown:  # most often a misspelt hook name, which would otherwise never be called
                 raise PluginError(f"implements unknown hook {', '.join(unknown)}: see docs/plugins/hooks.md")
             self._registered[name] = self._collect(name)
-        except Exception as exc:  # a broken plugin must not take the control plane down
+            self._owners.update((id(reg), name) for regs in self._registered[name].values() for reg in regs)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the control plane down
             if plugin is not None and self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)  # none of its hooks runs: it is not half-used
             info.error = _describe(exc)
             log.warning("plugin %s (%s %s) failed to load: %s", name, dist, version, info.error)
             if self.strict:
-                raise PluginError(
-                    f"plugin {name!r} from {dist} {version} failed to load ({info.error}); "
-                    "strict mode (CMBCLUSTER_PLUGINS_STRICT=1) makes this fatal"
-                ) from exc
+                return [f"plugin {name!r} from {dist} {version} failed to load ({info.error}){_STRICT}"]
+        return []
 
     def _collect(self, plugin_name: str) -> dict[Concern, list[Registration[Any]]]:
         """Call the plugin's registration hooks, once each; raise on any answer that is not valid."""
@@ -167,7 +183,9 @@ class PluginManager:
     def register(self, plugin: object, name: str, *, distribution: str = "(in-process)", version: str = "") -> None:
         """Register an in-process plugin (tests, embedding applications)."""
         self.load()
-        self._load_one(name, lambda: plugin, distribution, version, repr(plugin), False)
+        failures = self._load_one(name, lambda: plugin, distribution, version, repr(plugin), False)
+        if failures:
+            raise PluginsFailed(failures)
         self._pm.check_pending()
         self.check_conflicts()
 
@@ -179,12 +197,20 @@ class PluginManager:
     def failed(self) -> list[PluginInfo]:
         return [info for info in self.plugins() if info.error is not None]
 
-    def _call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation of a hook ourselves, so results are attributed to plugins
-        and the order is ours (tryfirst, then by plugin name, then trylast) not pluggy's LIFO."""
+    def owner(self, registration: Registration[Any]) -> PluginInfo | None:
+        """The plugin that registered ``registration`` (None for one it did not collect)."""
+        name = self._owners.get(id(registration))
+        return self._infos.get(name) if name is not None else None
+
+    def _call_each(
+        self, hook_name: str, *, only: Collection[str] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook (of the plugins named ``only``, when given) ourselves,
+        so results are attributed to plugins and the order is ours (tryfirst, then by plugin name,
+        then trylast) not pluggy's LIFO."""
         caller = getattr(self._pm.hook, hook_name)
         impls = sorted(
-            caller.get_hookimpls(),
+            (i for i in caller.get_hookimpls() if only is None or i.plugin_name in only),
             key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, i.plugin_name),
         )
         results = []
@@ -237,6 +263,10 @@ class PluginManager:
             for reg in by_concern.get(concern, [])
         ]
 
+    def settings_models(self) -> list[type[BaseSettings]]:
+        """The settings model of every loaded plugin's registrations, once each, by plugin name."""
+        return list(dict.fromkeys(r.settings_model for _, _, r in self.registered() if r.settings_model is not None))
+
     def check_conflicts(self) -> None:
         for concern in CONCERNS:
             self.registrations(concern)
@@ -278,10 +308,11 @@ class PluginManager:
     def compute_backend(self, name: str) -> ComputeBackendRegistration:
         return cast(ComputeBackendRegistration, self.select("compute", name))
 
-    def decorate_pod(self, draft: PodDraft, context: PodContext) -> None:
-        """Run every ``cmbcluster_decorate_pod`` implementation in the documented order."""
+    def decorate_pod(self, draft: PodDraft, context: PodContext, *, plugins: Collection[str] | None = None) -> None:
+        """Run every ``cmbcluster_decorate_pod`` implementation in the documented order (only those
+        of ``plugins``, when given: a contract suite testing one plugin's)."""
         self.load()
-        self._call_each("cmbcluster_decorate_pod", draft=draft, context=context)
+        self._call_each("cmbcluster_decorate_pod", only=plugins, draft=draft, context=context)
 
     def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]:
         """Every plugin's ``cmbcluster_deploy_values`` answer, by plugin name, in the documented order."""

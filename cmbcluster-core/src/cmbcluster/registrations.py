@@ -21,11 +21,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pydantic_settings import BaseSettings
 
+from cmbcluster.errors import PluginError
 from cmbcluster.interfaces import (
     ActiveSettings,
     AuthProvider,
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from cmbcluster.settings import CoreSettings
 
 T = TypeVar("T")
+S = TypeVar("S")
+
+#: The concerns a registration serves (``ResolvedConfig.serves(name, concern)``).
+Concern = Literal["storage", "auth", "infra", "compute"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
@@ -78,12 +83,28 @@ class ProviderContext(ActiveSettings):
             return self.active_settings
         return {**self.active_settings, type(self.provider_settings): self.provider_settings}
 
+    def require_settings(self, model: type[S]) -> S:
+        """The validated settings of ``model``. A model that is neither the registration's
+        ``settings_model`` nor any other active provider's was never read or validated: that is
+        the plugin's mistake (PluginError, which ``config check`` reports as one), not the machine's."""
+        found = self.settings(model)
+        if found is None:
+            declared = type(self.provider_settings).__name__ if self.provider_settings is not None else "none"
+            raise PluginError(
+                f"its factory asks for the settings model {model.__name__}, which its registration does not declare "
+                f"(settings_model: {declared}) and no active provider uses: declare it as the registration's "
+                "settings_model, which core validates and hands to the factory"
+            )
+        return found
+
 
 @dataclass(frozen=True, kw_only=True)
 class Registration(Generic[T]):
     """Common shape of every registration. Use the concern's subclass, not this one."""
 
     kind: ClassVar[str] = ""
+    #: What the factory must return (core checks it when it builds the provider).
+    interface: ClassVar[type[Any]] = object
 
     name: str
     factory: Callable[[ProviderContext], T]
@@ -100,6 +121,15 @@ class Registration(Generic[T]):
             raise ValueError(
                 f"invalid {self.kind} name {self.name!r}: use lower-case letters, digits, '-' or '_' (max 40)"
             )
+        if not callable(self.factory):
+            raise ValueError(f"{self.kind} {self.name!r}: factory must be a callable taking a ProviderContext")
+        declared = self.settings_model
+        if declared is not None and not (isinstance(declared, type) and issubclass(declared, BaseSettings)):
+            # a plain pydantic BaseModel reads no environment variable: every field would keep its default
+            raise ValueError(
+                f"{self.kind} {self.name!r}: settings_model {getattr(declared, '__name__', repr(declared))} is not a "
+                "pydantic_settings.BaseSettings subclass (a plain pydantic BaseModel reads no environment variables)"
+            )
         if isinstance(self.requires, str):  # type: ignore[unreachable]  # a common slip: requires="field"
             raise ValueError(f"{self.kind} {self.name!r}: requires must be a tuple of field names, not a string")
         fields = self.settings_model.model_fields if self.settings_model is not None else {}
@@ -108,12 +138,29 @@ class Registration(Generic[T]):
             model = self.settings_model.__name__ if self.settings_model is not None else "no settings model"
             raise ValueError(f"{self.kind} {self.name!r} requires {', '.join(unknown)}, not fields of {model}")
 
+    def create(self, ctx: ProviderContext) -> T:
+        """Call the factory; PluginError when it answers with something other than the concern's
+        interface (a factory that forgets ``return`` answers None)."""
+        return cast(T, _checked(self.factory(ctx), self.interface, "its factory"))
+
+
+def _checked(result: object, interface: type[Any], what: str) -> Any:
+    """``result`` when it is an ``interface`` (an abstract class: a TypeVar cannot say so to mypy)."""
+    if isinstance(result, interface):
+        return result
+    hint = " (does it forget to `return`?)" if result is None else ""
+    raise PluginError(
+        f"{what} returned {type(result).__name__}, not a {interface.__module__.rsplit('.', 1)[0]}."
+        f"{interface.__qualname__}{hint}"
+    )
+
 
 @dataclass(frozen=True, kw_only=True)
 class StorageBackendRegistration(Registration[StorageBackend]):
     """A storage backend: buckets, objects and the volumes that mount them."""
 
     kind: ClassVar[str] = "storage backend"
+    interface: ClassVar[type[Any]] = StorageBackend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +168,7 @@ class AuthProviderRegistration(Registration[AuthProvider]):
     """An identity provider users sign in with."""
 
     kind: ClassVar[str] = "auth provider"
+    interface: ClassVar[type[Any]] = AuthProvider
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,8 +180,21 @@ class InfraProviderRegistration(Registration[InfraProvider]):
     """
 
     kind: ClassVar[str] = "infra provider"
+    interface: ClassVar[type[Any]] = InfraProvider
 
     provisioner: Callable[[ProviderContext], Provisioner] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.provisioner is not None and not callable(self.provisioner):
+            raise ValueError(f"{self.kind} {self.name!r}: provisioner must be a callable taking a ProviderContext")
+
+    def create_provisioner(self, ctx: ProviderContext) -> Provisioner:
+        """Call the ``provisioner`` factory (PluginError when it answers with something other than a
+        Provisioner, or when the registration has none)."""
+        if self.provisioner is None:
+            raise PluginError(f"{self.kind} {self.name!r} has no provisioner")
+        return cast(Provisioner, _checked(self.provisioner(ctx), Provisioner, "its provisioner factory"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +202,7 @@ class ComputeBackendRegistration(Registration[ComputeBackend]):
     """Where environments run: Kubernetes, or local processes for the embedded default."""
 
     kind: ClassVar[str] = "compute backend"
+    interface: ClassVar[type[Any]] = ComputeBackend
 
 
 # -- installed plugins and the validated configuration ---------------------------------------------
@@ -181,6 +243,8 @@ class InstalledPlugins(Protocol):
 
     def failed(self) -> list[PluginInfo]: ...
 
+    def owner(self, registration: Registration[Any]) -> PluginInfo | None: ...
+
     def decorate_pod(self, draft: PodDraft, context: PodContext) -> None: ...
 
     def deploy_values(self, config: ResolvedConfig) -> list[tuple[str, object]]: ...
@@ -212,6 +276,36 @@ class ResolvedConfig(ActiveSettings):
 
     def _active_settings(self) -> Mapping[type[Any], Any]:
         return self.provider_settings
+
+    def serves(self, provider: str, concern: Concern | None = None) -> bool:
+        """Whether the registration called ``provider`` is active for ``concern`` (``storage``,
+        ``auth``, ``infra`` or ``compute``), or for any concern when ``concern`` is None.
+
+        One settings model often serves all of a plugin's concerns, so ``settings(Model)`` is not
+        None as soon as any of them is active (its sign-in alone, say): a deploy hook that adds a
+        storage driver asks ``config.serves("azure", "storage")``."""
+        chosen: dict[str, list[Registration[Any]]] = {
+            "storage": [self.storage], "compute": [self.compute], "infra": [self.infra], "auth": list(self.auth),
+        }  # fmt: skip
+        concerns = [concern] if concern is not None else list(chosen)
+        if not set(concerns) <= set(chosen):
+            raise ValueError(f"unknown concern {concern!r}: one of {', '.join(chosen)}")
+        return any(registration.name == provider for c in concerns for registration in chosen[c])
+
+    def describe(self, registration: Registration[Any]) -> str:
+        """``storage backend 'azure' of plugin 'azure' (cmbcluster-azure 0.1.0)``: who to blame."""
+        info = self.plugins.owner(registration)
+        where = f" of plugin {info.name!r} ({info.distribution} {info.version})" if info is not None else ""
+        return f"{registration.kind} {registration.name!r}{where}"
+
+    def create(self, registration: Registration[T]) -> T:
+        """Build the provider of an active ``registration`` as ``serve`` does: its factory, with this
+        configuration's context, its answer checked against the concern's interface. A PluginError
+        names the plugin and the registration."""
+        try:
+            return registration.create(self.context_for(registration))
+        except PluginError as exc:
+            raise PluginError(f"{self.describe(registration)}: {exc}") from exc
 
     def notes(self) -> list[str]:
         """What the active settings say about themselves for `config check` (a settings model's optional

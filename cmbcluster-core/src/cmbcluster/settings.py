@@ -224,6 +224,11 @@ class CoreSettings(BaseSettings):
         default=None, validation_alias=_aliases("CMBCLUSTER_BUDGET_WEBHOOK_URL"),
         description="Receives budget events (80 % reached, used up, starts refused) as JSON POSTs.",
     )  # fmt: skip
+    metrics_token: SecretStr | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_METRICS_TOKEN"),
+        description="The bearer token Prometheus sends to scrape /metrics (32 characters or more). /metrics "
+        "names users and groups with their usage, so it answers only this token and administrators.",
+    )  # fmt: skip
     usage_sample_minutes: float = Field(
         default=60, gt=0, validation_alias=_aliases("CMBCLUSTER_USAGE_SAMPLE_MINUTES"),
         description="How often each bucket's stored bytes are measured for usage reports.",
@@ -266,7 +271,7 @@ class CoreSettings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "metrics_token")
     @classmethod
     def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -323,3 +328,22 @@ def env_var_name(model: type[BaseSettings], field_name: str) -> str:
             return field.alias
     prefix = str(model.model_config.get("env_prefix") or "")
     return f"{prefix}{field_name}".upper()
+
+
+def env_var_names(model: type[BaseSettings]) -> tuple[frozenset[str], str]:
+    """Every environment variable ``model`` reads, upper-case (each field's names and aliases, or its
+    name under the model's ``env_prefix``), and that prefix ("" when none): what a test strips to start
+    from a clean environment, and what ``config check`` knows as settings."""
+    prefix = str(model.model_config.get("env_prefix") or "").upper()
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice.upper() for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        elif field.alias:
+            names.add(field.alias.upper())
+        else:
+            names.add(f"{prefix}{field_name}".upper())
+    return frozenset(names), prefix

@@ -27,10 +27,11 @@ def control_plane_service_account(settings: GcpSettings) -> str:
 
 @hookimpl
 def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
+    # the chart's cloud identity and storage driver are the storage's and the infra's: gcp sign-in
+    # alone (its settings are active then too) adds nothing; core renders the settings themselves
     settings = config.settings(GcpSettings)
-    if settings is None:  # gcp is not active in this deployment
+    if settings is None or not (config.serves("gcp", "storage") or config.serves("gcp", "infra")):
         return None
-    core = config.core
     gcp: dict[str, Any] = {
         "projectId": settings.project_id,
         "region": settings.region,
@@ -42,6 +43,6 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     values: dict[str, Any] = {"global": {"gcp": gcp}}
     if settings.artifact_registry:
         gcp["artifactRegistry"] = settings.artifact_registry
-    if core.selected_storage == "gcp":
+    if config.serves("gcp", "storage"):
         values["storage"] = {"driver": STORAGE_DRIVER}
     return values

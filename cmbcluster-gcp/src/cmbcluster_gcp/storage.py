@@ -3,8 +3,8 @@
 Every bucket is private: uniform bucket-level access, public access prevention enforced, and
 access granted per user through bucket IAM (:meth:`GcsStorage.ensure_bucket_access`).
 Bucket metadata that the control plane needs back (owner, display name, storage class) lives
-in bucket labels (:mod:`cmbcluster_gcp.labels`). Objects up to 1 MiB go up in one request;
-larger ones through :mod:`cmbcluster_gcp.uploads`, in spooled pieces of a resumable upload.
+in bucket labels (:mod:`cmbcluster_gcp.labels`). Objects up to 8 MiB go up in one request,
+larger ones in spooled pieces of a resumable upload (:mod:`cmbcluster_gcp.uploads`).
 
 This module is imported only when the ``gcp`` storage backend is selected, so google-cloud-*
 stays out of the control plane's import path otherwise.
@@ -17,14 +17,17 @@ import binascii
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import mimetypes
 import queue
 import re
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import IO, Any
+from urllib.parse import quote
 
 import google.auth.exceptions as auth_exceptions
 from google.api_core.retry import Retry
@@ -54,7 +57,7 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, dns_label, validate_object_key
+from cmbcluster.naming import BucketNameRules, dns_label, validate_object_key
 from cmbcluster_gcp.errors import GCS, error_for_status, gcs_errors, translate_error
 from cmbcluster_gcp.labels import (
     LABEL_DEPLOYMENT,
@@ -69,15 +72,11 @@ from cmbcluster_gcp.labels import (
 from cmbcluster_gcp.lifecycle import lifecycle_rules
 from cmbcluster_gcp.rest import IAM_PROPAGATION_SECONDS, until_propagated
 from cmbcluster_gcp.settings import GcpSettings
-from cmbcluster_gcp.uploads import upload_in_pieces
+from cmbcluster_gcp.uploads import SINGLE_REQUEST_MAX, SPOOL_IN_MEMORY, upload_in_pieces, upload_whole
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: Objects up to this size go up in a single request, gathered in memory first; larger ones as a
-#: resumable upload (cmbcluster_gcp.uploads). Small, as every upload in progress holds it (a
-#: migration runs several): a few requests more for objects of a few MiB cost little.
-UPLOAD_CHUNK_SIZE = 1 * MiB
 #: Chunks a download reads ahead of its consumer (each the caller's ``chunk_size``).
 DOWNLOAD_READ_AHEAD = 4
 #: How long a stopped download waits for its reading thread (which ends at its next write).
@@ -111,9 +110,17 @@ _FROM_GCS_CLASS = {
     "DURABLE_REDUCED_AVAILABILITY": StorageClass.STANDARD,
 }
 
-# Bucket names as GCS allows them (dotted names may be up to 222 characters). Anything else
-# cannot exist, and must not reach a request path.
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+#: Cloud Storage's rules for bucket names (``GcsStorage.bucket_names``). A name outside them cannot
+#: exist, and must not reach a request path.
+GCS_BUCKET_NAMES = BucketNameRules(
+    pattern=r"(?!goog)(?!.*g[o0][o0]gle)(?!\d+\.\d+\.\d+\.\d+$)(?!.*[^.]{64})[a-z0-9][a-z0-9._-]*[a-z0-9]",
+    description=(
+        "3-63 lower-case letters, digits, '-' and '_' (up to 222 with '.' between parts of 63 at most), starting "
+        "and ending with a letter or digit, not an IP address, not starting with 'goog' nor containing 'google' "
+        "(Cloud Storage's rules)"
+    ),
+    max_length=222,
+)
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -126,6 +133,8 @@ class GcsStorage(StorageBackend):
     connection errors) before it raises :class:`~cmbcluster.errors.ProviderUnavailable`.
     """
 
+    bucket_names = GCS_BUCKET_NAMES
+
     def __init__(
         self,
         settings: GcpSettings,
@@ -133,6 +142,9 @@ class GcsStorage(StorageBackend):
         retry_timeout: float = 30.0,
         propagation_seconds: float = IAM_PROPAGATION_SECONDS,
     ) -> None:
+        problem = self.bucket_names.prefix_problem(settings.user_bucket_prefix)
+        if problem is not None:  # refused here, by `config check` too, not at a user's first bucket
+            raise ConfigurationError([f"GCS_USER_BUCKET_PREFIX: {problem}"])
         self.propagation_seconds = propagation_seconds
         self.settings = settings
         self._prefix = settings.user_bucket_prefix.rstrip("-") + "-"
@@ -174,7 +186,7 @@ class GcsStorage(StorageBackend):
 
         created = None
         for _attempt in range(CREATE_ATTEMPTS):
-            name = bucket_name(self.settings.user_bucket_prefix, owner.id)
+            name = self.bucket_names.new_name(self.settings.user_bucket_prefix, owner.id)
             bucket = self._client.bucket(name)
             self._configure(bucket, gcs_class, versioning, labels)
             try:
@@ -301,8 +313,7 @@ class GcsStorage(StorageBackend):
         return BucketUsage(size_bytes=size, object_count=count, noncurrent_bytes=old_size, noncurrent_count=old_count)
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
-        if not _BUCKET_NAME.match(request.bucket):
-            raise InvalidRequest(f"{request.bucket!r} is not a bucket name")
+        GCS_BUCKET_NAMES.check(request.bucket)
         if not request.mount_path.startswith("/") or ".." in request.mount_path.split("/"):
             raise InvalidRequest("the mount path must be absolute, without '..'")
         for label, value in (("uid", request.uid), ("gid", request.gid)):
@@ -447,33 +458,47 @@ class GcsStorage(StorageBackend):
         content_type = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
         blob = ref.blob(key)
 
-        # Up to one upload chunk is gathered first: an object that fits is sent in a single
-        # request, which creates it whole or not at all. A failing source raises from here with
-        # nothing sent.
+        # Up to SINGLE_REQUEST_MAX is gathered first (in a spool: memory holds 1 MiB of it at most):
+        # an object that fits is sent in a single request, which creates it whole or not at all. A
+        # failing source raises from here with nothing sent.
         source = iter(chunks)
-        head = bytearray()
-        for chunk in source:
-            head += chunk
-            if len(head) >= UPLOAD_CHUNK_SIZE:
-                break
-        else:
-            with gcs_errors(what):
-                blob.upload_from_string(bytes(head), content_type=content_type, retry=self._retry)
-            return _object_info(blob)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="cmbcluster-gcs-upload-") as spool:
+            digest, size = hashlib.md5(usedforsecurity=False), 0
+            for chunk in source:
+                spool.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if size > SINGLE_REQUEST_MAX:
+                    break
+            else:
+                resource = upload_whole(
+                    self._client._http, self._upload_url(ref.name), spool, size, digest.digest(), name=key,
+                    content_type=content_type, what=what,
+                )  # fmt: skip
+                blob._set_properties(resource)
+                info = _object_info(blob)
+                if info.md5 != digest.hexdigest():  # GCS checks the MD5 it was given; an emulator may not
+                    raise ProviderUnavailable(f"{GCS} stored other bytes than were sent for {what}; try again")
+                return info
 
-        # Larger objects go as a resumable upload in UPLOAD_PIECE_SIZE pieces, each spooled to a
-        # temporary file and streamed from it: memory holds a source chunk or two whatever the
-        # piece size. The object exists only once the final piece lands, so on any failure the session
-        # is cancelled instead, and the previous version of the object (if any) stays as it was.
-        def start_session() -> str:
-            with gcs_errors(what):
-                url: str = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
-            return url
+            # Larger objects go as a resumable upload in UPLOAD_PIECE_SIZE pieces, each spooled to a
+            # temporary file and streamed from it: memory holds a source chunk or two whatever the
+            # piece size. The object exists only once the final piece lands, so on any failure the
+            # session is cancelled instead, and the previous version of the object (if any) stays.
+            def start_session() -> str:
+                with gcs_errors(what):
+                    url: str = blob.create_resumable_upload_session(content_type=content_type, retry=self._retry)
+                return url
 
-        upload_in_pieces(self._client._http, start_session, bytes(head), source, what)
+            upload_in_pieces(self._client._http, start_session, b"", itertools.chain(_spooled(spool, size), source),
+                             what)  # fmt: skip
         with gcs_errors(what):
             blob.reload(retry=self._retry)
         return _object_info(blob)
+
+    def _upload_url(self, bucket: str) -> str:
+        """Where objects are uploaded into ``bucket`` (Cloud Storage's, or an emulator's)."""
+        return f"{self._client._connection.API_BASE_URL}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
 
     def download_object(
         self,
@@ -551,7 +576,7 @@ class GcsStorage(StorageBackend):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _bucket_ref(self, bucket: str) -> Any:
-        if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
+        if not isinstance(bucket, str) or GCS_BUCKET_NAMES.problem(bucket) is not None:
             raise NotFound(f"bucket {bucket} not found")
         return self._client.bucket(bucket)
 
@@ -640,6 +665,18 @@ class _ChunkPipe:
                 raise item
             assert isinstance(item, bytes)
             yield item
+
+
+def _spooled(spool: IO[bytes], size: int) -> Iterator[bytes]:
+    """The ``size`` bytes of ``spool``, from its start, 1 MiB at a time."""
+    spool.seek(0)
+    remaining = size
+    while remaining > 0:
+        block = spool.read(min(MiB, remaining))
+        if not block:
+            raise OSError("the upload's spool ended early")
+        remaining -= len(block)
+        yield block
 
 
 def _object_info(blob: Any) -> ObjectInfo:

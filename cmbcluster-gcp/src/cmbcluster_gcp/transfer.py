@@ -5,7 +5,8 @@ the control plane. Core verifies the result from both listings afterwards (see
 
 One bucket is one transfer job: ``transferJobs.create`` (an ``awsS3DataSource`` and a
 ``gcsDataSink``, no schedule, so it runs only when asked), ``transferJobs.run``, then the returned
-``transferOperations`` operation is polled until done; the job is deleted afterwards. Calls go
+``transferOperations`` operation is polled until done; the job is deleted afterwards (the polling,
+progress, timeout and cleanup are core's :class:`~cmbcluster.migration.managed.PolledTransfer`). Calls go
 through :class:`~cmbcluster_gcp.rest.GoogleApi` (``GOOGLE_API_ENDPOINT`` in tests; 429/5xx
 retried). The job is named by us, so a create repeated after a lost answer finds it (409) rather
 than making a second one.
@@ -18,19 +19,14 @@ a session token are not accepted by the API.
 
 from __future__ import annotations
 
-import logging
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, ProviderUnavailable
-from cmbcluster.interfaces.transfer import ManagedTransfer
+from cmbcluster.errors import ConfigurationError, Conflict, ProviderUnavailable
+from cmbcluster.migration.managed import PolledTransfer, TransferStatus
 from cmbcluster_gcp.provisioning import credentials_for
 from cmbcluster_gcp.rest import GoogleApi
 from cmbcluster_gcp.settings import GcpSettings
-
-log = logging.getLogger(__name__)
 
 SERVICE = "storagetransfer"
 #: The operation's states that end it (TransferOperation.Status); SUCCESS is the only good one.
@@ -54,8 +50,9 @@ def aws_source_credentials(settings: GcpSettings) -> dict[str, Any]:
     )  # fmt: skip
 
 
-class StorageTransferJob(ManagedTransfer):
-    """Copies ``s3://source_bucket`` into ``gs://target_bucket`` with one Storage Transfer job."""
+class StorageTransferJob(PolledTransfer):
+    """Copies ``s3://source_bucket`` into ``gs://target_bucket`` with one Storage Transfer job
+    (the waiting, progress, timeout and cleanup: :class:`~cmbcluster.migration.managed.PolledTransfer`)."""
 
     service = "Google Storage Transfer Service"
 
@@ -75,6 +72,8 @@ class StorageTransferJob(ManagedTransfer):
         self._api = api
         self.poll_interval = poll_interval
         self.timeout = timeout
+        self._job: str | None = None
+        self._operation: str | None = None
 
     @property
     def api(self) -> GoogleApi:
@@ -91,7 +90,7 @@ class StorageTransferJob(ManagedTransfer):
     def what(self) -> str:
         return f"the transfer of s3://{self.source_bucket} to gs://{self.target_bucket}"
 
-    def run(self, progress: Callable[[int], None] | None = None) -> None:
+    def start(self) -> TransferStatus:
         project = self.settings.project_id
         job = f"transferJobs/cmbcluster-{uuid.uuid4().hex}"
         body = {
@@ -110,53 +109,48 @@ class StorageTransferJob(ManagedTransfer):
             self.api.request("POST", SERVICE, "v1/transferJobs", self.what, body=body)
         except Conflict:  # our own create, repeated after its answer was lost
             pass
-        try:
-            operation = self.api.request("POST", SERVICE, f"v1/{job}:run", self.what, body={"projectId": project})
-            self._wait(operation, progress)
-        finally:
-            self._delete(job)
-            self.close()
+        self._job = job
+        operation = self.api.request("POST", SERVICE, f"v1/{job}:run", self.what, body={"projectId": project})
+        self._operation = operation.get("name")
+        if not self._operation:
+            raise ProviderUnavailable(f"Storage Transfer Service answered no operation name for {self.what}")
+        return status_of(operation)
 
-    def _wait(self, operation: dict[str, Any], progress: Callable[[int], None] | None) -> None:
-        deadline = time.monotonic() + self.timeout
-        reported = 0
-        while True:
-            metadata = operation.get("metadata") or {}
-            copied = int((metadata.get("counters") or {}).get("bytesCopiedToSink") or 0)
-            if progress is not None and copied > reported:
-                progress(copied - reported)
-                reported = copied
-            if operation.get("done") or metadata.get("status") in FINAL_STATES:
-                break
-            if time.monotonic() > deadline:
-                raise ProviderUnavailable(f"{self.what} did not finish within {self.timeout:.0f} s")
-            time.sleep(self.poll_interval)
-            name = operation.get("name")
-            if not name:
-                raise ProviderUnavailable(f"Storage Transfer Service answered no operation name for {self.what}")
-            operation = self.api.request("GET", SERVICE, f"v1/{name}", self.what)
-        error = operation.get("error")
-        status = metadata.get("status")
-        if error or status != "SUCCESS":
-            breakdowns = metadata.get("errorBreakdowns") or []
-            detail = "; ".join(
-                f"{b.get('errorCode')}: " + ", ".join(str((e.get("errorDetails") or [""])[0])
-                                                      for e in b.get("errorLogEntries", []))
-                for b in breakdowns
-            ) or (error.get("message") if isinstance(error, dict) else None) or f"status {status}"  # fmt: skip
-            raise ProviderUnavailable(f"{self.what} failed", detail=detail)
+    def poll(self) -> TransferStatus:
+        return status_of(self.api.request("GET", SERVICE, f"v1/{self._operation}", self.what))
 
-    def _delete(self, job: str) -> None:
-        """Delete the finished job (its operations' history stays in the console); a failure here
-        only leaves a job that never runs again, so it is logged, not raised."""
+    def cleanup(self, status: TransferStatus | None) -> None:
+        """Delete the job (its operations' history stays in the console); a job left behind never
+        runs again (it has no schedule)."""
+        if self._job is None:
+            return
         body = {"projectId": self.settings.project_id, "updateTransferJobFieldMask": "status",
                 "transferJob": {"status": "DELETED"}}  # fmt: skip
-        try:
-            self.api.request("PATCH", SERVICE, f"v1/{job}", f"deleting {job}", body=body)
-        except CmbclusterError as exc:
-            log.warning("could not delete Storage Transfer job %s: %s", job, exc.message)
+        self.api.request("PATCH", SERVICE, f"v1/{self._job}", f"deleting {self._job}", body=body)
 
     def close(self) -> None:
         if self._api is not None:
             self._api.close()
             self._api = None
+
+
+def status_of(operation: dict[str, Any]) -> TransferStatus:
+    """A ``transferOperations`` operation as a :class:`TransferStatus`: done when the operation says
+    so or its status is final; only SUCCESS without an error succeeded; the failure's reason is the
+    service's error breakdown (or the operation's error)."""
+    metadata = operation.get("metadata") or {}
+    state = str(metadata.get("status") or "IN_PROGRESS")
+    copied = int((metadata.get("counters") or {}).get("bytesCopiedToSink") or 0)
+    done = bool(operation.get("done")) or state in FINAL_STATES
+    error = operation.get("error")
+    if not done:
+        return TransferStatus(state=state, bytes_transferred=copied)
+    if not error and state == "SUCCESS":
+        return TransferStatus(state=state, done=True, succeeded=True, bytes_transferred=copied)
+    breakdowns = metadata.get("errorBreakdowns") or []
+    detail = "; ".join(
+        f"{b.get('errorCode')}: " + ", ".join(str((e.get("errorDetails") or [""])[0])
+                                              for e in b.get("errorLogEntries", []))
+        for b in breakdowns
+    ) or (error.get("message") if isinstance(error, dict) else None) or f"status {state}"  # fmt: skip
+    return TransferStatus(state=state, done=True, bytes_transferred=copied, error=detail)

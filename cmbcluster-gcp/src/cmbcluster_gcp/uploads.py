@@ -1,33 +1,47 @@
-"""Large uploads to Cloud Storage: a resumable upload session fed in pieces of 16 MiB (the first of
-2 MiB), each spooled to a temporary file and streamed from it, so memory holds a source chunk or
-two whatever the size. A reading thread fills the next piece's spool while the current piece is
-sent, so a stream copied from another cloud keeps both connections busy (GCS answers each piece
-only once it is stored: without the overlap, a copy takes the download's time plus the upload's).
-A failed or partly stored piece is resumed from where GCS says the upload stands; on any failure
-the session is cancelled, so no object (and no loss of the previous version) results.
+"""Uploads to Cloud Storage, in constant memory.
+
+An object of up to 8 MiB (:data:`SINGLE_REQUEST_MAX`) goes in a single multipart request
+(:func:`upload_whole`), streamed from its spool (in memory up to 1 MiB, then a temporary file),
+its MD5 in the metadata for GCS to check. A larger one goes as a resumable upload session fed in
+pieces of 16 MiB (the first of 2 MiB), each spooled to a temporary file and streamed from it, so
+memory holds a source chunk or two whatever the size. A reading thread fills the next piece's
+spool while the current piece is sent, so a stream copied from another cloud keeps both
+connections busy (GCS answers each piece only once it is stored: without the overlap, a copy takes
+the download's time plus the upload's). A failed or partly stored piece is resumed from where GCS
+says the upload stands; on any failure the session is cancelled, so no object (and no loss of the
+previous version) results.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
+import secrets
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import requests
 
 from cmbcluster.errors import ProviderUnavailable
 from cmbcluster_gcp.errors import GCS, error_for_status, translate_error
 
-__all__ = ["UPLOAD_PIECE_SIZE", "upload_in_pieces"]
+__all__ = ["SINGLE_REQUEST_MAX", "SPOOL_IN_MEMORY", "UPLOAD_PIECE_SIZE", "upload_in_pieces", "upload_whole"]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+#: Objects up to this size go up in one request (what google-cloud-storage sends in one, too):
+#: one round trip instead of opening a session, sending pieces and reading the object back.
+SINGLE_REQUEST_MAX = 8 * MiB
+#: An upload's first bytes are gathered in memory up to this, then in a temporary file: every
+#: upload in progress holds its spool (a migration runs several), so memory stays small.
+SPOOL_IN_MEMORY = 1 * MiB
 #: A multiple of 256 KiB, as GCS requires of every piece but the last. Pieces this size keep the
 #: reading and the sending of a large object overlapped; much smaller ones cost a round trip each
 #: (and the emulator copies the whole upload so far at every piece).
@@ -39,6 +53,42 @@ FIRST_PIECE_SIZE = 2 * MiB
 UPLOAD_PIECE_ATTEMPTS = 5
 UPLOAD_PIECE_TIMEOUT = (10.0, 300.0)  # connect, then read: GCS answers once the whole piece is stored
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def upload_whole(
+    http: Any, url: str, spool: IO[bytes], size: int, md5: bytes, *, name: str, content_type: str, what: str
+) -> dict[str, Any]:
+    """Store the ``size`` bytes of ``spool`` as the object ``name`` in one multipart request to
+    ``url`` (the bucket's upload URL), streamed from the spool; ``md5`` goes in the metadata, so
+    GCS refuses bytes that are not those. The object is stored whole or not at all; a failed
+    request is sent again as a piece is. Returns the object resource GCS answers."""
+    boundary = f"==={secrets.token_hex(16)}=="  # 128 random bits: no file holds it by chance
+    metadata = json.dumps({"name": name, "contentType": content_type, "md5Hash": base64.b64encode(md5).decode()})
+    head = (
+        f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n"
+        f"--{boundary}\r\ncontent-type: {content_type}\r\n\r\n"
+    ).encode()
+    body = _Framed(head, _SpoolBody(spool, 0, size), f"\r\n--{boundary}--".encode())
+    headers = {"Content-Type": f'multipart/related; boundary="{boundary}"'}
+    attempts = 0
+    while True:
+        try:
+            response = http.post(url, params={"uploadType": "multipart"}, data=body, headers=headers,
+                                 timeout=UPLOAD_PIECE_TIMEOUT)  # fmt: skip
+            status = response.status_code
+            if status in (200, 201):
+                resource: dict[str, Any] = response.json()
+                return resource
+            if status not in _RETRYABLE_STATUSES:
+                raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
+            failure: BaseException = ProviderUnavailable(f"{GCS} answered {status} for {what}")
+        except requests.RequestException as exc:
+            failure = exc
+        attempts += 1
+        if attempts >= UPLOAD_PIECE_ATTEMPTS:
+            mapped = translate_error(failure, what) or failure
+            raise mapped from failure
+        time.sleep(min(2**attempts * 0.5, 10))
 
 
 def upload_in_pieces(
@@ -198,7 +248,7 @@ class _SpoolBody:
     """``length`` bytes of a spool file from ``start``, as a request body that requests streams
     (it has a length, so it is sent with Content-Length, in 1 MiB reads)."""
 
-    def __init__(self, spool: BinaryIO, start: int, length: int) -> None:
+    def __init__(self, spool: IO[bytes], start: int, length: int) -> None:
         self._spool, self._start, self._length = spool, start, length
 
     def __len__(self) -> int:
@@ -213,6 +263,21 @@ class _SpoolBody:
                 raise OSError("the upload's spool file ended early")
             remaining -= len(block)
             yield block
+
+
+class _Framed:
+    """A request body: ``head``, the bytes of ``body``, then ``tail``, streamed (with its length)."""
+
+    def __init__(self, head: bytes, body: _SpoolBody, tail: bytes) -> None:
+        self._head, self._body, self._tail = head, body, tail
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._body) + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        yield from self._body
+        yield self._tail
 
 
 def _resumed_offset(response: Any) -> int:

@@ -988,7 +988,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Prometheus metrics */
+        /** Prometheus metrics (the scrape token of CMBCLUSTER_METRICS_TOKEN, or an administrator) */
         get: operations["metrics_metrics_get"];
         put?: never;
         post?: never;
@@ -1417,7 +1417,10 @@ export interface components {
         };
         /** BudgetIn */
         BudgetIn: {
-            /** Amount */
+            /**
+             * Amount
+             * @description At least 0.01, kept to 2 decimal places
+             */
             amount: number;
             /**
              * Hard
@@ -1455,7 +1458,10 @@ export interface components {
             label: string;
             /** Message */
             message: string;
-            /** Percent */
+            /**
+             * Percent
+             * @description 100 x used / amount, at most 1000 (the message says >999 %)
+             */
             percent: number;
             /**
              * Scope
@@ -1805,11 +1811,6 @@ export interface components {
              * @description How many of yours are running or starting now
              */
             active: number;
-            /**
-             * Budgets
-             * @description Your and your groups' monthly budgets: a warning from 80 %; at 100 % nothing new starts
-             */
-            budgets?: components["schemas"]["BudgetStatusOut"][];
             /**
              * Idle Timeout Minutes
              * @description An environment without activity this long stops; 0: never
@@ -3185,6 +3186,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;
@@ -3292,6 +3294,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;
@@ -3384,6 +3387,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description Printable text: no control, formatting, bidirectional or line-break characters */
                 name: string;
             };
             cookie?: never;
@@ -9194,6 +9198,24 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
             };
             /** @description The request's headers are too large */
             431: {

@@ -20,6 +20,19 @@ export function formatMemory(mib: number): string {
   return formatBytes(mib * 1024 * 1024);
 }
 
+/**
+ * How full a storage quota is: "over" once used reaches it (uploads are refused), "near" from 80 %
+ * (as budgets warn), else "ok" (also when there is no quota).
+ */
+export function quotaState(used: number, quota: number | null | undefined): "ok" | "near" | "over" {
+  if (quota === null || quota === undefined || quota <= 0) return "ok";
+  if (used >= quota) return "over";
+  return used >= 0.8 * quota ? "near" : "ok";
+}
+
+/** The box a quota's line is shown in: red once it is used up, yellow near it, none below. */
+export const QUOTA_CLASS = { ok: "", near: "warning", over: "error" } as const;
+
 /** "1 bucket", "3 buckets", "0 files". */
 export function plural(count: number, singular: string, pluralForm = `${singular}s`): string {
   return `${count} ${count === 1 ? singular : pluralForm}`;

@@ -44,6 +44,8 @@ DbSession = Annotated[Session, Depends(get_db)]
 # Declared as security schemes so the OpenAPI document (and its generated client) knows both ways in.
 _bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")
 _cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The browser's session cookie")
+BearerToken = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+SessionCookie = Annotated[str | None, Depends(_cookie)]
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ class Principal:
 async def get_principal(
     request: Request,
     db: DbSession,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    cookie: Annotated[str | None, Depends(_cookie)],
+    bearer: BearerToken,
+    cookie: SessionCookie,
 ) -> Principal:
     principal = authenticate_request(request, db, bearer.credentials if bearer is not None else None, cookie)
     # End the read transaction: its connection goes back to the pool instead of staying with a
@@ -89,12 +91,18 @@ def authenticate_request(request: Request, db: Session, bearer: str | None, cook
 
 def _check_same_origin(request: Request) -> None:
     """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite):
-    the Origin (or Referer) must be this server's scheme, host and port."""
+    the Origin (or Referer) must be this server's scheme, host and port. Browsers send Origin with
+    every POST, PUT, PATCH and DELETE, same-site ones too; a change with the cookie and neither
+    header comes from no page of ours (an old plug-in, a proxy that strips it, a forged request),
+    and scripts authenticate with a bearer token, which needs no check."""
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("origin") or request.headers.get("referer")
     if origin is None:
-        return  # not a browser-initiated cross-site request: browsers send Origin on those
+        raise PermissionDenied(
+            "a change signed in with the session cookie must come from this site's pages: the request "
+            "carries neither Origin nor Referer (from a script, send a bearer token instead)"
+        )
     sent = urlsplit(origin)
     if (sent.scheme.lower(), sent.netloc.lower()) not in own_origins(request):
         raise PermissionDenied("cross-site request refused")

@@ -40,7 +40,8 @@ def list_budgets() -> None:
         b = status.budget
         unit = status.currency if b.unit == "currency" else "core-hours"
         table.add_row(
-            b.scope, status.label, f"{b.amount:g}", unit, f"{status.used:.2f}", f"{status.percent:.0f}",
+            b.scope, status.label, budgets.format_amount(b.amount), unit, f"{status.used:.2f}",
+            budgets.format_percent(status.percent).removesuffix(" %"),
             status.state, "yes" if b.hard else "",
         )  # fmt: skip
     out(table)
@@ -50,7 +51,7 @@ def list_budgets() -> None:
 def set_budget(
     scope: Scope,
     target: Target,
-    amount: Annotated[float, typer.Argument(help="The monthly amount, more than 0.")],
+    amount: Annotated[float, typer.Argument(help="The monthly amount, at least 0.01 (kept to 2 decimals).")],
     unit: Annotated[str, typer.Option(help="currency (the price table's) or core_hours.")] = "currency",
     hard: Annotated[bool, typer.Option("--hard", help="At 100 %, stop running environments too.")] = False,
 ) -> None:

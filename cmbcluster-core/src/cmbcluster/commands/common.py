@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from cmbcluster.config import ResolvedConfig, load_core_settings, resolve
-from cmbcluster.plugins import Concern
+from cmbcluster.registrations import Concern
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -159,7 +159,7 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
 
 def deployment_registry(config: ResolvedConfig) -> RegistryInfo:
     """The active infra provider's registry (where `cmbcluster images push` pushes)."""
-    infra = config.infra.factory(config.context_for(config.infra))
+    infra = config.create(config.infra)
     try:
         return infra.registry()
     finally:
@@ -274,7 +274,7 @@ def find_helm(explicit: str | None) -> str:
     if found is None:
         raise DeployError(
             f"helm was not found ({candidate!r} is not an executable on PATH): install Helm 3.8 or newer "
-            "(https://helm.sh/docs/intro/install/) or pass --helm /path/to/helm"
+            f"(https://helm.sh/docs/intro/install/), or name it with {HELM_ENV}=/path/to/helm (or --helm)"
         )
     return found
 

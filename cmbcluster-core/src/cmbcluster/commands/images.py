@@ -61,7 +61,7 @@ def _check_tag(tag: str) -> str:
 def _infra() -> Iterator[tuple[str, InfraProvider]]:
     """The active infra provider's name and instance, closed when the command is done."""
     config = resolve_config()
-    infra = config.infra.factory(config.context_for(config.infra))
+    infra = config.create(config.infra)
     try:
         yield config.infra.name, infra
     finally:

@@ -24,7 +24,7 @@ import typer
 from cmbcluster import provisioning
 from cmbcluster.commands.common import out, resolve_config
 from cmbcluster.config import ResolvedConfig
-from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound, ProviderUnavailable
+from cmbcluster.errors import ConfigurationError, InvalidRequest, NotFound, PluginError, ProviderUnavailable
 from cmbcluster.interfaces.provisioning import DnsRecord, ProgressEvent, Provisioner, ProvisioningOptions
 from cmbcluster.kubernetes.plugin import KubernetesSettings
 from cmbcluster.provisioning import ProvisioningRecord, kubeconfig_path
@@ -81,7 +81,10 @@ def _configured(state_dir: Path | None) -> Iterator[tuple[ResolvedConfig, Provis
                 "(or CMBCLUSTER_INFRA_PROVIDER) to aws, gcp, or a plugin whose infra registration has a provisioner"
             ]
         )
-    provisioner = registration.provisioner(config.context_for(registration))
+    try:
+        provisioner = registration.create_provisioner(config.context_for(registration))
+    except PluginError as exc:
+        raise PluginError(f"{config.describe(registration)}: {exc}") from exc
     try:
         directory = state_dir or config.core.data_dir / "infra"
         record = ProvisioningRecord.for_deployment(

@@ -67,12 +67,12 @@ def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tup
     try:
         source_context = config.context_for(config.storage)
         source = Side(
-            name=config.storage.name, storage=config.storage.factory(source_context),
+            name=config.storage.name, storage=config.storage.create(source_context),
             settings=source_context.provider_settings,
         )  # fmt: skip
         opened.append(source.storage)
         target_context = _context(config, registration.settings_model)
-        target = Side(name=to, storage=registration.factory(target_context), settings=target_context.provider_settings)
+        target = Side(name=to, storage=registration.create(target_context), settings=target_context.provider_settings)
         opened.append(target.storage)
         if with_infra:
             try:
@@ -80,7 +80,7 @@ def _sides(config: ResolvedConfig, to: str, *, with_infra: bool) -> Iterator[tup
             except PluginError:
                 infra = None  # a storage-only plugin: its users get no identity of their own there
             if infra is not None:
-                target.infra = infra.factory(_context(config, infra.settings_model))
+                target.infra = infra.create(_context(config, infra.settings_model))
                 opened.append(target.infra)
         yield source, target
     finally:
@@ -209,9 +209,15 @@ def run_command(
     from cmbcluster.migration.engine import Events, Migration, move_database
 
     config = resolve_config()
+    database = sqlite_path(config.core.effective_database_url)
+    target_bucket = database_bucket or config.core.database_bucket
     db_engine, sessions = _sessions(config)
     try:
         with _sides(config, to, with_infra=True) as (source, target):
+            problem = target.storage.bucket_names.problem(target_bucket) if database and target_bucket else None
+            if problem is not None:  # refused before any copy, not once every bucket has moved
+                setting = "--database-bucket" if database_bucket else "CMBCLUSTER_DATABASE_BUCKET"
+                raise ConfigurationError([f"{setting} on {to}: {problem}"])
             columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                        TimeRemainingColumn())  # fmt: skip
             with Progress(*columns, console=None, transient=False) as progress:
@@ -234,9 +240,10 @@ def run_command(
                     f"{len(pending)} of {len(result.buckets)} buckets not switched yet (listed above); the database "
                     "moves once every bucket is switched: fix what is listed and run `cmbcluster migrate run` again"
                 )
-            database = sqlite_path(config.core.effective_database_url)
-            out(move_database(database, target.storage, database_bucket or config.core.database_bucket,
-                              prefix=config.core.database_backup_prefix), soft_wrap=True)  # fmt: skip
+            out(
+                move_database(database, target.storage, target_bucket, prefix=config.core.database_backup_prefix),
+                soft_wrap=True,
+            )
     finally:
         db_engine.dispose()
     out(
@@ -274,9 +281,7 @@ def finish_command(
         with stack:
             for name in names:
                 if name == config.storage.name:
-                    backends[name] = stack.enter_context(
-                        _closing(config.storage.factory(config.context_for(config.storage)))
-                    )
+                    backends[name] = stack.enter_context(_closing(config.create(config.storage)))
                 else:
                     _, target = stack.enter_context(_sides(config, name, with_infra=False))
                     backends[name] = target.storage

@@ -132,6 +132,9 @@ class DatabaseBackups:
     """Backups of the SQLite file ``database`` in ``bucket`` of ``storage``, under ``prefix``."""
 
     def __init__(self, storage: StorageBackend, bucket: str, database: Path, *, prefix: str = "", kept: int = 0):
+        problem = storage.bucket_names.problem(bucket)
+        if problem is not None:  # as the storage service would, before anything is copied or uploaded
+            raise ConfigurationError([f"the database bucket: {problem}"])
         self.storage = storage
         self.bucket = bucket
         self.database = database
@@ -571,12 +574,12 @@ def open_backups(config: ResolvedConfig) -> Iterator[DatabaseBackups]:
     core = config.core
     _configured(core)  # refuse PostgreSQL or no bucket before making any client
     try:
-        storage = config.storage.factory(config.context_for(config.storage))
+        storage = config.create(config.storage)
     except CmbclusterError:
         raise
     except Exception as exc:
         raise ConfigurationError(
-            [f"storage backend {config.storage.name!r} could not be created: {type(exc).__name__}: {exc}"]
+            [f"{config.describe(config.storage)} could not be created: {type(exc).__name__}: {exc}"]
         ) from exc
     try:
         yield DatabaseBackups.from_settings(core, storage)

@@ -16,9 +16,12 @@ class PodContext(ActiveSettings):
     user: UserRef
     environment_id: str
     namespace: str
+    #: the user's cloud identity the pod runs as (its ServiceAccount), None when the infra provider
+    #: gives users none; the same every ``MountRequest.identity`` of the pod's volumes had
     identity: CloudIdentity | None
     storage_backend: str
     infra_provider: str | None
+    #: the buckets the pod mounts, by their names on the storage backend (``BucketInfo.name``)
     buckets: tuple[str, ...] = ()
     #: the validated settings of every active provider, by model: ``context.settings(AwsSettings)``
     #: gives the control plane's (None when no active provider uses that model: nothing to do)

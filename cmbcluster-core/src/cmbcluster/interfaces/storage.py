@@ -14,11 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces.common import CloudIdentity, UserRef
-from cmbcluster.naming import validate_object_key, validate_object_prefix
+from cmbcluster.naming import DEFAULT_BUCKET_NAMES, BucketNameRules, validate_object_key, validate_object_prefix
 
 
 class StorageClass(StrEnum):
@@ -102,7 +102,14 @@ class ObjectPage:
 
 @dataclass(frozen=True, kw_only=True)
 class MountRequest:
-    """Where and as whom a bucket is mounted in an environment."""
+    """Where and as whom a bucket is mounted in an environment.
+
+    ``identity`` is the user's cloud identity that the environment runs as (what
+    ``InfraProvider.ensure_user_identity`` returned, already granted this bucket), None when the
+    infra provider gives users none: a volume that mounts with the pod's own credentials names it
+    (Mountpoint for S3's ``authenticationSource: pod`` with the user's IRSA role; Azure Blob CSI's
+    ``clientID``, the user's managed identity, read from the identity's annotations).
+    """
 
     bucket: str
     mount_path: str
@@ -113,6 +120,7 @@ class MountRequest:
     read_only: bool = False
     subpath: str = ""
     namespace: str = ""  # the Kubernetes namespace of the pod (for namespaced volume objects)
+    identity: CloudIdentity | None = None
 
     def __post_init__(self) -> None:
         if not self.mount_path.startswith("/") or any(p in {".", ".."} for p in self.mount_path.split("/")):
@@ -172,11 +180,17 @@ def check_listing(prefix: str, delimiter: str | None, page_size: int) -> None:
 class StorageBackend(abc.ABC):
     """Buckets and objects of one storage service. Names passed in are ``BucketInfo.name``."""
 
+    #: The bucket names this service accepts: ``create_bucket`` makes new names with
+    #: ``bucket_names.new_name(prefix, owner.id)``, and core checks configured names (the database
+    #: bucket) against them. The default is what S3 and Cloud Storage both accept; declare your
+    #: service's own where they differ (Azure Blob containers refuse ``--``).
+    bucket_names: ClassVar[BucketNameRules] = DEFAULT_BUCKET_NAMES
+
     # -- buckets ---------------------------------------------------------------------------
     @abc.abstractmethod
     def create_bucket(self, owner: UserRef, options: BucketOptions) -> BucketInfo:
-        """Create a new bucket for ``owner`` with a unique, valid name the backend chooses
-        (see :func:`cmbcluster.naming.bucket_name`). Private: never publicly readable."""
+        """Create a new bucket for ``owner`` with a unique name the backend chooses under its
+        :attr:`bucket_names` (``bucket_names.new_name``). Private: never publicly readable."""
 
     @abc.abstractmethod
     def delete_bucket(self, bucket: str, *, force: bool = False) -> None:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cmbcluster.errors import ConfigurationError
 from cmbcluster.hookspecs import hookimpl
 from cmbcluster.interfaces import ComputeBackend, PodContext, PodDraft
 from cmbcluster.registrations import ComputeBackendRegistration, ProviderContext
@@ -89,16 +90,24 @@ Decorator = Callable[[PodDraft, PodContext], None]
 def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> ComputeBackend:
     """The backend for ``ctx``. ``decorate`` runs the pod-decoration hook on every pod draft:
     by default ``ctx.decorate_pod``, every plugin's ``cmbcluster_decorate_pod``."""
+    from kubernetes.config import ConfigException
+
     from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions, LeaderElection
     from cmbcluster.kubernetes.client import Retries, api_client_from_config
     from cmbcluster.kubernetes.routing import Exposure
 
     settings = ctx.require_settings(KubernetesSettings)
-    api_client = api_client_from_config(
-        kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
-        context=settings.kube_context,
-        in_cluster=settings.in_cluster,
-    )
+    try:
+        api_client = api_client_from_config(
+            kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
+            context=settings.kube_context,
+            in_cluster=settings.in_cluster,
+        )
+    except (ConfigException, OSError) as exc:  # what this machine lacks, not a fault of the backend
+        raise ConfigurationError(
+            [f"compute backend 'kubernetes' could not be created: no cluster to reach from here ({exc}); set "
+             "CMBCLUSTER_KUBECONFIG (or KUBECONFIG) and CMBCLUSTER_KUBE_CONTEXT, or run inside the cluster"]
+        ) from None  # fmt: skip
     namespace = ctx.core.namespace  # CMBCLUSTER_NAMESPACE: one setting for every part that needs it
     control_plane = settings.control_plane_url or f"http://cmbcluster.{namespace}.svc.cluster.local"
     exposure = Exposure(

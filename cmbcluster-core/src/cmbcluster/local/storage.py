@@ -38,7 +38,7 @@ from cmbcluster.interfaces import (
     check_listing,
     resolve_byte_range,
 )
-from cmbcluster.naming import bucket_name, validate_object_key
+from cmbcluster.naming import validate_object_key
 
 BUCKET_PREFIX = "cmb"
 
@@ -61,7 +61,7 @@ class LocalStorage(StorageBackend):
         if options.versioning:
             raise InvalidRequest("the local provider keeps no earlier versions of objects: create the bucket without")
         while True:
-            name = bucket_name(BUCKET_PREFIX, owner.id)
+            name = self.bucket_names.new_name(BUCKET_PREFIX, owner.id)
             try:
                 (self.root / name).mkdir()
                 break

@@ -3,4 +3,6 @@
 - :mod:`.copy`: the verified, streamed copy of objects between any two backends.
 - :mod:`.manifest`: what has been copied and verified, in the database, so a migration resumes.
 - :mod:`.engine`: plan, run (create, copy, switch) and finish (delete the sources).
+- :mod:`.managed`: what every plugin's managed transfer (a cloud's transfer service) does the same
+  way: polling its job, progress, timeout, failures; public, for plugins.
 """

@@ -454,7 +454,13 @@ class Migration:
                 problem = f"{listed.key} has {copy.size} bytes on the target, {listed.size} on the source"
             else:
                 md5 = listed.md5 or md5_of(self.source.storage, row.source_bucket, listed.key)[0]
-                if (copy.md5 or md5_of(self.target.storage, row.target_bucket, copy.key)[0]) == md5:
+                stored = copy.md5 or md5_of(self.target.storage, row.target_bucket, copy.key)[0]
+                if stored != md5 and (listed.md5 or copy.md5):
+                    # A listed MD5 may be none (an S3 ETag of an object encrypted otherwise than its
+                    # bucket's default): the bytes decide before an object is called wrong.
+                    md5 = md5_of(self.source.storage, row.source_bucket, listed.key)[0] if listed.md5 else md5
+                    stored = md5_of(self.target.storage, row.target_bucket, copy.key)[0] if copy.md5 else stored
+                if stored == md5:
                     _record(db, row.id, Copied(source=listed, size=listed.size, md5=md5, target_etag=copy.etag,
                                                reread=copy.md5 is None, attempts=1))  # fmt: skip
                     outcome.copied += 1

@@ -62,9 +62,14 @@ class OidcConfig:
     admin_roles: tuple[str, ...] = ()
     timeout_seconds: float = 10.0
     extra_authorize_params: dict[str, str] = field(default_factory=dict)
-    #: Refuse sign-in with an address the provider does not vouch for (``email_verified`` not
-    #: true). Off only for issuers that never send the claim: their addresses then grant nothing
-    #: (no admin from CMBCLUSTER_ADMIN_EMAILS, no linking to an existing account).
+    #: The claim in which the issuer vouches for the address in ``email_claim`` (true, or the string
+    #: "true"): ``email_verified`` in OpenID Connect. Entra ID sends none by default; its optional
+    #: claim ``xms_edov`` (the e-mail's domain owner verified) says so for ``email``. None: the issuer
+    #: never vouches, and its addresses grant nothing. Only a verified address grants admin through
+    #: CMBCLUSTER_ADMIN_EMAILS, links a sign-in to an existing account or becomes an account's address.
+    email_verified_claim: str | None = "email_verified"
+    #: Refuse sign-in with an address the provider does not vouch for. Off for issuers whose tokens
+    #: may carry an unverified address (or never vouch): the person signs in, the address grants nothing.
     require_verified_email: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +79,11 @@ class OidcConfig:
         empty = [name for name, values in self.required_claims.items() if isinstance(values, str) or not values]  # type: ignore[unreachable]
         if empty:  # a bare string would be matched letter by letter; no value would admit nobody
             raise ValueError(f"required_claims needs a tuple of accepted values for {', '.join(empty)}")
+        if self.require_verified_email and self.email_verified_claim is None:
+            raise ValueError(
+                "require_verified_email needs an email_verified_claim: an issuer that never vouches for addresses "
+                "would refuse everyone with one (set require_verified_email=False: its addresses then grant nothing)"
+            )
 
 
 class JwksCache:
@@ -126,9 +136,10 @@ def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def email_verified(claims: dict[str, Any]) -> bool:
-    """Whether the provider vouches for the token's address (some send the claim as a string)."""
-    verified = claims.get("email_verified")
+def email_verified(claims: dict[str, Any], claim: str | None = "email_verified") -> bool:
+    """Whether the provider vouches for the token's address in ``claim`` (some send it as a string;
+    None: it never vouches)."""
+    verified = claims.get(claim) if claim is not None else None
     return verified is True or verified == "true"
 
 
@@ -301,7 +312,8 @@ class OidcProvider(AuthProvider):
         for name, accepted in self.config.required_claims.items():
             if claims.get(name) not in accepted:
                 raise AuthenticationFailed(f"token claim {name!r} is not one this deployment accepts")
-        if self.config.require_verified_email and claims.get(self.config.email_claim) and not email_verified(claims):
+        verified = email_verified(claims, self.config.email_verified_claim)
+        if self.config.require_verified_email and claims.get(self.config.email_claim) and not verified:
             raise AuthenticationFailed(
                 "the identity provider has not verified this e-mail address; verify it there, then sign in again"
             )
@@ -330,7 +342,7 @@ class OidcProvider(AuthProvider):
             provider=self.config.name,
             subject=str(claims["sub"]),
             email=str(claims.get(self.config.email_claim) or ""),
-            email_verified=email_verified(claims),
+            email_verified=email_verified(claims, self.config.email_verified_claim),
             name=str(claims.get(self.config.name_claim) or ""),
             picture=str(claims.get("picture") or ""),
             groups=groups,

@@ -5,7 +5,8 @@ Recording
   stops, fails or is deleted. One rule does it, for every path (a request, the reconcile loop, the
   progress hub): a ``before_flush`` listener on the control plane's sessions that sees each change
   of ``Environment.status`` in the same transaction as the change itself. A partial unique index
-  allows one open interval per environment, so nothing is ever counted twice.
+  allows one open interval per environment, and closing one locks it first (two transactions
+  closing it at once: the second finds it closed), so nothing is ever counted twice.
 - After a crash, the reconcile loop continues an interval whose environment still runs (a pod
   outlives its control plane), and closes one whose environment vanished at the last moment it was
   seen running (``seen_s``, refreshed on every full pass), not at the moment the loss was noticed.
@@ -92,9 +93,17 @@ def _status_changed(env: Environment) -> bool:
     return bool(sa_inspect(env).attrs.status.history.has_changes())
 
 
-def _open_interval(db: Session, model: type[UsageInterval] | type[StorageInterval], key: str) -> Any:
+def _open_interval(
+    db: Session, model: type[UsageInterval] | type[StorageInterval], key: str, *, closing: bool = False
+) -> Any:
+    """The open interval of an environment or a bucket, or None. ``closing``: locked until this
+    transaction ends, so that of two transactions closing it at once (the progress hub and the
+    reconcile loop, on PostgreSQL's READ COMMITTED), the second waits and then finds it closed."""
     column = UsageInterval.environment_id if model is UsageInterval else StorageInterval.storage_id
-    return db.execute(select(model).where(column == key, model.end_s.is_(None))).scalar_one_or_none()
+    query = select(model).where(column == key, model.end_s.is_(None))
+    if closing:
+        query = query.with_for_update()
+    return db.execute(query).scalar_one_or_none()
 
 
 def _open(db: Session, env: Environment, now: int) -> None:
@@ -126,7 +135,7 @@ def _field(env: Environment, name: str) -> Any:
 
 
 def _close(db: Session, environment_id: str, end: int) -> None:
-    interval = _open_interval(db, UsageInterval, environment_id)
+    interval = _open_interval(db, UsageInterval, environment_id, closing=True)
     if interval is not None and interval.end_s is None:  # not closed already in this transaction
         interval.end_s = max(interval.start_s, end)
 
@@ -144,7 +153,7 @@ def mark_seen(db: Session, environment_ids: Iterable[str], now: dt.datetime) -> 
 
 def close_at_last_seen(db: Session, environment_id: str) -> None:
     """The environment vanished (a crash, a node lost): it ran until it was last seen running."""
-    interval = _open_interval(db, UsageInterval, environment_id)
+    interval = _open_interval(db, UsageInterval, environment_id, closing=True)
     if interval is not None:
         interval.end_s = interval.seen_s
 
@@ -175,7 +184,7 @@ def record_stored_bytes(db: Session, storage: Storage, size_bytes: int | None, a
     if size_bytes is None:
         return
     now = epoch(at)
-    current: StorageInterval | None = _open_interval(db, StorageInterval, storage.id)
+    current: StorageInterval | None = _open_interval(db, StorageInterval, storage.id, closing=True)
     if current is not None:
         if current.bytes == size_bytes and current.storage_class == storage.storage_class:
             return
@@ -193,7 +202,7 @@ def record_stored_bytes(db: Session, storage: Storage, size_bytes: int | None, a
 
 def close_storage(db: Session, storage_id: str, at: dt.datetime) -> None:
     """The bucket is gone: it stores nothing from now on."""
-    current = _open_interval(db, StorageInterval, storage_id)
+    current = _open_interval(db, StorageInterval, storage_id, closing=True)
     if current is not None:
         current.end_s = max(current.start_s, epoch(at))
 
@@ -285,8 +294,10 @@ def _rollup_change(connection: Connection, target: Any, sign_new: bool, take_bac
     add = _add_usage if model is UsageInterval else _add_storage
     sums: Sums = {}
     if take_back:  # read from the database: the ORM may not hold the old values (an expired row)
+        # Locked: another transaction changing the row meanwhile is waited for, and what it
+        # committed is what is taken back (a plain read would take back the row as it was before).
         old = connection.execute(
-            select(*(model.__table__.c[c] for c in columns)).where(model.__table__.c.id == target.id)
+            select(*(model.__table__.c[c] for c in columns)).where(model.__table__.c.id == target.id).with_for_update()
         ).first()
         if old is not None:
             add(sums, old, -1)
@@ -554,6 +565,17 @@ def _parse_moment(value: str, name: str) -> dt.datetime:
     return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: user e-mails and group names are chosen by
+    users, and ``=HYPERLINK(...)`` would run when an admin opens the download in Excel. OWASP's advice:
+    a leading single quote on a cell that starts like a formula (numbers are written as numbers)."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
 @dataclass
 class Report:
     start: dt.datetime
@@ -590,7 +612,7 @@ class Report:
         writer.writerow([self.group_by, "label", *columns])
         for key, label, usage in self.rows:
             values = usage.as_dict()
-            writer.writerow([key, label, *(values[c] for c in columns)])
+            writer.writerow([spreadsheet_safe(key), spreadsheet_safe(label), *(values[c] for c in columns)])
         if self.cluster_fee:
             writer.writerow(["cluster", "cluster fee", *([""] * (len(columns) - 1)), round(self.cluster_fee, 2)])
         return buffer.getvalue()

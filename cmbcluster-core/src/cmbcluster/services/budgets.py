@@ -30,6 +30,8 @@ from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
 from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
+from cmbcluster.services.users import by_email
+from cmbcluster.text import describe_character, first_unprintable
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -39,6 +41,15 @@ log = logging.getLogger(__name__)
 UNITS = ("currency", "core_hours")
 SCOPES = ("user", "group")
 LEVELS = (80, 100)
+#: The smallest budget, and its precision: a cent, or a hundredth of a core-hour. Smaller amounts
+#: (5e-324 was accepted once) only made messages such as "1.2e+299 % used".
+MIN_AMOUNT = 0.01
+AMOUNT_DECIMALS = 2
+#: Percentages are reported up to this (shown as ">999 %"): far past 100 % the figure says nothing
+#: more, and a budget an earlier version accepted (5e-324) must not make it infinite.
+PERCENT_CAP = 1000.0
+#: The longest group name, in characters.
+MAX_GROUP_NAME = 100
 #: Webhook deliveries per event: a few tries within a pass, then again on later passes up to this.
 MAX_ATTEMPTS = 5
 TRIES_PER_PASS = 3
@@ -61,7 +72,10 @@ class BudgetStatus:
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.used / self.budget.amount if self.budget.amount > 0 else 100.0
+        """100 x used / amount, at most :data:`PERCENT_CAP` (never infinite)."""
+        if self.budget.amount <= 0:
+            return 100.0
+        return min(100.0 * self.used / self.budget.amount, PERCENT_CAP)
 
     @property
     def level(self) -> int:
@@ -76,7 +90,8 @@ class BudgetStatus:
         unit = self.currency if self.budget.unit == "currency" else "core-hours"
         whose = "your monthly budget" if self.budget.scope == "user" else f"the monthly budget of group {self.label!r}"
         return (
-            f"{whose} of {self.budget.amount:g} {unit} is {self.percent:.0f} % used ({self.used:.2f} {unit} this month)"
+            f"{whose} of {format_amount(self.budget.amount)} {unit} is {format_percent(self.percent)} used "
+            f"({self.used:.2f} {unit} this month)"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +101,16 @@ class BudgetStatus:
             "currency": self.currency, "hard": self.budget.hard, "used": round(self.used, 4),
             "percent": round(self.percent, 1), "state": self.state, "message": self.describe(),
         }  # fmt: skip
+
+
+def format_amount(amount: float) -> str:
+    """A budget's amount as people write it: 0.01, 12.5, 1000000000000 (not 1e+12)."""
+    return f"{amount:.{AMOUNT_DECIMALS}f}".rstrip("0").rstrip(".")
+
+
+def format_percent(percent: float) -> str:
+    """``80 %``, or ``>999 %`` once the figure stops meaning anything."""
+    return ">999 %" if percent >= 999.5 else f"{percent:.0f} %"
 
 
 def month_of(now: dt.datetime) -> tuple[str, dt.datetime, dt.datetime]:
@@ -241,7 +266,7 @@ def deliver_pending(db: Session, url: str | None, *, pause: float = 0.5) -> int:
 def resolve_target(db: Session, scope: str, target: str) -> tuple[str, str]:
     """(id, label) of a user (id or e-mail) or a group (id or name)."""
     if scope == "user":
-        user = db.get(User, target) or db.execute(select(User).where(User.email == target)).scalar_one_or_none()
+        user = db.get(User, target) or by_email(db, target)
         if user is None:
             raise NotFound(f"user {target} not found")
         return user.id, user.email
@@ -268,8 +293,9 @@ def set_budget(
         raise InvalidRequest(f"a budget's unit is one of {', '.join(UNITS)}, not {unit!r}")
     if not math.isfinite(amount):  # "nan" and "inf" parse as floats
         raise InvalidRequest(f"a budget's amount must be a finite number, not {amount}")
-    if not amount > 0:
-        raise InvalidRequest("a budget's amount must be more than 0")
+    if not amount >= MIN_AMOUNT:
+        raise InvalidRequest(f"a budget's amount must be at least {MIN_AMOUNT}, not {amount!r}")
+    amount = round(amount, AMOUNT_DECIMALS)
     target_id, label = resolve_target(db, scope, target)
     budget = db.execute(
         select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)
@@ -309,17 +335,32 @@ def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str)
     db.commit()
 
 
-def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
-    """Create or replace a group's members (users given by id or e-mail)."""
+def check_group_name(name: str) -> str:
+    """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
+    characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
+    or a right-to-left override there would disguise them."""
     name = name.strip()
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("a group name of 1 to 100 characters is required")
+    if not 1 <= len(name) <= MAX_GROUP_NAME:
+        raise InvalidRequest(f"a group name of 1 to {MAX_GROUP_NAME} characters is required")
+    bad = first_unprintable(name)
+    if bad is not None:
+        raise InvalidRequest(
+            f"a group name is printable text: it cannot contain {describe_character(bad)} "
+            "(no control, formatting, bidirectional or line-break characters)"
+        )
+    return name
+
+
+def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
+    """Create or replace a group's members (users given by id or e-mail). A new group's name is
+    checked (:func:`check_group_name`); an existing group keeps its name, whatever it is."""
+    name = name.strip()
     ids = []
     for member in dict.fromkeys(members):
         ids.append(resolve_target(db, "user", member)[0])
     group = db.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
     if group is None:
-        group = Group(name=name)
+        group = Group(name=check_group_name(name))
         db.add(group)
         db.flush()
     for row in db.execute(select(GroupMember).where(GroupMember.group_id == group.id)).scalars():

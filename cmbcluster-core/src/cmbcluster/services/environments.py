@@ -17,14 +17,13 @@ from typing import Any, Protocol
 from sqlalchemy import bindparam, delete, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
+from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
     EnvironmentPhase,
     EnvironmentSpec,
-    MountedVolume,
-    MountRequest,
     Resources,
     UserRef,
 )
@@ -269,13 +268,12 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
             raise Conflict(f"bucket {storage.display_name!r} is {storage.status} and cannot be mounted")
         if identity is not None:
             context.storage.ensure_bucket_access(storage.bucket_name, identity)
-        spec = context.storage.volume_spec(
-            MountRequest(
-                bucket=storage.bucket_name, mount_path=mount.mount_path, user=owner, environment_id=env.id,
-                read_only=mount.read_only, namespace=context.namespace,
+        volumes.append(
+            mount_bucket(
+                context.storage, bucket=storage.bucket_name, mount_path=mount.mount_path, user=owner,
+                environment_id=env.id, identity=identity, namespace=context.namespace, read_only=mount.read_only,
             )
         )  # fmt: skip
-        volumes.append(MountedVolume(mount_path=mount.mount_path, spec=spec, bucket=storage.bucket_name))
     application = env.application_row
     variables = user_settings.environment_variables(db, user.id, context.sealer(user_settings.ENV_VAR_PURPOSE))
     variables.update(env.env)  # the environment's own variables win over the user's defaults

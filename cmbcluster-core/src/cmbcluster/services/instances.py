@@ -1,10 +1,13 @@
 """The running control-plane processes (one per replica), each with a heartbeat in the database.
 
 Work a process journals while it runs (an upload, a bucket delete) carries its instance id. The
-replica that recovers interrupted work (the only one, or the elected leader) touches an entry only
-when its owner is gone: its heartbeat older than :data:`INSTANCE_LEASE`, or its row removed at a
-clean stop. A single replica (no leader election) knows at start that every other instance is a
-previous run of itself, gone whatever its last heartbeat says.
+replica that recovers interrupted work touches an entry only when its owner is gone: its heartbeat
+older than :data:`INSTANCE_LEASE`, or its row removed at a clean stop. That holds whether or not
+the replicas elect a leader: without one, several may still share a database for a while (a
+Deployment's rolling update starts the new pod beside the old one). Only a SQLite database is one
+server's alone (its serving lock, :class:`~cmbcluster.db.backup.ServingLock`): there every other
+instance is a previous run of this one, gone whatever its last heartbeat says, so what a crash
+left is recovered at the next start.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ def unregister(context: AppContext) -> None:
 def owned_by_gone(context: AppContext, owner: InstrumentedAttribute[str | None]) -> ColumnElement[bool]:
     """A WHERE clause on ``owner`` (an instance id column): true for work whose owner is gone.
 
-    Never this process's own work. With one replica, every other owner is a previous run;
-    with several, an owner is gone once its heartbeat is older than :data:`INSTANCE_LEASE`."""
-    if not context.compute.elects_leader:
+    Never this process's own work. On a database only this server uses (SQLite), every other
+    owner is a previous run; on a shared one, an owner is gone once its heartbeat is older than
+    :data:`INSTANCE_LEASE`, with or without leader election."""
+    if _database_is_ours_alone(context):
         return or_(owner.is_(None), owner != context.instance_id)
     live = select(ServerInstance.id).where(ServerInstance.heartbeat_at >= utcnow() - INSTANCE_LEASE)
     return or_(owner.is_(None), (owner != context.instance_id) & owner.not_in(live))
@@ -68,10 +72,15 @@ def owned_by_gone(context: AppContext, owner: InstrumentedAttribute[str | None])
 
 def owned_by_live(context: AppContext, owner: InstrumentedAttribute[str | None]) -> ColumnElement[bool]:
     """The converse of :func:`owned_by_gone`: this process's work and that of live instances."""
-    if not context.compute.elects_leader:
+    if _database_is_ours_alone(context):
         return owner == context.instance_id
     live = select(ServerInstance.id).where(ServerInstance.heartbeat_at >= utcnow() - INSTANCE_LEASE)
     return (owner == context.instance_id) | owner.in_(live)
+
+
+def _database_is_ours_alone(context: AppContext) -> bool:
+    """SQLite: one control plane per database file (the server holds its serving lock)."""
+    return context.engine.dialect.name == "sqlite"
 
 
 def forget_gone(db: Session) -> None:

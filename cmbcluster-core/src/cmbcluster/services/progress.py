@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
-from cmbcluster.interfaces import ComputeBackend
+from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
 from cmbcluster.services.status import apply_status, reported
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,11 @@ class ProgressHub:
             if not followers:
                 del self._subscriptions[subscription.environment_id]
 
+    def followed_ids(self) -> frozenset[str]:
+        """The environments this process's streams follow while the hub runs (it records their
+        changes, so the reconcile loop need not read them again); empty when it does not run."""
+        return frozenset(self._subscriptions) if self._loop is not None else frozenset()
+
     @property
     def followed(self) -> int:
         """How many streams are open (a gauge for /metrics and the benchmarks)."""
@@ -177,15 +182,15 @@ class ProgressHub:
         if self._recording is not None:
             await self._recording
 
-    async def _record(self, environment_ids: list[str]) -> None:
+    async def _record(self, reports: dict[str, EnvironmentStatus]) -> None:
         """Write what the backend reported (one write transaction, in a thread of its own); a
         pass meanwhile does not start another, and the next one finds what is still behind."""
         try:
-            await anyio.to_thread.run_sync(self._write, environment_ids, limiter=self._writer)
+            await anyio.to_thread.run_sync(self._write, reports, limiter=self._writer)
             if self._wake is not None:
                 self._wake.set()  # the next pass reads what was recorded: an end reaches its streams
         except Exception:  # the database busy past its timeout: the next pass or the reconcile loop retries
-            log.warning("recording the progress of %d starting environments failed", len(environment_ids),
+            log.warning("recording the progress of %d starting environments failed", len(reports),
                         exc_info=True)  # fmt: skip
         finally:
             self._recording = None
@@ -195,21 +200,22 @@ class ProgressHub:
         await stop.wait()
         wake.set()
 
-    def _read(self, environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    def _read(self, environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, EnvironmentStatus]]:
         """The followed environments' states (blocking: one short read-only session for all of
-        them), with what the backend reports for those still starting; and the ids whose report
-        is not yet in the database."""
+        them), with what the backend reports for those still starting; and the reports not yet
+        in the database, by environment id."""
         states: dict[str, dict[str, Any]] = {}
-        behind: list[str] = []
+        behind: dict[str, EnvironmentStatus] = {}
         self.output.begin_pass()
         with self.sessions() as db:
             for batch in _batches(environment_ids, BATCH):
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
                     now = (row.status, row.status_message, row.url)
                     if row.status in ("pending", "starting"):
-                        found = reported(row.desired_state, self.compute.status(row.id))
+                        status = self.compute.status(row.id)
+                        found = reported(row.desired_state, status)
                         if found is not None and found != now:
-                            behind.append(row.id)
+                            behind[row.id] = status
                             if found[0] not in TERMINAL:
                                 # Progress is shown at once; an end (running: the URL opens) only
                                 # once recorded, since what the stream announces must already hold.
@@ -223,12 +229,13 @@ class ProgressHub:
             db.rollback()  # end the read transaction, return the connection
         return states, behind
 
-    def _write(self, environment_ids: list[str]) -> None:
+    def _write(self, reports: dict[str, EnvironmentStatus]) -> None:
+        """Record the reports the last pass read (not asked again: one backend call per pass)."""
         with self.sessions() as db:
-            for batch in _batches(environment_ids, BATCH):
+            for batch in _batches(list(reports), BATCH):
                 for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
                     if env.status in ("pending", "starting"):
-                        apply_status(db, env, self.compute.status(env.id))
+                        apply_status(db, env, reports[env.id])
             db.commit()
 
 

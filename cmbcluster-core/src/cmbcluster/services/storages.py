@@ -11,12 +11,12 @@ call that may take long (a bucket's creation or deletion, a transfer, a usage me
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import String, delete, func, literal, select, union_all, update
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import (
@@ -39,7 +39,7 @@ from cmbcluster.errors import (
     PayloadTooLarge,
 )
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
-from cmbcluster.naming import validate_object_key, validate_object_prefix
+from cmbcluster.naming import validate_new_object_key, validate_object_key, validate_object_prefix
 from cmbcluster.services import accounting, instances
 from cmbcluster.services.audit import audit
 from cmbcluster.services.ownership import owned
@@ -292,13 +292,18 @@ def resume_interrupted_deletes(db: Session, context: AppContext) -> dict[str, st
 AUDIT_KEYS = 50
 
 
-def usable_bucket(db: Session, context: AppContext, user: User, storage_id: str) -> str:
-    """The bucket name of the caller's storage, whose objects may be used now (active, on the active
-    backend); the transaction ends here, before any transfer."""
+def usable_storage(db: Session, context: AppContext, user: User, storage_id: str) -> Storage:
+    """The caller's storage, whose objects may be used now (active, on the active backend); the
+    transaction ends here, before any transfer."""
     storage = get_owned(db, user, storage_id)
     require_usable(storage, context.config.storage.name)
     db.commit()
-    return storage.bucket_name
+    return storage
+
+
+def usable_bucket(db: Session, context: AppContext, user: User, storage_id: str) -> str:
+    """The bucket name of :func:`usable_storage`."""
+    return usable_storage(db, context, user, storage_id).bucket_name
 
 
 def list_objects(
@@ -351,7 +356,7 @@ def write_object(
     backend kept of it (:func:`abort_journalled_uploads`). The entry also holds the upload's bytes
     against the quotas of ``allowance`` (:class:`UploadReservation`): uploads running at once,
     on any replica, cannot together pass a quota."""
-    key = validate_object_key(key)
+    key = validate_new_object_key(key)
     reservation = UploadReservation(context, allowance, storage_id=storage_id, bucket=bucket, key=key)
     try:
         reservation.open(declared)
@@ -359,7 +364,7 @@ def write_object(
         info = context.storage.upload_object(bucket, key, held, content_type=content_type)
     finally:
         reservation.close()
-    invalidate_usage(db, context, storage_id)
+    invalidate_usage(db, context, storage_id, added_bytes=info.size)
     return info
 
 
@@ -533,7 +538,7 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
     if source == destination:
         return 0
     for _, target in pairs:
-        validate_object_key(target)
+        validate_new_object_key(target)
         try:
             context.storage.head_object(bucket, target)
         except NotFound:
@@ -550,10 +555,18 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
     return len(pairs)
 
 
-def invalidate_usage(db: Session, context: AppContext, storage_id: str) -> None:
+def invalidate_usage(db: Session, context: AppContext, storage_id: str, *, added_bytes: int = 0) -> None:
     """After a change made through the API, the storage's cached usage is stale: marked so (and
-    committed, with whatever the session holds), and a measurement under way is not stored."""
-    db.execute(update(Storage).where(Storage.id == storage_id).values(usage_at=None))
+    committed, with whatever the session holds), and a measurement under way is not stored.
+
+    An upload's ``added_bytes`` are added to the cached figures meanwhile: other members of the
+    user's groups count this bucket by them (:func:`quota_states`) without measuring it. Replacing
+    an object counts its bytes twice until the next measurement (versioned buckets keep the old
+    ones anyway), the safe side for a quota."""
+    values: dict[str, Any] = {"usage_at": None}
+    if added_bytes:
+        values["usage_bytes"] = func.coalesce(Storage.usage_bytes, 0) + added_bytes
+    db.execute(update(Storage).where(Storage.id == storage_id).values(**values))
     db.commit()
     context.storage_runtime.refresher.invalidate(storage_id)
 
@@ -570,8 +583,9 @@ class QuotaState:
     quota_bytes: int | None  # None: no quota
     current_bytes: int
     noncurrent_bytes: int
-    group: str | None = None  # the group's name; None: the user's own quota
-    member_ids: tuple[str, ...] = ()  # whose buckets count
+    user_id: str  # the user whose quotas these are
+    group_id: str | None = None  # None: the user's own quota
+    group: str | None = None  # the group's name
     reserved_bytes: int = 0  # held by uploads under way (counted before an upload only)
 
     @property
@@ -601,55 +615,91 @@ def quota_of(context: AppContext, user: User) -> int | None:
     return quota or None
 
 
+@dataclass(frozen=True, kw_only=True)
+class GroupQuota:
+    """A group's storage quota, over its members' buckets together."""
+
+    id: str
+    name: str
+    quota_bytes: int
+
+
+def quotas_of(db: Session, context: AppContext, user: User) -> tuple[int | None, list[GroupQuota]]:
+    """The user's own quota (None: none) and those of their groups that have one, by name."""
+    groups = [
+        GroupQuota(id=group_id, name=name, quota_bytes=quota or 0)
+        for group_id, name, quota in db.execute(
+            select(Group.id, Group.name, Group.storage_quota_bytes)
+            .join(GroupMember, GroupMember.group_id == Group.id)
+            .where(GroupMember.user_id == user.id, Group.storage_quota_bytes.is_not(None))
+            .order_by(Group.name)
+        )
+    ]
+    return quota_of(context, user), groups
+
+
 def quota_states(
-    db: Session,
-    context: AppContext,
-    user: User,
-    known: dict[str, Usage] | None = None,
-    *,
-    wait_seconds: float,
-    only_set: bool = False,
+    db: Session, context: AppContext, user: User, own: Sequence[tuple[Storage, Usage]]
 ) -> list[QuotaState]:
     """The user's own quota state, then that of each of their groups with a storage quota (by
-    name), over every member's buckets. Usage in ``known`` is taken as it is; the rest is measured
-    afresh where stale (waiting at most ``wait_seconds``, see :func:`current_usage`). ``only_set``:
-    only the quotas that are set, and nothing measured when none is."""
-    groups = db.execute(
-        select(Group.id, Group.name, Group.storage_quota_bytes)
-        .join(GroupMember, GroupMember.group_id == Group.id)
-        .where(GroupMember.user_id == user.id, Group.storage_quota_bytes.is_not(None))
-        .order_by(Group.name)
-    ).all()
-    own_quota = quota_of(context, user)
-    if only_set and own_quota is None and not groups:
-        db.commit()
-        return []
-    members: dict[str, list[str]] = {group_id: [] for group_id, _, _ in groups}
-    for group_id, member in db.execute(
-        select(GroupMember.group_id, GroupMember.user_id).where(GroupMember.group_id.in_(members))
-    ):
-        members[group_id].append(member)
-    everyone = {user.id, *(m for ids in members.values() for m in ids)}
-    rows = list(db.execute(select(Storage).where(Storage.user_id.in_(everyone))).scalars())
-    db.commit()  # hold no transaction while waiting for measurements
-    known = known or {}
-    usage = {**current_usage([r for r in rows if r.id not in known], context, wait_seconds=wait_seconds), **known}
-    by_user: dict[str, list[Usage]] = {}
-    for row in rows:
-        by_user.setdefault(row.user_id, []).append(usage[row.id])
+    name). ``own`` is every storage of the user with its usage (as just measured); the other
+    members' buckets count as last measured (their cached figures, summed in the database)."""
+    own_quota, groups = quotas_of(db, context, user)
+    return _states(db, user, own_quota, groups, {row.id: usage for row, usage in own}, all_own=True)
 
-    def state(quota: int | None, ids: list[str], group: str | None) -> QuotaState:
-        figures = [u for member in ids for u in by_user.get(member, [])]
+
+def _states(
+    db: Session,
+    user: User,
+    own_quota: int | None,
+    groups: Sequence[GroupQuota],
+    fresh: Mapping[str, Usage],
+    *,
+    all_own: bool,
+    only_set: bool = False,
+) -> list[QuotaState]:
+    """The quota states, from ``fresh`` (usage of some of the user's own storages; ``all_own``:
+    all of them) and the cached usage of every other storage that counts."""
+    want_own = own_quota is not None or not only_set
+    cached = _cached_usage(db, user, [g.id for g in groups], exclude=list(fresh), own=want_own and not all_own)
+    fresh_current = sum(u.size_bytes or 0 for u in fresh.values())
+    fresh_noncurrent = sum(u.noncurrent_bytes or 0 for u in fresh.values())
+
+    def state(quota: int | None, key: str | None, name: str | None) -> QuotaState:
+        current, noncurrent = cached.get(key, (0, 0))
         return QuotaState(
-            quota_bytes=quota, group=group, member_ids=tuple(sorted(ids)),
-            current_bytes=sum(u.size_bytes or 0 for u in figures),
-            noncurrent_bytes=sum(u.noncurrent_bytes or 0 for u in figures),
+            quota_bytes=quota, user_id=user.id, group_id=key, group=name,
+            current_bytes=fresh_current + current, noncurrent_bytes=fresh_noncurrent + noncurrent,
         )  # fmt: skip
 
-    found = [state(own_quota, [user.id], None)] + [
-        state(quota, members[group_id], name) for group_id, name, quota in groups
-    ]
-    return [s for s in found if s.quota_bytes is not None] if only_set else found
+    found = [state(own_quota, None, None)] if want_own else []
+    return found + [state(g.quota_bytes, g.id, g.name) for g in groups]
+
+
+def _cached_usage(
+    db: Session, user: User, group_ids: list[str], *, exclude: list[str], own: bool
+) -> dict[str | None, tuple[int, int]]:
+    """The cached current and noncurrent bytes of the user's storages (key None, when ``own``) and
+    of each group's members' storages (key: the group's id), leaving out ``exclude``: one query."""
+    current = func.coalesce(func.sum(Storage.usage_bytes), 0)
+    noncurrent = func.coalesce(func.sum(Storage.usage_noncurrent_bytes), 0)
+    parts = []
+    if own:
+        parts.append(
+            select(literal(None, String).label("group_id"), current, noncurrent)
+            .where(Storage.user_id == user.id, Storage.id.not_in(exclude))
+        )  # fmt: skip
+    if group_ids:
+        parts.append(
+            select(GroupMember.group_id, current, noncurrent)
+            .join(Storage, Storage.user_id == GroupMember.user_id)
+            .where(GroupMember.group_id.in_(group_ids), Storage.id.not_in(exclude))
+            .group_by(GroupMember.group_id)
+        )
+    if not parts:
+        return {}
+    query = parts[0] if len(parts) == 1 else union_all(*parts)
+    return {key: (int(cur or 0), int(nonc or 0)) for key, cur, nonc in db.execute(query)}
 
 
 @dataclass(frozen=True)
@@ -667,47 +717,86 @@ class Allowance:
         tightest = self.tightest
         return None if tightest is None else tightest.remaining_bytes
 
+    def refuses(self, declared: int | None) -> bool:
+        remaining = self.remaining_bytes
+        return remaining is not None and (remaining == 0 or (declared is not None and declared > remaining))
+
+    def check(self, declared: int | None) -> None:
+        """Refuse an upload the quotas leave no room for (see :func:`upload_allowance`)."""
+        for state in self.states:
+            assert state.quota_bytes is not None
+            if state.remaining_bytes == 0:
+                raise InsufficientStorage(
+                    f"{state.whose} of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in "
+                    f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted "
+                    f"ones{state.held()}); delete objects, or ask an administrator for more; nothing was stored"
+                )
+        if self.refuses(declared):
+            raise self.exceeded()
+
     def exceeded(self) -> PayloadTooLarge:
         assert self.tightest is not None
         return quota_exceeded(self.tightest)
 
 
-def reserved_bytes(db: Session, context: AppContext, member_ids: Iterable[str]) -> int:
-    """What the uploads under way into these users' buckets hold, on every live replica."""
+def reserved_bytes(db: Session, context: AppContext, state: QuotaState) -> int:
+    """What the uploads under way into the buckets ``state`` counts hold, on every live replica."""
+    if state.group_id is None:
+        whose = Storage.user_id == state.user_id
+    else:
+        whose = Storage.user_id.in_(select(GroupMember.user_id).where(GroupMember.group_id == state.group_id))
     held = db.execute(
         select(func.coalesce(func.sum(UploadJournal.reserved_bytes), 0))
         .join(Storage, Storage.id == UploadJournal.storage_id)
-        .where(Storage.user_id.in_(list(member_ids)), instances.owned_by_live(context, UploadJournal.owner))
+        .where(whose, instances.owned_by_live(context, UploadJournal.owner))
     ).scalar_one()
     return int(held)
 
 
 def upload_allowance(
-    db: Session, context: AppContext, user: User, *, declared: int | None, wait_seconds: float
+    db: Session, context: AppContext, user: User, storage: Storage, *, declared: int | None, wait_seconds: float
 ) -> Allowance:
-    """Before an upload: the quotas it must fit (the user's own and their groups'), with every
-    member's bucket usage measured afresh where stale (waiting at most ``wait_seconds``) and what
-    the uploads under way hold. A quota used up is refused with InsufficientStorage (507), an
-    upload whose declared length passes what is left with PayloadTooLarge (413): nothing is sent
-    to the backend. :class:`UploadReservation` then holds the upload's bytes while it runs."""
-    found = quota_states(db, context, user, wait_seconds=wait_seconds, only_set=True)
-    states = []
-    for found_state in found:
-        state = replace(found_state, reserved_bytes=reserved_bytes(db, context, found_state.member_ids))
+    """Before an upload into ``storage``: the quotas it must fit (the user's own and their groups'),
+    with what the uploads under way hold. Nothing is measured or summed when no quota is set.
+
+    Only ``storage`` is measured afresh where stale (waiting at most ``wait_seconds``); the other
+    buckets count as last measured, plus what was uploaded into them since through the API
+    (:func:`invalidate_usage`), and the uploads under way are held in the journal. Only when those
+    figures would refuse the upload is every stale bucket that counts measured again first (objects
+    deleted since free room). A quota used up is refused with InsufficientStorage (507), an upload
+    whose declared length passes what is left with PayloadTooLarge (413): nothing is sent to the
+    backend. :class:`UploadReservation` then holds the upload's bytes while it runs."""
+    own_quota, groups = quotas_of(db, context, user)
+    db.commit()  # hold no transaction while waiting for measurements
+    if own_quota is None and not groups:
+        return Allowance()
+    fresh = current_usage([storage], context, wait_seconds=wait_seconds)
+    allowance = _allowance(db, context, user, own_quota, groups, fresh)
+    if allowance.refuses(declared):
+        counted = {user.id, *_members(db, [g.id for g in groups])}
+        others = select(Storage).where(Storage.user_id.in_(counted), Storage.id != storage.id)
+        rows = list(db.execute(others).scalars())
         db.commit()
-        assert state.quota_bytes is not None
-        if state.remaining_bytes == 0:
-            raise InsufficientStorage(
-                f"{state.whose} of {_size(state.quota_bytes)} is used up ({_size(state.current_bytes)} in "
-                f"objects, {_size(state.noncurrent_bytes)} in earlier versions kept of overwritten or deleted "
-                f"ones{state.held()}); delete objects, or ask an administrator for more; nothing was stored"
-            )
-        states.append(state)
-    allowance = Allowance(tuple(states))
-    remaining = allowance.remaining_bytes
-    if declared is not None and remaining is not None and declared > remaining:
-        raise allowance.exceeded()
+        current_usage(rows, context, wait_seconds=wait_seconds)  # the results are stored as they come
+        allowance = _allowance(db, context, user, own_quota, groups, fresh)
+    allowance.check(declared)
     return allowance
+
+
+def _allowance(
+    db: Session, context: AppContext, user: User, own_quota: int | None, groups: Sequence[GroupQuota],
+    fresh: Mapping[str, Usage],
+) -> Allowance:  # fmt: skip
+    states = _states(db, user, own_quota, groups, fresh, all_own=False, only_set=True)
+    allowance = Allowance(tuple(replace(s, reserved_bytes=reserved_bytes(db, context, s)) for s in states))
+    db.commit()
+    return allowance
+
+
+def _members(db: Session, group_ids: list[str]) -> list[str]:
+    if not group_ids:
+        return []
+    return list(db.execute(select(GroupMember.user_id).where(GroupMember.group_id.in_(group_ids))).scalars())
 
 
 def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
@@ -733,7 +822,8 @@ class UploadReservation:
     measured usage, against each quota): of uploads checking at once, the last to write sees the
     others, so they can never together pass a quota; at worst both are refused, the conservative
     side. A declared length is held whole at the start; a stream of unknown length is held in
-    steps of :data:`RESERVATION_STEP`, and stopped with 413 once it would pass a quota."""
+    steps of :data:`RESERVATION_STEP` (near a quota, what is left of it at once), and stopped with
+    413 once it would pass a quota."""
 
     def __init__(self, context: AppContext, allowance: Allowance | None, *, storage_id: str, bucket: str,
                  key: str) -> None:  # fmt: skip
@@ -758,27 +848,33 @@ class UploadReservation:
             self.hold(0, declared if declared is not None else RESERVATION_STEP, exact=declared is not None)
 
     def hold(self, sent: int, wanted: int, *, exact: bool = False) -> None:
-        """Hold ``wanted`` bytes; when that passes a quota, only ``sent`` (unless ``exact``),
-        and when even that passes it, refuse (413)."""
-        over = self._set(wanted)
-        if over is not None and not exact and wanted != sent:
-            over = self._set(sent)
-            wanted = sent
-        if over is not None:
-            raise quota_exceeded(over)
+        """Hold ``wanted`` bytes; when that passes a quota, what is left of it (at least ``sent``;
+        unless ``exact``), and when even that passes it, refuse (413). Near a quota the stream then
+        holds the rest at once, instead of a write and a check for every chunk."""
+        room, tightest = self._set(wanted)
+        if room < 0 and not exact:
+            fits = max(sent, wanted + room)
+            room, tightest = self._set(fits)
+            wanted = fits
+        if room < 0:
+            assert tightest is not None
+            raise quota_exceeded(tightest)
         self.held = wanted
 
-    def _set(self, amount: int) -> QuotaState | None:
-        """Write the hold, then check every quota; the first one passed, or None."""
+    def _set(self, amount: int) -> tuple[int, QuotaState | None]:
+        """Write the hold, then check every quota: the bytes the tightest leaves beyond it
+        (negative: passed by so many), and that quota with what the other uploads hold."""
+        room, tightest = 0, None
         with self.context.sessions() as db:
             db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(reserved_bytes=amount))
             db.commit()
             for state in self.states:
                 assert state.quota_bytes is not None
-                others = reserved_bytes(db, self.context, state.member_ids) - amount
-                if state.used_bytes + others + amount > state.quota_bytes:
-                    return replace(state, reserved_bytes=others)
-        return None
+                others = reserved_bytes(db, self.context, state) - amount
+                left = state.quota_bytes - state.used_bytes - others - amount
+                if tightest is None or left < room:
+                    room, tightest = left, replace(state, reserved_bytes=others)
+        return room, tightest
 
     def holding(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """``chunks``, holding more of the quotas whenever they pass what is held."""

@@ -26,6 +26,16 @@ def normalise_email(email: str) -> str:
     return email.translate(_ASCII_LOWER)
 
 
+def by_email(db: Session, email: str) -> User | None:
+    """The user with this address, compared in ASCII case only (as addresses are stored: an admin's
+    ``ALICE@Example.org`` is ``alice@example.org``); None for text that is no address."""
+    try:
+        address = normalise_email(email)
+    except InvalidRequest:
+        return None
+    return db.execute(select(User).where(User.email == address)).scalar_one_or_none()
+
+
 def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     """The user for a verified identity: found by provider and subject, else linked by a verified
     e-mail address to an account whose address was verified too, else created.
@@ -76,7 +86,7 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
 
 def _link_by_email(db: Session, email: str, info: UserInfo) -> User | None:
     """The existing account with this address, when both sides' addresses are verified."""
-    user = db.execute(select(User).where(User.email == email)).scalar_one_or_none()
+    user = by_email(db, email)
     if user is None:
         return None
     if not info.email_verified:
@@ -120,7 +130,7 @@ def operator_token(
     address = normalise_email(email)
     if "@" not in address or len(address) > 320 or any(c.isspace() for c in address):
         raise InvalidRequest(f"{email!r} is not an e-mail address")
-    user = db.execute(select(User).where(User.email == address)).scalar_one_or_none()
+    user = by_email(db, address)
     created = user is None
     if user is None:
         if not create_local:

@@ -18,3 +18,16 @@ The suites: :mod:`~cmbcluster.testing.storage` (``StorageContract``), :mod:`~cmb
 (``PriceTableContract``); ``docs/plugins/testing.md`` covers
 each, and the helpers beside them.
 """
+
+# The suites' own assertions are what fails in a plugin's test run: have pytest rewrite them (as it
+# rewrites test modules), so that a failure shows the values compared, not a bare AssertionError.
+# This package is imported before any of its modules, whose import the rewrite hook then sees; its
+# modules are named one by one, as the package itself is being imported (no assertion in it).
+try:
+    import pytest as _pytest
+except ImportError:  # the suites need pytest; the other helpers do not
+    pass
+else:
+    import pkgutil as _pkgutil
+
+    _pytest.register_assert_rewrite(*(f"{__name__}.{m.name}" for m in _pkgutil.iter_modules(__path__)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,3 +43,23 @@ def dev_sign_in(client: Any, email: str, name: str = "", next_path: str = "/") -
     assert token, "no session cookie was set"
     client.cookies.clear()
     return {"Authorization": f"Bearer {token}"}
+
+
+def make_bucket(
+    client: Any,
+    headers: dict[str, str],
+    files: Mapping[str, bytes | Iterable[bytes]],
+    *,
+    display_name: str = "data",
+    storage_class: str = "standard",
+) -> str:
+    """Create a bucket through the API as the user of ``headers`` (from :func:`dev_sign_in`) and upload
+    ``files`` into it (key -> bytes, or an iterable of chunks, streamed); the storage's id."""
+    body = {"display_name": display_name, "storage_class": storage_class}
+    created = client.post("/api/v1/storages", headers=headers, json=body)
+    assert created.status_code == 201, created.text
+    storage_id = str(created.json()["id"])
+    for key, content in files.items():
+        put = client.put(f"/api/v1/storages/{storage_id}/objects/{key}", headers=headers, content=content)
+        assert put.is_success, put.text
+    return storage_id

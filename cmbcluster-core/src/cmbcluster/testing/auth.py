@@ -12,12 +12,20 @@ would never let a test produce::
             return EntraProvider(OidcConfig(name="azure", issuer=key_server.issuer, client_id=client_id))
 
         @pytest.fixture
-        def valid_claims(self, client_id):  # what your provider needs besides the standard claims
-            return {**standard_claims(client_id), "tid": "my-tenant"}
+        def valid_claims(self, base_claims):  # what your provider needs besides the standard claims
+            return {**base_claims, "tid": "my-tenant"}
 
-Fixtures you may override: ``key_server`` (issuer, published keys), ``client_id`` and
-``valid_claims``; ``auth_provider`` is yours to provide. The provider must be configured to
-trust ``key_server``'s issuer and JWKS and to allow only RS256.
+Fixtures you may override: ``key_server`` (issuer, published keys), ``client_id``,
+``claim_mapping`` and ``valid_claims``; ``auth_provider`` is yours to provide. The provider must be
+configured to trust ``key_server``'s issuer and JWKS and to allow only RS256.
+
+The claims follow the provider's own mapping (:class:`ClaimMapping`, read from an
+:class:`~cmbcluster.oidc.OidcProvider`'s ``config``): the address goes in its ``email_claim``, and
+its ``email_verified_claim`` says the address is verified (Entra ID's ``xms_edov``, say). A provider
+whose issuer never vouches for addresses (``email_verified_claim=None``) passes with its addresses
+unverified: the suite then expects ``email_verified`` False. Whatever the mapping, a token whose
+address is not vouched for in the declared claim never makes an admin nor reaches an existing
+account, even when it carries ``email_verified: true`` in a claim the provider did not declare.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -40,9 +49,34 @@ CLIENT_ID = "cmbcluster-contract"
 ADMIN_EMAIL = "grace@example.org"
 
 
-def standard_claims(client_id: str) -> dict[str, Any]:
-    """The claims of a valid ID token besides ``iss``/``iat``/``exp`` (which the key server adds)."""
-    return {"sub": "u-1", "aud": client_id, "email": ADMIN_EMAIL, "email_verified": True, "name": "Grace"}
+@dataclass(frozen=True)
+class ClaimMapping:
+    """Where a provider reads the address (``email_claim``) and the issuer's word that it verified
+    it (``email_verified_claim``; None: the issuer never vouches)."""
+
+    email_claim: str = "email"
+    email_verified_claim: str | None = "email_verified"
+
+    @classmethod
+    def of(cls, provider: AuthProvider) -> ClaimMapping:
+        """An OidcProvider's mapping (its ``config``), else OpenID Connect's standard one."""
+        from cmbcluster.oidc import OidcConfig
+
+        config = getattr(provider, "config", None)
+        if isinstance(config, OidcConfig):
+            return cls(config.email_claim, config.email_verified_claim)
+        return cls()
+
+
+def standard_claims(
+    client_id: str, *, email_claim: str = "email", email_verified_claim: str | None = "email_verified"
+) -> dict[str, Any]:
+    """The claims of a valid ID token besides ``iss``/``iat``/``exp`` (which the key server adds): the
+    address ``ADMIN_EMAIL`` in ``email_claim``, vouched for in ``email_verified_claim`` (if any)."""
+    claims: dict[str, Any] = {"sub": "u-1", "aud": client_id, email_claim: ADMIN_EMAIL, "name": "Grace"}
+    if email_verified_claim is not None:
+        claims[email_verified_claim] = True
+    return claims
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -63,12 +97,24 @@ class AuthProviderContract:
         return CLIENT_ID
 
     @pytest.fixture
-    def valid_claims(self, client_id: str) -> dict[str, Any]:
-        return standard_claims(client_id)
-
-    @pytest.fixture
     def auth_provider(self, key_server: KeyServer, client_id: str) -> AuthProvider:
         raise NotImplementedError("provide the auth_provider fixture: your provider, trusting key_server")
+
+    @pytest.fixture
+    def claim_mapping(self, auth_provider: AuthProvider) -> ClaimMapping:
+        """The provider's claim mapping (an OidcProvider's own; override it for another provider)."""
+        return ClaimMapping.of(auth_provider)
+
+    @pytest.fixture
+    def base_claims(self, client_id: str, claim_mapping: ClaimMapping) -> dict[str, Any]:
+        """The standard claims in the provider's mapping: extend them in ``valid_claims``."""
+        return standard_claims(
+            client_id, email_claim=claim_mapping.email_claim, email_verified_claim=claim_mapping.email_verified_claim
+        )
+
+    @pytest.fixture
+    def valid_claims(self, base_claims: dict[str, Any]) -> dict[str, Any]:
+        return base_claims
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -82,12 +128,19 @@ class AuthProviderContract:
 
     # -- what must pass --------------------------------------------------------------------------
     def test_a_valid_id_token_is_accepted(
-        self, auth_provider: AuthProvider, key_server: KeyServer, valid_claims: dict[str, Any]
-    ) -> None:
+        self, auth_provider: AuthProvider, key_server: KeyServer, valid_claims: dict[str, Any],
+        claim_mapping: ClaimMapping,
+    ) -> None:  # fmt: skip
         claims = auth_provider.validate_token(key_server.sign({**valid_claims, "nonce": "n-1"}), nonce="n-1")
         user = auth_provider.user_info(claims)
         assert isinstance(user, UserInfo)
-        assert (user.subject, user.email, user.email_verified) == (valid_claims["sub"], ADMIN_EMAIL, True)
+        assert user.subject == valid_claims["sub"]
+        assert user.email == ADMIN_EMAIL, (
+            f"the provider reads the address from {claim_mapping.email_claim!r}: valid_claims must carry "
+            f"{ADMIN_EMAIL!r} there (start valid_claims from the base_claims fixture)"
+        )
+        # verified exactly when the issuer vouches for it, in the claim the provider declares
+        assert user.email_verified is (claim_mapping.email_verified_claim is not None)
         assert auth_provider.exchange_token(key_server.sign(valid_claims)).subject == valid_claims["sub"]
 
     def test_several_audiences_with_our_client_as_azp_are_accepted(
@@ -202,31 +255,43 @@ class AuthProviderContract:
         self.refused(auth_provider, key_server.sign(valid_claims), nonce="n-1")
         self.refused(auth_provider, key_server.sign({**valid_claims, "nonce": "n-2"}), nonce="n-1")
 
-    def test_an_unverified_email_never_makes_an_admin(
-        self, auth_provider: AuthProvider, key_server: KeyServer, valid_claims: dict[str, Any]
-    ) -> None:
-        """An address in CMBCLUSTER_ADMIN_EMAILS that the provider does not vouch for: the
-        provider refuses the token, or core's sign-in makes a plain user (never an admin)."""
+    def test_an_unverified_email_never_makes_an_admin_nor_reaches_an_account(
+        self, auth_provider: AuthProvider, key_server: KeyServer, valid_claims: dict[str, Any],
+        claim_mapping: ClaimMapping,
+    ) -> None:  # fmt: skip
+        """An address in CMBCLUSTER_ADMIN_EMAILS that the provider does not vouch for (false in its
+        declared claim, or no such claim; ``email_verified: true`` is no vouching unless that is the
+        claim it declares): the provider refuses the token, or says the address is unverified, and
+        then core's sign-in makes a plain user, never an admin, and never the existing account of
+        that address."""
         from sqlalchemy import create_engine
         from sqlalchemy.orm import Session
 
         from cmbcluster.db.models import Base, User
         from cmbcluster.services.users import sign_in
 
-        token = key_server.sign({**valid_claims, "email_verified": False, "sub": "u-unverified"})
+        unverified = {**valid_claims, "email_verified": True, "sub": "u-unverified"}  # a decoy unless declared
+        if claim_mapping.email_verified_claim is not None:
+            unverified[claim_mapping.email_verified_claim] = False
         try:
-            user_info = auth_provider.exchange_token(token)
+            user_info = auth_provider.exchange_token(key_server.sign(unverified))
         except AuthenticationFailed:
             return  # refused outright: fine
         assert user_info.email_verified is False
-        engine = create_engine("sqlite://")
-        Base.metadata.create_all(engine)
-        with Session(engine) as db:
-            db.add(User(email="first@example.org", auth_provider="x", subject="first", role="admin"))
-            db.commit()
+        for existing in (
+            User(email="first@example.org", auth_provider="x", subject="first", role="admin", email_verified=True),
+            User(email=ADMIN_EMAIL, auth_provider="x", subject="owner", role="user", email_verified=True),
+        ):
+            engine = create_engine("sqlite://")
+            Base.metadata.create_all(engine)
             try:
-                user = sign_in(db, user_info, admin_emails=[ADMIN_EMAIL])
-            except CmbclusterError:
-                return  # refused by core: fine
-            assert user.role == "user"
-        engine.dispose()
+                with Session(engine) as db:
+                    db.add(existing)
+                    db.commit()
+                    try:
+                        user = sign_in(db, user_info, admin_emails=[ADMIN_EMAIL])
+                    except CmbclusterError:
+                        continue  # refused by core: fine
+                    assert (user.role, user.subject) == ("user", "u-unverified"), "the unverified address granted this"
+            finally:
+                engine.dispose()

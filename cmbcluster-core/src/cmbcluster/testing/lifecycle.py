@@ -8,8 +8,10 @@ The order, which ``docs/plugins/hooks.md`` documents (:data:`LIFECYCLE`):
    active bucket of the user.
 2. An environment starts: ``infra.ensure_user_identity``; if it returned an identity,
    ``infra.update_user_buckets`` (every active bucket of the user), then for each bucket mounted
-   ``storage.ensure_bucket_access`` and ``storage.volume_spec``; then the compute backend starts it
-   (on Kubernetes it builds the pod and runs every ``cmbcluster_decorate_pod`` on it).
+   ``storage.ensure_bucket_access`` and ``storage.volume_spec`` (its ``MountRequest.identity`` is
+   that identity, or None); then the compute backend starts it (on Kubernetes it builds the pod and
+   runs every ``cmbcluster_decorate_pod`` on it, whose ``PodContext`` has the identity and the
+   mounted buckets).
 3. A bucket is deleted: ``storage.delete_bucket``, then ``infra.update_user_buckets`` with the rest.
 4. A user is deleted (by an administrator, once their buckets are gone): their environments are
    stopped and removed, then ``infra.delete_user_identity``.
@@ -64,7 +66,13 @@ RECORDED = frozenset(call.lstrip("*") for _, calls in LIFECYCLE for call in call
 
 
 class Calls(list[str]):
-    """The recorded calls, in order."""
+    """The recorded calls, in order; beside them, what ``ensure_user_identity`` returned and what
+    ``volume_spec`` was asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identities: list[CloudIdentity | None] = []
+        self.mounts: list[MountRequest] = []
 
     def since(self, mark: int) -> list[str]:
         return [c for c in self[mark:] if c in RECORDED]
@@ -78,7 +86,9 @@ class RecordingInfra(InfraProvider):
 
     def ensure_user_identity(self, user: UserRef, *, namespace: str) -> CloudIdentity | None:
         self.calls.append("infra.ensure_user_identity")
-        return self.inner.ensure_user_identity(user, namespace=namespace)
+        identity = self.inner.ensure_user_identity(user, namespace=namespace)
+        self.calls.identities.append(identity)
+        return identity
 
     def delete_user_identity(self, user: UserRef, *, namespace: str) -> None:
         self.calls.append("infra.delete_user_identity")
@@ -119,6 +129,7 @@ class RecordingStorage(LocalStorage):
 
     def volume_spec(self, request: MountRequest) -> VolumeSpec:
         self.calls.append("storage.volume_spec")
+        self.calls.mounts.append(request)
         return super().volume_spec(request)
 
 
@@ -210,6 +221,10 @@ class LifecycleContract:
         status = client.get(f"/api/v1/environments/{env.json()['id']}", headers=ada).json()
         assert status["status"] == "running", status
         assert calls.since(mark) == expected("environment started", identity=self.gives_identities, mounts=1)
+        # the bucket is mounted as the identity the user's environment runs as (a CSI volume that
+        # mounts with the pod's credentials names it: a role, a managed identity's client id)
+        assert [m.identity for m in calls.mounts] == calls.identities[-1:]
+        assert calls.mounts[-1].user.id == ada_id and calls.mounts[-1].mount_path == "/home/user/data"
 
         assert client.delete(f"/api/v1/environments/{env.json()['id']}", headers=ada).status_code in (200, 202, 204)
         mark = len(calls)

@@ -27,29 +27,34 @@ Subclass :class:`PodDecorationContract`, name your provider and provide ``storag
         def active_settings(self):
             return {AzureSettings: AzureSettings(...)}
 
-The decorators run are every installed plugin's, in core's order (``decorate`` fixture).
+The decorator run is your installed plugin's (``plugin_name``, by default ``provider_name``: its
+entry point's name), so another installed plugin's decorator cannot fail your suite; override the
+``decorate`` fixture with ``installed_decorators()`` to run every installed plugin's, in core's
+order, as the control plane does.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 
+from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.errors import NotFound
 from cmbcluster.interfaces import (
     BucketOptions,
     CloudIdentity,
     EnvironmentSpec,
-    MountedVolume,
     MountRequest,
     PodContext,
     PodDraft,
     StorageBackend,
     UserRef,
+    VolumeSpec,
 )
 from cmbcluster.kubernetes.manifests import build_draft, check_decorated
 from cmbcluster.kubernetes.manifests import pod_context as _pod_context
@@ -72,22 +77,12 @@ def environment_spec(
     made by ``storage.volume_spec`` as a start makes them."""
     environment_id = uuid.uuid4().hex
     volumes = tuple(
-        MountedVolume(
-            mount_path=path,
-            bucket=bucket,
-            spec=storage.volume_spec(
-                MountRequest(
-                    bucket=bucket,
-                    mount_path=path,
-                    user=user,
-                    environment_id=environment_id,
-                    read_only=read_only,
-                    namespace=namespace,
-                )
-            ),
+        mount_bucket(
+            storage, bucket=bucket, mount_path=path, user=user, environment_id=environment_id, identity=identity,
+            namespace=namespace, read_only=read_only,
         )
         for bucket, path, read_only in mounts
-    )
+    )  # fmt: skip
     return EnvironmentSpec(environment_id=environment_id, user=user, image=image, volumes=volumes, identity=identity)
 
 
@@ -116,11 +111,23 @@ def check_pod(draft: PodDraft, spec: EnvironmentSpec, *, namespace: str = NAMESP
     check_decorated(draft, spec, namespace=namespace)
 
 
-def installed_decorators() -> Decorate:
-    """Every installed plugin's ``cmbcluster_decorate_pod``, in core's order (as the control plane runs them)."""
+def installed_decorators(plugin: str | None = None) -> Decorate:
+    """Every installed plugin's ``cmbcluster_decorate_pod``, in core's order (as the control plane runs
+    them); only the installed plugin called ``plugin`` when given (its entry point's name)."""
     from cmbcluster.plugins import PluginManager
 
-    return PluginManager().load().decorate_pod
+    manager = PluginManager().load()
+    if plugin is None:
+        return manager.decorate_pod
+    info = next((i for i in manager.plugins() if i.name == plugin), None)
+    if info is None:
+        raise LookupError(
+            f"no plugin {plugin!r} is installed (an entry point of the group cmbcluster): install your package "
+            "(pip install -e .), or name it in plugin_name"
+        )
+    if info.error is not None:
+        raise LookupError(f"plugin {plugin!r} ({info.distribution} {info.version}) failed to load: {info.error}")
+    return functools.partial(manager.decorate_pod, plugins=(plugin,))
 
 
 class PodDecorationContract:
@@ -128,6 +135,8 @@ class PodDecorationContract:
 
     #: The registered name your decorator serves (``context.serves(provider_name)``).
     provider_name: str = ""
+    #: Your plugin's name (its entry point's), whose decorator the suite runs; default provider_name.
+    plugin_name: str | None = None
     #: Whether your infra provider is deployed beside your storage (both names in the context).
     serves_infra: bool = True
 
@@ -151,7 +160,8 @@ class PodDecorationContract:
 
     @pytest.fixture
     def decorate(self) -> Decorate:
-        return installed_decorators()
+        """Your installed plugin's decorator alone (another plugin's cannot fail your suite)."""
+        return installed_decorators(self.plugin_name or self.provider_name)
 
     @pytest.fixture
     def mounted(self, storage_backend: StorageBackend, user: UserRef) -> Iterator[list[tuple[str, str, bool]]]:
@@ -192,6 +202,31 @@ class PodDecorationContract:
                 assert mounted_volume.mount_path in paths
         if identity is not None and identity.service_account:
             assert draft.service_account_name == identity.service_account
+
+    def test_volumes_are_made_for_the_users_identity(
+        self,
+        storage_backend: StorageBackend,
+        user: UserRef,
+        identity: CloudIdentity | None,
+        active_settings: Mapping[type[Any], Any],
+        mounted: list[tuple[str, str, bool]],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """``volume_spec`` is asked as core asks at a start: each bucket with the user's identity (a
+        volume that mounts with the pod's credentials names it), and decorators see the same."""
+        asked: list[MountRequest] = []
+        volume_spec = storage_backend.volume_spec
+
+        def recording(request: MountRequest) -> VolumeSpec:
+            asked.append(request)
+            return volume_spec(request)
+
+        monkeypatch.setattr(storage_backend, "volume_spec", recording)
+        spec = environment_spec(storage_backend, user, mounted, identity=identity)
+        assert [(r.bucket, r.mount_path, r.read_only) for r in asked] == mounted
+        assert all(r.identity == identity and r.user == user and r.namespace == NAMESPACE for r in asked)
+        context = self._context(spec, active_settings)
+        assert context.identity == identity and context.buckets == tuple(bucket for bucket, _, _ in mounted)
 
     def test_a_pod_without_buckets_passes_cores_checks_once_decorated(
         self,

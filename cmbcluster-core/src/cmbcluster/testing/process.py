@@ -6,6 +6,8 @@ inside a served control plane.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -17,19 +19,55 @@ from typing import Self
 
 import httpx
 
-# Variables a developer's shell may carry that would change what a test sees.
-CONFIG_PREFIXES = ("CMBCLUSTER_", "AWS_", "GOOGLE_", "COGNITO_", "S3_", "GCS_", "ECR_", "EKS_", "THIRDPARTY_")
-CONFIG_NAMES = frozenset(
-    {"CLOUD_PROVIDER", "PROJECT_ID", "REGION", "ZONE", "ADMIN_EMAILS", "DATABASE_URL", "SECRET_KEY",
-     "STORAGE_EMULATOR_HOST", "CLUSTER_NAME"}
-)  # fmt: skip
+#: Core's own variables, and those the clouds' SDKs read on their own, outside any settings model
+#: (credentials, profiles, endpoints): a developer's must never reach a test.
+CORE_PREFIX = "CMBCLUSTER_"
+SDK_PREFIXES = ("AWS_", "GOOGLE_", "CLOUDSDK_", "AZURE_")
+
+
+#: Kept: where a tool is, which changes nothing a test sees (the deploy-values suite's helm).
+KEPT = frozenset({"CMBCLUSTER_HELM"})
 
 
 def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any CMBCluster or cloud configuration, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES}
+    """This process's environment without any CMBCluster or cloud configuration, plus ``extra``.
+
+    Removed: every variable that core's settings and the settings model of every installed plugin
+    read (their names and aliases, and anything under a model's ``env_prefix``), whatever plugin
+    it is: a plugin's tests start clean without listing its variables. Also ``CMBCLUSTER_*`` and
+    the cloud SDKs' own variables (:data:`SDK_PREFIXES`). Kept: :data:`KEPT`.
+    """
+    names, prefixes = configuration_variables()
+    env = {
+        k: v for k, v in os.environ.items()
+        if k in KEPT or (k.upper() not in names and not k.upper().startswith(prefixes))
+    }  # fmt: skip
     env.update(extra or {})
     return env
+
+
+@functools.cache
+def configuration_variables() -> tuple[frozenset[str], tuple[str, ...]]:
+    """The variable names and prefixes :func:`clean_environ` removes, from the installed plugins
+    (found once per process, through their entry points)."""
+    from pydantic_settings import BaseSettings
+
+    from cmbcluster.errors import PluginError
+    from cmbcluster.plugins import PluginManager
+    from cmbcluster.settings import CoreSettings, env_var_names
+
+    plugins = PluginManager()
+    with contextlib.suppress(PluginError):  # two plugins registering one name: still, strip both's variables
+        plugins.load()
+    names: set[str] = set()
+    prefixes = {CORE_PREFIX, *SDK_PREFIXES}
+    models: list[type[BaseSettings]] = [CoreSettings, *plugins.settings_models()]
+    for model in models:
+        model_names, prefix = env_var_names(model)
+        names |= model_names
+        if prefix:
+            prefixes.add(prefix)
+    return frozenset(names), tuple(sorted(prefixes))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,7 +121,7 @@ class ServeProcess(BackgroundProcess):
                 env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def wait_ready(self, path: str = "/healthz", timeout: float = 30) -> httpx.Response:
+    def wait_ready(self, path: str = "/healthz", timeout: float = 60) -> httpx.Response:
         """The first answer of ``path``; AssertionError with the server's output if it never comes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -97,3 +135,31 @@ class ServeProcess(BackgroundProcess):
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class ToolServer(BackgroundProcess):
+    """A stand-in for a cloud (``moto_server``, ``gcp-storage-emulator``) run from this interpreter's
+    environment, on loopback: ``command`` is the executable beside ``sys.executable`` and its
+    arguments, where ``{port}`` becomes a free port; its output goes to ``log``. Ready once ``url`` +
+    ``probe`` answers (RuntimeError with the end of its log if it exits or stays silent for 30 s)."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str], log: Path, probe: str = "/") -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        executable = Path(sys.executable).with_name(command[0])
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(executable), *(arg.format(port=port) for arg in command[1:])],
+                env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(self.url + probe, timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{command[0]} did not answer within 30 s: {log.read_text()[-2000:]}")

@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import mimetypes
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +33,11 @@ MiB = 1024 * 1024
 def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
+
+
+def _missing(storage: StorageBackend) -> str:
+    """A bucket name valid under the backend's rules that no bucket has."""
+    return storage.bucket_names.new_name("cmb-missing", uuid.uuid4().hex)
 
 
 class StorageContract:
@@ -97,11 +101,30 @@ class StorageContract:
         try:
             assert a.name != b.name
             for name in (a.name, b.name):
-                assert re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", name), name
+                # made under the rules the backend declares, which core checks configured names against
+                assert storage_backend.bucket_names.problem(name) is None, name
                 assert "lovelace" not in name and "@" not in name
         finally:
             storage_backend.delete_bucket(a.name, force=True)
             storage_backend.delete_bucket(b.name, force=True)
+
+    def test_bucket_name_rules_are_self_consistent(self, storage_backend: StorageBackend) -> None:
+        rules = storage_backend.bucket_names
+        assert rules.description and 1 <= rules.min_length <= rules.max_length
+        assert rules.prefix_problem("cmb") is None
+        made = [rules.new_name("cmb", user) for user in (uuid.uuid4().hex, "u1", "Ada.L@x", "9" * 40) for _ in range(5)]
+        assert len(set(made)) == len(made)
+        for name in made:
+            assert rules.problem(name) is None and rules.check(name) == name, name
+        # what core relies on of every bucket name: safe as a file name, in a path, in a Kubernetes object
+        for bad in ("", "x" * (rules.max_length + 1), "Maps", "a/b", "a b", "..", "a@b.org", "-ab", "ab-"):
+            assert rules.problem(bad) is not None, bad
+            with pytest.raises(InvalidRequest):
+                rules.check(bad)
+        for prefix in ("-", "Bad Prefix"):
+            assert rules.prefix_problem(prefix) is not None
+            with pytest.raises(InvalidRequest):
+                rules.new_name(prefix, uuid.uuid4().hex)
 
     def test_list_buckets_is_per_owner(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
         other = UserRef(id=uuid.uuid4().hex)
@@ -109,7 +132,7 @@ class StorageContract:
         assert bucket not in [b.name for b in storage_backend.list_buckets(other)]
 
     def test_unknown_bucket_is_not_found(self, storage_backend: StorageBackend) -> None:
-        missing = f"cmb-missing-{uuid.uuid4().hex[:12]}"
+        missing = _missing(storage_backend)  # a name the backend's rules make: valid there, and free
         with pytest.raises(NotFound):
             storage_backend.get_bucket(missing)
         with pytest.raises(NotFound):
@@ -170,7 +193,7 @@ class StorageContract:
         storage_backend.ensure_bucket_access(bucket, identity)
         storage_backend.ensure_bucket_access(bucket, identity)  # a start after a start: no error, no duplicate
         with pytest.raises(NotFound):
-            storage_backend.ensure_bucket_access(f"cmb-missing-{uuid.uuid4().hex[:12]}", identity)
+            storage_backend.ensure_bucket_access(_missing(storage_backend), identity)
 
     def test_check_ready_and_close(self, storage_backend: StorageBackend) -> None:
         storage_backend.check_ready()
@@ -225,13 +248,22 @@ class StorageContract:
         with pytest.raises(NotFound):
             storage_backend.head_object(bucket, "half.bin")
 
-    def test_volume_spec_mounts_the_bucket(self, storage_backend: StorageBackend, owner: UserRef, bucket: str) -> None:
-        spec = storage_backend.volume_spec(
-            MountRequest(bucket=bucket, mount_path="/home/user/data", user=owner, environment_id=uuid.uuid4().hex)
-        )
-        assert spec.local_path is not None or (spec.volume is not None and spec.mount is not None)
-        if spec.mount is not None:
-            assert spec.mount["mountPath"] == "/home/user/data"
+    def test_volume_spec_mounts_the_bucket(
+        self, storage_backend: StorageBackend, owner: UserRef, bucket: str, identity: CloudIdentity
+    ) -> None:
+        # as the user's cloud identity (what core passes when the infra provider gives one), or none
+        for as_whom in (identity, None):
+            request = MountRequest(
+                bucket=bucket,
+                mount_path="/home/user/data",
+                user=owner,
+                environment_id=uuid.uuid4().hex,
+                identity=as_whom,
+            )
+            spec = storage_backend.volume_spec(request)
+            assert spec.local_path is not None or (spec.volume is not None and spec.mount is not None)
+            if spec.mount is not None:
+                assert spec.mount["mountPath"] == "/home/user/data"
 
     # -- objects -----------------------------------------------------------------------------
     def test_streamed_round_trip(self, storage_backend: StorageBackend, bucket: str) -> None:

@@ -5,8 +5,8 @@ import { useEffect } from "react";
 import { useUser } from "@/components/Shell";
 import { Card, LoadState, Name, StatusBadge, useLoad, useNow } from "@/components/ui";
 import { api, type Schemas, unwrap } from "@/lib/api";
-import { formatBytes, plural, since, stoppedBecause } from "@/lib/format";
-import { estimateNote, hours, money } from "@/lib/usage";
+import { QUOTA_CLASS, formatBytes, plural, quotaState, since, stoppedBecause } from "@/lib/format";
+import { budgetClass, budgetConsequence, estimateNote, hours, money } from "@/lib/usage";
 
 declare global {
   interface Window {
@@ -109,16 +109,21 @@ export default function DashboardPage() {
           {storages.data && storages.data.length > 0 ? (
             <>
               <p className="big">{formatBytes(quota?.used_bytes ?? used)}</p>
-              <p>
+              <p className={QUOTA_CLASS[quotaState(quota?.used_bytes ?? used, quota?.quota_bytes)]}>
                 in {plural(storages.data.length, "bucket")}
                 {quota && quota.noncurrent_bytes > 0 ? `, ${formatBytes(quota.noncurrent_bytes)} of it in earlier versions` : ""}
-                {quota?.quota_bytes != null ? `, of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
+                {quota?.quota_bytes != null ? `, of your ${formatBytes(quota.quota_bytes)} quota` : ""}
+                {quotaState(quota?.used_bytes ?? used, quota?.quota_bytes) === "over" ? ": it is used up, so uploads are refused" : ""}.
               </p>
-              {storageList.data?.group_quotas.map((group) => (
-                <p key={group.group} className="group-quota">
-                  Group {group.group}: {formatBytes(group.used_bytes)} of {formatBytes(group.quota_bytes)} used.
-                </p>
-              ))}
+              {storageList.data?.group_quotas.map((group) => {
+                const full = quotaState(group.used_bytes, group.quota_bytes);
+                return (
+                  <p key={group.group} className={`group-quota ${QUOTA_CLASS[full]}`}>
+                    Group {group.group}: {formatBytes(group.used_bytes)} of {formatBytes(group.quota_bytes)} used
+                    {full === "over" ? ": over its quota, so uploads are refused" : ""}.
+                  </p>
+                );
+              })}
               <Link href="/storage/">Manage storage</Link>
             </>
           ) : null}
@@ -138,8 +143,8 @@ export default function DashboardPage() {
               {(usage.data.budgets ?? [])
                 .filter((budget) => budget.state !== "ok")
                 .map((budget) => (
-                  <p key={budget.id} className="warning" role="status">
-                    {budget.message}
+                  <p key={budget.id} className={budgetClass(budget)} role="status">
+                    {budget.message}. {budgetConsequence(budget)}
                   </p>
                 ))}
               <p className="small muted estimate">{estimateNote(usage.data)}</p>

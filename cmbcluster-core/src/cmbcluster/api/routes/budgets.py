@@ -14,6 +14,11 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
 Scope = Annotated[Literal["user", "group"], Path(description="user or group")]
 Target = Annotated[str, Path(max_length=200, description="A user's id or e-mail, or a group's id or name")]
+GroupName = Annotated[
+    str,
+    Path(min_length=1, max_length=service.MAX_GROUP_NAME, description="Printable text: no control, formatting, "
+         "bidirectional or line-break characters"),
+]  # fmt: skip
 
 
 class BudgetStatusOut(BaseModel):
@@ -28,7 +33,9 @@ class BudgetStatusOut(BaseModel):
     currency: str
     hard: bool = Field(description="At 100 %, running environments are stopped too")
     used: float = Field(description="This month so far, in the budget's unit (an estimate from list prices)")
-    percent: float
+    percent: float = Field(
+        description=f"100 x used / amount, at most {service.PERCENT_CAP:g} (the message says >999 %)"
+    )
     state: Literal["ok", "warning", "exceeded"] = Field(description="warning from 80 %, exceeded from 100 %")
     message: str
 
@@ -36,7 +43,10 @@ class BudgetStatusOut(BaseModel):
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: float = Field(gt=0, le=1e12, allow_inf_nan=False)
+    amount: float = Field(
+        ge=service.MIN_AMOUNT, le=1e12, allow_inf_nan=False,
+        description=f"At least {service.MIN_AMOUNT}, kept to {service.AMOUNT_DECIMALS} decimal places",
+    )  # fmt: skip
     unit: Literal["currency", "core_hours"] = "currency"
     hard: bool = Field(default=False, description="At 100 %, stop running environments too")
 
@@ -99,22 +109,18 @@ def list_groups(admin: AdminUser, db: DbSession) -> Any:
 
 
 @router.put("/groups/{name}", response_model=GroupOut, summary="Create a group or replace its members")
-def set_group(
-    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupIn, admin: AdminUser, db: DbSession
-) -> Any:
+def set_group(name: GroupName, body: GroupIn, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group(db, actor_id=admin.id, name=name, members=body.members)
     return next(g for g in service.groups(db) if g["id"] == group.id)
 
 
 @router.patch("/groups/{name}", response_model=GroupOut, summary="Set a group's storage quota")
-def change_group(
-    name: Annotated[str, Path(min_length=1, max_length=100)], body: GroupChange, admin: AdminUser, db: DbSession
-) -> Any:
+def change_group(name: GroupName, body: GroupChange, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group_storage_quota(db, actor_id=admin.id, name=name, quota_bytes=body.storage_quota_bytes)
     return next(g for g in service.groups(db) if g["id"] == group.id)
 
 
 @router.delete("/groups/{name}", status_code=204, summary="Remove a group (and its budget)")
-def delete_group(name: Annotated[str, Path(min_length=1, max_length=100)], admin: AdminUser, db: DbSession) -> Response:
+def delete_group(name: GroupName, admin: AdminUser, db: DbSession) -> Response:
     service.delete_group(db, actor_id=admin.id, name=name)
     return Response(status_code=204)

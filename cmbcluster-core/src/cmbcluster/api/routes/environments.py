@@ -16,11 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
-from cmbcluster.api.routes.budgets import BudgetStatusOut
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict
-from cmbcluster.services import budgets
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.status import apply_status
@@ -102,10 +100,6 @@ class LimitsOut(BaseModel):
     max_uptime_minutes: int = Field(description="Your environments stop after running this long; 0: never")
     max_extension_minutes: int = Field(description="How much longer than that Extend may keep one running")
     shutdown_warning_minutes: int = Field(description="How long before an automatic stop you are warned")
-    budgets: list[BudgetStatusOut] = Field(
-        default_factory=list,
-        description="Your and your groups' monthly budgets: a warning from 80 %; at 100 % nothing new starts",
-    )
 
 
 class EnvironmentList(BaseModel):
@@ -174,11 +168,11 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
 
 @router.get("", response_model=EnvironmentList, summary="My environments, and the limits they run under")
 async def list_environments(user: CurrentUser, db: DbSession, context: Context) -> Response:
-    # The busiest read of the API: one indexed query on the event loop (see api/deps.py for why).
+    # The busiest read of the API (the environments page polls it): one indexed query on the event
+    # loop (see api/deps.py for why). Budgets are not here: they cost more than the list itself, and
+    # the dashboard reads them from GET /api/v1/usage/me; a start a budget refuses says why.
     items = envs.views(db, context, user.id)
-    found = budgets.statuses(db, context.prices, user_id=user.id)  # one indexed query when there are none
-    limits = {**envs.limits(context, user, items), "budgets": [status.as_dict() for status in found]}
-    return _json({"items": items, "limits": limits})
+    return _json({"items": items, "limits": envs.limits(context, user, items)})
 
 
 @router.get(

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
-from cmbcluster.api.deps import Context
+from cmbcluster.api.deps import BearerToken, Context, DbSession, SessionCookie, authenticate_request
+from cmbcluster.api.errors import error_responses
+from cmbcluster.errors import PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,19 @@ async def readyz(context: Context) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(context: Context) -> Response:
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (the scrape token of CMBCLUSTER_METRICS_TOKEN, or an administrator)",
+    response_class=Response,
+    responses=error_responses(401, 403),
+)
+def metrics(request: Request, context: Context, db: DbSession, bearer: BearerToken, cookie: SessionCookie) -> Response:
+    # It names every user and group with their usage: never public, whatever the ingress routes.
+    token = context.config.core.metrics_token
+    sent = bearer.credentials if bearer is not None else None
+    if sent is None or token is None or not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+        principal = authenticate_request(request, db, sent, cookie)
+        db.commit()
+        if principal.user.role != "admin":
+            raise PermissionDenied("administrators and the metrics scrape token (CMBCLUSTER_METRICS_TOKEN) only")
     return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)

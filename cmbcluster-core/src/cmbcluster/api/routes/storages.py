@@ -37,7 +37,7 @@ from cmbcluster.db.models import Storage
 from cmbcluster.errors import InvalidRequest, PayloadTooLarge
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.migration import engine as migration
-from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_object_key
+from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_new_object_key
 from cmbcluster.services import previews
 from cmbcluster.services import storages as service
 from cmbcluster.services.usage import Usage, cached_usage
@@ -255,9 +255,7 @@ def list_storages(user: CurrentUser, db: DbSession, context: Context) -> Storage
     # USAGE_WORKERS buckets at once per server and for at most LIST_USAGE_WAIT_SECONDS: a listing
     # never costs a full scan of every bucket on every call, nor waits on one huge bucket.
     rows = service.storages_with_usage(db, context, user, wait_seconds=LIST_USAGE_WAIT_SECONDS)
-    own, *groups = service.quota_states(
-        db, context, user, {row.id: usage for row, usage in rows}, wait_seconds=LIST_USAGE_WAIT_SECONDS
-    )
+    own, *groups = service.quota_states(db, context, user, rows)
     moving = migration.moving(db, [row.id for row, _ in rows])
     return StorageListOut(
         storages=[storage_out(row, usage, moving.get(row.id)) for row, usage in rows],
@@ -433,8 +431,9 @@ async def upload_object(
     db: DbSession,
     context: Context,
 ) -> ObjectOut:
-    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
-    validate_object_key(key)
+    storage = await run_in_threadpool(service.usable_storage, db, context, user, storage_id)
+    bucket = storage.bucket_name
+    validate_new_object_key(key)
     max_bytes = context.config.core.max_upload_bytes
     declared = content_length(request.headers)
     if declared is not None and declared > max_bytes:
@@ -443,7 +442,9 @@ async def upload_object(
     if content_type is not None and (len(content_type) > MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()):
         raise InvalidRequest(f"Content-Type must be at most {MAX_CONTENT_TYPE_LENGTH} printable characters")
     allowance = await run_in_threadpool(
-        partial(service.upload_allowance, db, context, user, declared=declared, wait_seconds=GET_USAGE_WAIT_SECONDS)
+        partial(
+            service.upload_allowance, db, context, user, storage, declared=declared, wait_seconds=GET_USAGE_WAIT_SECONDS
+        )
     )
     remaining = allowance.remaining_bytes
     if remaining is not None and remaining < max_bytes:  # a quota is the nearer limit: stop there

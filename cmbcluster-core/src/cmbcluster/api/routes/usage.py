@@ -84,13 +84,12 @@ def usage_report(
 ) -> Any:  # fmt: skip
     lo, hi = accounting.parse_period(start, to)
     report = accounting.report(db, context.prices, lo, hi, group_by)
-    found = budgets.statuses(db, context.prices)
-    if format == "csv":
+    if format == "csv":  # the rows alone: no budgets
         name = f"usage-{lo.date().isoformat()}-{hi.date().isoformat()}-by-{group_by}.csv"
         return Response(
             report.csv(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )
-    return _out(report, found)
+    return _out(report, budgets.statuses(db, context.prices))
 
 
 @router.get("/me", response_model=UsageReport, summary="Your own usage and estimated cost, by day")

@@ -77,6 +77,16 @@ function whereItAppears(path: string): string {
 
 const DEFAULT_MOUNT = "/home/user/data";
 
+/** Where a newly ticked bucket goes: /home/user/data, else the first of /home/user/data-2, -3… that no
+ * other ticked bucket uses (the server refuses two buckets at one path). */
+function freeMountPath(taken: string[]): string {
+  const used = new Set(taken.map((path) => path.replace(/\/+$/, "")));
+  if (!used.has(DEFAULT_MOUNT)) return DEFAULT_MOUNT;
+  let n = 2;
+  while (used.has(`${DEFAULT_MOUNT}-${n}`)) n += 1;
+  return `${DEFAULT_MOUNT}-${n}`;
+}
+
 function LaunchForm({
   application,
   limits,
@@ -165,7 +175,7 @@ function LaunchForm({
                 checked={s.id in mounts}
                 onChange={(e) => {
                   const next = { ...mounts };
-                  if (e.target.checked) next[s.id] = DEFAULT_MOUNT;
+                  if (e.target.checked) next[s.id] = freeMountPath(Object.values(mounts));
                   else delete next[s.id];
                   setMounts(next);
                 }}

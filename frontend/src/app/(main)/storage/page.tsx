@@ -17,7 +17,7 @@ import {
   useLoad,
 } from "@/components/ui";
 import { api, type Schemas, type Storage, unwrap } from "@/lib/api";
-import { formatBytes, formatTime, plural } from "@/lib/format";
+import { QUOTA_CLASS, formatBytes, formatTime, plural, quotaState } from "@/lib/format";
 
 type StorageClass = Schemas["StorageClass"];
 const CLASSES: { value: StorageClass; label: string }[] = [
@@ -82,19 +82,27 @@ export default function StoragePage() {
         </InlineForm>
       </Card>
       {quota ? (
-        <p id="storage-quota">
+        <p id="storage-quota" className={QUOTA_CLASS[quotaState(quota.used_bytes, quota.quota_bytes)]}>
           {formatBytes(quota.used_bytes)} stored
           {quota.noncurrent_bytes > 0 ? ` (${formatBytes(quota.noncurrent_bytes)} in earlier versions, billed until they expire)` : ""}
-          {quota.quota_bytes != null ? ` of your ${formatBytes(quota.quota_bytes)} quota` : ""}.
+          {quota.quota_bytes != null ? ` of your ${formatBytes(quota.quota_bytes)} quota` : ""}
+          {quotaState(quota.used_bytes, quota.quota_bytes) === "over" ? ": it is used up, so uploads are refused until you delete files" : ""}.
         </p>
       ) : null}
-      {answer.data?.group_quotas.map((group) => (
-        <p key={group.group} className="group-quota">
-          Group <Name text={group.group} focusable={false} />: {formatBytes(group.used_bytes)} stored by its members
-          {group.noncurrent_bytes > 0 ? ` (${formatBytes(group.noncurrent_bytes)} in earlier versions)` : ""} of the
-          group&apos;s {formatBytes(group.quota_bytes)} quota.
-        </p>
-      ))}
+      {answer.data?.group_quotas.map((group) => {
+        const full = quotaState(group.used_bytes, group.quota_bytes);
+        return (
+          <p key={group.group} className={`group-quota ${QUOTA_CLASS[full]}`}>
+            Group <Name text={group.group} focusable={false} />: {formatBytes(group.used_bytes)} stored by its members
+            {group.noncurrent_bytes > 0 ? ` (${formatBytes(group.noncurrent_bytes)} in earlier versions)` : ""} of the
+            group&apos;s {formatBytes(group.quota_bytes)} quota
+            {full === "over"
+              ? ": over its quota, so uploads are refused until its members delete files or an administrator raises it"
+              : ""}
+            .
+          </p>
+        );
+      })}
       <LoadState load={list} what="Loading your buckets" empty={list.data?.length === 0}>
         No bucket yet: create one above.
       </LoadState>

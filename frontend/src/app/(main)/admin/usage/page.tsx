@@ -4,7 +4,7 @@ import { useState } from "react";
 import { AdminNav } from "@/components/AdminNav";
 import { DataTable, LoadState, Name, Td, useLoad } from "@/components/ui";
 import { api, unwrap } from "@/lib/api";
-import { estimateNote, hours, money, monthOf, monthRange, type UsageReport } from "@/lib/usage";
+import { budgetClass, estimateNote, hours, money, monthOf, monthRange, percent, type UsageReport } from "@/lib/usage";
 
 const GROUPINGS = { user: "User", group: "Group", application: "Application" } as const;
 type Grouping = keyof typeof GROUPINGS;
@@ -74,9 +74,9 @@ export default function UsagePage() {
       </form>
       {shown ? <p className="small muted">{estimateNote(shown)}</p> : null}
       {flagged.map((budget) => (
-        <p key={budget.id} className="warning">
+        <p key={budget.id} className={budgetClass(budget)}>
           {/* the message speaks to the budget's user ("your budget"): the admin gets whose it is */}
-          {budget.scope} {budget.label}: {Math.round(budget.percent)} % of its monthly {budget.amount}{" "}
+          {budget.scope} {budget.label}: {percent(budget.percent)} of its monthly {budget.amount}{" "}
           {budget.unit === "currency" ? budget.currency : "core-hours"} used
           {budget.state === "exceeded" ? (budget.hard ? ", new starts refused and running environments stopped" : ", new starts refused") : ""}
         </p>

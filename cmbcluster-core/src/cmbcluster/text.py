@@ -1,0 +1,36 @@
+"""Text one user chooses and others read in listings (group names, object keys): which characters
+would make it show as something else.
+
+A name shown in a table, a CSV or a terminal is trusted to read as what it is. Control characters
+break lines and terminals; Unicode's bidirectional controls reorder the text around them (the
+"Trojan Source" trick: ``report\u202eftp.exe`` shows as ``reportexe.ptf``).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+#: The embedding, override and isolate controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI):
+#: each changes the order in which the characters after it are shown.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def first_unprintable(text: str) -> str | None:
+    """The first character of ``text`` that is not shown as itself, or None: controls, formatting
+    characters (bidirectional controls, zero-width spaces and joiners), line and paragraph
+    separators, unassigned code points and spaces other than U+0020 (Python's ``isprintable``)."""
+    return next((ch for ch in text if not ch.isprintable()), None)
+
+
+def first_bidi_control(text: str) -> str | None:
+    """The first bidirectional embedding, override or isolate control in ``text``, or None."""
+    return next((ch for ch in text if ch in BIDI_CONTROLS), None)
+
+
+def describe_character(ch: str) -> str:
+    """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character for an error message, never the character
+    itself (which would reorder or break the message)."""
+    name = unicodedata.name(ch, "")
+    if not name and unicodedata.category(ch) == "Cc":
+        name = "a control character"
+    return f"U+{ord(ch):04X}" + (f" ({name})" if name else "")
