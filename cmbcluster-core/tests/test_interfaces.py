@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from pydantic_settings import BaseSettings
 
-from cmbcluster.errors import AuthenticationFailed, InvalidRequest, PluginError
+from cmbcluster.config import resolve
+from cmbcluster.errors import AuthenticationFailed, ConfigurationError, InvalidRequest, PluginError
 from cmbcluster.interfaces import (
     AuthorizationRequest,
     AuthProvider,
@@ -28,6 +29,7 @@ from cmbcluster.interfaces import (
     EnvironmentStatus,
     MountRequest,
     PlannedStep,
+    PodContext,
     PriceTable,
     Provisioner,
     ProvisioningOptions,
@@ -37,7 +39,8 @@ from cmbcluster.interfaces import (
     UserInfo,
     UserRef,
 )
-from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
+from cmbcluster.plugins import PluginManager
+from cmbcluster.registrations import InfraProviderRegistration, ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
 
 
@@ -227,3 +230,34 @@ def test_requires_given_as_one_string_is_refused_with_the_fix() -> None:
         StorageBackendRegistration(
             name="tenant", factory=_factory, settings_model=TenantSettings, requires="tenant_region",  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def test_a_registration_refuses_factories_that_are_not_callable() -> None:
+    with pytest.raises(ValueError, match=r"^storage backend 'tenant': factory must be a callable"):
+        StorageBackendRegistration(name="tenant", factory="tenant.make")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^infra provider 'tenant': provisioner must be a callable"):
+        InfraProviderRegistration(name="tenant", factory=_factory, provisioner="tenant.up")  # type: ignore[arg-type]
+    without = InfraProviderRegistration(name="tenant", factory=_factory)
+    with pytest.raises(PluginError, match=r"^infra provider 'tenant' has no provisioner$"):
+        without.create_provisioner(None)  # type: ignore[arg-type]  # never read: refused first
+
+
+def test_a_resolved_configuration_answers_which_providers_serve_it(tmp_path: Path) -> None:
+    config = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False))
+    assert config.serves("local") and config.serves("local", "storage") and not config.serves("tenant")
+    assert config.settings(TenantSettings) is None  # no active provider uses it: a deploy hook returns at once
+    with pytest.raises(ValueError, match=r"^unknown concern 'bucket': one of storage, compute, infra, auth$"):
+        config.serves("local", "bucket")  # type: ignore[arg-type]
+
+
+def test_a_pod_context_gives_the_active_providers_settings() -> None:
+    tenant = TenantSettings()
+    context = PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="tenant", infra_provider=None, active_settings={TenantSettings: tenant},
+    )  # fmt: skip
+    assert context.settings(TenantSettings) is tenant and context.settings(OtherSettings) is None
+    assert context.require_settings(TenantSettings) is tenant
+    with pytest.raises(ConfigurationError) as exc_info:  # a decorator that cannot work without them says so
+        context.require_settings(OtherSettings)
+    assert exc_info.value.problems == ["no active provider uses the settings model OtherSettings"]
