@@ -214,10 +214,13 @@ def tests_browser(session: nox.Session) -> None:
     install_packages(session, core_extras="jupyter")  # the notebook test runs JupyterLab through the proxy
     session.install(PLAYWRIGHT)
     build_ui(session)
-    # `python -m` puts the repository root on sys.path: the notebook test imports tests.run_serve
-    env: dict[str, str] = {}
-    command = pytest_under_coverage(session, env, ["python", "-m", "pytest"])
-    session.run(*command, "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs, env=env)
+    # `python -m` puts the repository root on sys.path: the notebook test imports tests.run_serve.
+    # Not measured for coverage: its first-load budget times the server, which must not run traced
+    # (measured so, on a loaded machine: 1.8 s against the 1.0 s budget), and the API it drives is
+    # measured in tests-core and tests-e2e.
+    session.run(
+        "python", "-m", "pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs
+    )
 
 
 @nox.session(python=PYTHON)

@@ -29,6 +29,7 @@ from cmbcluster.interfaces import (
     EnvironmentStatus,
     MountRequest,
     PlannedStep,
+    PodContext,
     PriceTable,
     Provisioner,
     ProvisioningOptions,
@@ -38,7 +39,7 @@ from cmbcluster.interfaces import (
     UserInfo,
     UserRef,
 )
-from cmbcluster.interfaces.common import ActiveSettings
+from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import InfraProviderRegistration, ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
 
@@ -231,30 +232,32 @@ def test_requires_given_as_one_string_is_refused_with_the_fix() -> None:
         )  # fmt: skip
 
 
-class _Carrying(ActiveSettings):
-    """Anything that carries the active providers' settings (a PodContext, a ResolvedConfig)."""
-
-    def _active_settings(self) -> dict[type[Any], Any]:
-        return {OtherSettings: OtherSettings()}
-
-
-def test_what_carries_the_active_settings_requires_them_or_says_which_model_is_missing() -> None:
-    carrying = _Carrying()
-    assert isinstance(carrying.require_settings(OtherSettings), OtherSettings)
-    with pytest.raises(ConfigurationError) as exc_info:
-        carrying.require_settings(TenantSettings)
-    assert exc_info.value.problems == ["no active provider uses the settings model TenantSettings"]
-
-
-def test_registrations_refuse_what_core_could_not_call(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="factory must be a callable"):
-        StorageBackendRegistration(name="tenant", factory="not callable")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="provisioner must be a callable"):
-        InfraProviderRegistration(name="tenant", factory=_factory, provisioner="nope")  # type: ignore[arg-type]
+def test_a_registration_refuses_factories_that_are_not_callable() -> None:
+    with pytest.raises(ValueError, match=r"^storage backend 'tenant': factory must be a callable"):
+        StorageBackendRegistration(name="tenant", factory="tenant.make")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^infra provider 'tenant': provisioner must be a callable"):
+        InfraProviderRegistration(name="tenant", factory=_factory, provisioner="tenant.up")  # type: ignore[arg-type]
     without = InfraProviderRegistration(name="tenant", factory=_factory)
-    with pytest.raises(PluginError, match="infra provider 'tenant' has no provisioner"):
-        without.create_provisioner(ProviderContext(core=CoreSettings(data_dir=tmp_path)))
-    config = resolve(CoreSettings(data_dir=tmp_path))
-    assert config.serves("local", "storage") and not config.serves("aws")
-    with pytest.raises(ValueError, match="unknown concern 'pods'"):
-        config.serves("local", "pods")  # type: ignore[arg-type]
+    with pytest.raises(PluginError, match=r"^infra provider 'tenant' has no provisioner$"):
+        without.create_provisioner(None)  # type: ignore[arg-type]  # never read: refused first
+
+
+def test_a_resolved_configuration_answers_which_providers_serve_it(tmp_path: Path) -> None:
+    config = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False))
+    assert config.serves("local") and config.serves("local", "storage") and not config.serves("tenant")
+    assert config.settings(TenantSettings) is None  # no active provider uses it: a deploy hook returns at once
+    with pytest.raises(ValueError, match=r"^unknown concern 'bucket': one of storage, compute, infra, auth$"):
+        config.serves("local", "bucket")  # type: ignore[arg-type]
+
+
+def test_a_pod_context_gives_the_active_providers_settings() -> None:
+    tenant = TenantSettings()
+    context = PodContext(
+        user=UserRef(id="u1"), environment_id="e1", namespace="users", identity=None,
+        storage_backend="tenant", infra_provider=None, active_settings={TenantSettings: tenant},
+    )  # fmt: skip
+    assert context.settings(TenantSettings) is tenant and context.settings(OtherSettings) is None
+    assert context.require_settings(TenantSettings) is tenant
+    with pytest.raises(ConfigurationError) as exc_info:  # a decorator that cannot work without them says so
+        context.require_settings(OtherSettings)
+    assert exc_info.value.problems == ["no active provider uses the settings model OtherSettings"]
