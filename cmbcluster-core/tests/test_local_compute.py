@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -292,6 +293,48 @@ def test_process_without_a_state_file_is_found_and_removed(compute: LocalProcess
     else:
         raise AssertionError("the unrecorded process survived delete()")
     assert spec.environment_id not in {s.environment_id for s in fresh.list_managed()}
+
+
+def test_a_start_the_reconcile_loop_sees_halfway_is_not_taken_for_a_crashs_leftover(
+    compute: LocalProcessCompute, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconcile loop lists environments (another thread) while a request starts one: between the
+    process starting and its state file being written, it must not read as "interrupted while
+    starting" (the loop then marks it failed and stops it: in the browser tests under load, an
+    environment launched from the dialog ended failed)."""
+    seen: list[EnvironmentStatus] = []
+    write_state = compute._write_state
+
+    def listed_meanwhile(environment_id: str, state: dict[str, object]) -> None:
+        reconcile = threading.Thread(target=lambda: seen.extend(compute.list_managed()))
+        reconcile.start()
+        reconcile.join()
+        write_state(environment_id, state)
+
+    spec = spec_for(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(compute, "_write_state", listed_meanwhile)
+        compute.start(spec)
+    assert seen == []  # started, not yet recorded: not listed (the loop gives a start in flight time)
+    wait_for(compute, spec.environment_id, EnvironmentPhase.RUNNING)
+
+
+def test_a_start_recorded_while_the_state_files_are_being_read_is_listed_as_it_is(
+    compute: LocalProcessCompute, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the state files were read before the start, the running processes after it."""
+    spec = spec_for(tmp_path)
+    unrecorded_groups = compute._unrecorded_groups
+
+    def started_meanwhile() -> dict[str, int]:
+        compute.start(spec)
+        return unrecorded_groups()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(compute, "_unrecorded_groups", started_meanwhile)
+        (listed,) = compute.list_managed()
+    assert listed.environment_id == spec.environment_id
+    assert listed.phase in (EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING), listed
 
 
 def test_environment_ports_avoid_the_kernels_ephemeral_range(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ processes that still run and cleans up after those that do not. A process is rec
 PID *and* its start time, so a recycled PID is never mistaken for ours. Every process also
 carries its environment id and this backend's state folder in its environment variables: a
 process started just before a crash, whose state file was never written, is still found
-(``list_managed``) and can be removed.
+(``list_managed``) and can be removed; one that ``start`` is recording at that moment is not
+mistaken for it (the reconcile loop lists environments while requests start them).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class LocalProcessCompute(ComputeBackend):
         for folder in (self.state_dir, self.homes_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # Environments whose process this backend has started and not yet recorded: list_managed
+        # (the reconcile loop, in another thread) must not take them for a crash's leftovers.
+        self._recording: set[str] = set()
+        self._recording_lock = threading.Lock()
         self._meter = ProcessTreeMeter()
         self._sweep_secrets()
 
@@ -113,23 +118,29 @@ class LocalProcessCompute(ComputeBackend):
             command += root_arguments(spec.command)
         env = self._environment(spec, values, home)
         log_path = self._path(env_id, ".log")
-        with open(log_path, "ab") as log:
-            try:
-                process = subprocess.Popen(
-                    command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                shown = shlex.join(command).replace(values.token, REDACTED) if values.token else shlex.join(command)
-                raise InvalidRequest(f"cannot start {shown}: {exc.strerror}") from None
-        self._children[env_id] = process
-        state = {
-            "environment_id": env_id, "user_id": spec.user.id, "pid": process.pid,
-            "start_ticks": _start_ticks(process.pid), "port": values.port, "socket": socket_path,
-            "token": values.token, "strip_prefix": "base_url" not in placeholders_in(spec.command),
-            "home": str(home), "started_at": dt.datetime.now(dt.UTC).isoformat(), "stopped": False,
-        }  # fmt: skip
-        self._write_state(env_id, state)
+        with self._recording_lock:
+            self._recording.add(env_id)
+        try:
+            with open(log_path, "ab") as log:
+                try:
+                    process = subprocess.Popen(
+                        command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, start_new_session=True,
+                    )  # fmt: skip
+                except OSError as exc:
+                    shown = shlex.join(command).replace(values.token, REDACTED) if values.token else shlex.join(command)
+                    raise InvalidRequest(f"cannot start {shown}: {exc.strerror}") from None
+            self._children[env_id] = process
+            state = {
+                "environment_id": env_id, "user_id": spec.user.id, "pid": process.pid,
+                "start_ticks": _start_ticks(process.pid), "port": values.port, "socket": socket_path,
+                "token": values.token, "strip_prefix": "base_url" not in placeholders_in(spec.command),
+                "home": str(home), "started_at": dt.datetime.now(dt.UTC).isoformat(), "stopped": False,
+            }  # fmt: skip
+            self._write_state(env_id, state)
+        finally:
+            with self._recording_lock:
+                self._recording.discard(env_id)
         return self._status_from(state)
 
     def check_command(self, command: Sequence[str]) -> str | None:
@@ -209,6 +220,16 @@ class LocalProcessCompute(ComputeBackend):
                 recorded.add(path.stem)
                 statuses.append(self._status_from(state))
         for env_id in sorted(set(self._unrecorded_groups()) - recorded):
+            # Started since the state files were read, not before a crash: start() is between the
+            # process and its record, or has written the record (before leaving the set) by now.
+            with self._recording_lock:
+                being_recorded = env_id in self._recording
+            if being_recorded:
+                continue
+            state = self._read_state(env_id)
+            if state is not None:
+                statuses.append(self._status_from(state))
+                continue
             # started just before a crash: it runs, but nobody knows its port; reconcile stops it
             statuses.append(
                 EnvironmentStatus(
