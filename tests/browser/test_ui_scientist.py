@@ -1,9 +1,9 @@
 """The web UI as scientists use it (issue 15), in Chromium against a real server.
 
 Dana is a scientist with a very long display name (200 characters); Alice (the first user of the
-server, so an administrator) administers. The tests run in file order and share the server with
-tests/browser/test_ui.py. Every page is photographed at 1280 by 800 and 390 by 844 into
-.reports/screenshots/pages/ (test artifacts, not committed) and checked for horizontal scrolling.
+server, so an administrator) administers. The tests run in file order. Every page is photographed at
+1280 by 800 and 390 by 844 into .reports/screenshots/pages/ (test artifacts, not committed) and
+checked for horizontal scrolling.
 """
 
 from __future__ import annotations
@@ -13,76 +13,37 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Error, Locator, Page, ViewportSize, expect
+from playwright.sync_api import Error, Locator, Page, expect
 
-from cmbcluster.testing.oidc import OidcMockServer
 from cmbcluster.testing.process import ServeProcess
 
-from .conftest import PROVIDER_DISPLAY_NAME, SCREENSHOTS, Session
+from .conftest import (
+    LINES_OF_TEXT,
+    PROVIDER_DISPLAY_NAME,
+    SCREENSHOTS,
+    SIZES,
+    UNAUTHORIZED,
+    OpenSession,
+    People,
+    Session,
+    api,
+    assert_clean,
+    expecting,
+    sign_in,
+)
 
-OpenSession = Callable[[], Session]
-UNAUTHORIZED = "status of 401"
-LONG_NAME = ("Dana " + "Bolometric-Cosmic-Microwave-Background-Polarimetry-" * 4)[:200]
 LONG_FILE = ("planck_2026_" + "x" * 300)[:245] + ".fits"  # 250 characters
 LONG_BUCKET = ("CMB maps " + "y" * 100)[:100]
-PEOPLE = {
-    "alice": {"email": "alice@example.org", "email_verified": True, "name": "Alice Admin"},
-    "dana": {"email": "dana@example.org", "email_verified": True, "name": LONG_NAME},
-}
-SIZES: dict[str, ViewportSize] = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
-# How many lines an element's text is laid out on (a word cut in two takes two).
-LINES_OF_TEXT = "e => { const r = document.createRange(); r.selectNodeContents(e); return r.getClientRects().length }"
-people: dict[str, Session] = {}
 state: dict[str, Any] = {}
 
 
-def sign_in(session: Session, oidc: OidcMockServer, sub: str) -> None:
-    page = session.page
-    session.console.expected.append(UNAUTHORIZED)
-    try:
-        page.goto("/")
-        page.get_by_role("link", name=f"Sign in with {PROVIDER_DISPLAY_NAME}").click()
-        page.locator("input[name=sub]").fill(sub)
-        page.get_by_role("button", name="Authorize").click()
-        expect(page.get_by_role("heading", name=re.compile("^Welcome"))).to_be_visible()
-    finally:
-        session.console.expected.remove(UNAUTHORIZED)
-
-
 @pytest.fixture
-def alice(open_session: OpenSession, oidc: OidcMockServer) -> Session:
-    if "alice" not in people:
-        for sub, claims in PEOPLE.items():
-            oidc.put_user(sub, claims)
-        people["alice"] = open_session()
-        sign_in(people["alice"], oidc, "alice")
-    return people["alice"]
-
-
-@pytest.fixture
-def dana(alice: Session, open_session: OpenSession, oidc: OidcMockServer) -> Session:
-    if "dana" not in people:
-        people["dana"] = open_session()
-        sign_in(people["dana"], oidc, "dana")
-    return people["dana"]
-
-
-def api(page: Page, method: str, path: str, **kwargs: Any) -> Any:
-    """The API with the page's own session (to arrange and to check what the UI shows). A change
-    carries the page's Origin, as the browser's own requests do: with the session cookie and no
-    Origin, the server refuses it."""
-    if method not in ("GET", "HEAD"):
-        origin = re.match(r"https?://[^/]+", page.url)
-        assert origin is not None, f"the page is not on the server: {page.url}"
-        kwargs["headers"] = {"Origin": origin.group(0), **kwargs.get("headers", {})}
-    response = page.request.fetch(path, method=method, **kwargs)
-    assert response.ok, f"{method} {path}: {response.status} {response.text()}"
-    return response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+def dana(people: People) -> Session:
+    return people("dana")
 
 
 def go(page: Page, label: str) -> None:
@@ -99,10 +60,6 @@ def no_horizontal_scroll(page: Page, what: str) -> None:
     assert width[0] <= width[1], f"{what}: the page is {width[0]} px wide in a {width[1]} px window"
     tables = page.locator(".table-wrap").evaluate_all("all => all.map(e => [e.scrollWidth, e.clientWidth])")
     assert all(inner <= outer for inner, outer in tables), f"{what}: a table scrolls sideways {tables}"
-
-
-def assert_clean(session: Session) -> None:
-    assert session.console.errors == [], "\n".join(session.console.errors)
 
 
 def fits_map(rows: int = 3072) -> bytes:
@@ -153,10 +110,10 @@ def test_signed_in_with_words_gib_one_bucket_and_a_favicon(dana: Session, server
     page.get_by_role("button", name="Create bucket").click()
     expect(page.get_by_role("link", name=LONG_BUCKET)).to_be_visible()
     # Duplicate names are refused, by the server, in words.
-    with_expected(dana, "status of 409")
-    page.get_by_label("Name", exact=True).fill(LONG_BUCKET.upper())
-    page.get_by_role("button", name="Create bucket").click()
-    expect(page.get_by_role("alert").filter(has_text="you already have a bucket named")).to_be_visible()
+    with expecting(dana, "status of 409"):
+        page.get_by_label("Name", exact=True).fill(LONG_BUCKET.upper())
+        page.get_by_role("button", name="Create bucket").click()
+        expect(page.get_by_role("alert").filter(has_text="you already have a bucket named")).to_be_visible()
     assert len(api(page, "GET", "/api/v1/storages")["storages"]) == 1
     go(page, "Dashboard")
     expect(page.get_by_text("in 1 bucket.")).to_be_visible()
@@ -168,10 +125,6 @@ def test_signed_in_with_words_gib_one_bucket_and_a_favicon(dana: Session, server
         expect(dialog.get_by_text(preset)).to_be_visible()
     page.keyboard.press("Escape")
     assert_clean(dana)
-
-
-def with_expected(session: Session, *texts: str) -> None:
-    session.console.expected.extend(texts)
 
 
 def test_settings_say_where_secrets_appear_and_the_picker_clears(dana: Session, tmp_path: Path) -> None:
@@ -535,7 +488,7 @@ def test_the_dashboard_shows_the_months_estimate_and_an_admin_the_costs_per_user
 
 
 def test_every_page_keeps_long_names_within_the_window_at_both_sizes(
-    alice: Session, dana: Session, server: ServeProcess, oidc: OidcMockServer
+    alice: Session, dana: Session, server: ServeProcess
 ) -> None:
     # Dana, with her 200-character name, administers too now: she sees every page.
     users = api(alice.page, "GET", "/api/v1/admin/users?query=dana")["items"]
@@ -595,13 +548,18 @@ def test_every_page_keeps_long_names_within_the_window_at_both_sizes(
         assert errors == [], errors
 
 
-def test_sign_out_says_so_and_the_development_sign_in_looks_like_the_app(dana: Session, server: ServeProcess) -> None:
+def test_sign_out_says_so_and_the_development_sign_in_looks_like_the_app(
+    people: People, open_session: OpenSession
+) -> None:
+    people("dana")  # signed in before, in another browser, which stays signed in
+    dana = open_session()
+    sign_in(dana, "dana")
     page = dana.page
     page.goto("/")
     menu = page.get_by_role("button", name="Menu")
     if menu.is_visible():
         menu.click()
-    with_expected(dana, UNAUTHORIZED)
+    dana.console.expected.append(UNAUTHORIZED)  # signed out, the UI's requests are refused
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("status").filter(has_text="You are signed out")).to_be_visible()
     page.screenshot(path=str(SCREENSHOTS / "pages" / "desktop-signed-out.png"))
