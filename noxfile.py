@@ -50,6 +50,22 @@ COVERAGE_OVERALL = 85.0
 COVERAGE_CONTRACT = ("interfaces/", "hookspecs.py", "registrations.py", "plugins.py", "config.py")
 
 
+#: pytest options whose value is a path: a path after one of them is the option's, not a choice of tests.
+PATH_OPTIONS = ("--deselect", "--ignore", "--ignore-glob", "--basetemp", "--junitxml", "--junit-xml", "--rootdir", "-c")
+
+
+def chosen_tests(session: nox.Session, *default: str) -> list[str]:
+    """The session's arguments for pytest: those that name tests (an existing file or folder, or a test
+    in one: `tests/browser/test_ui_phone.py::test_x`) choose them; otherwise the session's ``default``
+    comes first and the arguments are options over it (`-- -k budget -x`)."""
+    args = list(session.posargs)
+    names_tests = any(
+        not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists() and (i == 0 or args[i - 1] not in PATH_OPTIONS)
+        for i, arg in enumerate(args)
+    )
+    return args if names_tests else [*default, *args]
+
+
 def install_packages(session: nox.Session, *, extras: str = "test", core_extras: str = "") -> None:
     """Install the three distributions from this checkout, editable, with their test extras (and
     ``core_extras`` of cmbcluster-core besides: ``jupyter`` where JupyterLab runs)."""
@@ -131,7 +147,7 @@ def _package_tests(name: str, dist: str) -> None:
         env = helm_on_path(session)
         command = pytest_under_coverage(session, env, ["pytest"])
         session.run(
-            *command, f"{dist}/tests", *PARALLEL, f"--junitxml={REPORTS / f'tests-{name}.xml'}", *session.posargs,
+            *command, *PARALLEL, f"--junitxml={REPORTS / f'tests-{name}.xml'}", *chosen_tests(session, f"{dist}/tests"),
             env=env,
         )  # fmt: skip
 
@@ -153,8 +169,8 @@ def tests_e2e(session: nox.Session) -> None:
     env: dict[str, str] = {}
     command = pytest_under_coverage(session, env, ["python", "-m", "pytest"])
     session.run(
-        *command, "tests", "--ignore=tests/k8s", "--ignore=tests/browser",
-        f"--junitxml={REPORTS / 'tests-e2e.xml'}", *session.posargs, env=env,
+        *command, f"--junitxml={REPORTS / 'tests-e2e.xml'}",
+        *chosen_tests(session, "tests", "--ignore=tests/k8s", "--ignore=tests/browser"), env=env,
     )  # fmt: skip
 
 
@@ -167,11 +183,9 @@ def tests_k8s(session: nox.Session) -> None:
     install_packages(session, core_extras="jupyter")
     install_test_cluster(session)
     # `python -m` puts the repository root on sys.path: these tests import tests.k8s.harness, tests.helm...
-    # Arguments choose the tests (`./run nox -s tests-k8s -- tests/k8s/test_helm_chart.py -k aws`), else all.
-    targets = session.posargs or ["tests/k8s"]
     env: dict[str, str] = {}
     command = pytest_under_coverage(session, env, ["python", "-m", "pytest"])
-    session.run(*command, f"--junitxml={REPORTS / 'tests-k8s.xml'}", *targets, env=env)
+    session.run(*command, f"--junitxml={REPORTS / 'tests-k8s.xml'}", *chosen_tests(session, "tests/k8s"), env=env)
 
 
 # -- the web UI (frontend/: Next.js, built into cmbcluster-core's package data) ---------------------
@@ -219,7 +233,7 @@ def tests_browser(session: nox.Session) -> None:
     # (measured so, on a loaded machine: 1.8 s against the 1.0 s budget), and the API it drives is
     # measured in tests-core and tests-e2e.
     session.run(
-        "python", "-m", "pytest", "tests/browser", f"--junitxml={REPORTS / 'tests-browser.xml'}", *session.posargs
+        "python", "-m", "pytest", f"--junitxml={REPORTS / 'tests-browser.xml'}", *chosen_tests(session, "tests/browser")
     )
 
 
