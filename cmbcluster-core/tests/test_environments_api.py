@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, utcnow
-from cmbcluster.interfaces import EnvironmentSpec, EnvironmentStatus, UserRef
+from cmbcluster.interfaces import EnvironmentPhase, EnvironmentSpec, EnvironmentStatus, UserRef
+from cmbcluster.services import environments
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -379,6 +380,62 @@ def test_reconcile_marks_vanished_processes_and_removes_orphans(
     ghost = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
     assert ghost["status"] == "failed" and "-9" in ghost["status_message"]  # killed: the exit status says so
     assert {s.environment_id for s in context.compute.list_managed()} <= {env["id"]}
+
+
+def test_a_start_during_a_reconcile_pass_is_not_stopped_by_what_it_listed_before(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass lists the backend, then reads the records: a start in between (the listing has the
+    stopped run, the record a new one) was stopped and its new process killed (under load, an
+    environment started again in the browser tests ended 'stopped')."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=True)
+    wait_status(client, alice, env["id"], "running")
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    list_managed = context.compute.list_managed
+
+    def listed_then_started() -> Any:
+        listed = list_managed()
+        assert client.post(f"/api/v1/environments/{env['id']}/start", headers=alice).status_code == 200
+        wait_status(client, alice, env["id"], "running")
+        return listed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(context.compute, "list_managed", listed_then_started)
+        Reconciler(context).reconcile()
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "running"
+    assert context.compute.status(env["id"]).phase == EnvironmentPhase.RUNNING
+
+
+def test_a_start_the_backend_takes_during_a_reconcile_pass_is_left_to_the_fast_pass(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reserved before the listing (the record pending), handed to the backend after it: the listing
+    still has the previous run's end, which is no news of this start."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=True)
+    wait_status(client, alice, env["id"], "running")
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    with context.sessions() as db:  # what reserve_start leaves before launch hands it over
+        row = db.get(Environment, env["id"])
+        assert row is not None
+        row.status, row.desired_state, row.started_at = "pending", "running", utcnow()
+        db.commit()
+        spec = environments.build_spec(db, context, row)
+        db.commit()
+    list_managed = context.compute.list_managed
+
+    def listed_then_handed_over() -> Any:
+        listed = list_managed()
+        context.compute.start(spec)
+        return listed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(context.compute, "list_managed", listed_then_handed_over)
+        Reconciler(context).reconcile()
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] != "stopped"
+    assert context.compute.status(env["id"]).phase in (EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING)
+    wait_status(client, alice, env["id"], "running")  # recorded by the fast pass (every second)
 
 
 def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:

@@ -9,7 +9,8 @@ Runs at start-up (before the first request) and then in the background:
 - every ``CMBCLUSTER_RECONCILE_INTERVAL_SECONDS``, a full pass: anything the backend runs that
   has no record is removed (no orphans); a record whose process or pod vanished is marked
   stopped (no ghosts); an environment past its idle or uptime limit is stopped, with a warning
-  recorded beforehand.
+  recorded beforehand. A start under way, or begun after the pass listed the backend, is left to
+  the every-second pass and the progress hub: the listing may still show its previous run's end.
 All state is in the database, so a restarted control plane forgets nothing.
 """
 
@@ -101,6 +102,7 @@ class Reconciler:
         """One full pass. ``startup``: no start can be in flight, so nothing gets a grace period."""
         report = ReconcileReport()
         compute = self.context.compute
+        listed_at = utcnow()
         managed = {status.environment_id: status for status in compute.list_managed()}
         with self.context.sessions() as db:
             # Every id is needed to spot orphans, but only environments that run (or should, or
@@ -121,11 +123,12 @@ class Reconciler:
             now = utcnow()
             seen: list[str] = []
             for env in rows.values():
+                if not startup and _listing_predates(env, listed_at, now):
+                    continue  # the fast pass and the progress hub follow it; the next full pass lists it afresh
                 status = managed.get(env.id)
                 vanished = status is None or status.phase == EnvironmentPhase.MISSING
                 if env.desired_state == "running" and env.status in environments.ACTIVE_STATUSES:
-                    in_flight = env.status in TRANSITIONAL and env.started_at and now - env.started_at < START_GRACE
-                    if vanished and (startup or not in_flight):
+                    if vanished:
                         accounting.close_at_last_seen(db, env.id)  # it ran until last seen, not until now
                         env.status, env.url, env.stopped_at = "stopped", None, now
                         env.desired_state = "stopped"
@@ -133,7 +136,7 @@ class Reconciler:
                         db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
                         activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
                         report.marked_stopped.append(env.id)
-                    elif status is not None and not vanished:
+                    elif status is not None:
                         if status.phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.FAILED):
                             accounting.close_at_last_seen(db, env.id)  # it ended since the last pass
                         else:
@@ -236,6 +239,17 @@ class Reconciler:
         counts = dict(db.execute(select(Environment.status, func.count()).group_by(Environment.status)).all())
         for status in ("pending", "starting", "running", "stopped", "failed"):
             self.context.metrics.environments.labels(status).set(counts.get(status, 0))
+
+
+def _listing_predates(env: Environment, listed_at: dt.datetime, now: dt.datetime) -> bool:
+    """Whether the backend's listing, taken at ``listed_at``, may describe an earlier run of ``env``
+    than its record does: the record's start began after the listing (a restart meanwhile: the listing
+    has the old run's end, or nothing), or is still in flight (pending or starting for less than
+    START_GRACE: the backend may not have it yet, or still report the previous run's end). Acting on
+    such a listing stopped starts as they happened."""
+    if env.started_at is None:
+        return False
+    return env.started_at > listed_at or (env.status in TRANSITIONAL and now - env.started_at < START_GRACE)
 
 
 async def run_background(context: AppContext, stop: asyncio.Event) -> None:
