@@ -34,17 +34,13 @@ from cmbcluster.registrations import ComputeBackendRegistration
 from cmbcluster.services.storages import QuotaState, reserved_bytes
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
-from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
+from tests.postgres import emptied, postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 
 @pytest.fixture
 def database(postgres_url: str) -> Iterator[str]:  # noqa: F811 - the fixture imported above
     """The server's database, emptied for each test."""
-    engine = create_db_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    yield postgres_url
+    yield emptied(postgres_url)
 
 
 def test_migrations_build_the_models_schema_on_postgresql(database: str) -> None:

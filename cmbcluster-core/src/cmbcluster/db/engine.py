@@ -50,6 +50,23 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def begin_locked(db: Session) -> bool:
+    """Begin ``db``'s transaction for a read, check and write that no other may interleave with.
+
+    SQLite has one writer at a time, but a plain BEGIN takes the write lock only at the first
+    write, after another writer may have changed what was read: BEGIN IMMEDIATE takes it before
+    the first read. Returns True then (the whole database is locked until the transaction ends).
+    Other databases lock rows: False, and the caller reads the rows it decides on with
+    ``SELECT ... FOR UPDATE``. Hold such a transaction for a few statements only."""
+    if db.in_transaction():
+        raise RuntimeError("begin_locked() must begin the session's transaction")
+    connection = db.connection()
+    if connection.dialect.name != "sqlite":
+        return False
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return True
+
+
 def _alembic_config(engine: Engine) -> Config:
     from alembic.config import Config
 

@@ -455,7 +455,7 @@ async def upload_object(
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
     # aborts the write and no object is stored (the same when the client goes away).
     source = rechunk(limit_bytes(request.stream(), max_bytes, too_large), CHUNK_SIZE)
-    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type,
+    upload = partial(service.write_object, context, storage_id, bucket, key, content_type=content_type,
                      allowance=allowance, declared=declared)  # fmt: skip
     try:
         info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)
