@@ -11,7 +11,8 @@ memory:
   instead of storing a truncated object.
 - :func:`iterate_in_thread` turns a blocking iterator into an async one, one thread hop per
   chunk, and closes it (in a thread) however the async side stops.
-- :func:`rechunk` and :func:`limit_bytes` shape the source: larger chunks mean fewer thread hops.
+- :func:`rechunk`, :func:`limit_bytes` and :func:`idle_timeout` shape the source: larger chunks
+  mean fewer thread hops; a size limit and a stalled client stop it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ async def limit_bytes(
         total += len(piece)
         if total > max_bytes:
             raise exceeded(max_bytes)
+        yield piece
+
+
+async def idle_timeout(
+    source: AsyncIterable[bytes], seconds: float, expired: Callable[[], BaseException]
+) -> AsyncIterator[bytes]:
+    """Pass ``source`` through, raising ``expired()`` once no piece arrived for ``seconds`` (a
+    client that stalled holds its upload's resources no longer than that)."""
+    pieces = aiter(source)
+    while True:
+        with anyio.move_on_after(seconds) as waiting:
+            piece = await anext(pieces, None)
+        if waiting.cancelled_caught:
+            raise expired()
+        if piece is None:
+            return
         yield piece
 
 

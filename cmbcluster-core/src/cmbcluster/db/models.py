@@ -182,6 +182,9 @@ class UploadJournal(Base):
     owner: Mapped[str | None] = mapped_column(String(32), default=None)
     #: bytes this upload holds against its owner's (and groups') storage quotas while it runs
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: renewed while the upload's bytes arrive: a hold not renewed for longer than the upload idle
+    #: timeout (and a heartbeat's interval) counts no more, whatever became of its upload
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ServerInstance(Base):

@@ -10,13 +10,15 @@ call that may take long (a bucket's creation or deletion, a transfer, a usage me
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, Update, delete, func, literal, select, union_all, update
+from sqlalchemy import ColumnElement, String, Update, and_, delete, func, literal, or_, select, union_all, update
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.engine import begin_locked
@@ -369,20 +371,20 @@ def write_object(
 
 def abort_journalled_uploads(db: Session, context: AppContext) -> int:
     """Abort what the backend keeps of the uploads that server instances now gone began and never
-    finished (a SIGKILL, an OOM kill, a redeploy, a replica lost), and forget them. A live
-    replica's upload of the same key is spared: only what began before it is aborted. An entry
+    finished (a SIGKILL, an OOM kill, a redeploy, a replica lost), and of those whose entry was not
+    renewed for :func:`hold_lifetime` (an upload whose end could not be recorded), and forget
+    them. A live upload of the same key is spared: only what began before it is aborted. An entry
     whose bucket cannot be reached now stays for the next pass (the bucket's lifecycle rule
     aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
     backend = UploadJournal.backend == context.config.storage.name
-    gone = instances.owned_by_gone(context, UploadJournal.owner)
-    rows = list(db.execute(select(UploadJournal).where(backend, gone)).scalars())
+    rows = list(db.execute(select(UploadJournal).where(backend, _ended_uploads(context))).scalars())
     aborted = 0
     for row in rows:
         # A live upload's multipart upload begins after its journal entry was written.
         live_since = db.execute(
             select(func.min(UploadJournal.started_at)).where(
                 backend, UploadJournal.bucket_name == row.bucket_name, UploadJournal.key == row.key,
-                instances.owned_by_live(context, UploadJournal.owner),
+                _live_uploads(context),
             )
         ).scalar_one_or_none()  # fmt: skip
         started_before = min(utcnow(), live_since) if live_since is not None else utcnow()
@@ -398,7 +400,8 @@ def abort_journalled_uploads(db: Session, context: AppContext) -> int:
         db.delete(row)
         db.commit()
     if aborted:
-        log.warning("aborted %d unfinished uploads a server that is gone left behind", aborted)
+        log.warning("aborted %d unfinished uploads a server that is gone (or an upload that stalled) left behind",
+                    aborted)  # fmt: skip
     return aborted
 
 
@@ -745,7 +748,7 @@ class Allowance:
 
 def reserved_bytes(db: Session, context: AppContext, state: QuotaState, *, exclude: str | None = None) -> int:
     """What the uploads under way into the buckets ``state`` counts hold, on every live replica
-    (but the journal entry ``exclude``)."""
+    (but the journal entry ``exclude``): an entry not renewed for :func:`hold_lifetime` holds nothing."""
     if state.group_id is None:
         whose = Storage.user_id == state.user_id
     else:
@@ -753,7 +756,7 @@ def reserved_bytes(db: Session, context: AppContext, state: QuotaState, *, exclu
     query = (
         select(func.coalesce(func.sum(UploadJournal.reserved_bytes), 0))
         .join(Storage, Storage.id == UploadJournal.storage_id)
-        .where(whose, instances.owned_by_live(context, UploadJournal.owner))
+        .where(whose, _live_uploads(context))
     )
     if exclude is not None:
         query = query.where(UploadJournal.id != exclude)
@@ -820,6 +823,29 @@ def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
 #: A streamed upload of unknown length holds its quotas in steps of this many bytes beyond what
 #: it sent: one database write per step, not per chunk.
 RESERVATION_STEP = 16 * 1024 * 1024
+#: While its bytes arrive, an upload renews its journal entry at most once per this part of the
+#: upload idle timeout.
+RENEWAL_FRACTION = 0.25
+
+
+def hold_lifetime(context: AppContext) -> dt.timedelta:
+    """How long an upload's journal entry counts (its hold, and as an upload under way) after it
+    was last renewed: the idle timeout, past which a live server stops the upload, plus the
+    interval between renewals (its last bytes may have come up to that long after). Past it, the
+    upload's server is gone or could not record its end: its hold no longer counts."""
+    return dt.timedelta(seconds=context.config.core.upload_idle_timeout_seconds * (1 + RENEWAL_FRACTION))
+
+
+def _live_uploads(context: AppContext) -> ColumnElement[bool]:
+    """Journal entries of uploads under way: owned by a live server instance, and renewed lately."""
+    renewed = UploadJournal.heartbeat_at >= utcnow() - hold_lifetime(context)
+    return and_(instances.owned_by_live(context, UploadJournal.owner), renewed)
+
+
+def _ended_uploads(context: AppContext) -> ColumnElement[bool]:
+    """The converse of :func:`_live_uploads`: entries that upload nothing any more."""
+    expired = UploadJournal.heartbeat_at < utcnow() - hold_lifetime(context)
+    return or_(instances.owned_by_gone(context, UploadJournal.owner), expired)
 
 
 def lock_quotas(db: Session, states: Sequence[QuotaState]) -> None:
@@ -864,7 +890,8 @@ class UploadReservation:
     quota counts and on any replica, cannot together pass it. No lock is held while bytes stream.
     A declared length is held whole at the start; a stream of unknown length is held in steps of
     :data:`RESERVATION_STEP` (near a quota, what is left of it at once), and stopped with 413 once
-    it would pass a quota."""
+    it would pass a quota. Every hold, and at least every :data:`RENEWAL_FRACTION` of the idle
+    timeout while bytes arrive, renews the entry (:func:`hold_lifetime`)."""
 
     def __init__(self, context: AppContext, allowance: Allowance | None, *, storage_id: str, bucket: str,
                  key: str) -> None:  # fmt: skip
@@ -877,6 +904,7 @@ class UploadReservation:
         )  # fmt: skip
         self.entry_id: str | None = None
         self.held = 0
+        self.renew_seconds = context.config.core.upload_idle_timeout_seconds * RENEWAL_FRACTION
 
     @property
     def checks(self) -> bool:
@@ -910,19 +938,31 @@ class UploadReservation:
                 self.entry.reserved_bytes = wanted
                 db.add(self.entry)
             else:
-                db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(reserved_bytes=wanted))
+                db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id)
+                           .values(reserved_bytes=wanted, heartbeat_at=utcnow()))  # fmt: skip
             db.commit()
             self.entry_id = self.entry.id
         self.held = wanted
 
     def holding(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """``chunks``, holding more of the quotas whenever they pass what is held."""
+        """``chunks``, holding more of the quotas whenever they pass what is held, and renewing
+        the entry meanwhile."""
         sent = 0
+        renewed = time.monotonic()
         for chunk in chunks:
             sent += len(chunk)
             if self.checks and sent > self.held:
                 self.hold(sent, sent + RESERVATION_STEP)
+                renewed = time.monotonic()
+            elif time.monotonic() - renewed >= self.renew_seconds:
+                self._renew()
+                renewed = time.monotonic()
             yield chunk
+
+    def _renew(self) -> None:
+        with self.context.sessions() as db:
+            db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(heartbeat_at=utcnow()))
+            db.commit()
 
     def finish(self, size: int) -> None:
         """The upload stored ``size`` bytes: in one transaction (under the quotas' lock), its hold
