@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
+from cmbcluster.api.deps import document_security
 from cmbcluster.api.docs import mount_api_docs
 from cmbcluster.api.errors import document_errors, install_error_handlers
 from cmbcluster.api.guard import RequestGuard
@@ -137,6 +138,7 @@ def create_app(
     ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
+    document_security(app)  # first: document_errors reads which operations need a caller
     document_errors(app)
     mount_api_docs(app, OPENAPI_URL)
 
