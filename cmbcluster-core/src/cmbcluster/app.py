@@ -123,13 +123,15 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
+    # Routes are matched in order and no two routers share a path: the ones the web UI polls
+    # come first (the environment list matched past the others' routes cost a fifth of its calls).
     for module in (
+        environments,
+        storages,
         health,
         plugins,
         auth,
         applications,
-        environments,
-        storages,
         user_settings,
         admin,
         migration,
