@@ -434,3 +434,36 @@ def test_without_leader_election_a_replica_spares_the_work_of_another_live_one(d
             held = QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0, user_id=ada_id)
             with contexts[1].sessions() as db:  # its upload's bytes still count on the new pod
                 assert reserved_bytes(db, contexts[1], held) == 5
+
+
+def test_a_measurement_never_drops_what_another_replica_stored_meanwhile(database: str, tmp_path: Path) -> None:
+    """A bucket's usage is measured on one replica (a listing, long on a cloud bucket) while an
+    upload into it ends on the other: the measurement, which listed the bucket before that upload,
+    is not stored over the upload's bytes, so the quota still counts them and refuses what would
+    pass it. (Each replica keeps its own measurements apart; only the database says what changed.)"""
+    core = CoreSettings(data_dir=tmp_path / "shared", database_url=database, storage_quota_bytes=3000)
+    one, two = (TestClient(create_app(core), base_url=LOCAL) for _ in range(2))
+    with one, two:
+        ada = dev_sign_in(one, "ada@example.org")
+        made = one.post("/api/v1/storages", json={"display_name": "data"}, headers=ada).json()
+        context = one.app.state.context  # type: ignore[attr-defined]
+        listed, release = threading.Event(), threading.Event()
+        bucket_usage = context.storage.bucket_usage
+
+        def slow_listing(bucket: str) -> Any:
+            found = bucket_usage(bucket)  # the bucket as it is before the upload
+            listed.set()
+            release.wait(30)
+            return found
+
+        context.storage.bucket_usage = slow_listing
+        measuring = context.storage_runtime.refresher.refresh(made["id"], made["bucket_name"])
+        assert listed.wait(30)
+        objects = f"/api/v1/storages/{made['id']}/objects"
+        assert two.put(f"{objects}/a.bin", content=b"a" * 2000, headers=ada).status_code == 201
+        release.set()
+        assert measuring.result(timeout=30).size_bytes == 0  # what it listed
+        context.storage.bucket_usage = bucket_usage
+        refused = two.put(f"{objects}/b.bin", content=b"b" * 1001, headers=ada)
+        assert refused.status_code == 413, refused.text
+        assert one.get("/api/v1/storages", headers=ada).json()["quota"]["used_bytes"] == 2000

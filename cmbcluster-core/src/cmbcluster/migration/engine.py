@@ -663,6 +663,7 @@ def _switch(db: Session, storage: Storage, row: MigrationBucket) -> None:
         .values(
             backend=row.target_backend, bucket_name=row.target_bucket, status="active",
             usage_bytes=row.bytes_total, usage_objects=row.objects_total, usage_at=utcnow(),
+            usage_version=Storage.usage_version + 1,  # a measurement of the old bucket stores nothing
         )
     )  # fmt: skip
     row.state, row.switched_at, row.message = "switched", utcnow(), ""

@@ -564,7 +564,8 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str, *, added
     An upload's ``added_bytes`` are added to the cached figures meanwhile: other members of the
     user's groups count this bucket by them (:func:`quota_states`) without measuring it. Replacing
     an object counts its bytes twice until the next measurement (versioned buckets keep the old
-    ones anyway), the safe side for a quota."""
+    ones anyway), the safe side for a quota. The storage's ``usage_version`` changes: a measurement
+    that began before, on any replica, does not replace these figures with its older ones."""
     db.execute(_usage_changed(storage_id, added_bytes))
     db.commit()
     context.storage_runtime.refresher.invalidate(storage_id)
@@ -572,7 +573,7 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str, *, added
 
 def _usage_changed(storage_id: str, added_bytes: int) -> Update:
     """The statement of :func:`invalidate_usage`."""
-    values: dict[str, Any] = {"usage_at": None}
+    values: dict[str, Any] = {"usage_at": None, "usage_version": Storage.usage_version + 1}
     if added_bytes:
         values["usage_bytes"] = func.coalesce(Storage.usage_bytes, 0) + added_bytes
     return update(Storage).where(Storage.id == storage_id).values(**values)
