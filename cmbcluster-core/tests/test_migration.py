@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cmbcluster.db.models import MigrationObject, Storage
-from cmbcluster.errors import PluginError
+from cmbcluster.db.models import MigrationBucket, MigrationObject, Storage
+from cmbcluster.errors import Conflict, PluginError
 from cmbcluster.hookspecs import hookimpl
 from cmbcluster.interfaces import ManagedTransfer, ObjectInfo, ObjectPage, TransferEnd
 from cmbcluster.local.storage import LocalStorage
@@ -83,6 +83,32 @@ def test_run_copies_verifies_and_switches_and_resumes_without_copying_again(
     outcomes = finish(sessions_of(app)(), {"local": app.state.context.storage}.__getitem__)
     assert [o.deleted for o in outcomes] == [True]
     assert source_bucket not in {b.name for b in app.state.context.storage.list_buckets(_owner(app, storage_id))}
+
+
+def test_finish_goes_on_past_a_source_it_cannot_delete_and_reports_it_kept(
+    app: FastAPI, client: TestClient, alice: dict[str, str], bob: dict[str, str], target: LocalStorage
+) -> None:
+    first, second = make_bucket(client, alice), make_bucket(client, bob)
+    assert [b.state for b in migration(app, target).run().buckets] == ["switched", "switched"]
+    with sessions_of(app)() as db:
+        sources = {m.storage_id: m.source_bucket for m in db.execute(select(MigrationBucket)).scalars()}
+
+    class Busy(LocalStorage):  # a source bucket something keeps writing to (a forgotten VM, say)
+        def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
+            if bucket == sources[first]:
+                raise Conflict(f"bucket {bucket} keeps receiving objects; stop what writes to it and try again")
+            super().delete_bucket(bucket, force=force)
+
+    source = Busy(app.state.context.storage.root)
+    outcomes = finish(sessions_of(app)(), {"local": source}.__getitem__)
+
+    by_storage = {o.storage_id: o for o in outcomes}
+    assert not by_storage[first].deleted and "keeps receiving objects" in by_storage[first].message
+    assert by_storage[second].deleted  # the next one was still deleted
+    assert sources[first] in {b.name for b in source.list_buckets(_owner(app, first))}
+    # kept, so a later finish tries it again
+    outcomes = finish(sessions_of(app)(), {"local": app.state.context.storage}.__getitem__)
+    assert [(o.storage_id, o.deleted) for o in outcomes] == [(first, True)]
 
 
 def _owner(app: FastAPI, storage_id: str) -> Any:

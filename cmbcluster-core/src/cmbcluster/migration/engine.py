@@ -702,7 +702,8 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
     """Delete every switched source bucket whose listing still matches the manifest.
 
     ``sources(name)`` gives the storage backend of that name. A source with an object the
-    manifest lacks, or that changed since its copy, is kept and reported.
+    manifest lacks, or that changed since its copy, is kept and reported; so is one the backend
+    cannot list or delete now, and the others are still deleted.
     """
     outcomes: list[FinishOutcome] = []
     rows = db.execute(select(MigrationBucket).where(MigrationBucket.state == "switched")).scalars().all()
@@ -716,23 +717,32 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
         backend = sources(row.source_backend)
         differing, first = 0, ""
         try:
-            for obj, known in merge_by_key(list_all(backend, row.source_bucket), _manifest(db, row.id)):
-                if obj is not None and not _unchanged(known, obj):
-                    differing += 1
-                    first = first or obj.key
-        except NotFound:
-            differing = 0  # already deleted by an earlier finish that stopped before recording it
-        if differing:
+            try:
+                for obj, known in merge_by_key(list_all(backend, row.source_bucket), _manifest(db, row.id)):
+                    if obj is not None and not _unchanged(known, obj):
+                        differing += 1
+                        first = first or obj.key
+            except NotFound:
+                differing = 0  # already deleted by an earlier finish that stopped before recording it
+            if differing:
+                outcomes.append(FinishOutcome(
+                    storage_id=row.storage_id, source=label, deleted=False,
+                    message=f"{differing} object(s) on the source are not in the verified copy "
+                            f"(first: {first}): kept; copy them yourself, or run `migrate run` again",
+                ))  # fmt: skip
+                continue
+            try:
+                backend.delete_bucket(row.source_bucket, force=True)
+            except NotFound:
+                pass
+        except CmbclusterError as exc:
+            # One source that cannot be listed or deleted (refused, busy, unreachable) is kept and
+            # reported; the others are still deleted, and the next `finish` tries it again.
+            db.rollback()
             outcomes.append(FinishOutcome(
-                storage_id=row.storage_id, source=label, deleted=False,
-                message=f"{differing} object(s) on the source are not in the verified copy "
-                        f"(first: {first}): kept; copy them yourself, or run `migrate run` again",
+                storage_id=row.storage_id, source=label, deleted=False, message=f"{exc.message}: kept for now",
             ))  # fmt: skip
             continue
-        try:
-            backend.delete_bucket(row.source_bucket, force=True)
-        except NotFound:
-            pass
         row.state = "finished"
         db.execute(delete(MigrationObject).where(MigrationObject.bucket_id == row.id))
         audit(db, actor_id=None, action="storage.migration_finished", target_type="storage",
