@@ -262,7 +262,19 @@ class Migration:
             outcome = self._bucket(storage_id, owner)
             result.buckets.append(outcome)
             self.events.bucket_done(outcome)
-        for owner_id in identities_done:
+        # Also the owners of buckets an earlier run switched: their identity may not have been made
+        # then (the target's cluster not there yet, a refused call), and the note promised this run.
+        with self.sessions() as db:
+            switched = set(
+                db.execute(
+                    select(MigrationBucket.user_id).where(
+                        MigrationBucket.source_backend == self.source.name,
+                        MigrationBucket.target_backend == self.target.name,
+                        MigrationBucket.state == "switched",
+                    )
+                ).scalars()
+            )
+        for owner_id in sorted(identities_done | switched):
             self._sync_identity(owner_id)
         return result
 
@@ -526,7 +538,8 @@ class Migration:
             return
         with self.sessions() as db:
             user = db.get(User, owner_id)
-            assert user is not None
+            if user is None:  # deleted since an earlier run switched their buckets
+                return
             buckets = list(
                 db.execute(
                     select(Storage.bucket_name).where(
