@@ -45,7 +45,7 @@ from cmbcluster.db.models import (
     User,
     utcnow,
 )
-from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound, PluginError
+from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, NotFound, PluginError
 from cmbcluster.interfaces import (
     BucketOptions,
     InfraProvider,
@@ -687,9 +687,13 @@ def _switch(db: Session, storage: Storage, row: MigrationBucket) -> None:
 
 
 # -- the database ----------------------------------------------------------------------------
-def move_database(database: Path | None, target: StorageBackend, bucket: str | None, *, prefix: str = "") -> str:
-    """A ``db backup`` of the (switched) database into the target's database bucket."""
-    from cmbcluster.db.backup import DatabaseBackups
+def move_database(
+    database: Path | None, target: StorageBackend, bucket: str | None, *, prefix: str = "", target_name: str = ""
+) -> str:
+    """A ``db backup`` of the (switched) database into the target's database bucket, once no control
+    plane serves it: what a server still running changed after the copy (a bucket made, a sign-in)
+    would never reach the new deployment, which restores the copy."""
+    from cmbcluster.db.backup import DatabaseBackups, ServingLock
 
     if database is None:
         return "the database is PostgreSQL: it stays where it is (point the new deployment at it)"
@@ -698,7 +702,15 @@ def move_database(database: Path | None, target: StorageBackend, bucket: str | N
             "no database bucket on the target was given (--database-bucket): copy the SQLite file yourself, "
             "or run `cmbcluster db backup` with the target's settings"
         )
-    backup = DatabaseBackups(target, bucket, database, prefix=prefix).backup()
+    with ServingLock(database) as lock:  # held while copying: no server starts on it meanwhile
+        if not lock.acquire():
+            raise Conflict(
+                f"every bucket is switched, but the database did not move: a control plane (pid "
+                f"{lock.holder() or 'unknown'}) still serves it, and what it changes after a copy would be lost. "
+                f"Stop it, then run `cmbcluster migrate run --to {target_name or '...'}` again: it copies nothing "
+                "again and moves the database"
+            )
+        backup = DatabaseBackups(target, bucket, database, prefix=prefix).backup()
     return f"database backed up to {bucket}/{backup.key}: a server configured for the target restores it at start"
 
 
