@@ -71,6 +71,13 @@ def test_run_copies_verifies_and_switches_and_resumes_without_copying_again(
         assert b"".join(target.download_object(switched.bucket_name, key)) == content
     # the source is kept until `finish`
     assert b"".join(app.state.context.storage.download_object(source_bucket, "notes.txt")) == b"hello"
+    # until the server moves too, its owner is told where the files are and when they come back
+    listing = client.get(f"/api/v1/storages/{storage_id}/objects", headers=alice)
+    assert listing.status_code == 409
+    assert listing.json()["message"] == (
+        "the bucket 'data' lives on the storage backend 'elsewhere' now, and this server uses 'local': its files "
+        "are there, and can be used again once the server is configured for 'elsewhere' (ask an administrator)"
+    )
 
     progress = client.get("/api/v1/admin/migration", headers=admin)
     assert progress.status_code == 200
