@@ -241,8 +241,12 @@ def test_the_database_does_not_move_while_a_control_plane_still_serves_it(tmp_pa
 
     with ServeProcess(clean_environ({"CMBCLUSTER_DATA_DIR": str(data_dir)}), tmp_path) as server:
         assert server.wait_ready("/readyz").status_code == 200, server.output()
+        ahead = run_cli("migrate", "run", "--to", "aws", "--copy-only", env=env, cwd=tmp_path, timeout=120)
+        assert ahead.returncode == 0, ahead.stdout + ahead.stderr  # while users work: copied, nothing switched
+        assert "1 buckets copied to aws and verified; nothing switched" in " ".join(ahead.stdout.split())
         refused = run_cli(*command, env=env, cwd=tmp_path, timeout=120)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
+    assert "0 copied, 1 already verified" in refused.stdout  # the run that switches copies only what changed
     said = " ".join((refused.stdout + refused.stderr).split())
     assert f"a control plane (pid {server.process.pid}) still serves" in said, said
     assert "Stop it, then run `cmbcluster migrate run --to aws` again" in said, said

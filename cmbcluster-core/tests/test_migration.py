@@ -125,6 +125,24 @@ def _owner(app: FastAPI, storage_id: str) -> Any:
     return UserRef(id=storage.user_id)
 
 
+def test_a_copy_only_run_switches_nothing_and_the_switching_run_copies_only_what_changed(
+    app: FastAPI, client: TestClient, alice: dict[str, str], target: LocalStorage
+) -> None:
+    storage_id = make_bucket(client, alice)
+    source = Side(name="local", storage=app.state.context.storage)
+    ahead = Migration(sessions_of(app), source, Side(name="elsewhere", storage=target), copy_only=True).run()
+
+    assert [(b.state, b.copied) for b in ahead.buckets] == [("copied", len(FILES))] and not ahead.complete
+    assert row(app, storage_id).backend == "local"  # its owner goes on working on it
+    written = client.put(f"/api/v1/storages/{storage_id}/objects/notes.txt", headers=alice, content=b"changed")
+    assert written.is_success, written.text
+
+    result = migration(app, target).run()
+
+    assert [(b.state, b.copied, b.skipped) for b in result.buckets] == [("switched", 1, len(FILES) - 1)]
+    assert b"".join(target.download_object(row(app, storage_id).bucket_name, "notes.txt")) == b"changed"
+
+
 def test_a_second_run_copies_only_what_changed_on_the_source(
     app: FastAPI, client: TestClient, alice: dict[str, str], target: LocalStorage
 ) -> None:

@@ -168,7 +168,7 @@ class _Display:
         self.progress.advance(self.total, n)
 
     def bucket_done(self, outcome: Any) -> None:
-        colour = {"switched": "green", "waiting": "yellow"}.get(outcome.state, "red")
+        colour = {"switched": "green", "copied": "green", "waiting": "yellow"}.get(outcome.state, "red")
         self.progress.console.print(
             f"[{colour}]{outcome.state}[/{colour}] {outcome.owner} / {outcome.display_name}: "
             f"{outcome.copied} copied, {outcome.skipped} already verified. {outcome.message}",
@@ -197,11 +197,20 @@ def run_command(
             "afterwards); streamed otherwise.",
         ),
     ] = False,
+    copy_only: Annotated[
+        bool,
+        typer.Option(
+            "--copy-only",
+            help="Copy and verify, switch nothing: users keep working on their buckets meanwhile; a later run "
+            "without it copies what changed since and switches.",
+        ),
+    ] = False,
 ) -> None:
     """Create each bucket on the target, copy, verify, switch; then back the database up to the target.
 
     Safe to stop and run again: what was verified is not copied again. Buckets mounted by a running
-    environment are switched by a later run, once their environments stop.
+    environment are switched by a later run, once their environments stop. A switched bucket is used
+    from a server configured for the target only: copy ahead with --copy-only while users work.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -231,9 +240,20 @@ def run_command(
                     parallel=parallel,
                     events=events,
                     transfers=_plugins(config).managed_transfer if managed_transfer else None,
+                    copy_only=copy_only,
                 ).run()
             if not result.buckets:
                 out(f"no bucket on {source.name} to move")
+            if copy_only:
+                failed = [b for b in result.buckets if b.state != "copied"]
+                if failed:
+                    raise CmbclusterError(f"{len(failed)} of {len(result.buckets)} buckets not copied (listed above)")
+                out(
+                    f"{len(result.buckets)} buckets copied to {to} and verified; nothing switched, users go on "
+                    f"working. To switch: `cmbcluster migrate run --to {to}` (it copies only what changed since)",
+                    soft_wrap=True,
+                )
+                return
             if not result.complete:
                 pending = [b for b in result.buckets if b.state != "switched"]
                 raise CmbclusterError(

@@ -190,7 +190,7 @@ class BucketOutcome:
     storage_id: str
     owner: str
     display_name: str
-    state: str  # switched | waiting | failed
+    state: str  # switched | waiting | failed | copied (a --copy-only run: verified, not switched)
     copied: int = 0
     skipped: int = 0
     message: str = ""
@@ -236,9 +236,12 @@ class Migration:
         parallel: int = 8,
         events: Events | None = None,
         transfers: TransferOffers | None = None,
+        copy_only: bool = False,
     ) -> None:
         """``transfers``: where to ask for a managed transfer of each bucket (the operator chose
-        ``--managed-transfer``); None streams every bucket."""
+        ``--managed-transfer``); None streams every bucket. ``copy_only``: copy and verify, switch
+        nothing (``--copy-only``): the bulk moves while users keep working, and the run that
+        switches, in a maintenance window, copies only what changed since."""
         _check_sides(source, target)
         self.sessions = sessions
         self.source = source
@@ -247,6 +250,7 @@ class Migration:
         self.parallel = parallel
         self.events = events or Events()
         self.transfers = transfers
+        self.copy_only = copy_only
 
     def run(self) -> RunResult:
         result = RunResult()
@@ -300,6 +304,10 @@ class Migration:
                         return outcome
                 self._copy_pass(db, row, outcome, announce=True)
                 if outcome.message:
+                    return outcome
+                if self.copy_only:
+                    outcome.state = "copied"
+                    outcome.message = "copied and verified; still in use where it was (--copy-only)"
                     return outcome
                 waiting = _freeze(db, storage)
                 if waiting:
