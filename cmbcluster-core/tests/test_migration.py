@@ -4,6 +4,7 @@ the API's own rows and real environments (the clouds, the CLI and SIGKILL are in
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -304,6 +305,8 @@ def test_a_managed_transfer_is_verified_from_both_listings_then_switched(
     result = managed(app, target, offering(None, offers)).run()
 
     assert [b.state for b in result.buckets] == ["switched"], result
+    # each object counted once, as the service's (it said "4 copied, 4 already verified")
+    assert (result.buckets[0].copied, result.buckets[0].skipped) == (len(FILES), 0)
     assert [o.runs for o in offers] == [1]
     assert target.uploads == 0  # the service copied everything; the migration streamed nothing
     switched = row(app, storage_id)
@@ -458,3 +461,29 @@ def test_a_bucket_larger_than_a_manifest_batch_is_walked_batch_by_batch(
     batched = [s for s in reads if "LIMIT" in s.upper()]
     assert len(batched) >= 3 * (len(everything) // 4) and all("ORDER BY" in s.upper() for s in batched)
     assert not [s for s in reads if "LIMIT" not in s.upper() and "count(" not in s and "sum(" not in s]
+
+
+def test_the_run_display_rates_every_bucket_s_bytes_not_only_the_last_bucket_s() -> None:
+    """The "all buckets" line's rate covers the whole run: it was the last bucket's alone (a few bytes a
+    second after 126 MB, when a small bucket came last), and bytes a managed transfer reported counted twice."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cmbcluster.commands.migrate import _Display
+
+    now = [0.0]
+    progress = Progress(console=Console(file=io.StringIO()), get_time=lambda: now[0], auto_refresh=False)
+    display = _Display(progress)
+    display.bucket_started("alice / data", 2, 10_000_000, 0)
+    for _ in range(10):  # 10 MB in 10 s
+        now[0] += 1
+        display.bytes_copied(1_000_000)
+    display.bucket_done(SimpleNamespace(state="switched", owner="alice", display_name="data", copied=2, skipped=0,
+                                        message=""))  # fmt: skip
+    display.bucket_started("bob / notes", 1, 1_000, 500)  # half of it verified by an earlier run
+    now[0] += 5
+    display.bytes_copied(500)
+
+    overall = progress.tasks[display.total]
+    assert overall.completed == 10_000_500  # copied by this run, each byte once
+    assert overall.speed is not None and 600_000 < overall.speed < 1_100_000  # about 10 MB over 15 s

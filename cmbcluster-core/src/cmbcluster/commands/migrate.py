@@ -150,17 +150,17 @@ def plan_command(
 
 
 class _Display:
-    """Rich progress: one bar per bucket and one for everything (bytes, rate, time left)."""
+    """Rich progress: one bar per bucket (bytes, rate, time left) and a line for the whole run (bytes
+    copied, rate). That line has no total: the buckets' sizes are known one at a time, and rich resets
+    a task's rate whenever its total changes (it then showed the last bucket's rate for the run's)."""
 
     def __init__(self, progress: Any) -> None:
         self.progress = progress
-        self.total = progress.add_task("all buckets", total=0)
+        self.total = progress.add_task("all buckets, copied by this run", total=None)
         self.current: Any = None
 
     def bucket_started(self, label: str, objects: int, size: int, done: int) -> None:
         self.current = self.progress.add_task(f"{label} ({objects} objects)", total=size, completed=done)
-        task = self.progress.tasks[self.total]
-        self.progress.update(self.total, total=(task.total or 0) + size, advance=done)
 
     def bytes_copied(self, n: int) -> None:
         if self.current is not None:
@@ -176,6 +176,7 @@ class _Display:
         )  # fmt: skip
         if self.current is not None:
             self.progress.update(self.current, visible=False)
+        self.current = None  # a managed transfer reports bytes before its bucket's bar starts
 
     def note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)

@@ -302,7 +302,9 @@ class Migration:
                     self._managed_pass(db, row, outcome)
                     if outcome.message:
                         return outcome
+                by_service = outcome.copied
                 self._copy_pass(db, row, outcome, announce=True)
+                outcome.skipped -= min(by_service, outcome.skipped)  # the service's, counted as copied already
                 if outcome.message:
                     return outcome
                 if self.copy_only:
