@@ -253,7 +253,7 @@ def test_the_database_does_not_move_while_a_control_plane_still_serves_it(tmp_pa
     assert s3.list_objects_v2(Bucket="cmbmig-database").get("KeyCount") == 0  # no stale copy to restore
     app = create_app(CoreSettings(data_dir=data_dir))
     with app.state.context.sessions() as db:  # the buckets were switched all the same
-        assert db.get(Storage, storage_id).backend == "aws"  # type: ignore[union-attr]
+        assert db.get(Storage, storage_id).backend == "aws"
     app.state.context.close()
 
     moved = run_cli(*command, env=env, cwd=tmp_path, timeout=120)

@@ -442,7 +442,8 @@ def test_identities_a_migration_could_not_make_are_made_by_its_next_run(
         role = iam.get_role(RoleName=f"{CLUSTER}-user-{storage_owner(app, storage_id)[:10]}")["Role"]
         with app.state.context.sessions() as db:
             bucket = db.get(Storage, storage_id).bucket_name  # type: ignore[union-attr]
-        policy = _document(iam.get_role_policy(RoleName=role["RoleName"], PolicyName=BUCKET_POLICY_NAME)["PolicyDocument"])
+        granted = iam.get_role_policy(RoleName=role["RoleName"], PolicyName=BUCKET_POLICY_NAME)
+        policy = _document(granted["PolicyDocument"])
         assert f"arn:aws:s3:::{bucket}" in _resources(policy)
     finally:
         s3.close()

@@ -262,8 +262,9 @@ def run_command(
                     "moves once every bucket is switched: fix what is listed and run `cmbcluster migrate run` again"
                 )
             out(
-                move_database(database, target.storage, target_bucket, prefix=config.core.database_backup_prefix,
-                              target_name=to),  # fmt: skip
+                move_database(
+                    database, target.storage, target_bucket, prefix=config.core.database_backup_prefix, target_name=to
+                ),
                 soft_wrap=True,
             )
     finally:
