@@ -441,7 +441,7 @@ def test_identities_a_migration_could_not_make_are_made_by_its_next_run(
         assert notes == []
         role = iam.get_role(RoleName=f"{CLUSTER}-user-{storage_owner(app, storage_id)[:10]}")["Role"]
         with app.state.context.sessions() as db:
-            bucket = db.get(Storage, storage_id).bucket_name  # type: ignore[union-attr]
+            bucket = db.get(Storage, storage_id).bucket_name
         granted = iam.get_role_policy(RoleName=role["RoleName"], PolicyName=BUCKET_POLICY_NAME)
         policy = _document(granted["PolicyDocument"])
         assert f"arn:aws:s3:::{bucket}" in _resources(policy)
@@ -453,4 +453,4 @@ def test_identities_a_migration_could_not_make_are_made_by_its_next_run(
 
 def storage_owner(app: Any, storage_id: str) -> str:
     with app.state.context.sessions() as db:
-        return str(db.get(Storage, storage_id).user_id)  # type: ignore[union-attr]
+        return str(db.get(Storage, storage_id).user_id)
