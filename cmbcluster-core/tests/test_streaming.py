@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -73,6 +74,17 @@ def test_consume_in_thread_passes_every_chunk_in_order_from_a_worker_thread() ->
     parts = [bytes([i]) * 1000 for i in range(50)]
     assert anyio.run(lambda: consume_in_thread(pieces(*parts), consumer)) == b"".join(parts)
     assert threading.get_ident() not in threads
+
+
+def test_the_consumer_may_read_its_chunks_from_a_thread_of_its_own() -> None:
+    # A backend may read ahead in a thread of its own while it sends (the GCS upload spools its
+    # next piece so): the iterator must work there, not only in the worker thread that got it.
+    def consumer(chunks: Iterator[bytes]) -> bytes:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+            return reader.submit(b"".join, chunks).result()
+
+    parts = [bytes([i]) * 1000 for i in range(50)]
+    assert anyio.run(lambda: consume_in_thread(pieces(*parts), consumer)) == b"".join(parts)
 
 
 def test_a_failing_source_makes_the_consumer_abort_and_is_raised() -> None:

@@ -22,6 +22,7 @@ from typing import TypeVar, cast
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 T = TypeVar("T")
@@ -94,16 +95,20 @@ async def consume_in_thread(
     iterator the consumer reads raises :class:`StreamAborted` (chained to the cause) and this
     function re-raises the source's exception once the consumer has stopped. If the consumer
     fails or returns early, reading ``source`` stops and the consumer's exception propagates.
+    The consumer may read ``chunks`` from any thread, one thread at a time.
     """
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=max_buffered)
     # Set by the producer before it closes ``send``, read by the consumer thread when the stream
     # ends: an end of stream after an abort is an error, never a complete body.
     aborted: list[BaseException] = []
+    # The consumer may read its iterator from a thread of its own (a backend that reads ahead
+    # while it sends): the loop's token lets any thread reach it, not only the worker thread.
+    loop = anyio.lowlevel.current_token()
 
     def chunks() -> Iterator[bytes]:
         while not aborted:
             try:
-                chunk = anyio.from_thread.run(receive.receive)
+                chunk = anyio.from_thread.run(receive.receive, token=loop)
             except anyio.EndOfStream:
                 break
             yield chunk

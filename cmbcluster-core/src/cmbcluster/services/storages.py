@@ -101,8 +101,11 @@ def require_usable(storage: Storage, backend_name: str) -> None:
 def require_backend(storage: Storage, backend_name: str) -> None:
     if storage.backend != backend_name:
         raise Conflict(
-            f"the bucket {storage.display_name!r} lives on the storage backend {storage.backend!r}, "
-            f"but this server uses {backend_name!r}: ask an administrator"
+            # Seen between `migrate run` switching a bucket and the server moving to the new cloud:
+            # the owner must not think the files lost.
+            f"the bucket {storage.display_name!r} lives on the storage backend {storage.backend!r} now, and this "
+            f"server uses {backend_name!r}: its files are there, and can be used again once the server is "
+            f"configured for {storage.backend!r} (ask an administrator)"
         )
 
 
