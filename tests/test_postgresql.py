@@ -162,6 +162,21 @@ def test_the_start_limit_holds_across_replicas(database: str, tmp_path: Path) ->
     assert answers == [201, 201, 201, 429, 429, 429, 429, 429]
 
 
+def test_sign_in_attempts_at_once_through_two_replicas_are_counted_exactly(database: str, tmp_path: Path) -> None:
+    """One address guessing in parallel through both replicas: 30 attempts against a limit of 8 get
+    8 answers and 22 refusals, none a database error (the first attempts race to create the count)."""
+    one, two = replicas(database, tmp_path, login_attempts_per_minute=8)
+    with one, two:
+
+        def attempt(i: int) -> int:
+            status: int = (one, two)[i % 2].get("/api/v1/auth/local/login", follow_redirects=False).status_code
+            return status
+
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = sorted(pool.map(attempt, range(30)))
+    assert answers == [303] * 8 + [429] * 22, answers
+
+
 def test_a_progress_stream_on_another_replica_sees_every_change(database: str, tmp_path: Path) -> None:
     """Starts go through one replica, whose backend sees them run and whose loops write it down;
     the launch dialog's stream is served by the other, which sees nothing of that cluster: it

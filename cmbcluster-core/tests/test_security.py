@@ -6,6 +6,7 @@ The token matrix itself is `cmbcluster.testing.auth.AuthProviderContract` (see t
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import socket
 import time
@@ -584,6 +585,22 @@ def test_sign_in_limits_count_each_client_behind_a_trusted_proxy(tmp_path: Path)
         other = proxy.get("/api/v1/auth/local/login", headers={"X-Forwarded-For": "198.51.100.7"})
         assert other.status_code == 303  # another person behind the same ingress is not blocked
         proxy.close()
+
+
+def test_sign_in_attempts_sent_at_once_are_counted_exactly(tmp_path: Path) -> None:
+    """A brute force sends its guesses in parallel: 40 attempts at once from one address against a
+    limit of 10 get exactly 10 answers and 30 refusals (429), none a database error."""
+    env = clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE": "10"})
+    with ServeProcess(env, tmp_path) as server:
+        server.wait_ready()
+
+        def attempt(_: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                return client.get("/api/v1/auth/local/login").status_code
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            statuses = sorted(pool.map(attempt, range(40)))
+    assert statuses == [303] * 10 + [429] * 30, statuses
 
 
 def test_the_data_directory_is_private(client: TestClient, settings: CoreSettings) -> None:
