@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 PG_ROOT = Path("/usr/lib/postgresql")
 
@@ -62,6 +63,17 @@ def postgres_url() -> Iterator[str]:
     pytest.importorskip("psycopg")
     with postgres_server() as url:
         yield url
+
+
+def emptied(url: str) -> str:
+    """``url``, its database emptied (every table dropped): a test's fresh start on the shared server."""
+    from cmbcluster.db import create_db_engine
+
+    engine = create_db_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return url
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from fastapi.testclient import TestClient
 from moto.s3.models import S3Backend
@@ -30,7 +31,7 @@ from cmbcluster.local.storage import LocalStorage
 from cmbcluster.migration.engine import Migration, Side
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
-from cmbcluster.testing.process import clean_environ, free_port, run_cli
+from cmbcluster.testing.process import ServeProcess, clean_environ, free_port, run_cli
 from cmbcluster_aws.settings import AwsSettings
 from cmbcluster_aws.storage import S3Storage
 from cmbcluster_gcp.settings import GcpSettings
@@ -222,6 +223,44 @@ def test_a_database_bucket_the_target_would_refuse_stops_the_run_before_any_copy
             assert db.execute(select(func.count()).select_from(MigrationObject)).scalar_one() == 0
     finally:
         app.state.context.close()
+
+
+def test_the_database_does_not_move_while_a_control_plane_still_serves_it(tmp_path: Path, moto: str) -> None:
+    """What the old server changes after the database's copy (a bucket made, a sign-in) would never
+    reach the new one: the run switches the buckets but moves the database only once no server runs."""
+    data_dir = tmp_path / "data"
+    app = create_app(CoreSettings(data_dir=data_dir))
+    with TestClient(app, base_url=LOCAL) as client:
+        alice = dev_sign_in(client, "alice@example.org", "Alice")
+        storage_id = make_bucket(client, alice, {"readme.txt": b"hello"})
+    app.state.context.close()
+    s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto)
+    s3.create_bucket(Bucket="cmbmig-database", CreateBucketConfiguration={"LocationConstraint": REGION})
+    env = clean_environ({**AWS_ENV, "AWS_ENDPOINT_URL": moto, "CMBCLUSTER_DATA_DIR": str(data_dir)})
+    command = ("migrate", "run", "--to", "aws", "--database-bucket", "cmbmig-database")
+
+    with ServeProcess(clean_environ({"CMBCLUSTER_DATA_DIR": str(data_dir)}), tmp_path) as server:
+        assert server.wait_ready("/readyz").status_code == 200, server.output()
+        ahead = run_cli("migrate", "run", "--to", "aws", "--copy-only", env=env, cwd=tmp_path, timeout=120)
+        assert ahead.returncode == 0, ahead.stdout + ahead.stderr  # while users work: copied, nothing switched
+        assert "1 buckets copied to aws and verified; nothing switched" in " ".join(ahead.stdout.split())
+        refused = run_cli(*command, env=env, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
+    assert "0 copied, 1 already verified" in refused.stdout  # the run that switches copies only what changed
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert f"a control plane (pid {server.process.pid}) still serves" in said, said
+    assert "Stop it, then run `cmbcluster migrate run --to aws` again" in said, said
+    assert s3.list_objects_v2(Bucket="cmbmig-database").get("KeyCount") == 0  # no stale copy to restore
+    app = create_app(CoreSettings(data_dir=data_dir))
+    with app.state.context.sessions() as db:  # the buckets were switched all the same
+        assert db.get(Storage, storage_id).backend == "aws"
+    app.state.context.close()
+
+    moved = run_cli(*command, env=env, cwd=tmp_path, timeout=120)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "database backed up to cmbmig-database/" in " ".join(moved.stdout.split())
+    assert s3.list_objects_v2(Bucket="cmbmig-database")["KeyCount"] == 1
+    s3.close()
 
 
 def served_by_the_destination(data_dir: Path, storage_id: str, moto: str, monkeypatch: pytest.MonkeyPatch) -> None:

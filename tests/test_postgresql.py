@@ -34,17 +34,13 @@ from cmbcluster.registrations import ComputeBackendRegistration
 from cmbcluster.services.storages import QuotaState, reserved_bytes
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
-from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
+from tests.postgres import emptied, postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 
 @pytest.fixture
 def database(postgres_url: str) -> Iterator[str]:  # noqa: F811 - the fixture imported above
     """The server's database, emptied for each test."""
-    engine = create_db_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    yield postgres_url
+    yield emptied(postgres_url)
 
 
 def test_migrations_build_the_models_schema_on_postgresql(database: str) -> None:
@@ -164,6 +160,21 @@ def test_the_start_limit_holds_across_replicas(database: str, tmp_path: Path) ->
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = sorted(pool.map(create, range(8)))
     assert answers == [201, 201, 201, 429, 429, 429, 429, 429]
+
+
+def test_sign_in_attempts_at_once_through_two_replicas_are_counted_exactly(database: str, tmp_path: Path) -> None:
+    """One address guessing in parallel through both replicas: 30 attempts against a limit of 8 get
+    8 answers and 22 refusals, none a database error (the first attempts race to create the count)."""
+    one, two = replicas(database, tmp_path, login_attempts_per_minute=8)
+    with one, two:
+
+        def attempt(i: int) -> int:
+            status: int = (one, two)[i % 2].get("/api/v1/auth/local/login", follow_redirects=False).status_code
+            return status
+
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = sorted(pool.map(attempt, range(30)))
+    assert answers == [303] * 8 + [429] * 22, answers
 
 
 def test_a_progress_stream_on_another_replica_sees_every_change(database: str, tmp_path: Path) -> None:
@@ -438,3 +449,36 @@ def test_without_leader_election_a_replica_spares_the_work_of_another_live_one(d
             held = QuotaState(quota_bytes=None, current_bytes=0, noncurrent_bytes=0, user_id=ada_id)
             with contexts[1].sessions() as db:  # its upload's bytes still count on the new pod
                 assert reserved_bytes(db, contexts[1], held) == 5
+
+
+def test_a_measurement_never_drops_what_another_replica_stored_meanwhile(database: str, tmp_path: Path) -> None:
+    """A bucket's usage is measured on one replica (a listing, long on a cloud bucket) while an
+    upload into it ends on the other: the measurement, which listed the bucket before that upload,
+    is not stored over the upload's bytes, so the quota still counts them and refuses what would
+    pass it. (Each replica keeps its own measurements apart; only the database says what changed.)"""
+    core = CoreSettings(data_dir=tmp_path / "shared", database_url=database, storage_quota_bytes=3000)
+    one, two = (TestClient(create_app(core), base_url=LOCAL) for _ in range(2))
+    with one, two:
+        ada = dev_sign_in(one, "ada@example.org")
+        made = one.post("/api/v1/storages", json={"display_name": "data"}, headers=ada).json()
+        context = one.app.state.context  # type: ignore[attr-defined]
+        listed, release = threading.Event(), threading.Event()
+        bucket_usage = context.storage.bucket_usage
+
+        def slow_listing(bucket: str) -> Any:
+            found = bucket_usage(bucket)  # the bucket as it is before the upload
+            listed.set()
+            release.wait(30)
+            return found
+
+        context.storage.bucket_usage = slow_listing
+        measuring = context.storage_runtime.refresher.refresh(made["id"], made["bucket_name"])
+        assert listed.wait(30)
+        objects = f"/api/v1/storages/{made['id']}/objects"
+        assert two.put(f"{objects}/a.bin", content=b"a" * 2000, headers=ada).status_code == 201
+        release.set()
+        assert measuring.result(timeout=30).size_bytes == 0  # what it listed
+        context.storage.bucket_usage = bucket_usage
+        refused = two.put(f"{objects}/b.bin", content=b"b" * 1001, headers=ada)
+        assert refused.status_code == 413, refused.text
+        assert one.get("/api/v1/storages", headers=ada).json()["quota"]["used_bytes"] == 2000

@@ -11,13 +11,20 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from fastapi.testclient import TestClient
 
+from cmbcluster.app import create_app
+from cmbcluster.db.models import Storage
 from cmbcluster.errors import ConfigurationError, Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from cmbcluster.interfaces import CloudIdentity, InfraProvider, StorageBackend, UserRef
+from cmbcluster.migration.engine import Events, Migration, Side
+from cmbcluster.settings import CoreSettings
+from cmbcluster.testing.api import LOCAL, dev_sign_in, make_bucket
 from cmbcluster.testing.infra import InfraProviderContract
 from cmbcluster.testing.lifecycle import LifecycleContract
 from cmbcluster_aws.identity import BUCKET_POLICY_NAME, ROLE_ANNOTATION, AwsInfra
@@ -63,6 +70,10 @@ def iam(moto_reset: str) -> Iterator[Any]:
 @pytest.fixture
 def issuer(moto_reset: str, iam: Any) -> str:
     """An EKS cluster in moto (it answers with an OIDC issuer) and the IAM OIDC provider for it."""
+    return make_cluster(moto_reset, iam)
+
+
+def make_cluster(moto_reset: str, iam: Any) -> str:
     eks = boto3.client("eks", region_name=REGION, endpoint_url=moto_reset)
     cluster = eks.create_cluster(
         name=CLUSTER,
@@ -79,6 +90,10 @@ def issuer(moto_reset: str, iam: Any) -> str:
 @pytest.fixture
 def boundary(make_settings: Callable[..., AwsSettings], iam: Any) -> str:
     """The permissions boundary of per-user roles, as `cmbcluster infra up` makes it."""
+    return make_boundary(make_settings, iam)
+
+
+def make_boundary(make_settings: Callable[..., AwsSettings], iam: Any) -> str:
     arn = iam.create_policy(
         PolicyName=f"{CLUSTER}-user-boundary", Path=f"/cmbcluster-infra/{CLUSTER}/",
         PolicyDocument=json.dumps(user_boundary_policy(make_settings(eks_cluster_name=CLUSTER))),
@@ -389,3 +404,53 @@ def test_plugin_registers_aws_infra() -> None:
     (registration,) = list(plugin.cmbcluster_infra_providers())
     assert registration.name == "aws"
     assert registration.settings_model is AwsSettings
+
+
+# -- `cmbcluster migrate run --to aws`: the users' identities ------------------------------------------
+def test_identities_a_migration_could_not_make_are_made_by_its_next_run(
+    make_settings: Callable[..., AwsSettings], moto_reset: str, iam: Any, tmp_path: Path
+) -> None:
+    """A first run before the EKS cluster exists switches the buckets but cannot make the users' roles;
+    the next run (nothing left to copy) makes them and grants each role its buckets, as it says it will."""
+    app = create_app(CoreSettings(data_dir=tmp_path / "data"))
+    with TestClient(app, base_url=LOCAL) as client:
+        alice = dev_sign_in(client, "alice@example.org", "Alice")
+        storage_id = make_bucket(client, alice, {"notes.txt": b"hello"})
+    settings = make_settings(eks_cluster_name=CLUSTER)
+    s3, infra = S3Storage(settings), AwsInfra(settings, domain="cmb.example.org")
+    notes: list[str] = []
+
+    class Notes(Events):
+        def note(self, text: str) -> None:
+            notes.append(text)
+
+    def run() -> list[str]:
+        source = Side(name="local", storage=app.state.context.storage)
+        result = Migration(app.state.context.sessions, source, Side(name="aws", storage=s3, infra=infra),
+                           namespace=NAMESPACE, events=Notes()).run()  # fmt: skip
+        return [b.state for b in result.buckets]
+
+    try:
+        assert run() == ["switched"]
+        assert any("alice@example.org on aws could not be created" in note for note in notes), notes
+        make_cluster(moto_reset, iam)
+        make_boundary(make_settings, iam)
+        notes.clear()
+
+        assert run() == []  # nothing left to copy
+        assert notes == []
+        role = iam.get_role(RoleName=f"{CLUSTER}-user-{storage_owner(app, storage_id)[:10]}")["Role"]
+        with app.state.context.sessions() as db:
+            bucket = db.get(Storage, storage_id).bucket_name
+        granted = iam.get_role_policy(RoleName=role["RoleName"], PolicyName=BUCKET_POLICY_NAME)
+        policy = _document(granted["PolicyDocument"])
+        assert f"arn:aws:s3:::{bucket}" in _resources(policy)
+    finally:
+        s3.close()
+        infra.close()
+        app.state.context.close()
+
+
+def storage_owner(app: Any, storage_id: str) -> str:
+    with app.state.context.sessions() as db:
+        return str(db.get(Storage, storage_id).user_id)

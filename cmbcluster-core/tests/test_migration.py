@@ -4,6 +4,7 @@ the API's own rows and real environments (the clouds, the CLI and SIGKILL are in
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -17,8 +18,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cmbcluster.db.models import MigrationObject, Storage
-from cmbcluster.errors import PluginError
+from cmbcluster.db.models import MigrationBucket, MigrationObject, Storage
+from cmbcluster.errors import Conflict, PluginError
 from cmbcluster.hookspecs import hookimpl
 from cmbcluster.interfaces import ManagedTransfer, ObjectInfo, ObjectPage, TransferEnd
 from cmbcluster.local.storage import LocalStorage
@@ -71,6 +72,13 @@ def test_run_copies_verifies_and_switches_and_resumes_without_copying_again(
         assert b"".join(target.download_object(switched.bucket_name, key)) == content
     # the source is kept until `finish`
     assert b"".join(app.state.context.storage.download_object(source_bucket, "notes.txt")) == b"hello"
+    # until the server moves too, its owner is told where the files are and when they come back
+    listing = client.get(f"/api/v1/storages/{storage_id}/objects", headers=alice)
+    assert listing.status_code == 409
+    assert listing.json()["message"] == (
+        "the bucket 'data' lives on the storage backend 'elsewhere' now, and this server uses 'local': its files "
+        "are there, and can be used again once the server is configured for 'elsewhere' (ask an administrator)"
+    )
 
     progress = client.get("/api/v1/admin/migration", headers=admin)
     assert progress.status_code == 200
@@ -85,11 +93,55 @@ def test_run_copies_verifies_and_switches_and_resumes_without_copying_again(
     assert source_bucket not in {b.name for b in app.state.context.storage.list_buckets(_owner(app, storage_id))}
 
 
+def test_finish_goes_on_past_a_source_it_cannot_delete_and_reports_it_kept(
+    app: FastAPI, client: TestClient, alice: dict[str, str], bob: dict[str, str], target: LocalStorage
+) -> None:
+    first, second = make_bucket(client, alice), make_bucket(client, bob)
+    assert [b.state for b in migration(app, target).run().buckets] == ["switched", "switched"]
+    with sessions_of(app)() as db:
+        sources = {m.storage_id: m.source_bucket for m in db.execute(select(MigrationBucket)).scalars()}
+
+    class Busy(LocalStorage):  # a source bucket something keeps writing to (a forgotten VM, say)
+        def delete_bucket(self, bucket: str, *, force: bool = False) -> None:
+            if bucket == sources[first]:
+                raise Conflict(f"bucket {bucket} keeps receiving objects; stop what writes to it and try again")
+            super().delete_bucket(bucket, force=force)
+
+    source = Busy(app.state.context.storage.root)
+    outcomes = finish(sessions_of(app)(), {"local": source}.__getitem__)
+
+    by_storage = {o.storage_id: o for o in outcomes}
+    assert not by_storage[first].deleted and "keeps receiving objects" in by_storage[first].message
+    assert by_storage[second].deleted  # the next one was still deleted
+    assert sources[first] in {b.name for b in source.list_buckets(_owner(app, first))}
+    # kept, so a later finish tries it again
+    outcomes = finish(sessions_of(app)(), {"local": app.state.context.storage}.__getitem__)
+    assert [(o.storage_id, o.deleted) for o in outcomes] == [(first, True)]
+
+
 def _owner(app: FastAPI, storage_id: str) -> Any:
     from cmbcluster.interfaces import UserRef
 
     storage = row(app, storage_id)
     return UserRef(id=storage.user_id)
+
+
+def test_a_copy_only_run_switches_nothing_and_the_switching_run_copies_only_what_changed(
+    app: FastAPI, client: TestClient, alice: dict[str, str], target: LocalStorage
+) -> None:
+    storage_id = make_bucket(client, alice)
+    source = Side(name="local", storage=app.state.context.storage)
+    ahead = Migration(sessions_of(app), source, Side(name="elsewhere", storage=target), copy_only=True).run()
+
+    assert [(b.state, b.copied) for b in ahead.buckets] == [("copied", len(FILES))] and not ahead.complete
+    assert row(app, storage_id).backend == "local"  # its owner goes on working on it
+    written = client.put(f"/api/v1/storages/{storage_id}/objects/notes.txt", headers=alice, content=b"changed")
+    assert written.is_success, written.text
+
+    result = migration(app, target).run()
+
+    assert [(b.state, b.copied, b.skipped) for b in result.buckets] == [("switched", 1, len(FILES) - 1)]
+    assert b"".join(target.download_object(row(app, storage_id).bucket_name, "notes.txt")) == b"changed"
 
 
 def test_a_second_run_copies_only_what_changed_on_the_source(
@@ -253,6 +305,8 @@ def test_a_managed_transfer_is_verified_from_both_listings_then_switched(
     result = managed(app, target, offering(None, offers)).run()
 
     assert [b.state for b in result.buckets] == ["switched"], result
+    # each object counted once, as the service's (it said "4 copied, 4 already verified")
+    assert (result.buckets[0].copied, result.buckets[0].skipped) == (len(FILES), 0)
     assert [o.runs for o in offers] == [1]
     assert target.uploads == 0  # the service copied everything; the migration streamed nothing
     switched = row(app, storage_id)
@@ -407,3 +461,29 @@ def test_a_bucket_larger_than_a_manifest_batch_is_walked_batch_by_batch(
     batched = [s for s in reads if "LIMIT" in s.upper()]
     assert len(batched) >= 3 * (len(everything) // 4) and all("ORDER BY" in s.upper() for s in batched)
     assert not [s for s in reads if "LIMIT" not in s.upper() and "count(" not in s and "sum(" not in s]
+
+
+def test_the_run_display_rates_every_bucket_s_bytes_not_only_the_last_bucket_s() -> None:
+    """The "all buckets" line's rate covers the whole run: it was the last bucket's alone (a few bytes a
+    second after 126 MB, when a small bucket came last), and bytes a managed transfer reported counted twice."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cmbcluster.commands.migrate import _Display
+
+    now = [0.0]
+    progress = Progress(console=Console(file=io.StringIO()), get_time=lambda: now[0], auto_refresh=False)
+    display = _Display(progress)
+    display.bucket_started("alice / data", 2, 10_000_000, 0)
+    for _ in range(10):  # 10 MB in 10 s
+        now[0] += 1
+        display.bytes_copied(1_000_000)
+    display.bucket_done(SimpleNamespace(state="switched", owner="alice", display_name="data", copied=2, skipped=0,
+                                        message=""))  # fmt: skip
+    display.bucket_started("bob / notes", 1, 1_000, 500)  # half of it verified by an earlier run
+    now[0] += 5
+    display.bytes_copied(500)
+
+    overall = progress.tasks[display.total]
+    assert overall.completed == 10_000_500  # copied by this run, each byte once
+    assert overall.speed is not None and 600_000 < overall.speed < 1_100_000  # about 10 MB over 15 s

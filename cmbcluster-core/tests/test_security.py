@@ -6,6 +6,7 @@ The token matrix itself is `cmbcluster.testing.auth.AuthProviderContract` (see t
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import socket
 import time
@@ -77,6 +78,49 @@ def test_with_the_opt_out_an_unverified_address_signs_in_but_grants_nothing(
         # and a verified sign-in is not linked to an account whose address was never verified
         squatted = exchange(client, keys, "real-boss", ADMIN, verified=True)
         assert squatted.status_code == 409 and "never verified" in squatted.json()["message"]
+
+
+def test_the_generic_provider_trusts_only_the_claim_the_operator_names(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Entra ID tenant through the generic provider: the address is in ``upn``, vouched for by
+    ``xms_edov``; a token carrying ``email_verified: true`` (which Entra never vouches with) is no proof."""
+    app = oidc_app(
+        settings, keys, monkeypatch, CMBCLUSTER_OIDC_EMAIL_CLAIM="upn", CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM="xms_edov",
+        CMBCLUSTER_OIDC_GROUPS_CLAIM="wids",
+    )  # fmt: skip
+    with TestClient(app, base_url=LOCAL) as client:
+        dev_sign_in(client, "first@example.org")
+
+        def sign_in(sub: str, **claims: object) -> httpx.Response:
+            token = keys.sign({"sub": sub, "aud": CLIENT_ID, **claims})
+            response: httpx.Response = client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token})
+            return response
+
+        forged = sign_in("attacker", upn=ADMIN, email_verified=True)
+        assert forged.status_code == 401 and "not verified" in forged.json()["message"]
+        boss = sign_in("boss", upn=ADMIN, xms_edov=True)
+        assert boss.status_code == 200 and boss.json()["user"]["email"] == ADMIN
+        assert boss.json()["user"]["role"] == "admin"
+        member = sign_in("member", upn="lin@example.org", xms_edov="true", wids=["cmbcluster-admins"])
+        assert member.json()["user"]["role"] == "admin"  # groups read from the claim named
+
+
+def test_an_issuer_that_never_vouches_must_not_be_required_to(tmp_path: Path) -> None:
+    """No claim to vouch with, and verified addresses required: nobody could sign in. ``config check``
+    says so, naming both variables, instead of a server that refuses everyone."""
+    env = {
+        **clean_environ(), "CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_AUTH_PROVIDERS": "oidc",
+        "CMBCLUSTER_OIDC_ISSUER": "https://login.example.org", "CMBCLUSTER_OIDC_CLIENT_ID": CLIENT_ID,
+        "CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM": "",
+    }  # fmt: skip
+    refused = run_cli("config", "check", env=env, cwd=tmp_path)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    said = refused.stdout + refused.stderr
+    assert "CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM is empty" in said and "Traceback" not in said
+    assert "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL=false" in said
+    opted_out = run_cli("config", "check", env={**env, "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL": "false"}, cwd=tmp_path)
+    assert opted_out.returncode == 0, opted_out.stdout + opted_out.stderr
 
 
 def test_a_changed_address_changes_no_role_and_is_audited(
@@ -541,6 +585,22 @@ def test_sign_in_limits_count_each_client_behind_a_trusted_proxy(tmp_path: Path)
         other = proxy.get("/api/v1/auth/local/login", headers={"X-Forwarded-For": "198.51.100.7"})
         assert other.status_code == 303  # another person behind the same ingress is not blocked
         proxy.close()
+
+
+def test_sign_in_attempts_sent_at_once_are_counted_exactly(tmp_path: Path) -> None:
+    """A brute force sends its guesses in parallel: 40 attempts at once from one address against a
+    limit of 10 get exactly 10 answers and 30 refusals (429), none a database error."""
+    env = clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE": "10"})
+    with ServeProcess(env, tmp_path) as server:
+        server.wait_ready()
+
+        def attempt(_: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                return client.get("/api/v1/auth/local/login").status_code
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            statuses = sorted(pool.map(attempt, range(40)))
+    assert statuses == [303] * 10 + [429] * 30, statuses
 
 
 def test_the_data_directory_is_private(client: TestClient, settings: CoreSettings) -> None:

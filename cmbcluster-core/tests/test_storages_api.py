@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ def object_url(storage_id: str, key: str) -> str:
 
 
 def put(
-    client: TestClient, headers: Headers, storage_id: str, key: str, body: Any, content_type: str | None = None
+    client: httpx.Client, headers: Headers, storage_id: str, key: str, body: Any, content_type: str | None = None
 ) -> httpx.Response:
     extra = {"Content-Type": content_type} if content_type else {}
     response: httpx.Response = client.put(object_url(storage_id, key), content=body, headers={**headers, **extra})
@@ -657,6 +658,101 @@ def test_served_upload_runs_in_constant_memory_and_survives_disconnects(server: 
     assert not temp.exists() or list(temp.iterdir()) == []
 
 
+def journal_holds(data: Path) -> list[int]:
+    """The holds of the uploads a served control plane journals (its SQLite database)."""
+    with sqlite3.connect(data / "cmbcluster.db") as db:
+        return [row[0] for row in db.execute("SELECT reserved_bytes FROM upload_journal")]
+
+
+def test_a_stalled_upload_is_stopped_and_frees_its_quota_a_slow_one_is_not(tmp_path: Path) -> None:
+    """An upload whose client stops sending is stopped after CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS
+    (here 2) with a 408 that says so; nothing is stored, and the quota it held is free again. One
+    that sends slowly but steadily runs on past that time, still holding its quota (renewed while
+    its bytes come, even across recovery passes every second). A client that goes away frees its
+    hold too."""
+    data = tmp_path / "data"
+    env = clean_environ({
+        "CMBCLUSTER_DATA_DIR": str(data), "CMBCLUSTER_STORAGE_QUOTA_BYTES": str(8 * MIB),
+        "CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS": "2", "CMBCLUSTER_RECONCILE_INTERVAL_SECONDS": "1",
+    })  # fmt: skip
+    with ServeProcess(env, tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        server.wait_ready("/readyz")
+        headers = dev_sign_in(client, "ada@example.org")
+        made = client.post(API, json={"display_name": "uploads"}, headers=headers).json()
+
+        def wait_for_holds(wanted: list[int]) -> None:
+            deadline = time.monotonic() + 30
+            while journal_holds(data) != wanted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert journal_holds(data) == wanted, server.output()
+
+        # Slow but steady: 256 KiB every half second, 4 MiB in 8 s, four times the idle timeout.
+        def slow_body() -> Iterator[bytes]:
+            for _ in range(16):
+                time.sleep(0.5)
+                yield b"s" * (256 * 1024)
+
+        slow: list[httpx.Response] = []
+        slow_url, declared = object_url(made["id"], "slow.bin"), {**headers, "Content-Length": str(4 * MIB)}
+
+        def send_slowly() -> None:
+            slow.append(client.put(slow_url, content=slow_body(), headers=declared))
+
+        sending = threading.Thread(target=send_slowly)
+        sending.start()
+        try:
+            wait_for_holds([4 * MIB])
+            time.sleep(3.5)  # longer than a hold lasts without renewal (2 s and a quarter)
+            refused = put(client, headers, made["id"], "big.bin", b"b" * (5 * MIB))
+            assert refused.status_code == 413, refused.text
+            assert "held by uploads under way" in refused.json()["message"]
+        finally:
+            sending.join(60)
+        assert slow[0].status_code == 201, slow[0].text
+        assert slow[0].json()["size"] == 4 * MIB
+        wait_for_holds([])
+
+        # Stalled: declares the whole 4 MiB left, sends 1 MiB, then nothing.
+        stalled_url = object_url(made["id"], "stalled.bin")
+        request = (f"PUT {stalled_url} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {headers['Authorization']}\r\n"
+                   f"Content-Length: {4 * MIB}\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(request + b"x" * MIB)
+            wait_for_holds([4 * MIB])
+            began = time.monotonic()
+            full = put(client, headers, made["id"], "other.bin", b"o")
+            assert full.status_code == 507 and "held by uploads under way" in full.json()["message"]
+            raw.settimeout(30)
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+            waited = time.monotonic() - began
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answer[:500]
+        error = json.loads(body)
+        assert error["error"] == "request_timeout"
+        assert error["message"].startswith("no byte of the upload arrived for 2 seconds: it was stopped")
+        assert waited < 15
+        assert client.get(stalled_url, headers=headers).status_code == 404
+        wait_for_holds([])
+        assert put(client, headers, made["id"], "other.bin", b"o" * (4 * MIB)).status_code == 201
+
+        # A client that goes away mid-upload: its hold ends at once.
+        assert client.post(f"{API}/{made['id']}/objects/delete", headers=headers,
+                           json={"keys": ["other.bin"]}).status_code == 200  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(request + b"x" * MIB)
+            wait_for_holds([4 * MIB])
+        wait_for_holds([])
+    log = server.output()
+    assert "no byte for 2 s" in log and "interrupted by the client" in log
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert [r for r in records if r["level"] in ("error", "critical")] == [], log
+    assert "Traceback" not in log
+    temp = data / "buckets" / ".tmp"
+    assert not temp.exists() or list(temp.iterdir()) == []
+
+
 # -- what a crash leaves behind ---------------------------------------------------------------
 
 
@@ -745,6 +841,38 @@ def test_quota_refuses_uploads_before_and_during_and_stores_nothing(
         assert put(client, ada, first["id"], "c.bin", b"c" * 100).status_code == 201
 
 
+def test_a_hold_its_upload_left_behind_counts_until_it_is_not_renewed_for_the_idle_timeout(
+    settings: CoreSettings,
+) -> None:
+    """An upload's journal entry outlived it on a live server (its worker died, or the database was
+    away when it ended): its hold counts while renewed lately, but once not renewed for the idle
+    timeout and a quarter more it holds nothing, and the next recovery pass forgets it."""
+    with client_with(settings, storage_quota_bytes=3000, upload_idle_timeout_seconds=60) as (client, ada):
+        context = client.app.state.context  # type: ignore[attr-defined]
+        made = create(client, ada)
+        with context.sessions() as db:
+            db.add(UploadJournal(storage_id=made["id"], backend="local", bucket_name=made["bucket_name"],
+                                 key="crashed.bin", owner=context.instance_id, reserved_bytes=3000))  # fmt: skip
+            db.commit()
+
+        def renewed(seconds_ago: float) -> None:
+            with context.sessions() as db:
+                then = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
+                db.execute(update(UploadJournal).values(heartbeat_at=then))
+                db.commit()
+
+        for seconds_ago in (0, 70):  # within the 75 s a hold lasts without renewal
+            renewed(seconds_ago)
+            held = put(client, ada, made["id"], "a.bin", b"a" * 1000)
+            assert held.status_code == 507, held.text
+            assert "and 2.9 KiB held by uploads under way" in held.json()["message"]
+        renewed(80)
+        assert put(client, ada, made["id"], "a.bin", b"a" * 1000).status_code == 201
+        assert Reconciler(context).reconcile(startup=True).uploads_aborted == 0  # the local backend keeps no parts
+        with context.sessions() as db:
+            assert db.execute(select(UploadJournal)).scalars().all() == []
+
+
 def test_a_stream_near_its_quota_holds_the_rest_at_once_not_chunk_by_chunk(settings: CoreSettings) -> None:
     """An upload of unknown length holds its quota in steps; near the quota, what is left is held in
     one write, not a write and a check for every 1 MiB chunk, and the quota still stops it."""
@@ -754,7 +882,7 @@ def test_a_stream_near_its_quota_holds_the_rest_at_once_not_chunk_by_chunk(setti
         holds: list[str] = []
 
         def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-            if statement.startswith("UPDATE upload_journal"):
+            if statement.startswith(("INSERT INTO upload_journal", "UPDATE upload_journal")):
                 holds.append(statement)
 
         def upload(key: str, size: int) -> None:  # as the upload route does, 1 MiB chunks at a time
@@ -763,18 +891,18 @@ def test_a_stream_near_its_quota_holds_the_rest_at_once_not_chunk_by_chunk(setti
                 storage = storage_service.usable_storage(db, context, user, made["id"])
                 allowance = storage_service.upload_allowance(db, context, user, storage, declared=None,
                                                              wait_seconds=5)  # fmt: skip
-                storage_service.write_object(db, context, made["id"], storage.bucket_name, key,
+                storage_service.write_object(context, made["id"], storage.bucket_name, key,
                                              (b"x" * MIB for _ in range(size // MIB)), content_type=None,
                                              allowance=allowance)  # fmt: skip
 
         event.listen(context.engine, "before_cursor_execute", record)
         try:
             upload("a.bin", 8 * MIB)
-            assert len(holds) == 2  # the first step (16 MiB) passes the quota: the 10 MiB left instead
+            assert len(holds) == 1  # the first step (16 MiB) passes the quota: the 10 MiB left instead
             holds.clear()
             with pytest.raises(PayloadTooLarge, match="left of your storage quota"):
                 upload("b.bin", 3 * MIB)
-            assert len(holds) <= 4
+            assert len(holds) == 1  # the 2 MiB left, then refused past them: nothing more written
         finally:
             event.remove(context.engine, "before_cursor_execute", record)
         assert client.get(object_url(made["id"], "b.bin"), headers=ada).status_code == 404

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
 
-from cmbcluster.streaming import StreamAborted, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
+from cmbcluster.streaming import (
+    StreamAborted,
+    consume_in_thread,
+    idle_timeout,
+    iterate_in_thread,
+    limit_bytes,
+    rechunk,
+)
 
 
 async def pieces(*parts: bytes) -> AsyncIterator[bytes]:
@@ -34,6 +43,27 @@ def test_limit_bytes_raises_once_past_the_limit() -> None:
         anyio.run(collect, limit_bytes(pieces(b"abc", b"def"), 5, OverflowError))
 
 
+def test_idle_timeout_stops_a_source_that_stalls_not_one_that_is_slow() -> None:
+    async def paced(*gaps: float) -> AsyncIterator[bytes]:
+        for gap in gaps:
+            await anyio.sleep(gap)
+            yield b"x"
+
+    # each piece within the timeout, all of them well past it: nothing stops
+    assert anyio.run(collect, idle_timeout(paced(0.1, 0.1, 0.1, 0.1, 0.1), 0.2, TimeoutError)) == [b"x"] * 5
+    got: list[bytes] = []
+
+    async def read_until_stalled() -> None:
+        async for piece in idle_timeout(paced(0, 0, 30), 0.2, TimeoutError):
+            got.append(piece)
+
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        anyio.run(read_until_stalled)
+    assert time.monotonic() - began < 5  # after 0.2 s, not after the source's 30
+    assert got == [b"x", b"x"]
+
+
 def test_consume_in_thread_passes_every_chunk_in_order_from_a_worker_thread() -> None:
     threads: set[int] = set()
 
@@ -44,6 +74,17 @@ def test_consume_in_thread_passes_every_chunk_in_order_from_a_worker_thread() ->
     parts = [bytes([i]) * 1000 for i in range(50)]
     assert anyio.run(lambda: consume_in_thread(pieces(*parts), consumer)) == b"".join(parts)
     assert threading.get_ident() not in threads
+
+
+def test_the_consumer_may_read_its_chunks_from_a_thread_of_its_own() -> None:
+    # A backend may read ahead in a thread of its own while it sends (the GCS upload spools its
+    # next piece so): the iterator must work there, not only in the worker thread that got it.
+    def consumer(chunks: Iterator[bytes]) -> bytes:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+            return reader.submit(b"".join, chunks).result()
+
+    parts = [bytes([i]) * 1000 for i in range(50)]
+    assert anyio.run(lambda: consume_in_thread(pieces(*parts), consumer)) == b"".join(parts)
 
 
 def test_a_failing_source_makes_the_consumer_abort_and_is_raised() -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
+from cmbcluster.api.deps import document_security
 from cmbcluster.api.docs import mount_api_docs
 from cmbcluster.api.errors import document_errors, install_error_handlers
 from cmbcluster.api.guard import RequestGuard
@@ -122,13 +123,15 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
+    # Routes are matched in order and no two routers share a path: the ones the web UI polls
+    # come first (the environment list matched past the others' routes cost a fifth of its calls).
     for module in (
+        environments,
+        storages,
         health,
         plugins,
         auth,
         applications,
-        environments,
-        storages,
         user_settings,
         admin,
         migration,
@@ -137,6 +140,7 @@ def create_app(
     ):
         app.include_router(module.router)
     app.include_router(environment_proxy.router)  # /environments/<id>/: the environments' own traffic
+    document_security(app)  # first: document_errors reads which operations need a caller
     document_errors(app)
     mount_api_docs(app, OPENAPI_URL)
 

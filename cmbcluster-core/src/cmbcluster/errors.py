@@ -76,6 +76,13 @@ class PayloadTooLarge(CmbclusterError):
     code = "payload_too_large"
 
 
+class RequestTimeout(CmbclusterError):
+    """The client stopped sending its request's body (an upload that stalled) for too long."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
 class InsufficientStorage(CmbclusterError):
     """A storage quota is used up: nothing more can be stored until something is deleted."""
 

@@ -210,6 +210,12 @@ class CoreSettings(BaseSettings):
         description="Bytes each user's buckets may hold, current objects and earlier versions together; 0: no "
         "quota. Admins set a user's own.",
     )  # fmt: skip
+    upload_idle_timeout_seconds: float = Field(
+        default=300, gt=0, validation_alias=_aliases("CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS"),
+        description="An upload whose client sends no byte for this long is stopped (408) and stores nothing; "
+        "the quota it held is free again. A hold its server stopped renewing for this long (and a quarter "
+        "more) no longer counts against the quotas.",
+    )  # fmt: skip
     max_secret_file_bytes: int = Field(
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
     )

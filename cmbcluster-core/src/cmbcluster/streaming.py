@@ -11,7 +11,8 @@ memory:
   instead of storing a truncated object.
 - :func:`iterate_in_thread` turns a blocking iterator into an async one, one thread hop per
   chunk, and closes it (in a thread) however the async side stops.
-- :func:`rechunk` and :func:`limit_bytes` shape the source: larger chunks mean fewer thread hops.
+- :func:`rechunk`, :func:`limit_bytes` and :func:`idle_timeout` shape the source: larger chunks
+  mean fewer thread hops; a size limit and a stalled client stop it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TypeVar, cast
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 T = TypeVar("T")
@@ -64,6 +66,22 @@ async def limit_bytes(
         yield piece
 
 
+async def idle_timeout(
+    source: AsyncIterable[bytes], seconds: float, expired: Callable[[], BaseException]
+) -> AsyncIterator[bytes]:
+    """Pass ``source`` through, raising ``expired()`` once no piece arrived for ``seconds`` (a
+    client that stalled holds its upload's resources no longer than that)."""
+    pieces = aiter(source)
+    while True:
+        with anyio.move_on_after(seconds) as waiting:
+            piece = await anext(pieces, None)
+        if waiting.cancelled_caught:
+            raise expired()
+        if piece is None:
+            return
+        yield piece
+
+
 async def consume_in_thread(
     source: AsyncIterable[bytes],
     consumer: Callable[[Iterator[bytes]], T],
@@ -77,16 +95,20 @@ async def consume_in_thread(
     iterator the consumer reads raises :class:`StreamAborted` (chained to the cause) and this
     function re-raises the source's exception once the consumer has stopped. If the consumer
     fails or returns early, reading ``source`` stops and the consumer's exception propagates.
+    The consumer may read ``chunks`` from any thread, one thread at a time.
     """
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=max_buffered)
     # Set by the producer before it closes ``send``, read by the consumer thread when the stream
     # ends: an end of stream after an abort is an error, never a complete body.
     aborted: list[BaseException] = []
+    # The consumer may read its iterator from a thread of its own (a backend that reads ahead
+    # while it sends): the loop's token lets any thread reach it, not only the worker thread.
+    loop = anyio.lowlevel.current_token()
 
     def chunks() -> Iterator[bytes]:
         while not aborted:
             try:
-                chunk = anyio.from_thread.run(receive.receive)
+                chunk = anyio.from_thread.run(receive.receive, token=loop)
             except anyio.EndOfStream:
                 break
             yield chunk

@@ -882,7 +882,10 @@ export interface paths {
         };
         /** Download an object, streamed (supports a single 'Range: bytes=first-last') */
         get: operations["download_object_api_v1_storages__storage_id__objects__key__get"];
-        /** Upload an object: the request body, streamed (replaces an object of the same key) */
+        /**
+         * Upload an object: the request body, streamed (replaces an object of the same key)
+         * @description 408 when no byte of the body arrives for CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS (5 minutes by default): the upload is stopped and nothing is stored.
+         */
         put: operations["upload_object_api_v1_storages__storage_id__objects__key__put"];
         post?: never;
         /** Delete an object (deleting one that does not exist also succeeds) */
@@ -8579,6 +8582,15 @@ export interface operations {
             };
             /** @description Not Found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Request Timeout */
+            408: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.encoders import jsonable_encoder
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
@@ -33,19 +37,29 @@ async def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-async def get_db(context: Context) -> AsyncIterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
     """A session per request; it connects lazily, in whichever worker thread first queries."""
-    with context.sessions() as session:
+    # The context from the request, not through the Context dependency: each dependency costs
+    # FastAPI's resolution on every request, and this one is in nearly every route.
+    with request.app.state.context.sessions() as session:
         yield session
 
 
 DbSession = Annotated[Session, Depends(get_db)]
 
-# Declared as security schemes so the OpenAPI document (and its generated client) knows both ways in.
+# The two ways in, as security schemes for the OpenAPI document (and the client generated from it).
 _bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")
 _cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The browser's session cookie")
 BearerToken = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 SessionCookie = Annotated[str | None, Depends(_cookie)]
+
+
+def credentials(request: HTTPConnection) -> tuple[str | None, str | None]:
+    """The bearer token and the session cookie a request carries (either may be None), read as
+    ``_bearer`` and ``_cookie`` read them."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    bearer = token if scheme.lower() == "bearer" and token else None
+    return bearer, request.cookies.get(SESSION_COOKIE) or None
 
 
 @dataclass(frozen=True)
@@ -61,13 +75,10 @@ class Principal:
 # in WAL mode never blocks readers) costs less than the hop to a worker thread and back
 # (measured on the environment list: about 550 -> 850 requests/s). The connection pool is larger
 # than the worker thread limit, so the loop never waits for a connection.
-async def get_principal(
-    request: Request,
-    db: DbSession,
-    bearer: BearerToken,
-    cookie: SessionCookie,
-) -> Principal:
-    principal = authenticate_request(request, db, bearer.credentials if bearer is not None else None, cookie)
+# The credentials are read here, not through the _bearer and _cookie dependencies: two fewer
+# dependencies to resolve on every request (document_security declares the schemes instead).
+async def get_principal(request: Request, db: DbSession) -> Principal:
+    principal = authenticate_request(request, db, *credentials(request))
     # End the read transaction: its connection goes back to the pool instead of staying with a
     # request that may wait long for a worker thread or a cluster call (200 concurrent creates
     # would otherwise hold 200 connections). Loaded objects stay usable (expire_on_commit=False).
@@ -142,3 +153,39 @@ AdminUser = Annotated[User, Depends(get_admin)]
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
+
+
+def depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
+    """Whether a route's dependency tree calls ``call``."""
+    return any(dep.call is call or depends_on(dep, call) for dep in dependant.dependencies)
+
+
+def document_security(app: FastAPI) -> None:
+    """Declare in the OpenAPI document that every route needing a caller takes either way in (a
+    bearer token or the session cookie), as FastAPI would had get_principal depended on
+    ``_bearer`` and ``_cookie``. Install it before the document's other customisations, which
+    read an operation's ``security``."""
+    generate = app.openapi
+    schemes = {
+        scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+        for scheme in (_bearer, _cookie)
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
+        for route in iter_route_contexts(app.routes):  # included routers' routes with their prefixes
+            original = route.original_route
+            if (
+                isinstance(original, APIRoute)
+                and original.include_in_schema
+                and depends_on(original.dependant, get_principal)
+            ):
+                for method in route.methods or ():
+                    operation = schema["paths"][route.path_format][method.lower()]
+                    operation["security"] = [{name: []} for name in schemes]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi.routing import APIRoute
-from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -127,31 +126,24 @@ class RequestGuard:
             return _RouteRules(body_limit=core.max_request_body_bytes, needs_caller=False)
         rules = self._rules.get(id(route))
         if rules is None:
-            from cmbcluster.api.deps import get_principal
+            from cmbcluster.api.deps import depends_on, get_principal
 
             # A streaming route reads its body in the endpoint, after its dependencies signed the
             # caller in, and limits it itself.
             streams = getattr(route.endpoint, _STREAMS_ATTRIBUTE, False)
             rules = self._rules[id(route)] = _RouteRules(
                 body_limit=None if streams else core.max_request_body_bytes,
-                needs_caller=not streams and _depends_on(route.dependant, get_principal),
+                needs_caller=not streams and depends_on(route.dependant, get_principal),
             )
         return rules
 
 
 def _authenticate(scope: Scope) -> None:
-    from cmbcluster.api.deps import SESSION_COOKIE, authenticate_request
+    from cmbcluster.api.deps import authenticate_request, credentials
 
     request = Request(scope)
-    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
-    bearer = credentials if scheme.lower() == "bearer" and credentials else None
     with request.app.state.context.sessions() as db:
-        authenticate_request(request, db, bearer, request.cookies.get(SESSION_COOKIE))
-
-
-def _depends_on(dependant: Any, call: Callable[..., Any]) -> bool:
-    """Whether a route's dependency tree calls ``call``."""
-    return any(dep.call is call or _depends_on(dep, call) for dep in dependant.dependencies)
+        authenticate_request(request, db, *credentials(request))
 
 
 def _has_body(scope: Scope) -> bool:

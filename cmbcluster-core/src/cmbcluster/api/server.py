@@ -20,6 +20,8 @@ from cmbcluster.settings import CoreSettings
 MAX_HEADERS = 100
 #: How long a thread keeps the GIL while another waits for it (see :func:`run`).
 SWITCH_INTERVAL_SECONDS = 0.0005
+#: The garbage collector's thresholds while serving (Python's default: 700, 10, 10); see :func:`run`.
+GC_THRESHOLDS = (20_000, 20, 20)
 _REFUSAL = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s"
@@ -71,6 +73,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int | None = None) -> None:
     """Serve ``application`` on the configured address until stopped; on Ctrl-C or SIGTERM, open
     progress streams, downloads and WebSockets get ``graceful_shutdown_seconds`` to end."""
+    import gc
     import sys
 
     import uvicorn
@@ -80,6 +83,12 @@ def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int 
     # With 1,000 progress streams open, the environment list served about 1.6x more requests a
     # second with 0.5 ms slices (tests/benchmarks/bench_list_environments.py).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    # What the server built to start (modules, routes, settings, clients) lives as long as it does:
+    # frozen, the collector no longer walks it on every pass; and a request allocates a few
+    # thousand objects, so the youngest generation is collected every few requests, not every one.
+    # With 1,000 progress streams open, the waiting server's CPU fell from 9-10 % to 4-5 % of a core.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     uvicorn.run(
         application, host=core.host, port=core.port, log_config=None, server_header=False,
         loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here

@@ -150,17 +150,17 @@ def plan_command(
 
 
 class _Display:
-    """Rich progress: one bar per bucket and one for everything (bytes, rate, time left)."""
+    """Rich progress: one bar per bucket (bytes, rate, time left) and a line for the whole run (bytes
+    copied, rate). That line has no total: the buckets' sizes are known one at a time, and rich resets
+    a task's rate whenever its total changes (it then showed the last bucket's rate for the run's)."""
 
     def __init__(self, progress: Any) -> None:
         self.progress = progress
-        self.total = progress.add_task("all buckets", total=0)
+        self.total = progress.add_task("all buckets, copied by this run", total=None)
         self.current: Any = None
 
     def bucket_started(self, label: str, objects: int, size: int, done: int) -> None:
         self.current = self.progress.add_task(f"{label} ({objects} objects)", total=size, completed=done)
-        task = self.progress.tasks[self.total]
-        self.progress.update(self.total, total=(task.total or 0) + size, advance=done)
 
     def bytes_copied(self, n: int) -> None:
         if self.current is not None:
@@ -168,7 +168,7 @@ class _Display:
         self.progress.advance(self.total, n)
 
     def bucket_done(self, outcome: Any) -> None:
-        colour = {"switched": "green", "waiting": "yellow"}.get(outcome.state, "red")
+        colour = {"switched": "green", "copied": "green", "waiting": "yellow"}.get(outcome.state, "red")
         self.progress.console.print(
             f"[{colour}]{outcome.state}[/{colour}] {outcome.owner} / {outcome.display_name}: "
             f"{outcome.copied} copied, {outcome.skipped} already verified. {outcome.message}",
@@ -176,6 +176,7 @@ class _Display:
         )  # fmt: skip
         if self.current is not None:
             self.progress.update(self.current, visible=False)
+        self.current = None  # a managed transfer reports bytes before its bucket's bar starts
 
     def note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)
@@ -197,11 +198,20 @@ def run_command(
             "afterwards); streamed otherwise.",
         ),
     ] = False,
+    copy_only: Annotated[
+        bool,
+        typer.Option(
+            "--copy-only",
+            help="Copy and verify, switch nothing: users keep working on their buckets meanwhile; a later run "
+            "without it copies what changed since and switches.",
+        ),
+    ] = False,
 ) -> None:
     """Create each bucket on the target, copy, verify, switch; then back the database up to the target.
 
     Safe to stop and run again: what was verified is not copied again. Buckets mounted by a running
-    environment are switched by a later run, once their environments stop.
+    environment are switched by a later run, once their environments stop. A switched bucket is used
+    from a server configured for the target only: copy ahead with --copy-only while users work.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -231,9 +241,20 @@ def run_command(
                     parallel=parallel,
                     events=events,
                     transfers=_plugins(config).managed_transfer if managed_transfer else None,
+                    copy_only=copy_only,
                 ).run()
             if not result.buckets:
                 out(f"no bucket on {source.name} to move")
+            if copy_only:
+                failed = [b for b in result.buckets if b.state != "copied"]
+                if failed:
+                    raise CmbclusterError(f"{len(failed)} of {len(result.buckets)} buckets not copied (listed above)")
+                out(
+                    f"{len(result.buckets)} buckets copied to {to} and verified; nothing switched, users go on "
+                    f"working. To switch: `cmbcluster migrate run --to {to}` (it copies only what changed since)",
+                    soft_wrap=True,
+                )
+                return
             if not result.complete:
                 pending = [b for b in result.buckets if b.state != "switched"]
                 raise CmbclusterError(
@@ -241,7 +262,9 @@ def run_command(
                     "moves once every bucket is switched: fix what is listed and run `cmbcluster migrate run` again"
                 )
             out(
-                move_database(database, target.storage, target_bucket, prefix=config.core.database_backup_prefix),
+                move_database(
+                    database, target.storage, target_bucket, prefix=config.core.database_backup_prefix, target_name=to
+                ),
                 soft_wrap=True,
             )
     finally:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 MIGRATIONS = "cmbcluster.db:migrations"
 #: The newest migration in ``migrations/versions`` (a test keeps the two equal). Knowing it lets
 #: an up-to-date database start without importing Alembic, which costs a third of start-up.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 
 
 def create_db_engine(url: str) -> Engine:
@@ -48,6 +48,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def begin_locked(db: Session) -> bool:
+    """Begin ``db``'s transaction for a read, check and write that no other may interleave with.
+
+    SQLite has one writer at a time, but a plain BEGIN takes the write lock only at the first
+    write, after another writer may have changed what was read: BEGIN IMMEDIATE takes it before
+    the first read. Returns True then (the whole database is locked until the transaction ends).
+    Other databases lock rows: False, and the caller reads the rows it decides on with
+    ``SELECT ... FOR UPDATE``. Hold such a transaction for a few statements only."""
+    if db.in_transaction():
+        raise RuntimeError("begin_locked() must begin the session's transaction")
+    connection = db.connection()
+    if connection.dialect.name != "sqlite":
+        return False
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return True
 
 
 def _alembic_config(engine: Engine) -> Config:

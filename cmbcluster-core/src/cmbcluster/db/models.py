@@ -158,6 +158,9 @@ class Storage(Base):
     usage_noncurrent_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     usage_noncurrent_objects: Mapped[int | None] = mapped_column(default=None)
     usage_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    #: counts the changes made through the API (uploads, deletes, moves): a measurement stores its
+    #: figures only if none happened since it began (on any replica), or it would drop them
+    usage_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: while ``deleting``: whether the delete was forced (a restart resumes it as it was asked)
     delete_force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     #: the server instance running the delete while ``deleting``: another replica finishes it only
@@ -182,6 +185,9 @@ class UploadJournal(Base):
     owner: Mapped[str | None] = mapped_column(String(32), default=None)
     #: bytes this upload holds against its owner's (and groups') storage quotas while it runs
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: renewed while the upload's bytes arrive: a hold not renewed for longer than the upload idle
+    #: timeout (and a heartbeat's interval) counts no more, whatever became of its upload
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ServerInstance(Base):

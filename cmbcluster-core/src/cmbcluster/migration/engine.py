@@ -45,7 +45,7 @@ from cmbcluster.db.models import (
     User,
     utcnow,
 )
-from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound, PluginError
+from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, NotFound, PluginError
 from cmbcluster.interfaces import (
     BucketOptions,
     InfraProvider,
@@ -190,7 +190,7 @@ class BucketOutcome:
     storage_id: str
     owner: str
     display_name: str
-    state: str  # switched | waiting | failed
+    state: str  # switched | waiting | failed | copied (a --copy-only run: verified, not switched)
     copied: int = 0
     skipped: int = 0
     message: str = ""
@@ -236,9 +236,12 @@ class Migration:
         parallel: int = 8,
         events: Events | None = None,
         transfers: TransferOffers | None = None,
+        copy_only: bool = False,
     ) -> None:
         """``transfers``: where to ask for a managed transfer of each bucket (the operator chose
-        ``--managed-transfer``); None streams every bucket."""
+        ``--managed-transfer``); None streams every bucket. ``copy_only``: copy and verify, switch
+        nothing (``--copy-only``): the bulk moves while users keep working, and the run that
+        switches, in a maintenance window, copies only what changed since."""
         _check_sides(source, target)
         self.sessions = sessions
         self.source = source
@@ -247,6 +250,7 @@ class Migration:
         self.parallel = parallel
         self.events = events or Events()
         self.transfers = transfers
+        self.copy_only = copy_only
 
     def run(self) -> RunResult:
         result = RunResult()
@@ -262,7 +266,19 @@ class Migration:
             outcome = self._bucket(storage_id, owner)
             result.buckets.append(outcome)
             self.events.bucket_done(outcome)
-        for owner_id in identities_done:
+        # Also the owners of buckets an earlier run switched: their identity may not have been made
+        # then (the target's cluster not there yet, a refused call), and the note promised this run.
+        with self.sessions() as db:
+            switched = set(
+                db.execute(
+                    select(MigrationBucket.user_id).where(
+                        MigrationBucket.source_backend == self.source.name,
+                        MigrationBucket.target_backend == self.target.name,
+                        MigrationBucket.state == "switched",
+                    )
+                ).scalars()
+            )
+        for owner_id in sorted(identities_done | switched):
             self._sync_identity(owner_id)
         return result
 
@@ -286,8 +302,14 @@ class Migration:
                     self._managed_pass(db, row, outcome)
                     if outcome.message:
                         return outcome
+                by_service = outcome.copied
                 self._copy_pass(db, row, outcome, announce=True)
+                outcome.skipped -= min(by_service, outcome.skipped)  # the service's, counted as copied already
                 if outcome.message:
+                    return outcome
+                if self.copy_only:
+                    outcome.state = "copied"
+                    outcome.message = "copied and verified; still in use where it was (--copy-only)"
                     return outcome
                 waiting = _freeze(db, storage)
                 if waiting:
@@ -526,7 +548,8 @@ class Migration:
             return
         with self.sessions() as db:
             user = db.get(User, owner_id)
-            assert user is not None
+            if user is None:  # deleted since an earlier run switched their buckets
+                return
             buckets = list(
                 db.execute(
                     select(Storage.bucket_name).where(
@@ -663,6 +686,7 @@ def _switch(db: Session, storage: Storage, row: MigrationBucket) -> None:
         .values(
             backend=row.target_backend, bucket_name=row.target_bucket, status="active",
             usage_bytes=row.bytes_total, usage_objects=row.objects_total, usage_at=utcnow(),
+            usage_version=Storage.usage_version + 1,  # a measurement of the old bucket stores nothing
         )
     )  # fmt: skip
     row.state, row.switched_at, row.message = "switched", utcnow(), ""
@@ -674,9 +698,13 @@ def _switch(db: Session, storage: Storage, row: MigrationBucket) -> None:
 
 
 # -- the database ----------------------------------------------------------------------------
-def move_database(database: Path | None, target: StorageBackend, bucket: str | None, *, prefix: str = "") -> str:
-    """A ``db backup`` of the (switched) database into the target's database bucket."""
-    from cmbcluster.db.backup import DatabaseBackups
+def move_database(
+    database: Path | None, target: StorageBackend, bucket: str | None, *, prefix: str = "", target_name: str = ""
+) -> str:
+    """A ``db backup`` of the (switched) database into the target's database bucket, once no control
+    plane serves it: what a server still running changed after the copy (a bucket made, a sign-in)
+    would never reach the new deployment, which restores the copy."""
+    from cmbcluster.db.backup import DatabaseBackups, ServingLock
 
     if database is None:
         return "the database is PostgreSQL: it stays where it is (point the new deployment at it)"
@@ -685,7 +713,15 @@ def move_database(database: Path | None, target: StorageBackend, bucket: str | N
             "no database bucket on the target was given (--database-bucket): copy the SQLite file yourself, "
             "or run `cmbcluster db backup` with the target's settings"
         )
-    backup = DatabaseBackups(target, bucket, database, prefix=prefix).backup()
+    with ServingLock(database) as lock:  # held while copying: no server starts on it meanwhile
+        if not lock.acquire():
+            raise Conflict(
+                f"every bucket is switched, but the database did not move: a control plane (pid "
+                f"{lock.holder() or 'unknown'}) still serves it, and what it changes after a copy would be lost. "
+                f"Stop it, then run `cmbcluster migrate run --to {target_name or '...'}` again: it copies nothing "
+                "again and moves the database"
+            )
+        backup = DatabaseBackups(target, bucket, database, prefix=prefix).backup()
     return f"database backed up to {bucket}/{backup.key}: a server configured for the target restores it at start"
 
 
@@ -702,7 +738,8 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
     """Delete every switched source bucket whose listing still matches the manifest.
 
     ``sources(name)`` gives the storage backend of that name. A source with an object the
-    manifest lacks, or that changed since its copy, is kept and reported.
+    manifest lacks, or that changed since its copy, is kept and reported; so is one the backend
+    cannot list or delete now, and the others are still deleted.
     """
     outcomes: list[FinishOutcome] = []
     rows = db.execute(select(MigrationBucket).where(MigrationBucket.state == "switched")).scalars().all()
@@ -716,23 +753,32 @@ def finish(db: Session, sources: Callable[[str], StorageBackend]) -> list[Finish
         backend = sources(row.source_backend)
         differing, first = 0, ""
         try:
-            for obj, known in merge_by_key(list_all(backend, row.source_bucket), _manifest(db, row.id)):
-                if obj is not None and not _unchanged(known, obj):
-                    differing += 1
-                    first = first or obj.key
-        except NotFound:
-            differing = 0  # already deleted by an earlier finish that stopped before recording it
-        if differing:
+            try:
+                for obj, known in merge_by_key(list_all(backend, row.source_bucket), _manifest(db, row.id)):
+                    if obj is not None and not _unchanged(known, obj):
+                        differing += 1
+                        first = first or obj.key
+            except NotFound:
+                differing = 0  # already deleted by an earlier finish that stopped before recording it
+            if differing:
+                outcomes.append(FinishOutcome(
+                    storage_id=row.storage_id, source=label, deleted=False,
+                    message=f"{differing} object(s) on the source are not in the verified copy "
+                            f"(first: {first}): kept; copy them yourself, or run `migrate run` again",
+                ))  # fmt: skip
+                continue
+            try:
+                backend.delete_bucket(row.source_bucket, force=True)
+            except NotFound:
+                pass
+        except CmbclusterError as exc:
+            # One source that cannot be listed or deleted (refused, busy, unreachable) is kept and
+            # reported; the others are still deleted, and the next `finish` tries it again.
+            db.rollback()
             outcomes.append(FinishOutcome(
-                storage_id=row.storage_id, source=label, deleted=False,
-                message=f"{differing} object(s) on the source are not in the verified copy "
-                        f"(first: {first}): kept; copy them yourself, or run `migrate run` again",
+                storage_id=row.storage_id, source=label, deleted=False, message=f"{exc.message}: kept for now",
             ))  # fmt: skip
             continue
-        try:
-            backend.delete_bucket(row.source_bucket, force=True)
-        except NotFound:
-            pass
         row.state = "finished"
         db.execute(delete(MigrationObject).where(MigrationObject.bucket_id == row.id))
         audit(db, actor_id=None, action="storage.migration_finished", target_type="storage",

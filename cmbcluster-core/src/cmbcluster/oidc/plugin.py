@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cmbcluster.hookspecs import hookimpl
@@ -34,6 +34,32 @@ class OidcSettings(BaseSettings):
         description="Refuse sign-in unless the token says email_verified=true. Set false only for an issuer "
         "that never sends the claim: its addresses then grant nothing (no admin, no account linking).",
     )
+    oidc_email_claim: str = Field(
+        default="email",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_EMAIL_CLAIM"),
+        description="The ID-token claim holding the user's e-mail address.",
+    )
+    oidc_email_verified_claim: str = Field(
+        default="email_verified",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM"),
+        description='The claim in which the issuer vouches for that address (true, or "true"); Entra ID: '
+        "xms_edov. Empty: the issuer never vouches (then CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL must be false).",
+    )
+    oidc_groups_claim: str = Field(
+        default="groups",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_GROUPS_CLAIM"),
+        description="The claim listing the user's groups, matched against CMBCLUSTER_OIDC_ADMIN_GROUPS.",
+    )
+
+    @model_validator(mode="after")
+    def _vouching_needs_a_claim(self) -> OidcSettings:
+        if self.oidc_require_verified_email and not self.oidc_email_verified_claim.strip():
+            raise ValueError(
+                "CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM is empty (the issuer never vouches for addresses) while "
+                "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL is true: nobody could sign in; set "
+                "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL=false (addresses then grant nothing) or name the claim"
+            )
+        return self
 
 
 def _provider(ctx: ProviderContext) -> AuthProvider:
@@ -51,6 +77,9 @@ def _provider(ctx: ProviderContext) -> AuthProvider:
             discovery_url=s.oidc_discovery_url,
             admin_groups=tuple(g.strip() for g in s.oidc_admin_groups.split(",") if g.strip()),
             require_verified_email=s.oidc_require_verified_email,
+            email_claim=s.oidc_email_claim,
+            email_verified_claim=s.oidc_email_verified_claim.strip() or None,
+            groups_claim=s.oidc_groups_claim,
         )
     )
 

@@ -10,15 +10,18 @@ call that may take long (a bucket's creation or deletion, a transfer, a usage me
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, delete, func, literal, select, union_all, update
+from sqlalchemy import ColumnElement, String, Update, and_, delete, func, literal, or_, select, union_all, update
 from sqlalchemy.orm import Session
 
+from cmbcluster.db.engine import begin_locked
 from cmbcluster.db.models import (
     Environment,
     EnvironmentStorage,
@@ -98,8 +101,11 @@ def require_usable(storage: Storage, backend_name: str) -> None:
 def require_backend(storage: Storage, backend_name: str) -> None:
     if storage.backend != backend_name:
         raise Conflict(
-            f"the bucket {storage.display_name!r} lives on the storage backend {storage.backend!r}, "
-            f"but this server uses {backend_name!r}: ask an administrator"
+            # Seen between `migrate run` switching a bucket and the server moving to the new cloud:
+            # the owner must not think the files lost.
+            f"the bucket {storage.display_name!r} lives on the storage backend {storage.backend!r} now, and this "
+            f"server uses {backend_name!r}: its files are there, and can be used again once the server is "
+            f"configured for {storage.backend!r} (ask an administrator)"
         )
 
 
@@ -338,7 +344,6 @@ def read_object(
 
 
 def write_object(
-    db: Session,
     context: AppContext,
     storage_id: str,
     bucket: str,
@@ -358,32 +363,31 @@ def write_object(
     on any replica, cannot together pass a quota."""
     key = validate_new_object_key(key)
     reservation = UploadReservation(context, allowance, storage_id=storage_id, bucket=bucket, key=key)
+    reservation.open(declared)
     try:
-        reservation.open(declared)
-        held = reservation.holding(chunks) if reservation.checks else chunks
-        info = context.storage.upload_object(bucket, key, held, content_type=content_type)
+        info = context.storage.upload_object(bucket, key, reservation.holding(chunks), content_type=content_type)
+        reservation.finish(info.size)
     finally:
-        reservation.close()
-    invalidate_usage(db, context, storage_id, added_bytes=info.size)
+        reservation.close()  # failed, or stopped: the hold ends (nothing to do once finished)
     return info
 
 
 def abort_journalled_uploads(db: Session, context: AppContext) -> int:
     """Abort what the backend keeps of the uploads that server instances now gone began and never
-    finished (a SIGKILL, an OOM kill, a redeploy, a replica lost), and forget them. A live
-    replica's upload of the same key is spared: only what began before it is aborted. An entry
+    finished (a SIGKILL, an OOM kill, a redeploy, a replica lost), and of those whose entry was not
+    renewed for :func:`hold_lifetime` (an upload whose end could not be recorded), and forget
+    them. A live upload of the same key is spared: only what began before it is aborted. An entry
     whose bucket cannot be reached now stays for the next pass (the bucket's lifecycle rule
     aborts it after a day anyway). Returns how many unfinished uploads were aborted."""
     backend = UploadJournal.backend == context.config.storage.name
-    gone = instances.owned_by_gone(context, UploadJournal.owner)
-    rows = list(db.execute(select(UploadJournal).where(backend, gone)).scalars())
+    rows = list(db.execute(select(UploadJournal).where(backend, _ended_uploads(context))).scalars())
     aborted = 0
     for row in rows:
         # A live upload's multipart upload begins after its journal entry was written.
         live_since = db.execute(
             select(func.min(UploadJournal.started_at)).where(
                 backend, UploadJournal.bucket_name == row.bucket_name, UploadJournal.key == row.key,
-                instances.owned_by_live(context, UploadJournal.owner),
+                _live_uploads(context),
             )
         ).scalar_one_or_none()  # fmt: skip
         started_before = min(utcnow(), live_since) if live_since is not None else utcnow()
@@ -399,7 +403,8 @@ def abort_journalled_uploads(db: Session, context: AppContext) -> int:
         db.delete(row)
         db.commit()
     if aborted:
-        log.warning("aborted %d unfinished uploads a server that is gone left behind", aborted)
+        log.warning("aborted %d unfinished uploads a server that is gone (or an upload that stalled) left behind",
+                    aborted)  # fmt: skip
     return aborted
 
 
@@ -562,13 +567,19 @@ def invalidate_usage(db: Session, context: AppContext, storage_id: str, *, added
     An upload's ``added_bytes`` are added to the cached figures meanwhile: other members of the
     user's groups count this bucket by them (:func:`quota_states`) without measuring it. Replacing
     an object counts its bytes twice until the next measurement (versioned buckets keep the old
-    ones anyway), the safe side for a quota."""
-    values: dict[str, Any] = {"usage_at": None}
-    if added_bytes:
-        values["usage_bytes"] = func.coalesce(Storage.usage_bytes, 0) + added_bytes
-    db.execute(update(Storage).where(Storage.id == storage_id).values(**values))
+    ones anyway), the safe side for a quota. The storage's ``usage_version`` changes: a measurement
+    that began before, on any replica, does not replace these figures with its older ones."""
+    db.execute(_usage_changed(storage_id, added_bytes))
     db.commit()
     context.storage_runtime.refresher.invalidate(storage_id)
+
+
+def _usage_changed(storage_id: str, added_bytes: int) -> Update:
+    """The statement of :func:`invalidate_usage`."""
+    values: dict[str, Any] = {"usage_at": None, "usage_version": Storage.usage_version + 1}
+    if added_bytes:
+        values["usage_bytes"] = func.coalesce(Storage.usage_bytes, 0) + added_bytes
+    return update(Storage).where(Storage.id == storage_id).values(**values)
 
 
 # -- usage ---------------------------------------------------------------------------------------
@@ -645,12 +656,12 @@ def quota_states(
     name). ``own`` is every storage of the user with its usage (as just measured); the other
     members' buckets count as last measured (their cached figures, summed in the database)."""
     own_quota, groups = quotas_of(db, context, user)
-    return _states(db, user, own_quota, groups, {row.id: usage for row, usage in own}, all_own=True)
+    return _states(db, user.id, own_quota, groups, {row.id: usage for row, usage in own}, all_own=True)
 
 
 def _states(
     db: Session,
-    user: User,
+    user_id: str,
     own_quota: int | None,
     groups: Sequence[GroupQuota],
     fresh: Mapping[str, Usage],
@@ -661,14 +672,14 @@ def _states(
     """The quota states, from ``fresh`` (usage of some of the user's own storages; ``all_own``:
     all of them) and the cached usage of every other storage that counts."""
     want_own = own_quota is not None or not only_set
-    cached = _cached_usage(db, user, [g.id for g in groups], exclude=list(fresh), own=want_own and not all_own)
+    cached = _cached_usage(db, user_id, [g.id for g in groups], exclude=list(fresh), own=want_own and not all_own)
     fresh_current = sum(u.size_bytes or 0 for u in fresh.values())
     fresh_noncurrent = sum(u.noncurrent_bytes or 0 for u in fresh.values())
 
     def state(quota: int | None, key: str | None, name: str | None) -> QuotaState:
         current, noncurrent = cached.get(key, (0, 0))
         return QuotaState(
-            quota_bytes=quota, user_id=user.id, group_id=key, group=name,
+            quota_bytes=quota, user_id=user_id, group_id=key, group=name,
             current_bytes=fresh_current + current, noncurrent_bytes=fresh_noncurrent + noncurrent,
         )  # fmt: skip
 
@@ -677,7 +688,7 @@ def _states(
 
 
 def _cached_usage(
-    db: Session, user: User, group_ids: list[str], *, exclude: list[str], own: bool
+    db: Session, user_id: str, group_ids: list[str], *, exclude: list[str], own: bool
 ) -> dict[str | None, tuple[int, int]]:
     """The cached current and noncurrent bytes of the user's storages (key None, when ``own``) and
     of each group's members' storages (key: the group's id), leaving out ``exclude``: one query."""
@@ -687,7 +698,7 @@ def _cached_usage(
     if own:
         parts.append(
             select(literal(None, String).label("group_id"), current, noncurrent)
-            .where(Storage.user_id == user.id, Storage.id.not_in(exclude))
+            .where(Storage.user_id == user_id, Storage.id.not_in(exclude))
         )  # fmt: skip
     if group_ids:
         parts.append(
@@ -739,17 +750,21 @@ class Allowance:
         return quota_exceeded(self.tightest)
 
 
-def reserved_bytes(db: Session, context: AppContext, state: QuotaState) -> int:
-    """What the uploads under way into the buckets ``state`` counts hold, on every live replica."""
+def reserved_bytes(db: Session, context: AppContext, state: QuotaState, *, exclude: str | None = None) -> int:
+    """What the uploads under way into the buckets ``state`` counts hold, on every live replica
+    (but the journal entry ``exclude``): an entry not renewed for :func:`hold_lifetime` holds nothing."""
     if state.group_id is None:
         whose = Storage.user_id == state.user_id
     else:
         whose = Storage.user_id.in_(select(GroupMember.user_id).where(GroupMember.group_id == state.group_id))
-    held = db.execute(
+    query = (
         select(func.coalesce(func.sum(UploadJournal.reserved_bytes), 0))
         .join(Storage, Storage.id == UploadJournal.storage_id)
-        .where(whose, instances.owned_by_live(context, UploadJournal.owner))
-    ).scalar_one()
+        .where(whose, _live_uploads(context))
+    )
+    if exclude is not None:
+        query = query.where(UploadJournal.id != exclude)
+    held = db.execute(query).scalar_one()
     return int(held)
 
 
@@ -787,7 +802,7 @@ def _allowance(
     db: Session, context: AppContext, user: User, own_quota: int | None, groups: Sequence[GroupQuota],
     fresh: Mapping[str, Usage],
 ) -> Allowance:  # fmt: skip
-    states = _states(db, user, own_quota, groups, fresh, all_own=False, only_set=True)
+    states = _states(db, user.id, own_quota, groups, fresh, all_own=False, only_set=True)
     allowance = Allowance(tuple(replace(s, reserved_bytes=reserved_bytes(db, context, s)) for s in states))
     db.commit()
     return allowance
@@ -812,86 +827,173 @@ def quota_exceeded(state: QuotaState) -> PayloadTooLarge:
 #: A streamed upload of unknown length holds its quotas in steps of this many bytes beyond what
 #: it sent: one database write per step, not per chunk.
 RESERVATION_STEP = 16 * 1024 * 1024
+#: While its bytes arrive, an upload renews its journal entry at most once per this part of the
+#: upload idle timeout.
+RENEWAL_FRACTION = 0.25
+
+
+def hold_lifetime(context: AppContext) -> dt.timedelta:
+    """How long an upload's journal entry counts (its hold, and as an upload under way) after it
+    was last renewed: the idle timeout, past which a live server stops the upload, plus the
+    interval between renewals (its last bytes may have come up to that long after). Past it, the
+    upload's server is gone or could not record its end: its hold no longer counts."""
+    return dt.timedelta(seconds=context.config.core.upload_idle_timeout_seconds * (1 + RENEWAL_FRACTION))
+
+
+def _live_uploads(context: AppContext) -> ColumnElement[bool]:
+    """Journal entries of uploads under way: owned by a live server instance, and renewed lately."""
+    renewed = UploadJournal.heartbeat_at >= utcnow() - hold_lifetime(context)
+    return and_(instances.owned_by_live(context, UploadJournal.owner), renewed)
+
+
+def _ended_uploads(context: AppContext) -> ColumnElement[bool]:
+    """The converse of :func:`_live_uploads`: entries that upload nothing any more."""
+    expired = UploadJournal.heartbeat_at < utcnow() - hold_lifetime(context)
+    return or_(instances.owned_by_gone(context, UploadJournal.owner), expired)
+
+
+def lock_quotas(db: Session, states: Sequence[QuotaState]) -> None:
+    """Begin ``db``'s transaction holding the quotas of ``states`` until it ends: the rows of the
+    user and of the groups they belong to, locked FOR UPDATE in one order (the user, then the
+    groups by id, so two transactions never wait on each other), or on SQLite the database's write
+    lock. Each check-and-hold of an upload and each upload's end take it: whatever one reads of a
+    quota's usage and holds, no other changes before it has written its own."""
+    if begin_locked(db):
+        return
+    users = sorted({s.user_id for s in states if s.group_id is None})
+    groups = sorted({s.group_id for s in states if s.group_id is not None})
+    if users:
+        db.execute(select(User.id).where(User.id.in_(users)).order_by(User.id).with_for_update())
+    if groups:
+        db.execute(select(Group.id).where(Group.id.in_(groups)).order_by(Group.id).with_for_update())
+
+
+def current_states(
+    db: Session, context: AppContext, states: Sequence[QuotaState], *, exclude: str | None = None
+) -> list[QuotaState]:
+    """``states`` (the same quotas) as the database has them now: every bucket that counts as last
+    measured plus what was stored through the API since, and what the uploads under way hold (but
+    the journal entry ``exclude``). Read under :func:`lock_quotas`, it is what an upload may hold."""
+    if not states:
+        return []
+    own = next((s.quota_bytes for s in states if s.group_id is None), None)
+    groups = [GroupQuota(id=s.group_id, name=s.group or "", quota_bytes=s.quota_bytes or 0)
+              for s in states if s.group_id is not None]  # fmt: skip
+    now = _states(db, states[0].user_id, own, groups, {}, all_own=False, only_set=True)
+    return [replace(s, reserved_bytes=reserved_bytes(db, context, s, exclude=exclude)) for s in now]
 
 
 class UploadReservation:
     """An upload's journal entry (:class:`~cmbcluster.db.models.UploadJournal`), owned by this
     server instance, holding the upload's bytes against the quotas of ``allowance`` while it runs.
 
-    Each hold is written first and checked after (the sum of every live upload's holds, with the
-    measured usage, against each quota): of uploads checking at once, the last to write sees the
-    others, so they can never together pass a quota; at worst both are refused, the conservative
-    side. A declared length is held whole at the start; a stream of unknown length is held in
-    steps of :data:`RESERVATION_STEP` (near a quota, what is left of it at once), and stopped with
-    413 once it would pass a quota."""
+    Each hold is decided and written in one short transaction under :func:`lock_quotas`, from the
+    usage and the other uploads' holds as they are at that moment (not as they were when the
+    upload began: others may have stored bytes since), and the upload's end turns its hold into
+    stored usage in one such transaction: uploads running at once, into any of the buckets a
+    quota counts and on any replica, cannot together pass it. No lock is held while bytes stream.
+    A declared length is held whole at the start; a stream of unknown length is held in steps of
+    :data:`RESERVATION_STEP` (near a quota, what is left of it at once), and stopped with 413 once
+    it would pass a quota. Every hold, and at least every :data:`RENEWAL_FRACTION` of the idle
+    timeout while bytes arrive, renews the entry (:func:`hold_lifetime`)."""
 
     def __init__(self, context: AppContext, allowance: Allowance | None, *, storage_id: str, bucket: str,
                  key: str) -> None:  # fmt: skip
         self.context = context
         self.states = allowance.states if allowance is not None else ()
+        self.storage_id = storage_id
         self.entry = UploadJournal(
             storage_id=storage_id, backend=context.config.storage.name, bucket_name=bucket, key=key,
             owner=context.instance_id, reserved_bytes=0,
         )  # fmt: skip
+        self.entry_id: str | None = None
         self.held = 0
+        self.renew_seconds = context.config.core.upload_idle_timeout_seconds * RENEWAL_FRACTION
 
     @property
     def checks(self) -> bool:
         return bool(self.states)
 
     def open(self, declared: int | None) -> None:
-        with self.context.sessions() as db:
-            db.add(self.entry)
-            db.commit()
-            self.entry_id = self.entry.id
+        """Journal the upload, holding its declared length, or its first step (413 when that
+        passes a quota: nothing journalled)."""
         if self.checks:
             self.hold(0, declared if declared is not None else RESERVATION_STEP, exact=declared is not None)
+        else:
+            with self.context.sessions() as db:
+                db.add(self.entry)
+                db.commit()
+                self.entry_id = self.entry.id
 
     def hold(self, sent: int, wanted: int, *, exact: bool = False) -> None:
         """Hold ``wanted`` bytes; when that passes a quota, what is left of it (at least ``sent``;
         unless ``exact``), and when even that passes it, refuse (413). Near a quota the stream then
         holds the rest at once, instead of a write and a check for every chunk."""
-        room, tightest = self._set(wanted)
-        if room < 0 and not exact:
-            fits = max(sent, wanted + room)
-            room, tightest = self._set(fits)
-            wanted = fits
-        if room < 0:
-            assert tightest is not None
-            raise quota_exceeded(tightest)
+        with self.context.sessions() as db:
+            lock_quotas(db, self.states)
+            states = current_states(db, self.context, self.states, exclude=self.entry_id)
+            tightest = min(states, key=_left)
+            left = _left(tightest)
+            if wanted > left:
+                if exact or sent > left:
+                    raise quota_exceeded(tightest)  # the transaction ends unwritten
+                wanted = left
+            if self.entry_id is None:
+                self.entry.reserved_bytes = wanted
+                db.add(self.entry)
+            else:
+                db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id)
+                           .values(reserved_bytes=wanted, heartbeat_at=utcnow()))  # fmt: skip
+            db.commit()
+            self.entry_id = self.entry.id
         self.held = wanted
 
-    def _set(self, amount: int) -> tuple[int, QuotaState | None]:
-        """Write the hold, then check every quota: the bytes the tightest leaves beyond it
-        (negative: passed by so many), and that quota with what the other uploads hold."""
-        room, tightest = 0, None
-        with self.context.sessions() as db:
-            db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(reserved_bytes=amount))
-            db.commit()
-            for state in self.states:
-                assert state.quota_bytes is not None
-                others = reserved_bytes(db, self.context, state) - amount
-                left = state.quota_bytes - state.used_bytes - others - amount
-                if tightest is None or left < room:
-                    room, tightest = left, replace(state, reserved_bytes=others)
-        return room, tightest
-
     def holding(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """``chunks``, holding more of the quotas whenever they pass what is held."""
+        """``chunks``, holding more of the quotas whenever they pass what is held, and renewing
+        the entry meanwhile."""
         sent = 0
+        renewed = time.monotonic()
         for chunk in chunks:
             sent += len(chunk)
-            if sent > self.held:
+            if self.checks and sent > self.held:
                 self.hold(sent, sent + RESERVATION_STEP)
+                renewed = time.monotonic()
+            elif time.monotonic() - renewed >= self.renew_seconds:
+                self._renew()
+                renewed = time.monotonic()
             yield chunk
 
+    def _renew(self) -> None:
+        with self.context.sessions() as db:
+            db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(heartbeat_at=utcnow()))
+            db.commit()
+
+    def finish(self, size: int) -> None:
+        """The upload stored ``size`` bytes: in one transaction (under the quotas' lock), its hold
+        ends and its bytes count in its storage's usage, so that no check sees neither."""
+        with self.context.sessions() as db:
+            if self.checks:
+                lock_quotas(db, self.states)
+            db.execute(delete(UploadJournal).where(UploadJournal.id == self.entry_id))
+            db.execute(_usage_changed(self.storage_id, size))
+            db.commit()
+        self.entry_id = None
+        self.context.storage_runtime.refresher.invalidate(self.storage_id)
+
     def close(self) -> None:
-        entry_id = getattr(self, "entry_id", None)
-        if entry_id is None:
+        """The upload failed or stopped: its hold ends (nothing to do once finished)."""
+        if self.entry_id is None:
             return
         with self.context.sessions() as db:
-            db.execute(delete(UploadJournal).where(UploadJournal.id == entry_id))
+            db.execute(delete(UploadJournal).where(UploadJournal.id == self.entry_id))
             db.commit()
+        self.entry_id = None
+
+
+def _left(state: QuotaState) -> int:
+    """What ``state``'s quota leaves (negative: passed by so much)."""
+    assert state.quota_bytes is not None
+    return state.quota_bytes - state.used_bytes - state.reserved_bytes
 
 
 def _size(n: int) -> str:

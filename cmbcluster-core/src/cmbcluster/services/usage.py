@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import anyio
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cmbcluster.db.models import Storage, utcnow
@@ -66,8 +66,10 @@ class UsageRefresher:
     - One measurement at a time per storage: callers asking meanwhile share it.
     - A caller waits only as long as it chooses (see :func:`wait_usage`); a measurement it gave
       up on still finishes and is stored by the thread that made it, for the next request.
-    - A change made through the API during a measurement (:meth:`invalidate`) makes that
-      measurement's result not stored, so the cache never goes back to the figures from before.
+    - A change made through the API during a measurement, on any replica, makes that measurement's
+      result not stored (the storage's ``usage_version`` changed), so the cache never goes back to
+      the figures from before, which would drop an upload's bytes from a quota. After one on this
+      replica (:meth:`invalidate`), the next caller starts a new measurement.
     """
 
     def __init__(self, backend: StorageBackend, sessions: sessionmaker[Session], workers: int = USAGE_WORKERS):
@@ -78,21 +80,18 @@ class UsageRefresher:
         # callback, which takes this lock, in the thread that is still adding it under the lock.
         self._lock = threading.RLock()
         self._running: dict[str, Future[Usage]] = {}
-        self._generation: dict[str, int] = {}
 
     def refresh(self, storage_id: str, bucket: str) -> Future[Usage]:
         with self._lock:
             future = self._running.get(storage_id)
             if future is None:
-                generation = self._generation.get(storage_id, 0)
-                future = self._executor.submit(self._measure, storage_id, bucket, generation)
+                future = self._executor.submit(self._measure, storage_id, bucket)
                 self._running[storage_id] = future
                 future.add_done_callback(lambda done: self._forget(storage_id, done))
             return future
 
     def invalidate(self, storage_id: str) -> None:
         with self._lock:
-            self._generation[storage_id] = self._generation.get(storage_id, 0) + 1
             self._running.pop(storage_id, None)
 
     def _forget(self, storage_id: str, future: Future[Usage]) -> None:
@@ -100,29 +99,30 @@ class UsageRefresher:
             if self._running.get(storage_id) is future:
                 del self._running[storage_id]
 
-    def _measure(self, storage_id: str, bucket: str, generation: int) -> Usage:
+    def _measure(self, storage_id: str, bucket: str) -> Usage:
+        with self._sessions() as db:  # read before listing: a change committed after it is not in the listing
+            version = db.execute(select(Storage.usage_version).where(Storage.id == storage_id)).scalar_one_or_none()
         started = utcnow()
         usage = self._backend.bucket_usage(bucket)
         result = Usage(usage.size_bytes, usage.object_count, started, usage.noncurrent_bytes, usage.noncurrent_count)
-        with self._lock:
-            current = self._generation.get(storage_id, 0) == generation
-        if current:
-            with self._sessions() as db:
-                db.execute(
-                    update(Storage)
-                    .where(Storage.id == storage_id)
-                    .values(
-                        usage_bytes=result.size_bytes,
-                        usage_objects=result.object_count,
-                        usage_at=started,
-                        usage_noncurrent_bytes=result.noncurrent_bytes,
-                        usage_noncurrent_objects=result.noncurrent_count,
-                    )
+        if version is None:  # the storage is gone
+            return result
+        with self._sessions() as db:
+            stored = db.execute(
+                update(Storage)
+                .where(Storage.id == storage_id, Storage.usage_version == version)
+                .values(
+                    usage_bytes=result.size_bytes,
+                    usage_objects=result.object_count,
+                    usage_at=started,
+                    usage_noncurrent_bytes=result.noncurrent_bytes,
+                    usage_noncurrent_objects=result.noncurrent_count,
                 )
-                storage = db.get(Storage, storage_id)
-                if storage is not None:  # the usage reports' record of bytes stored over time
-                    accounting.record_stored_bytes(db, storage, result.size_bytes, started)
-                db.commit()
+            )
+            storage = db.get(Storage, storage_id) if stored.rowcount else None  # type: ignore[attr-defined]
+            if storage is not None:  # the usage reports' record of bytes stored over time
+                accounting.record_stored_bytes(db, storage, result.size_bytes, started)
+            db.commit()
         return result
 
     def close(self) -> None:

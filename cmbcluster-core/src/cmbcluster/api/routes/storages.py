@@ -34,14 +34,21 @@ from cmbcluster.api.transfer import (
     parse_range,
 )
 from cmbcluster.db.models import Storage
-from cmbcluster.errors import InvalidRequest, PayloadTooLarge
+from cmbcluster.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from cmbcluster.interfaces import ObjectInfo, StorageClass
 from cmbcluster.migration import engine as migration
 from cmbcluster.naming import MAX_OBJECT_KEY_BYTES, validate_new_object_key
 from cmbcluster.services import previews
 from cmbcluster.services import storages as service
 from cmbcluster.services.usage import Usage, cached_usage
-from cmbcluster.streaming import CHUNK_SIZE, consume_in_thread, iterate_in_thread, limit_bytes, rechunk
+from cmbcluster.streaming import (
+    CHUNK_SIZE,
+    consume_in_thread,
+    idle_timeout,
+    iterate_in_thread,
+    limit_bytes,
+    rechunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +419,9 @@ async def download_archive(
     status_code=201,
     response_model=ObjectOut,
     summary="Upload an object: the request body, streamed (replaces an object of the same key)",
-    responses=error_responses(400, 409, 413, 507),
+    description="408 when no byte of the body arrives for CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS (5 minutes by "
+    "default): the upload is stopped and nothing is stored.",
+    responses=error_responses(400, 408, 409, 413, 507),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -453,9 +462,12 @@ async def upload_object(
         too_large = _too_large
     # Constant memory: the body goes from the socket to the backend's blocking upload through a
     # queue of a few 1 MiB chunks; past max_bytes the chunk iterator raises, so the backend
-    # aborts the write and no object is stored (the same when the client goes away).
-    source = rechunk(limit_bytes(request.stream(), max_bytes, too_large), CHUNK_SIZE)
-    upload = partial(service.write_object, db, context, storage_id, bucket, key, content_type=content_type,
+    # aborts the write and no object is stored (the same when the client goes away, or stalls:
+    # its quota hold and worker thread are not kept past the idle timeout).
+    idle = context.config.core.upload_idle_timeout_seconds
+    body = idle_timeout(request.stream(), idle, lambda: _stalled(storage_id, idle))
+    source = rechunk(limit_bytes(body, max_bytes, too_large), CHUNK_SIZE)
+    upload = partial(service.write_object, context, storage_id, bucket, key, content_type=content_type,
                      allowance=allowance, declared=declared)  # fmt: skip
     try:
         info = await consume_in_thread(source, upload, limiter=context.storage_runtime.upload_limiter)
@@ -468,6 +480,12 @@ async def upload_object(
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"an upload may be at most {max_bytes} bytes on this server; nothing was stored")
+
+
+def _stalled(storage_id: str, seconds: float) -> RequestTimeout:
+    log.info("upload of an object to storage %s stopped: no byte for %g s; nothing stored", storage_id, seconds)
+    return RequestTimeout(f"no byte of the upload arrived for {seconds:g} seconds: it was stopped, and nothing was "
+                          "stored; send it again")  # fmt: skip
 
 
 @router.get(
