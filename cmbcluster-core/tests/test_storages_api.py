@@ -686,14 +686,15 @@ def test_a_stalled_upload_is_stopped_and_frees_its_quota_a_slow_one_is_not(tmp_p
                 time.sleep(0.05)
             assert journal_holds(data) == wanted, server.output()
 
-        # Slow but steady: 256 KiB every half second, 4 MiB in 8 s, four times the idle timeout.
+        # Slow but steady: 32 KiB every quarter second, 1 MiB in 8 s (four times the idle timeout),
+        # less than the server's 1 MiB chunks in the time a hold lasts without renewal.
         def slow_body() -> Iterator[bytes]:
-            for _ in range(16):
-                time.sleep(0.5)
-                yield b"s" * (256 * 1024)
+            for _ in range(32):
+                time.sleep(0.25)
+                yield b"s" * (32 * 1024)
 
         slow: list[httpx.Response] = []
-        slow_url, declared = object_url(made["id"], "slow.bin"), {**headers, "Content-Length": str(4 * MIB)}
+        slow_url, declared = object_url(made["id"], "slow.bin"), {**headers, "Content-Length": str(MIB)}
 
         def send_slowly() -> None:
             slow.append(client.put(slow_url, content=slow_body(), headers=declared))
@@ -701,16 +702,17 @@ def test_a_stalled_upload_is_stopped_and_frees_its_quota_a_slow_one_is_not(tmp_p
         sending = threading.Thread(target=send_slowly)
         sending.start()
         try:
-            wait_for_holds([4 * MIB])
+            wait_for_holds([MIB])
             time.sleep(3.5)  # longer than a hold lasts without renewal (2 s and a quarter)
-            refused = put(client, headers, made["id"], "big.bin", b"b" * (5 * MIB))
+            refused = put(client, headers, made["id"], "big.bin", b"b" * (7 * MIB + 1))
             assert refused.status_code == 413, refused.text
             assert "held by uploads under way" in refused.json()["message"]
         finally:
             sending.join(60)
         assert slow[0].status_code == 201, slow[0].text
-        assert slow[0].json()["size"] == 4 * MIB
+        assert slow[0].json()["size"] == MIB
         wait_for_holds([])
+        assert put(client, headers, made["id"], "filler.bin", b"f" * (3 * MIB)).status_code == 201  # 4 MiB left
 
         # Stalled: declares the whole 4 MiB left, sends 1 MiB, then nothing.
         stalled_url = object_url(made["id"], "stalled.bin")

@@ -17,6 +17,7 @@ memory:
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import TypeVar, cast
 
@@ -37,19 +38,25 @@ class StreamAborted(Exception):
     a size limit): the consumer must not treat the bytes it got as a complete stream."""
 
 
-async def rechunk(source: AsyncIterable[bytes], size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
-    """Regroup ``source`` into chunks of at least ``size`` bytes (the last may be shorter)."""
+async def rechunk(
+    source: AsyncIterable[bytes], size: int = CHUNK_SIZE, *, max_wait: float | None = None
+) -> AsyncIterator[bytes]:
+    """Regroup ``source`` into chunks of at least ``size`` bytes (the last may be shorter); with
+    ``max_wait``, also pass on what arrived once that many seconds went by since the last chunk (a
+    slow client's bytes still reach the consumer, which renews the upload's hold as they come)."""
     parts: list[bytes] = []
     buffered = 0
+    last = time.monotonic()
     async for piece in source:
         if not piece:
             continue
         parts.append(piece)
         buffered += len(piece)
-        if buffered >= size:
+        if buffered >= size or (max_wait is not None and time.monotonic() - last >= max_wait):
             yield parts[0] if len(parts) == 1 else b"".join(parts)
             parts.clear()
             buffered = 0
+            last = time.monotonic()
     if parts:
         yield b"".join(parts)
 

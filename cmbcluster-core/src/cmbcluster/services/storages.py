@@ -40,6 +40,7 @@ from cmbcluster.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from cmbcluster.interfaces import BucketOptions, ObjectInfo, ObjectPage, StorageBackend, StorageClass, UserRef
 from cmbcluster.naming import validate_new_object_key, validate_object_key, validate_object_prefix
@@ -832,6 +833,11 @@ RESERVATION_STEP = 16 * 1024 * 1024
 RENEWAL_FRACTION = 0.25
 
 
+def renewal_seconds(context: AppContext) -> float:
+    """How often at most an upload renews its journal entry while its bytes arrive."""
+    return context.config.core.upload_idle_timeout_seconds * RENEWAL_FRACTION
+
+
 def hold_lifetime(context: AppContext) -> dt.timedelta:
     """How long an upload's journal entry counts (its hold, and as an upload under way) after it
     was last renewed: the idle timeout, past which a live server stops the upload, plus the
@@ -862,10 +868,12 @@ def lock_quotas(db: Session, states: Sequence[QuotaState]) -> None:
         return
     users = sorted({s.user_id for s in states if s.group_id is None})
     groups = sorted({s.group_id for s in states if s.group_id is not None})
+    # FOR NO KEY UPDATE: holds exclude each other, while inserts that only reference these rows
+    # (an administrator adding group members) take KEY SHARE and pass, instead of deadlocking.
     if users:
-        db.execute(select(User.id).where(User.id.in_(users)).order_by(User.id).with_for_update())
+        db.execute(select(User.id).where(User.id.in_(users)).order_by(User.id).with_for_update(key_share=True))
     if groups:
-        db.execute(select(Group.id).where(Group.id.in_(groups)).order_by(Group.id).with_for_update())
+        db.execute(select(Group.id).where(Group.id.in_(groups)).order_by(Group.id).with_for_update(key_share=True))
 
 
 def current_states(
@@ -908,7 +916,7 @@ class UploadReservation:
         )  # fmt: skip
         self.entry_id: str | None = None
         self.held = 0
-        self.renew_seconds = context.config.core.upload_idle_timeout_seconds * RENEWAL_FRACTION
+        self.renew_seconds = renewal_seconds(context)
 
     @property
     def checks(self) -> bool:
@@ -942,8 +950,9 @@ class UploadReservation:
                 self.entry.reserved_bytes = wanted
                 db.add(self.entry)
             else:
-                db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id)
-                           .values(reserved_bytes=wanted, heartbeat_at=utcnow()))  # fmt: skip
+                renewed = db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id)
+                                     .values(reserved_bytes=wanted, heartbeat_at=utcnow()))  # fmt: skip
+                self._check_renewed(renewed.rowcount)  # type: ignore[attr-defined]  # a CursorResult
             db.commit()
             self.entry_id = self.entry.id
         self.held = wanted
@@ -965,8 +974,22 @@ class UploadReservation:
 
     def _renew(self) -> None:
         with self.context.sessions() as db:
-            db.execute(update(UploadJournal).where(UploadJournal.id == self.entry_id).values(heartbeat_at=utcnow()))
+            renewed = db.execute(
+                update(UploadJournal).where(UploadJournal.id == self.entry_id).values(heartbeat_at=utcnow())
+            )
+            self._check_renewed(renewed.rowcount)  # type: ignore[attr-defined]  # a CursorResult
             db.commit()
+
+    def _check_renewed(self, rows: int) -> None:
+        """The entry is gone: recovery took it for an upload that ended (not renewed in time, or
+        its server taken for gone) and may have aborted what the cloud kept of it. Stop: going on
+        would store bytes that no hold counts."""
+        if rows == 0:
+            self.entry_id = None
+            raise RequestTimeout(
+                "the upload was stopped: its hold on the storage quota was not renewed in time "
+                "(the server was too busy or lost its database for a while); nothing was stored, send it again"
+            )
 
     def finish(self, size: int) -> None:
         """The upload stored ``size`` bytes: in one transaction (under the quotas' lock), its hold

@@ -466,7 +466,8 @@ async def upload_object(
     # its quota hold and worker thread are not kept past the idle timeout).
     idle = context.config.core.upload_idle_timeout_seconds
     body = idle_timeout(request.stream(), idle, lambda: _stalled(storage_id, idle))
-    source = rechunk(limit_bytes(body, max_bytes, too_large), CHUNK_SIZE)
+    # A slow client's bytes are passed on at least as often as the upload renews its hold
+    source = rechunk(limit_bytes(body, max_bytes, too_large), CHUNK_SIZE, max_wait=service.renewal_seconds(context))
     upload = partial(service.write_object, context, storage_id, bucket, key, content_type=content_type,
                      allowance=allowance, declared=declared)  # fmt: skip
     try:
