@@ -61,6 +61,45 @@ def test_migrations_build_the_models_schema_on_postgresql(database: str) -> None
     engine.dispose()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_uploads_of_the_previous_version_survive_the_heartbeat_migration(
+    kind: str,
+    postgres_url: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """During a rolling update the previous version's servers keep uploading after the new one
+    migrated: their journal inserts do not name ``heartbeat_at`` and must still work, and their
+    uploads already running count from the migration on, not from their start (they are not
+    renewed, and would be aborted as expired at once)."""
+    from alembic import command
+
+    from cmbcluster.db.engine import _alembic_config
+
+    engine = create_db_engine(emptied(postgres_url) if kind == "postgresql" else f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cfg = _alembic_config(engine)
+    old_insert = text(
+        "INSERT INTO upload_journal (id, storage_id, backend, bucket_name, key, started_at, owner, reserved_bytes) "
+        "VALUES (:id, 's1', 'local', 'b', :key, :started, NULL, 0)"
+    )
+    long_ago = utcnow() - dt.timedelta(hours=2)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0007")
+        connection.execute(old_insert, {"id": "running", "key": "big.fits", "started": long_ago})
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+    before = utcnow() - dt.timedelta(minutes=1)
+    with engine.begin() as connection:  # an old server's next upload
+        connection.execute(old_insert, {"id": "next", "key": "small.fits", "started": utcnow()})
+    with engine.connect() as connection:
+        found: dict[str, Any] = dict(connection.execute(text("SELECT id, heartbeat_at FROM upload_journal")).all())
+    for value in found.values():  # SQLite gives text: what the model's type reads it as
+        when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+        assert (when if when.tzinfo else when.replace(tzinfo=dt.UTC)) > before, found
+    engine.dispose()
+
+
 class NeverReady(ComputeBackend):
     """Environments that stay 'starting' hold their start slot: what the limit test needs."""
 

@@ -211,10 +211,10 @@ class CoreSettings(BaseSettings):
         "quota. Admins set a user's own.",
     )  # fmt: skip
     upload_idle_timeout_seconds: float = Field(
-        default=300, gt=0, validation_alias=_aliases("CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS"),
+        default=300, gt=0, le=7 * 24 * 3600, validation_alias=_aliases("CMBCLUSTER_UPLOAD_IDLE_TIMEOUT_SECONDS"),
         description="An upload whose client sends no byte for this long is stopped (408) and stores nothing; "
         "the quota it held is free again. A hold its server stopped renewing for this long (and a quarter "
-        "more) no longer counts against the quotas.",
+        "more) no longer counts against the quotas. At most a week.",
     )  # fmt: skip
     max_secret_file_bytes: int = Field(
         default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")

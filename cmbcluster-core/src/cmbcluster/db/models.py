@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     text,
 )
 from sqlalchemy import false as sa_false
@@ -186,8 +187,10 @@ class UploadJournal(Base):
     #: bytes this upload holds against its owner's (and groups') storage quotas while it runs
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: renewed while the upload's bytes arrive: a hold not renewed for longer than the upload idle
-    #: timeout (and a heartbeat's interval) counts no more, whatever became of its upload
-    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: timeout (and a heartbeat's interval) counts no more, whatever became of its upload. The
+    #: database's default serves servers of the previous version during a rolling update: their
+    #: inserts do not name the column.
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
 class ServerInstance(Base):
