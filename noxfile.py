@@ -50,8 +50,12 @@ COVERAGE_OVERALL = 85.0
 COVERAGE_CONTRACT = ("interfaces/", "hookspecs.py", "registrations.py", "plugins.py", "config.py")
 
 
-#: pytest options whose value is a path: a path after one of them is the option's, not a choice of tests.
-PATH_OPTIONS = ("--deselect", "--ignore", "--ignore-glob", "--basetemp", "--junitxml", "--junit-xml", "--rootdir", "-c")
+#: pytest options that take a value: what follows one of them is its value (`-k helm`, `--ignore tests/x.py`),
+#: not a choice of tests, even where a file or folder of that name exists.
+VALUE_OPTIONS = (
+    "-k", "-m", "-p", "-n", "-c", "-o", "-W", "--deselect", "--ignore", "--ignore-glob", "--basetemp", "--junitxml",
+    "--junit-xml", "--rootdir", "--maxfail", "--dist", "--tb", "--durations",
+)  # fmt: skip
 
 
 def chosen_tests(session: nox.Session, *default: str) -> list[str]:
@@ -60,7 +64,9 @@ def chosen_tests(session: nox.Session, *default: str) -> list[str]:
     comes first and the arguments are options over it (`-- -k budget -x`)."""
     args = list(session.posargs)
     names_tests = any(
-        not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists() and (i == 0 or args[i - 1] not in PATH_OPTIONS)
+        not arg.startswith("-")
+        and (ROOT / arg.split("::")[0]).exists()
+        and (i == 0 or args[i - 1] not in VALUE_OPTIONS)
         for i, arg in enumerate(args)
     )
     return args if names_tests else [*default, *args]

@@ -40,6 +40,7 @@ def noxfile(monkeypatch: pytest.MonkeyPatch) -> Any:
         (["--deselect", "tests/browser/test_notebook.py"],
          ["tests/browser", "--deselect", "tests/browser/test_notebook.py"]),
         (["-k", "no/such/file.py"], ["tests/browser", "-k", "no/such/file.py"]),
+        (["-k", "helm"], ["tests/browser", "-k", "helm"]),  # helm/ exists: still the -k expression
     ],
 )  # fmt: skip
 def test_arguments_that_name_tests_replace_the_sessions_own(
