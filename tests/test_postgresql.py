@@ -340,6 +340,21 @@ def test_usage_rollups_add_up_on_postgresql(database: str) -> None:
     engine.dispose()
 
 
+def journal_work(context: Any, made: list[dict[str, Any]], *, gone: str, other: str) -> None:
+    """Work in the journal as replicas leave it: ``gone``, a server instance whose heartbeat stopped
+    two minutes ago, uploading into ``made[0]`` and deleting it; ``other`` uploading into
+    ``made[1]`` and deleting ``made[2]``."""
+    with context.sessions() as db:
+        db.add(ServerInstance(id=gone, heartbeat_at=utcnow() - dt.timedelta(minutes=2)))
+        for owner, storage in ((gone, made[0]), (other, made[1])):
+            db.add(UploadJournal(storage_id=storage["id"], backend="local", bucket_name=storage["bucket_name"],
+                                 key=f"from-{owner[:4]}", owner=owner, reserved_bytes=5))  # fmt: skip
+        for owner, storage in ((gone, made[0]), (other, made[2])):
+            db.execute(update(Storage).where(Storage.id == storage["id"])
+                       .values(status="deleting", delete_force=True, delete_owner=owner))  # fmt: skip
+        db.commit()
+
+
 def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: str, tmp_path: Path) -> None:
     """Uploads and bucket deletes are journalled with the server instance running them. The replica
     that takes over leadership finishes the work of instances that are gone (no heartbeat for a
@@ -360,15 +375,7 @@ def test_the_leader_recovers_the_storage_work_of_gone_replicas_only(database: st
         assert all("id" in m for m in made), made
         gone = "0" * 32  # a replica killed two minutes ago: its heartbeat stopped then
         live = contexts[0].instance_id
-        with contexts[0].sessions() as db:
-            db.add(ServerInstance(id=gone, heartbeat_at=utcnow() - dt.timedelta(minutes=2)))
-            for owner, storage in ((gone, made[0]), (live, made[1])):
-                db.add(UploadJournal(storage_id=storage["id"], backend="local", bucket_name=storage["bucket_name"],
-                                     key=f"from-{owner[:4]}", owner=owner, reserved_bytes=5))  # fmt: skip
-            for owner, storage in ((gone, made[0]), (live, made[2])):
-                db.execute(update(Storage).where(Storage.id == storage["id"])
-                           .values(status="deleting", delete_force=True, delete_owner=owner))  # fmt: skip
-            db.commit()
+        journal_work(contexts[0], made, gone=gone, other=live)
 
         def journal() -> list[str | None]:
             with contexts[0].sessions() as db:
@@ -468,15 +475,7 @@ def test_without_leader_election_a_replica_spares_the_work_of_another_live_one(d
         made = [one.post("/api/v1/storages", json={"display_name": f"b{i}"}, headers=ada).json() for i in range(3)]
         assert all("id" in m for m in made), made
         gone, old = "0" * 32, contexts[0].instance_id  # a replica killed two minutes ago; the old pod
-        with contexts[0].sessions() as db:
-            db.add(ServerInstance(id=gone, heartbeat_at=utcnow() - dt.timedelta(minutes=2)))
-            for owner, storage in ((gone, made[0]), (old, made[1])):
-                db.add(UploadJournal(storage_id=storage["id"], backend="local", bucket_name=storage["bucket_name"],
-                                     key=f"from-{owner[:4]}", owner=owner, reserved_bytes=5))  # fmt: skip
-            for owner, storage in ((gone, made[0]), (old, made[2])):
-                db.execute(update(Storage).where(Storage.id == storage["id"])
-                           .values(status="deleting", delete_force=True, delete_owner=owner))  # fmt: skip
-            db.commit()
+        journal_work(contexts[0], made, gone=gone, other=old)
         with two:  # the new pod starts beside the old one: a start-up pass, then one every second
             time.sleep(2.5)
             with contexts[0].sessions() as db:

@@ -79,9 +79,7 @@ def upload_whole(
             if status in (200, 201):
                 resource: dict[str, Any] = response.json()
                 return resource
-            if status not in _RETRYABLE_STATUSES:
-                raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
-            failure: BaseException = ProviderUnavailable(f"{GCS} answered {status} for {what}")
+            failure: BaseException = _retryable_failure(response, what)
         except requests.RequestException as exc:
             failure = exc
         attempts += 1
@@ -192,14 +190,21 @@ def _put_piece(http: Any, session: str, spool: BinaryIO, offset: int, size: int,
                 if stored > start:  # partly stored: send the rest
                     start = stored
                     continue
-            if status not in _RETRYABLE_STATUSES and status != 308:
-                raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
-            failure: BaseException = ProviderUnavailable(f"{GCS} answered {status} for {what}")
+            failure: BaseException = _retryable_failure(response, what, also=308)  # 308: nothing more stored
         except requests.RequestException as exc:
             failure = exc
         attempts += 1
         _wait_or_give_up(failure, attempts, what)
         start = max(start, _stored_bytes(http, session, offset))
+
+
+def _retryable_failure(response: Any, what: str, *, also: int | None = None) -> BaseException:
+    """What a request or piece that did not succeed failed with, to retry; raised at once (typed)
+    when its status is not worth retrying (``also``: one more status that is)."""
+    status = response.status_code
+    if status not in _RETRYABLE_STATUSES and status != also:
+        raise error_for_status(status, what, service=GCS, detail=response.text[:500], response=response)
+    return ProviderUnavailable(f"{GCS} answered {status} for {what}")
 
 
 def _wait_or_give_up(failure: BaseException, attempts: int, what: str) -> None:

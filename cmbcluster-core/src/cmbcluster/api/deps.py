@@ -16,6 +16,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
+from cmbcluster.api.docs import customise_openapi
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, PermissionDenied
@@ -165,16 +166,12 @@ def document_security(app: FastAPI) -> None:
     bearer token or the session cookie), as FastAPI would had get_principal depended on
     ``_bearer`` and ``_cookie``. Install it before the document's other customisations, which
     read an operation's ``security``."""
-    generate = app.openapi
     schemes = {
         scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
         for scheme in (_bearer, _cookie)
     }
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = generate()
+    def add_security(schema: dict[str, Any]) -> None:
         schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
         for route in iter_route_contexts(app.routes):  # included routers' routes with their prefixes
             original = route.original_route
@@ -186,6 +183,5 @@ def document_security(app: FastAPI) -> None:
                 for method in route.methods or ():
                     operation = schema["paths"][route.path_format][method.lower()]
                     operation["security"] = [{name: []} for name in schemes]
-        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
+    customise_openapi(app, add_security)

@@ -1,4 +1,5 @@
-"""``/api/docs``: Swagger UI over ``/api/v1/openapi.json``, from files in the package.
+"""The OpenAPI document's customisations, and ``/api/docs``: Swagger UI over
+``/api/v1/openapi.json``, from files in the package.
 
 The assets come from the ``swagger-ui-bundle-v2`` wheel (Swagger UI 5, which reads OpenAPI 3.1),
 so the page works without internet, where FastAPI's default would fetch them from a CDN.
@@ -6,7 +7,9 @@ so the page works without internet, where FastAPI's default would fetch them fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -15,6 +18,22 @@ from fastapi.staticfiles import StaticFiles
 
 DOCS_PATH = "/api/docs"
 ASSETS_PATH = f"{DOCS_PATH}/assets"
+
+
+def customise_openapi(app: FastAPI, step: Callable[[dict[str, Any]], None]) -> None:
+    """Have ``step`` amend the OpenAPI document once, when it is first generated, after the steps
+    installed before it (FastAPI's documented way to customise the document)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        step(schema)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def swagger_ui_dir() -> Path:

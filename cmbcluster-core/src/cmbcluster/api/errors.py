@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cmbcluster.api.docs import customise_openapi
 from cmbcluster.errors import CmbclusterError, LimitExceeded
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,8 @@ def document_errors(app: FastAPI) -> None:
     changes something; 409 where it changes something; 429 on POST; 401 and 403 where it needs a
     signed-in caller (it has ``security``); 413 where a body is sent. Routes add their own
     statuses with :func:`error_responses`."""
-    generate = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = generate()
+    def add_errors(schema: dict[str, Any]) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {})["ErrorOut"] = ErrorOut.model_json_schema()
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
         for path, operations in schema.get("paths", {}).items():
@@ -66,10 +63,8 @@ def document_errors(app: FastAPI) -> None:
                 responses = operation.setdefault("responses", {})
                 for code in _common_codes(path, method, operation):
                     responses.setdefault(str(code), {"description": _describe(code), "content": error})
-        app.openapi_schema = schema
-        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
+    customise_openapi(app, add_errors)
 
 
 def _common_codes(path: str, method: str, operation: dict[str, Any]) -> list[int]:
