@@ -121,6 +121,14 @@ def test_an_issuer_that_never_vouches_must_not_be_required_to(tmp_path: Path) ->
     assert "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL=false" in said
     opted_out = run_cli("config", "check", env={**env, "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL": "false"}, cwd=tmp_path)
     assert opted_out.returncode == 0, opted_out.stdout + opted_out.stderr
+    for name, value, said in (
+        ("CMBCLUSTER_OIDC_ISSUER", "", "CMBCLUSTER_OIDC_ISSUER must be the issuer's URL"),
+        ("CMBCLUSTER_OIDC_ISSUER", "login.microsoftonline.com", "CMBCLUSTER_OIDC_ISSUER must be the issuer's URL"),
+        ("CMBCLUSTER_OIDC_CLIENT_ID", " ", "CMBCLUSTER_OIDC_CLIENT_ID is empty"),
+    ):  # blank or not a URL: said at once, not as a failed discovery at the first sign-in
+        wrong = run_cli("config", "check", env={**env, "CMBCLUSTER_OIDC_REQUIRE_VERIFIED_EMAIL": "false", name: value},
+                        cwd=tmp_path)  # fmt: skip
+        assert wrong.returncode == 1 and said in wrong.stdout + wrong.stderr, wrong.stdout + wrong.stderr
 
 
 def test_a_changed_address_changes_no_role_and_is_audited(

@@ -53,6 +53,12 @@ class OidcSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _vouching_needs_a_claim(self) -> OidcSettings:
+        # An empty value (a blank line in .env, an unset Helm value) is a missing one, said here
+        # rather than as a failed discovery at the first sign-in.
+        if not self.oidc_client_id.strip():
+            raise ValueError("CMBCLUSTER_OIDC_CLIENT_ID is empty: set the client id registered with the issuer")
+        if not self.oidc_issuer.strip().lower().startswith(("https://", "http://")):
+            raise ValueError(f"CMBCLUSTER_OIDC_ISSUER must be the issuer's URL (https://...), not {self.oidc_issuer!r}")
         if self.oidc_require_verified_email and not self.oidc_email_verified_claim.strip():
             raise ValueError(
                 "CMBCLUSTER_OIDC_EMAIL_VERIFIED_CLAIM is empty (the issuer never vouches for addresses) while "
