@@ -433,6 +433,10 @@ def test_unsafe_object_keys_are_400(client: TestClient, alice: Headers, raw_key:
         ("\u202aa", "U+202A"),
         ("a\u202c", "U+202C"),
         ("a\u2068b", "U+2068"),
+        ("rlm\u200f.txt", "U+200F (RIGHT-TO-LEFT MARK)"),  # the implicit marks reorder too
+        ("a\u200eb", "U+200E (LEFT-TO-RIGHT MARK)"),
+        ("a\u061cb", "U+061C (ARABIC LETTER MARK)"),
+        ("c1\u0085x", "control characters"),  # NEXT LINE, a C1 control
         (".cmbcluster-tmp-upload", "reserved"),
         ("run1/.cmbcluster-tmp-1234/map.fits", "reserved"),
         ("report.pdf ", "ends with a space"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 from cmbcluster.errors import InvalidRequest
@@ -186,6 +187,8 @@ def validate_new_object_key(key: str) -> str:
     Reading, moving away and deleting use :func:`validate_object_key` alone: a file an environment
     wrote into its mounted bucket under such a name stays reachable."""
     validate_object_key(key)
+    if any(unicodedata.category(ch) == "Cc" for ch in key):  # the C1 controls too (U+0085 breaks lines)
+        raise InvalidRequest("object key must not contain control characters")
     bad = first_bidi_control(key)
     if bad is not None:
         raise InvalidRequest(

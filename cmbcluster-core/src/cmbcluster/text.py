@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import unicodedata
 
-#: The embedding, override and isolate controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI):
-#: each changes the order in which the characters after it are shown.
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: The embedding, override and isolate controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI) and
+#: the implicit marks (LRM, RLM, ALM): each changes the order in which the characters around it are shown.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 
 
 def first_unprintable(text: str) -> str | None:
@@ -23,7 +23,7 @@ def first_unprintable(text: str) -> str | None:
 
 
 def first_bidi_control(text: str) -> str | None:
-    """The first bidirectional embedding, override or isolate control in ``text``, or None."""
+    """The first bidirectional control (embedding, override, isolate or mark) in ``text``, or None."""
     return next((ch for ch in text if ch in BIDI_CONTROLS), None)
 
 
