@@ -245,6 +245,7 @@ def test_a_registration_refuses_factories_that_are_not_callable() -> None:
 def test_a_resolved_configuration_answers_which_providers_serve_it(tmp_path: Path) -> None:
     config = resolve(CoreSettings(data_dir=tmp_path / "data"), PluginManager(entry_points_enabled=False))
     assert config.serves("local") and config.serves("local", "storage") and not config.serves("tenant")
+    assert config.serves("local", "auth", "infra") and not config.serves("tenant", "storage", "infra")
     assert config.settings(TenantSettings) is None  # no active provider uses it: a deploy hook returns at once
     with pytest.raises(ValueError, match=r"^unknown concern 'bucket': one of storage, compute, infra, auth$"):
         config.serves("local", "bucket")  # type: ignore[arg-type]

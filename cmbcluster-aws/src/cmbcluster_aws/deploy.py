@@ -30,7 +30,7 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     # the chart's cloud identity and storage driver are the storage's and the infra's: aws sign-in
     # alone (its settings are active then too) adds nothing; core renders the settings themselves
     settings = config.settings(AwsSettings)
-    if settings is None or not (config.serves("aws", "storage") or config.serves("aws", "infra")):
+    if settings is None or not config.serves("aws", "storage", "infra"):
         return None
     aws: dict[str, Any] = {
         "region": settings.aws_region,

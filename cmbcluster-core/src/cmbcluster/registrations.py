@@ -277,20 +277,21 @@ class ResolvedConfig(ActiveSettings):
     def _active_settings(self) -> Mapping[type[Any], Any]:
         return self.provider_settings
 
-    def serves(self, provider: str, concern: Concern | None = None) -> bool:
-        """Whether the registration called ``provider`` is active for ``concern`` (``storage``,
-        ``auth``, ``infra`` or ``compute``), or for any concern when ``concern`` is None.
+    def serves(self, provider: str, *concerns: Concern) -> bool:
+        """Whether the registration called ``provider`` is active for any of ``concerns``
+        (``storage``, ``auth``, ``infra``, ``compute``), or for any concern when none is given.
 
         One settings model often serves all of a plugin's concerns, so ``settings(Model)`` is not
         None as soon as any of them is active (its sign-in alone, say): a deploy hook that adds a
-        storage driver asks ``config.serves("azure", "storage")``."""
+        storage driver asks ``config.serves("azure", "storage")``, one that sets the control
+        plane's cloud identity ``config.serves("azure", "storage", "infra")``."""
         chosen: dict[str, list[Registration[Any]]] = {
             "storage": [self.storage], "compute": [self.compute], "infra": [self.infra], "auth": list(self.auth),
         }  # fmt: skip
-        concerns = [concern] if concern is not None else list(chosen)
-        if not set(concerns) <= set(chosen):
-            raise ValueError(f"unknown concern {concern!r}: one of {', '.join(chosen)}")
-        return any(registration.name == provider for c in concerns for registration in chosen[c])
+        unknown = [c for c in concerns if c not in chosen]
+        if unknown:
+            raise ValueError(f"unknown concern {unknown[0]!r}: one of {', '.join(chosen)}")
+        return any(registration.name == provider for c in concerns or chosen for registration in chosen[c])
 
     def describe(self, registration: Registration[Any]) -> str:
         """``storage backend 'azure' of plugin 'azure' (cmbcluster-azure 0.1.0)``: who to blame."""

@@ -30,7 +30,7 @@ def cmbcluster_deploy_values(config: ResolvedConfig) -> dict[str, Any] | None:
     # the chart's cloud identity and storage driver are the storage's and the infra's: gcp sign-in
     # alone (its settings are active then too) adds nothing; core renders the settings themselves
     settings = config.settings(GcpSettings)
-    if settings is None or not (config.serves("gcp", "storage") or config.serves("gcp", "infra")):
+    if settings is None or not config.serves("gcp", "storage", "infra"):
         return None
     gcp: dict[str, Any] = {
         "projectId": settings.project_id,
