@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +42,15 @@ class AppContext:
     metrics: Metrics
     secret_key: bytes
     previous_secret_keys: tuple[bytes, ...] = ()
+    _sealers: dict[str, Sealer] = field(default_factory=dict, init=False, repr=False)
 
     def sealer(self, purpose: str) -> Sealer:
-        """Encryption at rest for one purpose (``secret-files``, ``env-vars``, ``login-state``)."""
-        return Sealer(self.secret_key, purpose, previous=self.previous_secret_keys)
+        """Encryption at rest for one purpose (``secret-files``, ``env-vars``, ``login-state``);
+        made once per purpose, since deriving its keys costs more than using them (every start)."""
+        sealer = self._sealers.get(purpose)
+        if sealer is None:
+            sealer = self._sealers[purpose] = Sealer(self.secret_key, purpose, previous=self.previous_secret_keys)
+        return sealer
 
     @functools.cached_property
     def progress(self) -> ProgressHub:

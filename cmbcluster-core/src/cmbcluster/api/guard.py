@@ -139,11 +139,12 @@ class RequestGuard:
 
 
 def _authenticate(scope: Scope) -> None:
-    from cmbcluster.api.deps import authenticate_request, credentials
+    """Sign the caller in (or raise), and leave the caller for the route's get_principal."""
+    from cmbcluster.api.deps import SIGNED_IN_SCOPE_KEY, authenticate_request, credentials
 
     request = Request(scope)
     with request.app.state.context.sessions() as db:
-        authenticate_request(request, db, *credentials(request))
+        scope[SIGNED_IN_SCOPE_KEY] = authenticate_request(request, db, *credentials(request))
 
 
 def _has_body(scope: Scope) -> bool:

@@ -79,11 +79,12 @@ def _before_flush(db: Session, _context: object, _instances: object) -> None:
     now = epoch(utcnow())
     with db.no_autoflush:
         for env in changed:
+            new = env in db.new
             if not env.id:  # a new record: its id is needed now, not at its insert
                 env.id = new_id()
             if _field(env, "status") in RESERVING:
-                _open(db, env, now)
-            else:
+                _open(db, env, now, new=new)
+            elif not new:  # a new record has no interval to close
                 _close(db, env.id, epoch(env.stopped_at) if env.stopped_at else now)
         for env in deleted:
             _close(db, env.id, now)
@@ -106,17 +107,20 @@ def _open_interval(
     return db.execute(query).scalar_one_or_none()
 
 
-def _open(db: Session, env: Environment, now: int) -> None:
-    current = _open_interval(db, UsageInterval, env.id)
-    if current is not None and current.end_s is None:
-        return  # pending -> starting -> running: one interval
+def _open(db: Session, env: Environment, now: int, *, new: bool = False) -> None:
+    """Open the environment's interval unless it has one open; ``new``: being inserted now, so it
+    has no interval at all (nothing to read: a burst of creates skips two queries each)."""
+    if not new:
+        current = _open_interval(db, UsageInterval, env.id)
+        if current is not None and current.end_s is None:
+            return  # pending -> starting -> running: one interval
     application = env.application_row if "application_row" in env.__dict__ else db.get(Application, env.application_id)
     start = min(now, epoch(env.started_at)) if env.started_at else now
     # Never before the end of its previous run: a stale copy of the record (another thread's
     # session that loaded it before a stop) must not count those hours again.
-    last_end = db.execute(
+    last_end = None if new else db.execute(
         select(func.max(UsageInterval.end_s)).where(UsageInterval.environment_id == env.id)
-    ).scalar_one_or_none()
+    ).scalar_one_or_none()  # fmt: skip
     if last_end is not None:
         start = min(now, max(start, last_end))
     db.add(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,14 +124,10 @@ def statuses(
 ) -> list[BudgetStatus]:
     """Every budget's use this month; with ``user_id``, only the budgets that bind that user."""
     moment = now or utcnow()
-    query = select(Budget)
-    if user_id is not None:
-        groups = select(GroupMember.group_id).where(GroupMember.user_id == user_id)
-        query = query.where(
-            ((Budget.scope == "user") & (Budget.target_id == user_id))
-            | ((Budget.scope == "group") & Budget.target_id.in_(groups))
-        )
-    budgets = list(db.execute(query.order_by(Budget.scope, Budget.created_at)).scalars())
+    if user_id is None:
+        budgets = list(db.execute(_ALL_BUDGETS).scalars())
+    else:
+        budgets = list(db.execute(_USERS_BUDGETS, {"user_id": user_id}).scalars())
     if not budgets:
         return []
     members: dict[str, list[str]] = defaultdict(list)
@@ -151,6 +147,17 @@ def statuses(
         used = sum(_amount(usage[u], budget.unit) for u in who if u in usage)
         result.append(BudgetStatus(budget, labels.get(budget.target_id, budget.target_id), used, prices.currency))
     return result
+
+
+_ALL_BUDGETS = select(Budget).order_by(Budget.scope, Budget.created_at)
+# Built once: every start asks it (check_start), and building costs more than running it.
+_USERS_BUDGETS = _ALL_BUDGETS.where(
+    ((Budget.scope == "user") & (Budget.target_id == bindparam("user_id")))
+    | (
+        (Budget.scope == "group")
+        & Budget.target_id.in_(select(GroupMember.group_id).where(GroupMember.user_id == bindparam("user_id")))
+    )
+)
 
 
 def _amount(usage: accounting.Usage, unit: str) -> float:

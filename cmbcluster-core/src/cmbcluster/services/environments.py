@@ -19,7 +19,16 @@ from sqlalchemy.orm import Session, selectinload
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Application, Environment, EnvironmentStorage, StartSlot, Storage, User, utcnow
+from cmbcluster.db.models import (
+    Application,
+    Environment,
+    EnvironmentStorage,
+    StartSlot,
+    Storage,
+    User,
+    new_id,
+    utcnow,
+)
 from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from cmbcluster.interfaces import (
     EnvironmentPhase,
@@ -31,7 +40,7 @@ from cmbcluster.services import budgets, storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned, owned_id
-from cmbcluster.services.status import apply_status
+from cmbcluster.services.status import apply_status, release_start_slot
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +137,11 @@ def create(
     if not 1 <= len(name) <= 100:
         raise InvalidRequest("an environment name of 1 to 100 characters is required")
     env = Environment(
-        user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
+        id=new_id(), user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
         desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
     )  # fmt: skip
+    # Not flushed yet: with ``start``, it is inserted once, already pending (see reserve_start).
     db.add(env)
-    db.flush()
     for storage, choice in mounts:
         db.add(
             EnvironmentStorage(
@@ -200,36 +209,17 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
 
     The slot row is written before it is counted: on SQLite the insert takes the database's
     write lock, so concurrent starts are serialised; on PostgreSQL an advisory lock does it.
+    The environment is marked pending before that write, so that a new one (``create``) is
+    inserted once, already pending; a refusal rolls everything back.
     """
     core = context.config.core
     if env.status not in STARTABLE_STATUSES:
         raise Conflict(f"{env.name!r} is already {env.status}")
-    if db.get_bind().dialect.name == "postgresql":
-        db.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
     now = utcnow()
-    db.execute(delete(StartSlot).where(StartSlot.expires_at <= now))
-    db.add(StartSlot(environment_id=env.id, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
-    db.flush()
-    active = db.execute(
-        select(func.count())
-        .select_from(Environment)
-        .where(Environment.user_id == user.id, Environment.status.in_(ACTIVE_STATUSES), Environment.id != env.id)
-    ).scalar_one()
-    if active >= core.max_environments_per_user:
-        db.rollback()
-        raise Conflict(
-            f"you already have {active} running or starting environments (the limit is "
-            f"{core.max_environments_per_user}); stop one first"
-        )
-    slots = db.execute(select(func.count()).select_from(StartSlot)).scalar_one()
-    if slots > core.max_concurrent_starts:
-        oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
-        db.rollback()
-        wait = 5 if oldest is None else max(1, min(60, int(30 - (now - oldest).total_seconds())))
-        raise LimitExceeded(
-            f"{core.max_concurrent_starts} environments are starting on this server; try again shortly",
-            retry_after=wait,
-        )
+    with db.no_autoflush:  # a new environment is inserted at the flush below, once, already pending
+        if db.get_bind().dialect.name == "postgresql":
+            db.execute(_START_LOCK)
+        db.execute(_DELETE_EXPIRED_SLOTS, {"now": now})
     env.desired_state = "running"
     env.status = "pending"
     env.status_message = "waiting to start"
@@ -239,7 +229,43 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     env.url = None
     env.last_activity_at = now
     env.shutdown_at = _shutdown_at(context, user, now)
+    db.add(StartSlot(environment_id=env.id, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
+    db.flush()
+    active = db.execute(_ACTIVE_OTHERS, {"user_id": user.id, "environment_id": env.id}).scalar_one()
+    if active >= core.max_environments_per_user:
+        db.rollback()
+        raise Conflict(
+            f"you already have {active} running or starting environments (the limit is "
+            f"{core.max_environments_per_user}); stop one first"
+        )
+    slots = db.execute(_SLOTS_TAKEN).scalar_one()
+    if slots > core.max_concurrent_starts:
+        oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
+        db.rollback()
+        wait = 5 if oldest is None else max(1, min(60, int(30 - (now - oldest).total_seconds())))
+        raise LimitExceeded(
+            f"{core.max_concurrent_starts} environments are starting on this server; try again shortly",
+            retry_after=wait,
+        )
     db.commit()
+
+
+# Built once: a burst of starts runs these for every start (building a statement costs more than
+# running it on SQLite). The expired slots are plain rows: no ORM bookkeeping for the delete.
+_START_LOCK = text("SELECT pg_advisory_xact_lock(4242001)")
+_DELETE_EXPIRED_SLOTS = (
+    delete(StartSlot).where(StartSlot.expires_at <= bindparam("now")).execution_options(synchronize_session=False)
+)
+_ACTIVE_OTHERS = (
+    select(func.count())
+    .select_from(Environment)
+    .where(
+        Environment.user_id == bindparam("user_id"),
+        Environment.status.in_(ACTIVE_STATUSES),
+        Environment.id != bindparam("environment_id"),
+    )
+)
+_SLOTS_TAKEN = select(func.count()).select_from(StartSlot)
 
 
 def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:
@@ -324,7 +350,7 @@ def mark_failed(db: Session, env: Environment, message: str) -> None:
     env.status = "failed"
     env.status_message = message
     env.stopped_at = utcnow()
-    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    release_start_slot(db, env.id)
     activity(db, user_id=env.user_id, kind="environment_failed", environment_id=env.id, message=message)
     db.commit()
 
@@ -342,7 +368,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     env.status_message = reason
     env.url = None
     env.stopped_at = utcnow()
-    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+    release_start_slot(db, env.id)
     audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
           name=env.name, owner_id=env.user_id, reason=reason)  # fmt: skip
     activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import ExecutableOption
 
@@ -32,7 +32,14 @@ def owned(
 
 def owned_id(db: Session, model: type[Owned], user: User, object_id: str, *, what: str) -> str:
     """:func:`owned` for a check alone: one indexed lookup of the id, no row loaded."""
-    found = db.execute(select(model.id).where(model.id == object_id, model.user_id == user.id)).scalar_one_or_none()
+    found = db.execute(_OWNED_ID[model], {"object_id": object_id, "user_id": user.id}).scalar_one_or_none()
     if found is None:
         raise NotFound(f"{what} {object_id} not found")
     return found
+
+
+# Built once: every progress stream opens with this check (building it costs more than running it).
+_OWNED_ID = {
+    model: select(model.id).where(model.id == bindparam("object_id"), model.user_id == bindparam("user_id"))
+    for model in (Environment, Storage)
+}

@@ -31,7 +31,7 @@ from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
 from cmbcluster.services import accounting, budgets, environments, instances, storages
 from cmbcluster.services.audit import activity
-from cmbcluster.services.status import apply_status
+from cmbcluster.services.status import apply_status, release_start_slot
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Reconciler:
                         env.status, env.url, env.stopped_at = "stopped", None, now
                         env.desired_state = "stopped"
                         env.status_message = "the environment's process or pod is gone; start it again"
-                        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+                        release_start_slot(db, env.id)
                         activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
                         report.marked_stopped.append(env.id)
                     elif status is not None:
@@ -149,7 +149,7 @@ class Reconciler:
                     compute.stop(env.id)  # a stop that a crash interrupted: finish it
                     env.status, env.url, env.stopped_at = "stopped", None, now
                     env.status_message = "stopped"
-                    db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+                    release_start_slot(db, env.id)
                     report.stopped_leftovers.append(env.id)
                 elif (
                     status is not None

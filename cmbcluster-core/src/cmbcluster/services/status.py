@@ -4,7 +4,7 @@ may use it."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete
+from sqlalchemy import bindparam, delete
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Environment, StartSlot, utcnow
@@ -44,7 +44,21 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
         activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
     env.status, env.status_message, env.url = found
     if new_status in ("running", "stopped", "failed"):
-        db.execute(delete(StartSlot).where(StartSlot.environment_id == env.id))
+        release_start_slot(db, env.id)
     if new_status in ("stopped", "failed") and env.stopped_at is None:
         env.stopped_at = utcnow()
     return changed
+
+
+def release_start_slot(db: Session, environment_id: str) -> None:
+    """Give back the environment's server-wide start slot (nothing when it holds none)."""
+    db.execute(_RELEASE_SLOT, {"environment_id": environment_id})
+
+
+# Built once, and without the ORM's bookkeeping for the deleted rows (nothing loads a slot): a
+# burst of starts releases a slot for every one.
+_RELEASE_SLOT = (
+    delete(StartSlot)
+    .where(StartSlot.environment_id == bindparam("environment_id"))
+    .execution_options(synchronize_session=False)
+)
