@@ -317,8 +317,31 @@ def test_server_wide_start_limit_is_429_with_retry_after(settings: CoreSettings)
         busy = client.post("/api/v1/environments", headers=admin, json={"application": "files"})
         assert busy.status_code == 429, busy.text
         assert int(busy.headers["retry-after"]) >= 1
+        assert client.get("/api/v1/environments", headers=admin).json()["items"] == []  # nothing left behind
         wait_status(client, alice, first["id"], "running")
         assert client.post("/api/v1/environments", headers=admin, json={"application": "files"}).status_code == 201
+
+
+def test_a_request_with_a_body_signs_the_caller_in_once(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request guard signs in before reading a body; the route uses that caller (a burst of
+    creates must not pay for two sign-in queries each)."""
+    from cmbcluster.services import sessions
+
+    calls: list[str] = []
+    authenticate = sessions.authenticate
+
+    def counted(db: Any, token: str) -> Any:
+        calls.append(token)
+        return authenticate(db, token)
+
+    monkeypatch.setattr(sessions, "authenticate", counted)
+    created = create_env(client, alice, name="once")
+    assert created["owner"]["email"] == "alice@example.org"
+    assert len(calls) == 1
+    renamed = client.patch(f"/api/v1/environments/{created['id']}", headers=alice, json={"name": "x"})
+    assert renamed.status_code == 409 and len(calls) == 2  # running: refused, still one sign-in
 
 
 def _set(client: TestClient, env_id: str, **values: Any) -> None:
