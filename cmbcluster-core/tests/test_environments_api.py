@@ -178,6 +178,26 @@ def test_progress_carries_the_applications_output_while_it_starts_and_its_fatal_
     assert client.get(f"/api/v1/environments/{env_id}", headers=alice).json()["status_message"] == last["message"]
 
 
+def test_a_slow_output_read_never_holds_back_progress(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading an application's output goes through the kubelet, which may take seconds to answer:
+    the stream still reports the start as it happens, and the output once it was read."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    read_logs = context.compute.logs
+
+    def slow_logs(environment_id: str, *, tail: int = 200) -> str:
+        time.sleep(4)
+        return read_logs(environment_id, tail=tail)
+
+    monkeypatch.setattr(context.compute, "logs", slow_logs)
+    slow = make_app(client, admin, "slow", SLOW_APP, "1")
+    began = time.monotonic()
+    events = events_of(client, alice, create_env(client, alice, application=slow)["id"])
+    assert events[-1]["status"] == "running"
+    assert time.monotonic() - began < 3.5, [(e["status"], e["at"]) for e in events]  # not after a 4 s read
+
+
 def test_stop_start_restart_keep_every_choice(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
 ) -> None:

@@ -197,6 +197,7 @@ async def users_launch(
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
         errors: list[str] = []
         owned: list[tuple[str, str]] = []  # (token, environment id)
+        created: list[float] = []  # when each create was answered
 
         async def follow(headers: dict[str, str], environment_id: str) -> float | None:
             url = f"{streams_at}/api/v1/environments/{environment_id}/events"
@@ -223,6 +224,7 @@ async def users_launch(
                 return None
             environment_id = response.json()["id"]
             owned.append((token, environment_id))
+            created.append(time.monotonic())
             seen = await asyncio.gather(*(follow(headers, environment_id) for _ in range(streams_each)))
             if any(s is None for s in seen):
                 return None
@@ -232,7 +234,8 @@ async def users_launch(
         per_user = await asyncio.gather(*(user(token, i) for i, token in enumerate(tokens)))
         ended = time.monotonic()
     done = [t for t in per_user if t is not None]
-    return {"owned": owned, "errors": errors, "seen": len(done), "all_s": ended - began,
+    return {"owned": owned, "errors": errors, "seen": len(done), "all_s": ended - began, "began": began,
+            "created_s": max(created, default=began) - began,
             "p50_s": statistics.median(done) if done else float("nan"),
             "p95_s": percentile(done, 0.95) if done else float("nan")}  # fmt: skip
 
@@ -278,16 +281,22 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
         tokens = sign_in_users(server.url, count)
         for streams_each in (1, 5):
             cpu_before, machine_before = cpu_seconds(server.process.pid), machine_cpu()
+            figures_logged = server.output().splitlines()
             spy = profiler(server.process.pid, f"{profile}.{streams_each}") if profile else None
             figures = asyncio.run(users_launch(server.url, tokens, streams_each))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 spy.wait()
             figures["cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
+            # the cluster's own view: when the last pod ran, from the first request
+            pods = {f"env-{i}" for _, i in figures["owned"]}
+            figures["pods_s"] = clock.wait(clock.running, pods, timeout=1) - figures["began"] if pods else 0.0
             figures["machine"] = busiest(machine_before, machine_cpu())
             figures["streams"] = count * streams_each
             if figures["errors"]:
                 print(server.output()[-4000:], file=sys.stderr)
+            logged = server.output().splitlines()[len(figures_logged) :]
+            figures["warnings"] = [line for line in logged if "warning" in line.lower() or "error" in line.lower()]
             asyncio.run(delete_all(server.url, figures["owned"]))
             clock.wait(clock.gone, {f"env-{i}" for _, i in figures["owned"]})
             bursts.append(figures)
@@ -367,12 +376,17 @@ def main() -> int:
             f"p95 per user {burst['p95_s']:.2f} s (<= {p95_limit:.2f})": burst["p95_s"] <= p95_limit,
             f"control-plane CPU {burst['cpu_s']:.1f} s (<= {TARGET_CPU_S:.0f})": burst["cpu_s"] <= TARGET_CPU_S,
         }
-        print(f"  {args.count} users, {burst['streams']} progress streams (p50 per user {burst['p50_s']:.2f} s):")
+        print(
+            f"  {args.count} users, {burst['streams']} progress streams (p50 per user {burst['p50_s']:.2f} s, "
+            f"every create answered in {burst['created_s']:.2f} s, every pod Running in {burst['pods_s']:.2f} s):"
+        )
         print(f"    CPU used on this machine during the burst: {burst['machine']}")
         for text, met in checks.items():
             print(f"    {'meets' if met else 'MISSES'}: {text}")
         for error in burst["errors"][:5]:
             print(f"    error: {error}")
+        for line in burst["warnings"][:5]:
+            print(f"    the control plane logged: {line[:300]}")
         ok = ok and all(checks.values())
     if replicated is not None:
         n = args.replica_count

@@ -256,6 +256,10 @@ class StartSlot(Base):
     acquired_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime]
 
+    #: for the order of inserts only: a new environment and its slot are flushed together, the
+    #: environment first (the unit of work orders rows by relationships, not foreign keys)
+    environment: Mapped[Environment] = relationship()
+
 
 class RateLimit(Base):
     """A fixed-window counter (sign-in attempts per client), shared by every replica."""

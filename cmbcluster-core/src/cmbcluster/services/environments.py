@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, delete, func, select, text
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
@@ -140,14 +141,18 @@ def create(
         id=new_id(), user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
         desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
     )  # fmt: skip
-    # Not flushed yet: with ``start``, it is inserted once, already pending (see reserve_start).
-    db.add(env)
-    for storage, choice in mounts:
-        db.add(
-            EnvironmentStorage(
-                environment_id=env.id, storage_id=storage.id, mount_path=choice.mount_path, read_only=choice.read_only
-            )
+    rows = [
+        EnvironmentStorage(
+            environment_id=env.id, storage_id=storage.id, mount_path=choice.mount_path, read_only=choice.read_only
         )
+        for storage, choice in sorted(mounts, key=lambda mount: mount[1].mount_path)  # as the relationship orders
+    ]
+    # Not flushed yet: with ``start``, it is inserted once, already pending (see reserve_start).
+    db.add_all([env, *rows])
+    # Starting it reads its application and mounts: known here, so marked as loaded (no queries
+    # again, and nothing more for the flush to do).
+    set_committed_value(env, "application_row", application)
+    set_committed_value(env, "mounts", rows)
     audit(db, actor_id=user.id, action="environment.created", target_type="environment", target_id=env.id,
           name=name, application=application.slug, preset=preset)  # fmt: skip
     if start:
@@ -229,7 +234,7 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     env.url = None
     env.last_activity_at = now
     env.shutdown_at = _shutdown_at(context, user, now)
-    db.add(StartSlot(environment_id=env.id, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
+    db.add(StartSlot(environment=env, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
     db.flush()
     active = db.execute(_ACTIVE_OTHERS, {"user_id": user.id, "environment_id": env.id}).scalar_one()
     if active >= core.max_environments_per_user:

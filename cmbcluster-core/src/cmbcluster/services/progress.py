@@ -14,7 +14,11 @@ An open stream holds nothing while it waits: no database connection, no worker t
   state at once; recording that report in the database (as the reconcile loop does) follows in
   the background, so progress never waits for the database's write lock, which a burst of starts
   keeps busy. An end (running, failed) reaches the streams once recorded: a stream that says
-  ``running`` means the environment opens.
+  ``running`` means the environment opens;
+- the application's output while it starts is read in the background too (a log read goes
+  through the kubelet, which may take seconds to answer): a pass sends the lines last read, and
+  the next pass the newer ones. Only a failure's last lines are read within the pass, since its
+  event ends the stream.
 
 Changes made by another replica reach this one through the database, which every replica reads
 at that interval: a replica that does not reconcile still sees every change. (PostgreSQL's
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,10 +56,9 @@ BATCH = 500
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
 PROGRESS_LOG_REFRESH_SECONDS = 1.0
-#: At most this many outputs read per pass: with 200 starts at once, reading every one each pass
-#: would make each pass (and every stream's next state) wait for 200 cluster calls. The ones read
-#: longest ago come first, since those read within the refresh interval are skipped.
-PROGRESS_LOG_READS_PER_PASS = 16
+#: At most this many outputs read per round in the background: with 200 starts at once, the
+#: output shown is then at most a few seconds old. The ones read longest ago come first.
+PROGRESS_LOG_READS_PER_ROUND = 16
 
 
 @dataclass(eq=False)
@@ -96,10 +100,12 @@ class ProgressHub:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recording: asyncio.Task[None] | None = None
-        # The hub's own threads, one to read and one to write: never queued behind requests in
-        # the shared worker pool (made in run(), on the loop they serve)
+        self._reading_output: asyncio.Task[None] | None = None
+        # The hub's own threads, to read, to write and to read output: never queued behind
+        # requests in the shared worker pool (made in run(), on the loop they serve)
         self._reader: anyio.CapacityLimiter | None = None
         self._writer: anyio.CapacityLimiter | None = None
+        self._output_reader: anyio.CapacityLimiter | None = None
 
     # -- streams -------------------------------------------------------------------------------
     def subscribe(self, environment_id: str, user_id: str) -> Subscription:
@@ -142,7 +148,7 @@ class ProgressHub:
         """The hub's one task; ends when ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
-        self._reader, self._writer = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
+        self._reader, self._writer, self._output_reader = (anyio.CapacityLimiter(1) for _ in range(3))
         self.compute.on_status_change(self.notify)
         stopper = asyncio.create_task(self._wake_on(stop, wake))
         try:
@@ -179,8 +185,11 @@ class ProgressHub:
                         pause = self.poll_seconds
             if behind and self._recording is None:
                 self._recording = asyncio.create_task(self._record(behind))
-        if self._recording is not None:
-            await self._recording
+            if self.output.wanted and self._reading_output is None:
+                self._reading_output = asyncio.create_task(self._read_output())
+        for task in (self._recording, self._reading_output):
+            if task is not None:
+                await task
 
     async def _record(self, reports: dict[str, EnvironmentStatus]) -> None:
         """Write what the backend reported (one write transaction, in a thread of its own); a
@@ -195,6 +204,18 @@ class ProgressHub:
         finally:
             self._recording = None
 
+    async def _read_output(self) -> None:
+        """Read the output the last passes wanted (a round at a time, in a thread of its own); the
+        next pass sends what changed."""
+        try:
+            changed = await anyio.to_thread.run_sync(self.output.read_wanted, limiter=self._output_reader)
+            if changed and self._wake is not None:
+                self._wake.set()
+        except Exception:  # never fatal: the output is shown as last read
+            log.warning("reading the output of starting environments failed", exc_info=True)
+        finally:
+            self._reading_output = None
+
     @staticmethod
     async def _wake_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
         await stop.wait()
@@ -206,7 +227,6 @@ class ProgressHub:
         in the database, by environment id."""
         states: dict[str, dict[str, Any]] = {}
         behind: dict[str, EnvironmentStatus] = {}
-        self.output.begin_pass()
         with self.sessions() as db:
             for batch in _batches(environment_ids, BATCH):
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
@@ -222,8 +242,8 @@ class ProgressHub:
                                 now = found
                     event = progress_event(*now)
                     if event["status"] in ("starting", "failed"):
-                        # what the application is doing, or why it stopped (a failure ends the stream:
-                        # its event has the output as it ended, not as read a moment ago)
+                        # what the application is doing (as last read), or why it stopped (a failure
+                        # ends the stream: its event has the output as it ended, read now)
                         event["log"] = self.output.lines(row.id, fresh=event["status"] == "failed")
                     states[row.id] = {"user_id": row.user_id, "event": event}
             db.rollback()  # end the read transaction, return the connection
@@ -260,34 +280,55 @@ def progress_event(status: str, message: str, url: str | None, log: list[str] | 
 
 class StartupOutput:
     """The last output lines of starting environments, read from the backend at most once a second
-    per environment however many people watch (reading may be a cluster call)."""
+    per environment however many people watch (reading may be a cluster call, through the kubelet).
+
+    :meth:`lines` never waits for the backend but for a failure's last lines: it answers what was
+    last read and notes what is due; :meth:`read_wanted` reads that, in the hub's own thread.
+    Thread-safe: the hub reads and refreshes in different threads."""
 
     def __init__(self, compute: ComputeBackend, *, lines: int = PROGRESS_LOG_LINES) -> None:
         self.compute = compute
         self.count = lines
+        self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, list[str]]] = {}
-        self._reads_left = PROGRESS_LOG_READS_PER_PASS
+        self._wanted: set[str] = set()
 
-    def begin_pass(self, reads: int = PROGRESS_LOG_READS_PER_PASS) -> None:
-        """A new pass of the hub may read this many outputs (failures' are always read)."""
-        self._reads_left = reads
+    @property
+    def wanted(self) -> bool:
+        """Whether some output is due to be read."""
+        return bool(self._wanted)
 
     def lines(self, environment_id: str, *, fresh: bool = False) -> list[str]:
-        now = time.monotonic()
-        cached = self._seen.get(environment_id)
-        if not fresh and (
-            (cached is not None and now - cached[0] < PROGRESS_LOG_REFRESH_SECONDS) or self._reads_left <= 0
-        ):
-            return cached[1] if cached is not None else []
-        self._reads_left -= 1
+        """The lines last read (none yet: empty), noting them as due when older than the refresh
+        interval; ``fresh``: read now (a failure's last lines)."""
+        if fresh:
+            return self._read(environment_id)
+        with self._lock:
+            cached = self._seen.get(environment_id)
+            if cached is None or time.monotonic() - cached[0] >= PROGRESS_LOG_REFRESH_SECONDS:
+                self._wanted.add(environment_id)
+        return cached[1] if cached is not None else []
+
+    def read_wanted(self, reads: int = PROGRESS_LOG_READS_PER_ROUND) -> bool:
+        """Read up to ``reads`` of the outputs due, those read longest ago first (blocking); True
+        when one changed."""
+        with self._lock:
+            due = sorted(self._wanted, key=lambda i: self._seen[i][0] if i in self._seen else 0.0)[:reads]
+            self._wanted.difference_update(due)
+            before = {i: self._seen[i][1] for i in due if i in self._seen}
+        return any(self._read(environment_id) != before.get(environment_id) for environment_id in due)
+
+    def _read(self, environment_id: str) -> list[str]:
         try:
             text = self.compute.logs(environment_id, tail=self.count)
         except CmbclusterError as exc:
             log.info("no output for environment %s: %s", environment_id, exc.message)
             text = ""
         found = [line[:500] for line in text.splitlines()[-self.count :]]
-        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
-        self._seen[environment_id] = (now, found)
+        now = time.monotonic()
+        with self._lock:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
+            self._seen[environment_id] = (now, found)
         return found
 
 
