@@ -52,7 +52,10 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
 
 def release_start_slot(db: Session, environment_id: str) -> None:
     """Give back the environment's server-wide start slot (nothing when it holds none)."""
-    db.execute(_RELEASE_SLOT, {"environment_id": environment_id})
+    # Without flushing what else changed: recording a burst's statuses then writes every row in
+    # one flush at commit instead of one flush per environment.
+    with db.no_autoflush:
+        db.execute(_RELEASE_SLOT, {"environment_id": environment_id})
 
 
 # Built once, and without the ORM's bookkeeping for the deleted rows (nothing loads a slot): a
