@@ -205,12 +205,15 @@ class ProgressHub:
             self._recording = None
 
     async def _read_output(self) -> None:
-        """Read the output the last passes wanted (a round at a time, in a thread of its own); the
-        next pass sends what changed."""
+        """Read the output the last passes wanted (a round at a time, in a thread of its own, at
+        most a round per refresh interval); a pass sends what changed."""
+        began = time.monotonic()
         try:
             changed = await anyio.to_thread.run_sync(self.output.read_wanted, limiter=self._output_reader)
             if changed and self._wake is not None:
                 self._wake.set()
+            # Paced: with many starts waiting, rounds back to back would keep the hub busy for nothing.
+            await asyncio.sleep(max(0.0, PROGRESS_LOG_REFRESH_SECONDS - (time.monotonic() - began)))
         except Exception:  # never fatal: the output is shown as last read
             log.warning("reading the output of starting environments failed", exc_info=True)
         finally:
@@ -316,7 +319,8 @@ class StartupOutput:
             due = sorted(self._wanted, key=lambda i: self._seen[i][0] if i in self._seen else 0.0)[:reads]
             self._wanted.difference_update(due)
             before = {i: self._seen[i][1] for i in due if i in self._seen}
-        return any(self._read(environment_id) != before.get(environment_id) for environment_id in due)
+        changed = [self._read(environment_id) != before.get(environment_id, []) for environment_id in due]
+        return any(changed)  # every one read first: any() over a generator would stop at the first change
 
     def _read(self, environment_id: str) -> list[str]:
         try:
