@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, utcnow
+from cmbcluster.db.models import Environment, UsageInterval, utcnow
 from cmbcluster.interfaces import EnvironmentPhase, EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services import environments
 from cmbcluster.services.reconcile import Reconciler
@@ -322,6 +323,9 @@ def test_per_user_limit(settings: CoreSettings) -> None:
         idle = client.post("/api/v1/environments", headers=user, json={"application": "files", "start": False})
         assert idle.status_code == 201 and idle.json()["status"] == "stopped"
         assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 409
+        with app.state.context.sessions() as db:  # the refused start counts for nothing
+            counted = db.execute(select(UsageInterval).where(UsageInterval.environment_id == idle.json()["id"]))
+            assert counted.first() is None
         client.post(f"/api/v1/environments/{first['id']}/stop", headers=user)
         assert client.post(f"/api/v1/environments/{idle.json()['id']}/start", headers=user).status_code == 200
 

@@ -85,8 +85,9 @@ class Principal:
 async def get_principal(request: Request, db: DbSession) -> Principal:
     signed_in: Principal | None = request.scope.get(SIGNED_IN_SCOPE_KEY)
     if signed_in is not None:
-        # The request guard signed this caller in a moment ago, before reading the body: no second
-        # query. The user joins this request's session as loaded (no SQL) so routes can use it.
+        # The request guard signed this caller in before reading the body (at most 1 MiB: a session
+        # revoked meanwhile still ends this one request): no second query. The user joins this
+        # request's session as loaded (no SQL) so routes can use it.
         return replace(signed_in, user=db.merge(signed_in.user, load=False))
     principal = authenticate_request(request, db, *credentials(request))
     # End the read transaction: its connection goes back to the pool instead of staying with a

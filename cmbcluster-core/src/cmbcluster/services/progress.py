@@ -28,6 +28,7 @@ LISTEN/NOTIFY would save that read; one batched read a second per replica is che
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -56,8 +57,8 @@ BATCH = 500
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
 PROGRESS_LOG_REFRESH_SECONDS = 1.0
-#: At most this many outputs read per round in the background: with 200 starts at once, the
-#: output shown is then at most a few seconds old. The ones read longest ago come first.
+#: At most this many outputs read per round in the background, a round at most once a second: with
+#: 200 starts at once, the output shown may be some 13 s old. The ones read longest ago come first.
 PROGRESS_LOG_READS_PER_ROUND = 16
 
 
@@ -98,6 +99,7 @@ class ProgressHub:
         self.max_poll_seconds = max_poll_seconds
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recording: asyncio.Task[None] | None = None
         self._reading_output: asyncio.Task[None] | None = None
@@ -148,6 +150,7 @@ class ProgressHub:
         """The hub's one task; ends when ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
+        self._stop = stop
         self._reader, self._writer, self._output_reader = (anyio.CapacityLimiter(1) for _ in range(3))
         self.compute.on_status_change(self.notify)
         stopper = asyncio.create_task(self._wake_on(stop, wake))
@@ -212,8 +215,12 @@ class ProgressHub:
             changed = await anyio.to_thread.run_sync(self.output.read_wanted, limiter=self._output_reader)
             if changed and self._wake is not None:
                 self._wake.set()
-            # Paced: with many starts waiting, rounds back to back would keep the hub busy for nothing.
-            await asyncio.sleep(max(0.0, PROGRESS_LOG_REFRESH_SECONDS - (time.monotonic() - began)))
+            # Paced: with many starts waiting, rounds back to back would keep the hub busy for nothing
+            # (a stopping hub does not wait for the pause).
+            pause = max(0.0, PROGRESS_LOG_REFRESH_SECONDS - (time.monotonic() - began))
+            if self._stop is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=pause)
         except Exception:  # never fatal: the output is shown as last read
             log.warning("reading the output of starting environments failed", exc_info=True)
         finally:
