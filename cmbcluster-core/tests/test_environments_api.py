@@ -454,6 +454,29 @@ def test_a_start_during_a_reconcile_pass_is_not_stopped_by_what_it_listed_before
     assert context.compute.status(env["id"]).phase == EnvironmentPhase.RUNNING
 
 
+def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet_handed_over(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """Between reserving a start (the record pending) and handing it to the backend, the backend
+    still reports the previous run's stop: the fast pass (every second) must not end the start."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=True)
+    wait_status(client, alice, env["id"], "running")
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    assert context.compute.status(env["id"]).phase == EnvironmentPhase.STOPPED
+    with context.sessions() as db:  # what reserve_start leaves before launch hands it over
+        row = db.get(Environment, env["id"])
+        assert row is not None
+        row.status, row.desired_state, row.started_at = "pending", "running", utcnow()
+        db.commit()
+        spec = environments.build_spec(db, context, row)
+        db.commit()
+    Reconciler(context).refresh_transitional()
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "pending"
+    context.compute.start(spec)
+    wait_status(client, alice, env["id"], "running")
+
+
 def test_a_start_the_backend_takes_during_a_reconcile_pass_is_left_to_the_fast_pass(
     client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

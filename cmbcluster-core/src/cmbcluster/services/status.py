@@ -21,12 +21,18 @@ _PHASE_TO_STATUS = {
 }
 
 
-def reported(desired_state: str, status: EnvironmentStatus) -> tuple[str, str, str | None] | None:
-    """(status, message, url) an environment meant to be ``desired_state`` takes from what the
-    backend reports; None when the report changes nothing (MISSING is the reconcile loop's
-    business, not this one's; so is an environment being stopped, whose process vanishing then
-    is no failure)."""
+def reported(desired_state: str, recorded: str, status: EnvironmentStatus) -> tuple[str, str, str | None] | None:
+    """(status, message, url) an environment meant to be ``desired_state``, recorded as ``recorded``,
+    takes from what the backend reports; None when the report changes nothing (MISSING is the
+    reconcile loop's business, not this one's; so is an environment being stopped, whose process
+    vanishing then is no failure).
+
+    STOPPED means the control plane stopped it. Reported for a record still ``pending``, it is the
+    previous run's end: the start is reserved but not yet handed to the backend (launch builds
+    its spec first), and recording it would end the start as it begins."""
     if status.phase == EnvironmentPhase.MISSING or desired_state != "running":
+        return None
+    if recorded == "pending" and status.phase == EnvironmentPhase.STOPPED:
         return None
     new_status = _PHASE_TO_STATUS[status.phase]
     return new_status, status.message, status.url if new_status in ("starting", "running") else None
@@ -35,7 +41,7 @@ def reported(desired_state: str, status: EnvironmentStatus) -> tuple[str, str, s
 def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
     """Record what the backend reports (the rule of :func:`reported`); True when something
     changed. Releases the start slot once the environment runs or ends."""
-    found = reported(env.desired_state, status)
+    found = reported(env.desired_state, env.status, status)
     if found is None:
         return False
     new_status = found[0]
