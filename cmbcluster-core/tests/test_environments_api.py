@@ -475,6 +475,11 @@ def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "pending"
     context.compute.start(spec)
     wait_status(client, alice, env["id"], "running")
+    # Past the grace, a stop is news again (on Kubernetes, an application that exited on its own).
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    _set(client, env["id"], status="pending", desired_state="running", started_at=utcnow() - dt.timedelta(minutes=2))
+    Reconciler(context).refresh_transitional()
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopped"
 
 
 def test_a_start_the_backend_takes_during_a_reconcile_pass_is_left_to_the_fast_pass(

@@ -243,7 +243,7 @@ class ProgressHub:
                     now = (row.status, row.status_message, row.url)
                     if row.status in ("pending", "starting"):
                         status = self.compute.status(row.id)
-                        found = reported(row.desired_state, row.status, status)
+                        found = reported(row, status)
                         if found is not None and found != now:
                             behind[row.id] = status
                             if found[0] not in TERMINAL:
@@ -276,6 +276,7 @@ _STATE_QUERY = select(
     Environment.status_message,
     Environment.url,
     Environment.desired_state,
+    Environment.started_at,
 )
 
 

@@ -31,14 +31,12 @@ from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
 from cmbcluster.services import accounting, budgets, environments, instances, storages
 from cmbcluster.services.audit import activity
-from cmbcluster.services.status import apply_status, release_start_slot
+from cmbcluster.services.status import START_GRACE, apply_status, release_start_slot
 
 log = logging.getLogger(__name__)
 
 TRANSITIONAL = ("pending", "starting")
 FAST_INTERVAL_SECONDS = 1.0
-#: a start in progress on another thread may not be visible to the backend yet
-START_GRACE = dt.timedelta(seconds=60)
 
 
 @dataclass

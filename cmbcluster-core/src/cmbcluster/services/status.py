@@ -4,6 +4,9 @@ may use it."""
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Protocol
+
 from sqlalchemy import bindparam, delete
 from sqlalchemy.orm import Session
 
@@ -21,18 +24,37 @@ _PHASE_TO_STATUS = {
 }
 
 
-def reported(desired_state: str, recorded: str, status: EnvironmentStatus) -> tuple[str, str, str | None] | None:
-    """(status, message, url) an environment meant to be ``desired_state``, recorded as ``recorded``,
-    takes from what the backend reports; None when the report changes nothing (MISSING is the
-    reconcile loop's business, not this one's; so is an environment being stopped, whose process
-    vanishing then is no failure).
+#: How long a start may be in flight (reserved, not yet taken by the backend, which may still
+#: report the previous run's end), as the reconcile loop's full pass also allows it.
+START_GRACE = dt.timedelta(seconds=60)
 
-    STOPPED means the control plane stopped it. Reported for a record still ``pending``, it is the
-    previous run's end: the start is reserved but not yet handed to the backend (launch builds
-    its spec first), and recording it would end the start as it begins."""
-    if status.phase == EnvironmentPhase.MISSING or desired_state != "running":
+
+class Recorded(Protocol):
+    """What :func:`reported` reads of an environment's record (an ORM row or a plain one)."""
+
+    desired_state: str
+    status: str
+    started_at: dt.datetime | None
+
+
+def reported(record: Recorded, status: EnvironmentStatus) -> tuple[str, str, str | None] | None:
+    """(status, message, url) the environment of ``record`` takes from what the backend reports;
+    None when the report changes nothing (MISSING is the reconcile loop's business, not this
+    one's; so is an environment being stopped, whose process vanishing then is no failure).
+
+    A STOPPED report for a record pending since less than :data:`START_GRACE` is no news: the start
+    is reserved but may not be handed to the backend yet (launch builds its spec first), and a
+    backend that keeps a stopped environment (the embedded default) still reports the previous
+    run's stop. Recording it would end the start as it begins. An application that exits at once
+    on its own is recorded once the grace is over."""
+    if status.phase == EnvironmentPhase.MISSING or record.desired_state != "running":
         return None
-    if recorded == "pending" and status.phase == EnvironmentPhase.STOPPED:
+    if (
+        status.phase == EnvironmentPhase.STOPPED
+        and record.status == "pending"
+        and record.started_at is not None
+        and utcnow() - record.started_at < START_GRACE
+    ):
         return None
     new_status = _PHASE_TO_STATUS[status.phase]
     return new_status, status.message, status.url if new_status in ("starting", "running") else None
@@ -41,7 +63,7 @@ def reported(desired_state: str, recorded: str, status: EnvironmentStatus) -> tu
 def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
     """Record what the backend reports (the rule of :func:`reported`); True when something
     changed. Releases the start slot once the environment runs or ends."""
-    found = reported(env.desired_state, env.status, status)
+    found = reported(env, status)
     if found is None:
         return False
     new_status = found[0]
