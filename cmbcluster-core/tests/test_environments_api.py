@@ -454,6 +454,19 @@ def test_a_start_during_a_reconcile_pass_is_not_stopped_by_what_it_listed_before
     assert context.compute.status(env["id"]).phase == EnvironmentPhase.RUNNING
 
 
+def reserved_not_handed_over(context: AppContext, environment_id: str) -> EnvironmentSpec:
+    """What reserve_start leaves before launch hands the start over: the record pending, and the
+    spec launch would send."""
+    with context.sessions() as db:
+        row = db.get(Environment, environment_id)
+        assert row is not None
+        row.status, row.desired_state, row.started_at = "pending", "running", utcnow()
+        db.commit()
+        spec = environments.build_spec(db, context, row)
+        db.commit()
+    return spec
+
+
 def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet_handed_over(
     client: TestClient, alice: dict[str, str], cleanup: None
 ) -> None:
@@ -464,13 +477,7 @@ def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet
     wait_status(client, alice, env["id"], "running")
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
     assert context.compute.status(env["id"]).phase == EnvironmentPhase.STOPPED
-    with context.sessions() as db:  # what reserve_start leaves before launch hands it over
-        row = db.get(Environment, env["id"])
-        assert row is not None
-        row.status, row.desired_state, row.started_at = "pending", "running", utcnow()
-        db.commit()
-        spec = environments.build_spec(db, context, row)
-        db.commit()
+    spec = reserved_not_handed_over(context, env["id"])
     Reconciler(context).refresh_transitional()
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "pending"
     context.compute.start(spec)
@@ -491,13 +498,7 @@ def test_a_start_the_backend_takes_during_a_reconcile_pass_is_left_to_the_fast_p
     env = create_env(client, alice, start=True)
     wait_status(client, alice, env["id"], "running")
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
-    with context.sessions() as db:  # what reserve_start leaves before launch hands it over
-        row = db.get(Environment, env["id"])
-        assert row is not None
-        row.status, row.desired_state, row.started_at = "pending", "running", utcnow()
-        db.commit()
-        spec = environments.build_spec(db, context, row)
-        db.commit()
+    spec = reserved_not_handed_over(context, env["id"])
     list_managed = context.compute.list_managed
 
     def listed_then_handed_over() -> Any:
