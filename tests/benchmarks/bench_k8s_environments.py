@@ -33,7 +33,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -183,8 +182,8 @@ def busiest(before: dict[str, float], after: dict[str, float], top: int = 6) -> 
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 async def users_launch(
@@ -281,7 +280,7 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
         tokens = sign_in_users(server.url, count)
         for streams_each in (1, 5):
             cpu_before, machine_before = cpu_seconds(server.process.pid), machine_cpu()
-            figures_logged = server.output().splitlines()
+            lines_before = len(server.output().splitlines())
             spy = profiler(server.process.pid, f"{profile}.{streams_each}") if profile else None
             figures = asyncio.run(users_launch(server.url, tokens, streams_each))
             if spy is not None:
@@ -295,7 +294,7 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
             figures["streams"] = count * streams_each
             if figures["errors"]:
                 print(server.output()[-4000:], file=sys.stderr)
-            logged = server.output().splitlines()[len(figures_logged) :]
+            logged = server.output().splitlines()[lines_before:]
             figures["warnings"] = [line for line in logged if "warning" in line.lower() or "error" in line.lower()]
             asyncio.run(delete_all(server.url, figures["owned"]))
             clock.wait(clock.gone, {f"env-{i}" for _, i in figures["owned"]})

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -41,7 +41,7 @@ from cmbcluster.services import budgets, storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned, owned_id
-from cmbcluster.services.status import apply_status, release_start_slot
+from cmbcluster.services.status import apply_status, delete_expired_slots, release_start_slot
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     with db.no_autoflush:  # a new environment is inserted at the flush below, once, already pending
         if db.get_bind().dialect.name == "postgresql":
             db.execute(_START_LOCK)
-        db.execute(_DELETE_EXPIRED_SLOTS, {"now": now})
+        delete_expired_slots(db, now)
     env.desired_state = "running"
     env.status = "pending"
     env.status_message = "waiting to start"
@@ -256,11 +256,8 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
 
 
 # Built once: a burst of starts runs these for every start (building a statement costs more than
-# running it on SQLite). The expired slots are plain rows: no ORM bookkeeping for the delete.
+# running it on SQLite).
 _START_LOCK = text("SELECT pg_advisory_xact_lock(4242001)")
-_DELETE_EXPIRED_SLOTS = (
-    delete(StartSlot).where(StartSlot.expires_at <= bindparam("now")).execution_options(synchronize_session=False)
-)
 _ACTIVE_OTHERS = (
     select(func.count())
     .select_from(Environment)

@@ -22,16 +22,16 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, StartSlot, Storage, utcnow
+from cmbcluster.db.models import Environment, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
 from cmbcluster.services import accounting, budgets, environments, instances, storages
 from cmbcluster.services.audit import activity
-from cmbcluster.services.status import START_GRACE, apply_status, release_start_slot
+from cmbcluster.services.status import START_GRACE, apply_status, delete_expired_slots, release_start_slot
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Reconciler:
                 ):
                     compute.stop(env.id)  # a stop that a crash interrupted
                     report.stopped_leftovers.append(env.id)
-            db.execute(delete(StartSlot).where(StartSlot.expires_at <= now))
+            delete_expired_slots(db, now)
             accounting.mark_seen(db, seen, now)
             accounting.sync_open_intervals(db, self.context.config.compute.name)
             db.commit()

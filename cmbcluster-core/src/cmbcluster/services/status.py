@@ -86,10 +86,19 @@ def release_start_slot(db: Session, environment_id: str) -> None:
         db.execute(_RELEASE_SLOT, {"environment_id": environment_id})
 
 
+def delete_expired_slots(db: Session, now: dt.datetime) -> None:
+    """Free the start slots of starts that never ended (a crashed server's), past their expiry."""
+    with db.no_autoflush:
+        db.execute(_DELETE_EXPIRED_SLOTS, {"now": now})
+
+
 # Built once, and without the ORM's bookkeeping for the deleted rows (nothing loads a slot): a
-# burst of starts releases a slot for every one.
+# burst of starts releases a slot for every one, and deletes the expired ones at each.
 _RELEASE_SLOT = (
     delete(StartSlot)
     .where(StartSlot.environment_id == bindparam("environment_id"))
     .execution_options(synchronize_session=False)
+)
+_DELETE_EXPIRED_SLOTS = (
+    delete(StartSlot).where(StartSlot.expires_at <= bindparam("now")).execution_options(synchronize_session=False)
 )
