@@ -86,12 +86,15 @@ def ui_response(root: Path, request: Request) -> Response:
 
 def resolve_file(root: Path, path: str) -> Path | None:
     """The file for a URL path: itself, or its folder's index.html; None outside ``root`` or missing."""
-    candidate = (root / path).resolve()
-    if candidate != root and root not in candidate.parents:
-        return None
-    if candidate.is_dir():
-        candidate = candidate / "index.html"
-    if not candidate.is_file() or candidate.name.endswith(".gz"):
+    try:
+        candidate = (root / path).resolve()
+        if candidate != root and root not in candidate.parents:
+            return None
+        if candidate.is_dir():
+            candidate = candidate / "index.html"
+        if not candidate.is_file() or candidate.name.endswith(".gz"):
+            return None
+    except OSError:  # a name longer than the file system allows (ENAMETOOLONG): no such page
         return None
     return candidate
 
