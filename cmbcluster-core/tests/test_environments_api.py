@@ -287,6 +287,9 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         ({"application": "files", "mounts": [{"storage_id": "nope", "mount_path": "/data"}]}, 404, "bucket"),
         ({"application": "files", "cpu": "lots"}, 422, ""),
         ({"application": "files", "name": "x" * 101}, 422, ""),
+        # shown to administrators: an override or a control would disguise it (found by an outsider)
+        ({"application": "files", "name": "a\u202eb"}, 400, "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ({"application": "files", "name": "bell\u0007"}, 400, "U+0007"),
         ({}, 422, ""),
     ],
 )

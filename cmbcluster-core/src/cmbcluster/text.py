@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from cmbcluster.errors import InvalidRequest
+
 #: The embedding, override and isolate controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI) and
 #: the implicit marks (LRM, RLM, ALM): each changes the order in which the characters around it are shown.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
@@ -34,3 +36,19 @@ def describe_character(ch: str) -> str:
     if not name and unicodedata.category(ch) == "Cc":
         name = "a control character"
     return f"U+{ord(ch):04X}" + (f" ({name})" if name else "")
+
+
+def check_display_name(name: str, *, what: str, limit: int) -> str:
+    """``name`` stripped, if it can name something people see (a group, an environment): 1 to
+    ``limit`` printable characters. Such names are shown to admins in tables, the CSV and the
+    terminal; a NUL, a line break or a right-to-left override there would disguise them."""
+    name = name.strip()
+    if not 1 <= len(name) <= limit:
+        raise InvalidRequest(f"{what} of 1 to {limit} characters is required")
+    bad = first_unprintable(name)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{what} is printable text: it cannot contain {describe_character(bad)} "
+            "(no control, formatting, bidirectional or line-break characters)"
+        )
+    return name

@@ -31,7 +31,7 @@ from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
 from cmbcluster.services.users import by_email
-from cmbcluster.text import describe_character, first_unprintable
+from cmbcluster.text import check_display_name
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -346,16 +346,7 @@ def check_group_name(name: str) -> str:
     """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
     characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
     or a right-to-left override there would disguise them."""
-    name = name.strip()
-    if not 1 <= len(name) <= MAX_GROUP_NAME:
-        raise InvalidRequest(f"a group name of 1 to {MAX_GROUP_NAME} characters is required")
-    bad = first_unprintable(name)
-    if bad is not None:
-        raise InvalidRequest(
-            f"a group name is printable text: it cannot contain {describe_character(bad)} "
-            "(no control, formatting, bidirectional or line-break characters)"
-        )
-    return name
+    return check_display_name(name, what="a group name", limit=MAX_GROUP_NAME)
 
 
 def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:

@@ -42,6 +42,7 @@ from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned, owned_id
 from cmbcluster.services.status import apply_status, delete_expired_slots, release_start_slot
+from cmbcluster.text import check_display_name
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ ACTIVE_STATUSES = ("pending", "starting", "running")
 STARTABLE_STATUSES = ("stopped", "failed")
 MAX_MOUNTS = 10
 MAX_ENV_VARS = 100
+MAX_NAME = 100
 #: a busy environment writes its activity at most this often
 ACTIVITY_WRITE_INTERVAL = dt.timedelta(seconds=30)
 
@@ -134,9 +136,7 @@ def create(
     )
     env_vars = _validate_env(request.env)
     mounts = _validate_mounts(db, user, request.mounts)
-    name = (request.name or application.name).strip()
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("an environment name of 1 to 100 characters is required")
+    name = check_display_name(request.name or application.name, what="an environment name", limit=MAX_NAME)
     env = Environment(
         id=new_id(), user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
         desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
@@ -473,10 +473,7 @@ def update(db: Session, context: AppContext, user: User, env: Environment, chang
     core = context.config.core
     changed: dict[str, Any] = {}
     if change.name is not None:
-        name = change.name.strip()
-        if not 1 <= len(name) <= 100:
-            raise InvalidRequest("an environment name of 1 to 100 characters is required")
-        changed["name"] = env.name = name
+        changed["name"] = env.name = check_display_name(change.name, what="an environment name", limit=MAX_NAME)
     if change.preset is not None or change.cpu is not None or change.memory_mib is not None:
         preset, cpu, memory = resolve_resources(
             change.preset, change.cpu, change.memory_mib, max_cpu=core.max_cpu, max_memory_mib=core.max_memory_mib
