@@ -31,6 +31,7 @@ from cmbcluster.db.models import ServerInstance, Storage, UploadJournal, utcnow
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ComputeBackendRegistration
+from cmbcluster.services.revocation import CHECK_SECONDS
 from cmbcluster.services.storages import QuotaState, reserved_bytes
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
@@ -248,6 +249,45 @@ def test_a_progress_stream_on_another_replica_sees_every_change(database: str, t
                 assert one.post(f"/api/v1/environments/{environment_id}/stop", headers=ada).status_code == 200
             seen = [future.result(timeout=30) for future in streams]
     assert seen == [["starting", "running"]] * 5 + [["starting", "stopped"]] * 5
+
+
+def test_a_sign_out_through_one_replica_ends_the_progress_streams_the_other_serves(
+    database: str, tmp_path: Path
+) -> None:
+    """The launch dialog's stream is served by replica two; the user signs out through replica one,
+    which two hears nothing of: two's periodic check of its open streams' sessions ends the stream,
+    with a last event saying why."""
+    one, two = replicas(database, tmp_path)
+    with one, two:
+        ada = dev_sign_in(one, "ada@example.org")
+        environment_id = one.post("/api/v1/environments", json={"application": "files"}, headers=ada).json()["id"]
+        opened = threading.Event()
+        limit = CHECK_SECONDS + 5
+
+        def follow() -> tuple[list[tuple[str, dict[str, Any]]], float | None]:
+            events, name, signed_out_at = [], "message", None
+            with two.stream("GET", f"/api/v1/environments/{environment_id}/events", headers=ada) as stream:
+                for line in stream.iter_lines():  # a keep-alive at least every 15 s: never stuck for good
+                    if line.startswith("event: "):
+                        name = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        events.append((name, json.loads(line.removeprefix("data: "))))
+                        opened.set()
+                    if signed_out_at is None and signed_out:
+                        signed_out_at = signed_out[0]
+                    if signed_out_at is not None and time.monotonic() - signed_out_at > limit:
+                        return events, None  # still open: the test fails below
+            return events, None if signed_out_at is None else time.monotonic() - signed_out_at
+
+        signed_out: list[float] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(follow)
+            assert opened.wait(30), "the stream sent no first event"
+            assert one.post("/api/v1/auth/logout", headers=ada).status_code == 204
+            signed_out.append(time.monotonic())
+            events, ended_after = stream.result(timeout=60)
+    assert events[-1] == ("signed_out", {"status": "signed_out", "message": "your session has ended; sign in again"})
+    assert ended_after is not None and ended_after < limit, (ended_after, events)
 
 
 def test_a_migration_walks_its_manifest_in_the_listings_order_whatever_the_collation(

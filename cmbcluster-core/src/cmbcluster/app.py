@@ -92,6 +92,7 @@ def create_app(
         background = asyncio.create_task(run_background(context, stop), name="cmbcluster-reconcile")
         backups = asyncio.create_task(run_periodic_backups(context, stop), name="cmbcluster-database-backup")
         progress = asyncio.create_task(context.progress.run(stop), name="cmbcluster-progress")
+        revocations = asyncio.create_task(context.revocations.run(stop), name="cmbcluster-revocations")
         heartbeat = asyncio.create_task(instances.run_heartbeat(context, stop), name="cmbcluster-heartbeat")
         try:
             yield
@@ -100,6 +101,7 @@ def create_app(
             await background
             await backups
             await progress
+            await revocations
             await heartbeat
             await run_in_threadpool(stop_with_control_plane, context)
             await run_in_threadpool(_unregister, context)

@@ -25,6 +25,7 @@ from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 if TYPE_CHECKING:
     from cmbcluster.pricing import PriceTable
     from cmbcluster.services.progress import ProgressHub
+    from cmbcluster.services.revocation import RevocationWatch
     from cmbcluster.services.usage import StorageRuntime
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ class AppContext:
         hub = ProgressHub(self.sessions, self.compute)
         self.metrics.progress_streams.set_function(lambda: hub.followed)
         return hub
+
+    @functools.cached_property
+    def revocations(self) -> RevocationWatch:
+        """Ends this process's long-lived responses (progress streams, proxied WebSockets) once their
+        caller's session or API token stops working."""
+        from cmbcluster.services.revocation import RevocationWatch
+
+        return RevocationWatch(self.sessions)
 
     @functools.cached_property
     def instance_id(self) -> str:

@@ -69,11 +69,16 @@ SIGNED_IN_SCOPE_KEY = "cmbcluster.signed_in"
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller: the user, and the session id when signed in through a session."""
+    """The caller: the user, and the session or API token they signed in with."""
 
     user: User
-    session_id: str | None
+    credential: sessions.Credential
     via_cookie: bool
+
+    @property
+    def session_id(self) -> str | None:
+        """The session's id when signed in through a session (None for an API token)."""
+        return self.credential.id if self.credential.kind == "session" else None
 
 
 # Authentication runs on every request, so it runs on the event loop: one indexed query (SQLite
@@ -107,8 +112,8 @@ def authenticate_request(request: Request, db: Session, bearer: str | None, cook
         _check_same_origin(request)
     else:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
-    user, session_id = sessions.authenticate(db, token)
-    return Principal(user=user, session_id=session_id, via_cookie=via_cookie)
+    user, credential = sessions.authenticate(db, token)
+    return Principal(user=user, credential=credential, via_cookie=via_cookie)
 
 
 def _check_same_origin(request: Request) -> None:

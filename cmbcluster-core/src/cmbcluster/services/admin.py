@@ -21,7 +21,7 @@ from cmbcluster.errors import Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import UserRef
 from cmbcluster.services import environments, storages
 from cmbcluster.services.audit import audit
-from cmbcluster.services.sessions import revoke_all_sessions
+from cmbcluster.services.sessions import ACCOUNT_GONE, DEACTIVATED, revoke_all_sessions
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -204,6 +204,8 @@ def change_user(db: Session, context: AppContext, user_id: str, changes: UserUpd
     stop too, so nothing of theirs keeps running or costing."""
     user = update_user(db, user_id, changes, actor_id=actor_id)
     if user.status != "active":
+        # Their open streams and WebSockets end first, saying why (not merely that an environment stopped).
+        context.revocations.ended(DEACTIVATED, user_id=user.id)
         for env in environments.list_owned(db, user):
             if env.status in environments.ACTIVE_STATUSES:
                 environments.stop(db, context, env, actor_id=actor_id, reason="stopped: the account was deactivated")
@@ -230,6 +232,7 @@ def delete_user(db: Session, context: AppContext, user_id: str, *, actor_id: str
     audit(db, actor_id=actor_id, action="user.deleted", target_type="user", target_id=user.id, email=user.email)
     db.delete(user)
     db.commit()
+    context.revocations.ended(ACCOUNT_GONE, user_id=user.id)
 
 
 def _release(db: Session, context: AppContext, user: User, *, actor_id: str | None) -> None:

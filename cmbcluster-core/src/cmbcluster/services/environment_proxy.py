@@ -186,9 +186,11 @@ class EnvironmentProxy:
         prefix: str,
         *,
         on_traffic: Callable[[], Awaitable[None]] | None = None,
+        revoked: Awaitable[str] | None = None,
     ) -> None:
         """Open the same WebSocket on the environment, then pass messages both ways until either side
-        closes. The caller has checked the caller; a refused upstream handshake is a 502."""
+        closes, or until ``revoked`` gives why the caller may no longer use it (closed with 1008 and
+        that reason). The caller has checked the caller; a refused upstream handshake is a 502."""
         from websockets.asyncio.client import connect, unix_connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -256,10 +258,17 @@ class EnvironmentProxy:
                 with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
                     await websocket.close(code=1000 if code in _RESERVED_CLOSE_CODES else code)
 
+            async def until_revoked(why: Awaitable[str]) -> None:
+                reason = await why
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+                    await websocket.close(code=1008, reason=reason[:120])  # a close reason's limit: 123 bytes
+
             pumps = [
                 asyncio.create_task(browser_to_environment(), name="websocket-browser-to-environment"),
                 asyncio.create_task(environment_to_browser(), name="websocket-environment-to-browser"),
             ]
+            if revoked is not None:
+                pumps.append(asyncio.create_task(until_revoked(revoked), name="websocket-until-revoked"))
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -71,16 +71,24 @@ class Subscription:
     latest: dict[str, Any] | None = None  #: None: deleted, or not this user's
     seen: bool = False  #: a first state has been read
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: why the stream's caller may no longer follow it (signed out, revoked): it says so and ends
+    signed_out: str | None = None
     _key: tuple[object, ...] | None = None
 
     def offer(self, event: dict[str, Any] | None) -> bool:
         """Take a state; True when it differs from the last one (the stream then sends it)."""
         key = None if event is None else (event["status"], event["message"], event["url"], tuple(event["log"]))
-        if self.seen and key == self._key:
+        if self.signed_out is not None or (self.seen and key == self._key):
             return False
         self.seen, self._key, self.latest = True, key, event
         self.changed.set()
         return True
+
+    def end(self, why: str) -> None:
+        """The caller's session or API token stopped working (:mod:`cmbcluster.services.revocation`):
+        the stream's last event says why; no state is offered after it."""
+        self.signed_out = why
+        self.changed.set()
 
 
 class ProgressHub:

@@ -1,9 +1,15 @@
-"""Server-side sessions and API tokens: only hashes are stored; revocation is immediate."""
+"""Server-side sessions and API tokens: only hashes are stored; revocation is immediate.
+
+Immediate for open responses too: :mod:`cmbcluster.services.revocation` ends the progress streams and
+proxied WebSockets of a credential that stops working, by the rules of :func:`refusal`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -11,12 +17,53 @@ from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import ApiToken, UsedToken, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
-from cmbcluster.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.security import new_token, token_hash
 
 SESSION_PREFIX, REFRESH_PREFIX, API_TOKEN_PREFIX = "cmbs", "cmbr", "cmbt"
 #: an API token's last use is written at most this often, not on every request
 TOUCH_INTERVAL = dt.timedelta(minutes=1)
+#: Why a credential no longer works, as a request is refused and an open response ends.
+SESSION_ENDED = "your session has ended; sign in again"
+TOKEN_ENDED = "this API token is unknown, expired or revoked"  # noqa: S105 - a message, not a secret
+DEACTIVATED = "this account is deactivated; ask an administrator"
+ACCOUNT_GONE = "this account no longer exists"
+#: Credentials read per query (well under every database's bound-parameter limit).
+BATCH = 500
+
+CredentialKind = Literal["session", "api_token"]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a caller signed in with: a session or an API token (its row id, never the token)."""
+
+    kind: CredentialKind
+    id: str
+    user_id: str
+
+
+@dataclass(frozen=True)
+class _State:
+    """What decides whether a credential still works (``user_status`` None: the user is gone)."""
+
+    revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    user_status: str | None
+
+
+def refusal(kind: CredentialKind, state: _State | None, now: dt.datetime) -> CmbclusterError | None:
+    """Why a credential in ``state`` (None: unknown) no longer works; None while it does. The one
+    rule for a request (:func:`authenticate`) and for an open response (:func:`refusals`)."""
+    if state is None:
+        return AuthenticationFailed(SESSION_ENDED if kind == "session" else TOKEN_ENDED)
+    if state.user_status is None:
+        return AuthenticationFailed(ACCOUNT_GONE)
+    if state.user_status != "active":  # say why, even though deactivation also revoked their sessions
+        return PermissionDenied(DEACTIVATED)
+    if state.revoked_at is not None or (state.expires_at is not None and state.expires_at <= now):
+        return AuthenticationFailed(SESSION_ENDED if kind == "session" else TOKEN_ENDED)
+    return None
 
 
 # Built once: this runs on every request.
@@ -46,8 +93,8 @@ def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: st
     return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id)
 
 
-def authenticate(db: Session, token: str) -> tuple[User, str | None]:
-    """The active user a session or API token belongs to, and the session id (None for API tokens).
+def authenticate(db: Session, token: str) -> tuple[User, Credential]:
+    """The active user a session or API token belongs to, and the credential it is.
 
     AuthenticationFailed for an unknown, expired or revoked token; PermissionDenied for a
     deactivated user, at their very next request.
@@ -58,27 +105,52 @@ def authenticate(db: Session, token: str) -> tuple[User, str | None]:
         # one query for the session and its user: this runs on every request
         found = db.execute(_SESSION_QUERY, {"token_hash": hashed}).one_or_none()
         if found is None:
-            raise AuthenticationFailed("your session has expired; sign in again")
+            raise AuthenticationFailed(SESSION_ENDED)
         session_id, revoked_at, expires_at, user = found
-        if user.status != "active":  # say why, even though deactivation also revoked the session
-            raise PermissionDenied("this account is deactivated; ask an administrator")
-        if revoked_at is not None or expires_at <= now:
-            raise AuthenticationFailed("your session has expired; sign in again")
-        return user, session_id
+        refused = refusal("session", _State(revoked_at, expires_at, user.status), now)
+        if refused is not None:
+            raise refused
+        return user, Credential("session", session_id, user.id)
     if token.startswith(API_TOKEN_PREFIX + "_"):
         api = db.execute(select(ApiToken).where(ApiToken.token_hash == hashed)).scalar_one_or_none()
-        if api is None or api.revoked_at is not None or (api.expires_at is not None and api.expires_at <= now):
-            raise AuthenticationFailed("this API token is unknown, expired or revoked")
+        owner = db.get(User, api.user_id) if api is not None else None
+        state = None if api is None else _State(api.revoked_at, api.expires_at, owner.status if owner else None)
+        refused = refusal("api_token", state, now)
+        if refused is not None:
+            raise refused
+        assert api is not None and owner is not None  # refusal() answered for both
         if api.last_used_at is None or now - api.last_used_at > TOUCH_INTERVAL:
             api.last_used_at = now
             db.commit()
-        user_or_none = db.get(User, api.user_id)
-        if user_or_none is None:
-            raise AuthenticationFailed("this account no longer exists")
-        if user_or_none.status != "active":
-            raise PermissionDenied("this account is deactivated; ask an administrator")
-        return user_or_none, None
+        return owner, Credential("api_token", api.id, owner.id)
     raise AuthenticationFailed("not a CMBCluster session or API token")
+
+
+def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credential, CmbclusterError]:
+    """Why each of ``credentials`` no longer works (those that do are absent): a query per kind and
+    per :data:`BATCH` credentials, whatever their number (the open responses of a whole process)."""
+    now = utcnow()
+    found: dict[tuple[CredentialKind, str], _State] = {}
+    tables: tuple[tuple[CredentialKind, type[SessionRow] | type[ApiToken]], ...] = (
+        ("session", SessionRow), ("api_token", ApiToken),
+    )  # fmt: skip
+    for kind, table in tables:
+        ids = sorted({c.id for c in credentials if c.kind == kind})
+        for batch in _batches(ids, BATCH):
+            query = (
+                select(table.id, table.revoked_at, table.expires_at, User.status)
+                .outerjoin(User, User.id == table.user_id)
+                .where(table.id.in_(batch))
+            )
+            for row_id, revoked_at, expires_at, status in db.execute(query):
+                found[(kind, row_id)] = _State(revoked_at, expires_at, status)
+    refused = {c: refusal(c.kind, found.get((c.kind, c.id)), now) for c in credentials}
+    return {c: error for c, error in refused.items() if error is not None}
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:

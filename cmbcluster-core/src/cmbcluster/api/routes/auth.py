@@ -437,6 +437,8 @@ def refresh(body: RefreshIn, request: Request, response: Response, context: Cont
 def logout(principal: CurrentPrincipal, request: Request, context: Context, db: DbSession) -> Response:
     if principal.session_id is not None:
         sessions.revoke_session(db, principal.session_id)
+        # its open progress streams and WebSockets end now (on other replicas, at their next check)
+        context.revocations.ended(sessions.SESSION_ENDED, session_id=principal.session_id)
     response = Response(status_code=204)
     response.delete_cookie(
         SESSION_COOKIE, path="/", domain=context.config.core.cookie_domain, httponly=True, samesite="lax",

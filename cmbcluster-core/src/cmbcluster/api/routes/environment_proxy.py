@@ -32,6 +32,7 @@ from cmbcluster.interfaces import Upstream
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
 from cmbcluster.services.environment_proxy import EnvironmentProxy
+from cmbcluster.services.sessions import Credential
 from cmbcluster.webui import ui_available
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -65,13 +66,14 @@ def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
     return proxy
 
 
-def _caller(conn: HTTPConnection, db: Any) -> User:
+def _caller(conn: HTTPConnection, db: Any) -> tuple[User, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
     bearer = credentials if scheme.lower() == "bearer" and credentials.startswith(("cmbs_", "cmbt_")) else None
     cookie = conn.cookies.get(SESSION_COOKIE)
     if isinstance(conn, Request):
-        return authenticate_request(conn, db, bearer, cookie).user
+        principal = authenticate_request(conn, db, bearer, cookie)
+        return principal.user, principal.credential
     if bearer is None and cookie:
         # Browsers send cookies with WebSocket handshakes from any page, and no CORS applies: only
         # our own pages may open one with the session cookie.
@@ -82,8 +84,7 @@ def _caller(conn: HTTPConnection, db: Any) -> User:
     token = bearer or cookie
     if not token:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
-    user, _ = sessions.authenticate(db, token)
-    return user
+    return sessions.authenticate(db, token)
 
 
 def _websocket_origins(conn: HTTPConnection) -> set[tuple[str, str]]:
@@ -91,15 +92,16 @@ def _websocket_origins(conn: HTTPConnection) -> set[tuple[str, str]]:
     return {({"ws": "http", "wss": "https"}.get(scheme, scheme), host) for scheme, host in own_origins(conn)}
 
 
-def _open(context: AppContext, conn: HTTPConnection, environment_id: str) -> Upstream:
-    """The caller's check, then where the environment listens (blocking: database and backend)."""
+def _open(context: AppContext, conn: HTTPConnection, environment_id: str) -> tuple[Upstream, Credential]:
+    """The caller's check, then where the environment listens (blocking: database and backend); and
+    what the caller signed in with."""
     with context.sessions() as db:
-        user = _caller(conn, db)
+        user, credential = _caller(conn, db)
         envs.open_for_traffic(db, user, environment_id)
     upstream = context.compute.upstream(environment_id)
     if upstream is None:
         raise NotFound(f"environment {environment_id} is not served by this control plane")
-    return upstream
+    return upstream, credential
 
 
 def _prefix(environment_id: str) -> str:
@@ -119,7 +121,7 @@ async def environment_traffic(request: Request) -> Response:
     context: AppContext = request.app.state.context
     environment_id = request.path_params["environment_id"]
     try:
-        upstream = await run_in_threadpool(_open, context, request, environment_id)
+        upstream, _ = await run_in_threadpool(_open, context, request, environment_id)
     except AuthenticationFailed:
         if request.method == "GET" and "text/html" in request.headers.get("accept", "") and ui_available():
             here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -133,11 +135,19 @@ async def environment_websocket(websocket: WebSocket) -> None:
     context: AppContext = websocket.app.state.context
     environment_id = websocket.path_params["environment_id"]
     try:
-        upstream = await run_in_threadpool(_open, context, websocket, environment_id)
+        upstream, credential = await run_in_threadpool(_open, context, websocket, environment_id)
     except CmbclusterError as exc:
         await _refuse(websocket, exc)
         return
     loop = asyncio.get_running_loop()
+    # Signing out (or a revoked token, a deactivated account) closes the WebSocket, as it refuses requests.
+    revoked: asyncio.Future[str] = loop.create_future()
+
+    def on_revoked(why: str) -> None:
+        if not revoked.done():  # done: the WebSocket already ended
+            revoked.set_result(why)
+
+    hold = context.revocations.hold(credential, on_revoked)
     last_activity = loop.time()
     recording: set[asyncio.Task[None]] = set()
 
@@ -150,9 +160,13 @@ async def environment_websocket(websocket: WebSocket) -> None:
             task.add_done_callback(recording.discard)
 
     try:
-        await _proxy(websocket).forward_websocket(websocket, upstream, _prefix(environment_id), on_traffic=on_traffic)
+        await _proxy(websocket).forward_websocket(
+            websocket, upstream, _prefix(environment_id), on_traffic=on_traffic, revoked=revoked
+        )
     except CmbclusterError as exc:
         await _refuse(websocket, exc)
+    finally:
+        context.revocations.release(hold)
 
 
 def _record_activity(context: AppContext, conn: HTTPConnection, environment_id: str) -> None:

@@ -14,13 +14,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.api.deps import Context, CurrentUser, DbSession
+from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
 from cmbcluster.errors import Conflict
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
+from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
@@ -298,30 +299,37 @@ async def environment_logs(
 
 @router.get(
     "/{environment_id}/events",
-    summary="Progress while starting (Server-Sent Events); ends once running, stopped or failed",
+    summary="Progress while starting (Server-Sent Events); ends once running, stopped or failed, or once the "
+    "caller's session or API token stops working",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def environment_events(
-    environment_id: str, user: CurrentUser, db: DbSession, context: Context
+    environment_id: str, principal: CurrentPrincipal, db: DbSession, context: Context
 ) -> StreamingResponse:
+    """Events: ``status`` (the environment's progress), ``deleted``, and ``signed_out`` (the caller
+    signed out, their API token was revoked or their account deactivated: ``message`` says which; sign
+    in again). The stream ends after ``deleted``, ``signed_out`` and a ``status`` that is running,
+    stopped or failed."""
     # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
     # right after the create, when the worker threads are busiest with starts.
-    envs.check_owned(db, user, environment_id)  # 404 before the stream starts
+    envs.check_owned(db, principal.user, environment_id)  # 404 before the stream starts
     db.commit()  # the stream may last minutes: it must not keep this request's connection
     return StreamingResponse(
-        _progress(context, user.id, environment_id),
+        _progress(context, principal.credential, environment_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _progress(context: AppContext, user_id: str, environment_id: str) -> AsyncIterator[str]:
+async def _progress(context: AppContext, credential: Credential, environment_id: str) -> AsyncIterator[str]:
     """Status events as the progress hub sees them (it reads for every stream of this process at
     once); a comment line keeps idle proxies from closing the stream. The stream holds no
-    database connection or thread while it waits; a client that goes away cancels it."""
+    database connection or thread while it waits; a client that goes away cancels it, and so does
+    the caller's credential ceasing to work (the revocation watch ends the subscription)."""
     hub = context.progress
-    subscription = hub.subscribe(environment_id, user_id)
+    subscription = hub.subscribe(environment_id, credential.user_id)
+    hold = context.revocations.hold(credential, subscription.end)
     try:
         while True:
             try:
@@ -330,6 +338,10 @@ async def _progress(context: AppContext, user_id: str, environment_id: str) -> A
                 yield ": keep-alive\n\n"
                 continue
             subscription.changed.clear()
+            if subscription.signed_out is not None:
+                ended = {"status": "signed_out", "message": subscription.signed_out}
+                yield f"event: signed_out\ndata: {json.dumps(ended)}\n\n"
+                return
             event = subscription.latest
             if event is None:
                 yield 'event: deleted\ndata: {"status": "deleted"}\n\n'
@@ -338,4 +350,5 @@ async def _progress(context: AppContext, user_id: str, environment_id: str) -> A
             if event["status"] in TERMINAL:
                 return
     finally:
+        context.revocations.release(hold)
         hub.unsubscribe(subscription)

@@ -188,8 +188,9 @@ def create_token(body: ApiTokenIn, principal: CurrentPrincipal, db: DbSession) -
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke an API token: it stops working at once")
-def revoke_token(token_id: str, user: CurrentUser, db: DbSession) -> Response:
+def revoke_token(token_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     sessions.revoke_api_token(db, user, token_id)
+    context.revocations.ended(sessions.TOKEN_ENDED, token_id=token_id)  # its open streams end now
     audit(db, actor_id=user.id, action="api_token.revoked", target_type="api_token", target_id=token_id)
     db.commit()
     return Response(status_code=204)
