@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -16,6 +17,9 @@ MIGRATIONS = "cmbcluster.db:migrations"
 #: The newest migration in ``migrations/versions`` (a test keeps the two equal). Knowing it lets
 #: an up-to-date database start without importing Alembic, which costs a third of start-up.
 SCHEMA_HEAD = "0008"
+#: Values bound in one ``IN (...)`` query: well under every database's bound-parameter limit.
+IN_BATCH = 500
+T = TypeVar("T")
 
 
 def create_db_engine(url: str) -> Engine:
@@ -175,3 +179,9 @@ def filesystem_type(path: Path) -> str | None:
         ) > len(best):
             best, best_type = mount_point, parts[2]
     return best_type
+
+
+def in_batches(items: Sequence[T], size: int = IN_BATCH) -> Iterator[Sequence[T]]:
+    """``items`` in slices of at most ``size``, one ``IN (...)`` query each."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

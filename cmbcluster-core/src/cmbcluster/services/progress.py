@@ -32,7 +32,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cmbcluster.db.engine import in_batches
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100, "stopping": 50}
 #: A stream ends once its environment reaches one of these.
 TERMINAL = ("running", "stopped", "failed")
-#: Environments read per query (well under every database's bound-parameter limit).
-BATCH = 500
 #: The application's last output lines an event carries while it starts and when it failed.
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
@@ -246,7 +244,7 @@ class ProgressHub:
         states: dict[str, dict[str, Any]] = {}
         behind: dict[str, EnvironmentStatus] = {}
         with self.sessions() as db:
-            for batch in _batches(environment_ids, BATCH):
+            for batch in in_batches(environment_ids):
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
                     now = (row.status, row.status_message, row.url)
                     if row.status in ("pending", "starting"):
@@ -270,7 +268,7 @@ class ProgressHub:
     def _write(self, reports: dict[str, EnvironmentStatus]) -> None:
         """Record the reports the last pass read (not asked again: one backend call per pass)."""
         with self.sessions() as db:
-            for batch in _batches(list(reports), BATCH):
+            for batch in in_batches(list(reports)):
                 for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
                     if env.status in ("pending", "starting"):
                         apply_status(db, env, reports[env.id])
@@ -350,8 +348,3 @@ class StartupOutput:
             self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 60}  # forget environments long done
             self._seen[environment_id] = (now, found)
         return found
-
-
-def _batches(items: list[str], size: int) -> Iterable[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -7,7 +7,7 @@ proxied WebSockets of a credential that stops working, by the rules of :func:`re
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cmbcluster.db.engine import in_batches
 from cmbcluster.db.models import ApiToken, UsedToken, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound, PermissionDenied
@@ -28,9 +29,6 @@ SESSION_ENDED = "your session has ended; sign in again"
 TOKEN_ENDED = "this API token is unknown, expired or revoked"  # noqa: S105 - a message, not a secret
 DEACTIVATED = "this account is deactivated; ask an administrator"
 ACCOUNT_GONE = "this account no longer exists"
-#: Credentials read per query (well under every database's bound-parameter limit).
-BATCH = 500
-
 CredentialKind = Literal["session", "api_token"]
 
 
@@ -127,8 +125,8 @@ def authenticate(db: Session, token: str) -> tuple[User, Credential]:
 
 
 def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credential, CmbclusterError]:
-    """Why each of ``credentials`` no longer works (those that do are absent): a query per kind and
-    per :data:`BATCH` credentials, whatever their number (the open responses of a whole process)."""
+    """Why each of ``credentials`` no longer works (those that do are absent): a query per kind (and
+    per :data:`~cmbcluster.db.engine.IN_BATCH`), whatever their number (a whole process's open responses)."""
     now = utcnow()
     found: dict[tuple[CredentialKind, str], _State] = {}
     tables: tuple[tuple[CredentialKind, type[SessionRow] | type[ApiToken]], ...] = (
@@ -136,7 +134,7 @@ def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credentia
     )  # fmt: skip
     for kind, table in tables:
         ids = sorted({c.id for c in credentials if c.kind == kind})
-        for batch in _batches(ids, BATCH):
+        for batch in in_batches(ids):
             query = (
                 select(table.id, table.revoked_at, table.expires_at, User.status)
                 .outerjoin(User, User.id == table.user_id)
@@ -146,11 +144,6 @@ def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credentia
                 found[(kind, row_id)] = _State(revoked_at, expires_at, status)
     refused = {c: refusal(c.kind, found.get((c.kind, c.id)), now) for c in credentials}
     return {c: error for c, error in refused.items() if error is not None}
-
-
-def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:
