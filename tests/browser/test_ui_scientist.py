@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import struct
 import zipfile
 import zlib
@@ -573,3 +574,44 @@ def test_sign_out_says_so_and_the_development_sign_in_looks_like_the_app(
         page.set_viewport_size(viewport)
         no_horizontal_scroll(page, f"the development sign-in at {size}")
     page.set_viewport_size(SIZES["desktop"])
+
+
+def test_a_session_ended_in_another_tab_takes_the_launch_dialog_to_sign_in(
+    alice: Session, people: People, open_session: OpenSession
+) -> None:
+    """The launch dialog follows a start that takes long (a cluster adding a node); Dana signs out in
+    another tab. The dialog's progress stream ends, saying so, and its page goes to the sign-in page,
+    which says she is signed out and brings her back to Applications."""
+    api(alice.page, "POST", "/api/v1/applications", data={
+        "slug": "slow-start", "name": "Slow start", "image": "local", "default_preset": "light",
+        "command": [shutil.which("sleep"), "3600"],  # never opens its port: starting until stopped
+    })  # fmt: skip
+    kept = people("dana")  # signed in before, in another browser, which stays signed in
+    dana = open_session()
+    sign_in(dana, "dana")
+    dana.console.expected.append(UNAUTHORIZED)  # signed out, the UI's requests are refused
+    page = dana.page
+    page.goto("/applications/")
+    page.get_by_role("button", name="Launch Slow start").click()
+    dialog = page.get_by_role("dialog", name="Launch Slow start")
+    dialog.get_by_label("Name (optional)").fill("slow start")
+    dialog.get_by_role("button", name="Launch").click()
+    try:
+        expect(dialog.get_by_test_id("launch-status")).to_have_text("starting", timeout=30_000)
+        other = dana.context.new_page()
+        other.goto("/")
+        menu = other.get_by_role("button", name="Menu")
+        if menu.is_visible():
+            menu.click()
+        other.get_by_role("button", name="Sign out").click()
+        expect(other.get_by_role("status").filter(has_text="You are signed out")).to_be_visible()
+        expect(page).to_have_url(re.compile(r"/signin/\?signed_out=1&next=%2Fapplications%2F$"), timeout=10_000)
+        expect(page.get_by_role("status").filter(has_text="You are signed out")).to_be_visible()
+        expect(page.get_by_role("link", name=f"Sign in with {PROVIDER_DISPLAY_NAME}")).to_have_attribute(
+            "href", re.compile(r"\?next=%2Fapplications%2F$")
+        )
+    finally:
+        for environment in api(kept.page, "GET", "/api/v1/environments")["items"]:
+            if environment["name"] == "slow start":
+                api(kept.page, "DELETE", f"/api/v1/environments/{environment['id']}")
+    assert_clean(dana)

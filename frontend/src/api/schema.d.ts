@@ -546,7 +546,13 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Progress while starting (Server-Sent Events); ends once running, stopped or failed */
+        /**
+         * Progress while starting (Server-Sent Events); ends once running, stopped or failed, or once the caller's session or API token stops working
+         * @description Events: ``status`` (the environment's progress), ``deleted``, and ``signed_out`` (the caller
+         *     signed out, their API token was revoked or their account deactivated: ``message`` says which; sign
+         *     in again). The stream ends after ``deleted``, ``signed_out`` and a ``status`` that is running,
+         *     stopped or failed.
+         */
         get: operations["environment_events_api_v1_environments__environment_id__events_get"];
         put?: never;
         post?: never;

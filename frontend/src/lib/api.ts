@@ -106,10 +106,11 @@ export async function unwrap<T>(request: Promise<Answer<T>>): Promise<T> {
   throw errorFrom(answer.response.status, answer.error);
 }
 
-export function redirectToSignIn(): void {
+/** To the sign-in page, which brings the browser back here; `signedOut`: it says the session ended. */
+export function redirectToSignIn({ signedOut = false }: { signedOut?: boolean } = {}): void {
   if (typeof window === "undefined" || window.location.pathname.startsWith("/signin")) return;
   const next = window.location.pathname + window.location.search;
-  window.location.assign(`/signin/?next=${encodeURIComponent(next)}`);
+  window.location.assign(`/signin/?${signedOut ? "signed_out=1&" : ""}next=${encodeURIComponent(next)}`);
 }
 
 /** The URL path of an object: each key segment escaped, the slashes kept. */

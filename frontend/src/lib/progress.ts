@@ -1,6 +1,7 @@
 "use client";
 
 import { useEffect, useState } from "react";
+import { redirectToSignIn } from "@/lib/api";
 
 export interface Progress {
   status: string;
@@ -28,6 +29,12 @@ export function useProgress(environmentId: string | null): Progress | null {
     };
     source.addEventListener("status", onEvent);
     source.addEventListener("deleted", onEvent);
+    // The session ended while the dialog was open (signed out in another tab, or by an administrator):
+    // the server ends the stream; the browser goes to sign in, and comes back here afterwards.
+    source.addEventListener("signed_out", () => {
+      source.close();
+      redirectToSignIn({ signedOut: true });
+    });
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
         setProgress(
