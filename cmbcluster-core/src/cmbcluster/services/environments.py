@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import update as update_statement  # this module's update() changes an environment
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -408,7 +409,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
 
 
 _STOP_INTENT = (
-    update(Environment)
+    update_statement(Environment)
     .where(Environment.id == bindparam("environment_id"))
     .values(desired_state="stopped")
     .execution_options(synchronize_session=False)
