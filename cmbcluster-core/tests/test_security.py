@@ -505,6 +505,57 @@ def test_addresses_change_only_in_ascii_case(
         assert boss_lookalike.json()["user"]["role"] == "user"
         spaced = exchange(client, keys, "attacker-3", " " + ADMIN, verified=True)
         assert spaced.status_code == 401 and "invalid e-mail" in spaced.json()["message"]
+        # nor does a "verified" address that reads as another's: the same check as the development sign-in's
+        for lookalike in ("ki\u200bm@example.org", "\u202egro.elpmaxe@mik"):
+            refused = exchange(client, keys, "attacker-4", lookalike, verified=True)
+            assert refused.status_code == 401 and "invalid e-mail" in refused.json()["message"], lookalike
+
+
+def _submit_dev_form(client: TestClient, email: str) -> httpx.Response:
+    """The development sign-in's form as a browser posts it, with ``email`` typed in."""
+    login = client.get("/api/v1/auth/local/login", follow_redirects=False)
+    fields = {k: v[0] for k, v in parse_qs(urlsplit(login.headers["location"]).query).items()}
+    answer: httpx.Response = client.post(
+        "/api/v1/auth/local/form",
+        data={**{k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")}, "email": email},
+        follow_redirects=False,
+    )
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("email", "named"),
+    [
+        ("a\u202e@e.org", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),  # shows as "a@e.org" reversed around it
+        ("a\u2066b@e.org", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("a\u200fb@e.org", "U+200F (RIGHT-TO-LEFT MARK)"),
+        ("a\x00@e.org", "U+0000 (a control character)"),  # was refused only at the callback, 401
+        ("a\x1b[31m@e.org", "U+001B (a control character)"),
+        ("ad\u200ba@e.org", "U+200B (ZERO WIDTH SPACE)"),  # an invisible look-alike of ada@
+        ("ada\u00a0x@e.org", "U+00A0 (NO-BREAK SPACE)"),
+        ("ad a@e.org", "U+0020 (SPACE)"),
+    ],
+)
+def test_the_development_sign_in_refuses_addresses_that_read_as_another(
+    client: TestClient, email: str, named: str
+) -> None:
+    """An address is shown to admins (users, audit, CSV) and compared with CMBCLUSTER_ADMIN_EMAILS:
+    the form refuses, saying which character, what would make it read as another."""
+    answer = _submit_dev_form(client, email)
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert body["error"] == "invalid_request" and named in body["message"], body
+    assert email not in body["message"]  # named, never echoed: it would reorder the message
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:
+        assert db.execute(select(User)).first() is None  # nobody signed in
+
+
+def test_the_development_sign_in_takes_addresses_in_any_script(client: TestClient) -> None:
+    """Only characters not shown as themselves are refused: an address in another script signs in."""
+    for email in ("zoë@example.org", "用户@例子.广告", "δοκιμή@παράδειγμα.δοκιμή"):
+        headers = dev_sign_in(client, email)
+        assert client.get("/api/v1/auth/me", headers=headers).json()["email"] == email
 
 
 def test_non_finite_or_deeply_nested_claims_are_refused(
