@@ -396,6 +396,52 @@ def test_every_error_has_the_documented_shape(client: TestClient, alice: dict[st
     assert [a.status_code for a in answers.values()] == [404, 405, 422, 422, 401]
 
 
+def test_a_json_route_sent_another_media_type_is_415_naming_json(client: TestClient, alice: dict[str, str]) -> None:
+    """A body in another type (or in none) was refused as 422 "Input should be a valid dictionary",
+    which does not say that the body itself was fine and only its Content-Type wrong."""
+    body = b'{"application": "files", "start": false}'
+    sent = {
+        "text/plain": client.post("/api/v1/environments", content=body,
+                                  headers={**alice, "Content-Type": "text/plain"}),
+        "a form": client.post("/api/v1/environments", data={"application": "files"}, headers=alice),
+        "no type": client.post("/api/v1/environments", content=body, headers=alice),
+        "no type, chunked": client.post("/api/v1/environments", content=iter([body[:10], body[10:]]), headers=alice),
+        "a public route": client.post("/api/v1/auth/refresh", content=b'{"refresh_token": "x"}',
+                                      headers={"Content-Type": "text/plain; charset=utf-8"}),
+    }  # fmt: skip
+    for what, answer in sent.items():
+        assert answer.status_code == 415, (what, answer.text)
+        found = answer.json()
+        assert found["error"] == "unsupported_media_type", what
+        assert "Content-Type: application/json" in found["message"], (what, found["message"])
+    assert "(it was text/plain)" in sent["text/plain"].json()["message"]
+    assert "(it had none)" in sent["no type"].json()["message"]
+    assert client.get("/api/v1/environments", headers=alice).json()["items"] == []  # nothing was made
+    # a stranger learns nothing more than before: credentials come first
+    assert client.post("/api/v1/environments", content=body, headers={"Content-Type": "text/plain"}).status_code == 401
+    # JSON with parameters, or in a +json type, is JSON
+    json_types = ("application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json")
+    for n, media_type in enumerate(json_types):
+        made = client.post("/api/v1/storages", content=b'{"display_name": "d%d"}' % n,
+                           headers={**alice, "Content-Type": media_type})  # fmt: skip
+        assert made.status_code == 201, (media_type, made.text)
+    # routes that take other bodies take them as before: uploads of any type, no body where none is needed
+    storage = made.json()["id"]
+    put = client.put(f"/api/v1/storages/{storage}/objects/notes.txt", content=b"hi",
+                     headers={**alice, "Content-Type": "text/plain"})  # fmt: skip
+    assert put.status_code in (200, 201), put.text
+    created = client.post("/api/v1/environments", json={"application": "files", "start": False}, headers=alice)
+    assert created.status_code == 201, created.text
+    stop = client.post(f"/api/v1/environments/{created.json()['id']}/stop", headers=alice)
+    assert stop.status_code == 200, stop.text
+    # documented: where an operation takes JSON, and only there
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    assert "415" in paths["/api/v1/environments"]["post"]["responses"]
+    assert "415" in paths["/api/v1/auth/refresh"]["post"]["responses"]
+    assert "415" not in paths["/api/v1/auth/local/form"]["post"]["responses"]
+    assert "415" not in paths["/api/v1/storages/{storage_id}/objects/{key}"]["put"]["responses"]
+
+
 # -- secrets at rest -----------------------------------------------------------------------------------
 def test_environment_variables_are_encrypted_at_rest(client: TestClient, alice: dict[str, str], app: FastAPI) -> None:
     saved = client.put("/api/v1/settings/env-vars/API_KEY", json={"value": "sk-live-123"}, headers=alice)
