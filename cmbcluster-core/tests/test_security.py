@@ -27,6 +27,7 @@ from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.oidc import KeyServer
 from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
+from cmbcluster.text import shown_name
 
 CLIENT_ID = "cmbcluster-attack"
 ADMIN = "boss@example.org"
@@ -602,6 +603,19 @@ def test_the_development_sign_in_takes_addresses_in_any_script(client: TestClien
     for email in ("zoë@example.org", "用户@例子.广告", "δοκιμή@παράδειγμα.δοκιμή"):
         headers = dev_sign_in(client, email)
         assert client.get("/api/v1/auth/me", headers=headers).json()["email"] == email
+
+
+def test_a_name_from_the_sign_in_is_shown_as_itself_and_fits_its_column(client: TestClient) -> None:
+    """The name a provider (here the development form) sends is shown to admins beside the address:
+    what would reorder or hide text goes, never the sign-in; a long one is cut to the column's size
+    (PostgreSQL would refuse it whole)."""
+    headers = dev_sign_in(client, "eve@example.org", name="Eve\u202e nimdA\x00\u200b\u00a0 Lovelace ")
+    assert client.get("/api/v1/auth/me", headers=headers).json()["name"] == "Eve nimdA Lovelace"
+    assert shown_name("Ada " + "x" * 300, limit=200) == "Ada " + "x" * 196  # a provider's name is not limited
+    assert dev_sign_in(client, "zoe@example.org", name="\u202e\u200b")  # nothing printable: the address's name
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:
+        assert db.execute(select(User.name).where(User.email == "zoe@example.org")).scalar_one() == "zoe"
 
 
 def test_non_finite_or_deeply_nested_claims_are_refused(

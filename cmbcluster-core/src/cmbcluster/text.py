@@ -54,6 +54,15 @@ def check_display_name(name: str, *, what: str, limit: int) -> str:
     return name
 
 
+def shown_name(name: str, *, limit: int) -> str:
+    """A name someone else chose for a person (the ``name`` an identity provider sends, the
+    development sign-in's field) made fit to show: a space of another kind becomes a space, any
+    other character :func:`first_unprintable` finds goes, runs of spaces become one, and the result
+    is cut to ``limit`` characters (the column's size). A sign-in never fails over a name."""
+    kept = (" " if unicodedata.category(ch) == "Zs" else ch for ch in name if ch.isprintable() or ch.isspace())
+    return " ".join("".join(kept).split())[:limit].rstrip()
+
+
 #: The longest e-mail address stored (``users.email``): 64 characters, "@" and a 255-character domain.
 MAX_EMAIL_ADDRESS = 320
 
