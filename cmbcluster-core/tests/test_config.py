@@ -363,6 +363,23 @@ def test_the_cookie_domain_host_routing_needs_is_kept_or_derived(
     )
 
 
+def test_proxy_routing_with_an_environments_domain_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The control plane's proxy serves paths; a domain for host routing would be silently unused."""
+    monkeypatch.setenv("CMBCLUSTER_ROUTING", "proxy")
+    monkeypatch.setenv("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "envs.example.org")
+    core = CoreSettings(
+        data_dir=tmp_path / "data", compute_backend="kubernetes", public_url="https://cmb.example.org",
+        secret_key=SecretStr("k" * 40),
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError) as exc_info:
+        resolve(core, PluginManager(entry_points_enabled=False))
+    assert any("unset CMBCLUSTER_ENVIRONMENTS_DOMAIN" in problem for problem in exc_info.value.problems)
+    monkeypatch.setenv("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "")
+    assert resolve(core, PluginManager(entry_points_enabled=False)).compute.name == "kubernetes"
+
+
 class NotedSettings(BaseSettings):
     tenant_region: str = "north"
 

@@ -211,6 +211,11 @@ def test_bodies_stream_both_ways(client: TestClient, alice: dict[str, str], runn
     # bodies are the application's business: no API body limit applies (2 MiB JSON)
     big = client.put(f"{url}upload", headers={**alice, "content-type": "application/json"}, content=b"1" * (2 << 20))
     assert big.status_code == 200 and big.json()["size"] == 2 << 20
+    # and any media type, untouched (the API's JSON routes alone answer another one 415)
+    for media_type in ("text/plain; charset=latin-1", "application/x-www-form-urlencoded", "application/x-anything"):
+        typed = client.post(f"{url}echo", headers={**alice, "Content-Type": media_type}, content=b"a=1")
+        assert typed.status_code == 200, (media_type, typed.text)
+        assert typed.json()["headers"]["content-type"] == media_type and typed.json()["body"] == "a=1"
 
 
 def test_websockets_pass_both_ways_with_the_subprotocol_and_close_code(

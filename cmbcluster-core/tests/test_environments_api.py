@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -515,6 +516,60 @@ def test_a_start_the_backend_takes_during_a_reconcile_pass_is_left_to_the_fast_p
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] != "stopped"
     assert context.compute.status(env["id"]).phase in (EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING)
     wait_status(client, alice, env["id"], "running")  # recorded by the fast pass (every second)
+
+
+@contextlib.contextmanager
+def start_held_in_the_backend(context: AppContext, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The backend's start waits until the test lets it go, as a slow cluster call would; yields
+    the event set once a start is inside the backend. On leaving, held starts are let go."""
+    entered, release = threading.Event(), threading.Event()
+    start = context.compute.start
+
+    def held(spec: EnvironmentSpec) -> EnvironmentStatus:
+        entered.set()
+        assert release.wait(30)
+        return start(spec)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(context.compute, "start", held)
+        try:
+            yield entered
+        finally:
+            release.set()
+
+
+def in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize("while_starting", ["stop", "delete"])
+def test_a_stop_or_delete_sent_while_a_start_is_handed_over_is_not_lost(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch, while_starting: str
+) -> None:
+    """Start, then stop (or delete) before the backend has answered the start: the stop's own
+    backend call finds nothing yet to stop, so the start must not go on to run unseen."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False)
+    url = f"/api/v1/environments/{env['id']}"
+    with start_held_in_the_backend(context, monkeypatch) as entered:
+        starting, answer = in_thread(lambda: client.post(url + "/start", headers=alice))
+        assert entered.wait(10)
+        if while_starting == "stop":
+            stopped = client.post(url + "/stop", headers=alice)
+            assert stopped.status_code == 200 and stopped.json()["desired_state"] == "stopped"
+        else:
+            assert client.delete(url, headers=alice).status_code == 204
+    starting.join(30)
+    assert answer[0].status_code == (200 if while_starting == "stop" else 404), answer[0].text
+    if while_starting == "stop":
+        after = client.get(url, headers=alice).json()
+        assert (after["status"], after["desired_state"]) == ("stopped", "stopped")
+        assert context.compute.status(env["id"]).phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.MISSING)
+    else:
+        assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
 
 
 def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:

@@ -27,6 +27,7 @@ from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.oidc import KeyServer
 from cmbcluster.testing.process import ServeProcess, clean_environ, run_cli
+from cmbcluster.text import shown_name
 
 CLIENT_ID = "cmbcluster-attack"
 ADMIN = "boss@example.org"
@@ -396,6 +397,52 @@ def test_every_error_has_the_documented_shape(client: TestClient, alice: dict[st
     assert [a.status_code for a in answers.values()] == [404, 405, 422, 422, 401]
 
 
+def test_a_json_route_sent_another_media_type_is_415_naming_json(client: TestClient, alice: dict[str, str]) -> None:
+    """A body in another type (or in none) was refused as 422 "Input should be a valid dictionary",
+    which does not say that the body itself was fine and only its Content-Type wrong."""
+    body = b'{"application": "files", "start": false}'
+    sent = {
+        "text/plain": client.post("/api/v1/environments", content=body,
+                                  headers={**alice, "Content-Type": "text/plain"}),
+        "a form": client.post("/api/v1/environments", data={"application": "files"}, headers=alice),
+        "no type": client.post("/api/v1/environments", content=body, headers=alice),
+        "no type, chunked": client.post("/api/v1/environments", content=iter([body[:10], body[10:]]), headers=alice),
+        "a public route": client.post("/api/v1/auth/refresh", content=b'{"refresh_token": "x"}',
+                                      headers={"Content-Type": "text/plain; charset=utf-8"}),
+    }  # fmt: skip
+    for what, answer in sent.items():
+        assert answer.status_code == 415, (what, answer.text)
+        found = answer.json()
+        assert found["error"] == "unsupported_media_type", what
+        assert "Content-Type: application/json" in found["message"], (what, found["message"])
+    assert "(it was text/plain)" in sent["text/plain"].json()["message"]
+    assert "(it had none)" in sent["no type"].json()["message"]
+    assert client.get("/api/v1/environments", headers=alice).json()["items"] == []  # nothing was made
+    # a stranger learns nothing more than before: credentials come first
+    assert client.post("/api/v1/environments", content=body, headers={"Content-Type": "text/plain"}).status_code == 401
+    # JSON with parameters, or in a +json type, is JSON
+    json_types = ("application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json")
+    for n, media_type in enumerate(json_types):
+        made = client.post("/api/v1/storages", content=b'{"display_name": "d%d"}' % n,
+                           headers={**alice, "Content-Type": media_type})  # fmt: skip
+        assert made.status_code == 201, (media_type, made.text)
+    # routes that take other bodies take them as before: uploads of any type, no body where none is needed
+    storage = made.json()["id"]
+    put = client.put(f"/api/v1/storages/{storage}/objects/notes.txt", content=b"hi",
+                     headers={**alice, "Content-Type": "text/plain"})  # fmt: skip
+    assert put.status_code in (200, 201), put.text
+    created = client.post("/api/v1/environments", json={"application": "files", "start": False}, headers=alice)
+    assert created.status_code == 201, created.text
+    stop = client.post(f"/api/v1/environments/{created.json()['id']}/stop", headers=alice)
+    assert stop.status_code == 200, stop.text
+    # documented: where an operation takes JSON, and only there
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    assert "415" in paths["/api/v1/environments"]["post"]["responses"]
+    assert "415" in paths["/api/v1/auth/refresh"]["post"]["responses"]
+    assert "415" not in paths["/api/v1/auth/local/form"]["post"]["responses"]
+    assert "415" not in paths["/api/v1/storages/{storage_id}/objects/{key}"]["put"]["responses"]
+
+
 # -- secrets at rest -----------------------------------------------------------------------------------
 def test_environment_variables_are_encrypted_at_rest(client: TestClient, alice: dict[str, str], app: FastAPI) -> None:
     saved = client.put("/api/v1/settings/env-vars/API_KEY", json={"value": "sk-live-123"}, headers=alice)
@@ -505,6 +552,70 @@ def test_addresses_change_only_in_ascii_case(
         assert boss_lookalike.json()["user"]["role"] == "user"
         spaced = exchange(client, keys, "attacker-3", " " + ADMIN, verified=True)
         assert spaced.status_code == 401 and "invalid e-mail" in spaced.json()["message"]
+        # nor does a "verified" address that reads as another's: the same check as the development sign-in's
+        for lookalike in ("ki\u200bm@example.org", "\u202egro.elpmaxe@mik"):
+            refused = exchange(client, keys, "attacker-4", lookalike, verified=True)
+            assert refused.status_code == 401 and "invalid e-mail" in refused.json()["message"], lookalike
+
+
+def _submit_dev_form(client: TestClient, email: str) -> httpx.Response:
+    """The development sign-in's form as a browser posts it, with ``email`` typed in."""
+    login = client.get("/api/v1/auth/local/login", follow_redirects=False)
+    fields = {k: v[0] for k, v in parse_qs(urlsplit(login.headers["location"]).query).items()}
+    answer: httpx.Response = client.post(
+        "/api/v1/auth/local/form",
+        data={**{k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")}, "email": email},
+        follow_redirects=False,
+    )
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("email", "named"),
+    [
+        ("a\u202e@e.org", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),  # shows as "a@e.org" reversed around it
+        ("a\u2066b@e.org", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("a\u200fb@e.org", "U+200F (RIGHT-TO-LEFT MARK)"),
+        ("a\x00@e.org", "U+0000 (a control character)"),  # was refused only at the callback, 401
+        ("a\x1b[31m@e.org", "U+001B (a control character)"),
+        ("ad\u200ba@e.org", "U+200B (ZERO WIDTH SPACE)"),  # an invisible look-alike of ada@
+        ("ada\u00a0x@e.org", "U+00A0 (NO-BREAK SPACE)"),
+        ("ad a@e.org", "U+0020 (SPACE)"),
+    ],
+)
+def test_the_development_sign_in_refuses_addresses_that_read_as_another(
+    client: TestClient, email: str, named: str
+) -> None:
+    """An address is shown to admins (users, audit, CSV) and compared with CMBCLUSTER_ADMIN_EMAILS:
+    the form refuses, saying which character, what would make it read as another."""
+    answer = _submit_dev_form(client, email)
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert body["error"] == "invalid_request" and named in body["message"], body
+    assert email not in body["message"]  # named, never echoed: it would reorder the message
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:
+        assert db.execute(select(User)).first() is None  # nobody signed in
+
+
+def test_the_development_sign_in_takes_addresses_in_any_script(client: TestClient) -> None:
+    """Only characters not shown as themselves are refused: an address in another script signs in."""
+    for email in ("zoë@example.org", "用户@例子.广告", "δοκιμή@παράδειγμα.δοκιμή"):
+        headers = dev_sign_in(client, email)
+        assert client.get("/api/v1/auth/me", headers=headers).json()["email"] == email
+
+
+def test_a_name_from_the_sign_in_is_shown_as_itself_and_fits_its_column(client: TestClient) -> None:
+    """The name a provider (here the development form) sends is shown to admins beside the address:
+    what would reorder or hide text goes, never the sign-in; a long one is cut to the column's size
+    (PostgreSQL would refuse it whole)."""
+    headers = dev_sign_in(client, "eve@example.org", name="Eve\u202e nimdA\x00\u200b\u00a0 Lovelace ")
+    assert client.get("/api/v1/auth/me", headers=headers).json()["name"] == "Eve nimdA Lovelace"
+    assert shown_name("Ada " + "x" * 300, limit=200) == "Ada " + "x" * 196  # a provider's name is not limited
+    assert dev_sign_in(client, "zoe@example.org", name="\u202e\u200b")  # nothing printable: the address's name
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:
+        assert db.execute(select(User.name).where(User.email == "zoe@example.org")).scalar_one() == "zoe"
 
 
 def test_non_finite_or_deeply_nested_claims_are_refused(

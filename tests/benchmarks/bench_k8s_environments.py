@@ -13,6 +13,10 @@ In one run, on one fresh Kubernetes test cluster (tests/k8s/harness.py):
 3. **Users, five streams each** (1,000 streams): the same burst again, each user with five
    dialogs open.
 
+   2 and 3 run for each routing of ``--routing`` (both by default): ``ingress`` (a Pod, Secret,
+   Service and Ingress per environment) and ``proxy`` (a Pod and a Secret, served through the
+   control plane).
+
 4. **Two replicas on PostgreSQL** (tests/postgres.py): two `cmbcluster serve` sharing one database
    and electing a leader through the Lease; ``--replica-count`` users (100) create through the
    leader and follow their progress on the other replica, as a load balancer may send them.
@@ -24,6 +28,7 @@ control-plane CPU <= 3 s for the burst. For 4: every stream on the replica that 
 missed.
 
     python tests/benchmarks/bench_k8s_environments.py [--count 200] [--replica-count 100 (0: skip)]
+        [--routing ingress proxy]
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ TARGET_RATIO = 1.5
 TARGET_P95_FACTOR, TARGET_P95_SLACK_S = 1.2, 1.0
 TARGET_CPU_S = 3.0
 DIRECT_THREADS = 16
+#: CMBCLUSTER_ROUTING: an Ingress and a Service per environment, or the control plane's proxy (neither)
+ROUTINGS = ("ingress", "proxy")
 
 
 class PodClock:
@@ -265,14 +272,18 @@ def profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
-def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profile: str | None) -> list[dict[str, Any]]:
+def through_control_plane(
+    cluster: K8sCluster, count: int, workdir: Path, profile: str | None, routing: str
+) -> list[dict[str, Any]]:
     namespace = cluster.control_plane_namespace("bench")
+    workdir = workdir / routing
+    workdir.mkdir()
     clock = PodClock(cluster.api_client(), namespace)
     env = clean_environ({
         "CMBCLUSTER_DATA_DIR": str(workdir / "data"), "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes",
         "CMBCLUSTER_KUBECONFIG": str(cluster.cp_kubeconfig), "CMBCLUSTER_NAMESPACE": namespace,
         "CMBCLUSTER_MAX_CONCURRENT_STARTS": str(count), "CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE": str(10 * count),
-        "CMBCLUSTER_LOG_LEVEL": "WARNING",
+        "CMBCLUSTER_LOG_LEVEL": "WARNING", "CMBCLUSTER_ROUTING": routing,
     })  # fmt: skip
     bursts = []
     with ServeProcess(env, workdir) as server:
@@ -281,7 +292,7 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
         for streams_each in (1, 5):
             cpu_before, machine_before = cpu_seconds(server.process.pid), machine_cpu()
             lines_before = len(server.output().splitlines())
-            spy = profiler(server.process.pid, f"{profile}.{streams_each}") if profile else None
+            spy = profiler(server.process.pid, f"{profile}.{routing}.{streams_each}") if profile else None
             figures = asyncio.run(users_launch(server.url, tokens, streams_each))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -292,6 +303,7 @@ def through_control_plane(cluster: K8sCluster, count: int, workdir: Path, profil
             figures["pods_s"] = clock.wait(clock.running, pods, timeout=1) - figures["began"] if pods else 0.0
             figures["machine"] = busiest(machine_before, machine_cpu())
             figures["streams"] = count * streams_each
+            figures["routing"] = routing
             if figures["errors"]:
                 print(server.output()[-4000:], file=sys.stderr)
             logged = server.output().splitlines()[lines_before:]
@@ -355,10 +367,16 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--profile", help="record the control plane with py-spy into FILE.<streams each>")
     parser.add_argument("--replica-count", type=int, default=100, help="starts of the two-replica burst (0: skip)")
+    parser.add_argument(
+        "--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS),
+        help="the control plane's CMBCLUSTER_ROUTING for the bursts (default: each in turn)",
+    )  # fmt: skip
     args = parser.parse_args()
     with running_cluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         direct_s, direct_p95, direct_machine = direct(cluster, args.count)
-        bursts = through_control_plane(cluster, args.count, Path(tmp), args.profile)
+        bursts = []
+        for routing in args.routing:
+            bursts += through_control_plane(cluster, args.count, Path(tmp), args.profile, routing)
         replicated = replicas_on_postgresql(cluster, args.replica_count, Path(tmp)) if args.replica_count else None
     print(f"{args.count} environments on the Kubernetes test API server")
     print(f"  direct kubernetes client ({DIRECT_THREADS} threads): all pods Running in {direct_s:.2f} s, "
@@ -376,7 +394,8 @@ def main() -> int:
             f"control-plane CPU {burst['cpu_s']:.1f} s (<= {TARGET_CPU_S:.0f})": burst["cpu_s"] <= TARGET_CPU_S,
         }
         print(
-            f"  {args.count} users, {burst['streams']} progress streams (p50 per user {burst['p50_s']:.2f} s, "
+            f"  {args.count} users, {burst['streams']} progress streams, {burst['routing']} routing "
+            f"(p50 per user {burst['p50_s']:.2f} s, "
             f"every create answered in {burst['created_s']:.2f} s, every pod Running in {burst['pods_s']:.2f} s):"
         )
         print(f"    CPU used on this machine during the burst: {burst['machine']}")

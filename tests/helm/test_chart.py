@@ -261,6 +261,18 @@ def test_network_policies_isolate_users_and_block_the_metadata_address() -> None
     assert control_plane["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
 
 
+def test_proxy_routing_reaches_the_control_plane_and_lets_only_it_reach_user_pods() -> None:
+    objects = manifests(merged(GCP_VALUES, **{"environments.routing": "proxy", "environments.domain": ""}))
+    assert _env(objects)["CMBCLUSTER_ROUTING"] == "proxy"
+    assert _env(manifests(GCP_VALUES))["CMBCLUSTER_ROUTING"] == "ingress"
+    users = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}[NETWORK_POLICY_NAME]
+    control_plane_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    # the ingress controller no longer reaches user pods: all their traffic passes the control plane
+    assert users["ingress"][0]["from"] == [{"podSelector": {"matchLabels": control_plane_labels}}]
+    backend_policy = Exposure(routing="proxy").network_policy()["spec"]["ingress"][0]["from"]
+    assert backend_policy == [{"podSelector": {"matchLabels": CONTROL_PLANE_SELECTOR}}]
+
+
 def test_the_control_plane_knows_the_charts_names() -> None:
     env = _env(manifests(merged(GCP_VALUES, **{"ingress.controllerNamespace": "ingress"})))
     assert env["CMBCLUSTER_CONTROL_PLANE_URL"] == "http://cmb-cmbcluster.research.svc.cluster.local:80"
@@ -306,6 +318,8 @@ def test_environments_in_another_namespace_get_the_role_and_policy_there() -> No
         ({"global.gcp.projectId": ""}, "global.gcp.projectId is required when global.cloudProvider is gcp"),
         ({"controlPlane.replicas": 2}, "SQLite allows one replica: set database.url (PostgreSQL)"),
         ({"image.tag": "latest"}, "image.tag must be an exact version, not latest"),
+        ({"environments.routing": "nodeport"}, "environments.routing must be one of the following"),
+        ({"environments.routing": "proxy"}, "environments.domain (host routing) needs environments.routing ingress"),
         ({"secretKey.value": "too-short"}, "secretKey.value must be at least 32 random characters"),
         (
             {"storage.driver": "mountpoint-s3", "rbac.clusterRole.create": False},

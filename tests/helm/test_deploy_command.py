@@ -125,6 +125,21 @@ def test_the_chart_accepts_what_deploy_renders(env: dict[str, str], monkeypatch:
     assert account["metadata"]["annotations"]  # the cloud identity reached the chart
 
 
+def test_proxy_routing_set_for_the_deploy_reaches_the_control_plane(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {**GCP_ENV, "CMBCLUSTER_ROUTING": "proxy", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": ""}.items():
+        monkeypatch.setenv(key, value)
+    values = render_values(resolve(load_core_settings()), namespace="cmbcluster")
+    assert values["environments"]["routing"] == "proxy"
+    assert "CMBCLUSTER_ROUTING" not in values.get("config", {})  # a value of the chart's own, not passed as-is
+    rendered = helm(
+        "template", "cmbcluster", str(CHART), "--namespace", "cmbcluster", "--values", "-", input_values=values
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    (deployment,) = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CMBCLUSTER_ROUTING"] == "proxy"
+
+
 def test_print_values_hides_secrets_and_can_be_fed_back(tmp_path: Path) -> None:
     result = deploy("--print-values", env=AWS_ENV, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

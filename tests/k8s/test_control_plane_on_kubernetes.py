@@ -381,18 +381,25 @@ def notebook_runs_here(admin_api: k8s.ApiClient) -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("routing", ["path", "host"])
+@pytest.mark.parametrize("routing", ["path", "host", "proxy"])
 def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
     k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path, notebook_runs_here: None, routing: str
 ) -> None:
     """The seeded JupyterLab, its command rendered by the Kubernetes backend ({host}, {port},
     {base_url}): the kubelet runs it, its readiness probe passes, and it answers under the path the
-    ingress serves it at. A placeholder left literal (`--port={port}`) crashes it instead."""
+    ingress serves it at. A placeholder left literal (`--port={port}`) crashes it instead.
+
+    With ``proxy`` routing the control plane itself serves it, to its owner only, and the
+    environment is a Pod and a Secret, no Service or Ingress."""
     from cmbcluster.testing.process import free_port
 
     namespace = k8s_cluster.control_plane_namespace()
-    domain = {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": ""} if routing == "path" else {}
-    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data", **domain), tmp_path) as server:
+    settings = {
+        "path": {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": ""},
+        "host": {},
+        "proxy": {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": "", "CMBCLUSTER_ROUTING": "proxy"},
+    }[routing]
+    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data", **settings), tmp_path) as server:
         server.wait_ready()
         user = Api(server.url, "ada@example.org")  # the first user: an admin, who may change the port
         port = free_port()  # the pod shares this machine's network: no fixed 8888
@@ -406,10 +413,29 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
             assert env["status"] == "running", env
             pod = k8s.CoreV1Api(admin_api).read_namespaced_pod(f"env-{environment_id}", namespace)
             assert not any("{" in part for part in pod.spec.containers[0].command)
-            base = f"/environments/{environment_id}/" if routing == "path" else "/"
+            base = "/" if routing == "host" else f"/environments/{environment_id}/"
             status = httpx.get(f"http://127.0.0.1:{port}{base}api/status", timeout=10)
             assert status.status_code == 200, status.text  # JupyterLab itself, without a token of its own
             assert "started" in status.json()
+            if routing == "proxy":
+                assert env["url"].endswith(base)
+                assert sorted(objects_of(admin_api, namespace, environment_id)) == [
+                    f"Pod/env-{environment_id}", f"Secret/env-{environment_id}"
+                ]  # fmt: skip
+                served = user.client.get(f"{base}api/status")  # through the control plane
+                assert served.status_code == 200 and "started" in served.json(), served.text
+                stranger = Api(server.url, "eve@example.org")
+                try:
+                    assert stranger.client.get(f"{base}api/status").status_code == 404
+                finally:
+                    stranger.close()
+                anonymous = httpx.get(f"{server.url}{base}api/status", timeout=10)
+                assert anonymous.status_code == 401, anonymous.text
+                policy = k8s.NetworkingV1Api(admin_api).read_namespaced_network_policy(
+                    "cmbcluster-user-environments", namespace
+                )
+                peers = policy.spec.ingress[0]._from
+                assert [peer.namespace_selector for peer in peers] == [None]  # the control plane's pods only
             user.client.delete(f"/api/v1/environments/{environment_id}")
             wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the notebook to go")
         finally:

@@ -451,6 +451,40 @@ def test_restart_after_stop(backend: KubernetesCompute, admin: k8s.CoreV1Api) ->
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
+def test_proxy_routing_makes_a_pod_and_a_secret_and_gives_the_pods_address(
+    k8s_cluster: K8sCluster, backend: KubernetesCompute, admin: k8s.CoreV1Api
+) -> None:
+    """Served through the control plane: no Service, no Ingress; the proxy's upstream is the pod's
+    own address once it is Ready, and nothing once it stops."""
+    namespace = k8s_cluster.control_plane_namespace()  # its own NetworkPolicy, made by this backend
+    proxied = KubernetesCompute(
+        k8s_cluster.api_client(token=k8s_cluster.cp_token),
+        KubernetesOptions(namespace=namespace, exposure=Exposure(routing="proxy", public_url="https://cmb.example.org"),
+                          retries=Retries(backoff_seconds=0.05)),
+    )  # fmt: skip
+    environment_id = new_id()
+    try:
+        assert proxied.upstream(environment_id) is None
+        proxied.start(make_spec(environment_id, volumes=()))
+        status = running(proxied, environment_id)
+        assert status.url == f"https://cmb.example.org/environments/{environment_id}/"
+        assert sorted(labelled_objects(admin, namespace, environment_id)) == [
+            f"Pod/env-{environment_id}", f"Secret/env-{environment_id}"
+        ]  # fmt: skip
+        pod = admin.read_namespaced_pod(f"env-{environment_id}", namespace)
+        upstream = proxied.upstream(environment_id)
+        assert upstream is not None and upstream.url == f"http://{pod.status.pod_ip}:8888"
+        assert backend.upstream(environment_id) is None  # ingress routing: the ingress serves it
+        policy = k8s.NetworkingV1Api(admin.api_client).read_namespaced_network_policy(NETWORK_POLICY_NAME, namespace)
+        assert [peer.pod_selector.match_labels for peer in policy.spec.ingress[0]._from] == [CONTROL_PLANE_SELECTOR]
+        proxied.stop(environment_id)
+        assert proxied.upstream(environment_id) is None  # being deleted: no more traffic
+        wait_for(lambda: not labelled_objects(admin, namespace, environment_id), 60, "every object to go")
+    finally:
+        proxied.delete(environment_id)
+        proxied.close()
+
+
 def test_a_start_never_adopts_the_pod_a_stop_is_still_removing(
     backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:

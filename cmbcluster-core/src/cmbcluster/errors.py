@@ -101,6 +101,13 @@ class HeadersTooLarge(CmbclusterError):
     code = "request_header_fields_too_large"
 
 
+class UnsupportedMediaType(CmbclusterError):
+    """A request body in another media type than the route takes (JSON sent as text/plain)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
 class LimitExceeded(CmbclusterError):
     """A quota or rate limit was hit; ``retry_after`` (seconds) is sent as ``Retry-After``."""
 

@@ -1,5 +1,5 @@
-"""Text one user chooses and others read in listings (group names, object keys): which characters
-would make it show as something else.
+"""Text one user chooses and others read in listings (group names, object keys, e-mail addresses):
+which characters would make it show as something else.
 
 A name shown in a table, a CSV or a terminal is trusted to read as what it is. Control characters
 break lines and terminals; Unicode's bidirectional controls reorder the text around them (the
@@ -52,3 +52,34 @@ def check_display_name(name: str, *, what: str, limit: int) -> str:
             "(no control, formatting, bidirectional or line-break characters)"
         )
     return name
+
+
+def shown_name(name: str, *, limit: int) -> str:
+    """A name someone else chose for a person (the ``name`` an identity provider sends, the
+    development sign-in's field) made fit to show: a space of another kind becomes a space, any
+    other character :func:`first_unprintable` finds goes, runs of spaces become one, and the result
+    is cut to ``limit`` characters (the column's size). A sign-in never fails over a name."""
+    kept = (" " if unicodedata.category(ch) == "Zs" else ch for ch in name if ch.isprintable() or ch.isspace())
+    return " ".join("".join(kept).split())[:limit].rstrip()
+
+
+#: The longest e-mail address stored (``users.email``): 64 characters, "@" and a 255-character domain.
+MAX_EMAIL_ADDRESS = 320
+
+
+def check_email_address(address: str) -> str:
+    """``address`` if it can be an e-mail address people read as itself: text around one ``@``, at
+    most :data:`MAX_EMAIL_ADDRESS` characters, with no space and nothing :func:`first_unprintable`
+    finds. Addresses are shown to admins (users, audit, CSV) and compared with ADMIN_EMAILS: a
+    bidirectional control or a zero-width space would make one read as another's, a NUL or a line
+    break would cut it short. InvalidRequest, naming the character, otherwise."""
+    bad = first_unprintable(address) or (" " if " " in address else None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"an e-mail address cannot contain {describe_character(bad)} "
+            "(no spaces, control, formatting, bidirectional or invisible characters)"
+        )
+    local, _, domain = address.partition("@")
+    if not local or not domain or "@" in domain or len(address) > MAX_EMAIL_ADDRESS:
+        raise InvalidRequest(f"{address!r} is not an e-mail address")
+    return address

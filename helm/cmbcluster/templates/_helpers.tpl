@@ -123,6 +123,9 @@ when it stops or deletes one, whatever the driver. */}}
 {{- if and (include "cmbcluster.storagePersistentVolumes" .) (not (include "cmbcluster.createClusterRole" .)) -}}
 {{- fail (printf "storage.driver %s mounts buckets through PersistentVolumes the control plane creates: rbac.create and rbac.clusterRole.create must stay true" (include "cmbcluster.storageDriver" .)) -}}
 {{- end -}}
+{{- if and (eq .Values.environments.routing "proxy") .Values.environments.domain -}}
+{{- fail "environments.domain (host routing) needs environments.routing ingress; proxy serves ingress.host/environments/<id>/" -}}
+{{- end -}}
 {{- if eq .Values.image.tag "latest" -}}
 {{- fail "image.tag must be an exact version, not latest: upgrades and rollbacks must know what they run" -}}
 {{- end -}}

@@ -35,6 +35,7 @@ COMMON_ERRORS = {
     401: "Not signed in, or the session or token expired",
     403: "Signed in, but not allowed (another user's object, an admin-only route, a cross-site request)",
     413: "The request body is larger than the route accepts",
+    415: "The request body is not sent as application/json (its Content-Type), which this route takes",
     422: "The request's parameters or body do not match the schema",
     431: "The request's headers are too large",
     429: "Too many requests or a quota reached: retry after Retry-After seconds",
@@ -52,8 +53,8 @@ def document_errors(app: FastAPI) -> None:
     description of a status wins), read from the operation itself: 431 and 503 everywhere; 400
     and 422 where it takes parameters or a body; 404 where its path names an object or it
     changes something; 409 where it changes something; 429 on POST; 401 and 403 where it needs a
-    signed-in caller (it has ``security``); 413 where a body is sent. Routes add their own
-    statuses with :func:`error_responses`."""
+    signed-in caller (it has ``security``); 413 where a body is sent; 415 where that body is JSON.
+    Routes add their own statuses with :func:`error_responses`."""
 
     def add_errors(schema: dict[str, Any]) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {})["ErrorOut"] = ErrorOut.model_json_schema()
@@ -84,6 +85,8 @@ def _common_codes(path: str, method: str, operation: dict[str, Any]) -> list[int
         codes += [401, 403]
     if sends_body:
         codes.append(413)
+    if "application/json" in operation.get("requestBody", {}).get("content", {}):
+        codes.append(415)  # the request guard's answer to another media type
     return codes
 
 

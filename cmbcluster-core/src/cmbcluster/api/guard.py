@@ -9,6 +9,12 @@
 - A route that needs a signed-in caller and is sent a body authenticates first: without valid
   credentials the answer is 401 (or 403) before a byte of the body is read. (FastAPI parses a
   JSON body before it resolves dependencies, so the route's own check would come too late.)
+- A route whose body is a JSON model answers a body of another media type 415, naming
+  ``application/json``: at once for a declared ``Content-Type`` (``application/json`` or
+  ``application/*+json``, parameters allowed), at the first byte of a body sent without one.
+  (FastAPI would read the body as bytes and answer 422 "Input should be a valid dictionary",
+  which does not say that only the type was wrong.) Forms, uploads and the environments' own
+  traffic take what they take; a route sent no body is not asked for a type.
 
 The body checks run at the route's first read of the body: by then routing has chosen the
 route, and nothing of the body has been read.
@@ -24,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fastapi import params
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cmbcluster.api.errors import error_response
-from cmbcluster.errors import CmbclusterError, HeadersTooLarge, PayloadTooLarge
+from cmbcluster.errors import CmbclusterError, HeadersTooLarge, PayloadTooLarge, UnsupportedMediaType
 
 #: Total size of a request's header names and values. Browsers and scripts send a few KiB
 #: (cookies included); nginx's default allows 32 KiB across its large header buffers.
@@ -56,10 +63,19 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than this route accepts ({limit} bytes)"
 
 
+def _not_json(media_type: str | None) -> UnsupportedMediaType:
+    if media_type is None:
+        sent = "it had none"
+    else:  # quoted only when short and plain: a header value is the sender's to choose
+        sent = f"it was {media_type}" if len(media_type) <= 100 and media_type.isprintable() else "it was another"
+    return UnsupportedMediaType(f"this route takes a JSON body: send it with Content-Type: application/json ({sent})")
+
+
 @dataclass(frozen=True)
 class _RouteRules:
     body_limit: int | None  #: None: the route limits its own body
     needs_caller: bool
+    takes_json: bool  #: the body is a JSON model (not a form, not read by the route itself)
 
 
 class Refused(HTTPException):
@@ -95,9 +111,10 @@ class RequestGuard:
         limit: int | None = None
         received = 0
         checked = False
+        untyped_json = False  # a JSON route sent no Content-Type: refused at the body's first byte
 
         async def guarded() -> Message:
-            nonlocal limit, received, checked
+            nonlocal limit, received, checked, untyped_json
             if not checked:
                 checked = True
                 rules = self._rules_for(scope)
@@ -106,15 +123,24 @@ class RequestGuard:
                         _authenticate(scope)
                     except CmbclusterError as exc:
                         raise Refused(exc) from None
+                if rules.takes_json:
+                    media_type = _media_type(scope)
+                    if media_type is not None and not _is_json(media_type):
+                        raise Refused(_not_json(media_type))
+                    untyped_json = media_type is None
                 limit = rules.body_limit
                 declared = _content_length(scope)
                 if limit is not None and declared is not None and declared > limit:
                     raise Refused(PayloadTooLarge(_too_large(limit)))
             message = await receive()
-            if message["type"] == "http.request" and limit is not None:
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise Refused(PayloadTooLarge(_too_large(limit)))
+            if message["type"] == "http.request":
+                body = message.get("body", b"")
+                if untyped_json and body:
+                    raise Refused(_not_json(None))
+                if limit is not None:
+                    received += len(body)
+                    if received > limit:
+                        raise Refused(PayloadTooLarge(_too_large(limit)))
             return message
 
         return guarded
@@ -123,7 +149,7 @@ class RequestGuard:
         route = scope.get("route")
         core = scope["app"].state.context.config.core
         if not isinstance(route, APIRoute):
-            return _RouteRules(body_limit=core.max_request_body_bytes, needs_caller=False)
+            return _RouteRules(body_limit=core.max_request_body_bytes, needs_caller=False, takes_json=False)
         rules = self._rules.get(id(route))
         if rules is None:
             from cmbcluster.api.deps import depends_on, get_principal
@@ -131,9 +157,11 @@ class RequestGuard:
             # A streaming route reads its body in the endpoint, after its dependencies signed the
             # caller in, and limits it itself.
             streams = getattr(route.endpoint, _STREAMS_ATTRIBUTE, False)
+            body = route.body_field
             rules = self._rules[id(route)] = _RouteRules(
                 body_limit=None if streams else core.max_request_body_bytes,
                 needs_caller=not streams and depends_on(route.dependant, get_principal),
+                takes_json=body is not None and not isinstance(body.field_info, params.Form),  # File is a Form
             )
         return rules
 
@@ -159,3 +187,16 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.strip().isdigit() else None
     return None
+
+
+def _media_type(scope: Scope) -> str | None:
+    """The request's ``Content-Type`` without its parameters, lower-cased; None when it has none."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.decode("latin-1").partition(";")[0].strip().lower() or None
+    return None
+
+
+def _is_json(media_type: str) -> bool:
+    """JSON as FastAPI reads it: ``application/json`` or a ``+json`` type (``application/merge-patch+json``)."""
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))

@@ -61,7 +61,7 @@ _CHART_OWNED = {
     "public_url", "secret_key", "log_level", "log_format", "namespace", "forwarded_allow_ips",
     # KubernetesSettings
     "kubeconfig", "kube_context", "in_cluster", "ingress_class", "environments_domain", "ingress_namespace",
-    "tls_secret", "control_plane_url",
+    "tls_secret", "control_plane_url", "routing",
 }  # fmt: skip
 # Values paths that hold secrets: masked when printed.
 _SECRET_PATHS = (("database", "url"), ("secretKey", "value"))
@@ -154,6 +154,9 @@ def core_values(config: ResolvedConfig, *, namespace: str) -> dict[str, Any]:
         domain = getattr(settings, "environments_domain", None)
         if isinstance(domain, str) and domain:
             values.setdefault("environments", {})["domain"] = domain
+        routing = getattr(settings, "routing", None)
+        if isinstance(routing, str) and "routing" in settings.model_fields_set:
+            values.setdefault("environments", {})["routing"] = routing
     return values
 
 

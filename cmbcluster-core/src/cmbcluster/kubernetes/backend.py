@@ -46,6 +46,7 @@ from cmbcluster.interfaces import (
     PodContext,
     PodDraft,
     ResourceUse,
+    Upstream,
 )
 from cmbcluster.kubernetes.client import AlreadyThere, KubeClient, Retries
 from cmbcluster.kubernetes.labels import (
@@ -262,12 +263,14 @@ class KubernetesCompute(ComputeBackend):
         for obj in (o for o in extras if o["kind"] != "PersistentVolume"):  # claims: before the pod
             obj["metadata"]["ownerReferences"] = [owner]
             self._ensure(obj, labels, owner_uid=owner["uid"])
-        # The pod, its Service and its Ingress do not depend on each other: sent at once.
-        together = [
-            pod_manifest,
-            build_service(draft.name, labels, draft.port),
-            self.options.exposure.ingress(draft.name, spec.environment_id, labels),
-        ]
+        # The pod, its Service and its Ingress do not depend on each other: sent at once. Served
+        # through the control plane's proxy, the pod is all there is.
+        together = [pod_manifest]
+        if not self.options.exposure.proxied:
+            together += [
+                build_service(draft.name, labels, draft.port),
+                self.options.exposure.ingress(draft.name, spec.environment_id, labels),
+            ]
         for obj in together:
             obj["metadata"]["ownerReferences"] = [owner]
         futures = [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in together]
@@ -321,7 +324,9 @@ class KubernetesCompute(ComputeBackend):
         garbage-collects anything left. 404s are ignored: removing twice is fine."""
         name = object_name(environment_id)
         pod = self._pod(environment_id)
-        for future in [self._parallel.submit(self.client.delete, kind, name) for kind in _BY_NAME]:
+        # The Secret owns whatever else there is (a Service and Ingress of an earlier routing too).
+        kinds = ("Pod", "Secret") if self.options.exposure.proxied else _BY_NAME
+        for future in [self._parallel.submit(self.client.delete, kind, name) for kind in kinds]:
             future.result()
         claims = None if pod is None else [v for v in (pod.get("spec") or {}).get("volumes") or []
                                            if isinstance(v, dict) and v.get("persistentVolumeClaim")]  # fmt: skip
@@ -392,9 +397,27 @@ class KubernetesCompute(ComputeBackend):
         self.events.close()
         self.client.close()
 
+    def upstream(self, environment_id: str) -> Upstream | None:
+        """With ``proxy`` routing: the pod's own address, once it is Ready (from the watch, no API
+        call per request). With ``ingress`` routing the ingress controller serves environments."""
+        if not self.options.exposure.proxied:
+            return None
+        pod = self._pod(environment_id)
+        if pod is None or status_from_pod(environment_id, pod, url="").phase != EnvironmentPhase.RUNNING:
+            return None  # Ready, and not being deleted
+        address = (pod.get("status") or {}).get("podIP")
+        ports = [p.get("containerPort") for c in (pod.get("spec") or {}).get("containers") or []
+                 if c.get("name") == CONTAINER_NAME for p in c.get("ports") or []]  # fmt: skip
+        if not address or not ports:
+            return None
+        port = ports[0]
+        host = f"[{address}]" if ":" in address else address  # an IPv6 cluster
+        return Upstream(url=f"http://{host}:{port}")
+
     # -- status ------------------------------------------------------------------------------------
     def environment_url(self, environment_id: str) -> str:
-        """What the user opens: through the ingress, behind the owner-only auth check."""
+        """What the user opens: through the ingress or the control plane's proxy, behind the
+        owner-only check."""
         return self.options.exposure.url(object_name(environment_id), environment_id)
 
     def _status(self, environment_id: str, pod: dict[str, Any]) -> EnvironmentStatus:

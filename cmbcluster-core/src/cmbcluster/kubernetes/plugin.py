@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cmbcluster.errors import ConfigurationError
@@ -36,6 +36,13 @@ class KubernetesSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("CMBCLUSTER_K8S_IN_CLUSTER"),
         description="Force (true) or forbid (false) the in-cluster configuration; default: detect.",
+    )
+    routing: Literal["ingress", "proxy"] = Field(
+        default="ingress",
+        validation_alias=AliasChoices("CMBCLUSTER_ROUTING"),
+        description="How users reach environments: 'ingress' (an Ingress and a Service per environment, "
+        "checked by ingress-nginx's auth-url) or 'proxy' (through the control plane's own proxy to the pod; "
+        "only a Secret and a Pod per environment, any ingress controller).",
     )
     ingress_class: str = Field(
         default="nginx", validation_alias=AliasChoices("CMBCLUSTER_INGRESS_CLASS"), description="Ingress class."
@@ -83,6 +90,15 @@ class KubernetesSettings(BaseSettings):
         default=30, gt=0, validation_alias=AliasChoices("CMBCLUSTER_K8S_REQUEST_TIMEOUT_SECONDS")
     )
 
+    @model_validator(mode="after")
+    def _one_routing(self) -> KubernetesSettings:
+        if self.routing == "proxy" and self.environments_domain:
+            raise ValueError(
+                "CMBCLUSTER_ROUTING=proxy serves environments at <public url>/environments/<id>/: unset "
+                "CMBCLUSTER_ENVIRONMENTS_DOMAIN (host routing needs CMBCLUSTER_ROUTING=ingress)"
+            )
+        return self
+
 
 Decorator = Callable[[PodDraft, PodContext], None]
 
@@ -111,6 +127,7 @@ def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> Co
     namespace = ctx.core.namespace  # CMBCLUSTER_NAMESPACE: one setting for every part that needs it
     control_plane = settings.control_plane_url or f"http://cmbcluster.{namespace}.svc.cluster.local"
     exposure = Exposure(
+        routing=settings.routing,
         ingress_class=settings.ingress_class,
         environments_domain=settings.environments_domain or None,
         public_url=ctx.core.public_url,

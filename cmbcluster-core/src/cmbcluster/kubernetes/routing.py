@@ -1,6 +1,13 @@
 """How users reach their environments, and how environments are kept apart.
 
-- Each environment gets an **Ingress** (owned by its pod): host routing
+Two ways (``CMBCLUSTER_ROUTING``):
+
+- ``proxy``: the control plane's own reverse proxy serves ``<public url>/environments/<id>/``
+  and forwards to the pod's IP, after the same owner check as everywhere else
+  (:mod:`cmbcluster.api.routes.environment_proxy`). An environment is then a Secret and a Pod,
+  no object more: half the API calls of a start, and any ingress controller (or none) in front
+  of the control plane.
+- ``ingress``: each environment gets an **Ingress** (owned by its pod): host routing
   (``https://env-<id>.<environments domain>/``, one wildcard TLS secret for all of them, never a
   certificate per environment) or path routing under the control plane's own host
   (``<public url>/environments/<id>/``). Every request passes the ingress controller's
@@ -8,16 +15,16 @@
   signed-in owner of a running environment gets through (the annotations are ingress-nginx's;
   other controllers take extra annotations from the settings).
 - The namespace has one **NetworkPolicy** over every user pod: traffic in only from the
-  ingress controller's namespace and the control plane; traffic out anywhere except the cloud
-  metadata addresses (169.254.169.254; 169.254.169.252, where GKE Dataplane V2 serves the GKE
-  metadata server on port 988; fd00:ec2::254 on AWS IPv6), so a user cannot borrow the node's
-  cloud identity, and user pods cannot reach each other.
+  control plane (and, with ``ingress`` routing, the ingress controller's namespace); traffic out
+  anywhere except the cloud metadata addresses (169.254.169.254; 169.254.169.252, where GKE
+  Dataplane V2 serves the GKE metadata server on port 988; fd00:ec2::254 on AWS IPv6), so a user
+  cannot borrow the node's cloud identity, and user pods cannot reach each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
@@ -38,11 +45,13 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 class Exposure:
     """Where environments are served and who checks access.
 
-    ``environments_domain`` set: host routing. Otherwise path routing under ``public_url``'s
-    host (no host rule at all when that is unset too, for a cluster with one ingress).
-    ``auth_url`` is the authorize endpoint as the ingress controller reaches it (in-cluster).
+    ``routing`` ``proxy``: through the control plane, at ``<public_url>/environments/<id>/``.
+    ``ingress``, with ``environments_domain`` set: host routing. Otherwise path routing under
+    ``public_url``'s host (no host rule at all when that is unset too, for a cluster with one
+    ingress). ``auth_url`` is the authorize endpoint as the ingress controller reaches it.
     """
 
+    routing: Literal["ingress", "proxy"] = "ingress"
     ingress_class: str = "nginx"
     environments_domain: str | None = None
     public_url: str | None = None
@@ -50,6 +59,15 @@ class Exposure:
     auth_url: str = "http://cmbcluster.cmbcluster.svc.cluster.local/api/v1/environments/authorize"
     ingress_namespace: str = "ingress-nginx"
     extra_annotations: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.proxied and self.environments_domain:
+            raise ValueError("an environments domain (host routing) needs routing 'ingress'; 'proxy' serves paths")
+
+    @property
+    def proxied(self) -> bool:
+        """Served by the control plane's proxy: no Service or Ingress per environment."""
+        return self.routing == "proxy"
 
     @property
     def host_routing(self) -> bool:
@@ -117,14 +135,7 @@ class Exposure:
             "spec": {
                 "podSelector": {"matchLabels": {MANAGED_BY: MANAGED_BY_VALUE, COMPONENT_LABEL: USER_ENVIRONMENT}},
                 "policyTypes": ["Ingress", "Egress"],
-                "ingress": [
-                    {
-                        "from": [
-                            {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.ingress_namespace}}},
-                            {"podSelector": {"matchLabels": dict(CONTROL_PLANE_SELECTOR)}},
-                        ]
-                    }
-                ],
+                "ingress": [{"from": self._allowed_in()}],
                 "egress": [
                     {
                         "to": [
@@ -140,6 +151,14 @@ class Exposure:
                 ],
             },
         }
+
+    def _allowed_in(self) -> list[dict[str, Any]]:
+        """Who may open connections to user pods: the control plane, and the ingress controller
+        when it routes to them."""
+        control_plane = {"podSelector": {"matchLabels": dict(CONTROL_PLANE_SELECTOR)}}
+        if self.proxied:
+            return [control_plane]
+        return [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.ingress_namespace}}}, control_plane]
 
 
 def _scheme(url: str | None) -> str:

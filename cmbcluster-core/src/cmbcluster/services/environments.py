@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import update as update_statement  # this module's update() changes an environment
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
@@ -337,6 +339,12 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         mark_failed(db, env, f"the compute backend failed: {type(exc).__name__}")
         context.progress.notify(env.id)
         return
+    # A stop or delete sent meanwhile (another request) made its backend call perhaps before there
+    # was anything to stop: what was just started is stopped or deleted here, once it exists.
+    intent = db.execute(_DESIRED_STATE, {"environment_id": env.id}).scalar_one_or_none()
+    if intent != "running":
+        _undo_start(db, context, env, deleted=intent is None)
+        return
     if status.phase == EnvironmentPhase.PENDING and env.status == "pending":
         # Still waiting for the cluster, as recorded: the progress hub shows what the backend says
         # and records the next change. Skipping this write spares a burst of starts one turn each
@@ -344,7 +352,30 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         context.progress.notify(env.id)
         return
     apply_status(db, env, status)
-    db.commit()
+    try:
+        db.commit()
+    except StaleDataError:  # deleted since the check above (its delete removed what was started)
+        db.rollback()
+    context.progress.notify(env.id)
+
+
+_DESIRED_STATE = select(Environment.desired_state).where(Environment.id == bindparam("environment_id"))
+
+
+def _undo_start(db: Session, context: AppContext, env: Environment, *, deleted: bool) -> None:
+    """Take back a start that a stop or delete overtook while the backend was starting it."""
+    if deleted:
+        db.expunge(env)  # its row is gone: nothing of it may be written
+        db.rollback()
+        context.compute.delete(env.id)
+    else:
+        context.compute.stop(env.id)
+        db.refresh(env)  # the stop's own record wins; complete it if it is not written yet
+        if env.status != "stopped":
+            env.status, env.status_message, env.url = "stopped", "stopped before it finished starting", None
+            env.stopped_at = utcnow()
+        release_start_slot(db, env.id)
+        db.commit()
     context.progress.notify(env.id)
 
 
@@ -363,8 +394,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
 
     The intent is recorded first: while the backend stops it, nothing reads its going away as a
     failure, and a stop that a crash interrupts is finished by the reconcile loop."""
-    env.desired_state = "stopped"
-    db.commit()
+    _record_stop_intent(db, env)
     context.compute.stop(env.id)
     env.status = "stopped"
     env.status_message = reason
@@ -378,8 +408,31 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     context.progress.notify(env.id)
 
 
+_STOP_INTENT = (
+    update_statement(Environment)
+    .where(Environment.id == bindparam("environment_id"))
+    .values(desired_state="stopped")
+    .execution_options(synchronize_session=False)
+)
+
+
+def _record_stop_intent(db: Session, env: Environment) -> None:
+    """Record that the environment must not run, before any backend call: a start being handed to
+    the backend meanwhile then takes itself back (see :func:`launch`).
+
+    Written whatever this session read: a start reserved since then (another request) set it to
+    running, and the ORM skips assigning a value it believes is already there. Read back after,
+    so that what follows is compared with the record as it is."""
+    if db.execute(_STOP_INTENT, {"environment_id": env.id}).rowcount == 0:  # type: ignore[attr-defined]
+        db.rollback()
+        raise NotFound(f"environment {env.id} not found")
+    db.commit()
+    db.refresh(env)
+
+
 def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
     """Delete everything the backend keeps for the environment, then the record (blocking)."""
+    _record_stop_intent(db, env)
     context.compute.delete(env.id)
     audit(db, actor_id=actor_id, action="environment.deleted", target_type="environment", target_id=env.id,
           name=env.name, owner_id=env.user_id)  # fmt: skip
