@@ -38,6 +38,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -172,19 +174,27 @@ def percentile(values: list[float], fraction: float) -> float:
     return sorted(values)[max(0, round(fraction * len(values)) - 1)]
 
 
-def machine_cpu() -> dict[str, float]:
-    """CPU seconds used so far by each program on the machine (by process name)."""
-    used: dict[str, float] = {}
-    for process in psutil.process_iter(["name", "cpu_times"]):
+def machine_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by each process on the machine: pid -> (program, seconds). This
+    process, the simulated users' load generator, is named apart from the control plane's python."""
+    used: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter(["pid", "name", "cpu_times"]):
         times = process.info["cpu_times"]
         if times is not None:
-            used[process.info["name"]] = used.get(process.info["name"], 0.0) + times.user + times.system
+            # a kernel worker's name says what it works on now (kworker/0:1-events): the thread is one
+            name = "users (this load generator)" if process.pid == os.getpid() else process.info["name"]
+            used[process.info["pid"]] = (name.split("-")[0] if name.startswith("kworker") else name,
+                                         times.user + times.system)  # fmt: skip
     return used
 
 
-def busiest(before: dict[str, float], after: dict[str, float], top: int = 6) -> str:
-    """Who used the machine's CPU between two machine_cpu() snapshots, busiest first."""
-    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+def busiest(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], top: int = 7) -> str:
+    """Who used the machine's CPU between two machine_cpu() snapshots, by program, busiest first
+    (by pid first: a process started meanwhile counts from zero, one that kept running from before)."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        earlier = before.get(pid)
+        spent[name] = spent.get(name, 0.0) + seconds - (earlier[1] if earlier is not None else 0.0)
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(spent.items(), key=lambda x: -x[1])[:top])
 
 
@@ -193,52 +203,112 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+class UsersHttp:
+    """The simulated users' HTTP/1.1, straight on asyncio streams (a connection per request, as
+    browsers behind a load balancer open many): their 200 creates and 1,000 progress streams run on
+    this machine beside the control plane, and httpx cost them about as much CPU as the control
+    plane itself spends. Real users' browsers run elsewhere; only the control plane's CPU is the
+    product's."""
+
+    def __init__(self, base_url: str) -> None:
+        url = httpx.URL(base_url)
+        self.host, self.port = url.host, url.port or 80
+
+    async def _send(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close",
+                 *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        status = int((await reader.readline()).split()[1])
+        answer_headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            answer_headers[name.strip().lower()] = value.strip()
+        return reader, writer, status, answer_headers
+
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+        reader, writer, status, answer_headers = await self._send(method, path, headers, body)
+        try:
+            if answer_headers.get("transfer-encoding") == "chunked":
+                return status, b"".join([chunk async for chunk in _chunks(reader)])
+            return status, await reader.read()
+        finally:
+            writer.close()
+
+    async def events(self, path: str, headers: dict[str, str]) -> AsyncIterator[str]:
+        """The ``data:`` payloads of a server-sent event stream, as they come."""
+        reader, writer, status, answer_headers = await self._send("GET", path, headers)
+        try:
+            if status != 200:
+                raise RuntimeError(f"GET {path}: {status} {(await reader.read())[:200]!r}")
+            chunks = _chunks(reader) if answer_headers.get("transfer-encoding") == "chunked" else _raw(reader)
+            pending = b""
+            async for chunk in chunks:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"data: "):
+                        yield line[6:].decode()
+        finally:
+            writer.close()
+
+
+async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The chunks of a chunked body (RFC 9112 7.1), until the last."""
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        yield await reader.readexactly(size)
+        await reader.readexactly(2)  # the chunk's CRLF
+
+
+async def _raw(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while chunk := await reader.read(65536):
+        yield chunk
+
+
 async def users_launch(
     base_url: str, tokens: list[str], streams_each: int, stream_url: str | None = None
 ) -> dict[str, Any]:
     """Every user creates an environment and follows its progress stream(s) until `running`
     (through ``stream_url`` when given: another replica)."""
-    limits = httpx.Limits(max_connections=len(tokens) * (streams_each + 1), max_keepalive_connections=0)
-    streams_at = stream_url or base_url
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
-        errors: list[str] = []
-        owned: list[tuple[str, str]] = []  # (token, environment id)
-        created: list[float] = []  # when each create was answered
+    http, streams = UsersHttp(base_url), UsersHttp(stream_url or base_url)
+    errors: list[str] = []
+    owned: list[tuple[str, str]] = []  # (token, environment id)
+    created: list[float] = []  # when each create was answered
 
-        async def follow(headers: dict[str, str], environment_id: str) -> float | None:
-            url = f"{streams_at}/api/v1/environments/{environment_id}/events"
-            async with http.stream("GET", url, headers=headers) as stream:
-                async for line in stream.aiter_lines():
-                    if line.startswith("data: "):
-                        status = json.loads(line.removeprefix("data: "))["status"]
-                        if status == "running":
-                            return time.monotonic()
-                        if status in ("failed", "stopped", "deleted"):
-                            errors.append(f"{environment_id} ended {status}")
-                            return None
-            errors.append(f"{environment_id}: the stream ended without running")
+    async def follow(headers: dict[str, str], environment_id: str) -> float | None:
+        async for data in streams.events(f"/api/v1/environments/{environment_id}/events", headers):
+            status = json.loads(data)["status"]
+            if status == "running":
+                return time.monotonic()
+            if status in ("failed", "stopped", "deleted", "signed_out"):
+                errors.append(f"{environment_id} ended {status}")
+                return None
+        errors.append(f"{environment_id}: the stream ended without running")
+        return None
+
+    async def user(token: str, i: int) -> float | None:
+        headers = {"Authorization": f"Bearer {token}"}
+        at = time.monotonic()
+        body = json.dumps({"application": "jupyterlab", "name": f"b{i}", "cpu": 0.1, "memory_mib": 128}).encode()
+        status, answer = await http.request("POST", "/api/v1/environments", headers, body)
+        if status != 201:
+            errors.append(f"create: {status} {answer[:200]!r}")
             return None
+        environment_id = json.loads(answer)["id"]
+        owned.append((token, environment_id))
+        created.append(time.monotonic())
+        seen = await asyncio.gather(*(follow(headers, environment_id) for _ in range(streams_each)))
+        if any(s is None for s in seen):
+            return None
+        return max(s for s in seen if s is not None) - at
 
-        async def user(token: str, i: int) -> float | None:
-            headers = {"Authorization": f"Bearer {token}"}
-            at = time.monotonic()
-            response = await http.post("/api/v1/environments", headers=headers, json={
-                "application": "jupyterlab", "name": f"b{i}", "cpu": 0.1, "memory_mib": 128,
-            })  # fmt: skip
-            if response.status_code != 201:
-                errors.append(f"create: {response.status_code} {response.text[:200]}")
-                return None
-            environment_id = response.json()["id"]
-            owned.append((token, environment_id))
-            created.append(time.monotonic())
-            seen = await asyncio.gather(*(follow(headers, environment_id) for _ in range(streams_each)))
-            if any(s is None for s in seen):
-                return None
-            return max(s for s in seen if s is not None) - at
-
-        began = time.monotonic()
-        per_user = await asyncio.gather(*(user(token, i) for i, token in enumerate(tokens)))
-        ended = time.monotonic()
+    began = time.monotonic()
+    per_user = await asyncio.gather(*(user(token, i) for i, token in enumerate(tokens)))
+    ended = time.monotonic()
     done = [t for t in per_user if t is not None]
     return {"owned": owned, "errors": errors, "seen": len(done), "all_s": ended - began, "began": began,
             "created_s": max(created, default=began) - began,
