@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, UsageInterval, utcnow
+from cmbcluster.db.models import Environment, UsageInterval, User, utcnow
+from cmbcluster.errors import Conflict
 from cmbcluster.interfaces import EnvironmentPhase, EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services import environments
 from cmbcluster.services.reconcile import Reconciler
@@ -570,6 +572,82 @@ def test_a_stop_or_delete_sent_while_a_start_is_handed_over_is_not_lost(
         assert context.compute.status(env["id"]).phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.MISSING)
     else:
         assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
+
+
+def test_a_stop_whose_environment_is_deleted_meanwhile_is_a_404_not_a_500(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop and delete at once: the delete removes the record while the stop waits on the backend."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    stop = context.compute.stop
+
+    def stop_while_deleted(environment_id: str) -> None:
+        stop(environment_id)
+        with context.sessions() as db:  # the delete request, done first
+            db.execute(delete(Environment).where(Environment.id == environment_id))
+            db.commit()
+
+    monkeypatch.setattr(context.compute, "stop", stop_while_deleted)
+    answer = client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice)
+    assert answer.status_code == 404 and "deleted while it was being stopped" in answer.json()["message"]
+
+
+def test_a_start_taken_back_whose_record_is_deleted_meanwhile_leaves_nothing(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start; a delete records its intent (the start then takes itself back) and removes the record
+    while the start stops what it started: the start answers 404, and nothing of it runs."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False)
+    url = f"/api/v1/environments/{env['id']}"
+    stop = context.compute.stop
+
+    def stop_while_deleted(environment_id: str) -> None:
+        stop(environment_id)
+        with context.sessions() as db:
+            db.execute(delete(Environment).where(Environment.id == environment_id))
+            db.commit()
+
+    with start_held_in_the_backend(context, monkeypatch) as entered:
+        starting, answer = in_thread(lambda: client.post(url + "/start", headers=alice))
+        assert entered.wait(10)
+        _set(client, env["id"], desired_state="stopped")  # the delete's first step
+        monkeypatch.setattr(context.compute, "stop", stop_while_deleted)
+    starting.join(30)
+    assert answer[0].status_code == 404, answer[0].text
+    assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
+
+
+def test_two_starts_of_one_environment_at_once_are_one_start_and_a_409(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """Both requests read the environment stopped; the second to reserve finds the slot taken."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False)
+    with context.sessions() as first_db, context.sessions() as second_db:
+        first, second = first_db.get(Environment, env["id"]), second_db.get(Environment, env["id"])
+        assert first is not None and second is not None and second.status == "stopped"
+        first_user, second_user = first_db.get(User, first.user_id), second_db.get(User, second.user_id)
+        assert first_user is not None and second_user is not None
+        environments.reserve_start(first_db, context, first_user, first)
+        with pytest.raises(Conflict, match="is already starting"):
+            environments.reserve_start(second_db, context, second_user, second)
+
+
+def test_a_conflicting_write_is_a_409_naming_the_race(settings: CoreSettings) -> None:
+    """Whatever route two requests race on, a write the database refuses is a conflict to reload."""
+    app = create_app(settings)
+
+    def raced() -> None:
+        raise StaleDataError("UPDATE statement on table 'environments' expected to update 1 row(s); 0 were matched")
+
+    app.add_api_route("/api/v1/raced", raced)
+    with TestClient(app, base_url=LOCAL) as client:
+        answer = client.get("/api/v1/raced")
+    assert answer.status_code == 409 and answer.json()["error"] == "conflict", answer.text
+    assert "reload it and try again" in answer.json()["message"]
 
 
 def test_logs(client: TestClient, alice: dict[str, str], cleanup: None) -> None:

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -198,6 +198,35 @@ def test_start_is_idempotent_and_stop_ends_the_process(compute: LocalProcessComp
         os.kill(pid, 0)
     compute.start(spec)  # start again after a stop
     wait_for(compute, spec.environment_id, EnvironmentPhase.RUNNING)
+
+
+def test_starts_and_stops_sent_at_once_never_fail_and_leave_what_came_last(
+    compute: LocalProcessCompute, tmp_path: Path
+) -> None:
+    """Requests race (a stop sent while the start launches the process): each call finishes whole
+    before the next of the same environment, and none fails over the other's half-written record."""
+    spec = spec_for(tmp_path)
+    errors: list[BaseException] = []
+
+    def call(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(10):
+        threads = [threading.Thread(target=call, args=(fn,)) for fn in
+                   (lambda: compute.start(spec), lambda: compute.stop(spec.environment_id),
+                    lambda: compute.start(spec), lambda: compute.stop(spec.environment_id))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors, errors
+        compute.stop(spec.environment_id)
+        assert compute.status(spec.environment_id).phase == EnvironmentPhase.STOPPED
+        assert compute.upstream(spec.environment_id) is None
+    assert not list((tmp_path / "compute").glob("*.tmp"))  # no write left a temporary file behind
 
 
 def test_restarted_control_plane_adopts_running_processes(tmp_path: Path) -> None:

@@ -581,6 +581,9 @@ def _submit_dev_form(client: TestClient, email: str) -> httpx.Response:
         ("ad\u200ba@e.org", "U+200B (ZERO WIDTH SPACE)"),  # an invisible look-alike of ada@
         ("ada\u00a0x@e.org", "U+00A0 (NO-BREAK SPACE)"),
         ("ad a@e.org", "U+0020 (SPACE)"),
+        ("admin\u3164@e.org", "U+3164 (HANGUL FILLER)"),  # a letter drawn as nothing: reads as admin@
+        ("admin\u115f@e.org", "U+115F (HANGUL CHOSEONG FILLER)"),
+        ("ad\u034fmin@e.org", "U+034F (COMBINING GRAPHEME JOINER)"),
     ],
 )
 def test_the_development_sign_in_refuses_addresses_that_read_as_another(
@@ -616,6 +619,22 @@ def test_a_name_from_the_sign_in_is_shown_as_itself_and_fits_its_column(client: 
     context: AppContext = client.app.state.context  # type: ignore[attr-defined]
     with context.sessions() as db:
         assert db.execute(select(User.name).where(User.email == "zoe@example.org")).scalar_one() == "zoe"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/storages", {"display_name": "a\u202eb"}),  # shown as "ab" in the web UI, as sent in the audit
+        ("/api/v1/storages", {"display_name": "\u3164"}),  # a blank-looking bucket
+        ("/api/v1/settings/tokens", {"name": "tok\u202eevil\u0000"}),
+    ],
+)
+def test_names_other_people_read_refuse_what_would_hide_or_reorder_them(
+    client: TestClient, path: str, body: dict[str, str]
+) -> None:
+    headers = dev_sign_in(client, "ada@example.org")
+    answer = client.post(path, headers=headers, json=body)
+    assert answer.status_code == 400 and "U+" in answer.json()["message"], answer.text
 
 
 def test_non_finite_or_deeply_nested_claims_are_refused(

@@ -17,11 +17,19 @@ from cmbcluster.errors import InvalidRequest
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 
 
+#: Letters and marks drawn as nothing (Unicode's default-ignorable code points that ``isprintable``
+#: passes): the Hangul fillers, the combining grapheme joiner, Khmer's inherent vowels and the
+#: Mongolian vowel separator. ``adminㅤ@example.org`` (U+3164) would read as ``admin@example.org``.
+#: (Variation selectors are left: emoji need them.)
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u034f\u17b4\u17b5\u180e")
+
+
 def first_unprintable(text: str) -> str | None:
     """The first character of ``text`` that is not shown as itself, or None: controls, formatting
     characters (bidirectional controls, zero-width spaces and joiners), line and paragraph
-    separators, unassigned code points and spaces other than U+0020 (Python's ``isprintable``)."""
-    return next((ch for ch in text if not ch.isprintable()), None)
+    separators, unassigned code points and spaces other than U+0020 (Python's ``isprintable``), and
+    the :data:`INVISIBLE_LETTERS`."""
+    return next((ch for ch in text if not ch.isprintable() or ch in INVISIBLE_LETTERS), None)
 
 
 def first_bidi_control(text: str) -> str | None:
@@ -59,7 +67,8 @@ def shown_name(name: str, *, limit: int) -> str:
     development sign-in's field) made fit to show: a space of another kind becomes a space, any
     other character :func:`first_unprintable` finds goes, runs of spaces become one, and the result
     is cut to ``limit`` characters (the column's size). A sign-in never fails over a name."""
-    kept = (" " if unicodedata.category(ch) == "Zs" else ch for ch in name if ch.isprintable() or ch.isspace())
+    kept = (" " if unicodedata.category(ch) == "Zs" else ch for ch in name
+            if (ch.isprintable() or ch.isspace()) and ch not in INVISIBLE_LETTERS)  # fmt: skip
     return " ".join("".join(kept).split())[:limit].rstrip()
 
 

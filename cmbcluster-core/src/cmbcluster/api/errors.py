@@ -12,8 +12,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmbcluster.api.docs import customise_openapi
@@ -184,6 +185,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body("busy", "the server is busy; nothing was changed, try again shortly"),
             status_code=503, headers={"Retry-After": "2"},
+        )  # fmt: skip
+
+    @app.exception_handler(StaleDataError)
+    @app.exception_handler(ObjectDeletedError)
+    @app.exception_handler(IntegrityError)
+    async def _changed_meanwhile(request: Request, exc: Exception) -> JSONResponse:
+        # Two requests raced on one record (a stop and a delete of one environment at once) and
+        # the database refused the second's write, or found the row gone: this request's change
+        # was rolled back. A conflict the client can resolve by reloading, not a fault of the
+        # server; logged with its cause, since a refused constraint may also be a bug.
+        log.warning("conflicting change on %s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        return JSONResponse(
+            error_body("conflict", "another request changed or deleted the same record at the same moment; "
+                       "reload it and try again"),
+            status_code=409,
         )  # fmt: skip
 
     @app.exception_handler(Exception)

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -89,11 +89,26 @@ class LocalProcessCompute(ComputeBackend):
         # (the reconcile loop, in another thread) must not take them for a crash's leftovers.
         self._recording: set[str] = set()
         self._recording_lock = threading.Lock()
+        # One start, stop or delete of an environment at a time (requests race: a stop sent while
+        # the start still launches the process must find its record, not miss it).
+        self._environment_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self._meter = ProcessTreeMeter()
         self._sweep_secrets()
 
     # -- lifecycle -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _one_at_a_time(self, environment_id: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._environment_locks.setdefault(environment_id, threading.Lock())
+        with lock:
+            yield
+
     def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        with self._one_at_a_time(spec.environment_id):
+            return self._start(spec)
+
+    def _start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
         current = self.status(spec.environment_id)
         if current.phase in (EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING):
             return current  # idempotent: adopt what runs
@@ -172,6 +187,10 @@ class LocalProcessCompute(ComputeBackend):
         return Upstream(url=f"http://{self.host}:{state['port']}", headers=headers, strip_prefix=strip)
 
     def stop(self, environment_id: str) -> None:
+        with self._one_at_a_time(environment_id):
+            self._stop(environment_id)
+
+    def _stop(self, environment_id: str) -> None:
         state = self._read_state(environment_id)
         if state is None:
             self._terminate_unrecorded(environment_id)
@@ -182,6 +201,10 @@ class LocalProcessCompute(ComputeBackend):
         self._remove_secrets(environment_id)
 
     def delete(self, environment_id: str) -> None:
+        with self._one_at_a_time(environment_id):  # its lock stays: a call may be waiting on it
+            self._delete(environment_id)
+
+    def _delete(self, environment_id: str) -> None:
         state = self._read_state(environment_id)
         if state is not None:
             self._terminate(state)
@@ -410,11 +433,16 @@ class LocalProcessCompute(ComputeBackend):
 
     def _write_state(self, environment_id: str, state: dict[str, Any]) -> None:
         path = self._path(environment_id, ".json")
-        tmp = path.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the application's token
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(state))
-        os.replace(tmp, path)
+        # a temporary file of this write's own (mode 0600: it holds the application's token), then
+        # renamed over the record: a reader sees the old record or the new one, never half of one
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f"{environment_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(state))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class ProcessTreeMeter:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy import update as update_statement  # this module's update() changes an environment
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -237,7 +238,11 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     env.last_activity_at = now
     env.shutdown_at = _shutdown_at(context, user, now)
     db.add(StartSlot(environment=env, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
-    db.flush()
+    try:
+        db.flush()
+    except IntegrityError:  # the slot is taken: a start of the same environment reserved meanwhile
+        db.rollback()
+        raise Conflict(f"{env.name!r} is already starting") from None
     active = db.execute(_ACTIVE_OTHERS, {"user_id": user.id, "environment_id": env.id}).scalar_one()
     if active >= core.max_environments_per_user:
         db.rollback()
@@ -363,19 +368,25 @@ _DESIRED_STATE = select(Environment.desired_state).where(Environment.id == bindp
 
 
 def _undo_start(db: Session, context: AppContext, env: Environment, *, deleted: bool) -> None:
-    """Take back a start that a stop or delete overtook while the backend was starting it."""
-    if deleted:
-        db.expunge(env)  # its row is gone: nothing of it may be written
-        db.rollback()
-        context.compute.delete(env.id)
-    else:
+    """Take back a start that a stop or delete overtook while the backend was starting it. The
+    stop's own record wins: it is completed here only when not written yet."""
+    if not deleted:
         context.compute.stop(env.id)
-        db.refresh(env)  # the stop's own record wins; complete it if it is not written yet
+        deleted = db.get(Environment, env.id, populate_existing=True) is None  # deleted since the check
+    if not deleted:
         if env.status != "stopped":
             env.status, env.status_message, env.url = "stopped", "stopped before it finished starting", None
             env.stopped_at = utcnow()
         release_start_slot(db, env.id)
-        db.commit()
+        try:
+            db.commit()
+        except StaleDataError:  # deleted in the meantime after all
+            deleted = True
+    if deleted:
+        if env in db:
+            db.expunge(env)  # its row is gone: nothing of it may be written (and, detached, it keeps its values)
+        db.rollback()
+        context.compute.delete(env.id)
     context.progress.notify(env.id)
 
 
@@ -404,8 +415,14 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
           name=env.name, owner_id=env.user_id, reason=reason)  # fmt: skip
     activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
-    db.commit()
-    context.progress.notify(env.id)
+    environment_id = env.id  # a rollback expires the object, and its row may be gone
+    try:
+        db.commit()
+    except StaleDataError:  # deleted meanwhile (another request): nothing of it runs, nothing to record
+        db.rollback()
+        raise NotFound(f"environment {environment_id} was deleted while it was being stopped") from None
+    finally:
+        context.progress.notify(environment_id)
 
 
 _STOP_INTENT = (

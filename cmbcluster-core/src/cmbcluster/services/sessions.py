@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 from cmbcluster.db.engine import in_batches
 from cmbcluster.db.models import ApiToken, UsedToken, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
-from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound, PermissionDenied
+from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
 from cmbcluster.security import new_token, token_hash
+from cmbcluster.text import check_display_name
 
 SESSION_PREFIX, REFRESH_PREFIX, API_TOKEN_PREFIX = "cmbs", "cmbr", "cmbt"
 #: an API token's last use is written at most this often, not on every request
@@ -176,9 +177,7 @@ def revoke_all_sessions(db: Session, user_id: str) -> None:
 
 # -- API tokens ----------------------------------------------------------------------------------
 def create_api_token(db: Session, user: User, *, name: str, expires_in_days: int | None) -> tuple[ApiToken, str]:
-    name = name.strip()
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("a token name of 1 to 100 characters is required")
+    name = check_display_name(name, what="a token name", limit=100)  # listed to its owner and in the audit
     token = new_token(API_TOKEN_PREFIX)
     expires = utcnow() + dt.timedelta(days=expires_in_days) if expires_in_days else None
     row = ApiToken(

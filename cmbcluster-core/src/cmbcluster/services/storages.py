@@ -48,6 +48,7 @@ from cmbcluster.services import accounting, instances
 from cmbcluster.services.audit import audit
 from cmbcluster.services.ownership import owned
 from cmbcluster.services.usage import Usage, cached_usage, is_stale
+from cmbcluster.text import check_display_name
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Environments in these states do not hold their buckets (the rest may be mounting them).
 INACTIVE_ENVIRONMENT_STATUSES = ("stopped", "failed")
+#: ``storages.display_name``'s size
+MAX_DISPLAY_NAME = 100
 
 
 # -- rows --------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ def create_storage(
     creating the bucket (so an over-limit request costs no cloud call) and again in the inserting
     transaction (SQLite serialises writers, so concurrent creations cannot both pass it there).
     """
+    display_name = check_display_name(display_name, what="a bucket name", limit=MAX_DISPLAY_NAME)
     backend, backend_name = context.storage, context.config.storage.name
     max_buckets = context.config.core.max_buckets_per_user
     _check_limit(db, user, max_buckets, adding=0)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -73,13 +73,6 @@ class StorageCreate(BaseModel):
         default=StorageClass.STANDARD,
         description="Portable storage class; a backend that does not offer it answers 400",
     )
-
-    @field_validator("display_name")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise ValueError("must not contain control characters")
-        return value
 
 
 class StorageOut(BaseModel):
