@@ -357,11 +357,12 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
         context.progress.notify(env.id)
         return
     apply_status(db, env, status)
+    environment_id = env.id  # a rollback expires the object, and its row may be gone
     try:
         db.commit()
     except StaleDataError:  # deleted since the check above (its delete removed what was started)
         db.rollback()
-    context.progress.notify(env.id)
+    context.progress.notify(environment_id)
 
 
 _DESIRED_STATE = select(Environment.desired_state).where(Environment.id == bindparam("environment_id"))
@@ -440,11 +441,13 @@ def _record_stop_intent(db: Session, env: Environment) -> None:
     Written whatever this session read: a start reserved since then (another request) set it to
     running, and the ORM skips assigning a value it believes is already there. Read back after,
     so that what follows is compared with the record as it is."""
-    if db.execute(_STOP_INTENT, {"environment_id": env.id}).rowcount == 0:  # type: ignore[attr-defined]
+    environment_id = env.id
+    if db.execute(_STOP_INTENT, {"environment_id": environment_id}).rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
-        raise NotFound(f"environment {env.id} not found")
+        raise NotFound(f"environment {environment_id} not found")
     db.commit()
-    db.refresh(env)
+    if db.get(Environment, environment_id, populate_existing=True) is None:  # deleted since (another request)
+        raise NotFound(f"environment {environment_id} not found")
 
 
 def remove(db: Session, context: AppContext, env: Environment, *, actor_id: str | None) -> None:
