@@ -45,7 +45,9 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 class Exposure:
     """Where environments are served and who checks access.
 
-    ``routing`` ``proxy``: through the control plane, at ``<public_url>/environments/<id>/``.
+    ``routing`` ``proxy``: through the control plane, at ``<public_url>/environments/<id>/``
+    (an ``environments_domain`` then means nothing: the settings refuse the pair, see
+    :class:`~cmbcluster.kubernetes.plugin.KubernetesSettings`).
     ``ingress``, with ``environments_domain`` set: host routing. Otherwise path routing under
     ``public_url``'s host (no host rule at all when that is unset too, for a cluster with one
     ingress). ``auth_url`` is the authorize endpoint as the ingress controller reaches it.
@@ -59,10 +61,6 @@ class Exposure:
     auth_url: str = "http://cmbcluster.cmbcluster.svc.cluster.local/api/v1/environments/authorize"
     ingress_namespace: str = "ingress-nginx"
     extra_annotations: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.proxied and self.environments_domain:
-            raise ValueError("an environments domain (host routing) needs routing 'ingress'; 'proxy' serves paths")
 
     @property
     def proxied(self) -> bool:
