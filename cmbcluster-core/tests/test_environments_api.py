@@ -372,6 +372,7 @@ def test_a_request_with_a_body_signs_the_caller_in_once(
     assert len(calls) == 1
     renamed = client.patch(f"/api/v1/environments/{created['id']}", headers=alice, json={"name": "x"})
     assert renamed.status_code == 409 and len(calls) == 2  # running: refused, still one sign-in
+    assert "before changing its name" in renamed.json()["message"]  # what was asked, not its size
 
 
 def _set(client: TestClient, env_id: str, **values: Any) -> None:

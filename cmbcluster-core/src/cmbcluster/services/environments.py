@@ -542,7 +542,7 @@ def update(db: Session, context: AppContext, user: User, env: Environment, chang
     """Change a stopped (or failed) environment's name, size, buckets or variables: its next start
     uses them. Conflict while it runs (stop it first)."""
     if env.status not in STARTABLE_STATUSES:
-        raise Conflict(f"{env.name!r} is {env.status}: stop it before changing its size or buckets")
+        raise Conflict(f"{env.name!r} is {env.status}: stop it before changing its name, size, buckets or variables")
     core = context.config.core
     changed: dict[str, Any] = {}
     if change.name is not None:
