@@ -193,3 +193,25 @@ def test_an_overloaded_database_answers_503_with_retry_after(error: Exception, s
     if status == 503:
         assert response.headers["Retry-After"] == "2"
         assert response.json()["error"] == "busy"
+
+
+def test_every_request_gives_its_database_connection_back(
+    app: FastAPI, client: TestClient, alice: dict[str, str]
+) -> None:
+    """Whatever a request ends with (an answer, a refusal raised after a query, invalid input, a
+    route run in a worker thread), its database session is closed: no connection stays checked out
+    of the pool, where a few hundred requests would exhaust it."""
+    pool = app.state.context.engine.pool
+    created = client.post("/api/v1/environments", headers=alice, json={"application": "files", "start": False})
+    assert created.status_code == 201, created.text
+    for method, path, body, status in [
+        ("GET", "/api/v1/environments", None, 200),  # on the event loop
+        ("GET", f"/api/v1/environments/{created.json()['id']}", None, 200),
+        ("GET", "/api/v1/environments/nope", None, 404),  # refused after its query
+        ("GET", "/api/v1/storages", None, 200),  # a route run in a worker thread
+        ("POST", "/api/v1/storages", {"display_name": ""}, 422),
+        ("PATCH", "/api/v1/environments/nope", {"name": "x"}, 404),
+    ]:
+        answer = client.request(method, path, headers=alice, json=body)
+        assert answer.status_code == status, (path, answer.text)
+        assert pool.checkedout() == 0, (method, path)

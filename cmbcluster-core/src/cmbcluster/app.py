@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
-from cmbcluster.api.deps import document_security
+from cmbcluster.api.deps import CloseRequestSession, document_security
 from cmbcluster.api.docs import mount_api_docs
 from cmbcluster.api.errors import document_errors, install_error_handlers
 from cmbcluster.api.guard import RequestGuard
@@ -123,6 +123,7 @@ def create_app(
     )
     app.state.context = context
     install_error_handlers(app)
+    app.add_middleware(CloseRequestSession)  # inside the others; error handlers run before it closes
     app.add_middleware(RequestGuard)  # inside the metrics: refused requests are counted too
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     # Routes are matched in order and no two routers share a path: the ones the web UI polls

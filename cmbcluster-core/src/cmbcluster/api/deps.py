@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -15,6 +15,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cmbcluster.api.docs import customise_openapi
 from cmbcluster.context import AppContext
@@ -38,12 +39,37 @@ async def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-async def get_db(request: Request) -> AsyncIterator[Session]:
-    """A session per request; it connects lazily, in whichever worker thread first queries."""
-    # The context from the request, not through the Context dependency: each dependency costs
-    # FastAPI's resolution on every request, and this one is in nearly every route.
-    with request.app.state.context.sessions() as session:
-        yield session
+#: where get_db keeps the request's session, for CloseRequestSession to close
+REQUEST_SESSION_KEY = "cmbcluster.db_session"
+
+
+async def get_db(request: Request) -> Session:
+    """A session per request; it connects lazily, in whichever worker thread first queries, and
+    :class:`CloseRequestSession` closes it when the request ends."""
+    # Not a ``yield`` dependency: FastAPI wraps each of those in an exit stack and a cancel scope,
+    # which cost the environment list (the busiest route) about 5 % of its time. The context from
+    # the request, not through the Context dependency: one dependency fewer to resolve.
+    session: Session | None = request.scope.get(REQUEST_SESSION_KEY)
+    if session is None:
+        session = request.scope[REQUEST_SESSION_KEY] = request.app.state.context.sessions()
+    return session
+
+
+class CloseRequestSession:
+    """ASGI middleware: closes the session :func:`get_db` opened for a request (or WebSocket) once
+    the app is done with it, whether the request succeeded or failed; its transaction, if any,
+    is rolled back and its connection goes back to the pool."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            session: Session | None = scope.get(REQUEST_SESSION_KEY)
+            if session is not None:
+                session.close()
 
 
 DbSession = Annotated[Session, Depends(get_db)]
