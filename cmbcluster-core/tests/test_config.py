@@ -380,6 +380,31 @@ def test_proxy_routing_with_an_environments_domain_is_refused_before_anything_st
     assert resolve(core, PluginManager(entry_points_enabled=False)).compute.name == "kubernetes"
 
 
+def test_an_invalid_setting_is_one_error_line_naming_its_settings_model_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Every CLI error starts ``error:``; a settings model's own check names the model once, after the problem."""
+    proxy = {**env, "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", "CMBCLUSTER_ROUTING": "proxy",
+             "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org"}  # fmt: skip
+    result = cmbcluster("config", "check", env=proxy, cwd=tmp_path)
+    assert result.returncode == 1
+    first, problem = result.stderr.splitlines()[:2]
+    assert first == "error: invalid configuration:"
+    assert problem.startswith("  - CMBCLUSTER_ROUTING=proxy serves environments at ") and problem.endswith(
+        " (KubernetesSettings)"
+    )
+    assert result.stderr.count("KubernetesSettings") == 1
+    # a field's problem: the variable first, the model once
+    port = cmbcluster("config", "check", env={**env, "CMBCLUSTER_PORT": "0"}, cwd=tmp_path)
+    assert port.stderr.splitlines()[:2] == [
+        "error: invalid configuration:",
+        "  - CMBCLUSTER_PORT Input should be greater than or equal to 1 (CoreSettings)",
+    ]
+    # a refusal of another command, the same prefix
+    finish = cmbcluster("migrate", "finish", env=env, cwd=tmp_path)
+    assert finish.returncode == 2 and finish.stderr.startswith("error: nothing done: ")
+
+
 class NotedSettings(BaseSettings):
     tenant_region: str = "north"
 

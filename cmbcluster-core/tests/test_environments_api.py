@@ -575,6 +575,40 @@ def test_a_stop_or_delete_sent_while_a_start_is_handed_over_is_not_lost(
         assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
 
 
+def test_a_start_sent_while_a_stop_finishes_wins_and_the_stop_answers_it(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop a stopped environment; a start (another tab) is reserved and handed over while the stop is
+    still finishing. The start came later: the environment runs, its record is the start's alone (no
+    stop message or stop time), and the stop answers it as it is now."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False)
+    url = f"/api/v1/environments/{env['id']}"
+    entered, release = threading.Event(), threading.Event()
+    stop = context.compute.stop
+
+    def stop_then_wait(environment_id: str) -> None:
+        stop(environment_id)
+        entered.set()
+        assert release.wait(30)
+
+    monkeypatch.setattr(context.compute, "stop", stop_then_wait)
+    stopping, answer = in_thread(lambda: client.post(url + "/stop", headers=alice))
+    assert entered.wait(10)
+    monkeypatch.setattr(context.compute, "stop", stop)
+    started = client.post(url + "/start", headers=alice)
+    assert started.status_code == 200 and started.json()["desired_state"] == "running", started.text
+    release.set()
+    stopping.join(30)
+    stopped = answer[0].json()
+    assert answer[0].status_code == 200, stopped
+    assert stopped["desired_state"] == "running" and stopped["status"] in environments.ACTIVE_STATUSES
+    assert stopped["status_message"] != "stopped by its owner" and stopped["stopped_at"] is None
+    running = wait_status(client, alice, env["id"], "running")
+    assert running["stopped_at"] is None
+    assert context.compute.status(env["id"]).phase == EnvironmentPhase.RUNNING
+
+
 def test_a_stop_whose_environment_is_deleted_meanwhile_is_a_404_not_a_500(
     client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

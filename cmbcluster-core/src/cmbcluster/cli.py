@@ -18,7 +18,7 @@ from cmbcluster.commands import migrate as migrate_command
 from cmbcluster.commands import plugin as plugin_command
 from cmbcluster.commands import usage as usage_command
 from cmbcluster.commands import users as users_command
-from cmbcluster.commands.common import err, out, print_json, resolve_config
+from cmbcluster.commands.common import err, error, out, print_json, resolve_config
 from cmbcluster.config import load_core_settings
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
@@ -333,11 +333,8 @@ def main() -> None:
     """Entry point: typed errors become one clear message and exit status 1, never a traceback."""
     try:
         app()
-    except CmbclusterError as exc:
-        err(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:
-        err(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    except (CmbclusterError, OSError) as exc:
+        error(exc)
         sys.exit(1)
 
 

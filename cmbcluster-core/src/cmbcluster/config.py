@@ -33,11 +33,12 @@ def format_validation_error(model: type[BaseSettings], exc: ValidationError) -> 
     problems = []
     for err in exc.errors():
         loc = err.get("loc") or ("",)
-        name = env_var_name(model, str(loc[0])) if loc and loc[0] else model.__name__
         message = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "missing":
             message = "is required but not set"
-        problems.append(f"{name} {message} ({model.__name__})")
+        # A model's own check (no field) names its variables in its message: the model is named once, last.
+        name = f"{env_var_name(model, str(loc[0]))} " if loc and loc[0] else ""
+        problems.append(f"{name}{message} ({model.__name__})")
     return problems
 
 

@@ -143,7 +143,7 @@ class ConfigurationError(CmbclusterError):
         self.problems = problems
 
     def __str__(self) -> str:
-        return "Invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 class PluginError(CmbclusterError):

@@ -639,7 +639,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Stop; every choice is kept */
+        /**
+         * Stop; every choice is kept
+         * @description Answers the environment as it is once the stop is done, as GET does, not a record of the stop: a start sent meanwhile (another tab, a script) that came after this stop has the last word, and the answer shows it (desired_state "running", status pending, starting or running).
+         */
         post: operations["stop_environment_api_v1_environments__environment_id__stop_post"];
         delete?: never;
         options?: never;

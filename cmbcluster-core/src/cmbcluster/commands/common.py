@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from cmbcluster.pricing import PriceTable
 
-__all__ = ["err", "operator_database", "out", "resolve_config"]
+__all__ = ["err", "error", "operator_database", "out", "resolve_config"]
 
 
 @functools.cache
@@ -38,6 +38,14 @@ def out(*args: Any, **kwargs: Any) -> None:
 def err(*args: Any, **kwargs: Any) -> None:
     """Print to standard error (rich markup)."""
     _console(stderr=True).print(*args, **kwargs)
+
+
+def error(message: object) -> None:
+    """Print one error to standard error as every command does: ``error: <message>``. The message
+    is plain text, never markup: an option or a path in brackets is printed as it is."""
+    from rich.text import Text
+
+    err(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True)
 
 
 def print_json(text: str) -> None:
@@ -75,5 +83,5 @@ def operator_database() -> Iterator[tuple[Session, PriceTable]]:
         finally:
             engine.dispose()
     except CmbclusterError as exc:
-        err(exc.message)
+        error(exc)
         raise typer.Exit(2) from None

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cmbcluster.commands.common import err, out, print_json, resolve_config
+from cmbcluster.commands.common import err, error, out, print_json, resolve_config
 from cmbcluster.errors import CmbclusterError, ConfigurationError, PluginError
 from cmbcluster.registrations import ProviderContext, ResolvedConfig
 
@@ -289,7 +289,7 @@ def finish_command(
     from cmbcluster.migration.engine import finish
 
     if not delete_source:
-        err("nothing done: `cmbcluster migrate finish --delete-source` deletes the verified source buckets")
+        error("nothing done: `cmbcluster migrate finish --delete-source` deletes the verified source buckets")
         raise typer.Exit(2)
     config = resolve_config()
     db_engine, sessions = _sessions(config)

@@ -19,7 +19,7 @@ from urllib.request import url2pathname
 import typer
 
 from cmbcluster import __version__
-from cmbcluster.commands.common import err, out
+from cmbcluster.commands.common import error, out
 
 app = typer.Typer(help="Write a plugin package for a new cloud.", no_args_is_help=True)
 
@@ -134,7 +134,7 @@ def new(
     try:
         written = write_plugin(name, target)
     except typer.BadParameter as exc:
-        err(f"[red]error:[/red] {exc.message}", soft_wrap=True)
+        error(exc.message)
         raise typer.Exit(2) from None
     out(f"wrote {len(written)} files to {target}", markup=False)
     out(f"next: pip install -e '{target}[test]' && (cd {target} && pytest) && cmbcluster plugins", markup=False)

@@ -23,6 +23,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
+from cmbcluster.db.engine import begin_locked
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -405,25 +406,41 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     """Stop (blocking). The choices stay; ``start`` runs the same environment again.
 
     The intent is recorded first: while the backend stops it, nothing reads its going away as a
-    failure, and a stop that a crash interrupts is finished by the reconcile loop."""
+    failure, and a stop that a crash interrupts is finished by the reconcile loop.
+
+    A start reserved after the intent was recorded (another request: possible when the environment
+    was stopped or failed already) came later and wins: the stop then writes nothing over the
+    start's record (no "stopped" message, stop time or released start slot on a starting
+    environment), and ``env`` shows the start. Its backend call, if it came after the start's,
+    stopped what the start began: the backend's report is then recorded as for any other exit."""
     _record_stop_intent(db, env)
     context.compute.stop(env.id)
-    env.status = "stopped"
-    env.status_message = reason
-    env.url = None
-    env.stopped_at = utcnow()
-    release_start_slot(db, env.id)
-    audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
-          name=env.name, owner_id=env.user_id, reason=reason)  # fmt: skip
-    activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
-    environment_id = env.id  # a rollback expires the object, and its row may be gone
-    try:
-        db.commit()
-    except StaleDataError:  # deleted meanwhile (another request): nothing of it runs, nothing to record
-        db.rollback()
-        raise NotFound(f"environment {environment_id} was deleted while it was being stopped") from None
-    finally:
+    environment_id = env.id
+    db.commit()  # end the read transaction: the check and the write below are one locked transaction
+    query = _CURRENT if begin_locked(db) else _CURRENT.with_for_update()  # SQLite: locked whole already
+    if db.execute(query, {"environment_id": environment_id}).scalar_one_or_none() is None:
+        db.rollback()  # deleted meanwhile (another request): nothing of it runs
         context.progress.notify(environment_id)
+        raise NotFound(f"environment {environment_id} was deleted while it was being stopped")
+    overtaken = env.desired_state != "stopped"
+    if not overtaken:
+        env.status = "stopped"
+        env.status_message = reason
+        env.url = None
+        env.stopped_at = utcnow()
+        release_start_slot(db, env.id)
+        activity(db, user_id=env.user_id, kind="environment_stopped", environment_id=env.id, reason=reason)
+    extra = {"overtaken_by_a_start": True} if overtaken else {}
+    audit(db, actor_id=actor_id, action="environment.stopped", target_type="environment", target_id=env.id,
+          name=env.name, owner_id=env.user_id, reason=reason, **extra)  # fmt: skip
+    db.commit()
+    context.progress.notify(environment_id)
+
+
+#: The environment as recorded now, read again into the session's object (which the stop then changes).
+_CURRENT = (
+    select(Environment).where(Environment.id == bindparam("environment_id")).execution_options(populate_existing=True)
+)
 
 
 _STOP_INTENT = (

@@ -225,10 +225,14 @@ def delete_storage(db: Session, context: AppContext, user: User, storage_id: str
         context.storage.delete_bucket(storage.bucket_name, force=force)
     except NotFound:
         log.warning("bucket %s of storage %s was already gone from the backend", storage.bucket_name, storage.id)
-    except BaseException:
+    except BaseException as exc:
         db.rollback()
         storage.status = "active"
         db.commit()
+        if isinstance(exc, Conflict):  # not empty, still written to: the user's to resolve
+            # The backend names the bucket by its real name (cmb-...), which the user never chose nor sees.
+            named = exc.message.replace(storage.bucket_name, repr(storage.display_name))
+            raise Conflict(named, detail=exc.detail) from None
         raise
     _forget_deleted(db, context, storage, actor_id=user.id, force=force)
     _sync_identity_after_change(db, context, user)

@@ -223,7 +223,14 @@ async def start_environment(environment_id: str, user: CurrentUser, db: DbSessio
     return _answer(db, context, user, env)
 
 
-@router.post("/{environment_id}/stop", response_model=EnvironmentOut, summary="Stop; every choice is kept")
+@router.post(
+    "/{environment_id}/stop",
+    response_model=EnvironmentOut,
+    summary="Stop; every choice is kept",
+    description="Answers the environment as it is once the stop is done, as GET does, not a record of the stop: "
+    "a start sent meanwhile (another tab, a script) that came after this stop has the last word, and the answer "
+    'shows it (desired_state "running", status pending, starting or running).',
+)
 async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     await _in_worker(db, envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")

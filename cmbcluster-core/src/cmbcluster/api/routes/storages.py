@@ -66,9 +66,9 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 class StorageCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    display_name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] = Field(
-        description="A name for people; the bucket's real name is chosen by the server", examples=["Simulations"]
-    )
+    display_name: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=service.MAX_DISPLAY_NAME)
+    ] = Field(description="A name for people; the bucket's real name is chosen by the server", examples=["Simulations"])
     storage_class: StorageClass = Field(
         default=StorageClass.STANDARD,
         description="Portable storage class; a backend that does not offer it answers 400",
