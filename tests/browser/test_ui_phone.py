@@ -104,6 +104,31 @@ def test_several_buckets_ticked_in_the_launch_dialog_get_a_folder_each(erin: Ses
     assert_clean(erin)
 
 
+def test_the_launch_progress_of_a_long_named_environment_stays_inside_its_dialog(
+    erin: Session, environments: list[str]
+) -> None:
+    """The launch dialog follows a start to its end: the name, the status line, the bar and the Open
+    button stay within the dialog on a phone (the name wraps; nothing is cut off at the right)."""
+    page = erin.page
+    page.goto("/applications/")
+    page.get_by_role("button", name="Launch Files").click()
+    dialog = page.get_by_role("dialog", name="Launch Files")
+    dialog.get_by_label("Name (optional)").fill(LONG_ENV)
+    dialog.get_by_role("button", name="Launch").click()
+    expect(dialog.get_by_test_id("launch-status")).to_have_text("running", timeout=30_000)
+    environments.extend(e["id"] for e in api(page, "GET", "/api/v1/environments")["items"] if e["name"] == LONG_ENV)
+    link = dialog.get_by_role("link", name=f"Open {LONG_ENV}")
+    expect(link).to_be_visible()
+    photograph(page, "launch-progress-long-environment-name")
+    right = dialog.evaluate("d => d.getBoundingClientRect().right")
+    for part in (dialog.locator(".launch-progress"), dialog.locator("progress"), link):
+        assert part.evaluate("e => e.getBoundingClientRect().right") <= right + 0.5, part
+    progress = dialog.locator(".launch-progress")
+    assert progress.evaluate("e => e.scrollWidth <= e.clientWidth"), "something in the progress is cut off"
+    dialog.get_by_role("button", name="Close").click()
+    assert_clean(erin)
+
+
 def test_a_group_over_its_storage_quota_is_red_and_says_uploads_are_refused(alice: Session, erin: Session) -> None:
     page = erin.page
     bucket = next(s for s in api(page, "GET", "/api/v1/storages")["storages"] if s["display_name"] == BUCKETS[0])
