@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -74,6 +75,15 @@ def tune_for_streaming() -> None:
         transport.max_size = STREAM_READ_BYTES
 
 
+class _KeepNoCookies(http.cookiejar.DefaultCookiePolicy):
+    """The proxy's clients store no cookie: an application's ``Set-Cookie`` is for its owner's browser
+    alone. A client's jar would send it with every later request to that host, and every environment
+    on loopback is the same cookie host (ports do not count), so another user's application read it."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
 class EnvironmentProxy:
     """Forwards requests to environments; one per control plane, closed at shutdown."""
 
@@ -89,6 +99,7 @@ class EnvironmentProxy:
             transport = httpx.AsyncHTTPTransport(uds=upstream.unix_socket, retries=0)
             client = httpx.AsyncClient(
                 transport=transport, trust_env=False, follow_redirects=False,
+                cookies=http.cookiejar.CookieJar(policy=_KeepNoCookies()),
                 timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=None, write=None, pool=None),
             )  # fmt: skip
             for name in list(client.headers):  # send the browser's headers, not httpx's defaults
