@@ -365,6 +365,22 @@ def test_an_application_unaware_of_its_base_path_is_served_at_its_root(
     assert moved.status_code == 301 and moved.headers["location"] == f"/environments/{env['id']}/data/"
 
 
+def test_a_request_the_proxy_cannot_pass_on_is_a_clear_400(
+    client: TestClient, alice: dict[str, str], running: dict[str, Any]
+) -> None:
+    """Bad addresses and headers are the caller's mistake, said as such: never a 500, nor a 502 that
+    blames the environment."""
+    files = wait_status(client, alice, create_env(client, alice)["id"], "running")  # served at its root
+    for env_id in (files["id"], running["id"]):
+        # the id percent-encoded: routed by the decoded path, but the address as sent is not its prefix
+        encoded = client.get(f"/environments/{env_id}%2f..%2f{'0' * 32}/", headers=alice)
+        assert encoded.status_code == 400, encoded.text
+        assert "percent-encoded" in encoded.json()["message"]
+    twice = client.get(f"{running['url']}echo", headers=[*alice.items(), ("host", "a.example"), ("host", "b.example")])
+    assert twice.status_code == 400 and twice.json()["error"] == "invalid_request", twice.text
+    assert client.get(f"{running['url']}echo", headers=alice).status_code == 200  # the environment is fine
+
+
 def test_paths_that_are_not_environments_stay_the_web_uis(client: TestClient) -> None:
     for path in ("/environments/", "/environments/index.txt", "/environments/not-an-id/x"):
         answer = client.get(path)
