@@ -316,6 +316,34 @@ def test_bad_mount_paths(client: TestClient, alice: dict[str, str]) -> None:
     ):
         response = client.post("/api/v1/environments", headers=alice, json={"application": "files", "mounts": mounts})
         assert response.status_code in (400, 422), (mounts, response.text)
+    # refused when chosen, not at the start as a failed environment (found by an outsider: a NUL or a
+    # 300-byte folder name failed the start; a line break or an override became a folder in the home)
+    for path, reason in (
+        ("/home/user/a\x00b", "U+0000"),
+        ("/data\nset", "U+000A"),
+        ("/home/user/maps\u202egpj.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("/data/" + "x" * 256, "255 bytes"),
+    ):
+        for changed in (False, True):
+            mounts = [{"storage_id": storage_id, "mount_path": path}]
+            if changed:
+                env = create_env(client, alice, start=False)
+                response = client.patch(f"/api/v1/environments/{env['id']}", headers=alice, json={"mounts": mounts})
+            else:
+                response = client.post(
+                    "/api/v1/environments", headers=alice, json={"application": "files", "mounts": mounts}
+                )
+            assert response.status_code == 400 and reason in response.json()["message"], (path, response.text)
+    # a folder name in any script, and as long as a file name may be, is fine
+    fine = [
+        {"storage_id": storage_id, "mount_path": "/home/user/\u062f\u0627\u062f\u0647\u200c\u0647\u0627/" + "y" * 255}
+    ]
+    assert (
+        client.post(
+            "/api/v1/environments", headers=alice, json={"application": "files", "start": False, "mounts": fine}
+        ).status_code
+        == 201
+    )
 
 
 def test_per_user_limit(settings: CoreSettings) -> None:
