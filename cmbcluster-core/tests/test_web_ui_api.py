@@ -250,6 +250,27 @@ def test_several_files_download_as_one_zip(client: TestClient, alice: Headers, b
     assert client.post(f"{API}/{storage_id}/archive", data={"key": ["other.txt"]}, headers=bob).status_code == 404
 
 
+def test_a_zips_base_is_a_folder(client: TestClient, alice: Headers) -> None:
+    """``base`` names the folder shown: names in the zip lose whole folder names only, and a base no
+    key could be is a 400 (found by an outsider: 'm' cut 'maps/a.txt' to 'aps/a.txt', '../' named
+    the zip '...zip')."""
+    storage_id = bucket(client, alice, "bases", {"maps/a.txt": b"a"})
+
+    def names(base: str) -> tuple[str, list[str]]:
+        answer = client.post(f"{API}/{storage_id}/archive", data={"key": ["maps/a.txt"], "base": base}, headers=alice)
+        assert answer.status_code == 200, (base, answer.text)
+        with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+            return answer.headers["content-disposition"], archive.namelist()
+
+    assert names("maps/") == ('attachment; filename="maps.zip"', ["a.txt"])
+    assert names("maps") == ('attachment; filename="maps.zip"', ["a.txt"])  # the folder, written without its slash
+    assert names("m/") == ('attachment; filename="m.zip"', ["maps/a.txt"])  # not its folder: the whole key
+    assert names("m")[1] == ["maps/a.txt"]
+    for bad in ("../", "maps/../", "/", "a\r\nb/", "a\\b/"):
+        answer = client.post(f"{API}/{storage_id}/archive", data={"key": ["maps/a.txt"], "base": bad}, headers=alice)
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request", (bad, answer.text)
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
