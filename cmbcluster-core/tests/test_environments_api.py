@@ -294,6 +294,10 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         ({"application": "files", "name": "a\u202eb"}, 400, "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
         ({"application": "files", "name": "bell\u0007"}, 400, "U+0007"),
         ({}, 422, ""),
+        # a misspelt field was ignored: the environment started without the bucket, or writable (found by
+        # an outsider); every other JSON body of the API refuses fields it does not know
+        ({"application": "files", "mount": [{"storage_id": "x"}]}, 422, "mount: Extra inputs are not permitted"),
+        ({"application": "files", "mounts": [{"storage_id": "x", "readonly": True}]}, 422, "readonly"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(
