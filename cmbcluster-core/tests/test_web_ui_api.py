@@ -453,6 +453,30 @@ def test_an_admin_sees_and_stops_every_environment_and_the_audit_trail_names_thi
     assert "alice@example.org" in users
 
 
+def test_an_admin_never_sees_an_environments_variables(
+    client: TestClient, admin: Headers, alice: Headers, cleanup: None
+) -> None:
+    """Variables are the owner's secrets (people put API keys there; sealed at rest): an administrator
+    sees the user's own Settings variables nowhere, and every environment without its variables
+    (found by an outsider: the admin's list of environments showed their values)."""
+    env = environment(client, alice, name="with a key", env={"OPENAI_API_KEY": "sk-alices-own"})
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["env"] == {
+        "OPENAI_API_KEY": "sk-alices-own"
+    }
+    answers = [
+        client.get("/api/v1/admin/environments", headers=admin),
+        client.get("/api/v1/admin/environments", params={"query": "with a key"}, headers=admin),
+        client.post(f"/api/v1/admin/environments/{env['id']}/stop", headers=admin),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert "sk-alices-own" not in answer.text and "OPENAI_API_KEY" not in answer.text
+    assert answers[0].json()["items"][0]["env"] == {}
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["env"] == {
+        "OPENAI_API_KEY": "sk-alices-own"
+    }  # the owner's, untouched
+
+
 def test_stats_measure_bucket_usage(client: TestClient, admin: Headers, alice: Headers) -> None:
     storage_id = bucket(client, alice, "five", {"a.bin": b"x" * (5 * MIB)})
     stats = client.get("/api/v1/admin/stats", headers=admin).json()["storages"]

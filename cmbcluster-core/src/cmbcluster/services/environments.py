@@ -776,7 +776,13 @@ def admin_views(
             Environment.created_at.desc(), Environment.id, EnvironmentStorage.mount_path
         )
     )
-    return _collect(context, rows), total
+    return _without_variables(_collect(context, rows)), total
+
+
+def _without_variables(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Environments as administrators see them: without their variables, the owner's secrets (API
+    keys), which no administrator's page shows, as it shows no user's Settings variables."""
+    return [{**item, "env": {}} for item in items]
 
 
 def get_any(db: Session, environment_id: str) -> Environment:
@@ -793,7 +799,7 @@ def get_any(db: Session, environment_id: str) -> Environment:
 
 def admin_view(db: Session, context: AppContext, environment_id: str) -> dict[str, Any]:
     rows = db.connection().execute(_VIEW_BASE.where(Environment.id == environment_id))
-    found = _collect(context, rows)
+    found = _without_variables(_collect(context, rows))
     if not found:
         raise NotFound(f"environment {environment_id} not found")
     return found[0]
