@@ -187,6 +187,25 @@ def test_the_owner_reaches_the_application_with_its_token_and_nothing_of_the_con
     assert moved.status_code == 302 and moved.headers["location"] == f"/environments/{env_id}/echo"
 
 
+def test_an_applications_cookies_reach_no_other_environment(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], echo_app: str, running: dict[str, Any]
+) -> None:
+    """The proxy keeps no cookies: what Alice's application sets goes to Alice's browser only, never
+    along with Bob's requests to his own application (every loopback port is the same cookie host)."""
+    bobs = wait_status(client, bob, create_env(client, bob, application=echo_app)["id"], "running")
+    for _ in range(100):  # running once its port accepts; uvicorn answers a moment later
+        if client.get(f"{bobs['url']}echo", headers=bob).status_code == 200:
+            break
+        time.sleep(0.05)
+    set_by_alices = client.get(f"{running['url']}cookies", headers=alice)
+    assert set_by_alices.status_code == 200 and "app_state=kept" in set_by_alices.headers["set-cookie"]
+    client.cookies.clear()  # the test client is a browser too: it would send the cookie itself
+    for url, headers in ((bobs["url"], bob), (running["url"], alice)):
+        seen = client.get(f"{url}echo", headers=headers)
+        assert seen.status_code == 200, seen.text
+        assert seen.json()["cookies"] == {}  # only what each browser sends itself
+
+
 def test_bodies_stream_both_ways(client: TestClient, alice: dict[str, str], running: dict[str, Any]) -> None:
     url = running["url"]
     size = 24 * 1024 * 1024 + 7
@@ -344,6 +363,22 @@ def test_an_application_unaware_of_its_base_path_is_served_at_its_root(
     assert listing.status_code == 200 and 'href="data/"' in listing.text
     moved = client.get(f"{url}data", headers=alice, follow_redirects=False)
     assert moved.status_code == 301 and moved.headers["location"] == f"/environments/{env['id']}/data/"
+
+
+def test_a_request_the_proxy_cannot_pass_on_is_a_clear_400(
+    client: TestClient, alice: dict[str, str], running: dict[str, Any]
+) -> None:
+    """Bad addresses and headers are the caller's mistake, said as such: never a 500, nor a 502 that
+    blames the environment."""
+    files = wait_status(client, alice, create_env(client, alice)["id"], "running")  # served at its root
+    for env_id in (files["id"], running["id"]):
+        # the id percent-encoded: routed by the decoded path, but the address as sent is not its prefix
+        encoded = client.get(f"/environments/{env_id}%2f..%2f{'0' * 32}/", headers=alice)
+        assert encoded.status_code == 400, encoded.text
+        assert "percent-encoded" in encoded.json()["message"]
+    twice = client.get(f"{running['url']}echo", headers=[*alice.items(), ("host", "a.example"), ("host", "b.example")])
+    assert twice.status_code == 400 and twice.json()["error"] == "invalid_request", twice.text
+    assert client.get(f"{running['url']}echo", headers=alice).status_code == 200  # the environment is fine
 
 
 def test_paths_that_are_not_environments_stay_the_web_uis(client: TestClient) -> None:

@@ -294,6 +294,10 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         ({"application": "files", "name": "a\u202eb"}, 400, "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
         ({"application": "files", "name": "bell\u0007"}, 400, "U+0007"),
         ({}, 422, ""),
+        # a misspelt field was ignored: the environment started without the bucket, or writable (found by
+        # an outsider); every other JSON body of the API refuses fields it does not know
+        ({"application": "files", "mount": [{"storage_id": "x"}]}, 422, "mount: Extra inputs are not permitted"),
+        ({"application": "files", "mounts": [{"storage_id": "x", "readonly": True}]}, 422, "readonly"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(
@@ -316,6 +320,34 @@ def test_bad_mount_paths(client: TestClient, alice: dict[str, str]) -> None:
     ):
         response = client.post("/api/v1/environments", headers=alice, json={"application": "files", "mounts": mounts})
         assert response.status_code in (400, 422), (mounts, response.text)
+    # refused when chosen, not at the start as a failed environment (found by an outsider: a NUL or a
+    # 300-byte folder name failed the start; a line break or an override became a folder in the home)
+    for path, reason in (
+        ("/home/user/a\x00b", "U+0000"),
+        ("/data\nset", "U+000A"),
+        ("/home/user/maps\u202egpj.exe", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("/data/" + "x" * 256, "255 bytes"),
+    ):
+        for changed in (False, True):
+            mounts = [{"storage_id": storage_id, "mount_path": path}]
+            if changed:
+                env = create_env(client, alice, start=False)
+                response = client.patch(f"/api/v1/environments/{env['id']}", headers=alice, json={"mounts": mounts})
+            else:
+                response = client.post(
+                    "/api/v1/environments", headers=alice, json={"application": "files", "mounts": mounts}
+                )
+            assert response.status_code == 400 and reason in response.json()["message"], (path, response.text)
+    # a folder name in any script, and as long as a file name may be, is fine
+    fine = [
+        {"storage_id": storage_id, "mount_path": "/home/user/\u062f\u0627\u062f\u0647\u200c\u0647\u0627/" + "y" * 255}
+    ]
+    assert (
+        client.post(
+            "/api/v1/environments", headers=alice, json={"application": "files", "start": False, "mounts": fine}
+        ).status_code
+        == 201
+    )
 
 
 def test_per_user_limit(settings: CoreSettings) -> None:

@@ -380,3 +380,15 @@ def test_api_tokens_cannot_mint_more_tokens(client: TestClient, alice: dict[str,
     refused = client.post("/api/v1/settings/tokens", headers=token_headers, json={"name": "sneaky"})
     assert refused.status_code == 403
     assert "signed-in session" in refused.json()["message"]
+
+
+def test_signing_out_with_an_api_token_says_how_to_stop_it(client: TestClient, alice: dict[str, str]) -> None:
+    """Sign-out ends a session; it answered 204 to an API token, which went on working (found by an
+    outsider): a script that "signs out" a leaked token must learn that it did not stop it."""
+    created = client.post(f"{SETTINGS}/tokens", headers=alice, json={"name": "ci"}).json()
+    token_headers = {"Authorization": f"Bearer {created['token']}"}
+    refused = client.post("/api/v1/auth/logout", headers=token_headers)
+    assert refused.status_code == 400, refused.text
+    assert f"/api/v1/settings/tokens/{created['id']}" in refused.json()["message"]
+    assert client.get("/api/v1/auth/me", headers=token_headers).status_code == 200  # untouched, as it says
+    assert client.post("/api/v1/auth/logout", headers=alice).status_code == 204  # a session signs out

@@ -250,6 +250,27 @@ def test_several_files_download_as_one_zip(client: TestClient, alice: Headers, b
     assert client.post(f"{API}/{storage_id}/archive", data={"key": ["other.txt"]}, headers=bob).status_code == 404
 
 
+def test_a_zips_base_is_a_folder(client: TestClient, alice: Headers) -> None:
+    """``base`` names the folder shown: names in the zip lose whole folder names only, and a base no
+    key could be is a 400 (found by an outsider: 'm' cut 'maps/a.txt' to 'aps/a.txt', '../' named
+    the zip '...zip')."""
+    storage_id = bucket(client, alice, "bases", {"maps/a.txt": b"a"})
+
+    def names(base: str) -> tuple[str, list[str]]:
+        answer = client.post(f"{API}/{storage_id}/archive", data={"key": ["maps/a.txt"], "base": base}, headers=alice)
+        assert answer.status_code == 200, (base, answer.text)
+        with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+            return answer.headers["content-disposition"], archive.namelist()
+
+    assert names("maps/") == ('attachment; filename="maps.zip"', ["a.txt"])
+    assert names("maps") == ('attachment; filename="maps.zip"', ["a.txt"])  # the folder, written without its slash
+    assert names("m/") == ('attachment; filename="m.zip"', ["maps/a.txt"])  # not its folder: the whole key
+    assert names("m")[1] == ["maps/a.txt"]
+    for bad in ("../", "maps/../", "/", "a\r\nb/", "a\\b/"):
+        answer = client.post(f"{API}/{storage_id}/archive", data={"key": ["maps/a.txt"], "base": bad}, headers=alice)
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request", (bad, answer.text)
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -430,6 +451,30 @@ def test_an_admin_sees_and_stops_every_environment_and_the_audit_trail_names_thi
     assert by_action["environment.created"]["actor_name"]
     users = {e["target_name"] for e in trail if e["target_type"] == "user"}
     assert "alice@example.org" in users
+
+
+def test_an_admin_never_sees_an_environments_variables(
+    client: TestClient, admin: Headers, alice: Headers, cleanup: None
+) -> None:
+    """Variables are the owner's secrets (people put API keys there; sealed at rest): an administrator
+    sees the user's own Settings variables nowhere, and every environment without its variables
+    (found by an outsider: the admin's list of environments showed their values)."""
+    env = environment(client, alice, name="with a key", env={"OPENAI_API_KEY": "sk-alices-own"})
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["env"] == {
+        "OPENAI_API_KEY": "sk-alices-own"
+    }
+    answers = [
+        client.get("/api/v1/admin/environments", headers=admin),
+        client.get("/api/v1/admin/environments", params={"query": "with a key"}, headers=admin),
+        client.post(f"/api/v1/admin/environments/{env['id']}/stop", headers=admin),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert "sk-alices-own" not in answer.text and "OPENAI_API_KEY" not in answer.text
+    assert answers[0].json()["items"][0]["env"] == {}
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["env"] == {
+        "OPENAI_API_KEY": "sk-alices-own"
+    }  # the owner's, untouched
 
 
 def test_stats_measure_bucket_usage(client: TestClient, admin: Headers, alice: Headers) -> None:

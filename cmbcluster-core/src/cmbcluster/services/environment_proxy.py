@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from cmbcluster.errors import BadGateway
+from cmbcluster.errors import BadGateway, InvalidRequest
 from cmbcluster.interfaces import Upstream
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,15 @@ def tune_for_streaming() -> None:
         transport.max_size = STREAM_READ_BYTES
 
 
+class _KeepNoCookies(http.cookiejar.DefaultCookiePolicy):
+    """The proxy's clients store no cookie: an application's ``Set-Cookie`` is for its owner's browser
+    alone. A client's jar would send it with every later request to that host, and every environment
+    on loopback is the same cookie host (ports do not count), so another user's application read it."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
 class EnvironmentProxy:
     """Forwards requests to environments; one per control plane, closed at shutdown."""
 
@@ -89,6 +99,7 @@ class EnvironmentProxy:
             transport = httpx.AsyncHTTPTransport(uds=upstream.unix_socket, retries=0)
             client = httpx.AsyncClient(
                 transport=transport, trust_env=False, follow_redirects=False,
+                cookies=http.cookiejar.CookieJar(policy=_KeepNoCookies()),
                 timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=None, write=None, pool=None),
             )  # fmt: skip
             for name in list(client.headers):  # send the browser's headers, not httpx's defaults
@@ -113,6 +124,8 @@ class EnvironmentProxy:
                                         headers=headers, content=body)  # fmt: skip
         try:
             response = await client.send(outgoing, stream=True)
+        except httpx.LocalProtocolError as exc:  # what the caller sent cannot be sent on (two Host headers)
+            raise InvalidRequest(f"the request cannot be passed on to the environment: {exc}") from None
         except httpx.TimeoutException:
             raise BadGateway("the environment did not answer in time; it may still be starting") from None
         except httpx.TransportError as exc:
@@ -283,6 +296,13 @@ def _target_path(scope: Any, upstream: Upstream, prefix: str) -> bytes:
     """The request's raw path (percent-encoding kept: JupyterLab's file paths contain %2F) and query,
     without the environment's prefix for an application that does not know it."""
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    if not raw_path.startswith(prefix.encode("latin-1") + b"/"):
+        # routed by the decoded path: with the id or its slash percent-encoded, the address as sent does
+        # not start with the prefix, and cutting the prefix's length off it would leave no path
+        raise InvalidRequest(
+            f"an environment's address starts with {prefix}/ as written: its id and the slash after it"
+            " may not be percent-encoded"
+        )
     if upstream.strip_prefix:
         raw_path = raw_path[len(prefix) :] or b"/"
     query: bytes = scope.get("query_string") or b""

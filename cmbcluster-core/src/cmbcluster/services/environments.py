@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,12 +42,13 @@ from cmbcluster.interfaces import (
     Resources,
     UserRef,
 )
+from cmbcluster.naming import MAX_KEY_SEGMENT_BYTES
 from cmbcluster.services import budgets, storages, user_settings
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned, owned_id
 from cmbcluster.services.status import apply_status, delete_expired_slots, release_start_slot
-from cmbcluster.text import check_display_name
+from cmbcluster.text import check_display_name, describe_character, first_bidi_control
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,23 @@ def _validate_env(env: dict[str, str]) -> dict[str, str]:
     return {user_settings.validate_env_var_name(k): user_settings.validate_env_var_value(v) for k, v in env.items()}
 
 
+def _validate_mount_path(mount_path: str) -> str:
+    """``mount_path`` without a final slash, if every backend can make it a folder (a NUL or a name
+    longer than a file name's would fail the start) and it reads as itself where it is shown (the
+    environment's page, its home folder): no control or bidirectional character, as new object keys."""
+    path = mount_path.rstrip("/") or "/"
+    if path == "/" or not path.startswith("/") or any(p in {"", ".", ".."} for p in path.split("/")[1:]):
+        raise InvalidRequest(f"mount path {mount_path!r} must be an absolute folder other than /")
+    if len(path) > 400:
+        raise InvalidRequest("mount paths are at most 400 characters")
+    bad = next((ch for ch in path if unicodedata.category(ch) == "Cc"), None) or first_bidi_control(path)
+    if bad is not None:
+        raise InvalidRequest(f"a mount path cannot contain {describe_character(bad)}")
+    if any(len(name.encode("utf-8")) > MAX_KEY_SEGMENT_BYTES for name in path.split("/")):
+        raise InvalidRequest(f"each folder name of a mount path may be at most {MAX_KEY_SEGMENT_BYTES} bytes")
+    return path
+
+
 def _validate_mounts(db: Session, user: User, choices: Sequence[MountChoice]) -> list[tuple[Storage, MountChoice]]:
     if len(choices) > MAX_MOUNTS:
         raise InvalidRequest(f"at most {MAX_MOUNTS} buckets can be mounted")
@@ -199,11 +218,7 @@ def _validate_mounts(db: Session, user: User, choices: Sequence[MountChoice]) ->
         storage = db.get(Storage, choice.storage_id)
         if storage is None or storage.user_id != user.id:
             raise NotFound("a bucket you chose to mount does not exist (any more): reload the page and choose again")
-        path = choice.mount_path.rstrip("/") or "/"
-        if path == "/" or not path.startswith("/") or any(p in {"", ".", ".."} for p in path.split("/")[1:]):
-            raise InvalidRequest(f"mount path {choice.mount_path!r} must be an absolute folder other than /")
-        if len(path) > 400:
-            raise InvalidRequest("mount paths are at most 400 characters")
+        path = _validate_mount_path(choice.mount_path)
         if path in seen_paths or choice.storage_id in seen_storages:
             raise InvalidRequest("each bucket and each mount path may be used once")
         seen_paths.add(path)
@@ -778,7 +793,13 @@ def admin_views(
             Environment.created_at.desc(), Environment.id, EnvironmentStorage.mount_path
         )
     )
-    return _collect(context, rows), total
+    return _without_variables(_collect(context, rows)), total
+
+
+def _without_variables(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Environments as administrators see them: without their variables, the owner's secrets (API
+    keys), which no administrator's page shows, as it shows no user's Settings variables."""
+    return [{**item, "env": {}} for item in items]
 
 
 def get_any(db: Session, environment_id: str) -> Environment:
@@ -795,7 +816,7 @@ def get_any(db: Session, environment_id: str) -> Environment:
 
 def admin_view(db: Session, context: AppContext, environment_id: str) -> dict[str, Any]:
     rows = db.connection().execute(_VIEW_BASE.where(Environment.id == environment_id))
-    found = _collect(context, rows)
+    found = _without_variables(_collect(context, rows))
     if not found:
         raise NotFound(f"environment {environment_id} not found")
     return found[0]

@@ -495,13 +495,22 @@ def selected_objects(
     return storage, [found[key] for key in sorted(found)]
 
 
+def archive_folder(base: str) -> str:
+    """The folder a zip's names are relative to (the folder the page shows): ``base`` as a folder key
+    ending with '/' (``maps`` is ``maps/``), or '' for the bucket's top; 400 for what no key could be.
+    With its slash, a key outside it keeps its whole name (``m`` would cut ``maps/a`` to ``aps/a``)."""
+    if not base:
+        return ""
+    return validate_object_key(base.removesuffix("/")) + "/"
+
+
 def zip_archive(
     context: AppContext, bucket: str, objects: Sequence[ObjectInfo], base: str
 ) -> tuple[Iterator[bytes], int]:
     """A zip of ``objects`` (stored, not compressed: research data rarely compresses, and a stored
     zip's size is known in advance) as a stream of chunks, and its size. Each object is read from the
     backend only when the stream reaches it, a chunk at a time (zipstream-ng): constant memory
-    however large the files. Names in the zip are the keys without ``base`` (the folder shown)."""
+    however large the files. Names in the zip are the keys without ``base`` (:func:`archive_folder`)."""
     from zipstream import ZIP_STORED, ZipStream
 
     archive = ZipStream(compress_type=ZIP_STORED, sized=True)

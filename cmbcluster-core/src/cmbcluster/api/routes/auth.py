@@ -435,10 +435,14 @@ def refresh(body: RefreshIn, request: Request, response: Response, context: Cont
 
 @router.post("/logout", status_code=204, summary="Sign out: the session stops working at once")
 def logout(principal: CurrentPrincipal, request: Request, context: Context, db: DbSession) -> Response:
-    if principal.session_id is not None:
-        sessions.revoke_session(db, principal.session_id)
-        # its open progress streams and WebSockets end now (on other replicas, at their next check)
-        context.revocations.ended(sessions.SESSION_ENDED, session_id=principal.session_id)
+    if principal.session_id is None:  # a 204 here would let a script believe a leaked token stopped
+        raise InvalidRequest(
+            "an API token is not signed out: revoke it to stop it "
+            f"(DELETE /api/v1/settings/tokens/{principal.credential.id}, or Settings -> API tokens)"
+        )
+    sessions.revoke_session(db, principal.session_id)
+    # its open progress streams and WebSockets end now (on other replicas, at their next check)
+    context.revocations.ended(sessions.SESSION_ENDED, session_id=principal.session_id)
     response = Response(status_code=204)
     response.delete_cookie(
         SESSION_COOKIE, path="/", domain=context.config.core.cookie_domain, httponly=True, samesite="lax",

@@ -30,12 +30,16 @@ EVENT_KEEPALIVE_SECONDS = 15.0
 
 
 class MountIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt read_only would leave the mount writable
+
     storage_id: str = Field(min_length=1, max_length=32)
     mount_path: str = Field(default="/home/user/data", min_length=2, max_length=400)
     read_only: bool = False
 
 
 class EnvironmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt mounts would start it without the buckets
+
     application: str = Field(min_length=1, max_length=63, description="Application id or slug from the catalog")
     name: str | None = Field(default=None, max_length=100)
     preset: str | None = Field(default=None, max_length=40, description="light, standard, heavy; or give cpu/memory")

@@ -395,9 +395,10 @@ async def download_archive(
     prefix: Annotated[list[ObjectKey], Form(max_length=100)] = [],  # noqa: B006
     base: Annotated[str, Form(max_length=MAX_OBJECT_KEY_BYTES)] = "",
 ) -> Response:
+    folder = service.archive_folder(base)
     storage, objects = await run_in_threadpool(service.selected_objects, db, context, user, storage_id, key, prefix)
-    chunks, size = service.zip_archive(context, storage.bucket_name, objects, base)
-    name = base.rstrip("/").rsplit("/", 1)[-1] or storage.display_name
+    chunks, size = service.zip_archive(context, storage.bucket_name, objects, folder)
+    name = folder.rstrip("/").rsplit("/", 1)[-1] or storage.display_name
     headers = {
         "Content-Length": str(size),
         "Content-Disposition": content_disposition(f"{name}.zip"),
