@@ -460,6 +460,17 @@ def test_seeded_applications_are_valid_catalog_entries() -> None:
             catalog.ApplicationCreate.model_validate(app.model_dump())
 
 
+def test_the_local_catalog_promises_no_package_the_servers_environment_may_lack() -> None:
+    """Found by a newcomer: the local JupyterLab card promised NumPy, SciPy, pandas and matplotlib,
+    which `./run serve` does not install (the local backend runs the server's own environment)."""
+    local = {app.slug: app for app in catalog.default_applications("local", IMAGE)}
+    in_image = {app.slug: app for app in catalog.default_applications("kubernetes", IMAGE)}
+    for package in ("NumPy", "SciPy", "pandas", "matplotlib"):
+        assert package not in local["jupyterlab"].summary
+        assert package in in_image["jupyterlab"].summary  # the image the project builds has them
+    assert "this server's own Python environment" in local["jupyterlab"].summary
+
+
 def test_files_application_serves_the_working_directory_on_a_private_socket(tmp_path: Path) -> None:
     files = next(app for app in catalog.default_applications("local", IMAGE) if app.slug == "files")
     bucket = tmp_path / "bucket"

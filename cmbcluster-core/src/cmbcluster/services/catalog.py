@@ -464,8 +464,13 @@ def default_applications(compute_backend: str, environment_image: str) -> list[A
         ApplicationCreate(
             slug="jupyterlab",
             name="JupyterLab",
+            # The image has the scientific stack; the local backend runs the server's own Python
+            # environment, which has what its operator installed there (JupyterLab, perhaps no NumPy).
             summary="Notebooks, a terminal and a file browser, with the scientific Python stack "
-            "(NumPy, SciPy, pandas, matplotlib...).",
+            "(NumPy, SciPy, pandas, matplotlib...)."
+            if not local
+            else "Notebooks, a terminal and a file browser, in this server's own Python environment: "
+            "its packages are those installed there.",
             image=environment_image,
             command=list(JUPYTER_COMMAND),
             port=8888,
