@@ -215,3 +215,27 @@ def test_every_request_gives_its_database_connection_back(
         answer = client.request(method, path, headers=alice, json=body)
         assert answer.status_code == status, (path, answer.text)
         assert pool.checkedout() == 0, (method, path)
+
+
+def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a newcomer: 99 of 171 lines of a few minutes' log were httpx's, one per request the
+    environment proxy passed on to JupyterLab. At INFO they are not written; at DEBUG they are."""
+    import logging
+
+    from cmbcluster.observability import configure_logging
+
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "uvicorn")}
+    try:
+        configure_logging("INFO")
+        logging.getLogger("httpx").info('HTTP Request: GET http://127.0.0.1/lab "HTTP/1.1 200 OK"')
+        logging.getLogger("cmbcluster").info("environment started")
+        configure_logging("DEBUG")
+        logging.getLogger("httpx").debug("HTTP Request: while debugging")
+        err = capsys.readouterr().err
+        assert "environment started" in err and "/lab" not in err and "while debugging" in err
+    finally:  # this process's logging as it was (pytest's own capture)
+        root.handlers[:], levels = kept[0], kept[2]
+        root.setLevel(kept[1])
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

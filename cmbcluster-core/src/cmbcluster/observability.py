@@ -56,6 +56,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # requests are counted in /metrics
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx writes a line at INFO for every request it sends: every request the environment proxy
+    # passes on (a JupyterLab page is dozens) and every cloud call. Shown at DEBUG only.
+    quiet = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 class Metrics:
