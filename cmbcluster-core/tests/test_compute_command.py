@@ -80,9 +80,12 @@ def test_a_missing_program_is_named_with_the_exact_fix(tmp_path: Path) -> None:
     message = missing_program(["jupyter-lab", "--no-browser"], search_path=empty)
     assert message is not None
     assert message.startswith("jupyter-lab is not installed on this server: ")
-    assert 'pip install "cmbcluster-core[jupyter]"' in message and sys.prefix in message
+    assert '"cmbcluster-core[jupyter]"' in message and "CMBCLUSTER_EXTRAS=jupyter ./run serve" in message
     streamlit = missing_program(["streamlit", "run", "x.py"], search_path=empty)
-    assert streamlit is not None and 'pip install "cmbcluster-core[streamlit]"' in streamlit
+    assert streamlit is not None and '"cmbcluster-core[streamlit]"' in streamlit
+    assert "CMBCLUSTER_EXTRAS=jupyter,streamlit ./run serve" in streamlit  # ./run serve's venv has no pip
+    # every scientist reads it: nothing of the server's files (found by a newcomer)
+    assert sys.prefix not in message and sys.prefix not in streamlit
     other = missing_program(["/nonexistent/tool"])
     assert other is not None and "install the program that provides it" in other
     assert rule_for(["streamlit", "run"]) is not None and rule_for(["ls"]) is None

@@ -101,8 +101,8 @@ class ApplicationRule:
     #: appended where a backend gives no token (Kubernetes: the ingress checks access), so that the
     #: program does not invent one of its own (an empty JUPYTER_TOKEN makes JupyterLab pick one)
     without_token_arguments: tuple[str, ...] = ()
-    #: how to install the program where the server runs, for the catalog's "not installed" notice
-    install: str = ""
+    #: cmbcluster-core's extra that installs the program, for the catalog's "not installed" notice
+    extra: str = ""
 
 
 APPLICATION_RULES: tuple[ApplicationRule, ...] = (
@@ -111,9 +111,9 @@ APPLICATION_RULES: tuple[ApplicationRule, ...] = (
         root_arguments=("--allow-root",),
         token_variable="JUPYTER_TOKEN",  # noqa: S106 - the variable's name
         without_token_arguments=("--IdentityProvider.token=",),
-        install='pip install "cmbcluster-core[jupyter]"',
+        extra="jupyter",
     ),
-    ApplicationRule(programs=(("streamlit",),), install='pip install "cmbcluster-core[streamlit]"'),
+    ApplicationRule(programs=(("streamlit",),), extra="streamlit"),
 )
 
 
@@ -185,7 +185,13 @@ def missing_program(command: Sequence[str], search_path: str | None = None) -> s
     if found:
         return None
     rule = rule_for(command)
-    where = f"the server's Python environment ({sys.prefix})"
-    how = rule.install if rule and rule.install else "install the program that provides it"
-    fix = f"{how} into {where}"
+    # Every user of the catalog reads this: how to fix it, not where the server's files are.
+    if rule is not None and rule.extra:
+        extras = ",".join(dict.fromkeys(("jupyter", rule.extra)))  # ./run serve's default is jupyter
+        fix = (
+            f'an administrator can pip install "cmbcluster-core[{rule.extra}]" into the server\'s Python '
+            f"environment (a server started from a clone: CMBCLUSTER_EXTRAS={extras} ./run serve)"
+        )
+    else:
+        fix = "an administrator can install the program that provides it where the server runs"
     return f"{program} is not installed on this server: {fix}, then reload this page"
