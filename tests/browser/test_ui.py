@@ -19,6 +19,7 @@ from cmbcluster.testing.process import ServeProcess
 
 from .conftest import (
     PROVIDER_DISPLAY_NAME,
+    SIZES,
     REPORTS,
     UNAUTHORIZED,
     ConsoleErrors,
@@ -134,6 +135,26 @@ def test_a_bucket_being_moved_is_marked_for_its_owner_and_its_progress_shown_to_
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
     expect(page.get_by_role("link", name="Planck maps")).to_be_visible()
     expect(page.get_by_text("being moved to")).to_have_count(0)
+    assert_clean(alice)
+
+
+def test_a_long_bucket_name_keeps_a_readable_width_on_a_desktop(alice: Session) -> None:
+    """Found by a newcomer: on a 1366-pixel screen the Storage list cut bucket names to "Planck-…"
+    while the other columns had room to spare. A name's column now keeps a readable width."""
+    page = alice.page
+    name = "Planck-LFI-30GHz-full-mission-frequency-maps-and-half-ring-splits-for-component-separation"
+    created = api(page, "POST", "/api/v1/storages", data={"display_name": name})
+    try:
+        page.set_viewport_size({"width": 1366, "height": 900})
+        page.goto("/storage/")
+        shown = page.get_by_role("link", name=name).locator(".name")
+        expect(shown).to_be_visible()
+        assert shown.evaluate("e => e.getBoundingClientRect().width") >= 250, "the name is cut to a few letters"
+        table = page.get_by_role("table", name="Your buckets")
+        assert table.evaluate("t => t.scrollWidth <= t.clientWidth"), "the table is wider than its place"
+    finally:
+        api(page, "DELETE", f"/api/v1/storages/{created['id']}")
+        page.set_viewport_size(SIZES["desktop"])
     assert_clean(alice)
 
 
