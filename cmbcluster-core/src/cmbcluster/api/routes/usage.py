@@ -53,6 +53,7 @@ class UsageReport(BaseModel):
     group_by: str
     currency: str
     estimate: str  # "estimates from <provider> list prices read on <date>, not a bill"
+    priced: bool = Field(description="False when no prices are configured: every amount is 0 and means nothing")
     prices_read_on: dt.date | None
     price_sources: list[str]
     rows: list[UsageRow]
