@@ -218,7 +218,7 @@ def test_restart_and_delete_the_environment(alice: Session) -> None:
     assert after["started_at"] != before["started_at"], "restart must start the environment again"
     assert after["env"] == before["env"], "restart keeps the environment's choices"
     row.get_by_role("button", name="Delete analysis").click()
-    dialog = page.get_by_role("dialog", name="Delete environments")
+    dialog = page.get_by_role("dialog", name="Delete environment")
     dialog.get_by_role("button", name="Delete").click()
     expect(page.get_by_text("You have no environment")).to_be_visible()
     assert api(page, "GET", "/api/v1/environments")["items"] == []

@@ -359,14 +359,15 @@ def test_stop_and_restart_ask_first_and_delete_says_what_goes_and_stays(dana: Se
     confirm = page.get_by_role("dialog", name="Stop environment")
     confirm.get_by_role("button", name="Stop").click()
     expect(row.locator(".badge")).to_have_text("stopped", timeout=30_000)
-    # Stopped: no question to start; its size and buckets can change.
+    # Stopped: no question to start (and Start, not also Restart); its size and buckets can change.
+    expect(row.get_by_role("button", name=f"Restart {name}", exact=True)).to_have_count(0)
     row.get_by_role("button", name=f"Edit {name}", exact=True).click()
     edit = page.get_by_role("dialog", name=f"Edit {name}")
     edit.get_by_role("radio", name=re.compile("^standard")).check()
     edit.get_by_role("button", name="Save").click()
     expect(row).to_contain_text("standard · 1 CPU · 2 GiB")
     row.get_by_role("button", name=f"Delete {name}", exact=True).click()
-    confirm = page.get_by_role("dialog", name="Delete environments")
+    confirm = page.get_by_role("dialog", name="Delete environment", exact=True)
     expect(confirm).to_contain_text("its own home folder")
     expect(confirm).to_contain_text(f"your buckets ({LONG_BUCKET}) and every file in them")
     confirm.get_by_role("button", name="Cancel").click()

@@ -452,9 +452,11 @@ export default function EnvironmentsPage() {
                       Start
                     </button>
                   )}
-                  <button type="button" disabled={action.busy} onClick={() => askOrDo([env], "restart")} aria-label={`Restart ${env.name}`}>
-                    Restart
-                  </button>
+                  {ACTIVE.has(env.status) ? ( // a stopped one has Start: a restart would be the same
+                    <button type="button" disabled={action.busy} onClick={() => askOrDo([env], "restart")} aria-label={`Restart ${env.name}`}>
+                      Restart
+                    </button>
+                  ) : null}
                   {ACTIVE.has(env.status) ? null : (
                     <button type="button" disabled={action.busy} onClick={() => setEditing(env)} aria-label={`Edit ${env.name}`}>
                       Edit
@@ -500,7 +502,11 @@ export default function EnvironmentsPage() {
           and in your buckets stay{stopping.target?.verb === "restart" ? "; it starts again with the same choices" : ""}.
         </p>
       </Confirm>
-      <Confirm {...deleting.dialog} title="Delete environments" confirmLabel="Delete">
+      <Confirm
+        {...deleting.dialog}
+        title={deleteTargets.length === 1 ? "Delete environment" : `Delete ${deleteTargets.length} environments`}
+        confirmLabel="Delete"
+      >
         <p>Delete {deleteTargets.map((env) => env.name).join(", ")}?</p>
         <p>
           <strong>Goes:</strong> the environment, its settings (size, variables, where buckets are mounted) and its own
