@@ -19,8 +19,8 @@ from cmbcluster.testing.process import ServeProcess
 
 from .conftest import (
     PROVIDER_DISPLAY_NAME,
-    SIZES,
     REPORTS,
+    SIZES,
     UNAUTHORIZED,
     ConsoleErrors,
     OpenSession,
