@@ -191,7 +191,7 @@ def test_launch_an_environment_watch_it_run_and_open_it(alice: Session) -> None:
     assert [m["display_name"] for m in environment["mounts"]] == ["Planck maps"]
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Dashboard").click()
     expect(page.get_by_role("list", name="Recent activity").get_by_text("analysis started")).to_be_visible()
-    expect(page.get_by_text("1 running of 1.")).to_be_visible()
+    expect(page.get_by_text("1 running, of your 1 environment.")).to_be_visible()
     screenshot(page, "dashboard")
     assert_clean(alice)
 

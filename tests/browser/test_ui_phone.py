@@ -125,6 +125,7 @@ def test_the_launch_progress_of_a_long_named_environment_stays_inside_its_dialog
         assert part.evaluate("e => e.getBoundingClientRect().right") <= right + 0.5, part
     progress = dialog.locator(".launch-progress")
     assert progress.evaluate("e => e.scrollWidth <= e.clientWidth"), "something in the progress is cut off"
+    expect(page.get_by_test_id("limits")).to_contain_text("1 running of")  # the page behind counts it already
     dialog.get_by_role("button", name="Close").click()
     assert_clean(erin)
 

@@ -84,7 +84,9 @@ export default function DashboardPage() {
           {environments.data && environments.data.length > 0 ? (
             <>
               <p>
-                {running.length} running of {environments.data.length}.
+                {/* "of your N": the other pages' "N running of M allowed" counts against the limit */}
+                {running.length} running, of your {environments.data.length} environment
+                {environments.data.length === 1 ? "" : "s"}.
               </p>
               <ul className="plain">
                 {environments.data.slice(0, 5).map((env) => (

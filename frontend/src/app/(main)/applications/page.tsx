@@ -278,7 +278,14 @@ export default function ApplicationsPage() {
         {launched ? (
           <LaunchProgress environment={launched} />
         ) : chosen ? (
-          <LaunchForm application={chosen} limits={mine.data?.limits} onLaunched={setLaunched} />
+          <LaunchForm
+            application={chosen}
+            limits={mine.data?.limits}
+            onLaunched={(environment) => {
+              setLaunched(environment);
+              void mine.reload(); // the page behind the dialog counts it at once
+            }}
+          />
         ) : null}
       </Dialog>
     </>
