@@ -287,6 +287,7 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         ({"application": "files", "cpu": 512, "memory_mib": 1024}, 400, ""),
         ({"application": "files", "env": {"1BAD": "x"}}, 400, ""),
         ({"application": "files", "env": {"PATH": "/evil"}}, 400, "reserved"),
+        ({"application": "files", "env": {"JUPYTER_TOKEN": "mine"}}, 400, "set by the application's launch"),
         ({"application": "files", "mounts": [{"storage_id": "nope", "mount_path": "/data"}]}, 404, "bucket"),
         ({"application": "files", "cpu": "lots"}, 422, ""),
         ({"application": "files", "name": "x" * 101}, 422, ""),
@@ -307,6 +308,15 @@ def test_bad_input_is_a_clear_4xx(
     assert response.status_code == status, response.text
     assert message in response.text
     assert client.get("/api/v1/environments", headers=alice).json()["items"] == []  # nothing half-created
+
+
+def test_an_edit_refuses_a_variable_the_launch_sets(client: TestClient, alice: dict[str, str]) -> None:
+    env = create_env(client, alice, start=False, env={"RUN_LABEL": "first"})
+    for name in ("JUPYTER_TOKEN", "PORT", "CMBCLUSTER_BASE_PATH"):
+        edited = client.patch(f"/api/v1/environments/{env['id']}", headers=alice, json={"env": {name: "mine"}})
+        assert edited.status_code == 400, edited.text
+        assert "set by the application's launch" in edited.json()["message"] and name in edited.json()["message"]
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["env"] == {"RUN_LABEL": "first"}
 
 
 def test_bad_mount_paths(client: TestClient, alice: dict[str, str]) -> None:

@@ -12,10 +12,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cmbcluster.compute.command import LaunchValues, standard_variables
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import ApiToken, AuditEvent, EnvVar, SecretFile
 from cmbcluster.security import Sealer
 from cmbcluster.services import user_settings
+from cmbcluster.services.catalog import JUPYTER_COMMAND
 
 SETTINGS = "/api/v1/settings"
 OCTETS = {"Content-Type": "application/octet-stream"}
@@ -97,6 +99,22 @@ def test_reserved_env_var_names_are_refused_with_a_reason(client: TestClient, al
     assert answer.status_code == 400, answer.text
     message = answer.json()["message"]
     assert "reserved" in message and ":" in message  # says why
+    assert client.get(f"{SETTINGS}/env-vars", headers=alice).json() == []
+
+
+#: every variable a launch sets, JupyterLab's token variable included (a start with a port and a token)
+LAUNCHED = standard_variables(
+    LaunchValues(environment_id="e1", host="127.0.0.1", port=8888, base_url="/environments/e1/", token="t"),
+    JUPYTER_COMMAND,
+)
+
+
+@pytest.mark.parametrize("name", [*sorted(LAUNCHED), "jupyter_token"])
+def test_names_the_launch_sets_are_refused_saying_so(client: TestClient, alice: dict[str, str], name: str) -> None:
+    """Accepted, they were silently replaced by the launch's own value (found by an outsider)."""
+    answer = client.put(f"{SETTINGS}/env-vars/{name}", json={"value": "mine"}, headers=alice)
+    assert answer.status_code == 400, answer.text
+    assert "set by the application's launch" in answer.json()["message"]
     assert client.get(f"{SETTINGS}/env-vars", headers=alice).json() == []
 
 

@@ -117,6 +117,14 @@ APPLICATION_RULES: tuple[ApplicationRule, ...] = (
 )
 
 
+#: Every variable an application's launch may set (:func:`standard_variables`: the standard ones and
+#: the rules' token variables). The launch's value wins, so user settings refuse these names.
+LAUNCH_VARIABLES = frozenset(
+    {"HOST", "PORT", "CMBCLUSTER_ENVIRONMENT_ID", "CMBCLUSTER_BASE_PATH"}
+    | {rule.token_variable for rule in APPLICATION_RULES if rule.token_variable}
+)
+
+
 def rule_for(command: Sequence[str]) -> ApplicationRule | None:
     """The rule of the command's program, matched on its file name (a full path works too)."""
     if not command:
@@ -151,7 +159,8 @@ def takes_token(command: Sequence[str]) -> bool:
 
 
 def standard_variables(values: LaunchValues, command: Sequence[str]) -> dict[str, str]:
-    """The variables every environment gets on every backend (a pod gets the same names)."""
+    """The variables every environment gets on every backend (a pod gets the same names), all of
+    them in :data:`LAUNCH_VARIABLES`."""
     variables = {
         "HOST": values.host,
         "CMBCLUSTER_ENVIRONMENT_ID": values.environment_id,

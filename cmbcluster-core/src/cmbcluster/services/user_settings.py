@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cmbcluster.compute.command import LAUNCH_VARIABLES
 from cmbcluster.db.models import EnvVar, SecretFile, new_id, utcnow
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from cmbcluster.security import Sealer
@@ -41,18 +42,20 @@ ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 _SET_BY_ENVIRONMENT = "the environment sets it itself"
-_SET_BY_CMBCLUSTER = "CMBCluster sets it so the application listens where the proxy expects it"
+_SET_BY_LAUNCH = (
+    "it is set by the application's launch (where it listens, the path it is served under, its token), "
+    "whose value would replace yours"
+)
 _CHANGES_CODE = "it changes which code the environment runs"
 #: names users may not set, and why (compared case-insensitively)
 RESERVED_ENV_VAR_NAMES: dict[str, str] = {
+    **dict.fromkeys(LAUNCH_VARIABLES, _SET_BY_LAUNCH),
     "PATH": _SET_BY_ENVIRONMENT,
     "HOME": _SET_BY_ENVIRONMENT,
     "USER": _SET_BY_ENVIRONMENT,
     "SHELL": _SET_BY_ENVIRONMENT,
     "PWD": _SET_BY_ENVIRONMENT,
     "HOSTNAME": _SET_BY_ENVIRONMENT,
-    "PORT": _SET_BY_CMBCLUSTER,
-    "HOST": _SET_BY_CMBCLUSTER,
     "LD_PRELOAD": _CHANGES_CODE,
     "LD_LIBRARY_PATH": _CHANGES_CODE,
     "PYTHONPATH": _CHANGES_CODE,
@@ -87,7 +90,8 @@ def validate_env_var_name(name: str) -> str:
     """The name, if a user may set it; InvalidRequest (400) saying why otherwise.
 
     Names are shell-style identifiers (``^[A-Za-z_][A-Za-z0-9_]*$``, at most 128 characters)
-    and none of the reserved names or prefixes (``PATH``, ``PORT``, ``AWS_``...).
+    and none of the reserved names or prefixes (``PATH``, ``AWS_``..., and every variable the
+    application's launch sets: ``PORT``, ``JUPYTER_TOKEN``...).
     """
     if not name:
         raise InvalidRequest("an environment variable name is required")
