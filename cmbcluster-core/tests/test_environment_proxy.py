@@ -25,7 +25,7 @@ from cmbcluster.services.environments import ACTIVITY_WRITE_INTERVAL
 from cmbcluster.testing.api import LOCAL
 
 APPLICATION = r"""
-import hashlib, sys
+import hashlib, json, sys
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -93,6 +93,9 @@ async def socket(websocket):
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
+        if message.get("text") == "headers":
+            await websocket.send_text(json.dumps(dict(websocket.headers)))
+            continue
         if message.get("text") == "bye":
             await websocket.close(code=4001)
             return
@@ -185,6 +188,28 @@ def test_the_owner_reaches_the_application_with_its_token_and_nothing_of_the_con
     # redirects come back as the application made them (it knows its base path)
     moved = client.get(f"/environments/{env_id}/moved", headers=alice, follow_redirects=False)
     assert moved.status_code == 302 and moved.headers["location"] == f"/environments/{env_id}/echo"
+
+
+def test_the_application_sees_the_proxys_forwarding_facts_never_the_clients_claims(
+    client: TestClient, alice: dict[str, str], running: dict[str, Any]
+) -> None:
+    """An application that reads Forwarded or X-Real-IP believed what the client said (found by an
+    outsider); a WebSocket's X-Forwarded-* passed as the client sent them."""
+    claims = {
+        "Forwarded": "for=203.0.113.9;proto=https;host=bank.example", "X-Real-IP": "203.0.113.9",
+        "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "bank.example",
+        "X-Forwarded-Port": "443",
+    }  # fmt: skip
+    facts = {"x-forwarded-for": "testclient", "x-forwarded-proto": "http"}
+    seen = client.get(f"{running['url']}echo", headers={**alice, **claims}).json()["headers"]
+    assert "forwarded" not in seen and "x-real-ip" not in seen and "x-forwarded-port" not in seen
+    assert {k: seen[k] for k in facts} == facts and seen["x-forwarded-host"] == "127.0.0.1"
+    # (TestClient opens every WebSocket at ws://testserver, whatever its base URL)
+    with client.websocket_connect(f"{running['url']}socket", headers={**alice, **claims}) as socket:
+        socket.send_text("headers")
+        handshake = json.loads(socket.receive_text())
+    assert "forwarded" not in handshake and "x-real-ip" not in handshake and "x-forwarded-port" not in handshake
+    assert {k: handshake[k] for k in facts} == facts and handshake["x-forwarded-host"] == "testserver"
 
 
 def test_an_applications_cookies_reach_no_other_environment(

@@ -8,8 +8,10 @@ each one listens (:meth:`~cmbcluster.interfaces.ComputeBackend.upstream`); the r
 Both directions stream: request and response bodies pass chunk by chunk (httpx), WebSocket
 messages one by one (the ``websockets`` client upstream, Starlette's WebSocket downstream), so
 memory stays flat whatever the size. What the application must never see is removed: the
-control plane's own cookies and bearer tokens. What the browser must never see is never sent to
-it: the application's token travels only from the proxy to the application.
+control plane's own cookies and bearer tokens, and what the client claims of the forwarding
+(``Forwarded``, ``X-Real-IP``, ``X-Forwarded-*``), replaced by what the proxy knows. What the
+browser must never see is never sent to it: the application's token travels only from the proxy
+to the application.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import httpx
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -43,6 +45,10 @@ WEBSOCKET_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin",
      "host", "content-length"}
 )  # fmt: skip
+#: What a client says of how its request was forwarded (its address, scheme, host), besides every
+#: ``X-Forwarded-*``: never passed on, since an application that reads it would believe the client.
+#: The proxy states the facts itself (:func:`_forwarding_facts`).
+FORWARDING_CLAIMS = frozenset({"forwarded", "x-real-ip"})
 #: Bearer tokens of the control plane (sessions and API tokens): never passed on to an application.
 OWN_TOKEN_PREFIXES = ("cmbs_", "cmbt_")
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -150,7 +156,7 @@ class EnvironmentProxy:
         headers: list[tuple[bytes, bytes]] = []
         for name, value in request.headers.raw:
             lowered = name.lower().decode("latin-1")
-            if lowered in HOP_BY_HOP or lowered.startswith("x-forwarded-"):
+            if lowered in HOP_BY_HOP or _is_forwarding_claim(lowered):
                 continue
             if lowered == "cookie":
                 kept = self._without_own_cookies(value.decode("latin-1"))
@@ -160,12 +166,7 @@ class EnvironmentProxy:
             if lowered == "authorization" and (_is_own_token(value) or upstream.headers):
                 continue
             headers.append((name, value))
-        client = request.client.host if request.client else ""
-        headers += [
-            (b"x-forwarded-for", client.encode("latin-1")),
-            (b"x-forwarded-proto", request.url.scheme.encode("latin-1")),
-            (b"x-forwarded-host", request.headers.get("host", "").encode("latin-1")),
-        ]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in _forwarding_facts(request)]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in upstream.headers.items()]
         return headers
 
@@ -213,6 +214,7 @@ class EnvironmentProxy:
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in websocket.headers.raw
             if name.lower().decode("latin-1") not in HOP_BY_HOP | WEBSOCKET_HANDSHAKE
+            and not _is_forwarding_claim(name.lower().decode("latin-1"))
             and not (name.lower() == b"authorization" and (_is_own_token(value) or upstream.headers))
         ]
         headers = [
@@ -220,6 +222,7 @@ class EnvironmentProxy:
             for name, value in headers
             if name.lower() != "cookie" or self._without_own_cookies(value)
         ]
+        headers += _forwarding_facts(websocket)
         headers += list(upstream.headers.items())
         options: dict[str, Any] = {
             "additional_headers": headers, "subprotocols": websocket.scope.get("subprotocols") or None,
@@ -317,6 +320,21 @@ def _has_body(request: Request) -> bool:
     return ("content-length" in request.headers and request.headers["content-length"] != "0") or (
         "transfer-encoding" in request.headers
     )
+
+
+def _is_forwarding_claim(lowered_name: str) -> bool:
+    return lowered_name in FORWARDING_CLAIMS or lowered_name.startswith("x-forwarded-")
+
+
+def _forwarding_facts(connection: HTTPConnection) -> list[tuple[str, str]]:
+    """What the proxy tells an application of the request it passes on, HTTP and WebSocket alike:
+    the address it came from, its scheme (``http``/``https``, a WebSocket's too) and its Host."""
+    scheme = {"ws": "http", "wss": "https"}.get(connection.url.scheme, connection.url.scheme)
+    return [
+        ("x-forwarded-for", connection.client.host if connection.client else ""),
+        ("x-forwarded-proto", scheme),
+        ("x-forwarded-host", connection.headers.get("host", "")),
+    ]
 
 
 def _is_own_token(value: bytes) -> bool:
