@@ -375,6 +375,35 @@ def test_listing_with_prefixes_and_pages(client: TestClient, alice: Headers) -> 
     assert client.get(url, params={"prefix": "a/../"}, headers=alice).status_code == 400
 
 
+def test_a_prefix_no_key_could_start_with_is_refused_as_a_key_would_be(client: TestClient, alice: Headers) -> None:
+    """A partial prefix lists what starts with it, a name starting with dots included (".", "maps/.."
+    were refused as if they were whole names); one no key can start with is a 400 in the key's words."""
+    sid = create(client, alice)["id"]
+    for key in (".config/a.json", "maps/.hidden", "maps/..old/b.txt", "maps/planck.fits"):
+        assert put(client, alice, sid, key, b"x").status_code == 201, key
+    url = f"{API}/{sid}/objects"
+
+    def listed(prefix: str, delimiter: bool = True) -> list[str]:
+        answer = client.get(url, params={"prefix": prefix, "delimiter": delimiter}, headers=alice)
+        assert answer.status_code == 200, (prefix, answer.text)
+        names: list[str] = keys(answer.json()) + answer.json()["prefixes"]
+        return names
+
+    assert listed(".") == [".config/"]
+    assert listed("maps/.") == ["maps/.hidden", "maps/..old/"]
+    assert listed("maps/..", delimiter=False) == ["maps/..old/b.txt"]
+    assert listed("ma") == ["maps/"] and listed("maps/") == ["maps/.hidden", "maps/planck.fits", "maps/..old/"]
+    assert listed("maps/pl") == ["maps/planck.fits"]
+    for prefix, like_key in (
+        ("maps/a\x00b", "a\x00b"), ("maps\\", "a\\b"), ("\x7f", "a\x7fb"), ("maps/../", "maps/../x"),
+        ("maps//", "maps//x"), ("/", "/x"), ("x" * 256, "x" * 256),
+    ):  # fmt: skip
+        refused = client.get(url, params={"prefix": prefix}, headers=alice)
+        as_key = client.post(f"{url}/delete", json={"keys": [like_key]}, headers=alice)  # a URL would drop '..'
+        assert refused.status_code == as_key.status_code == 400, (prefix, refused.text, as_key.text)
+        assert refused.json()["message"] == as_key.json()["message"], prefix
+
+
 def test_delete_one_and_many(client: TestClient, alice: Headers) -> None:
     sid = create(client, alice)["id"]
     for key in ("a/1", "a/2", "b", "c"):

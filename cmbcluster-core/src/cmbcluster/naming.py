@@ -209,7 +209,13 @@ def validate_new_object_key(key: str) -> str:
 
 
 def validate_object_prefix(prefix: str) -> str:
-    """A listing prefix: empty, or a key prefix (which may end with '/')."""
+    """A listing prefix: empty, or the start of some key that :func:`validate_object_key` accepts,
+    refused in its words otherwise (a NUL, a backslash, an empty or ``..`` segment...).
+
+    A prefix may stop anywhere in a name: after a folder's ``/`` (``maps/``), inside a name
+    (``ma``), or inside one that starts with dots (``.`` of ``.config``, ``maps/..`` of
+    ``maps/..old``), where the name so far is not a valid one yet, but the next character makes it."""
     if prefix:
-        validate_object_key(prefix.removesuffix("/"))
+        last = prefix.rpartition("/")[2]
+        validate_object_key(prefix + "x" if last in {"", ".", ".."} else prefix)
     return prefix
