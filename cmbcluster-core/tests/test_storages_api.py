@@ -375,6 +375,35 @@ def test_listing_with_prefixes_and_pages(client: TestClient, alice: Headers) -> 
     assert client.get(url, params={"prefix": "a/../"}, headers=alice).status_code == 400
 
 
+def test_a_page_token_this_server_never_gave_is_a_400(client: TestClient, alice: Headers) -> None:
+    """'zzz' listed from after 'zzz' (an empty page, or the first one: found by an outsider); a token
+    carries on the listing it was given for only."""
+    sid = create(client, alice)["id"]
+    other = create(client, alice, "other")["id"]
+    for key in ("a/1.txt", "a/2.txt", "a/3.txt", "b.txt"):
+        assert put(client, alice, sid, key, b"x").status_code == 201
+    url = f"{API}/{sid}/objects"
+    first = client.get(url, params={"prefix": "a/", "page_size": 2}, headers=alice).json()
+    token = first["next_page_token"]
+    assert keys(first) == ["a/1.txt", "a/2.txt"] and token
+    rest = client.get(url, params={"prefix": "a/", "page_size": 2, "page_token": token}, headers=alice)
+    assert keys(rest.json()) == ["a/3.txt"] and rest.json()["next_page_token"] is None
+    # what the local backend's tokens were (the last key), forged, cut or changed ones
+    middle = len(token) // 2
+    changed = token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
+    for forged in ("zzz", "a/2.txt", token[:-4], changed, "é"):
+        answer = client.get(url, params={"prefix": "a/", "page_token": forged}, headers=alice)
+        assert answer.status_code == 400, (forged, answer.text)
+        assert answer.json()["message"].startswith("page_token is not one this server gave: start from the first")
+    for elsewhere in (
+        {"prefix": "b", "page_token": token}, {"prefix": "a/", "delimiter": "false", "page_token": token},
+    ):  # fmt: skip
+        answer = client.get(url, params=elsewhere, headers=alice)
+        assert answer.status_code == 400 and "given for another listing" in answer.json()["message"], elsewhere
+    another_bucket = client.get(f"{API}/{other}/objects", params={"prefix": "a/", "page_token": token}, headers=alice)
+    assert another_bucket.status_code == 400 and "another listing" in another_bucket.json()["message"]
+
+
 def test_a_prefix_no_key_could_start_with_is_refused_as_a_key_would_be(client: TestClient, alice: Headers) -> None:
     """A partial prefix lists what starts with it, a name starting with dots included (".", "maps/.."
     were refused as if they were whole names); one no key can start with is a 400 in the key's words."""

@@ -8211,7 +8211,7 @@ export interface operations {
             query?: {
                 /** @description Only keys starting with this */
                 prefix?: string;
-                /** @description next_page_token of the previous page */
+                /** @description next_page_token of the previous page of this listing (the same prefix and delimiter); any other token is a 400 */
                 page_token?: string | null;
                 page_size?: number;
                 /** @description true: one folder level ('/'-delimited) with sub-folders in prefixes; false: all */

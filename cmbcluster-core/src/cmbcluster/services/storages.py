@@ -10,7 +10,10 @@ call that may take long (a bucket's creation or deletion, a transfer, a usage me
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -332,10 +335,53 @@ def list_objects(
     page_token: str | None,
     page_size: int,
 ) -> ObjectPage:
-    """One page of the objects of the caller's storage under ``prefix``."""
+    """One page of the objects of the caller's storage under ``prefix``; ``page_token`` and the
+    page's ``next_token`` are this server's sealed tokens (:func:`_seal_page_token`)."""
     bucket = usable_bucket(db, context, user, storage_id)
     validate_object_prefix(prefix)
-    return context.storage.list_objects(bucket, prefix, delimiter=delimiter, page_token=page_token, page_size=page_size)
+    listing = _listing_digest(storage_id, prefix, delimiter)
+    page = context.storage.list_objects(
+        bucket, prefix, delimiter=delimiter, page_token=_unseal_page_token(context, listing, page_token),
+        page_size=page_size,
+    )  # fmt: skip
+    return replace(page, next_token=_seal_page_token(context, listing, page.next_token))
+
+
+#: The Sealer purpose of the objects listing's page tokens.
+PAGE_TOKEN_PURPOSE = "object-page-tokens"  # noqa: S105 - a key-derivation label, not a secret
+_LISTING_DIGEST_BYTES = 16
+
+
+def _listing_digest(storage_id: str, prefix: str, delimiter: str | None) -> bytes:
+    """What a page token is given for: one bucket's listing under one prefix, with or without folders."""
+    return hashlib.sha256(json.dumps([storage_id, prefix, delimiter]).encode()).digest()[:_LISTING_DIGEST_BYTES]
+
+
+def _seal_page_token(context: AppContext, listing: bytes, token: str | None) -> str | None:
+    """The backend's next-page token as the API gives it: sealed with the listing it continues.
+
+    A backend's token is its own business (the local backend's is a key, S3's is S3's), so a token
+    no server gave could only be refused by guessing at each; sealed, any other is refused alike."""
+    if token is None:
+        return None
+    sealed = context.sealer(PAGE_TOKEN_PURPOSE).seal(listing + token.encode())
+    return base64.urlsafe_b64encode(sealed).decode("ascii").rstrip("=")
+
+
+def _unseal_page_token(context: AppContext, listing: bytes, given: str | None) -> str | None:
+    if not given:
+        return None
+    try:
+        plain = context.sealer(PAGE_TOKEN_PURPOSE).unseal(base64.urlsafe_b64decode(given + "=" * (-len(given) % 4)))
+        token = plain[_LISTING_DIGEST_BYTES:].decode()
+    except ValueError:  # not base64, not sealed by this server (or its previous key), not text
+        raise InvalidRequest("page_token is not one this server gave: start from the first page without it") from None
+    if plain[:_LISTING_DIGEST_BYTES] != listing:
+        raise InvalidRequest(
+            "page_token was given for another listing (another bucket, prefix or delimiter): "
+            "start from the first page without it"
+        )
+    return token
 
 
 def head_object(context: AppContext, bucket: str, key: str) -> ObjectInfo:

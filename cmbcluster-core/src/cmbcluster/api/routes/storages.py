@@ -308,7 +308,12 @@ def list_objects(
     context: Context,
     prefix: Annotated[str, Query(max_length=MAX_OBJECT_KEY_BYTES, description="Only keys starting with this")] = "",
     page_token: Annotated[
-        str | None, Query(max_length=4096, description="next_page_token of the previous page")
+        str | None,
+        Query(
+            max_length=8192,
+            description="next_page_token of the previous page of this listing (the same prefix and delimiter); "
+            "any other token is a 400",
+        ),
     ] = None,
     page_size: Annotated[int, Query(ge=1, le=1000)] = 1000,
     delimiter: Annotated[
