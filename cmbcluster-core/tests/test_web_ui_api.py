@@ -126,10 +126,21 @@ def test_parse_card_reads_strings_numbers_and_comments() -> None:
 def test_duplicate_bucket_names_are_refused(client: TestClient, alice: Headers, bob: Headers) -> None:
     bucket(client, alice, "CMB maps 2026")
     bucket(client, alice, "ΣΦΧ Planck")  # letters outside ASCII: the database's lower() knows only ASCII
-    for same in ("CMB maps 2026", "  cmb MAPS 2026 ", "ΣΦΧ Planck", "σφχ planck"):
+    bucket(client, alice, "КОСМОЛОГИЯ données 宇宙")
+    # the refusal names the bucket the person has, as they named it, not the name just typed
+    for same, existing, note in [
+        ("CMB maps 2026", "CMB maps 2026", False),
+        ("  cmb MAPS 2026 ", "CMB maps 2026", True),
+        ("ΣΦΧ Planck", "ΣΦΧ Planck", False),
+        ("σφχ planck", "ΣΦΧ Planck", True),
+        ("КОСМОЛОГИЯ DONNÉES 宇宙", "КОСМОЛОГИЯ données 宇宙", True),
+    ]:
         refused = client.post(API, json={"display_name": same}, headers=alice)
-        assert refused.status_code == 409 and "already have a bucket named" in refused.json()["message"]
-    assert len(client.get(API, headers=alice).json()["storages"]) == 2
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["message"]
+        assert message.startswith(f"you already have a bucket named {existing!r}"), message
+        assert ("names are compared ignoring case" in message) == note, message
+    assert len(client.get(API, headers=alice).json()["storages"]) == 3
     bucket(client, bob, "CMB maps 2026")  # another person's names are theirs
 
 

@@ -110,11 +110,13 @@ def test_signed_in_with_words_gib_one_bucket_and_a_favicon(dana: Session, server
     page.get_by_label("Name", exact=True).fill(LONG_BUCKET)
     page.get_by_role("button", name="Create bucket").click()
     expect(page.get_by_role("link", name=LONG_BUCKET)).to_be_visible()
-    # Duplicate names are refused, by the server, in words.
+    # Duplicate names are refused, by the server, in words, naming the bucket Dana has (not the name typed).
     with expecting(dana, "status of 409"):
         page.get_by_label("Name", exact=True).fill(LONG_BUCKET.upper())
         page.get_by_role("button", name="Create bucket").click()
-        expect(page.get_by_role("alert").filter(has_text="you already have a bucket named")).to_be_visible()
+        expect(page.get_by_role("alert").filter(has_text="you already have a bucket named")).to_contain_text(
+            f"you already have a bucket named '{LONG_BUCKET}' (names are compared ignoring case)"
+        )
     assert len(api(page, "GET", "/api/v1/storages")["storages"]) == 1
     go(page, "Dashboard")
     expect(page.get_by_text("in 1 bucket.")).to_be_visible()

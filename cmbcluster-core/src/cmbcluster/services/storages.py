@@ -155,7 +155,7 @@ def create_storage(
         db.add(storage)
         db.flush()
         _check_limit(db, user, max_buckets, adding=1)
-        _check_unique_name(db, user, display_name, adding=1)
+        _check_unique_name(db, user, display_name, new_id=storage.id)
         audit(db, actor_id=user.id, action="storage.created", target_type="storage", target_id=storage.id,
               display_name=display_name, bucket=info.name, backend=backend_name,
               storage_class=str(info.storage_class))  # fmt: skip
@@ -178,17 +178,20 @@ def _check_limit(db: Session, user: User, max_buckets: int, *, adding: int) -> N
         )
 
 
-def _check_unique_name(db: Session, user: User, display_name: str, *, adding: int = 0) -> None:
+def _check_unique_name(db: Session, user: User, display_name: str, *, new_id: str | None = None) -> None:
     """A person tells their buckets apart by name: two of one user's buckets never share one (case
     and surrounding spaces aside). Checked before the bucket is made, and again in the inserting
-    transaction, like the limit."""
+    transaction (``new_id``: the row being inserted, not a clash with itself), like the limit."""
     # Compared here, not with the database's lower(), which folds ASCII only on SQLite ("ΣΦΧ" twice
     # passed); a person has a few dozen buckets at most.
     wanted = display_name.strip().casefold()
-    names = db.execute(select(Storage.display_name).where(Storage.user_id == user.id)).scalars()
-    same = sum(1 for name in names if name.strip().casefold() == wanted)
-    if same > adding:
-        raise AlreadyExists(f"you already have a bucket named {display_name.strip()!r}: choose another name")
+    rows = db.execute(select(Storage.id, Storage.display_name).where(Storage.user_id == user.id)).all()
+    existing = next((name for id_, name in rows if id_ != new_id and name.strip().casefold() == wanted), None)
+    if existing is not None:
+        # The existing bucket's name as stored: the one typed may differ in case, and would read as a
+        # bucket the person never made.
+        how = "" if existing.strip() == display_name.strip() else " (names are compared ignoring case)"
+        raise AlreadyExists(f"you already have a bucket named {existing.strip()!r}{how}: choose another name")
 
 
 def _delete_orphan_bucket(backend: StorageBackend, bucket: str) -> None:
