@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,16 @@ def chosen_tests(session: nox.Session, *default: str) -> list[str]:
     return args if names_tests else [*default, *args]
 
 
-def install_packages(session: nox.Session, *, extras: str = "test", core_extras: str = "") -> None:
-    """Install the three distributions from this checkout, editable, with their test extras (and
-    ``core_extras`` of cmbcluster-core besides: ``jupyter`` where JupyterLab runs)."""
+def install_packages(
+    session: nox.Session, *, extras: str = "test", core_extras: str = "", clouds: Sequence[str] = ("aws", "gcp")
+) -> None:
+    """Install cmbcluster-core and the cloud plugins ``clouds`` (all three distributions by default) from
+    this checkout, editable, with their test extras (and ``core_extras`` of cmbcluster-core besides:
+    ``jupyter`` where JupyterLab runs)."""
     args = []
     for name, dist in PACKAGES.items():
+        if name != "core" and name not in clouds:
+            continue
         wanted = ",".join(e for e in (extras, core_extras if name == "core" else "") if e)
         args += ["-e", f"{ROOT / dist}[{wanted}]" if wanted else str(ROOT / dist)]
     session.install(*args)
@@ -318,10 +323,40 @@ def helm_rbac(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
     """Run `cmbcluster serve` on the embedded default, with JupyterLab (extra arguments go to serve;
-    CMBCLUSTER_EXTRAS=jupyter,streamlit adds the Streamlit example's program)."""
-    install_packages(session, extras="", core_extras=os.environ.get("CMBCLUSTER_EXTRAS", "jupyter"))
+    CMBCLUSTER_EXTRAS=jupyter,streamlit adds the Streamlit example's program; CLOUD_PROVIDER=aws or gcp
+    installs that cloud's plugin, and only then)."""
+    clouds = serve_clouds(os.environ)
+    install_packages(session, extras="", core_extras=os.environ.get("CMBCLUSTER_EXTRAS", "jupyter"), clouds=clouds)
+    uninstall_other_clouds(session, keep=clouds)
     build_ui(session)
     serve_until_stopped(session, *session.posargs)
+
+
+def serve_clouds(environ: Mapping[str, str]) -> list[str]:
+    """The cloud plugins `./run serve` installs: the one CLOUD_PROVIDER names, none when it is unset.
+
+    The README's `./run serve` serves the embedded default, which needs neither plugin (nor boto3 and
+    Google's libraries). Installed anyway, they made the server warn "CLOUD_PROVIDER is not set ...
+    although cloud plugins are installed", which is meant for an operator who installed a plugin and
+    forgot to choose it, and which a newcomer read as their own mistake."""
+    chosen = environ.get("CMBCLUSTER_CLOUD_PROVIDER") or environ.get("CLOUD_PROVIDER") or ""
+    return [chosen] if chosen in PACKAGES and chosen != "core" else []
+
+
+def uninstall_other_clouds(session: nox.Session, *, keep: Sequence[str]) -> None:
+    """Remove the cloud plugins an earlier run left in this reused environment (`./run serve` installed
+    both before `serve_clouds`): the server has what this run chose, and no leftover brings the warning back.
+    Looked up on disk first, so that the usual run, with nothing to remove, runs nothing."""
+    site_packages = list(Path(session.bin).parent.glob("lib/python*/site-packages"))
+    stale = [
+        f"cmbcluster-{name}" for name in PACKAGES
+        if name != "core" and name not in keep
+        and any(found for site in site_packages for found in site.glob(f"cmbcluster_{name}-*.dist-info"))
+    ]  # fmt: skip
+    if stale and session.venv_backend == "uv":
+        session.run("uv", "pip", "uninstall", *stale, silent=True)  # quiet as an install: nox names the command
+    elif stale:
+        session.run("python", "-m", "pip", "uninstall", "--yes", *stale, silent=True)
 
 
 def serve_until_stopped(session: nox.Session, *args: str) -> None:

@@ -64,6 +64,8 @@ def test_run_serve_stops_cleanly_with_its_environments(
     run = RunServe(tmp_path, data_dir)
     runs.append(run)
     run.wait_ready(FIRST_START_SECONDS)
+    # the README's first command starts without a warning (one about CLOUD_PROVIDER read as the newcomer's fault)
+    assert '"level": "warning"' not in run.output(), run.output()
     headers, environment_id = start_environment(run.url)
     pid = environment_pid(data_dir, environment_id)
     assert alive(pid) and pid in run.group()

@@ -1,4 +1,5 @@
-"""The nox sessions' arguments: naming tests runs those tests only; options alone apply to the whole session."""
+"""The nox sessions' arguments: naming tests runs those tests only; options alone apply to the whole session.
+What `./run serve` installs: the cloud plugin CLOUD_PROVIDER names, and no other."""
 
 from __future__ import annotations
 
@@ -48,3 +49,69 @@ def test_arguments_that_name_tests_replace_the_sessions_own(
 ) -> None:
     session = types.SimpleNamespace(posargs=posargs)
     assert noxfile.chosen_tests(session, "tests/browser") == pytest_args
+
+
+class FakeSession:
+    """What the serve session asks of nox: what it installs and runs, in a virtual environment at ``venv``."""
+
+    def __init__(self, venv: Path) -> None:
+        self.posargs: list[str] = []
+        self.bin = str(venv / "bin")
+        self.venv_backend = "uv"
+        self.installed: list[str] = []
+        self.ran: list[tuple[str, ...]] = []
+
+    def install(self, *args: str) -> None:
+        self.installed += [Path(arg).name for arg in args if arg != "-e"]  # cmbcluster-core[jupyter]
+
+    def run(self, *args: str, silent: bool = False) -> None:
+        self.ran.append(args)
+
+
+def served(noxfile: Any, monkeypatch: pytest.MonkeyPatch, venv: Path, **environ: str) -> FakeSession:
+    """The serve session run with ``environ`` (the UI build and the server left out)."""
+    monkeypatch.delenv("CLOUD_PROVIDER", raising=False)
+    monkeypatch.delenv("CMBCLUSTER_CLOUD_PROVIDER", raising=False)
+    monkeypatch.delenv("CMBCLUSTER_EXTRAS", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(noxfile, "build_ui", lambda session: None)
+    monkeypatch.setattr(noxfile, "serve_until_stopped", lambda session, *args: None)
+    session = FakeSession(venv)
+    noxfile.serve(session)
+    return session
+
+
+def installed_earlier(venv: Path, *names: str) -> None:
+    site_packages = venv / "lib" / "python3.11" / "site-packages"
+    for name in names:
+        (site_packages / f"{name.replace('-', '_')}-0.1.0.dist-info").mkdir(parents=True)
+
+
+def test_run_serve_installs_no_cloud_plugin_for_the_embedded_default(
+    noxfile: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # with a cloud plugin installed and CLOUD_PROVIDER unset, the server warns the operator who forgot to
+    # choose it: the README's first command must not lead a newcomer there
+    fresh = served(noxfile, monkeypatch, tmp_path / "fresh")
+    assert fresh.installed == ["cmbcluster-core[jupyter]"]
+    assert fresh.ran == []  # nothing to remove: nothing run
+    # a clone set up before installed both: they go
+    installed_earlier(tmp_path / "old", "cmbcluster-core", "cmbcluster-aws", "cmbcluster-gcp")
+    old = served(noxfile, monkeypatch, tmp_path / "old")
+    assert old.ran == [("uv", "pip", "uninstall", "cmbcluster-aws", "cmbcluster-gcp")]
+
+
+def test_run_serve_installs_the_plugin_cloud_provider_names(
+    noxfile: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    installed_earlier(tmp_path / "venv", "cmbcluster-core", "cmbcluster-aws", "cmbcluster-gcp")
+    gcp = served(noxfile, monkeypatch, tmp_path / "venv", CLOUD_PROVIDER="gcp")
+    assert gcp.installed == ["cmbcluster-core[jupyter]", "cmbcluster-gcp"]
+    assert gcp.ran == [("uv", "pip", "uninstall", "cmbcluster-aws")]
+    aws = served(noxfile, monkeypatch, tmp_path / "other", CMBCLUSTER_CLOUD_PROVIDER="aws", CMBCLUSTER_EXTRAS="")
+    assert aws.installed == ["cmbcluster-core", "cmbcluster-aws"]
+    # the test sessions still install every distribution
+    everything = FakeSession(tmp_path / "tests")
+    noxfile.install_packages(everything)
+    assert everything.installed == ["cmbcluster-core[test]", "cmbcluster-aws[test]", "cmbcluster-gcp[test]"]
