@@ -57,7 +57,7 @@ def test_a_notebook_writes_into_a_mounted_bucket_through_the_control_plane(
     dev_sign_in(page, "ada@example.org")
 
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
-    page.get_by_label("Name", exact=True).fill("results")
+    page.get_by_role("textbox", name="Name", exact=True).fill("results")
     page.get_by_role("button", name="Create bucket").click()
     expect(page.get_by_role("link", name="results")).to_be_visible()
 

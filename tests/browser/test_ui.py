@@ -60,7 +60,7 @@ def test_upload_a_file_and_download_it_back_byte_identical(alice: Session, tmp_p
     page = alice.page
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Storage").click()
     expect(page.get_by_text("No bucket yet")).to_be_visible()
-    page.get_by_label("Name", exact=True).fill("Planck maps")
+    page.get_by_role("textbox", name="Name", exact=True).fill("Planck maps")
     with expecting(alice, "status of 400"):  # the embedded default stores one class only, and says so
         page.get_by_label("Storage class").select_option("infrequent")
         page.get_by_role("button", name="Create bucket").click()
@@ -241,7 +241,7 @@ def test_settings_show_a_new_api_token_once(alice: Session, server: ServeProcess
     assert httpx.get(f"{server.url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
     # A refused request shows the API's own message.
     with expecting(alice, "status of 400"):
-        page.get_by_label("Name", exact=True).fill("HOME")
+        page.get_by_role("textbox", name="Name", exact=True).fill("HOME")
         page.get_by_role("button", name="Save variable").click()
         expect(
             page.get_by_role("alert").filter(has_text="HOME is a reserved environment variable name")
@@ -302,7 +302,7 @@ def test_an_admin_promotes_one_user_and_locks_another_out(
     page.get_by_role("navigation", name="Administration").get_by_role("link", name="Applications").click()
     page.get_by_role("button", name="Add an application").click()
     form = page.get_by_role("dialog", name="Add an application")
-    form.get_by_label("Name", exact=True).fill("Sky viewer")
+    form.get_by_role("textbox", name="Name", exact=True).fill("Sky viewer")
     form.get_by_label("Slug (lower-case, dashes)").fill("sky-viewer")
     form.get_by_label("Container image").fill("python:3.11-slim")
     form.get_by_label("Command (one argument per line").fill("python\n-m\nhttp.server\n{port}")

@@ -52,12 +52,32 @@ export function LoadState({
   );
 }
 
-/** An input with its visible label above it. */
+/** The id of the {@link LengthHint} of the input `id`, for the input's `aria-describedby`. */
+export const lengthHintId = (id: string) => `${id}-length`;
+
+/**
+ * Inside an input's label: the most characters it takes. The browser cuts a longer paste at
+ * `maxLength` without a word, so the limit is said beforehand. Hidden from the label's text (the
+ * field's name stays "Name"); the input reads it as its description: `aria-describedby={lengthHintId(id)}`.
+ */
+export function LengthHint({ id, max }: { id: string; max: number }) {
+  return (
+    <span id={lengthHintId(id)} className="muted small" aria-hidden="true">
+      {` (up to ${max} characters)`}
+    </span>
+  );
+}
+
+/** An input with its visible label above it, and its length limit in the label where it has one. */
 export function Field({ id, label, ...input }: { id: string; label: ReactNode } & InputHTMLAttributes<HTMLInputElement>) {
+  const limited = input.maxLength !== undefined;
   return (
     <div>
-      <label htmlFor={id}>{label}</label>
-      <input id={id} {...input} />
+      <label htmlFor={id}>
+        {label}
+        {limited ? <LengthHint id={id} max={input.maxLength as number} /> : null}
+      </label>
+      <input id={id} aria-describedby={limited ? lengthHintId(id) : undefined} {...input} />
     </div>
   );
 }

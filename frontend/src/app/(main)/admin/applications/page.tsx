@@ -2,7 +2,7 @@
 
 import { type ChangeEvent, type FormEvent, useState } from "react";
 import { AdminNav } from "@/components/AdminNav";
-import { Confirm, DangerButton, DataTable, Dialog, ErrorMessage, LoadState, useAction, useChange, useConfirm, useLoad } from "@/components/ui";
+import { Confirm, DangerButton, DataTable, Dialog, ErrorMessage, Field, LoadState, useAction, useChange, useConfirm, useLoad } from "@/components/ui";
 import { type Application, api, unwrap } from "@/lib/api";
 
 const MAX_ICON_BYTES = 64 * 1024;
@@ -85,10 +85,7 @@ function ApplicationForm({ editing, onSaved }: { editing: Application | null; on
   }
 
   const field = (id: keyof Draft, label: string, props: Record<string, unknown> = {}) => (
-    <div>
-      <label htmlFor={`app-${id}`}>{label}</label>
-      <input id={`app-${id}`} value={String(draft[id])} onChange={set(id)} {...props} />
-    </div>
+    <Field id={`app-${id}`} label={label} value={String(draft[id])} onChange={set(id)} {...props} />
   );
   return (
     <form onSubmit={submit} className="grid-form">
