@@ -113,7 +113,9 @@ def test_the_launch_progress_of_a_long_named_environment_stays_inside_its_dialog
     page.goto("/applications/")
     page.get_by_role("button", name="Launch Files").click()
     dialog = page.get_by_role("dialog", name="Launch Files")
-    dialog.get_by_label("Name (optional)").fill(LONG_ENV)
+    name = dialog.get_by_label("Name (optional)")
+    expect(name).to_have_accessible_description(re.compile(r"up to 100 characters"))  # not cut without a word
+    name.fill(LONG_ENV)
     dialog.get_by_role("button", name="Launch").click()
     expect(dialog.get_by_test_id("launch-status")).to_have_text("running", timeout=30_000)
     environments.extend(e["id"] for e in api(page, "GET", "/api/v1/environments")["items"] if e["name"] == LONG_ENV)

@@ -2,7 +2,7 @@
 
 import Link from "next/link";
 import { type FormEvent, useState } from "react";
-import { Dialog, ErrorMessage, Loading, LoadState, Name, useAction, useLoad } from "@/components/ui";
+import { Dialog, ErrorMessage, LengthHint, lengthHintId, Loading, LoadState, Name, useAction, useLoad } from "@/components/ui";
 import { type Application, api, type Environment, type Limits, unwrap } from "@/lib/api";
 import { formatMemory } from "@/lib/format";
 import { useProgress } from "@/lib/progress";
@@ -135,8 +135,19 @@ function LaunchForm({
   return (
     <form onSubmit={submit}>
       {limits ? <LimitsNote limits={limits} /> : null}
-      <label htmlFor="env-name">Name (optional)</label>
-      <input id="env-name" data-autofocus value={name} maxLength={100} onChange={(e) => setName(e.target.value)} placeholder={application.name} />
+      <label htmlFor="env-name">
+        Name (optional)
+        <LengthHint id="env-name" max={100} />
+      </label>
+      <input
+        id="env-name"
+        aria-describedby={lengthHintId("env-name")}
+        data-autofocus
+        value={name}
+        maxLength={100}
+        onChange={(e) => setName(e.target.value)}
+        placeholder={application.name}
+      />
       <fieldset>
         <legend>Resources</legend>
         {presets.loading ? <Loading /> : null}

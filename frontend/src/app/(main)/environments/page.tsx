@@ -9,6 +9,8 @@ import {
   Dialog,
   Empty,
   ErrorMessage,
+  LengthHint,
+  lengthHintId,
   Loading,
   LoadState,
   Name,
@@ -152,8 +154,19 @@ function EditForm({ environment, onSaved }: { environment: Environment; onSaved:
 
   return (
     <form onSubmit={submit}>
-      <label htmlFor="edit-name">Name</label>
-      <input id="edit-name" data-autofocus required maxLength={100} value={name} onChange={(e) => setName(e.target.value)} />
+      <label htmlFor="edit-name">
+        Name
+        <LengthHint id="edit-name" max={100} />
+      </label>
+      <input
+        id="edit-name"
+        aria-describedby={lengthHintId("edit-name")}
+        data-autofocus
+        required
+        maxLength={100}
+        value={name}
+        onChange={(e) => setName(e.target.value)}
+      />
       <fieldset>
         <legend>Size</legend>
         {presets.loading ? <Loading /> : null}
