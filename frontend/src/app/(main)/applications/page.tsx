@@ -2,7 +2,7 @@
 
 import Link from "next/link";
 import { type FormEvent, useState } from "react";
-import { Dialog, ErrorMessage, LengthHint, lengthHintId, Loading, LoadState, Name, useAction, useLoad } from "@/components/ui";
+import { Dialog, ErrorMessage, Field, Loading, LoadState, Name, useAction, useLoad } from "@/components/ui";
 import { type Application, api, type Environment, type Limits, unwrap } from "@/lib/api";
 import { formatMemory } from "@/lib/format";
 import { useProgress } from "@/lib/progress";
@@ -135,13 +135,9 @@ function LaunchForm({
   return (
     <form onSubmit={submit}>
       {limits ? <LimitsNote limits={limits} /> : null}
-      <label htmlFor="env-name">
-        Name (optional)
-        <LengthHint id="env-name" max={100} />
-      </label>
-      <input
+      <Field
         id="env-name"
-        aria-describedby={lengthHintId("env-name")}
+        label="Name (optional)"
         data-autofocus
         value={name}
         maxLength={100}

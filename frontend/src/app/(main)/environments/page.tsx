@@ -9,8 +9,7 @@ import {
   Dialog,
   Empty,
   ErrorMessage,
-  LengthHint,
-  lengthHintId,
+  Field,
   Loading,
   LoadState,
   Name,
@@ -154,19 +153,7 @@ function EditForm({ environment, onSaved }: { environment: Environment; onSaved:
 
   return (
     <form onSubmit={submit}>
-      <label htmlFor="edit-name">
-        Name
-        <LengthHint id="edit-name" max={100} />
-      </label>
-      <input
-        id="edit-name"
-        aria-describedby={lengthHintId("edit-name")}
-        data-autofocus
-        required
-        maxLength={100}
-        value={name}
-        onChange={(e) => setName(e.target.value)}
-      />
+      <Field id="edit-name" label="Name" data-autofocus required maxLength={100} value={name} onChange={(e) => setName(e.target.value)} />
       <fieldset>
         <legend>Size</legend>
         {presets.loading ? <Loading /> : null}
