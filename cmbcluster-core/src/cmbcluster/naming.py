@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from cmbcluster.errors import InvalidRequest
-from cmbcluster.text import describe_character, first_bidi_control
+from cmbcluster.text import describe_character, first_control_or_bidi
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 #: A deployment's name (CMBCLUSTER_DEPLOYMENT_NAME): in every cloud name a plugin builds (IAM paths,
@@ -187,9 +187,9 @@ def validate_new_object_key(key: str) -> str:
     Reading, moving away and deleting use :func:`validate_object_key` alone: a file an environment
     wrote into its mounted bucket under such a name stays reachable."""
     validate_object_key(key)
-    if any(unicodedata.category(ch) == "Cc" for ch in key):  # the C1 controls too (U+0085 breaks lines)
+    bad = first_control_or_bidi(key)
+    if bad is not None and unicodedata.category(bad) == "Cc":  # the C1 controls too (U+0085 breaks lines)
         raise InvalidRequest("object key must not contain control characters")
-    bad = first_bidi_control(key)
     if bad is not None:
         raise InvalidRequest(
             f"object key must not contain {describe_character(bad)}: a bidirectional control changes how "

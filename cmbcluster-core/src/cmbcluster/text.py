@@ -37,6 +37,12 @@ def first_bidi_control(text: str) -> str | None:
     return next((ch for ch in text if ch in BIDI_CONTROLS), None)
 
 
+def first_control_or_bidi(text: str) -> str | None:
+    """The first control character (C0 or C1: a NUL, a line break, U+0085) or bidirectional control in
+    ``text``, or None: what a name that becomes a path (an object key, a mount path) may not hold."""
+    return next((ch for ch in text if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS), None)
+
+
 def describe_character(ch: str) -> str:
     """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character for an error message, never the character
     itself (which would reorder or break the message)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,7 +47,7 @@ from cmbcluster.services.audit import activity, audit
 from cmbcluster.services.catalog import resolve_resources
 from cmbcluster.services.ownership import owned, owned_id
 from cmbcluster.services.status import apply_status, delete_expired_slots, release_start_slot
-from cmbcluster.text import check_display_name, describe_character, first_bidi_control
+from cmbcluster.text import check_display_name, describe_character, first_control_or_bidi
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ def _validate_mount_path(mount_path: str) -> str:
         raise InvalidRequest(f"mount path {mount_path!r} must be an absolute folder other than /")
     if len(path) > 400:
         raise InvalidRequest("mount paths are at most 400 characters")
-    bad = next((ch for ch in path if unicodedata.category(ch) == "Cc"), None) or first_bidi_control(path)
+    bad = first_control_or_bidi(path)
     if bad is not None:
         raise InvalidRequest(f"a mount path cannot contain {describe_character(bad)}")
     if any(len(name.encode("utf-8")) > MAX_KEY_SEGMENT_BYTES for name in path.split("/")):
@@ -432,8 +431,8 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     context.compute.stop(env.id)
     environment_id = env.id
     db.commit()  # end the read transaction: the check and the write below are one locked transaction
-    query = _CURRENT if begin_locked(db) else _CURRENT.with_for_update()  # SQLite: locked whole already
-    if db.execute(query, {"environment_id": environment_id}).scalar_one_or_none() is None:
+    begin_locked(db)  # SQLite: the whole database; elsewhere the row, FOR UPDATE (SQLite's dialect omits it)
+    if db.execute(_CURRENT.with_for_update(), {"environment_id": environment_id}).scalar_one_or_none() is None:
         db.rollback()  # deleted meanwhile (another request): nothing of it runs
         context.progress.notify(environment_id)
         raise NotFound(f"environment {environment_id} was deleted while it was being stopped")

@@ -136,25 +136,17 @@ export default function DashboardPage() {
           </LoadState>
           {usage.data?.totals ? (
             <>
-              {usage.data.priced ? (
-                <>
-                  <p className="big">{money(usage.data.totals.cost, usage.data.currency)}</p>
-                  <p>
-                    estimated for {hours(usage.data.totals.environment_hours)} environment hours (
-                    {hours(usage.data.totals.core_hours)} core-hours) and{" "}
-                    {usage.data.totals.storage_gb_months.toFixed(3)} GB-months of storage.
-                  </p>
-                </>
-              ) : (
-                <>
-                  {/* No prices: an amount would read "$0.00" beside "no amounts" */}
-                  <p className="big">{hours(usage.data.totals.environment_hours)} h</p>
-                  <p>
-                    environment hours ({hours(usage.data.totals.core_hours)} core-hours) and{" "}
-                    {usage.data.totals.storage_gb_months.toFixed(3)} GB-months of storage.
-                  </p>
-                </>
-              )}
+              {/* No prices: an amount would read "$0.00" beside "no amounts": the hours lead instead */}
+              <p className="big">
+                {usage.data.priced
+                  ? money(usage.data.totals.cost, usage.data.currency)
+                  : `${hours(usage.data.totals.environment_hours)} h`}
+              </p>
+              <p>
+                {usage.data.priced ? `estimated for ${hours(usage.data.totals.environment_hours)} ` : ""}environment hours (
+                {hours(usage.data.totals.core_hours)} core-hours) and {usage.data.totals.storage_gb_months.toFixed(3)} GB-months
+                of storage.
+              </p>
               {(usage.data.budgets ?? [])
                 .filter((budget) => budget.state !== "ok")
                 .map((budget) => (
