@@ -178,6 +178,12 @@ def test_misspelt_variables_and_an_unset_cloud_are_reported(env: dict[str, str],
     )
     chosen = cmbcluster("config", "check", env={**env, "CLOUD_PROVIDER": "local"}, cwd=tmp_path)
     assert "CLOUD_PROVIDER is not set" not in chosen.stderr
+    # a plugin chosen for one concern alone is a choice too (found by a plugin author's trial)
+    one = cmbcluster("config", "check", env={**env, "CMBCLUSTER_AUTH_PROVIDERS": "oidc",
+                                             "CMBCLUSTER_OIDC_ISSUER": "https://id.example.org",
+                                             "CMBCLUSTER_OIDC_CLIENT_ID": "c"},
+                     cwd=tmp_path)  # fmt: skip
+    assert "CLOUD_PROVIDER is not set" not in one.stderr, one.stderr
 
 
 # -- issue 17: each error once, requirements per concern, the factories' checks, --connect --------------

@@ -113,7 +113,10 @@ def resolve(
     problems.extend(cookie_problems)
     warnings.extend(cookie_warnings)
     warnings.extend(_unknown_variables(core, pm))
-    if "cloud_provider" not in core.model_fields_set and core.selected_compute == "local":
+    # Only when nothing chose a provider: a deployment that names a plugin for one concern
+    # (CMBCLUSTER_STORAGE_BACKEND=azure) is not serving the embedded default by mistake.
+    selected = {core.selected_storage, core.selected_compute, core.selected_infra, *core.selected_auth}
+    if "cloud_provider" not in core.model_fields_set and selected == {"local"}:
         clouds = sorted(n for n in pm.registrations("infra") if n != "local")
         if clouds:
             warnings.append(
