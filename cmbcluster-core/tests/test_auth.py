@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -119,6 +121,25 @@ def test_requests_without_or_with_bad_credentials_are_401(client: TestClient) ->
         response = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401, token
         assert response.json()["error"] == "authentication_failed"
+
+
+def test_a_user_deleted_after_the_sign_in_query_is_refused_not_a_500(
+    client: TestClient, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sign-in reads plain columns; a route that needs the whole user loads it next. A user deleted
+    in between is told their account is gone (401), like one deleted before the request."""
+    from cmbcluster.api import deps
+
+    signed_in = deps.sign_in
+
+    def then_deleted(request: Any) -> deps.Principal:
+        principal = signed_in(request)
+        return dataclasses.replace(principal, user=dataclasses.replace(principal.user, id="deleted-meanwhile"))
+
+    monkeypatch.setattr(deps, "sign_in", then_deleted)
+    me = client.get("/api/v1/auth/me", headers=alice)
+    assert me.status_code == 401, me.text
+    assert me.json()["message"] == "this account no longer exists"
 
 
 def test_logout_revokes_the_session_at_once(client: TestClient, alice: dict[str, str]) -> None:

@@ -168,11 +168,9 @@ class RequestGuard:
 
 def _authenticate(scope: Scope) -> None:
     """Sign the caller in (or raise), and leave the caller for the route's get_principal."""
-    from cmbcluster.api.deps import SIGNED_IN_SCOPE_KEY, authenticate_request, credentials
+    from cmbcluster.api.deps import SIGNED_IN_SCOPE_KEY, sign_in
 
-    request = Request(scope)
-    with request.app.state.context.sessions() as db:
-        scope[SIGNED_IN_SCOPE_KEY] = authenticate_request(request, db, *credentials(request))
+    scope[SIGNED_IN_SCOPE_KEY] = sign_in(Request(scope))
 
 
 def _has_body(scope: Scope) -> bool:

@@ -11,14 +11,17 @@ from sqlalchemy.sql.base import ExecutableOption
 
 from cmbcluster.db.models import Environment, Storage, User
 from cmbcluster.errors import NotFound
+from cmbcluster.services.sessions import SignedInUser
 
-__all__ = ["owned", "owned_id"]
+__all__ = ["Owner", "owned", "owned_id"]
 
 Owned = TypeVar("Owned", Environment, Storage)
+#: the user, loaded or as signed in (only the id is read)
+Owner = User | SignedInUser
 
 
 def owned(
-    db: Session, model: type[Owned], user: User, object_id: str, *, what: str, options: Sequence[ExecutableOption] = ()
+    db: Session, model: type[Owned], user: Owner, object_id: str, *, what: str, options: Sequence[ExecutableOption] = ()
 ) -> Owned:
     """``user``'s ``model`` row ``object_id``, or NotFound: another user's id is answered exactly like
     an unknown one, so nobody learns that someone else's object exists."""
@@ -30,7 +33,7 @@ def owned(
     return row
 
 
-def owned_id(db: Session, model: type[Owned], user: User, object_id: str, *, what: str) -> str:
+def owned_id(db: Session, model: type[Owned], user: Owner, object_id: str, *, what: str) -> str:
     """:func:`owned` for a check alone: one indexed lookup of the id, no row loaded."""
     found = db.execute(_OWNED_ID[model], {"object_id": object_id, "user_id": user.id}).scalar_one_or_none()
     if found is None:

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import Connection, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,12 +65,30 @@ def refusal(kind: CredentialKind, state: _State | None, now: dt.datetime) -> Cmb
     return None
 
 
-# Built once: this runs on every request.
-_SESSION_QUERY = (
-    select(SessionRow.id, SessionRow.revoked_at, SessionRow.expires_at, User)
+@dataclass(frozen=True)
+class SignedInUser:
+    """The user a credential signs in, as requests need them: read with the credential in one query
+    of plain columns, no ORM object (authentication runs on every request, and the busiest routes
+    need no more; a route that does loads the user, see ``cmbcluster.api.deps.get_user``)."""
+
+    id: str
+    role: str
+    max_uptime_minutes: int | None  #: their own maximum uptime (None: the server's)
+
+
+# Built once: these run on every request.
+_USER_COLUMNS = (
+    User.id.label("user_id"), User.role, User.status.label("user_status"), User.max_uptime_minutes,
+)  # fmt: skip
+_CREDENTIAL_QUERIES = {
+    # A session whose user is gone is unknown; an API token names its missing owner (ACCOUNT_GONE).
+    "session": select(SessionRow.id, SessionRow.revoked_at, SessionRow.expires_at, *_USER_COLUMNS)
     .join(User, User.id == SessionRow.user_id)
-    .where(SessionRow.token_hash == bindparam("token_hash"))
-)
+    .where(SessionRow.token_hash == bindparam("token_hash")),
+    "api_token": select(ApiToken.id, ApiToken.revoked_at, ApiToken.expires_at, ApiToken.last_used_at, *_USER_COLUMNS)
+    .outerjoin(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_hash == bindparam("token_hash")),
+}
 
 
 @dataclass(frozen=True)
@@ -92,37 +110,30 @@ def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: st
     return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id)
 
 
-def authenticate(db: Session, token: str) -> tuple[User, Credential]:
-    """The active user a session or API token belongs to, and the credential it is.
+def authenticate(db: Session | Connection, token: str) -> tuple[SignedInUser, Credential]:
+    """The active user a session or API token belongs to, and the credential it is: one query.
 
     AuthenticationFailed for an unknown, expired or revoked token; PermissionDenied for a
-    deactivated user, at their very next request.
+    deactivated user, at their very next request. An API token's use is recorded (and committed)
+    at most every :data:`TOUCH_INTERVAL`.
     """
-    now = utcnow()
-    hashed = token_hash(token)
+    kind: CredentialKind
     if token.startswith(SESSION_PREFIX + "_"):
-        # one query for the session and its user: this runs on every request
-        found = db.execute(_SESSION_QUERY, {"token_hash": hashed}).one_or_none()
-        if found is None:
-            raise AuthenticationFailed(SESSION_ENDED)
-        session_id, revoked_at, expires_at, user = found
-        refused = refusal("session", _State(revoked_at, expires_at, user.status), now)
-        if refused is not None:
-            raise refused
-        return user, Credential("session", session_id, user.id)
-    if token.startswith(API_TOKEN_PREFIX + "_"):
-        api = db.execute(select(ApiToken).where(ApiToken.token_hash == hashed)).scalar_one_or_none()
-        owner = db.get(User, api.user_id) if api is not None else None
-        state = None if api is None else _State(api.revoked_at, api.expires_at, owner.status if owner else None)
-        refused = refusal("api_token", state, now)
-        if refused is not None:
-            raise refused
-        assert api is not None and owner is not None  # refusal() answered for both
-        if api.last_used_at is None or now - api.last_used_at > TOUCH_INTERVAL:
-            api.last_used_at = now
-            db.commit()
-        return owner, Credential("api_token", api.id, owner.id)
-    raise AuthenticationFailed("not a CMBCluster session or API token")
+        kind = "session"
+    elif token.startswith(API_TOKEN_PREFIX + "_"):
+        kind = "api_token"
+    else:
+        raise AuthenticationFailed("not a CMBCluster session or API token")
+    now = utcnow()
+    row = db.execute(_CREDENTIAL_QUERIES[kind], {"token_hash": token_hash(token)}).one_or_none()
+    refused = refusal(kind, None if row is None else _State(row.revoked_at, row.expires_at, row.user_status), now)
+    if refused is not None:
+        raise refused
+    assert row is not None  # refusal() answered for an unknown token
+    if kind == "api_token" and (row.last_used_at is None or now - row.last_used_at > TOUCH_INTERVAL):
+        db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        db.commit()
+    return SignedInUser(row.user_id, row.role, row.max_uptime_minutes), Credential(kind, row.id, row.user_id)
 
 
 def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credential, CmbclusterError]:

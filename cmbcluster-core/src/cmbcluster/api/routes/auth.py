@@ -21,6 +21,7 @@ from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, Curre
 from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
 from cmbcluster.context import AppContext
+from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.interfaces import AuthorizationRequest, AuthProvider
 from cmbcluster.local.auth import DevLoginProvider
@@ -422,14 +423,16 @@ async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbS
 def refresh(body: RefreshIn, request: Request, response: Response, context: Context, db: DbSession) -> SessionOut:
     _rate_limit(db, request, context)
     issued = sessions.refresh_session(db, body.refresh_token, ttl=context.session_ttl, refresh_ttl=context.refresh_ttl)
-    principal_user, _ = sessions.authenticate(db, issued.token)
+    signed_in, _ = sessions.authenticate(db, issued.token)
+    user = db.get(User, signed_in.id)
+    assert user is not None  # refresh_session found the user active a moment ago, in this transaction
     if request.cookies.get(SESSION_COOKIE):
         _set_session_cookie(response, request, context, issued)
     return SessionOut(
         token=issued.token,
         refresh_token=issued.refresh_token,
         expires_at=issued.expires_at,
-        user=user_out(principal_user),
+        user=user_out(user),
     )
 
 

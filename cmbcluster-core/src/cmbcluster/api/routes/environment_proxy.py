@@ -26,13 +26,12 @@ from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.routes.auth import LOGIN_COOKIE
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
 from cmbcluster.interfaces import Upstream
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
 from cmbcluster.services.environment_proxy import EnvironmentProxy
-from cmbcluster.services.sessions import Credential
+from cmbcluster.services.sessions import Credential, SignedInUser
 from cmbcluster.webui import ui_available
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -66,7 +65,7 @@ def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
     return proxy
 
 
-def _caller(conn: HTTPConnection, db: Any) -> tuple[User, Credential]:
+def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
     bearer = credentials if scheme.lower() == "bearer" and credentials.startswith(("cmbs_", "cmbt_")) else None

@@ -174,12 +174,11 @@ def list_tokens(user: CurrentUser, db: DbSession) -> list[ApiTokenOut]:
     response_model=ApiTokenCreated,
     summary="Create an API token for scripts; the token is shown in this answer only",
 )
-def create_token(body: ApiTokenIn, principal: CurrentPrincipal, db: DbSession) -> ApiTokenCreated:
+def create_token(body: ApiTokenIn, principal: CurrentPrincipal, user: CurrentUser, db: DbSession) -> ApiTokenCreated:
     # Only a person signed in through a session mints tokens: a leaked token cannot breed
     # new ones that would survive its own revocation.
     if principal.session_id is None:
         raise PermissionDenied("API tokens can only be created from a signed-in session, not with another API token")
-    user = principal.user
     row, token = sessions.create_api_token(db, user, name=body.name, expires_in_days=body.expires_in_days)
     audit(db, actor_id=user.id, action="api_token.created", target_type="api_token", target_id=row.id,
           name=row.name, expires_at=row.expires_at.isoformat() if row.expires_at else None)  # fmt: skip
