@@ -91,7 +91,7 @@ def get_owned(db: Session, user: Owner, environment_id: str) -> Environment:
     )  # fmt: skip
 
 
-def check_owned(db: Session, user: Owner, environment_id: str) -> None:
+def check_owned(db: Session | Connection, user: Owner, environment_id: str) -> None:
     """NotFound unless the environment is the user's (nothing loaded)."""
     owned_id(db, Environment, user, environment_id, what="environment")
 

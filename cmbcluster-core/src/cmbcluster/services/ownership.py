@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import ExecutableOption
 
@@ -33,7 +33,7 @@ def owned(
     return row
 
 
-def owned_id(db: Session, model: type[Owned], user: Owner, object_id: str, *, what: str) -> str:
+def owned_id(db: Session | Connection, model: type[Owned], user: Owner, object_id: str, *, what: str) -> str:
     """:func:`owned` for a check alone: one indexed lookup of the id, no row loaded."""
     found = db.execute(_OWNED_ID[model], {"object_id": object_id, "user_id": user.id}).scalar_one_or_none()
     if found is None:

@@ -317,17 +317,16 @@ async def environment_logs(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def environment_events(
-    environment_id: str, principal: CurrentPrincipal, db: DbSession, context: Context
-) -> StreamingResponse:
+async def environment_events(environment_id: str, principal: CurrentPrincipal, context: Context) -> StreamingResponse:
     """Events: ``status`` (the environment's progress), ``deleted``, and ``signed_out`` (the caller
     signed out, their API token was revoked or their account deactivated: ``message`` says which; sign
     in again). The stream ends after ``deleted``, ``signed_out`` and a ``status`` that is running,
     stopped or failed."""
     # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
     # right after the create, when the worker threads are busiest with starts.
-    envs.check_owned(db, principal.user, environment_id)  # 404 before the stream starts
-    db.commit()  # the stream may last minutes: it must not keep this request's connection
+    # A plain connection, returned before the stream starts (which may last minutes): 404 first.
+    with context.engine.connect() as connection:
+        envs.check_owned(connection, principal.user, environment_id)
     return StreamingResponse(
         _progress(context, principal.credential, environment_id),
         media_type="text/event-stream",
