@@ -59,6 +59,12 @@ def test_a_notebook_kernel_writes_into_the_mounted_bucket_through_the_proxy(
         time.sleep(0.2)
     assert "jupyter-config-data" in lab.text and f'"baseUrl": "{url}"' in lab.text
     assert client.get(f"{url}lab", headers=bob).status_code == 404
+    # No question about Jupyter's news at first open, no update check (the server's defaults for
+    # JupyterLab, local/jupyter_config): the settings JupyterLab's page reads say "Never".
+    notification = client.get(f"{url}lab/api/settings/@jupyterlab/apputils-extension:notification", headers=alice)
+    assert notification.status_code == 200, notification.text
+    defaults = notification.json()["schema"]["properties"]
+    assert defaults["fetchNews"]["default"] == "false" and defaults["checkForUpdates"]["default"] is False
     kernel = client.post(f"{url}api/kernels", headers=alice, json={"name": "python3"})
     assert kernel.status_code == 201, kernel.text
     channels = f"{url}api/kernels/{kernel.json()['id']}/channels"

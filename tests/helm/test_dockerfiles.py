@@ -145,3 +145,17 @@ def test_environment_listens_on_the_port_it_is_given() -> None:
     assert any(r.startswith("jupyterlab==") for r in requirements)
     unpinned = [r for r in requirements if not re.fullmatch(r"[A-Za-z0-9_.-]+==\d[\w.]*", r)]
     assert unpinned == [], f"pin these exactly: {unpinned}"
+
+
+def test_environment_jupyterlab_asks_nothing_about_news_or_updates() -> None:
+    """The image carries the embedded default's JupyterLab defaults (local/jupyter_config), in a folder
+    every Jupyter reads (the system config path): no news question at first open, no update check."""
+    final = stages(ENVIRONMENT)[-1]
+    target = "/etc/jupyter/labconfig/default_setting_overrides.json"
+    copied = [i.args.split() for i in final if i.keyword == "COPY" and i.args.endswith(target)]
+    assert copied, f"the final stage must COPY the overrides to {target}"
+    source = ENVIRONMENT.parent / copied[0][0]
+    package = ROOT / "cmbcluster-core/src/cmbcluster/local/jupyter_config/labconfig/default_setting_overrides.json"
+    overrides = json.loads(source.read_text())
+    assert overrides == json.loads(package.read_text()), "keep the image's overrides the embedded default's"
+    assert overrides["@jupyterlab/apputils-extension:notification"] == {"fetchNews": "false", "checkForUpdates": False}

@@ -67,6 +67,11 @@ STOP_GRACE_SECONDS = 5.0
 STATE_MARKER = "CMBCLUSTER_COMPUTE_DIR"
 #: Variables of the control plane's own environment that an environment inherits (HOME is its own).
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+#: A Jupyter configuration folder every environment gets on its config path: JupyterLab's defaults
+#: for a server its users do not administer (no question about Jupyter's news feed at first open, no
+#: update checks: this Python is the operator's to upgrade). Users' own settings still win. The
+#: environment image carries the same file (helm/images/environment/Dockerfile; a test compares them).
+JUPYTER_DEFAULTS = Path(__file__).resolve().parent / "jupyter_config"
 #: What replaces the application's token in the output users see.
 REDACTED = "[token]"
 #: The longest Unix socket path Linux accepts is 107 bytes; past this one, sockets go to a private temporary folder.
@@ -408,6 +413,8 @@ class LocalProcessCompute(ComputeBackend):
         env.update(standard_variables(values, spec.command))
         env["HOME"] = str(home)
         env[STATE_MARKER] = str(self.state_dir)
+        own_config = env.get("JUPYTER_CONFIG_PATH")  # the user's own comes first
+        env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, (own_config, str(JUPYTER_DEFAULTS))))
         if spec.secret_files:
             secrets_dir = self.state_dir / f"{spec.environment_id}.secrets"
             secrets_dir.mkdir(mode=0o700, exist_ok=True)
