@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -143,6 +144,21 @@ def test_deleting_an_environment_removes_its_home_but_never_what_its_links_point
     compute.delete(spec.environment_id)
     assert not home.exists()
     assert (bucket / "keep.txt").read_text() == "data outlives environments"
+
+
+def test_a_bucket_this_backend_cannot_mount_is_a_clear_error_not_a_missing_folder(
+    compute: LocalProcessCompute, tmp_path: Path
+) -> None:
+    """A storage backend that mounts buckets only in pods (S3, GCS through CSI) gives no local folder:
+    the start is refused saying so, instead of an environment without the folder its user chose."""
+    pod_only = VolumeSpec(volume={"name": "data", "csi": {"driver": "s3.csi.aws.com"}}, mount={"name": "data"})
+    spec = dataclasses.replace(
+        spec_for(tmp_path), volumes=(MountedVolume(mount_path="/home/user/data", spec=pod_only, bucket="cmb-u1"),)
+    )
+    with pytest.raises(InvalidRequest, match="the bucket for /home/user/data cannot be mounted here"):
+        compute.start(spec)
+    assert compute.status(spec.environment_id).phase == EnvironmentPhase.MISSING  # nothing started
+    assert not (tmp_path / "homes" / spec.environment_id).exists()
 
 
 def test_mount_paths_that_cannot_be_honoured_are_clear_errors(compute: LocalProcessCompute, tmp_path: Path) -> None:

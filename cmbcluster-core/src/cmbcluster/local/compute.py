@@ -365,11 +365,19 @@ class LocalProcessCompute(ComputeBackend):
 
     def _prepare_home(self, environment_id: str, volumes: Sequence[MountedVolume]) -> Path:
         """The environment's home folder, each mounted bucket linked at its mount path in it."""
+        unmountable = [v.mount_path for v in volumes if v.spec.local_path is None]
+        if unmountable:
+            # Skipped, the environment would start without the folder its user asked for.
+            raise InvalidRequest(
+                f"the bucket for {unmountable[0]} cannot be mounted here: the embedded default runs environments "
+                "as processes on this machine, which mount only buckets kept in a folder on it (local storage), "
+                "and this server's storage backend mounts buckets in Kubernetes pods; start it without that "
+                "bucket (its files stay in Storage), or run environments on Kubernetes"
+            )
         home = self.homes_dir / self._path(environment_id, "").name
         home.mkdir(mode=0o700, exist_ok=True)
         for volume in sorted(volumes, key=lambda v: v.mount_path):
-            if volume.spec.local_path is None:
-                continue
+            assert volume.spec.local_path is not None  # checked above
             relative = home_path(volume.mount_path)
             link = home / relative
             for parent in reversed(link.relative_to(home).parents[:-1]):
