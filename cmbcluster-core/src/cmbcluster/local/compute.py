@@ -580,15 +580,20 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process start time in clock ticks since boot (Linux), to tell PIDs apart."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux), from the state on; None when
+    the process is gone. The command name may contain spaces and parentheses: they follow its last ')'."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    # the command name may contain spaces and parentheses: fields start after the last ')'
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (Linux), to tell PIDs apart."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def _alive(pid: int, start_ticks: int | None) -> bool:
@@ -598,10 +603,7 @@ def _alive(pid: int, start_ticks: int | None) -> bool:
         return False
     except PermissionError:
         return False  # a process of another user reusing the PID is not ours
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone between the signal and the read
-        return False
-    if text.rsplit(")", 1)[1].split()[0] == "Z":
-        return False  # a zombie has exited
-    return start_ticks is None or _start_ticks(pid) == start_ticks
+    fields = _stat_fields(pid)  # one read for the state and the start time (the progress hub asks often)
+    if fields is None or fields[0] == "Z":
+        return False  # gone between the signal and the read, or a zombie: it has exited
+    return start_ticks is None or int(fields[19]) == start_ticks
