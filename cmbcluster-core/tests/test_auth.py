@@ -166,6 +166,30 @@ def test_refresh_rotates_the_session(client: TestClient) -> None:
     assert again.status_code == 401  # a refresh token works once
 
 
+def test_a_refresh_whose_user_is_deleted_meanwhile_is_refused_not_a_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh reads the new session's user after issuing it; a user deleted in between is told
+    their account is gone (401), as at any other request."""
+    from cmbcluster.security import pkce_challenge
+    from cmbcluster.services import sessions
+
+    provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
+    code = provider.issue_code(email="gone@example.org", name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
+    id_token = provider.exchange_code(code, redirect_uri="x", code_verifier="v" * 50).id_token
+    session = client.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
+    authenticate = sessions.authenticate
+
+    def then_deleted(db: Any, token: str) -> Any:
+        user, credential = authenticate(db, token)
+        return dataclasses.replace(user, id="deleted-meanwhile"), credential
+
+    monkeypatch.setattr(sessions, "authenticate", then_deleted)
+    rotated = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    assert rotated.status_code == 401, rotated.text
+    assert rotated.json()["message"] == "this account no longer exists"
+
+
 def test_exchange_rejects_bad_tokens_and_input(client: TestClient) -> None:
     assert client.post("/api/v1/auth/exchange", json={"provider": "local", "token": "not.a.jwt"}).status_code == 401
     assert client.post("/api/v1/auth/exchange", json={"provider": "nope", "token": "x"}).status_code == 404

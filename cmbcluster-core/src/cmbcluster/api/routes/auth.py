@@ -425,7 +425,8 @@ def refresh(body: RefreshIn, request: Request, response: Response, context: Cont
     issued = sessions.refresh_session(db, body.refresh_token, ttl=context.session_ttl, refresh_ttl=context.refresh_ttl)
     signed_in, _ = sessions.authenticate(db, issued.token)
     user = db.get(User, signed_in.id)
-    assert user is not None  # refresh_session found the user active a moment ago, in this transaction
+    if user is None:  # deleted since the new session was issued
+        raise AuthenticationFailed(sessions.ACCOUNT_GONE)
     if request.cookies.get(SESSION_COOKIE):
         _set_session_cookie(response, request, context, issued)
     return SessionOut(
