@@ -326,8 +326,11 @@ class KubernetesCompute(ComputeBackend):
         pod = self._pod(environment_id)
         # The Secret owns whatever else there is (a Service and Ingress of an earlier routing too).
         kinds = ("Pod", "Secret") if self.options.exposure.proxied else _BY_NAME
-        for future in [self._parallel.submit(self.client.delete, kind, name) for kind in kinds]:
-            future.result()
+        for kind, answer in [(kind, self._parallel.submit(self.client.delete, kind, name)) for kind in kinds]:
+            deleting = answer.result()
+            if kind == "Pod" and deleting.get("kind") == "Pod" and metadata(deleting).get("deletionTimestamp"):
+                # Readers (the proxy's upstream) see it deleting now, not when its watch event arrives.
+                self.pods.put(deleting)
         claims = None if pod is None else [v for v in (pod.get("spec") or {}).get("volumes") or []
                                            if isinstance(v, dict) and v.get("persistentVolumeClaim")]  # fmt: skip
         if claims is None or claims:  # the pod is gone or unknown, or it had claims: find them by label

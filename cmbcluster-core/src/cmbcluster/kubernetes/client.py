@@ -136,17 +136,19 @@ class KubeClient:
         except NotFound:
             return None
 
-    def delete(self, kind: str, name: str, *, grace_period_seconds: int | None = None) -> None:
-        """Delete in the background (dependents are garbage-collected); an absent object is fine."""
+    def delete(self, kind: str, name: str, *, grace_period_seconds: int | None = None) -> dict[str, Any]:
+        """Delete in the background (dependents are garbage-collected); an absent object is fine.
+        The API's answer: the object as deleting (``deletionTimestamp`` set) while it finishes, a
+        Status once it is gone; {} when it was absent."""
         method, namespaced, api = self._op("delete", kind)
         args = (name, self.namespace) if namespaced else (name,)
         kwargs: dict[str, Any] = {"propagation_policy": "Background"}
         if grace_period_seconds is not None:
             kwargs["grace_period_seconds"] = grace_period_seconds
         try:
-            self.call(method, *args, api=api, what=f"deleting {kind} {name}", **kwargs)
+            return self.call(method, *args, api=api, what=f"deleting {kind} {name}", **kwargs)
         except NotFound:
-            pass
+            return {}
 
     def list(self, kind: str, label_selector: str) -> list[dict[str, Any]]:
         method, namespaced, api = self._op("list", kind)
