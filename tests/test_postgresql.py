@@ -217,6 +217,31 @@ def test_sign_in_attempts_at_once_through_two_replicas_are_counted_exactly(datab
     assert answers == [303] * 8 + [429] * 22, answers
 
 
+def test_a_refresh_token_sent_twice_at_once_through_two_replicas_rotates_once(database: str, tmp_path: Path) -> None:
+    """A refresh token works once, even when a stolen copy is sent at the same moment as the real
+    one, through another replica: of eight refreshes at once, one gets a new session, seven a 401."""
+    from cmbcluster.security import pkce_challenge
+
+    one, two = replicas(database, tmp_path, login_attempts_per_minute=100)
+    with one, two:
+        provider = one.app.state.context.auth["local"]  # type: ignore[attr-defined]
+        verifier = "v" * 50
+        code = provider.issue_code(email="ada@example.org", name="", nonce="n", code_challenge=pkce_challenge(verifier))
+        id_token = provider.exchange_code(code, redirect_uri="x", code_verifier=verifier).id_token
+        session = one.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
+        barrier = threading.Barrier(8)
+
+        def refresh(i: int) -> int:
+            barrier.wait()
+            answer = (one, two)[i % 2].post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+            status: int = answer.status_code
+            return status
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = sorted(pool.map(refresh, range(8)))
+    assert answers == [200] + [401] * 7, answers
+
+
 def test_a_progress_stream_on_another_replica_sees_every_change(database: str, tmp_path: Path) -> None:
     """Starts go through one replica, whose backend sees them run and whose loops write it down;
     the launch dialog's stream is served by the other, which sees nothing of that cluster: it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import time
 from typing import Any
 
@@ -147,18 +148,25 @@ def test_logout_revokes_the_session_at_once(client: TestClient, alice: dict[str,
     assert client.get("/api/v1/auth/me", headers=alice).status_code == 401
 
 
-def test_refresh_rotates_the_session(client: TestClient) -> None:
-    provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
+def _exchanged_session(client: TestClient, email: str) -> dict[str, Any]:
+    """A session from the token exchange (what scripts and the CLI use), with its refresh token."""
     from cmbcluster.security import pkce_challenge
 
-    code = provider.issue_code(email="api@example.org", name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
+    provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
+    code = provider.issue_code(email=email, name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
     id_token = provider.exchange_code(code, redirect_uri="x", code_verifier="v" * 50).id_token
-    session = client.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
+    session: dict[str, Any] = client.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
+    return session
+
+
+def test_refresh_rotates_the_session(client: TestClient) -> None:
+    session = _exchanged_session(client, "api@example.org")
     assert session["user"]["email"] == "api@example.org"
     old = {"Authorization": f"Bearer {session['token']}"}
     assert client.get("/api/v1/auth/me", headers=old).status_code == 200
     rotated = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
     assert rotated.status_code == 200
+    assert rotated.json()["user"]["email"] == "api@example.org"
     new = {"Authorization": f"Bearer {rotated.json()['token']}"}
     assert client.get("/api/v1/auth/me", headers=new).status_code == 200
     assert client.get("/api/v1/auth/me", headers=old).status_code == 401  # rotated away
@@ -166,28 +174,38 @@ def test_refresh_rotates_the_session(client: TestClient) -> None:
     assert again.status_code == 401  # a refresh token works once
 
 
-def test_a_refresh_whose_user_is_deleted_meanwhile_is_refused_not_a_500(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The refresh reads the new session's user after issuing it; a user deleted in between is told
-    their account is gone (401), as at any other request."""
-    from cmbcluster.security import pkce_challenge
-    from cmbcluster.services import sessions
+def test_a_refresh_token_is_refused_while_its_user_is_deactivated_and_once_expired(client: TestClient) -> None:
+    from sqlalchemy import update
 
-    provider = client.app.state.context.auth["local"]  # type: ignore[attr-defined]
-    code = provider.issue_code(email="gone@example.org", name="", nonce="n", code_challenge=pkce_challenge("v" * 50))
-    id_token = provider.exchange_code(code, redirect_uri="x", code_verifier="v" * 50).id_token
-    session = client.post("/api/v1/auth/exchange", json={"provider": "local", "token": id_token}).json()
-    authenticate = sessions.authenticate
+    from cmbcluster.db.models import Session as SessionRow
+    from cmbcluster.db.models import User
 
-    def then_deleted(db: Any, token: str) -> Any:
-        user, credential = authenticate(db, token)
-        return dataclasses.replace(user, id="deleted-meanwhile"), credential
+    context = client.app.state.context  # type: ignore[attr-defined]
+    session = _exchanged_session(client, "paused@example.org")
 
-    monkeypatch.setattr(sessions, "authenticate", then_deleted)
-    rotated = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
-    assert rotated.status_code == 401, rotated.text
-    assert rotated.json()["message"] == "this account no longer exists"
+    def set_status(status: str) -> None:
+        with context.sessions() as db:
+            db.execute(update(User).where(User.id == session["user"]["id"]).values(status=status))
+            db.commit()
+
+    def refresh() -> Any:
+        return client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+
+    set_status("deactivated")
+    refused = refresh()
+    assert (
+        refused.status_code == 403 and refused.json()["message"] == "this account is deactivated; ask an administrator"
+    )
+    set_status("active")  # reactivated: the refusal did not use the token up
+    rotated = refresh()
+    assert rotated.status_code == 200, rotated.text
+    session = _exchanged_session(client, "late@example.org")
+    with context.sessions() as db:  # older than the refresh lifetime
+        too_old = dt.datetime.now(dt.UTC) - context.refresh_ttl - dt.timedelta(seconds=1)
+        db.execute(update(SessionRow).where(SessionRow.user_id == session["user"]["id"]).values(created_at=too_old))
+        db.commit()
+    expired = refresh()
+    assert expired.status_code == 401 and "expired" in expired.json()["message"]
 
 
 def test_exchange_rejects_bad_tokens_and_input(client: TestClient) -> None:

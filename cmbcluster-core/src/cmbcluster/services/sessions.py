@@ -97,6 +97,7 @@ class IssuedSession:
     refresh_token: str
     expires_at: dt.datetime
     session_id: str
+    user: User  #: whom it was issued to, as loaded to issue it
 
 
 def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: str = "") -> IssuedSession:
@@ -107,7 +108,7 @@ def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: st
     )  # fmt: skip
     db.add(row)
     db.commit()
-    return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id)
+    return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id, user=user)
 
 
 def authenticate(db: Session | Connection, token: str) -> tuple[SignedInUser, Credential]:
@@ -159,18 +160,32 @@ def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credentia
 
 
 def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:
-    """Rotate: the old session and refresh token stop working, a new pair is issued."""
-    row = db.execute(
-        select(SessionRow).where(SessionRow.refresh_hash == token_hash(refresh_token))
-    ).scalar_one_or_none()
+    """Rotate: the old session and refresh token stop working, a new pair is issued.
+
+    The old pair is revoked by one conditional UPDATE before anything else is read: of two refreshes
+    with one token at once (a stolen copy sent beside the real one, through another replica), one
+    wins and the other is refused, on every database. (A read first, then a write, let PostgreSQL
+    issue several sessions for one refresh token.)"""
     now = utcnow()
-    if row is None or row.revoked_at is not None or row.created_at + refresh_ttl <= now:
+    used = db.execute(
+        update(SessionRow)
+        .where(
+            SessionRow.refresh_hash == token_hash(refresh_token),
+            SessionRow.revoked_at.is_(None),
+            SessionRow.created_at > now - refresh_ttl,
+        )
+        .values(revoked_at=now)
+        .returning(SessionRow.user_id, SessionRow.user_agent)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if used is None:
+        db.rollback()
         raise AuthenticationFailed("this refresh token is unknown, expired or already used")
-    user = db.get(User, row.user_id)
+    user = db.get(User, used.user_id)
     if user is None or user.status != "active":
-        raise PermissionDenied("this account is deactivated; ask an administrator")
-    row.revoked_at = now
-    return create_session(db, user, ttl=ttl, user_agent=row.user_agent)
+        db.rollback()  # the token stays as it was: an administrator may reactivate the user
+        raise AuthenticationFailed(ACCOUNT_GONE) if user is None else PermissionDenied(DEACTIVATED)
+    return create_session(db, user, ttl=ttl, user_agent=used.user_agent)
 
 
 def revoke_session(db: Session, session_id: str) -> None:
