@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -172,6 +175,33 @@ def test_refresh_rotates_the_session(client: TestClient) -> None:
     assert client.get("/api/v1/auth/me", headers=old).status_code == 401  # rotated away
     again = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
     assert again.status_code == 401  # a refresh token works once
+
+
+def test_a_refresh_token_replayed_at_the_same_time_buys_one_session_only(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stolen refresh token sent while its owner refreshes too must not buy both of them a
+    session: the check that it is unused and its rotation must not interleave. Both requests are
+    held where the rotation issues the new session, after the check, until the other arrives
+    (or a second has passed, for a server that lets only one through). Found by an outsider's trial;
+    tests/test_postgresql.py sends the same through two replicas."""
+    from cmbcluster.services import sessions
+
+    refresh_token = _exchanged_session(client, "twice@example.org")["refresh_token"]
+    both_checked = threading.Barrier(2, timeout=1)
+    create_session = sessions.create_session
+
+    def once_both_checked(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_checked.wait()
+        return create_session(*args, **kwargs)
+
+    monkeypatch.setattr(sessions, "create_session", once_both_checked)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(lambda _: client.post("/api/v1/auth/refresh", json={"refresh_token": refresh_token}), range(2))
+        )
+    assert sorted(answer.status_code for answer in answers) == [200, 401], [answer.text for answer in answers]
 
 
 def test_a_refresh_token_is_refused_while_its_user_is_deactivated_and_once_expired(client: TestClient) -> None:
