@@ -139,8 +139,10 @@ def pod_manifests(count: int, namespace: str) -> list[dict[str, Any]]:
     return manifests
 
 
-def direct(cluster: K8sCluster, count: int) -> tuple[float, float, str]:
-    """(all Running, p95 per pod from its request, who used the CPU) with the kubernetes client alone."""
+def direct(cluster: K8sCluster, count: int) -> tuple[float, float, float, str]:
+    """(all Running, p95 per pod from its request, p95 per pod from the burst's start, who used the
+    CPU) with the kubernetes client alone. The second p95 counts a pod's wait in the client's
+    threads, as a user's time counts their wait in the control plane: users all ask at once."""
     namespace = cluster.control_plane_namespace("direct")
     api = cluster.api_client(token=cluster.cp_token)
     api.configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE  # as the backend's: a connection per thread
@@ -162,12 +164,13 @@ def direct(cluster: K8sCluster, count: int) -> tuple[float, float, str]:
     last = clock.wait(clock.running, names)
     machine = busiest(machine_before, machine_cpu())
     per_pod = sorted(clock.running[n] - sent[n] for n in names)
+    from_start = sorted(clock.running[n] - began for n in names)
     with concurrent.futures.ThreadPoolExecutor(DIRECT_THREADS) as pool:
         list(pool.map(lambda m: core.delete_namespaced_pod(m["metadata"]["name"], namespace), manifests))
     clock.wait(clock.gone, names)
     clock.stop()
     api.close()
-    return last - began, percentile(per_pod, 0.95), machine
+    return last - began, percentile(per_pod, 0.95), percentile(from_start, 0.95), machine
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -443,14 +446,15 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     with running_cluster() as cluster, tempfile.TemporaryDirectory() as tmp:
-        direct_s, direct_p95, direct_machine = direct(cluster, args.count)
+        direct_s, direct_p95, direct_p95_from_start, direct_machine = direct(cluster, args.count)
         bursts = []
         for routing in args.routing:
             bursts += through_control_plane(cluster, args.count, Path(tmp), args.profile, routing)
         replicated = replicas_on_postgresql(cluster, args.replica_count, Path(tmp)) if args.replica_count else None
     print(f"{args.count} environments on the Kubernetes test API server")
     print(f"  direct kubernetes client ({DIRECT_THREADS} threads): all pods Running in {direct_s:.2f} s, "
-          f"p95 per pod {direct_p95:.2f} s")  # fmt: skip
+          f"p95 per pod {direct_p95:.2f} s from its request, "
+          f"{direct_p95_from_start:.2f} s from the burst's start")  # fmt: skip
     print(f"    CPU used on this machine meanwhile: {direct_machine}")
     ok = True
     for burst in bursts:
