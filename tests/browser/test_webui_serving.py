@@ -66,6 +66,9 @@ def test_every_page_is_a_file_and_unknown_paths_are_real_404s(server: ServeProce
     # a name longer than the file system allows (found by an outsider: answered 500)
     for long_path in ("/" + "a" * 256, "/storage/" + "é" * 130, "/environments/" + "x" * 300 + "/"):
         assert httpx.get(server.url + long_path).status_code == 404, long_path[:20]
+    # a NUL no file name can hold (found by an outsider: answered 500, with a traceback in the log)
+    for nul_path in ("/%00", "/storage/%00", "/environments/a%00/"):
+        assert httpx.get(server.url + nul_path).status_code == 404, nul_path
 
 
 def test_downloads_and_progress_streams_are_never_recompressed(signed_in: httpx.Client) -> None:

@@ -94,7 +94,7 @@ def resolve_file(root: Path, path: str) -> Path | None:
             candidate = candidate / "index.html"
         if not candidate.is_file() or candidate.name.endswith(".gz"):
             return None
-    except OSError:  # a name longer than the file system allows (ENAMETOOLONG): no such page
+    except (OSError, ValueError):  # a name longer than the file system allows, or with a NUL: no such page
         return None
     return candidate
 

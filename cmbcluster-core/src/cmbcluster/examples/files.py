@@ -7,10 +7,12 @@ control plane's proxy reaches this one through the socket, for the environment's
 
 from __future__ import annotations
 
+import http
 import http.server
 import os
 import socketserver
 import sys
+from typing import Any
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -20,6 +22,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def address_string(self) -> str:
         return "proxy"  # a Unix socket's peer has no address
+
+    def send_head(self) -> Any:
+        try:
+            return super().send_head()
+        except ValueError:  # a NUL in the path (%00), which no file name holds: http.server lets it escape
+            self.send_error(http.HTTPStatus.NOT_FOUND, "File not found")
+            return None
 
 
 def main() -> None:
