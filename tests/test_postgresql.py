@@ -217,6 +217,26 @@ def test_sign_in_attempts_at_once_through_two_replicas_are_counted_exactly(datab
     assert answers == [303] * 8 + [429] * 22, answers
 
 
+def test_first_sign_ins_at_once_through_two_replicas_make_one_admin(database: str, tmp_path: Path) -> None:
+    """Six people signing in at the same moment on a fresh install, through both replicas: one of
+    them is the first user (the admin), whatever the interleaving; each gets one account."""
+    one, two = replicas(database, tmp_path, login_attempts_per_minute=100)
+    with one, two:
+        barrier = threading.Barrier(6)
+
+        def sign_in(i: int) -> str:
+            barrier.wait()
+            replica = (one, two)[i % 2]
+            browser = TestClient(replica.app, base_url=LOCAL)  # cookies of its own
+            me = replica.get("/api/v1/auth/me", headers=dev_sign_in(browser, f"user{i}@example.org")).json()
+            role: str = me["role"]
+            return role
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            roles = sorted(pool.map(sign_in, range(6)))
+    assert roles == ["admin"] + ["user"] * 5, roles
+
+
 def test_a_refresh_token_sent_twice_at_once_through_two_replicas_rotates_once(database: str, tmp_path: Path) -> None:
     """A refresh token works once, even when a stolen copy is sent at the same moment as the real
     one, through another replica: of eight refreshes at once, one gets a new session, seven a 401."""

@@ -36,6 +36,35 @@ def test_first_user_is_admin_and_later_ones_are_not(
     assert (me["email"], me["name"], me["role"], me["status"]) == ("alice@example.org", "Alice", "user", "active")
 
 
+@pytest.mark.parametrize("same_person", [False, True], ids=["two people", "one person in two tabs"])
+def test_sign_ins_at_once_on_a_fresh_install_make_one_admin_and_one_account_each(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, same_person: bool
+) -> None:
+    """Two first sign-ins at once on a fresh install (found by an outsider's trial): both looked up,
+    found nobody, counted no user, and both became admin. Both are held after the lookup until the
+    other arrives, the interleaving that did it; now one is the admin, the other a user, and one
+    person's two sign-ins at once make one account (and both succeed)."""
+    from cmbcluster.services import users
+
+    arrived = threading.Barrier(2, timeout=2)
+    link_by_email = users._link_by_email
+
+    def once_both_looked(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            arrived.wait()
+        return link_by_email(*args, **kwargs)
+
+    monkeypatch.setattr(users, "_link_by_email", once_both_looked)
+    emails = ["first@example.org"] * 2 if same_person else ["first@example.org", "second@example.org"]
+    with ThreadPoolExecutor(2) as pool:
+        signed_in = list(pool.map(lambda email: dev_sign_in(TestClient(client.app, base_url=LOCAL), email), emails))
+    me = [client.get("/api/v1/auth/me", headers=headers).json() for headers in signed_in]
+    if same_person:
+        assert me[0]["id"] == me[1]["id"] and me[0]["role"] == "admin"
+    else:
+        assert sorted(m["role"] for m in me) == ["admin", "user"], me
+
+
 def test_admin_emails_are_admins(settings: CoreSettings) -> None:
     app = create_app(settings.model_copy(update={"admin_emails": ["boss@example.org"]}))
     with TestClient(app, base_url=LOCAL) as client:

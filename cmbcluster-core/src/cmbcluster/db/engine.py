@@ -71,6 +71,15 @@ def begin_locked(db: Session) -> bool:
     return True
 
 
+def begin_serialised(db: Session, lock_id: int) -> None:
+    """Begin ``db``'s transaction so that transactions passing the same ``lock_id`` run one after the
+    other, on every replica: BEGIN IMMEDIATE on SQLite (its one write lock), a transaction-scoped
+    advisory lock on PostgreSQL. For what reads that no row exists and then adds it, where there is
+    no row to lock yet (the first user). Hold it for a few statements only."""
+    if not begin_locked(db):
+        db.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
+
+
 def _alembic_config(engine: Engine) -> Config:
     from alembic.config import Config
 

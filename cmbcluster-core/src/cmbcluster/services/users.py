@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cmbcluster.db.engine import begin_serialised
 from cmbcluster.db.models import User, utcnow
 from cmbcluster.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 from cmbcluster.interfaces import UserInfo
@@ -18,6 +19,8 @@ from cmbcluster.text import check_email_address, shown_name
 
 #: ``users.name``'s size
 MAX_USER_NAME = 200
+#: The PostgreSQL advisory lock new accounts are created under (starts take 4242001)
+NEW_ACCOUNT_LOCK = 4242002
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -54,15 +57,25 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     except InvalidRequest:
         raise AuthenticationFailed("the identity provider sent an invalid e-mail address") from None
     name = shown_name(info.name or "", limit=MAX_USER_NAME)  # shown to admins, like the address
-    user = db.execute(
-        select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
-    ).scalar_one_or_none()
-    email_changed = False
-    if user is None:
-        user = _link_by_email(db, email, info)
-    elif user.email != email:
-        email_changed = True
-        _record_email_change(db, user, email, info)
+    locked = False
+    while True:
+        user = db.execute(
+            select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
+        ).scalar_one_or_none()
+        email_changed = False
+        if user is None:
+            user = _link_by_email(db, email, info)
+        elif user.email != email:
+            email_changed = True
+            _record_email_change(db, user, email, info)
+        if user is not None or locked:
+            break
+        # A new account: looked up again and created under a lock, so that two people signing in
+        # at once on a fresh install are not both the first user (an admin), and one person's two
+        # sign-ins at once (two tabs) make one account, on every replica. New accounts are rare.
+        db.rollback()
+        begin_serialised(db, NEW_ACCOUNT_LOCK)
+        locked = True
     if user is None:
         first = db.execute(select(func.count()).select_from(User)).scalar_one() == 0
         user = User(
