@@ -1,18 +1,28 @@
-"""The progress hub's view of what starting applications print: read in the background, paced,
-and a change only when the lines changed."""
+"""The progress hub: which environments a pass reads, and its view of what starting applications
+print (read in the background, paced, and a change only when the lines changed)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+from pathlib import Path
+
+from cmbcluster.db import create_db_engine, upgrade
+from cmbcluster.db.engine import session_factory
+from cmbcluster.db.models import Application, Environment, User
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
-from cmbcluster.services.progress import StartupOutput
+from cmbcluster.services.progress import ProgressHub, StartupOutput
 
 
 class PrintingCompute(ComputeBackend):
-    """Environments that print what ``printed`` says; counts the log reads (a cluster call each)."""
+    """Environments that print what ``printed`` says and report what ``messages`` says; counts the log
+    reads and status calls (each a cluster call on some backends)."""
 
     def __init__(self) -> None:
         self.printed: dict[str, str] = {}
         self.reads: list[str] = []
+        self.messages: dict[str, str] = {}  #: what status() says of each environment
+        self.asked: collections.Counter[str] = collections.Counter()  #: status() calls, by environment
 
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
         self.reads.append(environment_id)
@@ -25,7 +35,9 @@ class PrintingCompute(ComputeBackend):
         raise NotImplementedError
 
     def status(self, environment_id: str) -> EnvironmentStatus:
-        return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.STARTING)
+        self.asked[environment_id] += 1
+        message = self.messages.get(environment_id, "")
+        return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.STARTING, message=message)
 
     def list_managed(self) -> list[EnvironmentStatus]:
         return []
@@ -40,7 +52,7 @@ def test_lines_answer_what_was_last_read_and_never_wait_for_the_cluster() -> Non
     output = StartupOutput(compute)
     assert output.lines("a") == [] and compute.reads == []  # nothing read yet; now due
     assert output.wanted
-    assert output.read_wanted() is True and compute.reads == ["a"]
+    assert output.read_wanted() == {"a"} and compute.reads == ["a"]
     assert output.lines("a") == ["loading the maps"] and compute.reads == ["a"]  # read within the second: not again
     assert not output.wanted
 
@@ -51,7 +63,7 @@ def test_an_application_that_printed_nothing_is_no_change() -> None:
     output = StartupOutput(compute)
     for environment_id in ("a", "b", "c"):
         output.lines(environment_id)
-    assert output.read_wanted() is False
+    assert output.read_wanted() == set()
     assert sorted(compute.reads) == ["a", "b", "c"]
 
 
@@ -75,7 +87,7 @@ def test_a_round_reads_every_output_it_takes_though_the_first_changed() -> None:
     compute.printed = {"a": "one\n", "b": "two\n"}
     output = StartupOutput(compute)
     output.lines("a"), output.lines("b")
-    assert output.read_wanted() is True
+    assert output.read_wanted() == {"a", "b"}
     assert sorted(compute.reads) == ["a", "b"] and output.lines("b") == ["two"]
 
 
@@ -85,3 +97,53 @@ def test_a_failures_last_lines_are_read_at_once() -> None:
     output = StartupOutput(compute)
     assert output.lines("a", fresh=True) == ["config error: no such catalog file"]
     assert compute.reads == ["a"]
+
+
+def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_interval(tmp_path: Path) -> None:
+    """A burst of starts reports hundreds of changes: each is read alone, not with every followed
+    environment (which made the hub's passes cost as much as the starts). A change nobody reports
+    (another replica's, a backend without a watch) still reaches its stream within the poll
+    interval, however busy the reported ones keep the hub."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with sessions() as db:
+        user = User(email="ada@example.org", name="Ada", auth_provider="local", subject="ada")
+        app = Application(slug="lab", name="Lab", image="x")
+        db.add_all([user, app])
+        db.flush()
+        busy, quiet = (
+            Environment(user_id=user.id, application_id=app.id, name=name, backend="test", status="starting")
+            for name in ("busy", "quiet")
+        )  # fmt: skip
+        db.add_all([busy, quiet])
+        db.commit()
+    compute = PrintingCompute()
+    hub = ProgressHub(sessions, compute, poll_seconds=0.3, max_poll_seconds=0.3)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        running = asyncio.create_task(hub.run(stop))
+        await asyncio.sleep(0)  # the hub is listening
+        followers = [hub.subscribe(env.id, user.id) for env in (busy, quiet)]
+        for follower in followers:
+            await asyncio.wait_for(follower.changed.wait(), timeout=5)  # first states
+            follower.changed.clear()
+        compute.asked.clear()
+        compute.messages[quiet.id] = "pulling the image"  # nobody reports this one
+        began = loop.time()
+        while not followers[1].changed.is_set() and loop.time() - began < 5:
+            hub.notify(busy.id)  # while changes of the other keep coming
+            await asyncio.sleep(0.01)
+        took = loop.time() - began
+        stop.set()
+        await running
+        assert followers[1].latest is not None and followers[1].latest["message"] == "pulling the image"
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 0.3 + 0.5, took  # within the poll interval, and a pass
+    # the reported one read at every pass, the other at the poll interval only
+    assert compute.asked[busy.id] >= 5 * compute.asked[quiet.id] >= 5, compute.asked
+    engine.dispose()

@@ -9,12 +9,13 @@ An open stream holds nothing while it waits: no database connection, no worker t
   a pause that grows to ``max_poll_seconds`` while nothing changes (an autoscaler adding nodes
   keeps dialogs open for minutes) and shrinks back at the next change;
 - then, in one hop to its own thread (never queued behind requests in the shared worker pool)
-  and one short read-only database session, it reads every environment that streams follow,
-  takes what the backend now reports for those still starting, and hands each stream its new
-  state at once; recording that report in the database (as the reconcile loop does) follows in
-  the background, so progress never waits for the database's write lock, which a burst of starts
-  keeps busy. An end (running, failed) reaches the streams once recorded: a stream that says
-  ``running`` means the environment opens;
+  and one short read-only database session, it reads the followed environments a change was
+  reported for (every followed one after a quiet pause, and at least every ``poll_seconds`` however
+  busy, for changes nobody reports), takes what the backend now reports for those still starting,
+  and hands each stream its new state at once; recording that report in the database (as the
+  reconcile loop does) follows in the background, so progress never waits for the database's
+  write lock, which a burst of starts keeps busy. An end (running, failed) reaches the streams
+  once recorded: a stream that says ``running`` means the environment opens;
 - the application's output while it starts is read in the background too (a log read goes
   through the kubelet, which may take seconds to answer): a pass sends the lines last read, and
   the next pass the newer ones. Only a failure's last lines are read within the pass, since its
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,6 +106,10 @@ class ProgressHub:
         self.poll_seconds = poll_seconds
         self.max_poll_seconds = max_poll_seconds
         self._subscriptions: dict[str, set[Subscription]] = {}
+        # What the next pass reads: the environments a change was reported for, or every followed
+        # one (on the hub's loop only; notify() hands them over from other threads)
+        self._changed: set[str] = set()
+        self._read_all = False
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,7 +125,7 @@ class ProgressHub:
     def subscribe(self, environment_id: str, user_id: str) -> Subscription:
         subscription = Subscription(environment_id, user_id)
         self._subscriptions.setdefault(environment_id, set()).add(subscription)
-        self.notify()  # its first state comes with the next pass, at once
+        self.notify(environment_id)  # its first state comes with the next pass, at once
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -141,16 +147,26 @@ class ProgressHub:
 
     # -- changes ---------------------------------------------------------------------------------
     def notify(self, environment_id: str | None = None) -> None:
-        """Something may have changed: look now. Safe from any thread (the backend's watch)."""
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None or loop.is_closed():
+        """Something may have changed: look now, at ``environment_id`` alone when given, else at
+        every followed environment. Safe from any thread (the backend's watch)."""
+        loop = self._loop
+        if loop is None or self._wake is None or loop.is_closed():
             return
         if environment_id is not None and environment_id not in self._subscriptions:
             return  # nobody follows it: nothing to do
         try:
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(self._look_at, environment_id)
         except RuntimeError:  # the loop is shutting down
             pass
+
+    def _look_at(self, environment_id: str | None) -> None:
+        """(On the hub's loop) have the next pass read ``environment_id``, or everything for None."""
+        if environment_id is None:
+            self._read_all = True
+        else:
+            self._changed.add(environment_id)
+        if self._wake is not None:
+            self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """The hub's one task; ends when ``stop`` is set."""
@@ -167,22 +183,35 @@ class ProgressHub:
             self._loop = None
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._loop is not None
         pause = self.poll_seconds
+        last_full = -math.inf
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=pause if self._subscriptions else None)
                 pause = self.poll_seconds  # woken by a change: look closely again
             except TimeoutError:
                 pause = min(self.max_poll_seconds, pause * 1.5)
+                self._read_all = True
             self._wake.clear()
             if stop.is_set() or not self._subscriptions:
                 continue
-            followed = list(self._subscriptions)
+            # A reported change is read alone (a burst of starts reports hundreds, each of which made
+            # a pass read all of them); every followed environment at least every poll interval,
+            # however busy, for changes nobody reports (another replica's, a backend without a watch).
+            if self._read_all or self._loop.time() - last_full >= self.poll_seconds:
+                followed, last_full = list(self._subscriptions), self._loop.time()
+            else:
+                followed = [i for i in self._changed if i in self._subscriptions]
+            self._changed.clear()
+            self._read_all = False
+            if not followed:
+                continue
             try:
                 states, behind = await anyio.to_thread.run_sync(self._read, followed, limiter=self._reader)
-            except Exception:  # a database hiccup: the next pass tries again
+            except Exception:  # a database hiccup: the next pass tries again, reading everything
                 log.exception("reading the progress of starting environments failed")
+                self._read_all = True
                 await asyncio.sleep(self.poll_seconds)
                 continue
             # Only what was read: a stream that subscribed meanwhile gets its state next pass.
@@ -205,8 +234,8 @@ class ProgressHub:
         pass meanwhile does not start another, and the next one finds what is still behind."""
         try:
             await anyio.to_thread.run_sync(self._write, reports, limiter=self._writer)
-            if self._wake is not None:
-                self._wake.set()  # the next pass reads what was recorded: an end reaches its streams
+            for environment_id in reports:  # the next pass reads what was recorded: an end reaches its streams
+                self._look_at(environment_id)
         except Exception:  # the database busy past its timeout: the next pass or the reconcile loop retries
             log.warning("recording the progress of %d starting environments failed", len(reports),
                         exc_info=True)  # fmt: skip
@@ -219,8 +248,8 @@ class ProgressHub:
         began = time.monotonic()
         try:
             changed = await anyio.to_thread.run_sync(self.output.read_wanted, limiter=self._output_reader)
-            if changed and self._wake is not None:
-                self._wake.set()
+            for environment_id in changed:
+                self._look_at(environment_id)
             # Paced: with many starts waiting, rounds back to back would keep the hub busy for nothing
             # (a stopping hub does not wait for the pause).
             pause = max(0.0, PROGRESS_LOG_REFRESH_SECONDS - (time.monotonic() - began))
@@ -326,15 +355,14 @@ class StartupOutput:
                 self._wanted.add(environment_id)
         return cached[1] if cached is not None else []
 
-    def read_wanted(self, reads: int = PROGRESS_LOG_READS_PER_ROUND) -> bool:
-        """Read up to ``reads`` of the outputs due, those read longest ago first (blocking); True
-        when one changed."""
+    def read_wanted(self, reads: int = PROGRESS_LOG_READS_PER_ROUND) -> set[str]:
+        """Read up to ``reads`` of the outputs due, those read longest ago first (blocking); the
+        environments whose output changed."""
         with self._lock:
             due = sorted(self._wanted, key=lambda i: self._seen[i][0] if i in self._seen else 0.0)[:reads]
             self._wanted.difference_update(due)
             before = {i: self._seen[i][1] for i in due if i in self._seen}
-        changed = [self._read(environment_id) != before.get(environment_id, []) for environment_id in due]
-        return any(changed)  # every one read first: any() over a generator would stop at the first change
+        return {i for i in due if self._read(i) != before.get(i, [])}
 
     def _read(self, environment_id: str) -> list[str]:
         try:
