@@ -81,3 +81,40 @@ def test_empty_database_gets_the_same_schema_as_the_migrations(tmp_path: Path) -
         }
 
     assert schema(fast) == schema(migrated)
+
+
+def test_one_writer_queues_this_processs_writers_and_never_waits_with_the_database_locked(tmp_path: Path) -> None:
+    """one_writer() makes starts wait for each other on a lock that wakes them at once; a session
+    that already holds the database's write lock passes it, or the two would wait on each other."""
+    import threading
+    import time
+
+    from cmbcluster.db.engine import one_writer, session_factory
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    insert = text("INSERT INTO rate_limits (key, window_start, count) VALUES (:key, '2026-01-01 00:00:00', 1)")
+    holding, queued = sessions(), sessions()
+    holding.execute(insert, {"key": "first"})  # holds SQLite's write lock
+    entered = threading.Event()
+
+    def queue_behind() -> None:
+        with one_writer(queued):
+            entered.set()
+            queued.execute(insert, {"key": "second"})  # waits for the holder's commit
+            queued.commit()
+
+    writer = threading.Thread(target=queue_behind)
+    writer.start()
+    assert entered.wait(5)  # the other thread has this process's writer lock
+    began = time.monotonic()
+    with one_writer(holding):  # and this session holds the database's: it goes on
+        holding.commit()
+    writer.join(10)
+    assert not writer.is_alive() and time.monotonic() - began < 5
+    with sessions() as db:
+        assert db.execute(text("SELECT count(*) FROM rate_limits")).scalar_one() == 2
+    holding.close()
+    queued.close()
+    engine.dispose()

@@ -22,7 +22,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, UsageInterval, User, utcnow
+from cmbcluster.db.models import Environment, StartSlot, UsageInterval, User, utcnow
 from cmbcluster.errors import Conflict
 from cmbcluster.interfaces import EnvironmentPhase, EnvironmentSpec, EnvironmentStatus, UserRef
 from cmbcluster.services import environments
@@ -392,6 +392,35 @@ def test_server_wide_start_limit_is_429_with_retry_after(settings: CoreSettings)
         assert client.get("/api/v1/environments", headers=admin).json()["items"] == []  # nothing left behind
         wait_status(client, alice, first["id"], "running")
         assert client.post("/api/v1/environments", headers=admin, json={"application": "files"}).status_code == 201
+
+
+def test_the_slots_of_starts_that_never_ended_stop_counting_once_expired(settings: CoreSettings) -> None:
+    """A server that crashed while starting leaves start slots behind: once expired they count for
+    nothing, neither against the server-wide limit nor against a start of their own environment."""
+    app = create_app(settings.model_copy(update={"max_concurrent_starts": 1}))
+    with serving(app) as client:
+        ada = dev_sign_in(client, "ada@example.org")
+        crashed, other = (create_env(client, ada, start=False) for _ in range(2))
+
+        def left_behind(expired: bool) -> None:
+            with app.state.context.sessions() as db:
+                expires = utcnow() + dt.timedelta(minutes=-1 if expired else 10)
+                db.add(StartSlot(environment_id=crashed["id"], expires_at=expires))
+                db.commit()
+
+        left_behind(expired=False)  # still within its start timeout: the server is full
+        assert client.post(f"/api/v1/environments/{other['id']}/start", headers=ada).status_code == 429
+        with app.state.context.sessions() as db:
+            db.execute(delete(StartSlot))
+            db.commit()
+        left_behind(expired=True)
+        assert client.post(f"/api/v1/environments/{other['id']}/start", headers=ada).status_code == 200
+        wait_status(client, ada, other["id"], "running")
+        client.post(f"/api/v1/environments/{other['id']}/stop", headers=ada)
+        left_behind(expired=True)  # and the environment it was left by starts again
+        started = client.post(f"/api/v1/environments/{crashed['id']}/start", headers=ada)
+        assert started.status_code == 200, started.text
+        wait_status(client, ada, crashed["id"], "running")
 
 
 def test_a_request_with_a_body_signs_the_caller_in_once(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -69,6 +71,27 @@ def begin_locked(db: Session) -> bool:
         return False
     connection.exec_driver_sql("BEGIN IMMEDIATE")
     return True
+
+
+#: See one_writer()
+_SQLITE_WRITER = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_writer(db: Session) -> Iterator[None]:
+    """On SQLite, the writes of this process that a burst repeats (starts, the progress hub's
+    records) one at a time, from their first write to their commit: SQLite has one writer anyway,
+    and each waiter is woken the moment the one before commits, instead of in SQLite's busy
+    handler, which sleeps between its tries (up to 100 ms each) while the database is free. A
+    session that already wrote holds the database's lock: it goes on (waiting here could deadlock).
+    Elsewhere, nothing: other databases lock rows."""
+    if db.get_bind().dialect.name != "sqlite" or getattr(
+        db.connection().connection.dbapi_connection, "in_transaction", True
+    ):
+        yield
+        return
+    with _SQLITE_WRITER:
+        yield
 
 
 def begin_serialised(db: Session, lock_id: int) -> None:

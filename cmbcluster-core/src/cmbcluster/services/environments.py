@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import Connection, bindparam, delete, func, select, text
 from sqlalchemy import update as update_statement  # this module's update() changes an environment
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -24,7 +24,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
-from cmbcluster.db.engine import begin_locked
+from cmbcluster.db.engine import begin_locked, one_writer
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -236,14 +236,20 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     The environment is marked pending before that write, so that a new one (``create``) is
     inserted once, already pending; a refusal rolls everything back.
     """
-    core = context.config.core
     if env.status not in STARTABLE_STATUSES:
         raise Conflict(f"{env.name!r} is already {env.status}")
+    with one_writer(db):
+        _reserve(db, context, user, env)
+
+
+def _reserve(db: Session, context: AppContext, user: User, env: Environment) -> None:
+    core = context.config.core
     now = utcnow()
     with db.no_autoflush:  # a new environment is inserted at the flush below, once, already pending
         if db.get_bind().dialect.name == "postgresql":
             db.execute(_START_LOCK)
-        delete_expired_slots(db, now)
+        if env not in db.new:  # a new one has no slot; this one may, expired, from a crashed server
+            db.execute(_DELETE_EXPIRED_SLOT, {"environment_id": env.id, "now": now})
     env.desired_state = "running"
     env.status = "pending"
     env.status_message = "waiting to start"
@@ -259,14 +265,16 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     except IntegrityError:  # the slot is taken: a start of the same environment reserved meanwhile
         db.rollback()
         raise Conflict(f"{env.name!r} is already starting") from None
-    active = db.execute(_ACTIVE_OTHERS, {"user_id": user.id, "environment_id": env.id}).scalar_one()
+    active, slots = db.execute(_ACTIVE_AND_SLOTS, {"user_id": user.id, "environment_id": env.id}).one()
     if active >= core.max_environments_per_user:
         db.rollback()
         raise Conflict(
             f"you already have {active} running or starting environments (the limit is "
             f"{core.max_environments_per_user}); stop one first"
         )
-    slots = db.execute(_SLOTS_TAKEN).scalar_one()
+    if slots > core.max_concurrent_starts:  # full, unless with the slots of starts that never ended
+        delete_expired_slots(db, now)
+        slots = db.execute(_SLOTS_TAKEN).scalar_one()
     if slots > core.max_concurrent_starts:
         oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
         db.rollback()
@@ -291,6 +299,12 @@ _ACTIVE_OTHERS = (
     )
 )
 _SLOTS_TAKEN = select(func.count()).select_from(StartSlot)
+# One query for both: each statement gives up the interpreter's lock, which a thread holding the
+# database's write lock may then wait for behind every busy thread.
+_ACTIVE_AND_SLOTS = select(_ACTIVE_OTHERS.scalar_subquery(), _SLOTS_TAKEN.scalar_subquery())
+_DELETE_EXPIRED_SLOT = delete(StartSlot).where(
+    StartSlot.environment_id == bindparam("environment_id"), StartSlot.expires_at < bindparam("now")
+)
 
 
 def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:

@@ -41,7 +41,7 @@ import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cmbcluster.db.engine import in_batches
+from cmbcluster.db.engine import in_batches, one_writer
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
@@ -296,7 +296,7 @@ class ProgressHub:
 
     def _write(self, reports: dict[str, EnvironmentStatus]) -> None:
         """Record the reports the last pass read (not asked again: one backend call per pass)."""
-        with self.sessions() as db:
+        with self.sessions() as db, one_writer(db):
             for batch in in_batches(list(reports)):
                 for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
                     if env.status in ("pending", "starting"):
