@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cmbcluster.db.engine import in_batches, one_writer
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
-from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
+from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentStatus
 from cmbcluster.services.status import apply_status, reported
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 PROGRESS = {"stopped": 0, "pending": 10, "starting": 50, "running": 100, "failed": 100, "stopping": 50}
 #: A stream ends once its environment reaches one of these.
 TERMINAL = ("running", "stopped", "failed")
+#: Progress that is not an end is recorded at most this often (an end at once): streams show it
+#: from the backend's report already; the list and other replicas see it within this. In a burst
+#: of starts, each record is a turn at SQLite's one write lock, which the starts queue for.
+PROGRESS_RECORD_SECONDS = 1.0
+#: The reports that end a start, recorded at once: a stream announces an end once recorded.
+_ENDS = (EnvironmentPhase.RUNNING, EnvironmentPhase.FAILED, EnvironmentPhase.STOPPED)
 #: The application's last output lines an event carries while it starts and when it failed.
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
@@ -110,6 +116,8 @@ class ProgressHub:
         # one (on the hub's loop only; notify() hands them over from other threads)
         self._changed: set[str] = set()
         self._read_all = False
+        self._recorded_at = -math.inf
+        self._unrecorded: set[str] = set()  # found behind while a record was in flight, or paced
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,20 +229,34 @@ class ProgressHub:
                     owned = state is not None and state["user_id"] == subscription.user_id
                     if subscription.offer(state["event"] if owned and state is not None else None):
                         pause = self.poll_seconds
-            if behind and self._recording is None:
-                self._recording = asyncio.create_task(self._record(behind))
+            if behind:
+                self._record_soon(behind)
             if self.output.wanted and self._reading_output is None:
                 self._reading_output = asyncio.create_task(self._read_output())
         for task in (self._recording, self._reading_output):
             if task is not None:
                 await task
 
+    def _record_soon(self, behind: dict[str, EnvironmentStatus]) -> None:
+        """Record what a pass found behind: now, when it holds an end or progress was last recorded
+        :data:`PROGRESS_RECORD_SECONDS` ago and no record is in flight; otherwise these are read
+        again once the record in flight is written (an end must not wait for the next full pass)."""
+        assert self._loop is not None
+        ends = any(status.phase in _ENDS for status in behind.values())
+        if self._recording is None and (ends or self._loop.time() - self._recorded_at >= PROGRESS_RECORD_SECONDS):
+            self._recorded_at = self._loop.time()
+            self._recording = asyncio.create_task(self._record(behind))
+        else:
+            self._unrecorded.update(behind)
+
     async def _record(self, reports: dict[str, EnvironmentStatus]) -> None:
         """Write what the backend reported (one write transaction, in a thread of its own); a
-        pass meanwhile does not start another, and the next one finds what is still behind."""
+        pass meanwhile does not start another (see :meth:`_record_soon`)."""
         try:
             await anyio.to_thread.run_sync(self._write, reports, limiter=self._writer)
-            for environment_id in reports:  # the next pass reads what was recorded: an end reaches its streams
+            # the next pass reads what was recorded (an end reaches its streams), and what waited
+            waited, self._unrecorded = self._unrecorded, set()
+            for environment_id in reports.keys() | waited:
                 self._look_at(environment_id)
         except Exception:  # the database busy past its timeout: the next pass or the reconcile loop retries
             log.warning("recording the progress of %d starting environments failed", len(reports),
