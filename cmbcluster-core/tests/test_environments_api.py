@@ -433,9 +433,9 @@ def test_a_request_with_a_body_signs_the_caller_in_once(
     calls: list[str] = []
     authenticate = sessions.authenticate
 
-    def counted(db: Any, token: str) -> Any:
+    def counted(db: Any, token: str, **options: Any) -> Any:
         calls.append(token)
-        return authenticate(db, token)
+        return authenticate(db, token, **options)
 
     monkeypatch.setattr(sessions, "authenticate", counted)
     created = create_env(client, alice, name="once")

@@ -22,6 +22,7 @@ from cmbcluster.api.docs import customise_openapi
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, PermissionDenied
+from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
 
 SESSION_COOKIE = "cmbcluster_session"
@@ -133,10 +134,11 @@ def sign_in(request: Request) -> Principal:
 
 
 def authenticate_request(
-    request: Request, db: Session | Connection, bearer: str | None, cookie: str | None
-) -> Principal:
+    request: Request, db: Session | Connection, bearer: str | None, cookie: str | None,
+    *, owning_environment: str | None = None,
+) -> Principal:  # fmt: skip
     """The caller of ``request``, from its bearer token or session cookie. AuthenticationFailed or
-    PermissionDenied otherwise."""
+    PermissionDenied otherwise; with ``owning_environment``, NotFound unless it is the caller's."""
     if bearer is not None:
         token, via_cookie = bearer, False
     elif cookie:
@@ -144,7 +146,7 @@ def authenticate_request(
         _check_same_origin(request)
     else:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
-    user, credential = sessions.authenticate(db, token)
+    user, credential = sessions.authenticate(db, token, owning_environment=owning_environment)
     return Principal(user=user, credential=credential, via_cookie=via_cookie)
 
 
@@ -183,6 +185,20 @@ def own_origins(request: HTTPConnection) -> set[tuple[str, str]]:
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
+async def get_environment_owner(request: Request, environment_id: str) -> Principal:
+    """The caller, who must own the path's ``environment_id`` (NotFound otherwise, as for an unknown
+    id): both in one query, on a connection returned at once (a progress stream then holds none)."""
+    signed_in: Principal | None = request.scope.get(SIGNED_IN_SCOPE_KEY)
+    with request.app.state.context.engine.connect() as connection:
+        if signed_in is not None:  # signed in by the request guard: the check alone
+            envs.check_owned(connection, signed_in.user, environment_id)
+            return signed_in
+        return authenticate_request(request, connection, *credentials(request), owning_environment=environment_id)
+
+
+EnvironmentOwner = Annotated[Principal, Depends(get_environment_owner)]
+
+
 async def get_user(principal: CurrentPrincipal, db: DbSession) -> User:
     """The caller's user, loaded in the request's session for routes that read or change it."""
     user = db.get(User, principal.user.id)
@@ -219,7 +235,7 @@ def depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
 def document_security(app: FastAPI) -> None:
     """Declare in the OpenAPI document that every route needing a caller takes either way in (a
     bearer token or the session cookie), as FastAPI would had get_principal depended on
-    ``_bearer`` and ``_cookie``. Install it before the document's other customisations, which
+    ``_bearer`` and ``_cookie`` (or get_environment_owner). Install it before the document's other customisations, which
     read an operation's ``security``."""
     schemes = {
         scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
@@ -233,7 +249,7 @@ def document_security(app: FastAPI) -> None:
             if (
                 isinstance(original, APIRoute)
                 and original.include_in_schema
-                and depends_on(original.dependant, get_principal)
+                and any(depends_on(original.dependant, sign_in) for sign_in in (get_principal, get_environment_owner))
             ):
                 for method in route.methods or ():
                     operation = schema["paths"][route.path_format][method.lower()]

@@ -11,12 +11,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy import Connection, bindparam, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.engine import in_batches
-from cmbcluster.db.models import ApiToken, UsedToken, User, utcnow
+from cmbcluster.db.models import ApiToken, Environment, UsedToken, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
 from cmbcluster.security import new_token, token_hash
@@ -89,6 +89,14 @@ _CREDENTIAL_QUERIES = {
     .outerjoin(User, User.id == ApiToken.user_id)
     .where(ApiToken.token_hash == bindparam("token_hash")),
 }
+# The same, with whether the user owns environment :environment_id: a progress stream checks both
+# in one query (a burst of launch dialogs opens five streams each).
+_OWNING_QUERIES = {
+    kind: query.add_columns(
+        exists().where(Environment.id == bindparam("environment_id"), Environment.user_id == User.id).label("owns")
+    )
+    for kind, query in _CREDENTIAL_QUERIES.items()
+}
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,15 @@ def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: st
     return IssuedSession(token=token, refresh_token=refresh, expires_at=row.expires_at, session_id=row.id, user=user)
 
 
-def authenticate(db: Session | Connection, token: str) -> tuple[SignedInUser, Credential]:
+def authenticate(
+    db: Session | Connection, token: str, *, owning_environment: str | None = None
+) -> tuple[SignedInUser, Credential]:
     """The active user a session or API token belongs to, and the credential it is: one query.
 
     AuthenticationFailed for an unknown, expired or revoked token; PermissionDenied for a
     deactivated user, at their very next request. An API token's use is recorded (and committed)
-    at most every :data:`TOUCH_INTERVAL`.
+    at most every :data:`TOUCH_INTERVAL`. With ``owning_environment``, that environment must be the
+    user's, checked in the same query: NotFound otherwise, as for an unknown id.
     """
     kind: CredentialKind
     if token.startswith(SESSION_PREFIX + "_"):
@@ -126,11 +137,17 @@ def authenticate(db: Session | Connection, token: str) -> tuple[SignedInUser, Cr
     else:
         raise AuthenticationFailed("not a CMBCluster session or API token")
     now = utcnow()
-    row = db.execute(_CREDENTIAL_QUERIES[kind], {"token_hash": token_hash(token)}).one_or_none()
+    if owning_environment is None:
+        row = db.execute(_CREDENTIAL_QUERIES[kind], {"token_hash": token_hash(token)}).one_or_none()
+    else:
+        parameters = {"token_hash": token_hash(token), "environment_id": owning_environment}
+        row = db.execute(_OWNING_QUERIES[kind], parameters).one_or_none()
     refused = refusal(kind, None if row is None else _State(row.revoked_at, row.expires_at, row.user_status), now)
     if refused is not None:
         raise refused
     assert row is not None  # refusal() answered for an unknown token
+    if owning_environment is not None and not row.owns:
+        raise NotFound(f"environment {owning_environment} not found")
     if kind == "api_token" and (row.last_used_at is None or now - row.last_used_at > TOUCH_INTERVAL):
         db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
         db.commit()

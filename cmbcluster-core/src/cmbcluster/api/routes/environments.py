@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession
+from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, EnvironmentOwner
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
@@ -317,16 +317,14 @@ async def environment_logs(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def environment_events(environment_id: str, principal: CurrentPrincipal, context: Context) -> StreamingResponse:
+async def environment_events(environment_id: str, principal: EnvironmentOwner, context: Context) -> StreamingResponse:
     """Events: ``status`` (the environment's progress), ``deleted``, and ``signed_out`` (the caller
     signed out, their API token was revoked or their account deactivated: ``message`` says which; sign
     in again). The stream ends after ``deleted``, ``signed_out`` and a ``status`` that is running,
     stopped or failed."""
-    # On the event loop, as the list is (one indexed query): a launch dialog opens its stream
-    # right after the create, when the worker threads are busiest with starts.
-    # A plain connection, returned before the stream starts (which may last minutes): 404 first.
-    with context.engine.connect() as connection:
-        envs.check_owned(connection, principal.user, environment_id)
+    # Signed in and checked to own it on the event loop, as the list is (one indexed query, see
+    # get_environment_owner): a launch dialog opens its stream right after the create, when the
+    # worker threads are busiest with starts.
     return StreamingResponse(
         _progress(context, principal.credential, environment_id),
         media_type="text/event-stream",
