@@ -36,6 +36,20 @@ def test_first_user_is_admin_and_later_ones_are_not(
     assert (me["email"], me["name"], me["role"], me["status"]) == ("alice@example.org", "Alice", "user", "active")
 
 
+def hold_until_both_arrive(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, *, timeout: float) -> None:
+    """Make two concurrent requests interleave at ``module.name``: each call waits there until the
+    other arrives (or ``timeout`` passes, for code that lets only one get that far)."""
+    arrived = threading.Barrier(2, timeout=timeout)
+    original = getattr(module, name)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            arrived.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, held)
+
+
 @pytest.mark.parametrize("same_person", [False, True], ids=["two people", "one person in two tabs"])
 def test_sign_ins_at_once_on_a_fresh_install_make_one_admin_and_one_account_each(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, same_person: bool
@@ -46,15 +60,7 @@ def test_sign_ins_at_once_on_a_fresh_install_make_one_admin_and_one_account_each
     person's two sign-ins at once make one account (and both succeed)."""
     from cmbcluster.services import users
 
-    arrived = threading.Barrier(2, timeout=2)
-    link_by_email = users._link_by_email
-
-    def once_both_looked(*args: Any, **kwargs: Any) -> Any:
-        with contextlib.suppress(threading.BrokenBarrierError):
-            arrived.wait()
-        return link_by_email(*args, **kwargs)
-
-    monkeypatch.setattr(users, "_link_by_email", once_both_looked)
+    hold_until_both_arrive(monkeypatch, users, "_link_by_email", timeout=2)
     emails = ["first@example.org"] * 2 if same_person else ["first@example.org", "second@example.org"]
     with ThreadPoolExecutor(2) as pool:
         signed_in = list(pool.map(lambda email: dev_sign_in(TestClient(client.app, base_url=LOCAL), email), emails))
@@ -217,15 +223,7 @@ def test_a_refresh_token_replayed_at_the_same_time_buys_one_session_only(
     from cmbcluster.services import sessions
 
     refresh_token = _exchanged_session(client, "twice@example.org")["refresh_token"]
-    both_checked = threading.Barrier(2, timeout=1)
-    create_session = sessions.create_session
-
-    def once_both_checked(*args: Any, **kwargs: Any) -> Any:
-        with contextlib.suppress(threading.BrokenBarrierError):
-            both_checked.wait()
-        return create_session(*args, **kwargs)
-
-    monkeypatch.setattr(sessions, "create_session", once_both_checked)
+    hold_until_both_arrive(monkeypatch, sessions, "create_session", timeout=1)
     with ThreadPoolExecutor(2) as pool:
         answers = list(
             pool.map(lambda _: client.post("/api/v1/auth/refresh", json={"refresh_token": refresh_token}), range(2))
