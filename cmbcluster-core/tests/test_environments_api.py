@@ -446,6 +446,35 @@ def test_a_request_with_a_body_signs_the_caller_in_once(
     assert "before changing its name" in renamed.json()["message"]  # what was asked, not its size
 
 
+def test_a_database_busy_while_signing_in_before_the_body_is_a_503_not_a_400(
+    client: TestClient, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request guard signs in as the route starts reading the body, inside FastAPI's body
+    parsing, which answered any error there as 400 "the request body could not be read": a client
+    told its valid request is malformed would never retry. A busy database is a 503 as on any
+    route; anything else a 500 (logged), never a 400."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from cmbcluster.services import sessions
+
+    def busy(db: Any, token: str, **options: Any) -> Any:
+        raise OperationalError("SELECT ...", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(sessions, "authenticate", busy)
+    answer = client.post("/api/v1/environments", headers=alice, json={"application": "files", "start": False})
+    assert answer.status_code == 503 and answer.json()["error"] == "busy", answer.text
+    assert answer.headers["retry-after"] == "2"
+
+    def broken(db: Any, token: str, **options: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sessions, "authenticate", broken)
+    answer = client.post("/api/v1/environments", headers=alice, json={"application": "files", "start": False})
+    assert answer.status_code == 500 and answer.json()["error"] == "internal_error", answer.text
+
+
 def _set(client: TestClient, env_id: str, **values: Any) -> None:
     with client.app.state.context.sessions() as db:  # type: ignore[attr-defined]
         env = db.get(Environment, env_id)

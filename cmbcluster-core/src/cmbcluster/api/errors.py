@@ -3,6 +3,7 @@ status, nothing leaks a traceback; and the OpenAPI description of those answers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -145,10 +146,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", "; ".join(problems), detail), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        typed = getattr(exc, "error", None)  # the request guard's refusals carry a typed error
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        typed = getattr(exc, "error", None)  # the request guard's refusals carry the error
         if isinstance(typed, CmbclusterError):
             return error_response(typed)
+        if isinstance(typed, Exception):  # raised signing in before the body: its own handler's answer
+            return await _untyped(request, typed)
         code = _HTTP_CODES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
@@ -201,6 +204,16 @@ def install_error_handlers(app: FastAPI) -> None:
                        "reload it and try again"),
             status_code=409,
         )  # fmt: skip
+
+    async def _untyped(request: Request, exc: Exception) -> Response:
+        """The answer of the handler installed for ``exc``'s type (the most specific; at least
+        ``_unexpected``'s 500)."""
+        for kind in type(exc).__mro__:
+            handler = app.exception_handlers.get(kind)
+            if handler is not None:
+                answer = handler(request, exc)  # ours are all coroutines
+                return await answer if inspect.isawaitable(answer) else answer
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -80,10 +80,14 @@ class _RouteRules:
 
 class Refused(HTTPException):
     """A request the guard refuses while the app reads its body. An HTTPException because
-    FastAPI passes those on from body parsing; the app's handler answers ``error`` as usual."""
+    FastAPI passes those on from body parsing (any other exception there becomes its 400 "error
+    parsing the body"); the app's handler answers ``error`` as it answers that error anywhere else."""
 
-    def __init__(self, error: CmbclusterError) -> None:
-        super().__init__(error.http_status, error.message)
+    def __init__(self, error: Exception) -> None:
+        if isinstance(error, CmbclusterError):
+            super().__init__(error.http_status, error.message)
+        else:
+            super().__init__(500, type(error).__name__)
         self.error = error
 
 
@@ -123,6 +127,8 @@ class RequestGuard:
                         _authenticate(scope)
                     except CmbclusterError as exc:
                         raise Refused(exc) from None
+                    except Exception as exc:  # the database busy, a bug: answered as on any route
+                        raise Refused(exc) from exc
                 if rules.takes_json:
                     media_type = _media_type(scope)
                     if media_type is not None and not _is_json(media_type):
