@@ -433,7 +433,9 @@ def test_stop_and_delete_leave_nothing(
     backend.stop(environment_id)
     assert backend.status(environment_id).phase in (EnvironmentPhase.STOPPING, EnvironmentPhase.MISSING)
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
-    assert backend.status(environment_id).phase == EnvironmentPhase.MISSING
+    # the backend learns of the pod's deletion from its watch, a moment after the API server lists
+    # it gone (a fresh-clone run read `stopping` in between): it must come, soon
+    wait_for(lambda: backend.status(environment_id).phase == EnvironmentPhase.MISSING, 10, "the watch to see it gone")
     assert environment_id not in {s.environment_id for s in backend.list_managed()}
     backend.stop(environment_id)  # idempotent
     backend.delete(environment_id)
