@@ -100,7 +100,17 @@ def begin_serialised(db: Session, lock_id: int) -> None:
     advisory lock on PostgreSQL. For what reads that no row exists and then adds it, where there is
     no row to lock yet (the first user). Hold it for a few statements only."""
     if not begin_locked(db):
-        db.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
+        advisory_lock(db, lock_id)
+
+
+def advisory_lock(db: Session, lock_id: int) -> None:
+    """On PostgreSQL, take the transaction-scoped advisory lock ``lock_id``: transactions taking the
+    same one run one after the other, on every replica. Elsewhere nothing (SQLite has one writer)."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(_ADVISORY_LOCK, {"lock_id": lock_id})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:lock_id)")
 
 
 def _alembic_config(engine: Engine) -> Config:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, func, select, text
+from sqlalchemy import Connection, bindparam, delete, func, select
 from sqlalchemy import update as update_statement  # this module's update() changes an environment
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -24,7 +24,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
-from cmbcluster.db.engine import begin_locked, one_writer
+from cmbcluster.db.engine import advisory_lock, begin_locked, one_writer
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -246,8 +246,7 @@ def _reserve(db: Session, context: AppContext, user: User, env: Environment) -> 
     core = context.config.core
     now = utcnow()
     with db.no_autoflush:  # a new environment is inserted at the flush below, once, already pending
-        if db.get_bind().dialect.name == "postgresql":
-            db.execute(_START_LOCK)
+        advisory_lock(db, START_LOCK)
         if env not in db.new:  # a new one has no slot; this one may, expired, from a crashed server
             db.execute(_DELETE_EXPIRED_SLOT, {"environment_id": env.id, "now": now})
     env.desired_state = "running"
@@ -286,9 +285,12 @@ def _reserve(db: Session, context: AppContext, user: User, env: Environment) -> 
     db.commit()
 
 
+#: The PostgreSQL advisory lock that serialises start reservations (new accounts take 4242002)
+START_LOCK = 4242001
+
+
 # Built once: a burst of starts runs these for every start (building a statement costs more than
 # running it on SQLite).
-_START_LOCK = text("SELECT pg_advisory_xact_lock(4242001)")
 _ACTIVE_OTHERS = (
     select(func.count())
     .select_from(Environment)

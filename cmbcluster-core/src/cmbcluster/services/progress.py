@@ -44,8 +44,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from cmbcluster.db.engine import in_batches, one_writer
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
-from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentStatus
-from cmbcluster.services.status import apply_status, reported
+from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
+from cmbcluster.services.status import PHASE_STATUS, apply_status, reported
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ TERMINAL = ("running", "stopped", "failed")
 #: of starts, each record is a turn at SQLite's one write lock, which the starts queue for.
 PROGRESS_RECORD_SECONDS = 1.0
 #: The reports that end a start, recorded at once: a stream announces an end once recorded.
-_ENDS = (EnvironmentPhase.RUNNING, EnvironmentPhase.FAILED, EnvironmentPhase.STOPPED)
+_ENDS = frozenset(phase for phase, status in PHASE_STATUS.items() if status in TERMINAL)
 #: The application's last output lines an event carries while it starts and when it failed.
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).

@@ -14,7 +14,8 @@ from cmbcluster.db.models import Environment, StartSlot, utcnow
 from cmbcluster.interfaces import EnvironmentPhase, EnvironmentStatus
 from cmbcluster.services.audit import activity
 
-_PHASE_TO_STATUS = {
+#: The status an environment takes from each phase its backend reports
+PHASE_STATUS = {
     EnvironmentPhase.PENDING: "pending",
     EnvironmentPhase.STARTING: "starting",
     EnvironmentPhase.RUNNING: "running",
@@ -56,7 +57,7 @@ def reported(record: Recorded, status: EnvironmentStatus) -> tuple[str, str, str
         and utcnow() - record.started_at < START_GRACE
     ):
         return None
-    new_status = _PHASE_TO_STATUS[status.phase]
+    new_status = PHASE_STATUS[status.phase]
     return new_status, status.message, status.url if new_status in ("starting", "running") else None
 
 

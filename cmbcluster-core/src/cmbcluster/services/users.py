@@ -19,7 +19,7 @@ from cmbcluster.text import check_email_address, shown_name
 
 #: ``users.name``'s size
 MAX_USER_NAME = 200
-#: The PostgreSQL advisory lock new accounts are created under (starts take 4242001)
+#: The PostgreSQL advisory lock new accounts are created under (starts take 4242001, START_LOCK)
 NEW_ACCOUNT_LOCK = 4242002
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -57,25 +57,14 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     except InvalidRequest:
         raise AuthenticationFailed("the identity provider sent an invalid e-mail address") from None
     name = shown_name(info.name or "", limit=MAX_USER_NAME)  # shown to admins, like the address
-    locked = False
-    while True:
-        user = db.execute(
-            select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
-        ).scalar_one_or_none()
-        email_changed = False
-        if user is None:
-            user = _link_by_email(db, email, info)
-        elif user.email != email:
-            email_changed = True
-            _record_email_change(db, user, email, info)
-        if user is not None or locked:
-            break
+    user, email_changed = _existing(db, email, info)
+    if user is None:
         # A new account: looked up again and created under a lock, so that two people signing in
         # at once on a fresh install are not both the first user (an admin), and one person's two
         # sign-ins at once (two tabs) make one account, on every replica. New accounts are rare.
         db.rollback()
         begin_serialised(db, NEW_ACCOUNT_LOCK)
-        locked = True
+        user, email_changed = _existing(db, email, info)
     if user is None:
         first = db.execute(select(func.count()).select_from(User)).scalar_one() == 0
         user = User(
@@ -98,6 +87,20 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     activity(db, user_id=user.id, kind="sign_in", provider=info.provider)
     db.commit()
     return user
+
+
+def _existing(db: Session, email: str, info: UserInfo) -> tuple[User | None, bool]:
+    """The account of this identity (by provider and subject, else linked by a verified address),
+    and whether the token carries another address than the account's (recorded, see sign_in)."""
+    user = db.execute(
+        select(User).where(User.auth_provider == info.provider, User.subject == info.subject)
+    ).scalar_one_or_none()
+    if user is None:
+        return _link_by_email(db, email, info), False
+    if user.email != email:
+        _record_email_change(db, user, email, info)
+        return user, True
+    return user, False
 
 
 def _link_by_email(db: Session, email: str, info: UserInfo) -> User | None:
