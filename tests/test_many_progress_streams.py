@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cmbcluster.api.server import raise_open_file_limit
 from cmbcluster.local.compute import LocalProcessCompute
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
@@ -170,6 +171,8 @@ def test_a_thousand_idle_progress_streams_hold_nothing_and_block_nothing(
     served: tuple[ServeProcess, dict[str, str]], record_property: Callable[[str, object], None]
 ) -> None:
     server, admin = served
+    # the server raises its own limit (api/server.py); this process, the 1,000 browsers, needs as much
+    assert raise_open_file_limit() >= 2 * ENVIRONMENTS * STREAMS_PER_ENVIRONMENT, "too few open files allowed"
     result: dict[str, Any] = asyncio.run(_scenario(server, admin))
     assert set(result["seen"]) == {"starting"}
     record_property("figure: seconds until 1000 streams each sent a first state", f"{result['opening']:.1f}")

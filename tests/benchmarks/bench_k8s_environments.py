@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
+from cmbcluster.api.server import raise_open_file_limit
 from cmbcluster.interfaces import EnvironmentSpec, Resources, UserRef
 from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions
 from cmbcluster.kubernetes.client import CONNECTION_POOL_SIZE
@@ -445,6 +446,7 @@ def main() -> int:
         help="the control plane's CMBCLUSTER_ROUTING for the bursts (default: each in turn)",
     )  # fmt: skip
     args = parser.parse_args()
+    raise_open_file_limit()  # the simulated users' 1,000 streams are sockets of this process
     with running_cluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         direct_s, direct_p95, direct_p95_from_start, direct_machine = direct(cluster, args.count)
         bursts = []

@@ -34,6 +34,7 @@ import httpx
 import psutil
 from sqlalchemy import insert
 
+from cmbcluster.api.server import raise_open_file_limit
 from cmbcluster.db import create_db_engine, upgrade
 from cmbcluster.db.models import Application, Environment, User, new_id, utcnow
 from cmbcluster.db.models import Session as SessionRow
@@ -236,6 +237,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=1000, help="progress streams held open meanwhile")
     args = parser.parse_args()
+    raise_open_file_limit()  # the simulated users' 1,000 streams are sockets of this process
     if shutil.which("wrk") is None:
         print(
             "this benchmark drives the server with wrk: install it "

@@ -70,6 +70,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit, and return it. Each open
+    progress stream, proxied request and WebSocket is a socket: with the usual soft limit of 1,024
+    (a normal user's, and CI's), 1,000 open launch dialogs made ``accept()`` fail with "too many open
+    files" and the server stopped taking connections. Raising the soft limit needs no privilege."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # e.g. macOS caps it below the hard limit: keep what there is
+            pass
+    return soft
+
+
 def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int | None = None) -> None:
     """Serve ``application`` on the configured address until stopped; on Ctrl-C or SIGTERM, open
     progress streams, downloads and WebSockets get ``graceful_shutdown_seconds`` to end."""
@@ -83,6 +103,7 @@ def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int 
     # With 1,000 progress streams open, the environment list served about 1.6x more requests a
     # second with 0.5 ms slices (tests/benchmarks/bench_list_environments.py).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    raise_open_file_limit()
     # What the server built to start (modules, routes, settings, clients) lives as long as it does:
     # frozen, the collector no longer walks it on every pass; and a request allocates a few
     # thousand objects, so the youngest generation is collected every few requests, not every one.
