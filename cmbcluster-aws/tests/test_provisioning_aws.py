@@ -331,12 +331,15 @@ def test_down_removes_what_the_load_balancer_controller_made_and_nothing_else(
 
 @pytest.fixture
 def fake_helm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A `helm` on PATH that records its arguments (no EKS API server exists here to install into)."""
+    """A `helm` on PATH that records its arguments (no EKS API server exists here to install into),
+    and an `aws` beside it: `up` requires the AWS CLI for the kubeconfig it writes (which only a
+    real cluster would run); this test relied on the machine's own until a new user had none."""
     bin_dir, log = tmp_path / "bin", tmp_path / "helm.log"
     bin_dir.mkdir()
-    script = bin_dir / "helm"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    for name, body in (("helm", f'echo "$@" >> {log}'), ("aws", 'echo "the AWS CLI is not called here" >&2; exit 1')):
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
 
