@@ -210,8 +210,11 @@ def test_the_service_is_headless_and_storage_objects_are_namespaced() -> None:
 def test_only_our_own_live_objects_are_adopted() -> None:
     labels = {MANAGED_BY: "cmbcluster", USER_LABEL: USER.id, ENVIRONMENT_LABEL: ENV_ID}
     ours = {"metadata": {"labels": dict(labels), "ownerReferences": [{"uid": "root-1"}]}}
-    assert is_ours(ours, labels, "root-1") and is_ours(ours, labels, None)
+    assert is_ours(ours, labels, "root-1")
     assert not is_ours(ours, labels, "root-2")  # owned by an earlier root: replaced
+    # a root is adopted only as a root: a pod owned by an earlier start's Secret is that start's
+    assert not is_ours(ours, labels, None)
+    assert is_ours({"metadata": {"labels": dict(labels)}}, labels, None)
     assert not is_ours({"metadata": {"labels": {**labels, USER_LABEL: "someone"}}}, labels, None)
     assert not is_ours({"metadata": {"labels": labels, "deletionTimestamp": "2025-01-01T00:00:00Z"}}, labels, None)
 

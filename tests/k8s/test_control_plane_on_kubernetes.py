@@ -390,7 +390,7 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
     ingress serves it at. A placeholder left literal (`--port={port}`) crashes it instead.
 
     With ``proxy`` routing the control plane itself serves it, to its owner only, and the
-    environment is a Pod and a Secret, no Service or Ingress."""
+    environment (no variables, no secret files) is a Pod alone: no Secret, Service or Ingress."""
     from cmbcluster.testing.process import free_port
 
     namespace = k8s_cluster.control_plane_namespace()
@@ -419,9 +419,7 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
             assert "started" in status.json()
             if routing == "proxy":
                 assert env["url"].endswith(base)
-                assert sorted(objects_of(admin_api, namespace, environment_id)) == [
-                    f"Pod/env-{environment_id}", f"Secret/env-{environment_id}"
-                ]  # fmt: skip
+                assert objects_of(admin_api, namespace, environment_id) == [f"Pod/env-{environment_id}"]
                 served = user.client.get(f"{base}api/status")  # through the control plane
                 assert served.status_code == 200 and "started" in served.json(), served.text
                 stranger = Api(server.url, "eve@example.org")

@@ -425,6 +425,39 @@ def test_deleting_the_root_secret_collects_the_rest(backend: KubernetesCompute, 
     wait_for(lambda: not labelled_objects(admin, backend.namespace, environment_id), 60, "every object to go")
 
 
+def test_with_nothing_secret_the_pod_is_the_root(backend: KubernetesCompute, admin: k8s.CoreV1Api) -> None:
+    """No variables, no secret files, no claim: no Secret (one API call fewer per start). The pod is
+    the root: its Service and Ingress are owned by it, so deleting it collects them; a pod left by a
+    start that had a Secret (owned by it) is replaced, never adopted as this start's root."""
+    environment_id = new_id()
+    name = object_name(environment_id)
+    networking = k8s.NetworkingV1Api(admin.api_client)
+    try:
+        backend.start(make_spec(environment_id, volumes=()))  # with a Secret, which owns the pod
+        running(backend, environment_id)
+        earlier = admin.read_namespaced_pod(name, backend.namespace)
+        assert [o.kind for o in earlier.metadata.owner_references] == ["Secret"]
+        backend.start(make_spec(environment_id, env={}, secret_files={}, volumes=()))  # a start again, over it
+        pod = admin.read_namespaced_pod(name, backend.namespace)
+        assert pod.metadata.uid != earlier.metadata.uid and not pod.metadata.owner_references
+        admin.delete_namespaced_secret(name, backend.namespace)  # the earlier start's, owning nothing now
+        running(backend, environment_id)
+        assert sorted(labelled_objects(admin, backend.namespace, environment_id)) == [
+            f"Ingress/{name}", f"Pod/{name}", f"Service/{name}"
+        ]  # fmt: skip
+        service = admin.read_namespaced_service(name, backend.namespace)
+        ingress = networking.read_namespaced_ingress(name, backend.namespace)
+        for obj in (service, ingress):
+            assert [(o.kind, o.name, o.uid) for o in obj.metadata.owner_references] == [("Pod", name, pod.metadata.uid)]
+        admin.delete_namespaced_pod(name, backend.namespace, grace_period_seconds=0, propagation_policy="Background")
+        wait_for(
+            lambda: not labelled_objects(admin, backend.namespace, environment_id), 60,
+            "the garbage collector to remove the pod's Service and Ingress",
+        )  # fmt: skip
+    finally:
+        backend.delete(environment_id)
+
+
 def test_stop_and_delete_leave_nothing(
     started: tuple[str, Any], backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:

@@ -8,7 +8,8 @@ Per environment ``<id>`` the backend creates, in its namespace:
 - a **Secret** ``env-<id>`` holding the user's variables and secret files (mounted read-only
   at :data:`~cmbcluster.kubernetes.manifests.SECRETS_DIR`), a **Service** and an **Ingress**
   ``env-<id>`` (see :mod:`cmbcluster.kubernetes.routing`) and the storage volumes' objects
-  (PVCs), all owned by the Secret so that deleting it garbage-collects them;
+  (PVCs), all owned by the Secret so that deleting it garbage-collects them. An environment
+  with nothing secret and no claim has no Secret: its Pod is the root and owns the rest;
 - cluster-scoped **PersistentVolumes** when the storage backend asks for them: no owner
   reference is possible, so stop/delete remove them explicitly, found by label;
 - the user's **ServiceAccount**, when the infra provider gives users a cloud identity of their
@@ -251,34 +252,46 @@ class KubernetesCompute(ComputeBackend):
         self._ensure_network_policy()
         if spec.identity is not None and spec.identity.service_account:
             self._ensure_service_account(spec)
-        # The Secret is the environment's root object: created first, it owns everything else
-        # (created owned, so no second call to set owners), and deleting it garbage-collects the
-        # rest. What the pod needs (Secret, volumes, claims) exists before the pod, so neither
-        # the scheduler nor the kubelet waits on a missing object; Service and Ingress follow the
-        # pod, which is what the user waits for. PersistentVolumes are cluster-scoped and cannot
-        # be owned by a namespaced object: stop/delete remove them by label.
         for volume in (obj for obj in extras if obj["kind"] == "PersistentVolume"):
             self._ensure(volume, labels)
-        owner = owner_reference(self._ensure(secret, labels), draft.name)
-        for obj in (o for o in extras if o["kind"] != "PersistentVolume"):  # claims: before the pod
-            obj["metadata"]["ownerReferences"] = [owner]
-            self._ensure(obj, labels, owner_uid=owner["uid"])
-        # The pod, its Service and its Ingress do not depend on each other: sent at once. Served
-        # through the control plane's proxy, the pod is all there is.
-        together = [pod_manifest]
-        if not self.options.exposure.proxied:
-            together += [
-                build_service(draft.name, labels, draft.port),
-                self.options.exposure.ingress(draft.name, spec.environment_id, labels),
-            ]
-        for obj in together:
-            obj["metadata"]["ownerReferences"] = [owner]
-        futures = [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in together]
-        pod = futures[0].result()
-        self.pods.put(pod)  # readers see it before its watch event arrives
-        for future in futures[1:]:
-            future.result()
+        claims = [obj for obj in extras if obj["kind"] != "PersistentVolume"]
+        # Served through the control plane's proxy, the pod is all the user reaches.
+        routes = [] if self.options.exposure.proxied else [
+            build_service(draft.name, labels, draft.port),
+            self.options.exposure.ingress(draft.name, spec.environment_id, labels),
+        ]  # fmt: skip
+        if secret["data"] or claims:
+            # The Secret is the root object: created first, it owns everything else (created
+            # owned, so no second call to set owners), and deleting it garbage-collects the rest.
+            # What the pod needs (Secret, volumes, claims) exists before the pod, so neither the
+            # scheduler nor the kubelet waits on a missing object. The pod and its routes do not
+            # depend on each other: sent at once. PersistentVolumes are cluster-scoped and cannot
+            # be owned by a namespaced object: stop/delete remove them by label.
+            owner = owner_reference(self._ensure(secret, labels), draft.name)
+            self._ensure_owned(claims, labels, owner)  # before the pod, which mounts them
+            pod = self._ensure_owned([pod_manifest, *routes], labels, owner)[0]
+        else:
+            # Nothing secret and no claim: no Secret (a start makes one API call fewer and waits
+            # one round trip less); the pod is the root, its routes follow it, owned by it.
+            pod = self._ensure(pod_manifest, labels)
+            self.pods.put(pod)  # readers see it before its watch event arrives
+            self._ensure_owned(routes, labels, owner_reference(pod, draft.name))
         return self._status(spec.environment_id, pod)
+
+    def _ensure_owned(
+        self, objects: list[dict[str, Any]], labels: dict[str, str], owner: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Create ``objects`` owned by ``owner``, at once (they do not depend on each other); a pod
+        among them is put in the watch's cache as soon as it is created."""
+        for obj in objects:
+            obj["metadata"]["ownerReferences"] = [owner]
+        futures = [self._parallel.submit(self._ensure, obj, labels, owner["uid"]) for obj in objects]
+        created = []
+        for future in futures:
+            created.append(future.result())
+            if created[-1].get("kind") == "Pod":
+                self.pods.put(created[-1])  # readers see it before its watch event arrives
+        return created
 
     def _ensure_network_policy(self) -> None:
         """The namespace's one NetworkPolicy over user pods; an existing one (the Helm chart's) is kept."""
@@ -324,7 +337,8 @@ class KubernetesCompute(ComputeBackend):
         garbage-collects anything left. 404s are ignored: removing twice is fine."""
         name = object_name(environment_id)
         pod = self._pod(environment_id)
-        # The Secret owns whatever else there is (a Service and Ingress of an earlier routing too).
+        # The root (the Secret, else the Pod) owns whatever else there is (a Service and Ingress of
+        # an earlier routing too).
         kinds = ("Pod", "Secret") if self.options.exposure.proxied else _BY_NAME
         for kind, answer in [(kind, self._parallel.submit(self.client.delete, kind, name)) for kind in kinds]:
             deleting = answer.result()

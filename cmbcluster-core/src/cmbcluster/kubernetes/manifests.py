@@ -366,12 +366,12 @@ def prepare_extra(obj: dict[str, Any], labels: dict[str, str], namespace: str) -
 
 
 def owner_reference(root: dict[str, Any], fallback_name: str) -> dict[str, Any]:
-    """The reference to the environment's root Secret every other namespaced object carries, so that
-    deleting the Secret garbage-collects them."""
+    """The reference to the environment's root object (its Secret, or its Pod when it has no
+    Secret) every other namespaced object carries, so that deleting the root garbage-collects them."""
     meta = metadata(root)
     return {
         "apiVersion": "v1",
-        "kind": "Secret",
+        "kind": root.get("kind", "Secret"),
         "name": meta.get("name", fallback_name),
         "uid": meta.get("uid", ""),
         "blockOwnerDeletion": False,
@@ -380,14 +380,14 @@ def owner_reference(root: dict[str, Any], fallback_name: str) -> dict[str, Any]:
 
 def is_ours(existing: dict[str, Any], labels: dict[str, str], owner_uid: str | None) -> bool:
     """Whether an object found under our name is this environment's (same labels, owned by the
-    current root, not being deleted), so a create answered 409 may adopt it."""
+    current root, or by nothing when it is a root itself: ``owner_uid`` None; not being deleted),
+    so a create answered 409 may adopt it."""
     meta = metadata(existing)
     if meta.get("deletionTimestamp"):
         return False
     found = meta.get("labels") or {}
     if any(found.get(k) != v for k, v in labels.items() if k in (MANAGED_BY, USER_LABEL, ENVIRONMENT_LABEL)):
         return False
-    if owner_uid is None:
-        return True
-    owners = meta.get("ownerReferences") or []
-    return any(isinstance(ref, dict) and ref.get("uid") == owner_uid for ref in owners)
+    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or [] if isinstance(ref, dict)]
+    # a root owned by something (the pod of a start that had a Secret) belongs to another start
+    return not owners if owner_uid is None else owner_uid in owners
