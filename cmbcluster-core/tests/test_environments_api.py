@@ -842,3 +842,35 @@ def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_time
     Reconciler(context).refresh_transitional(followed={env_id})
     failed = client.get(f"/api/v1/environments/{env_id}", headers=alice).json()
     assert failed["status"] == "failed" and "did not start within" in failed["status_message"]
+
+
+def test_a_route_whose_worker_finished_holds_no_database_connection(client: TestClient) -> None:
+    """Blocking service code runs in a worker thread, which ends the transaction the service left
+    open (a read, or a failure) before handing back, not the route once the event loop resumes it:
+    under load that takes a while, and other workers take connections meanwhile. (A burst with
+    more workers than the pool had to spare stopped the server: the event loop waited for a
+    connection that only it could give back.)"""
+    import anyio
+
+    from cmbcluster.api.routes.environments import _in_worker
+
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    pool = context.engine.pool
+
+    def read(db: Any) -> str:
+        db.execute(select(User.id)).all()  # begins a transaction, left open as a service may
+        return "read"
+
+    def fail(db: Any) -> None:
+        db.execute(select(User.id)).all()
+        raise Conflict("refused")
+
+    async def routes() -> None:
+        with context.sessions() as db:
+            assert await _in_worker(db, read, db) == "read"
+            assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
+            with pytest.raises(Conflict):
+                await _in_worker(db, fail, db)
+            assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    anyio.run(routes)

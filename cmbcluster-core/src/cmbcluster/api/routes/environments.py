@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, EnvironmentOwner
@@ -145,11 +147,29 @@ T = TypeVar("T")
 
 
 async def _in_worker(db: DbSession, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run blocking service code (cluster and cloud calls) in a worker thread, ending this
-    request's read transaction first: under load a request may wait long for a thread, and must
-    not hold a pool connection meanwhile (200 concurrent creates would need 200 connections)."""
+    """Run blocking service code (cluster and cloud calls) in a worker thread, holding no pool
+    connection while waiting: this request's read transaction ends first (under load a request
+    may wait long for a thread: 200 concurrent creates would need 200 connections), and the
+    worker ends the transaction ``fn`` leaves open before it hands back, not the route once the
+    event loop resumes it. Under load that takes a while, and meanwhile other workers take
+    connections: with more workers than the pool has to spare, the event loop then waited for a
+    connection that only it could give back (a burst of creates stopped the server until the
+    pool's timeout)."""
     db.commit()
-    return await run_in_threadpool(fn, *args, **kwargs)
+    return await run_in_threadpool(_ending_transaction, db, partial(fn, *args, **kwargs))
+
+
+def _ending_transaction(db: Session, call: Callable[[], T]) -> T:
+    """``call()``, then its transaction ended: committed (the services commit their changes, so
+    this only closes a read), or rolled back when it raised."""
+    try:
+        result = call()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error to answer is call()'s
+            db.rollback()
+        raise
+    db.commit()
+    return result
 
 
 def _json(payload: Any, status_code: int = 200) -> Response:
