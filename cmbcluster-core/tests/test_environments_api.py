@@ -867,10 +867,10 @@ def test_a_route_whose_worker_finished_holds_no_database_connection(client: Test
 
     async def routes() -> None:
         with context.sessions() as db:
-            assert await _in_worker(db, read, db) == "read"
+            assert await _in_worker(db, context, read, db) == "read"
             assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
             with pytest.raises(Conflict):
-                await _in_worker(db, fail, db)
+                await _in_worker(db, context, fail, db)
             assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
 
     anyio.run(routes)

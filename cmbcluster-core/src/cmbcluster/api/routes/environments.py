@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, EnvironmentOwner
 from cmbcluster.api.errors import error_responses
@@ -146,8 +146,9 @@ _JSON = TypeAdapter(Any)
 T = TypeVar("T")
 
 
-async def _in_worker(db: DbSession, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run blocking service code (cluster and cloud calls) in a worker thread, holding no pool
+async def _in_worker(db: DbSession, context: AppContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking service code (cluster and cloud calls) in one of the threads of calls that wait
+    on the compute backend (``context.cluster_workers``), holding no pool
     connection while waiting: this request's read transaction ends first (under load a request
     may wait long for a thread: 200 concurrent creates would need 200 connections), and the
     worker ends the transaction ``fn`` leaves open before it hands back, not the route once the
@@ -156,7 +157,8 @@ async def _in_worker(db: DbSession, fn: Callable[..., T], *args: Any, **kwargs: 
     connection that only it could give back (a burst of creates stopped the server until the
     pool's timeout)."""
     db.commit()
-    return await run_in_threadpool(_ending_transaction, db, partial(fn, *args, **kwargs))
+    call = partial(fn, *args, **kwargs)
+    return await anyio.to_thread.run_sync(_ending_transaction, db, call, limiter=context.cluster_workers)
 
 
 def _ending_transaction(db: Session, call: Callable[[], T]) -> T:
@@ -187,7 +189,7 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
         application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
-    env = await _in_worker(db, partial(envs.create, start=body.start), db, context, user, request)
+    env = await _in_worker(db, context, partial(envs.create, start=body.start), db, context, user, request)
     return _answer(db, context, user, env, 201)
 
 
@@ -209,7 +211,7 @@ async def list_environments(principal: CurrentPrincipal, context: Context) -> Re
 )
 async def resource_use(principal: CurrentPrincipal, db: DbSession, context: Context) -> ResourceUseList:
     running = envs.running_ids(db, principal.user)
-    measured = await _in_worker(db, context.compute.resource_use, running) if running else {}
+    measured = await _in_worker(db, context, context.compute.resource_use, running) if running else {}
     if measured is None:
         return ResourceUseList(measured=False, items=[])
     return ResourceUseList(
@@ -236,7 +238,7 @@ def authorize(
 async def get_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     if env.status in envs.ACTIVE_STATUSES:
-        status = await _in_worker(db, context.compute.status, env.id)
+        status = await _in_worker(db, context, context.compute.status, env.id)
         if apply_status(db, env, status):
             db.commit()
     return _answer(db, context, user, env)
@@ -245,7 +247,7 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
 @router.post("/{environment_id}/start", response_model=EnvironmentOut, summary="Start a stopped environment")
 async def start_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, envs.start, db, context, user, env)
+    await _in_worker(db, context, envs.start, db, context, user, env)
     return _answer(db, context, user, env)
 
 
@@ -259,14 +261,14 @@ async def start_environment(environment_id: str, user: CurrentUser, db: DbSessio
 )
 async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
+    await _in_worker(db, context, envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
     return _answer(db, context, user, env)
 
 
 @router.post("/{environment_id}/restart", response_model=EnvironmentOut, summary="Stop and start with the same choices")
 async def restart_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, envs.restart, db, context, user, env)
+    await _in_worker(db, context, envs.restart, db, context, user, env)
     return _answer(db, context, user, env)
 
 
@@ -305,7 +307,7 @@ def extend_environment(environment_id: str, user: CurrentUser, db: DbSession, co
 @router.delete("/{environment_id}", status_code=204, summary="Delete the environment (its buckets stay)")
 async def delete_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
-    await _in_worker(db, envs.remove, db, context, env, actor_id=user.id)
+    await _in_worker(db, context, envs.remove, db, context, env, actor_id=user.id)
     return Response(status_code=204)
 
 
@@ -327,7 +329,7 @@ async def environment_logs(
     tail: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> LogsOut:
     env = envs.get_owned(db, user, environment_id)
-    return LogsOut(lines=await _in_worker(db, context.compute.logs, env.id, tail=tail))
+    return LogsOut(lines=await _in_worker(db, context, context.compute.logs, env.id, tail=tail))
 
 
 @router.get(
