@@ -507,7 +507,8 @@ def test_rotating_the_secret_key_keeps_every_secret(tmp_path: Path) -> None:
             from cmbcluster.services import user_settings
 
             user_id = db.execute(select(User.id)).scalars().first()
-            files = user_settings.secret_files(db, str(user_id), context.sealer("secret-files"))
+            sealers = {"variables_sealer": context.sealer("env-vars"), "files_sealer": context.sealer("secret-files")}
+            _, files = user_settings.settings_at_start(db, str(user_id), **sealers)
             assert files == {"id_rsa": b"private"}
     # a value sealed with a key nobody configures any more is reported, not lost silently
     again = run_cli("secrets", "reencrypt", env={**env, "CMBCLUSTER_SECRET_KEY": "z" * 40}, cwd=tmp_path)

@@ -48,6 +48,11 @@ def env_sealer(context: AppContext) -> Sealer:
     return context.sealer(user_settings.ENV_VAR_PURPOSE)
 
 
+def at_start(db: Session, uid: str, context: AppContext) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The variables and secret files a start of the user's environments gets."""
+    return user_settings.settings_at_start(db, uid, variables_sealer=env_sealer(context), files_sealer=sealer(context))
+
+
 # -- environment variables -----------------------------------------------------------------------
 def test_env_var_crud(client: TestClient, alice: dict[str, str], db: Session, context: AppContext) -> None:
     assert client.get(f"{SETTINGS}/env-vars", headers=alice).json() == []
@@ -65,7 +70,7 @@ def test_env_var_crud(client: TestClient, alice: dict[str, str], db: Session, co
     listed = client.get(f"{SETTINGS}/env-vars", headers=alice).json()
     assert [(v["name"], v["value"]) for v in listed] == [("MY_VAR", "two"), ("_other1", "")]
     assert set(listed[0]) == {"name", "value", "unreadable", "updated_at"}
-    assert user_settings.environment_variables(db, user_id(client, alice), env_sealer(context)) == {
+    assert at_start(db, user_id(client, alice), context)[0] == {
         "MY_VAR": "two",
         "_other1": "",
     }
@@ -172,7 +177,7 @@ def test_a_name_that_became_reserved_can_still_be_deleted_and_is_not_applied(
     uid = user_id(client, alice)
     db.add(EnvVar(user_id=uid, name="LD_PRELOAD", ciphertext=env_sealer(context).seal(b"/tmp/evil.so")))
     db.commit()
-    assert user_settings.environment_variables(db, uid, env_sealer(context)) == {}
+    assert at_start(db, uid, context)[0] == {}
     assert client.delete(f"{SETTINGS}/env-vars/LD_PRELOAD", headers=alice).status_code == 204
 
 
@@ -195,17 +200,17 @@ def test_secret_file_round_trip_is_encrypted_and_never_returned(
     stored = db.execute(select(SecretFile).where(SecretFile.user_id == uid)).scalar_one()
     assert stored.ciphertext != content and b"hunter2" not in stored.ciphertext
     assert len(stored.ciphertext) == len(content) + 12 + 16  # nonce + GCM tag
-    assert user_settings.secret_files(db, uid, sealer(context)) == {".netrc": content}
+    assert at_start(db, uid, context)[1] == {".netrc": content}
 
     replaced = client.put(f"{SETTINGS}/secret-files/.netrc", content=b"new", headers=alice | OCTETS)
     assert replaced.status_code == 200 and replaced.json()["size"] == 3
     db.expire_all()
-    assert user_settings.secret_files(db, uid, sealer(context)) == {".netrc": b"new"}
+    assert at_start(db, uid, context)[1] == {".netrc": b"new"}
 
     assert client.delete(f"{SETTINGS}/secret-files/.netrc", headers=alice).status_code == 204
     assert client.delete(f"{SETTINGS}/secret-files/.netrc", headers=alice).status_code == 404
     assert client.get(f"{SETTINGS}/secret-files", headers=alice).json() == []
-    assert user_settings.secret_files(db, uid, sealer(context)) == {}
+    assert at_start(db, uid, context)[1] == {}
 
     actions = db.execute(
         select(AuditEvent.action, AuditEvent.detail).where(AuditEvent.target_type == "secret_file")
@@ -234,12 +239,12 @@ def test_tampered_secret_file_fails_to_decrypt_with_a_clear_error(
     row.ciphertext = bytes(tampered)
     db.commit()
     with pytest.raises(user_settings.SecretFileUnreadable, match=r"'key\.pem' cannot be decrypted.*tampered"):
-        user_settings.secret_files(db, uid, sealer(context))
+        at_start(db, uid, context)[1]
     # sealed with another key (the server's secret key changed): the same clear error
     row.ciphertext = Sealer(b"another key" * 4, user_settings.SECRET_FILE_PURPOSE).seal(b"-----BEGIN KEY-----")
     db.commit()
     with pytest.raises(user_settings.SecretFileUnreadable, match="secret key"):
-        user_settings.secret_files(db, uid, sealer(context))
+        at_start(db, uid, context)[1]
     assert user_settings.SecretFileUnreadable.http_status == 409
 
 
@@ -364,10 +369,10 @@ def test_users_cannot_see_or_touch_each_others_settings(
     assert client.put(f"{SETTINGS}/secret-files/id_rsa", content=b"bob's", headers=bob | OCTETS).status_code == 201
 
     alice_id, bob_id = user_id(client, alice), user_id(client, bob)
-    assert user_settings.environment_variables(db, alice_id, env_sealer(context)) == {"SHARED_NAME": "alice's"}
-    assert user_settings.environment_variables(db, bob_id, env_sealer(context)) == {"SHARED_NAME": "bob's"}
-    assert user_settings.secret_files(db, alice_id, sealer(context)) == {"id_rsa": b"alice's key"}
-    assert user_settings.secret_files(db, bob_id, sealer(context)) == {"id_rsa": b"bob's"}
+    assert at_start(db, alice_id, context)[0] == {"SHARED_NAME": "alice's"}
+    assert at_start(db, bob_id, context)[0] == {"SHARED_NAME": "bob's"}
+    assert at_start(db, alice_id, context)[1] == {"id_rsa": b"alice's key"}
+    assert at_start(db, bob_id, context)[1] == {"id_rsa": b"bob's"}
     assert client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token['token']}"}).status_code == 200
     assert len(client.get(f"{SETTINGS}/tokens", headers=alice).json()) == 1
 

@@ -342,7 +342,10 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
             )
         )  # fmt: skip
     application = env.application_row
-    variables = user_settings.environment_variables(db, user.id, context.sealer(user_settings.ENV_VAR_PURPOSE))
+    variables, secret_files = user_settings.settings_at_start(
+        db, user.id, variables_sealer=context.sealer(user_settings.ENV_VAR_PURPOSE),
+        files_sealer=context.sealer(user_settings.SECRET_FILE_PURPOSE),
+    )  # fmt: skip
     variables.update(env.env)  # the environment's own variables win over the user's defaults
     return EnvironmentSpec(
         environment_id=env.id,
@@ -352,7 +355,7 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
         port=application.port,
         working_dir=application.working_dir,
         env=variables,
-        secret_files=user_settings.secret_files(db, user.id, context.sealer(user_settings.SECRET_FILE_PURPOSE)),
+        secret_files=secret_files,
         resources=Resources(cpu=env.cpu, memory_mib=env.memory_mib),
         volumes=tuple(volumes),
         identity=identity,

@@ -4,7 +4,7 @@ Both are sealed (AES-256-GCM, keys derived from the control plane's secret key, 
 before they reach the database: people put API keys in variables too. Variables are shown back to
 their owner; secret files are only ever decrypted to be handed to a starting environment.
 
-The environments code calls :func:`environment_variables` and :func:`secret_files` at start, and
+The environments code calls :func:`settings_at_start` at start, and
 :func:`validate_env_var_name` / :func:`validate_env_var_value` for per-environment variables.
 """
 
@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, literal, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -189,8 +189,12 @@ def set_env_var(db: Session, user_id: str, name: str, value: str, *, sealer: Sea
 
 def env_var_value(row: EnvVar, sealer: Sealer) -> str | None:
     """The variable's value, or None when it cannot be decrypted."""
+    return _unseal_text(row.ciphertext, sealer)
+
+
+def _unseal_text(ciphertext: bytes, sealer: Sealer) -> str | None:
     try:
-        return sealer.unseal(row.ciphertext).decode()
+        return sealer.unseal(ciphertext).decode()
     except (ValueError, UnicodeError):
         return None
 
@@ -202,27 +206,6 @@ def delete_env_var(db: Session, user_id: str, name: str) -> None:
         raise NotFound(f"no environment variable named {name!r}")
     db.delete(row)
     db.commit()
-
-
-def environment_variables(db: Session, user_id: str, sealer: Sealer) -> dict[str, str]:
-    """The user's variables, as an environment gets them at start (names sorted).
-
-    A variable whose name has become reserved since it was saved is left out, and logged;
-    EnvVarUnreadable (409) names one that cannot be decrypted.
-    """
-    result: dict[str, str] = {}
-    for row in list_env_vars(db, user_id):
-        if not _is_valid(validate_env_var_name, row.name):
-            log.warning("user %s: environment variable %r is no longer allowed; not applied", user_id, row.name)
-            continue
-        value = env_var_value(row, sealer)
-        if value is None:
-            raise EnvVarUnreadable(
-                f"environment variable {row.name} cannot be decrypted: the server's secret key "
-                "(CMBCLUSTER_SECRET_KEY) changed since it was saved; set it again or delete it"
-            )
-        result[row.name] = value
-    return result
 
 
 # -- secret files --------------------------------------------------------------------------------
@@ -291,25 +274,49 @@ def delete_secret_file(db: Session, user_id: str, name: str) -> None:
     db.commit()
 
 
-def secret_files(db: Session, user_id: str, sealer: Sealer) -> dict[str, bytes]:
-    """The user's secret files, decrypted, as an environment gets them at start (mode 0600 files).
+def settings_at_start(
+    db: Session, user_id: str, *, variables_sealer: Sealer, files_sealer: Sealer
+) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The user's variables (names sorted) and secret files (mode 0600 files), decrypted, as an
+    environment gets them at start: one query for both, since every start asks.
 
-    SecretFileUnreadable (409) names the file when one cannot be decrypted: it was tampered with,
-    or the control plane's secret key changed since it was uploaded.
+    A variable whose name has become reserved since it was saved, or a file whose name is unsafe,
+    is left out, and logged. EnvVarUnreadable or SecretFileUnreadable (409) names one that cannot
+    be decrypted: the control plane's secret key changed since it was saved, or it was tampered with.
     """
-    result: dict[str, bytes] = {}
-    for row in list_secret_files(db, user_id):
-        if not _is_valid(validate_secret_file_name, row.name):
-            log.warning("user %s: secret file %r has an unsafe name; not applied", user_id, row.name)
+    variables: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for kind, name, ciphertext in sorted(db.execute(_SETTINGS_AT_START, {"user_id": user_id})):
+        if kind == "file":
+            if not _is_valid(validate_secret_file_name, name):
+                log.warning("user %s: secret file %r has an unsafe name; not applied", user_id, name)
+                continue
+            try:
+                files[name] = files_sealer.unseal(ciphertext)
+            except ValueError:
+                raise SecretFileUnreadable(
+                    f"secret file {name!r} cannot be decrypted: it was tampered with, or the server's secret "
+                    "key (CMBCLUSTER_SECRET_KEY) changed since it was uploaded; upload it again or delete it"
+                ) from None
             continue
-        try:
-            result[row.name] = sealer.unseal(row.ciphertext)
-        except ValueError:
-            raise SecretFileUnreadable(
-                f"secret file {row.name!r} cannot be decrypted: it was tampered with, or the server's secret "
-                "key (CMBCLUSTER_SECRET_KEY) changed since it was uploaded; upload it again or delete it"
-            ) from None
-    return result
+        if not _is_valid(validate_env_var_name, name):
+            log.warning("user %s: environment variable %r is no longer allowed; not applied", user_id, name)
+            continue
+        value = _unseal_text(ciphertext, variables_sealer)
+        if value is None:
+            raise EnvVarUnreadable(
+                f"environment variable {name} cannot be decrypted: the server's secret key "
+                "(CMBCLUSTER_SECRET_KEY) changed since it was saved; set it again or delete it"
+            )
+        variables[name] = value
+    return variables, files
+
+
+# Built once: every start runs it.
+_SETTINGS_AT_START = union_all(
+    select(literal("env"), EnvVar.name, EnvVar.ciphertext).where(EnvVar.user_id == bindparam("user_id")),
+    select(literal("file"), SecretFile.name, SecretFile.ciphertext).where(SecretFile.user_id == bindparam("user_id")),
+)
 
 
 # -- key rotation ----------------------------------------------------------------------------------
