@@ -239,3 +239,17 @@ def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest
         root.setLevel(kept[1])
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_every_api_route_ends_its_database_transaction_in_its_worker(app: FastAPI) -> None:
+    """A sync route runs in a worker thread and its answer is validated in another; a route of a
+    router made without SessionReleasingRoute would keep its connection across both hops (200
+    users at once then stopped the server: tests/test_many_users_at_once.py)."""
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    from cmbcluster.api.deps import SessionReleasingRoute
+
+    routes = [context.original_route for context in iter_route_contexts(app.routes)]
+    api_routes = [route for route in routes if isinstance(route, APIRoute)]
+    assert len(api_routes) > 50
+    assert [route.path for route in api_routes if not isinstance(route, SessionReleasingRoute)] == []

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
-from cmbcluster.api.deps import CloseRequestSession, document_security
+from cmbcluster.api.deps import CloseRequestSession, SessionReleasingRoute, document_security
 from cmbcluster.api.docs import mount_api_docs
 from cmbcluster.api.errors import document_errors, install_error_handlers
 from cmbcluster.api.guard import RequestGuard
@@ -121,6 +121,7 @@ def create_app(
         docs_url=None,  # mount_api_docs serves Swagger UI from the package, not from a CDN
         redoc_url=None,
     )
+    app.router.route_class = SessionReleasingRoute  # the app's own routes too (the routers set theirs)
     app.state.context = context
     install_error_handlers(app)
     app.add_middleware(CloseRequestSession)  # inside the others; error handlers run before it closes

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
@@ -24,6 +27,8 @@ from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, PermissionDenied
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
+
+T = TypeVar("T")
 
 SESSION_COOKIE = "cmbcluster_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -75,6 +80,46 @@ class CloseRequestSession:
 
 
 DbSession = Annotated[Session, Depends(get_db)]
+
+
+def ending_transaction(db: Session, call: Callable[[], T]) -> T:
+    """``call()``, then the transaction it left open on ``db`` ended, in the same thread: committed
+    (the services commit their changes, so this closes a read), or rolled back when it raised.
+
+    Blocking code run in a worker thread ends so before it hands back: the route goes on only when
+    the event loop gets to it, and a sync route's answer is validated in one more worker thread. A
+    connection held that long let 200 users' requests hold every connection of the pool while
+    the workers waited for one: the server stopped until the pool's timeout."""
+    try:
+        result = call()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error to answer is call()'s
+            db.rollback()
+        raise
+    db.commit()
+    return result
+
+
+class SessionReleasingRoute(APIRoute):
+    """Every route of the API: a sync endpoint, which FastAPI runs in a worker thread, ends its
+    request session's transaction in that thread (:func:`ending_transaction`)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _releasing_session(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _releasing_session(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)  # FastAPI reads the endpoint's parameters through __wrapped__
+    def run(**arguments: Any) -> Any:
+        db = next((value for value in arguments.values() if isinstance(value, Session)), None)
+        if db is None:
+            return endpoint(**arguments)
+        return ending_transaction(db, functools.partial(endpoint, **arguments))
+
+    return run
+
 
 # The two ways in, as security schemes for the OpenAPI document (and the client generated from it).
 _bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")

@@ -8,13 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession
+from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession, SessionReleasingRoute
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application
 from cmbcluster.services import catalog
 from cmbcluster.services.catalog import ApplicationCreate, ApplicationUpdate
 
-router = APIRouter(prefix="/api/v1/applications", tags=["applications"])
+router = APIRouter(prefix="/api/v1/applications", tags=["applications"], route_class=SessionReleasingRoute)
 
 
 class ApplicationOut(BaseModel):

@@ -17,7 +17,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.api.deps import SESSION_COOKIE, Context, CurrentPrincipal, CurrentUser, DbSession, client_address
+from cmbcluster.api.deps import (
+    SESSION_COOKIE,
+    Context,
+    CurrentPrincipal,
+    CurrentUser,
+    DbSession,
+    SessionReleasingRoute,
+    client_address,
+)
 from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
 from cmbcluster.context import AppContext
@@ -29,7 +37,7 @@ from cmbcluster.services import admin as admin_service
 from cmbcluster.services import ratelimit, sessions, users
 from cmbcluster.webui import ui_available
 
-router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/api/v1/auth", tags=["auth"], route_class=SessionReleasingRoute)
 
 LOGIN_COOKIE = "cmbcluster_login"
 LOGIN_TTL_SECONDS = 600

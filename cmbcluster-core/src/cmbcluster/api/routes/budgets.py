@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from cmbcluster.api.deps import AdminUser, Context, DbSession
+from cmbcluster.api.deps import AdminUser, Context, DbSession, SessionReleasingRoute
 from cmbcluster.services import budgets as service
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
 
 Scope = Annotated[Literal["user", "group"], Path(description="user or group")]
 Target = Annotated[str, Path(max_length=200, description="A user's id or e-mail, or a group's id or name")]

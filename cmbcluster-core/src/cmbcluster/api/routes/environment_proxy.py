@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import HTTPConnection
 
-from cmbcluster.api.deps import SESSION_COOKIE, authenticate_request, own_origins
+from cmbcluster.api.deps import SESSION_COOKIE, SessionReleasingRoute, authenticate_request, own_origins
 from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.routes.auth import LOGIN_COOKIE
@@ -53,7 +53,7 @@ class _EnvironmentId(Convertor[str]):
 
 
 register_url_convertor("environment_id", _EnvironmentId())
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=SessionReleasingRoute)
 
 
 def _proxy(conn: HTTPConnection) -> EnvironmentProxy:

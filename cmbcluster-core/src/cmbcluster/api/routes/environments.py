@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
@@ -14,9 +13,16 @@ import anyio
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-from sqlalchemy.orm import Session
 
-from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, EnvironmentOwner
+from cmbcluster.api.deps import (
+    Context,
+    CurrentPrincipal,
+    CurrentUser,
+    DbSession,
+    EnvironmentOwner,
+    SessionReleasingRoute,
+    ending_transaction,
+)
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Environment, User
@@ -26,7 +32,7 @@ from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
 
-router = APIRouter(prefix="/api/v1/environments", tags=["environments"])
+router = APIRouter(prefix="/api/v1/environments", tags=["environments"], route_class=SessionReleasingRoute)
 
 EVENT_KEEPALIVE_SECONDS = 15.0
 
@@ -148,30 +154,13 @@ T = TypeVar("T")
 
 async def _in_worker(db: DbSession, context: AppContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking service code (cluster and cloud calls) in one of the threads of calls that wait
-    on the compute backend (``context.cluster_workers``), holding no pool
-    connection while waiting: this request's read transaction ends first (under load a request
-    may wait long for a thread: 200 concurrent creates would need 200 connections), and the
-    worker ends the transaction ``fn`` leaves open before it hands back, not the route once the
-    event loop resumes it. Under load that takes a while, and meanwhile other workers take
-    connections: with more workers than the pool has to spare, the event loop then waited for a
-    connection that only it could give back (a burst of creates stopped the server until the
-    pool's timeout)."""
+    on the compute backend (``context.cluster_workers``), holding no pool connection meanwhile: this
+    request's read transaction ends first (under load a request may wait long for a thread: 200
+    concurrent creates would need 200 connections), and the worker ends the one ``fn`` leaves open
+    before it hands back (:func:`~cmbcluster.api.deps.ending_transaction`)."""
     db.commit()
     call = partial(fn, *args, **kwargs)
-    return await anyio.to_thread.run_sync(_ending_transaction, db, call, limiter=context.cluster_workers)
-
-
-def _ending_transaction(db: Session, call: Callable[[], T]) -> T:
-    """``call()``, then its transaction ended: committed (the services commit their changes, so
-    this only closes a read), or rolled back when it raised."""
-    try:
-        result = call()
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error to answer is call()'s
-            db.rollback()
-        raise
-    db.commit()
-    return result
+    return await anyio.to_thread.run_sync(ending_transaction, db, call, limiter=context.cluster_workers)
 
 
 def _json(payload: Any, status_code: int = 200) -> Response:

@@ -14,13 +14,20 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
-from cmbcluster.api.deps import BearerToken, Context, DbSession, SessionCookie, authenticate_request
+from cmbcluster.api.deps import (
+    BearerToken,
+    Context,
+    DbSession,
+    SessionCookie,
+    SessionReleasingRoute,
+    authenticate_request,
+)
 from cmbcluster.api.errors import error_responses
 from cmbcluster.errors import PermissionDenied
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=SessionReleasingRoute)
 
 READY_TIMEOUT_SECONDS = 5.0
 

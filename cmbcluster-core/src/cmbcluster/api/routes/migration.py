@@ -7,10 +7,10 @@ import datetime as dt
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, DbSession
+from cmbcluster.api.deps import AdminUser, DbSession, SessionReleasingRoute
 from cmbcluster.migration import engine as service
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
 
 
 class MigrationBucketOut(BaseModel):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from cmbcluster.api.deps import AdminUser, Context
+from cmbcluster.api.deps import AdminUser, Context, SessionReleasingRoute
 
-router = APIRouter(prefix="/api/v1/plugins", tags=["plugins"])
+router = APIRouter(prefix="/api/v1/plugins", tags=["plugins"], route_class=SessionReleasingRoute)
 
 
 class PluginOut(BaseModel):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cmbcluster.api.deps import Context, CurrentUser, DbSession
+from cmbcluster.api.deps import Context, CurrentUser, DbSession, SessionReleasingRoute
 from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
@@ -233,6 +233,7 @@ router = APIRouter(
     tags=["storage"],
     responses=error_responses(401, 404),
     dependencies=[Depends(make_storage_runtime)],
+    route_class=SessionReleasingRoute,
 )
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession
+from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, SessionReleasingRoute
 from cmbcluster.api.guard import streams_body
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import EnvVar
@@ -18,7 +18,7 @@ from cmbcluster.services import sessions
 from cmbcluster.services import user_settings as service
 from cmbcluster.services.audit import audit
 
-router = APIRouter(prefix="/api/v1/settings", tags=["settings"])
+router = APIRouter(prefix="/api/v1/settings", tags=["settings"], route_class=SessionReleasingRoute)
 
 
 # -- models --------------------------------------------------------------------------------------
