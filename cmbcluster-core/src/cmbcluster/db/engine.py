@@ -33,17 +33,18 @@ def create_db_engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # More than every thread that may hold one at once (the general and the cluster worker
-        # threads, 8 and 16; the progress hub's three; the event loop), so the event loop never
-        # waits for one. SQLite connections are cheap.
+        # threads, 8 and 16; the progress hub's three, the revocation watch's one and the usage
+        # refresher's four; the event loop), so the event loop never waits for one. SQLite
+        # connections are cheap.
         kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40, "max_overflow": 10}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.drivername == "postgresql":  # the driver the `postgresql` extra installs (psycopg 3)
         parsed = parsed.set(drivername="postgresql+psycopg")
-    # Up to 32 connections a replica, as many as its threads may hold at once (see above; the
-    # default 5 + 10 made the event loop wait in a burst of starts), 8 of them kept open.
-    return create_engine(parsed, pool_size=8, max_overflow=24, **kwargs)
+    # Up to 40 connections a replica, more than its threads may hold at once (see above; the
+    # default 5 + 10 would make the event loop wait in a burst of starts), 8 of them kept open.
+    return create_engine(parsed, pool_size=8, max_overflow=32, **kwargs)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -254,13 +254,13 @@ class KubernetesCompute(ComputeBackend):
             self._ensure_service_account(spec)
         for volume in (obj for obj in extras if obj["kind"] == "PersistentVolume"):
             self._ensure(volume, labels)
-        claims = [obj for obj in extras if obj["kind"] != "PersistentVolume"]
+        owned_extras = [obj for obj in extras if obj["kind"] != "PersistentVolume"]  # claims, Secrets
         # Served through the control plane's proxy, the pod is all the user reaches.
         routes = [] if self.options.exposure.proxied else [
             build_service(draft.name, labels, draft.port),
             self.options.exposure.ingress(draft.name, spec.environment_id, labels),
         ]  # fmt: skip
-        if secret["data"] or claims:
+        if secret["data"] or owned_extras:
             # The Secret is the root object: created first, it owns everything else (created
             # owned, so no second call to set owners), and deleting it garbage-collects the rest.
             # What the pod needs (Secret, volumes, claims) exists before the pod, so neither the
@@ -268,10 +268,10 @@ class KubernetesCompute(ComputeBackend):
             # depend on each other: sent at once. PersistentVolumes are cluster-scoped and cannot
             # be owned by a namespaced object: stop/delete remove them by label.
             owner = owner_reference(self._ensure(secret, labels), draft.name)
-            self._ensure_owned(claims, labels, owner)  # before the pod, which mounts them
+            self._ensure_owned(owned_extras, labels, owner)  # before the pod, which mounts them
             pod = self._ensure_owned([pod_manifest, *routes], labels, owner)[0]
         else:
-            # Nothing secret and no claim: no Secret (a start makes one API call fewer and waits
+            # Nothing secret and nothing else to own first: no Secret (a start makes one API call fewer and waits
             # one round trip less); the pod is the root, its routes follow it, owned by it.
             pod = self._ensure(pod_manifest, labels)
             self.pods.put(pod)  # readers see it before its watch event arrives

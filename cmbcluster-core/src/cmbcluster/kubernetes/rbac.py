@@ -14,7 +14,8 @@ exists on a 409), ``list`` and ``watch`` (the pod and event caches that keep sta
 ``list_managed``, and finding every object of an environment by label on stop/delete),
 ``delete`` (stop/delete, replacing a foreign object of our name), ``patch`` on service
 accounts only (a user's identity annotations change when their cloud role does; everything of
-an environment is created owned by its Secret, so nothing else is patched). Service accounts are per user and
+an environment is created owned by its root, the Secret or else the Pod, so nothing else is
+patched). Service accounts are per user and
 outlive environments: ``list`` and ``delete`` only when the user is deleted; the namespace's one NetworkPolicy is
 only ever created (an existing one, e.g. the Helm chart's, is kept). Leases: ``get``, ``create`` and
 ``update`` of the one leader-election Lease (``update`` because taking over an expired lease
