@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
@@ -98,6 +99,15 @@ def ending_transaction(db: Session, call: Callable[[], T]) -> T:
         raise
     db.commit()
     return result
+
+
+async def in_worker(db: Session, call: Callable[[], T], *, limiter: anyio.CapacityLimiter | None = None) -> T:
+    """``call()``, blocking code that uses the request's session ``db``, in a worker thread (of
+    ``limiter``, else the general ones), holding no pool connection while it waits: the request's
+    transaction ends first (under load a request may wait long for a thread), and the worker ends
+    the one ``call`` leaves open before it hands back (:func:`ending_transaction`)."""
+    db.commit()
+    return await anyio.to_thread.run_sync(ending_transaction, db, call, limiter=limiter)
 
 
 class SessionReleasingRoute(APIRoute):

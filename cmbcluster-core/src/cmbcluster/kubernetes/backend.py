@@ -271,8 +271,8 @@ class KubernetesCompute(ComputeBackend):
             self._ensure_owned(owned_extras, labels, owner)  # before the pod, which mounts them
             pod = self._ensure_owned([pod_manifest, *routes], labels, owner)[0]
         else:
-            # Nothing secret and nothing else to own first: no Secret (a start makes one API call fewer and waits
-            # one round trip less); the pod is the root, its routes follow it, owned by it.
+            # Nothing secret and nothing else to own first: no Secret (a start makes one API call
+            # fewer and waits one round trip less); the pod is the root, its routes follow it.
             pod = self._ensure(pod_manifest, labels)
             self.pods.put(pod)  # readers see it before its watch event arrives
             self._ensure_owned(routes, labels, owner_reference(pod, draft.name))

@@ -9,6 +9,7 @@ import json
 import math
 import secrets
 import time
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
 
@@ -25,6 +26,7 @@ from cmbcluster.api.deps import (
     DbSession,
     SessionReleasingRoute,
     client_address,
+    in_worker,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
@@ -243,7 +245,7 @@ async def _complete_sign_in(
     code: str | None, state: str | None, error: str | None,
 ) -> RedirectResponse:  # fmt: skip
     auth = _provider(context, provider, request)
-    await run_in_threadpool(_rate_limit, db, request, context)
+    await in_worker(db, partial(_rate_limit, db, request, context))
     if error:
         raise AuthenticationFailed(f"the identity provider reported: {error}")
     if not code or not state:
@@ -253,10 +255,10 @@ async def _complete_sign_in(
         raise AuthenticationFailed("sign-in state does not match; start again")
     # Each state (and the nonce sealed with it) completes one sign-in, even if the identity
     # provider would accept its code twice.
-    await run_in_threadpool(
+    await in_worker(db, partial(
         sessions.use_once, db, "login-state", state, until=_expiry(float(login_state["exp"])),
         refusal="this sign-in was already completed; start again",
-    )  # fmt: skip
+    ))  # fmt: skip
     redirect_uri = _callback_url(request, context, provider)
     tokens = await run_in_threadpool(
         auth.exchange_code, code, redirect_uri=redirect_uri, code_verifier=login_state["v"]
@@ -265,7 +267,7 @@ async def _complete_sign_in(
         raise AuthenticationFailed("the identity provider returned no ID token")
     claims = await run_in_threadpool(auth.validate_token, tokens.id_token, nonce=login_state["n"])
     info = auth.user_info(claims)
-    user = await run_in_threadpool(users.sign_in, db, info, admin_emails=context.config.core.admin_emails)
+    user = await in_worker(db, partial(users.sign_in, db, info, admin_emails=context.config.core.admin_emails))
     issued = sessions.create_session(
         db, user, ttl=context.session_ttl, user_agent=request.headers.get("user-agent", "")
     )
@@ -404,15 +406,15 @@ def dev_form_submit(
 )
 async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbSession) -> SessionOut:
     auth = _provider(context, body.provider, request)
-    await run_in_threadpool(_rate_limit, db, request, context)
+    await in_worker(db, partial(_rate_limit, db, request, context))
     info = await run_in_threadpool(auth.exchange_token, body.token)
     # An ID token buys one session: a token copied from a log or a proxy cannot buy another.
     jti = info.claims.get("jti")
-    await run_in_threadpool(
+    await in_worker(db, partial(
         sessions.use_once, db, "id-token", f"{body.provider}:{jti}" if isinstance(jti, str) and jti else body.token,
         until=_expiry(info.claims.get("exp")), refusal="this ID token was already exchanged; get a new one",
-    )  # fmt: skip
-    user = await run_in_threadpool(users.sign_in, db, info, admin_emails=context.config.core.admin_emails)
+    ))  # fmt: skip
+    user = await in_worker(db, partial(users.sign_in, db, info, admin_emails=context.config.core.admin_emails))
     issued = sessions.create_session(
         db, user, ttl=context.session_ttl, user_agent=request.headers.get("user-agent", "")
     )

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -21,7 +20,7 @@ from cmbcluster.api.deps import (
     DbSession,
     EnvironmentOwner,
     SessionReleasingRoute,
-    ending_transaction,
+    in_worker,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
@@ -153,14 +152,9 @@ T = TypeVar("T")
 
 
 async def _in_worker(db: DbSession, context: AppContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run blocking service code (cluster and cloud calls) in one of the threads of calls that wait
-    on the compute backend (``context.cluster_workers``), holding no pool connection meanwhile: this
-    request's read transaction ends first (under load a request may wait long for a thread: 200
-    concurrent creates would need 200 connections), and the worker ends the one ``fn`` leaves open
-    before it hands back (:func:`~cmbcluster.api.deps.ending_transaction`)."""
-    db.commit()
-    call = partial(fn, *args, **kwargs)
-    return await anyio.to_thread.run_sync(ending_transaction, db, call, limiter=context.cluster_workers)
+    """Run blocking service code that waits on the compute backend in one of its own threads
+    (``context.cluster_workers``), holding no pool connection meanwhile (:func:`in_worker`)."""
+    return await in_worker(db, partial(fn, *args, **kwargs), limiter=context.cluster_workers)
 
 
 def _json(payload: Any, status_code: int = 200) -> Response:

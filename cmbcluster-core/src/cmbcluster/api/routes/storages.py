@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cmbcluster.api.deps import Context, CurrentUser, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import Context, CurrentUser, DbSession, SessionReleasingRoute, in_worker
 from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
@@ -402,7 +402,8 @@ async def download_archive(
     base: Annotated[str, Form(max_length=MAX_OBJECT_KEY_BYTES)] = "",
 ) -> Response:
     folder = service.archive_folder(base)
-    storage, objects = await run_in_threadpool(service.selected_objects, db, context, user, storage_id, key, prefix)
+    selected = partial(service.selected_objects, db, context, user, storage_id, key, prefix)
+    storage, objects = await in_worker(db, selected)
     chunks, size = service.zip_archive(context, storage.bucket_name, objects, folder)
     name = folder.rstrip("/").rsplit("/", 1)[-1] or storage.display_name
     headers = {
@@ -440,7 +441,7 @@ async def upload_object(
     db: DbSession,
     context: Context,
 ) -> ObjectOut:
-    storage = await run_in_threadpool(service.usable_storage, db, context, user, storage_id)
+    storage = await in_worker(db, partial(service.usable_storage, db, context, user, storage_id))
     bucket = storage.bucket_name
     validate_new_object_key(key)
     max_bytes = context.config.core.max_upload_bytes
@@ -450,10 +451,11 @@ async def upload_object(
     content_type = request.headers.get("content-type") or None
     if content_type is not None and (len(content_type) > MAX_CONTENT_TYPE_LENGTH or not content_type.isprintable()):
         raise InvalidRequest(f"Content-Type must be at most {MAX_CONTENT_TYPE_LENGTH} printable characters")
-    allowance = await run_in_threadpool(
+    allowance = await in_worker(
+        db,
         partial(
             service.upload_allowance, db, context, user, storage, declared=declared, wait_seconds=GET_USAGE_WAIT_SECONDS
-        )
+        ),
     )
     remaining = allowance.remaining_bytes
     if remaining is not None and remaining < max_bytes:  # a quota is the nearer limit: stop there
@@ -513,7 +515,7 @@ async def download_object(
         str | None, Header(alias="If-Range", description="Honour Range only if still this ETag")
     ] = None,
 ) -> Response:
-    bucket = await run_in_threadpool(service.usable_bucket, db, context, user, storage_id)
+    bucket = await in_worker(db, partial(service.usable_bucket, db, context, user, storage_id))
     info = await run_in_threadpool(service.head_object, context, bucket, key)
     headers = object_headers(info)
     wanted = range_header if range_header and if_range_matches(if_range, info) else None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
-from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, SessionReleasingRoute, in_worker
 from cmbcluster.api.guard import streams_body
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import EnvVar
@@ -135,10 +135,10 @@ async def put_secret_file(
     content = await _read_body(request, limit)
     if not content:
         raise InvalidRequest("the secret file is empty: send its content as the request body")
-    row, created = await run_in_threadpool(
+    row, created = await in_worker(db, partial(
         service.put_secret_file, db, user.id, name, content,
         sealer=context.sealer(service.SECRET_FILE_PURPOSE), max_bytes=limit,
-    )  # fmt: skip
+    ))  # fmt: skip
     response.status_code = 201 if created else 200
     return SecretFileOut.model_validate(row, from_attributes=True)
 
