@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -38,7 +38,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
 # The settings pages' reads (sync routes, each validating its answer in a second worker hop) and a
 # bucket list: what a page load of the web UI asks, each from every user at once.
 @pytest.mark.parametrize("path", ["/api/v1/settings/env-vars", "/api/v1/settings/secret-files", "/api/v1/storages"])
-def test_every_user_at_once_is_answered(served: tuple[ServeProcess, list[dict[str, str]]], path: str) -> None:
+def test_every_user_at_once_is_answered(
+    served: tuple[ServeProcess, list[dict[str, str]]], path: str, record_property: Callable[[str, object], None]
+) -> None:
     server, users = served
     raise_open_file_limit()  # 200 simultaneous connections of this process
 
@@ -61,4 +63,4 @@ def test_every_user_at_once_is_answered(served: tuple[ServeProcess, list[dict[st
         statuses = sorted({status for status, _ in answers})
         assert statuses == [200], f"{statuses}:\n{server.output()[-3000:]}"
     slowest = max(seconds for _, seconds in answers)
-    print(f"{USERS} users at once on {path}: the slowest answered in {slowest:.2f} s")
+    record_property(f"figure: slowest answer in seconds, {USERS} users at once on {path}", f"{slowest:.2f}")
