@@ -11,6 +11,7 @@ import sqlalchemy.exc
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from waiting import wait_until_no_connection_is_out
 
 from cmbcluster import hookimpl
 from cmbcluster.api.errors import install_error_handlers
@@ -214,7 +215,7 @@ def test_every_request_gives_its_database_connection_back(
     ]:
         answer = client.request(method, path, headers=alice, json=body)
         assert answer.status_code == status, (path, answer.text)
-        assert pool.checkedout() == 0, (method, path)
+        assert wait_until_no_connection_is_out(pool) == 0, (method, path)
 
 
 def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest.CaptureFixture[str]) -> None:

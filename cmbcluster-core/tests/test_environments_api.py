@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 from sqlalchemy.orm.exc import StaleDataError
+from waiting import wait_until_no_connection_is_out
 
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
@@ -868,9 +869,9 @@ def test_a_route_whose_worker_finished_holds_no_database_connection(client: Test
     async def routes() -> None:
         with context.sessions() as db:
             assert await _in_worker(db, context, read, db) == "read"
-            assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert not db.in_transaction() and wait_until_no_connection_is_out(pool) == 0
             with pytest.raises(Conflict):
                 await _in_worker(db, context, fail, db)
-            assert not db.in_transaction() and pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert not db.in_transaction() and wait_until_no_connection_is_out(pool) == 0
 
     anyio.run(routes)
