@@ -7,7 +7,9 @@ The token matrix itself is `cmbcluster.testing.auth.AuthProviderContract` (see t
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -344,7 +346,8 @@ def _rss_kib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, dict[str, str]]]:
     root = tmp_path_factory.mktemp("served")
-    with ServeProcess(clean_environ({"CMBCLUSTER_DATA_DIR": str(root / "data")}), root) as server:
+    environ = clean_environ({"CMBCLUSTER_DATA_DIR": str(root / "data"), "CMBCLUSTER_REQUEST_TIMEOUT_SECONDS": "2"})
+    with ServeProcess(environ, root) as server:
         assert server.wait_ready("/readyz").status_code == 200, server.output()
         with httpx.Client(base_url=server.url) as http:
             headers = dev_sign_in(http, "ada@example.org")
@@ -376,6 +379,74 @@ def test_oversized_headers_are_431(served: tuple[ServeProcess, dict[str, str]]) 
     assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.1 431 Request Header Fields Too Large",), answer[:200]
     normal = httpx.get(f"{server.url}/api/v1/auth/providers", headers={"X-Padding": "a" * 8000})
     assert normal.status_code == 200
+
+
+def _read_to_end(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, answer = time.monotonic(), b""
+    sock.settimeout(15)
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def test_a_client_that_stalls_holds_its_connection_no_longer_than_the_timeout(
+    served: tuple[ServeProcess, dict[str, str]],
+) -> None:
+    """Found by an outsider's trial: a JSON body that stopped arriving was held open with no answer
+    for 90 s, and uvicorn waits for a request's headers as long as the client keeps sending a byte
+    now and then: a few hundred such clients hold every connection. Here the timeout is 2 s."""
+    server, headers = served
+    auth = headers["Authorization"].encode()
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port), timeout=15)
+
+    with connect() as silent:  # connects, sends nothing: closed, as keep-alive closes, with no answer
+        answer, waited = _read_to_end(silent)
+    assert answer == b"" and waited < 6
+
+    with connect() as trickling:  # headers a byte at a time, never done: 408 at the deadline, however busy
+        trickling.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        began = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - began < 10:
+                trickling.sendall(b"X")
+                time.sleep(0.3)
+        answer, _ = _read_to_end(trickling)
+        waited = time.monotonic() - began
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert waited < 6
+
+    created = b'{"application": "files", "start": false}'
+    head = (b"POST /api/v1/environments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + auth + b"\r\nContent-Length: %d\r\n\r\n" % len(created))  # fmt: skip
+    with connect() as stalled:  # the body's first 13 bytes, then nothing: 408, and nothing created
+        stalled.sendall(head + created[:13])
+        answer, waited = _read_to_end(stalled)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408 "), answer[:300]
+    error = json.loads(body)
+    assert error == {"error": "request_timeout", "message": "no byte of the request's body arrived for 2 seconds"}
+    assert waited < 6
+    assert httpx.get(f"{server.url}/api/v1/environments", headers=headers).json()["items"] == []
+
+    with connect() as slow:  # slow but steady, over twice the timeout in all: taken
+        slow.sendall(head)
+        for piece in (created[i : i + 8] for i in range(0, len(created), 8)):
+            time.sleep(1)
+            slow.sendall(piece)
+        answer = slow.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+        # The same connection, kept alive: each request's headers get their own time.
+        for _ in range(2):
+            time.sleep(1.5)
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert slow.recv(65536).startswith(b"HTTP/1.1 200 ")
+    listed = httpx.get(f"{server.url}/api/v1/environments", headers=headers).json()["items"]
+    assert len(listed) == 1
+    httpx.delete(f"{server.url}/api/v1/environments/{listed[0]['id']}", headers=headers)
 
 
 # -- one error shape -----------------------------------------------------------------------------------

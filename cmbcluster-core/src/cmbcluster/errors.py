@@ -77,7 +77,7 @@ class PayloadTooLarge(CmbclusterError):
 
 
 class RequestTimeout(CmbclusterError):
-    """The client stopped sending its request's body (an upload that stalled) for too long."""
+    """The client stopped sending its request's body (an upload, a JSON body) for too long."""
 
     http_status = 408
     code = "request_timeout"

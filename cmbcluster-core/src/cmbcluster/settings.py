@@ -198,6 +198,12 @@ class CoreSettings(BaseSettings):
         default=1024 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_REQUEST_BODY_BYTES"),
         description="Largest JSON request body; refused with 413 before it is read. Uploads have their own limit.",
     )  # fmt: skip
+    request_timeout_seconds: float = Field(
+        default=30, gt=0, le=3600, validation_alias=_aliases("CMBCLUSTER_REQUEST_TIMEOUT_SECONDS"),
+        description="A request whose headers are not all in this long after its connection opened (or after "
+        "the previous answer on it), or whose body (an upload's excepted) sends no byte for this long, is "
+        "answered 408 and its connection closed: a client that stalls holds no connection for longer.",
+    )  # fmt: skip
 
     # -- storage and user settings ---------------------------------------------------------------
     max_upload_bytes: int = Field(

@@ -6,6 +6,9 @@
   :func:`streams_body`, which read their body as a stream and enforce their own limit (uploads).
   A declared ``Content-Length`` over the limit is answered 413 at once; a body without one is
   counted while the route reads it.
+- A body (other than a streaming route's) that sends no byte for
+  ``CMBCLUSTER_REQUEST_TIMEOUT_SECONDS`` is answered 408: a client that stalls mid-body would
+  otherwise hold its connection as long as it liked. (Uploads have their own idle timeout.)
 - A route that needs a signed-in caller and is sent a body authenticates first: without valid
   credentials the answer is 401 (or 403) before a byte of the body is read. (FastAPI parses a
   JSON body before it resolves dependencies, so the route's own check would come too late.)
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import params
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -37,7 +41,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cmbcluster.api.errors import error_response
-from cmbcluster.errors import CmbclusterError, HeadersTooLarge, PayloadTooLarge, UnsupportedMediaType
+from cmbcluster.errors import CmbclusterError, HeadersTooLarge, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 #: Total size of a request's header names and values. Browsers and scripts send a few KiB
 #: (cookies included); nginx's default allows 32 KiB across its large header buffers.
@@ -115,10 +119,11 @@ class RequestGuard:
         limit: int | None = None
         received = 0
         checked = False
+        body_done = False  # then receive() waits for the client to go away: no timeout
         untyped_json = False  # a JSON route sent no Content-Type: refused at the body's first byte
 
         async def guarded() -> Message:
-            nonlocal limit, received, checked, untyped_json
+            nonlocal limit, received, checked, untyped_json, body_done
             if not checked:
                 checked = True
                 rules = self._rules_for(scope)
@@ -138,8 +143,16 @@ class RequestGuard:
                 declared = _content_length(scope)
                 if limit is not None and declared is not None and declared > limit:
                     raise Refused(PayloadTooLarge(_too_large(limit)))
-            message = await receive()
+            if limit is None or body_done:
+                message = await receive()
+            else:
+                timeout = scope["app"].state.context.config.core.request_timeout_seconds
+                with anyio.move_on_after(timeout) as waiting:
+                    message = await receive()
+                if waiting.cancelled_caught:
+                    raise Refused(RequestTimeout(f"no byte of the request's body arrived for {timeout:g} seconds"))
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 body = message.get("body", b"")
                 if untyped_json and body:
                     raise Refused(_not_json(None))

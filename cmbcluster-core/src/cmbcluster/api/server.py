@@ -4,11 +4,16 @@ uvicorn's httptools protocol collects a request's whole header block before the 
 any of it: a stranger could send megabytes of headers, or tens of thousands of empty ones, per
 connection. :class:`LimitedHttpToolsProtocol` counts them while they arrive and answers 431 as
 soon as a request passes :data:`MAX_HEADER_BYTES` or :data:`MAX_HEADERS`, then closes the
-connection (the request guard's own check covers any other server).
+connection (the request guard's own check covers any other server). It also gives a request's
+headers ``CMBCLUSTER_REQUEST_TIMEOUT_SECONDS`` to arrive, counted from the connection's opening or
+the previous answer on it: uvicorn waits for them as long as a client keeps the connection open, so
+clients sending a byte now and then (or nothing) could hold every connection the server can take.
+The guard times out a request's body the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,6 +32,11 @@ _REFUSAL = (
     b"content-length: %d\r\n\r\n%s"
 )
 _BODY = b'{"error": "request_header_fields_too_large", "message": "the request\'s headers are too large"}'
+_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+_TIMEOUT_BODY = b'{"error": "request_timeout", "message": "the request\'s headers did not arrive in time"}'
 
 
 class _HeadersTooLarge(Exception):
@@ -34,12 +44,53 @@ class _HeadersTooLarge(Exception):
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    #: Seconds a request's headers may take; :func:`run` sets the configured value on a subclass.
+    header_timeout_seconds = 30.0
     _header_bytes = 0
     _header_count = 0
     _refused = False
+    _header_deadline: asyncio.TimerHandle | None = None
+    _request_begun = False  #: a byte of the awaited request arrived
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def on_headers_complete(self) -> None:
+        self._stop_waiting_for_headers()
+        self._request_begun = False
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():  # the next request on this connection
+            self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting_for_headers()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        self._stop_waiting_for_headers()
+        self._header_deadline = self.loop.call_later(self.header_timeout_seconds, self._headers_too_slow)
+
+    def _stop_waiting_for_headers(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closed already, or a request is being answered (pipelined: its turn comes)
+        self._refused = True
+        if self._request_begun:  # an idle connection is closed as keep-alive closes it: silently
+            self.transport.write(_TIMEOUT % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._request_begun = True
         self._header_bytes = self._header_count = 0
 
     def on_url(self, url: bytes) -> None:
@@ -113,7 +164,8 @@ def run(application: Any, core: CoreSettings, *, graceful_shutdown_seconds: int 
     uvicorn.run(
         application, host=core.host, port=core.port, log_config=None, server_header=False,
         loop="asyncio",  # see the httptools note in pyproject.toml: uvloop's tail latency was worse here
-        http=LimitedHttpToolsProtocol,
+        http=type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,),
+                  {"header_timeout_seconds": core.request_timeout_seconds}),
         # whose X-Forwarded-For/-Proto to believe: sign-in limits count per client address
         forwarded_allow_ips=core.forwarded_allow_ips, proxy_headers=True,
         timeout_graceful_shutdown=graceful_shutdown_seconds,
