@@ -294,8 +294,13 @@ def test_nobody_else_gets_anything_but_404(
         assert denied.value.status_code == 404
     unknown = client.get(f"/environments/{'0' * 32}/echo", headers=alice)
     assert unknown.status_code == 404
-    assert client.get(f"{url}echo").status_code == 401  # not signed in
+    unsigned = client.get(f"{url}echo")
+    assert unsigned.status_code == 401  # not signed in
+    assert unsigned.json()["message"] == "sign in first: no session cookie or bearer token"
     assert client.get(f"{url}echo", headers={"Authorization": "Bearer cmbs_forged"}).status_code == 401
+    garbage = client.get(f"{url}echo", headers={"Authorization": "Bearer garbage"})  # said as the API says it
+    assert garbage.status_code == 401
+    assert garbage.json()["message"].startswith("sign in first: the bearer token is not a CMBCluster session")
     with pytest.raises(WebSocketDenialResponse) as anonymous:
         with client.websocket_connect(f"{url}socket"):
             pass

@@ -70,6 +70,10 @@ def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
     bearer = credentials if scheme.lower() == "bearer" and credentials.startswith(("cmbs_", "cmbt_")) else None
     cookie = conn.cookies.get(SESSION_COOKIE)
+    if bearer is None and not cookie and scheme.lower() == "bearer" and credentials:
+        # Another bearer token is the application's own, passed on once the caller signed in by cookie.
+        raise AuthenticationFailed("sign in first: the bearer token is not a CMBCluster session or API token, "
+                                   "and there is no session cookie")  # fmt: skip
     if isinstance(conn, Request):
         principal = authenticate_request(conn, db, bearer, cookie)
         return principal.user, principal.credential
