@@ -371,6 +371,58 @@ def test_two_replicas_only_the_leader_reconciles_and_a_dead_leader_hands_over(
 
 
 # -- the catalog's notebook really starts -----------------------------------------------------------
+def test_a_start_after_a_failure_or_an_exit_runs_anew_with_the_current_choices(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    """What a run leaves behind is not the next start's: a start the cluster refused (a quota)
+    after its Secret was made left that Secret, and the next start adopted it with the variables
+    of then; an application that exited left its Succeeded pod, and the next start adopted that
+    and was over at once. Each run here writes the variable it got to a file."""
+    namespace = k8s_cluster.control_plane_namespace()
+    core = k8s.CoreV1Api(admin_api)
+    greetings = tmp_path / "greetings.txt"
+    command = ["python", "-c", f"import os; open({str(greetings)!r}, 'a').write(os.environ['GREETING'] + '\\n')"]
+    image = "example.org/exits-at-once"
+    with (
+        images_run_here(core, [image]),
+        ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data"), tmp_path) as server,
+    ):
+        server.wait_ready()
+        user = Api(server.url, "ada@example.org")  # the first user: an admin, who may add an application
+        try:
+            added = user.client.post("/api/v1/applications", json={
+                "slug": "exits", "name": "Exits at once", "image": image, "command": command,
+            })  # fmt: skip
+            assert added.status_code == 201, added.text
+            core.create_namespaced_resource_quota(
+                namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+            )
+            try:
+                created = user.client.post(
+                    "/api/v1/environments", json={"application": "exits", "env": {"GREETING": "hello"}}
+                )
+                assert created.status_code == 201, created.text
+                environment_id = created.json()["id"]
+                refused = user.settled(environment_id)
+                assert refused["status"] == "failed" and "quota" in refused["status_message"], refused
+            finally:
+                core.delete_namespaced_resource_quota("no-pods", namespace)
+            url = f"/api/v1/environments/{environment_id}"
+            for greeting in ("bye", "again"):
+                changed = user.client.patch(url, json={"env": {"GREETING": greeting}})
+                assert changed.status_code == 200, changed.text
+                started = user.client.post(f"{url}/start")
+                assert started.status_code == 200, started.text
+                ended = user.settled(environment_id)
+                assert ended["status"] == "stopped", ended  # the application exited, as it does
+            assert greetings.read_text().splitlines() == ["bye", "again"]
+            user.client.delete(url)
+            wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the environment to go")
+        finally:
+            user.close()
+        # (No check of the log for 403s: the quota's refusal is one; the lifecycle test checks the Role.)
+
+
 @pytest.fixture
 def notebook_runs_here(admin_api: k8s.ApiClient) -> Iterator[None]:
     """The test kubelet runs pods of the project's environment image with this interpreter's

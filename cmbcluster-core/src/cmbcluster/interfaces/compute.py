@@ -99,7 +99,12 @@ class ComputeBackend(abc.ABC):
 
     @abc.abstractmethod
     def start(self, spec: EnvironmentSpec) -> EnvironmentStatus:
-        """Start (or adopt an already running) environment; return promptly, not when ready."""
+        """Start (or adopt an already running) environment; return promptly, not when ready.
+
+        Core calls ``stop`` first when it starts again an environment that failed or whose
+        application ended by itself (``status`` not ``MISSING``), so what ``start`` finds of the same
+        id is a start of this run that was interrupted and sent again (adopt it), or what a ``stop``
+        is still removing (wait for it to go)."""
 
     @abc.abstractmethod
     def stop(self, environment_id: str) -> None:

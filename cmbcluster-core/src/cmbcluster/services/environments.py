@@ -172,8 +172,9 @@ def create(
 def start(db: Session, context: AppContext, user: User, env: Environment) -> None:
     """Start a stopped or failed environment with its stored choices (blocking)."""
     budgets.check_start(db, context, user)
+    earlier = env.status
     reserve_start(db, context, user, env)
-    launch(db, context, env)
+    launch(db, context, env, earlier_status=earlier)
 
 
 def restart(db: Session, context: AppContext, user: User, env: Environment) -> None:
@@ -363,12 +364,15 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     )
 
 
-def launch(db: Session, context: AppContext, env: Environment) -> None:
+def launch(db: Session, context: AppContext, env: Environment, *, earlier_status: str | None = None) -> None:
     """Hand a reserved environment to the compute backend (blocking). Failures become status
-    ``failed`` with the reason, and free the start slot."""
+    ``failed`` with the reason, and free the start slot. ``earlier_status``: what an environment
+    started again was (None for a new one); what its earlier run left is removed first."""
     try:
         spec = build_spec(db, context, env)
         db.commit()  # no connection held during the cluster calls, which may take seconds
+        if earlier_status is not None:
+            _remove_earlier_run(context, env.id, earlier_status)
         status = context.compute.start(spec)
     except CmbclusterError as exc:
         mark_failed(db, env, exc.message)
@@ -398,6 +402,20 @@ def launch(db: Session, context: AppContext, env: Environment) -> None:
     except StaleDataError:  # deleted since the check above (its delete removed what was started)
         db.rollback()
     context.progress.notify(environment_id)
+
+
+def _remove_earlier_run(context: AppContext, environment_id: str, earlier_status: str) -> None:
+    """Stop what an earlier run left, which a backend's start would otherwise take as its own (its
+    starts adopt what exists, so that one interrupted can be sent again): a failed start's objects
+    (on Kubernetes, the Secret made before the cluster refused the pod, with the variables of then),
+    or an application that ended by itself (its exited pod: the start would be over at once). Kept
+    until now, they show the user why it failed or ended (its logs). A stop already under way is
+    left to finish: the backend's start waits for it."""
+    if earlier_status == "failed" or context.compute.status(environment_id).phase not in (
+        EnvironmentPhase.MISSING,
+        EnvironmentPhase.STOPPING,
+    ):
+        context.compute.stop(environment_id)
 
 
 _DESIRED_STATE = select(Environment.desired_state).where(Environment.id == bindparam("environment_id"))
