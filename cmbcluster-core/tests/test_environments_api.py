@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import itertools
@@ -201,6 +202,34 @@ def test_a_slow_output_read_never_holds_back_progress(
     events = events_of(client, alice, create_env(client, alice, application=slow)["id"])
     assert events[-1]["status"] == "running"
     assert time.monotonic() - began < 5.5, [(e["status"], e["at"]) for e in events]  # not after a 6 s read
+
+
+FAILS_WHEN_ASKED_APP = r"""
+import http.server, os, sys, time
+if os.environ.get("FAIL") == "1":
+    raise SystemExit("asked to fail")
+time.sleep(1.5)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def test_streams_opened_as_a_failed_environment_starts_again_follow_the_new_run(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None
+) -> None:
+    """An outsider's trial once saw streams opened just after a failed environment was started again
+    end while it said `starting`. Every stream opened then sees the new run through to `running`,
+    none the earlier run's failure."""
+    app = make_app(client, admin, "fails-when-asked", FAILS_WHEN_ASKED_APP)
+    env = create_env(client, alice, application=app, env={"FAIL": "1"})
+    assert events_of(client, alice, env["id"])[-1]["status"] == "failed"
+    url = f"/api/v1/environments/{env['id']}"
+    assert client.patch(url, headers=alice, json={"env": {"FAIL": "0"}}).status_code == 200
+    assert client.post(f"{url}/start", headers=alice).status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = list(pool.map(lambda _: events_of(client, alice, env["id"]), range(8)))
+    for events in streams:
+        assert [e["status"] for e in events if e["status"] in ("failed", "stopped")] == [], events
+        assert events[-1]["status"] == "running", events
 
 
 def test_stop_start_restart_keep_every_choice(
