@@ -133,6 +133,33 @@ def test_usage_and_quota_through_the_api_count_noncurrent_versions(
         client.close()
 
 
+def test_moves_in_a_versioned_bucket_count_the_versions_they_keep(
+    serve_env: dict[str, str], tmp_path: Path, s3: Any
+) -> None:
+    """A move copies and deletes: in a versioned bucket the original stays, billed, as an earlier
+    version. Moves were not checked against the quota, so moving a file back and forth passed any
+    quota; now a move that the quota has no room for is refused, and nothing is moved."""
+    quota = {**serve_env, "CMBCLUSTER_STORAGE_QUOTA_BYTES": str(5 * MiB)}
+    with ServeProcess(quota, tmp_path) as server:
+        client, headers = _signed_in(server)
+        storage = client.post(API, headers=headers, json={"display_name": "moves"}).json()
+        objects, bucket = f"{API}/{storage['id']}/objects", storage["bucket_name"]
+        assert client.put(f"{objects}/map.fits", headers=headers, content=b"m" * (2 * MiB)).status_code == 201
+        moved = client.post(f"{objects}/move", headers=headers, json={"source": "map.fits", "destination": "a.fits"})
+        assert moved.status_code == 200, moved.text  # 2 MiB current, 2 MiB kept: 4 of 5 used
+        refused = client.post(f"{objects}/move", headers=headers, json={"source": "a.fits", "destination": "b.fits"})
+        assert refused.status_code == 507, refused.text
+        message = refused.json()["message"]
+        assert message.startswith("this bucket keeps earlier versions: moving 1 file keeps their 2.0 MiB"), message
+        assert "1.0 MiB left of your storage quota of 5.0 MiB" in message and "nothing was moved" in message
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["a.fits"]
+        versions = s3.list_object_versions(Bucket=bucket)["Versions"]
+        assert sum(v["Size"] for v in versions) == 4 * MiB
+        listed = client.get(API, headers=headers).json()["quota"]
+        assert listed["used_bytes"] <= 5 * MiB, listed
+        client.close()
+
+
 def _reserved(data: Path) -> list[int]:
     with sqlite3.connect(data / "cmbcluster.db") as db:
         return [row[0] for row in db.execute("SELECT reserved_bytes FROM upload_journal")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import os
 import struct
 import threading
@@ -23,10 +24,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from cmbcluster.app import create_app
 from cmbcluster.db.models import AuditEvent, Environment, utcnow
+from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import previews
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
 
 API = "/api/v1/storages"
@@ -178,6 +181,37 @@ def test_files_and_folders_are_renamed_and_moved(client: TestClient, alice: Head
     assert client.post(move, json={"source": "nothing", "destination": "x"}, headers=alice).status_code == 404
     assert client.post(move, json={"source": "docs/readme.txt", "destination": "y"}, headers=bob).status_code == 404
     assert len(keys(client, alice, storage_id)) == 3  # nothing lost by the refusals
+
+
+def test_a_move_is_all_or_nothing_and_needs_no_room_where_no_versions_are_kept(
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder's move copies every file, then deletes the originals. A copy that fails (the cloud
+    refuses, a quota) takes back the copies made before it: the folder is where it was, once. And
+    a bucket that keeps no versions frees what it copies: a move near a full quota is taken."""
+    app = create_app(settings.model_copy(update={"storage_quota_bytes": 5000}))
+    with TestClient(app, base_url=LOCAL) as client:
+        alice = dev_sign_in(client, "alice@example.org")
+        files = {"maps/a.fits": b"a" * 1000, "maps/b.fits": b"b" * 1000, "maps/c.fits": b"c" * 1000}
+        storage_id = bucket(client, alice, "moves", files)
+        move = f"{API}/{storage_id}/objects/move"
+        backend = app.state.context.storage
+        upload = backend.upload_object
+        copies = itertools.count()
+
+        def fails_at_the_third(bucket_name: str, key: str, chunks: Any, **kwargs: Any) -> Any:
+            if next(copies) == 2:
+                raise ProviderUnavailable("the storage service is unavailable")
+            return upload(bucket_name, key, chunks, **kwargs)
+
+        monkeypatch.setattr(backend, "upload_object", fails_at_the_third)
+        failed = client.post(move, json={"source": "maps/", "destination": "old/"}, headers=alice)
+        assert failed.status_code == 503, failed.text
+        assert keys(client, alice, storage_id) == sorted(files)  # no copy left behind
+        monkeypatch.setattr(backend, "upload_object", upload)
+        moved = client.post(move, json={"source": "maps/", "destination": "old/"}, headers=alice)  # 3,000 of 5,000
+        assert moved.status_code == 200 and moved.json() == {"moved": 3}, moved.text
+        assert keys(client, alice, storage_id) == ["old/a.fits", "old/b.fits", "old/c.fits"]
 
 
 def test_previews_of_text_json_csv_images_and_other_files(client: TestClient, alice: Headers) -> None:

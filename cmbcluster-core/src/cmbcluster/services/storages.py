@@ -616,15 +616,66 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
         except NotFound:
             continue
         raise AlreadyExists(f"{target!r} already exists: choose another name, or delete it first")
-    for info, target in pairs:
-        chunks = _lazy_object(context, bucket, info)
-        context.storage.upload_object(bucket, target, chunks, content_type=info.content_type or None)
+    allowance = _move_allowance(db, context, user, storage, pairs)
+    copied: list[str] = []
+    try:
+        for info, target in pairs:
+            # As an upload: journalled (a crash mid-copy leaves nothing billed), and held against the
+            # quotas its copies count in, so that uploads running meanwhile cannot pass them together.
+            write_object(context, storage.id, bucket, target, _lazy_object(context, bucket, info),
+                         content_type=info.content_type or None, allowance=allowance, declared=info.size)  # fmt: skip
+            copied.append(target)
+    except BaseException:
+        _take_back(db, context, storage.id, bucket, copied)  # all or nothing: the originals are all still there
+        raise
     for start in range(0, len(pairs), DELETE_BATCH):
         context.storage.delete_objects(bucket, [info.key for info, _ in pairs[start : start + DELETE_BATCH]])
     audit(db, actor_id=user.id, action="storage.objects_moved", target_type="storage", target_id=storage_id,
           display_name=storage.display_name, source=source, destination=destination, count=len(pairs))  # fmt: skip
     invalidate_usage(db, context, storage_id)
     return len(pairs)
+
+
+def _take_back(db: Session, context: AppContext, storage_id: str, bucket: str, copied: Sequence[str]) -> None:
+    """Delete the copies a move that failed made (best effort: the error that stopped it is the one to report)."""
+    if not copied:
+        return
+    try:
+        for start in range(0, len(copied), DELETE_BATCH):
+            context.storage.delete_objects(bucket, list(copied[start : start + DELETE_BATCH]))
+        invalidate_usage(db, context, storage_id)
+    except Exception:
+        log.exception("a failed move's %d copies in bucket %s could not all be deleted", len(copied), bucket)
+
+
+#: How long a move waits for its bucket's usage to be measured, where stale, before checking quotas.
+MOVE_USAGE_WAIT_SECONDS = 10.0
+
+
+def _move_allowance(
+    db: Session, context: AppContext, user: User, storage: Storage, pairs: Sequence[tuple[ObjectInfo, str]]
+) -> Allowance | None:
+    """The quotas a move must fit when its bucket keeps earlier versions: there the originals stay,
+    billed, as earlier versions until the bucket's lifecycle removes them, so a move adds its
+    bytes as an upload would (otherwise moving files back and forth would pass any quota).
+    Refused with InsufficientStorage (507) before anything is copied; None when nothing is counted
+    (no versions kept, or no quota)."""
+    moved = sum(info.size for info, _ in pairs)
+    if moved == 0 or not context.storage.get_bucket(storage.bucket_name).versioning:
+        return None
+    allowance = upload_allowance(db, context, user, storage, declared=moved, wait_seconds=MOVE_USAGE_WAIT_SECONDS,
+                                 check=False)  # fmt: skip
+    tightest = allowance.tightest
+    if tightest is not None and allowance.refuses(moved):
+        assert tightest.quota_bytes is not None
+        raise InsufficientStorage(
+            f"this bucket keeps earlier versions: moving {len(pairs)} file{'s' if len(pairs) != 1 else ''} "
+            f"keeps their {_size(moved)} where they were until its lifecycle removes them, more than the "
+            f"{_size(tightest.remaining_bytes or 0)} left of {tightest.whose} of {_size(tightest.quota_bytes)} "
+            f"({_size(tightest.used_bytes)} used, earlier versions included{tightest.held()}); nothing was moved. "
+            "Delete files (earlier versions go with the lifecycle), or ask an administrator for more"
+        )
+    return allowance
 
 
 def invalidate_usage(db: Session, context: AppContext, storage_id: str, *, added_bytes: int = 0) -> None:
@@ -836,8 +887,9 @@ def reserved_bytes(db: Session, context: AppContext, state: QuotaState, *, exclu
 
 
 def upload_allowance(
-    db: Session, context: AppContext, user: User, storage: Storage, *, declared: int | None, wait_seconds: float
-) -> Allowance:
+    db: Session, context: AppContext, user: User, storage: Storage, *, declared: int | None, wait_seconds: float,
+    check: bool = True,
+) -> Allowance:  # fmt: skip
     """Before an upload into ``storage``: the quotas it must fit (the user's own and their groups'),
     with what the uploads under way hold. Nothing is measured or summed when no quota is set.
 
@@ -847,7 +899,8 @@ def upload_allowance(
     figures would refuse the upload is every stale bucket that counts measured again first (objects
     deleted since free room). A quota used up is refused with InsufficientStorage (507), an upload
     whose declared length passes what is left with PayloadTooLarge (413): nothing is sent to the
-    backend. :class:`UploadReservation` then holds the upload's bytes while it runs."""
+    backend. :class:`UploadReservation` then holds the upload's bytes while it runs. With
+    ``check=False`` nothing is refused: the caller words its own refusal (a move)."""
     own_quota, groups = quotas_of(db, context, user)
     db.commit()  # hold no transaction while waiting for measurements
     if own_quota is None and not groups:
@@ -861,7 +914,8 @@ def upload_allowance(
         db.commit()
         current_usage(rows, context, wait_seconds=wait_seconds)  # the results are stored as they come
         allowance = _allowance(db, context, user, own_quota, groups, fresh)
-    allowance.check(declared)
+    if check:
+        allowance.check(declared)
     return allowance
 
 

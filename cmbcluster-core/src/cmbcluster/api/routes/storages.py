@@ -349,8 +349,10 @@ def delete_objects(
     summary="Rename or move a file or a folder within the bucket (copied, then the original deleted)",
     description="Storage services have no rename: every object is copied through the control plane (streamed, "
     "in constant memory) and the originals deleted once every copy exists. 409 when something exists at a "
-    f"destination (nothing is done), or for a folder of more than {service.MAX_MOVE_OBJECTS} files.",
-    responses=error_responses(400, 409),
+    f"destination (nothing is done), or for a folder of more than {service.MAX_MOVE_OBJECTS} files. In a bucket "
+    "that keeps earlier versions the originals stay as such, counted against storage quotas: 507 when a quota has "
+    "no room for them (nothing is done).",
+    responses=error_responses(400, 409, 507),
 )
 def move_objects(storage_id: str, body: MoveIn, user: CurrentUser, db: DbSession, context: Context) -> MoveOut:
     return MoveOut(moved=service.move_objects(db, context, user, storage_id, body.source, body.destination))
