@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm.exc import StaleDataError
 from waiting import wait_until_no_connection_is_out
 
@@ -783,6 +783,90 @@ def test_a_start_taken_back_whose_record_is_deleted_meanwhile_leaves_nothing(
     starting.join(30)
     assert answer[0].status_code == 404, answer[0].text
     assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
+
+
+def test_starts_reserved_together_keep_every_limit_and_leave_nothing_of_the_refused(
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent starts are reserved several in one transaction (a group commit). Here the first
+    holds the writer while 13 more queue, so they are decided together, in one batch: the server's
+    6 slots, 3 active environments a user, one start of an environment at a time; a refused create
+    leaves no environment and no audit event. (Handing the start to the backend is not what is
+    tested: it is skipped.)"""
+    from cmbcluster.db.engine import GroupCommit
+    from cmbcluster.db.models import AuditEvent
+    from cmbcluster.errors import LimitExceeded
+
+    app = create_app(settings.model_copy(update={"max_concurrent_starts": 6, "max_environments_per_user": 3}))
+    monkeypatch.setattr(environments, "launch", lambda db, context, env, **_: None)
+    with serving(app) as client:
+        context: AppContext = app.state.context
+        names = ["alice", "bob", "carol", "dave"]
+        for name in names:
+            dev_sign_in(client, f"{name}@example.org")
+        dave_env = create_env(client, dev_sign_in(client, "dave@example.org"), start=False)["id"]
+        holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
+        batches: list[int] = []
+
+        def write(batch: list[environments.Reservation]) -> None:
+            batches.append(len(batch))
+            if len(batches) == 1:
+                holding.set()
+                assert release.wait(30)
+            environments.write_reservations(context, batch)
+
+        class Counted(GroupCommit[environments.Reservation]):
+            def submit(self, item: environments.Reservation) -> None:
+                queued.release()
+                super().submit(item)
+
+        context.__dict__["start_reservations"] = Counted(write)
+
+        def start(job: tuple[str, int]) -> str:
+            name, _ = job
+            with context.sessions() as db:
+                user = db.execute(select(User).where(User.email == f"{name}@example.org")).scalar_one()
+                try:
+                    if name == "dave":
+                        env = db.get(Environment, dave_env)
+                        assert env is not None
+                        environments.start(db, context, user, env)
+                    else:
+                        environments.create(db, context, user, environments.EnvironmentRequest("files"), start=True)
+                except LimitExceeded as exc:
+                    assert exc.retry_after is not None and exc.retry_after >= 1
+                    return "busy"
+                except Conflict as exc:
+                    return "already starting" if "already starting" in exc.message else "user limit"
+            return "started"
+
+        jobs = [(name, i) for name in names[:3] for i in range(4)] + [("dave", 0), ("dave", 1)]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            first = pool.submit(start, jobs[0])
+            assert holding.wait(30)
+            rest = [pool.submit(start, job) for job in jobs[1:]]
+            for _ in jobs:
+                assert queued.acquire(timeout=30)
+            time.sleep(0.2)  # each is in the queue once it counted itself
+            release.set()
+            outcomes = [first.result(30)] + [future.result(30) for future in rest]
+        assert batches == [1, 13]
+        assert outcomes.count("started") == 6, outcomes
+        with context.sessions() as db:
+            pending = db.execute(select(Environment.user_id, Environment.id).where(Environment.status == "pending"))
+            by_user: dict[str, int] = {}
+            for user_id, _ in pending:
+                by_user[user_id] = by_user.get(user_id, 0) + 1
+            assert sum(by_user.values()) == 6 and max(by_user.values()) <= 3, by_user
+            assert db.execute(select(func.count()).select_from(StartSlot)).scalar_one() == 6
+            made = db.execute(select(func.count()).select_from(Environment)).scalar_one()
+            audited = db.execute(
+                select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "environment.created")
+            ).scalar_one()
+        dave = outcomes[-2:]
+        assert dave.count("started") <= 1 and "user limit" not in dave
+        assert made == 1 + outcomes.count("started") - dave.count("started")  # dave's, and the created ones
+        assert audited == made
 
 
 def test_two_starts_of_one_environment_at_once_are_one_start_and_a_409(

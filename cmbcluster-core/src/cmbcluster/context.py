@@ -24,7 +24,9 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
+    from cmbcluster.db.engine import GroupCommit
     from cmbcluster.pricing import PriceTable
+    from cmbcluster.services.environments import Reservation
     from cmbcluster.services.progress import ProgressHub
     from cmbcluster.services.revocation import RevocationWatch
     from cmbcluster.services.usage import StorageRuntime
@@ -78,6 +80,14 @@ class AppContext:
         hub = ProgressHub(self.sessions, self.compute)
         self.metrics.progress_streams.set_function(lambda: hub.followed)
         return hub
+
+    @functools.cached_property
+    def start_reservations(self) -> GroupCommit[Reservation]:
+        """Writes the reservations of concurrent starts together (services/environments.py)."""
+        from cmbcluster.db.engine import GroupCommit
+        from cmbcluster.services.environments import write_reservations
+
+        return GroupCommit(functools.partial(write_reservations, self))
 
     @functools.cached_property
     def revocations(self) -> RevocationWatch:

@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, func, select
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select
 from sqlalchemy import update as update_statement  # this module's update() changes an environment
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -232,82 +231,151 @@ def _validate_mounts(db: Session, user: User, choices: Sequence[MountChoice]) ->
 def reserve_start(db: Session, context: AppContext, user: User, env: Environment) -> None:
     """Check the user's limit, take a server-wide start slot and mark the environment pending.
 
-    The slot row is written before it is counted: on SQLite the insert takes the database's
-    write lock, so concurrent starts are serialised; on PostgreSQL an advisory lock does it.
-    The environment is marked pending before that write, so that a new one (``create``) is
-    inserted once, already pending; a refusal rolls everything back.
-    """
+    A new environment (``create``: pending in ``db`` with its mounts and audit event) is inserted
+    once, already pending, with its slot; a refusal leaves nothing. The reservations of concurrent
+    starts are written together (:class:`~cmbcluster.db.engine.GroupCommit`, by
+    :func:`write_reservations`): one transaction for several starts, serialised with every other
+    replica's by the database's one writer (SQLite) or an advisory lock (PostgreSQL). ``db``'s
+    transaction ends here; ``env`` is then as the database has it."""
     if env.status not in STARTABLE_STATUSES:
         raise Conflict(f"{env.name!r} is already {env.status}")
-    with one_writer(db):
-        _reserve(db, context, user, env)
+    if db.dirty or db.deleted:  # they would be lost below: a caller's mistake, not a user's
+        raise RuntimeError("reserve_start() needs a session without unsaved changes but the new environment's")
+    now = utcnow()
+    changes = {
+        "desired_state": "running", "status": "pending", "status_message": "waiting to start", "started_at": now,
+        "stopped_at": None, "warned_at": None, "url": None, "last_activity_at": now,
+        "shutdown_at": _shutdown_at(context, user, now),
+    }  # fmt: skip
+    created = list(db.new) if env in db.new else []
+    for name, value in changes.items() if created else ():
+        setattr(env, name, value)
+    reservation = Reservation(
+        user_id=user.id, environment_id=env.id, name=env.name, changes=changes,
+        new_rows=[(type(row).__table__, _column_values(row)) for row in created],
+        expires_at=now + dt.timedelta(seconds=context.config.core.start_timeout_seconds),
+    )  # fmt: skip
+    db.rollback()  # no transaction held while waiting; what was pending is written by the batch
+    context.start_reservations.submit(reservation)
+    if reservation.refusal is not None:
+        raise reservation.refusal
+    # Written: this session's again, as if loaded (what the database filled in loads on use); all
+    # first, as adding the environment adds its mounts (pending, were they still new).
+    written = [row for row in created if None not in inspect(row).mapper.primary_key_from_instance(row)]
+    for row in written:
+        make_transient_to_detached(row)
+    db.add_all(written)
 
 
-def _reserve(db: Session, context: AppContext, user: User, env: Environment) -> None:
+@dataclass(eq=False)
+class Reservation:
+    """A start to reserve (see :func:`write_reservations`)."""
+
+    user_id: str
+    environment_id: str
+    name: str
+    changes: dict[str, Any]  #: the environment's columns a start sets
+    new_rows: list[tuple[Table, dict[str, Any]]]  #: a new environment's rows to insert; empty: it exists
+    expires_at: dt.datetime  #: of its start slot
+    refusal: CmbclusterError | None = None
+
+
+def _column_values(row: Any) -> dict[str, Any]:
+    """The columns set on a new ORM object, by column key (the database's defaults fill the rest)."""
+    state = inspect(row)
+    return {prop.columns[0].key: state.dict[prop.key] for prop in state.mapper.column_attrs if prop.key in state.dict}
+
+
+def write_reservations(context: AppContext, batch: list[Reservation]) -> None:
+    """Reserve the starts of ``batch`` in one transaction, in order: each takes a slot unless its
+    environment is already starting, its user has ``max_environments_per_user`` active, or
+    ``max_concurrent_starts`` slots are taken (expired ones, of a crashed server's starts, freed
+    first); a refused one gets its ``refusal`` and writes nothing."""
     core = context.config.core
     now = utcnow()
-    with db.no_autoflush:  # a new environment is inserted at the flush below, once, already pending
-        advisory_lock(db, START_LOCK)
-        if env not in db.new:  # a new one has no slot; this one may, expired, from a crashed server
-            db.execute(_DELETE_EXPIRED_SLOT, {"environment_id": env.id, "now": now})
-    env.desired_state = "running"
-    env.status = "pending"
-    env.status_message = "waiting to start"
-    env.started_at = now
-    env.stopped_at = None
-    env.warned_at = None
-    env.url = None
-    env.last_activity_at = now
-    env.shutdown_at = _shutdown_at(context, user, now)
-    db.add(StartSlot(environment=env, expires_at=now + dt.timedelta(seconds=core.start_timeout_seconds)))
-    try:
-        db.flush()
-    except IntegrityError:  # the slot is taken: a start of the same environment reserved meanwhile
-        db.rollback()
-        raise Conflict(f"{env.name!r} is already starting") from None
-    active, slots = db.execute(_ACTIVE_AND_SLOTS, {"user_id": user.id, "environment_id": env.id}).one()
-    if active >= core.max_environments_per_user:
-        db.rollback()
-        raise Conflict(
-            f"you already have {active} running or starting environments (the limit is "
-            f"{core.max_environments_per_user}); stop one first"
-        )
-    if slots > core.max_concurrent_starts:  # full, unless with the slots of starts that never ended
-        delete_expired_slots(db, now)
+    ids = [r.environment_id for r in batch]
+    with context.sessions() as db, one_writer(db):
+        if db.get_bind().dialect.name == "sqlite":
+            db.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the counts read below stay true until the commit
+        else:
+            advisory_lock(db, START_LOCK)
+        existing = [r.environment_id for r in batch if not r.new_rows]
+        if existing:  # a new one has no slot; these may, expired, from a crashed server
+            db.execute(delete(StartSlot).where(StartSlot.environment_id.in_(existing), StartSlot.expires_at < now))
+        taken = set(db.execute(select(StartSlot.environment_id).where(StartSlot.environment_id.in_(ids))).scalars())
+        users = {r.user_id for r in batch}
+        others = _ACTIVE_BY_USER.where(Environment.user_id.in_(users), Environment.id.not_in(ids))
+        active: dict[str, int] = dict(db.execute(others).all())
         slots = db.execute(_SLOTS_TAKEN).scalar_one()
-    if slots > core.max_concurrent_starts:
-        oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
-        db.rollback()
-        wait = 5 if oldest is None else max(1, min(60, int(30 - (now - oldest).total_seconds())))
-        raise LimitExceeded(
-            f"{core.max_concurrent_starts} environments are starting on this server; try again shortly",
-            retry_after=wait,
-        )
-    db.commit()
+        rows: dict[Table, list[dict[str, Any]]] = {}
+        reserved = 0
+        swept, wait = False, None  # expired slots freed; the Retry-After of a full server
+        for r in batch:
+            if r.environment_id in taken:
+                r.refusal = Conflict(f"{r.name!r} is already starting")
+                continue
+            if active.get(r.user_id, 0) >= core.max_environments_per_user:
+                r.refusal = Conflict(
+                    f"you already have {active[r.user_id]} running or starting environments (the limit is "
+                    f"{core.max_environments_per_user}); stop one first"
+                )
+                continue
+            if (
+                slots >= core.max_concurrent_starts and not swept
+            ):  # full, unless with the slots of starts that never ended
+                delete_expired_slots(db, now)
+                slots = db.execute(_SLOTS_TAKEN).scalar_one() + reserved  # this batch's are not written yet
+                swept = True
+            if slots >= core.max_concurrent_starts:
+                if wait is None:
+                    oldest = db.execute(select(func.min(StartSlot.acquired_at))).scalar_one()
+                    wait = 5 if oldest is None else max(1, min(60, int(30 - (now - oldest).total_seconds())))
+                r.refusal = LimitExceeded(
+                    f"{core.max_concurrent_starts} environments are starting on this server; try again shortly",
+                    retry_after=wait,
+                )
+                continue
+            if not r.new_rows:
+                changed = db.execute(
+                    update_statement(Environment)
+                    .where(Environment.id == r.environment_id, Environment.status.in_(STARTABLE_STATUSES))
+                    .values(**r.changes)
+                )
+                if changed.rowcount == 0:  # type: ignore[attr-defined]  # a CursorResult
+                    status = db.execute(select(Environment.status).where(Environment.id == r.environment_id))
+                    found = status.scalar_one_or_none()
+                    r.refusal = (NotFound(f"environment {r.environment_id} not found") if found is None
+                                 else Conflict(f"{r.name!r} is already {found}"))  # fmt: skip
+                    continue
+            for table, values in r.new_rows:
+                rows.setdefault(table, []).append(values)
+            slot = {"environment_id": r.environment_id, "acquired_at": now, "expires_at": r.expires_at}
+            rows.setdefault(StartSlot.__table__, []).append(slot)  # type: ignore[arg-type]
+            taken.add(r.environment_id)
+            active[r.user_id] = active.get(r.user_id, 0) + 1
+            slots += 1
+            reserved += 1
+        for table in Environment.metadata.sorted_tables:  # parents before children
+            by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
+            for values in rows.get(table, []):  # one INSERT of many rows per set of columns
+                by_keys.setdefault(frozenset(values), []).append(values)
+            for same in by_keys.values():
+                db.execute(insert(table), same)
+        db.commit()
 
 
 #: The PostgreSQL advisory lock that serialises start reservations (new accounts take 4242002)
 START_LOCK = 4242001
 
 
-# Built once: a burst of starts runs these for every start (building a statement costs more than
+# Built once: a burst of starts runs these for every batch (building a statement costs more than
 # running it on SQLite).
-_ACTIVE_OTHERS = (
-    select(func.count())
-    .select_from(Environment)
-    .where(
-        Environment.user_id == bindparam("user_id"),
-        Environment.status.in_(ACTIVE_STATUSES),
-        Environment.id != bindparam("environment_id"),
-    )
+_ACTIVE_BY_USER = (
+    select(Environment.user_id, func.count())
+    .where(Environment.status.in_(ACTIVE_STATUSES))
+    .group_by(Environment.user_id)
 )
 _SLOTS_TAKEN = select(func.count()).select_from(StartSlot)
-# One query for both: each statement gives up the interpreter's lock, which a thread holding the
-# database's write lock may then wait for behind every busy thread.
-_ACTIVE_AND_SLOTS = select(_ACTIVE_OTHERS.scalar_subquery(), _SLOTS_TAKEN.scalar_subquery())
-_DELETE_EXPIRED_SLOT = delete(StartSlot).where(
-    StartSlot.environment_id == bindparam("environment_id"), StartSlot.expires_at < bindparam("now")
-)
 
 
 def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:
