@@ -214,6 +214,43 @@ def test_a_move_is_all_or_nothing_and_needs_no_room_where_no_versions_are_kept(
         assert keys(client, alice, storage_id) == ["old/a.fits", "old/b.fits", "old/c.fits"]
 
 
+def test_one_move_at_a_time_in_a_bucket(client: TestClient, alice: Headers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an outsider's trial: five moves of one folder at once each copied it (1,500 files
+    from 300), past the quota too. A move claims its bucket: another is refused while it runs, and
+    the folder ends up in one place."""
+    files = {f"race/f{i}": b"x" * 10 for i in range(20)}
+    storage_id = bucket(client, alice, "race", files)
+    move = f"{API}/{storage_id}/objects/move"
+    backend = client.app.state.context.storage  # type: ignore[attr-defined]
+    upload = backend.upload_object
+    copying, go_on = threading.Event(), threading.Event()
+
+    def held(bucket_name: str, key: str, chunks: Any, **kwargs: Any) -> Any:
+        copying.set()
+        assert go_on.wait(30)
+        return upload(bucket_name, key, chunks, **kwargs)
+
+    monkeypatch.setattr(backend, "upload_object", held)
+    answers: list[httpx.Response] = []
+    first = threading.Thread(target=lambda: answers.append(
+        client.post(move, json={"source": "race/", "destination": "one/"}, headers=alice)))  # fmt: skip
+    first.start()
+    try:
+        assert copying.wait(30)
+        second = client.post(move, json={"source": "race/", "destination": "two/"}, headers=alice)
+        assert second.status_code == 409, second.text
+        assert second.json()["message"] == "another move in bucket 'race' is under way: try again once it is done"
+    finally:
+        go_on.set()
+        first.join(30)
+    assert answers[0].status_code == 200 and answers[0].json() == {"moved": 20}, answers[0].text
+    assert keys(client, alice, storage_id) == sorted(f"one/f{i}" for i in range(20))
+    again = client.post(
+        move, json={"source": "race/", "destination": "two/"}, headers=alice
+    )  # the claim was given back
+    assert again.status_code == 404 and "empty or does not exist" in again.json()["message"]
+
+
 def test_previews_of_text_json_csv_images_and_other_files(client: TestClient, alice: Headers) -> None:
     long_text = "".join(f"line {n}\n" for n in range(20000))
     files = {

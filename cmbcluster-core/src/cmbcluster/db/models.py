@@ -167,6 +167,9 @@ class Storage(Base):
     #: the server instance running the delete while ``deleting``: another replica finishes it only
     #: once that instance is gone (None: recorded before owners were, treated as gone)
     delete_owner: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: the server instance running a move of objects in this bucket (None: none runs): one at a
+    #: time, as two moves of one folder would each copy it (:func:`cmbcluster.services.storages.move_objects`)
+    move_owner: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class UploadJournal(Base):

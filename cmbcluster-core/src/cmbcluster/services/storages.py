@@ -11,6 +11,7 @@ call that may take long (a bucket's creation or deletion, a transfer, a usage me
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -588,7 +589,6 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
     when something already exists at a destination. Returns how many objects moved."""
     storage = get_owned(db, user, storage_id)
     require_usable(storage, context.config.storage.name)
-    bucket = storage.bucket_name
     db.commit()
     folder = source.endswith("/")
     if folder != destination.endswith("/"):
@@ -598,42 +598,92 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
         validate_object_prefix(destination)
         if destination.startswith(source):
             raise InvalidRequest("a folder cannot be moved into itself")
+    else:
+        validate_object_key(source)
+    with _moving(db, context, storage):  # listed under the claim: a move before it may have moved them
+        pairs = _move_pairs(context, storage.bucket_name, source, destination)
+        if source == destination:
+            return 0
+        _copy_all(db, context, storage, pairs, _move_allowance(db, context, user, storage, pairs))
+        for start in range(0, len(pairs), DELETE_BATCH):
+            keys = [info.key for info, _ in pairs[start : start + DELETE_BATCH]]
+            context.storage.delete_objects(storage.bucket_name, keys)
+    audit(db, actor_id=user.id, action="storage.objects_moved", target_type="storage", target_id=storage_id,
+          display_name=storage.display_name, source=source, destination=destination, count=len(pairs))  # fmt: skip
+    invalidate_usage(db, context, storage_id)
+    return len(pairs)
+
+
+def _move_pairs(context: AppContext, bucket: str, source: str, destination: str) -> list[tuple[ObjectInfo, str]]:
+    """Each object a move takes (a file, or every file of a folder) with its new key, none of which
+    may exist yet."""
+    if source.endswith("/"):
         objects = folder_objects(context, bucket, [source])
         if not objects:
             raise NotFound(f"the folder {source!r} is empty or does not exist")
         if len(objects) > MAX_MOVE_OBJECTS:
-            raise Conflict(f"the folder holds more than {MAX_MOVE_OBJECTS} files: move its sub-folders one at a time")
+            raise Conflict(
+                f"the folder holds more than {MAX_MOVE_OBJECTS} files: move its sub-folders one at a time (or its "
+                "files one by one), or move it in an environment, where the bucket is a folder"
+            )
         pairs = [(info, destination + info.key[len(source) :]) for info in objects]
     else:
-        info = context.storage.head_object(bucket, validate_object_key(source))
-        pairs = [(info, validate_object_key(destination))]
-    if source == destination:
-        return 0
+        pairs = [(context.storage.head_object(bucket, source), destination)]
     for _, target in pairs:
         validate_new_object_key(target)
         try:
             context.storage.head_object(bucket, target)
         except NotFound:
             continue
-        raise AlreadyExists(f"{target!r} already exists: choose another name, or delete it first")
-    allowance = _move_allowance(db, context, user, storage, pairs)
-    copied: list[str] = []
+        if source != destination:
+            raise AlreadyExists(f"{target!r} already exists: choose another name, or delete it first")
+    return pairs
+
+
+@contextlib.contextmanager
+def _moving(db: Session, context: AppContext, storage: Storage) -> Iterator[None]:
+    """Run a move as the bucket's only one: a move copies and then deletes, so two moves of one folder
+    at once would each copy it (and pass the quotas the copies count in). Claimed in the database, for
+    every replica; a claim whose server is gone counts for nothing. Another move is refused (409) until
+    this one ends: no connection is held meanwhile."""
+    claimed = db.execute(
+        update(Storage)
+        .where(Storage.id == storage.id, instances.owned_by_gone(context, Storage.move_owner))
+        .values(move_owner=context.instance_id)
+    )
+    db.commit()
+    if claimed.rowcount == 0:  # type: ignore[attr-defined]  # a CursorResult
+        raise Conflict(f"another move in bucket {storage.display_name!r} is under way: try again once it is done")
+    try:
+        yield
+    finally:
+        try:
+            db.rollback()  # whatever failed, the claim is given back
+            mine = (Storage.id == storage.id) & (Storage.move_owner == context.instance_id)
+            db.execute(update(Storage).where(mine).values(move_owner=None))
+            db.commit()
+        except Exception:  # the database is gone: the claim ends with this server (the error to report is the move's)
+            log.exception("could not end the move claim on bucket %s", storage.bucket_name)
+
+
+def _copy_all(
+    db: Session, context: AppContext, storage: Storage, pairs: Sequence[tuple[ObjectInfo, str]],
+    allowance: Allowance | None,
+) -> None:  # fmt: skip
+    """Copy each object of ``pairs`` to its new key; all or nothing: when one fails, the copies made
+    before it are deleted (the originals are all still there) and its error raised."""
+    bucket, copied = storage.bucket_name, []
     try:
         for info, target in pairs:
             # As an upload: journalled (a crash mid-copy leaves nothing billed), and held against the
             # quotas its copies count in, so that uploads running meanwhile cannot pass them together.
-            write_object(context, storage.id, bucket, target, _lazy_object(context, bucket, info),
-                         content_type=info.content_type or None, allowance=allowance, declared=info.size)  # fmt: skip
+            chunks = _lazy_object(context, bucket, info)
+            write_object(context, storage.id, bucket, target, chunks, content_type=info.content_type or None,
+                         allowance=allowance, declared=info.size)  # fmt: skip
             copied.append(target)
     except BaseException:
-        _take_back(db, context, storage.id, bucket, copied)  # all or nothing: the originals are all still there
+        _take_back(db, context, storage.id, bucket, copied)
         raise
-    for start in range(0, len(pairs), DELETE_BATCH):
-        context.storage.delete_objects(bucket, [info.key for info, _ in pairs[start : start + DELETE_BATCH]])
-    audit(db, actor_id=user.id, action="storage.objects_moved", target_type="storage", target_id=storage_id,
-          display_name=storage.display_name, source=source, destination=destination, count=len(pairs))  # fmt: skip
-    invalidate_usage(db, context, storage_id)
-    return len(pairs)
 
 
 def _take_back(db: Session, context: AppContext, storage_id: str, bucket: str, copied: Sequence[str]) -> None:

@@ -349,7 +349,8 @@ def delete_objects(
     summary="Rename or move a file or a folder within the bucket (copied, then the original deleted)",
     description="Storage services have no rename: every object is copied through the control plane (streamed, "
     "in constant memory) and the originals deleted once every copy exists. 409 when something exists at a "
-    f"destination (nothing is done), or for a folder of more than {service.MAX_MOVE_OBJECTS} files. In a bucket "
+    f"destination (nothing is done), for a folder of more than {service.MAX_MOVE_OBJECTS} files, or while another "
+    "move in the bucket runs (one at a time: two moves of one folder would each copy it). In a bucket "
     "that keeps earlier versions the originals stay as such, counted against storage quotas: 507 when a quota has "
     "no room for them (nothing is done).",
     responses=error_responses(400, 409, 507),
