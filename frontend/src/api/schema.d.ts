@@ -873,7 +873,7 @@ export interface paths {
         put?: never;
         /**
          * Rename or move a file or a folder within the bucket (copied, then the original deleted)
-         * @description Storage services have no rename: every object is copied through the control plane (streamed, in constant memory) and the originals deleted once every copy exists. 409 when something exists at a destination (nothing is done), or for a folder of more than 1000 files.
+         * @description Storage services have no rename: every object is copied through the control plane (streamed, in constant memory) and the originals deleted once every copy exists. 409 when something exists at a destination (nothing is done), for a folder of more than 1000 files, or while another move in the bucket runs (one at a time: two moves of one folder would each copy it). In a bucket that keeps earlier versions the originals stay as such, counted against storage quotas: 507 when a quota has no room for them (nothing is done).
          */
         post: operations["move_objects_api_v1_storages__storage_id__objects_move_post"];
         delete?: never;
@@ -8549,6 +8549,15 @@ export interface operations {
             };
             /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Insufficient Storage */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };
