@@ -19,7 +19,7 @@ from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmbcluster.api.docs import customise_openapi
-from cmbcluster.errors import CmbclusterError, LimitExceeded
+from cmbcluster.errors import CmbclusterError, LimitExceeded, RequestTimeout
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ def error_response(exc: CmbclusterError) -> JSONResponse:
     headers = {}
     if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, RequestTimeout):  # the body stopped midway: what might follow on the connection is not a request
+        headers["Connection"] = "close"
     return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.http_status, headers=headers)
 
 
