@@ -498,6 +498,12 @@ def test_unsafe_object_keys_are_400(client: TestClient, alice: Headers, raw_key:
         ("a\u200eb", "U+200E (LEFT-TO-RIGHT MARK)"),
         ("a\u061cb", "U+061C (ARABIC LETTER MARK)"),
         ("c1\u0085x", "control characters"),  # NEXT LINE, a C1 control
+        ("\u200bzw.txt", "U+200B (ZERO WIDTH SPACE)"),  # found by an outsider: shown as "zw.txt"
+        ("bom\ufeff.txt", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+        ("soft\u00adhyphen.txt", "U+00AD (SOFT HYPHEN)"),
+        ("no\u00a0break.txt", "U+00A0 (NO-BREAK SPACE)"),  # shown as "no break.txt"
+        ("line\u2028sep.txt", "U+2028 (LINE SEPARATOR)"),
+        ("zw\u200c.txt", "U+200C (ZERO WIDTH NON-JOINER)"),  # beside Latin letters, invisible
         (".cmbcluster-tmp-upload", "reserved"),
         ("run1/.cmbcluster-tmp-1234/map.fits", "reserved"),
         ("report.pdf ", "ends with a space"),
@@ -525,6 +531,16 @@ def test_keys_that_would_pass_for_another_name_are_refused_on_writing(
     assert keys(client.get(f"{API}/{sid}/objects", headers=alice, params={"delimiter": "false"}).json()) == [
         "dir/a.txt", "source.txt"
     ]  # fmt: skip
+
+
+def test_names_spelled_with_joiners_are_kept(client: TestClient, alice: Headers) -> None:
+    """Persian and the Indic scripts spell words with the zero-width joiners, and emoji sequences join
+    with them: between such characters they are part of the name, not a disguise."""
+    sid = create(client, alice)["id"]
+    for key in ("\u0646\u06cc\u0645\u200c\u0641\u0627\u0635\u0644\u0647.txt",  # Persian "half space"
+                "\u0915\u094d\u200d\u0937.txt",  # Devanagari, a joiner after the virama
+                "team-\U0001f469\u200d\U0001f52c.png"):  # woman scientist  # fmt: skip
+        assert put(client, alice, sid, key, b"payload").status_code == 201, key
 
 
 def test_a_key_written_outside_the_api_can_still_be_read_renamed_and_deleted(

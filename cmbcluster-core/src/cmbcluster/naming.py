@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from cmbcluster.errors import InvalidRequest
-from cmbcluster.text import describe_character, first_control_or_bidi
+from cmbcluster.text import describe_character, first_control_or_bidi, first_hidden_in_name
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 #: A deployment's name (CMBCLUSTER_DEPLOYMENT_NAME): in every cloud name a plugin builds (IAM paths,
@@ -181,8 +181,9 @@ RESERVED_KEY_PREFIX = ".cmbcluster-tmp-"
 def validate_new_object_key(key: str) -> str:
     """A key a new object may be written at through the API (upload, move, rename): the rules of
     :func:`validate_object_key`, and no name that would be shown as another one in a listing: no
-    bidirectional control (``invoice\u202efdp.exe`` shows as ``invoiceexe.pdf``), no file or folder
-    name ending with whitespace or starting with :data:`RESERVED_KEY_PREFIX`.
+    bidirectional control (``invoice\u202efdp.exe`` shows as ``invoiceexe.pdf``), no character shown as
+    nothing or as a plain space (a zero-width space, a no-break space: :func:`first_hidden_in_name`), no
+    file or folder name ending with whitespace or starting with :data:`RESERVED_KEY_PREFIX`.
 
     Reading, moving away and deleting use :func:`validate_object_key` alone: a file an environment
     wrote into its mounted bucket under such a name stays reachable."""
@@ -194,6 +195,12 @@ def validate_new_object_key(key: str) -> str:
         raise InvalidRequest(
             f"object key must not contain {describe_character(bad)}: a bidirectional control changes how "
             "the name is shown, so it could pass for another file"
+        )
+    hidden = first_hidden_in_name(key)
+    if hidden is not None:
+        raise InvalidRequest(
+            f"object key must not contain {describe_character(hidden)}: it is shown as nothing or as a plain "
+            "space, so the name could pass for another file"
         )
     for part in key.split("/"):
         if part.startswith(RESERVED_KEY_PREFIX):

@@ -43,6 +43,29 @@ def first_control_or_bidi(text: str) -> str | None:
     return next((ch for ch in text if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS), None)
 
 
+#: The joiner controls (ZERO WIDTH NON-JOINER and JOINER): part of how words are spelled in Persian,
+#: Arabic and the Indic scripts, and of emoji sequences; invisible beside Latin letters.
+JOINERS = frozenset("\u200c\u200d")
+
+
+def first_hidden_in_name(text: str) -> str | None:
+    """The first character of a file name ``text`` that is shown as nothing or as a plain space, or
+    None: what :func:`first_unprintable` finds (zero-width spaces, a byte order mark, a soft hyphen, a
+    no-break space, line separators), except a joiner between two letters, marks or symbols that are
+    not ASCII (``نیم‌فاصله``, an emoji sequence), where it belongs to the spelling."""
+    for i, ch in enumerate(text):
+        if ch.isprintable() and ch not in INVISIBLE_LETTERS:
+            continue
+        if (
+            ch in JOINERS
+            and 0 < i < len(text) - 1
+            and all(not n.isascii() and unicodedata.category(n)[0] in "LMS" for n in (text[i - 1], text[i + 1]))
+        ):
+            continue
+        return ch
+    return None
+
+
 def describe_character(ch: str) -> str:
     """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character for an error message, never the character
     itself (which would reorder or break the message)."""
