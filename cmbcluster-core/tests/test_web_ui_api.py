@@ -214,6 +214,27 @@ def test_a_move_is_all_or_nothing_and_needs_no_room_where_no_versions_are_kept(
         assert keys(client, alice, storage_id) == ["old/a.fits", "old/b.fits", "old/c.fits"]
 
 
+def test_mistakes_in_naming_folders_are_answered_with_the_fix(client: TestClient, alice: Headers) -> None:
+    """Found by an outsider's trial: a folder named without its final '/' was "not found", a folder
+    in a delete's keys was "must not end with '/'", and a mount path with '..' "must be absolute"."""
+    storage_id = bucket(client, alice, "named", {"maps/sub/a.fits": b"a"})
+    move = client.post(f"{API}/{storage_id}/objects/move", json={"source": "maps/sub", "destination": "old"},
+                       headers=alice)  # fmt: skip
+    assert move.status_code == 404
+    assert (
+        move.json()["message"] == "'maps/sub' is a folder: to move it, end both names with '/' ('maps/sub/' to 'old/')"
+    )
+    gone = client.post(f"{API}/{storage_id}/objects/delete", json={"keys": ["maps/"]}, headers=alice)
+    assert gone.status_code == 400
+    assert gone.json()["message"] == "'maps/' names a folder: folders to delete go in 'prefixes', files in 'keys'"
+    assert keys(client, alice, storage_id) == ["maps/sub/a.fits"]
+    mounted = client.post("/api/v1/environments", headers=alice, json={
+        "application": "files", "start": False, "mounts": [{"storage_id": storage_id, "mount_path": "/../../etc"}],
+    })  # fmt: skip
+    assert mounted.status_code == 400
+    assert mounted.json()["message"] == "mount path '/../../etc' must name its folders: no '.', '..' or empty ones"
+
+
 def test_one_move_at_a_time_in_a_bucket(client: TestClient, alice: Headers, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by an outsider's trial: five moves of one folder at once each copied it (1,500 files
     from 300), past the quota too. A move claims its bucket: another is refused while it runs, and

@@ -196,8 +196,10 @@ def _validate_mount_path(mount_path: str) -> str:
     longer than a file name's would fail the start) and it reads as itself where it is shown (the
     environment's page, its home folder): no control or bidirectional character, as new object keys."""
     path = mount_path.rstrip("/") or "/"
-    if path == "/" or not path.startswith("/") or any(p in {"", ".", ".."} for p in path.split("/")[1:]):
+    if path == "/" or not path.startswith("/"):
         raise InvalidRequest(f"mount path {mount_path!r} must be an absolute folder other than /")
+    if any(p in {"", ".", ".."} for p in path.split("/")[1:]):
+        raise InvalidRequest(f"mount path {mount_path!r} must name its folders: no '.', '..' or empty ones")
     if len(path) > 400:
         raise InvalidRequest("mount paths are at most 400 characters")
     bad = first_control_or_bidi(path)

@@ -481,6 +481,9 @@ def delete_objects(
     validated first, all or none of a batch is attempted. Returns how many."""
     storage = get_owned(db, user, storage_id)
     require_usable(storage, context.config.storage.name)
+    for key in keys:
+        if key.endswith("/") and key.strip("/"):
+            raise InvalidRequest(f"{key!r} names a folder: folders to delete go in 'prefixes', files in 'keys'")
     unique = list(dict.fromkeys(validate_object_key(key) for key in keys))
     bucket = storage.bucket_name
     db.commit()  # no transaction held open across the backend call
@@ -628,7 +631,13 @@ def _move_pairs(context: AppContext, bucket: str, source: str, destination: str)
             )
         pairs = [(info, destination + info.key[len(source) :]) for info in objects]
     else:
-        pairs = [(context.storage.head_object(bucket, source), destination)]
+        try:
+            pairs = [(context.storage.head_object(bucket, source), destination)]
+        except NotFound:
+            if context.storage.list_objects(bucket, source + "/", delimiter=None, page_token=None, page_size=1).objects:
+                raise NotFound(f"{source!r} is a folder: to move it, end both names with '/' "
+                               f"({source + '/'!r} to {destination + '/'!r})") from None  # fmt: skip
+            raise
     for _, target in pairs:
         validate_new_object_key(target)
         try:
