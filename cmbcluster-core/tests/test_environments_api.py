@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -13,12 +14,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 from waiting import wait_until_no_connection_is_out
 
@@ -785,15 +787,49 @@ def test_a_start_taken_back_whose_record_is_deleted_meanwhile_leaves_nothing(
     assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
 
 
+def decided_in_one_batch(
+    context: AppContext, calls: list[Callable[[], str]], meanwhile: Callable[[], None] = lambda: None
+) -> tuple[list[str], list[int]]:
+    """Run ``calls`` (each reserving one start) at once, the first holding the start writer until
+    every other is queued (and ``meanwhile`` has run): the others are then written in one batch.
+    Returns each call's result, in order, and the size of each batch written."""
+    from cmbcluster.db.engine import GroupCommit
+
+    holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
+    batches: list[int] = []
+
+    def write(batch: list[environments.Reservation]) -> None:
+        batches.append(len(batch))
+        if len(batches) == 1:
+            holding.set()
+            assert release.wait(30)
+        environments.write_reservations(context, batch)
+
+    class Counted(GroupCommit[environments.Reservation]):
+        def submit(self, item: environments.Reservation) -> None:
+            queued.release()
+            super().submit(item)
+
+    context.__dict__["start_reservations"] = Counted(write)
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        first = pool.submit(calls[0])
+        assert holding.wait(30)
+        rest = [pool.submit(call) for call in calls[1:]]
+        for _ in calls:
+            assert queued.acquire(timeout=30)
+        time.sleep(0.2)  # each is in the queue once it counted itself
+        meanwhile()
+        release.set()
+        return [first.result(30)] + [future.result(30) for future in rest], batches
+
+
 def test_starts_reserved_together_keep_every_limit_and_leave_nothing_of_the_refused(
     settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Concurrent starts are reserved several in one transaction (a group commit). Here the first
-    holds the writer while 13 more queue, so they are decided together, in one batch: the server's
-    6 slots, 3 active environments a user, one start of an environment at a time; a refused create
-    leaves no environment and no audit event. (Handing the start to the backend is not what is
-    tested: it is skipped.)"""
-    from cmbcluster.db.engine import GroupCommit
+    """Concurrent starts are reserved several in one transaction (a group commit). Here 13 are
+    decided together, in one batch: the server's 6 slots, 3 active environments a user, one start of
+    an environment at a time; a refused create leaves no environment and no audit event. (Handing
+    the start to the backend is not what is tested: it is skipped.)"""
     from cmbcluster.db.models import AuditEvent
     from cmbcluster.errors import LimitExceeded
 
@@ -805,25 +841,8 @@ def test_starts_reserved_together_keep_every_limit_and_leave_nothing_of_the_refu
         for name in names:
             dev_sign_in(client, f"{name}@example.org")
         dave_env = create_env(client, dev_sign_in(client, "dave@example.org"), start=False)["id"]
-        holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
-        batches: list[int] = []
 
-        def write(batch: list[environments.Reservation]) -> None:
-            batches.append(len(batch))
-            if len(batches) == 1:
-                holding.set()
-                assert release.wait(30)
-            environments.write_reservations(context, batch)
-
-        class Counted(GroupCommit[environments.Reservation]):
-            def submit(self, item: environments.Reservation) -> None:
-                queued.release()
-                super().submit(item)
-
-        context.__dict__["start_reservations"] = Counted(write)
-
-        def start(job: tuple[str, int]) -> str:
-            name, _ = job
+        def start(name: str) -> str:
             with context.sessions() as db:
                 user = db.execute(select(User).where(User.email == f"{name}@example.org")).scalar_one()
                 try:
@@ -840,16 +859,8 @@ def test_starts_reserved_together_keep_every_limit_and_leave_nothing_of_the_refu
                     return "already starting" if "already starting" in exc.message else "user limit"
             return "started"
 
-        jobs = [(name, i) for name in names[:3] for i in range(4)] + [("dave", 0), ("dave", 1)]
-        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            first = pool.submit(start, jobs[0])
-            assert holding.wait(30)
-            rest = [pool.submit(start, job) for job in jobs[1:]]
-            for _ in jobs:
-                assert queued.acquire(timeout=30)
-            time.sleep(0.2)  # each is in the queue once it counted itself
-            release.set()
-            outcomes = [first.result(30)] + [future.result(30) for future in rest]
+        jobs = [name for name in names[:3] for _ in range(4)] + ["dave", "dave"]
+        outcomes, batches = decided_in_one_batch(context, [functools.partial(start, name) for name in jobs])
         assert batches == [1, 13]
         assert outcomes.count("started") == 6, outcomes
         with context.sessions() as db:
@@ -867,6 +878,42 @@ def test_starts_reserved_together_keep_every_limit_and_leave_nothing_of_the_refu
         assert dave.count("started") <= 1 and "user limit" not in dave
         assert made == 1 + outcomes.count("started") - dave.count("started")  # dave's, and the created ones
         assert audited == made
+
+
+def test_a_start_the_database_refuses_fails_alone_in_its_batch(
+    settings: CoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One create of a batch mounts a bucket deleted while it waited: the database refuses its rows
+    (a foreign key), and that create alone fails (409: reload); the others of the batch start."""
+    from cmbcluster.db.models import Storage
+
+    app = create_app(settings.model_copy(update={"max_environments_per_user": 10}))
+    monkeypatch.setattr(environments, "launch", lambda db, context, env, **_: None)
+    with serving(app) as client:
+        context: AppContext = app.state.context
+        alice = dev_sign_in(client, "alice@example.org")
+        doomed = make_bucket(client, alice)
+
+        def create(mounts: bool) -> str:
+            with context.sessions() as db:
+                user = db.execute(select(User).where(User.email == "alice@example.org")).scalar_one()
+                chosen = [environments.MountChoice(doomed, "/data")] if mounts else []
+                request = environments.EnvironmentRequest("files", mounts=chosen)
+                try:
+                    environments.create(db, context, user, request, start=True)
+                except IntegrityError:
+                    return "refused"
+            return "started"
+
+        def delete_the_bucket_row() -> None:
+            with context.sessions() as db:
+                db.execute(delete(Storage).where(Storage.id == doomed))
+                db.commit()
+
+        calls = [functools.partial(create, i == 2) for i in range(5)]
+        outcomes, batches = decided_in_one_batch(context, calls, delete_the_bucket_row)
+    assert batches[:2] == [1, 4]
+    assert outcomes == ["started", "started", "refused", "started", "started"]
 
 
 def test_two_starts_of_one_environment_at_once_are_one_start_and_a_409(

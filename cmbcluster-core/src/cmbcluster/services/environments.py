@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select
 from sqlalchemy import update as update_statement  # this module's update() changes an environment
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -279,7 +280,7 @@ class Reservation:
     changes: dict[str, Any]  #: the environment's columns a start sets
     new_rows: list[tuple[Table, dict[str, Any]]]  #: a new environment's rows to insert; empty: it exists
     expires_at: dt.datetime  #: of its start slot
-    refusal: CmbclusterError | None = None
+    refusal: Exception | None = None  #: why it was not reserved (a limit, or the database's refusal)
 
 
 def _column_values(row: Any) -> dict[str, Any]:
@@ -292,7 +293,23 @@ def write_reservations(context: AppContext, batch: list[Reservation]) -> None:
     """Reserve the starts of ``batch`` in one transaction, in order: each takes a slot unless its
     environment is already starting, its user has ``max_environments_per_user`` active, or
     ``max_concurrent_starts`` slots are taken (expired ones, of a crashed server's starts, freed
-    first); a refused one gets its ``refusal`` and writes nothing."""
+    first); a refused one gets its ``refusal`` and writes nothing. When the database refuses the
+    batch's rows (a bucket to mount deleted meanwhile), each start is written alone, so that only
+    its own fails."""
+    try:
+        _write_reservations(context, batch)
+    except IntegrityError:
+        if len(batch) == 1:
+            raise
+        for reservation in batch:
+            reservation.refusal = None
+            try:
+                _write_reservations(context, [reservation])
+            except IntegrityError as exc:
+                reservation.refusal = exc
+
+
+def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
     core = context.config.core
     now = utcnow()
     ids = [r.environment_id for r in batch]
