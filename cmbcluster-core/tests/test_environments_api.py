@@ -910,7 +910,7 @@ def test_a_start_the_database_refuses_fails_alone_in_its_batch(
                 db.execute(delete(Storage).where(Storage.id == doomed))
                 db.commit()
 
-        calls = [functools.partial(create, i == 2) for i in range(5)]
+        calls: list[Callable[[], str]] = [functools.partial(create, i == 2) for i in range(5)]
         outcomes, batches = decided_in_one_batch(context, calls, delete_the_bucket_row)
     assert batches[:2] == [1, 4]
     assert outcomes == ["started", "started", "refused", "started", "started"]
