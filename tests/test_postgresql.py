@@ -62,6 +62,19 @@ def test_migrations_build_the_models_schema_on_postgresql(database: str) -> None
     engine.dispose()
 
 
+def test_replicas_starting_together_on_an_empty_database_both_start(database: str) -> None:
+    """Found by a fresh-clone run: two replicas creating the schema of an empty database at once, and
+    one failed to start (duplicate key in pg_type). They take turns; the second finds it made."""
+    engines = [create_db_engine(database) for _ in range(4)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(upgrade, engines))  # raises what any of them raised
+        assert {current_revision(engine) for engine in engines} == {SCHEMA_HEAD}
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_uploads_of_the_previous_version_survive_the_heartbeat_migration(
     kind: str,

@@ -102,20 +102,20 @@ class GroupCommit(Generic[T]):
     """Writes that would run one after the other, written several at a time (a group commit).
 
     Each caller hands in its item and waits; one caller at a time, the leader, writes every item
-    handed in so far with ``write(items)``, in one transaction, while the next ones queue up. A
-    burst of 200 starts made 200 transactions, each holding the database's one writer (SQLite) or
-    the start lock (PostgreSQL) for a few statements, and under load each waited its turn several
-    milliseconds longer than its own work (threads taking turns at the interpreter's lock between
-    statements): one after the other, they took most of the burst. ``write`` decides every item's
-    outcome itself; if it raises, each item of its batch gets that exception."""
+    handed in so far with ``write(items)`` (every caller passes the same function), in one
+    transaction, while the next ones queue up. A burst of 200 starts made 200 transactions, each
+    holding the database's one writer (SQLite) or the start lock (PostgreSQL) for a few statements,
+    and under load each waited its turn several milliseconds longer than its own work (threads
+    taking turns at the interpreter's lock between statements): one after the other, they took most
+    of the burst. ``write`` decides every item's outcome itself; if it raises, each item of its
+    batch gets that exception."""
 
-    def __init__(self, write: Callable[[list[T]], None]) -> None:
-        self._write = write
+    def __init__(self) -> None:
         self._queue: list[tuple[T, list[BaseException]]] = []
         self._queue_lock = threading.Lock()
         self._leader = threading.Lock()
 
-    def submit(self, item: T) -> None:
+    def submit(self, item: T, write: Callable[[list[T]], None]) -> None:
         """Write ``item`` with whatever else is queued (blocking); raise what its write raised."""
         failure: list[BaseException] = []
         with self._queue_lock:
@@ -127,7 +127,7 @@ class GroupCommit(Generic[T]):
                 batch, self._queue = self._queue, []
             if batch:
                 try:
-                    self._write([queued for queued, _ in batch])
+                    write([queued for queued, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - each waiting caller raises it
                     for _, failed in batch:
                         failed.append(exc)
@@ -163,13 +163,43 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+#: The PostgreSQL advisory lock schema changes are made under (starts take 4242001, new accounts 4242002)
+SCHEMA_LOCK = 4242000
+
+
 def upgrade(engine: Engine, revision: str = "head", *, secret_key: bytes | None = None) -> None:
     """Apply migrations up to ``revision`` (nothing to do, and no Alembic import, when current).
 
     An empty database gets the current schema in one step and is stamped with its revision,
     as Alembic's cookbook recommends; a test keeps the models and the migrations identical.
     ``secret_key`` is the control plane's key: migrations that encrypt stored values need it.
+    On PostgreSQL, replicas starting together take turns (an advisory lock): two creating the schema
+    of an empty database at once made one fail to start ("duplicate key ... pg_type").
     """
+    if revision == "head" and current_revision(engine) == SCHEMA_HEAD:
+        return  # the usual start: nothing to lock
+    with _schema_lock(engine):
+        _upgrade(engine, revision, secret_key=secret_key)
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """Hold PostgreSQL's advisory lock :data:`SCHEMA_LOCK` on a connection of its own (SQLite: one
+    server per database file, which holds its serving lock)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:lock_id)"), {"lock_id": SCHEMA_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:lock_id)"), {"lock_id": SCHEMA_LOCK})
+            connection.commit()
+
+
+def _upgrade(engine: Engine, revision: str, *, secret_key: bytes | None) -> None:
     if revision == "head":
         current = current_revision(engine)
         if current == SCHEMA_HEAD:
