@@ -797,20 +797,21 @@ def decided_in_one_batch(
 
     holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
     batches: list[int] = []
+    Write = Callable[[list[environments.Reservation]], None]
 
-    def write(batch: list[environments.Reservation]) -> None:
+    def held(write: Write, batch: list[environments.Reservation]) -> None:
         batches.append(len(batch))
         if len(batches) == 1:
             holding.set()
             assert release.wait(30)
-        environments.write_reservations(context, batch)
+        write(batch)
 
     class Counted(GroupCommit[environments.Reservation]):
-        def submit(self, item: environments.Reservation) -> None:
+        def submit(self, item: environments.Reservation, write: Write) -> None:
             queued.release()
-            super().submit(item)
+            super().submit(item, functools.partial(held, write))
 
-    context.__dict__["start_reservations"] = Counted(write)
+    context.__dict__["start_reservations"] = Counted()
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         first = pool.submit(calls[0])
         assert holding.wait(30)

@@ -26,7 +26,6 @@ from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 if TYPE_CHECKING:
     from cmbcluster.db.engine import GroupCommit
     from cmbcluster.pricing import PriceTable
-    from cmbcluster.services.environments import Reservation
     from cmbcluster.services.progress import ProgressHub
     from cmbcluster.services.revocation import RevocationWatch
     from cmbcluster.services.usage import StorageRuntime
@@ -82,12 +81,11 @@ class AppContext:
         return hub
 
     @functools.cached_property
-    def start_reservations(self) -> GroupCommit[Reservation]:
+    def start_reservations(self) -> GroupCommit[Any]:
         """Writes the reservations of concurrent starts together (services/environments.py)."""
         from cmbcluster.db.engine import GroupCommit
-        from cmbcluster.services.environments import write_reservations
 
-        return GroupCommit(functools.partial(write_reservations, self))
+        return GroupCommit()
 
     @functools.cached_property
     def revocations(self) -> RevocationWatch:

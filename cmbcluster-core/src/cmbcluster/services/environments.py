@@ -9,6 +9,7 @@ Limits and the server-wide start slots live in the database, so they hold across
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
@@ -259,7 +260,7 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
         expires_at=now + dt.timedelta(seconds=context.config.core.start_timeout_seconds),
     )  # fmt: skip
     db.rollback()  # no transaction held while waiting; what was pending is written by the batch
-    context.start_reservations.submit(reservation)
+    context.start_reservations.submit(reservation, functools.partial(write_reservations, context))
     if reservation.refusal is not None:
         raise reservation.refusal
     # Written: this session's again, as if loaded (what the database filled in loads on use); all
