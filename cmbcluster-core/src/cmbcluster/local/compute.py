@@ -265,6 +265,12 @@ class LocalProcessCompute(ComputeBackend):
                     message="interrupted while starting; start it again",
                 )
             )  # fmt: skip
+        # Recorded since the state files were read: its process may not show its environment in /proc
+        # yet (the kernel sets it up after the exec that Popen waits for), but its record is there.
+        listed = {status.environment_id for status in statuses}
+        for path in sorted(self.state_dir.glob("*.json")):
+            if path.stem not in listed and (state := self._read_state(path.stem)) is not None:
+                statuses.append(self._status_from(state))
         return statuses
 
     def _terminate_unrecorded(self, environment_id: str) -> None:
