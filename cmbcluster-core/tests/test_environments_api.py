@@ -795,7 +795,7 @@ def decided_in_one_batch(
     Returns each call's result, in order, and the size of each batch written."""
     from cmbcluster.db.engine import GroupCommit
 
-    holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
+    holding, release = threading.Event(), threading.Event()
     batches: list[int] = []
     Write = Callable[[list[environments.Reservation]], None]
 
@@ -806,19 +806,19 @@ def decided_in_one_batch(
             assert release.wait(30)
         write(batch)
 
-    class Counted(GroupCommit[environments.Reservation]):
+    class Held(GroupCommit[environments.Reservation]):
         def submit(self, item: environments.Reservation, write: Write) -> None:
-            queued.release()
             super().submit(item, functools.partial(held, write))
 
-    context.__dict__["start_reservations"] = Counted()
+    group = context.__dict__["start_reservations"] = Held()
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         first = pool.submit(calls[0])
         assert holding.wait(30)
         rest = [pool.submit(call) for call in calls[1:]]
-        for _ in calls:
-            assert queued.acquire(timeout=30)
-        time.sleep(0.2)  # each is in the queue once it counted itself
+        deadline = time.monotonic() + 30
+        while group.queued < len(rest) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert group.queued == len(rest)
         meanwhile()
         release.set()
         return [first.result(30)] + [future.result(30) for future in rest], batches

@@ -443,7 +443,7 @@ def test_a_client_that_stalls_holds_its_connection_no_longer_than_the_timeout(
     assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower(), answer[:300]
     error = json.loads(body)
     assert error == {"error": "request_timeout", "message": "no byte of the request's body arrived for 2 seconds"}
-    assert waited < 3  # closed with the answer, not by keep-alive's 5 s after it
+    assert waited < 5  # closed with the answer, not by keep-alive's 5 s after it (at 7 s)
     assert httpx.get(f"{server.url}/api/v1/environments", headers=headers).json()["items"] == []
 
     with connect() as slow:  # slow but steady, over twice the timeout in all: taken

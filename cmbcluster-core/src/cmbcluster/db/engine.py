@@ -115,6 +115,12 @@ class GroupCommit(Generic[T]):
         self._queue_lock = threading.Lock()
         self._leader = threading.Lock()
 
+    @property
+    def queued(self) -> int:
+        """How many items wait for a leader to write them."""
+        with self._queue_lock:
+            return len(self._queue)
+
     def submit(self, item: T, write: Callable[[list[T]], None]) -> None:
         """Write ``item`` with whatever else is queued (blocking); raise what its write raised."""
         failure: list[BaseException] = []
