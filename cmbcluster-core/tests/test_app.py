@@ -254,3 +254,29 @@ def test_every_api_route_ends_its_database_transaction_in_its_worker(app: FastAP
     api_routes = [route for route in routes if isinstance(route, APIRoute)]
     assert len(api_routes) > 50
     assert [route.path for route in api_routes if not isinstance(route, SessionReleasingRoute)] == []
+
+
+def test_every_refusal_has_a_code_of_its_own() -> None:
+    """Found by an outsider's trial: a start refused by a budget answered 403 with the error code
+    "internal_error", which a client reads as a server fault. Every error that answers a 4xx names
+    what it is."""
+    import importlib
+    import pkgutil
+
+    import cmbcluster
+    from cmbcluster.errors import CmbclusterError
+
+    for module in pkgutil.walk_packages(cmbcluster.__path__, "cmbcluster."):
+        if ".plugin_template" not in module.name and ".migrations" not in module.name:
+            try:
+                importlib.import_module(module.name)
+            except ModuleNotFoundError:  # an example of an optional program (streamlit)
+                continue
+    errors, found = [CmbclusterError], []
+    while errors:
+        error = errors.pop()
+        errors.extend(error.__subclasses__())
+        found.append(error)
+    assert len(found) > 15  # the modules were read
+    internal = [e.__qualname__ for e in found if e.http_status < 500 and e.code == "internal_error"]
+    assert internal == []

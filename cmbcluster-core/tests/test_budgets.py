@@ -139,7 +139,9 @@ def test_a_budget_warns_at_80_refuses_at_100_and_a_hard_one_stops(
     refused = client.post(
         "/api/v1/environments", headers=alice, json={"application": "files", "preset": "light", "start": True}
     )
-    assert refused.status_code == 403, refused.text
+    assert refused.status_code == 403 and refused.json()["error"] == "budget_exceeded", (
+        refused.text
+    )  # was internal_error
     assert "your monthly budget of" in refused.json()["message"] and "core-hours" in refused.json()["message"]
     Reconciler(context).reconcile()
     Reconciler(context).reconcile()  # twice: each crossing is audited and sent once

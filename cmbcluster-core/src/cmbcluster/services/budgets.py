@@ -61,6 +61,7 @@ class BudgetExceeded(CmbclusterError):
     or an admin raises the budget)."""
 
     http_status = 403
+    code = "budget_exceeded"
 
 
 @dataclass
