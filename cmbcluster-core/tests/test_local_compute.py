@@ -419,6 +419,16 @@ def test_plaintext_secret_copies_live_only_while_the_environment_runs(
     wait_for(compute, failing.environment_id, EnvironmentPhase.FAILED)
     assert not (secrets / f"{failing.environment_id}.secrets").exists()
 
+    # a start the kernel refuses (variables within their limits, together past Linux's ~2 MiB: found
+    # by an outsider's trial) says why, and leaves no copy behind
+    too_big = dataclasses.replace(
+        spec_for(tmp_path, secret_files={"token.txt": b"s3cr3t"}),
+        env={f"V{i}": "x" * 32768 for i in range(90)},
+    )
+    with pytest.raises(InvalidRequest, match="the environment's variables are too large to start a program"):
+        compute.start(too_big)
+    assert not (secrets / f"{too_big.environment_id}.secrets").exists()
+
     # what a control plane killed before it noticed leaves behind is swept when the next one starts
     leftover = secrets / f"{uuid.uuid4().hex}.secrets"
     leftover.mkdir()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -148,6 +149,14 @@ class LocalProcessCompute(ComputeBackend):
                         stdin=subprocess.DEVNULL, start_new_session=True,
                     )  # fmt: skip
                 except OSError as exc:
+                    self._remove_secrets(env_id)  # written for it above: no plaintext copy outlives a failed start
+                    if exc.errno == errno.E2BIG:
+                        size = sum(len(k) + len(v) + 2 for k, v in env.items())
+                        raise InvalidRequest(
+                            f"the environment's variables are too large to start a program ({size // 1024} KiB; "
+                            "Linux allows about 2 MiB with the command): remove or shorten variables in "
+                            "Settings or in the environment"
+                        ) from None
                     shown = shlex.join(command).replace(values.token, REDACTED) if values.token else shlex.join(command)
                     raise InvalidRequest(f"cannot start {shown}: {exc.strerror}") from None
             self._children[env_id] = process
