@@ -230,6 +230,17 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
         assert answer.status_code == 422 and "finite number" in answer.json()["message"], answer.text
     answer = client.put("/api/v1/admin/groups/g", headers=admin, json={"members": ["ghost@example.org"]})
     assert answer.status_code == 404 and "ghost@example.org" in answer.json()["message"]
+    # found by an outsider's trial: one member named two ways was a 409 "reload", and "Physics" beside
+    # "physics" made two groups that read as one
+    twice = client.put("/api/v1/admin/groups/physics", headers=admin,
+                       json={"members": ["alice@example.org", "ALICE@example.org"]})  # fmt: skip
+    assert twice.status_code == 200 and len(twice.json()["members"]) == 1, twice.text
+    other_case = client.put("/api/v1/admin/groups/PHYSICS", headers=admin, json={"members": []})
+    assert other_case.status_code == 409, other_case.text
+    assert (
+        other_case.json()["message"]
+        == "a group 'physics' exists: a new group's name must differ from it in more than case"
+    )
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404
 
 

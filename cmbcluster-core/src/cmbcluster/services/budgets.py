@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cmbcluster.db.models import Budget, BudgetEvent, Group, GroupMember, User, utcnow
-from cmbcluster.errors import CmbclusterError, InvalidRequest, NotFound
+from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, NotFound
 from cmbcluster.pricing import PriceTable
 from cmbcluster.services import accounting
 from cmbcluster.services.audit import audit
@@ -354,11 +354,13 @@ def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str
     """Create or replace a group's members (users given by id or e-mail). A new group's name is
     checked (:func:`check_group_name`); an existing group keeps its name, whatever it is."""
     name = name.strip()
-    ids = []
-    for member in dict.fromkeys(members):
-        ids.append(resolve_target(db, "user", member)[0])
+    # one member named two ways (by e-mail in another case, by id) is one member
+    ids = list(dict.fromkeys(resolve_target(db, "user", member)[0] for member in members))
     group = db.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
     if group is None:
+        same = db.execute(select(Group.name).where(func.lower(Group.name) == name.lower())).scalars().first()
+        if same is not None:  # "Physics" beside "physics" would read as one group in every listing
+            raise Conflict(f"a group {same!r} exists: a new group's name must differ from it in more than case")
         group = Group(name=check_group_name(name))
         db.add(group)
         db.flush()
