@@ -97,7 +97,8 @@ def test_longest_env_var_name_is_accepted(client: TestClient, alice: dict[str, s
 @pytest.mark.parametrize(
     "name",
     ["PATH", "HOME", "USER", "SHELL", "PWD", "HOSTNAME", "PORT", "HOST", "LD_PRELOAD", "LD_LIBRARY_PATH",
-     "PYTHONPATH", "path", "CMBCLUSTER_SECRETS_DIR", "KUBERNETES_SERVICE_HOST"],
+     "PYTHONPATH", "path", "CMBCLUSTER_SECRETS_DIR", "KUBERNETES_SERVICE_HOST", "BASH_ENV", "ENV", "PYTHONHOME",
+     "LD_AUDIT"],
 )  # fmt: skip
 def test_reserved_env_var_names_are_refused_with_a_reason(client: TestClient, alice: dict[str, str], name: str) -> None:
     answer = client.put(f"{SETTINGS}/env-vars/{name}", json={"value": "x"}, headers=alice)

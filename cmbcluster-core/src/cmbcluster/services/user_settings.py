@@ -58,7 +58,11 @@ RESERVED_ENV_VAR_NAMES: dict[str, str] = {
     "HOSTNAME": _SET_BY_ENVIRONMENT,
     "LD_PRELOAD": _CHANGES_CODE,
     "LD_LIBRARY_PATH": _CHANGES_CODE,
+    "LD_AUDIT": _CHANGES_CODE,
     "PYTHONPATH": _CHANGES_CODE,
+    "PYTHONHOME": _CHANGES_CODE,
+    "BASH_ENV": _CHANGES_CODE,  # a script every non-interactive bash runs first
+    "ENV": _CHANGES_CODE,  # the same for sh
 }
 _CLOUD_CREDENTIALS = (
     "cloud credentials come from your environment's per-user cloud identity, never from variables you type"
