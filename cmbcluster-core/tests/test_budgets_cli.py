@@ -84,6 +84,7 @@ def test_budgets_are_set_listed_and_deleted(run: Invoke, client: TestClient, adm
         (("budgets", "set", "user", "alice@example.org", "5e-324"), "amount must be at least 0.01, not 5e-324"),
         (("budgets", "set", "user", "alice@example.org", "nan"), "amount must be a finite number, not nan"),
         (("budgets", "set", "user", "alice@example.org", "inf"), "amount must be a finite number, not inf"),
+        (("budgets", "set", "user", "alice@example.org", "1e13"), "amount must be at most 1e+12"),  # as the API
         (
             ("budgets", "set", "user", "alice@example.org", "5", "--unit", "euros"),
             "unit is one of currency, core_hours",

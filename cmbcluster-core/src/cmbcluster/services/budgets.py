@@ -44,6 +44,8 @@ LEVELS = (80, 100)
 #: The smallest budget, and its precision: a cent, or a hundredth of a core-hour. Smaller amounts
 #: (5e-324 was accepted once) only made messages such as "1.2e+299 % used".
 MIN_AMOUNT = 0.01
+#: The largest budget, in the API and the CLI alike (a trillion: no deployment spends that much)
+MAX_AMOUNT = 1e12
 AMOUNT_DECIMALS = 2
 #: Percentages are reported up to this (shown as ">999 %"): far past 100 % the figure says nothing
 #: more, and a budget an earlier version accepted (5e-324) must not make it infinite.
@@ -303,6 +305,8 @@ def set_budget(
         raise InvalidRequest(f"a budget's amount must be a finite number, not {amount}")
     if not amount >= MIN_AMOUNT:
         raise InvalidRequest(f"a budget's amount must be at least {MIN_AMOUNT}, not {amount!r}")
+    if amount > MAX_AMOUNT:
+        raise InvalidRequest(f"a budget's amount must be at most {MAX_AMOUNT:.0e}, not {amount!r}")
     amount = round(amount, AMOUNT_DECIMALS)
     target_id, label = resolve_target(db, scope, target)
     budget = db.execute(

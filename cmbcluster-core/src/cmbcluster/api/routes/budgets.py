@@ -44,7 +44,7 @@ class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: float = Field(
-        ge=service.MIN_AMOUNT, le=1e12, allow_inf_nan=False,
+        ge=service.MIN_AMOUNT, le=service.MAX_AMOUNT, allow_inf_nan=False,
         description=f"At least {service.MIN_AMOUNT}, kept to {service.AMOUNT_DECIMALS} decimal places",
     )  # fmt: skip
     unit: Literal["currency", "core_hours"] = "currency"
