@@ -350,8 +350,11 @@ def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str)
 def check_group_name(name: str) -> str:
     """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
     characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
-    or a right-to-left override there would disguise them."""
-    return check_display_name(name, what="a group name", limit=MAX_GROUP_NAME)
+    or a right-to-left override there would disguise them. No ``/``: the API names a group in its paths."""
+    name = check_display_name(name, what="a group name", limit=MAX_GROUP_NAME)
+    if "/" in name:
+        raise InvalidRequest("a group name cannot contain '/': the API names groups in its paths")
+    return name
 
 
 def set_group(db: Session, *, actor_id: str | None, name: str, members: list[str]) -> Group:
