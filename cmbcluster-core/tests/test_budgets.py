@@ -113,6 +113,8 @@ def test_a_budget_warns_at_80_refuses_at_100_and_a_hard_one_stops(
     )
     assert budget.status_code == 200, budget.text
     assert budget.json()["state"] == "ok" and budget.json()["used"] == 0
+    audited = client.get("/api/v1/admin/audit", headers=admin, params={"action": "budget.set"}).json()["items"]
+    assert [e["target_name"] for e in audited] == [budget.json()["label"]]  # named, as other targets are
     wait_until_running(context, env_id)
 
     # 7h59: under 80 %, no warning anywhere
