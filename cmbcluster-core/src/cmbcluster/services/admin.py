@@ -272,7 +272,8 @@ def list_audit(
 
 #: Where an audit event of each target type keeps the target's name, when the target is gone.
 _NAME_IN_DETAIL = {"user": "email", "environment": "name", "storage": "display_name", "application": "name",
-                   "secret_file": "name", "api_token": "name", "budget.user": "label", "budget.group": "label"}  # fmt: skip
+                   "secret_file": "name", "api_token": "name",
+                   "budget.user": "label", "budget.group": "label"}  # fmt: skip
 
 
 def target_names(db: Session, events: Sequence[AuditEvent]) -> dict[tuple[str, str], str]:
