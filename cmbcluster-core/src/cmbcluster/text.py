@@ -29,7 +29,12 @@ def first_unprintable(text: str) -> str | None:
     characters (bidirectional controls, zero-width spaces and joiners), line and paragraph
     separators, unassigned code points and spaces other than U+0020 (Python's ``isprintable``), and
     the :data:`INVISIBLE_LETTERS`."""
-    return next((ch for ch in text if not ch.isprintable() or ch in INVISIBLE_LETTERS), None)
+    return next((ch for ch in text if not _shown(ch)), None)
+
+
+def _shown(ch: str) -> bool:
+    """Whether ``ch`` is shown as itself (see :func:`first_unprintable`)."""
+    return ch.isprintable() and ch not in INVISIBLE_LETTERS
 
 
 def first_bidi_control(text: str) -> str | None:
@@ -54,7 +59,7 @@ def first_hidden_in_name(text: str) -> str | None:
     no-break space, line separators), except a joiner between two letters, marks or symbols that are
     not ASCII (``نیم‌فاصله``, an emoji sequence), where it belongs to the spelling."""
     for i, ch in enumerate(text):
-        if ch.isprintable() and ch not in INVISIBLE_LETTERS:
+        if _shown(ch):
             continue
         if (
             ch in JOINERS

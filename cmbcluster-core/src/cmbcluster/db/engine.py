@@ -68,11 +68,12 @@ def begin_locked(db: Session) -> bool:
     the first read. Returns True then (the whole database is locked until the transaction ends).
     Other databases lock rows: False, and the caller reads the rows it decides on with
     ``SELECT ... FOR UPDATE``. Hold such a transaction for a few statements only."""
-    if db.in_transaction():
-        raise RuntimeError("begin_locked() must begin the session's transaction")
     connection = db.connection()
     if connection.dialect.name != "sqlite":
         return False
+    # (The session may have begun, as one_writer() begins it; the database's transaction may not.)
+    if getattr(connection.connection.dbapi_connection, "in_transaction", False):
+        raise RuntimeError("begin_locked() must begin the session's transaction")
     connection.exec_driver_sql("BEGIN IMMEDIATE")
     return True
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
-from cmbcluster.db.engine import advisory_lock, begin_locked, one_writer
+from cmbcluster.db.engine import begin_locked, begin_serialised, one_writer
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -315,10 +315,7 @@ def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
     now = utcnow()
     ids = [r.environment_id for r in batch]
     with context.sessions() as db, one_writer(db):
-        if db.get_bind().dialect.name == "sqlite":
-            db.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the counts read below stay true until the commit
-        else:
-            advisory_lock(db, START_LOCK)
+        begin_serialised(db, START_LOCK)  # the counts read below stay true until the commit
         existing = [r.environment_id for r in batch if not r.new_rows]
         if existing:  # a new one has no slot; these may, expired, from a crashed server
             db.execute(delete(StartSlot).where(StartSlot.environment_id.in_(existing), StartSlot.expires_at < now))

@@ -474,6 +474,12 @@ MAX_FOLDER_OBJECTS = 10_000
 DELETE_BATCH = 1000
 
 
+def delete_keys(context: AppContext, bucket: str, keys: Sequence[str]) -> None:
+    """Delete ``keys`` from ``bucket``, :data:`DELETE_BATCH` at a time (a backend call each)."""
+    for start in range(0, len(keys), DELETE_BATCH):
+        context.storage.delete_objects(bucket, list(keys[start : start + DELETE_BATCH]))
+
+
 def delete_objects(
     db: Session, context: AppContext, user: User, storage_id: str, keys: Sequence[str], prefixes: Sequence[str] = ()
 ) -> int:
@@ -490,8 +496,7 @@ def delete_objects(
     if prefixes:
         found = {info.key for info in folder_objects(context, bucket, prefixes)}
         unique = list(dict.fromkeys([*unique, *sorted(found)]))
-    for start in range(0, len(unique), DELETE_BATCH):
-        context.storage.delete_objects(bucket, unique[start : start + DELETE_BATCH])
+    delete_keys(context, bucket, unique)
     audit(db, actor_id=user.id, action="storage.objects_deleted", target_type="storage", target_id=storage_id,
           count=len(unique), keys=unique[:AUDIT_KEYS], truncated=len(unique) > AUDIT_KEYS)  # fmt: skip
     invalidate_usage(db, context, storage_id)
@@ -608,9 +613,7 @@ def move_objects(db: Session, context: AppContext, user: User, storage_id: str, 
         if source == destination:
             return 0
         _copy_all(db, context, storage, pairs, _move_allowance(db, context, user, storage, pairs))
-        for start in range(0, len(pairs), DELETE_BATCH):
-            keys = [info.key for info, _ in pairs[start : start + DELETE_BATCH]]
-            context.storage.delete_objects(storage.bucket_name, keys)
+        delete_keys(context, storage.bucket_name, [info.key for info, _ in pairs])
     audit(db, actor_id=user.id, action="storage.objects_moved", target_type="storage", target_id=storage_id,
           display_name=storage.display_name, source=source, destination=destination, count=len(pairs))  # fmt: skip
     invalidate_usage(db, context, storage_id)
@@ -700,8 +703,7 @@ def _take_back(db: Session, context: AppContext, storage_id: str, bucket: str, c
     if not copied:
         return
     try:
-        for start in range(0, len(copied), DELETE_BATCH):
-            context.storage.delete_objects(bucket, list(copied[start : start + DELETE_BATCH]))
+        delete_keys(context, bucket, copied)
         invalidate_usage(db, context, storage_id)
     except Exception:
         log.exception("a failed move's %d copies in bucket %s could not all be deleted", len(copied), bucket)
@@ -720,7 +722,14 @@ def _move_allowance(
     Refused with InsufficientStorage (507) before anything is copied; None when nothing is counted
     (no versions kept, or no quota)."""
     moved = sum(info.size for info, _ in pairs)
-    if moved == 0 or not context.storage.get_bucket(storage.bucket_name).versioning:
+    own_quota, groups = quotas_of(db, context, user)
+    db.commit()
+    # Asked of the backend (a few cloud calls) only where a quota counts.
+    if (
+        moved == 0
+        or (own_quota is None and not groups)
+        or not context.storage.get_bucket(storage.bucket_name).versioning
+    ):
         return None
     allowance = upload_allowance(db, context, user, storage, declared=moved, wait_seconds=MOVE_USAGE_WAIT_SECONDS,
                                  check=False)  # fmt: skip
