@@ -317,6 +317,18 @@ def test_config_check_runs_the_factories_serve_runs(env: dict[str, str], tmp_pat
     assert "configuration OK" not in as_server.stdout
 
 
+def test_config_check_refuses_a_price_table_serve_would_refuse(env: dict[str, str], tmp_path: Path) -> None:
+    """Found by an operator's trial: `config check` said "configuration OK" for CMBCLUSTER_PRICES that
+    `serve` then refused at start."""
+    for prices, said in [("notjson", "Invalid JSON"), ('{"bogus": 1}', "bogus: Extra inputs are not permitted"),
+                         ('{"vcpu_hour": -1}', "vcpu_hour: Input should be greater than or equal to 0")]:  # fmt: skip
+        checked = cmbcluster("config", "check", env={**env, "CMBCLUSTER_PRICES": prices}, cwd=tmp_path)
+        assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+        assert "CMBCLUSTER_PRICES is not a valid price table" in checked.stderr and said in checked.stderr
+    good = cmbcluster("config", "check", env={**env, "CMBCLUSTER_PRICES": '{"vcpu_hour": 0.03}'}, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+
+
 def test_config_check_reaches_services_only_with_connect(env: dict[str, str], tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
     oidc = {

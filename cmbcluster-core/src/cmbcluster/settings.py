@@ -255,6 +255,19 @@ class CoreSettings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("prices")
+    @classmethod
+    def _price_table(cls, value: str | None) -> str | None:
+        """Read as the server reads it, so that `config check` refuses what `serve` would."""
+        from cmbcluster.errors import ConfigurationError
+        from cmbcluster.pricing import PriceOverrides
+
+        try:
+            PriceOverrides.parse(value)
+        except ConfigurationError as exc:
+            raise ValueError("; ".join(exc.problems).removeprefix("CMBCLUSTER_PRICES ")) from None
+        return value
+
     @field_validator("budget_webhook_url")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
