@@ -535,3 +535,39 @@ def test_config_example_for_one_cloud_and_for_one_that_is_not_installed() -> Non
     assert exc_info.value.problems == [
         "no installed plugin or provider is called 'azure' (installed plugins: examplecloud, kubernetes, local, oidc)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "problem"),
+    [
+        ("10.0.0.1/8", "'10.0.0.1/8' has bits set past its prefix: did you mean 10.0.0.0/8?"),
+        ("10.0.0.0/8, ingress-nginx", "'ingress-nginx' is not an IP address or network (host names are not resolved)"),
+        ("10.0.0/8", "'10.0.0/8' is not an IP address or network"),
+        ("*, 10.0.0.1", "* (any proxy) stands alone"),
+    ],
+)
+def test_a_trusted_proxy_no_client_address_could_match_is_refused(
+    env: dict[str, str], tmp_path: Path, trusted: str, problem: str
+) -> None:
+    """uvicorn would keep such an entry as a literal that never matches and believe no proxy at all:
+    behind the ingress, every user would share its address and so one sign-in limit."""
+    result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_FORWARDED_ALLOW_IPS": trusted}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "CMBCLUSTER_FORWARDED_ALLOW_IPS" in result.stderr and problem in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_trusted_proxies_are_addresses_networks_any_or_none(tmp_path: Path) -> None:
+    def trusted(value: str) -> str:
+        return CoreSettings(_env_file=None, data_dir=tmp_path, forwarded_allow_ips=value).forwarded_allow_ips  # type: ignore[call-arg]
+
+    assert trusted(" 10.0.0.0/8 , 192.168.1.7,fd00::/8 ") == "10.0.0.0/8,192.168.1.7,fd00::/8"
+    assert trusted("*") == "*"
+    assert trusted("") == ""  # served directly: believe no proxy
+
+
+def test_a_request_deadline_no_client_could_meet_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    """Under a second, a phone on a slow network could not send its headers: every request a 408."""
+    result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_REQUEST_TIMEOUT_SECONDS": "0.0001"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "CMBCLUSTER_REQUEST_TIMEOUT_SECONDS Input should be greater than or equal to 1" in result.stderr

@@ -34,6 +34,13 @@ def _aliases(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
+def _not_a_proxy_address(entry: str) -> str:
+    try:  # a network written with its host's address: say which network it means
+        return f"{entry!r} has bits set past its prefix: did you mean {ipaddress.ip_network(entry, strict=False)}?"
+    except ValueError:
+        return f"{entry!r} is not an IP address or network (host names are not resolved)"
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "cmbcluster"
@@ -107,8 +114,9 @@ class CoreSettings(BaseSettings):
     forwarded_allow_ips: str = Field(
         default="127.0.0.1",
         validation_alias=_aliases("CMBCLUSTER_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"),
-        description="Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated addresses or "
-        "networks, or *): behind an ingress, its addresses, so that sign-in limits count each client apart.",
+        description="Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated IP addresses or "
+        "networks, * for any, empty for none): behind an ingress, its addresses, so that sign-in limits count each "
+        "client apart.",
     )
     cookie_domain: str | None = Field(
         default=None,
@@ -199,7 +207,7 @@ class CoreSettings(BaseSettings):
         description="Largest JSON request body; refused with 413 before it is read. Uploads have their own limit.",
     )  # fmt: skip
     request_timeout_seconds: float = Field(
-        default=30, gt=0, le=3600, validation_alias=_aliases("CMBCLUSTER_REQUEST_TIMEOUT_SECONDS"),
+        default=30, ge=1, le=3600, validation_alias=_aliases("CMBCLUSTER_REQUEST_TIMEOUT_SECONDS"),
         description="A request whose headers are not all in this long after its connection opened (or after "
         "the previous answer on it), or whose body (an upload's excepted) sends no byte for this long, is "
         "answered 408 and its connection closed: a client that stalls holds no connection for longer.",
@@ -267,6 +275,24 @@ class CoreSettings(BaseSettings):
         except ConfigurationError as exc:
             raise ValueError("; ".join(exc.problems).removeprefix("CMBCLUSTER_PRICES ")) from None
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        """Addresses and networks only: uvicorn takes any other entry as a literal no client
+        address ever equals (a typo, a host name, a network with host bits set), and then silently
+        believes no proxy: every user signs in as the ingress's address, sharing one rate limit."""
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            if entry == "*":
+                raise ValueError("* (any proxy) stands alone: list addresses and networks, or * only")
+            try:
+                ipaddress.ip_network(entry, strict=True) if "/" in entry else ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(_not_a_proxy_address(entry)) from None
+        return ",".join(entries)
 
     @field_validator("budget_webhook_url")
     @classmethod
