@@ -571,3 +571,12 @@ def test_a_request_deadline_no_client_could_meet_is_refused(env: dict[str, str],
     result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_REQUEST_TIMEOUT_SECONDS": "0.0001"}, cwd=tmp_path)
     assert result.returncode == 1
     assert "CMBCLUSTER_REQUEST_TIMEOUT_SECONDS Input should be greater than or equal to 1" in result.stderr
+
+
+def test_config_example_is_printed_while_the_configuration_it_would_mend_is_invalid(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    result = cmbcluster("config", "example", env={**env, "CMBCLUSTER_PORT": "not a port"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "# CMBCLUSTER_PORT=8000\n" in result.stdout and "# ===== KubernetesSettings" in result.stdout
+    assert result.stderr.startswith("note: the configuration is invalid (`cmbcluster config check` says why)")

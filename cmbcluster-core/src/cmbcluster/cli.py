@@ -202,9 +202,16 @@ def config_example(
 ) -> None:
     """Print a commented .env: every setting of core and of the installed plugins."""
     from cmbcluster.config import example_env
+    from cmbcluster.errors import ConfigurationError
 
-    settings = load_core_settings()
-    sys.stdout.write(example_env(PluginManager.from_settings(settings).load(), cloud))
+    try:  # the plugins the configuration allows
+        plugins = PluginManager.from_settings(load_core_settings())
+    except ConfigurationError:
+        # The example is how an operator mends a configuration: a broken one must not withhold it.
+        err("note: the configuration is invalid (`cmbcluster config check` says why); the example covers "
+            "every installed plugin", markup=False, soft_wrap=True)  # fmt: skip
+        plugins = PluginManager()
+    sys.stdout.write(example_env(plugins.load(), cloud))
 
 
 @db_app.command("upgrade")
