@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,20 @@ def test_the_generated_code_imports_only_public_modules(generated: tuple[Path, P
                 assert node.module in PUBLIC or top == "cmbcluster.testing", f"{path.name}: {node.module}"
     doc = cmbcluster.__doc__ or ""
     assert all(f":mod:`{module}`" in doc for module in PUBLIC - {"cmbcluster"})  # each documented public
+
+
+def test_every_name_the_generated_code_imports_is_in_the_plugin_docs(generated: tuple[Path, Path]) -> None:
+    """A plugin author grows the template from docs/plugins alone: each class, helper and type it
+    takes from CMBCluster is explained there, named as the code names it."""
+    package, _ = generated
+    docs = "\n".join(path.read_text() for path in (Path(__file__).parents[2] / "docs" / "plugins").glob("*.md"))
+    undocumented = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "cmbcluster":
+                undocumented |= {f"{node.module}.{a.name}" for a in node.names
+                                 if not re.search(rf"\b{a.name}\b", docs)}  # fmt: skip
+    assert not undocumented, f"not in docs/plugins: {sorted(undocumented)}"
 
 
 def test_bad_names_and_occupied_folders_are_refused(tmp_path: Path) -> None:
