@@ -24,7 +24,7 @@ from cmbcluster.registrations import Registration
 from cmbcluster.security import Sealer, previous_secret_keys, secret_key
 
 if TYPE_CHECKING:
-    from cmbcluster.db.engine import GroupCommit
+    from cmbcluster.db.engine import DeferredWrites, GroupCommit
     from cmbcluster.pricing import PriceTable
     from cmbcluster.services.progress import ProgressHub
     from cmbcluster.services.revocation import RevocationWatch
@@ -101,6 +101,13 @@ class AppContext:
         from cmbcluster.db.models import new_id
 
         return new_id()
+
+    @functools.cached_property
+    def deferred_writes(self) -> DeferredWrites:
+        """Writes that failed when they should have happened, made at this process's next heartbeat."""
+        from cmbcluster.db.engine import DeferredWrites
+
+        return DeferredWrites(self.sessions)
 
     @functools.cached_property
     def storage_runtime(self) -> StorageRuntime:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, Executable, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = "cmbcluster.db:migrations"
 #: The newest migration in ``migrations/versions`` (a test keeps the two equal). Knowing it lets
@@ -305,3 +308,34 @@ def in_batches(items: Sequence[T], size: int = IN_BATCH) -> Iterator[Sequence[T]
     """``items`` in slices of at most ``size``, one ``IN (...)`` query each."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+class DeferredWrites:
+    """Writes this process could not make when it should have (the database was away), made at
+    its next heartbeat: a claim it failed to give back would otherwise hold until the process ends,
+    as its own claims never count as gone. Each must be idempotent (it may be made twice)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._lock = threading.Lock()
+        self._waiting: list[Executable] = []
+
+    def add(self, statement: Executable) -> None:
+        with self._lock:
+            self._waiting.append(statement)
+
+    def write(self) -> None:
+        """Make the writes waiting, in one transaction; they wait for the next beat if it fails."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        try:
+            with self.sessions() as db:
+                for statement in waiting:
+                    db.execute(statement)
+                db.commit()
+        except Exception:
+            with self._lock:
+                self._waiting[:0] = waiting
+            log.warning("%d deferred writes failed again; trying at the next heartbeat", len(waiting), exc_info=True)

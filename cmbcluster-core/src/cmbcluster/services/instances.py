@@ -49,6 +49,7 @@ def beat(context: AppContext) -> None:
         if not found.rowcount:  # type: ignore[attr-defined]  # removed by hand, or a database restored
             db.add(ServerInstance(id=context.instance_id, heartbeat_at=utcnow()))
         db.commit()
+    context.deferred_writes.write()
 
 
 def unregister(context: AppContext) -> None:

@@ -656,8 +656,9 @@ def _move_pairs(context: AppContext, bucket: str, source: str, destination: str)
 def _moving(db: Session, context: AppContext, storage: Storage) -> Iterator[None]:
     """Run a move as the bucket's only one: a move copies and then deletes, so two moves of one folder
     at once would each copy it (and pass the quotas the copies count in). Claimed in the database, for
-    every replica; a claim whose server is gone counts for nothing. Another move is refused (409) until
-    this one ends: no connection is held meanwhile."""
+    every replica; a claim whose server is gone counts for nothing, and one the database could not take
+    back when the move ended is given back at the next heartbeat. Another move is refused (409) until
+    then: no connection is held meanwhile."""
     claimed = db.execute(
         update(Storage)
         .where(Storage.id == storage.id, instances.owned_by_gone(context, Storage.move_owner))
@@ -669,13 +670,15 @@ def _moving(db: Session, context: AppContext, storage: Storage) -> Iterator[None
     try:
         yield
     finally:
+        mine = (Storage.id == storage.id) & (Storage.move_owner == context.instance_id)
+        give_back = update(Storage).where(mine).values(move_owner=None)
         try:
             db.rollback()  # whatever failed, the claim is given back
-            mine = (Storage.id == storage.id) & (Storage.move_owner == context.instance_id)
-            db.execute(update(Storage).where(mine).values(move_owner=None))
+            db.execute(give_back)
             db.commit()
-        except Exception:  # the database is gone: the claim ends with this server (the error to report is the move's)
-            log.exception("could not end the move claim on bucket %s", storage.bucket_name)
+        except Exception:  # the database is away: given back at the next heartbeat (the error to report is the move's)
+            log.exception("could not end the move claim on bucket %s; trying again shortly", storage.bucket_name)
+            context.deferred_writes.add(give_back)
 
 
 def _copy_all(
