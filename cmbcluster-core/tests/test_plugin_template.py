@@ -191,6 +191,16 @@ def test_every_name_the_generated_code_imports_is_in_the_plugin_docs(generated: 
     assert not undocumented, f"not in docs/plugins: {sorted(undocumented)}"
 
 
+def test_the_next_command_is_one_line_to_copy_however_long_its_path(tmp_path: Path) -> None:
+    """Piped or captured (a CI log, `| tee`), rich cut lines at 80 columns, mid-path."""
+    folder = tmp_path / ("a-rather-long-folder-name-" * 4) / "cmbcluster-acme"
+    result = run_cli("plugin", "new", "acme", "--dir", str(folder), env=clean_environ(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"next: pip install -e '{folder}[test]' && (cd {folder} && pytest) && cmbcluster plugins" in (
+        result.stdout.splitlines()
+    )
+
+
 def test_bad_names_and_occupied_folders_are_refused(tmp_path: Path) -> None:
     bad = run_cli("plugin", "new", "Bad Name", env=clean_environ(), cwd=tmp_path)
     assert bad.returncode == 2 and "'Bad Name' is not a plugin name" in bad.stderr

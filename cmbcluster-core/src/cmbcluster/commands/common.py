@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -23,11 +24,20 @@ if TYPE_CHECKING:
 __all__ = ["err", "error", "operator_database", "out", "resolve_config"]
 
 
+#: The width of tables printed to a pipe or a file (a terminal's own width otherwise).
+PIPED_WIDTH = 160
+
+
 @functools.cache
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console  # imported when something is printed, not for every start
 
-    return Console(stderr=stderr)
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped or captured, lines are not cut at rich's 80 columns: a path or a command to copy
+        # stays whole, and a table's cells are not broken mid-word.
+        console.soft_wrap, console.width = True, PIPED_WIDTH
+    return console
 
 
 def out(*args: Any, **kwargs: Any) -> None:
