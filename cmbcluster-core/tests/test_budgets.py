@@ -18,12 +18,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from waiting import wait_until_running
 
+from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import AuditEvent, BudgetEvent, Environment, StorageInterval, User
 from cmbcluster.services import budgets
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
-from cmbcluster.testing.api import dev_sign_in
+from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.clock import ManualClock, manual_clock
 
 NOV = dt.datetime(2026, 11, 2, 9, tzinfo=dt.UTC)
@@ -398,3 +399,17 @@ def test_metrics_show_core_hours_and_stored_bytes_by_user_and_group(
     assert 'cmbcluster_group_core_hours_total{group="(no group)"} 6.0' in text
     assert 'cmbcluster_user_stored_bytes{user="bob@example.org"} 4096.0' in text
     assert 'cmbcluster_group_stored_bytes{group="astro"} 4096.0' in text
+
+
+def test_a_budget_in_currency_is_refused_where_nothing_costs_anything(tmp_path: Path) -> None:
+    """On the embedded default every price is zero: a budget of 500 USD would read '0 % used' for
+    ever, and the administrator who set it would believe the group capped."""
+    with TestClient(create_app(CoreSettings(data_dir=tmp_path / "data")), base_url=LOCAL) as client:
+        admin = dev_sign_in(client, "root@example.org")
+        dev_sign_in(client, "alice@example.org")
+        path = "/api/v1/admin/budgets/user/alice@example.org"
+        answer = client.put(path, headers=admin, json={"amount": 500, "unit": "currency"})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["message"].startswith("every price of this deployment is zero")
+        assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+        assert client.put(path, headers=admin, json={"amount": 500, "unit": "core_hours"}).status_code == 200

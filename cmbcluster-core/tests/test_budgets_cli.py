@@ -4,6 +4,7 @@ the same services as the admin API, and bad input answered with one clear line (
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,15 @@ from cmbcluster.cli import app as cli
 from cmbcluster.settings import CoreSettings
 
 Invoke = Callable[..., tuple[int, str]]
+
+
+#: Budgets in currency need prices: the embedded default's are all zero.
+PRICES = '{"vcpu_hour": 0.05, "gib_hour": 0.01}'
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> CoreSettings:
+    return CoreSettings(data_dir=tmp_path / "data", prices=PRICES)
 
 
 @pytest.fixture
@@ -25,6 +35,7 @@ def run(
 ) -> Invoke:
     """The CLI on the signed-up server's data directory (Alice and Bob exist)."""
     monkeypatch.setenv("CMBCLUSTER_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CMBCLUSTER_PRICES", PRICES)
 
     def invoke(*args: str) -> tuple[int, str]:
         result = CliRunner().invoke(cli, list(args))

@@ -309,6 +309,11 @@ def set_budget(
         raise InvalidRequest(f"a budget's amount must be at most {MAX_AMOUNT:.0e}, not {amount!r}")
     amount = round(amount, AMOUNT_DECIMALS)
     target_id, label = resolve_target(db, scope, target)
+    if unit == "currency" and not prices.priced:
+        raise InvalidRequest(
+            "every price of this deployment is zero (the embedded default's, unless CMBCLUSTER_PRICES sets "
+            "some), so a budget in currency would never run out: set it in core_hours, or set prices first"
+        )
     budget = db.execute(
         select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)
     ).scalar_one_or_none() or Budget(scope=scope, target_id=target_id)
