@@ -24,7 +24,7 @@ def test_the_example_names_every_model_its_variables_defaults_and_who_needs_them
         assert f"# ===== {model} (" in text
     assert "# ===== AwsSettings (used by the storage backend 'aws', auth provider 'aws', infra provider 'aws')" in text
     assert "# CMBCLUSTER_PORT=8000\n" in text and "# CMBCLUSTER_CLOUD_PROVIDER=local\n" in text
-    assert "# Required.\n# AWS_ACCOUNT_ID=\n" in text
+    assert " Required.\n# AWS_ACCOUNT_ID=\n" in text  # after its description
     # every line is a comment or blank: copied as it is, it sets nothing
     assert all(not line or line.startswith("#") for line in text.splitlines())
 

@@ -25,22 +25,45 @@ _AGENT = re.compile(r"^arn:aws[a-z-]*:datasync:[a-z0-9-]+:\d{12}:agent/agent-[0-
 class AwsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
 
-    aws_region: str = Field(validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
-    aws_account_id: str = Field(validation_alias=AliasChoices("AWS_ACCOUNT_ID"))
+    aws_region: str = Field(
+        validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"),
+        description="The region code of the deployment (e.g. eu-west-1): its cluster, buckets, registry and "
+        "IAM partition",
+    )
+    aws_account_id: str = Field(
+        validation_alias=AliasChoices("AWS_ACCOUNT_ID"),
+        description="The deployment's 12-digit account (`aws sts get-caller-identity`), in every IAM ARN; "
+        "credentials of another account are refused",
+    )
     deployment_name: str | None = Field(
         default=None,
         validation_alias=AliasChoices("CMBCLUSTER_DEPLOYMENT_NAME"),
         description="The deployment's name, in every cloud name and IAM path; default: EKS_CLUSTER_NAME",
     )
-    eks_cluster_name: str = Field(default="cmbcluster-eks", validation_alias=AliasChoices("EKS_CLUSTER_NAME"))
-    ecr_registry_url: str | None = Field(default=None, validation_alias=AliasChoices("ECR_REGISTRY_URL"))
+    eks_cluster_name: str = Field(
+        default="cmbcluster-eks",
+        validation_alias=AliasChoices("EKS_CLUSTER_NAME"),
+        description="The EKS cluster (`infra up` creates it), whose OIDC issuer users' IAM roles trust; also "
+        "the deployment's name unless CMBCLUSTER_DEPLOYMENT_NAME is set",
+    )
+    ecr_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ECR_REGISTRY_URL"),
+        description="Registry host and repository prefix (<host>/<prefix>) that `cmbcluster images` pushes to "
+        "and environments pull from; default: <account>.dkr.ecr.<region>.amazonaws.com/<deployment>",
+    )
     s3_user_bucket_prefix: str = Field(
         default="",
         validation_alias=AliasChoices("S3_USER_BUCKET_PREFIX"),
         pattern=r"^([a-z0-9][a-z0-9-]{0,29})?$",
-        description="Default: <deployment>-user",
+        description="Prefix of users' bucket names; default: <deployment>-user",
     )
-    s3_versioning: bool = Field(default=True, validation_alias=AliasChoices("S3_VERSIONING"))
+    s3_versioning: bool = Field(
+        default=True,
+        validation_alias=AliasChoices("S3_VERSIONING"),
+        description="Versioning of users' new buckets, so that an overwritten or deleted object can be "
+        "recovered; off too when S3_NONCURRENT_VERSION_DAYS is 0",
+    )
     s3_noncurrent_version_days: int = Field(
         default=30,
         ge=0,
@@ -51,22 +74,73 @@ class AwsSettings(BaseSettings):
     s3_kms_key_id: str | None = Field(
         default=None, validation_alias=AliasChoices("S3_KMS_KEY_ID"), description="SSE-KMS key; SSE-S3 when unset"
     )
-    cognito_user_pool_id: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_USER_POOL_ID"))
-    cognito_client_id: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_CLIENT_ID"))
-    cognito_client_secret: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("COGNITO_CLIENT_SECRET")
+    cognito_user_pool_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_USER_POOL_ID"),
+        description="The Cognito user pool users sign in with (e.g. eu-west-1_AbCdEf: its region comes first); "
+        "needed for Cognito sign-in",
     )
-    cognito_domain: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_DOMAIN"))
-    cognito_issuer: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_ISSUER"))
-    cognito_jwks_url: str | None = Field(default=None, validation_alias=AliasChoices("COGNITO_JWKS_URL"))
+    cognito_client_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_CLIENT_ID"),
+        description="The pool's app client, with <public URL>/api/v1/auth/aws/callback as callback URL and "
+        "read access to email and email_verified; needed for Cognito sign-in",
+    )
+    cognito_client_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_CLIENT_SECRET"),
+        description="The app client's secret; unset for an app client without one",
+    )
+    cognito_domain: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_DOMAIN"),
+        description="The pool's hosted UI domain (a Cognito prefix domain or your own), where users sign in; "
+        "unset: the endpoints come from the pool's discovery document",
+    )
+    cognito_issuer: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_ISSUER"),
+        description="The pool's issuer; default: https://cognito-idp.<region>.amazonaws.com/<pool id>; only "
+        "tests point it elsewhere",
+    )
+    cognito_jwks_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COGNITO_JWKS_URL"),
+        description="The keys the pool signs with; default: <issuer>/.well-known/jwks.json; only tests point "
+        "it elsewhere",
+    )
     # -- `cmbcluster infra` (provisioning) ---------------------------------------------------------
     eks_kubernetes_version: str = Field(
-        default="1.33", validation_alias=AliasChoices("EKS_KUBERNETES_VERSION"), pattern=r"^\d+\.\d+$"
+        default="1.33",
+        validation_alias=AliasChoices("EKS_KUBERNETES_VERSION"),
+        pattern=r"^\d+\.\d+$",
+        description="Kubernetes version (major.minor) of the EKS cluster `infra up` creates",
     )
-    eks_node_instance_type: str = Field(default="m5.large", validation_alias=AliasChoices("EKS_NODE_INSTANCE_TYPE"))
-    eks_node_count: int = Field(default=2, ge=1, le=100, validation_alias=AliasChoices("EKS_NODE_COUNT"))
-    eks_node_max: int = Field(default=5, ge=1, le=450, validation_alias=AliasChoices("EKS_NODE_MAX"))
-    vpc_cidr: str = Field(default="10.0.0.0/16", validation_alias=AliasChoices("VPC_CIDR"))
+    eks_node_instance_type: str = Field(
+        default="m5.large",
+        validation_alias=AliasChoices("EKS_NODE_INSTANCE_TYPE"),
+        description="EC2 instance type of the managed node group `infra up` creates (the cluster's nodes)",
+    )
+    eks_node_count: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        validation_alias=AliasChoices("EKS_NODE_COUNT"),
+        description="Nodes the node group `infra up` creates starts with (its desired size)",
+    )
+    eks_node_max: int = Field(
+        default=5,
+        ge=1,
+        le=450,
+        validation_alias=AliasChoices("EKS_NODE_MAX"),
+        description="The most nodes the node group `infra up` creates may grow to (never fewer than EKS_NODE_COUNT)",
+    )
+    vpc_cidr: str = Field(
+        default="10.0.0.0/16",
+        validation_alias=AliasChoices("VPC_CIDR"),
+        description="Address block of the VPC `infra up` creates, a /16 to a /24, split into 3 public and 3 "
+        "private subnets",
+    )
     route53_hosted_zone_id: str | None = Field(
         default=None,
         validation_alias=AliasChoices("ROUTE53_HOSTED_ZONE_ID", "HOSTED_ZONE_ID"),
@@ -100,7 +174,10 @@ class AwsSettings(BaseSettings):
         json_schema_extra=LOCAL_ONLY,
     )
     aws_secret_access_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"), json_schema_extra=LOCAL_ONLY
+        default=None,
+        validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"),
+        description="The secret of AWS_ACCESS_KEY_ID",
+        json_schema_extra=LOCAL_ONLY,
     )
     aws_session_token: SecretStr | None = Field(
         default=None,

@@ -76,7 +76,13 @@ class CoreSettings(BaseSettings):
         description="Override: compute backend (default: local for the local provider, kubernetes otherwise).",
     )
 
-    data_dir: Path = Field(default_factory=default_data_dir, validation_alias=_aliases("CMBCLUSTER_DATA_DIR"))
+    data_dir: Path = Field(
+        default_factory=default_data_dir, validation_alias=_aliases("CMBCLUSTER_DATA_DIR"),
+        description="Where the server keeps its state: the SQLite database and the secret key unless they are "
+        "set, `cmbcluster infra`'s record, the local provider's buckets, homes and environments. Default: "
+        "$XDG_DATA_HOME/cmbcluster, else ~/.local/share/cmbcluster. Put it on a local disk: SQLite's locks fail on "
+        "FUSE and network mounts.",
+    )  # fmt: skip
     database_url: str | None = Field(
         default=None,
         validation_alias=_aliases("CMBCLUSTER_DATABASE_URL", "DATABASE_URL"),
@@ -106,8 +112,15 @@ class CoreSettings(BaseSettings):
         default=48, ge=0, validation_alias=_aliases("CMBCLUSTER_DATABASE_BACKUPS_KEPT"),
         description="Newest backups kept; older ones are deleted after each backup. 0: keep all.",
     )  # fmt: skip
-    host: str = Field(default="127.0.0.1", validation_alias=_aliases("CMBCLUSTER_HOST"))
-    port: int = Field(default=8000, ge=1, le=65535, validation_alias=_aliases("CMBCLUSTER_PORT"))
+    host: str = Field(
+        default="127.0.0.1", validation_alias=_aliases("CMBCLUSTER_HOST"),
+        description="Address `cmbcluster serve` listens on (`--host` overrides it); 0.0.0.0: every interface. "
+        "Beyond loopback, the development sign-in is refused (see CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE).",
+    )  # fmt: skip
+    port: int = Field(
+        default=8000, ge=1, le=65535, validation_alias=_aliases("CMBCLUSTER_PORT"),
+        description="Port `cmbcluster serve` listens on (`--port` overrides it).",
+    )  # fmt: skip
     public_url: str | None = Field(
         default=None, validation_alias=_aliases("CMBCLUSTER_PUBLIC_URL", "API_URL"), description="URL users reach."
     )
@@ -136,21 +149,39 @@ class CoreSettings(BaseSettings):
         "secrets until `cmbcluster secrets reencrypt` has re-sealed everything with CMBCLUSTER_SECRET_KEY.",
     )
     admin_emails: CommaList = Field(
-        default_factory=list, validation_alias=_aliases("CMBCLUSTER_ADMIN_EMAILS", "ADMIN_EMAILS")
-    )
+        default_factory=list, validation_alias=_aliases("CMBCLUSTER_ADMIN_EMAILS", "ADMIN_EMAILS"),
+        description="Comma-separated e-mail addresses made administrators when they sign in, if their identity "
+        "provider verified the address.",
+    )  # fmt: skip
     dev_login_allow_remote: bool = Field(
         default=False,
         validation_alias=_aliases("CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE"),
         description="Let the development sign-in serve beyond loopback (never in production).",
         json_schema_extra=DEVELOPMENT_ONLY,
     )
-    plugins_strict: bool = Field(default=False, validation_alias=_aliases("CMBCLUSTER_PLUGINS_STRICT"))
-    plugins_allow: CommaList | None = Field(default=None, validation_alias=_aliases("CMBCLUSTER_PLUGINS_ALLOW"))
-    plugins_block: CommaList = Field(default_factory=list, validation_alias=_aliases("CMBCLUSTER_PLUGINS_BLOCK"))
+    plugins_strict: bool = Field(
+        default=False, validation_alias=_aliases("CMBCLUSTER_PLUGINS_STRICT"),
+        description="A plugin that fails to load stops the server and `config check`, every failure named at "
+        "once, instead of being skipped with a warning (`cmbcluster plugins` says why it did not load).",
+    )  # fmt: skip
+    plugins_allow: CommaList | None = Field(
+        default=None, validation_alias=_aliases("CMBCLUSTER_PLUGINS_ALLOW"),
+        description="Comma-separated names of the installed plugins to load (`cmbcluster plugins` lists them); "
+        "the others are skipped, the built-in local, oidc and kubernetes always load. Unset: all.",
+    )  # fmt: skip
+    plugins_block: CommaList = Field(
+        default_factory=list, validation_alias=_aliases("CMBCLUSTER_PLUGINS_BLOCK"),
+        description="Comma-separated names of plugins never to load, built-in ones included.",
+    )  # fmt: skip
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", validation_alias=_aliases("CMBCLUSTER_LOG_LEVEL", "LOG_LEVEL")
-    )
-    log_format: Literal["json", "text"] = Field(default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"))
+        default="INFO", validation_alias=_aliases("CMBCLUSTER_LOG_LEVEL", "LOG_LEVEL"),
+        description="The least severe log lines written: DEBUG, INFO, WARNING or ERROR.",
+    )  # fmt: skip
+    log_format: Literal["json", "text"] = Field(
+        default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"),
+        description="json: one JSON object per line on standard error, for a log collector; text: plain lines "
+        "for reading in a terminal.",
+    )  # fmt: skip
 
     namespace: str = Field(
         default="cmbcluster",
@@ -160,8 +191,16 @@ class CoreSettings(BaseSettings):
     )
 
     # -- sign-in -------------------------------------------------------------------------------
-    session_ttl_hours: float = Field(default=12, gt=0, validation_alias=_aliases("CMBCLUSTER_SESSION_TTL_HOURS"))
-    refresh_ttl_days: float = Field(default=30, gt=0, validation_alias=_aliases("CMBCLUSTER_REFRESH_TTL_DAYS"))
+    session_ttl_hours: float = Field(
+        default=12, gt=0, validation_alias=_aliases("CMBCLUSTER_SESSION_TTL_HOURS"),
+        description="How long a sign-in session lasts (API clients may renew it with its refresh token). The "
+        "server keeps sessions: signing out, or an admin deactivating the account, ends them at once.",
+    )  # fmt: skip
+    refresh_ttl_days: float = Field(
+        default=30, gt=0, validation_alias=_aliases("CMBCLUSTER_REFRESH_TTL_DAYS"),
+        description="How long after a session was issued an API client may still exchange its refresh token "
+        "for a new session (each exchange issues a new pair).",
+    )  # fmt: skip
     login_attempts_per_minute: int = Field(
         default=30, ge=1, validation_alias=_aliases("CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE"),
         description="Sign-in attempts allowed per client address and minute.",
@@ -177,8 +216,10 @@ class CoreSettings(BaseSettings):
         description="Environments starting at once across the whole server; more are answered 429.",
     )  # fmt: skip
     start_timeout_seconds: int = Field(
-        default=600, ge=10, validation_alias=_aliases("CMBCLUSTER_START_TIMEOUT_SECONDS")
-    )
+        default=600, ge=10, validation_alias=_aliases("CMBCLUSTER_START_TIMEOUT_SECONDS"),
+        description="An environment not running this long after its start is stopped and marked failed; allow "
+        "for pulling a large image onto a new node.",
+    )  # fmt: skip
     idle_timeout_minutes: int = Field(
         default=120, ge=0, validation_alias=_aliases("CMBCLUSTER_IDLE_TIMEOUT_MINUTES"),
         description="Stop an environment without activity for this long; 0 never.",
@@ -197,10 +238,19 @@ class CoreSettings(BaseSettings):
         description="How long before an automatic stop the user is warned.",
     )  # fmt: skip
     reconcile_interval_seconds: float = Field(
-        default=15, gt=0, validation_alias=_aliases("CMBCLUSTER_RECONCILE_INTERVAL_SECONDS")
-    )
-    max_cpu: float = Field(default=8, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_CPU"))
-    max_memory_mib: int = Field(default=32768, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_MEMORY_MIB"))
+        default=15, gt=0, validation_alias=_aliases("CMBCLUSTER_RECONCILE_INTERVAL_SECONDS"),
+        description="How often the database and the compute backend are made to agree: what runs without a "
+        "record is removed, vanished environments are marked stopped, idle or expired ones stopped.",
+    )  # fmt: skip
+    max_cpu: float = Field(
+        default=8, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_CPU"),
+        description="The most CPU cores one environment may ask for, as custom resources or a preset (larger "
+        "presets are listed as unavailable). Keep it within what one node has.",
+    )  # fmt: skip
+    max_memory_mib: int = Field(
+        default=32768, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_MEMORY_MIB"),
+        description="The most memory (MiB) one environment may ask for, as custom resources or a preset.",
+    )  # fmt: skip
 
     max_request_body_bytes: int = Field(
         default=1024 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_REQUEST_BODY_BYTES"),
@@ -218,7 +268,10 @@ class CoreSettings(BaseSettings):
         default=50 * 1024**3, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_UPLOAD_BYTES"),
         description="Largest object one upload may write.",
     )  # fmt: skip
-    max_buckets_per_user: int = Field(default=10, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_BUCKETS_PER_USER"))
+    max_buckets_per_user: int = Field(
+        default=10, ge=1, validation_alias=_aliases("CMBCLUSTER_MAX_BUCKETS_PER_USER"),
+        description="Buckets one user may own; creating another is refused (409) until one is deleted.",
+    )  # fmt: skip
     storage_quota_bytes: int = Field(
         default=0, ge=0, validation_alias=_aliases("CMBCLUSTER_STORAGE_QUOTA_BYTES"),
         description="Bytes each user's buckets may hold, current objects and earlier versions together; 0: no "
@@ -231,8 +284,10 @@ class CoreSettings(BaseSettings):
         "more) no longer counts against the quotas. At most a week.",
     )  # fmt: skip
     max_secret_file_bytes: int = Field(
-        default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES")
-    )
+        default=64 * 1024, gt=0, validation_alias=_aliases("CMBCLUSTER_MAX_SECRET_FILE_BYTES"),
+        description="Largest secret file (a key, a credentials file) a user may store; larger ones are refused "
+        "(413).",
+    )  # fmt: skip
 
     # -- usage and budgets -----------------------------------------------------------------------
     prices: str | None = Field(

@@ -33,7 +33,10 @@ def _invalid(kind: str, message: str, value: str) -> PydanticCustomError:
 class GcpSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
 
-    project_id: str = Field(validation_alias=AliasChoices("PROJECT_ID", "GOOGLE_CLOUD_PROJECT"))
+    project_id: str = Field(
+        validation_alias=AliasChoices("PROJECT_ID", "GOOGLE_CLOUD_PROJECT"),
+        description="The id of the deployment's project (not its display name: `gcloud projects list` shows both)",
+    )
     deployment_name: str | None = Field(
         default=None,
         validation_alias=AliasChoices("CMBCLUSTER_DEPLOYMENT_NAME"),
@@ -45,13 +48,30 @@ class GcpSettings(BaseSettings):
         pattern=r"^\d+$",
         description="Needed for Workload Identity principals",
     )
-    region: str = Field(default="us-central1", validation_alias=AliasChoices("REGION"))
-    zone: str | None = Field(default=None, validation_alias=AliasChoices("ZONE"))
-    cluster_name: str = Field(default="cmbcluster", validation_alias=AliasChoices("CLUSTER_NAME"))
+    region: str = Field(
+        default="us-central1",
+        validation_alias=AliasChoices("REGION"),
+        description="The deployment's region (e.g. europe-west1): its network, registry, buckets (unless "
+        "STORAGE_LOCATION) and cluster (unless ZONE)",
+    )
+    zone: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ZONE"),
+        description="A zone of REGION (e.g. europe-west1-b) for a zonal cluster; unset: `infra up` creates a "
+        "regional one, with nodes in each zone",
+    )
+    cluster_name: str = Field(
+        default="cmbcluster",
+        validation_alias=AliasChoices("CLUSTER_NAME"),
+        description="The GKE cluster (`infra up` creates it); also the deployment's name unless "
+        "CMBCLUSTER_DEPLOYMENT_NAME is set",
+    )
     artifact_registry: str | None = Field(
         default=None,
         validation_alias=AliasChoices("ARTIFACT_REGISTRY", "REGISTRY_URL"),
-        description="For example us-central1-docker.pkg.dev/<project>/cmbcluster",
+        description="Registry host and repository prefix that `cmbcluster images` pushes to and environments pull "
+        "from, e.g. us-central1-docker.pkg.dev/<project>/cmbcluster; default: "
+        "<REGION>-docker.pkg.dev/<PROJECT_ID>/<deployment>",
     )
     storage_location: str | None = Field(
         default=None,
@@ -62,9 +82,15 @@ class GcpSettings(BaseSettings):
         default="",
         validation_alias=AliasChoices("GCS_USER_BUCKET_PREFIX", "USER_BUCKET_PREFIX"),
         pattern=r"^([a-z0-9][a-z0-9-]{0,29})?$",
-        description="Default: <deployment>-user",
+        description="Prefix of users' bucket names; default: <deployment>-user",
     )
-    noncurrent_versions_kept: int = Field(default=3, ge=0, validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"))
+    noncurrent_versions_kept: int = Field(
+        default=3,
+        ge=0,
+        validation_alias=AliasChoices("GCS_NONCURRENT_VERSIONS"),
+        description="At most this many earlier versions of an object are kept, however recent, in the versioned "
+        "buckets CMBCluster creates; 0: no count bound, only GCS_NONCURRENT_VERSION_DAYS",
+    )
     noncurrent_version_days: int = Field(
         default=30,
         ge=0,
@@ -78,7 +104,11 @@ class GcpSettings(BaseSettings):
         description="OAuth client id of a Google Cloud web application (Sign in with Google); GOOGLE_CLIENT_SECRET "
         "is its secret.",
     )
-    google_client_secret: SecretStr | None = Field(default=None, validation_alias=AliasChoices("GOOGLE_CLIENT_SECRET"))
+    google_client_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_CLIENT_SECRET"),
+        description="The secret of the OAuth client GOOGLE_CLIENT_ID",
+    )
     google_issuer: str = Field(
         default="https://accounts.google.com",
         validation_alias=AliasChoices("GOOGLE_ISSUER"),
@@ -87,7 +117,7 @@ class GcpSettings(BaseSettings):
     google_discovery_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("GOOGLE_DISCOVERY_URL"),
-        description="Default: <GOOGLE_ISSUER>/.well-known/openid-configuration",
+        description="Google's discovery document; default: <GOOGLE_ISSUER>/.well-known/openid-configuration",
     )
     google_allowed_domains: str = Field(
         default="",
@@ -112,7 +142,8 @@ class GcpSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("WORKLOAD_IDENTITY_POOL"),
         pattern=r"^[a-z0-9.-]+$",
-        description="Default: <PROJECT_ID>.svc.id.goog, the pool of the project's GKE clusters",
+        description="The cluster's Workload Identity pool (a fleet host project's, say); default: "
+        "<PROJECT_ID>.svc.id.goog, the pool of the project's GKE clusters",
     )
     iam_endpoint: str = Field(
         default="https://iam.googleapis.com",
@@ -144,13 +175,30 @@ class GcpSettings(BaseSettings):
     )
 
     # -- `cmbcluster infra` (cmbcluster_gcp.provisioning) --------------------------------------------
-    gke_machine_type: str = Field(default="e2-standard-4", validation_alias=AliasChoices("GKE_MACHINE_TYPE"))
-    gke_nodes_per_zone: int = Field(default=1, ge=1, le=100, validation_alias=AliasChoices("GKE_NODES_PER_ZONE"))
+    gke_machine_type: str = Field(
+        default="e2-standard-4",
+        validation_alias=AliasChoices("GKE_MACHINE_TYPE"),
+        description="Machine type of the node pool `infra up` creates (the cluster's nodes)",
+    )
+    gke_nodes_per_zone: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        validation_alias=AliasChoices("GKE_NODES_PER_ZONE"),
+        description="Nodes per zone the node pool `infra up` creates starts with (it autoscales, down to 1)",
+    )
     gke_max_nodes_per_zone: int = Field(
-        default=3, ge=1, le=1000, validation_alias=AliasChoices("GKE_MAX_NODES_PER_ZONE")
+        default=3,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("GKE_MAX_NODES_PER_ZONE"),
+        description="The most nodes per zone the node pool `infra up` creates autoscales to (never fewer than "
+        "GKE_NODES_PER_ZONE)",
     )
     gke_release_channel: Literal["RAPID", "REGULAR", "STABLE", "EXTENDED"] = Field(
-        default="REGULAR", validation_alias=AliasChoices("GKE_RELEASE_CHANNEL")
+        default="REGULAR",
+        validation_alias=AliasChoices("GKE_RELEASE_CHANNEL"),
+        description="Release channel of the GKE cluster `infra up` creates: how soon GKE upgrades it",
     )
     google_api_endpoint: str | None = Field(
         default=None,
@@ -197,17 +245,36 @@ class GcpSettings(BaseSettings):
         validation_alias=AliasChoices("GCSFUSE_TERMINATION_GRACE_SECONDS"),
         description="Time a stopping pod gets to flush files written to gcsfuse-mounted buckets",
     )
-    gcsfuse_cpu_request: Quantity | None = Field(default="250m", validation_alias=AliasChoices("GCSFUSE_CPU_REQUEST"))
+    gcsfuse_cpu_request: Quantity | None = Field(
+        default="250m",
+        validation_alias=AliasChoices("GCSFUSE_CPU_REQUEST"),
+        description="CPU request of the gcsfuse sidecar GKE adds to a pod mounting a bucket (gke-gcsfuse/cpu-request)",
+    )
     gcsfuse_memory_request: Quantity | None = Field(
-        default="256Mi", validation_alias=AliasChoices("GCSFUSE_MEMORY_REQUEST")
+        default="256Mi",
+        validation_alias=AliasChoices("GCSFUSE_MEMORY_REQUEST"),
+        description="Memory request of the gcsfuse sidecar (gke-gcsfuse/memory-request)",
     )
     gcsfuse_ephemeral_storage_request: Quantity | None = Field(
-        default="5Gi", validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_REQUEST")
+        default="5Gi",
+        validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_REQUEST"),
+        description="Ephemeral storage request of the gcsfuse sidecar (gke-gcsfuse/ephemeral-storage-request)",
     )
-    gcsfuse_cpu_limit: Quantity | None = Field(default=None, validation_alias=AliasChoices("GCSFUSE_CPU_LIMIT"))
-    gcsfuse_memory_limit: Quantity | None = Field(default=None, validation_alias=AliasChoices("GCSFUSE_MEMORY_LIMIT"))
+    gcsfuse_cpu_limit: Quantity | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GCSFUSE_CPU_LIMIT"),
+        description="CPU limit of the gcsfuse sidecar (gke-gcsfuse/cpu-limit); unset: GKE's; 0: none",
+    )
+    gcsfuse_memory_limit: Quantity | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GCSFUSE_MEMORY_LIMIT"),
+        description="Memory limit of the gcsfuse sidecar (gke-gcsfuse/memory-limit); unset: GKE's; 0: none",
+    )
     gcsfuse_ephemeral_storage_limit: Quantity | None = Field(
-        default=None, validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_LIMIT")
+        default=None,
+        validation_alias=AliasChoices("GCSFUSE_EPHEMERAL_STORAGE_LIMIT"),
+        description="Ephemeral storage limit of the gcsfuse sidecar (gke-gcsfuse/ephemeral-storage-limit); "
+        "unset: GKE's; 0: none",
     )
 
     @field_validator("project_id")

@@ -84,11 +84,15 @@ class KubernetesSettings(BaseSettings):
         description="How long a dead leader's Lease holds before another replica takes over.",
     )  # fmt: skip
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        default="IfNotPresent", validation_alias=AliasChoices("CMBCLUSTER_IMAGE_PULL_POLICY")
-    )
+        default="IfNotPresent", validation_alias=AliasChoices("CMBCLUSTER_IMAGE_PULL_POLICY"),
+        description="imagePullPolicy of environment pods: Always (re-pull a changed tag at each start), "
+        "IfNotPresent, or Never (images preloaded on the nodes).",
+    )  # fmt: skip
     request_timeout_seconds: float = Field(
-        default=30, gt=0, validation_alias=AliasChoices("CMBCLUSTER_K8S_REQUEST_TIMEOUT_SECONDS")
-    )
+        default=30, gt=0, validation_alias=AliasChoices("CMBCLUSTER_K8S_REQUEST_TIMEOUT_SECONDS"),
+        description="How long one Kubernetes API call may take (connecting: at most 5 s of it) before it is "
+        "retried with backoff, 5 attempts in all.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_routing(self) -> KubernetesSettings:

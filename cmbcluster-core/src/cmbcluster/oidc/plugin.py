@@ -15,18 +15,43 @@ from cmbcluster.registrations import AuthProviderRegistration, ProviderContext
 class OidcSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
-    oidc_issuer: str = Field(validation_alias=AliasChoices("CMBCLUSTER_OIDC_ISSUER"))
-    oidc_client_id: str = Field(validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_ID"))
+    oidc_issuer: str = Field(
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_ISSUER"),
+        description="The issuer's URL (https://...), exactly as its tokens' iss claim names it.",
+    )
+    oidc_client_id: str = Field(
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_ID"),
+        description="The client id registered with the issuer, with <public URL>/api/v1/auth/oidc/callback as "
+        "its redirect URI.",
+    )
     oidc_client_secret: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_SECRET")
+        default=None,
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_CLIENT_SECRET"),
+        description="The client's secret (sent as HTTP basic auth); unset for a public client, which PKCE alone "
+        "protects.",
     )
-    oidc_scopes: str = Field(default="openid email profile", validation_alias=AliasChoices("CMBCLUSTER_OIDC_SCOPES"))
+    oidc_scopes: str = Field(
+        default="openid email profile",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_SCOPES"),
+        description="Space-separated scopes asked for at sign-in: enough for the ID token to carry the e-mail "
+        "address, without which sign-in is refused.",
+    )
     oidc_display_name: str = Field(
-        default="Single sign-on", validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISPLAY_NAME")
+        default="Single sign-on",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISPLAY_NAME"),
+        description="The sign-in page's button reads 'Sign in with <this>'.",
     )
-    oidc_discovery_url: str | None = Field(default=None, validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISCOVERY_URL"))
+    oidc_discovery_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_DISCOVERY_URL"),
+        description="Default: <issuer>/.well-known/openid-configuration; set it for an issuer whose discovery "
+        "document is elsewhere.",
+    )
     oidc_admin_groups: str = Field(
-        default="admin,admins,cmbcluster-admins", validation_alias=AliasChoices("CMBCLUSTER_OIDC_ADMIN_GROUPS")
+        default="admin,admins,cmbcluster-admins",
+        validation_alias=AliasChoices("CMBCLUSTER_OIDC_ADMIN_GROUPS"),
+        description="Comma-separated groups (in CMBCLUSTER_OIDC_GROUPS_CLAIM) whose members are made "
+        "administrators when they sign in.",
     )
     oidc_require_verified_email: bool = Field(
         default=True,
