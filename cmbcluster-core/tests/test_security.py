@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -24,7 +25,7 @@ from sqlalchemy import select, text
 
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import AuditEvent, EnvVar, User
+from cmbcluster.db.models import AuditEvent, EnvVar, User, new_id
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.oidc import KeyServer
@@ -853,3 +854,60 @@ def test_a_refused_body_is_not_echoed_many_times_over(client: TestClient, alice:
     refused = answer.json()
     assert len(refused["detail"]) == MAX_DETAIL_ERRORS and refused["detail"][0]["type"] == "extra_forbidden"
     assert refused["message"].startswith(f"60000 problems, the first {MAX_DETAIL_ERRORS} listed; k0: ")
+
+
+def test_an_admin_role_a_sign_in_rule_gave_ends_when_the_rule_no_longer_gives_it(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone removed from the identity provider's admin group (or from CMBCLUSTER_ADMIN_EMAILS)
+    stayed an administrator for ever. Their next sign-in now takes the role back; a role an
+    administrator gave by hand, and the last administrator's, stay."""
+
+    def sign_in(client: TestClient, sub: str, email: str, groups: list[str]) -> dict[str, Any]:
+        token = keys.sign({"sub": sub, "aud": CLIENT_ID, "email": email, "email_verified": True, "groups": groups,
+                           "jti": new_id()})  # fmt: skip
+        answer = client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token})
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
+        first = dev_sign_in(client, "first@example.org")  # the first user: an admin, whatever groups say
+        assert sign_in(client, "lin", "lin@example.org", ["admins"])["user"]["role"] == "admin"
+        lin = sign_in(client, "lin", "lin@example.org", ["physics"])  # removed from the group
+        assert lin["user"]["role"] == "user"
+        as_lin = {"Authorization": f"Bearer {lin['token']}"}
+        assert client.get("/api/v1/admin/users", headers=as_lin).status_code == 403
+        # listed in ADMIN_EMAILS, then not: the same (the app's list is its settings')
+        assert sign_in(client, "boss", ADMIN, [])["user"]["role"] == "admin"
+        client.app.state.context.config.core.admin_emails = []  # type: ignore[attr-defined]
+        assert sign_in(client, "boss", ADMIN, [])["user"]["role"] == "user"
+        # made an admin by an administrator: no sign-in takes that back
+        ada = sign_in(client, "ada", "ada@example.org", [])
+        promoted = client.patch(f"/api/v1/admin/users/{ada['user']['id']}", headers=first, json={"role": "admin"})
+        assert promoted.status_code == 200, promoted.text
+        assert sign_in(client, "ada", "ada@example.org", [])["user"]["role"] == "admin"
+        roles = [(e["detail"].get("role"), e["detail"].get("reason")) for e in client.get(
+            "/api/v1/admin/audit", headers=first, params={"action": "user.role_changed"}).json()["items"]]  # fmt: skip
+        assert ("user", "no longer granted by provider group") in roles
+        assert ("user", "no longer granted by CMBCLUSTER_ADMIN_EMAILS (verified address)") in roles
+
+
+def test_the_last_administrator_keeps_the_role_a_sign_in_rule_gave(
+    settings: CoreSettings, keys: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TestClient(oidc_app(settings, keys, monkeypatch), base_url=LOCAL) as client:
+        first = dev_sign_in(client, "first@example.org")
+        first_id = client.get("/api/v1/auth/me", headers=first).json()["id"]
+
+        def sign_in(groups: list[str]) -> dict[str, Any]:
+            token = keys.sign({"sub": "lin", "aud": CLIENT_ID, "email": "lin@example.org", "email_verified": True,
+                               "groups": groups, "jti": new_id()})  # fmt: skip
+            return dict(client.post("/api/v1/auth/exchange", json={"provider": "oidc", "token": token}).json())
+
+        lin = sign_in(["admins"])
+        assert lin["user"]["role"] == "admin"
+        # the first administrator leaves: Lin, made an admin by the group, is the only one
+        as_lin = {"Authorization": f"Bearer {lin['token']}"}
+        gone = client.patch(f"/api/v1/admin/users/{first_id}", headers=as_lin, json={"status": "deactivated"})
+        assert gone.status_code == 200, gone.text
+        assert sign_in([])["user"]["role"] == "admin"  # else nobody could administer the deployment

@@ -151,7 +151,7 @@ class CoreSettings(BaseSettings):
     admin_emails: CommaList = Field(
         default_factory=list, validation_alias=_aliases("CMBCLUSTER_ADMIN_EMAILS", "ADMIN_EMAILS"),
         description="Comma-separated e-mail addresses made administrators when they sign in, if their identity "
-        "provider verified the address.",
+        "provider verified the address; one taken off the list is a plain user again from its next sign-in.",
     )  # fmt: skip
     dev_login_allow_remote: bool = Field(
         default=False,

@@ -73,6 +73,10 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     role: Mapped[str] = mapped_column(String(20), default="user")  # admin | user
+    #: why the user is an admin when a sign-in rule made them one, ``provider_group`` or
+    #: ``admin_emails``: a later sign-in the rule no longer grants takes the role back. None: the
+    #: first user, an administrator's choice, or from before 0010 (never taken back by a sign-in).
+    admin_because: Mapped[str | None] = mapped_column(String(20), default=None)
     status: Mapped[str] = mapped_column(String(20), default="active")  # active | deactivated
     #: whether the identity provider vouched for ``email`` (only a verified address is linked to)
     email_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())

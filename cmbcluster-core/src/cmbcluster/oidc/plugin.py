@@ -51,7 +51,7 @@ class OidcSettings(BaseSettings):
         default="admin,admins,cmbcluster-admins",
         validation_alias=AliasChoices("CMBCLUSTER_OIDC_ADMIN_GROUPS"),
         description="Comma-separated groups (in CMBCLUSTER_OIDC_GROUPS_CLAIM) whose members are made "
-        "administrators when they sign in.",
+        "administrators when they sign in; someone who left them is a plain user again from their next sign-in.",
     )
     oidc_require_verified_email: bool = Field(
         default=True,

@@ -22,6 +22,7 @@ from cmbcluster.interfaces import UserRef
 from cmbcluster.services import environments, storages
 from cmbcluster.services.audit import audit
 from cmbcluster.services.sessions import ACCOUNT_GONE, DEACTIVATED, revoke_all_sessions
+from cmbcluster.services.users import other_active_admins
 
 if TYPE_CHECKING:
     from cmbcluster.context import AppContext
@@ -137,14 +138,6 @@ def user_counts(db: Session, user_id: str) -> dict[str, int]:
     }
 
 
-def _other_active_admins(db: Session, user_id: str) -> int:
-    # FOR UPDATE (where the database has it) serializes two admins demoting each other at once.
-    rows = db.execute(
-        select(User.id).where(User.role == "admin", User.status == "active", User.id != user_id).with_for_update()
-    ).all()
-    return len(rows)
-
-
 def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str | None) -> User:
     """Change a user's role, status or maximum uptime, with an audit event per change.
 
@@ -161,7 +154,7 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
         if new_status != "active" and user.status == "active":
             raise InvalidRequest("you cannot deactivate your own account; ask another administrator")
     loses_admin = user.role == "admin" and user.status == "active" and (new_role != "admin" or new_status != "active")
-    if loses_admin and _other_active_admins(db, user.id) == 0:
+    if loses_admin and other_active_admins(db, user.id) == 0:
         raise Conflict(f"{user.email} is the last active administrator; make another user an administrator first")
 
     target = {"target_type": "user", "target_id": user.id}
@@ -169,6 +162,7 @@ def update_user(db: Session, user_id: str, changes: UserUpdate, *, actor_id: str
         audit(db, actor_id=actor_id, action="user.role_changed", email=user.email,
               before={"role": user.role}, after={"role": new_role}, **target)  # fmt: skip
         user.role = new_role
+        user.admin_because = None  # an administrator's choice: no sign-in rule takes it back
     if new_status != user.status:
         revoked = 0
         if new_status == "deactivated":
@@ -220,7 +214,7 @@ def delete_user(db: Session, context: AppContext, user_id: str, *, actor_id: str
     user = get_user(db, user_id)
     if actor_id is not None and actor_id == user.id:
         raise InvalidRequest("you cannot delete your own account; ask another administrator")
-    if user.role == "admin" and user.status == "active" and _other_active_admins(db, user.id) == 0:
+    if user.role == "admin" and user.status == "active" and other_active_admins(db, user.id) == 0:
         raise Conflict(f"{user.email} is the last active administrator; make another user an administrator first")
     buckets = user_counts(db, user.id)["storages"]
     if buckets:

@@ -7,6 +7,8 @@ link a sign-in to an existing account, or become an account's address.
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -16,6 +18,8 @@ from cmbcluster.errors import AuthenticationFailed, Conflict, InvalidRequest, No
 from cmbcluster.interfaces import UserInfo
 from cmbcluster.services.audit import activity, audit
 from cmbcluster.text import check_email_address, shown_name
+
+log = logging.getLogger(__name__)
 
 #: ``users.name``'s size
 MAX_USER_NAME = 200
@@ -46,7 +50,8 @@ def sign_in(db: Session, info: UserInfo, *, admin_emails: list[str]) -> User:
     e-mail address to an account whose address was verified too, else created.
 
     The first user ever is an admin; so is a user whose provider groups map to ``admin``, and one
-    whose *verified*, unchanged address is in ADMIN_EMAILS. A sign-in whose token carries another
+    whose *verified*, unchanged address is in ADMIN_EMAILS, until a sign-in neither rule grants
+    (:func:`_apply_admin_rules`). A sign-in whose token carries another
     address than the account's is audited (``user.email_changed``) and changes no role; the new
     address is adopted only when verified.
     """
@@ -127,15 +132,36 @@ def _record_email_change(db: Session, user: User, email: str, info: UserInfo) ->
         user.email, user.email_verified = email, True
 
 
+#: Why a sign-in rule makes someone an administrator (``User.admin_because``), as the audit says it.
+_ADMIN_RULES = {"provider_group": "provider group", "admin_emails": "CMBCLUSTER_ADMIN_EMAILS (verified address)"}
+
+
 def _apply_admin_rules(
     db: Session, user: User, info: UserInfo, *, email_trusted: bool, admin_emails: list[str]
 ) -> None:
+    """Grant the admin role a sign-in rule gives (a provider group, a verified address in
+    ADMIN_EMAILS), and take back one a rule gave that no rule gives any more: removing someone from
+    the admin group, or the list, ends their role at their next sign-in. A role an administrator
+    gave, the first user's, and the last active administrator's are never taken back here."""
     listed = email_trusted and user.email in {a.strip().translate(_ASCII_LOWER) for a in admin_emails}
-    from_groups = "admin" in info.roles
-    if (listed or from_groups) and user.role != "admin":
-        user.role = "admin"
-        audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id, role="admin",
-              reason="provider group" if from_groups else "CMBCLUSTER_ADMIN_EMAILS (verified address)")  # fmt: skip
+    because = "provider_group" if "admin" in info.roles else "admin_emails" if listed else None
+    if because is not None:
+        if user.role != "admin":
+            user.role = "admin"
+            audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id,
+                  role="admin", reason=_ADMIN_RULES[because])  # fmt: skip
+            user.admin_because = because
+        elif user.admin_because is not None:
+            user.admin_because = because  # still granted, now (perhaps) by the other rule
+    elif user.role == "admin" and user.admin_because is not None and user.status == "active":
+        others = other_active_admins(db, user.id)
+        reason = f"no longer granted by {_ADMIN_RULES[user.admin_because]}"
+        if others == 0:  # the deployment would have no administrator left: kept, and said so
+            log.warning("%s keeps the admin role, %s, as the last active administrator", user.email, reason)
+            return
+        user.role, user.admin_because = "user", None
+        audit(db, actor_id=None, action="user.role_changed", target_type="user", target_id=user.id,
+              role="user", reason=reason)  # fmt: skip
 
 
 def operator_token(
@@ -164,3 +190,13 @@ def operator_token(
           user_id=user.id, via="cli", expires_at=row.expires_at.isoformat() if row.expires_at else None)  # fmt: skip
     db.commit()
     return user, token, created
+
+
+def other_active_admins(db: Session, user_id: str) -> int:
+    """How many active administrators there are besides ``user_id``. FOR UPDATE (where the database
+    has it) serializes two demotions at once (two admins demoting each other, two sign-ins that
+    each take a role back), so that they cannot both leave the other as the last one and demote it."""
+    rows = db.execute(
+        select(User.id).where(User.role == "admin", User.status == "active", User.id != user_id).with_for_update()
+    ).all()
+    return len(rows)
