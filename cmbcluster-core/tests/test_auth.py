@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from cmbcluster.app import create_app
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
+from cmbcluster.testing.clock import manual_clock
 
 
 def test_providers_are_listed_from_plugins(client: TestClient) -> None:
@@ -212,6 +213,21 @@ def test_refresh_rotates_the_session(client: TestClient) -> None:
     assert again.status_code == 401  # a refresh token works once
 
 
+def test_refreshes_never_extend_a_sign_in_past_the_refresh_lifetime(client: TestClient) -> None:
+    """Each refresh issued a pair whose window counted from its own issue: a script refreshing
+    once a month stayed signed in for ever, and never heard the identity provider again (an
+    account disabled there, an admin group left). Refreshes now continue the sign-in, no further."""
+    session = _exchanged_session(client, "script@example.org")
+    with manual_clock(dt.datetime.now(dt.UTC)) as clock:
+        clock.advance(days=20)
+        rotated = client.post("/api/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+        assert rotated.status_code == 200, rotated.text
+        clock.advance(days=20)  # the new pair is 20 days old, the sign-in 40
+        refused = client.post("/api/v1/auth/refresh", json={"refresh_token": rotated.json()["refresh_token"]})
+        assert refused.status_code == 401
+        assert refused.json()["message"].endswith("of a sign-in over 30 days old: sign in again")
+
+
 def test_a_refresh_token_replayed_at_the_same_time_buys_one_session_only(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,10 +275,11 @@ def test_a_refresh_token_is_refused_while_its_user_is_deactivated_and_once_expir
     session = _exchanged_session(client, "late@example.org")
     with context.sessions() as db:  # older than the refresh lifetime
         too_old = dt.datetime.now(dt.UTC) - context.refresh_ttl - dt.timedelta(seconds=1)
-        db.execute(update(SessionRow).where(SessionRow.user_id == session["user"]["id"]).values(created_at=too_old))
+        db.execute(update(SessionRow).where(SessionRow.user_id == session["user"]["id"])
+                   .values(created_at=too_old, signed_in_at=too_old))  # fmt: skip
         db.commit()
     expired = refresh()
-    assert expired.status_code == 401 and "expired" in expired.json()["message"]
+    assert expired.status_code == 401 and "of a sign-in over 30 days old" in expired.json()["message"]
 
 
 def test_exchange_rejects_bad_tokens_and_input(client: TestClient) -> None:

@@ -198,8 +198,8 @@ class CoreSettings(BaseSettings):
     )  # fmt: skip
     refresh_ttl_days: float = Field(
         default=30, gt=0, validation_alias=_aliases("CMBCLUSTER_REFRESH_TTL_DAYS"),
-        description="How long after a session was issued an API client may still exchange its refresh token "
-        "for a new session (each exchange issues a new pair).",
+        description="How long after signing in with the identity provider an API client may exchange refresh "
+        "tokens for new sessions: each exchange issues a new pair that continues the sign-in, never past this.",
     )  # fmt: skip
     login_attempts_per_minute: int = Field(
         default=30, ge=1, validation_alias=_aliases("CMBCLUSTER_LOGIN_ATTEMPTS_PER_MINUTE"),

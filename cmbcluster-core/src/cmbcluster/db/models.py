@@ -99,6 +99,10 @@ class Session(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     refresh_hash: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: when the user signed in with their identity provider: refreshes carry it from session to
+    #: session, and none is granted past CMBCLUSTER_REFRESH_TTL_DAYS after it (None: before 0010,
+    #: counted from ``created_at``)
+    signed_in_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     expires_at: Mapped[dt.datetime]
     last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import Connection, bindparam, delete, exists, select, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -108,11 +108,16 @@ class IssuedSession:
     user: User  #: whom it was issued to, as loaded to issue it
 
 
-def create_session(db: Session, user: User, *, ttl: dt.timedelta, user_agent: str = "") -> IssuedSession:
+def create_session(
+    db: Session, user: User, *, ttl: dt.timedelta, user_agent: str = "", signed_in_at: dt.datetime | None = None
+) -> IssuedSession:
+    """A new session and its refresh token, for a sign-in (``signed_in_at``: now) or a refresh (the
+    sign-in it continues)."""
     token, refresh = new_token(SESSION_PREFIX), new_token(REFRESH_PREFIX)
+    now = utcnow()
     row = SessionRow(
         user_id=user.id, token_hash=token_hash(token), refresh_hash=token_hash(refresh),
-        expires_at=utcnow() + ttl, user_agent=user_agent[:400],
+        expires_at=now + ttl, user_agent=user_agent[:400], signed_in_at=signed_in_at or now,
     )  # fmt: skip
     db.add(row)
     db.commit()
@@ -177,7 +182,9 @@ def refusals(db: Session, credentials: Collection[Credential]) -> dict[Credentia
 
 
 def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refresh_ttl: dt.timedelta) -> IssuedSession:
-    """Rotate: the old session and refresh token stop working, a new pair is issued.
+    """Rotate: the old session and refresh token stop working, a new pair is issued, for the same
+    sign-in: none past ``refresh_ttl`` after the user signed in with their identity provider (whose
+    word, a disabled account or an admin group left, a new sign-in then hears).
 
     The old pair is revoked by one conditional UPDATE before anything else is read: of two refreshes
     with one token at once (a stolen copy sent beside the real one, through another replica), one
@@ -189,20 +196,29 @@ def refresh_session(db: Session, refresh_token: str, *, ttl: dt.timedelta, refre
         .where(
             SessionRow.refresh_hash == token_hash(refresh_token),
             SessionRow.revoked_at.is_(None),
-            SessionRow.created_at > now - refresh_ttl,
+            func.coalesce(SessionRow.signed_in_at, SessionRow.created_at) > now - refresh_ttl,
         )
         .values(revoked_at=now)
-        .returning(SessionRow.user_id, SessionRow.user_agent)
+        .returning(SessionRow.user_id, SessionRow.user_agent, SessionRow.signed_in_at, SessionRow.created_at)
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if used is None:
         db.rollback()
-        raise AuthenticationFailed("this refresh token is unknown, expired or already used")
+        raise AuthenticationFailed(
+            f"this refresh token is unknown, already used, or of a sign-in over {_days(refresh_ttl)} old: sign in again"
+        )
     user = db.get(User, used.user_id)
     if user is None or user.status != "active":
         db.rollback()  # the token stays as it was: an administrator may reactivate the user
         raise AuthenticationFailed(ACCOUNT_GONE) if user is None else PermissionDenied(DEACTIVATED)
-    return create_session(db, user, ttl=ttl, user_agent=used.user_agent)
+    return create_session(
+        db, user, ttl=ttl, user_agent=used.user_agent, signed_in_at=used.signed_in_at or used.created_at
+    )
+
+
+def _days(span: dt.timedelta) -> str:
+    days = span / dt.timedelta(days=1)
+    return f"{days:g} day" + ("" if days == 1 else "s")
 
 
 def revoke_session(db: Session, session_id: str) -> None:
