@@ -580,3 +580,26 @@ def test_config_example_is_printed_while_the_configuration_it_would_mend_is_inva
     assert result.returncode == 0, result.stderr
     assert "# CMBCLUSTER_PORT=8000\n" in result.stdout and "# ===== KubernetesSettings" in result.stdout
     assert result.stderr.startswith("note: the configuration is invalid (`cmbcluster config check` says why)")
+
+
+def test_a_command_line_options_own_variable_is_not_taken_for_a_misspelt_setting(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`cmbcluster infra --state-dir` reads CMBCLUSTER_INFRA_STATE_DIR: `config check` called it
+    unknown ("did you mean CMBCLUSTER_DATA_DIR?") to the operator who followed the docs."""
+    import click
+    import typer
+
+    from cmbcluster.cli import app
+
+    def envvars(command: click.Command) -> Iterator[str]:
+        for param in command.params:
+            yield from [param.envvar] if isinstance(param.envvar, str) else param.envvar or []
+        for sub in getattr(command, "commands", {}).values():
+            yield from envvars(sub)
+
+    options = {name for name in envvars(typer.main.get_command(app)) if name.startswith("CMBCLUSTER_")}
+    assert "CMBCLUSTER_INFRA_STATE_DIR" in options
+    result = cmbcluster("config", "check", env={**env, **dict.fromkeys(options, str(tmp_path))}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "is not a setting" not in result.stderr

@@ -290,7 +290,11 @@ def _unknown_variables(core: CoreSettings, pm: PluginManager) -> list[str]:
 
 
 #: CMBCLUSTER_* variables that are not settings: read by the tools around the server.
-_NOT_SETTINGS = frozenset({"CMBCLUSTER_HELM", "CMBCLUSTER_HELM_CHART", "CMBCLUSTER_EXTRAS", "CMBCLUSTER_PYTHON"})
+_NOT_SETTINGS = frozenset({
+    "CMBCLUSTER_HELM", "CMBCLUSTER_HELM_CHART", "CMBCLUSTER_EXTRAS", "CMBCLUSTER_PYTHON",
+    # command-line options' own variables (`cmbcluster infra --state-dir`, `--kubeconfig`)
+    "CMBCLUSTER_INFRA_STATE_DIR", "CMBCLUSTER_INFRA_KUBECONFIG",
+})  # fmt: skip
 
 
 def _set_names(core: CoreSettings) -> set[str]:
