@@ -511,6 +511,13 @@ def test_cli_images_use_the_ecr_registry(cli_env: dict[str, str], tmp_path: Path
 def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path) -> None:
     cases = [
         ({"VPC_CIDR": "10.0.0.0/8"}, ["infra", "plan"], "VPC_CIDR 10.0.0.0/8 must be between"),
+        # refused by `config check` too, as every setting, not first by `infra up`
+        ({"VPC_CIDR": "10.0.0.1/16"}, ["config", "check"], "VPC_CIDR '10.0.0.1/16' is not a network"),
+        (
+            {"EKS_NODE_COUNT": "4", "EKS_NODE_MAX": "2"},
+            ["config", "check"],
+            "EKS_NODE_MAX (2) is below EKS_NODE_COUNT (4)",
+        ),
         ({"AWS_ACCOUNT_ID": "999999999999"}, ["infra", "up", "--addons", "print"], "not AWS_ACCOUNT_ID 999999999999"),
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, ["infra", "up", "--addons", "print"], "AWS is unreachable"),
         ({"PATH": str(tmp_path)}, ["infra", "up"], "`helm` is not installed"),

@@ -587,12 +587,11 @@ def test_a_command_line_options_own_variable_is_not_taken_for_a_misspelt_setting
 ) -> None:
     """`cmbcluster infra --state-dir` reads CMBCLUSTER_INFRA_STATE_DIR: `config check` called it
     unknown ("did you mean CMBCLUSTER_DATA_DIR?") to the operator who followed the docs."""
-    import click
     import typer
 
     from cmbcluster.cli import app
 
-    def envvars(command: click.Command) -> Iterator[str]:
+    def envvars(command: Any) -> Iterator[str]:  # typer's own click command
         for param in command.params:
             yield from [param.envvar] if isinstance(param.envvar, str) else param.envvar or []
         for sub in getattr(command, "commands", {}).values():

@@ -368,6 +368,8 @@ def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path, 
         ({**cli_env, "ZONE": "us-east1-b"}, ["infra", "plan"], "ZONE 'us-east1-b' is not in REGION europe-west1"),
         ({**cli_env, "GOOGLE_API_ENDPOINT": "http://127.0.0.1:9"}, ["infra", "status"], "cannot reach Google Cloud"),
         ({**cli_env, "GKE_RELEASE_CHANNEL": "NIGHTLY"}, ["infra", "plan"], "GKE_RELEASE_CHANNEL"),
+        ({**cli_env, "GKE_NODES_PER_ZONE": "3", "GKE_MAX_NODES_PER_ZONE": "2"}, ["config", "check"],
+         "GKE_MAX_NODES_PER_ZONE (2) is below GKE_NODES_PER_ZONE (3)"),
         ({**cli_env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json")},
          ["infra", "up", "--addons", "print"], "no Google Cloud credentials"),
     ]  # fmt: skip

@@ -340,12 +340,7 @@ class AwsProvisioner(Provisioner):
         return [suffix for suffix in IRSA_ROLES if suffix != "cert-manager" or self.domains]
 
     def _subnet_cidrs(self) -> tuple[list[str], list[str]]:
-        try:
-            network = ipaddress.ip_network(self.settings.vpc_cidr)
-        except ValueError as exc:
-            raise ConfigurationError([f"VPC_CIDR {self.settings.vpc_cidr!r} is not a network: {exc}"]) from None
-        if not 16 <= network.prefixlen <= 24:
-            raise ConfigurationError([f"VPC_CIDR {network} must be between a /16 and a /24 (AWS's VPC limits)"])
+        network = ipaddress.ip_network(self.settings.vpc_cidr)  # a /16 to a /24: checked with the settings
         blocks = [str(b) for b in network.subnets(new_prefix=network.prefixlen + 3)]  # 8 blocks: 3 public, 3 private
         return blocks[:ZONES], blocks[4 : 4 + ZONES]
 
@@ -409,7 +404,7 @@ class AwsProvisioner(Provisioner):
                         creates=(f"ec2/launch-template {self.launch_template_name}",)),
             PlannedStep(name="node-group",
                         description=f"Managed node group: {s.eks_node_count} x {s.eks_node_instance_type} "
-                        f"(1 to {max(s.eks_node_max, s.eks_node_count)})",
+                        f"(1 to {s.eks_node_max})",
                         creates=(f"eks/nodegroup {self.nodegroup_name}",)),
             PlannedStep(name="user-boundary",
                         description="Permissions boundary of per-user roles: users' buckets at most",
@@ -919,7 +914,7 @@ class AwsProvisioner(Provisioner):
                     clusterName=self.cluster, nodegroupName=name, nodeRole=role_arn,
                     subnets=self._subnet_ids(job, "private"), instanceTypes=[settings.eks_node_instance_type],
                     scalingConfig={"minSize": 1, "desiredSize": settings.eks_node_count,
-                                   "maxSize": max(settings.eks_node_max, settings.eks_node_count)},
+                                   "maxSize": settings.eks_node_max},
                     amiType="AL2023_x86_64_STANDARD", capacityType="ON_DEMAND",
                     launchTemplate={"id": template},  # its default version: IMDS hop limit 1, the disk
                     tags=self._tag_map("node-group", name),

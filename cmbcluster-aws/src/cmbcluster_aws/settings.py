@@ -7,6 +7,7 @@ default the EKS cluster's name) is in every cloud name the plugin makes (:mod:`c
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -291,6 +292,30 @@ class AwsSettings(BaseSettings):
             )
         if self.aws_session_token is not None and self.aws_access_key_id is None:
             raise PydanticCustomError("aws_keys", "AWS_SESSION_TOKEN is set without AWS_ACCESS_KEY_ID", {})
+        return self
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _vpc_cidr(cls, value: str) -> str:
+        """Checked with the settings, so that `config check` refuses what `infra up` would."""
+        try:
+            network = ipaddress.ip_network(value)
+        except ValueError as exc:
+            raise PydanticCustomError("vpc_cidr", "{value} is not a network: {reason}",
+                                      {"value": repr(value), "reason": str(exc)}) from None  # fmt: skip
+        if not 16 <= network.prefixlen <= 24:
+            raise PydanticCustomError(
+                "vpc_cidr", "{value} must be between a /16 and a /24 (AWS's VPC limits)", {"value": str(network)}
+            )
+        return str(network)
+
+    @model_validator(mode="after")
+    def _node_range(self) -> AwsSettings:
+        if self.eks_node_max < self.eks_node_count:
+            raise PydanticCustomError(
+                "eks_nodes", "EKS_NODE_MAX ({most}) is below EKS_NODE_COUNT ({count}): the node group could not "
+                "start with its nodes", {"most": self.eks_node_max, "count": self.eks_node_count},
+            )  # fmt: skip
         return self
 
     @field_validator("datasync_agent_arns")

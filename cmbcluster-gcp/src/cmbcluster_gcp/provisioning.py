@@ -270,7 +270,7 @@ class GcpProvisioner(Provisioner):
             PlannedStep(name="gke-cluster",
                         description=f"GKE cluster in {self.location}: Workload Identity, Dataplane V2 (NetworkPolicies "
                         "enforced), GKE metadata server, GcsFuseCsiDriver and persistent disk CSI add-ons, "
-                        f"{s.gke_nodes_per_zone} to {max(s.gke_max_nodes_per_zone, s.gke_nodes_per_zone)} x "
+                        f"{s.gke_nodes_per_zone} to {s.gke_max_nodes_per_zone} x "
                         f"{s.gke_machine_type} per zone",
                         creates=(f"container/cluster {self.cluster}",
                                  f"container/nodepool {self._name('nodes')}")),
@@ -424,7 +424,7 @@ class GcpProvisioner(Provisioner):
                     "name": self._name("nodes"),
                     "initialNodeCount": s.gke_nodes_per_zone,
                     "autoscaling": {"enabled": True, "minNodeCount": 1,
-                                    "maxNodeCount": max(s.gke_max_nodes_per_zone, s.gke_nodes_per_zone)},
+                                    "maxNodeCount": s.gke_max_nodes_per_zone},
                     "management": {"autoUpgrade": True, "autoRepair": True},
                     "config": {"machineType": s.gke_machine_type, "diskSizeGb": 100,
                                "oauthScopes": [CLOUD_PLATFORM_SCOPE],

@@ -322,6 +322,16 @@ class GcpSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _node_range(self) -> GcpSettings:
+        if self.gke_max_nodes_per_zone < self.gke_nodes_per_zone:
+            raise PydanticCustomError(
+                "gke_nodes", "GKE_MAX_NODES_PER_ZONE ({most}) is below GKE_NODES_PER_ZONE ({count}): the node pool "
+                "could not start with its nodes",
+                {"most": self.gke_max_nodes_per_zone, "count": self.gke_nodes_per_zone},
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _transfer_key_pair(self) -> GcpSettings:
         if (self.storage_transfer_aws_access_key_id is None) != (self.storage_transfer_aws_secret_access_key is None):
             raise ValueError(
