@@ -26,7 +26,6 @@ Every test deletes the environments it started, also when it fails.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -316,7 +315,11 @@ class ComputeBackendContract:
             assert status.user_id in (None, spec.user.id), status
             assert status.phase in LIVE, status
         compute_backend.delete(deleted.environment_id)
-        wait_until(lambda: not listed(compute_backend, deleted.environment_id), start_timeout, "the deleted one unlisted")
+        gone = deleted.environment_id
+        try:
+            wait_until(lambda: not listed(compute_backend, gone), start_timeout, "the deleted one unlisted")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {listed(compute_backend, gone)}") from None
         assert len(listed(compute_backend, kept.environment_id)) == 1
 
     # -- stopping and deleting -----------------------------------------------------------------
@@ -377,7 +380,10 @@ class ComputeBackendContract:
             seen.append(compute_backend.status(spec.environment_id).phase)
             return seen[-1] in ENDED
 
-        wait_until(ended, start_timeout, f"an application that exited with {code} to end (seen: {set(seen)})")
+        try:
+            wait_until(ended, start_timeout, f"an application that exited with {code} to end")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it was {', '.join(dict.fromkeys(seen))}") from None
         assert EnvironmentPhase.RUNNING not in seen, seen
         # core starts it again as launch does: a stop first (its status is not MISSING), then a start,
         # which must run the new command, not adopt what ended
@@ -392,7 +398,7 @@ class ComputeBackendContract:
         start_timeout: float,
     ) -> None:  # fmt: skip
         self.needs_applications()
-        variables = {"CMB_GREETING": "hello, Planck", "CMB_EMPTY": "", "CMB_QUOTED": "it's $HOME \"and\" {port}"}
+        variables = {"CMB_GREETING": "hello, Planck", "CMB_EMPTY": "", "CMB_QUOTED": 'it\'s $HOME "and" {port}'}
         spec = self.spec(environment_spec, owner, serving(), env=variables)
         started.start(spec)
         wait_for_phase(compute_backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
