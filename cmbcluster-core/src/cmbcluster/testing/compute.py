@@ -26,6 +26,7 @@ Every test deletes the environments it started, also when it fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -310,7 +311,7 @@ class ComputeBackendContract:
         for spec in (kept, deleted):
             started.start(spec)
         for spec in (kept, deleted):
-            [status] = wait_until(lambda s=spec: listed(compute_backend, s.environment_id), start_timeout,
+            [status] = wait_until(functools.partial(listed, compute_backend, spec.environment_id), start_timeout,
                                   f"{spec.environment_id} listed")  # fmt: skip
             assert status.user_id in (None, spec.user.id), status
             assert status.phase in LIVE, status
