@@ -102,7 +102,7 @@ def _suites() -> list[str]:
 def test_testing_md_covers_every_contract_suite() -> None:
     text = (ROOT / "docs" / "plugins" / "testing.md").read_text()
     suites = _suites()
-    assert len(suites) == 8, suites
+    assert len(suites) == 9, suites
     assert [s for s in suites if f"`{s}`" not in text] == []
 
 

@@ -177,7 +177,10 @@ class KubernetesCompute(ComputeBackend):
         if environment_id == pod_name:
             return  # not an environment's pod
         for listener in self._listeners:
-            listener(environment_id)
+            try:
+                listener(environment_id)
+            except Exception:  # one listener's bug must not keep the change from the others
+                log.exception("status listener %r failed", listener)
 
     @property
     def elects_leader(self) -> bool:

@@ -29,6 +29,8 @@ Key = Callable[[dict[str, Any]], str | None]
 #: how long one watch request lasts before the server ends it and the thread resumes it
 WATCH_SECONDS = 240
 _MAX_BACKOFF_SECONDS = 5.0
+#: How many deleted objects' uids a cache remembers (see WatchCache.put).
+DELETED_KEPT = 4096
 
 
 class _Expired(Exception):
@@ -74,6 +76,9 @@ class WatchCache:
         self._connect_timeout = connect_timeout
         self._watch_seconds = watch_seconds
         self._items: dict[str, dict[str, Any]] = {}
+        # uids whose deletion the watch saw (the newest few): a put arriving after the event (a
+        # delete call's answer, returned late) must not bring the object back
+        self._deleted: dict[str, None] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._closed = threading.Event()
@@ -102,6 +107,8 @@ class WatchCache:
         if key is None:
             return
         with self._lock:
+            if metadata(obj).get("uid") in self._deleted:
+                return
             current = self._items.get(key)
             if current is None or _newer_or_equal(obj, current):
                 self._items[key] = obj
@@ -219,6 +226,11 @@ class WatchCache:
                 current = self._items.get(key)
                 if current is not None and metadata(current).get("uid") == metadata(obj).get("uid"):
                     del self._items[key]
+                uid = metadata(obj).get("uid")
+                if uid:
+                    self._deleted[str(uid)] = None
+                    if len(self._deleted) > DELETED_KEPT:
+                        del self._deleted[next(iter(self._deleted))]
             self._notify({key})
         return str(version) if version else None
 

@@ -13,9 +13,10 @@ fsspec's abstract tests)::
 The suites: :mod:`~cmbcluster.testing.storage` (``StorageContract``), :mod:`~cmbcluster.testing.auth`
 (``AuthProviderContract``), :mod:`~cmbcluster.testing.infra` (``InfraProviderContract``),
 :mod:`~cmbcluster.testing.pods` (``PodDecorationContract``), :mod:`~cmbcluster.testing.provisioning`
-(``ProvisionerContract``), :mod:`~cmbcluster.testing.deploy` (``DeployValuesContract``) and
+(``ProvisionerContract``), :mod:`~cmbcluster.testing.deploy` (``DeployValuesContract``),
 :mod:`~cmbcluster.testing.lifecycle` (``LifecycleContract``), :mod:`~cmbcluster.testing.prices`
-(``PriceTableContract``); ``docs/plugins/testing.md`` covers
+(``PriceTableContract``) and :mod:`~cmbcluster.testing.compute` (``ComputeBackendContract``);
+``docs/plugins/testing.md`` covers
 each, and the helpers beside them.
 """
 
