@@ -271,6 +271,24 @@ def test_a_container_that_cannot_start_says_why() -> None:
     )
 
 
+def test_an_application_the_kubelet_keeps_restarting_is_a_failure_with_its_exit_code() -> None:
+    """Its pod stays Running (restartPolicy OnFailure): reported starting, the launch dialog waited
+    for core's 10-minute start timeout on an application that had failed at once."""
+    crashing = pod("Running", containerStatuses=[{
+        "name": "environment", "restartCount": 2,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 3, "reason": "Error"}},
+    }])  # fmt: skip
+    status = status_from_pod("x", crashing, url=URL)
+    assert (status.phase, status.url) == (EnvironmentPhase.FAILED, None)
+    assert status.message == (
+        "the application exited with code 3 (Error), 3 times (CrashLoopBackOff: restarted after a back-off)"
+    )
+    # another container waiting (pulling its image) is still starting
+    pulling = pod("Running", containerStatuses=[{"name": "environment", "state": {"waiting": {"reason": "Pulling"}}}])
+    assert status_from_pod("x", pulling, url=URL).phase == EnvironmentPhase.STARTING
+
+
 def test_ended_and_vanishing_pods() -> None:
     exited = pod("Succeeded", containerStatuses=[{"name": "environment", "state": {"terminated": {"exitCode": 0}}}])
     assert status_from_pod("x", exited, url=URL).phase == EnvironmentPhase.STOPPED

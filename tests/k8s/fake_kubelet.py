@@ -186,11 +186,16 @@ class FakeKubelet:
             return
         if pod.metadata.deletion_timestamp:  # like a kubelet: stop it, then finish the graceful deletion
             self.stop_process(pod.metadata.uid)
+            # This very pod (a kubelet's uid precondition): a pod of the same name created since, by
+            # a start right after a stop, is another pod and must not be deleted with it.
+            gone = client.V1DeleteOptions(
+                grace_period_seconds=0, preconditions=client.V1Preconditions(uid=pod.metadata.uid)
+            )
             try:
-                self.v1.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+                self.v1.delete_namespaced_pod(name, ns, body=gone)
                 log("deleted", ns, name)
             except client.ApiException as e:
-                if e.status != 404:
+                if e.status not in (404, 409):  # gone, or the name is another pod's now
                     raise
             return
         if pod.status.phase in ("Running", "Succeeded", "Failed") or pod.metadata.uid in self.processes:

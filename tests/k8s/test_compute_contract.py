@@ -27,7 +27,6 @@ from cmbcluster.kubernetes.routing import Exposure
 from cmbcluster.testing.compute import (
     ComputeBackendContract,
     SpecFactory,
-    Started,
     fetch,
     serving,
     wait_for_phase,
@@ -82,24 +81,6 @@ class TestKubernetesCompute(ComputeBackendContract):
             )  # fmt: skip
 
         return spec
-
-    @pytest.mark.parametrize(
-        "code",
-        [
-            0,
-            pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-                "a pod whose application fails restarts (restartPolicy OnFailure): CrashLoopBackOff is "
-                "STARTING, so core fails it only at its start timeout (CMBCLUSTER_START_TIMEOUT_SECONDS)"
-            ))),
-        ],
-    )  # fmt: skip
-    def test_an_application_that_exits_at_once_ends_and_a_start_after_runs_anew(
-        self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, started: Started,
-        start_timeout: float, code: int,
-    ) -> None:  # fmt: skip
-        super().test_an_application_that_exits_at_once_ends_and_a_start_after_runs_anew(
-            compute_backend, environment_spec, owner, started, start_timeout, code
-        )
 
     def test_secret_files_reach_the_application(  # type: ignore[override]
         self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, admin: k8s.CoreV1Api,

@@ -5,7 +5,8 @@
   0/3 nodes ...``) or the condition's message; scheduled, it is ``starting``, with what the
   kubelet says (pulling the image, a container waiting, and why).
 - ``Running`` and Ready is ``running``, with the environment's URL; not Ready yet, ``starting``.
-- ``Succeeded`` is ``stopped`` (the application exited); ``Failed`` is ``failed`` with the reason.
+- ``Succeeded`` is ``stopped`` (the application exited); ``Failed`` is ``failed`` with the reason;
+  so is an application the kubelet keeps restarting (``CrashLoopBackOff``), with its exit code.
 - A container waiting for a reason it cannot get past alone (a wrong image name, an image that
   cannot be pulled, a missing Secret) says so in the message.
 """
@@ -19,7 +20,7 @@ from cmbcluster.interfaces import EnvironmentPhase, EnvironmentStatus
 from cmbcluster.kubernetes.labels import USER_ANNOTATION, USER_LABEL, metadata
 from cmbcluster.kubernetes.manifests import CONTAINER_NAME
 
-__all__ = ["event_message", "event_pod", "event_time", "status_from_pod"]
+__all__ = ["crash_loop", "event_message", "event_pod", "event_time", "status_from_pod"]
 
 #: Waiting reasons an environment does not recover from without a change (its image, its Secret).
 FAILED_WAITING = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"})
@@ -58,6 +59,9 @@ def status_from_pod(
         ready = conditions.get("Ready")
         if ready is not None and ready.get("status") == "True":
             return result(EnvironmentPhase.RUNNING, "", url)
+        crashed = crash_loop(status)
+        if crashed:  # the kubelet restarts it, after a back-off that grows to 5 minutes: a failure now
+            return result(EnvironmentPhase.FAILED, crashed)
         return result(EnvironmentPhase.STARTING, waiting or latest or "waiting for the application to be ready")
     if phase == "Succeeded":
         return result(EnvironmentPhase.STOPPED, terminated or "the application exited")
@@ -84,6 +88,26 @@ def container_states(status: dict[str, Any]) -> tuple[str, str]:
             term = state["terminated"]
             terminated = str(term.get("message") or term.get("reason") or f"exit code {term.get('exitCode')}")
     return waiting, terminated
+
+
+def crash_loop(status: dict[str, Any]) -> str:
+    """Why the environment's application keeps ending (its exit code and reason), when the kubelet
+    is backing off before restarting it (CrashLoopBackOff); else empty. Its pod stays Running, and
+    was reported starting until core's start timeout (10 minutes), while the user waited for an
+    application that had failed at once."""
+    for container in status.get("containerStatuses") or []:
+        if not isinstance(container, dict) or container.get("name") != CONTAINER_NAME:
+            continue
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") != "CrashLoopBackOff":
+            return ""
+        last = (container.get("lastState") or {}).get("terminated") or {}
+        code, why = last.get("exitCode"), last.get("reason") or ""
+        ended = f"the application exited with code {code}" if code is not None else "the application exited"
+        times = container.get("restartCount") or 0
+        again = f", {times + 1} times" if times >= 1 else ""
+        return f"{ended}{f' ({why})' if why else ''}{again} (CrashLoopBackOff: restarted after a back-off)"
+    return ""
 
 
 def event_message(event: dict[str, Any] | None, pod_meta: dict[str, Any]) -> str:
