@@ -787,6 +787,68 @@ def test_a_start_taken_back_whose_record_is_deleted_meanwhile_leaves_nothing(
     assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
 
 
+def test_a_delete_that_commits_while_a_start_records_its_status_leaves_nothing_running(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outsider's trial: the start found the environment still wanted running, the
+    delete (whose backend call had come before the start's) then removed the record, and the start's
+    status write failed on the missing row: a 409, and the application ran on, owned by nobody,
+    until the next reconcile pass."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False)
+    apply_status = environments.apply_status  # type: ignore[attr-defined]  # the name launch calls
+
+    def deleted_first(db: Any, row: Environment, status: EnvironmentStatus) -> bool:
+        with context.sessions() as other:  # the delete request, committed now
+            other.execute(delete(Environment).where(Environment.id == env["id"]))
+            other.commit()
+        return apply_status(db, row, status)
+
+    monkeypatch.setattr(environments, "apply_status", deleted_first)
+    answer = client.post(f"/api/v1/environments/{env['id']}/start", headers=alice)
+    assert answer.status_code == 404, answer.text
+    assert env["id"] not in {status.environment_id for status in context.compute.list_managed()}
+
+
+def test_an_edit_sent_while_the_environment_starts_is_used_or_refused_never_shown_unused(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outsider's trial: the edit checked the environment was stopped, a start was
+    reserved and launched with the choices of before, then the edit was written and answered 200:
+    the page showed variables (and buckets) the running environment did not have."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=False, env={"FOO": "before"})
+    url = f"/api/v1/environments/{env['id']}"
+    checked, go_on = threading.Event(), threading.Event()
+    validate_env = environments._validate_env
+
+    def slow_validation(values: dict[str, str]) -> dict[str, str]:  # after the edit's status check
+        checked.set()
+        assert go_on.wait(30)
+        return validate_env(values)
+
+    launched: list[EnvironmentSpec] = []
+    start = context.compute.start
+
+    def recorded(spec: EnvironmentSpec) -> EnvironmentStatus:
+        launched.append(spec)
+        return start(spec)
+
+    monkeypatch.setattr(environments, "_validate_env", slow_validation)
+    monkeypatch.setattr(context.compute, "start", recorded)
+    editing, edited = in_thread(lambda: client.patch(url, headers=alice, json={"env": {"FOO": "patched"}}))
+    assert checked.wait(10)
+    starting, started = in_thread(lambda: client.post(url + "/start", headers=alice))
+    time.sleep(0.5)  # the start is reserved now, unless the edit holds it back
+    go_on.set()
+    editing.join(30)
+    starting.join(30)
+    assert started[0].status_code == 200, started[0].text
+    shown = client.get(url, headers=alice).json()["env"]
+    assert edited[0].status_code in (200, 409), edited[0].text
+    assert launched[0].env["FOO"] == shown["FOO"]  # what the page shows is what runs
+
+
 def decided_in_one_batch(
     context: AppContext, calls: list[Callable[[], str]], meanwhile: Callable[[], None] = lambda: None
 ) -> tuple[list[str], list[int]]:

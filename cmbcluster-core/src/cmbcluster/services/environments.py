@@ -21,7 +21,7 @@ from sqlalchemy import update as update_statement  # this module's update() chan
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
@@ -480,11 +480,15 @@ def launch(db: Session, context: AppContext, env: Environment, *, earlier_status
         # at the database's write lock.
         context.progress.notify(env.id)
         return
-    apply_status(db, env, status)
     environment_id = env.id  # a rollback expires the object, and its row may be gone
     try:
+        apply_status(db, env, status)
         db.commit()
-    except StaleDataError:  # deleted since the check above (its delete removed what was started)
+    except (StaleDataError, ObjectDeletedError, IntegrityError):  # deleted since the check above
+        db.rollback()
+        # Its delete's backend call may have come before this start's: what was started goes too.
+        if db.execute(_DESIRED_STATE, {"environment_id": environment_id}).scalar_one_or_none() is None:
+            context.compute.delete(environment_id)
         db.rollback()
     context.progress.notify(environment_id)
 
@@ -509,24 +513,25 @@ _DESIRED_STATE = select(Environment.desired_state).where(Environment.id == bindp
 def _undo_start(db: Session, context: AppContext, env: Environment, *, deleted: bool) -> None:
     """Take back a start that a stop or delete overtook while the backend was starting it. The
     stop's own record wins: it is completed here only when not written yet."""
+    environment_id = env.id  # read once: the object may be expired and detached below
     if not deleted:
-        context.compute.stop(env.id)
-        deleted = db.get(Environment, env.id, populate_existing=True) is None  # deleted since the check
+        context.compute.stop(environment_id)
+        deleted = db.get(Environment, environment_id, populate_existing=True) is None  # deleted since the check
     if not deleted:
         if env.status != "stopped":
             env.status, env.status_message, env.url = "stopped", "stopped before it finished starting", None
             env.stopped_at = utcnow()
-        release_start_slot(db, env.id)
+        release_start_slot(db, environment_id)
         try:
             db.commit()
         except StaleDataError:  # deleted in the meantime after all
             deleted = True
     if deleted:
         if env in db:
-            db.expunge(env)  # its row is gone: nothing of it may be written (and, detached, it keeps its values)
+            db.expunge(env)  # its row is gone: nothing of it may be written
         db.rollback()
-        context.compute.delete(env.id)
-    context.progress.notify(env.id)
+        context.compute.delete(environment_id)
+    context.progress.notify(environment_id)
 
 
 def mark_failed(db: Session, env: Environment, message: str) -> None:
@@ -694,8 +699,19 @@ class EnvironmentChange:
 
 def update(db: Session, context: AppContext, user: User, env: Environment, change: EnvironmentChange) -> None:
     """Change a stopped (or failed) environment's name, size, buckets or variables: its next start
-    uses them. Conflict while it runs (stop it first)."""
+    uses them. Conflict while it runs (stop it first).
+
+    Checked and written in one locked transaction, as a start's reservation is: an edit sent while
+    the environment started was answered 200 and shown, while the start ran the choices of before
+    (found by an outsider's trial: a notebook writing into the bucket the page said it had left)."""
+    environment_id = env.id
+    db.commit()  # end the read transaction: the check and the write below are one locked transaction
+    begin_locked(db)
+    if db.execute(_CURRENT.with_for_update(), {"environment_id": environment_id}).scalar_one_or_none() is None:
+        db.rollback()
+        raise NotFound(f"environment {environment_id} not found")
     if env.status not in STARTABLE_STATUSES:
+        db.rollback()
         raise Conflict(f"{env.name!r} is {env.status}: stop it before changing its name, size, buckets or variables")
     core = context.config.core
     changed: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from cmbcluster.api.deps import (
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import Environment, User
+from cmbcluster.db.models import User
 from cmbcluster.errors import Conflict
 from cmbcluster.services import environments as envs
 from cmbcluster.services.progress import TERMINAL
@@ -162,8 +162,10 @@ def _json(payload: Any, status_code: int = 200) -> Response:
     return Response(_JSON.dump_json(payload), status_code=status_code, media_type="application/json")
 
 
-def _answer(db: DbSession, context: AppContext, user: User, env: Environment, status_code: int = 200) -> Response:
-    return _json(envs.view(db, context, user.id, env.id), status_code)
+def _answer(db: DbSession, context: AppContext, user: User, environment_id: str, status_code: int = 200) -> Response:
+    """The environment as recorded now, by id (the request's object may be expired, its row deleted
+    by another request meanwhile: then 404)."""
+    return _json(envs.view(db, context, user.id, environment_id), status_code)
 
 
 @router.post("", response_model=EnvironmentOut, status_code=201, summary="Create (and by default start) an environment")
@@ -173,7 +175,7 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
     env = await _in_worker(db, context, partial(envs.create, start=body.start), db, context, user, request)
-    return _answer(db, context, user, env, 201)
+    return _answer(db, context, user, env.id, 201)
 
 
 @router.get("", response_model=EnvironmentList, summary="My environments, and the limits they run under")
@@ -224,14 +226,14 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
         status = await _in_worker(db, context, context.compute.status, env.id)
         if apply_status(db, env, status):
             db.commit()
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.post("/{environment_id}/start", response_model=EnvironmentOut, summary="Start a stopped environment")
 async def start_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     await _in_worker(db, context, envs.start, db, context, user, env)
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.post(
@@ -245,14 +247,14 @@ async def start_environment(environment_id: str, user: CurrentUser, db: DbSessio
 async def stop_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     await _in_worker(db, context, envs.stop, db, context, env, actor_id=user.id, reason="stopped by its owner")
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.post("/{environment_id}/restart", response_model=EnvironmentOut, summary="Stop and start with the same choices")
 async def restart_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     await _in_worker(db, context, envs.restart, db, context, user, env)
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.patch(
@@ -273,7 +275,7 @@ def change_environment(
         name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib, mounts=mounts, env=body.env
     )
     envs.update(db, context, user, env, change)
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.post(
@@ -284,7 +286,7 @@ def change_environment(
 def extend_environment(environment_id: str, user: CurrentUser, db: DbSession, context: Context) -> Response:
     env = envs.get_owned(db, user, environment_id)
     envs.extend(db, context, user, env)
-    return _answer(db, context, user, env)
+    return _answer(db, context, user, environment_id)
 
 
 @router.delete("/{environment_id}", status_code=204, summary="Delete the environment (its buckets stay)")
