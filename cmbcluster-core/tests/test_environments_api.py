@@ -1040,6 +1040,26 @@ def test_a_stop_cut_off_by_a_crash_is_finished_and_is_never_a_failure(
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopped"
 
 
+def test_a_start_a_crash_cut_short_before_its_launch_is_said_so_at_once_on_the_next_start_up(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """Found by an outsider's trial (SIGKILL mid-burst): reserved, never handed over, over an earlier
+    run the embedded default keeps as stopped. The start-up pass gave it the grace of a start in
+    flight: a minute of "pending" (its start refused as "already pending"), then "stopped" with no
+    message and still wanted running."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    _set(client, env["id"], status="pending", desired_state="running", started_at=utcnow(),
+         status_message="waiting to start")  # fmt: skip  # what the crash left
+    assert env["id"] in Reconciler(context).reconcile(startup=True).marked_stopped
+    after = client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()
+    assert (after["status"], after["desired_state"]) == ("stopped", "stopped")
+    assert after["status_message"] == "its start was cut short when the control plane stopped; start it again"
+    assert client.post(f"/api/v1/environments/{env['id']}/start", headers=alice).status_code == 200
+
+
 def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_times_them_out(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -125,12 +125,23 @@ class Reconciler:
                     continue  # the fast pass and the progress hub follow it; the next full pass lists it afresh
                 status = managed.get(env.id)
                 vanished = status is None or status.phase == EnvironmentPhase.MISSING
+                # A start reserved but never handed over before a crash: what the backend holds (the
+                # embedded default keeps a stopped run) is the previous run's, and no start is in
+                # flight at start-up, so it waits for no grace (a minute of "pending", then "stopped").
+                interrupted = (
+                    startup
+                    and env.status == "pending"
+                    and (vanished or (status is not None and status.phase == EnvironmentPhase.STOPPED))
+                )
                 if env.desired_state == "running" and env.status in environments.ACTIVE_STATUSES:
-                    if vanished:
+                    if vanished or interrupted:
                         accounting.close_at_last_seen(db, env.id)  # it ran until last seen, not until now
                         env.status, env.url, env.stopped_at = "stopped", None, now
                         env.desired_state = "stopped"
-                        env.status_message = "the environment's process or pod is gone; start it again"
+                        env.status_message = (
+                            "its start was cut short when the control plane stopped; start it again" if interrupted
+                            else "the environment's process or pod is gone; start it again"
+                        )  # fmt: skip
                         release_start_slot(db, env.id)
                         activity(db, user_id=env.user_id, kind="environment_vanished", environment_id=env.id)
                         report.marked_stopped.append(env.id)
