@@ -1060,6 +1060,45 @@ def test_a_start_a_crash_cut_short_before_its_launch_is_said_so_at_once_on_the_n
     assert client.post(f"/api/v1/environments/{env['id']}/start", headers=alice).status_code == 200
 
 
+STUBBORN = """
+import http.server, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exits only when killed, after the stop's grace
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.BaseHTTPRequestHandler).serve_forever()
+"""
+
+
+def test_the_environments_a_shutdown_stops_are_stopped_at_once_not_one_grace_after_another(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outsider's trial: nine applications slow to exit made a SIGTERM take 48 s (5 s
+    each, in turn), past `docker stop`'s 10 s and Kubernetes' 30 s: the server was killed halfway."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    stubborn = make_app(client, admin, "stubborn", STUBBORN)
+    ids = [create_env(client, alice, application=stubborn)["id"] for _ in range(3)]
+    for env_id in ids:
+        wait_status(client, alice, env_id, "running")
+    stop, in_flight, most = context.compute.stop, [0], [0]
+    lock = threading.Lock()
+
+    def counted(environment_id: str) -> None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            stop(environment_id)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(context.compute, "stop", counted)
+    assert sorted(environments.stop_with_control_plane(context)) == sorted(ids)
+    assert most[0] >= len(ids)  # all at once, each ignoring SIGTERM for the whole grace
+    for env_id in ids:
+        after = client.get(f"/api/v1/environments/{env_id}", headers=alice).json()
+        assert (after["status"], after["status_message"]) == ("stopped", "stopped with the server; start it again")
+        assert context.compute.status(env_id).phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.MISSING)
+
+
 def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_times_them_out(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ Limits and the server-wide start slots live in the database, so they hold across
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import functools
 import logging
@@ -634,20 +635,48 @@ def stop_with_control_plane(context: AppContext) -> list[str]:
                 Environment.backend == context.config.compute.name, Environment.status.in_(ACTIVE_STATUSES)
             )
         ).scalars()
-        for env in list(active):
+        envs = list(active)
+        # Their intents first (a crash meanwhile leaves stops the next start-up finishes), then every
+        # process stopped at once: one by one, applications slow to exit took the grace of each
+        # (5 s) in turn, 48 s for nine, past a container runtime's patience (an outsider's trial).
+        for env in envs:
+            db.execute(_STOP_INTENT, {"environment_id": env.id})
+        db.commit()
+        _stop_all(context, [env.id for env in envs])
+        for env in envs:  # recorded, each: its backend call now finds it stopped already
             try:
                 stop(db, context, env, actor_id=None, reason=reason)
                 stopped.append(env.id)
             except Exception:  # one that cannot be stopped must not keep the others running
                 db.rollback()
                 log.exception("stopping environment %s at shutdown failed", env.id)
-    for status in context.compute.list_managed():  # anything the records do not know of
-        if status.phase in (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING):
-            context.compute.stop(status.environment_id)
-            stopped.append(status.environment_id)
+    running = (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING)
+    # and anything the records do not know of
+    unknown = [status.environment_id for status in context.compute.list_managed() if status.phase in running]
+    _stop_all(context, unknown)
+    stopped += unknown
     if stopped:
         log.info("stopped %d environments with the server", len(stopped), extra={"environments": stopped})
     return stopped
+
+
+def _stop_all(context: AppContext, environment_ids: Sequence[str]) -> None:
+    """Stop these environments in the backend at once, each in a thread (a failure is logged)."""
+    if not environment_ids:
+        return
+
+    def one(environment_id: str) -> None:
+        try:
+            context.compute.stop(environment_id)
+        except Exception:
+            log.exception("stopping environment %s at shutdown failed", environment_id)
+
+    with concurrent.futures.ThreadPoolExecutor(min(len(environment_ids), _SHUTDOWN_STOPS)) as pool:
+        list(pool.map(one, environment_ids))
+
+
+#: Environments stopped at once when the control plane shuts down.
+_SHUTDOWN_STOPS = 32
 
 
 #: How much later one "extend" moves an environment's automatic stop.
