@@ -642,7 +642,7 @@ def stop_with_control_plane(context: AppContext) -> list[str]:
         for env in envs:
             db.execute(_STOP_INTENT, {"environment_id": env.id})
         db.commit()
-        _stop_all(context, [env.id for env in envs])
+        stop_in_backend(context, [env.id for env in envs])
         for env in envs:  # recorded, each: its backend call now finds it stopped already
             try:
                 stop(db, context, env, actor_id=None, reason=reason)
@@ -653,15 +653,16 @@ def stop_with_control_plane(context: AppContext) -> list[str]:
     running = (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RUNNING)
     # and anything the records do not know of
     unknown = [status.environment_id for status in context.compute.list_managed() if status.phase in running]
-    _stop_all(context, unknown)
+    stop_in_backend(context, unknown)
     stopped += unknown
     if stopped:
         log.info("stopped %d environments with the server", len(stopped), extra={"environments": stopped})
     return stopped
 
 
-def _stop_all(context: AppContext, environment_ids: Sequence[str]) -> None:
-    """Stop these environments in the backend at once, each in a thread (a failure is logged)."""
+def stop_in_backend(context: AppContext, environment_ids: Sequence[str]) -> None:
+    """Stop these environments in the backend at once, each in a thread (a failure is logged): an
+    application slow to exit holds up only its own stop (at shutdown, and the reconcile loop's)."""
     if not environment_ids:
         return
 
@@ -669,14 +670,14 @@ def _stop_all(context: AppContext, environment_ids: Sequence[str]) -> None:
         try:
             context.compute.stop(environment_id)
         except Exception:
-            log.exception("stopping environment %s at shutdown failed", environment_id)
+            log.exception("stopping environment %s failed", environment_id)
 
-    with concurrent.futures.ThreadPoolExecutor(min(len(environment_ids), _SHUTDOWN_STOPS)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(min(len(environment_ids), _STOPS_AT_ONCE)) as pool:
         list(pool.map(one, environment_ids))
 
 
-#: Environments stopped at once when the control plane shuts down.
-_SHUTDOWN_STOPS = 32
+#: Environments :func:`stop_in_backend` stops at once.
+_STOPS_AT_ONCE = 32
 
 
 #: How much later one "extend" moves an environment's automatic stop.
