@@ -24,3 +24,11 @@ def test_every_setting_of_core_and_of_the_built_in_plugins_is_described() -> Non
     assert {m.__name__ for m in built_in} == {"KubernetesSettings", "OidcSettings"}  # local's are core's
     missing = undescribed([CoreSettings, *built_in])
     assert not missing, "no description, so `config example` prints them bare:\n" + "\n".join(missing)
+
+
+def test_every_setting_of_the_installed_cloud_plugins_is_described() -> None:
+    """Ours, as installed beside core in this repository's test environments (and any other)."""
+    installed = PluginManager().settings_models()
+    assert {"AwsSettings", "GcpSettings"} <= {m.__name__ for m in installed}
+    missing = undescribed(list(installed))
+    assert not missing, "no description, so `config example` prints them bare:\n" + "\n".join(missing)
