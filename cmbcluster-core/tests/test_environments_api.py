@@ -741,6 +741,40 @@ def test_a_start_sent_while_a_stop_finishes_wins_and_the_stop_answers_it(
     assert context.compute.status(env["id"]).phase == EnvironmentPhase.RUNNING
 
 
+def test_a_stop_under_way_shows_as_stopping_and_a_start_meanwhile_says_so(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outsider's trial: while an application took its seconds to exit, the list and
+    the page said "running" to the user who had just pressed Stop, and Start answered "already
+    running"."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    url = f"/api/v1/environments/{env['id']}"
+    entered, release = threading.Event(), threading.Event()
+    stop = context.compute.stop
+
+    def slow_exit(environment_id: str) -> None:
+        entered.set()
+        assert release.wait(30)
+        stop(environment_id)
+
+    monkeypatch.setattr(context.compute, "stop", slow_exit)
+    stopping, answer = in_thread(lambda: client.post(url + "/stop", headers=alice))
+    try:
+        assert entered.wait(10)
+        assert client.get(url, headers=alice).json()["status"] == "stopping"
+        listed = {e["id"]: e for e in client.get("/api/v1/environments", headers=alice).json()["items"]}
+        assert listed[env["id"]]["status"] == "stopping"
+        again = client.post(url + "/start", headers=alice)
+        assert again.status_code == 409
+        assert again.json()["message"].endswith("is stopping: start it again once it has stopped")
+    finally:
+        release.set()
+        stopping.join(30)
+    assert answer[0].status_code == 200 and answer[0].json()["status"] == "stopped", answer[0].text
+
+
 def test_a_stop_whose_environment_is_deleted_meanwhile_is_a_404_not_a_500(
     client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1034,7 +1068,7 @@ def test_a_stop_cut_off_by_a_crash_is_finished_and_is_never_a_failure(
     state = json.loads((context.config.core.data_dir / "compute" / f"{env['id']}.json").read_text())
     os.killpg(state["pid"], signal.SIGTERM)  # the process going away meanwhile
     time.sleep(0.3)
-    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "running"
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopping"  # not failed
     report = Reconciler(context).reconcile()
     assert env["id"] in report.stopped_leftovers
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "stopped"

@@ -1673,7 +1673,7 @@ export interface components {
             started_at: string | null;
             /**
              * Status
-             * @description pending, starting, running, stopped or failed
+             * @description pending, starting, running, stopping (a stop under way), stopped or failed
              */
             status: string;
             /** Status Message */

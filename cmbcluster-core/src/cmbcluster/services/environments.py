@@ -243,6 +243,8 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
     replica's by the database's one writer (SQLite) or an advisory lock (PostgreSQL). ``db``'s
     transaction ends here; ``env`` is then as the database has it."""
     if env.status not in STARTABLE_STATUSES:
+        if env.desired_state == "stopped":
+            raise Conflict(f"{env.name!r} is stopping: start it again once it has stopped")
         raise Conflict(f"{env.name!r} is already {env.status}")
     if db.dirty or db.deleted:  # they would be lost below: a caller's mistake, not a user's
         raise RuntimeError("reserve_start() needs a session without unsaved changes but the new environment's")
@@ -874,11 +876,13 @@ def extension_limit(
 
 def _view(context: AppContext, row: Any) -> dict[str, Any]:
     active = row.status in ACTIVE_STATUSES
+    # A stop under way (its application may take seconds to exit) shows as such, not as running.
+    shown = "stopping" if active and row.desired_state == "stopped" else row.status
     idle_at = idle_shutdown_at(context, row)
     uptime_at = row.shutdown_at if active else None
     limit = extension_limit(context, row.started_at, row.owner_max_uptime) if active else None
     return {
-        "id": row.id, "name": row.name, "status": row.status, "status_message": row.status_message,
+        "id": row.id, "name": row.name, "status": shown, "status_message": row.status_message,
         "desired_state": row.desired_state, "url": row.url, "preset": row.preset, "cpu": row.cpu,
         "memory_mib": row.memory_mib, "env": row.env,
         "application": {"id": row.app_id, "slug": row.app_slug, "name": row.app_name},

@@ -81,7 +81,7 @@ class EnvironmentOut(BaseModel):
     name: str
     application: ApplicationRef
     owner: OwnerRef
-    status: str = Field(description="pending, starting, running, stopped or failed")
+    status: str = Field(description="pending, starting, running, stopping (a stop under way), stopped or failed")
     status_message: str
     desired_state: str
     url: str | None
