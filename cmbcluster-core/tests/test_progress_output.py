@@ -147,3 +147,50 @@ def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_i
     # the reported one read at every pass, the other at the poll interval only
     assert compute.asked[busy.id] >= 5 * compute.asked[quiet.id] >= 5, compute.asked
     engine.dispose()
+
+
+class EndedCompute(PrintingCompute):
+    """Every environment's run has ended (what the backend says just after a stop)."""
+
+    def status(self, environment_id: str) -> EnvironmentStatus:
+        return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.STOPPED)
+
+
+def test_a_report_is_recorded_only_on_the_run_it_was_read_for(tmp_path: Path) -> None:
+    """A pass reads "stopped" for a starting run; before it is recorded (in the background, up to a
+    second later), the environment is restarted and its new run recorded starting. Given the old
+    run's end, the new run was marked stopped while it ran, then stopped for real by the reconcile
+    loop (an outsider's trial: a restart answered "starting", then "stopped", with no message)."""
+    import datetime as dt
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    first_run = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
+    with sessions() as db:
+        user = User(email="ada@example.org", name="Ada", auth_provider="local", subject="ada")
+        app = Application(slug="lab", name="Lab", image="x")
+        db.add_all([user, app])
+        db.flush()
+        env = Environment(user_id=user.id, application_id=app.id, name="lab", backend="test", status="starting",
+                          desired_state="running", started_at=first_run)  # fmt: skip
+        db.add(env)
+        db.commit()
+        env_id = env.id
+    hub = ProgressHub(sessions, EndedCompute())
+    _, behind = hub._read([env_id])
+    assert set(behind) == {env_id}  # the old run's end, to record
+    with sessions() as db:  # meanwhile: restarted, the new run recorded starting
+        row = db.get(Environment, env_id)
+        assert row is not None
+        row.started_at, row.status = first_run + dt.timedelta(seconds=5), "starting"
+        db.commit()
+    hub._write(behind)
+    with sessions() as db:
+        row = db.get(Environment, env_id)
+        assert row is not None and row.status == "starting"
+    hub._write(hub._read([env_id])[1])  # read for the new run, it is recorded
+    with sessions() as db:
+        row = db.get(Environment, env_id)
+        assert row is not None and row.status == "stopped"
+    engine.dispose()

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from sqlalchemy import select
@@ -66,6 +67,14 @@ PROGRESS_LOG_REFRESH_SECONDS = 1.0
 #: At most this many outputs read per round in the background, a round at most once a second: with
 #: 200 starts at once, the output shown may be some 13 s old. The ones read longest ago come first.
 PROGRESS_LOG_READS_PER_ROUND = 16
+
+
+class Report(NamedTuple):
+    """What the backend reported for an environment, and the run it was read for (the record's
+    ``started_at`` then)."""
+
+    status: EnvironmentStatus
+    started_at: dt.datetime | None
 
 
 @dataclass(eq=False)
@@ -237,19 +246,19 @@ class ProgressHub:
             if task is not None:
                 await task
 
-    def _record_soon(self, behind: dict[str, EnvironmentStatus]) -> None:
+    def _record_soon(self, behind: dict[str, Report]) -> None:
         """Record what a pass found behind: now, when it holds an end or progress was last recorded
         :data:`PROGRESS_RECORD_SECONDS` ago and no record is in flight; otherwise these are read
         again once the record in flight is written (an end must not wait for the next full pass)."""
         assert self._loop is not None
-        ends = any(status.phase in _ENDS for status in behind.values())
+        ends = any(report.status.phase in _ENDS for report in behind.values())
         if self._recording is None and (ends or self._loop.time() - self._recorded_at >= PROGRESS_RECORD_SECONDS):
             self._recorded_at = self._loop.time()
             self._recording = asyncio.create_task(self._record(behind))
         else:
             self._unrecorded.update(behind)
 
-    async def _record(self, reports: dict[str, EnvironmentStatus]) -> None:
+    async def _record(self, reports: dict[str, Report]) -> None:
         """Write what the backend reported (one write transaction, in a thread of its own); a
         pass meanwhile does not start another (see :meth:`_record_soon`)."""
         try:
@@ -288,12 +297,12 @@ class ProgressHub:
         await stop.wait()
         wake.set()
 
-    def _read(self, environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, EnvironmentStatus]]:
+    def _read(self, environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Report]]:
         """The followed environments' states (blocking: one short read-only session for all of
         them), with what the backend reports for those still starting; and the reports not yet
         in the database, by environment id."""
         states: dict[str, dict[str, Any]] = {}
-        behind: dict[str, EnvironmentStatus] = {}
+        behind: dict[str, Report] = {}
         with self.sessions() as db:
             for batch in in_batches(environment_ids):
                 for row in db.execute(_STATE_QUERY.where(Environment.id.in_(batch))):
@@ -302,7 +311,7 @@ class ProgressHub:
                         status = self.compute.status(row.id)
                         found = reported(row, status)
                         if found is not None and found != now:
-                            behind[row.id] = status
+                            behind[row.id] = Report(status, row.started_at)
                             if found[0] not in TERMINAL:
                                 # Progress is shown at once; an end (running: the URL opens) only
                                 # once recorded, since what the stream announces must already hold.
@@ -316,13 +325,17 @@ class ProgressHub:
             db.rollback()  # end the read transaction, return the connection
         return states, behind
 
-    def _write(self, reports: dict[str, EnvironmentStatus]) -> None:
-        """Record the reports the last pass read (not asked again: one backend call per pass)."""
+    def _write(self, reports: dict[str, Report]) -> None:
+        """Record the reports the last pass read (not asked again: one backend call per pass), each
+        only on the run it was read for: a restart since (a new run, its start recorded meanwhile)
+        is not given the previous run's end, which had it marked stopped while it ran, and then
+        stopped for real by the reconcile loop (an outsider's trial)."""
         with self.sessions() as db, one_writer(db):
             for batch in in_batches(list(reports)):
                 for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
-                    if env.status in ("pending", "starting"):
-                        apply_status(db, env, reports[env.id])
+                    report = reports[env.id]
+                    if env.status in ("pending", "starting") and env.started_at == report.started_at:
+                        apply_status(db, env, report.status)
             db.commit()
 
 
