@@ -75,7 +75,13 @@ async def upload(request):
 async def cookies(request):
     response = JSONResponse({})
     response.set_cookie("cmbcluster_session", "planted-by-the-application")
+    response.headers.append("set-cookie", "CMBCLUSTER_SESSION=planted-in-capitals; Path=/")
+    response.headers.append("set-cookie", "=cmbcluster_session=planted-nameless; Path=/")
     response.set_cookie("app_state", "kept")
+    # headers whose effect would reach the whole origin: a service worker over every path, sign-out
+    response.headers["service-worker-allowed"] = "/"
+    response.headers["clear-site-data"] = '"cookies"'
+    response.headers["x-app"] = "kept"
     return response
 
 
@@ -183,8 +189,11 @@ def test_the_owner_reaches_the_application_with_its_token_and_nothing_of_the_con
     planted = client.get(f"/environments/{env_id}/cookies", headers=alice)
     assert planted.status_code == 200
     set_cookies = planted.headers.get_list("set-cookie")
-    assert any(c.startswith("app_state=") for c in set_cookies)
-    assert not any(c.startswith("cmbcluster_session=") for c in set_cookies)
+    assert [c.split(";")[0] for c in set_cookies] == ["app_state=kept"], set_cookies
+    # nor reach past its own path: no service worker over the whole site, no clearing it (found by an
+    # outsider's trial: a worker registered from an environment read the next user's answers)
+    assert "service-worker-allowed" not in planted.headers and "clear-site-data" not in planted.headers
+    assert planted.headers["x-app"] == "kept"
     # redirects come back as the application made them (it knows its base path)
     moved = client.get(f"/environments/{env_id}/moved", headers=alice, follow_redirects=False)
     assert moved.status_code == 302 and moved.headers["location"] == f"/environments/{env_id}/echo"

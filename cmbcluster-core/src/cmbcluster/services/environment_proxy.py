@@ -40,6 +40,11 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
      "transfer-encoding", "upgrade", "expect"}
 )  # fmt: skip
+#: Response headers whose effect reaches past the environment's own path, to the whole origin (the
+#: web UI, the API, other environments): ``Service-Worker-Allowed: /`` let an environment's page
+#: register a service worker over every path, which outlived its owner's sign-out and read the next
+#: user's answers in that browser (an outsider's trial); ``Clear-Site-Data`` signs the owner out.
+ORIGIN_WIDE = frozenset({"service-worker-allowed", "clear-site-data"})
 #: The WebSocket handshake's own headers: the upstream handshake makes its own.
 WEBSOCKET_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin",
@@ -178,9 +183,9 @@ class EnvironmentProxy:
         headers: list[tuple[bytes, bytes]] = []
         for name, value in response.headers.raw:
             lowered = name.lower().decode("latin-1")
-            if lowered in HOP_BY_HOP:
+            if lowered in HOP_BY_HOP or lowered in ORIGIN_WIDE:
                 continue
-            if lowered == "set-cookie" and _cookie_name(value) in self.own_cookies:
+            if lowered == "set-cookie" and self._tosses_own_cookie(value):
                 continue  # an application cannot replace the control plane's session
             if (
                 lowered == "location"
@@ -191,6 +196,15 @@ class EnvironmentProxy:
                 value = prefix.encode("latin-1") + value
             headers.append((lowered.encode("latin-1"), value))
         return headers
+
+    def _tosses_own_cookie(self, set_cookie: bytes) -> bool:
+        """A cookie that is, or could be sent as, one of the control plane's: by its name in any
+        case, or nameless (``=cmbcluster_session=...``: some browsers send a nameless cookie as
+        its bare value, which the server then reads as that name)."""
+        name = _cookie_name(set_cookie)
+        if not name:
+            return True
+        return name.lower() in {cookie.lower() for cookie in self.own_cookies}
 
     # -- WebSocket -------------------------------------------------------------------------------
     async def forward_websocket(
