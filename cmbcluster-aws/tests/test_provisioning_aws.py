@@ -677,6 +677,11 @@ def test_up_installs_what_the_chart_needs_with_a_dns01_identity(
         "--namespace edge" in commands["ingress-nginx"]
         and "ingressClassResource.name=nginx" in commands["ingress-nginx"]
     )
+    # environments on the control plane's host cannot send headers that reach the whole site
+    assert (
+        "controller.config.hide-headers=" in commands["ingress-nginx"]
+        and "service-worker-allowed" in (commands["ingress-nginx"])
+    )
     assert "aws-load-balancer-type=external" in commands["ingress-nginx"]
     config = commands["cmbcluster-cluster-config"]
     storage_class = json.loads(config.split("storageClass=", 1)[1].split(" --set-json")[0].strip("'"))

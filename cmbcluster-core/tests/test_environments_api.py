@@ -302,6 +302,25 @@ def test_environments_are_private(
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "running"
 
 
+def test_the_ingress_check_gives_the_environment_the_request_without_the_control_planes_credentials(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """Behind ingress-nginx (`auth-response-headers: Cookie,Authorization`), the check's answer
+    replaces the request's own headers on their way to the pod: the application (and any package in
+    it) never sees its owner's session or tokens, which would act on everything of theirs (and, for
+    an administrator, on everyone's), as the control plane's own proxy never shows them."""
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    url = f"/api/v1/environments/authorize?environment_id={env['id']}"
+    session = alice["Authorization"].removeprefix("Bearer ")
+    by_cookie = client.get(url, headers={"Cookie": f"_xsrf=2|abc; cmbcluster_session={session}; theme=dark"})
+    assert by_cookie.status_code == 204, by_cookie.text
+    assert by_cookie.headers["cookie"] == "_xsrf=2|abc; theme=dark" and by_cookie.headers["authorization"] == ""
+    by_token = client.get(url, headers=alice)
+    assert by_token.status_code == 204 and by_token.headers["authorization"] == ""
+    assert session not in str(by_token.headers)
+
+
 def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> None:
     storage_id = make_bucket(client, alice)
     response = client.post(

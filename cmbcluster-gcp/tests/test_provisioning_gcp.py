@@ -418,6 +418,11 @@ def test_up_installs_what_the_chart_needs_with_a_dns01_identity(
         "--namespace edge" in commands["ingress-nginx"]
         and "ingressClassResource.name=nginx" in commands["ingress-nginx"]
     )
+    # environments on the control plane's host cannot send headers that reach the whole site
+    assert (
+        "controller.config.hide-headers=" in commands["ingress-nginx"]
+        and "service-worker-allowed" in (commands["ingress-nginx"])
+    )
     dns01 = json.loads(commands["cmbcluster-cluster-config"].split("issuer.dns01=", 1)[1].strip("'"))
     assert dns01 == {"cloudDNS": {"project": PROJECT, "hostedZoneName": "cmb-zone"}}
 

@@ -339,6 +339,8 @@ def test_ingress_routes_the_owner_only(started: tuple[str, Any], admin: k8s.Core
         f"http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize?environment_id={environment_id}"
     )
     assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/signin/?next=")
+    # what reaches the pod in place of the request's Cookie and Authorization: the check's answer
+    assert annotations["nginx.ingress.kubernetes.io/auth-response-headers"] == "Cookie,Authorization"
 
 
 def test_network_policy_isolates_user_pods(started: tuple[str, Any], admin: k8s.CoreV1Api, namespace: str) -> None:

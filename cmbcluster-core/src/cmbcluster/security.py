@@ -10,6 +10,14 @@ from typing import TYPE_CHECKING
 
 from cmbcluster.settings import CoreSettings
 
+#: Response headers whose effect reaches past an environment's own path, to the whole origin (the web
+#: UI, the API, other environments), dropped from what environments answer (the control plane's proxy;
+#: the ingress controller `infra up` installs): ``Service-Worker-Allowed: /`` let an environment's page
+#: register a service worker over every path, which outlived its owner's sign-out and read the next
+#: user's answers in that browser (an outsider's trial); ``Clear-Site-Data`` signs the owner out.
+ORIGIN_WIDE_HEADERS = ("service-worker-allowed", "clear-site-data")
+
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 

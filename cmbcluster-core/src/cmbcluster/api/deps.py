@@ -32,6 +32,9 @@ from cmbcluster.services import sessions
 T = TypeVar("T")
 
 SESSION_COOKIE = "cmbcluster_session"
+LOGIN_COOKIE = "cmbcluster_login"
+#: The control plane's own cookies: never passed on to an environment, nor set by one.
+CONTROL_PLANE_COOKIES = frozenset({SESSION_COOKIE, LOGIN_COOKIE})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

@@ -92,6 +92,9 @@ class Exposure:
         host = self.host(name)
         annotations = {
             "nginx.ingress.kubernetes.io/auth-url": f"{self.auth_url}?environment_id={environment_id}",
+            # The request's Cookie and Authorization, as the check answers them: without the control
+            # plane's session and tokens, which the environment's code must never see
+            "nginx.ingress.kubernetes.io/auth-response-headers": "Cookie,Authorization",
             # notebooks keep websockets open for hours and upload large files
             "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
             "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",

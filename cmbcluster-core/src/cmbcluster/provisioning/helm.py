@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cmbcluster.interfaces.provisioning import HelmRelease, PlannedStep, ResourceRecord, StepContext
+from cmbcluster.security import ORIGIN_WIDE_HEADERS
 
 __all__ = [
     "CERT_MANAGER",
@@ -47,6 +48,8 @@ INGRESS_NGINX = HelmRelease(
     version="4.13.3", namespace="ingress-nginx",
     values={"controller.ingressClassResource.name": "nginx", "controller.ingressClassResource.default": "false",
             "controller.allowSnippetAnnotations": "false"},
+    # Never from an environment served on the control plane's host (path routing): see ORIGIN_WIDE_HEADERS
+    json_values={"controller.config.hide-headers": json.dumps(",".join(ORIGIN_WIDE_HEADERS))},
 )  # fmt: skip
 #: The ClusterIssuer the CMBCluster chart names by default (``ingress.certManager.issuer``).
 CLUSTER_ISSUER = "letsencrypt"

@@ -31,6 +31,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from cmbcluster.errors import BadGateway, InvalidRequest
 from cmbcluster.interfaces import Upstream
+from cmbcluster.security import ORIGIN_WIDE_HEADERS
+from cmbcluster.services.sessions import API_TOKEN_PREFIX, SESSION_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,6 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
      "transfer-encoding", "upgrade", "expect"}
 )  # fmt: skip
-#: Response headers whose effect reaches past the environment's own path, to the whole origin (the
-#: web UI, the API, other environments): ``Service-Worker-Allowed: /`` let an environment's page
-#: register a service worker over every path, which outlived its owner's sign-out and read the next
-#: user's answers in that browser (an outsider's trial); ``Clear-Site-Data`` signs the owner out.
-ORIGIN_WIDE = frozenset({"service-worker-allowed", "clear-site-data"})
 #: The WebSocket handshake's own headers: the upstream handshake makes its own.
 WEBSOCKET_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin",
@@ -176,14 +173,13 @@ class EnvironmentProxy:
         return headers
 
     def _without_own_cookies(self, header: str) -> str:
-        parts = [part.strip() for part in header.split(";")]
-        return "; ".join(p for p in parts if p and p.split("=", 1)[0].strip() not in self.own_cookies)
+        return without_cookies(header, self.own_cookies)
 
     def _response_headers(self, response: httpx.Response, upstream: Upstream, prefix: str) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = []
         for name, value in response.headers.raw:
             lowered = name.lower().decode("latin-1")
-            if lowered in HOP_BY_HOP or lowered in ORIGIN_WIDE:
+            if lowered in HOP_BY_HOP or lowered in ORIGIN_WIDE_HEADERS:
                 continue
             if lowered == "set-cookie" and self._tosses_own_cookie(value):
                 continue  # an application cannot replace the control plane's session
@@ -354,6 +350,18 @@ def _forwarding_facts(connection: HTTPConnection) -> list[tuple[str, str]]:
 def _is_own_token(value: bytes) -> bool:
     scheme, _, token = value.decode("latin-1").partition(" ")
     return scheme.lower() == "bearer" and token.strip().startswith(OWN_TOKEN_PREFIXES)
+
+
+def without_cookies(header: str, names: frozenset[str]) -> str:
+    """A ``Cookie`` request header without the cookies called ``names``."""
+    parts = [part.strip() for part in header.split(";")]
+    return "; ".join(p for p in parts if p and p.split("=", 1)[0].strip() not in names)
+
+
+def is_control_plane_credential(authorization: str) -> bool:
+    """An ``Authorization`` header carrying a CMBCluster session or API token (not the application's own)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and token.strip().startswith((f"{SESSION_PREFIX}_", f"{API_TOKEN_PREFIX}_"))
 
 
 def _cookie_name(value: bytes) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import (
+    LOGIN_COOKIE,
     SESSION_COOKIE,
     Context,
     CurrentPrincipal,
@@ -41,7 +42,6 @@ from cmbcluster.webui import ui_available
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"], route_class=SessionReleasingRoute)
 
-LOGIN_COOKIE = "cmbcluster_login"
 LOGIN_TTL_SECONDS = 600
 
 

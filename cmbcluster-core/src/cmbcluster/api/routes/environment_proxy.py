@@ -21,10 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import HTTPConnection
 
-from cmbcluster.api.deps import SESSION_COOKIE, SessionReleasingRoute, authenticate_request, own_origins
+from cmbcluster.api.deps import (
+    CONTROL_PLANE_COOKIES,
+    SESSION_COOKIE,
+    SessionReleasingRoute,
+    authenticate_request,
+    own_origins,
+)
 from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
-from cmbcluster.api.routes.auth import LOGIN_COOKIE
 from cmbcluster.context import AppContext
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
 from cmbcluster.interfaces import Upstream
@@ -59,9 +64,7 @@ router = APIRouter(include_in_schema=False, route_class=SessionReleasingRoute)
 def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
     proxy: EnvironmentProxy | None = getattr(conn.app.state, "environment_proxy", None)
     if proxy is None:
-        proxy = conn.app.state.environment_proxy = EnvironmentProxy(
-            own_cookies=frozenset({SESSION_COOKIE, LOGIN_COOKIE})
-        )
+        proxy = conn.app.state.environment_proxy = EnvironmentProxy(own_cookies=CONTROL_PLANE_COOKIES)
     return proxy
 
 

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cmbcluster.api.deps import (
+    CONTROL_PLANE_COOKIES,
     Context,
     CurrentPrincipal,
     CurrentUser,
@@ -27,6 +28,7 @@ from cmbcluster.context import AppContext
 from cmbcluster.db.models import User
 from cmbcluster.errors import Conflict
 from cmbcluster.services import environments as envs
+from cmbcluster.services.environment_proxy import is_control_plane_credential, without_cookies
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
@@ -212,11 +214,23 @@ async def resource_use(principal: CurrentPrincipal, db: DbSession, context: Cont
     responses=error_responses(404),
 )
 def authorize(
-    environment_id: Annotated[str, Query(min_length=1, max_length=32)], principal: CurrentPrincipal, db: DbSession
+    environment_id: Annotated[str, Query(min_length=1, max_length=32)],
+    principal: CurrentPrincipal,
+    db: DbSession,
+    request: Request,
 ) -> Response:
-    """204 for the owner of a running environment (and counts as activity); 404 otherwise."""
+    """204 for the owner of a running environment (and counts as activity); 404 otherwise.
+
+    The answer carries what the ingress passes on to the environment in place of the request's own
+    ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
+    the control plane's session and sign-in cookies and its bearer tokens, which the application
+    (and any code in it) must never see, as the control plane's own proxy never shows them."""
     envs.open_for_traffic(db, principal.user, environment_id)
-    return Response(status_code=204)
+    authorization = request.headers.get("authorization", "")
+    return Response(status_code=204, headers={
+        "Cookie": without_cookies(request.headers.get("cookie", ""), CONTROL_PLANE_COOKIES),
+        "Authorization": "" if is_control_plane_credential(authorization) else authorization,
+    })  # fmt: skip
 
 
 @router.get("/{environment_id}", response_model=EnvironmentOut, summary="One environment, its status refreshed")
