@@ -225,6 +225,15 @@ class ComputeBackendContract:
         files = {**spec.secret_files, **extra.pop("secret_files", {})}
         return dataclasses.replace(spec, env=env, secret_files=files, **extra)
 
+    def serving_one(
+        self, environment_spec: SpecFactory, owner: UserRef, started: Started, start_timeout: float
+    ) -> EnvironmentSpec:
+        """A new environment whose application serves, started and running."""
+        spec = self.spec(environment_spec, owner, serving())
+        started.start(spec)
+        wait_for_phase(started.backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        return spec
+
     # -- unknown ids ---------------------------------------------------------------------------
     def test_an_unknown_environment_is_missing(self, compute_backend: ComputeBackend) -> None:
         unknown = uuid.uuid4().hex
@@ -328,9 +337,7 @@ class ComputeBackendContract:
         self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, started: Started,
         start_timeout: float,
     ) -> None:  # fmt: skip
-        spec = self.spec(environment_spec, owner, serving())
-        started.start(spec)
-        wait_for_phase(compute_backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        spec = self.serving_one(environment_spec, owner, started, start_timeout)
         address = self.application_address(compute_backend, spec.environment_id) if self.runs_applications else None
         run = fetch(address)["run"] if address is not None else None
         compute_backend.stop(spec.environment_id)
@@ -438,9 +445,7 @@ class ComputeBackendContract:
 
         compute_backend.on_status_change(broken)  # first: it must stop neither the backend nor the others
         compute_backend.on_status_change(heard.append)
-        spec = self.spec(environment_spec, owner, serving())
-        started.start(spec)
-        wait_for_phase(compute_backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        spec = self.serving_one(environment_spec, owner, started, start_timeout)
         wait_until(lambda: spec.environment_id in heard, start_timeout, "a listener to hear of the start")
         heard.clear()
         compute_backend.stop(spec.environment_id)
@@ -450,9 +455,7 @@ class ComputeBackendContract:
         self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, started: Started,
         start_timeout: float,
     ) -> None:  # fmt: skip
-        spec = self.spec(environment_spec, owner, serving())
-        started.start(spec)
-        wait_for_phase(compute_backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        spec = self.serving_one(environment_spec, owner, started, start_timeout)
         assert isinstance(compute_backend.logs(spec.environment_id, tail=5), str)
         unknown = uuid.uuid4().hex
         use = compute_backend.resource_use([spec.environment_id, unknown])
