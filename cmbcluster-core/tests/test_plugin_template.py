@@ -195,11 +195,14 @@ def test_every_name_the_generated_code_imports_is_in_the_plugin_docs(generated: 
 def test_the_next_command_is_one_line_to_copy_however_long_its_path(tmp_path: Path) -> None:
     """Piped or captured (a CI log, `| tee`), rich cut lines at 80 columns, mid-path."""
     folder = tmp_path / ("a-rather-long-folder-name-" * 4) / "cmbcluster-acme"
-    result = run_cli("plugin", "new", "acme", "--dir", str(folder), env=clean_environ(), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert f"next: pip install -e '{folder}[test]' && (cd {folder} && pytest) && cmbcluster plugins" in (
-        result.stdout.splitlines()
-    )
+    for columns in ({}, {"COLUMNS": "80"}):  # as a login shell or a CI runner may export it
+        env = clean_environ(columns)
+        result = run_cli("plugin", "new", "acme", "--dir", str(folder), env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"next: pip install -e '{folder}[test]' && (cd {folder} && pytest) && cmbcluster plugins" in (
+            result.stdout.splitlines()
+        )
+        shutil.rmtree(folder)
 
 
 def test_bad_names_and_occupied_folders_are_refused(tmp_path: Path) -> None:

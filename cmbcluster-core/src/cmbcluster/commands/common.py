@@ -33,10 +33,13 @@ def _console(stderr: bool = False) -> Any:
     from rich.console import Console  # imported when something is printed, not for every start
 
     console = Console(stderr=stderr)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped or captured, lines are not cut at rich's 80 columns: a path or a command to copy
-        # stays whole, and a table's cells are not broken mid-word.
-        console.soft_wrap, console.width = True, PIPED_WIDTH
+    if not console.is_terminal:
+        # Piped or captured, lines are never cut (a path or a command to copy stays whole, whatever
+        # COLUMNS a login shell or a CI runner exports), and tables are as wide as COLUMNS says, else
+        # wider than rich's 80 columns, so that their cells are not broken mid-word.
+        console.soft_wrap = True
+        if "COLUMNS" not in os.environ:
+            console.width = PIPED_WIDTH
     return console
 
 
