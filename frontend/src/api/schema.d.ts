@@ -476,6 +476,11 @@ export interface paths {
         /**
          * For an ingress auth-url: may the caller reach this environment?
          * @description 204 for the owner of a running environment (and counts as activity); 404 otherwise.
+         *
+         *     The answer carries what the ingress passes on to the environment in place of the request's own
+         *     ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
+         *     the control plane's session and sign-in cookies and its bearer tokens, which the application
+         *     (and any code in it) must never see, as the control plane's own proxy never shows them.
          */
         get: operations["authorize_api_v1_environments_authorize_get"];
         put?: never;
