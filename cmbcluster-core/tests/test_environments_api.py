@@ -1161,6 +1161,27 @@ def test_environments_stopped_together_are_stopped_at_once_not_one_grace_after_a
         assert context.compute.status(env_id).phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.MISSING)
 
 
+def test_the_fast_pass_records_a_report_only_on_the_run_it_was_read_for(
+    client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconcile loop's fast pass asked the backend, then wrote what it heard onto the record it
+    had loaded: a restart recorded in between (a new run) got the previous run's end."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    slow = make_app(client, admin, "never-ready-2", "import time\ntime.sleep(3600)\n")
+    env_id = create_env(client, alice, application=slow)["id"]
+    wait_status(client, alice, env_id, "starting")
+
+    def restarted_meanwhile(environment_id: str) -> EnvironmentStatus:
+        _set(client, environment_id, status="starting", started_at=utcnow() + dt.timedelta(seconds=5))
+        return EnvironmentStatus(environment_id=environment_id, phase=EnvironmentPhase.STOPPED)  # the old run's
+
+    monkeypatch.setattr(context.compute, "status", restarted_meanwhile)
+    Reconciler(context).refresh_transitional()
+    with context.sessions() as db:
+        row = db.get(Environment, env_id)
+        assert row is not None and row.status == "starting"
+
+
 def test_the_fast_pass_leaves_followed_starts_to_the_progress_hub_but_still_times_them_out(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

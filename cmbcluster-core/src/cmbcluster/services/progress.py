@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 from sqlalchemy import select
@@ -45,8 +44,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from cmbcluster.db.engine import in_batches, one_writer
 from cmbcluster.db.models import Environment, utcnow
 from cmbcluster.errors import CmbclusterError
-from cmbcluster.interfaces import ComputeBackend, EnvironmentStatus
-from cmbcluster.services.status import PHASE_STATUS, apply_status, reported
+from cmbcluster.interfaces import ComputeBackend
+from cmbcluster.services.status import PHASE_STATUS, Report, record_reports, reported
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,6 @@ PROGRESS_LOG_REFRESH_SECONDS = 1.0
 #: At most this many outputs read per round in the background, a round at most once a second: with
 #: 200 starts at once, the output shown may be some 13 s old. The ones read longest ago come first.
 PROGRESS_LOG_READS_PER_ROUND = 16
-
-
-class Report(NamedTuple):
-    """What the backend reported for an environment, and the run it was read for (the record's
-    ``started_at`` then)."""
-
-    status: EnvironmentStatus
-    started_at: dt.datetime | None
 
 
 @dataclass(eq=False)
@@ -327,15 +318,9 @@ class ProgressHub:
 
     def _write(self, reports: dict[str, Report]) -> None:
         """Record the reports the last pass read (not asked again: one backend call per pass), each
-        only on the run it was read for: a restart since (a new run, its start recorded meanwhile)
-        is not given the previous run's end, which had it marked stopped while it ran, and then
-        stopped for real by the reconcile loop (an outsider's trial)."""
+        only on the run it was read for (:func:`~cmbcluster.services.status.record_reports`)."""
         with self.sessions() as db, one_writer(db):
-            for batch in in_batches(list(reports)):
-                for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
-                    report = reports[env.id]
-                    if env.status in ("pending", "starting") and env.started_at == report.started_at:
-                        apply_status(db, env, report.status)
+            record_reports(db, reports)
             db.commit()
 
 

@@ -27,11 +27,19 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.context import AppContext
+from cmbcluster.db.engine import one_writer
 from cmbcluster.db.models import Environment, Storage, utcnow
 from cmbcluster.interfaces import EnvironmentPhase
 from cmbcluster.services import accounting, budgets, environments, instances, storages
 from cmbcluster.services.audit import activity
-from cmbcluster.services.status import START_GRACE, apply_status, delete_expired_slots, release_start_slot
+from cmbcluster.services.status import (
+    START_GRACE,
+    Report,
+    apply_status,
+    delete_expired_slots,
+    record_reports,
+    release_start_slot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ class Reconciler:
         """
         changed = 0
         timeout = dt.timedelta(seconds=self.context.config.core.start_timeout_seconds)
+        reports: dict[str, Report] = {}
         with self.context.sessions() as db:
             for env in self._environments(db, *TRANSITIONAL):
                 if env.started_at is not None and utcnow() - env.started_at > timeout:
@@ -89,11 +98,12 @@ class Reconciler:
                     environments.mark_failed(db, env, f"did not start within {timeout.total_seconds():.0f} s")
                     changed += 1
                     continue
-                if env.id in followed:
-                    continue
-                if apply_status(db, env, self.context.compute.status(env.id)):
-                    changed += 1
-            db.commit()
+                if env.id not in followed:
+                    reports[env.id] = Report(self.context.compute.status(env.id), env.started_at)
+            db.rollback()  # what was read may be old by now: recorded on the runs it was read for
+            with one_writer(db):
+                changed += record_reports(db, reports)
+                db.commit()
         return changed
 
     def reconcile(self, *, startup: bool = False) -> ReconcileReport:

@@ -5,11 +5,13 @@ may use it."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Protocol
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
 
-from sqlalchemy import bindparam, delete
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
+from cmbcluster.db.engine import in_batches
 from cmbcluster.db.models import Environment, StartSlot, utcnow
 from cmbcluster.interfaces import EnvironmentPhase, EnvironmentStatus
 from cmbcluster.services.audit import activity
@@ -76,6 +78,29 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
         release_start_slot(db, env.id)
     if new_status in ("stopped", "failed") and env.stopped_at is None:
         env.stopped_at = utcnow()
+    return changed
+
+
+class Report(NamedTuple):
+    """What the backend reported for an environment, and the run it was read for (the record's
+    ``started_at`` then)."""
+
+    status: EnvironmentStatus
+    started_at: dt.datetime | None
+
+
+def record_reports(db: Session, reports: Mapping[str, Report]) -> int:
+    """Record reports read earlier (the progress hub's, the reconcile loop's fast pass) on
+    environments still starting, each only on the run it was read for: a restart since (a new run,
+    its start recorded meanwhile) is not given the previous run's end, which had it marked stopped
+    while it ran, then stopped for real by the reconcile loop (an outsider's trial). How many
+    changed; the caller commits."""
+    changed = 0
+    for batch in in_batches(list(reports)):
+        for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
+            report = reports[env.id]
+            if env.status in ("pending", "starting") and env.started_at == report.started_at:
+                changed += apply_status(db, env, report.status)
     return changed
 
 
