@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cmbcluster.naming import check_deployment_name
-from cmbcluster.settings import LOCAL_ONLY
+from cmbcluster.settings import LOCAL_ONLY, check_node_range
 
 _REGION = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
@@ -311,11 +311,7 @@ class AwsSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _node_range(self) -> AwsSettings:
-        if self.eks_node_max < self.eks_node_count:
-            raise PydanticCustomError(
-                "eks_nodes", "EKS_NODE_MAX ({most}) is below EKS_NODE_COUNT ({count}): the node group could not "
-                "start with its nodes", {"most": self.eks_node_max, "count": self.eks_node_count},
-            )  # fmt: skip
+        check_node_range(self, "eks_node_count", "eks_node_max", "node group")
         return self
 
     @field_validator("datasync_agent_arns")

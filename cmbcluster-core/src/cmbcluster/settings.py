@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Put on a settings field (``Field(..., json_schema_extra=LOCAL_ONLY)``): it belongs to the
@@ -32,6 +33,20 @@ def deploy_policy(model: type[BaseSettings], field_name: str) -> str | None:
 
 def _aliases(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+def check_node_range(model: BaseSettings, count_field: str, most_field: str, pool: str) -> None:
+    """For a cloud plugin's settings (a model validator): a node pool's maximum (``most_field``)
+    is not below the count it starts with (``count_field``), as `config check` says before `infra
+    up` would clamp or refuse it. ``pool`` names it in the message ("node group", "node pool")."""
+    count, most = getattr(model, count_field), getattr(model, most_field)
+    if most < count:
+        names = {field: env_var_name(type(model), field) for field in (count_field, most_field)}
+        raise PydanticCustomError(
+            "node_range", "{most_name} ({most}) is below {count_name} ({count}): the {pool} could not start with "
+            "its nodes", {"most_name": names[most_field], "most": most, "count_name": names[count_field],
+                          "count": count, "pool": pool},
+        )  # fmt: skip
 
 
 def _not_a_proxy_address(entry: str) -> str:

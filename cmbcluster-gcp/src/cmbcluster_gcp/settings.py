@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cmbcluster.naming import check_deployment_name
-from cmbcluster.settings import LOCAL_ONLY
+from cmbcluster.settings import LOCAL_ONLY, check_node_range
 
 #: A Kubernetes resource quantity ("250m", "1", "256Mi", "5Gi"); "0" means no limit for gcsfuse.
 Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
@@ -323,12 +323,7 @@ class GcpSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _node_range(self) -> GcpSettings:
-        if self.gke_max_nodes_per_zone < self.gke_nodes_per_zone:
-            raise PydanticCustomError(
-                "gke_nodes", "GKE_MAX_NODES_PER_ZONE ({most}) is below GKE_NODES_PER_ZONE ({count}): the node pool "
-                "could not start with its nodes",
-                {"most": self.gke_max_nodes_per_zone, "count": self.gke_nodes_per_zone},
-            )  # fmt: skip
+        check_node_range(self, "gke_nodes_per_zone", "gke_max_nodes_per_zone", "node pool")
         return self
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ WEBSOCKET_HANDSHAKE = frozenset(
 #: The proxy states the facts itself (:func:`_forwarding_facts`).
 FORWARDING_CLAIMS = frozenset({"forwarded", "x-real-ip"})
 #: Bearer tokens of the control plane (sessions and API tokens): never passed on to an application.
-OWN_TOKEN_PREFIXES = ("cmbs_", "cmbt_")
+OWN_TOKEN_PREFIXES = (f"{SESSION_PREFIX}_", f"{API_TOKEN_PREFIX}_")
 CONNECT_TIMEOUT_SECONDS = 10.0
 #: The largest WebSocket message passed on (JupyterLab sends a notebook's outputs in one message).
 MAX_WEBSOCKET_MESSAGE = 64 * 1024 * 1024
@@ -97,6 +97,7 @@ class EnvironmentProxy:
 
     def __init__(self, *, own_cookies: frozenset[str]) -> None:
         self.own_cookies = own_cookies
+        self._own_cookies_lowered = frozenset(cookie.lower() for cookie in own_cookies)
         self._clients: dict[str | None, httpx.AsyncClient] = {}
         tune_for_streaming()
 
@@ -165,7 +166,7 @@ class EnvironmentProxy:
                 if kept:
                     headers.append((name, kept.encode("latin-1")))
                 continue
-            if lowered == "authorization" and (_is_own_token(value) or upstream.headers):
+            if lowered == "authorization" and (is_control_plane_credential(value) or upstream.headers):
                 continue
             headers.append((name, value))
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in _forwarding_facts(request)]
@@ -200,7 +201,7 @@ class EnvironmentProxy:
         name = _cookie_name(set_cookie)
         if not name:
             return True
-        return name.lower() in {cookie.lower() for cookie in self.own_cookies}
+        return name.lower() in self._own_cookies_lowered
 
     # -- WebSocket -------------------------------------------------------------------------------
     async def forward_websocket(
@@ -225,7 +226,7 @@ class EnvironmentProxy:
             for name, value in websocket.headers.raw
             if name.lower().decode("latin-1") not in HOP_BY_HOP | WEBSOCKET_HANDSHAKE
             and not _is_forwarding_claim(name.lower().decode("latin-1"))
-            and not (name.lower() == b"authorization" and (_is_own_token(value) or upstream.headers))
+            and not (name.lower() == b"authorization" and (is_control_plane_credential(value) or upstream.headers))
         ]
         headers = [
             (name, self._without_own_cookies(value) if name.lower() == "cookie" else value)
@@ -347,21 +348,18 @@ def _forwarding_facts(connection: HTTPConnection) -> list[tuple[str, str]]:
     ]
 
 
-def _is_own_token(value: bytes) -> bool:
-    scheme, _, token = value.decode("latin-1").partition(" ")
-    return scheme.lower() == "bearer" and token.strip().startswith(OWN_TOKEN_PREFIXES)
-
-
 def without_cookies(header: str, names: frozenset[str]) -> str:
     """A ``Cookie`` request header without the cookies called ``names``."""
     parts = [part.strip() for part in header.split(";")]
     return "; ".join(p for p in parts if p and p.split("=", 1)[0].strip() not in names)
 
 
-def is_control_plane_credential(authorization: str) -> bool:
+def is_control_plane_credential(authorization: str | bytes) -> bool:
     """An ``Authorization`` header carrying a CMBCluster session or API token (not the application's own)."""
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
     scheme, _, token = authorization.strip().partition(" ")
-    return scheme.lower() == "bearer" and token.strip().startswith((f"{SESSION_PREFIX}_", f"{API_TOKEN_PREFIX}_"))
+    return scheme.lower() == "bearer" and token.strip().startswith(OWN_TOKEN_PREFIXES)
 
 
 def _cookie_name(value: bytes) -> str:

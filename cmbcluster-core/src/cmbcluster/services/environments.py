@@ -561,10 +561,7 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     _record_stop_intent(db, env)
     context.compute.stop(env.id)
     environment_id = env.id
-    db.commit()  # end the read transaction: the check and the write below are one locked transaction
-    begin_locked(db)  # SQLite: the whole database; elsewhere the row, FOR UPDATE (SQLite's dialect omits it)
-    if db.execute(_CURRENT.with_for_update(), {"environment_id": environment_id}).scalar_one_or_none() is None:
-        db.rollback()  # deleted meanwhile (another request): nothing of it runs
+    if not _locked_as_recorded(db, environment_id):  # deleted meanwhile (another request): nothing of it runs
         context.progress.notify(environment_id)
         raise NotFound(f"environment {environment_id} was deleted while it was being stopped")
     overtaken = env.desired_state != "stopped"
@@ -582,10 +579,22 @@ def stop(db: Session, context: AppContext, env: Environment, *, actor_id: str | 
     context.progress.notify(environment_id)
 
 
-#: The environment as recorded now, read again into the session's object (which the stop then changes).
+#: The environment as recorded now, read again into the session's object (which the caller then changes).
 _CURRENT = (
     select(Environment).where(Environment.id == bindparam("environment_id")).execution_options(populate_existing=True)
 )
+
+
+def _locked_as_recorded(db: Session, environment_id: str) -> bool:
+    """End the read transaction, begin a locked one (SQLite: the whole database; elsewhere the row,
+    FOR UPDATE, which SQLite's dialect omits) and read the environment again into the session's
+    object: a check made on it then holds until the commit. False, rolled back, when it was deleted."""
+    db.commit()
+    begin_locked(db)
+    if db.execute(_CURRENT.with_for_update(), {"environment_id": environment_id}).scalar_one_or_none() is None:
+        db.rollback()
+        return False
+    return True
 
 
 _STOP_INTENT = (
@@ -737,10 +746,7 @@ def update(db: Session, context: AppContext, user: User, env: Environment, chang
     the environment started was answered 200 and shown, while the start ran the choices of before
     (found by an outsider's trial: a notebook writing into the bucket the page said it had left)."""
     environment_id = env.id
-    db.commit()  # end the read transaction: the check and the write below are one locked transaction
-    begin_locked(db)
-    if db.execute(_CURRENT.with_for_update(), {"environment_id": environment_id}).scalar_one_or_none() is None:
-        db.rollback()
+    if not _locked_as_recorded(db, environment_id):
         raise NotFound(f"environment {environment_id} not found")
     if env.status not in STARTABLE_STATUSES:
         db.rollback()

@@ -35,7 +35,7 @@ from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, P
 from cmbcluster.interfaces import Upstream
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
-from cmbcluster.services.environment_proxy import EnvironmentProxy
+from cmbcluster.services.environment_proxy import EnvironmentProxy, is_control_plane_credential
 from cmbcluster.services.sessions import Credential, SignedInUser
 from cmbcluster.webui import ui_available
 
@@ -71,7 +71,7 @@ def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
 def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
-    bearer = credentials if scheme.lower() == "bearer" and credentials.startswith(("cmbs_", "cmbt_")) else None
+    bearer = credentials if is_control_plane_credential(conn.headers.get("authorization", "")) else None
     cookie = conn.cookies.get(SESSION_COOKIE)
     if bearer is None and not cookie and scheme.lower() == "bearer" and credentials:
         # Another bearer token is the application's own, passed on once the caller signed in by cookie.
