@@ -398,6 +398,28 @@ def test_proxy_routing_with_an_environments_domain_is_refused_before_anything_st
     assert resolve(core, PluginManager(entry_points_enabled=False)).compute.name == "kubernetes"
 
 
+@pytest.mark.parametrize(
+    ("variables", "routing"),
+    [
+        ({}, "proxy"),  # path routing: the proxy, which drops cookies an application sets for the control plane
+        ({"CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org"}, "ingress"),  # host routing: the ingress's alone
+        ({"BASE_DOMAIN": "envs.example.org"}, "ingress"),  # the original deployment's name keeps working
+        ({"CMBCLUSTER_ROUTING": "ingress"}, "ingress"),  # ingress path routing, when asked for
+    ],
+)
+def test_kubernetes_routing_defaults_to_the_proxy_unless_host_routing_needs_the_ingress(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variables: dict[str, str], routing: str
+) -> None:
+    from cmbcluster.kubernetes.plugin import KubernetesSettings
+
+    monkeypatch.chdir(tmp_path)  # no .env file
+    for name in ("CMBCLUSTER_ROUTING", "CMBCLUSTER_ENVIRONMENTS_DOMAIN", "BASE_DOMAIN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert KubernetesSettings().routing == routing
+
+
 def test_an_invalid_setting_is_one_error_line_naming_its_settings_model_once(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -39,7 +39,7 @@ from cmbcluster.kubernetes.status import status_from_pod
 USER = UserRef(id="0123456789abcdef0123456789abcdef", email="ada@example.org")
 ENV_ID = "fedcba9876543210fedcba9876543210"
 NAMESPACE = "cmb"
-EXPOSURE = Exposure(environments_domain="envs.example.org")
+EXPOSURE = Exposure(routing="ingress", environments_domain="envs.example.org")
 
 
 def spec(**overrides: Any) -> EnvironmentSpec:
@@ -96,7 +96,10 @@ def test_the_pod_runs_unprivileged_without_a_token() -> None:
 
 @pytest.mark.parametrize(
     ("exposure", "base_url"),
-    [(Exposure(environments_domain="envs.example.org"), "/"), (Exposure(public_url="https://cmb.example.org"), None)],
+    [
+        (Exposure(routing="ingress", environments_domain="envs.example.org"), "/"),
+        (Exposure(routing="ingress", public_url="https://cmb.example.org"), None),
+    ],
     ids=["host routing", "path routing"],
 )
 def test_the_command_is_rendered_as_every_backend_renders_it(exposure: Exposure, base_url: str | None) -> None:

@@ -261,7 +261,9 @@ def test_next_may_be_an_environment_url_under_the_cookie_domain(
 def test_the_ingress_sends_strangers_to_the_web_uis_sign_in_page() -> None:
     from cmbcluster.kubernetes.routing import Exposure
 
-    exposure = Exposure(public_url="https://cmb.example.org", auth_url="http://cp/api/v1/environments/authorize")
+    exposure = Exposure(
+        routing="ingress", public_url="https://cmb.example.org", auth_url="http://cp/api/v1/environments/authorize"
+    )
     annotations = exposure.ingress("env-1", "1", {})["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/signin/?next=")
 

@@ -262,9 +262,11 @@ def test_network_policies_isolate_users_and_block_the_metadata_address() -> None
 
 
 def test_proxy_routing_reaches_the_control_plane_and_lets_only_it_reach_user_pods() -> None:
-    objects = manifests(merged(GCP_VALUES, **{"environments.routing": "proxy", "environments.domain": ""}))
+    objects = manifests(merged(GCP_VALUES, **{"environments.domain": ""}))  # the default without host routing
     assert _env(objects)["CMBCLUSTER_ROUTING"] == "proxy"
-    assert _env(manifests(GCP_VALUES))["CMBCLUSTER_ROUTING"] == "ingress"
+    assert _env(manifests(GCP_VALUES))["CMBCLUSTER_ROUTING"] == "ingress"  # a domain: host routing, the ingress's
+    asked = manifests(merged(GCP_VALUES, **{"environments.routing": "ingress", "environments.domain": ""}))
+    assert _env(asked)["CMBCLUSTER_ROUTING"] == "ingress"
     users = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}[NETWORK_POLICY_NAME]
     control_plane_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     # the ingress controller no longer reaches user pods: all their traffic passes the control plane

@@ -447,7 +447,7 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
 
     namespace = k8s_cluster.control_plane_namespace()
     settings = {
-        "path": {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": ""},
+        "path": {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": "", "CMBCLUSTER_ROUTING": "ingress"},
         "host": {},
         "proxy": {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": "", "CMBCLUSTER_ROUTING": "proxy"},
     }[routing]

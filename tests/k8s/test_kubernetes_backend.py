@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 USER = UserRef(id="0123456789abcdef0123456789abcdef", email="ada@example.org")
 LABELLED = ("Pod", "Service", "Secret", "PersistentVolumeClaim", "PersistentVolume", "Ingress")
 EXPOSURE = Exposure(
+    routing="ingress",
     environments_domain="envs.example.org",
     public_url="https://cmb.example.org",
     auth_url="http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize",
@@ -594,7 +595,7 @@ def test_someone_elses_service_account_is_not_taken(backend: KubernetesCompute, 
 
 
 def test_path_routing_under_the_public_url() -> None:
-    exposure = Exposure(public_url="https://cmb.example.org:8443", tls_secret="cmb-tls")
+    exposure = Exposure(routing="ingress", public_url="https://cmb.example.org:8443", tls_secret="cmb-tls")
     assert exposure.url("env-x", "x") == "https://cmb.example.org:8443/environments/x/"
     ingress = exposure.ingress("env-x", "x", {})
     (rule,) = ingress["spec"]["rules"]

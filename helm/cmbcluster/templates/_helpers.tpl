@@ -41,6 +41,11 @@ app.kubernetes.io/component: control-plane
 {{- default .Release.Namespace .Values.environments.namespace -}}
 {{- end -}}
 
+{{- /* environments.routing, or its default: proxy, unless a domain asks for host routing (ingress only) */}}
+{{- define "cmbcluster.routing" -}}
+{{- .Values.environments.routing | default (ternary "ingress" "proxy" (not (empty .Values.environments.domain))) -}}
+{{- end -}}
+
 {{- define "cmbcluster.image" -}}
 {{- $tag := default .Chart.AppVersion .Values.image.tag -}}
 {{- if .Values.image.registry -}}

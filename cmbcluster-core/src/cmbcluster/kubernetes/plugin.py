@@ -38,11 +38,12 @@ class KubernetesSettings(BaseSettings):
         description="Force (true) or forbid (false) the in-cluster configuration; default: detect.",
     )
     routing: Literal["ingress", "proxy"] = Field(
-        default="ingress",
+        default="proxy",
         validation_alias=AliasChoices("CMBCLUSTER_ROUTING"),
-        description="How users reach environments: 'ingress' (an Ingress and a Service per environment, "
-        "checked by ingress-nginx's auth-url) or 'proxy' (through the control plane's own proxy to the pod; "
-        "only a Secret and a Pod per environment, any ingress controller).",
+        description="How users reach environments: 'proxy' (through the control plane's own proxy to the pod; "
+        "only a Secret and a Pod per environment, any ingress controller) or 'ingress' (an Ingress and a Service "
+        "per environment, checked by ingress-nginx's auth-url). Default: proxy, or ingress when "
+        "CMBCLUSTER_ENVIRONMENTS_DOMAIN asks for host routing.",
     )
     ingress_class: str = Field(
         default="nginx", validation_alias=AliasChoices("CMBCLUSTER_INGRESS_CLASS"), description="Ingress class."
@@ -96,6 +97,11 @@ class KubernetesSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_routing(self) -> KubernetesSettings:
+        if "routing" not in self.model_fields_set and self.environments_domain:
+            # Host routing is the ingress's alone; a deployment that names only its domain (as
+            # BASE_DOMAIN did before the proxy existed) keeps working.
+            self.routing = "ingress"
+            self.model_fields_set.discard("routing")  # still the default: `deploy` leaves it to the chart's
         if self.routing == "proxy" and self.environments_domain:
             raise ValueError(
                 "CMBCLUSTER_ROUTING=proxy serves environments at <public url>/environments/<id>/: unset "

@@ -1,12 +1,15 @@
 """How users reach their environments, and how environments are kept apart.
 
-Two ways (``CMBCLUSTER_ROUTING``):
+Two ways (``CMBCLUSTER_ROUTING``; ``proxy`` unless an environments domain asks for host routing,
+which only ``ingress`` serves):
 
 - ``proxy``: the control plane's own reverse proxy serves ``<public url>/environments/<id>/``
   and forwards to the pod's IP, after the same owner check as everywhere else
   (:mod:`cmbcluster.api.routes.environment_proxy`). An environment is then a Secret and a Pod,
   no object more: half the API calls of a start, and any ingress controller (or none) in front
-  of the control plane.
+  of the control plane. The default, because the proxy also drops the cookies an application
+  sets for the control plane's own requests (its session's among them), which an ingress passes
+  on to the browser.
 - ``ingress``: each environment gets an **Ingress** (owned by its pod): host routing
   (``https://env-<id>.<environments domain>/``, one wildcard TLS secret for all of them, never a
   certificate per environment) or path routing under the control plane's own host
@@ -53,7 +56,7 @@ class Exposure:
     ingress). ``auth_url`` is the authorize endpoint as the ingress controller reaches it.
     """
 
-    routing: Literal["ingress", "proxy"] = "ingress"
+    routing: Literal["ingress", "proxy"] = "proxy"
     ingress_class: str = "nginx"
     environments_domain: str | None = None
     public_url: str | None = None
