@@ -11,6 +11,7 @@ leader hands over.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -466,9 +467,19 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
             pod = k8s.CoreV1Api(admin_api).read_namespaced_pod(f"env-{environment_id}", namespace)
             assert not any("{" in part for part in pod.spec.containers[0].command)
             base = "/" if routing == "host" else f"/environments/{environment_id}/"
+            # JupyterLab itself, reached as any pod could where the NetworkPolicy is not enforced
+            # (the test cluster enforces none): behind the ingress it has no token of its own;
+            # behind the proxy it has its start's, which only the control plane's proxy sends
             status = httpx.get(f"http://127.0.0.1:{port}{base}api/status", timeout=10)
-            assert status.status_code == 200, status.text  # JupyterLab itself, without a token of its own
-            assert "started" in status.json()
+            assert status.status_code == (403 if routing == "proxy" else 200), status.text
+            if routing != "proxy":
+                assert "started" in status.json()
+            else:
+                token = pod.metadata.annotations["cmbcluster.io/application-token"]
+                assert (
+                    token not in json.dumps(env)
+                    and token not in user.client.get(f"/api/v1/environments/{environment_id}/logs").text
+                )
             if routing == "proxy":
                 assert env["url"].endswith(base)
                 assert objects_of(admin_api, namespace, environment_id) == [f"Pod/env-{environment_id}"]

@@ -493,7 +493,9 @@ def test_proxy_routing_makes_a_pod_and_a_secret_and_gives_the_pods_address(
     k8s_cluster: K8sCluster, backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:
     """Served through the control plane: no Service, no Ingress; the proxy's upstream is the pod's
-    own address once it is Ready, and nothing once it stops."""
+    own address once it is Ready, and nothing once it stops. An application that checks a token
+    gets one of its start's own, which only the proxy sends (a pod that reaches it where the
+    NetworkPolicy is not enforced has none)."""
     namespace = k8s_cluster.control_plane_namespace()  # its own NetworkPolicy, made by this backend
     proxied = KubernetesCompute(
         k8s_cluster.api_client(token=k8s_cluster.cp_token),
@@ -503,7 +505,7 @@ def test_proxy_routing_makes_a_pod_and_a_secret_and_gives_the_pods_address(
     environment_id = new_id()
     try:
         assert proxied.upstream(environment_id) is None
-        proxied.start(make_spec(environment_id, volumes=()))
+        proxied.start(make_spec(environment_id, volumes=(), command=("jupyter-lab", "--port={port}")))
         status = running(proxied, environment_id)
         assert status.url == f"https://cmb.example.org/environments/{environment_id}/"
         assert sorted(labelled_objects(admin, namespace, environment_id)) == [
@@ -512,6 +514,12 @@ def test_proxy_routing_makes_a_pod_and_a_secret_and_gives_the_pods_address(
         pod = admin.read_namespaced_pod(f"env-{environment_id}", namespace)
         upstream = proxied.upstream(environment_id)
         assert upstream is not None and upstream.url == f"http://{pod.status.pod_ip}:8888"
+        token = pod.metadata.annotations["cmbcluster.io/application-token"]
+        assert len(token) >= 32 and dict(upstream.headers) == {"Authorization": f"token {token}"}
+        (container,) = pod.spec.containers
+        assert {e.name: e.value for e in container.env}["JUPYTER_TOKEN"] == token  # never on its command line
+        command = [*(container.command or []), *(container.args or [])]
+        assert command and token not in " ".join(command) and "--IdentityProvider.token=" not in command
         assert backend.upstream(environment_id) is None  # ingress routing: the ingress serves it
         policy = k8s.NetworkingV1Api(admin.api_client).read_namespaced_network_policy(NETWORK_POLICY_NAME, namespace)
         assert [peer.pod_selector.match_labels for peer in policy.spec.ingress[0]._from] == [CONTROL_PLANE_SELECTOR]

@@ -42,6 +42,8 @@ _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 #: How the control plane's proxy sends an application its token.
 TOKEN_HEADER = "Authorization"  # noqa: S105 - a header's name
 TOKEN_SCHEME = "token"  # noqa: S105 - the scheme word before the token
+#: What replaces the application's token in the output users see.
+REDACTED = "[token]"
 
 
 def environment_path(environment_id: str) -> str:

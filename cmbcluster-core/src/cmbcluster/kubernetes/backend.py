@@ -33,11 +33,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmbcluster.compute.command import REDACTED, TOKEN_HEADER, TOKEN_SCHEME, takes_token
 from cmbcluster.errors import Conflict, ProviderUnavailable
 from cmbcluster.interfaces import (
     ComputeBackend,
@@ -54,6 +56,7 @@ from cmbcluster.kubernetes.labels import (
     ENVIRONMENT_ANNOTATION,
     ENVIRONMENT_LABEL,
     MANAGED_SELECTOR,
+    TOKEN_ANNOTATION,
     USER_LABEL,
     environment_selector,
     identity_labels,
@@ -194,8 +197,11 @@ class KubernetesCompute(ComputeBackend):
 
     # -- building the objects ------------------------------------------------------------------
     def build_draft(self, spec: EnvironmentSpec) -> PodDraft:
-        """The pod draft before decoration: storage volumes, identity, secrets, resources."""
-        return build_draft(spec, namespace=self.namespace, exposure=self.options.exposure)
+        """The pod draft before decoration: storage volumes, identity, secrets, resources; behind
+        the proxy, a token of this start's own for an application that checks one."""
+        proxied = self.options.exposure.proxied
+        token = secrets.token_urlsafe(32) if proxied and spec.command and takes_token(spec.command) else ""
+        return build_draft(spec, namespace=self.namespace, exposure=self.options.exposure, token=token)
 
     def pod_context(self, spec: EnvironmentSpec) -> PodContext:
         return pod_context(
@@ -401,7 +407,9 @@ class KubernetesCompute(ComputeBackend):
         return self.metrics.resource_use(environment_ids)
 
     def logs(self, environment_id: str, *, tail: int = 200) -> str:
-        return self.client.pod_log(object_name(environment_id), container=CONTAINER_NAME, tail=tail)
+        text = self.client.pod_log(object_name(environment_id), container=CONTAINER_NAME, tail=tail)
+        token = _token(self._pod(environment_id))
+        return text.replace(token, REDACTED) if token else text  # applications print their URL with it
 
     def check_ready(self) -> None:
         self.client.call(
@@ -432,7 +440,8 @@ class KubernetesCompute(ComputeBackend):
             return None
         port = ports[0]
         host = f"[{address}]" if ":" in address else address  # an IPv6 cluster
-        return Upstream(url=f"http://{host}:{port}")
+        token = _token(pod)
+        return Upstream(url=f"http://{host}:{port}", headers={TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {})
 
     # -- status ------------------------------------------------------------------------------------
     def environment_url(self, environment_id: str) -> str:
@@ -444,3 +453,9 @@ class KubernetesCompute(ComputeBackend):
         name = str(metadata(pod).get("name"))
         event = self.events.get(name) if self.events.synced else None
         return status_from_pod(environment_id, pod, url=self.environment_url(environment_id), event=event)
+
+
+def _token(pod: dict[str, Any] | None) -> str:
+    """The application token of the pod's start (``proxy`` routing), else empty."""
+    token = (metadata(pod or {}).get("annotations") or {}).get(TOKEN_ANNOTATION)
+    return token if isinstance(token, str) else ""

@@ -21,6 +21,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 USER_ENVIRONMENT = "user-environment"
 USER_ANNOTATION = "cmbcluster.io/user-id"
 ENVIRONMENT_ANNOTATION = "cmbcluster.io/environment-id"
+#: the start's application token (``proxy`` routing), which the control plane's proxy sends: read
+#: from the pod, so that every replica's proxy knows it
+TOKEN_ANNOTATION = "cmbcluster.io/application-token"  # noqa: S105 - an annotation's name
 
 
 def identity_labels(user_id: str, environment_id: str) -> dict[str, str]:

@@ -26,6 +26,7 @@ from cmbcluster.kubernetes.labels import (
     ENVIRONMENT_LABEL,
     MANAGED_BY,
     MANAGED_BY_VALUE,
+    TOKEN_ANNOTATION,
     USER_ANNOTATION,
     USER_ENVIRONMENT,
     USER_LABEL,
@@ -113,28 +114,36 @@ def _b64(data: bytes) -> str:
 
 
 # -- the pod draft ---------------------------------------------------------------------------------
-def build_draft(spec: EnvironmentSpec, *, namespace: str, exposure: Exposure) -> PodDraft:
-    """The pod draft before decoration: storage volumes, identity, secrets, resources."""
+def build_draft(spec: EnvironmentSpec, *, namespace: str, exposure: Exposure, token: str = "") -> PodDraft:
+    """The pod draft before decoration: storage volumes, identity, secrets, resources. ``token``:
+    the application's token for this start (``proxy`` routing), which only the proxy sends."""
     name = object_name(spec.environment_id)
     labels = {**spec.labels, **identity_labels(spec.user.id, spec.environment_id)}
     labels[COMPONENT_LABEL] = USER_ENVIRONMENT
     # The one templating every backend shares (cmbcluster.compute.command): listen on every
     # address of the pod, on the container port, under the path the ingress serves it at (path
-    # routing: /environments/<id>/, host routing: /). No token: the ingress asks the control plane
-    # before any request reaches the pod, and the NetworkPolicy admits nothing else.
+    # routing: /environments/<id>/, host routing: /). Behind the proxy, an application that checks
+    # a token gets one of its own, so that a pod elsewhere in a cluster that does not enforce the
+    # NetworkPolicy cannot use it either. Behind the ingress, none: the ingress asks the control
+    # plane before any request reaches the pod, and the NetworkPolicy admits nothing else.
     launch = LaunchValues(
         environment_id=spec.environment_id, host="0.0.0.0", port=spec.port,
-        base_url=exposure.path(spec.environment_id), token="",
+        base_url=exposure.path(spec.environment_id), token=token,
     )  # fmt: skip
     env = standard_variables(launch, spec.command)
-    command = [*render_command(spec.command, launch), *without_token_arguments(spec.command)] if spec.command else []
+    command = render_command(spec.command, launch) if spec.command else []
+    if command and not token:
+        command += without_token_arguments(spec.command)
+    annotations = {ENVIRONMENT_ANNOTATION: spec.environment_id, USER_ANNOTATION: spec.user.id}
+    if token:
+        annotations[TOKEN_ANNOTATION] = token
     draft = PodDraft(
         name=name,
         namespace=namespace,
         image=spec.image,
         command=command,
         labels=labels,
-        annotations={ENVIRONMENT_ANNOTATION: spec.environment_id, USER_ANNOTATION: spec.user.id},
+        annotations=annotations,
         env=env,
         port=spec.port,
         working_dir=spec.working_dir,

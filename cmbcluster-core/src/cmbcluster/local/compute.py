@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmbcluster.compute.command import (
+    REDACTED,
     TOKEN_HEADER,
     TOKEN_SCHEME,
     LaunchValues,
@@ -73,8 +74,6 @@ INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHO
 #: update checks: this Python is the operator's to upgrade). Users' own settings still win. The
 #: environment image carries the same file (helm/images/environment/Dockerfile; a test compares them).
 JUPYTER_DEFAULTS = Path(__file__).resolve().parent / "jupyter_config"
-#: What replaces the application's token in the output users see.
-REDACTED = "[token]"
 #: The longest Unix socket path Linux accepts is 107 bytes; past this one, sockets go to a private temporary folder.
 MAX_SOCKET_PATH = 100
 
