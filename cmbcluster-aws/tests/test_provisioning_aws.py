@@ -528,6 +528,10 @@ def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path) 
         ({}, ["images", "push", "--tag", "-bad", "--dry-run"], "not a valid image tag"),
         ({"PATH": str(tmp_path)}, ["images", "push"], "`docker` is not installed"),
         ({}, ["infra", "dns", "--target", "not a host!", "--domain", "cmb.example.org"], "neither an IPv4"),
+        # a database bucket S3 would refuse: said by `config check` on the operator's machine (which has no
+        # cluster yet), and by `plan` rather than made under another name (it was lower-cased) or refused mid-`up`
+        ({"S3_DATABASE_BUCKET": "My_Backups"}, ["config", "check"], "CMBCLUSTER_DATABASE_BUCKET: 'My_Backups' is not"),
+        ({"S3_DATABASE_BUCKET": "Lab-Backups"}, ["infra", "plan"], "'Lab-Backups' is not a valid bucket name"),
     ]
     for extra, args, message in cases:
         result = run_cli(*args, env={**cli_env, **extra}, cwd=tmp_path)

@@ -82,6 +82,7 @@ from cmbcluster_aws.clients import close_clients, make_clients, retry_while_prop
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, trust_policy
 from cmbcluster_aws.names import (
+    S3_BUCKET_NAMES,
     boundary_arn,
     boundary_name,
     control_plane_role_arn,
@@ -268,6 +269,9 @@ class AwsProvisioner(Provisioner):
         propagation_delay: float = 10.0,
         max_attempts: int = 5,
     ) -> None:
+        problem = S3_BUCKET_NAMES.problem(database_bucket) if database_bucket else None
+        if problem is not None:  # before anything is made: S3 would refuse it at the database-bucket step
+            raise ConfigurationError([f"CMBCLUSTER_DATABASE_BUCKET (S3_DATABASE_BUCKET): {problem}"])
         self.settings = settings
         self.namespace = namespace
         self.configured_database_bucket = database_bucket
@@ -318,8 +322,7 @@ class AwsProvisioner(Provisioner):
 
     @property
     def database_bucket(self) -> str:
-        name = self.configured_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
-        return name.lower()
+        return self.configured_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
 
     @property
     def repositories(self) -> list[str]:
