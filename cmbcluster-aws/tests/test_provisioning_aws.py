@@ -389,6 +389,26 @@ def test_missing_permissions_are_named_before_anything_is_created(
     assert inventory(aws) == EMPTY and record.resources == []
 
 
+def test_a_region_or_instance_type_that_cannot_hold_the_cluster_is_named_before_anything_is_created(
+    make_settings: Callable[..., AwsSettings], record: ProvisioningRecord, aws: Callable[[str], Any]
+) -> None:
+    """us-west-1 offers new accounts two availability zones (moto too), and the subnets step needs three:
+    `up` made the IAM roles, the VPC and its gateway, then stopped there. A node type the region does
+    not offer was refused only at the node group, after the EKS cluster (15 minutes)."""
+    settings = make_settings(eks_cluster_name=CLUSTER, aws_region="us-west-1", eks_node_instance_type="m5.larg")
+    provisioner = make_provisioner(settings)
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
+    finally:
+        provisioner.close()
+    message = str(refused.value)
+    assert "region us-west-1 has fewer than 3 availability zones" in message
+    assert "EKS_NODE_INSTANCE_TYPE m5.larg is not offered in us-west-1" in message
+    assert "nothing was created" in message
+    assert record.resources == [] and aws("iam").list_roles(PathPrefix="/cmbcluster-infra/")["Roles"] == []
+
+
 def test_permissions_that_cannot_be_checked_are_said_and_up_goes_on(
     provisioner: AwsProvisioner, record: ProvisioningRecord, monkeypatch: pytest.MonkeyPatch
 ) -> None:
