@@ -389,6 +389,26 @@ def test_missing_permissions_are_named_before_anything_is_created(
     assert inventory(aws) == EMPTY and record.resources == []
 
 
+def test_a_region_or_instance_type_that_cannot_hold_the_cluster_is_named_before_anything_is_created(
+    make_settings: Callable[..., AwsSettings], record: ProvisioningRecord, aws: Callable[[str], Any]
+) -> None:
+    """us-west-1 offers new accounts two availability zones (moto too), and the subnets step needs three:
+    `up` made the IAM roles, the VPC and its gateway, then stopped there. A node type the region does
+    not offer was refused only at the node group, after the EKS cluster (15 minutes)."""
+    settings = make_settings(eks_cluster_name=CLUSTER, aws_region="us-west-1", eks_node_instance_type="m5.larg")
+    provisioner = make_provisioner(settings)
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
+    finally:
+        provisioner.close()
+    message = str(refused.value)
+    assert "region us-west-1 has fewer than 3 availability zones" in message
+    assert "EKS_NODE_INSTANCE_TYPE m5.larg is not offered in us-west-1" in message
+    assert "nothing was created" in message
+    assert record.resources == [] and aws("iam").list_roles(PathPrefix="/cmbcluster-infra/")["Roles"] == []
+
+
 def test_permissions_that_cannot_be_checked_are_said_and_up_goes_on(
     provisioner: AwsProvisioner, record: ProvisioningRecord, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -528,6 +548,10 @@ def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path) 
         ({}, ["images", "push", "--tag", "-bad", "--dry-run"], "not a valid image tag"),
         ({"PATH": str(tmp_path)}, ["images", "push"], "`docker` is not installed"),
         ({}, ["infra", "dns", "--target", "not a host!", "--domain", "cmb.example.org"], "neither an IPv4"),
+        # a database bucket S3 would refuse: said by `config check` on the operator's machine (which has no
+        # cluster yet), and by `plan` rather than made under another name (it was lower-cased) or refused mid-`up`
+        ({"S3_DATABASE_BUCKET": "My_Backups"}, ["config", "check"], "CMBCLUSTER_DATABASE_BUCKET: 'My_Backups' is not"),
+        ({"S3_DATABASE_BUCKET": "Lab-Backups"}, ["infra", "plan"], "'Lab-Backups' is not a valid bucket name"),
     ]
     for extra, args, message in cases:
         result = run_cli(*args, env={**cli_env, **extra}, cwd=tmp_path)

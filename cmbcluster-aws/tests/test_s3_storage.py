@@ -608,6 +608,20 @@ def test_delete_objects_in_batches(
         backend.delete_objects(info.name, ["ok", "../bad"])
 
 
+def test_keys_xml_cannot_carry_are_deleted_one_by_one(backend: S3Storage, owner: UserRef, s3: Any) -> None:
+    """A file an environment wrote through the mount may be named with a character XML 1.0 cannot
+    carry (U+FFFE, U+FFFF; control characters): DeleteObjects, whose request is XML, refuses it (S3
+    answers MalformedXML; moto 500), so such keys are deleted with one DeleteObject each, their key in
+    the URL. It was a 503 ("AWS did not complete the request"): a file the user could list, never delete."""
+    info = backend.create_bucket(owner, BucketOptions(display_name="xml", versioning=False))
+    odd, plain = "notes/a\ufffeb.txt", "notes/plain.txt"
+    for key in (odd, plain):
+        s3.put_object(Bucket=info.name, Key=key, Body=b"x")  # as Mountpoint writes it
+    assert {o.key for o in backend.list_objects(info.name, "notes/", delimiter=None).objects} == {odd, plain}
+    backend.delete_objects(info.name, [odd, plain])
+    assert backend.list_objects(info.name, "notes/", delimiter=None).objects == []
+
+
 def test_list_page_size_above_s3_limit_still_pages(
     backend: S3Storage, owner: UserRef, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -372,6 +372,10 @@ def test_cli_errors_are_one_clear_line(cli_env: dict[str, str], tmp_path: Path, 
          "GKE_MAX_NODES_PER_ZONE (2) is below GKE_NODES_PER_ZONE (3)"),
         ({**cli_env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json")},
          ["infra", "up", "--addons", "print"], "no Google Cloud credentials"),
+        # a database bucket Cloud Storage would refuse: said by `config check` without a cluster, and by `plan`
+        ({**cli_env, "GCS_DATABASE_BUCKET": "Lab_Backups"}, ["config", "check"],
+         "CMBCLUSTER_DATABASE_BUCKET: 'Lab_Backups' is not"),
+        ({**cli_env, "GCS_DATABASE_BUCKET": "Lab-Backups"}, ["infra", "plan"], "'Lab-Backups' is not a valid bucket"),
     ]  # fmt: skip
     run_cli("infra", "up", "--addons", "skip", env=cli_env, cwd=tmp_path, timeout=120)  # so that status has work
     for env, args, message in cases:

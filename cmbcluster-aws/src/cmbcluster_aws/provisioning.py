@@ -82,6 +82,7 @@ from cmbcluster_aws.clients import close_clients, make_clients, retry_while_prop
 from cmbcluster_aws.errors import aws_errors, error_code, map_aws_error
 from cmbcluster_aws.identity import AwsInfra, trust_policy
 from cmbcluster_aws.names import (
+    S3_BUCKET_NAMES,
     boundary_arn,
     boundary_name,
     control_plane_role_arn,
@@ -268,6 +269,9 @@ class AwsProvisioner(Provisioner):
         propagation_delay: float = 10.0,
         max_attempts: int = 5,
     ) -> None:
+        problem = S3_BUCKET_NAMES.problem(database_bucket) if database_bucket else None
+        if problem is not None:  # before anything is made: S3 would refuse it at the database-bucket step
+            raise ConfigurationError([f"CMBCLUSTER_DATABASE_BUCKET (S3_DATABASE_BUCKET): {problem}"])
         self.settings = settings
         self.namespace = namespace
         self.configured_database_bucket = database_bucket
@@ -318,8 +322,7 @@ class AwsProvisioner(Provisioner):
 
     @property
     def database_bucket(self) -> str:
-        name = self.configured_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
-        return name.lower()
+        return self.configured_database_bucket or f"{self.deployment}-database-{self.settings.aws_account_id}"
 
     @property
     def repositories(self) -> list[str]:
@@ -469,10 +472,32 @@ class AwsProvisioner(Provisioner):
         """The permissions ``up`` needs (the IAM policy simulator on the caller's own policies) and the
         hosted zones of the deployment's names."""
         problems = [f"the credentials may not {action} (IAM policy simulator)" for action in self._denied(note)]
+        problems += self._region_problems(note)
         try:
             self.hosted_zones()
         except NotFound as exc:
             problems.append(exc.message)
+        return problems
+
+    def _region_problems(self, note: Callable[[str], None]) -> list[str]:
+        """What the region cannot give the cluster: the subnets' zones, the nodes' instance type (else the
+        first is refused after the VPC is made, the second after the EKS cluster)."""
+        problems = []
+        try:
+            self.availability_zones()
+        except ConfigurationError as exc:
+            problems += exc.problems
+        instance_type, region = self.settings.eks_node_instance_type, self.settings.aws_region
+        try:
+            with aws_errors("EC2 instance type offerings"):
+                offered = self.ec2.describe_instance_type_offerings(
+                    LocationType="region", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+                )["InstanceTypeOfferings"]
+        except (ProviderUnavailable, PermissionDenied) as exc:
+            note(f"cannot check EKS_NODE_INSTANCE_TYPE in advance ({exc.message}); `up` stops at the node group")
+            return problems
+        if not offered:
+            problems.append(f"EKS_NODE_INSTANCE_TYPE {instance_type} is not offered in {region}")
         return problems
 
     def _denied(self, note: Callable[[str], None]) -> list[str]:

@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DELETE_BATCH = 1_000  # DeleteObjects takes at most 1000 keys
+#: What a key cannot be written as in DeleteObjects' XML request: characters XML 1.0 forbids (S3 answers
+#: MalformedXML), and a carriage return, which an XML parser reads as a line feed (another key). A file
+#: written through a mounted bucket may have any of them in its name.
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b-\x1f\ufffe\uffff]")
 MAX_LIST_KEYS = 1_000  # ListObjectsV2 returns at most 1000 keys per page
 CREATE_ATTEMPTS = 5
 #: Days after which S3 aborts a multipart upload that was never completed (its parts are billed).
@@ -669,9 +673,19 @@ class S3Storage(StorageBackend):
             self._delete_batch(bucket, [{"Key": k} for k in unique])
 
     def _delete_batch(self, bucket: str, identifiers: list[dict[str, str]]) -> None:
-        for i in range(0, len(identifiers), DELETE_BATCH):
+        batched = []
+        for identifier in identifiers:
+            if not _NOT_IN_XML.search(identifier["Key"]):
+                batched.append(identifier)
+                continue
+            try:  # one request, the key in the URL
+                self._client.delete_object(Bucket=bucket, **identifier)
+            except ClientError as exc:
+                if error_code(exc) not in ("NoSuchKey", "NoSuchVersion"):  # gone already, as a batch says
+                    raise
+        for i in range(0, len(batched), DELETE_BATCH):
             response = self._client.delete_objects(
-                Bucket=bucket, Delete={"Objects": identifiers[i : i + DELETE_BATCH], "Quiet": True}
+                Bucket=bucket, Delete={"Objects": batched[i : i + DELETE_BATCH], "Quiet": True}
             )
             errors = [e for e in response.get("Errors", []) if e.get("Code") not in ("NoSuchKey", "NoSuchVersion")]
             if errors:

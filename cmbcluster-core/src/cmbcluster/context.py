@@ -221,6 +221,10 @@ def build_providers(config: ResolvedConfig) -> Providers:
             unmet.append(f"{config.describe(registration)} could not be created: {exc}")
         except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything: one line each
             faults.append(f"{config.describe(registration)} could not be created: {type(exc).__name__}: {exc}")
+    if (faults or unmet) and 0 in built:
+        # a bucket name the storage refuses is wrong on every machine: said even where another provider
+        # (a kubeconfig, before the cluster exists) is what this machine lacks, as config check runs there
+        faults.extend(bucket_name_problems(config, built[0]))
     if faults or unmet:
         for provider in built.values():
             _close_quietly(provider)

@@ -148,6 +148,11 @@ class GcpProvisioner(Provisioner):
         ingress_namespace: str = "ingress-nginx",
         propagation_seconds: float = 120.0,
     ) -> None:
+        from cmbcluster_gcp.storage import GCS_BUCKET_NAMES  # google-cloud-storage, only when provisioning
+
+        problem = GCS_BUCKET_NAMES.problem(database_bucket) if database_bucket else None
+        if problem is not None:  # before anything is made: Cloud Storage would refuse it at the database-bucket step
+            raise ConfigurationError([f"CMBCLUSTER_DATABASE_BUCKET (GCS_DATABASE_BUCKET): {problem}"])
         self.settings = settings
         self.configured_database_bucket = database_bucket
         self.namespace = namespace
@@ -214,7 +219,7 @@ class GcpProvisioner(Provisioner):
 
     @property
     def database_bucket(self) -> str:
-        return (self.configured_database_bucket or f"{self.deployment}-database-{self.project}").lower()
+        return self.configured_database_bucket or f"{self.deployment}-database-{self.project}"
 
     @property
     def labels(self) -> dict[str, str]:
