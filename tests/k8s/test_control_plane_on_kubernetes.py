@@ -468,18 +468,18 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
             assert not any("{" in part for part in pod.spec.containers[0].command)
             base = "/" if routing == "host" else f"/environments/{environment_id}/"
             # JupyterLab itself, reached as any pod could where the NetworkPolicy is not enforced
-            # (the test cluster enforces none): behind the ingress it has no token of its own;
-            # behind the proxy it has its start's, which only the control plane's proxy sends
-            status = httpx.get(f"http://127.0.0.1:{port}{base}api/status", timeout=10)
-            assert status.status_code == (403 if routing == "proxy" else 200), status.text
-            if routing != "proxy":
-                assert "started" in status.json()
-            else:
-                token = pod.metadata.annotations["cmbcluster.io/application-token"]
-                assert (
-                    token not in json.dumps(env)
-                    and token not in user.client.get(f"/api/v1/environments/{environment_id}/logs").text
-                )
+            # (the test cluster enforces none): it has its start's token, which only the control
+            # plane's proxy sends, or the ingress, as the control plane's check answers it
+            direct = f"http://127.0.0.1:{port}{base}api/status"
+            assert httpx.get(direct, timeout=10).status_code == 403
+            token = pod.metadata.annotations["cmbcluster.io/application-token"]
+            assert token not in json.dumps(env)
+            assert token not in user.client.get(f"/api/v1/environments/{environment_id}/logs").text
+            if routing != "proxy":  # what ingress-nginx does: ask, then send the answer's Authorization
+                check = user.client.get("/api/v1/environments/authorize", params={"environment_id": environment_id})
+                assert check.status_code == 204 and check.headers["authorization"] == f"token {token}"
+                status = httpx.get(direct, headers={"Authorization": check.headers["authorization"]}, timeout=10)
+                assert status.status_code == 200 and "started" in status.json(), status.text
             if routing == "proxy":
                 assert env["url"].endswith(base)
                 assert objects_of(admin_api, namespace, environment_id) == [f"Pod/env-{environment_id}"]

@@ -480,7 +480,9 @@ export interface paths {
          *     The answer carries what the ingress passes on to the environment in place of the request's own
          *     ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
          *     the control plane's session and sign-in cookies and its bearer tokens, which the application
-         *     (and any code in it) must never see, as the control plane's own proxy never shows them.
+         *     (and any code in it) must never see, as the control plane's own proxy never shows them. An
+         *     application with a token of its start's own gets it as ``Authorization`` instead, as from the
+         *     control plane's proxy.
          */
         get: operations["authorize_api_v1_environments_authorize_get"];
         put?: never;

@@ -149,6 +149,13 @@ class ComputeBackend(abc.ABC):
         Kubernetes backend: through an ingress)."""
         return None
 
+    def application_headers(self, environment_id: str) -> Mapping[str, str]:
+        """What a proxy other than the control plane's (an ingress, once the control plane's
+        ``authorize`` check let the request through) must send the running environment's
+        application with each request: its start's token, as in :attr:`Upstream.headers`. Empty by
+        default, and for an environment that is not running here."""
+        return {}
+
     def check_command(self, command: Sequence[str]) -> str | None:
         """Why an application's command cannot run on this backend, with the fix (the catalog
         shows it); None when it can, or when the backend cannot tell (a container image)."""

@@ -197,10 +197,9 @@ class KubernetesCompute(ComputeBackend):
 
     # -- building the objects ------------------------------------------------------------------
     def build_draft(self, spec: EnvironmentSpec) -> PodDraft:
-        """The pod draft before decoration: storage volumes, identity, secrets, resources; behind
-        the proxy, a token of this start's own for an application that checks one."""
-        proxied = self.options.exposure.proxied
-        token = secrets.token_urlsafe(32) if proxied and spec.command and takes_token(spec.command) else ""
+        """The pod draft before decoration: storage volumes, identity, secrets, resources, and a
+        token of this start's own for an application that checks one."""
+        token = secrets.token_urlsafe(32) if spec.command and takes_token(spec.command) else ""
         return build_draft(spec, namespace=self.namespace, exposure=self.options.exposure, token=token)
 
     def pod_context(self, spec: EnvironmentSpec) -> PodContext:
@@ -440,8 +439,12 @@ class KubernetesCompute(ComputeBackend):
             return None
         port = ports[0]
         host = f"[{address}]" if ":" in address else address  # an IPv6 cluster
-        token = _token(pod)
-        return Upstream(url=f"http://{host}:{port}", headers={TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {})
+        return Upstream(url=f"http://{host}:{port}", headers=_token_headers(pod))
+
+    def application_headers(self, environment_id: str) -> Mapping[str, str]:
+        """The start's token, which the ``authorize`` check gives the ingress to send (``ingress``
+        routing; behind the proxy, :meth:`upstream` has it)."""
+        return _token_headers(self._pod(environment_id))
 
     # -- status ------------------------------------------------------------------------------------
     def environment_url(self, environment_id: str) -> str:
@@ -456,6 +459,11 @@ class KubernetesCompute(ComputeBackend):
 
 
 def _token(pod: dict[str, Any] | None) -> str:
-    """The application token of the pod's start (``proxy`` routing), else empty."""
+    """The application token of the pod's start, else empty."""
     token = (metadata(pod or {}).get("annotations") or {}).get(TOKEN_ANNOTATION)
     return token if isinstance(token, str) else ""
+
+
+def _token_headers(pod: dict[str, Any] | None) -> dict[str, str]:
+    token = _token(pod)
+    return {TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {}

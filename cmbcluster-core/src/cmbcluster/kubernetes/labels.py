@@ -21,8 +21,8 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 USER_ENVIRONMENT = "user-environment"
 USER_ANNOTATION = "cmbcluster.io/user-id"
 ENVIRONMENT_ANNOTATION = "cmbcluster.io/environment-id"
-#: the start's application token (``proxy`` routing), which the control plane's proxy sends: read
-#: from the pod, so that every replica's proxy knows it
+#: the start's application token, which the control plane's proxy (or the ingress) sends: read
+#: from the pod, so that every replica knows it
 TOKEN_ANNOTATION = "cmbcluster.io/application-token"  # noqa: S105 - an annotation's name
 
 

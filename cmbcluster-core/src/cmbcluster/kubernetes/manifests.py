@@ -116,16 +116,16 @@ def _b64(data: bytes) -> str:
 # -- the pod draft ---------------------------------------------------------------------------------
 def build_draft(spec: EnvironmentSpec, *, namespace: str, exposure: Exposure, token: str = "") -> PodDraft:
     """The pod draft before decoration: storage volumes, identity, secrets, resources. ``token``:
-    the application's token for this start (``proxy`` routing), which only the proxy sends."""
+    the application's token for this start, which only the proxy (or the ingress) sends."""
     name = object_name(spec.environment_id)
     labels = {**spec.labels, **identity_labels(spec.user.id, spec.environment_id)}
     labels[COMPONENT_LABEL] = USER_ENVIRONMENT
     # The one templating every backend shares (cmbcluster.compute.command): listen on every
     # address of the pod, on the container port, under the path the ingress serves it at (path
-    # routing: /environments/<id>/, host routing: /). Behind the proxy, an application that checks
-    # a token gets one of its own, so that a pod elsewhere in a cluster that does not enforce the
-    # NetworkPolicy cannot use it either. Behind the ingress, none: the ingress asks the control
-    # plane before any request reaches the pod, and the NetworkPolicy admits nothing else.
+    # routing: /environments/<id>/, host routing: /). An application that checks a token gets one
+    # of its start's own, which only the control plane's proxy, or the ingress as the control
+    # plane's check answers it, sends: a pod elsewhere in a cluster that does not enforce the
+    # NetworkPolicy cannot use the application either.
     launch = LaunchValues(
         environment_id=spec.environment_id, host="0.0.0.0", port=spec.port,
         base_url=exposure.path(spec.environment_id), token=token,

@@ -218,18 +218,24 @@ def authorize(
     principal: CurrentPrincipal,
     db: DbSession,
     request: Request,
+    context: Context,
 ) -> Response:
     """204 for the owner of a running environment (and counts as activity); 404 otherwise.
 
     The answer carries what the ingress passes on to the environment in place of the request's own
     ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
     the control plane's session and sign-in cookies and its bearer tokens, which the application
-    (and any code in it) must never see, as the control plane's own proxy never shows them."""
+    (and any code in it) must never see, as the control plane's own proxy never shows them. An
+    application with a token of its start's own gets it as ``Authorization`` instead, as from the
+    control plane's proxy."""
     envs.open_for_traffic(db, principal.user, environment_id)
     authorization = request.headers.get("authorization", "")
+    if is_control_plane_credential(authorization):
+        authorization = ""
+    own = {name.lower(): value for name, value in context.compute.application_headers(environment_id).items()}
     return Response(status_code=204, headers={
         "Cookie": without_cookies(request.headers.get("cookie", ""), CONTROL_PLANE_COOKIES),
-        "Authorization": "" if is_control_plane_credential(authorization) else authorization,
+        "Authorization": own.get("authorization", authorization),
     })  # fmt: skip
 
 
