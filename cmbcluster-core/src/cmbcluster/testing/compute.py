@@ -49,9 +49,12 @@ from cmbcluster.interfaces import (
 SpecFactory = Callable[[str, UserRef, Sequence[str]], EnvironmentSpec]
 
 #: Serves on argv[1]:argv[2] after argv[3] seconds; answers every GET with what it sees (JSON).
+#: Given a token (argv[4]), it prints it, as JupyterLab prints its URL, and answers only requests
+#: with ``Authorization: token <token>`` (JupyterLab's rule), others 403.
 SERVES = """\
 import http.server, json, os, sys, time, uuid
 RUN = uuid.uuid4().hex
+TOKEN = sys.argv[4] if len(sys.argv) > 4 else ""
 time.sleep(float(sys.argv[3]))
 folder = os.environ.get("CMBCLUSTER_SECRETS_DIR")
 
@@ -68,7 +71,12 @@ def secret_files():
 
 class Seen(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = json.dumps({"run": RUN, "env": dict(os.environ), "files": secret_files()}).encode()
+        if TOKEN and self.headers.get("Authorization") != "token " + TOKEN:
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"run": RUN, "env": dict(os.environ), "files": secret_files(), "token": TOKEN}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -79,7 +87,7 @@ class Seen(http.server.BaseHTTPRequestHandler):
         pass
 
 server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Seen)
-print("cmbcluster contract: serving", flush=True)
+print("cmbcluster contract: serving" + (" at /?token=" + TOKEN if TOKEN else ""), flush=True)
 server.serve_forever()
 """
 
@@ -92,9 +100,10 @@ LIVE = (EnvironmentPhase.PENDING, EnvironmentPhase.STARTING, EnvironmentPhase.RU
 ENDED = (EnvironmentPhase.STOPPED, EnvironmentPhase.FAILED)
 
 
-def serving(delay: float = 0.0) -> tuple[str, ...]:
-    """Python arguments of the application that listens on its port (after ``delay`` seconds)."""
-    return ("-c", SERVES, "{host}", "{port}", str(delay))
+def serving(delay: float = 0.0, *, token: bool = False) -> tuple[str, ...]:
+    """Python arguments of the application that listens on its port (after ``delay`` seconds); with
+    ``token``, one that is given ``{token}`` and answers only requests that carry it."""
+    return ("-c", SERVES, "{host}", "{port}", str(delay), *(("{token}",) if token else ()))
 
 
 def exiting(code: int) -> tuple[str, ...]:
@@ -450,6 +459,33 @@ class ComputeBackendContract:
         heard.clear()
         compute_backend.stop(spec.environment_id)
         wait_until(lambda: spec.environment_id in heard, start_timeout, "a listener to hear of the stop")
+
+    def test_the_token_of_a_start_is_needed_to_reach_its_application_and_never_shown(
+        self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, started: Started,
+        start_timeout: float,
+    ) -> None:  # fmt: skip
+        """``{token}`` is a random token of this start: the application answers only requests with
+        ``Authorization: token <token>``, which what serves it sends (:meth:`application_address`:
+        the ``upstream`` headers the control plane's proxy sends), so that nobody else who reaches
+        the application (another user's program on the same machine or network) can use it. No
+        status, listing or log shows it (an application prints its URL with it)."""
+        self.needs_applications()
+        spec = self.spec(environment_spec, owner, serving(token=True))
+        started.start(spec)
+        status = wait_for_phase(compute_backend, spec.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        address = self.application_address(compute_backend, spec.environment_id)
+        token = fetch(address)["token"]
+        assert len(token) >= 16, f"{{token}} must be a random token of this start, not {token!r}"
+        transport = httpx.HTTPTransport(uds=address.unix_socket) if address.unix_socket else None
+        with httpx.Client(transport=transport, timeout=5.0) as client:
+            assert client.get(address.url.rstrip("/") + "/").status_code == 403, "reached without the token"
+        logs = compute_backend.logs(spec.environment_id, tail=20)  # it printed the token before it listened
+        for text in (repr(status), repr(listed(compute_backend, spec.environment_id)), logs):
+            assert token not in text, f"the application's token is shown: {text}"
+        other = self.spec(environment_spec, owner, serving(token=True))
+        started.start(other)
+        wait_for_phase(compute_backend, other.environment_id, [EnvironmentPhase.RUNNING], start_timeout)
+        assert fetch(self.application_address(compute_backend, other.environment_id))["token"] != token
 
     def test_logs_resource_use_and_check_command_answer_as_core_reads_them(
         self, compute_backend: ComputeBackend, environment_spec: SpecFactory, owner: UserRef, started: Started,
