@@ -247,6 +247,41 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "changes", "removed"),
+    [
+        ("PUT", "/api/v1/admin/budgets/user/alice@example.org", {"amount": 5, "unit": "core_hours"}, "set_budget",
+         "user alice@example.org's budget"),
+        ("PUT", "/api/v1/admin/groups/physics", {"members": []}, "set_group", "group physics"),
+        ("PATCH", "/api/v1/admin/groups/physics", {"storage_quota_bytes": 1024}, "set_group_storage_quota",
+         "group physics"),
+    ],
+)  # fmt: skip
+def test_a_change_whose_budget_or_group_is_removed_meanwhile_is_a_409_not_a_500(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    method: str, path: str, body: dict[str, Any], changes: str, removed: str,
+) -> None:  # fmt: skip
+    """Found by an outsider's trial: PUTs and DELETEs of one group's budget at once answered some PUTs
+    with a 500 (the change was saved, the DELETE removed it before the answer read it back)."""
+    context = _context(app)
+    client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["alice@example.org"]})
+    change = getattr(budgets, changes)
+
+    def then_deleted(*args: Any, **kwargs: Any) -> Any:
+        changed = change(*args, **kwargs)
+        with context.sessions() as other:  # another admin's DELETE, done between the change and the answer
+            if changes == "set_budget":
+                budgets.delete_budget(other, actor_id=None, scope="user", target="alice@example.org")
+            else:
+                budgets.delete_group(other, actor_id=None, name="physics")
+        return changed
+
+    monkeypatch.setattr(budgets, changes, then_deleted)
+    answer = client.request(method, path, headers=admin, json=body)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["message"] == f"{removed} was removed by another request meanwhile"
+
+
 @pytest.mark.parametrize("amount", [1e-300, 5e-324, 0.001, 0.0099])
 def test_a_budget_below_a_hundredth_is_refused(
     client: TestClient, admin: dict[str, str], alice: dict[str, str], amount: float

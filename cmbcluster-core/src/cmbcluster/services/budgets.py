@@ -402,6 +402,27 @@ def set_group_storage_quota(db: Session, *, actor_id: str, name: str, quota_byte
     return group
 
 
+def status_of(db: Session, prices: PriceTable, budget: Budget, label: str) -> BudgetStatus:
+    """This month's status of a budget just set, for the answer (see :func:`group_of`)."""
+    for status in statuses(db, prices):
+        if status.budget.id == budget.id:
+            return status
+    raise _removed_meanwhile(f"{budget.scope} {label}'s budget")
+
+
+def group_of(db: Session, group_id: str, label: str) -> dict[str, Any]:
+    """A group just changed, for the answer. Another admin may have deleted it since the change was
+    committed: a 409 saying so (reading it back from every group was a 500 then)."""
+    for group in groups(db):
+        if group["id"] == group_id:
+            return group
+    raise _removed_meanwhile(f"group {label}")
+
+
+def _removed_meanwhile(what: str) -> Conflict:
+    return Conflict(f"{what} was removed by another request meanwhile")
+
+
 def groups(db: Session) -> list[dict[str, Any]]:
     rows = db.execute(
         select(Group.id, Group.name, Group.storage_quota_bytes, User.email)
