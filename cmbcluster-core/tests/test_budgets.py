@@ -436,6 +436,37 @@ def test_metrics_show_core_hours_and_stored_bytes_by_user_and_group(
     assert 'cmbcluster_group_stored_bytes{group="astro"} 4096.0' in text
 
 
+def test_the_core_hours_counter_never_goes_back(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], clock: ManualClock
+) -> None:
+    """Prometheus reads a counter that goes down as a restart from zero, and `increase()` then counts
+    the user's whole total again (found by an outsider's trial): a running environment counted up to
+    the scrape, and once found gone, closed where it was last seen running, took those hours back."""
+    context = _context(app)
+    created = client.post("/api/v1/environments", headers=alice, json={"application": "files", "preset": "light"})
+    assert created.status_code == 201, created.text
+    env_id = created.json()["id"]
+    wait_until_running(context, env_id)
+    clock.advance(hours=1)
+    Reconciler(context).reconcile()  # seen running an hour in
+    clock.advance(hours=1)
+
+    def counted() -> float:
+        prefix = 'cmbcluster_user_core_hours_total{user="alice@example.org"} '
+        (line,) = [line for line in client.get("/metrics", headers=admin).text.splitlines() if line.startswith(prefix)]
+        return float(line.removeprefix(prefix))
+
+    scraped = [counted()]
+    context.compute.stop(env_id)  # its process is gone: a crash
+    clock.advance(minutes=30)
+    Reconciler(context).reconcile()
+    assert _status(context, env_id) == "stopped"
+    scraped.append(counted())
+    assert scraped[1] >= scraped[0], scraped
+    (row,) = client.get("/api/v1/usage", headers=admin).json()["rows"]
+    assert row["label"] == "alice@example.org" and scraped[1] == pytest.approx(row["core_hours"], abs=1e-6)
+
+
 def test_a_budget_in_currency_is_refused_where_nothing_costs_anything(tmp_path: Path) -> None:
     """On the embedded default every price is zero: a budget of 500 USD would read '0 % used' for
     ever, and the administrator who set it would believe the group capped."""

@@ -141,7 +141,9 @@ def _field(env: Environment, name: str) -> Any:
 def _close(db: Session, environment_id: str, end: int) -> None:
     interval = _open_interval(db, UsageInterval, environment_id, closing=True)
     if interval is not None and interval.end_s is None:  # not closed already in this transaction
-        interval.end_s = max(interval.start_s, end)
+        # never before it was last seen running (a stop timed just before a reconcile pass's sighting):
+        # /metrics has counted up to there, and a counter that goes back reads as a reset
+        interval.end_s = max(interval.start_s, interval.seen_s, end)
 
 
 def mark_seen(db: Session, environment_ids: Iterable[str], now: dt.datetime) -> None:
@@ -701,13 +703,16 @@ def _emails(db: Session, user_ids: list[str]) -> dict[str, str]:
 
 
 def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
-    """All-time core-hours per user id, and the bytes each user stores now (for /metrics)."""
-    now_s = epoch(utcnow())
+    """All-time core-hours per user id, and the bytes each user stores now (for /metrics).
+
+    A running environment counts until it was last seen running, not until now: one found gone is
+    closed there (:func:`close_at_last_seen`), and a counter that went back by the hours since would
+    read as a reset to Prometheus, whose ``increase()`` then counts the user's whole total again."""
     core: dict[str, float] = defaultdict(float)
     closed = select(UsageRollup.user_id, func.sum(UsageRollup.cpu_seconds)).where(UsageRollup.span == "month")
-    running = select(UsageInterval.user_id, func.sum((now_s - UsageInterval.start_s) * UsageInterval.cpu)).where(
-        UsageInterval.end_s.is_(None)
-    )
+    running = select(
+        UsageInterval.user_id, func.sum((UsageInterval.seen_s - UsageInterval.start_s) * UsageInterval.cpu)
+    ).where(UsageInterval.end_s.is_(None))
     for query in (closed.group_by(UsageRollup.user_id), running.group_by(UsageInterval.user_id)):
         for uid, cpu_seconds in db.execute(query):
             core[uid] += float(cpu_seconds or 0) / 3600
