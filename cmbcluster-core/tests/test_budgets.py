@@ -436,6 +436,25 @@ def test_metrics_show_core_hours_and_stored_bytes_by_user_and_group(
     assert 'cmbcluster_group_stored_bytes{group="astro"} 4096.0' in text
 
 
+def test_a_deleted_users_budget_goes_with_them(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str]
+) -> None:
+    """Found by an outsider's trial: it stayed, listed under the user's id for ever, and could not be
+    removed (the API and the CLI looked the user up first)."""
+    from cmbcluster.db.models import Budget
+
+    client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 5})
+    alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]
+    assert client.delete(f"/api/v1/admin/users/{alice_id}", headers=admin).status_code == 204
+    assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+    with _context(app).sessions() as db:  # one an earlier version kept
+        db.add(Budget(scope="user", target_id=alice_id, amount=5, unit="currency", hard=False))
+        db.commit()
+    assert client.delete(f"/api/v1/admin/budgets/user/{alice_id}", headers=admin).status_code == 204
+    assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+    assert client.delete(f"/api/v1/admin/budgets/user/{alice_id}", headers=admin).status_code == 404
+
+
 def test_the_core_hours_counter_never_goes_back(
     app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], clock: ManualClock
 ) -> None:
