@@ -245,6 +245,9 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
         == "a group 'physics' exists: a new group's name must differ from it in more than case"
     )
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404
+    # reports and /metrics list the users in no group as "(no group)": a group of that name merged with them
+    reserved = client.put("/api/v1/admin/groups/(no group)", headers=admin, json={"members": ["alice@example.org"]})
+    assert reserved.status_code == 400 and "names the users in no group" in reserved.json()["message"]
 
 
 @pytest.mark.parametrize(

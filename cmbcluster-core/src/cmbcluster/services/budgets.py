@@ -367,10 +367,15 @@ def forget_user(db: Session, user_id: str) -> None:
 def check_group_name(name: str) -> str:
     """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
     characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
-    or a right-to-left override there would disguise them. No ``/``: the API names a group in its paths."""
+    or a right-to-left override there would disguise them. No ``/``: the API names a group in its paths.
+    Not ``(no group)``, the row of the users in none, with which the group's figures would merge."""
     name = check_display_name(name, what="a group name", limit=MAX_GROUP_NAME)
     if "/" in name:
         raise InvalidRequest("a group name cannot contain '/': the API names groups in its paths")
+    if name.casefold() == accounting.NO_GROUP:
+        raise InvalidRequest(
+            f"{accounting.NO_GROUP!r} names the users in no group in reports and /metrics: choose another group name"
+        )
     return name
 
 
