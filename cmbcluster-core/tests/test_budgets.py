@@ -245,6 +245,44 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
         == "a group 'physics' exists: a new group's name must differ from it in more than case"
     )
     assert client.delete("/api/v1/admin/budgets/user/alice@example.org", headers=admin).status_code == 404
+    # reports and /metrics list the users in no group as "(no group)": a group of that name merged with them
+    reserved = client.put("/api/v1/admin/groups/(no group)", headers=admin, json={"members": ["alice@example.org"]})
+    assert reserved.status_code == 400 and "names the users in no group" in reserved.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "changes", "removed"),
+    [
+        ("PUT", "/api/v1/admin/budgets/user/alice@example.org", {"amount": 5, "unit": "core_hours"}, "set_budget",
+         "user alice@example.org's budget"),
+        ("PUT", "/api/v1/admin/groups/physics", {"members": []}, "set_group", "group physics"),
+        ("PATCH", "/api/v1/admin/groups/physics", {"storage_quota_bytes": 1024}, "set_group_storage_quota",
+         "group physics"),
+    ],
+)  # fmt: skip
+def test_a_change_whose_budget_or_group_is_removed_meanwhile_is_a_409_not_a_500(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    method: str, path: str, body: dict[str, Any], changes: str, removed: str,
+) -> None:  # fmt: skip
+    """Found by an outsider's trial: PUTs and DELETEs of one group's budget at once answered some PUTs
+    with a 500 (the change was saved, the DELETE removed it before the answer read it back)."""
+    context = _context(app)
+    client.put("/api/v1/admin/groups/physics", headers=admin, json={"members": ["alice@example.org"]})
+    change = getattr(budgets, changes)
+
+    def then_deleted(*args: Any, **kwargs: Any) -> Any:
+        changed = change(*args, **kwargs)
+        with context.sessions() as other:  # another admin's DELETE, done between the change and the answer
+            if changes == "set_budget":
+                budgets.delete_budget(other, actor_id=None, scope="user", target="alice@example.org")
+            else:
+                budgets.delete_group(other, actor_id=None, name="physics")
+        return changed
+
+    monkeypatch.setattr(budgets, changes, then_deleted)
+    answer = client.request(method, path, headers=admin, json=body)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["message"] == f"{removed} was removed by another request meanwhile"
 
 
 @pytest.mark.parametrize("amount", [1e-300, 5e-324, 0.001, 0.0099])
@@ -399,6 +437,56 @@ def test_metrics_show_core_hours_and_stored_bytes_by_user_and_group(
     assert 'cmbcluster_group_core_hours_total{group="(no group)"} 6.0' in text
     assert 'cmbcluster_user_stored_bytes{user="bob@example.org"} 4096.0' in text
     assert 'cmbcluster_group_stored_bytes{group="astro"} 4096.0' in text
+
+
+def test_a_deleted_users_budget_goes_with_them(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str]
+) -> None:
+    """Found by an outsider's trial: it stayed, listed under the user's id for ever, and could not be
+    removed (the API and the CLI looked the user up first)."""
+    from cmbcluster.db.models import Budget
+
+    client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 5})
+    alice_id = client.get("/api/v1/auth/me", headers=alice).json()["id"]
+    assert client.delete(f"/api/v1/admin/users/{alice_id}", headers=admin).status_code == 204
+    assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+    with _context(app).sessions() as db:  # one an earlier version kept
+        db.add(Budget(scope="user", target_id=alice_id, amount=5, unit="currency", hard=False))
+        db.commit()
+    assert client.delete(f"/api/v1/admin/budgets/user/{alice_id}", headers=admin).status_code == 204
+    assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
+    assert client.delete(f"/api/v1/admin/budgets/user/{alice_id}", headers=admin).status_code == 404
+
+
+def test_the_core_hours_counter_never_goes_back(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], clock: ManualClock
+) -> None:
+    """Prometheus reads a counter that goes down as a restart from zero, and `increase()` then counts
+    the user's whole total again (found by an outsider's trial): a running environment counted up to
+    the scrape, and once found gone, closed where it was last seen running, took those hours back."""
+    context = _context(app)
+    created = client.post("/api/v1/environments", headers=alice, json={"application": "files", "preset": "light"})
+    assert created.status_code == 201, created.text
+    env_id = created.json()["id"]
+    wait_until_running(context, env_id)
+    clock.advance(hours=1)
+    Reconciler(context).reconcile()  # seen running an hour in
+    clock.advance(hours=1)
+
+    def counted() -> float:
+        prefix = 'cmbcluster_user_core_hours_total{user="alice@example.org"} '
+        (line,) = [line for line in client.get("/metrics", headers=admin).text.splitlines() if line.startswith(prefix)]
+        return float(line.removeprefix(prefix))
+
+    scraped = [counted()]
+    context.compute.stop(env_id)  # its process is gone: a crash
+    clock.advance(minutes=30)
+    Reconciler(context).reconcile()
+    assert _status(context, env_id) == "stopped"
+    scraped.append(counted())
+    assert scraped[1] >= scraped[0], scraped
+    (row,) = client.get("/api/v1/usage", headers=admin).json()["rows"]
+    assert row["label"] == "alice@example.org" and scraped[1] == pytest.approx(row["core_hours"], abs=1e-6)
 
 
 def test_a_budget_in_currency_is_refused_where_nothing_costs_anything(tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ def test_budgets_are_set_listed_and_deleted(run: Invoke, client: TestClient, adm
         (("groups", "create", "team\u202egpj"), "cannot contain U+202E (RIGHT-TO-LEFT OVERRIDE)"),
         (("groups", "create", "two\nlines"), "cannot contain U+000A"),
         (("groups", "create", "a/b"), "a group name cannot contain '/'"),  # the API could not name it
+        # reports and /metrics list the users in no group under that name: a group of it merged with them
+        (("groups", "create", "(No Group)"), "'(no group)' names the users in no group"),
         (("groups", "create", "astro", "nobody@example.org"), "user nobody@example.org not found"),
         (("groups", "add-member", "astro", "bob@example.org"), "group astro not found"),
         (("groups", "delete", "astro"), "group astro not found"),

@@ -122,14 +122,35 @@ def test_each_user_sees_only_their_own_month(
         ({"from": "yesterday"}, "ISO date"),
         ({"from": "2026-11-05", "to": "2026-11-01"}, "after"),
         ({"from": "2020-01-01", "to": "2026-01-01"}, "366 days"),
+        # found by an outsider's trial: each was a 500 (no next month, or no day before, as a date)
+        ({"from": "9999-12-01"}, "between 1970-01-01 and 9999-01-01"),
+        ({"from": "9999-12-31T23:00:00-01:00"}, "between"),
+        ({"from": "9998-12-31", "to": "9999-12-31T23:59:59"}, "'to' must be between"),
+        ({"from": "0001-01-01T00:00:00+01:00", "to": "0001-02-01"}, "between"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(
     client: TestClient, admin: dict[str, str], params: dict[str, str], message: str
 ) -> None:
-    response = client.get("/api/v1/usage", headers=admin, params=params)
-    assert response.status_code == 400
-    assert message in response.text
+    paths = ["/api/v1/usage"] + (["/api/v1/usage/me"] if "group_by" not in params else [])
+    for path in paths:
+        response = client.get(path, headers=admin, params=params)
+        assert response.status_code == 400, response.text
+        assert message in response.text
+
+
+def test_a_period_given_in_another_offset_keeps_it(client: TestClient, alice: dict[str, str], recorded: object) -> None:
+    """Alice in Tokyo asks for November from her midnight: until `to`, the next month's start there (it
+    was UTC's: 9 hours, none of her usage), by her days (her 10 h from 08:00 UTC on the 2nd are 7 h
+    on her 2nd and 3 h on her 3rd)."""
+    answer = client.get("/api/v1/usage/me", headers=alice, params={"from": "2026-11-01T00:00:00+09:00"})
+    assert answer.status_code == 200, answer.text
+    mine = answer.json()
+    assert (mine["from"], mine["to"]) == ("2026-11-01T00:00:00+09:00", "2026-12-01T00:00:00+09:00")
+    assert mine["totals"]["core_hours"] == 20
+    assert [(row["key"], row["core_hours"]) for row in mine["rows"][:4]] == [
+        ("2026-11-01", 0), ("2026-11-02", 14), ("2026-11-03", 6), ("2026-11-04", 0)
+    ]  # fmt: skip
 
 
 def test_cli_usage_report_month_csv(
@@ -143,6 +164,8 @@ def test_cli_usage_report_month_csv(
     assert "alice@example.org" in result.output and ",1.4," in result.output  # Alice's compute cost
     bad = CliRunner().invoke(cli, ["usage", "report", "--month", "November"])
     assert bad.exit_code == 2 and "YYYY-MM" in bad.output
+    last = CliRunner().invoke(cli, ["usage", "report", "--month", "9999-12"])  # was a traceback
+    assert last.exit_code == 2 and "not between 1970-01 and 9998-12" in last.output, last.output
 
 
 def test_a_huge_parameter_is_not_echoed_whole(client: TestClient, admin: dict[str, str]) -> None:

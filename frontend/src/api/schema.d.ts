@@ -9105,7 +9105,7 @@ export interface operations {
             query?: {
                 /** @description ISO date or time, UTC unless given; default: this month's start */
                 from?: string | null;
-                /** @description ISO date or time (exclusive); default: the next month's start */
+                /** @description ISO date or time (exclusive); default: the next month's start in from's offset (UTC if none) */
                 to?: string | null;
                 /** @description user, group, application or day */
                 group_by?: string;
@@ -9188,7 +9188,7 @@ export interface operations {
             query?: {
                 /** @description ISO date or time, UTC unless given; default: this month's start */
                 from?: string | null;
-                /** @description ISO date or time (exclusive); default: the next month's start */
+                /** @description ISO date or time (exclusive); default: the next month's start in from's offset (UTC if none) */
                 to?: string | null;
             };
             header?: never;

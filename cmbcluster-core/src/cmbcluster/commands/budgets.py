@@ -64,7 +64,7 @@ def set_budget(
         budget = budgets.set_budget(
             db, prices, actor_id=None, scope=scope, target=target, amount=amount, unit=unit, hard=hard
         )
-        status = next(s for s in budgets.statuses(db, prices) if s.budget.id == budget.id)
+        status = budgets.status_of(db, prices, budget, target)
     out(f"{status.label} ({scope} budget): {status.describe()}")
 
 
@@ -160,12 +160,12 @@ def _change_members(name: str, *, add: Sequence[str] = (), remove: Sequence[str]
 
     with operator_database() as (db, _prices):
         group_id, label = budgets.resolve_target(db, "group", name)
-        current = next(g for g in budgets.groups(db) if g["id"] == group_id)["members"]
+        current = budgets.group_of(db, group_id, label)["members"]
         leaving = {budgets.resolve_target(db, "user", member)[1] for member in remove}  # e-mails; unknown users refused
         missing = sorted(leaving - set(current))
         if missing:
             raise NotFound(f"not a member of {label}: {', '.join(missing)}")
         members = [m for m in current if m not in leaving] + list(add)
         group = budgets.set_group(db, actor_id=None, name=label, members=members)
-        count = len(next(g for g in budgets.groups(db) if g["id"] == group.id)["members"])
+        count = len(budgets.group_of(db, group.id, label)["members"])
     out(f"Group {label} has {count} member(s).")

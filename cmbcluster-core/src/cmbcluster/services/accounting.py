@@ -141,7 +141,9 @@ def _field(env: Environment, name: str) -> Any:
 def _close(db: Session, environment_id: str, end: int) -> None:
     interval = _open_interval(db, UsageInterval, environment_id, closing=True)
     if interval is not None and interval.end_s is None:  # not closed already in this transaction
-        interval.end_s = max(interval.start_s, end)
+        # never before it was last seen running (a stop timed just before a reconcile pass's sighting):
+        # /metrics has counted up to there, and a counter that goes back reads as a reset
+        interval.end_s = max(interval.start_s, interval.seen_s, end)
 
 
 def mark_seen(db: Session, environment_ids: Iterable[str], now: dt.datetime) -> None:
@@ -534,10 +536,14 @@ def memberships(db: Session, user_ids: Iterable[str] | None = None) -> dict[str,
 
 # -- reports -------------------------------------------------------------------------------------
 def parse_period(start: str | None, end: str | None, now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
-    """[from, to) from ISO dates or times; default: this month so far. Clear errors otherwise."""
+    """[from, to) from ISO dates or times; default: this month so far. Clear errors otherwise.
+
+    Both ends keep the offset ``from`` was given in (UTC without one): the default ``to`` is the
+    next month's start there, and a report by day has that offset's days. An admin writing her
+    midnight, ``2026-11-01T00:00:00+01:00``, means her November, not the hour before UTC's."""
     moment = now or utcnow()
     lo = _parse_moment(start, "from") if start else moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    hi = _parse_moment(end, "to") if end else _next_month(lo)
+    hi = _parse_moment(end, "to").astimezone(lo.tzinfo) if end else _next_month(lo)
     if hi <= lo:
         raise InvalidRequest(f"'to' ({hi.isoformat()}) must be after 'from' ({lo.isoformat()})")
     if hi - lo > dt.timedelta(days=MAX_REPORT_DAYS):
@@ -551,7 +557,16 @@ def month_period(month: str) -> tuple[dt.datetime, dt.datetime]:
         lo = dt.datetime.strptime(month, "%Y-%m").replace(tzinfo=dt.UTC)
     except ValueError:
         raise InvalidRequest(f"month {month!r} is not of the form YYYY-MM (for example 2026-11)") from None
+    if not _FIRST_MOMENT <= lo < _LAST_MOMENT:
+        last = _LAST_MOMENT - dt.timedelta(days=1)
+        raise InvalidRequest(f"month {month!r} is not between {_FIRST_MOMENT:%Y-%m} and {last:%Y-%m}")
     return lo, _next_month(lo)
+
+
+#: The moments a report may name: usage is recorded in seconds since 1970, and past 9998 the
+#: next month's start and the following day no longer exist as dates (9999-12 was a 500).
+_FIRST_MOMENT = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_LAST_MOMENT = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 
 
 def _next_month(moment: dt.datetime) -> dt.datetime:
@@ -560,13 +575,21 @@ def _next_month(moment: dt.datetime) -> dt.datetime:
 
 
 def _parse_moment(value: str, name: str) -> dt.datetime:
+    """``value`` in the offset it was given in, or UTC."""
     try:
         moment = dt.datetime.fromisoformat(value)
     except ValueError:
         raise InvalidRequest(
             f"{name!r} must be an ISO date or time such as 2026-11-01 or 2026-11-01T12:00:00Z, not {value!r}"
         ) from None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    moment = moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
+    try:
+        within = _FIRST_MOMENT <= moment <= _LAST_MOMENT
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first date there is
+        within = False
+    if not within:
+        raise InvalidRequest(f"{name!r} must be between {_FIRST_MOMENT:%Y-%m-%d} and {_LAST_MOMENT:%Y-%m-%d}")
+    return moment
 
 
 #: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
@@ -680,13 +703,16 @@ def _emails(db: Session, user_ids: list[str]) -> dict[str, str]:
 
 
 def totals_since_start(db: Session) -> tuple[dict[str, float], dict[str, int]]:
-    """All-time core-hours per user id, and the bytes each user stores now (for /metrics)."""
-    now_s = epoch(utcnow())
+    """All-time core-hours per user id, and the bytes each user stores now (for /metrics).
+
+    A running environment counts until it was last seen running, not until now: one found gone is
+    closed there (:func:`close_at_last_seen`), and a counter that went back by the hours since would
+    read as a reset to Prometheus, whose ``increase()`` then counts the user's whole total again."""
     core: dict[str, float] = defaultdict(float)
     closed = select(UsageRollup.user_id, func.sum(UsageRollup.cpu_seconds)).where(UsageRollup.span == "month")
-    running = select(UsageInterval.user_id, func.sum((now_s - UsageInterval.start_s) * UsageInterval.cpu)).where(
-        UsageInterval.end_s.is_(None)
-    )
+    running = select(
+        UsageInterval.user_id, func.sum((UsageInterval.seen_s - UsageInterval.start_s) * UsageInterval.cpu)
+    ).where(UsageInterval.end_s.is_(None))
     for query in (closed.group_by(UsageRollup.user_id), running.group_by(UsageInterval.user_id)):
         for uid, cpu_seconds in db.execute(query):
             core[uid] += float(cpu_seconds or 0) / 3600

@@ -19,7 +19,7 @@ from cmbcluster.db.models import Activity, Application, AuditEvent, Environment,
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import UserRef
-from cmbcluster.services import environments, storages
+from cmbcluster.services import budgets, environments, storages
 from cmbcluster.services.audit import audit
 from cmbcluster.services.sessions import ACCOUNT_GONE, DEACTIVATED, revoke_all_sessions
 from cmbcluster.services.users import other_active_admins
@@ -223,6 +223,7 @@ def delete_user(db: Session, context: AppContext, user_id: str, *, actor_id: str
             "deleting a user never deletes data"
         )
     _release(db, context, user, actor_id=actor_id)
+    budgets.forget_user(db, user.id)
     audit(db, actor_id=actor_id, action="user.deleted", target_type="user", target_id=user.id, email=user.email)
     db.delete(user)
     db.commit()

@@ -342,7 +342,12 @@ def _reset_crossings(db: Session, prices: PriceTable, budget: Budget) -> None:
 
 
 def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str) -> None:
-    target_id, label = resolve_target(db, scope, target)
+    try:
+        target_id, label = resolve_target(db, scope, target)
+    except NotFound:  # a deleted user's budget that an earlier version kept, listed by the id: removable by it
+        if not db.execute(select(Budget.id).where(Budget.scope == scope, Budget.target_id == target)).first():
+            raise
+        target_id = label = target
     budget = db.execute(select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)).scalar_one_or_none()
     if budget is None:
         raise NotFound(f"{scope} {label} has no budget")
@@ -352,13 +357,25 @@ def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str)
     db.commit()
 
 
+def forget_user(db: Session, user_id: str) -> None:
+    """A user being deleted: their budget goes too (it was kept, listed by id, and could not be
+    removed, every way of naming a budget's user looking the user up first)."""
+    for budget in db.execute(select(Budget).where(Budget.scope == "user", Budget.target_id == user_id)).scalars():
+        db.delete(budget)
+
+
 def check_group_name(name: str) -> str:
     """``name`` stripped, if it can name a new group: 1 to :data:`MAX_GROUP_NAME` printable
     characters. Names are shown to admins in tables, the CSV and the terminal; a NUL, a line break
-    or a right-to-left override there would disguise them. No ``/``: the API names a group in its paths."""
+    or a right-to-left override there would disguise them. No ``/``: the API names a group in its paths.
+    Not ``(no group)``, the row of the users in none, with which the group's figures would merge."""
     name = check_display_name(name, what="a group name", limit=MAX_GROUP_NAME)
     if "/" in name:
         raise InvalidRequest("a group name cannot contain '/': the API names groups in its paths")
+    if name.casefold() == accounting.NO_GROUP:
+        raise InvalidRequest(
+            f"{accounting.NO_GROUP!r} names the users in no group in reports and /metrics: choose another group name"
+        )
     return name
 
 
@@ -400,6 +417,27 @@ def set_group_storage_quota(db: Session, *, actor_id: str, name: str, quota_byte
         group.storage_quota_bytes = quota_bytes
     db.commit()
     return group
+
+
+def status_of(db: Session, prices: PriceTable, budget: Budget, label: str) -> BudgetStatus:
+    """This month's status of a budget just set, for the answer (see :func:`group_of`)."""
+    for status in statuses(db, prices):
+        if status.budget.id == budget.id:
+            return status
+    raise _removed_meanwhile(f"{budget.scope} {label}'s budget")
+
+
+def group_of(db: Session, group_id: str, label: str) -> dict[str, Any]:
+    """A group just changed, for the answer. Another admin may have deleted it since the change was
+    committed: a 409 saying so (reading it back from every group was a 500 then)."""
+    for group in groups(db):
+        if group["id"] == group_id:
+            return group
+    raise _removed_meanwhile(f"group {label}")
+
+
+def _removed_meanwhile(what: str) -> Conflict:
+    return Conflict(f"{what} was removed by another request meanwhile")
 
 
 def groups(db: Session) -> list[dict[str, Any]]:

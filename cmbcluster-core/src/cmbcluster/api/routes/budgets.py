@@ -92,9 +92,7 @@ def set_budget(scope: Scope, target: Target, body: BudgetIn, admin: AdminUser, d
         db, context.prices, actor_id=admin.id, scope=scope, target=target, amount=body.amount, unit=body.unit,
         hard=body.hard,
     )  # fmt: skip
-    return next(
-        BudgetStatusOut(**s.as_dict()) for s in service.statuses(db, context.prices) if s.budget.id == budget.id
-    )
+    return BudgetStatusOut(**service.status_of(db, context.prices, budget, target).as_dict())
 
 
 @router.delete("/budgets/{scope}/{target}", status_code=204, summary="Remove a budget")
@@ -111,13 +109,13 @@ def list_groups(admin: AdminUser, db: DbSession) -> Any:
 @router.put("/groups/{name}", response_model=GroupOut, summary="Create a group or replace its members")
 def set_group(name: GroupName, body: GroupIn, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group(db, actor_id=admin.id, name=name, members=body.members)
-    return next(g for g in service.groups(db) if g["id"] == group.id)
+    return service.group_of(db, group.id, name)
 
 
 @router.patch("/groups/{name}", response_model=GroupOut, summary="Set a group's storage quota")
 def change_group(name: GroupName, body: GroupChange, admin: AdminUser, db: DbSession) -> Any:
     group = service.set_group_storage_quota(db, actor_id=admin.id, name=name, quota_bytes=body.storage_quota_bytes)
-    return next(g for g in service.groups(db) if g["id"] == group.id)
+    return service.group_of(db, group.id, name)
 
 
 @router.delete("/groups/{name}", status_code=204, summary="Remove a group (and its budget)")

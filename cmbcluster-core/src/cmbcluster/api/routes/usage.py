@@ -17,7 +17,10 @@ router = APIRouter(prefix="/api/v1/usage", tags=["usage"], route_class=SessionRe
 FromQuery = Annotated[
     str | None, Query(alias="from", description="ISO date or time, UTC unless given; default: this month's start")
 ]
-ToQuery = Annotated[str | None, Query(description="ISO date or time (exclusive); default: the next month's start")]
+ToQuery = Annotated[
+    str | None,
+    Query(description="ISO date or time (exclusive); default: the next month's start in from's offset (UTC if none)"),
+]
 
 
 class UsageRow(BaseModel):
