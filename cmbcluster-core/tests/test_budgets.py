@@ -21,6 +21,7 @@ from waiting import wait_until_running
 from cmbcluster.app import create_app
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import AuditEvent, BudgetEvent, Environment, StorageInterval, User
+from cmbcluster.errors import ProviderUnavailable
 from cmbcluster.services import budgets
 from cmbcluster.services.reconcile import Reconciler
 from cmbcluster.settings import CoreSettings
@@ -227,6 +228,9 @@ def test_bad_budget_requests_are_clear_4xx(client: TestClient, admin: dict[str, 
     assert answer.status_code == 422
     answer = put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json={"amount": 1, "unit": "EUR"})
     assert answer.status_code == 422
+    for lax in ({"amount": True}, {"amount": "5"}, {"amount": 5, "hard": "yes"}, {"amount": 5, "hard": 1}):
+        answer = put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json=lax)
+        assert answer.status_code == 422, (lax, answer.text)  # was a budget of 1.0, or a hard one
     for amount in ("NaN", "Infinity"):  # JSON parsers accept these; a budget cannot be one
         body, sent_as = '{"amount": ' + amount + "}", {**admin, "Content-Type": "application/json"}
         answer = put("/api/v1/admin/budgets/user/alice@example.org", headers=sent_as, content=body)
@@ -501,3 +505,38 @@ def test_a_budget_in_currency_is_refused_where_nothing_costs_anything(tmp_path: 
         assert answer.json()["message"].startswith("every price of this deployment is zero")
         assert client.get("/api/v1/admin/budgets", headers=admin).json() == []
         assert client.put(path, headers=admin, json={"amount": 500, "unit": "core_hours"}).status_code == 200
+
+
+def test_a_hard_budget_stops_every_environment_when_one_stop_fails(
+    app: FastAPI, client: TestClient, admin: dict[str, str], alice: dict[str, str], clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """One stop the backend refuses (a cluster that answers 503) abandoned the rest of the pass: the
+    user's other environments kept running, and costing, past a used-up hard budget (found by an
+    outsider's trial). Each is stopped on its own; the refused one is tried again next pass."""
+    context = _context(app)
+    ids = []
+    for name in ("first", "second"):
+        created = client.post("/api/v1/environments", headers=alice,
+                              json={"application": "files", "preset": "light", "name": name})  # fmt: skip
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+        wait_until_running(context, ids[-1])
+    budget = {"amount": 0.01, "unit": "core_hours", "hard": True}
+    assert client.put("/api/v1/admin/budgets/user/alice@example.org", headers=admin, json=budget).status_code == 200
+    clock.advance(hours=1)
+    stop = context.compute.stop
+    refused: list[str] = []
+
+    def refusing(environment_id: str) -> None:
+        if not refused:  # whichever comes first
+            refused.append(environment_id)
+            raise ProviderUnavailable("the cluster did not answer")
+        stop(environment_id)
+
+    monkeypatch.setattr(context.compute, "stop", refusing)
+    first_pass = Reconciler(context).reconcile()
+    (other,) = [i for i in ids if i not in refused]
+    assert first_pass.over_budget == [other] and _status(context, other) == "stopped"
+    Reconciler(context).reconcile()  # its stop's intent was recorded: this pass finishes it
+    assert _status(context, refused[0]) == "stopped"

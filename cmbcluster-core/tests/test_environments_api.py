@@ -350,6 +350,11 @@ def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str]
         # an outsider); every other JSON body of the API refuses fields it does not know
         ({"application": "files", "mount": [{"storage_id": "x"}]}, 422, "mount: Extra inputs are not permitted"),
         ({"application": "files", "mounts": [{"storage_id": "x", "readonly": True}]}, 422, "readonly"),
+        # JSON's own types only: "yes" or 1 was taken for true, true for the number 1, "2" for 2
+        ({"application": "files", "start": "no"}, 422, "start: Input should be a valid boolean"),
+        ({"application": "files", "mounts": [{"storage_id": "x", "read_only": 1}]}, 422, "read_only"),
+        ({"application": "files", "cpu": True, "memory_mib": 1024}, 422, "cpu"),
+        ({"application": "files", "cpu": "2", "memory_mib": 1024}, 422, "cpu"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(

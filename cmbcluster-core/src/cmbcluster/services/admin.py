@@ -11,10 +11,11 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVarTuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
+from cmbcluster.bodies import RequestBody
 from cmbcluster.db.models import Activity, Application, AuditEvent, Environment, Storage, User, utcnow
 from cmbcluster.db.models import Session as SessionRow
 from cmbcluster.errors import Conflict, InvalidRequest, NotFound
@@ -33,10 +34,8 @@ Status = Literal["active", "deactivated"]
 MAX_UPTIME_MINUTES_LIMIT = 366 * 24 * 60
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestBody):
     """What an admin may change on a user; only the fields sent change."""
-
-    model_config = ConfigDict(extra="forbid")
 
     role: Role | None = None
     status: Status | None = None

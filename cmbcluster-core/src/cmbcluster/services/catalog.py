@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cmbcluster.bodies import RequestBody
 from cmbcluster.db.models import Application, Environment
 from cmbcluster.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import ComputeBackend
@@ -225,10 +226,8 @@ Tags = Annotated[list[Tag], Field(max_length=20), AfterValidator(_check_tags)]
 PresetName = Annotated[str, AfterValidator(_check_preset), Field(description="One of the resource presets")]
 
 
-class ApplicationCreate(BaseModel):
+class ApplicationCreate(RequestBody):
     """A new catalog entry."""
-
-    model_config = ConfigDict(extra="forbid")
 
     slug: Slug
     name: Name
@@ -244,10 +243,8 @@ class ApplicationCreate(BaseModel):
     active: bool = True
 
 
-class ApplicationUpdate(BaseModel):
+class ApplicationUpdate(RequestBody):
     """A partial change: only the fields sent change; none of them may be null."""
-
-    model_config = ConfigDict(extra="forbid")
 
     slug: Slug | None = None
     name: Name | None = None

@@ -231,18 +231,28 @@ class Reconciler:
 
     def _budgets(self, db: Session, report: ReconcileReport) -> None:
         try:
-            for stop in budgets.enforce(db, self.context):
-                running = db.execute(
-                    select(Environment).where(
-                        Environment.user_id.in_(stop.user_ids), Environment.status.in_(environments.ACTIVE_STATUSES)
-                    )
-                ).scalars()
-                for env in list(running):
-                    environments.stop(db, self.context, env, actor_id=None, reason=stop.reason)
-                    report.over_budget.append(env.id)
+            hard_stops = budgets.enforce(db, self.context)
         except Exception:  # a budget's trouble must not stop the loop's other work
             db.rollback()
             log.exception("budget enforcement failed this pass")
+            return
+        for stop in hard_stops:
+            running = db.execute(
+                select(Environment.id).where(
+                    Environment.user_id.in_(stop.user_ids), Environment.status.in_(environments.ACTIVE_STATUSES)
+                )
+            ).scalars()
+            for environment_id in list(running):
+                # Each on its own: one whose stop fails (the cluster refused it) is tried again next
+                # pass, and never keeps the others of a used-up hard budget running until then.
+                try:
+                    env = db.get(Environment, environment_id)
+                    if env is not None:
+                        environments.stop(db, self.context, env, actor_id=None, reason=stop.reason)
+                        report.over_budget.append(environment_id)
+                except Exception:
+                    db.rollback()
+                    log.exception("stopping environment %s for a used-up hard budget failed", environment_id)
 
     def _sample_storage(self, db: Session) -> None:
         """Measure buckets whose last measurement is older than the sampling interval, in the

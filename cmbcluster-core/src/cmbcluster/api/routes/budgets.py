@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import AdminUser, Context, DbSession, SessionReleasingRoute
+from cmbcluster.bodies import RequestBody
 from cmbcluster.services import budgets as service
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
@@ -40,9 +41,7 @@ class BudgetStatusOut(BaseModel):
     message: str
 
 
-class BudgetIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class BudgetIn(RequestBody):
     amount: float = Field(
         ge=service.MIN_AMOUNT, le=service.MAX_AMOUNT, allow_inf_nan=False,
         description=f"At least {service.MIN_AMOUNT}, kept to {service.AMOUNT_DECIMALS} decimal places",
@@ -51,9 +50,7 @@ class BudgetIn(BaseModel):
     hard: bool = Field(default=False, description="At 100 %, stop running environments too")
 
 
-class GroupIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GroupIn(RequestBody):
     members: list[str] = Field(max_length=10_000, description="Users by id or e-mail; replaces the members")
 
 
@@ -66,9 +63,7 @@ class GroupOut(BaseModel):
     )
 
 
-class GroupChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GroupChange(RequestBody):
     storage_quota_bytes: int | None = Field(
         ge=0, le=2**62, strict=True, description="What the members' buckets may hold together, in bytes "
         "(earlier versions included); 0 or null: no group quota. Each member's own quota holds as well.",

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
@@ -24,6 +24,7 @@ from cmbcluster.api.deps import (
     in_worker,
 )
 from cmbcluster.api.errors import error_responses
+from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User
 from cmbcluster.errors import Conflict
@@ -38,17 +39,13 @@ router = APIRouter(prefix="/api/v1/environments", tags=["environments"], route_c
 EVENT_KEEPALIVE_SECONDS = 15.0
 
 
-class MountIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt read_only would leave the mount writable
-
+class MountIn(RequestBody):
     storage_id: str = Field(min_length=1, max_length=32)
     mount_path: str = Field(default="/home/user/data", min_length=2, max_length=400)
     read_only: bool = False
 
 
-class EnvironmentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt mounts would start it without the buckets
-
+class EnvironmentIn(RequestBody):
     application: str = Field(min_length=1, max_length=63, description="Application id or slug from the catalog")
     name: str | None = Field(default=None, max_length=100)
     preset: str | None = Field(default=None, max_length=40, description="light, standard, heavy; or give cpu/memory")
@@ -121,10 +118,8 @@ class EnvironmentList(BaseModel):
     limits: LimitsOut
 
 
-class EnvironmentChange(BaseModel):
+class EnvironmentChange(RequestBody):
     """What may change on a stopped environment; a field left out stays as it is."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=100)
     preset: str | None = Field(default=None, max_length=40)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -33,6 +33,7 @@ from cmbcluster.api.transfer import (
     object_headers,
     parse_range,
 )
+from cmbcluster.bodies import RequestBody
 from cmbcluster.db.models import Storage
 from cmbcluster.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from cmbcluster.interfaces import ObjectInfo, StorageClass
@@ -63,14 +64,13 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # -- models ------------------------------------------------------------------------------------
 
 
-class StorageCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StorageCreate(RequestBody):
     display_name: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=service.MAX_DISPLAY_NAME)
     ] = Field(description="A name for people; the bucket's real name is chosen by the server", examples=["Simulations"])
     storage_class: StorageClass = Field(
         default=StorageClass.STANDARD,
+        strict=False,  # its value from JSON, a string (a strict enum takes only the enum itself)
         description="Portable storage class; a backend that does not offer it answers 400",
     )
 
@@ -144,9 +144,7 @@ class ObjectPageOut(BaseModel):
 ObjectKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_OBJECT_KEY_BYTES)]
 
 
-class DeleteObjectsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeleteObjectsIn(RequestBody):
     keys: list[ObjectKey] = Field(default_factory=list, max_length=1000, description="Up to 1000 object keys")
     prefixes: list[ObjectKey] = Field(
         default_factory=list, max_length=100,
@@ -164,9 +162,7 @@ class DeleteObjectsOut(BaseModel):
     deleted: int = Field(description="Keys processed; keys that did not exist count too (deleting is idempotent)")
 
 
-class MoveIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MoveIn(RequestBody):
     source: ObjectKey = Field(description="A file's key, or a folder ending with '/'")
     destination: ObjectKey = Field(description="The new key (a folder: ending with '/')")
 

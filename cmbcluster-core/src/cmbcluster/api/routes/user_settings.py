@@ -7,10 +7,11 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, SessionReleasingRoute, in_worker
 from cmbcluster.api.guard import streams_body
+from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import EnvVar
 from cmbcluster.errors import InvalidRequest, PermissionDenied
@@ -31,9 +32,7 @@ class EnvVarOut(BaseModel):
     updated_at: dt.datetime
 
 
-class EnvVarIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EnvVarIn(RequestBody):
     value: str = Field(description="At most 32 KiB (UTF-8), no NUL characters; may be empty")
 
 
@@ -54,9 +53,7 @@ class ApiTokenOut(BaseModel):
     last_used_at: dt.datetime | None
 
 
-class ApiTokenIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ApiTokenIn(RequestBody):
     name: str = Field(description="1 to 100 characters, to recognise the token later")
     expires_in_days: int | None = Field(default=None, ge=1, le=365, description="Omit for a token that never expires")
 
