@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -529,6 +529,38 @@ def test_proxy_routing_makes_a_pod_and_a_secret_and_gives_the_pods_address(
     finally:
         proxied.delete(environment_id)
         proxied.close()
+
+
+def test_after_a_switch_to_proxy_routing_a_running_environment_loses_its_ingress_and_is_proxied(
+    k8s_cluster: K8sCluster, admin: k8s.CoreV1Api
+) -> None:
+    """Upgrading a deployment with path routing changes its default routing from ingress to proxy:
+    an environment left running keeps its Ingress, which goes on sending its path to the pod through
+    the ingress controller that the new NetworkPolicy refuses (502 until its owner restarts it). The
+    proxied backend's first listing removes such Ingresses and Services; the proxy serves the pod."""
+    namespace = k8s_cluster.control_plane_namespace()
+
+    def backend_with(routing: Literal["ingress", "proxy"]) -> KubernetesCompute:
+        exposure = Exposure(routing=routing, public_url="https://cmb.example.org")
+        options = KubernetesOptions(namespace=namespace, exposure=exposure, retries=Retries(backoff_seconds=0.05))
+        return KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), options)
+
+    before, after = backend_with("ingress"), backend_with("proxy")
+    environment_id = new_id()
+    try:
+        before.start(make_spec(environment_id, volumes=(), secret_files={}, env={}))
+        running(before, environment_id)
+        assert sorted(labelled_objects(admin, namespace, environment_id)) == [
+            f"Ingress/env-{environment_id}", f"Pod/env-{environment_id}", f"Service/env-{environment_id}"
+        ]  # fmt: skip
+        assert [s.environment_id for s in after.list_managed() if s.environment_id == environment_id]
+        wait_for(lambda: labelled_objects(admin, namespace, environment_id) == [f"Pod/env-{environment_id}"],
+                 60, "the earlier routing's Ingress and Service to go")  # fmt: skip
+        assert after.upstream(environment_id) is not None  # the pod itself is left running, proxied
+    finally:
+        after.delete(environment_id)
+        before.close()
+        after.close()
 
 
 def test_a_start_never_adopts_the_pod_a_stop_is_still_removing(

@@ -140,6 +140,7 @@ class KubernetesCompute(ComputeBackend):
         self.decorate = decorate
         self.client = KubeClient(api_client, namespace=options.namespace, retries=options.retries)
         self._network_policy_ready = False
+        self._earlier_routes_removed = False
         self.metrics = PodMetrics(self.client)
         # for the calls of one start that do not depend on each other; the client's connection
         # pool (urllib3) is sized to match in api_client_from_config
@@ -391,6 +392,7 @@ class KubernetesCompute(ComputeBackend):
 
     def list_managed(self) -> list[EnvironmentStatus]:
         self._watch()
+        self._remove_earlier_routes()
         pods = self.pods.items() if self.pods.synced else self.client.list("Pod", MANAGED_SELECTOR)
         statuses = []
         for pod in pods:
@@ -401,6 +403,26 @@ class KubernetesCompute(ComputeBackend):
             if environment_id:
                 statuses.append(self._status(str(environment_id), pod))
         return statuses
+
+    def _remove_earlier_routes(self) -> None:
+        """Behind the proxy, the Ingresses and Services an earlier ``ingress`` routing made for
+        environments still running (the default changed): an Ingress would go on sending its path
+        to the pod through the ingress controller, which the NetworkPolicy no longer admits (502
+        until a restart). Once they are gone the control plane's own Ingress sends those paths to
+        the proxy. Once per process, from the reconcile loop's listing."""
+        if self._earlier_routes_removed or not self.options.exposure.proxied:
+            return
+        try:
+            for kind in ("Ingress", "Service"):
+                for obj in self.client.list(kind, f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}"):
+                    name = metadata(obj).get("name")
+                    if name and not metadata(obj).get("deletionTimestamp"):
+                        log.info("removing %s %s of the earlier ingress routing", kind, name)
+                        self.client.delete(kind, str(name))
+        except Exception:  # tried again at the next pass; the listing must go on
+            log.warning("could not remove the earlier ingress routing's objects; trying again later", exc_info=True)
+            return
+        self._earlier_routes_removed = True
 
     def resource_use(self, environment_ids: Sequence[str]) -> Mapping[str, ResourceUse] | None:
         return self.metrics.resource_use(environment_ids)
