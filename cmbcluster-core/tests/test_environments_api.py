@@ -592,6 +592,26 @@ def test_reconcile_marks_vanished_processes_and_removes_orphans(
     assert {s.environment_id for s in context.compute.list_managed()} <= {env["id"]}
 
 
+def test_an_environment_stopped_by_someone_else_ends_stopped_and_starts_again(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Kubernetes a running environment's pod can be deleted by someone else (an eviction, a node
+    drain, kubectl): the pass first sees it stopping, then gone. It was recorded "stopping" and
+    stayed so for good, and a start was refused as "already stopping" (an outsider's trial)."""
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    env = create_env(client, alice, start=True)
+    wait_status(client, alice, env["id"], "running")
+    url = f"/api/v1/environments/{env['id']}"
+    for reported in ([EnvironmentStatus(environment_id=env["id"], phase=EnvironmentPhase.STOPPING)], []):
+        with monkeypatch.context() as patched:
+            patched.setattr(context.compute, "list_managed", lambda: reported)  # noqa: B023 - called here
+            Reconciler(context).reconcile()
+    gone = client.get(url, headers=alice).json()
+    assert gone["status"] == "stopped" and "gone" in gone["status_message"], gone
+    assert client.post(f"{url}/start", headers=alice).status_code == 200
+    wait_status(client, alice, env["id"], "running")
+
+
 def test_a_start_during_a_reconcile_pass_is_not_stopped_by_what_it_listed_before(
     client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -631,7 +651,7 @@ def reserved_not_handed_over(context: AppContext, environment_id: str) -> Enviro
 
 
 def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet_handed_over(
-    client: TestClient, alice: dict[str, str], cleanup: None
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between reserving a start (the record pending) and handing it to the backend, the backend
     still reports the previous run's stop: the fast pass (every second) must not end the start."""
@@ -642,6 +662,14 @@ def test_the_fast_pass_takes_a_previous_runs_stop_for_no_news_of_a_start_not_yet
     assert context.compute.status(env["id"]).phase == EnvironmentPhase.STOPPED
     spec = reserved_not_handed_over(context, env["id"])
     Reconciler(context).refresh_transitional()
+    assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "pending"
+    # Nor the previous run still going away (on Kubernetes a restart's start comes while the old pod,
+    # of the same name, ends): recorded "stopping", the full pass then took the new pod for a
+    # leftover and deleted it, and the restart stayed "stopping" for good (an outsider's trial).
+    stopping = EnvironmentStatus(environment_id=env["id"], phase=EnvironmentPhase.STOPPING)
+    with monkeypatch.context() as patched:
+        patched.setattr(context.compute, "status", lambda environment_id: stopping)
+        Reconciler(context).refresh_transitional()
     assert client.get(f"/api/v1/environments/{env['id']}", headers=alice).json()["status"] == "pending"
     context.compute.start(spec)
     wait_status(client, alice, env["id"], "running")

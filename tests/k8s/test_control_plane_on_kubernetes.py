@@ -501,3 +501,90 @@ def test_the_catalogs_jupyterlab_starts_on_kubernetes_and_answers(
             wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the notebook to go")
         finally:
             user.close()
+
+
+def test_a_notebooks_websocket_through_the_proxy_ends_with_its_start_and_a_restart_serves_anew(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path, notebook_runs_here: None
+) -> None:
+    """A kernel's WebSocket through the control plane's proxy works, is refused from another site,
+    and closes when its environment restarts or stops. The restart (its previous pod, of the same
+    name, still going away as it starts) ends running with a token of its own, which the same tab
+    reaches. In an outsider's trial such a restart sometimes stayed "stopping" for good (the
+    previous pod recorded as the new start's, the new pod then deleted as a stop's leftover): the
+    timing-free tests of that are in cmbcluster-core/tests/test_environments_api.py."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    from cmbcluster.testing.process import free_port
+
+    namespace = k8s_cluster.control_plane_namespace()
+    core = k8s.CoreV1Api(admin_api)
+    settings = {"CMBCLUSTER_ENVIRONMENTS_DOMAIN": "", "CMBCLUSTER_ROUTING": "proxy"}
+    with ServeProcess(serve_env(k8s_cluster, namespace, tmp_path / "data", **settings), tmp_path) as server:
+        server.wait_ready()
+        user = Api(server.url, "ada@example.org")
+        try:
+            moved = user.client.patch("/api/v1/applications/jupyterlab", json={"port": free_port()})
+            assert moved.status_code == 200, moved.text
+            environment_id = user.create(name="notebook").json()["id"]
+            assert user.settled(environment_id, timeout=120)["status"] == "running"
+            base = f"/environments/{environment_id}/"
+            sockets = server.url.replace("http://", "ws://", 1) + base
+            bearer = {"Authorization": user.client.headers["authorization"], "Host": PUBLIC_HOST}
+
+            def token() -> str:
+                pod = core.read_namespaced_pod(f"env-{environment_id}", namespace)
+                return str(pod.metadata.annotations["cmbcluster.io/application-token"])
+
+            def kernel_socket() -> Any:
+                kernel = user.client.post(f"{base}api/kernels", json={"name": "python3"})
+                assert kernel.status_code == 201, kernel.text
+                return connect(f"{sockets}api/kernels/{kernel.json()['id']}/channels", additional_headers=bearer,
+                               open_timeout=30)  # fmt: skip
+
+            def ends(socket: Any) -> None:
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        socket.recv(timeout=30)
+
+            with kernel_socket() as socket:
+                assert run_in_kernel(socket, "6 * 7") == "42"
+                session = bearer["Authorization"].removeprefix("Bearer ")
+                with pytest.raises(InvalidStatus) as refused:  # a page of another site, with the cookie
+                    connect(f"{sockets}api/kernels/any/channels", open_timeout=10,
+                            additional_headers={"Cookie": f"cmbcluster_session={session}", "Host": PUBLIC_HOST,
+                                                "Origin": "https://elsewhere.example"})  # fmt: skip
+                assert refused.value.response.status_code == 403
+                before = token()
+                assert user.client.post(f"/api/v1/environments/{environment_id}/restart").status_code == 200
+                ends(socket)
+            assert user.settled(environment_id, timeout=60)["status"] == "running"
+            assert token() != before
+            assert user.client.get(f"{base}api/status").status_code == 200  # the same tab, the new start
+            with kernel_socket() as socket:
+                assert run_in_kernel(socket, "1 + 1") == "2"
+                assert user.client.post(f"/api/v1/environments/{environment_id}/stop").status_code == 200
+                ends(socket)
+            assert user.client.get(f"{base}api/status").status_code == 404
+            user.client.delete(f"/api/v1/environments/{environment_id}")
+            wait_for(lambda: not objects_of(admin_api, namespace, environment_id), 60, "the notebook to go")
+        finally:
+            user.close()
+
+
+def run_in_kernel(socket: Any, code: str) -> str:
+    """What ``code`` evaluates to, run through a kernel's WebSocket (Jupyter's messaging protocol)."""
+    import uuid
+
+    request = {
+        "header": {"msg_id": uuid.uuid4().hex, "session": uuid.uuid4().hex, "username": "",
+                   "msg_type": "execute_request", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False},
+    }  # fmt: skip
+    socket.send(json.dumps(request))
+    while True:
+        message = json.loads(socket.recv(timeout=60))
+        if message["msg_type"] == "execute_result":
+            return str(message["content"]["data"]["text/plain"])

@@ -44,6 +44,11 @@ from cmbcluster.services.status import (
 log = logging.getLogger(__name__)
 
 TRANSITIONAL = ("pending", "starting")
+#: What a full pass follows. "stopping" with the desired state "running": someone else stops it (on
+#: Kubernetes an eviction, a node drain, kubectl deleting the pod); once it is gone it is recorded
+#: stopped, as any vanished environment. Left out, it stayed "stopping" for good, and could not be
+#: started again.
+FOLLOWED = (*environments.ACTIVE_STATUSES, "stopping")
 FAST_INTERVAL_SECONDS = 1.0
 
 
@@ -120,10 +125,7 @@ class Reconciler:
                     select(Environment.id).where(Environment.backend == self.context.config.compute.name)
                 ).scalars()
             )
-            rows = {
-                env.id: env
-                for env in self._environments(db, *environments.ACTIVE_STATUSES) + self._by_id(db, set(managed) & known)
-            }
+            rows = {env.id: env for env in self._environments(db, *FOLLOWED) + self._by_id(db, set(managed) & known)}
             for env_id in sorted(set(managed) - known):
                 log.warning("removing environment %s: the backend runs it but no record exists", env_id)
                 compute.delete(env_id)
@@ -146,7 +148,7 @@ class Reconciler:
                     and env.status == "pending"
                     and (vanished or (status is not None and status.phase == EnvironmentPhase.STOPPED))
                 )
-                if env.desired_state == "running" and env.status in environments.ACTIVE_STATUSES:
+                if env.desired_state == "running" and env.status in FOLLOWED:
                     if vanished or interrupted:
                         accounting.close_at_last_seen(db, env.id)  # it ran until last seen, not until now
                         env.status, env.url, env.stopped_at = "stopped", None, now
@@ -164,7 +166,7 @@ class Reconciler:
                         else:
                             seen.append(env.id)
                         apply_status(db, env, status)
-                        if env.status not in environments.ACTIVE_STATUSES:  # it exited or failed meanwhile
+                        if env.status in ("stopped", "failed"):  # it exited or failed meanwhile
                             to_stop.append(env.id)  # and make sure nothing of it keeps running
                             report.marked_stopped.append(env.id)
                 elif env.desired_state == "stopped" and env.status in environments.ACTIVE_STATUSES:

@@ -49,11 +49,12 @@ def reported(record: Recorded, status: EnvironmentStatus) -> tuple[str, str, str
     is reserved but may not be handed to the backend yet (launch builds its spec first), and a
     backend that keeps a stopped environment (the embedded default) still reports the previous
     run's stop. Recording it would end the start as it begins. An application that exits at once
-    on its own is recorded once the grace is over."""
+    on its own is recorded once the grace is over. So is STOPPING: on Kubernetes a restart's start
+    is reserved while the previous run's pod, of the same name, is still going away."""
     if status.phase == EnvironmentPhase.MISSING or record.desired_state != "running":
         return None
     if (
-        status.phase == EnvironmentPhase.STOPPED
+        status.phase in (EnvironmentPhase.STOPPED, EnvironmentPhase.STOPPING)
         and record.status == "pending"
         and record.started_at is not None
         and utcnow() - record.started_at < START_GRACE
