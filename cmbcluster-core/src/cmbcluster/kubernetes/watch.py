@@ -219,7 +219,11 @@ class WatchCache:
         key = self._key(obj)
         if kind in ("ADDED", "MODIFIED") and key is not None:
             with self._lock:
-                self._items[key] = obj
+                current = self._items.get(key)
+                # A late event of an earlier object of the same name (a restart's previous pod) never
+                # replaces the newer one a start has put here: its status would be taken for the new run's.
+                if current is None or _newer_or_equal(obj, current):
+                    self._items[key] = obj
             self._notify({key})
         elif kind == "DELETED" and key is not None:
             with self._lock:
@@ -258,14 +262,12 @@ def _events(response: Any) -> Iterator[dict[str, Any]]:
 
 
 def _newer_or_equal(obj: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether ``obj`` is at least as new as ``current`` (same uid and a resourceVersion not
-    below; resourceVersions are opaque in general but etcd's are integers, and an object of
-    another uid is a new object)."""
-    new, old = metadata(obj), metadata(current)
-    if new.get("uid") != old.get("uid"):
-        return True
+    """Whether ``obj`` is at least as new as ``current``: a resourceVersion not below its.
+    resourceVersions are opaque in general, but etcd's are integers from one counter of the whole
+    cluster, so they also order two objects of one name: the later one was created after the
+    earlier one was gone. Versions that are not integers: ``obj`` is taken as newer."""
     try:
-        return int(new.get("resourceVersion") or 0) >= int(old.get("resourceVersion") or 0)
+        return int(metadata(obj).get("resourceVersion") or 0) >= int(metadata(current).get("resourceVersion") or 0)
     except ValueError:
         return True
 
