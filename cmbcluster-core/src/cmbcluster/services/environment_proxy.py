@@ -320,6 +320,11 @@ def _target_path(scope: Any, upstream: Upstream, prefix: str) -> bytes:
     if upstream.strip_prefix:
         raw_path = raw_path[len(prefix) :] or b"/"
     query: bytes = scope.get("query_string") or b""
+    if upstream.headers and query:
+        # The proxy sends the start's token: a token in the address (a bookmark of an earlier start,
+        # JupyterLab's own WebSocket URLs) is left out, or JupyterLab, which reads it first, refuses
+        # the request that the proxy's header would let through.
+        query = b"&".join(part for part in query.split(b"&") if part.split(b"=", 1)[0] != b"token")
     return raw_path + (b"?" + query if query else b"")
 
 
