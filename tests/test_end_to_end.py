@@ -92,7 +92,9 @@ def test_a_scientists_day(server: ServeProcess, oidc: OidcMockServer) -> None:
         assert events[-1]["status"] == "running", events
         url = str(events[-1]["url"])
         assert url == f"/environments/{env_id}/"  # through the control plane: /home/vera/data is ~/data
-        assert client.get(url + "data/maps/smica.txt", headers=vera).text == "T(nside=2048)"
+        served = client.get(url + "data/maps/smica.txt", headers=vera)
+        assert served.text == "T(nside=2048)"
+        assert len(served.headers.get_list("date")) == 1  # the application's and the server's were both sent
         assert client.get(url + "data/maps/smica.txt", headers=admin).status_code == 404  # hers alone
 
         stopped = client.post(f"/api/v1/environments/{env_id}/stop", headers=vera).json()

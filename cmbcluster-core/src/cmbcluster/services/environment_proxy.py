@@ -182,6 +182,8 @@ class EnvironmentProxy:
             lowered = name.lower().decode("latin-1")
             if lowered in HOP_BY_HOP or lowered in ORIGIN_WIDE_HEADERS:
                 continue
+            if lowered == "date":
+                continue  # the server states its own (uvicorn adds it to every answer): one, not two
             if lowered == "set-cookie" and self._tosses_own_cookie(value):
                 continue  # an application cannot replace the control plane's session
             if (
