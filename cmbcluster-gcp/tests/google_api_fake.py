@@ -79,6 +79,9 @@ class GoogleApiFake:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # "project", "sa:<email>", "zone:<name>"
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<zone>/<name>"
     denied_permissions: set[str] = field(default_factory=set)
+    #: (zone, machine type) pairs Compute Engine does not offer; every other type is offered in every
+    #: zone of a region, and a region has the zones <region>-b, -c and -d
+    machine_types_missing: set[tuple[str, str]] = field(default_factory=set)
     propagation_refusals: int = 0
     unpropagated: dict[str, int] = field(default_factory=dict)
     project_number: str = "271828182845"
@@ -225,6 +228,8 @@ class GoogleApiFake:
             ("GET", rf"/v3/projects/{p}",
              lambda: {"name": f"projects/{self.project_number}", "projectId": self.project}),
             ("GET", rf"/compute/v1/projects/{p}/aggregated/disks", lambda: self._list_disks(query)),
+            ("GET", rf"/compute/v1/projects/{p}/regions/([^/]+)", self._region),
+            ("GET", rf"/compute/v1/projects/{p}/zones/([^/]+)/machineTypes/([^/]+)", self._machine_type),
             ("DELETE", rf"/compute/v1/projects/{p}/zones/([^/]+)/disks/([^/]+)", self._delete_disk),
             ("POST", r"/v1/transferJobs", lambda: self._create_transfer_job(body)),
             ("POST", r"/v1/(transferJobs/[^/:]+):run", lambda j: self._run_transfer_job(j, body)),
@@ -258,6 +263,16 @@ class GoogleApiFake:
             raise ApiError(400, f"Invalid value for field 'resource.name': {name!r}. Must be a match of regex "
                                 "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")  # fmt: skip
         return name
+
+    def _region(self, region: str) -> dict[str, Any]:
+        base = f"https://www.googleapis.com/compute/v1/projects/{self.project}/zones"
+        return {"kind": "compute#region", "name": region, "zones": [f"{base}/{region}-{z}" for z in "bcd"]}
+
+    def _machine_type(self, zone: str, machine_type: str) -> dict[str, Any]:
+        if (zone, machine_type) in self.machine_types_missing:
+            raise ApiError(404, f"The resource 'projects/{self.project}/zones/{zone}/machineTypes/{machine_type}' "
+                           "was not found")  # fmt: skip
+        return {"kind": "compute#machineType", "name": machine_type, "zone": zone}
 
     @staticmethod
     def _get(store: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:

@@ -480,6 +480,23 @@ def test_missing_permissions_and_zones_are_named_before_anything_is_created(
     assert fake.resource_count() == 0 and record.resources == []
 
 
+def test_a_machine_type_a_zone_of_the_cluster_lacks_is_named_before_anything_is_created(
+    provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake
+) -> None:
+    """A GKE_MACHINE_TYPE one zone of the region does not offer (or a typo, offered nowhere) was
+    refused only at the node pool, after the network, the NAT and the cluster were made."""
+    machine_type, region = provisioner.settings.gke_machine_type, provisioner.settings.region
+    fake.machine_types_missing = {(f"{region}-c", machine_type)}
+    with pytest.raises(ConfigurationError) as refused:
+        provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))
+    message = str(refused.value)
+    assert f"GKE_MACHINE_TYPE {machine_type} is not offered in {region}-c (the cluster's nodes go to " in message
+    assert "nothing was created" in message and fake.resource_count() == 0 and record.resources == []
+    fake.machine_types_missing = set()
+    provisioning.up(provisioner, record, ProvisioningOptions(addons="skip"))  # offered everywhere: it goes on
+    assert record.find("container/cluster")
+
+
 def test_missing_tools_are_named_before_anything_is_created(
     provisioner: GcpProvisioner, record: ProvisioningRecord, fake: GoogleApiFake, monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,

@@ -647,11 +647,41 @@ class GcpProvisioner(Provisioner):
                          if p not in granted]  # fmt: skip
         except (PermissionDenied, ProviderUnavailable) as exc:
             note(f"cannot check the permissions in advance ({exc.message}); `up` stops at the first refusal")
+        problems += self._machine_type_problems(note)
         try:
             self.managed_zones()
         except NotFound as exc:
             problems.append(exc.message)
         return problems
+
+    def _machine_type_problems(self, note: Callable[[str], None]) -> list[str]:
+        """Why the cluster's location cannot hold GKE_MACHINE_TYPE (its zone, or fewer than three
+        zones of its region offer it): else its node pool is refused after the network, the NAT and
+        the cluster are made."""
+        machine_type, location = self.settings.gke_machine_type, self.location
+        compute = f"compute/v1/projects/{self.project}"
+        try:
+            if self.settings.zone:
+                zones = [self.settings.zone]
+            else:
+                region = self.api.get("compute", f"{compute}/regions/{location}", f"region {location}")
+                if region is None:
+                    return [f"REGION {location} is not a Compute Engine region of project {self.project}"]
+                zones = [str(url).rsplit("/", 1)[-1] for url in region.get("zones", [])]
+            missing = [zone for zone in zones if self.api.get(
+                "compute", f"{compute}/zones/{zone}/machineTypes/{machine_type}", f"machine type {machine_type}"
+            ) is None]  # fmt: skip
+        except (PermissionDenied, ProviderUnavailable) as exc:
+            note(f"cannot check GKE_MACHINE_TYPE in advance ({exc.message}); `up` stops at the node pool")
+            return []
+        # A regional cluster's nodes go to three of its region's zones (GKE's choice where it has four)
+        if not missing or (not self.settings.zone and len(zones) - len(missing) >= 3):
+            if missing:
+                note(f"GKE_MACHINE_TYPE {machine_type} is not offered in {', '.join(missing)}: nodes go elsewhere")
+            return []
+        where = ", ".join(zones)
+        return [f"GKE_MACHINE_TYPE {machine_type} is not offered in {', '.join(missing)} (the cluster's nodes go to "
+                f"{where}); choose another type, or a ZONE that has it"]  # fmt: skip
 
     # -- down --------------------------------------------------------------------------------
     def delete_resource(self, resource: ResourceRecord, job: StepContext) -> None:
