@@ -46,6 +46,11 @@ TOKEN_SCHEME = "token"  # noqa: S105 - the scheme word before the token
 REDACTED = "[token]"
 
 
+def token_headers(token: str) -> dict[str, str]:
+    """What a proxy sends an application to pass its ``token`` (none without one)."""
+    return {TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {}
+
+
 def environment_path(environment_id: str) -> str:
     """The path every environment is served under by the control plane (and by path routing)."""
     return f"/environments/{environment_id}/"

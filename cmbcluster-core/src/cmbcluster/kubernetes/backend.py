@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmbcluster.compute.command import REDACTED, TOKEN_HEADER, TOKEN_SCHEME, takes_token
+from cmbcluster.compute.command import REDACTED, takes_token, token_headers
 from cmbcluster.errors import Conflict, ProviderUnavailable
 from cmbcluster.interfaces import (
     ComputeBackend,
@@ -461,12 +461,12 @@ class KubernetesCompute(ComputeBackend):
             return None
         port = ports[0]
         host = f"[{address}]" if ":" in address else address  # an IPv6 cluster
-        return Upstream(url=f"http://{host}:{port}", headers=_token_headers(pod))
+        return Upstream(url=f"http://{host}:{port}", headers=token_headers(_token(pod)))
 
     def application_headers(self, environment_id: str) -> Mapping[str, str]:
         """The start's token, which the ``authorize`` check gives the ingress to send (``ingress``
         routing; behind the proxy, :meth:`upstream` has it)."""
-        return _token_headers(self._pod(environment_id))
+        return token_headers(_token(self._pod(environment_id)))
 
     # -- status ------------------------------------------------------------------------------------
     def environment_url(self, environment_id: str) -> str:
@@ -484,8 +484,3 @@ def _token(pod: dict[str, Any] | None) -> str:
     """The application token of the pod's start, else empty."""
     token = (metadata(pod or {}).get("annotations") or {}).get(TOKEN_ANNOTATION)
     return token if isinstance(token, str) else ""
-
-
-def _token_headers(pod: dict[str, Any] | None) -> dict[str, str]:
-    token = _token(pod)
-    return {TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {}

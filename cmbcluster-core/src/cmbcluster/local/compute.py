@@ -41,8 +41,6 @@ from typing import Any
 
 from cmbcluster.compute.command import (
     REDACTED,
-    TOKEN_HEADER,
-    TOKEN_SCHEME,
     LaunchValues,
     environment_path,
     missing_program,
@@ -52,6 +50,7 @@ from cmbcluster.compute.command import (
     root_arguments,
     standard_variables,
     takes_token,
+    token_headers,
 )
 from cmbcluster.errors import InvalidRequest
 from cmbcluster.interfaces import (
@@ -193,7 +192,7 @@ class LocalProcessCompute(ComputeBackend):
         state = self._read_state(environment_id)
         if state is None or state.get("stopped") or not _alive(int(state["pid"]), state.get("start_ticks")):
             return None
-        headers = {TOKEN_HEADER: f"{TOKEN_SCHEME} {state['token']}"} if state.get("token") else {}
+        headers = token_headers(str(state.get("token") or ""))
         strip = bool(state.get("strip_prefix"))
         if state.get("socket"):
             return Upstream(url="http://localhost", unix_socket=state["socket"], headers=headers, strip_prefix=strip)

@@ -123,14 +123,22 @@ def month_of(now: dt.datetime) -> tuple[str, dt.datetime, dt.datetime]:
 
 # -- evaluation ----------------------------------------------------------------------------------
 def statuses(
-    db: Session, prices: PriceTable, *, user_id: str | None = None, now: dt.datetime | None = None
+    db: Session,
+    prices: PriceTable,
+    *,
+    user_id: str | None = None,
+    budget_id: str | None = None,
+    now: dt.datetime | None = None,
 ) -> list[BudgetStatus]:
-    """Every budget's use this month; with ``user_id``, only the budgets that bind that user."""
+    """Every budget's use this month; with ``user_id``, only the budgets that bind that user; with
+    ``budget_id``, that one alone."""  # fmt: skip
     moment = now or utcnow()
-    if user_id is None:
-        budgets = list(db.execute(_ALL_BUDGETS).scalars())
-    else:
+    if user_id is not None:
         budgets = list(db.execute(_USERS_BUDGETS, {"user_id": user_id}).scalars())
+    elif budget_id is not None:
+        budgets = list(db.execute(_ALL_BUDGETS.where(Budget.id == budget_id)).scalars())
+    else:
+        budgets = list(db.execute(_ALL_BUDGETS).scalars())
     if not budgets:
         return []
     members: dict[str, list[str]] = defaultdict(list)
@@ -360,7 +368,12 @@ def delete_budget(db: Session, *, actor_id: str | None, scope: str, target: str)
 def forget_user(db: Session, user_id: str) -> None:
     """A user being deleted: their budget goes too (it was kept, listed by id, and could not be
     removed, every way of naming a budget's user looking the user up first)."""
-    for budget in db.execute(select(Budget).where(Budget.scope == "user", Budget.target_id == user_id)).scalars():
+    _delete_budgets(db, "user", user_id)
+
+
+def _delete_budgets(db: Session, scope: str, target_id: str) -> None:
+    """The budget of a user or group that is being deleted (the caller commits)."""
+    for budget in db.execute(select(Budget).where(Budget.scope == scope, Budget.target_id == target_id)).scalars():
         db.delete(budget)
 
 
@@ -421,18 +434,18 @@ def set_group_storage_quota(db: Session, *, actor_id: str, name: str, quota_byte
 
 def status_of(db: Session, prices: PriceTable, budget: Budget, label: str) -> BudgetStatus:
     """This month's status of a budget just set, for the answer (see :func:`group_of`)."""
-    for status in statuses(db, prices):
-        if status.budget.id == budget.id:
-            return status
+    found = statuses(db, prices, budget_id=budget.id)
+    if found:
+        return found[0]
     raise _removed_meanwhile(f"{budget.scope} {label}'s budget")
 
 
 def group_of(db: Session, group_id: str, label: str) -> dict[str, Any]:
     """A group just changed, for the answer. Another admin may have deleted it since the change was
     committed: a 409 saying so (reading it back from every group was a 500 then)."""
-    for group in groups(db):
-        if group["id"] == group_id:
-            return group
+    found = groups(db, group_id=group_id)
+    if found:
+        return found[0]
     raise _removed_meanwhile(f"group {label}")
 
 
@@ -440,14 +453,16 @@ def _removed_meanwhile(what: str) -> Conflict:
     return Conflict(f"{what} was removed by another request meanwhile")
 
 
-def groups(db: Session) -> list[dict[str, Any]]:
-    rows = db.execute(
+def groups(db: Session, *, group_id: str | None = None) -> list[dict[str, Any]]:
+    """Every group (or the one ``group_id``) with its members' e-mails."""
+    query = (
         select(Group.id, Group.name, Group.storage_quota_bytes, User.email)
         .select_from(Group)
         .outerjoin(GroupMember, GroupMember.group_id == Group.id)
         .outerjoin(User, User.id == GroupMember.user_id)
         .order_by(Group.name, User.email)
-    ).all()
+    )
+    rows = db.execute(query if group_id is None else query.where(Group.id == group_id)).all()
     found: dict[str, dict[str, Any]] = {}
     for group_id, name, quota, email in rows:
         entry = found.setdefault(group_id, {"id": group_id, "name": name, "members": [], "storage_quota_bytes": quota})
@@ -460,7 +475,6 @@ def delete_group(db: Session, *, actor_id: str | None, name: str) -> None:
     group_id, label = resolve_target(db, "group", name)
     group = db.get(Group, group_id)
     db.delete(group)
-    for budget in db.execute(select(Budget).where(Budget.scope == "group", Budget.target_id == group_id)).scalars():
-        db.delete(budget)
+    _delete_budgets(db, "group", group_id)
     audit(db, actor_id=actor_id, action="group.deleted", target_type="group", target_id=group_id, name=label)
     db.commit()

@@ -158,11 +158,16 @@ def listed(backend: ComputeBackend, environment_id: str) -> list[EnvironmentStat
     return [s for s in backend.list_managed() if s.environment_id == environment_id]
 
 
+def get(address: Upstream, *, headers: Mapping[str, str], timeout: float = 5.0) -> httpx.Response:
+    """GET ``/`` of the application at ``address`` with ``headers``."""
+    transport = httpx.HTTPTransport(uds=address.unix_socket) if address.unix_socket else None
+    with httpx.Client(transport=transport, headers=dict(headers), timeout=timeout) as client:
+        return client.get(address.url.rstrip("/") + "/")
+
+
 def fetch(address: Upstream, timeout: float = 5.0) -> dict[str, Any]:
     """What the serving application answers at ``address`` (as the control plane's proxy asks)."""
-    transport = httpx.HTTPTransport(uds=address.unix_socket) if address.unix_socket else None
-    with httpx.Client(transport=transport, headers=dict(address.headers), timeout=timeout) as client:
-        response = client.get(address.url.rstrip("/") + "/")
+    response = get(address, headers=address.headers, timeout=timeout)
     assert response.status_code == 200, response.text
     seen: dict[str, Any] = response.json()
     return seen
@@ -476,9 +481,7 @@ class ComputeBackendContract:
         address = self.application_address(compute_backend, spec.environment_id)
         token = fetch(address)["token"]
         assert len(token) >= 16, f"{{token}} must be a random token of this start, not {token!r}"
-        transport = httpx.HTTPTransport(uds=address.unix_socket) if address.unix_socket else None
-        with httpx.Client(transport=transport, timeout=5.0) as client:
-            assert client.get(address.url.rstrip("/") + "/").status_code == 403, "reached without the token"
+        assert get(address, headers={}).status_code == 403, "reached without the token"
         logs = compute_backend.logs(spec.environment_id, tail=20)  # it printed the token before it listened
         for text in (repr(status), repr(listed(compute_backend, spec.environment_id)), logs):
             assert token not in text, f"the application's token is shown: {text}"
