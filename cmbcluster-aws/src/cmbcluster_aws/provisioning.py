@@ -269,9 +269,11 @@ class AwsProvisioner(Provisioner):
         propagation_delay: float = 10.0,
         max_attempts: int = 5,
     ) -> None:
-        problem = S3_BUCKET_NAMES.problem(database_bucket) if database_bucket else None
-        if problem is not None:  # before anything is made: S3 would refuse it at the database-bucket step
-            raise ConfigurationError([f"CMBCLUSTER_DATABASE_BUCKET (S3_DATABASE_BUCKET): {problem}"])
+        problems = S3_BUCKET_NAMES.database_bucket_problems(
+            database_bucket, "CMBCLUSTER_DATABASE_BUCKET (S3_DATABASE_BUCKET)"
+        )
+        if problems:  # before anything is made: S3 would refuse it at the database-bucket step
+            raise ConfigurationError(problems)
         self.settings = settings
         self.namespace = namespace
         self.configured_database_bucket = database_bucket

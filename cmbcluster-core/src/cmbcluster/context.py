@@ -241,9 +241,7 @@ def bucket_name_problems(config: ResolvedConfig, storage: StorageBackend) -> lis
     """The configured bucket names the active storage's service would refuse (under its
     ``bucket_names``): the database bucket's. ``serve`` refuses to start on them and ``config
     check`` lists them, rather than the first backup failing."""
-    bucket = config.core.database_bucket
-    problem = storage.bucket_names.problem(bucket) if bucket else None
-    return [f"CMBCLUSTER_DATABASE_BUCKET: {problem}"] if problem else []
+    return storage.bucket_names.database_bucket_problems(config.core.database_bucket)
 
 
 def _close_quietly(provider: Any) -> None:

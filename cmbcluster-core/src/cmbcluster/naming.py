@@ -85,6 +85,13 @@ class BucketNameRules:
             return None
         return f"{name!r} is not a valid bucket name: {self.description}"
 
+    def database_bucket_problems(self, bucket: str | None, setting: str = "CMBCLUSTER_DATABASE_BUCKET") -> list[str]:
+        """Why the service would refuse the configured database bucket (named by ``setting`` in the
+        message): ``serve`` and ``config check`` say it, and a cloud's ``infra`` before it makes
+        anything."""
+        problem = self.problem(bucket) if bucket else None
+        return [f"{setting}: {problem}"] if problem else []
+
     def check(self, name: str) -> str:
         """``name``, or InvalidRequest saying why the service would refuse it."""
         problem = self.problem(name)

@@ -150,9 +150,11 @@ class GcpProvisioner(Provisioner):
     ) -> None:
         from cmbcluster_gcp.storage import GCS_BUCKET_NAMES  # google-cloud-storage, only when provisioning
 
-        problem = GCS_BUCKET_NAMES.problem(database_bucket) if database_bucket else None
-        if problem is not None:  # before anything is made: Cloud Storage would refuse it at the database-bucket step
-            raise ConfigurationError([f"CMBCLUSTER_DATABASE_BUCKET (GCS_DATABASE_BUCKET): {problem}"])
+        problems = GCS_BUCKET_NAMES.database_bucket_problems(
+            database_bucket, "CMBCLUSTER_DATABASE_BUCKET (GCS_DATABASE_BUCKET)"
+        )
+        if problems:  # before anything is made: Cloud Storage would refuse it at the database-bucket step
+            raise ConfigurationError(problems)
         self.settings = settings
         self.configured_database_bucket = database_bucket
         self.namespace = namespace
