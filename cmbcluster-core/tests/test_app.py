@@ -235,6 +235,12 @@ def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest
         logging.getLogger("httpx").debug("HTTP Request: while debugging")
         err = capsys.readouterr().err
         assert "environment started" in err and "/lab" not in err and "while debugging" in err
+        # uvicorn logs a WebSocket's address as it accepts it: JupyterLab's hold its token (an outsider's trial)
+        for name in ("token", "tok%65n"):
+            logging.getLogger("uvicorn.error").info(
+                '%s - "WebSocket %s" [accepted]', "127.0.0.1:5", f"/environments/x/channels?s=1&{name}=Sesame&k=2"
+            )
+            assert f"/environments/x/channels?s=1&{name}=[token]&k=2" in capsys.readouterr().err
     finally:  # this process's logging as it was (pytest's own capture)
         root.handlers[:], levels = kept[0], kept[2]
         root.setLevel(kept[1])

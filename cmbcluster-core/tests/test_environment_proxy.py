@@ -178,7 +178,7 @@ def test_the_owner_reaches_the_application_with_its_token_and_nothing_of_the_con
     assert seen["path"] == f"/environments/{env_id}/echo" and seen["query"] == "x=1&y=a%2Fb"
     # a token in the address (a bookmark of an earlier start) is left out: JupyterLab reads it before
     # the proxy's header and refused the request (an outsider's trial)
-    bookmarked = client.get(f"/environments/{env_id}/echo?token=earlier&x=1&tokens=2", headers=alice)
+    bookmarked = client.get(f"/environments/{env_id}/echo?token=earlier&x=1&tokens=2&tok%65n=old", headers=alice)
     assert bookmarked.status_code == 200 and bookmarked.json()["query"] == "x=1&tokens=2", bookmarked.text
     assert seen["cookies"] == {"_xsrf": "the-applications-own"}  # never the session cookie
     assert seen["headers"]["host"] == "127.0.0.1" and seen["headers"]["x-forwarded-proto"] == "http"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,8 +43,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+#: A ``token`` in an address (``?token=...``, percent-encoded too): JupyterLab's WebSocket URLs carry
+#: the application's token, and uvicorn logs each WebSocket's address as it accepts it.
+_TOKEN_IN_ADDRESS = re.compile(r"([?&](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&\s\"']+", re.IGNORECASE)
+
+
+class _HideAddressTokens(logging.Filter):
+    """Writes ``[token]`` for a token in an address any log line holds."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = _TOKEN_IN_ADDRESS.sub(r"\1[token]", message)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_HideAddressTokens())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

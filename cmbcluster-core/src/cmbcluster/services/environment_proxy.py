@@ -22,6 +22,7 @@ import http.cookiejar
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import httpx
 from starlette.background import BackgroundTask
@@ -326,7 +327,7 @@ def _target_path(scope: Any, upstream: Upstream, prefix: str) -> bytes:
         # The proxy sends the start's token: a token in the address (a bookmark of an earlier start,
         # JupyterLab's own WebSocket URLs) is left out, or JupyterLab, which reads it first, refuses
         # the request that the proxy's header would let through.
-        query = b"&".join(part for part in query.split(b"&") if part.split(b"=", 1)[0] != b"token")
+        query = b"&".join(part for part in query.split(b"&") if unquote_to_bytes(part.split(b"=", 1)[0]) != b"token")
     return raw_path + (b"?" + query if query else b"")
 
 
