@@ -420,6 +420,17 @@ def test_kubernetes_routing_defaults_to_the_proxy_unless_host_routing_needs_the_
     assert KubernetesSettings().routing == routing
 
 
+def test_the_kubernetes_backend_without_its_client_says_what_to_install(env: dict[str, str], tmp_path: Path) -> None:
+    """An operator's laptop without the extra (found by an outsider): the answer was the bare
+    'ModuleNotFoundError: No module named kubernetes'."""
+    missing = tmp_path / "missing" / "kubernetes"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'kubernetes'\")\n")
+    laptop = {**env, "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", "PYTHONPATH": str(missing.parent)}
+    result = cmbcluster("config", "check", env=laptop, cwd=tmp_path)
+    assert "pip install 'cmbcluster-core[kubernetes]'" in result.stderr, result.stderr
+
+
 def test_an_invalid_setting_is_one_error_line_naming_its_settings_model_once(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from cmbcluster.commands import migrate as migrate_command
 from cmbcluster.commands import plugin as plugin_command
 from cmbcluster.commands import usage as usage_command
 from cmbcluster.commands import users as users_command
-from cmbcluster.commands.common import err, error, out, print_json, resolve_config
+from cmbcluster.commands.common import err, error, out, print_json, resolve_config, warning
 from cmbcluster.config import load_core_settings
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
@@ -116,6 +116,7 @@ def plugins(
     if as_json:
         print_json(json.dumps([info.as_dict() for info in infos]))
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title="CMBCluster plugins")
@@ -126,7 +127,7 @@ def plugins(
         table.add_column("hooks", no_wrap=True, min_width=longest)
         table.add_column("status", overflow="fold")
         for info in infos:
-            status = "[green]loaded[/green]" if info.loaded else f"[red]{info.error}[/red]"
+            status = "[green]loaded[/green]" if info.loaded else f"[red]{escape(str(info.error))}[/red]"
             table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-", status)
         out(table)
     if conflict is not None:
@@ -151,21 +152,23 @@ def config_check(
     answering with something else than its interface, a settings model it does not declare, a missing
     dependency) is an error wherever this runs, naming the plugin and the registration.
     """
+    from rich.markup import escape
+
     from cmbcluster.context import ProviderBuildError, bucket_name_problems, build_providers
     from cmbcluster.errors import ConfigurationError
 
     config = resolve_config()
-    for warning in config.warnings:
-        err(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    for said in config.warnings:
+        warning(said)
     try:
         providers = build_providers(config)  # the same factories, and their checks, that serve runs
     except ProviderBuildError as exc:
         if connect or exc.faults:
             for problem in exc.unmet if not connect else ():
-                err(f"[yellow]warning:[/yellow] serve would refuse on this machine: {problem}", soft_wrap=True)
+                warning(f"serve would refuse on this machine: {problem}")
             raise ConfigurationError(exc.faults if not connect else exc.problems) from None
         for problem in exc.unmet:
-            err(f"[yellow]warning:[/yellow] serve would refuse on this machine: {problem}", soft_wrap=True)
+            warning(f"serve would refuse on this machine: {problem}")
         providers = None
     unreachable = []
     try:
@@ -177,7 +180,7 @@ def config_check(
                 provider.check_ready()
             except Exception as exc:  # noqa: BLE001 - any failure means it did not answer; reported, one line each
                 unreachable.append(f"{concern} {name}")
-                err(f"[red]{concern} {name}: did not answer[/red]: {exc}", soft_wrap=True)
+                err(f"[red]{concern} {name}: did not answer[/red]: {escape(str(exc))}", soft_wrap=True)
             else:
                 out(f"[green]{concern} {name}: answered[/green]", soft_wrap=True)
     finally:

@@ -61,6 +61,14 @@ def error(message: object) -> None:
     err(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True)
 
 
+def warning(message: object) -> None:
+    """Print one warning to standard error, ``warning: <message>``, the message plain text as
+    :func:`error`'s (``pip install 'cmbcluster-core[kubernetes]'`` lost its extra as markup)."""
+    from rich.text import Text
+
+    err(Text.assemble(("warning:", "yellow"), " ", str(message)), soft_wrap=True)
+
+
 def print_json(text: str) -> None:
     """Print a JSON document, highlighted when standard output is a terminal."""
     _console().print_json(text)

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from cmbcluster import __version__
-from cmbcluster.commands.common import err, out, resolve_config
+from cmbcluster.commands.common import out, resolve_config, warning
 from cmbcluster.errors import ConfigurationError, InvalidRequest, ProviderUnavailable
 from cmbcluster.images import IMAGE_NAMES, IMAGES, ImageSpec, image_ref
 from cmbcluster.interfaces import InfraProvider
@@ -109,7 +109,7 @@ def build(
         if not dockerfile.is_file():
             if not dry_run:
                 raise ConfigurationError([f"{dockerfile} not found: run from the repository root or pass --source"])
-            err(f"[yellow]warning:[/yellow] {dockerfile} does not exist (yet)", highlight=False, soft_wrap=True)
+            warning(f"{dockerfile} does not exist (yet)")
         _run(build_argv(spec, image_ref(registry, spec.name, tag), source, platform), dry_run=dry_run)
 
 

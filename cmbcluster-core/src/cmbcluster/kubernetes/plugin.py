@@ -116,7 +116,13 @@ Decorator = Callable[[PodDraft, PodContext], None]
 def build_backend(ctx: ProviderContext, decorate: Decorator | None = None) -> ComputeBackend:
     """The backend for ``ctx``. ``decorate`` runs the pod-decoration hook on every pod draft:
     by default ``ctx.decorate_pod``, every plugin's ``cmbcluster_decorate_pod``."""
-    from kubernetes.config import ConfigException
+    try:
+        from kubernetes.config import ConfigException
+    except ImportError:  # what this machine lacks: say what to install
+        raise ConfigurationError(
+            ["compute backend 'kubernetes' needs the kubernetes client, not installed here: "
+             "pip install 'cmbcluster-core[kubernetes]' (the cloud plugins bring it)"]
+        ) from None  # fmt: skip
 
     from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions, LeaderElection
     from cmbcluster.kubernetes.client import Retries, api_client_from_config
