@@ -100,14 +100,44 @@ def test_session_cookie_is_httponly_samesite_and_works(client: TestClient) -> No
     assert client.get("/api/v1/auth/me").json()["email"] == "c@example.org"  # the cookie signs in
 
 
-def test_session_cookie_domain_reaches_environment_subdomains(settings: CoreSettings) -> None:
-    """With host routing, environments on sub-domains check access with the same session cookie."""
-    core = settings.model_copy(update={"cookie_domain": "example.org", "public_url": "http://cmb.example.org"})
-    with TestClient(create_app(core), base_url="http://cmb.example.org") as client:
-        token = dev_sign_in(client, "d@example.org")["Authorization"].removeprefix("Bearer ")
-        client.cookies.set("cmbcluster_session", token)
-        logout = client.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {token}"})
-        assert "Domain=example.org" in logout.headers["set-cookie"]
+def test_over_https_the_session_cookie_is_host_only_and_one_another_host_planted_is_no_session(
+    settings: CoreSettings,
+) -> None:
+    """Over https the session cookie is ``__Host-cmbcluster_session``: Secure, no Domain (an old
+    CMBCLUSTER_COOKIE_DOMAIN is ignored), which only this host can set. A page on another host of
+    the domain (an environment's own host, any other site there) can set ``cmbcluster_session`` for
+    the parent domain, which the browser then sends here: it is never read as a session, so nobody
+    can sign another's browser in as themselves."""
+    from http.cookies import SimpleCookie
+    from urllib.parse import parse_qs, urlsplit
+
+    core = settings.model_copy(update={"cookie_domain": "example.org", "public_url": "https://cmb.example.org"})
+    with TestClient(create_app(core), base_url="https://cmb.example.org") as client:
+        ada = dev_sign_in(client, "ada@example.org")
+        eve = dev_sign_in(client, "eve@example.org")["Authorization"].removeprefix("Bearer ")
+        login = client.get("/api/v1/auth/local/login", follow_redirects=False)
+        fields = {k: v[0] for k, v in parse_qs(urlsplit(login.headers["location"]).query).items()}
+        submitted = client.post(
+            "/api/v1/auth/local/form",
+            data={k: fields[k] for k in ("redirect_uri", "state", "nonce", "code_challenge")} | {"email": "a@b.org"},
+            follow_redirects=False,
+        )
+        callback = urlsplit(submitted.headers["location"])
+        set_cookies = client.get(f"{callback.path}?{callback.query}", follow_redirects=False).headers.get_list(
+            "set-cookie"
+        )
+        (session,) = [SimpleCookie(h)["__Host-cmbcluster_session"] for h in set_cookies if h.startswith("__Host-")]
+        assert session["secure"] and session["httponly"] and session["path"] == "/" and not session["domain"]
+        assert not [h for h in set_cookies if h.startswith("cmbcluster_session=")]
+        client.cookies.clear()
+        planted = client.get("/api/v1/auth/me", headers={"Cookie": f"cmbcluster_session={eve}"})
+        assert planted.status_code == 401
+        both = client.get("/api/v1/auth/me", headers={"Cookie": f"cmbcluster_session={eve}; __Host-cmbcluster_session="
+                                                                f"{session.value}"})  # fmt: skip
+        assert both.json()["email"] == "a@b.org"
+        logout = client.post("/api/v1/auth/logout", headers=ada)
+        assert logout.headers["set-cookie"].startswith("__Host-cmbcluster_session=")
+        assert "Domain" not in logout.headers["set-cookie"]
 
 
 def test_next_path_is_kept_but_never_an_open_redirect(client: TestClient) -> None:

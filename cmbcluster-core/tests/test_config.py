@@ -141,21 +141,30 @@ def _kubeconfig(env: dict[str, str], tmp_path: Path) -> None:
     env["KUBECONFIG"] = str(tmp_path / "kubeconfig")
 
 
-def test_host_routing_derives_the_cookie_domain_environments_need(env: dict[str, str], tmp_path: Path) -> None:
-    ok = cmbcluster("config", "check", env={**env, **HOST_ROUTING, "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org"},
+def test_host_routing_needs_no_shared_domain_and_an_old_cookie_domain_is_reported(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Environments on hosts of their own sign in through the control plane's enter path: the
+    session cookie no longer spans both hosts, so they need no common parent domain."""
+    ok = cmbcluster("config", "check", env={**env, **HOST_ROUTING, "CMBCLUSTER_PUBLIC_URL": "https://cmb.other.net"},
                     cwd=tmp_path)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert "CMBCLUSTER_COOKIE_DOMAIN is not set: using example.org" in ok.stderr
+    assert "COOKIE_DOMAIN" not in ok.stderr and "host routing" not in ok.stderr
+    old = cmbcluster("config", "check", env={**env, **HOST_ROUTING, "CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org",
+                                             "CMBCLUSTER_COOKIE_DOMAIN": "example.org"}, cwd=tmp_path)  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert "CMBCLUSTER_COOKIE_DOMAIN=example.org is no longer used" in old.stderr
+    plain = cmbcluster("config", "check", env={**env, **HOST_ROUTING, "CMBCLUSTER_PUBLIC_URL": "http://cmb.example.org"},
+                       cwd=tmp_path)  # fmt: skip
+    assert plain.returncode == 0 and "host routing with an http CMBCLUSTER_PUBLIC_URL" in plain.stderr
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ({}, "needs CMBCLUSTER_PUBLIC_URL"),
-        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.other.net"}, "share no parent domain"),
-        ({"CMBCLUSTER_PUBLIC_URL": "https://10.0.0.5"}, "not IP addresses"),
-        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org", "CMBCLUSTER_COOKIE_DOMAIN": "cmb.example.org"},
-         "must be a parent of both"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://10.0.0.5", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "10.0.0.6"},
+         "not an IP address (10.0.0.6)"),
         ({"CMBCLUSTER_PUBLIC_URL": "cmb.example.org"}, "CMBCLUSTER_PUBLIC_URL must be an absolute http(s) URL"),
     ],
 )  # fmt: skip
@@ -363,22 +372,19 @@ def test_two_plugins_registering_one_name_are_a_configuration_error(tmp_path: Pa
     ]
 
 
-def test_the_cookie_domain_host_routing_needs_is_kept_or_derived(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_an_old_cookie_domain_changes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CMBCLUSTER_ENVIRONMENTS_DOMAIN", "envs.example.org")
     core = CoreSettings(
         data_dir=tmp_path / "data", compute_backend="kubernetes", public_url="https://cmb.example.org",
         cookie_domain=".Example.org", secret_key=SecretStr("k" * 40),
     )  # fmt: skip
     config = resolve(core, PluginManager(entry_points_enabled=False))
-    assert config.core.cookie_domain == ".Example.org"  # the operator's, as set
-    assert not [w for w in config.warnings if "COOKIE_DOMAIN" in w]
-    derived = resolve(core.model_copy(update={"cookie_domain": None}), PluginManager(entry_points_enabled=False))
-    assert derived.core.cookie_domain == "example.org"  # the parent of both hosts, never a bare TLD
-    assert "CMBCLUSTER_COOKIE_DOMAIN is not set: using example.org, the parent of cmb.example.org and " in (
-        " ".join(derived.warnings)
-    )
+    assert [w for w in config.warnings if "COOKIE_DOMAIN" in w] == [
+        "CMBCLUSTER_COOKIE_DOMAIN=.Example.org is no longer used: the session cookie stays on the control plane's "
+        "host, and an environment on a host of its own gets a cookie of that host; remove it"
+    ]
+    unset = resolve(core.model_copy(update={"cookie_domain": None}), PluginManager(entry_points_enabled=False))
+    assert unset.core.cookie_domain is None and not [w for w in unset.warnings if "COOKIE_DOMAIN" in w]
 
 
 def test_proxy_routing_with_an_environments_domain_is_refused_before_anything_starts(

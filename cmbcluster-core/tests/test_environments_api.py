@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -319,6 +320,72 @@ def test_the_ingress_check_gives_the_environment_the_request_without_the_control
     by_token = client.get(url, headers=alice)
     assert by_token.status_code == 204 and by_token.headers["authorization"] == ""
     assert session not in str(by_token.headers)
+
+
+def test_enter_sends_the_owner_to_an_environment_on_this_host_and_others_to_sign_in_or_404(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where an ingress sends a browser without access (``auth-signin``). An environment served on
+    the control plane's own host needs no ticket: the session cookie reaches it."""
+    from cmbcluster.api.routes import environments as routes
+
+    env = create_env(client, alice)
+    running = wait_status(client, alice, env["id"], "running")
+    enter = f"/api/v1/environments/{env['id']}/enter"
+    page = f"{LOCAL}{running['url']}files/?x=1&y=2"
+    cookie = {"Cookie": f"cmbcluster_session={alice['Authorization'].removeprefix('Bearer ')}"}
+    owner = client.get(enter, params={"next": page}, headers=cookie, follow_redirects=False)
+    assert owner.status_code == 303 and owner.headers["location"] == page  # the page asked for, as it was
+    elsewhere = client.get(enter, params={"next": "https://evil.example/"}, headers=cookie, follow_redirects=False)
+    assert elsewhere.headers["location"] == f"{LOCAL}{running['url']}"  # never a redirect off the environment
+    monkeypatch.setattr(routes, "ui_available", lambda: True)
+    assert client.get(enter, params={"next": page}, follow_redirects=False).status_code == 401  # a script
+    anonymous = client.get(enter, params={"next": page}, headers={"Accept": "text/html"}, follow_redirects=False)
+    assert anonymous.status_code == 303  # a browser: to sign in
+    back = f"{enter}?next={quote(page, safe='')}"  # the sign-in page comes back here
+    assert anonymous.headers["location"] == f"/signin/?next={quote(back, safe='')}"
+    bobs = {"Cookie": f"cmbcluster_session={bob['Authorization'].removeprefix('Bearer ')}"}
+    assert client.get(enter, headers=bobs, follow_redirects=False).status_code == 404
+    assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
+    stopped = client.get(enter, headers=cookie, follow_redirects=False)
+    assert stopped.status_code == 303 and stopped.headers["location"] == "/"  # the web UI offers a start
+    monkeypatch.setattr(routes, "ui_available", lambda: False)
+    no_ui = client.get(enter, headers=cookie, follow_redirects=False)
+    assert no_ui.status_code == 409 and "not running" in no_ui.json()["message"]
+
+
+def test_an_environments_ticket_is_for_that_environment_once_and_for_a_minute(
+    client: TestClient, alice: dict[str, str]
+) -> None:
+    from cmbcluster.errors import AuthenticationFailed
+    from cmbcluster.services import environment_entry as entry
+
+    context = client.app.state.context  # type: ignore[attr-defined]
+    tickets = context.sealer(entry.TICKET_PURPOSE)
+    now = utcnow()
+    with context.sessions() as db:
+        ticket = entry.issue_ticket(tickets, "e1", "cmbs_token", now=now)
+        for forged in (
+            "",
+            "x",
+            ticket[:-2],
+            entry.issue_ticket(context.sealer(entry.COOKIE_PURPOSE), "e1", "t", now=now),
+        ):
+            with pytest.raises(AuthenticationFailed, match="not valid"):
+                entry.redeem_ticket(db, tickets, "e1", forged, now=now)
+        with pytest.raises(AuthenticationFailed, match="not valid"):
+            entry.redeem_ticket(db, tickets, "e2", ticket, now=now)  # for another environment
+        with pytest.raises(AuthenticationFailed, match="expired"):
+            entry.redeem_ticket(db, tickets, "e1", ticket, now=now + dt.timedelta(seconds=61))
+        assert entry.redeem_ticket(db, tickets, "e1", ticket, now=now) == "cmbs_token"
+        with pytest.raises(AuthenticationFailed, match="used already"):
+            entry.redeem_ticket(db, tickets, "e1", ticket, now=now)
+    cookies = context.sealer(entry.COOKIE_PURPOSE)
+    value = entry.environment_cookie(cookies, "e1", "cmbs_token")
+    assert entry.session_of_cookie(cookies, "e1", value) == "cmbs_token"
+    assert entry.session_of_cookie(cookies, "e2", value) is None
+    assert entry.session_of_cookie(tickets, "e1", value) is None  # a cookie is no ticket, nor the reverse
+    assert entry.session_of_cookie(cookies, "e1", ticket) is None
 
 
 def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> None:

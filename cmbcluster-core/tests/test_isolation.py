@@ -50,6 +50,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/api/v1/environments/{environment_id}/activity"): (OWNED, None),
     ("GET", "/api/v1/environments/{environment_id}/logs"): (OWNED, None),
     ("GET", "/api/v1/environments/{environment_id}/events"): (OWNED, None),
+    ("GET", "/api/v1/environments/{environment_id}/enter"): (OWNED, None),
     ("PATCH", "/api/v1/environments/{environment_id}"): (OWNED, {"preset": "light"}),
     ("POST", "/api/v1/environments/{environment_id}/extend"): (OWNED, None),
     ("GET", "/api/v1/environments/resources"): (SELF, None),

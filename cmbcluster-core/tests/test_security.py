@@ -219,7 +219,7 @@ def test_behind_a_tls_proxy_the_public_url_scheme_is_ours(settings: CoreSettings
     with TestClient(app, base_url="https://cmb.example.org") as browser:
         token = dev_sign_in(browser, "alice@example.org")["Authorization"].removeprefix("Bearer ")
     with TestClient(app, base_url="http://cmb.example.org") as client:
-        client.cookies.set("cmbcluster_session", token)
+        client.cookies.set("__Host-cmbcluster_session", token)  # the browser's, from https
         ok = client.post("/api/v1/storages", json={"display_name": "x"}, headers={"Origin": "https://cmb.example.org"})
         assert ok.status_code == 201
         plain = client.post(
@@ -235,16 +235,18 @@ def test_behind_a_tls_proxy_the_public_url_scheme_is_ours(settings: CoreSettings
         ("/storage", "/storage"),
         ("//evil.example/x", "/"),
         ("https://evil.example/", "/"),
-        ("https://env-1.envs.example.org/lab", "https://env-1.envs.example.org/lab"),
+        # an environment on a host of its own comes back through its enter path (a relative one)
+        ("https://env-1.envs.example.org/lab", "/"),
+        ("/api/v1/environments/1/enter?next=https%3A%2F%2Fenv-1.envs.example.org%2Flab",
+         "/api/v1/environments/1/enter?next=https%3A%2F%2Fenv-1.envs.example.org%2Flab"),
         ("https://cmb.example.org/environments/1/", "https://cmb.example.org/environments/1/"),
         ("javascript:alert(1)", "/"),
-        ("https://envs.example.org.evil.example/", "/"),
+        ("https://cmb.example.org.evil.example/", "/"),
     ],
-)
-def test_next_may_be_an_environment_url_under_the_cookie_domain(
-    settings: CoreSettings, next_path: str, expected: str
-) -> None:
-    core = settings.model_copy(update={"public_url": "https://cmb.example.org", "cookie_domain": "envs.example.org"})
+)  # fmt: skip
+def test_next_is_a_path_or_the_public_host_never_another(settings: CoreSettings, next_path: str, expected: str) -> None:
+    # an old CMBCLUSTER_COOKIE_DOMAIN let any host under it be a next address
+    core = settings.model_copy(update={"public_url": "https://cmb.example.org", "cookie_domain": "example.org"})
     with TestClient(create_app(core), base_url="https://cmb.example.org") as client:
         login = client.get("/api/v1/auth/local/login", params={"next": next_path}, follow_redirects=False)
         fields = {k: v[0] for k, v in parse_qs(urlsplit(login.headers["location"]).query).items()}
@@ -258,14 +260,19 @@ def test_next_may_be_an_environment_url_under_the_cookie_domain(
         assert done.headers["location"] == expected
 
 
-def test_the_ingress_sends_strangers_to_the_web_uis_sign_in_page() -> None:
+def test_the_ingress_sends_a_browser_without_access_to_the_control_planes_enter() -> None:
+    """ingress-nginx adds ``next=<the address asked for>``, escaped (the address's own ``&`` and
+    ``#`` cut it short when the annotation wrote ``?next=$request_uri`` itself)."""
     from cmbcluster.kubernetes.routing import Exposure
 
     exposure = Exposure(
         routing="ingress", public_url="https://cmb.example.org", auth_url="http://cp/api/v1/environments/authorize"
     )
     annotations = exposure.ingress("env-1", "1", {})["metadata"]["annotations"]
-    assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/signin/?next=")
+    assert (
+        annotations["nginx.ingress.kubernetes.io/auth-signin"] == "https://cmb.example.org/api/v1/environments/1/enter"
+    )
+    assert annotations["nginx.ingress.kubernetes.io/auth-signin-redirect-param"] == "next"
 
 
 # -- links planted in a bucket, through the API -------------------------------------------------------

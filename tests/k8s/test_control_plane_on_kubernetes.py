@@ -190,6 +190,91 @@ def test_lifecycle_through_the_api_with_exactly_the_role(
         assert_no_permission_errors(server)
 
 
+# -- an environment on a host of its own -----------------------------------------------------------------
+def test_an_environment_on_its_own_host_signs_its_owner_in_with_a_ticket_never_the_session_cookie(
+    k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    """Host routing over https, driven as ingress-nginx drives it with the Ingress's own annotations
+    (the test cluster runs no controller): the control plane's session cookie is host-only and
+    ``__Host-``, so no environment's page can plant one; a browser reaches its environment's host
+    through ``enter`` and a ticket, spent once, which the access check turns into a cookie of that
+    host alone, bound to that environment and ended by sign-out."""
+    from http.cookies import SimpleCookie
+    from urllib.parse import parse_qs, urlsplit
+
+    namespace = k8s_cluster.control_plane_namespace()
+    public = f"https://{PUBLIC_HOST}"
+    settings = serve_env(k8s_cluster, namespace, tmp_path / "data", CMBCLUSTER_PUBLIC_URL=public)
+    with ServeProcess(settings, tmp_path) as server:
+        server.wait_ready()
+        user, stranger = Api(server.url, "ada@example.org"), Api(server.url, "eve@example.org")
+        session = user.client.headers["authorization"].removeprefix("Bearer ")
+        browser = {"Cookie": f"__Host-cmbcluster_session={session}"}  # what a browser sends the control plane
+        try:
+            created = user.create(name="own host")  # JupyterLab (the test kubelet runs nothing of it)
+            assert created.status_code == 201, created.text
+            environment_id = created.json()["id"]
+            assert user.settled(environment_id)["status"] == "running"
+            ingress = k8s.NetworkingV1Api(admin_api).read_namespaced_ingress(f"env-{environment_id}", namespace)
+            annotations = ingress.metadata.annotations
+            check_path = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
+            assert annotations["nginx.ingress.kubernetes.io/auth-method"] == "GET"
+            assert annotations["nginx.ingress.kubernetes.io/auth-always-set-cookie"] == "true"
+            enter = annotations["nginx.ingress.kubernetes.io/auth-signin"]
+            assert enter == f"{public}/api/v1/environments/{environment_id}/enter"
+            redirect_param = annotations["nginx.ingress.kubernetes.io/auth-signin-redirect-param"]
+            page = f"https://env-{environment_id}.envs.example.org/lab/tree?reset=1"
+
+            def check(address: str, cookie: str = "", environment: str = environment_id) -> httpx.Response:
+                """ingress-nginx's auth request: the check's URL, the page in X-Original-URL, and the
+                cookies the browser sends the environment's host (never the control plane's)."""
+                query = check_path.query.replace(environment_id, environment)
+                headers = {"X-Original-URL": address, "X-Original-Method": "POST"}
+                return user.client.get(f"{check_path.path}?{query}", headers={"Authorization": "", **headers,
+                                                                              "Cookie": cookie})  # fmt: skip
+
+            assert check(page).status_code == 401  # the session cookie never reaches the environment's host
+            entered = user.client.get(urlsplit(enter).path, params={redirect_param: page},
+                                      headers={"Authorization": "", **browser}, follow_redirects=False)  # fmt: skip
+            assert entered.status_code == 303, entered.text
+            landing = urlsplit(entered.headers["location"])
+            assert (landing.scheme, landing.netloc, landing.path) == ("https", urlsplit(page).netloc, "/lab/tree")
+            query = parse_qs(landing.query)
+            assert query["reset"] == ["1"] and len(query["cmbcluster_ticket"]) == 1
+            assert session not in entered.headers["location"]
+
+            redeemed = check(entered.headers["location"])
+            assert redeemed.status_code == 204, redeemed.text
+            set_cookie = redeemed.headers["set-cookie"]
+            morsel = SimpleCookie(set_cookie)["__Host-cmbcluster_environment"]
+            assert morsel["secure"] and morsel["httponly"] and morsel["path"] == "/" and not morsel["domain"]
+            assert session not in set_cookie
+            own_cookie = f"__Host-cmbcluster_environment={morsel.value}"
+            passed_on = check(page, f"theme=dark; {own_cookie}")
+            assert passed_on.status_code == 204 and "set-cookie" not in passed_on.headers
+            assert passed_on.headers["cookie"] == "theme=dark"  # the application never sees it
+            assert passed_on.headers["authorization"].startswith("token ")  # the application's own token
+
+            assert check(entered.headers["location"]).status_code == 401  # a ticket is spent once
+            assert check(page, own_cookie, environment="0" * 32).status_code == 401  # bound to its environment
+            strangers_session = stranger.client.headers["authorization"].removeprefix("Bearer ")
+            strangers = stranger.client.get(urlsplit(enter).path, params={redirect_param: page}, headers={
+                "Authorization": "", "Cookie": f"__Host-cmbcluster_session={strangers_session}",
+            }, follow_redirects=False)  # fmt: skip
+            assert strangers.status_code == 404
+
+            # a page on another host of the domain plants the stranger's session under the plain name
+            planted = {"Authorization": "", "Cookie": f"cmbcluster_session={strangers_session}"}
+            assert user.client.get("/api/v1/auth/me", headers=planted).status_code == 401
+            signed_out = user.client.post("/api/v1/auth/logout")
+            assert signed_out.status_code == 204
+            assert "__Host-cmbcluster_session=" in signed_out.headers["set-cookie"]
+            assert check(page, own_cookie).status_code == 401  # sign-out ends the environment's cookie too
+        finally:
+            user.close()
+            stranger.close()
+
+
 # -- faults --------------------------------------------------------------------------------------------
 def test_control_plane_killed_and_restarted_adopts_and_cleans_up(
     k8s_cluster: K8sCluster, admin_api: k8s.ApiClient, tmp_path: Path

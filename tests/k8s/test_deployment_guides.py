@@ -756,9 +756,9 @@ def google_sign_in(deployment: GcpDeployment) -> Callable[[httpx.Client], str]:
         cookies = "; ".join(f"{k}={m.value}" for k, m in login.items())  # a Secure cookie, sent back over https
         done = anonymous.get(f"{callback.path}?{callback.query}", headers={"Cookie": cookies}, follow_redirects=False)
         assert done.status_code == 303, done.text
-        session = [SimpleCookie(h) for h in done.headers.get_list("set-cookie") if h.startswith("cmbcluster_session=")]
-        (morsel,) = [c["cmbcluster_session"] for c in session]
-        assert morsel["domain"].lstrip(".") == "example.org"  # reaches *.envs.example.org: no sign-in loop
+        name = "__Host-cmbcluster_session"  # the public URL is https: this host's alone, Secure
+        (morsel,) = [SimpleCookie(h)[name] for h in done.headers.get_list("set-cookie") if h.startswith(f"{name}=")]
+        assert morsel["secure"] and not morsel["domain"]  # environments' hosts sign in through enter
         return str(morsel.value)
 
     return sign_in

@@ -339,7 +339,10 @@ def test_ingress_routes_the_owner_only(started: tuple[str, Any], admin: k8s.Core
     assert annotations["nginx.ingress.kubernetes.io/auth-url"] == (
         f"http://cmbcluster.control.svc.cluster.local/api/v1/environments/authorize?environment_id={environment_id}"
     )
-    assert annotations["nginx.ingress.kubernetes.io/auth-signin"].startswith("https://cmb.example.org/signin/?next=")
+    # a browser without access signs in to the environment's own host through the control plane
+    assert annotations["nginx.ingress.kubernetes.io/auth-signin"] == (
+        f"https://cmb.example.org/api/v1/environments/{environment_id}/enter"
+    )
     # what reaches the pod in place of the request's Cookie and Authorization: the check's answer
     assert annotations["nginx.ingress.kubernetes.io/auth-response-headers"] == "Cookie,Authorization"
 
@@ -563,6 +566,46 @@ def test_after_a_switch_to_proxy_routing_a_running_environment_loses_its_ingress
         after.close()
 
 
+def test_an_upgrade_brings_a_running_environments_ingress_to_its_annotations(
+    k8s_cluster: K8sCluster, admin: k8s.CoreV1Api
+) -> None:
+    """An earlier version's Ingress sent a browser on an environment's own host to the sign-in page,
+    which no longer leads back there: the environment was out of its owner's reach until a restart.
+    The first listing of the upgraded control plane (with the Role's patch, nothing more) gives each
+    such Ingress this version's annotations, and leaves others' annotations alone."""
+    namespace = k8s_cluster.control_plane_namespace()
+    exposure = Exposure(routing="ingress", public_url="https://cmb.example.org", environments_domain="envs.example.org")
+    options = KubernetesOptions(namespace=namespace, exposure=exposure, retries=Retries(backoff_seconds=0.05))
+    earlier = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), options)
+    environment_id = new_id()
+    name = object_name(environment_id)
+    net = k8s.NetworkingV1Api(admin.api_client)
+    upgraded = None
+    try:
+        earlier.start(make_spec(environment_id, volumes=(), secret_files={}, env={}))
+        running(earlier, environment_id)
+        earlier.close()
+        net.patch_namespaced_ingress(name, namespace, {"metadata": {"annotations": {
+            "nginx.ingress.kubernetes.io/auth-signin": "https://cmb.example.org/signin/?next=$scheme://$host$request_uri",
+            "nginx.ingress.kubernetes.io/auth-signin-redirect-param": None,
+            "nginx.ingress.kubernetes.io/auth-method": None,
+            "nginx.ingress.kubernetes.io/auth-always-set-cookie": None,
+            "example.org/operators-own": "kept",
+        }}})  # fmt: skip
+        upgraded = KubernetesCompute(k8s_cluster.api_client(token=k8s_cluster.cp_token), options)
+        assert [s.environment_id for s in upgraded.list_managed() if s.environment_id == environment_id]
+        annotations = net.read_namespaced_ingress(name, namespace).metadata.annotations
+        wanted = exposure.ingress(name, environment_id, {})["metadata"]["annotations"]
+        assert {key: annotations.get(key) for key in wanted} == wanted
+        assert annotations["nginx.ingress.kubernetes.io/auth-signin"].endswith(f"/environments/{environment_id}/enter")
+        assert annotations["example.org/operators-own"] == "kept"
+    finally:
+        (upgraded or earlier).delete(environment_id)
+        earlier.close()
+        if upgraded is not None:
+            upgraded.close()
+
+
 def test_a_start_never_adopts_the_pod_a_stop_is_still_removing(
     backend: KubernetesCompute, admin: k8s.CoreV1Api
 ) -> None:
@@ -777,8 +820,9 @@ def test_rbac_is_minimal() -> None:
         assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
         if "update" in rule["verbs"]:  # only the compare-and-swap of the leader Lease
             assert rule["resources"] == ["leases"]
-        if "patch" in rule["verbs"]:  # a user's identity annotations, nothing else
-            assert rule["resources"] == ["serviceaccounts"]
+        if "patch" in rule["verbs"]:  # a user's identity annotations; an upgrade's on Ingresses, which the
+            # Role may create and delete anyway (patch gives it nothing more); nothing else
+            assert rule["resources"] in (["serviceaccounts"], ["ingresses"])
         assert "roles" not in rule["resources"] and "rolebindings" not in rule["resources"]
     assert rbac.CLUSTER_RULES == [
         {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get", "list", "create", "delete"]}

@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, ValidationError
 from pydantic_settings import BaseSettings
@@ -109,9 +108,9 @@ def resolve(
             "configure a real identity provider, or set CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE=1 if you really mean it"
         )
     problems.extend(sqlite_location_problems(core.effective_database_url))
-    core, cookie_problems, cookie_warnings = _cookie_domain(core, provider_settings.values())
-    problems.extend(cookie_problems)
-    warnings.extend(cookie_warnings)
+    routing_problems, routing_warnings = _host_routing(core, provider_settings.values())
+    problems.extend(routing_problems)
+    warnings.extend(routing_warnings)
     warnings.extend(_unknown_variables(core, pm))
     # Only when nothing chose a provider: a deployment that names a plugin for one concern
     # (CMBCLUSTER_STORAGE_BACKEND=azure) is not serving the embedded default by mistake.
@@ -190,65 +189,37 @@ def _unset_requirements(
     ]
 
 
-def _cookie_domain(
-    core: CoreSettings, provider_settings: Iterable[BaseSettings]
-) -> tuple[CoreSettings, list[str], list[str]]:
-    """With host routing (environments on ``<name>.<environments domain>``), the session cookie
-    must reach those hosts for their access check: the cookie domain is a parent of both the
-    public host and the environments domain. Derived when unset; refused when it cannot work
-    (else every visit to an environment ends in a sign-in loop)."""
+def _host_routing(core: CoreSettings, provider_settings: Iterable[BaseSettings]) -> tuple[list[str], list[str]]:
+    """Problems and warnings of host routing (environments on ``<name>.<environments domain>``):
+    the ingress sends a browser not yet signed in to an environment to the control plane's public
+    URL (``enter``), and a wildcard DNS record and certificate need a name."""
+    warnings = []
+    if core.cookie_domain:
+        warnings.append(
+            f"CMBCLUSTER_COOKIE_DOMAIN={core.cookie_domain} is no longer used: the session cookie stays on the "
+            "control plane's host, and an environment on a host of its own gets a cookie of that host; remove it"
+        )
     domain = next(
         (d for d in (getattr(s, "environments_domain", None) for s in provider_settings) if isinstance(d, str) and d),
         None,
     )
     if domain is None:
-        return core, [], []
+        return [], warnings
     domain = domain.strip(".").lower()
-    public_host = (urlsplit(core.public_url).hostname or "").lower() if core.public_url else ""
-    if not public_host:
-        return (
-            core,
-            ["host routing (CMBCLUSTER_ENVIRONMENTS_DOMAIN) needs CMBCLUSTER_PUBLIC_URL, the URL users reach"],
-            [],
+    if not core.public_url:
+        needs = "host routing (CMBCLUSTER_ENVIRONMENTS_DOMAIN) needs CMBCLUSTER_PUBLIC_URL, the URL users reach"
+        return [needs], warnings
+    if _is_ip(domain):
+        return [
+            f"host routing needs a DNS name, not an IP address ({domain}): environments are served at "
+            f"env-<id>.{domain} (a wildcard record); or unset CMBCLUSTER_ENVIRONMENTS_DOMAIN for path routing"
+        ], warnings
+    if not core.public_url.startswith("https://"):
+        warnings.append(
+            f"host routing with an http CMBCLUSTER_PUBLIC_URL ({core.public_url}): without https the session cookie "
+            "cannot be a __Host- cookie, and a page on another host of the domain can plant one; use https"
         )
-    if _is_ip(public_host) or _is_ip(domain):
-        return (
-            core,
-            [
-                f"host routing needs DNS names, not IP addresses ({public_host}, *.{domain}): a wildcard record and a "
-                "shared session cookie need names; or unset CMBCLUSTER_ENVIRONMENTS_DOMAIN for path routing"
-            ],
-            [],
-        )
-    if core.cookie_domain:
-        cookie = core.cookie_domain.strip(".").lower()
-        if not (_within(public_host, cookie) and _within(domain, cookie)):
-            return (
-                core,
-                [
-                    f"CMBCLUSTER_COOKIE_DOMAIN={core.cookie_domain} must be a parent of both {public_host} and "
-                    f"{domain} (environments check access with the session cookie)"
-                ],
-                [],
-            )
-        return core, [], []
-    shared = _common_parent(public_host, domain)
-    if shared is None:
-        return (
-            core,
-            [
-                f"{public_host} and {domain} share no parent domain: the session cookie cannot reach the environments; "
-                "put the environments domain under the control plane's domain (e.g. envs.example.org beside "
-                "cmb.example.org) or unset CMBCLUSTER_ENVIRONMENTS_DOMAIN for path routing"
-            ],
-            [],
-        )
-    derived = core.model_copy(update={"cookie_domain": shared})
-    return (
-        derived,
-        [],
-        [f"CMBCLUSTER_COOKIE_DOMAIN is not set: using {shared}, the parent of {public_host} and {domain}"],
-    )
+    return [], warnings
 
 
 def _is_ip(host: str) -> bool:
@@ -257,20 +228,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _within(host: str, parent: str) -> bool:
-    return host == parent or host.endswith("." + parent)
-
-
-def _common_parent(a: str, b: str) -> str | None:
-    """The longest domain both are within, of two labels at least (never a bare top-level domain)."""
-    left, right = a.split("."), b.split(".")
-    shared: list[str] = []
-    while left and right and left[-1] == right[-1]:
-        shared.insert(0, left.pop())
-        right.pop()
-    return ".".join(shared) if len(shared) >= 2 else None
 
 
 def _unknown_variables(core: CoreSettings, pm: PluginManager) -> list[str]:

@@ -149,8 +149,8 @@ class CoreSettings(BaseSettings):
     cookie_domain: str | None = Field(
         default=None,
         validation_alias=_aliases("CMBCLUSTER_COOKIE_DOMAIN"),
-        description="Domain of the session cookie, so that environments served on sub-domains (host routing) "
-        "receive it for their access check; default: the control plane's host only.",
+        description="No longer used (config check warns): the session cookie stays on the control plane's host, "
+        "and an environment on a host of its own (host routing) gets a cookie of that host.",
     )
     secret_key: SecretStr | None = Field(
         default=None,

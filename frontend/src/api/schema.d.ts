@@ -475,14 +475,19 @@ export interface paths {
         };
         /**
          * For an ingress auth-url: may the caller reach this environment?
-         * @description 204 for the owner of a running environment (and counts as activity); 404 otherwise.
+         * @description 204 for the owner of a running environment (and counts as activity); 404 otherwise; 401 for
+         *     no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``).
+         *
+         *     The caller: a bearer token or the session cookie; on an environment's own host (host routing)
+         *     the environment's cookie, or the ticket ``enter`` put in the address the ingress checks
+         *     (``X-Original-URL``), which answers that cookie (``Set-Cookie``, passed on by ingress-nginx).
          *
          *     The answer carries what the ingress passes on to the environment in place of the request's own
          *     ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
-         *     the control plane's session and sign-in cookies and its bearer tokens, which the application
-         *     (and any code in it) must never see, as the control plane's own proxy never shows them. An
-         *     application with a token of its start's own gets it as ``Authorization`` instead, as from the
-         *     control plane's proxy.
+         *     the control plane's session, sign-in and environment cookies and its bearer tokens, which the
+         *     application (and any code in it) must never see, as the control plane's own proxy never shows
+         *     them. An application with a token of its start's own gets it as ``Authorization`` instead, as
+         *     from the control plane's proxy.
          */
         get: operations["authorize_api_v1_environments_authorize_get"];
         put?: never;
@@ -540,6 +545,29 @@ export interface paths {
         put?: never;
         /** Heartbeat: the user is working in it */
         post: operations["heartbeat_api_v1_environments__environment_id__activity_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/environments/{environment_id}/enter": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Open an environment in the browser (where an ingress sends a browser not yet signed in to it)
+         * @description Signed in with the session cookie: to ``next`` (a page of the environment, else its own
+         *     address), with a ticket for the environment's access check where the environment is on a host
+         *     of its own (host routing), which the session cookie never reaches. Not signed in: to the sign-in
+         *     page, which comes back here. Not running: to the web UI, which offers a start.
+         */
+        get: operations["enter_environment_api_v1_environments__environment_id__enter_get"];
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -5756,15 +5784,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
-            403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorOut"];
-                };
-            };
             /** @description Not Found */
             404: {
                 headers: {
@@ -6240,6 +6259,76 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request's headers are too large */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A cloud or cluster service, or the database, is busy or unavailable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    enter_environment_api_v1_environments__environment_id__enter_get: {
+        parameters: {
+            query?: {
+                /** @description The page asked for */
+                next?: string | null;
+            };
+            header?: never;
+            path: {
+                environment_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description To the environment (with a ticket on a host of its own), or to sign in */
+            303: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": unknown;
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description The request's headers are too large */

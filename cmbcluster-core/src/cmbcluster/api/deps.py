@@ -32,9 +32,20 @@ from cmbcluster.services import sessions
 T = TypeVar("T")
 
 SESSION_COOKIE = "cmbcluster_session"
+#: The session cookie where cookies are Secure (an https public URL). A ``__Host-`` cookie has no
+#: Domain and only its own host can set it: a page on another host of the same domain (an
+#: environment served on its own host, any other site of the organisation) cannot plant one that
+#: would sign its owner's browser in as someone else.
+SECURE_SESSION_COOKIE = f"__Host-{SESSION_COOKIE}"
 LOGIN_COOKIE = "cmbcluster_login"
+#: Where an environment served on a host of its own (host routing) keeps its owner signed in: set
+#: by that host's access check, host-only, never the control plane's session cookie itself.
+ENVIRONMENT_COOKIE = "cmbcluster_environment"
+SECURE_ENVIRONMENT_COOKIE = f"__Host-{ENVIRONMENT_COOKIE}"
 #: The control plane's own cookies: never passed on to an environment, nor set by one.
-CONTROL_PLANE_COOKIES = frozenset({SESSION_COOKIE, LOGIN_COOKIE})
+CONTROL_PLANE_COOKIES = frozenset(
+    {SESSION_COOKIE, SECURE_SESSION_COOKIE, LOGIN_COOKIE, ENVIRONMENT_COOKIE, SECURE_ENVIRONMENT_COOKIE}
+)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -136,9 +147,31 @@ def _releasing_session(endpoint: Callable[..., Any]) -> Callable[..., Any]:
 
 # The two ways in, as security schemes for the OpenAPI document (and the client generated from it).
 _bearer = HTTPBearer(auto_error=False, description="A session token (cmbs_...) or an API token (cmbt_...)")
-_cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The browser's session cookie")
+_cookie = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,
+    description=f"The browser's session cookie ({SECURE_SESSION_COOKIE} where the public URL is https)",
+)
 BearerToken = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 SessionCookie = Annotated[str | None, Depends(_cookie)]
+
+
+def secure_cookies(request: HTTPConnection) -> bool:
+    """Whether the control plane's cookies are Secure: its public URL is https (else the request's
+    own scheme, which uvicorn takes from X-Forwarded-Proto when the proxy is trusted)."""
+    public = request.app.state.context.config.core.public_url
+    return (public or str(request.base_url)).startswith("https://")
+
+
+def session_cookie_name(request: HTTPConnection) -> str:
+    """The session cookie's name: ``__Host-`` prefixed where cookies are Secure. Only that one is
+    read there, so a cookie of the plain name planted by another host is never a session."""
+    return SECURE_SESSION_COOKIE if secure_cookies(request) else SESSION_COOKIE
+
+
+def session_cookie(request: HTTPConnection) -> str | None:
+    """The session cookie a request carries, if any."""
+    return request.cookies.get(session_cookie_name(request)) or None
 
 
 def credentials(request: HTTPConnection) -> tuple[str | None, str | None]:
@@ -146,7 +179,7 @@ def credentials(request: HTTPConnection) -> tuple[str | None, str | None]:
     ``_bearer`` and ``_cookie`` read them."""
     scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
     bearer = token if scheme.lower() == "bearer" and token else None
-    return bearer, request.cookies.get(SESSION_COOKIE) or None
+    return bearer, session_cookie(request)
 
 
 #: where the request guard leaves the caller it signed in (api/guard.py), for get_principal

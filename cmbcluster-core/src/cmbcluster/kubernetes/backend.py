@@ -140,7 +140,7 @@ class KubernetesCompute(ComputeBackend):
         self.decorate = decorate
         self.client = KubeClient(api_client, namespace=options.namespace, retries=options.retries)
         self._network_policy_ready = False
-        self._earlier_routes_removed = False
+        self._routes_up_to_date = False
         self.metrics = PodMetrics(self.client)
         # for the calls of one start that do not depend on each other; the client's connection
         # pool (urllib3) is sized to match in api_client_from_config
@@ -392,7 +392,7 @@ class KubernetesCompute(ComputeBackend):
 
     def list_managed(self) -> list[EnvironmentStatus]:
         self._watch()
-        self._remove_earlier_routes()
+        self._bring_routes_up_to_date()
         pods = self.pods.items() if self.pods.synced else self.client.list("Pod", MANAGED_SELECTOR)
         statuses = []
         for pod in pods:
@@ -404,25 +404,51 @@ class KubernetesCompute(ComputeBackend):
                 statuses.append(self._status(str(environment_id), pod))
         return statuses
 
-    def _remove_earlier_routes(self) -> None:
-        """Behind the proxy, the Ingresses and Services an earlier ``ingress`` routing made for
-        environments still running (the default changed): an Ingress would go on sending its path
-        to the pod through the ingress controller, which the NetworkPolicy no longer admits (502
-        until a restart). Once they are gone the control plane's own Ingress sends those paths to
-        the proxy. Once per process, from the reconcile loop's listing."""
-        if self._earlier_routes_removed or not self.options.exposure.proxied:
+    def _bring_routes_up_to_date(self) -> None:
+        """What an earlier version or routing made for environments still running, made as this one
+        would; once per process, from the reconcile loop's listing (errors are logged and tried
+        again at the next pass: the listing must go on).
+
+        Behind the proxy, an earlier ``ingress`` routing's Ingresses and Services are removed (the
+        default changed): an Ingress would go on sending its path to the pod through the ingress
+        controller, which the NetworkPolicy no longer admits (502 until a restart); once they are
+        gone the control plane's own Ingress sends those paths to the proxy. With ``ingress``
+        routing, each Ingress gets this version's annotations: an earlier one sent a browser on an
+        environment's own host to the sign-in page, which no longer leads back there (it signs in
+        through ``enter``), so the environment was out of its owner's reach until a restart."""
+        if self._routes_up_to_date:
             return
+        selector = f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}"
         try:
-            for kind in ("Ingress", "Service"):
-                for obj in self.client.list(kind, f"{MANAGED_SELECTOR},{ENVIRONMENT_LABEL}"):
-                    name = metadata(obj).get("name")
-                    if name and not metadata(obj).get("deletionTimestamp"):
-                        log.info("removing %s %s of the earlier ingress routing", kind, name)
-                        self.client.delete(kind, str(name))
-        except Exception:  # tried again at the next pass; the listing must go on
-            log.warning("could not remove the earlier ingress routing's objects; trying again later", exc_info=True)
+            if self.options.exposure.proxied:
+                for kind in ("Ingress", "Service"):
+                    for obj in self.client.list(kind, selector):
+                        name = metadata(obj).get("name")
+                        if name and not metadata(obj).get("deletionTimestamp"):
+                            log.info("removing %s %s of the earlier ingress routing", kind, name)
+                            self.client.delete(kind, str(name))
+            else:
+                for obj in self.client.list("Ingress", selector):
+                    self._update_annotations(obj)
+        except Exception:
+            log.warning("could not bring the earlier routes up to date; trying again later", exc_info=True)
             return
-        self._earlier_routes_removed = True
+        self._routes_up_to_date = True
+
+    def _update_annotations(self, ingress: dict[str, Any]) -> None:
+        """This version's annotations on an environment's Ingress (others, an operator's or another
+        controller's, are left as they are)."""
+        meta = metadata(ingress)
+        name, environment_id = meta.get("name"), (meta.get("labels") or {}).get(ENVIRONMENT_LABEL)
+        if not name or not environment_id or meta.get("deletionTimestamp"):
+            return
+        wanted = self.options.exposure.ingress(str(name), str(environment_id), {})["metadata"]["annotations"]
+        current = meta.get("annotations") or {}
+        changed = {key: value for key, value in wanted.items() if current.get(key) != value}
+        if changed:
+            log.info("updating the annotations of Ingress %s: %s", name, ", ".join(sorted(changed)))
+            body = {"metadata": {"annotations": changed}}
+            self.client.patch("Ingress", str(name), body, what=f"updating Ingress {name}")
 
     def resource_use(self, environment_ids: Sequence[str]) -> Mapping[str, ResourceUse] | None:
         return self.metrics.resource_use(environment_ids)

@@ -45,7 +45,12 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
     },
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "delete", "patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "create", "delete"]},
+    # patch: an upgrade brings running environments' Ingresses to its annotations (backend._update_annotations)
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["ingresses"],
+        "verbs": ["get", "list", "create", "delete", "patch"],
+    },
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
     {"apiGroups": ["metrics.k8s.io"], "resources": ["pods"], "verbs": ["list"]},

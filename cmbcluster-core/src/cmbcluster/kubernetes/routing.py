@@ -16,7 +16,10 @@ which only ``ingress`` serves):
   (``<public url>/environments/<id>/``). Every request passes the ingress controller's
   ``auth-url`` check against the control plane's ``/api/v1/environments/authorize``: only the
   signed-in owner of a running environment gets through (the annotations are ingress-nginx's;
-  other controllers take extra annotations from the settings).
+  other controllers take extra annotations from the settings). A browser not yet signed in to it
+  goes to the control plane's ``enter`` (``auth-signin``); an environment on a host of its own
+  gets a cookie of that host (:mod:`cmbcluster.services.environment_entry`), never the control
+  plane's session cookie.
 - The namespace has one **NetworkPolicy** over every user pod: traffic in only from the
   control plane (and, with ``ingress`` routing, the ingress controller's namespace); traffic out
   anywhere except the cloud metadata addresses (169.254.169.254; 169.254.169.252, where GKE
@@ -95,17 +98,27 @@ class Exposure:
         host = self.host(name)
         annotations = {
             "nginx.ingress.kubernetes.io/auth-url": f"{self.auth_url}?environment_id={environment_id}",
+            # the check is a GET whatever the request's method (which it cannot refuse as a change from
+            # another origin); nginx names the request's own in X-Original-Method
+            "nginx.ingress.kubernetes.io/auth-method": "GET",
             # The request's Cookie and Authorization, as the check answers them: without the control
             # plane's session and tokens, which the environment's code must never see
             "nginx.ingress.kubernetes.io/auth-response-headers": "Cookie,Authorization",
+            # the environment's own cookie, which the check answers to a ticket (host routing), reaches
+            # the browser whatever the application answers (a 404 of its own, a 502 while it starts)
+            "nginx.ingress.kubernetes.io/auth-always-set-cookie": "true",
             # notebooks keep websockets open for hours and upload large files
             "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
             "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
             "nginx.ingress.kubernetes.io/proxy-body-size": "0",
         }
         if self.public_url:
-            signin = f"{self.public_url.rstrip('/')}/signin/"  # the web UI's sign-in page
-            annotations["nginx.ingress.kubernetes.io/auth-signin"] = f"{signin}?next=$scheme://$host$request_uri"
+            # A browser without access goes to the control plane's enter, which signs it in to the
+            # environment (on its own host: with a ticket, as the session cookie stays on the control
+            # plane's); ingress-nginx adds next=<the address asked for>, escaped.
+            enter = f"{self.public_url.rstrip('/')}/api/v1/environments/{environment_id}/enter"
+            annotations["nginx.ingress.kubernetes.io/auth-signin"] = enter
+            annotations["nginx.ingress.kubernetes.io/auth-signin-redirect-param"] = "next"
         annotations.update(self.extra_annotations)
         rule: dict[str, Any] = {
             "http": {

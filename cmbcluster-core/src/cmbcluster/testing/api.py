@@ -37,12 +37,29 @@ def dev_sign_in(client: Any, email: str, name: str = "", next_path: str = "/") -
     )
     assert submitted.status_code == 303, submitted.text
     callback = urlsplit(submitted.headers["location"])
-    done = client.get(f"{callback.path}?{callback.query}", follow_redirects=False)
+    # The login cookie, sent back as a browser does: over https it is Secure, which a client that
+    # reaches the server over plain http (behind the TLS the public URL names) would keep to itself.
+    done = client.get(f"{callback.path}?{callback.query}", headers={"Cookie": _cookies(login)}, follow_redirects=False)
     assert done.status_code == 303, done.text
-    token = client.cookies.get("cmbcluster_session")
+    # the secure name where the public URL is https (cmbcluster.api.deps.SECURE_SESSION_COOKIE)
+    session = {name: value for name, value in _set_cookies(done) if name.endswith("cmbcluster_session")}
+    token = session.get("cmbcluster_session") or session.get("__Host-cmbcluster_session")
     assert token, "no session cookie was set"
     client.cookies.clear()
     return {"Authorization": f"Bearer {token}"}
+
+
+def _set_cookies(response: Any) -> list[tuple[str, str]]:
+    """(name, value) of each cookie a response sets."""
+    from http.cookies import SimpleCookie
+
+    return [(name, morsel.value) for header in response.headers.get_list("set-cookie")
+            for name, morsel in SimpleCookie(header).items()]  # fmt: skip
+
+
+def _cookies(response: Any) -> str:
+    """A ``Cookie`` header with the cookies ``response`` sets."""
+    return "; ".join(f"{name}={value}" for name, value in _set_cookies(response))
 
 
 def make_bucket(

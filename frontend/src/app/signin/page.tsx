@@ -5,8 +5,8 @@ import { ErrorMessage, Loading } from "@/components/ui";
 import { api, type Provider, unwrap } from "@/lib/api";
 
 /** Only same-site paths: the API refuses others too, this keeps the link honest. */
-// A relative path on this site, or an environment's own URL (the ingress sends the browser here
-// with next=<its URL>); the server accepts an absolute URL only on its own host or cookie domain.
+// A relative path on this site (an environment on a host of its own comes back through its
+// /api/v1/environments/<id>/enter path); the server accepts an absolute URL only on its own host.
 function safeNext(raw: string | null): string {
   if (!raw) return "/";
   if (raw.startsWith("/") && !raw.startsWith("//")) return raw;

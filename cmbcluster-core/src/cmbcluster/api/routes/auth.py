@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster.api.deps import (
     LOGIN_COOKIE,
-    SESSION_COOKIE,
     Context,
     CurrentPrincipal,
     CurrentUser,
@@ -28,6 +27,9 @@ from cmbcluster.api.deps import (
     SessionReleasingRoute,
     client_address,
     in_worker,
+    secure_cookies,
+    session_cookie,
+    session_cookie_name,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.api.routes.admin import ActivityOut, ActivityPage, PageNumber, PageSize
@@ -121,19 +123,17 @@ def _callback_url(request: Request, context: Context, provider: str) -> str:
 
 
 def _safe_next(next_path: str | None, context: AppContext) -> str:
-    """Where to go after signing in, never an open redirect: a relative path on this site, or an
-    absolute http(s) URL on the public host or under the session cookie's domain (an environment
-    served on its own host, which the ingress sends here with ``next=<its URL>``)."""
+    """Where to go after signing in, never an open redirect: a relative path on this site (an
+    environment on a host of its own comes back through its ``enter`` path), or an absolute
+    http(s) URL on the public host."""
     if not next_path or "\\" in next_path or any(ord(ch) < 32 for ch in next_path):
         return "/"
     if next_path.startswith("/") and not next_path.startswith("//"):
         return next_path
     url = urlsplit(next_path)
-    host = (url.hostname or "").lower()
     core = context.config.core
     public_host = (urlsplit(core.public_url).hostname or "").lower() if core.public_url else ""
-    domain = (core.cookie_domain or "").lower().strip(".")
-    allowed = bool(host) and (host == public_host or (bool(domain) and (host == domain or host.endswith("." + domain))))
+    allowed = bool(public_host) and (url.hostname or "").lower() == public_host
     return next_path if url.scheme in ("http", "https") and allowed else "/"
 
 
@@ -141,16 +141,12 @@ def _sealer(context: Context) -> Sealer:
     return context.sealer("login-state")
 
 
-def _secure(request: Request, context: Context) -> bool:
-    public = context.config.core.public_url
-    return (public or str(request.base_url)).startswith("https://")
-
-
 def _set_session_cookie(response: Response, request: Request, context: Context, issued: sessions.IssuedSession) -> None:
     max_age = max(1, int((issued.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
+    # Host-only (no Domain): environments on hosts of their own get a cookie of their own (enter)
     response.set_cookie(
-        SESSION_COOKIE, issued.token, max_age=max_age, httponly=True, samesite="lax",
-        secure=_secure(request, context), path="/", domain=context.config.core.cookie_domain,
+        session_cookie_name(request), issued.token, max_age=max_age, httponly=True, samesite="lax",
+        secure=secure_cookies(request), path="/",
     )  # fmt: skip
 
 
@@ -209,7 +205,7 @@ def login(
     response = RedirectResponse(url, status_code=303)
     response.set_cookie(
         LOGIN_COOKIE, base64.urlsafe_b64encode(sealed).decode(), max_age=LOGIN_TTL_SECONDS, httponly=True,
-        samesite="lax", secure=_secure(request, context), path="/api/v1/auth",
+        samesite="lax", secure=secure_cookies(request), path="/api/v1/auth",
     )  # fmt: skip
     return response
 
@@ -432,7 +428,7 @@ async def exchange(body: ExchangeIn, request: Request, context: Context, db: DbS
 def refresh(body: RefreshIn, request: Request, response: Response, context: Context, db: DbSession) -> SessionOut:
     _rate_limit(db, request, context)
     issued = sessions.refresh_session(db, body.refresh_token, ttl=context.session_ttl, refresh_ttl=context.refresh_ttl)
-    if request.cookies.get(SESSION_COOKIE):
+    if session_cookie(request):
         _set_session_cookie(response, request, context, issued)
     return SessionOut(
         token=issued.token, refresh_token=issued.refresh_token, expires_at=issued.expires_at,
@@ -452,9 +448,8 @@ def logout(principal: CurrentPrincipal, request: Request, context: Context, db: 
     context.revocations.ended(sessions.SESSION_ENDED, session_id=principal.session_id)
     response = Response(status_code=204)
     response.delete_cookie(
-        SESSION_COOKIE, path="/", domain=context.config.core.cookie_domain, httponly=True, samesite="lax",
-        secure=_secure(request, context),
-    )  # fmt: skip
+        session_cookie_name(request), path="/", httponly=True, samesite="lax", secure=secure_cookies(request)
+    )
     return response
 
 

@@ -23,10 +23,10 @@ from starlette.requests import HTTPConnection
 
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
-    SESSION_COOKIE,
     SessionReleasingRoute,
     authenticate_request,
     own_origins,
+    session_cookie,
 )
 from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
@@ -72,7 +72,7 @@ def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
     bearer = credentials if is_control_plane_credential(conn.headers.get("authorization", "")) else None
-    cookie = conn.cookies.get(SESSION_COOKIE)
+    cookie = session_cookie(conn)
     if bearer is None and not cookie and scheme.lower() == "bearer" and credentials:
         # Another bearer token is the application's own, passed on once the caller signed in by cookie.
         raise AuthenticationFailed("sign in first: the bearer token is not a CMBCluster session or API token, "

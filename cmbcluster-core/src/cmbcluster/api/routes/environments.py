@@ -8,31 +8,40 @@ import json
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote, urljoin, urlsplit
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
 
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
+    ENVIRONMENT_COOKIE,
+    SECURE_ENVIRONMENT_COOKIE,
     Context,
     CurrentPrincipal,
     CurrentUser,
     DbSession,
     EnvironmentOwner,
+    Principal,
     SessionReleasingRoute,
+    authenticate_request,
+    credentials,
     in_worker,
+    own_origins,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
-from cmbcluster.db.models import User
-from cmbcluster.errors import Conflict
+from cmbcluster.db.models import User, utcnow
+from cmbcluster.errors import AuthenticationFailed, Conflict
+from cmbcluster.services import environment_entry as entry
 from cmbcluster.services import environments as envs
 from cmbcluster.services.environment_proxy import is_control_plane_credential, without_cookies
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
+from cmbcluster.webui import ui_available
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"], route_class=SessionReleasingRoute)
 
@@ -206,32 +215,114 @@ async def resource_use(principal: CurrentPrincipal, db: DbSession, context: Cont
     "/authorize",
     status_code=204,
     summary="For an ingress auth-url: may the caller reach this environment?",
-    responses=error_responses(404),
+    responses=error_responses(401, 403, 404),
 )
 def authorize(
     environment_id: Annotated[str, Query(min_length=1, max_length=32)],
-    principal: CurrentPrincipal,
     db: DbSession,
     request: Request,
     context: Context,
 ) -> Response:
-    """204 for the owner of a running environment (and counts as activity); 404 otherwise.
+    """204 for the owner of a running environment (and counts as activity); 404 otherwise; 401 for
+    no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``).
+
+    The caller: a bearer token or the session cookie; on an environment's own host (host routing)
+    the environment's cookie, or the ticket ``enter`` put in the address the ingress checks
+    (``X-Original-URL``), which answers that cookie (``Set-Cookie``, passed on by ingress-nginx).
 
     The answer carries what the ingress passes on to the environment in place of the request's own
     ``Cookie`` and ``Authorization`` (ingress-nginx's ``auth-response-headers``): the same, without
-    the control plane's session and sign-in cookies and its bearer tokens, which the application
-    (and any code in it) must never see, as the control plane's own proxy never shows them. An
-    application with a token of its start's own gets it as ``Authorization`` instead, as from the
-    control plane's proxy."""
-    envs.open_for_traffic(db, principal.user, environment_id)
+    the control plane's session, sign-in and environment cookies and its bearer tokens, which the
+    application (and any code in it) must never see, as the control plane's own proxy never shows
+    them. An application with a token of its start's own gets it as ``Authorization`` instead, as
+    from the control plane's proxy."""
+    principal, entered_with = _environment_visitor(request, db, context, environment_id)
+    env = envs.open_for_traffic(db, principal.user, environment_id)
     authorization = request.headers.get("authorization", "")
     if is_control_plane_credential(authorization):
         authorization = ""
     own = {name.lower(): value for name, value in context.compute.application_headers(environment_id).items()}
-    return Response(status_code=204, headers={
+    response = Response(status_code=204, headers={
         "Cookie": without_cookies(request.headers.get("cookie", ""), CONTROL_PLANE_COOKIES),
         "Authorization": own.get("authorization", authorization),
     })  # fmt: skip
+    if entered_with is not None:
+        secure = (env.url or request.headers.get("x-original-url", "")).startswith("https://")
+        response.set_cookie(
+            SECURE_ENVIRONMENT_COOKIE if secure else ENVIRONMENT_COOKIE,
+            entry.environment_cookie(context.sealer(entry.COOKIE_PURPOSE), environment_id, entered_with),
+            httponly=True, samesite="lax", secure=secure, path="/",
+        )  # fmt: skip
+    return response
+
+
+def _environment_visitor(
+    request: Request, db: DbSession, context: AppContext, environment_id: str
+) -> tuple[Principal, str | None]:
+    """Who asks to reach ``environment_id``, and the session token of the ticket they came with
+    (None without one: their environment cookie, bearer token or session cookie decided)."""
+    ticket = entry.ticket_in(request.headers.get("x-original-url"))
+    if ticket is not None:
+        sealer = context.sealer(entry.TICKET_PURPOSE)
+        try:
+            token = entry.redeem_ticket(db, sealer, environment_id, ticket, now=utcnow())
+        except AuthenticationFailed:
+            pass  # a spent ticket left in the address (a reload): the cookie or credentials decide
+        else:
+            return authenticate_request(request, db, None, token), token
+    bearer, cookie = credentials(request)
+    if not is_control_plane_credential(request.headers.get("authorization", "")):
+        bearer = None  # the application's own (JupyterLab's token), which the cookie signs in beside
+    if bearer is None and cookie is None:
+        value = request.cookies.get(SECURE_ENVIRONMENT_COOKIE) or request.cookies.get(ENVIRONMENT_COOKIE)
+        if value:
+            cookie = entry.session_of_cookie(context.sealer(entry.COOKIE_PURPOSE), environment_id, value)
+    return authenticate_request(request, db, bearer, cookie), None
+
+
+@router.get(
+    "/{environment_id}/enter",
+    status_code=303,
+    summary="Open an environment in the browser (where an ingress sends a browser not yet signed in to it)",
+    responses={303: {"description": "To the environment (with a ticket on a host of its own), or to sign in"},
+               **error_responses(401, 403, 404, 409)},
+)  # fmt: skip
+def enter_environment(
+    environment_id: str,
+    request: Request,
+    db: DbSession,
+    context: Context,
+    next_url: Annotated[str | None, Query(alias="next", max_length=8192, description="The page asked for")] = None,
+) -> Response:
+    """Signed in (the session cookie, or a bearer token): to ``next`` (a page of the environment,
+    else its own address), with a ticket for the environment's access check where the environment
+    is on a host of its own (host routing), which the session cookie never reaches. Not signed in:
+    a browser to the sign-in page, which comes back here (401 to a script). Not running: to the web
+    UI, which offers a start."""
+    bearer, cookie = credentials(request)
+    try:
+        principal = authenticate_request(request, db, bearer, cookie) if bearer or cookie else None
+    except AuthenticationFailed:
+        principal = None
+    if principal is None:
+        if not ("text/html" in request.headers.get("accept", "") and ui_available()):
+            raise AuthenticationFailed("sign in first: no session cookie or bearer token")  # a script
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+    env = envs.get_owned(db, principal.user, environment_id)
+    if env.status != "running" or not env.url:
+        if not ui_available():
+            raise Conflict(f"environment {environment_id} is not running: start it first")
+        return RedirectResponse("/", status_code=303)
+    base = context.config.core.public_url or str(request.base_url)  # an address may be a path on this host
+    address = entry.entry_address(urljoin(base, env.url), urljoin(base, next_url) if next_url else None)
+    target = urlsplit(address)
+    if not target.netloc or (target.scheme, target.netloc.lower()) in own_origins(request):
+        return RedirectResponse(address, status_code=303)  # served on this host: the session cookie does
+    # the ticket carries the credential that signed in here (a script's bearer token, a browser's cookie)
+    token = bearer or cookie or ""
+    ticket = entry.issue_ticket(context.sealer(entry.TICKET_PURPOSE), environment_id, token, now=utcnow())
+    return RedirectResponse(entry.with_ticket(address, ticket), status_code=303)
 
 
 @router.get("/{environment_id}", response_model=EnvironmentOut, summary="One environment, its status refreshed")
