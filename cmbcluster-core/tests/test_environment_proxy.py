@@ -325,6 +325,10 @@ def test_nobody_else_gets_anything_but_404(
             with client.websocket_connect(f"{url}socket", headers={"Origin": "http://127.0.0.1:9999"}):
                 pass
         assert cross_site.value.status_code == 403
+        with pytest.raises(WebSocketDenialResponse) as unheaded_socket:  # no Origin: from no browser's page
+            with client.websocket_connect(f"{url}socket"):
+                pass
+        assert unheaded_socket.value.status_code == 403
         # (TestClient opens every WebSocket at ws://testserver, whatever its base URL)
         with client.websocket_connect(f"{url}socket", headers={"Origin": "http://testserver"}) as socket:
             socket.send_text("same site")

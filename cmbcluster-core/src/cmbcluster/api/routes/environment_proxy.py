@@ -82,10 +82,16 @@ def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
         return principal.user, principal.credential
     if bearer is None and cookie:
         # Browsers send cookies with WebSocket handshakes from any page, and no CORS applies: only
-        # our own pages may open one with the session cookie.
+        # our own pages may open one with the session cookie. Every browser sends Origin with a
+        # handshake; one without it comes from no page (scripts send a bearer token).
         origin = conn.headers.get("origin")
-        sent = urlsplit(origin) if origin else None
-        if sent is not None and (sent.scheme.lower(), sent.netloc.lower()) not in _websocket_origins(conn):
+        if not origin:
+            raise PermissionDenied(
+                "a WebSocket opened with the session cookie must come from this site's pages: the handshake "
+                "carries no Origin (from a script, send a bearer token instead)"
+            )
+        sent = urlsplit(origin)
+        if (sent.scheme.lower(), sent.netloc.lower()) not in _websocket_origins(conn):
             raise PermissionDenied("cross-site WebSocket refused")
     token = bearer or cookie
     if not token:
