@@ -141,6 +141,29 @@ def _kubeconfig(env: dict[str, str], tmp_path: Path) -> None:
     env["KUBECONFIG"] = str(tmp_path / "kubeconfig")
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({}, "environments: proxy routing, served by the control plane at /environments/<id>/ of the public URL "
+             "(the default without an environments domain)"),
+        (HOST_ROUTING | {"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org"},
+         "environments: ingress routing, each on a host of its own: env-<id>.envs.example.org (the default with an "
+         "environments domain)"),
+        ({"CMBCLUSTER_ROUTING": "ingress"},
+         "environments: ingress routing, through the ingress controller at /environments/<id>/ of the public URL\n"),
+    ],
+)  # fmt: skip
+def test_config_check_says_how_users_reach_environments_on_kubernetes(
+    env: dict[str, str], tmp_path: Path, extra: dict[str, str], said: str
+) -> None:
+    """Which routing serves environments, and whether it was chosen or is the default (which depends on
+    whether an environments domain is set): an operator reads it before deploying."""
+    result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes", **extra},
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert said in result.stdout, result.stdout
+
+
 def test_host_routing_needs_no_shared_domain_and_an_old_cookie_domain_is_reported(
     env: dict[str, str], tmp_path: Path
 ) -> None:

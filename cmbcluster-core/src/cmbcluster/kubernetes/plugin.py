@@ -109,6 +109,19 @@ class KubernetesSettings(BaseSettings):
             )
         return self
 
+    def config_notes(self) -> list[str]:
+        """What `cmbcluster config check` tells about these settings: how users reach environments."""
+        where = "/environments/<id>/ of the public URL"
+        if self.routing == "proxy":
+            how = f"proxy routing, served by the control plane at {where}"
+        elif self.environments_domain:
+            how = f"ingress routing, each on a host of its own: env-<id>.{self.environments_domain.strip('.')}"
+        else:
+            how = f"ingress routing, through the ingress controller at {where}"
+        if "routing" not in self.model_fields_set:
+            how += f" (the default {'with' if self.environments_domain else 'without'} an environments domain)"
+        return [f"environments: {how}"]
+
 
 Decorator = Callable[[PodDraft, PodContext], None]
 
