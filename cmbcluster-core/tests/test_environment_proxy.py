@@ -295,8 +295,11 @@ def test_websockets_pass_both_ways_with_the_subprotocol_and_close_code(
 
 
 def test_nobody_else_gets_anything_but_404(
-    client: TestClient, alice: dict[str, str], bob: dict[str, str], admin: dict[str, str], running: dict[str, Any]
-) -> None:
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], admin: dict[str, str], running: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from cmbcluster.api.routes import environment_proxy as proxy_routes
+
     url = running["url"]
     for headers in (bob, admin):  # another user, even an administrator: exactly as for an unknown id
         other = client.get(f"{url}echo", headers=headers)
@@ -343,6 +346,12 @@ def test_nobody_else_gets_anything_but_404(
     # stopped: 404 for its owner too, HTTP and WebSocket
     assert client.post(f"/api/v1/environments/{running['id']}/stop", headers=alice).status_code == 200
     assert client.get(f"{url}echo", headers=alice).status_code == 404
+    # a browser opening a bookmark of it goes to the web UI, which offers a start, as for any other id
+    monkeypatch.setattr(proxy_routes, "ui_available", lambda: True)
+    page = {"Accept": "text/html,application/xhtml+xml"}
+    for address in (url, f"/environments/{'0' * 32}/"):
+        opened = client.get(address, headers={**alice, **page}, follow_redirects=False)
+        assert (opened.status_code, opened.headers.get("location")) == (303, "/")
     with pytest.raises(WebSocketDenialResponse) as stopped:
         with client.websocket_connect(f"{url}socket", headers=alice):
             pass

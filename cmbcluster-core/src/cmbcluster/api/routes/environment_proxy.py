@@ -132,12 +132,17 @@ async def environment_root(request: Request) -> Response:
 async def environment_traffic(request: Request) -> Response:
     context: AppContext = request.app.state.context
     environment_id = request.path_params["environment_id"]
+    navigation = request.method == "GET" and "text/html" in request.headers.get("accept", "") and ui_available()
     try:
         upstream, _ = await run_in_threadpool(_open, context, request, environment_id)
     except AuthenticationFailed:
-        if request.method == "GET" and "text/html" in request.headers.get("accept", "") and ui_available():
+        if navigation:
             here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+        raise
+    except NotFound:
+        if navigation:  # a bookmark of a stopped environment: the web UI, which offers a start
+            return RedirectResponse("/", status_code=303)  # (as for anyone else's or an unknown id)
         raise
     return await _proxy(request).forward(request, upstream, _prefix(environment_id))
 
