@@ -472,8 +472,9 @@ class ComputeBackendContract:
         """``{token}`` is a random token of this start: the application answers only requests with
         ``Authorization: token <token>``, which what serves it sends (:meth:`application_address`:
         the ``upstream`` headers the control plane's proxy sends), so that nobody else who reaches
-        the application (another user's program on the same machine or network) can use it. No
-        status, listing or log shows it (an application prints its URL with it)."""
+        the application (another user's program on the same machine or network) can use it, or
+        ``application_headers`` (what an ingress sends it). No status, listing or log shows it (an
+        application prints its URL with it)."""
         self.needs_applications()
         spec = self.spec(environment_spec, owner, serving(token=True))
         started.start(spec)
@@ -482,6 +483,12 @@ class ComputeBackendContract:
         token = fetch(address)["token"]
         assert len(token) >= 16, f"{{token}} must be a random token of this start, not {token!r}"
         assert get(address, headers={}).status_code == 403, "reached without the token"
+        # what an ingress sends the application, as core's authorize check answers it: none (the
+        # upstream's headers do), or enough to reach it
+        own = compute_backend.application_headers(spec.environment_id)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in own.items()), own
+        assert not own or get(address, headers=own).status_code == 200, "application_headers() do not reach it"
+        assert not compute_backend.application_headers(uuid.uuid4().hex), "headers for an unknown environment"
         logs = compute_backend.logs(spec.environment_id, tail=20)  # it printed the token before it listened
         for text in (repr(status), repr(listed(compute_backend, spec.environment_id)), logs):
             assert token not in text, f"the application's token is shown: {text}"
