@@ -164,6 +164,18 @@ def test_config_check_says_how_users_reach_environments_on_kubernetes(
     assert said in result.stdout, result.stdout
 
 
+def test_a_setting_only_an_unused_provider_reads_is_reported(env: dict[str, str], tmp_path: Path) -> None:
+    """CMBCLUSTER_ROUTING on the embedded default changes nothing (its environments are always served by
+    the control plane): said, as a misspelt name is, rather than silently ignored."""
+    result = cmbcluster("config", "check", env={**env, "CMBCLUSTER_ROUTING": "ingress"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("CMBCLUSTER_ROUTING is set but nothing in use reads it: it is a setting of the compute backend "
+            "'kubernetes', not selected here") in " ".join(result.stderr.split()), result.stderr  # fmt: skip
+    used = cmbcluster("config", "check", env={**env, "CMBCLUSTER_ROUTING": "ingress",
+                                              "CMBCLUSTER_COMPUTE_BACKEND": "kubernetes"}, cwd=tmp_path)  # fmt: skip
+    assert used.returncode == 0 and "nothing in use reads it" not in used.stderr, used.stderr
+
+
 def test_host_routing_needs_no_shared_domain_and_an_old_cookie_domain_is_reported(
     env: dict[str, str], tmp_path: Path
 ) -> None:

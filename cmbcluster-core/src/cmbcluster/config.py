@@ -112,6 +112,7 @@ def resolve(
     problems.extend(routing_problems)
     warnings.extend(routing_warnings)
     warnings.extend(_unknown_variables(core, pm))
+    warnings.extend(_unused_variables(core, pm, [registration for _, registration in chosen]))
     # Only when nothing chose a provider: a deployment that names a plugin for one concern
     # (CMBCLUSTER_STORAGE_BACKEND=azure) is not serving the embedded default by mistake.
     selected = {core.selected_storage, core.selected_compute, core.selected_infra, *core.selected_auth}
@@ -247,6 +248,26 @@ def _unknown_variables(core: CoreSettings, pm: PluginManager) -> list[str]:
 
 
 #: CMBCLUSTER_* variables that are not settings: read by the tools around the server.
+def _unused_variables(core: CoreSettings, pm: PluginManager, active: list[Registration[Any]]) -> list[str]:
+    """CMBCLUSTER_* variables set that only providers not in use read (CMBCLUSTER_ROUTING with the
+    local compute backend): the operator expects them to change something, and they change nothing."""
+    read = set(env_var_names(CoreSettings)[0])
+    for registration in active:
+        if registration.settings_model is not None:
+            read |= env_var_names(registration.settings_model)[0]
+    readers: dict[str, list[str]] = {}
+    for _, _, registration in pm.registered():
+        if registration.settings_model is None or registration in active:
+            continue
+        for name in env_var_names(registration.settings_model)[0]:
+            readers.setdefault(name, []).append(f"{registration.kind} {registration.name!r}")
+    found = []
+    for name in sorted(n for n in _set_names(core) if n.startswith("CMBCLUSTER_") and n not in read and n in readers):
+        who = " and ".join(dict.fromkeys(readers[name]))
+        found.append(f"{name} is set but nothing in use reads it: it is a setting of the {who}, not selected here")
+    return found
+
+
 _NOT_SETTINGS = frozenset({
     "CMBCLUSTER_HELM", "CMBCLUSTER_HELM_CHART", "CMBCLUSTER_EXTRAS", "CMBCLUSTER_PYTHON",
     # command-line options' own variables (`cmbcluster infra --state-dir`, `--kubeconfig`)
