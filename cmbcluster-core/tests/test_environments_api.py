@@ -542,6 +542,21 @@ def test_over_https_a_planted_plain_name_environment_cookie_signs_no_one_in(
     assert client.get(check, headers={"Cookie": own_cookie, "X-Original-URL": f"{origin}/"}).status_code == 204
 
 
+@pytest.mark.parametrize("escape", ["../../api/v1/auth/me", "%2e%2e/%2E%2e/signin/", "..%5c..%5capi/v1/auth/me"])
+def test_enter_keeps_the_browser_inside_the_environments_prefix(
+    client: TestClient, alice: dict[str, str], escape: str, cleanup: None
+) -> None:
+    """Path routing (the environment under the control plane's host): ``next`` starts with the
+    environment's prefix, but its dot segments (``..``, also escaped or with backslashes, which
+    browsers take for slashes) would take the browser out of it. Such an address is the environment's
+    own (it was sent on as it was: the control plane's pages, not the environment's)."""
+    env_id = create_env(client, alice)["id"]
+    own = f"{LOCAL}{wait_status(client, alice, env_id, 'running')['url']}"
+    entered = client.get(f"/api/v1/environments/{env_id}/enter", params={"next": f"{own}{escape}"},
+                         headers=as_a_browser(alice), follow_redirects=False)  # fmt: skip
+    assert entered.status_code == 303 and entered.headers["location"] == own
+
+
 def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> None:
     storage_id = make_bucket(client, alice)
     response = client.post(
