@@ -388,6 +388,175 @@ def test_an_environments_ticket_is_for_that_environment_once_and_for_a_minute(
     assert entry.session_of_cookie(cookies, "e1", ticket) is None
 
 
+def on_a_host_of_its_own(client: TestClient, headers: dict[str, str]) -> tuple[str, str]:
+    """A running environment of ``headers``'s user, as host routing serves it: its ``url`` column set to
+    ``https://env-<id>.envs.example.org/`` in the database (the local backend serves it on the control
+    plane's host, which would need no ticket), so ``enter`` and the check take the cross-host branch.
+    Its id and its origin."""
+    env_id = create_env(client, headers)["id"]
+    wait_status(client, headers, env_id, "running")
+    origin = f"https://env-{env_id}.envs.example.org"
+    context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:
+        db.get(Environment, env_id).url = f"{origin}/"  # type: ignore[union-attr]
+        db.commit()
+    return env_id, origin
+
+
+def as_a_browser(headers: dict[str, str]) -> dict[str, str]:
+    """What a browser signed in as ``headers``'s user sends the control plane: the session cookie."""
+    return {"Cookie": f"cmbcluster_session={headers['Authorization'].removeprefix('Bearer ')}"}
+
+
+def environment_cookie_of(client: TestClient, headers: dict[str, str], env_id: str, origin: str) -> str:
+    """The environment's cookie (``name=value``) its owner's browser gets through ``enter`` and a ticket."""
+    entered = client.get(f"/api/v1/environments/{env_id}/enter", params={"next": f"{origin}/lab"},
+                         headers=as_a_browser(headers), follow_redirects=False)  # fmt: skip
+    assert entered.status_code == 303, entered.text
+    redeemed = client.get(f"/api/v1/environments/authorize?environment_id={env_id}",
+                          headers={"X-Original-URL": entered.headers["location"]})  # fmt: skip
+    assert redeemed.status_code == 204, redeemed.text
+    return str(redeemed.headers["set-cookie"]).split(";")[0]
+
+
+def test_a_page_of_another_site_cannot_act_in_my_environment_with_my_cookie(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """The ingress's check is a GET whatever the request (``auth-method: GET``; nginx names the request's
+    own method in ``X-Original-Method``), and it answers JupyterLab's own token as ``Authorization``, with
+    which JupyterLab skips its XSRF and origin checks (token-authenticated requests): the check is the only
+    guard. A page of another origin that the browser counts as the same site (another environment's host,
+    any other host of the domain: SameSite=Lax sends the cookie) posting a form to the environment, or
+    opening a WebSocket to its terminal, must be refused (403, which ingress-nginx answers), as the control
+    plane's own proxy refuses them. Found by an outside tester: the check let both through (204)."""
+    env_id, origin = on_a_host_of_its_own(client, alice)
+    check = f"/api/v1/environments/authorize?environment_id={env_id}"
+    own_cookie = environment_cookie_of(client, alice, env_id, origin)
+    sibling = "https://env-0123456789abcdef0123456789abcdef.envs.example.org"
+    for headers in (
+        {"X-Original-Method": "POST", "Origin": sibling, "X-Original-URL": f"{origin}/api/terminals"},
+        {"Origin": sibling, "X-Original-URL": f"{origin}/terminals/websocket/1"},  # a WebSocket handshake
+        {"X-Original-Method": "PUT", "Origin": "null", "X-Original-URL": f"{origin}/api/contents/a.py"},
+        {"X-Original-Method": "POST", "Referer": f"{sibling}/x", "X-Original-URL": f"{origin}/api/kernels"},
+    ):
+        refused = client.get(check, headers={"Cookie": own_cookie, **headers})
+        assert refused.status_code == 403, (headers, refused.status_code)
+    # the environment's own pages: changes with its Origin, and navigations (no Origin) go through
+    same_origin = {"X-Original-Method": "POST", "Origin": origin, "X-Original-URL": f"{origin}/api/kernels"}
+    assert client.get(check, headers={"Cookie": own_cookie, **same_origin}).status_code == 204
+    assert client.get(check, headers={"Cookie": own_cookie, "X-Original-URL": f"{origin}/lab"}).status_code == 204
+    # a script's bearer token is sent by no browser on its own: no origin to check
+    assert client.get(check, headers={**alice, "Origin": sibling, "X-Original-Method": "POST"}).status_code == 204
+
+
+def test_behind_an_ingress_on_the_control_planes_host_a_page_of_another_site_cannot_act_with_my_session(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """Path routing (the environment under the control plane's own host): the same check with the session
+    cookie. A form posted or a WebSocket opened by a page of another origin is refused (403)."""
+    env_id = create_env(client, alice)["id"]
+    running = wait_status(client, alice, env_id, "running")
+    check = f"/api/v1/environments/authorize?environment_id={env_id}"
+    page = f"{LOCAL}{running['url']}"
+    cookie = as_a_browser(alice)
+    for headers in (
+        {"X-Original-Method": "POST", "Origin": "https://other.example.org", "X-Original-URL": f"{page}api/x"},
+        {"Origin": "https://other.example.org", "X-Original-URL": f"{page}terminals/websocket/1"},
+    ):
+        assert client.get(check, headers={**cookie, **headers}).status_code == 403, headers
+    ours = {"X-Original-Method": "POST", "Origin": LOCAL, "X-Original-URL": f"{page}api/x"}
+    assert client.get(check, headers={**cookie, **ours}).status_code == 204
+
+
+def test_a_ticket_another_user_asked_for_does_not_sign_my_browser_in_to_their_environment(
+    client: TestClient, alice: dict[str, str], bob: dict[str, str], cleanup: None
+) -> None:
+    """Login CSRF: Bob asks ``enter`` for a ticket to his own environment (with his session, or his API
+    token from a server of his, any number of times) and sends Alice the address with it. Her browser,
+    which never went through ``enter``, then gets Bob's environment cookie: it is signed in to Bob's
+    environment, where his pages run in her browser as the same site as her own environments' hosts
+    (see the test above) and can pass for her own JupyterLab. A ticket must only sign in the browser that
+    asked for it. NOT FIXED (found by an outside tester): binding a ticket to the browser needs something
+    of that browser's on the environment's host before it goes to ``enter`` (a cookie the check sets with
+    its 401), which depends on ingress-nginx passing that cookie on with its redirect to auth-signin."""
+    bobs_env, bobs_origin = on_a_host_of_its_own(client, bob)
+    entered = client.get(f"/api/v1/environments/{bobs_env}/enter", params={"next": f"{bobs_origin}/lab"},
+                         headers=bob, follow_redirects=False)  # fmt: skip
+    assert entered.status_code == 303, entered.text
+    # Alice's browser follows the link: it sends the environment's host nothing (no cookie of that host)
+    client.cookies.clear()
+    alices_browser = client.get(f"/api/v1/environments/authorize?environment_id={bobs_env}",
+                                headers={"X-Original-URL": entered.headers["location"]})  # fmt: skip
+    assert alices_browser.status_code == 401 and "set-cookie" not in alices_browser.headers
+
+
+@pytest.mark.parametrize(
+    "next_page",
+    [
+        "https://[::1",  # not a URL: urlsplit raises
+        "https://env.envs.example.org\uff0fevil.example/",  # a fullwidth solidus, '/' under NFKC: urlsplit raises
+    ],
+)
+def test_enter_takes_a_malformed_page_for_the_environments_own_address(
+    client: TestClient, alice: dict[str, str], next_page: str, cleanup: None
+) -> None:
+    """``next`` is any text (a link anyone can send): one Python cannot parse as a URL is the
+    environment's own address, as one of another host is, never an internal error (it was a 500)."""
+    env_id, origin = on_a_host_of_its_own(client, alice)
+    entered = client.get(f"/api/v1/environments/{env_id}/enter", params={"next": next_page},
+                         headers=as_a_browser(alice), follow_redirects=False)  # fmt: skip
+    assert entered.status_code == 303, entered.text
+    assert entered.headers["location"].startswith(f"{origin}/?cmbcluster_ticket=")
+
+
+def test_the_check_takes_an_address_it_cannot_parse_for_one_without_a_ticket(
+    client: TestClient, alice: dict[str, str], cleanup: None
+) -> None:
+    """``X-Original-URL`` carries the browser's ``Host`` as nginx got it: one Python cannot parse
+    signs in with the cookie (or not at all: 401), never an internal error, which ingress-nginx
+    answers 500 (it was)."""
+    env_id, origin = on_a_host_of_its_own(client, alice)
+    own_cookie = environment_cookie_of(client, alice, env_id, origin)
+    check = f"/api/v1/environments/authorize?environment_id={env_id}"
+    address = {"X-Original-URL": "https://[env/?cmbcluster_ticket=x"}
+    assert client.get(check, headers={"Cookie": own_cookie, **address}).status_code == 204
+    client.cookies.clear()
+    assert client.get(check, headers=address).status_code == 401
+
+
+def test_over_https_a_planted_plain_name_environment_cookie_signs_no_one_in(
+    client: TestClient, bob: dict[str, str], cleanup: None
+) -> None:
+    """Over https the environment's cookie is ``__Host-cmbcluster_environment``, which only the
+    environment's host can set. A cookie of the plain name can come from any host of the domain
+    (``Domain=envs.example.org``): Bob plants the value his own environment's check answered him, and
+    every browser that visits his environment is signed in to it as him, with no ticket to expire. Only
+    the ``__Host-`` name is read there, as for the session cookie."""
+    env_id, origin = on_a_host_of_its_own(client, bob)
+    own_cookie = environment_cookie_of(client, bob, env_id, origin)
+    assert own_cookie.startswith("__Host-cmbcluster_environment=")
+    planted = own_cookie.removeprefix("__Host-")
+    check = f"/api/v1/environments/authorize?environment_id={env_id}"
+    client.cookies.clear()
+    assert client.get(check, headers={"Cookie": planted, "X-Original-URL": f"{origin}/"}).status_code == 401
+    assert client.get(check, headers={"Cookie": own_cookie, "X-Original-URL": f"{origin}/"}).status_code == 204
+
+
+@pytest.mark.parametrize("escape", ["../../api/v1/auth/me", "%2e%2e/%2E%2e/signin/", "..%5c..%5capi/v1/auth/me"])
+def test_enter_keeps_the_browser_inside_the_environments_prefix(
+    client: TestClient, alice: dict[str, str], escape: str, cleanup: None
+) -> None:
+    """Path routing (the environment under the control plane's host): ``next`` starts with the
+    environment's prefix, but its dot segments (``..``, also escaped or with backslashes, which
+    browsers take for slashes) would take the browser out of it. Such an address is the environment's
+    own (it was sent on as it was: the control plane's pages, not the environment's)."""
+    env_id = create_env(client, alice)["id"]
+    own = f"{LOCAL}{wait_status(client, alice, env_id, 'running')['url']}"
+    entered = client.get(f"/api/v1/environments/{env_id}/enter", params={"next": f"{own}{escape}"},
+                         headers=as_a_browser(alice), follow_redirects=False)  # fmt: skip
+    assert entered.status_code == 303 and entered.headers["location"] == own
+
+
 def test_bob_cannot_mount_alice_bucket(client: TestClient, alice: dict[str, str], bob: dict[str, str]) -> None:
     storage_id = make_bucket(client, alice)
     response = client.post(

@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import secrets
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy.orm import Session
 
@@ -88,7 +89,11 @@ def ticket_in(url: str | None) -> str | None:
     """The ticket in an address (what the ingress asks about), if any."""
     if not url:
         return None
-    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+    try:
+        query = urlsplit(url).query
+    except ValueError:  # not a URL Python can parse ("https://[x/"): no ticket of ours
+        return None
+    for name, value in parse_qsl(query, keep_blank_values=True):
         if name == TICKET_PARAMETER and value:
             return value
     return None
@@ -100,12 +105,31 @@ def entry_address(environment_url: str, requested: str | None) -> str:
     environment's own address (never a redirect elsewhere); without a ticket yet."""
     own = urlsplit(environment_url)
     if requested:
-        asked = urlsplit(requested)
+        try:
+            asked = urlsplit(requested)
+        except ValueError:  # not a URL Python can parse ("https://[::1", a fullwidth solidus in the host)
+            return environment_url
         same_origin = (asked.scheme, asked.netloc.lower()) == (own.scheme, own.netloc.lower())
-        if same_origin and asked.path.startswith(own.path or "/"):
+        if same_origin and asked.path.startswith(own.path or "/") and not _climbs(asked.path):
             query = [(k, v) for k, v in parse_qsl(asked.query, keep_blank_values=True) if k != TICKET_PARAMETER]
             return urlunsplit((own.scheme, own.netloc, asked.path, urlencode(query), ""))
     return environment_url
+
+
+def origin(url: str | None) -> tuple[str, str] | None:
+    """(scheme, host[:port]) of an absolute address, lower-cased; None for anything else (a path,
+    ``null``, text Python cannot parse)."""
+    try:
+        parts = urlsplit(url or "")
+    except ValueError:
+        return None
+    return (parts.scheme.lower(), parts.netloc.lower()) if parts.scheme and parts.netloc else None
+
+
+def _climbs(path: str) -> bool:
+    """Whether a browser would take ``path`` up a level (out of an environment's prefix): a ``..``
+    segment, also escaped (``%2e%2e``) or between backslashes, which browsers take for slashes."""
+    return ".." in re.split(r"[/\\]", unquote(path))
 
 
 def with_ticket(address: str, ticket: str) -> str:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
     ENVIRONMENT_COOKIE,
+    SAFE_METHODS,
     SECURE_ENVIRONMENT_COOKIE,
     Context,
     CurrentPrincipal,
@@ -34,7 +35,7 @@ from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User, utcnow
-from cmbcluster.errors import AuthenticationFailed, Conflict
+from cmbcluster.errors import AuthenticationFailed, Conflict, PermissionDenied
 from cmbcluster.services import environment_entry as entry
 from cmbcluster.services import environments as envs
 from cmbcluster.services.environment_proxy import is_control_plane_credential, without_cookies
@@ -236,8 +237,14 @@ def authorize(
     application (and any code in it) must never see, as the control plane's own proxy never shows
     them. An application with a token of its start's own gets it as ``Authorization`` instead, as
     from the control plane's proxy."""
-    principal, entered_with = _environment_visitor(request, db, context, environment_id)
+    principal, entered_with, plain_cookie = _environment_visitor(request, db, context, environment_id)
     env = envs.open_for_traffic(db, principal.user, environment_id)
+    if plain_cookie and (env.url or "").startswith("https://"):
+        # over https the check answers the __Host- cookie alone, which only the environment's host can
+        # set; one of the plain name may come from any host of the domain (Domain=...)
+        raise AuthenticationFailed("sign in first: no session cookie or bearer token")
+    if principal.via_cookie:
+        _check_environment_origin(request, context, env.url)
     authorization = request.headers.get("authorization", "")
     if is_control_plane_credential(authorization):
         authorization = ""
@@ -258,9 +265,10 @@ def authorize(
 
 def _environment_visitor(
     request: Request, db: DbSession, context: AppContext, environment_id: str
-) -> tuple[Principal, str | None]:
-    """Who asks to reach ``environment_id``, and the session token of the ticket they came with
-    (None without one: their environment cookie, bearer token or session cookie decided)."""
+) -> tuple[Principal, str | None, bool]:
+    """Who asks to reach ``environment_id``, the session token of the ticket they came with (None
+    without one: their environment cookie, bearer token or session cookie decided), and whether the
+    environment cookie of the plain name did (which only an environment served over http may use)."""
     ticket = entry.ticket_in(request.headers.get("x-original-url"))
     if ticket is not None:
         sealer = context.sealer(entry.TICKET_PURPOSE)
@@ -269,15 +277,43 @@ def _environment_visitor(
         except AuthenticationFailed:
             pass  # a spent ticket left in the address (a reload): the cookie or credentials decide
         else:
-            return authenticate_request(request, db, None, token), token
+            return authenticate_request(request, db, None, token), token, False
     bearer, cookie = credentials(request)
     if not is_control_plane_credential(request.headers.get("authorization", "")):
         bearer = None  # the application's own (JupyterLab's token), which the cookie signs in beside
+    plain = False
     if bearer is None and cookie is None:
-        value = request.cookies.get(SECURE_ENVIRONMENT_COOKIE) or request.cookies.get(ENVIRONMENT_COOKIE)
+        value = request.cookies.get(SECURE_ENVIRONMENT_COOKIE)
+        if not value:
+            value = request.cookies.get(ENVIRONMENT_COOKIE)
+            plain = bool(value)
         if value:
             cookie = entry.session_of_cookie(context.sealer(entry.COOKIE_PURPOSE), environment_id, value)
-    return authenticate_request(request, db, bearer, cookie), None
+    return authenticate_request(request, db, bearer, cookie), None, plain
+
+
+def _check_environment_origin(request: Request, context: AppContext, environment_url: str | None) -> None:
+    """A request signed in with a cookie (the environment's, the session's, or a ticket) must come from
+    the environment's own pages, as through the control plane's proxy: the check is a GET whatever the
+    request was (``X-Original-Method`` names it), and it hands an application with a token of its own
+    (JupyterLab) that token, with which the application skips its own XSRF and origin checks. Browsers
+    send Origin with every change and every WebSocket handshake, and SameSite=Lax sends the cookie from
+    any page of the same site (another environment's host, any other host of the domain); a change
+    without Origin is judged by its Referer. PermissionDenied (403, which ingress-nginx answers) else."""
+    sent = request.headers.get("origin")
+    if sent is None and request.headers.get("x-original-method", "GET").upper() not in SAFE_METHODS:
+        sent = request.headers.get("referer")
+    if sent is None:
+        return  # a navigation, or a same-origin read
+    original = request.headers.get("x-original-url")
+    base = context.config.core.public_url or original or str(request.base_url)
+    ours = {entry.origin(urljoin(base, environment_url or ""))}
+    if original is not None:  # through the ingress: the address the browser asked for is the page's origin
+        ours.add(entry.origin(original))
+    else:  # asked directly (another ingress controller): the environment is on this host, or on its own
+        ours.update(own_origins(request))
+    if entry.origin(sent) not in ours - {None}:
+        raise PermissionDenied("a request to the environment from another site's page is refused")
 
 
 @router.get(
@@ -315,7 +351,11 @@ def enter_environment(
             raise Conflict(f"environment {environment_id} is not running: start it first")
         return RedirectResponse("/", status_code=303)
     base = context.config.core.public_url or str(request.base_url)  # an address may be a path on this host
-    address = entry.entry_address(urljoin(base, env.url), urljoin(base, next_url) if next_url else None)
+    try:
+        requested = urljoin(base, next_url) if next_url else None
+    except ValueError:  # not a URL Python can parse: the environment's own address
+        requested = None
+    address = entry.entry_address(urljoin(base, env.url), requested)
     target = urlsplit(address)
     if not target.netloc or (target.scheme, target.netloc.lower()) in own_origins(request):
         return RedirectResponse(address, status_code=303)  # served on this host: the session cookie does
