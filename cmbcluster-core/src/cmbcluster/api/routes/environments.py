@@ -35,7 +35,7 @@ from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import User, utcnow
-from cmbcluster.errors import AuthenticationFailed, Conflict, PermissionDenied
+from cmbcluster.errors import AuthenticationFailed, Conflict, NotFound, PermissionDenied
 from cmbcluster.services import environment_entry as entry
 from cmbcluster.services import environments as envs
 from cmbcluster.services.environment_proxy import is_control_plane_credential, without_cookies
@@ -225,7 +225,8 @@ def authorize(
     context: Context,
 ) -> Response:
     """204 for the owner of a running environment (and counts as activity); 404 otherwise; 401 for
-    no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``).
+    no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``),
+    and for the 404s when the ingress asks (``X-Original-URL``), which would show its 500 page.
 
     The caller: a bearer token or the session cookie; on an environment's own host (host routing)
     the environment's cookie, or the ticket ``enter`` put in the address the ingress checks
@@ -238,7 +239,14 @@ def authorize(
     them. An application with a token of its start's own gets it as ``Authorization`` instead, as
     from the control plane's proxy."""
     principal, entered_with, plain_cookie = _environment_visitor(request, db, context, environment_id)
-    env = envs.open_for_traffic(db, principal.user, environment_id)
+    try:
+        env = envs.open_for_traffic(db, principal.user, environment_id)
+    except NotFound:
+        if request.headers.get("x-original-url") is None:
+            raise  # asked directly (a script): as every other route answers it
+        # ingress-nginx shows any answer but 2xx, 401 and 403 as a 500 page: 401 sends the browser to
+        # enter, which says why (404 to anyone else; the owner of a stopped environment to the web UI)
+        raise AuthenticationFailed(f"environment {environment_id} is not running, or not yours") from None
     if plain_cookie and (env.url or "").startswith("https://"):
         # over https the check answers the __Host- cookie alone, which only the environment's host can
         # set; one of the plain name may come from any host of the domain (Domain=...)
