@@ -476,7 +476,8 @@ export interface paths {
         /**
          * For an ingress auth-url: may the caller reach this environment?
          * @description 204 for the owner of a running environment (and counts as activity); 404 otherwise; 401 for
-         *     no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``).
+         *     no credentials (ingress-nginx then sends the browser to the ``auth-signin`` address, ``enter``),
+         *     and for the 404s when the ingress asks (``X-Original-URL``), which would show its 500 page.
          *
          *     The caller: a bearer token or the session cookie; on an environment's own host (host routing)
          *     the environment's cookie, or the ticket ``enter`` put in the address the ingress checks
@@ -560,10 +561,11 @@ export interface paths {
         };
         /**
          * Open an environment in the browser (where an ingress sends a browser not yet signed in to it)
-         * @description Signed in with the session cookie: to ``next`` (a page of the environment, else its own
-         *     address), with a ticket for the environment's access check where the environment is on a host
-         *     of its own (host routing), which the session cookie never reaches. Not signed in: to the sign-in
-         *     page, which comes back here. Not running: to the web UI, which offers a start.
+         * @description Signed in (the session cookie, or a bearer token): to ``next`` (a page of the environment,
+         *     else its own address), with a ticket for the environment's access check where the environment
+         *     is on a host of its own (host routing), which the session cookie never reaches. Not signed in:
+         *     a browser to the sign-in page, which comes back here (401 to a script). Not running: to the web
+         *     UI, which offers a start.
          */
         get: operations["enter_environment_api_v1_environments__environment_id__enter_get"];
         put?: never;
@@ -5784,6 +5786,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
             /** @description Not Found */
             404: {
                 headers: {
@@ -6313,8 +6324,35 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
+            /** @description Not signed in, or the session or token expired */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Signed in, but not allowed (another user's object, an admin-only route, a cross-site request) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
             /** @description Not Found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -336,7 +336,7 @@ def enter_environment(
     request: Request,
     db: DbSession,
     context: Context,
-    next_url: Annotated[str | None, Query(alias="next", max_length=8192, description="The page asked for")] = None,
+    next_url: Annotated[str | None, Query(alias="next", max_length=32768, description="The page asked for")] = None,
 ) -> Response:
     """Signed in (the session cookie, or a bearer token): to ``next`` (a page of the environment,
     else its own address), with a ticket for the environment's access check where the environment
