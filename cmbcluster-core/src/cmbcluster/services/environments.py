@@ -262,7 +262,17 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
         new_rows=[(type(row).__table__, _column_values(row)) for row in created],
         expires_at=now + dt.timedelta(seconds=context.config.core.start_timeout_seconds),
     )  # fmt: skip
-    db.rollback()  # no transaction held while waiting; what was pending is written by the batch
+    # No transaction held while waiting; what was pending is written by the batch. A new
+    # environment's rows leave the session and its read ends: what it loaded (the user, the
+    # application) stays loaded for the launch, where a rollback expired it and the launch read it
+    # again. An existing environment's record is expired: the batch changes it.
+    if created:
+        for row in created:
+            if row in db:  # not expunged already with its environment (its mounts are)
+                db.expunge(row)
+        db.commit()
+    else:
+        db.rollback()
     context.start_reservations.submit(reservation, functools.partial(write_reservations, context))
     if reservation.refusal is not None:
         raise reservation.refusal
