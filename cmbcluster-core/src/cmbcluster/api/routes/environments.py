@@ -365,7 +365,9 @@ async def _progress(context: AppContext, credential: Credential, environment_id:
     try:
         while True:
             try:
-                await asyncio.wait_for(subscription.changed.wait(), timeout=EVENT_KEEPALIVE_SECONDS)
+                # asyncio.timeout, not wait_for: no task of its own per wait (a burst's 1,000 streams)
+                async with asyncio.timeout(EVENT_KEEPALIVE_SECONDS):
+                    await subscription.changed.wait()
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
