@@ -171,8 +171,14 @@ async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSessi
         application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
-    env = await _in_worker(db, context, partial(envs.create, start=body.start), db, context, user, request)
-    return _answer(db, context, user, env.id, 201)
+
+    def create() -> dict[str, Any]:
+        env = envs.create(db, context, user, request, start=body.start)
+        # Read as recorded in the worker's last transaction, as the launch leaves it: a second
+        # transaction on the event loop (a connection checked out again) cost a burst more.
+        return envs.view(db, context, user.id, env.id)
+
+    return _json(await _in_worker(db, context, create), 201)
 
 
 @router.get("", response_model=EnvironmentList, summary="My environments, and the limits they run under")
