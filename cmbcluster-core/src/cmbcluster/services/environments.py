@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
+from sqlalchemy.schema import sort_tables
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
@@ -331,11 +332,10 @@ def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
         begin_serialised(db, START_LOCK)  # the counts read below stay true until the commit
         existing = [r.environment_id for r in batch if not r.new_rows]
         if existing:  # a new one has no slot; these may, expired, from a crashed server
-            db.execute(delete(StartSlot).where(StartSlot.environment_id.in_(existing), StartSlot.expires_at < now))
-        taken = set(db.execute(select(StartSlot.environment_id).where(StartSlot.environment_id.in_(ids))).scalars())
-        users = {r.user_id for r in batch}
-        others = _ACTIVE_BY_USER.where(Environment.user_id.in_(users), Environment.id.not_in(ids))
-        active: dict[str, int] = dict(db.execute(others).all())
+            db.execute(_DELETE_EXPIRED_SLOTS_OF, {"environment_ids": existing, "now": now})
+        taken = set(db.execute(_SLOTS_OF, {"environment_ids": ids}).scalars())
+        users = sorted({r.user_id for r in batch})
+        active: dict[str, int] = dict(db.execute(_ACTIVE_OF_OTHERS, {"user_ids": users, "environment_ids": ids}).all())
         slots = db.execute(_SLOTS_TAKEN).scalar_one()
         rows: dict[Table, list[dict[str, Any]]] = {}
         reserved = 0
@@ -385,7 +385,8 @@ def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
             active[r.user_id] = active.get(r.user_id, 0) + 1
             slots += 1
             reserved += 1
-        for table in Environment.metadata.sorted_tables:  # parents before children
+        # parents before children (of these few tables: sorting the whole schema cost more)
+        for table in sort_tables(rows):
             by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
             for values in rows.get(table, []):  # one INSERT of many rows per set of columns
                 by_keys.setdefault(frozenset(values), []).append(values)
@@ -406,6 +407,16 @@ _ACTIVE_BY_USER = (
     .group_by(Environment.user_id)
 )
 _SLOTS_TAKEN = select(func.count()).select_from(StartSlot)
+_ACTIVE_OF_OTHERS = _ACTIVE_BY_USER.where(
+    Environment.user_id.in_(bindparam("user_ids", expanding=True)),
+    Environment.id.not_in(bindparam("environment_ids", expanding=True)),
+)
+_SLOTS_OF = select(StartSlot.environment_id).where(
+    StartSlot.environment_id.in_(bindparam("environment_ids", expanding=True))
+)
+_DELETE_EXPIRED_SLOTS_OF = delete(StartSlot).where(
+    StartSlot.environment_id.in_(bindparam("environment_ids", expanding=True)), StartSlot.expires_at < bindparam("now")
+)
 
 
 def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:
