@@ -22,6 +22,7 @@ from cmbcluster.api.deps import (
     EnvironmentOwner,
     SessionReleasingRoute,
     in_worker,
+    load_user,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
@@ -166,13 +167,18 @@ def _answer(db: DbSession, context: AppContext, user: User, environment_id: str,
 
 
 @router.post("", response_model=EnvironmentOut, status_code=201, summary="Create (and by default start) an environment")
-async def create_environment(body: EnvironmentIn, user: CurrentUser, db: DbSession, context: Context) -> Response:
+async def create_environment(
+    body: EnvironmentIn, principal: CurrentPrincipal, db: DbSession, context: Context
+) -> Response:
     request = envs.EnvironmentRequest(
         application=body.application, name=body.name, preset=body.preset, cpu=body.cpu, memory_mib=body.memory_mib,
         mounts=[envs.MountChoice(m.storage_id, m.mount_path, m.read_only) for m in body.mounts], env=body.env,
     )  # fmt: skip
 
     def create() -> dict[str, Any]:
+        # The user is loaded here, in the worker's first transaction (as get_user would, with the
+        # same refusal): not in one more transaction of its own on the event loop.
+        user = load_user(db, principal)
         env = envs.create(db, context, user, request, start=body.start)
         # Read as recorded in the worker's last transaction, as the launch leaves it: a second
         # transaction on the event loop (a connection checked out again) cost a burst more.
