@@ -146,6 +146,10 @@ def create(
     env_vars = _validate_env(request.env)
     mounts = _validate_mounts(db, user, request.mounts)
     name = check_display_name(request.name or application.name, what="an environment name", limit=MAX_NAME)
+    # The user's settings for the start, read in this transaction (before anything is added to the
+    # session, which a query would flush): after the reservation they took one more transaction,
+    # with a connection checked out again, for each create of a burst.
+    settings = _read_settings(db, context, user.id) if start else None
     env = Environment(
         id=new_id(), user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
         desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
@@ -166,7 +170,7 @@ def create(
           name=name, application=application.slug, preset=preset)  # fmt: skip
     if start:
         reserve_start(db, context, user, env)  # commits everything, or rolls everything back and raises
-        launch(db, context, env)
+        launch(db, context, env, settings=settings)
     else:
         db.commit()
     return env
@@ -426,8 +430,26 @@ def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.da
     return started + dt.timedelta(minutes=minutes) if minutes else None
 
 
-def build_spec(db: Session, context: AppContext, env: Environment) -> EnvironmentSpec:
-    """Everything the compute backend needs (blocking: buckets and identities are cloud calls)."""
+#: A user's variables and secret files as a start gets them (user_settings.settings_at_start), or
+#: why they could not be read, raised where build_spec would have read them.
+Settings = tuple[dict[str, str], dict[str, bytes]] | CmbclusterError
+
+
+def _read_settings(db: Session, context: AppContext, user_id: str) -> Settings:
+    try:
+        return user_settings.settings_at_start(
+            db, user_id, variables_sealer=context.sealer(user_settings.ENV_VAR_PURPOSE),
+            files_sealer=context.sealer(user_settings.SECRET_FILE_PURPOSE),
+        )  # fmt: skip
+    except CmbclusterError as exc:  # the start fails with it, as when read in build_spec
+        return exc
+
+
+def build_spec(
+    db: Session, context: AppContext, env: Environment, *, settings: Settings | None = None
+) -> EnvironmentSpec:
+    """Everything the compute backend needs (blocking: buckets and identities are cloud calls);
+    ``settings``: the user's, read already (else read here)."""
     user = db.get(User, env.user_id)
     assert user is not None
     owner = UserRef(id=user.id, email=user.email)
@@ -452,10 +474,11 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
             )
         )  # fmt: skip
     application = env.application_row
-    variables, secret_files = user_settings.settings_at_start(
-        db, user.id, variables_sealer=context.sealer(user_settings.ENV_VAR_PURPOSE),
-        files_sealer=context.sealer(user_settings.SECRET_FILE_PURPOSE),
-    )  # fmt: skip
+    if settings is None:
+        settings = _read_settings(db, context, user.id)
+    if isinstance(settings, CmbclusterError):
+        raise settings
+    variables, secret_files = settings
     variables.update(env.env)  # the environment's own variables win over the user's defaults
     return EnvironmentSpec(
         environment_id=env.id,
@@ -473,12 +496,16 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     )
 
 
-def launch(db: Session, context: AppContext, env: Environment, *, earlier_status: str | None = None) -> None:
+def launch(
+    db: Session, context: AppContext, env: Environment, *, earlier_status: str | None = None,
+    settings: Settings | None = None,
+) -> None:  # fmt: skip
     """Hand a reserved environment to the compute backend (blocking). Failures become status
     ``failed`` with the reason, and free the start slot. ``earlier_status``: what an environment
-    started again was (None for a new one); what its earlier run left is removed first."""
+    started again was (None for a new one); what its earlier run left is removed first.
+    ``settings``: the user's, read already (see build_spec)."""
     try:
-        spec = build_spec(db, context, env)
+        spec = build_spec(db, context, env, settings=settings)
         db.commit()  # no connection held during the cluster calls, which may take seconds
         if earlier_status is not None:
             _remove_earlier_run(context, env.id, earlier_status)
