@@ -290,11 +290,18 @@ async def get_environment_owner(request: Request, environment_id: str) -> Princi
 EnvironmentOwner = Annotated[Principal, Depends(get_environment_owner)]
 
 
+def load_user(db: Session, principal: Principal) -> User:
+    """The caller's user, loaded in ``db`` (blocking: one query); AuthenticationFailed when it was
+    deleted since the sign-in query."""
+    user = db.get(User, principal.user.id)
+    if user is None:
+        raise AuthenticationFailed(sessions.ACCOUNT_GONE)
+    return user
+
+
 async def get_user(principal: CurrentPrincipal, db: DbSession) -> User:
     """The caller's user, loaded in the request's session for routes that read or change it."""
-    user = db.get(User, principal.user.id)
-    if user is None:  # deleted since the sign-in query
-        raise AuthenticationFailed(sessions.ACCOUNT_GONE)
+    user = load_user(db, principal)
     # End the read transaction: its connection goes back to the pool instead of staying with a
     # request that may wait long for a worker thread or a cluster call (200 concurrent creates
     # would otherwise hold 200 connections). The user stays usable (expire_on_commit=False).

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, Table, and_, delete, event, func, literal, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, event, func, literal, or_, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from cmbcluster.db.engine import in_batches
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -78,16 +79,20 @@ def _before_flush(db: Session, _context: object, _instances: object) -> None:
         return
     now = epoch(utcnow())
     with db.no_autoflush:
+        opening: list[Environment] = []
+        new: set[str] = set()
         for env in changed:
-            new = env in db.new
             if not env.id:  # a new record: its id is needed now, not at its insert
                 env.id = new_id()
             if _field(env, "status") in RESERVING:
-                _open(db, env, now, new=new)
-            elif not new:  # a new record has no interval to close
+                opening.append(env)
+                if env in db.new:
+                    new.add(env.id)
+            elif env not in db.new:  # a new record has no interval to close
                 _close(db, env.id, epoch(env.stopped_at) if env.stopped_at else now)
         for env in deleted:
             _close(db, env.id, now)
+        _open(db, opening, now, new=new)
 
 
 def _status_changed(env: Environment) -> bool:
@@ -107,29 +112,50 @@ def _open_interval(
     return db.execute(query).scalar_one_or_none()
 
 
-def _open(db: Session, env: Environment, now: int, *, new: bool = False) -> None:
-    """Open the environment's interval unless it has one open; ``new``: being inserted now, so it
-    has no interval at all (nothing to read: a burst of creates skips two queries each)."""
-    if not new:
-        current = _open_interval(db, UsageInterval, env.id)
-        if current is not None and current.end_s is None:
-            return  # pending -> starting -> running: one interval
-    application = env.application_row if "application_row" in env.__dict__ else db.get(Application, env.application_id)
-    start = min(now, epoch(env.started_at)) if env.started_at else now
+def _open(db: Session, envs: Sequence[Environment], now: int, *, new: Collection[str] = ()) -> None:
+    """Open each environment's interval unless it has one open; ``new``: the ids of those being
+    inserted now, which have no interval at all (nothing to read: a burst of creates skips two
+    queries each). Read for all of them at once: the progress hub records a burst's statuses in
+    one flush, and a query per environment was a fifth of the control plane's CPU in a burst."""
+    known = [env.id for env in envs if env.id not in new]
+    open_ids: set[str] = set()
+    for batch in in_batches(known):
+        # ORM objects, as the session sees them: one it closed (not flushed yet) counts as closed
+        found = db.execute(_OPEN_INTERVALS, {"environment_ids": batch}).scalars()
+        open_ids.update(interval.environment_id for interval in found if interval.end_s is None)
     # Never before the end of its previous run: a stale copy of the record (another thread's
     # session that loaded it before a stop) must not count those hours again.
-    last_end = None if new else db.execute(
-        select(func.max(UsageInterval.end_s)).where(UsageInterval.environment_id == env.id)
-    ).scalar_one_or_none()  # fmt: skip
-    if last_end is not None:
-        start = min(now, max(start, last_end))
-    db.add(
-        UsageInterval(
-            environment_id=env.id, user_id=env.user_id, application=application.slug if application else "",
-            preset=_field(env, "preset"), cpu=_field(env, "cpu"), memory_gib=_field(env, "memory_mib") / 1024,
-            accelerator="", start_s=start, seen_s=start,
+    last_ends: dict[str, int | None] = {}
+    for batch in in_batches([i for i in known if i not in open_ids]):
+        last_ends.update((row[0], row[1]) for row in db.execute(_LAST_ENDS, {"environment_ids": batch}))
+    for env in envs:
+        if env.id in open_ids:
+            continue  # pending -> starting -> running: one interval
+        application = (
+            env.application_row if "application_row" in env.__dict__ else db.get(Application, env.application_id)
         )
-    )  # fmt: skip
+        start = min(now, epoch(env.started_at)) if env.started_at else now
+        last_end = last_ends.get(env.id)
+        if last_end is not None:
+            start = min(now, max(start, last_end))
+        db.add(
+            UsageInterval(
+                environment_id=env.id, user_id=env.user_id, application=application.slug if application else "",
+                preset=_field(env, "preset"), cpu=_field(env, "cpu"), memory_gib=_field(env, "memory_mib") / 1024,
+                accelerator="", start_s=start, seen_s=start,
+            )
+        )  # fmt: skip
+
+
+# Built once (building a statement costs about as much as running it on SQLite).
+_OPEN_INTERVALS = select(UsageInterval).where(
+    UsageInterval.environment_id.in_(bindparam("environment_ids", expanding=True)), UsageInterval.end_s.is_(None)
+)
+_LAST_ENDS = (
+    select(UsageInterval.environment_id, func.max(UsageInterval.end_s))
+    .where(UsageInterval.environment_id.in_(bindparam("environment_ids", expanding=True)))
+    .group_by(UsageInterval.environment_id)
+)
 
 
 def _field(env: Environment, name: str) -> Any:
@@ -176,13 +202,10 @@ def sync_open_intervals(db: Session, backend: str) -> int:
             .exists(),
         )
     ).scalars()
-    count = 0
-    now = epoch(utcnow())
+    envs = list(missing)
     with db.no_autoflush:
-        for env in missing:
-            _open(db, env, now)
-            count += 1
-    return count
+        _open(db, envs, epoch(utcnow()))
+    return len(envs)
 
 
 def record_stored_bytes(db: Session, storage: Storage, size_bytes: int | None, at: dt.datetime) -> None:

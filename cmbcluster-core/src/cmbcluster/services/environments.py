@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
+from sqlalchemy.schema import sort_tables
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
@@ -145,6 +146,10 @@ def create(
     env_vars = _validate_env(request.env)
     mounts = _validate_mounts(db, user, request.mounts)
     name = check_display_name(request.name or application.name, what="an environment name", limit=MAX_NAME)
+    # The user's settings for the start, read in this transaction (before anything is added to the
+    # session, which a query would flush): after the reservation they took one more transaction,
+    # with a connection checked out again, for each create of a burst.
+    settings = _read_settings(db, context, user.id) if start else None
     env = Environment(
         id=new_id(), user_id=user.id, application_id=application.id, name=name, backend=context.config.compute.name,
         desired_state="stopped", status="stopped", cpu=cpu, memory_mib=memory, preset=preset, env=env_vars,
@@ -165,7 +170,7 @@ def create(
           name=name, application=application.slug, preset=preset)  # fmt: skip
     if start:
         reserve_start(db, context, user, env)  # commits everything, or rolls everything back and raises
-        launch(db, context, env)
+        launch(db, context, env, settings=settings)
     else:
         db.commit()
     return env
@@ -262,7 +267,17 @@ def reserve_start(db: Session, context: AppContext, user: User, env: Environment
         new_rows=[(type(row).__table__, _column_values(row)) for row in created],
         expires_at=now + dt.timedelta(seconds=context.config.core.start_timeout_seconds),
     )  # fmt: skip
-    db.rollback()  # no transaction held while waiting; what was pending is written by the batch
+    # No transaction held while waiting; what was pending is written by the batch. A new
+    # environment's rows leave the session and its read ends: what it loaded (the user, the
+    # application) stays loaded for the launch, where a rollback expired it and the launch read it
+    # again. An existing environment's record is expired: the batch changes it.
+    if created:
+        for row in created:
+            if row in db:  # not expunged already with its environment (its mounts are)
+                db.expunge(row)
+        db.commit()
+    else:
+        db.rollback()
     context.start_reservations.submit(reservation, functools.partial(write_reservations, context))
     if reservation.refusal is not None:
         raise reservation.refusal
@@ -321,11 +336,10 @@ def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
         begin_serialised(db, START_LOCK)  # the counts read below stay true until the commit
         existing = [r.environment_id for r in batch if not r.new_rows]
         if existing:  # a new one has no slot; these may, expired, from a crashed server
-            db.execute(delete(StartSlot).where(StartSlot.environment_id.in_(existing), StartSlot.expires_at < now))
-        taken = set(db.execute(select(StartSlot.environment_id).where(StartSlot.environment_id.in_(ids))).scalars())
-        users = {r.user_id for r in batch}
-        others = _ACTIVE_BY_USER.where(Environment.user_id.in_(users), Environment.id.not_in(ids))
-        active: dict[str, int] = dict(db.execute(others).all())
+            db.execute(_DELETE_EXPIRED_SLOTS_OF, {"environment_ids": existing, "now": now})
+        taken = set(db.execute(_SLOTS_OF, {"environment_ids": ids}).scalars())
+        users = sorted({r.user_id for r in batch})
+        active: dict[str, int] = dict(db.execute(_ACTIVE_OF_OTHERS, {"user_ids": users, "environment_ids": ids}).all())
         slots = db.execute(_SLOTS_TAKEN).scalar_one()
         rows: dict[Table, list[dict[str, Any]]] = {}
         reserved = 0
@@ -375,7 +389,8 @@ def _write_reservations(context: AppContext, batch: list[Reservation]) -> None:
             active[r.user_id] = active.get(r.user_id, 0) + 1
             slots += 1
             reserved += 1
-        for table in Environment.metadata.sorted_tables:  # parents before children
+        # parents before children (of these few tables: sorting the whole schema cost more)
+        for table in sort_tables(rows):
             by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
             for values in rows.get(table, []):  # one INSERT of many rows per set of columns
                 by_keys.setdefault(frozenset(values), []).append(values)
@@ -396,6 +411,16 @@ _ACTIVE_BY_USER = (
     .group_by(Environment.user_id)
 )
 _SLOTS_TAKEN = select(func.count()).select_from(StartSlot)
+_ACTIVE_OF_OTHERS = _ACTIVE_BY_USER.where(
+    Environment.user_id.in_(bindparam("user_ids", expanding=True)),
+    Environment.id.not_in(bindparam("environment_ids", expanding=True)),
+)
+_SLOTS_OF = select(StartSlot.environment_id).where(
+    StartSlot.environment_id.in_(bindparam("environment_ids", expanding=True))
+)
+_DELETE_EXPIRED_SLOTS_OF = delete(StartSlot).where(
+    StartSlot.environment_id.in_(bindparam("environment_ids", expanding=True)), StartSlot.expires_at < bindparam("now")
+)
 
 
 def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.datetime | None:
@@ -405,8 +430,26 @@ def _shutdown_at(context: AppContext, user: User, started: dt.datetime) -> dt.da
     return started + dt.timedelta(minutes=minutes) if minutes else None
 
 
-def build_spec(db: Session, context: AppContext, env: Environment) -> EnvironmentSpec:
-    """Everything the compute backend needs (blocking: buckets and identities are cloud calls)."""
+#: A user's variables and secret files as a start gets them (user_settings.settings_at_start), or
+#: why they could not be read, raised where build_spec would have read them.
+Settings = tuple[dict[str, str], dict[str, bytes]] | CmbclusterError
+
+
+def _read_settings(db: Session, context: AppContext, user_id: str) -> Settings:
+    try:
+        return user_settings.settings_at_start(
+            db, user_id, variables_sealer=context.sealer(user_settings.ENV_VAR_PURPOSE),
+            files_sealer=context.sealer(user_settings.SECRET_FILE_PURPOSE),
+        )  # fmt: skip
+    except CmbclusterError as exc:  # the start fails with it, as when read in build_spec
+        return exc
+
+
+def build_spec(
+    db: Session, context: AppContext, env: Environment, *, settings: Settings | None = None
+) -> EnvironmentSpec:
+    """Everything the compute backend needs (blocking: buckets and identities are cloud calls);
+    ``settings``: the user's, read already (else read here)."""
     user = db.get(User, env.user_id)
     assert user is not None
     owner = UserRef(id=user.id, email=user.email)
@@ -431,10 +474,11 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
             )
         )  # fmt: skip
     application = env.application_row
-    variables, secret_files = user_settings.settings_at_start(
-        db, user.id, variables_sealer=context.sealer(user_settings.ENV_VAR_PURPOSE),
-        files_sealer=context.sealer(user_settings.SECRET_FILE_PURPOSE),
-    )  # fmt: skip
+    if settings is None:
+        settings = _read_settings(db, context, user.id)
+    if isinstance(settings, CmbclusterError):
+        raise settings
+    variables, secret_files = settings
     variables.update(env.env)  # the environment's own variables win over the user's defaults
     return EnvironmentSpec(
         environment_id=env.id,
@@ -452,12 +496,16 @@ def build_spec(db: Session, context: AppContext, env: Environment) -> Environmen
     )
 
 
-def launch(db: Session, context: AppContext, env: Environment, *, earlier_status: str | None = None) -> None:
+def launch(
+    db: Session, context: AppContext, env: Environment, *, earlier_status: str | None = None,
+    settings: Settings | None = None,
+) -> None:  # fmt: skip
     """Hand a reserved environment to the compute backend (blocking). Failures become status
     ``failed`` with the reason, and free the start slot. ``earlier_status``: what an environment
-    started again was (None for a new one); what its earlier run left is removed first."""
+    started again was (None for a new one); what its earlier run left is removed first.
+    ``settings``: the user's, read already (see build_spec)."""
     try:
-        spec = build_spec(db, context, env)
+        spec = build_spec(db, context, env, settings=settings)
         db.commit()  # no connection held during the cluster calls, which may take seconds
         if earlier_status is not None:
             _remove_earlier_run(context, env.id, earlier_status)

@@ -196,7 +196,9 @@ class ProgressHub:
         last_full = -math.inf
         while not stop.is_set():
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=pause if self._subscriptions else None)
+                # asyncio.timeout, not wait_for: no task of its own per pass (a burst makes hundreds)
+                async with asyncio.timeout(pause if self._subscriptions else None):
+                    await self._wake.wait()
                 pause = self.poll_seconds  # woken by a change: look closely again
             except TimeoutError:
                 pause = min(self.max_poll_seconds, pause * 1.5)

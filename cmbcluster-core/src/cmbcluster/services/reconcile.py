@@ -22,7 +22,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
@@ -50,6 +50,10 @@ TRANSITIONAL = ("pending", "starting")
 #: started again.
 FOLLOWED = (*environments.ACTIVE_STATUSES, "stopping")
 FAST_INTERVAL_SECONDS = 1.0
+# Built once: the every-second pass runs it.
+_TRANSITIONAL = select(Environment.id, Environment.started_at).where(
+    Environment.backend == bindparam("backend"), Environment.status.in_(TRANSITIONAL)
+)
 
 
 @dataclass
@@ -97,18 +101,25 @@ class Reconciler:
         timeout = dt.timedelta(seconds=self.context.config.core.start_timeout_seconds)
         reports: dict[str, Report] = {}
         with self.context.sessions() as db:
-            for env in self._environments(db, *TRANSITIONAL):
-                if env.started_at is not None and utcnow() - env.started_at > timeout:
+            # Plain rows: a burst's 200 starts were loaded as ORM objects (with their applications
+            # and mounts) every second, only for their ids and start times; a late one is loaded.
+            rows = db.execute(_TRANSITIONAL, {"backend": self.context.config.compute.name}).all()
+            for environment_id, started_at in rows:
+                if started_at is not None and utcnow() - started_at > timeout:
+                    env = db.get(Environment, environment_id)
+                    if env is None or env.status not in TRANSITIONAL:
+                        continue  # deleted or moved on since the read
                     self.context.compute.stop(env.id)
                     environments.mark_failed(db, env, f"did not start within {timeout.total_seconds():.0f} s")
                     changed += 1
                     continue
-                if env.id not in followed:
-                    reports[env.id] = Report(self.context.compute.status(env.id), env.started_at)
+                if environment_id not in followed:
+                    reports[environment_id] = Report(self.context.compute.status(environment_id), started_at)
             db.rollback()  # what was read may be old by now: recorded on the runs it was read for
-            with one_writer(db):
-                changed += record_reports(db, reports)
-                db.commit()
+            if reports:  # nothing to write: no turn at the database's one writer
+                with one_writer(db):
+                    changed += record_reports(db, reports)
+                    db.commit()
         return changed
 
     def reconcile(self, *, startup: bool = False) -> ReconcileReport:

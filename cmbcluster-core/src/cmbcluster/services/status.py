@@ -64,9 +64,12 @@ def reported(record: Recorded, status: EnvironmentStatus) -> tuple[str, str, str
     return new_status, status.message, status.url if new_status in ("starting", "running") else None
 
 
-def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bool:
+def apply_status(
+    db: Session, env: Environment, status: EnvironmentStatus, *, released: list[str] | None = None
+) -> bool:
     """Record what the backend reports (the rule of :func:`reported`); True when something
-    changed. Releases the start slot once the environment runs or ends."""
+    changed. Releases the start slot once the environment runs or ends; with ``released``, adds
+    its id there instead, for the caller to release in the same transaction."""
     found = reported(env, status)
     if found is None:
         return False
@@ -76,7 +79,10 @@ def apply_status(db: Session, env: Environment, status: EnvironmentStatus) -> bo
         activity(db, user_id=env.user_id, kind="environment_running", environment_id=env.id)
     env.status, env.status_message, env.url = found
     if new_status in ("running", "stopped", "failed"):
-        release_start_slot(db, env.id)
+        if released is None:
+            release_start_slot(db, env.id)
+        else:
+            released.append(env.id)
     if new_status in ("stopped", "failed") and env.stopped_at is None:
         env.stopped_at = utcnow()
     return changed
@@ -97,11 +103,17 @@ def record_reports(db: Session, reports: Mapping[str, Report]) -> int:
     while it ran, then stopped for real by the reconcile loop (an outsider's trial). How many
     changed; the caller commits."""
     changed = 0
+    released: list[str] = []
     for batch in in_batches(list(reports)):
         for env in db.execute(select(Environment).where(Environment.id.in_(batch))).scalars():
             report = reports[env.id]
             if env.status in ("pending", "starting") and env.started_at == report.started_at:
-                changed += apply_status(db, env, report.status)
+                changed += apply_status(db, env, report.status, released=released)
+    # The slots of the environments that now run or ended, in one statement a batch (a burst's
+    # hundreds were a statement each)
+    with db.no_autoflush:
+        for batch in in_batches(released):
+            db.execute(_RELEASE_SLOTS, {"environment_ids": batch})
     return changed
 
 
@@ -124,6 +136,11 @@ def delete_expired_slots(db: Session, now: dt.datetime) -> None:
 _RELEASE_SLOT = (
     delete(StartSlot)
     .where(StartSlot.environment_id == bindparam("environment_id"))
+    .execution_options(synchronize_session=False)
+)
+_RELEASE_SLOTS = (
+    delete(StartSlot)
+    .where(StartSlot.environment_id.in_(bindparam("environment_ids", expanding=True)))
     .execution_options(synchronize_session=False)
 )
 _DELETE_EXPIRED_SLOTS = (
