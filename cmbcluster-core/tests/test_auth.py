@@ -354,7 +354,7 @@ def test_a_refused_browser_sign_in_lands_on_the_sign_in_page_with_the_reason(
 ) -> None:
     """Browsers come back from the identity provider: they get the UI's sign-in page with the reason;
     API clients keep getting the JSON error."""
-    monkeypatch.setattr("cmbcluster.api.routes.auth.ui_available", lambda: True)
+    monkeypatch.setattr("cmbcluster.webui.ui_available", lambda: True)
     url = "/api/v1/auth/local/callback?code=x&state=y"
     page = client.get(url, headers={"Accept": "text/html,application/xhtml+xml"}, follow_redirects=False)
     assert page.status_code == 303

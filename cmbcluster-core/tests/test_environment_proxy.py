@@ -298,7 +298,7 @@ def test_nobody_else_gets_anything_but_404(
     client: TestClient, alice: dict[str, str], bob: dict[str, str], admin: dict[str, str], running: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from cmbcluster.api.routes import environment_proxy as proxy_routes
+    from cmbcluster import webui
 
     url = running["url"]
     for headers in (bob, admin):  # another user, even an administrator: exactly as for an unknown id
@@ -347,7 +347,7 @@ def test_nobody_else_gets_anything_but_404(
     assert client.post(f"/api/v1/environments/{running['id']}/stop", headers=alice).status_code == 200
     assert client.get(f"{url}echo", headers=alice).status_code == 404
     # a browser opening a bookmark of it goes to the web UI, which offers a start, as for any other id
-    monkeypatch.setattr(proxy_routes, "ui_available", lambda: True)
+    monkeypatch.setattr(webui, "ui_available", lambda: True)
     page = {"Accept": "text/html,application/xhtml+xml"}
     for address in (url, f"/environments/{'0' * 32}/"):
         opened = client.get(address, headers={**alice, **page}, follow_redirects=False)

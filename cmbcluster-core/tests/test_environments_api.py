@@ -345,7 +345,7 @@ def test_enter_sends_the_owner_to_an_environment_on_this_host_and_others_to_sign
 ) -> None:
     """Where an ingress sends a browser without access (``auth-signin``). An environment served on
     the control plane's own host needs no ticket: the session cookie reaches it."""
-    from cmbcluster.api.routes import environments as routes
+    from cmbcluster import webui
 
     env = create_env(client, alice)
     running = wait_status(client, alice, env["id"], "running")
@@ -356,7 +356,7 @@ def test_enter_sends_the_owner_to_an_environment_on_this_host_and_others_to_sign
     assert owner.status_code == 303 and owner.headers["location"] == page  # the page asked for, as it was
     elsewhere = client.get(enter, params={"next": "https://evil.example/"}, headers=cookie, follow_redirects=False)
     assert elsewhere.headers["location"] == f"{LOCAL}{running['url']}"  # never a redirect off the environment
-    monkeypatch.setattr(routes, "ui_available", lambda: True)
+    monkeypatch.setattr(webui, "ui_available", lambda: True)
     assert client.get(enter, params={"next": page}, follow_redirects=False).status_code == 401  # a script
     anonymous = client.get(enter, params={"next": page}, headers={"Accept": "text/html"}, follow_redirects=False)
     assert anonymous.status_code == 303  # a browser: to sign in
@@ -367,7 +367,7 @@ def test_enter_sends_the_owner_to_an_environment_on_this_host_and_others_to_sign
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
     stopped = client.get(enter, headers=cookie, follow_redirects=False)
     assert stopped.status_code == 303 and stopped.headers["location"] == "/"  # the web UI offers a start
-    monkeypatch.setattr(routes, "ui_available", lambda: False)
+    monkeypatch.setattr(webui, "ui_available", lambda: False)
     no_ui = client.get(enter, headers=cookie, follow_redirects=False)
     assert no_ui.status_code == 409 and "not running" in no_ui.json()["message"]
 

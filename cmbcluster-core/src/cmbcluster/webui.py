@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -35,6 +36,18 @@ SECURITY_HEADERS = {
 
 def ui_available(directory: Path = UI_DIR) -> bool:
     return (directory / "index.html").is_file()
+
+
+def shows_ui(request: Request) -> bool:
+    """A browser asking for a page, where the web UI can answer (to sign in, to start an environment):
+    not a script, which gets the JSON error."""
+    return "text/html" in request.headers.get("accept", "") and ui_available()
+
+
+def sign_in_first(request: Request) -> RedirectResponse:
+    """To the web UI's sign-in page, which comes back to this address."""
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
 
 
 def mount_ui(app: FastAPI, directory: Path = UI_DIR) -> None:

@@ -28,6 +28,7 @@ from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, PermissionDenied
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
+from cmbcluster.services.environment_proxy import is_control_plane_credential
 
 T = TypeVar("T")
 
@@ -180,6 +181,14 @@ def credentials(request: HTTPConnection) -> tuple[str | None, str | None]:
     scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
     bearer = token if scheme.lower() == "bearer" and token else None
     return bearer, session_cookie(request)
+
+
+def own_credentials(request: HTTPConnection) -> tuple[str | None, str | None]:
+    """:func:`credentials`, with a bearer token only when it is a CMBCluster session or API token: on
+    an environment's traffic another one is the application's own (JupyterLab's), which the browser
+    sends beside the cookie that signs it in."""
+    bearer, cookie = credentials(request)
+    return (bearer if is_control_plane_credential(request.headers.get("authorization", "")) else None), cookie
 
 
 #: where the request guard leaves the caller it signed in (api/guard.py), for get_principal

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from cmbcluster import webui
 from cmbcluster.api.deps import (
     LOGIN_COOKIE,
     Context,
@@ -40,7 +41,6 @@ from cmbcluster.local.auth import DevLoginProvider
 from cmbcluster.security import Sealer, pkce_challenge
 from cmbcluster.services import admin as admin_service
 from cmbcluster.services import ratelimit, sessions, users
-from cmbcluster.webui import ui_available
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"], route_class=SessionReleasingRoute)
 
@@ -231,7 +231,7 @@ async def callback(
     except CmbclusterError as exc:
         # A browser lands here from the identity provider: show it the reason on the sign-in
         # page rather than a JSON document. API clients (and servers without the UI) get the JSON.
-        if exc.http_status >= 500 or "text/html" not in request.headers.get("accept", "") or not ui_available():
+        if exc.http_status >= 500 or not webui.shows_ui(request):
             raise
         return RedirectResponse(f"/signin/?{urlencode({'error': exc.message})}", status_code=303)
 

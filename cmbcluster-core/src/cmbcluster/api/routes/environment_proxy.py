@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, Response, WebSocket
 from fastapi.responses import RedirectResponse
@@ -21,12 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import HTTPConnection
 
+from cmbcluster import webui
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
     SessionReleasingRoute,
     authenticate_request,
+    own_credentials,
     own_origins,
-    session_cookie,
 )
 from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
@@ -35,9 +36,8 @@ from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, P
 from cmbcluster.interfaces import Upstream
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
-from cmbcluster.services.environment_proxy import EnvironmentProxy, is_control_plane_credential
+from cmbcluster.services.environment_proxy import EnvironmentProxy
 from cmbcluster.services.sessions import Credential, SignedInUser
-from cmbcluster.webui import ui_available
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 #: How often a long WebSocket session counts as activity (idle culling spares it).
@@ -70,9 +70,8 @@ def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
 
 def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
+    bearer, cookie = own_credentials(conn)
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
-    bearer = credentials if is_control_plane_credential(conn.headers.get("authorization", "")) else None
-    cookie = session_cookie(conn)
     if bearer is None and not cookie and scheme.lower() == "bearer" and credentials:
         # Another bearer token is the application's own, passed on once the caller signed in by cookie.
         raise AuthenticationFailed("sign in first: the bearer token is not a CMBCluster session or API token, "
@@ -132,13 +131,12 @@ async def environment_root(request: Request) -> Response:
 async def environment_traffic(request: Request) -> Response:
     context: AppContext = request.app.state.context
     environment_id = request.path_params["environment_id"]
-    navigation = request.method == "GET" and "text/html" in request.headers.get("accept", "") and ui_available()
+    navigation = request.method == "GET" and webui.shows_ui(request)
     try:
         upstream, _ = await run_in_threadpool(_open, context, request, environment_id)
     except AuthenticationFailed:
         if navigation:
-            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+            return webui.sign_in_first(request)
         raise
     except NotFound:
         if navigation:  # a bookmark of a stopped environment: the web UI, which offers a start

@@ -8,12 +8,13 @@ import json
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
 
+from cmbcluster import webui
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
     ENVIRONMENT_COOKIE,
@@ -30,6 +31,7 @@ from cmbcluster.api.deps import (
     credentials,
     in_worker,
     load_user,
+    own_credentials,
     own_origins,
 )
 from cmbcluster.api.errors import error_responses
@@ -43,7 +45,6 @@ from cmbcluster.services.environment_proxy import is_control_plane_credential, w
 from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
-from cmbcluster.webui import ui_available
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"], route_class=SessionReleasingRoute)
 
@@ -298,9 +299,7 @@ def _environment_visitor(
             pass  # a spent ticket left in the address (a reload): the cookie or credentials decide
         else:
             return authenticate_request(request, db, None, token), token, False
-    bearer, cookie = credentials(request)
-    if not is_control_plane_credential(request.headers.get("authorization", "")):
-        bearer = None  # the application's own (JupyterLab's token), which the cookie signs in beside
+    bearer, cookie = own_credentials(request)
     plain = False
     if bearer is None and cookie is None:
         value = request.cookies.get(SECURE_ENVIRONMENT_COOKIE)
@@ -361,13 +360,12 @@ def enter_environment(
     except AuthenticationFailed:
         principal = None
     if principal is None:
-        if not ("text/html" in request.headers.get("accept", "") and ui_available()):
+        if not webui.shows_ui(request):
             raise AuthenticationFailed("sign in first: no session cookie or bearer token")  # a script
-        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+        return webui.sign_in_first(request)
     env = envs.get_owned(db, principal.user, environment_id)
     if env.status != "running" or not env.url:
-        if not ui_available():
+        if not webui.ui_available():
             raise Conflict(f"environment {environment_id} is not running: start it first")
         return RedirectResponse("/", status_code=303)
     base = context.config.core.public_url or str(request.base_url)  # an address may be a path on this host
