@@ -200,6 +200,14 @@ def test_host_routing_needs_no_shared_domain_and_an_old_cookie_domain_is_reporte
         ({}, "needs CMBCLUSTER_PUBLIC_URL"),
         ({"CMBCLUSTER_PUBLIC_URL": "https://10.0.0.5", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "10.0.0.6"},
          "not an IP address (10.0.0.6)"),
+        # what an operator copies from a browser or a DNS console (a docs-only trial): they served at
+        # env-<id>.https://envs.example.org and env-<id>.*.envs.example.org
+        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "https://envs.example.org"},
+         "CMBCLUSTER_ENVIRONMENTS_DOMAIN=https://envs.example.org is not a domain name"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "*.envs.example.org"},
+         "is not a domain name"),
+        ({"CMBCLUSTER_PUBLIC_URL": "https://cmb.example.org", "CMBCLUSTER_ENVIRONMENTS_DOMAIN": "envs.example.org:84"},
+         "is not a domain name"),
         ({"CMBCLUSTER_PUBLIC_URL": "cmb.example.org"}, "CMBCLUSTER_PUBLIC_URL must be an absolute http(s) URL"),
     ],
 )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,12 +216,23 @@ def _host_routing(core: CoreSettings, provider_settings: Iterable[BaseSettings])
             f"host routing needs a DNS name, not an IP address ({domain}): environments are served at "
             f"env-<id>.{domain} (a wildcard record); or unset CMBCLUSTER_ENVIRONMENTS_DOMAIN for path routing"
         ], warnings
+    if not _DOMAIN_NAME.fullmatch(domain):
+        return [
+            f"CMBCLUSTER_ENVIRONMENTS_DOMAIN={domain} is not a domain name: environments are served at "
+            "env-<id>.<domain>; give the bare name (envs.example.org), without a scheme, wildcard, port or path"
+        ], warnings
     if not core.public_url.startswith("https://"):
         warnings.append(
             f"host routing with an http CMBCLUSTER_PUBLIC_URL ({core.public_url}): without https the session cookie "
             "cannot be a __Host- cookie, and a page on another host of the domain can plant one; use https"
         )
     return [], warnings
+
+
+#: a DNS name of two labels or more (letters, digits and inner hyphens), as a wildcard record needs
+_DOMAIN_NAME = re.compile(
+    r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
 
 
 def _is_ip(host: str) -> bool:
