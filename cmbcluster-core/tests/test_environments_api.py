@@ -456,6 +456,8 @@ def test_a_page_of_another_site_cannot_act_in_my_environment_with_my_cookie(
         {"Origin": sibling, "X-Original-URL": f"{origin}/terminals/websocket/1"},  # a WebSocket handshake
         {"X-Original-Method": "PUT", "Origin": "null", "X-Original-URL": f"{origin}/api/contents/a.py"},
         {"X-Original-Method": "POST", "Referer": f"{sibling}/x", "X-Original-URL": f"{origin}/api/kernels"},
+        # neither header: from no page (a docs-only trial), refused as the API refuses a cookie change
+        {"X-Original-Method": "POST", "X-Original-URL": f"{origin}/api/kernels"},
     ):
         refused = client.get(check, headers={"Cookie": own_cookie, **headers})
         assert refused.status_code == 403, (headers, refused.status_code)

@@ -229,7 +229,7 @@ def test_an_environment_on_its_own_host_signs_its_owner_in_with_a_ticket_never_t
                 """ingress-nginx's auth request: the check's URL, the page in X-Original-URL, and the
                 cookies the browser sends the environment's host (never the control plane's)."""
                 query = check_path.query.replace(environment_id, environment)
-                headers = {"X-Original-URL": address, "X-Original-Method": "POST"}
+                headers = {"X-Original-URL": address, "X-Original-Method": "GET"}  # a page's navigation
                 return user.client.get(f"{check_path.path}?{query}", headers={"Authorization": "", **headers,
                                                                               "Cookie": cookie})  # fmt: skip
 

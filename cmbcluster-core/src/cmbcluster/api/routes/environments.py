@@ -318,10 +318,17 @@ def _check_environment_origin(request: Request, context: AppContext, environment
     (JupyterLab) that token, with which the application skips its own XSRF and origin checks. Browsers
     send Origin with every change and every WebSocket handshake, and SameSite=Lax sends the cookie from
     any page of the same site (another environment's host, any other host of the domain); a change
-    without Origin is judged by its Referer. PermissionDenied (403, which ingress-nginx answers) else."""
+    without Origin is judged by its Referer, and one with neither refused, as the API refuses it.
+    PermissionDenied (403, which ingress-nginx answers) else."""
     sent = request.headers.get("origin")
-    if sent is None and request.headers.get("x-original-method", "GET").upper() not in SAFE_METHODS:
+    change = request.headers.get("x-original-method", "GET").upper() not in SAFE_METHODS
+    if sent is None and change:
         sent = request.headers.get("referer")
+        if sent is None:  # as the API answers a cookie change from no page (deps._check_same_origin)
+            raise PermissionDenied(
+                "a change signed in with a cookie must come from the environment's own pages: the request "
+                "carries neither Origin nor Referer (from a script, send a bearer token instead)"
+            )
     if sent is None:
         return  # a navigation, or a same-origin read
     original = request.headers.get("x-original-url")
