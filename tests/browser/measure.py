@@ -1,6 +1,7 @@
 """First load of the dashboard: JavaScript transferred (compressed) and time to interactive.
 
-Shared by the browser test (which asserts the budgets) and tests/benchmarks/bench_ui.py.
+Shared by the browser test (which holds the byte budget and prints the time) and
+tests/benchmarks/bench_ui.py (which holds both budgets).
 """
 
 from __future__ import annotations
