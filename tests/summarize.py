@@ -23,9 +23,9 @@ def main(folder: str) -> int:
             for key in totals:
                 totals[key] += int(suite.get(key, 0))
         for case in root.iter("testcase"):
-            skipped = case.find("skipped")
-            if skipped is not None and skipped.get("type") == "pytest.xfail":
-                expected.append(f"  {case.get('classname', '')}.{case.get('name', '')}: {skipped.get('message', '')}")
+            skip = case.find("skipped")
+            if skip is not None and skip.get("type") == "pytest.xfail":
+                expected.append(f"  {case.get('classname', '')}.{case.get('name', '')}: {skip.get('message', '')}")
         # figures a test measured (pytest's record_property, named "figure: ...")
         for prop in root.iter("property"):
             if prop.get("name", "").startswith("figure:"):
