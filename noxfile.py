@@ -41,6 +41,13 @@ MYPY = "mypy==2.4.1"
 # What it costs, measured on 2 cores, and why it is measured this way: docs/development.md.
 # Pinned: 7.10 brought `patch = subprocess` (.coveragerc), which measures the CLI and servers tests start.
 COVERAGE = "coverage==7.10.7"
+# tests/helm's offline manifest validation; the pin fixes which Kubernetes schemas it ships (to 1.37).
+# Installed only where those tests run (tests-e2e) and are type-checked: where it is installed,
+# `import kubernetes` imports it (the client's dynamic module does), and with it jsonschema's format
+# checkers, which compile 39 grammars (rfc3987-syntax, which JupyterLab brings): 0.25 s of CPU became
+# 1.4 s for every process of the tests that imports the Kubernetes client (each control plane and CLI
+# run on the Kubernetes backend), a cost no production install has.
+KUBERNETES_VALIDATE = "kubernetes-validate==1.37.0"
 COVERAGE_DATA = REPORTS / "coverage"
 MEASURE = os.environ.get("CMBCLUSTER_COVERAGE", "1") != "0"
 #: The gates of the `coverage` session: branch coverage of everything measured, and 100 % of the
@@ -109,7 +116,7 @@ def typecheck(session: nox.Session) -> None:
     install_packages(session)
     # the browser tests', the Helm tests' and cmbcluster.testing.xdist_coverage's imports; psutil and
     # jsonschema ship no annotations of their own
-    session.install(MYPY, PLAYWRIGHT, COVERAGE, "types-PyYAML", "types-psutil", "types-jsonschema")
+    session.install(MYPY, PLAYWRIGHT, COVERAGE, KUBERNETES_VALIDATE, "types-PyYAML", "types-psutil", "types-jsonschema")
     session.run("mypy", "cmbcluster-core/src", "cmbcluster-aws/src", "cmbcluster-gcp/src", "tests")
     # one run per package's tests: each has its own conftest and test modules, importable by plain name
     for dist in PACKAGES.values():
@@ -175,6 +182,7 @@ def tests_e2e(session: nox.Session) -> None:
     PostgreSQL (a real server from Debian's package), the Helm chart's static checks, the README's
     `./run serve`, the catalog's Streamlit example through the proxy."""
     install_packages(session, core_extras="streamlit")
+    session.install(KUBERNETES_VALIDATE)  # tests/helm
     install_test_cluster(session)  # the Helm chart's checks use its helm
     # `python -m` puts the repository root on sys.path: tests import tests.postgres, tests.k8s.harness...
     env: dict[str, str] = {}
