@@ -24,7 +24,7 @@ from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
 
-from cmbcluster.testing.process import BackgroundProcess, free_port
+from cmbcluster.testing.process import BackgroundProcess, first_answer, free_port
 
 
 class OidcMockServer(BackgroundProcess):
@@ -39,17 +39,13 @@ class OidcMockServer(BackgroundProcess):
             [*command, "-H", "127.0.0.1", "-p", str(self.port), "--require-nonce", "true"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"oidc-provider-mock exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-                )
-            try:
-                if httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
+        discovery = first_answer(f"{self.issuer}/.well-known/openid-configuration", self.process, 20, request_timeout=1)
+        if discovery is not None and discovery.status_code == 200:
+            return
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"oidc-provider-mock exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
+            )
         self.stop()
         raise RuntimeError("oidc-provider-mock did not start within 20 s")
 
