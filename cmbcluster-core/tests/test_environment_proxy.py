@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -346,12 +347,16 @@ def test_nobody_else_gets_anything_but_404(
     # stopped: 404 for its owner too, HTTP and WebSocket
     assert client.post(f"/api/v1/environments/{running['id']}/stop", headers=alice).status_code == 200
     assert client.get(f"{url}echo", headers=alice).status_code == 404
-    # a browser opening a bookmark of it goes to the web UI, which offers a start, as for any other id
+    # a browser opening a bookmark of it goes to the web UI, which offers to start it and then opens
+    # the page asked for; so for any other id (the web UI finds no such environment of theirs)
     monkeypatch.setattr(webui, "ui_available", lambda: True)
     page = {"Accept": "text/html,application/xhtml+xml"}
-    for address in (url, f"/environments/{'0' * 32}/"):
-        opened = client.get(address, headers={**alice, **page}, follow_redirects=False)
-        assert (opened.status_code, opened.headers.get("location")) == (303, "/")
+    for environment_id in (running["id"], "0" * 32):
+        notebook = f"/environments/{environment_id}/lab/tree/maps/planck.ipynb?reset&a=1"
+        opened = client.get(notebook, headers={**alice, **page}, follow_redirects=False)
+        assert opened.status_code == 303
+        resume = f"/environments/?resume={environment_id}&next={quote(notebook, safe='')}"
+        assert opened.headers["location"] == resume
     with pytest.raises(WebSocketDenialResponse) as stopped:
         with client.websocket_connect(f"{url}socket", headers=alice):
             pass

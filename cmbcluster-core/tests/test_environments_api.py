@@ -365,8 +365,9 @@ def test_enter_sends_the_owner_to_an_environment_on_this_host_and_others_to_sign
     bobs = {"Cookie": f"cmbcluster_session={bob['Authorization'].removeprefix('Bearer ')}"}
     assert client.get(enter, headers=bobs, follow_redirects=False).status_code == 404
     assert client.post(f"/api/v1/environments/{env['id']}/stop", headers=alice).status_code == 200
-    stopped = client.get(enter, headers=cookie, follow_redirects=False)
-    assert stopped.status_code == 303 and stopped.headers["location"] == "/"  # the web UI offers a start
+    stopped = client.get(enter, params={"next": page}, headers=cookie, follow_redirects=False)
+    assert stopped.status_code == 303  # the web UI offers a start, then comes back here for the page
+    assert stopped.headers["location"] == f"/environments/?resume={env['id']}&next={quote(page, safe='')}"
     monkeypatch.setattr(webui, "ui_available", lambda: False)
     no_ui = client.get(enter, headers=cookie, follow_redirects=False)
     assert no_ui.status_code == 409 and "not running" in no_ui.json()["message"]

@@ -382,6 +382,27 @@ def test_stop_and_restart_ask_first_and_delete_says_what_goes_and_stays(dana: Se
     assert_clean(dana)
 
 
+def test_a_bookmark_of_a_stopped_environment_starts_it_and_opens_the_page_asked_for(dana: Session) -> None:
+    """Stopped overnight, a bookmark of a page in it (its bucket's folder here) leads to the web UI,
+    which starts it, then the browser is back on that page."""
+    page = dana.page
+    env = state["env"]
+    api(page, "POST", f"/api/v1/environments/{env['id']}/stop")
+    bookmark = f"{env['url']}data/?sort=name"
+    page.goto(bookmark)
+    resume = page.get_by_test_id("resume")
+    expect(resume).to_contain_text(f"{env['name']} is stopped. Start it to open the page you asked for.")
+    expect(page).to_have_url(re.compile(r"/environments/\?resume="))
+    resume.get_by_role("button", name=f"Start {env['name']} and open the page").click()
+    page.wait_for_url(re.compile(re.escape(bookmark) + "$"), timeout=30_000)
+    assert api(page, "GET", f"/api/v1/environments/{env['id']}")["status"] == "running"
+    # another's id or an unknown one: the list, nothing said of it
+    page.goto(f"/environments/?resume={'0' * 32}&next=%2Fanywhere")
+    expect(page.get_by_role("heading", name="Environments")).to_be_visible()
+    expect(page.get_by_test_id("resume")).to_have_count(0)
+    assert_clean(dana)
+
+
 def test_extend_postpones_the_automatic_stop(alice: Session, dana: Session) -> None:
     users = api(alice.page, "GET", "/api/v1/admin/users?query=dana")["items"]
     api(alice.page, "PATCH", f"/api/v1/admin/users/{users[0]['id']}", data={"max_uptime_minutes": 10})

@@ -44,10 +44,23 @@ def shows_ui(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "") and ui_available()
 
 
+def page_of(request: Request) -> str:
+    """The address asked for, on this host: its path and query."""
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
 def sign_in_first(request: Request) -> RedirectResponse:
     """To the web UI's sign-in page, which comes back to this address."""
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"/signin/?next={quote(here, safe='')}", status_code=303)
+    return RedirectResponse(f"/signin/?next={quote(page_of(request), safe='')}", status_code=303)
+
+
+def start_first(environment_id: str, page: str) -> RedirectResponse:
+    """To the web UI's environments page, which offers to start the environment and then opens
+    ``page`` (an address of it the browser asked for: a bookmark of a notebook) through its ``enter``
+    path, which leads nowhere but into that environment. An id that is not the signed-in user's
+    leads to their list: the page says no more than a 404 would."""
+    query = f"resume={quote(environment_id, safe='')}" + (f"&next={quote(page, safe='')}" if page else "")
+    return RedirectResponse(f"/environments/?{query}", status_code=303)
 
 
 def mount_ui(app: FastAPI, directory: Path = UI_DIR) -> None:

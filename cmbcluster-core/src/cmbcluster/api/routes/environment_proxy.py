@@ -139,8 +139,8 @@ async def environment_traffic(request: Request) -> Response:
             return webui.sign_in_first(request)
         raise
     except NotFound:
-        if navigation:  # a bookmark of a stopped environment: the web UI, which offers a start
-            return RedirectResponse("/", status_code=303)  # (as for anyone else's or an unknown id)
+        if navigation:  # a bookmark of a stopped environment: the web UI starts it, then opens the page
+            return webui.start_first(environment_id, webui.page_of(request))  # (as for another's or an unknown id)
         raise
     return await _proxy(request).forward(request, upstream, _prefix(environment_id))
 

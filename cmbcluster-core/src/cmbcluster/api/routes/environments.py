@@ -360,7 +360,7 @@ def enter_environment(
     else its own address), with a ticket for the environment's access check where the environment
     is on a host of its own (host routing), which the session cookie never reaches. Not signed in:
     a browser to the sign-in page, which comes back here (401 to a script). Not running: to the web
-    UI, which offers a start."""
+    UI, which offers to start it, then comes back here with ``next``."""
     bearer, cookie = credentials(request)
     try:
         principal = authenticate_request(request, db, bearer, cookie) if bearer or cookie else None
@@ -374,7 +374,7 @@ def enter_environment(
     if env.status != "running" or not env.url:
         if not webui.ui_available():
             raise Conflict(f"environment {environment_id} is not running: start it first")
-        return RedirectResponse("/", status_code=303)
+        return webui.start_first(environment_id, next_url or "")
     base = context.config.core.public_url or str(request.base_url)  # an address may be a path on this host
     try:
         requested = urljoin(base, next_url) if next_url else None

@@ -262,6 +262,50 @@ function LimitsLine({ limits }: { limits: Limits }) {
   );
 }
 
+/** Where a page of an environment opens: its `enter` path, which leads into that environment only. */
+function enterAddress(environmentId: string, page: string): string {
+  const next = page ? `?next=${encodeURIComponent(page)}` : "";
+  return `/api/v1/environments/${encodeURIComponent(environmentId)}/enter${next}`;
+}
+
+/**
+ * ?resume=<id>&next=<page>: the control plane sent a browser here from a page of a stopped
+ * environment (a bookmark of a notebook, say). Start it here, and once it runs the browser goes
+ * back to that page. An id that is not one of the person's environments shows nothing.
+ */
+function Resume({ env, page, busy, onStart }: { env: Environment; page: string; busy: boolean; onStart: () => void }) {
+  const [wasDown, setWasDown] = useState(false);
+  const running = env.status === "running";
+  useEffect(() => {
+    if (!running) setWasDown(true);
+    else if (wasDown) window.location.assign(enterAddress(env.id, page)); // started from here: back to the page
+  }, [running, wasDown, env.id, page]);
+  const starting = ACTIVE.has(env.status) && !running;
+  return (
+    <div className="notice" role="status" data-testid="resume">
+      <span>
+        <Name text={env.name} className="inline" />{" "}
+        {running
+          ? "is running."
+          : starting
+            ? "is starting: the page you asked for opens once it runs."
+            : env.status === "failed"
+              ? "did not start: its output says why."
+              : "is stopped. Start it to open the page you asked for."}
+      </span>
+      <div className="toolbar">
+        {running ? (
+          <a href={enterAddress(env.id, page)}>Open the page you asked for</a>
+        ) : starting ? null : (
+          <button type="button" disabled={busy} onClick={onStart} aria-label={`Start ${env.name} and open the page`}>
+            Start and open
+          </button>
+        )}
+      </div>
+    </div>
+  );
+}
+
 export default function EnvironmentsPage() {
   const list = useLoad(() => unwrap(api.GET("/api/v1/environments")));
   const { reload } = list;
@@ -283,10 +327,16 @@ export default function EnvironmentsPage() {
     [runningKey],
   );
 
-  // ?logs=<id>: the launch dialog's "Open its logs" link.
+  const [resume, setResume] = useState<{ id: string; page: string } | null>(null);
+
+  // ?logs=<id>: the launch dialog's "Open its logs" link; ?resume=<id>&next=<page>: see Resume.
   useEffect(() => {
-    setLogsFor(new URLSearchParams(window.location.search).get("logs"));
+    const query = new URLSearchParams(window.location.search);
+    setLogsFor(query.get("logs"));
+    const resumeId = query.get("resume");
+    if (resumeId) setResume({ id: resumeId, page: query.get("next") ?? "" });
   }, []);
+  const resumed = resume ? environments.find((env) => env.id === resume.id) : undefined;
   useEffect(() => {
     if (!logsFor || !list.data) return;
     const env = list.data.items.find((e) => e.id === logsFor);
@@ -338,6 +388,9 @@ export default function EnvironmentsPage() {
     <>
       <h1>Environments</h1>
       {list.data ? <LimitsLine limits={list.data.limits} /> : null}
+      {resume && resumed ? (
+        <Resume env={resumed} page={resume.page} busy={action.busy} onStart={() => void act([resumed], "start")} />
+      ) : null}
       {warnings.map((env) => {
         const idleFirst =
           env.idle_shutdown_at !== null &&
