@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -46,11 +46,13 @@ def mount_api_docs(app: FastAPI, openapi_url: str) -> None:
     """Serve the documentation page and its assets (create the app with ``docs_url=None``)."""
     app.mount(ASSETS_PATH, StaticFiles(directory=swagger_ui_dir()), name="api-docs-assets")
 
+    # The app from the request, not from this closure: FastAPI keeps endpoints in a module-level cache
+    # (4,096 entries), which would keep every app made in a process alive (the tests make hundreds).
     @app.get(DOCS_PATH, include_in_schema=False)
-    def api_docs() -> HTMLResponse:
+    def api_docs(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
-            title=f"{app.title} API",
+            title=f"{request.app.title} API",
             swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_PATH}/favicon-32x32.png",
