@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -286,3 +288,17 @@ def test_every_refusal_has_a_code_of_its_own() -> None:
     assert len(found) > 15  # the modules were read
     internal = [e.__qualname__ for e in found if e.http_status < 500 and e.code == "internal_error"]
     assert internal == []
+
+
+def test_an_app_no_longer_used_is_freed(settings: CoreSettings) -> None:
+    """A process that makes apps (a plugin's contract suite, a test run: hundreds) does not keep
+    every one it made: FastAPI caches endpoints by identity in a module-level cache, and an endpoint
+    that held its app kept it there."""
+    app = create_app(settings)
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.get("/api/docs").status_code == 200
+        dev_sign_in(client, "ada@example.org")
+    made = weakref.ref(app)
+    del app, client
+    gc.collect()
+    assert made() is None
