@@ -565,7 +565,7 @@ export interface paths {
          *     else its own address), with a ticket for the environment's access check where the environment
          *     is on a host of its own (host routing), which the session cookie never reaches. Not signed in:
          *     a browser to the sign-in page, which comes back here (401 to a script). Not running: to the web
-         *     UI, which offers a start.
+         *     UI, which offers to start it, then comes back here with ``next``.
          */
         get: operations["enter_environment_api_v1_environments__environment_id__enter_get"];
         put?: never;
