@@ -291,13 +291,20 @@ function Resume({ env, page, busy, onStart }: { env: Environment; page: string; 
             ? "is starting: the page you asked for opens once it runs."
             : env.status === "failed"
               ? "did not start: its output says why."
-              : "is stopped. Start it to open the page you asked for."}
+              : env.status === "stopping"
+                ? "is stopping. Once it has stopped, start it to open the page you asked for."
+                : "is stopped. Start it to open the page you asked for."}
       </span>
       <div className="toolbar">
         {running ? (
           <a href={enterAddress(env.id, page)}>Open the page you asked for</a>
         ) : starting ? null : (
-          <button type="button" disabled={busy} onClick={onStart} aria-label={`Start ${env.name} and open the page`}>
+          <button
+            type="button"
+            disabled={busy || env.status === "stopping"}
+            onClick={onStart}
+            aria-label={`Start ${env.name} and open the page`}
+          >
             Start and open
           </button>
         )}
