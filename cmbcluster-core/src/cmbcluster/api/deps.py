@@ -28,6 +28,7 @@ from cmbcluster.db.models import User
 from cmbcluster.errors import AuthenticationFailed, PermissionDenied
 from cmbcluster.services import environments as envs
 from cmbcluster.services import sessions
+from cmbcluster.services.environment_entry import origin
 from cmbcluster.services.environment_proxy import is_control_plane_credential
 
 T = TypeVar("T")
@@ -253,20 +254,30 @@ def authenticate_request(
 def _check_same_origin(request: Request) -> None:
     """Cookie-authenticated changes must come from our own pages (a CSRF guard on top of SameSite):
     the Origin (or Referer) must be this server's scheme, host and port. Browsers send Origin with
-    every POST, PUT, PATCH and DELETE, same-site ones too; a change with the cookie and neither
-    header comes from no page of ours (an old plug-in, a proxy that strips it, a forged request),
-    and scripts authenticate with a bearer token, which needs no check."""
+    every POST, PUT, PATCH and DELETE, same-site ones too; scripts authenticate with a bearer token,
+    which needs no check."""
     if request.method in SAFE_METHODS:
         return
-    origin = request.headers.get("origin") or request.headers.get("referer")
-    if origin is None:
-        raise PermissionDenied(
-            "a change signed in with the session cookie must come from this site's pages: the request "
-            "carries neither Origin nor Referer (from a script, send a bearer token instead)"
-        )
-    sent = urlsplit(origin)
-    if (sent.scheme.lower(), sent.netloc.lower()) not in own_origins(request):
+    sent = sending_page(request, change=True, signed_in_with="the session cookie", pages="this site's pages")
+    if origin(sent) not in own_origins(request):
         raise PermissionDenied("cross-site request refused")
+
+
+def sending_page(request: HTTPConnection, *, change: bool, signed_in_with: str, pages: str) -> str | None:
+    """The address of the page a cookie-signed request came from: its Origin, else, for a change, its
+    Referer; None for a read without Origin (a navigation). A change with neither header comes from
+    no page (an old plug-in, a proxy that strips them, a forged request): PermissionDenied. Compare
+    what it returns with :func:`cmbcluster.services.environment_entry.origin`, which makes nothing of
+    an address it cannot parse (a malformed header was a 500)."""
+    sent = request.headers.get("origin")
+    if sent is None and change:
+        sent = request.headers.get("referer")
+        if sent is None:
+            raise PermissionDenied(
+                f"a change signed in with {signed_in_with} must come from {pages}: the request carries "
+                "neither Origin nor Referer (from a script, send a bearer token instead)"
+            )
+    return sent
 
 
 def own_origins(request: HTTPConnection) -> set[tuple[str, str]]:

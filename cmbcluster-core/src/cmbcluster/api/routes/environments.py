@@ -33,6 +33,7 @@ from cmbcluster.api.deps import (
     load_user,
     own_credentials,
     own_origins,
+    sending_page,
 )
 from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
@@ -320,15 +321,8 @@ def _check_environment_origin(request: Request, context: AppContext, environment
     any page of the same site (another environment's host, any other host of the domain); a change
     without Origin is judged by its Referer, and one with neither refused, as the API refuses it.
     PermissionDenied (403, which ingress-nginx answers) else."""
-    sent = request.headers.get("origin")
     change = request.headers.get("x-original-method", "GET").upper() not in SAFE_METHODS
-    if sent is None and change:
-        sent = request.headers.get("referer")
-        if sent is None:  # as the API answers a cookie change from no page (deps._check_same_origin)
-            raise PermissionDenied(
-                "a change signed in with a cookie must come from the environment's own pages: the request "
-                "carries neither Origin nor Referer (from a script, send a bearer token instead)"
-            )
+    sent = sending_page(request, change=change, signed_in_with="a cookie", pages="the environment's own pages")
     if sent is None:
         return  # a navigation, or a same-origin read
     original = request.headers.get("x-original-url")
