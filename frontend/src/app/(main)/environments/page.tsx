@@ -268,6 +268,15 @@ function enterAddress(environmentId: string, page: string): string {
   return `/api/v1/environments/${encodeURIComponent(environmentId)}/enter${next}`;
 }
 
+/** What the resume notice says of the environment, by its status. */
+function resumeSays(status: string): string {
+  if (status === "running") return "is running.";
+  if (ACTIVE.has(status)) return "is starting: the page you asked for opens once it runs.";
+  if (status === "failed") return "did not start: its output says why.";
+  if (status === "stopping") return "is stopping. Once it has stopped, start it to open the page you asked for.";
+  return "is stopped. Start it to open the page you asked for.";
+}
+
 /**
  * ?resume=<id>&next=<page>: the control plane sent a browser here from a page of a stopped
  * environment (a bookmark of a notebook, say). Start it here, and once it runs the browser goes
@@ -285,15 +294,7 @@ function Resume({ env, page, busy, onStart }: { env: Environment; page: string; 
     <div className="notice" role="status" data-testid="resume">
       <span>
         <Name text={env.name} className="inline" />{" "}
-        {running
-          ? "is running."
-          : starting
-            ? "is starting: the page you asked for opens once it runs."
-            : env.status === "failed"
-              ? "did not start: its output says why."
-              : env.status === "stopping"
-                ? "is stopping. Once it has stopped, start it to open the page you asked for."
-                : "is stopped. Start it to open the page you asked for."}
+        {resumeSays(env.status)}
       </span>
       <div className="toolbar">
         {running ? (
