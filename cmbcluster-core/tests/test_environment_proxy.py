@@ -357,6 +357,10 @@ def test_nobody_else_gets_anything_but_404(
         assert opened.status_code == 303
         resume = f"/environments/?resume={environment_id}&next={quote(notebook, safe='')}"
         assert opened.headers["location"] == resume
+    # the address as the browser sent it, escapes and bytes that are no UTF-8 included (an outsider's trial)
+    odd = f"/environments/{running['id']}/caf%C3%A9%20%ff/x"
+    opened = client.get(odd, headers={**alice, **page}, follow_redirects=False)
+    assert opened.headers["location"] == f"/environments/?resume={running['id']}&next={quote(odd, safe='')}"
     with pytest.raises(WebSocketDenialResponse) as stopped:
         with client.websocket_connect(f"{url}socket", headers=alice):
             pass

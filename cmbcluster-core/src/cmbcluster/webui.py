@@ -45,8 +45,11 @@ def shows_ui(request: Request) -> bool:
 
 
 def page_of(request: Request) -> str:
-    """The address asked for, on this host: its path and query."""
-    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    """The address asked for, on this host: its path as sent (escapes kept: decoded and escaped again,
+    bytes that are no UTF-8 came back as another address) and its query."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else request.url.path
+    return path + (f"?{request.url.query}" if request.url.query else "")
 
 
 def sign_in_first(request: Request) -> RedirectResponse:
