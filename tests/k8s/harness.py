@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 CLUSTER_SH = Path(__file__).resolve().parent / "cluster.sh"
 CP_USER = "cmbcluster-controlplane"
+#: what cluster.sh starts (its COMPONENTS), each with a pid file named after it
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "fake-kubelet")
 INSTALL_TIMEOUT = float(os.environ.get("CMBCLUSTER_K8S_INSTALL_TIMEOUT", "2400"))
 _OWN_ENV = (
     "K8S_RUN",
@@ -65,6 +67,11 @@ class K8sCluster:
         r = _cluster_sh("restart-apiserver", self.script_env, 120)
         if r.returncode:
             raise RuntimeError(f"cluster.sh restart-apiserver failed:\n{r.stderr}\n{_logs(self.run_dir)}")
+
+    def component_pids(self) -> list[int]:
+        """The process ids of the cluster's components (etcd, kube-apiserver, the controller manager,
+        the scheduler, the fake kubelet), from the pid files ``cluster.sh up`` wrote."""
+        return [int(f.read_text()) for f in sorted(self.run_dir.glob("*.pid")) if f.stem in COMPONENTS]
 
     def api_client(self, token: str | None = None) -> ApiClient:
         """A kubernetes ApiClient for this cluster, as admin unless another bearer token is given."""
