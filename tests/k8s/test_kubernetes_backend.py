@@ -768,6 +768,59 @@ def test_unreachable_api_server_is_provider_unavailable(k8s_cluster: K8sCluster)
         b.close()
 
 
+EXEC_PLUGIN = """
+import datetime, json, pathlib, sys
+runs = pathlib.Path(sys.argv[1])
+run = len(runs.read_text()) if runs.exists() else 0
+runs.write_text("x" * (run + 1))
+token = sys.argv[2 + min(run, 1)]
+# the client renews a token 5 minutes before it expires: this one is due 1.5 s from now
+expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5, seconds=1.5)
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"token": token, "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+def test_an_expiring_exec_plugin_token_is_renewed(
+    k8s_cluster: K8sCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As EKS and GKE kubeconfigs: the token comes from a command and expires. The client's refresh
+    runs at most every TOKEN_REFRESH_SECONDS (it re-applied the whole kubeconfig before every call);
+    a token due for renewal is still renewed and used. The plugin's first token is refused by the
+    API server, the one it gives once that has expired is the control plane's."""
+    from cmbcluster.kubernetes import client as kube_client
+
+    monkeypatch.setattr(kube_client, "TOKEN_REFRESH_SECONDS", 0.5)
+    plugin, runs = tmp_path / "plugin.py", tmp_path / "runs"
+    plugin.write_text(EXEC_PLUGIN)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": k8s_cluster.server,
+                                                   "certificate-authority": str(k8s_cluster.ca_path)}}],
+        "users": [{"name": "cp", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+            "args": [str(plugin), str(runs), "not-a-token-of-this-cluster", k8s_cluster.cp_token],
+        }}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "cp"}}],
+    }))  # fmt: skip
+    api = kube_client.api_client_from_config(kubeconfig=str(kubeconfig))
+    try:
+        core = k8s.CoreV1Api(api)
+        for _ in range(3):  # the first token, refused
+            with pytest.raises(k8s.ApiException) as refused:
+                core.list_namespaced_pod(namespace)
+            assert refused.value.status == 401
+        assert runs.read_text() == "x"
+        time.sleep(2)  # past the token's renewal time and the refresh interval
+        core.list_namespaced_pod(namespace)  # the renewed token
+        for _ in range(20):
+            core.list_namespaced_pod(namespace)
+        assert runs.read_text() == "xx"
+    finally:
+        api.close()
+
+
 # -- plugin and pure helpers -----------------------------------------------------------------------
 def test_plugin_registration_builds_a_working_backend(k8s_cluster: K8sCluster, namespace: str) -> None:
     (registration,) = list(cmbcluster_compute_backends())

@@ -239,4 +239,38 @@ def api_client_from_config(
     # One connection per thread that may call at once (worker threads, parallel calls, watches):
     # the default (5 x CPUs) makes urllib3 open and drop a TLS connection per call under load.
     configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    if configuration.refresh_api_key_hook is not None:
+        configuration.refresh_api_key_hook = RefreshAtMostEvery(configuration.refresh_api_key_hook)
     return k8s.ApiClient(configuration)
+
+
+#: How often, at most, the client's credentials are checked for renewal (see RefreshAtMostEvery).
+TOKEN_REFRESH_SECONDS = 10.0
+
+
+class RefreshAtMostEvery:
+    """A kubeconfig's or a pod's token refresh hook (``Configuration.refresh_api_key_hook``), run at
+    most once every ``seconds``. The client runs the hook before every call, and both loaders' hooks
+    apply their whole configuration again each time, whatever the token's expiry (the host's setter
+    reads the environment's proxy variables): 4 % of the control plane's CPU in a burst of starts.
+    The tokens they renew are renewed early, so checking every few seconds changes nothing: a
+    kubeconfig's (an exec plugin's, EKS and GKE) 5 minutes before they expire, a pod's service
+    account token re-read every minute while the kubelet rotates it long before its expiry. Each
+    run of a loader's hook installs a new hook of its own; it is taken as the one to run next."""
+
+    def __init__(self, hook: Callable[[Any], None], seconds: float | None = None) -> None:
+        self.hook = hook
+        self.seconds = TOKEN_REFRESH_SECONDS if seconds is None else seconds
+        self._due = -float("inf")  # the first call runs it
+        self._lock = threading.Lock()
+
+    def __call__(self, configuration: Any) -> None:
+        if time.monotonic() < self._due:
+            return
+        with self._lock:  # one thread renews; the others go on with the current token
+            if time.monotonic() < self._due:
+                return
+            self.hook(configuration)
+            if configuration.refresh_api_key_hook is not self:
+                self.hook, configuration.refresh_api_key_hook = configuration.refresh_api_key_hook, self
+            self._due = time.monotonic() + self.seconds
