@@ -367,6 +367,27 @@ def test_nobody_else_gets_anything_but_404(
     assert stopped.value.status_code == 404
 
 
+def test_over_https_a_websocket_signs_in_with_the_secure_session_cookie(
+    client: TestClient, alice: dict[str, str], running: dict[str, Any]
+) -> None:
+    """Behind a proxy that ends TLS (the request's scheme from X-Forwarded-Proto, no public URL set),
+    a browser holds the __Host- session cookie alone; JupyterLab's kernels are WebSockets (wss), and
+    the check of which cookie counts read a WebSocket's address (wss://) as not https."""
+    token = alice["Authorization"].removeprefix("Bearer ")
+    client.cookies.set("__Host-cmbcluster_session", token)
+    try:
+        secure = f"wss://testserver{running['url']}socket"
+        with client.websocket_connect(secure, headers={"Origin": "https://testserver"}) as socket:
+            socket.send_text("over tls")
+            assert socket.receive_text() == "echo:over tls"
+        with pytest.raises(WebSocketDenialResponse) as plain:  # the __Host- cookie means nothing over ws://
+            with client.websocket_connect(f"{running['url']}socket", headers={"Origin": "http://testserver"}):
+                pass
+        assert plain.value.status_code == 401
+    finally:
+        client.cookies.clear()
+
+
 def test_the_applications_token_is_never_shown(
     client: TestClient, alice: dict[str, str], running: dict[str, Any]
 ) -> None:

@@ -160,9 +160,13 @@ SessionCookie = Annotated[str | None, Depends(_cookie)]
 
 def secure_cookies(request: HTTPConnection) -> bool:
     """Whether the control plane's cookies are Secure: its public URL is https (else the request's
-    own scheme, which uvicorn takes from X-Forwarded-Proto when the proxy is trusted)."""
+    own scheme, which uvicorn takes from X-Forwarded-Proto when the proxy is trusted: https, or wss
+    for a WebSocket). Read from the scope: every request with a credential asks (building its base
+    URL to ask was 3 % of the environment list's time)."""
     public = request.app.state.context.config.core.public_url
-    return (public or str(request.base_url)).startswith("https://")
+    if public:
+        return public.startswith("https://")
+    return request.scope.get("scheme") in ("https", "wss")
 
 
 def session_cookie_name(request: HTTPConnection) -> str:
