@@ -163,7 +163,7 @@ def secure_cookies(request: HTTPConnection) -> bool:
     own scheme, which uvicorn takes from X-Forwarded-Proto when the proxy is trusted: https, or wss
     for a WebSocket). Read from the scope: every request with a credential asks (building its base
     URL to ask was 3 % of the environment list's time)."""
-    public = request.app.state.context.config.core.public_url
+    public: str | None = request.app.state.context.config.core.public_url
     if public:
         return public.startswith("https://")
     return request.scope.get("scheme") in ("https", "wss")
