@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gc
 import sqlite3
+import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import sqlalchemy.exc
 from fastapi import FastAPI
@@ -24,6 +27,7 @@ from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
+from cmbcluster.testing.process import ServeProcess, clean_environ
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
@@ -228,7 +232,8 @@ def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest
     from cmbcluster.observability import configure_logging
 
     root = logging.getLogger()
-    kept = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "uvicorn")}
+    names = ("httpx", "httpcore", "uvicorn", "uvicorn.access")
+    kept = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names}
     try:
         configure_logging("INFO")
         logging.getLogger("httpx").info('HTTP Request: GET http://127.0.0.1/lab "HTTP/1.1 200 OK"')
@@ -243,11 +248,39 @@ def test_the_log_has_no_line_per_proxied_request_unless_debugging(capsys: pytest
                 '%s - "WebSocket %s" [accepted]', "127.0.0.1:5", f"/environments/x/channels?s=1&{name}=Sesame&k=2"
             )
             assert f"/environments/x/channels?s=1&{name}=[token]&k=2" in capsys.readouterr().err
+        # no line per request unless the access log is asked for (CMBCLUSTER_ACCESS_LOG)
+        configure_logging("INFO")
+        logging.getLogger("uvicorn.access").info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/healthz", "1.1", 200
+        )
+        assert "/healthz" not in capsys.readouterr().err
     finally:  # this process's logging as it was (pytest's own capture)
         root.handlers[:], levels = kept[0], kept[2]
         root.setLevel(kept[1])
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_the_access_log_writes_a_line_per_request_with_one_time_secrets_hidden(tmp_path: Path) -> None:
+    """CMBCLUSTER_ACCESS_LOG=true, for an operator with nothing in front that logs requests: the
+    server's own log gets each request's method, path and status, and never a sign-in callback's
+    one-time code, a host's sign-in ticket or an application's token, spelled any way."""
+    env = clean_environ({"CMBCLUSTER_DATA_DIR": str(tmp_path / "data"), "CMBCLUSTER_ACCESS_LOG": "true",
+                         "CMBCLUSTER_LOG_FORMAT": "text"})  # fmt: skip
+    with ServeProcess(env, tmp_path) as server:
+        server.wait_ready("/readyz")
+        with httpx.Client(base_url=server.url) as http:
+            assert http.get("/healthz").status_code == 200
+            http.get("/api/v1/auth/callback", params={"code": "Secret-Code-1", "state": "s"})
+            http.get("/environments/x/lab?tok%65n=Secret-Token-3&Ticket=Secret-Ticket-4")
+        deadline = time.monotonic() + 10
+        while "Ticket=" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = server.output()
+    assert '"GET /healthz HTTP/1.1" 200' in log
+    assert "/api/v1/auth/callback?code=[code]&state=s" in log
+    assert "tok%65n=[token]" in log and "Ticket=[ticket]" in log
+    assert "Secret-" not in log
 
 
 def test_every_api_route_ends_its_database_transaction_in_its_worker(app: FastAPI) -> None:

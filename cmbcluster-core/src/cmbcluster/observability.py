@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,25 +44,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-#: A ``token`` in an address (``?token=...``, percent-encoded too): JupyterLab's WebSocket URLs carry
-#: the application's token, and uvicorn logs each WebSocket's address as it accepts it.
-_TOKEN_IN_ADDRESS = re.compile(r"([?&](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&\s\"']+", re.IGNORECASE)
+#: Query parameters that hold a secret in an address a log line may show: JupyterLab's WebSocket URLs
+#: carry the application's ``token`` (uvicorn logs each WebSocket's address as it accepts it), and
+#: with the access log on, the sign-in callback's one-time ``code`` and a host's sign-in ``ticket``.
+SECRET_PARAMETERS = ("token", "code", "ticket")
 
 
-class _HideAddressTokens(logging.Filter):
-    """Writes ``[token]`` for a token in an address any log line holds."""
+def _spelled_any_way(name: str) -> str:
+    """A pattern of ``name`` with any of its letters percent-encoded (``tok%65n``), as a server decodes it."""
+    return "".join(f"(?:{letter}|%{ord(letter):02x})" for letter in name)
+
+
+_SECRET_IN_ADDRESS = re.compile(
+    rf"([?&](?:{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})=)[^&\s\"']+", re.IGNORECASE
+)
+
+
+def _named(match: re.Match[str]) -> str:
+    """``token=[token]``, ``tok%65n=[token]``: the parameter as sent, its value by the name it stands for."""
+    return f"{match[1]}[{unquote(match[1][1:-1]).lower()}]"
+
+
+class _HideAddressSecrets(logging.Filter):
+    """Writes ``[token]``, ``[code]`` or ``[ticket]`` for the value of such a parameter
+    (:data:`SECRET_PARAMETERS`) in an address any log line holds."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        hidden = _TOKEN_IN_ADDRESS.sub(r"\1[token]", message)
+        hidden = _SECRET_IN_ADDRESS.sub(_named, message)
         if hidden != message:
             record.msg, record.args = hidden, ()
         return True
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+def configure_logging(level: str = "INFO", fmt: str = "json", *, access_log: bool = False) -> None:
+    """The process's log: ``level`` and ``fmt`` as CMBCLUSTER_LOG_LEVEL and CMBCLUSTER_LOG_FORMAT say;
+    ``access_log``: a line for every request answered (CMBCLUSTER_ACCESS_LOG), at INFO."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_HideAddressTokens())
+    handler.addFilter(_HideAddressSecrets())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -72,7 +92,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # requests are counted in /metrics
+    # Off by default: requests are counted in /metrics, and the ingress controller or load balancer in
+    # front of the control plane usually logs each one already.
+    logging.getLogger("uvicorn.access").setLevel(logging.INFO if access_log else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # httpx writes a line at INFO for every request it sends: every request the environment proxy
     # passes on (a JupyterLab page is dozens) and every cloud call. Shown at DEBUG only.

@@ -192,6 +192,12 @@ class CoreSettings(BaseSettings):
         default="INFO", validation_alias=_aliases("CMBCLUSTER_LOG_LEVEL", "LOG_LEVEL"),
         description="The least severe log lines written: DEBUG, INFO, WARNING or ERROR.",
     )  # fmt: skip
+    access_log: bool = Field(
+        default=False, validation_alias=_aliases("CMBCLUSTER_ACCESS_LOG"),
+        description="true: a log line for every request answered (client address, method, path, status), at "
+        "INFO, one-time sign-in codes and tokens in addresses hidden. Off by default: /metrics counts requests, "
+        "and the ingress or load balancer in front usually logs them.",
+    )  # fmt: skip
     log_format: Literal["json", "text"] = Field(
         default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"),
         description="json: one JSON object per line on standard error, for a log collector; text: plain lines "
