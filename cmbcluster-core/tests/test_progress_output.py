@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import collections
 from pathlib import Path
+from typing import Any
 
 from cmbcluster.db import create_db_engine, upgrade
 from cmbcluster.db.engine import session_factory
 from cmbcluster.db.models import Application, Environment, User
 from cmbcluster.interfaces import ComputeBackend, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus
 from cmbcluster.services.progress import ProgressHub, StartupOutput
+from cmbcluster.services.status import Report
 
 
 class PrintingCompute(ComputeBackend):
@@ -146,6 +148,59 @@ def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_i
     assert took < 0.3 + 0.5, took  # within the poll interval, and a pass
     # the reported one read at every pass, the other at the poll interval only
     assert compute.asked[busy.id] >= 5 * compute.asked[quiet.id] >= 5, compute.asked
+    engine.dispose()
+
+
+def test_a_burst_of_reported_changes_is_read_in_a_few_passes(tmp_path: Path) -> None:
+    """200 starts at once report hundreds of changes a second (each pod's watch events); each made
+    a pass of its own, a read transaction and a thread hop each (and a write for each end). Passes
+    come at most every MIN_PASS_SECONDS: what is reported meanwhile is read together."""
+    from cmbcluster.services.progress import MIN_PASS_SECONDS
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with sessions() as db:
+        user = User(email="ada@example.org", name="Ada", auth_provider="local", subject="ada")
+        app = Application(slug="lab", name="Lab", image="x")
+        db.add_all([user, app])
+        db.flush()
+        envs = [Environment(user_id=user.id, application_id=app.id, name=f"e{i}", backend="test", status="starting")
+                for i in range(100)]  # fmt: skip
+        db.add_all(envs)
+        db.commit()
+    hub = ProgressHub(sessions, PrintingCompute(), poll_seconds=5, max_poll_seconds=5)  # no pass by the clock
+    passes: list[int] = []
+    read = hub._read
+
+    def counted(environment_ids: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Report]]:
+        passes.append(len(environment_ids))
+        return read(environment_ids)
+
+    hub._read = counted  # type: ignore[method-assign]
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        running = asyncio.create_task(hub.run(stop))
+        await asyncio.sleep(0)
+        followers = [hub.subscribe(env.id, user.id) for env in envs]
+        for follower in followers:
+            await asyncio.wait_for(follower.changed.wait(), timeout=5)  # first states
+        passes.clear()
+        began = loop.time()
+        for env in envs:  # a report every 2 ms, as a burst's watch events come
+            hub.notify(env.id)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(2 * MIN_PASS_SECONDS)  # the last pass
+        took = loop.time() - began
+        stop.set()
+        await running
+        return took
+
+    took = asyncio.run(scenario())
+    assert sum(passes) >= 100, passes  # every change read
+    assert len(passes) <= took / MIN_PASS_SECONDS + 2, (len(passes), took)
     engine.dispose()
 
 

@@ -59,6 +59,10 @@ TERMINAL = ("running", "stopped", "failed")
 PROGRESS_RECORD_SECONDS = 1.0
 #: The reports that end a start, recorded at once: a stream announces an end once recorded.
 _ENDS = frozenset(phase for phase, status in PHASE_STATUS.items() if status in TERMINAL)
+#: A pass starts at most this long after the one before: the changes reported meanwhile are read
+#: (and their ends recorded) together. A burst of 200 starts reports hundreds of changes a second,
+#: each of which made a pass of its own, a read and a write transaction, each a thread hop.
+MIN_PASS_SECONDS = 0.05
 #: The application's last output lines an event carries while it starts and when it failed.
 PROGRESS_LOG_LINES = 15
 #: How often that output is read again (a pass may come sooner; reading may be a cluster call).
@@ -193,7 +197,7 @@ class ProgressHub:
     async def _serve(self, stop: asyncio.Event) -> None:
         assert self._wake is not None and self._loop is not None
         pause = self.poll_seconds
-        last_full = -math.inf
+        last_full = last_pass = -math.inf
         while not stop.is_set():
             try:
                 # asyncio.timeout, not wait_for: no task of its own per pass (a burst makes hundreds)
@@ -203,6 +207,9 @@ class ProgressHub:
             except TimeoutError:
                 pause = min(self.max_poll_seconds, pause * 1.5)
                 self._read_all = True
+            if (soon := last_pass + MIN_PASS_SECONDS - self._loop.time()) > 0:
+                await asyncio.sleep(soon)  # what is reported meanwhile joins this pass
+            last_pass = self._loop.time()
             self._wake.clear()
             if stop.is_set() or not self._subscriptions:
                 continue
