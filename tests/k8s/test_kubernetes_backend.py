@@ -23,7 +23,7 @@ pytest.importorskip("kubernetes")
 
 from kubernetes import client as k8s
 
-from cmbcluster.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, ProviderUnavailable
+from cmbcluster.errors import CmbclusterError, Conflict, InvalidRequest, NotFound, PermissionDenied, ProviderUnavailable
 from cmbcluster.interfaces import (
     CloudIdentity,
     EnvironmentPhase,
@@ -781,16 +781,9 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": 
 """
 
 
-def test_an_expiring_exec_plugin_token_is_renewed(
-    k8s_cluster: K8sCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As EKS and GKE kubeconfigs: the token comes from a command and expires. The client's refresh
-    runs at most every TOKEN_REFRESH_SECONDS (it re-applied the whole kubeconfig before every call);
-    a token due for renewal is still renewed and used. The plugin's first token is refused by the
-    API server, the one it gives once that has expired is the control plane's."""
-    from cmbcluster.kubernetes import client as kube_client
-
-    monkeypatch.setattr(kube_client, "TOKEN_REFRESH_SECONDS", 0.5)
+def exec_plugin_kubeconfig(k8s_cluster: K8sCluster, tmp_path: Path) -> tuple[Path, Path]:
+    """A kubeconfig whose token comes from EXEC_PLUGIN: first one the API server refuses, then the
+    control plane's; and the file that counts the plugin's runs."""
     plugin, runs = tmp_path / "plugin.py", tmp_path / "runs"
     plugin.write_text(EXEC_PLUGIN)
     kubeconfig = tmp_path / "kubeconfig"
@@ -804,6 +797,20 @@ def test_an_expiring_exec_plugin_token_is_renewed(
         }}}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "cp"}}],
     }))  # fmt: skip
+    return kubeconfig, runs
+
+
+def test_an_expiring_exec_plugin_token_is_renewed(
+    k8s_cluster: K8sCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As EKS and GKE kubeconfigs: the token comes from a command and expires. The client's refresh
+    runs at most every TOKEN_REFRESH_SECONDS (it re-applied the whole kubeconfig before every call);
+    a token due for renewal is still renewed and used. The plugin's first token is refused by the
+    API server, the one it gives once that has expired is the control plane's."""
+    from cmbcluster.kubernetes import client as kube_client
+
+    monkeypatch.setattr(kube_client, "TOKEN_REFRESH_SECONDS", 0.5)
+    kubeconfig, runs = exec_plugin_kubeconfig(k8s_cluster, tmp_path)
     api = kube_client.api_client_from_config(kubeconfig=str(kubeconfig))
     try:
         core = k8s.CoreV1Api(api)
@@ -819,6 +826,28 @@ def test_an_expiring_exec_plugin_token_is_renewed(
         assert runs.read_text() == "xx"
     finally:
         api.close()
+
+
+def test_a_token_refused_before_its_renewal_is_due_is_renewed_at_once(
+    k8s_cluster: K8sCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh interval is long here, as when the clock it reads stood still (a suspended host)
+    while the token expired: the backend's call refused 401 renews the token and is sent again."""
+    from cmbcluster.kubernetes import client as kube_client
+
+    monkeypatch.setattr(kube_client, "TOKEN_REFRESH_SECONDS", 3600)
+    kubeconfig, runs = exec_plugin_kubeconfig(k8s_cluster, tmp_path)
+    client = kube_client.KubeClient(kube_client.api_client_from_config(kubeconfig=str(kubeconfig)),
+                                    namespace=namespace, retries=Retries(attempts=1))  # fmt: skip
+    try:
+        with pytest.raises(CmbclusterError):  # not expired yet: the loader keeps it, refused again
+            client.list("Pod", "app=none")
+        assert runs.read_text() == "x"
+        time.sleep(2)  # the token is past its renewal time; the interval is not over
+        assert client.list("Pod", "app=none") == []
+        assert runs.read_text() == "xx"
+    finally:
+        client.close()
 
 
 # -- plugin and pure helpers -----------------------------------------------------------------------

@@ -99,9 +99,7 @@ class KubeClient:
         last: Exception | None = None
         for attempt in range(attempts):
             try:
-                response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
-                data = response.data
-                return json.loads(data) if data else {}
+                return self._send(fn, args, kwargs)
             except ApiException as exc:
                 if exc.status not in _RETRYABLE_STATUS | _RETRYABLE_THEN_REPORTED:
                     raise translate(exc, what) from exc
@@ -117,6 +115,22 @@ class KubeClient:
         raise ProviderUnavailable(
             f"the Kubernetes API did not answer {what} after {attempts} attempts: {describe_error(last)}"
         ) from last
+
+    def _send(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One request, as JSON. Refused 401 where the credentials can be renewed (a token from a
+        kubeconfig's exec plugin, a pod's service account), they are renewed at once and it is
+        sent again, once: a token can expire before its renewal is due by the clock the renewal
+        reads (RefreshAtMostEvery's, which stands still while a suspended host sleeps)."""
+        try:
+            response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+        except ApiException as exc:
+            renewal = self.api_client.configuration.refresh_api_key_hook
+            if exc.status != 401 or not isinstance(renewal, RefreshAtMostEvery):
+                raise
+            renewal.expire()
+            response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+        data = response.data
+        return json.loads(data) if data else {}
 
     def _method(self, api: str, method: str) -> Callable[..., Any]:
         """The client's method, without its check of every argument where it has one (pydantic's
@@ -231,7 +245,7 @@ def api_client_from_config(
     from kubernetes import config as kube_config
 
     config: Any = kube_config  # typed differently by each client version
-    configuration = k8s.Configuration()
+    configuration = ThrottledConfiguration()
     if in_cluster or (in_cluster is None and not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST")):
         config.load_incluster_config(client_configuration=configuration)
     else:
@@ -239,8 +253,6 @@ def api_client_from_config(
     # One connection per thread that may call at once (worker threads, parallel calls, watches):
     # the default (5 x CPUs) makes urllib3 open and drop a TLS connection per call under load.
     configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
-    if configuration.refresh_api_key_hook is not None:
-        configuration.refresh_api_key_hook = RefreshAtMostEvery(configuration.refresh_api_key_hook)
     return k8s.ApiClient(configuration)
 
 
@@ -255,8 +267,8 @@ class RefreshAtMostEvery:
     reads the environment's proxy variables): 4 % of the control plane's CPU in a burst of starts.
     The tokens they renew are renewed early, so checking every few seconds changes nothing: a
     kubeconfig's (an exec plugin's, EKS and GKE) 5 minutes before they expire, a pod's service
-    account token re-read every minute while the kubelet rotates it long before its expiry. Each
-    run of a loader's hook installs a new hook of its own; it is taken as the one to run next."""
+    account token re-read every minute while the kubelet rotates it long before its expiry; and a
+    call refused 401 renews at once (KubeClient). Installed by :class:`ThrottledConfiguration`."""
 
     def __init__(self, hook: Callable[[Any], None], seconds: float | None = None) -> None:
         self.hook = hook
@@ -270,7 +282,30 @@ class RefreshAtMostEvery:
         with self._lock:  # one thread renews; the others go on with the current token
             if time.monotonic() < self._due:
                 return
-            self.hook(configuration)
-            if configuration.refresh_api_key_hook is not self:
-                self.hook, configuration.refresh_api_key_hook = configuration.refresh_api_key_hook, self
+            self.hook(configuration)  # a failure is the call's, and the next call tries again
             self._due = time.monotonic() + self.seconds
+
+    def expire(self) -> None:
+        """Run the hook at the next call, due or not."""
+        self._due = -float("inf")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RefreshAtMostEvery:
+        # a copied configuration (Configuration.set_default copies) gets its own lock and clock
+        return RefreshAtMostEvery(self.hook, self.seconds)
+
+
+class ThrottledConfiguration(k8s.Configuration):  # type: ignore[misc]
+    """The client's configuration, whose token refresh hook, whoever sets it, runs through
+    :class:`RefreshAtMostEvery`. Each run of a loader's hook sets a new hook of its own (its
+    ``_set_config``): that one is run next, and the throttle stays in place for every thread
+    meanwhile (swapped back after the run, another thread could take the loader's own hook and keep
+    it installed)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "refresh_api_key_hook" and value is not None and not isinstance(value, RefreshAtMostEvery):
+            installed = self.__dict__.get(name)
+            if isinstance(installed, RefreshAtMostEvery):
+                installed.hook = value
+                return
+            value = RefreshAtMostEvery(value)
+        super().__setattr__(name, value)
