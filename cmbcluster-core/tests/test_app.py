@@ -25,6 +25,7 @@ from cmbcluster.errors import LimitExceeded, NotFound, ProviderUnavailable
 from cmbcluster.local.storage import LocalStorage
 from cmbcluster.plugins import PluginManager
 from cmbcluster.registrations import ProviderContext, StorageBackendRegistration
+from cmbcluster.services.environment_entry import TICKET_PARAMETER
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
@@ -273,13 +274,18 @@ def test_the_access_log_writes_a_line_per_request_with_one_time_secrets_hidden(t
             assert http.get("/healthz").status_code == 200
             http.get("/api/v1/auth/callback", params={"code": "Secret-Code-1", "state": "s"})
             http.get("/environments/x/lab?tok%65n=Secret-Token-3&Ticket=Secret-Ticket-4")
+            http.get(f"/environments/x/lab?{TICKET_PARAMETER}=Secret-Ticket-5&access_token=Secret-Token-6")
+            # an address inside another (enter's next, where the ingress puts the one asked for)
+            http.get("/api/v1/environments/x/enter?next=https%3A%2F%2Fe.example%2Flab%3Ftoken%3DSecret-7%26k%3D2")
         deadline = time.monotonic() + 10
-        while "Ticket=" not in server.output() and time.monotonic() < deadline:
+        while "/enter?" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.05)
         log = server.output()
     assert '"GET /healthz HTTP/1.1" 200' in log
     assert "/api/v1/auth/callback?code=[code]&state=s" in log
     assert "tok%65n=[token]" in log and "Ticket=[ticket]" in log
+    assert f"{TICKET_PARAMETER}=[ticket]&access_token=[token]" in log
+    assert "next=https%3A%2F%2Fe.example%2Flab%3Ftoken%3D[token]%26k%3D2" in log
     assert "Secret-" not in log
 
 

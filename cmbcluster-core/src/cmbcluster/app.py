@@ -206,5 +206,10 @@ def _log_start(context: AppContext) -> None:
 
 
 def create_app_from_environment() -> FastAPI:
-    """Factory for ``uvicorn --factory`` (used by ``cmbcluster serve --reload``)."""
+    """Factory for ``uvicorn --factory`` (used by ``cmbcluster serve --reload``): the reloader's
+    child process configures its logging here, as ``serve`` does its own."""
+    from cmbcluster.observability import configure_logging
+
+    core = load_core_settings()
+    configure_logging(core.log_level, core.log_format, access_log=core.access_log)
     return create_app()

@@ -44,9 +44,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-#: Query parameters that hold a secret in an address a log line may show: JupyterLab's WebSocket URLs
-#: carry the application's ``token`` (uvicorn logs each WebSocket's address as it accepts it), and
-#: with the access log on, the sign-in callback's one-time ``code`` and a host's sign-in ``ticket``.
+#: Query parameters that hold a secret in an address a log line may show, by how their names end
+#: (``token``, ``access_token``, ``cmbcluster_ticket``): JupyterLab's WebSocket URLs carry the
+#: application's token (uvicorn logs each WebSocket's address as it accepts it), and with the access
+#: log on, the sign-in callback's one-time code and a host's sign-in ticket. Over-hiding (a
+#: ``zipcode``) costs nothing.
 SECRET_PARAMETERS = ("token", "code", "ticket")
 
 
@@ -55,19 +57,24 @@ def _spelled_any_way(name: str) -> str:
     return "".join(f"(?:{letter}|%{ord(letter):02x})" for letter in name)
 
 
+# A parameter after ? or &, or after their escapes (%3F, %26) in an address carried inside another
+# (enter's ``next``); its value ends at the next parameter, escaped or not.
 _SECRET_IN_ADDRESS = re.compile(
-    rf"([?&](?:{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})=)[^&\s\"']+", re.IGNORECASE
+    r"(?P<before>(?:[?&]|%3f|%26)[\w.%-]*?)"
+    rf"(?P<name>{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})"
+    r"(?P<equals>=|%3d)(?:(?!%26)[^&\s\"'])+",
+    re.IGNORECASE,
 )
 
 
 def _named(match: re.Match[str]) -> str:
-    """``token=[token]``, ``tok%65n=[token]``: the parameter as sent, its value by the name it stands for."""
-    return f"{match[1]}[{unquote(match[1][1:-1]).lower()}]"
+    """``token=[token]``, ``tok%65n=[token]``: the parameter as sent, its value by the name it ends with."""
+    return f"{match['before']}{match['name']}{match['equals']}[{unquote(match['name']).lower()}]"
 
 
 class _HideAddressSecrets(logging.Filter):
     """Writes ``[token]``, ``[code]`` or ``[ticket]`` for the value of such a parameter
-    (:data:`SECRET_PARAMETERS`) in an address any log line holds."""
+    (:data:`SECRET_PARAMETERS`) in an address a log line's message holds (not in a traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -92,8 +99,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, access_log: boo
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # Off by default: requests are counted in /metrics, and the ingress controller or load balancer in
-    # front of the control plane usually logs each one already.
+    # off by default (CoreSettings.access_log says why)
     logging.getLogger("uvicorn.access").setLevel(logging.INFO if access_log else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # httpx writes a line at INFO for every request it sends: every request the environment proxy

@@ -195,8 +195,8 @@ class CoreSettings(BaseSettings):
     access_log: bool = Field(
         default=False, validation_alias=_aliases("CMBCLUSTER_ACCESS_LOG"),
         description="true: a log line for every request answered (client address, method, path, status), at "
-        "INFO, one-time sign-in codes and tokens in addresses hidden. Off by default: /metrics counts requests, "
-        "and the ingress or load balancer in front usually logs them.",
+        "INFO, tokens, one-time sign-in codes and tickets in addresses hidden. Off by default: /metrics counts "
+        "requests, and the ingress or load balancer in front usually logs them.",
     )  # fmt: skip
     log_format: Literal["json", "text"] = Field(
         default="json", validation_alias=_aliases("CMBCLUSTER_LOG_FORMAT"),
