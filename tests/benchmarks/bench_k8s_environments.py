@@ -72,7 +72,7 @@ from cmbcluster.api.server import raise_open_file_limit
 from cmbcluster.interfaces import EnvironmentSpec, Resources, UserRef
 from cmbcluster.kubernetes.backend import KubernetesCompute, KubernetesOptions
 from cmbcluster.kubernetes.client import CONNECTION_POOL_SIZE
-from cmbcluster.kubernetes.labels import identity_labels
+from cmbcluster.kubernetes.labels import MANAGED_SELECTOR, identity_labels
 from cmbcluster.kubernetes.manifests import build_service
 from cmbcluster.kubernetes.routing import Exposure
 from cmbcluster.testing.api import dev_sign_in
@@ -135,14 +135,15 @@ class PodClock:
             return max(table[n] for n in names)
 
     def wait_cleared(self, names: set[str], timeout: float = 300) -> None:
-        """Until ``names`` are gone and no Service or Ingress is left in the namespace: the garbage
+        """Until ``names`` are gone and no environment's Service or Ingress is left: the garbage
         collector deletes an environment's routes after its pod, and that work must not fall into
         the next burst's time."""
         self.wait(self.gone, names, timeout)
         networking = k8s.NetworkingV1Api(self.core.api_client)
         deadline = time.monotonic() + timeout
-        while self.core.list_namespaced_service(self.namespace).items or \
-                networking.list_namespaced_ingress(self.namespace).items:  # fmt: skip
+        ours = {"label_selector": MANAGED_SELECTOR}  # an environment's (the backend's and the direct client's)
+        while self.core.list_namespaced_service(self.namespace, **ours).items or \
+                networking.list_namespaced_ingress(self.namespace, **ours).items:  # fmt: skip
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Services or Ingresses left in {self.namespace} after {timeout}s")
             time.sleep(0.2)
@@ -226,12 +227,12 @@ def separate_cpus(cluster: K8sCluster) -> str:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return "one CPU: the cluster and its clients share it"
-    ours, clients = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
+    cluster_cpus, client_cpus = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
     for pid in cluster.component_pids():
-        pin(pid, ours)
-    pin(os.getpid(), clients)
-    return (f"the cluster on CPU {sorted(ours)}; its clients, the direct client, the control plane and "
-            f"the users, on CPU {sorted(clients)}")  # fmt: skip
+        pin(pid, cluster_cpus)
+    pin(os.getpid(), client_cpus)
+    return (f"the cluster on CPU {sorted(cluster_cpus)}; its clients, the direct client, the control plane "
+            f"and the users, on CPU {sorted(client_cpus)}")  # fmt: skip
 
 
 def pin(pid: int, cpus: set[int]) -> None:

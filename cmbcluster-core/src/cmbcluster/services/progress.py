@@ -7,7 +7,8 @@ An open stream holds nothing while it waits: no database connection, no worker t
   listener registered with ``ComputeBackend.on_status_change``), when this process changed an
   environment itself (:meth:`ProgressHub.notify`), and at the latest every ``poll_seconds``,
   a pause that grows to ``max_poll_seconds`` while nothing changes (an autoscaler adding nodes
-  keeps dialogs open for minutes) and shrinks back at the next change;
+  keeps dialogs open for minutes) and shrinks back at the next change; a pass starts at most
+  ``MIN_PASS_SECONDS`` after the one before, and what is reported meanwhile joins it;
 - then, in one hop to its own thread (never queued behind requests in the shared worker pool)
   and one short read-only database session, it reads the followed environments a change was
   reported for (every followed one after a quiet pause, and at least every ``poll_seconds`` however
@@ -137,7 +138,7 @@ class ProgressHub:
     def subscribe(self, environment_id: str, user_id: str) -> Subscription:
         subscription = Subscription(environment_id, user_id)
         self._subscriptions.setdefault(environment_id, set()).add(subscription)
-        self.notify(environment_id)  # its first state comes with the next pass, at once
+        self.notify(environment_id)  # its first state comes with the next pass (within MIN_PASS_SECONDS)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
