@@ -8,6 +8,9 @@ import collections
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from cmbcluster.db import create_db_engine, upgrade
 from cmbcluster.db.engine import session_factory
 from cmbcluster.db.models import Application, Environment, User
@@ -101,11 +104,11 @@ def test_a_failures_last_lines_are_read_at_once() -> None:
     assert compute.reads == ["a"]
 
 
-def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_interval(tmp_path: Path) -> None:
-    """A burst of starts reports hundreds of changes: each is read alone, not with every followed
-    environment (which made the hub's passes cost as much as the starts). A change nobody reports
-    (another replica's, a backend without a watch) still reaches its stream within the poll
-    interval, however busy the reported ones keep the hub."""
+def starting_environments(
+    tmp_path: Path, names: list[str], **fields: Any
+) -> tuple[Engine, sessionmaker[Session], str, list[str]]:
+    """A database with one user's environments of ``names``, starting (``fields`` set on each):
+    (engine, sessions, user id, environment ids)."""
     engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     upgrade(engine)
     sessions = session_factory(engine)
@@ -114,12 +117,19 @@ def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_i
         app = Application(slug="lab", name="Lab", image="x")
         db.add_all([user, app])
         db.flush()
-        busy, quiet = (
-            Environment(user_id=user.id, application_id=app.id, name=name, backend="test", status="starting")
-            for name in ("busy", "quiet")
-        )  # fmt: skip
-        db.add_all([busy, quiet])
+        envs = [Environment(user_id=user.id, application_id=app.id, name=name, backend="test", status="starting",
+                            **fields) for name in names]  # fmt: skip
+        db.add_all(envs)
         db.commit()
+        return engine, sessions, user.id, [env.id for env in envs]
+
+
+def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_interval(tmp_path: Path) -> None:
+    """A burst of starts reports hundreds of changes: each is read alone, not with every followed
+    environment (which made the hub's passes cost as much as the starts). A change nobody reports
+    (another replica's, a backend without a watch) still reaches its stream within the poll
+    interval, however busy the reported ones keep the hub."""
+    engine, sessions, user_id, (busy, quiet) = starting_environments(tmp_path, ["busy", "quiet"])
     compute = PrintingCompute()
     hub = ProgressHub(sessions, compute, poll_seconds=0.3, max_poll_seconds=0.3)
 
@@ -128,15 +138,15 @@ def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_i
         stop = asyncio.Event()
         running = asyncio.create_task(hub.run(stop))
         await asyncio.sleep(0)  # the hub is listening
-        followers = [hub.subscribe(env.id, user.id) for env in (busy, quiet)]
+        followers = [hub.subscribe(environment_id, user_id) for environment_id in (busy, quiet)]
         for follower in followers:
             await asyncio.wait_for(follower.changed.wait(), timeout=5)  # first states
             follower.changed.clear()
         compute.asked.clear()
-        compute.messages[quiet.id] = "pulling the image"  # nobody reports this one
+        compute.messages[quiet] = "pulling the image"  # nobody reports this one
         began = loop.time()
         while not followers[1].changed.is_set() and loop.time() - began < 5:
-            hub.notify(busy.id)  # while changes of the other keep coming
+            hub.notify(busy)  # while changes of the other keep coming
             await asyncio.sleep(0.01)
         took = loop.time() - began
         stop.set()
@@ -147,7 +157,7 @@ def test_a_reported_change_is_read_alone_and_an_unreported_one_within_the_poll_i
     took = asyncio.run(scenario())
     assert took < 0.3 + 0.5, took  # within the poll interval, and a pass
     # the reported one read at every pass, the other at the poll interval only
-    assert compute.asked[busy.id] >= 5 * compute.asked[quiet.id] >= 5, compute.asked
+    assert compute.asked[busy] >= 5 * compute.asked[quiet] >= 5, compute.asked
     engine.dispose()
 
 
@@ -157,18 +167,7 @@ def test_a_burst_of_reported_changes_is_read_in_a_few_passes(tmp_path: Path) -> 
     come at most every MIN_PASS_SECONDS: what is reported meanwhile is read together."""
     from cmbcluster.services.progress import MIN_PASS_SECONDS
 
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade(engine)
-    sessions = session_factory(engine)
-    with sessions() as db:
-        user = User(email="ada@example.org", name="Ada", auth_provider="local", subject="ada")
-        app = Application(slug="lab", name="Lab", image="x")
-        db.add_all([user, app])
-        db.flush()
-        envs = [Environment(user_id=user.id, application_id=app.id, name=f"e{i}", backend="test", status="starting")
-                for i in range(100)]  # fmt: skip
-        db.add_all(envs)
-        db.commit()
+    engine, sessions, user_id, envs = starting_environments(tmp_path, [f"e{i}" for i in range(100)])
     hub = ProgressHub(sessions, PrintingCompute(), poll_seconds=5, max_poll_seconds=5)  # no pass by the clock
     passes: list[int] = []
     read = hub._read
@@ -184,13 +183,13 @@ def test_a_burst_of_reported_changes_is_read_in_a_few_passes(tmp_path: Path) -> 
         stop = asyncio.Event()
         running = asyncio.create_task(hub.run(stop))
         await asyncio.sleep(0)
-        followers = [hub.subscribe(env.id, user.id) for env in envs]
+        followers = [hub.subscribe(environment_id, user_id) for environment_id in envs]
         for follower in followers:
             await asyncio.wait_for(follower.changed.wait(), timeout=5)  # first states
         passes.clear()
         began = loop.time()
-        for env in envs:  # a report every 2 ms, as a burst's watch events come
-            hub.notify(env.id)
+        for environment_id in envs:  # a report every 2 ms, as a burst's watch events come
+            hub.notify(environment_id)
             await asyncio.sleep(0.002)
         await asyncio.sleep(2 * MIN_PASS_SECONDS)  # the last pass
         took = loop.time() - began
@@ -218,20 +217,10 @@ def test_a_report_is_recorded_only_on_the_run_it_was_read_for(tmp_path: Path) ->
     loop (an outsider's trial: a restart answered "starting", then "stopped", with no message)."""
     import datetime as dt
 
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade(engine)
-    sessions = session_factory(engine)
     first_run = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
-    with sessions() as db:
-        user = User(email="ada@example.org", name="Ada", auth_provider="local", subject="ada")
-        app = Application(slug="lab", name="Lab", image="x")
-        db.add_all([user, app])
-        db.flush()
-        env = Environment(user_id=user.id, application_id=app.id, name="lab", backend="test", status="starting",
-                          desired_state="running", started_at=first_run)  # fmt: skip
-        db.add(env)
-        db.commit()
-        env_id = env.id
+    engine, sessions, _, (env_id,) = starting_environments(
+        tmp_path, ["lab"], desired_state="running", started_at=first_run
+    )
     hub = ProgressHub(sessions, EndedCompute())
     _, behind = hub._read([env_id])
     assert set(behind) == {env_id}  # the old run's end, to record
