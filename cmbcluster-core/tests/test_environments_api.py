@@ -1531,3 +1531,51 @@ def test_a_route_whose_worker_finished_holds_no_database_connection(client: Test
             assert not db.in_transaction() and wait_until_no_connection_is_out(pool) == 0
 
     anyio.run(routes)
+
+
+def test_reading_an_environment_while_another_writer_records_its_start_answers_what_was_recorded(
+    client: TestClient, alice: dict[str, str], cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read records what the backend reports (the environment's page polls it). The progress hub,
+    the reconcile loop or another replica may record the same change at the same moment: the
+    second to open the usage interval was refused by the database, and the read answered 409
+    (found in a fresh-clone run). It answers what was recorded."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    env = create_env(client, alice)
+    wait_status(client, alice, env["id"], "running")
+    engine = client.app.state.context.engine  # type: ignore[attr-defined]
+    database = engine.url.database
+    with sqlite3.connect(database) as other:  # as recorded before the start was seen running
+        interval = other.execute(
+            "SELECT * FROM usage_intervals WHERE environment_id = ? AND end_s IS NULL", (env["id"],)
+        ).fetchone()
+        other.execute("DELETE FROM usage_intervals WHERE environment_id = ? AND end_s IS NULL", (env["id"],))
+        other.execute("UPDATE environments SET status = 'pending' WHERE id = ?", (env["id"],))
+    compute = client.app.state.context.compute  # type: ignore[attr-defined]
+    starting = EnvironmentStatus(environment_id=env["id"], phase=EnvironmentPhase.STARTING, message="starting")
+    monkeypatch.setattr(compute, "status", lambda environment_id: starting)
+    fired: list[str] = []
+
+    def other_writer_first(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # another writer records the same start between the read's check for an open interval and its own
+        if statement.startswith("INSERT INTO usage_intervals") and not fired:
+            fired.append(statement)
+            with sqlite3.connect(database) as other:
+                placeholders = ", ".join("?" * len(interval))
+                other.execute(f"INSERT INTO usage_intervals VALUES ({placeholders})", interval)
+
+    event.listen(engine, "before_cursor_execute", other_writer_first)
+    try:
+        answer = client.get(f"/api/v1/environments/{env['id']}", headers=alice)
+    finally:
+        event.remove(engine, "before_cursor_execute", other_writer_first)
+    assert fired, "the read did not record the start: nothing raced"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "pending"  # as recorded: the other writer's record is a test's
+    with sqlite3.connect(database) as other:
+        assert other.execute(
+            "SELECT count(*) FROM usage_intervals WHERE environment_id = ? AND end_s IS NULL", (env["id"],)
+        ).fetchone() == (1,)  # counted once

@@ -13,6 +13,8 @@ from urllib.parse import urljoin, urlsplit
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 from cmbcluster import webui
 from cmbcluster.api.deps import (
@@ -390,7 +392,13 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
     if env.status in envs.ACTIVE_STATUSES:
         status = await _in_worker(db, context, context.compute.status, env.id)
         if apply_status(db, env, status):
-            db.commit()
+            try:
+                db.commit()
+            except (IntegrityError, StaleDataError, ObjectDeletedError):
+                # Recorded meanwhile by another writer (the progress hub, the reconcile loop, a start's
+                # launch, another replica), which opened the usage interval first, or deleted: a read
+                # answers what the database holds (or 404), never a conflict it did not ask for.
+                db.rollback()
     return _answer(db, context, user, environment_id)
 
 
