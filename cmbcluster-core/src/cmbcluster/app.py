@@ -208,8 +208,8 @@ def _log_start(context: AppContext) -> None:
 def create_app_from_environment() -> FastAPI:
     """Factory for ``uvicorn --factory`` (used by ``cmbcluster serve --reload``): the reloader's
     child process configures its logging here, as ``serve`` does its own."""
-    from cmbcluster.observability import configure_logging
+    from cmbcluster.observability import configure_logging_for
 
     core = load_core_settings()
-    configure_logging(core.log_level, core.log_format, access_log=core.access_log)
-    return create_app()
+    configure_logging_for(core)
+    return create_app(core)

@@ -62,12 +62,12 @@ def serve(
     import uvicorn
 
     from cmbcluster.app import create_app
-    from cmbcluster.observability import configure_logging
+    from cmbcluster.observability import configure_logging_for
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     config = resolve_config(**overrides)  # refuse an invalid configuration before anything starts
     core = config.core
-    configure_logging(core.log_level, core.log_format, access_log=core.access_log)
+    configure_logging_for(core)
     if reload:
         # uvicorn's reloader imports the app by name in a child process: pass choices by environment.
         os.environ["CMBCLUSTER_HOST"], os.environ["CMBCLUSTER_PORT"] = core.host, str(core.port)

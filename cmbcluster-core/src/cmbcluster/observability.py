@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from cmbcluster.services.accounting import Totals
+    from cmbcluster.settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class _HideAddressSecrets(logging.Filter):
         if hidden != message:
             record.msg, record.args = hidden, ()
         return True
+
+
+def configure_logging_for(core: CoreSettings) -> None:
+    """The process's log as the core settings say (``cmbcluster serve`` and its reloader's child)."""
+    configure_logging(core.log_level, core.log_format, access_log=core.access_log)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", *, access_log: bool = False) -> None:

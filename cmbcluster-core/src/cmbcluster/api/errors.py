@@ -13,12 +13,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmbcluster.api.docs import customise_openapi
+from cmbcluster.db.engine import CHANGED_MEANWHILE
 from cmbcluster.errors import CmbclusterError, LimitExceeded, RequestTimeout
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,6 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=503, headers={"Retry-After": "2"},
         )  # fmt: skip
 
-    @app.exception_handler(StaleDataError)
-    @app.exception_handler(ObjectDeletedError)
-    @app.exception_handler(IntegrityError)
     async def _changed_meanwhile(request: Request, exc: Exception) -> JSONResponse:
         # Two requests raced on one record (a stop and a delete of one environment at once) and
         # the database refused the second's write, or found the row gone: this request's change
@@ -212,6 +209,9 @@ def install_error_handlers(app: FastAPI) -> None:
                        "reload it and try again"),
             status_code=409,
         )  # fmt: skip
+
+    for changed_meanwhile in CHANGED_MEANWHILE:
+        app.add_exception_handler(changed_meanwhile, _changed_meanwhile)
 
     async def _untyped(request: Request, exc: Exception) -> Response:
         """The answer of the handler installed for ``exc``'s type (the most specific; at least

@@ -11,12 +11,18 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import Engine, Executable, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 log = logging.getLogger(__name__)
+
+#: What the database raises when another transaction changed or deleted a record this one writes
+#: (two requests, or a request and a background loop, recording the same change at once).
+CHANGED_MEANWHILE = (StaleDataError, ObjectDeletedError, IntegrityError)
 
 MIGRATIONS = "cmbcluster.db:migrations"
 #: The newest migration in ``migrations/versions`` (a test keeps the two equal). Knowing it lets

@@ -121,14 +121,15 @@ class KubeClient:
         kubeconfig's exec plugin, a pod's service account), they are renewed at once and it is
         sent again, once: a token can expire before its renewal is due by the clock the renewal
         reads (RefreshAtMostEvery's, which stands still while a suspended host sleeps)."""
+        send = functools.partial(fn, *args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
         try:
-            response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+            response = send()
         except ApiException as exc:
             renewal = self.api_client.configuration.refresh_api_key_hook
             if exc.status != 401 or not isinstance(renewal, RefreshAtMostEvery):
                 raise
             renewal.expire()
-            response = fn(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+            response = send()
         data = response.data
         return json.loads(data) if data else {}
 

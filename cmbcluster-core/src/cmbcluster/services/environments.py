@@ -22,12 +22,12 @@ from sqlalchemy import update as update_statement  # this module's update() chan
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.schema import sort_tables
 
 from cmbcluster.compute.mounts import mount_bucket
 from cmbcluster.context import AppContext
-from cmbcluster.db.engine import begin_locked, begin_serialised, one_writer
+from cmbcluster.db.engine import CHANGED_MEANWHILE, begin_locked, begin_serialised, one_writer
 from cmbcluster.db.models import (
     Application,
     Environment,
@@ -535,7 +535,7 @@ def launch(
     try:
         apply_status(db, env, status)
         db.commit()
-    except (StaleDataError, ObjectDeletedError, IntegrityError):  # deleted since the check above
+    except CHANGED_MEANWHILE:  # deleted since the check above
         db.rollback()
         # Its delete's backend call may have come before this start's: what was started goes too.
         if db.execute(_DESIRED_STATE, {"environment_id": environment_id}).scalar_one_or_none() is None:

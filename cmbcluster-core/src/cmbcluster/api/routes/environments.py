@@ -13,8 +13,6 @@ from urllib.parse import urljoin, urlsplit
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 from cmbcluster import webui
 from cmbcluster.api.deps import (
@@ -40,6 +38,7 @@ from cmbcluster.api.deps import (
 from cmbcluster.api.errors import error_responses
 from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
+from cmbcluster.db.engine import CHANGED_MEANWHILE
 from cmbcluster.db.models import User, utcnow
 from cmbcluster.errors import AuthenticationFailed, Conflict, NotFound, PermissionDenied
 from cmbcluster.services import environment_entry as entry
@@ -394,7 +393,7 @@ async def get_environment(environment_id: str, user: CurrentUser, db: DbSession,
         if apply_status(db, env, status):
             try:
                 db.commit()
-            except (IntegrityError, StaleDataError, ObjectDeletedError):
+            except CHANGED_MEANWHILE:
                 # Recorded meanwhile by another writer (the progress hub, the reconcile loop, a start's
                 # launch, another replica), which opened the usage interval first, or deleted: a read
                 # answers what the database holds (or 404), never a conflict it did not ask for.
