@@ -400,8 +400,12 @@ def serve_until_stopped(session: nox.Session, *args: str) -> None:
 
 @nox.session(python=PYTHON)
 def benchmark(session: nox.Session) -> None:
-    """Run every benchmark under tests/benchmarks and print its figures."""
+    """Run every benchmark under tests/benchmarks and print its figures; ``-- bench_x.py [its options]``
+    runs the one named, with its options."""
     install_packages(session)
     session.install(PLAYWRIGHT)  # bench_ui drives Debian's Chromium (it says so and skips without one)
-    for script in sorted((ROOT / "tests" / "benchmarks").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs)
+    scripts = sorted((ROOT / "tests" / "benchmarks").glob("bench_*.py"))
+    named = [script for script in scripts if script.name in session.posargs]
+    options = [arg for arg in session.posargs if arg not in {script.name for script in named}]
+    for script in named or scripts:
+        session.run("python", str(script), *options)

@@ -58,13 +58,13 @@ def _spelled_any_way(name: str) -> str:
     return "".join(f"(?:{letter}|%{ord(letter):02x})" for letter in name)
 
 
-# A parameter after ? or &, or after their escapes (%3F, %26) in an address carried inside another
-# (enter's ``next``); its value ends at the next parameter, escaped or not.
-_SECRET_IN_ADDRESS = re.compile(
-    r"(?P<before>(?:[?&]|%3f|%26)[\w.%-]*?)"
-    rf"(?P<name>{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})"
-    r"(?P<equals>=|%3d)(?:(?!%26)[^&\s\"'])+",
-    re.IGNORECASE,
+_SECRET_NAME = rf"(?P<name>{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})"
+# A parameter of the address (after ? or &): its value ends at the next & (a %26 in it is the value's);
+# then one of an address carried inside another's query (enter's ``next``), after %3F or %26: its
+# value ends at the next %26.
+_SECRETS_IN_ADDRESS = (
+    re.compile(rf"(?P<before>[?&][\w.%-]*?){_SECRET_NAME}(?P<equals>=)[^&\s\"']+", re.IGNORECASE),
+    re.compile(rf"(?P<before>(?:%3f|%26)[\w.%-]*?){_SECRET_NAME}(?P<equals>%3d)(?:(?!%26)[^&\s\"'])+", re.IGNORECASE),
 )
 
 
@@ -79,7 +79,9 @@ class _HideAddressSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        hidden = _SECRET_IN_ADDRESS.sub(_named, message)
+        hidden = message
+        for secrets_in_address in _SECRETS_IN_ADDRESS:
+            hidden = secrets_in_address.sub(_named, hidden)
         if hidden != message:
             record.msg, record.args = hidden, ()
         return True
@@ -109,10 +111,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, access_log: boo
     logging.getLogger("uvicorn.access").setLevel(logging.INFO if access_log else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # httpx writes a line at INFO for every request it sends: every request the environment proxy
-    # passes on (a JupyterLab page is dozens) and every cloud call. Shown at DEBUG only.
+    # passes on (a JupyterLab page is dozens) and every cloud call. Shown at DEBUG only. httpcore's
+    # DEBUG lines hold every header, the applications' cookies among them: never written.
     quiet = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
+    logging.getLogger("httpx").setLevel(quiet)
+    logging.getLogger("httpcore").setLevel(max(quiet, logging.INFO))
 
 
 class Metrics:
