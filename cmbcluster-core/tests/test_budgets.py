@@ -479,8 +479,12 @@ def test_the_core_hours_counter_never_goes_back(
 
     def counted() -> float:
         prefix = 'cmbcluster_user_core_hours_total{user="alice@example.org"} '
-        (line,) = [line for line in client.get("/metrics", headers=admin).text.splitlines() if line.startswith(prefix)]
-        return float(line.removeprefix(prefix))
+        scrape = client.get("/metrics", headers=admin)
+        assert scrape.status_code == 200, scrape.text
+        lines = [line for line in scrape.text.splitlines() if line.startswith(prefix)]
+        # (once seen missing in a fresh clone's run: the scrape's usage lines, and the log, say why)
+        assert len(lines) == 1, [line for line in scrape.text.splitlines() if "core_hours" in line]
+        return float(lines[0].removeprefix(prefix))
 
     scraped = [counted()]
     context.compute.stop(env_id)  # its process is gone: a crash

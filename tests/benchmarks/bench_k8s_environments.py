@@ -23,7 +23,9 @@ In one run, on one fresh Kubernetes test cluster (tests/k8s/harness.py):
    leader and follow their progress on the other replica, as a load balancer may send them.
 
 Targets (issue 16), for each burst of 2 and 3: every stream sees `running`, no request fails, all
-running within 1.5 x the direct client's time, p95 per user <= 1.2 x the direct p95 + 1 s,
+running within 1.5 x the direct client's time, p95 per user <= 1.2 x the direct p95 + 1 s (both
+timed from the burst's start: users all ask at once, and the direct client's pods are all wanted
+at once; the direct p95 from each pod's own request is printed beside it),
 control-plane CPU <= 3 s for the burst. For 4: every stream on the replica that does not lead sees
 `running`, no request fails (its times are printed). Prints the figures; exits 1 when a target is
 missed.
@@ -558,7 +560,13 @@ def main() -> int:
 def report(count: int, burst: dict[str, Any], limit: dict[str, Any]) -> bool:
     """Prints a burst's figures against the targets; True when it met them all."""
     ratio = burst["all_s"] / limit["all_s"]
-    p95_limit = TARGET_P95_FACTOR * limit["p95_s"] + TARGET_P95_SLACK_S
+    # Like with like: a user's time runs from the burst's start (everyone asks at once), so the
+    # direct client's pods are timed from there too. Its p95 from each pod's own request leaves out
+    # the wait in its 16 threads and moves with their number (fewer threads, smaller p95): printed,
+    # but no yardstick of the cluster's speed (the direct client itself, timed as users are,
+    # would miss a target built on it whenever the cluster is the bottleneck).
+    p95_limit = TARGET_P95_FACTOR * limit["p95_from_start_s"] + TARGET_P95_SLACK_S
+    from_request_limit = TARGET_P95_FACTOR * limit["p95_s"] + TARGET_P95_SLACK_S
     checks = {
         f"{burst['seen']}/{count} streams saw running": burst["seen"] == count,
         f"{len(burst['errors'])} errors": not burst["errors"],
@@ -574,6 +582,10 @@ def report(count: int, burst: dict[str, Any], limit: dict[str, Any]) -> bool:
     print(f"    CPU used on this machine during the burst: {burst['machine']}")
     for text, met in checks.items():
         print(f"    {'meets' if met else 'MISSES'}: {text}")
+    print(f"    (built on the direct client's p95 from each pod's request instead: <= {from_request_limit:.2f} s, "
+          f"{'met' if burst['p95_s'] <= from_request_limit else 'missed'}; the direct client's own p95 from the "
+          f"burst's start, {limit['p95_from_start_s']:.2f} s, "
+          f"{'meets' if limit['p95_from_start_s'] <= from_request_limit else 'misses'} it)")  # fmt: skip
     for error in burst["errors"][:5]:
         print(f"    error: {error}")
     for line in burst["warnings"][:5]:
