@@ -287,7 +287,7 @@ def main() -> int:
           f"server CPU {ours.cpu_us_per_request:.0f} us/request, non-2xx {ours.errors}")  # fmt: skip
     ok_ratio, ok_p99 = ratio >= TARGET_RATIO, ours.p99_ms <= TARGET_P99_MS
     print(
-        f"throughput ratio {ratio:.2f} of the bare endpoint's mean ({'meets' if ok_ratio else 'MISSES'} >= "
+        f"throughput ratio {ratio:.3f} of the bare endpoint's mean ({'meets' if ok_ratio else 'MISSES'} >= "
         f"{TARGET_RATIO}); p99 {ours.p99_ms:.1f} ms ({'meets' if ok_p99 else 'MISSES'} <= {TARGET_P99_MS:.0f} ms)"
     )
     return 0 if ok_ratio and ok_p99 and ours.errors == 0 else 1
