@@ -5,7 +5,7 @@ In one run, on one fresh Kubernetes test cluster (tests/k8s/harness.py):
 1. **Direct** (the limit): the same 200 environments' objects, as the kubernetes backend builds
    them for the routing measured (``proxy``: the pod; ``ingress``: the pod, then its Service and
    Ingress), created with the kubernetes client from 16 threads; time until all pods are Running,
-   and each pod's time from its request.
+   and each pod's time from the burst's start (the p95 target's yardstick) and from its request.
 2. **Users, one stream each**: `cmbcluster serve` (kubernetes compute backend, the control-plane
    user's token bound to exactly the Role of rbac.py); 200 distinct signed-in users each
    `POST /api/v1/environments` at the same moment, then follow `GET .../events` until it says
@@ -562,16 +562,18 @@ def report(count: int, burst: dict[str, Any], limit: dict[str, Any]) -> bool:
     ratio = burst["all_s"] / limit["all_s"]
     # Like with like: a user's time runs from the burst's start (everyone asks at once), so the
     # direct client's pods are timed from there too. Its p95 from each pod's own request leaves out
-    # the wait in its 16 threads and moves with their number (fewer threads, smaller p95): printed,
-    # but no yardstick of the cluster's speed (the direct client itself, timed as users are,
-    # would miss a target built on it whenever the cluster is the bottleneck).
+    # the wait for one of its 16 threads and shrinks with their number (one thread: one pod's
+    # latency), so it measures the client, not the cluster; and all 200 cannot be in flight at once
+    # (the API server answers 429 past its 200 mutating requests in flight). Printed beside, with
+    # whether the direct client itself, timed as users are, would meet a target built on it.
     p95_limit = TARGET_P95_FACTOR * limit["p95_from_start_s"] + TARGET_P95_SLACK_S
     from_request_limit = TARGET_P95_FACTOR * limit["p95_s"] + TARGET_P95_SLACK_S
     checks = {
         f"{burst['seen']}/{count} streams saw running": burst["seen"] == count,
         f"{len(burst['errors'])} errors": not burst["errors"],
         f"all running in {burst['all_s']:.2f} s, ratio {ratio:.2f} (<= {TARGET_RATIO})": ratio <= TARGET_RATIO,
-        f"p95 per user {burst['p95_s']:.2f} s (<= {p95_limit:.2f})": burst["p95_s"] <= p95_limit,
+        f"p95 per user {burst['p95_s']:.2f} s (<= 1.2 x the direct {limit['p95_from_start_s']:.2f} + 1 = "
+        f"{p95_limit:.2f}, both from the burst's start)": burst["p95_s"] <= p95_limit,
         f"control-plane CPU {burst['cpu_s']:.1f} s (<= {TARGET_CPU_S:.0f})": burst["cpu_s"] <= TARGET_CPU_S,
     }
     print(
@@ -582,10 +584,10 @@ def report(count: int, burst: dict[str, Any], limit: dict[str, Any]) -> bool:
     print(f"    CPU used on this machine during the burst: {burst['machine']}")
     for text, met in checks.items():
         print(f"    {'meets' if met else 'MISSES'}: {text}")
-    print(f"    (built on the direct client's p95 from each pod's request instead: <= {from_request_limit:.2f} s, "
-          f"{'met' if burst['p95_s'] <= from_request_limit else 'missed'}; the direct client's own p95 from the "
-          f"burst's start, {limit['p95_from_start_s']:.2f} s, "
-          f"{'meets' if limit['p95_from_start_s'] <= from_request_limit else 'misses'} it)")  # fmt: skip
+    print(f"    (the earlier basis, the direct p95 from each pod's request, {limit['p95_s']:.2f} s: target <= "
+          f"{from_request_limit:.2f} s; the users' p95 {'met' if burst['p95_s'] <= from_request_limit else 'missed'} "
+          f"it; the direct client's own p95 from the burst's start, {limit['p95_from_start_s']:.2f} s, would "
+          f"{'meet' if limit['p95_from_start_s'] <= from_request_limit else 'miss'} it)")  # fmt: skip
     for error in burst["errors"][:5]:
         print(f"    error: {error}")
     for line in burst["warnings"][:5]:
