@@ -308,6 +308,33 @@ def test_every_api_route_ends_its_database_transaction_in_its_worker(app: FastAP
     assert [route.path for route in api_routes if not isinstance(route, SessionReleasingRoute)] == []
 
 
+def test_a_request_is_matched_only_against_the_routers_whose_prefix_its_path_has(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI matches an included router's routes one by one, and the routers in the order they
+    were included: every request for an environment's own traffic (the proxy, after every API
+    router) and every page of the web UI was first matched against all 80 API routes, about 140 us
+    of a proxied request's time. A router now passes at once on a path without its prefix."""
+    from fastapi.routing import APIRoute
+
+    asked: list[str] = []
+    matches = APIRoute.matches
+
+    def counted(route: APIRoute, scope: dict[str, object]) -> object:
+        asked.append(route.path)
+        return matches(route, scope)
+
+    monkeypatch.setattr(APIRoute, "matches", counted)
+    for path in ("/environments/0123456789abcdef0123456789abcdef/lab", "/healthz", "/"):
+        asked.clear()
+        answer = client.get(path, follow_redirects=False)
+        assert answer.status_code < 500, (path, answer.text)
+        assert [route for route in asked if route.startswith("/api/v1/")] == [], path
+    asked.clear()
+    assert client.get("/api/v1/usage/me").status_code == 401  # a route of a later router is still found
+    assert "/api/v1/usage/me" in asked and not [r for r in asked if r.startswith("/api/v1/environments")]
+
+
 def test_every_refusal_has_a_code_of_its_own() -> None:
     """Found by an outsider's trial: a start refused by a budget answered 403 with the error code
     "internal_error", which a client reads as a server fault. Every error that answers a 4xx names

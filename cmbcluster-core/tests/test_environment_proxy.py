@@ -388,6 +388,30 @@ def test_over_https_a_websocket_signs_in_with_the_secure_session_cookie(
         client.cookies.clear()
 
 
+def test_a_script_reaches_its_environment_with_an_api_token_and_its_use_is_recorded(
+    client: TestClient, alice: dict[str, str], running: dict[str, Any]
+) -> None:
+    """An API token signs in through the proxy as through the API: its use is recorded (at most once a
+    minute, in the same transaction as the environment's activity), and the request goes through."""
+    from cmbcluster.db.models import ApiToken, Environment
+
+    made = client.post("/api/v1/settings/tokens", headers=alice, json={"name": "notebook script"})
+    assert made.status_code == 201, made.text
+    script = {"Authorization": f"Bearer {made.json()['token']}"}
+    context = client.app.state.context  # type: ignore[attr-defined]
+    with context.sessions() as db:  # both writes due: the token never used, the activity long ago
+        env = db.get(Environment, running["id"])
+        env.last_activity_at -= ACTIVITY_WRITE_INTERVAL * 2
+        before = env.last_activity_at
+        db.commit()
+    for _ in range(3):
+        answer = client.get(f"{running['url']}echo", headers=script)
+        assert answer.status_code == 200, answer.text
+    with context.sessions() as db:
+        assert db.get(ApiToken, made.json()["id"]).last_used_at is not None
+        assert db.get(Environment, running["id"]).last_activity_at > before
+
+
 def test_the_applications_token_is_never_shown(
     client: TestClient, alice: dict[str, str], running: dict[str, Any]
 ) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import Depends, Query, Response
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, Context, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, Context, DbSession
 from cmbcluster.api.routes.environments import EnvironmentOut
 from cmbcluster.api.routes.storages import make_storage_runtime
 from cmbcluster.db.models import User
@@ -16,7 +16,7 @@ from cmbcluster.services import admin as service
 from cmbcluster.services import environments as envs
 from cmbcluster.services.admin import Role, Stats, Status, UserUpdate
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/admin", tags=["admin"])
 
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1 for the first page")]
 PageSize = Annotated[int, Query(ge=1, le=200)]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, Context, CurrentUser, DbSession
 from cmbcluster.context import AppContext
 from cmbcluster.db.models import Application
 from cmbcluster.services import catalog
 from cmbcluster.services.catalog import ApplicationCreate, ApplicationUpdate
 
-router = APIRouter(prefix="/api/v1/applications", tags=["applications"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/applications", tags=["applications"])
 
 
 class ApplicationOut(BaseModel):

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
 
-from fastapi import APIRouter, Form, Query, Request, Response
+from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -21,11 +21,11 @@ from starlette.concurrency import run_in_threadpool
 from cmbcluster import webui
 from cmbcluster.api.deps import (
     LOGIN_COOKIE,
+    ApiRouter,
     Context,
     CurrentPrincipal,
     CurrentUser,
     DbSession,
-    SessionReleasingRoute,
     client_address,
     in_worker,
     secure_cookies,
@@ -42,7 +42,7 @@ from cmbcluster.security import Sealer, pkce_challenge
 from cmbcluster.services import admin as admin_service
 from cmbcluster.services import ratelimit, sessions, users
 
-router = APIRouter(prefix="/api/v1/auth", tags=["auth"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/auth", tags=["auth"])
 
 LOGIN_TTL_SECONDS = 600
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Response
+from fastapi import Path, Response
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, Context, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, Context, DbSession
 from cmbcluster.bodies import RequestBody
 from cmbcluster.services import budgets as service
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/admin", tags=["admin"])
 
 Scope = Annotated[Literal["user", "group"], Path(description="user or group")]
 Target = Annotated[str, Path(max_length=200, description="A user's id or e-mail, or a group's id or name")]

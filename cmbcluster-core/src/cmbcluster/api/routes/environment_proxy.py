@@ -11,12 +11,12 @@ Not part of the API (no OpenAPI entry): what answers is the environment's applic
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Request, Response, WebSocket
+from fastapi import Request, Response, WebSocket
 from fastapi.responses import RedirectResponse
 from fastapi.security.utils import get_authorization_scheme_param
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import HTTPConnection
@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 from cmbcluster import webui
 from cmbcluster.api.deps import (
     CONTROL_PLANE_COOKIES,
-    SessionReleasingRoute,
+    ApiRouter,
     authenticate_request,
     own_credentials,
     own_origins,
@@ -58,7 +58,7 @@ class _EnvironmentId(Convertor[str]):
 
 
 register_url_convertor("environment_id", _EnvironmentId())
-router = APIRouter(include_in_schema=False, route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/environments", include_in_schema=False)
 
 
 def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
@@ -68,7 +68,7 @@ def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
     return proxy
 
 
-def _caller(conn: HTTPConnection, db: Any) -> tuple[SignedInUser, Credential]:
+def _caller(conn: HTTPConnection, db: Session) -> tuple[SignedInUser, Credential]:
     """The signed-in caller, by bearer token or session cookie, as every API route authenticates."""
     bearer, cookie = own_credentials(conn)
     scheme, credentials = get_authorization_scheme_param(conn.headers.get("authorization"))
@@ -119,14 +119,14 @@ def _prefix(environment_id: str) -> str:
     return f"/environments/{environment_id}"
 
 
-@router.api_route("/environments/{environment_id:environment_id}", methods=METHODS)
+@router.api_route("/{environment_id:environment_id}", methods=METHODS)
 async def environment_root(request: Request) -> Response:
     """The environment's address without its final slash: relative links need it."""
     query = request.url.query
     return RedirectResponse(f"{request.url.path}/{'?' + query if query else ''}", status_code=307)
 
 
-@router.api_route("/environments/{environment_id:environment_id}/{path:path}", methods=METHODS)
+@router.api_route("/{environment_id:environment_id}/{path:path}", methods=METHODS)
 @streams_body  # the application limits its own bodies (uploads into a notebook), as the ingress lets it
 async def environment_traffic(request: Request) -> Response:
     context: AppContext = request.app.state.context
@@ -145,7 +145,7 @@ async def environment_traffic(request: Request) -> Response:
     return await _proxy(request).forward(request, upstream, _prefix(environment_id))
 
 
-@router.websocket("/environments/{environment_id:environment_id}/{path:path}")
+@router.websocket("/{environment_id:environment_id}/{path:path}")
 async def environment_websocket(websocket: WebSocket) -> None:
     context: AppContext = websocket.app.state.context
     environment_id = websocket.path_params["environment_id"]

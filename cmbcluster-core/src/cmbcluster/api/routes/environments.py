@@ -10,7 +10,7 @@ from functools import partial
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -20,13 +20,13 @@ from cmbcluster.api.deps import (
     ENVIRONMENT_COOKIE,
     SAFE_METHODS,
     SECURE_ENVIRONMENT_COOKIE,
+    ApiRouter,
     Context,
     CurrentPrincipal,
     CurrentUser,
     DbSession,
     EnvironmentOwner,
     Principal,
-    SessionReleasingRoute,
     authenticate_request,
     credentials,
     in_worker,
@@ -48,7 +48,7 @@ from cmbcluster.services.progress import TERMINAL
 from cmbcluster.services.sessions import Credential
 from cmbcluster.services.status import apply_status
 
-router = APIRouter(prefix="/api/v1/environments", tags=["environments"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/environments", tags=["environments"])
 
 EVENT_KEEPALIVE_SECONDS = 15.0
 

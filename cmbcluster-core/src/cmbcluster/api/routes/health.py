@@ -7,7 +7,7 @@ import hmac
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 
 from cmbcluster import __version__
 from cmbcluster.api.deps import (
+    ApiRouter,
     BearerToken,
     Context,
     DbSession,
     SessionCookie,
-    SessionReleasingRoute,
     authenticate_request,
 )
 from cmbcluster.api.errors import error_responses
@@ -27,7 +27,7 @@ from cmbcluster.errors import PermissionDenied
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["operations"], route_class=SessionReleasingRoute)
+router = ApiRouter(tags=["operations"])
 
 READY_TIMEOUT_SECONDS = 5.0
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import AdminUser, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, DbSession
 from cmbcluster.migration import engine as service
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/admin", tags=["admin"])
 
 
 class MigrationBucketOut(BaseModel):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from pydantic import BaseModel
 
-from cmbcluster.api.deps import AdminUser, Context, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, Context
 
-router = APIRouter(prefix="/api/v1/plugins", tags=["plugins"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/plugins", tags=["plugins"])
 
 
 class PluginOut(BaseModel):

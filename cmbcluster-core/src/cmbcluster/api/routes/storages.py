@@ -16,13 +16,13 @@ from functools import partial
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
+from fastapi import Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cmbcluster.api.deps import Context, CurrentUser, DbSession, SessionReleasingRoute, in_worker
+from cmbcluster.api.deps import ApiRouter, Context, CurrentUser, DbSession, in_worker
 from cmbcluster.api.errors import ErrorOut, error_body, error_responses
 from cmbcluster.api.guard import streams_body
 from cmbcluster.api.transfer import (
@@ -224,12 +224,11 @@ async def make_storage_runtime(context: Context) -> None:
     _ = context.storage_runtime
 
 
-router = APIRouter(
+router = ApiRouter(
     prefix="/api/v1/storages",
     tags=["storage"],
     responses=error_responses(401, 404),
     dependencies=[Depends(make_storage_runtime)],
-    route_class=SessionReleasingRoute,
 )
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from cmbcluster.api.deps import AdminUser, Context, CurrentUser, DbSession, SessionReleasingRoute
+from cmbcluster.api.deps import AdminUser, ApiRouter, Context, CurrentUser, DbSession
 from cmbcluster.api.routes.budgets import BudgetStatusOut, status_out
 from cmbcluster.services import accounting, budgets
 
-router = APIRouter(prefix="/api/v1/usage", tags=["usage"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/usage", tags=["usage"])
 
 FromQuery = Annotated[
     str | None, Query(alias="from", description="ISO date or time, UTC unless given; default: this month's start")

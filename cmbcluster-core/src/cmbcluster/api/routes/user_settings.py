@@ -6,10 +6,10 @@ import datetime as dt
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import Path, Request, Response
 from pydantic import BaseModel, Field
 
-from cmbcluster.api.deps import Context, CurrentPrincipal, CurrentUser, DbSession, SessionReleasingRoute, in_worker
+from cmbcluster.api.deps import ApiRouter, Context, CurrentPrincipal, CurrentUser, DbSession, in_worker
 from cmbcluster.api.guard import streams_body
 from cmbcluster.bodies import RequestBody
 from cmbcluster.context import AppContext
@@ -19,7 +19,7 @@ from cmbcluster.services import sessions
 from cmbcluster.services import user_settings as service
 from cmbcluster.services.audit import audit
 
-router = APIRouter(prefix="/api/v1/settings", tags=["settings"], route_class=SessionReleasingRoute)
+router = ApiRouter(prefix="/api/v1/settings", tags=["settings"])
 
 
 # -- models --------------------------------------------------------------------------------------
