@@ -264,6 +264,34 @@ def test_restarted_control_plane_adopts_running_processes(tmp_path: Path) -> Non
         after.delete(spec.environment_id)
 
 
+def test_a_state_file_another_process_replaced_is_read_anew_even_with_the_same_time_and_size(
+    tmp_path: Path,
+) -> None:
+    """The state files are read again only when they change (the proxy asks for every request): a
+    second control plane on the same data directory (a CLI command, another replica) that stops the
+    environment replaces the file, and this one sees it, whatever the file's time and size say."""
+    spec = spec_for(tmp_path)
+    ours = LocalProcessCompute(tmp_path / "compute")
+    other = LocalProcessCompute(tmp_path / "compute")
+    ours.start(spec)
+    try:
+        wait_for(ours, spec.environment_id, EnvironmentPhase.RUNNING)
+        assert ours.upstream(spec.environment_id) is not None  # read, and kept
+        path = tmp_path / "compute" / f"{spec.environment_id}.json"
+        before = path.stat()
+        state = json.loads(path.read_text())
+        state["stopped"] = True
+        replacement = tmp_path / "replacement.json"
+        replacement.write_text(json.dumps(state)[: before.st_size].ljust(before.st_size))
+        os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(replacement, path)  # as _write_state does: same size and time, a new file
+        assert json.loads(path.read_text())["stopped"] is True  # (the padding kept it whole)
+        assert ours.upstream(spec.environment_id) is None
+        assert ours.status(spec.environment_id).phase == EnvironmentPhase.STOPPED
+    finally:
+        other.delete(spec.environment_id)
+
+
 def test_process_that_exits_is_failed_with_its_exit_code_and_its_fatal_line(
     compute: LocalProcessCompute, tmp_path: Path
 ) -> None:

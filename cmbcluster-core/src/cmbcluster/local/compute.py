@@ -92,6 +92,8 @@ class LocalProcessCompute(ComputeBackend):
         # Environments whose process this backend has started and not yet recorded: list_managed
         # (the reconcile loop, in another thread) must not take them for a crash's leftovers.
         self._recording: set[str] = set()
+        #: state files as last read, by environment id: (inode, mtime, size) of the file, and its content
+        self._states: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self._recording_lock = threading.Lock()
         # One start, stop or delete of an environment at a time (requests race: a stop sent while
         # the start still launches the process must find its record, not miss it).
@@ -453,11 +455,26 @@ class LocalProcessCompute(ComputeBackend):
         return self.state_dir / f"{environment_id}{suffix}"
 
     def _read_state(self, environment_id: str) -> dict[str, Any] | None:
+        """The environment's state file (a copy of it: callers change it to write it), read again
+        only when it changed. Every request of an environment's traffic asks (its upstream), and the
+        progress hub asks for each start it follows: one stat, not an open, a read and a parse.
+        A write replaces the file (:meth:`_write_state`): a new inode, whatever the clock says."""
+        path = self._path(environment_id, ".json")
         try:
-            data: dict[str, Any] = json.loads(self._path(environment_id, ".json").read_text())
-            return data
-        except (FileNotFoundError, json.JSONDecodeError):
+            found = os.stat(path)
+        except FileNotFoundError:
+            self._states.pop(environment_id, None)
             return None
+        version = (found.st_ino, found.st_mtime_ns, found.st_size)
+        cached = self._states.get(environment_id)
+        if cached is None or cached[0] != version:
+            try:
+                data: dict[str, Any] = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                return None
+            # (replaced between the stat and the read: kept under the old version, read again next time)
+            cached = self._states[environment_id] = (version, data)
+        return dict(cached[1])
 
     def _write_state(self, environment_id: str, state: dict[str, Any]) -> None:
         path = self._path(environment_id, ".json")
