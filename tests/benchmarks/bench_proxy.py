@@ -8,9 +8,14 @@
    message every 100 ms (as a notebook's kernel channel does while someone works) and timing each
    round trip; the same load directly to the application for comparison. Target: p99 <= 20 ms.
 
+3. Small requests through the proxy, as a JupyterLab page makes a hundred of: the Files
+   application's listing of its home, by wrk (8 connections) for ``--seconds``: requests a second
+   and the control plane's CPU per request (figures only: no target; needs wrk).
+
 Prints the figures; exits 1 when a target is missed.
 
     python tests/benchmarks/bench_proxy.py [--size-mib N] [--rounds N] [--sessions N] [--messages N]
+        [--seconds S] [--only download|websocket|small]
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from transfer_common import MIB, TARGET_RSS_GROWTH_MIB, RssSampler, rss_bytes
 
 from cmbcluster.local.compute import LocalProcessCompute
@@ -195,13 +203,39 @@ def bench_websocket(
     return [f"WebSocket p99 {p99:.2f} ms > {TARGET_P99_MS}"] if p99 > TARGET_P99_MS else []
 
 
+def bench_small_requests(server: ServeProcess, client: httpx.Client, headers: dict[str, str], seconds: float) -> None:
+    """wrk against a small page of an environment, through the proxy: every request is signed in,
+    checked against the environment's owner and status, and forwarded."""
+    if shutil.which("wrk") is None:
+        print("small requests through the proxy: skipped, wrk is not installed (apt-get install wrk)")
+        return
+    env_id = client.post("/api/v1/environments", headers=headers, json={"application": "files"}).json()["id"]
+    url = f"{server.url}{wait_running(client, headers, env_id)['url']}"
+    assert client.get(url, headers=headers).status_code == 200
+    process = psutil.Process(server.process.pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "-H", f"Authorization: {headers['Authorization']}", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    cpu_us = (sum(process.cpu_times()[:2]) - cpu_before) / max(requests, 1) * 1e6
+    print(f"small requests through the proxy (the Files application's listing, wrk, 8 connections, {seconds:g} s):")
+    print(f"  {rate:.0f} requests/s, the control plane's CPU {cpu_us:.0f} us a request, non-2xx {errors} "
+          "(figures only: no target)")  # fmt: skip
+    client.delete(f"/api/v1/environments/{env_id}", headers=headers)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the downloaded file (default 1 GiB)")
     parser.add_argument("--rounds", type=int, default=3, help="downloads each way; the best counts")
     parser.add_argument("--sessions", type=int, default=200, help="concurrent WebSocket sessions")
     parser.add_argument("--messages", type=int, default=20, help="round trips per session")
-    parser.add_argument("--only", choices=("download", "websocket"), help="run one part only")
+    parser.add_argument("--seconds", type=float, default=8.0, help="how long wrk sends small requests")
+    parser.add_argument("--only", choices=("download", "websocket", "small"), help="run one part only")
     args, _ = parser.parse_known_args()  # `nox -s benchmark -- ...` passes the same arguments to every script
     missed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
@@ -213,12 +247,14 @@ def main() -> int:
             with ServeProcess(env, root) as server, httpx.Client(base_url=server.url, timeout=60) as client:
                 server.wait_ready("/readyz")
                 headers = dev_sign_in(client, "bench@example.org")
-                if args.only != "websocket":
+                if args.only in (None, "download"):
                     for application, judged in (("jupyterlab", True), ("files", False)):
                         missed += bench_download(server, client, headers, data, compute, application, args.size_mib,
                                                  args.rounds, judged=judged)  # fmt: skip
-                if args.only != "download":
+                if args.only in (None, "websocket"):
                     missed += bench_websocket(server, client, headers, root, compute, args.sessions, args.messages)
+                if args.only in (None, "small"):
+                    bench_small_requests(server, client, headers, args.seconds)
         finally:
             for status in compute.list_managed():
                 compute.delete(status.environment_id)
