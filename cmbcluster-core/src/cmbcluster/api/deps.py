@@ -150,6 +150,8 @@ class ApiRouter(APIRouter):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("route_class", SessionReleasingRoute)
         super().__init__(**kwargs)
+        if "{" in self.prefix:  # the check compares text: a parameter in the prefix would match nothing
+            raise ValueError(f"ApiRouter's prefix must be literal, not {self.prefix!r}")
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if self.prefix not in scope.get("path", ""):

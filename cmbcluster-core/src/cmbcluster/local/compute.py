@@ -226,6 +226,7 @@ class LocalProcessCompute(ComputeBackend):
             self._terminate_unrecorded(environment_id)
         for suffix in (".json", ".log"):
             self._path(environment_id, suffix).unlink(missing_ok=True)
+        self._states.pop(environment_id, None)  # its token with it: nothing reads this id again
         self._remove_secrets(environment_id)
         with contextlib.suppress(OSError):
             Path(self._socket_path(environment_id)).unlink(missing_ok=True)
@@ -458,7 +459,8 @@ class LocalProcessCompute(ComputeBackend):
         """The environment's state file (a copy of it: callers change it to write it), read again
         only when it changed. Every request of an environment's traffic asks (its upstream), and the
         progress hub asks for each start it follows: one stat, not an open, a read and a parse.
-        A write replaces the file (:meth:`_write_state`): a new inode, whatever the clock says."""
+        A write replaces the file (:meth:`_write_state`): a new inode, whatever the clock says (an
+        inode number may be reused, so this process's own writes also drop what was kept)."""
         path = self._path(environment_id, ".json")
         try:
             found = os.stat(path)
@@ -488,6 +490,8 @@ class LocalProcessCompute(ComputeBackend):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            self._states.pop(environment_id, None)  # read anew: an inode number may be reused
 
 
 class ProcessTreeMeter:
