@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 from sqlalchemy import insert
+from wrk_common import WrkResult, run_wrk
 
 from cmbcluster.api.server import raise_open_file_limit
 from cmbcluster.db import create_db_engine, upgrade
@@ -127,42 +125,14 @@ end
 """
 
 
-@dataclass
-class LoadResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    cpu_us_per_request: float
-
-
-def load(url: str, tokens: list[str], seconds: float, root: Path, server_pid: int) -> LoadResult:
-    """wrk: CLIENTS connections, each a closed loop, rotating through the users' tokens. Also the
-    server's CPU time per request, which other work on a shared machine disturbs far less than the
-    throughput (the figure to compare while changing the code)."""
-    server = psutil.Process(server_pid)
-    cpu_before = sum(server.cpu_times()[:2])
+def load(url: str, tokens: list[str], seconds: float, root: Path, server_pid: int) -> WrkResult:
+    """wrk: CLIENTS connections, each a closed loop, rotating through the users' tokens."""
     tokens_file = root / "tokens.txt"
     tokens_file.write_text("\n".join(tokens) + "\n")
     script = root / "list.lua"
     script.write_text(WRK_SCRIPT)
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{CLIENTS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
-        env={**os.environ, "CMB_TOKENS": str(tokens_file)}, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    if "Requests/sec" not in out:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    cpu = (sum(server.cpu_times()[:2]) - cpu_before) / max(requests, 1) * 1e6
-    return LoadResult(rps=rps, p50_ms=_latency(out, "50%"), p99_ms=_latency(out, "99%"), errors=errors,
-                      cpu_us_per_request=cpu)  # fmt: skip
-
-
-def _latency(out: str, label: str) -> float:
-    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return run_wrk(url, server_pid=server_pid, connections=CLIENTS, seconds=seconds, threads=2,
+                   options=["-s", str(script)], env={"CMB_TOKENS": str(tokens_file)})  # fmt: skip
 
 
 class OpenStreams:
@@ -295,7 +265,7 @@ def main() -> int:
 
 def _measure_ours(
     data: Path, root: Path, tokens: list[str], args: argparse.Namespace
-) -> tuple[LoadResult, float, float, float]:
+) -> tuple[WrkResult, float, float, float]:
     """`cmbcluster serve` under the load while the progress streams are open: the load's result,
     the streams open, the server's CPU share while they wait, the database connections in use."""
     env = clean_environ({

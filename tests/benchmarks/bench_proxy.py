@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,8 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 from transfer_common import MIB, TARGET_RSS_GROWTH_MIB, RssSampler, rss_bytes
+from wrk_common import run_wrk
 
 from cmbcluster.local.compute import LocalProcessCompute
 from cmbcluster.testing.api import dev_sign_in
@@ -214,22 +213,15 @@ def bench_small_requests(
     env_id = client.post("/api/v1/environments", headers=headers, json={"application": "files"}).json()["id"]
     url = f"{server.url}{wait_running(client, headers, env_id)['url']}"
     assert client.get(url, headers=headers).status_code == 200
-    process = psutil.Process(server.process.pid)
-    cpu_before = sum(process.cpu_times()[:2])
-    out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "-H", f"Authorization: {headers['Authorization']}", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    cpu_us = (sum(process.cpu_times()[:2]) - cpu_before) / max(requests, 1) * 1e6
+    result = run_wrk(url, server_pid=server.process.pid, connections=8, seconds=seconds,
+                     options=["-H", f"Authorization: {headers['Authorization']}"])  # fmt: skip
     print(f"small requests through the proxy (the Files application's listing, wrk, 8 connections, {seconds:g} s):")
     client.delete(f"/api/v1/environments/{env_id}", headers=headers)
-    if errors:  # refusals and errors are cheaper than answers: no figure from them
-        print(f"  {errors} of {requests} requests were not answered 2xx or 3xx: no figure")
-        return [f"small requests: {errors} not answered 2xx or 3xx"]
-    print(f"  {rate:.0f} requests/s, the control plane's CPU {cpu_us:.0f} us a request (figures only: no target)")
+    if result.errors:  # refusals and errors are cheaper than answers: no figure from them
+        print(f"  {result.errors} of {result.requests} requests were not answered 2xx or 3xx: no figure")
+        return [f"small requests: {result.errors} not answered 2xx or 3xx"]
+    print(f"  {result.rps:.0f} requests/s, the control plane's CPU {result.cpu_us_per_request:.0f} us a request "
+          "(figures only: no target)")  # fmt: skip
     return []
 
 

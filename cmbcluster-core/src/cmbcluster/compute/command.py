@@ -51,9 +51,13 @@ def token_headers(token: str) -> dict[str, str]:
     return {TOKEN_HEADER: f"{TOKEN_SCHEME} {token}"} if token else {}
 
 
+#: Where the control plane (and path routing) serves environments: each under its id.
+ENVIRONMENTS_PATH = "/environments"
+
+
 def environment_path(environment_id: str) -> str:
     """The path every environment is served under by the control plane (and by path routing)."""
-    return f"/environments/{environment_id}/"
+    return f"{ENVIRONMENTS_PATH}/{environment_id}/"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cmbcluster.compute.command import environment_path
 from cmbcluster.kubernetes.labels import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, USER_ENVIRONMENT
 
 NETWORK_POLICY_NAME = "cmbcluster-user-environments"
@@ -83,7 +84,7 @@ class Exposure:
         return urlsplit(self.public_url).hostname if self.public_url else None
 
     def path(self, environment_id: str) -> str:
-        return "/" if self.host_routing else f"/environments/{environment_id}/"
+        return "/" if self.host_routing else environment_path(environment_id)
 
     def url(self, name: str, environment_id: str) -> str:
         """What the user opens."""

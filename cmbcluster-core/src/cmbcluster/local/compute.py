@@ -92,9 +92,9 @@ class LocalProcessCompute(ComputeBackend):
         # Environments whose process this backend has started and not yet recorded: list_managed
         # (the reconcile loop, in another thread) must not take them for a crash's leftovers.
         self._recording: set[str] = set()
+        self._recording_lock = threading.Lock()
         #: state files as last read, by environment id: (inode, mtime, size) of the file, and its content
         self._states: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-        self._recording_lock = threading.Lock()
         # One start, stop or delete of an environment at a time (requests race: a stop sent while
         # the start still launches the process must find its record, not miss it).
         self._environment_locks: dict[str, threading.Lock] = {}

@@ -31,6 +31,7 @@ from cmbcluster.api.deps import (
 )
 from cmbcluster.api.errors import error_response
 from cmbcluster.api.guard import streams_body
+from cmbcluster.compute.command import ENVIRONMENTS_PATH, environment_path
 from cmbcluster.context import AppContext
 from cmbcluster.errors import AuthenticationFailed, CmbclusterError, NotFound, PermissionDenied
 from cmbcluster.interfaces import Upstream
@@ -58,7 +59,7 @@ class _EnvironmentId(Convertor[str]):
 
 
 register_url_convertor("environment_id", _EnvironmentId())
-router = ApiRouter(prefix="/environments", include_in_schema=False)
+router = ApiRouter(prefix=ENVIRONMENTS_PATH, include_in_schema=False)
 
 
 def _proxy(conn: HTTPConnection) -> EnvironmentProxy:
@@ -116,7 +117,7 @@ def _open(context: AppContext, conn: HTTPConnection, environment_id: str) -> tup
 
 
 def _prefix(environment_id: str) -> str:
-    return f"/environments/{environment_id}"
+    return environment_path(environment_id).removesuffix("/")
 
 
 @router.api_route("/{environment_id:environment_id}", methods=METHODS)
