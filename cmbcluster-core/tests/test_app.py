@@ -281,6 +281,10 @@ def test_the_access_log_writes_a_line_per_request_with_one_time_secrets_hidden(t
             http.get("/environments/x/lab?token=Secret-8%26Secret-9&k=1")  # an & inside the value is the value's
             # an address inside another (enter's next, where the ingress puts the one asked for)
             http.get("/api/v1/environments/x/enter?next=https%3A%2F%2Fe.example%2Flab%3Ftoken%3DSecret-7%26k%3D2")
+            # ... partly encoded, as a script or a browser may leave it (an outsider's trial)
+            http.get("/environments/x/lab?next=/x?a=1%26token=Secret-10")
+            http.get("/environments/x/lab?next=/x%3Fa=1%26token=Secret-11&k=3")
+            http.get("/environments/x/lab?next=http://x/?a=1%26token=Secret-12%26k=4")
         deadline = time.monotonic() + 10
         while "/enter?" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -291,6 +295,8 @@ def test_the_access_log_writes_a_line_per_request_with_one_time_secrets_hidden(t
     assert f"{TICKET_PARAMETER}=[ticket]&access_token=[token]" in log
     assert "next=https%3A%2F%2Fe.example%2Flab%3Ftoken%3D[token]%26k%3D2" in log
     assert "?token=[token]&k=1" in log
+    assert "next=/x?a=1%26token=[token]" in log and "next=/x%3Fa=1%26token=[token]&k=3" in log
+    assert "next=http://x/?a=1%26token=[token]%26k=4" in log
     assert "Secret-" not in log
 
 

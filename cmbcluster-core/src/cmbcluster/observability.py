@@ -61,10 +61,11 @@ def _spelled_any_way(name: str) -> str:
 _SECRET_NAME = rf"(?P<name>{'|'.join(_spelled_any_way(name) for name in SECRET_PARAMETERS)})"
 # A parameter of the address (after ? or &): its value ends at the next & (a %26 in it is the value's);
 # then one of an address carried inside another's query (enter's ``next``), after %3F or %26: its
-# value ends at the next %26.
+# value ends at the next %26. Its = may be encoded or not (``next=/x?a=1%26token=...``, as a browser
+# or a script may leave it: found by an outsider's trial).
 _SECRETS_IN_ADDRESS = (
     re.compile(rf"(?P<before>[?&][\w.%-]*?){_SECRET_NAME}(?P<equals>=)[^&\s\"']+", re.IGNORECASE),
-    re.compile(rf"(?P<before>(?:%3f|%26)[\w.%-]*?){_SECRET_NAME}(?P<equals>%3d)(?:(?!%26)[^&\s\"'])+", re.IGNORECASE),
+    re.compile(rf"(?P<before>(?:%3f|%26)[\w.%-]*?){_SECRET_NAME}(?P<equals>%3d|=)(?:(?!%26)[^&\s\"'])+", re.IGNORECASE),
 )
 
 
