@@ -76,3 +76,7 @@ def test_a_notebook_kernel_writes_into_the_mounted_bucket_through_the_proxy(
     assert output.strip().endswith(f"/homes/{env['id']}")  # the notebook runs in the environment's home
     stored = client.get(f"/api/v1/storages/{storage_id}/objects/out.txt", headers=alice)
     assert stored.status_code == 200 and stored.text == "42"
+    # the file browser's Download of a file in the bucket (a link out of the home: Tornado 6.5.9 and
+    # later refused it 403, found by an outsider's trial)
+    downloaded = client.get(f"{url}files/data/out.txt", params={"download": 1}, headers=alice)
+    assert downloaded.status_code == 200 and downloaded.text == "42", downloaded.text[:300]

@@ -73,6 +73,9 @@ INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHO
 #: update checks: this Python is the operator's to upgrade). Users' own settings still win. The
 #: environment image carries the same file (helm/images/environment/Dockerfile; a test compares them).
 JUPYTER_DEFAULTS = Path(__file__).resolve().parent / "jupyter_config"
+#: The folders the home's bucket links lead to, for an application serving files through them (the
+#: embedded default mounts a bucket as a link: jupyter_config/jupyter_server_config.py).
+BUCKET_FOLDERS = "CMBCLUSTER_BUCKET_FOLDERS"
 #: The longest Unix socket path Linux accepts is 107 bytes; past this one, sockets go to a private temporary folder.
 MAX_SOCKET_PATH = 100
 
@@ -439,6 +442,8 @@ class LocalProcessCompute(ComputeBackend):
         env[STATE_MARKER] = str(self.state_dir)
         own_config = env.get("JUPYTER_CONFIG_PATH")  # the user's own comes first
         env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, (own_config, str(JUPYTER_DEFAULTS))))
+        # where the home's links to buckets lead (JupyterLab serves files there: jupyter_config)
+        env[BUCKET_FOLDERS] = os.pathsep.join(str(v.spec.local_path) for v in spec.volumes if v.spec.local_path)
         if spec.secret_files:
             secrets_dir = self.state_dir / f"{spec.environment_id}.secrets"
             secrets_dir.mkdir(mode=0o700, exist_ok=True)
