@@ -171,6 +171,33 @@ def images_run_here(core: Any, images: list[str]) -> Iterator[None]:
         core.delete_namespaced_config_map(name, namespace)
 
 
+@contextlib.contextmanager
+def no_pods_allowed(core: Any, namespace: str) -> Iterator[None]:
+    """A ResourceQuota of no pods in ``namespace``, in force for the block's length. The API server's
+    quota admission reads quotas from a cache of its own, so a quota just made (or just deleted) may
+    not yet refuse (or still refuse) a pod: wait until a dry-run pod shows it, both ways."""
+    from kubernetes import client as k8s
+
+    probe = {"metadata": {"generateName": "quota-probe-"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+
+    def refused() -> bool:
+        try:
+            core.create_namespaced_pod(namespace, probe, dry_run="All")
+        except k8s.ApiException as e:
+            if e.status != 403:
+                raise
+            return True
+        return False
+
+    core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
+    try:
+        wait_for(refused, 30, "the quota to refuse a pod")
+        yield
+    finally:
+        core.delete_namespaced_resource_quota("no-pods", namespace)
+        wait_for(lambda: not refused(), 30, "the quota's end to admit a pod")
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:

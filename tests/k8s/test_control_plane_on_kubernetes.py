@@ -30,7 +30,7 @@ from cmbcluster.kubernetes.labels import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_
 from cmbcluster.kubernetes.lease import LeaseElector
 from cmbcluster.testing.api import dev_sign_in
 from cmbcluster.testing.process import ServeProcess, clean_environ
-from tests.k8s.harness import K8sCluster, images_run_here, wait_for
+from tests.k8s.harness import K8sCluster, images_run_here, no_pods_allowed, wait_for
 from tests.postgres import postgres_url  # noqa: F401 - a fixture, registered by importing it
 
 TERMINAL = ("running", "failed", "stopped")
@@ -480,10 +480,7 @@ def test_a_start_after_a_failure_or_an_exit_runs_anew_with_the_current_choices(
                 "slug": "exits", "name": "Exits at once", "image": image, "command": command,
             })  # fmt: skip
             assert added.status_code == 201, added.text
-            core.create_namespaced_resource_quota(
-                namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
-            )
-            try:
+            with no_pods_allowed(core, namespace):
                 created = user.client.post(
                     "/api/v1/environments", json={"application": "exits", "env": {"GREETING": "hello"}}
                 )
@@ -491,8 +488,6 @@ def test_a_start_after_a_failure_or_an_exit_runs_anew_with_the_current_choices(
                 environment_id = created.json()["id"]
                 refused = user.settled(environment_id)
                 assert refused["status"] == "failed" and "quota" in refused["status_message"], refused
-            finally:
-                core.delete_namespaced_resource_quota("no-pods", namespace)
             url = f"/api/v1/environments/{environment_id}"
             for greeting in ("bye", "again"):
                 changed = user.client.patch(url, json={"env": {"GREETING": greeting}})
