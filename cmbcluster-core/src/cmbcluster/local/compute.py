@@ -349,7 +349,9 @@ class LocalProcessCompute(ComputeBackend):
                 phase=EnvironmentPhase.FAILED, message=_exited(f"code {child.returncode}", self._last_line(env_id)),
                 **base,
             )  # fmt: skip
-        if not _alive(int(state["pid"]), state.get("start_ticks")):
+        # Our own child, not yet reaped, is alive and keeps its PID (poll() said so); only one
+        # adopted from an earlier server is looked up in /proc (the hub asks every start it follows).
+        if child is None and not _alive(int(state["pid"]), state.get("start_ticks")):
             self._remove_secrets(env_id)
             message = _exited("", self._last_line(env_id))
             return EnvironmentStatus(phase=EnvironmentPhase.FAILED, message=message, **base)
@@ -612,11 +614,14 @@ def _socket_open(path: str) -> bool:
 
 
 def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    # Asked of every starting environment on each of the progress hub's passes: one socket, no
+    # Python-level name lookup (create_connection's cost twice over); the host is IPv4 (_free_port).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        try:
+            return s.connect_ex((host, port)) == 0
+        except OSError:  # a name that does not resolve
+            return False
 
 
 def _stat_fields(pid: int) -> list[str] | None:
