@@ -118,7 +118,32 @@ class K8sCluster:
             )
         finally:
             api.close()
+        self._wait_until_allowed(ns)
         return ns
+
+    def _wait_until_allowed(self, namespace: str, timeout: float = 30) -> None:
+        """The API server's authorizer reads roles and bindings from a cache of its own: a control
+        plane started at once could be refused (403) what its Role grants. Wait until the
+        authorizer says the control-plane user may list pods there, and PersistentVolumes."""
+        from kubernetes import client
+
+        api = self.api_client(self.cp_token)
+        try:
+            reviews = client.AuthorizationV1Api(api)
+            asks = [
+                {"namespace": namespace, "verb": "list", "resource": "pods"},
+                {"verb": "list", "resource": "persistentvolumes"},
+            ]
+
+            def allowed() -> bool:
+                return all(
+                    reviews.create_self_subject_access_review({"spec": {"resourceAttributes": ask}}).status.allowed
+                    for ask in asks
+                )
+
+            wait_for(allowed, timeout, f"the control-plane user's Role in {namespace} to take effect")
+        finally:
+            api.close()
 
     def wait_for_default_token(self, namespace: str, timeout: float = 30) -> None:
         """Wait until NAMESPACE's default-token secret exists: pods created before it are rejected."""
