@@ -132,6 +132,23 @@ def test_only_the_newest_backups_are_kept(backups: DatabaseBackups, database: Pa
     assert backups.list() == made[-3:]  # CMBCLUSTER_DATABASE_BACKUPS_KEPT=3
 
 
+def test_backups_named_in_the_future_do_not_make_the_new_one_pruned(
+    backups: DatabaseBackups, database: Path, storage: LocalStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three objects named after now (a clock that once ran ahead, or damaged ones) counted as the
+    three newest: the backup just made and every good one before it were deleted."""
+    write_probe(database, "good")
+    earlier = [backups.backup() for _ in range(2)]
+    ahead = [f"cmbcluster-db/cmbcluster-2099010{day}T000000000000Z.sqlite3.gz" for day in (1, 2, 3)]
+    for key in ahead:
+        storage.upload_object(BUCKET, key, [b"x"])
+    made = backups.backup()
+    assert [b.key for b in backups.list()] == [*(b.key for b in [*earlier, made]), *ahead]
+    assert "named after the one just made" in caplog.text
+    more = [backups.backup() for _ in range(2)]  # the kept count still holds for ours
+    assert [b.key for b in backups.list()] == [*(b.key for b in [made, *more]), *ahead]
+
+
 def test_writers_are_not_blocked_while_a_backup_runs(backups: DatabaseBackups, database: Path) -> None:
     with contextlib.closing(sqlite3.connect(database)) as db, db:  # ~40 MB, so the copy takes a while
         db.executemany("INSERT INTO probe VALUES (?)", (("x" * 4000,) for _ in range(10_000)))

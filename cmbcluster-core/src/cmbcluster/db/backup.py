@@ -162,16 +162,27 @@ class DatabaseBackups:
         backup = BackupInfo(key=key, version=version, size=info.size, created_at=created)
         log.info("database backed up to %s/%s (%d bytes)", self.bucket, key, info.size, extra={"backup": key})
         try:
-            self.prune()
+            self.prune(backup)
         except CmbclusterError as exc:  # the backup itself is safe; the next one retries the clean-up
             log.warning("could not delete old database backups from %s: %s", self.bucket, exc)
         return backup
 
-    def prune(self) -> list[BackupInfo]:
-        """Delete the backups older than the ``kept`` newest; return them."""
+    def prune(self, newest: BackupInfo) -> list[BackupInfo]:
+        """Delete the backups older than the ``kept`` newest up to ``newest`` (the one just made);
+        return them.
+
+        A backup is ordered by the time in its name. One named after ``newest`` was written while
+        a clock ran ahead, or is not ours: it is neither deleted nor counted, since counting it
+        deleted the backup just made and every good one before it (found by an outsider's trial).
+        """
         if self.kept <= 0:
             return []
-        old = self.list()[: -self.kept]
+        backups = self.list()
+        ahead = [b for b in backups if b.version > newest.version]
+        if ahead:
+            log.warning("database backups in %s are named after the one just made (%s), kept and not counted: %s",
+                        self.bucket, newest.key, ", ".join(b.key for b in ahead))  # fmt: skip
+        old = [b for b in backups if b.version <= newest.version][: -self.kept]
         if old:
             self.storage.delete_objects(self.bucket, [b.key for b in old])
         return old
