@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gzip
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from waiting import wait_until_running
 
 from cmbcluster.app import create_app
 from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups, sweep_backup_leftovers
@@ -77,6 +79,66 @@ def test_restore_newest_keeps_the_current_database_aside(backups: DatabaseBackup
     assert read_probe(database) == ["first", "second"]
     assert result.kept_aside is not None and result.kept_aside.name.startswith("cmbcluster.db.before-restore-")
     assert read_probe(result.kept_aside) == ["first", "second", "third"]  # nothing lost
+
+
+def test_a_restore_keeps_access_taken_away_since_the_backup(backups: DatabaseBackups, database: Path) -> None:
+    """A restore brought back what administrators had taken away since the backup: a deactivated
+    account's API token answered again (found by an outsider's trial); so would a deleted account,
+    an admin's withdrawn rights, a session signed out or a token revoked."""
+    from sqlalchemy import delete, select, update
+    from sqlalchemy.orm import Session as OrmSession
+
+    from cmbcluster.db import create_db_engine
+    from cmbcluster.db.models import ApiToken, Session, User, utcnow
+
+    engine = create_db_engine(f"sqlite:///{database}")
+    later = utcnow() + dt.timedelta(hours=1)
+    with OrmSession(engine) as db, db.begin():
+        for name, role in (("ada", "admin"), ("bob", "admin"), ("eve", "user"), ("zoe", "user"), ("kim", "user")):
+            db.add(User(id=name, email=f"{name}@example.org", role=role, auth_provider="dev", subject=name))
+        db.flush()
+        for name in ("ada", "eve", "kim"):
+            db.add(Session(id=f"s-{name}", user_id=name, token_hash=f"s{name}", expires_at=later))
+            db.add(ApiToken(id=f"t-{name}", user_id=name, name="script", token_hash=f"t{name}", display_prefix="x"))
+    backup = backups.backup()
+    with OrmSession(engine) as db, db.begin():  # what administrators did after it
+        db.execute(update(User).where(User.id == "eve").values(status="deactivated"))
+        db.execute(delete(User).where(User.id == "zoe"))
+        db.execute(update(User).where(User.id == "bob").values(role="user"))
+        db.execute(update(Session).where(Session.id == "s-kim").values(revoked_at=utcnow()))  # signed out
+        db.execute(update(ApiToken).where(ApiToken.id == "t-kim").values(revoked_at=utcnow()))
+        db.add(User(id="new", email="new@example.org", auth_provider="dev", subject="new"))
+    engine.dispose()
+
+    result = backups.restore(backup.version)
+    engine = create_db_engine(f"sqlite:///{database}")
+    with OrmSession(engine) as db:
+        users = {u.id: (u.status, u.role) for u in db.execute(select(User)).scalars()}
+        revoked = {row.id for table in (Session, ApiToken)
+                   for row in db.execute(select(table.id).where(table.revoked_at.is_not(None)))}  # fmt: skip
+    engine.dispose()
+    assert users == {"ada": ("active", "admin"), "bob": ("active", "user"), "eve": ("deactivated", "user"),
+                     "zoe": ("deactivated", "user"), "kim": ("active", "user")}  # fmt: skip
+    assert revoked == {"s-kim", "t-kim"}  # (eve's own still live: her status refuses them)
+    assert result.access_kept_away == (
+        "2 accounts deactivated or deleted since the backup stay deactivated: eve@example.org, zoe@example.org",
+        "1 admins demoted since the backup stay users: bob@example.org",
+        "1 sessions and 1 API tokens ended since the backup stay ended",
+    )
+
+
+def test_a_damaged_database_is_replaced_though_it_cannot_say_what_it_took_away(
+    backups: DatabaseBackups, database: Path
+) -> None:
+    write_probe(database, "good")
+    backups.backup()
+    for path in [database, *database.parent.glob(database.name + "-*")]:
+        path.unlink()
+    database.write_bytes(b"a disk error's garbage" * 100)
+    result = backups.restore()
+    assert read_probe(database) == ["good"]
+    (line,) = result.access_kept_away
+    assert line.startswith("could not read what access the replaced database took away since the backup")
 
 
 def test_restore_a_named_version_and_refuse_an_unknown_one(backups: DatabaseBackups, database: Path) -> None:
@@ -217,6 +279,32 @@ def test_a_server_without_its_database_restores_the_newest_backup(settings: Core
         users = client.get("/api/v1/admin/users", headers=headers)
         # Ada, restored, is still the first user, hence the admin; Bob is not.
         assert users.status_code == 403, users.text
+
+
+def test_a_restore_from_before_an_environment_keeps_its_users_files(
+    settings: CoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Restored from a backup older than an environment, the database has no record of it, and the
+    reconcile loop at start deleted its home folder with it: the user's files lost for good, the
+    database set aside beside them no help (found by an outsider's trial). The same when a server
+    starts on a new database in a data directory that holds environments."""
+    backups = DatabaseBackups.from_settings(settings, LocalStorage(settings.data_dir / "buckets"))
+    with serving(settings) as client:
+        alice = dev_sign_in(client, "alice@example.org", "Alice")
+        before = backups.backup()  # (the server backs up again as it stops: that one has it)
+        created = client.post("/api/v1/environments", headers=alice, json={"application": "files", "preset": "light"})
+        assert created.status_code == 201, created.text
+        env_id = created.json()["id"]
+        wait_until_running(client.app.state.context, env_id)  # type: ignore[attr-defined]
+        home = settings.data_dir / "homes" / env_id
+        (home / "thesis.txt").write_text("three months of work\n")
+    backups.restore(before.version)
+    with serving(settings) as client:
+        assert client.get("/readyz").status_code == 200  # the reconcile at start has run
+        context = client.app.state.context  # type: ignore[attr-defined]
+        assert env_id not in {status.environment_id for status in context.compute.list_managed()}
+    assert (home / "thesis.txt").read_text() == "three months of work\n"
+    assert f"the home folder of environment {env_id}, which has no record, is kept" in caplog.text
 
 
 def test_a_server_whose_backups_cannot_be_read_does_not_start_empty(settings: CoreSettings) -> None:

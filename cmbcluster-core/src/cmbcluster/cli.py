@@ -289,6 +289,8 @@ def db_restore(
     out(f"restored {result.database} from {backups.bucket}/{result.backup.key}", soft_wrap=True)
     if result.kept_aside:
         out(f"the previous database is kept as {result.kept_aside}", soft_wrap=True)
+    for line in result.access_kept_away:
+        out(line, soft_wrap=True)
 
 
 @secrets_app.command("reencrypt")

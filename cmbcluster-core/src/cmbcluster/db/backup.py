@@ -49,6 +49,8 @@ from cmbcluster.interfaces import StorageBackend
 from cmbcluster.naming import validate_object_prefix
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from cmbcluster.config import ResolvedConfig
     from cmbcluster.context import AppContext
     from cmbcluster.settings import CoreSettings
@@ -94,6 +96,8 @@ class RestoreResult:
     kept_aside: Path | None
     #: Newer backups that did not verify, newest first (restoring "the newest" falls back past them).
     skipped: tuple[SkippedBackup, ...] = ()
+    #: Access taken away since the backup that the restore kept taken away, a line each for people.
+    access_kept_away: tuple[str, ...] = ()
 
 
 def sqlite_path(database_url: str) -> Path | None:
@@ -264,15 +268,18 @@ class DatabaseBackups:
                 out.flush()
                 os.fsync(out.fileno())
             _check_database(downloaded, f"backup {backup.key}")
+            kept_away = _keep_access_taken_away(self.database, downloaded) if self.database.is_file() else ()
             kept_aside = self._set_aside(backup.version)
             os.replace(downloaded, self.database)
         log.warning(
-            "database restored from %s/%s%s%s", self.bucket, backup.key,
+            "database restored from %s/%s%s%s%s", self.bucket, backup.key,
             f"; the previous one is kept as {kept_aside}" if kept_aside else "",
             f"; skipped the newer {', '.join(s.backup.key for s in skipped)}, which did not verify" if skipped else "",
+            "".join(f"; {line}" for line in kept_away),
             extra={"backup": backup.key, "kept_aside": str(kept_aside) if kept_aside else None},
         )  # fmt: skip
-        return RestoreResult(backup=backup, database=self.database, kept_aside=kept_aside, skipped=skipped)
+        return RestoreResult(backup=backup, database=self.database, kept_aside=kept_aside, skipped=skipped,
+                             access_kept_away=kept_away)  # fmt: skip
 
     def _set_aside(self, version: str) -> Path | None:
         """Rename the database and its WAL files to ``<name>.before-restore-<stamp>``; a stray WAL
@@ -340,6 +347,66 @@ def sweep_backup_leftovers(database: Path) -> list[Path]:
         log.warning("deleted what killed database backups or restores left beside %s: %s", database,
                     ", ".join(p.name for p in removed))  # fmt: skip
     return removed
+
+
+def _keep_access_taken_away(current: Path, restored: Path) -> tuple[str, ...]:
+    """Access the current database took away since the backup stays taken away in the restored
+    one: a restore had brought back deactivated (and deleted) accounts with their API tokens,
+    admin rights taken back, ended sessions and revoked tokens (found by an outsider's trial).
+    A deleted account comes back deactivated. What the current database cannot tell (it is damaged,
+    or older than the backup's schema) is logged, and the restore goes on: a restore is how a
+    damaged database is replaced. Returns a line for people per kind of access kept away."""
+    from sqlalchemy import create_engine, select, update
+
+    from cmbcluster.db.engine import in_batches
+    from cmbcluster.db.models import ApiToken, Session, User, utcnow
+
+    def engine(path: Path, mode: str) -> Engine:
+        return create_engine("sqlite://", creator=lambda: sqlite3.connect(_uri(path, mode), uri=True))
+
+    source, target = engine(current, "ro"), engine(restored, "rw")
+    try:
+        with source.connect() as db:
+            now_users = {row.id: row for row in db.execute(select(User.id, User.status, User.role))}
+            live_sessions = set(db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars())
+            live_tokens = set(db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars())
+        with target.begin() as db:
+            then_users = db.execute(select(User.id, User.email, User.status, User.role)).all()
+            deactivate = [u for u in then_users if u.status == "active" and (
+                u.id not in now_users or now_users[u.id].status != "active")]  # fmt: skip
+            demote = [
+                u for u in then_users if u.role == "admin" and u.id in now_users and now_users[u.id].role != "admin"
+            ]
+            sessions = [i for i in db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars()
+                        if i not in live_sessions]  # fmt: skip
+            tokens = [i for i in db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars()
+                      if i not in live_tokens]  # fmt: skip
+            now = utcnow()
+            for batch in in_batches([u.id for u in deactivate]):
+                db.execute(update(User).where(User.id.in_(batch)).values(status="deactivated"))
+            for batch in in_batches([u.id for u in demote]):
+                db.execute(update(User).where(User.id.in_(batch)).values(role="user", admin_because=None))
+            for table, ids in ((Session, sessions), (ApiToken, tokens)):
+                for batch in in_batches(ids):
+                    db.execute(update(table).where(table.id.in_(batch)).values(revoked_at=now))
+    except Exception as exc:  # noqa: BLE001 - whatever the old database cannot tell, the restore goes on
+        log.warning("could not read what access %s took away since the backup, so the restored database "
+                    "has the backup's (deactivations, revocations since are undone: make them again): %s",
+                    current, exc)  # fmt: skip
+        return (f"could not read what access the replaced database took away since the backup ({exc}): "
+                "deactivations and revocations since are undone, make them again",)  # fmt: skip
+    finally:
+        source.dispose()
+        target.dispose()
+    lines = []
+    if deactivate:
+        emails = ", ".join(u.email for u in deactivate)
+        lines.append(f"{len(deactivate)} accounts deactivated or deleted since the backup stay deactivated: {emails}")
+    if demote:
+        lines.append(f"{len(demote)} admins demoted since the backup stay users: {', '.join(u.email for u in demote)}")
+    if sessions or tokens:
+        lines.append(f"{len(sessions)} sessions and {len(tokens)} API tokens ended since the backup stay ended")
+    return tuple(lines)
 
 
 def _online_copy(source: Path, target: Path) -> None:

@@ -122,6 +122,14 @@ class ComputeBackend(abc.ABC):
     def delete(self, environment_id: str) -> None:
         """Stop and remove everything the backend keeps for the environment."""
 
+    def remove_unrecorded(self, environment_id: str) -> None:
+        """Remove an environment the database holds no record of (a create interrupted before its
+        record was written, or a database restored from a backup older than the environment), for
+        the reconcile loop: by default :meth:`delete`. A backend that keeps a user's own files for
+        an environment keeps them, where a start of the same id finds them again should the record
+        come back (the embedded default: its home folder)."""
+        self.delete(environment_id)
+
     def forget_user(self, user_id: str) -> None:  # noqa: B027 - optional hook with a sensible default
         """Remove what the backend keeps for a deleted user beyond their environments (the
         Kubernetes backend: their ServiceAccount). Idempotent; by default there is nothing."""

@@ -24,6 +24,7 @@ import datetime as dt
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import secrets
@@ -63,6 +64,7 @@ from cmbcluster.interfaces import (
     Upstream,
 )
 
+log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 5.0
 #: The variable that marks a process as started by the backend owning this state folder.
 STATE_MARKER = "CMBCLUSTER_COMPUTE_DIR"
@@ -221,7 +223,16 @@ class LocalProcessCompute(ComputeBackend):
         with self._one_at_a_time(environment_id):  # its lock stays: a call may be waiting on it
             self._delete(environment_id)
 
-    def _delete(self, environment_id: str) -> None:
+    def remove_unrecorded(self, environment_id: str) -> None:
+        # Its home folder stays: a database restored from before the environment, or a new
+        # database on this data directory, had the reconcile loop delete every such user's files.
+        with self._one_at_a_time(environment_id):
+            self._delete(environment_id, keep_home=True)
+        home = self.homes_dir / environment_id
+        if home.is_dir():
+            log.warning("the home folder of environment %s, which has no record, is kept: %s", environment_id, home)
+
+    def _delete(self, environment_id: str, *, keep_home: bool = False) -> None:
         state = self._read_state(environment_id)
         if state is not None:
             self._terminate(state)
@@ -233,8 +244,8 @@ class LocalProcessCompute(ComputeBackend):
         self._remove_secrets(environment_id)
         with contextlib.suppress(OSError):
             Path(self._socket_path(environment_id)).unlink(missing_ok=True)
-        # the environment's own disk goes with it (links into buckets are removed, never followed)
-        shutil.rmtree(self.homes_dir / environment_id, ignore_errors=True)
+        if not keep_home:  # the environment's own disk goes with it (links into buckets are removed, never followed)
+            shutil.rmtree(self.homes_dir / environment_id, ignore_errors=True)
 
     # Plaintext copies of secret files exist only while their environment runs.
     def _remove_secrets(self, environment_id: str) -> None:

@@ -138,8 +138,9 @@ class Reconciler:
             )
             rows = {env.id: env for env in self._environments(db, *FOLLOWED) + self._by_id(db, set(managed) & known)}
             for env_id in sorted(set(managed) - known):
-                log.warning("removing environment %s: the backend runs it but no record exists", env_id)
-                compute.delete(env_id)
+                log.warning("removing environment %s (%s): the backend holds it but no record exists", env_id,
+                            managed[env_id].phase.value)  # fmt: skip
+                compute.remove_unrecorded(env_id)
                 report.orphans_removed.append(env_id)
             now = utcnow()
             seen: list[str] = []
