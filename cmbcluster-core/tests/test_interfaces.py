@@ -99,8 +99,12 @@ def test_a_compute_backend_gets_the_documented_defaults() -> None:
     assert backend.stops_with_control_plane is False  # environments outlive the control plane
     backend.forget_user("u1")
     deleted: list[str] = []
-    backend.delete = deleted.append  # type: ignore[method-assign]
-    backend.remove_unrecorded("e1")  # an environment without a record: removed as a delete removes it
+
+    class RecordsDeletes(OnlyTheAbstractCompute):
+        def delete(self, environment_id: str) -> None:
+            deleted.append(environment_id)
+
+    RecordsDeletes().remove_unrecorded("e1")  # an environment without a record: removed as a delete removes it
     assert deleted == ["e1"]
     backend.on_status_change(lambda environment_id: None)  # no notifications: core polls
     backend.check_ready()
