@@ -183,6 +183,8 @@ def config_check(
                 err(f"[red]{concern} {name}: did not answer[/red]: {escape(str(exc))}", soft_wrap=True)
             else:
                 out(f"[green]{concern} {name}: answered[/green]", soft_wrap=True)
+        if connect:  # the database too: a URL can be valid and still name no server, or a wrong password
+            _check_database(config.core.effective_database_url, unreachable)
     finally:
         if providers is not None:
             providers.close()
@@ -195,6 +197,22 @@ def config_check(
     )
     for note in config.notes():
         out(f"  {note}", soft_wrap=True, markup=False)
+
+
+def _check_database(url: str, unreachable: list[str]) -> None:
+    """`config check --connect`'s line for the database; appended to ``unreachable`` if it did not answer."""
+    from rich.markup import escape
+
+    from cmbcluster.db.engine import reach_database
+
+    shown = escape(_safe_url(url))
+    try:
+        answer = reach_database(url)
+    except CmbclusterError as exc:
+        unreachable.append("the database")
+        err(f"[red]database {shown}: did not answer[/red]: {escape(str(exc))}", soft_wrap=True)
+    else:
+        out(f"[green]database {shown}: {escape(answer)}[/green]", soft_wrap=True)
 
 
 @config_app.command("example")
@@ -221,23 +239,28 @@ def config_example(
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply database migrations (also done automatically by `serve`)."""
     from cmbcluster.db import create_db_engine, current_revision, upgrade
+    from cmbcluster.db.engine import opening
     from cmbcluster.security import secret_key
 
     settings = load_core_settings()
-    engine = create_db_engine(settings.effective_database_url)
-    upgrade(engine, revision, secret_key=secret_key(settings))
-    out(f"database at revision {current_revision(engine)}")
+    url = settings.effective_database_url
+    engine = create_db_engine(url)
+    with opening(url):
+        upgrade(engine, revision, secret_key=secret_key(settings))
+        out(f"database at revision {current_revision(engine)}")
 
 
 @db_app.command("current")
 def db_current() -> None:
     """Show the database's migration revision and the newest one this version knows."""
     from cmbcluster.db import create_db_engine, current_revision
-    from cmbcluster.db.engine import head_revision
+    from cmbcluster.db.engine import head_revision, opening
 
     settings = load_core_settings()
-    engine = create_db_engine(settings.effective_database_url)
-    current, head = current_revision(engine), head_revision(engine)
+    url = settings.effective_database_url
+    engine = create_db_engine(url, create=False)  # only reads: a missing SQLite file is said, not made
+    with opening(url):
+        current, head = current_revision(engine), head_revision(engine)
     state = "up to date" if current == head else "needs `cmbcluster db upgrade`"
     out(f"current: {current or '(empty database)'}  head: {head}  ({state})")
 
@@ -302,14 +325,15 @@ def secrets_reencrypt() -> None:
     CMBCLUSTER_SECRET_KEY_PREVIOUS.
     """
     from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.db.engine import opening
     from cmbcluster.security import Sealer, previous_secret_keys, secret_key
     from cmbcluster.services import user_settings
 
     settings = load_core_settings()
     key, previous = secret_key(settings), previous_secret_keys(settings)
     engine = create_db_engine(settings.effective_database_url)
-    upgrade(engine, secret_key=key)
-    with session_factory(engine)() as db:
+    with opening(settings.effective_database_url), session_factory(engine)() as db:
+        upgrade(engine, secret_key=key)
         report = user_settings.reencrypt_all(
             db,
             env_var_sealer=Sealer(key, user_settings.ENV_VAR_PURPOSE, previous=previous),

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pydantic import AliasChoices, ValidationError
 from pydantic_settings import BaseSettings
 
-from cmbcluster.db.engine import sqlite_location_problems
+from cmbcluster.db.engine import database_url_problems
 from cmbcluster.errors import ConfigurationError, PluginError
 from cmbcluster.plugins import CONCERNS, PluginManager, PluginsFailed
 from cmbcluster.registrations import Concern, Registration, ResolvedConfig
@@ -108,7 +108,7 @@ def resolve(
             f"the development sign-in (auth provider 'local') refuses to serve on {core.host}, beyond loopback; "
             "configure a real identity provider, or set CMBCLUSTER_DEV_LOGIN_ALLOW_REMOTE=1 if you really mean it"
         )
-    problems.extend(sqlite_location_problems(core.effective_database_url))
+    problems.extend(database_url_problems(core.effective_database_url))  # a driver not installed, a FUSE mount
     routing_problems, routing_warnings = _host_routing(core, provider_settings.values())
     problems.extend(routing_problems)
     warnings.extend(routing_warnings)

@@ -352,6 +352,17 @@ class CoreSettings(BaseSettings):
             raise ValueError("; ".join(exc.problems).removeprefix("CMBCLUSTER_PRICES ")) from None
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        """Parsed as the server parses it, so that a typo is one line naming the variable, not
+        SQLAlchemy's traceback from whichever command opens the database first."""
+        if not value:
+            return None
+        from cmbcluster.db.engine import check_database_url
+
+        return check_database_url(value)
+
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _trusted_proxies(cls, value: str) -> str:

@@ -87,6 +87,7 @@ def operator_database() -> Iterator[tuple[Session, PriceTable]]:
     refusal (a :class:`~cmbcluster.errors.CmbclusterError`: bad input, nothing found) is printed
     as one line and exits with status 2, never a traceback."""
     from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.db.engine import opening
     from cmbcluster.errors import CmbclusterError
     from cmbcluster.pricing import PriceOverrides, resolve_price_table
     from cmbcluster.security import secret_key
@@ -98,7 +99,8 @@ def operator_database() -> Iterator[tuple[Session, PriceTable]]:
         )
         engine = create_db_engine(config.core.effective_database_url)
         try:
-            upgrade(engine, secret_key=secret_key(config.core))
+            with opening(config.core.effective_database_url):
+                upgrade(engine, secret_key=secret_key(config.core))
             with session_factory(engine)() as db:
                 yield db, prices
         finally:

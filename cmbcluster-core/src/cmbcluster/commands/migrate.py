@@ -25,10 +25,12 @@ To = Annotated[str, typer.Option("--to", help="The target storage backend (its n
 
 def _sessions(config: ResolvedConfig) -> Any:
     from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.db.engine import opening
     from cmbcluster.security import secret_key
 
     engine = create_db_engine(config.core.effective_database_url)
-    upgrade(engine, secret_key=secret_key(config.core))
+    with opening(config.core.effective_database_url):
+        upgrade(engine, secret_key=secret_key(config.core))
     return engine, session_factory(engine)
 
 

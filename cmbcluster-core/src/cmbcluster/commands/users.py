@@ -27,6 +27,7 @@ def token(
     """Create an API token for EMAIL and print it, once (send it as `Authorization: Bearer <token>`)."""
     from cmbcluster.config import load_core_settings, resolve
     from cmbcluster.db import create_db_engine, session_factory, upgrade
+    from cmbcluster.db.engine import opening
     from cmbcluster.security import secret_key
     from cmbcluster.services import users
 
@@ -35,8 +36,8 @@ def token(
     development_sign_in = any(registration.name == "local" for registration in config.auth)  # the embedded default
     engine = create_db_engine(core.effective_database_url)
     try:
-        upgrade(engine, secret_key=secret_key(core))
-        with session_factory(engine)() as db:
+        with opening(core.effective_database_url), session_factory(engine)() as db:
+            upgrade(engine, secret_key=secret_key(core))
             user, issued, created = users.operator_token(
                 db, email, name=name, expires_in_days=expires_in_days, create_local=development_sign_in,
                 admin_emails=core.admin_emails,

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import Engine, Executable, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
+from sqlalchemy.pool import NullPool
+
+from cmbcluster.errors import CmbclusterError, ConfigurationError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -33,14 +37,97 @@ IN_BATCH = 500
 T = TypeVar("T")
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, and its folder."""
+#: The databases CMBCluster runs on: SQLite (one server) and PostgreSQL (several replicas). Others
+#: lack what it relies on (PostgreSQL's advisory locks keep replicas' schema changes, first sign-ins and
+#: starts apart), and the chart refuses them.
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
+#: What installs a supported database's drivers, for the message when one is missing.
+DRIVER_PACKAGES = {
+    "psycopg": "pip install 'cmbcluster-core[postgresql]' (psycopg[binary])",
+    "psycopg2": "pip install psycopg2-binary (or postgresql://, psycopg 3: pip install 'cmbcluster-core[postgresql]')",
+}
+
+
+class DatabaseUnavailable(CmbclusterError):
+    """The database cannot be opened or reached, or does not exist where a command only reads it."""
+
+    http_status = 503
+    code = "database_unavailable"
+
+
+def database_url_problems(url: str) -> list[str]:
+    """What stops the database at ``url`` from being opened on this machine, one line each: a
+    database CMBCluster does not support, a driver that is not installed, a SQLite file on a FUSE or
+    network mount. No connection is made. ``serve`` and ``config check`` refuse on these."""
+    try:
+        parsed = _engine_url(make_url(url))
+    except ArgumentError:
+        return [f"CMBCLUSTER_DATABASE_URL {_NOT_A_URL}"]
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED_DATABASES:
+        return [f"CMBCLUSTER_DATABASE_URL {_UNSUPPORTED.format(backend=backend)}"]
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        driver = parsed.get_driver_name() if not isinstance(exc, NoSuchModuleError) else parsed.drivername
+        install = DRIVER_PACKAGES.get(driver, f"install the Python package of the {driver} driver")
+        return [f"CMBCLUSTER_DATABASE_URL: the driver for {backend} ({driver}) is not installed: {install}"]
+    return sqlite_location_problems(url)
+
+
+#: Said of CMBCLUSTER_DATABASE_URL when SQLAlchemy cannot parse it (the value is not repeated: it may
+#: hold a password).
+_NOT_A_URL = (
+    "is not a database URL: use postgresql://user:password@host/name, or sqlite:////absolute/path.db "
+    "(unset: SQLite in the data directory); quote special characters of the password (%40 for @)"
+)
+_UNSUPPORTED = "names {backend}, which is not supported: use PostgreSQL (postgresql://...) or SQLite (sqlite:///...)"
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if SQLAlchemy parses it and names a supported database (a settings validator: the
+    problem is reported with the other settings', naming the variable, before anything starts)."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError(_NOT_A_URL) from None
+    if backend not in SUPPORTED_DATABASES:
+        raise ValueError(_UNSUPPORTED.format(backend=backend))
+    return url
+
+
+def _engine_url(parsed: URL) -> URL:
+    if parsed.drivername == "postgresql":  # the driver the `postgresql` extra installs (psycopg 3)
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database, an in-memory one or a ``file:`` URI."""
     parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in {"", ":memory:"} or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def create_db_engine(url: str, *, create: bool = True) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, and its folder
+    unless ``create`` is False: then a SQLite file that does not exist
+    is :class:`DatabaseUnavailable` (a command that only reads must not create an empty database)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError([f"CMBCLUSTER_DATABASE_URL {_NOT_A_URL}"]) from None
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None and not create and not path.exists():
+            raise DatabaseUnavailable(
+                f"the database {path} does not exist (`cmbcluster db upgrade` or `cmbcluster serve` creates it)"
+            )
+        if path is not None and create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         # More than every thread that may hold one at once (the general and the cluster worker
         # threads, 8 and 16; the progress hub's three, the revocation watch's one and the usage
         # refresher's four; the event loop), so the event loop never waits for one. SQLite
@@ -49,11 +136,84 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if parsed.drivername == "postgresql":  # the driver the `postgresql` extra installs (psycopg 3)
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    problems = database_url_problems(url)
+    if problems:  # a missing driver: one clear line, not ModuleNotFoundError at the first connection
+        raise ConfigurationError(problems)
     # Up to 40 connections a replica, more than its threads may hold at once (see above; the
     # default 5 + 10 would make the event loop wait in a burst of starts), 8 of them kept open.
-    return create_engine(parsed, pool_size=8, max_overflow=32, **kwargs)
+    return create_engine(_engine_url(parsed), pool_size=8, max_overflow=32, **kwargs)
+
+
+def open_problem(url: str, exc: OperationalError) -> DatabaseUnavailable:
+    """What a command says when the database at ``url`` cannot be opened or reached (``exc``):
+    one line naming the database and, for SQLite, the permission or folder that stopped it."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    path = sqlite_file(url)
+    try:
+        hint = _sqlite_access_hint(path) if path is not None else None
+    except OSError as denied:  # a folder on the way this user may not even look into
+        hint = str(denied)
+    return DatabaseUnavailable(f"cannot open the database {shown}: {reason}" + (f" ({hint})" if hint else ""))
+
+
+def _sqlite_access_hint(path: Path) -> str | None:
+    """Why this user cannot open the SQLite file ``path``, when a permission or the folder says."""
+    if path.is_dir():
+        return f"{path} is a folder, not a database file"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"its folder {folder} does not exist or is not a folder"
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        # SQLite writes its -wal and -shm files beside the database: the folder must be writable too
+        return f"its folder {folder} is not readable and writable by this user (uid {os.getuid()})"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not readable and writable by this user (uid {os.getuid()})"
+    return None
+
+
+#: How long `config check --connect` waits for PostgreSQL to answer.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def reach_database(url: str) -> str:
+    """Open the database at ``url`` and read from it, as a server would (`config check --connect`):
+    what answered, or :class:`DatabaseUnavailable` saying why not. A SQLite file that does not exist
+    yet is not created: its folder must let this user create it, as ``serve`` will."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # serve creates the missing folders under the nearest existing one
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DatabaseUnavailable(
+                f"cannot create the database {path}: {folder} is not writable by this user (uid {os.getuid()})"
+            )
+        return f"{path} does not exist yet; serve creates it"
+    if path is None and make_url(url).get_backend_name() == "sqlite":
+        return "in memory"
+    if path is not None:
+        engine = create_db_engine(url, create=False)
+    else:  # a bounded wait: an address that drops packets would otherwise hold the check for minutes
+        engine = create_engine(
+            _engine_url(make_url(url)), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        )
+    try:
+        with opening(url), engine.connect() as connection:
+            tables = len(inspect(connection).get_table_names())  # reads the file: catches one that is not a database
+    finally:
+        engine.dispose()
+    return f"answered ({tables} tables)"
+
+
+@contextlib.contextmanager
+def opening(url: str) -> Iterator[None]:
+    """Within this block, failing to open or reach the database at ``url`` (SQLAlchemy's
+    OperationalError) is :class:`DatabaseUnavailable`: the command line prints it as one line."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise open_problem(url, exc) from None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
