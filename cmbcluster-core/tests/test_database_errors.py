@@ -9,10 +9,12 @@ exist, and the database file was created readable by every user.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
+from cmbcluster.db.engine import create_db_engine, current_revision, upgrade
 from cmbcluster.testing.process import clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
 
@@ -114,3 +116,43 @@ def test_db_current_says_a_missing_database_does_not_exist_and_creates_nothing(
     _one_line_error(result, f"the database {missing} does not exist")
     assert "(empty database)" not in result.stdout
     assert not (tmp_path / "nonexistent").exists()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_sqlite_database_and_its_wal_files_are_created_private(tmp_path: Path) -> None:
+    database = tmp_path / "elsewhere" / "cmbcluster.db"  # a CMBCLUSTER_DATABASE_URL outside the data directory
+    previous = os.umask(0o022)  # the usual umask, under which SQLite made it 0644
+    try:
+        engine = create_db_engine(f"sqlite:///{database}")
+        upgrade(engine)
+        with engine.connect() as connection:  # WAL: the -wal and -shm files exist while it is open
+            assert current_revision(engine) is not None
+            files = [database, database.with_name("cmbcluster.db-wal"), database.with_name("cmbcluster.db-shm")]
+            assert all(file.exists() for file in files)
+            assert {file.name: _mode(file) for file in files} == {file.name: 0o600 for file in files}
+            connection.close()
+        engine.dispose()
+    finally:
+        os.umask(previous)
+
+
+def test_a_database_readable_by_others_is_made_private_at_its_next_connection(tmp_path: Path) -> None:
+    database = tmp_path / "cmbcluster.db"
+    database.touch(mode=0o644)
+    database.chmod(0o644)
+    engine = create_db_engine(f"sqlite:///{database}")
+    with engine.connect():
+        assert _mode(database) == 0o600
+    engine.dispose()
+
+
+def test_an_engine_creates_no_database_file_before_its_first_connection(tmp_path: Path) -> None:
+    """A server restores a missing database from its backup after creating its engine: an empty file
+    made with the engine would read as present, and no backup would be restored."""
+    database = tmp_path / "cmbcluster.db"
+    engine = create_db_engine(f"sqlite:///{database}")
+    assert not database.exists()
+    engine.dispose()

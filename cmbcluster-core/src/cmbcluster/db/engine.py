@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -112,8 +113,8 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def create_db_engine(url: str, *, create: bool = True) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, and its folder
-    unless ``create`` is False: then a SQLite file that does not exist
+    """An engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout, and its folder and
+    file (private to this user) unless ``create`` is False: then a SQLite file that does not exist
     is :class:`DatabaseUnavailable` (a command that only reads must not create an empty database)."""
     try:
         parsed = make_url(url)
@@ -134,6 +135,10 @@ def create_db_engine(url: str, *, create: bool = True) -> Engine:
         # connections are cheap.
         kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40, "max_overflow": 10}
         engine = create_engine(url, **kwargs)
+        if path is not None:
+            # At each new connection, not now: a server restores a missing database from its backup
+            # before its first connection, and an empty file here would read as present.
+            event.listen(engine, "do_connect", lambda *_: _private_file(path))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     problems = database_url_problems(url)
@@ -142,6 +147,28 @@ def create_db_engine(url: str, *, create: bool = True) -> Engine:
     # Up to 40 connections a replica, more than its threads may hold at once (see above; the
     # default 5 + 10 would make the event loop wait in a burst of starts), 8 of them kept open.
     return create_engine(_engine_url(parsed), pool_size=8, max_overflow=32, **kwargs)
+
+
+def _private_file(path: Path) -> None:
+    """Before SQLite opens ``path``: create it empty and 0600 if missing (SQLite takes an empty file
+    as a new database, and would create it 0644 under the usual umask; its -wal and -shm files take
+    the database file's mode). One readable by others (made before, or a restored backup) is made
+    private when it is this user's, with its -wal and -shm files."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # cannot create it here: SQLite's own attempt says why (see DatabaseUnavailable)
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = file.stat()
+            if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077 and info.st_uid == os.getuid():
+                log.warning("database file %s was readable by other users: now 0600", file)
+                file.chmod(0o600)
+        except OSError:
+            continue  # absent (-wal, -shm), or not ours to change
 
 
 def open_problem(url: str, exc: OperationalError) -> DatabaseUnavailable:
