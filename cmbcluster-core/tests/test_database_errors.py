@@ -95,19 +95,6 @@ def test_a_database_file_that_cannot_be_opened_is_one_line(env: dict[str, str], 
         _one_line_error(result, f"sqlite:///{folder}", "unable to open database file", "is a folder, not a database")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root opens every file whatever its mode")
-def test_a_data_dir_this_user_cannot_write_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    data.chmod(0o500)
-    try:
-        for command in (["db", "current"], ["db", "upgrade"], ["config", "check", "--connect"]):
-            result = cmbcluster(*command, env=env, cwd=tmp_path)
-            assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    finally:
-        data.chmod(0o700)
-
-
 def test_db_current_says_a_missing_database_does_not_exist_and_creates_nothing(
     env: dict[str, str], tmp_path: Path
 ) -> None:
