@@ -345,6 +345,31 @@ def test_a_stopping_server_backs_up_what_changed_and_only_that(settings: CoreSet
 # -- the command line ---------------------------------------------------------------------------
 
 
+def test_a_database_bucket_that_is_not_there_is_said_by_config_check_and_at_start(
+    settings: CoreSettings, database: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`config check --connect` said "configuration OK" of a database bucket that does not exist, and
+    the server started without a word: backups failed first an hour later, or at the stop (found by
+    an outsider's trial)."""
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir), "COLUMNS": "200"}
+    present = cmbcluster("config", "check", "--connect", env={**env, "CMBCLUSTER_DATABASE_BUCKET": BUCKET},
+                         cwd=tmp_path)  # fmt: skip
+    assert present.returncode == 0, present.stderr
+    assert f"database bucket {BUCKET}: answered (0 backups)" in present.stdout
+    absent = cmbcluster("config", "check", "--connect", env={**env, "CMBCLUSTER_DATABASE_BUCKET": "no-such-bucket"},
+                        cwd=tmp_path)  # fmt: skip
+    assert absent.returncode == 1 and "configuration OK" not in absent.stdout, absent.stdout
+    assert "database bucket no-such-bucket: did not answer" in absent.stderr, absent.stderr
+    assert "Traceback" not in absent.stderr
+
+    with serving(settings.model_copy(update={"database_bucket": "no-such-bucket"})) as client:
+        assert client.get("/readyz").status_code == 200  # it serves
+        deadline = time.monotonic() + 10
+        while "the database bucket no-such-bucket cannot be read" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "the database bucket no-such-bucket cannot be read, so database backups will fail" in caplog.text
+
+
 def test_cli_backup_list_and_restore(settings: CoreSettings, database: Path, tmp_path: Path) -> None:
     env = {
         **clean_environ(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,6 +22,10 @@ from cmbcluster.commands.common import err, error, out, print_json, resolve_conf
 from cmbcluster.config import load_core_settings
 from cmbcluster.errors import CmbclusterError
 from cmbcluster.plugins import PluginManager
+
+if TYPE_CHECKING:
+    from cmbcluster.interfaces import StorageBackend
+    from cmbcluster.registrations import ResolvedConfig
 
 app = typer.Typer(
     name="cmbcluster",
@@ -185,6 +189,8 @@ def config_check(
                 out(f"[green]{concern} {name}: answered[/green]", soft_wrap=True)
         if connect:  # the database too: a URL can be valid and still name no server, or a wrong password
             _check_database(config.core.effective_database_url, unreachable)
+        if connect and providers is not None and config.core.database_bucket:
+            _check_database_bucket(config, providers.storage, unreachable)
     finally:
         if providers is not None:
             providers.close()
@@ -213,6 +219,25 @@ def _check_database(url: str, unreachable: list[str]) -> None:
         err(f"[red]database {shown}: did not answer[/red]: {escape(str(exc))}", soft_wrap=True)
     else:
         out(f"[green]database {shown}: {escape(answer)}[/green]", soft_wrap=True)
+
+
+def _check_database_bucket(config: ResolvedConfig, storage: StorageBackend, unreachable: list[str]) -> None:
+    """`config check --connect`'s line for the database bucket: backups to a bucket that is not
+    there failed only at the first backup, an hour after start, or at the stop."""
+    from rich.markup import escape
+
+    from cmbcluster.db.backup import BackupUnavailable, DatabaseBackups
+
+    bucket = config.core.database_bucket
+    try:
+        found = DatabaseBackups.from_settings(config.core, storage).list()
+    except BackupUnavailable:  # PostgreSQL, backed up with its own tools: the bucket is not used
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure means it did not answer; reported in one line
+        unreachable.append(f"the database bucket {bucket}")
+        err(f"[red]database bucket {escape(str(bucket))}: did not answer[/red]: {escape(str(exc))}", soft_wrap=True)
+    else:
+        out(f"[green]database bucket {escape(str(bucket))}: answered ({len(found)} backups)[/green]", soft_wrap=True)
 
 
 @config_app.command("example")

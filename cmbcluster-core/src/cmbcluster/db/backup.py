@@ -590,6 +590,11 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
         return
     interval = core.database_backup_interval_minutes * 60
     last = _fingerprint(backups.database)  # as restored or migrated at start: nothing new yet
+    try:  # said at start, not first at the first backup an hour on, or at the stop
+        await run_in_threadpool(backups.list)
+    except Exception as exc:  # noqa: BLE001 - whatever the store answers, the server serves; said loudly
+        log.error("the database bucket %s cannot be read, so database backups will fail until it can: %s",
+                  backups.bucket, exc)  # fmt: skip
     while True:
         stopping = False
         try:
