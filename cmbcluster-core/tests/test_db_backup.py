@@ -24,7 +24,7 @@ from cmbcluster.local.storage import LocalStorage
 from cmbcluster.settings import CoreSettings
 from cmbcluster.testing.api import LOCAL, dev_sign_in
 from cmbcluster.testing.backup import probe_database, read_probe, write_probe
-from cmbcluster.testing.process import clean_environ, free_port
+from cmbcluster.testing.process import ServeProcess, clean_environ, free_port
 from cmbcluster.testing.process import run_cli as cmbcluster
 
 BUCKET = "cmbcluster-database"
@@ -315,10 +315,14 @@ def test_a_server_whose_backups_cannot_be_read_does_not_start_empty(settings: Co
     assert not (settings.data_dir / "cmbcluster.db").exists()
 
 
-def test_a_server_with_no_backup_yet_starts_with_a_new_database(settings: CoreSettings) -> None:
-    with serving(settings) as client:
-        assert client.get("/readyz").status_code == 200
+def test_a_server_with_no_backup_yet_starts_with_a_new_database(settings: CoreSettings, tmp_path: Path) -> None:
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir), "CMBCLUSTER_DATABASE_BUCKET": BUCKET,
+           "CMBCLUSTER_LOG_LEVEL": "INFO", "CMBCLUSTER_LOG_FORMAT": "text"}  # fmt: skip
+    with ServeProcess(env, tmp_path) as server:
+        assert server.wait_ready("/readyz").status_code == 200
+        said = server.output()
     assert (settings.data_dir / "cmbcluster.db").exists()
+    assert said.count("starting with a new database") == 1, said  # (`serve` asked, then the app's start-up again)
 
 
 def test_the_server_backs_up_periodically_when_the_database_changed(settings: CoreSettings) -> None:

@@ -547,6 +547,8 @@ def restore_at_start(context: AppContext) -> RestoreResult | None:
         ) from exc
     if not newest:
         log.info("no database at %s and no backup in %s: starting with a new database", database, backups.bucket)
+        with context.engine.connect():  # made now: `serve` asks before the app's start-up asks again
+            pass
         return None
     try:
         # the server's own start: it holds the serving lock, or (`serve`, before the app) is starting
