@@ -173,6 +173,28 @@ def test_a_control_plane_restart_continues_an_environment_that_kept_running(
         assert db.execute(runs).scalar_one() == 1
 
 
+def test_a_listing_taken_the_instant_a_start_began_does_not_end_it(
+    app: FastAPI, client: TestClient, alice: dict[str, str], clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconcile pass that listed the backend just before a start, at the same clock reading (a
+    coarse clock; here the frozen test clock), found the environment running once it loaded the
+    record, missing from its listing, and ended it as vanished: its usage closed at once. Seen as
+    a rare failure of the test below, where the app's own reconcile loop ran at that moment."""
+    context = _context(app)
+    with context.sessions() as db:
+        user = db.execute(select(User).where(User.email == "alice@example.org")).scalar_one()
+        env_id = environments.create(db, context, user, environments.EnvironmentRequest(application="files")).id
+    clock.set(at(7, 8))
+    before_the_start = context.compute.list_managed()
+    _start(context, env_id)
+    monkeypatch.setattr(context.compute, "list_managed", lambda: before_the_start)
+    report = Reconciler(context).reconcile()
+    assert env_id not in report.marked_stopped
+    with context.sessions() as db:
+        env = db.get(Environment, env_id)
+        assert env is not None and env.status == "running"
+
+
 def test_an_environment_deleted_while_running_closes_its_interval(
     app: FastAPI, client: TestClient, alice: dict[str, str], clock: ManualClock
 ) -> None:

@@ -296,7 +296,8 @@ def _listing_predates(env: Environment, listed_at: dt.datetime, now: dt.datetime
     such a listing stopped starts as they happened."""
     if env.started_at is None:
         return False
-    return env.started_at > listed_at or (env.status in TRANSITIONAL and now - env.started_at < START_GRACE)
+    # At or after: a start stamped the instant the listing was taken (a coarse clock) may be missing from it.
+    return env.started_at >= listed_at or (env.status in TRANSITIONAL and now - env.started_at < START_GRACE)
 
 
 async def run_background(context: AppContext, stop: asyncio.Event) -> None:
