@@ -95,6 +95,17 @@ def test_a_database_file_that_cannot_be_opened_is_one_line(env: dict[str, str], 
         _one_line_error(result, f"sqlite:///{folder}", "unable to open database file", "is a folder, not a database")
 
 
+def test_a_file_that_is_not_a_database_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    """SQLite says so while connecting (DatabaseError, not OperationalError): a traceback, the very
+    case of an operator checking a damaged database before a restore (found by a review)."""
+    text = tmp_path / "notes.db"
+    text.write_text("not a database, " * 100)
+    there = {**env, "CMBCLUSTER_DATABASE_URL": f"sqlite:///{text}"}
+    for command in (["db", "current"], ["config", "check", "--connect"]):
+        result = cmbcluster(*command, env=there, cwd=tmp_path)
+        _one_line_error(result, "file is not a database")
+
+
 def test_db_current_says_a_missing_database_does_not_exist_and_creates_nothing(
     env: dict[str, str], tmp_path: Path
 ) -> None:

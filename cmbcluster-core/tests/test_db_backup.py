@@ -127,6 +127,29 @@ def test_a_restore_keeps_access_taken_away_since_the_backup(backups: DatabaseBac
     )
 
 
+def test_a_backup_from_before_a_column_the_carry_over_writes_still_keeps_access_taken_away(
+    backups: DatabaseBackups, database: Path
+) -> None:
+    """A backup from before migration 0010 has no users.admin_because: writing it failed, the whole
+    carry-over was undone, and a user deactivated since came back active (found by a review)."""
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        for name, role in (("bob", "admin"), ("eve", "user")):
+            db.execute("INSERT INTO users (id, email, name, role, status, email_verified, auth_provider, subject, "
+                       "created_at) VALUES (?, ?, '', ?, 'active', 0, 'dev', ?, '2026-11-01 00:00:00.000000')",
+                       (name, f"{name}@example.org", role, name))  # fmt: skip
+        db.execute("ALTER TABLE users DROP COLUMN admin_because")  # as before 0010
+    backup = backups.backup()
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("ALTER TABLE users ADD COLUMN admin_because VARCHAR(20)")  # the server upgraded since
+        db.execute("UPDATE users SET role = 'user' WHERE id = 'bob'")
+        db.execute("UPDATE users SET status = 'deactivated' WHERE id = 'eve'")
+    result = backups.restore(backup.version)
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert dict(db.execute("SELECT id, role || '/' || status FROM users").fetchall()) == {
+            "bob": "user/active", "eve": "user/deactivated"}  # fmt: skip
+    assert len(result.access_kept_away) == 2, result.access_kept_away
+
+
 def test_a_damaged_database_is_replaced_though_it_cannot_say_what_it_took_away(
     backups: DatabaseBackups, database: Path
 ) -> None:

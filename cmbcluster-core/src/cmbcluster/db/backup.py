@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
@@ -62,6 +62,8 @@ CONTENT_TYPE = "application/gzip"
 _STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
 _NAME = re.compile(r"^cmbcluster-(?P<version>\d{8}T\d{12}Z)\.sqlite3\.gz$")
 _TEMP_PREFIX = ".cmbcluster-backup-"
+#: How long the periodic backups' first look at their bucket may take before it is said unreadable.
+BUCKET_CHECK_SECONDS = 30
 
 
 class BackupUnavailable(CmbclusterError):
@@ -353,10 +355,14 @@ def _keep_access_taken_away(current: Path, restored: Path) -> tuple[str, ...]:
     """Access the current database took away since the backup stays taken away in the restored
     one: a restore had brought back deactivated (and deleted) accounts with their API tokens,
     admin rights taken back, ended sessions and revoked tokens (found by an outsider's trial).
-    A deleted account comes back deactivated. What the current database cannot tell (it is damaged,
-    or older than the backup's schema) is logged, and the restore goes on: a restore is how a
-    damaged database is replaced. Returns a line for people per kind of access kept away."""
-    from sqlalchemy import create_engine, select, update
+    A deleted account comes back deactivated. Returns a line for people per kind of access kept away.
+
+    A current database that cannot be read (a restore is how a damaged one is replaced) is said,
+    and the restore goes on. One whose changes cannot be written into the backup refuses the
+    restore (Conflict, not InvalidRequest: that would read as a backup that does not verify, and
+    the restore would fall back to an older one), nothing changed: as it is, it gives access back.
+    """
+    from sqlalchemy import create_engine, inspect, select, update
 
     from cmbcluster.db.engine import in_batches
     from cmbcluster.db.models import ApiToken, Session, User, utcnow
@@ -364,37 +370,50 @@ def _keep_access_taken_away(current: Path, restored: Path) -> tuple[str, ...]:
     def engine(path: Path, mode: str) -> Engine:
         return create_engine("sqlite://", creator=lambda: sqlite3.connect(_uri(path, mode), uri=True))
 
+    def first_line(exc: BaseException) -> str:
+        return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
     source, target = engine(current, "ro"), engine(restored, "rw")
     try:
-        with source.connect() as db:
-            now_users = {row.id: row for row in db.execute(select(User.id, User.status, User.role))}
-            live_sessions = set(db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars())
-            live_tokens = set(db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars())
-        with target.begin() as db:
-            then_users = db.execute(select(User.id, User.email, User.status, User.role)).all()
-            deactivate = [u for u in then_users if u.status == "active" and (
-                u.id not in now_users or now_users[u.id].status != "active")]  # fmt: skip
-            demote = [
-                u for u in then_users if u.role == "admin" and u.id in now_users and now_users[u.id].role != "admin"
-            ]
-            sessions = [i for i in db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars()
-                        if i not in live_sessions]  # fmt: skip
-            tokens = [i for i in db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars()
-                      if i not in live_tokens]  # fmt: skip
-            now = utcnow()
-            for batch in in_batches([u.id for u in deactivate]):
-                db.execute(update(User).where(User.id.in_(batch)).values(status="deactivated"))
-            for batch in in_batches([u.id for u in demote]):
-                db.execute(update(User).where(User.id.in_(batch)).values(role="user", admin_because=None))
-            for table, ids in ((Session, sessions), (ApiToken, tokens)):
-                for batch in in_batches(ids):
-                    db.execute(update(table).where(table.id.in_(batch)).values(revoked_at=now))
-    except Exception as exc:  # noqa: BLE001 - whatever the old database cannot tell, the restore goes on
-        log.warning("could not read what access %s took away since the backup, so the restored database "
-                    "has the backup's (deactivations, revocations since are undone: make them again): %s",
-                    current, exc)  # fmt: skip
-        return (f"could not read what access the replaced database took away since the backup ({exc}): "
-                "deactivations and revocations since are undone, make them again",)  # fmt: skip
+        try:
+            with source.connect() as db:
+                now_users = {row.id: row for row in db.execute(select(User.id, User.status, User.role))}
+                live_sessions = set(db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars())
+                live_tokens = set(db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars())
+        except Exception as exc:  # noqa: BLE001 - a damaged database says nothing; the restore goes on
+            said = (f"could not read what access the replaced database took away since the backup ({first_line(exc)}): "
+                    "deactivations and revocations made since are undone, make them again")  # fmt: skip
+            log.warning("%s", said)
+            return (said,)
+        try:
+            with target.begin() as db:
+                then_users = db.execute(select(User.id, User.email, User.status, User.role)).all()
+                deactivate = [u for u in then_users if u.status == "active" and (
+                    u.id not in now_users or now_users[u.id].status != "active")]  # fmt: skip
+                demote = [u for u in then_users
+                          if u.role == "admin" and u.id in now_users and now_users[u.id].role != "admin"]  # fmt: skip
+                sessions = [i for i in db.execute(select(Session.id).where(Session.revoked_at.is_(None))).scalars()
+                            if i not in live_sessions]  # fmt: skip
+                tokens = [i for i in db.execute(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).scalars()
+                          if i not in live_tokens]  # fmt: skip
+                # A backup from before migration 0010 has no admin_because; its upgrade at start adds it.
+                demoted: dict[str, Any] = {"role": "user"}
+                if "admin_because" in {column["name"] for column in inspect(db).get_columns("users")}:
+                    demoted["admin_because"] = None
+                now = utcnow()
+                for batch in in_batches([u.id for u in deactivate]):
+                    db.execute(update(User).where(User.id.in_(batch)).values(status="deactivated"))
+                for batch in in_batches([u.id for u in demote]):
+                    db.execute(update(User).where(User.id.in_(batch)).values(**demoted))
+                for table, ids in ((Session, sessions), (ApiToken, tokens)):
+                    for batch in in_batches(ids):
+                        db.execute(update(table).where(table.id.in_(batch)).values(revoked_at=now))
+        except Exception as exc:
+            raise Conflict(
+                f"could not keep in the backup the access {current} took away since it ({first_line(exc)}), so "
+                "nothing was restored; to restore it as it is, move the current database aside first (its "
+                "deactivations and revocations since are then undone: make them again)"
+            ) from exc
     finally:
         source.dispose()
         target.dispose()
@@ -547,7 +566,10 @@ def restore_at_start(context: AppContext) -> RestoreResult | None:
         ) from exc
     if not newest:
         log.info("no database at %s and no backup in %s: starting with a new database", database, backups.bucket)
-        with context.engine.connect():  # made now: `serve` asks before the app's start-up asks again
+        from cmbcluster.db.engine import opening
+
+        # made now: `serve` asks before the app's start-up asks again (a place it cannot be made: one line)
+        with opening(core.effective_database_url), context.engine.connect():
             pass
         return None
     try:
@@ -592,8 +614,8 @@ async def run_periodic_backups(context: AppContext, stop: asyncio.Event) -> None
         return
     interval = core.database_backup_interval_minutes * 60
     last = _fingerprint(backups.database)  # as restored or migrated at start: nothing new yet
-    try:  # said at start, not first at the first backup an hour on, or at the stop
-        await run_in_threadpool(backups.list)
+    try:  # said at start, not first at the first backup an hour on, or at the stop (bounded: a stop may come)
+        await asyncio.wait_for(run_in_threadpool(backups.list), timeout=BUCKET_CHECK_SECONDS)
     except Exception as exc:  # noqa: BLE001 - whatever the store answers, the server serves; said loudly
         log.error("the database bucket %s cannot be read, so database backups will fail until it can: %s",
                   backups.bucket, exc)  # fmt: skip

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import Engine, Executable, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from sqlalchemy.pool import NullPool
@@ -171,7 +171,7 @@ def _private_file(path: Path) -> None:
             continue  # absent (-wal, -shm), or not ours to change
 
 
-def open_problem(url: str, exc: OperationalError) -> DatabaseUnavailable:
+def open_problem(url: str, exc: DatabaseError) -> DatabaseUnavailable:
     """What a command says when the database at ``url`` cannot be opened or reached (``exc``):
     one line naming the database and, for SQLite, the permission or folder that stopped it."""
     shown = make_url(url).render_as_string(hide_password=True)
@@ -236,10 +236,13 @@ def reach_database(url: str) -> str:
 @contextlib.contextmanager
 def opening(url: str) -> Iterator[None]:
     """Within this block, failing to open or reach the database at ``url`` (SQLAlchemy's
-    OperationalError) is :class:`DatabaseUnavailable`: the command line prints it as one line."""
+    OperationalError, or DatabaseError for a file that is not a database, raised while connecting,
+    with no statement) is :class:`DatabaseUnavailable`: the command line prints it as one line."""
     try:
         yield
-    except OperationalError as exc:
+    except DatabaseError as exc:
+        if exc.statement is not None:  # a statement failed (a migration, say), not the opening: as it is
+            raise
         raise open_problem(url, exc) from None
 
 
