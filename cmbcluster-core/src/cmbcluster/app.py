@@ -37,9 +37,9 @@ from cmbcluster.db.backup import (
     restore_at_start,
     run_periodic_backups,
     serving_lock,
-    sqlite_path,
     sweep_backup_leftovers,
 )
+from cmbcluster.db.engine import sqlite_path
 from cmbcluster.images import DEFAULT_REGISTRY, ENVIRONMENT, image_ref
 from cmbcluster.observability import MetricsMiddleware
 from cmbcluster.plugins import PluginManager

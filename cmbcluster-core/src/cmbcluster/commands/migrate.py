@@ -217,7 +217,7 @@ def run_command(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from cmbcluster.db.backup import sqlite_path
+    from cmbcluster.db.engine import sqlite_path
     from cmbcluster.migration.engine import Events, Migration, move_database
 
     config = resolve_config()

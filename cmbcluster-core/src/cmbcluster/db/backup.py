@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
+from cmbcluster.db.engine import sqlite_path
 from cmbcluster.errors import CmbclusterError, ConfigurationError, Conflict, InvalidRequest, NotFound
 from cmbcluster.interfaces import StorageBackend
 from cmbcluster.naming import validate_object_prefix
@@ -100,14 +100,6 @@ class RestoreResult:
     skipped: tuple[SkippedBackup, ...] = ()
     #: Access taken away since the backup that the restore kept taken away, a line each for people.
     access_kept_away: tuple[str, ...] = ()
-
-
-def sqlite_path(database_url: str) -> Path | None:
-    """The file of a SQLite URL; None for another database or an in-memory one."""
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return Path(url.database).expanduser()
 
 
 def _wal_files(database: Path) -> list[Path]:

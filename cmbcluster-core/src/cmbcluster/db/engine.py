@@ -103,7 +103,7 @@ def _engine_url(parsed: URL) -> URL:
     return parsed
 
 
-def sqlite_file(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL; None for another database, an in-memory one or a ``file:`` URI."""
     parsed = make_url(url)
     database = parsed.database or ""
@@ -122,7 +122,7 @@ def create_db_engine(url: str, *, create: bool = True) -> Engine:
         raise ConfigurationError([f"CMBCLUSTER_DATABASE_URL {_NOT_A_URL}"]) from None
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        path = sqlite_file(url)
+        path = sqlite_path(url)
         if path is not None and not create and not path.exists():
             raise DatabaseUnavailable(
                 f"the database {path} does not exist (`cmbcluster db upgrade` or `cmbcluster serve` creates it)"
@@ -176,7 +176,7 @@ def open_problem(url: str, exc: DatabaseError) -> DatabaseUnavailable:
     one line naming the database and, for SQLite, the permission or folder that stopped it."""
     shown = make_url(url).render_as_string(hide_password=True)
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-    path = sqlite_file(url)
+    path = sqlite_path(url)
     try:
         hint = _sqlite_access_hint(path) if path is not None else None
     except OSError as denied:  # a folder on the way this user may not even look into
@@ -207,7 +207,7 @@ def reach_database(url: str) -> str:
     """Open the database at ``url`` and read from it, as a server would (`config check --connect`):
     what answered, or :class:`DatabaseUnavailable` saying why not. A SQLite file that does not exist
     yet is not created: its folder must let this user create it, as ``serve`` will."""
-    path = sqlite_file(url)
+    path = sqlite_path(url)
     if path is not None and not path.exists():
         folder = path.parent
         while not folder.exists() and folder != folder.parent:
