@@ -397,6 +397,17 @@ def test_a_database_bucket_that_is_not_there_is_said_by_config_check_and_at_star
     assert "the database bucket no-such-bucket cannot be read, so database backups will fail" in caplog.text
 
 
+def test_cli_backup_of_a_file_that_is_not_a_database_is_one_line(settings: CoreSettings, tmp_path: Path) -> None:
+    """Found by an outsider's trial: a traceback from SQLite's backup API."""
+    text = tmp_path / "notes.db"
+    text.write_text("not a database, " * 100)
+    env = {**clean_environ(), "CMBCLUSTER_DATA_DIR": str(settings.data_dir), "CMBCLUSTER_DATABASE_BUCKET": BUCKET,
+           "CMBCLUSTER_DATABASE_URL": f"sqlite:///{text}"}  # fmt: skip
+    made = cmbcluster("db", "backup", env=env, cwd=tmp_path)
+    assert made.returncode != 0 and "Traceback" not in made.stderr, made.stderr
+    assert f"cannot back up {text}: file is not a database" in made.stderr, made.stderr
+
+
 def test_cli_backup_list_and_restore(settings: CoreSettings, database: Path, tmp_path: Path) -> None:
     env = {
         **clean_environ(),

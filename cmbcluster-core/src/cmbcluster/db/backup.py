@@ -154,7 +154,10 @@ class DatabaseBackups:
         version = created.strftime(_STAMP_FORMAT)
         key = f"{self.prefix}cmbcluster-{version}.sqlite3.gz"
         with self._temporary_file() as copy:
-            _online_copy(self.database, copy)
+            try:
+                _online_copy(self.database, copy)
+            except sqlite3.DatabaseError as exc:  # not a database, or not readable: one line, not a traceback
+                raise InvalidRequest(f"cannot back up {self.database}: {exc}") from exc
             _check_database(copy, f"the copy of {self.database}")
             info = self.storage.upload_object(self.bucket, key, _gzip_chunks(copy), content_type=CONTENT_TYPE)
         backup = BackupInfo(key=key, version=version, size=info.size, created_at=created)
